@@ -1,0 +1,679 @@
+//! The configuration file: parsing and validation. The only module that knows TOML.
+//!
+//! A config is a list of `[[service]]` tables, each with its `[[service.backend]]` list and an
+//! optional `[service.health]` table, plus an optional `[global]` table. `config/lb.toml`
+//! documents every key. Every error names the file, the line and column, and the field
+//! (`service[1].backend[0].weight`), so a user can go straight to it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// The largest backend weight; 0 means draining. The same range as HAProxy's `weight`.
+pub const MAX_WEIGHT: u32 = 256;
+/// The default Maglev table size M (a prime), as in the Maglev paper and Katran.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// The largest Maglev table size accepted: 2^24 entries keeps one table under 64 MiB of u32s.
+pub const MAX_TABLE_SIZE: u32 = 16_777_259;
+
+/// A parsed and validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Process-wide settings from `[global]`.
+    pub global: Global,
+    /// The services, in file order; names and listen addresses are unique.
+    pub services: Vec<Service>,
+}
+
+/// Process-wide settings (`[global]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    /// Proxy worker threads, each with its own io_uring; `0` in the file means one per core.
+    pub workers: usize,
+    /// On SIGTERM/SIGINT, how long open connections may take to finish before the daemon exits.
+    pub drain_timeout: Duration,
+}
+
+/// One load-balanced service: a VIP and port, a protocol, a scheduler and its backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// Unique name, used in logs and status.
+    pub name: String,
+    /// The VIP and port clients connect to (IPv4 or IPv6).
+    pub listen: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// How a new flow picks its backend.
+    pub scheduler: SchedulerKind,
+    /// Which data plane carries the flows.
+    pub dataplane: DataplaneKind,
+    /// TCP: how long one connect attempt to a backend may take.
+    pub connect_timeout: Duration,
+    /// TCP: a connection with no bytes either way for this long is closed. UDP: a client
+    /// session with no datagram either way for this long is forgotten.
+    pub idle_timeout: Duration,
+    /// TCP: how many other backends to try after a failed connect before the client's
+    /// connection is closed (nginx's `proxy_next_upstream_tries` minus one).
+    pub retries: u32,
+    /// The Maglev table size M, a prime (used by the `maglev` and `source_hash` schedulers).
+    pub table_size: u32,
+    /// Active health checking.
+    pub health: HealthCheck,
+    /// The backends, in file order; addresses are unique within the service.
+    pub backends: Vec<Backend>,
+}
+
+/// A backend server of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Where to forward flows (ip:port).
+    pub address: SocketAddr,
+    /// Relative share of new flows, `0..=MAX_WEIGHT`; 0 drains the backend (no new flows).
+    pub weight: u32,
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// TCP: connections are proxied (or, in XDP, flows forwarded) whole.
+    Tcp,
+    /// UDP: datagrams are forwarded one by one, grouped into per-client sessions.
+    Udp,
+}
+
+/// The scheduler: how a new flow picks its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerKind {
+    /// Weighted Maglev consistent hashing of the 5-tuple (the only one XDP can run).
+    #[default]
+    Maglev,
+    /// Each backend in turn, ignoring weights.
+    RoundRobin,
+    /// Each backend in turn, as often as its weight (nginx's smooth weighted round robin).
+    WeightedRoundRobin,
+    /// The backend with the fewest active connections relative to its weight.
+    LeastConn,
+    /// Two random backends (by weight); the one with fewer active connections wins.
+    RandomTwo,
+    /// Weighted Maglev hashing of the client address only: a client sticks to one backend.
+    SourceHash,
+}
+
+/// Which data plane carries a service's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataplaneKind {
+    /// XDP where it can attach, else the userspace proxy; the choice is logged.
+    #[default]
+    Auto,
+    /// XDP only; the daemon refuses to start the service without it.
+    Xdp,
+    /// The userspace io_uring proxy only.
+    Proxy,
+}
+
+/// Active health checking of a service's backends (HAProxy's `check inter/rise/fall`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// What one check does.
+    pub kind: CheckKind,
+    /// Time between the start of two checks of one backend.
+    pub interval: Duration,
+    /// How long one check may take before it counts as failed.
+    pub timeout: Duration,
+    /// Consecutive successful checks that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failed checks (active, or passive connect failures) that take an up
+    /// backend down.
+    pub fall: u32,
+}
+
+/// What one health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect that completes.
+    Tcp,
+    /// An HTTP/1.1 `GET path` whose response status is `expect_status`.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+        /// The status code that counts as healthy.
+        expect_status: u16,
+    },
+    /// Sends `send` in one datagram and expects any datagram back (or one that starts with
+    /// `expect`, if set); an ICMP port unreachable fails it at once.
+    Udp {
+        /// Payload of the probe datagram.
+        send: Vec<u8>,
+        /// Required prefix of the reply, if any.
+        expect: Option<Vec<u8>>,
+    },
+    /// No active checks: every backend counts as up, passive failures are only logged.
+    None,
+}
+
+/// A config that could not be read or is not valid. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The config file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown, misspelled or of the wrong type.
+    #[error("{location}: {field}: {message}")]
+    Syntax {
+        /// File, line and column.
+        location: Location,
+        /// The dotted path of the offending key, e.g. `service[0].backend[2].weight`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file parses but breaks a rule: a duplicate, an empty list, a value out of range.
+    #[error("{location}: {field}: {message}")]
+    Invalid {
+        /// File, line and column.
+        location: Location,
+        /// The dotted path of the offending key.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The line (1-based) the error points at, if it points at one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Io { .. } => None,
+            ConfigError::Syntax { location, .. } | ConfigError::Invalid { location, .. } => {
+                Some(location.line)
+            }
+        }
+    }
+}
+
+/// A place in a config file: `path:line:column`, 1-based.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The config file as given.
+    pub path: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.path.display(), self.line, self.column)
+    }
+}
+
+/// Reads and validates the config at `path`.
+///
+/// Returns `Err(ConfigError::Io)` when the file cannot be read, `Err(ConfigError::Syntax)` for
+/// bad TOML, unknown keys and wrong types, and `Err(ConfigError::Invalid)` when the rules
+/// below are broken; the error names the file, line and field.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config `text`; `path` is only used in error messages.
+///
+/// Rules: at least one service; service names and listen addresses unique; every service has
+/// at least one backend, with unique addresses and weights in `0..=MAX_WEIGHT`, and at least
+/// one non-zero weight; `rise`, `fall` and `retries` in range; durations positive; the table
+/// size a prime no smaller than the backend count; an `http` check's path starts with `/`.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let span = inner.span().unwrap_or(0..0);
+            ConfigError::Syntax {
+                location: locate(text, path, &span),
+                field: if field == "." {
+                    "(top level)".into()
+                } else {
+                    field
+                },
+                message: inner.message().trim().to_string(),
+            }
+        })?
+    };
+    Validator { text, path }.validate(raw)
+}
+
+/// Turns a byte span of `text` into a 1-based line and column.
+fn locate(text: &str, path: &Path, span: &Range<usize>) -> Location {
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Location {
+        path: path.to_path_buf(),
+        line,
+        column,
+    }
+}
+
+// ---- the file's shape, as serde sees it ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    global: RawGlobal,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    workers: Option<usize>,
+    #[serde(default, deserialize_with = "de_duration")]
+    drain_timeout: Option<Spanned<Duration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    listen: Spanned<SocketAddr>,
+    protocol: Protocol,
+    #[serde(default)]
+    scheduler: SchedulerKind,
+    #[serde(default)]
+    dataplane: DataplaneKind,
+    #[serde(default, deserialize_with = "de_duration")]
+    connect_timeout: Option<Spanned<Duration>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    idle_timeout: Option<Spanned<Duration>>,
+    retries: Option<Spanned<u32>>,
+    table_size: Option<Spanned<u32>>,
+    health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<SocketAddr>,
+    weight: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawCheckKind {
+    Tcp,
+    Http,
+    Udp,
+    None,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<RawCheckKind>,
+    #[serde(default, deserialize_with = "de_duration")]
+    interval: Option<Spanned<Duration>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    timeout: Option<Spanned<Duration>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+    path: Option<Spanned<String>>,
+    expect_status: Option<Spanned<u16>>,
+    send: Option<String>,
+    expect: Option<String>,
+}
+
+/// Durations are written in human units: "5s", "250ms", "1m 30s".
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<Duration>>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    let span = s.span();
+    let value = humantime::parse_duration(s.get_ref().trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{}` is not a duration ({e}); write it like \"5s\" or \"250ms\"",
+            s.get_ref()
+        ))
+    })?;
+    Ok(Some(Spanned::new(span, value)))
+}
+
+// ---- validation ----
+
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, span: Range<usize>, field: String, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            location: locate(self.text, self.path, &span),
+            field,
+            message,
+        }
+    }
+
+    fn positive(
+        &self,
+        d: Option<Spanned<Duration>>,
+        default: Duration,
+        field: impl FnOnce() -> String,
+    ) -> Result<Duration, ConfigError> {
+        match d {
+            None => Ok(default),
+            Some(d) if d.get_ref().is_zero() => {
+                Err(self.invalid(d.span(), field(), "must be longer than 0".into()))
+            }
+            Some(d) => Ok(d.into_inner()),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.service.is_empty() {
+            return Err(self.invalid(
+                0..0,
+                "service".into(),
+                "no [[service]] is configured; a config needs at least one".into(),
+            ));
+        }
+        let global = Global {
+            workers: match raw.global.workers {
+                None | Some(0) => 0,
+                Some(n) => n,
+            },
+            drain_timeout: self.positive(
+                raw.global.drain_timeout,
+                Duration::from_secs(30),
+                || "global.drain_timeout".into(),
+            )?,
+        };
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut listens: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
+        let mut services = Vec::with_capacity(raw.service.len());
+        for (i, svc) in raw.service.into_iter().enumerate() {
+            let svc_span = svc.span();
+            let svc = svc.into_inner();
+            let name_span = svc.name.span();
+            let name = svc.name.get_ref().clone();
+            if name.trim().is_empty() {
+                return Err(self.invalid(
+                    name_span,
+                    format!("service[{i}].name"),
+                    "is empty".into(),
+                ));
+            }
+            if let Some(first) = names.insert(name.clone(), i) {
+                return Err(self.invalid(
+                    name_span,
+                    format!("service[{i}].name"),
+                    format!("duplicate service name `{name}` (also service[{first}])"),
+                ));
+            }
+            let listen_span = svc.listen.span();
+            let listen = *svc.listen.get_ref();
+            if let Some(other) = listens.insert((listen, svc.protocol), name.clone()) {
+                return Err(self.invalid(
+                    listen_span,
+                    format!("service[{i}].listen"),
+                    format!("duplicate listen address {listen} (also service `{other}`)"),
+                ));
+            }
+            services.push(self.service(i, svc_span, name, listen, svc)?);
+        }
+        Ok(Config { global, services })
+    }
+
+    fn service(
+        &self,
+        i: usize,
+        svc_span: Range<usize>,
+        name: String,
+        listen: SocketAddr,
+        svc: RawService,
+    ) -> Result<Service, ConfigError> {
+        let f = |k: &str| format!("service[{i}].{k}");
+        let retries = match svc.retries {
+            None => 2,
+            Some(r) if *r.get_ref() > 100 => {
+                return Err(self.invalid(r.span(), f("retries"), "must be at most 100".into()))
+            }
+            Some(r) => r.into_inner(),
+        };
+        let table_size = match svc.table_size {
+            None => DEFAULT_TABLE_SIZE,
+            Some(m) => {
+                let v = *m.get_ref();
+                if !is_prime(v) || v > MAX_TABLE_SIZE {
+                    return Err(self.invalid(
+                        m.span(),
+                        f("table_size"),
+                        format!(
+                            "{v} must be a prime no larger than {MAX_TABLE_SIZE} (65537 is the default)"
+                        ),
+                    ));
+                }
+                v
+            }
+        };
+        if svc.backend.is_empty() {
+            return Err(self.invalid(
+                svc_span.clone(),
+                f("backend"),
+                format!("service `{name}` has no [[service.backend]]; it needs at least one"),
+            ));
+        }
+        let mut backends = Vec::with_capacity(svc.backend.len());
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        for (j, b) in svc.backend.into_iter().enumerate() {
+            let b = b.into_inner();
+            let addr_span = b.address.span();
+            let address = b.address.into_inner();
+            if let Some(first) = seen.insert(address, j) {
+                return Err(self.invalid(
+                    addr_span,
+                    format!("service[{i}].backend[{j}].address"),
+                    format!("duplicate backend {address} (also backend[{first}])"),
+                ));
+            }
+            let weight = match b.weight {
+                None => 1,
+                Some(w) => {
+                    let v = *w.get_ref();
+                    if !(0..=i64::from(MAX_WEIGHT)).contains(&v) {
+                        return Err(self.invalid(
+                            w.span(),
+                            format!("service[{i}].backend[{j}].weight"),
+                            format!("weight {v} is out of range 0..={MAX_WEIGHT} (0 drains)"),
+                        ));
+                    }
+                    v as u32
+                }
+            };
+            backends.push(Backend { address, weight });
+        }
+        if (table_size as usize) < backends.len() {
+            return Err(self.invalid(
+                svc_span,
+                f("table_size"),
+                format!(
+                    "table size {table_size} is smaller than the {} backends",
+                    backends.len()
+                ),
+            ));
+        }
+        let health = self.health(i, svc.protocol, svc.health)?;
+        Ok(Service {
+            name,
+            listen,
+            protocol: svc.protocol,
+            scheduler: svc.scheduler,
+            dataplane: svc.dataplane,
+            connect_timeout: self.positive(svc.connect_timeout, Duration::from_secs(5), || {
+                f("connect_timeout")
+            })?,
+            idle_timeout: self.positive(
+                svc.idle_timeout,
+                match svc.protocol {
+                    Protocol::Tcp => Duration::from_secs(600),
+                    Protocol::Udp => Duration::from_secs(30),
+                },
+                || f("idle_timeout"),
+            )?,
+            retries,
+            table_size,
+            health,
+            backends,
+        })
+    }
+
+    fn health(
+        &self,
+        i: usize,
+        protocol: Protocol,
+        raw: Option<Spanned<RawHealth>>,
+    ) -> Result<HealthCheck, ConfigError> {
+        let f = |k: &str| format!("service[{i}].health.{k}");
+        let default_kind = match protocol {
+            Protocol::Tcp => RawCheckKind::Tcp,
+            Protocol::Udp => RawCheckKind::None,
+        };
+        let Some(raw) = raw else {
+            return Ok(HealthCheck {
+                kind: match default_kind {
+                    RawCheckKind::Tcp => CheckKind::Tcp,
+                    _ => CheckKind::None,
+                },
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                fall: 3,
+            });
+        };
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let kind_raw = raw.kind.unwrap_or(default_kind);
+        let count = |v: Option<Spanned<u32>>, default: u32, key: &str| match v {
+            None => Ok(default),
+            Some(v) if (1..=100).contains(v.get_ref()) => Ok(v.into_inner()),
+            Some(v) => Err(self.invalid(
+                v.span(),
+                f(key),
+                format!("{} is out of range 1..=100", v.get_ref()),
+            )),
+        };
+        let rise = count(raw.rise, 2, "rise")?;
+        let fall = count(raw.fall, 3, "fall")?;
+        let interval = self.positive(raw.interval, Duration::from_secs(2), || f("interval"))?;
+        let timeout = self.positive(raw.timeout, Duration::from_secs(1), || f("timeout"))?;
+        let kind = match kind_raw {
+            RawCheckKind::Tcp => {
+                if protocol == Protocol::Udp {
+                    return Err(self.invalid(
+                        span,
+                        f("kind"),
+                        "a `tcp` check cannot check a UDP service; use `udp` or `none`".into(),
+                    ));
+                }
+                CheckKind::Tcp
+            }
+            RawCheckKind::Http => {
+                if protocol == Protocol::Udp {
+                    return Err(self.invalid(
+                        span,
+                        f("kind"),
+                        "an `http` check cannot check a UDP service; use `udp` or `none`".into(),
+                    ));
+                }
+                let path = match raw.path {
+                    None => "/".to_string(),
+                    Some(p) if p.get_ref().starts_with('/') => p.into_inner(),
+                    Some(p) => {
+                        return Err(self.invalid(
+                            p.span(),
+                            f("path"),
+                            format!("`{}` must start with `/`", p.get_ref()),
+                        ))
+                    }
+                };
+                let expect_status = match raw.expect_status {
+                    None => 200,
+                    Some(s) if (100..=599).contains(s.get_ref()) => s.into_inner(),
+                    Some(s) => {
+                        return Err(self.invalid(
+                            s.span(),
+                            f("expect_status"),
+                            format!("{} is not an HTTP status (100..=599)", s.get_ref()),
+                        ))
+                    }
+                };
+                CheckKind::Http {
+                    path,
+                    expect_status,
+                }
+            }
+            RawCheckKind::Udp => {
+                if protocol == Protocol::Tcp {
+                    return Err(self.invalid(
+                        span,
+                        f("kind"),
+                        "a `udp` check cannot check a TCP service; use `tcp`, `http` or `none`"
+                            .into(),
+                    ));
+                }
+                CheckKind::Udp {
+                    send: raw.send.unwrap_or_else(|| "ping".into()).into_bytes(),
+                    expect: raw.expect.map(String::into_bytes),
+                }
+            }
+            RawCheckKind::None => CheckKind::None,
+        };
+        Ok(HealthCheck {
+            kind,
+            interval,
+            timeout,
+            rise,
+            fall,
+        })
+    }
+}
+
+/// Whether `n` is prime (trial division; fine for table sizes up to 2^24).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}

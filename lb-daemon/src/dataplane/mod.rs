@@ -1,0 +1,17 @@
+//! The data planes: the XDP fast path (to come) and the userspace io_uring proxy.
+
+use std::net::SocketAddr;
+
+pub mod proxy;
+
+/// What a data plane tells the control plane about connect attempts, so that passive
+/// failures count towards a backend's `fall` (HAProxy's `observe layer4`).
+///
+/// Called from data plane threads: implementations must not block.
+pub trait FlowEvents: Send + Sync {
+    /// A connect attempt from service number `service` to `backend` failed with `error`
+    /// (refused, timed out, unreachable).
+    fn connect_failed(&self, service: usize, backend: SocketAddr, error: &std::io::Error);
+    /// A connect attempt from service number `service` to `backend` succeeded.
+    fn connect_succeeded(&self, service: usize, backend: SocketAddr);
+}

@@ -1,0 +1,161 @@
+//! The immutable per-service view that the data planes read.
+//!
+//! The control plane builds a new [`ServiceSnapshot`] whenever a backend's health or weight
+//! changes and swaps it in whole (`ArcSwap`), so a data plane thread sees either the old
+//! view or the new one, never a half-built one. Counters live in [`BackendStats`], which
+//! outlive snapshots: a rebuild does not reset a backend's active connection count.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use lb_common::FlowKey;
+
+use crate::config::{Protocol, SchedulerKind};
+use crate::scheduler::Scheduler;
+
+/// Index of a backend in [`ServiceSnapshot::backends`]; only meaningful within one snapshot.
+pub type BackendId = usize;
+
+/// A service's snapshot, shared between the control plane (writer) and data planes (readers).
+pub type SharedSnapshot = Arc<ArcSwap<ServiceSnapshot>>;
+
+/// Live counters of one backend, shared by every snapshot and data plane thread.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Connections (TCP) or sessions (UDP) open right now.
+    pub active: AtomicU64,
+    /// Connections or sessions ever opened to this backend.
+    pub total: AtomicU64,
+    /// Connect attempts that failed (refused, timed out, unreachable).
+    pub connect_failures: AtomicU64,
+    /// Bytes from clients to this backend.
+    pub bytes_to_backend: AtomicU64,
+    /// Bytes from this backend to clients.
+    pub bytes_from_backend: AtomicU64,
+}
+
+impl BackendStats {
+    /// Counts a connection or session opened; pair with [`BackendStats::closed`].
+    pub fn opened(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection or session closed.
+    pub fn closed(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Connections or sessions open right now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// One backend as a snapshot sees it.
+#[derive(Debug, Clone)]
+pub struct BackendView {
+    /// Where flows go.
+    pub address: SocketAddr,
+    /// Configured weight, `0..=MAX_WEIGHT`; 0 is draining.
+    pub weight: u32,
+    /// The health checker's verdict when the snapshot was built.
+    pub up: bool,
+    /// Live counters, shared across snapshots.
+    pub stats: Arc<BackendStats>,
+}
+
+impl BackendView {
+    /// Whether new flows may go to this backend: up and not draining.
+    pub fn eligible(&self) -> bool {
+        self.up && self.weight > 0
+    }
+}
+
+/// Everything a data plane needs to place and carry a service's flows.
+pub struct ServiceSnapshot {
+    /// The service's name, for logs.
+    pub name: Arc<str>,
+    /// The VIP and port.
+    pub listen: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Which scheduler `scheduler` is.
+    pub scheduler_kind: SchedulerKind,
+    /// TCP: the limit on one connect attempt.
+    pub connect_timeout: Duration,
+    /// Idle limit of a TCP connection or UDP session.
+    pub idle_timeout: Duration,
+    /// TCP: further backends to try after a failed connect.
+    pub retries: u32,
+    /// All configured backends, eligible or not, in config order.
+    pub backends: Vec<BackendView>,
+    /// Picks among the eligible backends; `None` when no backend is eligible.
+    pub scheduler: Option<Box<dyn Scheduler>>,
+    /// Counts rebuilds of this service, starting at 1; for logs and tests.
+    pub generation: u64,
+}
+
+impl ServiceSnapshot {
+    /// Picks the backend for a new flow, skipping the ones in `tried` (failed attempts of
+    /// this flow). `None` when no eligible backend is left.
+    pub fn pick(&self, flow: &FlowKey, tried: &[BackendId]) -> Option<BackendId> {
+        self.scheduler.as_ref()?.pick(flow, tried)
+    }
+
+    /// How many backends are eligible for new flows.
+    pub fn eligible_count(&self) -> usize {
+        self.backends.iter().filter(|b| b.eligible()).count()
+    }
+}
+
+impl std::fmt::Debug for ServiceSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceSnapshot")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .field("protocol", &self.protocol)
+            .field("scheduler", &self.scheduler_kind)
+            .field("backends", &self.backends)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the [`FlowKey`] of a proxied connection or datagram from the client's address and
+/// the VIP, so the proxy hashes flows exactly as the XDP program does.
+pub fn flow_key(client: SocketAddr, vip: SocketAddr, protocol: Protocol) -> FlowKey {
+    FlowKey {
+        src_addr: addr_words(client),
+        dst_addr: addr_words(vip),
+        src_port: client.port(),
+        dst_port: vip.port(),
+        protocol: match protocol {
+            Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
+            Protocol::Udp => lb_common::flow::IPPROTO_UDP,
+        },
+        _pad: [0; 3],
+    }
+}
+
+fn addr_words(addr: SocketAddr) -> [u32; 4] {
+    let ip = match addr.ip() {
+        // An IPv4-mapped IPv6 client (dual-stack listener) hashes as the IPv4 address it is.
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(v6),
+        },
+        v4 => v4,
+    };
+    match ip {
+        std::net::IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
