@@ -245,21 +245,30 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let raw: RawConfig = {
         let de = toml::Deserializer::new(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
+            let field = clean_path(&e.path().to_string());
             let inner = e.into_inner();
             let span = inner.span().unwrap_or(0..0);
             ConfigError::Syntax {
                 location: locate(text, path, &span),
-                field: if field == "." {
-                    "(top level)".into()
+                field: if field.is_empty() || field == "." {
+                    "syntax".into()
                 } else {
                     field
                 },
-                message: inner.message().trim().to_string(),
+                message: inner.message().trim().replace('\n', "; "),
             }
         })?
     };
     Validator { text, path }.validate(raw)
+}
+
+/// `serde_path_to_error` sees `toml::Spanned`'s private wrapper as a path segment; users
+/// should see `service[0].backend[1].weight`.
+fn clean_path(path: &str) -> String {
+    path.split('.')
+        .filter(|seg| !seg.starts_with("$__serde_spanned"))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Turns a byte span of `text` into a 1-based line and column.
@@ -334,7 +343,7 @@ enum RawCheckKind {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
-    kind: Option<RawCheckKind>,
+    kind: Option<Spanned<RawCheckKind>>,
     #[serde(default, deserialize_with = "de_duration")]
     interval: Option<Spanned<Duration>>,
     #[serde(default, deserialize_with = "de_duration")]
@@ -514,6 +523,13 @@ impl Validator<'_> {
             };
             backends.push(Backend { address, weight });
         }
+        if backends.iter().all(|b| b.weight == 0) {
+            return Err(self.invalid(
+                svc_span.clone(),
+                f("backend"),
+                format!("every backend has weight 0 in service `{name}`; at least one must take new flows"),
+            ));
+        }
         if (table_size as usize) < backends.len() {
             return Err(self.invalid(
                 svc_span,
@@ -572,9 +588,11 @@ impl Validator<'_> {
                 fall: 3,
             });
         };
-        let span = raw.span();
         let raw = raw.into_inner();
-        let kind_raw = raw.kind.unwrap_or(default_kind);
+        let (kind_raw, span) = match raw.kind {
+            Some(k) => (*k.get_ref(), k.span()),
+            None => (default_kind, 0..0),
+        };
         let count = |v: Option<Spanned<u32>>, default: u32, key: &str| match v {
             None => Ok(default),
             Some(v) if (1..=100).contains(v.get_ref()) => Ok(v.into_inner()),

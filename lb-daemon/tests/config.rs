@@ -1,0 +1,246 @@
+//! Config validation: every bad file names its line and field; the example configs are valid.
+
+use std::path::Path;
+
+use lb_daemon::config::{self, CheckKind, ConfigError, Protocol, SchedulerKind};
+
+const GOOD: &str = r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:8080"
+protocol = "tcp"
+
+[[service.backend]]
+address = "127.0.0.1:9001"
+
+[[service.backend]]
+address = "127.0.0.1:9002"
+weight = 3
+"#;
+
+fn parse(text: &str) -> Result<config::Config, ConfigError> {
+    config::parse(text, Path::new("test.toml"))
+}
+
+/// Asserts that `text` is rejected with an error on `line` that names `field`.
+fn rejects(text: &str, line: usize, field: &str, words: &str) {
+    let err = match parse(text) {
+        Ok(_) => panic!("this config was accepted but must be rejected ({words}):\n{text}"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(&format!("test.toml:{line}:")),
+        "the error should point at line {line}: {msg}"
+    );
+    assert!(
+        msg.contains(field),
+        "the error should name `{field}`: {msg}"
+    );
+    assert!(msg.contains(words), "the error should say `{words}`: {msg}");
+    assert_eq!(err.line(), Some(line));
+}
+
+#[test]
+fn good_config_gets_defaults() {
+    let c = parse(GOOD).expect("the minimal config is valid");
+    let s = &c.services[0];
+    assert_eq!(s.protocol, Protocol::Tcp);
+    assert_eq!(s.scheduler, SchedulerKind::Maglev);
+    assert_eq!(s.table_size, 65_537);
+    assert_eq!(s.retries, 2);
+    assert_eq!(s.health.kind, CheckKind::Tcp);
+    assert_eq!((s.health.rise, s.health.fall), (2, 3));
+    assert_eq!(s.backends[0].weight, 1, "weight defaults to 1");
+    assert_eq!(s.backends[1].weight, 3);
+}
+
+#[test]
+fn example_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+        let path = entry.expect("readable dir entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            config::load(&path).unwrap_or_else(|e| panic!("shipped example is invalid: {e}"));
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "no example config found in {}", dir.display());
+}
+
+#[test]
+fn durations_are_human() {
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nconnect_timeout = \"250ms\"\nidle_timeout = \"1m 30s\"",
+    );
+    let s = &parse(&text).expect("valid").services[0];
+    assert_eq!(s.connect_timeout.as_millis(), 250);
+    assert_eq!(s.idle_timeout.as_secs(), 90);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let text = GOOD.replace("weight = 3", "wieght = 3");
+    rejects(&text, 12, "service[0].backend[1]", "unknown field `wieght`");
+}
+
+#[test]
+fn duplicate_service_name() {
+    let text = format!("{GOOD}\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8081\"\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");
+    rejects(&text, 15, "service[1].name", "duplicate service name `web`");
+}
+
+#[test]
+fn duplicate_listen_address() {
+    let text = format!("{GOOD}\n[[service]]\nname = \"api\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");
+    rejects(&text, 16, "service[1].listen", "duplicate listen address");
+}
+
+#[test]
+fn same_port_for_tcp_and_udp_is_fine() {
+    let text = format!("{GOOD}\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");
+    parse(&text).expect("TCP and UDP may share a port");
+}
+
+#[test]
+fn empty_backend_list() {
+    let text = "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n";
+    rejects(text, 1, "service[0].backend", "needs at least one");
+}
+
+#[test]
+fn weight_out_of_range() {
+    rejects(
+        &GOOD.replace("weight = 3", "weight = 300"),
+        12,
+        "service[0].backend[1].weight",
+        "out of range",
+    );
+    rejects(
+        &GOOD.replace("weight = 3", "weight = -1"),
+        12,
+        "service[0].backend[1].weight",
+        "out of range",
+    );
+}
+
+#[test]
+fn all_weights_zero() {
+    let text = GOOD.replace("weight = 3", "weight = 0").replace(
+        "address = \"127.0.0.1:9001\"",
+        "address = \"127.0.0.1:9001\"\nweight = 0",
+    );
+    rejects(&text, 2, "service[0].backend", "every backend has weight 0");
+}
+
+#[test]
+fn duplicate_backend() {
+    let text = GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001");
+    rejects(
+        &text,
+        11,
+        "service[0].backend[1].address",
+        "duplicate backend",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nconnect_timeout = \"5 parsecs\"",
+    );
+    rejects(&text, 6, "service[0].connect_timeout", "is not a duration");
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nidle_timeout = \"0s\"",
+    );
+    rejects(&text, 6, "service[0].idle_timeout", "longer than 0");
+}
+
+#[test]
+fn table_size_must_be_prime() {
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\ntable_size = 65536",
+    );
+    rejects(&text, 6, "service[0].table_size", "must be a prime");
+}
+
+#[test]
+fn bad_address() {
+    let text = GOOD.replace("127.0.0.1:9002", "127.0.0.1");
+    rejects(
+        &text,
+        11,
+        "service[0].backend[1].address",
+        "invalid socket address",
+    );
+}
+
+#[test]
+fn wrong_type() {
+    let text = GOOD.replace("weight = 3", "weight = \"heavy\"");
+    rejects(&text, 12, "service[0].backend[1].weight", "invalid type");
+}
+
+#[test]
+fn unknown_scheduler() {
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nscheduler = \"fastest\"",
+    );
+    rejects(
+        &text,
+        6,
+        "service[0].scheduler",
+        "unknown variant `fastest`",
+    );
+}
+
+#[test]
+fn check_kind_must_fit_protocol() {
+    let text = format!("{GOOD}\n[service.health]\nkind = \"udp\"\n");
+    rejects(
+        &text,
+        15,
+        "service[0].health.kind",
+        "cannot check a TCP service",
+    );
+}
+
+#[test]
+fn rise_and_fall_in_range() {
+    let text = format!("{GOOD}\n[service.health]\nrise = 0\n");
+    rejects(&text, 15, "service[0].health.rise", "out of range");
+}
+
+#[test]
+fn http_path_must_be_absolute() {
+    let text = format!("{GOOD}\n[service.health]\nkind = \"http\"\npath = \"health\"\n");
+    rejects(&text, 16, "service[0].health.path", "must start with `/`");
+}
+
+#[test]
+fn no_service_at_all() {
+    rejects("[global]\nworkers = 2\n", 1, "service", "no [[service]]");
+}
+
+#[test]
+fn not_toml() {
+    rejects(
+        &GOOD.replace("name = \"web\"", "name = web"),
+        3,
+        "syntax",
+        "invalid string",
+    );
+}
+
+#[test]
+fn ipv6_listen() {
+    let text = GOOD.replace("127.0.0.1:8080", "[::1]:8080");
+    let c = parse(&text).expect("IPv6 VIPs are valid");
+    assert!(c.services[0].listen.is_ipv6());
+}
