@@ -1,1 +1,672 @@
-//! Health checks.
+//! Health checks: whether a backend may receive new flows.
+//!
+//! - [`HealthState`]: the rise/fall state machine of one backend (HAProxy's semantics), fed by
+//!   active checks and by passive failures the data plane reports.
+//! - [`check`]: one active check of one backend, bounded by its timeout; each kind is its own
+//!   module (`tcp.rs`, `http.rs`, `udp.rs`).
+//! - [`monitor`]: the task that runs active checks of one backend every `interval` and reports
+//!   state changes as [`Transition`]s.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::config::{CheckKind, HealthCheck};
+
+mod http;
+mod tcp;
+mod udp;
+
+/// Whether a backend receives new flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Healthy: eligible for new flows. Displays as `UP`.
+    Up,
+    /// Failed `fall` checks in a row and has not yet passed `rise` in a row. Displays as `DOWN`.
+    Down,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Up => "UP",
+            Health::Down => "DOWN",
+        })
+    }
+}
+
+/// Why one health check failed. The `Display` text is written to be read in a log line
+/// ("connection refused", "timed out after 1s", "HTTP status 503, expected 200").
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum CheckError {
+    /// The check did not finish within its `timeout` (the value carried here).
+    #[error("timed out after {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The backend refused the connection (TCP RST, or for UDP an ICMP port unreachable):
+    /// `ECONNREFUSED`.
+    #[error("connection refused")]
+    Refused,
+    /// No route to the backend: `EHOSTUNREACH` or `ENETUNREACH`.
+    #[error("host or network unreachable")]
+    Unreachable,
+    /// An HTTP check got status `got` where it expects `want`.
+    #[error("HTTP status {got}, expected {want}")]
+    BadStatus {
+        /// The status code the backend answered with.
+        got: u16,
+        /// The status code the check expects (`expect_status`).
+        want: u16,
+    },
+    /// The backend answered, but not with what the check expects (no HTTP status line, a UDP
+    /// reply without the expected prefix); the text says what was wrong.
+    #[error("bad reply: {0}")]
+    BadReply(String),
+    /// Any other I/O error, as the OS describes it.
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+impl From<io::Error> for CheckError {
+    /// Maps `ECONNREFUSED` to [`CheckError::Refused`], `EHOSTUNREACH` and `ENETUNREACH` to
+    /// [`CheckError::Unreachable`], anything else to [`CheckError::Io`] with the OS's text.
+    fn from(error: io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::ConnectionRefused => return CheckError::Refused,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                return CheckError::Unreachable
+            }
+            _ => {}
+        }
+        match error.raw_os_error() {
+            Some(libc::ECONNREFUSED) => CheckError::Refused,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH) => CheckError::Unreachable,
+            _ => CheckError::Io(error.to_string()),
+        }
+    }
+}
+
+/// A change of a backend's [`Health`], for the log and for rebuilding the service's snapshot.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// The state the backend left.
+    pub from: Health,
+    /// The state the backend entered.
+    pub to: Health,
+    /// Why, for a log line: "3 consecutive failures, last: connection refused" or
+    /// "2 consecutive successful checks".
+    pub reason: String,
+    /// How long the backend had been in `from`.
+    pub held_for: Duration,
+}
+
+impl fmt::Display for Transition {
+    /// Reads "UP -> DOWN after 12s: 3 consecutive failures, last: connection refused".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Whole milliseconds: nanosecond digits are noise in a log line.
+        let held = Duration::from_millis(self.held_for.as_millis().try_into().unwrap_or(u64::MAX));
+        write!(
+            f,
+            "{} -> {} after {}: {}",
+            self.from,
+            self.to,
+            humantime::format_duration(held),
+            self.reason
+        )
+    }
+}
+
+/// The rise/fall state machine of one backend, with HAProxy's semantics:
+///
+/// - A backend starts [`Health::Up`], so a new backend takes `fall` failures to go down rather
+///   than `rise` successes to come up (HAProxy's default).
+/// - While Up, `fall` consecutive failures take it Down. Failures are failed active checks
+///   ([`record_check`](Self::record_check)) and failed proxy connects
+///   ([`record_passive_failure`](Self::record_passive_failure)), counted together.
+/// - While Down, `rise` consecutive successful active checks bring it Up. Only active checks
+///   bring a backend Up: a Down backend gets no traffic, so passive events are ignored.
+/// - A success resets the failure streak and a failure resets the success streak. A successful
+///   proxy connect ([`record_passive_success`](Self::record_passive_success)) resets the
+///   failure streak of an Up backend.
+///
+/// `rise` and `fall` below 1 are treated as 1. Times are passed in (`now`) so that callers
+/// and tests decide the clock.
+#[derive(Debug, Clone)]
+pub struct HealthState {
+    rise: u32,
+    fall: u32,
+    health: Health,
+    /// When `health` last changed (or the state was created).
+    since: Instant,
+    /// Consecutive successful active checks; only counts towards `rise` while Down.
+    successes: u32,
+    /// Consecutive failures, active or passive; only counts towards `fall` while Up.
+    failures: u32,
+    /// The latest active check's result.
+    last_check: Option<Result<(), CheckError>>,
+}
+
+impl HealthState {
+    /// A backend that is Up since `now`, with thresholds `rise` and `fall` (counts of
+    /// consecutive checks, see the type's docs).
+    pub fn new(rise: u32, fall: u32, now: Instant) -> Self {
+        HealthState {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            health: Health::Up,
+            since: now,
+            successes: 0,
+            failures: 0,
+            last_check: None,
+        }
+    }
+
+    /// The backend's current state.
+    pub fn health(&self) -> Health {
+        self.health
+    }
+
+    /// Records the result of an active check finished at `now`. Returns the transition it
+    /// causes, if any: Up -> Down on the `fall`-th consecutive failure, Down -> Up on the
+    /// `rise`-th consecutive success.
+    pub fn record_check(
+        &mut self,
+        result: Result<(), CheckError>,
+        now: Instant,
+    ) -> Option<Transition> {
+        let transition = match &result {
+            Ok(()) => {
+                self.failures = 0;
+                self.successes = self.successes.saturating_add(1);
+                if self.health == Health::Down && self.successes >= self.rise {
+                    let reason = if self.successes == 1 {
+                        "1 successful check".to_string()
+                    } else {
+                        format!("{} consecutive successful checks", self.successes)
+                    };
+                    Some(self.enter(Health::Up, reason, now))
+                } else {
+                    None
+                }
+            }
+            Err(error) => self.failure(&error.to_string(), now),
+        };
+        self.last_check = Some(result);
+        transition
+    }
+
+    /// Records a failed proxy connect to the backend at `now` (`error`: what the connect
+    /// returned, for the transition's reason). While Up it counts like a failed check towards
+    /// `fall` and may return the Up -> Down transition; while Down it is ignored.
+    pub fn record_passive_failure(&mut self, error: &str, now: Instant) -> Option<Transition> {
+        match self.health {
+            Health::Up => self.failure(&format!("proxied connect failed: {error}"), now),
+            Health::Down => None,
+        }
+    }
+
+    /// Records a successful proxy connect: while Up it resets the failure streak. It never
+    /// brings a Down backend Up; only active checks do.
+    pub fn record_passive_success(&mut self) {
+        if self.health == Health::Up {
+            self.failures = 0;
+        }
+    }
+
+    /// The result of the latest active check, `None` before the first one.
+    pub fn last_check(&self) -> Option<&Result<(), CheckError>> {
+        self.last_check.as_ref()
+    }
+
+    /// When the current state began: the last transition, or creation.
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// Counts one failure (`what` describes it) and takes an Up backend Down at `fall`.
+    fn failure(&mut self, what: &str, now: Instant) -> Option<Transition> {
+        self.successes = 0;
+        self.failures = self.failures.saturating_add(1);
+        if self.health == Health::Up && self.failures >= self.fall {
+            let reason = if self.failures == 1 {
+                format!("1 failure: {what}")
+            } else {
+                format!("{} consecutive failures, last: {what}", self.failures)
+            };
+            Some(self.enter(Health::Down, reason, now))
+        } else {
+            None
+        }
+    }
+
+    /// Moves to `to` at `now`; streaks start over so that the next transition needs a full
+    /// `rise` or `fall` run in the new state.
+    fn enter(&mut self, to: Health, reason: String, now: Instant) -> Transition {
+        let transition = Transition {
+            from: self.health,
+            to,
+            reason,
+            held_for: now.saturating_duration_since(self.since),
+        };
+        self.health = to;
+        self.since = now;
+        self.successes = 0;
+        self.failures = 0;
+        transition
+    }
+}
+
+/// One active check of the backend at `target` as `kind` says, bounded by `timeout` (the whole
+/// check: connect, request and reply).
+///
+/// Returns `Ok(())` when the backend passes, else why it failed: `Err(CheckError::Timeout)`
+/// when `timeout` ran out, `Refused`/`Unreachable` for those connect or ICMP errors,
+/// `BadStatus`/`BadReply` when it answered wrongly. [`CheckKind::None`] always passes.
+pub async fn check(
+    target: SocketAddr,
+    kind: &CheckKind,
+    timeout: Duration,
+) -> Result<(), CheckError> {
+    let exchange = async {
+        match kind {
+            CheckKind::Tcp => tcp::check(target).await,
+            CheckKind::Http {
+                path,
+                expect_status,
+            } => http::check(target, path, *expect_status).await,
+            CheckKind::Udp { send, expect } => udp::check(target, send, expect.as_deref()).await,
+            CheckKind::None => Ok(()),
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_elapsed) => Err(CheckError::Timeout(timeout)),
+    }
+}
+
+/// Runs active checks of the backend at `target` until the task is aborted.
+///
+/// One check per `check.interval`, the first one right away; a check that overruns the
+/// interval delays the next one instead of bunching them up (tokio's
+/// `MissedTickBehavior::Delay`). Each result goes into `state`; when it causes a transition,
+/// `on_transition` is called with it after the lock is released. With [`CheckKind::None`] it
+/// returns at once and never touches `state`.
+pub async fn monitor(
+    target: SocketAddr,
+    check: HealthCheck,
+    state: Arc<Mutex<HealthState>>,
+    on_transition: Arc<dyn Fn(&Transition) + Send + Sync>,
+) {
+    if check.kind == CheckKind::None {
+        return;
+    }
+    // tokio panics on a zero period; config validation already forbids it.
+    let period = check.interval.max(Duration::from_millis(1));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = self::check(target, &check.kind, check.timeout).await;
+        if let Err(error) = &result {
+            tracing::debug!(backend = %target, %error, "health check failed");
+        }
+        let transition = {
+            // A panic elsewhere while holding the lock leaves counters that are still
+            // meaningful, so keep checking rather than stop monitoring the backend.
+            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.record_check(result, Instant::now())
+        };
+        if let Some(transition) = transition {
+            on_transition(&transition);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpSocket};
+    use tokio::sync::mpsc;
+
+    fn at(t0: Instant, secs: u64) -> Instant {
+        t0 + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_new_backend_is_up_and_goes_down_after_fall_failures() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 3, t0);
+        assert_eq!(s.health(), Health::Up, "a new backend should start UP");
+        assert!(s.last_check().is_none(), "no check has run yet");
+        assert!(s
+            .record_check(Err(CheckError::Refused), at(t0, 1))
+            .is_none());
+        assert!(s
+            .record_check(Err(CheckError::Refused), at(t0, 2))
+            .is_none());
+        assert_eq!(
+            s.health(),
+            Health::Up,
+            "2 of fall=3 failures must not take it down"
+        );
+        let t = s
+            .record_check(Err(CheckError::Refused), at(t0, 3))
+            .expect("the 3rd consecutive failure should take the backend DOWN");
+        assert_eq!((t.from, t.to), (Health::Up, Health::Down));
+        assert_eq!(t.reason, "3 consecutive failures, last: connection refused");
+        assert_eq!(
+            t.held_for,
+            Duration::from_secs(3),
+            "it was UP from t0 to t0+3s"
+        );
+        assert_eq!(s.health(), Health::Down);
+        assert_eq!(s.since(), at(t0, 3));
+        assert_eq!(s.last_check(), Some(&Err(CheckError::Refused)));
+    }
+
+    #[test]
+    fn a_down_backend_comes_up_after_rise_successes() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 1, t0);
+        s.record_check(Err(CheckError::Timeout(Duration::from_secs(1))), at(t0, 1))
+            .expect("fall=1: one failure takes it down");
+        assert!(s.record_check(Ok(()), at(t0, 2)).is_none(), "1 of rise=2");
+        assert_eq!(s.health(), Health::Down);
+        let t = s
+            .record_check(Ok(()), at(t0, 5))
+            .expect("the 2nd consecutive success should bring it UP");
+        assert_eq!((t.from, t.to), (Health::Down, Health::Up));
+        assert_eq!(t.reason, "2 consecutive successful checks");
+        assert_eq!(
+            t.held_for,
+            Duration::from_secs(4),
+            "DOWN from t0+1s to t0+5s"
+        );
+        assert_eq!(s.since(), at(t0, 5));
+        assert_eq!(s.last_check(), Some(&Ok(())));
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_streak_and_vice_versa() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 2, t0);
+        for i in 0..5 {
+            assert!(s
+                .record_check(Err(CheckError::Refused), at(t0, 2 * i))
+                .is_none());
+            assert!(s.record_check(Ok(()), at(t0, 2 * i + 1)).is_none());
+        }
+        assert_eq!(
+            s.health(),
+            Health::Up,
+            "alternating results must never reach fall=2"
+        );
+
+        s.record_check(Err(CheckError::Refused), at(t0, 20));
+        s.record_check(Err(CheckError::Refused), at(t0, 21))
+            .expect("2 failures in a row should take it DOWN");
+        for i in 0..5 {
+            assert!(s.record_check(Ok(()), at(t0, 22 + 2 * i)).is_none());
+            assert!(s
+                .record_check(Err(CheckError::Refused), at(t0, 23 + 2 * i))
+                .is_none());
+        }
+        assert_eq!(
+            s.health(),
+            Health::Down,
+            "alternating results must never reach rise=2"
+        );
+    }
+
+    #[test]
+    fn a_transition_needs_a_full_new_streak() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(1, 2, t0);
+        s.record_check(Err(CheckError::Refused), at(t0, 1));
+        s.record_check(Err(CheckError::Refused), at(t0, 2))
+            .expect("DOWN after fall=2");
+        let up = s.record_check(Ok(()), at(t0, 3)).expect("UP after rise=1");
+        assert_eq!(up.reason, "1 successful check");
+        assert!(
+            s.record_check(Err(CheckError::Refused), at(t0, 4))
+                .is_none(),
+            "the failure before going DOWN must not count again after coming back UP"
+        );
+        assert_eq!(s.health(), Health::Up);
+    }
+
+    #[test]
+    fn passive_failures_count_towards_fall_with_active_ones() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 3, t0);
+        assert!(s
+            .record_passive_failure("Connection refused (os error 111)", at(t0, 1))
+            .is_none());
+        assert!(s
+            .record_check(Err(CheckError::Refused), at(t0, 2))
+            .is_none());
+        let t = s
+            .record_passive_failure("Connection refused (os error 111)", at(t0, 3))
+            .expect("2 passive + 1 active failures should reach fall=3");
+        assert_eq!(t.to, Health::Down);
+        assert_eq!(
+            t.reason,
+            "3 consecutive failures, last: proxied connect failed: Connection refused (os error 111)"
+        );
+        assert_eq!(
+            s.last_check(),
+            Some(&Err(CheckError::Refused)),
+            "passive events are not checks"
+        );
+    }
+
+    #[test]
+    fn passive_events_never_bring_a_backend_up_and_are_ignored_while_down() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 1, t0);
+        s.record_check(Err(CheckError::Refused), at(t0, 1))
+            .expect("DOWN after fall=1");
+        s.record_check(Ok(()), at(t0, 2));
+        for _ in 0..5 {
+            s.record_passive_success();
+        }
+        assert_eq!(
+            s.health(),
+            Health::Down,
+            "proxied connects must not bring it UP"
+        );
+        assert!(s.record_passive_failure("refused", at(t0, 3)).is_none());
+        let t = s
+            .record_check(Ok(()), at(t0, 4))
+            .expect("a passive failure while DOWN must not reset the success streak");
+        assert_eq!(t.to, Health::Up);
+    }
+
+    #[test]
+    fn a_passive_success_resets_the_failure_streak() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 2, t0);
+        for i in 0..5 {
+            assert!(s.record_passive_failure("refused", at(t0, i)).is_none());
+            s.record_passive_success();
+        }
+        assert_eq!(
+            s.health(),
+            Health::Up,
+            "each success should reset the streak"
+        );
+        s.record_passive_failure("refused", at(t0, 10));
+        assert!(s.record_passive_failure("refused", at(t0, 11)).is_some());
+    }
+
+    #[test]
+    fn zero_thresholds_act_as_one() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(0, 0, t0);
+        assert!(s.record_check(Err(CheckError::Refused), t0).is_some());
+        assert!(s.record_check(Ok(()), t0).is_some());
+    }
+
+    #[test]
+    fn errors_and_transitions_read_well_in_a_log_line() {
+        assert_eq!(CheckError::Refused.to_string(), "connection refused");
+        assert_eq!(
+            CheckError::Timeout(Duration::from_secs(1)).to_string(),
+            "timed out after 1s"
+        );
+        assert_eq!(
+            CheckError::Timeout(Duration::from_millis(250)).to_string(),
+            "timed out after 250ms"
+        );
+        assert_eq!(
+            CheckError::BadStatus {
+                got: 503,
+                want: 200
+            }
+            .to_string(),
+            "HTTP status 503, expected 200"
+        );
+        assert_eq!(Health::Up.to_string(), "UP");
+        assert_eq!(Health::Down.to_string(), "DOWN");
+        let t = Transition {
+            from: Health::Up,
+            to: Health::Down,
+            reason: "3 consecutive failures, last: connection refused".into(),
+            held_for: Duration::from_micros(12_345_678),
+        };
+        assert_eq!(
+            t.to_string(),
+            "UP -> DOWN after 12s 345ms: 3 consecutive failures, last: connection refused"
+        );
+    }
+
+    #[test]
+    fn io_errors_map_to_refused_and_unreachable() {
+        let os = io::Error::from_raw_os_error;
+        assert_eq!(
+            CheckError::from(os(libc::ECONNREFUSED)),
+            CheckError::Refused
+        );
+        assert_eq!(
+            CheckError::from(os(libc::EHOSTUNREACH)),
+            CheckError::Unreachable
+        );
+        assert_eq!(
+            CheckError::from(os(libc::ENETUNREACH)),
+            CheckError::Unreachable
+        );
+        assert!(matches!(
+            CheckError::from(os(libc::EPIPE)),
+            CheckError::Io(text) if text.contains("os error")
+        ));
+    }
+
+    /// A listener on `addr` (port 0 for any) that accepts and drops connections until the
+    /// returned task is aborted; SO_REUSEADDR so it can be reopened on the same port.
+    fn serve(addr: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let socket = TcpSocket::new_v4().expect("create a TCP socket");
+        socket.set_reuseaddr(true).expect("set SO_REUSEADDR");
+        socket.bind(addr).expect("bind the backend listener");
+        let listener: TcpListener = socket.listen(64).expect("listen");
+        let local = listener.local_addr().expect("listener address");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        (local, task)
+    }
+
+    #[tokio::test]
+    async fn monitor_reports_down_after_fall_checks_and_up_after_reopen() {
+        const INTERVAL: Duration = Duration::from_millis(50);
+        let (addr, server) = serve("127.0.0.1:0".parse().expect("literal address"));
+        let state = Arc::new(Mutex::new(HealthState::new(2, 3, Instant::now())));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let on_transition: Arc<dyn Fn(&Transition) + Send + Sync> = Arc::new(move |t| {
+            let _ = tx.send(t.clone());
+        });
+        let check = HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: INTERVAL,
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        };
+        let monitor = tokio::spawn(monitor(addr, check, state.clone(), on_transition));
+
+        // Wait (bounded) until a check has passed against the open listener.
+        let mut passed = false;
+        for _ in 0..100 {
+            if matches!(state.lock().expect("lock").last_check(), Some(Ok(()))) {
+                passed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            passed,
+            "no health check passed against an open listener within 2s"
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "an UP backend that passes must not transition"
+        );
+
+        let closed_at = Instant::now();
+        server.abort();
+        let _ = server.await;
+        let down = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no DOWN transition within 5s of closing the backend")
+            .expect("monitor stopped");
+        assert_eq!((down.from, down.to), (Health::Up, Health::Down));
+        assert_eq!(
+            down.reason,
+            "3 consecutive failures, last: connection refused"
+        );
+        assert_eq!(state.lock().expect("lock").health(), Health::Down);
+
+        let (reopened, server) = serve(addr);
+        assert_eq!(reopened, addr);
+        let up = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no UP transition within 5s of reopening the backend")
+            .expect("monitor stopped");
+        assert_eq!((up.from, up.to), (Health::Down, Health::Up));
+        let up_seen_at = Instant::now();
+        assert_eq!(up.reason, "2 consecutive successful checks");
+        // It went DOWN after the listener closed and came UP before we saw it.
+        assert!(
+            up.held_for > Duration::ZERO && up.held_for <= up_seen_at - closed_at,
+            "DOWN for {:?}, but the listener was closed only {:?} before",
+            up.held_for,
+            up_seen_at - closed_at
+        );
+        assert_eq!(state.lock().expect("lock").health(), Health::Up);
+
+        monitor.abort();
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn monitor_with_no_checks_returns_at_once() {
+        let state = Arc::new(Mutex::new(HealthState::new(2, 3, Instant::now())));
+        let check = HealthCheck {
+            kind: CheckKind::None,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        };
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            monitor(addr, check, state.clone(), Arc::new(|_: &Transition| {})),
+        )
+        .await
+        .expect("monitor with kind none should return at once");
+        assert!(state.lock().expect("lock").last_check().is_none());
+    }
+}
