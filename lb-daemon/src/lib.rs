@@ -9,4 +9,5 @@ pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod scheduler;
+pub mod service;
 pub mod snapshot;
