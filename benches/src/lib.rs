@@ -1,1 +1,2 @@
-//! Benchmarks live in `benches/`.
+//! lb's benchmarks. The criterion micro-benchmarks are in `benches/micro.rs`
+//! (`cargo bench -p lb-benches --bench micro`).

@@ -1,0 +1,120 @@
+//! Criterion micro-benchmarks of the pieces on the per-flow and per-rebuild paths:
+//! the Maglev table build (per health or weight change), the table lookup and the flow hash
+//! (per new flow, in both data planes), and each proxy scheduler's pick (per new connection).
+//!
+//! Run with `cargo bench -p lb-benches --bench micro`; criterion reports ns per lookup and
+//! ms per build.
+
+use std::hint::black_box;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use lb_common::{flow_hash, FlowKey};
+use lb_daemon::config::SchedulerKind;
+use lb_daemon::maglev::{MaglevBackend, MaglevTable};
+use lb_daemon::scheduler::{self, Candidate};
+use lb_daemon::snapshot::BackendStats;
+
+fn address(i: usize) -> SocketAddr {
+    let i = i as u32;
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8),
+        8080,
+    ))
+}
+
+fn backends(n: usize) -> Vec<MaglevBackend> {
+    (0..n)
+        .map(|i| MaglevBackend {
+            address: address(i),
+            weight: 1 + (i as u32 * 7) % 16,
+        })
+        .collect()
+}
+
+fn flows(n: usize) -> Vec<FlowKey> {
+    (0..n)
+        .map(|i| FlowKey {
+            src_addr: [u32::from_ne_bytes([192, 0, 2, (i % 250) as u8]), 0, 0, 0],
+            dst_addr: [u32::from_ne_bytes([198, 51, 100, 1]), 0, 0, 0],
+            src_port: 10_000 + (i % 50_000) as u16,
+            dst_port: 80,
+            protocol: 6,
+            _pad: [0; 3],
+        })
+        .collect()
+}
+
+fn maglev_build(c: &mut Criterion) {
+    let mut g = c.benchmark_group("maglev_build");
+    g.sample_size(20);
+    for (n, m) in [(10, 65_537), (100, 65_537), (1_000, 65_537), (1_000, 655_373)] {
+        let set = backends(n);
+        g.bench_with_input(
+            BenchmarkId::new(format!("M={m}"), format!("{n} backends")),
+            &set,
+            |b, set| b.iter(|| MaglevTable::build(black_box(set), m).expect("valid set")),
+        );
+    }
+    g.finish();
+}
+
+fn maglev_lookup(c: &mut Criterion) {
+    let table = MaglevTable::build(&backends(100), 65_537).expect("valid set");
+    let keys = flows(4096);
+    let mut i = 0;
+    c.bench_function("maglev_lookup (hash + slot)", |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            table.lookup(flow_hash(black_box(&keys[i])))
+        })
+    });
+}
+
+fn hash(c: &mut Criterion) {
+    let keys = flows(4096);
+    let mut i = 0;
+    c.bench_function("flow_hash", |b| {
+        b.iter(|| {
+            i = (i + 1) & 4095;
+            flow_hash(black_box(&keys[i]))
+        })
+    });
+}
+
+fn scheduler_pick(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scheduler_pick (10 backends)");
+    let keys = flows(4096);
+    for kind in [
+        SchedulerKind::Maglev,
+        SchedulerKind::RoundRobin,
+        SchedulerKind::WeightedRoundRobin,
+        SchedulerKind::LeastConn,
+        SchedulerKind::RandomTwo,
+        SchedulerKind::SourceHash,
+    ] {
+        let candidates = backends(10)
+            .into_iter()
+            .enumerate()
+            .map(|(id, b)| Candidate {
+                id,
+                address: b.address,
+                weight: b.weight,
+                stats: Arc::new(BackendStats::default()),
+            })
+            .collect();
+        let s = scheduler::build(kind, candidates, 65_537).expect("valid set");
+        let mut i = 0;
+        g.bench_function(format!("{kind:?}"), |b| {
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                s.pick(black_box(&keys[i]), &[])
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, maglev_build, maglev_lookup, hash, scheduler_pick);
+criterion_main!(benches);
