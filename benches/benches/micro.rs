@@ -49,7 +49,12 @@ fn flows(n: usize) -> Vec<FlowKey> {
 fn maglev_build(c: &mut Criterion) {
     let mut g = c.benchmark_group("maglev_build");
     g.sample_size(20);
-    for (n, m) in [(10, 65_537), (100, 65_537), (1_000, 65_537), (1_000, 655_373)] {
+    for (n, m) in [
+        (10, 65_537),
+        (100, 65_537),
+        (1_000, 65_537),
+        (1_000, 655_373),
+    ] {
         let set = backends(n);
         g.bench_with_input(
             BenchmarkId::new(format!("M={m}"), format!("{n} backends")),
