@@ -37,6 +37,17 @@ pub fn run(cargo_test_args: &[String]) -> Result<ExitCode> {
     let mut failed = Vec::new();
     for (name, command) in [
         ("fmt", cargo(&["fmt", "--all", "--", "--check"])),
+        // lb-ebpf is outside the workspace, so `--all` does not reach it.
+        (
+            "fmt lb-ebpf",
+            cargo(&[
+                "fmt",
+                "--manifest-path",
+                "lb-ebpf/Cargo.toml",
+                "--",
+                "--check",
+            ]),
+        ),
         (
             "clippy",
             cargo(&[
