@@ -1,1 +1,71 @@
-fn main() {}
+//! `cargo xtask`: builds the BPF program, runs the whole test suite and the demo, installing
+//! what a fresh machine lacks on the way (see `.cargo/config.toml` for the alias).
+
+mod bpf_object;
+mod build_ebpf;
+mod demo;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// lb's developer tasks.
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "lb's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build and check the XDP program (lb-ebpf); print the object's path.
+    ///
+    /// Builds with the nightly into target/bpf, installing rust-src and bpf-linker 0.10.4 first
+    /// if they are missing, and checks the object is a BPF ELF with its programs and maps.
+    BuildEbpf {
+        /// Use the release profile (target/bpf/bpfel-unknown-none/release/lb-ebpf).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run everything CI runs (`.ci/run`).
+    ///
+    /// Installs missing packages, then build-ebpf, fmt, clippy, builds the daemon and runs
+    /// `cargo test --workspace`. Arguments after `--` go to `cargo test` (a filter,
+    /// `-- --nocapture`).
+    Test {
+        /// Passed to `cargo test --workspace` as they are.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build lb-daemon and lb-demo, then run the demo with config/demo.toml.
+    ///
+    /// Exits with the demo's exit code.
+    Demo {
+        /// Keep the demo's services running until Ctrl-C (passed to lb-demo).
+        #[arg(long)]
+        serve: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::BuildEbpf { release } => build_ebpf::run(release).map(|object| {
+            // Alone on stdout, so `OBJ=$(cargo xtask build-ebpf)` works.
+            println!("{}", object.display());
+            ExitCode::SUCCESS
+        }),
+        Task::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Task::Demo { serve } => demo::run(serve),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
