@@ -1,0 +1,408 @@
+//! A running `lb-daemon`, owned by a test: started from a config string, its log captured
+//! for assertions, killed and reaped on drop (also when the test panics, after printing the
+//! end of its log).
+
+mod binary;
+mod log;
+
+pub use binary::daemon_binary;
+pub use log::LogWaitError;
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use log::{has_word, LogBuffer};
+
+/// How long [`Daemon::start`] waits for the `ready` line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long [`Daemon::terminate`] waits for the daemon to exit after SIGTERM.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `lb-daemon check` may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a daemon could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No binary: `LB_DAEMON_BIN` is wrong or the build failed.
+    #[error("no lb-daemon binary: {0}")]
+    Binary(String),
+    /// The config could not be written to a temporary file.
+    #[error("cannot write the config file: {0}")]
+    Config(#[source] std::io::Error),
+    /// The process could not be started.
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// Why not.
+        source: std::io::Error,
+    },
+    /// The daemon exited before it logged `ready`.
+    #[error("lb-daemon exited ({status}) before it logged `ready`; its log:\n{log}")]
+    ExitedEarly {
+        /// How it exited.
+        status: ExitStatus,
+        /// Its last log lines.
+        log: String,
+    },
+    /// No `ready` line in time.
+    #[error("lb-daemon did not log `ready` within {timeout:?}; its log:\n{log}")]
+    NotReady {
+        /// How long it waited.
+        timeout: Duration,
+        /// Its last log lines.
+        log: String,
+    },
+}
+
+/// A running `lb-daemon run -c FILE`.
+///
+/// The daemon gets its own process group (a Ctrl-C at the terminal reaches the test, not the
+/// daemon) and is killed by the kernel if the thread that started it ends without dropping it
+/// (`PR_SET_PDEATHSIG`), so start it on the thread that owns it.
+pub struct Daemon {
+    child: Child,
+    log: Arc<LogBuffer>,
+    readers: Vec<JoinHandle<()>>,
+    config_path: PathBuf,
+    _config_file: Option<tempfile::TempPath>,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Writes `config_toml` to a temporary file, runs the daemon on it and waits (up to
+    /// [`READY_TIMEOUT`]) for its `ready` line.
+    ///
+    /// Panics, with the daemon's log, when it cannot be started or does not get ready: a
+    /// test cannot go on without it.
+    pub fn start(config_toml: &str) -> Daemon {
+        Self::try_start(config_toml).unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"))
+    }
+
+    /// Like [`start`](Self::start), returning the error instead of panicking.
+    pub fn try_start(config_toml: &str) -> Result<Daemon, DaemonError> {
+        let binary = daemon_binary().map_err(DaemonError::Binary)?;
+        let file = write_config(config_toml)?;
+        let path = file.to_path_buf();
+        let mut d = Self::launch(&binary, &path, Some(file))?;
+        d.wait_ready(READY_TIMEOUT)?;
+        Ok(d)
+    }
+
+    /// Runs `binary run -c config` on an existing config file and waits up to `ready_timeout`
+    /// for its `ready` line (the demo's entry point).
+    pub fn spawn(
+        binary: &Path,
+        config: &Path,
+        ready_timeout: Duration,
+    ) -> Result<Daemon, DaemonError> {
+        let mut d = Self::launch(binary, config, None)?;
+        d.wait_ready(ready_timeout)?;
+        Ok(d)
+    }
+
+    fn launch(
+        binary: &Path,
+        config: &Path,
+        file: Option<tempfile::TempPath>,
+    ) -> Result<Daemon, DaemonError> {
+        let mut child = command(binary, "run", config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| DaemonError::Spawn {
+                binary: binary.to_path_buf(),
+                source,
+            })?;
+        let log = Arc::new(LogBuffer::default());
+        let echo = std::env::var_os("LB_TEST_ECHO_DAEMON").is_some_and(|v| v == "1");
+        let mut readers = Vec::new();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        for (name, stream) in [
+            ("stdout", Box::new(stdout) as Box<dyn std::io::Read + Send>),
+            ("stderr", Box::new(stderr)),
+        ] {
+            log.expect_stream();
+            let log = log.clone();
+            readers.push(
+                std::thread::Builder::new()
+                    .name(format!("lb-daemon-{name}"))
+                    .spawn(move || log.pump(stream, echo))
+                    .expect("a thread for the daemon's output"),
+            );
+        }
+        Ok(Daemon {
+            child,
+            log,
+            readers,
+            config_path: config.to_path_buf(),
+            _config_file: file,
+            exited: None,
+        })
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), DaemonError> {
+        match self.log.wait_for(0, "ready", is_ready_line, timeout) {
+            Ok(_) => Ok(()),
+            Err(LogWaitError::Exited { .. }) => {
+                let status = self
+                    .wait_exit(Duration::from_secs(5))
+                    .unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(-1));
+                Err(DaemonError::ExitedEarly {
+                    status,
+                    log: self.log.tail(40),
+                })
+            }
+            Err(LogWaitError::Timeout { .. }) => Err(DaemonError::NotReady {
+                timeout,
+                log: self.log.tail(40),
+            }),
+        }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The config file it runs on.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Every log line so far (stderr and stdout, colour codes removed).
+    pub fn logs(&self) -> Vec<String> {
+        self.log.lines()
+    }
+
+    /// The number of log lines so far: a mark for [`wait_for_log_after`](Self::wait_for_log_after)
+    /// and for "no such line after this point" checks on [`logs`](Self::logs).
+    pub fn log_mark(&self) -> usize {
+        self.log.len()
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle` (anywhere in the log so far or
+    /// to come); returns the line.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<String, LogWaitError> {
+        self.wait_for_log_after(0, needle, timeout).map(|(_, l)| l)
+    }
+
+    /// Waits up to `timeout` for a line containing `needle` at index `mark` or later; returns
+    /// its index and text. `Err(LogWaitError::Exited)` as soon as the daemon's output closes.
+    pub fn wait_for_log_after(
+        &self,
+        mark: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(usize, String), LogWaitError> {
+        self.log
+            .wait_for(mark, needle, |l| l.contains(needle), timeout)
+    }
+
+    /// Sends `signal` to the daemon. Returns the `kill(2)` error (e.g. it already exited).
+    pub fn signal(&self, signal: Signal) -> nix::Result<()> {
+        kill(self.nix_pid(), signal)
+    }
+
+    /// Sends SIGTERM and waits up to [`EXIT_TIMEOUT`] for the daemon to exit; returns how it
+    /// exited. Panics if it is still running after that.
+    pub fn terminate(&mut self) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let _ = self.signal(Signal::SIGTERM);
+        self.wait_exit(EXIT_TIMEOUT).unwrap_or_else(|| {
+            panic!(
+                "lb-daemon was still running {EXIT_TIMEOUT:?} after SIGTERM; last log lines:\n{}",
+                self.log.tail(30)
+            )
+        })
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exit_status() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How the daemon exited, or `None` while it runs.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    fn nix_pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("a pid fits in i32"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exit_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // The pipes close with the process; a reader still running after that has a
+        // grandchild holding them, and is left behind rather than waited on.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for r in self.readers.drain(..) {
+            while !r.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- lb-daemon log (last 60 lines) ----\n{}\n---- end of lb-daemon log ----",
+                self.log.tail(60)
+            );
+        }
+    }
+}
+
+/// What a daemon run to its end (`check`, or `run` that is expected to fail) did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// How it exited; `None` if it was still running at the deadline (it was then killed).
+    pub status: Option<ExitStatus>,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+    /// The config file it was given (deleted by now): error messages name it.
+    pub config_path: PathBuf,
+}
+
+impl Outcome {
+    /// The exit code, if it exited normally.
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+}
+
+/// Runs `lb-daemon check -c FILE` with `config_toml` in FILE, bounded to 30 s.
+///
+/// Panics when the binary cannot be found or started.
+pub fn check_config(config_toml: &str) -> Outcome {
+    run_to_end("check", config_toml, CHECK_TIMEOUT)
+}
+
+/// Runs `lb-daemon {subcommand} -c FILE` with `config_toml` in FILE and waits up to
+/// `timeout` for it to exit (killing it after that); for `run` with a config that must be
+/// refused.
+///
+/// Panics when the binary cannot be found or started.
+pub fn run_to_end(subcommand: &str, config_toml: &str, timeout: Duration) -> Outcome {
+    let file = write_config(config_toml).unwrap_or_else(|e| panic!("{e}"));
+    run_on_file(subcommand, &file, timeout)
+}
+
+/// Runs `lb-daemon {subcommand} -c {config}` on an existing (or deliberately missing) file
+/// and waits up to `timeout` for it to exit, killing it after that.
+///
+/// Panics when the binary cannot be found or started.
+pub fn run_on_file(subcommand: &str, config: &Path, timeout: Duration) -> Outcome {
+    let binary = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
+    let mut child = command(&binary, subcommand, config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+    let read = |s: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut s) = s {
+                let _ = s.read_to_end(&mut out);
+            }
+            log::strip_ansi(&String::from_utf8_lossy(&out))
+        })
+    };
+    let out = read(child.stdout.take().map(|s| Box::new(s) as _));
+    let err = read(child.stderr.take().map(|s| Box::new(s) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    Outcome {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+        config_path: config.to_path_buf(),
+    }
+}
+
+/// Whether a log line is the daemon's readiness line: it has `ready` as a whole word
+/// (so "address already in use" is not).
+pub fn is_ready_line(line: &str) -> bool {
+    has_word(line, "ready")
+}
+
+fn write_config(config_toml: &str) -> Result<tempfile::TempPath, DaemonError> {
+    let mut f = tempfile::Builder::new()
+        .prefix("lb-test-")
+        .suffix(".toml")
+        .tempfile()
+        .map_err(DaemonError::Config)?;
+    f.write_all(config_toml.as_bytes())
+        .and_then(|()| f.flush())
+        .map_err(DaemonError::Config)?;
+    Ok(f.into_temp_path())
+}
+
+fn command(binary: &Path, subcommand: &str, config: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg(subcommand)
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        // Plain text logs: assertions match on words, not on colour codes.
+        .env("NO_COLOR", "1")
+        .env(
+            "RUST_LOG",
+            std::env::var("LB_DAEMON_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .process_group(0);
+    // SAFETY: the closure only makes async-signal-safe system calls (prctl, sigprocmask)
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Dies with its parent, so a killed test run leaves no daemon holding ports.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            // A parent that blocks SIGINT/SIGTERM (the demo in --serve) must not pass that on.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    cmd
+}

@@ -1,0 +1,173 @@
+//! Stopping the daemon: SIGTERM stops new connections, lets open ones finish (up to
+//! `global.drain_timeout`), then the daemon exits 0.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use lb_tests::client::{connect, Upload};
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::data::Receipt;
+use lb_tests::ports::free_addr;
+use lb_tests::{Daemon, HashServer};
+use nix::sys::signal::Signal;
+
+const MIB: u64 = 1024 * 1024;
+
+fn start(drain_timeout: &str, backend: SocketAddr) -> (Daemon, SocketAddr) {
+    let vip = free_addr();
+    let config = DaemonConfig::new()
+        .global("drain_timeout", drain_timeout)
+        .service(
+            ServiceConfig::tcp("bulk", vip)
+                .fast_health("tcp")
+                .backend(backend, 1),
+        );
+    (Daemon::start(&config.to_toml()), vip)
+}
+
+/// Waits (up to 5 s) until `backend` has `n` open connections: the daemon has then accepted
+/// and forwarded the client's connection, which a finished `connect()` alone does not prove.
+fn wait_until_backend_has(backend: &HashServer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend.open_connections() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        backend.open_connections() >= n,
+        "the client connected to the VIP, but within 5 s the backend saw {} connections",
+        backend.open_connections()
+    );
+}
+
+/// Whether a new connection to `vip` is still served: connected, sent a few bytes, and got
+/// the hash server's receipt within a second.
+fn new_connection_served(vip: SocketAddr) -> bool {
+    let Ok(mut c) = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+    if c.write_all(b"knock").is_err() || c.shutdown(Shutdown::Write).is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = c.read_to_string(&mut reply);
+    Receipt::parse(&reply).is_some()
+}
+
+#[test]
+fn sigterm_lets_an_open_transfer_finish_then_exits_0() {
+    let backend = HashServer::start("sink").expect("hash server starts");
+    let (mut daemon, vip) = start("20s", backend.addr());
+    let seed = 77;
+    let mut up = Upload::start(vip, seed).unwrap_or_else(|e| panic!("cannot connect: {e}"));
+    up.send(4 * MIB).expect("the first 4 MiB go through");
+    wait_until_backend_has(&backend, 1);
+
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("SIGTERM is delivered");
+
+    // New connections stop being served (bounded wait: the daemon needs a moment).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut refused = false;
+    for _ in 0..50 {
+        if !new_connection_served(vip) {
+            refused = true;
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        refused,
+        "5 s after SIGTERM the daemon still served new connections; it should stop accepting"
+    );
+
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = daemon.exit_status() {
+        panic!(
+            "the daemon exited ({status}) while a transfer was still open; it should wait for \
+             it (drain_timeout is 20 s)"
+        );
+    }
+    up.send(12 * MIB)
+        .unwrap_or_else(|e| panic!("the open transfer broke after SIGTERM: {e}"));
+    let got = up
+        .finish()
+        .unwrap_or_else(|e| panic!("the open transfer got no receipt after SIGTERM: {e}"));
+    assert_eq!(
+        got,
+        Receipt::of_stream(16 * MIB, seed),
+        "the transfer that was open during SIGTERM arrived damaged"
+    );
+
+    let status = daemon
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| {
+            panic!("the daemon did not exit within 15 s after its last connection closed")
+        });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "after SIGTERM and a clean drain the daemon should exit 0, it exited with {status}"
+    );
+}
+
+#[test]
+fn sigterm_with_an_idle_connection_exits_0_after_the_drain_timeout() {
+    let backend = HashServer::start("sink").expect("hash server starts");
+    let (mut daemon, vip) = start("1s", backend.addr());
+    let mut idle = connect(vip).unwrap_or_else(|e| panic!("cannot connect: {e}"));
+    idle.write_all(b"a connection that never finishes")
+        .expect("a few bytes go through");
+    wait_until_backend_has(&backend, 1);
+
+    let sent = Instant::now();
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("SIGTERM is delivered");
+    let status = daemon
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| {
+            panic!("with drain_timeout = 1s the daemon was still running 15 s after SIGTERM")
+        });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "after SIGTERM the daemon should exit 0 once the drain timeout ends, it exited with {status}"
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(900),
+        "the daemon exited {:?} after SIGTERM, before its 1 s drain timeout, with a connection open",
+        sent.elapsed()
+    );
+    // The connection is gone with the daemon.
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let after = idle.read(&mut buf);
+    assert!(
+        matches!(after, Ok(0) | Err(_)),
+        "the connection cut at the drain timeout still delivered data to the client \
+         ({after:?}): the backend was made to believe the upload had ended"
+    );
+}
+
+#[test]
+fn sigint_without_connections_exits_0() {
+    let backend = HashServer::start("sink").expect("hash server starts");
+    let (mut daemon, _vip) = start("5s", backend.addr());
+    daemon.signal(Signal::SIGINT).expect("SIGINT is delivered");
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!("with no connection open the daemon was still running 10 s after SIGINT")
+        });
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGINT should end the daemon with exit 0, got {status}"
+    );
+}
