@@ -1,1 +1,422 @@
-//! The proxy.
+//! The userspace data plane: a TCP and UDP proxy on io_uring, one thread and one ring per
+//! worker.
+//!
+//! - TCP ([`tcp`]): every worker has its own `SO_REUSEPORT` listener per service and a
+//!   multishot accept; a new client gets a backend from the service's scheduler, a connect
+//!   bounded by `connect_timeout` and retried on other backends (`retries`), then a relay
+//!   that splices each direction through its own pipe ([`relay`]), with half-close, idle
+//!   timeout and reset propagation.
+//! - UDP ([`udp`]): every worker has its own `SO_REUSEPORT` socket on the VIP; each client
+//!   address gets a session, a connected socket to its backend; replies go back through the
+//!   VIP socket, so they come from the VIP. Sessions expire after `idle_timeout`.
+//! - [`ring`] wraps a worker's io_uring, [`worker`] runs its loop, [`sys`] holds the few raw
+//!   system calls.
+//!
+//! Existing flows keep their backend when a snapshot changes: the backend is chosen once, when
+//! the connection or session opens.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::config::Protocol;
+use crate::dataplane::FlowEvents;
+use crate::snapshot::SharedSnapshot;
+
+mod relay;
+mod ring;
+mod slab;
+mod sys;
+mod tcp;
+mod udp;
+mod worker;
+
+/// One service the proxy carries.
+///
+/// Its listen address, protocol, timeouts and retries are read from the snapshot once, at
+/// [`Proxy::start`]: they are fixed for the life of the proxy. Backends, weights, health and
+/// the scheduler are read from the current snapshot for every new connection or session.
+pub struct ProxyService {
+    /// The service's number, passed back in [`FlowEvents`] calls.
+    pub index: usize,
+    /// The service's live snapshot.
+    pub snapshot: SharedSnapshot,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A listener (TCP) or VIP socket (UDP) could not be bound, e.g. the address is in use
+    /// by another program or is not local.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The service's listen address.
+        addr: SocketAddr,
+        /// The error from `socket`, `setsockopt`, `bind` or `listen`.
+        source: io::Error,
+    },
+    /// A worker's io_uring or its wake-up eventfd could not be created (io_uring disabled by
+    /// `kernel.io_uring_disabled`, a kernel older than 5.19, or out of memory or files).
+    #[error("cannot set up a proxy worker's io_uring: {0}")]
+    Ring(io::Error),
+    /// A worker thread could not be spawned.
+    #[error("cannot start a proxy worker thread: {0}")]
+    Thread(io::Error),
+}
+
+/// How relay bytes are moved between a socket and a pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpliceMode {
+    /// io_uring `IORING_OP_SPLICE` operations, issued after a poll reports readiness
+    /// (they run in io-wq threads).
+    #[default]
+    Uring,
+    /// `splice(2)` system calls on the worker thread after a poll reports readiness.
+    Syscall,
+}
+
+/// Tuning knobs of the proxy; [`Proxy::start`] uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyOptions {
+    /// How relay bytes are moved; default [`SpliceMode::Uring`].
+    pub splice: SpliceMode,
+    /// Requested capacity of each relay pipe, in bytes (two pipes per TCP connection);
+    /// default 256 KiB. The kernel rounds it up to a power-of-two number of pages and may
+    /// refuse it (`fs.pipe-max-size`, per-user pipe limits), leaving 64 KiB.
+    pub pipe_size: usize,
+    /// Receive and send buffer of each UDP socket, in bytes; default 4 MiB. Beyond
+    /// `net.core.rmem_max`/`wmem_max` only with `CAP_NET_ADMIN`.
+    pub udp_buffer: usize,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            splice: SpliceMode::Uring,
+            pipe_size: 256 * 1024,
+            udp_buffer: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Proxy-wide counts since start, summed over workers. Per-backend counts (connections,
+/// bytes, connect failures) are in each backend's [`crate::snapshot::BackendStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyCounters {
+    /// TCP connections closed (with a reset) and UDP datagrams dropped because no backend
+    /// was eligible, or every connect attempt of the connection failed.
+    pub no_backend: u64,
+    /// UDP datagrams dropped for any reason (no backend, full socket buffer, draining,
+    /// backend unreachable).
+    pub dropped_datagrams: u64,
+    /// Connections and sessions ended by an error: a reset, a failed splice or send, or a
+    /// local resource shortage (sockets, pipes).
+    pub errors: u64,
+}
+
+/// State shared by the workers and the [`Proxy`] handle.
+#[derive(Default)]
+struct Shared {
+    active: AtomicU64,
+    no_backend: AtomicU64,
+    dropped_datagrams: AtomicU64,
+    errors: AtomicU64,
+    /// Set once by [`Proxy::shutdown`]: when the drain ends.
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn count(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Lets a repeated warning through at most once per second, counting the ones held back, so
+/// that a flood (every backend down, out of file descriptors) cannot flood the logs.
+#[derive(Clone, Default)]
+struct LogLimit {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl LogLimit {
+    const PERIOD: Duration = Duration::from_secs(1);
+
+    /// `Some(suffix)` when a warning may be logged now; the suffix tells how many were held
+    /// back since the last one (empty if none). `None` when this one is held back.
+    fn allow(&mut self, now: Instant) -> Option<String> {
+        if self
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) < Self::PERIOD)
+        {
+            self.held += 1;
+            return None;
+        }
+        let suffix = match self.held {
+            0 => String::new(),
+            n => format!(" ({n} similar since the last report)"),
+        };
+        self.last = Some(now);
+        self.held = 0;
+        Some(suffix)
+    }
+}
+
+/// What a worker needs to know about a service, read from its snapshot at start.
+#[derive(Clone)]
+struct ServiceInfo {
+    index: usize,
+    snapshot: SharedSnapshot,
+    name: Arc<str>,
+    /// The bound address (the actual port when the configured one was 0).
+    listen: SocketAddr,
+    protocol: Protocol,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    retries: u32,
+}
+
+struct WorkerHandle {
+    thread: Option<JoinHandle<u64>>,
+    wake: Arc<OwnedFd>,
+}
+
+/// The running proxy: its worker threads and their listeners.
+///
+/// Dropping it without [`Proxy::shutdown`] stops it at once (no drain).
+pub struct Proxy {
+    workers: Vec<WorkerHandle>,
+    shared: Arc<Shared>,
+    listen: Vec<(usize, SocketAddr)>,
+}
+
+/// `listen(2)` backlog; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 65_535;
+
+impl Proxy {
+    /// Starts `workers` worker threads (at least 1), each with its own io_uring and its own
+    /// `SO_REUSEPORT` listener (TCP) or VIP socket (UDP) for every service, with default
+    /// [`ProxyOptions`].
+    ///
+    /// Binds every listener of every worker before returning, so a bind error surfaces here:
+    /// `Err(ProxyError::Bind)`. A listen port of 0 gets one free port, shared by all workers
+    /// (see [`Proxy::listen_addr`]). Returns `Err(ProxyError::Ring)` when io_uring cannot be
+    /// set up and `Err(ProxyError::Thread)` when a thread cannot be spawned; nothing keeps
+    /// running after an error.
+    pub fn start(
+        services: Vec<ProxyService>,
+        workers: usize,
+        events: Arc<dyn FlowEvents>,
+    ) -> Result<Proxy, ProxyError> {
+        Proxy::start_with(services, workers, events, ProxyOptions::default())
+    }
+
+    /// [`Proxy::start`] with explicit [`ProxyOptions`] (benchmarks compare splice modes).
+    pub fn start_with(
+        services: Vec<ProxyService>,
+        workers: usize,
+        events: Arc<dyn FlowEvents>,
+        options: ProxyOptions,
+    ) -> Result<Proxy, ProxyError> {
+        let workers = workers.max(1);
+        let mut infos: Vec<ServiceInfo> = services
+            .into_iter()
+            .map(|s| {
+                let snap = s.snapshot.load();
+                ServiceInfo {
+                    index: s.index,
+                    name: snap.name.clone(),
+                    listen: snap.listen,
+                    protocol: snap.protocol,
+                    connect_timeout: snap.connect_timeout,
+                    idle_timeout: snap.idle_timeout,
+                    retries: snap.retries,
+                    snapshot: s.snapshot.clone(),
+                }
+            })
+            .collect();
+
+        // Bind everything first: worker 0's sockets fix the ports that were 0.
+        let mut sockets: Vec<Vec<OwnedFd>> = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let mut mine = Vec::with_capacity(infos.len());
+            for info in &mut infos {
+                let (fd, bound) = bind(info, options).map_err(|source| ProxyError::Bind {
+                    addr: info.listen,
+                    source,
+                })?;
+                info.listen = bound;
+                mine.push(fd);
+            }
+            sockets.push(mine);
+        }
+
+        let shared = Arc::new(Shared::default());
+        let mut setups = Vec::with_capacity(workers);
+        for (id, mine) in sockets.into_iter().enumerate() {
+            let ring = ring::Ring::new().map_err(ProxyError::Ring)?;
+            let wake = Arc::new(sys::eventfd().map_err(ProxyError::Ring)?);
+            let mut setup = worker::Setup {
+                id,
+                ring,
+                wake: wake.clone(),
+                tcp: Vec::new(),
+                udp: Vec::new(),
+                events: events.clone(),
+                shared: shared.clone(),
+                options,
+            };
+            for (info, fd) in infos.iter().zip(mine) {
+                match info.protocol {
+                    Protocol::Tcp => setup.tcp.push((info.clone(), fd)),
+                    Protocol::Udp => setup.udp.push((info.clone(), fd)),
+                }
+            }
+            setups.push((setup, wake));
+        }
+
+        let mut proxy = Proxy {
+            workers: Vec::with_capacity(workers),
+            shared,
+            listen: infos.iter().map(|i| (i.index, i.listen)).collect(),
+        };
+        for (setup, wake) in setups {
+            let name = format!("lb-proxy-{}", setup.id);
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker::run(setup))
+            {
+                Ok(thread) => proxy.workers.push(WorkerHandle {
+                    thread: Some(thread),
+                    wake,
+                }),
+                Err(e) => {
+                    proxy.stop(Duration::ZERO);
+                    return Err(ProxyError::Thread(e));
+                }
+            }
+        }
+        for info in &infos {
+            tracing::info!(
+                "service {}: proxying {:?} on {} with {workers} worker(s)",
+                info.name,
+                info.protocol,
+                info.listen
+            );
+        }
+        Ok(proxy)
+    }
+
+    /// Open TCP connections (from accept to close, including ones still connecting to a
+    /// backend) plus UDP sessions, across workers.
+    pub fn active(&self) -> u64 {
+        self.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// Proxy-wide counters since start.
+    pub fn counters(&self) -> ProxyCounters {
+        ProxyCounters {
+            no_backend: self.shared.no_backend.load(Ordering::Relaxed),
+            dropped_datagrams: self.shared.dropped_datagrams.load(Ordering::Relaxed),
+            errors: self.shared.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The address service `index` (its [`ProxyService::index`]) is bound to: its listen
+    /// address, with the actual port if the configured one was 0. `None` for an unknown
+    /// index.
+    pub fn listen_addr(&self, index: usize) -> Option<SocketAddr> {
+        self.listen
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, addr)| *addr)
+    }
+
+    /// Stops accepting at once (TCP listeners close; UDP VIP sockets take no new clients),
+    /// lets open connections and sessions finish for up to `drain_timeout`, then closes the
+    /// rest with a reset and joins the workers. Returns how many connections and sessions
+    /// were cut off at the deadline.
+    ///
+    /// UDP sessions end only by going idle, so an active UDP service drains until its
+    /// `idle_timeout` or `drain_timeout`, whichever comes first; its VIP sockets stay open
+    /// meanwhile so that backends' replies still reach clients.
+    pub fn shutdown(mut self, drain_timeout: Duration) -> u64 {
+        self.stop(drain_timeout)
+    }
+
+    fn stop(&mut self, drain_timeout: Duration) -> u64 {
+        {
+            let mut deadline = self
+                .shared
+                .deadline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if deadline.is_none() {
+                *deadline = Some(Instant::now() + drain_timeout);
+            }
+        }
+        for w in &self.workers {
+            if let Err(e) = sys::eventfd_signal(w.wake.as_fd()) {
+                tracing::error!("cannot wake a proxy worker to stop it: {e}");
+            }
+        }
+        let mut cut = 0;
+        for w in &mut self.workers {
+            if let Some(thread) = w.thread.take() {
+                match thread.join() {
+                    Ok(n) => cut += n,
+                    Err(_) => tracing::error!("a proxy worker thread panicked"),
+                }
+            }
+        }
+        cut
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.workers.iter().any(|w| w.thread.is_some()) {
+            self.stop(Duration::ZERO);
+        }
+    }
+}
+
+/// Binds one worker's socket for `info`; returns it and the address it got.
+fn bind(info: &ServiceInfo, options: ProxyOptions) -> io::Result<(OwnedFd, SocketAddr)> {
+    let ty = match info.protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let socket = Socket::new(
+        Domain::for_address(info.listen),
+        ty.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    // Every worker binds the same address; the kernel spreads flows by 4-tuple hash.
+    socket.set_reuse_port(true)?;
+    if info.protocol == Protocol::Udp {
+        sys::set_buffers(socket.as_fd(), options.udp_buffer);
+    }
+    socket.bind(&info.listen.into())?;
+    if info.protocol == Protocol::Tcp {
+        // Inherited by accepted sockets: urgent data stays in the stream (see `relay`).
+        socket.set_out_of_band_inline(true)?;
+        socket.listen(LISTEN_BACKLOG)?;
+    }
+    let bound = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
+    Ok((socket.into(), bound))
+}

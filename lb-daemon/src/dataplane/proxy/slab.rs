@@ -1,0 +1,135 @@
+//! A generational slab: the table of a worker's connections or sessions.
+//!
+//! An io_uring completion names its entry by slot index and generation (see
+//! [`super::ring::Token`]). A slot's generation changes each time it is freed, so a completion
+//! that outlived its entry (which the proxy's "nothing in flight when freed" rule should make
+//! impossible) finds a different generation and is ignored instead of touching a stranger.
+
+/// Generations are carried in 24 bits of a completion's `user_data`.
+pub(super) const GENERATION_MASK: u32 = 0x00ff_ffff;
+
+struct Slot<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+/// Entries addressed by `(index, generation)`; freed slots are reused, newest first.
+pub(super) struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl<T> Slab<T> {
+    /// An empty slab.
+    pub(super) fn new() -> Self {
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Stores `value`; returns its `(index, generation)`.
+    pub(super) fn insert(&mut self, value: T) -> (u32, u32) {
+        self.len += 1;
+        if let Some(index) = self.free.pop() {
+            let slot = &mut self.slots[index as usize];
+            slot.value = Some(value);
+            return (index, slot.generation);
+        }
+        let index = u32::try_from(self.slots.len()).expect("fewer than 2^32 open flows per worker");
+        self.slots.push(Slot {
+            generation: 0,
+            value: Some(value),
+        });
+        (index, 0)
+    }
+
+    /// The entry at `index` if it is live and of `generation`.
+    pub(super) fn get_mut(&mut self, index: u32, generation: u32) -> Option<&mut T> {
+        let slot = self.slots.get_mut(index as usize)?;
+        if slot.generation != generation {
+            return None;
+        }
+        slot.value.as_mut()
+    }
+
+    /// The live entry at `index`, whatever its generation, with that generation.
+    pub(super) fn at_mut(&mut self, index: u32) -> Option<(u32, &mut T)> {
+        let slot = self.slots.get_mut(index as usize)?;
+        let generation = slot.generation;
+        slot.value.as_mut().map(|v| (generation, v))
+    }
+
+    /// Removes and returns the entry at `index` if it is live and of `generation`; the slot
+    /// gets a new generation.
+    pub(super) fn remove(&mut self, index: u32, generation: u32) -> Option<T> {
+        let slot = self.slots.get_mut(index as usize)?;
+        if slot.generation != generation {
+            return None;
+        }
+        let value = slot.value.take()?;
+        slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
+        self.free.push(index);
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// Live entries.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no entry is live.
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Slots ever allocated (live or free): the range of valid indices.
+    pub(super) fn capacity(&self) -> u32 {
+        // `insert` keeps the slot count within u32.
+        self.slots.len() as u32
+    }
+
+    /// `(index, generation)` of every live entry.
+    pub(super) fn keys(&self) -> Vec<(u32, u32)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.value.is_some())
+            .map(|(i, s)| (i as u32, s.generation))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freed_slot_is_reused_with_a_new_generation() {
+        let mut slab = Slab::new();
+        let (a, ga) = slab.insert("a");
+        assert_eq!(slab.remove(a, ga), Some("a"));
+        let (b, gb) = slab.insert("b");
+        assert_eq!(a, b, "the freed slot should be reused");
+        assert_ne!(ga, gb, "a reused slot must change generation");
+        assert!(
+            slab.get_mut(a, ga).is_none(),
+            "a stale completion must not reach the new entry"
+        );
+        assert_eq!(slab.get_mut(b, gb), Some(&mut "b"));
+        assert_eq!(slab.len(), 1);
+    }
+
+    #[test]
+    fn generations_wrap_within_the_mask() {
+        let mut slab = Slab::new();
+        let (i, _) = slab.insert(0u8);
+        slab.slots[0].generation = GENERATION_MASK;
+        assert_eq!(slab.remove(i, GENERATION_MASK), Some(0));
+        let (_, g) = slab.insert(1u8);
+        assert_eq!(g, 0, "generation must wrap to 0 after the mask");
+    }
+}

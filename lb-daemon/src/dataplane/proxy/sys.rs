@@ -1,0 +1,390 @@
+//! The few system calls the proxy makes outside io_uring and outside `socket2`: pipes,
+//! eventfds, `splice(2)`, forced socket buffer sizes and batched datagram I/O.
+
+use std::io;
+use std::mem;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use socket2::SockAddr;
+
+/// `-errno` of the last failed call, in the convention of io_uring results.
+fn neg_errno() -> i32 {
+    -io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A non-blocking, close-on-exec eventfd, for waking a worker.
+pub(super) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success we own the returned descriptor.
+    let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd, waking whoever polls it.
+pub(super) fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64.
+    let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    if n == 8 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Resets an eventfd to 0 (errors, such as `EAGAIN` when it already is, are irrelevant).
+pub(super) fn eventfd_clear(fd: BorrowedFd<'_>) {
+    let mut value: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live u64.
+    unsafe { libc::read(fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+}
+
+/// A non-blocking pipe used as a relay buffer: bytes are spliced in from one socket and out
+/// to the other without being copied to user space.
+pub(super) struct Pipe {
+    /// Read end.
+    pub(super) read: OwnedFd,
+    /// Write end.
+    pub(super) write: OwnedFd,
+    /// Capacity in bytes (what `F_GETPIPE_SZ` reports).
+    pub(super) capacity: u32,
+}
+
+impl Pipe {
+    /// Creates a pipe and asks for `size` bytes of capacity; keeps the default (64 KiB) if
+    /// the kernel refuses (`pipe-max-size`, or the per-user pipe page limit).
+    pub(super) fn new(size: usize) -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let wanted = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        // SAFETY: fcntl on a descriptor we own; failure only leaves the default size.
+        let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, wanted) };
+        let capacity = if set > 0 {
+            set
+        } else {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) }
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity: u32::try_from(capacity).unwrap_or(0).max(4096),
+        })
+    }
+
+    /// Bytes waiting in the pipe (`FIONREAD`).
+    pub(super) fn pending(&self) -> io::Result<usize> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        check(unsafe { libc::ioctl(self.read.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+}
+
+/// `splice(2)` of up to `len` bytes from `fd_in` to `fd_out` without blocking; returns the
+/// byte count or `-errno`, like an io_uring splice completion.
+pub(super) fn splice(fd_in: BorrowedFd<'_>, fd_out: BorrowedFd<'_>, len: u32) -> i32 {
+    // SAFETY: null offsets (both ends are a socket or a pipe); no user memory involved.
+    let n = unsafe {
+        libc::splice(
+            fd_in.as_raw_fd(),
+            std::ptr::null_mut(),
+            fd_out.as_raw_fd(),
+            std::ptr::null_mut(),
+            len as usize,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    };
+    if n < 0 {
+        neg_errno()
+    } else {
+        // At most `len` (a u32), which the caller keeps below i32::MAX.
+        i32::try_from(n).unwrap_or(i32::MAX)
+    }
+}
+
+/// Reads up to `len` bytes (at most 16 KiB) from socket `from` with `recv(2)` and writes
+/// them into the empty pipe `to`, without blocking; returns the byte count, 0 at end of
+/// file, or `-errno`, like a splice. Unlike a splice, `recv` reads past TCP urgent data.
+pub(super) fn copy_into_pipe(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: u32) -> i32 {
+    let mut buf = [0u8; 16 * 1024];
+    let want = buf.len().min(len as usize);
+    // SAFETY: reads at most `want` bytes into the live local buffer.
+    let n = unsafe {
+        libc::recv(
+            from.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            want,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n <= 0 {
+        return if n == 0 { 0 } else { neg_errno() };
+    }
+    let n = n as usize;
+    // SAFETY: writes the `n` bytes just read from the live local buffer.
+    let written = unsafe { libc::write(to.as_raw_fd(), buf.as_ptr().cast(), n) };
+    if written != n as isize {
+        // The pipe was empty and holds far more than 16 KiB: bytes would be lost.
+        return -libc::EIO;
+    }
+    n as i32
+}
+
+/// Sets a socket's receive and send buffers to `bytes` each, beyond `net.core.rmem_max`
+/// when the process may (`SO_*BUFFORCE` needs `CAP_NET_ADMIN`), else up to the limit.
+pub(super) fn set_buffers(fd: BorrowedFd<'_>, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for (forced, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if setsockopt_int(fd, libc::SOL_SOCKET, forced, value).is_err() {
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, value);
+        }
+    }
+}
+
+fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live int and its size.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `send(2)` of one datagram on a connected socket, without blocking.
+pub(super) fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is a live slice of `data.len()` bytes.
+    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// The largest datagram the proxy carries: the largest UDP payload (65,507 bytes over IPv4,
+/// 65,527 over IPv6) fits, so a datagram is never cut.
+pub(super) const DATAGRAM_MAX: usize = 64 * 1024;
+/// Datagrams per `recvmmsg`/`sendmmsg` call.
+pub(super) const BATCH: usize = 32;
+
+/// Buffers for a batch of datagrams, received with `recvmmsg(2)` and sent with
+/// `sendmmsg(2)`. One per worker; each datagram has its own 64 KiB buffer, so datagrams are
+/// never merged or split.
+pub(super) struct Datagrams {
+    buffers: Vec<u8>,
+    names: Vec<libc::sockaddr_storage>,
+    lengths: [usize; BATCH],
+    name_lengths: [libc::socklen_t; BATCH],
+    truncated: [bool; BATCH],
+    count: usize,
+}
+
+impl Datagrams {
+    /// Allocates the batch (`BATCH` × 64 KiB).
+    pub(super) fn new() -> Box<Datagrams> {
+        Box::new(Datagrams {
+            buffers: vec![0; BATCH * DATAGRAM_MAX],
+            // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+            names: vec![unsafe { mem::zeroed() }; BATCH],
+            lengths: [0; BATCH],
+            name_lengths: [0; BATCH],
+            truncated: [false; BATCH],
+            count: 0,
+        })
+    }
+
+    /// Receives up to `BATCH` datagrams from `fd` without blocking; returns how many
+    /// (0 never: `EAGAIN` when none is waiting).
+    pub(super) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.count = 0;
+        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; BATCH];
+        // SAFETY: mmsghdr is plain old data; all zeroes is a valid (empty) header.
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        let base = self.buffers.as_mut_ptr();
+        for i in 0..BATCH {
+            // SAFETY: `i * DATAGRAM_MAX` is within `buffers` (BATCH * DATAGRAM_MAX bytes).
+            iovs[i].iov_base = unsafe { base.add(i * DATAGRAM_MAX) }.cast();
+            iovs[i].iov_len = DATAGRAM_MAX;
+            let h = &mut headers[i].msg_hdr;
+            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at live buffers of the stated sizes, owned by `self`
+        // and the local `iovs`, all outliving the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                headers.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for (i, header) in headers.iter().enumerate().take(n) {
+            self.lengths[i] = (header.msg_len as usize).min(DATAGRAM_MAX);
+            self.name_lengths[i] = header.msg_hdr.msg_namelen;
+            self.truncated[i] = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+        }
+        self.count = n;
+        Ok(n)
+    }
+
+    /// Datagram `i` of the last receive: its payload, its sender (for unconnected sockets)
+    /// and whether it was cut short (then it must be dropped).
+    pub(super) fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>, bool) {
+        let start = i * DATAGRAM_MAX;
+        let data = &self.buffers[start..start + self.lengths[i]];
+        // SAFETY: the kernel wrote a valid address of `name_lengths[i]` bytes (or none, with
+        // length 0, which as_socket rejects) into a sockaddr_storage.
+        let from = unsafe { SockAddr::new(self.names[i], self.name_lengths[i]) }.as_socket();
+        (data, from, self.truncated[i])
+    }
+
+    /// Sends every datagram of the last receive that was not truncated to `to` through
+    /// `fd` with `sendmmsg(2)`, in order and without blocking. Returns how many were sent,
+    /// their bytes, and the error that stopped the rest (`WouldBlock` when the socket buffer
+    /// is full), if any.
+    pub(super) fn send_all_to(
+        &mut self,
+        fd: RawFd,
+        to: &SockAddr,
+    ) -> (usize, u64, Option<io::Error>) {
+        let mut order = [0usize; BATCH];
+        let mut n = 0;
+        for i in 0..self.count {
+            if !self.truncated[i] {
+                order[n] = i;
+                n += 1;
+            }
+        }
+        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; BATCH];
+        // SAFETY: as in `recv`.
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        let base = self.buffers.as_mut_ptr();
+        for k in 0..n {
+            let i = order[k];
+            // SAFETY: `i < BATCH`, so the offset is within `buffers`.
+            iovs[k].iov_base = unsafe { base.add(i * DATAGRAM_MAX) }.cast();
+            iovs[k].iov_len = self.lengths[i];
+            let h = &mut headers[k].msg_hdr;
+            // sendmmsg only reads the address.
+            h.msg_name = to.as_ptr() as *mut libc::c_void;
+            h.msg_namelen = to.len();
+            h.msg_iov = &mut iovs[k];
+            h.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        let mut error = None;
+        while sent < n {
+            // SAFETY: headers `sent..n` point at live buffers and a live address, read only.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    headers.as_mut_ptr().add(sent),
+                    (n - sent) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                let e = io::Error::last_os_error();
+                if r < 0 && e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error = Some(e);
+                break;
+            }
+            sent += r as usize;
+        }
+        let bytes = order[..sent].iter().map(|&i| self.lengths[i] as u64).sum();
+        (sent, bytes, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_pipe_reports_what_it_holds() {
+        let pipe = Pipe::new(256 * 1024).expect("pipe2");
+        assert!(pipe.capacity >= 4096, "capacity {}", pipe.capacity);
+        assert_eq!(pipe.pending().expect("FIONREAD"), 0);
+        // SAFETY: writes 3 bytes from a live array.
+        let n = unsafe { libc::write(pipe.write.as_raw_fd(), b"abc".as_ptr().cast(), 3) };
+        assert_eq!(n, 3);
+        assert_eq!(pipe.pending().expect("FIONREAD"), 3);
+    }
+
+    #[test]
+    fn datagrams_keep_their_boundaries_and_senders() {
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind rx");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind tx");
+        let to = rx.local_addr().expect("rx addr");
+        tx.send_to(b"one", to).expect("send");
+        tx.send_to(b"", to).expect("send empty");
+        tx.send_to(&[7u8; 60_000], to).expect("send big");
+        let mut batch = Datagrams::new();
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            match batch.recv(rx.as_raw_fd()) {
+                Ok(n) => (0..n).for_each(|i| {
+                    let (data, from, cut) = batch.get(i);
+                    got.push((data.to_vec(), from, cut));
+                }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("recvmmsg: {e}"),
+            }
+            if got.len() == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let sender = Some(tx.local_addr().expect("tx addr"));
+        assert_eq!(got.len(), 3, "three datagrams sent, {} received", got.len());
+        assert_eq!(got[0], (b"one".to_vec(), sender, false));
+        assert_eq!(got[1], (Vec::new(), sender, false));
+        assert_eq!(got[2], (vec![7u8; 60_000], sender, false));
+    }
+}

@@ -1,0 +1,728 @@
+//! TCP: a worker's listeners, its connections' connect-and-retry, and their relays.
+//!
+//! A connection's life: accepted (multishot accept) → connecting (io_uring connect linked
+//! with a timeout; on failure the next backend, up to `retries` more) → relaying (two
+//! [`Direction`]s, each `socket → pipe → socket`) → closing (cancel whatever is in flight,
+//! wait for every completion) → closed (file descriptors closed, slot freed).
+//!
+//! Invariant: a connection's sockets and pipes are closed, and its slot freed, only once no
+//! operation of it is in flight (`in_flight == 0`), so the kernel never holds a file of a
+//! closed connection and no completion can land on a reused slot.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockRef, Socket, Type};
+
+use super::relay::{Direction, Outcome, Step};
+use super::ring::{Completion, Kind, Token};
+use super::slab::Slab;
+use super::sys::{self, Pipe};
+use super::worker::Ctx;
+use super::{LogLimit, ServiceInfo, Shared, SpliceMode};
+use crate::config::Protocol;
+use crate::snapshot::{flow_key, BackendId, BackendStats, ServiceSnapshot};
+
+/// Operation numbers within a connection (the `op` of its tokens, a bit in `in_flight`).
+const OP_CONNECT: u8 = 0;
+const OP_TIMER: u8 = 1;
+/// `OP_RELAY + way`: the one operation in flight for a direction.
+const OP_RELAY: u8 = 2;
+
+/// Direction indices: client to backend, backend to client.
+const TO_BACKEND: usize = 0;
+const TO_CLIENT: usize = 1;
+
+/// Poll masks.
+const READABLE: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+const WRITABLE: u32 = libc::POLLOUT as u32;
+
+/// Connections examined per sweep tick, so a sweep's cost is bounded.
+const SWEEP_BUDGET: u32 = 4096;
+/// With `splice(2)`, steps one direction may take in a row before yielding to others.
+const SYSCALL_STEPS: u32 = 16;
+/// Empty pipes kept for reuse by a worker.
+const PIPE_POOL: usize = 256;
+
+fn bit(op: u8) -> u8 {
+    1 << op
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    /// Both directions finished, or the connection went idle: plain close.
+    Graceful,
+    /// An error, or cut off at shutdown: close with `SO_LINGER` 0, so peers get a reset.
+    Reset,
+}
+
+struct Connecting {
+    /// The snapshot the first pick used: `tried` holds its backend ids.
+    snapshot: Arc<ServiceSnapshot>,
+    tried: Vec<BackendId>,
+    /// The attempt in flight: backend, address, socket.
+    attempt: Option<(BackendId, SocketAddr, OwnedFd)>,
+    /// The connect's result once its completion arrived.
+    result: Option<i32>,
+    /// The linked timeout fired.
+    timed_out: bool,
+}
+
+struct Relaying {
+    backend: OwnedFd,
+    backend_addr: SocketAddr,
+    stats: Arc<BackendStats>,
+    ways: [Direction; 2],
+    pipes: [Pipe; 2],
+}
+
+enum Phase {
+    Connecting(Connecting),
+    Relaying(Relaying),
+}
+
+struct Conn {
+    /// Index into [`Tcp::services`].
+    service: usize,
+    client: OwnedFd,
+    client_addr: SocketAddr,
+    phase: Phase,
+    /// Bit `op` set while operation `op` is in flight.
+    in_flight: u8,
+    closing: Option<Close>,
+    last_active: Instant,
+}
+
+struct Listener {
+    /// Index into [`Tcp::services`].
+    service: usize,
+    fd: Option<OwnedFd>,
+    /// The multishot accept is in flight.
+    armed: bool,
+    /// Shutting down: close once the accept is no longer in flight.
+    closing: bool,
+    /// Accept failed for lack of resources: re-arm at the next sweep, not in a hot loop.
+    backoff: bool,
+}
+
+/// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
+struct PipePool {
+    free: Vec<Pipe>,
+}
+
+impl PipePool {
+    fn take(&mut self, size: usize) -> io::Result<Pipe> {
+        match self.free.pop() {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(size),
+        }
+    }
+
+    /// Keeps `pipe` if it is empty and the pool has room; bytes left in a pipe belong to a
+    /// connection that is gone, so such a pipe is closed.
+    fn give(&mut self, pipe: Pipe) {
+        if self.free.len() < PIPE_POOL && matches!(pipe.pending(), Ok(0)) {
+            self.free.push(pipe);
+        }
+    }
+}
+
+/// A worker's TCP services, listeners and connections.
+pub(super) struct Tcp {
+    services: Vec<ServiceInfo>,
+    listeners: Vec<Listener>,
+    conns: Slab<Conn>,
+    pipes: PipePool,
+    sweep_cursor: u32,
+    /// Per service: "no backend" warnings.
+    no_backend_log: Vec<LogLimit>,
+    /// Local resource shortages (sockets, pipes, accept).
+    resource_log: LogLimit,
+}
+
+/// Performs one splice step of a relay: the one place that moves relay bytes, so a variant
+/// (e.g. for benchmarks) replaces only this. Returns `None` when the result arrives later as
+/// a completion with `token`, `Some(bytes or -errno)` when it is known now.
+fn splice(
+    ctx: &mut Ctx,
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    len: u32,
+    token: Token,
+) -> Option<i32> {
+    match ctx.options.splice {
+        SpliceMode::Uring => {
+            ctx.ring
+                .splice(from.as_raw_fd(), to.as_raw_fd(), len, token);
+            None
+        }
+        SpliceMode::Syscall => Some(sys::splice(from, to, len)),
+    }
+}
+
+/// A non-blocking TCP socket for a connect to `addr`, with `TCP_NODELAY` (the proxy
+/// forwards what it gets at once; batching is the endpoints' business) and `SO_OOBINLINE`
+/// (urgent data stays in the stream, see [`super::relay`]).
+fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_nodelay(true)?;
+    socket.set_out_of_band_inline(true)?;
+    Ok(socket.into())
+}
+
+fn set_reset_on_close(fd: &OwnedFd) {
+    let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
+}
+
+impl Tcp {
+    /// A TCP half for `listeners` (service, bound listening socket).
+    pub(super) fn new(listeners: Vec<(ServiceInfo, OwnedFd)>) -> Tcp {
+        let mut tcp = Tcp {
+            services: Vec::with_capacity(listeners.len()),
+            listeners: Vec::with_capacity(listeners.len()),
+            conns: Slab::new(),
+            pipes: PipePool { free: Vec::new() },
+            sweep_cursor: 0,
+            no_backend_log: vec![LogLimit::default(); listeners.len()],
+            resource_log: LogLimit::default(),
+        };
+        for (service, (info, fd)) in listeners.into_iter().enumerate() {
+            tcp.services.push(info);
+            tcp.listeners.push(Listener {
+                service,
+                fd: Some(fd),
+                armed: false,
+                closing: false,
+                backoff: false,
+            });
+        }
+        tcp
+    }
+
+    /// Arms every listener's accept.
+    pub(super) fn start(&mut self, ctx: &mut Ctx) {
+        for i in 0..self.listeners.len() {
+            self.arm(ctx, i);
+        }
+    }
+
+    fn arm(&mut self, ctx: &mut Ctx, listener: usize) {
+        let l = &mut self.listeners[listener];
+        if let (Some(fd), false, false) = (&l.fd, l.armed, l.closing) {
+            let token = Token::entry(Kind::Accept, 0, listener as u32, 0);
+            ctx.ring.accept_multi(fd.as_raw_fd(), token);
+            l.armed = true;
+            l.backoff = false;
+        }
+    }
+
+    /// Connections open on this worker (accepted and not yet closed).
+    pub(super) fn open(&self) -> u64 {
+        self.conns.len() as u64
+    }
+
+    /// Whether the drain is over: listeners closed, no connection left.
+    pub(super) fn is_done(&self) -> bool {
+        self.conns.is_empty() && self.listeners.iter().all(|l| l.fd.is_none())
+    }
+
+    /// A multishot accept completed: a new client socket, or an error.
+    pub(super) fn on_accept(&mut self, ctx: &mut Ctx, c: Completion) {
+        let index = c.token.index as usize;
+        let Some(l) = self.listeners.get_mut(index) else {
+            return;
+        };
+        if !c.more {
+            l.armed = false;
+        }
+        if c.result >= 0 {
+            // SAFETY: a successful accept's result is a new descriptor that we now own.
+            let client = unsafe { OwnedFd::from_raw_fd(c.result) };
+            if l.closing || ctx.draining {
+                set_reset_on_close(&client);
+            } else {
+                let service = l.service;
+                self.accepted(ctx, service, client);
+            }
+        } else if c.result != -libc::ECANCELED {
+            let err = io::Error::from_raw_os_error(-c.result);
+            let name = &self.services[self.listeners[index].service].name;
+            match -c.result {
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    if let Some(also) = self.resource_log.allow(ctx.now) {
+                        tracing::warn!("service {name}: cannot accept connections: {err}{also}");
+                    }
+                    self.listeners[index].backoff = true;
+                }
+                _ => tracing::debug!("service {name}: accept failed: {err}"),
+            }
+        }
+        let l = &mut self.listeners[index];
+        if l.closing {
+            if !l.armed {
+                l.fd = None;
+            }
+        } else if !l.armed && !l.backoff {
+            self.arm(ctx, index);
+        }
+    }
+
+    fn accepted(&mut self, ctx: &mut Ctx, service: usize, client: OwnedFd) {
+        let sock = SockRef::from(&client);
+        let Some(client_addr) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
+            // Reset before we got to it.
+            tracing::debug!("accepted a connection that is already gone");
+            return;
+        };
+        let _ = sock.set_nodelay(true);
+        let snapshot = self.services[service].snapshot.load_full();
+        let (index, generation) = self.conns.insert(Conn {
+            service,
+            client,
+            client_addr,
+            phase: Phase::Connecting(Connecting {
+                snapshot,
+                tried: Vec::new(),
+                attempt: None,
+                result: None,
+                timed_out: false,
+            }),
+            in_flight: 0,
+            closing: None,
+            last_active: ctx.now,
+        });
+        ctx.shared.active.fetch_add(1, Ordering::Relaxed);
+        self.connect_next(ctx, index, generation);
+    }
+
+    /// Picks a backend not tried yet and starts a connect to it, or closes the client when
+    /// none is left or the retries are spent.
+    fn connect_next(&mut self, ctx: &mut Ctx, index: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            return;
+        };
+        let Phase::Connecting(a) = &mut conn.phase else {
+            return;
+        };
+        let service = &self.services[conn.service];
+        let failed = a.tried.len();
+        let target = if failed as u64 > u64::from(service.retries) {
+            None
+        } else {
+            let key = flow_key(conn.client_addr, service.listen, Protocol::Tcp);
+            a.snapshot
+                .pick(&key, &a.tried)
+                .and_then(|id| a.snapshot.backends.get(id).map(|b| (id, b.address)))
+        };
+        let Some((id, addr)) = target else {
+            Shared::count(&ctx.shared.no_backend, 1);
+            let client = conn.client_addr;
+            let service_at = conn.service;
+            self.log_no_backend(ctx, service_at, client, failed);
+            self.close(ctx, index, generation, Close::Reset);
+            return;
+        };
+        let socket = match backend_socket(addr) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(also) = self.resource_log.allow(ctx.now) {
+                    tracing::warn!(
+                        "service {}: cannot open a socket for backend {addr}: {e}{also}",
+                        service.name
+                    );
+                }
+                Shared::count(&ctx.shared.errors, 1);
+                self.close(ctx, index, generation, Close::Reset);
+                return;
+            }
+        };
+        ctx.ring.connect(
+            socket.as_raw_fd(),
+            addr,
+            service.connect_timeout,
+            Token::entry(Kind::Conn, OP_CONNECT, index, generation),
+            Token::entry(Kind::Conn, OP_TIMER, index, generation),
+        );
+        a.attempt = Some((id, addr, socket));
+        a.result = None;
+        a.timed_out = false;
+        conn.in_flight |= bit(OP_CONNECT) | bit(OP_TIMER);
+    }
+
+    fn log_no_backend(&mut self, ctx: &Ctx, service: usize, client: SocketAddr, failed: usize) {
+        let Some(also) = self.no_backend_log[service].allow(ctx.now) else {
+            return;
+        };
+        let name = &self.services[service].name;
+        if failed == 0 {
+            tracing::warn!(
+                "service {name}: no backend available; closing the connection from {client}{also}"
+            );
+        } else {
+            tracing::warn!(
+                "service {name}: {failed} connect attempt(s) failed; closing the connection \
+                 from {client}{also}"
+            );
+        }
+    }
+
+    /// A completion of one of a connection's operations.
+    pub(super) fn on_conn(&mut self, ctx: &mut Ctx, c: Completion) {
+        let (index, generation, op) = (c.token.index, c.token.generation, c.token.op);
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            tracing::debug!("stale completion for connection slot {index}");
+            return;
+        };
+        if op > OP_RELAY + 1 {
+            return;
+        }
+        conn.in_flight &= !bit(op);
+        if conn.closing.is_some() {
+            if conn.in_flight == 0 {
+                self.finish(ctx, index, generation);
+            }
+            return;
+        }
+        match op {
+            OP_CONNECT | OP_TIMER => {
+                if let Phase::Connecting(a) = &mut conn.phase {
+                    if op == OP_CONNECT {
+                        a.result = Some(c.result);
+                    } else if c.result == -libc::ETIME {
+                        a.timed_out = true;
+                    }
+                }
+                // Act once both completions are in: the backend socket stays untouched
+                // until the kernel is done with it.
+                if conn.in_flight & (bit(OP_CONNECT) | bit(OP_TIMER)) == 0 {
+                    self.connect_done(ctx, index, generation);
+                }
+            }
+            _ => {
+                let way = usize::from(op - OP_RELAY);
+                let Phase::Relaying(r) = &conn.phase else {
+                    // Unreachable: relay operations start only once relaying.
+                    self.close(ctx, index, generation, Close::Reset);
+                    return;
+                };
+                let outcome = r.ways[way].completed(c.result);
+                self.drive(ctx, index, generation, way, outcome);
+            }
+        }
+    }
+
+    fn connect_done(&mut self, ctx: &mut Ctx, index: u32, generation: u32) {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            return;
+        };
+        let Phase::Connecting(a) = &mut conn.phase else {
+            return;
+        };
+        let Some((id, addr, socket)) = a.attempt.take() else {
+            // Unreachable: both connect completions imply an attempt. Never leave a
+            // connection with nothing in flight and no way out.
+            self.close(ctx, index, generation, Close::Reset);
+            return;
+        };
+        let service = &self.services[conn.service];
+        let result = a.result.take().unwrap_or(-libc::ECANCELED);
+        if result < 0 {
+            let err = if a.timed_out {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", service.connect_timeout),
+                )
+            } else {
+                io::Error::from_raw_os_error(-result)
+            };
+            ctx.events.connect_failed(service.index, addr, &err);
+            if let Some(b) = a.snapshot.backends.get(id) {
+                b.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                "service {}: connect to backend {addr} failed: {err}",
+                service.name
+            );
+            drop(socket);
+            a.tried.push(id);
+            self.connect_next(ctx, index, generation);
+            return;
+        }
+
+        let Some(stats) = a.snapshot.backends.get(id).map(|b| b.stats.clone()) else {
+            // Unreachable: `id` came from this snapshot.
+            self.close(ctx, index, generation, Close::Reset);
+            return;
+        };
+        let pipe_size = ctx.options.pipe_size;
+        let pipes = match (self.pipes.take(pipe_size), self.pipes.take(pipe_size)) {
+            (Ok(p0), Ok(p1)) => [p0, p1],
+            (first, second) => {
+                let err = first.err().or(second.err());
+                if let Some(also) = self.resource_log.allow(ctx.now) {
+                    tracing::warn!(
+                        "service {}: cannot create relay pipes: {}{also}",
+                        service.name,
+                        err.map_or_else(String::new, |e| e.to_string())
+                    );
+                }
+                Shared::count(&ctx.shared.errors, 1);
+                drop(socket);
+                self.close(ctx, index, generation, Close::Reset);
+                return;
+            }
+        };
+        ctx.events.connect_succeeded(service.index, addr);
+        stats.opened();
+        conn.phase = Phase::Relaying(Relaying {
+            backend: socket,
+            backend_addr: addr,
+            stats,
+            ways: [
+                Direction::new(pipes[0].capacity),
+                Direction::new(pipes[1].capacity),
+            ],
+            pipes,
+        });
+        conn.last_active = ctx.now;
+        self.drive(ctx, index, generation, TO_BACKEND, Outcome::Started);
+        self.drive(ctx, index, generation, TO_CLIENT, Outcome::Started);
+    }
+
+    /// Feeds `outcome` to direction `way` and carries out its steps until one is in flight
+    /// (or the direction or connection ends).
+    fn drive(&mut self, ctx: &mut Ctx, index: u32, generation: u32, way: usize, outcome: Outcome) {
+        let mut outcome = outcome;
+        let mut steps = 0;
+        loop {
+            let Some(conn) = self.conns.get_mut(index, generation) else {
+                return;
+            };
+            if conn.closing.is_some() {
+                return;
+            }
+            let Phase::Relaying(r) = &mut conn.phase else {
+                return;
+            };
+            match outcome {
+                Outcome::SplicedIn(n) if n > 0 => conn.last_active = ctx.now,
+                Outcome::SplicedOut(n) if n > 0 => {
+                    conn.last_active = ctx.now;
+                    let counter = if way == TO_BACKEND {
+                        &r.stats.bytes_to_backend
+                    } else {
+                        &r.stats.bytes_from_backend
+                    };
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            let step = r.ways[way].on(outcome);
+            let (src, dst) = if way == TO_BACKEND {
+                (conn.client.as_fd(), r.backend.as_fd())
+            } else {
+                (r.backend.as_fd(), conn.client.as_fd())
+            };
+            let pipe = &r.pipes[way];
+            let op = OP_RELAY + way as u8;
+            let token = Token::entry(Kind::Conn, op, index, generation);
+            let done = match step {
+                Step::PollReadable => {
+                    ctx.ring.poll(src.as_raw_fd(), READABLE, false, token);
+                    None
+                }
+                Step::PollWritable => {
+                    ctx.ring.poll(dst.as_raw_fd(), WRITABLE, false, token);
+                    None
+                }
+                // Syscall splices yield after a few steps: the would-block outcome makes the
+                // direction poll, which completes at once if it is still ready.
+                Step::SpliceIn(_) if steps >= SYSCALL_STEPS => {
+                    Some(Outcome::SplicedIn(-libc::EAGAIN))
+                }
+                Step::SpliceOut(_) if steps >= SYSCALL_STEPS => {
+                    Some(Outcome::SplicedOut(-libc::EAGAIN))
+                }
+                Step::SpliceIn(len) => {
+                    splice(ctx, src, pipe.write.as_fd(), len, token).map(Outcome::SplicedIn)
+                }
+                Step::CopyIn(len) => Some(Outcome::SplicedIn(sys::copy_into_pipe(
+                    src,
+                    pipe.write.as_fd(),
+                    len,
+                ))),
+                Step::SpliceOut(len) => {
+                    splice(ctx, pipe.read.as_fd(), dst, len, token).map(Outcome::SplicedOut)
+                }
+                Step::Finish => {
+                    // Half-close: the peer of `dst` reads end of file; the other direction
+                    // keeps flowing.
+                    if let Err(e) = SockRef::from(&dst).shutdown(Shutdown::Write) {
+                        tracing::debug!("shutdown(SHUT_WR) of a relayed socket: {e}");
+                    }
+                    if r.ways.iter().all(Direction::finished) {
+                        self.close(ctx, index, generation, Close::Graceful);
+                    }
+                    return;
+                }
+                Step::Fail(errno) => {
+                    tracing::debug!(
+                        "service {}: connection {} <-> {} ends: {}",
+                        self.services[conn.service].name,
+                        conn.client_addr,
+                        r.backend_addr,
+                        io::Error::from_raw_os_error(errno)
+                    );
+                    Shared::count(&ctx.shared.errors, 1);
+                    self.close(ctx, index, generation, Close::Reset);
+                    return;
+                }
+            };
+            match done {
+                None => {
+                    conn.in_flight |= bit(op);
+                    return;
+                }
+                Some(next) => {
+                    outcome = next;
+                    steps += 1;
+                }
+            }
+        }
+    }
+
+    /// Starts closing a connection: cancels what is in flight; the connection is freed
+    /// once the last completion arrives ([`Tcp::finish`]).
+    fn close(&mut self, ctx: &mut Ctx, index: u32, generation: u32, how: Close) {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            return;
+        };
+        if conn.closing.is_some() {
+            return;
+        }
+        conn.closing = Some(how);
+        for op in [OP_CONNECT, OP_RELAY, OP_RELAY + 1] {
+            // The linked timer goes with its connect.
+            if conn.in_flight & bit(op) != 0 {
+                ctx.ring
+                    .cancel(Token::entry(Kind::Conn, op, index, generation));
+            }
+        }
+        if conn.in_flight == 0 {
+            self.finish(ctx, index, generation);
+        }
+    }
+
+    /// Frees a connection with nothing in flight: closes its sockets (with a reset if so
+    /// decided), recycles its pipes, updates the counts.
+    fn finish(&mut self, ctx: &mut Ctx, index: u32, generation: u32) {
+        let Some(conn) = self.conns.remove(index, generation) else {
+            return;
+        };
+        let reset = conn.closing == Some(Close::Reset);
+        if reset {
+            set_reset_on_close(&conn.client);
+        }
+        if let Phase::Relaying(r) = conn.phase {
+            if reset {
+                set_reset_on_close(&r.backend);
+            }
+            r.stats.closed();
+            let [p0, p1] = r.pipes;
+            self.pipes.give(p0);
+            self.pipes.give(p1);
+        }
+        ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Closes relaying connections idle for their service's `idle_timeout`, looking at no
+    /// more than [`SWEEP_BUDGET`] connections; re-arms listeners that backed off.
+    pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].backoff {
+                self.arm(ctx, i);
+            }
+        }
+        let capacity = self.conns.capacity();
+        if capacity == 0 {
+            return;
+        }
+        let mut idle = Vec::new();
+        for _ in 0..SWEEP_BUDGET.min(capacity) {
+            let i = self.sweep_cursor % capacity;
+            self.sweep_cursor = (i + 1) % capacity;
+            let Some((generation, conn)) = self.conns.at_mut(i) else {
+                continue;
+            };
+            let limit = self.services[conn.service].idle_timeout;
+            if conn.closing.is_none()
+                && matches!(conn.phase, Phase::Relaying(_))
+                && ctx.now.saturating_duration_since(conn.last_active) >= limit
+            {
+                tracing::debug!(
+                    "service {}: closing connection from {} idle for {limit:?}",
+                    self.services[conn.service].name,
+                    conn.client_addr
+                );
+                idle.push((i, generation));
+            }
+        }
+        for (index, generation) in idle {
+            self.close(ctx, index, generation, Close::Graceful);
+        }
+    }
+
+    /// Shutdown began: closes the listeners (after cancelling their accepts). Connections
+    /// already accepted carry on.
+    pub(super) fn stop_accepting(&mut self, ctx: &mut Ctx) {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            l.closing = true;
+            if l.armed {
+                ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
+            } else {
+                l.fd = None;
+            }
+        }
+    }
+
+    /// The drain deadline passed: resets every connection not already closing. Returns how
+    /// many.
+    pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
+        let mut cut = 0;
+        for (index, generation) in self.conns.keys() {
+            let closing = self
+                .conns
+                .get_mut(index, generation)
+                .is_some_and(|c| c.closing.is_some());
+            if !closing {
+                cut += 1;
+                self.close(ctx, index, generation, Close::Reset);
+            }
+        }
+        cut
+    }
+
+    /// The worker is exiting with connections left (ring failure, stuck drain): closes
+    /// them now, whatever is in flight, and returns how many there were.
+    pub(super) fn abandon(&mut self, ctx: &mut Ctx) -> u64 {
+        let keys = self.conns.keys();
+        for &(index, generation) in &keys {
+            if let Some(conn) = self.conns.get_mut(index, generation) {
+                conn.closing.get_or_insert(Close::Reset);
+            }
+            self.finish(ctx, index, generation);
+        }
+        for l in &mut self.listeners {
+            l.fd = None;
+        }
+        keys.len() as u64
+    }
+}

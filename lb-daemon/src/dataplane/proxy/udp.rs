@@ -1,0 +1,558 @@
+//! UDP: a worker's VIP sockets and its client sessions.
+//!
+//! Each worker owns one `SO_REUSEPORT` socket per UDP service; the kernel hashes a client's
+//! 4-tuple to one of them, so all of a client's datagrams reach the same worker and session.
+//! A session is a connected socket to the backend picked for the client; a client's datagram
+//! is `send` on it, a backend's datagram is `sendto` the client through the VIP socket (so
+//! replies come from the VIP). One datagram in, one out: never merged or split.
+//!
+//! Readiness comes from io_uring multishot polls; datagrams move with non-blocking
+//! `recvmmsg`/`sendmmsg`/`send` on the worker thread. Why not io_uring receive operations:
+//! datagrams are small and many; one poll completion followed by a `recvmmsg` batch moves
+//! dozens of them with no buffer ring to manage and no io-wq thread, and the socket keeps
+//! the datagrams queued (not the ring) when the worker falls behind, where its large
+//! receive buffer absorbs bursts.
+//!
+//! A multishot poll reports new arrivals, not a level: after each completion the socket is
+//! read until it would block, or, past a budget, a `Nop` completion resumes the reading so
+//! one busy socket cannot starve the rest.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use super::ring::{Completion, Kind, Token};
+use super::slab::Slab;
+use super::sys::{self, Datagrams};
+use super::worker::Ctx;
+use super::{LogLimit, ServiceInfo, Shared};
+use crate::config::Protocol;
+use crate::snapshot::{flow_key, BackendStats};
+
+/// Operation numbers of a VIP socket or a session.
+const OP_POLL: u8 = 0;
+const OP_RESUME: u8 = 1;
+
+fn bit(op: u8) -> u8 {
+    1 << op
+}
+
+/// Datagrams read from one socket per completion before yielding.
+const READ_BUDGET: usize = 256;
+/// Sessions examined per sweep tick.
+const SWEEP_BUDGET: u32 = 4096;
+
+struct Vip {
+    /// Index into [`Udp::services`].
+    service: usize,
+    fd: Option<OwnedFd>,
+    in_flight: u8,
+    /// Shutting down: close once nothing is in flight.
+    closing: bool,
+}
+
+struct Session {
+    /// Index into [`Udp::vips`].
+    vip: usize,
+    client: SocketAddr,
+    /// `client` as a C socket address, for `sendmmsg`.
+    client_name: SockAddr,
+    fd: OwnedFd,
+    backend: SocketAddr,
+    stats: Arc<BackendStats>,
+    last_active: Instant,
+    in_flight: u8,
+    closing: bool,
+    /// The backend has answered at least once (reported as a connect success).
+    answered: bool,
+}
+
+/// A worker's UDP services, VIP sockets and sessions.
+pub(super) struct Udp {
+    services: Vec<ServiceInfo>,
+    vips: Vec<Vip>,
+    sessions: Slab<Session>,
+    /// `(vip, client)` → session `(index, generation)`.
+    by_client: HashMap<(usize, SocketAddr), (u32, u32)>,
+    /// The receive batch, allocated on first use (2 MiB).
+    batch: Option<Box<Datagrams>>,
+    sweep_cursor: u32,
+    /// Per service: "no backend" warnings.
+    no_backend_log: Vec<LogLimit>,
+    /// Local resource shortages (sockets).
+    resource_log: LogLimit,
+}
+
+impl Udp {
+    /// A UDP half for `sockets` (service, bound VIP socket).
+    pub(super) fn new(sockets: Vec<(ServiceInfo, OwnedFd)>) -> Udp {
+        let mut udp = Udp {
+            services: Vec::with_capacity(sockets.len()),
+            vips: Vec::with_capacity(sockets.len()),
+            sessions: Slab::new(),
+            by_client: HashMap::new(),
+            batch: None,
+            sweep_cursor: 0,
+            no_backend_log: vec![LogLimit::default(); sockets.len()],
+            resource_log: LogLimit::default(),
+        };
+        for (service, (info, fd)) in sockets.into_iter().enumerate() {
+            udp.services.push(info);
+            udp.vips.push(Vip {
+                service,
+                fd: Some(fd),
+                in_flight: 0,
+                closing: false,
+            });
+        }
+        udp
+    }
+
+    /// Arms every VIP socket's poll.
+    pub(super) fn start(&mut self, ctx: &mut Ctx) {
+        for i in 0..self.vips.len() {
+            self.arm_vip(ctx, i);
+        }
+    }
+
+    fn arm_vip(&mut self, ctx: &mut Ctx, vip: usize) {
+        let v = &mut self.vips[vip];
+        if let (Some(fd), false) = (&v.fd, v.closing) {
+            if v.in_flight & bit(OP_POLL) == 0 {
+                let token = Token::entry(Kind::Vip, OP_POLL, vip as u32, 0);
+                ctx.ring
+                    .poll(fd.as_raw_fd(), libc::POLLIN as u32, true, token);
+                v.in_flight |= bit(OP_POLL);
+            }
+        }
+    }
+
+    /// Sessions open on this worker.
+    pub(super) fn open(&self) -> u64 {
+        self.sessions.len() as u64
+    }
+
+    /// Whether the drain is over: no session left, VIP sockets closed.
+    pub(super) fn is_done(&self) -> bool {
+        self.sessions.is_empty() && self.vips.iter().all(|v| v.fd.is_none())
+    }
+
+    /// A VIP socket's poll or resume completed: read the clients' datagrams.
+    pub(super) fn on_vip(&mut self, ctx: &mut Ctx, c: Completion) {
+        let vip = c.token.index as usize;
+        let Some(v) = self.vips.get_mut(vip) else {
+            return;
+        };
+        match c.token.op {
+            OP_POLL if !c.more => v.in_flight &= !bit(OP_POLL),
+            OP_POLL => {}
+            OP_RESUME => v.in_flight &= !bit(OP_RESUME),
+            _ => return,
+        }
+        if v.closing {
+            if v.in_flight == 0 {
+                v.fd = None;
+            }
+            return;
+        }
+        if c.result < 0 && c.token.op == OP_POLL {
+            tracing::debug!(
+                "service {}: VIP socket poll failed: {}",
+                self.services[v.service].name,
+                io::Error::from_raw_os_error(-c.result)
+            );
+        } else {
+            self.read_clients(ctx, vip);
+        }
+        self.arm_vip(ctx, vip);
+    }
+
+    fn read_clients(&mut self, ctx: &mut Ctx, vip: usize) {
+        let Some(fd) = self.vips[vip].fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let mut batch = self.batch.take().unwrap_or_else(Datagrams::new);
+        let mut read = 0;
+        loop {
+            if read >= READ_BUDGET {
+                let v = &mut self.vips[vip];
+                if v.in_flight & bit(OP_RESUME) == 0 {
+                    ctx.ring
+                        .nop(Token::entry(Kind::Vip, OP_RESUME, vip as u32, 0));
+                    v.in_flight |= bit(OP_RESUME);
+                }
+                break;
+            }
+            let n = match batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(
+                        "service {}: receive on the VIP socket: {e}",
+                        self.services[self.vips[vip].service].name
+                    );
+                    break;
+                }
+            };
+            read += n.max(1);
+            for i in 0..n {
+                let (data, from, truncated) = batch.get(i);
+                match from {
+                    Some(client) if !truncated => self.forward_to_backend(ctx, vip, client, data),
+                    _ => Shared::count(&ctx.shared.dropped_datagrams, 1),
+                }
+            }
+        }
+        self.batch = Some(batch);
+    }
+
+    /// Forwards one client datagram to its session's backend, opening the session first.
+    fn forward_to_backend(&mut self, ctx: &mut Ctx, vip: usize, client: SocketAddr, data: &[u8]) {
+        let key = match self.by_client.get(&(vip, client)) {
+            Some(&key) => key,
+            None if ctx.draining => {
+                Shared::count(&ctx.shared.dropped_datagrams, 1);
+                return;
+            }
+            None => match self.open_session(ctx, vip, client) {
+                Some(key) => key,
+                None => {
+                    Shared::count(&ctx.shared.dropped_datagrams, 1);
+                    return;
+                }
+            },
+        };
+        let Some(s) = self.sessions.get_mut(key.0, key.1) else {
+            self.by_client.remove(&(vip, client));
+            Shared::count(&ctx.shared.dropped_datagrams, 1);
+            return;
+        };
+        match sys::send(s.fd.as_raw_fd(), data) {
+            Ok(n) => {
+                s.stats
+                    .bytes_to_backend
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                s.last_active = ctx.now;
+            }
+            Err(e) => {
+                Shared::count(&ctx.shared.dropped_datagrams, 1);
+                if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                    // An earlier datagram drew an ICMP port unreachable.
+                    self.refused(ctx, key, e);
+                } else {
+                    tracing::debug!("send to backend {}: {e}", s.backend);
+                }
+            }
+        }
+    }
+
+    fn open_session(
+        &mut self,
+        ctx: &mut Ctx,
+        vip: usize,
+        client: SocketAddr,
+    ) -> Option<(u32, u32)> {
+        let service_at = self.vips[vip].service;
+        let service = &self.services[service_at];
+        let snapshot = service.snapshot.load();
+        let key = flow_key(client, service.listen, Protocol::Udp);
+        let Some(backend) = snapshot
+            .pick(&key, &[])
+            .and_then(|id| snapshot.backends.get(id))
+        else {
+            Shared::count(&ctx.shared.no_backend, 1);
+            self.log_no_backend(ctx, service_at, client);
+            return None;
+        };
+        let (addr, stats) = (backend.address, backend.stats.clone());
+        let socket = match Socket::new(
+            Domain::for_address(addr),
+            Type::DGRAM.nonblocking().cloexec(),
+            None,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(also) = self.resource_log.allow(ctx.now) {
+                    tracing::warn!(
+                        "service {}: cannot open a socket for backend {addr}: {e}{also}",
+                        service.name
+                    );
+                }
+                Shared::count(&ctx.shared.errors, 1);
+                return None;
+            }
+        };
+        sys::set_buffers(socket.as_fd(), ctx.options.udp_buffer);
+        if let Err(e) = socket.connect(&addr.into()) {
+            ctx.events.connect_failed(service.index, addr, &e);
+            stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "service {}: connect to backend {addr} failed: {e}",
+                service.name
+            );
+            return None;
+        }
+        let fd: OwnedFd = socket.into();
+        let raw = fd.as_raw_fd();
+        let (index, generation) = self.sessions.insert(Session {
+            vip,
+            client,
+            client_name: SockAddr::from(client),
+            fd,
+            backend: addr,
+            stats: stats.clone(),
+            last_active: ctx.now,
+            in_flight: bit(OP_POLL),
+            closing: false,
+            answered: false,
+        });
+        ctx.ring.poll(
+            raw,
+            libc::POLLIN as u32,
+            true,
+            Token::entry(Kind::Session, OP_POLL, index, generation),
+        );
+        self.by_client.insert((vip, client), (index, generation));
+        stats.opened();
+        ctx.shared.active.fetch_add(1, Ordering::Relaxed);
+        Some((index, generation))
+    }
+
+    fn log_no_backend(&mut self, ctx: &Ctx, service: usize, client: SocketAddr) {
+        if let Some(also) = self.no_backend_log[service].allow(ctx.now) {
+            tracing::warn!(
+                "service {}: no backend available; dropping datagrams from {client}{also}",
+                self.services[service].name
+            );
+        }
+    }
+
+    /// A session's poll or resume completed: relay the backend's datagrams to the client.
+    pub(super) fn on_session(&mut self, ctx: &mut Ctx, c: Completion) {
+        let (index, generation) = (c.token.index, c.token.generation);
+        let Some(s) = self.sessions.get_mut(index, generation) else {
+            tracing::debug!("stale completion for session slot {index}");
+            return;
+        };
+        match c.token.op {
+            OP_POLL if !c.more => s.in_flight &= !bit(OP_POLL),
+            OP_POLL => {}
+            OP_RESUME => s.in_flight &= !bit(OP_RESUME),
+            _ => return,
+        }
+        if s.closing {
+            if s.in_flight == 0 {
+                self.finish(ctx, index, generation);
+            }
+            return;
+        }
+        self.read_backend(ctx, (index, generation));
+        if let Some(s) = self.sessions.get_mut(index, generation) {
+            if !s.closing && s.in_flight & bit(OP_POLL) == 0 {
+                ctx.ring.poll(
+                    s.fd.as_raw_fd(),
+                    libc::POLLIN as u32,
+                    true,
+                    Token::entry(Kind::Session, OP_POLL, index, generation),
+                );
+                s.in_flight |= bit(OP_POLL);
+            }
+        }
+    }
+
+    fn read_backend(&mut self, ctx: &mut Ctx, key: (u32, u32)) {
+        let mut batch = self.batch.take().unwrap_or_else(Datagrams::new);
+        let mut read = 0;
+        while let Some(s) = self.sessions.get_mut(key.0, key.1) {
+            if read >= READ_BUDGET {
+                if s.in_flight & bit(OP_RESUME) == 0 {
+                    ctx.ring
+                        .nop(Token::entry(Kind::Session, OP_RESUME, key.0, key.1));
+                    s.in_flight |= bit(OP_RESUME);
+                }
+                break;
+            }
+            let n = match batch.recv(s.fd.as_raw_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    self.refused(ctx, key, e);
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("receive from backend {}: {e}", s.backend);
+                    Shared::count(&ctx.shared.errors, 1);
+                    self.close(ctx, key);
+                    break;
+                }
+            };
+            read += n.max(1);
+            s.last_active = ctx.now;
+            if !s.answered {
+                s.answered = true;
+                let service = &self.services[self.vips[s.vip].service];
+                ctx.events.connect_succeeded(service.index, s.backend);
+            }
+            let Some(vip_fd) = self.vips[s.vip].fd.as_ref().map(|f| f.as_raw_fd()) else {
+                Shared::count(&ctx.shared.dropped_datagrams, n as u64);
+                continue;
+            };
+            let (sent, bytes, error) = batch.send_all_to(vip_fd, &s.client_name);
+            s.stats
+                .bytes_from_backend
+                .fetch_add(bytes, Ordering::Relaxed);
+            if sent < n {
+                Shared::count(&ctx.shared.dropped_datagrams, (n - sent) as u64);
+                if let Some(e) = error {
+                    tracing::debug!("send to client {}: {e}", s.client);
+                }
+            }
+        }
+        self.batch = Some(batch);
+    }
+
+    /// The backend answered with an ICMP port unreachable: report it and end the session,
+    /// so the client's next datagram picks a backend again.
+    fn refused(&mut self, ctx: &mut Ctx, key: (u32, u32), err: io::Error) {
+        let Some(s) = self.sessions.get_mut(key.0, key.1) else {
+            return;
+        };
+        let service = &self.services[self.vips[s.vip].service];
+        ctx.events.connect_failed(service.index, s.backend, &err);
+        s.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "service {}: connect to backend {} failed: {err}",
+            service.name,
+            s.backend
+        );
+        self.close(ctx, key);
+    }
+
+    /// Starts closing a session: it stops receiving client datagrams at once, and is freed
+    /// when its operations have completed.
+    fn close(&mut self, ctx: &mut Ctx, key: (u32, u32)) {
+        let Some(s) = self.sessions.get_mut(key.0, key.1) else {
+            return;
+        };
+        if s.closing {
+            return;
+        }
+        s.closing = true;
+        if self.by_client.get(&(s.vip, s.client)) == Some(&key) {
+            self.by_client.remove(&(s.vip, s.client));
+        }
+        if s.in_flight & bit(OP_POLL) != 0 {
+            ctx.ring
+                .cancel(Token::entry(Kind::Session, OP_POLL, key.0, key.1));
+        }
+        if s.in_flight == 0 {
+            self.finish(ctx, key.0, key.1);
+        }
+    }
+
+    fn finish(&mut self, ctx: &mut Ctx, index: u32, generation: u32) {
+        let Some(s) = self.sessions.remove(index, generation) else {
+            return;
+        };
+        if self.by_client.get(&(s.vip, s.client)) == Some(&(index, generation)) {
+            self.by_client.remove(&(s.vip, s.client));
+        }
+        s.stats.closed();
+        ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Ends sessions idle for their service's `idle_timeout`, looking at no more than
+    /// [`SWEEP_BUDGET`] sessions.
+    pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
+        let capacity = self.sessions.capacity();
+        if capacity == 0 {
+            return;
+        }
+        let mut idle = Vec::new();
+        for _ in 0..SWEEP_BUDGET.min(capacity) {
+            let i = self.sweep_cursor % capacity;
+            self.sweep_cursor = (i + 1) % capacity;
+            let Some((generation, s)) = self.sessions.at_mut(i) else {
+                continue;
+            };
+            let limit = self.services[self.vips[s.vip].service].idle_timeout;
+            if !s.closing && ctx.now.saturating_duration_since(s.last_active) >= limit {
+                tracing::debug!(
+                    "session {} -> {} idle for {limit:?}; closing it",
+                    s.client,
+                    s.backend
+                );
+                idle.push((i, generation));
+            }
+        }
+        for key in idle {
+            self.close(ctx, key);
+        }
+    }
+
+    /// Shutdown began: no new sessions (enforced through `ctx.draining`); VIP sockets stay
+    /// open so backends' replies still reach clients until the sessions end.
+    pub(super) fn stop_accepting(&mut self, _ctx: &mut Ctx) {}
+
+    /// While draining: closes the VIP sockets once no session is left.
+    pub(super) fn close_vips_when_idle(&mut self, ctx: &mut Ctx) {
+        if self.sessions.is_empty() {
+            self.close_vips(ctx);
+        }
+    }
+
+    fn close_vips(&mut self, ctx: &mut Ctx) {
+        for (i, v) in self.vips.iter_mut().enumerate() {
+            if v.fd.is_none() || v.closing {
+                continue;
+            }
+            v.closing = true;
+            if v.in_flight & bit(OP_POLL) != 0 {
+                ctx.ring
+                    .cancel(Token::entry(Kind::Vip, OP_POLL, i as u32, 0));
+            }
+            if v.in_flight == 0 {
+                v.fd = None;
+            }
+        }
+    }
+
+    /// The drain deadline passed: ends every session and closes the VIP sockets. Returns
+    /// how many sessions were open.
+    pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
+        let mut cut = 0;
+        for key in self.sessions.keys() {
+            if self
+                .sessions
+                .get_mut(key.0, key.1)
+                .is_some_and(|s| !s.closing)
+            {
+                cut += 1;
+                self.close(ctx, key);
+            }
+        }
+        self.close_vips(ctx);
+        cut
+    }
+
+    /// The worker is exiting with sessions left: ends them now and returns how many there
+    /// were.
+    pub(super) fn abandon(&mut self, ctx: &mut Ctx) -> u64 {
+        let keys = self.sessions.keys();
+        for &(index, generation) in &keys {
+            self.finish(ctx, index, generation);
+        }
+        for v in &mut self.vips {
+            v.fd = None;
+        }
+        keys.len() as u64
+    }
+}

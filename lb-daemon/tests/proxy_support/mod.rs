@@ -1,0 +1,311 @@
+//! Shared parts of the proxy tests: a hand-built snapshot with a round-robin scheduler, a
+//! recorder of flow events, backend servers that clean up after themselves, bounded waits.
+#![allow(dead_code)]
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use lb_common::FlowKey;
+use lb_daemon::config::{Protocol, SchedulerKind};
+use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions, ProxyService};
+use lb_daemon::dataplane::FlowEvents;
+use lb_daemon::scheduler::Scheduler;
+use lb_daemon::snapshot::{BackendId, BackendStats, BackendView, ServiceSnapshot, SharedSnapshot};
+use socket2::{Domain, Socket, Type};
+
+/// Test-only scheduler: each backend in turn, skipping the ones already tried.
+pub struct RoundRobin {
+    count: usize,
+    next: AtomicUsize,
+}
+
+impl Scheduler for RoundRobin {
+    fn pick(&self, _flow: &FlowKey, tried: &[BackendId]) -> Option<BackendId> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..self.count)
+            .map(|k| (start + k) % self.count)
+            .find(|id| !tried.contains(id))
+    }
+}
+
+/// How a test service is set up.
+#[derive(Clone)]
+pub struct ServiceSpec {
+    pub protocol: Protocol,
+    pub backends: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    pub workers: usize,
+    pub options: ProxyOptions,
+}
+
+impl ServiceSpec {
+    pub fn tcp(backends: Vec<SocketAddr>) -> ServiceSpec {
+        ServiceSpec {
+            protocol: Protocol::Tcp,
+            backends,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            retries: 2,
+            workers: 2,
+            options: ProxyOptions::default(),
+        }
+    }
+
+    pub fn udp(backends: Vec<SocketAddr>) -> ServiceSpec {
+        ServiceSpec {
+            protocol: Protocol::Udp,
+            ..ServiceSpec::tcp(backends)
+        }
+    }
+}
+
+/// A flow event as the proxy reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Failed(usize, SocketAddr, io::ErrorKind),
+    Succeeded(usize, SocketAddr),
+}
+
+/// Records every flow event.
+#[derive(Default)]
+pub struct Recorder {
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("recorder lock").clone()
+    }
+
+    pub fn failed(&self) -> Vec<(SocketAddr, io::ErrorKind)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Failed(_, addr, kind) => Some((addr, kind)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn succeeded(&self) -> Vec<SocketAddr> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Succeeded(_, addr) => Some(addr),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl FlowEvents for Recorder {
+    fn connect_failed(&self, service: usize, backend: SocketAddr, error: &io::Error) {
+        self.events
+            .lock()
+            .expect("recorder lock")
+            .push(Event::Failed(service, backend, error.kind()));
+    }
+
+    fn connect_succeeded(&self, service: usize, backend: SocketAddr) {
+        self.events
+            .lock()
+            .expect("recorder lock")
+            .push(Event::Succeeded(service, backend));
+    }
+}
+
+/// The service number the tests give their one service.
+pub const SERVICE: usize = 7;
+
+/// A running proxy with one service on 127.0.0.1 (a free port) and what the test checks.
+pub struct Harness {
+    pub proxy: Option<Proxy>,
+    pub vip: SocketAddr,
+    pub snapshot: SharedSnapshot,
+    pub events: Arc<Recorder>,
+}
+
+impl Harness {
+    pub fn start(spec: ServiceSpec) -> Harness {
+        init_logs();
+        let backends: Vec<BackendView> = spec
+            .backends
+            .iter()
+            .map(|&address| BackendView {
+                address,
+                weight: 1,
+                up: true,
+                stats: Arc::new(BackendStats::default()),
+            })
+            .collect();
+        let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(ServiceSnapshot {
+            name: "test".into(),
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            protocol: spec.protocol,
+            scheduler_kind: SchedulerKind::RoundRobin,
+            connect_timeout: spec.connect_timeout,
+            idle_timeout: spec.idle_timeout,
+            retries: spec.retries,
+            scheduler: Some(Box::new(RoundRobin {
+                count: backends.len(),
+                next: AtomicUsize::new(0),
+            })),
+            backends,
+            generation: 1,
+        }));
+        let events = Arc::new(Recorder::default());
+        let proxy = Proxy::start_with(
+            vec![ProxyService {
+                index: SERVICE,
+                snapshot: snapshot.clone(),
+            }],
+            spec.workers,
+            events.clone(),
+            spec.options,
+        )
+        .expect("the proxy starts on a free loopback port");
+        let vip = proxy
+            .listen_addr(SERVICE)
+            .expect("the proxy knows where the service listens");
+        assert_ne!(vip.port(), 0, "port 0 must resolve to the bound port");
+        Harness {
+            proxy: Some(proxy),
+            vip,
+            snapshot,
+            events,
+        }
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy still running")
+    }
+
+    pub fn take(&mut self) -> Proxy {
+        self.proxy.take().expect("proxy still running")
+    }
+
+    pub fn stats(&self, backend: usize) -> Arc<BackendStats> {
+        self.snapshot.load().backends[backend].stats.clone()
+    }
+
+    /// Waits (at most 10 s) until the proxy has no open connection or session.
+    pub fn wait_idle(&self) {
+        let proxy = self.proxy();
+        assert!(
+            wait_until(Duration::from_secs(10), || proxy.active() == 0),
+            "the proxy still counts {} open flow(s)",
+            proxy.active()
+        );
+    }
+}
+
+/// Polls `cond` every 10 ms for at most `limit`; returns whether it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Logs to the test output when `RUST_LOG` asks for them.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A loopback address nothing listens on: connects to it are refused.
+pub fn refusing_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
+    listener.local_addr().expect("probe address")
+    // dropped here: the port is closed
+}
+
+/// A TCP backend on 127.0.0.1 that runs `handler` on a thread per connection, and stops
+/// (joining its threads) when dropped.
+pub struct TcpBackend {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl TcpBackend {
+    pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> TcpBackend {
+        let listener = tcp_listener(1024);
+        let addr = listener.local_addr().expect("backend address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let handlers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let handler = Arc::new(handler);
+        let acceptor = {
+            let (stop, handlers) = (stop.clone(), handlers.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+                    let handler = handler.clone();
+                    let h = std::thread::spawn(move || handler(stream));
+                    handlers.lock().expect("handlers lock").push(h);
+                }
+            })
+        };
+        TcpBackend {
+            addr,
+            stop,
+            acceptor: Some(acceptor),
+            handlers,
+        }
+    }
+
+    /// A backend that echoes everything until end of file, then closes.
+    pub fn echo() -> TcpBackend {
+        TcpBackend::start(|mut s| {
+            let mut reader = s.try_clone().expect("clone stream");
+            let _ = io::copy(&mut reader, &mut s);
+        })
+    }
+}
+
+impl Drop for TcpBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Unblock accept().
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        let handlers = std::mem::take(&mut *self.handlers.lock().expect("handlers lock"));
+        for h in handlers {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A listening TCP socket on 127.0.0.1 with the given backlog.
+pub fn tcp_listener(backlog: i32) -> TcpListener {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("literal").into())
+        .expect("bind backend");
+    socket.listen(backlog).expect("listen");
+    socket.into()
+}

@@ -1,0 +1,488 @@
+//! The io_uring proxy carrying TCP on loopback: data integrity, concurrency, half-close,
+//! failover between backends, idle timeout and shutdown drain.
+
+mod proxy_support;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use lb_daemon::dataplane::proxy::SpliceMode;
+use proxy_support::{refusing_address, tcp_listener, wait_until, Harness, ServiceSpec, TcpBackend};
+use sha2::{Digest, Sha256};
+use socket2::SockRef;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn connect(vip: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).expect("connect to the VIP");
+    s.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+    s.set_write_timeout(Some(TIMEOUT)).expect("write timeout");
+    s
+}
+
+/// Writes `len` pseudo-random bytes from `seed`; returns their SHA-256.
+fn send_random(w: &mut impl Write, seed: u64, len: usize) -> io::Result<[u8; 32]> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut hash = Sha256::new();
+    let mut chunk = vec![0u8; 61_440];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        rng.fill(&mut chunk[..n]);
+        w.write_all(&chunk[..n])?;
+        hash.update(&chunk[..n]);
+        left -= n;
+    }
+    Ok(hash.finalize().into())
+}
+
+/// Reads to end of file; returns the byte count and SHA-256.
+fn receive_all(r: &mut impl Read) -> io::Result<(usize, [u8; 32])> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 65_536];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, hash.finalize().into()));
+        }
+        hash.update(&buf[..n]);
+        total += n;
+    }
+}
+
+fn sixteen_mib_each_way(mode: SpliceMode) {
+    const LEN: usize = 16 * 1024 * 1024;
+    let (tx, rx) = mpsc::channel();
+    let backend = TcpBackend::start(move |stream| {
+        // Sends its own 16 MiB while reading the client's.
+        let mut writer = stream.try_clone().expect("clone stream");
+        let sending = std::thread::spawn(move || {
+            let sent = send_random(&mut writer, 2, LEN);
+            let _ = writer.shutdown(Shutdown::Write);
+            sent
+        });
+        let mut reader = stream;
+        let received = receive_all(&mut reader);
+        let sent = sending.join().expect("backend writer thread");
+        let _ = tx.send((
+            received.map_err(|e| e.to_string()),
+            sent.map_err(|e| e.to_string()),
+        ));
+    });
+    let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+    spec.options.splice = mode;
+    let h = Harness::start(spec);
+
+    let client = connect(h.vip);
+    let mut writer = client.try_clone().expect("clone client");
+    let sending = std::thread::spawn(move || {
+        let sent = send_random(&mut writer, 1, LEN);
+        writer
+            .shutdown(Shutdown::Write)
+            .expect("client shutdown(SHUT_WR)");
+        sent
+    });
+    let mut reader = client;
+    let (client_got, client_got_hash) = receive_all(&mut reader).expect("client reads the reply");
+    let client_sent_hash = sending
+        .join()
+        .expect("client writer thread")
+        .expect("client sends");
+    let (backend_got, backend_sent) = rx.recv_timeout(TIMEOUT).expect("the backend finished");
+    let (backend_got, backend_got_hash) = backend_got.expect("backend reads the request");
+    let backend_sent_hash = backend_sent.expect("backend sends");
+
+    assert_eq!(
+        backend_got, LEN,
+        "the backend got {backend_got} of {LEN} bytes"
+    );
+    assert_eq!(
+        client_got, LEN,
+        "the client got {client_got} of {LEN} bytes"
+    );
+    assert_eq!(
+        backend_got_hash, client_sent_hash,
+        "the bytes the backend got differ from what the client sent"
+    );
+    assert_eq!(
+        client_got_hash, backend_sent_hash,
+        "the bytes the client got differ from what the backend sent"
+    );
+    h.wait_idle();
+    let stats = h.stats(0);
+    assert_eq!(stats.bytes_to_backend.load(Ordering::Relaxed), LEN as u64);
+    assert_eq!(stats.bytes_from_backend.load(Ordering::Relaxed), LEN as u64);
+    assert_eq!(
+        stats.total.load(Ordering::Relaxed),
+        1,
+        "one connection opened"
+    );
+    assert_eq!(stats.active(), 0, "the connection is counted closed");
+}
+
+#[test]
+fn sixteen_mib_each_way_arrive_intact_with_io_uring_splice() {
+    sixteen_mib_each_way(SpliceMode::Uring);
+}
+
+#[test]
+fn sixteen_mib_each_way_arrive_intact_with_splice_syscalls() {
+    sixteen_mib_each_way(SpliceMode::Syscall);
+}
+
+#[test]
+fn two_hundred_concurrent_connections_all_complete() {
+    const CLIENTS: usize = 200;
+    const LEN: usize = 32 * 1024;
+    let backends = [TcpBackend::echo(), TcpBackend::echo()];
+    let h = Harness::start(ServiceSpec::tcp(backends.iter().map(|b| b.addr).collect()));
+    let connected = Arc::new(Barrier::new(CLIENTS + 1));
+    let go = Arc::new(Barrier::new(CLIENTS + 1));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (vip, connected, go) = (h.vip, connected.clone(), go.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(10));
+                connected.wait();
+                go.wait();
+                let mut s = stream.map_err(|e| format!("client {i}: connect: {e}"))?;
+                s.set_read_timeout(Some(TIMEOUT))
+                    .map_err(|e| e.to_string())?;
+                let payload: Vec<u8> = (0..LEN).map(|k| (k * 7 + i) as u8).collect();
+                let mut reader = s.try_clone().map_err(|e| e.to_string())?;
+                let echoed = std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    reader.read_to_end(&mut got).map(|_| got)
+                });
+                s.write_all(&payload)
+                    .map_err(|e| format!("client {i}: write: {e}"))?;
+                s.shutdown(Shutdown::Write)
+                    .map_err(|e| format!("client {i}: shutdown: {e}"))?;
+                let got = echoed
+                    .join()
+                    .map_err(|_| format!("client {i}: reader panicked"))?
+                    .map_err(|e| format!("client {i}: read: {e}"))?;
+                if got != payload {
+                    return Err(format!(
+                        "client {i}: got {} bytes back, not its {LEN} bytes",
+                        got.len()
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    connected.wait();
+    let all_open = wait_until(Duration::from_secs(10), || {
+        h.proxy().active() == CLIENTS as u64
+    });
+    let open = h.proxy().active();
+    go.wait();
+    let failures: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| c.join().expect("client thread").err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} clients failed: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        all_open,
+        "only {open} of {CLIENTS} connections were open at once"
+    );
+    h.wait_idle();
+    let total: u64 = (0..2)
+        .map(|b| h.stats(b).total.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(
+        total, CLIENTS as u64,
+        "every client got one backend connection"
+    );
+    assert_eq!(
+        h.proxy().counters().errors,
+        0,
+        "no connection ended in error"
+    );
+}
+
+#[test]
+fn half_close_reaches_the_backend_and_the_reply_comes_back() {
+    let backend = TcpBackend::start(|mut s| {
+        // Replies only after the client's end of file: the client's shutdown must arrive.
+        let mut request = Vec::new();
+        if s.read_to_end(&mut request).is_ok() {
+            let reply = format!(
+                "got {} bytes: {}",
+                request.len(),
+                String::from_utf8_lossy(&request)
+            );
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+    let h = Harness::start(ServiceSpec::tcp(vec![backend.addr]));
+    let mut client = connect(h.vip);
+    client.write_all(b"hello").expect("send the request");
+    client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+    let mut reply = String::new();
+    client
+        .read_to_string(&mut reply)
+        .expect("the reply arrives after the half-close");
+    assert_eq!(reply, "got 5 bytes: hello");
+    h.wait_idle();
+}
+
+#[test]
+fn urgent_data_is_relayed_inline_instead_of_stalling_the_connection() {
+    // A splice cannot read past TCP urgent data while poll keeps saying "readable": without
+    // care the relay would spin and the bytes after the urgent one would never arrive.
+    for mode in [SpliceMode::Uring, SpliceMode::Syscall] {
+        let backend = TcpBackend::echo();
+        let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+        spec.options.splice = mode;
+        let h = Harness::start(spec);
+        let mut client = connect(h.vip);
+        client.write_all(b"abc").expect("send");
+        std::thread::sleep(Duration::from_millis(20));
+        let sent = SockRef::from(&client)
+            .send_out_of_band(b"!")
+            .expect("send urgent data");
+        assert_eq!(sent, 1);
+        std::thread::sleep(Duration::from_millis(20));
+        client.write_all(b"def").expect("send");
+        client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+        let mut reply = Vec::new();
+        client
+            .read_to_end(&mut reply)
+            .expect("the connection is not stuck at the urgent byte");
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            "abc!def",
+            "{mode:?}: every byte, the urgent one in line, comes back"
+        );
+        h.wait_idle();
+    }
+}
+
+#[test]
+fn urgent_data_just_before_end_of_file_is_not_lost() {
+    // Everything (urgent byte and end of file included) is queued before the relay starts:
+    // the first backend hangs for the connect timeout. A splice then reports end of file at
+    // the urgent mark; the bytes after it must still come through.
+    let blackhole = tcp_listener(0);
+    let blackhole_addr = blackhole.local_addr().expect("blackhole address");
+    let _filler = TcpStream::connect(blackhole_addr).expect("fill the accept queue");
+    let backend = TcpBackend::echo();
+    let mut spec = ServiceSpec::tcp(vec![blackhole_addr, backend.addr]);
+    spec.connect_timeout = Duration::from_millis(300);
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    client.write_all(b"abc").expect("send");
+    SockRef::from(&client)
+        .send_out_of_band(b"!")
+        .expect("send urgent data");
+    client.write_all(b"def").expect("send");
+    client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).expect("the reply arrives");
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "abc!def",
+        "no byte after the urgent one is lost"
+    );
+    h.wait_idle();
+}
+
+#[test]
+fn a_refused_backend_is_retried_on_the_next_without_client_error() {
+    let dead = refusing_address();
+    let alive = TcpBackend::echo();
+    let mut spec = ServiceSpec::tcp(vec![dead, alive.addr]);
+    spec.retries = 1;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    client.write_all(b"ping").expect("send");
+    client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+    let mut reply = Vec::new();
+    client
+        .read_to_end(&mut reply)
+        .expect("the client sees no error although the first backend refused");
+    assert_eq!(reply, b"ping");
+    assert_eq!(
+        h.events.failed(),
+        vec![(dead, io::ErrorKind::ConnectionRefused)],
+        "the refused connect is reported once"
+    );
+    assert_eq!(h.events.succeeded(), vec![alive.addr]);
+    assert_eq!(h.stats(0).connect_failures.load(Ordering::Relaxed), 1);
+    assert_eq!(h.stats(1).total.load(Ordering::Relaxed), 1);
+    assert_eq!(h.proxy().counters().no_backend, 0);
+    h.wait_idle();
+}
+
+#[test]
+fn a_backend_that_never_answers_times_out_and_the_next_is_tried() {
+    // A listener with a full accept queue drops SYNs: connects to it hang.
+    let blackhole = tcp_listener(0);
+    let blackhole_addr = blackhole.local_addr().expect("blackhole address");
+    let _filler = TcpStream::connect(blackhole_addr).expect("fill the accept queue");
+    let alive = TcpBackend::echo();
+    let mut spec = ServiceSpec::tcp(vec![blackhole_addr, alive.addr]);
+    spec.connect_timeout = Duration::from_millis(200);
+    spec.retries = 1;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    client.write_all(b"ping").expect("send");
+    client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+    let mut reply = Vec::new();
+    client
+        .read_to_end(&mut reply)
+        .expect("served by the second backend");
+    assert_eq!(reply, b"ping");
+    assert_eq!(
+        h.events.failed(),
+        vec![(blackhole_addr, io::ErrorKind::TimedOut)],
+        "the hanging connect is reported as a timeout"
+    );
+    h.wait_idle();
+}
+
+#[test]
+fn the_client_is_reset_when_every_backend_refuses() {
+    let (dead1, dead2) = (refusing_address(), refusing_address());
+    let mut spec = ServiceSpec::tcp(vec![dead1, dead2]);
+    spec.retries = 5;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    let mut buf = [0u8; 16];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("the client should be closed, got {other:?}"),
+    }
+    let mut failed: Vec<SocketAddr> = h.events.failed().into_iter().map(|(a, _)| a).collect();
+    failed.sort();
+    let mut both = vec![dead1, dead2];
+    both.sort();
+    assert_eq!(
+        failed, both,
+        "each backend tried once, however many retries are allowed"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || h.proxy().counters().no_backend
+            == 1),
+        "the closed connection is counted"
+    );
+    h.wait_idle();
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let (tx, rx) = mpsc::channel();
+    let backend = TcpBackend::start(move |mut s| {
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let _ = s.write_all(&buf[..n]);
+        // Then wait for the proxy to close the connection.
+        let _ = tx.send(s.read(&mut buf).map_err(|e| e.kind()));
+    });
+    let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+    spec.idle_timeout = Duration::from_millis(300);
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    client.write_all(b"hi").expect("send");
+    let mut buf = [0u8; 2];
+    client.read_exact(&mut buf).expect("echo");
+    let mut rest = [0u8; 8];
+    assert_eq!(
+        client
+            .read(&mut rest)
+            .expect("the idle connection is closed, not reset"),
+        0,
+        "the client sees end of file after the idle timeout"
+    );
+    assert_eq!(
+        rx.recv_timeout(TIMEOUT)
+            .expect("the backend's read returns"),
+        Ok(0),
+        "the backend sees end of file too"
+    );
+    h.wait_idle();
+}
+
+#[test]
+fn shutdown_lets_an_open_connection_finish() {
+    let (release, released) = mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(released);
+    let backend = TcpBackend::start(move |mut s| {
+        let mut buf = [0u8; 7];
+        if s.read_exact(&mut buf).is_ok() {
+            let _ = released.lock().expect("lock").recv_timeout(TIMEOUT);
+            let _ = s.write_all(b"response");
+        }
+    });
+    let mut h = Harness::start(ServiceSpec::tcp(vec![backend.addr]));
+    let mut client = connect(h.vip);
+    client.write_all(b"request").expect("send");
+    assert!(
+        wait_until(Duration::from_secs(5), || h.stats(0).active() == 1),
+        "the backend connection is open before shutdown"
+    );
+    let proxy = h.take();
+    let vip = h.vip;
+    let stopping = std::thread::spawn(move || proxy.shutdown(Duration::from_secs(20)));
+    assert!(
+        wait_until(Duration::from_secs(5), || TcpStream::connect(vip).is_err()),
+        "new connections are refused once shutdown begins"
+    );
+    release.send(()).expect("release the backend");
+    let mut reply = Vec::new();
+    client
+        .read_to_end(&mut reply)
+        .expect("the open connection finishes");
+    assert_eq!(reply, b"response");
+    drop(client);
+    let cut = stopping.join().expect("shutdown thread");
+    assert_eq!(
+        cut, 0,
+        "a connection that finished within the drain is not cut off"
+    );
+    assert_eq!(h.stats(0).active(), 0);
+}
+
+#[test]
+fn shutdown_cuts_off_a_connection_that_outlives_the_drain() {
+    let backend = TcpBackend::start(|mut s| {
+        let mut buf = [0u8; 64];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut h = Harness::start(ServiceSpec::tcp(vec![backend.addr]));
+    let mut client = connect(h.vip);
+    client.write_all(b"x").expect("send");
+    assert!(
+        wait_until(Duration::from_secs(5), || h.stats(0).active() == 1),
+        "the backend connection is open before shutdown"
+    );
+    let cut = h.take().shutdown(Duration::from_millis(200));
+    assert_eq!(cut, 1, "the open connection is cut off at the deadline");
+    let mut buf = [0u8; 8];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("the cut-off client should be closed, got {other:?}"),
+    }
+    assert_eq!(
+        h.stats(0).active(),
+        0,
+        "the cut-off connection is counted closed"
+    );
+}

@@ -1,0 +1,279 @@
+//! The io_uring proxy carrying UDP on loopback: per-client sessions, datagram integrity,
+//! session expiry, ICMP unreachable, shutdown.
+
+mod proxy_support;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use proxy_support::{wait_until, Harness, ServiceSpec};
+use socket2::SockRef;
+
+const BUFFER: usize = 4 * 1024 * 1024;
+
+/// A UDP backend on 127.0.0.1 answering each datagram with `name:` + the datagram.
+struct UdpEcho {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    fn start(name: &'static str) -> UdpEcho {
+        let socket = udp_socket();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        let addr = socket.local_addr().expect("backend address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                let mut reply = Vec::with_capacity(65_600);
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    reply.clear();
+                    reply.extend_from_slice(name.as_bytes());
+                    reply.push(b':');
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = socket.send_to(&reply, from);
+                }
+            })
+        };
+        UdpEcho {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP socket on 127.0.0.1 with large buffers, so the test's own bursts are not dropped.
+fn udp_socket() -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    let s = SockRef::from(&socket);
+    let _ = s.set_recv_buffer_size(BUFFER);
+    let _ = s.set_send_buffer_size(BUFFER);
+    let _ = socket.as_fd();
+    socket
+}
+
+fn client(vip: SocketAddr) -> UdpSocket {
+    let socket = udp_socket();
+    socket.connect(vip).expect("connect to the VIP");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    socket
+}
+
+/// Datagram `seq` of client `id`: its header, then a length that varies, up to 60 000 bytes.
+fn datagram(id: u8, seq: u32) -> Vec<u8> {
+    let len = if seq.is_multiple_of(250) {
+        60_000
+    } else {
+        (seq % 13) as usize * 97
+    };
+    let mut d = format!("c{id}#{seq:05}|").into_bytes();
+    d.extend((0..len).map(|k| (k as u32 ^ seq) as u8));
+    d
+}
+
+#[test]
+fn three_clients_each_stay_with_their_backend_and_nothing_is_lost() {
+    const DATAGRAMS: u32 = 1000;
+    const WINDOW: u32 = 100;
+    let backends = [
+        UdpEcho::start("b0"),
+        UdpEcho::start("b1"),
+        UdpEcho::start("b2"),
+    ];
+    let h = Harness::start(ServiceSpec::udp(backends.iter().map(|b| b.addr).collect()));
+    let clients: Vec<_> = (0..3u8)
+        .map(|id| {
+            let vip = h.vip;
+            std::thread::spawn(move || -> Result<(String, u64), String> {
+                let socket = client(vip);
+                let mut seen = BTreeSet::new();
+                let mut backend: Option<String> = None;
+                let mut sent_bytes = 0u64;
+                let mut buf = vec![0u8; 65_600];
+                for window in 0..DATAGRAMS / WINDOW {
+                    let seqs = window * WINDOW..(window + 1) * WINDOW;
+                    for seq in seqs.clone() {
+                        let d = datagram(id, seq);
+                        sent_bytes += d.len() as u64;
+                        socket
+                            .send(&d)
+                            .map_err(|e| format!("client {id}: send: {e}"))?;
+                    }
+                    for _ in seqs {
+                        let n = socket.recv(&mut buf).map_err(|e| {
+                            format!(
+                                "client {id}: {} of {DATAGRAMS} replies, then: {e}",
+                                seen.len()
+                            )
+                        })?;
+                        let reply = &buf[..n];
+                        let colon = reply
+                            .iter()
+                            .position(|&b| b == b':')
+                            .ok_or(format!("client {id}: a reply without a backend name"))?;
+                        let name = String::from_utf8_lossy(&reply[..colon]).into_owned();
+                        let body = &reply[colon + 1..];
+                        // The header is `c{id}#{seq:05}|`: the sequence number is bytes 3..8.
+                        let seq: u32 = body
+                            .get(3..8)
+                            .and_then(|digits| std::str::from_utf8(digits).ok())
+                            .and_then(|s| s.parse().ok())
+                            .ok_or(format!("client {id}: a reply with a garbled header"))?;
+                        if body != datagram(id, seq).as_slice() {
+                            return Err(format!(
+                                "client {id}: reply {seq} is not the datagram it sent ({} bytes)",
+                                body.len()
+                            ));
+                        }
+                        if !seen.insert(seq) {
+                            return Err(format!("client {id}: reply {seq} arrived twice"));
+                        }
+                        match &backend {
+                            None => backend = Some(name),
+                            Some(b) if *b != name => {
+                                return Err(format!(
+                                    "client {id}: replies came from {b} and then {name}"
+                                ))
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                }
+                if seen.len() != DATAGRAMS as usize {
+                    return Err(format!(
+                        "client {id}: {} of {DATAGRAMS} replies",
+                        seen.len()
+                    ));
+                }
+                Ok((backend.unwrap_or_default(), sent_bytes))
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .collect();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failures.is_empty(), "clients failed: {failures:?}");
+    assert_eq!(h.proxy().active(), 3, "one session per client");
+    let sent: u64 = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|r| r.1)
+        .sum();
+    let to_backends: u64 = (0..3)
+        .map(|b| h.stats(b).bytes_to_backend.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(
+        to_backends, sent,
+        "every byte sent is counted towards the backends"
+    );
+    assert_eq!(
+        h.proxy().counters().dropped_datagrams,
+        0,
+        "no datagram dropped"
+    );
+    let sessions: u64 = (0..3).map(|b| h.stats(b).active()).sum();
+    assert_eq!(sessions, 3, "backends count one open session per client");
+}
+
+#[test]
+fn an_idle_session_expires_and_the_next_datagram_opens_a_new_one() {
+    let backends = [UdpEcho::start("b0"), UdpEcho::start("b1")];
+    let mut spec = ServiceSpec::udp(backends.iter().map(|b| b.addr).collect());
+    spec.idle_timeout = Duration::from_millis(300);
+    let h = Harness::start(spec);
+    let socket = client(h.vip);
+    let mut buf = [0u8; 64];
+    socket.send(b"one").expect("send");
+    let n = socket.recv(&mut buf).expect("first reply");
+    let first = buf[..n].to_vec();
+    assert_eq!(h.proxy().active(), 1, "the first datagram opened a session");
+    h.wait_idle();
+    let total = |h: &Harness| -> u64 {
+        (0..2)
+            .map(|b| h.stats(b).total.load(Ordering::Relaxed))
+            .sum()
+    };
+    assert_eq!(total(&h), 1);
+    assert_eq!(
+        h.stats(0).active() + h.stats(1).active(),
+        0,
+        "the session is counted closed"
+    );
+    socket.send(b"two").expect("send");
+    let n = socket.recv(&mut buf).expect("reply after expiry");
+    assert_eq!(total(&h), 2, "a new session was opened");
+    // The round-robin test scheduler hands the new session the other backend.
+    assert_ne!(
+        first[..2],
+        buf[..2],
+        "the new session picked a backend afresh ({:?}, then {:?})",
+        String::from_utf8_lossy(&first),
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
+
+#[test]
+fn an_icmp_port_unreachable_is_reported_as_a_failed_connect() {
+    let dead = {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind a probe port");
+        s.local_addr().expect("probe address")
+    };
+    let h = Harness::start(ServiceSpec::udp(vec![dead]));
+    let socket = client(h.vip);
+    let reported = wait_until(Duration::from_secs(10), || {
+        let _ = socket.send(b"anyone?");
+        std::thread::sleep(Duration::from_millis(20));
+        !h.events.failed().is_empty()
+    });
+    assert!(reported, "the unreachable backend was never reported");
+    assert_eq!(
+        h.events.failed()[0],
+        (dead, io::ErrorKind::ConnectionRefused)
+    );
+    assert!(h.stats(0).connect_failures.load(Ordering::Relaxed) >= 1);
+    assert!(
+        h.events.succeeded().is_empty(),
+        "a dead backend never answered"
+    );
+}
+
+#[test]
+fn shutdown_cuts_off_sessions_open_at_the_deadline() {
+    let backend = UdpEcho::start("b0");
+    let mut h = Harness::start(ServiceSpec::udp(vec![backend.addr]));
+    let socket = client(h.vip);
+    let mut buf = [0u8; 64];
+    socket.send(b"hello").expect("send");
+    socket.recv(&mut buf).expect("reply");
+    let cut = h.take().shutdown(Duration::from_millis(100));
+    assert_eq!(cut, 1, "the open session is cut off at the deadline");
+    assert_eq!(h.stats(0).active(), 0, "the session is counted closed");
+}
