@@ -362,13 +362,27 @@ fn the_client_is_reset_when_every_backend_refuses() {
     spec.retries = 5;
     spec.workers = 1;
     let h = Harness::start(spec);
-    let mut client = connect(h.vip);
-    let mut buf = [0u8; 16];
-    match client.read(&mut buf) {
-        Ok(0) => {}
+    // The reset can beat the client's own connect() to the finish line.
+    match TcpStream::connect_timeout(&h.vip, Duration::from_secs(5)) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        other => panic!("the client should be closed, got {other:?}"),
+        Err(e) => panic!("connect to the VIP: {e}"),
+        Ok(mut client) => {
+            client
+                .set_read_timeout(Some(TIMEOUT))
+                .expect("read timeout");
+            let mut buf = [0u8; 16];
+            match client.read(&mut buf) {
+                Ok(0) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                other => panic!("the client should be closed, got {other:?}"),
+            }
+        }
     }
+    assert!(
+        wait_until(Duration::from_secs(5), || h.events.failed().len() == 2),
+        "both refused connects are reported, got {:?}",
+        h.events.failed()
+    );
     let mut failed: Vec<SocketAddr> = h.events.failed().into_iter().map(|(a, _)| a).collect();
     failed.sort();
     let mut both = vec![dead1, dead2];

@@ -36,6 +36,8 @@ impl Scheduler for RoundRobin {
 /// How a test service is set up.
 #[derive(Clone)]
 pub struct ServiceSpec {
+    /// Where the service listens; port 0 picks a free one.
+    pub listen: SocketAddr,
     pub protocol: Protocol,
     pub backends: Vec<SocketAddr>,
     pub connect_timeout: Duration,
@@ -48,6 +50,7 @@ pub struct ServiceSpec {
 impl ServiceSpec {
     pub fn tcp(backends: Vec<SocketAddr>) -> ServiceSpec {
         ServiceSpec {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
             protocol: Protocol::Tcp,
             backends,
             connect_timeout: Duration::from_secs(5),
@@ -147,7 +150,7 @@ impl Harness {
             .collect();
         let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(ServiceSnapshot {
             name: "test".into(),
-            listen: "127.0.0.1:0".parse().expect("literal address"),
+            listen: spec.listen,
             protocol: spec.protocol,
             scheduler_kind: SchedulerKind::RoundRobin,
             connect_timeout: spec.connect_timeout,

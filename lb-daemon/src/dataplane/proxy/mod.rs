@@ -62,7 +62,8 @@ pub enum ProxyError {
         source: io::Error,
     },
     /// A worker's io_uring or its wake-up eventfd could not be created (io_uring disabled by
-    /// `kernel.io_uring_disabled`, a kernel older than 5.19, or out of memory or files).
+    /// `kernel.io_uring_disabled` or seccomp, or out of memory or files). The proxy needs
+    /// Linux 5.19 or newer (multishot accept).
     #[error("cannot set up a proxy worker's io_uring: {0}")]
     Ring(io::Error),
     /// A worker thread could not be spawned.
@@ -262,6 +263,7 @@ impl Proxy {
         }
 
         let shared = Arc::new(Shared::default());
+        let (ready, readiness) = std::sync::mpsc::channel();
         let mut setups = Vec::with_capacity(workers);
         for (id, mine) in sockets.into_iter().enumerate() {
             let ring = ring::Ring::new().map_err(ProxyError::Ring)?;
@@ -275,6 +277,7 @@ impl Proxy {
                 events: events.clone(),
                 shared: shared.clone(),
                 options,
+                ready: ready.clone(),
             };
             for (info, fd) in infos.iter().zip(mine) {
                 match info.protocol {
@@ -304,6 +307,17 @@ impl Proxy {
                     proxy.stop(Duration::ZERO);
                     return Err(ProxyError::Thread(e));
                 }
+            }
+        }
+        drop(ready);
+        // A ring becomes usable only once its worker thread enables it: wait for each.
+        for _ in 0..proxy.workers.len() {
+            let outcome = readiness
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("a proxy worker exited at start")));
+            if let Err(e) = outcome {
+                proxy.stop(Duration::ZERO);
+                return Err(ProxyError::Ring(e));
             }
         }
         for info in &infos {
@@ -362,7 +376,13 @@ impl Proxy {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if deadline.is_none() {
-                *deadline = Some(Instant::now() + drain_timeout);
+                let now = Instant::now();
+                // A timeout too large for the clock means "no deadline": a century will do.
+                let at = now
+                    .checked_add(drain_timeout)
+                    .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+                    .unwrap_or(now);
+                *deadline = Some(at);
             }
         }
         for w in &self.workers {
@@ -419,4 +439,65 @@ fn bind(info: &ServiceInfo, options: ProxyOptions) -> io::Result<(OwnedFd, Socke
         .as_socket()
         .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
     Ok((socket.into(), bound))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handle_can_move_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Proxy>();
+        shareable::<ProxyError>();
+    }
+
+    #[test]
+    fn a_repeated_warning_is_held_back_and_counted() {
+        let mut limit = LogLimit::default();
+        let t0 = Instant::now();
+        assert_eq!(limit.allow(t0), Some(String::new()));
+        assert_eq!(limit.allow(t0 + Duration::from_millis(10)), None);
+        assert_eq!(limit.allow(t0 + Duration::from_millis(20)), None);
+        let next = limit.allow(t0 + LogLimit::PERIOD);
+        assert_eq!(next.as_deref(), Some(" (2 similar since the last report)"));
+    }
+
+    #[test]
+    fn start_reports_an_address_in_use() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+        let addr = taken.local_addr().expect("its address");
+        let snapshot: SharedSnapshot = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::snapshot::ServiceSnapshot {
+                name: "taken".into(),
+                listen: addr,
+                protocol: Protocol::Tcp,
+                scheduler_kind: crate::config::SchedulerKind::RoundRobin,
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+                retries: 0,
+                backends: Vec::new(),
+                scheduler: None,
+                generation: 1,
+            },
+        ));
+        struct Nothing;
+        impl FlowEvents for Nothing {
+            fn connect_failed(&self, _: usize, _: SocketAddr, _: &io::Error) {}
+            fn connect_succeeded(&self, _: usize, _: SocketAddr) {}
+        }
+        let result = Proxy::start(
+            vec![ProxyService { index: 0, snapshot }],
+            2,
+            Arc::new(Nothing),
+        );
+        match result {
+            Err(ProxyError::Bind { addr: a, source }) => {
+                assert_eq!(a, addr, "the error names the service's address");
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            Err(e) => panic!("expected a bind error, got {e}"),
+            Ok(_) => panic!("a port held without SO_REUSEPORT must not be shared"),
+        }
+    }
 }

@@ -246,10 +246,11 @@ impl Ring {
         let second = opcode::LinkTimeout::new(&*time as *const types::Timespec)
             .build()
             .user_data(timer.encode());
-        // Boxes keep their heap address when moved into the staging area.
+        // Staged only once queued: `push` may submit (and clear the staging area) to make
+        // room. Boxes keep their heap address when moved into the staging area.
+        self.push(&[first, second]);
         self.staged_addrs.push(addr);
         self.staged_times.push(time);
-        self.push(&[first, second]);
     }
 
     /// A completion with `token` after `after`, with result `-ETIME`.
@@ -258,8 +259,9 @@ impl Ring {
         let entry = opcode::Timeout::new(&*time as *const types::Timespec)
             .build()
             .user_data(token.encode());
-        self.staged_times.push(time);
+        // Staged only once queued, as in `connect`.
         self.push(&[entry]);
+        self.staged_times.push(time);
     }
 
     /// Asks the kernel to cancel the operation of `target`; its completion still follows
@@ -407,6 +409,38 @@ mod tests {
         assert_eq!(out.len(), 1, "one completion for one timeout");
         assert_eq!(out[0].token, token);
         assert_eq!(out[0].result, -libc::ETIME);
+    }
+
+    #[test]
+    fn a_timeout_queued_into_a_full_sq_keeps_its_timespec() {
+        // Making room submits and clears the staging area; the new timeout's timespec must
+        // survive that. Freed memory is overwritten with a far-future time to expose a
+        // dangling pointer: the timeout would then never fire and the guard would win.
+        let mut ring = Ring::new().expect("io_uring is available on the test machine");
+        ring.enable(2)
+            .expect("the ring enables on its creating thread");
+        ring.timeout(Duration::from_secs(5), Token::of(Kind::Deadline));
+        for i in 1..SQ_ENTRIES {
+            ring.nop(Token::entry(Kind::Conn, 0, i, 0));
+        }
+        let token = Token::of(Kind::Sweep);
+        ring.timeout(Duration::from_millis(1), token);
+        let scribble: Vec<Box<[i64; 2]>> = (0..1000).map(|_| Box::new([1 << 40, 0])).collect();
+        let mut out = Vec::new();
+        let mut fired = None;
+        for _ in 0..10_000 {
+            ring.wait(&mut out).expect("io_uring_enter");
+            if let Some(c) = out
+                .iter()
+                .find(|c| c.token.kind == Kind::Sweep || c.token.kind == Kind::Deadline)
+            {
+                fired = Some(c.token.kind);
+                break;
+            }
+            out.clear();
+        }
+        drop(scribble);
+        assert_eq!(fired, Some(Kind::Sweep), "the 1 ms timeout must fire first");
     }
 
     #[test]

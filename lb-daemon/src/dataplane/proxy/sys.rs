@@ -3,7 +3,7 @@
 
 use std::io;
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::SockAddr;
@@ -195,14 +195,53 @@ pub(super) const DATAGRAM_MAX: usize = 64 * 1024;
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
 pub(super) const BATCH: usize = 32;
 
+/// Room for one control message with a packet-info structure, aligned as `cmsghdr` needs.
+type Control = [u64; 8];
+
+/// The local address a datagram was sent to (`IP_PKTINFO` / `IPV6_PKTINFO`), reported by a
+/// socket bound to a wildcard address: replies must leave from it, or a client that sent
+/// to one of several local addresses gets its reply from another and discards it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Local {
+    /// From `IP_PKTINFO` on an IPv4 socket.
+    V4(Ipv4Addr),
+    /// From `IPV6_PKTINFO` on an IPv6 socket (IPv4 clients of a dual-stack socket show as
+    /// IPv4-mapped addresses); the interface index matters for link-local addresses.
+    V6(Ipv6Addr, u32),
+}
+
+/// Asks a wildcard-bound UDP socket to report each datagram's local address (see
+/// [`Local`]).
+pub(super) fn enable_packet_info(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)
+    } else {
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    }
+}
+
+/// One received datagram.
+pub(super) struct Datagram<'a> {
+    /// The payload.
+    pub(super) data: &'a [u8],
+    /// The sender (for unconnected sockets).
+    pub(super) from: Option<SocketAddr>,
+    /// The local address it was sent to, when packet info was asked for.
+    pub(super) local: Option<Local>,
+    /// Cut short by the buffer: must be dropped.
+    pub(super) truncated: bool,
+}
+
 /// Buffers for a batch of datagrams, received with `recvmmsg(2)` and sent with
 /// `sendmmsg(2)`. One per worker; each datagram has its own 64 KiB buffer, so datagrams are
 /// never merged or split.
 pub(super) struct Datagrams {
     buffers: Vec<u8>,
     names: Vec<libc::sockaddr_storage>,
+    controls: Vec<Control>,
     lengths: [usize; BATCH],
     name_lengths: [libc::socklen_t; BATCH],
+    locals: [Option<Local>; BATCH],
     truncated: [bool; BATCH],
     count: usize,
 }
@@ -214,16 +253,19 @@ impl Datagrams {
             buffers: vec![0; BATCH * DATAGRAM_MAX],
             // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
             names: vec![unsafe { mem::zeroed() }; BATCH],
+            controls: vec![[0; 8]; BATCH],
             lengths: [0; BATCH],
             name_lengths: [0; BATCH],
+            locals: [None; BATCH],
             truncated: [false; BATCH],
             count: 0,
         })
     }
 
     /// Receives up to `BATCH` datagrams from `fd` without blocking; returns how many
-    /// (0 never: `EAGAIN` when none is waiting).
-    pub(super) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// (never 0: `WouldBlock` when none is waiting). With `packet_info`, also collects each
+    /// datagram's [`Local`] address (the socket must have [`enable_packet_info`]).
+    pub(super) fn recv(&mut self, fd: RawFd, packet_info: bool) -> io::Result<usize> {
         self.count = 0;
         let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
             iov_base: std::ptr::null_mut(),
@@ -241,6 +283,10 @@ impl Datagrams {
             h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
+            if packet_info {
+                h.msg_control = self.controls[i].as_mut_ptr().cast();
+                h.msg_controllen = mem::size_of::<Control>();
+            }
         }
         // SAFETY: every header points at live buffers of the stated sizes, owned by `self`
         // and the local `iovs`, all outliving the call.
@@ -261,30 +307,40 @@ impl Datagrams {
             self.lengths[i] = (header.msg_len as usize).min(DATAGRAM_MAX);
             self.name_lengths[i] = header.msg_hdr.msg_namelen;
             self.truncated[i] = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.locals[i] = if packet_info {
+                // SAFETY: the header's control buffer is live and the kernel set its length.
+                unsafe { parse_packet_info(&header.msg_hdr) }
+            } else {
+                None
+            };
         }
         self.count = n;
         Ok(n)
     }
 
-    /// Datagram `i` of the last receive: its payload, its sender (for unconnected sockets)
-    /// and whether it was cut short (then it must be dropped).
-    pub(super) fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>, bool) {
+    /// Datagram `i` of the last receive (`i` below what it returned).
+    pub(super) fn get(&self, i: usize) -> Datagram<'_> {
         let start = i * DATAGRAM_MAX;
-        let data = &self.buffers[start..start + self.lengths[i]];
         // SAFETY: the kernel wrote a valid address of `name_lengths[i]` bytes (or none, with
         // length 0, which as_socket rejects) into a sockaddr_storage.
         let from = unsafe { SockAddr::new(self.names[i], self.name_lengths[i]) }.as_socket();
-        (data, from, self.truncated[i])
+        Datagram {
+            data: &self.buffers[start..start + self.lengths[i]],
+            from,
+            local: self.locals[i],
+            truncated: self.truncated[i],
+        }
     }
 
     /// Sends every datagram of the last receive that was not truncated to `to` through
-    /// `fd` with `sendmmsg(2)`, in order and without blocking. Returns how many were sent,
-    /// their bytes, and the error that stopped the rest (`WouldBlock` when the socket buffer
-    /// is full), if any.
+    /// `fd` with `sendmmsg(2)`, in order and without blocking, from the local address
+    /// `local` if given. Returns how many were sent, their bytes, and the error that stopped
+    /// the rest (`WouldBlock` when the socket buffer is full), if any.
     pub(super) fn send_all_to(
         &mut self,
         fd: RawFd,
         to: &SockAddr,
+        local: Option<Local>,
     ) -> (usize, u64, Option<io::Error>) {
         let mut order = [0usize; BATCH];
         let mut n = 0;
@@ -294,6 +350,12 @@ impl Datagrams {
                 n += 1;
             }
         }
+        let mut control: Control = [0; 8];
+        let control_len = match local {
+            // SAFETY: `control` is live, aligned and large enough for one packet-info message.
+            Some(local) => unsafe { write_packet_info(&mut control, local) },
+            None => 0,
+        };
         let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
@@ -307,16 +369,20 @@ impl Datagrams {
             iovs[k].iov_base = unsafe { base.add(i * DATAGRAM_MAX) }.cast();
             iovs[k].iov_len = self.lengths[i];
             let h = &mut headers[k].msg_hdr;
-            // sendmmsg only reads the address.
+            // sendmmsg only reads the address and the control message.
             h.msg_name = to.as_ptr() as *mut libc::c_void;
             h.msg_namelen = to.len();
             h.msg_iov = &mut iovs[k];
             h.msg_iovlen = 1;
+            if control_len > 0 {
+                h.msg_control = control.as_mut_ptr().cast();
+                h.msg_controllen = control_len;
+            }
         }
         let mut sent = 0;
         let mut error = None;
         while sent < n {
-            // SAFETY: headers `sent..n` point at live buffers and a live address, read only.
+            // SAFETY: headers `sent..n` point at live buffers, address and control message.
             let r = unsafe {
                 libc::sendmmsg(
                     fd,
@@ -337,6 +403,99 @@ impl Datagrams {
         }
         let bytes = order[..sent].iter().map(|&i| self.lengths[i] as u64).sum();
         (sent, bytes, error)
+    }
+}
+
+/// Finds the packet-info control message of a received datagram.
+///
+/// # Safety
+/// `header.msg_control` is null or points at `header.msg_controllen` live bytes filled by
+/// the kernel.
+unsafe fn parse_packet_info(header: &libc::msghdr) -> Option<Local> {
+    if header.msg_control.is_null() {
+        return None;
+    }
+    // SAFETY: the caller vouches for the buffer; the CMSG macros stay within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null CMSG_FIRSTHDR/NXTHDR result is a complete header in the buffer.
+        let c = unsafe { &*cmsg };
+        // SAFETY: CMSG_DATA of a valid header points at its payload; read_unaligned copes
+        // with any alignment, and the type fixes the payload's size.
+        unsafe {
+            if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
+                let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(Local::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
+            }
+            if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO {
+                let info: libc::in6_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(Local::V6(
+                    Ipv6Addr::from(info.ipi6_addr.s6_addr),
+                    info.ipi6_ifindex,
+                ));
+            }
+            cmsg = libc::CMSG_NXTHDR(header, cmsg);
+        }
+    }
+    None
+}
+
+/// Writes the control message that makes a datagram leave from `local`; returns its length.
+///
+/// # Safety
+/// `control` must be live and writable (its type guarantees size and alignment).
+unsafe fn write_packet_info(control: &mut Control, local: Local) -> usize {
+    let (level, kind, size) = match local {
+        Local::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            mem::size_of::<libc::in_pktinfo>(),
+        ),
+        Local::V6(..) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            mem::size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    // SAFETY: a msghdr whose control buffer is `control`; the CMSG macros stay inside it
+    // (CMSG_SPACE of either structure is well under 64 bytes).
+    unsafe {
+        let space = libc::CMSG_SPACE(size as u32) as usize;
+        let mut header: libc::msghdr = mem::zeroed();
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&header);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size as u32) as usize;
+        let data = libc::CMSG_DATA(cmsg);
+        match local {
+            Local::V4(addr) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(addr).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+            Local::V6(addr, ifindex) => {
+                // The interface only pins link-local sources; elsewhere routing decides.
+                let link_local = addr.segments()[0] & 0xffc0 == 0xfe80;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: addr.octets(),
+                    },
+                    ipi6_ifindex: if link_local { ifindex } else { 0 },
+                };
+                std::ptr::write_unaligned(data.cast(), info);
+            }
+        }
+        space
     }
 }
 
@@ -368,10 +527,10 @@ mod tests {
         let mut batch = Datagrams::new();
         let mut got = Vec::new();
         for _ in 0..100 {
-            match batch.recv(rx.as_raw_fd()) {
+            match batch.recv(rx.as_raw_fd(), false) {
                 Ok(n) => (0..n).for_each(|i| {
-                    let (data, from, cut) = batch.get(i);
-                    got.push((data.to_vec(), from, cut));
+                    let d = batch.get(i);
+                    got.push((d.data.to_vec(), d.from, d.truncated));
                 }),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => panic!("recvmmsg: {e}"),

@@ -45,6 +45,8 @@ const WRITABLE: u32 = libc::POLLOUT as u32;
 const SWEEP_BUDGET: u32 = 4096;
 /// With `splice(2)`, steps one direction may take in a row before yielding to others.
 const SYSCALL_STEPS: u32 = 16;
+/// Accept failures in a row after which a listener waits for the next sweep to re-arm.
+const MAX_ACCEPT_FAILURES: u32 = 8;
 /// Empty pipes kept for reuse by a worker.
 const PIPE_POOL: usize = 256;
 
@@ -105,8 +107,11 @@ struct Listener {
     armed: bool,
     /// Shutting down: close once the accept is no longer in flight.
     closing: bool,
-    /// Accept failed for lack of resources: re-arm at the next sweep, not in a hot loop.
+    /// Accept failed for lack of resources, or kept failing: re-arm at the next sweep, not
+    /// in a hot loop.
     backoff: bool,
+    /// Accept failures since the last accepted connection.
+    failures: u32,
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
@@ -202,6 +207,7 @@ impl Tcp {
                 armed: false,
                 closing: false,
                 backoff: false,
+                failures: 0,
             });
         }
         tcp
@@ -244,6 +250,7 @@ impl Tcp {
             l.armed = false;
         }
         if c.result >= 0 {
+            l.failures = 0;
             // SAFETY: a successful accept's result is a new descriptor that we now own.
             let client = unsafe { OwnedFd::from_raw_fd(c.result) };
             if l.closing || ctx.draining {
@@ -262,7 +269,19 @@ impl Tcp {
                     }
                     self.listeners[index].backoff = true;
                 }
-                _ => tracing::debug!("service {name}: accept failed: {err}"),
+                _ => {
+                    tracing::debug!("service {name}: accept failed: {err}");
+                    let l = &mut self.listeners[index];
+                    l.failures += 1;
+                    // A persistent error (e.g. no multishot accept in this kernel) must not
+                    // spin; a passing one (a client gone before accept) re-arms at once.
+                    if l.failures >= MAX_ACCEPT_FAILURES {
+                        if let Some(also) = self.resource_log.allow(ctx.now) {
+                            tracing::warn!("service {name}: accept keeps failing: {err}{also}");
+                        }
+                        l.backoff = true;
+                    }
+                }
             }
         }
         let l = &mut self.listeners[index];

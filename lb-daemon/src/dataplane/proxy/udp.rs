@@ -29,7 +29,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
-use super::sys::{self, Datagrams};
+use super::sys::{self, Datagrams, Local};
 use super::worker::Ctx;
 use super::{LogLimit, ServiceInfo, Shared};
 use crate::config::Protocol;
@@ -52,6 +52,9 @@ struct Vip {
     /// Index into [`Udp::services`].
     service: usize,
     fd: Option<OwnedFd>,
+    /// Bound to a wildcard address: datagrams carry their local address (see
+    /// [`sys::Local`]), and replies leave from it.
+    packet_info: bool,
     in_flight: u8,
     /// Shutting down: close once nothing is in flight.
     closing: bool,
@@ -65,6 +68,8 @@ struct Session {
     client_name: SockAddr,
     fd: OwnedFd,
     backend: SocketAddr,
+    /// The VIP address the client writes to, when the VIP socket is a wildcard.
+    local: Option<Local>,
     stats: Arc<BackendStats>,
     last_active: Instant,
     in_flight: u8,
@@ -103,10 +108,24 @@ impl Udp {
             resource_log: LogLimit::default(),
         };
         for (service, (info, fd)) in sockets.into_iter().enumerate() {
+            let packet_info = info.listen.ip().is_unspecified()
+                && match sys::enable_packet_info(fd.as_fd(), info.listen.is_ipv6()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(
+                            "service {}: cannot learn the local address of datagrams on {}; \
+                             replies leave from the routing's choice: {e}",
+                            info.name,
+                            info.listen
+                        );
+                        false
+                    }
+                };
             udp.services.push(info);
             udp.vips.push(Vip {
                 service,
                 fd: Some(fd),
+                packet_info,
                 in_flight: 0,
                 closing: false,
             });
@@ -177,6 +196,7 @@ impl Udp {
         let Some(fd) = self.vips[vip].fd.as_ref().map(|f| f.as_raw_fd()) else {
             return;
         };
+        let packet_info = self.vips[vip].packet_info;
         let mut batch = self.batch.take().unwrap_or_else(Datagrams::new);
         let mut read = 0;
         loop {
@@ -189,7 +209,7 @@ impl Udp {
                 }
                 break;
             }
-            let n = match batch.recv(fd) {
+            let n = match batch.recv(fd, packet_info) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -203,9 +223,11 @@ impl Udp {
             };
             read += n.max(1);
             for i in 0..n {
-                let (data, from, truncated) = batch.get(i);
-                match from {
-                    Some(client) if !truncated => self.forward_to_backend(ctx, vip, client, data),
+                let d = batch.get(i);
+                match d.from {
+                    Some(client) if !d.truncated => {
+                        self.forward_to_backend(ctx, vip, client, d.local, d.data)
+                    }
                     _ => Shared::count(&ctx.shared.dropped_datagrams, 1),
                 }
             }
@@ -214,7 +236,14 @@ impl Udp {
     }
 
     /// Forwards one client datagram to its session's backend, opening the session first.
-    fn forward_to_backend(&mut self, ctx: &mut Ctx, vip: usize, client: SocketAddr, data: &[u8]) {
+    fn forward_to_backend(
+        &mut self,
+        ctx: &mut Ctx,
+        vip: usize,
+        client: SocketAddr,
+        local: Option<Local>,
+        data: &[u8],
+    ) {
         let key = match self.by_client.get(&(vip, client)) {
             Some(&key) => key,
             None if ctx.draining => {
@@ -234,6 +263,9 @@ impl Udp {
             Shared::count(&ctx.shared.dropped_datagrams, 1);
             return;
         };
+        if local.is_some() {
+            s.local = local;
+        }
         match sys::send(s.fd.as_raw_fd(), data) {
             Ok(n) => {
                 s.stats
@@ -307,6 +339,7 @@ impl Udp {
             client_name: SockAddr::from(client),
             fd,
             backend: addr,
+            local: None,
             stats: stats.clone(),
             last_active: ctx.now,
             in_flight: bit(OP_POLL),
@@ -379,7 +412,7 @@ impl Udp {
                 }
                 break;
             }
-            let n = match batch.recv(s.fd.as_raw_fd()) {
+            let n = match batch.recv(s.fd.as_raw_fd(), false) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -405,7 +438,7 @@ impl Udp {
                 Shared::count(&ctx.shared.dropped_datagrams, n as u64);
                 continue;
             };
-            let (sent, bytes, error) = batch.send_all_to(vip_fd, &s.client_name);
+            let (sent, bytes, error) = batch.send_all_to(vip_fd, &s.client_name, s.local);
             s.stats
                 .bytes_from_backend
                 .fetch_add(bytes, Ordering::Relaxed);

@@ -20,6 +20,8 @@ pub(super) struct Setup {
     pub(super) events: Arc<dyn FlowEvents>,
     pub(super) shared: Arc<Shared>,
     pub(super) options: ProxyOptions,
+    /// Told whether the worker's ring is enabled (then it runs) or why not (then it exits).
+    pub(super) ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 }
 
 /// What the TCP and UDP halves of a worker share.
@@ -62,6 +64,7 @@ pub(super) fn run(setup: Setup) -> u64 {
         events,
         shared,
         options,
+        ready,
     } = setup;
     let period = sweep_period(
         &tcp.iter()
@@ -79,9 +82,12 @@ pub(super) fn run(setup: Setup) -> u64 {
     };
     let io_workers = std::thread::available_parallelism().map_or(2, |n| n.get() as u32 * 2);
     if let Err(e) = ctx.ring.enable(io_workers) {
-        tracing::error!("proxy worker {id}: cannot enable its io_uring: {e}");
+        let _ = ready.send(Err(e));
         return 0;
     }
+    let _ = ready.send(Ok(()));
+    // Hang up, so that `start` notices a worker that died before reporting.
+    drop(ready);
     let mut tcp = Tcp::new(tcp);
     let mut udp = Udp::new(udp);
     tcp.start(&mut ctx);
