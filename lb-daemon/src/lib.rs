@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;

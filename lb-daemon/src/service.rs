@@ -146,47 +146,51 @@ impl ServiceRuntime {
     }
 
     fn transitioned(&self, backend: usize, t: &Transition) {
+        // Publish before logging: once the line is out, every new flow is placed by a table
+        // that reflects it. Flows placed by an older generation may still be connecting.
+        let generation = self.republish();
         let b = &self.backends[backend];
         let held = humantime::format_duration(round_ms(t.held_for));
+        let table = match generation {
+            Some(g) => format!("table generation {g}"),
+            None => "table unchanged".to_string(),
+        };
         match t.to {
             Health::Down => warn!(
-                "backend {} of service {} is DOWN: {}; it was {} for {held}",
+                "backend {} of service {} is DOWN: {}; it was {} for {held} ({table})",
                 b.address, self.config.name, t.reason, t.from
             ),
             Health::Up => info!(
-                "backend {} of service {} is UP: {}; it was {} for {held}",
+                "backend {} of service {} is UP: {}; it was {} for {held} ({table})",
                 b.address, self.config.name, t.reason, t.from
             ),
         }
-        self.republish();
     }
 
-    /// Builds a snapshot from the backends' current health and publishes it.
-    fn republish(&self) {
+    /// Builds a snapshot from the backends' current health and publishes it. Returns its
+    /// generation, or `None` when the build failed and the previous snapshot stays.
+    fn republish(&self) -> Option<u64> {
         let _serialised = lock(&self.rebuild);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         match Self::build_snapshot(&self.config, &self.backends, generation) {
             Ok(snap) => {
-                let eligible = snap.eligible_count();
-                if eligible == 0 {
+                if snap.eligible_count() == 0 {
                     error!(
                         "service {} has no backend up: new {} flows are refused until one returns",
                         self.config.name,
                         protocol_name(&self.config)
                     );
-                } else {
-                    info!(
-                        "service {}: {eligible} of {} backends take new flows (table generation {generation})",
-                        self.config.name,
-                        self.backends.len()
-                    );
                 }
                 self.snapshot.store(Arc::new(snap));
+                Some(generation)
             }
-            Err(e) => error!(
-                "service {}: could not rebuild the scheduler ({e}); keeping the previous table",
-                self.config.name
-            ),
+            Err(e) => {
+                error!(
+                    "service {}: could not rebuild the scheduler ({e}); keeping the previous table",
+                    self.config.name
+                );
+                None
+            }
         }
     }
 

@@ -282,8 +282,8 @@ address = "127.0.0.1:19001"
 name = "web"
 listen = "127.0.0.1:18080"
 protocol = "tcp"
-[service.health]   # <-
-kind = "udp"
+[service.health]
+kind = "udp"   # <-
 [[service.backend]]
 address = "127.0.0.1:19001"
 "#,
@@ -296,8 +296,8 @@ address = "127.0.0.1:19001"
 name = "dns"
 listen = "127.0.0.1:18053"
 protocol = "udp"
-[service.health]   # <-
-kind = "tcp"
+[service.health]
+kind = "tcp"   # <-
 [[service.backend]]
 address = "127.0.0.1:19101"
 "#,

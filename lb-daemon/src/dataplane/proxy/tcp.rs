@@ -467,8 +467,9 @@ impl Tcp {
                 b.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             }
             tracing::warn!(
-                "service {}: connect to backend {addr} failed: {err}",
-                service.name
+                "service {}: connect to backend {addr} failed: {err} (table generation {})",
+                service.name,
+                a.snapshot.generation
             );
             drop(socket);
             a.tried.push(id);
