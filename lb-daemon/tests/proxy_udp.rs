@@ -347,3 +347,71 @@ fn shutdown_cuts_off_sessions_open_at_the_deadline() {
     assert_eq!(cut, 1, "the open session is cut off at the deadline");
     assert_eq!(h.stats(0).active(), 0, "the session is counted closed");
 }
+
+/// Always picks one backend: lets a test say exactly where new sessions go.
+struct Only(usize);
+
+impl lb_daemon::scheduler::Scheduler for Only {
+    fn pick(&self, _flow: &lb_common::FlowKey, tried: &[usize]) -> Option<usize> {
+        (!tried.contains(&self.0)).then_some(self.0)
+    }
+}
+
+/// Publishes a copy of the current snapshot with backend 0 changed by `change`, a scheduler
+/// that sends new sessions to backend 1, and the next generation.
+fn republish(h: &Harness, change: impl Fn(&mut lb_daemon::snapshot::BackendView)) {
+    let old = h.snapshot.load_full();
+    let mut backends = old.backends.clone();
+    change(&mut backends[0]);
+    h.snapshot
+        .store(Arc::new(lb_daemon::snapshot::ServiceSnapshot {
+            name: old.name.clone(),
+            listen: old.listen,
+            protocol: old.protocol,
+            scheduler_kind: old.scheduler_kind,
+            connect_timeout: old.connect_timeout,
+            idle_timeout: old.idle_timeout,
+            retries: old.retries,
+            backends,
+            scheduler: Some(Box::new(Only(1))),
+            generation: old.generation + 1,
+        }));
+}
+
+#[test]
+fn a_session_stays_on_a_draining_backend_and_moves_off_a_down_one() {
+    let backends = [UdpEcho::start("b0"), UdpEcho::start("b1")];
+    let h = Harness::start(ServiceSpec::udp(backends.iter().map(|b| b.addr).collect()));
+    let socket = client(h.vip);
+    let mut buf = [0u8; 64];
+    let mut ask = |payload: &[u8]| -> String {
+        socket.send(payload).expect("send to the VIP");
+        let n = socket.recv(&mut buf).expect("a reply through the VIP");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(
+        ask(b"one"),
+        "b0:one",
+        "the round-robin test scheduler starts with b0"
+    );
+
+    republish(&h, |b0| b0.weight = 0);
+    assert_eq!(
+        ask(b"two"),
+        "b0:two",
+        "a draining backend (weight 0) must keep the sessions it has"
+    );
+
+    republish(&h, |b0| b0.up = false);
+    assert_eq!(
+        ask(b"three"),
+        "b1:three",
+        "after b0 went DOWN the client's next datagram must reach a backend that is up"
+    );
+    assert_eq!(
+        h.stats(0).active(),
+        0,
+        "the session to the DOWN backend is closed"
+    );
+    assert_eq!(h.stats(1).active(), 1, "the client has a new session on b1");
+}

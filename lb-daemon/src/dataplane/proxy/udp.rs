@@ -76,6 +76,8 @@ struct Session {
     closing: bool,
     /// The backend has answered at least once (reported as a connect success).
     answered: bool,
+    /// The generation of the service's table this session's backend was last checked in.
+    table_generation: u64,
 }
 
 /// A worker's UDP services, VIP sockets and sessions.
@@ -244,8 +246,20 @@ impl Udp {
         local: Option<Local>,
         data: &[u8],
     ) {
-        let key = match self.by_client.get(&(vip, client)) {
-            Some(&key) => key,
+        let existing = self.by_client.get(&(vip, client)).copied();
+        let existing = match existing {
+            Some(key) if self.backend_still_up(key) => Some(key),
+            Some(key) => {
+                // The backend went DOWN: the client's next datagram opens a session to a
+                // backend that is up, as IPVS's expire_nodest_conn does, instead of feeding
+                // a dead backend until the idle timeout.
+                self.close(ctx, key);
+                None
+            }
+            None => None,
+        };
+        let key = match existing {
+            Some(key) => key,
             None if ctx.draining => {
                 Shared::count(&ctx.shared.dropped_datagrams, 1);
                 return;
@@ -326,8 +340,9 @@ impl Udp {
             ctx.events.connect_failed(service.index, addr, &e);
             stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                "service {}: connect to backend {addr} failed: {e}",
-                service.name
+                "service {}: connect to backend {addr} failed: {e} (table generation {})",
+                service.name,
+                snapshot.generation
             );
             return None;
         }
@@ -345,6 +360,7 @@ impl Udp {
             in_flight: bit(OP_POLL),
             closing: false,
             answered: false,
+            table_generation: snapshot.generation,
         });
         ctx.ring.poll(
             raw,
@@ -462,11 +478,30 @@ impl Udp {
         ctx.events.connect_failed(service.index, s.backend, &err);
         s.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
-            "service {}: connect to backend {} failed: {err}",
+            "service {}: connect to backend {} failed: {err} (table generation {})",
             service.name,
-            s.backend
+            s.backend,
+            s.table_generation
         );
         self.close(ctx, key);
+    }
+
+    /// Whether session `key`'s backend is still up in the service's current table. A
+    /// draining backend (weight 0) keeps its sessions; a DOWN or removed one does not. Costs
+    /// one snapshot load per datagram, and a scan of the backends only when the table changed.
+    fn backend_still_up(&mut self, key: (u32, u32)) -> bool {
+        let Some(s) = self.sessions.get_mut(key.0, key.1) else {
+            return false;
+        };
+        let snapshot = self.services[self.vips[s.vip].service].snapshot.load();
+        if snapshot.generation == s.table_generation {
+            return true;
+        }
+        s.table_generation = snapshot.generation;
+        snapshot
+            .backends
+            .iter()
+            .any(|b| b.address == s.backend && b.up)
     }
 
     /// Starts closing a session: it stops receiving client datagrams at once, and is freed
