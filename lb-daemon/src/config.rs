@@ -67,6 +67,38 @@ pub struct Service {
     pub health: HealthCheck,
     /// The backends, in file order; addresses are unique within the service.
     pub backends: Vec<Backend>,
+    /// The PROXY protocol header the proxy sends a backend before the client's bytes, so the
+    /// backend learns the client's address. In XDP `dsr` mode the address is real already.
+    pub proxy_protocol: ProxyProtocol,
+    /// Per-client-address limits (nginx's `limit_conn` and `limit_req`).
+    pub limits: ClientLimits,
+    /// One line per connection or session on the `lb::access` log target (proxy only).
+    pub access_log: bool,
+}
+
+/// Which PROXY protocol header, if any, precedes the client's bytes towards a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    /// No header (the default).
+    #[default]
+    Off,
+    /// The text header, version 1 (TCP only).
+    V1,
+    /// The binary header, version 2 (TCP, and each UDP datagram).
+    V2,
+}
+
+/// Limits per client (source) address within one service. `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ClientLimits {
+    /// Concurrent connections (TCP) or sessions (UDP) one client address may hold.
+    pub max_connections: Option<u32>,
+    /// New connections or sessions per second one client address may open, on average.
+    pub rate: Option<f64>,
+    /// How many new connections above `rate` a client may open in a burst (a token bucket
+    /// of this size, refilled at `rate`); only with `rate`.
+    pub burst: u32,
 }
 
 /// A backend server of a service.
@@ -322,6 +354,19 @@ struct RawService {
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
+    #[serde(default)]
+    proxy_protocol: Option<Spanned<ProxyProtocol>>,
+    limits: Option<RawLimits>,
+    #[serde(default)]
+    access_log: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections_per_client: Option<Spanned<u32>>,
+    new_connections_per_second: Option<Spanned<f64>>,
+    burst: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -562,6 +607,80 @@ impl Validator<'_> {
             table_size,
             health,
             backends,
+            proxy_protocol: match svc.proxy_protocol {
+                None => ProxyProtocol::Off,
+                Some(p) if *p.get_ref() == ProxyProtocol::V1 && svc.protocol == Protocol::Udp => {
+                    return Err(self.invalid(
+                        p.span(),
+                        f("proxy_protocol"),
+                        "PROXY protocol v1 carries only TCP; use \"v2\" for a UDP service".into(),
+                    ))
+                }
+                Some(p) => p.into_inner(),
+            },
+            limits: self.limits(i, svc.limits)?,
+            access_log: svc.access_log,
+        })
+    }
+
+    fn limits(&self, i: usize, raw: Option<RawLimits>) -> Result<ClientLimits, ConfigError> {
+        let f = |k: &str| format!("service[{i}].limits.{k}");
+        let Some(raw) = raw else {
+            return Ok(ClientLimits::default());
+        };
+        const MAX: u32 = 1_000_000;
+        let max_connections = match raw.max_connections_per_client {
+            None => None,
+            Some(m) if (1..=MAX).contains(m.get_ref()) => Some(m.into_inner()),
+            Some(m) => {
+                return Err(self.invalid(
+                    m.span(),
+                    f("max_connections_per_client"),
+                    format!("{} is out of range 1..={MAX}", m.get_ref()),
+                ))
+            }
+        };
+        let rate = match raw.new_connections_per_second {
+            None => None,
+            Some(r)
+                if r.get_ref().is_finite()
+                    && *r.get_ref() > 0.0
+                    && *r.get_ref() <= f64::from(MAX) =>
+            {
+                Some(r.into_inner())
+            }
+            Some(r) => {
+                return Err(self.invalid(
+                    r.span(),
+                    f("new_connections_per_second"),
+                    format!("{} must be above 0 and at most {MAX}", r.get_ref()),
+                ))
+            }
+        };
+        let burst = match (raw.burst, rate) {
+            (None, None) => 0,
+            // Like nginx's limit_req without `burst`: no more than the rate allows.
+            (None, Some(r)) => r.ceil() as u32,
+            (Some(b), None) => {
+                return Err(self.invalid(
+                    b.span(),
+                    f("burst"),
+                    "burst needs new_connections_per_second".into(),
+                ))
+            }
+            (Some(b), Some(_)) if (1..=MAX).contains(b.get_ref()) => b.into_inner(),
+            (Some(b), Some(_)) => {
+                return Err(self.invalid(
+                    b.span(),
+                    f("burst"),
+                    format!("{} is out of range 1..={MAX}", b.get_ref()),
+                ))
+            }
+        };
+        Ok(ClientLimits {
+            max_connections,
+            rate,
+            burst,
         })
     }
 

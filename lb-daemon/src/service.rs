@@ -239,6 +239,9 @@ impl ServiceRuntime {
             backends: views,
             scheduler,
             generation,
+            proxy_protocol: config.proxy_protocol,
+            limits: config.limits,
+            access_log: config.access_log,
         })
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use lb_common::FlowKey;
 
-use crate::config::{Protocol, SchedulerKind};
+use crate::config::{ClientLimits, Protocol, ProxyProtocol, SchedulerKind};
 use crate::scheduler::Scheduler;
 
 /// Index of a backend in [`ServiceSnapshot::backends`]; only meaningful within one snapshot.
@@ -97,6 +97,12 @@ pub struct ServiceSnapshot {
     pub scheduler: Option<Box<dyn Scheduler>>,
     /// Counts rebuilds of this service, starting at 1; for logs and tests.
     pub generation: u64,
+    /// The PROXY protocol header sent to backends, if any.
+    pub proxy_protocol: ProxyProtocol,
+    /// Per-client-address limits on new connections or sessions.
+    pub limits: ClientLimits,
+    /// Whether to write one access log line per connection or session.
+    pub access_log: bool,
 }
 
 impl ServiceSnapshot {

@@ -244,3 +244,47 @@ fn ipv6_listen() {
     let c = parse(&text).expect("IPv6 VIPs are valid");
     assert!(c.services[0].listen.is_ipv6());
 }
+
+#[test]
+fn proxy_protocol_and_limits() {
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nproxy_protocol = \"v2\"\naccess_log = true\n[service.limits]\nmax_connections_per_client = 10\nnew_connections_per_second = 5.5",
+    );
+    let s = &parse(&text).expect("valid").services[0];
+    assert_eq!(s.proxy_protocol, config::ProxyProtocol::V2);
+    assert!(s.access_log);
+    assert_eq!(s.limits.max_connections, Some(10));
+    assert_eq!(s.limits.rate, Some(5.5));
+    assert_eq!(s.limits.burst, 6, "burst defaults to the rate, rounded up");
+}
+
+#[test]
+fn proxy_protocol_v1_is_tcp_only() {
+    let text = "[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:53\"\nprotocol = \"udp\"\nproxy_protocol = \"v1\"\n[[service.backend]]\naddress = \"127.0.0.1:5353\"\n";
+    rejects(text, 5, "service[0].proxy_protocol", "v1 carries only TCP");
+}
+
+#[test]
+fn limits_in_range() {
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\n[service.limits]\nburst = 5",
+    );
+    rejects(
+        &text,
+        7,
+        "service[0].limits.burst",
+        "needs new_connections_per_second",
+    );
+    let text = GOOD.replace(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\n[service.limits]\nmax_connections_per_client = 0",
+    );
+    rejects(
+        &text,
+        7,
+        "service[0].limits.max_connections_per_client",
+        "out of range",
+    );
+}

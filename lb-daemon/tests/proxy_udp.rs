@@ -375,6 +375,9 @@ fn republish(h: &Harness, change: impl Fn(&mut lb_daemon::snapshot::BackendView)
             backends,
             scheduler: Some(Box::new(Only(1))),
             generation: old.generation + 1,
+            proxy_protocol: old.proxy_protocol,
+            limits: old.limits,
+            access_log: old.access_log,
         }));
 }
 

@@ -162,6 +162,9 @@ impl Harness {
             })),
             backends,
             generation: 1,
+            proxy_protocol: Default::default(),
+            limits: Default::default(),
+            access_log: false,
         }));
         let events = Arc::new(Recorder::default());
         let proxy = Proxy::start_with(

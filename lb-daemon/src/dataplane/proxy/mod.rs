@@ -479,6 +479,9 @@ mod tests {
                 backends: Vec::new(),
                 scheduler: None,
                 generation: 1,
+                proxy_protocol: Default::default(),
+                limits: Default::default(),
+                access_log: false,
             },
         ));
         struct Nothing;
