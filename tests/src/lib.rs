@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod data;
 mod http_wire;
 pub mod load;
+pub mod netns;
 pub mod ports;
 pub mod privileged;
 pub mod tally;
