@@ -434,6 +434,48 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[test]
+fn a_stalled_stream_cut_at_the_idle_timeout_is_reset_not_ended() {
+    // The backend writes more than the socket buffers and the pipe can hold; the client reads
+    // nothing, so bytes sit in the proxy when the idle timeout fires. A clean end of file
+    // would tell the client it had the whole stream; it must see a reset.
+    let backend = TcpBackend::start(|mut s| {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..1024 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+    spec.idle_timeout = Duration::from_millis(300);
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    client
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("read timeout");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    let end = loop {
+        match client.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got += n,
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert!(
+        got < 64 << 20,
+        "the client got the whole 64 MiB stream although it stalled past the idle timeout"
+    );
+    assert_eq!(
+        end,
+        Err(io::ErrorKind::ConnectionReset),
+        "after {got} bytes the cut stream must end in a reset, not a clean end of file"
+    );
+    h.wait_idle();
+}
+
+#[test]
 fn shutdown_lets_an_open_connection_finish() {
     let (release, released) = mpsc::channel::<()>();
     let released = std::sync::Mutex::new(released);

@@ -98,6 +98,11 @@ impl Direction {
         }
     }
 
+    /// Bytes spliced into this direction's pipe and not yet out of it.
+    pub(super) fn buffered(&self) -> u32 {
+        self.buffered
+    }
+
     /// Whether the direction is over (end of file delivered, destination shut down).
     pub(super) fn finished(&self) -> bool {
         self.waiting == Waiting::Finished

@@ -145,6 +145,24 @@ pub(super) fn copy_into_pipe(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: u32)
     n as i32
 }
 
+/// Whether a connect error is this host's own (no ports, memory, buffers or descriptors
+/// left) rather than the backend's answer; such errors must not count against a backend.
+pub(super) fn is_local_error(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(
+            libc::EADDRNOTAVAIL
+                | libc::EADDRINUSE
+                | libc::EAGAIN
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ECANCELED
+        )
+    )
+}
+
 /// Sets a socket's receive and send buffers to `bytes` each, beyond `net.core.rmem_max`
 /// when the process may (`SO_*BUFFORCE` needs `CAP_NET_ADMIN`), else up to the limit.
 pub(super) fn set_buffers(fd: BorrowedFd<'_>, bytes: usize) {
@@ -501,6 +519,26 @@ unsafe fn write_packet_info(control: &mut Control, local: Local) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn local_errors_are_not_the_backends() {
+        use std::io::Error;
+        assert!(super::is_local_error(&Error::from_raw_os_error(
+            libc::EADDRNOTAVAIL
+        )));
+        assert!(super::is_local_error(&Error::from_raw_os_error(
+            libc::EMFILE
+        )));
+        assert!(!super::is_local_error(&Error::from_raw_os_error(
+            libc::ECONNREFUSED
+        )));
+        assert!(!super::is_local_error(&Error::from_raw_os_error(
+            libc::ETIMEDOUT
+        )));
+        assert!(!super::is_local_error(&Error::from_raw_os_error(
+            libc::EHOSTUNREACH
+        )));
+    }
+
     use super::*;
     use std::net::UdpSocket;
     use std::os::fd::AsRawFd;

@@ -462,9 +462,15 @@ impl Tcp {
             } else {
                 io::Error::from_raw_os_error(-result)
             };
-            ctx.events.connect_failed(service.index, addr, &err);
-            if let Some(b) = a.snapshot.backends.get(id) {
-                b.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            if sys::is_local_error(&err) {
+                // Out of ports, memory or descriptors here says nothing about the backend:
+                // counting it towards `fall` would take healthy backends down under load.
+                Shared::count(&ctx.shared.errors, 1);
+            } else {
+                ctx.events.connect_failed(service.index, addr, &err);
+                if let Some(b) = a.snapshot.backends.get(id) {
+                    b.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                }
             }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {err} (table generation {})",
@@ -683,20 +689,29 @@ impl Tcp {
                 continue;
             };
             let limit = self.services[conn.service].idle_timeout;
+            let Phase::Relaying(r) = &conn.phase else {
+                continue;
+            };
             if conn.closing.is_none()
-                && matches!(conn.phase, Phase::Relaying(_))
                 && ctx.now.saturating_duration_since(conn.last_active) >= limit
             {
+                // Idle with bytes still in a pipe means a peer stopped reading: a FIN would
+                // pass the cut stream off as complete, so both peers get a reset instead.
+                let how = if r.ways.iter().any(|w| w.buffered() > 0) {
+                    Close::Reset
+                } else {
+                    Close::Graceful
+                };
                 tracing::debug!(
-                    "service {}: closing connection from {} idle for {limit:?}",
+                    "service {}: closing connection from {} idle for {limit:?} ({how:?})",
                     self.services[conn.service].name,
                     conn.client_addr
                 );
-                idle.push((i, generation));
+                idle.push((i, generation, how));
             }
         }
-        for (index, generation) in idle {
-            self.close(ctx, index, generation, Close::Graceful);
+        for (index, generation, how) in idle {
+            self.close(ctx, index, generation, how);
         }
     }
 

@@ -337,8 +337,13 @@ impl Udp {
         };
         sys::set_buffers(socket.as_fd(), ctx.options.udp_buffer);
         if let Err(e) = socket.connect(&addr.into()) {
-            ctx.events.connect_failed(service.index, addr, &e);
-            stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            if sys::is_local_error(&e) {
+                // Out of ports or memory here says nothing about the backend.
+                Shared::count(&ctx.shared.errors, 1);
+            } else {
+                ctx.events.connect_failed(service.index, addr, &e);
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {e} (table generation {})",
                 service.name,
