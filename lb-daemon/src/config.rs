@@ -17,8 +17,10 @@ use toml::Spanned;
 
 /// The largest backend weight; 0 means draining. The same range as HAProxy's `weight`.
 pub const MAX_WEIGHT: u32 = 256;
-/// The default Maglev table size M (a prime), as in the Maglev paper and Katran.
-pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+pub use crate::maglev::DEFAULT_TABLE_SIZE;
+/// The most proxy worker threads `global.workers` may ask for: each has a ring, listeners
+/// and buffers, and more threads than this on any one host only contend.
+pub const MAX_WORKERS: usize = 1024;
 /// The largest Maglev table size accepted: 2^24 entries keeps one table under 64 MiB of u32s.
 pub const MAX_TABLE_SIZE: u32 = 16_777_259;
 
@@ -330,7 +332,7 @@ struct RawConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawGlobal {
-    workers: Option<usize>,
+    workers: Option<Spanned<usize>>,
     #[serde(default, deserialize_with = "de_duration")]
     drain_timeout: Option<Spanned<Duration>>,
 }
@@ -397,8 +399,8 @@ struct RawHealth {
     fall: Option<Spanned<u32>>,
     path: Option<Spanned<String>>,
     expect_status: Option<Spanned<u16>>,
-    send: Option<String>,
-    expect: Option<String>,
+    send: Option<Spanned<String>>,
+    expect: Option<Spanned<String>>,
 }
 
 /// Durations are written in human units: "5s", "250ms", "1m 30s".
@@ -455,8 +457,18 @@ impl Validator<'_> {
         }
         let global = Global {
             workers: match raw.global.workers {
-                None | Some(0) => 0,
-                Some(n) => n,
+                None => 0,
+                Some(n) if *n.get_ref() <= MAX_WORKERS => n.into_inner(),
+                Some(n) => {
+                    return Err(self.invalid(
+                        n.span(),
+                        "global.workers".into(),
+                        format!(
+                            "{} is more than {MAX_WORKERS}; 0 means one per core",
+                            n.get_ref()
+                        ),
+                    ))
+                }
             },
             drain_timeout: self.positive(
                 raw.global.drain_timeout,
@@ -516,6 +528,10 @@ impl Validator<'_> {
             }
             Some(r) => r.into_inner(),
         };
+        let table_size_span = svc
+            .table_size
+            .as_ref()
+            .map_or(svc_span.clone(), |m| m.span());
         let table_size = match svc.table_size {
             None => DEFAULT_TABLE_SIZE,
             Some(m) => {
@@ -577,7 +593,7 @@ impl Validator<'_> {
         }
         if (table_size as usize) < backends.len() {
             return Err(self.invalid(
-                svc_span,
+                table_size_span,
                 f("table_size"),
                 format!(
                     "table size {table_size} is smaller than the {} backends",
@@ -721,6 +737,44 @@ impl Validator<'_> {
                 format!("{} is out of range 1..=100", v.get_ref()),
             )),
         };
+        // A key that the check kind does not use is a mistake (a forgotten `kind`, most
+        // likely): say so rather than ignore it.
+        let stray = [
+            (
+                "path",
+                raw.path.as_ref().map(Spanned::span),
+                RawCheckKind::Http,
+            ),
+            (
+                "expect_status",
+                raw.expect_status.as_ref().map(Spanned::span),
+                RawCheckKind::Http,
+            ),
+            (
+                "send",
+                raw.send.as_ref().map(Spanned::span),
+                RawCheckKind::Udp,
+            ),
+            (
+                "expect",
+                raw.expect.as_ref().map(Spanned::span),
+                RawCheckKind::Udp,
+            ),
+        ];
+        for (key, span, needs) in stray {
+            if let Some(span) = span.filter(|_| kind_raw != needs) {
+                let needs = if needs == RawCheckKind::Http {
+                    "http"
+                } else {
+                    "udp"
+                };
+                return Err(self.invalid(
+                    span,
+                    f(key),
+                    format!("`{key}` applies only to kind = \"{needs}\""),
+                ));
+            }
+        }
         let rise = count(raw.rise, 2, "rise")?;
         let fall = count(raw.fall, 3, "fall")?;
         let interval = self.positive(raw.interval, Duration::from_secs(2), || f("interval"))?;
@@ -781,8 +835,11 @@ impl Validator<'_> {
                     ));
                 }
                 CheckKind::Udp {
-                    send: raw.send.unwrap_or_else(|| "ping".into()).into_bytes(),
-                    expect: raw.expect.map(String::into_bytes),
+                    send: raw
+                        .send
+                        .map_or_else(|| "ping".into(), Spanned::into_inner)
+                        .into_bytes(),
+                    expect: raw.expect.map(|e| e.into_inner().into_bytes()),
                 }
             }
             RawCheckKind::None => CheckKind::None,

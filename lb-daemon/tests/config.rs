@@ -288,3 +288,46 @@ fn limits_in_range() {
         "out of range",
     );
 }
+
+#[test]
+fn check_keys_must_fit_the_kind() {
+    let text = format!("{GOOD}\n[service.health]\npath = \"/health\"\n");
+    rejects(
+        &text,
+        15,
+        "service[0].health.path",
+        "applies only to kind = \"http\"",
+    );
+    let text = format!("{GOOD}\n[service.health]\nkind = \"http\"\nsend = \"x\"\n");
+    rejects(
+        &text,
+        16,
+        "service[0].health.send",
+        "applies only to kind = \"udp\"",
+    );
+}
+
+#[test]
+fn workers_are_bounded() {
+    rejects(
+        &format!("[global]\nworkers = 100000000\n{GOOD}"),
+        2,
+        "global.workers",
+        "more than 1024",
+    );
+}
+
+#[test]
+fn table_smaller_than_backend_count_points_at_table_size() {
+    let text = GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ntable_size = 2");
+    let text = text.replace(
+        "weight = 3",
+        "weight = 3\n[[service.backend]]\naddress = \"127.0.0.1:9003\"",
+    );
+    rejects(
+        &text,
+        6,
+        "service[0].table_size",
+        "smaller than the 3 backends",
+    );
+}
