@@ -249,7 +249,11 @@ impl ServiceRuntime {
 /// Carries the data planes' connect outcomes to the services' health state.
 ///
 /// The data plane calls it on every connect; the common case (a success after a success)
-/// costs one relaxed atomic load. Failures and the first success after them go through a
+/// costs one relaxed atomic load. So only the first success after a failed connect reaches
+/// the health state: it resets a failure streak that failed connects started, but successful
+/// connects do not cancel failed active checks (two failed checks and one failed connect
+/// reach `fall = 3`). Unlike HAProxy's `observe layer4`, which needs `error-limit` (10)
+/// errors to count one failed check, every failed connect counts as one failure here. Failures and the first success after them go through a
 /// bounded channel to a control plane task, so a data plane thread never waits on a health
 /// lock or a table rebuild; under a flood of failures, excess reports are dropped (they
 /// would only repeat what the health state already knows).
