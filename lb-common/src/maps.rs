@@ -72,22 +72,39 @@
 //! IP6IP6 packet; the outer destination is the backend's address, and the backend's port is
 //! ignored (the inner packet keeps the VIP port). Backends must have the VIP's address family.
 //! On each backend host, attach `lb_decap` to the interface the encapsulated packets arrive on
-//! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of
-//! packets addressed to the host (any outer IPv4 protocol 4 or IPv6 next header 41) and passes
-//! the inner packet to the stack, which answers the client directly from the VIP.
+//! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of every
+//! IPIP (outer IPv4 protocol 4) and IP6IP6 (outer IPv6 next header 41) packet arriving there,
+//! without checking the outer destination (attach it only where the balancer's tunnels end),
+//! and passes the inner packet to the stack, which answers the client directly from the VIP.
 //!
 //! ## Forwarding and `DEVMAP`
 //!
-//! After the rewrite, `bpf_fib_lookup` in the balancer's namespace picks the next hop. If the
-//! egress interface is the ingress one the packet leaves with `XDP_TX`; otherwise with
-//! `XDP_REDIRECT` through `DEVMAP`, which must hold `ifindex → ifindex` for every interface the
-//! routes can choose (client-facing and backend-facing). A missing entry drops the packet
+//! After the rewrite, `bpf_fib_lookup` in the balancer's namespace picks the next hop: an
+//! input-route lookup from the ingress interface, so **forwarding must be enabled** there
+//! (`net.ipv4.conf.<if>.forwarding=1` or `net.ipv4.ip_forward=1`, and
+//! `net.ipv6.conf.all.forwarding=1`), else packets are dropped
+//! ([`Stat::DropForwardingDisabled`](crate::Stat::DropForwardingDisabled)). If the egress
+//! interface is the ingress one the packet leaves with `XDP_TX`; otherwise with `XDP_REDIRECT`
+//! through `DEVMAP`, which must hold `ifindex → ifindex` for every interface the routes can
+//! choose (client-facing and backend-facing). Its value is the kernel's `bpf_devmap_val` with
+//! no program: with aya, `DevMapHash::insert(ifindex, ifindex, None, 0)`. The kernel resolves
+//! the ifindex in the network namespace of the process that writes the entry, so write it from
+//! the balancer's namespace (else `EINVAL`). A missing entry drops the packet
 //! ([`Stat::DropNoDevmapEntry`](crate::Stat::DropNoDevmapEntry)). A veth only transmits
 //! redirected frames when **its peer has an XDP program attached** (any program, e.g.
 //! `lb_xdp` itself or one that returns `XDP_PASS`); otherwise the kernel drops them. When the
 //! next hop's MAC address is not known yet (no neighbour entry) the rewritten packet is passed
-//! to the kernel stack, which resolves it and forwards the packet: the balancer namespace needs
-//! `net.ipv4.ip_forward=1` / `net.ipv6.conf.all.forwarding=1` for that first packet.
+//! to the kernel stack, which resolves it and forwards the packet; the balancer namespace needs
+//! forwarding enabled for that too ([`Stat::FibPass`](crate::Stat::FibPass); also used
+//! when the route says the destination is local). TTL / hop limit are not decremented (`nat` acts as the flow's endpoint; `dsr` sends a
+//! new outer header with TTL 64).
+//!
+//! VLAN: packets with one 802.1Q tag are balanced like untagged ones and keep their tag; the
+//! route lookup does not consult VLAN sub-interfaces, so tagged traffic is forwarded only when
+//! the route leads out of an interface in `DEVMAP` or back out of the ingress one.
+//!
+//! Not handled (passed to the kernel untouched): ICMP, including errors about balanced flows;
+//! IPv4 fragments; IPv6 extension headers. See `Stat`'s `Pass*` counters.
 //!
 //! ## Attaching, detaching
 //!
