@@ -29,13 +29,15 @@ pub enum Stat {
     /// TCP packets without SYN that found no conntrack entry: placed by the table (as a new
     /// flow would be) and recorded.
     CtMissNonSyn = 7,
-    /// Rewritten packets passed to the kernel because the next hop's MAC is not known yet.
+    /// Rewritten packets passed to the kernel: the next hop's MAC is not known yet, or the
+    /// route lookup found no route to forward by (none at all, or a local destination). The
+    /// kernel then resolves the neighbour and forwards, delivers, or drops the packet itself.
     FibPass = 8,
     /// Dropped: the service has no eligible backend (empty table or unused backend id).
     DropNoBackend = 9,
     /// Dropped: every SNAT port probed for a new NAT flow was taken.
     DropNatPortsExhausted = 10,
-    /// Dropped: `bpf_fib_lookup` found no route (unreachable, blackhole, prohibited...).
+    /// Dropped: `bpf_fib_lookup` found a blackhole, unreachable or prohibit route, or failed.
     DropNoRoute = 11,
     /// Dropped: the packet (after encapsulation) exceeds the egress MTU.
     DropMtu = 12,

@@ -35,14 +35,16 @@ const AF_INET6: u8 = 10;
 pub enum Out {
     /// Sent on: `XDP_TX` or `XDP_REDIRECT`, the program's return value.
     Sent(u32),
-    /// Handed to the kernel (`XDP_PASS`): no neighbour entry for the next hop yet, or the
-    /// destination is local. Counted as `Stat::FibPass`.
+    /// Handed to the kernel (`XDP_PASS`): no neighbour entry for the next hop yet, or no
+    /// route to forward by (none at all, or a local destination; the kernel's own lookup
+    /// answers `NOT_FWDED` for both). Counted as `Stat::FibPass`.
     Pass,
 }
 
 /// Looks up the route from `src` to `dst` (`family`, L4 `protocol`; `ip_len` bytes of IP
 /// packet, checked against the egress MTU), writes the next hop's Ethernet addresses and picks
-/// the action. `Err` is the drop counter: no route, MTU, forwarding disabled, not in `DEVMAP`.
+/// the action. `Err` is the drop counter: a blackhole / unreachable / prohibit route, MTU,
+/// forwarding disabled, not in `DEVMAP`.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,

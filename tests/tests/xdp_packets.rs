@@ -1320,3 +1320,218 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
     );
     assert_eq!(lab.stat(Stat::Forwarded), 2, "both packets forwarded");
 }
+
+#[test]
+fn nat_ipv4_udp_without_checksum_and_ipv6_tcp_are_translated() {
+    let Some(mut lab) = lab("nat_ipv4_udp_ipv6_tcp") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 5300);
+    lab.backend(1, B1_6.into(), 8443);
+    lab.service(0, VIP4.into(), 53, IPPROTO_UDP, MODE_NAT, &[0]);
+    lab.service(1, VIP6.into(), 443, IPPROTO_TCP, MODE_NAT, &[1]);
+    let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
+
+    // IPv4 UDP may go without a checksum (0); the translation must not invent one.
+    let mut datagram = wire::udp(client, 7000, vip, 53, b"no checksum");
+    datagram[6..8].copy_from_slice(&[0, 0]);
+    let request = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 17, &datagram));
+    let out = lab.expect(
+        lab.vc,
+        &request,
+        XDP_REDIRECT,
+        "a UDP request without checksum",
+    );
+    let snat = l4_source_port(&out);
+    let mut want_udp = wire::udp(local, snat, backend, 5300, b"no checksum");
+    want_udp[6..8].copy_from_slice(&[0, 0]);
+    let want = wire::frame(B1_MAC, VB_MAC, &wire::ip(local, backend, 17, &want_udp));
+    wire::assert_checksums(&out, "the UDP request without checksum");
+    assert_same(&out, &want, "the UDP request without checksum (still 0)");
+
+    let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT6.into(), VIP6.into(), LOCAL6.into(), B1_6.into());
+    let syn = wire::frame(
+        VC_MAC,
+        CLIENT_MAC,
+        &wire::ip(
+            client,
+            vip,
+            6,
+            &wire::tcp(client, 50000, vip, 443, TCP_SYN, b""),
+        ),
+    );
+    let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the IPv6 VIP");
+    let snat = l4_source_port(&out);
+    let want = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ip(
+            local,
+            backend,
+            6,
+            &wire::tcp(local, snat, backend, 8443, TCP_SYN, b""),
+        ),
+    );
+    wire::assert_checksums(&out, "the IPv6 SYN sent to the backend");
+    assert_same(&out, &want, "the IPv6 SYN sent to the backend");
+    let reply = wire::frame(
+        VB_MAC,
+        B1_MAC,
+        &wire::ip(
+            backend,
+            local,
+            6,
+            &wire::tcp(backend, 8443, local, snat, TCP_SYN | TCP_ACK, b""),
+        ),
+    );
+    let out = lab.expect(lab.vb, &reply, XDP_REDIRECT, "the backend's IPv6 SYN-ACK");
+    let want = wire::frame(
+        CLIENT_MAC,
+        VC_MAC,
+        &wire::ip(
+            vip,
+            client,
+            6,
+            &wire::tcp(vip, 443, client, 50000, TCP_SYN | TCP_ACK, b""),
+        ),
+    );
+    wire::assert_checksums(&out, "the IPv6 SYN-ACK sent to the client");
+    assert_same(&out, &want, "the IPv6 SYN-ACK sent to the client");
+}
+
+#[test]
+fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() {
+    let Some(mut lab) = lab("forwarding_failures") else {
+        return;
+    };
+    // An interface the routes can choose but DEVMAP does not hold, and a blackhole route.
+    for args in [
+        &["link", "add", "vx", "type", "veth", "peer", "name", "vxp"][..],
+        &["addr", "add", "10.0.3.1/24", "dev", "vx"],
+        &["link", "set", "vx", "up"],
+        &["link", "set", "vxp", "up"],
+        &[
+            "neigh",
+            "add",
+            "10.0.3.11",
+            "lladdr",
+            "02:00:00:00:03:11",
+            "dev",
+            "vx",
+            "nud",
+            "permanent",
+        ],
+        &["route", "add", "blackhole", "192.0.2.0/24"],
+    ] {
+        lab.ns.ip(args).expect("set up the extra routes");
+    }
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, Ipv4Addr::new(10, 0, 2, 13).into(), 8080); // no neighbour entry
+    lab.backend(2, Ipv4Addr::new(192, 0, 2, 1).into(), 8080); // blackholed
+    lab.backend(3, Ipv4Addr::new(10, 0, 3, 11).into(), 8080); // out of an interface not in DEVMAP
+    lab.service(0, vip, 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    lab.service(1, vip, 81, IPPROTO_TCP, MODE_NAT, &[]);
+    lab.service(2, vip, 82, IPPROTO_TCP, MODE_NAT, &[0]);
+    let mut one_port = lab.services.get(&2, 0).expect("read SERVICES");
+    one_port.snat_port_max = one_port.snat_port_min;
+    lab.services.set(2, one_port, 0).expect("write SERVICES");
+    lab.service(3, vip, 83, IPPROTO_TCP, MODE_NAT, &[1]);
+    lab.service(4, vip, 84, IPPROTO_TCP, MODE_NAT, &[2]);
+    lab.service(5, vip, 85, IPPROTO_TCP, MODE_NAT, &[3]);
+    lab.service(6, vip, 86, IPPROTO_TCP, MODE_DSR, &[0]);
+    let syn = |sport: u16, dport: u16, payload: &[u8]| {
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(
+                client,
+                vip,
+                6,
+                &wire::tcp(client, sport, vip, dport, TCP_SYN, payload),
+            ),
+        )
+    };
+
+    let check = |frame: &[u8], action: u32, stat: Stat, what: &str| {
+        let before = lab.stat(stat);
+        let out = lab.expect(lab.vc, frame, action, what);
+        assert_eq!(
+            lab.stat(stat),
+            before + 1,
+            "{what}: not counted as {stat:?}"
+        );
+        out
+    };
+    check(
+        &syn(1000, 81, b""),
+        XDP_DROP,
+        Stat::DropNoBackend,
+        "a SYN to a service with an empty table",
+    );
+    check(
+        &syn(1001, 82, b""),
+        XDP_REDIRECT,
+        Stat::Forwarded,
+        "the first flow of a one-port SNAT range",
+    );
+    check(
+        &syn(1002, 82, b""),
+        XDP_DROP,
+        Stat::DropNatPortsExhausted,
+        "a second flow when the SNAT range is used up",
+    );
+    let out = check(
+        &syn(1003, 83, b""),
+        XDP_PASS,
+        Stat::FibPass,
+        "a SYN to a backend whose MAC is unknown",
+    );
+    assert_eq!(
+        &out[30..34],
+        &[10, 0, 2, 13],
+        "the packet passed to the kernel must already be translated"
+    );
+    check(
+        &syn(1004, 84, b""),
+        XDP_DROP,
+        Stat::DropNoRoute,
+        "a SYN to a blackholed backend",
+    );
+    check(
+        &syn(1005, 85, b""),
+        XDP_DROP,
+        Stat::DropNoDevmapEntry,
+        "a SYN routed out of an interface not in DEVMAP",
+    );
+    // 1490 bytes of IP fit vb's MTU of 1500, with the 20 bytes of IPIP they do not.
+    let big = syn(1006, 86, &[0x55; 1490 - 40]);
+    check(
+        &big,
+        XDP_DROP,
+        Stat::DropMtu,
+        "a full-size packet that encapsulation makes too big",
+    );
+    check(
+        &syn(1007, 80, &[0x55; 1490 - 40]),
+        XDP_REDIRECT,
+        Stat::Forwarded,
+        "a full-size NAT packet (fits)",
+    );
+    lab.ns
+        .sysctl("net.ipv4.conf.vc.forwarding", "0")
+        .expect("disable forwarding on vc");
+    check(
+        &syn(1008, 80, b""),
+        XDP_DROP,
+        Stat::DropForwardingDisabled,
+        "a SYN arriving where forwarding is off",
+    );
+    assert_eq!(
+        lab.service_counters(3).packets,
+        1,
+        "a packet handed to the kernel for neighbour resolution still counts as forwarded"
+    );
+}
