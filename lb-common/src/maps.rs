@@ -20,6 +20,9 @@
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
 //!
+//! The object also holds `FIB_SCRATCH`, a one-entry per-CPU array the program uses as scratch
+//! space; the daemon leaves it alone.
+//!
 //! Ids are chosen by the daemon: a service id is `0..MAX_SERVICES`, a backend id is
 //! `0..MAX_BACKENDS` and global (not per service). Entries the daemon never wrote read as
 //! zeroes, which the program treats as absent (a [`Backend`] with `family == 0`, a

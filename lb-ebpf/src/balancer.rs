@@ -56,11 +56,14 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     if service_id >= MAX_SERVICES {
         return Err(Stat::DropBadService);
     }
-    let service: Service = *SERVICES.get(service_id).ok_or(Stat::DropBadService)?;
+    // Read in place, not copied: the balancer's stack is tight (512 bytes). Only
+    // `active_half` changes while packets run, as one aligned word (see the flip protocol in
+    // `lb_common::maps`), so reading the fields one by one is safe.
+    let service: &Service = SERVICES.get(service_id).ok_or(Stat::DropBadService)?;
     if service.family != p.family {
         return Err(Stat::DropBadService);
     }
-    let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, &service)?;
+    let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
     let backend = placed.backend;
 
     let (src, dst, ip_len) = if service.mode == MODE_NAT {
@@ -69,7 +72,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
             &backend.addr,
             backend.port,
             service_id,
-            &service,
+            service,
             placed.entry.snat_port,
         )?;
         if placed.new_flow || port != placed.entry.snat_port {

@@ -22,7 +22,7 @@ use aya_ebpf::{
 use lb_common::{maps::FAMILY_V4, Stat};
 
 use crate::{
-    maps::DEVMAP,
+    maps::{DEVMAP, FIB_SCRATCH},
     parse::{ptr_at, EthHdr},
 };
 
@@ -54,8 +54,16 @@ pub fn forward(
     dst: &[u32; 4],
     ip_len: u16,
 ) -> Result<Out, Stat> {
-    // SAFETY: an all-zero `bpf_fib_lookup` is a valid value (plain integers and unions of them).
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    // The 64-byte parameter block lives in a per-CPU scratch slot, not on the stack: the
+    // balancer is close to the verifier's 512-byte stack limit.
+    let params: *mut FibParams = FIB_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropNoRoute)?;
+    // SAFETY: this CPU's slot of a live map entry; BPF programs do not preempt each other on
+    // one CPU, so nothing else uses it until this packet is done with it. All-zero is a valid
+    // `bpf_fib_lookup` (plain integers and unions of them).
+    let params = unsafe {
+        core::ptr::write_bytes(params, 0, 1);
+        &mut *params
+    };
     params.l4_protocol = protocol;
     params.__bindgen_anon_1.tot_len = ip_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
@@ -72,7 +80,7 @@ pub fn forward(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

@@ -5,6 +5,7 @@
 //! looks the maps up by those constants and the TestRun tests fail when they differ.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
@@ -64,3 +65,8 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 /// Per-CPU counters per backend id.
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// One `bpf_fib_lookup` parameter block per CPU: scratch space for `fib::forward`, kept off the
+/// 512-byte BPF stack. Internal to the program; the daemon never touches it.
+#[map(name = "FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);

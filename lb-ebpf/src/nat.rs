@@ -91,8 +91,9 @@ pub fn snat_port(
             return Ok(port);
         }
         if let Some(existing) = NAT_REVERSE.get_ptr(&rkey) {
-            // SAFETY: a live map value, copied out at once.
-            let existing = unsafe { *existing };
+            // SAFETY: a live map value, read in place (a copy would cost stack the balancer
+            // does not have).
+            let existing = unsafe { &*existing };
             // Our own entry, left from before this flow's conntrack entry was lost.
             if existing.client_addr == reverse.client_addr
                 && existing.client_port == reverse.client_port
