@@ -7,7 +7,8 @@
 //! counted by reason: the balancer only forwards what it fully understood, and the kernel stack
 //! remains the authority on broken packets (it drops them with its own counters).
 //! - truncated or malformed headers (frame shorter than a header, IP version wrong, IHL < 5,
-//!   an IP length beyond the frame, TCP data offset < 5): `Stat::PassMalformed`;
+//!   an IP length beyond the frame, a TCP / UDP header beyond the IP length, TCP data offset
+//!   < 5): `Stat::PassMalformed`;
 //! - IPv4 fragments, first or later (later ones carry no ports): `Stat::PassFragment`;
 //! - IPv6 extension headers before the transport header: `Stat::PassIpv6ExtHeaders`;
 //! - anything else that is not TCP or UDP over IP (ARP, ICMP, a second VLAN tag...):
@@ -205,6 +206,17 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Stat> {
     } else {
         return Err(Stat::PassNotVip);
     };
+    // The transport header must lie within the IP packet, not merely within the frame: a short
+    // packet's Ethernet padding is not a TCP or UDP header.
+    let ip_end = l3_off + ip_len as usize;
+    let l4_min = if key.protocol == IPPROTO_TCP {
+        core::mem::size_of::<TcpHdr>()
+    } else {
+        core::mem::size_of::<UdpHdr>()
+    };
+    if (key.protocol == IPPROTO_TCP || key.protocol == IPPROTO_UDP) && l4_off + l4_min > ip_end {
+        return Err(Stat::PassMalformed);
+    }
     let mut tcp_flags = 0;
     if key.protocol == IPPROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(ctx, l4_off).ok_or(Stat::PassMalformed)?;

@@ -1131,6 +1131,16 @@ fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted
         wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg[..10])),
         Stat::PassMalformed,
     ));
+    // The same, padded to Ethernet's 60-byte minimum with the rest of a TCP header: bytes after
+    // the IP packet's end are padding, never part of its TCP header.
+    let mut padded = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg[..10]));
+    padded.extend_from_slice(&seg[10..20]);
+    padded.resize(60, 0);
+    cases.push((
+        "a short IPv4 packet whose Ethernet padding would complete a TCP header",
+        padded,
+        Stat::PassMalformed,
+    ));
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x44;
     cases.push(("an IPv4 header with IHL 4", bad_ihl, Stat::PassMalformed));
