@@ -117,6 +117,8 @@
 //! stays after a crash, forwarding with a table nobody updates: remove it with
 //! `ip link set dev IF xdp off` (or `xdpgeneric off`).
 
+use core::net::{IpAddr, SocketAddr};
+
 use crate::FlowKey;
 
 /// Name of the balancer program (XDP), attached to client-facing and backend-facing interfaces.
@@ -183,6 +185,52 @@ pub const MODE_DSR: u8 = 2;
 /// [`Backend::flags`] bit: the backend is down; conntrack entries pointing at it are ignored
 /// and their flows re-placed by the active table. Clear for up and for draining backends.
 pub const BACKEND_F_DOWN: u8 = 1;
+
+/// `addr` in [`FlowKey`]'s address layout: the address bytes in network order, four bytes per
+/// word read with `u32::from_ne_bytes`; an IPv4 address fills word 0 and leaves 1..4 zero.
+pub fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// [`FAMILY_V4`] or [`FAMILY_V6`] for `addr`.
+pub fn family_of(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => FAMILY_V4,
+        IpAddr::V6(_) => FAMILY_V6,
+    }
+}
+
+impl VipKey {
+    /// The key for a service listening on `vip` (address and port) for `protocol`
+    /// ([`IPPROTO_TCP`](crate::flow::IPPROTO_TCP) or [`IPPROTO_UDP`](crate::flow::IPPROTO_UDP)).
+    pub fn new(vip: SocketAddr, protocol: u8) -> VipKey {
+        VipKey {
+            addr: addr_words(vip.ip()),
+            port: vip.port(),
+            protocol,
+            family: family_of(vip.ip()),
+        }
+    }
+}
+
+impl Backend {
+    /// An up backend at `addr` (for `dsr` the port is ignored).
+    pub fn new(addr: SocketAddr) -> Backend {
+        Backend {
+            addr: addr_words(addr.ip()),
+            port: addr.port(),
+            family: family_of(addr.ip()),
+            flags: 0,
+        }
+    }
+}
 
 /// Key of `VIPS`: what a packet must be addressed to for the balancer to take it.
 #[repr(C)]
@@ -296,4 +344,34 @@ mod pod {
     unsafe impl aya::Pod for super::NatReverse {}
     unsafe impl aya::Pod for crate::FlowKey {}
     unsafe impl aya::Pod for crate::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn addresses_use_the_flow_key_layout() {
+        let v4 = addr_words(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(v4, [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0]);
+        let v6 = addr_words(IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10)));
+        assert_eq!(v6[0], u32::from_ne_bytes([0xfd, 0, 0, 0]));
+        assert_eq!(v6[3], u32::from_ne_bytes([0, 0, 0, 0x10]));
+        let key = VipKey::new(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 80),
+            6,
+        );
+        assert_eq!((key.port, key.protocol, key.family), (80, 6, FAMILY_V4));
+    }
+
+    #[test]
+    fn table_halves_do_not_overlap() {
+        assert_eq!(table_index(0, 1, 0), MAX_TABLE_SIZE);
+        assert_eq!(table_index(1, 0, 0), 2 * MAX_TABLE_SIZE);
+        assert_eq!(
+            table_index(MAX_SERVICES - 1, 1, MAX_TABLE_SIZE - 1),
+            TABLES_LEN - 1
+        );
+    }
 }

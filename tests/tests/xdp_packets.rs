@@ -19,9 +19,10 @@ use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
     maps::{
-        table_index, Backend, CtEntry, NatReverse, Service, VipKey, VipValue, BACKENDS,
-        BACKEND_F_DOWN, BACKEND_STATS, CONNTRACK, DEVMAP, FAMILY_V4, FAMILY_V6, MODE_DSR, MODE_NAT,
-        NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS,
+        addr_words as words, family_of as family, table_index, Backend, CtEntry, NatReverse,
+        Service, VipKey, VipValue, BACKENDS, BACKEND_F_DOWN, BACKEND_STATS, CONNTRACK, DEVMAP,
+        MODE_DSR, MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS,
+        TABLES, VIPS,
     },
     Counters, FlowKey, Stat,
 };
@@ -66,26 +67,6 @@ const SNAT_MAX: u16 = 20099;
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
-
-/// An address in `FlowKey`'s layout.
-fn words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        FAMILY_V4
-    } else {
-        FAMILY_V6
-    }
-}
 
 fn flow(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, protocol: u8) -> FlowKey {
     FlowKey {
