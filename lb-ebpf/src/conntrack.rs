@@ -7,6 +7,10 @@
 //! be, by `flow_hash` into the live table, recorded, and counted in `Stat::CtMissNonSyn`:
 //! while the table has not changed that is the backend the flow began on (Katran does the
 //! same). UDP has no SYN: its first packet without an entry starts the flow.
+//!
+//! Entries carry no timestamp and never expire by age: a flow (TCP or UDP) stays pinned until
+//! the LRU evicts it to make room, or its backend is marked down. Katran ages UDP entries;
+//! this program does not yet, so a UDP client that reuses its source port keeps its backend.
 
 use core::num::NonZeroU32;
 
