@@ -7,7 +7,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::config::{Config, DataplaneKind, Protocol};
-use crate::dataplane::proxy::{Proxy, ProxyError, ProxyService};
+use crate::dataplane::proxy::{Proxy, ProxyError, ProxyOptions, ProxyService, SpliceMode};
 use crate::scheduler::SchedulerError;
 use crate::service::{PassiveFeedback, ServiceRuntime};
 
@@ -90,7 +90,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         n => n,
     };
     let (feedback, passive_rx) = PassiveFeedback::new(services.clone(), PASSIVE_QUEUE);
-    let proxy = Proxy::start(
+    let proxy = Proxy::start_with(
         services
             .iter()
             .map(|s| ProxyService {
@@ -100,6 +100,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             .collect(),
         workers,
         feedback,
+        proxy_options_from_env()?,
     )?;
 
     // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
@@ -143,6 +144,34 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     info!("stopped");
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// The environment variable that picks the proxy's splice mode: `uring` (the default) or
+/// `syscall`. Meant for benchmarks comparing the two (`cargo xtask bench`), not a tuning knob.
+pub const SPLICE_ENV: &str = "LB_PROXY_SPLICE";
+
+/// [`ProxyOptions`] with the splice mode `LB_PROXY_SPLICE` asks for (defaults when unset).
+///
+/// Returns `Err(DaemonError::Dataplane)` for a value other than `uring` or `syscall`, so a typo
+/// never silently benchmarks the wrong mode.
+fn proxy_options_from_env() -> Result<ProxyOptions, DaemonError> {
+    let splice = match std::env::var(SPLICE_ENV).as_deref() {
+        Err(_) | Ok("uring") => SpliceMode::Uring,
+        Ok("syscall") => SpliceMode::Syscall,
+        Ok(other) => {
+            return Err(DaemonError::Dataplane {
+                service: "(all)".into(),
+                reason: format!("{SPLICE_ENV}={other:?}: expected \"uring\" or \"syscall\""),
+            })
+        }
+    };
+    if splice != SpliceMode::Uring {
+        info!("{SPLICE_ENV}: relaying with {splice:?} splice");
+    }
+    Ok(ProxyOptions {
+        splice,
+        ..ProxyOptions::default()
+    })
 }
 
 /// Raises the soft limit on open files to the hard limit: every proxied TCP connection holds

@@ -1,6 +1,8 @@
-//! `cargo xtask`: builds the BPF program, runs the whole test suite and the demo, installing
-//! what a fresh machine lacks on the way (see `.cargo/config.toml` for the alias).
+//! `cargo xtask`: builds the BPF program, runs the whole test suite, the demo and the
+//! benchmark harness, installing what a fresh
+//! machine lacks on the way (see `.cargo/config.toml` for the alias).
 
+mod bench;
 mod bpf_object;
 mod build_ebpf;
 mod demo;
@@ -48,6 +50,15 @@ enum Task {
         #[arg(long)]
         serve: bool,
     },
+    /// Run the throughput harness: direct, lb, HAProxy and nginx side by side (needs root).
+    ///
+    /// Installs haproxy, nginx and libnginx-mod-stream when missing, builds lb-daemon and
+    /// lb-bench in release, and writes target/bench/report.md, report.json and ratios.svg.
+    Bench {
+        /// A short run (3 rounds of 2 s tests) instead of the full one (5 rounds of 5 s).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +71,7 @@ fn main() -> ExitCode {
         }),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Demo { serve } => demo::run(serve),
+        Task::Bench { quick } => bench::run(quick),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,135 @@
+//! `lb-bench`: the side-by-side throughput harness (run it through `cargo xtask bench`, which
+//! builds lb-daemon and installs HAProxy and nginx first). Needs root: it creates network
+//! namespaces. Writes `report.md`, `report.json` and `ratios.svg` to `--out`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use lb_benches::balancer::{Path, Programs};
+use lb_benches::{chart, harness, stop};
+
+/// Measure direct, lb, HAProxy and nginx on the same namespace topology.
+#[derive(Parser)]
+#[command(name = "lb-bench")]
+struct Args {
+    /// The lb-daemon binary to measure (a release build).
+    #[arg(long)]
+    daemon: PathBuf,
+    /// Where the report, chart, configs and logs go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// A short run: 3 rounds of 2 s tests (default: 5 rounds of 5 s).
+    #[arg(long)]
+    quick: bool,
+    /// Rounds (overrides the default; at least 3).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per test (overrides the default).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Only these paths (comma-separated names, e.g. `direct,lb-proxy`).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// The command line to record in the report (xtask passes its own).
+    #[arg(long)]
+    command: Option<String>,
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("lb-bench needs root: it creates network namespaces and veth pairs");
+    }
+    stop::install();
+    let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 5 });
+    if rounds < 3 {
+        bail!("--rounds {rounds}: at least 3 rounds are needed for a median with a range");
+    }
+    let seconds = args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 });
+    if !(seconds > 0.0 && seconds <= 120.0) {
+        bail!("--seconds {seconds}: expected more than 0 and at most 120");
+    }
+    let paths = if args.only.is_empty() {
+        Path::ALL.to_vec()
+    } else {
+        args.only
+            .iter()
+            .map(|n| {
+                Path::ALL
+                    .into_iter()
+                    .find(|p| p.name() == n)
+                    .with_context(|| format!("--only: no path named {n:?}"))
+            })
+            .collect::<Result<_>>()?
+    };
+    let which = |name: &str| lb_tests_which(name);
+    let programs = Programs {
+        daemon: args.daemon.clone(),
+        haproxy: which("haproxy"),
+        nginx: which("nginx"),
+        nginx_stream: [
+            "/usr/lib/nginx/modules/ngx_stream_module.so",
+            "/usr/lib64/nginx/modules/ngx_stream_module.so",
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file()),
+    };
+    if !programs.daemon.is_file() {
+        bail!("--daemon {}: no such file", programs.daemon.display());
+    }
+    let command = args
+        .command
+        .clone()
+        .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+    let plan = harness::Plan {
+        programs,
+        rounds,
+        test_time: Duration::from_secs_f64(seconds),
+        out: args.out.clone(),
+        command,
+        paths,
+    };
+    let report = harness::run(&plan)?;
+    std::fs::create_dir_all(&args.out)?;
+    let md = format!(
+        "# lb benchmark report\n\n{}\n![ratio to direct](ratios.svg)\n",
+        report.to_markdown()
+    );
+    std::fs::write(args.out.join("report.md"), &md)?;
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    let svg = chart::ratios_svg(&report).map_err(anyhow::Error::msg)?;
+    std::fs::write(args.out.join("ratios.svg"), svg)?;
+    print!("{md}");
+    eprintln!(
+        "lb-bench: wrote {}/report.md, report.json and ratios.svg",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Finds `name` on `$PATH` (plus the sbin directories a non-login root shell may lack).
+fn lb_tests_which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}

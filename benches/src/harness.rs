@@ -1,0 +1,374 @@
+//! One benchmark run: builds the topology, starts the servers, measures every path in
+//! interleaved rounds and assembles the [`Report`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::balancer::{self, Path, Programs, Running, StartError, VIP_BULK, VIP_RR, VIP_UDP};
+use crate::client;
+use crate::metric::Metric;
+use crate::procstat;
+use crate::report::{Figure, Machine, PathReport, Report};
+use crate::server::Servers;
+use crate::stop;
+use crate::topology::{self, Topology};
+
+/// How a run is sized and where it writes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The programs to run.
+    pub programs: Programs,
+    /// Rounds; each path is measured once per round (at least 3 for a median).
+    pub rounds: usize,
+    /// How long each test runs in each round.
+    pub test_time: Duration,
+    /// Where configs and logs go (`<out>/work`, `<out>/logs`).
+    pub out: PathBuf,
+    /// The command line, for the report.
+    pub command: String,
+    /// Paths to measure (default: all).
+    pub paths: Vec<Path>,
+}
+
+/// Client concurrency: 16 connection loops, 16 kept-alive connections, 8 UDP sockets.
+const CONN_THREADS: usize = 16;
+const KEPT_ALIVE: usize = 16;
+const UDP_SOCKETS: usize = 8;
+
+/// Runs the plan. `Err` when the topology or the servers cannot be set up, or on Ctrl-C;
+/// a path that fails is reported as skipped with its reason instead.
+pub fn run(plan: &Plan) -> Result<Report> {
+    let logs = plan.out.join("logs");
+    let work = plan.out.join("work");
+    std::fs::create_dir_all(&logs).context("creating the log directory")?;
+    std::fs::create_dir_all(&work).context("creating the work directory")?;
+    let machine = machine();
+    let date_utc = date_utc();
+    eprintln!("lb-bench: building the namespace topology");
+    let topo = topology::build().context("building the namespaces (needs root)")?;
+    let _servers = Servers::start(&topo).context("starting the backend servers")?;
+    for t in Path::Direct.targets(VIP_RR) {
+        wait_answering(&topo, t, None).with_context(|| format!("backend server {t}"))?;
+    }
+
+    let mut skipped: BTreeMap<&str, String> = BTreeMap::new();
+    let mut samples: BTreeMap<&str, BTreeMap<Metric, Vec<f64>>> = BTreeMap::new();
+    let mut notes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for round in 0..plan.rounds {
+        // Rotate the order each round so no path always runs first (or right after another).
+        let mut order: Vec<Path> = plan.paths.clone();
+        let shift = round % order.len().max(1);
+        order.rotate_left(shift);
+        for path in order {
+            if stop::requested() {
+                bail!("interrupted");
+            }
+            if skipped.contains_key(path.name()) {
+                continue;
+            }
+            eprintln!(
+                "lb-bench: round {}/{}: {}",
+                round + 1,
+                plan.rounds,
+                path.name()
+            );
+            let log = logs.join(format!("{}-round{}.log", path.name(), round + 1));
+            match measure(plan, &topo, path, &work, log, round) {
+                Ok((figures, mut n)) => {
+                    for (m, v) in figures {
+                        samples
+                            .entry(path.name())
+                            .or_default()
+                            .entry(m)
+                            .or_default()
+                            .push(v);
+                    }
+                    notes.entry(path.name()).or_default().append(&mut n);
+                }
+                Err(reason) => {
+                    if stop::requested() {
+                        bail!("interrupted");
+                    }
+                    let reason = if matches!(path, Path::LbXdpNat | Path::LbXdpDsr) {
+                        format!("the XDP data plane did not start: {reason}")
+                    } else {
+                        reason
+                    };
+                    eprintln!("lb-bench: {}: skipped: {reason}", path.name());
+                    skipped.insert(path.name(), reason);
+                }
+            }
+        }
+    }
+    let paths = plan
+        .paths
+        .iter()
+        .map(|p| PathReport {
+            name: p.name().into(),
+            kind: p.kind(),
+            skipped: skipped.get(p.name()).cloned(),
+            figures: samples
+                .remove(p.name())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(m, v)| (m, Figure::new(v)))
+                .collect(),
+            notes: notes.remove(p.name()).unwrap_or_default(),
+        })
+        .collect();
+    let mut run_notes = vec![
+        "LB CPU: user+system time of every process in the balancer namespace (/proc/<pid>/stat), \
+         during the two bulk tests (per GB received by the servers) and the connection test \
+         (per 1,000 completed connections). `direct` has no balancer process: its forwarding \
+         runs in softirq."
+            .to_string(),
+        "softirq: machine-wide (/proc/stat), so it includes the client's and backends' stacks; \
+         the kernel does not split it by namespace."
+            .to_string(),
+        "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
+         16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
+         clients, servers and the balancer share the same cores."
+            .to_string(),
+    ];
+    if machine.load_before > 0.5 {
+        run_notes.push(format!(
+            "Other work was running (load average {:.2} at the start): figures are noisy.",
+            machine.load_before
+        ));
+    }
+    Ok(Report {
+        machine,
+        command: plan.command.clone(),
+        date_utc,
+        rounds: plan.rounds,
+        seconds_per_test: plan.test_time.as_secs_f64(),
+        paths,
+        notes: run_notes,
+    })
+}
+
+/// One round of one path: each figure's sample, and what went wrong on the way.
+type Measured = (Vec<(Metric, f64)>, Vec<String>);
+
+/// Starts `path`'s balancer, waits until it answers, runs every test once. `Err(reason)`
+/// when the path cannot run at all.
+fn measure(
+    plan: &Plan,
+    topo: &Topology,
+    path: Path,
+    work: &std::path::Path,
+    log: PathBuf,
+    round: usize,
+) -> Result<Measured, String> {
+    let mut running = match balancer::start(path, topo, &plan.programs, work, log) {
+        Ok(r) => r,
+        Err(StartError::Unavailable(why)) => return Err(why),
+        Err(e) => return Err(format!("could not start: {e}")),
+    };
+    let target = path.targets(VIP_RR)[0];
+    wait_answering(topo, target, running.as_mut()).map_err(|e| format!("{e:#}"))?;
+
+    let d = plan.test_time;
+    let mut figures = Vec::new();
+    let mut notes = Vec::new();
+    let fail = |what: &str, e: &dyn std::fmt::Display, notes: &mut Vec<String>| {
+        notes.push(format!("round {}: {what} failed: {e}", round + 1));
+        f64::NAN
+    };
+    let ns = topo.balancer.name();
+    let u0 = procstat::usage(ns);
+    let s0 = procstat::softirq_seconds();
+    let mut bytes = 0u64;
+    for (metric, flows) in [(Metric::Bulk1, 1), (Metric::Bulk8, 8)] {
+        let r = topo
+            .client
+            .enter(|| client::bulk(&path.targets(VIP_BULK), flows, d))
+            .and_then(|r| r);
+        let v = match r {
+            Ok(b) => {
+                bytes += b.bytes;
+                b.gbps()
+            }
+            Err(e) => fail(metric.heading(), &e, &mut notes),
+        };
+        figures.push((metric, v));
+    }
+    let u1 = procstat::usage(ns);
+    let s1 = procstat::softirq_seconds();
+    let gb = bytes as f64 / 1e9;
+    let has_process = u1.processes > 0;
+    if gb > 0.0 {
+        if has_process {
+            figures.push((
+                Metric::CpuPerGb,
+                (u1.cpu_seconds - u0.cpu_seconds) * 1e3 / gb,
+            ));
+        }
+        figures.push((Metric::SoftirqPerGb, (s1 - s0) * 1e3 / gb));
+    }
+
+    let conns = topo
+        .client
+        .enter(|| client::connections(&path.targets(VIP_RR), CONN_THREADS, d));
+    let u2 = procstat::usage(ns);
+    match conns {
+        Ok(r) => {
+            if r.failed > 0 {
+                notes.push(format!(
+                    "round {}: {} of {} new connections failed",
+                    round + 1,
+                    r.failed,
+                    r.failed + r.done
+                ));
+            }
+            figures.push((Metric::ConnRate, r.per_second()));
+            if has_process && r.done > 0 {
+                figures.push((
+                    Metric::CpuPer1kConn,
+                    (u2.cpu_seconds - u1.cpu_seconds) * 1e3 / (r.done as f64 / 1e3),
+                ));
+            }
+        }
+        Err(e) => {
+            let v = fail(Metric::ConnRate.heading(), &e, &mut notes);
+            figures.push((Metric::ConnRate, v));
+        }
+    }
+
+    let kept = topo
+        .client
+        .enter(|| client::kept_alive(&path.targets(VIP_RR), KEPT_ALIVE, d))
+        .and_then(|r| r);
+    let v = match kept {
+        Ok(r) if r.failed == 0 => r.per_second(),
+        Ok(r) => fail(
+            Metric::KeepAliveRate.heading(),
+            &format!("{} of {KEPT_ALIVE} connections broke", r.failed),
+            &mut notes,
+        ),
+        Err(e) => fail(Metric::KeepAliveRate.heading(), &e, &mut notes),
+    };
+    figures.push((Metric::KeepAliveRate, v));
+
+    if path.has_udp() {
+        let udp = topo
+            .client
+            .enter(|| client::udp(&path.targets(VIP_UDP), UDP_SOCKETS, d))
+            .and_then(|r| r);
+        match udp {
+            Ok(u) => {
+                if u.rate.failed > 0 {
+                    notes.push(format!(
+                        "round {}: {} UDP requests got no reply within 200 ms",
+                        round + 1,
+                        u.rate.failed
+                    ));
+                }
+                figures.push((Metric::UdpRate, u.rate.per_second()));
+                figures.push((Metric::UdpP50, u.p50_us));
+                figures.push((Metric::UdpP99, u.p99_us));
+            }
+            Err(e) => {
+                let v = fail("UDP", &e, &mut notes);
+                for m in [Metric::UdpRate, Metric::UdpP50, Metric::UdpP99] {
+                    figures.push((m, v));
+                }
+            }
+        }
+    } else if round == 0 {
+        notes.push("no UDP figures: HAProxy does not balance UDP".into());
+    }
+
+    let u3 = procstat::usage(ns);
+    if has_process {
+        figures.push((Metric::PeakRss, u3.peak_rss as f64 / (1024.0 * 1024.0)));
+    }
+    if let Some(r) = running.as_mut() {
+        if let Some(status) = r.exited() {
+            notes.push(format!(
+                "round {}: the balancer exited during the tests ({status}); see {}",
+                round + 1,
+                r.log().display()
+            ));
+        }
+    }
+    drop(running);
+    Ok((figures, notes))
+}
+
+/// Waits (up to 10 s) until one request/reply exchange with `target` succeeds from the
+/// client namespace. `Err` with the balancer's last log lines when it exits or never answers.
+fn wait_answering(
+    topo: &Topology,
+    target: SocketAddr,
+    mut running: Option<&mut Running>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline && !stop::requested() {
+        if let Some(r) = running.as_deref_mut() {
+            if let Some(status) = r.exited() {
+                bail!("it exited ({status}): {}", log_tail(r.log()));
+            }
+        }
+        let ok = topo
+            .client
+            .enter(|| client::connections(&[target], 1, Duration::from_millis(1)))
+            .map(|r| r.done > 0);
+        match ok {
+            Ok(true) => return Ok(()),
+            Ok(false) => last = format!("no reply from {target}"),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tail = running.map(|r| log_tail(r.log())).unwrap_or_default();
+    bail!("did not answer within 10 s ({last}) {tail}")
+}
+
+/// The last few non-empty lines of a log, on one line.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        // lb-daemon's log lines start with a timestamp and level: keep the message.
+        .map(|l| l.find(" ERROR ").map_or(l, |i| &l[i + " ERROR ".len()..]))
+        .collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown CPU".to_string(), |s| s.trim().to_string());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or("unknown".into(), |s| s.trim().to_string());
+    let load_before = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel,
+        load_before,
+    }
+}
+
+fn date_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown date".into())
+}

@@ -1,0 +1,469 @@
+//! The harness's results: one [`Report`] per run, its ratio tables, the issue's targets, and
+//! the markdown and JSON renderings.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::metric::Metric;
+use crate::stats::{summarize, Summary};
+
+/// What a path is, for the ratio columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// No balancer: the balancer namespace only routes (`direct`).
+    Baseline,
+    /// One of lb's data planes.
+    Ours,
+    /// A balancer a user would pick instead (HAProxy, nginx).
+    Peer,
+}
+
+/// One figure of one path: every round's sample and their summary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Figure {
+    /// One sample per round that measured it (NaN when that round's measurement failed).
+    pub samples: Vec<f64>,
+    /// Median and range of the finite samples; `None` when there are none.
+    pub summary: Option<Summary>,
+}
+
+impl Figure {
+    /// A figure from its samples.
+    pub fn new(samples: Vec<f64>) -> Figure {
+        let summary = summarize(&samples);
+        Figure { samples, summary }
+    }
+}
+
+/// One path's results.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PathReport {
+    /// The path's name (`direct`, `lb-proxy`, `haproxy`...).
+    pub name: String,
+    /// Baseline, ours or a peer.
+    pub kind: PathKind,
+    /// Why the path did not run; `None` when it ran.
+    pub skipped: Option<String>,
+    /// Figures measured; a metric missing here does not apply to the path (HAProxy has no UDP).
+    pub figures: BTreeMap<Metric, Figure>,
+    /// What did not go as planned (a failed test in one round, a metric that does not apply).
+    pub notes: Vec<String>,
+}
+
+impl PathReport {
+    /// The median of `metric`, when measured.
+    pub fn median(&self, metric: Metric) -> Option<f64> {
+        self.figures
+            .get(&metric)
+            .and_then(|f| f.summary)
+            .map(|s| s.median)
+    }
+}
+
+/// The machine a run happened on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Machine {
+    /// CPU model from /proc/cpuinfo.
+    pub cpu: String,
+    /// Online CPUs.
+    pub cores: usize,
+    /// `uname -r`.
+    pub kernel: String,
+    /// 1-minute load average when the run started: high means other work was running.
+    pub load_before: f64,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// The machine.
+    pub machine: Machine,
+    /// The command that produced it.
+    pub command: String,
+    /// When it started, UTC, `YYYY-MM-DD HH:MM`.
+    pub date_utc: String,
+    /// Rounds (each path measured once per round, paths interleaved).
+    pub rounds: usize,
+    /// Seconds each test ran in each round.
+    pub seconds_per_test: f64,
+    /// Every path, run or skipped.
+    pub paths: Vec<PathReport>,
+    /// Remarks about the whole run (methods, noise).
+    pub notes: Vec<String>,
+}
+
+/// An issue-4 target checked against a run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TargetCheck {
+    /// What is compared, e.g. "lb-proxy bulk 8 flows vs best peer".
+    pub what: String,
+    /// The target, e.g. ">= 1.25x".
+    pub target: String,
+    /// The measured ratio, when both sides were measured.
+    pub ratio: Option<f64>,
+    /// Met, missed, or unknown (`None`: a side was not measured).
+    pub met: Option<bool>,
+}
+
+impl Report {
+    /// The path named `name`.
+    pub fn path(&self, name: &str) -> Option<&PathReport> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+
+    /// The peer with the best median for `metric`, and that median.
+    pub fn best_peer(&self, metric: Metric) -> Option<(&PathReport, f64)> {
+        self.paths
+            .iter()
+            .filter(|p| p.kind == PathKind::Peer)
+            .filter_map(|p| p.median(metric).map(|m| (p, m)))
+            .fold(None, |best, (p, m)| match best {
+                Some((_, b)) if !metric.better(m, b) => best,
+                _ => Some((p, m)),
+            })
+    }
+
+    /// `path`'s median over `reference`'s for `metric`; `None` when either is missing or the
+    /// reference is zero.
+    pub fn ratio(&self, path: &PathReport, reference: f64, metric: Metric) -> Option<f64> {
+        let value = path.median(metric)?;
+        (reference != 0.0).then(|| value / reference)
+    }
+
+    /// `path`'s ratio to `direct` for `metric`.
+    pub fn ratio_to_direct(&self, path: &PathReport, metric: Metric) -> Option<f64> {
+        let direct = self.path("direct")?.median(metric)?;
+        self.ratio(path, direct, metric)
+    }
+
+    /// `path`'s ratio to the best peer for `metric`.
+    pub fn ratio_to_best_peer(&self, path: &PathReport, metric: Metric) -> Option<f64> {
+        let (_, best) = self.best_peer(metric)?;
+        self.ratio(path, best, metric)
+    }
+
+    /// The issue's targets: XDP paths at least 1.0x `direct` on every rate figure, lb-proxy
+    /// 1.25x the best peer on bulk throughput and 1.2x on new connections, and UDP p99 at
+    /// most half of nginx's.
+    pub fn targets(&self) -> Vec<TargetCheck> {
+        let mut out = Vec::new();
+        let mut check = |what: String, target: &str, ratio: Option<f64>, ok: fn(f64) -> bool| {
+            out.push(TargetCheck {
+                what,
+                target: target.into(),
+                ratio,
+                met: ratio.map(ok),
+            });
+        };
+        for name in ["lb-xdp-nat", "lb-xdp-dsr"] {
+            let Some(p) = self.path(name) else { continue };
+            for m in Metric::ALL.into_iter().filter(|m| {
+                // Cost figures of `direct` are zero (no balancer process): no ratio there.
+                !matches!(m, Metric::CpuPerGb | Metric::CpuPer1kConn | Metric::PeakRss)
+            }) {
+                let ratio = self.ratio_to_direct(p, m);
+                if m.higher_is_better() {
+                    check(
+                        format!("{name} {} vs direct", m.heading()),
+                        ">= 1.0x",
+                        ratio,
+                        |r| r >= 1.0,
+                    );
+                } else {
+                    check(
+                        format!("{name} {} vs direct", m.heading()),
+                        "<= 1.0x",
+                        ratio,
+                        |r| r <= 1.0,
+                    );
+                }
+            }
+        }
+        if let Some(p) = self.path("lb-proxy") {
+            for m in [Metric::Bulk1, Metric::Bulk8] {
+                check(
+                    format!("lb-proxy {} vs best peer", m.heading()),
+                    ">= 1.25x",
+                    self.ratio_to_best_peer(p, m),
+                    |r| r >= 1.25,
+                );
+            }
+            check(
+                format!("lb-proxy {} vs best peer", Metric::ConnRate.heading()),
+                ">= 1.2x",
+                self.ratio_to_best_peer(p, Metric::ConnRate),
+                |r| r >= 1.2,
+            );
+            let nginx = self.path("nginx").and_then(|n| n.median(Metric::UdpP99));
+            check(
+                "lb-proxy UDP p99 µs vs nginx".into(),
+                "<= 0.5x",
+                nginx.and_then(|n| self.ratio(p, n, Metric::UdpP99)),
+                |r| r <= 0.5,
+            );
+        }
+        out
+    }
+
+    /// The report as markdown: machine, absolute figures (median and min–max), ratios to
+    /// `direct` and to the best peer, targets, notes.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "## Run of {} UTC\n", self.date_utc);
+        let _ = writeln!(s, "- command: `{}`", self.command);
+        let _ = writeln!(
+            s,
+            "- machine: {} cores, {}, kernel {}; load average {:.2} when it started",
+            m.cores, m.cpu, m.kernel, m.load_before
+        );
+        let _ = writeln!(
+            s,
+            "- each figure: median of {} rounds (min–max in brackets), paths interleaved, {} s per test",
+            self.rounds, self.seconds_per_test
+        );
+        let _ = writeln!(s, "\n### Absolute figures\n");
+        header(&mut s, "path");
+        for p in &self.paths {
+            let _ = write!(s, "| {} |", p.name);
+            if let Some(reason) = &p.skipped {
+                let _ = writeln!(
+                    s,
+                    " skipped: {} |{}",
+                    reason,
+                    " |".repeat(Metric::ALL.len() - 1)
+                );
+                continue;
+            }
+            for metric in Metric::ALL {
+                let cell = match p.figures.get(&metric).and_then(|f| f.summary) {
+                    Some(x) => {
+                        format!("{} ({}–{})", number(x.median), number(x.min), number(x.max))
+                    }
+                    None if p.figures.contains_key(&metric) => "failed".into(),
+                    None => "n/a".into(),
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            s.push('\n');
+        }
+        for (title, f) in [
+            (
+                "Ratio to `direct`",
+                Report::ratio_to_direct as fn(&Report, &PathReport, Metric) -> Option<f64>,
+            ),
+            ("Ratio to the best peer", Report::ratio_to_best_peer),
+        ] {
+            let _ = writeln!(
+                s,
+                "\n### {title} (value / reference; ↑ higher is better, ↓ lower is better)\n"
+            );
+            header(&mut s, "path");
+            for p in self.paths.iter().filter(|p| p.skipped.is_none()) {
+                let _ = write!(s, "| {} |", p.name);
+                for metric in Metric::ALL {
+                    let cell = f(self, p, metric).map_or("–".to_string(), |r| format!("{r:.2}x"));
+                    let _ = write!(s, " {cell} |");
+                }
+                s.push('\n');
+            }
+        }
+        let _ = writeln!(s, "\nBest peer per figure:");
+        for metric in Metric::ALL {
+            if let Some((p, v)) = self.best_peer(metric) {
+                let _ = writeln!(s, "- {}: {} ({})", metric.heading(), p.name, number(v));
+            }
+        }
+        let targets = self.targets();
+        if !targets.is_empty() {
+            let _ = writeln!(s, "\n### Targets (issue 4)\n");
+            let _ = writeln!(s, "| figure | target | measured | verdict |");
+            let _ = writeln!(s, "|---|---|---|---|");
+            for t in targets {
+                let verdict = match (t.met, t.ratio) {
+                    (Some(true), _) => "met".to_string(),
+                    (Some(false), Some(r)) => format!("missed ({})", miss(&t.target, r)),
+                    _ => "not measured".to_string(),
+                };
+                let measured = t.ratio.map_or("–".to_string(), |r| format!("{r:.2}x"));
+                let _ = writeln!(s, "| {} | {} | {measured} | {verdict} |", t.what, t.target);
+            }
+        }
+        let notes: Vec<String> = self
+            .paths
+            .iter()
+            .flat_map(|p| p.notes.iter().map(move |n| format!("{}: {n}", p.name)))
+            .chain(self.notes.iter().cloned())
+            .collect();
+        if !notes.is_empty() {
+            let _ = writeln!(s, "\n### Notes\n");
+            for n in notes {
+                let _ = writeln!(s, "- {n}");
+            }
+        }
+        s
+    }
+}
+
+/// How far `ratio` is from the target `">= 1.25x"` / `"<= 0.5x"`, in percent of the target.
+fn miss(target: &str, ratio: f64) -> String {
+    let goal: f64 = target
+        .trim_start_matches([' ', '>', '<', '='])
+        .trim_end_matches('x')
+        .trim()
+        .parse()
+        .unwrap_or(f64::NAN);
+    format!(
+        "by {:.0}% of the target",
+        ((ratio - goal) / goal * 100.0).abs()
+    )
+}
+
+fn header(s: &mut String, first: &str) {
+    let _ = write!(s, "| {first} |");
+    for metric in Metric::ALL {
+        let arrow = if metric.higher_is_better() {
+            "↑"
+        } else {
+            "↓"
+        };
+        let _ = write!(s, " {} {arrow} |", metric.heading());
+    }
+    let _ = writeln!(s, "\n|---|{}", "---|".repeat(Metric::ALL.len()));
+}
+
+/// A figure with 3 significant digits, in plain notation.
+fn number(x: f64) -> String {
+    let a = x.abs();
+    if a >= 100.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(name: &str, kind: PathKind, figures: &[(Metric, &[f64])]) -> PathReport {
+        PathReport {
+            name: name.into(),
+            kind,
+            skipped: None,
+            figures: figures
+                .iter()
+                .map(|(m, v)| (*m, Figure::new(v.to_vec())))
+                .collect(),
+            notes: vec![],
+        }
+    }
+
+    fn report() -> Report {
+        let mut xdp = path("lb-xdp-nat", PathKind::Ours, &[]);
+        xdp.skipped = Some("no XDP data plane in this build".into());
+        Report {
+            machine: Machine {
+                cpu: "Test CPU".into(),
+                cores: 2,
+                kernel: "6.18".into(),
+                load_before: 0.5,
+            },
+            command: "cargo xtask bench --quick".into(),
+            date_utc: "2026-11-21 15:00".into(),
+            rounds: 3,
+            seconds_per_test: 2.0,
+            paths: vec![
+                path(
+                    "direct",
+                    PathKind::Baseline,
+                    &[
+                        (Metric::Bulk8, &[10.0, 9.0, 11.0]),
+                        (Metric::UdpP99, &[50.0; 3]),
+                    ],
+                ),
+                path(
+                    "lb-proxy",
+                    PathKind::Ours,
+                    &[
+                        (Metric::Bulk8, &[6.0, 5.0, 7.0]),
+                        (Metric::ConnRate, &[1200.0; 3]),
+                        (Metric::UdpP99, &[100.0; 3]),
+                    ],
+                ),
+                path(
+                    "haproxy",
+                    PathKind::Peer,
+                    &[(Metric::Bulk8, &[4.0; 3]), (Metric::ConnRate, &[1100.0; 3])],
+                ),
+                path(
+                    "nginx",
+                    PathKind::Peer,
+                    &[
+                        (Metric::Bulk8, &[3.0; 3]),
+                        (Metric::ConnRate, &[900.0; 3]),
+                        (Metric::UdpP99, &[300.0, f64::NAN, 200.0]),
+                    ],
+                ),
+                xdp,
+            ],
+            notes: vec!["other work was running".into()],
+        }
+    }
+
+    #[test]
+    fn ratios_compare_medians_with_direct_and_with_the_best_peer() {
+        let r = report();
+        let lb = r.path("lb-proxy").expect("lb-proxy path");
+        assert_eq!(r.ratio_to_direct(lb, Metric::Bulk8), Some(0.6));
+        let (best, v) = r.best_peer(Metric::Bulk8).expect("a peer measured bulk 8");
+        assert_eq!((best.name.as_str(), v), ("haproxy", 4.0));
+        assert_eq!(r.ratio_to_best_peer(lb, Metric::Bulk8), Some(1.5));
+        // Lower is better for latency: the best peer is the one with the smaller p99.
+        let (best, v) = r.best_peer(Metric::UdpP99).expect("nginx measured UDP");
+        assert_eq!((best.name.as_str(), v), ("nginx", 250.0));
+        assert_eq!(
+            r.ratio_to_direct(lb, Metric::KeepAliveRate),
+            None,
+            "a figure nobody measured has no ratio"
+        );
+    }
+
+    #[test]
+    fn targets_say_which_are_met_and_which_missed() {
+        let r = report();
+        let t = r.targets();
+        let find = |what: &str| t.iter().find(|c| c.what.contains(what)).expect(what);
+        let bulk = find("lb-proxy bulk 8 flows");
+        assert_eq!((bulk.ratio, bulk.met), (Some(1.5), Some(true)));
+        let conn = find("lb-proxy new conn/s");
+        assert_eq!(conn.met, Some(false), "1200 vs 1100 is below 1.2x");
+        let p99 = find("lb-proxy UDP p99");
+        assert_eq!((p99.ratio, p99.met), (Some(0.4), Some(true)));
+        let xdp = find("lb-xdp-nat bulk 8 flows");
+        assert_eq!(xdp.met, None, "a skipped path's targets are not measured");
+    }
+
+    #[test]
+    fn markdown_has_every_path_skips_with_reasons_and_ranges() {
+        let md = report().to_markdown();
+        assert!(md.contains("| direct | n/a | 10.0 (9.00–11.0) |"), "{md}");
+        assert!(
+            md.contains("| lb-xdp-nat | skipped: no XDP data plane in this build |"),
+            "a skipped path is listed with its reason: {md}"
+        );
+        assert!(
+            md.contains("| lb-proxy | – | 1.50x |"),
+            "ratio to best peer: {md}"
+        );
+        assert!(md.contains("missed (by 9% of the target)"), "{md}");
+        assert!(md.contains("- other work was running"), "{md}");
+        let json = serde_json::to_string(&report()).expect("report serializes");
+        assert!(json.contains("\"bulk8\""), "{json}");
+    }
+}

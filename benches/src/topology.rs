@@ -1,0 +1,81 @@
+//! The benchmark topology: a client namespace, a balancer namespace and three backend
+//! namespaces, each backend on its own veth pair to the balancer.
+//!
+//! ```text
+//!  client 10.77.0.2 ── 10.77.0.1 (VIP) balancer 10.77.N.1 ── 10.77.N.2 backend N (N = 1..3)
+//! ```
+//! The client and the backends route everything through the balancer; the balancer forwards
+//! (`ip_forward=1`, which the `direct` path relies on) and, like the client, has
+//! `tcp_tw_reuse=1` and a wide local port range, so every path gets the same stack settings.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use lb_tests::netns::{veth, Netns};
+
+/// The address clients send to on the balancer (its client-side veth address).
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The client's address.
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// Number of backends.
+pub const BACKENDS: usize = 3;
+
+/// Backend `i`'s address (i in 0..BACKENDS).
+pub fn backend_addr(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 77, i as u8 + 1, 2))
+}
+
+/// The namespaces; dropping it deletes them (and their veth pairs).
+pub struct Topology {
+    /// Where the load generators run.
+    pub client: Netns,
+    /// Where the balancer under test runs (or which only routes, for `direct`).
+    pub balancer: Netns,
+    /// One per backend, each running the servers.
+    pub backends: Vec<Netns>,
+}
+
+/// Builds the topology. `Err` with the failing `ip`/`sysctl` step (needs root).
+pub fn build() -> io::Result<Topology> {
+    let client = Netns::new("bcl")?;
+    let balancer = Netns::new("blb")?;
+    veth(
+        &client,
+        "c0",
+        "10.77.0.2/24",
+        &balancer,
+        "l0",
+        "10.77.0.1/24",
+    )?;
+    client.ip(&["route", "add", "default", "via", "10.77.0.1"])?;
+    let mut backends = Vec::with_capacity(BACKENDS);
+    for i in 0..BACKENDS {
+        let b = Netns::new(&format!("bb{}", i + 1))?;
+        let n = i + 1;
+        veth(
+            &balancer,
+            &format!("l{n}"),
+            &format!("10.77.{n}.1/24"),
+            &b,
+            "b0",
+            &format!("10.77.{n}.2/24"),
+        )?;
+        b.ip(&["route", "add", "default", "via", &format!("10.77.{n}.1")])?;
+        backends.push(b);
+    }
+    balancer.sysctl("net.ipv4.ip_forward", "1")?;
+    for ns in [&client, &balancer] {
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    }
+    for ns in &backends {
+        // Each backend accepts thousands of connections a second.
+        ns.sysctl("net.core.somaxconn", "4096")?;
+    }
+    balancer.sysctl("net.core.somaxconn", "4096")?;
+    Ok(Topology {
+        client,
+        balancer,
+        backends,
+    })
+}
