@@ -27,10 +27,16 @@ pub enum ClientError {
         /// Why.
         source: hyper::Error,
     },
+    /// The daemon did not answer within [`REQUEST_TIMEOUT`].
+    #[error("admin API at {0}: no answer within {REQUEST_TIMEOUT:?}")]
+    Timeout(String),
     /// The request could not be built (a path with characters a URI cannot hold).
     #[error("bad request: {0}")]
     Request(#[from] hyper::http::Error),
 }
+
+/// How long one admin request may take, connect to last byte.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// An answer of the admin API.
 #[derive(Debug, Clone)]
@@ -60,8 +66,20 @@ impl Reply {
 /// socket when it starts with `/`) and reads the whole answer.
 ///
 /// Returns `Err(ClientError::Connect)` when nothing answers at `target`,
-/// `Err(ClientError::Http)` when the exchange breaks off.
+/// `Err(ClientError::Http)` when the exchange breaks off, `Err(ClientError::Timeout)` after
+/// [`REQUEST_TIMEOUT`].
 pub async fn request(
+    target: &str,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<Reply, ClientError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, request_now(target, method, path, body))
+        .await
+        .map_err(|_| ClientError::Timeout(target.to_string()))?
+}
+
+async fn request_now(
     target: &str,
     method: Method,
     path: &str,
