@@ -1075,6 +1075,86 @@ weight = 0
         std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
     }
 
+    fn entry(weight: u32, ramp_start: Option<Instant>) -> BackendEntry {
+        let svc = service("none");
+        BackendEntry {
+            rt: new_backend(
+                "127.0.0.1:9001".parse().expect("literal"),
+                &svc,
+                Instant::now(),
+            ),
+            origin: Origin::Static,
+            configured: weight,
+            admin_weight: None,
+            drained: false,
+            removing: false,
+            ramp_start,
+            checker: None,
+        }
+    }
+
+    #[test]
+    fn slow_start_ramps_from_one_to_the_full_weight() {
+        let t0 = Instant::now();
+        let ramp = Some(Duration::from_secs(10));
+        let e = entry(100, Some(t0));
+        assert_eq!(e.effective_weight(ramp, t0), 1, "a ramp starts at weight 1");
+        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(5)), 50);
+        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(10)), 100);
+        assert_eq!(
+            e.effective_weight(None, t0),
+            100,
+            "without slow_start the full weight applies at once"
+        );
+        let mut d = entry(100, None);
+        d.drained = true;
+        assert_eq!(
+            d.effective_weight(ramp, t0),
+            0,
+            "a drained backend has weight 0"
+        );
+        let mut r = entry(100, None);
+        r.removing = true;
+        assert_eq!(
+            r.effective_weight(ramp, t0),
+            0,
+            "a removed backend has weight 0"
+        );
+    }
+
+    #[test]
+    fn drain_then_enable_ramps_the_weight_back_with_slow_start() {
+        let mut svc = service("none");
+        svc.slow_start = Some(Duration::from_secs(600));
+        svc.backends[0].weight = 50;
+        let rt = ServiceRuntime::new(0, svc).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        assert_eq!(
+            rt.snapshot().load().backends[0].weight,
+            50,
+            "full weight at start"
+        );
+        rt.drain(b1).expect("9001 is a backend");
+        assert!(
+            !rt.snapshot().load().backends[0].eligible(),
+            "a drained backend must get no new flows"
+        );
+        rt.enable(b1).expect("9001 is a backend");
+        let w = rt.snapshot().load().backends[0].weight;
+        assert!(
+            (1..50).contains(&w),
+            "an enabled backend should ramp up from 1, not return at full weight {w}"
+        );
+        assert_eq!(
+            rt.drain("127.0.0.1:1".parse().expect("literal")),
+            Err(AdminError::NoBackend {
+                service: "web".into(),
+                backend: "127.0.0.1:1".into()
+            })
+        );
+        assert_eq!(rt.set_weight(b1, 300), Err(AdminError::Weight(300)));
+    }
+
     #[test]
     fn draining_backend_is_never_picked() {
         let rt = ServiceRuntime::new(0, service("tcp")).expect("builds");
