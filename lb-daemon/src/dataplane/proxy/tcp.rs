@@ -112,6 +112,28 @@ struct Listener {
     backoff: bool,
     /// Accept failures since the last accepted connection.
     failures: u32,
+    /// Held while a [`Tcp::remove`] waits for this listener to close; dropped with `fd`.
+    on_close: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Listener {
+    fn new(service: usize, fd: OwnedFd) -> Listener {
+        Listener {
+            service,
+            fd: Some(fd),
+            armed: false,
+            closing: false,
+            backoff: false,
+            failures: 0,
+            on_close: None,
+        }
+    }
+
+    /// Closes the socket (nothing of it may be in flight) and tells whoever waits for it.
+    fn close_fd(&mut self) {
+        self.fd = None;
+        self.on_close = None;
+    }
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
@@ -201,16 +223,74 @@ impl Tcp {
         };
         for (service, (info, fd)) in listeners.into_iter().enumerate() {
             tcp.services.push(info);
-            tcp.listeners.push(Listener {
-                service,
-                fd: Some(fd),
-                armed: false,
-                closing: false,
-                backoff: false,
-                failures: 0,
-            });
+            tcp.listeners.push(Listener::new(service, fd));
         }
         tcp
+    }
+
+    /// Starts carrying a service added while running: `fd` is this worker's listener.
+    pub(super) fn add(&mut self, ctx: &mut Ctx, info: ServiceInfo, fd: OwnedFd) {
+        let service = self.services.len();
+        self.services.push(info);
+        self.no_backend_log.push(LogLimit::default());
+        self.listeners.push(Listener::new(service, fd));
+        self.arm(ctx, self.listeners.len() - 1);
+    }
+
+    /// Service `index` was removed: closes its listener (after cancelling the accept; `closed`
+    /// is dropped then) and marks its connections to be cut at `until`.
+    pub(super) fn remove(
+        &mut self,
+        ctx: &mut Ctx,
+        index: usize,
+        until: Instant,
+        closed: &std::sync::mpsc::Sender<()>,
+    ) {
+        for (at, info) in self.services.iter_mut().enumerate() {
+            if info.index != index || info.removed() {
+                continue;
+            }
+            info.drain_until = Some(until);
+            for (i, l) in self.listeners.iter_mut().enumerate() {
+                if l.service != at || l.fd.is_none() {
+                    continue;
+                }
+                l.closing = true;
+                if l.armed {
+                    l.on_close = Some(closed.clone());
+                    ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
+                } else {
+                    l.close_fd();
+                }
+            }
+        }
+    }
+
+    /// Resets the connections of removed services whose drain deadline has passed. Returns
+    /// how many.
+    pub(super) fn cut_removed(&mut self, ctx: &mut Ctx) -> u64 {
+        let now = Instant::now();
+        if !self
+            .services
+            .iter()
+            .any(|s| s.drain_until.is_some_and(|at| at <= now))
+        {
+            return 0;
+        }
+        let mut cut = 0;
+        for (index, generation) in self.conns.keys() {
+            let due = self.conns.get_mut(index, generation).is_some_and(|c| {
+                c.closing.is_none()
+                    && self.services[c.service]
+                        .drain_until
+                        .is_some_and(|at| at <= now)
+            });
+            if due {
+                cut += 1;
+                self.close(ctx, index, generation, Close::Reset);
+            }
+        }
+        cut
     }
 
     /// Arms every listener's accept.
@@ -287,7 +367,7 @@ impl Tcp {
         let l = &mut self.listeners[index];
         if l.closing {
             if !l.armed {
-                l.fd = None;
+                l.close_fd();
             }
         } else if !l.armed && !l.backoff {
             self.arm(ctx, index);
@@ -708,7 +788,7 @@ impl Tcp {
             if l.armed {
                 ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
             } else {
-                l.fd = None;
+                l.close_fd();
             }
         }
     }
@@ -741,7 +821,7 @@ impl Tcp {
             self.finish(ctx, index, generation);
         }
         for l in &mut self.listeners {
-            l.fd = None;
+            l.close_fd();
         }
         keys.len() as u64
     }

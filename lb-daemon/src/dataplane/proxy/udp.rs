@@ -58,6 +58,8 @@ struct Vip {
     in_flight: u8,
     /// Shutting down: close once nothing is in flight.
     closing: bool,
+    /// Sessions whose replies leave through this socket.
+    sessions: u32,
 }
 
 struct Session {
@@ -109,30 +111,106 @@ impl Udp {
             no_backend_log: vec![LogLimit::default(); sockets.len()],
             resource_log: LogLimit::default(),
         };
-        for (service, (info, fd)) in sockets.into_iter().enumerate() {
-            let packet_info = info.listen.ip().is_unspecified()
-                && match sys::enable_packet_info(fd.as_fd(), info.listen.is_ipv6()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(
-                            "service {}: cannot learn the local address of datagrams on {}; \
-                             replies leave from the routing's choice: {e}",
-                            info.name,
-                            info.listen
-                        );
-                        false
-                    }
-                };
-            udp.services.push(info);
-            udp.vips.push(Vip {
-                service,
-                fd: Some(fd),
-                packet_info,
-                in_flight: 0,
-                closing: false,
-            });
+        for (info, fd) in sockets {
+            udp.push(info, fd);
         }
         udp
+    }
+
+    fn push(&mut self, info: ServiceInfo, fd: OwnedFd) {
+        let packet_info = info.listen.ip().is_unspecified()
+            && match sys::enable_packet_info(fd.as_fd(), info.listen.is_ipv6()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "service {}: cannot learn the local address of datagrams on {}; \
+                         replies leave from the routing's choice: {e}",
+                        info.name,
+                        info.listen
+                    );
+                    false
+                }
+            };
+        self.vips.push(Vip {
+            service: self.services.len(),
+            fd: Some(fd),
+            packet_info,
+            in_flight: 0,
+            closing: false,
+            sessions: 0,
+        });
+        self.services.push(info);
+        self.no_backend_log.push(LogLimit::default());
+    }
+
+    /// Starts carrying a service added while running: `fd` is this worker's VIP socket.
+    pub(super) fn add(&mut self, ctx: &mut Ctx, info: ServiceInfo, fd: OwnedFd) {
+        self.push(info, fd);
+        self.arm_vip(ctx, self.vips.len() - 1);
+    }
+
+    /// Service `index` was removed: no new session starts on it; its VIP socket closes once
+    /// its last session has ended; sessions are cut at `until`.
+    pub(super) fn remove(&mut self, ctx: &mut Ctx, index: usize, until: Instant) {
+        for at in 0..self.services.len() {
+            let info = &mut self.services[at];
+            if info.index != index || info.removed() {
+                continue;
+            }
+            info.drain_until = Some(until);
+            for i in 0..self.vips.len() {
+                if self.vips[i].service == at && self.vips[i].sessions == 0 {
+                    self.close_vip(ctx, i);
+                }
+            }
+        }
+    }
+
+    /// Ends the sessions of removed services whose drain deadline has passed (their VIP
+    /// sockets close when the sessions are freed). Returns how many.
+    pub(super) fn cut_removed(&mut self, ctx: &mut Ctx) -> u64 {
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.vips.len())
+            .filter(|&i| {
+                self.services[self.vips[i].service]
+                    .drain_until
+                    .is_some_and(|at| at <= now)
+            })
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let mut cut = 0;
+        for key in self.sessions.keys() {
+            if self
+                .sessions
+                .get_mut(key.0, key.1)
+                .is_some_and(|s| !s.closing && due.contains(&s.vip))
+            {
+                cut += 1;
+                self.close(ctx, key);
+            }
+        }
+        for i in due {
+            if self.vips[i].sessions == 0 {
+                self.close_vip(ctx, i);
+            }
+        }
+        cut
+    }
+
+    /// The VIP socket a new client of `vip` starts its session on: `vip` itself, or, when its
+    /// service was removed, a live socket of a service added on the same address (`None` if
+    /// there is none: the datagram is dropped).
+    fn successor(&self, vip: usize) -> Option<usize> {
+        let service = &self.services[self.vips[vip].service];
+        if !service.removed() {
+            return Some(vip);
+        }
+        self.vips.iter().position(|v| {
+            let s = &self.services[v.service];
+            v.fd.is_some() && !v.closing && !s.removed() && s.listen == service.listen
+        })
     }
 
     /// Arms every VIP socket's poll.
@@ -264,13 +342,23 @@ impl Udp {
                 Shared::count(&ctx.shared.dropped_datagrams, 1);
                 return;
             }
-            None => match self.open_session(ctx, vip, client) {
-                Some(key) => key,
-                None => {
-                    Shared::count(&ctx.shared.dropped_datagrams, 1);
-                    return;
+            None => {
+                let opened = match self.successor(vip) {
+                    Some(next) if next == vip => self.open_session(ctx, vip, client),
+                    Some(next) => match self.by_client.get(&(next, client)).copied() {
+                        Some(key) => Some(key),
+                        None => self.open_session(ctx, next, client),
+                    },
+                    None => None,
+                };
+                match opened {
+                    Some(key) => key,
+                    None => {
+                        Shared::count(&ctx.shared.dropped_datagrams, 1);
+                        return;
+                    }
                 }
-            },
+            }
         };
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             self.by_client.remove(&(vip, client));
@@ -369,6 +457,7 @@ impl Udp {
             Token::entry(Kind::Session, OP_POLL, index, generation),
         );
         self.by_client.insert((vip, client), (index, generation));
+        self.vips[vip].sessions += 1;
         stats.opened();
         ctx.shared.active.fetch_add(1, Ordering::Relaxed);
         Some((index, generation))
@@ -535,6 +624,11 @@ impl Udp {
         }
         s.stats.closed();
         ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
+        let v = &mut self.vips[s.vip];
+        v.sessions = v.sessions.saturating_sub(1);
+        if v.sessions == 0 && self.services[v.service].removed() {
+            self.close_vip(ctx, s.vip);
+        }
     }
 
     /// Ends sessions idle for their service's `idle_timeout`, looking at no more than
@@ -578,18 +672,25 @@ impl Udp {
     }
 
     fn close_vips(&mut self, ctx: &mut Ctx) {
-        for (i, v) in self.vips.iter_mut().enumerate() {
-            if v.fd.is_none() || v.closing {
-                continue;
-            }
-            v.closing = true;
-            if v.in_flight & bit(OP_POLL) != 0 {
-                ctx.ring
-                    .cancel(Token::entry(Kind::Vip, OP_POLL, i as u32, 0));
-            }
-            if v.in_flight == 0 {
-                v.fd = None;
-            }
+        for i in 0..self.vips.len() {
+            self.close_vip(ctx, i);
+        }
+    }
+
+    /// Closes VIP socket `i`: at once if nothing of it is in flight, else when the last
+    /// completion arrives.
+    fn close_vip(&mut self, ctx: &mut Ctx, i: usize) {
+        let v = &mut self.vips[i];
+        if v.fd.is_none() || v.closing {
+            return;
+        }
+        v.closing = true;
+        if v.in_flight & bit(OP_POLL) != 0 {
+            ctx.ring
+                .cancel(Token::entry(Kind::Vip, OP_POLL, i as u32, 0));
+        }
+        if v.in_flight == 0 {
+            v.fd = None;
         }
     }
 
