@@ -33,6 +33,9 @@ use crate::config::Protocol;
 use crate::dataplane::FlowEvents;
 use crate::snapshot::SharedSnapshot;
 
+mod access;
+mod limits;
+mod proxy_header;
 mod relay;
 mod ring;
 mod slab;
@@ -133,6 +136,10 @@ pub struct ProxyCounters {
     /// Connections and sessions ended by an error: a reset, a failed splice or send, or a
     /// local resource shortage (sockets, pipes).
     pub errors: u64,
+    /// New TCP connections and UDP sessions refused by a service's per-client limits
+    /// (`[service.limits]`), summed over services; per service see [`Proxy::limited`]. A
+    /// refused UDP datagram is also counted in `dropped_datagrams`.
+    pub limited: u64,
 }
 
 /// State shared by the workers and the [`Proxy`] handle.
@@ -142,6 +149,7 @@ struct Shared {
     no_backend: AtomicU64,
     dropped_datagrams: AtomicU64,
     errors: AtomicU64,
+    limited: AtomicU64,
     /// Set once by [`Proxy::shutdown`]: when the drain ends.
     deadline: Mutex<Option<Instant>>,
 }
@@ -201,6 +209,8 @@ struct ServiceInfo {
     retries: u32,
     /// Worker-local: set when the service was removed; its flows are cut at this instant.
     drain_until: Option<Instant>,
+    /// Per-client limits state, shared by the workers.
+    clients: Arc<limits::ClientTable>,
 }
 
 impl ServiceInfo {
@@ -216,6 +226,7 @@ impl ServiceInfo {
             retries: snap.retries,
             snapshot: service.snapshot.clone(),
             drain_until: None,
+            clients: Arc::new(limits::ClientTable::new()),
         }
     }
 
@@ -249,6 +260,7 @@ impl WorkerHandle {
 struct Carried {
     index: usize,
     listen: SocketAddr,
+    clients: Arc<limits::ClientTable>,
 }
 
 /// The running proxy: its worker threads and their listeners.
@@ -351,6 +363,7 @@ impl Proxy {
                     .map(|i| Carried {
                         index: i.index,
                         listen: i.listen,
+                        clients: i.clients.clone(),
                     })
                     .collect(),
             ),
@@ -407,7 +420,17 @@ impl Proxy {
             no_backend: self.shared.no_backend.load(Ordering::Relaxed),
             dropped_datagrams: self.shared.dropped_datagrams.load(Ordering::Relaxed),
             errors: self.shared.errors.load(Ordering::Relaxed),
+            limited: self.shared.limited.load(Ordering::Relaxed),
         }
+    }
+
+    /// New connections (TCP) or sessions (UDP) of service `index` refused by its per-client
+    /// limits since it started. `None` for an index the proxy does not carry.
+    pub fn limited(&self, index: usize) -> Option<u64> {
+        self.carried()
+            .iter()
+            .find(|c| c.index == index)
+            .map(|c| c.clients.refused.load(Ordering::Relaxed))
     }
 
     /// The address service `index` (its [`ProxyService::index`]) is bound to: its listen
@@ -473,6 +496,7 @@ impl Proxy {
         carried.push(Carried {
             index: info.index,
             listen: info.listen,
+            clients: info.clients.clone(),
         });
         tracing::info!(
             "service {}: proxying {:?} on {} with {} worker(s)",

@@ -27,6 +27,9 @@ use std::time::Instant;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use super::access::{self, End};
+use super::limits::Admission;
+use super::proxy_header::{self, Transport};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Datagrams, Local};
@@ -80,6 +83,19 @@ struct Session {
     answered: bool,
     /// The generation of the service's table this session's backend was last checked in.
     table_generation: u64,
+    /// Why it is closing (meaningful once `closing`).
+    end: End,
+    /// When it opened.
+    started: Instant,
+    /// Bytes delivered to the backend and to the client (without PROXY headers).
+    bytes: [u64; 2],
+    /// Whether its service logged access when it opened.
+    access_log: bool,
+    /// Its place in the service's per-client limits, given back when it ends.
+    admission: Admission,
+    /// The PROXY protocol v2 header that starts every datagram to the backend, if the
+    /// service sends one.
+    header: Option<Box<[u8]>>,
 }
 
 /// A worker's UDP services, VIP sockets and sessions.
@@ -188,7 +204,7 @@ impl Udp {
                 .is_some_and(|s| !s.closing && due.contains(&s.vip))
             {
                 cut += 1;
-                self.close(ctx, key);
+                self.close(ctx, key, End::DrainCut);
             }
         }
         for i in due {
@@ -331,7 +347,7 @@ impl Udp {
                 // The backend went DOWN: the client's next datagram opens a session to a
                 // backend that is up, as IPVS's expire_nodest_conn does, instead of feeding
                 // a dead backend until the idle timeout.
-                self.close(ctx, key);
+                self.close(ctx, key, End::BackendDown);
                 None
             }
             None => None,
@@ -344,10 +360,10 @@ impl Udp {
             }
             None => {
                 let opened = match self.successor(vip) {
-                    Some(next) if next == vip => self.open_session(ctx, vip, client),
+                    Some(next) if next == vip => self.open_session(ctx, vip, client, local),
                     Some(next) => match self.by_client.get(&(next, client)).copied() {
                         Some(key) => Some(key),
-                        None => self.open_session(ctx, next, client),
+                        None => self.open_session(ctx, next, client, local),
                     },
                     None => None,
                 };
@@ -368,11 +384,17 @@ impl Udp {
         if local.is_some() {
             s.local = local;
         }
-        match sys::send(s.fd.as_raw_fd(), data) {
+        let sent = match &s.header {
+            None => sys::send(s.fd.as_raw_fd(), data),
+            Some(header) => sys::send_prefixed(s.fd.as_raw_fd(), header, data)
+                .map(|n| n.saturating_sub(header.len())),
+        };
+        match sent {
             Ok(n) => {
                 s.stats
                     .bytes_to_backend
                     .fetch_add(n as u64, Ordering::Relaxed);
+                s.bytes[0] += n as u64;
                 s.last_active = ctx.now;
             }
             Err(e) => {
@@ -387,24 +409,79 @@ impl Udp {
         }
     }
 
+    /// Opens a session for `client` on VIP socket `vip` (`local`: the address the client
+    /// wrote to, when the socket is a wildcard); `None` when it was refused or failed (the
+    /// caller drops the datagram).
     fn open_session(
         &mut self,
         ctx: &mut Ctx,
         vip: usize,
         client: SocketAddr,
+        local: Option<Local>,
     ) -> Option<(u32, u32)> {
         let service_at = self.vips[vip].service;
         let service = &self.services[service_at];
         let snapshot = service.snapshot.load();
+        let admission = match service
+            .clients
+            .admit(client.ip(), &snapshot.limits, ctx.now)
+        {
+            Ok(admission) => admission,
+            Err(why) => {
+                Shared::count(&ctx.shared.limited, 1);
+                tracing::debug!(
+                    "service {}: new session from {client} refused by the limits ({why:?})",
+                    service.name
+                );
+                if snapshot.access_log {
+                    access::log(&access::Line {
+                        protocol: Protocol::Udp,
+                        service: &service.name,
+                        client,
+                        backend: None,
+                        bytes: [0, 0],
+                        duration: std::time::Duration::ZERO,
+                        end: End::LimitRefused,
+                    });
+                }
+                return None;
+            }
+        };
         let key = flow_key(client, service.listen, Protocol::Udp);
         let Some(backend) = snapshot
             .pick(&key, &[])
             .and_then(|id| snapshot.backends.get(id))
         else {
+            service.clients.release(admission);
             Shared::count(&ctx.shared.no_backend, 1);
+            if snapshot.access_log {
+                access::log(&access::Line {
+                    protocol: Protocol::Udp,
+                    service: &service.name,
+                    client,
+                    backend: None,
+                    bytes: [0, 0],
+                    duration: std::time::Duration::ZERO,
+                    end: End::NoBackend,
+                });
+            }
             self.log_no_backend(ctx, service_at, client);
             return None;
         };
+        // The VIP the header names: the address the client wrote to.
+        let vip_addr = match local {
+            Some(local) if service.listen.ip().is_unspecified() => {
+                SocketAddr::new(local.ip(), service.listen.port())
+            }
+            _ => service.listen,
+        };
+        let header = proxy_header::header(
+            snapshot.proxy_protocol,
+            client,
+            vip_addr,
+            Transport::Datagram,
+        )
+        .map(Vec::into_boxed_slice);
         let (addr, stats) = (backend.address, backend.stats.clone());
         let socket = match Socket::new(
             Domain::for_address(addr),
@@ -420,6 +497,7 @@ impl Udp {
                     );
                 }
                 Shared::count(&ctx.shared.errors, 1);
+                service.clients.release(admission);
                 return None;
             }
         };
@@ -432,6 +510,7 @@ impl Udp {
                 service.name,
                 snapshot.generation
             );
+            service.clients.release(admission);
             return None;
         }
         let fd: OwnedFd = socket.into();
@@ -449,6 +528,12 @@ impl Udp {
             closing: false,
             answered: false,
             table_generation: snapshot.generation,
+            end: End::Error,
+            started: ctx.now,
+            bytes: [0, 0],
+            access_log: snapshot.access_log,
+            admission,
+            header,
         });
         ctx.ring.poll(
             raw,
@@ -528,7 +613,7 @@ impl Udp {
                 Err(e) => {
                     tracing::debug!("receive from backend {}: {e}", s.backend);
                     Shared::count(&ctx.shared.errors, 1);
-                    self.close(ctx, key);
+                    self.close(ctx, key, End::Error);
                     break;
                 }
             };
@@ -547,6 +632,7 @@ impl Udp {
             s.stats
                 .bytes_from_backend
                 .fetch_add(bytes, Ordering::Relaxed);
+            s.bytes[1] += bytes;
             if sent < n {
                 Shared::count(&ctx.shared.dropped_datagrams, (n - sent) as u64);
                 if let Some(e) = error {
@@ -572,7 +658,7 @@ impl Udp {
             s.backend,
             s.table_generation
         );
-        self.close(ctx, key);
+        self.close(ctx, key, End::Error);
     }
 
     /// Whether session `key`'s backend is still up in the service's current table. A
@@ -595,7 +681,7 @@ impl Udp {
 
     /// Starts closing a session: it stops receiving client datagrams at once, and is freed
     /// when its operations have completed.
-    fn close(&mut self, ctx: &mut Ctx, key: (u32, u32)) {
+    fn close(&mut self, ctx: &mut Ctx, key: (u32, u32), end: End) {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return;
         };
@@ -603,6 +689,7 @@ impl Udp {
             return;
         }
         s.closing = true;
+        s.end = end;
         if self.by_client.get(&(s.vip, s.client)) == Some(&key) {
             self.by_client.remove(&(s.vip, s.client));
         }
@@ -624,6 +711,19 @@ impl Udp {
         }
         s.stats.closed();
         ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
+        let info = &self.services[self.vips[s.vip].service];
+        info.clients.release(s.admission);
+        if s.access_log {
+            access::log(&access::Line {
+                protocol: Protocol::Udp,
+                service: &info.name,
+                client: s.client,
+                backend: Some(s.backend),
+                bytes: s.bytes,
+                duration: ctx.now.saturating_duration_since(s.started),
+                end: if s.closing { s.end } else { End::Error },
+            });
+        }
         let v = &mut self.vips[s.vip];
         v.sessions = v.sessions.saturating_sub(1);
         if v.sessions == 0 && self.services[v.service].removed() {
@@ -656,7 +756,7 @@ impl Udp {
             }
         }
         for key in idle {
-            self.close(ctx, key);
+            self.close(ctx, key, End::Idle);
         }
     }
 
@@ -705,7 +805,7 @@ impl Udp {
                 .is_some_and(|s| !s.closing)
             {
                 cut += 1;
-                self.close(ctx, key);
+                self.close(ctx, key, End::DrainCut);
             }
         }
         self.close_vips(ctx);
