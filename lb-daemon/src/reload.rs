@@ -2,11 +2,14 @@
 //! difference to the running daemon.
 //!
 //! A file that does not parse or validate is refused with the reason and the running config
-//! stays. A good one is applied as a diff, services matched by name: a service whose
-//! backends, weights, scheduler, health checks, slow start or DNS names changed gets a new
-//! snapshot (backends that stay keep their counters and health); established connections
-//! are never touched. Changes the running data plane cannot take in place are refused with
-//! the reason, so nothing is half-applied and nothing is silently ignored.
+//! stays. A good one is applied as a diff, services matched by name: a new service starts,
+//! a service that is gone drains (no new flows; open ones finish within `drain_timeout`), a
+//! service that moved to another address or protocol is started there and drained here,
+//! and a service whose backends, weights, scheduler, health checks, slow start, DNS names,
+//! PROXY protocol, limits or access log changed gets a new snapshot (backends that stay keep
+//! their counters and health). Established connections are never touched. Changes the
+//! running data plane cannot take in place are refused with the reason, so nothing is
+//! half-applied and nothing is silently ignored.
 
 use std::sync::Arc;
 
@@ -14,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::{self, Config, Service};
 use crate::control::Control;
+use crate::dataplane::proxy::ProxyService;
 use crate::service::ServiceRuntime;
 
 /// What a reload would do to the running services.
@@ -30,9 +34,9 @@ pub struct Plan {
 /// Compares the config in force (`running`, carried by `services`) with `new`.
 ///
 /// Returns `Err(reason)` for a change that cannot be applied without a restart: `[global]
-/// workers`, the `[admin]` addresses, or a same-named service's data plane, timeouts,
-/// retries, PROXY protocol, limits or access log; and, in this build, any service added,
-/// removed, or moved to another address or protocol.
+/// workers`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
+/// retries at the same address (the proxy fixes them when a service starts, and replacing
+/// the service on the same address would reset connections waiting to be accepted).
 pub fn plan(
     running: &Config,
     new: &Config,
@@ -72,14 +76,6 @@ pub fn plan(
             plan.remove.push(Arc::clone(r));
         }
     }
-    if !plan.add.is_empty() || !plan.remove.is_empty() {
-        let names = |v: Vec<String>| v.join(", ");
-        return Err(format!(
-            "services added ({}) or removed ({}): starting and stopping services on reload is not supported yet; restart the daemon",
-            names(plan.add.iter().map(|s| s.name.clone()).collect()),
-            names(plan.remove.iter().map(|s| s.name().to_string()).collect()),
-        ));
-    }
     Ok(plan)
 }
 
@@ -98,23 +94,18 @@ fn fixed_field_changed(old: &Service, new: &Service) -> Option<&'static str> {
     if old.retries != new.retries {
         return Some("retries");
     }
-    if old.proxy_protocol != new.proxy_protocol {
-        return Some("proxy_protocol");
-    }
-    if old.limits != new.limits {
-        return Some("limits");
-    }
-    if old.access_log != new.access_log {
-        return Some("access_log");
-    }
     None
 }
 
 /// Reads the config file again and applies it. Returns a one-line summary of what changed,
 /// or why the file was refused (the running config then stays). Logs either way.
-pub async fn reload(control: &Control) -> Result<String, String> {
+pub async fn reload(control: &Arc<Control>) -> Result<String, String> {
     let _one_at_a_time = control.reload_guard().await;
-    let outcome = apply(control);
+    // Starting and stopping proxy services blocks until the workers confirm.
+    let c = Arc::clone(control);
+    let outcome = tokio::task::spawn_blocking(move || apply(&c))
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
     match &outcome {
         Ok(summary) => info!("reload of {}: applied: {summary}", control.path().display()),
         Err(why) => warn!(
@@ -131,18 +122,128 @@ fn apply(control: &Control) -> Result<String, String> {
     let running = control.config();
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
-    let mut changed = Vec::new();
+    let drain_timeout = new.global.drain_timeout;
+
+    // A removed service whose address an added one takes must let go of it first.
+    let (early, late): (Vec<_>, Vec<_>) = plan.remove.into_iter().partition(|r| {
+        let c = r.config();
+        plan.add
+            .iter()
+            .any(|a| a.listen == c.listen && a.protocol == c.protocol)
+    });
+    for r in &early {
+        stop_service(control, r, drain_timeout);
+    }
+
+    // Start the new services; if one cannot (its address is taken), undo the others and
+    // refuse the reload.
+    let mut started: Vec<Arc<ServiceRuntime>> = Vec::new();
+    for s in &plan.add {
+        match start_service(control, s) {
+            Ok(runtime) => started.push(runtime),
+            Err(why) => {
+                for r in &started {
+                    stop_service(control, r, std::time::Duration::ZERO);
+                }
+                // Put back the services that made room for it, under new numbers.
+                let mut back = Vec::new();
+                for r in &early {
+                    match start_service(control, &r.config()) {
+                        Ok(n) => back.push((Arc::clone(r), n)),
+                        Err(e) => warn!("service {} could not be restarted: {e}", r.name()),
+                    }
+                }
+                let list = services
+                    .iter()
+                    .filter_map(|r| match back.iter().find(|(old, _)| Arc::ptr_eq(old, r)) {
+                        Some((_, n)) => Some(Arc::clone(n)),
+                        None if early.iter().any(|e| Arc::ptr_eq(e, r)) => None,
+                        None => Some(Arc::clone(r)),
+                    })
+                    .collect();
+                control.services().set(list);
+                return Err(why);
+            }
+        }
+    }
+
+    let mut updated = Vec::new();
     for (runtime, service) in plan.update {
-        let old = runtime.config();
-        if old != service {
-            changed.push(service.name.clone());
+        if runtime.config() != service {
+            updated.push(service.name.clone());
             runtime.update(service);
         }
     }
+    // The running list in the new file's order.
+    let mut next = Vec::with_capacity(new.services.len());
+    for s in &new.services {
+        if let Some(r) = started.iter().find(|r| r.name() == s.name) {
+            next.push(Arc::clone(r));
+        } else if let Some(r) = services
+            .iter()
+            .find(|r| r.name() == s.name && !early.iter().chain(&late).any(|x| Arc::ptr_eq(x, r)))
+        {
+            next.push(Arc::clone(r));
+        }
+    }
+    control.services().set(next);
+    for r in &late {
+        stop_service(control, r, drain_timeout);
+    }
     control.set_config(new);
-    Ok(if changed.is_empty() {
+
+    let mut parts = Vec::new();
+    if !started.is_empty() {
+        parts.push(format!("started {}", names(&started)));
+    }
+    let removed: Vec<_> = early.iter().chain(&late).cloned().collect();
+    if !removed.is_empty() {
+        parts.push(format!("draining {}", names(&removed)));
+    }
+    if !updated.is_empty() {
+        parts.push(format!("updated {}", updated.join(", ")));
+    }
+    Ok(if parts.is_empty() {
         "no change".to_string()
     } else {
-        format!("updated services {}", changed.join(", "))
+        parts.join("; ")
     })
+}
+
+/// Starts `s` as a new service on the proxy (a new number) with its control tasks.
+fn start_service(control: &Control, s: &Service) -> Result<Arc<ServiceRuntime>, String> {
+    let index = control.services().allocate_index();
+    let runtime =
+        ServiceRuntime::new(index, s.clone()).map_err(|e| format!("service `{}`: {e}", s.name))?;
+    control
+        .with_proxy(|p| {
+            p.add_service(ProxyService {
+                index,
+                snapshot: runtime.snapshot(),
+            })
+        })
+        .unwrap_or(Err(crate::dataplane::proxy::ProxyError::Stopped(index)))
+        .map_err(|e| format!("service `{}`: {e}", s.name))?;
+    runtime.start();
+    Ok(runtime)
+}
+
+/// Stops new flows to a service (its listeners close), lets its open ones finish within
+/// `drain_timeout`, and ends its health checks and resolvers.
+fn stop_service(control: &Control, r: &ServiceRuntime, drain_timeout: std::time::Duration) {
+    control.with_proxy(|p| p.remove_service(r.index(), drain_timeout));
+    r.stop();
+    info!(
+        "service {}: stopped accepting; {} open connections and sessions may finish within {}",
+        r.name(),
+        r.active(),
+        humantime::format_duration(drain_timeout)
+    );
+}
+
+fn names(v: &[Arc<ServiceRuntime>]) -> String {
+    v.iter()
+        .map(|r| r.name().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
