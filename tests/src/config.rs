@@ -88,6 +88,15 @@ impl ServiceConfig {
         self
     }
 
+    /// A `[[service.backend]]` given as `name:port`, resolved by the daemon (DNS discovery).
+    pub fn backend_named(mut self, address: &str, weight: u32) -> Self {
+        let mut b = Table::new();
+        b.insert("address".into(), address.into());
+        b.insert("weight".into(), i64::from(weight).into());
+        self.backends.push(b);
+        self
+    }
+
     fn into_table(self) -> Table {
         let mut t = self.table;
         if !self.health.is_empty() {
