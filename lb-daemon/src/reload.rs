@@ -247,3 +247,87 @@ fn names(v: &[Arc<ServiceRuntime>]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:8080"
+protocol = "tcp"
+{extra}
+[[service.backend]]
+address = "127.0.0.1:9001"
+"#
+        );
+        config::parse(&text, Path::new("test.toml")).expect("valid test config")
+    }
+
+    fn running(c: &Config) -> Vec<Arc<ServiceRuntime>> {
+        c.services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ServiceRuntime::new(i, s.clone()).expect("builds"))
+            .collect()
+    }
+
+    #[test]
+    fn backend_and_limit_changes_update_in_place() {
+        let old = config("");
+        let new = config("slow_start = \"10s\"\naccess_log = true\n");
+        let p = plan(&old, &new, &running(&old)).expect("a hot change");
+        assert_eq!(p.update.len(), 1, "the service is updated in place");
+        assert!(p.add.is_empty() && p.remove.is_empty());
+    }
+
+    #[test]
+    fn timeouts_of_a_running_service_need_a_restart() {
+        let old = config("");
+        let new = config("connect_timeout = \"1s\"\n");
+        let why = plan(&old, &new, &running(&old))
+            .err()
+            .expect("must be refused");
+        assert!(
+            why.contains("connect_timeout") && why.contains("web"),
+            "the refusal should name the service and the key: {why}"
+        );
+    }
+
+    #[test]
+    fn a_moved_service_is_replaced_and_a_renamed_one_is_added_and_removed() {
+        let old = config("");
+        let moved = config("").services[0].clone();
+        let mut new = old.clone();
+        new.services[0].listen = "127.0.0.1:8081".parse().expect("literal");
+        let p = plan(&old, &new, &running(&old)).expect("a move is applied");
+        assert_eq!((p.add.len(), p.remove.len(), p.update.len()), (1, 1, 0));
+        let mut renamed = old.clone();
+        renamed.services[0] = Service {
+            name: "api".into(),
+            ..moved
+        };
+        let p = plan(&old, &renamed, &running(&old)).expect("a rename is applied");
+        assert_eq!(p.add[0].name, "api");
+        assert_eq!(p.remove[0].name(), "web");
+    }
+
+    #[test]
+    fn workers_and_admin_need_a_restart() {
+        let old = config("");
+        let mut new = old.clone();
+        new.global.workers = 7;
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.contains("workers")));
+        let mut new = old.clone();
+        new.admin.listen = "127.0.0.1:9999".parse().expect("literal");
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.contains("admin")));
+    }
+}
