@@ -76,6 +76,17 @@ pub fn plan(
             plan.remove.push(Arc::clone(r));
         }
     }
+    // As at start (daemon.rs): only the proxy carries services in this build.
+    if let Some(s) = plan
+        .add
+        .iter()
+        .find(|s| s.dataplane == config::DataplaneKind::Xdp)
+    {
+        return Err(format!(
+            "service `{}`: dataplane = \"xdp\" is not available in this build; use \"auto\" or \"proxy\"",
+            s.name
+        ));
+    }
     Ok(plan)
 }
 
