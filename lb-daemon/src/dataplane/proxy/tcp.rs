@@ -647,28 +647,29 @@ impl Tcp {
         // The PROXY protocol header goes into the empty client-to-backend pipe: the relay
         // delivers it first (with its partial writes and polls) and reads the client only
         // once it is out, so no client byte can overtake it.
-        let header = match proxy_header_for(&a.snapshot, &conn.client, conn.client_addr) {
-            Ok(header) => header,
+        // A backend that expects a header cannot take the connection without one, so any
+        // failure here closes it. A write of at most PIPE_BUF bytes into an empty pipe is
+        // whole or fails.
+        let queued =
+            proxy_header_for(&a.snapshot, &conn.client, conn.client_addr).and_then(|header| {
+                match header {
+                    None => Ok(0),
+                    Some(h) => match sys::write(pipes[TO_BACKEND].write.as_fd(), &h)? {
+                        n if n == h.len() => Ok(n as u32),
+                        n => Err(io::Error::other(format!(
+                            "only {n} of {} bytes went into the pipe",
+                            h.len()
+                        ))),
+                    },
+                }
+            });
+        let header_len = match queued {
+            Ok(n) => n,
             Err(e) => {
                 tracing::warn!(
-                    "service {}: cannot build the PROXY protocol header for {}: {e}",
+                    "service {}: cannot queue the PROXY protocol header for {}: {e}",
                     service.name,
                     conn.client_addr
-                );
-                None
-            }
-        };
-        // A write of at most PIPE_BUF bytes into an empty pipe is whole or fails.
-        let queued = header
-            .as_deref()
-            .map(|h| (h.len(), sys::write(pipes[TO_BACKEND].write.as_fd(), h)));
-        let header_len = match queued {
-            None => 0,
-            Some((len, Ok(n))) if n == len => n as u32,
-            Some((_, result)) => {
-                tracing::warn!(
-                    "service {}: cannot queue the PROXY protocol header: {result:?}",
-                    service.name
                 );
                 Shared::count(&ctx.shared.errors, 1);
                 drop((socket, pipes));
