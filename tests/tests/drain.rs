@@ -1,5 +1,6 @@
 //! Draining a backend mid-load: it gets no new connection, its open ones finish
-//! byte-complete, and status shows their count going to zero.
+//! byte-complete, and status shows their count going to zero. Enabling it again with
+//! `slow_start` ramps its weight up in steps.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -124,5 +125,70 @@ fn a_drained_backend_gets_no_new_flow_and_its_open_connections_finish() {
         seen.last(),
         Some(&0),
         "status should show drained a's connections going to zero; it showed {seen:?}"
+    );
+}
+
+#[test]
+fn an_enabled_backend_ramps_up_with_slow_start() {
+    let a = lb_tests::HttpNameServer::start("a").expect("backend starts");
+    let b = lb_tests::HttpNameServer::start("b").expect("backend starts");
+    let vip = free_addr();
+    let daemon = Daemon::start(
+        &DaemonConfig::new()
+            .service(
+                ServiceConfig::tcp("web", vip)
+                    .scheduler("weighted_round_robin")
+                    .fast_health("http")
+                    .set("slow_start", "3s")
+                    .backend(a.addr(), 100)
+                    .backend(b.addr(), 100),
+            )
+            .to_toml(),
+    );
+    let api = daemon.admin_addr();
+    let target = api.to_string();
+    let b_addr = b.addr().to_string();
+    let out = cli(&target, &["drain", "web", &b_addr]);
+    assert_eq!(out.code, Some(0), "`lb-daemon drain` failed: {out:?}");
+    let out = cli(&target, &["enable", "web", &b_addr]);
+    assert_eq!(out.code, Some(0), "`lb-daemon enable` failed: {out:?}");
+
+    // Right after enable, b takes new flows again, but far from its full share.
+    let st = admin::status(api);
+    let b_st = admin::backend(&st, "web", b.addr()).expect("b is listed");
+    assert_eq!(b_st["state"], "slow_start", "b right after enable: {b_st}");
+    let w = b_st["effective_weight"].as_u64().expect("a weight");
+    assert!(
+        (1..100).contains(&w),
+        "an enabled backend should start its ramp low, not at its full weight 100 (it has {w})"
+    );
+
+    // The ramp ends at the full weight.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = vec![w];
+    loop {
+        let st = admin::status(api);
+        let b_st = admin::backend(&st, "web", b.addr()).expect("b is listed");
+        let w = b_st["effective_weight"].as_u64().expect("a weight");
+        if seen.last() != Some(&w) {
+            seen.push(w);
+        }
+        if (w == 100 && b_st["state"] == "active") || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&100),
+        "b's weight should ramp up to 100 over slow_start; it went {seen:?}"
+    );
+    assert!(
+        seen.len() >= 3,
+        "the ramp should go up in steps, not jump: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|p| p[0] <= p[1]),
+        "the ramp should only go up: {seen:?}"
     );
 }
