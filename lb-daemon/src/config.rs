@@ -29,6 +29,8 @@ pub const MAX_TABLE_SIZE: u32 = 16_777_259;
 pub struct Config {
     /// Process-wide settings from `[global]`.
     pub global: Global,
+    /// Where the admin API listens (`[admin]`).
+    pub admin: Admin,
     /// The services, in file order; names and listen addresses are unique.
     pub services: Vec<Service>,
 }
@@ -40,6 +42,31 @@ pub struct Global {
     pub workers: usize,
     /// On SIGTERM/SIGINT, how long open connections may take to finish before the daemon exits.
     pub drain_timeout: Duration,
+}
+
+/// The admin API's addresses (`[admin]`): status, metrics, drain/enable/weight, reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// TCP address of the HTTP admin API; default `127.0.0.1:9100`. Port 0 picks a free
+    /// port (the daemon logs it).
+    pub listen: SocketAddr,
+    /// A unix socket path to serve the same API on, too (access is the file's permissions).
+    pub socket: Option<PathBuf>,
+}
+
+/// The admin API's default address: loopback only, like HAProxy's stats socket.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9100,
+));
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: DEFAULT_ADMIN_LISTEN,
+            socket: None,
+        }
+    }
 }
 
 /// One load-balanced service: a VIP and port, a protocol, a scheduler and its backends.
@@ -67,8 +94,15 @@ pub struct Service {
     pub table_size: u32,
     /// Active health checking.
     pub health: HealthCheck,
-    /// The backends, in file order; addresses are unique within the service.
+    /// The backends given as `ip:port`, in file order; addresses are unique within the service.
     pub backends: Vec<Backend>,
+    /// The backends given as `name:port`: each resolves to any number of backends.
+    pub discovered: Vec<DnsBackend>,
+    /// How often the names in `discovered` are resolved again.
+    pub resolve_interval: Duration,
+    /// A backend that comes up, is enabled or added ramps its weight from 1 to its full weight
+    /// over this time (HAProxy's `slowstart`); `None` gives it the full weight at once.
+    pub slow_start: Option<Duration>,
     /// The PROXY protocol header the proxy sends a backend before the client's bytes, so the
     /// backend learns the client's address. In XDP `dsr` mode the address is real already.
     pub proxy_protocol: ProxyProtocol,
@@ -110,6 +144,24 @@ pub struct Backend {
     pub address: SocketAddr,
     /// Relative share of new flows, `0..=MAX_WEIGHT`; 0 drains the backend (no new flows).
     pub weight: u32,
+}
+
+/// A backend given by DNS name (`app:3000`): every A and AAAA record of `host` becomes a
+/// backend `record:port` with `weight`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackend {
+    /// The name to resolve with the system resolver.
+    pub host: String,
+    /// The port of every resolved backend.
+    pub port: u16,
+    /// The weight of every resolved backend, `0..=MAX_WEIGHT`.
+    pub weight: u32,
+}
+
+impl fmt::Display for DnsBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
 }
 
 /// Transport protocol of a service.
@@ -326,6 +378,8 @@ struct RawConfig {
     #[serde(default)]
     global: RawGlobal,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     service: Vec<Spanned<RawService>>,
 }
 
@@ -335,6 +389,13 @@ struct RawGlobal {
     workers: Option<Spanned<usize>>,
     #[serde(default, deserialize_with = "de_duration")]
     drain_timeout: Option<Spanned<Duration>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<SocketAddr>,
+    socket: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -361,6 +422,10 @@ struct RawService {
     limits: Option<RawLimits>,
     #[serde(default)]
     access_log: bool,
+    #[serde(default, deserialize_with = "de_duration")]
+    slow_start: Option<Spanned<Duration>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    resolve_interval: Option<Spanned<Duration>>,
 }
 
 #[derive(Deserialize)]
@@ -374,7 +439,7 @@ struct RawLimits {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackend {
-    address: Spanned<SocketAddr>,
+    address: Spanned<String>,
     weight: Option<Spanned<i64>>,
 }
 
@@ -509,7 +574,25 @@ impl Validator<'_> {
             }
             services.push(self.service(i, svc_span, name, listen, svc)?);
         }
-        Ok(Config { global, services })
+        let admin = Admin {
+            listen: raw.admin.listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
+            socket: match raw.admin.socket {
+                None => None,
+                Some(p) if p.get_ref().is_absolute() => Some(p.into_inner()),
+                Some(p) => {
+                    return Err(self.invalid(
+                        p.span(),
+                        "admin.socket".into(),
+                        format!("`{}` must be an absolute path", p.get_ref().display()),
+                    ))
+                }
+            },
+        };
+        Ok(Config {
+            global,
+            admin,
+            services,
+        })
     }
 
     fn service(
@@ -556,16 +639,28 @@ impl Validator<'_> {
             ));
         }
         let mut backends = Vec::with_capacity(svc.backend.len());
-        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut discovered = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
         for (j, b) in svc.backend.into_iter().enumerate() {
             let b = b.into_inner();
             let addr_span = b.address.span();
-            let address = b.address.into_inner();
-            if let Some(first) = seen.insert(address, j) {
+            let text = b.address.into_inner();
+            let address = parse_backend_address(text.trim()).map_err(|message| {
+                self.invalid(
+                    addr_span.clone(),
+                    format!("service[{i}].backend[{j}].address"),
+                    message,
+                )
+            })?;
+            let key = match &address {
+                Ok(a) => a.to_string(),
+                Err((host, port)) => format!("{}:{port}", host.to_ascii_lowercase()),
+            };
+            if let Some(first) = seen.insert(key.clone(), j) {
                 return Err(self.invalid(
                     addr_span,
                     format!("service[{i}].backend[{j}].address"),
-                    format!("duplicate backend {address} (also backend[{first}])"),
+                    format!("duplicate backend {key} (also backend[{first}])"),
                 ));
             }
             let weight = match b.weight {
@@ -582,9 +677,17 @@ impl Validator<'_> {
                     v as u32
                 }
             };
-            backends.push(Backend { address, weight });
+            match address {
+                Ok(address) => backends.push(Backend { address, weight }),
+                Err((host, port)) => discovered.push(DnsBackend { host, port, weight }),
+            }
         }
-        if backends.iter().all(|b| b.weight == 0) {
+        if backends
+            .iter()
+            .map(|b| b.weight)
+            .chain(discovered.iter().map(|d| d.weight))
+            .all(|w| w == 0)
+        {
             return Err(self.invalid(
                 svc_span.clone(),
                 f("backend"),
@@ -623,6 +726,16 @@ impl Validator<'_> {
             table_size,
             health,
             backends,
+            discovered,
+            resolve_interval: self.positive(
+                svc.resolve_interval,
+                Duration::from_secs(5),
+                || f("resolve_interval"),
+            )?,
+            slow_start: match svc.slow_start {
+                None => None,
+                Some(d) => Some(self.positive(Some(d), Duration::ZERO, || f("slow_start"))?),
+            },
             proxy_protocol: match svc.proxy_protocol {
                 None => ProxyProtocol::Off,
                 Some(p) if *p.get_ref() == ProxyProtocol::V1 && svc.protocol == Protocol::Udp => {
@@ -852,6 +965,43 @@ impl Validator<'_> {
             fall,
         })
     }
+}
+
+/// A backend address: `Ok(ip:port)`, or `Err((name, port))` for a DNS name to resolve.
+/// The outer `Err` says why the text is neither.
+type BackendAddress = Result<SocketAddr, (String, u16)>;
+
+fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(Ok(a));
+    }
+    let hint = "write it as \"IPv4:port\", \"[IPv6]:port\" or \"name:port\"";
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("invalid socket address `{text}`: no port; {hint}"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("invalid socket address `{text}`: `{port}` is not a port; {hint}"))?;
+    // A DNS name (RFC 1123 labels); anything else, an IPv6 address without brackets say, is
+    // a typo and better refused than looked up.
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(valid_label) {
+        return Err(format!(
+            "invalid socket address `{text}`: `{host}` is neither an IP address nor a DNS name; {hint}"
+        ));
+    }
+    if port == 0 {
+        return Err(format!("`{text}` has port 0; a backend needs a real port"));
+    }
+    Ok(Err((name.to_string(), port)))
 }
 
 /// Whether `n` is prime (trial division; fine for table sizes up to 2^24).

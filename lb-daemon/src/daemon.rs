@@ -1,15 +1,18 @@
-//! `lb-daemon run`: starts every service on its data plane, runs the health checks, and
-//! drains on SIGTERM/SIGINT.
+//! `lb-daemon run`: starts every service on its data plane, runs the health checks and the
+//! admin API, reloads on SIGHUP, and drains on SIGTERM/SIGINT.
 
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::admin::api::ApiError;
 use crate::config::{Config, DataplaneKind, Protocol};
+use crate::control::Control;
 use crate::dataplane::proxy::{Proxy, ProxyError, ProxyOptions, ProxyService, SpliceMode};
 use crate::scheduler::SchedulerError;
-use crate::service::{PassiveFeedback, ServiceRuntime};
+use crate::service::{PassiveFeedback, ServiceRuntime, ServiceSet};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,9 @@ pub enum DaemonError {
     /// The proxy could not start (a listen address in use, no io_uring...).
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// The admin API could not listen on its address.
+    #[error(transparent)]
+    Admin(#[from] ApiError),
     /// The signal handlers or the async runtime could not be set up.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
@@ -41,23 +47,28 @@ pub enum DaemonError {
 /// Queued passive connect outcomes before the data plane starts dropping them.
 const PASSIVE_QUEUE: usize = 4096;
 
-/// Runs `config` until SIGTERM or SIGINT, then stops accepting, lets open connections finish
-/// for up to `global.drain_timeout`, and returns.
+/// Runs `config` (read from `path`, which SIGHUP and `POST /reload` read again) until
+/// SIGTERM or SIGINT, then stops accepting, lets open connections finish for up to
+/// `global.drain_timeout`, and returns.
 ///
 /// Returns `Err(DaemonError::Dataplane)` for `dataplane = "xdp"` (the XDP path is not in this
-/// build yet), `Err(DaemonError::Proxy)` when a listener cannot be bound.
-pub fn run(config: Config) -> Result<(), DaemonError> {
+/// build yet), `Err(DaemonError::Proxy)` when a listener cannot be bound,
+/// `Err(DaemonError::Admin)` when the admin API cannot listen.
+pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
+    let set = ServiceSet::new();
     let services = config
         .services
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            ServiceRuntime::new(i, s.clone()).map_err(|source| DaemonError::Scheduler {
-                service: s.name.clone(),
-                source,
+        .map(|s| {
+            ServiceRuntime::new(set.allocate_index(), s.clone()).map_err(|source| {
+                DaemonError::Scheduler {
+                    service: s.name.clone(),
+                    source,
+                }
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    set.set(services.clone());
 
     for s in &services {
         let c = s.config();
@@ -89,7 +100,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (feedback, passive_rx) = PassiveFeedback::new(services.clone(), PASSIVE_QUEUE);
+    let (feedback, passive_rx) = PassiveFeedback::new(set.clone(), PASSIVE_QUEUE);
     let proxy = Proxy::start_with(
         services
             .iter()
@@ -109,35 +120,49 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    let drain_timeout = config.global.drain_timeout;
+    let admin = config.admin.clone();
+    let control = Control::new(path, config, set.clone(), proxy, "proxy");
     let result = rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
-        let checks: Vec<_> = services
-            .iter()
-            .flat_map(|s| s.spawn_health_checks())
-            .collect();
-        let passive = tokio::spawn(PassiveFeedback::apply(services.clone(), passive_rx));
+        let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
+        for s in &services {
+            s.start();
+        }
+        let passive = tokio::spawn(PassiveFeedback::apply(set.clone(), passive_rx));
+        let (_, api) = crate::admin::api::serve(control.clone(), &admin).await?;
         info!(
             "ready: {} services, {workers} proxy workers",
             services.len()
         );
-        let why = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let why = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading {}", control.path().display());
+                    let _logged = crate::reload::reload(&control).await;
+                }
+            }
         };
         info!(
             "{why}: no longer accepting; draining {} open connections and sessions for up to {}",
-            proxy.active(),
-            humantime::format_duration(drain_timeout)
+            control.with_proxy(|p| p.active()).unwrap_or(0),
+            humantime::format_duration(control.config().global.drain_timeout)
         );
-        for c in checks {
-            c.abort();
+        for s in set.all().iter() {
+            s.stop();
+        }
+        for t in api {
+            t.abort();
         }
         passive.abort();
         Ok::<(), DaemonError>(())
     });
-    let cut = proxy.shutdown(drain_timeout);
+    let drain_timeout = control.config().global.drain_timeout;
+    let cut = control
+        .take_proxy()
+        .map_or(0, |proxy| proxy.shutdown(drain_timeout));
     if cut > 0 {
         warn!("drain timeout reached: closed {cut} connections and sessions that were still open");
     }

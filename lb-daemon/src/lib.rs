@@ -4,11 +4,15 @@
 //! [`dataplane`]. The data planes never reach back into config parsing.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod maglev;
+pub mod reload;
 pub mod scheduler;
 pub mod service;
 pub mod snapshot;

@@ -1,9 +1,11 @@
-//! The `lb-daemon` binary: `run` the balancer or `check` a config, like `nginx -t`.
+//! The `lb-daemon` binary: `run` the balancer, `check` a config like `nginx -t`, and talk
+//! to a running daemon's admin API (`status`, `drain`, `enable`, `weight`, `reload`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hyper::Method;
 use lb_daemon::config;
 
 /// lb: an L4 (TCP and UDP) load balancer.
@@ -28,6 +30,56 @@ enum Command {
         #[arg(short, long, default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
     },
+    /// Shows every service and backend of a running daemon: health, weights, connections, bytes.
+    Status {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Prints the API's JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drains a backend: no new connections or sessions, open ones finish.
+    Drain {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// The service's name.
+        service: String,
+        /// The backend's address, ip:port.
+        backend: String,
+    },
+    /// Ends a drain: the backend takes new connections again (ramping up with slow_start).
+    Enable {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// The service's name.
+        service: String,
+        /// The backend's address, ip:port.
+        backend: String,
+    },
+    /// Sets a backend's weight (0..=256; 0 drains) until a reload changes its configured weight.
+    Weight {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// The service's name.
+        service: String,
+        /// The backend's address, ip:port.
+        backend: String,
+        /// The new weight.
+        weight: u32,
+    },
+    /// Makes the daemon re-read its config file; prints what changed, or why it was refused.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArg,
+    },
+}
+
+/// Where the running daemon's admin API is.
+#[derive(clap::Args)]
+struct AdminArg {
+    /// The admin API: host:port ([admin] listen) or the path of its unix socket.
+    #[arg(long, env = "LB_ADMIN", default_value = "127.0.0.1:9100")]
+    admin: String,
 }
 
 /// Exit status for a config that cannot be used, as `nginx -t` and HAProxy `-c` do.
@@ -37,6 +89,61 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
+        Command::Status { admin, json } => {
+            admin_call(&admin.admin, Method::GET, "/status".into(), None, |body| {
+                if json {
+                    body.to_string()
+                } else {
+                    match serde_json::from_str(body) {
+                        Ok(v) => lb_daemon::admin::client::status_table(&v),
+                        Err(_) => body.to_string(),
+                    }
+                }
+            })
+        }
+        Command::Drain {
+            admin,
+            service,
+            backend,
+        } => admin_call(
+            &admin.admin,
+            Method::POST,
+            backend_path(&service, &backend, "drain"),
+            None,
+            |_| format!("{backend} of {service}: draining (no new flows; open ones finish)"),
+        ),
+        Command::Enable {
+            admin,
+            service,
+            backend,
+        } => admin_call(
+            &admin.admin,
+            Method::POST,
+            backend_path(&service, &backend, "enable"),
+            None,
+            |_| format!("{backend} of {service}: enabled"),
+        ),
+        Command::Weight {
+            admin,
+            service,
+            backend,
+            weight,
+        } => admin_call(
+            &admin.admin,
+            Method::POST,
+            backend_path(&service, &backend, "weight"),
+            Some(serde_json::json!({ "weight": weight }).to_string()),
+            |_| format!("{backend} of {service}: weight {weight}"),
+        ),
+        Command::Reload { admin } => {
+            admin_call(&admin.admin, Method::POST, "/reload".into(), None, |body| {
+                let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+                format!(
+                    "reloaded: {}",
+                    v.get("applied").and_then(|a| a.as_str()).unwrap_or(body)
+                )
+            })
+        }
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
                 println!(
@@ -61,13 +168,65 @@ fn main() -> ExitCode {
                 }
             };
             tracing::info!("config {} loaded", config.display());
-            match lb_daemon::daemon::run(cfg) {
+            match lb_daemon::daemon::run(cfg, &config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{:#}", anyhow::Error::from(e));
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Exit status when the daemon refused an admin request (unknown backend, bad reload...).
+const EXIT_REFUSED: u8 = 1;
+/// Exit status when the admin API could not be reached at all.
+const EXIT_UNREACHABLE: u8 = 3;
+
+fn backend_path(service: &str, backend: &str, action: &str) -> String {
+    use lb_daemon::admin::client::path_segment;
+    format!(
+        "/services/{}/backends/{}/{action}",
+        path_segment(service),
+        path_segment(backend)
+    )
+}
+
+/// Sends one admin request and prints `show(body)` on success, the daemon's reason on a
+/// refusal (exit 1), or why the API could not be reached (exit 3).
+fn admin_call(
+    target: &str,
+    method: Method,
+    path: String,
+    body: Option<String>,
+    show: impl FnOnce(&str) -> String,
+) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let reply = rt.block_on(lb_daemon::admin::client::request(
+        target, method, &path, body,
+    ));
+    match reply {
+        Ok(r) if r.ok() => {
+            println!("{}", show(&r.body).trim_end());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("refused ({}): {}", r.status, r.error_message());
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_UNREACHABLE)
         }
     }
 }

@@ -1,30 +1,35 @@
-//! The control plane's view of one service: its backends' health, and the snapshots it
-//! publishes to the data planes.
+//! The control plane's view of one service: its backends' health, weights and admin state,
+//! and the snapshots it publishes to the data planes.
 //!
-//! Health checks and passive failures feed each backend's [`HealthState`]; a change of state
-//! rebuilds the service's scheduler (and so its Maglev table) from scratch and swaps the new
-//! [`ServiceSnapshot`] in whole. Rebuilds of one service are serialised, so two concurrent
-//! transitions can never publish an older view after a newer one.
+//! Health checks, passive failures, admin calls (drain, enable, weight), reloads and DNS
+//! discovery all change a backend's state; every change rebuilds the service's scheduler (and
+//! so its Maglev table) from scratch and swaps the new [`ServiceSnapshot`] in whole. Changes
+//! of one service are serialised by one lock, so a rebuild never publishes an older view
+//! after a newer one.
+//!
+//! A backend is known by its address for the life of the daemon: when a reload or a DNS
+//! answer keeps it, it keeps its counters and its health state. A backend that leaves the
+//! config or DNS is drained (no new flows) and forgotten once its last connection closes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio::task::AbortHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{CheckKind, Service};
+use crate::config::{CheckKind, Service, MAX_WEIGHT};
 use crate::dataplane::FlowEvents;
 use crate::health::{self, Health, HealthState, Transition};
 use crate::scheduler::{self, Candidate, SchedulerError};
 use crate::snapshot::{BackendStats, BackendView, ServiceSnapshot, SharedSnapshot};
 
-/// One backend as the control plane tracks it.
+/// What the data plane hot path needs of a backend, reachable without the service's lock.
 struct BackendRuntime {
     address: SocketAddr,
-    weight: u32,
     health: Arc<Mutex<HealthState>>,
     stats: Arc<BackendStats>,
     /// Set by a passive failure, cleared by the next success: lets the data plane skip the
@@ -32,66 +37,212 @@ struct BackendRuntime {
     failing: AtomicBool,
 }
 
-/// A configured service at run time: its backends' health and its published snapshot.
+/// Where a backend comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// An `ip:port` in the config file.
+    Static,
+    /// A record of this `name:port` in the config file.
+    Dns(String),
+}
+
+/// A backend's state as the control plane keeps it (under the service's lock).
+struct BackendEntry {
+    rt: Arc<BackendRuntime>,
+    origin: Origin,
+    /// The weight from the config file (or its DNS name's entry).
+    configured: u32,
+    /// A weight set through the admin API; cleared when a reload changes `configured`.
+    admin_weight: Option<u32>,
+    /// Drained through the admin API: weight 0 until enabled.
+    drained: bool,
+    /// Gone from the config or DNS: weight 0, forgotten once its last connection closes.
+    removing: bool,
+    /// Slow start began here (the backend came up, was enabled or added).
+    ramp_start: Option<Instant>,
+    checker: Option<AbortHandle>,
+}
+
+impl BackendEntry {
+    fn base_weight(&self) -> u32 {
+        self.admin_weight.unwrap_or(self.configured)
+    }
+
+    /// The weight the scheduler gets now: 0 while drained or removed, ramping from 1 to the
+    /// full weight during slow start.
+    fn effective_weight(&self, slow_start: Option<Duration>, now: Instant) -> u32 {
+        if self.drained || self.removing {
+            return 0;
+        }
+        let full = self.base_weight();
+        match (slow_start, self.ramp_start) {
+            (Some(ramp), Some(t)) if full > 0 && now.duration_since(t) < ramp => {
+                let part = now.duration_since(t).as_secs_f64() / ramp.as_secs_f64();
+                ((f64::from(full) * part) as u32).clamp(1, full)
+            }
+            _ => full,
+        }
+    }
+}
+
+/// The service's mutable state; its lock also serialises rebuilds.
+struct State {
+    config: Service,
+    backends: Vec<BackendEntry>,
+    /// Discovery tasks, one per DNS name of the config.
+    resolvers: Vec<AbortHandle>,
+    /// The periodic task that steps slow starts and forgets drained removed backends.
+    ticker: Option<AbortHandle>,
+    /// The runtime tasks are spawned on; `None` until [`ServiceRuntime::start`].
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Why an admin call on a backend was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminError {
+    /// No service has this name.
+    #[error("no service is named `{0}`")]
+    NoService(String),
+    /// The service has no backend at this address.
+    #[error("service `{service}` has no backend {backend}")]
+    NoBackend {
+        /// The service's name.
+        service: String,
+        /// The address asked for.
+        backend: String,
+    },
+    /// The weight is above [`MAX_WEIGHT`].
+    #[error("weight {0} is out of range 0..={MAX_WEIGHT}")]
+    Weight(u32),
+    /// The backend is leaving (removed from the config or DNS); it cannot be enabled.
+    #[error("backend {0} is being removed (it left the config or DNS) and cannot be changed")]
+    Removing(SocketAddr),
+}
+
+/// One backend in a [`ServiceStatus`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendStatus {
+    /// `ip:port`.
+    pub address: SocketAddr,
+    /// `"static"`, or the `name:port` it was resolved from.
+    pub origin: String,
+    /// `"up"` or `"down"`, the health checks' verdict.
+    pub health: &'static str,
+    /// Seconds since the health verdict last changed.
+    pub health_for_seconds: f64,
+    /// `"active"`, `"draining"` (drained through the admin API), `"removing"` (left the
+    /// config or DNS; forgotten when its last connection closes) or `"slow_start"`.
+    pub state: &'static str,
+    /// The weight from the config (or set through the admin API, which wins until a reload
+    /// changes the configured one).
+    pub weight: u32,
+    /// The weight from the config file.
+    pub configured_weight: u32,
+    /// The weight the scheduler uses now: 0 when draining, down or removing, ramping up
+    /// during slow start.
+    pub effective_weight: u32,
+    /// Connections (TCP) or sessions (UDP) open now.
+    pub active: u64,
+    /// Connections or sessions opened since the daemon started.
+    pub total: u64,
+    /// Failed connect attempts since the daemon started.
+    pub connect_failures: u64,
+    /// Bytes from clients to this backend.
+    pub bytes_to_backend: u64,
+    /// Bytes from this backend to clients.
+    pub bytes_from_backend: u64,
+    /// The last active check: `"ok"`, the error, or `None` before the first one (or with
+    /// `kind = "none"`).
+    pub last_check: Option<String>,
+}
+
+/// A service in the admin API's `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceStatus {
+    /// The service's name.
+    pub name: String,
+    /// The VIP and port.
+    pub listen: SocketAddr,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: &'static str,
+    /// The scheduler, as written in the config (`"maglev"`...).
+    pub scheduler: String,
+    /// The snapshot generation (counts rebuilds).
+    pub generation: u64,
+    /// Every backend, in config order, then discovered ones.
+    pub backends: Vec<BackendStatus>,
+}
+
+/// A configured service at run time: its backends' state and its published snapshot.
 pub struct ServiceRuntime {
     index: usize,
-    config: Service,
-    backends: Vec<BackendRuntime>,
-    by_address: HashMap<SocketAddr, usize>,
+    name: String,
+    state: Mutex<State>,
+    /// The backends by address, for the data plane's connect reports (no lock taken).
+    by_address: ArcSwap<HashMap<SocketAddr, Arc<BackendRuntime>>>,
     snapshot: SharedSnapshot,
     generation: AtomicU64,
-    rebuild: Mutex<()>,
+    /// Lets tasks (checks, the ticker) hold a weak reference to the service.
+    this: Weak<ServiceRuntime>,
 }
 
 impl ServiceRuntime {
     /// Sets up service number `index` from its validated config and publishes its first
-    /// snapshot, with every backend up (HAProxy's default: a backend needs `fall` failed
-    /// checks to go down).
+    /// snapshot, with every static backend up (HAProxy's default: a backend needs `fall`
+    /// failed checks to go down). Backends given by DNS name appear once resolved, after
+    /// [`ServiceRuntime::start`].
     ///
     /// Returns `Err(SchedulerError)` only if the scheduler cannot be built from a config that
     /// validation accepted, which would be a bug.
     pub fn new(index: usize, config: Service) -> Result<Arc<Self>, SchedulerError> {
         let now = Instant::now();
-        let backends: Vec<BackendRuntime> = config
+        let backends: Vec<BackendEntry> = config
             .backends
             .iter()
-            .map(|b| BackendRuntime {
-                address: b.address,
-                weight: b.weight,
-                health: Arc::new(Mutex::new(HealthState::new(
-                    config.health.rise,
-                    config.health.fall,
-                    now,
-                ))),
-                stats: Arc::new(BackendStats::default()),
-                failing: AtomicBool::new(false),
+            .map(|b| BackendEntry {
+                rt: new_backend(b.address, &config, now),
+                origin: Origin::Static,
+                configured: b.weight,
+                admin_weight: None,
+                drained: false,
+                removing: false,
+                ramp_start: None,
+                checker: None,
             })
             .collect();
-        let by_address = backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| (b.address, i))
-            .collect();
-        let first = Self::build_snapshot(&config, &backends, 1)?;
-        Ok(Arc::new(ServiceRuntime {
+        let first = build_snapshot(&config, &backends, 1, now)?;
+        let by_address = address_map(&backends);
+        Ok(Arc::new_cyclic(|this| ServiceRuntime {
             index,
-            config,
-            backends,
-            by_address,
+            name: config.name.clone(),
+            state: Mutex::new(State {
+                config,
+                backends,
+                resolvers: Vec::new(),
+                ticker: None,
+                runtime: None,
+            }),
+            by_address: ArcSwap::from_pointee(by_address),
             snapshot: Arc::new(ArcSwap::from_pointee(first)),
             generation: AtomicU64::new(1),
-            rebuild: Mutex::new(()),
+            this: this.clone(),
         }))
     }
 
-    /// The service's number, as data planes report it in [`FlowEvents`].
+    /// The service's number, as data planes report it in [`FlowEvents`]. Unique for the
+    /// daemon's lifetime.
     pub fn index(&self) -> usize {
         self.index
     }
 
-    /// The service's config.
-    pub fn config(&self) -> &Service {
-        &self.config
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The service's current config (a copy: reloads replace it).
+    pub fn config(&self) -> Service {
+        lock(&self.state).config.clone()
     }
 
     /// The snapshot the data planes read; it is replaced whole on every change.
@@ -99,57 +250,376 @@ impl ServiceRuntime {
         Arc::clone(&self.snapshot)
     }
 
-    /// Starts one active health check task per backend on the current tokio runtime.
-    /// Returns their handles; abort them to stop checking. None with `kind = "none"`.
-    pub fn spawn_health_checks(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        if self.config.health.kind == CheckKind::None {
-            return Vec::new();
+    /// Starts the service's control tasks on the current tokio runtime: one active health
+    /// check per backend (none with `kind = "none"`), one resolver per DNS name, and a ticker
+    /// for slow start and removals. [`ServiceRuntime::stop`] ends them.
+    ///
+    /// Panics outside a tokio runtime.
+    pub fn start(&self) {
+        let mut st = lock(&self.state);
+        st.runtime = Some(tokio::runtime::Handle::current());
+        for i in 0..st.backends.len() {
+            self.spawn_checker(&mut st, i);
         }
-        self.backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                let this = Arc::clone(self);
-                let on_transition: Arc<dyn Fn(&Transition) + Send + Sync> =
-                    Arc::new(move |t: &Transition| this.transitioned(i, t));
-                tokio::spawn(health::monitor(
-                    b.address,
-                    self.config.health.clone(),
-                    Arc::clone(&b.health),
-                    on_transition,
-                ))
+        self.spawn_resolvers(&mut st);
+        let weak = self.this.clone();
+        let period = tick_period(st.config.slow_start);
+        st.ticker = Some(
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(period);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    t.tick().await;
+                    let Some(s) = weak.upgrade() else { return };
+                    s.tick();
+                }
             })
-            .collect()
+            .abort_handle(),
+        );
+    }
+
+    /// Stops every task [`ServiceRuntime::start`] started.
+    pub fn stop(&self) {
+        let mut st = lock(&self.state);
+        for b in &mut st.backends {
+            if let Some(c) = b.checker.take() {
+                c.abort();
+            }
+        }
+        for r in st.resolvers.drain(..) {
+            r.abort();
+        }
+        if let Some(t) = st.ticker.take() {
+            t.abort();
+        }
+    }
+
+    /// Connections and sessions open to this service's backends now.
+    pub fn active(&self) -> u64 {
+        lock(&self.state)
+            .backends
+            .iter()
+            .map(|b| b.rt.stats.active())
+            .sum()
+    }
+
+    /// The service and its backends as the admin API shows them.
+    pub fn status(&self) -> ServiceStatus {
+        let st = lock(&self.state);
+        let now = Instant::now();
+        let slow = st.config.slow_start;
+        ServiceStatus {
+            name: st.config.name.clone(),
+            listen: st.config.listen,
+            protocol: protocol_name(&st.config),
+            scheduler: scheduler_name(&st.config),
+            generation: self.snapshot.load().generation,
+            backends: st
+                .backends
+                .iter()
+                .map(|b| {
+                    let h = lock(&b.rt.health);
+                    let up = h.health() == Health::Up;
+                    let effective = if up { b.effective_weight(slow, now) } else { 0 };
+                    let s = &b.rt.stats;
+                    BackendStatus {
+                        address: b.rt.address,
+                        origin: match &b.origin {
+                            Origin::Static => "static".into(),
+                            Origin::Dns(n) => n.clone(),
+                        },
+                        health: if up { "up" } else { "down" },
+                        health_for_seconds: round_ms(now.duration_since(h.since())).as_secs_f64(),
+                        state: if b.removing {
+                            "removing"
+                        } else if b.drained {
+                            "draining"
+                        } else if up && effective < b.base_weight() {
+                            "slow_start"
+                        } else {
+                            "active"
+                        },
+                        weight: b.base_weight(),
+                        configured_weight: b.configured,
+                        effective_weight: effective,
+                        active: s.active(),
+                        total: s.total.load(Ordering::Relaxed),
+                        connect_failures: s.connect_failures.load(Ordering::Relaxed),
+                        bytes_to_backend: s.bytes_to_backend.load(Ordering::Relaxed),
+                        bytes_from_backend: s.bytes_from_backend.load(Ordering::Relaxed),
+                        last_check: match (&st.config.health.kind, h.last_check()) {
+                            (CheckKind::None, _) | (_, None) => None,
+                            (_, Some(Ok(()))) => Some("ok".into()),
+                            (_, Some(Err(e))) => Some(e.to_string()),
+                        },
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Drains `backend`: no new flows from now on, open ones finish. Stays until
+    /// [`ServiceRuntime::enable`].
+    ///
+    /// Returns `Err(AdminError::NoBackend)` when the service has no such backend.
+    pub fn drain(&self, backend: SocketAddr) -> Result<(), AdminError> {
+        self.admin(backend, |b, _| {
+            b.drained = true;
+            Ok(())
+        })?;
+        info!(
+            "backend {backend} of service {} is draining: no new flows",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Ends a drain of `backend`; with `slow_start` its weight ramps up again.
+    ///
+    /// Returns `Err(AdminError::NoBackend)` when the service has no such backend and
+    /// `Err(AdminError::Removing)` when it left the config or DNS.
+    pub fn enable(&self, backend: SocketAddr) -> Result<(), AdminError> {
+        self.admin(backend, |b, now| {
+            if b.removing {
+                return Err(AdminError::Removing(b.rt.address));
+            }
+            if b.drained {
+                b.drained = false;
+                b.ramp_start = Some(now);
+            }
+            Ok(())
+        })?;
+        info!(
+            "backend {backend} of service {} is enabled: it takes new flows",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Sets `backend`'s weight to `weight` (0 drains) until a reload changes its configured
+    /// weight.
+    ///
+    /// Returns `Err(AdminError::Weight)` above [`MAX_WEIGHT`], `Err(AdminError::NoBackend)`
+    /// when the service has no such backend and `Err(AdminError::Removing)` when it is leaving.
+    pub fn set_weight(&self, backend: SocketAddr, weight: u32) -> Result<(), AdminError> {
+        if weight > MAX_WEIGHT {
+            return Err(AdminError::Weight(weight));
+        }
+        self.admin(backend, |b, now| {
+            if b.removing {
+                return Err(AdminError::Removing(b.rt.address));
+            }
+            if b.effective_weight(None, now) == 0 && weight > 0 {
+                // Weight 0 -> N is a return to service, like enable: ramp it.
+                b.ramp_start = Some(now);
+            }
+            b.admin_weight = Some(weight);
+            Ok(())
+        })?;
+        info!(
+            "backend {backend} of service {}: weight set to {weight}",
+            self.name
+        );
+        Ok(())
+    }
+
+    fn admin(
+        &self,
+        backend: SocketAddr,
+        change: impl FnOnce(&mut BackendEntry, Instant) -> Result<(), AdminError>,
+    ) -> Result<(), AdminError> {
+        let mut st = lock(&self.state);
+        let Some(b) = st.backends.iter_mut().find(|b| b.rt.address == backend) else {
+            return Err(AdminError::NoBackend {
+                service: self.name.clone(),
+                backend: backend.to_string(),
+            });
+        };
+        change(b, Instant::now())?;
+        self.republish(&st);
+        Ok(())
+    }
+
+    /// Applies a reloaded config of this service. The listen address and protocol must be
+    /// the same (the reload replaces a service whose are not). Static backends that stay keep
+    /// their counters and health; new ones start (with slow start, if set); the ones that
+    /// left drain and are forgotten once idle; weight changes clear admin weights.
+    pub fn update(&self, config: Service) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let health_changed = st.config.health != config.health;
+        let discovery_changed = st.config.discovered != config.discovered
+            || st.config.resolve_interval != config.resolve_interval;
+        let old_slow = st.config.slow_start;
+        st.config = config;
+        let config = st.config.clone();
+        for b in &mut st.backends {
+            if b.origin != Origin::Static {
+                continue;
+            }
+            match config.backends.iter().find(|c| c.address == b.rt.address) {
+                Some(c) => {
+                    if b.removing {
+                        b.removing = false;
+                        b.ramp_start = Some(now);
+                    }
+                    if c.weight != b.configured {
+                        b.configured = c.weight;
+                        b.admin_weight = None;
+                    }
+                }
+                None => b.removing = true,
+            }
+        }
+        for c in &config.backends {
+            if st.backends.iter().any(|b| b.rt.address == c.address) {
+                continue;
+            }
+            st.backends.push(BackendEntry {
+                rt: new_backend(c.address, &config, now),
+                origin: Origin::Static,
+                configured: c.weight,
+                admin_weight: None,
+                drained: false,
+                removing: false,
+                ramp_start: Some(now),
+                checker: None,
+            });
+            let i = st.backends.len() - 1;
+            self.spawn_checker(&mut st, i);
+        }
+        // DNS names that left: their backends leave too; weights follow the config.
+        for b in &mut st.backends {
+            if let Origin::Dns(name) = &b.origin {
+                match config.discovered.iter().find(|d| &d.to_string() == name) {
+                    Some(d) if d.weight != b.configured => {
+                        b.configured = d.weight;
+                        b.admin_weight = None;
+                    }
+                    Some(_) => {}
+                    None => b.removing = true,
+                }
+            }
+        }
+        if health_changed {
+            for b in &mut st.backends {
+                // The verdict carries over; new thresholds, interval and kind apply from now.
+                let down = lock(&b.rt.health).health() == Health::Down;
+                let mut fresh = HealthState::new(config.health.rise, config.health.fall, now);
+                if down {
+                    for _ in 0..config.health.fall {
+                        fresh.record_passive_failure("down before the reload", now);
+                    }
+                }
+                *lock(&b.rt.health) = fresh;
+            }
+            for i in 0..st.backends.len() {
+                self.spawn_checker(&mut st, i);
+            }
+        }
+        if discovery_changed {
+            self.spawn_resolvers(&mut st);
+        }
+        if old_slow != config.slow_start {
+            self.restart_ticker(&mut st);
+        }
+        self.by_address.store(Arc::new(address_map(&st.backends)));
+        self.republish(&st);
+    }
+
+    /// Sets the backends resolved from DNS name `name` (`host:port`) to `addresses`, each
+    /// with `weight`: new addresses are added (with slow start), vanished ones drain and are
+    /// forgotten once idle. An address that is also a static backend or another name's stays
+    /// with its first origin.
+    pub fn set_discovered(&self, name: &str, addresses: &[SocketAddr], weight: u32) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let origin = Origin::Dns(name.to_string());
+        let mut changed = false;
+        let mut added = Vec::new();
+        let mut gone = Vec::new();
+        for b in &mut st.backends {
+            if b.origin != origin {
+                continue;
+            }
+            let present = addresses.contains(&b.rt.address);
+            if present && b.removing {
+                b.removing = false;
+                b.ramp_start = Some(now);
+                changed = true;
+                added.push(b.rt.address);
+            } else if !present && !b.removing {
+                b.removing = true;
+                changed = true;
+                gone.push(b.rt.address);
+            }
+        }
+        for &a in addresses {
+            if st.backends.iter().any(|b| b.rt.address == a) {
+                continue;
+            }
+            let config = st.config.clone();
+            st.backends.push(BackendEntry {
+                rt: new_backend(a, &config, now),
+                origin: origin.clone(),
+                configured: weight,
+                admin_weight: None,
+                drained: false,
+                removing: false,
+                ramp_start: Some(now),
+                checker: None,
+            });
+            let i = st.backends.len() - 1;
+            self.spawn_checker(&mut st, i);
+            changed = true;
+            added.push(a);
+        }
+        if changed {
+            self.by_address.store(Arc::new(address_map(&st.backends)));
+            let generation = self.republish(&st);
+            info!(
+                "service {}: {name} resolves to {} addresses; added {added:?}, draining {gone:?} (table generation {})",
+                self.name,
+                addresses.len(),
+                generation.map_or_else(|| "unchanged".to_string(), |g| g.to_string())
+            );
+        }
     }
 
     /// Records a failed connect to `backend` seen by a data plane. It counts towards the
     /// backend's `fall` like a failed check; with `kind = "none"` it is only logged.
     pub fn passive_failure(&self, backend: SocketAddr, error: &str) {
-        let Some(&i) = self.by_address.get(&backend) else {
+        let Some(b) = self.by_address.load().get(&backend).cloned() else {
             return;
         };
-        if self.config.health.kind == CheckKind::None {
+        if lock(&self.state).config.health.kind == CheckKind::None {
             return;
         }
-        let t = lock(&self.backends[i].health).record_passive_failure(error, Instant::now());
+        let t = lock(&b.health).record_passive_failure(error, Instant::now());
         if let Some(t) = t {
-            self.transitioned(i, &t);
+            self.transitioned(backend, &t);
         }
     }
 
     /// Records a successful connect to `backend` after a passive failure: the failure streak
     /// starts again. Only active checks bring a down backend back up.
     pub fn passive_success(&self, backend: SocketAddr) {
-        if let Some(&i) = self.by_address.get(&backend) {
-            lock(&self.backends[i].health).record_passive_success();
+        if let Some(b) = self.by_address.load().get(&backend) {
+            lock(&b.health).record_passive_success();
         }
     }
 
-    fn transitioned(&self, backend: usize, t: &Transition) {
+    fn transitioned(&self, backend: SocketAddr, t: &Transition) {
+        let mut st = lock(&self.state);
+        if t.to == Health::Up {
+            if let Some(b) = st.backends.iter_mut().find(|b| b.rt.address == backend) {
+                b.ramp_start = Some(Instant::now());
+            }
+        }
         // Publish before logging: once the line is out, every new flow is placed by a table
         // that reflects it. Flows placed by an older generation may still be connecting.
-        let generation = self.republish();
-        let b = &self.backends[backend];
+        let generation = self.republish(&st);
+        drop(st);
         let held = humantime::format_duration(round_ms(t.held_for));
         let table = match generation {
             Some(g) => format!("table generation {g}"),
@@ -157,28 +627,144 @@ impl ServiceRuntime {
         };
         match t.to {
             Health::Down => warn!(
-                "backend {} of service {} is DOWN: {}; it was {} for {held} ({table})",
-                b.address, self.config.name, t.reason, t.from
+                "backend {backend} of service {} is DOWN: {}; it was {} for {held} ({table})",
+                self.name, t.reason, t.from
             ),
             Health::Up => info!(
-                "backend {} of service {} is UP: {}; it was {} for {held} ({table})",
-                b.address, self.config.name, t.reason, t.from
+                "backend {backend} of service {} is UP: {}; it was {} for {held} ({table})",
+                self.name, t.reason, t.from
             ),
         }
     }
 
-    /// Builds a snapshot from the backends' current health and publishes it. Returns its
-    /// generation, or `None` when the build failed and the previous snapshot stays.
-    fn republish(&self) -> Option<u64> {
-        let _serialised = lock(&self.rebuild);
+    /// Steps slow starts (a rebuild when an effective weight changed) and forgets removed
+    /// backends whose last connection closed.
+    fn tick(&self) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let slow = st.config.slow_start;
+        let current = self.snapshot.load_full();
+        let mut changed = false;
+        for b in &mut st.backends {
+            if let (Some(t), Some(ramp)) = (b.ramp_start, slow) {
+                if now.duration_since(t) >= ramp {
+                    b.ramp_start = None;
+                }
+            } else if slow.is_none() {
+                b.ramp_start = None;
+            }
+            let published = current
+                .backends
+                .iter()
+                .find(|v| v.address == b.rt.address)
+                .map(|v| v.weight);
+            if published.is_some_and(|w| w != b.effective_weight(slow, now)) {
+                changed = true;
+            }
+        }
+        let before = st.backends.len();
+        let mut forgotten = Vec::new();
+        st.backends.retain_mut(|b| {
+            let keep = !b.removing || b.rt.stats.active() > 0;
+            if !keep {
+                if let Some(c) = b.checker.take() {
+                    c.abort();
+                }
+                forgotten.push(b.rt.address);
+            }
+            keep
+        });
+        if st.backends.len() != before {
+            self.by_address.store(Arc::new(address_map(&st.backends)));
+            info!(
+                "service {}: removed backends {forgotten:?} (drained, no connection left)",
+                self.name
+            );
+            changed = true;
+        }
+        if changed {
+            self.republish(&st);
+        }
+    }
+
+    fn spawn_checker(&self, st: &mut State, i: usize) {
+        let Some(rt) = st.runtime.clone() else { return };
+        let b = &mut st.backends[i];
+        if let Some(old) = b.checker.take() {
+            old.abort();
+        }
+        if st.config.health.kind == CheckKind::None {
+            return;
+        }
+        let weak = self.this.clone();
+        let address = b.rt.address;
+        let on_transition: Arc<dyn Fn(&Transition) + Send + Sync> =
+            Arc::new(move |t: &Transition| {
+                if let Some(s) = weak.upgrade() {
+                    s.transitioned(address, t);
+                }
+            });
+        b.checker = Some(
+            rt.spawn(health::monitor(
+                address,
+                st.config.health.clone(),
+                Arc::clone(&b.rt.health),
+                on_transition,
+            ))
+            .abort_handle(),
+        );
+    }
+
+    fn spawn_resolvers(&self, st: &mut State) {
+        for r in st.resolvers.drain(..) {
+            r.abort();
+        }
+        let Some(rt) = st.runtime.clone() else { return };
+        for d in &st.config.discovered {
+            st.resolvers.push(
+                rt.spawn(crate::discovery::follow(
+                    self.this.clone(),
+                    d.clone(),
+                    st.config.resolve_interval,
+                ))
+                .abort_handle(),
+            );
+        }
+    }
+
+    fn restart_ticker(&self, st: &mut State) {
+        let Some(rt) = st.runtime.clone() else { return };
+        if let Some(t) = st.ticker.take() {
+            t.abort();
+        }
+        let weak = self.this.clone();
+        let period = tick_period(st.config.slow_start);
+        st.ticker = Some(
+            rt.spawn(async move {
+                let mut t = tokio::time::interval(period);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    t.tick().await;
+                    let Some(s) = weak.upgrade() else { return };
+                    s.tick();
+                }
+            })
+            .abort_handle(),
+        );
+    }
+
+    /// Builds a snapshot from the backends' current state and publishes it. Returns its
+    /// generation, or `None` when the build failed and the previous snapshot stays. The
+    /// caller holds the state lock, which serialises publications.
+    fn republish(&self, st: &MutexGuard<'_, State>) -> Option<u64> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        match Self::build_snapshot(&self.config, &self.backends, generation) {
+        match build_snapshot(&st.config, &st.backends, generation, Instant::now()) {
             Ok(snap) => {
                 if snap.eligible_count() == 0 {
                     error!(
                         "service {} has no backend up: new {} flows are refused until one returns",
-                        self.config.name,
-                        protocol_name(&self.config)
+                        self.name,
+                        protocol_name(&st.config).to_uppercase()
                     );
                 }
                 self.snapshot.store(Arc::new(snap));
@@ -187,78 +773,157 @@ impl ServiceRuntime {
             Err(e) => {
                 error!(
                     "service {}: could not rebuild the scheduler ({e}); keeping the previous table",
-                    self.config.name
+                    self.name
                 );
                 None
             }
         }
     }
+}
 
-    fn build_snapshot(
-        config: &Service,
-        backends: &[BackendRuntime],
-        generation: u64,
-    ) -> Result<ServiceSnapshot, SchedulerError> {
-        let views: Vec<BackendView> = backends
-            .iter()
-            .map(|b| BackendView {
-                address: b.address,
-                weight: b.weight,
-                up: lock(&b.health).health() == Health::Up,
-                stats: Arc::clone(&b.stats),
-            })
-            .collect();
-        let candidates: Vec<Candidate> = views
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.eligible())
-            .map(|(id, v)| Candidate {
-                id,
-                address: v.address,
-                weight: v.weight,
-                stats: Arc::clone(&v.stats),
-            })
-            .collect();
-        let scheduler = if candidates.is_empty() {
-            None
-        } else {
-            Some(scheduler::build(
-                config.scheduler,
-                candidates,
-                config.table_size,
-            )?)
-        };
-        Ok(ServiceSnapshot {
-            name: Arc::from(config.name.as_str()),
-            listen: config.listen,
-            protocol: config.protocol,
-            scheduler_kind: config.scheduler,
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
-            retries: config.retries,
-            backends: views,
-            scheduler,
-            generation,
-            proxy_protocol: config.proxy_protocol,
-            limits: config.limits,
-            access_log: config.access_log,
+/// How often the ticker steps slow starts: about 10 steps per ramp, at most once a second.
+fn tick_period(slow_start: Option<Duration>) -> Duration {
+    match slow_start {
+        Some(d) => (d / 10).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        None => Duration::from_secs(1),
+    }
+}
+
+fn new_backend(address: SocketAddr, config: &Service, now: Instant) -> Arc<BackendRuntime> {
+    Arc::new(BackendRuntime {
+        address,
+        health: Arc::new(Mutex::new(HealthState::new(
+            config.health.rise,
+            config.health.fall,
+            now,
+        ))),
+        stats: Arc::new(BackendStats::default()),
+        failing: AtomicBool::new(false),
+    })
+}
+
+fn address_map(backends: &[BackendEntry]) -> HashMap<SocketAddr, Arc<BackendRuntime>> {
+    backends
+        .iter()
+        .map(|b| (b.rt.address, Arc::clone(&b.rt)))
+        .collect()
+}
+
+fn build_snapshot(
+    config: &Service,
+    backends: &[BackendEntry],
+    generation: u64,
+    now: Instant,
+) -> Result<ServiceSnapshot, SchedulerError> {
+    let views: Vec<BackendView> = backends
+        .iter()
+        .map(|b| BackendView {
+            address: b.rt.address,
+            weight: b.effective_weight(config.slow_start, now),
+            up: lock(&b.rt.health).health() == Health::Up,
+            stats: Arc::clone(&b.rt.stats),
         })
+        .collect();
+    let candidates: Vec<Candidate> = views
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.eligible())
+        .map(|(id, v)| Candidate {
+            id,
+            address: v.address,
+            weight: v.weight,
+            stats: Arc::clone(&v.stats),
+        })
+        .collect();
+    let scheduler = if candidates.is_empty() {
+        None
+    } else {
+        Some(scheduler::build(
+            config.scheduler,
+            candidates,
+            config.table_size,
+        )?)
+    };
+    Ok(ServiceSnapshot {
+        name: Arc::from(config.name.as_str()),
+        listen: config.listen,
+        protocol: config.protocol,
+        scheduler_kind: config.scheduler,
+        connect_timeout: config.connect_timeout,
+        idle_timeout: config.idle_timeout,
+        retries: config.retries,
+        backends: views,
+        scheduler,
+        generation,
+        proxy_protocol: config.proxy_protocol,
+        limits: config.limits,
+        access_log: config.access_log,
+    })
+}
+
+/// The running services, by number. Reloads add and remove services; a number is never
+/// reused, so a data plane report about a removed service finds nothing rather than the
+/// wrong service.
+#[derive(Default)]
+pub struct ServiceSet {
+    services: ArcSwap<Vec<Arc<ServiceRuntime>>>,
+    next_index: AtomicUsize,
+}
+
+impl ServiceSet {
+    /// An empty set.
+    pub fn new() -> Arc<Self> {
+        Arc::new(ServiceSet::default())
+    }
+
+    /// The next unused service number.
+    pub fn allocate_index(&self) -> usize {
+        self.next_index.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The services now, in config order.
+    pub fn all(&self) -> Arc<Vec<Arc<ServiceRuntime>>> {
+        self.services.load_full()
+    }
+
+    /// Service number `index`, if it runs.
+    pub fn get(&self, index: usize) -> Option<Arc<ServiceRuntime>> {
+        self.services
+            .load()
+            .iter()
+            .find(|s| s.index == index)
+            .cloned()
+    }
+
+    /// The service named `name`, if it runs.
+    pub fn by_name(&self, name: &str) -> Option<Arc<ServiceRuntime>> {
+        self.services
+            .load()
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+    }
+
+    /// Replaces the list (the control plane's only writer does this at start and reload).
+    pub fn set(&self, services: Vec<Arc<ServiceRuntime>>) {
+        self.services.store(Arc::new(services));
     }
 }
 
 /// Carries the data planes' connect outcomes to the services' health state.
 ///
 /// The data plane calls it on every connect; the common case (a success after a success)
-/// costs one relaxed atomic load. So only the first success after a failed connect reaches
+/// costs a few lock-free loads. So only the first success after a failed connect reaches
 /// the health state: it resets a failure streak that failed connects started, but successful
 /// connects do not cancel failed active checks (two failed checks and one failed connect
 /// reach `fall = 3`). Unlike HAProxy's `observe layer4`, which needs `error-limit` (10)
-/// errors to count one failed check, every failed connect counts as one failure here. Failures and the first success after them go through a
+/// errors to count one failed check, every failed connect counts as one failure here.
+/// Failures and the first success after them go through a
 /// bounded channel to a control plane task, so a data plane thread never waits on a health
 /// lock or a table rebuild; under a flood of failures, excess reports are dropped (they
 /// would only repeat what the health state already knows).
 pub struct PassiveFeedback {
-    services: Vec<Arc<ServiceRuntime>>,
+    services: Arc<ServiceSet>,
     tx: tokio::sync::mpsc::Sender<PassiveEvent>,
 }
 
@@ -284,10 +949,10 @@ pub enum PassiveEvent {
 }
 
 impl PassiveFeedback {
-    /// Creates the feedback path for `services` (indexed by their number) and the receiver
-    /// that [`PassiveFeedback::apply`] drains. `capacity`: queued events before drops.
+    /// Creates the feedback path for `services` and the receiver that
+    /// [`PassiveFeedback::apply`] drains. `capacity`: queued events before drops.
     pub fn new(
-        services: Vec<Arc<ServiceRuntime>>,
+        services: Arc<ServiceSet>,
         capacity: usize,
     ) -> (Arc<Self>, tokio::sync::mpsc::Receiver<PassiveEvent>) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity);
@@ -296,7 +961,7 @@ impl PassiveFeedback {
 
     /// Applies queued events to the services' health state until every sender is gone.
     pub async fn apply(
-        services: Vec<Arc<ServiceRuntime>>,
+        services: Arc<ServiceSet>,
         mut rx: tokio::sync::mpsc::Receiver<PassiveEvent>,
     ) {
         while let Some(ev) = rx.recv().await {
@@ -319,9 +984,10 @@ impl PassiveFeedback {
         }
     }
 
-    fn backend(&self, service: usize, backend: SocketAddr) -> Option<&BackendRuntime> {
+    fn backend(&self, service: usize, backend: SocketAddr) -> Option<Arc<BackendRuntime>> {
         let s = self.services.get(service)?;
-        s.by_address.get(&backend).map(|&i| &s.backends[i])
+        let map = s.by_address.load();
+        map.get(&backend).cloned()
     }
 }
 
@@ -354,15 +1020,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn round_ms(d: std::time::Duration) -> std::time::Duration {
-    std::time::Duration::from_millis(d.as_millis() as u64)
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 fn protocol_name(config: &Service) -> &'static str {
     match config.protocol {
-        crate::config::Protocol::Tcp => "TCP",
-        crate::config::Protocol::Udp => "UDP",
+        crate::config::Protocol::Tcp => "tcp",
+        crate::config::Protocol::Udp => "udp",
     }
+}
+
+fn scheduler_name(config: &Service) -> String {
+    // The config's own spelling: snake_case of the variant.
+    let debug = format!("{:?}", config.scheduler);
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -401,6 +1080,86 @@ weight = 0
         std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
     }
 
+    fn entry(weight: u32, ramp_start: Option<Instant>) -> BackendEntry {
+        let svc = service("none");
+        BackendEntry {
+            rt: new_backend(
+                "127.0.0.1:9001".parse().expect("literal"),
+                &svc,
+                Instant::now(),
+            ),
+            origin: Origin::Static,
+            configured: weight,
+            admin_weight: None,
+            drained: false,
+            removing: false,
+            ramp_start,
+            checker: None,
+        }
+    }
+
+    #[test]
+    fn slow_start_ramps_from_one_to_the_full_weight() {
+        let t0 = Instant::now();
+        let ramp = Some(Duration::from_secs(10));
+        let e = entry(100, Some(t0));
+        assert_eq!(e.effective_weight(ramp, t0), 1, "a ramp starts at weight 1");
+        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(5)), 50);
+        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(10)), 100);
+        assert_eq!(
+            e.effective_weight(None, t0),
+            100,
+            "without slow_start the full weight applies at once"
+        );
+        let mut d = entry(100, None);
+        d.drained = true;
+        assert_eq!(
+            d.effective_weight(ramp, t0),
+            0,
+            "a drained backend has weight 0"
+        );
+        let mut r = entry(100, None);
+        r.removing = true;
+        assert_eq!(
+            r.effective_weight(ramp, t0),
+            0,
+            "a removed backend has weight 0"
+        );
+    }
+
+    #[test]
+    fn drain_then_enable_ramps_the_weight_back_with_slow_start() {
+        let mut svc = service("none");
+        svc.slow_start = Some(Duration::from_secs(600));
+        svc.backends[0].weight = 50;
+        let rt = ServiceRuntime::new(0, svc).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        assert_eq!(
+            rt.snapshot().load().backends[0].weight,
+            50,
+            "full weight at start"
+        );
+        rt.drain(b1).expect("9001 is a backend");
+        assert!(
+            !rt.snapshot().load().backends[0].eligible(),
+            "a drained backend must get no new flows"
+        );
+        rt.enable(b1).expect("9001 is a backend");
+        let w = rt.snapshot().load().backends[0].weight;
+        assert!(
+            (1..50).contains(&w),
+            "an enabled backend should ramp up from 1, not return at full weight {w}"
+        );
+        assert_eq!(
+            rt.drain("127.0.0.1:1".parse().expect("literal")),
+            Err(AdminError::NoBackend {
+                service: "web".into(),
+                backend: "127.0.0.1:1".into()
+            })
+        );
+        assert_eq!(rt.set_weight(b1, 300), Err(AdminError::Weight(300)));
+    }
+
     #[test]
     fn draining_backend_is_never_picked() {
         let rt = ServiceRuntime::new(0, service("tcp")).expect("builds");
@@ -426,14 +1185,16 @@ weight = 0
         let rt = ServiceRuntime::new(0, service("tcp")).expect("builds");
         let before = rt.snapshot().load().generation;
         let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
-        let (feedback, rx) = PassiveFeedback::new(vec![Arc::clone(&rt)], 16);
+        let set = ServiceSet::new();
+        set.set(vec![Arc::clone(&rt)]);
+        let (feedback, rx) = PassiveFeedback::new(Arc::clone(&set), 16);
         feedback.connect_failed(0, b1, &refused());
         feedback.connect_failed(0, b1, &refused());
         drop(feedback);
         let tokio_rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        tokio_rt.block_on(PassiveFeedback::apply(vec![Arc::clone(&rt)], rx));
+        tokio_rt.block_on(PassiveFeedback::apply(set, rx));
         let snap = rt.snapshot().load_full();
         assert!(
             snap.generation > before,

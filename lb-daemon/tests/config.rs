@@ -331,3 +331,50 @@ fn table_smaller_than_backend_count_points_at_table_size() {
         "smaller than the 3 backends",
     );
 }
+
+#[test]
+fn admin_slow_start_and_named_backends() {
+    let text = GOOD.replace(
+        "[[service]]",
+        "[admin]\nlisten = \"127.0.0.1:9200\"\nsocket = \"/run/lb/admin.sock\"\n\n[[service]]\nslow_start = \"30s\"\nresolve_interval = \"2s\"",
+    ) + "\n[[service.backend]]\naddress = \"app.internal:3000\"\nweight = 2\n";
+    let c = parse(&text).expect("valid");
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9200");
+    assert_eq!(
+        c.admin.socket.as_deref(),
+        Some(Path::new("/run/lb/admin.sock"))
+    );
+    let s = &c.services[0];
+    assert_eq!(s.slow_start, Some(std::time::Duration::from_secs(30)));
+    assert_eq!(s.resolve_interval, std::time::Duration::from_secs(2));
+    assert_eq!(s.backends.len(), 2, "ip:port backends stay in `backends`");
+    assert_eq!(s.discovered.len(), 1, "the name goes to `discovered`");
+    assert_eq!(s.discovered[0].to_string(), "app.internal:3000");
+    assert_eq!(s.discovered[0].weight, 2);
+    let d = parse(GOOD).expect("valid");
+    assert_eq!(
+        d.admin.listen.to_string(),
+        "127.0.0.1:9100",
+        "the admin API defaults to loopback port 9100"
+    );
+    assert_eq!(
+        d.services[0].slow_start, None,
+        "slow start is off by default"
+    );
+}
+
+#[test]
+fn a_backend_name_must_be_a_dns_name_with_a_port() {
+    rejects(
+        &GOOD.replace("127.0.0.1:9002", "app_ser ver:80"),
+        11,
+        "service[0].backend[1].address",
+        "neither an IP address nor a DNS name",
+    );
+    rejects(
+        &GOOD.replace("127.0.0.1:9002", "app:http"),
+        11,
+        "service[0].backend[1].address",
+        "not a port",
+    );
+}

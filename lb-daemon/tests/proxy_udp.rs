@@ -6,84 +6,11 @@ mod proxy_support;
 use std::collections::BTreeSet;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use proxy_support::{wait_until, Harness, ServiceSpec};
-use socket2::SockRef;
-
-const BUFFER: usize = 4 * 1024 * 1024;
-
-/// A UDP backend on 127.0.0.1 answering each datagram with `name:` + the datagram.
-struct UdpEcho {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    fn start(name: &'static str) -> UdpEcho {
-        let socket = udp_socket();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("read timeout");
-        let addr = socket.local_addr().expect("backend address");
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                let mut reply = Vec::with_capacity(65_600);
-                while !stop.load(Ordering::SeqCst) {
-                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    reply.clear();
-                    reply.extend_from_slice(name.as_bytes());
-                    reply.push(b':');
-                    reply.extend_from_slice(&buf[..n]);
-                    let _ = socket.send_to(&reply, from);
-                }
-            })
-        };
-        UdpEcho {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A UDP socket on 127.0.0.1 with large buffers, so the test's own bursts are not dropped.
-fn udp_socket() -> UdpSocket {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
-    let s = SockRef::from(&socket);
-    let _ = s.set_recv_buffer_size(BUFFER);
-    let _ = s.set_send_buffer_size(BUFFER);
-    let _ = socket.as_fd();
-    socket
-}
-
-fn client(vip: SocketAddr) -> UdpSocket {
-    let socket = udp_socket();
-    socket.connect(vip).expect("connect to the VIP");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    socket
-}
+use proxy_support::{udp_client as client, wait_until, Harness, ServiceSpec, UdpEcho};
 
 /// Datagram `seq` of client `id`: its header, then a length that varies, up to 60 000 bytes.
 fn datagram(id: u8, seq: u32) -> Vec<u8> {

@@ -88,6 +88,15 @@ impl ServiceConfig {
         self
     }
 
+    /// A `[[service.backend]]` given as `name:port`, resolved by the daemon (DNS discovery).
+    pub fn backend_named(mut self, address: &str, weight: u32) -> Self {
+        let mut b = Table::new();
+        b.insert("address".into(), address.into());
+        b.insert("weight".into(), i64::from(weight).into());
+        self.backends.push(b);
+        self
+    }
+
     fn into_table(self) -> Table {
         let mut t = self.table;
         if !self.health.is_empty() {
@@ -105,15 +114,25 @@ impl ServiceConfig {
 #[derive(Debug, Clone, Default)]
 pub struct DaemonConfig {
     global: Table,
+    admin: Table,
     services: Vec<ServiceConfig>,
 }
 
 impl DaemonConfig {
-    /// An empty config with `workers = 2` and `drain_timeout = "5s"`.
+    /// An empty config with `workers = 2`, `drain_timeout = "5s"` and the admin API on a
+    /// free loopback port (`[admin] listen = "127.0.0.1:0"`; see `Daemon::admin_addr`), so
+    /// daemons of parallel tests do not fight over the default 127.0.0.1:9100.
     pub fn new() -> DaemonConfig {
         DaemonConfig::default()
             .global("workers", 2)
             .global("drain_timeout", "5s")
+            .admin("listen", "127.0.0.1:0")
+    }
+
+    /// An `[admin]` key.
+    pub fn admin(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.admin.insert(key.into(), value.into());
+        self
     }
 
     /// A `[global]` key.
@@ -133,6 +152,9 @@ impl DaemonConfig {
         let mut root = Table::new();
         if !self.global.is_empty() {
             root.insert("global".into(), Value::Table(self.global.clone()));
+        }
+        if !self.admin.is_empty() {
+            root.insert("admin".into(), Value::Table(self.admin.clone()));
         }
         root.insert(
             "service".into(),

@@ -13,6 +13,7 @@
 //! - `LB_REQUIRE_PRIVILEGED=1`: tests that need root fail instead of skipping.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod backend;
 pub mod client;
 pub mod config;

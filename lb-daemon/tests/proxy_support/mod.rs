@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -11,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use lb_common::FlowKey;
-use lb_daemon::config::{Protocol, SchedulerKind};
+use lb_daemon::config::{ClientLimits, Protocol, ProxyProtocol, SchedulerKind};
 use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions, ProxyService};
 use lb_daemon::dataplane::FlowEvents;
 use lb_daemon::scheduler::Scheduler;
 use lb_daemon::snapshot::{BackendId, BackendStats, BackendView, ServiceSnapshot, SharedSnapshot};
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 /// Test-only scheduler: each backend in turn, skipping the ones already tried.
 pub struct RoundRobin {
@@ -45,9 +46,46 @@ pub struct ServiceSpec {
     pub retries: u32,
     pub workers: usize,
     pub options: ProxyOptions,
+    pub proxy_protocol: ProxyProtocol,
+    pub limits: ClientLimits,
+    pub access_log: bool,
 }
 
 impl ServiceSpec {
+    /// A live snapshot of this service named `name`: every backend up with weight 1, the
+    /// test round-robin scheduler.
+    pub fn snapshot(&self, name: &str) -> SharedSnapshot {
+        let spec = self;
+        let backends: Vec<BackendView> = spec
+            .backends
+            .iter()
+            .map(|&address| BackendView {
+                address,
+                weight: 1,
+                up: true,
+                stats: Arc::new(BackendStats::default()),
+            })
+            .collect();
+        Arc::new(ArcSwap::from_pointee(ServiceSnapshot {
+            name: name.into(),
+            listen: spec.listen,
+            protocol: spec.protocol,
+            scheduler_kind: SchedulerKind::RoundRobin,
+            connect_timeout: spec.connect_timeout,
+            idle_timeout: spec.idle_timeout,
+            retries: spec.retries,
+            scheduler: Some(Box::new(RoundRobin {
+                count: backends.len(),
+                next: AtomicUsize::new(0),
+            })),
+            backends,
+            generation: 1,
+            proxy_protocol: spec.proxy_protocol,
+            limits: spec.limits,
+            access_log: spec.access_log,
+        }))
+    }
+
     pub fn tcp(backends: Vec<SocketAddr>) -> ServiceSpec {
         ServiceSpec {
             listen: "127.0.0.1:0".parse().expect("literal address"),
@@ -58,6 +96,9 @@ impl ServiceSpec {
             retries: 2,
             workers: 2,
             options: ProxyOptions::default(),
+            proxy_protocol: ProxyProtocol::Off,
+            limits: ClientLimits::default(),
+            access_log: false,
         }
     }
 
@@ -138,34 +179,7 @@ pub struct Harness {
 impl Harness {
     pub fn start(spec: ServiceSpec) -> Harness {
         init_logs();
-        let backends: Vec<BackendView> = spec
-            .backends
-            .iter()
-            .map(|&address| BackendView {
-                address,
-                weight: 1,
-                up: true,
-                stats: Arc::new(BackendStats::default()),
-            })
-            .collect();
-        let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(ServiceSnapshot {
-            name: "test".into(),
-            listen: spec.listen,
-            protocol: spec.protocol,
-            scheduler_kind: SchedulerKind::RoundRobin,
-            connect_timeout: spec.connect_timeout,
-            idle_timeout: spec.idle_timeout,
-            retries: spec.retries,
-            scheduler: Some(Box::new(RoundRobin {
-                count: backends.len(),
-                next: AtomicUsize::new(0),
-            })),
-            backends,
-            generation: 1,
-            proxy_protocol: Default::default(),
-            limits: Default::default(),
-            access_log: false,
-        }));
+        let snapshot = spec.snapshot("test");
         let events = Arc::new(Recorder::default());
         let proxy = Proxy::start_with(
             vec![ProxyService {
@@ -314,4 +328,75 @@ pub fn tcp_listener(backlog: i32) -> TcpListener {
         .expect("bind backend");
     socket.listen(backlog).expect("listen");
     socket.into()
+}
+
+const BUFFER: usize = 4 * 1024 * 1024;
+
+/// A UDP backend on 127.0.0.1 answering each datagram with `name:` + the datagram.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(name: &'static str) -> UdpEcho {
+        let socket = udp_socket();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        let addr = socket.local_addr().expect("backend address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                let mut reply = Vec::with_capacity(65_600);
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    reply.clear();
+                    reply.extend_from_slice(name.as_bytes());
+                    reply.push(b':');
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = socket.send_to(&reply, from);
+                }
+            })
+        };
+        UdpEcho {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP socket on 127.0.0.1 with large buffers, so the test's own bursts are not dropped.
+pub fn udp_socket() -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    let s = SockRef::from(&socket);
+    let _ = s.set_recv_buffer_size(BUFFER);
+    let _ = s.set_send_buffer_size(BUFFER);
+    let _ = socket.as_fd();
+    socket
+}
+
+/// A UDP client socket connected to `vip`, with a 10 s read timeout.
+pub fn udp_client(vip: SocketAddr) -> UdpSocket {
+    let socket = udp_socket();
+    socket.connect(vip).expect("connect to the VIP");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    socket
 }

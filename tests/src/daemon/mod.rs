@@ -174,6 +174,27 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The admin API's TCP address, from the daemon's `admin API listening on` line (the
+    /// real port when the config says 0). Panics when the daemon never logged it.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        const PREFIX: &str = "admin API listening on http://";
+        let line = self
+            .wait_for_log(PREFIX, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("the daemon did not say where its admin API is: {e}"));
+        let (_, rest) = line.split_once(PREFIX).expect("the line has the prefix");
+        rest.split_whitespace()
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the admin API line: {line}"))
+    }
+
+    /// Replaces the config file the daemon runs on with `config_toml`, written in place (the
+    /// same file, as an editor saving it would), ready for a reload.
+    pub fn rewrite_config(&self, config_toml: &str) {
+        std::fs::write(&self.config_path, config_toml)
+            .unwrap_or_else(|e| panic!("cannot rewrite {}: {e}", self.config_path.display()));
+    }
+
     /// The config file it runs on.
     pub fn config_path(&self) -> &Path {
         &self.config_path

@@ -14,6 +14,10 @@
 //!
 //! Existing flows keep their backend when a snapshot changes: the backend is chosen once, when
 //! the connection or session opens.
+//!
+//! Services come and go while the proxy runs ([`Proxy::add_service`],
+//! [`Proxy::remove_service`]): each worker gets the command through a channel and a wake-up
+//! of its eventfd, and applies it between two batches of completions.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,6 +33,9 @@ use crate::config::Protocol;
 use crate::dataplane::FlowEvents;
 use crate::snapshot::SharedSnapshot;
 
+mod access;
+mod limits;
+mod proxy_header;
 mod relay;
 mod ring;
 mod slab;
@@ -39,9 +46,11 @@ mod worker;
 
 /// One service the proxy carries.
 ///
-/// Its listen address, protocol, timeouts and retries are read from the snapshot once, at
-/// [`Proxy::start`]: they are fixed for the life of the proxy. Backends, weights, health and
-/// the scheduler are read from the current snapshot for every new connection or session.
+/// Its listen address, protocol, timeouts and retries are read from the snapshot once, when
+/// the service starts ([`Proxy::start`] or [`Proxy::add_service`]): to change them, remove the
+/// service and add it again under a new index. Backends, weights, health, the scheduler, the
+/// PROXY protocol header, the per-client limits and the access log switch are read from the
+/// current snapshot for every new connection or session.
 pub struct ProxyService {
     /// The service's number, passed back in [`FlowEvents`] calls.
     pub index: usize,
@@ -69,6 +78,14 @@ pub enum ProxyError {
     /// A worker thread could not be spawned.
     #[error("cannot start a proxy worker thread: {0}")]
     Thread(io::Error),
+    /// [`Proxy::add_service`] was given an index the proxy carries already (indexes are
+    /// unique for the life of the daemon).
+    #[error("service number {0} is already carried by the proxy")]
+    DuplicateService(usize),
+    /// [`Proxy::add_service`] was called while the proxy is shutting down, or a worker has
+    /// exited (its ring failed); the service is not carried.
+    #[error("the proxy is stopping; service {0} was not started")]
+    Stopped(usize),
 }
 
 /// How relay bytes are moved between a socket and a pipe.
@@ -119,6 +136,10 @@ pub struct ProxyCounters {
     /// Connections and sessions ended by an error: a reset, a failed splice or send, or a
     /// local resource shortage (sockets, pipes).
     pub errors: u64,
+    /// New TCP connections and UDP sessions refused by a service's per-client limits
+    /// (`[service.limits]`), summed over services; per service see [`Proxy::limited`]. A
+    /// refused UDP datagram is also counted in `dropped_datagrams`.
+    pub limited: u64,
 }
 
 /// State shared by the workers and the [`Proxy`] handle.
@@ -128,6 +149,7 @@ struct Shared {
     no_backend: AtomicU64,
     dropped_datagrams: AtomicU64,
     errors: AtomicU64,
+    limited: AtomicU64,
     /// Set once by [`Proxy::shutdown`]: when the drain ends.
     deadline: Mutex<Option<Instant>>,
 }
@@ -185,11 +207,60 @@ struct ServiceInfo {
     connect_timeout: Duration,
     idle_timeout: Duration,
     retries: u32,
+    /// Worker-local: set when the service was removed; its flows are cut at this instant.
+    drain_until: Option<Instant>,
+    /// Per-client limits state, shared by the workers.
+    clients: Arc<limits::ClientTable>,
+}
+
+impl ServiceInfo {
+    fn new(service: &ProxyService) -> ServiceInfo {
+        let snap = service.snapshot.load();
+        ServiceInfo {
+            index: service.index,
+            name: snap.name.clone(),
+            listen: snap.listen,
+            protocol: snap.protocol,
+            connect_timeout: snap.connect_timeout,
+            idle_timeout: snap.idle_timeout,
+            retries: snap.retries,
+            snapshot: service.snapshot.clone(),
+            drain_until: None,
+            clients: Arc::new(limits::ClientTable::new()),
+        }
+    }
+
+    /// Whether the service was removed (it takes no new connections or sessions).
+    fn removed(&self) -> bool {
+        self.drain_until.is_some()
+    }
 }
 
 struct WorkerHandle {
     thread: Option<JoinHandle<u64>>,
     wake: Arc<OwnedFd>,
+    commands: std::sync::mpsc::Sender<worker::Command>,
+}
+
+impl WorkerHandle {
+    /// Queues `command` and wakes the worker. `false` when the worker has exited.
+    fn send(&self, command: worker::Command) -> bool {
+        if self.commands.send(command).is_err() {
+            return false;
+        }
+        if let Err(e) = sys::eventfd_signal(self.wake.as_fd()) {
+            tracing::error!("cannot wake a proxy worker: {e}");
+            return false;
+        }
+        true
+    }
+}
+
+/// A service the proxy carries, as the handle knows it.
+struct Carried {
+    index: usize,
+    listen: SocketAddr,
+    clients: Arc<limits::ClientTable>,
 }
 
 /// The running proxy: its worker threads and their listeners.
@@ -198,7 +269,10 @@ struct WorkerHandle {
 pub struct Proxy {
     workers: Vec<WorkerHandle>,
     shared: Arc<Shared>,
-    listen: Vec<(usize, SocketAddr)>,
+    /// The services carried now; held across [`Proxy::add_service`] and
+    /// [`Proxy::remove_service`] so that they apply one at a time.
+    services: Mutex<Vec<Carried>>,
+    options: ProxyOptions,
 }
 
 /// `listen(2)` backlog; the kernel caps it at `net.core.somaxconn`.
@@ -230,22 +304,12 @@ impl Proxy {
         options: ProxyOptions,
     ) -> Result<Proxy, ProxyError> {
         let workers = workers.max(1);
-        let mut infos: Vec<ServiceInfo> = services
-            .into_iter()
-            .map(|s| {
-                let snap = s.snapshot.load();
-                ServiceInfo {
-                    index: s.index,
-                    name: snap.name.clone(),
-                    listen: snap.listen,
-                    protocol: snap.protocol,
-                    connect_timeout: snap.connect_timeout,
-                    idle_timeout: snap.idle_timeout,
-                    retries: snap.retries,
-                    snapshot: s.snapshot.clone(),
-                }
-            })
-            .collect();
+        let mut infos: Vec<ServiceInfo> = services.iter().map(ServiceInfo::new).collect();
+        for (i, info) in infos.iter().enumerate() {
+            if infos[..i].iter().any(|other| other.index == info.index) {
+                return Err(ProxyError::DuplicateService(info.index));
+            }
+        }
 
         // Bind everything first: worker 0's sockets fix the ports that were 0.
         let mut sockets: Vec<Vec<OwnedFd>> = Vec::with_capacity(workers);
@@ -268,10 +332,12 @@ impl Proxy {
         for (id, mine) in sockets.into_iter().enumerate() {
             let ring = ring::Ring::new().map_err(ProxyError::Ring)?;
             let wake = Arc::new(sys::eventfd().map_err(ProxyError::Ring)?);
+            let (commands, command_rx) = std::sync::mpsc::channel();
             let mut setup = worker::Setup {
                 id,
                 ring,
                 wake: wake.clone(),
+                commands: command_rx,
                 tcp: Vec::new(),
                 udp: Vec::new(),
                 events: events.clone(),
@@ -285,15 +351,25 @@ impl Proxy {
                     Protocol::Udp => setup.udp.push((info.clone(), fd)),
                 }
             }
-            setups.push((setup, wake));
+            setups.push((setup, wake, commands));
         }
 
         let mut proxy = Proxy {
             workers: Vec::with_capacity(workers),
             shared,
-            listen: infos.iter().map(|i| (i.index, i.listen)).collect(),
+            services: Mutex::new(
+                infos
+                    .iter()
+                    .map(|i| Carried {
+                        index: i.index,
+                        listen: i.listen,
+                        clients: i.clients.clone(),
+                    })
+                    .collect(),
+            ),
+            options,
         };
-        for (setup, wake) in setups {
+        for (setup, wake, commands) in setups {
             let name = format!("lb-proxy-{}", setup.id);
             match std::thread::Builder::new()
                 .name(name)
@@ -302,6 +378,7 @@ impl Proxy {
                 Ok(thread) => proxy.workers.push(WorkerHandle {
                     thread: Some(thread),
                     wake,
+                    commands,
                 }),
                 Err(e) => {
                     proxy.stop(Duration::ZERO);
@@ -343,17 +420,132 @@ impl Proxy {
             no_backend: self.shared.no_backend.load(Ordering::Relaxed),
             dropped_datagrams: self.shared.dropped_datagrams.load(Ordering::Relaxed),
             errors: self.shared.errors.load(Ordering::Relaxed),
+            limited: self.shared.limited.load(Ordering::Relaxed),
         }
     }
 
-    /// The address service `index` (its [`ProxyService::index`]) is bound to: its listen
-    /// address, with the actual port if the configured one was 0. `None` for an unknown
-    /// index.
-    pub fn listen_addr(&self, index: usize) -> Option<SocketAddr> {
-        self.listen
+    /// New connections (TCP) or sessions (UDP) of service `index` refused by its per-client
+    /// limits since it started. `None` for an index the proxy does not carry.
+    pub fn limited(&self, index: usize) -> Option<u64> {
+        self.carried()
             .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, addr)| *addr)
+            .find(|c| c.index == index)
+            .map(|c| c.clients.refused.load(Ordering::Relaxed))
+    }
+
+    /// The address service `index` (its [`ProxyService::index`]) is bound to: its listen
+    /// address, with the actual port if the configured one was 0. `None` for an index the
+    /// proxy does not carry (never added, or removed).
+    pub fn listen_addr(&self, index: usize) -> Option<SocketAddr> {
+        self.carried()
+            .iter()
+            .find(|c| c.index == index)
+            .map(|c| c.listen)
+    }
+
+    fn carried(&self) -> std::sync::MutexGuard<'_, Vec<Carried>> {
+        self.services.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts carrying a service that was not there at start: binds its listeners on every
+    /// worker.
+    ///
+    /// Binds one `SO_REUSEPORT` listener (TCP) or VIP socket (UDP) per worker before any
+    /// worker takes it, so a bind error surfaces here as `Err(ProxyError::Bind)` and nothing
+    /// is left behind; a listen port of 0 gets one free port for all workers
+    /// ([`Proxy::listen_addr`] tells which). Returns once every worker accepts on it.
+    /// `Err(ProxyError::DuplicateService)` when `service.index` is carried already,
+    /// `Err(ProxyError::Stopped)` when the proxy is shutting down. Blocks for the time the
+    /// workers take to pick up the command (a batch of completions, normally well under a
+    /// millisecond); call it from a blocking context (e.g. `spawn_blocking` in async code).
+    pub fn add_service(&self, service: ProxyService) -> Result<(), ProxyError> {
+        let mut carried = self.carried();
+        if carried.iter().any(|c| c.index == service.index) {
+            return Err(ProxyError::DuplicateService(service.index));
+        }
+        let mut info = ServiceInfo::new(&service);
+        let mut sockets = Vec::with_capacity(self.workers.len());
+        for _ in 0..self.workers.len() {
+            let (fd, bound) = bind(&info, self.options).map_err(|source| ProxyError::Bind {
+                addr: info.listen,
+                source,
+            })?;
+            info.listen = bound;
+            sockets.push(fd);
+        }
+        let (done, outcomes) = std::sync::mpsc::channel();
+        let mut sent = 0;
+        for (w, fd) in self.workers.iter().zip(sockets) {
+            let command = worker::Command::Add {
+                info: info.clone(),
+                fd,
+                done: done.clone(),
+            };
+            if w.send(command) {
+                sent += 1;
+            }
+        }
+        drop(done);
+        let started = (0..sent).filter(|_| outcomes.recv() == Ok(true)).count();
+        if sent < self.workers.len() || started < sent {
+            // Workers that took it close their listener with the proxy; none is left open
+            // for a service the caller believes failed.
+            self.send_remove(info.index, Instant::now());
+            return Err(ProxyError::Stopped(info.index));
+        }
+        carried.push(Carried {
+            index: info.index,
+            listen: info.listen,
+            clients: info.clients.clone(),
+        });
+        tracing::info!(
+            "service {}: proxying {:?} on {} with {} worker(s)",
+            info.name,
+            info.protocol,
+            info.listen,
+            self.workers.len()
+        );
+        Ok(())
+    }
+
+    /// Stops accepting new connections/sessions for service `index` at once; open ones
+    /// finish (they are cut at `drain_timeout`). Returns once listeners are closed.
+    ///
+    /// TCP: every worker's listener is closed before this returns (connections still in its
+    /// accept queue, not yet taken by the worker, are reset by the kernel), so the address
+    /// can be bound again at once. Open connections carry on and are reset `drain_timeout`
+    /// from now. UDP: no new session starts from this call on; a VIP socket stays open while
+    /// sessions of the service remain (backends' replies leave through it) and closes when
+    /// the last one ends (idle or cut at `drain_timeout`). If a service is added on the same
+    /// UDP address meanwhile, new clients whose datagrams still land on the old socket are
+    /// handed to the new service; and as the kernel's `SO_REUSEPORT` group has grown, some
+    /// old clients' datagrams are hashed to the new sockets, where they start sessions on the
+    /// new service, as if their old session had expired. An unknown index is ignored. Blocks like
+    /// [`Proxy::add_service`].
+    pub fn remove_service(&self, index: usize, drain_timeout: Duration) {
+        let mut carried = self.carried();
+        let Some(at) = carried.iter().position(|c| c.index == index) else {
+            return;
+        };
+        let until = deadline_after(drain_timeout);
+        self.send_remove(index, until);
+        carried.remove(at);
+    }
+
+    /// Tells every worker that service `index` is removed, its flows cut at `until`; returns
+    /// once every worker has closed its listener (or exited).
+    fn send_remove(&self, index: usize, until: Instant) {
+        let (closed, all_closed) = std::sync::mpsc::channel::<()>();
+        for w in &self.workers {
+            w.send(worker::Command::Remove {
+                index,
+                until,
+                closed: closed.clone(),
+            });
+        }
+        drop(closed);
+        // Each worker drops its sender once its listener is closed: then `recv` fails.
+        while all_closed.recv().is_ok() {}
     }
 
     /// Stops accepting at once (TCP listeners close; UDP VIP sockets take no new clients),
@@ -376,13 +568,7 @@ impl Proxy {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if deadline.is_none() {
-                let now = Instant::now();
-                // A timeout too large for the clock means "no deadline": a century will do.
-                let at = now
-                    .checked_add(drain_timeout)
-                    .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
-                    .unwrap_or(now);
-                *deadline = Some(at);
+                *deadline = Some(deadline_after(drain_timeout));
             }
         }
         for w in &self.workers {
@@ -409,6 +595,15 @@ impl Drop for Proxy {
             self.stop(Duration::ZERO);
         }
     }
+}
+
+/// The instant `timeout` from now; a timeout too large for the clock means "no deadline":
+/// a century will do.
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// Binds one worker's socket for `info`; returns it and the address it got.

@@ -23,8 +23,9 @@
 /// What the last operation of a direction reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Outcome {
-    /// The relay starts (the backend connection is up).
-    Started,
+    /// The relay starts (the backend connection is up) with this many bytes already in the
+    /// pipe (a PROXY protocol header), delivered before the source is read.
+    Started(u32),
     /// The source poll completed: a `<poll.h>` mask, or `-errno`.
     Readable(i32),
     /// The destination poll completed: a mask, or `-errno`.
@@ -125,7 +126,12 @@ impl Direction {
     /// for is a bug elsewhere; it fails the direction (`EIO`) rather than corrupt the stream.
     pub(super) fn on(&mut self, outcome: Outcome) -> Step {
         let step = match (self.waiting, outcome) {
-            (Waiting::Nothing, Outcome::Started) => Step::PollReadable,
+            (Waiting::Nothing, Outcome::Started(0)) => Step::PollReadable,
+            (Waiting::Nothing, Outcome::Started(n)) => {
+                self.buffered = n.min(self.capacity);
+                self.last_read_full = false;
+                Step::SpliceOut(self.buffered)
+            }
             (Waiting::Readable, Outcome::Readable(r)) if r < 0 => Step::Fail(-r),
             // Errors and hang-ups surface through the splice's own result.
             (Waiting::Readable, Outcome::Readable(_)) => Step::SpliceIn(self.capacity),
@@ -203,16 +209,25 @@ mod tests {
     #[test]
     fn bytes_flow_poll_read_write_poll() {
         let mut d = Direction::new(1000);
-        assert_eq!(d.on(Outcome::Started), Step::PollReadable);
+        assert_eq!(d.on(Outcome::Started(0)), Step::PollReadable);
         assert_eq!(d.on(Outcome::Readable(POLLIN)), Step::SpliceIn(1000));
         assert_eq!(d.on(Outcome::SplicedIn(300)), Step::SpliceOut(300));
         assert_eq!(d.on(Outcome::SplicedOut(300)), Step::PollReadable);
     }
 
     #[test]
+    fn bytes_already_in_the_pipe_go_out_before_the_source_is_read() {
+        let mut d = Direction::new(1000);
+        assert_eq!(d.on(Outcome::Started(28)), Step::SpliceOut(28));
+        assert_eq!(d.on(Outcome::SplicedOut(10)), Step::PollWritable);
+        assert_eq!(d.on(Outcome::Writable(POLLOUT)), Step::SpliceOut(18));
+        assert_eq!(d.on(Outcome::SplicedOut(18)), Step::PollReadable);
+    }
+
+    #[test]
     fn a_short_write_waits_for_room_then_sends_the_rest() {
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         d.on(Outcome::SplicedIn(300));
         assert_eq!(d.on(Outcome::SplicedOut(100)), Step::PollWritable);
@@ -225,7 +240,7 @@ mod tests {
     #[test]
     fn a_full_read_reads_again_without_polling() {
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         assert_eq!(d.on(Outcome::SplicedIn(1000)), Step::SpliceOut(1000));
         assert_eq!(d.on(Outcome::SplicedOut(1000)), Step::SpliceIn(1000));
@@ -236,7 +251,7 @@ mod tests {
     fn a_splice_that_blocks_right_after_a_readable_poll_copies_once() {
         // TCP urgent data: poll says readable, splice cannot get past the urgent mark.
         let mut d = Direction::new(100_000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         assert_eq!(
             d.on(Outcome::SplicedIn(-libc::EAGAIN)),
@@ -253,7 +268,7 @@ mod tests {
     #[test]
     fn a_splice_that_blocks_without_a_poll_just_polls() {
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         d.on(Outcome::SplicedIn(1000));
         assert_eq!(d.on(Outcome::SplicedOut(1000)), Step::SpliceIn(1000));
@@ -263,7 +278,7 @@ mod tests {
     #[test]
     fn end_of_file_finishes_only_after_the_pipe_is_drained() {
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         d.on(Outcome::SplicedIn(1000));
         d.on(Outcome::SplicedOut(1000));
@@ -281,7 +296,7 @@ mod tests {
     #[test]
     fn a_splice_end_of_file_that_was_an_urgent_mark_carries_on() {
         let mut d = Direction::new(100_000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         assert_eq!(d.on(Outcome::SplicedIn(0)), Step::CopyIn(COPY_MAX));
         assert_eq!(d.on(Outcome::SplicedIn(4)), Step::SpliceOut(4));
@@ -291,14 +306,14 @@ mod tests {
     #[test]
     fn errors_fail_the_direction() {
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         assert_eq!(
             d.on(Outcome::SplicedIn(-libc::ECONNRESET)),
             Step::Fail(libc::ECONNRESET)
         );
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         d.on(Outcome::SplicedIn(10));
         assert_eq!(
@@ -306,7 +321,7 @@ mod tests {
             Step::Fail(libc::EPIPE)
         );
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         assert_eq!(
             d.on(Outcome::Readable(-libc::EBADF)),
             Step::Fail(libc::EBADF)
@@ -316,10 +331,10 @@ mod tests {
     #[test]
     fn an_unexpected_outcome_fails_instead_of_corrupting() {
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         assert_eq!(d.on(Outcome::SplicedOut(5)), Step::Fail(libc::EIO));
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         d.on(Outcome::SplicedIn(10));
         assert_eq!(
@@ -332,7 +347,7 @@ mod tests {
     #[test]
     fn interrupted_splices_are_retried() {
         let mut d = Direction::new(1000);
-        d.on(Outcome::Started);
+        d.on(Outcome::Started(0));
         d.on(Outcome::Readable(POLLIN));
         assert_eq!(d.on(Outcome::SplicedIn(-libc::EINTR)), Step::SpliceIn(1000));
         d.on(Outcome::SplicedIn(7));

@@ -196,10 +196,47 @@ fn setsockopt_int(
     .map(drop)
 }
 
+/// `write(2)` of `data` to `fd` (non-blocking when `fd` is); returns the bytes written.
+pub(super) fn write(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: `data` is a live slice of `data.len()` bytes.
+    let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// `send(2)` of one datagram on a connected socket, without blocking.
 pub(super) fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     // SAFETY: `data` is a live slice of `data.len()` bytes.
     let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `sendmsg(2)` of one datagram made of `prefix` then `data` on a connected socket, without
+/// blocking and without copying them together; returns the bytes sent (prefix included).
+pub(super) fn send_prefixed(fd: RawFd, prefix: &[u8], data: &[u8]) -> io::Result<usize> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: prefix.as_ptr() as *mut libc::c_void,
+            iov_len: prefix.len(),
+        },
+        libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        },
+    ];
+    // SAFETY: an all-zero msghdr is valid (no name, no control).
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: `msg` points at `iov`, whose buffers are live slices; sendmsg only reads them.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -226,6 +263,16 @@ pub(super) enum Local {
     /// From `IPV6_PKTINFO` on an IPv6 socket (IPv4 clients of a dual-stack socket show as
     /// IPv4-mapped addresses); the interface index matters for link-local addresses.
     V6(Ipv6Addr, u32),
+}
+
+impl Local {
+    /// The local IP address.
+    pub(super) fn ip(self) -> std::net::IpAddr {
+        match self {
+            Local::V4(v4) => v4.into(),
+            Local::V6(v6, _) => v6.into(),
+        }
+    }
 }
 
 /// Asks a wildcard-bound UDP socket to report each datagram's local address (see

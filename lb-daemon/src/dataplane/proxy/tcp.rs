@@ -18,13 +18,16 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
+use super::access::{self, End};
+use super::limits::Admission;
+use super::proxy_header::{self, Transport};
 use super::relay::{Direction, Outcome, Step};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Pipe};
 use super::worker::Ctx;
 use super::{LogLimit, ServiceInfo, Shared, SpliceMode};
-use crate::config::Protocol;
+use crate::config::{Protocol, ProxyProtocol};
 use crate::snapshot::{flow_key, BackendId, BackendStats, ServiceSnapshot};
 
 /// Operation numbers within a connection (the `op` of its tokens, a bit in `in_flight`).
@@ -54,14 +57,6 @@ fn bit(op: u8) -> u8 {
     1 << op
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Close {
-    /// Both directions finished, or the connection went idle: plain close.
-    Graceful,
-    /// An error, or cut off at shutdown: close with `SO_LINGER` 0, so peers get a reset.
-    Reset,
-}
-
 struct Connecting {
     /// The snapshot the first pick used: `tried` holds its backend ids.
     snapshot: Arc<ServiceSnapshot>,
@@ -80,6 +75,10 @@ struct Relaying {
     stats: Arc<BackendStats>,
     ways: [Direction; 2],
     pipes: [Pipe; 2],
+    /// Bytes delivered each way (index `TO_BACKEND`, `TO_CLIENT`), for the access log.
+    bytes: [u64; 2],
+    /// Bytes of the PROXY protocol header not yet delivered: they are not client bytes.
+    header_left: u32,
 }
 
 enum Phase {
@@ -95,8 +94,16 @@ struct Conn {
     phase: Phase,
     /// Bit `op` set while operation `op` is in flight.
     in_flight: u8,
-    closing: Option<Close>,
+    /// Why it is closing. A graceful end ([`End::graceful`]) closes with a FIN; any other
+    /// with `SO_LINGER` 0, so peers get a reset.
+    closing: Option<End>,
     last_active: Instant,
+    /// When it was accepted.
+    started: Instant,
+    /// Whether its service logged access when it was accepted.
+    access_log: bool,
+    /// Its place in the service's per-client limits, given back when it closes.
+    admission: Admission,
 }
 
 struct Listener {
@@ -112,6 +119,28 @@ struct Listener {
     backoff: bool,
     /// Accept failures since the last accepted connection.
     failures: u32,
+    /// Held while a [`Tcp::remove`] waits for this listener to close; dropped with `fd`.
+    on_close: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Listener {
+    fn new(service: usize, fd: OwnedFd) -> Listener {
+        Listener {
+            service,
+            fd: Some(fd),
+            armed: false,
+            closing: false,
+            backoff: false,
+            failures: 0,
+            on_close: None,
+        }
+    }
+
+    /// Closes the socket (nothing of it may be in flight) and tells whoever waits for it.
+    fn close_fd(&mut self) {
+        self.fd = None;
+        self.on_close = None;
+    }
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
@@ -183,6 +212,29 @@ fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(socket.into())
 }
 
+/// The PROXY protocol header a new connection's backend gets, if its service sends one:
+/// the client's address and the local address it connected to (the VIP; with a wildcard
+/// listener, the address the client actually reached).
+fn proxy_header_for(
+    snapshot: &ServiceSnapshot,
+    client: &OwnedFd,
+    client_addr: SocketAddr,
+) -> io::Result<Option<Vec<u8>>> {
+    if snapshot.proxy_protocol == ProxyProtocol::Off {
+        return Ok(None);
+    }
+    let vip = SockRef::from(client)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("the client socket has no IP address"))?;
+    Ok(proxy_header::header(
+        snapshot.proxy_protocol,
+        client_addr,
+        vip,
+        Transport::Stream,
+    ))
+}
+
 fn set_reset_on_close(fd: &OwnedFd) {
     let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
 }
@@ -201,16 +253,74 @@ impl Tcp {
         };
         for (service, (info, fd)) in listeners.into_iter().enumerate() {
             tcp.services.push(info);
-            tcp.listeners.push(Listener {
-                service,
-                fd: Some(fd),
-                armed: false,
-                closing: false,
-                backoff: false,
-                failures: 0,
-            });
+            tcp.listeners.push(Listener::new(service, fd));
         }
         tcp
+    }
+
+    /// Starts carrying a service added while running: `fd` is this worker's listener.
+    pub(super) fn add(&mut self, ctx: &mut Ctx, info: ServiceInfo, fd: OwnedFd) {
+        let service = self.services.len();
+        self.services.push(info);
+        self.no_backend_log.push(LogLimit::default());
+        self.listeners.push(Listener::new(service, fd));
+        self.arm(ctx, self.listeners.len() - 1);
+    }
+
+    /// Service `index` was removed: closes its listener (after cancelling the accept; `closed`
+    /// is dropped then) and marks its connections to be cut at `until`.
+    pub(super) fn remove(
+        &mut self,
+        ctx: &mut Ctx,
+        index: usize,
+        until: Instant,
+        closed: &std::sync::mpsc::Sender<()>,
+    ) {
+        for (at, info) in self.services.iter_mut().enumerate() {
+            if info.index != index || info.removed() {
+                continue;
+            }
+            info.drain_until = Some(until);
+            for (i, l) in self.listeners.iter_mut().enumerate() {
+                if l.service != at || l.fd.is_none() {
+                    continue;
+                }
+                l.closing = true;
+                if l.armed {
+                    l.on_close = Some(closed.clone());
+                    ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
+                } else {
+                    l.close_fd();
+                }
+            }
+        }
+    }
+
+    /// Resets the connections of removed services whose drain deadline has passed. Returns
+    /// how many.
+    pub(super) fn cut_removed(&mut self, ctx: &mut Ctx) -> u64 {
+        let now = Instant::now();
+        if !self
+            .services
+            .iter()
+            .any(|s| s.drain_until.is_some_and(|at| at <= now))
+        {
+            return 0;
+        }
+        let mut cut = 0;
+        for (index, generation) in self.conns.keys() {
+            let due = self.conns.get_mut(index, generation).is_some_and(|c| {
+                c.closing.is_none()
+                    && self.services[c.service]
+                        .drain_until
+                        .is_some_and(|at| at <= now)
+            });
+            if due {
+                cut += 1;
+                self.close(ctx, index, generation, End::DrainCut);
+            }
+        }
+        cut
     }
 
     /// Arms every listener's accept.
@@ -287,7 +397,7 @@ impl Tcp {
         let l = &mut self.listeners[index];
         if l.closing {
             if !l.armed {
-                l.fd = None;
+                l.close_fd();
             }
         } else if !l.armed && !l.backoff {
             self.arm(ctx, index);
@@ -302,7 +412,38 @@ impl Tcp {
             return;
         };
         let _ = sock.set_nodelay(true);
-        let snapshot = self.services[service].snapshot.load_full();
+        let info = &self.services[service];
+        let snapshot = info.snapshot.load_full();
+        let admission = match info
+            .clients
+            .admit(client_addr.ip(), &snapshot.limits, ctx.now)
+        {
+            Ok(admission) => admission,
+            Err(why) => {
+                // A reset, not a FIN: the client learns at once that it was turned away (a
+                // FIN would read as an empty answer), and the VIP keeps no TIME_WAIT socket
+                // per refused connection, which a client over its limit could pile up.
+                set_reset_on_close(&client);
+                Shared::count(&ctx.shared.limited, 1);
+                tracing::debug!(
+                    "service {}: connection from {client_addr} refused by the limits ({why:?})",
+                    info.name
+                );
+                if snapshot.access_log {
+                    access::log(&access::Line {
+                        protocol: Protocol::Tcp,
+                        service: &info.name,
+                        client: client_addr,
+                        backend: None,
+                        bytes: [0, 0],
+                        duration: Duration::ZERO,
+                        end: End::LimitRefused,
+                    });
+                }
+                return;
+            }
+        };
+        let access_log = snapshot.access_log;
         let (index, generation) = self.conns.insert(Conn {
             service,
             client,
@@ -317,6 +458,9 @@ impl Tcp {
             in_flight: 0,
             closing: None,
             last_active: ctx.now,
+            started: ctx.now,
+            access_log,
+            admission,
         });
         ctx.shared.active.fetch_add(1, Ordering::Relaxed);
         self.connect_next(ctx, index, generation);
@@ -346,7 +490,7 @@ impl Tcp {
             let client = conn.client_addr;
             let service_at = conn.service;
             self.log_no_backend(ctx, service_at, client, failed);
-            self.close(ctx, index, generation, Close::Reset);
+            self.close(ctx, index, generation, End::NoBackend);
             return;
         };
         let socket = match backend_socket(addr) {
@@ -359,7 +503,7 @@ impl Tcp {
                     );
                 }
                 Shared::count(&ctx.shared.errors, 1);
-                self.close(ctx, index, generation, Close::Reset);
+                self.close(ctx, index, generation, End::Error);
                 return;
             }
         };
@@ -429,7 +573,7 @@ impl Tcp {
                 let way = usize::from(op - OP_RELAY);
                 let Phase::Relaying(r) = &conn.phase else {
                     // Unreachable: relay operations start only once relaying.
-                    self.close(ctx, index, generation, Close::Reset);
+                    self.close(ctx, index, generation, End::Error);
                     return;
                 };
                 let outcome = r.ways[way].completed(c.result);
@@ -448,7 +592,7 @@ impl Tcp {
         let Some((id, addr, socket)) = a.attempt.take() else {
             // Unreachable: both connect completions imply an attempt. Never leave a
             // connection with nothing in flight and no way out.
-            self.close(ctx, index, generation, Close::Reset);
+            self.close(ctx, index, generation, End::Error);
             return;
         };
         let service = &self.services[conn.service];
@@ -485,7 +629,7 @@ impl Tcp {
 
         let Some(stats) = a.snapshot.backends.get(id).map(|b| b.stats.clone()) else {
             // Unreachable: `id` came from this snapshot.
-            self.close(ctx, index, generation, Close::Reset);
+            self.close(ctx, index, generation, End::Error);
             return;
         };
         let pipe_size = ctx.options.pipe_size;
@@ -502,7 +646,40 @@ impl Tcp {
                 }
                 Shared::count(&ctx.shared.errors, 1);
                 drop(socket);
-                self.close(ctx, index, generation, Close::Reset);
+                self.close(ctx, index, generation, End::Error);
+                return;
+            }
+        };
+        // The PROXY protocol header goes into the empty client-to-backend pipe: the relay
+        // delivers it first (with its partial writes and polls) and reads the client only
+        // once it is out, so no client byte can overtake it.
+        // A backend that expects a header cannot take the connection without one, so any
+        // failure here closes it. A write of at most PIPE_BUF bytes into an empty pipe is
+        // whole or fails.
+        let queued =
+            proxy_header_for(&a.snapshot, &conn.client, conn.client_addr).and_then(|header| {
+                match header {
+                    None => Ok(0),
+                    Some(h) => match sys::write(pipes[TO_BACKEND].write.as_fd(), &h)? {
+                        n if n == h.len() => Ok(n as u32),
+                        n => Err(io::Error::other(format!(
+                            "only {n} of {} bytes went into the pipe",
+                            h.len()
+                        ))),
+                    },
+                }
+            });
+        let header_len = match queued {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(
+                    "service {}: cannot queue the PROXY protocol header for {}: {e}",
+                    service.name,
+                    conn.client_addr
+                );
+                Shared::count(&ctx.shared.errors, 1);
+                drop((socket, pipes));
+                self.close(ctx, index, generation, End::Error);
                 return;
             }
         };
@@ -517,10 +694,18 @@ impl Tcp {
                 Direction::new(pipes[1].capacity),
             ],
             pipes,
+            bytes: [0, 0],
+            header_left: header_len,
         });
         conn.last_active = ctx.now;
-        self.drive(ctx, index, generation, TO_BACKEND, Outcome::Started);
-        self.drive(ctx, index, generation, TO_CLIENT, Outcome::Started);
+        self.drive(
+            ctx,
+            index,
+            generation,
+            TO_BACKEND,
+            Outcome::Started(header_len),
+        );
+        self.drive(ctx, index, generation, TO_CLIENT, Outcome::Started(0));
     }
 
     /// Feeds `outcome` to direction `way` and carries out its steps until one is in flight
@@ -542,12 +727,17 @@ impl Tcp {
                 Outcome::SplicedIn(n) if n > 0 => conn.last_active = ctx.now,
                 Outcome::SplicedOut(n) if n > 0 => {
                     conn.last_active = ctx.now;
+                    let mut n = n as u32;
                     let counter = if way == TO_BACKEND {
+                        let header = n.min(r.header_left);
+                        r.header_left -= header;
+                        n -= header;
                         &r.stats.bytes_to_backend
                     } else {
                         &r.stats.bytes_from_backend
                     };
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
+                    r.bytes[way] += u64::from(n);
+                    counter.fetch_add(u64::from(n), Ordering::Relaxed);
                 }
                 _ => {}
             }
@@ -595,7 +785,7 @@ impl Tcp {
                         tracing::debug!("shutdown(SHUT_WR) of a relayed socket: {e}");
                     }
                     if r.ways.iter().all(Direction::finished) {
-                        self.close(ctx, index, generation, Close::Graceful);
+                        self.close(ctx, index, generation, End::Eof);
                     }
                     return;
                 }
@@ -608,7 +798,7 @@ impl Tcp {
                         io::Error::from_raw_os_error(errno)
                     );
                     Shared::count(&ctx.shared.errors, 1);
-                    self.close(ctx, index, generation, Close::Reset);
+                    self.close(ctx, index, generation, End::of_errno(errno));
                     return;
                 }
             };
@@ -627,7 +817,7 @@ impl Tcp {
 
     /// Starts closing a connection: cancels what is in flight; the connection is freed
     /// once the last completion arrives ([`Tcp::finish`]).
-    fn close(&mut self, ctx: &mut Ctx, index: u32, generation: u32, how: Close) {
+    fn close(&mut self, ctx: &mut Ctx, index: u32, generation: u32, how: End) {
         let Some(conn) = self.conns.get_mut(index, generation) else {
             return;
         };
@@ -653,18 +843,36 @@ impl Tcp {
         let Some(conn) = self.conns.remove(index, generation) else {
             return;
         };
-        let reset = conn.closing == Some(Close::Reset);
+        let end = conn.closing.unwrap_or(End::Error);
+        let reset = !end.graceful();
         if reset {
             set_reset_on_close(&conn.client);
         }
-        if let Phase::Relaying(r) = conn.phase {
-            if reset {
-                set_reset_on_close(&r.backend);
+        let info = &self.services[conn.service];
+        info.clients.release(conn.admission);
+        let (backend, bytes) = match conn.phase {
+            Phase::Relaying(r) => {
+                if reset {
+                    set_reset_on_close(&r.backend);
+                }
+                r.stats.closed();
+                let [p0, p1] = r.pipes;
+                self.pipes.give(p0);
+                self.pipes.give(p1);
+                (Some(r.backend_addr), r.bytes)
             }
-            r.stats.closed();
-            let [p0, p1] = r.pipes;
-            self.pipes.give(p0);
-            self.pipes.give(p1);
+            Phase::Connecting(_) => (None, [0, 0]),
+        };
+        if conn.access_log {
+            access::log(&access::Line {
+                protocol: Protocol::Tcp,
+                service: &info.name,
+                client: conn.client_addr,
+                backend,
+                bytes,
+                duration: ctx.now.saturating_duration_since(conn.started),
+                end,
+            });
         }
         ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -698,9 +906,9 @@ impl Tcp {
                 // Idle with bytes still in a pipe means a peer stopped reading: a FIN would
                 // pass the cut stream off as complete, so both peers get a reset instead.
                 let how = if r.ways.iter().any(|w| w.buffered() > 0) {
-                    Close::Reset
+                    End::Stalled
                 } else {
-                    Close::Graceful
+                    End::Idle
                 };
                 tracing::debug!(
                     "service {}: closing connection from {} idle for {limit:?} ({how:?})",
@@ -723,7 +931,7 @@ impl Tcp {
             if l.armed {
                 ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
             } else {
-                l.fd = None;
+                l.close_fd();
             }
         }
     }
@@ -739,7 +947,7 @@ impl Tcp {
                 .is_some_and(|c| c.closing.is_some());
             if !closing {
                 cut += 1;
-                self.close(ctx, index, generation, Close::Reset);
+                self.close(ctx, index, generation, End::DrainCut);
             }
         }
         cut
@@ -751,12 +959,12 @@ impl Tcp {
         let keys = self.conns.keys();
         for &(index, generation) in &keys {
             if let Some(conn) = self.conns.get_mut(index, generation) {
-                conn.closing.get_or_insert(Close::Reset);
+                conn.closing.get_or_insert(End::Error);
             }
             self.finish(ctx, index, generation);
         }
         for l in &mut self.listeners {
-            l.fd = None;
+            l.close_fd();
         }
         keys.len() as u64
     }

@@ -27,6 +27,9 @@ use std::time::Instant;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use super::access::{self, End};
+use super::limits::Admission;
+use super::proxy_header::{self, Transport};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Datagrams, Local};
@@ -58,6 +61,8 @@ struct Vip {
     in_flight: u8,
     /// Shutting down: close once nothing is in flight.
     closing: bool,
+    /// Sessions whose replies leave through this socket.
+    sessions: u32,
 }
 
 struct Session {
@@ -78,6 +83,19 @@ struct Session {
     answered: bool,
     /// The generation of the service's table this session's backend was last checked in.
     table_generation: u64,
+    /// Why it is closing (meaningful once `closing`).
+    end: End,
+    /// When it opened.
+    started: Instant,
+    /// Bytes delivered to the backend and to the client (without PROXY headers).
+    bytes: [u64; 2],
+    /// Whether its service logged access when it opened.
+    access_log: bool,
+    /// Its place in the service's per-client limits, given back when it ends.
+    admission: Admission,
+    /// The PROXY protocol v2 header that starts every datagram to the backend, if the
+    /// service sends one.
+    header: Option<Box<[u8]>>,
 }
 
 /// A worker's UDP services, VIP sockets and sessions.
@@ -109,30 +127,106 @@ impl Udp {
             no_backend_log: vec![LogLimit::default(); sockets.len()],
             resource_log: LogLimit::default(),
         };
-        for (service, (info, fd)) in sockets.into_iter().enumerate() {
-            let packet_info = info.listen.ip().is_unspecified()
-                && match sys::enable_packet_info(fd.as_fd(), info.listen.is_ipv6()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(
-                            "service {}: cannot learn the local address of datagrams on {}; \
-                             replies leave from the routing's choice: {e}",
-                            info.name,
-                            info.listen
-                        );
-                        false
-                    }
-                };
-            udp.services.push(info);
-            udp.vips.push(Vip {
-                service,
-                fd: Some(fd),
-                packet_info,
-                in_flight: 0,
-                closing: false,
-            });
+        for (info, fd) in sockets {
+            udp.push(info, fd);
         }
         udp
+    }
+
+    fn push(&mut self, info: ServiceInfo, fd: OwnedFd) {
+        let packet_info = info.listen.ip().is_unspecified()
+            && match sys::enable_packet_info(fd.as_fd(), info.listen.is_ipv6()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "service {}: cannot learn the local address of datagrams on {}; \
+                         replies leave from the routing's choice: {e}",
+                        info.name,
+                        info.listen
+                    );
+                    false
+                }
+            };
+        self.vips.push(Vip {
+            service: self.services.len(),
+            fd: Some(fd),
+            packet_info,
+            in_flight: 0,
+            closing: false,
+            sessions: 0,
+        });
+        self.services.push(info);
+        self.no_backend_log.push(LogLimit::default());
+    }
+
+    /// Starts carrying a service added while running: `fd` is this worker's VIP socket.
+    pub(super) fn add(&mut self, ctx: &mut Ctx, info: ServiceInfo, fd: OwnedFd) {
+        self.push(info, fd);
+        self.arm_vip(ctx, self.vips.len() - 1);
+    }
+
+    /// Service `index` was removed: no new session starts on it; its VIP socket closes once
+    /// its last session has ended; sessions are cut at `until`.
+    pub(super) fn remove(&mut self, ctx: &mut Ctx, index: usize, until: Instant) {
+        for at in 0..self.services.len() {
+            let info = &mut self.services[at];
+            if info.index != index || info.removed() {
+                continue;
+            }
+            info.drain_until = Some(until);
+            for i in 0..self.vips.len() {
+                if self.vips[i].service == at && self.vips[i].sessions == 0 {
+                    self.close_vip(ctx, i);
+                }
+            }
+        }
+    }
+
+    /// Ends the sessions of removed services whose drain deadline has passed (their VIP
+    /// sockets close when the sessions are freed). Returns how many.
+    pub(super) fn cut_removed(&mut self, ctx: &mut Ctx) -> u64 {
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.vips.len())
+            .filter(|&i| {
+                self.services[self.vips[i].service]
+                    .drain_until
+                    .is_some_and(|at| at <= now)
+            })
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let mut cut = 0;
+        for key in self.sessions.keys() {
+            if self
+                .sessions
+                .get_mut(key.0, key.1)
+                .is_some_and(|s| !s.closing && due.contains(&s.vip))
+            {
+                cut += 1;
+                self.close(ctx, key, End::DrainCut);
+            }
+        }
+        for i in due {
+            if self.vips[i].sessions == 0 {
+                self.close_vip(ctx, i);
+            }
+        }
+        cut
+    }
+
+    /// The VIP socket a new client of `vip` starts its session on: `vip` itself, or, when its
+    /// service was removed, a live socket of a service added on the same address (`None` if
+    /// there is none: the datagram is dropped).
+    fn successor(&self, vip: usize) -> Option<usize> {
+        let service = &self.services[self.vips[vip].service];
+        if !service.removed() {
+            return Some(vip);
+        }
+        self.vips.iter().position(|v| {
+            let s = &self.services[v.service];
+            v.fd.is_some() && !v.closing && !s.removed() && s.listen == service.listen
+        })
     }
 
     /// Arms every VIP socket's poll.
@@ -253,7 +347,7 @@ impl Udp {
                 // The backend went DOWN: the client's next datagram opens a session to a
                 // backend that is up, as IPVS's expire_nodest_conn does, instead of feeding
                 // a dead backend until the idle timeout.
-                self.close(ctx, key);
+                self.close(ctx, key, End::BackendDown);
                 None
             }
             None => None,
@@ -264,13 +358,23 @@ impl Udp {
                 Shared::count(&ctx.shared.dropped_datagrams, 1);
                 return;
             }
-            None => match self.open_session(ctx, vip, client) {
-                Some(key) => key,
-                None => {
-                    Shared::count(&ctx.shared.dropped_datagrams, 1);
-                    return;
+            None => {
+                let opened = match self.successor(vip) {
+                    Some(next) if next == vip => self.open_session(ctx, vip, client, local),
+                    Some(next) => match self.by_client.get(&(next, client)).copied() {
+                        Some(key) => Some(key),
+                        None => self.open_session(ctx, next, client, local),
+                    },
+                    None => None,
+                };
+                match opened {
+                    Some(key) => key,
+                    None => {
+                        Shared::count(&ctx.shared.dropped_datagrams, 1);
+                        return;
+                    }
                 }
-            },
+            }
         };
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             self.by_client.remove(&(vip, client));
@@ -280,11 +384,17 @@ impl Udp {
         if local.is_some() {
             s.local = local;
         }
-        match sys::send(s.fd.as_raw_fd(), data) {
+        let sent = match &s.header {
+            None => sys::send(s.fd.as_raw_fd(), data),
+            Some(header) => sys::send_prefixed(s.fd.as_raw_fd(), header, data)
+                .map(|n| n.saturating_sub(header.len())),
+        };
+        match sent {
             Ok(n) => {
                 s.stats
                     .bytes_to_backend
                     .fetch_add(n as u64, Ordering::Relaxed);
+                s.bytes[0] += n as u64;
                 s.last_active = ctx.now;
             }
             Err(e) => {
@@ -299,24 +409,79 @@ impl Udp {
         }
     }
 
+    /// Opens a session for `client` on VIP socket `vip` (`local`: the address the client
+    /// wrote to, when the socket is a wildcard); `None` when it was refused or failed (the
+    /// caller drops the datagram).
     fn open_session(
         &mut self,
         ctx: &mut Ctx,
         vip: usize,
         client: SocketAddr,
+        local: Option<Local>,
     ) -> Option<(u32, u32)> {
         let service_at = self.vips[vip].service;
         let service = &self.services[service_at];
         let snapshot = service.snapshot.load();
+        let admission = match service
+            .clients
+            .admit(client.ip(), &snapshot.limits, ctx.now)
+        {
+            Ok(admission) => admission,
+            Err(why) => {
+                Shared::count(&ctx.shared.limited, 1);
+                tracing::debug!(
+                    "service {}: new session from {client} refused by the limits ({why:?})",
+                    service.name
+                );
+                if snapshot.access_log {
+                    access::log(&access::Line {
+                        protocol: Protocol::Udp,
+                        service: &service.name,
+                        client,
+                        backend: None,
+                        bytes: [0, 0],
+                        duration: std::time::Duration::ZERO,
+                        end: End::LimitRefused,
+                    });
+                }
+                return None;
+            }
+        };
         let key = flow_key(client, service.listen, Protocol::Udp);
         let Some(backend) = snapshot
             .pick(&key, &[])
             .and_then(|id| snapshot.backends.get(id))
         else {
+            service.clients.release(admission);
             Shared::count(&ctx.shared.no_backend, 1);
+            if snapshot.access_log {
+                access::log(&access::Line {
+                    protocol: Protocol::Udp,
+                    service: &service.name,
+                    client,
+                    backend: None,
+                    bytes: [0, 0],
+                    duration: std::time::Duration::ZERO,
+                    end: End::NoBackend,
+                });
+            }
             self.log_no_backend(ctx, service_at, client);
             return None;
         };
+        // The VIP the header names: the address the client wrote to.
+        let vip_addr = match local {
+            Some(local) if service.listen.ip().is_unspecified() => {
+                SocketAddr::new(local.ip(), service.listen.port())
+            }
+            _ => service.listen,
+        };
+        let header = proxy_header::header(
+            snapshot.proxy_protocol,
+            client,
+            vip_addr,
+            Transport::Datagram,
+        )
+        .map(Vec::into_boxed_slice);
         let (addr, stats) = (backend.address, backend.stats.clone());
         let socket = match Socket::new(
             Domain::for_address(addr),
@@ -332,6 +497,7 @@ impl Udp {
                     );
                 }
                 Shared::count(&ctx.shared.errors, 1);
+                service.clients.release(admission);
                 return None;
             }
         };
@@ -349,6 +515,7 @@ impl Udp {
                 service.name,
                 snapshot.generation
             );
+            service.clients.release(admission);
             return None;
         }
         let fd: OwnedFd = socket.into();
@@ -366,6 +533,12 @@ impl Udp {
             closing: false,
             answered: false,
             table_generation: snapshot.generation,
+            end: End::Error,
+            started: ctx.now,
+            bytes: [0, 0],
+            access_log: snapshot.access_log,
+            admission,
+            header,
         });
         ctx.ring.poll(
             raw,
@@ -374,6 +547,7 @@ impl Udp {
             Token::entry(Kind::Session, OP_POLL, index, generation),
         );
         self.by_client.insert((vip, client), (index, generation));
+        self.vips[vip].sessions += 1;
         stats.opened();
         ctx.shared.active.fetch_add(1, Ordering::Relaxed);
         Some((index, generation))
@@ -444,7 +618,7 @@ impl Udp {
                 Err(e) => {
                     tracing::debug!("receive from backend {}: {e}", s.backend);
                     Shared::count(&ctx.shared.errors, 1);
-                    self.close(ctx, key);
+                    self.close(ctx, key, End::Error);
                     break;
                 }
             };
@@ -463,6 +637,7 @@ impl Udp {
             s.stats
                 .bytes_from_backend
                 .fetch_add(bytes, Ordering::Relaxed);
+            s.bytes[1] += bytes;
             if sent < n {
                 Shared::count(&ctx.shared.dropped_datagrams, (n - sent) as u64);
                 if let Some(e) = error {
@@ -488,7 +663,7 @@ impl Udp {
             s.backend,
             s.table_generation
         );
-        self.close(ctx, key);
+        self.close(ctx, key, End::Error);
     }
 
     /// Whether session `key`'s backend is still up in the service's current table. A
@@ -511,7 +686,7 @@ impl Udp {
 
     /// Starts closing a session: it stops receiving client datagrams at once, and is freed
     /// when its operations have completed.
-    fn close(&mut self, ctx: &mut Ctx, key: (u32, u32)) {
+    fn close(&mut self, ctx: &mut Ctx, key: (u32, u32), end: End) {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return;
         };
@@ -519,6 +694,7 @@ impl Udp {
             return;
         }
         s.closing = true;
+        s.end = end;
         if self.by_client.get(&(s.vip, s.client)) == Some(&key) {
             self.by_client.remove(&(s.vip, s.client));
         }
@@ -540,6 +716,24 @@ impl Udp {
         }
         s.stats.closed();
         ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
+        let info = &self.services[self.vips[s.vip].service];
+        info.clients.release(s.admission);
+        if s.access_log {
+            access::log(&access::Line {
+                protocol: Protocol::Udp,
+                service: &info.name,
+                client: s.client,
+                backend: Some(s.backend),
+                bytes: s.bytes,
+                duration: ctx.now.saturating_duration_since(s.started),
+                end: if s.closing { s.end } else { End::Error },
+            });
+        }
+        let v = &mut self.vips[s.vip];
+        v.sessions = v.sessions.saturating_sub(1);
+        if v.sessions == 0 && self.services[v.service].removed() {
+            self.close_vip(ctx, s.vip);
+        }
     }
 
     /// Ends sessions idle for their service's `idle_timeout`, looking at no more than
@@ -567,7 +761,7 @@ impl Udp {
             }
         }
         for key in idle {
-            self.close(ctx, key);
+            self.close(ctx, key, End::Idle);
         }
     }
 
@@ -583,18 +777,25 @@ impl Udp {
     }
 
     fn close_vips(&mut self, ctx: &mut Ctx) {
-        for (i, v) in self.vips.iter_mut().enumerate() {
-            if v.fd.is_none() || v.closing {
-                continue;
-            }
-            v.closing = true;
-            if v.in_flight & bit(OP_POLL) != 0 {
-                ctx.ring
-                    .cancel(Token::entry(Kind::Vip, OP_POLL, i as u32, 0));
-            }
-            if v.in_flight == 0 {
-                v.fd = None;
-            }
+        for i in 0..self.vips.len() {
+            self.close_vip(ctx, i);
+        }
+    }
+
+    /// Closes VIP socket `i`: at once if nothing of it is in flight, else when the last
+    /// completion arrives.
+    fn close_vip(&mut self, ctx: &mut Ctx, i: usize) {
+        let v = &mut self.vips[i];
+        if v.fd.is_none() || v.closing {
+            return;
+        }
+        v.closing = true;
+        if v.in_flight & bit(OP_POLL) != 0 {
+            ctx.ring
+                .cancel(Token::entry(Kind::Vip, OP_POLL, i as u32, 0));
+        }
+        if v.in_flight == 0 {
+            v.fd = None;
         }
     }
 
@@ -609,7 +810,7 @@ impl Udp {
                 .is_some_and(|s| !s.closing)
             {
                 cut += 1;
-                self.close(ctx, key);
+                self.close(ctx, key, End::DrainCut);
             }
         }
         self.close_vips(ctx);

@@ -1,6 +1,8 @@
-//! A worker thread: its ring's event loop, the periodic sweep, and the drain.
+//! A worker thread: its ring's event loop, the periodic sweep, the commands that add and
+//! remove services, and the drain.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,13 +10,34 @@ use super::ring::{Completion, Kind, Ring, Token};
 use super::tcp::Tcp;
 use super::udp::Udp;
 use super::{sys, ProxyOptions, ServiceInfo, Shared};
+use crate::config::Protocol;
 use crate::dataplane::FlowEvents;
+
+/// What the [`super::Proxy`] handle asks of a running worker; sent through the worker's
+/// channel, then its eventfd is signalled.
+pub(super) enum Command {
+    /// Carry a new service on `fd`, this worker's bound listener or VIP socket. `done` gets
+    /// `true` once it is armed, `false` if the worker is draining (then `fd` is closed).
+    Add {
+        info: ServiceInfo,
+        fd: OwnedFd,
+        done: Sender<bool>,
+    },
+    /// Stop taking new flows for service `index` and cut its flows at `until`. `closed` is
+    /// dropped once this worker's listener for it is closed.
+    Remove {
+        index: usize,
+        until: Instant,
+        closed: Sender<()>,
+    },
+}
 
 /// Everything a worker thread starts with.
 pub(super) struct Setup {
     pub(super) id: usize,
     pub(super) ring: Ring,
     pub(super) wake: Arc<OwnedFd>,
+    pub(super) commands: Receiver<Command>,
     pub(super) tcp: Vec<(ServiceInfo, OwnedFd)>,
     pub(super) udp: Vec<(ServiceInfo, OwnedFd)>,
     pub(super) events: Arc<dyn FlowEvents>,
@@ -44,9 +67,8 @@ const MAX_ENTER_FAILURES: u32 = 100;
 
 /// The sweep period: an eighth of the shortest idle timeout, within 10 ms..1 s, so a flow is
 /// closed at most ~12% late (or 1 s for long timeouts).
-fn sweep_period(services: &[&ServiceInfo]) -> Duration {
+fn sweep_period<'a>(services: impl Iterator<Item = &'a ServiceInfo>) -> Duration {
     services
-        .iter()
         .map(|s| s.idle_timeout / 8)
         .min()
         .unwrap_or(Duration::from_secs(1))
@@ -59,6 +81,7 @@ pub(super) fn run(setup: Setup) -> u64 {
         id,
         ring,
         wake,
+        commands,
         tcp,
         udp,
         events,
@@ -66,12 +89,7 @@ pub(super) fn run(setup: Setup) -> u64 {
         options,
         ready,
     } = setup;
-    let period = sweep_period(
-        &tcp.iter()
-            .chain(udp.iter())
-            .map(|(s, _)| s)
-            .collect::<Vec<_>>(),
-    );
+    let mut period = sweep_period(tcp.iter().chain(udp.iter()).map(|(s, _)| s));
     let mut ctx = Ctx {
         ring,
         events,
@@ -120,9 +138,57 @@ pub(super) fn run(setup: Setup) -> u64 {
         ctx.now = Instant::now();
         for c in completions.drain(..) {
             match c.token.kind {
-                Kind::Ignore | Kind::Deadline => {}
+                Kind::Ignore => {}
+                Kind::Deadline => {
+                    // The shutdown drain's deadline is checked below; this one may also be a
+                    // removed service's.
+                    let n = tcp.cut_removed(&mut ctx) + udp.cut_removed(&mut ctx);
+                    if n > 0 {
+                        tracing::info!(
+                            "proxy worker {id}: cut off {n} flow(s) of removed services at \
+                             their drain deadline"
+                        );
+                    }
+                }
                 Kind::Wake => {
                     sys::eventfd_clear(wake.as_fd());
+                    while let Ok(command) = commands.try_recv() {
+                        match command {
+                            Command::Add { info, fd, done } => {
+                                if ctx.draining {
+                                    let _ = done.send(false);
+                                    continue;
+                                }
+                                period = period.min(sweep_period(std::iter::once(&info)));
+                                match info.protocol {
+                                    Protocol::Tcp => tcp.add(&mut ctx, info, fd),
+                                    Protocol::Udp => udp.add(&mut ctx, info, fd),
+                                }
+                                let _ = done.send(true);
+                            }
+                            Command::Remove {
+                                index,
+                                until,
+                                closed,
+                            } => {
+                                tcp.remove(&mut ctx, index, until, &closed);
+                                udp.remove(&mut ctx, index, until);
+                                if until > ctx.now {
+                                    ctx.ring.timeout(until - ctx.now, Token::of(Kind::Deadline));
+                                } else {
+                                    tcp.cut_removed(&mut ctx);
+                                    udp.cut_removed(&mut ctx);
+                                }
+                            }
+                        }
+                    }
+                    // Commands keep coming during a drain (a removal must not wait forever).
+                    ctx.ring.poll(
+                        wake.as_raw_fd(),
+                        libc::POLLIN as u32,
+                        false,
+                        Token::of(Kind::Wake),
+                    );
                     match ctx.shared.deadline() {
                         Some(at) if !ctx.draining => {
                             deadline = Some(at);
@@ -138,13 +204,7 @@ pub(super) fn run(setup: Setup) -> u64 {
                                 ctx.ring.timeout(at - ctx.now, Token::of(Kind::Deadline));
                             }
                         }
-                        Some(_) => {}
-                        None => ctx.ring.poll(
-                            wake.as_raw_fd(),
-                            libc::POLLIN as u32,
-                            false,
-                            Token::of(Kind::Wake),
-                        ),
+                        Some(_) | None => {}
                     }
                 }
                 Kind::Sweep => {

@@ -1,0 +1,217 @@
+//! The admin HTTP API, served with axum on the control plane's tokio runtime.
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /status` | JSON [`Status`](crate::control::Status): services, backends, health, weights, counters |
+//! | `GET /metrics` | Prometheus text exposition (see [`super::metrics`]) |
+//! | `POST /services/{service}/backends/{backend}/drain` | no new flows to the backend |
+//! | `POST /services/{service}/backends/{backend}/enable` | ends a drain |
+//! | `POST /services/{service}/backends/{backend}/weight` with body `{"weight": N}` | sets the weight |
+//! | `POST /reload` | re-reads the config file; 200 with what changed, 422 with why it was refused |
+//!
+//! Errors are JSON `{"error": "..."}` with 404 (no such service or backend), 400 (bad
+//! address or weight) or 409 (a backend that is being removed).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tracing::{info, warn};
+
+use crate::config::Admin;
+use crate::control::Control;
+use crate::service::AdminError;
+
+/// Why the admin API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The TCP address could not be bound (in use, not local).
+    #[error("admin API: cannot listen on {addr}: {source}")]
+    Listen {
+        /// `[admin] listen`.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The unix socket could not be created.
+    #[error("admin API: cannot listen on unix socket {path}: {source}")]
+    Socket {
+        /// `[admin] socket`.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The API's routes over `control`.
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/reload", post(reload))
+        .route("/services/{service}/backends/{backend}/drain", post(drain))
+        .route(
+            "/services/{service}/backends/{backend}/enable",
+            post(enable),
+        )
+        .route(
+            "/services/{service}/backends/{backend}/weight",
+            post(weight),
+        )
+        .with_state(control)
+}
+
+/// Binds the admin addresses and serves the API on the current tokio runtime until the
+/// returned tasks are aborted. Returns the bound TCP address (the real port when the config
+/// says 0) and the server tasks.
+///
+/// Returns `Err(ApiError)` when an address cannot be bound. A stale unix socket file left by
+/// an earlier run is replaced.
+pub async fn serve(
+    control: Arc<Control>,
+    admin: &Admin,
+) -> Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>), ApiError> {
+    let listener = tokio::net::TcpListener::bind(admin.listen)
+        .await
+        .map_err(|source| ApiError::Listen {
+            addr: admin.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ApiError::Listen {
+        addr: admin.listen,
+        source,
+    })?;
+    let app = router(control);
+    let mut tasks = Vec::new();
+    let tcp_app = app.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, tcp_app).await {
+            warn!("admin API on {bound} stopped: {e}");
+        }
+    }));
+    info!("admin API listening on http://{bound}");
+    if let Some(path) = &admin.socket {
+        let socket_err = |source| ApiError::Socket {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(socket_err(e)),
+        }
+        let unix = tokio::net::UnixListener::bind(path).map_err(socket_err)?;
+        let shown = path.display().to_string();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(unix, app).await {
+                warn!("admin API on {shown} stopped: {e}");
+            }
+        }));
+        info!("admin API listening on unix socket {}", path.display());
+    }
+    Ok((bound, tasks))
+}
+
+async fn status(State(control): State<Arc<Control>>) -> Response {
+    Json(control.status()).into_response()
+}
+
+async fn metrics(State(control): State<Arc<Control>>) -> Response {
+    match super::metrics::render(&control) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn reload(State(control): State<Arc<Control>>) -> Response {
+    match crate::reload::reload(&control).await {
+        Ok(summary) => Json(serde_json::json!({ "applied": summary })).into_response(),
+        Err(why) => error(StatusCode::UNPROCESSABLE_ENTITY, why),
+    }
+}
+
+async fn drain(
+    State(control): State<Arc<Control>>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Response {
+    admin_call(&control, &service, &backend, |s, b| s.drain(b))
+}
+
+async fn enable(
+    State(control): State<Arc<Control>>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Response {
+    admin_call(&control, &service, &backend, |s, b| s.enable(b))
+}
+
+/// `POST .../weight` body.
+#[derive(serde::Deserialize)]
+struct WeightBody {
+    weight: u32,
+}
+
+async fn weight(
+    State(control): State<Arc<Control>>,
+    Path((service, backend)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let w: WeightBody = match serde_json::from_slice(&body) {
+        Ok(w) => w,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{\"weight\": N}} with N in 0..=256: {e}"),
+            )
+        }
+    };
+    admin_call(&control, &service, &backend, |s, b| {
+        s.set_weight(b, w.weight)
+    })
+}
+
+fn admin_call(
+    control: &Control,
+    service: &str,
+    backend: &str,
+    call: impl FnOnce(&crate::service::ServiceRuntime, SocketAddr) -> Result<(), AdminError>,
+) -> Response {
+    let result = (|| {
+        let s = control
+            .services()
+            .by_name(service)
+            .ok_or_else(|| AdminError::NoService(service.to_string()))?;
+        let addr: SocketAddr = backend.parse().map_err(|_| AdminError::NoBackend {
+            service: service.to_string(),
+            backend: backend.to_string(),
+        })?;
+        call(&s, addr)?;
+        Ok::<_, AdminError>(s.status())
+    })();
+    match result {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => {
+            let code = match e {
+                AdminError::NoService(_) | AdminError::NoBackend { .. } => StatusCode::NOT_FOUND,
+                AdminError::Weight(_) => StatusCode::BAD_REQUEST,
+                AdminError::Removing(_) => StatusCode::CONFLICT,
+            };
+            error(code, e.to_string())
+        }
+    }
+}
+
+fn error(code: StatusCode, message: String) -> Response {
+    (code, Json(serde_json::json!({ "error": message }))).into_response()
+}

@@ -1,0 +1,173 @@
+//! `GET /metrics`: the daemon's counters in the Prometheus (OpenMetrics) text format, built
+//! with `prometheus-client` at each scrape from the live counters.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `lb_backend_connections_total` | counter: connections (TCP) or sessions (UDP) opened | service, backend |
+//! | `lb_backend_active_connections` | gauge: open now | service, backend |
+//! | `lb_backend_connect_failures_total` | counter: failed connect attempts | service, backend |
+//! | `lb_backend_bytes_total` | counter: bytes, `direction` = `to_backend` or `from_backend` | service, backend, direction |
+//! | `lb_backend_up` | gauge: 1 when the health checks say up | service, backend |
+//! | `lb_backend_weight` | gauge: the weight the scheduler uses now (0 draining) | service, backend |
+//! | `lb_proxy_no_backend_total` | counter: connections/datagrams refused for want of a backend | |
+//! | `lb_proxy_dropped_datagrams_total` | counter: UDP datagrams dropped | |
+//! | `lb_proxy_errors_total` | counter: connections and sessions ended by an error | |
+//! | `lb_reloads_total` | counter: reloads, `result` = `applied` or `refused` | result |
+//! | `lb_config_last_reload_success_timestamp_seconds` | gauge: Unix time | |
+//! | `lb_start_time_seconds` | gauge: Unix time of the daemon's start | |
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::control::Control;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    service: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    service: String,
+    backend: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The metrics text for `control` now.
+///
+/// Returns `Err` only if formatting into a `String` fails, which it does not.
+pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
+    let mut reg = Registry::with_prefix("lb");
+    let connections = Family::<BackendLabels, Counter>::default();
+    let active = Family::<BackendLabels, Gauge>::default();
+    let failures = Family::<BackendLabels, Counter>::default();
+    let bytes = Family::<BytesLabels, Counter>::default();
+    let up = Family::<BackendLabels, Gauge>::default();
+    let weight = Family::<BackendLabels, Gauge>::default();
+    for s in control.services().all().iter() {
+        let status = s.status();
+        for b in &status.backends {
+            let l = BackendLabels {
+                service: status.name.clone(),
+                backend: b.address.to_string(),
+            };
+            connections.get_or_create(&l).inc_by(b.total);
+            active.get_or_create(&l).set(clamp(b.active));
+            failures.get_or_create(&l).inc_by(b.connect_failures);
+            up.get_or_create(&l).set(i64::from(b.health == "up"));
+            weight.get_or_create(&l).set(i64::from(b.effective_weight));
+            for (direction, n) in [
+                ("to_backend", b.bytes_to_backend),
+                ("from_backend", b.bytes_from_backend),
+            ] {
+                bytes
+                    .get_or_create(&BytesLabels {
+                        service: status.name.clone(),
+                        backend: l.backend.clone(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+    reg.register(
+        "backend_connections",
+        "Connections (TCP) or sessions (UDP) opened to a backend",
+        connections,
+    );
+    reg.register(
+        "backend_active_connections",
+        "Connections (TCP) or sessions (UDP) open to a backend now",
+        active,
+    );
+    reg.register(
+        "backend_connect_failures",
+        "Failed connect attempts to a backend",
+        failures,
+    );
+    reg.register_with_unit(
+        "backend",
+        "Bytes carried between clients and a backend, by direction",
+        Unit::Bytes,
+        bytes,
+    );
+    reg.register(
+        "backend_up",
+        "1 when the health checks say the backend is up",
+        up,
+    );
+    reg.register(
+        "backend_weight",
+        "The weight the scheduler gives the backend now (0: draining, down or removed)",
+        weight,
+    );
+
+    let counters = control.with_proxy(|p| p.counters()).unwrap_or_default();
+    let counter = |n: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(n);
+        c
+    };
+    reg.register(
+        "proxy_no_backend",
+        "Connections refused and datagrams dropped because no backend was eligible",
+        counter(counters.no_backend),
+    );
+    reg.register(
+        "proxy_dropped_datagrams",
+        "UDP datagrams dropped",
+        counter(counters.dropped_datagrams),
+    );
+    reg.register(
+        "proxy_errors",
+        "Connections and sessions ended by an error",
+        counter(counters.errors),
+    );
+
+    let history = control.reloads();
+    let reloads = Family::<ReloadLabels, Counter>::default();
+    reloads
+        .get_or_create(&ReloadLabels { result: "applied" })
+        .inc_by(history.succeeded);
+    reloads
+        .get_or_create(&ReloadLabels { result: "refused" })
+        .inc_by(history.failed);
+    reg.register("reloads", "Config reloads, applied or refused", reloads);
+    let last = FloatGauge::default();
+    last.set(history.last_success_unix_seconds);
+    reg.register_with_unit(
+        "config_last_reload_success_timestamp",
+        "Unix time of the last applied config (or of start)",
+        Unit::Seconds,
+        last,
+    );
+    let start = FloatGauge::default();
+    start.set(control.start_unix_seconds());
+    reg.register_with_unit(
+        "start_time",
+        "Unix time of the daemon's start",
+        Unit::Seconds,
+        start,
+    );
+
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

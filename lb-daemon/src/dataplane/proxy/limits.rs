@@ -1,0 +1,319 @@
+//! Per-client limits of one service (nginx's `limit_conn` and `limit_req`): concurrent
+//! connections or sessions per source address, and a token bucket of new ones per source
+//! address.
+//!
+//! One table per service, shared by every worker (a client's connections are spread over the
+//! workers by the kernel's `SO_REUSEPORT` hash, so a per-worker count would let a client have
+//! `workers` times its limit). The table is split into [`SHARDS`] mutex-guarded maps by
+//! address, so workers admitting different clients rarely contend; it is touched once when a
+//! connection or session opens and once when it closes (only with a concurrency limit),
+//! never per relayed byte.
+//!
+//! Memory is bounded: an entry whose client holds nothing and whose bucket is full again is
+//! forgotten (each shard prunes at most once a second, when it is next used), and a shard
+//! holds at most [`SHARD_ENTRIES`] clients. A new client arriving at a full shard is refused
+//! (like nginx when its zone is full): under a flood of distinct addresses the limits keep
+//! holding for the clients already tracked, rather than being silently lifted.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::ClientLimits;
+
+/// Shards of a table.
+const SHARDS: usize = 16;
+/// Clients one shard tracks at most (so a table holds at most 262,144, some 20 MiB).
+const SHARD_ENTRIES: usize = 16_384;
+/// How often a shard forgets idle clients.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a new connection or session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// The client holds `max_connections_per_client` already.
+    Connections,
+    /// The client's token bucket is empty.
+    Rate,
+    /// The table is full of other clients.
+    Full,
+}
+
+/// A client's admission; pass it to [`ClientTable::release`] when the connection closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Admission {
+    /// The address whose concurrency count was raised, if one was.
+    held: Option<IpAddr>,
+}
+
+impl Admission {
+    /// An admission that holds nothing (no limits configured).
+    pub(super) const FREE: Admission = Admission { held: None };
+}
+
+struct Entry {
+    /// Connections or sessions the client holds now (counted only with a concurrency limit).
+    active: u32,
+    /// Tokens in the bucket at `refilled`.
+    tokens: f64,
+    refilled: Instant,
+    /// When the bucket is full again if nothing is taken: the entry may go after that.
+    full_at: Instant,
+}
+
+struct Shard {
+    clients: HashMap<IpAddr, Entry>,
+    pruned: Instant,
+}
+
+/// One service's per-client state, and its count of refusals.
+pub(super) struct ClientTable {
+    shards: Box<[Mutex<Shard>]>,
+    /// New connections and sessions refused by the limits since the service started.
+    pub(super) refused: AtomicU64,
+}
+
+impl ClientTable {
+    pub(super) fn new() -> ClientTable {
+        let now = Instant::now();
+        ClientTable {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        clients: HashMap::new(),
+                        pruned: now,
+                    })
+                })
+                .collect(),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, ip: &IpAddr) -> &Mutex<Shard> {
+        // The map inside is keyed with a random SipHash key; this only spreads clients.
+        let fold = match ip {
+            IpAddr::V4(v4) => u32::from(*v4),
+            IpAddr::V6(v6) => v6
+                .segments()
+                .iter()
+                .fold(0u32, |h, &s| h.rotate_left(5) ^ u32::from(s)),
+        };
+        let mixed = fold.wrapping_mul(0x9E37_79B9) >> 28;
+        &self.shards[mixed as usize % SHARDS]
+    }
+
+    /// Decides whether `ip` may open one more connection or session under `limits` at `now`.
+    /// On success the client's bucket lost a token and, with a concurrency limit, its count
+    /// went up: release the [`Admission`] when the connection closes. A refusal is counted
+    /// in [`ClientTable::refused`].
+    pub(super) fn admit(
+        &self,
+        ip: IpAddr,
+        limits: &ClientLimits,
+        now: Instant,
+    ) -> Result<Admission, Refusal> {
+        if limits.max_connections.is_none() && limits.rate.is_none() {
+            return Ok(Admission::FREE);
+        }
+        let ip = ip.to_canonical();
+        let result = self.decide(ip, limits, now);
+        if result.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn decide(
+        &self,
+        ip: IpAddr,
+        limits: &ClientLimits,
+        now: Instant,
+    ) -> Result<Admission, Refusal> {
+        let mut shard = self.shard(&ip).lock().unwrap_or_else(|p| p.into_inner());
+        if now.saturating_duration_since(shard.pruned) >= PRUNE_EVERY {
+            shard.pruned = now;
+            shard.clients.retain(|_, e| e.active > 0 || e.full_at > now);
+        }
+        if !shard.clients.contains_key(&ip) && shard.clients.len() >= SHARD_ENTRIES {
+            return Err(Refusal::Full);
+        }
+        let burst = f64::from(limits.burst.max(1));
+        let entry = shard.clients.entry(ip).or_insert(Entry {
+            active: 0,
+            tokens: burst,
+            refilled: now,
+            full_at: now,
+        });
+        if limits
+            .max_connections
+            .is_some_and(|max| entry.active >= max)
+        {
+            return Err(Refusal::Connections);
+        }
+        if let Some(rate) = limits.rate {
+            let elapsed = now.saturating_duration_since(entry.refilled).as_secs_f64();
+            entry.tokens = (entry.tokens + elapsed * rate).min(burst);
+            entry.refilled = now;
+            if entry.tokens < 1.0 {
+                return Err(Refusal::Rate);
+            }
+            entry.tokens -= 1.0;
+            let refill = Duration::from_secs_f64(((burst - entry.tokens) / rate).min(3600.0));
+            entry.full_at = now + refill;
+        }
+        if limits.max_connections.is_some() {
+            entry.active += 1;
+            Ok(Admission { held: Some(ip) })
+        } else {
+            Ok(Admission::FREE)
+        }
+    }
+
+    /// The connection or session admitted by `admission` has closed.
+    pub(super) fn release(&self, admission: Admission) {
+        let Some(ip) = admission.held else {
+            return;
+        };
+        let mut shard = self.shard(&ip).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = shard.clients.get_mut(&ip) {
+            e.active = e.active.saturating_sub(1);
+        }
+    }
+
+    /// Clients tracked now (for tests).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.clients.len()))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("literal address")
+    }
+
+    #[test]
+    fn a_client_over_its_connection_limit_is_refused_until_one_closes() {
+        let table = ClientTable::new();
+        let limits = ClientLimits {
+            max_connections: Some(2),
+            ..ClientLimits::default()
+        };
+        let now = Instant::now();
+        let a = table.admit(ip("10.0.0.1"), &limits, now).expect("first");
+        table.admit(ip("10.0.0.1"), &limits, now).expect("second");
+        assert_eq!(
+            table.admit(ip("10.0.0.1"), &limits, now),
+            Err(Refusal::Connections)
+        );
+        table
+            .admit(ip("10.0.0.2"), &limits, now)
+            .expect("another client is not affected");
+        table.release(a);
+        table
+            .admit(ip("10.0.0.1"), &limits, now)
+            .expect("a closed connection frees a place");
+        assert_eq!(table.refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_rate_allows_a_burst_then_refills_at_the_rate() {
+        let table = ClientTable::new();
+        let limits = ClientLimits {
+            max_connections: None,
+            rate: Some(2.0),
+            burst: 3,
+        };
+        let t0 = Instant::now();
+        for k in 0..3 {
+            assert!(
+                table.admit(ip("10.0.0.1"), &limits, t0).is_ok(),
+                "connection {k} of the burst"
+            );
+        }
+        assert_eq!(table.admit(ip("10.0.0.1"), &limits, t0), Err(Refusal::Rate));
+        let later = t0 + Duration::from_millis(500);
+        assert!(
+            table.admit(ip("10.0.0.1"), &limits, later).is_ok(),
+            "one token after 0.5 s at 2/s"
+        );
+        assert_eq!(
+            table.admit(ip("10.0.0.1"), &limits, later),
+            Err(Refusal::Rate)
+        );
+    }
+
+    #[test]
+    fn an_ipv4_mapped_client_is_the_same_client() {
+        let table = ClientTable::new();
+        let limits = ClientLimits {
+            max_connections: Some(1),
+            ..ClientLimits::default()
+        };
+        let now = Instant::now();
+        table.admit(ip("10.0.0.1"), &limits, now).expect("first");
+        assert_eq!(
+            table.admit(ip("::ffff:10.0.0.1"), &limits, now),
+            Err(Refusal::Connections)
+        );
+    }
+
+    #[test]
+    fn idle_clients_are_forgotten() {
+        let table = ClientTable::new();
+        let limits = ClientLimits {
+            max_connections: Some(5),
+            rate: Some(10.0),
+            burst: 10,
+        };
+        let t0 = Instant::now();
+        for k in 0..100u32 {
+            let a = table
+                .admit(IpAddr::from(std::net::Ipv4Addr::from(k)), &limits, t0)
+                .expect("admitted");
+            table.release(a);
+        }
+        let held = table.admit(ip("10.9.9.9"), &limits, t0).expect("admitted");
+        assert_eq!(table.tracked(), 101);
+        // Every bucket is full again after 0.1 s; pruning happens on the next use of a
+        // shard after a second, so touch every shard.
+        let later = t0 + Duration::from_secs(2);
+        for k in 0..1000u32 {
+            let a = table
+                .admit(
+                    IpAddr::from(std::net::Ipv4Addr::from(k + 1_000_000)),
+                    &limits,
+                    later,
+                )
+                .expect("admitted");
+            table.release(a);
+        }
+        assert!(
+            table.tracked() <= 1001,
+            "idle clients are still tracked: {}",
+            table.tracked()
+        );
+        table.release(held);
+    }
+
+    #[test]
+    fn no_limits_touch_nothing() {
+        let table = ClientTable::new();
+        let now = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(
+                table.admit(ip("10.0.0.1"), &ClientLimits::default(), now),
+                Ok(Admission::FREE)
+            );
+        }
+        assert_eq!(table.tracked(), 0);
+    }
+}

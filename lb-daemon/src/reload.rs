@@ -1,0 +1,344 @@
+//! Hot reload: SIGHUP or `POST /reload` reads the config file again and applies the
+//! difference to the running daemon.
+//!
+//! A file that does not parse or validate is refused with the reason and the running config
+//! stays. A good one is applied as a diff, services matched by name: a new service starts,
+//! a service that is gone drains (no new flows; open ones finish within `drain_timeout`), a
+//! service that moved to another address or protocol is started there and drained here,
+//! and a service whose backends, weights, scheduler, health checks, slow start, DNS names,
+//! PROXY protocol, limits or access log changed gets a new snapshot (backends that stay keep
+//! their counters and health). Established connections are never touched. Changes the
+//! running data plane cannot take in place are refused with the reason, so nothing is
+//! half-applied and nothing is silently ignored.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::config::{self, Config, Service};
+use crate::control::Control;
+use crate::dataplane::proxy::ProxyService;
+use crate::service::ServiceRuntime;
+
+/// What a reload would do to the running services.
+#[derive(Default)]
+pub struct Plan {
+    /// Running services and their new config.
+    pub update: Vec<(Arc<ServiceRuntime>, Service)>,
+    /// Services to start.
+    pub add: Vec<Service>,
+    /// Running services to drain and stop.
+    pub remove: Vec<Arc<ServiceRuntime>>,
+}
+
+/// Compares the config in force (`running`, carried by `services`) with `new`.
+///
+/// Returns `Err(reason)` for a change that cannot be applied without a restart: `[global]
+/// workers`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
+/// retries at the same address (the proxy fixes them when a service starts, and replacing
+/// the service on the same address would reset connections waiting to be accepted).
+pub fn plan(
+    running: &Config,
+    new: &Config,
+    services: &[Arc<ServiceRuntime>],
+) -> Result<Plan, String> {
+    if running.global.workers != new.global.workers {
+        return Err(
+            "global.workers changed; the number of proxy workers is fixed until restart".into(),
+        );
+    }
+    if running.admin != new.admin {
+        return Err("the [admin] addresses changed; they are fixed until restart".into());
+    }
+    let mut plan = Plan::default();
+    for s in &new.services {
+        match services.iter().find(|r| r.name() == s.name) {
+            None => plan.add.push(s.clone()),
+            Some(r) => {
+                let old = r.config();
+                if old.listen != s.listen || old.protocol != s.protocol {
+                    plan.remove.push(Arc::clone(r));
+                    plan.add.push(s.clone());
+                    continue;
+                }
+                if let Some(field) = fixed_field_changed(&old, s) {
+                    return Err(format!(
+                        "service `{}`: {field} changed; a running service keeps it until restart (or rename the service to replace it)",
+                        s.name
+                    ));
+                }
+                plan.update.push((Arc::clone(r), s.clone()));
+            }
+        }
+    }
+    for r in services {
+        if !new.services.iter().any(|s| s.name == r.name()) {
+            plan.remove.push(Arc::clone(r));
+        }
+    }
+    // As at start (daemon.rs): only the proxy carries services in this build.
+    if let Some(s) = plan
+        .add
+        .iter()
+        .find(|s| s.dataplane == config::DataplaneKind::Xdp)
+    {
+        return Err(format!(
+            "service `{}`: dataplane = \"xdp\" is not available in this build; use \"auto\" or \"proxy\"",
+            s.name
+        ));
+    }
+    Ok(plan)
+}
+
+/// The first setting of a running service that the proxy reads only when the service
+/// starts, if it changed.
+fn fixed_field_changed(old: &Service, new: &Service) -> Option<&'static str> {
+    if old.dataplane != new.dataplane {
+        return Some("dataplane");
+    }
+    if old.connect_timeout != new.connect_timeout {
+        return Some("connect_timeout");
+    }
+    if old.idle_timeout != new.idle_timeout {
+        return Some("idle_timeout");
+    }
+    if old.retries != new.retries {
+        return Some("retries");
+    }
+    None
+}
+
+/// Reads the config file again and applies it. Returns a one-line summary of what changed,
+/// or why the file was refused (the running config then stays). Logs either way.
+pub async fn reload(control: &Arc<Control>) -> Result<String, String> {
+    let _one_at_a_time = control.reload_guard().await;
+    // Starting and stopping proxy services blocks until the workers confirm.
+    let c = Arc::clone(control);
+    let outcome = tokio::task::spawn_blocking(move || apply(&c))
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
+    match &outcome {
+        Ok(summary) => info!("reload of {}: applied: {summary}", control.path().display()),
+        Err(why) => warn!(
+            "reload of {} refused, the running config stays: {why}",
+            control.path().display()
+        ),
+    }
+    control.record_reload(&outcome);
+    outcome
+}
+
+fn apply(control: &Control) -> Result<String, String> {
+    let new = config::load(control.path()).map_err(|e| e.to_string())?;
+    let running = control.config();
+    let services = control.services().all();
+    let plan = plan(&running, &new, &services)?;
+    let drain_timeout = new.global.drain_timeout;
+
+    // A removed service whose address an added one takes must let go of it first.
+    let (early, late): (Vec<_>, Vec<_>) = plan.remove.into_iter().partition(|r| {
+        let c = r.config();
+        plan.add
+            .iter()
+            .any(|a| a.listen == c.listen && a.protocol == c.protocol)
+    });
+    for r in &early {
+        stop_service(control, r, drain_timeout);
+    }
+
+    // Start the new services; if one cannot (its address is taken), undo the others and
+    // refuse the reload.
+    let mut started: Vec<Arc<ServiceRuntime>> = Vec::new();
+    for s in &plan.add {
+        match start_service(control, s) {
+            Ok(runtime) => started.push(runtime),
+            Err(why) => {
+                for r in &started {
+                    stop_service(control, r, std::time::Duration::ZERO);
+                }
+                // Put back the services that made room for it, under new numbers.
+                let mut back = Vec::new();
+                for r in &early {
+                    match start_service(control, &r.config()) {
+                        Ok(n) => back.push((Arc::clone(r), n)),
+                        Err(e) => warn!("service {} could not be restarted: {e}", r.name()),
+                    }
+                }
+                let list = services
+                    .iter()
+                    .filter_map(|r| match back.iter().find(|(old, _)| Arc::ptr_eq(old, r)) {
+                        Some((_, n)) => Some(Arc::clone(n)),
+                        None if early.iter().any(|e| Arc::ptr_eq(e, r)) => None,
+                        None => Some(Arc::clone(r)),
+                    })
+                    .collect();
+                control.services().set(list);
+                return Err(why);
+            }
+        }
+    }
+
+    let mut updated = Vec::new();
+    for (runtime, service) in plan.update {
+        if runtime.config() != service {
+            updated.push(service.name.clone());
+            runtime.update(service);
+        }
+    }
+    // The running list in the new file's order.
+    let mut next = Vec::with_capacity(new.services.len());
+    for s in &new.services {
+        if let Some(r) = started.iter().find(|r| r.name() == s.name) {
+            next.push(Arc::clone(r));
+        } else if let Some(r) = services
+            .iter()
+            .find(|r| r.name() == s.name && !early.iter().chain(&late).any(|x| Arc::ptr_eq(x, r)))
+        {
+            next.push(Arc::clone(r));
+        }
+    }
+    control.services().set(next);
+    for r in &late {
+        stop_service(control, r, drain_timeout);
+    }
+    control.set_config(new);
+
+    let mut parts = Vec::new();
+    if !started.is_empty() {
+        parts.push(format!("started {}", names(&started)));
+    }
+    let removed: Vec<_> = early.iter().chain(&late).cloned().collect();
+    if !removed.is_empty() {
+        parts.push(format!("draining {}", names(&removed)));
+    }
+    if !updated.is_empty() {
+        parts.push(format!("updated {}", updated.join(", ")));
+    }
+    Ok(if parts.is_empty() {
+        "no change".to_string()
+    } else {
+        parts.join("; ")
+    })
+}
+
+/// Starts `s` as a new service on the proxy (a new number) with its control tasks.
+fn start_service(control: &Control, s: &Service) -> Result<Arc<ServiceRuntime>, String> {
+    let index = control.services().allocate_index();
+    let runtime =
+        ServiceRuntime::new(index, s.clone()).map_err(|e| format!("service `{}`: {e}", s.name))?;
+    control
+        .with_proxy(|p| {
+            p.add_service(ProxyService {
+                index,
+                snapshot: runtime.snapshot(),
+            })
+        })
+        .unwrap_or(Err(crate::dataplane::proxy::ProxyError::Stopped(index)))
+        .map_err(|e| format!("service `{}`: {e}", s.name))?;
+    runtime.start();
+    Ok(runtime)
+}
+
+/// Stops new flows to a service (its listeners close), lets its open ones finish within
+/// `drain_timeout`, and ends its health checks and resolvers.
+fn stop_service(control: &Control, r: &ServiceRuntime, drain_timeout: std::time::Duration) {
+    control.with_proxy(|p| p.remove_service(r.index(), drain_timeout));
+    r.stop();
+    info!(
+        "service {}: stopped accepting; {} open connections and sessions may finish within {}",
+        r.name(),
+        r.active(),
+        humantime::format_duration(drain_timeout)
+    );
+}
+
+fn names(v: &[Arc<ServiceRuntime>]) -> String {
+    v.iter()
+        .map(|r| r.name().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:8080"
+protocol = "tcp"
+{extra}
+[[service.backend]]
+address = "127.0.0.1:9001"
+"#
+        );
+        config::parse(&text, Path::new("test.toml")).expect("valid test config")
+    }
+
+    fn running(c: &Config) -> Vec<Arc<ServiceRuntime>> {
+        c.services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ServiceRuntime::new(i, s.clone()).expect("builds"))
+            .collect()
+    }
+
+    #[test]
+    fn backend_and_limit_changes_update_in_place() {
+        let old = config("");
+        let new = config("slow_start = \"10s\"\naccess_log = true\n");
+        let p = plan(&old, &new, &running(&old)).expect("a hot change");
+        assert_eq!(p.update.len(), 1, "the service is updated in place");
+        assert!(p.add.is_empty() && p.remove.is_empty());
+    }
+
+    #[test]
+    fn timeouts_of_a_running_service_need_a_restart() {
+        let old = config("");
+        let new = config("connect_timeout = \"1s\"\n");
+        let why = plan(&old, &new, &running(&old))
+            .err()
+            .expect("must be refused");
+        assert!(
+            why.contains("connect_timeout") && why.contains("web"),
+            "the refusal should name the service and the key: {why}"
+        );
+    }
+
+    #[test]
+    fn a_moved_service_is_replaced_and_a_renamed_one_is_added_and_removed() {
+        let old = config("");
+        let moved = config("").services[0].clone();
+        let mut new = old.clone();
+        new.services[0].listen = "127.0.0.1:8081".parse().expect("literal");
+        let p = plan(&old, &new, &running(&old)).expect("a move is applied");
+        assert_eq!((p.add.len(), p.remove.len(), p.update.len()), (1, 1, 0));
+        let mut renamed = old.clone();
+        renamed.services[0] = Service {
+            name: "api".into(),
+            ..moved
+        };
+        let p = plan(&old, &renamed, &running(&old)).expect("a rename is applied");
+        assert_eq!(p.add[0].name, "api");
+        assert_eq!(p.remove[0].name(), "web");
+    }
+
+    #[test]
+    fn workers_and_admin_need_a_restart() {
+        let old = config("");
+        let mut new = old.clone();
+        new.global.workers = 7;
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.contains("workers")));
+        let mut new = old.clone();
+        new.admin.listen = "127.0.0.1:9999".parse().expect("literal");
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.contains("admin")));
+    }
+}

@@ -1,0 +1,161 @@
+//! The access log (`access_log = true`): one `lb::access` line per connection or session,
+//! with client, service, backend, bytes each way, duration and how it ended; nothing for a
+//! service that did not ask for it.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_tests::backend::TcpServer;
+use lb_tests::client::{connect, UdpClient};
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::ports::free_addr;
+use lb_tests::{Daemon, UdpEcho};
+use toml::{Table, Value};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The `key=value` fields of an access log line.
+fn fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn echo_server() -> TcpServer {
+    TcpServer::start(
+        "echo",
+        Arc::new(|mut s: TcpStream| {
+            let mut r = s.try_clone().expect("clone the stream");
+            let _ = io::copy(&mut r, &mut s);
+        }),
+    )
+    .expect("the echo backend starts")
+}
+
+#[test]
+fn each_connection_and_session_gets_one_line_with_what_happened() {
+    let echo = echo_server();
+    let udp = UdpEcho::start("u").expect("the UDP backend starts");
+    let (web, quiet, dns) = (free_addr(), free_addr(), free_addr());
+    let mut limits = Table::new();
+    limits.insert("max_connections_per_client".into(), Value::Integer(1));
+    let config = DaemonConfig::new()
+        .service(
+            ServiceConfig::tcp("web", web)
+                .set("access_log", true)
+                .set("limits", Value::Table(limits))
+                .health("kind", "none")
+                .backend(echo.addr(), 1),
+        )
+        .service(
+            ServiceConfig::tcp("quiet", quiet)
+                .health("kind", "none")
+                .backend(echo.addr(), 1),
+        )
+        .service(
+            ServiceConfig::udp("dns", dns)
+                .set("access_log", true)
+                .set("idle_timeout", "300ms")
+                .backend(udp.addr(), 1),
+        );
+    let daemon = Daemon::start(&config.to_toml());
+
+    // A TCP connection that sends 5 bytes, gets them back and closes.
+    let mut c = connect(web).expect("connect to web");
+    let me = c.local_addr().expect("client address");
+    // While it is open, a second one from the same address is over the limit of 1.
+    let mut second = connect(web).expect("the second connection is accepted, then refused");
+    let second_addr = second.local_addr().expect("second client address");
+    let mut buf = [0u8; 8];
+    let _ = second.read(&mut buf);
+    c.write_all(b"hello").expect("send");
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back).expect("the echo");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    assert_eq!(c.read(&mut buf).expect("end of file"), 0);
+    drop(c);
+
+    let line = daemon
+        .wait_for_log(&format!("client={me} "), WAIT)
+        .unwrap_or_else(|e| panic!("no access log line for {me}: {e}"));
+    assert!(
+        line.contains("lb::access"),
+        "not on the lb::access target: {line}"
+    );
+    assert!(line.contains(" INFO "), "not at INFO: {line}");
+    let f = fields(&line);
+    assert_eq!(f["service"], "web", "{line}");
+    assert_eq!(f["backend"], echo.addr().to_string(), "{line}");
+    assert_eq!(f["to_backend"], "5", "bytes to the backend: {line}");
+    assert_eq!(f["from_backend"], "5", "bytes back to the client: {line}");
+    assert_eq!(f["end"], "eof", "{line}");
+    assert!(
+        f["duration"].ends_with('s') && f["duration"].trim_end_matches('s').parse::<f64>().is_ok(),
+        "the duration is in seconds: {line}"
+    );
+
+    let refused = daemon
+        .wait_for_log(&format!("client={second_addr} "), WAIT)
+        .unwrap_or_else(|e| panic!("no access log line for the refused {second_addr}: {e}"));
+    let f = fields(&refused);
+    assert_eq!(f["end"], "limit_refused", "{refused}");
+    assert_eq!(
+        f["backend"], "-",
+        "a refused connection reached no backend: {refused}"
+    );
+
+    // A UDP session: two datagrams, then it goes idle.
+    let u = UdpClient::new(dns).expect("a UDP client");
+    let u_addr = u.local_addr().expect("UDP client address");
+    for payload in [&b"abc"[..], &b"defg"[..]] {
+        u.request(payload, WAIT).expect("the UDP backend answers");
+    }
+    let session = daemon
+        .wait_for_log(&format!("client={u_addr} "), WAIT)
+        .unwrap_or_else(|e| panic!("no access log line for the UDP session {u_addr}: {e}"));
+    let f = fields(&session);
+    assert!(session.contains("udp "), "{session}");
+    assert_eq!(f["service"], "dns", "{session}");
+    assert_eq!(
+        f["to_backend"], "7",
+        "datagram bytes to the backend: {session}"
+    );
+    // The echo answers `u:` + the payload.
+    assert_eq!(
+        f["from_backend"], "11",
+        "datagram bytes to the client: {session}"
+    );
+    assert_eq!(f["end"], "idle", "{session}");
+
+    // The service without access_log: traffic, and no line.
+    let mut q = connect(quiet).expect("connect to quiet");
+    let q_addr = q.local_addr().expect("quiet client address");
+    q.write_all(b"x").expect("send");
+    q.read_exact(&mut [0u8; 1]).expect("echo");
+    // End of file both ways: the proxy closes the connection on the step that forwarded the
+    // last FIN, well before the marker connection below is even opened.
+    q.shutdown(Shutdown::Write).expect("half-close");
+    assert_eq!(q.read(&mut buf).expect("end of file"), 0);
+    drop(q);
+    let mut marker = connect(web).expect("connect to web");
+    let marker_addr = marker.local_addr().expect("marker address");
+    marker.shutdown(Shutdown::Write).expect("half-close");
+    let _ = marker.read(&mut buf);
+    drop(marker);
+    daemon
+        .wait_for_log(&format!("client={marker_addr} "), WAIT)
+        .unwrap_or_else(|e| panic!("no access log line for the marker connection: {e}"));
+    let leaked: Vec<String> = daemon
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("lb::access") && l.contains(&format!("client={q_addr} ")))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "a service with access_log off logged access: {leaked:?}"
+    );
+}

@@ -1,0 +1,315 @@
+//! Hot reload under load: 30 s of steady new connections and 5 long uploads while the config
+//! is reloaded 10 times (backends added, removed and reweighted, a service added and
+//! removed, one invalid file): no connection fails, no upload is cut, the invalid file is
+//! reported and ignored.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lb_tests::admin::{self, cli};
+use lb_tests::client::{connect, http_get, Upload};
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::data::Receipt;
+use lb_tests::ports::free_addr;
+use lb_tests::{Daemon, HashServer, HttpNameServer};
+use nix::sys::signal::Signal;
+
+const UPLOADS: u64 = 5;
+const STEP: Duration = Duration::from_secs(3);
+const PIECE: u64 = 128 * 1024;
+
+/// The whole config for one step: `web` (HTTP name servers), `bulk` (hash servers, the
+/// long uploads) and optionally `extra`.
+fn config(
+    web_vip: SocketAddr,
+    web: &[(SocketAddr, u32)],
+    bulk_vip: SocketAddr,
+    bulk: &[(SocketAddr, u32)],
+    extra: Option<(SocketAddr, SocketAddr)>,
+) -> String {
+    let mut w = ServiceConfig::tcp("web", web_vip)
+        .scheduler("weighted_round_robin")
+        .fast_health("http");
+    for (a, wt) in web {
+        w = w.backend(*a, *wt);
+    }
+    // No active checks on the hash servers: a check's connect would count as an upload.
+    let mut b = ServiceConfig::tcp("bulk", bulk_vip)
+        .scheduler("round_robin")
+        .health("kind", "none");
+    for (a, wt) in bulk {
+        b = b.backend(*a, *wt);
+    }
+    let mut c = DaemonConfig::new().service(w).service(b);
+    if let Some((vip, backend)) = extra {
+        c = c.service(
+            ServiceConfig::tcp("extra", vip)
+                .fast_health("http")
+                .backend(backend, 1),
+        );
+    }
+    c.to_toml()
+}
+
+/// The backends of `service` that take part (not leaving), sorted.
+fn serving(api: SocketAddr, service: &str) -> Vec<SocketAddr> {
+    let st = admin::status(api);
+    let mut v: Vec<SocketAddr> = st["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == service))
+        .and_then(|s| s["backends"].as_array())
+        .map(|b| {
+            b.iter()
+                .filter(|b| b["state"] != "removing")
+                .filter_map(|b| b["address"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn sorted(v: &[(SocketAddr, u32)]) -> Vec<SocketAddr> {
+    let mut a: Vec<SocketAddr> = v.iter().map(|(a, _)| *a).collect();
+    a.sort();
+    a
+}
+
+#[test]
+fn reloads_under_load_drop_nothing_and_an_invalid_file_is_ignored() {
+    let h: Vec<HttpNameServer> = (1..=4)
+        .map(|i| HttpNameServer::start(&format!("h{i}")).expect("backend starts"))
+        .collect();
+    let s: Vec<HashServer> = (1..=3)
+        .map(|i| HashServer::start(&format!("s{i}")).expect("backend starts"))
+        .collect();
+    let (web_vip, bulk_vip, extra_vip) = (free_addr(), free_addr(), free_addr());
+    let ha = |i: usize| h[i].addr();
+    let sa = |i: usize| s[i].addr();
+
+    let mut web = vec![(ha(0), 1), (ha(1), 1)];
+    let mut bulk = vec![(sa(0), 1), (sa(1), 1)];
+    let daemon = Daemon::start(&config(web_vip, &web, bulk_vip, &bulk, None));
+    let api = daemon.admin_addr();
+    let target = api.to_string();
+
+    // Steady new connections, one request each, from two clients.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let end = Instant::now() + Duration::from_secs(60);
+                for _ in 0..200_000 {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > end {
+                        break;
+                    }
+                    match http_get(web_vip, "/") {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failures.lock().expect("lock").push(e.to_string());
+                            0
+                        }
+                    };
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+
+    // Long uploads through `bulk`, a piece at a time for the whole test.
+    let uploads: Vec<_> = (0..UPLOADS)
+        .map(|seed| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut u = Upload::start(bulk_vip, seed)
+                    .map_err(|e| format!("upload {seed} could not connect: {e}"))?;
+                for _ in 0..2_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    u.send(PIECE).map_err(|e| {
+                        format!("upload {seed} was cut after {} bytes: {e}", u.sent())
+                    })?;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let sent = u.sent();
+                let got = u
+                    .finish()
+                    .map_err(|e| format!("upload {seed} got no receipt: {e}"))?;
+                Ok::<_, String>((seed, sent, got))
+            })
+        })
+        .collect();
+
+    let mut sighup = false;
+    let mut reload = |daemon: &Daemon, text: &str, what: &str| {
+        daemon.rewrite_config(text);
+        sighup = !sighup;
+        if sighup {
+            let mark = daemon.log_mark();
+            daemon.signal(Signal::SIGHUP).expect("the daemon runs");
+            let (_, line) = daemon
+                .wait_for_log_after(mark, "reload of", Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("no reload after SIGHUP ({what}): {e}"));
+            assert!(
+                line.contains("applied"),
+                "SIGHUP reload ({what}) was refused: {line}"
+            );
+        } else {
+            let out = cli(&target, &["reload"]);
+            assert_eq!(
+                out.code,
+                Some(0),
+                "`lb-daemon reload` ({what}) failed: {out:?}"
+            );
+        }
+        std::thread::sleep(STEP);
+    };
+
+    std::thread::sleep(STEP);
+    web.push((ha(2), 2));
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, None),
+        "add h3",
+    );
+    assert_eq!(serving(api, "web"), sorted(&web), "web after adding h3");
+
+    web[0].1 = 5;
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, None),
+        "reweight h1",
+    );
+    let st = admin::status(api);
+    assert_eq!(
+        admin::backend(&st, "web", ha(0)).expect("h1 listed")["weight"],
+        5,
+        "h1's weight after the reload"
+    );
+
+    web.retain(|(a, _)| *a != ha(1));
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, None),
+        "remove h2",
+    );
+    assert_eq!(serving(api, "web"), sorted(&web), "web after removing h2");
+
+    // The invalid file: refused with the reason, the running config stays.
+    let good = config(web_vip, &web, bulk_vip, &bulk, None);
+    daemon.rewrite_config(&good.replace("weight = 5", "weight = 999"));
+    let out = cli(&target, &["reload"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "an invalid file must be refused: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("999") && out.stderr.contains("weight"),
+        "the refusal should say what is wrong in the file: {out:?}"
+    );
+    assert_eq!(
+        serving(api, "web"),
+        sorted(&web),
+        "web after the invalid file"
+    );
+    std::thread::sleep(STEP);
+
+    let extra = Some((extra_vip, ha(3)));
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, extra),
+        "add service extra",
+    );
+    let who = http_get(extra_vip, "/").expect("the added service answers");
+    assert!(who.contains("h4"), "service extra should reach h4: {who}");
+
+    bulk.retain(|(a, _)| *a != sa(0));
+    bulk.push((sa(2), 1));
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, extra),
+        "replace s1 by s3",
+    );
+
+    web.push((ha(1), 1));
+    web.push((ha(3), 3));
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, extra),
+        "h2 back, h4 added",
+    );
+
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, None),
+        "remove service extra",
+    );
+    assert!(
+        connect(extra_vip).is_err(),
+        "the removed service still accepts connections on {extra_vip}"
+    );
+
+    bulk.push((sa(0), 2));
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, None),
+        "s1 back, weight 2",
+    );
+
+    web.retain(|(a, _)| *a != ha(0));
+    web[0].1 = 4;
+    reload(
+        &daemon,
+        &config(web_vip, &web, bulk_vip, &bulk, None),
+        "remove h1, reweight",
+    );
+    assert_eq!(
+        serving(api, "web"),
+        sorted(&web),
+        "web after the last reload"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().expect("load thread");
+    }
+    let failed = failures.lock().expect("lock").clone();
+    let answered = ok.load(Ordering::Relaxed);
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed during the reloads; first: {:?}",
+        failed.len(),
+        failed.len() as u64 + answered,
+        failed.first()
+    );
+    assert!(answered > 500, "only {answered} requests were made in 30 s");
+    for t in uploads {
+        let (seed, sent, got) = t
+            .join()
+            .expect("upload thread")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            got,
+            Receipt::of_stream(sent, seed),
+            "upload {seed} arrived truncated or damaged after the reloads"
+        );
+    }
+    let st = admin::status(api);
+    assert_eq!(
+        st["reloads"]["succeeded"], 9,
+        "reloads applied: {}",
+        st["reloads"]
+    );
+    assert_eq!(
+        st["reloads"]["failed"], 1,
+        "reloads refused: {}",
+        st["reloads"]
+    );
+}
