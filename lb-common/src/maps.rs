@@ -1,0 +1,279 @@
+//! The XDP map contract: every map the balancer (`lb_xdp`) and the decapsulator (`lb_decap`)
+//! use, by name, with its key and value layout, capacity and meaning.
+//!
+//! Addresses everywhere use [`FlowKey`]'s layout: four 32-bit words holding the address bytes
+//! in network order (`u32::from_ne_bytes` of each 4-byte group); an IPv4 address fills word 0
+//! and leaves words 1..4 zero. Ports are in host byte order. Every `_pad` field is zero.
+//!
+//! # Maps
+//!
+//! | name ([`VIPS`] ...) | kind | key → value | written by |
+//! |---|---|---|---|
+//! | `VIPS` | hash, [`MAX_SERVICES`] | [`VipKey`] → [`VipValue`] | daemon |
+//! | `SERVICES` | array, [`MAX_SERVICES`] | service id → [`Service`] | daemon |
+//! | `BACKENDS` | array, [`MAX_BACKENDS`] | backend id → [`Backend`] | daemon |
+//! | `TABLES` | array, [`TABLES_LEN`] | [`table_index`] → backend id (`u32`) | daemon |
+//! | `CONNTRACK` | LRU hash (shared), [`CONNTRACK_SIZE`] | [`FlowKey`] → [`CtEntry`] | program |
+//! | `NAT_REVERSE` | LRU hash (shared), [`NAT_REVERSE_SIZE`] | [`FlowKey`] → [`NatReverse`] | program |
+//! | `DEVMAP` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`) | daemon |
+//! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
+//! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
+//! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
+//!
+//! Ids are chosen by the daemon: a service id is `0..MAX_SERVICES`, a backend id is
+//! `0..MAX_BACKENDS` and global (not per service). Entries the daemon never wrote read as
+//! zeroes, which the program treats as absent (a [`Backend`] with `family == 0`, a
+//! [`Service`] with `table_size == [0, 0]`).
+//!
+//! # How the daemon drives it
+//!
+//! Load the object, then for each service that runs on XDP:
+//!
+//! 1. `BACKENDS`: write every backend the new table names (address, port, family, flags).
+//!    A backend id must not be reused for another address while flows may still be pinned to
+//!    it in `CONNTRACK` (they would follow the id to the new address); retire ids for at least
+//!    the conntrack lifetime, or reuse them only for the same address.
+//! 2. `TABLES`: write the inactive half, `1 - active_half`, slots `0..size`, with
+//!    [`table_index`]`(service, inactive, slot)`. Slot values are backend ids.
+//! 3. `SERVICES`: write the service with `table_size[inactive] = size` and `active_half`
+//!    unchanged. The program never reads the inactive half's size, so this is invisible.
+//! 4. `SERVICES`: write it again with `active_half = inactive`: the flip. `active_half` is one
+//!    aligned `u32` and nothing else changes in this update, so a packet reads the old half
+//!    with its size or the new half with its size, never a mix. Do not merge steps 3 and 4:
+//!    an array update is a `memcpy`, and a packet could read the new index with the old size.
+//! 5. `VIPS`: insert the service's [`VipKey`] → [`VipValue`] last, the first time only; from
+//!    then on packets for the VIP are balanced. Delete it first when removing a service.
+//!
+//! A health change is the same steps 2–4 with the rebuilt table, plus a `BACKENDS` update of
+//! the backend's [`BACKEND_F_DOWN`] flag: set it when the backend goes down (flows conntrack
+//! pinned to it are re-placed by the active table, since it cannot serve them), clear it when
+//! it comes back. A draining backend (weight 0) keeps flags 0 and simply leaves the table, so
+//! its existing flows finish on it.
+//!
+//! ## NAT
+//!
+//! A `nat` service needs [`Service::local_addr`] (an address of the balancer the backends
+//! route back to) and a port range [`Service::snat_port_min`]`..=`[`Service::snat_port_max`].
+//! The program rewrites client → VIP into local_addr:snat_port → backend, and records the
+//! reply's 5-tuple (backend → local_addr:snat_port) in `NAT_REVERSE` to translate replies back
+//! into VIP → client. Give each service its own range (or its own address); keep the ranges
+//! outside `net.ipv4.ip_local_port_range` of the balancer host, or the host's own connections
+//! could collide with translated flows. A range of N ports carries at most N concurrent flows
+//! per backend address and port; beyond that new flows are dropped
+//! ([`Stat::DropNatPortsExhausted`](crate::Stat::DropNatPortsExhausted)).
+//!
+//! Replies arrive on the backend-facing interface: **`lb_xdp` must be attached there too**
+//! (and on every interface replies can come in on). A reply that finds no `NAT_REVERSE`
+//! entry is an ordinary non-VIP packet and passes to the kernel untouched.
+//!
+//! ## DSR
+//!
+//! A `dsr` service needs [`Service::local_addr`] as the outer source address of the IPIP or
+//! IP6IP6 packet; the outer destination is the backend's address, and the backend's port is
+//! ignored (the inner packet keeps the VIP port). Backends must have the VIP's address family.
+//! On each backend host, attach `lb_decap` to the interface the encapsulated packets arrive on
+//! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of
+//! packets addressed to the host (any outer IPv4 protocol 4 or IPv6 next header 41) and passes
+//! the inner packet to the stack, which answers the client directly from the VIP.
+//!
+//! ## Forwarding and `DEVMAP`
+//!
+//! After the rewrite, `bpf_fib_lookup` in the balancer's namespace picks the next hop. If the
+//! egress interface is the ingress one the packet leaves with `XDP_TX`; otherwise with
+//! `XDP_REDIRECT` through `DEVMAP`, which must hold `ifindex → ifindex` for every interface the
+//! routes can choose (client-facing and backend-facing). A missing entry drops the packet
+//! ([`Stat::DropNoDevmapEntry`](crate::Stat::DropNoDevmapEntry)). A veth only transmits
+//! redirected frames when **its peer has an XDP program attached** (any program, e.g.
+//! `lb_xdp` itself or one that returns `XDP_PASS`); otherwise the kernel drops them. When the
+//! next hop's MAC address is not known yet (no neighbour entry) the rewritten packet is passed
+//! to the kernel stack, which resolves it and forwards the packet: the balancer namespace needs
+//! `net.ipv4.ip_forward=1` / `net.ipv6.conf.all.forwarding=1` for that first packet.
+//!
+//! ## Attaching, detaching
+//!
+//! Nothing is pinned: the maps live as long as the loader's file descriptors and the attached
+//! programs. Attached through a BPF link (aya does so on kernels >= 5.9), a program is detached
+//! by the kernel when the daemon exits or crashes. A program attached through plain netlink
+//! stays after a crash, forwarding with a table nobody updates: remove it with
+//! `ip link set dev IF xdp off` (or `xdpgeneric off`).
+
+use crate::FlowKey;
+
+/// Name of the balancer program (XDP), attached to client-facing and backend-facing interfaces.
+pub const PROG_BALANCER: &str = "lb_xdp";
+/// Name of the DSR decapsulation program (XDP), attached on backend hosts.
+pub const PROG_DECAP: &str = "lb_decap";
+
+/// Map name: [`VipKey`] → [`VipValue`].
+pub const VIPS: &str = "VIPS";
+/// Map name: service id → [`Service`].
+pub const SERVICES: &str = "SERVICES";
+/// Map name: backend id → [`Backend`].
+pub const BACKENDS: &str = "BACKENDS";
+/// Map name: [`table_index`] → backend id (`u32`), every service's two table halves.
+pub const TABLES: &str = "TABLES";
+/// Map name: client flow [`FlowKey`] → [`CtEntry`].
+pub const CONNTRACK: &str = "CONNTRACK";
+/// Map name: NAT reply [`FlowKey`] → [`NatReverse`].
+pub const NAT_REVERSE: &str = "NAT_REVERSE";
+/// Map name: ifindex → ifindex (`u32`), the targets of `XDP_REDIRECT`.
+pub const DEVMAP: &str = "DEVMAP";
+/// Map name: global per-CPU `u64` counters indexed by [`Stat`](crate::Stat).
+pub const STATS: &str = "STATS";
+/// Map name: per-CPU [`Counters`](crate::Counters) per service id.
+pub const SERVICE_STATS: &str = "SERVICE_STATS";
+/// Map name: per-CPU [`Counters`](crate::Counters) per backend id.
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
+
+/// Number of services (VIPs) the maps hold; service ids are `0..MAX_SERVICES`.
+pub const MAX_SERVICES: u32 = 64;
+/// Number of backends over all services; backend ids are `0..MAX_BACKENDS`.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Largest Maglev table (slots per half) a service can use on XDP: the daemon's default M.
+pub const MAX_TABLE_SIZE: u32 = 65537;
+/// Table halves per service: the active one and the one being written.
+pub const TABLE_HALVES: u32 = 2;
+/// Entries of `TABLES`: every service's two halves of [`MAX_TABLE_SIZE`] slots (32 MiB).
+pub const TABLES_LEN: u32 = MAX_SERVICES * TABLE_HALVES * MAX_TABLE_SIZE;
+/// Flows `CONNTRACK` remembers; the least recently used are evicted beyond this.
+pub const CONNTRACK_SIZE: u32 = 131_072;
+/// NAT'ed flows `NAT_REVERSE` remembers; the least recently used are evicted beyond this.
+pub const NAT_REVERSE_SIZE: u32 = 131_072;
+/// Interfaces `DEVMAP` can hold.
+pub const DEVMAP_SIZE: u32 = 64;
+
+/// Index into `TABLES` of `slot` in `half` (0 or 1) of `service`'s table:
+/// `(service * 2 + half) * MAX_TABLE_SIZE + slot`. The caller keeps `service < MAX_SERVICES`,
+/// `half < 2` and `slot < MAX_TABLE_SIZE`.
+#[inline(always)]
+pub const fn table_index(service: u32, half: u32, slot: u32) -> u32 {
+    (service * TABLE_HALVES + half) * MAX_TABLE_SIZE + slot
+}
+
+/// Address family value for IPv4 (in [`VipKey::family`], [`Backend::family`]...).
+pub const FAMILY_V4: u8 = 4;
+/// Address family value for IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+/// [`Service::mode`]: full NAT (DNAT to the backend, SNAT to the balancer).
+pub const MODE_NAT: u8 = 1;
+/// [`Service::mode`]: direct server return through IPIP / IP6IP6 encapsulation.
+pub const MODE_DSR: u8 = 2;
+
+/// [`Backend::flags`] bit: the backend is down; conntrack entries pointing at it are ignored
+/// and their flows re-placed by the active table. Clear for up and for draining backends.
+pub const BACKEND_F_DOWN: u8 = 1;
+
+/// Key of `VIPS`: what a packet must be addressed to for the balancer to take it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// The VIP, in [`FlowKey`]'s address layout.
+    pub addr: [u32; 4],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// IP protocol number: [`IPPROTO_TCP`](crate::flow::IPPROTO_TCP) or
+    /// [`IPPROTO_UDP`](crate::flow::IPPROTO_UDP).
+    pub protocol: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+/// Value of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipValue {
+    /// The service id: index into `SERVICES`, `TABLES` and `SERVICE_STATS`.
+    pub service: u32,
+}
+
+/// Value of `SERVICES`: how a service forwards, and which table half is live.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// [`MODE_NAT`] or [`MODE_DSR`]; anything else drops the service's packets.
+    pub mode: u8,
+    /// The VIP's family, [`FAMILY_V4`] or [`FAMILY_V6`]; backends and `local_addr` match it.
+    pub family: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+    /// The live table half, 0 or 1. The flip: see the module docs.
+    pub active_half: u32,
+    /// Slots in use in each half (the Maglev M of that table), `1..=MAX_TABLE_SIZE`; 0 means
+    /// no backend is eligible and the service's new flows are dropped.
+    pub table_size: [u32; 2],
+    /// The balancer's address: SNAT source for `nat`, outer source for `dsr`.
+    pub local_addr: [u32; 4],
+    /// First SNAT port (`nat` only), host byte order, inclusive.
+    pub snat_port_min: u16,
+    /// Last SNAT port (`nat` only), host byte order, inclusive; `>= snat_port_min`.
+    pub snat_port_max: u16,
+}
+
+/// Value of `BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// The backend's address, in [`FlowKey`]'s layout.
+    pub addr: [u32; 4],
+    /// The backend's port, host byte order (`nat`: the new destination port; `dsr`: unused).
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id (packets placed on it are dropped).
+    pub family: u8,
+    /// Bits: [`BACKEND_F_DOWN`].
+    pub flags: u8,
+}
+
+/// Value of `CONNTRACK`, keyed by the client's flow as it arrives (client → VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// The backend id the flow is pinned to.
+    pub backend: u32,
+    /// The SNAT port chosen for the flow (`nat` only; 0 for `dsr`), host byte order.
+    pub snat_port: u16,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+}
+
+/// Value of `NAT_REVERSE`, keyed by the reply's 5-tuple as it arrives at the balancer
+/// (backend addr:port → local_addr:snat_port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReverse {
+    /// The client's address: the reply's new destination.
+    pub client_addr: [u32; 4],
+    /// The VIP: the reply's new source.
+    pub vip_addr: [u32; 4],
+    /// The client's port, host byte order.
+    pub client_port: u16,
+    /// The VIP's port, host byte order.
+    pub vip_port: u16,
+    /// The service id, for counters.
+    pub service: u32,
+}
+
+/// Compile-time layout checks: these sizes are what the BPF object's maps were built with.
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipValue>() == 4);
+    assert!(core::mem::size_of::<Service>() == 36);
+    assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<CtEntry>() == 8);
+    assert!(core::mem::size_of::<NatReverse>() == 40);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all): `#[repr(C)]`, only integer fields, no implicit padding (the sizes are
+    // asserted above), so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipValue {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::NatReverse {}
+    unsafe impl aya::Pod for crate::FlowKey {}
+    unsafe impl aya::Pod for crate::Counters {}
+}

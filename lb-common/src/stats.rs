@@ -1,0 +1,70 @@
+//! Counter layouts shared by the XDP programs and the daemon: the global `STATS` indexes, and
+//! the per-service / per-backend [`Counters`].
+//!
+//! All counter maps are per-CPU: the program adds without atomics, the daemon sums the CPUs.
+
+/// Indexes of the global per-CPU `u64` counters in the `STATS` map. Counts since load.
+///
+/// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped; each packet
+/// `lb_xdp` sees lands in exactly one of `PassNotVip`, `Pass*` (the parse rules), `Forwarded`,
+/// `NatReplies`, `FibPass` or a `Drop*` counter, besides `Packets`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Every packet `lb_xdp` saw.
+    Packets = 0,
+    /// Well-formed TCP/UDP (or other) packets not for a VIP and not a NAT reply: passed.
+    PassNotVip = 1,
+    /// IPv4 fragments (first or not): passed untouched, since later fragments carry no ports.
+    PassFragment = 2,
+    /// Malformed or truncated headers (Ethernet, VLAN, IP, TCP/UDP; IHL < 5, a total length
+    /// beyond the frame): passed untouched; the kernel drops what it also finds broken.
+    PassMalformed = 3,
+    /// IPv6 packets with extension headers before TCP/UDP: passed untouched.
+    PassIpv6ExtHeaders = 4,
+    /// Client packets for a VIP sent on to a backend (`XDP_TX` or `XDP_REDIRECT`).
+    Forwarded = 5,
+    /// NAT replies translated back to VIP → client and sent on.
+    NatReplies = 6,
+    /// TCP packets without SYN that found no conntrack entry: placed by the table (as a new
+    /// flow would be) and recorded.
+    CtMissNonSyn = 7,
+    /// Rewritten packets passed to the kernel because the next hop's MAC is not known yet.
+    FibPass = 8,
+    /// Dropped: the service has no eligible backend (empty table or unused backend id).
+    DropNoBackend = 9,
+    /// Dropped: every SNAT port probed for a new NAT flow was taken.
+    DropNatPortsExhausted = 10,
+    /// Dropped: `bpf_fib_lookup` found no route (unreachable, blackhole, prohibited...).
+    DropNoRoute = 11,
+    /// Dropped: the packet (after encapsulation) exceeds the egress MTU.
+    DropMtu = 12,
+    /// Dropped: the egress interface is not in `DEVMAP`.
+    DropNoDevmapEntry = 13,
+    /// Dropped: `bpf_xdp_adjust_head` failed (no headroom for the encapsulation).
+    DropAdjustHead = 14,
+    /// Dropped: the service's entry is invalid (mode, family or SNAT range).
+    DropBadService = 15,
+    /// `lb_decap`: encapsulated packets stripped and passed up.
+    Decapsulated = 16,
+    /// `lb_decap`: packets that were not encapsulated (or malformed), passed untouched.
+    DecapPassed = 17,
+}
+
+/// Entries of the `STATS` map: one past the highest [`Stat`].
+pub const STATS_LEN: u32 = 18;
+
+/// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
+/// forwarded for that service or to that backend. NAT replies are not included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded, counted as the frame arrived (Ethernet header included, before any
+    /// encapsulation).
+    pub bytes: u64,
+    /// New flows placed by the table: TCP SYNs and first UDP packets without a conntrack entry,
+    /// and TCP non-SYN conntrack misses (also counted in [`Stat::CtMissNonSyn`]).
+    pub new_flows: u64,
+}
