@@ -6,8 +6,9 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-use crate::config::{Config, DataplaneKind, Protocol};
+use crate::config::{Config, Protocol};
 use crate::dataplane::proxy::{Proxy, ProxyError, ProxyService};
+use crate::dataplane::xdp::{self, Placement, XdpError, XdpPlane};
 use crate::scheduler::SchedulerError;
 use crate::service::{PassiveFeedback, ServiceRuntime};
 
@@ -33,6 +34,9 @@ pub enum DaemonError {
     /// The proxy could not start (a listen address in use, no io_uring...).
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// A service with `dataplane = "xdp"` cannot run on XDP.
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
     /// The signal handlers or the async runtime could not be set up.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
@@ -44,8 +48,11 @@ const PASSIVE_QUEUE: usize = 4096;
 /// Runs `config` until SIGTERM or SIGINT, then stops accepting, lets open connections finish
 /// for up to `global.drain_timeout`, and returns.
 ///
-/// Returns `Err(DaemonError::Dataplane)` for `dataplane = "xdp"` (the XDP path is not in this
-/// build yet), `Err(DaemonError::Proxy)` when a listener cannot be bound.
+/// Each service runs on XDP or on the proxy as [`XdpPlane::start`] decides; the choice and
+/// its reason are logged. On exit the XDP programs are detached (their flows end with them).
+///
+/// Returns `Err(DaemonError::Xdp)` when a `dataplane = "xdp"` service cannot run on XDP,
+/// `Err(DaemonError::Proxy)` when a listener cannot be bound.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     let services = config
         .services
@@ -59,20 +66,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    for s in &services {
+    let (xdp_plane, placements) = XdpPlane::start(&config.global, &services)?;
+    for (s, placement) in services.iter().zip(&placements) {
         let c = s.config();
-        let plane = match c.dataplane {
-            DataplaneKind::Proxy => "proxy (configured)",
-            DataplaneKind::Auto => "proxy (the XDP data plane is not in this build yet)",
-            DataplaneKind::Xdp => return Err(DaemonError::Dataplane {
-                service: c.name.clone(),
-                reason:
-                    "dataplane = \"xdp\" is not available in this build; use \"auto\" or \"proxy\""
-                        .into(),
-            }),
-        };
+        let plane = xdp::describe(placement);
         info!(
-            "service {}: listening on {}/{} with the {plane} data plane, scheduler {:?}, {} backends",
+            "service {}: listening on {}/{} with the {plane}, scheduler {:?}, {} backends",
             c.name,
             c.listen,
             match c.protocol {
@@ -93,7 +92,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let proxy = Proxy::start(
         services
             .iter()
-            .map(|s| ProxyService {
+            .zip(&placements)
+            .filter(|(_, p)| matches!(p, Placement::Proxy { .. }))
+            .map(|(s, _)| ProxyService {
                 index: s.index(),
                 snapshot: s.snapshot(),
             })
@@ -136,6 +137,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         passive.abort();
         Ok::<(), DaemonError>(())
     });
+    if let Some(x) = xdp_plane {
+        x.shutdown();
+    }
     let cut = proxy.shutdown(drain_timeout);
     if cut > 0 {
         warn!("drain timeout reached: closed {cut} connections and sessions that were still open");

@@ -1,4 +1,5 @@
-//! The `lb-daemon` binary: `run` the balancer or `check` a config, like `nginx -t`.
+//! The `lb-daemon` binary: `run` the balancer, `check` a config (like `nginx -t`), or `decap`
+//! DSR traffic on a backend host.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,17 @@ enum Command {
         #[arg(short, long, default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
     },
+    /// On a DSR backend host: strips the balancer's IPIP/IP6IP6 header from packets arriving
+    /// on IFACE (XDP program `lb_decap`) until SIGTERM or SIGINT. Put the VIP on `lo`.
+    Decap {
+        /// The interface the encapsulated packets arrive on.
+        #[arg(long)]
+        iface: String,
+        /// The BPF object; default: $LB_EBPF_OBJ, `lb-ebpf` next to this executable,
+        /// target/bpf/bpfel-unknown-none/release/lb-ebpf, /usr/lib/lb/lb-ebpf.
+        #[arg(long)]
+        bpf_object: Option<PathBuf>,
+    },
 }
 
 /// Exit status for a config that cannot be used, as `nginx -t` and HAProxy `-c` do.
@@ -37,6 +49,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
+        Command::Decap { iface, bpf_object } => {
+            match lb_daemon::dataplane::xdp::decap::run(&iface, bpf_object.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{:#}", anyhow::Error::from(e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
                 println!(
