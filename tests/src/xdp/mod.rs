@@ -13,6 +13,8 @@
 
 mod decap;
 mod peers;
+pub mod scenarios;
+pub mod world;
 
 pub use decap::Decap;
 pub use peers::{udp_exchange, PeerServer};
