@@ -1276,3 +1276,24 @@ address = "10.200.2.2:80"
         assert_eq!(c.global.bpf_object, Some(PathBuf::from("/opt/lb/lb-ebpf")));
     }
 }
+
+#[cfg(test)]
+mod xdp_examples {
+    #[test]
+    fn the_xdp_example_configs_are_valid() {
+        for (name, text) in [
+            (
+                "config/xdp-nat.toml",
+                include_str!("../../config/xdp-nat.toml"),
+            ),
+            (
+                "config/xdp-dsr.toml",
+                include_str!("../../config/xdp-dsr.toml"),
+            ),
+        ] {
+            if let Err(e) = super::parse(text, std::path::Path::new(name)) {
+                panic!("the example {name} no longer parses: {e}");
+            }
+        }
+    }
+}

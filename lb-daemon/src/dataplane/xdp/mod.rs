@@ -154,6 +154,10 @@ impl XdpPlane {
             Err(reason) => {
                 for &i in &wanted {
                     placements[i] = Some(refuse(services[i].config(), reason.clone())?);
+                    warn!(
+                        "service {}: XDP is not possible, falling back to the proxy: {reason}",
+                        services[i].config().name
+                    );
                 }
                 return Ok((None, finish(placements)));
             }
@@ -181,7 +185,13 @@ impl XdpPlane {
                     });
                     slots.push((Arc::clone(&services[i]), Arc::new(Mutex::new(slot))));
                 }
-                Err(reason) => placements[i] = Some(refuse(s, reason)?),
+                Err(reason) => {
+                    placements[i] = Some(refuse(s, reason.clone())?);
+                    warn!(
+                        "service {}: XDP is not possible, falling back to the proxy: {reason}",
+                        s.name
+                    );
+                }
             }
         }
         if slots.is_empty() {
