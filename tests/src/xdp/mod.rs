@@ -8,15 +8,18 @@
 //!                     li 10.200.i.1 (lb_xdp) ────────── b0 10.200.i.2 (+ VIP on lo for DSR)
 //! ```
 //! The VIP, 10.200.100.1, exists on no interface of the balancer: only XDP answers for it.
+//! The client's and the backends' veth ends compute full checksums (see [`disable_tx_checksum`]).
 //! `lb-daemon decap` runs on `c0` and on every `b0`: it decapsulates DSR packets, and it is
 //! the XDP program a veth's peer needs before the veth will carry `XDP_REDIRECT`ed frames.
 
 mod decap;
+mod offload;
 mod peers;
 pub mod scenarios;
 pub mod world;
 
 pub use decap::Decap;
+pub use offload::disable_tx_checksum;
 pub use peers::{udp_exchange, PeerServer};
 
 use std::fs::File;
@@ -137,6 +140,11 @@ impl Topology {
         balancer
             .sysctl("net.ipv4.ip_forward", "1")
             .expect("forwarding in the balancer");
+        // The balancer's own connections use ports below 40000; the NAT services' SNAT ports
+        // lie above (see world.rs).
+        balancer
+            .sysctl("net.ipv4.ip_local_port_range", "32768 39999")
+            .expect("the balancer's local port range");
         let mut backends = Vec::new();
         for i in 1..=n {
             let ns = Netns::new(&format!("b{i}")).expect("backend namespace");
@@ -156,6 +164,11 @@ impl Topology {
                     .expect("VIP on the backend's loopback");
             }
             backends.push(ns);
+        }
+        // Local senders must write full checksums, or XDP's rewrites leave them wrong.
+        disable_tx_checksum(&client, "c0").expect("tx checksum offload off on c0");
+        for ns in &backends {
+            disable_tx_checksum(ns, "b0").expect("tx checksum offload off on b0");
         }
         let object = bpf_object();
         let mut decaps = vec![Decap::start(&client, "c0", &object)];

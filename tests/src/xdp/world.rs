@@ -60,7 +60,10 @@ impl World {
         }
         let mut config =
             DaemonConfig::new().global("bpf_object", bpf_object().display().to_string());
-        let snat: [(u16, u16); 3] = [(61_000, 62_999), (63_000, 64_199), (64_200, 65_535)];
+        // The NAT program never frees a SNAT port before its NAT_REVERSE entry is evicted, so
+        // give each service far more ports than the flows a test opens; the balancer's own
+        // connections (health checks) keep below 40000 (see Topology::new).
+        let snat: [(u16, u16); 3] = [(40_000, 54_999), (55_000, 59_999), (60_000, 65_535)];
         for (k, (name, port, udp)) in [
             ("web", WEB, false),
             ("bulk", BULK, false),
@@ -101,6 +104,18 @@ impl World {
         let toml = config.to_toml();
         let daemon = in_netns(&topology.balancer, || Daemon::start(&toml))
             .expect("enter the balancer namespace");
+        // A health check of each backend makes the balancer resolve its MAC address. Until
+        // then the program hands packets to the kernel, which drops NAT'ed ones (their source
+        // is the balancer's own address); tests that count packets must not start earlier.
+        for (i, s) in servers.iter().enumerate() {
+            if let Some(s) = s {
+                assert!(
+                    s.http.wait_for_health_checks(2, Duration::from_secs(15)),
+                    "the daemon did not health-check b{} within 15 s",
+                    i + 1
+                );
+            }
+        }
         World {
             daemon,
             servers,
@@ -173,4 +188,15 @@ fn start_servers(topology: &Topology, mode: Mode, i: usize) -> BackendServers {
             udp: UdpEcho::start_on(&name, udp_at).expect("udp echo starts"),
         })
         .expect("enter the backend namespace")
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // SIGTERM first, so the daemon logs its XDP counters (shown with its log when a test
+        // fails); the Daemon guard kills it if it does not exit.
+        if self.daemon.exit_status().is_none() {
+            let _ = self.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = self.daemon.wait_exit(Duration::from_secs(10));
+        }
+    }
 }

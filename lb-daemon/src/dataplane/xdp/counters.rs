@@ -9,8 +9,9 @@ use tracing::info;
 use super::{Maps, MapsError, ServiceSlot};
 use crate::service::ServiceRuntime;
 
-/// Names of the `STATS` counters, indexed like `lb_common::Stat`.
-pub const STAT_NAMES: [&str; lb_common::STATS_LEN as usize] = [
+/// Names of the `STATS` counters, indexed like `lb_common::Stat`; an index past the list
+/// (a newer program) is shown as `stat_N`.
+const STAT_NAMES: &[&str] = &[
     "packets",
     "pass_not_vip",
     "pass_fragment",
@@ -29,7 +30,15 @@ pub const STAT_NAMES: [&str; lb_common::STATS_LEN as usize] = [
     "drop_bad_service",
     "decapsulated",
     "decap_passed",
+    "drop_forwarding_disabled",
 ];
+
+/// The log name of `STATS` index `i`.
+pub fn stat_name(i: usize) -> String {
+    STAT_NAMES
+        .get(i)
+        .map_or_else(|| format!("stat_{i}"), |n| (*n).to_string())
+}
 
 /// A backend's counters: client packets forwarded to it.
 #[derive(Debug, Clone)]
@@ -55,7 +64,7 @@ pub struct ServiceCounters {
 #[derive(Debug, Clone)]
 pub struct XdpCounters {
     /// `(name, value)` of each global counter, in `lb_common::Stat` order.
-    pub global: Vec<(&'static str, u64)>,
+    pub global: Vec<(String, u64)>,
     /// Per XDP service.
     pub services: Vec<ServiceCounters>,
 }
@@ -97,7 +106,12 @@ pub(super) fn read(
     maps: &Maps,
     services: &[(Arc<ServiceRuntime>, ServiceSlot)],
 ) -> Result<XdpCounters, MapsError> {
-    let global = STAT_NAMES.iter().copied().zip(maps.stats()?).collect();
+    let global = maps
+        .stats()?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (stat_name(i), v))
+        .collect();
     let mut out = Vec::with_capacity(services.len());
     for (rt, slot) in services {
         let mut backends = Vec::with_capacity(slot.backend_ids.len());
