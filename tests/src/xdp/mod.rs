@@ -37,6 +37,10 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 /// source), which the backends reach through their default route.
 pub const BALANCER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 
+/// The MTU of the balancer-to-backend veths in DSR mode: the client side's 1500 plus room for
+/// the encapsulation header.
+pub const DSR_BACKEND_MTU: u32 = 1600;
+
 /// Backend `i`'s address (1-based): 10.200.i.2.
 pub fn backend_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, i as u8, 2)
@@ -162,6 +166,15 @@ impl Topology {
             if mode == Mode::Dsr {
                 ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
                     .expect("VIP on the backend's loopback");
+                // The IPIP header adds 20 bytes to a full-size client packet, and XDP cannot
+                // fragment or send "fragmentation needed": the balancer-to-backend link needs
+                // the room (as with IPVS-DR tunnels or Katran).
+                let mtu = DSR_BACKEND_MTU.to_string();
+                balancer
+                    .ip(&["link", "set", &backend_interface(i), "mtu", &mtu])
+                    .expect("MTU of the balancer's backend veth");
+                ns.ip(&["link", "set", "b0", "mtu", &mtu])
+                    .expect("MTU of the backend's veth");
             }
             backends.push(ns);
         }

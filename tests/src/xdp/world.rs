@@ -78,13 +78,17 @@ impl World {
             } else {
                 ServiceConfig::tcp(name, vip)
             };
+            // Fast checks, but patient with a slow answer: on a loaded machine a 500 ms timeout
+            // can flap a healthy backend, and a DOWN flag re-places its pinned flows. A stopped
+            // server is refused at once, so it still goes DOWN within fall x interval.
+            let patient = |s: ServiceConfig| s.health("timeout", "2s").health("fall", 3);
             svc = match (name, mode) {
-                ("web", _) => svc.fast_health("http"),
-                ("bulk", _) => svc.fast_health("tcp"),
+                ("web", _) => patient(svc.fast_health("http")),
+                ("bulk", _) => patient(svc.fast_health("tcp")),
                 // A DSR backend answers from the VIP only; a probe to its own address would
                 // get a reply from an address the checker does not expect.
                 (_, Mode::Dsr) => svc.health("kind", "none"),
-                (_, Mode::Nat) => svc.fast_health("udp"),
+                (_, Mode::Nat) => patient(svc.fast_health("udp")),
             };
             for (key, value) in topology.xdp_keys(mode) {
                 svc = svc.set(key, value);
