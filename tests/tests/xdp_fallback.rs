@@ -144,3 +144,79 @@ fn auto_without_a_bpf_object_falls_back_to_the_proxy_on_a_real_interface() {
         .enter(|| assert_served(vip, "auto without a BPF object, from the client namespace"))
         .expect("enter the client");
 }
+
+/// A namespace with a bridge `br0` at 10.200.0.1/24: an interface without native XDP.
+fn namespace_with_a_bridge() -> Netns {
+    let ns = Netns::new("lb").expect("balancer namespace");
+    ns.ip(&["link", "add", "br0", "type", "bridge"])
+        .expect("a bridge");
+    ns.ip(&["addr", "add", "10.200.0.1/24", "dev", "br0"])
+        .expect("bridge address");
+    ns.ip(&["link", "set", "br0", "up"]).expect("bridge up");
+    ns
+}
+
+#[test]
+fn auto_on_an_interface_without_native_xdp_attaches_in_generic_mode_with_a_warning() {
+    if !lb_tests::require_root("xdp_fallback::auto_on_an_interface_without_native_xdp") {
+        return;
+    }
+    let ns = namespace_with_a_bridge();
+    let backends = ns.enter(three_backends).expect("enter the namespace");
+    let svc = web("10.200.0.100:80".parse().expect("literal"), &backends)
+        .set("interface", "br0")
+        .set("local_address", "10.200.0.1");
+    let config = DaemonConfig::new()
+        .global(
+            "bpf_object",
+            lb_tests::xdp::bpf_object().display().to_string(),
+        )
+        .service(svc)
+        .to_toml();
+    let daemon = in_netns(&ns, || Daemon::start(&config)).expect("enter the namespace");
+    let warning = daemon
+        .wait_for_log("generic (SKB) mode", Duration::from_secs(5))
+        .expect("a bridge has no native XDP: the daemon must warn that it uses generic mode");
+    assert!(
+        warning.contains("br0"),
+        "the warning must name the interface: {warning}"
+    );
+    let line = daemon
+        .wait_for_log("service web: listening", Duration::from_secs(5))
+        .expect("the daemon logs where service web runs");
+    assert!(
+        line.contains("XDP data plane (nat) on br0 (generic)"),
+        "native XDP failing must lead to generic XDP, not the proxy; the log said: {line}"
+    );
+}
+
+#[test]
+fn auto_on_a_missing_interface_falls_back_to_the_proxy_and_serves() {
+    if !lb_tests::require_root("xdp_fallback::auto_on_a_missing_interface") {
+        return;
+    }
+    let ns = namespace_with_a_bridge();
+    let backends = ns.enter(three_backends).expect("enter the namespace");
+    let vip: std::net::SocketAddr = "10.200.0.1:8080".parse().expect("literal");
+    let svc = web(vip, &backends)
+        .set("interface", "lbt-nope0")
+        .set("local_address", "10.200.0.1");
+    let config = DaemonConfig::new()
+        .global(
+            "bpf_object",
+            lb_tests::xdp::bpf_object().display().to_string(),
+        )
+        .service(svc)
+        .to_toml();
+    let daemon = in_netns(&ns, || Daemon::start(&config)).expect("enter the namespace");
+    let line = daemon
+        .wait_for_log("service web: listening", Duration::from_secs(5))
+        .expect("the daemon logs where service web runs");
+    assert!(
+        line.contains("proxy data plane") && line.contains("no interface lbt-nope0"),
+        "a missing interface with dataplane = \"auto\" must mean the proxy, with the reason; \
+         the log said: {line}"
+    );
+    ns.enter(|| assert_served(vip, "auto on a missing interface"))
+        .expect("enter the namespace");
+}
