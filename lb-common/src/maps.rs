@@ -20,6 +20,9 @@
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
 //!
+//! The object also holds `FIB_SCRATCH`, a one-entry per-CPU array the program uses as scratch
+//! space; the daemon leaves it alone.
+//!
 //! Ids are chosen by the daemon: a service id is `0..MAX_SERVICES`, a backend id is
 //! `0..MAX_BACKENDS` and global (not per service). Entries the daemon never wrote read as
 //! zeroes, which the program treats as absent (a [`Backend`] with `family == 0`, a
@@ -72,22 +75,39 @@
 //! IP6IP6 packet; the outer destination is the backend's address, and the backend's port is
 //! ignored (the inner packet keeps the VIP port). Backends must have the VIP's address family.
 //! On each backend host, attach `lb_decap` to the interface the encapsulated packets arrive on
-//! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of
-//! packets addressed to the host (any outer IPv4 protocol 4 or IPv6 next header 41) and passes
-//! the inner packet to the stack, which answers the client directly from the VIP.
+//! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of every
+//! IPIP (outer IPv4 protocol 4) and IP6IP6 (outer IPv6 next header 41) packet arriving there,
+//! without checking the outer destination (attach it only where the balancer's tunnels end),
+//! and passes the inner packet to the stack, which answers the client directly from the VIP.
 //!
 //! ## Forwarding and `DEVMAP`
 //!
-//! After the rewrite, `bpf_fib_lookup` in the balancer's namespace picks the next hop. If the
-//! egress interface is the ingress one the packet leaves with `XDP_TX`; otherwise with
-//! `XDP_REDIRECT` through `DEVMAP`, which must hold `ifindex → ifindex` for every interface the
-//! routes can choose (client-facing and backend-facing). A missing entry drops the packet
+//! After the rewrite, `bpf_fib_lookup` in the balancer's namespace picks the next hop: an
+//! input-route lookup from the ingress interface, so **forwarding must be enabled** there
+//! (`net.ipv4.conf.<if>.forwarding=1` or `net.ipv4.ip_forward=1`, and
+//! `net.ipv6.conf.all.forwarding=1`), else packets are dropped
+//! ([`Stat::DropForwardingDisabled`](crate::Stat::DropForwardingDisabled)). If the egress
+//! interface is the ingress one the packet leaves with `XDP_TX`; otherwise with `XDP_REDIRECT`
+//! through `DEVMAP`, which must hold `ifindex → ifindex` for every interface the routes can
+//! choose (client-facing and backend-facing). Its value is the kernel's `bpf_devmap_val` with
+//! no program: with aya, `DevMapHash::insert(ifindex, ifindex, None, 0)`. The kernel resolves
+//! the ifindex in the network namespace of the process that writes the entry, so write it from
+//! the balancer's namespace (else `EINVAL`). A missing entry drops the packet
 //! ([`Stat::DropNoDevmapEntry`](crate::Stat::DropNoDevmapEntry)). A veth only transmits
 //! redirected frames when **its peer has an XDP program attached** (any program, e.g.
 //! `lb_xdp` itself or one that returns `XDP_PASS`); otherwise the kernel drops them. When the
 //! next hop's MAC address is not known yet (no neighbour entry) the rewritten packet is passed
-//! to the kernel stack, which resolves it and forwards the packet: the balancer namespace needs
-//! `net.ipv4.ip_forward=1` / `net.ipv6.conf.all.forwarding=1` for that first packet.
+//! to the kernel stack, which resolves it and forwards the packet; the balancer namespace needs
+//! forwarding enabled for that too ([`Stat::FibPass`](crate::Stat::FibPass); also used
+//! when the route says the destination is local). TTL / hop limit are not decremented (`nat` acts as the flow's endpoint; `dsr` sends a
+//! new outer header with TTL 64).
+//!
+//! VLAN: packets with one 802.1Q tag are balanced like untagged ones and keep their tag; the
+//! route lookup does not consult VLAN sub-interfaces, so tagged traffic is forwarded only when
+//! the route leads out of an interface in `DEVMAP` or back out of the ingress one.
+//!
+//! Not handled (passed to the kernel untouched): ICMP, including errors about balanced flows;
+//! IPv4 fragments; IPv6 extension headers. See `Stat`'s `Pass*` counters.
 //!
 //! ## Attaching, detaching
 //!
@@ -96,6 +116,8 @@
 //! by the kernel when the daemon exits or crashes. A program attached through plain netlink
 //! stays after a crash, forwarding with a table nobody updates: remove it with
 //! `ip link set dev IF xdp off` (or `xdpgeneric off`).
+
+use core::net::{IpAddr, SocketAddr};
 
 use crate::FlowKey;
 
@@ -163,6 +185,52 @@ pub const MODE_DSR: u8 = 2;
 /// [`Backend::flags`] bit: the backend is down; conntrack entries pointing at it are ignored
 /// and their flows re-placed by the active table. Clear for up and for draining backends.
 pub const BACKEND_F_DOWN: u8 = 1;
+
+/// `addr` in [`FlowKey`]'s address layout: the address bytes in network order, four bytes per
+/// word read with `u32::from_ne_bytes`; an IPv4 address fills word 0 and leaves 1..4 zero.
+pub fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// [`FAMILY_V4`] or [`FAMILY_V6`] for `addr`.
+pub fn family_of(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => FAMILY_V4,
+        IpAddr::V6(_) => FAMILY_V6,
+    }
+}
+
+impl VipKey {
+    /// The key for a service listening on `vip` (address and port) for `protocol`
+    /// ([`IPPROTO_TCP`](crate::flow::IPPROTO_TCP) or [`IPPROTO_UDP`](crate::flow::IPPROTO_UDP)).
+    pub fn new(vip: SocketAddr, protocol: u8) -> VipKey {
+        VipKey {
+            addr: addr_words(vip.ip()),
+            port: vip.port(),
+            protocol,
+            family: family_of(vip.ip()),
+        }
+    }
+}
+
+impl Backend {
+    /// An up backend at `addr` (for `dsr` the port is ignored).
+    pub fn new(addr: SocketAddr) -> Backend {
+        Backend {
+            addr: addr_words(addr.ip()),
+            port: addr.port(),
+            family: family_of(addr.ip()),
+            flags: 0,
+        }
+    }
+}
 
 /// Key of `VIPS`: what a packet must be addressed to for the balancer to take it.
 #[repr(C)]
@@ -276,4 +344,34 @@ mod pod {
     unsafe impl aya::Pod for super::NatReverse {}
     unsafe impl aya::Pod for crate::FlowKey {}
     unsafe impl aya::Pod for crate::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn addresses_use_the_flow_key_layout() {
+        let v4 = addr_words(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(v4, [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0]);
+        let v6 = addr_words(IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10)));
+        assert_eq!(v6[0], u32::from_ne_bytes([0xfd, 0, 0, 0]));
+        assert_eq!(v6[3], u32::from_ne_bytes([0, 0, 0, 0x10]));
+        let key = VipKey::new(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 80),
+            6,
+        );
+        assert_eq!((key.port, key.protocol, key.family), (80, 6, FAMILY_V4));
+    }
+
+    #[test]
+    fn table_halves_do_not_overlap() {
+        assert_eq!(table_index(0, 1, 0), MAX_TABLE_SIZE);
+        assert_eq!(table_index(1, 0, 0), 2 * MAX_TABLE_SIZE);
+        assert_eq!(
+            table_index(MAX_SERVICES - 1, 1, MAX_TABLE_SIZE - 1),
+            TABLES_LEN - 1
+        );
+    }
 }

@@ -5,9 +5,9 @@
 
 /// Indexes of the global per-CPU `u64` counters in the `STATS` map. Counts since load.
 ///
-/// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped; each packet
-/// `lb_xdp` sees lands in exactly one of `PassNotVip`, `Pass*` (the parse rules), `Forwarded`,
-/// `NatReplies`, `FibPass` or a `Drop*` counter, besides `Packets`.
+/// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped. Besides
+/// `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*` counters,
+/// `Forwarded`, `NatReplies`, `FibPass` or a `Drop*` counter; `CtMissNonSyn` comes on top.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -29,13 +29,15 @@ pub enum Stat {
     /// TCP packets without SYN that found no conntrack entry: placed by the table (as a new
     /// flow would be) and recorded.
     CtMissNonSyn = 7,
-    /// Rewritten packets passed to the kernel because the next hop's MAC is not known yet.
+    /// Rewritten packets passed to the kernel: the next hop's MAC is not known yet, or the
+    /// route lookup found no route to forward by (none at all, or a local destination). The
+    /// kernel then resolves the neighbour and forwards, delivers, or drops the packet itself.
     FibPass = 8,
     /// Dropped: the service has no eligible backend (empty table or unused backend id).
     DropNoBackend = 9,
     /// Dropped: every SNAT port probed for a new NAT flow was taken.
     DropNatPortsExhausted = 10,
-    /// Dropped: `bpf_fib_lookup` found no route (unreachable, blackhole, prohibited...).
+    /// Dropped: `bpf_fib_lookup` found a blackhole, unreachable or prohibit route, or failed.
     DropNoRoute = 11,
     /// Dropped: the packet (after encapsulation) exceeds the egress MTU.
     DropMtu = 12,
@@ -49,22 +51,27 @@ pub enum Stat {
     Decapsulated = 16,
     /// `lb_decap`: packets that were not encapsulated (or malformed), passed untouched.
     DecapPassed = 17,
+    /// Dropped: forwarding is disabled on the ingress interface, so `bpf_fib_lookup` refuses
+    /// to route (set `net.ipv4.conf.<if>.forwarding=1` / `net.ipv6.conf.all.forwarding=1`).
+    DropForwardingDisabled = 18,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 18;
+pub const STATS_LEN: u32 = 19;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Packets forwarded.
+    /// Packets forwarded (sent on, or passed to the kernel for a next hop without a neighbour
+    /// entry: `Stat::Forwarded` + `Stat::FibPass` of this service's client packets).
     pub packets: u64,
     /// Bytes forwarded, counted as the frame arrived (Ethernet header included, before any
     /// encapsulation).
     pub bytes: u64,
-    /// New flows placed by the table: TCP SYNs and first UDP packets without a conntrack entry,
-    /// and TCP non-SYN conntrack misses (also counted in [`Stat::CtMissNonSyn`]).
+    /// Of those packets, the ones that started a flow: placed by the table because conntrack
+    /// had no usable entry (TCP SYNs, first UDP packets, TCP non-SYN misses also counted in
+    /// [`Stat::CtMissNonSyn`], flows whose backend went down).
     pub new_flows: u64,
 }

@@ -1,25 +1,57 @@
-//! lb's XDP fast path.
+//! lb's XDP fast path: the balancer `lb_xdp` and the DSR decapsulator `lb_decap`.
 //!
-//! This file holds only the program entry points; each concern lives in its own module
-//! (`stats` today; `parse`, `conntrack`, `nat`, `encap` and `csum` as the balancer grows).
-//! The shared map key and value types come from `lb-common`, so the daemon reads the same
-//! layouts this program writes.
+//! This file holds only the entry points. Each concern has its own module, as in Katran's
+//! `lib/bpf`: `parse` (headers and the pass rule), `maps` (declarations), `conntrack`
+//! (placement), `nat`, `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
+//! strings them together for one packet. The map layouts and how the daemon fills them are
+//! the contract in `lb_common::maps`.
 #![no_std]
 #![no_main]
+// Map keys and values are passed by reference on purpose: passing them by value (as this lint
+// suggests) makes LLVM copy them onto the stack again, and the balancer then exceeds the
+// verifier's 512-byte stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
+mod balancer;
+mod conntrack;
+mod csum;
+mod encap;
+mod fib;
+mod maps;
+mod nat;
+mod parse;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::Stat;
 
-use crate::stats::Stat;
-
-/// The balancer's XDP entry point, attached to a service's interface by the daemon.
+/// The balancer, attached by the daemon to the interfaces clients and backends reach it on.
 ///
-/// For now it counts every packet in `STATS` and passes it to the kernel stack unchanged
-/// (`XDP_PASS`); header parsing and the VIP lookup come next.
+/// Packets for a VIP are placed on a backend (conntrack, else the live Maglev table half) and
+/// sent on translated (`nat`) or encapsulated (`dsr`) with `XDP_TX` / `XDP_REDIRECT`; NAT
+/// replies are translated back to the client. Everything else passes untouched (`XDP_PASS`),
+/// and what cannot be parsed follows the rule in `parse`. Every outcome is counted in `STATS`.
 #[xdp]
-pub fn lb_xdp(_ctx: XdpContext) -> u32 {
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
     stats::increment(Stat::Packets);
+    match balancer::balance(&ctx) {
+        Ok(action) => action,
+        Err(stat) => {
+            stats::increment(stat);
+            balancer::action_for(stat)
+        }
+    }
+}
+
+/// The DSR decapsulator, attached on a backend host: strips the outer IPIP / IP6IP6 header and
+/// passes the client's packet to the stack (the VIP is configured on the backend's loopback).
+/// Every other packet passes untouched.
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    match encap::decapsulate(&ctx) {
+        Ok(()) => stats::increment(Stat::Decapsulated),
+        Err(()) => stats::increment(Stat::DecapPassed),
+    }
     xdp_action::XDP_PASS
 }
 

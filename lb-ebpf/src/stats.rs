@@ -1,25 +1,10 @@
-//! Packet counters: one per-CPU array map, `STATS`, indexed by [`Stat`].
+//! Counting: the global `STATS` by [`Stat`], and per-service / per-backend [`Counters`].
 //!
-//! Per-CPU so the fast path increments without atomics; the daemon sums the CPUs' slots when it
-//! reads a counter.
+//! All per-CPU, so the fast path adds without atomics; the daemon sums the CPUs' slots.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
+use lb_common::{Counters, Stat};
 
-/// The counters `STATS` holds, by index. Values are `u64` counts since the program was loaded.
-// The daemon reads these indexes too: they move to lb-common with the first counter it shows.
-#[repr(u32)]
-#[derive(Clone, Copy)]
-pub enum Stat {
-    /// Packets the XDP program saw, whatever it did with them.
-    Packets = 0,
-}
-
-/// Number of entries in `STATS`: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 1;
-
-/// Per-CPU `u64` counters indexed by [`Stat`].
-#[map(name = "STATS")]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+use crate::maps::{BACKEND_STATS, SERVICE_STATS, STATS};
 
 /// Adds one to `stat` on this CPU.
 #[inline(always)]
@@ -28,5 +13,29 @@ pub fn increment(stat: Stat) {
         // SAFETY: the pointer is this CPU's slot of a live map entry, and BPF programs do not
         // preempt each other on one CPU, so nothing else writes it during the add.
         unsafe { *counter += 1 };
+    }
+}
+
+/// Counts one forwarded packet of `bytes` (the frame as it arrived) for `service` and
+/// `backend`, and a new flow on both when `new_flow`.
+#[inline(always)]
+pub fn forwarded(service: u32, backend: u32, bytes: u64, new_flow: bool) {
+    let new = new_flow as u64;
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service) {
+        // SAFETY: as in `increment`: this CPU's slot, no concurrent writer.
+        unsafe { add(c, bytes, new) };
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: as above.
+        unsafe { add(c, bytes, new) };
+    }
+}
+
+#[inline(always)]
+unsafe fn add(c: *mut Counters, bytes: u64, new: u64) {
+    unsafe {
+        (*c).packets += 1;
+        (*c).bytes += bytes;
+        (*c).new_flows += new;
     }
 }

@@ -1,0 +1,156 @@
+//! The balancer's path for one packet: parse, VIP lookup, placement, NAT or DSR, next hop.
+//! Also the reverse path of NAT replies.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{
+    flow_hash,
+    maps::{Service, VipKey, MAX_SERVICES, MODE_DSR, MODE_NAT},
+    Stat,
+};
+
+use crate::{
+    conntrack, encap,
+    fib::{self, Out},
+    maps::{SERVICES, VIPS},
+    nat,
+    parse::{self, Parsed},
+    stats,
+};
+
+/// The action for a packet that ends on counter `stat`: the `Pass*` rules hand it to the
+/// kernel untouched, `Drop*` drop it.
+#[inline(always)]
+pub fn action_for(stat: Stat) -> u32 {
+    match stat {
+        Stat::PassNotVip
+        | Stat::PassFragment
+        | Stat::PassMalformed
+        | Stat::PassIpv6ExtHeaders
+        | Stat::FibPass => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// Handles one packet; `Ok` is the action of a packet sent on (its counter already counted),
+/// `Err` the counter that decides the action by [`action_for`].
+#[inline(always)]
+pub fn balance(ctx: &XdpContext) -> Result<u32, Stat> {
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let p = parse::parse(ctx)?;
+    let vip = VipKey {
+        addr: p.key.dst_addr,
+        port: p.key.dst_port,
+        protocol: p.key.protocol,
+        family: p.family,
+    };
+    match VIPS.get_ptr(&vip) {
+        // SAFETY: a live map value, copied out at once.
+        Some(v) => to_backend(ctx, &p, unsafe { (*v).service }, frame_len),
+        None => from_backend(ctx, &p),
+    }
+}
+
+/// Client → VIP: place the flow, translate or encapsulate, send to the backend.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> Result<u32, Stat> {
+    if service_id >= MAX_SERVICES {
+        return Err(Stat::DropBadService);
+    }
+    // Read in place, not copied: the balancer's stack is tight (512 bytes). Only
+    // `active_half` changes while packets run, as one aligned word (see the flip protocol in
+    // `lb_common::maps`), so reading the fields one by one is safe.
+    let service: &Service = SERVICES.get(service_id).ok_or(Stat::DropBadService)?;
+    if service.family != p.family {
+        return Err(Stat::DropBadService);
+    }
+    let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
+    let backend = placed.backend;
+
+    let (src, dst, ip_len) = if service.mode == MODE_NAT {
+        let port = nat::snat_port(
+            &p.key,
+            &backend.addr,
+            backend.port,
+            service_id,
+            service,
+            placed.entry.snat_port,
+        )?;
+        if placed.new_flow || port != placed.entry.snat_port {
+            placed.entry.snat_port = port;
+            conntrack::record(&p.key, &placed.entry);
+        }
+        nat::rewrite(
+            ctx,
+            p,
+            &service.local_addr,
+            port,
+            &backend.addr,
+            backend.port,
+        )?;
+        (service.local_addr, backend.addr, p.ip_len)
+    } else if service.mode == MODE_DSR {
+        if placed.new_flow {
+            conntrack::record(&p.key, &placed.entry);
+        }
+        let outer_len = encap::encapsulate(
+            ctx,
+            p,
+            &service.local_addr,
+            &backend.addr,
+            flow_hash(&p.key),
+        )?;
+        (service.local_addr, backend.addr, outer_len)
+    } else {
+        return Err(Stat::DropBadService);
+    };
+
+    let protocol = if service.mode == MODE_DSR {
+        if p.family == lb_common::maps::FAMILY_V4 {
+            parse::IPPROTO_IPIP
+        } else {
+            parse::IPPROTO_IPV6
+        }
+    } else {
+        p.key.protocol
+    };
+    let action = match fib::forward(ctx, p.family, protocol, &src, &dst, ip_len)? {
+        Out::Sent(action) => {
+            stats::increment(Stat::Forwarded);
+            action
+        }
+        Out::Pass => {
+            stats::increment(Stat::FibPass);
+            xdp_action::XDP_PASS
+        }
+    };
+    stats::forwarded(service_id, placed.backend_id, frame_len, placed.new_flow);
+    Ok(action)
+}
+
+/// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.
+#[inline(always)]
+fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
+    let r = nat::reverse(&p.key).ok_or(Stat::PassNotVip)?;
+    nat::rewrite(
+        ctx,
+        p,
+        &r.vip_addr,
+        r.vip_port,
+        &r.client_addr,
+        r.client_port,
+    )?;
+    match fib::forward(
+        ctx,
+        p.family,
+        p.key.protocol,
+        &r.vip_addr,
+        &r.client_addr,
+        p.ip_len,
+    )? {
+        Out::Sent(action) => {
+            stats::increment(Stat::NatReplies);
+            Ok(action)
+        }
+        Out::Pass => Err(Stat::FibPass),
+    }
+}

@@ -1,0 +1,112 @@
+//! Placing a client flow on a backend: conntrack first, the service's live Maglev table half
+//! for flows conntrack does not know.
+//!
+//! A flow pinned in `CONNTRACK` stays on its backend whatever the table says, so a table flip
+//! moves only new flows. New TCP flows start on SYN. A TCP packet without SYN that finds no
+//! entry (the entry was evicted, or the balancer restarted) is placed the same way a SYN would
+//! be, by `flow_hash` into the live table, recorded, and counted in `Stat::CtMissNonSyn`:
+//! while the table has not changed that is the backend the flow began on (Katran does the
+//! same). UDP has no SYN: its first packet without an entry starts the flow.
+//!
+//! Entries carry no timestamp and never expire by age: a flow (TCP or UDP) stays pinned until
+//! the LRU evicts it to make room, or its backend is marked down. Katran ages UDP entries;
+//! this program does not yet, so a UDP client that reuses its source port keeps its backend.
+
+use core::num::NonZeroU32;
+
+use lb_common::{
+    flow::IPPROTO_TCP,
+    flow_hash,
+    maps::{table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, MAX_SERVICES, MAX_TABLE_SIZE},
+    FlowKey, Stat,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, TABLES},
+    parse::{TCP_ACK, TCP_SYN},
+    stats,
+};
+
+/// Where a client packet goes.
+#[derive(Clone, Copy)]
+pub struct Placement {
+    /// The backend id.
+    pub backend_id: u32,
+    /// The backend.
+    pub backend: Backend,
+    /// The flow's conntrack entry (its SNAT port is 0 until NAT chooses one).
+    pub entry: CtEntry,
+    /// Whether this packet started the flow (no usable conntrack entry).
+    pub new_flow: bool,
+}
+
+/// The backend for the flow `key` of `service` (id `service_id`). `Err` is the drop counter
+/// when the service has no eligible backend.
+#[inline(always)]
+pub fn place(
+    key: &FlowKey,
+    tcp_flags: u8,
+    service_id: u32,
+    service: &Service,
+) -> Result<Placement, Stat> {
+    if let Some(entry) = CONNTRACK.get_ptr(key) {
+        // SAFETY: a live map value; a concurrent update replaces it whole (LRU hash elements
+        // are swapped, not written in place), and it is copied out at once.
+        let entry = unsafe { *entry };
+        if let Some(backend) = BACKENDS.get(entry.backend) {
+            // A backend that went down cannot serve the flow: place it anew. A draining one
+            // (weight 0, not down) keeps its flows.
+            if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
+                return Ok(Placement {
+                    backend_id: entry.backend,
+                    backend: *backend,
+                    entry,
+                    new_flow: false,
+                });
+            }
+        }
+    } else if key.protocol == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        stats::increment(Stat::CtMissNonSyn);
+    }
+    let (backend_id, backend) = from_table(key, service_id, service)?;
+    Ok(Placement {
+        backend_id,
+        backend,
+        entry: CtEntry {
+            backend: backend_id,
+            snat_port: 0,
+            _pad: [0; 2],
+        },
+        new_flow: true,
+    })
+}
+
+/// Records `entry` for `key` (a new flow, or a new SNAT port).
+#[inline(always)]
+pub fn record(key: &FlowKey, entry: &CtEntry) {
+    // An LRU map makes room by evicting; a failure here (no memory) only means the next packet
+    // is placed again by the table, which gives the same backend while the table is unchanged.
+    let _ = CONNTRACK.insert(key, entry, 0);
+}
+
+/// The backend the live table half gives `key`.
+#[inline(always)]
+fn from_table(key: &FlowKey, service_id: u32, service: &Service) -> Result<(u32, Backend), Stat> {
+    let half = service.active_half & 1;
+    let size = service.table_size[half as usize];
+    if size > MAX_TABLE_SIZE || service_id >= MAX_SERVICES {
+        return Err(Stat::DropNoBackend);
+    }
+    // `NonZeroU32`: the remainder then has no division-by-zero panic path for the verifier
+    // to reject.
+    let size = NonZeroU32::new(size).ok_or(Stat::DropNoBackend)?;
+    let slot = flow_hash(key) % size;
+    let backend_id = *TABLES
+        .get(table_index(service_id, half, slot))
+        .ok_or(Stat::DropNoBackend)?;
+    let backend = BACKENDS.get(backend_id).ok_or(Stat::DropNoBackend)?;
+    if backend.family != service.family {
+        return Err(Stat::DropNoBackend);
+    }
+    Ok((backend_id, *backend))
+}

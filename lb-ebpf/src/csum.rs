@@ -1,0 +1,69 @@
+//! Internet checksums (RFC 1071) and their incremental update (RFC 1624, eqn. 3:
+//! `HC' = ~(~HC + ~m + m')`).
+//!
+//! Every value here is taken as it lies in the packet, in memory order (a `u16` loaded from
+//! the packet, an address word as `lb_common::FlowKey` stores it). One's-complement sums do
+//! not depend on byte order as long as every operand uses the same one, so nothing is swapped.
+
+/// Folds a 32-bit one's-complement accumulator into 16 bits.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Adds the two 16-bit halves of an address word to `acc`.
+#[inline(always)]
+fn add32(acc: u32, word: u32) -> u32 {
+    acc + (word & 0xffff) + (word >> 16)
+}
+
+/// Incremental update of `check` (a stored checksum, as in the header) for 16-bit fields
+/// changing from `old` to `new`, given as (old, new) words of an address or port.
+#[inline(always)]
+pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
+    let acc = (!check as u32) + (!old as u32) + new as u32;
+    !fold(acc)
+}
+
+/// Incremental update of `check` for an address of `words` 32-bit words changing from `old`
+/// to `new` (IPv4: 1 word, IPv6: 4; unused words must be equal in both, e.g. zero).
+#[inline(always)]
+pub fn replace_addr(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
+    let mut acc = !check as u32;
+    let mut i = 0;
+    while i < 4 {
+        acc = add32(acc, !old[i]);
+        acc = add32(acc, new[i]);
+        // Keep the accumulator from overflowing 32 bits across the words.
+        acc = fold(acc) as u32;
+        i += 1;
+    }
+    !fold(acc)
+}
+
+/// The IPv4 header checksum of a 20-byte header without options, given as ten memory-order
+/// `u16`s with the checksum field (index 5) ignored.
+#[inline(always)]
+pub fn ipv4_header(words: &[u16; 10]) -> u16 {
+    let mut acc = 0u32;
+    let mut i = 0;
+    while i < 10 {
+        if i != 5 {
+            acc += words[i] as u32;
+        }
+        i += 1;
+    }
+    !fold(acc)
+}
+
+/// A UDP checksum that computes to 0 is sent as 0xffff (RFC 768): 0 means "no checksum".
+#[inline(always)]
+pub fn udp_nonzero(check: u16) -> u16 {
+    if check == 0 {
+        0xffff
+    } else {
+        check
+    }
+}

@@ -1,0 +1,180 @@
+//! DSR encapsulation (IPIP for IPv4, IP6IP6 for IPv6) on the balancer, and its removal on the
+//! backend host by `lb_decap`.
+//!
+//! The outer header goes between the Ethernet header (and its VLAN tag, kept) and the client's
+//! IP packet, which stays byte for byte as it arrived: the backend sees the client's address
+//! and the VIP, and answers the client directly. Outer header: source the service's
+//! `local_addr`, destination the backend, TTL / hop limit 64, IPv4 with DF set and the inner
+//! TOS copied, IPv6 with the flow's hash as flow label (so ECMP spreads flows, not packets).
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{maps::FAMILY_V4, Stat};
+
+use crate::{
+    csum,
+    parse::{
+        groups6, halves, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP, ETH_P_IPV6,
+        IPPROTO_IPIP, IPPROTO_IPV6,
+    },
+};
+
+/// Outer TTL / hop limit of encapsulated packets.
+const OUTER_TTL: u8 = 64;
+/// IPv4 "don't fragment" flag, network order.
+const IP_DF: u16 = 0x4000_u16.to_be();
+
+/// The link-layer header (Ethernet, and the VLAN tag when there is one) saved before the
+/// packet's head moves.
+#[derive(Clone, Copy)]
+struct LinkHdr {
+    eth: [u16; 7],
+    vlan: [u16; 2],
+    tagged: bool,
+}
+
+#[inline(always)]
+fn save_link(ctx: &XdpContext, l3_off: usize) -> Result<LinkHdr, Stat> {
+    let eth: *const [u16; 7] = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
+    let tagged = l3_off > core::mem::size_of::<EthHdr>();
+    let mut link = LinkHdr {
+        // SAFETY: bounds checked by `ptr_at`.
+        eth: unsafe { *eth },
+        vlan: [0; 2],
+        tagged,
+    };
+    if tagged {
+        let vlan: *const [u16; 2] =
+            ptr_at(ctx, core::mem::size_of::<EthHdr>()).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        link.vlan = unsafe { *vlan };
+    }
+    Ok(link)
+}
+
+#[inline(always)]
+fn restore_link(ctx: &XdpContext, link: &LinkHdr) -> Result<(), Stat> {
+    let eth: *mut [u16; 7] = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *eth = link.eth };
+    if link.tagged {
+        let vlan: *mut [u16; 2] =
+            ptr_at(ctx, core::mem::size_of::<EthHdr>()).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *vlan = link.vlan };
+    }
+    Ok(())
+}
+
+/// Wraps the parsed client packet in an outer header from `src` to `dst` (the service's
+/// family). Returns the outer IP packet's length, for the MTU check. `Err(Stat::DropAdjustHead)`
+/// when the frame has no headroom for the outer header.
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &XdpContext,
+    p: &Parsed,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    flow_label: u32,
+) -> Result<u16, Stat> {
+    let link = save_link(ctx, p.l3_off)?;
+    if p.family == FAMILY_V4 {
+        let inner: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let tos = unsafe { (*inner).tos };
+        let hdr = core::mem::size_of::<Ipv4Hdr>();
+        grow(ctx, hdr)?;
+        let outer_len = p.ip_len.wrapping_add(hdr as u16);
+        let mut outer = Ipv4Hdr {
+            version_ihl: 0x45,
+            tos,
+            tot_len: outer_len.to_be(),
+            id: 0,
+            frag_off: IP_DF,
+            ttl: OUTER_TTL,
+            protocol: IPPROTO_IPIP,
+            check: 0,
+            src: halves(src[0]),
+            dst: halves(dst[0]),
+        };
+        // SAFETY: `Ipv4Hdr` is 20 bytes of plain integers, `#[repr(C)]` with alignment 2 and
+        // no padding: viewing it as ten `u16`s reads exactly its bytes.
+        let words: [u16; 10] = unsafe { core::mem::transmute_copy(&outer) };
+        outer.check = csum::ipv4_header(&words);
+        restore_link(ctx, &link)?;
+        let at: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *at = outer };
+        Ok(outer_len)
+    } else {
+        let hdr = core::mem::size_of::<Ipv6Hdr>();
+        grow(ctx, hdr)?;
+        let vtc_flow = (6u32 << 28) | (flow_label & 0x000f_ffff);
+        let outer = Ipv6Hdr {
+            vtc_flow: [((vtc_flow >> 16) as u16).to_be(), (vtc_flow as u16).to_be()],
+            payload_len: p.ip_len.to_be(),
+            nexthdr: IPPROTO_IPV6,
+            hop_limit: OUTER_TTL,
+            src: groups6(src),
+            dst: groups6(dst),
+        };
+        restore_link(ctx, &link)?;
+        let at: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *at = outer };
+        Ok(p.ip_len.wrapping_add(hdr as u16))
+    }
+}
+
+/// Moves the packet's start `bytes` earlier.
+#[inline(always)]
+fn grow(ctx: &XdpContext, bytes: usize) -> Result<(), Stat> {
+    // SAFETY: the helper only moves `data`; every later access re-checks bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(bytes as i32)) } != 0 {
+        return Err(Stat::DropAdjustHead);
+    }
+    Ok(())
+}
+
+/// `lb_decap`'s work: strips the outer header of an IPIP (IPv4 protocol 4) or IP6IP6 (IPv6
+/// next header 41) packet and returns `Ok(())`; the caller passes the inner packet to the
+/// stack. `Err(())` for every other packet (not encapsulated, an outer fragment, malformed),
+/// which must pass untouched.
+#[inline(always)]
+pub fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
+    let (l3_off, proto) = crate::parse::l3(ctx).map_err(|_| ())?;
+    let outer_len = if proto == ETH_P_IP {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(())?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (version_ihl, frag_off, protocol) =
+            unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol) };
+        let ihl = ((version_ihl & 0x0f) as usize) * 4;
+        if version_ihl >> 4 != 4 || ihl < 20 || protocol != IPPROTO_IPIP {
+            return Err(());
+        }
+        if u16::from_be(frag_off) & 0x3fff != 0 {
+            return Err(());
+        }
+        // The inner IPv4 header must be there.
+        ptr_at::<Ipv4Hdr>(ctx, l3_off + ihl).ok_or(())?;
+        ihl
+    } else if proto == ETH_P_IPV6 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).ok_or(())?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let nexthdr = unsafe { (*ip).nexthdr };
+        if nexthdr != IPPROTO_IPV6 {
+            return Err(());
+        }
+        let hdr = core::mem::size_of::<Ipv6Hdr>();
+        ptr_at::<Ipv6Hdr>(ctx, l3_off + hdr).ok_or(())?;
+        hdr
+    } else {
+        return Err(());
+    };
+    let link = save_link(ctx, l3_off).map_err(|_| ())?;
+    // SAFETY: the helper only moves `data`; every later access re-checks bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
+        return Err(());
+    }
+    // Same family inside and out, so the EtherType stays right.
+    restore_link(ctx, &link).map_err(|_| ())
+}

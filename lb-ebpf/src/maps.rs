@@ -1,0 +1,72 @@
+//! Every map the programs use, named and sized as `lb_common::maps` documents: that module is
+//! the contract with the daemon, this one only declares the maps.
+//!
+//! The `#[map(name = ...)]` strings must equal the `lb_common::maps` name constants; the daemon
+//! looks the maps up by those constants and the TestRun tests fail when they differ.
+
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{
+        Backend, CtEntry, NatReverse, Service, VipKey, VipValue, CONNTRACK_SIZE, DEVMAP_SIZE,
+        MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
+    },
+    Counters, FlowKey, STATS_LEN,
+};
+
+/// VIP (address, port, protocol, family) → service id. Written by the daemon.
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Service id → mode, SNAT / outer source address, and the live table half.
+#[map(name = "SERVICES")]
+pub static SERVICES: Array<Service> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Backend id → address, port, family, flags.
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Every service's two Maglev table halves; slots hold backend ids.
+#[map(name = "TABLES")]
+pub static TABLES: Array<u32> = Array::with_max_entries(TABLES_LEN, 0);
+
+/// Client flow → backend (and SNAT port).
+///
+/// Shared (`LRU_HASH`), not per-CPU: a flow's packets can reach the balancer on different CPUs
+/// (several RX queues, or veth, whose XDP runs on the sending CPU), and a per-CPU map would then
+/// hold one independent entry per CPU, each placed by whatever table was active when that CPU
+/// first saw the flow, so a table change could split one flow over two backends. A shared map
+/// costs a lock on insert (once per flow); lookups are lock-free.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// NAT reply 5-tuple → client and VIP. Shared for the same reason as `CONNTRACK`, and because
+/// replies arrive on another interface (often another CPU) than the client's packets.
+#[map(name = "NAT_REVERSE")]
+pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> =
+    LruHashMap::with_max_entries(NAT_REVERSE_SIZE, 0);
+
+/// ifindex → ifindex: the interfaces `XDP_REDIRECT` may send to.
+#[map(name = "DEVMAP")]
+pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_SIZE, 0);
+
+/// Global per-CPU counters indexed by `lb_common::Stat`.
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Per-CPU counters per service id.
+#[map(name = "SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// Per-CPU counters per backend id.
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// One `bpf_fib_lookup` parameter block per CPU: scratch space for `fib::forward`, kept off the
+/// 512-byte BPF stack. Internal to the program; the daemon never touches it.
+#[map(name = "FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);

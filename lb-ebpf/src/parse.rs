@@ -1,0 +1,364 @@
+//! Header layouts and the parser: Ethernet with at most one 802.1Q tag, IPv4 with any IHL,
+//! IPv6 without extension headers, then TCP or UDP.
+//!
+//! # The rule for what cannot be balanced
+//!
+//! A packet the parser cannot classify goes to the kernel untouched (`XDP_PASS`) and is
+//! counted by reason: the balancer only forwards what it fully understood, and the kernel stack
+//! remains the authority on broken packets (it drops them with its own counters).
+//! - truncated or malformed headers (frame shorter than a header, IP version wrong, IHL < 5,
+//!   an IP length beyond the frame, a TCP / UDP header beyond the IP length, TCP data offset
+//!   < 5): `Stat::PassMalformed`;
+//! - IPv4 fragments, first or later (later ones carry no ports): `Stat::PassFragment`;
+//! - IPv6 extension headers before the transport header: `Stat::PassIpv6ExtHeaders`;
+//! - anything else that is not TCP or UDP over IP (ARP, ICMP, a second VLAN tag...):
+//!   `Stat::PassNotVip`, like TCP/UDP packets for no VIP.
+//!
+//! Every header struct is `#[repr(C)]` with fields no wider than 16 bits, so its alignment is 2:
+//! Ethernet (14 bytes), a VLAN tag (4) and IP headers (multiples of 4) keep every header on an
+//! even offset, so reading through these pointers is always aligned.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    flow::{IPPROTO_TCP, IPPROTO_UDP},
+    maps::{FAMILY_V4, FAMILY_V6},
+    FlowKey, Stat,
+};
+
+/// EtherType of IPv4, as the 16-bit field reads in memory order (network order bytes 08 00).
+pub const ETH_P_IP: u16 = 0x0800_u16.to_be();
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
+/// EtherType of an 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
+
+/// IPv4 protocol number of IPIP (an IPv4 packet inside IPv4).
+pub const IPPROTO_IPIP: u8 = 4;
+/// IPv6 next-header number of IPv6-in-IPv6.
+pub const IPPROTO_IPV6: u8 = 41;
+
+/// Ethernet header.
+#[repr(C)]
+pub struct EthHdr {
+    /// Destination MAC.
+    pub dst: [u8; 6],
+    /// Source MAC.
+    pub src: [u8; 6],
+    /// EtherType, network order.
+    pub proto: u16,
+}
+
+/// 802.1Q tag, after the Ethernet addresses.
+#[repr(C)]
+pub struct VlanHdr {
+    /// Priority, DEI and VLAN id, network order.
+    pub tci: u16,
+    /// The inner EtherType, network order.
+    pub proto: u16,
+}
+
+/// IPv4 header without options.
+#[repr(C)]
+pub struct Ipv4Hdr {
+    /// Version (high nibble) and IHL in 32-bit words (low nibble).
+    pub version_ihl: u8,
+    /// DSCP and ECN.
+    pub tos: u8,
+    /// Total length in bytes, network order.
+    pub tot_len: u16,
+    /// Identification.
+    pub id: u16,
+    /// Flags and fragment offset, network order.
+    pub frag_off: u16,
+    /// Time to live.
+    pub ttl: u8,
+    /// Protocol of the payload.
+    pub protocol: u8,
+    /// Header checksum.
+    pub check: u16,
+    /// Source address (two memory-order halves).
+    pub src: [u16; 2],
+    /// Destination address.
+    pub dst: [u16; 2],
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class and flow label, network order in two halves.
+    pub vtc_flow: [u16; 2],
+    /// Payload length in bytes (after this header), network order.
+    pub payload_len: u16,
+    /// Next header.
+    pub nexthdr: u8,
+    /// Hop limit.
+    pub hop_limit: u8,
+    /// Source address (eight memory-order 16-bit groups).
+    pub src: [u16; 8],
+    /// Destination address.
+    pub dst: [u16; 8],
+}
+
+/// TCP header without options.
+#[repr(C)]
+pub struct TcpHdr {
+    /// Source port, network order.
+    pub source: u16,
+    /// Destination port, network order.
+    pub dest: u16,
+    /// Sequence number.
+    pub seq: [u16; 2],
+    /// Acknowledgement number.
+    pub ack_seq: [u16; 2],
+    /// Data offset (high nibble of the first byte) and flags (second byte).
+    pub off_flags: [u8; 2],
+    /// Window.
+    pub window: u16,
+    /// Checksum.
+    pub check: u16,
+    /// Urgent pointer.
+    pub urg_ptr: u16,
+}
+
+/// UDP header.
+#[repr(C)]
+pub struct UdpHdr {
+    /// Source port, network order.
+    pub source: u16,
+    /// Destination port, network order.
+    pub dest: u16,
+    /// Length of header and payload, network order.
+    pub len: u16,
+    /// Checksum (0 over IPv4: none).
+    pub check: u16,
+}
+
+/// TCP flag bits in `TcpHdr::off_flags[1]`.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP ACK flag.
+pub const TCP_ACK: u8 = 0x10;
+
+/// Offset of the checksum within the TCP header.
+pub const TCP_CHECK_OFF: usize = 16;
+/// Offset of the checksum within the UDP header.
+pub const UDP_CHECK_OFF: usize = 6;
+
+/// A pointer to a `T` at `offset` bytes into the packet, if the whole `T` lies in it.
+///
+/// The comparison against `data_end` is what the verifier needs to see before any access
+/// through the pointer.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// What the parser found in a packet it can balance.
+#[derive(Clone, Copy)]
+pub struct Parsed {
+    /// The 5-tuple as the packet carries it (source = sender).
+    pub key: FlowKey,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Offset of the IP header: 14, or 18 after a VLAN tag.
+    pub l3_off: usize,
+    /// Offset of the TCP / UDP header.
+    pub l4_off: usize,
+    /// TCP flags byte; 0 for UDP.
+    pub tcp_flags: u8,
+    /// The IP packet's length: IPv4 total length, or IPv6 payload length + 40.
+    pub ip_len: u16,
+}
+
+/// Offset of the IP header and its EtherType, after at most one VLAN tag.
+#[inline(always)]
+pub fn l3(ctx: &XdpContext) -> Result<(usize, u16), Stat> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
+    // SAFETY: `ptr_at` checked that the header lies within the packet.
+    let proto = unsafe { (*eth).proto };
+    if proto != ETH_P_8021Q {
+        return Ok((core::mem::size_of::<EthHdr>(), proto));
+    }
+    let vlan: *const VlanHdr =
+        ptr_at(ctx, core::mem::size_of::<EthHdr>()).ok_or(Stat::PassMalformed)?;
+    // SAFETY: as above.
+    let inner = unsafe { (*vlan).proto };
+    Ok((
+        core::mem::size_of::<EthHdr>() + core::mem::size_of::<VlanHdr>(),
+        inner,
+    ))
+}
+
+/// Parses the packet in `ctx`; `Err` is the counter of the pass rule it falls under (see the
+/// module docs), and the packet must then be passed untouched.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Stat> {
+    let (l3_off, proto) = l3(ctx)?;
+    let frame_len = ctx.data_end() - ctx.data();
+    let (mut key, family, l4_off, ip_len) = if proto == ETH_P_IP {
+        parse_ipv4(ctx, l3_off, frame_len)?
+    } else if proto == ETH_P_IPV6 {
+        parse_ipv6(ctx, l3_off, frame_len)?
+    } else {
+        return Err(Stat::PassNotVip);
+    };
+    // The transport header must lie within the IP packet, not merely within the frame: a short
+    // packet's Ethernet padding is not a TCP or UDP header.
+    let ip_end = l3_off + ip_len as usize;
+    let l4_min = if key.protocol == IPPROTO_TCP {
+        core::mem::size_of::<TcpHdr>()
+    } else {
+        core::mem::size_of::<UdpHdr>()
+    };
+    if (key.protocol == IPPROTO_TCP || key.protocol == IPPROTO_UDP) && l4_off + l4_min > ip_end {
+        return Err(Stat::PassMalformed);
+    }
+    let mut tcp_flags = 0;
+    if key.protocol == IPPROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(ctx, l4_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (source, dest, off_flags) = unsafe { ((*tcp).source, (*tcp).dest, (*tcp).off_flags) };
+        if off_flags[0] >> 4 < 5 {
+            return Err(Stat::PassMalformed);
+        }
+        key.src_port = u16::from_be(source);
+        key.dst_port = u16::from_be(dest);
+        tcp_flags = off_flags[1];
+    } else if key.protocol == IPPROTO_UDP {
+        let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (source, dest) = unsafe { ((*udp).source, (*udp).dest) };
+        key.src_port = u16::from_be(source);
+        key.dst_port = u16::from_be(dest);
+    } else {
+        return Err(Stat::PassNotVip);
+    }
+    Ok(Parsed {
+        key,
+        family,
+        l3_off,
+        l4_off,
+        tcp_flags,
+        ip_len,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv4(
+    ctx: &XdpContext,
+    l3_off: usize,
+    frame_len: usize,
+) -> Result<(FlowKey, u8, usize, u16), Stat> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Stat::PassMalformed)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (version_ihl, tot_len, frag_off, protocol, src, dst) = unsafe {
+        (
+            (*ip).version_ihl,
+            u16::from_be((*ip).tot_len),
+            u16::from_be((*ip).frag_off),
+            (*ip).protocol,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    // Masked, so the verifier knows the header length is at most 60 bytes.
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return Err(Stat::PassMalformed);
+    }
+    if (tot_len as usize) < ihl || l3_off + tot_len as usize > frame_len {
+        return Err(Stat::PassMalformed);
+    }
+    // More-fragments flag or a non-zero offset.
+    if frag_off & 0x3fff != 0 {
+        return Err(Stat::PassFragment);
+    }
+    let key = FlowKey {
+        src_addr: [word(src[0], src[1]), 0, 0, 0],
+        dst_addr: [word(dst[0], dst[1]), 0, 0, 0],
+        protocol,
+        ..FlowKey::default()
+    };
+    Ok((key, FAMILY_V4, l3_off + ihl, tot_len))
+}
+
+/// IPv6 next-header values that are extension headers (RFC 8200 §4, and AH, ESP is not one
+/// we can look past either).
+#[inline(always)]
+fn is_ipv6_ext(nexthdr: u8) -> bool {
+    matches!(nexthdr, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
+}
+
+#[inline(always)]
+fn parse_ipv6(
+    ctx: &XdpContext,
+    l3_off: usize,
+    frame_len: usize,
+) -> Result<(FlowKey, u8, usize, u16), Stat> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).ok_or(Stat::PassMalformed)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (first, payload_len, nexthdr, src, dst) = unsafe {
+        (
+            (*ip).vtc_flow[0],
+            u16::from_be((*ip).payload_len),
+            (*ip).nexthdr,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
+    let hdr = core::mem::size_of::<Ipv6Hdr>();
+    if u16::from_be(first) >> 12 != 6 || l3_off + hdr + payload_len as usize > frame_len {
+        return Err(Stat::PassMalformed);
+    }
+    if is_ipv6_ext(nexthdr) {
+        return Err(Stat::PassIpv6ExtHeaders);
+    }
+    let key = FlowKey {
+        src_addr: addr6(&src),
+        dst_addr: addr6(&dst),
+        protocol: nexthdr,
+        ..FlowKey::default()
+    };
+    Ok((
+        key,
+        FAMILY_V6,
+        l3_off + hdr,
+        payload_len.wrapping_add(hdr as u16),
+    ))
+}
+
+/// The `FlowKey` address word made of two memory-order 16-bit halves.
+#[inline(always)]
+pub fn word(lo: u16, hi: u16) -> u32 {
+    lo as u32 | (hi as u32) << 16
+}
+
+/// The two memory-order 16-bit halves of a `FlowKey` address word.
+#[inline(always)]
+pub fn halves(w: u32) -> [u16; 2] {
+    [w as u16, (w >> 16) as u16]
+}
+
+#[inline(always)]
+fn addr6(groups: &[u16; 8]) -> [u32; 4] {
+    [
+        word(groups[0], groups[1]),
+        word(groups[2], groups[3]),
+        word(groups[4], groups[5]),
+        word(groups[6], groups[7]),
+    ]
+}
+
+/// The eight memory-order groups of a `FlowKey` IPv6 address.
+#[inline(always)]
+pub fn groups6(a: &[u32; 4]) -> [u16; 8] {
+    let [g0, g1] = halves(a[0]);
+    let [g2, g3] = halves(a[1]);
+    let [g4, g5] = halves(a[2]);
+    let [g6, g7] = halves(a[3]);
+    [g0, g1, g2, g3, g4, g5, g6, g7]
+}

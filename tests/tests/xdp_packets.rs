@@ -1,0 +1,1528 @@
+//! The XDP balancer (`lb_xdp`) and decapsulator (`lb_decap`) on crafted packets, through
+//! BPF_PROG_TEST_RUN (aya's `TestRun`).
+//!
+//! Each test loads the lb-ebpf object named by `LB_EBPF_OBJ` (set by `cargo xtask test`), so the
+//! kernel's verifier checks both programs; it makes a namespace with two veth pairs (a client
+//! side and a backend side, static neighbours, forwarding on) for `bpf_fib_lookup` to route in,
+//! fills the maps the way `lb_common::maps` tells the daemon to, runs packets, and compares
+//! each output frame byte for byte with the frame built from scratch here, whose checksums are
+//! computed here from nothing (and checked once more on the output on their own).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use lb_common::{
+    flow::{IPPROTO_TCP, IPPROTO_UDP},
+    flow_hash,
+    maps::{
+        addr_words as words, family_of as family, table_index, Backend, CtEntry, NatReverse,
+        Service, VipKey, VipValue, BACKENDS, BACKEND_F_DOWN, BACKEND_STATS, CONNTRACK, DEVMAP,
+        MODE_DSR, MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS,
+        TABLES, VIPS,
+    },
+    Counters, FlowKey, Stat,
+};
+use lb_tests::{netns::Netns, require_root};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+fn action_name(action: u32) -> &'static str {
+    match action {
+        0 => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        XDP_TX => "XDP_TX",
+        XDP_REDIRECT => "XDP_REDIRECT",
+        _ => "unknown action",
+    }
+}
+
+// The lab's addresses: clients come in on `vc` (10.0.1.1, fd00:1::1), backends sit behind
+// `vb` (10.0.2.1, fd00:2::1, also the balancer's SNAT / outer source address).
+const VC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const VB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x64];
+const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x11];
+const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x12];
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 100);
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const LOCAL4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+const B1_4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
+const B2_4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 12);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x100);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
+const LOCAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1);
+const B1_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 0x11);
+
+const SNAT_MIN: u16 = 20000;
+const SNAT_MAX: u16 = 20099;
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+fn flow(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, protocol: u8) -> FlowKey {
+    FlowKey {
+        src_addr: words(src),
+        dst_addr: words(dst),
+        src_port: sport,
+        dst_port: dport,
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Frames built from scratch: every length and checksum computed here.
+mod wire {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    pub const ETH_IP: u16 = 0x0800;
+    pub const ETH_IPV6: u16 = 0x86dd;
+
+    /// The one's-complement sum of `data` as big-endian 16-bit words, folded.
+    pub fn sum(data: &[u8]) -> u32 {
+        let mut acc: u32 = 0;
+        for pair in data.chunks(2) {
+            let hi = pair[0] as u32;
+            let lo = pair.get(1).copied().unwrap_or(0) as u32;
+            acc += hi << 8 | lo;
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc
+    }
+
+    /// The Internet checksum of the concatenation of `parts` (each of even length but the last).
+    pub fn checksum(parts: &[&[u8]]) -> u16 {
+        let mut acc = 0u32;
+        for p in parts {
+            acc += sum(p);
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    }
+
+    /// The TCP/UDP pseudo-header for `len` bytes of `protocol` from `src` to `dst`.
+    pub fn pseudo(src: IpAddr, dst: IpAddr, protocol: u8, len: usize) -> Vec<u8> {
+        let mut p = Vec::new();
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                p.extend_from_slice(&s.octets());
+                p.extend_from_slice(&d.octets());
+                p.extend_from_slice(&[0, protocol]);
+                p.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                p.extend_from_slice(&s.octets());
+                p.extend_from_slice(&d.octets());
+                p.extend_from_slice(&(len as u32).to_be_bytes());
+                p.extend_from_slice(&[0, 0, 0, protocol]);
+            }
+            _ => panic!("mixed address families in one packet"),
+        }
+        p
+    }
+
+    /// A TCP segment (no options) with its checksum.
+    pub fn tcp(
+        src: IpAddr,
+        sport: u16,
+        dst: IpAddr,
+        dport: u16,
+        flags: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(&sport.to_be_bytes());
+        s.extend_from_slice(&dport.to_be_bytes());
+        s.extend_from_slice(&0x1122_3344u32.to_be_bytes()); // sequence
+        s.extend_from_slice(&(if flags & 0x10 != 0 { 0x5566_7788u32 } else { 0 }).to_be_bytes());
+        s.extend_from_slice(&[5 << 4, flags]);
+        s.extend_from_slice(&64240u16.to_be_bytes()); // window
+        s.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+        s.extend_from_slice(payload);
+        let c = checksum(&[&pseudo(src, dst, 6, s.len()), &s]);
+        s[16..18].copy_from_slice(&c.to_be_bytes());
+        s
+    }
+
+    /// A UDP datagram with its checksum (0xffff when it computes to 0, RFC 768).
+    pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(&sport.to_be_bytes());
+        s.extend_from_slice(&dport.to_be_bytes());
+        s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        s.extend_from_slice(&[0, 0]);
+        s.extend_from_slice(payload);
+        let mut c = checksum(&[&pseudo(src, dst, 17, s.len()), &s]);
+        if c == 0 {
+            c = 0xffff;
+        }
+        s[6..8].copy_from_slice(&c.to_be_bytes());
+        s
+    }
+
+    /// IPv4 header fields a test may vary.
+    #[derive(Clone, Copy)]
+    pub struct V4 {
+        pub tos: u8,
+        pub id: u16,
+        pub frag: u16,
+        pub ttl: u8,
+    }
+
+    /// What an ordinary client sends: id 0x1234, DF, TTL 64.
+    pub const V4_CLIENT: V4 = V4 {
+        tos: 0,
+        id: 0x1234,
+        frag: 0x4000,
+        ttl: 64,
+    };
+
+    /// An IPv4 packet with `options` (a multiple of 4 bytes) and its header checksum.
+    pub fn ipv4(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        protocol: u8,
+        h: V4,
+        options: &[u8],
+        payload: &[u8],
+    ) -> Vec<u8> {
+        assert_eq!(options.len() % 4, 0, "IPv4 options pad to 32 bits");
+        let ihl = 5 + options.len() / 4;
+        let mut p = vec![0x40 | ihl as u8, h.tos];
+        p.extend_from_slice(&((ihl * 4 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&h.id.to_be_bytes());
+        p.extend_from_slice(&h.frag.to_be_bytes());
+        p.extend_from_slice(&[h.ttl, protocol, 0, 0]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(options);
+        let c = checksum(&[&p]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// An IPv6 packet: `vtc_flow` is the first 32-bit word (version, class, flow label).
+    pub fn ipv6(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        nexthdr: u8,
+        vtc_flow: u32,
+        hop_limit: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut p = vtc_flow.to_be_bytes().to_vec();
+        p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        p.extend_from_slice(&[nexthdr, hop_limit]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(payload);
+        p
+    }
+
+    /// An Ethernet frame, with an 802.1Q tag when `vlan` is set.
+    pub fn eth(
+        dst: [u8; 6],
+        src: [u8; 6],
+        vlan: Option<u16>,
+        ethertype: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut f = dst.to_vec();
+        f.extend_from_slice(&src);
+        if let Some(tci) = vlan {
+            f.extend_from_slice(&0x8100u16.to_be_bytes());
+            f.extend_from_slice(&tci.to_be_bytes());
+        }
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// An IP packet (plain client header) carrying `l4` of `protocol`.
+    pub fn ip(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s, d, protocol, V4_CLIENT, &[], l4),
+            (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, protocol, 0x6000_0000, 64, l4),
+            _ => panic!("mixed address families in one packet"),
+        }
+    }
+
+    /// An Ethernet frame carrying the IP packet `ip` (its EtherType from the version nibble).
+    pub fn frame(dst: [u8; 6], src: [u8; 6], ip: &[u8]) -> Vec<u8> {
+        let ethertype = if ip[0] >> 4 == 4 { ETH_IP } else { ETH_IPV6 };
+        eth(dst, src, None, ethertype, ip)
+    }
+
+    /// Checks every checksum of `frame` from scratch: the IPv4 header checksum, the TCP/UDP
+    /// checksum, and those of an encapsulated packet. Panics with what is wrong.
+    pub fn assert_checksums(frame: &[u8], what: &str) {
+        let mut at = 12;
+        let mut ethertype = u16::from_be_bytes([frame[at], frame[at + 1]]);
+        if ethertype == 0x8100 {
+            at += 4;
+            ethertype = u16::from_be_bytes([frame[at], frame[at + 1]]);
+        }
+        check_ip(&frame[at + 2..], ethertype, what);
+    }
+
+    fn check_ip(p: &[u8], ethertype: u16, what: &str) {
+        let (src, dst, protocol, l4): (IpAddr, IpAddr, u8, &[u8]) = if ethertype == ETH_IP {
+            let ihl = (p[0] & 0x0f) as usize * 4;
+            let tot = u16::from_be_bytes([p[2], p[3]]) as usize;
+            assert_eq!(
+                checksum(&[&p[..ihl]]),
+                0,
+                "{what}: the IPv4 header checksum is wrong"
+            );
+            let s: [u8; 4] = p[12..16].try_into().expect("4 bytes");
+            let d: [u8; 4] = p[16..20].try_into().expect("4 bytes");
+            (s.into(), d.into(), p[9], &p[ihl..tot])
+        } else {
+            let len = u16::from_be_bytes([p[4], p[5]]) as usize;
+            let s: [u8; 16] = p[8..24].try_into().expect("16 bytes");
+            let d: [u8; 16] = p[24..40].try_into().expect("16 bytes");
+            (s.into(), d.into(), p[6], &p[40..40 + len])
+        };
+        match protocol {
+            4 => check_ip(l4, ETH_IP, what),
+            41 => check_ip(l4, ETH_IPV6, what),
+            6 | 17 => {
+                let no_udp_sum = protocol == 17 && src.is_ipv4() && l4[6..8] == [0, 0];
+                if !no_udp_sum {
+                    assert_eq!(
+                        checksum(&[&pseudo(src, dst, protocol, l4.len()), l4]),
+                        0,
+                        "{what}: the {} checksum is wrong",
+                        if protocol == 6 { "TCP" } else { "UDP" }
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A loaded lb-ebpf object with its maps, and the namespace its packets are routed in.
+struct Lab {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    services: Array<MapData, Service>,
+    backends: Array<MapData, Backend>,
+    tables: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
+    stats: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    /// ifindex of `vc`, where clients come in.
+    vc: u32,
+    /// ifindex of `vb`, behind which the backends are.
+    vb: u32,
+    ns: Netns,
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let path = std::env::var("LB_EBPF_OBJ").expect(
+            "LB_EBPF_OBJ must name the built lb-ebpf object (`cargo xtask test` sets it; \
+             or run `cargo xtask build-ebpf --release` and point it at the printed path)",
+        );
+        let mut ebpf = Ebpf::load_file(&path)
+            .unwrap_or_else(|e| panic!("cannot load the BPF object {path}: {e}"));
+        for name in [PROG_BALANCER, PROG_DECAP] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("the object has no program {name}"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name} is not an XDP program: {e}"));
+            prog.load()
+                .unwrap_or_else(|e| panic!("the kernel's verifier rejected {name}: {e:?}"));
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .unwrap_or_else(|| panic!("the object has no map {name}"))
+        };
+        let vips = HashMap::try_from(take(VIPS)).expect("VIPS is a hash map of VipKey → VipValue");
+        let services = Array::try_from(take(SERVICES)).expect("SERVICES is an array of Service");
+        let backends = Array::try_from(take(BACKENDS)).expect("BACKENDS is an array of Backend");
+        let tables = Array::try_from(take(TABLES)).expect("TABLES is an array of u32");
+        let conntrack =
+            HashMap::try_from(take(CONNTRACK)).expect("CONNTRACK is a hash of FlowKey → CtEntry");
+        let nat_reverse = HashMap::try_from(take(NAT_REVERSE))
+            .expect("NAT_REVERSE is a hash of FlowKey → NatReverse");
+        let mut devmap = DevMapHash::try_from(take(DEVMAP)).expect("DEVMAP is a devmap hash");
+        let stats = PerCpuArray::try_from(take(STATS)).expect("STATS is a per-CPU array of u64");
+        let service_stats =
+            PerCpuArray::try_from(take(SERVICE_STATS)).expect("SERVICE_STATS holds Counters");
+        let backend_stats =
+            PerCpuArray::try_from(take(BACKEND_STATS)).expect("BACKEND_STATS holds Counters");
+
+        let ns = Netns::new("xdp").expect("create the lab namespace");
+        let setup: &[&[&str]] = &[
+            &[
+                "link",
+                "add",
+                "vc",
+                "address",
+                &mac(VC_MAC),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "vcp",
+            ],
+            &[
+                "link",
+                "add",
+                "vb",
+                "address",
+                &mac(VB_MAC),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "vbp",
+            ],
+            &["addr", "add", "10.0.1.1/24", "dev", "vc"],
+            &["addr", "add", "10.0.2.1/24", "dev", "vb"],
+            &["-6", "addr", "add", "fd00:1::1/64", "dev", "vc", "nodad"],
+            &["-6", "addr", "add", "fd00:2::1/64", "dev", "vb", "nodad"],
+            &["link", "set", "vc", "up"],
+            &["link", "set", "vcp", "up"],
+            &["link", "set", "vb", "up"],
+            &["link", "set", "vbp", "up"],
+        ];
+        for args in setup {
+            ns.ip(args).expect("set up the lab's interfaces");
+        }
+        for (addr, lladdr, dev) in [
+            ("10.0.1.100", CLIENT_MAC, "vc"),
+            ("fd00:1::100", CLIENT_MAC, "vc"),
+            ("10.0.2.11", B1_MAC, "vb"),
+            ("10.0.2.12", B2_MAC, "vb"),
+            ("fd00:2::11", B1_MAC, "vb"),
+        ] {
+            ns.ip(&[
+                "neigh",
+                "add",
+                addr,
+                "lladdr",
+                &mac(lladdr),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])
+            .expect("add a static neighbour");
+        }
+        ns.sysctl("net.ipv4.ip_forward", "1")
+            .expect("enable IPv4 forwarding");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
+            .expect("enable IPv6 forwarding");
+        let (vc, vb) = ns
+            .enter(|| {
+                let index = |n: &str| nix::net::if_::if_nametoindex(n).expect("interface index");
+                (index("vc"), index("vb"))
+            })
+            .expect("enter the lab namespace");
+        // The kernel resolves a devmap entry's ifindex in the writer's namespace.
+        ns.enter(|| {
+            for ifindex in [vc, vb] {
+                devmap
+                    .insert(ifindex, ifindex, None, 0)
+                    .expect("fill DEVMAP");
+            }
+        })
+        .expect("enter the lab namespace");
+        Lab {
+            ebpf,
+            vips,
+            services,
+            backends,
+            tables,
+            conntrack,
+            nat_reverse,
+            stats,
+            service_stats,
+            backend_stats,
+            vc,
+            vb,
+            ns,
+        }
+    }
+
+    fn backend(&mut self, id: u32, addr: IpAddr, port: u16) {
+        let b = Backend {
+            addr: words(addr),
+            port,
+            family: family(addr),
+            flags: 0,
+        };
+        self.backends.set(id, b, 0).expect("write BACKENDS");
+    }
+
+    fn set_backend_flags(&mut self, id: u32, flags: u8) {
+        let mut b = self.backends.get(&id, 0).expect("read BACKENDS");
+        b.flags = flags;
+        self.backends.set(id, b, 0).expect("write BACKENDS");
+    }
+
+    /// Adds service `id` for `vip`:`port`/`protocol` in `mode` with the table `slots`, in the
+    /// daemon's order: table, service, VIP last.
+    fn service(&mut self, id: u32, vip: IpAddr, port: u16, protocol: u8, mode: u8, slots: &[u32]) {
+        let local = if vip.is_ipv4() {
+            IpAddr::V4(LOCAL4)
+        } else {
+            IpAddr::V6(LOCAL6)
+        };
+        let s = Service {
+            mode,
+            family: family(vip),
+            _pad: [0; 2],
+            active_half: 0,
+            table_size: [0, 0],
+            local_addr: words(local),
+            snat_port_min: SNAT_MIN,
+            snat_port_max: SNAT_MAX,
+        };
+        self.services.set(id, s, 0).expect("write SERVICES");
+        self.publish(id, slots);
+        let key = VipKey {
+            addr: words(vip),
+            port,
+            protocol,
+            family: family(vip),
+        };
+        self.vips
+            .insert(key, VipValue { service: id }, 0)
+            .expect("write VIPS");
+    }
+
+    /// Publishes a new table for service `id` as the contract says: inactive half, its size,
+    /// then the flip.
+    fn publish(&mut self, id: u32, slots: &[u32]) {
+        let mut s = self.services.get(&id, 0).expect("read SERVICES");
+        let inactive = 1 - s.active_half;
+        for (slot, backend) in slots.iter().enumerate() {
+            self.tables
+                .set(table_index(id, inactive, slot as u32), backend, 0)
+                .expect("write TABLES");
+        }
+        s.table_size[inactive as usize] = slots.len() as u32;
+        self.services.set(id, s, 0).expect("write SERVICES (size)");
+        s.active_half = inactive;
+        self.services.set(id, s, 0).expect("write SERVICES (flip)");
+    }
+
+    /// Runs `prog` on `frame` as if it arrived on `ingress`; the action and the output frame.
+    fn run(&self, prog: &str, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        let xdp: &Xdp = self
+            .ebpf
+            .program(prog)
+            .expect("program present")
+            .try_into()
+            .expect("an XDP program");
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: Vec<u8> = [0, frame.len() as u32, 0, ingress, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .ns
+            .enter(|| {
+                xdp.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&md),
+                    ..TestRunOptions::default()
+                })
+            })
+            .expect("enter the lab namespace")
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} failed: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs the balancer and asserts the action.
+    fn expect(&self, ingress: u32, frame: &[u8], action: u32, what: &str) -> Vec<u8> {
+        let (got, out) = self.run(PROG_BALANCER, ingress, frame);
+        assert_eq!(
+            action_name(got),
+            action_name(action),
+            "{what}: the balancer answered {} instead of {}",
+            action_name(got),
+            action_name(action)
+        );
+        out
+    }
+
+    fn stat(&self, stat: Stat) -> u64 {
+        self.stats
+            .get(&(stat as u32), 0)
+            .expect("read STATS")
+            .iter()
+            .sum()
+    }
+
+    fn counters(map: &PerCpuArray<MapData, Counters>, id: u32) -> Counters {
+        let mut total = Counters::default();
+        for c in map.get(&id, 0).expect("read counters").iter() {
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+            total.new_flows += c.new_flows;
+        }
+        total
+    }
+
+    fn service_counters(&self, id: u32) -> Counters {
+        Self::counters(&self.service_stats, id)
+    }
+
+    fn backend_counters(&self, id: u32) -> Counters {
+        Self::counters(&self.backend_stats, id)
+    }
+}
+
+fn lab(test: &str) -> Option<Lab> {
+    if !require_root(test) {
+        return None;
+    }
+    Some(Lab::new())
+}
+
+/// Source port of the TCP/UDP header of an untagged frame without IP options.
+fn l4_source_port(frame: &[u8]) -> u16 {
+    let l4 = if frame[12..14] == [0x08, 0x00] {
+        14 + 20
+    } else {
+        14 + 40
+    };
+    u16::from_be_bytes([frame[l4], frame[l4 + 1]])
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: the output frame differs from the expected one at byte {first} \
+             (lengths {} and {})\n got: {got:02x?}\nwant: {want:02x?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn nat_ipv4_tcp_goes_to_the_backend_from_the_balancer_and_the_reply_back_to_the_client() {
+    let Some(mut lab) = lab("nat_ipv4_tcp") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, B2_4.into(), 8080);
+    let slots = [0, 1, 0, 1, 0, 1, 1];
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &slots);
+
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let syn = wire::frame(
+        VC_MAC,
+        CLIENT_MAC,
+        &wire::ip(
+            client,
+            vip,
+            6,
+            &wire::tcp(client, 40000, vip, 80, TCP_SYN, b""),
+        ),
+    );
+    let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the VIP");
+
+    let key = flow(client, 40000, vip, 80, IPPROTO_TCP);
+    let backend_id = slots[(flow_hash(&key) % slots.len() as u32) as usize];
+    let (b_addr, b_mac) = if backend_id == 0 {
+        (B1_4, B1_MAC)
+    } else {
+        (B2_4, B2_MAC)
+    };
+    let snat = l4_source_port(&out);
+    assert!(
+        (SNAT_MIN..=SNAT_MAX).contains(&snat),
+        "the SNAT port {snat} is outside the service's range {SNAT_MIN}..={SNAT_MAX}"
+    );
+    let (local, backend): (IpAddr, IpAddr) = (LOCAL4.into(), b_addr.into());
+    let want = wire::frame(
+        b_mac,
+        VB_MAC,
+        &wire::ip(
+            local,
+            backend,
+            6,
+            &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
+        ),
+    );
+    wire::assert_checksums(&out, "the SYN sent to the backend");
+    assert_same(&out, &want, "the SYN sent to the backend");
+    let entry = lab
+        .conntrack
+        .get(&key, 0)
+        .expect("conntrack has the new flow");
+    assert_eq!(
+        (entry.backend, entry.snat_port),
+        (backend_id, snat),
+        "conntrack does not record the backend and SNAT port the packet went out with"
+    );
+
+    // The backend's SYN-ACK comes back on the backend side.
+    let reply = wire::frame(
+        VB_MAC,
+        b_mac,
+        &wire::ip(
+            backend,
+            local,
+            6,
+            &wire::tcp(backend, 8080, local, snat, TCP_SYN | TCP_ACK, b"hi"),
+        ),
+    );
+    let out = lab.expect(lab.vb, &reply, XDP_REDIRECT, "the backend's SYN-ACK");
+    let want = wire::frame(
+        CLIENT_MAC,
+        VC_MAC,
+        &wire::ip(
+            vip,
+            client,
+            6,
+            &wire::tcp(vip, 80, client, 40000, TCP_SYN | TCP_ACK, b"hi"),
+        ),
+    );
+    wire::assert_checksums(&out, "the SYN-ACK sent to the client");
+    assert_same(&out, &want, "the SYN-ACK sent to the client");
+
+    assert_eq!(lab.stat(Stat::Packets), 2, "the balancer saw 2 packets");
+    assert_eq!(lab.stat(Stat::Forwarded), 1, "1 client packet forwarded");
+    assert_eq!(lab.stat(Stat::NatReplies), 1, "1 reply translated back");
+    let want = Counters {
+        packets: 1,
+        bytes: syn.len() as u64,
+        new_flows: 1,
+    };
+    assert_eq!(
+        lab.service_counters(0),
+        want,
+        "service counters after one SYN"
+    );
+    assert_eq!(
+        lab.backend_counters(backend_id),
+        want,
+        "backend counters after one SYN"
+    );
+    assert_eq!(
+        lab.backend_counters(1 - backend_id),
+        Counters::default(),
+        "the other backend counted traffic it never got"
+    );
+}
+
+#[test]
+fn nat_ipv6_udp_request_and_reply_are_translated() {
+    let Some(mut lab) = lab("nat_ipv6_udp") else {
+        return;
+    };
+    lab.backend(3, B1_6.into(), 5300);
+    lab.service(2, VIP6.into(), 53, IPPROTO_UDP, MODE_NAT, &[3, 3, 3, 3, 3]);
+    let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT6.into(), VIP6.into(), LOCAL6.into(), B1_6.into());
+
+    let request = wire::frame(
+        VC_MAC,
+        CLIENT_MAC,
+        &wire::ip(client, vip, 17, &wire::udp(client, 5353, vip, 53, b"query")),
+    );
+    let out = lab.expect(
+        lab.vc,
+        &request,
+        XDP_REDIRECT,
+        "a UDP request to the IPv6 VIP",
+    );
+    let snat = l4_source_port(&out);
+    assert!(
+        (SNAT_MIN..=SNAT_MAX).contains(&snat),
+        "SNAT port {snat} out of range"
+    );
+    let want = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ip(
+            local,
+            backend,
+            17,
+            &wire::udp(local, snat, backend, 5300, b"query"),
+        ),
+    );
+    wire::assert_checksums(&out, "the request sent to the backend");
+    assert_same(&out, &want, "the request sent to the backend");
+
+    let reply_key = flow(backend, 5300, local, snat, IPPROTO_UDP);
+    let reverse = lab
+        .nat_reverse
+        .get(&reply_key, 0)
+        .expect("NAT_REVERSE has the flow");
+    assert_eq!(
+        (reverse.client_port, reverse.vip_port, reverse.service),
+        (5353, 53, 2),
+        "NAT_REVERSE records the wrong client, VIP port or service"
+    );
+
+    let reply = wire::frame(
+        VB_MAC,
+        B1_MAC,
+        &wire::ip(
+            backend,
+            local,
+            17,
+            &wire::udp(backend, 5300, local, snat, b"answer"),
+        ),
+    );
+    let out = lab.expect(lab.vb, &reply, XDP_REDIRECT, "the backend's UDP reply");
+    let want = wire::frame(
+        CLIENT_MAC,
+        VC_MAC,
+        &wire::ip(
+            vip,
+            client,
+            17,
+            &wire::udp(vip, 53, client, 5353, b"answer"),
+        ),
+    );
+    wire::assert_checksums(&out, "the reply sent to the client");
+    assert_same(&out, &want, "the reply sent to the client");
+    assert_eq!(lab.stat(Stat::NatReplies), 1, "1 reply translated back");
+    assert_eq!(
+        lab.backend_counters(3).new_flows,
+        1,
+        "one new UDP flow on the backend"
+    );
+}
+
+#[test]
+fn dsr_ipv4_tcp_is_encapsulated_in_ipip_and_decapsulated_on_the_backend() {
+    let Some(mut lab) = lab("dsr_ipv4_tcp") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 0);
+    lab.service(1, VIP4.into(), 80, IPPROTO_TCP, MODE_DSR, &[0, 0, 0]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let tos = wire::V4 {
+        tos: 0x28,
+        ..wire::V4_CLIENT
+    };
+    let inner = wire::ipv4(
+        CLIENT4,
+        VIP4,
+        6,
+        tos,
+        &[],
+        &wire::tcp(client, 41000, vip, 80, TCP_SYN, b""),
+    );
+    let syn = wire::frame(VC_MAC, CLIENT_MAC, &inner);
+    let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the DSR VIP");
+    let outer = wire::V4 {
+        tos: 0x28,
+        id: 0,
+        frag: 0x4000,
+        ttl: 64,
+    };
+    let want = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ipv4(LOCAL4, B1_4, 4, outer, &[], &inner),
+    );
+    wire::assert_checksums(&out, "the IPIP packet sent to the backend");
+    assert_same(&out, &want, "the IPIP packet sent to the backend");
+
+    // The backend host's lb_decap hands the client's own packet to its stack.
+    let (action, decapped) = lab.run(PROG_DECAP, lab.vb, &out);
+    assert_eq!(
+        action_name(action),
+        "XDP_PASS",
+        "lb_decap must pass the inner packet up"
+    );
+    assert_same(
+        &decapped,
+        &wire::frame(B1_MAC, VB_MAC, &inner),
+        "the decapsulated packet",
+    );
+    assert_eq!(lab.stat(Stat::Decapsulated), 1, "one packet decapsulated");
+
+    // A client packet arriving on the interface the backend is behind leaves by XDP_TX.
+    let out = lab.expect(lab.vb, &syn, XDP_TX, "a SYN arriving on the backend side");
+    assert_same(
+        &out,
+        &want,
+        "the IPIP packet sent back out of the same interface",
+    );
+
+    // lb_decap leaves packets that are not encapsulated alone.
+    let (action, same) = lab.run(PROG_DECAP, lab.vb, &syn);
+    assert_eq!(
+        action_name(action),
+        "XDP_PASS",
+        "lb_decap passes plain packets"
+    );
+    assert_same(&same, &syn, "a plain packet through lb_decap");
+    assert_eq!(
+        lab.stat(Stat::DecapPassed),
+        1,
+        "one plain packet passed by lb_decap"
+    );
+    assert_eq!(lab.stat(Stat::Forwarded), 2, "two client packets forwarded");
+    assert_eq!(
+        lab.service_counters(1),
+        Counters {
+            packets: 2,
+            bytes: 2 * syn.len() as u64,
+            new_flows: 1
+        },
+        "service counters after two packets of one flow"
+    );
+}
+
+#[test]
+fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
+    let Some(mut lab) = lab("dsr_ipv6_udp") else {
+        return;
+    };
+    lab.backend(7, B1_6.into(), 0);
+    lab.service(5, VIP6.into(), 53, IPPROTO_UDP, MODE_DSR, &[7]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let inner = wire::ip(client, vip, 17, &wire::udp(client, 6000, vip, 53, b"query"));
+    let request = wire::frame(VC_MAC, CLIENT_MAC, &inner);
+    let out = lab.expect(
+        lab.vc,
+        &request,
+        XDP_REDIRECT,
+        "a request to the DSR IPv6 VIP",
+    );
+    let label = flow_hash(&flow(client, 6000, vip, 53, IPPROTO_UDP)) & 0x000f_ffff;
+    let want = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ipv6(LOCAL6, B1_6, 41, 0x6000_0000 | label, 64, &inner),
+    );
+    wire::assert_checksums(&out, "the IP6IP6 packet sent to the backend");
+    assert_same(&out, &want, "the IP6IP6 packet sent to the backend");
+
+    let (action, decapped) = lab.run(PROG_DECAP, lab.vb, &out);
+    assert_eq!(
+        action_name(action),
+        "XDP_PASS",
+        "lb_decap must pass the inner packet up"
+    );
+    assert_same(
+        &decapped,
+        &wire::frame(B1_MAC, VB_MAC, &inner),
+        "the decapsulated packet",
+    );
+    assert_eq!(
+        lab.backend_counters(7).packets,
+        1,
+        "one packet counted on the backend"
+    );
+}
+
+#[test]
+fn conntrack_keeps_flows_on_their_backend_when_the_table_flips() {
+    let Some(mut lab) = lab("conntrack_table_flip") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, B2_4.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0; 7]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let packet = |sport: u16, flags: u8| {
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(
+                client,
+                vip,
+                6,
+                &wire::tcp(client, sport, vip, 80, flags, b"x"),
+            ),
+        )
+    };
+    let dst_of = |frame: &[u8]| Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+
+    let out = lab.expect(
+        lab.vc,
+        &packet(40001, TCP_SYN),
+        XDP_REDIRECT,
+        "flow A's SYN",
+    );
+    assert_eq!(
+        dst_of(&out),
+        B1_4,
+        "flow A starts on b1, the only backend in the table"
+    );
+    let snat_a = l4_source_port(&out);
+
+    // The daemon publishes a table that names only b2.
+    lab.publish(0, &[1; 7]);
+    let out = lab.expect(
+        lab.vc,
+        &packet(40001, TCP_ACK),
+        XDP_REDIRECT,
+        "flow A's ACK",
+    );
+    assert_eq!(
+        dst_of(&out),
+        B1_4,
+        "flow A moved off b1 when the table changed"
+    );
+    assert_eq!(
+        l4_source_port(&out),
+        snat_a,
+        "flow A's SNAT port changed mid-flow"
+    );
+    let out = lab.expect(
+        lab.vc,
+        &packet(40002, TCP_SYN),
+        XDP_REDIRECT,
+        "flow B's SYN",
+    );
+    assert_eq!(
+        dst_of(&out),
+        B2_4,
+        "a new flow after the flip must go to b2"
+    );
+
+    // A mid-flow packet nobody knows is placed by the table, recorded and counted.
+    assert_eq!(lab.stat(Stat::CtMissNonSyn), 0, "no conntrack miss yet");
+    let out = lab.expect(
+        lab.vc,
+        &packet(40003, TCP_ACK),
+        XDP_REDIRECT,
+        "flow C's ACK",
+    );
+    assert_eq!(
+        dst_of(&out),
+        B2_4,
+        "an unknown mid-flow packet goes where the table says"
+    );
+    assert_eq!(
+        lab.stat(Stat::CtMissNonSyn),
+        1,
+        "the non-SYN conntrack miss was not counted"
+    );
+    let c = flow(client, 40003, vip, 80, IPPROTO_TCP);
+    assert_eq!(
+        lab.conntrack.get(&c, 0).expect("flow C recorded").backend,
+        1
+    );
+
+    // b1 goes down: its flows cannot be served there any more and move to the table's choice.
+    lab.set_backend_flags(0, BACKEND_F_DOWN);
+    let out = lab.expect(
+        lab.vc,
+        &packet(40001, TCP_ACK),
+        XDP_REDIRECT,
+        "flow A after b1 died",
+    );
+    assert_eq!(
+        dst_of(&out),
+        B2_4,
+        "flow A stayed on b1 after b1 was marked down"
+    );
+
+    assert_eq!(
+        lab.backend_counters(0),
+        Counters {
+            packets: 2,
+            bytes: 2 * packet(1, 0).len() as u64,
+            new_flows: 1
+        },
+        "b1's counters"
+    );
+    let b2 = lab.backend_counters(1);
+    assert_eq!(
+        (b2.packets, b2.new_flows),
+        (3, 3),
+        "b2's packets and new flows"
+    );
+    let s = lab.service_counters(0);
+    assert_eq!(
+        (s.packets, s.new_flows),
+        (5, 4),
+        "the service's packets and new flows"
+    );
+    assert_eq!(lab.stat(Stat::Forwarded), 5, "5 packets forwarded");
+}
+
+#[test]
+fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted() {
+    let Some(mut lab) = lab("pass_rules") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, B1_6.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    lab.service(1, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[1]);
+    let (client, vip, client6, vip6): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT4.into(), VIP4.into(), CLIENT6.into(), VIP6.into());
+    let seg = wire::tcp(client, 40000, vip, 80, TCP_SYN, b"");
+    let seg6 = wire::tcp(client6, 40000, vip6, 80, TCP_SYN, b"");
+    let good = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg));
+
+    let mut cases: Vec<(&str, Vec<u8>, Stat)> = Vec::new();
+    cases.push((
+        "a frame cut inside the IPv4 header",
+        good[..14 + 12].to_vec(),
+        Stat::PassMalformed,
+    ));
+    cases.push((
+        "a frame shorter than its IPv4 total length",
+        good[..good.len() - 4].to_vec(),
+        Stat::PassMalformed,
+    ));
+    cases.push((
+        "an IPv4 packet whose TCP header is cut short",
+        wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg[..10])),
+        Stat::PassMalformed,
+    ));
+    // The same, padded to Ethernet's 60-byte minimum with the rest of a TCP header: bytes after
+    // the IP packet's end are padding, never part of its TCP header.
+    let mut padded = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg[..10]));
+    padded.extend_from_slice(&seg[10..20]);
+    padded.resize(60, 0);
+    cases.push((
+        "a short IPv4 packet whose Ethernet padding would complete a TCP header",
+        padded,
+        Stat::PassMalformed,
+    ));
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x44;
+    cases.push(("an IPv4 header with IHL 4", bad_ihl, Stat::PassMalformed));
+    cases.push((
+        "a bare Ethernet header",
+        good[..14].to_vec(),
+        Stat::PassMalformed,
+    ));
+    for (what, frag) in [
+        ("a first fragment (MF set)", 0x2000),
+        ("a later fragment", 0x00b9),
+    ] {
+        let h = wire::V4 {
+            frag,
+            ..wire::V4_CLIENT
+        };
+        cases.push((
+            what,
+            wire::frame(
+                VC_MAC,
+                CLIENT_MAC,
+                &wire::ipv4(CLIENT4, VIP4, 6, h, &[], &seg),
+            ),
+            Stat::PassFragment,
+        ));
+    }
+    // Hop-by-hop options (8 bytes: next header TCP, length 0, PadN) before the TCP header.
+    let mut hbh = vec![6, 0, 1, 4, 0, 0, 0, 0];
+    hbh.extend_from_slice(&seg6);
+    cases.push((
+        "an IPv6 packet with a hop-by-hop header",
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ipv6(CLIENT6, VIP6, 0, 0x6000_0000, 64, &hbh),
+        ),
+        Stat::PassIpv6ExtHeaders,
+    ));
+    let other: IpAddr = Ipv4Addr::new(10, 0, 0, 99).into();
+    cases.push((
+        "TCP to an address that is no VIP",
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(
+                client,
+                other,
+                6,
+                &wire::tcp(client, 40000, other, 80, TCP_SYN, b""),
+            ),
+        ),
+        Stat::PassNotVip,
+    ));
+    cases.push((
+        "TCP to the VIP on a port no service uses",
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(
+                client,
+                vip,
+                6,
+                &wire::tcp(client, 40000, vip, 81, TCP_SYN, b""),
+            ),
+        ),
+        Stat::PassNotVip,
+    ));
+    cases.push((
+        "UDP to a TCP VIP's port",
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(client, vip, 17, &wire::udp(client, 40000, vip, 80, b"x")),
+        ),
+        Stat::PassNotVip,
+    ));
+    cases.push((
+        "an ICMP echo request to the VIP",
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(client, vip, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]),
+        ),
+        Stat::PassNotVip,
+    ));
+    cases.push((
+        "an ARP request",
+        wire::eth([0xff; 6], CLIENT_MAC, None, 0x0806, &[0; 28]),
+        Stat::PassNotVip,
+    ));
+
+    for (what, frame, stat) in &cases {
+        let before = lab.stat(*stat);
+        let out = lab.expect(lab.vc, frame, XDP_PASS, what);
+        assert_same(&out, frame, what);
+        assert_eq!(
+            lab.stat(*stat),
+            before + 1,
+            "{what} was not counted as {stat:?}"
+        );
+    }
+    assert_eq!(
+        lab.stat(Stat::Packets),
+        cases.len() as u64,
+        "every packet is counted once"
+    );
+    assert_eq!(lab.stat(Stat::Forwarded), 0, "nothing may be forwarded");
+    assert_eq!(
+        lab.conntrack.keys().count(),
+        0,
+        "nothing may enter conntrack"
+    );
+}
+
+#[test]
+fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
+    let Some(mut lab) = lab("options_and_vlan") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
+
+    // IHL 7: a timestamp-free option block of NOPs ending in EOL.
+    let options = [1, 1, 1, 1, 1, 1, 1, 0];
+    let seg = wire::tcp(client, 42000, vip, 80, TCP_SYN, b"");
+    let with_options = wire::frame(
+        VC_MAC,
+        CLIENT_MAC,
+        &wire::ipv4(CLIENT4, VIP4, 6, wire::V4_CLIENT, &options, &seg),
+    );
+    let out = lab.expect(
+        lab.vc,
+        &with_options,
+        XDP_REDIRECT,
+        "a SYN with IPv4 options (IHL 7)",
+    );
+    let l4 = 14 + 28;
+    let snat = u16::from_be_bytes([out[l4], out[l4 + 1]]);
+    let want = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ipv4(
+            LOCAL4,
+            B1_4,
+            6,
+            wire::V4_CLIENT,
+            &options,
+            &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
+        ),
+    );
+    wire::assert_checksums(&out, "the SYN with options sent to the backend");
+    assert_same(&out, &want, "the SYN with options sent to the backend");
+
+    let ip = wire::ip(
+        client,
+        vip,
+        6,
+        &wire::tcp(client, 42001, vip, 80, TCP_SYN, b""),
+    );
+    let tagged = wire::eth(VC_MAC, CLIENT_MAC, Some(100), wire::ETH_IP, &ip);
+    let out = lab.expect(
+        lab.vc,
+        &tagged,
+        XDP_REDIRECT,
+        "a VLAN-tagged SYN to the VIP",
+    );
+    let snat = u16::from_be_bytes([out[18 + 20], out[18 + 21]]);
+    let want = wire::eth(
+        B1_MAC,
+        VB_MAC,
+        Some(100),
+        wire::ETH_IP,
+        &wire::ip(
+            local,
+            backend,
+            6,
+            &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
+        ),
+    );
+    wire::assert_checksums(&out, "the VLAN-tagged SYN sent to the backend");
+    assert_same(
+        &out,
+        &want,
+        "the VLAN-tagged SYN sent to the backend (tag kept)",
+    );
+    assert_eq!(lab.stat(Stat::Forwarded), 2, "both packets forwarded");
+}
+
+#[test]
+fn nat_ipv4_udp_without_checksum_and_ipv6_tcp_are_translated() {
+    let Some(mut lab) = lab("nat_ipv4_udp_ipv6_tcp") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 5300);
+    lab.backend(1, B1_6.into(), 8443);
+    lab.service(0, VIP4.into(), 53, IPPROTO_UDP, MODE_NAT, &[0]);
+    lab.service(1, VIP6.into(), 443, IPPROTO_TCP, MODE_NAT, &[1]);
+    let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
+
+    // IPv4 UDP may go without a checksum (0); the translation must not invent one.
+    let mut datagram = wire::udp(client, 7000, vip, 53, b"no checksum");
+    datagram[6..8].copy_from_slice(&[0, 0]);
+    let request = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 17, &datagram));
+    let out = lab.expect(
+        lab.vc,
+        &request,
+        XDP_REDIRECT,
+        "a UDP request without checksum",
+    );
+    let snat = l4_source_port(&out);
+    let mut want_udp = wire::udp(local, snat, backend, 5300, b"no checksum");
+    want_udp[6..8].copy_from_slice(&[0, 0]);
+    let want = wire::frame(B1_MAC, VB_MAC, &wire::ip(local, backend, 17, &want_udp));
+    wire::assert_checksums(&out, "the UDP request without checksum");
+    assert_same(&out, &want, "the UDP request without checksum (still 0)");
+
+    let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT6.into(), VIP6.into(), LOCAL6.into(), B1_6.into());
+    let syn = wire::frame(
+        VC_MAC,
+        CLIENT_MAC,
+        &wire::ip(
+            client,
+            vip,
+            6,
+            &wire::tcp(client, 50000, vip, 443, TCP_SYN, b""),
+        ),
+    );
+    let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the IPv6 VIP");
+    let snat = l4_source_port(&out);
+    let want = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ip(
+            local,
+            backend,
+            6,
+            &wire::tcp(local, snat, backend, 8443, TCP_SYN, b""),
+        ),
+    );
+    wire::assert_checksums(&out, "the IPv6 SYN sent to the backend");
+    assert_same(&out, &want, "the IPv6 SYN sent to the backend");
+    let reply = wire::frame(
+        VB_MAC,
+        B1_MAC,
+        &wire::ip(
+            backend,
+            local,
+            6,
+            &wire::tcp(backend, 8443, local, snat, TCP_SYN | TCP_ACK, b""),
+        ),
+    );
+    let out = lab.expect(lab.vb, &reply, XDP_REDIRECT, "the backend's IPv6 SYN-ACK");
+    let want = wire::frame(
+        CLIENT_MAC,
+        VC_MAC,
+        &wire::ip(
+            vip,
+            client,
+            6,
+            &wire::tcp(vip, 443, client, 50000, TCP_SYN | TCP_ACK, b""),
+        ),
+    );
+    wire::assert_checksums(&out, "the IPv6 SYN-ACK sent to the client");
+    assert_same(&out, &want, "the IPv6 SYN-ACK sent to the client");
+}
+
+#[test]
+fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() {
+    let Some(mut lab) = lab("forwarding_failures") else {
+        return;
+    };
+    // An interface the routes can choose but DEVMAP does not hold, and a blackhole route.
+    for args in [
+        &["link", "add", "vx", "type", "veth", "peer", "name", "vxp"][..],
+        &["addr", "add", "10.0.3.1/24", "dev", "vx"],
+        &["link", "set", "vx", "up"],
+        &["link", "set", "vxp", "up"],
+        &[
+            "neigh",
+            "add",
+            "10.0.3.11",
+            "lladdr",
+            "02:00:00:00:03:11",
+            "dev",
+            "vx",
+            "nud",
+            "permanent",
+        ],
+        &["route", "add", "blackhole", "192.0.2.0/24"],
+    ] {
+        lab.ns.ip(args).expect("set up the extra routes");
+    }
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, Ipv4Addr::new(10, 0, 2, 13).into(), 8080); // no neighbour entry
+    lab.backend(2, Ipv4Addr::new(192, 0, 2, 1).into(), 8080); // blackholed
+    lab.backend(3, Ipv4Addr::new(10, 0, 3, 11).into(), 8080); // out of an interface not in DEVMAP
+    lab.service(0, vip, 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    lab.service(1, vip, 81, IPPROTO_TCP, MODE_NAT, &[]);
+    lab.service(2, vip, 82, IPPROTO_TCP, MODE_NAT, &[0]);
+    let mut one_port = lab.services.get(&2, 0).expect("read SERVICES");
+    one_port.snat_port_max = one_port.snat_port_min;
+    lab.services.set(2, one_port, 0).expect("write SERVICES");
+    lab.service(3, vip, 83, IPPROTO_TCP, MODE_NAT, &[1]);
+    lab.service(4, vip, 84, IPPROTO_TCP, MODE_NAT, &[2]);
+    lab.service(5, vip, 85, IPPROTO_TCP, MODE_NAT, &[3]);
+    lab.service(6, vip, 86, IPPROTO_TCP, MODE_DSR, &[0]);
+    let syn = |sport: u16, dport: u16, payload: &[u8]| {
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(
+                client,
+                vip,
+                6,
+                &wire::tcp(client, sport, vip, dport, TCP_SYN, payload),
+            ),
+        )
+    };
+
+    let check = |frame: &[u8], action: u32, stat: Stat, what: &str| {
+        let before = lab.stat(stat);
+        let out = lab.expect(lab.vc, frame, action, what);
+        assert_eq!(
+            lab.stat(stat),
+            before + 1,
+            "{what}: not counted as {stat:?}"
+        );
+        out
+    };
+    check(
+        &syn(1000, 81, b""),
+        XDP_DROP,
+        Stat::DropNoBackend,
+        "a SYN to a service with an empty table",
+    );
+    check(
+        &syn(1001, 82, b""),
+        XDP_REDIRECT,
+        Stat::Forwarded,
+        "the first flow of a one-port SNAT range",
+    );
+    check(
+        &syn(1002, 82, b""),
+        XDP_DROP,
+        Stat::DropNatPortsExhausted,
+        "a second flow when the SNAT range is used up",
+    );
+    let out = check(
+        &syn(1003, 83, b""),
+        XDP_PASS,
+        Stat::FibPass,
+        "a SYN to a backend whose MAC is unknown",
+    );
+    assert_eq!(
+        &out[30..34],
+        &[10, 0, 2, 13],
+        "the packet passed to the kernel must already be translated"
+    );
+    check(
+        &syn(1004, 84, b""),
+        XDP_DROP,
+        Stat::DropNoRoute,
+        "a SYN to a blackholed backend",
+    );
+    check(
+        &syn(1005, 85, b""),
+        XDP_DROP,
+        Stat::DropNoDevmapEntry,
+        "a SYN routed out of an interface not in DEVMAP",
+    );
+    // 1490 bytes of IP fit vb's MTU of 1500, with the 20 bytes of IPIP they do not.
+    let big = syn(1006, 86, &[0x55; 1490 - 40]);
+    check(
+        &big,
+        XDP_DROP,
+        Stat::DropMtu,
+        "a full-size packet that encapsulation makes too big",
+    );
+    check(
+        &syn(1007, 80, &[0x55; 1490 - 40]),
+        XDP_REDIRECT,
+        Stat::Forwarded,
+        "a full-size NAT packet (fits)",
+    );
+    lab.ns
+        .sysctl("net.ipv4.conf.vc.forwarding", "0")
+        .expect("disable forwarding on vc");
+    check(
+        &syn(1008, 80, b""),
+        XDP_DROP,
+        Stat::DropForwardingDisabled,
+        "a SYN arriving where forwarding is off",
+    );
+    assert_eq!(
+        lab.service_counters(3).packets,
+        1,
+        "a packet handed to the kernel for neighbour resolution still counts as forwarded"
+    );
+}
