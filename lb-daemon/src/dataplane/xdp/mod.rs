@@ -384,3 +384,82 @@ pub fn describe(p: &Placement) -> String {
         Placement::Proxy { reason } => format!("proxy data plane ({reason})"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn service(listen: &str, keys: &str) -> Service {
+        let text = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"{listen}\"\nprotocol = \"tcp\"\n{keys}\n\
+             [[service.backend]]\naddress = \"10.200.1.2:80\"\n"
+        );
+        crate::config::parse(&text, Path::new("t.toml"))
+            .expect("valid")
+            .services
+            .remove(0)
+    }
+
+    const XDP_KEYS: &str = "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"";
+
+    #[test]
+    fn a_service_with_interface_and_maglev_may_try_xdp() {
+        assert_eq!(obstacle(&service("10.200.100.1:80", XDP_KEYS)), None);
+    }
+
+    #[test]
+    fn obstacles_name_their_reason() {
+        let cases = [
+            (
+                service("10.200.100.1:80", "dataplane = \"proxy\""),
+                "configured",
+            ),
+            (service("10.200.100.1:80", ""), "no `interface`"),
+            (
+                service(
+                    "10.200.100.1:80",
+                    &format!("scheduler = \"least_conn\"\n{XDP_KEYS}"),
+                ),
+                "only the `maglev` scheduler",
+            ),
+            (
+                service(
+                    "127.0.0.1:80",
+                    "interface = \"eth0\"\nlocal_address = \"127.0.0.1\"",
+                ),
+                "loopback address",
+            ),
+            (
+                service(
+                    "10.200.100.1:80",
+                    "interface = \"lo\"\nlocal_address = \"10.200.0.1\"",
+                ),
+                "loopback device",
+            ),
+            (
+                service(
+                    "0.0.0.0:80",
+                    "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+                ),
+                "wildcard",
+            ),
+            (
+                service(
+                    "10.200.100.1:80",
+                    &format!("table_size = 65539\n{XDP_KEYS}"),
+                ),
+                "larger than",
+            ),
+        ];
+        for (svc, want) in cases {
+            let got = obstacle(&svc).unwrap_or_default();
+            assert!(
+                got.contains(want),
+                "expected a reason with `{want}` for {:?}/{:?}, got `{got}`",
+                svc.listen,
+                svc.xdp
+            );
+        }
+    }
+}
