@@ -1309,7 +1309,51 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
         &want,
         "the VLAN-tagged SYN sent to the backend (tag kept)",
     );
-    assert_eq!(lab.stat(Stat::Forwarded), 2, "both packets forwarded");
+
+    // DSR puts the outer header after the tag, and lb_decap takes it out from there.
+    lab.service(1, vip, 8443, IPPROTO_TCP, MODE_DSR, &[0]);
+    let inner = wire::ip(
+        client,
+        vip,
+        6,
+        &wire::tcp(client, 42002, vip, 8443, TCP_SYN, b""),
+    );
+    let tagged = wire::eth(VC_MAC, CLIENT_MAC, Some(100), wire::ETH_IP, &inner);
+    let out = lab.expect(
+        lab.vc,
+        &tagged,
+        XDP_REDIRECT,
+        "a VLAN-tagged SYN to a DSR VIP",
+    );
+    let outer = wire::V4 {
+        id: 0,
+        ..wire::V4_CLIENT
+    };
+    let want = wire::eth(
+        B1_MAC,
+        VB_MAC,
+        Some(100),
+        wire::ETH_IP,
+        &wire::ipv4(LOCAL4, B1_4, 4, outer, &[], &inner),
+    );
+    wire::assert_checksums(&out, "the VLAN-tagged IPIP packet");
+    assert_same(
+        &out,
+        &want,
+        "the VLAN-tagged IPIP packet (tag before the outer header)",
+    );
+    let (action, decapped) = lab.run(PROG_DECAP, lab.vb, &out);
+    assert_eq!(
+        action_name(action),
+        "XDP_PASS",
+        "lb_decap passes the inner packet up"
+    );
+    assert_same(
+        &decapped,
+        &wire::eth(B1_MAC, VB_MAC, Some(100), wire::ETH_IP, &inner),
+        "the decapsulated VLAN-tagged packet",
+    );
+    assert_eq!(lab.stat(Stat::Forwarded), 3, "all three packets forwarded");
 }
 
 #[test]
