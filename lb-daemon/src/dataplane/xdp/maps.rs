@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use aya::Ebpf;
 use lb_common::maps::{
-    self as contract, table_index, Backend, VipKey, VipValue, BACKEND_F_DOWN, FAMILY_V4, FAMILY_V6,
-    MODE_DSR, MODE_NAT,
+    self as contract, addr_words, family_of, table_index, Backend, VipKey, VipValue,
+    BACKEND_F_DOWN, MODE_DSR, MODE_NAT,
 };
 use lb_common::{Counters, STATS_LEN};
 
@@ -119,10 +119,8 @@ impl Maps {
     ) -> Result<(), MapsError> {
         for (b, &id) in snap.backends.iter().zip(&slot.backend_ids) {
             let value = Backend {
-                addr: addr_words(b.address.ip()),
-                port: b.address.port(),
-                family: family(b.address.ip()),
                 flags: if b.up { 0 } else { BACKEND_F_DOWN },
+                ..Backend::new(b.address)
             };
             self.backends
                 .set(id, value, 0)
@@ -233,7 +231,7 @@ impl ServiceSlot {
         let nat = self.forwarding == Forwarding::Nat;
         contract::Service {
             mode: if nat { MODE_NAT } else { MODE_DSR },
-            family: family(self.vip.ip()),
+            family: family_of(self.vip.ip()),
             _pad: [0; 2],
             active_half: self.active_half,
             table_size,
@@ -244,15 +242,13 @@ impl ServiceSlot {
     }
 
     fn vip_key(&self) -> VipKey {
-        VipKey {
-            addr: addr_words(self.vip.ip()),
-            port: self.vip.port(),
-            protocol: match self.protocol {
+        VipKey::new(
+            self.vip,
+            match self.protocol {
                 Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
                 Protocol::Udp => lb_common::flow::IPPROTO_UDP,
             },
-            family: family(self.vip.ip()),
-        }
+        )
     }
 }
 
@@ -293,27 +289,6 @@ pub fn table_entries(
             .map(|&e| eligible[e as usize].0)
             .collect(),
     ))
-}
-
-/// `ip` in `FlowKey`'s address layout: the address bytes in network order, four bytes per
-/// word (`u32::from_ne_bytes`); IPv4 fills word 0.
-pub fn addr_words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        FAMILY_V4
-    } else {
-        FAMILY_V6
-    }
 }
 
 #[cfg(test)]
@@ -384,16 +359,5 @@ weight = 0
             None,
             "a service with every backend down must get an empty table, not a stale one"
         );
-    }
-
-    #[test]
-    fn addresses_use_the_flow_key_layout() {
-        let key = crate::snapshot::flow_key(
-            "10.0.0.1:1".parse().expect("addr"),
-            "[fd00::1]:2".parse().expect("addr"),
-            Protocol::Udp,
-        );
-        assert_eq!(addr_words("10.0.0.1".parse().expect("ip")), key.src_addr);
-        assert_eq!(addr_words("fd00::1".parse().expect("ip")), key.dst_addr);
     }
 }
