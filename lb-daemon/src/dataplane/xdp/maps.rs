@@ -110,13 +110,16 @@ impl Maps {
     }
 
     /// Writes `snap` into the maps for `slot` and flips its table (steps 1-5 of the map
-    /// contract). Costs one map update per backend and per table slot (M, 65537 by default):
-    /// tens of milliseconds.
+    /// contract). Returns how many table slots it wrote.
+    ///
+    /// Costs one map update per backend and per table slot that differs from what the
+    /// inactive half already holds: all M (65537 by default) the first time, tens of
+    /// milliseconds; afterwards only the slots that moved, which Maglev keeps few.
     pub fn publish(
         &mut self,
         slot: &mut ServiceSlot,
         snap: &ServiceSnapshot,
-    ) -> Result<(), MapsError> {
+    ) -> Result<usize, MapsError> {
         for (b, &id) in snap.backends.iter().zip(&slot.backend_ids) {
             let value = Backend {
                 flags: if b.up { 0 } else { BACKEND_F_DOWN },
@@ -128,16 +131,22 @@ impl Maps {
         }
         let table = table_entries(&snap.backends, &slot.backend_ids, slot.table_size)?;
         let inactive = 1 - slot.active_half;
-        let size = match &table {
+        let mut written = 0;
+        let size = match table {
             Some(entries) => {
-                for (s, &backend) in entries.iter().enumerate() {
+                // Unknown until every write below has succeeded.
+                let old = slot.halves[inactive as usize].take();
+                for s in changed_slots(old.as_deref(), &entries) {
                     // `s` < M <= MAX_TABLE_SIZE, checked when the slot was made.
                     let index = table_index(slot.id, inactive, s as u32);
                     self.tables
-                        .set(index, backend, 0)
+                        .set(index, entries[s], 0)
                         .map_err(io(contract::TABLES))?;
+                    written += 1;
                 }
-                entries.len() as u32
+                let size = entries.len() as u32;
+                slot.halves[inactive as usize] = Some(entries.into());
+                size
             }
             None => 0,
         };
@@ -159,7 +168,7 @@ impl Maps {
             slot.vip_published = true;
         }
         slot.generation = snap.generation;
-        Ok(())
+        Ok(written)
     }
 
     /// The global counters (`STATS`), summed over CPUs, indexed like `lb_common::Stat`.
@@ -220,6 +229,9 @@ pub struct ServiceSlot {
     pub table_size_live: u32,
     /// Whether the VIP is in `VIPS` yet.
     pub vip_published: bool,
+    /// What each table half holds in the kernel, when known: later writes skip the slots
+    /// that already hold the right backend.
+    pub halves: [Option<std::sync::Arc<[u32]>>; 2],
     /// The generation of the snapshot last written.
     pub generation: u64,
 }
@@ -249,6 +261,20 @@ impl ServiceSlot {
                 Protocol::Udp => lb_common::flow::IPPROTO_UDP,
             },
         )
+    }
+}
+
+/// The slots of `new` to write over a half that holds `old`: those that differ, or all of
+/// them when `old` is unknown or of another size.
+pub fn changed_slots<'a>(
+    old: Option<&'a [u32]>,
+    new: &'a [u32],
+) -> Box<dyn Iterator<Item = usize> + 'a> {
+    match old {
+        Some(old) if old.len() == new.len() => {
+            Box::new((0..new.len()).filter(move |&i| old[i] != new[i]))
+        }
+        _ => Box::new(0..new.len()),
     }
 }
 
@@ -345,6 +371,25 @@ weight = 0
                 "XDP and the proxy would send flow {key:?} to different backends"
             );
         }
+    }
+
+    #[test]
+    fn only_changed_slots_are_rewritten() {
+        let new = [1, 2, 3, 4];
+        assert_eq!(
+            changed_slots(Some(&[1, 9, 3, 9]), &new).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        assert_eq!(
+            changed_slots(None, &new).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3],
+            "an unknown half is written whole"
+        );
+        assert_eq!(
+            changed_slots(Some(&[1, 2]), &new).count(),
+            4,
+            "a half of another size is written whole"
+        );
     }
 
     #[test]

@@ -345,6 +345,7 @@ fn place(
         active_half: 0,
         table_size_live: 0,
         vip_published: false,
+        halves: [None, None],
         generation: 0,
     };
     let snap = rt.snapshot().load_full();
