@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -42,6 +42,9 @@ pub struct Global {
     pub workers: usize,
     /// On SIGTERM/SIGINT, how long open connections may take to finish before the daemon exits.
     pub drain_timeout: Duration,
+    /// `bpf_object`: the BPF object with the XDP programs; `None` means the default search
+    /// (see `dataplane::xdp::loader::find_object`).
+    pub bpf_object: Option<PathBuf>,
 }
 
 /// The admin API's addresses (`[admin]`): status, metrics, drain/enable/weight, reload.
@@ -110,6 +113,9 @@ pub struct Service {
     pub limits: ClientLimits,
     /// One line per connection or session on the `lb::access` log target (proxy only).
     pub access_log: bool,
+    /// Where and how the XDP data plane forwards this service (`interface`,
+    /// `backend_interfaces`, `forwarding`, `local_address`, `snat_ports`); see [`XdpSettings`].
+    pub xdp: XdpSettings,
 }
 
 /// Which PROXY protocol header, if any, precedes the client's bytes towards a backend.
@@ -389,6 +395,7 @@ struct RawGlobal {
     workers: Option<Spanned<usize>>,
     #[serde(default, deserialize_with = "de_duration")]
     drain_timeout: Option<Spanned<Duration>>,
+    bpf_object: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -426,6 +433,12 @@ struct RawService {
     slow_start: Option<Spanned<Duration>>,
     #[serde(default, deserialize_with = "de_duration")]
     resolve_interval: Option<Spanned<Duration>>,
+    // XDP keys; validated in `Validator::xdp`.
+    interface: Option<Spanned<String>>,
+    backend_interfaces: Option<Spanned<Vec<String>>>,
+    forwarding: Option<Spanned<Forwarding>>,
+    local_address: Option<Spanned<IpAddr>>,
+    snat_ports: Option<Spanned<[u16; 2]>>,
 }
 
 #[derive(Deserialize)]
@@ -540,6 +553,7 @@ impl Validator<'_> {
                 Duration::from_secs(30),
                 || "global.drain_timeout".into(),
             )?,
+            bpf_object: raw.global.bpf_object,
         };
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut listens: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
@@ -638,6 +652,23 @@ impl Validator<'_> {
                 format!("service `{name}` has no [[service.backend]]; it needs at least one"),
             ));
         }
+        let xdp = self.xdp(
+            i,
+            &XdpContext {
+                name_span: svc.name.span(),
+                listen,
+                dataplane: svc.dataplane,
+                scheduler: svc.scheduler,
+                backends: &svc.backend,
+            },
+            RawXdp {
+                interface: svc.interface.clone(),
+                backend_interfaces: svc.backend_interfaces.clone(),
+                forwarding: svc.forwarding.clone(),
+                local_address: svc.local_address.clone(),
+                snat_ports: svc.snat_ports.clone(),
+            },
+        )?;
         let mut backends = Vec::with_capacity(svc.backend.len());
         let mut discovered = Vec::new();
         let mut seen: HashMap<String, usize> = HashMap::new();
@@ -749,6 +780,7 @@ impl Validator<'_> {
             },
             limits: self.limits(i, svc.limits)?,
             access_log: svc.access_log,
+            xdp,
         })
     }
 
@@ -1020,4 +1052,467 @@ pub fn is_prime(n: u32) -> bool {
         d += 2;
     }
     true
+}
+
+// ---- the XDP data plane's keys: `interface`, `backend_interfaces`, `forwarding`,
+// `local_address`, `snat_ports` ----
+
+/// How the XDP data plane carries a service's packets to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Forwarding {
+    /// Full NAT: the destination becomes the backend, the source becomes `local_address` and a
+    /// port from `snat_ports`, and replies come back through the balancer, which translates
+    /// them back. Works with unmodified backends anywhere the balancer can route to (the
+    /// default).
+    #[default]
+    Nat,
+    /// Direct server return: the packet is encapsulated (IPIP / IP6IP6) to the backend, which
+    /// decapsulates it (`lb-daemon decap`), sees the client's real address and replies to it
+    /// directly from the VIP (configured on its loopback).
+    Dsr,
+}
+
+/// The default `snat_ports`: above Linux's default `ip_local_port_range` (32768-60999), so
+/// the balancer host's own connections (health checks) never collide with translated flows.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+
+/// A service's XDP settings. Only the XDP data plane reads them; `interface` is `None`
+/// exactly when the service cannot use XDP (then the other fields are defaults).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct XdpSettings {
+    /// The network interface the VIP's traffic arrives on: the XDP program attaches there.
+    /// `None`: the service cannot use XDP (`auto` then runs it on the proxy).
+    pub interface: Option<String>,
+    /// The interfaces backends are reached through, when not `interface` itself. The program
+    /// attaches there too: NAT replies arrive there, and `XDP_REDIRECT` can only send to
+    /// interfaces the daemon registered.
+    pub backend_interfaces: Vec<String>,
+    /// NAT or DSR.
+    pub forwarding: Forwarding,
+    /// The balancer's own address on the backends' side: the SNAT source (`nat`, where the
+    /// backends' replies come back to) or the outer source of the encapsulated packet
+    /// (`dsr`). Same family as the VIP and the backends. `Some` whenever `interface` is.
+    pub local_address: Option<IpAddr>,
+    /// `nat`: the SNAT source ports, inclusive; each concurrent flow to one backend takes one.
+    pub snat_ports: (u16, u16),
+}
+
+/// The XDP keys of one `[[service]]` as written, before validation.
+struct RawXdp {
+    interface: Option<Spanned<String>>,
+    backend_interfaces: Option<Spanned<Vec<String>>>,
+    forwarding: Option<Spanned<Forwarding>>,
+    local_address: Option<Spanned<IpAddr>>,
+    snat_ports: Option<Spanned<[u16; 2]>>,
+}
+
+/// What the XDP rules need to know of the rest of a `[[service]]`.
+struct XdpContext<'a> {
+    name_span: Range<usize>,
+    listen: SocketAddr,
+    dataplane: DataplaneKind,
+    scheduler: SchedulerKind,
+    backends: &'a [Spanned<RawBackend>],
+}
+
+/// The longest interface name Linux accepts (IFNAMSIZ minus the NUL).
+const MAX_IFNAME: usize = 15;
+
+fn is_interface_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_IFNAME
+        && !n.contains(['/', ' ', ':', '\t', '\n'])
+        && n != "."
+        && n != ".."
+}
+
+impl Validator<'_> {
+    /// Rules: interface names are valid Linux names; `dataplane = "proxy"` takes none of the
+    /// XDP keys; without `interface` none of the others; `dataplane = "xdp"` needs `interface`
+    /// and the `maglev` scheduler (the only one the XDP program runs). With `interface`:
+    /// `local_address` is required and of the VIP's family, as is every backend; `snat_ports`
+    /// (nat only) is an ordered range of at least 1024 ports; `dsr` backends listen on the
+    /// VIP's port (the packet reaches them unchanged).
+    fn xdp(&self, i: usize, svc: &XdpContext<'_>, raw: RawXdp) -> Result<XdpSettings, ConfigError> {
+        let f = |k: &str| format!("service[{i}].{k}");
+        let name_span = svc.name_span.clone();
+        let given = |with_interface: bool| {
+            [
+                raw.interface
+                    .as_ref()
+                    .filter(|_| with_interface)
+                    .map(|v| ("interface", v.span())),
+                raw.backend_interfaces
+                    .as_ref()
+                    .map(|v| ("backend_interfaces", v.span())),
+                raw.forwarding.as_ref().map(|v| ("forwarding", v.span())),
+                raw.local_address
+                    .as_ref()
+                    .map(|v| ("local_address", v.span())),
+                raw.snat_ports.as_ref().map(|v| ("snat_ports", v.span())),
+            ]
+            .into_iter()
+            .flatten()
+            .next()
+        };
+        if svc.dataplane == DataplaneKind::Proxy {
+            if let Some((key, span)) = given(true) {
+                return Err(self.invalid(
+                    span,
+                    f(key),
+                    format!(
+                        "`{key}` configures the XDP data plane, but this service has \
+                         dataplane = \"proxy\"; remove it, or use \"auto\" or \"xdp\""
+                    ),
+                ));
+            }
+            return Ok(XdpSettings::default());
+        }
+        let Some(interface) = raw.interface else {
+            if let Some((key, span)) = given(false) {
+                return Err(self.invalid(
+                    span,
+                    f(key),
+                    format!(
+                        "`{key}` needs `interface` (where the VIP's traffic arrives); without \
+                         it the service runs on the proxy"
+                    ),
+                ));
+            }
+            if svc.dataplane == DataplaneKind::Xdp {
+                return Err(self.invalid(
+                    name_span,
+                    f("interface"),
+                    "dataplane = \"xdp\" needs `interface`, the interface the VIP's traffic \
+                     arrives on (the XDP program attaches there)"
+                        .into(),
+                ));
+            }
+            return Ok(XdpSettings::default());
+        };
+        if !is_interface_name(interface.get_ref()) {
+            return Err(self.invalid(
+                interface.span(),
+                f("interface"),
+                format!(
+                    "`{}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)",
+                    interface.get_ref()
+                ),
+            ));
+        }
+        let backend_interfaces = match raw.backend_interfaces {
+            None => Vec::new(),
+            Some(list) => {
+                if let Some(bad) = list.get_ref().iter().find(|n| !is_interface_name(n)) {
+                    return Err(self.invalid(
+                        list.span(),
+                        f("backend_interfaces"),
+                        format!(
+                            "`{bad}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)"
+                        ),
+                    ));
+                }
+                list.into_inner()
+            }
+        };
+        if svc.dataplane == DataplaneKind::Xdp && svc.scheduler != SchedulerKind::Maglev {
+            return Err(self.invalid(
+                name_span,
+                f("scheduler"),
+                format!(
+                    "the XDP data plane runs only the `maglev` scheduler, not `{}`; use \
+                     scheduler = \"maglev\", or dataplane = \"auto\" or \"proxy\"",
+                    scheduler_name(svc.scheduler)
+                ),
+            ));
+        }
+        let forwarding = raw
+            .forwarding
+            .as_ref()
+            .map_or(Forwarding::default(), |v| *v.get_ref());
+        let vip_is_v4 = svc.listen.is_ipv4();
+        let local_address = match raw.local_address {
+            None => {
+                return Err(self.invalid(
+                    interface.span(),
+                    f("local_address"),
+                    "an XDP service needs `local_address`, the balancer's own address on the \
+                     backends' side (the NAT source, or the outer source of DSR packets)"
+                        .into(),
+                ))
+            }
+            Some(a) if a.get_ref().is_ipv4() != vip_is_v4 => {
+                return Err(self.invalid(
+                    a.span(),
+                    f("local_address"),
+                    format!(
+                        "{} is not of the VIP's address family ({})",
+                        a.get_ref(),
+                        svc.listen.ip()
+                    ),
+                ))
+            }
+            Some(a) => a.into_inner(),
+        };
+        let snat_ports = match (forwarding, raw.snat_ports) {
+            (Forwarding::Dsr, Some(p)) => {
+                return Err(self.invalid(
+                    p.span(),
+                    f("snat_ports"),
+                    "`snat_ports` is for forwarding = \"nat\"; with \"dsr\" the backend sees \
+                     the client's own address and port"
+                        .into(),
+                ))
+            }
+            (_, None) => DEFAULT_SNAT_PORTS,
+            (Forwarding::Nat, Some(p)) => {
+                let [lo, hi] = *p.get_ref();
+                if lo == 0 || hi < lo || u32::from(hi - lo) + 1 < 1024 {
+                    return Err(self.invalid(
+                        p.span(),
+                        f("snat_ports"),
+                        format!(
+                            "[{lo}, {hi}] must be [first, last] with 0 < first <= last and at \
+                             least 1024 ports; keep it outside net.ipv4.ip_local_port_range"
+                        ),
+                    ));
+                }
+                (lo, hi)
+            }
+        };
+        for (j, b) in svc.backends.iter().enumerate() {
+            let Ok(address) = b.get_ref().address.get_ref().parse::<SocketAddr>() else {
+                // DNS names are resolved by the daemon at run time; the XDP plane places only
+                // backends it knows when it starts.
+                return Err(self.invalid(
+                    b.get_ref().address.span(),
+                    format!("service[{i}].backend[{j}].address"),
+                    format!(
+                        "`{}`: an XDP service needs ip:port backends; DNS names are resolved \
+                         only for the proxy data plane",
+                        b.get_ref().address.get_ref()
+                    ),
+                ));
+            };
+            if address.is_ipv4() != vip_is_v4 {
+                return Err(self.invalid(
+                    b.get_ref().address.span(),
+                    format!("service[{i}].backend[{j}].address"),
+                    format!(
+                        "{address} is not of the VIP's address family: the XDP data plane \
+                         forwards within one family"
+                    ),
+                ));
+            }
+            if forwarding == Forwarding::Dsr && address.port() != svc.listen.port() {
+                return Err(self.invalid(
+                    b.get_ref().address.span(),
+                    format!("service[{i}].backend[{j}].address"),
+                    format!(
+                        "with forwarding = \"dsr\" the backend receives the packet as the \
+                         client sent it, so it must listen on the VIP's port {}, not {}",
+                        svc.listen.port(),
+                        address.port()
+                    ),
+                ));
+            }
+        }
+        Ok(XdpSettings {
+            interface: Some(interface.into_inner()),
+            backend_interfaces,
+            forwarding,
+            local_address: Some(local_address),
+            snat_ports,
+        })
+    }
+}
+
+fn scheduler_name(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Maglev => "maglev",
+        SchedulerKind::RoundRobin => "round_robin",
+        SchedulerKind::WeightedRoundRobin => "weighted_round_robin",
+        SchedulerKind::LeastConn => "least_conn",
+        SchedulerKind::RandomTwo => "random_two",
+        SchedulerKind::SourceHash => "source_hash",
+    }
+}
+
+#[cfg(test)]
+mod xdp_tests {
+    use super::*;
+
+    const BACKENDS: &str = r#"
+[[service.backend]]
+address = "10.200.1.2:80"
+[[service.backend]]
+address = "10.200.2.2:80"
+"#;
+
+    fn parse_service(keys: &str) -> Result<Service, ConfigError> {
+        let text = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\n{keys}\n{BACKENDS}"
+        );
+        parse(&text, Path::new("xdp.toml")).map(|mut c| c.services.remove(0))
+    }
+
+    fn error(keys: &str) -> (String, Option<usize>) {
+        let e = parse_service(keys).expect_err("the config must be refused");
+        (e.to_string(), e.line())
+    }
+
+    #[test]
+    fn nat_service_with_interface_parses_with_defaults() {
+        let s = parse_service(
+            "dataplane = \"xdp\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        )
+        .expect("valid");
+        assert_eq!(s.xdp.interface.as_deref(), Some("eth0"));
+        assert_eq!(
+            s.xdp.forwarding,
+            Forwarding::Nat,
+            "nat is the default forwarding"
+        );
+        assert_eq!(s.xdp.local_address, Some("10.200.0.1".parse().expect("ip")));
+        assert_eq!(s.xdp.snat_ports, DEFAULT_SNAT_PORTS);
+        assert!(s.xdp.backend_interfaces.is_empty());
+    }
+
+    #[test]
+    fn auto_without_interface_has_no_xdp_settings() {
+        let s = parse_service("").expect("valid");
+        assert_eq!(s.dataplane, DataplaneKind::Auto);
+        assert_eq!(s.xdp, XdpSettings::default());
+    }
+
+    #[test]
+    fn xdp_needs_an_interface() {
+        let (msg, line) = error("dataplane = \"xdp\"");
+        assert!(
+            msg.contains("service[0].interface") && msg.contains("needs `interface`"),
+            "{msg}"
+        );
+        assert_eq!(
+            line,
+            Some(2),
+            "the error points at the service's name line: {msg}"
+        );
+    }
+
+    #[test]
+    fn xdp_refuses_schedulers_other_than_maglev() {
+        let (msg, line) = error(
+            "dataplane = \"xdp\"\nscheduler = \"least_conn\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        );
+        assert!(
+            msg.contains("service[0].scheduler") && msg.contains("`least_conn`"),
+            "{msg}"
+        );
+        assert_eq!(line, Some(2), "{msg}");
+    }
+
+    #[test]
+    fn auto_accepts_other_schedulers_and_leaves_the_choice_to_the_daemon() {
+        let s = parse_service(
+            "scheduler = \"round_robin\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        )
+        .expect("auto with round_robin is valid: it runs on the proxy");
+        assert_eq!(s.scheduler, SchedulerKind::RoundRobin);
+    }
+
+    #[test]
+    fn proxy_refuses_xdp_keys() {
+        let (msg, line) = error("dataplane = \"proxy\"\ninterface = \"eth0\"");
+        assert!(
+            msg.contains("service[0].interface") && msg.contains("dataplane = \"proxy\""),
+            "{msg}"
+        );
+        assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn xdp_keys_without_interface_are_refused_not_ignored() {
+        let (msg, line) = error("forwarding = \"dsr\"");
+        assert!(
+            msg.contains("service[0].forwarding") && msg.contains("needs `interface`"),
+            "{msg}"
+        );
+        assert_eq!(line, Some(5), "{msg}");
+    }
+
+    #[test]
+    fn local_address_is_required_and_of_the_vips_family() {
+        let (msg, line) = error("interface = \"eth0\"");
+        assert!(msg.contains("service[0].local_address"), "{msg}");
+        assert_eq!(line, Some(5), "{msg}");
+        let (msg, line) = error("interface = \"eth0\"\nlocal_address = \"fd00::1\"");
+        assert!(msg.contains("address family"), "{msg}");
+        assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn bad_interface_names_and_snat_ranges_are_refused() {
+        let (msg, _) =
+            error("interface = \"a-name-longer-than-15\"\nlocal_address = \"10.200.0.1\"");
+        assert!(msg.contains("not an interface name"), "{msg}");
+        let (msg, _) = error(
+            "interface = \"eth0\"\nbackend_interfaces = [\"ok\", \"bad/name\"]\nlocal_address = \"10.200.0.1\"",
+        );
+        assert!(msg.contains("service[0].backend_interfaces"), "{msg}");
+        let (msg, line) = error(
+            "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"\nsnat_ports = [62000, 61000]",
+        );
+        assert!(msg.contains("service[0].snat_ports"), "{msg}");
+        assert_eq!(line, Some(7), "{msg}");
+    }
+
+    #[test]
+    fn dsr_backends_listen_on_the_vip_port_and_take_no_snat_ports() {
+        let s = parse_service(
+            "forwarding = \"dsr\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        )
+        .expect("dsr with backends on port 80 is valid");
+        assert_eq!(s.xdp.forwarding, Forwarding::Dsr);
+        let (msg, _) = error(
+            "forwarding = \"dsr\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"\nsnat_ports = [61000, 65000]",
+        );
+        assert!(msg.contains("service[0].snat_ports"), "{msg}");
+        let text = "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\nforwarding = \"dsr\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n[[service.backend]]\naddress = \"10.200.1.2:8080\"\n";
+        let e = parse(text, Path::new("xdp.toml")).expect_err("port 8080 != VIP port 80");
+        assert!(
+            e.to_string().contains("service[0].backend[0].address") && e.line() == Some(9),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn global_bpf_object_is_kept() {
+        let text = format!(
+            "[global]\nbpf_object = \"/opt/lb/lb-ebpf\"\n[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\n{BACKENDS}"
+        );
+        let c = parse(&text, Path::new("xdp.toml")).expect("valid");
+        assert_eq!(c.global.bpf_object, Some(PathBuf::from("/opt/lb/lb-ebpf")));
+    }
+}
+
+#[cfg(test)]
+mod xdp_examples {
+    #[test]
+    fn the_xdp_example_configs_are_valid() {
+        for (name, text) in [
+            (
+                "config/xdp-nat.toml",
+                include_str!("../../config/xdp-nat.toml"),
+            ),
+            (
+                "config/xdp-dsr.toml",
+                include_str!("../../config/xdp-dsr.toml"),
+            ),
+        ] {
+            if let Err(e) = super::parse(text, std::path::Path::new(name)) {
+                panic!("the example {name} no longer parses: {e}");
+            }
+        }
+    }
 }

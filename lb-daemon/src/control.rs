@@ -1,6 +1,7 @@
 //! The running daemon as the admin API and reloads see it: the config in force, the
 //! services, the data plane, and the reload history.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -15,7 +16,8 @@ pub struct Control {
     config: Mutex<Config>,
     services: Arc<ServiceSet>,
     proxy: Mutex<Option<Proxy>>,
-    dataplane: &'static str,
+    /// Service name → (runs on XDP, the placement in words), as decided at start.
+    placements: HashMap<String, (bool, String)>,
     started: SystemTime,
     reloads: Mutex<ReloadHistory>,
     /// Serialises reloads (SIGHUP and `POST /reload` may race).
@@ -40,7 +42,8 @@ pub struct ReloadHistory {
 pub struct Status {
     /// The config file.
     pub config: PathBuf,
-    /// The data plane carrying the services: `"proxy"`.
+    /// The data planes carrying the services: `"proxy"`, `"xdp"` or `"xdp+proxy"`; each
+    /// service's own is in its `dataplane`.
     pub dataplane: &'static str,
     /// Seconds since start.
     pub uptime_seconds: f64,
@@ -76,13 +79,14 @@ impl From<ProxyCounters> for ProxyCountersView {
 }
 
 impl Control {
-    /// The control state of a daemon that runs `config` (read from `path`) on `proxy`.
+    /// The control state of a daemon that runs `config` (read from `path`) on `proxy` and,
+    /// for the services `placements` marks (name → (on XDP, placement in words)), on XDP.
     pub fn new(
         path: &Path,
         config: Config,
         services: Arc<ServiceSet>,
         proxy: Proxy,
-        dataplane: &'static str,
+        placements: HashMap<String, (bool, String)>,
     ) -> Arc<Self> {
         let started = SystemTime::now();
         Arc::new(Control {
@@ -90,7 +94,7 @@ impl Control {
             config: Mutex::new(config),
             services,
             proxy: Mutex::new(Some(proxy)),
-            dataplane,
+            placements,
             started,
             reloads: Mutex::new(ReloadHistory {
                 last_success_unix_seconds: unix_seconds(started),
@@ -120,9 +124,21 @@ impl Control {
         &self.services
     }
 
-    /// The data plane's name for status.
+    /// Whether service `name` runs on XDP (its maps were set up at start, so a reload may
+    /// change its weights and health settings but not its backend list or address).
+    pub fn on_xdp(&self, name: &str) -> bool {
+        self.placements.get(name).is_some_and(|(xdp, _)| *xdp)
+    }
+
+    /// The data planes in use: `"proxy"`, `"xdp"` or `"xdp+proxy"`.
     pub fn dataplane(&self) -> &'static str {
-        self.dataplane
+        let names = self.services.all();
+        let xdp = names.iter().filter(|s| self.on_xdp(s.name())).count();
+        match (xdp, names.len() - xdp) {
+            (0, _) => "proxy",
+            (_, 0) => "xdp",
+            _ => "xdp+proxy",
+        }
     }
 
     /// Runs `f` on the proxy; `None` once it was taken for shutdown.
@@ -173,12 +189,24 @@ impl Control {
             .unwrap_or_default();
         Status {
             config: self.path.clone(),
-            dataplane: self.dataplane,
+            dataplane: self.dataplane(),
             uptime_seconds: self.started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             active,
             proxy: counters.into(),
             reloads: self.reloads(),
-            services: self.services.all().iter().map(|s| s.status()).collect(),
+            services: self
+                .services
+                .all()
+                .iter()
+                .map(|s| {
+                    let mut status = s.status();
+                    status.dataplane = self.placements.get(s.name()).map_or_else(
+                        || "proxy data plane (started by a reload)".to_string(),
+                        |(_, words)| words.clone(),
+                    );
+                    status
+                })
+                .collect(),
         }
     }
 }

@@ -8,9 +8,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::admin::api::ApiError;
-use crate::config::{Config, DataplaneKind, Protocol};
+use crate::config::{Config, Protocol};
 use crate::control::Control;
 use crate::dataplane::proxy::{Proxy, ProxyError, ProxyOptions, ProxyService, SpliceMode};
+use crate::dataplane::xdp::{self, Placement, XdpError, XdpPlane};
 use crate::scheduler::SchedulerError;
 use crate::service::{PassiveFeedback, ServiceRuntime, ServiceSet};
 
@@ -39,6 +40,9 @@ pub enum DaemonError {
     /// The admin API could not listen on its address.
     #[error(transparent)]
     Admin(#[from] ApiError),
+    /// A service with `dataplane = "xdp"` cannot run on XDP.
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
     /// The signal handlers or the async runtime could not be set up.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
@@ -51,9 +55,12 @@ const PASSIVE_QUEUE: usize = 4096;
 /// SIGTERM or SIGINT, then stops accepting, lets open connections finish for up to
 /// `global.drain_timeout`, and returns.
 ///
-/// Returns `Err(DaemonError::Dataplane)` for `dataplane = "xdp"` (the XDP path is not in this
-/// build yet), `Err(DaemonError::Proxy)` when a listener cannot be bound,
-/// `Err(DaemonError::Admin)` when the admin API cannot listen.
+/// Each service runs on XDP or on the proxy as [`XdpPlane::start`] decides; the choice and
+/// its reason are logged. On exit the XDP programs are detached (their flows end with them).
+///
+/// Returns `Err(DaemonError::Xdp)` when a `dataplane = "xdp"` service cannot run on XDP,
+/// `Err(DaemonError::Proxy)` when a listener cannot be bound, `Err(DaemonError::Admin)` when
+/// the admin API cannot listen.
 pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     let set = ServiceSet::new();
     let services = config
@@ -70,20 +77,12 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         .collect::<Result<Vec<_>, _>>()?;
     set.set(services.clone());
 
-    for s in &services {
+    let (xdp_plane, placements) = XdpPlane::start(&config.global, &services)?;
+    for (s, placement) in services.iter().zip(&placements) {
         let c = s.config();
-        let plane = match c.dataplane {
-            DataplaneKind::Proxy => "proxy (configured)",
-            DataplaneKind::Auto => "proxy (the XDP data plane is not in this build yet)",
-            DataplaneKind::Xdp => return Err(DaemonError::Dataplane {
-                service: c.name.clone(),
-                reason:
-                    "dataplane = \"xdp\" is not available in this build; use \"auto\" or \"proxy\""
-                        .into(),
-            }),
-        };
+        let plane = xdp::describe(placement);
         info!(
-            "service {}: listening on {}/{} with the {plane} data plane, scheduler {:?}, {} backends",
+            "service {}: listening on {}/{} with the {plane}, scheduler {:?}, {} backends",
             c.name,
             c.listen,
             match c.protocol {
@@ -104,7 +103,9 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     let proxy = Proxy::start_with(
         services
             .iter()
-            .map(|s| ProxyService {
+            .zip(&placements)
+            .filter(|(_, p)| matches!(p, Placement::Proxy { .. }))
+            .map(|(s, _)| ProxyService {
                 index: s.index(),
                 snapshot: s.snapshot(),
             })
@@ -121,7 +122,15 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     let admin = config.admin.clone();
-    let control = Control::new(path, config, set.clone(), proxy, "proxy");
+    let placements = services
+        .iter()
+        .zip(&placements)
+        .map(|(s, p)| {
+            let on_xdp = matches!(p, Placement::Xdp { .. });
+            (s.name().to_string(), (on_xdp, xdp::describe(p)))
+        })
+        .collect();
+    let control = Control::new(path, config, set.clone(), proxy, placements);
     let result = rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
@@ -159,6 +168,9 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         passive.abort();
         Ok::<(), DaemonError>(())
     });
+    if let Some(x) = xdp_plane {
+        x.shutdown();
+    }
     let drain_timeout = control.config().global.drain_timeout;
     let cut = control
         .take_proxy()

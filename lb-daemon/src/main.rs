@@ -1,5 +1,6 @@
-//! The `lb-daemon` binary: `run` the balancer, `check` a config like `nginx -t`, and talk
-//! to a running daemon's admin API (`status`, `drain`, `enable`, `weight`, `reload`).
+//! The `lb-daemon` binary: `run` the balancer, `check` a config like `nginx -t`, talk to a
+//! running daemon's admin API (`status`, `drain`, `enable`, `weight`, `reload`), or `decap`
+//! DSR traffic on a backend host.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,6 +73,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArg,
     },
+    /// On a DSR backend host: strips the balancer's IPIP/IP6IP6 header from packets arriving
+    /// on IFACE (XDP program `lb_decap`) until SIGTERM or SIGINT. Put the VIP on `lo`.
+    Decap {
+        /// The interface the encapsulated packets arrive on.
+        #[arg(long)]
+        iface: String,
+        /// The BPF object; default: $LB_EBPF_OBJ, `lb-ebpf` next to this executable,
+        /// target/bpf/bpfel-unknown-none/release/lb-ebpf, /usr/lib/lb/lb-ebpf.
+        #[arg(long)]
+        bpf_object: Option<PathBuf>,
+    },
 }
 
 /// Where the running daemon's admin API is.
@@ -143,6 +155,15 @@ fn main() -> ExitCode {
                     v.get("applied").and_then(|a| a.as_str()).unwrap_or(body)
                 )
             })
+        }
+        Command::Decap { iface, bpf_object } => {
+            match lb_daemon::dataplane::xdp::decap::run(&iface, bpf_object.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{:#}", anyhow::Error::from(e));
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {

@@ -76,18 +76,51 @@ pub fn plan(
             plan.remove.push(Arc::clone(r));
         }
     }
-    // As at start (daemon.rs): only the proxy carries services in this build.
+    // The XDP plane attaches and sets up its maps at start; services added later run on the
+    // proxy, which a forced `xdp` must not quietly become.
     if let Some(s) = plan
         .add
         .iter()
         .find(|s| s.dataplane == config::DataplaneKind::Xdp)
     {
         return Err(format!(
-            "service `{}`: dataplane = \"xdp\" is not available in this build; use \"auto\" or \"proxy\"",
+            "service `{}`: a dataplane = \"xdp\" service starts only with the daemon; restart to add it",
             s.name
         ));
     }
     Ok(plan)
+}
+
+/// Refuses the parts of `plan` that a service on XDP cannot take in place: the XDP maps give
+/// each backend its slot when the daemon starts, so such a service keeps its address and its
+/// list of backends until restart (weights, drain and health settings still change live).
+pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(&str) -> bool) -> Result<(), String> {
+    if let Some(r) = plan.remove.iter().find(|r| on_xdp(r.name())) {
+        return Err(format!(
+            "service `{}` runs on XDP: removing it or moving it to another address needs a restart",
+            r.name()
+        ));
+    }
+    for (r, new) in &plan.update {
+        if !on_xdp(r.name()) {
+            continue;
+        }
+        let old = r.config();
+        let addresses = |s: &Service| s.backends.iter().map(|b| b.address).collect::<Vec<_>>();
+        if addresses(&old) != addresses(new) || !new.discovered.is_empty() {
+            return Err(format!(
+                "service `{}` runs on XDP: its list of backends can change only by restart (weights can change now)",
+                new.name
+            ));
+        }
+        if old.xdp != new.xdp {
+            return Err(format!(
+                "service `{}` runs on XDP: its XDP settings can change only by restart",
+                new.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The first setting of a running service that the proxy reads only when the service
@@ -133,6 +166,7 @@ fn apply(control: &Control) -> Result<String, String> {
     let running = control.config();
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
+    xdp_guard(&plan, |name| control.on_xdp(name))?;
     let drain_timeout = new.global.drain_timeout;
 
     // A removed service whose address an added one takes must let go of it first.

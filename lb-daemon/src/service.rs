@@ -167,6 +167,10 @@ pub struct ServiceStatus {
     pub protocol: &'static str,
     /// The scheduler, as written in the config (`"maglev"`...).
     pub scheduler: String,
+    /// The data plane carrying the service and why, e.g. `"XDP data plane (nat) on eth0
+    /// (native)"` or `"proxy data plane (no interface is configured)"`. The daemon knows it,
+    /// not the service: [`crate::control::Control::status`] fills it in.
+    pub dataplane: String,
     /// The snapshot generation (counts rebuilds).
     pub generation: u64,
     /// Every backend, in config order, then discovered ones.
@@ -309,6 +313,7 @@ impl ServiceRuntime {
         let now = Instant::now();
         let slow = st.config.slow_start;
         ServiceStatus {
+            dataplane: String::new(),
             name: st.config.name.clone(),
             listen: st.config.listen,
             protocol: protocol_name(&st.config),

@@ -25,6 +25,7 @@ pub mod netns;
 pub mod ports;
 pub mod privileged;
 pub mod tally;
+pub mod xdp;
 
 pub use backend::{HashServer, HttpNameServer, SourceServer, TcpServer, UdpEcho};
 pub use daemon::Daemon;

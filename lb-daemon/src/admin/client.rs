@@ -190,12 +190,13 @@ pub fn status_table(status: &serde_json::Value) -> String {
     {
         let _ = writeln!(
             out,
-            "\nservice {}  {}/{}  {}  table generation {}",
+            "\nservice {}  {}/{}  {}  table generation {}\n  {}",
             s(svc, "name"),
             s(svc, "listen"),
             s(svc, "protocol"),
             s(svc, "scheduler"),
-            n(svc, "generation")
+            n(svc, "generation"),
+            s(svc, "dataplane")
         );
         let header = [
             "BACKEND",

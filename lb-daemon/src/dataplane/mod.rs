@@ -1,8 +1,9 @@
-//! The data planes: the XDP fast path (to come) and the userspace io_uring proxy.
+//! The data planes: the XDP fast path and the userspace io_uring proxy.
 
 use std::net::SocketAddr;
 
 pub mod proxy;
+pub mod xdp;
 
 /// What a data plane tells the control plane about connect attempts, so that passive
 /// failures count towards a backend's `fall` (HAProxy's `observe layer4`).

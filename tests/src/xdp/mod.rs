@@ -1,0 +1,233 @@
+//! The XDP tests' world: a client namespace, a balancer namespace running `lb-daemon` with
+//! XDP on its client-facing veth, and backend namespaces each on its own veth (XDP_REDIRECT
+//! cannot send into a bridge), with real servers in them.
+//!
+//! ```text
+//!  client ns            balancer ns                       backend ns i (1..=n)
+//!  c0 10.200.0.2 ── l0 10.200.0.1   (lb_xdp)
+//!                     li 10.200.i.1 (lb_xdp) ────────── b0 10.200.i.2 (+ VIP on lo for DSR)
+//! ```
+//! The VIP, 10.200.100.1, exists on no interface of the balancer: only XDP answers for it.
+//! The client's and the backends' veth ends compute full checksums (see [`disable_tx_checksum`]).
+//! `lb-daemon decap` runs on `c0` and on every `b0`: it decapsulates DSR packets, and it is
+//! the XDP program a veth's peer needs before the veth will carry `XDP_REDIRECT`ed frames.
+
+mod decap;
+mod offload;
+mod peers;
+pub mod scenarios;
+pub mod world;
+
+pub use decap::Decap;
+pub use offload::disable_tx_checksum;
+pub use peers::{udp_exchange, PeerServer};
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use crate::netns::{veth, Netns};
+
+/// The VIP every XDP test balances.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 1);
+/// The client's address.
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// The balancer's address on the client side; also its `local_address` (NAT source, DSR outer
+/// source), which the backends reach through their default route.
+pub const BALANCER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+
+/// The MTU of the balancer-to-backend veths in DSR mode: the client side's 1500 plus room for
+/// the encapsulation header.
+pub const DSR_BACKEND_MTU: u32 = 1600;
+
+/// Backend `i`'s address (1-based): 10.200.i.2.
+pub fn backend_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, i as u8, 2)
+}
+
+/// The balancer's interface towards backend `i` (1-based).
+pub fn backend_interface(i: usize) -> String {
+    format!("l{i}")
+}
+
+/// The BPF object the tests load: `$LB_EBPF_OBJ`, else the workspace's
+/// `target/bpf/bpfel-unknown-none/release/lb-ebpf`. Panics with what to do when it is missing.
+pub fn bpf_object() -> PathBuf {
+    let path = std::env::var_os("LB_EBPF_OBJ")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("the tests crate lives inside the workspace")
+                .to_path_buf();
+            root.join("target/bpf/bpfel-unknown-none/release/lb-ebpf")
+        });
+    assert!(
+        path.is_file(),
+        "the BPF object {} is missing: run `cargo xtask build-ebpf` (or set LB_EBPF_OBJ)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `f` on the calling thread while it is inside `ns`, then returns the thread to the
+/// namespace it was in. Processes `f` spawns start in `ns` and, unlike with
+/// [`Netns::enter`], belong to the calling thread (a [`crate::Daemon`] dies with the thread
+/// that started it).
+///
+/// Returns `Err` when either switch fails; a failure to switch back panics, since the thread
+/// would otherwise go on in the wrong namespace.
+pub fn in_netns<T>(ns: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
+    use nix::sched::{setns, CloneFlags};
+    let home = File::open("/proc/thread-self/ns/net")?;
+    let target = File::open(format!("/var/run/netns/{}", ns.name()))?;
+    setns(&target, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    struct Back(File);
+    impl Drop for Back {
+        fn drop(&mut self) {
+            if let Err(e) = setns(&self.0, CloneFlags::CLONE_NEWNET) {
+                panic!("cannot return the test thread to its network namespace: {e}");
+            }
+        }
+    }
+    let _back = Back(home);
+    Ok(f())
+}
+
+/// How the balancer forwards, which decides the backends' set-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Full NAT: backends see the balancer's address.
+    Nat,
+    /// DSR: backends have the VIP on `lo` and see the client's address.
+    Dsr,
+}
+
+/// The namespaces, veths and decapsulators of one test; all removed on drop.
+pub struct Topology {
+    /// Decapsulators, stopped before the namespaces go.
+    pub decaps: Vec<Decap>,
+    /// The client's namespace (`c0`, 10.200.0.2).
+    pub client: Netns,
+    /// The balancer's namespace (`l0` towards the client, `l1..ln` towards the backends).
+    pub balancer: Netns,
+    /// Backend namespaces, index 0 is backend 1 (`b0`, 10.200.i.2).
+    pub backends: Vec<Netns>,
+}
+
+impl Topology {
+    /// Builds the namespaces for `n` backends in `mode` and starts `lb-daemon decap` on the
+    /// client's and every backend's veth. Panics with the failing step.
+    pub fn new(mode: Mode, n: usize) -> Topology {
+        let client = Netns::new("c").expect("client namespace");
+        let balancer = Netns::new("lb").expect("balancer namespace");
+        veth(
+            &balancer,
+            "l0",
+            &format!("{BALANCER}/24"),
+            &client,
+            "c0",
+            &format!("{CLIENT}/24"),
+        )
+        .expect("client veth");
+        client
+            .ip(&[
+                "route",
+                "add",
+                &format!("{VIP}/32"),
+                "via",
+                &BALANCER.to_string(),
+            ])
+            .expect("client route to the VIP");
+        // The first packet towards a neighbour not yet resolved goes through the kernel.
+        balancer
+            .sysctl("net.ipv4.ip_forward", "1")
+            .expect("forwarding in the balancer");
+        // The balancer's own connections use ports below 40000; the NAT services' SNAT ports
+        // lie above (see world.rs).
+        balancer
+            .sysctl("net.ipv4.ip_local_port_range", "32768 39999")
+            .expect("the balancer's local port range");
+        let mut backends = Vec::new();
+        for i in 1..=n {
+            let ns = Netns::new(&format!("b{i}")).expect("backend namespace");
+            veth(
+                &balancer,
+                &backend_interface(i),
+                &format!("10.200.{i}.1/24"),
+                &ns,
+                "b0",
+                &format!("{}/24", backend_ip(i)),
+            )
+            .expect("backend veth");
+            ns.ip(&["route", "add", "default", "via", &format!("10.200.{i}.1")])
+                .expect("backend default route");
+            if mode == Mode::Dsr {
+                ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
+                    .expect("VIP on the backend's loopback");
+                // The IPIP header adds 20 bytes to a full-size client packet, and XDP cannot
+                // fragment or send "fragmentation needed": the balancer-to-backend link needs
+                // the room (as with IPVS-DR tunnels or Katran).
+                let mtu = DSR_BACKEND_MTU.to_string();
+                balancer
+                    .ip(&["link", "set", &backend_interface(i), "mtu", &mtu])
+                    .expect("MTU of the balancer's backend veth");
+                ns.ip(&["link", "set", "b0", "mtu", &mtu])
+                    .expect("MTU of the backend's veth");
+            }
+            backends.push(ns);
+        }
+        // Local senders must write full checksums, or XDP's rewrites leave them wrong.
+        disable_tx_checksum(&client, "c0").expect("tx checksum offload off on c0");
+        for ns in &backends {
+            disable_tx_checksum(ns, "b0").expect("tx checksum offload off on b0");
+        }
+        let object = bpf_object();
+        let mut decaps = vec![Decap::start(&client, "c0", &object)];
+        for ns in &backends {
+            decaps.push(Decap::start(ns, "b0", &object));
+        }
+        Topology {
+            decaps,
+            client,
+            balancer,
+            backends,
+        }
+    }
+
+    /// The `[[service]]` XDP keys for this topology: `interface = "l0"`, every backend veth,
+    /// `local_address`, `forwarding`.
+    pub fn xdp_keys(&self, mode: Mode) -> Vec<(&'static str, toml::Value)> {
+        let ifs: Vec<toml::Value> = (1..=self.backends.len())
+            .map(|i| toml::Value::from(backend_interface(i)))
+            .collect();
+        vec![
+            ("dataplane", "xdp".into()),
+            ("interface", "l0".into()),
+            ("backend_interfaces", toml::Value::Array(ifs)),
+            ("local_address", BALANCER.to_string().into()),
+            (
+                "forwarding",
+                match mode {
+                    Mode::Nat => "nat",
+                    Mode::Dsr => "dsr",
+                }
+                .into(),
+            ),
+        ]
+    }
+
+    /// The VIP with `port`.
+    pub fn vip(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(VIP), port)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Decapsulators first (they hold XDP on interfaces of these namespaces), then the
+        // namespaces, whose deletion removes the veths.
+        self.decaps.clear();
+    }
+}

@@ -1,0 +1,61 @@
+//! Turning off a veth's transmit checksum offload.
+//!
+//! A packet a local socket sends over a veth carries only a partial TCP/UDP checksum (the
+//! pseudo-header sum) and a note for the receiver that the rest is "to be done". XDP sees the
+//! bare frame: once it rewrites and redirects it, that note is gone and the receiver finds a
+//! wrong checksum (`TcpInCsumErrors`). Packets from a real wire always carry full checksums,
+//! so the tests make their senders compute them in software, as Katran's test set-up does.
+
+use std::io;
+
+use crate::netns::Netns;
+
+/// `ETHTOOL_STXCSUM` from `<linux/ethtool.h>`: set transmit checksum offload.
+const ETHTOOL_STXCSUM: u32 = 0x17;
+
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// Turns off transmit checksum offload on `interface` in `ns` (`ethtool -K IF tx off`).
+///
+/// Returns `Err` when the namespace cannot be entered or the ioctl fails.
+pub fn disable_tx_checksum(ns: &Netns, interface: &str) -> io::Result<()> {
+    let name = interface.to_string();
+    ns.enter(move || -> io::Result<()> {
+        // SAFETY: plain socket(2) call; the descriptor is owned and closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        // SAFETY: ifreq is plain data; zeroed is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        if name.len() >= ifr.ifr_name.len() {
+            // SAFETY: fd is ours.
+            unsafe { libc::close(fd) };
+            return Err(io::Error::other(format!(
+                "interface name {name} is too long"
+            )));
+        }
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+        // SAFETY: SIOCETHTOOL reads `ifr` and the ethtool_value it points at, both live here.
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL as _, &mut ifr) };
+        let err = io::Error::last_os_error();
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        if rc < 0 {
+            Err(err)
+        } else {
+            Ok(())
+        }
+    })?
+}

@@ -1,0 +1,283 @@
+//! The end-to-end checks `xdp_nat.rs` and `xdp_dsr.rs` both run, each in its own [`World`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::world::{World, BULK, DNS, WEB};
+use super::{backend_ip, udp_exchange, Mode, Topology, BALANCER, CLIENT};
+use crate::client::{http_get, HttpConnection, Upload};
+use crate::data::Receipt;
+use crate::load::run;
+
+/// New connections in the distribution check.
+pub const CONNECTIONS: usize = 3_000;
+/// The share tolerance: each of 3 equal backends within 33.3% ± 5 points.
+pub const TOLERANCE: f64 = 0.05;
+/// The big transfer.
+pub const BIG: u64 = 100 * 1024 * 1024;
+/// How long a health transition and its table may take to show in the log.
+const TRANSITION: Duration = Duration::from_secs(15);
+
+fn web() -> SocketAddr {
+    Topology::vip(WEB)
+}
+
+fn bulk() -> SocketAddr {
+    Topology::vip(BULK)
+}
+
+/// HTTP requests through the VIP, each on a new connection, are answered by all three
+/// backends within ±5 points of a third each.
+pub fn requests_spread_evenly(mode: Mode) {
+    let world = World::start(mode, 3, 3);
+    let report = world.client(|| {
+        run(CONNECTIONS, 4, Duration::from_secs(180), |_| {
+            http_get(web(), "/")
+        })
+    });
+    report.assert_all_answered(&format!("{mode:?}: HTTP through the VIP"));
+    if let Err(e) = report.tally.check_shares(
+        &[("b1", 1), ("b2", 1), ("b3", 1)],
+        TOLERANCE,
+        &format!("{mode:?} XDP, maglev"),
+    ) {
+        panic!("{e}");
+    }
+}
+
+/// A 100 MiB upload arrives byte-identical; the backend saw the client's real address (DSR)
+/// or the balancer's (NAT); UDP requests get their replies, from more than one backend.
+pub fn transfer_and_udp(mode: Mode) {
+    let world = World::start(mode, 3, 3);
+    let receipt = world
+        .client(|| crate::client::upload(bulk(), BIG, 7))
+        .unwrap_or_else(|e| panic!("{mode:?}: the 100 MiB upload through the VIP failed: {e}"));
+    assert_eq!(
+        receipt,
+        Receipt::of_stream(BIG, 7),
+        "{mode:?}: the backend did not receive the 100 MiB the client sent, byte for byte"
+    );
+    let expected_peer: IpAddr = match mode {
+        Mode::Nat => BALANCER.into(),
+        Mode::Dsr => CLIENT.into(),
+    };
+    // Health checks come from the balancer's own address on each backend veth, 10.200.i.1.
+    let checker = |ip: IpAddr| (1..=3).any(|i| ip == IpAddr::from([10, 200, i as u8, 1]));
+    let seen: Vec<SocketAddr> = world
+        .servers
+        .iter()
+        .flatten()
+        .flat_map(|s| s.peer.peers())
+        .filter(|p| !checker(p.ip()))
+        .collect();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|p| p.ip() == expected_peer),
+        "{mode:?}: the upload's backend should see the connection come from {expected_peer} \
+         ({}); it saw {seen:?}",
+        match mode {
+            Mode::Nat => "the balancer's local_address",
+            Mode::Dsr => "the client's real address",
+        }
+    );
+
+    let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
+    for k in 0..30u32 {
+        let payloads: Vec<Vec<u8>> = (0..3).map(|j| format!("q{k}.{j}").into_bytes()).collect();
+        let replies = world
+            .client(|| udp_exchange(Topology::vip(DNS), &payloads, Duration::from_secs(5)))
+            .unwrap_or_else(|e| {
+                panic!("{mode:?}: UDP client {k} got no reply through the VIP: {e}")
+            });
+        let mut names = Vec::new();
+        for (p, r) in payloads.iter().zip(&replies) {
+            let text = String::from_utf8_lossy(r);
+            let (name, echoed) = text
+                .split_once(':')
+                .unwrap_or_else(|| panic!("{mode:?}: UDP reply `{text}` is not `name:payload`"));
+            assert_eq!(
+                echoed.as_bytes(),
+                &p[..],
+                "{mode:?}: the UDP reply does not echo what was sent"
+            );
+            names.push(name.to_string());
+        }
+        assert!(
+            names.windows(2).all(|w| w[0] == w[1]),
+            "{mode:?}: one UDP client's datagrams were answered by different backends: {names:?}"
+        );
+        *by_backend.entry(names[0].clone()).or_default() += 1;
+    }
+    assert!(
+        by_backend.len() >= 2,
+        "{mode:?}: 30 UDP clients were all answered by one backend: {by_backend:?}"
+    );
+}
+
+/// A long upload keeps going to its backend while another backend goes DOWN and the table
+/// changes; new flows avoid the DOWN backend.
+pub fn backend_down(mode: Mode) {
+    let mut world = World::start(mode, 3, 3);
+    let mut up = world
+        .client(|| -> Result<Upload, crate::client::ClientError> {
+            let mut u = Upload::start(bulk(), 11)?;
+            u.send(8 * 1024 * 1024)?;
+            Ok(u)
+        })
+        .unwrap_or_else(|e| panic!("{mode:?}: the long upload could not start: {e}"));
+    // The backend holding the upload is the one with an open connection that is not a
+    // (short-lived) health check; wait until exactly one shows it.
+    let holder = (0..200)
+        .find_map(|_| {
+            let open: Vec<usize> = (1..=3)
+                .filter(|&i| world.backend(i).peer.open_connections() > 0)
+                .collect();
+            if open.len() == 1 {
+                return Some(open[0]);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            None
+        })
+        .unwrap_or_else(|| panic!("{mode:?}: cannot tell which backend holds the upload"));
+    let victim = if holder == 1 { 2 } else { 1 };
+    let victim_addr = SocketAddr::new(IpAddr::V4(backend_ip(victim)), BULK);
+    let mark = world.daemon.log_mark();
+    let victim_ns = &world.topology.backends[victim - 1];
+    let servers = world.servers[victim - 1]
+        .as_mut()
+        .expect("victim has servers");
+    victim_ns
+        .enter(|| servers.peer.stop())
+        .expect("enter the victim's namespace");
+    world.wait_for_table_after(mark, "bulk", victim_addr, "DOWN", TRANSITION);
+
+    up.send(BIG - 8 * 1024 * 1024).unwrap_or_else(|e| {
+        panic!("{mode:?}: the upload to b{holder} broke while b{victim} went DOWN: {e}")
+    });
+    let receipt = up
+        .finish()
+        .unwrap_or_else(|e| panic!("{mode:?}: the upload to b{holder} did not complete: {e}"));
+    assert_eq!(
+        receipt,
+        Receipt::of_stream(BIG, 11),
+        "{mode:?}: the upload to b{holder} arrived damaged while the table changed"
+    );
+
+    let report = world.client(|| {
+        run(90, 3, Duration::from_secs(60), |i| {
+            crate::client::upload(bulk(), 1024, i as u64).map(|_| "ok".to_string())
+        })
+    });
+    report.assert_all_answered(&format!(
+        "{mode:?}: new uploads after b{victim} went DOWN (one placed on it would be refused)"
+    ));
+    // The program's own count: no flow of `bulk` was ever placed on the victim (the long
+    // upload went to b{holder}, every later one came after the DOWN).
+    world.daemon.terminate();
+    let line = format!("xdp counters: service bulk backend {victim_addr}: ");
+    let counted = world
+        .daemon
+        .logs()
+        .into_iter()
+        .find(|l| l.contains(&line))
+        .unwrap_or_else(|| panic!("{mode:?}: no `{line}` line in the daemon's exit log"));
+    assert!(
+        counted.contains("new_flows=0"),
+        "{mode:?}: XDP placed new flows on b{victim} after it was marked DOWN: {counted}"
+    );
+}
+
+/// A backend that starts DOWN comes UP: kept-alive connections stay on their backends
+/// (conntrack), and new connections spread over all four.
+pub fn backend_added(mode: Mode) {
+    let mut world = World::start(mode, 4, 3);
+    let b4 = SocketAddr::new(IpAddr::V4(backend_ip(4)), WEB);
+    world.wait_for_table_after(0, "web", b4, "DOWN", TRANSITION);
+
+    let mut kept: Vec<(HttpConnection, String)> = world.client(|| {
+        (0..24)
+            .map(|k| {
+                let mut c = HttpConnection::open(web())
+                    .unwrap_or_else(|e| panic!("{mode:?}: kept-alive connection {k}: {e}"));
+                let first = c
+                    .get("/")
+                    .unwrap_or_else(|e| panic!("{mode:?}: first request on connection {k}: {e}"));
+                (c, first)
+            })
+            .collect()
+    });
+    assert!(
+        kept.iter().all(|(_, b)| b != "b4"),
+        "{mode:?}: a connection reached b4 while it was DOWN"
+    );
+
+    let mark = world.daemon.log_mark();
+    world.start_backend(4);
+    world.wait_for_table_after(mark, "web", b4, "UP", TRANSITION);
+
+    for (k, (c, first)) in kept.iter_mut().enumerate() {
+        let again = c.get("/").unwrap_or_else(|e| {
+            panic!("{mode:?}: kept-alive connection {k} broke when b4 came UP: {e}")
+        });
+        assert_eq!(
+            &again, first,
+            "{mode:?}: kept-alive connection {k} moved from {first} to {again} when b4 came UP; \
+             conntrack should keep it on its backend"
+        );
+    }
+    let report = world.client(|| run(1_200, 4, Duration::from_secs(120), |_| http_get(web(), "/")));
+    report.assert_all_answered(&format!("{mode:?}: new connections after b4 came UP"));
+    if let Err(e) = report.tally.check_shares(
+        &[("b1", 1), ("b2", 1), ("b3", 1), ("b4", 1)],
+        TOLERANCE,
+        &format!("{mode:?}: new connections after b4 came UP"),
+    ) {
+        panic!("{e}");
+    }
+}
+
+/// The XDP counters the daemon logs at exit match what the client sent: UDP packets and
+/// bytes exactly, and one new flow per TCP connection.
+pub fn counters_match(mode: Mode) {
+    let mut world = World::start(mode, 3, 3);
+    const DATAGRAMS: usize = 100;
+    const PAYLOAD: usize = 32;
+    let payloads: Vec<Vec<u8>> = (0..DATAGRAMS)
+        .map(|i| vec![b'a' + (i % 26) as u8; PAYLOAD])
+        .collect();
+    world
+        .client(|| udp_exchange(Topology::vip(DNS), &payloads, Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("{mode:?}: UDP through the VIP failed: {e}"));
+    const CONNS: usize = 50;
+    let report = world.client(|| run(CONNS, 1, Duration::from_secs(60), |_| http_get(web(), "/")));
+    report.assert_all_answered(&format!("{mode:?}: HTTP for the counters"));
+
+    world.daemon.terminate();
+    let logs = world.daemon.logs();
+    let find = |prefix: &str| -> (u64, u64, u64) {
+        let line = logs
+            .iter()
+            .find(|l| l.contains(prefix))
+            .unwrap_or_else(|| panic!("{mode:?}: no `{prefix}` line in the daemon's exit log"));
+        let field = |k: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {k}= in `{line}`"))
+        };
+        (field("packets"), field("bytes"), field("new_flows"))
+    };
+    // Ethernet 14 + IPv4 20 + UDP 8 + payload, as the frame arrived at the balancer.
+    let frame = (14 + 20 + 8 + PAYLOAD) as u64;
+    assert_eq!(
+        find("xdp counters: service dns: "),
+        (DATAGRAMS as u64, DATAGRAMS as u64 * frame, 1),
+        "{mode:?}: the dns counters (packets, bytes, new flows) do not match the {DATAGRAMS} \
+         datagrams of {frame} bytes one client sent"
+    );
+    let (_, _, new_flows) = find("xdp counters: service web: ");
+    assert_eq!(
+        new_flows, CONNS as u64,
+        "{mode:?}: the web service counted {new_flows} new flows for {CONNS} connections"
+    );
+}

@@ -1,0 +1,49 @@
+//! The XDP fast path in `dsr` mode, end to end: a client namespace, the balancer namespace
+//! with `lb-daemon` and XDP on its veths, three (or four) backend namespaces with real
+//! servers that decapsulate with `lb-daemon decap` and answer the client directly. See `lb_tests::xdp`.
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use lb_tests::xdp::scenarios;
+use lb_tests::xdp::Mode;
+
+const MODE: Mode = Mode::Dsr;
+
+#[test]
+fn http_requests_spread_evenly_over_three_backends() {
+    if lb_tests::require_root("xdp_dsr::http_requests_spread_evenly_over_three_backends") {
+        scenarios::requests_spread_evenly(MODE);
+    }
+}
+
+#[test]
+fn a_100_mib_upload_arrives_intact_and_udp_gets_replies() {
+    if lb_tests::require_root("xdp_dsr::a_100_mib_upload_arrives_intact_and_udp_gets_replies") {
+        scenarios::transfer_and_udp(MODE);
+    }
+}
+
+#[test]
+fn new_flows_avoid_a_down_backend_while_a_long_upload_completes() {
+    if lb_tests::require_root(
+        "xdp_dsr::new_flows_avoid_a_down_backend_while_a_long_upload_completes",
+    ) {
+        scenarios::backend_down(MODE);
+    }
+}
+
+#[test]
+fn a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay() {
+    if lb_tests::require_root(
+        "xdp_dsr::a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay",
+    ) {
+        scenarios::backend_added(MODE);
+    }
+}
+
+#[test]
+fn xdp_counters_match_the_traffic_sent() {
+    if lb_tests::require_root("xdp_dsr::xdp_counters_match_the_traffic_sent") {
+        scenarios::counters_match(MODE);
+    }
+}
