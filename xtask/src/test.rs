@@ -77,6 +77,20 @@ pub fn run(cargo_test_args: &[String]) -> Result<ExitCode> {
         if !check("cargo test", test) {
             failed.push("cargo test");
         }
+        // The foundation's end-to-end suites once more through `dataplane = "auto"`: on
+        // loopback VIPs the daemon must fall back to the proxy by itself and pass them all.
+        if cargo_test_args.is_empty() {
+            let mut auto = cargo(&["test", "-p", "lb-tests"]);
+            for suite in FOUNDATION_SUITES {
+                auto.args(["--test", suite]);
+            }
+            auto.env("LB_DAEMON_BIN", &daemon)
+                .env("LB_EBPF_OBJ", &object)
+                .env("LB_TEST_DATAPLANE", "auto");
+            if !check("cargo test (dataplane = auto)", auto) {
+                failed.push("cargo test (dataplane = auto)");
+            }
+        }
     }
 
     let took = started.elapsed().as_secs_f64();
@@ -91,6 +105,16 @@ pub fn run(cargo_test_args: &[String]) -> Result<ExitCode> {
         Ok(ExitCode::FAILURE)
     }
 }
+
+/// The end-to-end suites of the foundation issue, re-run with `dataplane = "auto"`.
+const FOUNDATION_SUITES: [&str; 6] = [
+    "distribution",
+    "transfer",
+    "failover",
+    "udp",
+    "shutdown",
+    "bad_config",
+];
 
 /// Runs `command` as the step `name`; whether it passed (the step prints how it failed).
 fn check(name: &str, mut command: Command) -> bool {
