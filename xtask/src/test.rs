@@ -80,7 +80,8 @@ pub fn run(cargo_test_args: &[String]) -> Result<ExitCode> {
         // The foundation's end-to-end suites once more through `dataplane = "auto"`: on
         // loopback VIPs the daemon must fall back to the proxy by itself and pass them all.
         if cargo_test_args.is_empty() {
-            let mut auto = cargo(&["test", "-p", "lb-tests"]);
+            // `--workspace` keeps the feature set of the run above, so nothing is rebuilt.
+            let mut auto = cargo(&["test", "--workspace"]);
             for suite in FOUNDATION_SUITES {
                 auto.args(["--test", suite]);
             }
