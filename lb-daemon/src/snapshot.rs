@@ -25,7 +25,8 @@ pub type SharedSnapshot = Arc<ArcSwap<ServiceSnapshot>>;
 /// Live counters of one backend, shared by every snapshot and data plane thread.
 #[derive(Debug, Default)]
 pub struct BackendStats {
-    /// Connections (TCP) or sessions (UDP) open right now.
+    /// Connections (TCP, counted from the pick, so connects in flight included) or sessions
+    /// (UDP) open right now: what `least_conn` and `random_two` balance on.
     pub active: AtomicU64,
     /// Connections or sessions ever opened to this backend.
     pub total: AtomicU64,

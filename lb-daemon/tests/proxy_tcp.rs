@@ -11,7 +11,9 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use lb_daemon::dataplane::proxy::SpliceMode;
-use proxy_support::{refusing_address, tcp_listener, wait_until, Harness, ServiceSpec, TcpBackend};
+use proxy_support::{
+    refusing_address, republish, tcp_listener, wait_until, Harness, ServiceSpec, TcpBackend,
+};
 use sha2::{Digest, Sha256};
 use socket2::SockRef;
 
@@ -352,6 +354,79 @@ fn a_backend_that_never_answers_times_out_and_the_next_is_tried() {
         vec![(blackhole_addr, io::ErrorKind::TimedOut)],
         "the hanging connect is reported as a timeout"
     );
+    h.wait_idle();
+}
+
+#[test]
+fn a_connect_in_flight_counts_as_active_for_the_schedulers() {
+    // least_conn and random_two read `active`: a backend whose connects hang must look busy
+    // while they hang, not idle, or it would draw every new connection.
+    let blackhole = tcp_listener(0);
+    let blackhole_addr = blackhole.local_addr().expect("blackhole address");
+    let _filler = TcpStream::connect(blackhole_addr).expect("fill the accept queue");
+    let alive = TcpBackend::echo();
+    let mut spec = ServiceSpec::tcp(vec![blackhole_addr, alive.addr]);
+    spec.connect_timeout = Duration::from_millis(1500);
+    spec.retries = 1;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    assert!(
+        wait_until(TIMEOUT, || h.stats(0).active() == 1),
+        "the hanging connect to {blackhole_addr} should count as an active connection"
+    );
+    assert_eq!(
+        h.stats(0).total.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a connect that has not succeeded is not a connection in `total`"
+    );
+    client.write_all(b"ping").expect("send");
+    client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+    let mut reply = Vec::new();
+    client
+        .read_to_end(&mut reply)
+        .expect("served by the second backend after the timeout");
+    assert_eq!(reply, b"ping");
+    assert_eq!(
+        h.stats(0).active(),
+        0,
+        "the timed-out attempt must give its count back"
+    );
+    h.wait_idle();
+}
+
+#[test]
+fn a_retry_picks_from_the_current_table() {
+    // b0's connect hangs; meanwhile b0 goes DOWN and a new table sends new flows to b2 only.
+    // The retry after b0's timeout must follow that table: the old one would pick b1, which
+    // hangs too, and with one retry left that would cost the client its connection.
+    let hang = |_| {
+        let l = tcp_listener(0);
+        let addr = l.local_addr().expect("blackhole address");
+        let filler = TcpStream::connect(addr).expect("fill the accept queue");
+        (l, filler, addr)
+    };
+    let (_l0, _f0, b0) = hang(0);
+    let (_l1, _f1, b1) = hang(1);
+    let alive = TcpBackend::echo();
+    let mut spec = ServiceSpec::tcp(vec![b0, b1, alive.addr]);
+    spec.connect_timeout = Duration::from_millis(800);
+    spec.retries = 1;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    assert!(
+        wait_until(TIMEOUT, || h.stats(0).active() == 1),
+        "the first attempt should be hanging on b0"
+    );
+    republish(&h, 2, |b0| b0.up = false);
+    let mut reply = Vec::new();
+    client.write_all(b"ping").expect("send");
+    client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+    client
+        .read_to_end(&mut reply)
+        .expect("the retry should reach the backend the current table names, not b1");
+    assert_eq!(reply, b"ping");
     h.wait_idle();
 }
 

@@ -7,10 +7,9 @@ use std::collections::BTreeSet;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_support::{udp_client as client, wait_until, Harness, ServiceSpec, UdpEcho};
+use proxy_support::{republish, udp_client as client, wait_until, Harness, ServiceSpec, UdpEcho};
 
 /// Datagram `seq` of client `id`: its header, then a length that varies, up to 60 000 bytes.
 fn datagram(id: u8, seq: u32) -> Vec<u8> {
@@ -281,39 +280,6 @@ fn shutdown_cuts_off_sessions_open_at_the_deadline() {
     assert_eq!(h.stats(0).active(), 0, "the session is counted closed");
 }
 
-/// Always picks one backend: lets a test say exactly where new sessions go.
-struct Only(usize);
-
-impl lb_daemon::scheduler::Scheduler for Only {
-    fn pick(&self, _flow: &lb_common::FlowKey, tried: &[usize]) -> Option<usize> {
-        (!tried.contains(&self.0)).then_some(self.0)
-    }
-}
-
-/// Publishes a copy of the current snapshot with backend 0 changed by `change`, a scheduler
-/// that sends new sessions to backend 1, and the next generation.
-fn republish(h: &Harness, change: impl Fn(&mut lb_daemon::snapshot::BackendView)) {
-    let old = h.snapshot.load_full();
-    let mut backends = old.backends.clone();
-    change(&mut backends[0]);
-    h.snapshot
-        .store(Arc::new(lb_daemon::snapshot::ServiceSnapshot {
-            name: old.name.clone(),
-            listen: old.listen,
-            protocol: old.protocol,
-            scheduler_kind: old.scheduler_kind,
-            connect_timeout: old.connect_timeout,
-            idle_timeout: old.idle_timeout,
-            retries: old.retries,
-            backends,
-            scheduler: Some(Box::new(Only(1))),
-            generation: old.generation + 1,
-            proxy_protocol: old.proxy_protocol,
-            limits: old.limits,
-            access_log: old.access_log,
-        }));
-}
-
 #[test]
 fn a_session_stays_on_a_draining_backend_and_moves_off_a_down_one() {
     let backends = [UdpEcho::start("b0"), UdpEcho::start("b1")];
@@ -331,14 +297,14 @@ fn a_session_stays_on_a_draining_backend_and_moves_off_a_down_one() {
         "the round-robin test scheduler starts with b0"
     );
 
-    republish(&h, |b0| b0.weight = 0);
+    republish(&h, 1, |b0| b0.weight = 0);
     assert_eq!(
         ask(b"two"),
         "b0:two",
         "a draining backend (weight 0) must keep the sessions it has"
     );
 
-    republish(&h, |b0| b0.up = false);
+    republish(&h, 1, |b0| b0.up = false);
     assert_eq!(
         ask(b"three"),
         "b1:three",

@@ -400,3 +400,40 @@ pub fn udp_client(vip: SocketAddr) -> UdpSocket {
         .expect("read timeout");
     socket
 }
+
+/// Always picks one backend: lets a test say exactly where new flows go.
+pub struct Only(pub usize);
+
+impl lb_daemon::scheduler::Scheduler for Only {
+    fn pick(&self, _flow: &lb_common::FlowKey, tried: &[usize]) -> Option<usize> {
+        (!tried.contains(&self.0)).then_some(self.0)
+    }
+}
+
+/// Publishes a copy of the current snapshot with backend 0 changed by `change`, a scheduler
+/// that sends new flows to backend `new_flows_to` only, and the next generation.
+pub fn republish(
+    h: &Harness,
+    new_flows_to: usize,
+    change: impl Fn(&mut lb_daemon::snapshot::BackendView),
+) {
+    let old = h.snapshot.load_full();
+    let mut backends = old.backends.clone();
+    change(&mut backends[0]);
+    h.snapshot
+        .store(Arc::new(lb_daemon::snapshot::ServiceSnapshot {
+            name: old.name.clone(),
+            listen: old.listen,
+            protocol: old.protocol,
+            scheduler_kind: old.scheduler_kind,
+            connect_timeout: old.connect_timeout,
+            idle_timeout: old.idle_timeout,
+            retries: old.retries,
+            backends,
+            scheduler: Some(Box::new(Only(new_flows_to))),
+            generation: old.generation + 1,
+            proxy_protocol: old.proxy_protocol,
+            limits: old.limits,
+            access_log: old.access_log,
+        }));
+}

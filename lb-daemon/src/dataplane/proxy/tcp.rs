@@ -58,15 +58,26 @@ fn bit(op: u8) -> u8 {
 }
 
 struct Connecting {
-    /// The snapshot the first pick used: `tried` holds its backend ids.
+    /// The snapshot the latest pick used (a retry loads the current one, so a backend marked
+    /// DOWN meanwhile is not tried).
     snapshot: Arc<ServiceSnapshot>,
-    tried: Vec<BackendId>,
-    /// The attempt in flight: backend, address, socket.
-    attempt: Option<(BackendId, SocketAddr, OwnedFd)>,
+    /// Backends this connection failed to reach, by address (ids are per snapshot).
+    tried: Vec<SocketAddr>,
+    /// The attempt in flight.
+    attempt: Option<Attempt>,
     /// The connect's result once its completion arrived.
     result: Option<i32>,
     /// The linked timeout fired.
     timed_out: bool,
+}
+
+/// One connect attempt in flight. It counts in its backend's `active` from the pick on, so
+/// `least_conn` and `random_two` see a backend whose connects hang as busy, not idle (what
+/// HAProxy counts as "served"); the count is released if the attempt fails.
+struct Attempt {
+    addr: SocketAddr,
+    stats: Arc<BackendStats>,
+    socket: OwnedFd,
 }
 
 struct Relaying {
@@ -480,12 +491,24 @@ impl Tcp {
         let target = if failed as u64 > u64::from(service.retries) {
             None
         } else {
+            if failed > 0 {
+                a.snapshot = service.snapshot.load_full();
+            }
+            let tried: Vec<BackendId> = if failed == 0 {
+                Vec::new()
+            } else {
+                (a.snapshot.backends.iter().enumerate())
+                    .filter(|(_, b)| a.tried.contains(&b.address))
+                    .map(|(id, _)| id)
+                    .collect()
+            };
             let key = flow_key(conn.client_addr, service.listen, Protocol::Tcp);
             a.snapshot
-                .pick(&key, &a.tried)
-                .and_then(|id| a.snapshot.backends.get(id).map(|b| (id, b.address)))
+                .pick(&key, &tried)
+                .and_then(|id| a.snapshot.backends.get(id))
+                .map(|b| (b.address, Arc::clone(&b.stats)))
         };
-        let Some((id, addr)) = target else {
+        let Some((addr, stats)) = target else {
             Shared::count(&ctx.shared.no_backend, 1);
             let client = conn.client_addr;
             let service_at = conn.service;
@@ -514,7 +537,12 @@ impl Tcp {
             Token::entry(Kind::Conn, OP_CONNECT, index, generation),
             Token::entry(Kind::Conn, OP_TIMER, index, generation),
         );
-        a.attempt = Some((id, addr, socket));
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        a.attempt = Some(Attempt {
+            addr,
+            stats,
+            socket,
+        });
         a.result = None;
         a.timed_out = false;
         conn.in_flight |= bit(OP_CONNECT) | bit(OP_TIMER);
@@ -589,7 +617,12 @@ impl Tcp {
         let Phase::Connecting(a) = &mut conn.phase else {
             return;
         };
-        let Some((id, addr, socket)) = a.attempt.take() else {
+        let Some(Attempt {
+            addr,
+            stats,
+            socket,
+        }) = a.attempt.take()
+        else {
             // Unreachable: both connect completions imply an attempt. Never leave a
             // connection with nothing in flight and no way out.
             self.close(ctx, index, generation, End::Error);
@@ -606,15 +639,14 @@ impl Tcp {
             } else {
                 io::Error::from_raw_os_error(-result)
             };
+            stats.closed();
             if sys::is_local_error(&err) {
                 // Out of ports, memory or descriptors here says nothing about the backend:
                 // counting it towards `fall` would take healthy backends down under load.
                 Shared::count(&ctx.shared.errors, 1);
             } else {
                 ctx.events.connect_failed(service.index, addr, &err);
-                if let Some(b) = a.snapshot.backends.get(id) {
-                    b.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                }
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {err} (table generation {})",
@@ -622,16 +654,11 @@ impl Tcp {
                 a.snapshot.generation
             );
             drop(socket);
-            a.tried.push(id);
+            a.tried.push(addr);
             self.connect_next(ctx, index, generation);
             return;
         }
 
-        let Some(stats) = a.snapshot.backends.get(id).map(|b| b.stats.clone()) else {
-            // Unreachable: `id` came from this snapshot.
-            self.close(ctx, index, generation, End::Error);
-            return;
-        };
         let pipe_size = ctx.options.pipe_size;
         let pipes = match (self.pipes.take(pipe_size), self.pipes.take(pipe_size)) {
             (Ok(p0), Ok(p1)) => [p0, p1],
@@ -646,6 +673,7 @@ impl Tcp {
                 }
                 Shared::count(&ctx.shared.errors, 1);
                 drop(socket);
+                stats.closed();
                 self.close(ctx, index, generation, End::Error);
                 return;
             }
@@ -679,12 +707,14 @@ impl Tcp {
                 );
                 Shared::count(&ctx.shared.errors, 1);
                 drop((socket, pipes));
+                stats.closed();
                 self.close(ctx, index, generation, End::Error);
                 return;
             }
         };
         ctx.events.connect_succeeded(service.index, addr);
-        stats.opened();
+        // `active` has counted this connection since the pick.
+        stats.total.fetch_add(1, Ordering::Relaxed);
         conn.phase = Phase::Relaying(Relaying {
             backend: socket,
             backend_addr: addr,
@@ -861,7 +891,12 @@ impl Tcp {
                 self.pipes.give(p1);
                 (Some(r.backend_addr), r.bytes)
             }
-            Phase::Connecting(_) => (None, [0, 0]),
+            Phase::Connecting(a) => {
+                if let Some(attempt) = a.attempt {
+                    attempt.stats.closed();
+                }
+                (None, [0, 0])
+            }
         };
         if conn.access_log {
             access::log(&access::Line {
