@@ -15,6 +15,7 @@ use crate::report::PathKind;
 use crate::server::{BULK_PORT, RR_PORT, UDP_PORT};
 use crate::topology::{backend_addr, Topology, BACKENDS, VIP, XDP_VIP};
 
+pub use crate::xdp::XdpVeth;
 pub use lb_tests::xdp::Mode;
 
 /// The balancer's request/reply port (to backends' [`RR_PORT`]).
@@ -30,6 +31,11 @@ pub enum Path {
     /// No balancer: the client spreads flows over the backends itself; the balancer
     /// namespace only routes.
     Direct,
+    /// `direct` on the veth set-up the XDP paths need (checksum offload off, an XDP program
+    /// on every veth, here one that passes everything to the kernel's routing): the
+    /// no-balancer limit under XDP's conditions, which tells the cost of XDP on veth apart
+    /// from the cost of lb's program.
+    DirectXdpVeth,
     /// lb-daemon's userspace proxy with io_uring splice (the default).
     LbProxy,
     /// lb-daemon's userspace proxy with splice(2) system calls (`LB_PROXY_SPLICE=syscall`).
@@ -46,8 +52,9 @@ pub enum Path {
 
 impl Path {
     /// Every path, in report order.
-    pub const ALL: [Path; 7] = [
+    pub const ALL: [Path; 8] = [
         Path::Direct,
+        Path::DirectXdpVeth,
         Path::LbXdpNat,
         Path::LbXdpDsr,
         Path::LbProxy,
@@ -60,6 +67,7 @@ impl Path {
     pub fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct",
+            Path::DirectXdpVeth => "direct-xdp-veth",
             Path::LbProxy => "lb-proxy",
             Path::LbProxySyscall => "lb-proxy-syscall",
             Path::LbXdpNat => "lb-xdp-nat",
@@ -72,17 +80,18 @@ impl Path {
     /// Baseline, ours or peer.
     pub fn kind(self) -> PathKind {
         match self {
-            Path::Direct => PathKind::Baseline,
+            Path::Direct | Path::DirectXdpVeth => PathKind::Baseline,
             Path::Haproxy | Path::Nginx => PathKind::Peer,
             _ => PathKind::Ours,
         }
     }
 
-    /// The XDP forwarding mode, for lb's XDP paths.
-    pub fn xdp_mode(self) -> Option<Mode> {
+    /// The XDP veth set-up the path runs on, if any.
+    pub fn xdp_setup(self) -> Option<XdpVeth> {
         match self {
-            Path::LbXdpNat => Some(Mode::Nat),
-            Path::LbXdpDsr => Some(Mode::Dsr),
+            Path::DirectXdpVeth => Some(XdpVeth::Pass),
+            Path::LbXdpNat => Some(XdpVeth::Lb(Mode::Nat)),
+            Path::LbXdpDsr => Some(XdpVeth::Lb(Mode::Dsr)),
             _ => None,
         }
     }
@@ -102,7 +111,7 @@ impl Path {
             _ => UDP_PORT,
         };
         match self {
-            Path::Direct => (0..BACKENDS)
+            Path::Direct | Path::DirectXdpVeth => (0..BACKENDS)
                 .map(|i| SocketAddr::new(backend_addr(i), port))
                 .collect(),
             Path::LbXdpNat | Path::LbXdpDsr => vec![SocketAddr::new(XDP_VIP.into(), port)],
@@ -185,17 +194,17 @@ pub fn start(
     log: PathBuf,
 ) -> Result<Option<Running>, StartError> {
     let (mut cmd, config) = match path {
-        Path::Direct => return Ok(None),
+        Path::Direct | Path::DirectXdpVeth => return Ok(None),
         Path::LbProxy | Path::LbProxySyscall | Path::LbXdpNat | Path::LbXdpDsr => {
-            let text = match path.xdp_mode() {
-                Some(mode) => {
+            let text = match path.xdp_setup() {
+                Some(XdpVeth::Lb(mode)) => {
                     let object = programs
                         .bpf_object
                         .as_ref()
                         .map_err(|why| StartError::Unavailable(format!("no BPF object: {why}")))?;
                     lb_xdp_config(mode, object)
                 }
-                None => lb_config("proxy"),
+                _ => lb_config("proxy"),
             };
             let config = dir.join(format!("{}.toml", path.name()));
             std::fs::write(&config, text)?;

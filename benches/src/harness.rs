@@ -12,7 +12,7 @@ use crate::balancer::{self, Path, Programs, Running, StartError, VIP_BULK, VIP_R
 use crate::client;
 use crate::metric::Metric;
 use crate::procstat;
-use crate::report::{Figure, Machine, PathReport, Report};
+use crate::report::{Figure, Machine, PathKind, PathReport, Report};
 use crate::server::Servers;
 use crate::stop;
 use crate::topology::{self, Topology};
@@ -136,6 +136,11 @@ pub fn run(plan: &Plan) -> Result<Report> {
          veth delivery after the program are only in the machine-wide softirq column. Peak RSS \
          is lb-daemon's; its BPF maps are kernel memory and not in it."
             .to_string(),
+        "direct-xdp-veth: `direct` on the XDP paths' veth set-up (below), with a pass-everything \
+         XDP program (`lb-daemon decap`) on the balancer's veths too, so the kernel routes with \
+         XDP attached everywhere: lb-xdp-* against it shows the cost of lb's program and \
+         redirect alone, against `direct` also the cost of XDP on veth."
+            .to_string(),
         "lb-xdp-*: run with what XDP on veth needs (as in the end-to-end tests), set up around \
          each of their runs and undone after: tx checksum offload off on the client's and \
          backends' veth ends (which also turns off their TSO: they send MTU-sized segments, \
@@ -183,14 +188,14 @@ fn measure(
 ) -> Result<Measured, String> {
     // The XDP paths' extra set-up comes first (the daemon's XDP needs the decapsulators on
     // the veth peers) and goes last (after the daemon detached).
-    let xdp = match path.xdp_mode() {
-        Some(mode) => {
+    let xdp = match path.xdp_setup() {
+        Some(kind) => {
             let object = plan
                 .programs
                 .bpf_object
                 .as_ref()
                 .map_err(|why| format!("no BPF object: {why}"))?;
-            Some(XdpSetup::start(topo, mode, object)?)
+            Some(XdpSetup::start(topo, kind, object)?)
         }
         None => None,
     };
@@ -215,8 +220,7 @@ fn measure(
     let cpu = |notes: &mut Vec<String>| -> (procstat::Usage, Option<f64>) {
         let u = procstat::usage(ns);
         let program = match &xdp {
-            None => Some(0.0),
-            Some(x) => match x.program_seconds() {
+            Some(x) if path.kind() != PathKind::Baseline => match x.program_seconds() {
                 Ok(s) => Some(s),
                 Err(e) => {
                     notes.push(format!(
@@ -226,6 +230,7 @@ fn measure(
                     None
                 }
             },
+            _ => Some(0.0),
         };
         (u, program.map(|p| p + u.cpu_seconds))
     };
@@ -249,7 +254,8 @@ fn measure(
     let (u1, c1) = cpu(&mut notes);
     let s1 = procstat::softirq_seconds();
     let gb = bytes as f64 / 1e9;
-    let has_process = u0.processes > 0 && u1.processes > 0;
+    // A baseline has no balancer (direct-xdp-veth's pass programs' loaders do nothing).
+    let has_process = path.kind() != PathKind::Baseline && u0.processes > 0 && u1.processes > 0;
     if gb > 0.0 {
         if let (true, Some(c0), Some(c1)) = (has_process, c0, c1) {
             figures.push((Metric::CpuPerGb, (c1 - c0) * 1e3 / gb));

@@ -26,23 +26,34 @@ use crate::topology::Topology;
 /// The MTU the topology's veths have outside the DSR runs.
 const NORMAL_MTU: u32 = 1500;
 
+/// Which XDP veth set-up a path runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpVeth {
+    /// lb's XDP data plane in this mode (the daemon attaches `lb_xdp` in the balancer).
+    Lb(Mode),
+    /// No balancer: a pass-everything program (`lb-daemon decap`) on the balancer's veths
+    /// too, so the kernel routes with XDP attached everywhere, as `direct` under XDP's
+    /// conditions.
+    Pass,
+}
+
 /// The XDP-only set-up of one run; undone on drop (drop the daemon first).
 pub struct XdpSetup<'a> {
     topo: &'a Topology,
-    mode: Mode,
+    kind: XdpVeth,
     decaps: Vec<Decap>,
     stats: Result<OwnedFd, String>,
 }
 
 impl<'a> XdpSetup<'a> {
-    /// Applies the set-up for `mode`, with `object` the BPF object for the decapsulators.
+    /// Applies the set-up `kind`, with `object` the BPF object for the decapsulators.
     /// `Err(reason)` (with whatever was applied undone) when a step fails.
-    pub fn start(topo: &'a Topology, mode: Mode, object: &Path) -> Result<XdpSetup<'a>, String> {
+    pub fn start(topo: &'a Topology, kind: XdpVeth, object: &Path) -> Result<XdpSetup<'a>, String> {
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
             .map_err(|e| format!("BPF run-time statistics cannot be enabled: {e}"));
         let mut setup = XdpSetup {
             topo,
-            mode,
+            kind,
             decaps: Vec::new(),
             stats,
         };
@@ -52,7 +63,7 @@ impl<'a> XdpSetup<'a> {
             set_tx_checksum(b, "b0", false)
                 .map_err(|e| format!("turning off tx checksum offload on b0: {e}"))?;
         }
-        if mode == Mode::Dsr {
+        if kind == XdpVeth::Lb(Mode::Dsr) {
             setup.backend_mtu(DSR_BACKEND_MTU)?;
         }
         // Decap::start ties the decapsulator's life to the calling thread (PR_SET_PDEATHSIG):
@@ -106,7 +117,7 @@ impl<'a> XdpSetup<'a> {
 impl Drop for XdpSetup<'_> {
     fn drop(&mut self) {
         self.decaps.clear();
-        if self.mode == Mode::Dsr {
+        if self.kind == XdpVeth::Lb(Mode::Dsr) {
             if let Err(e) = self.backend_mtu(NORMAL_MTU) {
                 eprintln!("lb-bench: restoring the backend veths' MTU: {e}");
             }
