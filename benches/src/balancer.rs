@@ -1,6 +1,7 @@
 //! The paths under test and how each balancer is configured and started in the balancer
-//! namespace: lb-daemon (proxy, either splice mode; XDP when the build has it), HAProxy
-//! (`mode tcp`) and nginx (`stream`), all with the same three backends and round robin.
+//! namespace: lb-daemon (proxy, either splice mode; XDP in NAT and DSR mode), HAProxy
+//! (`mode tcp`) and nginx (`stream`), all with the same three backends, round robin where the
+//! data plane has it (the XDP program has only a Maglev table).
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use crate::report::PathKind;
 use crate::server::{BULK_PORT, RR_PORT, UDP_PORT};
-use crate::topology::{backend_addr, Topology, BACKENDS, VIP};
+use crate::topology::{backend_addr, Topology, BACKENDS, VIP, XDP_VIP};
+
+pub use crate::xdp::XdpVeth;
+pub use lb_tests::xdp::Mode;
 
 /// The balancer's request/reply port (to backends' [`RR_PORT`]).
 pub const VIP_RR: u16 = 8000;
@@ -27,6 +31,11 @@ pub enum Path {
     /// No balancer: the client spreads flows over the backends itself; the balancer
     /// namespace only routes.
     Direct,
+    /// `direct` on the veth set-up the XDP paths need (checksum offload off, an XDP program
+    /// on every veth, here one that passes everything to the kernel's routing): the
+    /// no-balancer limit under XDP's conditions, which tells the cost of XDP on veth apart
+    /// from the cost of lb's program.
+    DirectXdpVeth,
     /// lb-daemon's userspace proxy with io_uring splice (the default).
     LbProxy,
     /// lb-daemon's userspace proxy with splice(2) system calls (`LB_PROXY_SPLICE=syscall`).
@@ -43,8 +52,9 @@ pub enum Path {
 
 impl Path {
     /// Every path, in report order.
-    pub const ALL: [Path; 7] = [
+    pub const ALL: [Path; 8] = [
         Path::Direct,
+        Path::DirectXdpVeth,
         Path::LbXdpNat,
         Path::LbXdpDsr,
         Path::LbProxy,
@@ -57,6 +67,7 @@ impl Path {
     pub fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct",
+            Path::DirectXdpVeth => "direct-xdp-veth",
             Path::LbProxy => "lb-proxy",
             Path::LbProxySyscall => "lb-proxy-syscall",
             Path::LbXdpNat => "lb-xdp-nat",
@@ -69,9 +80,19 @@ impl Path {
     /// Baseline, ours or peer.
     pub fn kind(self) -> PathKind {
         match self {
-            Path::Direct => PathKind::Baseline,
+            Path::Direct | Path::DirectXdpVeth => PathKind::Baseline,
             Path::Haproxy | Path::Nginx => PathKind::Peer,
             _ => PathKind::Ours,
+        }
+    }
+
+    /// The XDP veth set-up the path runs on, if any.
+    pub fn xdp_setup(self) -> Option<XdpVeth> {
+        match self {
+            Path::DirectXdpVeth => Some(XdpVeth::Pass),
+            Path::LbXdpNat => Some(XdpVeth::Lb(Mode::Nat)),
+            Path::LbXdpDsr => Some(XdpVeth::Lb(Mode::Dsr)),
+            _ => None,
         }
     }
 
@@ -81,19 +102,20 @@ impl Path {
     }
 
     /// Where the client sends `port`'s traffic (a VIP port; for `direct`, the backends'
-    /// port on every backend).
+    /// port on every backend; for XDP, the backends' port on [`XDP_VIP`], since DSR
+    /// backends receive the client's packet unchanged).
     pub fn targets(self, vip_port: u16) -> Vec<SocketAddr> {
-        if self == Path::Direct {
-            let port = match vip_port {
-                VIP_RR => RR_PORT,
-                VIP_BULK => BULK_PORT,
-                _ => UDP_PORT,
-            };
-            (0..BACKENDS)
+        let port = match vip_port {
+            VIP_RR => RR_PORT,
+            VIP_BULK => BULK_PORT,
+            _ => UDP_PORT,
+        };
+        match self {
+            Path::Direct | Path::DirectXdpVeth => (0..BACKENDS)
                 .map(|i| SocketAddr::new(backend_addr(i), port))
-                .collect()
-        } else {
-            vec![SocketAddr::new(VIP.into(), vip_port)]
+                .collect(),
+            Path::LbXdpNat | Path::LbXdpDsr => vec![SocketAddr::new(XDP_VIP.into(), port)],
+            _ => vec![SocketAddr::new(VIP.into(), vip_port)],
         }
     }
 }
@@ -109,6 +131,8 @@ pub struct Programs {
     pub nginx: Option<PathBuf>,
     /// nginx's stream module, if installed.
     pub nginx_stream: Option<PathBuf>,
+    /// lb's BPF object (`cargo xtask build-ebpf`), or why there is none.
+    pub bpf_object: Result<PathBuf, String>,
 }
 
 /// A running balancer process in the balancer namespace; killed and reaped on drop.
@@ -170,14 +194,20 @@ pub fn start(
     log: PathBuf,
 ) -> Result<Option<Running>, StartError> {
     let (mut cmd, config) = match path {
-        Path::Direct => return Ok(None),
+        Path::Direct | Path::DirectXdpVeth => return Ok(None),
         Path::LbProxy | Path::LbProxySyscall | Path::LbXdpNat | Path::LbXdpDsr => {
-            let dataplane = match path {
-                Path::LbXdpNat | Path::LbXdpDsr => "xdp",
-                _ => "proxy",
+            let text = match path.xdp_setup() {
+                Some(XdpVeth::Lb(mode)) => {
+                    let object = programs
+                        .bpf_object
+                        .as_ref()
+                        .map_err(|why| StartError::Unavailable(format!("no BPF object: {why}")))?;
+                    lb_xdp_config(mode, object)
+                }
+                _ => lb_config("proxy"),
             };
             let config = dir.join(format!("{}.toml", path.name()));
-            std::fs::write(&config, lb_config(dataplane))?;
+            std::fs::write(&config, text)?;
             let mut cmd = topo.balancer.command(&programs.daemon.to_string_lossy());
             cmd.arg("run").arg("--config").arg(&config);
             cmd.env("RUST_LOG", "warn");
@@ -250,6 +280,49 @@ pub fn lb_config(dataplane: &str) -> String {
             "\n[[service]]\nname = \"{name}\"\nlisten = \"{VIP}:{vip_port}\"\nprotocol = \"{proto}\"\n\
              scheduler = \"round_robin\"\ndataplane = \"{dataplane}\"\n\n[service.health]\nkind = \"none\"\n"
         );
+        for b in backends(port) {
+            let _ = write!(s, "\n[[service.backend]]\naddress = \"{b}\"\nweight = 1\n");
+        }
+    }
+    s
+}
+
+/// lb-daemon's config for its XDP paths: the same three services on [`XDP_VIP`] with the
+/// backends' ports, `dataplane = "xdp"` (the daemon refuses to start rather than fall back),
+/// Maglev, `lb_xdp` on the client-facing `l0` and the backend veths, the balancer's client-side
+/// address as `local_address`, no health checks (as every path; the topology's neighbours are
+/// permanent). NAT services get SNAT ranges far larger than the flows one round opens per
+/// backend: a port is freed only when its `NAT_REVERSE` entry is evicted, and every round
+/// starts a new daemon with new maps.
+pub fn lb_xdp_config(mode: Mode, bpf_object: &FsPath) -> String {
+    let mut s = format!(
+        "[global]\nbpf_object = \"{}\"\ndrain_timeout = \"1s\"\n",
+        bpf_object.display()
+    );
+    let ifs: Vec<String> = (1..=BACKENDS).map(|n| format!("\"l{n}\"")).collect();
+    for (name, port, proto, snat) in [
+        ("rr", RR_PORT, "tcp", (1024, 59_999)),
+        ("bulk", BULK_PORT, "tcp", (60_000, 62_999)),
+        ("udp", UDP_PORT, "udp", (63_000, 65_535)),
+    ] {
+        let _ = write!(
+            s,
+            "\n[[service]]\nname = \"{name}\"\nlisten = \"{XDP_VIP}:{port}\"\nprotocol = \"{proto}\"\n\
+             scheduler = \"maglev\"\ndataplane = \"xdp\"\ninterface = \"l0\"\n\
+             backend_interfaces = [{}]\nlocal_address = \"{VIP}\"\n",
+            ifs.join(", ")
+        );
+        match mode {
+            Mode::Nat => {
+                let _ = write!(
+                    s,
+                    "forwarding = \"nat\"\nsnat_ports = [{}, {}]\n",
+                    snat.0, snat.1
+                );
+            }
+            Mode::Dsr => s.push_str("forwarding = \"dsr\"\n"),
+        }
+        s.push_str("\n[service.health]\nkind = \"none\"\n");
         for b in backends(port) {
             let _ = write!(s, "\n[[service.backend]]\naddress = \"{b}\"\nweight = 1\n");
         }
@@ -345,5 +418,32 @@ mod tests {
             BACKENDS,
             "direct spreads flows over every backend itself"
         );
+    }
+
+    #[test]
+    fn the_xdp_configs_are_valid_lb_configs_with_the_backends_ports_on_the_vip() {
+        for mode in [Mode::Nat, Mode::Dsr] {
+            let text = lb_xdp_config(mode, FsPath::new("/obj/lb-ebpf"));
+            let _config = lb_daemon::config::parse(&text, FsPath::new("bench.toml"))
+                .unwrap_or_else(|e| panic!("the {mode:?} config does not load: {e}\n{text}"));
+            for port in [RR_PORT, BULK_PORT, UDP_PORT] {
+                assert!(
+                    text.contains(&format!("listen = \"{XDP_VIP}:{port}\"")),
+                    "{mode:?}: the service for backend port {port} is not on the XDP VIP at \
+                     that port (DSR backends receive the client's packet unchanged): {text}"
+                );
+                for b in backends(port) {
+                    assert!(text.contains(&b.to_string()), "{mode:?} lacks {b}: {text}");
+                }
+            }
+        }
+        for path in [Path::LbXdpNat, Path::LbXdpDsr] {
+            assert_eq!(
+                path.targets(VIP_UDP),
+                vec![SocketAddr::new(XDP_VIP.into(), UDP_PORT)],
+                "{} is reached on the XDP VIP",
+                path.name()
+            );
+        }
     }
 }

@@ -12,10 +12,11 @@ use crate::balancer::{self, Path, Programs, Running, StartError, VIP_BULK, VIP_R
 use crate::client;
 use crate::metric::Metric;
 use crate::procstat;
-use crate::report::{Figure, Machine, PathReport, Report};
+use crate::report::{Figure, Machine, PathKind, PathReport, Report};
 use crate::server::Servers;
 use crate::stop;
 use crate::topology::{self, Topology};
+use crate::xdp::XdpSetup;
 
 /// How a run is sized and where it writes.
 #[derive(Debug, Clone)]
@@ -129,6 +130,27 @@ pub fn run(plan: &Plan) -> Result<Report> {
         "softirq: machine-wide (/proc/stat), so it includes the client's and backends' stacks; \
          the kernel does not split it by namespace."
             .to_string(),
+        "lb-xdp-*: the balancer's work runs in softirq. Their LB CPU is the time the kernel ran \
+         the lb_xdp program (BPF run-time statistics, `run_time_ns` of the program attached in \
+         the balancer namespace) plus lb-daemon's own user+system time; the redirect and the \
+         veth delivery after the program are only in the machine-wide softirq column. Peak RSS \
+         is lb-daemon's; its BPF maps are kernel memory and not in it."
+            .to_string(),
+        "direct-xdp-veth: `direct` on the XDP paths' veth set-up (below), with a pass-everything \
+         XDP program (`lb-daemon decap`) on the balancer's veths too, so the kernel routes with \
+         XDP attached everywhere: lb-xdp-* against it shows the cost of lb's program and \
+         redirect alone, against `direct` also the cost of XDP on veth."
+            .to_string(),
+        "lb-xdp-*: run with what XDP on veth needs (as in the end-to-end tests), set up around \
+         each of their runs and undone after: tx checksum offload off on the client's and \
+         backends' veth ends (which also turns off their TSO: they send MTU-sized segments, \
+         where the other paths send 64 KiB ones), `lb-daemon decap` on those ends (the XDP \
+         program a veth peer needs to receive redirected frames; DSR backends decapsulate with \
+         it), MTU 1600 on the balancer-to-backend veths for DSR. Maglev instead of round robin \
+         (the program has only a Maglev table). DSR replies go from the backend (VIP on its \
+         loopback) through the balancer's kernel routing (lb_xdp passes them) to the client, \
+         not through XDP."
+            .to_string(),
         "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
          16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
          clients, servers and the balancer share the same cores."
@@ -164,6 +186,19 @@ fn measure(
     log: PathBuf,
     round: usize,
 ) -> Result<Measured, String> {
+    // The XDP paths' extra set-up comes first (the daemon's XDP needs the decapsulators on
+    // the veth peers) and goes last (after the daemon detached).
+    let xdp = match path.xdp_setup() {
+        Some(kind) => {
+            let object = plan
+                .programs
+                .bpf_object
+                .as_ref()
+                .map_err(|why| format!("no BPF object: {why}"))?;
+            Some(XdpSetup::start(topo, kind, object)?)
+        }
+        None => None,
+    };
     let mut running = match balancer::start(path, topo, &plan.programs, work, log) {
         Ok(r) => r,
         Err(StartError::Unavailable(why)) => return Err(why),
@@ -180,7 +215,26 @@ fn measure(
         f64::NAN
     };
     let ns = topo.balancer.name();
-    let u0 = procstat::usage(ns);
+    // The balancer's CPU seconds so far: its processes' user + system time, plus, for XDP,
+    // the time the kernel ran lb_xdp (softirq). `None` when the XDP part cannot be read.
+    let cpu = |notes: &mut Vec<String>| -> (procstat::Usage, Option<f64>) {
+        let u = procstat::usage(ns);
+        let program = match &xdp {
+            Some(x) if path.kind() != PathKind::Baseline => match x.program_seconds() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    notes.push(format!(
+                        "round {}: no LB CPU figures: the XDP program's run time: {e}",
+                        round + 1
+                    ));
+                    None
+                }
+            },
+            _ => Some(0.0),
+        };
+        (u, program.map(|p| p + u.cpu_seconds))
+    };
+    let (u0, c0) = cpu(&mut notes);
     let s0 = procstat::softirq_seconds();
     let mut bytes = 0u64;
     for (metric, flows) in [(Metric::Bulk1, 1), (Metric::Bulk8, 8)] {
@@ -197,16 +251,14 @@ fn measure(
         };
         figures.push((metric, v));
     }
-    let u1 = procstat::usage(ns);
+    let (u1, c1) = cpu(&mut notes);
     let s1 = procstat::softirq_seconds();
     let gb = bytes as f64 / 1e9;
-    let has_process = u1.processes > 0;
+    // A baseline has no balancer (direct-xdp-veth's pass programs' loaders do nothing).
+    let has_process = path.kind() != PathKind::Baseline && u0.processes > 0 && u1.processes > 0;
     if gb > 0.0 {
-        if has_process {
-            figures.push((
-                Metric::CpuPerGb,
-                (u1.cpu_seconds - u0.cpu_seconds) * 1e3 / gb,
-            ));
+        if let (true, Some(c0), Some(c1)) = (has_process, c0, c1) {
+            figures.push((Metric::CpuPerGb, (c1 - c0) * 1e3 / gb));
         }
         figures.push((Metric::SoftirqPerGb, (s1 - s0) * 1e3 / gb));
     }
@@ -214,7 +266,7 @@ fn measure(
     let conns = topo
         .client
         .enter(|| client::connections(&path.targets(VIP_RR), CONN_THREADS, d));
-    let u2 = procstat::usage(ns);
+    let (_, c2) = cpu(&mut notes);
     match conns {
         Ok(r) => {
             if r.failed > 0 {
@@ -226,10 +278,10 @@ fn measure(
                 ));
             }
             figures.push((Metric::ConnRate, r.per_second()));
-            if has_process && r.done > 0 {
+            if let (true, Some(c1), Some(c2)) = (has_process && r.done > 0, c1, c2) {
                 figures.push((
                     Metric::CpuPer1kConn,
-                    (u2.cpu_seconds - u1.cpu_seconds) * 1e3 / (r.done as f64 / 1e3),
+                    (c2 - c1) * 1e3 / (r.done as f64 / 1e3),
                 ));
             }
         }
@@ -297,6 +349,7 @@ fn measure(
         }
     }
     drop(running);
+    drop(xdp);
     Ok((figures, notes))
 }
 

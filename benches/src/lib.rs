@@ -19,3 +19,4 @@ pub mod server;
 pub mod stats;
 pub mod stop;
 pub mod topology;
+pub mod xdp;

@@ -2,7 +2,7 @@
 //! server, a bulk sink and a UDP echo. Stopped and joined on drop.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::topology::{backend_addr, Topology};
+use crate::topology::{backend_addr, Topology, XDP_VIP};
 
 /// Request/reply port: each request is [`MSG`] bytes, answered with [`MSG`] bytes.
 pub const RR_PORT: u16 = 5000;
@@ -38,8 +38,10 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// Starts the three servers on every backend. `Err` when a namespace cannot be entered or
-    /// a port cannot be bound.
+    /// Starts the three servers on every backend, twice: on the backend's own address (for
+    /// `direct`, the proxies and XDP NAT) and on the XDP VIP its loopback holds (XDP DSR
+    /// delivers the client's packets to the VIP unchanged, and a UDP reply must leave from
+    /// the VIP). `Err` when a namespace cannot be entered or a port cannot be bound.
     pub fn start(topo: &Topology) -> io::Result<Servers> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut servers = Servers {
@@ -47,34 +49,38 @@ impl Servers {
             threads: Vec::new(),
         };
         for (i, ns) in topo.backends.iter().enumerate() {
-            let ip = backend_addr(i);
-            let (rr, bulk, udp) = ns.enter(|| {
-                Ok::<_, io::Error>((
-                    listener(SocketAddr::new(ip, RR_PORT))?,
-                    listener(SocketAddr::new(ip, BULK_PORT))?,
-                    udp_socket(SocketAddr::new(ip, UDP_PORT))?,
-                ))
-            })??;
-            for _ in 0..RR_THREADS {
-                let (l, stop) = (rr.try_clone()?, stop.clone());
-                servers
-                    .threads
-                    .push(std::thread::spawn(move || accept_loop(&l, &stop, serve_rr)));
-            }
-            for _ in 0..BULK_THREADS {
-                let (l, stop) = (bulk.try_clone()?, stop.clone());
-                servers.threads.push(std::thread::spawn(move || {
-                    accept_loop(&l, &stop, serve_bulk)
-                }));
-            }
-            for _ in 0..UDP_THREADS {
-                let (s, stop) = (udp.try_clone()?, stop.clone());
-                servers
-                    .threads
-                    .push(std::thread::spawn(move || echo_loop(&s, &stop)));
+            for ip in [backend_addr(i), IpAddr::V4(XDP_VIP)] {
+                let (rr, bulk, udp) = ns.enter(|| {
+                    Ok::<_, io::Error>((
+                        listener(SocketAddr::new(ip, RR_PORT))?,
+                        listener(SocketAddr::new(ip, BULK_PORT))?,
+                        udp_socket(SocketAddr::new(ip, UDP_PORT))?,
+                    ))
+                })??;
+                servers.spawn(&rr, &bulk, &udp)?;
             }
         }
         Ok(servers)
+    }
+
+    fn spawn(&mut self, rr: &TcpListener, bulk: &TcpListener, udp: &UdpSocket) -> io::Result<()> {
+        for _ in 0..RR_THREADS {
+            let (l, stop) = (rr.try_clone()?, self.stop.clone());
+            self.threads
+                .push(std::thread::spawn(move || accept_loop(&l, &stop, serve_rr)));
+        }
+        for _ in 0..BULK_THREADS {
+            let (l, stop) = (bulk.try_clone()?, self.stop.clone());
+            self.threads.push(std::thread::spawn(move || {
+                accept_loop(&l, &stop, serve_bulk)
+            }));
+        }
+        for _ in 0..UDP_THREADS {
+            let (s, stop) = (udp.try_clone()?, self.stop.clone());
+            self.threads
+                .push(std::thread::spawn(move || echo_loop(&s, &stop)));
+        }
+        Ok(())
     }
 }
 

@@ -7,6 +7,14 @@
 //! The client and the backends route everything through the balancer; the balancer forwards
 //! (`ip_forward=1`, which the `direct` path relies on) and, like the client, has
 //! `tcp_tw_reuse=1` and a wide local port range, so every path gets the same stack settings.
+//!
+//! For lb's XDP paths: [`XDP_VIP`] is on no interface of the balancer (only XDP answers for
+//! it; the client reaches it through its default route) and on every backend's loopback (DSR
+//! delivers the client's packet to it unchanged). The balancer knows its neighbours' MAC
+//! addresses from the start (permanent entries): XDP hands a packet for a neighbour it cannot
+//! resolve to the kernel, which drops a NAT'ed one, and no path here runs health checks that
+//! would resolve them. What the XDP paths change beyond this (checksum offload, MTU,
+//! decapsulators) is set up and undone around each of their runs (`crate::xdp`).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -17,6 +25,8 @@ use lb_tests::netns::{veth, Netns};
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// The client's address.
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The VIP of lb's XDP paths: on no balancer interface, on every backend's loopback.
+pub const XDP_VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 100, 1);
 /// Number of backends.
 pub const BACKENDS: usize = 3;
 
@@ -61,6 +71,7 @@ pub fn build() -> io::Result<Topology> {
             &format!("10.77.{n}.2/24"),
         )?;
         b.ip(&["route", "add", "default", "via", &format!("10.77.{n}.1")])?;
+        b.ip(&["addr", "add", &format!("{XDP_VIP}/32"), "dev", "lo"])?;
         backends.push(b);
     }
     balancer.sysctl("net.ipv4.ip_forward", "1")?;
@@ -73,9 +84,43 @@ pub fn build() -> io::Result<Topology> {
         ns.sysctl("net.core.somaxconn", "4096")?;
     }
     balancer.sysctl("net.core.somaxconn", "4096")?;
+    permanent_neighbour(&balancer, "l0", &CLIENT.to_string(), &client, "c0")?;
+    for (i, b) in backends.iter().enumerate() {
+        let addr = backend_addr(i).to_string();
+        permanent_neighbour(&balancer, &format!("l{}", i + 1), &addr, b, "b0")?;
+    }
     Ok(Topology {
         client,
         balancer,
         backends,
     })
+}
+
+/// Gives `ns` a permanent neighbour entry on `dev` for `addr`, the address of `peer`'s
+/// `peer_dev`. `Err` when `ip` fails or prints no MAC address.
+fn permanent_neighbour(
+    ns: &Netns,
+    dev: &str,
+    addr: &str,
+    peer: &Netns,
+    peer_dev: &str,
+) -> io::Result<()> {
+    let out = peer.run("ip", &["-br", "link", "show", "dev", peer_dev])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // `b0@if5   UP   aa:bb:cc:dd:ee:ff <BROADCAST,...>`
+    let mac = text
+        .split_whitespace()
+        .find(|w| w.len() == 17 && w.bytes().filter(|&b| b == b':').count() == 5)
+        .ok_or_else(|| io::Error::other(format!("no MAC address of {peer_dev} in `{text}`")))?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        addr,
+        "lladdr",
+        mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ])
 }

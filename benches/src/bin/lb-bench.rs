@@ -88,10 +88,15 @@ fn run(args: Args) -> Result<()> {
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.is_file()),
+        // The end-to-end tests' lookup: $LB_EBPF_OBJ, else the workspace's release object.
+        bpf_object: lb_benches::xdp::quietly(lb_tests::xdp::bpf_object),
     };
     if !programs.daemon.is_file() {
         bail!("--daemon {}: no such file", programs.daemon.display());
     }
+    // The XDP paths' decapsulators (`lb_tests::xdp::Decap`) run this same binary; set before
+    // any thread starts.
+    std::env::set_var("LB_DAEMON_BIN", &programs.daemon);
     let command = args
         .command
         .clone()

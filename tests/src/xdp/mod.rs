@@ -19,7 +19,7 @@ pub mod scenarios;
 pub mod world;
 
 pub use decap::Decap;
-pub use offload::disable_tx_checksum;
+pub use offload::{disable_tx_checksum, set_tx_checksum};
 pub use peers::{udp_exchange, PeerServer};
 
 use std::fs::File;

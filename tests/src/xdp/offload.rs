@@ -23,6 +23,14 @@ struct EthtoolValue {
 ///
 /// Returns `Err` when the namespace cannot be entered or the ioctl fails.
 pub fn disable_tx_checksum(ns: &Netns, interface: &str) -> io::Result<()> {
+    set_tx_checksum(ns, interface, false)
+}
+
+/// Turns transmit checksum offload on `interface` in `ns` on (`on`) or off
+/// (`ethtool -K IF tx on|off`); the benchmark turns it back on after its XDP paths.
+///
+/// Returns `Err` when the namespace cannot be entered or the ioctl fails.
+pub fn set_tx_checksum(ns: &Netns, interface: &str, on: bool) -> io::Result<()> {
     let name = interface.to_string();
     ns.enter(move || -> io::Result<()> {
         // SAFETY: plain socket(2) call; the descriptor is owned and closed below.
@@ -32,7 +40,7 @@ pub fn disable_tx_checksum(ns: &Netns, interface: &str) -> io::Result<()> {
         }
         let mut value = EthtoolValue {
             cmd: ETHTOOL_STXCSUM,
-            data: 0,
+            data: u32::from(on),
         };
         // SAFETY: ifreq is plain data; zeroed is a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
