@@ -36,9 +36,10 @@ pub enum Path {
     /// no-balancer limit under XDP's conditions, which tells the cost of XDP on veth apart
     /// from the cost of lb's program.
     DirectXdpVeth,
-    /// lb-daemon's userspace proxy with io_uring splice (the default).
+    /// lb-daemon's userspace proxy with io_uring splice (`LB_PROXY_SPLICE=uring`).
     LbProxy,
-    /// lb-daemon's userspace proxy with splice(2) system calls (`LB_PROXY_SPLICE=syscall`).
+    /// lb-daemon's userspace proxy with splice(2) system calls (`LB_PROXY_SPLICE=syscall`,
+    /// the daemon's default).
     LbProxySyscall,
     /// lb-daemon's XDP data plane, NAT mode.
     LbXdpNat,

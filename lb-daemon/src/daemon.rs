@@ -183,8 +183,8 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     result
 }
 
-/// The environment variable that picks the proxy's splice mode: `uring` (the default) or
-/// `syscall`. Meant for benchmarks comparing the two (`cargo xtask bench`), not a tuning knob.
+/// The environment variable that picks the proxy's splice mode: `syscall` (the default) or
+/// `uring`. Meant for benchmarks comparing the two (`cargo xtask bench`), not a tuning knob.
 pub const SPLICE_ENV: &str = "LB_PROXY_SPLICE";
 
 /// [`ProxyOptions`] with the splice mode `LB_PROXY_SPLICE` asks for (defaults when unset).
@@ -193,7 +193,8 @@ pub const SPLICE_ENV: &str = "LB_PROXY_SPLICE";
 /// never silently benchmarks the wrong mode.
 fn proxy_options_from_env() -> Result<ProxyOptions, DaemonError> {
     let splice = match std::env::var(SPLICE_ENV).as_deref() {
-        Err(_) | Ok("uring") => SpliceMode::Uring,
+        Err(_) => SpliceMode::default(),
+        Ok("uring") => SpliceMode::Uring,
         Ok("syscall") => SpliceMode::Syscall,
         Ok(other) => {
             return Err(DaemonError::Dataplane {
@@ -202,7 +203,7 @@ fn proxy_options_from_env() -> Result<ProxyOptions, DaemonError> {
             })
         }
     };
-    if splice != SpliceMode::Uring {
+    if splice != SpliceMode::default() {
         info!("{SPLICE_ENV}: relaying with {splice:?} splice");
     }
     Ok(ProxyOptions {
