@@ -1,6 +1,7 @@
 //! Checks that a built object is what the daemon will load: a BPF ELF with the XDP program and
 //! the maps it expects.
 
+use lb_common::maps;
 use std::{fs, path::Path};
 
 use anyhow::{bail, Context, Result};
@@ -12,9 +13,20 @@ const EM_BPF: u16 = 247;
 const E_MACHINE_OFFSET: usize = 18;
 
 /// Programs that must be present, as (section, function symbol).
-const PROGRAMS: &[(&str, &str)] = &[("xdp", "lb_xdp")];
+const PROGRAMS: &[(&str, &str)] = &[("xdp", maps::PROG_BALANCER), ("xdp", maps::PROG_DECAP)];
 /// Maps that must be present, by symbol name in the `maps` section.
-const MAPS: &[&str] = &["STATS"];
+const MAPS: &[&str] = &[
+    maps::VIPS,
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::TABLES,
+    maps::CONNTRACK,
+    maps::NAT_REVERSE,
+    maps::DEVMAP,
+    maps::STATS,
+    maps::SERVICE_STATS,
+    maps::BACKEND_STATS,
+];
 
 /// Reads the object at `path` and checks it: little-endian 64-bit ELF, machine BPF, each entry
 /// of `PROGRAMS` and `MAPS` present. Returns a one-line summary (path, size, what was found), or
