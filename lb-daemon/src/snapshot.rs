@@ -28,7 +28,8 @@ pub struct BackendStats {
     /// Connections (TCP, counted from the pick, so connects in flight included) or sessions
     /// (UDP) open right now: what `least_conn` and `random_two` balance on.
     pub active: AtomicU64,
-    /// Connections or sessions ever opened to this backend.
+    /// Connections or sessions ever opened to this backend: TCP counts a connection once its
+    /// connect succeeded, UDP a session when it opens (before any reply).
     pub total: AtomicU64,
     /// Connect attempts that failed (refused, timed out, unreachable).
     pub connect_failures: AtomicU64,

@@ -7,7 +7,8 @@
 //! `workers` times its limit). The table is split into [`SHARDS`] mutex-guarded maps by
 //! address, so workers admitting different clients rarely contend; it is touched once when a
 //! connection or session opens and once when it closes (only with a concurrency limit),
-//! never per relayed byte.
+//! never per relayed byte. A UDP client that is refused has no session, so each of its
+//! further datagrams asks again (and is counted again) until it is admitted.
 //!
 //! Memory is bounded: an entry whose client holds nothing and whose bucket is full again is
 //! forgotten (each shard prunes at most once a second, when it is next used), and a shard

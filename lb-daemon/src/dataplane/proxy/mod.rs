@@ -426,8 +426,8 @@ impl Proxy {
         }
     }
 
-    /// New connections (TCP) or sessions (UDP) of service `index` refused by its per-client
-    /// limits since it started. `None` for an index the proxy does not carry.
+    /// New connections (TCP) or datagrams that would have opened a session (UDP) of service
+    /// `index` refused by its per-client limits since it started. `None` for an index the proxy does not carry.
     pub fn limited(&self, index: usize) -> Option<u64> {
         self.carried()
             .iter()
