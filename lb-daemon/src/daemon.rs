@@ -26,7 +26,7 @@ pub enum DaemonError {
         /// What went wrong.
         source: SchedulerError,
     },
-    /// A service asks for a data plane this build cannot give it.
+    /// A data plane setting cannot be used; today only a bad `LB_PROXY_SPLICE` value.
     #[error("service {service}: {reason}")]
     Dataplane {
         /// The service's name.

@@ -107,15 +107,23 @@ pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(&str) -> bool) -> Result<(), Strin
         }
         let old = r.config();
         let addresses = |s: &Service| s.backends.iter().map(|b| b.address).collect::<Vec<_>>();
-        if addresses(&old) != addresses(new) || !new.discovered.is_empty() {
+        if addresses(&old) != addresses(new) {
             return Err(format!(
                 "service `{}` runs on XDP: its list of backends can change only by restart (weights can change now)",
                 new.name
             ));
         }
-        if old.xdp != new.xdp {
+        if old.xdp != new.xdp || old.table_size != new.table_size {
             return Err(format!(
-                "service `{}` runs on XDP: its XDP settings can change only by restart",
+                "service `{}` runs on XDP: its XDP settings and table_size can change only by restart",
+                new.name
+            ));
+        }
+        // What could not start on XDP cannot be reloaded onto it either (another scheduler,
+        // proxy-only settings): it would be accepted and then ignored.
+        if let Some(why) = crate::dataplane::xdp::obstacle(new) {
+            return Err(format!(
+                "service `{}` runs on XDP and the new config cannot: {why}; restart to move it",
                 new.name
             ));
         }
@@ -319,6 +327,31 @@ address = "127.0.0.1:9001"
             .enumerate()
             .map(|(i, s)| ServiceRuntime::new(i, s.clone()).expect("builds"))
             .collect()
+    }
+
+    #[test]
+    fn a_service_on_xdp_takes_weights_but_not_what_xdp_would_ignore() {
+        let xdp = |extra: &str, weight: u32| {
+            let text = format!(
+                "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\n\
+                 interface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n{extra}\n\
+                 [[service.backend]]\naddress = \"10.200.1.1:80\"\nweight = {weight}\n"
+            );
+            config::parse(&text, Path::new("test.toml")).expect("valid XDP test config")
+        };
+        let old = xdp("", 1);
+        let on_xdp = |name: &str| name == "web";
+        let p = plan(&old, &xdp("", 5), &running(&old)).expect("a weight change");
+        xdp_guard(&p, on_xdp).expect("a weight change applies on XDP");
+        for (extra, words) in [
+            ("scheduler = \"least_conn\"", "only the `maglev` scheduler"),
+            ("access_log = true", "only in the proxy"),
+            ("table_size = 65521", "table_size"),
+        ] {
+            let p = plan(&old, &xdp(extra, 1), &running(&old)).expect("planned");
+            let why = xdp_guard(&p, on_xdp).expect_err(extra);
+            assert!(why.contains(words), "`{extra}` on an XDP service: {why}");
+        }
     }
 
     #[test]

@@ -234,6 +234,9 @@ pub struct ServiceSlot {
     pub halves: [Option<std::sync::Arc<[u32]>>; 2],
     /// The generation of the snapshot last written.
     pub generation: u64,
+    /// The last generation whose write failed and was logged, so a persistent error is
+    /// logged once per generation, not on every poll.
+    pub failed_generation: Option<u64>,
 }
 
 impl ServiceSlot {

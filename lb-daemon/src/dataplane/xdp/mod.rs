@@ -20,7 +20,9 @@ use aya::Ebpf;
 use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, MAX_TABLE_SIZE, PROG_BALANCER};
 use tracing::{info, warn};
 
-use crate::config::{DataplaneKind, Forwarding, Global, SchedulerKind, Service};
+use crate::config::{
+    ClientLimits, DataplaneKind, Forwarding, Global, ProxyProtocol, SchedulerKind, Service,
+};
 use crate::service::ServiceRuntime;
 
 pub use counters::{BackendCounters, ServiceCounters, XdpCounters};
@@ -106,6 +108,17 @@ pub fn obstacle(service: &Service) -> Option<String> {
             "table_size {} is larger than the {MAX_TABLE_SIZE} slots the XDP maps hold",
             service.table_size
         ));
+    }
+    // On XDP these would silently vanish (a backend expecting a PROXY header would reject
+    // every connection): they make the service a proxy one.
+    if service.proxy_protocol != ProxyProtocol::Off
+        || service.limits != ClientLimits::default()
+        || service.access_log
+    {
+        return Some(
+            "proxy_protocol, [service.limits] and access_log run only in the proxy data plane"
+                .into(),
+        );
     }
     None
 }
@@ -212,11 +225,6 @@ impl XdpPlane {
         ))
     }
 
-    /// The interfaces the balancer program is attached to, and how.
-    pub fn interfaces(&self) -> &[(String, AttachMode)] {
-        &self.interfaces
-    }
-
     /// The program's counters now: global, per service and per backend (summed over CPUs).
     ///
     /// Returns `Err(MapsError::Io)` when a map cannot be read.
@@ -314,18 +322,26 @@ fn place(
             wanted.push(b.clone());
         }
     }
-    let mut interfaces = Vec::new();
+    // Every interface must exist before anything is attached, so a typo in the last one
+    // leaves no program behind on the first.
+    let mut ifindexes = Vec::with_capacity(wanted.len());
     for name in &wanted {
+        match loader::if_index(name) {
+            Some(i) => ifindexes.push(i),
+            None => return Err(format!("there is no interface {name}")),
+        }
+    }
+    let mut interfaces = Vec::new();
+    for (name, ifindex) in wanted.iter().zip(ifindexes) {
         let mode = match attached.get(name) {
             Some(&mode) => mode,
             None => {
-                let Some(ifindex) = loader::if_index(name) else {
-                    return Err(format!("there is no interface {name}"));
-                };
+                // Redirects into the interface are allowed first: an interface in `attached`
+                // is one other services can redirect to as well.
+                maps.allow_redirect(ifindex).map_err(|e| e.to_string())?;
                 let prog = program(ebpf)?;
                 let mode = loader::attach(prog, name).map_err(|e| e.to_string())?;
                 attached.insert(name.clone(), mode);
-                maps.allow_redirect(ifindex).map_err(|e| e.to_string())?;
                 info!("XDP: {PROG_BALANCER} attached to {name} ({mode} mode)");
                 mode
             }
@@ -347,6 +363,7 @@ fn place(
         vip_published: false,
         halves: [None, None],
         generation: 0,
+        failed_generation: None,
     };
     let snap = rt.snapshot().load_full();
     maps.publish(&mut slot, &snap).map_err(|e| e.to_string())?;

@@ -75,10 +75,16 @@ fn republish_if_changed(maps: &Mutex<Maps>, rt: &ServiceRuntime, slot: &Mutex<Se
             snap.backends.len(),
             started.elapsed().as_millis()
         ),
-        // The previous table stays live and the next poll tries again.
-        Err(e) => error!(
-            "service {}: cannot write XDP table generation {}: {e}; the previous table stays live",
-            snap.name, snap.generation
-        ),
+        // The previous table stays live and the next poll tries again, quietly.
+        Err(e) => {
+            if slot.failed_generation != Some(snap.generation) {
+                slot.failed_generation = Some(snap.generation);
+                error!(
+                    "service {}: cannot write XDP table generation {}: {e}; the previous table \
+                     stays live and the write is retried",
+                    snap.name, snap.generation
+                );
+            }
+        }
     }
 }
