@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use crate::config::Config;
 use crate::dataplane::proxy::{Proxy, ProxyCounters};
+use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
 use crate::service::{ServiceSet, ServiceStatus};
 
 /// The daemon's shared control state. One per process, behind an `Arc`.
@@ -16,12 +17,24 @@ pub struct Control {
     config: Mutex<Config>,
     services: Arc<ServiceSet>,
     proxy: Mutex<Option<Proxy>>,
-    /// Service name → (runs on XDP, the placement in words), as decided at start.
-    placements: HashMap<String, (bool, String)>,
+    /// The XDP data plane, when any service runs on it; taken out at shutdown.
+    xdp: Mutex<Option<XdpPlane>>,
+    /// Service index ([`ServiceRuntime::index`](crate::service::ServiceRuntime::index)) →
+    /// (runs on XDP, the placement in words). A service missing here runs on the proxy.
+    placements: Mutex<HashMap<usize, Placed>>,
     started: SystemTime,
     reloads: Mutex<ReloadHistory>,
     /// Serialises reloads (SIGHUP and `POST /reload` may race).
     reloading: tokio::sync::Mutex<()>,
+}
+
+/// Where a service runs, as [`Control`] remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// Whether the service's flows are carried by XDP.
+    pub on_xdp: bool,
+    /// The placement in words, for `/status` and the log.
+    pub words: String,
 }
 
 /// Counts of reloads and the latest outcome.
@@ -80,13 +93,14 @@ impl From<ProxyCounters> for ProxyCountersView {
 
 impl Control {
     /// The control state of a daemon that runs `config` (read from `path`) on `proxy` and,
-    /// for the services `placements` marks (name → (on XDP, placement in words)), on XDP.
+    /// for the services `placements` marks (service index → [`Placed`]), on `xdp`.
     pub fn new(
         path: &Path,
         config: Config,
         services: Arc<ServiceSet>,
         proxy: Proxy,
-        placements: HashMap<String, (bool, String)>,
+        xdp: Option<XdpPlane>,
+        placements: HashMap<usize, Placed>,
     ) -> Arc<Self> {
         let started = SystemTime::now();
         Arc::new(Control {
@@ -94,7 +108,8 @@ impl Control {
             config: Mutex::new(config),
             services,
             proxy: Mutex::new(Some(proxy)),
-            placements,
+            xdp: Mutex::new(xdp),
+            placements: Mutex::new(placements),
             started,
             reloads: Mutex::new(ReloadHistory {
                 last_success_unix_seconds: unix_seconds(started),
@@ -124,16 +139,47 @@ impl Control {
         &self.services
     }
 
-    /// Whether service `name` runs on XDP (its maps were set up at start, so a reload may
-    /// change its weights and health settings but not its backend list or address).
-    pub fn on_xdp(&self, name: &str) -> bool {
-        self.placements.get(name).is_some_and(|(xdp, _)| *xdp)
+    /// Whether the service with index `index` runs on XDP.
+    pub fn on_xdp(&self, index: usize) -> bool {
+        lock(&self.placements).get(&index).is_some_and(|p| p.on_xdp)
+    }
+
+    /// Where the service with index `index` runs; `None` for a service never placed (one a
+    /// reload started on the proxy).
+    pub fn placement(&self, index: usize) -> Option<Placed> {
+        lock(&self.placements).get(&index).cloned()
+    }
+
+    /// Records where the service with index `index` runs (a reload started or moved it).
+    pub(crate) fn set_placement(&self, index: usize, placed: Placed) {
+        lock(&self.placements).insert(index, placed);
+    }
+
+    /// Forgets the placement of a service that is gone.
+    pub(crate) fn forget_placement(&self, index: usize) {
+        lock(&self.placements).remove(&index);
+    }
+
+    /// Runs `f` on the XDP data plane; `None` when there is none (or after shutdown took it).
+    pub fn with_xdp<T>(&self, f: impl FnOnce(&mut XdpPlane) -> T) -> Option<T> {
+        lock(&self.xdp).as_mut().map(f)
+    }
+
+    /// Takes the XDP data plane out for shutdown; later calls get `None`.
+    pub fn take_xdp(&self) -> Option<XdpPlane> {
+        lock(&self.xdp).take()
+    }
+
+    /// The XDP program's counters now; `None` when no service runs on XDP, `Err` when a map
+    /// cannot be read.
+    pub fn xdp_counters(&self) -> Option<Result<XdpCounters, MapsError>> {
+        self.with_xdp(|x| x.counters())
     }
 
     /// The data planes in use: `"proxy"`, `"xdp"` or `"xdp+proxy"`.
     pub fn dataplane(&self) -> &'static str {
         let names = self.services.all();
-        let xdp = names.iter().filter(|s| self.on_xdp(s.name())).count();
+        let xdp = names.iter().filter(|s| self.on_xdp(s.index())).count();
         match (xdp, names.len() - xdp) {
             (0, _) => "proxy",
             (_, 0) => "xdp",
@@ -200,10 +246,9 @@ impl Control {
                 .iter()
                 .map(|s| {
                     let mut status = s.status();
-                    status.dataplane = self.placements.get(s.name()).map_or_else(
-                        || "proxy data plane (started by a reload)".to_string(),
-                        |(_, words)| words.clone(),
-                    );
+                    status.dataplane = self
+                        .placement(s.index())
+                        .map_or_else(|| "proxy data plane".to_string(), |p| p.words);
                     status
                 })
                 .collect(),

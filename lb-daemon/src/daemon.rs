@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::admin::api::ApiError;
 use crate::config::{Config, Protocol};
-use crate::control::Control;
+use crate::control::{Control, Placed};
 use crate::dataplane::proxy::{Proxy, ProxyError, ProxyOptions, ProxyService, SpliceMode};
 use crate::dataplane::xdp::{self, Placement, XdpError, XdpPlane};
 use crate::scheduler::SchedulerError;
@@ -126,11 +126,14 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         .iter()
         .zip(&placements)
         .map(|(s, p)| {
-            let on_xdp = matches!(p, Placement::Xdp { .. });
-            (s.name().to_string(), (on_xdp, xdp::describe(p)))
+            let placed = Placed {
+                on_xdp: matches!(p, Placement::Xdp { .. }),
+                words: xdp::describe(p),
+            };
+            (s.index(), placed)
         })
         .collect();
-    let control = Control::new(path, config, set.clone(), proxy, placements);
+    let control = Control::new(path, config, set.clone(), proxy, xdp_plane, placements);
     let result = rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
@@ -168,7 +171,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         passive.abort();
         Ok::<(), DaemonError>(())
     });
-    if let Some(x) = xdp_plane {
+    if let Some(x) = control.take_xdp() {
         x.shutdown();
     }
     let drain_timeout = control.config().global.drain_timeout;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use crate::config::{self, Config, Service};
-use crate::control::Control;
+use crate::control::{Control, Placed};
 use crate::dataplane::proxy::ProxyService;
 use crate::service::ServiceRuntime;
 
@@ -94,15 +94,15 @@ pub fn plan(
 /// Refuses the parts of `plan` that a service on XDP cannot take in place: the XDP maps give
 /// each backend its slot when the daemon starts, so such a service keeps its address and its
 /// list of backends until restart (weights, drain and health settings still change live).
-pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(&str) -> bool) -> Result<(), String> {
-    if let Some(r) = plan.remove.iter().find(|r| on_xdp(r.name())) {
+pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), String> {
+    if let Some(r) = plan.remove.iter().find(|r| on_xdp(r.index())) {
         return Err(format!(
             "service `{}` runs on XDP: removing it or moving it to another address needs a restart",
             r.name()
         ));
     }
     for (r, new) in &plan.update {
-        if !on_xdp(r.name()) {
+        if !on_xdp(r.index()) {
             continue;
         }
         let old = r.config();
@@ -174,7 +174,7 @@ fn apply(control: &Control) -> Result<String, String> {
     let running = control.config();
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
-    xdp_guard(&plan, |name| control.on_xdp(name))?;
+    xdp_guard(&plan, |index| control.on_xdp(index))?;
     let drain_timeout = new.global.drain_timeout;
 
     // A removed service whose address an added one takes must let go of it first.
@@ -277,6 +277,13 @@ fn start_service(control: &Control, s: &Service) -> Result<Arc<ServiceRuntime>, 
         })
         .unwrap_or(Err(crate::dataplane::proxy::ProxyError::Stopped(index)))
         .map_err(|e| format!("service `{}`: {e}", s.name))?;
+    control.set_placement(
+        index,
+        Placed {
+            on_xdp: false,
+            words: "proxy data plane (started by a reload)".into(),
+        },
+    );
     runtime.start();
     Ok(runtime)
 }
@@ -285,6 +292,7 @@ fn start_service(control: &Control, s: &Service) -> Result<Arc<ServiceRuntime>, 
 /// `drain_timeout`, and ends its health checks and resolvers.
 fn stop_service(control: &Control, r: &ServiceRuntime, drain_timeout: std::time::Duration) {
     control.with_proxy(|p| p.remove_service(r.index(), drain_timeout));
+    control.forget_placement(r.index());
     r.stop();
     info!(
         "service {}: stopped accepting; {} open connections and sessions may finish within {}",
@@ -340,7 +348,7 @@ address = "127.0.0.1:9001"
             config::parse(&text, Path::new("test.toml")).expect("valid XDP test config")
         };
         let old = xdp("", 1);
-        let on_xdp = |name: &str| name == "web";
+        let on_xdp = |index: usize| index == 0;
         let p = plan(&old, &xdp("", 5), &running(&old)).expect("a weight change");
         xdp_guard(&p, on_xdp).expect("a weight change applies on XDP");
         for (extra, words) in [
