@@ -1,15 +1,18 @@
 //! The running daemon as the admin API and reloads see it: the config in force, the
 //! services, the data plane, and the reload history.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+use lb_common::Counters;
+use tracing::warn;
 
 use crate::config::Config;
 use crate::dataplane::proxy::{Proxy, ProxyCounters};
 use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
-use crate::service::{ServiceSet, ServiceStatus};
+use crate::service::{ServiceRuntime, ServiceSet, ServiceStatus};
 
 /// The daemon's shared control state. One per process, behind an `Arc`.
 pub struct Control {
@@ -26,6 +29,12 @@ pub struct Control {
     reloads: Mutex<ReloadHistory>,
     /// Serialises reloads (SIGHUP and `POST /reload` may race).
     reloading: tokio::sync::Mutex<()>,
+    /// Services a reload removed, with the end of their drain: shown in `/status` while
+    /// connections are still open on them.
+    retired: Mutex<Vec<(Arc<ServiceRuntime>, Instant)>>,
+    /// Whether a failed read of the XDP counters was logged already (logged once, not per
+    /// scrape).
+    xdp_read_failed: std::sync::atomic::AtomicBool,
 }
 
 /// Where a service runs, as [`Control`] remembers it.
@@ -68,6 +77,44 @@ pub struct Status {
     pub reloads: ReloadHistory,
     /// The services, in config order.
     pub services: Vec<ServiceStatus>,
+    /// Services a reload removed that still have open connections or sessions (listed until
+    /// the last one closes or `drain_timeout` passes).
+    pub removed_services: Vec<ServiceStatus>,
+    /// The XDP program's own counters; `None` when no service runs on XDP.
+    pub xdp: Option<XdpStatus>,
+}
+
+/// The XDP program's global counters in `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct XdpStatus {
+    /// Packets by outcome, summed over CPUs, named as `lb_common::Stat` in snake case
+    /// (`packets` seen, `forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...).
+    pub packets: BTreeMap<String, u64>,
+    /// Why the counters could not be read, when they could not (they are then empty, and the
+    /// per-service XDP figures are missing).
+    pub error: Option<String>,
+}
+
+/// What the XDP program counted for one service or one backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct XdpTraffic {
+    /// Client packets forwarded.
+    pub packets: u64,
+    /// Bytes of those packets as the frames arrived (Ethernet header included).
+    pub bytes: u64,
+    /// Flows started (conntrack entries made). XDP does not see flows end, so there is no
+    /// count of open ones.
+    pub flows: u64,
+}
+
+impl From<Counters> for XdpTraffic {
+    fn from(c: Counters) -> Self {
+        XdpTraffic {
+            packets: c.packets,
+            bytes: c.bytes,
+            flows: c.new_flows,
+        }
+    }
 }
 
 /// [`ProxyCounters`] for JSON.
@@ -116,6 +163,8 @@ impl Control {
                 ..ReloadHistory::default()
             }),
             reloading: tokio::sync::Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
+            xdp_read_failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -228,11 +277,63 @@ impl Control {
         unix_seconds(self.started)
     }
 
+    /// Keeps `service`, which a reload removed, in `/status` while it still has open
+    /// connections or sessions, for at most `drain_timeout`.
+    pub(crate) fn retire(&self, service: Arc<ServiceRuntime>, drain_timeout: Duration) {
+        lock(&self.retired).push((service, Instant::now() + drain_timeout));
+        // Pruned here too, so reloads without status requests do not pile them up.
+        let _ = self.draining();
+    }
+
+    /// The removed services still draining; forgets those done.
+    fn draining(&self) -> Vec<Arc<ServiceRuntime>> {
+        let mut retired = lock(&self.retired);
+        let now = Instant::now();
+        retired.retain(|(s, until)| {
+            let draining = now < *until && s.active() > 0;
+            if !draining {
+                self.forget_placement(s.index());
+            }
+            draining
+        });
+        retired.iter().map(|(s, _)| Arc::clone(s)).collect()
+    }
+
     /// `GET /status`.
     pub fn status(&self) -> Status {
         let (active, counters) = self
             .with_proxy(|p| (p.active(), p.counters()))
             .unwrap_or_default();
+        let xdp = match self.xdp_counters() {
+            None => None,
+            Some(Ok(c)) => Some(Ok(c)),
+            Some(Err(e)) => {
+                let e = e.to_string();
+                if !self
+                    .xdp_read_failed
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn!("the XDP counters cannot be read: {e}; /status and /metrics miss them");
+                }
+                Some(Err(e))
+            }
+        };
+        let counters_of = |s: &ServiceRuntime| match &xdp {
+            Some(Ok(c)) if self.on_xdp(s.index()) => {
+                c.services.iter().find(|sc| sc.name == s.name())
+            }
+            _ => None,
+        };
+        let show = |s: &Arc<ServiceRuntime>| {
+            let mut status = s.status();
+            status.dataplane = self
+                .placement(s.index())
+                .map_or_else(|| "proxy data plane".to_string(), |p| p.words);
+            if let Some(c) = counters_of(s) {
+                add_xdp(&mut status, c);
+            }
+            status
+        };
         Status {
             config: self.path.clone(),
             dataplane: self.dataplane(),
@@ -240,18 +341,33 @@ impl Control {
             active,
             proxy: counters.into(),
             reloads: self.reloads(),
-            services: self
-                .services
-                .all()
-                .iter()
-                .map(|s| {
-                    let mut status = s.status();
-                    status.dataplane = self
-                        .placement(s.index())
-                        .map_or_else(|| "proxy data plane".to_string(), |p| p.words);
-                    status
-                })
-                .collect(),
+            services: self.services.all().iter().map(show).collect(),
+            removed_services: self.draining().iter().map(show).collect(),
+            xdp: xdp.map(|r| match r {
+                Ok(c) => XdpStatus {
+                    packets: c.global.into_iter().collect(),
+                    error: None,
+                },
+                Err(e) => XdpStatus {
+                    packets: BTreeMap::new(),
+                    error: Some(e),
+                },
+            }),
+        }
+    }
+}
+
+/// Adds what XDP counted to a service's status: its own `xdp` figures, and the flows and
+/// bytes folded into each backend's `total` and `bytes_to_backend`, so the columns (and the
+/// metrics built from them) count traffic whichever data plane carried it.
+fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounters) {
+    status.xdp = Some(c.counters.into());
+    for b in &mut status.backends {
+        if let Some(bc) = c.backends.iter().find(|bc| bc.address == b.address) {
+            let t: XdpTraffic = bc.counters.into();
+            b.total += t.flows;
+            b.bytes_to_backend += t.bytes;
+            b.xdp = Some(t);
         }
     }
 }

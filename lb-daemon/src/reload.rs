@@ -290,9 +290,9 @@ fn start_service(control: &Control, s: &Service) -> Result<Arc<ServiceRuntime>, 
 
 /// Stops new flows to a service (its listeners close), lets its open ones finish within
 /// `drain_timeout`, and ends its health checks and resolvers.
-fn stop_service(control: &Control, r: &ServiceRuntime, drain_timeout: std::time::Duration) {
+fn stop_service(control: &Control, r: &Arc<ServiceRuntime>, drain_timeout: std::time::Duration) {
     control.with_proxy(|p| p.remove_service(r.index(), drain_timeout));
-    control.forget_placement(r.index());
+    control.retire(Arc::clone(r), drain_timeout);
     r.stop();
     info!(
         "service {}: stopped accepting; {} open connections and sessions may finish within {}",

@@ -154,6 +154,11 @@ pub struct BackendStatus {
     /// The last active check: `"ok"`, the error, or `None` before the first one (or with
     /// `kind = "none"`).
     pub last_check: Option<String>,
+    /// What the XDP program counted for this backend, when the service runs on XDP (its
+    /// flows and bytes are also in `total` and `bytes_to_backend`; `active` counts only the
+    /// proxy's, as XDP does not see flows end). Filled in by
+    /// [`crate::control::Control::status`].
+    pub xdp: Option<crate::control::XdpTraffic>,
 }
 
 /// A service in the admin API's `/status`.
@@ -175,6 +180,9 @@ pub struct ServiceStatus {
     pub generation: u64,
     /// Every backend, in config order, then discovered ones.
     pub backends: Vec<BackendStatus>,
+    /// What the XDP program counted for the service, when it runs on XDP. Filled in by
+    /// [`crate::control::Control::status`].
+    pub xdp: Option<crate::control::XdpTraffic>,
 }
 
 /// A configured service at run time: its backends' state and its published snapshot.
@@ -357,9 +365,11 @@ impl ServiceRuntime {
                             (_, Some(Ok(()))) => Some("ok".into()),
                             (_, Some(Err(e))) => Some(e.to_string()),
                         },
+                        xdp: None,
                     }
                 })
                 .collect(),
+            xdp: None,
         }
     }
 

@@ -313,3 +313,91 @@ fn reloads_under_load_drop_nothing_and_an_invalid_file_is_ignored() {
         st["reloads"]
     );
 }
+
+/// A service a reload removes stays in `/status` (and the CLI's table) under
+/// `removed_services` while a connection is still open on it, with that connection counted,
+/// and leaves once the connection has finished, byte-complete.
+#[test]
+fn a_removed_service_is_shown_draining_until_its_last_connection_ends() {
+    let h = HttpNameServer::start("h1").expect("backend starts");
+    let s = HashServer::start("s1").expect("backend starts");
+    let (web_vip, bulk_vip) = (free_addr(), free_addr());
+    let web = [(h.addr(), 1)];
+    let daemon = Daemon::start(&config(web_vip, &web, bulk_vip, &[(s.addr(), 1)], None));
+    let api = daemon.admin_addr();
+    let active_of = |st: &serde_json::Value, list: &str| -> Option<u64> {
+        let svc = st[list]
+            .as_array()?
+            .iter()
+            .find(|svc| svc["name"] == "bulk")?;
+        Some(
+            svc["backends"]
+                .as_array()?
+                .iter()
+                .filter_map(|b| b["active"].as_u64())
+                .sum(),
+        )
+    };
+    let wait_for = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = admin::status(api);
+            if ok(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} within 10 s; /status: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let mut upload = Upload::start(bulk_vip, 7).expect("upload connects");
+    upload.send(PIECE).expect("first piece");
+    wait_for("the open upload counted on `bulk`", &|st| {
+        active_of(st, "services") == Some(1)
+    });
+
+    // A config without `bulk`: it drains.
+    daemon.rewrite_config(
+        &DaemonConfig::new()
+            .service(
+                ServiceConfig::tcp("web", web_vip)
+                    .scheduler("weighted_round_robin")
+                    .fast_health("http")
+                    .backend(h.addr(), 1),
+            )
+            .to_toml(),
+    );
+    daemon.signal(Signal::SIGHUP).expect("SIGHUP");
+    let st = wait_for("`bulk` under removed_services with its connection", &|st| {
+        active_of(st, "services").is_none() && active_of(st, "removed_services") == Some(1)
+    });
+    assert_eq!(
+        st["active"], 1,
+        "the daemon-wide count misses the draining connection: {st}"
+    );
+    let table = cli(&api.to_string(), &["status"]);
+    assert!(
+        table
+            .stdout
+            .contains("removed by a reload, draining: service bulk"),
+        "the CLI's table does not show the draining service:\n{}\n(/status: {st})",
+        table.stdout
+    );
+
+    upload
+        .send(PIECE)
+        .expect("the drained service still carries the upload");
+    let got = upload.finish().expect("the upload finishes");
+    assert_eq!(
+        got,
+        Receipt::of_stream(2 * PIECE, 7),
+        "the upload arrived damaged"
+    );
+    wait_for(
+        "`bulk` gone from /status after its last connection",
+        &|st| active_of(st, "removed_services").is_none(),
+    );
+}

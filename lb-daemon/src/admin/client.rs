@@ -182,15 +182,55 @@ pub fn status_table(status: &serde_json::Value) -> String {
     if let Some(last) = status.pointer("/reloads/last").and_then(|x| x.as_str()) {
         let _ = writeln!(out, "last reload: {last}");
     }
+    if let Some(xdp) = status.get("xdp").filter(|x| !x.is_null()) {
+        match xdp.get("error").and_then(|e| e.as_str()) {
+            Some(e) => {
+                let _ = writeln!(out, "XDP counters unreadable: {e}");
+            }
+            None => {
+                let p = |k: &str| {
+                    xdp.pointer(&format!("/packets/{k}"))
+                        .and_then(|x| x.as_u64())
+                };
+                let drops: u64 = xdp
+                    .get("packets")
+                    .and_then(|x| x.as_object())
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(k, _)| k.starts_with("drop_"))
+                            .filter_map(|(_, v)| v.as_u64())
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "XDP: {} packets, {} forwarded, {} NAT replies, {} passed to the kernel, {drops} dropped",
+                    p("packets").unwrap_or(0),
+                    p("forwarded").unwrap_or(0),
+                    p("nat_replies").unwrap_or(0),
+                    p("pass_not_vip").unwrap_or(0) + p("fib_pass").unwrap_or(0),
+                );
+            }
+        }
+    }
     let empty = Vec::new();
-    for svc in status
-        .get("services")
-        .and_then(|x| x.as_array())
-        .unwrap_or(&empty)
-    {
+    let listed = |key: &'static str| {
+        status
+            .get(key)
+            .and_then(|x| x.as_array())
+            .unwrap_or(&empty)
+            .iter()
+            .map(move |svc| (key, svc))
+    };
+    for (list, svc) in listed("services").chain(listed("removed_services")) {
         let _ = writeln!(
             out,
-            "\nservice {}  {}/{}  {}  table generation {}\n  {}",
+            "\n{}service {}  {}/{}  {}  table generation {}\n  {}",
+            if list == "removed_services" {
+                "removed by a reload, draining: "
+            } else {
+                ""
+            },
             s(svc, "name"),
             s(svc, "listen"),
             s(svc, "protocol"),
@@ -198,6 +238,15 @@ pub fn status_table(status: &serde_json::Value) -> String {
             n(svc, "generation"),
             s(svc, "dataplane")
         );
+        if let Some(x) = svc.get("xdp").filter(|x| !x.is_null()) {
+            let _ = writeln!(
+                out,
+                "  XDP: {} flows started, {} packets, {} (open flows are not counted on XDP)",
+                n(x, "flows"),
+                n(x, "packets"),
+                human_bytes(n(x, "bytes"))
+            );
+        }
         let header = [
             "BACKEND",
             "ORIGIN",
@@ -286,10 +335,46 @@ mod tests {
         });
         let t = status_table(&status);
         assert!(t.contains("service web  127.0.0.1:8080/tcp"), "{t}");
+        assert!(
+            !t.contains("XDP"),
+            "a proxy-only daemon shows no XDP lines: {t}"
+        );
         let row = t
             .lines()
             .find(|l| l.contains("127.0.0.1:9001"))
             .expect("a row for the backend");
         assert!(row.contains("2.0 KiB") && row.contains("ok"), "{row}");
+    }
+
+    #[test]
+    fn xdp_figures_and_removed_services_are_shown() {
+        let svc = |name: &str, xdp: serde_json::Value| {
+            serde_json::json!({"name": name, "listen": "10.0.0.1:80", "protocol": "tcp",
+                "scheduler": "maglev", "generation": 1, "dataplane": "XDP data plane (nat) on eth0 (native)",
+                "xdp": xdp, "backends": []})
+        };
+        let status = serde_json::json!({
+            "dataplane": "xdp", "config": "/etc/lb/lb.toml", "uptime_seconds": 1.0, "active": 0,
+            "reloads": {"succeeded": 1, "failed": 0, "last": null},
+            "xdp": {"packets": {"packets": 10, "forwarded": 7, "nat_replies": 2, "pass_not_vip": 1,
+                "drop_no_backend": 3, "drop_mtu": 1}, "error": null},
+            "services": [svc("web", serde_json::json!({"packets": 7, "bytes": 2048, "flows": 3}))],
+            "removed_services": [svc("old", serde_json::Value::Null)]
+        });
+        let t = status_table(&status);
+        assert!(
+            t.contains(
+                "XDP: 10 packets, 7 forwarded, 2 NAT replies, 1 passed to the kernel, 4 dropped"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("XDP: 3 flows started, 7 packets, 2.0 KiB"),
+            "{t}"
+        );
+        assert!(
+            t.contains("removed by a reload, draining: service old"),
+            "{t}"
+        );
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
-//! | `lb_backend_connections_total` | counter: connections (TCP) or sessions (UDP) opened | service, backend |
+//! | `lb_backend_connections_total` | counter: connections (TCP) or sessions (UDP) opened, and flows started on XDP | service, backend |
 //! | `lb_backend_active_connections` | gauge: open now | service, backend |
 //! | `lb_backend_connect_failures_total` | counter: failed connect attempts | service, backend |
-//! | `lb_backend_bytes_total` | counter: bytes, `direction` = `to_backend` or `from_backend` | service, backend, direction |
+//! | `lb_backend_bytes_total` | counter: bytes, `direction` = `to_backend` or `from_backend` (XDP: frames to the backend only) | service, backend, direction |
+//! | `lb_xdp_backend_packets_total` | counter: client packets XDP forwarded to a backend | service, backend |
+//! | `lb_xdp_packets_total` | counter: packets the XDP program handled, by `outcome` (`forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...; `packets` counts them all) | outcome |
 //! | `lb_backend_up` | gauge: 1 when the health checks say up | service, backend |
 //! | `lb_backend_weight` | gauge: the weight the scheduler uses now (0 draining) | service, backend |
 //! | `lb_proxy_no_backend_total` | counter: connections/datagrams refused for want of a backend | |
@@ -15,6 +17,9 @@
 //! | `lb_reloads_total` | counter: reloads, `result` = `applied` or `refused` | result |
 //! | `lb_config_last_reload_success_timestamp_seconds` | gauge: Unix time | |
 //! | `lb_start_time_seconds` | gauge: Unix time of the daemon's start | |
+//!
+//! Services a reload removed keep their series while they drain (see `/status`'s
+//! `removed_services`); a backend's series go when it does.
 
 use std::sync::atomic::AtomicU64;
 
@@ -40,6 +45,11 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -57,8 +67,9 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
     let bytes = Family::<BytesLabels, Counter>::default();
     let up = Family::<BackendLabels, Gauge>::default();
     let weight = Family::<BackendLabels, Gauge>::default();
-    for s in control.services().all().iter() {
-        let status = s.status();
+    let xdp_packets = Family::<BackendLabels, Counter>::default();
+    let full = control.status();
+    for status in full.services.iter().chain(&full.removed_services) {
         for b in &status.backends {
             let l = BackendLabels {
                 service: status.name.clone(),
@@ -69,6 +80,9 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
             failures.get_or_create(&l).inc_by(b.connect_failures);
             up.get_or_create(&l).set(i64::from(b.health == "up"));
             weight.get_or_create(&l).set(i64::from(b.effective_weight));
+            if let Some(x) = &b.xdp {
+                xdp_packets.get_or_create(&l).inc_by(x.packets);
+            }
             for (direction, n) in [
                 ("to_backend", b.bytes_to_backend),
                 ("from_backend", b.bytes_from_backend),
@@ -115,7 +129,28 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
         weight,
     );
 
-    let counters = control.with_proxy(|p| p.counters()).unwrap_or_default();
+    if let Some(xdp) = &full.xdp {
+        reg.register(
+            "xdp_backend_packets",
+            "Client packets the XDP program forwarded to a backend",
+            xdp_packets,
+        );
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        for (outcome, n) in &xdp.packets {
+            outcomes
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.clone(),
+                })
+                .inc_by(*n);
+        }
+        reg.register(
+            "xdp_packets",
+            "Packets the XDP program handled, by outcome (`packets` counts every one)",
+            outcomes,
+        );
+    }
+
+    let counters = full.proxy;
     let counter = |n: u64| {
         let c = Counter::<u64>::default();
         c.inc_by(n);

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::world::{World, BULK, DNS, WEB};
-use super::{backend_ip, udp_exchange, Mode, Topology, BALANCER, CLIENT};
+use super::{backend_ip, in_netns, udp_exchange, Mode, Topology, BALANCER, CLIENT};
 use crate::client::{http_get, HttpConnection, Upload};
 use crate::data::Receipt;
 use crate::load::run;
@@ -236,8 +236,8 @@ pub fn backend_added(mode: Mode) {
     }
 }
 
-/// The XDP counters the daemon logs at exit match what the client sent: UDP packets and
-/// bytes exactly, and one new flow per TCP connection.
+/// The XDP counters match what the client sent, as `/status`, `/metrics` and the exit log show
+/// them: UDP packets and bytes exactly, and one new flow per TCP connection.
 pub fn counters_match(mode: Mode) {
     let mut world = World::start(mode, 3, 3);
     const DATAGRAMS: usize = 100;
@@ -251,6 +251,79 @@ pub fn counters_match(mode: Mode) {
     const CONNS: usize = 50;
     let report = world.client(|| run(CONNS, 1, Duration::from_secs(60), |_| http_get(web(), "/")));
     report.assert_all_answered(&format!("{mode:?}: HTTP for the counters"));
+    // Ethernet 14 + IPv4 20 + UDP 8 + payload, as the frame arrived at the balancer.
+    let frame = (14 + 20 + 8 + PAYLOAD) as u64;
+
+    let api = world.daemon.admin_addr();
+    let (status, metrics) = in_netns(&world.topology.balancer, || {
+        let metrics = crate::admin::request(api, "GET", "/metrics", "");
+        (crate::admin::status(api), metrics)
+    })
+    .expect("enter the balancer namespace");
+    let service = |name: &str| -> &serde_json::Value {
+        status["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name))
+            .unwrap_or_else(|| panic!("{mode:?}: no service {name} in /status: {status}"))
+    };
+    let dns = &service("dns")["xdp"];
+    assert_eq!(
+        (
+            dns["packets"].as_u64(),
+            dns["bytes"].as_u64(),
+            dns["flows"].as_u64()
+        ),
+        (
+            Some(DATAGRAMS as u64),
+            Some(DATAGRAMS as u64 * frame),
+            Some(1)
+        ),
+        "{mode:?}: /status shows other XDP figures for dns than the {DATAGRAMS} datagrams of \
+         {frame} bytes one client sent: {dns}"
+    );
+    let web_total: u64 = service("web")["backends"]
+        .as_array()
+        .map(|b| b.iter().filter_map(|b| b["total"].as_u64()).sum())
+        .unwrap_or(0);
+    assert_eq!(
+        web_total, CONNS as u64,
+        "{mode:?}: /status counts {web_total} flows over web's backends for {CONNS} connections"
+    );
+    assert!(
+        status["xdp"]["packets"]["forwarded"].as_u64() >= Some((DATAGRAMS + CONNS) as u64),
+        "{mode:?}: /status's XDP `forwarded` is below the packets sent: {}",
+        status["xdp"]
+    );
+    assert_eq!(metrics.status, 200, "GET /metrics: {}", metrics.body);
+    let scrape = prometheus_parse::Scrape::parse(metrics.body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text ({e}):\n{}", metrics.body));
+    let sum = |name: &str, service: Option<&str>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| service.is_none_or(|v| s.labels.get("service") == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(
+        sum("lb_backend_connections_total", Some("web")),
+        CONNS as f64,
+        "{mode:?}: lb_backend_connections_total for web over XDP"
+    );
+    assert_eq!(
+        sum("lb_xdp_backend_packets_total", Some("dns")),
+        DATAGRAMS as f64,
+        "{mode:?}: lb_xdp_backend_packets_total for dns"
+    );
+    assert!(
+        sum("lb_xdp_packets_total", None) > 0.0,
+        "{mode:?}: no lb_xdp_packets_total in /metrics:\n{}",
+        metrics.body
+    );
 
     world.daemon.terminate();
     let logs = world.daemon.logs();
@@ -267,8 +340,6 @@ pub fn counters_match(mode: Mode) {
         };
         (field("packets"), field("bytes"), field("new_flows"))
     };
-    // Ethernet 14 + IPv4 20 + UDP 8 + payload, as the frame arrived at the balancer.
-    let frame = (14 + 20 + 8 + PAYLOAD) as u64;
     assert_eq!(
         find("xdp counters: service dns: "),
         (DATAGRAMS as u64, DATAGRAMS as u64 * frame, 1),
