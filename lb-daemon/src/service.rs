@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,6 @@ struct BackendRuntime {
     address: SocketAddr,
     health: Arc<Mutex<HealthState>>,
     stats: Arc<BackendStats>,
-    /// Set by a passive failure, cleared by the next success: lets the data plane skip the
-    /// control plane entirely on the common path (a connect that works after one that worked).
-    failing: AtomicBool,
 }
 
 /// Where a backend comes from.
@@ -803,7 +800,6 @@ fn new_backend(address: SocketAddr, config: &Service, now: Instant) -> Arc<Backe
             now,
         ))),
         stats: Arc::new(BackendStats::default()),
-        failing: AtomicBool::new(false),
     })
 }
 
@@ -917,18 +913,17 @@ impl ServiceSet {
 
 /// Carries the data planes' connect outcomes to the services' health state.
 ///
-/// The data plane calls it on every connect; the common case (a success after a success)
-/// costs a few lock-free loads. So only the first success after a failed connect reaches
-/// the health state: it resets a failure streak that failed connects started, but successful
-/// connects do not cancel failed active checks (two failed checks and one failed connect
-/// reach `fall = 3`). Unlike HAProxy's `observe layer4`, which needs `error-limit` (10)
-/// errors to count one failed check, every failed connect counts as one failure here.
-/// Failures and the first success after them go through a
-/// bounded channel to a control plane task, so a data plane thread never waits on a health
-/// lock or a table rebuild; under a flood of failures, excess reports are dropped (they
-/// would only repeat what the health state already knows).
+/// The data plane reports every failed connect, and only the first success after failures
+/// (it keeps the "failing" mark in the backend's [`BackendStats`], so the common case, a
+/// success after a success, never calls here). That first success resets the failure streak
+/// that failed connects started, but successful connects do not cancel failed active checks
+/// (two failed checks and one failed connect reach `fall = 3`). Unlike HAProxy's
+/// `observe layer4`, which needs `error-limit` (10) errors to count one failed check, every
+/// failed connect counts as one failure here. Both go through a bounded channel to a control
+/// plane task, so a data plane thread never waits on a health lock or a table rebuild; under
+/// a flood of failures, excess reports are dropped (they would only repeat what the health
+/// state already knows).
 pub struct PassiveFeedback {
-    services: Arc<ServiceSet>,
     tx: tokio::sync::mpsc::Sender<PassiveEvent>,
 }
 
@@ -954,14 +949,11 @@ pub enum PassiveEvent {
 }
 
 impl PassiveFeedback {
-    /// Creates the feedback path for `services` and the receiver that
-    /// [`PassiveFeedback::apply`] drains. `capacity`: queued events before drops.
-    pub fn new(
-        services: Arc<ServiceSet>,
-        capacity: usize,
-    ) -> (Arc<Self>, tokio::sync::mpsc::Receiver<PassiveEvent>) {
+    /// Creates the feedback path and the receiver that [`PassiveFeedback::apply`] drains.
+    /// `capacity`: queued events before drops.
+    pub fn new(capacity: usize) -> (Arc<Self>, tokio::sync::mpsc::Receiver<PassiveEvent>) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-        (Arc::new(PassiveFeedback { services, tx }), rx)
+        (Arc::new(PassiveFeedback { tx }), rx)
     }
 
     /// Applies queued events to the services' health state until every sender is gone.
@@ -988,19 +980,10 @@ impl PassiveFeedback {
             }
         }
     }
-
-    fn backend(&self, service: usize, backend: SocketAddr) -> Option<Arc<BackendRuntime>> {
-        let s = self.services.get(service)?;
-        let map = s.by_address.load();
-        map.get(&backend).cloned()
-    }
 }
 
 impl FlowEvents for PassiveFeedback {
     fn connect_failed(&self, service: usize, backend: SocketAddr, error: &std::io::Error) {
-        if let Some(b) = self.backend(service, backend) {
-            b.failing.store(true, Ordering::Relaxed);
-        }
         let _dropped_when_full = self.tx.try_send(PassiveEvent::Failed {
             service,
             backend,
@@ -1009,14 +992,9 @@ impl FlowEvents for PassiveFeedback {
     }
 
     fn connect_succeeded(&self, service: usize, backend: SocketAddr) {
-        let Some(b) = self.backend(service, backend) else {
-            return;
-        };
-        if b.failing.load(Ordering::Relaxed) && b.failing.swap(false, Ordering::Relaxed) {
-            let _dropped_when_full = self
-                .tx
-                .try_send(PassiveEvent::Recovered { service, backend });
-        }
+        let _dropped_when_full = self
+            .tx
+            .try_send(PassiveEvent::Recovered { service, backend });
     }
 }
 
@@ -1192,7 +1170,7 @@ weight = 0
         let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
         let set = ServiceSet::new();
         set.set(vec![Arc::clone(&rt)]);
-        let (feedback, rx) = PassiveFeedback::new(Arc::clone(&set), 16);
+        let (feedback, rx) = PassiveFeedback::new(16);
         feedback.connect_failed(0, b1, &refused());
         feedback.connect_failed(0, b1, &refused());
         drop(feedback);

@@ -322,10 +322,65 @@ fn a_refused_backend_is_retried_on_the_next_without_client_error() {
         vec![(dead, io::ErrorKind::ConnectionRefused)],
         "the refused connect is reported once"
     );
-    assert_eq!(h.events.succeeded(), vec![alive.addr]);
+    assert!(
+        h.events.succeeded().is_empty(),
+        "{} never failed, so it has no recovery to report",
+        alive.addr
+    );
     assert_eq!(h.stats(0).connect_failures.load(Ordering::Relaxed), 1);
     assert_eq!(h.stats(1).total.load(Ordering::Relaxed), 1);
     assert_eq!(h.proxy().counters().no_backend, 0);
+    h.wait_idle();
+}
+
+#[test]
+fn a_backend_that_failed_and_then_accepts_is_reported_recovered_once() {
+    // The control plane hears of a success only when it ends a run of failures: that is
+    // what resets the backend's passive failure streak. Successes after successes stay in
+    // the data plane.
+    let addr = refusing_address();
+    let mut spec = ServiceSpec::tcp(vec![addr]);
+    spec.retries = 0;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut refused = connect(h.vip);
+    let mut nothing = Vec::new();
+    let _ = refused.read_to_end(&mut nothing);
+    assert!(nothing.is_empty(), "no backend could answer");
+    assert_eq!(
+        h.events.failed(),
+        vec![(addr, io::ErrorKind::ConnectionRefused)],
+        "the refused connect is reported"
+    );
+
+    // The backend comes back on the same address.
+    let listener = std::net::TcpListener::bind(addr).expect("bind the backend's address");
+    let server = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = s.try_clone().expect("clone stream");
+            let _ = io::copy(&mut reader, &mut s);
+        }
+    });
+    for k in 0..3 {
+        let mut client = connect(h.vip);
+        client.write_all(b"ping").expect("send");
+        client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+        let mut reply = Vec::new();
+        client
+            .read_to_end(&mut reply)
+            .expect("the recovered backend answers");
+        assert_eq!(reply, b"ping", "connection {k} was served");
+    }
+    server.join().expect("the backend thread ends");
+    assert_eq!(
+        h.events.succeeded(),
+        vec![addr],
+        "{addr} recovered once: the first success after the failure is reported, and only it"
+    );
+    assert_eq!(h.stats(0).total.load(Ordering::Relaxed), 3);
     h.wait_idle();
 }
 

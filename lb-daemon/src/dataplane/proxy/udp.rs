@@ -79,7 +79,8 @@ struct Session {
     last_active: Instant,
     in_flight: u8,
     closing: bool,
-    /// The backend has answered at least once (reported as a connect success).
+    /// The backend has answered at least once (a connect success: it ends the backend's run
+    /// of failures, if it had one).
     answered: bool,
     /// The generation of the service's table this session's backend was last checked in.
     table_generation: u64,
@@ -507,8 +508,8 @@ impl Udp {
                 // Out of ports or memory here says nothing about the backend.
                 Shared::count(&ctx.shared.errors, 1);
             } else {
+                stats.connect_failed();
                 ctx.events.connect_failed(service.index, addr, &e);
-                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {e} (table generation {})",
@@ -626,8 +627,10 @@ impl Udp {
             s.last_active = ctx.now;
             if !s.answered {
                 s.answered = true;
-                let service = &self.services[self.vips[s.vip].service];
-                ctx.events.connect_succeeded(service.index, s.backend);
+                if s.stats.connect_succeeded() {
+                    let service = &self.services[self.vips[s.vip].service];
+                    ctx.events.connect_succeeded(service.index, s.backend);
+                }
             }
             let Some(vip_fd) = self.vips[s.vip].fd.as_ref().map(|f| f.as_raw_fd()) else {
                 Shared::count(&ctx.shared.dropped_datagrams, n as u64);
@@ -655,8 +658,8 @@ impl Udp {
             return;
         };
         let service = &self.services[self.vips[s.vip].service];
+        s.stats.connect_failed();
         ctx.events.connect_failed(service.index, s.backend, &err);
-        s.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             "service {}: connect to backend {} failed: {err} (table generation {})",
             service.name,
