@@ -28,7 +28,7 @@ use std::time::Instant;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::access::{self, End};
-use super::limits::Admission;
+use super::limits::{Admission, RecentRefusals};
 use super::proxy_header::{self, Transport};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
@@ -111,6 +111,14 @@ pub(super) struct Udp {
     sweep_cursor: u32,
     /// Per service: "no backend" warnings.
     no_backend_log: Vec<LogLimit>,
+    /// Per service: access log lines of datagrams refused by the limits, one a second at
+    /// most.
+    refused_access_log: Vec<LogLimit>,
+    /// Per service: access log lines of datagrams that found no backend, one a second at
+    /// most.
+    no_backend_access_log: Vec<LogLimit>,
+    /// Clients recently refused by a service's limits, by service (index into `services`).
+    refusals: RecentRefusals,
     /// Local resource shortages (sockets).
     resource_log: LogLimit,
 }
@@ -125,7 +133,10 @@ impl Udp {
             by_client: HashMap::new(),
             batch: None,
             sweep_cursor: 0,
-            no_backend_log: vec![LogLimit::default(); sockets.len()],
+            no_backend_log: Vec::with_capacity(sockets.len()),
+            refused_access_log: Vec::with_capacity(sockets.len()),
+            no_backend_access_log: Vec::with_capacity(sockets.len()),
+            refusals: RecentRefusals::new(),
             resource_log: LogLimit::default(),
         };
         for (info, fd) in sockets {
@@ -158,6 +169,8 @@ impl Udp {
         });
         self.services.push(info);
         self.no_backend_log.push(LogLimit::default());
+        self.refused_access_log.push(LogLimit::default());
+        self.no_backend_access_log.push(LogLimit::default());
     }
 
     /// Starts carrying a service added while running: `fd` is this worker's VIP socket.
@@ -423,6 +436,14 @@ impl Udp {
         let service_at = self.vips[vip].service;
         let service = &self.services[service_at];
         let snapshot = service.snapshot.load();
+        let limited = snapshot.limits.max_connections.is_some() || snapshot.limits.rate.is_some();
+        if limited && self.refusals.stands(service_at, client.ip(), ctx.now) {
+            // Refused a moment ago and bound to be refused again: drop it at the cost of a
+            // hash lookup, with no lock and no log line, but counted like any refusal.
+            Shared::count(&ctx.shared.limited, 1);
+            service.clients.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let admission = match service
             .clients
             .admit(client.ip(), &snapshot.limits, ctx.now)
@@ -430,20 +451,33 @@ impl Udp {
             Ok(admission) => admission,
             Err(why) => {
                 Shared::count(&ctx.shared.limited, 1);
+                self.refusals.remember(
+                    service_at,
+                    client.ip(),
+                    ctx.now,
+                    why.stands_for(&snapshot.limits),
+                );
                 tracing::debug!(
                     "service {}: new session from {client} refused by the limits ({why:?})",
                     service.name
                 );
                 if snapshot.access_log {
-                    access::log(&access::Line {
-                        protocol: Protocol::Udp,
-                        service: &service.name,
-                        client,
-                        backend: None,
-                        bytes: [0, 0],
-                        duration: std::time::Duration::ZERO,
-                        end: End::LimitRefused,
-                    });
+                    if let Some(similar) =
+                        self.refused_access_log[service_at].allow_counted(ctx.now)
+                    {
+                        access::log_summary(
+                            &access::Line {
+                                protocol: Protocol::Udp,
+                                service: &service.name,
+                                client,
+                                backend: None,
+                                bytes: [0, 0],
+                                duration: std::time::Duration::ZERO,
+                                end: End::LimitRefused,
+                            },
+                            similar,
+                        );
+                    }
                 }
                 return None;
             }
@@ -456,15 +490,21 @@ impl Udp {
             service.clients.release(admission);
             Shared::count(&ctx.shared.no_backend, 1);
             if snapshot.access_log {
-                access::log(&access::Line {
-                    protocol: Protocol::Udp,
-                    service: &service.name,
-                    client,
-                    backend: None,
-                    bytes: [0, 0],
-                    duration: std::time::Duration::ZERO,
-                    end: End::NoBackend,
-                });
+                if let Some(similar) = self.no_backend_access_log[service_at].allow_counted(ctx.now)
+                {
+                    access::log_summary(
+                        &access::Line {
+                            protocol: Protocol::Udp,
+                            service: &service.name,
+                            client,
+                            backend: None,
+                            bytes: [0, 0],
+                            duration: std::time::Duration::ZERO,
+                            end: End::NoBackend,
+                        },
+                        similar,
+                    );
+                }
             }
             self.log_no_backend(ctx, service_at, client);
             return None;
@@ -742,6 +782,7 @@ impl Udp {
     /// Ends sessions idle for their service's `idle_timeout`, looking at no more than
     /// [`SWEEP_BUDGET`] sessions.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
+        self.refusals.prune(ctx.now);
         let capacity = self.sessions.capacity();
         if capacity == 0 {
             return;
