@@ -460,23 +460,31 @@ pub fn republish(
     new_flows_to: usize,
     change: impl Fn(&mut lb_daemon::snapshot::BackendView),
 ) {
-    let old = h.snapshot.load_full();
+    republish_snapshot(&h.snapshot, new_flows_to, change);
+}
+
+/// [`republish`] for any service's live snapshot.
+pub fn republish_snapshot(
+    snapshot: &SharedSnapshot,
+    new_flows_to: usize,
+    change: impl Fn(&mut lb_daemon::snapshot::BackendView),
+) {
+    let old = snapshot.load_full();
     let mut backends = old.backends.clone();
     change(&mut backends[0]);
-    h.snapshot
-        .store(Arc::new(lb_daemon::snapshot::ServiceSnapshot {
-            name: old.name.clone(),
-            listen: old.listen,
-            protocol: old.protocol,
-            scheduler_kind: old.scheduler_kind,
-            connect_timeout: old.connect_timeout,
-            idle_timeout: old.idle_timeout,
-            retries: old.retries,
-            backends,
-            scheduler: Some(Box::new(Only(new_flows_to))),
-            generation: old.generation + 1,
-            proxy_protocol: old.proxy_protocol,
-            limits: old.limits,
-            access_log: old.access_log,
-        }));
+    snapshot.store(Arc::new(lb_daemon::snapshot::ServiceSnapshot {
+        name: old.name.clone(),
+        listen: old.listen,
+        protocol: old.protocol,
+        scheduler_kind: old.scheduler_kind,
+        connect_timeout: old.connect_timeout,
+        idle_timeout: old.idle_timeout,
+        retries: old.retries,
+        backends,
+        scheduler: Some(Box::new(Only(new_flows_to))),
+        generation: old.generation + 1,
+        proxy_protocol: old.proxy_protocol,
+        limits: old.limits,
+        access_log: old.access_log,
+    }));
 }

@@ -354,19 +354,17 @@ impl Udp {
         local: Option<Local>,
         data: &[u8],
     ) {
-        let existing = self.by_client.get(&(vip, client)).copied();
-        let existing = match existing {
-            Some(key) if self.backend_still_up(key) => Some(key),
-            Some(key) => {
-                // The backend went DOWN: the client's next datagram opens a session to a
-                // backend that is up, as IPVS's expire_nodest_conn does, instead of feeding
-                // a dead backend until the idle timeout.
-                self.close(ctx, key, End::BackendDown);
-                None
-            }
-            None => None,
+        // A client of a removed service may have its session on the service that replaced
+        // it at the same address (see `successor`): its datagrams can still reach the old
+        // socket, and must find that session, with the same backend check.
+        let found = match self.live_session(ctx, vip, client) {
+            Some(key) => Some(key),
+            None => match self.successor(vip) {
+                Some(next) if next != vip => self.live_session(ctx, next, client),
+                _ => None,
+            },
         };
-        let key = match existing {
+        let key = match found {
             Some(key) => key,
             None if ctx.draining => {
                 Shared::count(&ctx.shared.dropped_datagrams, 1);
@@ -374,11 +372,7 @@ impl Udp {
             }
             None => {
                 let opened = match self.successor(vip) {
-                    Some(next) if next == vip => self.open_session(ctx, vip, client, local),
-                    Some(next) => match self.by_client.get(&(next, client)).copied() {
-                        Some(key) => Some(key),
-                        None => self.open_session(ctx, next, client, local),
-                    },
+                    Some(next) => self.open_session(ctx, next, client, local),
                     None => None,
                 };
                 match opened {
@@ -391,7 +385,7 @@ impl Udp {
             }
         };
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
-            self.by_client.remove(&(vip, client));
+            // Unreachable: `live_session` and `open_session` return open sessions only.
             Shared::count(&ctx.shared.dropped_datagrams, 1);
             return;
         };
@@ -421,6 +415,29 @@ impl Udp {
                 }
             }
         }
+    }
+
+    /// The open session of `client` on VIP socket `vip`, if its backend is still up. A
+    /// session whose backend went DOWN is closed, as IPVS's `expire_nodest_conn` does, so
+    /// that the client's next datagram opens a session to a backend that is up instead of
+    /// feeding a dead one until the idle timeout.
+    fn live_session(
+        &mut self,
+        ctx: &mut Ctx,
+        vip: usize,
+        client: SocketAddr,
+    ) -> Option<(u32, u32)> {
+        let key = *self.by_client.get(&(vip, client))?;
+        if self.sessions.get_mut(key.0, key.1).is_none() {
+            // Unreachable: closing a session forgets its entry. Never keep a stale one.
+            self.by_client.remove(&(vip, client));
+            return None;
+        }
+        if self.backend_still_up(key) {
+            return Some(key);
+        }
+        self.close(ctx, key, End::BackendDown);
+        None
     }
 
     /// Opens a session for `client` on VIP socket `vip` (`local`: the address the client
