@@ -99,7 +99,7 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (feedback, passive_rx) = PassiveFeedback::new(set.clone(), PASSIVE_QUEUE);
+    let (feedback, passive_rx) = PassiveFeedback::new(PASSIVE_QUEUE);
     let proxy = Proxy::start_with(
         services
             .iter()

@@ -14,7 +14,8 @@ use crate::config::DnsBackend;
 use crate::service::ServiceRuntime;
 
 /// Resolves `name` now and then every `interval`, and hands each answer to the service
-/// ([`ServiceRuntime::set_discovered`]), which adds new addresses and drains vanished ones.
+/// ([`ServiceRuntime::set_discovered`]), which adds new addresses and lets go of vanished
+/// ones: they drain unless the config or another name still asks for them.
 /// Returns when the service is gone; abort the task to stop it sooner.
 ///
 /// A failed lookup (no answer, a resolver error) keeps the last set: a DNS outage must not

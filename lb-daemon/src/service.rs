@@ -11,9 +11,9 @@
 //! answer keeps it, it keeps its counters and its health state. A backend that leaves the
 //! config or DNS is drained (no new flows) and forgotten once its last connection closes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,13 +32,12 @@ struct BackendRuntime {
     address: SocketAddr,
     health: Arc<Mutex<HealthState>>,
     stats: Arc<BackendStats>,
-    /// Set by a passive failure, cleared by the next success: lets the data plane skip the
-    /// control plane entirely on the common path (a connect that works after one that worked).
-    failing: AtomicBool,
 }
 
-/// Where a backend comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a backend comes from. A backend may come from several places at once (a static
+/// address that a DNS name also returns): it stays while one of them still asks for it.
+/// Ordered static first, then names, which is the order in which they give its weight.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Origin {
     /// An `ip:port` in the config file.
     Static,
@@ -49,21 +48,85 @@ pub enum Origin {
 /// A backend's state as the control plane keeps it (under the service's lock).
 struct BackendEntry {
     rt: Arc<BackendRuntime>,
-    origin: Origin,
-    /// The weight from the config file (or its DNS name's entry).
+    /// Every origin that asks for this backend now, with the weight it gives. Empty once
+    /// none does: the backend is leaving (weight 0, forgotten once its last connection
+    /// closes).
+    owners: BTreeMap<Origin, u32>,
+    /// The owners as the status shows them (`static`, `app:3000`, joined by `,`); kept as
+    /// they last were while the backend is leaving.
+    label: String,
+    /// The weight of its first owner (see [`Origin`]): the config file's for a static
+    /// address, else its first DNS name's.
     configured: u32,
     /// A weight set through the admin API; cleared when a reload changes `configured`.
     admin_weight: Option<u32>,
     /// Drained through the admin API: weight 0 until enabled.
     drained: bool,
-    /// Gone from the config or DNS: weight 0, forgotten once its last connection closes.
-    removing: bool,
     /// Slow start began here (the backend came up, was enabled or added).
     ramp_start: Option<Instant>,
     checker: Option<AbortHandle>,
 }
 
 impl BackendEntry {
+    /// A backend that `origin` asks for with `weight`.
+    fn new(rt: Arc<BackendRuntime>, origin: Origin, weight: u32) -> BackendEntry {
+        let mut b = BackendEntry {
+            rt,
+            owners: BTreeMap::new(),
+            label: String::new(),
+            configured: weight,
+            admin_weight: None,
+            drained: false,
+            ramp_start: None,
+            checker: None,
+        };
+        b.owners.insert(origin, weight);
+        b.settle();
+        b
+    }
+
+    /// Gone from the config and from DNS: no origin asks for it any more.
+    fn removing(&self) -> bool {
+        self.owners.is_empty()
+    }
+
+    /// Records whether `origin` asks for this backend now (`Some(weight)`) or not (`None`).
+    /// A backend that was leaving and is asked for again returns to service (with slow
+    /// start from `now`). Returns whether anything changed.
+    fn own(&mut self, origin: &Origin, weight: Option<u32>, now: Instant) -> bool {
+        let was_removing = self.removing();
+        let changed = match weight {
+            Some(w) => self.owners.insert(origin.clone(), w) != Some(w),
+            None => self.owners.remove(origin).is_some(),
+        };
+        if was_removing && !self.removing() {
+            self.ramp_start = Some(now);
+        }
+        self.settle();
+        changed
+    }
+
+    /// Follows the owners: the first one's weight (a new configured weight clears an admin
+    /// weight) and the status label. Nothing changes while no owner is left.
+    fn settle(&mut self) {
+        let Some((_, &weight)) = self.owners.first_key_value() else {
+            return;
+        };
+        if weight != self.configured {
+            self.configured = weight;
+            self.admin_weight = None;
+        }
+        let names: Vec<&str> = self
+            .owners
+            .keys()
+            .map(|o| match o {
+                Origin::Static => "static",
+                Origin::Dns(name) => name.as_str(),
+            })
+            .collect();
+        self.label = names.join(",");
+    }
+
     fn base_weight(&self) -> u32 {
         self.admin_weight.unwrap_or(self.configured)
     }
@@ -71,7 +134,7 @@ impl BackendEntry {
     /// The weight the scheduler gets now: 0 while drained or removed, ramping from 1 to the
     /// full weight during slow start.
     fn effective_weight(&self, slow_start: Option<Duration>, now: Instant) -> u32 {
-        if self.drained || self.removing {
+        if self.drained || self.removing() {
             return 0;
         }
         let full = self.base_weight();
@@ -124,7 +187,8 @@ pub enum AdminError {
 pub struct BackendStatus {
     /// `ip:port`.
     pub address: SocketAddr,
-    /// `"static"`, or the `name:port` it was resolved from.
+    /// `"static"`, or the `name:port` it was resolved from; several joined by `,` (static
+    /// first) when more than one asks for it. While it is removing: its last ones.
     pub origin: String,
     /// `"up"` or `"down"`, the health checks' verdict.
     pub health: &'static str,
@@ -211,15 +275,12 @@ impl ServiceRuntime {
         let backends: Vec<BackendEntry> = config
             .backends
             .iter()
-            .map(|b| BackendEntry {
-                rt: new_backend(b.address, &config, now),
-                origin: Origin::Static,
-                configured: b.weight,
-                admin_weight: None,
-                drained: false,
-                removing: false,
-                ramp_start: None,
-                checker: None,
+            .map(|b| {
+                BackendEntry::new(
+                    new_backend(b.address, &config, now),
+                    Origin::Static,
+                    b.weight,
+                )
             })
             .collect();
         let first = build_snapshot(&config, &backends, 1, now)?;
@@ -337,13 +398,10 @@ impl ServiceRuntime {
                     let s = &b.rt.stats;
                     BackendStatus {
                         address: b.rt.address,
-                        origin: match &b.origin {
-                            Origin::Static => "static".into(),
-                            Origin::Dns(n) => n.clone(),
-                        },
+                        origin: b.label.clone(),
                         health: if up { "up" } else { "down" },
                         health_for_seconds: round_ms(now.duration_since(h.since())).as_secs_f64(),
-                        state: if b.removing {
+                        state: if b.removing() {
                             "removing"
                         } else if b.drained {
                             "draining"
@@ -395,7 +453,7 @@ impl ServiceRuntime {
     /// `Err(AdminError::Removing)` when it left the config or DNS.
     pub fn enable(&self, backend: SocketAddr) -> Result<(), AdminError> {
         self.admin(backend, |b, now| {
-            if b.removing {
+            if b.removing() {
                 return Err(AdminError::Removing(b.rt.address));
             }
             if b.drained {
@@ -421,7 +479,7 @@ impl ServiceRuntime {
             return Err(AdminError::Weight(weight));
         }
         self.admin(backend, |b, now| {
-            if b.removing {
+            if b.removing() {
                 return Err(AdminError::Removing(b.rt.address));
             }
             if b.effective_weight(None, now) == 0 && weight > 0 {
@@ -468,53 +526,46 @@ impl ServiceRuntime {
         let old_slow = st.config.slow_start;
         st.config = config;
         let config = st.config.clone();
+        // Each backend learns whether the config still asks for it statically, and which of
+        // its DNS names are still configured (with their weights); one that nothing asks
+        // for any more leaves.
         for b in &mut st.backends {
-            if b.origin != Origin::Static {
-                continue;
-            }
-            match config.backends.iter().find(|c| c.address == b.rt.address) {
-                Some(c) => {
-                    if b.removing {
-                        b.removing = false;
-                        b.ramp_start = Some(now);
-                    }
-                    if c.weight != b.configured {
-                        b.configured = c.weight;
-                        b.admin_weight = None;
-                    }
-                }
-                None => b.removing = true,
+            let address = b.rt.address;
+            let weight = config
+                .backends
+                .iter()
+                .find(|c| c.address == address)
+                .map(|c| c.weight);
+            b.own(&Origin::Static, weight, now);
+            let names: Vec<Origin> = b
+                .owners
+                .keys()
+                .filter(|o| matches!(o, Origin::Dns(_)))
+                .cloned()
+                .collect();
+            for origin in names {
+                let Origin::Dns(name) = &origin else { continue };
+                let weight = config
+                    .discovered
+                    .iter()
+                    .find(|d| &d.to_string() == name)
+                    .map(|d| d.weight);
+                b.own(&origin, weight, now);
             }
         }
         for c in &config.backends {
             if st.backends.iter().any(|b| b.rt.address == c.address) {
                 continue;
             }
-            st.backends.push(BackendEntry {
-                rt: new_backend(c.address, &config, now),
-                origin: Origin::Static,
-                configured: c.weight,
-                admin_weight: None,
-                drained: false,
-                removing: false,
-                ramp_start: Some(now),
-                checker: None,
-            });
+            let mut b = BackendEntry::new(
+                new_backend(c.address, &config, now),
+                Origin::Static,
+                c.weight,
+            );
+            b.ramp_start = Some(now);
+            st.backends.push(b);
             let i = st.backends.len() - 1;
             self.spawn_checker(&mut st, i);
-        }
-        // DNS names that left: their backends leave too; weights follow the config.
-        for b in &mut st.backends {
-            if let Origin::Dns(name) = &b.origin {
-                match config.discovered.iter().find(|d| &d.to_string() == name) {
-                    Some(d) if d.weight != b.configured => {
-                        b.configured = d.weight;
-                        b.admin_weight = None;
-                    }
-                    Some(_) => {}
-                    None => b.removing = true,
-                }
-            }
         }
         if health_changed {
             for b in &mut st.backends {
@@ -543,9 +594,9 @@ impl ServiceRuntime {
     }
 
     /// Sets the backends resolved from DNS name `name` (`host:port`) to `addresses`, each
-    /// with `weight`: new addresses are added (with slow start), vanished ones drain and are
-    /// forgotten once idle. An address that is also a static backend or another name's stays
-    /// with its first origin.
+    /// with `weight`: new addresses are added (with slow start); the name lets go of the ones
+    /// it no longer returns, which leave (drain, forgotten once idle) unless the config or
+    /// another name still asks for them.
     pub fn set_discovered(&self, name: &str, addresses: &[SocketAddr], weight: u32) {
         let mut st = lock(&self.state);
         let now = Instant::now();
@@ -554,19 +605,16 @@ impl ServiceRuntime {
         let mut added = Vec::new();
         let mut gone = Vec::new();
         for b in &mut st.backends {
-            if b.origin != origin {
+            let present = addresses.contains(&b.rt.address);
+            let was_removing = b.removing();
+            if !b.own(&origin, present.then_some(weight), now) {
                 continue;
             }
-            let present = addresses.contains(&b.rt.address);
-            if present && b.removing {
-                b.removing = false;
-                b.ramp_start = Some(now);
-                changed = true;
-                added.push(b.rt.address);
-            } else if !present && !b.removing {
-                b.removing = true;
-                changed = true;
-                gone.push(b.rt.address);
+            changed = true;
+            match (was_removing, b.removing()) {
+                (true, false) => added.push(b.rt.address),
+                (false, true) => gone.push(b.rt.address),
+                _ => {}
             }
         }
         for &a in addresses {
@@ -574,16 +622,9 @@ impl ServiceRuntime {
                 continue;
             }
             let config = st.config.clone();
-            st.backends.push(BackendEntry {
-                rt: new_backend(a, &config, now),
-                origin: origin.clone(),
-                configured: weight,
-                admin_weight: None,
-                drained: false,
-                removing: false,
-                ramp_start: Some(now),
-                checker: None,
-            });
+            let mut b = BackendEntry::new(new_backend(a, &config, now), origin.clone(), weight);
+            b.ramp_start = Some(now);
+            st.backends.push(b);
             let i = st.backends.len() - 1;
             self.spawn_checker(&mut st, i);
             changed = true;
@@ -680,7 +721,7 @@ impl ServiceRuntime {
         let before = st.backends.len();
         let mut forgotten = Vec::new();
         st.backends.retain_mut(|b| {
-            let keep = !b.removing || b.rt.stats.active() > 0;
+            let keep = !b.removing() || b.rt.stats.active() > 0;
             if !keep {
                 if let Some(c) = b.checker.take() {
                     c.abort();
@@ -813,7 +854,6 @@ fn new_backend(address: SocketAddr, config: &Service, now: Instant) -> Arc<Backe
             now,
         ))),
         stats: Arc::new(BackendStats::default()),
-        failing: AtomicBool::new(false),
     })
 }
 
@@ -927,18 +967,17 @@ impl ServiceSet {
 
 /// Carries the data planes' connect outcomes to the services' health state.
 ///
-/// The data plane calls it on every connect; the common case (a success after a success)
-/// costs a few lock-free loads. So only the first success after a failed connect reaches
-/// the health state: it resets a failure streak that failed connects started, but successful
-/// connects do not cancel failed active checks (two failed checks and one failed connect
-/// reach `fall = 3`). Unlike HAProxy's `observe layer4`, which needs `error-limit` (10)
-/// errors to count one failed check, every failed connect counts as one failure here.
-/// Failures and the first success after them go through a
-/// bounded channel to a control plane task, so a data plane thread never waits on a health
-/// lock or a table rebuild; under a flood of failures, excess reports are dropped (they
-/// would only repeat what the health state already knows).
+/// The data plane reports every failed connect, and only the first success after failures
+/// (it keeps the "failing" mark in the backend's [`BackendStats`], so the common case, a
+/// success after a success, never calls here). That first success resets the failure streak
+/// that failed connects started, but successful connects do not cancel failed active checks
+/// (two failed checks and one failed connect reach `fall = 3`). Unlike HAProxy's
+/// `observe layer4`, which needs `error-limit` (10) errors to count one failed check, every
+/// failed connect counts as one failure here. Both go through a bounded channel to a control
+/// plane task, so a data plane thread never waits on a health lock or a table rebuild; under
+/// a flood of failures, excess reports are dropped (they would only repeat what the health
+/// state already knows).
 pub struct PassiveFeedback {
-    services: Arc<ServiceSet>,
     tx: tokio::sync::mpsc::Sender<PassiveEvent>,
 }
 
@@ -964,14 +1003,11 @@ pub enum PassiveEvent {
 }
 
 impl PassiveFeedback {
-    /// Creates the feedback path for `services` and the receiver that
-    /// [`PassiveFeedback::apply`] drains. `capacity`: queued events before drops.
-    pub fn new(
-        services: Arc<ServiceSet>,
-        capacity: usize,
-    ) -> (Arc<Self>, tokio::sync::mpsc::Receiver<PassiveEvent>) {
+    /// Creates the feedback path and the receiver that [`PassiveFeedback::apply`] drains.
+    /// `capacity`: queued events before drops.
+    pub fn new(capacity: usize) -> (Arc<Self>, tokio::sync::mpsc::Receiver<PassiveEvent>) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-        (Arc::new(PassiveFeedback { services, tx }), rx)
+        (Arc::new(PassiveFeedback { tx }), rx)
     }
 
     /// Applies queued events to the services' health state until every sender is gone.
@@ -998,19 +1034,10 @@ impl PassiveFeedback {
             }
         }
     }
-
-    fn backend(&self, service: usize, backend: SocketAddr) -> Option<Arc<BackendRuntime>> {
-        let s = self.services.get(service)?;
-        let map = s.by_address.load();
-        map.get(&backend).cloned()
-    }
 }
 
 impl FlowEvents for PassiveFeedback {
     fn connect_failed(&self, service: usize, backend: SocketAddr, error: &std::io::Error) {
-        if let Some(b) = self.backend(service, backend) {
-            b.failing.store(true, Ordering::Relaxed);
-        }
         let _dropped_when_full = self.tx.try_send(PassiveEvent::Failed {
             service,
             backend,
@@ -1019,14 +1046,9 @@ impl FlowEvents for PassiveFeedback {
     }
 
     fn connect_succeeded(&self, service: usize, backend: SocketAddr) {
-        let Some(b) = self.backend(service, backend) else {
-            return;
-        };
-        if b.failing.load(Ordering::Relaxed) && b.failing.swap(false, Ordering::Relaxed) {
-            let _dropped_when_full = self
-                .tx
-                .try_send(PassiveEvent::Recovered { service, backend });
-        }
+        let _dropped_when_full = self
+            .tx
+            .try_send(PassiveEvent::Recovered { service, backend });
     }
 }
 
@@ -1097,20 +1119,17 @@ weight = 0
 
     fn entry(weight: u32, ramp_start: Option<Instant>) -> BackendEntry {
         let svc = service("none");
-        BackendEntry {
-            rt: new_backend(
+        let mut b = BackendEntry::new(
+            new_backend(
                 "127.0.0.1:9001".parse().expect("literal"),
                 &svc,
                 Instant::now(),
             ),
-            origin: Origin::Static,
-            configured: weight,
-            admin_weight: None,
-            drained: false,
-            removing: false,
-            ramp_start,
-            checker: None,
-        }
+            Origin::Static,
+            weight,
+        );
+        b.ramp_start = ramp_start;
+        b
     }
 
     #[test]
@@ -1134,7 +1153,7 @@ weight = 0
             "a drained backend has weight 0"
         );
         let mut r = entry(100, None);
-        r.removing = true;
+        r.own(&Origin::Static, None, t0);
         assert_eq!(
             r.effective_weight(ramp, t0),
             0,
@@ -1202,7 +1221,7 @@ weight = 0
         let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
         let set = ServiceSet::new();
         set.set(vec![Arc::clone(&rt)]);
-        let (feedback, rx) = PassiveFeedback::new(Arc::clone(&set), 16);
+        let (feedback, rx) = PassiveFeedback::new(16);
         feedback.connect_failed(0, b1, &refused());
         feedback.connect_failed(0, b1, &refused());
         drop(feedback);
@@ -1254,5 +1273,132 @@ weight = 0
             rt.snapshot().load().backends[0].up,
             "failures separated by a success are not consecutive"
         );
+    }
+
+    /// A service with health checks off, the given static backends and DNS names (`host:port`).
+    fn with_backends(statics: &[&str], names: &[&str]) -> Service {
+        let mut text = String::from(
+            r#"
+[[service]]
+name = "app"
+listen = "127.0.0.1:8080"
+protocol = "tcp"
+scheduler = "round_robin"
+[service.health]
+kind = "none"
+"#,
+        );
+        for b in statics.iter().chain(names) {
+            text.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\n"));
+        }
+        config::parse(&text, Path::new("test.toml"))
+            .expect("valid test config")
+            .services
+            .remove(0)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("literal address")
+    }
+
+    /// `backend`'s state and origin in the status, `None` when the service has forgotten it.
+    fn state_of(rt: &ServiceRuntime, backend: &str) -> Option<(&'static str, String)> {
+        rt.status()
+            .backends
+            .into_iter()
+            .find(|b| b.address == addr(backend))
+            .map(|b| (b.state, b.origin))
+    }
+
+    /// Whether `backend` takes new flows in the published table.
+    fn takes_flows(rt: &ServiceRuntime, backend: &str) -> bool {
+        rt.snapshot()
+            .load()
+            .backends
+            .iter()
+            .any(|b| b.address == addr(backend) && b.eligible())
+    }
+
+    #[test]
+    fn a_backend_two_names_return_stays_while_one_still_does() {
+        let rt = ServiceRuntime::new(0, with_backends(&[], &["one.test:9100", "two.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.5:9100")], 1);
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100"),
+            Some(("active", "one.test:9100,two.test:9100".to_string()))
+        );
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")], 1);
+        assert!(
+            takes_flows(&rt, "10.0.0.5:9100"),
+            "two.test still returns 10.0.0.5, yet it left when one.test stopped returning it"
+        );
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.7:9100")], 1);
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100").map(|s| s.0),
+            Some("removing"),
+            "no name returns 10.0.0.5 any more"
+        );
+        assert!(!takes_flows(&rt, "10.0.0.5:9100"));
+    }
+
+    #[test]
+    fn a_discovered_backend_the_config_also_lists_stays_when_its_name_drops_it() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9100")], 1);
+        // A reload lists the discovered address statically too.
+        rt.update(with_backends(
+            &["127.0.0.1:9001", "127.0.0.1:9100"],
+            &["one.test:9100"],
+        ));
+        assert_eq!(
+            state_of(&rt, "127.0.0.1:9100"),
+            Some(("active", "static,one.test:9100".to_string()))
+        );
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9101")], 1);
+        assert!(
+            takes_flows(&rt, "127.0.0.1:9100"),
+            "the config lists 127.0.0.1:9100, yet it left when one.test stopped returning it"
+        );
+        assert_eq!(
+            state_of(&rt, "127.0.0.1:9100"),
+            Some(("active", "static".to_string()))
+        );
+    }
+
+    #[test]
+    fn a_static_backend_a_name_also_returns_stays_when_the_config_drops_it() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9001"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9001", &[addr("127.0.0.1:9001")], 1);
+        rt.update(with_backends(&[], &["one.test:9001"]));
+        assert!(
+            takes_flows(&rt, "127.0.0.1:9001"),
+            "one.test still returns 127.0.0.1:9001, yet it left with its static entry"
+        );
+        // The name itself leaves the config: nothing asks for the backend any more.
+        rt.update(with_backends(&["127.0.0.1:9002"], &[]));
+        assert_eq!(
+            state_of(&rt, "127.0.0.1:9001").map(|s| s.0),
+            Some("removing")
+        );
+        assert!(!takes_flows(&rt, "127.0.0.1:9001"));
+    }
+
+    #[test]
+    fn a_leaving_backend_a_name_returns_again_comes_back() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")], 1);
+        assert!(!takes_flows(&rt, "10.0.0.5:9100"));
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100"),
+            Some(("active", "one.test:9100".to_string()))
+        );
+        assert!(takes_flows(&rt, "10.0.0.5:9100"));
     }
 }

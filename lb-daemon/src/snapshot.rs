@@ -6,7 +6,7 @@
 //! outlive snapshots: a rebuild does not reset a backend's active connection count.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,10 @@ pub struct BackendStats {
     pub bytes_to_backend: AtomicU64,
     /// Bytes from this backend to clients.
     pub bytes_from_backend: AtomicU64,
+    /// Set by a failed connect, cleared by the next successful one: the data plane reports
+    /// a success to the control plane only when it clears this, so the common path (a
+    /// connect that works after one that worked) costs one relaxed load and no call out.
+    failing: AtomicBool,
 }
 
 impl BackendStats {
@@ -54,6 +58,21 @@ impl BackendStats {
     /// Connections or sessions open right now.
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connect attempt that failed because of the backend (refused, timed out,
+    /// unreachable; not a local shortage) and marks the backend as failing until the next
+    /// [`BackendStats::connect_succeeded`].
+    pub fn connect_failed(&self) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes a successful connect (TCP) or a first reply (UDP). Returns `true` when it ends a
+    /// run of failures, i.e. when the control plane must hear of it (it resets the passive
+    /// failure streak); `true` once per run even when data plane threads race.
+    pub fn connect_succeeded(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed)
     }
 }
 

@@ -181,3 +181,126 @@ fn a_udp_client_address_over_its_session_limit_is_dropped_and_others_are_not() {
         "nothing else was refused"
     );
 }
+
+/// Sends `count` datagrams from `socket` back to back.
+fn flood(socket: &UdpSocket, count: u64) {
+    for _ in 0..count {
+        socket.send(b"flood").expect("send");
+    }
+}
+
+#[test]
+fn a_flooding_refused_udp_client_is_counted_per_datagram_and_logged_once_a_second() {
+    let backend = UdpEcho::start("b");
+    let mut spec = ServiceSpec::udp(vec![backend.addr]);
+    spec.limits = ClientLimits {
+        max_connections: Some(1),
+        rate: None,
+        burst: 0,
+    };
+    spec.access_log = true;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut buf = [0u8; 64];
+    let holder = udp_from("127.0.0.3", h.vip);
+    holder.send(b"one").expect("send");
+    holder
+        .recv(&mut buf)
+        .expect("the first session is answered");
+
+    let flooder = udp_from("127.0.0.3", h.vip);
+    let me = flooder.local_addr().expect("the flooder's address");
+    let started = std::time::Instant::now();
+    flood(&flooder, 500);
+    assert!(
+        wait_until(Duration::from_secs(10), || h.proxy().limited(SERVICE)
+            == Some(500)),
+        "each of the 500 refused datagrams is counted; {:?} were",
+        h.proxy().limited(SERVICE)
+    );
+    let seconds = started.elapsed().as_secs() as usize;
+    assert_eq!(h.proxy().counters().limited, 500);
+    assert!(h.proxy().counters().dropped_datagrams >= 500);
+    let lines = proxy_support::logged_lines(&[&format!("client={me} "), "end=limit_refused"]);
+    assert!(!lines.is_empty(), "the refused client is in the access log");
+    assert!(
+        lines.len() <= seconds + 1,
+        "{} access log lines for one refused client in {seconds} s:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn a_refused_udp_client_is_admitted_soon_after_a_place_frees_up() {
+    let backend = UdpEcho::start("b");
+    let mut spec = ServiceSpec::udp(vec![backend.addr]);
+    spec.limits = ClientLimits {
+        max_connections: Some(1),
+        rate: None,
+        burst: 0,
+    };
+    spec.idle_timeout = Duration::from_millis(300);
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut buf = [0u8; 64];
+    let holder = udp_from("127.0.0.4", h.vip);
+    holder.send(b"one").expect("send");
+    holder
+        .recv(&mut buf)
+        .expect("the first session is answered");
+    let second = udp_from("127.0.0.4", h.vip);
+    second
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    second.send(b"two").expect("send");
+    assert!(
+        wait_until(Duration::from_secs(10), || h.proxy().limited(SERVICE)
+            >= Some(1)),
+        "the second session of 127.0.0.4 was not refused"
+    );
+    // The holder goes quiet: its session expires after 300 ms, and the second client,
+    // refused a moment ago, gets in within about a second of that.
+    h.wait_idle();
+    let freed = std::time::Instant::now();
+    let answered = wait_until(Duration::from_secs(5), || {
+        second.send(b"again").expect("send");
+        matches!(second.recv(&mut buf), Ok(n) if &buf[..n] == b"b:again")
+    });
+    assert!(answered, "the second client was never admitted");
+    assert!(
+        freed.elapsed() < Duration::from_secs(3),
+        "admitted {:?} after the place freed up",
+        freed.elapsed()
+    );
+}
+
+#[test]
+fn udp_datagrams_with_no_backend_are_logged_once_a_second() {
+    let mut spec = ServiceSpec::udp(Vec::new());
+    spec.access_log = true;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let client = udp_from("127.0.0.5", h.vip);
+    let me = client.local_addr().expect("the client's address");
+    let started = std::time::Instant::now();
+    flood(&client, 500);
+    assert!(
+        wait_until(Duration::from_secs(10), || h.proxy().counters().no_backend
+            == 500),
+        "each datagram is counted as finding no backend; {} were",
+        h.proxy().counters().no_backend
+    );
+    let seconds = started.elapsed().as_secs() as usize;
+    let lines = proxy_support::logged_lines(&[&format!("client={me} "), "end=no_backend"]);
+    assert!(
+        !lines.is_empty(),
+        "the dropped datagrams are in the access log"
+    );
+    assert!(
+        lines.len() <= seconds + 1,
+        "{} access log lines for one client in {seconds} s:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+}

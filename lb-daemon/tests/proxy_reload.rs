@@ -10,7 +10,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use lb_daemon::dataplane::proxy::{ProxyError, ProxyService};
-use proxy_support::{udp_client, wait_until, Harness, ServiceSpec, TcpBackend, UdpEcho, SERVICE};
+use proxy_support::{
+    republish_snapshot, udp_client, wait_until, Harness, ServiceSpec, TcpBackend, UdpEcho, SERVICE,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -243,5 +245,60 @@ fn a_removed_udp_service_keeps_its_sessions_and_a_successor_takes_new_clients() 
             .listen_addr(8)
             .is_some()),
         "the new service is listed"
+    );
+}
+
+#[test]
+fn a_successors_sessions_leave_a_backend_that_went_down_whichever_socket_they_reach() {
+    // One worker, two sockets in the address's SO_REUSEPORT group: the removed service's
+    // (kept open by a session) and its successor's. The kernel hashes some clients to the
+    // old one; their sessions live on the successor all the same, and must be subject to
+    // the same checks.
+    let old = UdpEcho::start("old");
+    let mut spec = ServiceSpec::udp(vec![old.addr]);
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let holder = udp_client(h.vip);
+    let mut buf = [0u8; 64];
+    holder.send(b"a").expect("send");
+    holder.recv(&mut buf).expect("the old service answers");
+    h.proxy().remove_service(SERVICE, Duration::from_secs(60));
+
+    let (b0, b1) = (UdpEcho::start("b0"), UdpEcho::start("b1"));
+    let mut spec = ServiceSpec::udp(vec![b0.addr, b1.addr]);
+    spec.listen = h.vip;
+    let snapshot = spec.snapshot("successor");
+    republish_snapshot(&snapshot, 0, |_| {});
+    h.proxy()
+        .add_service(ProxyService {
+            index: 8,
+            snapshot: snapshot.clone(),
+        })
+        .expect("a UDP service can be added on the removed service's address");
+    let clients: Vec<_> = (0..16).map(|_| udp_client(h.vip)).collect();
+    for (k, c) in clients.iter().enumerate() {
+        c.send(b"x").expect("send");
+        let n = c.recv(&mut buf).expect("a new client is answered");
+        assert_eq!(&buf[..n], b"b0:x", "client {k} is on b0, the only choice");
+    }
+
+    // b0 goes DOWN; new flows go to b1. Every client's next datagram must leave b0.
+    republish_snapshot(&snapshot, 1, |b| b.up = false);
+    for (k, c) in clients.iter().enumerate() {
+        c.send(b"y").expect("send");
+        let n = c.recv(&mut buf).expect("the client is answered");
+        assert_eq!(
+            String::from_utf8_lossy(&buf[..n]),
+            "b1:y",
+            "client {k} was still sent to b0 after it went DOWN"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || snapshot.load().backends[0]
+            .stats
+            .active()
+            == 0),
+        "b0 still has {} session(s)",
+        snapshot.load().backends[0].stats.active()
     );
 }

@@ -240,6 +240,81 @@ fn half_close_reaches_the_backend_and_the_reply_comes_back() {
 }
 
 #[test]
+fn a_half_closed_client_that_resets_releases_the_backend_before_the_idle_timeout() {
+    // The client sends its request and half-closes; the backend reads it all and then says
+    // nothing (a slow answer). The client gives up with a reset. The proxy must let go of
+    // the backend then, not when the 60 s idle timeout comes.
+    let (got_request, request_seen) = mpsc::channel();
+    let got_request = std::sync::Mutex::new(got_request);
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = {
+        let released = released.clone();
+        TcpBackend::start(move |mut s| {
+            let mut request = Vec::new();
+            let _ = s.read_to_end(&mut request);
+            let _ = got_request.lock().expect("sender lock").send(request);
+            // Quiet, holding the connection, until the test is over.
+            for _ in 0..200 {
+                if released.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    client.write_all(b"request").expect("send");
+    client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+    let request = request_seen
+        .recv_timeout(TIMEOUT)
+        .expect("the backend reads the request to its end");
+    assert_eq!(request, b"request");
+    assert_eq!(h.proxy().active(), 1);
+    SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(client); // a reset
+    let gone = wait_until(Duration::from_secs(5), || h.proxy().active() == 0);
+    released.store(true, Ordering::SeqCst);
+    assert!(
+        gone,
+        "the proxy still holds the backend connection 5 s after the half-closed client reset"
+    );
+    assert_eq!(h.stats(0).active(), 0, "the backend's count is given back");
+}
+
+#[test]
+fn a_half_closed_backend_that_resets_releases_the_client_before_the_idle_timeout() {
+    // The mirror case: the backend answers and half-closes, the client keeps its side open
+    // and quiet, and the backend then goes away with a reset.
+    let backend = TcpBackend::start(|s| {
+        let mut s = s;
+        let _ = s.write_all(b"bye");
+        let _ = s.shutdown(Shutdown::Write);
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        // Dropped here: a reset.
+    });
+    let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    let mut reply = Vec::new();
+    client
+        .read_to_end(&mut reply)
+        .expect("the answer and the backend's end of file arrive");
+    assert_eq!(reply, b"bye");
+    assert!(
+        wait_until(Duration::from_secs(5), || h.proxy().active() == 0),
+        "the proxy still holds the client's connection 5 s after the half-closed backend reset"
+    );
+    drop(client);
+}
+
+#[test]
 fn urgent_data_is_relayed_inline_instead_of_stalling_the_connection() {
     // A splice cannot read past TCP urgent data while poll keeps saying "readable": without
     // care the relay would spin and the bytes after the urgent one would never arrive.
@@ -322,10 +397,74 @@ fn a_refused_backend_is_retried_on_the_next_without_client_error() {
         vec![(dead, io::ErrorKind::ConnectionRefused)],
         "the refused connect is reported once"
     );
-    assert_eq!(h.events.succeeded(), vec![alive.addr]);
+    assert!(
+        h.events.succeeded().is_empty(),
+        "{} never failed, so it has no recovery to report",
+        alive.addr
+    );
     assert_eq!(h.stats(0).connect_failures.load(Ordering::Relaxed), 1);
     assert_eq!(h.stats(1).total.load(Ordering::Relaxed), 1);
     assert_eq!(h.proxy().counters().no_backend, 0);
+    h.wait_idle();
+}
+
+#[test]
+fn a_backend_that_failed_and_then_accepts_is_reported_recovered_once() {
+    // The control plane hears of a success only when it ends a run of failures: that is
+    // what resets the backend's passive failure streak. Successes after successes stay in
+    // the data plane.
+    let addr = refusing_address();
+    let mut spec = ServiceSpec::tcp(vec![addr]);
+    spec.retries = 0;
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    // The proxy resets the client; the reset may even beat the end of the client's connect.
+    if let Ok(mut refused) = TcpStream::connect_timeout(&h.vip, Duration::from_secs(5)) {
+        refused
+            .set_read_timeout(Some(TIMEOUT))
+            .expect("read timeout");
+        let mut nothing = Vec::new();
+        let _ = refused.read_to_end(&mut nothing);
+        assert!(nothing.is_empty(), "no backend could answer");
+    }
+    assert!(
+        wait_until(TIMEOUT, || !h.events.failed().is_empty()),
+        "the refused connect was never reported"
+    );
+    assert_eq!(
+        h.events.failed(),
+        vec![(addr, io::ErrorKind::ConnectionRefused)],
+        "the refused connect is reported"
+    );
+
+    // The backend comes back on the same address.
+    let listener = std::net::TcpListener::bind(addr).expect("bind the backend's address");
+    let server = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = s.try_clone().expect("clone stream");
+            let _ = io::copy(&mut reader, &mut s);
+        }
+    });
+    for k in 0..3 {
+        let mut client = connect(h.vip);
+        client.write_all(b"ping").expect("send");
+        client.shutdown(Shutdown::Write).expect("shutdown(SHUT_WR)");
+        let mut reply = Vec::new();
+        client
+            .read_to_end(&mut reply)
+            .expect("the recovered backend answers");
+        assert_eq!(reply, b"ping", "connection {k} was served");
+    }
+    server.join().expect("the backend thread ends");
+    assert_eq!(
+        h.events.succeeded(),
+        vec![addr],
+        "{addr} recovered once: the first success after the failure is reported, and only it"
+    );
+    assert_eq!(h.stats(0).total.load(Ordering::Relaxed), 3);
     h.wait_idle();
 }
 

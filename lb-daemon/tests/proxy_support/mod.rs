@@ -240,12 +240,55 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Logs to the test output when `RUST_LOG` asks for them.
+/// Every log line written so far by this test binary's proxies, at the levels `RUST_LOG`
+/// asks for and always the access log (`lb::access` at INFO).
+static LOGGED: Mutex<String> = Mutex::new(String::new());
+
+/// Where log lines go: [`LOGGED`], and stderr when `RUST_LOG` is set.
+#[derive(Clone, Copy)]
+struct LogSink {
+    echo: bool,
+}
+
+impl io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        LOGGED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_str(&String::from_utf8_lossy(buf));
+        if self.echo {
+            io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures the proxies' logs (see [`logged_lines`]); also prints them when `RUST_LOG`
+/// asks for them.
 pub fn init_logs() {
+    let echo = std::env::var_os("RUST_LOG").is_some();
+    let filter = tracing_subscriber::EnvFilter::from_default_env()
+        .add_directive("lb::access=info".parse().expect("a valid filter directive"));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(move || LogSink { echo })
         .try_init();
+}
+
+/// The captured log lines that contain every one of `parts`.
+pub fn logged_lines(parts: &[&str]) -> Vec<String> {
+    LOGGED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .lines()
+        .filter(|line| parts.iter().all(|p| line.contains(p)))
+        .map(str::to_string)
+        .collect()
 }
 
 /// A loopback address nothing listens on: connects to it are refused.
@@ -417,23 +460,31 @@ pub fn republish(
     new_flows_to: usize,
     change: impl Fn(&mut lb_daemon::snapshot::BackendView),
 ) {
-    let old = h.snapshot.load_full();
+    republish_snapshot(&h.snapshot, new_flows_to, change);
+}
+
+/// [`republish`] for any service's live snapshot.
+pub fn republish_snapshot(
+    snapshot: &SharedSnapshot,
+    new_flows_to: usize,
+    change: impl Fn(&mut lb_daemon::snapshot::BackendView),
+) {
+    let old = snapshot.load_full();
     let mut backends = old.backends.clone();
     change(&mut backends[0]);
-    h.snapshot
-        .store(Arc::new(lb_daemon::snapshot::ServiceSnapshot {
-            name: old.name.clone(),
-            listen: old.listen,
-            protocol: old.protocol,
-            scheduler_kind: old.scheduler_kind,
-            connect_timeout: old.connect_timeout,
-            idle_timeout: old.idle_timeout,
-            retries: old.retries,
-            backends,
-            scheduler: Some(Box::new(Only(new_flows_to))),
-            generation: old.generation + 1,
-            proxy_protocol: old.proxy_protocol,
-            limits: old.limits,
-            access_log: old.access_log,
-        }));
+    snapshot.store(Arc::new(lb_daemon::snapshot::ServiceSnapshot {
+        name: old.name.clone(),
+        listen: old.listen,
+        protocol: old.protocol,
+        scheduler_kind: old.scheduler_kind,
+        connect_timeout: old.connect_timeout,
+        idle_timeout: old.idle_timeout,
+        retries: old.retries,
+        backends,
+        scheduler: Some(Box::new(Only(new_flows_to))),
+        generation: old.generation + 1,
+        proxy_protocol: old.proxy_protocol,
+        limits: old.limits,
+        access_log: old.access_log,
+    }));
 }

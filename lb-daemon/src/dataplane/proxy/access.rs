@@ -4,6 +4,10 @@
 //! A line reads `tcp service=web client=192.0.2.7:51234 backend=10.0.0.3:8080
 //! to_backend=512 from_backend=20480 duration=0.153s end=eof`; `backend=-` when none was
 //! reached. Bytes count what the proxy delivered (a PROXY protocol header is not counted).
+//!
+//! UDP datagrams that open no session (`end=limit_refused`, `end=no_backend`) would give a
+//! line each: their lines are let through at most once a second per service and worker, the
+//! next one that passes ending with `similar=N`, the lines held back since the previous one.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -78,32 +82,33 @@ pub(super) struct Line<'a> {
 
 /// Writes `line` to the `lb::access` target.
 pub(super) fn log(line: &Line<'_>) {
+    log_summary(line, 0);
+}
+
+/// Writes `line` to the `lb::access` target, ending with `similar={similar}` when `similar`
+/// lines like it were held back before it (nothing when 0).
+pub(super) fn log_summary(line: &Line<'_>, similar: u64) {
     let protocol = match line.protocol {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
     };
-    match line.backend {
-        Some(backend) => tracing::info!(
-            target: "lb::access",
-            "{protocol} service={} client={} backend={backend} to_backend={} from_backend={} \
-             duration={:.3}s end={}",
-            line.service,
-            line.client,
-            line.bytes[0],
-            line.bytes[1],
-            line.duration.as_secs_f64(),
-            line.end.as_str()
-        ),
-        None => tracing::info!(
-            target: "lb::access",
-            "{protocol} service={} client={} backend=- to_backend={} from_backend={} \
-             duration={:.3}s end={}",
-            line.service,
-            line.client,
-            line.bytes[0],
-            line.bytes[1],
-            line.duration.as_secs_f64(),
-            line.end.as_str()
-        ),
-    }
+    let backend = match line.backend {
+        Some(backend) => backend.to_string(),
+        None => "-".to_string(),
+    };
+    let similar = match similar {
+        0 => String::new(),
+        n => format!(" similar={n}"),
+    };
+    tracing::info!(
+        target: "lb::access",
+        "{protocol} service={} client={} backend={backend} to_backend={} from_backend={} \
+         duration={:.3}s end={}{similar}",
+        line.service,
+        line.client,
+        line.bytes[0],
+        line.bytes[1],
+        line.duration.as_secs_f64(),
+        line.end.as_str()
+    );
 }

@@ -7,8 +7,13 @@
 //! `workers` times its limit). The table is split into [`SHARDS`] mutex-guarded maps by
 //! address, so workers admitting different clients rarely contend; it is touched once when a
 //! connection or session opens and once when it closes (only with a concurrency limit),
-//! never per relayed byte. A UDP client that is refused has no session, so each of its
-//! further datagrams asks again (and is counted again) until it is admitted.
+//! never per relayed byte.
+//!
+//! A UDP client that is refused has no session, so each of its further datagrams would ask
+//! again. Each worker remembers its recent refusals instead ([`RecentRefusals`]): until the
+//! refusal could have changed (the next token of the client's bucket, at most
+//! [`REFUSAL_MEMORY`] later), the client's datagrams are dropped without taking a shard's
+//! lock or writing a log line. They are still counted, one refusal per datagram.
 //!
 //! Memory is bounded: an entry whose client holds nothing and whose bucket is full again is
 //! forgotten (each shard prunes at most once a second, when it is next used), and a shard
@@ -30,6 +35,11 @@ const SHARDS: usize = 16;
 const SHARD_ENTRIES: usize = 16_384;
 /// How often a shard forgets idle clients.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// The longest a worker takes a UDP client's refusal as standing without asking again.
+pub(super) const REFUSAL_MEMORY: Duration = Duration::from_secs(1);
+/// Refused clients one worker remembers at most (some 3 MiB); past that, refusals of new
+/// clients are not remembered and their datagrams ask the table again.
+const REFUSAL_ENTRIES: usize = 65_536;
 
 /// Why a new connection or session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +50,20 @@ pub(super) enum Refusal {
     Rate,
     /// The table is full of other clients.
     Full,
+}
+
+impl Refusal {
+    /// How long this refusal stands for sure under `limits`: an empty bucket gets its next
+    /// token within `1 / rate`; a client at its session limit, or a full table, may be
+    /// admitted as soon as a session ends, which is not known here, so [`REFUSAL_MEMORY`].
+    /// Never more than [`REFUSAL_MEMORY`].
+    pub(super) fn stands_for(self, limits: &ClientLimits) -> Duration {
+        match (self, limits.rate) {
+            (Refusal::Rate, Some(rate)) if rate > 0.0 => Duration::try_from_secs_f64(1.0 / rate)
+                .map_or(REFUSAL_MEMORY, |d| d.min(REFUSAL_MEMORY)),
+            _ => REFUSAL_MEMORY,
+        }
+    }
 }
 
 /// A client's admission; pass it to [`ClientTable::release`] when the connection closes.
@@ -193,6 +217,68 @@ impl ClientTable {
     }
 }
 
+/// One worker's recent UDP refusals: (service, client address) → until when the refusal
+/// stands. Worker-local, so no lock; bounded to [`REFUSAL_ENTRIES`] clients.
+pub(super) struct RecentRefusals {
+    until: HashMap<(usize, IpAddr), Instant>,
+    pruned: Option<Instant>,
+}
+
+impl RecentRefusals {
+    pub(super) fn new() -> RecentRefusals {
+        RecentRefusals {
+            until: HashMap::new(),
+            pruned: None,
+        }
+    }
+
+    /// Whether `ip` was refused by service `service` (the worker's number for it) and the
+    /// refusal still stands at `now`.
+    pub(super) fn stands(&self, service: usize, ip: IpAddr, now: Instant) -> bool {
+        self.until
+            .get(&(service, ip.to_canonical()))
+            .is_some_and(|&until| now < until)
+    }
+
+    /// Remembers that service `service` refused `ip` at `now`, for `stands_for`. Not
+    /// remembered when [`REFUSAL_ENTRIES`] other clients are.
+    pub(super) fn remember(
+        &mut self,
+        service: usize,
+        ip: IpAddr,
+        now: Instant,
+        stands_for: Duration,
+    ) {
+        let key = (service, ip.to_canonical());
+        if self.until.len() >= REFUSAL_ENTRIES && !self.until.contains_key(&key) {
+            self.prune(now);
+            if self.until.len() >= REFUSAL_ENTRIES {
+                return;
+            }
+        }
+        self.until.insert(key, now + stands_for);
+    }
+
+    /// Forgets the refusals that no longer stand; does the work at most once per
+    /// [`PRUNE_EVERY`].
+    pub(super) fn prune(&mut self, now: Instant) {
+        if self
+            .pruned
+            .is_some_and(|at| now.saturating_duration_since(at) < PRUNE_EVERY)
+        {
+            return;
+        }
+        self.pruned = Some(now);
+        self.until.retain(|_, until| now < *until);
+    }
+
+    /// Clients remembered now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.until.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +402,65 @@ mod tests {
             );
         }
         assert_eq!(table.tracked(), 0);
+    }
+
+    #[test]
+    fn a_refusal_stands_until_the_next_token_and_never_past_a_second() {
+        let limits = ClientLimits {
+            max_connections: Some(1),
+            rate: Some(4.0),
+            burst: 1,
+        };
+        assert_eq!(
+            Refusal::Rate.stands_for(&limits),
+            Duration::from_millis(250)
+        );
+        assert_eq!(Refusal::Connections.stands_for(&limits), REFUSAL_MEMORY);
+        assert_eq!(Refusal::Full.stands_for(&limits), REFUSAL_MEMORY);
+        let slow = ClientLimits {
+            rate: Some(0.1),
+            ..limits
+        };
+        assert_eq!(Refusal::Rate.stands_for(&slow), REFUSAL_MEMORY);
+    }
+
+    #[test]
+    fn a_worker_remembers_a_refusal_for_its_service_and_client_only_while_it_stands() {
+        let mut recent = RecentRefusals::new();
+        let t0 = Instant::now();
+        recent.remember(3, ip("10.0.0.1"), t0, Duration::from_millis(500));
+        assert!(recent.stands(3, ip("10.0.0.1"), t0 + Duration::from_millis(499)));
+        assert!(
+            recent.stands(3, ip("::ffff:10.0.0.1"), t0),
+            "an IPv4-mapped address is the same client"
+        );
+        assert!(!recent.stands(3, ip("10.0.0.2"), t0), "another client");
+        assert!(!recent.stands(4, ip("10.0.0.1"), t0), "another service");
+        assert!(
+            !recent.stands(3, ip("10.0.0.1"), t0 + Duration::from_millis(500)),
+            "the refusal no longer stands once its time is up"
+        );
+        recent.prune(t0 + Duration::from_secs(2));
+        assert_eq!(
+            recent.len(),
+            0,
+            "a refusal that no longer stands is forgotten"
+        );
+    }
+
+    #[test]
+    fn a_worker_remembers_a_bounded_number_of_refused_clients() {
+        let mut recent = RecentRefusals::new();
+        let t0 = Instant::now();
+        for k in 0..(REFUSAL_ENTRIES as u32 + 100) {
+            let client = IpAddr::from(std::net::Ipv4Addr::from(k));
+            recent.remember(0, client, t0, REFUSAL_MEMORY);
+        }
+        assert_eq!(recent.len(), REFUSAL_ENTRIES);
+        // Once the old ones no longer stand, new ones are remembered again.
+        let later = t0 + REFUSAL_MEMORY + PRUNE_EVERY;
+        recent.remember(0, ip("192.0.2.1"), later, REFUSAL_MEMORY);
+        assert!(recent.stands(0, ip("192.0.2.1"), later));
+        assert_eq!(recent.len(), 1);
     }
 }

@@ -138,9 +138,12 @@ pub struct ProxyCounters {
     /// Connections and sessions ended by an error: a reset, a failed splice or send, or a
     /// local resource shortage (sockets, pipes).
     pub errors: u64,
-    /// New TCP connections and UDP sessions refused by a service's per-client limits
-    /// (`[service.limits]`), summed over services; per service see [`Proxy::limited`]. A
-    /// refused UDP datagram is also counted in `dropped_datagrams`.
+    /// Refusals by a service's per-client limits (`[service.limits]`), summed over
+    /// services; per service see [`Proxy::limited`]. TCP: new connections refused. UDP:
+    /// datagrams that would have opened a session and were dropped because their client was
+    /// refused, each one counted, whether the shared table refused it or the worker still
+    /// remembered a refusal of that client (for up to a second, see `limits`). A refused UDP
+    /// datagram is also counted in `dropped_datagrams`.
     pub limited: u64,
 }
 
@@ -180,6 +183,15 @@ impl LogLimit {
     /// `Some(suffix)` when a warning may be logged now; the suffix tells how many were held
     /// back since the last one (empty if none). `None` when this one is held back.
     fn allow(&mut self, now: Instant) -> Option<String> {
+        self.allow_counted(now).map(|held| match held {
+            0 => String::new(),
+            n => format!(" ({n} similar since the last report)"),
+        })
+    }
+
+    /// `Some(held)` when a line may be logged now, `held` being how many were held back
+    /// since the last one. `None` when this one is held back.
+    fn allow_counted(&mut self, now: Instant) -> Option<u64> {
         if self
             .last
             .is_some_and(|at| now.saturating_duration_since(at) < Self::PERIOD)
@@ -187,13 +199,8 @@ impl LogLimit {
             self.held += 1;
             return None;
         }
-        let suffix = match self.held {
-            0 => String::new(),
-            n => format!(" ({n} similar since the last report)"),
-        };
         self.last = Some(now);
-        self.held = 0;
-        Some(suffix)
+        Some(std::mem::take(&mut self.held))
     }
 }
 
@@ -427,7 +434,8 @@ impl Proxy {
     }
 
     /// New connections (TCP) or datagrams that would have opened a session (UDP) of service
-    /// `index` refused by its per-client limits since it started. `None` for an index the proxy does not carry.
+    /// `index` refused by its per-client limits since it started, as
+    /// [`ProxyCounters::limited`] counts them. `None` for an index the proxy does not carry.
     pub fn limited(&self, index: usize) -> Option<u64> {
         self.carried()
             .iter()

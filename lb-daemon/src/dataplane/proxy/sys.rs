@@ -145,6 +145,21 @@ pub(super) fn copy_into_pipe(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: u32)
     n as i32
 }
 
+/// Whether the peer of a TCP socket is gone: the socket has an error or is closed (a reset
+/// arrived). One `poll(2)` that does not wait. Unlike an io_uring poll, which always
+/// reports `POLLRDHUP`, `poll(2)` asked for no event reports only `POLLERR`, `POLLHUP`
+/// and `POLLNVAL`, so this works on a socket whose peer has already sent its FIN.
+pub(super) fn peer_gone(fd: BorrowedFd<'_>) -> bool {
+    let mut entry = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut entry, 1, 0) };
+    n > 0 && entry.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+}
+
 /// Whether a connect error is this host's own (no ports, memory, buffers or descriptors
 /// left) rather than the backend's answer; such errors must not count against a backend.
 pub(super) fn is_local_error(err: &io::Error) -> bool {

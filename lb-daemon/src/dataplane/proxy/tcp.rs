@@ -645,8 +645,8 @@ impl Tcp {
                 // counting it towards `fall` would take healthy backends down under load.
                 Shared::count(&ctx.shared.errors, 1);
             } else {
+                stats.connect_failed();
                 ctx.events.connect_failed(service.index, addr, &err);
-                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {err} (table generation {})",
@@ -712,7 +712,9 @@ impl Tcp {
                 return;
             }
         };
-        ctx.events.connect_succeeded(service.index, addr);
+        if stats.connect_succeeded() {
+            ctx.events.connect_succeeded(service.index, addr);
+        }
         // `active` has counted this connection since the pick.
         stats.total.fetch_add(1, Ordering::Relaxed);
         conn.phase = Phase::Relaying(Relaying {
@@ -912,8 +914,16 @@ impl Tcp {
         ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Closes relaying connections idle for their service's `idle_timeout`, looking at no
-    /// more than [`SWEEP_BUDGET`] connections; re-arms listeners that backed off.
+    /// Closes relaying connections idle for their service's `idle_timeout`, and half-closed
+    /// ones whose finished side's peer is gone, looking at no more than [`SWEEP_BUDGET`]
+    /// connections; re-arms listeners that backed off.
+    ///
+    /// Why the second: once a direction has finished (its source sent a FIN), nothing polls
+    /// that source any more, so a reset from it (the client half-closed, then went away)
+    /// would go unseen while the other direction waits on a quiet peer, holding the backend
+    /// until the idle timeout. The sweep asks each such source once per tick
+    /// ([`sys::peer_gone`]); an io_uring poll cannot wait for this, as it always reports the
+    /// FIN already received (`POLLRDHUP`).
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         for i in 0..self.listeners.len() {
             if self.listeners[i].backoff {
@@ -935,9 +945,27 @@ impl Tcp {
             let Phase::Relaying(r) = &conn.phase else {
                 continue;
             };
-            if conn.closing.is_none()
-                && ctx.now.saturating_duration_since(conn.last_active) >= limit
-            {
+            if conn.closing.is_some() {
+                continue;
+            }
+            let finished_source =
+                match (r.ways[TO_BACKEND].finished(), r.ways[TO_CLIENT].finished()) {
+                    (true, false) => Some(conn.client.as_fd()),
+                    (false, true) => Some(r.backend.as_fd()),
+                    _ => None,
+                };
+            if finished_source.is_some_and(sys::peer_gone) {
+                tracing::debug!(
+                    "service {}: a peer of the half-closed connection from {} is gone; \
+                     closing it",
+                    self.services[conn.service].name,
+                    conn.client_addr
+                );
+                Shared::count(&ctx.shared.errors, 1);
+                idle.push((i, generation, End::Reset));
+                continue;
+            }
+            if ctx.now.saturating_duration_since(conn.last_active) >= limit {
                 // Idle with bytes still in a pipe means a peer stopped reading: a FIN would
                 // pass the cut stream off as complete, so both peers get a reset instead.
                 let how = if r.ways.iter().any(|w| w.buffered() > 0) {

@@ -28,7 +28,7 @@ use std::time::Instant;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::access::{self, End};
-use super::limits::Admission;
+use super::limits::{Admission, RecentRefusals};
 use super::proxy_header::{self, Transport};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
@@ -79,7 +79,8 @@ struct Session {
     last_active: Instant,
     in_flight: u8,
     closing: bool,
-    /// The backend has answered at least once (reported as a connect success).
+    /// The backend has answered at least once (a connect success: it ends the backend's run
+    /// of failures, if it had one).
     answered: bool,
     /// The generation of the service's table this session's backend was last checked in.
     table_generation: u64,
@@ -110,6 +111,14 @@ pub(super) struct Udp {
     sweep_cursor: u32,
     /// Per service: "no backend" warnings.
     no_backend_log: Vec<LogLimit>,
+    /// Per service: access log lines of datagrams refused by the limits, one a second at
+    /// most.
+    refused_access_log: Vec<LogLimit>,
+    /// Per service: access log lines of datagrams that found no backend, one a second at
+    /// most.
+    no_backend_access_log: Vec<LogLimit>,
+    /// Clients recently refused by a service's limits, by service (index into `services`).
+    refusals: RecentRefusals,
     /// Local resource shortages (sockets).
     resource_log: LogLimit,
 }
@@ -124,7 +133,10 @@ impl Udp {
             by_client: HashMap::new(),
             batch: None,
             sweep_cursor: 0,
-            no_backend_log: vec![LogLimit::default(); sockets.len()],
+            no_backend_log: Vec::with_capacity(sockets.len()),
+            refused_access_log: Vec::with_capacity(sockets.len()),
+            no_backend_access_log: Vec::with_capacity(sockets.len()),
+            refusals: RecentRefusals::new(),
             resource_log: LogLimit::default(),
         };
         for (info, fd) in sockets {
@@ -157,6 +169,8 @@ impl Udp {
         });
         self.services.push(info);
         self.no_backend_log.push(LogLimit::default());
+        self.refused_access_log.push(LogLimit::default());
+        self.no_backend_access_log.push(LogLimit::default());
     }
 
     /// Starts carrying a service added while running: `fd` is this worker's VIP socket.
@@ -340,19 +354,17 @@ impl Udp {
         local: Option<Local>,
         data: &[u8],
     ) {
-        let existing = self.by_client.get(&(vip, client)).copied();
-        let existing = match existing {
-            Some(key) if self.backend_still_up(key) => Some(key),
-            Some(key) => {
-                // The backend went DOWN: the client's next datagram opens a session to a
-                // backend that is up, as IPVS's expire_nodest_conn does, instead of feeding
-                // a dead backend until the idle timeout.
-                self.close(ctx, key, End::BackendDown);
-                None
-            }
-            None => None,
+        // A client of a removed service may have its session on the service that replaced
+        // it at the same address (see `successor`): its datagrams can still reach the old
+        // socket, and must find that session, with the same backend check.
+        let found = match self.live_session(ctx, vip, client) {
+            Some(key) => Some(key),
+            None => match self.successor(vip) {
+                Some(next) if next != vip => self.live_session(ctx, next, client),
+                _ => None,
+            },
         };
-        let key = match existing {
+        let key = match found {
             Some(key) => key,
             None if ctx.draining => {
                 Shared::count(&ctx.shared.dropped_datagrams, 1);
@@ -360,11 +372,7 @@ impl Udp {
             }
             None => {
                 let opened = match self.successor(vip) {
-                    Some(next) if next == vip => self.open_session(ctx, vip, client, local),
-                    Some(next) => match self.by_client.get(&(next, client)).copied() {
-                        Some(key) => Some(key),
-                        None => self.open_session(ctx, next, client, local),
-                    },
+                    Some(next) => self.open_session(ctx, next, client, local),
                     None => None,
                 };
                 match opened {
@@ -377,7 +385,7 @@ impl Udp {
             }
         };
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
-            self.by_client.remove(&(vip, client));
+            // Unreachable: `live_session` and `open_session` return open sessions only.
             Shared::count(&ctx.shared.dropped_datagrams, 1);
             return;
         };
@@ -409,6 +417,29 @@ impl Udp {
         }
     }
 
+    /// The open session of `client` on VIP socket `vip`, if its backend is still up. A
+    /// session whose backend went DOWN is closed, as IPVS's `expire_nodest_conn` does, so
+    /// that the client's next datagram opens a session to a backend that is up instead of
+    /// feeding a dead one until the idle timeout.
+    fn live_session(
+        &mut self,
+        ctx: &mut Ctx,
+        vip: usize,
+        client: SocketAddr,
+    ) -> Option<(u32, u32)> {
+        let key = *self.by_client.get(&(vip, client))?;
+        if self.sessions.get_mut(key.0, key.1).is_none() {
+            // Unreachable: closing a session forgets its entry. Never keep a stale one.
+            self.by_client.remove(&(vip, client));
+            return None;
+        }
+        if self.backend_still_up(key) {
+            return Some(key);
+        }
+        self.close(ctx, key, End::BackendDown);
+        None
+    }
+
     /// Opens a session for `client` on VIP socket `vip` (`local`: the address the client
     /// wrote to, when the socket is a wildcard); `None` when it was refused or failed (the
     /// caller drops the datagram).
@@ -422,6 +453,14 @@ impl Udp {
         let service_at = self.vips[vip].service;
         let service = &self.services[service_at];
         let snapshot = service.snapshot.load();
+        let limited = snapshot.limits.max_connections.is_some() || snapshot.limits.rate.is_some();
+        if limited && self.refusals.stands(service_at, client.ip(), ctx.now) {
+            // Refused a moment ago and bound to be refused again: drop it at the cost of a
+            // hash lookup, with no lock and no log line, but counted like any refusal.
+            Shared::count(&ctx.shared.limited, 1);
+            service.clients.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let admission = match service
             .clients
             .admit(client.ip(), &snapshot.limits, ctx.now)
@@ -429,20 +468,33 @@ impl Udp {
             Ok(admission) => admission,
             Err(why) => {
                 Shared::count(&ctx.shared.limited, 1);
+                self.refusals.remember(
+                    service_at,
+                    client.ip(),
+                    ctx.now,
+                    why.stands_for(&snapshot.limits),
+                );
                 tracing::debug!(
                     "service {}: new session from {client} refused by the limits ({why:?})",
                     service.name
                 );
                 if snapshot.access_log {
-                    access::log(&access::Line {
-                        protocol: Protocol::Udp,
-                        service: &service.name,
-                        client,
-                        backend: None,
-                        bytes: [0, 0],
-                        duration: std::time::Duration::ZERO,
-                        end: End::LimitRefused,
-                    });
+                    if let Some(similar) =
+                        self.refused_access_log[service_at].allow_counted(ctx.now)
+                    {
+                        access::log_summary(
+                            &access::Line {
+                                protocol: Protocol::Udp,
+                                service: &service.name,
+                                client,
+                                backend: None,
+                                bytes: [0, 0],
+                                duration: std::time::Duration::ZERO,
+                                end: End::LimitRefused,
+                            },
+                            similar,
+                        );
+                    }
                 }
                 return None;
             }
@@ -455,15 +507,21 @@ impl Udp {
             service.clients.release(admission);
             Shared::count(&ctx.shared.no_backend, 1);
             if snapshot.access_log {
-                access::log(&access::Line {
-                    protocol: Protocol::Udp,
-                    service: &service.name,
-                    client,
-                    backend: None,
-                    bytes: [0, 0],
-                    duration: std::time::Duration::ZERO,
-                    end: End::NoBackend,
-                });
+                if let Some(similar) = self.no_backend_access_log[service_at].allow_counted(ctx.now)
+                {
+                    access::log_summary(
+                        &access::Line {
+                            protocol: Protocol::Udp,
+                            service: &service.name,
+                            client,
+                            backend: None,
+                            bytes: [0, 0],
+                            duration: std::time::Duration::ZERO,
+                            end: End::NoBackend,
+                        },
+                        similar,
+                    );
+                }
             }
             self.log_no_backend(ctx, service_at, client);
             return None;
@@ -507,8 +565,8 @@ impl Udp {
                 // Out of ports or memory here says nothing about the backend.
                 Shared::count(&ctx.shared.errors, 1);
             } else {
+                stats.connect_failed();
                 ctx.events.connect_failed(service.index, addr, &e);
-                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {e} (table generation {})",
@@ -626,8 +684,10 @@ impl Udp {
             s.last_active = ctx.now;
             if !s.answered {
                 s.answered = true;
-                let service = &self.services[self.vips[s.vip].service];
-                ctx.events.connect_succeeded(service.index, s.backend);
+                if s.stats.connect_succeeded() {
+                    let service = &self.services[self.vips[s.vip].service];
+                    ctx.events.connect_succeeded(service.index, s.backend);
+                }
             }
             let Some(vip_fd) = self.vips[s.vip].fd.as_ref().map(|f| f.as_raw_fd()) else {
                 Shared::count(&ctx.shared.dropped_datagrams, n as u64);
@@ -655,8 +715,8 @@ impl Udp {
             return;
         };
         let service = &self.services[self.vips[s.vip].service];
+        s.stats.connect_failed();
         ctx.events.connect_failed(service.index, s.backend, &err);
-        s.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             "service {}: connect to backend {} failed: {err} (table generation {})",
             service.name,
@@ -739,6 +799,7 @@ impl Udp {
     /// Ends sessions idle for their service's `idle_timeout`, looking at no more than
     /// [`SWEEP_BUDGET`] sessions.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
+        self.refusals.prune(ctx.now);
         let capacity = self.sessions.capacity();
         if capacity == 0 {
             return;
