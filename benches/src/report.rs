@@ -366,7 +366,7 @@ mod tests {
 
     fn report() -> Report {
         let mut xdp = path("lb-xdp-nat", PathKind::Ours, &[]);
-        xdp.skipped = Some("no XDP data plane in this build".into());
+        xdp.skipped = Some("the BPF object was not found".into());
         Report {
             machine: Machine {
                 cpu: "Test CPU".into(),
@@ -454,7 +454,7 @@ mod tests {
         let md = report().to_markdown();
         assert!(md.contains("| direct | n/a | 10.0 (9.00–11.0) |"), "{md}");
         assert!(
-            md.contains("| lb-xdp-nat | skipped: no XDP data plane in this build |"),
+            md.contains("| lb-xdp-nat | skipped: the BPF object was not found |"),
             "a skipped path is listed with its reason: {md}"
         );
         assert!(

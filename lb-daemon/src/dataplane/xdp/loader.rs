@@ -37,13 +37,14 @@ pub enum LoadError {
         /// What aya reported.
         source: Box<aya::EbpfError>,
     },
-    /// The object has no program, or no map, of this name: it is not lb's, or of another
-    /// version than this daemon.
+    /// The object has no XDP program of this name: it is not lb's, or of another version
+    /// than this daemon. (A missing map is `MapsError::Missing`, found when the maps are
+    /// taken.)
     #[error("the BPF object {} has no {what} `{name}`; it is not the lb-ebpf this daemon was built with", path.display())]
     Missing {
         /// The object.
         path: PathBuf,
-        /// "XDP program" or "map".
+        /// What is missing: "XDP program".
         what: &'static str,
         /// The missing name.
         name: String,
