@@ -32,8 +32,8 @@ pub struct Control {
     /// Services a reload removed, with the end of their drain: shown in `/status` while
     /// connections are still open on them.
     retired: Mutex<Vec<(Arc<ServiceRuntime>, Instant)>>,
-    /// Whether a failed read of the XDP counters was logged already (logged once, not per
-    /// scrape).
+    /// Whether the failing reads of the XDP counters since the last good one were logged
+    /// already (logged once per outage, not per scrape).
     xdp_read_failed: std::sync::atomic::AtomicBool,
 }
 
@@ -306,7 +306,12 @@ impl Control {
             .unwrap_or_default();
         let xdp = match self.xdp_counters() {
             None => None,
-            Some(Ok(c)) => Some(Ok(c)),
+            Some(Ok(c)) => {
+                // A later failure is logged again.
+                self.xdp_read_failed
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                Some(Ok(c))
+            }
             Some(Err(e)) => {
                 let e = e.to_string();
                 if !self

@@ -8,7 +8,8 @@
 //! | `lb_backend_connect_failures_total` | counter: failed connect attempts | service, backend |
 //! | `lb_backend_bytes_total` | counter: bytes, `direction` = `to_backend` or `from_backend` (XDP: frames to the backend only) | service, backend, direction |
 //! | `lb_xdp_backend_packets_total` | counter: client packets XDP forwarded to a backend | service, backend |
-//! | `lb_xdp_packets_total` | counter: packets the XDP program handled, by `outcome` (`forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...; `packets` counts them all) | outcome |
+//! | `lb_xdp_packets_total` | counter: packets the XDP program saw | |
+//! | `lb_xdp_packet_outcomes_total` | counter: what it did with them, by `outcome` (`forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...) | outcome |
 //! | `lb_backend_up` | gauge: 1 when the health checks say up | service, backend |
 //! | `lb_backend_weight` | gauge: the weight the scheduler uses now (0 draining) | service, backend |
 //! | `lb_proxy_no_backend_total` | counter: connections/datagrams refused for want of a backend | |
@@ -19,7 +20,8 @@
 //! | `lb_start_time_seconds` | gauge: Unix time of the daemon's start | |
 //!
 //! Services a reload removed keep their series while they drain (see `/status`'s
-//! `removed_services`); a backend's series go when it does.
+//! `removed_services`), unless a live service has their name (a service moved to another
+//! address): then the live one's are shown. A backend's series go when it does.
 
 use std::sync::atomic::AtomicU64;
 
@@ -69,7 +71,13 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
     let weight = Family::<BackendLabels, Gauge>::default();
     let xdp_packets = Family::<BackendLabels, Counter>::default();
     let full = control.status();
-    for status in full.services.iter().chain(&full.removed_services) {
+    // A removed service whose name lives on (a reload moved it to another address) would
+    // mix two services' values under one label set: only the live one is shown.
+    let removed = full
+        .removed_services
+        .iter()
+        .filter(|r| !full.services.iter().any(|s| s.name == r.name));
+    for status in full.services.iter().chain(removed) {
         for b in &status.backends {
             let l = BackendLabels {
                 service: status.name.clone(),
@@ -136,16 +144,24 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
             xdp_packets,
         );
         let outcomes = Family::<OutcomeLabels, Counter>::default();
+        let seen = Counter::<u64>::default();
         for (outcome, n) in &xdp.packets {
+            // `packets` is every packet the program saw, not an outcome: summing the
+            // outcomes must not count them twice.
+            if outcome == "packets" {
+                seen.inc_by(*n);
+                continue;
+            }
             outcomes
                 .get_or_create(&OutcomeLabels {
                     outcome: outcome.clone(),
                 })
                 .inc_by(*n);
         }
+        reg.register("xdp_packets", "Packets the XDP program saw", seen);
         reg.register(
-            "xdp_packets",
-            "Packets the XDP program handled, by outcome (`packets` counts every one)",
+            "xdp_packet_outcomes",
+            "What the XDP program did with packets, by outcome",
             outcomes,
         );
     }

@@ -319,9 +319,12 @@ pub fn counters_match(mode: Mode) {
         DATAGRAMS as f64,
         "{mode:?}: lb_xdp_backend_packets_total for dns"
     );
+    let seen = sum("lb_xdp_packets_total", None);
+    let outcomes = sum("lb_xdp_packet_outcomes_total", None);
     assert!(
-        sum("lb_xdp_packets_total", None) > 0.0,
-        "{mode:?}: no lb_xdp_packets_total in /metrics:\n{}",
+        seen >= (DATAGRAMS + CONNS) as f64 && outcomes > 0.0 && outcomes <= seen,
+        "{mode:?}: lb_xdp_packets_total {seen} and lb_xdp_packet_outcomes_total {outcomes} \
+         do not fit the traffic sent:\n{}",
         metrics.body
     );
 
