@@ -322,7 +322,7 @@ pub fn counters_match(mode: Mode) {
     let seen = sum("lb_xdp_packets_total", None);
     let outcomes = sum("lb_xdp_packet_outcomes_total", None);
     assert!(
-        seen >= (DATAGRAMS + CONNS) as f64 && outcomes > 0.0 && outcomes <= seen,
+        seen >= (DATAGRAMS + CONNS) as f64 && outcomes > 0.0,
         "{mode:?}: lb_xdp_packets_total {seen} and lb_xdp_packet_outcomes_total {outcomes} \
          do not fit the traffic sent:\n{}",
         metrics.body
