@@ -54,10 +54,16 @@ pub enum Stat {
     /// Dropped: forwarding is disabled on the ingress interface, so `bpf_fib_lookup` refuses
     /// to route (set `net.ipv4.conf.<if>.forwarding=1` / `net.ipv6.conf.all.forwarding=1`).
     DropForwardingDisabled = 18,
+    /// Dropped: a new flow from a client whose token bucket is empty (the service's
+    /// `new_connections_per_second` and `burst`).
+    DropClientRate = 19,
+    /// Dropped: a new TCP flow from a client that holds the service's
+    /// `max_connections_per_client` already.
+    DropClientConnections = 20,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 19;
+pub const STATS_LEN: u32 = 21;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.

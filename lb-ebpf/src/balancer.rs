@@ -3,17 +3,19 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
+    flow::IPPROTO_TCP,
     flow_hash,
-    maps::{Service, VipKey, MAX_SERVICES, MODE_DSR, MODE_NAT},
-    Stat,
+    maps::{Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT},
+    FlowKey, Stat,
 };
 
 use crate::{
     conntrack, encap,
     fib::{self, Out},
+    limits,
     maps::{SERVICES, VIPS},
     nat,
-    parse::{self, Parsed},
+    parse::{self, Parsed, TCP_FIN, TCP_RST},
     stats,
 };
 
@@ -64,6 +66,16 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
         return Err(Stat::DropBadService);
     }
     let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
+    if placed.fresh {
+        // Before the SNAT port is taken: a refused flow must hold nothing.
+        placed.entry.flags = limits::admit(&p.key, service_id)?;
+    } else if !placed.new_flow
+        && p.key.protocol == IPPROTO_TCP
+        && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && placed.entry.flags & CT_F_CLOSED == 0
+    {
+        limits::closed(&p.key, service_id);
+    }
     let backend = placed.backend;
 
     let (src, dst, ip_len) = if service.mode == MODE_NAT {
@@ -131,6 +143,18 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
 #[inline(always)]
 fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     let r = nat::reverse(&p.key).ok_or(Stat::PassNotVip)?;
+    if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        // The backend ends the flow: its client's slot goes back as for the client's FIN.
+        let client = FlowKey {
+            src_addr: r.client_addr,
+            dst_addr: r.vip_addr,
+            src_port: r.client_port,
+            dst_port: r.vip_port,
+            protocol: p.key.protocol,
+            _pad: [0; 3],
+        };
+        limits::closed(&client, r.service);
+    }
     nat::rewrite(
         ctx,
         p,

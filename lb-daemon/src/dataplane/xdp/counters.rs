@@ -31,6 +31,8 @@ const STAT_NAMES: &[&str] = &[
     "decapsulated",
     "decap_passed",
     "drop_forwarding_disabled",
+    "drop_client_rate",
+    "drop_client_connections",
 ];
 
 /// The log name of `STATS` index `i`.
