@@ -245,12 +245,12 @@ impl Sweeper {
                 continue;
             };
             let open = tracked.get(&key).copied().unwrap_or(0);
-            let now = state.connections.saturating_sub(open);
+            let previous = self.excess.get(&key).copied().unwrap_or(0);
+            let (now, lower) = leak(state.connections, open, previous);
             if now == 0 {
                 continue;
             }
             excess.insert(key, now);
-            let lower = now.min(self.excess.get(&key).copied().unwrap_or(0));
             if lower == 0 {
                 continue;
             }
@@ -272,9 +272,34 @@ impl Sweeper {
     }
 }
 
+/// One client in a sweep: its count `connections`, its `open` counted flows in conntrack and
+/// its excess at the previous sweep. Returns its excess now and how much to lower the count:
+/// the excess seen in both sweeps, so a moment's difference is never taken for a leak.
+fn leak(connections: u64, open: u64, previous: u64) -> (u64, u64) {
+    let now = connections.saturating_sub(open);
+    (now, now.min(previous))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_excess_seen_twice_is_given_back_and_counts_are_never_raised() {
+        assert_eq!(leak(3, 1, 0), (2, 0), "a first sighting is not a leak yet");
+        assert_eq!(leak(3, 1, 2), (2, 2), "seen twice: give back 2");
+        assert_eq!(
+            leak(3, 2, 2),
+            (1, 1),
+            "a flow tracked late lowers the excess"
+        );
+        assert_eq!(leak(2, 1, 1), (1, 1));
+        assert_eq!(
+            leak(1, 3, 5),
+            (0, 0),
+            "more tracked flows than counted: nothing to lower, never raised"
+        );
+    }
 
     #[test]
     fn rates_become_token_intervals_and_bursts_their_multiples() {
