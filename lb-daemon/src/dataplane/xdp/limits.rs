@@ -10,7 +10,7 @@
 //!
 //! A counted TCP flow gives its client's slot back on its first FIN or RST. If `CONNTRACK`
 //! evicts the flow's entry first, the slot is never given back: the client's count stays one
-//! too high. Every [`SWEEP_EVERY`], while some XDP service has `max_connections_per_client`,
+//! too high. Every [`SWEEP_EVERY`] (10 s), while some XDP service has `max_connections_per_client`,
 //! [`Sweeper::tick`] counts the open counted flows of each client in `CONNTRACK` and lowers a
 //! client's count that is above it. It only lowers, and only by the excess it saw in two
 //! sweeps in a row: a flow admitted a moment before the count was read (its conntrack entry
@@ -33,8 +33,11 @@ use super::maps::{MapsError, ServiceSlot};
 use super::Maps;
 use crate::config::{ClientLimits, Protocol};
 
-/// How often the sweep runs (and the refusal counters are looked at for the log).
-pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How often the refusal counters are looked at for the log.
+pub const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// How often the sweep runs. It reads all of `CONNTRACK` (two syscalls per entry, up to some
+/// 100 ms for a full map) while holding the maps, which delays a table write by as much.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The `LIMITS` value of `limits` for a service of `protocol`.
 ///
@@ -176,7 +179,8 @@ fn vip_family(flow: &FlowKey) -> u8 {
 /// The periodic work of the sync thread for limits: the sweep, and a log line when the limits
 /// refused flows since the last one.
 pub struct Sweeper {
-    last: Instant,
+    reported: Instant,
+    swept: Instant,
     /// Each client's excess at the previous sweep.
     excess: StdHashMap<ClientKey, u64>,
     /// `DropClientRate` and `DropClientConnections` at the previous look.
@@ -193,19 +197,23 @@ impl Sweeper {
     /// A sweeper whose first sweep is [`SWEEP_EVERY`] from now.
     pub fn new() -> Sweeper {
         Sweeper {
-            last: Instant::now(),
+            reported: Instant::now(),
+            swept: Instant::now(),
             excess: StdHashMap::new(),
             refused: (0, 0),
         }
     }
 
-    /// Runs the sweep and the refusal log if [`SWEEP_EVERY`] has passed since the last time.
+    /// Logs refusals every [`REPORT_EVERY`] and sweeps every [`SWEEP_EVERY`]; call it often.
     pub fn tick(&mut self, maps: &mut Maps) {
-        if self.last.elapsed() < SWEEP_EVERY {
+        if self.reported.elapsed() >= REPORT_EVERY {
+            self.reported = Instant::now();
+            self.log_refusals(maps);
+        }
+        if self.swept.elapsed() < SWEEP_EVERY {
             return;
         }
-        self.last = Instant::now();
-        self.log_refusals(maps);
+        self.swept = Instant::now();
         if maps.limits.any_connection_limit() {
             let lowered = self.sweep(&mut maps.limits);
             if lowered > 0 {
