@@ -9,6 +9,10 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use aya::maps::{loaded_maps, HashMap as AyaHashMap, Map, MapData};
+use lb_common::flow::IPPROTO_TCP;
+use lb_common::maps::{addr_words, CtEntry, CONNTRACK};
+use lb_common::FlowKey;
 use lb_tests::client::{http_get_from, HttpConnection};
 use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Topology};
@@ -16,9 +20,12 @@ use lb_tests::{Daemon, HttpNameServer};
 use socket2::{Domain, SockAddr, Socket, Type};
 use toml::{Table, Value};
 
-/// The first client address (the topology's), and a second one on the same veth.
+/// The first client address (the topology's), and more on the same veth.
 const A: Ipv4Addr = lb_tests::xdp::CLIENT;
 const B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// A client whose flow's conntrack entry the test deletes; no other test uses it, so its
+/// flows are found only in this test's daemon's maps.
+const C: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 4);
 /// `conns`: at most 2 open connections per client address.
 const CONNS: u16 = 80;
 /// `rate`: a burst of 3, then one new connection per 100 s.
@@ -88,10 +95,12 @@ fn config(topology: &Topology, max_connections: i64) -> String {
 
 fn start() -> Lab {
     let topology = Topology::new(Mode::Nat, 1);
-    topology
-        .client
-        .ip(&["addr", "add", &format!("{B}/24"), "dev", "c0"])
-        .expect("second client address");
+    for extra in [B, C] {
+        topology
+            .client
+            .ip(&["addr", "add", &format!("{extra}/24"), "dev", "c0"])
+            .expect("another client address");
+    }
     let servers: Vec<HttpNameServer> = topology.backends[0]
         .enter(|| {
             [CONNS, RATE]
@@ -154,6 +163,19 @@ impl Lab {
 
     fn served(&self, from: Ipv4Addr, port: u16) -> bool {
         self.client(|| http_get_from(Some(from.into()), Topology::vip(port), "/").is_ok())
+    }
+
+    /// The 5-tuple of `c` as the balancer's conntrack keys it (client → VIP).
+    fn flow_of(c: &HttpConnection) -> FlowKey {
+        let local = c.local_addr().expect("the connection's local address");
+        FlowKey {
+            src_addr: addr_words(local.ip()),
+            dst_addr: addr_words(IpAddr::V4(lb_tests::xdp::VIP)),
+            src_port: local.port(),
+            dst_port: CONNS,
+            protocol: IPPROTO_TCP,
+            _pad: [0; 3],
+        }
     }
 
     fn logs(&self) -> String {
@@ -249,4 +271,63 @@ fn a_client_over_its_rate_is_refused_after_its_burst_and_another_is_not() {
         counters.contains("drop_client_rate="),
         "the refusals are missing from the XDP counters: {counters}"
     );
+}
+
+/// Deletes `flow`'s entry from the kernel's `CONNTRACK` map that holds it, as the LRU evicts
+/// entries: the maps are not pinned, so every loaded map of that name is looked at, and only
+/// this test's daemon's holds the flow (its client address is this test's alone). Returns
+/// whether an entry was deleted.
+fn evict(flow: &FlowKey) -> bool {
+    for info in loaded_maps().flatten() {
+        if info.name_as_str() != Some(CONNTRACK) {
+            continue;
+        }
+        let Ok(data) = MapData::from_id(info.id()) else {
+            continue;
+        };
+        let Ok(map) = Map::from_map_data(data) else {
+            continue;
+        };
+        let Ok(mut conntrack) = AyaHashMap::<_, FlowKey, CtEntry>::try_from(map) else {
+            continue;
+        };
+        if conntrack.get(flow, 0).is_ok() {
+            return conntrack.remove(flow).is_ok();
+        }
+    }
+    false
+}
+
+#[test]
+fn a_slot_held_by_an_evicted_flow_is_given_back_by_the_sweep() {
+    if !lb_tests::require_root("xdp_limits::a_slot_held_by_an_evicted_flow_is_given_back") {
+        return;
+    }
+    let lab = start();
+    let first = lab.hold(C, CONNS, "C's first connection");
+    let _second = lab.hold(C, CONNS, "C's second connection");
+    assert!(
+        lab.refused(C, CONNS),
+        "a third connection from {C} was served"
+    );
+    assert!(
+        evict(&Lab::flow_of(&first)),
+        "no CONNTRACK map held the flow of C's first connection"
+    );
+    // Its FIN now finds no entry: the slot is not given back by the program.
+    let mark = lab.daemon.log_mark();
+    drop(first);
+    assert!(
+        lab.refused(C, CONNS),
+        "C's slot came back without its conntrack entry; the test no longer evicts"
+    );
+    // Two sweeps (10 s apart) see the excess; the second gives the slot back.
+    lab.daemon
+        .wait_for_log_after(
+            mark,
+            "XDP limits: gave back 1 connection slots",
+            Duration::from_secs(35),
+        )
+        .unwrap_or_else(|e| panic!("the sweep gave no slot back: {e}\n{}", lab.logs()));
+    let _third = lab.hold(C, CONNS, "C's connection after the sweep");
 }
