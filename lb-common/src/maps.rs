@@ -125,13 +125,13 @@
 //!   ([`ClientState::full_at_ns`], `bpf_ktime_get_ns` clock; the generic cell rate
 //!   algorithm, which is exactly a token bucket with integer arithmetic only): a new flow at
 //!   `now` is admitted if `max(full_at_ns, now) + interval_ns - now <= burst_ns`, and
-//!   `full_at_ns` moves to that sum. Refused flows are dropped and counted in
-//!   [`Stat::DropClientRate`](crate::Stat::DropClientRate). The update is not atomic: two
+//!   `full_at_ns` moves to that sum. Refused flows are counted in
+//!   [`Stat::RefusedClientRate`](crate::Stat::RefusedClientRate). The update is not atomic: two
 //!   CPUs admitting the same client at the same instant may both take the same token, so a
 //!   client gets at most one extra flow per CPU racing with it.
 //! - **Connections** (TCP only): a client holding [`ClientState::connections`]` >=`
 //!   [`Limits::max_connections`] flows is refused
-//!   ([`Stat::DropClientConnections`](crate::Stat::DropClientConnections)); an admitted flow
+//!   ([`Stat::RefusedClientConnections`](crate::Stat::RefusedClientConnections)); an admitted flow
 //!   adds one (atomically) and gets [`CT_F_COUNTED`]. The first FIN or RST of a counted flow
 //!   seen by the balancer, from the client or (`nat`) in the backend's reply, sets
 //!   [`CT_F_CLOSED`] and subtracts one, once per flow. The check and the add are two steps,
@@ -145,6 +145,11 @@
 //! each client's `connections` to that count (never raises it). A client whose `CLIENTS`
 //! entry the LRU evicts starts again from a full bucket and zero connections; size
 //! [`CLIENTS_SIZE`] so that the clients that matter fit.
+//!
+//! A refused TCP SYN is answered with a RST+ACK built in place (addresses, ports and MACs
+//! swapped, no options, no payload) and sent back out of the ingress interface with
+//! `XDP_TX`, so the client fails at once as with the proxy's reset; a SYN with IPv4 options
+//! is dropped instead. A refused UDP packet is dropped.
 //!
 //! VLAN: packets with one 802.1Q tag are balanced like untagged ones and keep their tag; the
 //! route lookup does not consult VLAN sub-interfaces, so tagged traffic is forwarded only when

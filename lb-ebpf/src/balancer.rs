@@ -16,7 +16,7 @@ use crate::{
     maps::{SERVICES, VIPS},
     nat,
     parse::{self, Parsed, TCP_FIN, TCP_RST},
-    stats,
+    reset, stats,
 };
 
 /// The action for a packet that ends on counter `stat`: the `Pass*` rules hand it to the
@@ -68,7 +68,10 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
     if placed.fresh {
         // Before the SNAT port is taken: a refused flow must hold nothing.
-        placed.entry.flags = limits::admit(&p.key, service_id)?;
+        match limits::admit(&p.key, service_id) {
+            Ok(flags) => placed.entry.flags = flags,
+            Err(stat) => return refuse(ctx, p, stat),
+        }
     } else if !placed.new_flow
         && p.key.protocol == IPPROTO_TCP
         && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
@@ -137,6 +140,19 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     };
     stats::forwarded(service_id, placed.backend_id, frame_len, placed.new_flow);
     Ok(action)
+}
+
+/// A new flow the per-client limits refused (`stat`): a TCP SYN is answered with a RST, so the
+/// client fails at once; anything else (UDP, a SYN that cannot be turned around) is dropped.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
+    if p.key.protocol == IPPROTO_TCP {
+        if let Some(action) = reset::answer_syn(ctx, p) {
+            stats::increment(stat);
+            return Ok(action);
+        }
+    }
+    Err(stat)
 }
 
 /// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.

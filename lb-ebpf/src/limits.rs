@@ -49,14 +49,14 @@ pub fn admit(key: &FlowKey, service_id: u32) -> Result<u16, Stat> {
     unsafe {
         let connections = &raw mut (*state).connections;
         if max != 0 && connections.read_volatile() >= u64::from(max) {
-            return Err(Stat::DropClientConnections);
+            return Err(Stat::RefusedClientConnections);
         }
         if interval != 0 {
             let now = bpf_ktime_get_ns();
             let full_at = (*state).full_at_ns;
             let next = if full_at > now { full_at } else { now } + interval;
             if next - now > limits.burst_ns {
-                return Err(Stat::DropClientRate);
+                return Err(Stat::RefusedClientRate);
             }
             (*state).full_at_ns = next;
         }

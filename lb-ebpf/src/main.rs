@@ -2,7 +2,7 @@
 //!
 //! This file holds only the entry points. Each concern has its own module, as in Katran's
 //! `lib/bpf`: `parse` (headers and the pass rule), `maps` (declarations), `conntrack`
-//! (placement), `limits` (per-client limits on new flows), `nat`, `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
+//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
 //! strings them together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]
@@ -25,6 +25,7 @@ mod limits;
 mod maps;
 mod nat;
 mod parse;
+mod reset;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -1,8 +1,10 @@
 //! Per-client limits on the XDP data plane, end to end: `lb-daemon` with XDP (`nat`) in the
 //! balancer namespace, one backend namespace with HTTP name servers, and a client namespace
-//! with two addresses. A client address over its connection limit or its rate is refused
-//! (its SYNs are dropped, so its connect times out), while the other address is served; the
-//! daemon's log reports the refusals, and a reload changes a limit live.
+//! with several addresses. A client address over its connection limit or its rate is refused
+//! (the program answers its SYN with a reset, so its connect fails at once), while another
+//! address is served; the daemon's log and counters report the refusals, a reload changes a
+//! limit live, and the daemon's sweep gives back the slot of a flow whose conntrack entry was
+//! evicted.
 //!
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
@@ -30,7 +32,8 @@ const C: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 4);
 const CONNS: u16 = 80;
 /// `rate`: a burst of 3, then one new connection per 100 s.
 const RATE: u16 = 81;
-/// How long a refused connect is given: the SYN is dropped, so it can only time out.
+/// How long a connect may take to be refused (the reset comes at once; a dropped SYN would
+/// only time out).
 const REFUSED_WAIT: Duration = Duration::from_millis(1500);
 
 struct Lab {
@@ -150,14 +153,18 @@ impl Lab {
         })
     }
 
-    /// Whether a connect from `from` to `port` gets nowhere within [`REFUSED_WAIT`].
+    /// Whether a connect from `from` to `port` is refused (reset) within [`REFUSED_WAIT`].
+    /// A connect that succeeds is closed at once.
     fn refused(&self, from: Ipv4Addr, port: u16) -> bool {
         self.client(|| {
             let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
             s.bind(&SockAddr::from(SocketAddr::new(from.into(), 0)))
                 .expect("bind the client address");
-            s.connect_timeout(&SockAddr::from(Topology::vip(port)), REFUSED_WAIT)
-                .is_err()
+            match s.connect_timeout(&SockAddr::from(Topology::vip(port)), REFUSED_WAIT) {
+                Ok(()) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => true,
+                Err(e) => panic!("a connect from {from} failed other than by a reset: {e}"),
+            }
         })
     }
 
@@ -268,7 +275,7 @@ fn a_client_over_its_rate_is_refused_after_its_burst_and_another_is_not() {
         .find(|l| l.contains("xdp counters: global"))
         .unwrap_or_else(|| panic!("no XDP counters at exit:\n{logs}"));
     assert!(
-        counters.contains("drop_client_rate="),
+        counters.contains("refused_client_rate="),
         "the refusals are missing from the XDP counters: {counters}"
     );
 }

@@ -1611,6 +1611,98 @@ mod limits {
         )
     }
 
+    /// The RST+ACK the balancer answers a refused SYN from `client`:`sport` to `vip`:80
+    /// with: addresses, ports and MACs swapped, sequence 0, acknowledging `ack`.
+    fn rst(client: IpAddr, sport: u16, vip: IpAddr, ack: u32) -> Vec<u8> {
+        let mut seg = Vec::new();
+        seg.extend_from_slice(&80u16.to_be_bytes());
+        seg.extend_from_slice(&sport.to_be_bytes());
+        seg.extend_from_slice(&0u32.to_be_bytes());
+        seg.extend_from_slice(&ack.to_be_bytes());
+        seg.extend_from_slice(&[5 << 4, TCP_RST | TCP_ACK, 0, 0, 0, 0, 0, 0]);
+        let c = wire::checksum(&[&wire::pseudo(vip, client, 6, seg.len()), &seg]);
+        seg[16..18].copy_from_slice(&c.to_be_bytes());
+        let ip = match (vip, client) {
+            (IpAddr::V4(v), IpAddr::V4(c)) => {
+                let h = wire::V4 {
+                    tos: 0,
+                    id: 0,
+                    frag: 0x4000,
+                    ttl: 64,
+                };
+                wire::ipv4(v, c, 6, h, &[], &seg)
+            }
+            (IpAddr::V6(v), IpAddr::V6(c)) => wire::ipv6(v, c, 6, 0x6000_0000, 64, &seg),
+            _ => panic!("mixed address families"),
+        };
+        wire::frame(CLIENT_MAC, VC_MAC, &ip)
+    }
+
+    #[test]
+    fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() {
+        let Some(mut lab) = setup("limits_rst") else {
+            return;
+        };
+        lab.backend(3, B1_6.into(), 8080);
+        lab.service(2, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[3]);
+        let one = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        limited(&mut lab, 2, one);
+        limited(&mut lab, 0, one);
+        let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+        let syn6 = |sport: u16, data: &[u8]| {
+            wire::frame(
+                VC_MAC,
+                CLIENT_MAC,
+                &wire::ip(c6, v6, 6, &wire::tcp(c6, sport, v6, 80, TCP_SYN, data)),
+            )
+        };
+        lab.expect(
+            lab.vc,
+            &syn6(43000, b""),
+            XDP_REDIRECT,
+            "an IPv6 SYN within the limit",
+        );
+        let out = lab.expect(
+            lab.vc,
+            &syn6(43001, b"hello"),
+            XDP_TX,
+            "an IPv6 SYN over it",
+        );
+        wire::assert_checksums(&out, "the IPv6 RST");
+        // The SYN's sequence + 1 + its 5 bytes of data.
+        assert_same(&out, &rst(c6, 43001, v6, 0x1122_3344 + 6), "the IPv6 RST");
+
+        lab.expect(
+            lab.vc,
+            &tcp(CLIENT4, 43000, TCP_SYN),
+            XDP_REDIRECT,
+            "an IPv4 SYN",
+        );
+        let (c4, v4): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        let with_options = wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ipv4(
+                CLIENT4,
+                VIP4,
+                6,
+                wire::V4_CLIENT,
+                &[1, 1, 1, 0],
+                &wire::tcp(c4, 43001, v4, 80, TCP_SYN, b""),
+            ),
+        );
+        lab.expect(
+            lab.vc,
+            &with_options,
+            XDP_DROP,
+            "a refused SYN with IPv4 options",
+        );
+        assert_eq!(lab.stat(Stat::RefusedClientConnections), 2);
+    }
+
     fn setup(test: &str) -> Option<Lab> {
         let mut lab = lab(test)?;
         lab.backend(0, B1_4.into(), 8080);
@@ -1628,7 +1720,7 @@ mod limits {
     }
 
     #[test]
-    fn new_flows_over_a_clients_burst_are_dropped_and_counted_and_another_client_is_not() {
+    fn new_flows_over_a_clients_burst_are_refused_and_counted_and_another_client_is_not() {
         let Some(mut lab) = setup("limits_rate") else {
             return;
         };
@@ -1656,14 +1748,20 @@ mod limits {
                 "a SYN within the burst",
             );
         }
-        lab.expect(
+        let out = lab.expect(
             lab.vc,
             &tcp(CLIENT4, 41003, TCP_SYN),
-            XDP_DROP,
+            XDP_TX,
             "a 4th SYN; the burst is 3",
         );
+        wire::assert_checksums(&out, "the RST answering a refused SYN");
+        assert_same(
+            &out,
+            &rst(CLIENT4.into(), 41003, VIP4.into(), 0x1122_3345),
+            "the RST answering a refused SYN",
+        );
         assert_eq!(
-            lab.stat(Stat::DropClientRate),
+            lab.stat(Stat::RefusedClientRate),
             1,
             "the refused SYN is not counted"
         );
@@ -1703,7 +1801,7 @@ mod limits {
             "an ACK that misses conntrack (an evicted flow) from a client over its rate",
         );
         assert_eq!(
-            lab.stat(Stat::DropClientRate),
+            lab.stat(Stat::RefusedClientRate),
             1,
             "packets of flows were refused"
         );
@@ -1740,7 +1838,7 @@ mod limits {
             "another client's UDP flow",
         );
         assert_eq!(
-            lab.stat(Stat::DropClientRate),
+            lab.stat(Stat::RefusedClientRate),
             2,
             "the refused datagram is not counted"
         );
@@ -1769,11 +1867,11 @@ mod limits {
             &lab,
             CLIENT4,
             42002,
-            XDP_DROP,
+            XDP_TX,
             "a third connection; the limit is 2",
         );
         assert_eq!(
-            lab.stat(Stat::DropClientConnections),
+            lab.stat(Stat::RefusedClientConnections),
             1,
             "the refusal is not counted"
         );
@@ -1818,7 +1916,7 @@ mod limits {
             &lab,
             CLIENT4,
             42003,
-            XDP_DROP,
+            XDP_TX,
             "a third open connection again",
         );
 
@@ -1857,17 +1955,17 @@ mod limits {
             &lab,
             CLIENT4,
             42004,
-            XDP_DROP,
+            XDP_TX,
             "a third open connection once more",
         );
-        assert_eq!(lab.stat(Stat::DropClientConnections), 3);
+        assert_eq!(lab.stat(Stat::RefusedClientConnections), 3);
 
         // A new SYN on the 5-tuple of a closed flow is a new flow: it counts again.
         syn(
             &lab,
             CLIENT4,
             42000,
-            XDP_DROP,
+            XDP_TX,
             "a SYN reusing a closed flow's port at the limit",
         );
         lab.expect(

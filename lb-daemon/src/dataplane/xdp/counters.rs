@@ -31,8 +31,8 @@ const STAT_NAMES: &[&str] = &[
     "decapsulated",
     "decap_passed",
     "drop_forwarding_disabled",
-    "drop_client_rate",
-    "drop_client_connections",
+    "refused_client_rate",
+    "refused_client_connections",
 ];
 
 /// The log name of `STATS` index `i`.

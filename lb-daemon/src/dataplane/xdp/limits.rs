@@ -183,7 +183,7 @@ pub struct Sweeper {
     swept: Instant,
     /// Each client's excess at the previous sweep.
     excess: StdHashMap<ClientKey, u64>,
-    /// `DropClientRate` and `DropClientConnections` at the previous look.
+    /// `RefusedClientRate` and `RefusedClientConnections` at the previous look.
     refused: (u64, u64),
 }
 
@@ -228,7 +228,10 @@ impl Sweeper {
     fn log_refusals(&mut self, maps: &Maps) {
         let Ok(stats) = maps.stats() else { return };
         let get = |s: Stat| stats.get(s as usize).copied().unwrap_or(0);
-        let now = (get(Stat::DropClientRate), get(Stat::DropClientConnections));
+        let now = (
+            get(Stat::RefusedClientRate),
+            get(Stat::RefusedClientConnections),
+        );
         if now != self.refused {
             info!(
                 "XDP limits: refused {} new flows over a client's rate and {} over a client's \
