@@ -22,7 +22,7 @@ const BPF_NOEXIST: u64 = 1;
 
 /// Decides whether the client of `key` may start a flow of service `service_id`. `Ok` holds
 /// the conntrack flags the admitted flow starts with ([`CT_F_COUNTED`] when it took one of
-/// the client's connection slots); `Err` is the drop counter.
+/// the client's connection slots); `Err` is the refusal counter.
 ///
 /// The connection limit is checked before the bucket, so a client refused for its
 /// connections keeps its tokens (as in the proxy). When `CLIENTS` cannot give the client an
