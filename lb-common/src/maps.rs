@@ -16,6 +16,8 @@
 //! | `CONNTRACK` | LRU hash (shared), [`CONNTRACK_SIZE`] | [`FlowKey`] → [`CtEntry`] | program |
 //! | `NAT_REVERSE` | LRU hash (shared), [`NAT_REVERSE_SIZE`] | [`FlowKey`] → [`NatReverse`] | program |
 //! | `DEVMAP` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`) | daemon |
+//! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
+//! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
 //! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
@@ -102,6 +104,53 @@
 //! when the route says the destination is local). TTL / hop limit are not decremented (`nat` acts as the flow's endpoint; `dsr` sends a
 //! new outer header with TTL 64).
 //!
+//! ## Per-client limits
+//!
+//! `LIMITS` holds each service's `[service.limits]` ([`Limits`]; all zero, the default of an
+//! entry never written, means no limit). It is its own array rather than fields of
+//! [`Service`] because it changes on another schedule (a reload, not a health change) and is
+//! read only for new flows: the `SERVICES` flip protocol stays about `active_half` alone,
+//! and the per-packet path does not read limit fields it never needs. Write it before the
+//! VIP is published and again whenever the limits change; each field is read on its own, so
+//! a packet may see half of an update, which only mixes two valid settings for one packet.
+//!
+//! The limits apply to flows a client starts: a TCP SYN without ACK, or a UDP packet, that
+//! finds no `CONNTRACK` entry (or, for a SYN, an entry whose flow was closed
+//! [`CT_F_CLOSED`]). TCP packets without SYN that miss conntrack (evicted entries) and flows
+//! re-placed because their backend went down are never limited. State per client address and
+//! service lives in `CLIENTS` ([`ClientKey`] → [`ClientState`]):
+//!
+//! - **Rate**: a token bucket of [`Limits::burst_ns`]` / `[`Limits::interval_ns`] tokens
+//!   refilled one per `interval_ns`, kept as the time it will be full again
+//!   ([`ClientState::full_at_ns`], `bpf_ktime_get_ns` clock; the generic cell rate
+//!   algorithm, which is exactly a token bucket with integer arithmetic only): a new flow at
+//!   `now` is admitted if `max(full_at_ns, now) + interval_ns - now <= burst_ns`, and
+//!   `full_at_ns` moves to that sum. Refused flows are counted in
+//!   [`Stat::RefusedClientRate`](crate::Stat::RefusedClientRate). The update is not atomic: two
+//!   CPUs admitting the same client at the same instant may both take the same token, so a
+//!   client gets at most one extra flow per CPU racing with it.
+//! - **Connections** (TCP only): a client holding [`ClientState::connections`]` >=`
+//!   [`Limits::max_connections`] flows is refused
+//!   ([`Stat::RefusedClientConnections`](crate::Stat::RefusedClientConnections)); an admitted flow
+//!   adds one (atomically) and gets [`CT_F_COUNTED`]. The first FIN or RST of a counted flow
+//!   seen by the balancer, from the client or (`nat`) in the backend's reply, sets
+//!   [`CT_F_CLOSED`] and subtracts one, once per flow. The check and the add are two steps,
+//!   so CPUs admitting one client at the same instant can each pass a check at `max - 1`
+//!   (at most one extra flow per racing CPU). A UDP flow has no end the balancer can see,
+//!   so the daemon keeps UDP services with `max_connections_per_client` on the proxy.
+//!
+//! A counted flow whose `CONNTRACK` entry the LRU evicts before its FIN or RST never gives
+//! its slot back. The daemon bounds that leak: every few seconds it counts, per client,
+//! the entries of `CONNTRACK` with [`CT_F_COUNTED`] and without [`CT_F_CLOSED`], and lowers
+//! each client's `connections` to that count (never raises it). A client whose `CLIENTS`
+//! entry the LRU evicts starts again from a full bucket and zero connections; size
+//! [`CLIENTS_SIZE`] so that the clients that matter fit.
+//!
+//! A refused TCP SYN is answered with a RST+ACK built in place (addresses, ports and MACs
+//! swapped, no options, no payload) and sent back out of the ingress interface with
+//! `XDP_TX`, so the client fails at once as with the proxy's reset; a SYN with IPv4 options
+//! is dropped instead. A refused UDP packet is dropped.
+//!
 //! VLAN: packets with one 802.1Q tag are balanced like untagged ones and keep their tag; the
 //! route lookup does not consult VLAN sub-interfaces, so tagged traffic is forwarded only when
 //! the route leads out of an interface in `DEVMAP` or back out of the ingress one.
@@ -140,6 +189,10 @@ pub const CONNTRACK: &str = "CONNTRACK";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
 /// Map name: ifindex → ifindex (`u32`), the targets of `XDP_REDIRECT`.
 pub const DEVMAP: &str = "DEVMAP";
+/// Map name: service id → [`Limits`].
+pub const LIMITS: &str = "LIMITS";
+/// Map name: [`ClientKey`] → [`ClientState`].
+pub const CLIENTS: &str = "CLIENTS";
 /// Map name: global per-CPU `u64` counters indexed by [`Stat`](crate::Stat).
 pub const STATS: &str = "STATS";
 /// Map name: per-CPU [`Counters`](crate::Counters) per service id.
@@ -161,6 +214,9 @@ pub const TABLES_LEN: u32 = MAX_SERVICES * TABLE_HALVES * MAX_TABLE_SIZE;
 pub const CONNTRACK_SIZE: u32 = 131_072;
 /// NAT'ed flows `NAT_REVERSE` remembers; the least recently used are evicted beyond this.
 pub const NAT_REVERSE_SIZE: u32 = 131_072;
+/// Clients (address and service) `CLIENTS` remembers; the least recently used are evicted
+/// beyond this.
+pub const CLIENTS_SIZE: u32 = 65_536;
 /// Interfaces `DEVMAP` can hold.
 pub const DEVMAP_SIZE: u32 = 64;
 
@@ -185,6 +241,14 @@ pub const MODE_DSR: u8 = 2;
 /// [`Backend::flags`] bit: the backend is down; conntrack entries pointing at it are ignored
 /// and their flows re-placed by the active table. Clear for up and for draining backends.
 pub const BACKEND_F_DOWN: u8 = 1;
+
+/// [`CtEntry::flags`] bit: the flow holds one of its client's connection slots
+/// ([`ClientState::connections`]); set when the flow was admitted under a
+/// [`Limits::max_connections`].
+pub const CT_F_COUNTED: u16 = 1;
+/// [`CtEntry::flags`] bit: a FIN or RST of the flow was seen and, if it was
+/// [`CT_F_COUNTED`], its slot given back. A later SYN on the same 5-tuple starts a new flow.
+pub const CT_F_CLOSED: u16 = 2;
 
 /// `addr` in [`FlowKey`]'s address layout: the address bytes in network order, four bytes per
 /// word read with `u32::from_ne_bytes`; an IPv4 address fills word 0 and leaves 1..4 zero.
@@ -300,8 +364,46 @@ pub struct CtEntry {
     pub backend: u32,
     /// The SNAT port chosen for the flow (`nat` only; 0 for `dsr`), host byte order.
     pub snat_port: u16,
+    /// Bits: [`CT_F_COUNTED`], [`CT_F_CLOSED`]; the others are zero.
+    pub flags: u16,
+}
+
+/// Value of `LIMITS`: a service's per-client limits. Zero in a field means no such limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Nanoseconds per token: `1e9 / new_connections_per_second`, rounded, at least 1; 0
+    /// means no rate limit.
+    pub interval_ns: u64,
+    /// The bucket's size in nanoseconds of refill: `burst * interval_ns` (saturating).
+    pub burst_ns: u64,
+    /// Concurrent TCP flows one client address may hold; 0 means no limit.
+    pub max_connections: u32,
     /// Explicit padding; zero.
-    pub _pad: [u8; 2],
+    pub _pad: u32,
+}
+
+/// Key of `CLIENTS`: one client address within one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The service id.
+    pub service: u32,
+    /// The client's address, in [`FlowKey`]'s layout (a service has one family, so the
+    /// layout is unambiguous).
+    pub addr: [u32; 4],
+}
+
+/// Value of `CLIENTS`: one client's token bucket and open flows (see the module docs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientState {
+    /// When the bucket is full again, `bpf_ktime_get_ns` time; 0 (or any past time) means
+    /// full.
+    pub full_at_ns: u64,
+    /// Counted ([`CT_F_COUNTED`]) TCP flows not yet closed. 64 bits because BPF's atomic
+    /// operations are 64-bit.
+    pub connections: u64,
 }
 
 /// Value of `NAT_REVERSE`, keyed by the reply's 5-tuple as it arrives at the balancer
@@ -328,7 +430,12 @@ const _: () = {
     assert!(core::mem::size_of::<Service>() == 36);
     assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<CtEntry>() == 8);
+    // The program sets CT_F_CLOSED with a 64-bit atomic OR on the whole entry: bits 48..64.
+    assert!(core::mem::offset_of!(CtEntry, flags) == 6);
     assert!(core::mem::size_of::<NatReverse>() == 40);
+    assert!(core::mem::size_of::<Limits>() == 24);
+    assert!(core::mem::size_of::<ClientKey>() == 20);
+    assert!(core::mem::size_of::<ClientState>() == 16);
     assert!(core::mem::size_of::<FlowKey>() == 40);
 };
 
@@ -342,6 +449,9 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::NatReverse {}
+    unsafe impl aya::Pod for super::Limits {}
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::ClientState {}
     unsafe impl aya::Pod for crate::FlowKey {}
     unsafe impl aya::Pod for crate::Counters {}
 }

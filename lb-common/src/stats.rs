@@ -5,9 +5,11 @@
 
 /// Indexes of the global per-CPU `u64` counters in the `STATS` map. Counts since load.
 ///
-/// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped. Besides
-/// `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*` counters,
-/// `Forwarded`, `NatReplies`, `FibPass` or a `Drop*` counter; `CtMissNonSyn` comes on top.
+/// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped, `Refused*`
+/// ones were turned away by a per-client limit (a TCP SYN answered with a RST, anything else
+/// dropped). Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*`
+/// counters, `Forwarded`, `NatReplies`, `FibPass`, a `Refused*` or a `Drop*` counter;
+/// `CtMissNonSyn` comes on top.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -54,10 +56,18 @@ pub enum Stat {
     /// Dropped: forwarding is disabled on the ingress interface, so `bpf_fib_lookup` refuses
     /// to route (set `net.ipv4.conf.<if>.forwarding=1` / `net.ipv6.conf.all.forwarding=1`).
     DropForwardingDisabled = 18,
+    /// Refused: a new flow from a client whose token bucket is empty (the service's
+    /// `new_connections_per_second` and `burst`). A TCP SYN is answered with a RST sent back
+    /// out of the interface it came in on (`XDP_TX`; dropped when it has IPv4 options or the
+    /// frame cannot be shortened), a UDP packet is dropped.
+    RefusedClientRate = 19,
+    /// Refused, as [`Stat::RefusedClientRate`]: a new TCP flow from a client that holds the
+    /// service's `max_connections_per_client` already.
+    RefusedClientConnections = 20,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 19;
+pub const STATS_LEN: u32 = 21;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.

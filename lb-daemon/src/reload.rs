@@ -351,6 +351,9 @@ address = "127.0.0.1:9001"
         let on_xdp = |index: usize| index == 0;
         let p = plan(&old, &xdp("", 5), &running(&old)).expect("a weight change");
         xdp_guard(&p, on_xdp).expect("a weight change applies on XDP");
+        let limits = "[service.limits]\nmax_connections_per_client = 3\n";
+        let p = plan(&old, &xdp(limits, 1), &running(&old)).expect("a limits change");
+        xdp_guard(&p, on_xdp).expect("a limits change applies on XDP");
         for (extra, words) in [
             ("scheduler = \"least_conn\"", "only the `maglev` scheduler"),
             ("access_log = true", "only in the proxy"),

@@ -3,18 +3,20 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
+    flow::IPPROTO_TCP,
     flow_hash,
-    maps::{Service, VipKey, MAX_SERVICES, MODE_DSR, MODE_NAT},
-    Stat,
+    maps::{Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT},
+    FlowKey, Stat,
 };
 
 use crate::{
     conntrack, encap,
     fib::{self, Out},
+    limits,
     maps::{SERVICES, VIPS},
     nat,
-    parse::{self, Parsed},
-    stats,
+    parse::{self, Parsed, TCP_FIN, TCP_RST},
+    reset, stats,
 };
 
 /// The action for a packet that ends on counter `stat`: the `Pass*` rules hand it to the
@@ -64,6 +66,19 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
         return Err(Stat::DropBadService);
     }
     let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
+    if placed.fresh {
+        // Before the SNAT port is taken: a refused flow must hold nothing.
+        match limits::admit(&p.key, service_id) {
+            Ok(flags) => placed.entry.flags = flags,
+            Err(stat) => return refuse(ctx, p, stat),
+        }
+    } else if !placed.new_flow
+        && p.key.protocol == IPPROTO_TCP
+        && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && placed.entry.flags & CT_F_CLOSED == 0
+    {
+        limits::closed(&p.key, service_id);
+    }
     let backend = placed.backend;
 
     let (src, dst, ip_len) = if service.mode == MODE_NAT {
@@ -127,10 +142,35 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     Ok(action)
 }
 
+/// A new flow the per-client limits refused (`stat`): a TCP SYN is answered with a RST, so the
+/// client fails at once; anything else (UDP, a SYN that cannot be turned around) is dropped.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
+    if p.key.protocol == IPPROTO_TCP {
+        if let Some(action) = reset::answer_syn(ctx, p) {
+            stats::increment(stat);
+            return Ok(action);
+        }
+    }
+    Err(stat)
+}
+
 /// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.
 #[inline(always)]
 fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     let r = nat::reverse(&p.key).ok_or(Stat::PassNotVip)?;
+    if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        // The backend ends the flow: its client's slot goes back as for the client's FIN.
+        let client = FlowKey {
+            src_addr: r.client_addr,
+            dst_addr: r.vip_addr,
+            src_port: r.client_port,
+            dst_port: r.vip_port,
+            protocol: p.key.protocol,
+            _pad: [0; 3],
+        };
+        limits::closed(&client, r.service);
+    }
     nat::rewrite(
         ctx,
         p,

@@ -8,6 +8,10 @@
 //! while the table has not changed that is the backend the flow began on (Katran does the
 //! same). UDP has no SYN: its first packet without an entry starts the flow.
 //!
+//! A TCP flow whose FIN or RST was seen is marked `CT_F_CLOSED` (see `limits::closed`); a SYN
+//! (without ACK) that finds such an entry starts a new flow on the same 5-tuple (a client
+//! reusing its port), placed by the live table like any new flow.
+//!
 //! Entries carry no timestamp and never expire by age: a flow (TCP or UDP) stays pinned until
 //! the LRU evicts it to make room, or its backend is marked down. Katran ages UDP entries;
 //! this program does not yet, so a UDP client that reuses its source port keeps its backend.
@@ -17,7 +21,10 @@ use core::num::NonZeroU32;
 use lb_common::{
     flow::IPPROTO_TCP,
     flow_hash,
-    maps::{table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, MAX_SERVICES, MAX_TABLE_SIZE},
+    maps::{
+        table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, CT_F_CLOSED, MAX_SERVICES,
+        MAX_TABLE_SIZE,
+    },
     FlowKey, Stat,
 };
 
@@ -38,6 +45,11 @@ pub struct Placement {
     pub entry: CtEntry,
     /// Whether this packet started the flow (no usable conntrack entry).
     pub new_flow: bool,
+    /// Whether the client starts a flow with this packet: a TCP SYN without ACK, or a UDP
+    /// packet, that found no entry (or, for the SYN, an entry of a closed flow). The per-client
+    /// limits apply to these only; not to TCP misses without SYN nor to flows re-placed
+    /// because their backend went down.
+    pub fresh: bool,
 }
 
 /// The backend for the flow `key` of `service` (id `service_id`). `Err` is the drop counter
@@ -49,24 +61,37 @@ pub fn place(
     service_id: u32,
     service: &Service,
 ) -> Result<Placement, Stat> {
+    let syn = key.protocol != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Flags a re-placed flow keeps (its connection slot, if it holds one).
+    let mut flags = 0;
+    let fresh;
     if let Some(entry) = CONNTRACK.get_ptr(key) {
         // SAFETY: a live map value; a concurrent update replaces it whole (LRU hash elements
-        // are swapped, not written in place), and it is copied out at once.
+        // are swapped, not written in place; `limits::closed` only sets a bit), and it is
+        // copied out at once.
         let entry = unsafe { *entry };
-        if let Some(backend) = BACKENDS.get(entry.backend) {
-            // A backend that went down cannot serve the flow: place it anew. A draining one
-            // (weight 0, not down) keeps its flows.
-            if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
-                return Ok(Placement {
-                    backend_id: entry.backend,
-                    backend: *backend,
-                    entry,
-                    new_flow: false,
-                });
+        fresh = syn && key.protocol == IPPROTO_TCP && entry.flags & CT_F_CLOSED != 0;
+        if !fresh {
+            if let Some(backend) = BACKENDS.get(entry.backend) {
+                // A backend that went down cannot serve the flow: place it anew. A draining
+                // one (weight 0, not down) keeps its flows.
+                if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
+                    return Ok(Placement {
+                        backend_id: entry.backend,
+                        backend: *backend,
+                        entry,
+                        new_flow: false,
+                        fresh: false,
+                    });
+                }
             }
+            flags = entry.flags;
         }
-    } else if key.protocol == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        stats::increment(Stat::CtMissNonSyn);
+    } else {
+        if !syn {
+            stats::increment(Stat::CtMissNonSyn);
+        }
+        fresh = syn;
     }
     let (backend_id, backend) = from_table(key, service_id, service)?;
     Ok(Placement {
@@ -75,9 +100,10 @@ pub fn place(
         entry: CtEntry {
             backend: backend_id,
             snat_port: 0,
-            _pad: [0; 2],
+            flags,
         },
         new_flow: true,
+        fresh,
     })
 }
 

@@ -58,6 +58,30 @@ pub fn ipv4_header(words: &[u16; 10]) -> u16 {
     !fold(acc)
 }
 
+/// The checksum of a TCP segment of `header` (ten memory-order `u16`s: 20 bytes, no options,
+/// checksum field at index 8 ignored) and no payload, from `src` to `dst` (address words;
+/// IPv4 leaves words 1..4 zero). The pseudo-header's length and protocol sum the same way for
+/// IPv4 and IPv6.
+#[inline(always)]
+pub fn tcp_bare(src: &[u32; 4], dst: &[u32; 4], header: &[u16; 10]) -> u16 {
+    let mut acc = (20u16.to_be() as u32) + (6u16.to_be() as u32);
+    let mut i = 0;
+    while i < 4 {
+        acc = add32(acc, src[i]);
+        acc = add32(acc, dst[i]);
+        acc = fold(acc) as u32;
+        i += 1;
+    }
+    i = 0;
+    while i < 10 {
+        if i != 8 {
+            acc += header[i] as u32;
+        }
+        i += 1;
+    }
+    !fold(acc)
+}
+
 /// A UDP checksum that computes to 0 is sent as 0xffff (RFC 768): 0 means "no checksum".
 #[inline(always)]
 pub fn udp_nonzero(check: u16) -> u16 {

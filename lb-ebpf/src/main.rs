@@ -2,11 +2,15 @@
 //!
 //! This file holds only the entry points. Each concern has its own module, as in Katran's
 //! `lib/bpf`: `parse` (headers and the pass rule), `maps` (declarations), `conntrack`
-//! (placement), `nat`, `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
+//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
 //! strings them together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]
 #![no_main]
+// BPF's atomic add / or (used by `limits`): the target's `AtomicU64` has no read-modify-write
+// methods, the intrinsics lower to BPF_ATOMIC instructions.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 // Map keys and values are passed by reference on purpose: passing them by value (as this lint
 // suggests) makes LLVM copy them onto the stack again, and the balancer then exceeds the
 // verifier's 512-byte stack.
@@ -17,9 +21,11 @@ mod conntrack;
 mod csum;
 mod encap;
 mod fib;
+mod limits;
 mod maps;
 mod nat;
 mod parse;
+mod reset;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

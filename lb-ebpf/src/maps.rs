@@ -11,8 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, CtEntry, NatReverse, Service, VipKey, VipValue, CONNTRACK_SIZE, DEVMAP_SIZE,
-        MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
+        Backend, ClientKey, ClientState, CtEntry, Limits, NatReverse, Service, VipKey, VipValue,
+        CLIENTS_SIZE, CONNTRACK_SIZE, DEVMAP_SIZE, MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE,
+        TABLES_LEN,
     },
     Counters, FlowKey, STATS_LEN,
 };
@@ -53,6 +54,16 @@ pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> =
 /// ifindex → ifindex: the interfaces `XDP_REDIRECT` may send to.
 #[map(name = "DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_SIZE, 0);
+
+/// Service id → per-client limits. Written by the daemon.
+#[map(name = "LIMITS")]
+pub static LIMITS: Array<Limits> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// (service, client address) → token bucket and open flows. Shared, not per-CPU: a client's
+/// flows arrive on any CPU, and a per-CPU bucket would give it one bucket per CPU.
+#[map(name = "CLIENTS")]
+pub static CLIENTS: LruHashMap<ClientKey, ClientState> =
+    LruHashMap::with_max_entries(CLIENTS_SIZE, 0);
 
 /// Global per-CPU counters indexed by `lb_common::Stat`.
 #[map(name = "STATS")]

@@ -135,6 +135,10 @@ pub struct UdpHdr {
 
 /// TCP flag bits in `TcpHdr::off_flags[1]`.
 pub const TCP_SYN: u8 = 0x02;
+/// TCP FIN flag.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP RST flag.
+pub const TCP_RST: u8 = 0x04;
 /// TCP ACK flag.
 pub const TCP_ACK: u8 = 0x10;
 

@@ -23,6 +23,8 @@ const MAPS: &[&str] = &[
     maps::CONNTRACK,
     maps::NAT_REVERSE,
     maps::DEVMAP,
+    maps::LIMITS,
+    maps::CLIENTS,
     maps::STATS,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,

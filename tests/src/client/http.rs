@@ -52,6 +52,11 @@ impl HttpConnection {
         })
     }
 
+    /// The connection's local (client) address and port.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.out.local_addr()
+    }
+
     /// `GET path` on this connection; returns the body.
     pub fn get(&mut self, path: &str) -> Result<String, ClientError> {
         self.request(path, true)

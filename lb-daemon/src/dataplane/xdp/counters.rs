@@ -31,6 +31,8 @@ const STAT_NAMES: &[&str] = &[
     "decapsulated",
     "decap_passed",
     "drop_forwarding_disabled",
+    "refused_client_rate",
+    "refused_client_connections",
 ];
 
 /// The log name of `STATS` index `i`.

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use lb_common::maps::{CONNTRACK, NAT_REVERSE, PROG_DECAP, TABLES};
+use lb_common::maps::{CLIENTS, CONNTRACK, NAT_REVERSE, PROG_DECAP, TABLES};
 use lb_common::Stat;
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
@@ -31,7 +31,7 @@ pub fn run(interface: &str, object: Option<&Path>) -> Result<(), LoadError> {
     }
     let path = loader::find_object(object)?;
     // The decapsulator uses none of the balancer's big maps: make them one entry each.
-    let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE])?;
+    let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS])?;
     let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
     let mode = loader::attach(prog, interface)?;
     info!(

@@ -65,6 +65,8 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
+    /// `LIMITS`, `CLIENTS` and `CONNTRACK`: see `limits.rs`.
+    pub(super) limits: super::limits::LimitMaps,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -96,6 +98,7 @@ impl Maps {
             stats: take(ebpf, contract::STATS)?,
             service_stats: take(ebpf, contract::SERVICE_STATS)?,
             backend_stats: take(ebpf, contract::BACKEND_STATS)?,
+            limits: super::limits::LimitMaps::take(ebpf)?,
         })
     }
 
@@ -161,6 +164,7 @@ impl Maps {
             .map_err(io(contract::SERVICES))?;
         slot.active_half = inactive;
         slot.table_size_live = size;
+        self.limits.write(slot, &snap.limits)?;
         if !slot.vip_published {
             self.vips
                 .insert(slot.vip_key(), VipValue { service: slot.id }, 0)

@@ -8,6 +8,7 @@
 
 pub mod counters;
 pub mod decap;
+pub mod limits;
 pub mod loader;
 pub mod maps;
 mod sync;
@@ -21,7 +22,7 @@ use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, MAX_TABLE_SIZE, PROG_BALANCER}
 use tracing::{info, warn};
 
 use crate::config::{
-    ClientLimits, DataplaneKind, Forwarding, Global, ProxyProtocol, SchedulerKind, Service,
+    DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
 };
 use crate::service::ServiceRuntime;
 
@@ -111,12 +112,12 @@ pub fn obstacle(service: &Service) -> Option<String> {
     }
     // On XDP these would silently vanish (a backend expecting a PROXY header would reject
     // every connection): they make the service a proxy one.
-    if service.proxy_protocol != ProxyProtocol::Off
-        || service.limits != ClientLimits::default()
-        || service.access_log
-    {
+    if service.proxy_protocol != ProxyProtocol::Off || service.access_log {
+        return Some("proxy_protocol and access_log run only in the proxy data plane".into());
+    }
+    if service.protocol == Protocol::Udp && service.limits.max_connections.is_some() {
         return Some(
-            "proxy_protocol, [service.limits] and access_log run only in the proxy data plane"
+            "max_connections_per_client of a UDP service runs only in the proxy data plane: on              XDP a UDP flow shows no end, so a client's sessions would never be given back              (new_connections_per_second alone works on XDP)"
                 .into(),
         );
     }
@@ -424,6 +425,23 @@ mod tests {
     #[test]
     fn a_service_with_interface_and_maglev_may_try_xdp() {
         assert_eq!(obstacle(&service("10.200.100.1:80", XDP_KEYS)), None);
+    }
+
+    #[test]
+    fn limits_run_on_xdp_except_a_udp_session_limit() {
+        let limits = "[service.limits]\nmax_connections_per_client = 2\n\
+                      new_connections_per_second = 5.0\nburst = 10\n";
+        let tcp = service("10.200.100.1:80", &format!("{XDP_KEYS}\n{limits}"));
+        assert_eq!(obstacle(&tcp), None, "TCP limits run on XDP");
+        let mut udp = tcp.clone();
+        udp.protocol = Protocol::Udp;
+        let why = obstacle(&udp).unwrap_or_default();
+        assert!(
+            why.contains("max_connections_per_client of a UDP service"),
+            "a UDP session limit on XDP: {why}"
+        );
+        udp.limits.max_connections = None;
+        assert_eq!(obstacle(&udp), None, "a UDP rate limit runs on XDP");
     }
 
     #[test]

@@ -36,13 +36,17 @@ impl SyncThread {
         let (stop, stopped) = mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("lb-xdp-sync".into())
-            .spawn(move || loop {
-                match stopped.recv_timeout(POLL) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-                }
-                for (rt, slot) in &services {
-                    republish_if_changed(&maps, rt, slot);
+            .spawn(move || {
+                let mut limits = super::limits::Sweeper::new();
+                loop {
+                    match stopped.recv_timeout(POLL) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    for (rt, slot) in &services {
+                        republish_if_changed(&maps, rt, slot);
+                    }
+                    limits.tick(&mut lock(&maps));
                 }
             })
             .unwrap_or_else(|e| panic!("cannot start the XDP map sync thread: {e}"));

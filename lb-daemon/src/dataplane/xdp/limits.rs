@@ -1,0 +1,359 @@
+//! Per-client limits on XDP, daemon side: writing each service's `[service.limits]` into
+//! `LIMITS`, and bounding the connection counts that conntrack evictions leak in `CLIENTS`.
+//!
+//! The program applies the limits (lb-ebpf's `limits.rs`); the map contract and the races it
+//! allows are in `lb_common::maps` ("Per-client limits"). A service's entry is written with
+//! every snapshot the sync thread publishes (a reload that changes `[service.limits]` makes
+//! a new snapshot), before its VIP is published the first time.
+//!
+//! # The sweep
+//!
+//! A counted TCP flow gives its client's slot back on its first FIN or RST. If `CONNTRACK`
+//! evicts the flow's entry first, the slot is never given back: the client's count stays one
+//! too high. Every [`SWEEP_EVERY`] (10 s), while some XDP service has `max_connections_per_client`,
+//! [`Sweeper::tick`] counts the open counted flows of each client in `CONNTRACK` and lowers a
+//! client's count that is above it. It only lowers, and only by the excess it saw in two
+//! sweeps in a row: a flow admitted a moment before the count was read (its conntrack entry
+//! not yet written) is not mistaken for a leak. A leak thus lasts at most two sweeps. The
+//! write itself is a read and an update of one entry; a flow the program admits or closes
+//! for that client between the two (microseconds) is lost from the count, one flow's error.
+
+use std::collections::HashMap as StdHashMap;
+use std::time::{Duration, Instant};
+
+use aya::maps::{Array, HashMap, MapData};
+use aya::Ebpf;
+use lb_common::maps::{
+    self as contract, ClientKey, ClientState, CtEntry, Limits, VipKey, CT_F_CLOSED, CT_F_COUNTED,
+};
+use lb_common::{FlowKey, Stat};
+use tracing::{info, warn};
+
+use super::maps::{MapsError, ServiceSlot};
+use super::Maps;
+use crate::config::{ClientLimits, Protocol};
+
+/// How often the refusal counters are looked at for the log.
+pub const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// How often the sweep runs. It reads all of `CONNTRACK` (two syscalls per entry, up to some
+/// 100 ms for a full map) while holding the maps, which delays a table write by as much.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// The `LIMITS` value of `limits` for a service of `protocol`.
+///
+/// The rate becomes a token interval of `round(1e9 / rate)` ns (at least 1; rates are at most
+/// 1,000,000/s, so the rounding error is below 0.05%), the bucket `burst` such intervals. The
+/// connection limit is written for TCP only: the daemon keeps UDP services that have one on
+/// the proxy (see `obstacle`), so a UDP entry never carries it.
+pub fn value(limits: &ClientLimits, protocol: Protocol) -> Limits {
+    let interval_ns = match limits.rate {
+        Some(rate) if rate > 0.0 => ((1e9 / rate).round() as u64).max(1),
+        _ => 0,
+    };
+    let burst = u64::from(limits.burst.max(1));
+    Limits {
+        interval_ns,
+        burst_ns: interval_ns.saturating_mul(burst),
+        max_connections: match protocol {
+            Protocol::Tcp => limits.max_connections.unwrap_or(0),
+            Protocol::Udp => 0,
+        },
+        _pad: 0,
+    }
+}
+
+/// The limit maps, taken out of the loaded object with the others.
+pub struct LimitMaps {
+    limits: Array<MapData, Limits>,
+    clients: HashMap<MapData, ClientKey, ClientState>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    /// Per service id: its VIP key (to tell which service a conntrack entry belongs to) and
+    /// whether it has a connection limit.
+    services: StdHashMap<u32, (VipKey, bool)>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing {
+        name,
+        reason: "not in the object".into(),
+    })?;
+    T::try_from(map).map_err(|e| MapsError::Missing {
+        name,
+        reason: e.to_string(),
+    })
+}
+
+fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
+    move |e| MapsError::Io {
+        map,
+        source: Box::new(e),
+    }
+}
+
+impl LimitMaps {
+    /// Takes `LIMITS`, `CLIENTS` and `CONNTRACK` out of `ebpf`.
+    ///
+    /// Returns `Err(MapsError::Missing)` when one is absent or has another layout.
+    pub fn take(ebpf: &mut Ebpf) -> Result<LimitMaps, MapsError> {
+        Ok(LimitMaps {
+            limits: take(ebpf, contract::LIMITS)?,
+            clients: take(ebpf, contract::CLIENTS)?,
+            conntrack: take(ebpf, contract::CONNTRACK)?,
+            services: StdHashMap::new(),
+        })
+    }
+
+    /// Writes `limits` as service `slot.id`'s `LIMITS` entry.
+    ///
+    /// Returns `Err(MapsError::Io)` when the update fails.
+    pub fn write(&mut self, slot: &ServiceSlot, limits: &ClientLimits) -> Result<(), MapsError> {
+        let v = value(limits, slot.protocol);
+        self.limits
+            .set(slot.id, v, 0)
+            .map_err(io(contract::LIMITS))?;
+        let protocol = match slot.protocol {
+            Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
+            Protocol::Udp => lb_common::flow::IPPROTO_UDP,
+        };
+        self.services.insert(
+            slot.id,
+            (VipKey::new(slot.vip, protocol), v.max_connections > 0),
+        );
+        Ok(())
+    }
+
+    fn any_connection_limit(&self) -> bool {
+        self.services.values().any(|&(_, limited)| limited)
+    }
+
+    /// Open counted flows per client, from `CONNTRACK`.
+    fn tracked(&self) -> StdHashMap<ClientKey, u64> {
+        let mut by_vip: StdHashMap<VipKey, u32> = StdHashMap::new();
+        for (&id, &(vip, limited)) in &self.services {
+            if limited {
+                by_vip.insert(vip, id);
+            }
+        }
+        let mut tracked = StdHashMap::new();
+        // Entries evicted or added while iterating may be skipped or seen: the two-sweep
+        // rule absorbs that.
+        for item in self.conntrack.iter() {
+            let Ok((flow, entry)) = item else { continue };
+            if entry.flags & CT_F_COUNTED == 0 || entry.flags & CT_F_CLOSED != 0 {
+                continue;
+            }
+            let vip = VipKey {
+                addr: flow.dst_addr,
+                port: flow.dst_port,
+                protocol: flow.protocol,
+                family: vip_family(&flow),
+            };
+            let Some(&service) = by_vip.get(&vip) else {
+                continue;
+            };
+            *tracked
+                .entry(ClientKey {
+                    service,
+                    addr: flow.src_addr,
+                })
+                .or_insert(0) += 1;
+        }
+        tracked
+    }
+}
+
+/// The family of a conntrack key's VIP: IPv4 addresses leave words 1..4 zero. (An IPv6 VIP of
+/// the form `x::` would read as IPv4 here; it is then not matched, and its clients' leaks are
+/// not swept.)
+fn vip_family(flow: &FlowKey) -> u8 {
+    if flow.dst_addr[1..] == [0, 0, 0] {
+        contract::FAMILY_V4
+    } else {
+        contract::FAMILY_V6
+    }
+}
+
+/// The periodic work of the sync thread for limits: the sweep, and a log line when the limits
+/// refused flows since the last one.
+pub struct Sweeper {
+    reported: Instant,
+    swept: Instant,
+    /// Each client's excess at the previous sweep.
+    excess: StdHashMap<ClientKey, u64>,
+    /// `RefusedClientRate` and `RefusedClientConnections` at the previous look.
+    refused: (u64, u64),
+}
+
+impl Default for Sweeper {
+    fn default() -> Sweeper {
+        Sweeper::new()
+    }
+}
+
+impl Sweeper {
+    /// A sweeper whose first sweep is [`SWEEP_EVERY`] from now.
+    pub fn new() -> Sweeper {
+        Sweeper {
+            reported: Instant::now(),
+            swept: Instant::now(),
+            excess: StdHashMap::new(),
+            refused: (0, 0),
+        }
+    }
+
+    /// Logs refusals every [`REPORT_EVERY`] and sweeps every [`SWEEP_EVERY`]; call it often.
+    pub fn tick(&mut self, maps: &mut Maps) {
+        if self.reported.elapsed() >= REPORT_EVERY {
+            self.reported = Instant::now();
+            self.log_refusals(maps);
+        }
+        if self.swept.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.swept = Instant::now();
+        if maps.limits.any_connection_limit() {
+            let lowered = self.sweep(&mut maps.limits);
+            if lowered > 0 {
+                info!(
+                    "XDP limits: gave back {lowered} connection slots held by flows conntrack \
+                     evicted before their end"
+                );
+            }
+        }
+    }
+
+    fn log_refusals(&mut self, maps: &Maps) {
+        let Ok(stats) = maps.stats() else { return };
+        let get = |s: Stat| stats.get(s as usize).copied().unwrap_or(0);
+        let now = (
+            get(Stat::RefusedClientRate),
+            get(Stat::RefusedClientConnections),
+        );
+        if now != self.refused {
+            info!(
+                "XDP limits: refused {} new flows over a client's rate and {} over a client's \
+                 connections since the last report (totals: {} and {})",
+                now.0.saturating_sub(self.refused.0),
+                now.1.saturating_sub(self.refused.1),
+                now.0,
+                now.1
+            );
+            self.refused = now;
+        }
+    }
+
+    /// One sweep; returns the slots given back.
+    fn sweep(&mut self, maps: &mut LimitMaps) -> u64 {
+        let tracked = maps.tracked();
+        let mut excess = StdHashMap::new();
+        let mut lowered = 0;
+        let keys: Vec<ClientKey> = maps.clients.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let Ok(state) = maps.clients.get(&key, 0) else {
+                continue;
+            };
+            let open = tracked.get(&key).copied().unwrap_or(0);
+            let previous = self.excess.get(&key).copied().unwrap_or(0);
+            let (now, lower) = leak(state.connections, open, previous);
+            if now == 0 {
+                continue;
+            }
+            excess.insert(key, now);
+            if lower == 0 {
+                continue;
+            }
+            // Read again just before the write, to keep the window for a lost update short.
+            let Ok(mut fresh) = maps.clients.get(&key, 0) else {
+                continue;
+            };
+            fresh.connections = fresh.connections.saturating_sub(lower);
+            match maps.clients.insert(key, fresh, 0) {
+                Ok(()) => {
+                    lowered += lower;
+                    excess.insert(key, now - lower);
+                }
+                Err(e) => warn!("XDP limits: cannot lower a client's connection count: {e}"),
+            }
+        }
+        self.excess = excess;
+        lowered
+    }
+}
+
+/// One client in a sweep: its count `connections`, its `open` counted flows in conntrack and
+/// its excess at the previous sweep. Returns its excess now and how much to lower the count:
+/// the excess seen in both sweeps, so a moment's difference is never taken for a leak.
+fn leak(connections: u64, open: u64, previous: u64) -> (u64, u64) {
+    let now = connections.saturating_sub(open);
+    (now, now.min(previous))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_excess_seen_twice_is_given_back_and_counts_are_never_raised() {
+        assert_eq!(leak(3, 1, 0), (2, 0), "a first sighting is not a leak yet");
+        assert_eq!(leak(3, 1, 2), (2, 2), "seen twice: give back 2");
+        assert_eq!(
+            leak(3, 2, 2),
+            (1, 1),
+            "a flow tracked late lowers the excess"
+        );
+        assert_eq!(leak(2, 1, 1), (1, 1));
+        assert_eq!(
+            leak(1, 3, 5),
+            (0, 0),
+            "more tracked flows than counted: nothing to lower, never raised"
+        );
+    }
+
+    #[test]
+    fn rates_become_token_intervals_and_bursts_their_multiples() {
+        let l = value(
+            &ClientLimits {
+                max_connections: Some(3),
+                rate: Some(0.01),
+                burst: 4,
+            },
+            Protocol::Tcp,
+        );
+        assert_eq!(l.interval_ns, 100_000_000_000, "0.01/s is one per 100 s");
+        assert_eq!(l.burst_ns, 400_000_000_000);
+        assert_eq!(l.max_connections, 3);
+
+        let l = value(
+            &ClientLimits {
+                max_connections: None,
+                rate: Some(1_000_000.0),
+                burst: 1_000_000,
+            },
+            Protocol::Tcp,
+        );
+        assert_eq!((l.interval_ns, l.burst_ns), (1_000, 1_000_000_000));
+        assert_eq!(l.max_connections, 0, "no connection limit is written as 0");
+    }
+
+    #[test]
+    fn no_limits_is_all_zeroes_and_udp_never_carries_a_connection_limit() {
+        assert_eq!(
+            value(&ClientLimits::default(), Protocol::Tcp),
+            Limits::default(),
+            "an unlimited service must read as the zeroes of an entry never written"
+        );
+        let udp = value(
+            &ClientLimits {
+                max_connections: Some(2),
+                rate: Some(3.0),
+                burst: 3,
+            },
+            Protocol::Udp,
+        );
+        assert_eq!(udp.max_connections, 0);
+        assert_eq!(udp.interval_ns, 333_333_333);
+    }
+}

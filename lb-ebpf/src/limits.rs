@@ -1,0 +1,119 @@
+//! Per-client limits on new flows (nginx's `limit_req` and `limit_conn`, per service): a token
+//! bucket of new flows per client address, and a count of its open TCP flows. The behaviour,
+//! the races and their bounds are documented with the map contract (`lb_common::maps`,
+//! "Per-client limits"); this module only implements it.
+//!
+//! Called for flows a client starts (see `conntrack::Placement::fresh`), and for the first FIN
+//! or RST of a tracked TCP flow. Nothing here runs for the other packets of a flow.
+
+use core::intrinsics::{atomic_or, atomic_xadd, atomic_xsub, AtomicOrdering::Relaxed};
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    flow::IPPROTO_TCP,
+    maps::{ClientKey, ClientState, CT_F_CLOSED, CT_F_COUNTED},
+    FlowKey, Stat,
+};
+
+use crate::maps::{CLIENTS, CONNTRACK, LIMITS};
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// Decides whether the client of `key` may start a flow of service `service_id`. `Ok` holds
+/// the conntrack flags the admitted flow starts with ([`CT_F_COUNTED`] when it took one of
+/// the client's connection slots); `Err` is the refusal counter.
+///
+/// The connection limit is checked before the bucket, so a client refused for its
+/// connections keeps its tokens (as in the proxy). When `CLIENTS` cannot give the client an
+/// entry (no memory) the flow is admitted: the limits never refuse for want of state.
+#[inline(always)]
+pub fn admit(key: &FlowKey, service_id: u32) -> Result<u16, Stat> {
+    let Some(limits) = LIMITS.get(service_id) else {
+        return Ok(0);
+    };
+    let interval = limits.interval_ns;
+    let max = if key.protocol == IPPROTO_TCP {
+        limits.max_connections
+    } else {
+        0
+    };
+    if interval == 0 && max == 0 {
+        return Ok(0);
+    }
+    let Some(state) = client(service_id, &key.src_addr) else {
+        return Ok(0);
+    };
+    // SAFETY: `state` points into a live map value; the fields are read and written one by
+    // one (the races this allows are the documented ones), `connections` only atomically.
+    unsafe {
+        let connections = &raw mut (*state).connections;
+        if max != 0 && connections.read_volatile() >= u64::from(max) {
+            return Err(Stat::RefusedClientConnections);
+        }
+        if interval != 0 {
+            let now = bpf_ktime_get_ns();
+            let full_at = (*state).full_at_ns;
+            let next = if full_at > now { full_at } else { now } + interval;
+            if next - now > limits.burst_ns {
+                return Err(Stat::RefusedClientRate);
+            }
+            (*state).full_at_ns = next;
+        }
+        if max != 0 {
+            atomic_xadd::<u64, u64, { Relaxed }>(connections, 1);
+            return Ok(CT_F_COUNTED);
+        }
+    }
+    Ok(0)
+}
+
+/// A FIN or RST of the tracked TCP flow `key` (client → VIP) of service `service_id`: marks
+/// its conntrack entry [`CT_F_CLOSED`] and, the first time and if the flow was
+/// [`CT_F_COUNTED`], gives its client's connection slot back.
+#[inline(always)]
+pub fn closed(key: &FlowKey, service_id: u32) {
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a live map value; the kernel places hash map values on 8-byte boundaries, and
+    // the entry is 8 bytes with `flags` its top 16 bits (little-endian), so an atomic OR on
+    // the whole entry sets the bit and tells which call set it first: one flow gives its slot
+    // back once, whichever CPUs see its FIN and RST. (BPF has 64-bit atomics only.)
+    let before = unsafe {
+        atomic_or::<u64, u64, { Relaxed }>(entry as *mut u64, u64::from(CT_F_CLOSED) << 48)
+    };
+    let flags = (before >> 48) as u16;
+    if flags & CT_F_CLOSED != 0 || flags & CT_F_COUNTED == 0 {
+        return;
+    }
+    let ckey = ClientKey {
+        service: service_id,
+        addr: key.src_addr,
+    };
+    if let Some(state) = CLIENTS.get_ptr_mut(&ckey) {
+        // SAFETY: a live map value, its counter changed atomically. Never below zero: a
+        // client entry the LRU evicted and re-created holds fewer than its open flows.
+        unsafe {
+            let connections = &raw mut (*state).connections;
+            if connections.read_volatile() > 0 {
+                atomic_xsub::<u64, u64, { Relaxed }>(connections, 1);
+            }
+        }
+    }
+}
+
+/// The `CLIENTS` entry of `addr` in `service_id`, created (full bucket, no flows) if absent.
+#[inline(always)]
+fn client(service_id: u32, addr: &[u32; 4]) -> Option<*mut ClientState> {
+    let ckey = ClientKey {
+        service: service_id,
+        addr: *addr,
+    };
+    if let Some(state) = CLIENTS.get_ptr_mut(&ckey) {
+        return Some(state);
+    }
+    // NOEXIST: a CPU that created it first keeps its (newer) state.
+    let _ = CLIENTS.insert(&ckey, &ClientState::default(), BPF_NOEXIST);
+    CLIENTS.get_ptr_mut(&ckey)
+}

@@ -1,0 +1,105 @@
+//! Turning a refused TCP SYN around into a RST+ACK to its sender, in place, so a client over
+//! its limits fails at once (as the proxy's reset makes it) instead of resending its SYN until
+//! its connect times out.
+//!
+//! The answer keeps the frame's Ethernet header (MACs swapped, a VLAN tag kept) and IP header
+//! (addresses swapped; IPv4: no options, TTL 64, DF, new checksum; IPv6: hop limit 64), and
+//! carries a bare 20-byte TCP header: ports swapped, sequence 0, acknowledging the SYN
+//! (its sequence + 1 + any payload, RFC 9293 §3.10.7.1), window 0. The frame's tail is cut to
+//! that length.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use lb_common::maps::FAMILY_V4;
+
+use crate::{
+    csum,
+    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, TcpHdr, TCP_ACK, TCP_RST},
+};
+
+/// Length of the IPv4 header the answer can keep (no options).
+const IPV4_HDR_LEN: usize = 20;
+/// Length of the answer's TCP header.
+const TCP_HDR_LEN: usize = 20;
+
+/// Rewrites the SYN in `ctx` (parsed as `p`) into the RST+ACK answering it; returns
+/// `XDP_TX`, or `None` when it cannot (IPv4 options, or the tail cannot shrink) and the SYN
+/// should be dropped.
+#[inline(always)]
+pub fn answer_syn(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
+    let ip_hdr_len = p.l4_off - p.l3_off;
+    if p.family == FAMILY_V4 && ip_hdr_len != IPV4_HDR_LEN {
+        return None;
+    }
+    let tcp: *const TcpHdr = ptr_at(ctx, p.l4_off)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (seq, data_off) = unsafe {
+        let s = (*tcp).seq;
+        (
+            u32::from_be(crate::parse::word(s[0], s[1])),
+            ((*tcp).off_flags[0] >> 4) as u32 * 4,
+        )
+    };
+    let payload = (p.ip_len as u32)
+        .wrapping_sub(ip_hdr_len as u32)
+        .wrapping_sub(data_off);
+    let ack = seq.wrapping_add(1).wrapping_add(payload);
+
+    let end = p.l4_off + TCP_HDR_LEN;
+    let len = ctx.data_end() - ctx.data();
+    if len > end {
+        // SAFETY: the helper only moves `data_end` within the frame (the kernel checks).
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - end) as i32)) } != 0 {
+            return None;
+        }
+    }
+
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: every pointer below is bounds checked by `ptr_at` after the tail moved.
+    unsafe {
+        let src = (*eth).src;
+        (*eth).src = (*eth).dst;
+        (*eth).dst = src;
+    }
+    if p.family == FAMILY_V4 {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off)?;
+        unsafe {
+            let src = (*ip).src;
+            (*ip).src = (*ip).dst;
+            (*ip).dst = src;
+            (*ip).version_ihl = 0x45;
+            (*ip).tos = 0;
+            (*ip).tot_len = ((IPV4_HDR_LEN + TCP_HDR_LEN) as u16).to_be();
+            (*ip).id = 0;
+            (*ip).frag_off = 0x4000u16.to_be();
+            (*ip).ttl = 64;
+            (*ip).check = 0;
+            (*ip).check = csum::ipv4_header(&*(ip as *const [u16; 10]));
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off)?;
+        unsafe {
+            let src = (*ip).src;
+            (*ip).src = (*ip).dst;
+            (*ip).dst = src;
+            (*ip).payload_len = (TCP_HDR_LEN as u16).to_be();
+            (*ip).hop_limit = 64;
+        }
+    }
+    let tcp: *mut TcpHdr = ptr_at(ctx, p.l4_off)?;
+    unsafe {
+        let sport = (*tcp).source;
+        (*tcp).source = (*tcp).dest;
+        (*tcp).dest = sport;
+        (*tcp).seq = [0, 0];
+        (*tcp).ack_seq = crate::parse::halves(ack.to_be());
+        (*tcp).off_flags = [5 << 4, TCP_RST | TCP_ACK];
+        (*tcp).window = 0;
+        (*tcp).urg_ptr = 0;
+        (*tcp).check = csum::tcp_bare(
+            &p.key.dst_addr,
+            &p.key.src_addr,
+            &*(tcp as *const [u16; 10]),
+        );
+    }
+    Some(xdp_action::XDP_TX)
+}

@@ -1,0 +1,340 @@
+//! Per-client limits on the XDP data plane, end to end: `lb-daemon` with XDP (`nat`) in the
+//! balancer namespace, one backend namespace with HTTP name servers, and a client namespace
+//! with several addresses. A client address over its connection limit or its rate is refused
+//! (the program answers its SYN with a reset, so its connect fails at once), while another
+//! address is served; the daemon's log and counters report the refusals, a reload changes a
+//! limit live, and the daemon's sweep gives back the slot of a flow whose conntrack entry was
+//! evicted.
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use aya::maps::{loaded_maps, HashMap as AyaHashMap, Map, MapData};
+use lb_common::flow::IPPROTO_TCP;
+use lb_common::maps::{addr_words, CtEntry, CONNTRACK};
+use lb_common::FlowKey;
+use lb_tests::client::{http_get_from, HttpConnection};
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Topology};
+use lb_tests::{Daemon, HttpNameServer};
+use socket2::{Domain, SockAddr, Socket, Type};
+use toml::{Table, Value};
+
+/// The first client address (the topology's), and more on the same veth.
+const A: Ipv4Addr = lb_tests::xdp::CLIENT;
+const B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
+/// A client whose flow's conntrack entry the test deletes; no other test uses it, so its
+/// flows are found only in this test's daemon's maps.
+const C: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 4);
+/// `conns`: at most 2 open connections per client address.
+const CONNS: u16 = 80;
+/// `rate`: a burst of 3, then one new connection per 100 s.
+const RATE: u16 = 81;
+/// How long a connect may take to be refused (the reset comes at once; a dropped SYN would
+/// only time out).
+const REFUSED_WAIT: Duration = Duration::from_millis(1500);
+
+struct Lab {
+    daemon: Daemon,
+    topology: Topology,
+    _servers: Vec<HttpNameServer>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // SIGTERM first, so the daemon logs its XDP counters (shown when a test fails).
+        if self.daemon.exit_status().is_none() {
+            let _ = self.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = self.daemon.wait_exit(Duration::from_secs(10));
+        }
+    }
+}
+
+/// `[service.limits]` keys and values.
+type Limits = Vec<(&'static str, Value)>;
+
+fn config(topology: &Topology, max_connections: i64) -> String {
+    let mut config = DaemonConfig::new().global("bpf_object", bpf_object().display().to_string());
+    let limits: [(u16, &str, Limits); 2] = [
+        (
+            CONNS,
+            "conns",
+            vec![("max_connections_per_client", max_connections.into())],
+        ),
+        (
+            RATE,
+            "rate",
+            vec![
+                ("new_connections_per_second", 0.01.into()),
+                ("burst", 3.into()),
+            ],
+        ),
+    ];
+    for (k, (port, name, keys)) in limits.into_iter().enumerate() {
+        let mut table = Table::new();
+        for (key, value) in keys {
+            table.insert(key.into(), value);
+        }
+        let mut svc = ServiceConfig::tcp(name, Topology::vip(port))
+            .fast_health("http")
+            .health("timeout", "2s")
+            .set("limits", Value::Table(table));
+        for (key, value) in topology.xdp_keys(Mode::Nat) {
+            svc = svc.set(key, value);
+        }
+        let lo = 40_000 + 10_000 * k as i64;
+        svc = svc
+            .set(
+                "snat_ports",
+                Value::Array(vec![lo.into(), (lo + 9_999).into()]),
+            )
+            .backend(SocketAddr::new(IpAddr::V4(backend_ip(1)), port), 1);
+        config = config.service(svc);
+    }
+    config.to_toml()
+}
+
+fn start() -> Lab {
+    let topology = Topology::new(Mode::Nat, 1);
+    for extra in [B, C] {
+        topology
+            .client
+            .ip(&["addr", "add", &format!("{extra}/24"), "dev", "c0"])
+            .expect("another client address");
+    }
+    let servers: Vec<HttpNameServer> = topology.backends[0]
+        .enter(|| {
+            [CONNS, RATE]
+                .map(|p| {
+                    HttpNameServer::start_on("b1", SocketAddr::from(([0, 0, 0, 0], p)))
+                        .expect("name server starts")
+                })
+                .into()
+        })
+        .expect("enter the backend namespace");
+    let toml = config(&topology, 2);
+    let daemon = in_netns(&topology.balancer, || Daemon::start(&toml))
+        .expect("enter the balancer namespace");
+    // Health checks make the balancer resolve the backend's MAC; before that NAT'ed packets
+    // go through the kernel, which drops them.
+    for s in &servers {
+        assert!(
+            s.wait_for_health_checks(2, Duration::from_secs(15)),
+            "the daemon did not health-check the backend within 15 s"
+        );
+    }
+    Lab {
+        daemon,
+        topology,
+        _servers: servers,
+    }
+}
+
+impl Lab {
+    fn client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.topology
+            .client
+            .enter(f)
+            .expect("enter the client namespace")
+    }
+
+    /// A kept-alive connection from `from` to `port`, checked with one request.
+    fn hold(&self, from: Ipv4Addr, port: u16, what: &str) -> HttpConnection {
+        self.client(|| {
+            let mut c = HttpConnection::open_from(Some(from.into()), Topology::vip(port))
+                .unwrap_or_else(|e| panic!("{what}: connect from {from}: {e}"));
+            let body = c
+                .get("/")
+                .unwrap_or_else(|e| panic!("{what}: request from {from}: {e}"));
+            assert_eq!(body, "b1", "{what}: answered by {body}");
+            c
+        })
+    }
+
+    /// Whether a connect from `from` to `port` is refused (reset) within [`REFUSED_WAIT`].
+    /// A connect that succeeds is closed at once.
+    fn refused(&self, from: Ipv4Addr, port: u16) -> bool {
+        self.client(|| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            s.bind(&SockAddr::from(SocketAddr::new(from.into(), 0)))
+                .expect("bind the client address");
+            match s.connect_timeout(&SockAddr::from(Topology::vip(port)), REFUSED_WAIT) {
+                Ok(()) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => true,
+                Err(e) => panic!("a connect from {from} failed other than by a reset: {e}"),
+            }
+        })
+    }
+
+    fn served(&self, from: Ipv4Addr, port: u16) -> bool {
+        self.client(|| http_get_from(Some(from.into()), Topology::vip(port), "/").is_ok())
+    }
+
+    /// The 5-tuple of `c` as the balancer's conntrack keys it (client → VIP).
+    fn flow_of(c: &HttpConnection) -> FlowKey {
+        let local = c.local_addr().expect("the connection's local address");
+        FlowKey {
+            src_addr: addr_words(local.ip()),
+            dst_addr: addr_words(IpAddr::V4(lb_tests::xdp::VIP)),
+            src_port: local.port(),
+            dst_port: CONNS,
+            protocol: IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.daemon.logs().join("\n")
+    }
+}
+
+#[test]
+fn a_client_over_its_connection_limit_is_refused_and_another_is_not() {
+    if !lb_tests::require_root("xdp_limits::a_client_over_its_connection_limit_is_refused") {
+        return;
+    }
+    let lab = start();
+    let first = lab.hold(A, CONNS, "A's first connection");
+    let second = lab.hold(A, CONNS, "A's second connection");
+    assert!(
+        lab.refused(A, CONNS),
+        "a third concurrent connection from {A} was served; the limit is 2. Daemon log:\n{}",
+        lab.logs()
+    );
+    let other = lab.hold(B, CONNS, "B's connection while A is at its limit");
+    lab.daemon
+        .wait_for_log(
+            "XDP limits: refused 0 new flows over a client's rate and",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("the daemon did not report the refusal: {e}"));
+
+    // A closes one connection: its FIN gives the slot back (the probe's own connection is
+    // closed again at once).
+    drop(first);
+    assert!(
+        !lab.refused(A, CONNS),
+        "{A} stayed refused after closing one of its 2 connections. Daemon log:\n{}",
+        lab.logs()
+    );
+    let _refill = lab.hold(A, CONNS, "A's connection after one of its flows ended");
+    assert!(
+        lab.refused(A, CONNS),
+        "{A} got a third concurrent connection after one ended and another began"
+    );
+
+    // A reload raises the limit to 3: the new limit reaches the XDP maps and A gets a third.
+    let mark = lab.daemon.log_mark();
+    lab.daemon.rewrite_config(&config(&lab.topology, 3));
+    lab.daemon
+        .signal(nix::sys::signal::Signal::SIGHUP)
+        .expect("SIGHUP the daemon");
+    lab.daemon
+        .wait_for_log_after(
+            mark,
+            "service conns: XDP table generation",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("the reload did not reach the XDP maps: {e}\n{}", lab.logs()));
+    let _third = lab.hold(
+        A,
+        CONNS,
+        "A's third connection after the limit was raised to 3",
+    );
+    drop((second, other));
+}
+
+#[test]
+fn a_client_over_its_rate_is_refused_after_its_burst_and_another_is_not() {
+    if !lb_tests::require_root("xdp_limits::a_client_over_its_rate_is_refused") {
+        return;
+    }
+    let mut lab = start();
+    for k in 0..3 {
+        assert!(
+            lab.served(A, RATE),
+            "connection {k} of {A}'s burst was not served. Daemon log:\n{}",
+            lab.logs()
+        );
+    }
+    assert!(
+        lab.refused(A, RATE),
+        "a fourth new connection from {A} was served; the burst is 3"
+    );
+    assert!(
+        lab.served(B, RATE),
+        "{B} was refused because of {A}'s rate. Daemon log:\n{}",
+        lab.logs()
+    );
+    lab.daemon.terminate();
+    let logs = lab.logs();
+    let counters = logs
+        .lines()
+        .find(|l| l.contains("xdp counters: global"))
+        .unwrap_or_else(|| panic!("no XDP counters at exit:\n{logs}"));
+    assert!(
+        counters.contains("refused_client_rate="),
+        "the refusals are missing from the XDP counters: {counters}"
+    );
+}
+
+/// Deletes `flow`'s entry from the kernel's `CONNTRACK` map that holds it, as the LRU evicts
+/// entries: the maps are not pinned, so every loaded map of that name is looked at, and only
+/// this test's daemon's holds the flow (its client address is this test's alone). Returns
+/// whether an entry was deleted.
+fn evict(flow: &FlowKey) -> bool {
+    for info in loaded_maps().flatten() {
+        if info.name_as_str() != Some(CONNTRACK) {
+            continue;
+        }
+        let Ok(data) = MapData::from_id(info.id()) else {
+            continue;
+        };
+        let Ok(map) = Map::from_map_data(data) else {
+            continue;
+        };
+        let Ok(mut conntrack) = AyaHashMap::<_, FlowKey, CtEntry>::try_from(map) else {
+            continue;
+        };
+        if conntrack.get(flow, 0).is_ok() {
+            return conntrack.remove(flow).is_ok();
+        }
+    }
+    false
+}
+
+#[test]
+fn a_slot_held_by_an_evicted_flow_is_given_back_by_the_sweep() {
+    if !lb_tests::require_root("xdp_limits::a_slot_held_by_an_evicted_flow_is_given_back") {
+        return;
+    }
+    let lab = start();
+    let first = lab.hold(C, CONNS, "C's first connection");
+    let _second = lab.hold(C, CONNS, "C's second connection");
+    assert!(
+        lab.refused(C, CONNS),
+        "a third connection from {C} was served"
+    );
+    assert!(
+        evict(&Lab::flow_of(&first)),
+        "no CONNTRACK map held the flow of C's first connection"
+    );
+    // Its FIN now finds no entry: the slot is not given back by the program.
+    let mark = lab.daemon.log_mark();
+    drop(first);
+    assert!(
+        lab.refused(C, CONNS),
+        "C's slot came back without its conntrack entry; the test no longer evicts"
+    );
+    // Two sweeps (10 s apart) see the excess; the second gives the slot back.
+    lab.daemon
+        .wait_for_log_after(
+            mark,
+            "XDP limits: gave back 1 connection slots",
+            Duration::from_secs(35),
+        )
+        .unwrap_or_else(|e| panic!("the sweep gave no slot back: {e}\n{}", lab.logs()));
+    let _third = lab.hold(C, CONNS, "C's connection after the sweep");
+}
