@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use crate::config::Config;
+use crate::config::{Config, Global};
 use crate::dataplane::proxy::{Proxy, ProxyCounters};
 use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
 use crate::service::{ServiceSet, ServiceStatus};
@@ -163,6 +163,23 @@ impl Control {
     /// Runs `f` on the XDP data plane; `None` when there is none (or after shutdown took it).
     pub fn with_xdp<T>(&self, f: impl FnOnce(&mut XdpPlane) -> T) -> Option<T> {
         lock(&self.xdp).as_mut().map(f)
+    }
+
+    /// Runs `f` on the XDP data plane, loading it first ([`XdpPlane::load`], with `global`'s
+    /// `bpf_object`) when none runs yet: a reload may be the first to need XDP.
+    ///
+    /// Returns `Err(reason)` when the plane had to be loaded and could not be.
+    pub(crate) fn with_xdp_loaded<T>(
+        &self,
+        global: &Global,
+        f: impl FnOnce(&mut XdpPlane) -> T,
+    ) -> Result<T, String> {
+        let mut slot = lock(&self.xdp);
+        let plane = match slot.take() {
+            Some(p) => p,
+            None => XdpPlane::load(global)?,
+        };
+        Ok(f(slot.insert(plane)))
     }
 
     /// Takes the XDP data plane out for shutdown; later calls get `None`.
