@@ -35,7 +35,10 @@
 //! 1. `BACKENDS`: write every backend the new table names (address, port, family, flags).
 //!    A backend id must not be reused for another address while flows may still be pinned to
 //!    it in `CONNTRACK` (they would follow the id to the new address); retire ids for at least
-//!    the conntrack lifetime, or reuse them only for the same address.
+//!    the conntrack lifetime, or reuse them only for the same address. `lb-daemon` keeps a
+//!    removed backend's id and entry for its `drain_timeout` (pinned flows finish there), then
+//!    writes the entry with `family` 0, deletes the `CONNTRACK` entries naming the id, and
+//!    only then reuses it.
 //! 2. `TABLES`: write the inactive half, `1 - active_half`, slots `0..size`, with
 //!    [`table_index`]`(service, inactive, slot)`. Slot values are backend ids.
 //! 3. `SERVICES`: write the service with `table_size[inactive] = size` and `active_half`
@@ -45,7 +48,9 @@
 //!    with its size or the new half with its size, never a mix. Do not merge steps 3 and 4:
 //!    an array update is a `memcpy`, and a packet could read the new index with the old size.
 //! 5. `VIPS`: insert the service's [`VipKey`] → [`VipValue`] last, the first time only; from
-//!    then on packets for the VIP are balanced. Delete it first when removing a service.
+//!    then on packets for the VIP are balanced. Delete it first when removing a service; to
+//!    drain a service first, publish size 0 (steps 3-4): new flows find no backend while
+//!    flows pinned in `CONNTRACK` go on.
 //!
 //! A health change is the same steps 2–4 with the rebuilt table, plus a `BACKENDS` update of
 //! the backend's [`BACKEND_F_DOWN`] flag: set it when the backend goes down (flows conntrack

@@ -7,7 +7,9 @@
 //! service that moved to another address or protocol is started there and drained here,
 //! and a service whose backends, weights, scheduler, health checks, slow start, DNS names,
 //! PROXY protocol, limits or access log changed gets a new snapshot (backends that stay keep
-//! their counters and health). Established connections are never touched. Changes the
+//! their counters and health). Established connections are never touched. The same holds on
+//! XDP: new services are placed there when they can run there, removed ones drain out of the
+//! maps, and backend changes reach the maps as new snapshots (`dataplane::xdp`). Changes the
 //! running data plane cannot take in place are refused with the reason, so nothing is
 //! half-applied and nothing is silently ignored.
 
@@ -383,6 +385,45 @@ address = "127.0.0.1:9001"
             let p = plan(&old, &xdp(extra, 1), &running(&old)).expect("planned");
             let why = xdp_guard(&p, on_xdp).expect_err(extra);
             assert!(why.contains(words), "`{extra}` on an XDP service: {why}");
+        }
+    }
+
+    #[test]
+    fn a_service_on_xdp_takes_new_backends_and_may_be_removed_or_moved() {
+        let xdp = |name: &str, listen: &str, backends: &[&str]| {
+            let mut text = format!(
+                "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nprotocol = \"tcp\"\n\
+                 interface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n"
+            );
+            for b in backends {
+                text.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\n"));
+            }
+            config::parse(&text, Path::new("test.toml")).expect("valid XDP test config")
+        };
+        let old = xdp("web", "10.200.100.1:80", &["10.200.1.1:80"]);
+        let on_xdp = |index: usize| index == 0;
+        for (new, what) in [
+            (
+                xdp(
+                    "web",
+                    "10.200.100.1:80",
+                    &["10.200.1.1:80", "10.200.2.1:80"],
+                ),
+                "a backend added",
+            ),
+            (
+                xdp("web", "10.200.100.1:80", &["10.200.2.1:80"]),
+                "a backend replaced",
+            ),
+            (xdp("web", "10.200.100.1:80", &["app:80"]), "a DNS name"),
+            (xdp("web", "10.200.100.2:80", &["10.200.1.1:80"]), "a move"),
+            (
+                xdp("api", "10.200.100.1:80", &["10.200.1.1:80"]),
+                "a rename",
+            ),
+        ] {
+            let p = plan(&old, &new, &running(&old)).expect(what);
+            xdp_guard(&p, on_xdp).unwrap_or_else(|e| panic!("{what} on XDP was refused: {e}"));
         }
     }
 
