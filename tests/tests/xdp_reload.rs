@@ -512,3 +512,48 @@ fn dns_named_backends_on_xdp_follow_the_records() {
         })
         .unwrap_or_else(|e| panic!("all three resolved backends should answer: {e}"));
 }
+
+#[test]
+fn the_first_reload_that_needs_xdp_loads_it() {
+    if !require_root("xdp_reload::the_first_reload_that_needs_xdp_loads_it") {
+        return;
+    }
+    // A proxy service on the balancer's loopback, and `web` on XDP when `web`.
+    let config = |t: &Topology, web: bool| {
+        let local =
+            lb_tests::config::ServiceConfig::tcp("local", SocketAddr::from(([127, 0, 0, 1], 8080)))
+                .set("dataplane", "proxy")
+                .backend(backend(1, WEB), 1);
+        let mut c = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(local);
+        if web {
+            c = c.service(service(t, MODE, "web", &[(1, 1), (2, 1)]));
+        }
+        c.to_toml()
+    };
+    let world = start(2, &[], |t| config(t, false));
+    assert_eq!(
+        world.topology.xdp_prog_id("l0"),
+        None,
+        "XDP was attached although no service needed it"
+    );
+    reload(
+        &world,
+        &config(&world.topology, true),
+        true,
+        "add web on XDP",
+    );
+    let words = dataplane(&world, "web");
+    assert!(
+        words.contains("XDP"),
+        "the first XDP service added by a reload should run on XDP: {words}"
+    );
+    assert!(
+        world.topology.xdp_prog_id("l0").is_some(),
+        "lb_xdp is not attached to l0 after the reload"
+    );
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("web should answer through XDP: {e}"));
+}

@@ -228,7 +228,7 @@ impl Maps {
 
     /// Takes a drained service out: deletes its VIP from `VIPS` when `delete_vip` (not when
     /// another service took the same VIP since) and clears its `SERVICES` entry. Its backend
-    /// ids are released separately ([`Maps::release_backend`]).
+    /// ids are released separately ([`Maps::release_backends`]).
     pub fn remove_service(
         &mut self,
         slot: &ServiceSlot,
@@ -245,24 +245,30 @@ impl Maps {
             .map_err(io(contract::SERVICES))
     }
 
-    /// Marks backend `id` unused (`family` 0, so the program re-places flows still pinned to
-    /// it) and forgets the conntrack entries naming it, so that once the id is reused for
-    /// another address no old flow follows it there. Returns how many entries it forgot.
+    /// Marks backends `ids` unused (`family` 0, so the program re-places flows still pinned
+    /// to them) and forgets the conntrack entries naming them, so that once an id is reused
+    /// for another address no old flow follows it there. Returns how many entries it forgot.
     ///
-    /// The entry is cleared before conntrack is scanned: a packet placed meanwhile is placed
-    /// by its table, which no longer names `id`, so no new entry for `id` appears during the
-    /// scan. Costs one lookup per conntrack entry (up to `CONNTRACK_SIZE`).
-    pub fn release_backend(&mut self, id: u32) -> Result<usize, MapsError> {
-        self.backends
-            .set(id, Backend::default(), 0)
-            .map_err(io(contract::BACKENDS))?;
+    /// The entries are cleared before conntrack is scanned: a packet placed meanwhile is
+    /// placed by its table, which no longer names these ids, so no new entry for them appears
+    /// during the scan. Costs one scan of conntrack (up to `CONNTRACK_SIZE` lookups) for all
+    /// of `ids`; `Err` leaves some of them cleared, none safe to reuse.
+    pub fn release_backends(&mut self, ids: &[u32]) -> Result<usize, MapsError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        for &id in ids {
+            self.backends
+                .set(id, Backend::default(), 0)
+                .map_err(io(contract::BACKENDS))?;
+        }
         let stale: Vec<FlowKey> = self
             .conntrack
             .iter()
             // An entry evicted during the walk ends it early or is skipped: either way it
             // names no backend any more.
             .filter_map(Result::ok)
-            .filter(|(_, entry)| entry.backend == id)
+            .filter(|(_, entry)| ids.contains(&entry.backend))
             .map(|(key, _)| key)
             .collect();
         let mut forgot = 0;

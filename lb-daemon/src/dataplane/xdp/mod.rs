@@ -287,9 +287,8 @@ impl XdpPlane {
                 );
             }
             st.service_ids.give_back(id);
-            for b in slot.backend_ids_mut().take_all() {
-                st.release_backend_id(&s.name, b);
-            }
+            let ids = slot.backend_ids_mut().take_all();
+            st.release_backend_ids(&ids);
             return Err(e.to_string());
         }
         st.running.push(sync::Running {

@@ -108,13 +108,13 @@ impl State {
 
     /// Releases the backend ids and the removed services whose drain ended by `now`.
     pub fn release_drained(&mut self, now: Instant) {
-        let mut running = std::mem::take(&mut self.running);
-        for r in &mut running {
+        // (service, address if one backend left, id): released together, one conntrack scan.
+        let mut ids: Vec<(String, Option<std::net::SocketAddr>, u32)> = Vec::new();
+        for r in &mut self.running {
             for (address, id) in r.slot.backend_ids_mut().expired(now) {
-                self.release_backend(r.rt.name(), address, id);
+                ids.push((r.rt.name().to_string(), Some(address), id));
             }
         }
-        self.running = running;
         let (done, left): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut self.leaving)
             .into_iter()
             .partition(|l| l.deadline <= now);
@@ -133,7 +133,7 @@ impl State {
                 ),
             }
             for id in l.slot.backend_ids_mut().take_all() {
-                self.release_backend_id(&l.name, id);
+                ids.push((l.name.clone(), None, id));
             }
             info!(
                 "service {}: drained; its VIP{} and XDP ids are released",
@@ -145,27 +145,31 @@ impl State {
                 }
             );
         }
-    }
-
-    fn release_backend(&mut self, service: &str, address: std::net::SocketAddr, id: u32) {
-        if self.release_backend_id(service, id) {
-            info!("service {service}: backend {address} drained; XDP backend id {id} released");
+        let plain: Vec<u32> = ids.iter().map(|&(_, _, id)| id).collect();
+        if self.release_backend_ids(&plain) {
+            for (service, address, id) in ids {
+                if let Some(address) = address {
+                    info!(
+                        "service {service}: backend {address} drained; XDP backend id {id} \
+                         released"
+                    );
+                }
+            }
         }
     }
 
-    /// Releases backend `id`; `false` (logged) when its entry could not be cleared, and the
-    /// id then stays out of the pool.
-    pub fn release_backend_id(&mut self, service: &str, id: u32) -> bool {
-        match self.maps.release_backend(id) {
+    /// Releases backend `ids` to the pool; `false` (logged) when their entries could not be
+    /// cleared, and the ids then stay out of the pool.
+    pub fn release_backend_ids(&mut self, ids: &[u32]) -> bool {
+        match self.maps.release_backends(ids) {
             Ok(_) => {
-                self.backend_ids.give_back(id);
+                for &id in ids {
+                    self.backend_ids.give_back(id);
+                }
                 true
             }
             Err(e) => {
-                error!(
-                    "service {service}: cannot release XDP backend id {id}: {e}; it stays \
-                     reserved"
-                );
+                error!("cannot release XDP backend ids {ids:?}: {e}; they stay reserved");
                 false
             }
         }
