@@ -158,7 +158,6 @@ fn apply(control: &Control) -> Result<String, String> {
         return Err("global.bpf_object changed; the loaded XDP program stays until restart".into());
     }
     let drain_timeout = new.global.drain_timeout;
-    control.with_xdp(|x| x.set_drain_timeout(drain_timeout));
 
     // A removed service whose address an added one takes must let go of it first.
     let (early, late): (Vec<_>, Vec<_>) = plan.remove.into_iter().partition(|r| {
@@ -203,6 +202,8 @@ fn apply(control: &Control) -> Result<String, String> {
         }
     }
 
+    // From here the reload cannot fail: backends that leave from now on drain this long.
+    control.with_xdp(|x| x.set_drain_timeout(drain_timeout));
     let mut updated = Vec::new();
     for (runtime, service) in plan.update {
         if runtime.config() != service {
@@ -258,8 +259,9 @@ fn start_service(
     let index = control.services().allocate_index();
     let runtime =
         ServiceRuntime::new(index, s.clone()).map_err(|e| format!("service `{}`: {e}", s.name))?;
-    let on_xdp = match xdp::obstacle(s) {
-        Some(reason) => Err(reason),
+    let obstacle = xdp::obstacle(s);
+    let on_xdp = match &obstacle {
+        Some(reason) => Err(reason.clone()),
         None => control
             .with_xdp_loaded(global, |x| x.add(&runtime))
             .and_then(|placed| placed),
@@ -273,7 +275,8 @@ fn start_service(
             ));
         }
         Err(reason) => {
-            if s.dataplane != DataplaneKind::Proxy {
+            // XDP was tried and failed (a static obstacle is in the placement's words).
+            if obstacle.is_none() {
                 warn!(
                     "service {}: XDP is not possible, starting it on the proxy: {reason}",
                     s.name

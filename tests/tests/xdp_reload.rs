@@ -118,6 +118,20 @@ fn wait_for_table(world: &World, mark: usize, service: &str, what: &str) {
         .unwrap_or_else(|e| panic!("no new XDP table of {service} after {what}: {e}"));
 }
 
+/// `GET /` on a new connection: `"name@port"`, the answering backend's name and the client's
+/// local port (a port used twice meets its old conntrack entry).
+fn get_with_port(vip: SocketAddr) -> Result<String, lb_tests::client::ClientError> {
+    use std::io::{Read, Write};
+    let mut s = lb_tests::client::connect(vip)?;
+    let port = s.local_addr()?.port();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb-test\r\nConnection: close\r\n\r\n")?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    let text = String::from_utf8_lossy(&all);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(format!("{body}@{port}"))
+}
+
 /// The placement words `/status` shows for `service`.
 fn dataplane(world: &World, service: &str) -> String {
     let st = status(world);
@@ -165,7 +179,7 @@ fn reloads_under_load_on_xdp_drop_nothing_and_keep_the_program_attached() {
                             break;
                         }
                         let at = Instant::now();
-                        match http_get(web_vip(), "/") {
+                        match get_with_port(web_vip()) {
                             Ok(who) => answers.lock().expect("lock").push((at, who)),
                             Err(e) => failures.lock().expect("lock").push(e.to_string()),
                         }
@@ -283,15 +297,32 @@ fn reloads_under_load_on_xdp_drop_nothing_and_keep_the_program_attached() {
         "only {} requests were made",
         answers.len()
     );
-    let to_b2 = answers
+    let answers: Vec<(Instant, String, String)> = answers
+        .into_iter()
+        .map(|(at, w)| {
+            let (who, port) = w.split_once('@').unwrap_or((&w, ""));
+            (at, who.to_string(), port.to_string())
+        })
+        .collect();
+    let to_b2: Vec<(Duration, &str, usize)> = answers
         .iter()
-        .filter(|(at, who)| *at > b2_removed && *at < b2_back && who == "b2")
-        .count();
-    assert_eq!(
-        to_b2, 0,
-        "b2 got {to_b2} new connections after the reload that removed it"
+        .filter(|(at, who, _)| *at > b2_removed && *at < b2_back && who == "b2")
+        .map(|(at, _, port)| {
+            let uses = answers
+                .iter()
+                .filter(|(a, _, p)| p == port && a < at)
+                .count();
+            (*at - b2_removed, port.as_str(), uses)
+        })
+        .collect();
+    assert!(
+        to_b2.is_empty(),
+        "b2 got {} new connections after the reload that removed it (after, client port, \
+         earlier uses of that port): {:?}",
+        to_b2.len(),
+        &to_b2[..to_b2.len().min(10)]
     );
-    let answered_by: BTreeSet<&str> = answers.iter().map(|(_, w)| w.as_str()).collect();
+    let answered_by: BTreeSet<&str> = answers.iter().map(|(_, w, _)| w.as_str()).collect();
     assert!(
         answered_by.contains("b3") && answered_by.contains("b4"),
         "the backends added by reloads never answered: {answered_by:?}"
@@ -389,6 +420,44 @@ fn a_service_added_by_reload_runs_on_xdp_and_a_removed_one_drains() {
     world
         .client(|| http_get(web_vip(), "/"))
         .expect("web still answers");
+
+    // An `xdp` service that cannot be placed fails the reload, and nothing of it remains.
+    let nowhere = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "8s")
+        .service(service(t, MODE, "web", &[(1, 1), (2, 1)]))
+        .service(service(t, MODE, "bulk", &[(1, 1)]).set("interface", "l9"))
+        .to_toml();
+    world.daemon.rewrite_config(&nowhere);
+    let out = cli_reload(&world);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a reload adding an xdp service on a missing interface must be refused: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("bulk") && out.stderr.contains("no interface l9"),
+        "the refusal should name the service and the reason: {out:?}"
+    );
+    let st = status(&world);
+    let names: Vec<&str> = st["services"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        vec!["web"],
+        "the refused reload left services behind"
+    );
+    assert!(
+        world.client(|| {
+            std::net::TcpStream::connect_timeout(&bulk_vip(), Duration::from_secs(1)).is_err()
+        }),
+        "the refused service took a connection"
+    );
+    world
+        .client(|| http_get(web_vip(), "/"))
+        .expect("web still answers after the refused reload");
     assert_eq!(
         world.topology.xdp_prog_id("l0"),
         prog,
