@@ -55,8 +55,9 @@
 //! A health change is the same steps 2–4 with the rebuilt table, plus a `BACKENDS` update of
 //! the backend's [`BACKEND_F_DOWN`] flag: set it when the backend goes down (flows conntrack
 //! pinned to it are re-placed by the active table, since it cannot serve them), clear it when
-//! it comes back. A draining backend (weight 0) keeps flags 0 and simply leaves the table, so
-//! its existing flows finish on it.
+//! it comes back. A draining backend (weight 0, or removed) leaves the table and gets
+//! [`BACKEND_F_DRAINING`], so its existing flows finish on it while a new connection that
+//! reuses one of their 4-tuples is placed by the table.
 //!
 //! ## NAT
 //!
@@ -190,6 +191,10 @@ pub const MODE_DSR: u8 = 2;
 /// [`Backend::flags`] bit: the backend is down; conntrack entries pointing at it are ignored
 /// and their flows re-placed by the active table. Clear for up and for draining backends.
 pub const BACKEND_F_DOWN: u8 = 1;
+/// [`Backend::flags`] bit: the backend is draining (weight 0, or removed and kept for its
+/// pinned flows): its conntrack entries hold, but a TCP SYN (without ACK) that meets one is a
+/// new connection reusing an old 4-tuple, and is placed by the active table instead.
+pub const BACKEND_F_DRAINING: u8 = 2;
 
 /// `addr` in [`FlowKey`]'s address layout: the address bytes in network order, four bytes per
 /// word read with `u32::from_ne_bytes`; an IPv4 address fills word 0 and leaves 1..4 zero.
@@ -293,7 +298,7 @@ pub struct Backend {
     pub port: u16,
     /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id (packets placed on it are dropped).
     pub family: u8,
-    /// Bits: [`BACKEND_F_DOWN`].
+    /// Bits: [`BACKEND_F_DOWN`], [`BACKEND_F_DRAINING`].
     pub flags: u8,
 }
 

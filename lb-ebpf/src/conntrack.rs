@@ -17,7 +17,10 @@ use core::num::NonZeroU32;
 use lb_common::{
     flow::IPPROTO_TCP,
     flow_hash,
-    maps::{table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, MAX_SERVICES, MAX_TABLE_SIZE},
+    maps::{
+        table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, BACKEND_F_DRAINING, MAX_SERVICES,
+        MAX_TABLE_SIZE,
+    },
     FlowKey, Stat,
 };
 
@@ -55,8 +58,11 @@ pub fn place(
         let entry = unsafe { *entry };
         if let Some(backend) = BACKENDS.get(entry.backend) {
             // A backend that went down cannot serve the flow: place it anew. A draining one
-            // (weight 0, not down) keeps its flows.
-            if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
+            // (weight 0 or removed, not down) keeps its flows, but not a new connection that
+            // reuses a 4-tuple pinned to it (a lone SYN).
+            let syn = key.protocol == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let reused = syn && backend.flags & BACKEND_F_DRAINING != 0;
+            if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 && !reused {
                 return Ok(Placement {
                     backend_id: entry.backend,
                     backend: *backend,
