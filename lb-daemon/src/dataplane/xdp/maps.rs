@@ -9,7 +9,7 @@ use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::maps::{
     self as contract, addr_words, family_of, table_index, Backend, CtEntry, VipKey, VipValue,
-    BACKEND_F_DOWN, MODE_DSR, MODE_NAT,
+    BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
 };
 use lb_common::{Counters, FlowKey, STATS_LEN};
 
@@ -144,14 +144,20 @@ impl Maps {
             self.reset_backend_counters(id)?;
         }
         for (b, &id) in snap.backends.iter().zip(&ids) {
+            let flags = match (b.up, b.weight) {
+                (false, _) => BACKEND_F_DOWN,
+                (true, 0) => BACKEND_F_DRAINING,
+                (true, _) => 0,
+            };
             let value = Backend {
-                flags: if b.up { 0 } else { BACKEND_F_DOWN },
+                flags,
                 ..Backend::new(b.address)
             };
             self.backends
                 .set(id, value, 0)
                 .map_err(io(contract::BACKENDS))?;
         }
+        self.mark_draining(slot.backend_ids())?;
         // DNS may answer with both families; XDP forwards within the VIP's, so the others
         // take no table slot (they count as not eligible).
         let v4 = slot.vip.is_ipv4();
@@ -171,6 +177,21 @@ impl Maps {
         let written = self.flip(slot, table)?;
         slot.generation = snap.generation;
         Ok(written)
+    }
+
+    /// Flags every leaving backend of `ids` draining: their pinned flows go on, a new
+    /// connection that reuses one of their 4-tuples is placed by the table.
+    pub fn mark_draining(&mut self, ids: &BackendIds) -> Result<(), MapsError> {
+        for (address, id) in ids.leaving() {
+            let value = Backend {
+                flags: BACKEND_F_DRAINING,
+                ..Backend::new(address)
+            };
+            self.backends
+                .set(id, value, 0)
+                .map_err(io(contract::BACKENDS))?;
+        }
+        Ok(())
     }
 
     /// Empties `slot`'s table (steps 2-4 with no backend): new flows of the service find no

@@ -320,6 +320,9 @@ impl XdpPlane {
         }
         let deadline = Instant::now() + drain_timeout;
         r.slot.backend_ids_mut().leave_all(deadline);
+        if let Err(e) = st.maps.mark_draining(r.slot.backend_ids()) {
+            error!("service {name}: cannot flag its XDP backends draining: {e}");
+        }
         st.leaving.push(sync::Leaving {
             name,
             slot: r.slot,
