@@ -9,7 +9,9 @@
 //! same). UDP has no SYN: its first packet without an entry starts the flow.
 //!
 //! Entries carry no timestamp and never expire by age: a flow (TCP or UDP) stays pinned until
-//! the LRU evicts it to make room, or its backend is marked down. Katran ages UDP entries;
+//! the LRU evicts it to make room, or its backend is marked down. A lone SYN that meets an
+//! entry pinned to a draining backend starts a new connection on a reused 4-tuple: it is
+//! placed by the table. Katran ages UDP entries;
 //! this program does not yet, so a UDP client that reuses its source port keeps its backend.
 
 use core::num::NonZeroU32;
