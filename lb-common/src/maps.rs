@@ -37,7 +37,10 @@
 //! 1. `BACKENDS`: write every backend the new table names (address, port, family, flags).
 //!    A backend id must not be reused for another address while flows may still be pinned to
 //!    it in `CONNTRACK` (they would follow the id to the new address); retire ids for at least
-//!    the conntrack lifetime, or reuse them only for the same address.
+//!    the conntrack lifetime, or reuse them only for the same address. `lb-daemon` keeps a
+//!    removed backend's id and entry for its `drain_timeout` (pinned flows finish there), then
+//!    writes the entry with `family` 0, deletes the `CONNTRACK` entries naming the id, and
+//!    only then reuses it.
 //! 2. `TABLES`: write the inactive half, `1 - active_half`, slots `0..size`, with
 //!    [`table_index`]`(service, inactive, slot)`. Slot values are backend ids.
 //! 3. `SERVICES`: write the service with `table_size[inactive] = size` and `active_half`
@@ -47,13 +50,16 @@
 //!    with its size or the new half with its size, never a mix. Do not merge steps 3 and 4:
 //!    an array update is a `memcpy`, and a packet could read the new index with the old size.
 //! 5. `VIPS`: insert the service's [`VipKey`] → [`VipValue`] last, the first time only; from
-//!    then on packets for the VIP are balanced. Delete it first when removing a service.
+//!    then on packets for the VIP are balanced. Delete it first when removing a service; to
+//!    drain a service first, publish size 0 (steps 3-4): new flows find no backend while
+//!    flows pinned in `CONNTRACK` go on.
 //!
 //! A health change is the same steps 2–4 with the rebuilt table, plus a `BACKENDS` update of
 //! the backend's [`BACKEND_F_DOWN`] flag: set it when the backend goes down (flows conntrack
 //! pinned to it are re-placed by the active table, since it cannot serve them), clear it when
-//! it comes back. A draining backend (weight 0) keeps flags 0 and simply leaves the table, so
-//! its existing flows finish on it.
+//! it comes back. A draining backend (weight 0, or removed) leaves the table and gets
+//! [`BACKEND_F_DRAINING`], so its existing flows finish on it while a new connection that
+//! reuses one of their 4-tuples is placed by the table.
 //!
 //! ## NAT
 //!
@@ -241,6 +247,10 @@ pub const MODE_DSR: u8 = 2;
 /// [`Backend::flags`] bit: the backend is down; conntrack entries pointing at it are ignored
 /// and their flows re-placed by the active table. Clear for up and for draining backends.
 pub const BACKEND_F_DOWN: u8 = 1;
+/// [`Backend::flags`] bit: the backend is draining (weight 0, or removed and kept for its
+/// pinned flows): its conntrack entries hold, but a TCP SYN (without ACK) that meets one is a
+/// new connection reusing an old 4-tuple, and is placed by the active table instead.
+pub const BACKEND_F_DRAINING: u8 = 2;
 
 /// [`CtEntry::flags`] bit: the flow holds one of its client's connection slots
 /// ([`ClientState::connections`]); set when the flow was admitted under a
@@ -352,7 +362,7 @@ pub struct Backend {
     pub port: u16,
     /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id (packets placed on it are dropped).
     pub family: u8,
-    /// Bits: [`BACKEND_F_DOWN`].
+    /// Bits: [`BACKEND_F_DOWN`], [`BACKEND_F_DRAINING`].
     pub flags: u8,
 }
 

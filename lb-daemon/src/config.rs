@@ -1282,18 +1282,28 @@ impl Validator<'_> {
             }
         };
         for (j, b) in svc.backends.iter().enumerate() {
-            let Ok(address) = b.get_ref().address.get_ref().parse::<SocketAddr>() else {
-                // DNS names are resolved by the daemon at run time; the XDP plane places only
-                // backends it knows when it starts.
-                return Err(self.invalid(
-                    b.get_ref().address.span(),
-                    format!("service[{i}].backend[{j}].address"),
-                    format!(
-                        "`{}`: an XDP service needs ip:port backends; DNS names are resolved \
-                         only for the proxy data plane",
-                        b.get_ref().address.get_ref()
-                    ),
-                ));
+            let text = b.get_ref().address.get_ref();
+            let Ok(address) = text.parse::<SocketAddr>() else {
+                // A DNS name: its records are known only at run time. Those of the other
+                // family never enter the XDP table; the DSR port rule applies to the name.
+                let port = text
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok());
+                if let (Forwarding::Dsr, Some(port)) = (forwarding, port) {
+                    if port != svc.listen.port() {
+                        return Err(self.invalid(
+                            b.get_ref().address.span(),
+                            format!("service[{i}].backend[{j}].address"),
+                            format!(
+                                "with forwarding = \"dsr\" the backend receives the packet as \
+                                 the client sent it, so it must listen on the VIP's port {}, not \
+                                 {port}",
+                                svc.listen.port()
+                            ),
+                        ));
+                    }
+                }
+                continue;
             };
             if address.is_ipv4() != vip_is_v4 {
                 return Err(self.invalid(

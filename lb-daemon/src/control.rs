@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use lb_common::Counters;
 use tracing::warn;
 
-use crate::config::Config;
+use crate::config::{Config, Global};
 use crate::dataplane::proxy::{Proxy, ProxyCounters};
 use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
 use crate::service::{ServiceRuntime, ServiceSet, ServiceStatus};
@@ -214,6 +214,23 @@ impl Control {
         lock(&self.xdp).as_mut().map(f)
     }
 
+    /// Runs `f` on the XDP data plane, loading it first ([`XdpPlane::load`], with `global`'s
+    /// `bpf_object`) when none runs yet: a reload may be the first to need XDP.
+    ///
+    /// Returns `Err(reason)` when the plane had to be loaded and could not be.
+    pub(crate) fn with_xdp_loaded<T>(
+        &self,
+        global: &Global,
+        f: impl FnOnce(&mut XdpPlane) -> T,
+    ) -> Result<T, String> {
+        let mut slot = lock(&self.xdp);
+        let plane = match slot.take() {
+            Some(p) => p,
+            None => XdpPlane::load(global)?,
+        };
+        Ok(f(slot.insert(plane)))
+    }
+
     /// Takes the XDP data plane out for shutdown; later calls get `None`.
     pub fn take_xdp(&self) -> Option<XdpPlane> {
         lock(&self.xdp).take()
@@ -325,7 +342,7 @@ impl Control {
         };
         let counters_of = |s: &ServiceRuntime| match &xdp {
             Some(Ok(c)) if self.on_xdp(s.index()) => {
-                c.services.iter().find(|sc| sc.name == s.name())
+                c.services.iter().find(|sc| sc.index == s.index())
             }
             _ => None,
         };

@@ -7,7 +7,9 @@
 //! service that moved to another address or protocol is started there and drained here,
 //! and a service whose backends, weights, scheduler, health checks, slow start, DNS names,
 //! PROXY protocol, limits or access log changed gets a new snapshot (backends that stay keep
-//! their counters and health). Established connections are never touched. Changes the
+//! their counters and health). Established connections are never touched. The same holds on
+//! XDP: new services are placed there when they can run there, removed ones drain out of the
+//! maps, and backend changes reach the maps as new snapshots (`dataplane::xdp`). Changes the
 //! running data plane cannot take in place are refused with the reason, so nothing is
 //! half-applied and nothing is silently ignored.
 
@@ -15,9 +17,10 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::config::{self, Config, Service};
+use crate::config::{self, Config, DataplaneKind, Global, Service};
 use crate::control::{Control, Placed};
 use crate::dataplane::proxy::ProxyService;
+use crate::dataplane::xdp::{self, Placement};
 use crate::service::ServiceRuntime;
 
 /// What a reload would do to the running services.
@@ -76,51 +79,27 @@ pub fn plan(
             plan.remove.push(Arc::clone(r));
         }
     }
-    // The XDP plane attaches and sets up its maps at start; services added later run on the
-    // proxy, which a forced `xdp` must not quietly become.
-    if let Some(s) = plan
-        .add
-        .iter()
-        .find(|s| s.dataplane == config::DataplaneKind::Xdp)
-    {
-        return Err(format!(
-            "service `{}`: a dataplane = \"xdp\" service starts only with the daemon; restart to add it",
-            s.name
-        ));
-    }
     Ok(plan)
 }
 
-/// Refuses the parts of `plan` that a service on XDP cannot take in place: the XDP maps give
-/// each backend its slot when the daemon starts, so such a service keeps its address and its
-/// list of backends until restart (weights, drain and health settings still change live).
+/// Refuses the parts of `plan` that a service on XDP cannot take in place: its XDP settings
+/// (interfaces, forwarding, local address, SNAT ports) and `table_size` are written when it
+/// is placed, and a config XDP could not run (another scheduler, proxy-only settings) would
+/// be accepted and then ignored. Its backends, weights, health checks and DNS names change
+/// live; removing or moving it drains it out of the maps.
 pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), String> {
-    if let Some(r) = plan.remove.iter().find(|r| on_xdp(r.index())) {
-        return Err(format!(
-            "service `{}` runs on XDP: removing it or moving it to another address needs a restart",
-            r.name()
-        ));
-    }
     for (r, new) in &plan.update {
         if !on_xdp(r.index()) {
             continue;
         }
         let old = r.config();
-        let addresses = |s: &Service| s.backends.iter().map(|b| b.address).collect::<Vec<_>>();
-        if addresses(&old) != addresses(new) {
-            return Err(format!(
-                "service `{}` runs on XDP: its list of backends can change only by restart (weights can change now)",
-                new.name
-            ));
-        }
         if old.xdp != new.xdp || old.table_size != new.table_size {
             return Err(format!(
-                "service `{}` runs on XDP: its XDP settings and table_size can change only by restart",
+                "service `{}` runs on XDP: its XDP settings and table_size can change only by \
+                 restart (or rename the service to replace it)",
                 new.name
             ));
         }
-        // What could not start on XDP cannot be reloaded onto it either (another scheduler,
-        // proxy-only settings): it would be accepted and then ignored.
         if let Some(why) = crate::dataplane::xdp::obstacle(new) {
             return Err(format!(
                 "service `{}` runs on XDP and the new config cannot: {why}; restart to move it",
@@ -175,6 +154,9 @@ fn apply(control: &Control) -> Result<String, String> {
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
     xdp_guard(&plan, |index| control.on_xdp(index))?;
+    if running.global.bpf_object != new.global.bpf_object && control.with_xdp(|_| ()).is_some() {
+        return Err("global.bpf_object changed; the loaded XDP program stays until restart".into());
+    }
     let drain_timeout = new.global.drain_timeout;
 
     // A removed service whose address an added one takes must let go of it first.
@@ -192,7 +174,7 @@ fn apply(control: &Control) -> Result<String, String> {
     // refuse the reload.
     let mut started: Vec<Arc<ServiceRuntime>> = Vec::new();
     for s in &plan.add {
-        match start_service(control, s) {
+        match start_service(control, &new.global, s) {
             Ok(runtime) => started.push(runtime),
             Err(why) => {
                 for r in &started {
@@ -201,7 +183,7 @@ fn apply(control: &Control) -> Result<String, String> {
                 // Put back the services that made room for it, under new numbers.
                 let mut back = Vec::new();
                 for r in &early {
-                    match start_service(control, &r.config()) {
+                    match start_service(control, &new.global, &r.config()) {
                         Ok(n) => back.push((Arc::clone(r), n)),
                         Err(e) => warn!("service {} could not be restarted: {e}", r.name()),
                     }
@@ -220,6 +202,8 @@ fn apply(control: &Control) -> Result<String, String> {
         }
     }
 
+    // From here the reload cannot fail: backends that leave from now on drain this long.
+    control.with_xdp(|x| x.set_drain_timeout(drain_timeout));
     let mut updated = Vec::new();
     for (runtime, service) in plan.update {
         if runtime.config() != service {
@@ -263,43 +247,89 @@ fn apply(control: &Control) -> Result<String, String> {
     })
 }
 
-/// Starts `s` as a new service on the proxy (a new number) with its control tasks.
-fn start_service(control: &Control, s: &Service) -> Result<Arc<ServiceRuntime>, String> {
+/// Starts `s` as a new service (a new number) with its control tasks: on XDP when it can run
+/// there (loading the XDP plane if none runs yet, attaching to new interfaces), else on the
+/// proxy. An `auto` service that XDP cannot take goes to the proxy, and the log says why; an
+/// `xdp` one is `Err` with the reason, leaving nothing behind.
+fn start_service(
+    control: &Control,
+    global: &Global,
+    s: &Service,
+) -> Result<Arc<ServiceRuntime>, String> {
     let index = control.services().allocate_index();
     let runtime =
         ServiceRuntime::new(index, s.clone()).map_err(|e| format!("service `{}`: {e}", s.name))?;
-    control
-        .with_proxy(|p| {
-            p.add_service(ProxyService {
-                index,
-                snapshot: runtime.snapshot(),
-            })
-        })
-        .unwrap_or(Err(crate::dataplane::proxy::ProxyError::Stopped(index)))
-        .map_err(|e| format!("service `{}`: {e}", s.name))?;
+    let obstacle = xdp::obstacle(s);
+    let on_xdp = match &obstacle {
+        Some(reason) => Err(reason.clone()),
+        None => control
+            .with_xdp_loaded(global, |x| x.add(&runtime))
+            .and_then(|placed| placed),
+    };
+    let placement = match on_xdp {
+        Ok(p) => p,
+        Err(reason) if s.dataplane == DataplaneKind::Xdp => {
+            return Err(format!(
+                "service `{}`: dataplane = \"xdp\" but XDP is not possible: {reason}",
+                s.name
+            ));
+        }
+        Err(reason) => {
+            // XDP was tried and failed (a static obstacle is in the placement's words).
+            if obstacle.is_none() {
+                warn!(
+                    "service {}: XDP is not possible, starting it on the proxy: {reason}",
+                    s.name
+                );
+            }
+            control
+                .with_proxy(|p| {
+                    p.add_service(ProxyService {
+                        index,
+                        snapshot: runtime.snapshot(),
+                    })
+                })
+                .unwrap_or(Err(crate::dataplane::proxy::ProxyError::Stopped(index)))
+                .map_err(|e| format!("service `{}`: {e}", s.name))?;
+            Placement::Proxy { reason }
+        }
+    };
+    let words = xdp::describe(&placement);
+    info!("service {}: started by the reload on the {words}", s.name);
     control.set_placement(
         index,
         Placed {
-            on_xdp: false,
-            words: "proxy data plane (started by a reload)".into(),
+            on_xdp: matches!(placement, Placement::Xdp { .. }),
+            words,
         },
     );
     runtime.start();
     Ok(runtime)
 }
 
-/// Stops new flows to a service (its listeners close), lets its open ones finish within
-/// `drain_timeout`, and ends its health checks and resolvers.
+/// Stops new flows to a service (its listeners close, or its XDP table empties), lets its
+/// open ones finish within `drain_timeout`, and ends its health checks and resolvers.
 fn stop_service(control: &Control, r: &Arc<ServiceRuntime>, drain_timeout: std::time::Duration) {
-    control.with_proxy(|p| p.remove_service(r.index(), drain_timeout));
+    if control.on_xdp(r.index()) {
+        control.with_xdp(|x| x.remove(r.index(), drain_timeout));
+        info!(
+            "service {}: removed from the XDP table; flows pinned to its backends may go on for \
+             {}, then its VIP leaves the XDP maps",
+            r.name(),
+            humantime::format_duration(drain_timeout)
+        );
+    } else {
+        control.with_proxy(|p| p.remove_service(r.index(), drain_timeout));
+        info!(
+            "service {}: stopped accepting; {} open connections and sessions may finish within {}",
+            r.name(),
+            r.active(),
+            humantime::format_duration(drain_timeout)
+        );
+    }
+    // Shown in `/status` while proxied connections remain; its placement goes with it.
     control.retire(Arc::clone(r), drain_timeout);
     r.stop();
-    info!(
-        "service {}: stopped accepting; {} open connections and sessions may finish within {}",
-        r.name(),
-        r.active(),
-        humantime::format_duration(drain_timeout)
-    );
 }
 
 fn names(v: &[Arc<ServiceRuntime>]) -> String {
@@ -362,6 +392,45 @@ address = "127.0.0.1:9001"
             let p = plan(&old, &xdp(extra, 1), &running(&old)).expect("planned");
             let why = xdp_guard(&p, on_xdp).expect_err(extra);
             assert!(why.contains(words), "`{extra}` on an XDP service: {why}");
+        }
+    }
+
+    #[test]
+    fn a_service_on_xdp_takes_new_backends_and_may_be_removed_or_moved() {
+        let xdp = |name: &str, listen: &str, backends: &[&str]| {
+            let mut text = format!(
+                "[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nprotocol = \"tcp\"\n\
+                 interface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n"
+            );
+            for b in backends {
+                text.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\n"));
+            }
+            config::parse(&text, Path::new("test.toml")).expect("valid XDP test config")
+        };
+        let old = xdp("web", "10.200.100.1:80", &["10.200.1.1:80"]);
+        let on_xdp = |index: usize| index == 0;
+        for (new, what) in [
+            (
+                xdp(
+                    "web",
+                    "10.200.100.1:80",
+                    &["10.200.1.1:80", "10.200.2.1:80"],
+                ),
+                "a backend added",
+            ),
+            (
+                xdp("web", "10.200.100.1:80", &["10.200.2.1:80"]),
+                "a backend replaced",
+            ),
+            (xdp("web", "10.200.100.1:80", &["app:80"]), "a DNS name"),
+            (xdp("web", "10.200.100.2:80", &["10.200.1.1:80"]), "a move"),
+            (
+                xdp("api", "10.200.100.1:80", &["10.200.1.1:80"]),
+                "a rename",
+            ),
+        ] {
+            let p = plan(&old, &new, &running(&old)).expect(what);
+            xdp_guard(&p, on_xdp).unwrap_or_else(|e| panic!("{what} on XDP was refused: {e}"));
         }
     }
 

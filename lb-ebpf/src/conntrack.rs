@@ -13,7 +13,9 @@
 //! reusing its port), placed by the live table like any new flow.
 //!
 //! Entries carry no timestamp and never expire by age: a flow (TCP or UDP) stays pinned until
-//! the LRU evicts it to make room, or its backend is marked down. Katran ages UDP entries;
+//! the LRU evicts it to make room, or its backend is marked down. A lone SYN that meets an
+//! entry pinned to a draining backend starts a new connection on a reused 4-tuple: it is
+//! placed by the table. Katran ages UDP entries;
 //! this program does not yet, so a UDP client that reuses its source port keeps its backend.
 
 use core::num::NonZeroU32;
@@ -22,8 +24,8 @@ use lb_common::{
     flow::IPPROTO_TCP,
     flow_hash,
     maps::{
-        table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, CT_F_CLOSED, MAX_SERVICES,
-        MAX_TABLE_SIZE,
+        table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, BACKEND_F_DRAINING, CT_F_CLOSED,
+        MAX_SERVICES, MAX_TABLE_SIZE,
     },
     FlowKey, Stat,
 };
@@ -74,8 +76,14 @@ pub fn place(
         if !fresh {
             if let Some(backend) = BACKENDS.get(entry.backend) {
                 // A backend that went down cannot serve the flow: place it anew. A draining
-                // one (weight 0, not down) keeps its flows.
-                if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
+                // one (weight 0 or removed, not down) keeps its flows, but not a new
+                // connection that reuses a 4-tuple pinned to it (a lone SYN).
+                let reused =
+                    syn && key.protocol == IPPROTO_TCP && backend.flags & BACKEND_F_DRAINING != 0;
+                if backend.family == service.family
+                    && backend.flags & BACKEND_F_DOWN == 0
+                    && !reused
+                {
                     return Ok(Placement {
                         backend_id: entry.backend,
                         backend: *backend,

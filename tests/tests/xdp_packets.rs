@@ -21,9 +21,9 @@ use lb_common::{
     maps::{
         addr_words as words, family_of as family, table_index, Backend, ClientKey, ClientState,
         CtEntry, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS, BACKEND_F_DOWN,
-        BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED, CT_F_COUNTED, DEVMAP, LIMITS, MODE_DSR,
-        MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES,
-        VIPS,
+        BACKEND_F_DRAINING, BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED, CT_F_COUNTED, DEVMAP,
+        LIMITS, MODE_DSR, MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES,
+        SERVICE_STATS, STATS, TABLES, VIPS,
     },
     Counters, FlowKey, Stat,
 };
@@ -960,6 +960,71 @@ fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
         lab.backend_counters(7).packets,
         1,
         "one packet counted on the backend"
+    );
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_but_not_a_new_connection_on_an_old_4_tuple() {
+    let Some(mut lab) = lab("conntrack_draining_backend") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, B2_4.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0; 7]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let packet = |sport: u16, flags: u8| {
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(
+                client,
+                vip,
+                6,
+                &wire::tcp(client, sport, vip, 80, flags, b"x"),
+            ),
+        )
+    };
+    let dst_of = |frame: &[u8]| Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    let out = lab.expect(
+        lab.vc,
+        &packet(40001, TCP_SYN),
+        XDP_REDIRECT,
+        "flow A's SYN",
+    );
+    assert_eq!(
+        dst_of(&out),
+        B1_4,
+        "flow A starts on b1, the only backend in the table"
+    );
+
+    // b1 is removed by a reload: it leaves the table and drains.
+    lab.publish(0, &[1; 7]);
+    lab.set_backend_flags(0, BACKEND_F_DRAINING);
+    let out = lab.expect(
+        lab.vc,
+        &packet(40001, TCP_ACK),
+        XDP_REDIRECT,
+        "flow A's ACK",
+    );
+    assert_eq!(dst_of(&out), B1_4, "flow A left its draining backend");
+    let out = lab.expect(
+        lab.vc,
+        &packet(40001, TCP_SYN),
+        XDP_REDIRECT,
+        "a new connection on flow A's 4-tuple",
+    );
+    assert_eq!(
+        dst_of(&out),
+        B2_4,
+        "a new connection reusing a 4-tuple pinned to a draining backend went to it"
+    );
+    assert_eq!(
+        lab.conntrack
+            .get(&flow(client, 40001, vip, 80, IPPROTO_TCP), 0)
+            .expect("the new connection recorded")
+            .backend,
+        1,
+        "the new connection's conntrack entry"
     );
 }
 

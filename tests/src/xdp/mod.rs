@@ -222,6 +222,32 @@ impl Topology {
     pub fn vip(port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(VIP), port)
     }
+
+    /// Connects from the balancer to port `port` of every backend, so it knows their MAC
+    /// addresses before a backend that no health check has reached yet (one a reload adds)
+    /// gets flows: until then the program hands packets to the kernel, which drops NAT'ed
+    /// ones. The backends' servers must run.
+    pub fn resolve_neighbours(&self, port: u16) {
+        for i in 1..=self.backends.len() {
+            let addr = SocketAddr::new(IpAddr::V4(backend_ip(i)), port);
+            in_netns(&self.balancer, || {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+            })
+            .expect("enter the balancer namespace")
+            .unwrap_or_else(|e| panic!("the balancer cannot reach b{i} at {addr}: {e}"));
+        }
+    }
+
+    /// The id of the XDP program attached to `interface` in the balancer's namespace, as
+    /// `ip -j link` shows it; `None` when none is attached.
+    pub fn xdp_prog_id(&self, interface: &str) -> Option<u64> {
+        let out = self
+            .balancer
+            .run("ip", &["-j", "-d", "link", "show", "dev", interface])
+            .ok()?;
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        links.get(0)?.get("xdp")?.get("prog")?.get("id")?.as_u64()
+    }
 }
 
 impl Drop for Topology {

@@ -49,6 +49,31 @@ impl World {
     /// are configured but have no server: their health checks fail until
     /// [`World::start_backend`]), then the daemon, and waits for its `ready`.
     pub fn start(mode: Mode, n: usize, running: usize) -> World {
+        let checked: Vec<usize> = (1..=running).collect();
+        World::start_custom(mode, n, running, &checked, |topology| {
+            let mut config =
+                DaemonConfig::new().global("bpf_object", bpf_object().display().to_string());
+            for name in ["web", "bulk", "dns"] {
+                let backends: Vec<(usize, u32)> = (1..=n).map(|i| (i, 1)).collect();
+                config = config.service(service(topology, mode, name, &backends));
+            }
+            let toml = config.to_toml();
+            in_netns(&topology.balancer, || Daemon::start(&toml))
+                .expect("enter the balancer namespace")
+        })
+    }
+
+    /// Builds `n` backends, starts servers on the first `running` of them, runs `launch` to
+    /// start the daemon in the balancer namespace (see [`in_netns`]; [`service`] gives the
+    /// usual services), and waits until it has health-checked each backend of `checked`
+    /// (1-based): until then the balancer does not know their MAC addresses.
+    pub fn start_custom(
+        mode: Mode,
+        n: usize,
+        running: usize,
+        checked: &[usize],
+        launch: impl FnOnce(&Topology) -> Daemon,
+    ) -> World {
         let topology = Topology::new(mode, n);
         let mut servers = Vec::new();
         for i in 1..=n {
@@ -58,65 +83,15 @@ impl World {
                 None
             });
         }
-        let mut config =
-            DaemonConfig::new().global("bpf_object", bpf_object().display().to_string());
-        // The NAT program never frees a SNAT port before its NAT_REVERSE entry is evicted, so
-        // give each service far more ports than the flows a test opens; the balancer's own
-        // connections (health checks) keep below 40000 (see Topology::new).
-        let snat: [(u16, u16); 3] = [(40_000, 54_999), (55_000, 59_999), (60_000, 65_535)];
-        for (k, (name, port, udp)) in [
-            ("web", WEB, false),
-            ("bulk", BULK, false),
-            ("dns", DNS, true),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let vip = SocketAddr::new(IpAddr::V4(VIP), port);
-            let mut svc = if udp {
-                ServiceConfig::udp(name, vip)
-            } else {
-                ServiceConfig::tcp(name, vip)
-            };
-            // Fast checks, but patient with a slow answer: on a loaded machine a 500 ms timeout
-            // can flap a healthy backend, and a DOWN flag re-places its pinned flows. A stopped
-            // server is refused at once, so it still goes DOWN within fall x interval.
-            let patient = |s: ServiceConfig| s.health("timeout", "2s").health("fall", 3);
-            svc = match (name, mode) {
-                ("web", _) => patient(svc.fast_health("http")),
-                ("bulk", _) => patient(svc.fast_health("tcp")),
-                // A DSR backend answers from the VIP only; a probe to its own address would
-                // get a reply from an address the checker does not expect.
-                (_, Mode::Dsr) => svc.health("kind", "none"),
-                (_, Mode::Nat) => patient(svc.fast_health("udp")),
-            };
-            for (key, value) in topology.xdp_keys(mode) {
-                svc = svc.set(key, value);
-            }
-            if mode == Mode::Nat {
-                let (lo, hi) = snat[k];
-                svc = svc.set(
-                    "snat_ports",
-                    toml::Value::Array(vec![i64::from(lo).into(), i64::from(hi).into()]),
-                );
-            }
-            for i in 1..=n {
-                svc = svc.backend(SocketAddr::new(IpAddr::V4(backend_ip(i)), port), 1);
-            }
-            config = config.service(svc);
-        }
-        let toml = config.to_toml();
-        let daemon = in_netns(&topology.balancer, || Daemon::start(&toml))
-            .expect("enter the balancer namespace");
+        let daemon = launch(&topology);
         // A health check of each backend makes the balancer resolve its MAC address. Until
         // then the program hands packets to the kernel, which drops NAT'ed ones (their source
         // is the balancer's own address); tests that count packets must not start earlier.
-        for (i, s) in servers.iter().enumerate() {
-            if let Some(s) = s {
+        for &i in checked {
+            if let Some(s) = &servers[i - 1] {
                 assert!(
                     s.http.wait_for_health_checks(2, Duration::from_secs(15)),
-                    "the daemon did not health-check b{} within 15 s",
-                    i + 1
+                    "the daemon did not health-check b{i} within 15 s"
                 );
             }
         }
@@ -174,6 +149,57 @@ impl World {
                 )
             });
     }
+}
+
+/// The `[[service]]` of the usual service `name` (`web`, `bulk` or `dns`, see the module
+/// docs) on XDP in `topology`, with backends `(i, weight)` (`i` 1-based): its VIP port, health
+/// check, XDP keys and SNAT ports.
+pub fn service(
+    topology: &Topology,
+    mode: Mode,
+    name: &str,
+    backends: &[(usize, u32)],
+) -> ServiceConfig {
+    // The NAT program never frees a SNAT port before its NAT_REVERSE entry is evicted, so
+    // give each service far more ports than the flows a test opens; the balancer's own
+    // connections (health checks) keep below 40000 (see Topology::new).
+    let (port, udp, snat): (u16, bool, (u16, u16)) = match name {
+        "web" => (WEB, false, (40_000, 54_999)),
+        "bulk" => (BULK, false, (55_000, 59_999)),
+        "dns" => (DNS, true, (60_000, 65_535)),
+        other => panic!("no usual XDP test service `{other}`"),
+    };
+    let vip = SocketAddr::new(IpAddr::V4(VIP), port);
+    let mut svc = if udp {
+        ServiceConfig::udp(name, vip)
+    } else {
+        ServiceConfig::tcp(name, vip)
+    };
+    // Fast checks, but patient with a slow answer: on a loaded machine a 500 ms timeout
+    // can flap a healthy backend, and a DOWN flag re-places its pinned flows. A stopped
+    // server is refused at once, so it still goes DOWN within fall x interval.
+    let patient = |s: ServiceConfig| s.health("timeout", "2s").health("fall", 3);
+    svc = match (name, mode) {
+        ("web", _) => patient(svc.fast_health("http")),
+        ("bulk", _) => patient(svc.fast_health("tcp")),
+        // A DSR backend answers from the VIP only; a probe to its own address would
+        // get a reply from an address the checker does not expect.
+        (_, Mode::Dsr) => svc.health("kind", "none"),
+        (_, Mode::Nat) => patient(svc.fast_health("udp")),
+    };
+    for (key, value) in topology.xdp_keys(mode) {
+        svc = svc.set(key, value);
+    }
+    if mode == Mode::Nat {
+        svc = svc.set(
+            "snat_ports",
+            toml::Value::Array(vec![i64::from(snat.0).into(), i64::from(snat.1).into()]),
+        );
+    }
+    for &(i, weight) in backends {
+        svc = svc.backend(SocketAddr::new(IpAddr::V4(backend_ip(i)), port), weight);
+    }
+    svc
 }
 
 fn start_servers(topology: &Topology, mode: Mode, i: usize) -> BackendServers {

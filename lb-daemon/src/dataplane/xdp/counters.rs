@@ -1,13 +1,12 @@
 //! Reading the program's counters: global (`STATS`), per service and per backend.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use lb_common::Counters;
 use tracing::info;
 
-use super::{Maps, MapsError, ServiceSlot};
-use crate::service::ServiceRuntime;
+use super::sync::State;
+use super::MapsError;
 
 /// Names of the `STATS` counters, indexed like `lb_common::Stat`; an index past the list
 /// (a newer program) is shown as `stat_N`.
@@ -49,16 +48,21 @@ pub struct BackendCounters {
     pub address: SocketAddr,
     /// Packets, bytes (frames as received) and new flows, summed over CPUs.
     pub counters: Counters,
+    /// Whether the backend left the service (a reload or DNS removed it) and still holds
+    /// its id for the flows pinned to it, until `drain_timeout` has passed.
+    pub draining: bool,
 }
 
 /// A service's counters and its backends'.
 #[derive(Debug, Clone)]
 pub struct ServiceCounters {
+    /// The service's index ([`ServiceRuntime::index`](crate::service::ServiceRuntime::index)).
+    pub index: usize,
     /// The service's name.
     pub name: String,
     /// Client packets forwarded for the service, summed over CPUs.
     pub counters: Counters,
-    /// Per backend, in config order.
+    /// Per backend: the snapshot's, in its order, then the draining ones.
     pub backends: Vec<BackendCounters>,
 }
 
@@ -67,7 +71,7 @@ pub struct ServiceCounters {
 pub struct XdpCounters {
     /// `(name, value)` of each global counter, in `lb_common::Stat` order.
     pub global: Vec<(String, u64)>,
-    /// Per XDP service.
+    /// Per service running on XDP (not the removed ones still draining).
     pub services: Vec<ServiceCounters>,
 }
 
@@ -86,10 +90,11 @@ impl XdpCounters {
             info!("xdp counters: service {}: {}", s.name, fmt(&s.counters));
             for b in &s.backends {
                 info!(
-                    "xdp counters: service {} backend {}: {}",
+                    "xdp counters: service {} backend {}: {}{}",
                     s.name,
                     b.address,
-                    fmt(&b.counters)
+                    fmt(&b.counters),
+                    if b.draining { " (draining)" } else { "" }
                 );
             }
         }
@@ -103,29 +108,41 @@ fn fmt(c: &Counters) -> String {
     )
 }
 
-/// Reads every counter of `services` from `maps`.
-pub(super) fn read(
-    maps: &Maps,
-    services: &[(Arc<ServiceRuntime>, ServiceSlot)],
-) -> Result<XdpCounters, MapsError> {
+/// Reads every counter of the running services in `state`.
+pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
+    let maps = &state.maps;
     let global = maps
         .stats()?
         .into_iter()
         .enumerate()
         .map(|(i, v)| (stat_name(i), v))
         .collect();
-    let mut out = Vec::with_capacity(services.len());
-    for (rt, slot) in services {
-        let mut backends = Vec::with_capacity(slot.backend_ids.len());
-        for (b, &id) in rt.config().backends.iter().zip(&slot.backend_ids) {
+    let mut out = Vec::with_capacity(state.running.len());
+    for r in &state.running {
+        let ids = r.slot.backend_ids();
+        let mut backends = Vec::new();
+        // The snapshot's backends that the maps know (a newer snapshot's new backends get
+        // their ids at the next write).
+        for b in &r.rt.snapshot().load_full().backends {
+            if let Some(id) = ids.live_id(&b.address) {
+                backends.push(BackendCounters {
+                    address: b.address,
+                    counters: maps.backend_counters(id)?,
+                    draining: false,
+                });
+            }
+        }
+        for (address, id) in ids.leaving() {
             backends.push(BackendCounters {
-                address: b.address,
+                address,
                 counters: maps.backend_counters(id)?,
+                draining: true,
             });
         }
         out.push(ServiceCounters {
-            name: rt.config().name.clone(),
-            counters: maps.service_counters(slot.id)?,
+            index: r.rt.index(),
+            name: r.rt.name().to_string(),
+            counters: maps.service_counters(r.slot.id)?,
             backends,
         });
     }

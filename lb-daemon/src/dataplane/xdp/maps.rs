@@ -1,18 +1,20 @@
 //! Writing a service's snapshot into the BPF maps, in the order the map contract
 //! (`lb_common::maps`) prescribes: backends, the inactive table half, its size, the flip,
-//! and the VIP last (first time only).
+//! and the VIP last (first time only); and taking a service or a backend id out again.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
-use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::maps::{
-    self as contract, addr_words, family_of, table_index, Backend, VipKey, VipValue,
-    BACKEND_F_DOWN, MODE_DSR, MODE_NAT,
+    self as contract, addr_words, family_of, table_index, Backend, CtEntry, VipKey, VipValue,
+    BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
 };
-use lb_common::{Counters, STATS_LEN};
+use lb_common::{Counters, FlowKey, STATS_LEN};
 
-use crate::config::{Forwarding, Protocol};
+use super::ids::{BackendIds, IdPool, IdsExhausted};
+use crate::config::{Forwarding, Protocol, Service};
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
 
@@ -46,6 +48,12 @@ pub enum MapsError {
     /// The table could not be built (a bug: validation checks its inputs).
     #[error("Maglev table: {0}")]
     Maglev(#[from] crate::maglev::MaglevError),
+    /// Every backend id is in use (live or draining); the previous table stays.
+    #[error(transparent)]
+    Exhausted(#[from] IdsExhausted),
+    /// The number of CPUs could not be read, so per-CPU counters cannot be reset.
+    #[error("cannot count the CPUs: {0}")]
+    Cpus(String),
 }
 
 fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
@@ -61,6 +69,7 @@ pub struct Maps {
     services: Array<MapData, contract::Service>,
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
@@ -94,6 +103,7 @@ impl Maps {
             services: take(ebpf, contract::SERVICES)?,
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
+            conntrack: take(ebpf, contract::CONNTRACK)?,
             devmap: take(ebpf, contract::DEVMAP)?,
             stats: take(ebpf, contract::STATS)?,
             service_stats: take(ebpf, contract::SERVICE_STATS)?,
@@ -115,24 +125,94 @@ impl Maps {
     /// Writes `snap` into the maps for `slot` and flips its table (steps 1-5 of the map
     /// contract). Returns how many table slots it wrote.
     ///
-    /// Costs one map update per backend and per table slot that differs from what the
-    /// inactive half already holds: all M (65537 by default) the first time, tens of
+    /// Backends get their ids from `slot` (new addresses take one from `pool`, their
+    /// counters zeroed); backends that left the snapshot leave the table now and keep their
+    /// id and `BACKENDS` entry, so pinned flows go on, until `drain_deadline` (see
+    /// [`super::ids`]). Costs one map update per backend and per table slot that differs from
+    /// what the inactive half already holds: all M (65537 by default) the first time, tens of
     /// milliseconds; afterwards only the slots that moved, which Maglev keeps few.
+    ///
+    /// Returns `Err(MapsError::Exhausted)` (nothing written) when new backends find no free
+    /// id, `Err(MapsError::Io)` when a write fails; the previous table stays live either way.
     pub fn publish(
         &mut self,
         slot: &mut ServiceSlot,
         snap: &ServiceSnapshot,
+        pool: &mut IdPool,
+        drain_deadline: Instant,
     ) -> Result<usize, MapsError> {
-        for (b, &id) in snap.backends.iter().zip(&slot.backend_ids) {
+        let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
+        let (ids, fresh) = slot.backends.assign(&addresses, pool, drain_deadline)?;
+        for &id in &fresh {
+            self.reset_backend_counters(id)?;
+        }
+        for (b, &id) in snap.backends.iter().zip(&ids) {
+            let flags = match (b.up, b.weight) {
+                (false, _) => BACKEND_F_DOWN,
+                (true, 0) => BACKEND_F_DRAINING,
+                (true, _) => 0,
+            };
             let value = Backend {
-                flags: if b.up { 0 } else { BACKEND_F_DOWN },
+                flags,
                 ..Backend::new(b.address)
             };
             self.backends
                 .set(id, value, 0)
                 .map_err(io(contract::BACKENDS))?;
         }
-        let table = table_entries(&snap.backends, &slot.backend_ids, slot.table_size)?;
+        self.mark_draining(slot.backend_ids())?;
+        // DNS may answer with both families; XDP forwards within the VIP's, so the others
+        // take no table slot (they count as not eligible).
+        let v4 = slot.vip.is_ipv4();
+        let table = if snap.backends.iter().all(|b| b.address.is_ipv4() == v4) {
+            table_entries(&snap.backends, &ids, slot.table_size)?
+        } else {
+            let view: Vec<BackendView> = snap
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    up: b.up && b.address.is_ipv4() == v4,
+                    ..b.clone()
+                })
+                .collect();
+            table_entries(&view, &ids, slot.table_size)?
+        };
+        // Before the flip, which publishes the VIP the first time: the limits hold from the
+        // service's first packet.
+        self.limits.write(slot, &snap.limits)?;
+        let written = self.flip(slot, table)?;
+        slot.generation = snap.generation;
+        Ok(written)
+    }
+
+    /// Flags every leaving backend of `ids` draining: their pinned flows go on, a new
+    /// connection that reuses one of their 4-tuples is placed by the table.
+    pub fn mark_draining(&mut self, ids: &BackendIds) -> Result<(), MapsError> {
+        for (address, id) in ids.leaving() {
+            let value = Backend {
+                flags: BACKEND_F_DRAINING,
+                ..Backend::new(address)
+            };
+            self.backends
+                .set(id, value, 0)
+                .map_err(io(contract::BACKENDS))?;
+        }
+        Ok(())
+    }
+
+    /// Empties `slot`'s table (steps 2-4 with no backend): new flows of the service find no
+    /// backend, flows conntrack pinned go on. The first step of removing a service.
+    pub fn empty_table(&mut self, slot: &mut ServiceSlot) -> Result<(), MapsError> {
+        self.flip(slot, None).map(|_| ())
+    }
+
+    /// Steps 2-5: writes `table` into the inactive half, flips to it, and inserts the VIP the
+    /// first time. `None` publishes size 0 (no eligible backend).
+    fn flip(
+        &mut self,
+        slot: &mut ServiceSlot,
+        table: Option<Vec<u32>>,
+    ) -> Result<usize, MapsError> {
         let inactive = 1 - slot.active_half;
         let mut written = 0;
         let size = match table {
@@ -164,15 +244,85 @@ impl Maps {
             .map_err(io(contract::SERVICES))?;
         slot.active_half = inactive;
         slot.table_size_live = size;
-        self.limits.write(slot, &snap.limits)?;
         if !slot.vip_published {
             self.vips
                 .insert(slot.vip_key(), VipValue { service: slot.id }, 0)
                 .map_err(io(contract::VIPS))?;
             slot.vip_published = true;
         }
-        slot.generation = snap.generation;
         Ok(written)
+    }
+
+    /// Takes a drained service out: deletes its VIP from `VIPS` when `delete_vip` (not when
+    /// another service took the same VIP since) and clears its `SERVICES` entry. Its backend
+    /// ids are released separately ([`Maps::release_backends`]).
+    pub fn remove_service(
+        &mut self,
+        slot: &ServiceSlot,
+        delete_vip: bool,
+    ) -> Result<(), MapsError> {
+        if slot.vip_published && delete_vip {
+            match self.vips.remove(&slot.vip_key()) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(io(contract::VIPS)(e)),
+            }
+        }
+        self.services
+            .set(slot.id, contract::Service::default(), 0)
+            .map_err(io(contract::SERVICES))
+    }
+
+    /// Marks backends `ids` unused (`family` 0, so the program re-places flows still pinned
+    /// to them) and forgets the conntrack entries naming them, so that once an id is reused
+    /// for another address no old flow follows it there. Returns how many entries it forgot.
+    ///
+    /// The entries are cleared before conntrack is scanned: a packet placed meanwhile is
+    /// placed by its table, which no longer names these ids, so no new entry for them appears
+    /// during the scan. Costs one scan of conntrack (up to `CONNTRACK_SIZE` lookups) for all
+    /// of `ids`; `Err` leaves some of them cleared, none safe to reuse.
+    pub fn release_backends(&mut self, ids: &[u32]) -> Result<usize, MapsError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        for &id in ids {
+            self.backends
+                .set(id, Backend::default(), 0)
+                .map_err(io(contract::BACKENDS))?;
+        }
+        let stale: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            // An entry evicted during the walk ends it early or is skipped: either way it
+            // names no backend any more.
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| ids.contains(&entry.backend))
+            .map(|(key, _)| key)
+            .collect();
+        let mut forgot = 0;
+        for key in &stale {
+            match self.conntrack.remove(key) {
+                Ok(()) => forgot += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(io(contract::CONNTRACK)(e)),
+            }
+        }
+        Ok(forgot)
+    }
+
+    /// Zeroes service `id`'s counters (a reused id starts from zero).
+    pub fn reset_service_counters(&mut self, id: u32) -> Result<(), MapsError> {
+        let zero = zeroes()?;
+        self.service_stats
+            .set(id, zero, 0)
+            .map_err(io(contract::SERVICE_STATS))
+    }
+
+    /// Zeroes backend `id`'s counters (a reused id starts from zero).
+    pub fn reset_backend_counters(&mut self, id: u32) -> Result<(), MapsError> {
+        let zero = zeroes()?;
+        self.backend_stats
+            .set(id, zero, 0)
+            .map_err(io(contract::BACKEND_STATS))
     }
 
     /// The global counters (`STATS`), summed over CPUs, indexed like `lb_common::Stat`.
@@ -198,6 +348,12 @@ impl Maps {
     }
 }
 
+fn zeroes() -> Result<PerCpuValues<Counters>, MapsError> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))?;
+    PerCpuValues::try_from(vec![Counters::default(); cpus])
+        .map_err(|e| MapsError::Cpus(e.to_string()))
+}
+
 fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters, aya::maps::MapError> {
     let per_cpu = map.get(&id, 0)?;
     Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
@@ -212,9 +368,6 @@ fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters, aya::m
 pub struct ServiceSlot {
     /// Service id: index into `SERVICES`, `TABLES` and `SERVICE_STATS`.
     pub id: u32,
-    /// Backend id of each of the service's backends, in config (and snapshot) order. Fixed
-    /// for the daemon's life, so conntrack entries always name the same address.
-    pub backend_ids: Vec<u32>,
     /// The Maglev table size M, `<= lb_common::maps::MAX_TABLE_SIZE`.
     pub table_size: u32,
     /// The VIP and port.
@@ -227,23 +380,77 @@ pub struct ServiceSlot {
     pub local_address: IpAddr,
     /// SNAT ports, inclusive (NAT only).
     pub snat_ports: (u16, u16),
+    /// Backend address → id, live and leaving.
+    backends: BackendIds,
     /// The half packets read now, 0 or 1.
-    pub active_half: u32,
+    active_half: u32,
     /// Slots in the live half; 0 while no backend is eligible.
-    pub table_size_live: u32,
+    table_size_live: u32,
     /// Whether the VIP is in `VIPS` yet.
-    pub vip_published: bool,
+    vip_published: bool,
     /// What each table half holds in the kernel, when known: later writes skip the slots
     /// that already hold the right backend.
-    pub halves: [Option<std::sync::Arc<[u32]>>; 2],
-    /// The generation of the snapshot last written.
-    pub generation: u64,
+    halves: [Option<std::sync::Arc<[u32]>>; 2],
+    /// The generation of the snapshot last written; 0 before the first.
+    generation: u64,
     /// The last generation whose write failed and was logged, so a persistent error is
     /// logged once per generation, not on every poll.
     pub failed_generation: Option<u64>,
 }
 
 impl ServiceSlot {
+    /// The slot of service `s` with service id `id`, nothing written yet. `local_address`
+    /// is `s.xdp.local_address`, which the caller checked is set.
+    pub fn new(id: u32, s: &Service, local_address: IpAddr) -> ServiceSlot {
+        ServiceSlot {
+            id,
+            table_size: s.table_size,
+            vip: s.listen,
+            protocol: s.protocol,
+            forwarding: s.xdp.forwarding,
+            local_address,
+            snat_ports: s.xdp.snat_ports,
+            backends: BackendIds::default(),
+            active_half: 0,
+            table_size_live: 0,
+            vip_published: false,
+            halves: [None, None],
+            generation: 0,
+            failed_generation: None,
+        }
+    }
+
+    /// The generation of the snapshot last written; 0 before the first.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The half packets read now, 0 or 1.
+    pub fn active_half(&self) -> u32 {
+        self.active_half
+    }
+
+    /// The service's backend ids.
+    pub fn backend_ids(&self) -> &BackendIds {
+        &self.backends
+    }
+
+    /// The service's backend ids, to start them leaving or take them out.
+    pub fn backend_ids_mut(&mut self) -> &mut BackendIds {
+        &mut self.backends
+    }
+
+    /// The key of the service's VIP in `VIPS`.
+    pub fn vip_key(&self) -> VipKey {
+        VipKey::new(
+            self.vip,
+            match self.protocol {
+                Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
+                Protocol::Udp => lb_common::flow::IPPROTO_UDP,
+            },
+        )
+    }
+
     fn service_value(&self) -> contract::Service {
         let mut table_size = [0; 2];
         table_size[self.active_half as usize] = self.table_size_live;
@@ -258,16 +465,6 @@ impl ServiceSlot {
             snat_port_min: if nat { self.snat_ports.0 } else { 0 },
             snat_port_max: if nat { self.snat_ports.1 } else { 0 },
         }
-    }
-
-    fn vip_key(&self) -> VipKey {
-        VipKey::new(
-            self.vip,
-            match self.protocol {
-                Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
-                Protocol::Udp => lb_common::flow::IPPROTO_UDP,
-            },
-        )
     }
 }
 

@@ -2,12 +2,16 @@
 //! `lb-ebpf`, keeping its maps in step with the services' snapshots, and detaching on exit.
 //!
 //! One BPF object serves every XDP service: the balancer program `lb_xdp` is attached once to
-//! each interface any XDP service names (`interface` and `backend_interfaces`), and the maps
-//! are shared, one service id and one backend id range per service. See `lb_common::maps` for
+//! each interface any XDP service names (`interface` and `backend_interfaces`), and stays
+//! attached until the daemon exits, across reloads; the maps are shared, one service id per
+//! service and one backend id per backend address of a service (see [`ids`] for their
+//! lifecycle). Reloads add services ([`XdpPlane::add`]) and remove them
+//! ([`XdpPlane::remove`]); backend changes arrive as new snapshots. See `lb_common::maps` for
 //! the map contract and `docs/ARCHITECTURE.md` for the behaviour.
 
 pub mod counters;
 pub mod decap;
+pub mod ids;
 pub mod limits;
 pub mod loader;
 pub mod maps;
@@ -16,10 +20,11 @@ mod sync;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aya::Ebpf;
 use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, MAX_TABLE_SIZE, PROG_BALANCER};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{
     DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
@@ -58,13 +63,13 @@ pub struct XdpError {
 }
 
 /// The running XDP data plane: the loaded object (its programs hold the attachments), the
-/// maps, and the thread that republishes snapshots into them.
+/// maps with the services on them, and the thread that republishes snapshots into them.
 pub struct XdpPlane {
     // Dropping the object closes the links: the kernel detaches the programs.
     ebpf: Option<Ebpf>,
-    maps: Arc<Mutex<Maps>>,
-    services: Vec<(Arc<ServiceRuntime>, Arc<Mutex<ServiceSlot>>)>,
-    interfaces: Vec<(String, AttachMode)>,
+    state: Arc<Mutex<sync::State>>,
+    /// Every interface the program is attached to, and how.
+    attached: BTreeMap<String, AttachMode>,
     sync: Option<sync::SyncThread>,
 }
 
@@ -141,16 +146,6 @@ impl XdpPlane {
         services: &[Arc<ServiceRuntime>],
     ) -> Result<(Option<XdpPlane>, Vec<Placement>), XdpError> {
         let mut placements: Vec<Option<Placement>> = vec![None; services.len()];
-        let refuse = |s: &Service, reason: String| -> Result<Placement, XdpError> {
-            if s.dataplane == DataplaneKind::Xdp {
-                Err(XdpError {
-                    service: s.name.clone(),
-                    reason,
-                })
-            } else {
-                Ok(Placement::Proxy { reason })
-            }
-        };
         let mut wanted = Vec::new();
         for (i, s) in services.iter().enumerate() {
             match obstacle(&s.config()) {
@@ -161,10 +156,8 @@ impl XdpPlane {
         if wanted.is_empty() {
             return Ok((None, finish(placements)));
         }
-
-        let loaded = load_balancer(global.bpf_object.as_deref());
-        let (mut ebpf, mut maps, path) = match loaded {
-            Ok(l) => l,
+        let mut plane = match XdpPlane::load(global) {
+            Ok(p) => p,
             Err(reason) => {
                 for &i in &wanted {
                     placements[i] = Some(refuse(&services[i].config(), reason.clone())?);
@@ -176,28 +169,13 @@ impl XdpPlane {
                 return Ok((None, finish(placements)));
             }
         };
-        info!("XDP: loaded {}", path.display());
-
-        let mut attached: BTreeMap<String, AttachMode> = BTreeMap::new();
-        let mut slots = Vec::new();
-        let mut next_backend: u32 = 0;
+        let mut placed = 0;
         for &i in &wanted {
             let s = services[i].config();
-            let result = place(
-                &mut ebpf,
-                &mut maps,
-                &mut attached,
-                &services[i],
-                slots.len() as u32,
-                &mut next_backend,
-            );
-            match result {
-                Ok((slot, interfaces)) => {
-                    placements[i] = Some(Placement::Xdp {
-                        forwarding: s.xdp.forwarding,
-                        interfaces,
-                    });
-                    slots.push((Arc::clone(&services[i]), Arc::new(Mutex::new(slot))));
+            match plane.add(&services[i]) {
+                Ok(p) => {
+                    placements[i] = Some(p);
+                    placed += 1;
                 }
                 Err(reason) => {
                     placements[i] = Some(refuse(&s, reason.clone())?);
@@ -208,36 +186,162 @@ impl XdpPlane {
                 }
             }
         }
-        if slots.is_empty() {
-            // Dropping the object detaches whatever was attached on the way.
+        if placed == 0 {
+            // Dropping the plane detaches whatever was attached on the way.
             return Ok((None, finish(placements)));
         }
-        let maps = Arc::new(Mutex::new(maps));
-        let sync = sync::SyncThread::start(Arc::clone(&maps), slots.clone());
-        Ok((
-            Some(XdpPlane {
-                ebpf: Some(ebpf),
-                maps,
-                services: slots,
-                interfaces: attached.into_iter().collect(),
-                sync: Some(sync),
-            }),
-            finish(placements),
-        ))
+        Ok((Some(plane), finish(placements)))
+    }
+
+    /// Finds and loads the BPF object (`[global] bpf_object` or the default search), takes
+    /// its maps and starts the sync thread, with no service and no interface yet.
+    ///
+    /// `Err` is the reason, in words, for the log.
+    pub fn load(global: &Global) -> Result<XdpPlane, String> {
+        let (ebpf, maps, path) = load_balancer(global.bpf_object.as_deref())?;
+        info!("XDP: loaded {}", path.display());
+        let state = Arc::new(Mutex::new(sync::State {
+            maps,
+            backend_ids: ids::IdPool::new(MAX_BACKENDS),
+            service_ids: ids::IdPool::new(MAX_SERVICES),
+            drain_timeout: global.drain_timeout,
+            running: Vec::new(),
+            leaving: Vec::new(),
+        }));
+        let sync = sync::SyncThread::start(Arc::clone(&state));
+        Ok(XdpPlane {
+            ebpf: Some(ebpf),
+            state,
+            attached: BTreeMap::new(),
+            sync: Some(sync),
+        })
+    }
+
+    /// Places `rt`'s service on XDP: a service id, the program attached to any of its
+    /// interfaces it is not attached to yet, and its current snapshot written, VIP last.
+    ///
+    /// Returns its [`Placement::Xdp`]; `Err` is the reason, in words, and leaves nothing of
+    /// the service in the maps (an interface attached on the way stays attached, passing
+    /// what is not a VIP's).
+    pub fn add(&mut self, rt: &Arc<ServiceRuntime>) -> Result<Placement, String> {
+        let s = rt.config();
+        if let Some(reason) = obstacle(&s) {
+            return Err(reason);
+        }
+        let (Some(interface), Some(local_address)) = (&s.xdp.interface, s.xdp.local_address) else {
+            return Err("no `interface` or `local_address`".into());
+        };
+        let mut wanted = vec![interface.clone()];
+        for b in &s.xdp.backend_interfaces {
+            if !wanted.contains(b) {
+                wanted.push(b.clone());
+            }
+        }
+        // Every interface must exist before anything is attached, so a typo in the last one
+        // leaves no program behind on the first.
+        let mut ifindexes = Vec::with_capacity(wanted.len());
+        for name in &wanted {
+            match loader::if_index(name) {
+                Some(i) => ifindexes.push(i),
+                None => return Err(format!("there is no interface {name}")),
+            }
+        }
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        if st.service_ids.available() == 0 {
+            return Err(format!(
+                "the XDP maps hold {MAX_SERVICES} services and as many are in use (running or                  draining)"
+            ));
+        }
+        let ebpf = self.ebpf.as_mut().ok_or("the XDP plane is stopped")?;
+        let mut interfaces = Vec::new();
+        for (name, ifindex) in wanted.iter().zip(ifindexes) {
+            let mode = match self.attached.get(name) {
+                Some(&mode) => mode,
+                None => {
+                    // Redirects into the interface are allowed first: an interface in
+                    // `attached` is one other services can redirect to as well.
+                    st.maps.allow_redirect(ifindex).map_err(|e| e.to_string())?;
+                    let prog = program(ebpf)?;
+                    let mode = loader::attach(prog, name).map_err(|e| e.to_string())?;
+                    self.attached.insert(name.clone(), mode);
+                    info!("XDP: {PROG_BALANCER} attached to {name} ({mode} mode)");
+                    mode
+                }
+            };
+            interfaces.push((name.clone(), mode));
+        }
+        let id = st.service_ids.take().ok_or("no free service id")?;
+        let mut slot = ServiceSlot::new(id, &s, local_address);
+        let snap = rt.snapshot().load_full();
+        let deadline = Instant::now() + st.drain_timeout;
+        let written = st.maps.reset_service_counters(id).and_then(|()| {
+            st.maps
+                .publish(&mut slot, &snap, &mut st.backend_ids, deadline)
+        });
+        if let Err(e) = written {
+            // The VIP goes in last, so no packet reached the service: undo at once.
+            if let Err(e) = st.maps.remove_service(&slot, true) {
+                error!(
+                    "service {}: cannot clear its XDP service entry: {e}",
+                    s.name
+                );
+            }
+            st.service_ids.give_back(id);
+            let ids = slot.backend_ids_mut().take_all();
+            st.release_backend_ids(&ids);
+            return Err(e.to_string());
+        }
+        st.running.push(sync::Running {
+            rt: Arc::clone(rt),
+            slot,
+        });
+        Ok(Placement::Xdp {
+            forwarding: s.xdp.forwarding,
+            interfaces,
+        })
+    }
+
+    /// Starts draining the service with index `index` out of XDP: its table is emptied now
+    /// (new flows find no backend), flows conntrack pinned to its backends go on, and after
+    /// `drain_timeout` its VIP, service id and backend ids are released. `false` when no such
+    /// service runs on XDP.
+    pub fn remove(&mut self, index: usize, drain_timeout: Duration) -> bool {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let Some(pos) = st.running.iter().position(|r| r.rt.index() == index) else {
+            return false;
+        };
+        let mut r = st.running.remove(pos);
+        let name = r.rt.name().to_string();
+        if let Err(e) = st.maps.empty_table(&mut r.slot) {
+            error!(
+                "service {name}: cannot empty its XDP table: {e}; it takes new flows until its                  drain ends"
+            );
+        }
+        let deadline = Instant::now() + drain_timeout;
+        r.slot.backend_ids_mut().leave_all(deadline);
+        if let Err(e) = st.maps.mark_draining(r.slot.backend_ids()) {
+            error!("service {name}: cannot flag its XDP backends draining: {e}");
+        }
+        st.leaving.push(sync::Leaving {
+            name,
+            slot: r.slot,
+            deadline,
+        });
+        true
+    }
+
+    /// Sets how long backends and services removed from now on keep their ids.
+    pub fn set_drain_timeout(&self, drain_timeout: Duration) {
+        lock(&self.state).drain_timeout = drain_timeout;
     }
 
     /// The program's counters now: global, per service and per backend (summed over CPUs).
     ///
     /// Returns `Err(MapsError::Io)` when a map cannot be read.
     pub fn counters(&self) -> Result<XdpCounters, MapsError> {
-        // Slots before maps: the sync thread takes them in that order too.
-        let slots: Vec<(Arc<ServiceRuntime>, ServiceSlot)> = self
-            .services
-            .iter()
-            .map(|(rt, slot)| (Arc::clone(rt), lock(slot).clone()))
-            .collect();
-        let maps = lock(&self.maps);
-        counters::read(&maps, &slots)
+        counters::read(&lock(&self.state))
     }
 
     /// Stops republishing, logs the final counters and detaches the programs from every
@@ -256,7 +360,7 @@ impl XdpPlane {
             Err(e) => warn!("XDP counters could not be read at exit: {e}"),
         }
         if self.ebpf.take().is_some() {
-            for (interface, mode) in &self.interfaces {
+            for (interface, mode) in &self.attached {
                 info!("XDP detached from {interface} ({mode} mode)");
             }
         }
@@ -268,6 +372,19 @@ impl Drop for XdpPlane {
         if self.ebpf.is_some() {
             self.stop();
         }
+    }
+}
+
+/// The placement of a service that cannot run on XDP for `reason`: the proxy for `auto`,
+/// `Err` for `xdp`.
+fn refuse(s: &Service, reason: String) -> Result<Placement, XdpError> {
+    if s.dataplane == DataplaneKind::Xdp {
+        Err(XdpError {
+            service: s.name.clone(),
+            reason,
+        })
+    } else {
+        Ok(Placement::Proxy { reason })
     }
 }
 
@@ -290,86 +407,6 @@ fn load_balancer(configured: Option<&std::path::Path>) -> Result<(Ebpf, Maps, Pa
     loader::load_program(&mut ebpf, &path, PROG_BALANCER).map_err(|e| loader::error_chain(&e))?;
     let maps = Maps::take(&mut ebpf).map_err(|e| e.to_string())?;
     Ok((ebpf, maps, path))
-}
-
-/// Attaches the program where `rt`'s service needs it, gives the service its ids and writes
-/// its first snapshot. `Err` is the reason, in words.
-fn place(
-    ebpf: &mut Ebpf,
-    maps: &mut Maps,
-    attached: &mut BTreeMap<String, AttachMode>,
-    rt: &Arc<ServiceRuntime>,
-    id: u32,
-    next_backend: &mut u32,
-) -> Result<(ServiceSlot, Vec<(String, AttachMode)>), String> {
-    let s = rt.config();
-    if id >= MAX_SERVICES {
-        return Err(format!(
-            "the XDP maps hold {MAX_SERVICES} services and as many run on XDP already"
-        ));
-    }
-    let n = s.backends.len() as u32;
-    if *next_backend + n > MAX_BACKENDS {
-        return Err(format!(
-            "the XDP maps hold {MAX_BACKENDS} backends over all services, and this service's {n} do not fit"
-        ));
-    }
-    let (Some(interface), Some(local_address)) = (&s.xdp.interface, s.xdp.local_address) else {
-        return Err("no `interface` or `local_address`".into());
-    };
-    let mut wanted = vec![interface.clone()];
-    for b in &s.xdp.backend_interfaces {
-        if !wanted.contains(b) {
-            wanted.push(b.clone());
-        }
-    }
-    // Every interface must exist before anything is attached, so a typo in the last one
-    // leaves no program behind on the first.
-    let mut ifindexes = Vec::with_capacity(wanted.len());
-    for name in &wanted {
-        match loader::if_index(name) {
-            Some(i) => ifindexes.push(i),
-            None => return Err(format!("there is no interface {name}")),
-        }
-    }
-    let mut interfaces = Vec::new();
-    for (name, ifindex) in wanted.iter().zip(ifindexes) {
-        let mode = match attached.get(name) {
-            Some(&mode) => mode,
-            None => {
-                // Redirects into the interface are allowed first: an interface in `attached`
-                // is one other services can redirect to as well.
-                maps.allow_redirect(ifindex).map_err(|e| e.to_string())?;
-                let prog = program(ebpf)?;
-                let mode = loader::attach(prog, name).map_err(|e| e.to_string())?;
-                attached.insert(name.clone(), mode);
-                info!("XDP: {PROG_BALANCER} attached to {name} ({mode} mode)");
-                mode
-            }
-        };
-        interfaces.push((name.clone(), mode));
-    }
-    let backend_ids: Vec<u32> = (*next_backend..*next_backend + n).collect();
-    let mut slot = ServiceSlot {
-        id,
-        backend_ids,
-        table_size: s.table_size,
-        vip: s.listen,
-        protocol: s.protocol,
-        forwarding: s.xdp.forwarding,
-        local_address,
-        snat_ports: s.xdp.snat_ports,
-        active_half: 0,
-        table_size_live: 0,
-        vip_published: false,
-        halves: [None, None],
-        generation: 0,
-        failed_generation: None,
-    };
-    let snap = rt.snapshot().load_full();
-    maps.publish(&mut slot, &snap).map_err(|e| e.to_string())?;
-    *next_backend += n;
-    Ok((slot, interfaces))
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut aya::programs::Xdp, String> {

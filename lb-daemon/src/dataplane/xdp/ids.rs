@@ -1,0 +1,284 @@
+//! Ids in the XDP maps: the pool of free service or backend ids, and each service's backend
+//! address → id assignment with the ids of backends that left and still drain.
+//!
+//! A backend id names an address in `BACKENDS`, and conntrack pins flows to ids, so an id
+//! must not name another address while flows may still be pinned to it. The lifecycle:
+//! an address gets an id when it first appears in a service's snapshot; when it leaves the
+//! snapshot (a reload removed it, DNS stopped returning it) it leaves the table at once but
+//! keeps its id, and its `BACKENDS` entry stays, until `drain_timeout` has passed (its pinned
+//! flows finish there); then the id is released: the daemon marks the entry unused, forgets
+//! the conntrack entries still naming it, and returns it to the pool, which hands out ids
+//! never used before first and then the least recently freed. An address that comes back
+//! before its release gets its old id again.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// Free ids of one kind (services or backends), `0..capacity`.
+#[derive(Debug, Clone)]
+pub struct IdPool {
+    capacity: u32,
+    /// Ids below this were handed out at least once.
+    next: u32,
+    /// Released ids, least recently freed first.
+    free: VecDeque<u32>,
+}
+
+impl IdPool {
+    /// A pool of the ids `0..capacity`, all free.
+    pub fn new(capacity: u32) -> IdPool {
+        IdPool {
+            capacity,
+            next: 0,
+            free: VecDeque::new(),
+        }
+    }
+
+    /// How many ids [`IdPool::take`] can still hand out.
+    pub fn available(&self) -> usize {
+        (self.capacity - self.next) as usize + self.free.len()
+    }
+
+    /// An id: one never used if any is left (the longest possible wait before an id is
+    /// reused), else the least recently freed. `None` when every id is in use.
+    pub fn take(&mut self) -> Option<u32> {
+        if self.next < self.capacity {
+            self.next += 1;
+            return Some(self.next - 1);
+        }
+        self.free.pop_front()
+    }
+
+    /// Returns `id` (one [`IdPool::take`] gave) to the pool.
+    pub fn give_back(&mut self, id: u32) {
+        debug_assert!(
+            id < self.next && !self.free.contains(&id),
+            "id {id} given back twice"
+        );
+        self.free.push_back(id);
+    }
+}
+
+/// The pool had too few free ids for a snapshot's new backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the XDP maps have {free} free backend ids and {wanted} new backends need one")]
+pub struct IdsExhausted {
+    /// Ids the pool had.
+    pub free: usize,
+    /// New addresses that needed one.
+    pub wanted: usize,
+}
+
+/// One service's backend ids: the addresses of its current snapshot, and the ones that left
+/// and drain until their deadline.
+#[derive(Debug, Clone, Default)]
+pub struct BackendIds {
+    live: BTreeMap<SocketAddr, u32>,
+    leaving: BTreeMap<SocketAddr, (u32, Instant)>,
+}
+
+impl BackendIds {
+    /// Assigns an id to each of `addresses` (a snapshot's backends, in order) and returns
+    /// them in the same order, plus the ids given to addresses new to the pool (their
+    /// counters start from zero). Live addresses keep their ids; a leaving one gets its id
+    /// back; others take one from `pool`. Live addresses missing from `addresses` start
+    /// leaving, until `deadline`.
+    ///
+    /// Returns `Err(IdsExhausted)`, changing nothing, when `pool` lacks ids for the new ones.
+    pub fn assign(
+        &mut self,
+        addresses: &[SocketAddr],
+        pool: &mut IdPool,
+        deadline: Instant,
+    ) -> Result<(Vec<u32>, Vec<u32>), IdsExhausted> {
+        let wanted = addresses
+            .iter()
+            .enumerate()
+            .filter(|&(i, a)| {
+                !self.live.contains_key(a)
+                    && !self.leaving.contains_key(a)
+                    && !addresses[..i].contains(a)
+            })
+            .count();
+        if wanted > pool.available() {
+            return Err(IdsExhausted {
+                free: pool.available(),
+                wanted,
+            });
+        }
+        let mut fresh = Vec::new();
+        let mut live = BTreeMap::new();
+        let ids = addresses
+            .iter()
+            .map(|a| {
+                let id = match (live.get(a), self.live.remove(a), self.leaving.remove(a)) {
+                    (Some(&id), _, _) => id,
+                    (None, Some(id), _) | (None, None, Some((id, _))) => id,
+                    (None, None, None) => {
+                        // Counted above: the pool has one.
+                        let id = pool.take().unwrap_or(u32::MAX);
+                        fresh.push(id);
+                        id
+                    }
+                };
+                live.insert(*a, id);
+                id
+            })
+            .collect();
+        for (a, id) in std::mem::replace(&mut self.live, live) {
+            self.leaving.insert(a, (id, deadline));
+        }
+        Ok((ids, fresh))
+    }
+
+    /// Every live address starts leaving, until `deadline` (the service is removed).
+    pub fn leave_all(&mut self, deadline: Instant) {
+        for (a, id) in std::mem::take(&mut self.live) {
+            self.leaving.insert(a, (id, deadline));
+        }
+    }
+
+    /// Takes out the leaving backends whose deadline is at or before `now`: their ids are
+    /// the caller's to release.
+    pub fn expired(&mut self, now: Instant) -> Vec<(SocketAddr, u32)> {
+        let gone: Vec<(SocketAddr, u32)> = self
+            .leaving
+            .iter()
+            .filter(|(_, &(_, deadline))| deadline <= now)
+            .map(|(&a, &(id, _))| (a, id))
+            .collect();
+        for (a, _) in &gone {
+            self.leaving.remove(a);
+        }
+        gone
+    }
+
+    /// Takes out every id, live and leaving (the service is gone).
+    pub fn take_all(&mut self) -> Vec<u32> {
+        let live = std::mem::take(&mut self.live).into_values();
+        let leaving = std::mem::take(&mut self.leaving)
+            .into_values()
+            .map(|(id, _)| id);
+        live.chain(leaving).collect()
+    }
+
+    /// The id of live backend `address`.
+    pub fn live_id(&self, address: &SocketAddr) -> Option<u32> {
+        self.live.get(address).copied()
+    }
+
+    /// The leaving backends: address and id, in address order.
+    pub fn leaving(&self) -> impl Iterator<Item = (SocketAddr, u32)> + '_ {
+        self.leaving.iter().map(|(&a, &(id, _))| (a, id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn a(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 80))
+    }
+
+    #[test]
+    fn the_pool_hands_out_unused_ids_first_then_the_least_recently_freed() {
+        let mut pool = IdPool::new(4);
+        let got: Vec<u32> = (0..4).filter_map(|_| pool.take()).collect();
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        assert_eq!(pool.take(), None, "a pool of 4 gave a fifth id");
+        pool.give_back(2);
+        pool.give_back(0);
+        assert_eq!(pool.available(), 2);
+        assert_eq!(
+            (pool.take(), pool.take()),
+            (Some(2), Some(0)),
+            "the id freed first must be reused first"
+        );
+        let mut pool = IdPool::new(4);
+        let first = pool.take().expect("free");
+        pool.give_back(first);
+        assert_eq!(
+            pool.take(),
+            Some(1),
+            "a freed id was reused while never-used ones were left"
+        );
+    }
+
+    #[test]
+    fn backends_keep_their_ids_and_a_returning_one_gets_its_old_id() {
+        let mut pool = IdPool::new(16);
+        let mut ids = BackendIds::default();
+        let now = Instant::now();
+        let later = now + Duration::from_secs(30);
+        let (first, fresh) = ids
+            .assign(&[a(1), a(2), a(3)], &mut pool, later)
+            .expect("ids");
+        assert_eq!(first, vec![0, 1, 2]);
+        assert_eq!(fresh, vec![0, 1, 2]);
+        // a(2) leaves, a(4) arrives; the order changes.
+        let (second, fresh) = ids
+            .assign(&[a(3), a(4), a(1)], &mut pool, later)
+            .expect("ids");
+        assert_eq!(second, vec![2, 3, 0], "staying backends changed ids");
+        assert_eq!(fresh, vec![3]);
+        assert_eq!(ids.leaving().collect::<Vec<_>>(), vec![(a(2), 1)]);
+        assert_eq!(ids.live_id(&a(2)), None, "a removed backend is still live");
+        // a(2) comes back before its release.
+        let (third, fresh) = ids.assign(&[a(1), a(2)], &mut pool, later).expect("ids");
+        assert_eq!(
+            third,
+            vec![0, 1],
+            "a backend back before release got a new id"
+        );
+        assert!(fresh.is_empty());
+        let mut leaving: Vec<_> = ids.leaving().collect();
+        leaving.sort();
+        assert_eq!(leaving, vec![(a(3), 2), (a(4), 3)]);
+    }
+
+    #[test]
+    fn ids_are_released_only_after_the_deadline_and_then_reused() {
+        let mut pool = IdPool::new(2);
+        let mut ids = BackendIds::default();
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(10);
+        ids.assign(&[a(1), a(2)], &mut pool, deadline).expect("ids");
+        ids.assign(&[a(1)], &mut pool, deadline).expect("ids");
+        assert_eq!(
+            ids.assign(&[a(1), a(3)], &mut pool, deadline),
+            Err(IdsExhausted { free: 0, wanted: 1 }),
+            "a draining backend's id was handed to another address before its release"
+        );
+        assert!(ids.expired(now).is_empty(), "released before the deadline");
+        let gone = ids.expired(deadline);
+        assert_eq!(gone, vec![(a(2), 1)]);
+        pool.give_back(1);
+        let (got, fresh) = ids.assign(&[a(1), a(3)], &mut pool, deadline).expect("ids");
+        assert_eq!((got, fresh), (vec![0, 1], vec![1]));
+    }
+
+    #[test]
+    fn a_failed_assignment_changes_nothing() {
+        let mut pool = IdPool::new(1);
+        let mut ids = BackendIds::default();
+        let t = Instant::now();
+        ids.assign(&[a(1)], &mut pool, t).expect("ids");
+        assert!(ids.assign(&[a(2), a(3)], &mut pool, t).is_err());
+        assert_eq!(ids.live_id(&a(1)), Some(0));
+        assert_eq!(ids.leaving().count(), 0);
+        assert_eq!(ids.take_all(), vec![0]);
+    }
+
+    #[test]
+    fn a_duplicate_address_needs_one_id() {
+        let mut pool = IdPool::new(1);
+        let mut ids = BackendIds::default();
+        let (got, _) = ids
+            .assign(&[a(1), a(1)], &mut pool, Instant::now())
+            .expect("one id is enough");
+        assert_eq!(got, vec![0, 0]);
+    }
+}

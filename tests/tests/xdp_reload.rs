@@ -1,0 +1,628 @@
+//! Reloads and DNS discovery on the XDP data plane, end to end (`nat`, see `lb_tests::xdp`):
+//! backends added, removed and reweighted under load with nothing dropped and the program
+//! never detached; DNS records followed into the maps; services added on XDP and drained
+//! out of it by a reload.
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lb_tests::admin::{self, cli};
+use lb_tests::client::{http_get, upload, Upload};
+use lb_tests::config::DaemonConfig;
+use lb_tests::daemon::daemon_binary;
+use lb_tests::data::Receipt;
+use lb_tests::load::wait_until_each_answers;
+use lb_tests::xdp::world::{service, World, BULK, WEB};
+use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Topology};
+use lb_tests::{require_root, Daemon};
+use nix::sys::signal::Signal;
+
+const MODE: Mode = Mode::Nat;
+/// Time between reloads.
+const STEP: Duration = Duration::from_secs(2);
+const UPLOADS: u64 = 5;
+const PIECE: u64 = 64 * 1024;
+/// How long the test waits for the daemon to act (it acts within a poll or an interval).
+const FOLLOW: Duration = Duration::from_secs(10);
+
+fn web_vip() -> SocketAddr {
+    Topology::vip(WEB)
+}
+
+fn bulk_vip() -> SocketAddr {
+    Topology::vip(BULK)
+}
+
+fn backend(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(backend_ip(i)), port)
+}
+
+/// The config: `web` and, when given, `bulk`, each with backends `(i, weight)`.
+fn config(
+    t: &Topology,
+    drain: &str,
+    web: &[(usize, u32)],
+    bulk: Option<&[(usize, u32)]>,
+) -> String {
+    let mut c = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", drain)
+        .service(service(t, MODE, "web", web));
+    if let Some(bulk) = bulk {
+        c = c.service(service(t, MODE, "bulk", bulk));
+    }
+    c.to_toml()
+}
+
+/// A world of `n` backends, all with servers, and the daemon on `toml(topology)`.
+fn start(n: usize, checked: &[usize], toml: impl FnOnce(&Topology) -> String) -> World {
+    World::start_custom(MODE, n, n, checked, |t| {
+        t.resolve_neighbours(WEB);
+        let toml = toml(t);
+        in_netns(&t.balancer, || Daemon::start(&toml)).expect("enter the balancer namespace")
+    })
+}
+
+/// `/status` (the admin API listens in the balancer's namespace).
+fn status(world: &World) -> serde_json::Value {
+    let api = world.daemon.admin_addr();
+    in_netns(&world.topology.balancer, || admin::status(api)).expect("enter the balancer namespace")
+}
+
+/// `lb-daemon reload`, run in the balancer's namespace.
+fn cli_reload(world: &World) -> lb_tests::admin::CliOutcome {
+    let api = world.daemon.admin_addr().to_string();
+    in_netns(&world.topology.balancer, || cli(&api, &["reload"]))
+        .expect("enter the balancer namespace")
+}
+
+/// Reloads by SIGHUP (`sighup`) or `lb-daemon reload`, asserts it was applied, and returns
+/// the log mark taken before it.
+fn reload(world: &World, text: &str, sighup: bool, what: &str) -> usize {
+    let daemon = &world.daemon;
+    daemon.rewrite_config(text);
+    let mark = daemon.log_mark();
+    if sighup {
+        daemon.signal(Signal::SIGHUP).expect("the daemon runs");
+    } else {
+        let out = cli_reload(world);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "`lb-daemon reload` ({what}) failed: {out:?}"
+        );
+    }
+    let (_, line) = daemon
+        .wait_for_log_after(mark, "reload of", FOLLOW)
+        .unwrap_or_else(|e| panic!("no reload ({what}): {e}"));
+    assert!(
+        line.contains("applied"),
+        "the reload ({what}) was refused: {line}"
+    );
+    mark
+}
+
+/// Waits for a new XDP table of `service` after log mark `mark`.
+fn wait_for_table(world: &World, mark: usize, service: &str, what: &str) {
+    let table = format!("service {service}: XDP table generation");
+    world
+        .daemon
+        .wait_for_log_after(mark, &table, FOLLOW)
+        .unwrap_or_else(|e| panic!("no new XDP table of {service} after {what}: {e}"));
+}
+
+/// `GET /` on a new connection: `"name@port"`, the answering backend's name and the client's
+/// local port (a port used twice meets its old conntrack entry).
+fn get_with_port(vip: SocketAddr) -> Result<String, lb_tests::client::ClientError> {
+    use std::io::{Read, Write};
+    let mut s = lb_tests::client::connect(vip)?;
+    let port = s.local_addr()?.port();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lb-test\r\nConnection: close\r\n\r\n")?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    let text = String::from_utf8_lossy(&all);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(format!("{body}@{port}"))
+}
+
+/// The placement words `/status` shows for `service`.
+fn dataplane(world: &World, service: &str) -> String {
+    let st = status(world);
+    st["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == service))
+        .and_then(|s| s["dataplane"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn reloads_under_load_on_xdp_drop_nothing_and_keep_the_program_attached() {
+    if !require_root("xdp_reload::reloads_under_load_on_xdp_drop_nothing") {
+        return;
+    }
+    let mut web = vec![(1, 1), (2, 1)];
+    let mut bulk = vec![(1, 1), (2, 1)];
+    // Long enough that no removed bulk backend's uploads are cut during the test.
+    let drain = "120s";
+    let world = start(4, &[1, 2], |t| config(t, drain, &web, Some(&bulk)));
+    let prog = |w: &World| -> Vec<Option<u64>> {
+        ["l0", "l1", "l2", "l3", "l4"]
+            .iter()
+            .map(|i| w.topology.xdp_prog_id(i))
+            .collect()
+    };
+    let progs = prog(&world);
+    assert!(
+        progs.iter().all(Option::is_some),
+        "lb_xdp is not attached to every interface: {progs:?}"
+    );
+
+    let stop = AtomicBool::new(false);
+    // (when the request started, who answered) of every request; failures in words.
+    let answers: Mutex<Vec<(Instant, String)>> = Mutex::default();
+    let failures: Mutex<Vec<String>> = Mutex::default();
+    let uploads = std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                in_netns(&world.topology.client, || {
+                    let end = Instant::now() + Duration::from_secs(90);
+                    for _ in 0..100_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > end {
+                            break;
+                        }
+                        let at = Instant::now();
+                        match get_with_port(web_vip()) {
+                            Ok(who) => answers.lock().expect("lock").push((at, who)),
+                            Err(e) => failures.lock().expect("lock").push(e.to_string()),
+                        }
+                        // Paced: NAT never frees a SNAT port before its NAT_REVERSE entry is
+                        // evicted, so the flows of the test must stay well within the range.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+                .expect("enter the client namespace");
+            });
+        }
+        let uploads: Vec<_> = (0..UPLOADS)
+            .map(|seed| {
+                let (stop, client) = (&stop, &world.topology.client);
+                scope.spawn(move || {
+                    in_netns(client, || {
+                        let mut u = Upload::start(bulk_vip(), seed)
+                            .map_err(|e| format!("upload {seed} could not connect: {e}"))?;
+                        for _ in 0..2_000 {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            u.send(PIECE).map_err(|e| {
+                                format!("upload {seed} was cut after {} bytes: {e}", u.sent())
+                            })?;
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        let sent = u.sent();
+                        let got = u
+                            .finish()
+                            .map_err(|e| format!("upload {seed} got no receipt: {e}"))?;
+                        Ok::<_, String>((seed, sent, got))
+                    })
+                    .expect("enter the client namespace")
+                })
+            })
+            .collect();
+
+        let t = &world.topology;
+        let mut sighup = false;
+        // Reloads, waits for web's new table when `web_changes`, and returns when that
+        // was, before a pause.
+        let mut step = |web: &[(usize, u32)], bulk: &[(usize, u32)], what: &str| -> Instant {
+            sighup = !sighup;
+            let mark = reload(&world, &config(t, drain, web, Some(bulk)), sighup, what);
+            if what.starts_with("web") {
+                wait_for_table(&world, mark, "web", what);
+            }
+            let applied = Instant::now();
+            std::thread::sleep(STEP);
+            applied
+        };
+        std::thread::sleep(STEP);
+        web.push((3, 2));
+        step(&web, &bulk, "web: add b3");
+        web[0].1 = 5;
+        step(&web, &bulk, "web: reweight b1 to 5");
+        web.retain(|&(i, _)| i != 2);
+        let b2_removed = step(&web, &bulk, "web: remove b2");
+
+        // The invalid file: refused with the reason, the running config stays.
+        let good = config(t, drain, &web, Some(&bulk));
+        world
+            .daemon
+            .rewrite_config(&good.replacen("weight = 5", "weight = 999", 1));
+        let out = cli_reload(&world);
+        assert_eq!(
+            out.code,
+            Some(1),
+            "an invalid file must be refused: {out:?}"
+        );
+        assert!(
+            out.stderr.contains("999") && out.stderr.contains("weight"),
+            "the refusal should say what is wrong in the file: {out:?}"
+        );
+        std::thread::sleep(STEP);
+
+        bulk.retain(|&(i, _)| i != 1);
+        bulk.push((3, 1));
+        step(&web, &bulk, "bulk: remove b1, add b3");
+        web.push((4, 1));
+        step(&web, &bulk, "web: add b4");
+        bulk[0].1 = 3;
+        step(&web, &bulk, "bulk: reweight b2 to 3");
+        // Flows that begin from here may reach b2 again.
+        let b2_back = Instant::now();
+        web.push((2, 1));
+        step(&web, &bulk, "web: b2 back");
+        bulk.push((1, 2));
+        step(&web, &bulk, "bulk: b1 back with weight 2");
+        web.retain(|&(i, _)| i != 1);
+        web[0].1 = 4;
+        step(&web, &bulk, "web: remove b1, reweight b3 to 4");
+
+        stop.store(true, Ordering::Relaxed);
+        let uploads: Vec<_> = uploads
+            .into_iter()
+            .map(|u| u.join().expect("upload thread"))
+            .collect();
+        (uploads, b2_removed, b2_back)
+    });
+    let (uploads, b2_removed, b2_back) = uploads;
+
+    let failed = failures.lock().expect("lock").clone();
+    let answers = answers.lock().expect("lock").clone();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed during the reloads; first: {:?}",
+        failed.len(),
+        failed.len() + answers.len(),
+        failed.first()
+    );
+    assert!(
+        answers.len() > 500,
+        "only {} requests were made",
+        answers.len()
+    );
+    let answers: Vec<(Instant, String, String)> = answers
+        .into_iter()
+        .map(|(at, w)| {
+            let (who, port) = w.split_once('@').unwrap_or((&w, ""));
+            (at, who.to_string(), port.to_string())
+        })
+        .collect();
+    let to_b2: Vec<(Duration, &str, usize)> = answers
+        .iter()
+        .filter(|(at, who, _)| *at > b2_removed && *at < b2_back && who == "b2")
+        .map(|(at, _, port)| {
+            let uses = answers
+                .iter()
+                .filter(|(a, _, p)| p == port && a < at)
+                .count();
+            (*at - b2_removed, port.as_str(), uses)
+        })
+        .collect();
+    assert!(
+        to_b2.is_empty(),
+        "b2 got {} new connections after the reload that removed it (after, client port, \
+         earlier uses of that port): {:?}",
+        to_b2.len(),
+        &to_b2[..to_b2.len().min(10)]
+    );
+    let answered_by: BTreeSet<&str> = answers.iter().map(|(_, w, _)| w.as_str()).collect();
+    assert!(
+        answered_by.contains("b3") && answered_by.contains("b4"),
+        "the backends added by reloads never answered: {answered_by:?}"
+    );
+    for u in uploads {
+        let (seed, sent, got) = u.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            got,
+            Receipt::of_stream(sent, seed),
+            "upload {seed} arrived truncated or damaged after the reloads"
+        );
+    }
+    let st = status(&world);
+    assert_eq!(
+        st["reloads"]["succeeded"], 9,
+        "reloads applied: {}",
+        st["reloads"]
+    );
+    assert_eq!(
+        st["reloads"]["failed"], 1,
+        "reloads refused: {}",
+        st["reloads"]
+    );
+    assert!(
+        dataplane(&world, "web").contains("XDP") && dataplane(&world, "bulk").contains("XDP"),
+        "after the reloads the services should still run on XDP: {:?}",
+        st["services"]
+    );
+    assert_eq!(
+        prog(&world),
+        progs,
+        "the XDP program on the interfaces changed during the reloads"
+    );
+}
+
+#[test]
+fn a_service_added_by_reload_runs_on_xdp_and_a_removed_one_drains() {
+    if !require_root("xdp_reload::a_service_added_by_reload_runs_on_xdp") {
+        return;
+    }
+    let world = start(2, &[1, 2], |t| config(t, "8s", &[(1, 1), (2, 1)], None));
+    let t = &world.topology;
+    let with_bulk = config(t, "8s", &[(1, 1), (2, 1)], Some(&[(1, 1), (2, 1)]));
+    let prog = world.topology.xdp_prog_id("l0");
+    assert!(prog.is_some(), "lb_xdp is not attached to l0");
+
+    reload(&world, &with_bulk, true, "add service bulk");
+    let words = dataplane(&world, "bulk");
+    assert!(
+        words.contains("XDP"),
+        "a service added by reload should run on XDP: {words}"
+    );
+    // The VIP is on no interface of the balancer: only XDP can answer it.
+    let receipt = world
+        .client(|| upload(bulk_vip(), 1024 * 1024, 3))
+        .unwrap_or_else(|e| panic!("an upload to the added service failed: {e}"));
+    assert_eq!(receipt, Receipt::of_stream(1024 * 1024, 3));
+
+    let mut long = world
+        .client(|| -> Result<Upload, lb_tests::client::ClientError> {
+            let mut u = Upload::start(bulk_vip(), 9)?;
+            u.send(PIECE)?;
+            Ok(u)
+        })
+        .unwrap_or_else(|e| panic!("the long upload could not start: {e}"));
+    let removed = reload(
+        &world,
+        &config(t, "8s", &[(1, 1), (2, 1)], None),
+        false,
+        "remove bulk",
+    );
+    for _ in 0..10 {
+        long.send(PIECE)
+            .unwrap_or_else(|e| panic!("the upload to the removed service was cut: {e}"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = long.sent();
+    let got = long
+        .finish()
+        .unwrap_or_else(|e| panic!("the draining upload got no receipt: {e}"));
+    assert_eq!(
+        got,
+        Receipt::of_stream(sent, 9),
+        "the upload to the removed service arrived truncated while it drained"
+    );
+    // Still draining (8 s): the VIP is in the maps, its table empty.
+    let refused = world.client(|| {
+        std::net::TcpStream::connect_timeout(&bulk_vip(), Duration::from_secs(1)).is_err()
+    });
+    assert!(refused, "the removed service still took a new connection");
+    world
+        .daemon
+        .wait_for_log_after(removed, "service bulk: drained", FOLLOW)
+        .unwrap_or_else(|e| panic!("the removed service never left the XDP maps: {e}"));
+    world
+        .client(|| http_get(web_vip(), "/"))
+        .expect("web still answers");
+
+    // An `xdp` service that cannot be placed fails the reload, and nothing of it remains.
+    let nowhere = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "8s")
+        .service(service(t, MODE, "web", &[(1, 1), (2, 1)]))
+        .service(service(t, MODE, "bulk", &[(1, 1)]).set("interface", "l9"))
+        .to_toml();
+    world.daemon.rewrite_config(&nowhere);
+    let out = cli_reload(&world);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a reload adding an xdp service on a missing interface must be refused: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("bulk") && out.stderr.contains("no interface l9"),
+        "the refusal should name the service and the reason: {out:?}"
+    );
+    let st = status(&world);
+    let names: Vec<&str> = st["services"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        vec!["web"],
+        "the refused reload left services behind"
+    );
+    assert!(
+        world.client(|| {
+            std::net::TcpStream::connect_timeout(&bulk_vip(), Duration::from_secs(1)).is_err()
+        }),
+        "the refused service took a connection"
+    );
+    world
+        .client(|| http_get(web_vip(), "/"))
+        .expect("web still answers after the refused reload");
+    assert_eq!(
+        world.topology.xdp_prog_id("l0"),
+        prog,
+        "the XDP program on l0 changed"
+    );
+}
+
+const NAME: &str = "app.lb-test";
+const INTERVAL: Duration = Duration::from_millis(300);
+
+fn hosts(path: &Path, backends: &[usize]) {
+    let mut text = String::from("127.0.0.1 localhost\n");
+    for &i in backends {
+        text.push_str(&format!("{} {NAME}\n", backend_ip(i)));
+    }
+    // In place: the daemon's /etc/hosts is a bind mount of this very file.
+    std::fs::write(path, text).expect("the test's hosts file is writable");
+}
+
+/// Answers of 60 new connections to `web`, by backend.
+fn who_answers(world: &World) -> BTreeSet<String> {
+    world.client(|| {
+        (0..60)
+            .map(|k| {
+                http_get(web_vip(), "/")
+                    .unwrap_or_else(|e| panic!("request {k} through the VIP failed: {e}"))
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn dns_named_backends_on_xdp_follow_the_records() {
+    if !require_root("xdp_reload::dns_named_backends_on_xdp_follow_the_records") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hosts_file = dir.path().join("hosts");
+    hosts(&hosts_file, &[1, 2]);
+    let config_file = dir.path().join("lb.toml");
+    let real = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
+    let wrapper = dir.path().join("lb-daemon-private-hosts");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec unshare --mount --propagation private sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' '{}' '{}' \"$@\"\n",
+            hosts_file.display(),
+            real.display()
+        ),
+    )
+    .expect("wrapper written");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+        .expect("wrapper made executable");
+    let world = World::start_custom(MODE, 3, 3, &[], |t| {
+        t.resolve_neighbours(WEB);
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .global("drain_timeout", "2s")
+            .service(
+                service(t, MODE, "web", &[])
+                    .set("resolve_interval", "300ms")
+                    .backend_named(&format!("{NAME}:{WEB}"), 1),
+            )
+            .to_toml();
+        std::fs::write(&config_file, toml).expect("config written");
+        in_netns(&t.balancer, || {
+            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
+        })
+        .expect("enter the balancer namespace")
+    });
+    let words = dataplane(&world, "web");
+    assert!(words.contains("XDP"), "web should run on XDP: {words}");
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("both resolved backends should answer through XDP: {e}"));
+
+    // b1 vanishes, b3 appears.
+    let mark = world.daemon.log_mark();
+    let changed = Instant::now();
+    hosts(&hosts_file, &[2, 3]);
+    let (at, _) = world
+        .daemon
+        .wait_for_log_after(mark, &format!("{NAME}:{WEB} resolves to"), FOLLOW)
+        .unwrap_or_else(|e| panic!("the daemon did not see the new records: {e}"));
+    wait_for_table(&world, at, "web", "the new records");
+    let took = changed.elapsed();
+    assert!(
+        took < INTERVAL + Duration::from_secs(2),
+        "the XDP table followed the records only after {took:?} (interval {INTERVAL:?})"
+    );
+    world
+        .client(|| wait_until_each_answers(&["b2", "b3"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("the backends of the new records should answer: {e}"));
+    let seen = who_answers(&world);
+    assert!(
+        !seen.contains("b1"),
+        "a vanished record's backend got new connections through XDP: {seen:?}"
+    );
+    let removed = backend(1, WEB);
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!("backend {removed} drained; XDP backend id"),
+            FOLLOW,
+        )
+        .unwrap_or_else(|e| panic!("b1's XDP backend id was not released after the drain: {e}"));
+
+    // b1 comes back.
+    let mark = world.daemon.log_mark();
+    hosts(&hosts_file, &[1, 2, 3]);
+    let (at, _) = world
+        .daemon
+        .wait_for_log_after(mark, &format!("{NAME}:{WEB} resolves to"), FOLLOW)
+        .unwrap_or_else(|e| panic!("the daemon did not see the new records: {e}"));
+    wait_for_table(&world, at, "web", "b1's record back");
+    world
+        .client(|| {
+            wait_until_each_answers(&["b1", "b2", "b3"], FOLLOW, || http_get(web_vip(), "/"))
+        })
+        .unwrap_or_else(|e| panic!("all three resolved backends should answer: {e}"));
+}
+
+#[test]
+fn the_first_reload_that_needs_xdp_loads_it() {
+    if !require_root("xdp_reload::the_first_reload_that_needs_xdp_loads_it") {
+        return;
+    }
+    // A proxy service on the balancer's loopback, and `web` on XDP when `web`.
+    let config = |t: &Topology, web: bool| {
+        let local =
+            lb_tests::config::ServiceConfig::tcp("local", SocketAddr::from(([127, 0, 0, 1], 8080)))
+                .set("dataplane", "proxy")
+                .backend(backend(1, WEB), 1);
+        let mut c = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(local);
+        if web {
+            c = c.service(service(t, MODE, "web", &[(1, 1), (2, 1)]));
+        }
+        c.to_toml()
+    };
+    let world = start(2, &[], |t| config(t, false));
+    assert_eq!(
+        world.topology.xdp_prog_id("l0"),
+        None,
+        "XDP was attached although no service needed it"
+    );
+    reload(
+        &world,
+        &config(&world.topology, true),
+        true,
+        "add web on XDP",
+    );
+    let words = dataplane(&world, "web");
+    assert!(
+        words.contains("XDP"),
+        "the first XDP service added by a reload should run on XDP: {words}"
+    );
+    assert!(
+        world.topology.xdp_prog_id("l0").is_some(),
+        "lb_xdp is not attached to l0 after the reload"
+    );
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("web should answer through XDP: {e}"));
+}
