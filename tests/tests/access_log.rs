@@ -67,14 +67,16 @@ fn each_connection_and_session_gets_one_line_with_what_happened() {
     // A TCP connection that sends 5 bytes, gets them back and closes.
     let mut c = connect(web).expect("connect to web");
     let me = c.local_addr().expect("client address");
+    c.write_all(b"hello").expect("send");
+    let mut back = [0u8; 5];
+    // The echo proves the proxy admitted it: only then is the next one second in line (two
+    // workers accept in no set order).
+    c.read_exact(&mut back).expect("the echo");
     // While it is open, a second one from the same address is over the limit of 1.
     let mut second = connect(web).expect("the second connection is accepted, then refused");
     let second_addr = second.local_addr().expect("second client address");
     let mut buf = [0u8; 8];
     let _ = second.read(&mut buf);
-    c.write_all(b"hello").expect("send");
-    let mut back = [0u8; 5];
-    c.read_exact(&mut back).expect("the echo");
     c.shutdown(Shutdown::Write).expect("half-close");
     assert_eq!(c.read(&mut buf).expect("end of file"), 0);
     drop(c);

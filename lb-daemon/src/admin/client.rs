@@ -192,19 +192,22 @@ pub fn status_table(status: &serde_json::Value) -> String {
                     xdp.pointer(&format!("/packets/{k}"))
                         .and_then(|x| x.as_u64())
                 };
-                let drops: u64 = xdp
-                    .get("packets")
-                    .and_then(|x| x.as_object())
-                    .map(|m| {
-                        m.iter()
-                            .filter(|(k, _)| k.starts_with("drop_"))
-                            .filter_map(|(_, v)| v.as_u64())
-                            .sum()
-                    })
-                    .unwrap_or(0);
+                let total = |prefix: &str| -> u64 {
+                    xdp.get("packets")
+                        .and_then(|x| x.as_object())
+                        .map(|m| {
+                            m.iter()
+                                .filter(|(k, _)| k.starts_with(prefix))
+                                .filter_map(|(_, v)| v.as_u64())
+                                .sum()
+                        })
+                        .unwrap_or(0)
+                };
+                let (drops, refused) = (total("drop_"), total("refused_"));
                 let _ = writeln!(
                     out,
-                    "XDP: {} packets, {} forwarded, {} NAT replies, {} passed to the kernel, {drops} dropped",
+                    "XDP: {} packets, {} forwarded, {} NAT replies, {} passed to the kernel, \
+                     {drops} dropped, {refused} refused by client limits",
                     p("packets").unwrap_or(0),
                     p("forwarded").unwrap_or(0),
                     p("nat_replies").unwrap_or(0),

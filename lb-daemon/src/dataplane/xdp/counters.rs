@@ -151,3 +151,19 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
         services: out,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stat_has_a_name() {
+        // A counter added to `lb_common::Stat` without a name here would show as `stat_N` in
+        // the log, /status and /metrics.
+        assert_eq!(STAT_NAMES.len(), lb_common::STATS_LEN as usize);
+        assert_eq!(
+            stat_name(STAT_NAMES.len()),
+            format!("stat_{}", STAT_NAMES.len())
+        );
+    }
+}
