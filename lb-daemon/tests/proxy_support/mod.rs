@@ -384,7 +384,12 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub fn start(name: &'static str) -> UdpEcho {
-        let socket = udp_socket();
+        UdpEcho::start_at(name, "127.0.0.1:0".parse().expect("literal address"))
+    }
+
+    /// [`UdpEcho::start`] on a given address (a backend restarted on its old port).
+    pub fn start_at(name: &'static str, addr: SocketAddr) -> UdpEcho {
+        let socket = udp_socket_at(addr);
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("read timeout");
@@ -426,7 +431,12 @@ impl Drop for UdpEcho {
 
 /// A UDP socket on 127.0.0.1 with large buffers, so the test's own bursts are not dropped.
 pub fn udp_socket() -> UdpSocket {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    udp_socket_at("127.0.0.1:0".parse().expect("literal address"))
+}
+
+/// [`udp_socket`] bound to `addr`.
+pub fn udp_socket_at(addr: SocketAddr) -> UdpSocket {
+    let socket = UdpSocket::bind(addr).expect("bind a UDP socket");
     let s = SockRef::from(&socket);
     let _ = s.set_recv_buffer_size(BUFFER);
     let _ = s.set_send_buffer_size(BUFFER);
