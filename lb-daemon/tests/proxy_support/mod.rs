@@ -498,3 +498,34 @@ pub fn republish_snapshot(
         access_log: old.access_log,
     }));
 }
+
+/// Moves the calling thread into a new network namespace with its loopback up, so that a
+/// test may bind a wildcard address without exposing anything on the machine's interfaces.
+/// Threads it spawns afterwards live there too; the namespace goes away with them.
+pub fn enter_private_network() -> io::Result<()> {
+    // SAFETY: plain syscalls on values owned here; `ifreq` is plain old data.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut result = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if result == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            result = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if result != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

@@ -224,20 +224,26 @@ fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
 }
 
 /// The PROXY protocol header a new connection's backend gets, if its service sends one:
-/// the client's address and the local address it connected to (the VIP; with a wildcard
-/// listener, the address the client actually reached).
+/// the client's address and the local address it connected to: `listen` (the VIP, as
+/// bound), or with a wildcard listener the address the client actually reached, which only
+/// the accepted socket knows (one `getsockname`).
 fn proxy_header_for(
     snapshot: &ServiceSnapshot,
+    listen: SocketAddr,
     client: &OwnedFd,
     client_addr: SocketAddr,
 ) -> io::Result<Option<Vec<u8>>> {
     if snapshot.proxy_protocol == ProxyProtocol::Off {
         return Ok(None);
     }
-    let vip = SockRef::from(client)
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("the client socket has no IP address"))?;
+    let vip = if listen.ip().is_unspecified() {
+        SockRef::from(client)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("the client socket has no IP address"))?
+    } else {
+        listen
+    };
     Ok(proxy_header::header(
         snapshot.proxy_protocol,
         client_addr,
@@ -684,18 +690,16 @@ impl Tcp {
         // A backend that expects a header cannot take the connection without one, so any
         // failure here closes it. A write of at most PIPE_BUF bytes into an empty pipe is
         // whole or fails.
-        let queued =
-            proxy_header_for(&a.snapshot, &conn.client, conn.client_addr).and_then(|header| {
-                match header {
-                    None => Ok(0),
-                    Some(h) => match sys::write(pipes[TO_BACKEND].write.as_fd(), &h)? {
-                        n if n == h.len() => Ok(n as u32),
-                        n => Err(io::Error::other(format!(
-                            "only {n} of {} bytes went into the pipe",
-                            h.len()
-                        ))),
-                    },
-                }
+        let queued = proxy_header_for(&a.snapshot, service.listen, &conn.client, conn.client_addr)
+            .and_then(|header| match header {
+                None => Ok(0),
+                Some(h) => match sys::write(pipes[TO_BACKEND].write.as_fd(), &h)? {
+                    n if n == h.len() => Ok(n as u32),
+                    n => Err(io::Error::other(format!(
+                        "only {n} of {} bytes went into the pipe",
+                        h.len()
+                    ))),
+                },
             });
         let header_len = match queued {
             Ok(n) => n,
