@@ -78,14 +78,14 @@ struct Session {
     stats: Arc<BackendStats>,
     last_active: Instant,
     in_flight: u8,
-    closing: bool,
+    /// Why it is closing, once it is: it takes no more client datagrams and is freed when
+    /// its operations have completed.
+    closing: Option<End>,
     /// The backend has answered at least once (a connect success: it ends the backend's run
     /// of failures, if it had one).
     answered: bool,
     /// The generation of the service's table this session's backend was last checked in.
     table_generation: u64,
-    /// Why it is closing (meaningful once `closing`).
-    end: End,
     /// When it opened.
     started: Instant,
     /// Bytes delivered to the backend and to the client (without PROXY headers).
@@ -215,7 +215,7 @@ impl Udp {
             if self
                 .sessions
                 .get_mut(key.0, key.1)
-                .is_some_and(|s| !s.closing && due.contains(&s.vip))
+                .is_some_and(|s| s.closing.is_none() && due.contains(&s.vip))
             {
                 cut += 1;
                 self.close(ctx, key, End::DrainCut);
@@ -588,10 +588,9 @@ impl Udp {
             stats: stats.clone(),
             last_active: ctx.now,
             in_flight: bit(OP_POLL),
-            closing: false,
+            closing: None,
             answered: false,
             table_generation: snapshot.generation,
-            end: End::Error,
             started: ctx.now,
             bytes: [0, 0],
             access_log: snapshot.access_log,
@@ -633,7 +632,7 @@ impl Udp {
             OP_RESUME => s.in_flight &= !bit(OP_RESUME),
             _ => return,
         }
-        if s.closing {
+        if s.closing.is_some() {
             if s.in_flight == 0 {
                 self.finish(ctx, index, generation);
             }
@@ -641,7 +640,7 @@ impl Udp {
         }
         self.read_backend(ctx, (index, generation));
         if let Some(s) = self.sessions.get_mut(index, generation) {
-            if !s.closing && s.in_flight & bit(OP_POLL) == 0 {
+            if s.closing.is_none() && s.in_flight & bit(OP_POLL) == 0 {
                 ctx.ring.poll(
                     s.fd.as_raw_fd(),
                     libc::POLLIN as u32,
@@ -750,11 +749,10 @@ impl Udp {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return;
         };
-        if s.closing {
+        if s.closing.is_some() {
             return;
         }
-        s.closing = true;
-        s.end = end;
+        s.closing = Some(end);
         if self.by_client.get(&(s.vip, s.client)) == Some(&key) {
             self.by_client.remove(&(s.vip, s.client));
         }
@@ -786,7 +784,7 @@ impl Udp {
                 backend: Some(s.backend),
                 bytes: s.bytes,
                 duration: ctx.now.saturating_duration_since(s.started),
-                end: if s.closing { s.end } else { End::Error },
+                end: s.closing.unwrap_or(End::Error),
             });
         }
         let v = &mut self.vips[s.vip];
@@ -812,7 +810,7 @@ impl Udp {
                 continue;
             };
             let limit = self.services[self.vips[s.vip].service].idle_timeout;
-            if !s.closing && ctx.now.saturating_duration_since(s.last_active) >= limit {
+            if s.closing.is_none() && ctx.now.saturating_duration_since(s.last_active) >= limit {
                 tracing::debug!(
                     "session {} -> {} idle for {limit:?}; closing it",
                     s.client,
@@ -868,7 +866,7 @@ impl Udp {
             if self
                 .sessions
                 .get_mut(key.0, key.1)
-                .is_some_and(|s| !s.closing)
+                .is_some_and(|s| s.closing.is_none())
             {
                 cut += 1;
                 self.close(ctx, key, End::DrainCut);
