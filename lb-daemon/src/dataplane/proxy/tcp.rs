@@ -252,6 +252,49 @@ fn proxy_header_for(
     ))
 }
 
+/// How the sweep ends `conn` of `service` at `now`, if it does: [`End::Reset`] when the
+/// source of a finished direction is gone (see [`Tcp::sweep`]), [`End::Stalled`] or
+/// [`End::Idle`] after `idle_timeout` without traffic. Connections still connecting or
+/// already closing are left alone.
+fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End> {
+    let Phase::Relaying(r) = &conn.phase else {
+        return None;
+    };
+    if conn.closing.is_some() {
+        return None;
+    }
+    let finished_source = match (r.ways[TO_BACKEND].finished(), r.ways[TO_CLIENT].finished()) {
+        (true, false) => Some(conn.client.as_fd()),
+        (false, true) => Some(r.backend.as_fd()),
+        _ => None,
+    };
+    if finished_source.is_some_and(sys::peer_gone) {
+        tracing::debug!(
+            "service {}: a peer of the half-closed connection from {} is gone; closing it",
+            service.name,
+            conn.client_addr
+        );
+        return Some(End::Reset);
+    }
+    let limit = service.idle_timeout;
+    if now.saturating_duration_since(conn.last_active) < limit {
+        return None;
+    }
+    // Idle with bytes still in a pipe means a peer stopped reading: a FIN would pass the cut
+    // stream off as complete, so both peers get a reset instead.
+    let how = if r.ways.iter().any(|w| w.buffered() > 0) {
+        End::Stalled
+    } else {
+        End::Idle
+    };
+    tracing::debug!(
+        "service {}: closing connection from {} idle for {limit:?} ({how:?})",
+        service.name,
+        conn.client_addr
+    );
+    Some(how)
+}
+
 fn set_reset_on_close(fd: &OwnedFd) {
     let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
 }
@@ -934,58 +977,21 @@ impl Tcp {
                 self.arm(ctx, i);
             }
         }
-        let capacity = self.conns.capacity();
-        if capacity == 0 {
-            return;
-        }
-        let mut idle = Vec::new();
-        for _ in 0..SWEEP_BUDGET.min(capacity) {
-            let i = self.sweep_cursor % capacity;
-            self.sweep_cursor = (i + 1) % capacity;
-            let Some((generation, conn)) = self.conns.at_mut(i) else {
-                continue;
-            };
-            let limit = self.services[conn.service].idle_timeout;
-            let Phase::Relaying(r) = &conn.phase else {
-                continue;
-            };
-            if conn.closing.is_some() {
-                continue;
-            }
-            let finished_source =
-                match (r.ways[TO_BACKEND].finished(), r.ways[TO_CLIENT].finished()) {
-                    (true, false) => Some(conn.client.as_fd()),
-                    (false, true) => Some(r.backend.as_fd()),
-                    _ => None,
-                };
-            if finished_source.is_some_and(sys::peer_gone) {
-                tracing::debug!(
-                    "service {}: a peer of the half-closed connection from {} is gone; \
-                     closing it",
-                    self.services[conn.service].name,
-                    conn.client_addr
-                );
+        let mut due = Vec::new();
+        let (services, now) = (&self.services, ctx.now);
+        self.conns.sweep(
+            &mut self.sweep_cursor,
+            SWEEP_BUDGET,
+            |i, generation, conn| {
+                if let Some(how) = sweep_verdict(conn, &services[conn.service], now) {
+                    due.push((i, generation, how));
+                }
+            },
+        );
+        for (index, generation, how) in due {
+            if how == End::Reset {
                 Shared::count(&ctx.shared.errors, 1);
-                idle.push((i, generation, End::Reset));
-                continue;
             }
-            if ctx.now.saturating_duration_since(conn.last_active) >= limit {
-                // Idle with bytes still in a pipe means a peer stopped reading: a FIN would
-                // pass the cut stream off as complete, so both peers get a reset instead.
-                let how = if r.ways.iter().any(|w| w.buffered() > 0) {
-                    End::Stalled
-                } else {
-                    End::Idle
-                };
-                tracing::debug!(
-                    "service {}: closing connection from {} idle for {limit:?} ({how:?})",
-                    self.services[conn.service].name,
-                    conn.client_addr
-                );
-                idle.push((i, generation, how));
-            }
-        }
-        for (index, generation, how) in idle {
             self.close(ctx, index, generation, how);
         }
     }

@@ -798,27 +798,21 @@ impl Udp {
     /// [`SWEEP_BUDGET`] sessions.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.refusals.prune(ctx.now);
-        let capacity = self.sessions.capacity();
-        if capacity == 0 {
-            return;
-        }
         let mut idle = Vec::new();
-        for _ in 0..SWEEP_BUDGET.min(capacity) {
-            let i = self.sweep_cursor % capacity;
-            self.sweep_cursor = (i + 1) % capacity;
-            let Some((generation, s)) = self.sessions.at_mut(i) else {
-                continue;
-            };
-            let limit = self.services[self.vips[s.vip].service].idle_timeout;
-            if s.closing.is_none() && ctx.now.saturating_duration_since(s.last_active) >= limit {
-                tracing::debug!(
-                    "session {} -> {} idle for {limit:?}; closing it",
-                    s.client,
-                    s.backend
-                );
-                idle.push((i, generation));
-            }
-        }
+        let (services, vips) = (&self.services, &self.vips);
+        self.sessions
+            .sweep(&mut self.sweep_cursor, SWEEP_BUDGET, |i, generation, s| {
+                let limit = services[vips[s.vip].service].idle_timeout;
+                if s.closing.is_none() && ctx.now.saturating_duration_since(s.last_active) >= limit
+                {
+                    tracing::debug!(
+                        "session {} -> {} idle for {limit:?}; closing it",
+                        s.client,
+                        s.backend
+                    );
+                    idle.push((i, generation));
+                }
+            });
         for key in idle {
             self.close(ctx, key, End::Idle);
         }
