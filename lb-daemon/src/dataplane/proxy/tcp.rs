@@ -490,15 +490,12 @@ impl Tcp {
                     info.name
                 );
                 if snapshot.access_log {
-                    access::log(&access::Line {
-                        protocol: Protocol::Tcp,
-                        service: &info.name,
-                        client: client_addr,
-                        backend: None,
-                        bytes: [0, 0],
-                        duration: Duration::ZERO,
-                        end: End::LimitRefused,
-                    });
+                    access::log(&access::Line::turned_away(
+                        Protocol::Tcp,
+                        &info.name,
+                        client_addr,
+                        End::LimitRefused,
+                    ));
                 }
                 return;
             }

@@ -483,15 +483,12 @@ impl Udp {
                         self.refused_access_log[service_at].allow_counted(ctx.now)
                     {
                         access::log_summary(
-                            &access::Line {
-                                protocol: Protocol::Udp,
-                                service: &service.name,
+                            &access::Line::turned_away(
+                                Protocol::Udp,
+                                &service.name,
                                 client,
-                                backend: None,
-                                bytes: [0, 0],
-                                duration: std::time::Duration::ZERO,
-                                end: End::LimitRefused,
-                            },
+                                End::LimitRefused,
+                            ),
                             similar,
                         );
                     }
@@ -510,15 +507,12 @@ impl Udp {
                 if let Some(similar) = self.no_backend_access_log[service_at].allow_counted(ctx.now)
                 {
                     access::log_summary(
-                        &access::Line {
-                            protocol: Protocol::Udp,
-                            service: &service.name,
+                        &access::Line::turned_away(
+                            Protocol::Udp,
+                            &service.name,
                             client,
-                            backend: None,
-                            bytes: [0, 0],
-                            duration: std::time::Duration::ZERO,
-                            end: End::NoBackend,
-                        },
+                            End::NoBackend,
+                        ),
                         similar,
                     );
                 }
