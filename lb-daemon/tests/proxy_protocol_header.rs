@@ -13,9 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use lb_daemon::config::ProxyProtocol;
-use proxy_support::{
-    enter_private_network, udp_client, udp_socket, Harness, ServiceSpec, TcpBackend,
-};
+use proxy_support::{in_private_network, udp_client, udp_socket, Harness, ServiceSpec, TcpBackend};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -142,16 +140,7 @@ fn behind_a_wildcard_listener_the_header_names_the_address_the_client_reached() 
     // On a TCP listener bound to 0.0.0.0 only the accepted socket knows which local address
     // the client reached (here 127.0.0.2, not 127.0.0.1 nor 0.0.0.0): that one is the VIP
     // the backend must see.
-    let test = std::thread::spawn(|| -> Result<(), String> {
-        if let Err(e) = enter_private_network() {
-            if std::env::var_os("LB_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
-                return Err(format!(
-                    "LB_REQUIRE_PRIVILEGED=1 but a private network namespace cannot be made: {e}"
-                ));
-            }
-            eprintln!("skipped: a private network namespace needs CAP_SYS_ADMIN: {e}");
-            return Ok(());
-        }
+    in_private_network(|| {
         let (tx, rx) = mpsc::channel();
         let backend = parsing_backend(ProxyProtocol::V2, tx);
         let mut spec = ServiceSpec::tcp(vec![backend.addr]);
@@ -174,10 +163,8 @@ fn behind_a_wildcard_listener_the_header_names_the_address_the_client_reached() 
             ));
         }
         Ok(())
-    });
-    test.join()
-        .expect("test thread")
-        .expect("the backend sees the address the client reached");
+    })
+    .expect("the backend sees the address the client reached");
 }
 
 #[test]

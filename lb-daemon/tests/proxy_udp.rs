@@ -10,8 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use proxy_support::{
-    enter_private_network, republish, udp_client as client, wait_until, Harness, ServiceSpec,
-    UdpEcho,
+    in_private_network, republish, udp_client as client, wait_until, Harness, ServiceSpec, UdpEcho,
 };
 
 /// Datagram `seq` of client `id`: its header, then a length that varies, up to 60 000 bytes.
@@ -199,17 +198,7 @@ fn replies_to_a_wildcard_vip_come_from_the_address_the_client_used() {
     // On a VIP bound to 0.0.0.0, a reply must leave from the address the client sent to
     // (here 127.0.0.2), not from the one routing would pick (127.0.0.1): the client's
     // connected socket discards datagrams from any other address.
-    let test = std::thread::spawn(|| -> Result<(), String> {
-        if let Err(e) = enter_private_network() {
-            // CI sets LB_REQUIRE_PRIVILEGED=1 so that it can never pass by skipping.
-            if std::env::var_os("LB_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
-                return Err(format!(
-                    "LB_REQUIRE_PRIVILEGED=1 but a private network namespace cannot be made: {e}"
-                ));
-            }
-            eprintln!("skipped: a private network namespace needs CAP_SYS_ADMIN: {e}");
-            return Ok(());
-        }
+    in_private_network(|| {
         let backend = UdpEcho::start("b0");
         // IPv4, and dual-stack IPv6 where IPv4 clients appear as IPv4-mapped addresses.
         for wildcard in ["0.0.0.0:0", "[::]:0"] {
@@ -233,10 +222,8 @@ fn replies_to_a_wildcard_vip_come_from_the_address_the_client_used() {
             }
         }
         Ok(())
-    });
-    test.join()
-        .expect("test thread")
-        .expect("replies from the VIP address");
+    })
+    .expect("replies from the VIP address");
 }
 
 #[test]

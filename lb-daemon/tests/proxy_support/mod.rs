@@ -499,10 +499,32 @@ pub fn republish_snapshot(
     }));
 }
 
-/// Moves the calling thread into a new network namespace with its loopback up, so that a
-/// test may bind a wildcard address without exposing anything on the machine's interfaces.
-/// Threads it spawns afterwards live there too; the namespace goes away with them.
-pub fn enter_private_network() -> io::Result<()> {
+/// Runs `test` on a thread of its own in a new network namespace with its loopback up, so
+/// that it may bind a wildcard address without exposing anything on the machine's
+/// interfaces (threads it spawns live there too; the namespace goes away with them), and
+/// returns what it returned. Without the privilege to make the namespace the test is skipped
+/// (`Ok`), unless `LB_REQUIRE_PRIVILEGED=1` (as in CI), so that it can never pass by skipping.
+pub fn in_private_network(
+    test: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    std::thread::spawn(|| {
+        if let Err(e) = enter_private_network() {
+            if std::env::var_os("LB_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
+                return Err(format!(
+                    "LB_REQUIRE_PRIVILEGED=1 but a private network namespace cannot be made: {e}"
+                ));
+            }
+            eprintln!("skipped: a private network namespace needs CAP_SYS_ADMIN: {e}");
+            return Ok(());
+        }
+        test()
+    })
+    .join()
+    .expect("the test thread panicked")
+}
+
+/// Moves the calling thread into a new network namespace with its loopback up.
+fn enter_private_network() -> io::Result<()> {
     // SAFETY: plain syscalls on values owned here; `ifreq` is plain old data.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNET) != 0 {
