@@ -1354,12 +1354,34 @@ weight = 0
             rt.snapshot().load().backends[0].up,
             "after a success on trial, one failure of fall = 2 must not take 9001 out"
         );
-        assert_eq!(
-            rt.status().backends[0]
-                .last_check
-                .as_deref()
-                .map(|s| &s[..19]),
-            Some("passive: 1 failure ")
+        let note = rt.status().backends[0].last_check.clone();
+        assert!(
+            note.as_deref()
+                .is_some_and(|n| n.starts_with("passive: 1 failure of 2")),
+            "the status should show the new streak: {note:?}"
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_a_held_off_backend_down_for_the_new_hold_off() {
+        let mut svc = service("none");
+        svc.health.passive_timeout = Duration::from_secs(600);
+        let rt = ServiceRuntime::new(0, svc.clone()).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        rt.passive_failure(b1, "connection refused");
+        rt.passive_failure(b1, "connection refused");
+        assert!(!rt.snapshot().load().backends[0].up, "held off");
+        svc.health.passive_timeout = Duration::from_millis(50);
+        rt.update(svc);
+        assert!(
+            !rt.snapshot().load().backends[0].up,
+            "a reload must not bring a held-off backend back"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        rt.tick();
+        assert!(
+            rt.snapshot().load().backends[0].up,
+            "after the reload the new 50ms hold-off applies"
         );
     }
 
