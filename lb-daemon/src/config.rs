@@ -212,7 +212,9 @@ pub enum DataplaneKind {
     Proxy,
 }
 
-/// Active health checking of a service's backends (HAProxy's `check inter/rise/fall`).
+/// Health checking of a service's backends: active checks (HAProxy's `check
+/// inter/rise/fall`), or with [`CheckKind::None`] passive failures alone (nginx's
+/// `max_fails`/`fail_timeout`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheck {
     /// What one check does.
@@ -226,7 +228,14 @@ pub struct HealthCheck {
     /// Consecutive failed checks (active, or passive connect failures) that take an up
     /// backend down.
     pub fall: u32,
+    /// With [`CheckKind::None`] only: how long a backend that `fall` passive failures took
+    /// down stays out before it gets its share of new flows again (on trial: one more
+    /// failure takes it out for as long again). Default 10 s, like nginx's `fail_timeout`.
+    pub passive_timeout: Duration,
 }
+
+/// The default of [`HealthCheck::passive_timeout`].
+pub const DEFAULT_PASSIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one health check does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,7 +257,9 @@ pub enum CheckKind {
         /// Required prefix of the reply, if any.
         expect: Option<Vec<u8>>,
     },
-    /// No active checks: every backend counts as up, passive failures are only logged.
+    /// No active checks: a backend is up until `fall` consecutive passive failures (failed
+    /// proxied connects, ICMP port unreachable on a UDP session) take it down; it is tried
+    /// again after `passive_timeout`.
     None,
 }
 
@@ -475,6 +486,8 @@ struct RawHealth {
     timeout: Option<Spanned<Duration>>,
     rise: Option<Spanned<u32>>,
     fall: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    passive_timeout: Option<Spanned<Duration>>,
     path: Option<Spanned<String>>,
     expect_status: Option<Spanned<u16>>,
     send: Option<Spanned<String>>,
@@ -866,6 +879,7 @@ impl Validator<'_> {
                 timeout: Duration::from_secs(1),
                 rise: 2,
                 fall: 3,
+                passive_timeout: DEFAULT_PASSIVE_TIMEOUT,
             });
         };
         let raw = raw.into_inner();
@@ -905,13 +919,19 @@ impl Validator<'_> {
                 raw.expect.as_ref().map(Spanned::span),
                 RawCheckKind::Udp,
             ),
+            // Active checks are what bring a backend back there, not a hold-off.
+            (
+                "passive_timeout",
+                raw.passive_timeout.as_ref().map(Spanned::span),
+                RawCheckKind::None,
+            ),
         ];
         for (key, span, needs) in stray {
             if let Some(span) = span.filter(|_| kind_raw != needs) {
-                let needs = if needs == RawCheckKind::Http {
-                    "http"
-                } else {
-                    "udp"
+                let needs = match needs {
+                    RawCheckKind::Http => "http",
+                    RawCheckKind::Udp => "udp",
+                    _ => "none",
                 };
                 return Err(self.invalid(
                     span,
@@ -924,6 +944,10 @@ impl Validator<'_> {
         let fall = count(raw.fall, 3, "fall")?;
         let interval = self.positive(raw.interval, Duration::from_secs(2), || f("interval"))?;
         let timeout = self.positive(raw.timeout, Duration::from_secs(1), || f("timeout"))?;
+        let passive_timeout =
+            self.positive(raw.passive_timeout, DEFAULT_PASSIVE_TIMEOUT, || {
+                f("passive_timeout")
+            })?;
         let kind = match kind_raw {
             RawCheckKind::Tcp => {
                 if protocol == Protocol::Udp {
@@ -995,6 +1019,7 @@ impl Validator<'_> {
             timeout,
             rise,
             fall,
+            passive_timeout,
         })
     }
 }

@@ -215,8 +215,11 @@ pub struct BackendStatus {
     pub bytes_to_backend: u64,
     /// Bytes from this backend to clients.
     pub bytes_from_backend: u64,
-    /// The last active check: `"ok"`, the error, or `None` before the first one (or with
-    /// `kind = "none"`).
+    /// The last active check: `"ok"`, the error, or `None` before the first one. With
+    /// `kind = "none"`, what passive failures did: `"passive: 3 consecutive failures, last:
+    /// proxied connect failed: ...; retry in 7s"` while held off, `"passive: on trial after a
+    /// 10s hold-off"` once tried again, `"passive: 1 failure of 3, last: ..."` during a
+    /// streak, else `None`.
     pub last_check: Option<String>,
     /// What the XDP program counted for this backend, when the service runs on XDP (its
     /// flows and bytes are also in `total` and `bytes_to_backend`; `active` counts only the
@@ -336,7 +339,7 @@ impl ServiceRuntime {
         }
         self.spawn_resolvers(&mut st);
         let weak = self.this.clone();
-        let period = tick_period(st.config.slow_start);
+        let period = tick_period(&st.config);
         st.ticker = Some(
             tokio::spawn(async move {
                 let mut t = tokio::time::interval(period);
@@ -419,7 +422,8 @@ impl ServiceRuntime {
                         bytes_to_backend: s.bytes_to_backend.load(Ordering::Relaxed),
                         bytes_from_backend: s.bytes_from_backend.load(Ordering::Relaxed),
                         last_check: match (&st.config.health.kind, h.last_check()) {
-                            (CheckKind::None, _) | (_, None) => None,
+                            (CheckKind::None, _) => h.passive_summary(now),
+                            (_, None) => None,
                             (_, Some(Ok(()))) => Some("ok".into()),
                             (_, Some(Err(e))) => Some(e.to_string()),
                         },
@@ -569,9 +573,10 @@ impl ServiceRuntime {
         }
         if health_changed {
             for b in &mut st.backends {
-                // The verdict carries over; new thresholds, interval and kind apply from now.
+                // The verdict carries over; new thresholds, interval and kind apply from now
+                // (without active checks, a new hold-off starts now).
                 let down = lock(&b.rt.health).health() == Health::Down;
-                let mut fresh = HealthState::new(config.health.rise, config.health.fall, now);
+                let mut fresh = new_health(&config, now);
                 if down {
                     for _ in 0..config.health.fall {
                         fresh.record_passive_failure("down before the reload", now);
@@ -586,7 +591,7 @@ impl ServiceRuntime {
         if discovery_changed {
             self.spawn_resolvers(&mut st);
         }
-        if old_slow != config.slow_start {
+        if old_slow != config.slow_start || health_changed {
             self.restart_ticker(&mut st);
         }
         self.by_address.store(Arc::new(address_map(&st.backends)));
@@ -643,14 +648,12 @@ impl ServiceRuntime {
     }
 
     /// Records a failed connect to `backend` seen by a data plane. It counts towards the
-    /// backend's `fall` like a failed check; with `kind = "none"` it is only logged.
+    /// backend's `fall` like a failed check; with `kind = "none"`, `fall` of them take the
+    /// backend out for `passive_timeout` (see [`HealthState`]).
     pub fn passive_failure(&self, backend: SocketAddr, error: &str) {
         let Some(b) = self.by_address.load().get(&backend).cloned() else {
             return;
         };
-        if lock(&self.state).config.health.kind == CheckKind::None {
-            return;
-        }
         let t = lock(&b.health).record_passive_failure(error, Instant::now());
         if let Some(t) = t {
             self.transitioned(backend, &t);
@@ -658,7 +661,8 @@ impl ServiceRuntime {
     }
 
     /// Records a successful connect to `backend` after a passive failure: the failure streak
-    /// starts again. Only active checks bring a down backend back up.
+    /// starts again, and a backend on trial after a hold-off is trusted again. Only active
+    /// checks, or the end of a hold-off without them, bring a down backend back up.
     pub fn passive_success(&self, backend: SocketAddr) {
         if let Some(b) = self.by_address.load().get(&backend) {
             lock(&b.health).record_passive_success();
@@ -676,6 +680,10 @@ impl ServiceRuntime {
         // that reflects it. Flows placed by an older generation may still be connecting.
         let generation = self.republish(&st);
         drop(st);
+        self.log_transition(backend, t, generation);
+    }
+
+    fn log_transition(&self, backend: SocketAddr, t: &Transition, generation: Option<u64>) {
         let held = humantime::format_duration(round_ms(t.held_for));
         let table = match generation {
             Some(g) => format!("table generation {g}"),
@@ -693,14 +701,23 @@ impl ServiceRuntime {
         }
     }
 
-    /// Steps slow starts (a rebuild when an effective weight changed) and forgets removed
-    /// backends whose last connection closed.
+    /// Brings back backends whose passive hold-off ran out (no active checks), steps slow
+    /// starts (a rebuild when an effective weight changed) and forgets removed backends whose
+    /// last connection closed.
     fn tick(&self) {
         let mut st = lock(&self.state);
         let now = Instant::now();
         let slow = st.config.slow_start;
         let current = self.snapshot.load_full();
-        let mut changed = false;
+        let mut retried = Vec::new();
+        for b in &mut st.backends {
+            let t = lock(&b.rt.health).retry_due(now);
+            if let Some(t) = t {
+                b.ramp_start = Some(now);
+                retried.push((b.rt.address, t));
+            }
+        }
+        let mut changed = !retried.is_empty();
         for b in &mut st.backends {
             if let (Some(t), Some(ramp)) = (b.ramp_start, slow) {
                 if now.duration_since(t) >= ramp {
@@ -739,7 +756,11 @@ impl ServiceRuntime {
             changed = true;
         }
         if changed {
-            self.republish(&st);
+            let generation = self.republish(&st);
+            drop(st);
+            for (backend, t) in &retried {
+                self.log_transition(*backend, t, generation);
+            }
         }
     }
 
@@ -794,7 +815,7 @@ impl ServiceRuntime {
             t.abort();
         }
         let weak = self.this.clone();
-        let period = tick_period(st.config.slow_start);
+        let period = tick_period(&st.config);
         st.ticker = Some(
             rt.spawn(async move {
                 let mut t = tokio::time::interval(period);
@@ -837,22 +858,34 @@ impl ServiceRuntime {
     }
 }
 
-/// How often the ticker steps slow starts: about 10 steps per ramp, at most once a second.
-fn tick_period(slow_start: Option<Duration>) -> Duration {
-    match slow_start {
-        Some(d) => (d / 10).clamp(Duration::from_millis(100), Duration::from_secs(1)),
-        None => Duration::from_secs(1),
+/// How often the ticker runs: about 10 steps per slow-start ramp, and a tenth of the passive
+/// hold-off without active checks (so a backend returns within 10% of it); at least every
+/// 100 ms, at most every second.
+fn tick_period(config: &Service) -> Duration {
+    let mut period = Duration::from_secs(1);
+    if let Some(ramp) = config.slow_start {
+        period = period.min(ramp / 10);
+    }
+    if config.health.kind == CheckKind::None {
+        period = period.min(config.health.passive_timeout / 10);
+    }
+    period.max(Duration::from_millis(100))
+}
+
+/// A backend's health state as the service's `[service.health]` says: with no active checks,
+/// passive failures hold it off for `passive_timeout`.
+fn new_health(config: &Service, now: Instant) -> HealthState {
+    let state = HealthState::new(config.health.rise, config.health.fall, now);
+    match config.health.kind {
+        CheckKind::None => state.passive_only(config.health.passive_timeout),
+        _ => state,
     }
 }
 
 fn new_backend(address: SocketAddr, config: &Service, now: Instant) -> Arc<BackendRuntime> {
     Arc::new(BackendRuntime {
         address,
-        health: Arc::new(Mutex::new(HealthState::new(
-            config.health.rise,
-            config.health.fall,
-            now,
-        ))),
+        health: Arc::new(Mutex::new(new_health(config, now))),
         stats: Arc::new(BackendStats::default()),
     })
 }
@@ -1250,15 +1283,105 @@ weight = 0
     }
 
     #[test]
-    fn passive_failures_are_only_logged_without_checks() {
-        let rt = ServiceRuntime::new(0, service("none")).expect("builds");
+    fn without_checks_passive_failures_hold_a_backend_off_then_it_is_tried_again() {
+        const HOLD_OFF: Duration = Duration::from_millis(300);
+        let mut svc = service("none");
+        svc.health.passive_timeout = HOLD_OFF;
+        let rt = ServiceRuntime::new(0, svc).expect("builds");
         let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
-        for _ in 0..5 {
-            rt.passive_failure(b1, "connection refused");
-        }
+        let before = rt.snapshot().load().generation;
+        rt.passive_failure(b1, "connection refused");
         assert!(
             rt.snapshot().load().backends[0].up,
-            "with kind = none nothing could bring the backend back, so it must stay up"
+            "1 failure of fall = 2 must not take 9001 out"
+        );
+        let note = rt.status().backends[0].last_check.clone();
+        assert_eq!(
+            note.as_deref(),
+            Some("passive: 1 failure of 2, last: proxied connect failed: connection refused")
+        );
+        rt.passive_failure(b1, "connection refused");
+        let snap = rt.snapshot().load_full();
+        assert!(
+            snap.generation > before && !snap.backends[0].up,
+            "2 refused connects with fall = 2 and kind = none must take 9001 out of a new table"
+        );
+        let status = rt.status().backends[0].clone();
+        assert_eq!(status.health, "down");
+        let note = status.last_check.expect("the status says why 9001 is down");
+        assert!(
+            note.starts_with("passive: 2 consecutive failures, last: proxied connect failed")
+                && note.ends_with("retry in 1s"),
+            "unexpected status text {note:?}"
+        );
+
+        rt.tick();
+        assert!(
+            !rt.snapshot().load().backends[0].up,
+            "9001 came back before its hold-off ran out"
+        );
+        std::thread::sleep(HOLD_OFF + Duration::from_millis(20));
+        rt.tick();
+        assert!(
+            rt.snapshot().load().backends[0].up,
+            "9001 must get its share again once the hold-off ran out"
+        );
+        assert_eq!(
+            rt.status().backends[0].last_check.as_deref(),
+            Some("passive: on trial after a 300ms hold-off")
+        );
+        rt.passive_failure(b1, "connection refused");
+        assert!(
+            !rt.snapshot().load().backends[0].up,
+            "on trial, one more failure must take 9001 out again"
+        );
+    }
+
+    #[test]
+    fn a_backend_that_works_on_trial_needs_fall_failures_again() {
+        let mut svc = service("none");
+        svc.health.passive_timeout = Duration::from_millis(1);
+        let rt = ServiceRuntime::new(0, svc).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        rt.passive_failure(b1, "connection refused");
+        rt.passive_failure(b1, "connection refused");
+        std::thread::sleep(Duration::from_millis(5));
+        rt.tick();
+        assert!(rt.snapshot().load().backends[0].up, "tried again");
+        rt.passive_success(b1);
+        rt.passive_failure(b1, "connection refused");
+        assert!(
+            rt.snapshot().load().backends[0].up,
+            "after a success on trial, one failure of fall = 2 must not take 9001 out"
+        );
+        let note = rt.status().backends[0].last_check.clone();
+        assert!(
+            note.as_deref()
+                .is_some_and(|n| n.starts_with("passive: 1 failure of 2")),
+            "the status should show the new streak: {note:?}"
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_a_held_off_backend_down_for_the_new_hold_off() {
+        let mut svc = service("none");
+        svc.health.passive_timeout = Duration::from_secs(600);
+        let rt = ServiceRuntime::new(0, svc.clone()).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        rt.passive_failure(b1, "connection refused");
+        rt.passive_failure(b1, "connection refused");
+        assert!(!rt.snapshot().load().backends[0].up, "held off");
+        svc.health.passive_timeout = Duration::from_millis(50);
+        rt.update(svc);
+        assert!(
+            !rt.snapshot().load().backends[0].up,
+            "a reload must not bring a held-off backend back"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        rt.tick();
+        assert!(
+            rt.snapshot().load().backends[0].up,
+            "after the reload the new 50ms hold-off applies"
         );
     }
 

@@ -378,3 +378,32 @@ fn a_backend_name_must_be_a_dns_name_with_a_port() {
         "not a port",
     );
 }
+
+#[test]
+fn passive_timeout_defaults_to_10s_and_applies_only_without_active_checks() {
+    let c = parse(GOOD).expect("the minimal config is valid");
+    assert_eq!(
+        c.services[0].health.passive_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    let text = format!("{GOOD}\n[service.health]\nkind = \"none\"\npassive_timeout = \"1m 30s\"\n");
+    let c = parse(&text).expect("passive_timeout with kind = none is valid");
+    assert_eq!(
+        c.services[0].health.passive_timeout,
+        std::time::Duration::from_secs(90)
+    );
+    let text = format!("{GOOD}\n[service.health]\nkind = \"tcp\"\npassive_timeout = \"5s\"\n");
+    rejects(
+        &text,
+        16,
+        "service[0].health.passive_timeout",
+        "applies only to kind = \"none\"",
+    );
+    let text = format!("{GOOD}\n[service.health]\nkind = \"none\"\npassive_timeout = \"0s\"\n");
+    rejects(
+        &text,
+        16,
+        "service[0].health.passive_timeout",
+        "must be longer than 0",
+    );
+}

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use lb_daemon::config::ProxyProtocol;
-use proxy_support::{udp_client, udp_socket, Harness, ServiceSpec, TcpBackend};
+use proxy_support::{in_private_network, udp_client, udp_socket, Harness, ServiceSpec, TcpBackend};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -133,6 +133,38 @@ fn a_tcp_backend_reads_the_client_address_from_a_v1_header() {
 #[test]
 fn a_tcp_backend_reads_the_client_address_from_a_v2_header() {
     tcp_case(ProxyProtocol::V2);
+}
+
+#[test]
+fn behind_a_wildcard_listener_the_header_names_the_address_the_client_reached() {
+    // On a TCP listener bound to 0.0.0.0 only the accepted socket knows which local address
+    // the client reached (here 127.0.0.2, not 127.0.0.1 nor 0.0.0.0): that one is the VIP
+    // the backend must see.
+    in_private_network(|| {
+        let (tx, rx) = mpsc::channel();
+        let backend = parsing_backend(ProxyProtocol::V2, tx);
+        let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+        spec.proxy_protocol = ProxyProtocol::V2;
+        spec.listen = "0.0.0.0:0".parse().expect("literal address");
+        let h = Harness::start(spec);
+        let target = SocketAddr::from(([127, 0, 0, 2], h.vip.port()));
+        let mut client = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .map_err(|e| format!("connect to {target}: {e}"))?;
+        client
+            .write_all(b"hello")
+            .map_err(|e| format!("send: {e}"))?;
+        let seen = rx
+            .recv_timeout(TIMEOUT)
+            .map_err(|e| format!("the backend parsed no header: {e}"))?;
+        if seen.vip != target {
+            return Err(format!(
+                "the header names VIP {}, but the client connected to {target}",
+                seen.vip
+            ));
+        }
+        Ok(())
+    })
+    .expect("the backend sees the address the client reached");
 }
 
 #[test]

@@ -9,7 +9,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use proxy_support::{republish, udp_client as client, wait_until, Harness, ServiceSpec, UdpEcho};
+use proxy_support::{
+    in_private_network, republish, udp_client as client, wait_until, Harness, ServiceSpec, UdpEcho,
+};
 
 /// Datagram `seq` of client `id`: its header, then a length that varies, up to 60 000 bytes.
 fn datagram(id: u8, seq: u32) -> Vec<u8> {
@@ -191,53 +193,12 @@ fn an_icmp_port_unreachable_is_reported_as_a_failed_connect() {
     );
 }
 
-/// Moves the calling thread into a new network namespace with its loopback up, so that a
-/// test may bind a wildcard address without exposing anything on the machine's interfaces.
-/// Threads it spawns afterwards live there too; the namespace goes away with them.
-fn enter_private_network() -> io::Result<()> {
-    // SAFETY: plain syscalls on values owned here; `ifreq` is plain old data.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNET) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        let mut result = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
-        if result == 0 {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            result = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
-        }
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if result != 0 {
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
 #[test]
 fn replies_to_a_wildcard_vip_come_from_the_address_the_client_used() {
     // On a VIP bound to 0.0.0.0, a reply must leave from the address the client sent to
     // (here 127.0.0.2), not from the one routing would pick (127.0.0.1): the client's
     // connected socket discards datagrams from any other address.
-    let test = std::thread::spawn(|| -> Result<(), String> {
-        if let Err(e) = enter_private_network() {
-            // CI sets LB_REQUIRE_PRIVILEGED=1 so that it can never pass by skipping.
-            if std::env::var_os("LB_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
-                return Err(format!(
-                    "LB_REQUIRE_PRIVILEGED=1 but a private network namespace cannot be made: {e}"
-                ));
-            }
-            eprintln!("skipped: a private network namespace needs CAP_SYS_ADMIN: {e}");
-            return Ok(());
-        }
+    in_private_network(|| {
         let backend = UdpEcho::start("b0");
         // IPv4, and dual-stack IPv6 where IPv4 clients appear as IPv4-mapped addresses.
         for wildcard in ["0.0.0.0:0", "[::]:0"] {
@@ -261,10 +222,8 @@ fn replies_to_a_wildcard_vip_come_from_the_address_the_client_used() {
             }
         }
         Ok(())
-    });
-    test.join()
-        .expect("test thread")
-        .expect("replies from the VIP address");
+    })
+    .expect("replies from the VIP address");
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! UDP through the balancer: each client (one source address and port) is a session that
-//! stays on one backend, and on loopback no datagram is lost.
+//! stays on one backend, and on loopback no datagram is lost; without active checks, a
+//! backend that stops is taken out by the failures clients reveal, and tried again later.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use lb_tests::admin;
 use lb_tests::client::{udp_request, UdpClient};
 use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::load::wait_until_each_answers;
@@ -151,4 +153,98 @@ fn each_udp_client_stays_on_one_backend_and_nothing_is_lost() {
         "the backends answered {answered} datagrams for {} sent",
         CLIENTS * DATAGRAMS
     );
+}
+
+/// Sends one datagram from a new client, resending every 300 ms until it is answered (at
+/// most 5 times). Returns who answered (`None` if nobody did) and the datagrams lost first.
+fn new_client_asks(vip: SocketAddr, payload: &str) -> (Option<String>, usize) {
+    let c = UdpClient::new(vip).expect("a UDP client socket");
+    for lost in 0..5 {
+        c.send(payload.as_bytes())
+            .expect("sending a datagram on loopback");
+        if let Ok(Some(reply)) = c.recv(Duration::from_millis(300)) {
+            let text = String::from_utf8_lossy(&reply).to_string();
+            return (text.split(':').next().map(str::to_string), lost);
+        }
+    }
+    (None, 5)
+}
+
+#[test]
+fn without_checks_a_stopped_backend_leaves_after_fall_lost_datagrams_and_returns_after_the_hold_off(
+) {
+    const FALL: usize = 2;
+    const HOLD_OFF: Duration = Duration::from_secs(4);
+    let u1 = UdpEcho::start("u1").expect("a UDP echo starts");
+    let mut u2 = UdpEcho::start("u2").expect("a UDP echo starts");
+    let vip = free_addr();
+    let svc = ServiceConfig::udp("echo", vip)
+        .scheduler("round_robin")
+        .health("kind", "none")
+        .health("fall", FALL as i64)
+        .health("passive_timeout", "4s")
+        .backend(u1.addr(), 1)
+        .backend(u2.addr(), 1);
+    let config = DaemonConfig::new().global("workers", 1).service(svc);
+    let daemon = Daemon::start(&config.to_toml());
+    wait_until_each_answers(&["u1", "u2"], Duration::from_secs(15), || {
+        let reply = udp_request(vip, b"hello", Duration::from_millis(500))?;
+        let text = String::from_utf8_lossy(&reply).to_string();
+        Ok(text.split(':').next().unwrap_or_default().to_string())
+    })
+    .unwrap_or_else(|e| panic!("the UDP service never came up on both backends: {e}"));
+    let u2_addr = u2.addr();
+    let u2_status = || {
+        admin::backend(&admin::status(daemon.admin_addr()), "echo", u2_addr)
+            .expect("u2 is in the status")
+            .clone()
+    };
+
+    u2.stop();
+    let stopped = Instant::now();
+    let runs: Vec<_> = (0..20)
+        .map(|i| new_client_asks(vip, &format!("after-stop-{i}")))
+        .collect();
+    let lost: usize = runs.iter().map(|r| r.1).sum();
+    assert!(
+        runs.iter()
+            .all(|r| r.0.as_deref() == Some("u1") && r.1 <= 1),
+        "every client should be answered by u1, losing at most the one datagram that revealed \
+         u2 had stopped: {runs:?}"
+    );
+    assert_eq!(
+        lost, FALL,
+        "fall = {FALL} lost datagrams should take u2 out; then no new client may be sent to it: \
+         {runs:?}"
+    );
+    let status = u2_status();
+    assert_eq!(status["health"], "down", "u2 in /status: {status}");
+    let why = status["last_check"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.starts_with("passive: 2 consecutive failures") && why.contains("retry in"),
+        "/status should say why u2 is down and when it is retried: {status}"
+    );
+
+    u2.restart().expect("u2 reopens its port");
+    let deadline = Instant::now() + HOLD_OFF + Duration::from_secs(5);
+    let mut answered_by_u2 = false;
+    while Instant::now() < deadline && !answered_by_u2 {
+        answered_by_u2 = new_client_asks(vip, "back").0.as_deref() == Some("u2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        answered_by_u2,
+        "u2 got no new client within its {HOLD_OFF:?} hold-off + 5 s after it came back: {}",
+        u2_status()
+    );
+    // It went down after it stopped, and is tried again only a full hold-off later.
+    let back_after = stopped.elapsed();
+    assert!(
+        back_after >= HOLD_OFF,
+        "u2 got a new client {back_after:?} after it stopped, within its {HOLD_OFF:?} hold-off"
+    );
+    assert_eq!(u2_status()["health"], "up");
 }

@@ -1,7 +1,8 @@
 //! Health checks: whether a backend may receive new flows.
 //!
 //! - [`HealthState`]: the rise/fall state machine of one backend (HAProxy's semantics), fed by
-//!   active checks and by passive failures the data plane reports.
+//!   active checks and by passive failures the data plane reports; without active checks, a
+//!   hold-off after passive failures (nginx's `max_fails`/`fail_timeout`).
 //! - [`check`]: one active check of one backend, bounded by its timeout; each kind is its own
 //!   module (`tcp.rs`, `http.rs`, `udp.rs`).
 //! - [`monitor`]: the task that runs active checks of one backend every `interval` and reports
@@ -130,6 +131,15 @@ impl fmt::Display for Transition {
 ///   proxy connect ([`record_passive_success`](Self::record_passive_success)) resets the
 ///   failure streak of an Up backend.
 ///
+/// A backend without active checks ([`passive_only`](Self::passive_only), for `kind =
+/// "none"`) follows nginx's `max_fails`/`fail_timeout` instead, since nothing would ever bring
+/// it back up:
+///
+/// - `fall` consecutive passive failures take it Down for the hold-off time.
+/// - When the hold-off has passed, [`retry_due`](Self::retry_due) puts it back Up on trial: one
+///   passive failure takes it Down again for another hold-off, and a passive success ends the
+///   trial (from then on it takes `fall` failures again).
+///
 /// `rise` and `fall` below 1 are treated as 1. Times are passed in (`now`) so that callers
 /// and tests decide the clock.
 #[derive(Debug, Clone)]
@@ -145,6 +155,17 @@ pub struct HealthState {
     failures: u32,
     /// The latest active check's result.
     last_check: Option<Result<(), CheckError>>,
+    /// Without active checks: how long passive failures keep the backend Down. `None` with
+    /// active checks (they bring it back).
+    hold_off: Option<Duration>,
+    /// Down without active checks: when [`retry_due`](Self::retry_due) brings it back.
+    retry_at: Option<Instant>,
+    /// Put back Up after a hold-off and not seen working since: one failure takes it Down.
+    on_trial: bool,
+    /// The latest passive failure, as the transition reasons word it.
+    last_failure: Option<String>,
+    /// Why the latest Up -> Down transition happened.
+    down_reason: Option<String>,
 }
 
 impl HealthState {
@@ -159,7 +180,20 @@ impl HealthState {
             successes: 0,
             failures: 0,
             last_check: None,
+            hold_off: None,
+            retry_at: None,
+            on_trial: false,
+            last_failure: None,
+            down_reason: None,
         }
+    }
+
+    /// The same state for a backend with no active checks: passive failures take it Down
+    /// for `hold_off`, then it is tried again (see the type's docs). A zero `hold_off` is
+    /// treated as 1 ms.
+    pub fn passive_only(mut self, hold_off: Duration) -> Self {
+        self.hold_off = Some(hold_off.max(Duration::from_millis(1)));
+        self
     }
 
     /// The backend's current state.
@@ -198,19 +232,83 @@ impl HealthState {
 
     /// Records a failed proxy connect to the backend at `now` (`error`: what the connect
     /// returned, for the transition's reason). While Up it counts like a failed check towards
-    /// `fall` and may return the Up -> Down transition; while Down it is ignored.
+    /// `fall` and may return the Up -> Down transition (a backend on trial goes Down at the
+    /// first one); while Down it is ignored.
     pub fn record_passive_failure(&mut self, error: &str, now: Instant) -> Option<Transition> {
         match self.health {
-            Health::Up => self.failure(&format!("proxied connect failed: {error}"), now),
+            Health::Up => {
+                let what = format!("proxied connect failed: {error}");
+                self.last_failure = Some(what.clone());
+                self.failure(&what, now)
+            }
             Health::Down => None,
         }
     }
 
-    /// Records a successful proxy connect: while Up it resets the failure streak. It never
-    /// brings a Down backend Up; only active checks do.
+    /// Records a successful proxy connect: while Up it resets the failure streak and ends a
+    /// trial. It never brings a Down backend Up; only active checks or the end of a hold-off
+    /// do.
     pub fn record_passive_success(&mut self) {
         if self.health == Health::Up {
             self.failures = 0;
+            self.on_trial = false;
+        }
+    }
+
+    /// Without active checks: when the Down backend is due to be tried again, `None` when
+    /// it is Up or has active checks.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Without active checks: brings a Down backend back Up, on trial, once its hold-off has
+    /// run out at `now`, and returns that transition. `None` before then, while Up, and with
+    /// active checks.
+    pub fn retry_due(&mut self, now: Instant) -> Option<Transition> {
+        let hold_off = self.hold_off?;
+        if self.health != Health::Down || self.retry_at.is_some_and(|at| now < at) {
+            return None;
+        }
+        let reason = format!(
+            "tried again after a {} hold-off (no active checks); one failure takes it down again",
+            humantime::format_duration(hold_off)
+        );
+        let transition = self.enter(Health::Up, reason, now);
+        self.on_trial = true;
+        Some(transition)
+    }
+
+    /// What passive failures did to a backend without active checks, for the status, at
+    /// `now`: "passive: 3 consecutive failures, last: proxied connect failed: connection
+    /// refused; retry in 7s" while held off, "passive: on trial after a 10s hold-off" until
+    /// it works again, "passive: 1 failure of 3, last: ..." during a streak. `None` when
+    /// there is nothing to say or it has active checks.
+    pub fn passive_summary(&self, now: Instant) -> Option<String> {
+        let hold_off = self.hold_off?;
+        match self.health {
+            Health::Down => {
+                let left = self
+                    .retry_at
+                    .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
+                // Whole seconds, rounded up: "retry in 0s" would read as overdue.
+                let secs = left.as_millis().div_ceil(1000);
+                Some(format!(
+                    "passive: {}; retry in {secs}s",
+                    self.down_reason.as_deref().unwrap_or("down")
+                ))
+            }
+            Health::Up if self.on_trial => Some(format!(
+                "passive: on trial after a {} hold-off",
+                humantime::format_duration(hold_off)
+            )),
+            Health::Up if self.failures > 0 => Some(format!(
+                "passive: {} failure{} of {}, last: {}",
+                self.failures,
+                if self.failures == 1 { "" } else { "s" },
+                self.fall,
+                self.last_failure.as_deref().unwrap_or("unknown")
+            )),
+            Health::Up => None,
         }
     }
 
@@ -228,8 +326,11 @@ impl HealthState {
     fn failure(&mut self, what: &str, now: Instant) -> Option<Transition> {
         self.successes = 0;
         self.failures = self.failures.saturating_add(1);
-        if self.health == Health::Up && self.failures >= self.fall {
-            let reason = if self.failures == 1 {
+        let fall = if self.on_trial { 1 } else { self.fall };
+        if self.health == Health::Up && self.failures >= fall {
+            let reason = if self.on_trial {
+                format!("failed on trial after a hold-off: {what}")
+            } else if self.failures == 1 {
                 format!("1 failure: {what}")
             } else {
                 format!("{} consecutive failures, last: {what}", self.failures)
@@ -253,6 +354,14 @@ impl HealthState {
         self.since = now;
         self.successes = 0;
         self.failures = 0;
+        self.on_trial = false;
+        match to {
+            Health::Down => {
+                self.retry_at = self.hold_off.map(|hold| now + hold);
+                self.down_reason = Some(transition.reason.clone());
+            }
+            Health::Up => self.retry_at = None,
+        }
         transition
     }
 }
@@ -501,6 +610,118 @@ mod tests {
     }
 
     #[test]
+    fn without_checks_fall_failures_hold_a_backend_off_until_the_hold_off_ends() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 3, t0).passive_only(Duration::from_secs(10));
+        assert!(
+            s.retry_due(at(t0, 100)).is_none(),
+            "an UP backend has nothing to retry"
+        );
+        assert!(s.record_passive_failure("refused", at(t0, 1)).is_none());
+        assert!(s.record_passive_failure("refused", at(t0, 2)).is_none());
+        let down = s
+            .record_passive_failure("refused", at(t0, 3))
+            .expect("the 3rd consecutive passive failure should take it DOWN");
+        assert_eq!(
+            down.reason,
+            "3 consecutive failures, last: proxied connect failed: refused"
+        );
+        assert_eq!(
+            s.retry_at(),
+            Some(at(t0, 13)),
+            "held off for 10s from t0+3s"
+        );
+        assert!(
+            s.retry_due(at(t0, 12)).is_none(),
+            "retried 1s before the hold-off ran out"
+        );
+        assert_eq!(s.health(), Health::Down);
+        let up = s
+            .retry_due(at(t0, 13))
+            .expect("the hold-off ran out: the backend should be tried again");
+        assert_eq!((up.from, up.to), (Health::Down, Health::Up));
+        assert_eq!(up.held_for, Duration::from_secs(10));
+        assert_eq!(
+            up.reason,
+            "tried again after a 10s hold-off (no active checks); one failure takes it down again"
+        );
+        assert_eq!(s.retry_at(), None);
+        assert!(
+            s.retry_due(at(t0, 30)).is_none(),
+            "an UP backend must not transition again"
+        );
+    }
+
+    #[test]
+    fn on_trial_one_failure_takes_it_down_again_and_a_success_ends_the_trial() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 3, t0).passive_only(Duration::from_secs(5));
+        for i in 1..=3 {
+            s.record_passive_failure("refused", at(t0, i));
+        }
+        s.retry_due(at(t0, 8)).expect("tried again at t0+8s");
+        let again = s
+            .record_passive_failure("refused", at(t0, 9))
+            .expect("on trial, the first failure should take it DOWN again");
+        assert_eq!(
+            again.reason,
+            "failed on trial after a hold-off: proxied connect failed: refused"
+        );
+        assert_eq!(s.retry_at(), Some(at(t0, 14)), "a full new hold-off");
+        s.retry_due(at(t0, 14)).expect("tried again at t0+14s");
+        s.record_passive_success();
+        assert!(s.record_passive_failure("refused", at(t0, 15)).is_none());
+        assert!(
+            s.record_passive_failure("refused", at(t0, 16)).is_none(),
+            "after a success on trial it takes fall = 3 failures again"
+        );
+        assert!(s.record_passive_failure("refused", at(t0, 17)).is_some());
+    }
+
+    #[test]
+    fn the_passive_summary_says_what_passive_failures_did() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 2, t0).passive_only(Duration::from_secs(10));
+        assert_eq!(s.passive_summary(t0), None, "nothing happened yet");
+        s.record_passive_failure("connection refused", t0);
+        assert_eq!(
+            s.passive_summary(t0).as_deref(),
+            Some("passive: 1 failure of 2, last: proxied connect failed: connection refused")
+        );
+        s.record_passive_failure("connection refused", at(t0, 1));
+        assert_eq!(
+            s.passive_summary(t0 + Duration::from_millis(3_500))
+                .as_deref(),
+            Some(
+                "passive: 2 consecutive failures, last: proxied connect failed: \
+                 connection refused; retry in 8s"
+            ),
+            "DOWN at t0+1s for 10s: at t0+3.5s 7.5s are left, shown rounded up"
+        );
+        s.retry_due(at(t0, 11));
+        assert_eq!(
+            s.passive_summary(at(t0, 11)).as_deref(),
+            Some("passive: on trial after a 10s hold-off")
+        );
+        s.record_passive_success();
+        assert_eq!(s.passive_summary(at(t0, 12)), None);
+
+        let mut active = HealthState::new(2, 1, t0);
+        active.record_passive_failure("refused", t0);
+        assert_eq!(active.health(), Health::Down);
+        assert_eq!(
+            active.passive_summary(t0),
+            None,
+            "with active checks, last_check tells"
+        );
+        assert_eq!(active.retry_at(), None);
+        assert!(
+            active.retry_due(at(t0, 3600)).is_none(),
+            "with active checks only they bring a backend back"
+        );
+    }
+
+    #[test]
     fn zero_thresholds_act_as_one() {
         let t0 = Instant::now();
         let mut s = HealthState::new(0, 0, t0);
@@ -593,6 +814,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
+            passive_timeout: Duration::from_secs(10),
         };
         let monitor = tokio::spawn(monitor(addr, check, state.clone(), on_transition));
 
@@ -659,6 +881,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
+            passive_timeout: Duration::from_secs(10),
         };
         let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
         tokio::time::timeout(

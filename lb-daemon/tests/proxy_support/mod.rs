@@ -384,7 +384,12 @@ pub struct UdpEcho {
 
 impl UdpEcho {
     pub fn start(name: &'static str) -> UdpEcho {
-        let socket = udp_socket();
+        UdpEcho::start_at(name, "127.0.0.1:0".parse().expect("literal address"))
+    }
+
+    /// [`UdpEcho::start`] on a given address (a backend restarted on its old port).
+    pub fn start_at(name: &'static str, addr: SocketAddr) -> UdpEcho {
+        let socket = udp_socket_at(addr);
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("read timeout");
@@ -426,7 +431,12 @@ impl Drop for UdpEcho {
 
 /// A UDP socket on 127.0.0.1 with large buffers, so the test's own bursts are not dropped.
 pub fn udp_socket() -> UdpSocket {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    udp_socket_at("127.0.0.1:0".parse().expect("literal address"))
+}
+
+/// [`udp_socket`] bound to `addr`.
+pub fn udp_socket_at(addr: SocketAddr) -> UdpSocket {
+    let socket = UdpSocket::bind(addr).expect("bind a UDP socket");
     let s = SockRef::from(&socket);
     let _ = s.set_recv_buffer_size(BUFFER);
     let _ = s.set_send_buffer_size(BUFFER);
@@ -487,4 +497,57 @@ pub fn republish_snapshot(
         limits: old.limits,
         access_log: old.access_log,
     }));
+}
+
+/// Runs `test` on a thread of its own in a new network namespace with its loopback up, so
+/// that it may bind a wildcard address without exposing anything on the machine's
+/// interfaces (threads it spawns live there too; the namespace goes away with them), and
+/// returns what it returned. Without the privilege to make the namespace the test is skipped
+/// (`Ok`), unless `LB_REQUIRE_PRIVILEGED=1` (as in CI), so that it can never pass by skipping.
+pub fn in_private_network(
+    test: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    std::thread::spawn(|| {
+        if let Err(e) = enter_private_network() {
+            if std::env::var_os("LB_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1") {
+                return Err(format!(
+                    "LB_REQUIRE_PRIVILEGED=1 but a private network namespace cannot be made: {e}"
+                ));
+            }
+            eprintln!("skipped: a private network namespace needs CAP_SYS_ADMIN: {e}");
+            return Ok(());
+        }
+        test()
+    })
+    .join()
+    .expect("the test thread panicked")
+}
+
+/// Moves the calling thread into a new network namespace with its loopback up.
+fn enter_private_network() -> io::Result<()> {
+    // SAFETY: plain syscalls on values owned here; `ifreq` is plain old data.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut result = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if result == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            result = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if result != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
 }

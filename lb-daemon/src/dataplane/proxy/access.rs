@@ -80,6 +80,27 @@ pub(super) struct Line<'a> {
     pub(super) end: End,
 }
 
+impl<'a> Line<'a> {
+    /// The line of a connection or session turned away before it reached a backend
+    /// (`end`: [`End::LimitRefused`] or [`End::NoBackend`]): no backend, no bytes, no time.
+    pub(super) fn turned_away(
+        protocol: Protocol,
+        service: &'a str,
+        client: SocketAddr,
+        end: End,
+    ) -> Line<'a> {
+        Line {
+            protocol,
+            service,
+            client,
+            backend: None,
+            bytes: [0, 0],
+            duration: Duration::ZERO,
+            end,
+        }
+    }
+}
+
 /// Writes `line` to the `lb::access` target.
 pub(super) fn log(line: &Line<'_>) {
     log_summary(line, 0);

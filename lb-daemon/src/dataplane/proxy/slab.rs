@@ -92,6 +92,29 @@ impl<T> Slab<T> {
         self.slots.len() as u32
     }
 
+    /// Visits the next `budget` slots (at most all of them) from `*cursor` on, wrapping
+    /// around, and leaves `*cursor` after the last one: a periodic sweep whose cost is
+    /// bounded, and which over several calls reaches every slot. Calls `visit(index,
+    /// generation, entry)` for each live one.
+    pub(super) fn sweep(
+        &mut self,
+        cursor: &mut u32,
+        budget: u32,
+        mut visit: impl FnMut(u32, u32, &mut T),
+    ) {
+        let capacity = self.capacity();
+        if capacity == 0 {
+            return;
+        }
+        for _ in 0..budget.min(capacity) {
+            let i = *cursor % capacity;
+            *cursor = (i + 1) % capacity;
+            if let Some((generation, value)) = self.at_mut(i) {
+                visit(i, generation, value);
+            }
+        }
+    }
+
     /// `(index, generation)` of every live entry.
     pub(super) fn keys(&self) -> Vec<(u32, u32)> {
         self.slots
@@ -121,6 +144,39 @@ mod tests {
         );
         assert_eq!(slab.get_mut(b, gb), Some(&mut "b"));
         assert_eq!(slab.len(), 1);
+    }
+
+    #[test]
+    fn a_sweep_visits_budget_slots_from_its_cursor_and_wraps() {
+        let mut slab = Slab::new();
+        let keys: Vec<_> = (0..5u32).map(|v| slab.insert(v)).collect();
+        let (i, g) = keys[3];
+        slab.remove(i, g);
+        let mut cursor = 2;
+        let mut seen = Vec::new();
+        slab.sweep(&mut cursor, 4, |i, _, v| seen.push((i, *v)));
+        assert_eq!(
+            seen,
+            [(2, 2), (4, 4), (0, 0)],
+            "slots 2, 3 (free, skipped), 4, then 0 after the wrap"
+        );
+        assert_eq!(
+            cursor, 1,
+            "the next sweep starts after the last slot visited"
+        );
+        seen.clear();
+        slab.sweep(&mut cursor, 100, |i, g, _| seen.push((i, g)));
+        assert_eq!(
+            seen.len(),
+            4,
+            "a budget above the slot count visits each slot once"
+        );
+        assert_eq!(seen[0].0, 1);
+        let mut empty: Slab<u8> = Slab::new();
+        let mut cursor = 7;
+        empty.sweep(&mut cursor, 10, |_, _, _| {
+            panic!("an empty slab has nothing to visit")
+        });
     }
 
     #[test]

@@ -347,26 +347,23 @@ impl Datagrams {
     /// datagram's [`Local`] address (the socket must have [`enable_packet_info`]).
     pub(super) fn recv(&mut self, fd: RawFd, packet_info: bool) -> io::Result<usize> {
         self.count = 0;
-        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; BATCH];
-        // SAFETY: mmsghdr is plain old data; all zeroes is a valid (empty) header.
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        let (mut iovs, mut headers) = empty_batch();
         let base = self.buffers.as_mut_ptr();
         for i in 0..BATCH {
             // SAFETY: `i * DATAGRAM_MAX` is within `buffers` (BATCH * DATAGRAM_MAX bytes).
             iovs[i].iov_base = unsafe { base.add(i * DATAGRAM_MAX) }.cast();
             iovs[i].iov_len = DATAGRAM_MAX;
-            let h = &mut headers[i].msg_hdr;
-            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut iovs[i];
-            h.msg_iovlen = 1;
-            if packet_info {
-                h.msg_control = self.controls[i].as_mut_ptr().cast();
-                h.msg_controllen = mem::size_of::<Control>();
-            }
+            let control = packet_info.then(|| {
+                let c = &mut self.controls[i];
+                (c.as_mut_ptr().cast(), mem::size_of::<Control>())
+            });
+            point_header(
+                &mut headers[i].msg_hdr,
+                &mut iovs[i],
+                (&mut self.names[i] as *mut libc::sockaddr_storage).cast(),
+                mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+                control,
+            );
         }
         // SAFETY: every header points at live buffers of the stated sizes, owned by `self`
         // and the local `iovs`, all outliving the call.
@@ -436,28 +433,21 @@ impl Datagrams {
             Some(local) => unsafe { write_packet_info(&mut control, local) },
             None => 0,
         };
-        let mut iovs: [libc::iovec; BATCH] = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; BATCH];
-        // SAFETY: as in `recv`.
-        let mut headers: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+        let (mut iovs, mut headers) = empty_batch();
         let base = self.buffers.as_mut_ptr();
         for k in 0..n {
             let i = order[k];
             // SAFETY: `i < BATCH`, so the offset is within `buffers`.
             iovs[k].iov_base = unsafe { base.add(i * DATAGRAM_MAX) }.cast();
             iovs[k].iov_len = self.lengths[i];
-            let h = &mut headers[k].msg_hdr;
             // sendmmsg only reads the address and the control message.
-            h.msg_name = to.as_ptr() as *mut libc::c_void;
-            h.msg_namelen = to.len();
-            h.msg_iov = &mut iovs[k];
-            h.msg_iovlen = 1;
-            if control_len > 0 {
-                h.msg_control = control.as_mut_ptr().cast();
-                h.msg_controllen = control_len;
-            }
+            point_header(
+                &mut headers[k].msg_hdr,
+                &mut iovs[k],
+                to.as_ptr() as *mut libc::c_void,
+                to.len(),
+                (control_len > 0).then(|| (control.as_mut_ptr().cast(), control_len)),
+            );
         }
         let mut sent = 0;
         let mut error = None;
@@ -483,6 +473,38 @@ impl Datagrams {
         }
         let bytes = order[..sent].iter().map(|&i| self.lengths[i] as u64).sum();
         (sent, bytes, error)
+    }
+}
+
+/// `BATCH` empty buffer descriptors and message headers for one `recvmmsg` or `sendmmsg`,
+/// to be pointed at live buffers with [`point_header`].
+fn empty_batch() -> ([libc::iovec; BATCH], [libc::mmsghdr; BATCH]) {
+    let iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; BATCH];
+    // SAFETY: mmsghdr is plain old data; all zeroes is a valid (empty) header.
+    let headers = unsafe { mem::zeroed() };
+    (iovs, headers)
+}
+
+/// Points message header `h` at its one buffer `iov`, at the address `name` (`name_len`
+/// bytes) and at a control buffer `(pointer, length)` if there is one. Only records the
+/// pointers: the caller keeps what they point at alive until the system call returns.
+fn point_header(
+    h: &mut libc::msghdr,
+    iov: &mut libc::iovec,
+    name: *mut libc::c_void,
+    name_len: libc::socklen_t,
+    control: Option<(*mut libc::c_void, usize)>,
+) {
+    h.msg_name = name;
+    h.msg_namelen = name_len;
+    h.msg_iov = iov;
+    h.msg_iovlen = 1;
+    if let Some((buffer, len)) = control {
+        h.msg_control = buffer;
+        h.msg_controllen = len;
     }
 }
 

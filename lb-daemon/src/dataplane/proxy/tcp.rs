@@ -224,26 +224,75 @@ fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
 }
 
 /// The PROXY protocol header a new connection's backend gets, if its service sends one:
-/// the client's address and the local address it connected to (the VIP; with a wildcard
-/// listener, the address the client actually reached).
+/// the client's address and the local address it connected to: `listen` (the VIP, as
+/// bound), or with a wildcard listener the address the client actually reached, which only
+/// the accepted socket knows (one `getsockname`).
 fn proxy_header_for(
     snapshot: &ServiceSnapshot,
+    listen: SocketAddr,
     client: &OwnedFd,
     client_addr: SocketAddr,
 ) -> io::Result<Option<Vec<u8>>> {
     if snapshot.proxy_protocol == ProxyProtocol::Off {
         return Ok(None);
     }
-    let vip = SockRef::from(client)
-        .local_addr()?
-        .as_socket()
-        .ok_or_else(|| io::Error::other("the client socket has no IP address"))?;
+    let vip = if listen.ip().is_unspecified() {
+        SockRef::from(client)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("the client socket has no IP address"))?
+    } else {
+        listen
+    };
     Ok(proxy_header::header(
         snapshot.proxy_protocol,
         client_addr,
         vip,
         Transport::Stream,
     ))
+}
+
+/// How the sweep ends `conn` of `service` at `now`, if it does: [`End::Reset`] when the
+/// source of a finished direction is gone (see [`Tcp::sweep`]), [`End::Stalled`] or
+/// [`End::Idle`] after `idle_timeout` without traffic. Connections still connecting or
+/// already closing are left alone.
+fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End> {
+    let Phase::Relaying(r) = &conn.phase else {
+        return None;
+    };
+    if conn.closing.is_some() {
+        return None;
+    }
+    let finished_source = match (r.ways[TO_BACKEND].finished(), r.ways[TO_CLIENT].finished()) {
+        (true, false) => Some(conn.client.as_fd()),
+        (false, true) => Some(r.backend.as_fd()),
+        _ => None,
+    };
+    if finished_source.is_some_and(sys::peer_gone) {
+        tracing::debug!(
+            "service {}: a peer of the half-closed connection from {} is gone; closing it",
+            service.name,
+            conn.client_addr
+        );
+        return Some(End::Reset);
+    }
+    let limit = service.idle_timeout;
+    if now.saturating_duration_since(conn.last_active) < limit {
+        return None;
+    }
+    // Idle with bytes still in a pipe means a peer stopped reading: a FIN would pass the cut
+    // stream off as complete, so both peers get a reset instead.
+    let how = if r.ways.iter().any(|w| w.buffered() > 0) {
+        End::Stalled
+    } else {
+        End::Idle
+    };
+    tracing::debug!(
+        "service {}: closing connection from {} idle for {limit:?} ({how:?})",
+        service.name,
+        conn.client_addr
+    );
+    Some(how)
 }
 
 fn set_reset_on_close(fd: &OwnedFd) {
@@ -441,15 +490,12 @@ impl Tcp {
                     info.name
                 );
                 if snapshot.access_log {
-                    access::log(&access::Line {
-                        protocol: Protocol::Tcp,
-                        service: &info.name,
-                        client: client_addr,
-                        backend: None,
-                        bytes: [0, 0],
-                        duration: Duration::ZERO,
-                        end: End::LimitRefused,
-                    });
+                    access::log(&access::Line::turned_away(
+                        Protocol::Tcp,
+                        &info.name,
+                        client_addr,
+                        End::LimitRefused,
+                    ));
                 }
                 return;
             }
@@ -684,18 +730,16 @@ impl Tcp {
         // A backend that expects a header cannot take the connection without one, so any
         // failure here closes it. A write of at most PIPE_BUF bytes into an empty pipe is
         // whole or fails.
-        let queued =
-            proxy_header_for(&a.snapshot, &conn.client, conn.client_addr).and_then(|header| {
-                match header {
-                    None => Ok(0),
-                    Some(h) => match sys::write(pipes[TO_BACKEND].write.as_fd(), &h)? {
-                        n if n == h.len() => Ok(n as u32),
-                        n => Err(io::Error::other(format!(
-                            "only {n} of {} bytes went into the pipe",
-                            h.len()
-                        ))),
-                    },
-                }
+        let queued = proxy_header_for(&a.snapshot, service.listen, &conn.client, conn.client_addr)
+            .and_then(|header| match header {
+                None => Ok(0),
+                Some(h) => match sys::write(pipes[TO_BACKEND].write.as_fd(), &h)? {
+                    n if n == h.len() => Ok(n as u32),
+                    n => Err(io::Error::other(format!(
+                        "only {n} of {} bytes went into the pipe",
+                        h.len()
+                    ))),
+                },
             });
         let header_len = match queued {
             Ok(n) => n,
@@ -930,58 +974,21 @@ impl Tcp {
                 self.arm(ctx, i);
             }
         }
-        let capacity = self.conns.capacity();
-        if capacity == 0 {
-            return;
-        }
-        let mut idle = Vec::new();
-        for _ in 0..SWEEP_BUDGET.min(capacity) {
-            let i = self.sweep_cursor % capacity;
-            self.sweep_cursor = (i + 1) % capacity;
-            let Some((generation, conn)) = self.conns.at_mut(i) else {
-                continue;
-            };
-            let limit = self.services[conn.service].idle_timeout;
-            let Phase::Relaying(r) = &conn.phase else {
-                continue;
-            };
-            if conn.closing.is_some() {
-                continue;
-            }
-            let finished_source =
-                match (r.ways[TO_BACKEND].finished(), r.ways[TO_CLIENT].finished()) {
-                    (true, false) => Some(conn.client.as_fd()),
-                    (false, true) => Some(r.backend.as_fd()),
-                    _ => None,
-                };
-            if finished_source.is_some_and(sys::peer_gone) {
-                tracing::debug!(
-                    "service {}: a peer of the half-closed connection from {} is gone; \
-                     closing it",
-                    self.services[conn.service].name,
-                    conn.client_addr
-                );
+        let mut due = Vec::new();
+        let (services, now) = (&self.services, ctx.now);
+        self.conns.sweep(
+            &mut self.sweep_cursor,
+            SWEEP_BUDGET,
+            |i, generation, conn| {
+                if let Some(how) = sweep_verdict(conn, &services[conn.service], now) {
+                    due.push((i, generation, how));
+                }
+            },
+        );
+        for (index, generation, how) in due {
+            if how == End::Reset {
                 Shared::count(&ctx.shared.errors, 1);
-                idle.push((i, generation, End::Reset));
-                continue;
             }
-            if ctx.now.saturating_duration_since(conn.last_active) >= limit {
-                // Idle with bytes still in a pipe means a peer stopped reading: a FIN would
-                // pass the cut stream off as complete, so both peers get a reset instead.
-                let how = if r.ways.iter().any(|w| w.buffered() > 0) {
-                    End::Stalled
-                } else {
-                    End::Idle
-                };
-                tracing::debug!(
-                    "service {}: closing connection from {} idle for {limit:?} ({how:?})",
-                    self.services[conn.service].name,
-                    conn.client_addr
-                );
-                idle.push((i, generation, how));
-            }
-        }
-        for (index, generation, how) in idle {
             self.close(ctx, index, generation, how);
         }
     }

@@ -78,14 +78,14 @@ struct Session {
     stats: Arc<BackendStats>,
     last_active: Instant,
     in_flight: u8,
-    closing: bool,
+    /// Why it is closing, once it is: it takes no more client datagrams and is freed when
+    /// its operations have completed.
+    closing: Option<End>,
     /// The backend has answered at least once (a connect success: it ends the backend's run
     /// of failures, if it had one).
     answered: bool,
     /// The generation of the service's table this session's backend was last checked in.
     table_generation: u64,
-    /// Why it is closing (meaningful once `closing`).
-    end: End,
     /// When it opened.
     started: Instant,
     /// Bytes delivered to the backend and to the client (without PROXY headers).
@@ -215,7 +215,7 @@ impl Udp {
             if self
                 .sessions
                 .get_mut(key.0, key.1)
-                .is_some_and(|s| !s.closing && due.contains(&s.vip))
+                .is_some_and(|s| s.closing.is_none() && due.contains(&s.vip))
             {
                 cut += 1;
                 self.close(ctx, key, End::DrainCut);
@@ -483,15 +483,12 @@ impl Udp {
                         self.refused_access_log[service_at].allow_counted(ctx.now)
                     {
                         access::log_summary(
-                            &access::Line {
-                                protocol: Protocol::Udp,
-                                service: &service.name,
+                            &access::Line::turned_away(
+                                Protocol::Udp,
+                                &service.name,
                                 client,
-                                backend: None,
-                                bytes: [0, 0],
-                                duration: std::time::Duration::ZERO,
-                                end: End::LimitRefused,
-                            },
+                                End::LimitRefused,
+                            ),
                             similar,
                         );
                     }
@@ -510,15 +507,12 @@ impl Udp {
                 if let Some(similar) = self.no_backend_access_log[service_at].allow_counted(ctx.now)
                 {
                     access::log_summary(
-                        &access::Line {
-                            protocol: Protocol::Udp,
-                            service: &service.name,
+                        &access::Line::turned_away(
+                            Protocol::Udp,
+                            &service.name,
                             client,
-                            backend: None,
-                            bytes: [0, 0],
-                            duration: std::time::Duration::ZERO,
-                            end: End::NoBackend,
-                        },
+                            End::NoBackend,
+                        ),
                         similar,
                     );
                 }
@@ -588,10 +582,9 @@ impl Udp {
             stats: stats.clone(),
             last_active: ctx.now,
             in_flight: bit(OP_POLL),
-            closing: false,
+            closing: None,
             answered: false,
             table_generation: snapshot.generation,
-            end: End::Error,
             started: ctx.now,
             bytes: [0, 0],
             access_log: snapshot.access_log,
@@ -633,7 +626,7 @@ impl Udp {
             OP_RESUME => s.in_flight &= !bit(OP_RESUME),
             _ => return,
         }
-        if s.closing {
+        if s.closing.is_some() {
             if s.in_flight == 0 {
                 self.finish(ctx, index, generation);
             }
@@ -641,7 +634,7 @@ impl Udp {
         }
         self.read_backend(ctx, (index, generation));
         if let Some(s) = self.sessions.get_mut(index, generation) {
-            if !s.closing && s.in_flight & bit(OP_POLL) == 0 {
+            if s.closing.is_none() && s.in_flight & bit(OP_POLL) == 0 {
                 ctx.ring.poll(
                     s.fd.as_raw_fd(),
                     libc::POLLIN as u32,
@@ -750,11 +743,10 @@ impl Udp {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return;
         };
-        if s.closing {
+        if s.closing.is_some() {
             return;
         }
-        s.closing = true;
-        s.end = end;
+        s.closing = Some(end);
         if self.by_client.get(&(s.vip, s.client)) == Some(&key) {
             self.by_client.remove(&(s.vip, s.client));
         }
@@ -786,7 +778,7 @@ impl Udp {
                 backend: Some(s.backend),
                 bytes: s.bytes,
                 duration: ctx.now.saturating_duration_since(s.started),
-                end: if s.closing { s.end } else { End::Error },
+                end: s.closing.unwrap_or(End::Error),
             });
         }
         let v = &mut self.vips[s.vip];
@@ -800,27 +792,21 @@ impl Udp {
     /// [`SWEEP_BUDGET`] sessions.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.refusals.prune(ctx.now);
-        let capacity = self.sessions.capacity();
-        if capacity == 0 {
-            return;
-        }
         let mut idle = Vec::new();
-        for _ in 0..SWEEP_BUDGET.min(capacity) {
-            let i = self.sweep_cursor % capacity;
-            self.sweep_cursor = (i + 1) % capacity;
-            let Some((generation, s)) = self.sessions.at_mut(i) else {
-                continue;
-            };
-            let limit = self.services[self.vips[s.vip].service].idle_timeout;
-            if !s.closing && ctx.now.saturating_duration_since(s.last_active) >= limit {
-                tracing::debug!(
-                    "session {} -> {} idle for {limit:?}; closing it",
-                    s.client,
-                    s.backend
-                );
-                idle.push((i, generation));
-            }
-        }
+        let (services, vips) = (&self.services, &self.vips);
+        self.sessions
+            .sweep(&mut self.sweep_cursor, SWEEP_BUDGET, |i, generation, s| {
+                let limit = services[vips[s.vip].service].idle_timeout;
+                if s.closing.is_none() && ctx.now.saturating_duration_since(s.last_active) >= limit
+                {
+                    tracing::debug!(
+                        "session {} -> {} idle for {limit:?}; closing it",
+                        s.client,
+                        s.backend
+                    );
+                    idle.push((i, generation));
+                }
+            });
         for key in idle {
             self.close(ctx, key, End::Idle);
         }
@@ -868,7 +854,7 @@ impl Udp {
             if self
                 .sessions
                 .get_mut(key.0, key.1)
-                .is_some_and(|s| !s.closing)
+                .is_some_and(|s| s.closing.is_none())
             {
                 cut += 1;
                 self.close(ctx, key, End::DrainCut);
