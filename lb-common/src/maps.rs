@@ -104,15 +104,41 @@
 //! when the route says the destination is local). TTL / hop limit are not decremented (`nat` acts as the flow's endpoint; `dsr` sends a
 //! new outer header with TTL 64).
 //!
+//! ## Conntrack ageing
+//!
+//! Each `CONNTRACK` entry holds when its flow was last seen ([`CtEntry::seen_s`], whole
+//! seconds of `bpf_ktime_get_ns`). A packet that finds its entry rewrites that field in place
+//! (one aligned 32-bit store, no map update) only when the stored time is
+//! [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry idle for more
+//! than its service's [`Limits::idle_timeout_s`] (the daemon writes the service's
+//! `idle_timeout`) is *aged*, and a packet that would start a flow on it is placed anew by
+//! the live table like a packet that found no entry (and is subject to the per-client limits
+//! like one):
+//!
+//! - UDP: any packet. A client reusing its source port after the timeout gets the backend
+//!   the table gives now, as a new session would on the proxy.
+//! - TCP: only a SYN without ACK. Every other packet of an aged entry keeps its backend and
+//!   refreshes the entry: a long-idle connection that is still open lives only on its
+//!   backend, and moving it would break it. A SYN on a fresh entry (not closed, not aged) is
+//!   taken for a retransmission and keeps its backend too.
+//!
+//! An aged entry that held a connection slot ([`CT_F_COUNTED`] without [`CT_F_CLOSED`])
+//! gives it back when a packet replaces it, exactly once (the same atomic [`CT_F_CLOSED`]
+//! step a FIN takes). Entries are never deleted for age: an aged entry stays until a packet
+//! replaces it or the LRU evicts it. With [`Limits::idle_timeout_s`] 0 (an entry never
+//! written) entries never age.
+//!
 //! ## Per-client limits
 //!
 //! `LIMITS` holds each service's `[service.limits]` ([`Limits`]; all zero, the default of an
-//! entry never written, means no limit). It is its own array rather than fields of
-//! [`Service`] because it changes on another schedule (a reload, not a health change) and is
-//! read only for new flows: the `SERVICES` flip protocol stays about `active_half` alone,
-//! and the per-packet path does not read limit fields it never needs. Write it before the
-//! VIP is published and again whenever the limits change; each field is read on its own, so
-//! a packet may see half of an update, which only mixes two valid settings for one packet.
+//! entry never written, means no limit) and its conntrack idle timeout. It is its own array
+//! rather than fields of [`Service`] because it changes on another schedule (a reload, not a
+//! health change) and is read only for new flows and for entries due a refresh (at most
+//! once per [`CT_REFRESH_SECS`] per flow): the `SERVICES` flip protocol stays about
+//! `active_half` alone, and the per-packet path does not read fields it never needs. Write
+//! it before the VIP is published and again whenever it changes; each field is read on its
+//! own, so a packet may see half of an update, which only mixes two valid settings for one
+//! packet.
 //!
 //! The limits apply to flows a client starts: a TCP SYN without ACK, or a UDP packet, that
 //! finds no `CONNTRACK` entry (or, for a SYN, an entry whose flow was closed
@@ -366,6 +392,23 @@ pub struct CtEntry {
     pub snat_port: u16,
     /// Bits: [`CT_F_COUNTED`], [`CT_F_CLOSED`]; the others are zero.
     pub flags: u16,
+    /// When a packet of the flow was last seen, in whole seconds of `bpf_ktime_get_ns`
+    /// (`CLOCK_MONOTONIC`: [`ct_seconds`] of its nanoseconds), to within
+    /// [`CT_REFRESH_SECS`]. See "Conntrack ageing" in the module docs.
+    pub seen_s: u32,
+}
+
+/// [`CtEntry::seen_s`] is rewritten only when it is at least this many seconds old, so a
+/// busy flow costs one write to its entry per this many seconds, not one per packet.
+/// Idle times are therefore measured to within this many seconds.
+pub const CT_REFRESH_SECS: u32 = 2;
+
+/// The [`CtEntry::seen_s`] clock: seconds of the `bpf_ktime_get_ns` clock
+/// (`CLOCK_MONOTONIC`) at `ns` nanoseconds, truncated to 32 bits (it wraps after 136 years
+/// of uptime; ages are computed with wrapping arithmetic).
+#[inline(always)]
+pub const fn ct_seconds(ns: u64) -> u32 {
+    (ns / 1_000_000_000) as u32
 }
 
 /// Value of `LIMITS`: a service's per-client limits. Zero in a field means no such limit.
@@ -379,8 +422,10 @@ pub struct Limits {
     pub burst_ns: u64,
     /// Concurrent TCP flows one client address may hold; 0 means no limit.
     pub max_connections: u32,
-    /// Explicit padding; zero.
-    pub _pad: u32,
+    /// Seconds after which an idle `CONNTRACK` entry of the service no longer pins a flow
+    /// that starts again (see "Conntrack ageing" in the module docs): the service's
+    /// `idle_timeout`. 0 means entries never age.
+    pub idle_timeout_s: u32,
 }
 
 /// Key of `CLIENTS`: one client address within one service.
@@ -429,9 +474,11 @@ const _: () = {
     assert!(core::mem::size_of::<VipValue>() == 4);
     assert!(core::mem::size_of::<Service>() == 36);
     assert!(core::mem::size_of::<Backend>() == 20);
-    assert!(core::mem::size_of::<CtEntry>() == 8);
-    // The program sets CT_F_CLOSED with a 64-bit atomic OR on the whole entry: bits 48..64.
+    assert!(core::mem::size_of::<CtEntry>() == 12);
+    // The program sets CT_F_CLOSED with a 64-bit atomic OR on the entry's first 8 bytes:
+    // bits 48..64. `seen_s` lies outside them, so its refresh never races with the OR.
     assert!(core::mem::offset_of!(CtEntry, flags) == 6);
+    assert!(core::mem::offset_of!(CtEntry, seen_s) == 8);
     assert!(core::mem::size_of::<NatReverse>() == 40);
     assert!(core::mem::size_of::<Limits>() == 24);
     assert!(core::mem::size_of::<ClientKey>() == 20);

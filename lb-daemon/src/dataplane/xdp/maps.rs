@@ -164,7 +164,7 @@ impl Maps {
             .map_err(io(contract::SERVICES))?;
         slot.active_half = inactive;
         slot.table_size_live = size;
-        self.limits.write(slot, &snap.limits)?;
+        self.limits.write(slot, &snap.limits, snap.idle_timeout)?;
         if !slot.vip_published {
             self.vips
                 .insert(slot.vip_key(), VipValue { service: slot.id }, 0)
