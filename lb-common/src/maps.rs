@@ -18,6 +18,7 @@
 //! | `DEVMAP` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`) | daemon |
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
+//! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
 //! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
@@ -78,9 +79,14 @@
 //! ignored (the inner packet keeps the VIP port). Backends must have the VIP's address family.
 //! On each backend host, attach `lb_decap` to the interface the encapsulated packets arrive on
 //! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of every
-//! IPIP (outer IPv4 protocol 4) and IP6IP6 (outer IPv6 next header 41) packet arriving there,
-//! without checking the outer destination (attach it only where the balancer's tunnels end),
-//! and passes the inner packet to the stack, which answers the client directly from the VIP.
+//! IPIP (outer IPv4 protocol 4) and IP6IP6 (outer IPv6 next header 41) packet arriving there
+//! whose outer destination is in `DECAP_ADDRS` ([`DecapAddr`] → the ifindex the address is on,
+//! a value the program does not read), and passes the inner packet to the stack, which
+//! answers the client directly from the VIP. An encapsulated packet for any other address
+//! (a tunnel that ends on another host, routed through this one) passes untouched and is
+//! counted in [`Stat::DecapNotLocal`](crate::Stat::DecapNotLocal); with `DECAP_ADDRS` empty
+//! nothing is decapsulated. `lb-daemon decap` fills the map with the interface's addresses
+//! and keeps it in step with them.
 //!
 //! ## Forwarding and `DEVMAP`
 //!
@@ -219,6 +225,8 @@ pub const DEVMAP: &str = "DEVMAP";
 pub const LIMITS: &str = "LIMITS";
 /// Map name: [`ClientKey`] → [`ClientState`].
 pub const CLIENTS: &str = "CLIENTS";
+/// Map name: [`DecapAddr`] → ifindex (`u32`), the outer destinations `lb_decap` accepts.
+pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
 /// Map name: global per-CPU `u64` counters indexed by [`Stat`](crate::Stat).
 pub const STATS: &str = "STATS";
 /// Map name: per-CPU [`Counters`](crate::Counters) per service id.
@@ -245,6 +253,8 @@ pub const NAT_REVERSE_SIZE: u32 = 131_072;
 pub const CLIENTS_SIZE: u32 = 65_536;
 /// Interfaces `DEVMAP` can hold.
 pub const DEVMAP_SIZE: u32 = 64;
+/// Local addresses `DECAP_ADDRS` can hold.
+pub const DECAP_ADDRS_SIZE: u32 = 256;
 
 /// Index into `TABLES` of `slot` in `half` (0 or 1) of `service`'s table:
 /// `(service * 2 + half) * MAX_TABLE_SIZE + slot`. The caller keeps `service < MAX_SERVICES`,
@@ -411,6 +421,30 @@ pub const fn ct_seconds(ns: u64) -> u32 {
     (ns / 1_000_000_000) as u32
 }
 
+/// Key of `DECAP_ADDRS`: an address `lb_decap` accepts as the outer destination of an
+/// encapsulated packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapAddr {
+    /// The address, in [`FlowKey`]'s layout.
+    pub addr: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] (an IPv4 address and the IPv6 `x::` share a layout).
+    pub family: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 3],
+}
+
+impl DecapAddr {
+    /// The key of `addr`.
+    pub fn new(addr: IpAddr) -> DecapAddr {
+        DecapAddr {
+            addr: addr_words(addr),
+            family: family_of(addr),
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Value of `LIMITS`: a service's per-client limits. Zero in a field means no such limit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -483,6 +517,7 @@ const _: () = {
     assert!(core::mem::size_of::<Limits>() == 24);
     assert!(core::mem::size_of::<ClientKey>() == 20);
     assert!(core::mem::size_of::<ClientState>() == 16);
+    assert!(core::mem::size_of::<DecapAddr>() == 20);
     assert!(core::mem::size_of::<FlowKey>() == 40);
 };
 
@@ -499,6 +534,7 @@ mod pod {
     unsafe impl aya::Pod for super::Limits {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ClientState {}
+    unsafe impl aya::Pod for super::DecapAddr {}
     unsafe impl aya::Pod for crate::FlowKey {}
     unsafe impl aya::Pod for crate::Counters {}
 }

@@ -64,10 +64,13 @@ pub enum Stat {
     /// Refused, as [`Stat::RefusedClientRate`]: a new TCP flow from a client that holds the
     /// service's `max_connections_per_client` already.
     RefusedClientConnections = 20,
+    /// `lb_decap`: IPIP / IP6IP6 packets whose outer destination is not in `DECAP_ADDRS`
+    /// (a tunnel ending on another host), passed untouched.
+    DecapNotLocal = 21,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 21;
+pub const STATS_LEN: u32 = 22;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.

@@ -49,15 +49,17 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The DSR decapsulator, attached on a backend host: strips the outer IPIP / IP6IP6 header and
-/// passes the client's packet to the stack (the VIP is configured on the backend's loopback).
-/// Every other packet passes untouched.
+/// The DSR decapsulator, attached on a backend host: strips the outer IPIP / IP6IP6 header of
+/// packets addressed to one of the host's addresses (`DECAP_ADDRS`) and passes the client's
+/// packet to the stack (the VIP is configured on the backend's loopback). Every other packet,
+/// encapsulated ones for other hosts included, passes untouched.
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
-    match encap::decapsulate(&ctx) {
-        Ok(()) => stats::increment(Stat::Decapsulated),
-        Err(()) => stats::increment(Stat::DecapPassed),
-    }
+    stats::increment(match encap::decapsulate(&ctx) {
+        encap::Decap::Stripped => Stat::Decapsulated,
+        encap::Decap::Plain => Stat::DecapPassed,
+        encap::Decap::NotLocal => Stat::DecapNotLocal,
+    });
     xdp_action::XDP_PASS
 }
 

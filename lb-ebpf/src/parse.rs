@@ -347,8 +347,9 @@ pub fn halves(w: u32) -> [u16; 2] {
     [w as u16, (w >> 16) as u16]
 }
 
+/// The `FlowKey` address of the eight memory-order groups of an IPv6 header's address.
 #[inline(always)]
-fn addr6(groups: &[u16; 8]) -> [u32; 4] {
+pub fn addr6(groups: &[u16; 8]) -> [u32; 4] {
     [
         word(groups[0], groups[1]),
         word(groups[2], groups[3]),

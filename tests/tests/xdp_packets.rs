@@ -20,10 +20,10 @@ use lb_common::{
     flow_hash,
     maps::{
         addr_words as words, family_of as family, table_index, Backend, ClientKey, ClientState,
-        CtEntry, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS, BACKEND_F_DOWN,
-        BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED, CT_F_COUNTED, CT_REFRESH_SECS, DEVMAP,
-        LIMITS, MODE_DSR, MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES,
-        SERVICE_STATS, STATS, TABLES, VIPS,
+        CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS,
+        BACKEND_F_DOWN, BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED, CT_F_COUNTED,
+        CT_REFRESH_SECS, DECAP_ADDRS, DEVMAP, LIMITS, MODE_DSR, MODE_NAT, NAT_REVERSE,
+        PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS,
     },
     Counters, FlowKey, Stat,
 };
@@ -332,6 +332,7 @@ struct Lab {
     backend_stats: PerCpuArray<MapData, Counters>,
     limits: Array<MapData, Limits>,
     clients: HashMap<MapData, ClientKey, ClientState>,
+    decap_addrs: HashMap<MapData, DecapAddr, u32>,
     /// ifindex of `vc`, where clients come in.
     vc: u32,
     /// ifindex of `vb`, behind which the backends are.
@@ -384,6 +385,14 @@ impl Lab {
         let limits = Array::try_from(take(LIMITS)).expect("LIMITS is an array of Limits");
         let clients =
             HashMap::try_from(take(CLIENTS)).expect("CLIENTS is a hash of ClientKey → ClientState");
+        let mut decap_addrs: HashMap<MapData, DecapAddr, u32> =
+            HashMap::try_from(take(DECAP_ADDRS)).expect("DECAP_ADDRS is a hash of DecapAddr → u32");
+        // The lab is also b1's host, where `lb_decap` runs: b1's addresses are local.
+        for addr in [IpAddr::V4(B1_4), IpAddr::V6(B1_6)] {
+            decap_addrs
+                .insert(DecapAddr::new(addr), 1, 0)
+                .expect("write DECAP_ADDRS");
+        }
 
         let ns = Netns::new("xdp").expect("create the lab namespace");
         let setup: &[&[&str]] = &[
@@ -475,6 +484,7 @@ impl Lab {
             backend_stats,
             limits,
             clients,
+            decap_addrs,
             vc,
             vb,
             ns,
@@ -961,6 +971,93 @@ fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
         1,
         "one packet counted on the backend"
     );
+}
+
+#[test]
+fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
+    let Some(mut lab) = lab("decap_not_local") else {
+        return;
+    };
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let inner = wire::ip(
+        client,
+        vip,
+        6,
+        &wire::tcp(client, 41000, vip, 80, TCP_SYN, b""),
+    );
+    let outer = wire::V4 {
+        tos: 0,
+        id: 0,
+        frag: 0x4000,
+        ttl: 64,
+    };
+    let to = |dst: Ipv4Addr| {
+        wire::frame(
+            B1_MAC,
+            VB_MAC,
+            &wire::ipv4(LOCAL4, dst, 4, outer, &[], &inner),
+        )
+    };
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &to(B2_4));
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &to(B2_4),
+        "an IPIP packet for another host through lb_decap",
+    );
+    let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let inner6 = wire::ip(c6, v6, 17, &wire::udp(c6, 6000, v6, 53, b"q"));
+    let other6 = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ipv6(LOCAL6, LOCAL6, 41, 0x6000_0000, 64, &inner6),
+    );
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &other6);
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &other6,
+        "an IP6IP6 packet for another host through lb_decap",
+    );
+    assert_eq!(
+        lab.stat(Stat::DecapNotLocal),
+        2,
+        "tunnels for other hosts were not counted as such"
+    );
+    assert_eq!(
+        lab.stat(Stat::Decapsulated),
+        0,
+        "lb_decap stripped a tunnel for another host"
+    );
+
+    // b1's own address is decapsulated until it leaves the map (IPv4 and IPv6 keys differ
+    // even where their words are alike).
+    let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
+    assert_same(
+        &out,
+        &wire::frame(B1_MAC, VB_MAC, &inner),
+        "decapsulated for b1",
+    );
+    lab.decap_addrs
+        .remove(&DecapAddr::new(B1_4.into()))
+        .expect("remove b1 from DECAP_ADDRS");
+    let v6_alike = IpAddr::V6(Ipv6Addr::new(
+        u16::from_be_bytes([10, 0]),
+        u16::from_be_bytes([2, 11]),
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ));
+    lab.decap_addrs
+        .insert(DecapAddr::new(v6_alike), 1, 0)
+        .expect("write DECAP_ADDRS");
+    let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
+    assert_same(&out, &to(B1_4), "an address removed from DECAP_ADDRS");
+    assert_eq!(lab.stat(Stat::DecapNotLocal), 3);
+    assert_eq!(lab.stat(Stat::Decapsulated), 1);
 }
 
 #[test]

@@ -33,6 +33,7 @@ const STAT_NAMES: &[&str] = &[
     "drop_forwarding_disabled",
     "refused_client_rate",
     "refused_client_connections",
+    "decap_not_local",
 ];
 
 /// The log name of `STATS` index `i`.
