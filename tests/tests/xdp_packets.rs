@@ -27,7 +27,11 @@ use lb_common::{
     },
     Counters, FlowKey, Stat,
 };
-use lb_tests::{netns::Netns, require_root};
+use lb_tests::{
+    netns::Netns,
+    require_root,
+    xdp::{bpf_object, Decap},
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -1058,6 +1062,43 @@ fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
     assert_same(&out, &to(B1_4), "an address removed from DECAP_ADDRS");
     assert_eq!(lab.stat(Stat::DecapNotLocal), 3);
     assert_eq!(lab.stat(Stat::Decapsulated), 1);
+}
+
+#[test]
+fn lb_daemon_decap_accepts_its_interfaces_addresses_and_follows_their_changes() {
+    if !require_root("decap_addresses") {
+        return;
+    }
+    let ns = Netns::new("dcp").expect("create a namespace");
+    for args in [
+        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"][..],
+        &["addr", "add", "10.9.0.1/24", "dev", "d0"],
+        &["-6", "addr", "add", "fd09::1/64", "dev", "d0", "nodad"],
+        &["link", "set", "d0", "up"],
+        &["link", "set", "d1", "up"],
+    ] {
+        ns.ip(args).expect("set up the interface");
+    }
+    let decap = Decap::start(&ns, "d0", &bpf_object());
+    for addr in ["10.9.0.1", "fd09::1"] {
+        assert!(
+            decap.ready_line().contains(addr),
+            "lb-daemon decap does not say it decapsulates for {addr}: {}",
+            decap.ready_line()
+        );
+    }
+    // It reads them every 2 s.
+    let within = std::time::Duration::from_secs(10);
+    ns.ip(&["addr", "add", "10.9.0.2/24", "dev", "d0"])
+        .expect("add an address");
+    decap
+        .wait_for("decapsulating for 10.9.0.2 too", within)
+        .unwrap_or_else(|seen| panic!("an address added to d0 was not taken up: {seen:?}"));
+    ns.ip(&["addr", "del", "10.9.0.1/24", "dev", "d0"])
+        .expect("remove an address");
+    decap
+        .wait_for("no longer decapsulating for 10.9.0.1", within)
+        .unwrap_or_else(|seen| panic!("an address removed from d0 was kept: {seen:?}"));
 }
 
 #[test]
