@@ -187,8 +187,15 @@
 //! route lookup does not consult VLAN sub-interfaces, so tagged traffic is forwarded only when
 //! the route leads out of an interface in `DEVMAP` or back out of the ingress one.
 //!
-//! Not handled (passed to the kernel untouched): ICMP, including errors about balanced flows;
-//! IPv4 fragments; IPv6 extension headers. See `Stat`'s `Pass*` counters.
+//! ICMP: an error a backend (or a router before it) sends to `local_addr` about a `nat`
+//! flow, quoting a packet whose reversed 5-tuple is in `NAT_REVERSE` (IPv4 destination
+//! unreachable, fragmentation needed among them; ICMPv6 destination unreachable and packet
+//! too big), is translated back as from the VIP to the client, quote included, and sent on
+//! like a reply ([`Stat::IcmpTranslated`](crate::Stat::IcmpTranslated)), so path MTU
+//! discovery works through the balancer. Every other ICMP message passes untouched.
+//!
+//! Not handled (passed to the kernel untouched): IPv4 fragments; IPv6 extension headers. See
+//! `Stat`'s `Pass*` counters.
 //!
 //! ## Attaching, detaching
 //!

@@ -2,7 +2,7 @@
 //!
 //! This file holds only the entry points. Each concern has its own module, as in Katran's
 //! `lib/bpf`: `parse` (headers and the pass rule), `maps` (declarations), `conntrack`
-//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
+//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about NAT'ed flows), `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
 //! strings them together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]
@@ -21,6 +21,7 @@ mod conntrack;
 mod csum;
 mod encap;
 mod fib;
+mod icmp;
 mod limits;
 mod maps;
 mod nat;

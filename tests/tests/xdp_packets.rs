@@ -2466,3 +2466,189 @@ mod ageing {
         );
     }
 }
+
+/// ICMP errors about NAT'ed flows, translated back to the client (lb-ebpf's `icmp.rs`).
+mod icmp_errors {
+    use super::*;
+
+    /// A router between the balancer and the backends.
+    const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 99);
+
+    /// An ICMP(v6) message: type, code, the 4 bytes after the checksum, the quote; its
+    /// checksum over `pseudo` (empty for ICMPv4) and the message.
+    fn icmp(kind: u8, code: u8, rest: u32, quote: &[u8], pseudo: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind, code, 0, 0];
+        m.extend_from_slice(&rest.to_be_bytes());
+        m.extend_from_slice(quote);
+        let c = wire::checksum(&[pseudo, &m]);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        m
+    }
+
+    /// The outer IPv4 header fields of the errors the router sends.
+    const ROUTER_V4: wire::V4 = wire::V4 {
+        tos: 0xc0,
+        id: 0x4321,
+        frag: 0,
+        ttl: 63,
+    };
+
+    fn error4(quote: &[u8], to: Ipv4Addr) -> Vec<u8> {
+        wire::frame(
+            VB_MAC,
+            B1_MAC,
+            &wire::ipv4(
+                ROUTER4,
+                to,
+                1,
+                ROUTER_V4,
+                &[],
+                &icmp(3, 4, 1400, quote, &[]),
+            ),
+        )
+    }
+
+    #[test]
+    fn a_fragmentation_needed_about_a_nat_flow_reaches_its_client_as_if_from_the_vip() {
+        let Some(mut lab) = lab("icmp4") else {
+            return;
+        };
+        lab.backend(0, B1_4.into(), 8080);
+        lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+        let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        let sent = wire::ip(
+            client,
+            vip,
+            6,
+            &wire::tcp(client, 40000, vip, 80, TCP_ACK, &[7; 64]),
+        );
+        let out = lab.expect(
+            lab.vc,
+            &wire::frame(VC_MAC, CLIENT_MAC, &sent),
+            XDP_REDIRECT,
+            "a client's segment",
+        );
+        let translated = &out[14..];
+
+        // The router quotes the whole translated packet, or its headers and 8 bytes.
+        for len in [translated.len(), 20 + 8] {
+            let out = lab.expect(
+                lab.vb,
+                &error4(&translated[..len], LOCAL4),
+                XDP_REDIRECT,
+                "a fragmentation-needed error about the flow",
+            );
+            let want = wire::frame(
+                CLIENT_MAC,
+                VC_MAC,
+                &wire::ipv4(
+                    VIP4,
+                    CLIENT4,
+                    1,
+                    ROUTER_V4,
+                    &[],
+                    &icmp(3, 4, 1400, &sent[..len], &[]),
+                ),
+            );
+            assert_same(
+                &out,
+                &want,
+                &format!("the error sent to the client (a quote of {len} bytes)"),
+            );
+        }
+        assert_eq!(
+            lab.stat(Stat::IcmpTranslated),
+            2,
+            "translated errors not counted"
+        );
+
+        // An error about a flow the balancer does not know, or not an error: untouched.
+        let mut other = translated.to_vec();
+        other[20..22].copy_from_slice(&(SNAT_MAX + 1).to_be_bytes());
+        let unknown = error4(&other, LOCAL4);
+        let (action, same) = lab.run(PROG_BALANCER, lab.vb, &unknown);
+        assert_eq!(
+            action_name(action),
+            "XDP_PASS",
+            "an error about no known flow"
+        );
+        assert_same(&same, &unknown, "an error about no known flow");
+        let echo = wire::frame(
+            VB_MAC,
+            B1_MAC,
+            &wire::ipv4(
+                ROUTER4,
+                LOCAL4,
+                1,
+                ROUTER_V4,
+                &[],
+                &icmp(8, 0, 1, translated, &[]),
+            ),
+        );
+        let (action, same) = lab.run(PROG_BALANCER, lab.vb, &echo);
+        assert_eq!(
+            action_name(action),
+            "XDP_PASS",
+            "an echo request quoting a flow"
+        );
+        assert_same(&same, &echo, "an echo request quoting a flow");
+        assert_eq!(lab.stat(Stat::PassNotVip), 2);
+        assert_eq!(lab.stat(Stat::IcmpTranslated), 2);
+    }
+
+    #[test]
+    fn a_packet_too_big_about_a_nat_ipv6_udp_flow_reaches_its_client() {
+        let Some(mut lab) = lab("icmp6") else {
+            return;
+        };
+        lab.backend(1, B1_6.into(), 5353);
+        lab.service(1, VIP6.into(), 53, IPPROTO_UDP, MODE_NAT, &[1]);
+        let (client, vip): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+        let sent = wire::ip(
+            client,
+            vip,
+            17,
+            &wire::udp(client, 6000, vip, 53, &[9; 100]),
+        );
+        let out = lab.expect(
+            lab.vc,
+            &wire::frame(VC_MAC, CLIENT_MAC, &sent),
+            XDP_REDIRECT,
+            "a client's datagram",
+        );
+        let translated = &out[14..];
+        let (b1, local): (IpAddr, IpAddr) = (B1_6.into(), LOCAL6.into());
+        let message = icmp(
+            2,
+            0,
+            1280,
+            translated,
+            &wire::pseudo(b1, local, 58, 8 + translated.len()),
+        );
+        let error = wire::frame(
+            VB_MAC,
+            B1_MAC,
+            &wire::ipv6(B1_6, LOCAL6, 58, 0x6000_0000, 64, &message),
+        );
+        let out = lab.expect(
+            lab.vb,
+            &error,
+            XDP_REDIRECT,
+            "a packet-too-big about the flow",
+        );
+        let message = icmp(
+            2,
+            0,
+            1280,
+            &sent,
+            &wire::pseudo(vip, client, 58, 8 + sent.len()),
+        );
+        let want = wire::frame(
+            CLIENT_MAC,
+            VC_MAC,
+            &wire::ipv6(VIP6, CLIENT6, 58, 0x6000_0000, 64, &message),
+        );
+        assert_same(&out, &want, "the packet-too-big sent to the client");
+        assert_eq!(lab.stat(Stat::IcmpTranslated), 1);
+    }
+}
