@@ -18,6 +18,7 @@
 //! | `DEVMAP` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`) | daemon |
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
+//! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
 //! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
@@ -84,9 +85,14 @@
 //! ignored (the inner packet keeps the VIP port). Backends must have the VIP's address family.
 //! On each backend host, attach `lb_decap` to the interface the encapsulated packets arrive on
 //! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of every
-//! IPIP (outer IPv4 protocol 4) and IP6IP6 (outer IPv6 next header 41) packet arriving there,
-//! without checking the outer destination (attach it only where the balancer's tunnels end),
-//! and passes the inner packet to the stack, which answers the client directly from the VIP.
+//! IPIP (outer IPv4 protocol 4) and IP6IP6 (outer IPv6 next header 41) packet arriving there
+//! whose outer destination is in `DECAP_ADDRS` ([`DecapAddr`] → the ifindex the address is on,
+//! a value the program does not read), and passes the inner packet to the stack, which
+//! answers the client directly from the VIP. An encapsulated packet for any other address
+//! (a tunnel that ends on another host, routed through this one) passes untouched and is
+//! counted in [`Stat::DecapNotLocal`](crate::Stat::DecapNotLocal); with `DECAP_ADDRS` empty
+//! nothing is decapsulated. `lb-daemon decap` fills the map with the interface's addresses
+//! and keeps it in step with them.
 //!
 //! ## Forwarding and `DEVMAP`
 //!
@@ -110,15 +116,41 @@
 //! when the route says the destination is local). TTL / hop limit are not decremented (`nat` acts as the flow's endpoint; `dsr` sends a
 //! new outer header with TTL 64).
 //!
+//! ## Conntrack ageing
+//!
+//! Each `CONNTRACK` entry holds when its flow was last seen ([`CtEntry::seen_s`], whole
+//! seconds of `bpf_ktime_get_ns`). A packet that finds its entry rewrites that field in place
+//! (one aligned 32-bit store, no map update) only when the stored time is
+//! [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry idle for more
+//! than its service's [`Limits::idle_timeout_s`] (the daemon writes the service's
+//! `idle_timeout`) is *aged*, and a packet that would start a flow on it is placed anew by
+//! the live table like a packet that found no entry (and is subject to the per-client limits
+//! like one):
+//!
+//! - UDP: any packet. A client reusing its source port after the timeout gets the backend
+//!   the table gives now, as a new session would on the proxy.
+//! - TCP: only a SYN without ACK. Every other packet of an aged entry keeps its backend and
+//!   refreshes the entry: a long-idle connection that is still open lives only on its
+//!   backend, and moving it would break it. A SYN on a fresh entry (not closed, not aged) is
+//!   taken for a retransmission and keeps its backend too.
+//!
+//! An aged entry that held a connection slot ([`CT_F_COUNTED`] without [`CT_F_CLOSED`])
+//! gives it back when a packet replaces it, exactly once (the same atomic [`CT_F_CLOSED`]
+//! step a FIN takes). Entries are never deleted for age: an aged entry stays until a packet
+//! replaces it or the LRU evicts it. With [`Limits::idle_timeout_s`] 0 (an entry never
+//! written) entries never age.
+//!
 //! ## Per-client limits
 //!
 //! `LIMITS` holds each service's `[service.limits]` ([`Limits`]; all zero, the default of an
-//! entry never written, means no limit). It is its own array rather than fields of
-//! [`Service`] because it changes on another schedule (a reload, not a health change) and is
-//! read only for new flows: the `SERVICES` flip protocol stays about `active_half` alone,
-//! and the per-packet path does not read limit fields it never needs. Write it before the
-//! VIP is published and again whenever the limits change; each field is read on its own, so
-//! a packet may see half of an update, which only mixes two valid settings for one packet.
+//! entry never written, means no limit) and its conntrack idle timeout. It is its own array
+//! rather than fields of [`Service`] because it changes on another schedule (a reload, not a
+//! health change) and is read only for new flows and for entries due a refresh (at most
+//! once per [`CT_REFRESH_SECS`] per flow): the `SERVICES` flip protocol stays about
+//! `active_half` alone, and the per-packet path does not read fields it never needs. Write
+//! it before the VIP is published and again whenever it changes; each field is read on its
+//! own, so a packet may see half of an update, which only mixes two valid settings for one
+//! packet.
 //!
 //! The limits apply to flows a client starts: a TCP SYN without ACK, or a UDP packet, that
 //! finds no `CONNTRACK` entry (or, for a SYN, an entry whose flow was closed
@@ -161,8 +193,15 @@
 //! route lookup does not consult VLAN sub-interfaces, so tagged traffic is forwarded only when
 //! the route leads out of an interface in `DEVMAP` or back out of the ingress one.
 //!
-//! Not handled (passed to the kernel untouched): ICMP, including errors about balanced flows;
-//! IPv4 fragments; IPv6 extension headers. See `Stat`'s `Pass*` counters.
+//! ICMP: an error a backend (or a router before it) sends to `local_addr` about a `nat`
+//! flow, quoting a packet whose reversed 5-tuple is in `NAT_REVERSE` (IPv4 destination
+//! unreachable, fragmentation needed among them; ICMPv6 destination unreachable and packet
+//! too big), is translated back as from the VIP to the client, quote included, and sent on
+//! like a reply ([`Stat::IcmpTranslated`](crate::Stat::IcmpTranslated)), so path MTU
+//! discovery works through the balancer. Every other ICMP message passes untouched.
+//!
+//! Not handled (passed to the kernel untouched): IPv4 fragments; IPv6 extension headers. See
+//! `Stat`'s `Pass*` counters.
 //!
 //! ## Attaching, detaching
 //!
@@ -199,6 +238,8 @@ pub const DEVMAP: &str = "DEVMAP";
 pub const LIMITS: &str = "LIMITS";
 /// Map name: [`ClientKey`] → [`ClientState`].
 pub const CLIENTS: &str = "CLIENTS";
+/// Map name: [`DecapAddr`] → ifindex (`u32`), the outer destinations `lb_decap` accepts.
+pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
 /// Map name: global per-CPU `u64` counters indexed by [`Stat`](crate::Stat).
 pub const STATS: &str = "STATS";
 /// Map name: per-CPU [`Counters`](crate::Counters) per service id.
@@ -225,6 +266,8 @@ pub const NAT_REVERSE_SIZE: u32 = 131_072;
 pub const CLIENTS_SIZE: u32 = 65_536;
 /// Interfaces `DEVMAP` can hold.
 pub const DEVMAP_SIZE: u32 = 64;
+/// Local addresses `DECAP_ADDRS` can hold.
+pub const DECAP_ADDRS_SIZE: u32 = 256;
 
 /// Index into `TABLES` of `slot` in `half` (0 or 1) of `service`'s table:
 /// `(service * 2 + half) * MAX_TABLE_SIZE + slot`. The caller keeps `service < MAX_SERVICES`,
@@ -376,6 +419,47 @@ pub struct CtEntry {
     pub snat_port: u16,
     /// Bits: [`CT_F_COUNTED`], [`CT_F_CLOSED`]; the others are zero.
     pub flags: u16,
+    /// When a packet of the flow was last seen, in whole seconds of `bpf_ktime_get_ns`
+    /// (`CLOCK_MONOTONIC`: [`ct_seconds`] of its nanoseconds), to within
+    /// [`CT_REFRESH_SECS`]. See "Conntrack ageing" in the module docs.
+    pub seen_s: u32,
+}
+
+/// [`CtEntry::seen_s`] is rewritten only when it is at least this many seconds old, so a
+/// busy flow costs one write to its entry per this many seconds, not one per packet.
+/// Idle times are therefore measured to within this many seconds.
+pub const CT_REFRESH_SECS: u32 = 2;
+
+/// The [`CtEntry::seen_s`] clock: seconds of the `bpf_ktime_get_ns` clock
+/// (`CLOCK_MONOTONIC`) at `ns` nanoseconds, truncated to 32 bits (it wraps after 136 years
+/// of uptime; ages are computed with wrapping arithmetic).
+#[inline(always)]
+pub const fn ct_seconds(ns: u64) -> u32 {
+    (ns / 1_000_000_000) as u32
+}
+
+/// Key of `DECAP_ADDRS`: an address `lb_decap` accepts as the outer destination of an
+/// encapsulated packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapAddr {
+    /// The address, in [`FlowKey`]'s layout.
+    pub addr: [u32; 4],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`] (an IPv4 address and the IPv6 `x::` share a layout).
+    pub family: u8,
+    /// Explicit padding; zero.
+    pub _pad: [u8; 3],
+}
+
+impl DecapAddr {
+    /// The key of `addr`.
+    pub fn new(addr: IpAddr) -> DecapAddr {
+        DecapAddr {
+            addr: addr_words(addr),
+            family: family_of(addr),
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Value of `LIMITS`: a service's per-client limits. Zero in a field means no such limit.
@@ -389,8 +473,10 @@ pub struct Limits {
     pub burst_ns: u64,
     /// Concurrent TCP flows one client address may hold; 0 means no limit.
     pub max_connections: u32,
-    /// Explicit padding; zero.
-    pub _pad: u32,
+    /// Seconds after which an idle `CONNTRACK` entry of the service no longer pins a flow
+    /// that starts again (see "Conntrack ageing" in the module docs): the service's
+    /// `idle_timeout`. 0 means entries never age.
+    pub idle_timeout_s: u32,
 }
 
 /// Key of `CLIENTS`: one client address within one service.
@@ -439,13 +525,16 @@ const _: () = {
     assert!(core::mem::size_of::<VipValue>() == 4);
     assert!(core::mem::size_of::<Service>() == 36);
     assert!(core::mem::size_of::<Backend>() == 20);
-    assert!(core::mem::size_of::<CtEntry>() == 8);
-    // The program sets CT_F_CLOSED with a 64-bit atomic OR on the whole entry: bits 48..64.
+    assert!(core::mem::size_of::<CtEntry>() == 12);
+    // The program sets CT_F_CLOSED with a 64-bit atomic OR on the entry's first 8 bytes:
+    // bits 48..64. `seen_s` lies outside them, so its refresh never races with the OR.
     assert!(core::mem::offset_of!(CtEntry, flags) == 6);
+    assert!(core::mem::offset_of!(CtEntry, seen_s) == 8);
     assert!(core::mem::size_of::<NatReverse>() == 40);
     assert!(core::mem::size_of::<Limits>() == 24);
     assert!(core::mem::size_of::<ClientKey>() == 20);
     assert!(core::mem::size_of::<ClientState>() == 16);
+    assert!(core::mem::size_of::<DecapAddr>() == 20);
     assert!(core::mem::size_of::<FlowKey>() == 40);
 };
 
@@ -462,6 +551,7 @@ mod pod {
     unsafe impl aya::Pod for super::Limits {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ClientState {}
+    unsafe impl aya::Pod for super::DecapAddr {}
     unsafe impl aya::Pod for crate::FlowKey {}
     unsafe impl aya::Pod for crate::Counters {}
 }

@@ -8,7 +8,8 @@
 /// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped, `Refused*`
 /// ones were turned away by a per-client limit (a TCP SYN answered with a RST, anything else
 /// dropped). Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*`
-/// counters, `Forwarded`, `NatReplies`, `FibPass`, a `Refused*` or a `Drop*` counter;
+/// counters, `Forwarded`, `NatReplies`, `IcmpTranslated`, `FibPass`, a `Refused*` or a
+/// `Drop*` counter;
 /// `CtMissNonSyn` comes on top.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,10 +65,17 @@ pub enum Stat {
     /// Refused, as [`Stat::RefusedClientRate`]: a new TCP flow from a client that holds the
     /// service's `max_connections_per_client` already.
     RefusedClientConnections = 20,
+    /// `lb_decap`: IPIP / IP6IP6 packets whose outer destination is not in `DECAP_ADDRS`
+    /// (a tunnel ending on another host), passed untouched.
+    DecapNotLocal = 21,
+    /// ICMP errors about a NAT'ed flow (IPv4 destination unreachable, fragmentation needed
+    /// among them; ICMPv6 destination unreachable, packet too big) translated back to the
+    /// flow's client and sent on.
+    IcmpTranslated = 22,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 21;
+pub const STATS_LEN: u32 = 23;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.

@@ -74,7 +74,8 @@ enum Command {
         admin: AdminArg,
     },
     /// On a DSR backend host: strips the balancer's IPIP/IP6IP6 header from packets arriving
-    /// on IFACE (XDP program `lb_decap`) until SIGTERM or SIGINT. Put the VIP on `lo`.
+    /// on IFACE for one of IFACE's addresses (XDP program `lb_decap`) until SIGTERM or SIGINT.
+    /// Put the VIP on `lo`.
     Decap {
         /// The interface the encapsulated packets arrive on.
         #[arg(long)]

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    flow::IPPROTO_TCP,
+    flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
     maps::{Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT},
     FlowKey, Stat,
@@ -12,7 +12,7 @@ use lb_common::{
 use crate::{
     conntrack, encap,
     fib::{self, Out},
-    limits,
+    icmp, limits,
     maps::{SERVICES, VIPS},
     nat,
     parse::{self, Parsed, TCP_FIN, TCP_RST},
@@ -155,9 +155,13 @@ fn refuse(ctx: &XdpContext, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
     Err(stat)
 }
 
-/// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.
+/// Not for a VIP: a NAT reply (or an ICMP error about a NAT'ed flow) to translate back to
+/// VIP → client, or a packet to pass.
 #[inline(always)]
 fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
+    if p.key.protocol != IPPROTO_TCP && p.key.protocol != IPPROTO_UDP {
+        return icmp::translate(ctx, p);
+    }
     let r = nat::reverse(&p.key).ok_or(Stat::PassNotVip)?;
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The backend ends the flow: its client's slot goes back as for the client's FIN.

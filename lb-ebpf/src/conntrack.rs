@@ -12,26 +12,58 @@
 //! (without ACK) that finds such an entry starts a new flow on the same 5-tuple (a client
 //! reusing its port), placed by the live table like any new flow.
 //!
-//! Entries carry no timestamp and never expire by age: a flow (TCP or UDP) stays pinned until
-//! the LRU evicts it to make room, or its backend is marked down. A lone SYN that meets an
-//! entry pinned to a draining backend starts a new connection on a reused 4-tuple: it is
-//! placed by the table. Katran ages UDP entries;
-//! this program does not yet, so a UDP client that reuses its source port keeps its backend.
+//! # Ageing
+//!
+//! Entries remember when their flow was last seen (`CtEntry::seen_s`, seconds), and an entry
+//! idle longer than its service's idle timeout no longer pins a flow that starts again (the
+//! contract is "Conntrack ageing" in `lb_common::maps`):
+//!
+//! - UDP: every packet may start a session, so a datagram on an aged entry is placed anew by
+//!   the live table. A client that reuses its source port an hour later gets today's backend.
+//! - TCP: only a SYN without ACK on an aged entry is placed anew. A packet without SYN keeps
+//!   its backend however old the entry is: the connection may well be alive (idle, no
+//!   keepalives), and it exists only on that backend, which would answer nothing else but a
+//!   RST from another one. A TCP flow that ended without a FIN or RST the balancer saw leaves
+//!   an entry that only a SYN reusing the 5-tuple can tell is dead.
+//!
+//! As we read it, Katran handles TCP differently: a SYN never consults its LRU at all and is
+//! always placed by the current ring, and only UDP entries carry an access time. We keep the
+//! entry for a SYN whose entry is fresh (not closed, not aged): that SYN is most likely a
+//! retransmission, and after a table flip placing it anew would send it to another backend
+//! than its first copy, whose SYN-ACK the client may already have answered. The timestamp
+//! that ageing UDP needs makes this distinction free for TCP.
+//!
+//! The timestamp is refreshed in place, and only when it is `CT_REFRESH_SECS` or more old: a
+//! flow's entry is written once every two seconds or so, not per packet (a per-packet store
+//! would bounce the entry's cache line between the CPUs a flow's packets arrive on). The
+//! service's timeout (`LIMITS`) is read only then, and for SYNs and UDP.
+//!
+//! An aged entry that held one of its client's connection slots gives it back when it is
+//! replaced, through the same once-only step as a FIN (`limits::release`).
+//!
+//! # Draining backends
+//!
+//! A flow pinned to a draining backend (weight 0, or removed by a reload or DNS) stays on it.
+//! A lone SYN that meets such an entry is a new connection reusing the 4-tuple (a client's
+//! ports wrap): it is placed by the table like any new flow, counts against the per-client
+//! limits, and the old entry's connection slot, if it held one, goes back.
 
 use core::num::NonZeroU32;
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow::IPPROTO_TCP,
     flow_hash,
     maps::{
-        table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, BACKEND_F_DRAINING, CT_F_CLOSED,
-        MAX_SERVICES, MAX_TABLE_SIZE,
+        ct_seconds, table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, BACKEND_F_DRAINING,
+        CT_F_CLOSED, CT_F_COUNTED, CT_REFRESH_SECS, MAX_SERVICES, MAX_TABLE_SIZE,
     },
     FlowKey, Stat,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, TABLES},
+    limits,
+    maps::{BACKENDS, CONNTRACK, LIMITS, TABLES},
     parse::{TCP_ACK, TCP_SYN},
     stats,
 };
@@ -48,9 +80,9 @@ pub struct Placement {
     /// Whether this packet started the flow (no usable conntrack entry).
     pub new_flow: bool,
     /// Whether the client starts a flow with this packet: a TCP SYN without ACK, or a UDP
-    /// packet, that found no entry (or, for the SYN, an entry of a closed flow). The per-client
-    /// limits apply to these only; not to TCP misses without SYN nor to flows re-placed
-    /// because their backend went down.
+    /// packet, that found no entry, or an aged one (see the module docs), or, for the SYN, an
+    /// entry of a closed flow. The per-client limits apply to these only; not to TCP misses
+    /// without SYN nor to flows re-placed because their backend went down.
     pub fresh: bool,
 }
 
@@ -63,27 +95,47 @@ pub fn place(
     service_id: u32,
     service: &Service,
 ) -> Result<Placement, Stat> {
-    let syn = key.protocol != IPPROTO_TCP || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let tcp = key.protocol == IPPROTO_TCP;
+    // A packet that may start a flow.
+    let syn = !tcp || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // SAFETY: a helper without arguments.
+    let now = ct_seconds(unsafe { bpf_ktime_get_ns() });
     // Flags a re-placed flow keeps (its connection slot, if it holds one).
     let mut flags = 0;
     let fresh;
-    if let Some(entry) = CONNTRACK.get_ptr(key) {
+    if let Some(ptr) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a live map value; a concurrent update replaces it whole (LRU hash elements
-        // are swapped, not written in place; `limits::closed` only sets a bit), and it is
-        // copied out at once.
-        let entry = unsafe { *entry };
-        fresh = syn && key.protocol == IPPROTO_TCP && entry.flags & CT_F_CLOSED != 0;
+        // are swapped, not written in place; `limits::release` only sets a bit and the
+        // refresh below only stores `seen_s`), and it is copied out at once.
+        let mut entry = unsafe { *ptr };
+        let idle = now.wrapping_sub(entry.seen_s);
+        let due = idle >= CT_REFRESH_SECS;
+        let aged = syn && due && aged(idle, service_id);
+        let closed = syn && tcp && entry.flags & CT_F_CLOSED != 0;
+        // A lone SYN on an entry pinned to a draining backend (weight 0 or removed) is a new
+        // connection reusing the 4-tuple: the draining backend takes no new connections.
+        let reused = syn
+            && tcp
+            && !closed
+            && BACKENDS
+                .get(entry.backend)
+                .is_some_and(|b| b.flags & BACKEND_F_DRAINING != 0);
+        fresh = aged || closed || reused;
+        if (aged || reused) && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED {
+            // The flow it pinned is over: its slot goes back (once, even if CPUs race here).
+            limits::release(ptr, &key.src_addr, service_id);
+        }
         if !fresh {
             if let Some(backend) = BACKENDS.get(entry.backend) {
                 // A backend that went down cannot serve the flow: place it anew. A draining
-                // one (weight 0 or removed, not down) keeps its flows, but not a new
-                // connection that reuses a 4-tuple pinned to it (a lone SYN).
-                let reused =
-                    syn && key.protocol == IPPROTO_TCP && backend.flags & BACKEND_F_DRAINING != 0;
-                if backend.family == service.family
-                    && backend.flags & BACKEND_F_DOWN == 0
-                    && !reused
-                {
+                // one (weight 0 or removed, not down) keeps its flows.
+                if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
+                    if due {
+                        // SAFETY: a live map value; one aligned 32-bit store outside the
+                        // 8 bytes `limits::release` changes atomically.
+                        unsafe { (&raw mut (*ptr).seen_s).write_volatile(now) };
+                        entry.seen_s = now;
+                    }
                     return Ok(Placement {
                         backend_id: entry.backend,
                         backend: *backend,
@@ -109,10 +161,21 @@ pub fn place(
             backend: backend_id,
             snat_port: 0,
             flags,
+            seen_s: now,
         },
         new_flow: true,
         fresh,
     })
+}
+
+/// Whether an entry of service `service_id` idle for `idle` seconds is aged: idle longer
+/// than the service's `Limits::idle_timeout_s`, when that is not 0.
+#[inline(always)]
+fn aged(idle: u32, service_id: u32) -> bool {
+    match LIMITS.get(service_id) {
+        Some(limits) => limits.idle_timeout_s != 0 && idle > limits.idle_timeout_s,
+        None => false,
+    }
 }
 
 /// Records `entry` for `key` (a new flow, or a new SNAT port).

@@ -1,5 +1,5 @@
 //! DSR encapsulation (IPIP for IPv4, IP6IP6 for IPv6) on the balancer, and its removal on the
-//! backend host by `lb_decap`.
+//! backend host by `lb_decap`, for the outer destinations `DECAP_ADDRS` names.
 //!
 //! The outer header goes between the Ethernet header (and its VLAN tag, kept) and the client's
 //! IP packet, which stays byte for byte as it arrived: the backend sees the client's address
@@ -8,13 +8,17 @@
 //! TOS copied, IPv6 with the flow's hash as flow label (so ECMP spreads flows, not packets).
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{maps::FAMILY_V4, Stat};
+use lb_common::{
+    maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
+    Stat,
+};
 
 use crate::{
     csum,
+    maps::DECAP_ADDRS,
     parse::{
-        groups6, halves, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP, ETH_P_IPV6,
-        IPPROTO_IPIP, IPPROTO_IPV6,
+        addr6, groups6, halves, ptr_at, word, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP,
+        ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6,
     },
 };
 
@@ -135,46 +139,84 @@ fn grow(ctx: &XdpContext, bytes: usize) -> Result<(), Stat> {
     Ok(())
 }
 
+/// What `lb_decap` did with a packet.
+pub enum Decap {
+    /// An IPIP / IP6IP6 packet for a local address: its outer header stripped.
+    Stripped,
+    /// Not encapsulated (or an outer fragment, or malformed): untouched.
+    Plain,
+    /// Encapsulated, but the outer destination is not in `DECAP_ADDRS`: untouched.
+    NotLocal,
+}
+
 /// `lb_decap`'s work: strips the outer header of an IPIP (IPv4 protocol 4) or IP6IP6 (IPv6
-/// next header 41) packet and returns `Ok(())`; the caller passes the inner packet to the
-/// stack. `Err(())` for every other packet (not encapsulated, an outer fragment, malformed),
-/// which must pass untouched.
+/// next header 41) packet whose outer destination is a local address (`DECAP_ADDRS`); the
+/// caller passes the inner packet to the stack. Every other packet is left untouched and
+/// must pass.
 #[inline(always)]
-pub fn decapsulate(ctx: &XdpContext) -> Result<(), ()> {
-    let (l3_off, proto) = crate::parse::l3(ctx).map_err(|_| ())?;
-    let outer_len = if proto == ETH_P_IP {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(())?;
+pub fn decapsulate(ctx: &XdpContext) -> Decap {
+    let Ok((l3_off, proto)) = crate::parse::l3(ctx) else {
+        return Decap::Plain;
+    };
+    let (outer_len, dst) = if proto == ETH_P_IP {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+            return Decap::Plain;
+        };
         // SAFETY: bounds checked by `ptr_at`.
-        let (version_ihl, frag_off, protocol) =
-            unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol) };
+        let (version_ihl, frag_off, protocol, dst) =
+            unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol, (*ip).dst) };
         let ihl = ((version_ihl & 0x0f) as usize) * 4;
         if version_ihl >> 4 != 4 || ihl < 20 || protocol != IPPROTO_IPIP {
-            return Err(());
+            return Decap::Plain;
         }
         if u16::from_be(frag_off) & 0x3fff != 0 {
-            return Err(());
+            return Decap::Plain;
         }
         // The inner IPv4 header must be there.
-        ptr_at::<Ipv4Hdr>(ctx, l3_off + ihl).ok_or(())?;
-        ihl
+        if ptr_at::<Ipv4Hdr>(ctx, l3_off + ihl).is_none() {
+            return Decap::Plain;
+        }
+        let dst = DecapAddr {
+            addr: [word(dst[0], dst[1]), 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        (ihl, dst)
     } else if proto == ETH_P_IPV6 {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).ok_or(())?;
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
+            return Decap::Plain;
+        };
         // SAFETY: bounds checked by `ptr_at`.
-        let nexthdr = unsafe { (*ip).nexthdr };
+        let (nexthdr, dst) = unsafe { ((*ip).nexthdr, (*ip).dst) };
         if nexthdr != IPPROTO_IPV6 {
-            return Err(());
+            return Decap::Plain;
         }
         let hdr = core::mem::size_of::<Ipv6Hdr>();
-        ptr_at::<Ipv6Hdr>(ctx, l3_off + hdr).ok_or(())?;
-        hdr
+        if ptr_at::<Ipv6Hdr>(ctx, l3_off + hdr).is_none() {
+            return Decap::Plain;
+        }
+        let dst = DecapAddr {
+            addr: addr6(&dst),
+            family: FAMILY_V6,
+            _pad: [0; 3],
+        };
+        (hdr, dst)
     } else {
-        return Err(());
+        return Decap::Plain;
     };
-    let link = save_link(ctx, l3_off).map_err(|_| ())?;
+    // SAFETY: the key lives on the stack for the call; the value is not read.
+    if unsafe { DECAP_ADDRS.get(&dst) }.is_none() {
+        return Decap::NotLocal;
+    }
+    let Ok(link) = save_link(ctx, l3_off) else {
+        return Decap::Plain;
+    };
     // SAFETY: the helper only moves `data`; every later access re-checks bounds.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
-        return Err(());
+        return Decap::Plain;
     }
-    // Same family inside and out, so the EtherType stays right.
-    restore_link(ctx, &link).map_err(|_| ())
+    // Same family inside and out, so the EtherType stays right. The head has moved: a
+    // failure here (it cannot fail, the frame only got shorter) still passes the inner packet.
+    let _ = restore_link(ctx, &link);
+    Decap::Stripped
 }

@@ -3,15 +3,16 @@
 //! the races and their bounds are documented with the map contract (`lb_common::maps`,
 //! "Per-client limits"); this module only implements it.
 //!
-//! Called for flows a client starts (see `conntrack::Placement::fresh`), and for the first FIN
-//! or RST of a tracked TCP flow. Nothing here runs for the other packets of a flow.
+//! Called for flows a client starts (see `conntrack::Placement::fresh`), for the first FIN
+//! or RST of a tracked TCP flow, and when an aged conntrack entry is replaced. Nothing here
+//! runs for the other packets of a flow.
 
 use core::intrinsics::{atomic_or, atomic_xadd, atomic_xsub, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow::IPPROTO_TCP,
-    maps::{ClientKey, ClientState, CT_F_CLOSED, CT_F_COUNTED},
+    maps::{ClientKey, ClientState, CtEntry, CT_F_CLOSED, CT_F_COUNTED},
     FlowKey, Stat,
 };
 
@@ -73,13 +74,22 @@ pub fn admit(key: &FlowKey, service_id: u32) -> Result<u16, Stat> {
 /// [`CT_F_COUNTED`], gives its client's connection slot back.
 #[inline(always)]
 pub fn closed(key: &FlowKey, service_id: u32) {
-    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
-        return;
-    };
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        release(entry, &key.src_addr, service_id);
+    }
+}
+
+/// Marks the live conntrack entry `entry` of a flow of `client` (its address) in service
+/// `service_id` [`CT_F_CLOSED`] and, if this call set the bit and the flow was
+/// [`CT_F_COUNTED`], gives the client's connection slot back: whichever CPUs call this for
+/// one entry, and however often, the slot goes back once.
+#[inline(always)]
+pub fn release(entry: *mut CtEntry, client: &[u32; 4], service_id: u32) {
     // SAFETY: a live map value; the kernel places hash map values on 8-byte boundaries, and
-    // the entry is 8 bytes with `flags` its top 16 bits (little-endian), so an atomic OR on
-    // the whole entry sets the bit and tells which call set it first: one flow gives its slot
-    // back once, whichever CPUs see its FIN and RST. (BPF has 64-bit atomics only.)
+    // the entry's first 8 bytes have `flags` as their top 16 bits (little-endian), so an
+    // atomic OR on them sets the bit and tells which call set it first: one flow gives its
+    // slot back once, whichever CPUs see its FIN and RST or replace it aged. (BPF has 64-bit
+    // atomics only.)
     let before = unsafe {
         atomic_or::<u64, u64, { Relaxed }>(entry as *mut u64, u64::from(CT_F_CLOSED) << 48)
     };
@@ -89,7 +99,7 @@ pub fn closed(key: &FlowKey, service_id: u32) {
     }
     let ckey = ClientKey {
         service: service_id,
-        addr: key.src_addr,
+        addr: *client,
     };
     if let Some(state) = CLIENTS.get_ptr_mut(&ckey) {
         // SAFETY: a live map value, its counter changed atomically. Never below zero: a

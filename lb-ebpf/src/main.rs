@@ -2,7 +2,7 @@
 //!
 //! This file holds only the entry points. Each concern has its own module, as in Katran's
 //! `lib/bpf`: `parse` (headers and the pass rule), `maps` (declarations), `conntrack`
-//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
+//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about NAT'ed flows), `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
 //! strings them together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]
@@ -21,6 +21,7 @@ mod conntrack;
 mod csum;
 mod encap;
 mod fib;
+mod icmp;
 mod limits;
 mod maps;
 mod nat;
@@ -49,15 +50,17 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The DSR decapsulator, attached on a backend host: strips the outer IPIP / IP6IP6 header and
-/// passes the client's packet to the stack (the VIP is configured on the backend's loopback).
-/// Every other packet passes untouched.
+/// The DSR decapsulator, attached on a backend host: strips the outer IPIP / IP6IP6 header of
+/// packets addressed to one of the host's addresses (`DECAP_ADDRS`) and passes the client's
+/// packet to the stack (the VIP is configured on the backend's loopback). Every other packet,
+/// encapsulated ones for other hosts included, passes untouched.
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
-    match encap::decapsulate(&ctx) {
-        Ok(()) => stats::increment(Stat::Decapsulated),
-        Err(()) => stats::increment(Stat::DecapPassed),
-    }
+    stats::increment(match encap::decapsulate(&ctx) {
+        encap::Decap::Stripped => Stat::Decapsulated,
+        encap::Decap::Plain => Stat::DecapPassed,
+        encap::Decap::NotLocal => Stat::DecapNotLocal,
+    });
     xdp_action::XDP_PASS
 }
 

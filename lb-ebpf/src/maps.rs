@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, ClientKey, ClientState, CtEntry, Limits, NatReverse, Service, VipKey, VipValue,
-        CLIENTS_SIZE, CONNTRACK_SIZE, DEVMAP_SIZE, MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE,
-        TABLES_LEN,
+        Backend, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey,
+        VipValue, CLIENTS_SIZE, CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DEVMAP_SIZE, MAX_BACKENDS,
+        MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
     },
     Counters, FlowKey, STATS_LEN,
 };
@@ -64,6 +64,11 @@ pub static LIMITS: Array<Limits> = Array::with_max_entries(MAX_SERVICES, 0);
 #[map(name = "CLIENTS")]
 pub static CLIENTS: LruHashMap<ClientKey, ClientState> =
     LruHashMap::with_max_entries(CLIENTS_SIZE, 0);
+
+/// The local addresses `lb_decap` accepts as outer destination → their ifindex. Written by
+/// `lb-daemon decap`; the balancer does not use it.
+#[map(name = "DECAP_ADDRS")]
+pub static DECAP_ADDRS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECAP_ADDRS_SIZE, 0);
 
 /// Global per-CPU counters indexed by `lb_common::Stat`.
 #[map(name = "STATS")]

@@ -11,8 +11,12 @@
 //!   < 5): `Stat::PassMalformed`;
 //! - IPv4 fragments, first or later (later ones carry no ports): `Stat::PassFragment`;
 //! - IPv6 extension headers before the transport header: `Stat::PassIpv6ExtHeaders`;
-//! - anything else that is not TCP or UDP over IP (ARP, ICMP, a second VLAN tag...):
+//! - anything else that is not TCP or UDP over IP (ARP, a second VLAN tag...):
 //!   `Stat::PassNotVip`, like TCP/UDP packets for no VIP.
+//!
+//! ICMP (over IPv4) and ICMPv6 (over IPv6 without extension headers) are parsed with ports 0,
+//! for `icmp` to translate the errors about NAT'ed flows; it passes the rest as
+//! `Stat::PassNotVip`.
 //!
 //! Every header struct is `#[repr(C)]` with fields no wider than 16 bits, so its alignment is 2:
 //! Ethernet (14 bytes), a VLAN tag (4) and IP headers (multiples of 4) keep every header on an
@@ -36,6 +40,10 @@ pub const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 pub const IPPROTO_IPIP: u8 = 4;
 /// IPv6 next-header number of IPv6-in-IPv6.
 pub const IPPROTO_IPV6: u8 = 41;
+/// IPv4 protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+/// IPv6 next-header number of ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Ethernet header.
 #[repr(C)]
@@ -238,7 +246,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Stat> {
         let (source, dest) = unsafe { ((*udp).source, (*udp).dest) };
         key.src_port = u16::from_be(source);
         key.dst_port = u16::from_be(dest);
-    } else {
+    } else if !(key.protocol == IPPROTO_ICMP && family == FAMILY_V4
+        || key.protocol == IPPROTO_ICMPV6 && family == FAMILY_V6)
+    {
         return Err(Stat::PassNotVip);
     }
     Ok(Parsed {
@@ -347,8 +357,9 @@ pub fn halves(w: u32) -> [u16; 2] {
     [w as u16, (w >> 16) as u16]
 }
 
+/// The `FlowKey` address of the eight memory-order groups of an IPv6 header's address.
 #[inline(always)]
-fn addr6(groups: &[u16; 8]) -> [u32; 4] {
+pub fn addr6(groups: &[u16; 8]) -> [u32; 4] {
     [
         word(groups[0], groups[1]),
         word(groups[2], groups[3]),

@@ -20,14 +20,18 @@ use lb_common::{
     flow_hash,
     maps::{
         addr_words as words, family_of as family, table_index, Backend, ClientKey, ClientState,
-        CtEntry, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS, BACKEND_F_DOWN,
-        BACKEND_F_DRAINING, BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED, CT_F_COUNTED, DEVMAP,
-        LIMITS, MODE_DSR, MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES,
-        SERVICE_STATS, STATS, TABLES, VIPS,
+        CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS,
+        BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED,
+        CT_F_COUNTED, CT_REFRESH_SECS, DECAP_ADDRS, DEVMAP, LIMITS, MODE_DSR, MODE_NAT,
+        NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS,
     },
     Counters, FlowKey, Stat,
 };
-use lb_tests::{netns::Netns, require_root};
+use lb_tests::{
+    netns::Netns,
+    require_root,
+    xdp::{bpf_object, Decap},
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -332,6 +336,7 @@ struct Lab {
     backend_stats: PerCpuArray<MapData, Counters>,
     limits: Array<MapData, Limits>,
     clients: HashMap<MapData, ClientKey, ClientState>,
+    decap_addrs: HashMap<MapData, DecapAddr, u32>,
     /// ifindex of `vc`, where clients come in.
     vc: u32,
     /// ifindex of `vb`, behind which the backends are.
@@ -384,6 +389,14 @@ impl Lab {
         let limits = Array::try_from(take(LIMITS)).expect("LIMITS is an array of Limits");
         let clients =
             HashMap::try_from(take(CLIENTS)).expect("CLIENTS is a hash of ClientKey → ClientState");
+        let mut decap_addrs: HashMap<MapData, DecapAddr, u32> =
+            HashMap::try_from(take(DECAP_ADDRS)).expect("DECAP_ADDRS is a hash of DecapAddr → u32");
+        // The lab is also b1's host, where `lb_decap` runs: b1's addresses are local.
+        for addr in [IpAddr::V4(B1_4), IpAddr::V6(B1_6)] {
+            decap_addrs
+                .insert(DecapAddr::new(addr), 1, 0)
+                .expect("write DECAP_ADDRS");
+        }
 
         let ns = Netns::new("xdp").expect("create the lab namespace");
         let setup: &[&[&str]] = &[
@@ -475,6 +488,7 @@ impl Lab {
             backend_stats,
             limits,
             clients,
+            decap_addrs,
             vc,
             vb,
             ns,
@@ -1026,6 +1040,130 @@ fn a_draining_backend_keeps_its_flows_but_not_a_new_connection_on_an_old_4_tuple
         1,
         "the new connection's conntrack entry"
     );
+}
+
+#[test]
+fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
+    let Some(mut lab) = lab("decap_not_local") else {
+        return;
+    };
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let inner = wire::ip(
+        client,
+        vip,
+        6,
+        &wire::tcp(client, 41000, vip, 80, TCP_SYN, b""),
+    );
+    let outer = wire::V4 {
+        tos: 0,
+        id: 0,
+        frag: 0x4000,
+        ttl: 64,
+    };
+    let to = |dst: Ipv4Addr| {
+        wire::frame(
+            B1_MAC,
+            VB_MAC,
+            &wire::ipv4(LOCAL4, dst, 4, outer, &[], &inner),
+        )
+    };
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &to(B2_4));
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &to(B2_4),
+        "an IPIP packet for another host through lb_decap",
+    );
+    let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let inner6 = wire::ip(c6, v6, 17, &wire::udp(c6, 6000, v6, 53, b"q"));
+    let other6 = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ipv6(LOCAL6, LOCAL6, 41, 0x6000_0000, 64, &inner6),
+    );
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &other6);
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &other6,
+        "an IP6IP6 packet for another host through lb_decap",
+    );
+    assert_eq!(
+        lab.stat(Stat::DecapNotLocal),
+        2,
+        "tunnels for other hosts were not counted as such"
+    );
+    assert_eq!(
+        lab.stat(Stat::Decapsulated),
+        0,
+        "lb_decap stripped a tunnel for another host"
+    );
+
+    // b1's own address is decapsulated until it leaves the map (IPv4 and IPv6 keys differ
+    // even where their words are alike).
+    let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
+    assert_same(
+        &out,
+        &wire::frame(B1_MAC, VB_MAC, &inner),
+        "decapsulated for b1",
+    );
+    lab.decap_addrs
+        .remove(&DecapAddr::new(B1_4.into()))
+        .expect("remove b1 from DECAP_ADDRS");
+    let v6_alike = IpAddr::V6(Ipv6Addr::new(
+        u16::from_be_bytes([10, 0]),
+        u16::from_be_bytes([2, 11]),
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ));
+    lab.decap_addrs
+        .insert(DecapAddr::new(v6_alike), 1, 0)
+        .expect("write DECAP_ADDRS");
+    let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
+    assert_same(&out, &to(B1_4), "an address removed from DECAP_ADDRS");
+    assert_eq!(lab.stat(Stat::DecapNotLocal), 3);
+    assert_eq!(lab.stat(Stat::Decapsulated), 1);
+}
+
+#[test]
+fn lb_daemon_decap_accepts_its_interfaces_addresses_and_follows_their_changes() {
+    if !require_root("decap_addresses") {
+        return;
+    }
+    let ns = Netns::new("dcp").expect("create a namespace");
+    for args in [
+        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"][..],
+        &["addr", "add", "10.9.0.1/24", "dev", "d0"],
+        &["-6", "addr", "add", "fd09::1/64", "dev", "d0", "nodad"],
+        &["link", "set", "d0", "up"],
+        &["link", "set", "d1", "up"],
+    ] {
+        ns.ip(args).expect("set up the interface");
+    }
+    let decap = Decap::start(&ns, "d0", &bpf_object());
+    for addr in ["10.9.0.1", "fd09::1"] {
+        assert!(
+            decap.ready_line().contains(addr),
+            "lb-daemon decap does not say it decapsulates for {addr}: {}",
+            decap.ready_line()
+        );
+    }
+    // It reads them every 2 s.
+    let within = std::time::Duration::from_secs(10);
+    ns.ip(&["addr", "add", "10.9.0.2/24", "dev", "d0"])
+        .expect("add an address");
+    decap
+        .wait_for("decapsulating for 10.9.0.2 too", within)
+        .unwrap_or_else(|seen| panic!("an address added to d0 was not taken up: {seen:?}"));
+    ns.ip(&["addr", "del", "10.9.0.1/24", "dev", "d0"])
+        .expect("remove an address");
+    decap
+        .wait_for("no longer decapsulating for 10.9.0.1", within)
+        .unwrap_or_else(|seen| panic!("an address removed from d0 was kept: {seen:?}"));
 }
 
 #[test]
@@ -1794,7 +1932,7 @@ mod limits {
             interval_ns: 100_000_000_000,
             burst_ns: 300_000_000_000,
             max_connections: 0,
-            _pad: 0,
+            idle_timeout_s: 0,
         };
         limited(&mut lab, 0, slow);
         limited(
@@ -2061,5 +2199,521 @@ mod limits {
             XDP_REDIRECT,
             "an ACK of a flow at the limit",
         );
+    }
+}
+
+/// Conntrack ageing ("Conntrack ageing" in `lb_common::maps`): the tests age an entry by
+/// writing an older `seen_s` into it, rather than by waiting.
+mod ageing {
+    use super::*;
+
+    /// The idle timeout the tests give their services, seconds.
+    const IDLE: u32 = 30;
+
+    /// Seconds and nanoseconds of `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+    fn monotonic() -> (u32, u32) {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer for the call.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
+        (ts.tv_sec as u32, ts.tv_nsec as u32)
+    }
+
+    /// Two backends (b1 id 0, b2 id 1); service 0 TCP VIP4:80 and service 1 UDP VIP4:53,
+    /// both NAT on a table naming only b1, both with idle timeout [`IDLE`].
+    fn setup(test: &str) -> Option<Lab> {
+        let mut lab = lab(test)?;
+        lab.backend(0, B1_4.into(), 8080);
+        lab.backend(1, B2_4.into(), 8080);
+        lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+        lab.service(1, VIP4.into(), 53, IPPROTO_UDP, MODE_NAT, &[0]);
+        for id in [0, 1] {
+            idle_timeout(&mut lab, id, IDLE, 0);
+        }
+        Some(lab)
+    }
+
+    fn idle_timeout(lab: &mut Lab, id: u32, idle_timeout_s: u32, max_connections: u32) {
+        let limits = Limits {
+            idle_timeout_s,
+            max_connections,
+            ..Limits::default()
+        };
+        lab.limits.set(id, limits, 0).expect("write LIMITS");
+    }
+
+    fn tcp(sport: u16, flags: u8) -> Vec<u8> {
+        let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(c, v, 6, &wire::tcp(c, sport, v, 80, flags, b"")),
+        )
+    }
+
+    fn udp(sport: u16) -> Vec<u8> {
+        let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(c, v, 17, &wire::udp(c, sport, v, 53, b"q")),
+        )
+    }
+
+    fn key(sport: u16, protocol: u8) -> FlowKey {
+        let port = if protocol == IPPROTO_TCP { 80 } else { 53 };
+        flow(CLIENT4.into(), sport, VIP4.into(), port, protocol)
+    }
+
+    fn entry(lab: &Lab, key: &FlowKey) -> CtEntry {
+        lab.conntrack
+            .get(key, 0)
+            .expect("the flow has a conntrack entry")
+    }
+
+    /// Makes `key`'s entry look last seen `idle` seconds before its current `seen_s`.
+    fn age(lab: &mut Lab, key: &FlowKey, idle: u32) -> CtEntry {
+        let mut e = entry(lab, key);
+        e.seen_s = e.seen_s.wrapping_sub(idle);
+        lab.conntrack.insert(key, e, 0).expect("write CONNTRACK");
+        e
+    }
+
+    fn dst_of(frame: &[u8]) -> Ipv4Addr {
+        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
+    }
+
+    #[test]
+    fn an_aged_udp_entry_is_placed_by_the_live_table_and_a_fresh_one_is_kept() {
+        let Some(mut lab) = setup("ageing_udp") else {
+            return;
+        };
+        let (before, _) = monotonic();
+        let out = lab.expect(lab.vc, &udp(5000), XDP_REDIRECT, "a first datagram");
+        assert_eq!(dst_of(&out), B1_4, "the session starts on b1");
+        lab.expect(lab.vc, &udp(5001), XDP_REDIRECT, "another session");
+        let (after, _) = monotonic();
+        let seen = entry(&lab, &key(5000, IPPROTO_UDP)).seen_s;
+        assert!(
+            (before..=after).contains(&seen),
+            "a new entry's time {seen} is not the CLOCK_MONOTONIC second it was made in \
+             ({before}..={after})"
+        );
+
+        lab.publish(1, &[1]);
+        // 5000 idle for just over the timeout, 5001 for just under it.
+        age(
+            &mut lab,
+            &key(5000, IPPROTO_UDP),
+            IDLE + CT_REFRESH_SECS + 1,
+        );
+        age(
+            &mut lab,
+            &key(5001, IPPROTO_UDP),
+            IDLE - CT_REFRESH_SECS - 1,
+        );
+        let out = lab.expect(
+            lab.vc,
+            &udp(5000),
+            XDP_REDIRECT,
+            "a datagram after a long idle",
+        );
+        assert_eq!(
+            dst_of(&out),
+            B2_4,
+            "a session idle past its timeout kept its old backend instead of the table's"
+        );
+        let e = entry(&lab, &key(5000, IPPROTO_UDP));
+        assert_eq!(e.backend, 1, "the re-placed session's entry names b2");
+        assert!(e.seen_s >= seen, "the re-placed entry's time is not now");
+        let out = lab.expect(
+            lab.vc,
+            &udp(5001),
+            XDP_REDIRECT,
+            "a datagram after a short idle",
+        );
+        assert_eq!(
+            dst_of(&out),
+            B1_4,
+            "a session idle for less than its timeout lost its backend"
+        );
+        assert_eq!(
+            lab.service_counters(1).new_flows,
+            3,
+            "the aged session did not count as a new flow"
+        );
+
+        // Idle timeout 0 (an entry never written): entries never age.
+        idle_timeout(&mut lab, 1, 0, 0);
+        age(&mut lab, &key(5001, IPPROTO_UDP), 100_000);
+        let out = lab.expect(lab.vc, &udp(5001), XDP_REDIRECT, "a datagram, no timeout");
+        assert_eq!(
+            dst_of(&out),
+            B1_4,
+            "a service without a timeout aged a session"
+        );
+    }
+
+    #[test]
+    fn an_aged_tcp_entry_keeps_its_backend_for_packets_without_syn_and_not_for_a_syn() {
+        let Some(mut lab) = setup("ageing_tcp") else {
+            return;
+        };
+        let out = lab.expect(lab.vc, &tcp(41000, TCP_SYN), XDP_REDIRECT, "the first SYN");
+        assert_eq!(dst_of(&out), B1_4, "the flow starts on b1");
+        lab.publish(0, &[1]);
+        let k = key(41000, IPPROTO_TCP);
+
+        // Idle long past the timeout, but the connection may be alive: it stays on b1.
+        let old = age(&mut lab, &k, 10 * IDLE);
+        for flags in [TCP_ACK, TCP_ACK | TCP_SYN] {
+            let out = lab.expect(lab.vc, &tcp(41000, flags), XDP_REDIRECT, "a long-idle ACK");
+            assert_eq!(
+                dst_of(&out),
+                B1_4,
+                "a packet without SYN (flags {flags:#x}) of an old TCP flow moved to the \
+                 live table's backend"
+            );
+        }
+        let e = entry(&lab, &k);
+        assert!(
+            e.seen_s > old.seen_s,
+            "the old flow's packet did not refresh its entry"
+        );
+        // A SYN on a fresh entry is a retransmission: it keeps its backend.
+        let out = lab.expect(lab.vc, &tcp(41000, TCP_SYN), XDP_REDIRECT, "a SYN again");
+        assert_eq!(dst_of(&out), B1_4, "a retransmitted SYN moved");
+
+        // A SYN on an aged entry starts a new flow on the reused port.
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        let out = lab.expect(lab.vc, &tcp(41000, TCP_SYN), XDP_REDIRECT, "a SYN, aged");
+        assert_eq!(
+            dst_of(&out),
+            B2_4,
+            "a SYN reusing the 5-tuple of a long-idle flow kept its old backend"
+        );
+        assert_eq!(entry(&lab, &k).backend, 1, "the new flow's entry names b2");
+        assert_eq!(lab.service_counters(0).new_flows, 2);
+    }
+
+    #[test]
+    fn an_aged_counted_entry_gives_its_connection_slot_back_once_when_replaced() {
+        let Some(mut lab) = setup("ageing_slot") else {
+            return;
+        };
+        idle_timeout(&mut lab, 0, IDLE, 1);
+        let slots = |lab: &Lab| {
+            let c = ClientKey {
+                service: 0,
+                addr: words(CLIENT4.into()),
+            };
+            lab.clients.get(&c, 0).map_or(0, |s| s.connections)
+        };
+        lab.expect(lab.vc, &tcp(42000, TCP_SYN), XDP_REDIRECT, "the first SYN");
+        lab.expect(
+            lab.vc,
+            &tcp(42001, TCP_SYN),
+            XDP_TX,
+            "a SYN over the limit of 1",
+        );
+        let k = key(42000, IPPROTO_TCP);
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        // Its ACK keeps the old flow, and its slot.
+        lab.expect(
+            lab.vc,
+            &tcp(42000, TCP_ACK),
+            XDP_REDIRECT,
+            "an aged flow's ACK",
+        );
+        assert_eq!(
+            slots(&lab),
+            1,
+            "an ACK of an old flow changed its client's slots"
+        );
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        lab.publish(0, &[1]);
+        for i in 0..3 {
+            let out = lab.expect(
+                lab.vc,
+                &tcp(42000, TCP_SYN),
+                XDP_REDIRECT,
+                "a SYN replacing an aged flow that held the client's only slot",
+            );
+            assert_eq!(
+                dst_of(&out),
+                B2_4,
+                "SYN {i} on the aged flow's port kept b1"
+            );
+        }
+        assert_eq!(
+            slots(&lab),
+            1,
+            "the replaced flow's slot was not given back exactly once (the new one holds one)"
+        );
+        assert_eq!(
+            entry(&lab, &k).flags,
+            CT_F_COUNTED,
+            "the new flow's conntrack flags"
+        );
+        lab.expect(
+            lab.vc,
+            &tcp(42001, TCP_SYN),
+            XDP_TX,
+            "a SYN over the limit again",
+        );
+
+        // A closed flow gave its slot back with its FIN: ageing must not give it again.
+        lab.expect(
+            lab.vc,
+            &tcp(42000, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            "the FIN",
+        );
+        assert_eq!(slots(&lab), 0);
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        lab.expect(
+            lab.vc,
+            &tcp(42000, TCP_SYN),
+            XDP_REDIRECT,
+            "a SYN on an aged closed flow",
+        );
+        assert_eq!(
+            slots(&lab),
+            1,
+            "a closed and aged flow's slot went back twice"
+        );
+        assert_eq!(lab.stat(Stat::RefusedClientConnections), 2);
+    }
+
+    #[test]
+    fn an_entry_time_is_rewritten_once_it_is_due_not_per_packet() {
+        let Some(mut lab) = setup("ageing_refresh") else {
+            return;
+        };
+        lab.expect(lab.vc, &udp(6000), XDP_REDIRECT, "a first datagram");
+        let k = key(6000, IPPROTO_UDP);
+        // Start early in a second, so the packets below run within it.
+        let (_, ns) = monotonic();
+        if ns > 500_000_000 {
+            std::thread::sleep(std::time::Duration::from_nanos(
+                u64::from(1_000_000_000 - ns) + 10_000_000,
+            ));
+        }
+        let (now, _) = monotonic();
+        let mut e = entry(&lab, &k);
+        e.seen_s = now - (CT_REFRESH_SECS - 1);
+        lab.conntrack.insert(k, e, 0).expect("write CONNTRACK");
+        for _ in 0..5 {
+            lab.expect(lab.vc, &udp(6000), XDP_REDIRECT, "a datagram");
+        }
+        let (later, _) = monotonic();
+        if later == now {
+            assert_eq!(
+                entry(&lab, &k).seen_s,
+                e.seen_s,
+                "a packet rewrote an entry time not yet {CT_REFRESH_SECS} s old: the \
+                 refresh writes per packet"
+            );
+        }
+        // Due: the first packet rewrites it, to now.
+        e.seen_s = now - CT_REFRESH_SECS;
+        lab.conntrack.insert(k, e, 0).expect("write CONNTRACK");
+        lab.expect(lab.vc, &udp(6000), XDP_REDIRECT, "a datagram, entry due");
+        let (later, _) = monotonic();
+        let refreshed = entry(&lab, &k).seen_s;
+        assert!(
+            (now..=later).contains(&refreshed),
+            "an entry time {CT_REFRESH_SECS} s old was not refreshed to now ({refreshed}, \
+             now {now}..={later})"
+        );
+    }
+}
+
+/// ICMP errors about NAT'ed flows, translated back to the client (lb-ebpf's `icmp.rs`).
+mod icmp_errors {
+    use super::*;
+
+    /// A router between the balancer and the backends.
+    const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 99);
+
+    /// An ICMP(v6) message: type, code, the 4 bytes after the checksum, the quote; its
+    /// checksum over `pseudo` (empty for ICMPv4) and the message.
+    fn icmp(kind: u8, code: u8, rest: u32, quote: &[u8], pseudo: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind, code, 0, 0];
+        m.extend_from_slice(&rest.to_be_bytes());
+        m.extend_from_slice(quote);
+        let c = wire::checksum(&[pseudo, &m]);
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        m
+    }
+
+    /// The outer IPv4 header fields of the errors the router sends.
+    const ROUTER_V4: wire::V4 = wire::V4 {
+        tos: 0xc0,
+        id: 0x4321,
+        frag: 0,
+        ttl: 63,
+    };
+
+    fn error4(quote: &[u8], to: Ipv4Addr) -> Vec<u8> {
+        wire::frame(
+            VB_MAC,
+            B1_MAC,
+            &wire::ipv4(
+                ROUTER4,
+                to,
+                1,
+                ROUTER_V4,
+                &[],
+                &icmp(3, 4, 1400, quote, &[]),
+            ),
+        )
+    }
+
+    #[test]
+    fn a_fragmentation_needed_about_a_nat_flow_reaches_its_client_as_if_from_the_vip() {
+        let Some(mut lab) = lab("icmp4") else {
+            return;
+        };
+        lab.backend(0, B1_4.into(), 8080);
+        lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+        let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        let sent = wire::ip(
+            client,
+            vip,
+            6,
+            &wire::tcp(client, 40000, vip, 80, TCP_ACK, &[7; 64]),
+        );
+        let out = lab.expect(
+            lab.vc,
+            &wire::frame(VC_MAC, CLIENT_MAC, &sent),
+            XDP_REDIRECT,
+            "a client's segment",
+        );
+        let translated = &out[14..];
+
+        // The router quotes the whole translated packet, or its headers and 8 bytes.
+        for len in [translated.len(), 20 + 8] {
+            let out = lab.expect(
+                lab.vb,
+                &error4(&translated[..len], LOCAL4),
+                XDP_REDIRECT,
+                "a fragmentation-needed error about the flow",
+            );
+            let want = wire::frame(
+                CLIENT_MAC,
+                VC_MAC,
+                &wire::ipv4(
+                    VIP4,
+                    CLIENT4,
+                    1,
+                    ROUTER_V4,
+                    &[],
+                    &icmp(3, 4, 1400, &sent[..len], &[]),
+                ),
+            );
+            assert_same(
+                &out,
+                &want,
+                &format!("the error sent to the client (a quote of {len} bytes)"),
+            );
+        }
+        assert_eq!(
+            lab.stat(Stat::IcmpTranslated),
+            2,
+            "translated errors not counted"
+        );
+
+        // An error about a flow the balancer does not know, or not an error: untouched.
+        let mut other = translated.to_vec();
+        other[20..22].copy_from_slice(&(SNAT_MAX + 1).to_be_bytes());
+        let unknown = error4(&other, LOCAL4);
+        let (action, same) = lab.run(PROG_BALANCER, lab.vb, &unknown);
+        assert_eq!(
+            action_name(action),
+            "XDP_PASS",
+            "an error about no known flow"
+        );
+        assert_same(&same, &unknown, "an error about no known flow");
+        let echo = wire::frame(
+            VB_MAC,
+            B1_MAC,
+            &wire::ipv4(
+                ROUTER4,
+                LOCAL4,
+                1,
+                ROUTER_V4,
+                &[],
+                &icmp(8, 0, 1, translated, &[]),
+            ),
+        );
+        let (action, same) = lab.run(PROG_BALANCER, lab.vb, &echo);
+        assert_eq!(
+            action_name(action),
+            "XDP_PASS",
+            "an echo request quoting a flow"
+        );
+        assert_same(&same, &echo, "an echo request quoting a flow");
+        assert_eq!(lab.stat(Stat::PassNotVip), 2);
+        assert_eq!(lab.stat(Stat::IcmpTranslated), 2);
+    }
+
+    #[test]
+    fn a_packet_too_big_about_a_nat_ipv6_udp_flow_reaches_its_client() {
+        let Some(mut lab) = lab("icmp6") else {
+            return;
+        };
+        lab.backend(1, B1_6.into(), 5353);
+        lab.service(1, VIP6.into(), 53, IPPROTO_UDP, MODE_NAT, &[1]);
+        let (client, vip): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+        let sent = wire::ip(
+            client,
+            vip,
+            17,
+            &wire::udp(client, 6000, vip, 53, &[9; 100]),
+        );
+        let out = lab.expect(
+            lab.vc,
+            &wire::frame(VC_MAC, CLIENT_MAC, &sent),
+            XDP_REDIRECT,
+            "a client's datagram",
+        );
+        let translated = &out[14..];
+        let (b1, local): (IpAddr, IpAddr) = (B1_6.into(), LOCAL6.into());
+        let message = icmp(
+            2,
+            0,
+            1280,
+            translated,
+            &wire::pseudo(b1, local, 58, 8 + translated.len()),
+        );
+        let error = wire::frame(
+            VB_MAC,
+            B1_MAC,
+            &wire::ipv6(B1_6, LOCAL6, 58, 0x6000_0000, 64, &message),
+        );
+        let out = lab.expect(
+            lab.vb,
+            &error,
+            XDP_REDIRECT,
+            "a packet-too-big about the flow",
+        );
+        let message = icmp(
+            2,
+            0,
+            1280,
+            &sent,
+            &wire::pseudo(vip, client, 58, 8 + sent.len()),
+        );
+        let want = wire::frame(
+            CLIENT_MAC,
+            VC_MAC,
+            &wire::ipv6(VIP6, CLIENT6, 58, 0x6000_0000, 64, &message),
+        );
+        assert_same(&out, &want, "the packet-too-big sent to the client");
+        assert_eq!(lab.stat(Stat::IcmpTranslated), 1);
     }
 }

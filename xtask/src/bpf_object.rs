@@ -25,6 +25,7 @@ const MAPS: &[&str] = &[
     maps::DEVMAP,
     maps::LIMITS,
     maps::CLIENTS,
+    maps::DECAP_ADDRS,
     maps::STATS,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,

@@ -19,6 +19,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Decap {
     child: Child,
     what: String,
+    /// Its `ready` line.
+    ready: String,
+    /// Its log lines after `ready`.
+    lines: mpsc::Receiver<String>,
 }
 
 impl Decap {
@@ -58,10 +62,10 @@ impl Decap {
         });
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut seen = Vec::new();
-        loop {
+        let ready = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains("ready") => break,
+                Ok(line) if line.contains("ready") => break line,
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     let _ = child.kill();
@@ -69,8 +73,33 @@ impl Decap {
                     panic!("{what} did not get ready; its output:\n{}", seen.join("\n"));
                 }
             }
+        };
+        Decap {
+            child,
+            what,
+            ready,
+            lines: rx,
         }
-        Decap { child, what }
+    }
+
+    /// Its `ready` line (it names the addresses it decapsulates for).
+    pub fn ready_line(&self) -> &str {
+        &self.ready
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle` and returns it; `Err` holds
+    /// the lines seen meanwhile.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => return Err(seen),
+            }
+        }
     }
 }
 

@@ -32,6 +32,8 @@ const STAT_NAMES: &[&str] = &[
     "drop_forwarding_disabled",
     "refused_client_rate",
     "refused_client_connections",
+    "decap_not_local",
+    "icmp_translated",
 ];
 
 /// The log name of `STATS` index `i`.

@@ -6,23 +6,65 @@
 //! VIP on its loopback, answers the client directly. Packets that are not encapsulated pass
 //! untouched, so the program is also a harmless "pass" program where one is needed (a veth
 //! only delivers `XDP_REDIRECT`ed frames when its peer has an XDP program).
+//!
+//! Only packets whose outer destination is one of IF's addresses are decapsulated: a tunnel
+//! that ends on another host and is routed through this one passes untouched (counted as
+//! `decap_not_local`). The addresses go into `DECAP_ADDRS` at start and are read again every
+//! [`REFRESH_EVERY`], so an address added to or removed from IF takes effect within that.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
 
-use lb_common::maps::{CLIENTS, CONNTRACK, NAT_REVERSE, PROG_DECAP, TABLES};
+use aya::maps::{HashMap, MapData};
+use lb_common::maps::{
+    DecapAddr, CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_ADDRS_SIZE, NAT_REVERSE, PROG_DECAP, TABLES,
+};
 use lb_common::Stat;
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
 
 use super::loader::{self, LoadError};
 
-/// Attaches `lb_decap` to `interface` (native mode, else generic with a warning), logs
-/// `ready`, and waits for SIGTERM or SIGINT; then logs its counters and detaches.
+/// How often the interface's addresses are read again.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// Why `lb-daemon decap` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DecapError {
+    /// The object could not be found or loaded, or XDP could not attach.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The object has no usable `DECAP_ADDRS`: not the lb-ebpf this daemon was built with.
+    #[error("the BPF object has no usable map {DECAP_ADDRS}: {reason}")]
+    Map {
+        /// What aya reported.
+        reason: String,
+    },
+    /// The interface's addresses could not be read or written into the map.
+    #[error("cannot give lb_decap the addresses of {interface}: {reason}")]
+    Addresses {
+        /// The interface.
+        interface: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Attaches `lb_decap` to `interface` (native mode, else generic with a warning) with the
+/// interface's addresses as the accepted outer destinations, logs `ready`, keeps the
+/// addresses in step every [`REFRESH_EVERY`], and waits for SIGTERM or SIGINT; then logs its
+/// counters and detaches.
 ///
 /// `object`: the BPF object, or `None` for the default search ([`loader::candidates`]).
-/// Returns `Err(LoadError)` when the object cannot be found or loaded, or XDP cannot attach.
-pub fn run(interface: &str, object: Option<&Path>) -> Result<(), LoadError> {
-    // Block the signals first, so one that arrives while attaching is not lost.
+/// Returns `Err(DecapError)` when the object cannot be found or loaded, XDP cannot attach,
+/// or the interface's addresses cannot be read or written at start (later failures are
+/// logged and retried).
+pub fn run(interface: &str, object: Option<&Path>) -> Result<(), DecapError> {
+    // Block the signals first, so one that arrives while attaching is not lost. Threads
+    // started later inherit the mask, so only the wait below takes them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
@@ -32,24 +74,149 @@ pub fn run(interface: &str, object: Option<&Path>) -> Result<(), LoadError> {
     let path = loader::find_object(object)?;
     // The decapsulator uses none of the balancer's big maps: make them one entry each.
     let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS])?;
+    let map = ebpf
+        .take_map(DECAP_ADDRS)
+        .ok_or_else(|| DecapError::Map {
+            reason: "not in the object".into(),
+        })
+        .and_then(|m| {
+            HashMap::<MapData, DecapAddr, u32>::try_from(m).map_err(|e| DecapError::Map {
+                reason: e.to_string(),
+            })
+        })?;
+    let mut local = LocalAddrs {
+        interface: interface.to_string(),
+        map,
+        written: BTreeSet::new(),
+    };
+    // Before the attach, so no encapsulated packet for this host passes undecapsulated.
+    local.sync().map_err(|reason| DecapError::Addresses {
+        interface: interface.to_string(),
+        reason,
+    })?;
+    if local.written.is_empty() {
+        warn!(
+            "{interface} has no address yet: {PROG_DECAP} decapsulates nothing until it gets one"
+        );
+    }
     let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
     let mode = loader::attach(prog, interface)?;
     info!(
-        "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode} mode) from {}",
+        "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode} mode) for {} \
+         from {}",
+        local.describe(),
         path.display()
     );
+    // The refresher stops when `stop` is dropped.
+    let (stop, stopped) = mpsc::channel::<()>();
+    let refresher = std::thread::Builder::new()
+        .name("decap-addrs".into())
+        .spawn(move || refresh(local, stopped));
+    if let Err(e) = &refresher {
+        warn!("cannot start the address refresher ({e}); {interface}'s addresses stay as read");
+    }
     let why = signals.wait().map_or("a signal", |s| s.as_str());
+    drop(stop);
+    if let Ok(handle) = refresher {
+        let _ = handle.join();
+    }
     let stats = ebpf
         .map(lb_common::maps::STATS)
         .and_then(|m| aya::maps::PerCpuArray::<_, u64>::try_from(m).ok())
         .map(|m| {
             let read = |s: Stat| m.get(&(s as u32), 0).map_or(0, |v| v.iter().sum::<u64>());
-            (read(Stat::Decapsulated), read(Stat::DecapPassed))
+            (
+                read(Stat::Decapsulated),
+                read(Stat::DecapPassed),
+                read(Stat::DecapNotLocal),
+            )
         });
     match stats {
-        Some((d, p)) => info!("{why}: decapsulated={d} passed={p}; detaching from {interface}"),
+        Some((d, p, n)) => {
+            info!("{why}: decapsulated={d} passed={p} not_local={n}; detaching from {interface}")
+        }
         None => info!("{why}: detaching from {interface}"),
     }
     drop(ebpf);
     Ok(())
+}
+
+/// Re-reads the addresses every [`REFRESH_EVERY`] until `stopped` says stop.
+fn refresh(mut local: LocalAddrs, stopped: mpsc::Receiver<()>) {
+    let mut failing = false;
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH_EVERY) {
+        match local.sync() {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                warn!("cannot refresh {}'s addresses: {e}", local.interface);
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// `DECAP_ADDRS` and what it holds: the addresses of one interface.
+struct LocalAddrs {
+    interface: String,
+    map: HashMap<MapData, DecapAddr, u32>,
+    written: BTreeSet<IpAddr>,
+}
+
+impl LocalAddrs {
+    /// Makes the map hold exactly the interface's current addresses (at most
+    /// `DECAP_ADDRS_SIZE`), logging what changed after the first time. `Err` says what failed.
+    fn sync(&mut self) -> Result<(), String> {
+        let ifindex = nix::net::if_::if_nametoindex(self.interface.as_str())
+            .map_err(|e| format!("no interface {}: {e}", self.interface))?;
+        let now = addresses_of(&self.interface)?;
+        let first = self.written.is_empty();
+        for gone in self.written.difference(&now).copied().collect::<Vec<_>>() {
+            match self.map.remove(&DecapAddr::new(gone)) {
+                Ok(()) => {
+                    self.written.remove(&gone);
+                    info!("{}: no longer decapsulating for {gone}", self.interface);
+                }
+                Err(e) => return Err(format!("cannot remove {gone}: {e}")),
+            }
+        }
+        for new in now.difference(&self.written).copied().collect::<Vec<_>>() {
+            if self.written.len() >= DECAP_ADDRS_SIZE as usize {
+                warn!(
+                    "{}: more than {DECAP_ADDRS_SIZE} addresses; not decapsulating for {new}",
+                    self.interface
+                );
+                continue;
+            }
+            self.map
+                .insert(DecapAddr::new(new), ifindex, 0)
+                .map_err(|e| format!("cannot add {new}: {e}"))?;
+            self.written.insert(new);
+            if !first {
+                info!("{}: decapsulating for {new} too", self.interface);
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let list: Vec<String> = self.written.iter().map(IpAddr::to_string).collect();
+        list.join(", ")
+    }
+}
+
+/// The IPv4 and IPv6 addresses of `interface` (`getifaddrs`).
+fn addresses_of(interface: &str) -> Result<BTreeSet<IpAddr>, String> {
+    let all = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
+    Ok(all
+        .filter(|a| a.interface_name == interface)
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect())
 }

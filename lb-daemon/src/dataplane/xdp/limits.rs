@@ -1,5 +1,5 @@
-//! Per-client limits on XDP, daemon side: writing each service's `[service.limits]` into
-//! `LIMITS`, and bounding the connection counts that conntrack evictions leak in `CLIENTS`.
+//! Per-client limits on XDP, daemon side: writing each service's `[service.limits]` (and its
+//! `idle_timeout`, which ages its conntrack entries) into `LIMITS`, and bounding the connection counts that conntrack evictions leak in `CLIENTS`.
 //!
 //! The program applies the limits (lb-ebpf's `limits.rs`); the map contract and the races it
 //! allows are in `lb_common::maps` ("Per-client limits"). A service's entry is written with
@@ -39,13 +39,19 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// 100 ms for a full map) while holding the maps, which delays a table write by as much.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// The `LIMITS` value of `limits` for a service of `protocol`.
+/// The `LIMITS` value of `limits` for a service of `protocol` whose `idle_timeout` is
+/// `idle_timeout`.
 ///
 /// The rate becomes a token interval of `round(1e9 / rate)` ns (at least 1; rates are at most
 /// 1,000,000/s, so the rounding error is below 0.05%), the bucket `burst` such intervals. The
 /// connection limit is written for TCP only: the daemon keeps UDP services that have one on
 /// the proxy (see `obstacle`), so a UDP entry never carries it.
-pub fn value(limits: &ClientLimits, protocol: Protocol) -> Limits {
+///
+/// `idle_timeout` becomes the conntrack idle timeout in whole seconds, rounded up, at least 1
+/// and at most `u32::MAX` (see "Conntrack ageing" in `lb_common::maps`): for UDP it ends a
+/// session as the proxy's timeout does; for TCP it only lets a SYN reusing an idle 5-tuple
+/// start afresh, which the proxy would have closed by then as well.
+pub fn value(limits: &ClientLimits, protocol: Protocol, idle_timeout: Duration) -> Limits {
     let interval_ns = match limits.rate {
         Some(rate) if rate > 0.0 => ((1e9 / rate).round() as u64).max(1),
         _ => 0,
@@ -58,8 +64,17 @@ pub fn value(limits: &ClientLimits, protocol: Protocol) -> Limits {
             Protocol::Tcp => limits.max_connections.unwrap_or(0),
             Protocol::Udp => 0,
         },
-        _pad: 0,
+        idle_timeout_s: idle_seconds(idle_timeout),
     }
+}
+
+/// `idle_timeout` in whole seconds for [`Limits::idle_timeout_s`]: rounded up (an entry is
+/// never aged before the timeout), at least 1 (0 would mean never), saturating.
+fn idle_seconds(idle_timeout: Duration) -> u32 {
+    let secs = idle_timeout
+        .as_secs()
+        .saturating_add(u64::from(idle_timeout.subsec_nanos() > 0));
+    u32::try_from(secs).unwrap_or(u32::MAX).max(1)
 }
 
 /// The limit maps, taken out of the loaded object with the others.
@@ -106,11 +121,17 @@ impl LimitMaps {
         })
     }
 
-    /// Writes `limits` as service `slot.id`'s `LIMITS` entry.
+    /// Writes `limits` and `idle_timeout` (the service's) as service `slot.id`'s `LIMITS`
+    /// entry.
     ///
     /// Returns `Err(MapsError::Io)` when the update fails.
-    pub fn write(&mut self, slot: &ServiceSlot, limits: &ClientLimits) -> Result<(), MapsError> {
-        let v = value(limits, slot.protocol);
+    pub fn write(
+        &mut self,
+        slot: &ServiceSlot,
+        limits: &ClientLimits,
+        idle_timeout: Duration,
+    ) -> Result<(), MapsError> {
+        let v = value(limits, slot.protocol, idle_timeout);
         self.limits
             .set(slot.id, v, 0)
             .map_err(io(contract::LIMITS))?;
@@ -312,6 +333,17 @@ mod tests {
         );
     }
 
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn idle_timeouts_become_whole_seconds_rounded_up_and_never_zero() {
+        let idle = |d: Duration| value(&ClientLimits::default(), Protocol::Udp, d).idle_timeout_s;
+        assert_eq!(idle(MINUTE), 60);
+        assert_eq!(idle(Duration::from_millis(1500)), 2, "rounded up");
+        assert_eq!(idle(Duration::from_millis(1)), 1, "0 would mean never");
+        assert_eq!(idle(Duration::from_secs(u64::MAX)), u32::MAX, "saturates");
+    }
+
     #[test]
     fn rates_become_token_intervals_and_bursts_their_multiples() {
         let l = value(
@@ -321,6 +353,7 @@ mod tests {
                 burst: 4,
             },
             Protocol::Tcp,
+            MINUTE,
         );
         assert_eq!(l.interval_ns, 100_000_000_000, "0.01/s is one per 100 s");
         assert_eq!(l.burst_ns, 400_000_000_000);
@@ -333,6 +366,7 @@ mod tests {
                 burst: 1_000_000,
             },
             Protocol::Tcp,
+            MINUTE,
         );
         assert_eq!((l.interval_ns, l.burst_ns), (1_000, 1_000_000_000));
         assert_eq!(l.max_connections, 0, "no connection limit is written as 0");
@@ -341,9 +375,13 @@ mod tests {
     #[test]
     fn no_limits_is_all_zeroes_and_udp_never_carries_a_connection_limit() {
         assert_eq!(
-            value(&ClientLimits::default(), Protocol::Tcp),
-            Limits::default(),
-            "an unlimited service must read as the zeroes of an entry never written"
+            value(&ClientLimits::default(), Protocol::Tcp, MINUTE),
+            Limits {
+                idle_timeout_s: 60,
+                ..Limits::default()
+            },
+            "an unlimited service must read as the zeroes of an entry never written, \
+             but for its idle timeout"
         );
         let udp = value(
             &ClientLimits {
@@ -352,6 +390,7 @@ mod tests {
                 burst: 3,
             },
             Protocol::Udp,
+            MINUTE,
         );
         assert_eq!(udp.max_connections, 0);
         assert_eq!(udp.interval_ns, 333_333_333);

@@ -179,7 +179,7 @@ impl Maps {
         };
         // Before the flip, which publishes the VIP the first time: the limits hold from the
         // service's first packet.
-        self.limits.write(slot, &snap.limits)?;
+        self.limits.write(slot, &snap.limits, snap.idle_timeout)?;
         let written = self.flip(slot, table)?;
         slot.generation = snap.generation;
         Ok(written)
