@@ -170,9 +170,14 @@
 //! - **Connections** (TCP only): a client holding [`ClientState::connections`]` >=`
 //!   [`Limits::max_connections`] flows is refused
 //!   ([`Stat::RefusedClientConnections`](crate::Stat::RefusedClientConnections)); an admitted flow
-//!   adds one (atomically) and gets [`CT_F_COUNTED`]. The first FIN or RST of a counted flow
-//!   seen by the balancer, from the client or (`nat`) in the backend's reply, sets
-//!   [`CT_F_CLOSED`] and subtracts one, once per flow. The check and the add are two steps,
+//!   adds one (atomically) and gets [`CT_F_COUNTED`]. The first end of a counted flow the
+//!   balancer sees sets [`CT_F_CLOSED`] and subtracts one, once per flow: on `nat` the
+//!   backend's FIN or RST (in its reply) or the client's RST, but not the client's FIN (a
+//!   half-close, after which the backend may go on sending: counting it would let a client
+//!   free its slots by half-closing every connection); on `dsr`, whose replies bypass the
+//!   balancer, the client's FIN or RST. The program tracks no sequence numbers, so a client
+//!   that forges RSTs outside the window (which the backend ignores) frees slots it still
+//!   uses; the proxy, which counts sockets, has no such gap. The check and the add are two steps,
 //!   so CPUs admitting one client at the same instant can each pass a check at `max - 1`
 //!   (at most one extra flow per racing CPU). A UDP flow has no end the balancer can see,
 //!   so the daemon keeps UDP services with `max_connections_per_client` on the proxy.

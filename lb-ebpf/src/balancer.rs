@@ -52,6 +52,22 @@ pub fn balance(ctx: &XdpContext) -> Result<u32, Stat> {
     }
 }
 
+/// The TCP flags of a client's segment that end its flow for the per-client limits. On `nat`
+/// the backend's FIN comes back through the balancer, so the client's own FIN (a half-close:
+/// the backend may go on sending) frees nothing, and a client cannot free its slots by
+/// half-closing its connections; its RST does (an in-window one ends the connection without
+/// a word from the backend). On `dsr` replies bypass the balancer: the client's FIN or RST is
+/// all it sees. A client that forges RSTs outside the window (which the backend ignores, RFC
+/// 5961) frees slots it still uses: the program does not track sequence numbers.
+#[inline(always)]
+fn client_ends(mode: u8) -> u8 {
+    if mode == MODE_NAT {
+        TCP_RST
+    } else {
+        TCP_FIN | TCP_RST
+    }
+}
+
 /// Client → VIP: place the flow, translate or encapsulate, send to the backend.
 #[inline(always)]
 fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> Result<u32, Stat> {
@@ -74,7 +90,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
         }
     } else if !placed.new_flow
         && p.key.protocol == IPPROTO_TCP
-        && p.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && p.tcp_flags & client_ends(service.mode) != 0
         && placed.entry.flags & CT_F_CLOSED == 0
     {
         limits::closed(&p.key, service_id);

@@ -2063,9 +2063,19 @@ mod limits {
         let syn = |lab: &Lab, client, port, action, what| {
             lab.expect(lab.vc, &tcp(client, port, TCP_SYN), action, what)
         };
-        syn(&lab, CLIENT4, 42000, XDP_REDIRECT, "the first connection");
+        let out = syn(&lab, CLIENT4, 42000, XDP_REDIRECT, "the first connection");
+        let snat_42000 = l4_source_port(&out);
         let out = syn(&lab, CLIENT4, 42001, XDP_REDIRECT, "the second connection");
         let snat_42001 = l4_source_port(&out);
+        // A segment from the backend to the balancer (the NAT reply path).
+        let (b, local): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+        let reply = |snat: u16, flags: u8| {
+            wire::frame(
+                VB_MAC,
+                B1_MAC,
+                &wire::ip(b, local, 6, &wire::tcp(b, 8080, local, snat, flags, b"")),
+            )
+        };
         syn(
             &lab,
             CLIENT4,
@@ -2087,13 +2097,28 @@ mod limits {
         );
         assert_eq!(connections(&lab, CLIENT4), 2);
 
-        // The client closes its first flow: the FIN gives its slot back, once.
+        // The client half-closes its first flow: on NAT that frees nothing (the backend may
+        // go on sending, and a client could free its slots by half-closing them all)...
         for _ in 0..3 {
             lab.expect(
                 lab.vc,
                 &tcp(CLIENT4, 42000, TCP_FIN | TCP_ACK),
                 XDP_REDIRECT,
                 "the client's FIN",
+            );
+        }
+        assert_eq!(
+            connections(&lab, CLIENT4),
+            2,
+            "the client's FIN gave its slot back on NAT"
+        );
+        // ...the backend's FIN ends the flow and gives its slot back, once.
+        for _ in 0..2 {
+            lab.expect(
+                lab.vb,
+                &reply(snat_42000, TCP_FIN | TCP_ACK),
+                XDP_REDIRECT,
+                "the backend's FIN",
             );
         }
         let key = flow(CLIENT4.into(), 42000, VIP4.into(), 80, IPPROTO_TCP);
@@ -2106,15 +2131,16 @@ mod limits {
         assert_eq!(
             connections(&lab, CLIENT4),
             1,
-            "three FINs of one flow gave back other than one slot"
+            "two FINs of one flow from its backend gave back other than one slot"
         );
-        syn(
+        let out = syn(
             &lab,
             CLIENT4,
             42002,
             XDP_REDIRECT,
             "a connection after a FIN",
         );
+        let snat_42002 = l4_source_port(&out);
         syn(
             &lab,
             CLIENT4,
@@ -2124,18 +2150,12 @@ mod limits {
         );
 
         // The backend resets the second flow (NAT reply path): its slot goes back too.
-        let (b, local): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
-        let rst = wire::frame(
-            VB_MAC,
-            B1_MAC,
-            &wire::ip(
-                b,
-                local,
-                6,
-                &wire::tcp(b, 8080, local, snat_42001, TCP_RST | TCP_ACK, b""),
-            ),
+        lab.expect(
+            lab.vb,
+            &reply(snat_42001, TCP_RST | TCP_ACK),
+            XDP_REDIRECT,
+            "the backend's RST",
         );
-        lab.expect(lab.vb, &rst, XDP_REDIRECT, "the backend's RST");
         assert_eq!(
             connections(&lab, CLIENT4),
             1,
@@ -2172,10 +2192,10 @@ mod limits {
             "a SYN reusing a closed flow's port at the limit",
         );
         lab.expect(
-            lab.vc,
-            &tcp(CLIENT4, 42002, TCP_FIN | TCP_ACK),
+            lab.vb,
+            &reply(snat_42002, TCP_FIN | TCP_ACK),
             XDP_REDIRECT,
-            "the FIN of a third flow",
+            "the backend's FIN of a third flow",
         );
         syn(
             &lab,
@@ -2465,12 +2485,13 @@ mod ageing {
             "a SYN over the limit again",
         );
 
-        // A closed flow gave its slot back with its FIN: ageing must not give it again.
+        // A closed flow gave its slot back with its RST (on NAT the client's FIN, a
+        // half-close, does not end it): ageing must not give it again.
         lab.expect(
             lab.vc,
-            &tcp(42000, TCP_FIN | TCP_ACK),
+            &tcp(42000, TCP_RST | TCP_ACK),
             XDP_REDIRECT,
-            "the FIN",
+            "the client's RST",
         );
         assert_eq!(slots(&lab), 0);
         age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);

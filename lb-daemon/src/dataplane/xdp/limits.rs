@@ -81,7 +81,6 @@ fn idle_seconds(idle_timeout: Duration) -> u32 {
 pub struct LimitMaps {
     limits: Array<MapData, Limits>,
     clients: HashMap<MapData, ClientKey, ClientState>,
-    conntrack: HashMap<MapData, FlowKey, CtEntry>,
     /// Per service id: its VIP key (to tell which service a conntrack entry belongs to) and
     /// whether it has a connection limit.
     services: StdHashMap<u32, (VipKey, bool)>,
@@ -109,14 +108,14 @@ fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
 }
 
 impl LimitMaps {
-    /// Takes `LIMITS`, `CLIENTS` and `CONNTRACK` out of `ebpf`.
+    /// Takes `LIMITS` and `CLIENTS` out of `ebpf` (the sweep reads `CONNTRACK` through
+    /// [`Maps`], which owns it).
     ///
     /// Returns `Err(MapsError::Missing)` when one is absent or has another layout.
     pub fn take(ebpf: &mut Ebpf) -> Result<LimitMaps, MapsError> {
         Ok(LimitMaps {
             limits: take(ebpf, contract::LIMITS)?,
             clients: take(ebpf, contract::CLIENTS)?,
-            conntrack: take(ebpf, contract::CONNTRACK)?,
             services: StdHashMap::new(),
         })
     }
@@ -150,8 +149,11 @@ impl LimitMaps {
         self.services.values().any(|&(_, limited)| limited)
     }
 
-    /// Open counted flows per client, from `CONNTRACK`.
-    fn tracked(&self) -> StdHashMap<ClientKey, u64> {
+    /// Open counted flows per client, from `conntrack`.
+    fn tracked(
+        &self,
+        conntrack: &HashMap<MapData, FlowKey, CtEntry>,
+    ) -> StdHashMap<ClientKey, u64> {
         let mut by_vip: StdHashMap<VipKey, u32> = StdHashMap::new();
         for (&id, &(vip, limited)) in &self.services {
             if limited {
@@ -161,7 +163,7 @@ impl LimitMaps {
         let mut tracked = StdHashMap::new();
         // Entries evicted or added while iterating may be skipped or seen: the two-sweep
         // rule absorbs that.
-        for item in self.conntrack.iter() {
+        for item in conntrack.iter() {
             let Ok((flow, entry)) = item else { continue };
             if entry.flags & CT_F_COUNTED == 0 || entry.flags & CT_F_CLOSED != 0 {
                 continue;
@@ -236,7 +238,7 @@ impl Sweeper {
         }
         self.swept = Instant::now();
         if maps.limits.any_connection_limit() {
-            let lowered = self.sweep(&mut maps.limits);
+            let lowered = self.sweep(&mut maps.limits, &maps.conntrack);
             if lowered > 0 {
                 info!(
                     "XDP limits: gave back {lowered} connection slots held by flows conntrack \
@@ -267,8 +269,12 @@ impl Sweeper {
     }
 
     /// One sweep; returns the slots given back.
-    fn sweep(&mut self, maps: &mut LimitMaps) -> u64 {
-        let tracked = maps.tracked();
+    fn sweep(
+        &mut self,
+        maps: &mut LimitMaps,
+        conntrack: &HashMap<MapData, FlowKey, CtEntry>,
+    ) -> u64 {
+        let tracked = maps.tracked(conntrack);
         let mut excess = StdHashMap::new();
         let mut lowered = 0;
         let keys: Vec<ClientKey> = maps.clients.keys().filter_map(Result::ok).collect();

@@ -69,7 +69,8 @@ pub struct Maps {
     services: Array<MapData, contract::Service>,
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
-    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    /// Read by the limits sweep too (`limits.rs`): the object has one `CONNTRACK` to take.
+    pub(super) conntrack: HashMap<MapData, FlowKey, CtEntry>,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
