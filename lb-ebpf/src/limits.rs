@@ -49,7 +49,10 @@ pub fn admit(key: &FlowKey, service_id: u32) -> Result<u16, Stat> {
     // one (the races this allows are the documented ones), `connections` only atomically.
     unsafe {
         let connections = &raw mut (*state).connections;
-        if max != 0 && connections.read_volatile() >= u64::from(max) {
+        // Read as signed: two CPUs releasing this client's last slot at once can both pass
+        // `release`'s check and wrap the count to u64::MAX, which must read as -1 (admit;
+        // the next admission brings it back to 0), not as a count far over any limit.
+        if max != 0 && (connections.read_volatile() as i64) >= i64::from(max) {
             return Err(Stat::RefusedClientConnections);
         }
         if interval != 0 {
