@@ -1,0 +1,133 @@
+//! Draining a backend through the admin API while the XDP data plane carries the service:
+//! the drained backend gets no new flow, a long upload pinned to it finishes byte-complete,
+//! and `/status` shows it draining with its XDP flow count frozen. NAT and DSR.
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use lb_tests::admin;
+use lb_tests::client::{http_get, upload, Upload};
+use lb_tests::data::Receipt;
+use lb_tests::load::run;
+use lb_tests::xdp::world::{World, BULK, WEB};
+use lb_tests::xdp::{backend_ip, in_netns, Mode, Topology};
+
+/// The part of the long upload sent before the drain, and after it.
+const BEFORE: u64 = 8 * 1024 * 1024;
+const AFTER: u64 = 24 * 1024 * 1024;
+
+#[test]
+fn nat_a_drained_backend_takes_no_new_flow_and_its_upload_finishes() {
+    if lb_tests::require_root("xdp_drain::nat_a_drained_backend_takes_no_new_flow") {
+        drain_mid_load(Mode::Nat);
+    }
+}
+
+#[test]
+fn dsr_a_drained_backend_takes_no_new_flow_and_its_upload_finishes() {
+    if lb_tests::require_root("xdp_drain::dsr_a_drained_backend_takes_no_new_flow") {
+        drain_mid_load(Mode::Dsr);
+    }
+}
+
+fn drain_mid_load(mode: Mode) {
+    let mut world = World::start(mode, 3, 3);
+    let api = world.daemon.admin_addr();
+    let status = |world: &World| {
+        in_netns(&world.topology.balancer, || admin::status(api)).expect("balancer namespace")
+    };
+
+    let mut long = world
+        .client(|| -> Result<Upload, lb_tests::client::ClientError> {
+            let mut u = Upload::start(Topology::vip(BULK), 21)?;
+            u.send(BEFORE)?;
+            Ok(u)
+        })
+        .unwrap_or_else(|e| panic!("{mode:?}: the long upload could not start: {e}"));
+    // The backend holding it is the only one with an open `bulk` connection (health checks
+    // are short-lived).
+    let holder = (0..300)
+        .find_map(|_| {
+            let open: Vec<usize> = (1..=3)
+                .filter(|&i| world.backend(i).peer.open_connections() > 0)
+                .collect();
+            if open.len() == 1 {
+                return Some(open[0]);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            None
+        })
+        .unwrap_or_else(|| panic!("{mode:?}: cannot tell which backend holds the upload"));
+    let holder_addr = SocketAddr::new(IpAddr::V4(backend_ip(holder)), BULK);
+    let web_drained = SocketAddr::new(IpAddr::V4(backend_ip(2)), WEB);
+
+    let mark = world.daemon.log_mark();
+    for (service, backend) in [("bulk", holder_addr), ("web", web_drained)] {
+        let path = format!("/services/{service}/backends/{backend}/drain");
+        let reply = in_netns(&world.topology.balancer, || {
+            admin::request(api, "POST", &path, "")
+        })
+        .expect("balancer namespace");
+        assert_eq!(reply.status, 200, "{mode:?}: POST {path}: {}", reply.body);
+    }
+    for service in ["bulk", "web"] {
+        let table = format!("service {service}: XDP table generation");
+        world
+            .daemon
+            .wait_for_log_after(mark, &table, Duration::from_secs(10))
+            .unwrap_or_else(|e| {
+                panic!("{mode:?}: the drain of {service} never reached the XDP table: {e}")
+            });
+    }
+    let flows_of = |st: &serde_json::Value| -> u64 {
+        admin::backend(st, "bulk", holder_addr)
+            .and_then(|b| b["xdp"]["flows"].as_u64())
+            .unwrap_or_else(|| panic!("{mode:?}: no XDP flow count for {holder_addr}: {st}"))
+    };
+    let st = status(&world);
+    let before = flows_of(&st);
+    assert_eq!(
+        admin::backend(&st, "bulk", holder_addr).map(|b| b["state"].clone()),
+        Some("draining".into()),
+        "{mode:?}: /status does not show {holder_addr} draining: {st}"
+    );
+
+    // New flows while the long upload goes on: none reaches a drained backend.
+    let web_report = world.client(|| {
+        run(90, 3, Duration::from_secs(60), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    web_report.assert_all_answered(&format!("{mode:?}: HTTP while b2 drains"));
+    assert_eq!(
+        web_report.tally.get("b2"),
+        0,
+        "{mode:?}: the drained web backend b2 answered new connections: {:?}",
+        web_report.tally
+    );
+    let bulk_report = world.client(|| {
+        run(30, 3, Duration::from_secs(60), |i| {
+            upload(Topology::vip(BULK), 4096, 100 + i as u64).map(|_| "ok".to_string())
+        })
+    });
+    bulk_report.assert_all_answered(&format!("{mode:?}: uploads while b{holder} drains"));
+    long.send(AFTER)
+        .unwrap_or_else(|e| panic!("{mode:?}: the upload to the drained b{holder} broke: {e}"));
+    let receipt = long
+        .finish()
+        .unwrap_or_else(|e| panic!("{mode:?}: the upload to the drained b{holder} failed: {e}"));
+    assert_eq!(
+        receipt,
+        Receipt::of_stream(BEFORE + AFTER, 21),
+        "{mode:?}: the upload pinned to the drained b{holder} arrived damaged or cut"
+    );
+    let after = flows_of(&status(&world));
+    assert_eq!(
+        after,
+        before,
+        "{mode:?}: XDP started {} new flows on the drained b{holder}",
+        after - before
+    );
+}
