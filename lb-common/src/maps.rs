@@ -86,13 +86,14 @@
 //! On each backend host, attach `lb_decap` to the interface the encapsulated packets arrive on
 //! and configure the VIP on the backend's loopback: `lb_decap` strips the outer header of every
 //! IPIP (outer IPv4 protocol 4) and IP6IP6 (outer IPv6 next header 41) packet arriving there
-//! whose outer destination is in `DECAP_ADDRS` ([`DecapAddr`] → the ifindex the address is on,
+//! whose outer destination is in `DECAP_ADDRS` ([`DecapAddr`] → the ifindex `lb_decap` runs on,
 //! a value the program does not read), and passes the inner packet to the stack, which
 //! answers the client directly from the VIP. An encapsulated packet for any other address
 //! (a tunnel that ends on another host, routed through this one) passes untouched and is
 //! counted in [`Stat::DecapNotLocal`](crate::Stat::DecapNotLocal); with `DECAP_ADDRS` empty
-//! nothing is decapsulated. `lb-daemon decap` fills the map with the interface's addresses
-//! and keeps it in step with them.
+//! nothing is decapsulated. `lb-daemon decap` fills the map with every address of its
+//! network namespace (the backend's address may sit on a VLAN, a bond, a dummy device or `lo`
+//! rather than on the interface the tunnels arrive on) and keeps it in step with them.
 //!
 //! ## Forwarding and `DEVMAP`
 //!
@@ -121,9 +122,10 @@
 //! Each `CONNTRACK` entry holds when its flow was last seen ([`CtEntry::seen_s`], whole
 //! seconds of `bpf_ktime_get_ns`). A packet that finds its entry rewrites that field in place
 //! (one aligned 32-bit store, no map update) only when the stored time is
-//! [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry idle for more
-//! than its service's [`Limits::idle_timeout_s`] (the daemon writes the service's
-//! `idle_timeout`) is *aged*, and a packet that would start a flow on it is placed anew by
+//! [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry whose stored
+//! time is older than its service's [`Limits::idle_timeout_s`] (the daemon writes the
+//! service's `idle_timeout`) plus `CT_REFRESH_SECS + 1` (the most the stored time can trail
+//! the flow's last packet: refreshed every `CT_REFRESH_SECS`, truncated to seconds) is *aged*, and a packet that would start a flow on it is placed anew by
 //! the live table like a packet that found no entry (and is subject to the per-client limits
 //! like one):
 //!
@@ -203,7 +205,9 @@
 //! unreachable, fragmentation needed among them; ICMPv6 destination unreachable and packet
 //! too big), is translated back as from the VIP to the client, quote included, and sent on
 //! like a reply ([`Stat::IcmpTranslated`](crate::Stat::IcmpTranslated)), so path MTU
-//! discovery works through the balancer. Every other ICMP message passes untouched.
+//! discovery of the client → backend direction works through the balancer. Every other ICMP
+//! message passes untouched, among them errors a router on the client's side sends to the VIP
+//! about replies (server → client): the backend does not learn that direction's path MTU.
 //!
 //! Not handled (passed to the kernel untouched): IPv4 fragments; IPv6 extension headers. See
 //! `Stat`'s `Pass*` counters.

@@ -145,7 +145,11 @@ pub fn place(
                     });
                 }
             }
-            flags = entry.flags;
+            // Read again, not from the copy: a FIN on another CPU may have closed the flow
+            // (and given its slot back) since, and the re-placed entry must not count the
+            // slot a second time.
+            // SAFETY: a live map value; `flags` is changed only by `limits::release`'s atomic OR.
+            flags = unsafe { (&raw const (*ptr).flags).read_volatile() };
         }
     } else {
         if !syn {
@@ -168,12 +172,19 @@ pub fn place(
     })
 }
 
-/// Whether an entry of service `service_id` idle for `idle` seconds is aged: idle longer
-/// than the service's `Limits::idle_timeout_s`, when that is not 0.
+/// Whether an entry of service `service_id` whose stored time is `idle` seconds old is aged:
+/// older than the service's `Limits::idle_timeout_s` (when that is not 0) plus the lag of the
+/// stored time. The time is refreshed only once it is `CT_REFRESH_SECS` old and is truncated
+/// to whole seconds, so it can trail the flow's last packet by up to `CT_REFRESH_SECS + 1`:
+/// without that margin a flow sending every 1.5 s under a 2 s timeout would read as idle and
+/// be moved mid-session. A flow idle for good ages between the timeout and 3 s after it.
 #[inline(always)]
 fn aged(idle: u32, service_id: u32) -> bool {
     match LIMITS.get(service_id) {
-        Some(limits) => limits.idle_timeout_s != 0 && idle > limits.idle_timeout_s,
+        Some(limits) => {
+            limits.idle_timeout_s != 0
+                && idle > limits.idle_timeout_s.saturating_add(CT_REFRESH_SECS + 1)
+        }
         None => false,
     }
 }

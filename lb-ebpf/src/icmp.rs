@@ -16,7 +16,14 @@
 //! Everything else (echo, an error about an unknown flow, a quote of something other than TCP
 //! or UDP, a quoted IPv4 header with a bad IHL) passes untouched as `Stat::PassNotVip`, as
 //! ICMP always did. Errors about `dsr` flows never reach the balancer (the backend answers
-//! the client directly), and errors about replies go to the backend, not here.
+//! the client directly).
+//!
+//! Not translated yet: errors about the server → client direction. A router on the client's
+//! side that cannot forward a NAT reply (source the VIP) sends its error to the VIP; the
+//! quote's reversed 5-tuple is then a `CONNTRACK` key, not a `NAT_REVERSE` one, so the error
+//! passes to the balancer's kernel, which drops it, and the backend does not learn that path's
+//! MTU (large replies to such a client stall unless the backend clamps its MSS). Translating it
+//! towards the backend (local_addr:SNAT port → backend) is the next step.
 
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
@@ -96,7 +103,13 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return Err(Stat::PassNotVip);
     }
+    // The quote ends where the ICMP message does, not at the frame's end: bytes after it
+    // (an Ethernet trailer) are no part of the message and must not be rewritten.
+    let ip_end = p.l3_off + p.ip_len as usize;
     // Every error quotes at least 8 bytes of the transport header: the ports are there.
+    if inner_l4 + 4 > ip_end {
+        return Err(Stat::PassNotVip);
+    }
     let ports: *mut [u16; 2] = ptr_at(ctx, inner_l4).ok_or(Stat::PassNotVip)?;
     // SAFETY: bounds checked by `ptr_at`.
     let old_ports = unsafe { *ports };
@@ -120,7 +133,12 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     } else {
         TCP_CHECK_OFF
     };
-    if let Some(l4_check) = ptr_at::<u16>(ctx, inner_l4 + l4_check_off) {
+    let quoted_check = if inner_l4 + l4_check_off + 2 <= ip_end {
+        ptr_at::<u16>(ctx, inner_l4 + l4_check_off)
+    } else {
+        None
+    };
+    if let Some(l4_check) = quoted_check {
         // SAFETY: bounds checked by `ptr_at`.
         let old = unsafe { *l4_check };
         if !(protocol == IPPROTO_UDP && p.family == FAMILY_V4 && old == 0) {

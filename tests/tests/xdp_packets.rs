@@ -2328,12 +2328,14 @@ mod ageing {
         age(
             &mut lab,
             &key(5000, IPPROTO_UDP),
-            IDLE + CT_REFRESH_SECS + 1,
+            IDLE + CT_REFRESH_SECS + 2,
         );
+        // The stored time may trail the last packet by CT_REFRESH_SECS + 1: an entry that
+        // old past the timeout is not aged yet (a flow sending just under the timeout).
         age(
             &mut lab,
             &key(5001, IPPROTO_UDP),
-            IDLE - CT_REFRESH_SECS - 1,
+            IDLE + CT_REFRESH_SECS + 1,
         );
         let out = lab.expect(
             lab.vc,
@@ -2408,7 +2410,7 @@ mod ageing {
         assert_eq!(dst_of(&out), B1_4, "a retransmitted SYN moved");
 
         // A SYN on an aged entry starts a new flow on the reused port.
-        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 2);
         let out = lab.expect(lab.vc, &tcp(41000, TCP_SYN), XDP_REDIRECT, "a SYN, aged");
         assert_eq!(
             dst_of(&out),
@@ -2440,7 +2442,7 @@ mod ageing {
             "a SYN over the limit of 1",
         );
         let k = key(42000, IPPROTO_TCP);
-        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 2);
         // Its ACK keeps the old flow, and its slot.
         lab.expect(
             lab.vc,
@@ -2453,7 +2455,7 @@ mod ageing {
             1,
             "an ACK of an old flow changed its client's slots"
         );
-        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 2);
         lab.publish(0, &[1]);
         for i in 0..3 {
             let out = lab.expect(
@@ -2494,7 +2496,7 @@ mod ageing {
             "the client's RST",
         );
         assert_eq!(slots(&lab), 0);
-        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 1);
+        age(&mut lab, &k, IDLE + CT_REFRESH_SECS + 2);
         lab.expect(
             lab.vc,
             &tcp(42000, TCP_SYN),

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use super::loader::{self, LoadError};
 
-/// How often the interface's addresses are read again.
+/// How often the host's addresses are read again.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 /// Why `lb-daemon decap` could not run.
@@ -43,7 +43,7 @@ pub enum DecapError {
         /// What aya reported.
         reason: String,
     },
-    /// The interface's addresses could not be read or written into the map.
+    /// The host's addresses could not be read or written into the map.
     #[error("cannot give lb_decap the addresses of {interface}: {reason}")]
     Addresses {
         /// The interface.
@@ -54,13 +54,13 @@ pub enum DecapError {
 }
 
 /// Attaches `lb_decap` to `interface` (native mode, else generic with a warning) with the
-/// interface's addresses as the accepted outer destinations, logs `ready`, keeps the
+/// host's addresses (every interface of its network namespace) as the accepted outer destinations, logs `ready`, keeps the
 /// addresses in step every [`REFRESH_EVERY`], and waits for SIGTERM or SIGINT; then logs its
 /// counters and detaches.
 ///
 /// `object`: the BPF object, or `None` for the default search ([`loader::candidates`]).
 /// Returns `Err(DecapError)` when the object cannot be found or loaded, XDP cannot attach,
-/// or the interface's addresses cannot be read or written at start (later failures are
+/// or the host's addresses cannot be read or written at start (later failures are
 /// logged and retried).
 pub fn run(interface: &str, object: Option<&Path>) -> Result<(), DecapError> {
     // Block the signals first, so one that arrives while attaching is not lost. Threads
@@ -164,21 +164,29 @@ struct LocalAddrs {
 }
 
 impl LocalAddrs {
-    /// Makes the map hold exactly the interface's current addresses (at most
+    /// Makes the map hold exactly the host's current addresses (at most
     /// `DECAP_ADDRS_SIZE`), logging what changed after the first time. `Err` says what failed.
     fn sync(&mut self) -> Result<(), String> {
         let ifindex = nix::net::if_::if_nametoindex(self.interface.as_str())
             .map_err(|e| format!("no interface {}: {e}", self.interface))?;
-        let now = addresses_of(&self.interface)?;
+        let now = local_addresses()?;
         let first = self.written.is_empty();
+        // A removal that fails does not hold up the additions; it is reported at the end and
+        // tried again at the next refresh.
+        let mut failed = None;
         for gone in self.written.difference(&now).copied().collect::<Vec<_>>() {
-            match self.map.remove(&DecapAddr::new(gone)) {
-                Ok(()) => {
-                    self.written.remove(&gone);
-                    info!("{}: no longer decapsulating for {gone}", self.interface);
+            let key = DecapAddr::new(gone);
+            match self.map.remove(&key) {
+                // Already absent counts as removed (else every later refresh would fail).
+                Ok(()) => {}
+                Err(_) if self.map.get(&key, 0).is_err() => {}
+                Err(e) => {
+                    failed = Some(format!("cannot remove {gone}: {e}"));
+                    continue;
                 }
-                Err(e) => return Err(format!("cannot remove {gone}: {e}")),
             }
+            self.written.remove(&gone);
+            info!("no longer decapsulating for {gone}");
         }
         for new in now.difference(&self.written).copied().collect::<Vec<_>>() {
             if self.written.len() >= DECAP_ADDRS_SIZE as usize {
@@ -193,10 +201,10 @@ impl LocalAddrs {
                 .map_err(|e| format!("cannot add {new}: {e}"))?;
             self.written.insert(new);
             if !first {
-                info!("{}: decapsulating for {new} too", self.interface);
+                info!("decapsulating for {new} too");
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     fn describe(&self) -> String {
@@ -205,11 +213,13 @@ impl LocalAddrs {
     }
 }
 
-/// The IPv4 and IPv6 addresses of `interface` (`getifaddrs`).
-fn addresses_of(interface: &str) -> Result<BTreeSet<IpAddr>, String> {
+/// Every IPv4 and IPv6 address of the network namespace (`getifaddrs`, all interfaces): the
+/// tunnels the host may terminate. A backend's address is often not on the interface the
+/// tunnels arrive on (a VLAN or bond on top of it, a dummy device or `lo` holding a service
+/// address), and a tunnel for any local address is this host's to open.
+fn local_addresses() -> Result<BTreeSet<IpAddr>, String> {
     let all = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
     Ok(all
-        .filter(|a| a.interface_name == interface)
         .filter_map(|a| {
             let addr = a.address?;
             if let Some(v4) = addr.as_sockaddr_in() {
