@@ -8,10 +8,10 @@ use std::time::Instant;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::maps::{
-    self as contract, addr_words, family_of, table_index, Backend, CtEntry, VipKey, VipValue,
+    self as contract, addr_words, family_of, table_index, Backend, VipKey, VipValue,
     BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
 };
-use lb_common::{Counters, FlowKey, STATS_LEN};
+use lb_common::{Counters, STATS_LEN};
 
 use super::ids::{BackendIds, IdPool, IdsExhausted};
 use crate::config::{Forwarding, Protocol, Service};
@@ -69,13 +69,12 @@ pub struct Maps {
     services: Array<MapData, contract::Service>,
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
-    /// Read by the limits sweep too (`limits.rs`): the object has one `CONNTRACK` to take.
-    pub(super) conntrack: HashMap<MapData, FlowKey, CtEntry>,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
-    /// `LIMITS`, `CLIENTS` and `CONNTRACK`: see `limits.rs`.
+    /// `LIMITS`: see `limits.rs`. (`CONNTRACK` and `CLIENTS` are not here: the sync thread
+    /// owns them, see `scan.rs`.)
     pub(super) limits: super::limits::LimitMaps,
 }
 
@@ -104,7 +103,6 @@ impl Maps {
             services: take(ebpf, contract::SERVICES)?,
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
-            conntrack: take(ebpf, contract::CONNTRACK)?,
             devmap: take(ebpf, contract::DEVMAP)?,
             stats: take(ebpf, contract::STATS)?,
             service_stats: take(ebpf, contract::SERVICE_STATS)?,
@@ -256,7 +254,7 @@ impl Maps {
 
     /// Takes a drained service out: deletes its VIP from `VIPS` when `delete_vip` (not when
     /// another service took the same VIP since) and clears its `SERVICES` entry. Its backend
-    /// ids are released separately ([`Maps::release_backends`]).
+    /// ids are released separately ([`Maps::clear_backends`]).
     pub fn remove_service(
         &mut self,
         slot: &ServiceSlot,
@@ -274,40 +272,19 @@ impl Maps {
     }
 
     /// Marks backends `ids` unused (`family` 0, so the program re-places flows still pinned
-    /// to them) and forgets the conntrack entries naming them, so that once an id is reused
-    /// for another address no old flow follows it there. Returns how many entries it forgot.
+    /// to them). The first step of releasing ids: the conntrack entries still naming them
+    /// are forgotten next, outside the `State` lock (`scan::Walker::forget_flows_of`), and
+    /// only then may the ids be reused.
     ///
-    /// The entries are cleared before conntrack is scanned: a packet placed meanwhile is
-    /// placed by its table, which no longer names these ids, so no new entry for them appears
-    /// during the scan. Costs one scan of conntrack (up to `CONNTRACK_SIZE` lookups) for all
-    /// of `ids`; `Err` leaves some of them cleared, none safe to reuse.
-    pub fn release_backends(&mut self, ids: &[u32]) -> Result<usize, MapsError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
+    /// Returns `Err(MapsError::Io)` when a write fails: some of them cleared, none safe to
+    /// reuse.
+    pub fn clear_backends(&mut self, ids: &[u32]) -> Result<(), MapsError> {
         for &id in ids {
             self.backends
                 .set(id, Backend::default(), 0)
                 .map_err(io(contract::BACKENDS))?;
         }
-        let stale: Vec<FlowKey> = self
-            .conntrack
-            .iter()
-            // An entry evicted during the walk ends it early or is skipped: either way it
-            // names no backend any more.
-            .filter_map(Result::ok)
-            .filter(|(_, entry)| ids.contains(&entry.backend))
-            .map(|(key, _)| key)
-            .collect();
-        let mut forgot = 0;
-        for key in &stale {
-            match self.conntrack.remove(key) {
-                Ok(()) => forgot += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::CONNTRACK)(e)),
-            }
-        }
-        Ok(forgot)
+        Ok(())
     }
 
     /// Zeroes service `id`'s counters (a reused id starts from zero).

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod limits;
 pub mod loader;
 pub mod maps;
+pub mod scan;
 mod sync;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,24 @@ use crate::service::ServiceRuntime;
 pub use counters::{BackendCounters, ServiceCounters, XdpCounters};
 pub use loader::{AttachMode, LoadError};
 pub use maps::{Maps, MapsError, ServiceSlot};
+
+/// Reads the XDP counters; see [`XdpPlane::counters_reader`]. It shares the plane's maps:
+/// after the plane is shut down it reads maps no program writes any more.
+#[derive(Clone)]
+pub struct CountersReader {
+    state: Arc<Mutex<sync::State>>,
+}
+
+impl CountersReader {
+    /// The counters now, as [`XdpPlane::counters`]. Holds the plane's `State` lock for the
+    /// reads (one per counter), and waits for it when the sync thread or a reload writes a
+    /// table.
+    ///
+    /// Returns `Err(MapsError::Io)` when a map cannot be read.
+    pub fn read(&self) -> Result<XdpCounters, MapsError> {
+        counters::read(&lock(&self.state))
+    }
+}
 
 /// Where a service's flows are carried, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,7 +217,7 @@ impl XdpPlane {
     ///
     /// `Err` is the reason, in words, for the log.
     pub fn load(global: &Global) -> Result<XdpPlane, String> {
-        let (ebpf, maps, path) = load_balancer(global.bpf_object.as_deref())?;
+        let (ebpf, maps, walker, path) = load_balancer(global.bpf_object.as_deref())?;
         info!("XDP: loaded {}", path.display());
         let state = Arc::new(Mutex::new(sync::State {
             maps,
@@ -208,7 +227,7 @@ impl XdpPlane {
             running: Vec::new(),
             leaving: Vec::new(),
         }));
-        let sync = sync::SyncThread::start(Arc::clone(&state));
+        let sync = sync::SyncThread::start(Arc::clone(&state), walker);
         Ok(XdpPlane {
             ebpf: Some(ebpf),
             state,
@@ -246,11 +265,10 @@ impl XdpPlane {
                 None => return Err(format!("there is no interface {name}")),
             }
         }
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        if st.service_ids.available() == 0 {
+        if lock(&self.state).service_ids.available() == 0 {
             return Err(format!(
-                "the XDP maps hold {MAX_SERVICES} services and as many are in use (running or                  draining)"
+                "the XDP maps hold {MAX_SERVICES} services and as many are in use (running or \
+                 draining)"
             ));
         }
         let ebpf = self.ebpf.as_mut().ok_or("the XDP plane is stopped")?;
@@ -261,7 +279,12 @@ impl XdpPlane {
                 None => {
                     // Redirects into the interface are allowed first: an interface in
                     // `attached` is one other services can redirect to as well.
-                    st.maps.allow_redirect(ifindex).map_err(|e| e.to_string())?;
+                    lock(&self.state)
+                        .maps
+                        .allow_redirect(ifindex)
+                        .map_err(|e| e.to_string())?;
+                    // Without the State lock: attaching waits for the kernel (a driver may
+                    // reset its rings), and the sync thread and counter reads go on meanwhile.
                     let prog = program(ebpf)?;
                     let mode = loader::attach(prog, name).map_err(|e| e.to_string())?;
                     self.attached.insert(name.clone(), mode);
@@ -271,6 +294,10 @@ impl XdpPlane {
             };
             interfaces.push((name.clone(), mode));
         }
+        // The first write of the table (all M slots) holds the lock: it shares the id pools
+        // and the maps with the sync thread.
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
         let id = st.service_ids.take().ok_or("no free service id")?;
         let mut slot = ServiceSlot::new(id, &s, local_address);
         let snap = rt.snapshot().load_full();
@@ -288,8 +315,9 @@ impl XdpPlane {
                 );
             }
             st.service_ids.give_back(id);
+            // The VIP never went in: no flow was pinned to these ids, no walk is needed.
             let ids = slot.backend_ids_mut().take_all();
-            st.release_backend_ids(&ids);
+            st.release_unpublished_backend_ids(&ids);
             return Err(e.to_string());
         }
         st.running.push(sync::Running {
@@ -341,7 +369,15 @@ impl XdpPlane {
     ///
     /// Returns `Err(MapsError::Io)` when a map cannot be read.
     pub fn counters(&self) -> Result<XdpCounters, MapsError> {
-        counters::read(&lock(&self.state))
+        self.counters_reader().read()
+    }
+
+    /// A handle that reads the counters without borrowing the plane, so a reader need not
+    /// wait for whoever holds the plane (a reload attaching to an interface).
+    pub fn counters_reader(&self) -> CountersReader {
+        CountersReader {
+            state: Arc::clone(&self.state),
+        }
     }
 
     /// Stops republishing, logs the final counters and detaches the programs from every
@@ -401,12 +437,15 @@ fn finish(placements: Vec<Option<Placement>>) -> Vec<Placement> {
 
 /// Finds and loads the object, loads `lb_xdp` and takes the maps. `Err` is the reason, in
 /// words, for the log.
-fn load_balancer(configured: Option<&std::path::Path>) -> Result<(Ebpf, Maps, PathBuf), String> {
+fn load_balancer(
+    configured: Option<&std::path::Path>,
+) -> Result<(Ebpf, Maps, scan::Walker, PathBuf), String> {
     let path = loader::find_object(configured).map_err(|e| e.to_string())?;
     let mut ebpf = loader::load_object(&path, &[]).map_err(|e| loader::error_chain(&e))?;
     loader::load_program(&mut ebpf, &path, PROG_BALANCER).map_err(|e| loader::error_chain(&e))?;
     let maps = Maps::take(&mut ebpf).map_err(|e| e.to_string())?;
-    Ok((ebpf, maps, path))
+    let walker = scan::Walker::take(&mut ebpf).map_err(|e| e.to_string())?;
+    Ok((ebpf, maps, walker, path))
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut aya::programs::Xdp, String> {
