@@ -315,6 +315,9 @@ impl XdpPlane {
                 );
             }
             st.service_ids.give_back(id);
+            if let Err(e) = st.maps.limits.clear(id) {
+                error!("service {}: cannot clear its XDP limits entry: {e}", s.name);
+            }
             // The VIP never went in: no flow was pinned to these ids, no walk is needed.
             let ids = slot.backend_ids_mut().take_all();
             st.release_unpublished_backend_ids(&ids);
@@ -342,6 +345,9 @@ impl XdpPlane {
         };
         let mut r = st.running.remove(pos);
         let name = r.rt.name().to_string();
+        // Its clients' counts are no longer swept; its LIMITS and CLIENTS entries go when its
+        // id is released.
+        st.maps.limits.forget(r.slot.id);
         if let Err(e) = st.maps.empty_table(&mut r.slot) {
             error!(
                 "service {name}: cannot empty its XDP table: {e}; it takes new flows until its                  drain ends"
