@@ -252,23 +252,48 @@ impl Maps {
         Ok(written)
     }
 
-    /// Takes a drained service out: deletes its VIP from `VIPS` when `delete_vip` (not when
-    /// another service took the same VIP since) and clears its `SERVICES` entry. Its backend
-    /// ids are released separately ([`Maps::clear_backends`]).
-    pub fn remove_service(
-        &mut self,
-        slot: &ServiceSlot,
-        delete_vip: bool,
-    ) -> Result<(), MapsError> {
-        if slot.vip_published && delete_vip {
-            match self.vips.remove(&slot.vip_key()) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::VIPS)(e)),
-            }
-        }
+    /// Takes a drained service out: hands its VIP on (see [`Maps::hand_over_vip`], to no
+    /// one) and clears its `SERVICES` entry. Its backend ids are released separately
+    /// ([`Maps::clear_backends`]).
+    ///
+    /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
+    pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<(), MapsError> {
+        self.hand_over_vip(slot, None)?;
         self.services
             .set(slot.id, contract::Service::default(), 0)
             .map_err(io(contract::SERVICES))
+    }
+
+    /// Gives `slot`'s VIP to service id `to`, or deletes it from `VIPS` when `to` is `None`,
+    /// if `VIPS` still names `slot`'s service: a service placed since at the same VIP owns
+    /// the entry, and its VIP must not be taken from it. Returns whether `VIPS` changed.
+    ///
+    /// Returns `Err(MapsError::Io)` when `VIPS` cannot be read or written.
+    pub fn hand_over_vip(
+        &mut self,
+        slot: &ServiceSlot,
+        to: Option<u32>,
+    ) -> Result<bool, MapsError> {
+        if !slot.vip_published {
+            return Ok(false);
+        }
+        let key = slot.vip_key();
+        match self.vips.get(&key, 0) {
+            Ok(v) if v.service == slot.id => {}
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(io(contract::VIPS)(e)),
+        }
+        match to {
+            Some(service) => self
+                .vips
+                .insert(key, VipValue { service }, 0)
+                .map_err(io(contract::VIPS))?,
+            None => match self.vips.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(io(contract::VIPS)(e)),
+            },
+        }
+        Ok(true)
     }
 
     /// Marks backends `ids` unused (`family` 0, so the program re-places flows still pinned

@@ -308,7 +308,7 @@ impl XdpPlane {
         });
         if let Err(e) = written {
             // The VIP goes in last, so no packet reached the service: undo at once.
-            if let Err(e) = st.maps.remove_service(&slot, true) {
+            if let Err(e) = st.maps.remove_service(&slot) {
                 error!(
                     "service {}: cannot clear its XDP service entry: {e}",
                     s.name
@@ -335,9 +335,17 @@ impl XdpPlane {
 
     /// Starts draining the service with index `index` out of XDP: its table is emptied now
     /// (new flows find no backend), flows conntrack pinned to its backends go on, and after
-    /// `drain_timeout` its VIP, service id and backend ids are released. `false` when no such
-    /// service runs on XDP.
-    pub fn remove(&mut self, index: usize, drain_timeout: Duration) -> bool {
+    /// `drain_timeout` its VIP (if still its own), service id and backend ids are released.
+    /// `false` when no such service runs on XDP.
+    ///
+    /// The VIP is handed on at once when someone else takes it: to a service still running
+    /// on XDP at the same VIP (a refused reload undoing the service that replaced it), or,
+    /// with `release_vip`, to the kernel (a service started on the proxy at the same address
+    /// replaces it). In that last case the flows pinned to this service are cut: their
+    /// packets reach the kernel stack, which does not know them. Keeping them would need the
+    /// program to pass new flows of a VIP to the stack while it carries the pinned ones,
+    /// which it does not do.
+    pub fn remove(&mut self, index: usize, drain_timeout: Duration, release_vip: bool) -> bool {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let Some(pos) = st.running.iter().position(|r| r.rt.index() == index) else {
@@ -350,8 +358,23 @@ impl XdpPlane {
         st.maps.limits.forget(r.slot.id);
         if let Err(e) = st.maps.empty_table(&mut r.slot) {
             error!(
-                "service {name}: cannot empty its XDP table: {e}; it takes new flows until its                  drain ends"
+                "service {name}: cannot empty its XDP table: {e}; it takes new flows until its \
+                 drain ends"
             );
+        }
+        let key = r.slot.vip_key();
+        let heir = st.running.iter().rev().find(|o| o.slot.vip_key() == key);
+        let to = heir.map(|o| o.slot.id);
+        if to.is_some() || release_vip {
+            match st.maps.hand_over_vip(&r.slot, to) {
+                Ok(true) if to.is_none() => warn!(
+                    "service {name}: its VIP {} left the XDP maps now, for the service that \
+                     replaces it on the proxy; the flows XDP carried for it are cut",
+                    r.slot.vip
+                ),
+                Ok(_) => {}
+                Err(e) => error!("service {name}: cannot hand its VIP on: {e}"),
+            }
         }
         let deadline = Instant::now() + drain_timeout;
         r.slot.backend_ids_mut().leave_all(deadline);

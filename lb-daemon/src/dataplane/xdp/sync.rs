@@ -129,12 +129,11 @@ impl State {
             .partition(|l| l.deadline <= now);
         self.leaving = left;
         for mut l in done {
-            // A service started since at the same VIP owns the VIPS entry now.
-            let key = l.slot.vip_key();
-            let taken = self.running.iter().any(|r| r.slot.vip_key() == key);
+            // The VIP goes only if VIPS still names this service: a service placed since at
+            // the same VIP owns the entry, even if it is leaving too.
             let cleared = self
                 .maps
-                .remove_service(&l.slot, !taken)
+                .remove_service(&l.slot)
                 .and_then(|()| self.maps.limits.clear(l.slot.id));
             match cleared {
                 Ok(()) => drained.services.push((l.name.clone(), l.slot.id)),
