@@ -11,7 +11,7 @@
 //! never used before first and then the least recently freed. An address that comes back
 //! before its release gets its old id again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -76,6 +76,9 @@ pub struct IdsExhausted {
 pub struct BackendIds {
     live: BTreeMap<SocketAddr, u32>,
     leaving: BTreeMap<SocketAddr, (u32, Instant)>,
+    /// Ids whose backend was down in the last snapshot that had it: a backend that leaves
+    /// while down keeps its DOWN flag (no health check follows it any more).
+    down: BTreeSet<u32>,
 }
 
 impl BackendIds {
@@ -132,6 +135,23 @@ impl BackendIds {
         Ok((ids, fresh))
     }
 
+    /// Records whether backend `id` is down in the snapshot being written.
+    pub fn set_down(&mut self, id: u32, down: bool) {
+        if down {
+            self.down.insert(id);
+        } else {
+            self.down.remove(&id);
+        }
+    }
+
+    /// The leaving backends: address, id, and whether it was down when it left, in address
+    /// order.
+    pub fn leaving_with_state(&self) -> impl Iterator<Item = (SocketAddr, u32, bool)> + '_ {
+        self.leaving
+            .iter()
+            .map(|(&a, &(id, _))| (a, id, self.down.contains(&id)))
+    }
+
     /// Every live address starts leaving, until `deadline` (the service is removed).
     pub fn leave_all(&mut self, deadline: Instant) {
         for (a, id) in std::mem::take(&mut self.live) {
@@ -148,14 +168,16 @@ impl BackendIds {
             .filter(|(_, &(_, deadline))| deadline <= now)
             .map(|(&a, &(id, _))| (a, id))
             .collect();
-        for (a, _) in &gone {
+        for (a, id) in &gone {
             self.leaving.remove(a);
+            self.down.remove(id);
         }
         gone
     }
 
     /// Takes out every id, live and leaving (the service is gone).
     pub fn take_all(&mut self) -> Vec<u32> {
+        self.down.clear();
         let live = std::mem::take(&mut self.live).into_values();
         let leaving = std::mem::take(&mut self.leaving)
             .into_values()
@@ -280,5 +302,31 @@ mod tests {
             .assign(&[a(1), a(1)], &mut pool, Instant::now())
             .expect("one id is enough");
         assert_eq!(got, vec![0, 0]);
+    }
+
+    #[test]
+    fn a_backend_that_leaves_while_down_is_remembered_down_until_its_release() {
+        let mut pool = IdPool::new(8);
+        let mut ids = BackendIds::default();
+        let t = Instant::now();
+        let later = t + Duration::from_secs(5);
+        let (got, _) = ids.assign(&[a(1), a(2)], &mut pool, later).expect("ids");
+        ids.set_down(got[0], true);
+        ids.set_down(got[1], false);
+        ids.assign(&[], &mut pool, later).expect("both leave");
+        let leaving: Vec<_> = ids.leaving_with_state().collect();
+        assert_eq!(
+            leaving,
+            vec![(a(1), got[0], true), (a(2), got[1], false)],
+            "a backend removed while down must stay down while it drains"
+        );
+        assert_eq!(ids.expired(later).len(), 2);
+        let (again, _) = ids.assign(&[a(3)], &mut pool, later).expect("an id");
+        ids.assign(&[], &mut pool, later).expect("leaves");
+        assert!(
+            ids.leaving_with_state()
+                .all(|(_, id, down)| id != again[0] || !down),
+            "a released id must not carry the old backend's DOWN state"
+        );
     }
 }

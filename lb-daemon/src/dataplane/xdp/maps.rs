@@ -146,6 +146,7 @@ impl Maps {
             self.reset_backend_counters(id)?;
         }
         for (b, &id) in snap.backends.iter().zip(&ids) {
+            slot.backends.set_down(id, !b.up);
             let flags = match (b.up, b.weight) {
                 (false, _) => BACKEND_F_DOWN,
                 (true, 0) => BACKEND_F_DRAINING,
@@ -185,11 +186,13 @@ impl Maps {
     }
 
     /// Flags every leaving backend of `ids` draining: their pinned flows go on, a new
-    /// connection that reuses one of their 4-tuples is placed by the table.
+    /// connection that reuses one of their 4-tuples is placed by the table. A backend that
+    /// was down when it left stays flagged down as well ([`leaving_flags`]): its pinned flows
+    /// are re-placed, not sent into a dead backend until the drain ends.
     pub fn mark_draining(&mut self, ids: &BackendIds) -> Result<(), MapsError> {
-        for (address, id) in ids.leaving() {
+        for (address, id, down) in ids.leaving_with_state() {
             let value = Backend {
-                flags: BACKEND_F_DRAINING,
+                flags: leaving_flags(down),
                 ..Backend::new(address)
             };
             self.backends
@@ -348,6 +351,16 @@ impl Maps {
     /// Backend `id`'s counters, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters, MapsError> {
         sum(&self.backend_stats, id).map_err(io(contract::BACKEND_STATS))
+    }
+}
+
+/// The `BACKENDS` flags of a backend that left its service: DRAINING, and DOWN too when it
+/// was down when it left.
+pub fn leaving_flags(down: bool) -> u8 {
+    if down {
+        BACKEND_F_DOWN | BACKEND_F_DRAINING
+    } else {
+        BACKEND_F_DRAINING
     }
 }
 
@@ -578,6 +591,16 @@ weight = 0
                 "XDP and the proxy would send flow {key:?} to different backends"
             );
         }
+    }
+
+    #[test]
+    fn a_backend_that_left_while_down_stays_down() {
+        assert_eq!(leaving_flags(false), BACKEND_F_DRAINING);
+        assert_eq!(
+            leaving_flags(true),
+            BACKEND_F_DOWN | BACKEND_F_DRAINING,
+            "flows pinned to a dead removed backend must be re-placed, not sent into it"
+        );
     }
 
     #[test]
