@@ -13,7 +13,7 @@ use lb_common::maps::{
 };
 use lb_common::{Counters, STATS_LEN};
 
-use super::ids::{BackendIds, IdPool, IdsExhausted};
+use super::ids::{BackendIds, IdPool};
 use crate::config::{Forwarding, Protocol, Service};
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
@@ -48,9 +48,6 @@ pub enum MapsError {
     /// The table could not be built (a bug: validation checks its inputs).
     #[error("Maglev table: {0}")]
     Maglev(#[from] crate::maglev::MaglevError),
-    /// Every backend id is in use (live or draining); the previous table stays.
-    #[error(transparent)]
-    Exhausted(#[from] IdsExhausted),
     /// The number of CPUs could not be read, so per-CPU counters cannot be reset.
     #[error("cannot count the CPUs: {0}")]
     Cpus(String),
@@ -131,8 +128,11 @@ impl Maps {
     /// what the inactive half already holds: all M (65537 by default) the first time, tens of
     /// milliseconds; afterwards only the slots that moved, which Maglev keeps few.
     ///
-    /// Returns `Err(MapsError::Exhausted)` (nothing written) when new backends find no free
-    /// id, `Err(MapsError::Io)` when a write fails; the previous table stays live either way.
+    /// New backends that find no free id are left out: no `BACKENDS` entry, no table slot,
+    /// as if down ([`ServiceSlot::missing_ids`] says how many); health changes of the others
+    /// are published all the same, and the next publish tries again.
+    ///
+    /// Returns `Err(MapsError::Io)` when a write fails; the previous table stays live.
     pub fn publish(
         &mut self,
         slot: &mut ServiceSlot,
@@ -141,11 +141,14 @@ impl Maps {
         drain_deadline: Instant,
     ) -> Result<usize, MapsError> {
         let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
-        let (ids, fresh) = slot.backends.assign(&addresses, pool, drain_deadline)?;
-        for &id in &fresh {
+        let assigned = slot.backends.assign(&addresses, pool, drain_deadline);
+        slot.missing_ids = assigned.missing;
+        for &id in &assigned.fresh {
             self.reset_backend_counters(id)?;
         }
-        for (b, &id) in snap.backends.iter().zip(&ids) {
+        for (b, id) in snap.backends.iter().zip(&assigned.ids) {
+            // A backend with no id has no BACKENDS entry and no table slot (below).
+            let Some(id) = *id else { continue };
             slot.backends.set_down(id, !b.up);
             let flags = match (b.up, b.weight) {
                 (false, _) => BACKEND_F_DOWN,
@@ -162,16 +165,25 @@ impl Maps {
         }
         self.mark_draining(slot.backend_ids())?;
         // DNS may answer with both families; XDP forwards within the VIP's, so the others
-        // take no table slot (they count as not eligible).
+        // take no table slot (they count as not eligible), nor do backends with no id.
         let v4 = slot.vip.is_ipv4();
-        let table = if snap.backends.iter().all(|b| b.address.is_ipv4() == v4) {
+        // Never in the table: a backend without an id is never eligible.
+        let ids: Vec<u32> = assigned
+            .ids
+            .iter()
+            .map(|id| id.unwrap_or(u32::MAX))
+            .collect();
+        let placeable =
+            |(b, id): (&BackendView, &Option<u32>)| b.address.is_ipv4() == v4 && id.is_some();
+        let table = if snap.backends.iter().zip(&assigned.ids).all(placeable) {
             table_entries(&snap.backends, &ids, slot.table_size)?
         } else {
             let view: Vec<BackendView> = snap
                 .backends
                 .iter()
-                .map(|b| BackendView {
-                    up: b.up && b.address.is_ipv4() == v4,
+                .zip(&assigned.ids)
+                .map(|(b, id)| BackendView {
+                    up: b.up && placeable((b, id)),
                     ..b.clone()
                 })
                 .collect();
@@ -412,6 +424,9 @@ pub struct ServiceSlot {
     /// The last generation whose write failed and was logged, so a persistent error is
     /// logged once per generation, not on every poll.
     pub failed_generation: Option<u64>,
+    /// How many of the last written snapshot's backends got no backend id (the pool was
+    /// empty) and were left out of the table.
+    pub missing_ids: usize,
 }
 
 impl ServiceSlot {
@@ -433,6 +448,7 @@ impl ServiceSlot {
             halves: [None, None],
             generation: 0,
             failed_generation: None,
+            missing_ids: 0,
         }
     }
 

@@ -298,14 +298,33 @@ impl XdpPlane {
         // and the maps with the sync thread.
         let mut guard = lock(&self.state);
         let st = &mut *guard;
+        let snap = rt.snapshot().load_full();
+        // A new service would start with backends left out of its table: the proxy (for
+        // `auto`) serves it whole. Checked before anything is written, under the lock that
+        // keeps the pool as it is until the write.
+        let mut addresses: Vec<_> = snap.backends.iter().map(|b| b.address).collect();
+        addresses.sort();
+        addresses.dedup();
+        if addresses.len() > st.backend_ids.available() {
+            return Err(format!(
+                "its {} backends need XDP backend ids and {} of the {MAX_BACKENDS} are free \
+                 (the others are in use, live or draining)",
+                addresses.len(),
+                st.backend_ids.available()
+            ));
+        }
         let id = st.service_ids.take().ok_or("no free service id")?;
         let mut slot = ServiceSlot::new(id, &s, local_address);
-        let snap = rt.snapshot().load_full();
         let deadline = Instant::now() + st.drain_timeout;
-        let written = st.maps.reset_service_counters(id).and_then(|()| {
-            st.maps
-                .publish(&mut slot, &snap, &mut st.backend_ids, deadline)
-        });
+        let written = st
+            .maps
+            .reset_service_counters(id)
+            .and_then(|()| {
+                st.maps
+                    .publish(&mut slot, &snap, &mut st.backend_ids, deadline)
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         if let Err(e) = written {
             // The VIP goes in last, so no packet reached the service: undo at once.
             if let Err(e) = st.maps.remove_service(&slot) {
@@ -321,7 +340,7 @@ impl XdpPlane {
             // The VIP never went in: no flow was pinned to these ids, no walk is needed.
             let ids = slot.backend_ids_mut().take_all();
             st.release_unpublished_backend_ids(&ids);
-            return Err(e.to_string());
+            return Err(e);
         }
         st.running.push(sync::Running {
             rt: Arc::clone(rt),

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::ids::IdPool;
 use super::scan::Walker;
@@ -68,15 +68,36 @@ impl State {
     /// and the next call tries again).
     pub fn republish_if_changed(&mut self, rt: &ServiceRuntime, slot: &mut ServiceSlot) {
         let snap = rt.snapshot().load_full();
-        if snap.generation == slot.generation() {
+        // A snapshot written with backends left out for want of ids is written again once
+        // ids are free.
+        let waiting = slot.missing_ids > 0 && self.backend_ids.available() > 0;
+        if snap.generation == slot.generation() && !waiting {
             return;
         }
         let started = Instant::now();
         let deadline = started + self.drain_timeout;
-        match self
+        let missing_before = slot.missing_ids;
+        let written = self
             .maps
-            .publish(slot, &snap, &mut self.backend_ids, deadline)
-        {
+            .publish(slot, &snap, &mut self.backend_ids, deadline);
+        if written.is_ok() && slot.missing_ids != missing_before {
+            // Once per change, not per write.
+            if slot.missing_ids > 0 {
+                warn!(
+                    "service {}: {} of its backends got no XDP backend id (all {} are in use, \
+                     live or draining) and are left out of its XDP table until ids are released",
+                    snap.name,
+                    slot.missing_ids,
+                    lb_common::maps::MAX_BACKENDS
+                );
+            } else {
+                info!(
+                    "service {}: every backend has an XDP backend id again",
+                    snap.name
+                );
+            }
+        }
+        match written {
             Ok(written) => info!(
                 "service {}: XDP table generation {} live in half {} ({} of {} backends \
                  eligible; {written} slots written in {} ms)",
