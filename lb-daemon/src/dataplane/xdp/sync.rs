@@ -100,13 +100,14 @@ impl State {
         match written {
             Ok(written) => info!(
                 "service {}: XDP table generation {} live in half {} ({} of {} backends \
-                 eligible; {written} slots written in {} ms)",
+                 eligible; {written} slots written in {} ms){}",
                 snap.name,
                 snap.generation,
                 slot.active_half(),
                 snap.eligible_count(),
                 snap.backends.len(),
-                started.elapsed().as_millis()
+                started.elapsed().as_millis(),
+                describe_limits(&snap.limits)
             ),
             Err(e) => {
                 if slot.failed_generation != Some(snap.generation) {
@@ -231,6 +232,23 @@ impl State {
                 .map(|r| (r.slot.vip_key(), r.slot.id))
                 .collect(),
         }
+    }
+}
+
+/// The limits a table write carries, for its log line: `""` when there are none, else
+/// `"; per client: N connections, R/s burst B"` (what is set).
+fn describe_limits(limits: &crate::config::ClientLimits) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = limits.max_connections {
+        parts.push(format!("{n} connections"));
+    }
+    if let Some(rate) = limits.rate {
+        parts.push(format!("{rate}/s burst {}", limits.burst));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; per client: {}", parts.join(", "))
     }
 }
 
