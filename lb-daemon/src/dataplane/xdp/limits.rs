@@ -358,6 +358,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_vip_is_swept_under_the_service_placed_last_there() {
+        let vip = VipKey::new("10.200.100.1:80".parse().expect("literal"), 6);
+        let other = VipKey::new("10.200.100.2:80".parse().expect("literal"), 6);
+        // Service 7 replaced service 3 at the same VIP (placed after it, removed later).
+        let view = SweepView {
+            services: vec![(vip, 3), (other, 5), (vip, 7)],
+        };
+        let by_vip = view.by_vip();
+        assert_eq!(
+            by_vip.get(&vip),
+            Some(&7),
+            "the newest service owns the VIP"
+        );
+        assert_eq!(by_vip.get(&other), Some(&5));
+    }
+
+    #[test]
     fn only_an_excess_seen_twice_is_given_back_and_counts_are_never_raised() {
         assert_eq!(leak(3, 1, 0), (2, 0), "a first sighting is not a leak yet");
         assert_eq!(leak(3, 1, 2), (2, 2), "seen twice: give back 2");

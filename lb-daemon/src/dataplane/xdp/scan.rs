@@ -7,8 +7,8 @@
 //! therefore not in `State` at all: the sync thread owns them ([`Walker`]) and walks them
 //! between two holds of the lock. Nothing else in the daemon reads or writes them; the
 //! program's own writes race with a walk the same way whether the daemon holds a lock or
-//! not. (Chunked walks under the lock were the other way: more lock traffic, and a walk
-//! that must resume from a key that may be gone.)
+//! not. (The alternative, walking in chunks under the lock, means more lock traffic and a
+//! walk that must resume from a key that may be gone by then.)
 //!
 //! `bpf_map_get_next_key` on a key that was deleted meanwhile (an LRU eviction under churn,
 //! a flow's entry replaced) restarts from the first key, so a walk of a busy map may never
