@@ -11,7 +11,7 @@ use tracing::warn;
 
 use crate::config::{Config, Global};
 use crate::dataplane::proxy::{Proxy, ProxyCounters};
-use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
+use crate::dataplane::xdp::{CountersReader, MapsError, XdpCounters, XdpPlane};
 use crate::service::{ServiceRuntime, ServiceSet, ServiceStatus};
 
 /// The daemon's shared control state. One per process, behind an `Arc`.
@@ -22,6 +22,9 @@ pub struct Control {
     proxy: Mutex<Option<Proxy>>,
     /// The XDP data plane, when any service runs on it; taken out at shutdown.
     xdp: Mutex<Option<XdpPlane>>,
+    /// Reads the XDP counters without the `xdp` lock, which a reload holds while it places a
+    /// service (attach, first table write): `/status` does not wait for that.
+    xdp_reader: Mutex<Option<CountersReader>>,
     /// Service index ([`ServiceRuntime::index`](crate::service::ServiceRuntime::index)) →
     /// (runs on XDP, the placement in words). A service missing here runs on the proxy.
     placements: Mutex<HashMap<usize, Placed>>,
@@ -155,6 +158,7 @@ impl Control {
             config: Mutex::new(config),
             services,
             proxy: Mutex::new(Some(proxy)),
+            xdp_reader: Mutex::new(xdp.as_ref().map(XdpPlane::counters_reader)),
             xdp: Mutex::new(xdp),
             placements: Mutex::new(placements),
             started,
@@ -223,23 +227,35 @@ impl Control {
         global: &Global,
         f: impl FnOnce(&mut XdpPlane) -> T,
     ) -> Result<T, String> {
-        let mut slot = lock(&self.xdp);
-        let plane = match slot.take() {
-            Some(p) => p,
-            None => XdpPlane::load(global)?,
+        // Loaded (and verified by the kernel, a matter of seconds for a big program) without
+        // the lock. Reloads are serialised, so no other plane appears meanwhile; if one did,
+        // it stays and this one is dropped.
+        let missing = lock(&self.xdp).is_none();
+        let loaded = if missing {
+            Some(XdpPlane::load(global)?)
+        } else {
+            None
         };
-        Ok(f(slot.insert(plane)))
+        let mut slot = lock(&self.xdp);
+        if let (Some(plane), None) = (loaded, slot.as_ref()) {
+            *lock(&self.xdp_reader) = Some(plane.counters_reader());
+            *slot = Some(plane);
+        }
+        let plane = slot.as_mut().ok_or("the XDP plane is stopped")?;
+        Ok(f(plane))
     }
 
     /// Takes the XDP data plane out for shutdown; later calls get `None`.
     pub fn take_xdp(&self) -> Option<XdpPlane> {
+        *lock(&self.xdp_reader) = None;
         lock(&self.xdp).take()
     }
 
     /// The XDP program's counters now; `None` when no service runs on XDP, `Err` when a map
-    /// cannot be read.
+    /// cannot be read. Does not wait for a reload placing a service (see `xdp_reader`).
     pub fn xdp_counters(&self) -> Option<Result<XdpCounters, MapsError>> {
-        self.with_xdp(|x| x.counters())
+        let reader = lock(&self.xdp_reader).clone();
+        reader.map(|r| r.read())
     }
 
     /// The data planes in use: `"proxy"`, `"xdp"` or `"xdp+proxy"`.

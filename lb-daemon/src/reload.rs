@@ -159,15 +159,10 @@ fn apply(control: &Control) -> Result<String, String> {
     }
     let drain_timeout = new.global.drain_timeout;
 
-    // A removed service whose address an added one takes must let go of it first.
-    let (early, late): (Vec<_>, Vec<_>) = plan.remove.into_iter().partition(|r| {
-        let c = r.config();
-        plan.add
-            .iter()
-            .any(|a| a.listen == c.listen && a.protocol == c.protocol)
-    });
+    // A removed proxy service whose address an added one takes must let go of it first.
+    let (early, late) = early_removals(plan.remove, &plan.add, |i| control.on_xdp(i));
     for r in &early {
-        stop_service(control, r, drain_timeout);
+        stop_service(control, r, drain_timeout, false);
     }
 
     // Start the new services; if one cannot (its address is taken), undo the others and
@@ -177,8 +172,10 @@ fn apply(control: &Control) -> Result<String, String> {
         match start_service(control, &new.global, s) {
             Ok(runtime) => started.push(runtime),
             Err(why) => {
+                // An XDP service among them gives its VIP back to the XDP service it was to
+                // replace, which was not removed yet (XDP services are never removed early).
                 for r in &started {
-                    stop_service(control, r, std::time::Duration::ZERO);
+                    stop_service(control, r, std::time::Duration::ZERO, false);
                 }
                 // Put back the services that made room for it, under new numbers.
                 let mut back = Vec::new();
@@ -225,7 +222,14 @@ fn apply(control: &Control) -> Result<String, String> {
     }
     control.services().set(next);
     for r in &late {
-        stop_service(control, r, drain_timeout);
+        // An XDP service replaced at its address by a proxy one lets go of its VIP now, so
+        // new flows reach the proxy instead of its emptied table.
+        let c = r.config();
+        let to_proxy = started.iter().any(|n| {
+            let nc = n.config();
+            nc.listen == c.listen && nc.protocol == c.protocol && !control.on_xdp(n.index())
+        });
+        stop_service(control, r, drain_timeout, to_proxy);
     }
     control.set_config(new);
 
@@ -307,11 +311,37 @@ fn start_service(
     Ok(runtime)
 }
 
+/// Splits the services a reload removes into those to stop before the new ones start and
+/// those to stop after: a proxy service whose address (listen and protocol) an added service
+/// takes must close its listeners first, so the address can be bound again. An XDP service
+/// holds no socket, so it always goes after: the new service at its VIP is placed first, and
+/// no SYN finds the VIP without a table in between; and a refused reload, which restarts the
+/// early ones, never has to touch it.
+fn early_removals(
+    remove: Vec<Arc<ServiceRuntime>>,
+    add: &[Service],
+    on_xdp: impl Fn(usize) -> bool,
+) -> (Vec<Arc<ServiceRuntime>>, Vec<Arc<ServiceRuntime>>) {
+    remove.into_iter().partition(|r| {
+        let c = r.config();
+        !on_xdp(r.index())
+            && add
+                .iter()
+                .any(|a| a.listen == c.listen && a.protocol == c.protocol)
+    })
+}
+
 /// Stops new flows to a service (its listeners close, or its XDP table empties), lets its
-/// open ones finish within `drain_timeout`, and ends its health checks and resolvers.
-fn stop_service(control: &Control, r: &Arc<ServiceRuntime>, drain_timeout: std::time::Duration) {
+/// open ones finish within `drain_timeout`, and ends its health checks and resolvers. An XDP
+/// service with `release_vip` lets go of its VIP at once (see `XdpPlane::remove`).
+fn stop_service(
+    control: &Control,
+    r: &Arc<ServiceRuntime>,
+    drain_timeout: std::time::Duration,
+    release_vip: bool,
+) {
     if control.on_xdp(r.index()) {
-        control.with_xdp(|x| x.remove(r.index(), drain_timeout));
+        control.with_xdp(|x| x.remove(r.index(), drain_timeout, release_vip));
         info!(
             "service {}: removed from the XDP table; flows pinned to its backends may go on for \
              {}, then its VIP leaves the XDP maps",
@@ -432,6 +462,35 @@ address = "127.0.0.1:9001"
             let p = plan(&old, &new, &running(&old)).expect(what);
             xdp_guard(&p, on_xdp).unwrap_or_else(|e| panic!("{what} on XDP was refused: {e}"));
         }
+    }
+
+    #[test]
+    fn only_proxy_services_are_removed_before_their_replacement_starts() {
+        let old = config("");
+        let mut two = old.clone();
+        let mut other = old.services[0].clone();
+        other.name = "xdp".into();
+        other.listen = "10.200.100.1:80".parse().expect("literal");
+        two.services.push(other);
+        let services = running(&two);
+        // Both move to new names at the same addresses: the proxy one (index 0) must free
+        // its address first, the XDP one (index 1) must not go before its heir is placed.
+        let add: Vec<Service> = two
+            .services
+            .iter()
+            .map(|s| Service {
+                name: format!("{}-new", s.name),
+                ..s.clone()
+            })
+            .collect();
+        let (early, late) = early_removals(services.clone(), &add, |i| i == 1);
+        let names = |v: &[Arc<ServiceRuntime>]| -> Vec<String> {
+            v.iter().map(|r| r.name().to_string()).collect()
+        };
+        assert_eq!(names(&early), vec!["web"], "early removals");
+        assert_eq!(names(&late), vec!["xdp"], "late removals");
+        let (early, _) = early_removals(services, &[], |i| i == 1);
+        assert!(early.is_empty(), "nothing takes their addresses");
     }
 
     #[test]

@@ -626,3 +626,68 @@ fn the_first_reload_that_needs_xdp_loads_it() {
         .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
         .unwrap_or_else(|e| panic!("web should answer through XDP: {e}"));
 }
+
+#[test]
+fn an_xdp_service_replaced_at_its_vip_by_a_proxy_one_hands_the_vip_over_at_once() {
+    if !require_root("xdp_reload::an_xdp_service_replaced_at_its_vip_by_a_proxy_one") {
+        return;
+    }
+    // A drain far longer than the test: new flows must reach the proxy long before it ends.
+    let world = start(2, &[], |t| config(t, "60s", &[(1, 1), (2, 1)], None));
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("web should answer through XDP: {e}"));
+    // The proxy needs the VIP as a local address; XDP, in front, answers for it meanwhile.
+    world
+        .topology
+        .balancer
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", web_vip().ip()),
+            "dev",
+            "lo",
+        ])
+        .expect("the VIP on the balancer's loopback");
+    // Renamed to change its data plane: `web` drains out of XDP, `web-proxy` starts on the
+    // proxy at the same VIP.
+    let toml = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "60s")
+        .service(
+            lb_tests::config::ServiceConfig::tcp("web-proxy", web_vip())
+                .set("dataplane", "proxy")
+                .fast_health("http")
+                .backend(backend(1, WEB), 1)
+                .backend(backend(2, WEB), 1),
+        )
+        .to_toml();
+    let mark = reload(&world, &toml, true, "web moved to the proxy");
+    let words = dataplane(&world, "web-proxy");
+    assert!(
+        words.contains("proxy"),
+        "web-proxy should run on the proxy: {words}"
+    );
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| {
+            panic!(
+                "new connections to the VIP did not reach the proxy within {FOLLOW:?} of the \
+                 reload (the drain is 60 s): {e}\n{}",
+                world.daemon.logs().join("\n")
+            )
+        });
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            "for the service that replaces it on the proxy",
+            FOLLOW,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "web did not let go of its VIP: {e}\n{}",
+                world.daemon.logs().join("\n")
+            )
+        });
+}

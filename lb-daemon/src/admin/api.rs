@@ -117,12 +117,32 @@ pub async fn serve(
     Ok((bound, tasks))
 }
 
+/// Runs `f` on tokio's blocking pool: reading the counters takes std mutexes (the XDP
+/// plane's, held by its sync thread during a table write) and one syscall per counter, and
+/// the control plane's runtime has one thread, which must stay free for health checks,
+/// signals and the other requests.
+async fn off_runtime<T: Send + 'static>(
+    control: Arc<Control>,
+    f: impl FnOnce(&Control) -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(move || f(&control))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
 async fn status(State(control): State<Arc<Control>>) -> Response {
-    Json(control.status()).into_response()
+    match off_runtime(control, Control::status).await {
+        Ok(status) => Json(status).into_response(),
+        Err(response) => response,
+    }
 }
 
 async fn metrics(State(control): State<Arc<Control>>) -> Response {
-    match super::metrics::render(&control) {
+    let rendered = match off_runtime(control, super::metrics::render).await {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    match rendered {
         Ok(text) => (
             [(
                 header::CONTENT_TYPE,

@@ -11,7 +11,7 @@
 //! never used before first and then the least recently freed. An address that comes back
 //! before its release gets its old id again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -60,14 +60,15 @@ impl IdPool {
     }
 }
 
-/// The pool had too few free ids for a snapshot's new backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the XDP maps have {free} free backend ids and {wanted} new backends need one")]
-pub struct IdsExhausted {
-    /// Ids the pool had.
-    pub free: usize,
-    /// New addresses that needed one.
-    pub wanted: usize,
+/// What [`BackendIds::assign`] gave a snapshot's backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assigned {
+    /// Per address, in order: its id, or `None` when the pool had none left for it.
+    pub ids: Vec<Option<u32>>,
+    /// Ids new to this service's addresses (their counters start from zero).
+    pub fresh: Vec<u32>,
+    /// How many distinct addresses got no id.
+    pub missing: usize,
 }
 
 /// One service's backend ids: the addresses of its current snapshot, and the ones that left
@@ -76,60 +77,68 @@ pub struct IdsExhausted {
 pub struct BackendIds {
     live: BTreeMap<SocketAddr, u32>,
     leaving: BTreeMap<SocketAddr, (u32, Instant)>,
+    /// Ids whose backend was down in the last snapshot that had it: a backend that leaves
+    /// while down keeps its DOWN flag (no health check follows it any more).
+    down: BTreeSet<u32>,
 }
 
 impl BackendIds {
     /// Assigns an id to each of `addresses` (a snapshot's backends, in order) and returns
-    /// them in the same order, plus the ids given to addresses new to the pool (their
+    /// them in the same order, with the ids given to addresses new to the pool (their
     /// counters start from zero). Live addresses keep their ids; a leaving one gets its id
-    /// back; others take one from `pool`. Live addresses missing from `addresses` start
-    /// leaving, until `deadline`.
-    ///
-    /// Returns `Err(IdsExhausted)`, changing nothing, when `pool` lacks ids for the new ones.
+    /// back; others take one from `pool`, in order, while it has any: the rest get `None`
+    /// (the caller leaves them out of the table, as if down) and try again at the next call.
+    /// Live addresses missing from `addresses` start leaving, until `deadline`.
     pub fn assign(
         &mut self,
         addresses: &[SocketAddr],
         pool: &mut IdPool,
         deadline: Instant,
-    ) -> Result<(Vec<u32>, Vec<u32>), IdsExhausted> {
-        let wanted = addresses
-            .iter()
-            .enumerate()
-            .filter(|&(i, a)| {
-                !self.live.contains_key(a)
-                    && !self.leaving.contains_key(a)
-                    && !addresses[..i].contains(a)
-            })
-            .count();
-        if wanted > pool.available() {
-            return Err(IdsExhausted {
-                free: pool.available(),
-                wanted,
-            });
-        }
-        let mut fresh = Vec::new();
+    ) -> Assigned {
+        let mut out = Assigned::default();
         let mut live = BTreeMap::new();
-        let ids = addresses
-            .iter()
-            .map(|a| {
-                let id = match (live.get(a), self.live.remove(a), self.leaving.remove(a)) {
-                    (Some(&id), _, _) => id,
-                    (None, Some(id), _) | (None, None, Some((id, _))) => id,
-                    (None, None, None) => {
-                        // Counted above: the pool has one.
-                        let id = pool.take().unwrap_or(u32::MAX);
-                        fresh.push(id);
-                        id
+        let mut without: Vec<SocketAddr> = Vec::new();
+        for a in addresses {
+            let id = match (live.get(a), self.live.remove(a), self.leaving.remove(a)) {
+                (Some(&id), _, _) => Some(id),
+                (None, Some(id), _) | (None, None, Some((id, _))) => Some(id),
+                (None, None, None) => {
+                    let id = pool.take();
+                    match id {
+                        Some(id) => out.fresh.push(id),
+                        None if !without.contains(a) => without.push(*a),
+                        None => {}
                     }
-                };
+                    id
+                }
+            };
+            if let Some(id) = id {
                 live.insert(*a, id);
-                id
-            })
-            .collect();
+            }
+            out.ids.push(id);
+        }
         for (a, id) in std::mem::replace(&mut self.live, live) {
             self.leaving.insert(a, (id, deadline));
         }
-        Ok((ids, fresh))
+        out.missing = without.len();
+        out
+    }
+
+    /// Records whether backend `id` is down in the snapshot being written.
+    pub fn set_down(&mut self, id: u32, down: bool) {
+        if down {
+            self.down.insert(id);
+        } else {
+            self.down.remove(&id);
+        }
+    }
+
+    /// The leaving backends: address, id, and whether it was down when it left, in address
+    /// order.
+    pub fn leaving_with_state(&self) -> impl Iterator<Item = (SocketAddr, u32, bool)> + '_ {
+        self.leaving
+            .iter()
+            .map(|(&a, &(id, _))| (a, id, self.down.contains(&id)))
     }
 
     /// Every live address starts leaving, until `deadline` (the service is removed).
@@ -148,14 +157,16 @@ impl BackendIds {
             .filter(|(_, &(_, deadline))| deadline <= now)
             .map(|(&a, &(id, _))| (a, id))
             .collect();
-        for (a, _) in &gone {
+        for (a, id) in &gone {
             self.leaving.remove(a);
+            self.down.remove(id);
         }
         gone
     }
 
     /// Takes out every id, live and leaving (the service is gone).
     pub fn take_all(&mut self) -> Vec<u32> {
+        self.down.clear();
         let live = std::mem::take(&mut self.live).into_values();
         let leaving = std::mem::take(&mut self.leaving)
             .into_values()
@@ -178,6 +189,12 @@ impl BackendIds {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn full(got: Assigned) -> (Vec<u32>, Vec<u32>) {
+        assert_eq!(got.missing, 0, "an address got no id: {got:?}");
+        let ids = got.ids.into_iter().map(|i| i.expect("an id")).collect();
+        (ids, got.fresh)
+    }
 
     fn a(i: u8) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, i], 80))
@@ -213,21 +230,17 @@ mod tests {
         let mut ids = BackendIds::default();
         let now = Instant::now();
         let later = now + Duration::from_secs(30);
-        let (first, fresh) = ids
-            .assign(&[a(1), a(2), a(3)], &mut pool, later)
-            .expect("ids");
+        let (first, fresh) = full(ids.assign(&[a(1), a(2), a(3)], &mut pool, later));
         assert_eq!(first, vec![0, 1, 2]);
         assert_eq!(fresh, vec![0, 1, 2]);
         // a(2) leaves, a(4) arrives; the order changes.
-        let (second, fresh) = ids
-            .assign(&[a(3), a(4), a(1)], &mut pool, later)
-            .expect("ids");
+        let (second, fresh) = full(ids.assign(&[a(3), a(4), a(1)], &mut pool, later));
         assert_eq!(second, vec![2, 3, 0], "staying backends changed ids");
         assert_eq!(fresh, vec![3]);
         assert_eq!(ids.leaving().collect::<Vec<_>>(), vec![(a(2), 1)]);
         assert_eq!(ids.live_id(&a(2)), None, "a removed backend is still live");
         // a(2) comes back before its release.
-        let (third, fresh) = ids.assign(&[a(1), a(2)], &mut pool, later).expect("ids");
+        let (third, fresh) = full(ids.assign(&[a(1), a(2)], &mut pool, later));
         assert_eq!(
             third,
             vec![0, 1],
@@ -245,40 +258,79 @@ mod tests {
         let mut ids = BackendIds::default();
         let now = Instant::now();
         let deadline = now + Duration::from_secs(10);
-        ids.assign(&[a(1), a(2)], &mut pool, deadline).expect("ids");
-        ids.assign(&[a(1)], &mut pool, deadline).expect("ids");
+        full(ids.assign(&[a(1), a(2)], &mut pool, deadline));
+        full(ids.assign(&[a(1)], &mut pool, deadline));
+        let got = ids.assign(&[a(1), a(3)], &mut pool, deadline);
         assert_eq!(
-            ids.assign(&[a(1), a(3)], &mut pool, deadline),
-            Err(IdsExhausted { free: 0, wanted: 1 }),
+            (got.ids, got.missing),
+            (vec![Some(0), None], 1),
             "a draining backend's id was handed to another address before its release"
         );
         assert!(ids.expired(now).is_empty(), "released before the deadline");
         let gone = ids.expired(deadline);
         assert_eq!(gone, vec![(a(2), 1)]);
         pool.give_back(1);
-        let (got, fresh) = ids.assign(&[a(1), a(3)], &mut pool, deadline).expect("ids");
+        let (got, fresh) = full(ids.assign(&[a(1), a(3)], &mut pool, deadline));
         assert_eq!((got, fresh), (vec![0, 1], vec![1]));
     }
 
     #[test]
-    fn a_failed_assignment_changes_nothing() {
-        let mut pool = IdPool::new(1);
+    fn addresses_the_pool_has_no_id_for_are_left_out_and_get_one_later() {
+        let mut pool = IdPool::new(2);
         let mut ids = BackendIds::default();
         let t = Instant::now();
-        ids.assign(&[a(1)], &mut pool, t).expect("ids");
-        assert!(ids.assign(&[a(2), a(3)], &mut pool, t).is_err());
-        assert_eq!(ids.live_id(&a(1)), Some(0));
+        full(ids.assign(&[a(1)], &mut pool, t));
+        let got = ids.assign(&[a(1), a(2), a(3), a(3)], &mut pool, t);
+        assert_eq!(
+            got,
+            Assigned {
+                ids: vec![Some(0), Some(1), None, None],
+                fresh: vec![1],
+                missing: 1,
+            },
+            "the ids left go to the first new addresses, the others get none"
+        );
+        assert_eq!(ids.live_id(&a(3)), None);
         assert_eq!(ids.leaving().count(), 0);
-        assert_eq!(ids.take_all(), vec![0]);
+        // a(2) leaves and is released: a(3) gets its id at the next assignment.
+        ids.assign(&[a(1), a(3)], &mut pool, t);
+        assert_eq!(ids.expired(t), vec![(a(2), 1)]);
+        pool.give_back(1);
+        let (got, fresh) = full(ids.assign(&[a(1), a(3)], &mut pool, t));
+        assert_eq!((got, fresh), (vec![0, 1], vec![1]));
     }
 
     #[test]
     fn a_duplicate_address_needs_one_id() {
         let mut pool = IdPool::new(1);
         let mut ids = BackendIds::default();
-        let (got, _) = ids
-            .assign(&[a(1), a(1)], &mut pool, Instant::now())
-            .expect("one id is enough");
+        let (got, _) = full(ids.assign(&[a(1), a(1)], &mut pool, Instant::now()));
         assert_eq!(got, vec![0, 0]);
+    }
+
+    #[test]
+    fn a_backend_that_leaves_while_down_is_remembered_down_until_its_release() {
+        let mut pool = IdPool::new(8);
+        let mut ids = BackendIds::default();
+        let t = Instant::now();
+        let later = t + Duration::from_secs(5);
+        let (got, _) = full(ids.assign(&[a(1), a(2)], &mut pool, later));
+        ids.set_down(got[0], true);
+        ids.set_down(got[1], false);
+        full(ids.assign(&[], &mut pool, later));
+        let leaving: Vec<_> = ids.leaving_with_state().collect();
+        assert_eq!(
+            leaving,
+            vec![(a(1), got[0], true), (a(2), got[1], false)],
+            "a backend removed while down must stay down while it drains"
+        );
+        assert_eq!(ids.expired(later).len(), 2);
+        let (again, _) = full(ids.assign(&[a(3)], &mut pool, later));
+        full(ids.assign(&[], &mut pool, later));
+        assert!(
+            ids.leaving_with_state()
+                .all(|(_, id, down)| id != again[0] || !down),
+            "a released id must not carry the old backend's DOWN state"
+        );
     }
 }

@@ -18,25 +18,26 @@
 //! write itself is a read and an update of one entry; a flow the program admits or closes
 //! for that client between the two (microseconds) is lost from the count, one flow's error.
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, MapData};
 use aya::Ebpf;
-use lb_common::maps::{
-    self as contract, ClientKey, ClientState, CtEntry, Limits, VipKey, CT_F_CLOSED, CT_F_COUNTED,
-};
+use lb_common::maps::{self as contract, ClientKey, Limits, VipKey, CT_F_CLOSED, CT_F_COUNTED};
 use lb_common::{FlowKey, Stat};
 use tracing::{info, warn};
 
 use super::maps::{MapsError, ServiceSlot};
+use super::scan::Walker;
 use super::Maps;
 use crate::config::{ClientLimits, Protocol};
 
 /// How often the refusal counters are looked at for the log.
 pub const REPORT_EVERY: Duration = Duration::from_secs(2);
-/// How often the sweep runs. It reads all of `CONNTRACK` (two syscalls per entry, up to some
-/// 100 ms for a full map) while holding the maps, which delays a table write by as much.
+/// How often the sweep runs. It reads all of `CONNTRACK` and `CLIENTS` (two syscalls per
+/// entry, up to some 100 ms for full maps) on the sync thread but without the `State` lock
+/// (see `scan.rs`): it delays the sync thread's next table write by as much, never a reload
+/// or a counters read.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The `LIMITS` value of `limits` for a service of `protocol` whose `idle_timeout` is
@@ -77,13 +78,15 @@ fn idle_seconds(idle_timeout: Duration) -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX).max(1)
 }
 
-/// The limit maps, taken out of the loaded object with the others.
+/// `LIMITS`, taken out of the loaded object with the other maps the `State` lock guards, and
+/// which service ids have a connection limit.
 pub struct LimitMaps {
     limits: Array<MapData, Limits>,
-    clients: HashMap<MapData, ClientKey, ClientState>,
-    /// Per service id: its VIP key (to tell which service a conntrack entry belongs to) and
-    /// whether it has a connection limit.
-    services: StdHashMap<u32, (VipKey, bool)>,
+    /// Service ids of running services with `max_connections_per_client`: only their
+    /// clients' counts are swept. A removed service leaves the set at once (its table is
+    /// empty, it admits no flow, its counts no longer matter) and its `CLIENTS` entries are
+    /// deleted when its id is released.
+    limited: HashSet<u32>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -108,15 +111,13 @@ fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
 }
 
 impl LimitMaps {
-    /// Takes `LIMITS` and `CLIENTS` out of `ebpf` (the sweep reads `CONNTRACK` through
-    /// [`Maps`], which owns it).
+    /// Takes `LIMITS` out of `ebpf`.
     ///
-    /// Returns `Err(MapsError::Missing)` when one is absent or has another layout.
+    /// Returns `Err(MapsError::Missing)` when it is absent or has another layout.
     pub fn take(ebpf: &mut Ebpf) -> Result<LimitMaps, MapsError> {
         Ok(LimitMaps {
             limits: take(ebpf, contract::LIMITS)?,
-            clients: take(ebpf, contract::CLIENTS)?,
-            services: StdHashMap::new(),
+            limited: HashSet::new(),
         })
     }
 
@@ -134,58 +135,82 @@ impl LimitMaps {
         self.limits
             .set(slot.id, v, 0)
             .map_err(io(contract::LIMITS))?;
-        let protocol = match slot.protocol {
-            Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
-            Protocol::Udp => lb_common::flow::IPPROTO_UDP,
-        };
-        self.services.insert(
-            slot.id,
-            (VipKey::new(slot.vip, protocol), v.max_connections > 0),
-        );
+        if v.max_connections > 0 {
+            self.limited.insert(slot.id);
+        } else {
+            self.limited.remove(&slot.id);
+        }
         Ok(())
     }
 
-    fn any_connection_limit(&self) -> bool {
-        self.services.values().any(|&(_, limited)| limited)
+    /// Service `id` was removed: its clients' counts are no longer swept.
+    pub fn forget(&mut self, id: u32) {
+        self.limited.remove(&id);
     }
 
-    /// Open counted flows per client, from `conntrack`.
-    fn tracked(
-        &self,
-        conntrack: &HashMap<MapData, FlowKey, CtEntry>,
-    ) -> StdHashMap<ClientKey, u64> {
-        let mut by_vip: StdHashMap<VipKey, u32> = StdHashMap::new();
-        for (&id, &(vip, limited)) in &self.services {
-            if limited {
-                by_vip.insert(vip, id);
-            }
-        }
-        let mut tracked = StdHashMap::new();
-        // Entries evicted or added while iterating may be skipped or seen: the two-sweep
-        // rule absorbs that.
-        for item in conntrack.iter() {
-            let Ok((flow, entry)) = item else { continue };
-            if entry.flags & CT_F_COUNTED == 0 || entry.flags & CT_F_CLOSED != 0 {
-                continue;
-            }
-            let vip = VipKey {
-                addr: flow.dst_addr,
-                port: flow.dst_port,
-                protocol: flow.protocol,
-                family: vip_family(&flow),
-            };
-            let Some(&service) = by_vip.get(&vip) else {
-                continue;
-            };
-            *tracked
-                .entry(ClientKey {
-                    service,
-                    addr: flow.src_addr,
-                })
-                .or_insert(0) += 1;
-        }
-        tracked
+    /// Service `id` is released: its `LIMITS` entry goes back to zeroes (no limit), so the
+    /// next service given the id starts from what an entry never written reads as.
+    ///
+    /// Returns `Err(MapsError::Io)` when the update fails.
+    pub fn clear(&mut self, id: u32) -> Result<(), MapsError> {
+        self.limited.remove(&id);
+        self.limits
+            .set(id, Limits::default(), 0)
+            .map_err(io(contract::LIMITS))
     }
+
+    /// Whether service `id` has a connection limit.
+    pub fn limited(&self, id: u32) -> bool {
+        self.limited.contains(&id)
+    }
+}
+
+/// What a sweep needs to know of the running services, copied under the `State` lock: the
+/// VIP key and id of each running service with a connection limit, in the order they were
+/// placed (a reload that replaces a service at the same VIP places the new one before it
+/// removes the old; the later one owns the VIP and wins).
+#[derive(Debug, Clone, Default)]
+pub struct SweepView {
+    /// (VIP key, service id).
+    pub services: Vec<(VipKey, u32)>,
+}
+
+impl SweepView {
+    fn by_vip(&self) -> StdHashMap<VipKey, u32> {
+        self.services.iter().copied().collect()
+    }
+
+    fn ids(&self) -> HashSet<u32> {
+        self.services.iter().map(|&(_, id)| id).collect()
+    }
+}
+
+/// Open counted flows per client of the services in `by_vip`, from `CONNTRACK`.
+fn tracked(walker: &Walker, by_vip: &StdHashMap<VipKey, u32>) -> StdHashMap<ClientKey, u64> {
+    let mut tracked = StdHashMap::new();
+    // Entries evicted or added while walking may be skipped or seen (twice, after a restart
+    // of the walk): the two-sweep rule absorbs that, and a count is never raised.
+    for (flow, entry) in walker.conntrack_entries() {
+        if entry.flags & CT_F_COUNTED == 0 || entry.flags & CT_F_CLOSED != 0 {
+            continue;
+        }
+        let vip = VipKey {
+            addr: flow.dst_addr,
+            port: flow.dst_port,
+            protocol: flow.protocol,
+            family: vip_family(&flow),
+        };
+        let Some(&service) = by_vip.get(&vip) else {
+            continue;
+        };
+        *tracked
+            .entry(ClientKey {
+                service,
+                addr: flow.src_addr,
+            })
+            .or_insert(0) += 1;
+    }
+    tracked
 }
 
 /// The family of a conntrack key's VIP: IPv4 addresses leave words 1..4 zero. (An IPv6 VIP of
@@ -227,24 +252,37 @@ impl Sweeper {
         }
     }
 
-    /// Logs refusals every [`REPORT_EVERY`] and sweeps every [`SWEEP_EVERY`]; call it often.
-    pub fn tick(&mut self, maps: &mut Maps) {
+    /// Logs refusals every [`REPORT_EVERY`]; call it often, under the `State` lock.
+    pub fn report(&mut self, maps: &Maps) {
         if self.reported.elapsed() >= REPORT_EVERY {
             self.reported = Instant::now();
             self.log_refusals(maps);
         }
+    }
+
+    /// Whether a sweep is due ([`SWEEP_EVERY`] since the last); `true` starts the period
+    /// again, so the caller then sweeps.
+    pub fn due(&mut self) -> bool {
         if self.swept.elapsed() < SWEEP_EVERY {
-            return;
+            return false;
         }
         self.swept = Instant::now();
-        if maps.limits.any_connection_limit() {
-            let lowered = self.sweep(&mut maps.limits, &maps.conntrack);
-            if lowered > 0 {
-                info!(
-                    "XDP limits: gave back {lowered} connection slots held by flows conntrack \
-                     evicted before their end"
-                );
-            }
+        true
+    }
+
+    /// Sweeps the clients of the services in `view` (see the module doc), through `walker`,
+    /// without the `State` lock; logs what it gave back.
+    pub fn sweep(&mut self, walker: &mut Walker, view: &SweepView) {
+        if view.services.is_empty() {
+            self.excess.clear();
+            return;
+        }
+        let lowered = self.sweep_once(walker, view);
+        if lowered > 0 {
+            info!(
+                "XDP limits: gave back {lowered} connection slots held by flows conntrack \
+                 evicted before their end"
+            );
         }
     }
 
@@ -269,17 +307,18 @@ impl Sweeper {
     }
 
     /// One sweep; returns the slots given back.
-    fn sweep(
-        &mut self,
-        maps: &mut LimitMaps,
-        conntrack: &HashMap<MapData, FlowKey, CtEntry>,
-    ) -> u64 {
-        let tracked = maps.tracked(conntrack);
+    fn sweep_once(&mut self, walker: &mut Walker, view: &SweepView) -> u64 {
+        let tracked = tracked(walker, &view.by_vip());
+        let ids = view.ids();
         let mut excess = StdHashMap::new();
         let mut lowered = 0;
-        let keys: Vec<ClientKey> = maps.clients.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let Ok(state) = maps.clients.get(&key, 0) else {
+        for key in walker.client_keys() {
+            // Only running services with a connection limit: a removed service's entries
+            // wait for its release, another's have no count that matters.
+            if !ids.contains(&key.service) || excess.contains_key(&key) {
+                continue;
+            }
+            let Some(state) = walker.client(&key) else {
                 continue;
             };
             let open = tracked.get(&key).copied().unwrap_or(0);
@@ -292,16 +331,12 @@ impl Sweeper {
             if lower == 0 {
                 continue;
             }
-            // Read again just before the write, to keep the window for a lost update short.
-            let Ok(mut fresh) = maps.clients.get(&key, 0) else {
-                continue;
-            };
-            fresh.connections = fresh.connections.saturating_sub(lower);
-            match maps.clients.insert(key, fresh, 0) {
-                Ok(()) => {
+            match walker.lower_client(&key, lower) {
+                Ok(true) => {
                     lowered += lower;
                     excess.insert(key, now - lower);
                 }
+                Ok(false) => {}
                 Err(e) => warn!("XDP limits: cannot lower a client's connection count: {e}"),
             }
         }
@@ -321,6 +356,23 @@ fn leak(connections: u64, open: u64, previous: u64) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vip_is_swept_under_the_service_placed_last_there() {
+        let vip = VipKey::new("10.200.100.1:80".parse().expect("literal"), 6);
+        let other = VipKey::new("10.200.100.2:80".parse().expect("literal"), 6);
+        // Service 7 replaced service 3 at the same VIP (placed after it, removed later).
+        let view = SweepView {
+            services: vec![(vip, 3), (other, 5), (vip, 7)],
+        };
+        let by_vip = view.by_vip();
+        assert_eq!(
+            by_vip.get(&vip),
+            Some(&7),
+            "the newest service owns the VIP"
+        );
+        assert_eq!(by_vip.get(&other), Some(&5));
+    }
 
     #[test]
     fn only_an_excess_seen_twice_is_given_back_and_counts_are_never_raised() {

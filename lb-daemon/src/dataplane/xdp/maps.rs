@@ -8,12 +8,12 @@ use std::time::Instant;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::maps::{
-    self as contract, addr_words, family_of, table_index, Backend, CtEntry, VipKey, VipValue,
+    self as contract, addr_words, family_of, table_index, Backend, VipKey, VipValue,
     BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
 };
-use lb_common::{Counters, FlowKey, STATS_LEN};
+use lb_common::{Counters, STATS_LEN};
 
-use super::ids::{BackendIds, IdPool, IdsExhausted};
+use super::ids::{BackendIds, IdPool};
 use crate::config::{Forwarding, Protocol, Service};
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
@@ -48,9 +48,6 @@ pub enum MapsError {
     /// The table could not be built (a bug: validation checks its inputs).
     #[error("Maglev table: {0}")]
     Maglev(#[from] crate::maglev::MaglevError),
-    /// Every backend id is in use (live or draining); the previous table stays.
-    #[error(transparent)]
-    Exhausted(#[from] IdsExhausted),
     /// The number of CPUs could not be read, so per-CPU counters cannot be reset.
     #[error("cannot count the CPUs: {0}")]
     Cpus(String),
@@ -69,13 +66,12 @@ pub struct Maps {
     services: Array<MapData, contract::Service>,
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
-    /// Read by the limits sweep too (`limits.rs`): the object has one `CONNTRACK` to take.
-    pub(super) conntrack: HashMap<MapData, FlowKey, CtEntry>,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
-    /// `LIMITS`, `CLIENTS` and `CONNTRACK`: see `limits.rs`.
+    /// `LIMITS`: see `limits.rs`. (`CONNTRACK` and `CLIENTS` are not here: the sync thread
+    /// owns them, see `scan.rs`.)
     pub(super) limits: super::limits::LimitMaps,
 }
 
@@ -104,7 +100,6 @@ impl Maps {
             services: take(ebpf, contract::SERVICES)?,
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
-            conntrack: take(ebpf, contract::CONNTRACK)?,
             devmap: take(ebpf, contract::DEVMAP)?,
             stats: take(ebpf, contract::STATS)?,
             service_stats: take(ebpf, contract::SERVICE_STATS)?,
@@ -133,8 +128,11 @@ impl Maps {
     /// what the inactive half already holds: all M (65537 by default) the first time, tens of
     /// milliseconds; afterwards only the slots that moved, which Maglev keeps few.
     ///
-    /// Returns `Err(MapsError::Exhausted)` (nothing written) when new backends find no free
-    /// id, `Err(MapsError::Io)` when a write fails; the previous table stays live either way.
+    /// New backends that find no free id are left out: no `BACKENDS` entry, no table slot,
+    /// as if down ([`ServiceSlot::missing_ids`] says how many); health changes of the others
+    /// are published all the same, and the next publish tries again.
+    ///
+    /// Returns `Err(MapsError::Io)` when a write fails; the previous table stays live.
     pub fn publish(
         &mut self,
         slot: &mut ServiceSlot,
@@ -143,11 +141,15 @@ impl Maps {
         drain_deadline: Instant,
     ) -> Result<usize, MapsError> {
         let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
-        let (ids, fresh) = slot.backends.assign(&addresses, pool, drain_deadline)?;
-        for &id in &fresh {
+        let assigned = slot.backends.assign(&addresses, pool, drain_deadline);
+        slot.missing_ids = assigned.missing;
+        for &id in &assigned.fresh {
             self.reset_backend_counters(id)?;
         }
-        for (b, &id) in snap.backends.iter().zip(&ids) {
+        for (b, id) in snap.backends.iter().zip(&assigned.ids) {
+            // A backend with no id has no BACKENDS entry and no table slot (below).
+            let Some(id) = *id else { continue };
+            slot.backends.set_down(id, !b.up);
             let flags = match (b.up, b.weight) {
                 (false, _) => BACKEND_F_DOWN,
                 (true, 0) => BACKEND_F_DRAINING,
@@ -163,16 +165,25 @@ impl Maps {
         }
         self.mark_draining(slot.backend_ids())?;
         // DNS may answer with both families; XDP forwards within the VIP's, so the others
-        // take no table slot (they count as not eligible).
+        // take no table slot (they count as not eligible), nor do backends with no id.
         let v4 = slot.vip.is_ipv4();
-        let table = if snap.backends.iter().all(|b| b.address.is_ipv4() == v4) {
+        // Never in the table: a backend without an id is never eligible.
+        let ids: Vec<u32> = assigned
+            .ids
+            .iter()
+            .map(|id| id.unwrap_or(u32::MAX))
+            .collect();
+        let placeable =
+            |(b, id): (&BackendView, &Option<u32>)| b.address.is_ipv4() == v4 && id.is_some();
+        let table = if snap.backends.iter().zip(&assigned.ids).all(placeable) {
             table_entries(&snap.backends, &ids, slot.table_size)?
         } else {
             let view: Vec<BackendView> = snap
                 .backends
                 .iter()
-                .map(|b| BackendView {
-                    up: b.up && b.address.is_ipv4() == v4,
+                .zip(&assigned.ids)
+                .map(|(b, id)| BackendView {
+                    up: b.up && placeable((b, id)),
                     ..b.clone()
                 })
                 .collect();
@@ -187,11 +198,13 @@ impl Maps {
     }
 
     /// Flags every leaving backend of `ids` draining: their pinned flows go on, a new
-    /// connection that reuses one of their 4-tuples is placed by the table.
+    /// connection that reuses one of their 4-tuples is placed by the table. A backend that
+    /// was down when it left stays flagged down as well ([`leaving_flags`]): its pinned flows
+    /// are re-placed, not sent into a dead backend until the drain ends.
     pub fn mark_draining(&mut self, ids: &BackendIds) -> Result<(), MapsError> {
-        for (address, id) in ids.leaving() {
+        for (address, id, down) in ids.leaving_with_state() {
             let value = Backend {
-                flags: BACKEND_F_DRAINING,
+                flags: leaving_flags(down),
                 ..Backend::new(address)
             };
             self.backends
@@ -254,60 +267,64 @@ impl Maps {
         Ok(written)
     }
 
-    /// Takes a drained service out: deletes its VIP from `VIPS` when `delete_vip` (not when
-    /// another service took the same VIP since) and clears its `SERVICES` entry. Its backend
-    /// ids are released separately ([`Maps::release_backends`]).
-    pub fn remove_service(
-        &mut self,
-        slot: &ServiceSlot,
-        delete_vip: bool,
-    ) -> Result<(), MapsError> {
-        if slot.vip_published && delete_vip {
-            match self.vips.remove(&slot.vip_key()) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::VIPS)(e)),
-            }
-        }
+    /// Takes a drained service out: hands its VIP on (see [`Maps::hand_over_vip`], to no
+    /// one) and clears its `SERVICES` entry. Its backend ids are released separately
+    /// ([`Maps::clear_backends`]).
+    ///
+    /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
+    pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<(), MapsError> {
+        self.hand_over_vip(slot, None)?;
         self.services
             .set(slot.id, contract::Service::default(), 0)
             .map_err(io(contract::SERVICES))
     }
 
-    /// Marks backends `ids` unused (`family` 0, so the program re-places flows still pinned
-    /// to them) and forgets the conntrack entries naming them, so that once an id is reused
-    /// for another address no old flow follows it there. Returns how many entries it forgot.
+    /// Gives `slot`'s VIP to service id `to`, or deletes it from `VIPS` when `to` is `None`,
+    /// if `VIPS` still names `slot`'s service: a service placed since at the same VIP owns
+    /// the entry, and its VIP must not be taken from it. Returns whether `VIPS` changed.
     ///
-    /// The entries are cleared before conntrack is scanned: a packet placed meanwhile is
-    /// placed by its table, which no longer names these ids, so no new entry for them appears
-    /// during the scan. Costs one scan of conntrack (up to `CONNTRACK_SIZE` lookups) for all
-    /// of `ids`; `Err` leaves some of them cleared, none safe to reuse.
-    pub fn release_backends(&mut self, ids: &[u32]) -> Result<usize, MapsError> {
-        if ids.is_empty() {
-            return Ok(0);
+    /// Returns `Err(MapsError::Io)` when `VIPS` cannot be read or written.
+    pub fn hand_over_vip(
+        &mut self,
+        slot: &ServiceSlot,
+        to: Option<u32>,
+    ) -> Result<bool, MapsError> {
+        if !slot.vip_published {
+            return Ok(false);
         }
+        let key = slot.vip_key();
+        match self.vips.get(&key, 0) {
+            Ok(v) if v.service == slot.id => {}
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(io(contract::VIPS)(e)),
+        }
+        match to {
+            Some(service) => self
+                .vips
+                .insert(key, VipValue { service }, 0)
+                .map_err(io(contract::VIPS))?,
+            None => match self.vips.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(io(contract::VIPS)(e)),
+            },
+        }
+        Ok(true)
+    }
+
+    /// Marks backends `ids` unused (`family` 0, so the program re-places flows still pinned
+    /// to them). The first step of releasing ids: the conntrack entries still naming them
+    /// are forgotten next, outside the `State` lock (`scan::Walker::forget_flows_of`), and
+    /// only then may the ids be reused.
+    ///
+    /// Returns `Err(MapsError::Io)` when a write fails: some of them cleared, none safe to
+    /// reuse.
+    pub fn clear_backends(&mut self, ids: &[u32]) -> Result<(), MapsError> {
         for &id in ids {
             self.backends
                 .set(id, Backend::default(), 0)
                 .map_err(io(contract::BACKENDS))?;
         }
-        let stale: Vec<FlowKey> = self
-            .conntrack
-            .iter()
-            // An entry evicted during the walk ends it early or is skipped: either way it
-            // names no backend any more.
-            .filter_map(Result::ok)
-            .filter(|(_, entry)| ids.contains(&entry.backend))
-            .map(|(key, _)| key)
-            .collect();
-        let mut forgot = 0;
-        for key in &stale {
-            match self.conntrack.remove(key) {
-                Ok(()) => forgot += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::CONNTRACK)(e)),
-            }
-        }
-        Ok(forgot)
+        Ok(())
     }
 
     /// Zeroes service `id`'s counters (a reused id starts from zero).
@@ -346,6 +363,16 @@ impl Maps {
     /// Backend `id`'s counters, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters, MapsError> {
         sum(&self.backend_stats, id).map_err(io(contract::BACKEND_STATS))
+    }
+}
+
+/// The `BACKENDS` flags of a backend that left its service: DRAINING, and DOWN too when it
+/// was down when it left.
+pub fn leaving_flags(down: bool) -> u8 {
+    if down {
+        BACKEND_F_DOWN | BACKEND_F_DRAINING
+    } else {
+        BACKEND_F_DRAINING
     }
 }
 
@@ -397,6 +424,9 @@ pub struct ServiceSlot {
     /// The last generation whose write failed and was logged, so a persistent error is
     /// logged once per generation, not on every poll.
     pub failed_generation: Option<u64>,
+    /// How many of the last written snapshot's backends got no backend id (the pool was
+    /// empty) and were left out of the table.
+    pub missing_ids: usize,
 }
 
 impl ServiceSlot {
@@ -418,6 +448,7 @@ impl ServiceSlot {
             halves: [None, None],
             generation: 0,
             failed_generation: None,
+            missing_ids: 0,
         }
     }
 
@@ -576,6 +607,16 @@ weight = 0
                 "XDP and the proxy would send flow {key:?} to different backends"
             );
         }
+    }
+
+    #[test]
+    fn a_backend_that_left_while_down_stays_down() {
+        assert_eq!(leaving_flags(false), BACKEND_F_DRAINING);
+        assert_eq!(
+            leaving_flags(true),
+            BACKEND_F_DOWN | BACKEND_F_DRAINING,
+            "flows pinned to a dead removed backend must be re-placed, not sent into it"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod limits;
 pub mod loader;
 pub mod maps;
+pub mod scan;
 mod sync;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,24 @@ use crate::service::ServiceRuntime;
 pub use counters::{BackendCounters, ServiceCounters, XdpCounters};
 pub use loader::{AttachMode, LoadError};
 pub use maps::{Maps, MapsError, ServiceSlot};
+
+/// Reads the XDP counters; see [`XdpPlane::counters_reader`]. It shares the plane's maps:
+/// after the plane is shut down it reads maps no program writes any more.
+#[derive(Clone)]
+pub struct CountersReader {
+    state: Arc<Mutex<sync::State>>,
+}
+
+impl CountersReader {
+    /// The counters now, as [`XdpPlane::counters`]. Holds the plane's `State` lock for the
+    /// reads (one per counter), and waits for it when the sync thread or a reload writes a
+    /// table.
+    ///
+    /// Returns `Err(MapsError::Io)` when a map cannot be read.
+    pub fn read(&self) -> Result<XdpCounters, MapsError> {
+        counters::read(&lock(&self.state))
+    }
+}
 
 /// Where a service's flows are carried, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,7 +217,7 @@ impl XdpPlane {
     ///
     /// `Err` is the reason, in words, for the log.
     pub fn load(global: &Global) -> Result<XdpPlane, String> {
-        let (ebpf, maps, path) = load_balancer(global.bpf_object.as_deref())?;
+        let (ebpf, maps, walker, path) = load_balancer(global.bpf_object.as_deref())?;
         info!("XDP: loaded {}", path.display());
         let state = Arc::new(Mutex::new(sync::State {
             maps,
@@ -208,7 +227,7 @@ impl XdpPlane {
             running: Vec::new(),
             leaving: Vec::new(),
         }));
-        let sync = sync::SyncThread::start(Arc::clone(&state));
+        let sync = sync::SyncThread::start(Arc::clone(&state), walker);
         Ok(XdpPlane {
             ebpf: Some(ebpf),
             state,
@@ -246,11 +265,10 @@ impl XdpPlane {
                 None => return Err(format!("there is no interface {name}")),
             }
         }
-        let mut guard = lock(&self.state);
-        let st = &mut *guard;
-        if st.service_ids.available() == 0 {
+        if lock(&self.state).service_ids.available() == 0 {
             return Err(format!(
-                "the XDP maps hold {MAX_SERVICES} services and as many are in use (running or                  draining)"
+                "the XDP maps hold {MAX_SERVICES} services and as many are in use (running or \
+                 draining)"
             ));
         }
         let ebpf = self.ebpf.as_mut().ok_or("the XDP plane is stopped")?;
@@ -261,7 +279,12 @@ impl XdpPlane {
                 None => {
                     // Redirects into the interface are allowed first: an interface in
                     // `attached` is one other services can redirect to as well.
-                    st.maps.allow_redirect(ifindex).map_err(|e| e.to_string())?;
+                    lock(&self.state)
+                        .maps
+                        .allow_redirect(ifindex)
+                        .map_err(|e| e.to_string())?;
+                    // Without the State lock: attaching waits for the kernel (a driver may
+                    // reset its rings), and the sync thread and counter reads go on meanwhile.
                     let prog = program(ebpf)?;
                     let mode = loader::attach(prog, name).map_err(|e| e.to_string())?;
                     self.attached.insert(name.clone(), mode);
@@ -271,26 +294,53 @@ impl XdpPlane {
             };
             interfaces.push((name.clone(), mode));
         }
+        // The first write of the table (all M slots) holds the lock: it shares the id pools
+        // and the maps with the sync thread.
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let snap = rt.snapshot().load_full();
+        // A new service would start with backends left out of its table: the proxy (for
+        // `auto`) serves it whole. Checked before anything is written, under the lock that
+        // keeps the pool as it is until the write.
+        let mut addresses: Vec<_> = snap.backends.iter().map(|b| b.address).collect();
+        addresses.sort();
+        addresses.dedup();
+        if addresses.len() > st.backend_ids.available() {
+            return Err(format!(
+                "its {} backends need XDP backend ids and {} of the {MAX_BACKENDS} are free \
+                 (the others are in use, live or draining)",
+                addresses.len(),
+                st.backend_ids.available()
+            ));
+        }
         let id = st.service_ids.take().ok_or("no free service id")?;
         let mut slot = ServiceSlot::new(id, &s, local_address);
-        let snap = rt.snapshot().load_full();
         let deadline = Instant::now() + st.drain_timeout;
-        let written = st.maps.reset_service_counters(id).and_then(|()| {
-            st.maps
-                .publish(&mut slot, &snap, &mut st.backend_ids, deadline)
-        });
+        let written = st
+            .maps
+            .reset_service_counters(id)
+            .and_then(|()| {
+                st.maps
+                    .publish(&mut slot, &snap, &mut st.backend_ids, deadline)
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         if let Err(e) = written {
             // The VIP goes in last, so no packet reached the service: undo at once.
-            if let Err(e) = st.maps.remove_service(&slot, true) {
+            if let Err(e) = st.maps.remove_service(&slot) {
                 error!(
                     "service {}: cannot clear its XDP service entry: {e}",
                     s.name
                 );
             }
             st.service_ids.give_back(id);
+            if let Err(e) = st.maps.limits.clear(id) {
+                error!("service {}: cannot clear its XDP limits entry: {e}", s.name);
+            }
+            // The VIP never went in: no flow was pinned to these ids, no walk is needed.
             let ids = slot.backend_ids_mut().take_all();
-            st.release_backend_ids(&ids);
-            return Err(e.to_string());
+            st.release_unpublished_backend_ids(&ids);
+            return Err(e);
         }
         st.running.push(sync::Running {
             rt: Arc::clone(rt),
@@ -304,9 +354,17 @@ impl XdpPlane {
 
     /// Starts draining the service with index `index` out of XDP: its table is emptied now
     /// (new flows find no backend), flows conntrack pinned to its backends go on, and after
-    /// `drain_timeout` its VIP, service id and backend ids are released. `false` when no such
-    /// service runs on XDP.
-    pub fn remove(&mut self, index: usize, drain_timeout: Duration) -> bool {
+    /// `drain_timeout` its VIP (if still its own), service id and backend ids are released.
+    /// `false` when no such service runs on XDP.
+    ///
+    /// The VIP is handed on at once when someone else takes it: to a service still running
+    /// on XDP at the same VIP (a refused reload undoing the service that replaced it), or,
+    /// with `release_vip`, to the kernel (a service started on the proxy at the same address
+    /// replaces it). In that last case the flows pinned to this service are cut: their
+    /// packets reach the kernel stack, which does not know them. Keeping them would need the
+    /// program to pass new flows of a VIP to the stack while it carries the pinned ones,
+    /// which it does not do.
+    pub fn remove(&mut self, index: usize, drain_timeout: Duration, release_vip: bool) -> bool {
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let Some(pos) = st.running.iter().position(|r| r.rt.index() == index) else {
@@ -314,10 +372,28 @@ impl XdpPlane {
         };
         let mut r = st.running.remove(pos);
         let name = r.rt.name().to_string();
+        // Its clients' counts are no longer swept; its LIMITS and CLIENTS entries go when its
+        // id is released.
+        st.maps.limits.forget(r.slot.id);
         if let Err(e) = st.maps.empty_table(&mut r.slot) {
             error!(
-                "service {name}: cannot empty its XDP table: {e}; it takes new flows until its                  drain ends"
+                "service {name}: cannot empty its XDP table: {e}; it takes new flows until its \
+                 drain ends"
             );
+        }
+        let key = r.slot.vip_key();
+        let heir = st.running.iter().rev().find(|o| o.slot.vip_key() == key);
+        let to = heir.map(|o| o.slot.id);
+        if to.is_some() || release_vip {
+            match st.maps.hand_over_vip(&r.slot, to) {
+                Ok(true) if to.is_none() => warn!(
+                    "service {name}: its VIP {} left the XDP maps now, for the service that \
+                     replaces it on the proxy; the flows XDP carried for it are cut",
+                    r.slot.vip
+                ),
+                Ok(_) => {}
+                Err(e) => error!("service {name}: cannot hand its VIP on: {e}"),
+            }
         }
         let deadline = Instant::now() + drain_timeout;
         r.slot.backend_ids_mut().leave_all(deadline);
@@ -341,7 +417,15 @@ impl XdpPlane {
     ///
     /// Returns `Err(MapsError::Io)` when a map cannot be read.
     pub fn counters(&self) -> Result<XdpCounters, MapsError> {
-        counters::read(&lock(&self.state))
+        self.counters_reader().read()
+    }
+
+    /// A handle that reads the counters without borrowing the plane, so a reader need not
+    /// wait for whoever holds the plane (a reload attaching to an interface).
+    pub fn counters_reader(&self) -> CountersReader {
+        CountersReader {
+            state: Arc::clone(&self.state),
+        }
     }
 
     /// Stops republishing, logs the final counters and detaches the programs from every
@@ -401,12 +485,15 @@ fn finish(placements: Vec<Option<Placement>>) -> Vec<Placement> {
 
 /// Finds and loads the object, loads `lb_xdp` and takes the maps. `Err` is the reason, in
 /// words, for the log.
-fn load_balancer(configured: Option<&std::path::Path>) -> Result<(Ebpf, Maps, PathBuf), String> {
+fn load_balancer(
+    configured: Option<&std::path::Path>,
+) -> Result<(Ebpf, Maps, scan::Walker, PathBuf), String> {
     let path = loader::find_object(configured).map_err(|e| e.to_string())?;
     let mut ebpf = loader::load_object(&path, &[]).map_err(|e| loader::error_chain(&e))?;
     loader::load_program(&mut ebpf, &path, PROG_BALANCER).map_err(|e| loader::error_chain(&e))?;
     let maps = Maps::take(&mut ebpf).map_err(|e| e.to_string())?;
-    Ok((ebpf, maps, path))
+    let walker = scan::Walker::take(&mut ebpf).map_err(|e| e.to_string())?;
+    Ok((ebpf, maps, walker, path))
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut aya::programs::Xdp, String> {

@@ -10,22 +10,25 @@
 //! blocking map updates, up to 65537 of them, which would stall the control plane's health
 //! checks.
 
+use std::net::SocketAddr;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::ids::IdPool;
-use super::{lock, Maps, ServiceSlot};
+use super::scan::Walker;
+use super::{limits, lock, Maps, ServiceSlot};
 use crate::service::ServiceRuntime;
 
 /// How often the thread compares generations and looks for drained ids.
 pub const POLL: Duration = Duration::from_millis(50);
 
 /// Everything the XDP plane writes into the maps, behind one lock: the reload path (adding,
-/// removing services), the sync thread and the counters' reader take it in turn.
+/// removing services), the sync thread and the counters' reader take it in turn. Nothing
+/// holds it for a walk of `CONNTRACK` or `CLIENTS` (see `scan.rs`).
 pub struct State {
     /// The maps.
     pub maps: Maps,
@@ -65,24 +68,46 @@ impl State {
     /// and the next call tries again).
     pub fn republish_if_changed(&mut self, rt: &ServiceRuntime, slot: &mut ServiceSlot) {
         let snap = rt.snapshot().load_full();
-        if snap.generation == slot.generation() {
+        // A snapshot written with backends left out for want of ids is written again once
+        // ids are free.
+        let waiting = slot.missing_ids > 0 && self.backend_ids.available() > 0;
+        if snap.generation == slot.generation() && !waiting {
             return;
         }
         let started = Instant::now();
         let deadline = started + self.drain_timeout;
-        match self
+        let missing_before = slot.missing_ids;
+        let written = self
             .maps
-            .publish(slot, &snap, &mut self.backend_ids, deadline)
-        {
+            .publish(slot, &snap, &mut self.backend_ids, deadline);
+        if written.is_ok() && slot.missing_ids != missing_before {
+            // Once per change, not per write.
+            if slot.missing_ids > 0 {
+                warn!(
+                    "service {}: {} of its backends got no XDP backend id (all {} are in use, \
+                     live or draining) and are left out of its XDP table until ids are released",
+                    snap.name,
+                    slot.missing_ids,
+                    lb_common::maps::MAX_BACKENDS
+                );
+            } else {
+                info!(
+                    "service {}: every backend has an XDP backend id again",
+                    snap.name
+                );
+            }
+        }
+        match written {
             Ok(written) => info!(
                 "service {}: XDP table generation {} live in half {} ({} of {} backends \
-                 eligible; {written} slots written in {} ms)",
+                 eligible; {written} slots written in {} ms){}",
                 snap.name,
                 snap.generation,
                 slot.active_half(),
                 snap.eligible_count(),
                 snap.backends.len(),
-                started.elapsed().as_millis()
+                started.elapsed().as_millis(),
+                describe_limits(&snap.limits)
             ),
             Err(e) => {
                 if slot.failed_generation != Some(snap.generation) {
@@ -106,13 +131,19 @@ impl State {
         self.running = running;
     }
 
-    /// Releases the backend ids and the removed services whose drain ended by `now`.
-    pub fn release_drained(&mut self, now: Instant) {
-        // (service, address if one backend left, id): released together, one conntrack scan.
-        let mut ids: Vec<(String, Option<std::net::SocketAddr>, u32)> = Vec::new();
+    /// Takes out of the bookkeeping the backend ids and the removed services whose drain
+    /// ended by `now`, and does the part of their release that needs the lock: each service's
+    /// VIP (see [`Maps::remove_service`]), `SERVICES` and `LIMITS` entries, and the backends'
+    /// `BACKENDS` entries are cleared. The ids go back to the pools only after
+    /// [`Drained::scrub`] (outside the lock) and [`State::give_back`]; meanwhile they are in
+    /// no pool and no slot, so nothing reuses them.
+    pub fn take_drained(&mut self, now: Instant) -> Drained {
+        let mut drained = Drained::default();
         for r in &mut self.running {
             for (address, id) in r.slot.backend_ids_mut().expired(now) {
-                ids.push((r.rt.name().to_string(), Some(address), id));
+                drained
+                    .backends
+                    .push((r.rt.name().to_string(), Some(address), id));
             }
         }
         let (done, left): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut self.leaving)
@@ -120,11 +151,14 @@ impl State {
             .partition(|l| l.deadline <= now);
         self.leaving = left;
         for mut l in done {
-            // A service started since at the same VIP owns the VIPS entry now.
-            let key = l.slot.vip_key();
-            let taken = self.running.iter().any(|r| r.slot.vip_key() == key);
-            match self.maps.remove_service(&l.slot, !taken) {
-                Ok(()) => self.service_ids.give_back(l.slot.id),
+            // The VIP goes only if VIPS still names this service: a service placed since at
+            // the same VIP owns the entry, even if it is leaving too.
+            let cleared = self
+                .maps
+                .remove_service(&l.slot)
+                .and_then(|()| self.maps.limits.clear(l.slot.id));
+            match cleared {
+                Ok(()) => drained.services.push((l.name.clone(), l.slot.id)),
                 // The id stays out of the pool: its entries may still be live.
                 Err(e) => error!(
                     "service {}: cannot take it out of the XDP maps: {e}; service id {} stays \
@@ -133,21 +167,26 @@ impl State {
                 ),
             }
             for id in l.slot.backend_ids_mut().take_all() {
-                ids.push((l.name.clone(), None, id));
+                drained.backends.push((l.name.clone(), None, id));
             }
-            info!(
-                "service {}: drained; its VIP{} and XDP ids are released",
-                l.name,
-                if taken {
-                    " (now another service's)"
-                } else {
-                    ""
-                }
-            );
+            info!("service {}: drained; its XDP ids are released", l.name);
         }
-        let plain: Vec<u32> = ids.iter().map(|&(_, _, id)| id).collect();
-        if self.release_backend_ids(&plain) {
-            for (service, address, id) in ids {
+        let ids = drained.backend_ids();
+        drained.backends_cleared = match self.maps.clear_backends(&ids) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("cannot release XDP backend ids {ids:?}: {e}; they stay reserved");
+                false
+            }
+        };
+        drained
+    }
+
+    /// Returns to the pools the ids of `drained` that [`Drained::scrub`] left safe to reuse.
+    pub fn give_back(&mut self, drained: Drained) {
+        if drained.backends_cleared {
+            for (service, address, id) in drained.backends {
+                self.backend_ids.give_back(id);
                 if let Some(address) = address {
                     info!(
                         "service {service}: backend {address} drained; XDP backend id {id} \
@@ -156,13 +195,21 @@ impl State {
                 }
             }
         }
+        if drained.clients_cleared {
+            for (_, id) in drained.services {
+                self.service_ids.give_back(id);
+            }
+        }
     }
 
-    /// Releases backend `ids` to the pool; `false` (logged) when their entries could not be
-    /// cleared, and the ids then stay out of the pool.
-    pub fn release_backend_ids(&mut self, ids: &[u32]) -> bool {
-        match self.maps.release_backends(ids) {
-            Ok(_) => {
+    /// Releases backend `ids` that no published table ever named (a service whose first
+    /// write failed, so its VIP never went in and no flow was pinned to them): their
+    /// `BACKENDS` entries are cleared and they go back to the pool, with no conntrack walk.
+    /// `false` (logged) when the entries could not be cleared, and the ids then stay out of
+    /// the pool.
+    pub fn release_unpublished_backend_ids(&mut self, ids: &[u32]) -> bool {
+        match self.maps.clear_backends(ids) {
+            Ok(()) => {
                 for &id in ids {
                     self.backend_ids.give_back(id);
                 }
@@ -174,6 +221,84 @@ impl State {
             }
         }
     }
+
+    /// What a limits sweep needs of the running services (see [`limits::SweepView`]).
+    fn sweep_view(&self) -> limits::SweepView {
+        limits::SweepView {
+            services: self
+                .running
+                .iter()
+                .filter(|r| self.maps.limits.limited(r.slot.id))
+                .map(|r| (r.slot.vip_key(), r.slot.id))
+                .collect(),
+        }
+    }
+}
+
+/// The limits a table write carries, for its log line: `""` when there are none, else
+/// `"; per client: N connections, R/s burst B"` (what is set).
+fn describe_limits(limits: &crate::config::ClientLimits) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = limits.max_connections {
+        parts.push(format!("{n} connections"));
+    }
+    if let Some(rate) = limits.rate {
+        parts.push(format!("{rate}/s burst {}", limits.burst));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; per client: {}", parts.join(", "))
+    }
+}
+
+/// Ids whose drain ended, between [`State::take_drained`] and [`State::give_back`].
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// (service name, address when the backend left a running service, backend id).
+    backends: Vec<(String, Option<SocketAddr>, u32)>,
+    /// (name, service id) of removed services whose map entries are cleared.
+    services: Vec<(String, u32)>,
+    /// Whether the backends' `BACKENDS` entries and then their conntrack entries are
+    /// cleared: their ids may be reused.
+    backends_cleared: bool,
+    /// Whether the services' `CLIENTS` entries are deleted: their ids may be reused.
+    clients_cleared: bool,
+}
+
+impl Drained {
+    /// Whether there is nothing to release.
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty() && self.services.is_empty()
+    }
+
+    fn backend_ids(&self) -> Vec<u32> {
+        self.backends.iter().map(|&(_, _, id)| id).collect()
+    }
+
+    /// Forgets, outside the `State` lock, the conntrack entries pinned to the released
+    /// backends and the `CLIENTS` entries of the released services: one bounded walk of each
+    /// map for all of them. What fails is logged and its ids stay reserved.
+    pub fn scrub(&mut self, walker: &mut Walker) {
+        if self.backends_cleared {
+            let ids = self.backend_ids();
+            if let Err(e) = walker.forget_flows_of(&ids) {
+                error!("cannot release XDP backend ids {ids:?}: {e}; they stay reserved");
+                self.backends_cleared = false;
+            }
+        }
+        let ids: Vec<u32> = self.services.iter().map(|&(_, id)| id).collect();
+        self.clients_cleared = match walker.forget_clients_of(&ids) {
+            Ok(_) => true,
+            Err(e) => {
+                error!(
+                    "cannot forget the clients of XDP service ids {ids:?}: {e}; they stay \
+                     reserved"
+                );
+                false
+            }
+        };
+    }
 }
 
 /// The running republisher; [`SyncThread::stop`] ends it.
@@ -184,7 +309,7 @@ pub struct SyncThread {
 
 impl SyncThread {
     /// Starts the thread over `state`, whose slots hold the generation last written.
-    pub fn start(state: Arc<Mutex<State>>) -> SyncThread {
+    pub fn start(state: Arc<Mutex<State>>, mut walker: Walker) -> SyncThread {
         let (stop, stopped) = mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("lb-xdp-sync".into())
@@ -195,10 +320,23 @@ impl SyncThread {
                         Err(RecvTimeoutError::Timeout) => {}
                         Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    let mut st = lock(&state);
-                    st.republish_all();
-                    st.release_drained(Instant::now());
-                    limits.tick(&mut st.maps);
+                    // The walks of CONNTRACK and CLIENTS (releases, the sweep) run between
+                    // two holds of the lock, so that a reload or a counters read never waits
+                    // for them.
+                    let (mut drained, view) = {
+                        let mut st = lock(&state);
+                        st.republish_all();
+                        limits.report(&st.maps);
+                        let view = limits.due().then(|| st.sweep_view());
+                        (st.take_drained(Instant::now()), view)
+                    };
+                    if !drained.is_empty() {
+                        drained.scrub(&mut walker);
+                        lock(&state).give_back(drained);
+                    }
+                    if let Some(view) = view {
+                        limits.sweep(&mut walker, &view);
+                    }
                 }
             })
             .unwrap_or_else(|e| panic!("cannot start the XDP map sync thread: {e}"));

@@ -1,0 +1,215 @@
+//! Walking the program's big hash maps (`CONNTRACK`, `CLIENTS`) from the daemon, outside the
+//! plane's `State` lock, and in a bounded number of keys.
+//!
+//! A walk is one `bpf_map_get_next_key` and one lookup per entry, some 260,000 syscalls for
+//! both maps full. Done under the `State` lock it would stall every other user of the plane
+//! (a reload adding a service, `/status` reading counters) for as long. The two maps are
+//! therefore not in `State` at all: the sync thread owns them ([`Walker`]) and walks them
+//! between two holds of the lock. Nothing else in the daemon reads or writes them; the
+//! program's own writes race with a walk the same way whether the daemon holds a lock or
+//! not. (The alternative, walking in chunks under the lock, means more lock traffic and a
+//! walk that must resume from a key that may be gone by then.)
+//!
+//! `bpf_map_get_next_key` on a key that was deleted meanwhile (an LRU eviction under churn,
+//! a flow's entry replaced) restarts from the first key, so a walk of a busy map may never
+//! end: [`keys`] stops after a number of keys, twice the map's capacity by default, and logs
+//! when it does.
+
+use aya::maps::{HashMap, Map, MapData};
+use aya::Ebpf;
+use lb_common::maps::{self as contract, ClientKey, ClientState, CtEntry};
+use lb_common::FlowKey;
+use tracing::warn;
+
+use super::maps::MapsError;
+
+/// `CONNTRACK` and `CLIENTS`, owned by the sync thread and walked without the `State` lock.
+///
+/// Only the sync thread touches them from the daemon: it scrubs released ids out of them and
+/// sweeps leaked connection counts, one after the other, so those never race each other.
+pub struct Walker {
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    clients: HashMap<MapData, ClientKey, ClientState>,
+}
+
+impl Walker {
+    /// Takes `CONNTRACK` and `CLIENTS` out of `ebpf`.
+    ///
+    /// Returns `Err(MapsError::Missing)` when one is absent or has another layout.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Walker, MapsError> {
+        Ok(Walker {
+            conntrack: take(ebpf, contract::CONNTRACK)?,
+            clients: take(ebpf, contract::CLIENTS)?,
+        })
+    }
+
+    /// The entries of `CONNTRACK`, walked with the bound [`bound`]`(CONNTRACK_SIZE)`.
+    pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        entries(
+            &self.conntrack,
+            contract::CONNTRACK,
+            bound(contract::CONNTRACK_SIZE),
+        )
+    }
+
+    /// The keys of `CLIENTS`, walked with the bound [`bound`]`(CLIENTS_SIZE)`.
+    pub fn client_keys(&self) -> Vec<ClientKey> {
+        keys(
+            &self.clients,
+            contract::CLIENTS,
+            bound(contract::CLIENTS_SIZE),
+        )
+    }
+
+    /// Client `key`'s state; `None` when it has no entry (any more).
+    pub fn client(&self, key: &ClientKey) -> Option<ClientState> {
+        self.clients.get(key, 0).ok()
+    }
+
+    /// Lowers client `key`'s connection count by `by` (not below 0), reading it just before
+    /// the write to keep the window for a lost update short (see `limits.rs`). The update
+    /// only replaces an existing entry: one deleted meanwhile is not brought back. `Ok(false)`
+    /// when there was no entry.
+    ///
+    /// Returns `Err` when the update fails for another reason.
+    pub fn lower_client(&mut self, key: &ClientKey, by: u64) -> Result<bool, aya::maps::MapError> {
+        let Ok(mut state) = self.clients.get(key, 0) else {
+            return Ok(false);
+        };
+        state.connections = state.connections.saturating_sub(by);
+        match self.clients.insert(key, state, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the `CONNTRACK` entries pinned to any of backend `ids`, whose `BACKENDS`
+    /// entries the caller cleared first (a packet placed meanwhile is placed by a table
+    /// that names none of them, so no new entry for them appears during the walk). Returns
+    /// how many it deleted.
+    ///
+    /// Returns `Err(MapsError::Io)` when a delete fails (other than on an entry already
+    /// gone): some entries may still name the ids, which must not be reused.
+    pub fn forget_flows_of(&mut self, ids: &[u32]) -> Result<usize, MapsError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let stale: Vec<FlowKey> = self
+            .conntrack_entries()
+            .into_iter()
+            .filter(|(_, entry)| ids.contains(&entry.backend))
+            .map(|(key, _)| key)
+            .collect();
+        let mut forgot = 0;
+        for key in &stale {
+            match self.conntrack.remove(key) {
+                Ok(()) => forgot += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(io(contract::CONNTRACK)(e)),
+            }
+        }
+        Ok(forgot)
+    }
+
+    /// Deletes the `CLIENTS` entries of service `ids` (released services: a later service
+    /// given one of the ids starts with no client counted). Returns how many it deleted.
+    ///
+    /// Returns `Err(MapsError::Io)` when a delete fails (other than on an entry already
+    /// gone).
+    pub fn forget_clients_of(&mut self, ids: &[u32]) -> Result<usize, MapsError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut forgot = 0;
+        for key in self.client_keys() {
+            if !ids.contains(&key.service) {
+                continue;
+            }
+            match self.clients.remove(&key) {
+                Ok(()) => forgot += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(io(contract::CLIENTS)(e)),
+            }
+        }
+        Ok(forgot)
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing {
+        name,
+        reason: "not in the object".into(),
+    })?;
+    T::try_from(map).map_err(|e| MapsError::Missing {
+        name,
+        reason: e.to_string(),
+    })
+}
+
+fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
+    move |e| MapsError::Io {
+        map,
+        source: Box::new(e),
+    }
+}
+
+/// `BPF_EXIST`: update an existing element only.
+const BPF_EXIST: u64 = 2;
+
+/// The keys of `map` (named `name` in the log), at most `bound` of them: a walk restarted by
+/// deletions (see the module doc) stops there, logged as a warning; the keys already seen
+/// are returned either way. A key may appear twice after a restart; callers must not mind.
+pub fn keys<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+    bound: usize,
+) -> Vec<K> {
+    let mut keys = Vec::new();
+    let mut walked = 0usize;
+    for key in map.keys() {
+        walked += 1;
+        if walked > bound {
+            warn!(
+                "XDP: the walk of {name} stopped after {bound} keys: entries deleted during it \
+                 made it start over; the entries not reached wait for the next walk"
+            );
+            break;
+        }
+        match key {
+            Ok(k) => keys.push(k),
+            // The iterator ends after an error.
+            Err(e) => {
+                warn!("XDP: the walk of {name} ended early: {e}");
+                break;
+            }
+        }
+    }
+    keys
+}
+
+/// The entries of `map` (named `name`), walked as [`keys`] does and looked up one by one;
+/// an entry deleted between the two is skipped.
+pub fn entries<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+    bound: usize,
+) -> Vec<(K, V)> {
+    keys(map, name, bound)
+        .into_iter()
+        .filter_map(|k| map.get(&k, 0).ok().map(|v| (k, v)))
+        .collect()
+}
+
+/// The default bound of a walk of a map of `capacity` entries: twice the capacity, enough
+/// for a full map walked once and most of it again after a restart.
+pub const fn bound(capacity: u32) -> usize {
+    2 * capacity as usize
+}
