@@ -348,7 +348,13 @@ impl Sweeper {
 /// One client in a sweep: its count `connections`, its `open` counted flows in conntrack and
 /// its excess at the previous sweep. Returns its excess now and how much to lower the count:
 /// the excess seen in both sweeps, so a moment's difference is never taken for a leak.
+///
+/// A count the program reads as negative (two releases raced past zero, see
+/// `lb-ebpf/src/limits.rs`) is no leak: the program's next admission brings it back.
 fn leak(connections: u64, open: u64, previous: u64) -> (u64, u64) {
+    if (connections as i64) < 0 {
+        return (0, 0);
+    }
     let now = connections.saturating_sub(open);
     (now, now.min(previous))
 }
@@ -384,6 +390,11 @@ mod tests {
             "a flow tracked late lowers the excess"
         );
         assert_eq!(leak(2, 1, 1), (1, 1));
+        assert_eq!(
+            leak(u64::MAX, 0, 5),
+            (0, 0),
+            "a count wrapped to -1 by racing releases is not a leak of 2^64 slots"
+        );
         assert_eq!(
             leak(1, 3, 5),
             (0, 0),
