@@ -105,9 +105,12 @@ pub struct XdpTraffic {
     pub packets: u64,
     /// Bytes of those packets as the frames arrived (Ethernet header included).
     pub bytes: u64,
-    /// Flows started (conntrack entries made). XDP does not see flows end, so there is no
-    /// count of open ones.
+    /// Flows started (conntrack entries made).
     pub flows: u64,
+    /// Flows open now (backends only): conntrack entries no FIN or RST closed and seen within
+    /// the service's idle timeout, counted every few seconds by the sync thread (also added
+    /// to the backend's `active`). `None` for a service, or before the first count.
+    pub open_flows: Option<u64>,
 }
 
 impl From<Counters> for XdpTraffic {
@@ -116,6 +119,7 @@ impl From<Counters> for XdpTraffic {
             packets: c.packets,
             bytes: c.bytes,
             flows: c.new_flows,
+            open_flows: None,
         }
     }
 }
@@ -405,7 +409,11 @@ fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounter
             let t: XdpTraffic = bc.counters.into();
             b.total += t.flows;
             b.bytes_to_backend += t.bytes;
-            b.xdp = Some(t);
+            b.active += bc.open_flows.unwrap_or(0);
+            b.xdp = Some(XdpTraffic {
+                open_flows: bc.open_flows,
+                ..t
+            });
         }
     }
 }

@@ -222,9 +222,8 @@ pub struct BackendStatus {
     /// streak, else `None`.
     pub last_check: Option<String>,
     /// What the XDP program counted for this backend, when the service runs on XDP (its
-    /// flows and bytes are also in `total` and `bytes_to_backend`; `active` counts only the
-    /// proxy's, as XDP does not see flows end). Filled in by
-    /// [`crate::control::Control::status`].
+    /// flows started, bytes and open flows are also in `total`, `bytes_to_backend` and
+    /// `active`). Filled in by [`crate::control::Control::status`].
     pub xdp: Option<crate::control::XdpTraffic>,
 }
 

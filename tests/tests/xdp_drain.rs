@@ -1,6 +1,7 @@
 //! Draining a backend through the admin API while the XDP data plane carries the service:
 //! the drained backend gets no new flow, a long upload pinned to it finishes byte-complete,
-//! and `/status` shows it draining with its XDP flow count frozen. NAT and DSR.
+//! and `/status` shows it draining, its open flows going to zero and its XDP flow count
+//! frozen. NAT and DSR.
 //!
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
@@ -113,6 +114,33 @@ fn drain_mid_load(mode: Mode) {
         })
     });
     bulk_report.assert_all_answered(&format!("{mode:?}: uploads while b{holder} drains"));
+    // Status counts the open upload on the drained backend (conntrack holds it open)...
+    let active_of = |st: &serde_json::Value| -> u64 {
+        admin::backend(st, "bulk", holder_addr)
+            .and_then(|b| b["active"].as_u64())
+            .unwrap_or_else(|| panic!("{mode:?}: no active count for {holder_addr}: {st}"))
+    };
+    let wait_active = |what: &str, ok: &dyn Fn(u64) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = status(&world);
+            if ok(active_of(&st)) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode:?}: {what} within 20 s: {}",
+                admin::backend(&st, "bulk", holder_addr)
+                    .cloned()
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_active(
+        "/status never counted the open upload on the drained backend",
+        &|n| n >= 1,
+    );
     long.send(AFTER)
         .unwrap_or_else(|e| panic!("{mode:?}: the upload to the drained b{holder} broke: {e}"));
     let receipt = long
@@ -123,6 +151,10 @@ fn drain_mid_load(mode: Mode) {
         Receipt::of_stream(BEFORE + AFTER, 21),
         "{mode:?}: the upload pinned to the drained b{holder} arrived damaged or cut"
     );
+    // ...and the count goes to zero once it has finished.
+    wait_active("the drained backend's open flows did not go to 0", &|n| {
+        n == 0
+    });
     let after = flows_of(&status(&world));
     assert_eq!(
         after,

@@ -244,7 +244,7 @@ pub fn status_table(status: &serde_json::Value) -> String {
         if let Some(x) = svc.get("xdp").filter(|x| !x.is_null()) {
             let _ = writeln!(
                 out,
-                "  XDP: {} flows started, {} packets, {} (open flows are not counted on XDP)",
+                "  XDP: {} flows started, {} packets, {}",
                 n(x, "flows"),
                 n(x, "packets"),
                 human_bytes(n(x, "bytes"))

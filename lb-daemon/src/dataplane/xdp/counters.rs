@@ -53,6 +53,9 @@ pub struct BackendCounters {
     /// Whether the backend left the service (a reload or DNS removed it) and still holds
     /// its id for the flows pinned to it, until `drain_timeout` has passed.
     pub draining: bool,
+    /// Flows conntrack holds open on it, as last counted (every few seconds, see
+    /// `census.rs`); `None` before the first count.
+    pub open_flows: Option<u64>,
 }
 
 /// A service's counters and its backends'.
@@ -119,6 +122,12 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
         .enumerate()
         .map(|(i, v)| (stat_name(i), v))
         .collect();
+    let open = |id: u32| {
+        state
+            .open_flows
+            .as_ref()
+            .map(|o| o.get(&id).copied().unwrap_or(0))
+    };
     let mut out = Vec::with_capacity(state.running.len());
     for r in &state.running {
         let ids = r.slot.backend_ids();
@@ -131,6 +140,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                     address: b.address,
                     counters: maps.backend_counters(id)?,
                     draining: false,
+                    open_flows: open(id),
                 });
             }
         }
@@ -139,6 +149,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                 address,
                 counters: maps.backend_counters(id)?,
                 draining: true,
+                open_flows: open(id),
             });
         }
         out.push(ServiceCounters {

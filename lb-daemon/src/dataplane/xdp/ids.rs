@@ -179,6 +179,14 @@ impl BackendIds {
         self.live.get(address).copied()
     }
 
+    /// Every id the service holds, live and leaving.
+    pub fn all(&self) -> impl Iterator<Item = u32> + '_ {
+        self.live
+            .values()
+            .copied()
+            .chain(self.leaving.values().map(|&(id, _)| id))
+    }
+
     /// The leaving backends: address and id, in address order.
     pub fn leaving(&self) -> impl Iterator<Item = (SocketAddr, u32)> + '_ {
         self.leaving.iter().map(|(&a, &(id, _))| (a, id))

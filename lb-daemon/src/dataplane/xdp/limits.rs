@@ -71,7 +71,7 @@ pub fn value(limits: &ClientLimits, protocol: Protocol, idle_timeout: Duration) 
 
 /// `idle_timeout` in whole seconds for [`Limits::idle_timeout_s`]: rounded up (an entry is
 /// never aged before the timeout), at least 1 (0 would mean never), saturating.
-fn idle_seconds(idle_timeout: Duration) -> u32 {
+pub(super) fn idle_seconds(idle_timeout: Duration) -> u32 {
     let secs = idle_timeout
         .as_secs()
         .saturating_add(u64::from(idle_timeout.subsec_nanos() > 0));

@@ -9,6 +9,7 @@
 //! ([`XdpPlane::remove`]); backend changes arrive as new snapshots. See `lb_common::maps` for
 //! the map contract and `docs/ARCHITECTURE.md` for the behaviour.
 
+pub mod census;
 pub mod counters;
 pub mod decap;
 pub mod ids;
@@ -226,6 +227,7 @@ impl XdpPlane {
             drain_timeout: global.drain_timeout,
             running: Vec::new(),
             leaving: Vec::new(),
+            open_flows: None,
         }));
         let sync = sync::SyncThread::start(Arc::clone(&state), walker);
         Ok(XdpPlane {

@@ -42,6 +42,9 @@ pub struct State {
     pub running: Vec<Running>,
     /// Removed services whose pinned flows may still go on, until their deadline.
     pub leaving: Vec<Leaving>,
+    /// Open flows per backend id of the running services, from the last count (see
+    /// `census.rs`); `None` before the first.
+    pub open_flows: Option<std::collections::HashMap<u32, u64>>,
 }
 
 /// A service on XDP.
@@ -63,6 +66,19 @@ pub struct Leaving {
 }
 
 impl State {
+    /// Per backend id of the running services, its service's conntrack idle timeout in
+    /// whole seconds, as the program ages entries by it.
+    fn idle_by_backend(&self) -> std::collections::HashMap<u32, u32> {
+        let mut idle = std::collections::HashMap::new();
+        for r in &self.running {
+            let secs = limits::idle_seconds(r.rt.config().idle_timeout);
+            for id in r.slot.backend_ids().all() {
+                idle.insert(id, secs);
+            }
+        }
+        idle
+    }
+
     /// Writes `rt`'s current snapshot into `slot` when its generation is not the one
     /// written; logs the outcome (a failure once per generation: the previous table stays
     /// and the next call tries again).
@@ -315,6 +331,7 @@ impl SyncThread {
             .name("lb-xdp-sync".into())
             .spawn(move || {
                 let mut limits = super::limits::Sweeper::new();
+                let mut census = super::census::Census::new();
                 loop {
                     match stopped.recv_timeout(POLL) {
                         Err(RecvTimeoutError::Timeout) => {}
@@ -323,12 +340,14 @@ impl SyncThread {
                     // The walks of CONNTRACK and CLIENTS (releases, the sweep) run between
                     // two holds of the lock, so that a reload or a counters read never waits
                     // for them.
-                    let (mut drained, view) = {
+                    let (mut drained, view, idle) = {
                         let mut st = lock(&state);
                         st.republish_all();
                         limits.report(&st.maps);
                         let view = limits.due().then(|| st.sweep_view());
-                        (st.take_drained(Instant::now()), view)
+                        let idle =
+                            (!st.running.is_empty() && census.due()).then(|| st.idle_by_backend());
+                        (st.take_drained(Instant::now()), view, idle)
                     };
                     if !drained.is_empty() {
                         drained.scrub(&mut walker);
@@ -336,6 +355,10 @@ impl SyncThread {
                     }
                     if let Some(view) = view {
                         limits.sweep(&mut walker, &view);
+                    }
+                    if let (Some(idle), Some(now)) = (idle, super::census::now_s()) {
+                        let open = super::census::count(&walker.conntrack_entries(), &idle, now);
+                        lock(&state).open_flows = Some(open);
                     }
                 }
             })

@@ -1,0 +1,131 @@
+//! Open flows per backend on XDP, for `/status`'s `active` and the metrics' active gauge: the
+//! program sees no connection end the way the proxy's sockets do, so the sync thread counts
+//! the `CONNTRACK` entries that still stand for an open flow, every [`EVERY`].
+//!
+//! An entry counts as open when no FIN or RST of its flow closed it ([`CT_F_CLOSED`], set on
+//! the ends `lb-ebpf` watches, see `lb_common::maps` "Per-client limits") and it was seen
+//! within its service's idle timeout (plus the lag of the stored time, as the program ages
+//! entries: "Conntrack ageing"). A TCP flow that ended unseen (the balancer missed its FIN)
+//! or a UDP session that went quiet thus leaves the count within the idle timeout. The walk
+//! costs one lookup per entry (up to `CONNTRACK_SIZE`), on the sync thread and outside the
+//! plane's lock (see `scan.rs`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use lb_common::maps::{CtEntry, CT_F_CLOSED, CT_REFRESH_SECS};
+use lb_common::FlowKey;
+
+/// How often the open flows are counted.
+pub const EVERY: Duration = Duration::from_secs(5);
+
+/// When the next count is due.
+pub struct Census {
+    next: Instant,
+}
+
+impl Census {
+    /// A census whose first count is due at once.
+    pub fn new() -> Census {
+        Census {
+            next: Instant::now(),
+        }
+    }
+
+    /// Whether a count is due now; if so, the next one is due [`EVERY`] from now.
+    pub fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if now < self.next {
+            return false;
+        }
+        self.next = now + EVERY;
+        true
+    }
+}
+
+impl Default for Census {
+    fn default() -> Self {
+        Census::new()
+    }
+}
+
+/// Open flows per backend id among `entries` (`CONNTRACK`'s), at `now_s` (seconds of
+/// `CLOCK_MONOTONIC`, the program's clock), for the backend ids in `idle_s` (id → its
+/// service's idle timeout in whole seconds, 0 for never). Entries naming other ids are left
+/// out (ids of no running service); an id with no open flow is absent.
+pub fn count(
+    entries: &[(FlowKey, CtEntry)],
+    idle_s: &HashMap<u32, u32>,
+    now_s: u32,
+) -> HashMap<u32, u64> {
+    let mut open = HashMap::new();
+    for (_, e) in entries {
+        let Some(&idle) = idle_s.get(&e.backend) else {
+            continue;
+        };
+        if e.flags & CT_F_CLOSED != 0 {
+            continue;
+        }
+        let age = now_s.wrapping_sub(e.seen_s);
+        if idle != 0 && age > idle.saturating_add(CT_REFRESH_SECS + 1) {
+            continue;
+        }
+        *open.entry(e.backend).or_insert(0) += 1;
+    }
+    open
+}
+
+/// Seconds of `CLOCK_MONOTONIC` now, as the program's `bpf_ktime_get_ns` counts them; `None`
+/// if the clock cannot be read.
+pub fn now_s() -> Option<u32> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    Some(ts.tv_sec() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::maps::CT_F_COUNTED;
+
+    fn entry(backend: u32, flags: u16, seen_s: u32) -> (FlowKey, CtEntry) {
+        (
+            FlowKey::default(),
+            CtEntry {
+                backend,
+                snat_port: 0,
+                flags,
+                seen_s,
+            },
+        )
+    }
+
+    #[test]
+    fn open_flows_are_the_unclosed_entries_seen_within_the_idle_timeout() {
+        let idle: HashMap<u32, u32> = [(1, 30), (2, 0)].into();
+        let now = 1_000;
+        let entries = [
+            entry(1, 0, now),
+            entry(1, CT_F_COUNTED, now - 30),
+            // Within the stored time's lag of the timeout: still open.
+            entry(1, 0, now - 30 - CT_REFRESH_SECS - 1),
+            // Past it: a flow gone quiet.
+            entry(1, 0, now - 30 - CT_REFRESH_SECS - 2),
+            // Closed by a FIN or RST.
+            entry(1, CT_F_CLOSED, now),
+            entry(1, CT_F_COUNTED | CT_F_CLOSED, now),
+            // No idle timeout: open however old.
+            entry(2, 0, now.wrapping_sub(100_000)),
+            // Not a running service's backend.
+            entry(3, 0, now),
+        ];
+        let open = count(&entries, &idle, now);
+        assert_eq!(open.get(&1), Some(&3));
+        assert_eq!(open.get(&2), Some(&1));
+        assert_eq!(open.get(&3), None);
+    }
+
+    #[test]
+    fn the_clock_is_the_programs() {
+        assert!(now_s().is_some_and(|s| s > 0));
+    }
+}
