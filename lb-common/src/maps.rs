@@ -205,9 +205,17 @@
 //! unreachable, fragmentation needed among them; ICMPv6 destination unreachable and packet
 //! too big), is translated back as from the VIP to the client, quote included, and sent on
 //! like a reply ([`Stat::IcmpTranslated`](crate::Stat::IcmpTranslated)), so path MTU
-//! discovery of the client → backend direction works through the balancer. Every other ICMP
-//! message passes untouched, among them errors a router on the client's side sends to the VIP
-//! about replies (server → client): the backend does not learn that direction's path MTU.
+//! discovery of the client → backend direction works through the balancer. The same errors
+//! sent by a router on the client's side to a `nat` VIP about a reply (the quote's source is
+//! the VIP and a port of a `nat` service in `VIPS`, and the quote reversed, client → VIP, is
+//! in `CONNTRACK` with a SNAT port) are translated towards the flow's backend, as from
+//! `local_addr` about the backend's own reply (quoted backend:port → `local_addr`:SNAT port),
+//! and sent on like a client packet
+//! ([`Stat::IcmpToBackend`](crate::Stat::IcmpToBackend)), so the backend learns the client's
+//! path MTU. The outer source becomes `local_addr`, not the router's address, which the
+//! backend may have no route back to (a reverse-path filter would drop it). Every other ICMP
+//! message passes untouched, among them errors about `dsr` replies (they never passed the
+//! balancer).
 //!
 //! Not handled (passed to the kernel untouched): IPv4 fragments; IPv6 extension headers. See
 //! `Stat`'s `Pass*` counters.

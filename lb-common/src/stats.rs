@@ -8,9 +8,8 @@
 /// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped, `Refused*`
 /// ones were turned away by a per-client limit (a TCP SYN answered with a RST, anything else
 /// dropped). Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*`
-/// counters, `Forwarded`, `NatReplies`, `IcmpTranslated`, `FibPass`, a `Refused*` or a
-/// `Drop*` counter;
-/// `CtMissNonSyn` comes on top.
+/// counters, `Forwarded`, `NatReplies`, `IcmpTranslated`, `IcmpToBackend`, `FibPass`, a
+/// `Refused*` or a `Drop*` counter; `CtMissNonSyn` comes on top.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -72,10 +71,15 @@ pub enum Stat {
     /// among them; ICMPv6 destination unreachable, packet too big) translated back to the
     /// flow's client and sent on.
     IcmpTranslated = 22,
+    /// ICMP errors a router on the client's side sent to a `nat` VIP about a reply (IPv4
+    /// destination unreachable, fragmentation needed among them; ICMPv6 destination
+    /// unreachable, packet too big) translated towards the flow's backend, as from
+    /// `local_addr` about the backend's own reply, and sent on.
+    IcmpToBackend = 23,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 23;
+pub const STATS_LEN: u32 = 24;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.

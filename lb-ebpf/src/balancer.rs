@@ -1,5 +1,5 @@
 //! The balancer's path for one packet: parse, VIP lookup, placement, NAT or DSR, next hop.
-//! Also the reverse path of NAT replies.
+//! Also the reverse path of NAT replies, and the split between it and ICMP (`icmp`).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
@@ -35,8 +35,26 @@ pub fn action_for(stat: Stat) -> u32 {
 
 /// Handles one packet; `Ok` is the action of a packet sent on (its counter already counted),
 /// `Err` the counter that decides the action by [`action_for`].
+///
+/// ICMP and everything else go through two BPF subprograms (functions not inlined), each
+/// parsing the packet itself, so that neither path's stack adds to the other's. The verifier
+/// allows 512 bytes of stack for a whole call chain (every frame rounded up to 32 bytes), and
+/// LLVM gives a function one frame for all its paths, which barely shares slots between them:
+/// inlined together, the balancing path (about 430 bytes) and the ICMP translation went over
+/// the limit. Only a tiny frame (this function's) sits under either subprogram.
 #[inline(always)]
-pub fn balance(ctx: &XdpContext) -> Result<u32, Stat> {
+pub fn handle(ctx: &XdpContext) -> Result<u32, Stat> {
+    if parse::is_icmp(ctx) {
+        icmp::handle(ctx)
+    } else {
+        balance(ctx)
+    }
+}
+
+/// A packet that is not ICMP: balanced if it is for a VIP, translated back if it is a NAT
+/// reply, else passed. A BPF subprogram of its own (see [`handle`]).
+#[inline(never)]
+fn balance(ctx: &XdpContext) -> Result<u32, Stat> {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     let p = parse::parse(ctx)?;
     let vip = VipKey {
@@ -171,12 +189,12 @@ fn refuse(ctx: &XdpContext, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
     Err(stat)
 }
 
-/// Not for a VIP: a NAT reply (or an ICMP error about a NAT'ed flow) to translate back to
-/// VIP → client, or a packet to pass.
+/// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.
 #[inline(always)]
 fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     if p.key.protocol != IPPROTO_TCP && p.key.protocol != IPPROTO_UDP {
-        return icmp::translate(ctx, p);
+        // ICMP took the other path (`handle`); nothing else gets through `parse`.
+        return Err(Stat::PassNotVip);
     }
     let r = nat::reverse(&p.key).ok_or(Stat::PassNotVip)?;
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {

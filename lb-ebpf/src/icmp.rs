@@ -1,33 +1,46 @@
-//! ICMP errors about NAT'ed flows, translated back to the client, so path MTU discovery (and
-//! "port unreachable") works through the balancer.
+//! ICMP errors about NAT'ed flows, translated for the host on the other side of the NAT, so
+//! path MTU discovery (and "port unreachable") works through the balancer in both directions.
 //!
-//! A backend, or a router between the balancer and a backend, that cannot deliver a packet
-//! of a translated flow (`local_addr`:SNAT port → backend) sends its ICMP error to
-//! `local_addr`, quoting the packet's headers. When the quote matches a `NAT_REVERSE` entry
-//! (the quote's 5-tuple reversed is the reply key), the error is rewritten as if the VIP had
-//! sent it about the client's own packet: outer VIP → client, quoted client:port → VIP:port.
-//! The quoted IP header checksum, the quoted TCP / UDP checksum when the quote holds it (an
-//! IPv4 UDP checksum of 0 stays 0), and the ICMP checksum are updated incrementally; the
-//! rest of the message (the MTU of a "fragmentation needed" / "packet too big") is kept,
-//! which is right because NAT does not change a packet's size.
+//! Towards the client. A backend, or a router between the balancer and a backend, that
+//! cannot deliver a packet of a translated flow (`local_addr`:SNAT port → backend) sends its
+//! ICMP error to `local_addr`, quoting the packet's headers. When the quote matches a
+//! `NAT_REVERSE` entry (the quote's 5-tuple reversed is the reply key), the error is
+//! rewritten as if the VIP had sent it about the client's own packet: outer VIP → client,
+//! quoted client:port → VIP:port. Counted as `Stat::IcmpTranslated`.
+//!
+//! Towards the backend. A router on the client's side that cannot forward a NAT reply (VIP:port
+//! → client:port; "fragmentation needed" / "packet too big" when the client's path has a
+//! smaller MTU) sends its error to the VIP. When the quote's source is a `nat` service's VIP
+//! and port (`VIPS`, the outer destination being that VIP) and the client flow (the quote's
+//! 5-tuple reversed, client → VIP) is in `CONNTRACK` with a SNAT port, the error is rewritten
+//! as if `local_addr` had sent it about the backend's own reply: outer `local_addr` → backend,
+//! quoted backend:port → `local_addr`:SNAT port. Counted as `Stat::IcmpToBackend`. The outer
+//! source becomes `local_addr`, not the router's address: the backend has a route back to
+//! `local_addr` (its replies go there) over the interface the error arrives on, so a
+//! reverse-path filter on the backend lets it in, while a client-side router's address may
+//! have no route there at all; the backend's stack matches the error to its socket by the
+//! quote, not by who sent it. It is also what the client direction does (the error comes from
+//! the address the quoted packet was sent to). The router's address is lost to the backend.
+//!
+//! In both directions the quoted IP header checksum, the quoted TCP / UDP checksum when the
+//! quote holds it (an IPv4 UDP checksum of 0 stays 0), the outer IPv4 header checksum and the
+//! ICMP checksum (ICMPv6: with its pseudo-header of the outer addresses) are updated
+//! incrementally; the rest of the message (the MTU of a "fragmentation needed" / "packet too
+//! big") is kept, which is right because NAT does not change a packet's size. Every access to
+//! the quote is bounded by the ICMP message's IP length, not only by the frame.
 //!
 //! Translated: ICMPv4 destination unreachable (type 3, every code, including 4,
 //! fragmentation needed) and ICMPv6 destination unreachable (1) and packet too big (2).
 //! Everything else (echo, an error about an unknown flow, a quote of something other than TCP
 //! or UDP, a quoted IPv4 header with a bad IHL) passes untouched as `Stat::PassNotVip`, as
-//! ICMP always did. Errors about `dsr` flows never reach the balancer (the backend answers
-//! the client directly).
-//!
-//! Not translated yet: errors about the server → client direction. A router on the client's
-//! side that cannot forward a NAT reply (source the VIP) sends its error to the VIP; the
-//! quote's reversed 5-tuple is then a `CONNTRACK` key, not a `NAT_REVERSE` one, so the error
-//! passes to the balancer's kernel, which drops it, and the backend does not learn that path's
-//! MTU (large replies to such a client stall unless the backend clamps its MSS). Translating it
-//! towards the backend (local_addr:SNAT port → backend) is the next step.
+//! ICMP always did. Errors about `dsr` flows pass too: towards the client they never reach the
+//! balancer (the backend answers the client directly), and errors sent to a `dsr` VIP are
+//! about replies that did not pass the balancer (the backends send them with the VIP as
+//! source); the balancer's kernel drops them, as before.
 
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
-    maps::FAMILY_V4,
+    maps::{VipKey, FAMILY_V4, MODE_NAT},
     FlowKey, Stat,
 };
 
@@ -36,9 +49,10 @@ use aya_ebpf::programs::XdpContext;
 use crate::{
     csum,
     fib::{self, Out},
+    maps::{BACKENDS, CONNTRACK, SERVICES, VIPS},
     nat,
     parse::{
-        addr6, groups6, halves, ptr_at, word, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP,
+        self, addr6, groups6, halves, ptr_at, word, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP,
         IPPROTO_ICMPV6, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
     stats,
@@ -59,21 +73,142 @@ fn translated(family: u8, kind: u8) -> bool {
     }
 }
 
-/// Translates the ICMP error `p` (parsed with its ICMP header at `p.l4_off`) back to the
-/// client of the NAT'ed flow it quotes and sends it on; `Ok` is the action. `Err` is the
+/// What the quoted packet becomes: `src`:`sport` → `dst`:`dport` (addresses in `FlowKey`'s
+/// layout, ports in host order). The outer header becomes `dst` → `src`: the error comes
+/// from the host the quoted packet was sent to, and goes to the one that sent it.
+struct Translation {
+    src: [u32; 4],
+    dst: [u32; 4],
+    sport: u16,
+    dport: u16,
+    /// The counter of a translated error sent on.
+    stat: Stat,
+}
+
+/// The quote is a NAT reply VIP:vport → client:cport (`src`:`sport` → `dst`:`dport`, ports
+/// in host order) of a `nat` service, sent to the VIP (`outer_dst`): its translation as the
+/// backend's own reply, backend:bport → `local_addr`:SNAT port, found through the client's
+/// `CONNTRACK` entry. `None` for anything else (not a VIP, a `dsr` service, an unknown flow).
+#[inline(always)]
+fn to_backend(
+    family: u8,
+    outer_dst: &[u32; 4],
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    protocol: u8,
+) -> Option<Translation> {
+    // A router sends its error to the source of the packet it could not forward.
+    if src != outer_dst {
+        return None;
+    }
+    let vip = VipKey {
+        addr: *src,
+        port: sport,
+        protocol,
+        family,
+    };
+    // SAFETY: a live map value, copied out at once.
+    let service_id = unsafe { (*VIPS.get_ptr(&vip)?).service };
+    // Read in place: the balancer's stack is tight (see `balancer::to_backend`).
+    let service = SERVICES.get(service_id)?;
+    if service.mode != MODE_NAT || service.family != family {
+        return None;
+    }
+    let client = FlowKey {
+        src_addr: *dst,
+        dst_addr: *src,
+        src_port: dport,
+        dst_port: sport,
+        protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: a live map value; the two fields are copied out at once.
+    let (backend_id, snat_port) = unsafe {
+        let entry = CONNTRACK.get_ptr(&client)?;
+        ((*entry).backend, (*entry).snat_port)
+    };
+    if snat_port == 0 {
+        return None;
+    }
+    let backend = BACKENDS.get(backend_id)?;
+    if backend.family != family {
+        return None;
+    }
+    Some(Translation {
+        src: backend.addr,
+        dst: service.local_addr,
+        sport: backend.port,
+        dport: snat_port,
+        stat: Stat::IcmpToBackend,
+    })
+}
+
+/// The quote is a translated packet `local_addr`:SNAT port → backend (`src`:`sport` →
+/// `dst`:`dport`): its translation as the client's own packet client:cport → VIP:vport,
+/// found through `NAT_REVERSE`. `None` for an unknown flow.
+#[inline(always)]
+fn to_client(
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    protocol: u8,
+) -> Option<Translation> {
+    // The quote's reply, the `NAT_REVERSE` key, is the quote reversed.
+    let reply = FlowKey {
+        src_addr: *dst,
+        dst_addr: *src,
+        src_port: dport,
+        dst_port: sport,
+        protocol,
+        _pad: [0; 3],
+    };
+    let r = nat::reverse(&reply)?;
+    Some(Translation {
+        src: r.client_addr,
+        dst: r.vip_addr,
+        sport: r.client_port,
+        dport: r.vip_port,
+        stat: Stat::IcmpTranslated,
+    })
+}
+
+/// An ICMP / ICMPv6 packet ([`parse::is_icmp`]): parsed, then translated if it is an error
+/// about a NAT'ed flow, else passed. A BPF subprogram of its own, beside the balancing path
+/// (see `balancer::handle`); `Ok` / `Err` as for [`translate`].
+#[inline(never)]
+pub fn handle(ctx: &XdpContext) -> Result<u32, Stat> {
+    let p = parse::parse(ctx)?;
+    if p.key.protocol != IPPROTO_ICMP && p.key.protocol != IPPROTO_ICMPV6 {
+        // `is_icmp` and `parse` read the same field; this only keeps the two honest.
+        return Err(Stat::PassNotVip);
+    }
+    translate(ctx, &p)
+}
+
+/// Translates the ICMP error `p` (parsed with its ICMP header at `p.l4_off`) for the other
+/// side of the NAT'ed flow it quotes and sends it on; `Ok` is the action. `Err` is the
 /// counter: `PassNotVip` for ICMP this module leaves alone (untouched), or a forwarding
 /// counter after the rewrite (as for a NAT reply).
 #[inline(always)]
-pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
+fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     let icmp: *mut [u16; 2] = ptr_at(ctx, p.l4_off).ok_or(Stat::PassNotVip)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (kind, icmp_check) = unsafe { (((*icmp)[0] & 0xff) as u8, (*icmp)[1]) };
     if !translated(p.family, kind) {
         return Err(Stat::PassNotVip);
     }
+    // The quote ends where the ICMP message does, not at the frame's end: bytes after it
+    // (an Ethernet trailer) are no part of the message and must not be rewritten.
+    let ip_end = p.l3_off + p.ip_len as usize;
     let inner_l3 = p.l4_off + ICMP_HDR;
     // The quoted packet's addresses, protocol and the offset of its ports.
     let (src, dst, protocol, inner_l4) = if p.family == FAMILY_V4 {
+        if inner_l3 + core::mem::size_of::<Ipv4Hdr>() > ip_end {
+            return Err(Stat::PassNotVip);
+        }
         let ip: *const Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(Stat::PassNotVip)?;
         // SAFETY: bounds checked by `ptr_at`.
         let (version_ihl, protocol, s, d) =
@@ -90,6 +225,9 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
             inner_l3 + ihl,
         )
     } else {
+        if inner_l3 + core::mem::size_of::<Ipv6Hdr>() > ip_end {
+            return Err(Stat::PassNotVip);
+        }
         let ip: *const Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(Stat::PassNotVip)?;
         // SAFETY: bounds checked by `ptr_at`.
         let (nexthdr, s, d) = unsafe { ((*ip).nexthdr, (*ip).src, (*ip).dst) };
@@ -103,9 +241,6 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return Err(Stat::PassNotVip);
     }
-    // The quote ends where the ICMP message does, not at the frame's end: bytes after it
-    // (an Ethernet trailer) are no part of the message and must not be rewritten.
-    let ip_end = p.l3_off + p.ip_len as usize;
     // Every error quotes at least 8 bytes of the transport header: the ports are there.
     if inner_l4 + 4 > ip_end {
         return Err(Stat::PassNotVip);
@@ -113,17 +248,20 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     let ports: *mut [u16; 2] = ptr_at(ctx, inner_l4).ok_or(Stat::PassNotVip)?;
     // SAFETY: bounds checked by `ptr_at`.
     let old_ports = unsafe { *ports };
-    // The quote is balancer → backend; its reply, the `NAT_REVERSE` key, is the reverse.
-    let reply = FlowKey {
-        src_addr: dst,
-        dst_addr: src,
-        src_port: u16::from_be(old_ports[1]),
-        dst_port: u16::from_be(old_ports[0]),
+    let (sport, dport) = (u16::from_be(old_ports[0]), u16::from_be(old_ports[1]));
+    let t = match to_backend(
+        p.family,
+        &p.key.dst_addr,
+        &src,
+        &dst,
+        sport,
+        dport,
         protocol,
-        _pad: [0; 3],
+    ) {
+        Some(t) => t,
+        None => to_client(&src, &dst, sport, dport, protocol).ok_or(Stat::PassNotVip)?,
     };
-    let r = nat::reverse(&reply).ok_or(Stat::PassNotVip)?;
-    let new_ports = [r.client_port.to_be(), r.vip_port.to_be()];
+    let new_ports = [t.sport.to_be(), t.dport.to_be()];
 
     // The quoted transport checksum, when the quote holds it. Its pseudo-header holds the
     // quoted addresses.
@@ -142,8 +280,8 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
         // SAFETY: bounds checked by `ptr_at`.
         let old = unsafe { *l4_check };
         if !(protocol == IPPROTO_UDP && p.family == FAMILY_V4 && old == 0) {
-            let mut c = csum::replace_addr(old, &src, &r.client_addr);
-            c = csum::replace_addr(c, &dst, &r.vip_addr);
+            let mut c = csum::replace_addr(old, &src, &t.src);
+            c = csum::replace_addr(c, &dst, &t.dst);
             c = csum::replace16(c, old_ports[0], new_ports[0]);
             c = csum::replace16(c, old_ports[1], new_ports[1]);
             if protocol == IPPROTO_UDP {
@@ -158,8 +296,8 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     check = csum::replace16(check, old_ports[1], new_ports[1]);
     // SAFETY: bounds checked by `ptr_at` above; nothing moved the packet since.
     unsafe { *ports = new_ports };
-    check = csum::replace_addr(check, &src, &r.client_addr);
-    check = csum::replace_addr(check, &dst, &r.vip_addr);
+    check = csum::replace_addr(check, &src, &t.src);
+    check = csum::replace_addr(check, &dst, &t.dst);
 
     if p.family == FAMILY_V4 {
         let inner: *mut Ipv4Hdr = ptr_at(ctx, inner_l3).ok_or(Stat::PassNotVip)?;
@@ -167,31 +305,32 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
             let old = (*inner).check;
-            let mut c = csum::replace_addr(old, &src, &r.client_addr);
-            c = csum::replace_addr(c, &dst, &r.vip_addr);
+            let mut c = csum::replace_addr(old, &src, &t.src);
+            c = csum::replace_addr(c, &dst, &t.dst);
             check = csum::replace16(check, old, c);
             (*inner).check = c;
-            (*inner).src = halves(r.client_addr[0]);
-            (*inner).dst = halves(r.vip_addr[0]);
-            // The outer header: VIP → client. ICMPv4's checksum has no pseudo-header.
-            let mut c = csum::replace_addr((*outer).check, &p.key.src_addr, &r.vip_addr);
-            c = csum::replace_addr(c, &p.key.dst_addr, &r.client_addr);
+            (*inner).src = halves(t.src[0]);
+            (*inner).dst = halves(t.dst[0]);
+            // The outer header: from the quote's new destination to its new source.
+            // ICMPv4's checksum has no pseudo-header.
+            let mut c = csum::replace_addr((*outer).check, &p.key.src_addr, &t.dst);
+            c = csum::replace_addr(c, &p.key.dst_addr, &t.src);
             (*outer).check = c;
-            (*outer).src = halves(r.vip_addr[0]);
-            (*outer).dst = halves(r.client_addr[0]);
+            (*outer).src = halves(t.dst[0]);
+            (*outer).dst = halves(t.src[0]);
         }
     } else {
         let inner: *mut Ipv6Hdr = ptr_at(ctx, inner_l3).ok_or(Stat::PassNotVip)?;
         let outer: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassNotVip)?;
         // ICMPv6's checksum covers a pseudo-header with the outer addresses.
-        check = csum::replace_addr(check, &p.key.src_addr, &r.vip_addr);
-        check = csum::replace_addr(check, &p.key.dst_addr, &r.client_addr);
+        check = csum::replace_addr(check, &p.key.src_addr, &t.dst);
+        check = csum::replace_addr(check, &p.key.dst_addr, &t.src);
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
-            (*inner).src = groups6(&r.client_addr);
-            (*inner).dst = groups6(&r.vip_addr);
-            (*outer).src = groups6(&r.vip_addr);
-            (*outer).dst = groups6(&r.client_addr);
+            (*inner).src = groups6(&t.src);
+            (*inner).dst = groups6(&t.dst);
+            (*outer).src = groups6(&t.dst);
+            (*outer).dst = groups6(&t.src);
         }
     }
     let at: *mut u16 = ptr_at(ctx, p.l4_off + ICMP_CHECK_OFF).ok_or(Stat::PassNotVip)?;
@@ -203,16 +342,9 @@ pub fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     } else {
         IPPROTO_ICMPV6
     };
-    match fib::forward(
-        ctx,
-        p.family,
-        protocol,
-        &r.vip_addr,
-        &r.client_addr,
-        p.ip_len,
-    )? {
+    match fib::forward(ctx, p.family, protocol, &t.dst, &t.src, p.ip_len)? {
         Out::Sent(action) => {
-            stats::increment(Stat::IcmpTranslated);
+            stats::increment(t.stat);
             Ok(action)
         }
         Out::Pass => Err(Stat::FibPass),

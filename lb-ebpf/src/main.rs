@@ -2,7 +2,7 @@
 //!
 //! This file holds only the entry points. Each concern has its own module, as in Katran's
 //! `lib/bpf`: `parse` (headers and the pass rule), `maps` (declarations), `conntrack`
-//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about NAT'ed flows), `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
+//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about NAT'ed flows, both directions), `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
 //! strings them together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]
@@ -41,7 +41,7 @@ use lb_common::Stat;
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     stats::increment(Stat::Packets);
-    match balancer::balance(&ctx) {
+    match balancer::handle(&ctx) {
         Ok(action) => action,
         Err(stat) => {
             stats::increment(stat);

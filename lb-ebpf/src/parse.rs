@@ -205,6 +205,28 @@ pub fn l3(ctx: &XdpContext) -> Result<(usize, u16), Stat> {
     ))
 }
 
+/// Whether the packet in `ctx` is ICMP over IPv4 or ICMPv6 over IPv6, by the IP header's
+/// protocol / next-header field after at most one VLAN tag: exactly the packets [`parse`]
+/// returns with protocol `IPPROTO_ICMP` / `IPPROTO_ICMPV6` when it accepts them. Looks at
+/// nothing else; a truncated header reads as not ICMP.
+#[inline(always)]
+pub fn is_icmp(ctx: &XdpContext) -> bool {
+    let Ok((l3_off, proto)) = l3(ctx) else {
+        return false;
+    };
+    if proto == ETH_P_IP {
+        ptr_at::<Ipv4Hdr>(ctx, l3_off)
+            // SAFETY: bounds checked by `ptr_at`.
+            .is_some_and(|ip| unsafe { (*ip).protocol } == IPPROTO_ICMP)
+    } else if proto == ETH_P_IPV6 {
+        ptr_at::<Ipv6Hdr>(ctx, l3_off)
+            // SAFETY: as above.
+            .is_some_and(|ip| unsafe { (*ip).nexthdr } == IPPROTO_ICMPV6)
+    } else {
+        false
+    }
+}
+
 /// Parses the packet in `ctx`; `Err` is the counter of the pass rule it falls under (see the
 /// module docs), and the packet must then be passed untouched.
 #[inline(always)]

@@ -34,6 +34,7 @@ const STAT_NAMES: &[&str] = &[
     "refused_client_connections",
     "decap_not_local",
     "icmp_translated",
+    "icmp_to_backend",
 ];
 
 /// The log name of `STATS` index `i`.
