@@ -1009,7 +1009,9 @@ impl ServiceSet {
 /// failed connect counts as one failure here. Both go through a bounded channel to a control
 /// plane task, so a data plane thread never waits on a health lock or a table rebuild; under
 /// a flood of failures, excess reports are dropped (they would only repeat what the health
-/// state already knows).
+/// state already knows). A dropped recovery is not lost: [`FlowEvents::connect_succeeded`]
+/// says it was not delivered, the backend stays marked failing, and the next success
+/// reports again.
 pub struct PassiveFeedback {
     tx: tokio::sync::mpsc::Sender<PassiveEvent>,
 }
@@ -1078,10 +1080,10 @@ impl FlowEvents for PassiveFeedback {
         });
     }
 
-    fn connect_succeeded(&self, service: usize, backend: SocketAddr) {
-        let _dropped_when_full = self
-            .tx
-            .try_send(PassiveEvent::Recovered { service, backend });
+    fn connect_succeeded(&self, service: usize, backend: SocketAddr) -> bool {
+        self.tx
+            .try_send(PassiveEvent::Recovered { service, backend })
+            .is_ok()
     }
 }
 
@@ -1280,6 +1282,41 @@ weight = 0
                 "a DOWN backend got a new flow"
             );
         }
+    }
+
+    #[test]
+    fn a_recovery_dropped_by_a_full_queue_still_resets_the_failure_streak() {
+        let rt = ServiceRuntime::new(0, service("tcp")).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        let set = ServiceSet::new();
+        set.set(vec![Arc::clone(&rt)]);
+        let stats = BackendStats::default();
+        let (feedback, mut rx) = PassiveFeedback::new(1);
+        let tokio_rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let drain = |rx: &mut tokio::sync::mpsc::Receiver<PassiveEvent>| {
+            while let Ok(ev) = rx.try_recv() {
+                let (tx, one) = tokio::sync::mpsc::channel(1);
+                tx.try_send(ev).expect("room for one");
+                drop(tx);
+                tokio_rt.block_on(PassiveFeedback::apply(set.clone(), one));
+            }
+        };
+        // One failure (fall = 2) fills the queue, so the success after it is dropped.
+        stats.connect_failed(|| feedback.connect_failed(0, b1, &refused()));
+        stats.connect_succeeded(|| feedback.connect_succeeded(0, b1));
+        drain(&mut rx);
+        // The next success must report the recovery the full queue lost.
+        stats.connect_succeeded(|| feedback.connect_succeeded(0, b1));
+        drain(&mut rx);
+        stats.connect_failed(|| feedback.connect_failed(0, b1, &refused()));
+        drain(&mut rx);
+        assert!(
+            rt.snapshot().load().backends[0].up,
+            "9001 went DOWN after one new failure (fall = 2): the recovery between the two \
+             failures was lost"
+        );
     }
 
     #[test]

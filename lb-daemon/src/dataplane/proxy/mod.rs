@@ -692,7 +692,9 @@ mod tests {
         struct Nothing;
         impl FlowEvents for Nothing {
             fn connect_failed(&self, _: usize, _: SocketAddr, _: &io::Error) {}
-            fn connect_succeeded(&self, _: usize, _: SocketAddr) {}
+            fn connect_succeeded(&self, _: usize, _: SocketAddr) -> bool {
+                true
+            }
         }
         let result = Proxy::start(
             vec![ProxyService { index: 0, snapshot }],
