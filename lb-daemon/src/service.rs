@@ -599,11 +599,24 @@ impl ServiceRuntime {
     }
 
     /// Sets the backends resolved from DNS name `name` (`host:port`) to `addresses`, each
-    /// with `weight`: new addresses are added (with slow start); the name lets go of the ones
-    /// it no longer returns, which leave (drain, forgotten once idle) unless the config or
-    /// another name still asks for them.
-    pub fn set_discovered(&self, name: &str, addresses: &[SocketAddr], weight: u32) {
+    /// with the weight the config gives the name: new addresses are added (with slow start);
+    /// the name lets go of the ones it no longer returns, which leave (drain, forgotten once
+    /// idle) unless the config or another name still asks for them.
+    ///
+    /// Does nothing when the config no longer lists `name`: a resolver task that a reload
+    /// aborted may already be waiting for this lock (an abort cannot stop it there), and its
+    /// answer must not bring back a name [`ServiceRuntime::update`] has just let go.
+    pub fn set_discovered(&self, name: &str, addresses: &[SocketAddr]) {
         let mut st = lock(&self.state);
+        let Some(weight) = st
+            .config
+            .discovered
+            .iter()
+            .find(|d| d.to_string() == name)
+            .map(|d| d.weight)
+        else {
+            return;
+        };
         let now = Instant::now();
         let origin = Origin::Dns(name.to_string());
         let mut changed = false;
@@ -1483,18 +1496,18 @@ kind = "none"
     fn a_backend_two_names_return_stays_while_one_still_does() {
         let rt = ServiceRuntime::new(0, with_backends(&[], &["one.test:9100", "two.test:9100"]))
             .expect("builds");
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
-        rt.set_discovered("two.test:9100", &[addr("10.0.0.5:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.5:9100")]);
         assert_eq!(
             state_of(&rt, "10.0.0.5:9100"),
             Some(("active", "one.test:9100,two.test:9100".to_string()))
         );
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")]);
         assert!(
             takes_flows(&rt, "10.0.0.5:9100"),
             "two.test still returns 10.0.0.5, yet it left when one.test stopped returning it"
         );
-        rt.set_discovered("two.test:9100", &[addr("10.0.0.7:9100")], 1);
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.7:9100")]);
         assert_eq!(
             state_of(&rt, "10.0.0.5:9100").map(|s| s.0),
             Some("removing"),
@@ -1507,7 +1520,7 @@ kind = "none"
     fn a_discovered_backend_the_config_also_lists_stays_when_its_name_drops_it() {
         let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
             .expect("builds");
-        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9100")]);
         // A reload lists the discovered address statically too.
         rt.update(with_backends(
             &["127.0.0.1:9001", "127.0.0.1:9100"],
@@ -1517,7 +1530,7 @@ kind = "none"
             state_of(&rt, "127.0.0.1:9100"),
             Some(("active", "static,one.test:9100".to_string()))
         );
-        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9101")], 1);
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9101")]);
         assert!(
             takes_flows(&rt, "127.0.0.1:9100"),
             "the config lists 127.0.0.1:9100, yet it left when one.test stopped returning it"
@@ -1532,7 +1545,7 @@ kind = "none"
     fn a_static_backend_a_name_also_returns_stays_when_the_config_drops_it() {
         let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9001"]))
             .expect("builds");
-        rt.set_discovered("one.test:9001", &[addr("127.0.0.1:9001")], 1);
+        rt.set_discovered("one.test:9001", &[addr("127.0.0.1:9001")]);
         rt.update(with_backends(&[], &["one.test:9001"]));
         assert!(
             takes_flows(&rt, "127.0.0.1:9001"),
@@ -1548,13 +1561,40 @@ kind = "none"
     }
 
     #[test]
+    fn an_answer_for_a_name_a_reload_dropped_is_ignored() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.update(with_backends(&["127.0.0.1:9001"], &[]));
+        // The aborted resolver was already waiting for the lock with a fresh answer.
+        rt.set_discovered(
+            "one.test:9100",
+            &[addr("10.0.0.5:9100"), addr("10.0.0.6:9100")],
+        );
+        assert!(
+            !takes_flows(&rt, "10.0.0.5:9100"),
+            "one.test left the config, yet a late answer for it kept 10.0.0.5 taking flows"
+        );
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100").map(|s| s.0),
+            Some("removing"),
+            "10.0.0.5 must drain: no configured name returns it"
+        );
+        assert_eq!(
+            state_of(&rt, "10.0.0.6:9100"),
+            None,
+            "a late answer for a dropped name added a backend"
+        );
+    }
+
+    #[test]
     fn a_leaving_backend_a_name_returns_again_comes_back() {
         let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
             .expect("builds");
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")]);
         assert!(!takes_flows(&rt, "10.0.0.5:9100"));
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
         assert_eq!(
             state_of(&rt, "10.0.0.5:9100"),
             Some(("active", "one.test:9100".to_string()))
