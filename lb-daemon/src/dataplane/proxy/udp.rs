@@ -468,12 +468,8 @@ impl Udp {
             Ok(admission) => admission,
             Err(why) => {
                 Shared::count(&ctx.shared.limited, 1);
-                self.refusals.remember(
-                    service_at,
-                    client.ip(),
-                    ctx.now,
-                    why.stands_for(&snapshot.limits),
-                );
+                self.refusals
+                    .remember(service_at, client.ip(), ctx.now, why.stands_for());
                 tracing::debug!(
                     "service {}: new session from {client} refused by the limits ({why:?})",
                     service.name
