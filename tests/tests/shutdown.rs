@@ -1,5 +1,5 @@
 //! Stopping the daemon: SIGTERM stops new connections, lets open ones finish (up to
-//! `global.drain_timeout`), then the daemon exits 0.
+//! `global.drain_timeout`), then the daemon exits 0. A second SIGTERM cuts the drain short.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -169,5 +169,65 @@ fn sigint_without_connections_exits_0() {
         status.code(),
         Some(0),
         "SIGINT should end the daemon with exit 0, got {status}"
+    );
+}
+
+#[test]
+fn a_second_sigterm_cuts_the_drain_short_and_says_how_many_it_closed() {
+    let backend = HashServer::start("sink").expect("hash server starts");
+    let (mut daemon, vip) = start("60s", backend.addr());
+    let mut up = Upload::start(vip, 5).unwrap_or_else(|e| panic!("cannot connect: {e}"));
+    up.send(4 * MIB).expect("the first 4 MiB go through");
+    wait_until_backend_has(&backend, 1);
+
+    let mark = daemon.log_mark();
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("SIGTERM is delivered");
+    daemon
+        .wait_for_log_after(mark, "no longer accepting", Duration::from_secs(5))
+        .expect("the daemon starts draining after the first SIGTERM");
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(status) = daemon.exit_status() {
+        panic!("the daemon exited ({status}) after one SIGTERM with a transfer open");
+    }
+
+    let sent = Instant::now();
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("the second SIGTERM is delivered");
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!("the daemon was still draining 10 s after a second SIGTERM (drain_timeout 60 s)")
+        });
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the daemon took {took:?} to exit after a second SIGTERM; it should cut the drain short"
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a drain cut short still ends the daemon with exit 0, it exited with {status}"
+    );
+    let logs = daemon.logs();
+    let line = logs
+        .iter()
+        .find(|l| l.contains("drain cut short by a second SIGTERM"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no line says the drain was cut short; last lines:\n{}",
+                logs[logs.len().saturating_sub(10)..].join("\n")
+            )
+        });
+    assert!(
+        line.contains("closed 1 connections"),
+        "the open transfer should be counted as closed: {line}"
+    );
+    // The transfer was reset, not left to finish.
+    assert!(
+        up.send(64 * MIB).is_err(),
+        "the transfer cut off by the second SIGTERM still took 64 MiB"
     );
 }
