@@ -54,7 +54,8 @@ const PASSIVE_QUEUE: usize = 4096;
 /// Runs `config` (read from `path`, which SIGHUP and `POST /reload` read again) until
 /// SIGTERM or SIGINT, then stops accepting, lets open connections finish for up to
 /// `global.drain_timeout`, and returns. A second SIGTERM or SIGINT during the drain ends it
-/// at once: what is still open is closed with a reset, as at the drain timeout.
+/// at once: what is still open is closed with a reset, as at the drain timeout. The handlers
+/// are in place before anything starts, so even a signal during start-up drains.
 ///
 /// Each service runs on XDP or on the proxy as [`XdpPlane::start`] decides; the choice and
 /// its reason are logged. On exit the XDP programs are detached (their flows end with them).
@@ -63,6 +64,17 @@ const PASSIVE_QUEUE: usize = 4096;
 /// `Err(DaemonError::Proxy)` when a listener cannot be bound, `Err(DaemonError::Admin)` when
 /// the admin API cannot listen.
 pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
+    // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
+    // the proxy workers' cores. Built first so that the signal handlers go in before any
+    // listener opens: until then SIGTERM's default action would kill the daemon undrained.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let mut signals = {
+        let _in_runtime = rt.enter();
+        Signals::install().map_err(DaemonError::Runtime)?
+    };
     let set = ServiceSet::new();
     let services = config
         .services
@@ -116,16 +128,6 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         proxy_options_from_env()?,
     )?;
 
-    // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
-    // the proxy workers' cores.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Runtime)?;
-    let mut signals = {
-        let _in_runtime = rt.enter();
-        Signals::install().map_err(DaemonError::Runtime)?
-    };
     let admin = config.admin.clone();
     let placements = services
         .iter()
