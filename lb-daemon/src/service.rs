@@ -36,7 +36,9 @@ struct BackendRuntime {
 
 /// Where a backend comes from. A backend may come from several places at once (a static
 /// address that a DNS name also returns): it stays while one of them still asks for it.
-/// Ordered static first, then names, which is the order in which they give its weight.
+/// Ordered static first, then names alphabetically (`name:port` as a string), which is the
+/// order in which they give its weight: the static entry's, else that of the alphabetically
+/// first name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Origin {
     /// An `ip:port` in the config file.
