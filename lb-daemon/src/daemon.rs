@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tracing::{error, info, warn};
 
 use crate::admin::api::ApiError;
 use crate::config::{Config, Protocol};
@@ -53,7 +53,9 @@ const PASSIVE_QUEUE: usize = 4096;
 
 /// Runs `config` (read from `path`, which SIGHUP and `POST /reload` read again) until
 /// SIGTERM or SIGINT, then stops accepting, lets open connections finish for up to
-/// `global.drain_timeout`, and returns.
+/// `global.drain_timeout`, and returns. A second SIGTERM or SIGINT during the drain ends it
+/// at once: what is still open is closed with a reset, as at the drain timeout. The handlers
+/// are in place before anything starts, so even a signal during start-up drains.
 ///
 /// Each service runs on XDP or on the proxy as [`XdpPlane::start`] decides; the choice and
 /// its reason are logged. On exit the XDP programs are detached (their flows end with them).
@@ -62,6 +64,17 @@ const PASSIVE_QUEUE: usize = 4096;
 /// `Err(DaemonError::Proxy)` when a listener cannot be bound, `Err(DaemonError::Admin)` when
 /// the admin API cannot listen.
 pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
+    // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
+    // the proxy workers' cores. Built first so that the signal handlers go in before any
+    // listener opens: until then SIGTERM's default action would kill the daemon undrained.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let mut signals = {
+        let _in_runtime = rt.enter();
+        Signals::install().map_err(DaemonError::Runtime)?
+    };
     let set = ServiceSet::new();
     let services = config
         .services
@@ -115,12 +128,6 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         proxy_options_from_env()?,
     )?;
 
-    // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
-    // the proxy workers' cores.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Runtime)?;
     let admin = config.admin.clone();
     let placements = services
         .iter()
@@ -135,9 +142,6 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         .collect();
     let control = Control::new(path, config, set.clone(), proxy, xdp_plane, placements);
     let result = rt.block_on(async {
-        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
-        let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Runtime)?;
         for s in &services {
             s.start();
         }
@@ -148,10 +152,9 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
             services.len()
         );
         let why = loop {
-            tokio::select! {
-                _ = term.recv() => break "SIGTERM",
-                _ = int.recv() => break "SIGINT",
-                _ = hup.recv() => {
+            match signals.next().await {
+                Received::Stop(why) => break why,
+                Received::Reload => {
                     info!("SIGHUP: reloading {}", control.path().display());
                     let _logged = crate::reload::reload(&control).await;
                 }
@@ -175,15 +178,97 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         x.shutdown();
     }
     let drain_timeout = control.config().global.drain_timeout;
-    let cut = control
-        .take_proxy()
-        .map_or(0, |proxy| proxy.shutdown(drain_timeout));
-    if cut > 0 {
-        warn!("drain timeout reached: closed {cut} connections and sessions that were still open");
+    if let Some(proxy) = control.take_proxy() {
+        match rt.block_on(drain(proxy, drain_timeout, &mut signals)) {
+            (cut, Some(why)) => warn!(
+                "drain cut short by a second {why}: closed {cut} connections and sessions that \
+                 were still open"
+            ),
+            (0, None) => {}
+            (cut, None) => warn!(
+                "drain timeout reached: closed {cut} connections and sessions that were still open"
+            ),
+        }
     }
     info!("stopped");
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// The signals the daemon acts on, each a stream that remembers a delivery until it is read.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; from then on SIGTERM, SIGINT and SIGHUP no longer have their
+    /// default action (ending the process). Must run inside the runtime (`Runtime::enter`).
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; returns its name.
+    async fn stop(&mut self) -> &'static str {
+        Self::stop_of(&mut self.term, &mut self.int).await
+    }
+
+    /// Waits for any of the three.
+    async fn next(&mut self) -> Received {
+        tokio::select! {
+            why = Self::stop_of(&mut self.term, &mut self.int) => Received::Stop(why),
+            _ = self.hup.recv() => Received::Reload,
+        }
+    }
+
+    async fn stop_of(term: &mut Signal, int: &mut Signal) -> &'static str {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// What a signal asks of the daemon.
+enum Received {
+    /// SIGTERM or SIGINT (named): drain and exit.
+    Stop(&'static str),
+    /// SIGHUP: reload the config.
+    Reload,
+}
+
+/// Shuts `proxy` down with a drain of up to `timeout`, cutting it short at a second SIGTERM or
+/// SIGINT. Returns how many connections and sessions were cut off, and the signal that cut the
+/// drain short, if one did.
+async fn drain(
+    proxy: Proxy,
+    timeout: Duration,
+    signals: &mut Signals,
+) -> (u64, Option<&'static str>) {
+    let cut_short = proxy.drain_cut();
+    let mut shutdown = tokio::task::spawn_blocking(move || proxy.shutdown(timeout));
+    let mut early = None;
+    loop {
+        tokio::select! {
+            done = &mut shutdown => {
+                let cut = done.unwrap_or_else(|e| {
+                    error!("the proxy's shutdown failed: {e}");
+                    0
+                });
+                return (cut, early);
+            }
+            why = signals.stop(), if early.is_none() => {
+                info!("{why} during the drain: closing what is still open");
+                cut_short.now();
+                early = Some(why);
+            }
+        }
+    }
 }
 
 /// The environment variable that picks the proxy's splice mode: `syscall` (the default) or

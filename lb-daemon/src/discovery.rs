@@ -35,7 +35,7 @@ pub async fn follow(service: Weak<ServiceRuntime>, name: DnsBackend, interval: D
             Ok(addresses) => {
                 failing = false;
                 let addresses: Vec<SocketAddr> = addresses.into_iter().collect();
-                service.set_discovered(&label, &addresses, name.weight);
+                service.set_discovered(&label, &addresses);
             }
             Err(e) => {
                 if !failing {

@@ -36,7 +36,9 @@ struct BackendRuntime {
 
 /// Where a backend comes from. A backend may come from several places at once (a static
 /// address that a DNS name also returns): it stays while one of them still asks for it.
-/// Ordered static first, then names, which is the order in which they give its weight.
+/// Ordered static first, then names alphabetically (`name:port` as a string), which is the
+/// order in which they give its weight: the static entry's, else that of the alphabetically
+/// first name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Origin {
     /// An `ip:port` in the config file.
@@ -598,11 +600,24 @@ impl ServiceRuntime {
     }
 
     /// Sets the backends resolved from DNS name `name` (`host:port`) to `addresses`, each
-    /// with `weight`: new addresses are added (with slow start); the name lets go of the ones
-    /// it no longer returns, which leave (drain, forgotten once idle) unless the config or
-    /// another name still asks for them.
-    pub fn set_discovered(&self, name: &str, addresses: &[SocketAddr], weight: u32) {
+    /// with the weight the config gives the name: new addresses are added (with slow start);
+    /// the name lets go of the ones it no longer returns, which leave (drain, forgotten once
+    /// idle) unless the config or another name still asks for them.
+    ///
+    /// Does nothing when the config no longer lists `name`: a resolver task that a reload
+    /// aborted may already be waiting for this lock (an abort cannot stop it there), and its
+    /// answer must not bring back a name [`ServiceRuntime::update`] has just let go.
+    pub fn set_discovered(&self, name: &str, addresses: &[SocketAddr]) {
         let mut st = lock(&self.state);
+        let Some(weight) = st
+            .config
+            .discovered
+            .iter()
+            .find(|d| d.to_string() == name)
+            .map(|d| d.weight)
+        else {
+            return;
+        };
         let now = Instant::now();
         let origin = Origin::Dns(name.to_string());
         let mut changed = false;
@@ -1008,7 +1023,9 @@ impl ServiceSet {
 /// failed connect counts as one failure here. Both go through a bounded channel to a control
 /// plane task, so a data plane thread never waits on a health lock or a table rebuild; under
 /// a flood of failures, excess reports are dropped (they would only repeat what the health
-/// state already knows).
+/// state already knows). A dropped recovery is not lost: [`FlowEvents::connect_succeeded`]
+/// says it was not delivered, the backend stays marked failing, and the next success
+/// reports again.
 pub struct PassiveFeedback {
     tx: tokio::sync::mpsc::Sender<PassiveEvent>,
 }
@@ -1077,10 +1094,10 @@ impl FlowEvents for PassiveFeedback {
         });
     }
 
-    fn connect_succeeded(&self, service: usize, backend: SocketAddr) {
-        let _dropped_when_full = self
-            .tx
-            .try_send(PassiveEvent::Recovered { service, backend });
+    fn connect_succeeded(&self, service: usize, backend: SocketAddr) -> bool {
+        self.tx
+            .try_send(PassiveEvent::Recovered { service, backend })
+            .is_ok()
     }
 }
 
@@ -1282,6 +1299,41 @@ weight = 0
     }
 
     #[test]
+    fn a_recovery_dropped_by_a_full_queue_still_resets_the_failure_streak() {
+        let rt = ServiceRuntime::new(0, service("tcp")).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        let set = ServiceSet::new();
+        set.set(vec![Arc::clone(&rt)]);
+        let stats = BackendStats::default();
+        let (feedback, mut rx) = PassiveFeedback::new(1);
+        let tokio_rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let drain = |rx: &mut tokio::sync::mpsc::Receiver<PassiveEvent>| {
+            while let Ok(ev) = rx.try_recv() {
+                let (tx, one) = tokio::sync::mpsc::channel(1);
+                tx.try_send(ev).expect("room for one");
+                drop(tx);
+                tokio_rt.block_on(PassiveFeedback::apply(set.clone(), one));
+            }
+        };
+        // One failure (fall = 2) fills the queue, so the success after it is dropped.
+        stats.connect_failed(|| feedback.connect_failed(0, b1, &refused()));
+        stats.connect_succeeded(|| feedback.connect_succeeded(0, b1));
+        drain(&mut rx);
+        // The next success must report the recovery the full queue lost.
+        stats.connect_succeeded(|| feedback.connect_succeeded(0, b1));
+        drain(&mut rx);
+        stats.connect_failed(|| feedback.connect_failed(0, b1, &refused()));
+        drain(&mut rx);
+        assert!(
+            rt.snapshot().load().backends[0].up,
+            "9001 went DOWN after one new failure (fall = 2): the recovery between the two \
+             failures was lost"
+        );
+    }
+
+    #[test]
     fn without_checks_passive_failures_hold_a_backend_off_then_it_is_tried_again() {
         const HOLD_OFF: Duration = Duration::from_millis(300);
         let mut svc = service("none");
@@ -1445,18 +1497,18 @@ kind = "none"
     fn a_backend_two_names_return_stays_while_one_still_does() {
         let rt = ServiceRuntime::new(0, with_backends(&[], &["one.test:9100", "two.test:9100"]))
             .expect("builds");
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
-        rt.set_discovered("two.test:9100", &[addr("10.0.0.5:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.5:9100")]);
         assert_eq!(
             state_of(&rt, "10.0.0.5:9100"),
             Some(("active", "one.test:9100,two.test:9100".to_string()))
         );
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")]);
         assert!(
             takes_flows(&rt, "10.0.0.5:9100"),
             "two.test still returns 10.0.0.5, yet it left when one.test stopped returning it"
         );
-        rt.set_discovered("two.test:9100", &[addr("10.0.0.7:9100")], 1);
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.7:9100")]);
         assert_eq!(
             state_of(&rt, "10.0.0.5:9100").map(|s| s.0),
             Some("removing"),
@@ -1469,7 +1521,7 @@ kind = "none"
     fn a_discovered_backend_the_config_also_lists_stays_when_its_name_drops_it() {
         let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
             .expect("builds");
-        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9100")]);
         // A reload lists the discovered address statically too.
         rt.update(with_backends(
             &["127.0.0.1:9001", "127.0.0.1:9100"],
@@ -1479,7 +1531,7 @@ kind = "none"
             state_of(&rt, "127.0.0.1:9100"),
             Some(("active", "static,one.test:9100".to_string()))
         );
-        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9101")], 1);
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9101")]);
         assert!(
             takes_flows(&rt, "127.0.0.1:9100"),
             "the config lists 127.0.0.1:9100, yet it left when one.test stopped returning it"
@@ -1494,7 +1546,7 @@ kind = "none"
     fn a_static_backend_a_name_also_returns_stays_when_the_config_drops_it() {
         let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9001"]))
             .expect("builds");
-        rt.set_discovered("one.test:9001", &[addr("127.0.0.1:9001")], 1);
+        rt.set_discovered("one.test:9001", &[addr("127.0.0.1:9001")]);
         rt.update(with_backends(&[], &["one.test:9001"]));
         assert!(
             takes_flows(&rt, "127.0.0.1:9001"),
@@ -1510,13 +1562,40 @@ kind = "none"
     }
 
     #[test]
+    fn an_answer_for_a_name_a_reload_dropped_is_ignored() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.update(with_backends(&["127.0.0.1:9001"], &[]));
+        // The aborted resolver was already waiting for the lock with a fresh answer.
+        rt.set_discovered(
+            "one.test:9100",
+            &[addr("10.0.0.5:9100"), addr("10.0.0.6:9100")],
+        );
+        assert!(
+            !takes_flows(&rt, "10.0.0.5:9100"),
+            "one.test left the config, yet a late answer for it kept 10.0.0.5 taking flows"
+        );
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100").map(|s| s.0),
+            Some("removing"),
+            "10.0.0.5 must drain: no configured name returns it"
+        );
+        assert_eq!(
+            state_of(&rt, "10.0.0.6:9100"),
+            None,
+            "a late answer for a dropped name added a backend"
+        );
+    }
+
+    #[test]
     fn a_leaving_backend_a_name_returns_again_comes_back() {
         let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
             .expect("builds");
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")]);
         assert!(!takes_flows(&rt, "10.0.0.5:9100"));
-        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")], 1);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
         assert_eq!(
             state_of(&rt, "10.0.0.5:9100"),
             Some(("active", "one.test:9100".to_string()))

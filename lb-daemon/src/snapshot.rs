@@ -40,6 +40,10 @@ pub struct BackendStats {
     /// Set by a failed connect, cleared by the next successful one: the data plane reports
     /// a success to the control plane only when it clears this, so the common path (a
     /// connect that works after one that worked) costs one relaxed load and no call out.
+    ///
+    /// Invariant: whenever the control plane has been sent a failure and no later success,
+    /// this is set. [`BackendStats::connect_failed`] and [`BackendStats::connect_succeeded`]
+    /// keep it by their order of report and store, so data plane threads can race freely.
     failing: AtomicBool,
 }
 
@@ -61,18 +65,34 @@ impl BackendStats {
     }
 
     /// Counts a connect attempt that failed because of the backend (refused, timed out,
-    /// unreachable; not a local shortage) and marks the backend as failing until the next
-    /// [`BackendStats::connect_succeeded`].
-    pub fn connect_failed(&self) {
+    /// unreachable; not a local shortage), calls `report` to tell the control plane, then
+    /// marks the backend as failing until the next [`BackendStats::connect_succeeded`].
+    ///
+    /// Report first, mark second: a success on another thread that clears the mark in between
+    /// either saw no mark (and this store sets it, so the next success reports) or saw an
+    /// older one and queues its success after this failure. Marking first would let that
+    /// success queue its report before this failure and clear the mark, leaving the control
+    /// plane with a streak of 1 that no later success resets.
+    pub fn connect_failed(&self, report: impl FnOnce()) {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
-        self.failing.store(true, Ordering::Relaxed);
+        report();
+        // Release pairs with the Acquire swap in `connect_succeeded`: a thread that clears
+        // this mark sees the report already queued, so its own report queues after it.
+        self.failing.store(true, Ordering::Release);
     }
 
-    /// Notes a successful connect (TCP) or a first reply (UDP). Returns `true` when it ends a
-    /// run of failures, i.e. when the control plane must hear of it (it resets the passive
-    /// failure streak); `true` once per run even when data plane threads race.
-    pub fn connect_succeeded(&self) -> bool {
-        self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed)
+    /// Notes a successful connect (TCP) or a first reply (UDP). When it ends a run of
+    /// failures, calls `report` to tell the control plane (it resets the passive failure
+    /// streak); `report` returns whether the news was delivered, and when it was not (a full
+    /// queue) the backend stays marked failing so that a later success tries again. `report`
+    /// runs once per run of failures even when data plane threads race; the common case, a
+    /// success after a success, is one relaxed load.
+    pub fn connect_succeeded(&self, report: impl FnOnce() -> bool) {
+        let ends_a_run =
+            self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::AcqRel);
+        if ends_a_run && !report() {
+            self.failing.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -184,5 +204,81 @@ fn addr_words(addr: SocketAddr) -> [u32; 4] {
             let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
             [w(0), w(4), w(8), w(12)]
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// What the control plane's health state keeps of passive events: the failure streak,
+    /// which a failure extends and a recovery resets.
+    #[derive(Default)]
+    struct ControlPlane {
+        streak: RefCell<u32>,
+    }
+
+    impl ControlPlane {
+        fn failed(&self) {
+            *self.streak.borrow_mut() += 1;
+        }
+        fn recovered(&self) -> bool {
+            *self.streak.borrow_mut() = 0;
+            true
+        }
+        fn streak(&self) -> u32 {
+            *self.streak.borrow()
+        }
+    }
+
+    #[test]
+    fn a_success_racing_a_failure_cannot_strand_the_failure_streak() {
+        let stats = BackendStats::default();
+        let cp = ControlPlane::default();
+        // Worker A's connect fails; worker B's connect to the same backend succeeds while A
+        // is between its report and its mark.
+        stats.connect_failed(|| {
+            stats.connect_succeeded(|| cp.recovered());
+            cp.failed();
+        });
+        // Later connects work: one of them must reset the streak A started.
+        stats.connect_succeeded(|| cp.recovered());
+        stats.connect_succeeded(|| cp.recovered());
+        assert_eq!(
+            cp.streak(),
+            0,
+            "after a failure and then successes, the control plane still counts a failure \
+             streak, so fewer than fall new failures would take the backend down"
+        );
+    }
+
+    #[test]
+    fn a_recovery_lost_to_a_full_queue_is_reported_by_the_next_success() {
+        let stats = BackendStats::default();
+        let cp = ControlPlane::default();
+        stats.connect_failed(|| cp.failed());
+        let mut calls = 0;
+        stats.connect_succeeded(|| {
+            calls += 1;
+            false
+        });
+        assert_eq!(calls, 1, "the first success after a failure must report");
+        stats.connect_succeeded(|| cp.recovered());
+        assert_eq!(
+            cp.streak(),
+            0,
+            "a recovery dropped by a full queue was never retried"
+        );
+        let mut again = 0;
+        stats.connect_succeeded(|| {
+            again += 1;
+            true
+        });
+        assert_eq!(
+            again, 0,
+            "a success after a delivered recovery must not report"
+        );
     }
 }

@@ -182,11 +182,28 @@ fn a_udp_client_address_over_its_session_limit_is_dropped_and_others_are_not() {
     );
 }
 
-/// Sends `count` datagrams from `socket` back to back.
-fn flood(socket: &UdpSocket, count: u64) {
-    for _ in 0..count {
-        socket.send(b"flood").expect("send");
+/// Datagrams a flood sends back to back before it waits for the proxy: small enough that the
+/// VIP socket's receive buffer holds them all even at the kernel's default size, so none is
+/// lost while the worker is descheduled (a lost one would never be counted).
+const FLOOD_BURST: u64 = 50;
+
+/// Sends `count` datagrams from `socket` in bursts of [`FLOOD_BURST`], waiting after each
+/// burst until `counted()` (the proxy's count of what it did with them) reaches what was sent.
+/// Returns `Err` with the count when a burst is not counted in full within 10 s; the caller
+/// still checks the exact total, so over-counting fails too.
+fn flood(socket: &UdpSocket, count: u64, counted: impl Fn() -> u64) -> Result<(), u64> {
+    let mut sent = 0;
+    while sent < count {
+        let burst = FLOOD_BURST.min(count - sent);
+        for _ in 0..burst {
+            socket.send(b"flood").expect("send");
+        }
+        sent += burst;
+        if !wait_until(Duration::from_secs(10), || counted() >= sent) {
+            return Err(counted());
+        }
     }
+    Ok(())
 }
 
 #[test]
@@ -211,12 +228,14 @@ fn a_flooding_refused_udp_client_is_counted_per_datagram_and_logged_once_a_secon
     let flooder = udp_from("127.0.0.3", h.vip);
     let me = flooder.local_addr().expect("the flooder's address");
     let started = std::time::Instant::now();
-    flood(&flooder, 500);
-    assert!(
-        wait_until(Duration::from_secs(10), || h.proxy().limited(SERVICE)
-            == Some(500)),
-        "each of the 500 refused datagrams is counted; {:?} were",
-        h.proxy().limited(SERVICE)
+    let counted = || h.proxy().limited(SERVICE).unwrap_or(0);
+    if let Err(n) = flood(&flooder, 500, counted) {
+        panic!("each of the 500 refused datagrams is counted; {n} were");
+    }
+    assert_eq!(
+        h.proxy().limited(SERVICE),
+        Some(500),
+        "500 refused datagrams were sent"
     );
     let seconds = started.elapsed().as_secs() as usize;
     assert_eq!(h.proxy().counters().limited, 500);
@@ -284,12 +303,13 @@ fn udp_datagrams_with_no_backend_are_logged_once_a_second() {
     let client = udp_from("127.0.0.5", h.vip);
     let me = client.local_addr().expect("the client's address");
     let started = std::time::Instant::now();
-    flood(&client, 500);
-    assert!(
-        wait_until(Duration::from_secs(10), || h.proxy().counters().no_backend
-            == 500),
-        "each datagram is counted as finding no backend; {} were",
-        h.proxy().counters().no_backend
+    if let Err(n) = flood(&client, 500, || h.proxy().counters().no_backend) {
+        panic!("each datagram is counted as finding no backend; {n} of 500 were");
+    }
+    assert_eq!(
+        h.proxy().counters().no_backend,
+        500,
+        "500 datagrams found no backend"
     );
     let seconds = started.elapsed().as_secs() as usize;
     let lines = proxy_support::logged_lines(&[&format!("client={me} "), "end=no_backend"]);

@@ -756,3 +756,42 @@ fn shutdown_cuts_off_a_connection_that_outlives_the_drain() {
         "the cut-off connection is counted closed"
     );
 }
+
+#[test]
+fn a_drain_cut_short_closes_what_is_open_at_once() {
+    let backend = TcpBackend::start(|mut s| {
+        let mut buf = [0u8; 64];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut h = Harness::start(ServiceSpec::tcp(vec![backend.addr]));
+    let mut client = connect(h.vip);
+    client.write_all(b"x").expect("send");
+    assert!(
+        wait_until(Duration::from_secs(5), || h.stats(0).active() == 1),
+        "the backend connection is open before shutdown"
+    );
+    let proxy = h.take();
+    let cut_short = proxy.drain_cut();
+    let vip = h.vip;
+    let stopping = std::thread::spawn(move || proxy.shutdown(Duration::from_secs(60)));
+    assert!(
+        wait_until(Duration::from_secs(5), || TcpStream::connect(vip).is_err()),
+        "new connections are refused once shutdown begins"
+    );
+    let asked = std::time::Instant::now();
+    cut_short.now();
+    let cut = stopping.join().expect("shutdown thread");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the drain went on for {:?} after it was cut short",
+        asked.elapsed()
+    );
+    assert_eq!(cut, 1, "the open connection is counted as cut off");
+    let mut buf = [0u8; 8];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("the cut-off client should be closed, got {other:?}"),
+    }
+    assert_eq!(h.stats(0).active(), 0);
+}

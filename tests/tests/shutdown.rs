@@ -1,12 +1,14 @@
 //! Stopping the daemon: SIGTERM stops new connections, lets open ones finish (up to
-//! `global.drain_timeout`), then the daemon exits 0.
+//! `global.drain_timeout`), then the daemon exits 0. A second SIGTERM cuts the drain short,
+//! and a SIGTERM during start-up drains too instead of killing the daemon.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use lb_tests::client::{connect, Upload};
 use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::daemon::daemon_binary;
 use lb_tests::data::Receipt;
 use lb_tests::ports::free_addr;
 use lb_tests::{Daemon, HashServer};
@@ -170,4 +172,144 @@ fn sigint_without_connections_exits_0() {
         Some(0),
         "SIGINT should end the daemon with exit 0, got {status}"
     );
+}
+
+#[test]
+fn a_second_sigterm_cuts_the_drain_short_and_says_how_many_it_closed() {
+    let backend = HashServer::start("sink").expect("hash server starts");
+    let (mut daemon, vip) = start("60s", backend.addr());
+    let mut up = Upload::start(vip, 5).unwrap_or_else(|e| panic!("cannot connect: {e}"));
+    up.send(4 * MIB).expect("the first 4 MiB go through");
+    wait_until_backend_has(&backend, 1);
+
+    let mark = daemon.log_mark();
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("SIGTERM is delivered");
+    daemon
+        .wait_for_log_after(mark, "no longer accepting", Duration::from_secs(5))
+        .expect("the daemon starts draining after the first SIGTERM");
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(status) = daemon.exit_status() {
+        panic!("the daemon exited ({status}) after one SIGTERM with a transfer open");
+    }
+
+    let sent = Instant::now();
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("the second SIGTERM is delivered");
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!("the daemon was still draining 10 s after a second SIGTERM (drain_timeout 60 s)")
+        });
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the daemon took {took:?} to exit after a second SIGTERM; it should cut the drain short"
+    );
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a drain cut short still ends the daemon with exit 0, it exited with {status}"
+    );
+    let logs = daemon.logs();
+    let line = logs
+        .iter()
+        .find(|l| l.contains("drain cut short by a second SIGTERM"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no line says the drain was cut short; last lines:\n{}",
+                logs[logs.len().saturating_sub(10)..].join("\n")
+            )
+        });
+    assert!(
+        line.contains("closed 1 connections"),
+        "the open transfer should be counted as closed: {line}"
+    );
+    // The transfer was reset, not left to finish.
+    assert!(
+        up.send(64 * MIB).is_err(),
+        "the transfer cut off by the second SIGTERM still took 64 MiB"
+    );
+}
+
+#[test]
+fn a_sigterm_during_start_up_drains_instead_of_killing_the_daemon() {
+    let backend = HashServer::start("sink").expect("hash server starts");
+    let config = DaemonConfig::new()
+        .global("drain_timeout", "5s")
+        .service(
+            ServiceConfig::tcp("early", free_addr())
+                .fast_health("tcp")
+                .backend(backend.addr(), 1),
+        )
+        .to_toml();
+    let mut file = tempfile::NamedTempFile::new().expect("a config file");
+    file.write_all(config.as_bytes()).expect("write the config");
+    let binary = daemon_binary().unwrap_or_else(|e| panic!("no daemon binary: {e}"));
+    // Started by hand, not with `Daemon::start`: that waits for `ready`, and the point is to
+    // signal earlier, while the data planes start.
+    let mut child = std::process::Command::new(binary)
+        .arg("run")
+        .arg("-c")
+        .arg(file.path())
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the daemon starts");
+    let guard = KillOnDrop(child.id());
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut lines = BufReader::new(stderr).lines();
+    // Logged once the services are placed, before the proxy starts: the old daemon installed
+    // its handlers only after the proxy had started, so this SIGTERM killed it.
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("the daemon's log");
+        let placed = line.contains("service early: listening on");
+        seen.push(line);
+        if placed {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("listening on")),
+        "the daemon never logged that it placed its service:\n{}",
+        seen.join("\n")
+    );
+    nix::sys::signal::kill(guard.pid(), Signal::SIGTERM).expect("SIGTERM is delivered");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("the daemon's exit status");
+    std::mem::forget(guard);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a SIGTERM during start-up should drain and exit 0, the daemon ended with {status}; \
+         its log after the signal:\n{}",
+        rest.join("\n")
+    );
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("SIGTERM: no longer accepting")),
+        "the daemon did not log its drain after an early SIGTERM:\n{}",
+        rest.join("\n")
+    );
+}
+
+/// Kills a hand-started daemon if the test fails before it exits.
+struct KillOnDrop(u32);
+
+impl KillOnDrop {
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.0).expect("a pid fits in i32"))
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid(), Signal::SIGKILL);
+    }
 }

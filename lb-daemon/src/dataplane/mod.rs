@@ -18,6 +18,8 @@ pub trait FlowEvents: Send + Sync {
     /// backend answered a new session (UDP), after one or more failed ones: the backend has
     /// recovered. Called once per run of failures, not for every success: a success after a
     /// success is only a relaxed load in the data plane
-    /// ([`crate::snapshot::BackendStats::connect_succeeded`]).
-    fn connect_succeeded(&self, service: usize, backend: SocketAddr);
+    /// ([`crate::snapshot::BackendStats::connect_succeeded`]). Returns whether the news was
+    /// delivered; `false` (e.g. a full queue) keeps the backend marked failing, so the next
+    /// success reports again.
+    fn connect_succeeded(&self, service: usize, backend: SocketAddr) -> bool;
 }

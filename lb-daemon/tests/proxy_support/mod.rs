@@ -157,11 +157,12 @@ impl FlowEvents for Recorder {
             .push(Event::Failed(service, backend, error.kind()));
     }
 
-    fn connect_succeeded(&self, service: usize, backend: SocketAddr) {
+    fn connect_succeeded(&self, service: usize, backend: SocketAddr) -> bool {
         self.events
             .lock()
             .expect("recorder lock")
             .push(Event::Succeeded(service, backend));
+        true
     }
 }
 

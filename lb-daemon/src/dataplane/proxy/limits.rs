@@ -46,22 +46,24 @@ const REFUSAL_ENTRIES: usize = 65_536;
 pub(super) enum Refusal {
     /// The client holds `max_connections_per_client` already.
     Connections,
-    /// The client's token bucket is empty.
-    Rate,
+    /// The client's token bucket is empty; its next token comes in `next_token`.
+    Rate {
+        /// Time until the bucket holds one token again, if the client asks for none meanwhile.
+        next_token: Duration,
+    },
     /// The table is full of other clients.
     Full,
 }
 
 impl Refusal {
-    /// How long this refusal stands for sure under `limits`: an empty bucket gets its next
-    /// token within `1 / rate`; a client at its session limit, or a full table, may be
-    /// admitted as soon as a session ends, which is not known here, so [`REFUSAL_MEMORY`].
-    /// Never more than [`REFUSAL_MEMORY`].
-    pub(super) fn stands_for(self, limits: &ClientLimits) -> Duration {
-        match (self, limits.rate) {
-            (Refusal::Rate, Some(rate)) if rate > 0.0 => Duration::try_from_secs_f64(1.0 / rate)
-                .map_or(REFUSAL_MEMORY, |d| d.min(REFUSAL_MEMORY)),
-            _ => REFUSAL_MEMORY,
+    /// How long this refusal stands for sure: an empty bucket until its next token (a bucket
+    /// at 0.99 tokens is only milliseconds from one, not a whole `1 / rate`); a client at its
+    /// session limit, or a full table, may be admitted as soon as a session ends, which is
+    /// not known here, so [`REFUSAL_MEMORY`]. Never more than [`REFUSAL_MEMORY`].
+    pub(super) fn stands_for(self) -> Duration {
+        match self {
+            Refusal::Rate { next_token } => next_token.min(REFUSAL_MEMORY),
+            Refusal::Connections | Refusal::Full => REFUSAL_MEMORY,
         }
     }
 }
@@ -132,7 +134,8 @@ impl ClientTable {
     /// Decides whether `ip` may open one more connection or session under `limits` at `now`.
     /// On success the client's bucket lost a token and, with a concurrency limit, its count
     /// went up: release the [`Admission`] when the connection closes. A refusal is counted
-    /// in [`ClientTable::refused`].
+    /// in [`ClientTable::refused`]; a rate refusal says when the next token comes
+    /// ([`Refusal::Rate`]), at most an hour ahead.
     pub(super) fn admit(
         &self,
         ip: IpAddr,
@@ -182,7 +185,13 @@ impl ClientTable {
             entry.tokens = (entry.tokens + elapsed * rate).min(burst);
             entry.refilled = now;
             if entry.tokens < 1.0 {
-                return Err(Refusal::Rate);
+                // Past an hour (or not finite, for a rate near 0) means "not soon" to every
+                // caller, which caps it lower anyway.
+                let next_token = Duration::try_from_secs_f64((1.0 - entry.tokens) / rate)
+                    .map_or(Duration::from_secs(3600), |d| {
+                        d.min(Duration::from_secs(3600))
+                    });
+                return Err(Refusal::Rate { next_token });
             }
             entry.tokens -= 1.0;
             let refill = Duration::from_secs_f64(((burst - entry.tokens) / rate).min(3600.0));
@@ -326,7 +335,12 @@ mod tests {
                 "connection {k} of the burst"
             );
         }
-        assert_eq!(table.admit(ip("10.0.0.1"), &limits, t0), Err(Refusal::Rate));
+        assert_eq!(
+            table.admit(ip("10.0.0.1"), &limits, t0),
+            Err(Refusal::Rate {
+                next_token: Duration::from_millis(500)
+            })
+        );
         let later = t0 + Duration::from_millis(500);
         assert!(
             table.admit(ip("10.0.0.1"), &limits, later).is_ok(),
@@ -334,7 +348,9 @@ mod tests {
         );
         assert_eq!(
             table.admit(ip("10.0.0.1"), &limits, later),
-            Err(Refusal::Rate)
+            Err(Refusal::Rate {
+                next_token: Duration::from_millis(500)
+            })
         );
     }
 
@@ -406,22 +422,49 @@ mod tests {
 
     #[test]
     fn a_refusal_stands_until_the_next_token_and_never_past_a_second() {
+        let table = ClientTable::new();
         let limits = ClientLimits {
-            max_connections: Some(1),
-            rate: Some(4.0),
+            max_connections: None,
+            rate: Some(1.0),
             burst: 1,
         };
-        assert_eq!(
-            Refusal::Rate.stands_for(&limits),
-            Duration::from_millis(250)
+        let t0 = Instant::now();
+        table.admit(ip("10.0.0.1"), &limits, t0).expect("the burst");
+        let refusal = table
+            .admit(ip("10.0.0.1"), &limits, t0 + Duration::from_millis(990))
+            .expect_err("0.99 tokens is not a token");
+        let stands = refusal.stands_for();
+        assert!(
+            stands > Duration::from_millis(9) && stands <= Duration::from_millis(10),
+            "a bucket 10 ms from its next token kept refusing for {stands:?}"
         );
-        assert_eq!(Refusal::Connections.stands_for(&limits), REFUSAL_MEMORY);
-        assert_eq!(Refusal::Full.stands_for(&limits), REFUSAL_MEMORY);
+        assert!(
+            table
+                .admit(
+                    ip("10.0.0.1"),
+                    &limits,
+                    t0 + Duration::from_millis(990) + stands
+                )
+                .is_ok(),
+            "the token was there when the refusal stopped standing"
+        );
+        assert_eq!(Refusal::Connections.stands_for(), REFUSAL_MEMORY);
+        assert_eq!(Refusal::Full.stands_for(), REFUSAL_MEMORY);
         let slow = ClientLimits {
             rate: Some(0.1),
             ..limits
         };
-        assert_eq!(Refusal::Rate.stands_for(&slow), REFUSAL_MEMORY);
+        table.admit(ip("10.0.0.2"), &slow, t0).expect("the burst");
+        let refusal = table
+            .admit(ip("10.0.0.2"), &slow, t0)
+            .expect_err("an empty bucket");
+        assert_eq!(
+            refusal,
+            Refusal::Rate {
+                next_token: Duration::from_secs(10)
+            }
+        );
+        assert_eq!(refusal.stands_for(), REFUSAL_MEMORY);
     }
 
     #[test]

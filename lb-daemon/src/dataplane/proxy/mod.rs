@@ -155,7 +155,8 @@ struct Shared {
     dropped_datagrams: AtomicU64,
     errors: AtomicU64,
     limited: AtomicU64,
-    /// Set once by [`Proxy::shutdown`]: when the drain ends.
+    /// Set by [`Proxy::shutdown`]: when the drain ends; [`DrainCut::now`] may move it
+    /// earlier, never later.
     deadline: Mutex<Option<Instant>>,
 }
 
@@ -566,26 +567,24 @@ impl Proxy {
     /// UDP sessions end only by going idle, so an active UDP service drains until its
     /// `idle_timeout` or `drain_timeout`, whichever comes first; its VIP sockets stay open
     /// meanwhile so that backends' replies still reach clients.
+    ///
+    /// Blocks for the drain; [`DrainCut::now`] from a handle taken before
+    /// ([`Proxy::drain_cut`]) ends it early, as the deadline would.
     pub fn shutdown(mut self, drain_timeout: Duration) -> u64 {
         self.stop(drain_timeout)
     }
 
+    /// A handle that cuts a drain short from another thread while [`Proxy::shutdown`] blocks.
+    pub fn drain_cut(&self) -> DrainCut {
+        DrainCut {
+            shared: Arc::clone(&self.shared),
+            wakes: self.workers.iter().map(|w| Arc::clone(&w.wake)).collect(),
+        }
+    }
+
     fn stop(&mut self, drain_timeout: Duration) -> u64 {
-        {
-            let mut deadline = self
-                .shared
-                .deadline
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if deadline.is_none() {
-                *deadline = Some(deadline_after(drain_timeout));
-            }
-        }
-        for w in &self.workers {
-            if let Err(e) = sys::eventfd_signal(w.wake.as_fd()) {
-                tracing::error!("cannot wake a proxy worker to stop it: {e}");
-            }
-        }
+        self.drain_cut()
+            .set_deadline(|current| current.or(Some(deadline_after(drain_timeout))));
         let mut cut = 0;
         for w in &mut self.workers {
             if let Some(thread) = w.thread.take() {
@@ -603,6 +602,42 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         if self.workers.iter().any(|w| w.thread.is_some()) {
             self.stop(Duration::ZERO);
+        }
+    }
+}
+
+/// Ends a proxy's shutdown drain early: what is still open is closed with a reset, as at the
+/// drain deadline, and [`Proxy::shutdown`] returns with the count (HAProxy's and nginx's
+/// second SIGTERM). Taken with [`Proxy::drain_cut`].
+#[derive(Clone)]
+pub struct DrainCut {
+    shared: Arc<Shared>,
+    wakes: Vec<Arc<OwnedFd>>,
+}
+
+impl DrainCut {
+    /// Moves the drain deadline to now and wakes the workers, which cut their open
+    /// connections and sessions at once. Before [`Proxy::shutdown`], it makes the shutdown
+    /// start with the cut; after the drain ended, it does nothing. Never blocks.
+    pub fn now(&self) {
+        let now = Instant::now();
+        self.set_deadline(|current| Some(current.map_or(now, |at| at.min(now))));
+    }
+
+    /// Sets the shared drain deadline to `update(current)` and wakes every worker to read it.
+    fn set_deadline(&self, update: impl FnOnce(Option<Instant>) -> Option<Instant>) {
+        {
+            let mut deadline = self
+                .shared
+                .deadline
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *deadline = update(*deadline);
+        }
+        for wake in &self.wakes {
+            if let Err(e) = sys::eventfd_signal(wake.as_fd()) {
+                tracing::error!("cannot wake a proxy worker to stop it: {e}");
+            }
         }
     }
 }
@@ -692,7 +727,9 @@ mod tests {
         struct Nothing;
         impl FlowEvents for Nothing {
             fn connect_failed(&self, _: usize, _: SocketAddr, _: &io::Error) {}
-            fn connect_succeeded(&self, _: usize, _: SocketAddr) {}
+            fn connect_succeeded(&self, _: usize, _: SocketAddr) -> bool {
+                true
+            }
         }
         let result = Proxy::start(
             vec![ProxyService { index: 0, snapshot }],

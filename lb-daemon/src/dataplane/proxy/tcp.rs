@@ -691,8 +691,7 @@ impl Tcp {
                 // counting it towards `fall` would take healthy backends down under load.
                 Shared::count(&ctx.shared.errors, 1);
             } else {
-                stats.connect_failed();
-                ctx.events.connect_failed(service.index, addr, &err);
+                stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &err));
             }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {err} (table generation {})",
@@ -756,9 +755,7 @@ impl Tcp {
                 return;
             }
         };
-        if stats.connect_succeeded() {
-            ctx.events.connect_succeeded(service.index, addr);
-        }
+        stats.connect_succeeded(|| ctx.events.connect_succeeded(service.index, addr));
         // `active` has counted this connection since the pick.
         stats.total.fetch_add(1, Ordering::Relaxed);
         conn.phase = Phase::Relaying(Relaying {

@@ -468,12 +468,8 @@ impl Udp {
             Ok(admission) => admission,
             Err(why) => {
                 Shared::count(&ctx.shared.limited, 1);
-                self.refusals.remember(
-                    service_at,
-                    client.ip(),
-                    ctx.now,
-                    why.stands_for(&snapshot.limits),
-                );
+                self.refusals
+                    .remember(service_at, client.ip(), ctx.now, why.stands_for());
                 tracing::debug!(
                     "service {}: new session from {client} refused by the limits ({why:?})",
                     service.name
@@ -559,8 +555,7 @@ impl Udp {
                 // Out of ports or memory here says nothing about the backend.
                 Shared::count(&ctx.shared.errors, 1);
             } else {
-                stats.connect_failed();
-                ctx.events.connect_failed(service.index, addr, &e);
+                stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &e));
             }
             tracing::warn!(
                 "service {}: connect to backend {addr} failed: {e} (table generation {})",
@@ -677,10 +672,10 @@ impl Udp {
             s.last_active = ctx.now;
             if !s.answered {
                 s.answered = true;
-                if s.stats.connect_succeeded() {
-                    let service = &self.services[self.vips[s.vip].service];
-                    ctx.events.connect_succeeded(service.index, s.backend);
-                }
+                let service = self.services[self.vips[s.vip].service].index;
+                let backend = s.backend;
+                s.stats
+                    .connect_succeeded(|| ctx.events.connect_succeeded(service, backend));
             }
             let Some(vip_fd) = self.vips[s.vip].fd.as_ref().map(|f| f.as_raw_fd()) else {
                 Shared::count(&ctx.shared.dropped_datagrams, n as u64);
@@ -708,8 +703,8 @@ impl Udp {
             return;
         };
         let service = &self.services[self.vips[s.vip].service];
-        s.stats.connect_failed();
-        ctx.events.connect_failed(service.index, s.backend, &err);
+        s.stats
+            .connect_failed(|| ctx.events.connect_failed(service.index, s.backend, &err));
         tracing::warn!(
             "service {}: connect to backend {} failed: {err} (table generation {})",
             service.name,

@@ -204,6 +204,14 @@ pub(super) fn run(setup: Setup) -> u64 {
                                 ctx.ring.timeout(at - ctx.now, Token::of(Kind::Deadline));
                             }
                         }
+                        // Cut short (a second SIGTERM): the check below cuts at once, or
+                        // this timeout wakes us for an earlier deadline that is not yet due.
+                        Some(at) if deadline.is_some_and(|d| at < d) => {
+                            deadline = Some(at);
+                            if at > ctx.now {
+                                ctx.ring.timeout(at - ctx.now, Token::of(Kind::Deadline));
+                            }
+                        }
                         Some(_) | None => {}
                     }
                 }
