@@ -31,7 +31,10 @@ pub struct Control {
     started: SystemTime,
     reloads: Mutex<ReloadHistory>,
     /// Serialises reloads (SIGHUP and `POST /reload` may race).
-    reloading: tokio::sync::Mutex<()>,
+    reloading: Arc<tokio::sync::Mutex<()>>,
+    /// Set when the daemon begins to stop: a reload then changes nothing (it would load an
+    /// XDP plane nobody detaches, or start services on a proxy being drained).
+    stopping: std::sync::atomic::AtomicBool,
     /// Services a reload removed, with the end of their drain: shown in `/status` while
     /// connections are still open on them.
     retired: Mutex<Vec<(Arc<ServiceRuntime>, Instant)>>,
@@ -170,7 +173,8 @@ impl Control {
                 last_success_unix_seconds: unix_seconds(started),
                 ..ReloadHistory::default()
             }),
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: Arc::new(tokio::sync::Mutex::new(())),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
             xdp_read_failed: std::sync::atomic::AtomicBool::new(false),
         })
@@ -231,9 +235,12 @@ impl Control {
         global: &Global,
         f: impl FnOnce(&mut XdpPlane) -> T,
     ) -> Result<T, String> {
+        if self.stopping() {
+            return Err("the daemon is stopping".into());
+        }
         // Loaded (and verified by the kernel, a matter of seconds for a big program) without
-        // the lock. Reloads are serialised, so no other plane appears meanwhile; if one did,
-        // it stays and this one is dropped.
+        // the lock. Reloads are serialised (the guard goes with the work), so no other plane
+        // appears meanwhile; if one did, it stays and this one is dropped.
         let missing = lock(&self.xdp).is_none();
         let loaded = if missing {
             Some(XdpPlane::load(global)?)
@@ -284,8 +291,26 @@ impl Control {
     }
 
     /// Waits for any reload in progress and holds off others while the guard lives.
-    pub(crate) async fn reload_guard(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.reloading.lock().await
+    ///
+    /// The guard is owned, so it can go with the blocking work it protects: a reload whose
+    /// caller went away (an HTTP client that hung up) still holds off the next one until its
+    /// work is done.
+    pub(crate) async fn reload_guard(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        Arc::clone(&self.reloading).lock_owned().await
+    }
+
+    /// Marks the daemon stopping: reloads from now on are refused, and
+    /// [`Control::with_xdp_loaded`] loads nothing. Then waits for a reload in progress to
+    /// finish, so that what it started is stopped with the rest.
+    pub(crate) async fn begin_stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(self.reload_guard().await);
+    }
+
+    /// Whether the daemon is stopping (see [`Control::begin_stop`]).
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Records a reload's outcome.

@@ -165,11 +165,14 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
             control.with_proxy(|p| p.active()).unwrap_or(0),
             humantime::format_duration(control.config().global.drain_timeout)
         );
-        for s in set.all().iter() {
-            s.stop();
-        }
         for t in api {
             t.abort();
+        }
+        // A reload still at work (its caller may be gone) finishes first, and none starts
+        // after: what it places is then stopped with the rest, not left behind.
+        control.begin_stop().await;
+        for s in set.all().iter() {
+            s.stop();
         }
         passive.abort();
         Ok::<(), DaemonError>(())

@@ -131,12 +131,20 @@ fn fixed_field_changed(old: &Service, new: &Service) -> Option<&'static str> {
 /// Reads the config file again and applies it. Returns a one-line summary of what changed,
 /// or why the file was refused (the running config then stays). Logs either way.
 pub async fn reload(control: &Arc<Control>) -> Result<String, String> {
-    let _one_at_a_time = control.reload_guard().await;
-    // Starting and stopping proxy services blocks until the workers confirm.
+    let one_at_a_time = control.reload_guard().await;
+    // Starting and stopping proxy services blocks until the workers confirm. The guard goes
+    // with the work: if this future is dropped (its HTTP client hung up), the work goes on and
+    // the next reload still waits for it.
     let c = Arc::clone(control);
-    let outcome = tokio::task::spawn_blocking(move || apply(&c))
-        .await
-        .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
+    let outcome = tokio::task::spawn_blocking(move || {
+        let _held = one_at_a_time;
+        if c.stopping() {
+            return Err("the daemon is stopping".to_string());
+        }
+        apply(&c)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
     match &outcome {
         Ok(summary) => info!("reload of {}: applied: {summary}", control.path().display()),
         Err(why) => warn!(
