@@ -213,9 +213,12 @@
 //! and sent on like a client packet
 //! ([`Stat::IcmpToBackend`](crate::Stat::IcmpToBackend)), so the backend learns the client's
 //! path MTU. The outer source becomes `local_addr`, not the router's address, which the
-//! backend may have no route back to (a reverse-path filter would drop it). Every other ICMP
-//! message passes untouched, among them errors about `dsr` replies (they never passed the
-//! balancer).
+//! backend may have no route back to (a reverse-path filter would drop it). Such an error
+//! that claims a path MTU below [`MIN_REPLY_PATH_MTU`] is dropped
+//! ([`Stat::DropIcmpLowMtu`](crate::Stat::DropIcmpLowMtu)): the backend keeps one path MTU
+//! towards `local_addr` for all its NAT'ed flows, and one client must not lower it for all.
+//! Every other ICMP message passes untouched, among them errors about `dsr` replies (they
+//! never passed the balancer).
 //!
 //! Not handled (passed to the kernel untouched): IPv4 fragments; IPv6 extension headers. See
 //! `Stat`'s `Pass*` counters.
@@ -454,6 +457,11 @@ pub const CT_REFRESH_SECS: u32 = 2;
 pub const fn ct_seconds(ns: u64) -> u32 {
     (ns / 1_000_000_000) as u32
 }
+
+/// The smallest path MTU an ICMP error about a NAT reply may claim and still be translated
+/// towards the backend (see [`Stat::DropIcmpLowMtu`](crate::Stat::DropIcmpLowMtu)): the IPv6
+/// minimum link MTU, which IPv4 paths of today carry too.
+pub const MIN_REPLY_PATH_MTU: u32 = 1280;
 
 /// Key of `DECAP_ADDRS`: an address `lb_decap` accepts as the outer destination of an
 /// encapsulated packet.

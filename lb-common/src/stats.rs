@@ -76,10 +76,16 @@ pub enum Stat {
     /// unreachable, packet too big) translated towards the flow's backend, as from
     /// `local_addr` about the backend's own reply, and sent on.
     IcmpToBackend = 23,
+    /// Dropped: an ICMP error about a NAT reply (to the VIP) that claims a path MTU below
+    /// [`MIN_REPLY_PATH_MTU`](crate::maps::MIN_REPLY_PATH_MTU). The backend caches a path MTU
+    /// per destination, and every NAT'ed flow of a backend has the same destination
+    /// (`local_addr`): translated, one client (or a forged error) would lower the MTU the
+    /// backend uses for every client, for as long as its cache keeps it.
+    DropIcmpLowMtu = 24,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 24;
+pub const STATS_LEN: u32 = 25;
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.

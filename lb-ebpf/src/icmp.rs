@@ -21,6 +21,9 @@
 //! have no route there at all; the backend's stack matches the error to its socket by the
 //! quote, not by who sent it. It is also what the client direction does (the error comes from
 //! the address the quoted packet was sent to). The router's address is lost to the backend.
+//! An error that claims a path MTU below `MIN_REPLY_PATH_MTU` (1280) is dropped instead
+//! (`Stat::DropIcmpLowMtu`): the backend caches one path MTU towards `local_addr` for all its
+//! NAT'ed flows, so a forged or odd error would shrink every client's segments.
 //!
 //! In both directions the quoted IP header checksum, the quoted TCP / UDP checksum when the
 //! quote holds it (an IPv4 UDP checksum of 0 stays 0), the outer IPv4 header checksum and the
@@ -40,7 +43,7 @@
 
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
-    maps::{VipKey, FAMILY_V4, MODE_NAT},
+    maps::{VipKey, FAMILY_V4, MIN_REPLY_PATH_MTU, MODE_NAT},
     FlowKey, Stat,
 };
 
@@ -83,6 +86,30 @@ struct Translation {
     dport: u16,
     /// The counter of a translated error sent on.
     stat: Stat,
+}
+
+/// Whether the ICMP error at `l4_off` is a "fragmentation needed" (IPv4 type 3 code 4) or
+/// "packet too big" (ICMPv6 type 2) claiming a path MTU below `MIN_REPLY_PATH_MTU`. Such an
+/// error about a reply is not passed on to the backend: see `Stat::DropIcmpLowMtu`.
+#[inline(always)]
+fn claims_low_mtu(ctx: &XdpContext, family: u8, l4_off: usize) -> bool {
+    let Some(head) = ptr_at::<[u8; 8]>(ctx, l4_off) else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let h = unsafe { *head };
+    let mtu = if family == FAMILY_V4 {
+        if h[0] != 3 || h[1] != 4 {
+            return false;
+        }
+        u32::from(u16::from_be_bytes([h[6], h[7]]))
+    } else {
+        if h[0] != 2 {
+            return false;
+        }
+        u32::from_be_bytes([h[4], h[5], h[6], h[7]])
+    };
+    mtu < MIN_REPLY_PATH_MTU
 }
 
 /// The quote is a NAT reply VIP:vport → client:cport (`src`:`sport` → `dst`:`dport`, ports
@@ -258,6 +285,9 @@ fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
         dport,
         protocol,
     ) {
+        Some(_) if claims_low_mtu(ctx, p.family, p.l4_off) => {
+            return Err(Stat::DropIcmpLowMtu);
+        }
         Some(t) => t,
         None => to_client(&src, &dst, sport, dport, protocol).ok_or(Stat::PassNotVip)?,
     };

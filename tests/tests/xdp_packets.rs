@@ -22,8 +22,9 @@ use lb_common::{
         addr_words as words, family_of as family, table_index, Backend, ClientKey, ClientState,
         CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS,
         BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED,
-        CT_F_COUNTED, CT_REFRESH_SECS, DECAP_ADDRS, DEVMAP, LIMITS, MODE_DSR, MODE_NAT,
-        NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS,
+        CT_F_COUNTED, CT_REFRESH_SECS, DECAP_ADDRS, DEVMAP, LIMITS, MIN_REPLY_PATH_MTU, MODE_DSR,
+        MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES,
+        VIPS,
     },
     Counters, FlowKey, Stat,
 };
@@ -2903,6 +2904,76 @@ mod icmp_errors {
             &wire::ipv6(LOCAL6, B1_6, 58, 0x6000_0000, 64, &message),
         );
         assert_same(&out, &want, "the packet-too-big sent to the backend");
+        assert_eq!(lab.stat(Stat::IcmpToBackend), 1);
+    }
+
+    #[test]
+    fn an_error_about_a_reply_claiming_a_tiny_path_mtu_is_dropped_not_sent_to_the_backend() {
+        let Some(mut lab) = lab("icmp4_reply_low_mtu") else {
+            return;
+        };
+        lab.backend(0, B1_4.into(), 8080);
+        lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+        let (client, vip, local, b1): (IpAddr, IpAddr, IpAddr, IpAddr) =
+            (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
+        let request = wire::ip(
+            client,
+            vip,
+            6,
+            &wire::tcp(client, 40000, vip, 80, TCP_ACK, b"GET /big"),
+        );
+        let (_, _, reply) = exchange(&lab, &request, |snat| {
+            wire::ip(
+                b1,
+                local,
+                6,
+                &wire::tcp(b1, 8080, local, snat, TCP_ACK, &[5; 1460]),
+            )
+        });
+        // The backend caches one path MTU towards local_addr for all its NAT'ed flows: an
+        // error claiming 552 bytes (forged by a client, or a client's own tiny tunnel) would
+        // shrink every client's segments.
+        for mtu in [552, MIN_REPLY_PATH_MTU - 1] {
+            let error = wire::frame(
+                VC_MAC,
+                CLIENT_ROUTER_MAC,
+                &wire::ipv4(
+                    CLIENT_ROUTER4,
+                    VIP4,
+                    1,
+                    ROUTER_V4,
+                    &[],
+                    &icmp(3, 4, mtu, &reply[..548], &[]),
+                ),
+            );
+            let (action, _) = lab.run(PROG_BALANCER, lab.vc, &error);
+            assert_eq!(
+                action_name(action),
+                "XDP_DROP",
+                "a fragmentation-needed claiming MTU {mtu} about a reply"
+            );
+        }
+        assert_eq!(lab.stat(Stat::DropIcmpLowMtu), 2);
+        assert_eq!(lab.stat(Stat::IcmpToBackend), 0);
+        // The floor itself is translated.
+        let error = wire::frame(
+            VC_MAC,
+            CLIENT_ROUTER_MAC,
+            &wire::ipv4(
+                CLIENT_ROUTER4,
+                VIP4,
+                1,
+                ROUTER_V4,
+                &[],
+                &icmp(3, 4, MIN_REPLY_PATH_MTU, &reply[..548], &[]),
+            ),
+        );
+        lab.expect(
+            lab.vc,
+            &error,
+            XDP_REDIRECT,
+            "a fragmentation-needed claiming the floor MTU",
+        );
         assert_eq!(lab.stat(Stat::IcmpToBackend), 1);
     }
 

@@ -35,6 +35,7 @@ const STAT_NAMES: &[&str] = &[
     "decap_not_local",
     "icmp_translated",
     "icmp_to_backend",
+    "drop_icmp_low_mtu",
 ];
 
 /// The log name of `STATS` index `i`.
