@@ -185,12 +185,20 @@ impl SweepView {
     }
 }
 
-/// Open counted flows per client of the services in `by_vip`, from `CONNTRACK`.
-fn tracked(walker: &Walker, by_vip: &StdHashMap<VipKey, u32>) -> StdHashMap<ClientKey, u64> {
+/// Open counted flows per client of the services in `by_vip`, from `CONNTRACK`; `None` when
+/// the walk did not reach the end (the flows not reached would look like leaks).
+fn tracked(
+    walker: &Walker,
+    by_vip: &StdHashMap<VipKey, u32>,
+) -> Option<StdHashMap<ClientKey, u64>> {
     let mut tracked = StdHashMap::new();
     // Entries evicted or added while walking may be skipped or seen (twice, after a restart
     // of the walk): the two-sweep rule absorbs that, and a count is never raised.
-    for (flow, entry) in walker.conntrack_entries() {
+    let (entries, complete) = walker.conntrack_entries();
+    if !complete {
+        return None;
+    }
+    for (flow, entry) in entries {
         if entry.flags & CT_F_COUNTED == 0 || entry.flags & CT_F_CLOSED != 0 {
             continue;
         }
@@ -210,7 +218,7 @@ fn tracked(walker: &Walker, by_vip: &StdHashMap<VipKey, u32>) -> StdHashMap<Clie
             })
             .or_insert(0) += 1;
     }
-    tracked
+    Some(tracked)
 }
 
 /// The family of a conntrack key's VIP: IPv4 addresses leave words 1..4 zero. (An IPv6 VIP of
@@ -308,11 +316,16 @@ impl Sweeper {
 
     /// One sweep; returns the slots given back.
     fn sweep_once(&mut self, walker: &mut Walker, view: &SweepView) -> u64 {
-        let tracked = tracked(walker, &view.by_vip());
+        // An unfinished walk proves no leak: this sweep lowers nothing, and the next one
+        // compares with the sweep before it.
+        let Some(tracked) = tracked(walker, &view.by_vip()) else {
+            return 0;
+        };
         let ids = view.ids();
         let mut excess = StdHashMap::new();
         let mut lowered = 0;
-        for key in walker.client_keys() {
+        let (keys, _) = walker.client_keys();
+        for key in keys {
             // Only running services with a connection limit: a removed service's entries
             // wait for its release, another's have no count that matters.
             if !ids.contains(&key.service) || excess.contains_key(&key) {

@@ -37,6 +37,14 @@ pub enum MapsError {
         /// What the kernel said.
         source: Box<aya::maps::MapError>,
     },
+    /// A walk of the map stopped before its end (entries deleted during it made it start
+    /// over until its bound): entries it did not reach may still name what was to be
+    /// forgotten.
+    #[error("BPF map {map}: the walk stopped before the end; entries not reached wait for the next walk")]
+    WalkIncomplete {
+        /// The map's name.
+        map: &'static str,
+    },
     /// DEVMAP refused an interface.
     #[error("BPF map DEVMAP: interface index {ifindex}: {reason}")]
     Devmap {

@@ -43,8 +43,9 @@ impl Walker {
         })
     }
 
-    /// The entries of `CONNTRACK`, walked with the bound [`bound`]`(CONNTRACK_SIZE)`.
-    pub fn conntrack_entries(&self) -> Vec<(FlowKey, CtEntry)> {
+    /// The entries of `CONNTRACK`, walked with the bound [`bound`]`(CONNTRACK_SIZE)`, and
+    /// whether the walk reached the end (see [`keys`]).
+    pub fn conntrack_entries(&self) -> (Vec<(FlowKey, CtEntry)>, bool) {
         entries(
             &self.conntrack,
             contract::CONNTRACK,
@@ -52,8 +53,9 @@ impl Walker {
         )
     }
 
-    /// The keys of `CLIENTS`, walked with the bound [`bound`]`(CLIENTS_SIZE)`.
-    pub fn client_keys(&self) -> Vec<ClientKey> {
+    /// The keys of `CLIENTS`, walked with the bound [`bound`]`(CLIENTS_SIZE)`, and whether
+    /// the walk reached the end (see [`keys`]).
+    pub fn client_keys(&self) -> (Vec<ClientKey>, bool) {
         keys(
             &self.clients,
             contract::CLIENTS,
@@ -94,13 +96,14 @@ impl Walker {
     /// how many it deleted.
     ///
     /// Returns `Err(MapsError::Io)` when a delete fails (other than on an entry already
-    /// gone): some entries may still name the ids, which must not be reused.
+    /// gone), `Err(MapsError::WalkIncomplete)` when the walk stopped at its bound: either
+    /// way some entries may still name the ids, which must not be reused yet.
     pub fn forget_flows_of(&mut self, ids: &[u32]) -> Result<usize, MapsError> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let stale: Vec<FlowKey> = self
-            .conntrack_entries()
+        let (entries, complete) = self.conntrack_entries();
+        let stale: Vec<FlowKey> = entries
             .into_iter()
             .filter(|(_, entry)| ids.contains(&entry.backend))
             .map(|(key, _)| key)
@@ -112,6 +115,11 @@ impl Walker {
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(io(contract::CONNTRACK)(e)),
             }
+        }
+        if !complete {
+            return Err(MapsError::WalkIncomplete {
+                map: contract::CONNTRACK,
+            });
         }
         Ok(forgot)
     }
@@ -126,7 +134,8 @@ impl Walker {
             return Ok(0);
         }
         let mut forgot = 0;
-        for key in self.client_keys() {
+        let (keys, complete) = self.client_keys();
+        for key in keys {
             if !ids.contains(&key.service) {
                 continue;
             }
@@ -135,6 +144,11 @@ impl Walker {
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(io(contract::CLIENTS)(e)),
             }
+        }
+        if !complete {
+            return Err(MapsError::WalkIncomplete {
+                map: contract::CLIENTS,
+            });
         }
         Ok(forgot)
     }
@@ -164,15 +178,18 @@ fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
 /// `BPF_EXIST`: update an existing element only.
 const BPF_EXIST: u64 = 2;
 
-/// The keys of `map` (named `name` in the log), at most `bound` of them: a walk restarted by
-/// deletions (see the module doc) stops there, logged as a warning; the keys already seen
-/// are returned either way. A key may appear twice after a restart; callers must not mind.
+/// The keys of `map` (named `name` in the log), at most `bound` of them, and whether the walk
+/// reached the end: a walk restarted by deletions (see the module doc) stops at the bound, and
+/// one the kernel ends with an error stops there, both logged as a warning; the keys already
+/// seen are returned either way, with `false`. A key may appear twice after a restart;
+/// callers must not mind.
 pub fn keys<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &str,
     bound: usize,
-) -> Vec<K> {
+) -> (Vec<K>, bool) {
     let mut keys = Vec::new();
+    let mut complete = true;
     let mut walked = 0usize;
     for key in map.keys() {
         walked += 1;
@@ -181,6 +198,7 @@ pub fn keys<K: aya::Pod, V: aya::Pod>(
                 "XDP: the walk of {name} stopped after {bound} keys: entries deleted during it \
                  made it start over; the entries not reached wait for the next walk"
             );
+            complete = false;
             break;
         }
         match key {
@@ -188,24 +206,27 @@ pub fn keys<K: aya::Pod, V: aya::Pod>(
             // The iterator ends after an error.
             Err(e) => {
                 warn!("XDP: the walk of {name} ended early: {e}");
+                complete = false;
                 break;
             }
         }
     }
-    keys
+    (keys, complete)
 }
 
-/// The entries of `map` (named `name`), walked as [`keys`] does and looked up one by one;
-/// an entry deleted between the two is skipped.
+/// The entries of `map` (named `name`), walked as [`keys`] does and looked up one by one (an
+/// entry deleted between the two is skipped), and whether the walk reached the end.
 pub fn entries<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &str,
     bound: usize,
-) -> Vec<(K, V)> {
-    keys(map, name, bound)
+) -> (Vec<(K, V)>, bool) {
+    let (keys, complete) = keys(map, name, bound);
+    let entries = keys
         .into_iter()
         .filter_map(|k| map.get(&k, 0).ok().map(|v| (k, v)))
-        .collect()
+        .collect();
+    (entries, complete)
 }
 
 /// The default bound of a walk of a map of `capacity` entries: twice the capacity, enough

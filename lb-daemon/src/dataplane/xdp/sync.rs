@@ -357,7 +357,7 @@ impl SyncThread {
                         limits.sweep(&mut walker, &view);
                     }
                     if let (Some(idle), Some(now)) = (idle, super::census::now_s()) {
-                        let open = super::census::count(&walker.conntrack_entries(), &idle, now);
+                        let open = super::census::count(&walker.conntrack_entries().0, &idle, now);
                         lock(&state).open_flows = Some(open);
                     }
                 }
