@@ -6,7 +6,11 @@
 //! the ends `lb-ebpf` watches, see `lb_common::maps` "Per-client limits") and it was seen
 //! within its service's idle timeout (plus the lag of the stored time, as the program ages
 //! entries: "Conntrack ageing"). A TCP flow that ended unseen (the balancer missed its FIN)
-//! or a UDP session that went quiet thus leaves the count within the idle timeout. The walk
+//! or a UDP session that went quiet thus leaves the count within the idle timeout. The count
+//! errs low in two cases: a half-closed flow (on `nat` the backend's FIN, on `dsr` the
+//! client's) leaves it though data may still flow the other way, and so does a TCP
+//! connection idle past the idle timeout without keepalives. A drain on XDP reaching zero is
+//! therefore a strong sign its flows are done, not a proof. The walk
 //! costs one lookup per entry (up to `CONNTRACK_SIZE`), on the sync thread and outside the
 //! plane's lock (see `scan.rs`).
 
