@@ -47,20 +47,7 @@ fn drain_mid_load(mode: Mode) {
             Ok(u)
         })
         .unwrap_or_else(|e| panic!("{mode:?}: the long upload could not start: {e}"));
-    // The backend holding it is the only one with an open `bulk` connection (health checks
-    // are short-lived).
-    let holder = (0..300)
-        .find_map(|_| {
-            let open: Vec<usize> = (1..=3)
-                .filter(|&i| world.backend(i).peer.open_connections() > 0)
-                .collect();
-            if open.len() == 1 {
-                return Some(open[0]);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            None
-        })
-        .unwrap_or_else(|| panic!("{mode:?}: cannot tell which backend holds the upload"));
+    let holder = world.bulk_connection_holder(3);
     let holder_addr = SocketAddr::new(IpAddr::V4(backend_ip(holder)), BULK);
     let web_drained = SocketAddr::new(IpAddr::V4(backend_ip(2)), WEB);
 

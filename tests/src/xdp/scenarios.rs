@@ -125,20 +125,7 @@ pub fn backend_down(mode: Mode) {
             Ok(u)
         })
         .unwrap_or_else(|e| panic!("{mode:?}: the long upload could not start: {e}"));
-    // The backend holding the upload is the one with an open connection that is not a
-    // (short-lived) health check; wait until exactly one shows it.
-    let holder = (0..200)
-        .find_map(|_| {
-            let open: Vec<usize> = (1..=3)
-                .filter(|&i| world.backend(i).peer.open_connections() > 0)
-                .collect();
-            if open.len() == 1 {
-                return Some(open[0]);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-            None
-        })
-        .unwrap_or_else(|| panic!("{mode:?}: cannot tell which backend holds the upload"));
+    let holder = world.bulk_connection_holder(3);
     let victim = if holder == 1 { 2 } else { 1 };
     let victim_addr = SocketAddr::new(IpAddr::V4(backend_ip(victim)), BULK);
     let mark = world.daemon.log_mark();

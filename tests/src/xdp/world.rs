@@ -124,6 +124,22 @@ impl World {
             .expect("enter the client namespace")
     }
 
+    /// The backend (1-based) holding the one long `bulk` connection a test opened: the only
+    /// one with an open `bulk` connection (health checks are short-lived). Panics when none
+    /// or several show one for 3 s.
+    pub fn bulk_connection_holder(&mut self, backends: usize) -> usize {
+        for _ in 0..300 {
+            let open: Vec<usize> = (1..=backends)
+                .filter(|&i| self.backend(i).peer.open_connections() > 0)
+                .collect();
+            if let [only] = open[..] {
+                return only;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("cannot tell which backend holds the long bulk connection")
+    }
+
     /// Waits up to `timeout` for the daemon to log that `backend` of `service` is `state`
     /// ("UP" or "DOWN") after log line `mark`, then for the next XDP table of `service`.
     /// Panics in the user's words when either does not come.

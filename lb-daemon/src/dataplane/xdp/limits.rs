@@ -27,7 +27,7 @@ use lb_common::maps::{self as contract, ClientKey, Limits, VipKey, CT_F_CLOSED, 
 use lb_common::{FlowKey, Stat};
 use tracing::{info, warn};
 
-use super::maps::{MapsError, ServiceSlot};
+use super::maps::{io, take, MapsError, ServiceSlot};
 use super::scan::Walker;
 use super::Maps;
 use crate::config::{ClientLimits, Protocol};
@@ -87,27 +87,6 @@ pub struct LimitMaps {
     /// empty, it admits no flow, its counts no longer matter) and its `CLIENTS` entries are
     /// deleted when its id is released.
     limited: HashSet<u32>,
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(MapsError::Missing {
-        name,
-        reason: "not in the object".into(),
-    })?;
-    T::try_from(map).map_err(|e| MapsError::Missing {
-        name,
-        reason: e.to_string(),
-    })
-}
-
-fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
-    move |e| MapsError::Io {
-        map,
-        source: Box::new(e),
-    }
 }
 
 impl LimitMaps {

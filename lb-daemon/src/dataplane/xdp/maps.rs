@@ -61,7 +61,8 @@ pub enum MapsError {
     Cpus(String),
 }
 
-fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
+/// Turns a failed map call on `map` into `MapsError::Io`.
+pub(super) fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
     move |e| MapsError::Io {
         map,
         source: Box::new(e),
@@ -83,7 +84,11 @@ pub struct Maps {
     pub(super) limits: super::limits::LimitMaps,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
+/// Takes map `name` out of `ebpf` as a `T`.
+///
+/// Returns `Err(MapsError::Missing)` when the object has no such map or one of another type
+/// or layout.
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

@@ -15,13 +15,13 @@
 //! end: [`keys`] stops after a number of keys, twice the map's capacity by default, and logs
 //! when it does.
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, MapData};
 use aya::Ebpf;
 use lb_common::maps::{self as contract, ClientKey, ClientState, CtEntry};
 use lb_common::FlowKey;
 use tracing::warn;
 
-use super::maps::MapsError;
+use super::maps::{io, take, MapsError};
 
 /// `CONNTRACK` and `CLIENTS`, owned by the sync thread and walked without the `State` lock.
 ///
@@ -151,27 +151,6 @@ impl Walker {
             });
         }
         Ok(forgot)
-    }
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(MapsError::Missing {
-        name,
-        reason: "not in the object".into(),
-    })?;
-    T::try_from(map).map_err(|e| MapsError::Missing {
-        name,
-        reason: e.to_string(),
-    })
-}
-
-fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
-    move |e| MapsError::Io {
-        map,
-        source: Box::new(e),
     }
 }
 
