@@ -102,16 +102,7 @@ impl MaglevTable {
         if !is_prime(size) {
             return Err(MaglevError::NotPrime(size));
         }
-        let mut ranked: Vec<Ranked> = backends
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.weight > 0)
-            .map(|(index, b)| Ranked {
-                key: AddressBytes::of(b.address),
-                weight: b.weight,
-                index,
-            })
-            .collect();
+        let ranked = rank(backends);
         if ranked.is_empty() {
             return Err(MaglevError::NoBackends);
         }
@@ -122,15 +113,6 @@ impl MaglevTable {
                 backends: ranked.len(),
             });
         }
-        // Sorting by address makes the fill independent of config order. Weight, then input
-        // position, only break ties between duplicate addresses.
-        ranked.sort_unstable_by(|a, b| {
-            a.key
-                .as_slice()
-                .cmp(b.key.as_slice())
-                .then(a.weight.cmp(&b.weight))
-                .then(a.index.cmp(&b.index))
-        });
         let quotas = apportion(&ranked, size);
         Ok(MaglevTable {
             entries: fill(&ranked, &quotas, size),
@@ -221,6 +203,30 @@ fn hash_bytes(key: &AddressBytes, seed: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 33)
+}
+
+/// The backends of weight above 0 in fill order. Sorting by address makes the fill
+/// independent of config order; weight, then input position, only break ties between
+/// duplicate addresses.
+fn rank(backends: &[MaglevBackend]) -> Vec<Ranked> {
+    let mut ranked: Vec<Ranked> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.weight > 0)
+        .map(|(index, b)| Ranked {
+            key: AddressBytes::of(b.address),
+            weight: b.weight,
+            index,
+        })
+        .collect();
+    ranked.sort_unstable_by(|a, b| {
+        a.key
+            .as_slice()
+            .cmp(b.key.as_slice())
+            .then(a.weight.cmp(&b.weight))
+            .then(a.index.cmp(&b.index))
+    });
+    ranked
 }
 
 /// A weighted backend in fill order.
@@ -683,26 +689,10 @@ mod tests {
             let weights: Vec<u32> = (0..n).map(|_| rng.u32(0..=max_weight)).collect();
             let set = backends(n, |i| weights[i]);
             let size = [13, 101, 997, 4093, 65537][case % 5];
-            let mut ranked: Vec<Ranked> = set
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.weight > 0)
-                .map(|(index, b)| Ranked {
-                    key: AddressBytes::of(b.address),
-                    weight: b.weight,
-                    index,
-                })
-                .collect();
+            let ranked = rank(&set);
             if ranked.is_empty() || ranked.len() > size as usize {
                 continue;
             }
-            ranked.sort_unstable_by(|a, b| {
-                a.key
-                    .as_slice()
-                    .cmp(b.key.as_slice())
-                    .then(a.weight.cmp(&b.weight))
-                    .then(a.index.cmp(&b.index))
-            });
             let quotas = apportion(&ranked, size);
             assert_eq!(
                 fill(&ranked, &quotas, size),
