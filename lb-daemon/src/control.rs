@@ -111,7 +111,7 @@ pub struct XdpTraffic {
     /// Flows started (conntrack entries made).
     pub flows: u64,
     /// Flows open now (backends only): conntrack entries no FIN or RST closed and seen within
-    /// the service's idle timeout, counted every few seconds by the sync thread (also added
+    /// the service's idle timeout, counted every few seconds by the sync thread while the counters are read (also added
     /// to the backend's `active`). `None` for a service, or before the first count.
     pub open_flows: Option<u64>,
 }

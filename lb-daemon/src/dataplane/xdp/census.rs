@@ -1,6 +1,7 @@
 //! Open flows per backend on XDP, for `/status`'s `active` and the metrics' active gauge: the
 //! program sees no connection end the way the proxy's sockets do, so the sync thread counts
-//! the `CONNTRACK` entries that still stand for an open flow, every [`EVERY`].
+//! the `CONNTRACK` entries that still stand for an open flow, every [`EVERY`] (or less often
+//! when a walk is long) while the counters are being read, and not at all otherwise.
 //!
 //! An entry counts as open when no FIN or RST of its flow closed it ([`CT_F_CLOSED`], set on
 //! the ends `lb-ebpf` watches, see `lb_common::maps` "Per-client limits") and it was seen
@@ -20,8 +21,15 @@ use std::time::{Duration, Instant};
 use lb_common::maps::{CtEntry, CT_F_CLOSED, CT_REFRESH_SECS};
 use lb_common::FlowKey;
 
-/// How often the open flows are counted.
+/// How often the open flows are counted at most.
 pub const EVERY: Duration = Duration::from_secs(5);
+/// How long after a read of the counters (`/status`, `/metrics`) the counts are kept up: a
+/// daemon nobody asks walks nothing.
+pub const WANTED_FOR: Duration = Duration::from_secs(30);
+/// A walk may take at most 1/`SHARE` of the time between two walks: a big, busy `CONNTRACK`
+/// (two syscalls an entry) is counted less often rather than taking a core from the proxy
+/// and the softirqs.
+const SHARE: u32 = 20;
 
 /// When the next count is due.
 pub struct Census {
@@ -29,21 +37,24 @@ pub struct Census {
 }
 
 impl Census {
-    /// A census whose first count is due at once.
+    /// A census whose first count is due as soon as it is wanted.
     pub fn new() -> Census {
         Census {
             next: Instant::now(),
         }
     }
 
-    /// Whether a count is due now; if so, the next one is due [`EVERY`] from now.
-    pub fn due(&mut self) -> bool {
+    /// Whether a count is due now: the counters were read within [`WANTED_FOR`] (`wanted`:
+    /// when last) and the time set by [`Census::walked`] has come.
+    pub fn due(&self, wanted: Option<Instant>) -> bool {
         let now = Instant::now();
-        if now < self.next {
-            return false;
-        }
-        self.next = now + EVERY;
-        true
+        now >= self.next && wanted.is_some_and(|at| now.duration_since(at) < WANTED_FOR)
+    }
+
+    /// A walk took `took`: the next is due [`EVERY`] from now, or later for a long walk, so
+    /// that walking takes at most 1/20 of the sync thread's time.
+    pub fn walked(&mut self, took: Duration) {
+        self.next = Instant::now() + EVERY.max(took * SHARE);
     }
 }
 
@@ -126,6 +137,21 @@ mod tests {
         assert_eq!(open.get(&1), Some(&3));
         assert_eq!(open.get(&2), Some(&1));
         assert_eq!(open.get(&3), None);
+    }
+
+    #[test]
+    fn a_count_is_due_only_when_wanted_and_not_before_its_time() {
+        let mut c = Census::new();
+        assert!(!c.due(None), "nobody read the counters: no walk");
+        assert!(c.due(Some(Instant::now())));
+        c.walked(Duration::from_millis(10));
+        assert!(!c.due(Some(Instant::now())), "walked just now");
+        let mut slow = Census::new();
+        slow.walked(Duration::from_secs(1));
+        assert!(
+            slow.next >= Instant::now() + Duration::from_secs(19),
+            "a 1 s walk must wait 20 s"
+        );
     }
 
     #[test]

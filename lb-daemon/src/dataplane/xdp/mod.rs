@@ -51,7 +51,10 @@ impl CountersReader {
     ///
     /// Returns `Err(MapsError::Io)` when a map cannot be read.
     pub fn read(&self) -> Result<XdpCounters, MapsError> {
-        counters::read(&lock(&self.state))
+        let mut st = lock(&self.state);
+        // Someone looks: the sync thread keeps the open-flow counts up (census.rs).
+        st.counters_read = Some(Instant::now());
+        counters::read(&st)
     }
 }
 
@@ -228,6 +231,7 @@ impl XdpPlane {
             running: Vec::new(),
             leaving: Vec::new(),
             open_flows: None,
+            counters_read: None,
         }));
         let sync = sync::SyncThread::start(Arc::clone(&state), walker);
         Ok(XdpPlane {

@@ -45,6 +45,9 @@ pub struct State {
     /// Open flows per backend id of the running services, from the last count (see
     /// `census.rs`); `None` before the first.
     pub open_flows: Option<std::collections::HashMap<u32, u64>>,
+    /// When the counters were last read (`/status`, `/metrics`): the census runs only while
+    /// someone looks.
+    pub counters_read: Option<Instant>,
 }
 
 /// A service on XDP.
@@ -345,8 +348,8 @@ impl SyncThread {
                         st.republish_all();
                         limits.report(&st.maps);
                         let view = limits.due().then(|| st.sweep_view());
-                        let idle =
-                            (!st.running.is_empty() && census.due()).then(|| st.idle_by_backend());
+                        let idle = (!st.running.is_empty() && census.due(st.counters_read))
+                            .then(|| st.idle_by_backend());
                         (st.take_drained(Instant::now()), view, idle)
                     };
                     if !drained.is_empty() {
@@ -357,7 +360,9 @@ impl SyncThread {
                         limits.sweep(&mut walker, &view);
                     }
                     if let (Some(idle), Some(now)) = (idle, super::census::now_s()) {
+                        let started = Instant::now();
                         let open = super::census::count(&walker.conntrack_entries().0, &idle, now);
+                        census.walked(started.elapsed());
                         lock(&state).open_flows = Some(open);
                     }
                 }
