@@ -2788,11 +2788,9 @@ mod icmp_errors {
         (snat, sent, out[14..].to_vec())
     }
 
-    #[test]
-    fn a_fragmentation_needed_about_a_nat_reply_reaches_its_backend_as_if_from_the_balancer() {
-        let Some(mut lab) = lab("icmp4_reply") else {
-            return;
-        };
+    /// A NAT TCP service on b1 with one flow whose backend sent a full-size segment back: the
+    /// segment as the backend sent it and as the client got it (IP packets).
+    fn big_tcp_reply4(lab: &mut Lab) -> (Vec<u8>, Vec<u8>) {
         lab.backend(0, B1_4.into(), 8080);
         lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
         let (client, vip, local, b1): (IpAddr, IpAddr, IpAddr, IpAddr) =
@@ -2803,7 +2801,7 @@ mod icmp_errors {
             6,
             &wire::tcp(client, 40000, vip, 80, TCP_ACK, b"GET /big"),
         );
-        let (_, answer, reply) = exchange(&lab, &request, |snat| {
+        let (_, answer, reply) = exchange(lab, &request, |snat| {
             wire::ip(
                 b1,
                 local,
@@ -2811,6 +2809,15 @@ mod icmp_errors {
                 &wire::tcp(b1, 8080, local, snat, TCP_ACK, &[5; 1460]),
             )
         });
+        (answer, reply)
+    }
+
+    #[test]
+    fn a_fragmentation_needed_about_a_nat_reply_reaches_its_backend_as_if_from_the_balancer() {
+        let Some(mut lab) = lab("icmp4_reply") else {
+            return;
+        };
+        let (answer, reply) = big_tcp_reply4(&mut lab);
 
         // The router quotes as much of the reply as fits in 576 bytes (RFC 1812 §4.3.2.3),
         // or (RFC 792) its IP header and 8 bytes, which leave out the TCP checksum. The short
@@ -2912,24 +2919,7 @@ mod icmp_errors {
         let Some(mut lab) = lab("icmp4_reply_low_mtu") else {
             return;
         };
-        lab.backend(0, B1_4.into(), 8080);
-        lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
-        let (client, vip, local, b1): (IpAddr, IpAddr, IpAddr, IpAddr) =
-            (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
-        let request = wire::ip(
-            client,
-            vip,
-            6,
-            &wire::tcp(client, 40000, vip, 80, TCP_ACK, b"GET /big"),
-        );
-        let (_, _, reply) = exchange(&lab, &request, |snat| {
-            wire::ip(
-                b1,
-                local,
-                6,
-                &wire::tcp(b1, 8080, local, snat, TCP_ACK, &[5; 1460]),
-            )
-        });
+        let (_, reply) = big_tcp_reply4(&mut lab);
         // The backend caches one path MTU towards local_addr for all its NAT'ed flows: an
         // error claiming 552 bytes (forged by a client, or a client's own tiny tunnel) would
         // shrink every client's segments.
