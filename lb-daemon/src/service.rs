@@ -339,20 +339,7 @@ impl ServiceRuntime {
             self.spawn_checker(&mut st, i);
         }
         self.spawn_resolvers(&mut st);
-        let weak = self.this.clone();
-        let period = tick_period(&st.config);
-        st.ticker = Some(
-            tokio::spawn(async move {
-                let mut t = tokio::time::interval(period);
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    t.tick().await;
-                    let Some(s) = weak.upgrade() else { return };
-                    s.tick();
-                }
-            })
-            .abort_handle(),
-        );
+        self.restart_ticker(&mut st);
     }
 
     /// Stops every task [`ServiceRuntime::start`] started.
