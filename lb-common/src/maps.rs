@@ -23,8 +23,8 @@
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
 //!
-//! The object also holds `FIB_SCRATCH`, a one-entry per-CPU array the program uses as scratch
-//! space; the daemon leaves it alone.
+//! The object also holds `FIB_SCRATCH` and `NAT_SCRATCH`, one-entry per-CPU arrays the program
+//! uses as scratch space; the daemon leaves them alone.
 //!
 //! Ids are chosen by the daemon: a service id is `0..MAX_SERVICES`, a backend id is
 //! `0..MAX_BACKENDS` and global (not per service). Entries the daemon never wrote read as
@@ -413,6 +413,9 @@ pub struct Service {
     pub snat_port_min: u16,
     /// Last SNAT port (`nat` only), host byte order, inclusive; `>= snat_port_min`.
     pub snat_port_max: u16,
+    /// Seconds a SNAT port whose flow ended stays out of use (`nat` only; see "SNAT ports" in
+    /// the module docs): the service's `snat_port_hold`.
+    pub snat_hold_s: u32,
 }
 
 /// Value of `BACKENDS`.
@@ -542,20 +545,55 @@ pub struct NatReverse {
     pub vip_port: u16,
     /// The service id, for counters.
     pub service: u32,
+    /// The SNAT port's life, one word so that a flow taking over a free port can
+    /// compare-and-swap it whole (see "SNAT ports" in the module docs): bits 0..32 the time
+    /// the flow was last seen, or for an ended flow when it ended ([`ct_seconds`] clock,
+    /// refreshed at most every [`CT_REFRESH_SECS`]); bits 32..64 the `NAT_F_*` flags.
+    /// Build and read it with [`nat_state`], [`nat_seen`] and [`nat_flags`].
+    pub state: u64,
+}
+
+/// [`NatReverse::state`] flag: the client's FIN was seen.
+pub const NAT_F_FIN_CLIENT: u32 = 1;
+/// [`NatReverse::state`] flag: the backend's FIN was seen.
+pub const NAT_F_FIN_BACKEND: u32 = 2;
+/// [`NatReverse::state`] flag: the flow ended (both FINs, or an RST either way, or a claim
+/// that could not finish) at the state's time; the port is free once
+/// [`Service::snat_hold_s`] has passed since.
+pub const NAT_F_ENDED: u32 = 4;
+
+/// The [`NatReverse::state`] word of a flow last seen (or ended) at `seen_s` with `flags`.
+#[inline(always)]
+pub const fn nat_state(seen_s: u32, flags: u32) -> u64 {
+    (flags as u64) << 32 | seen_s as u64
+}
+
+/// The time half of a [`NatReverse::state`] word, [`ct_seconds`] clock.
+#[inline(always)]
+pub const fn nat_seen(state: u64) -> u32 {
+    state as u32
+}
+
+/// The `NAT_F_*` flags of a [`NatReverse::state`] word.
+#[inline(always)]
+pub const fn nat_flags(state: u64) -> u32 {
+    (state >> 32) as u32
 }
 
 /// Compile-time layout checks: these sizes are what the BPF object's maps were built with.
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
     assert!(core::mem::size_of::<VipValue>() == 4);
-    assert!(core::mem::size_of::<Service>() == 36);
+    assert!(core::mem::size_of::<Service>() == 40);
     assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<CtEntry>() == 12);
     // The program sets CT_F_CLOSED with a 64-bit atomic OR on the entry's first 8 bytes:
     // bits 48..64. `seen_s` lies outside them, so its refresh never races with the OR.
     assert!(core::mem::offset_of!(CtEntry, flags) == 6);
     assert!(core::mem::offset_of!(CtEntry, seen_s) == 8);
-    assert!(core::mem::size_of::<NatReverse>() == 40);
+    assert!(core::mem::size_of::<NatReverse>() == 48);
+    // The claim's compare-and-swap needs the state word 8-byte aligned in the map value.
+    assert!(core::mem::offset_of!(NatReverse, state) == 40);
     assert!(core::mem::size_of::<Limits>() == 24);
     assert!(core::mem::size_of::<ClientKey>() == 20);
     assert!(core::mem::size_of::<ClientState>() == 16);

@@ -6,8 +6,8 @@
 /// Indexes of the global per-CPU `u64` counters in the `STATS` map. Counts since load.
 ///
 /// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped, `Refused*`
-/// ones were turned away by a per-client limit (a TCP SYN answered with a RST, anything else
-/// dropped). Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*`
+/// ones were turned away by a per-client limit or for want of a SNAT port (a TCP SYN answered
+/// with a RST, anything else dropped), `Reset*` ones answered with a RST. Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*`
 /// counters, `Forwarded`, `NatReplies`, `IcmpTranslated`, `IcmpToBackend`, `FibPass`, a
 /// `Refused*` or a `Drop*` counter; `CtMissNonSyn` comes on top.
 #[repr(u32)]
@@ -82,10 +82,103 @@ pub enum Stat {
     /// (`local_addr`): translated, one client (or a forged error) would lower the MTU the
     /// backend uses for every client, for as long as its cache keeps it.
     DropIcmpLowMtu = 24,
+    /// Refused: a new NAT flow found no free SNAT port (see "SNAT ports" in
+    /// `lb_common::maps`); its TCP SYN is answered with a RST as for
+    /// [`Stat::RefusedClientRate`], so the client fails at once. (A UDP packet in that case
+    /// counts as [`Stat::DropNatPortsExhausted`].)
+    RefusedNatPortsExhausted = 25,
+    /// Answered with a RST (dropped if it carries one): a TCP segment without SYN of a `nat`
+    /// service whose flow has no SNAT port towards the backend the table gives (its
+    /// conntrack and `NAT_REVERSE` entries are gone, or its backend went down). That backend
+    /// never saw the flow, so the segment takes no port, and the client learns at once that
+    /// the connection is gone.
+    ResetNatNoFlow = 26,
+    /// Answered with a RST (dropped if it carries one, or for UDP): a packet of a `nat` flow
+    /// whose SNAT port another flow took over after this one ended or idled past the
+    /// service's idle timeout.
+    ResetNatPortReclaimed = 27,
+    /// Dropped: a TCP segment with SYN and FIN, or SYN and RST (no real stack sends one).
+    DropSynFin = 28,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 25;
+pub const STATS_LEN: u32 = 29;
+
+impl Stat {
+    /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
+    pub const ALL: [Stat; STATS_LEN as usize] = [
+        Stat::Packets,
+        Stat::PassNotVip,
+        Stat::PassFragment,
+        Stat::PassMalformed,
+        Stat::PassIpv6ExtHeaders,
+        Stat::Forwarded,
+        Stat::NatReplies,
+        Stat::CtMissNonSyn,
+        Stat::FibPass,
+        Stat::DropNoBackend,
+        Stat::DropNatPortsExhausted,
+        Stat::DropNoRoute,
+        Stat::DropMtu,
+        Stat::DropNoDevmapEntry,
+        Stat::DropAdjustHead,
+        Stat::DropBadService,
+        Stat::Decapsulated,
+        Stat::DecapPassed,
+        Stat::DropForwardingDisabled,
+        Stat::RefusedClientRate,
+        Stat::RefusedClientConnections,
+        Stat::DecapNotLocal,
+        Stat::IcmpTranslated,
+        Stat::IcmpToBackend,
+        Stat::DropIcmpLowMtu,
+        Stat::RefusedNatPortsExhausted,
+        Stat::ResetNatNoFlow,
+        Stat::ResetNatPortReclaimed,
+        Stat::DropSynFin,
+    ];
+
+    /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
+    /// the variant in snake case, e.g. `drop_nat_ports_exhausted`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Packets => "packets",
+            Stat::PassNotVip => "pass_not_vip",
+            Stat::PassFragment => "pass_fragment",
+            Stat::PassMalformed => "pass_malformed",
+            Stat::PassIpv6ExtHeaders => "pass_ipv6_ext_headers",
+            Stat::Forwarded => "forwarded",
+            Stat::NatReplies => "nat_replies",
+            Stat::CtMissNonSyn => "ct_miss_non_syn",
+            Stat::FibPass => "fib_pass",
+            Stat::DropNoBackend => "drop_no_backend",
+            Stat::DropNatPortsExhausted => "drop_nat_ports_exhausted",
+            Stat::DropNoRoute => "drop_no_route",
+            Stat::DropMtu => "drop_mtu",
+            Stat::DropNoDevmapEntry => "drop_no_devmap_entry",
+            Stat::DropAdjustHead => "drop_adjust_head",
+            Stat::DropBadService => "drop_bad_service",
+            Stat::Decapsulated => "decapsulated",
+            Stat::DecapPassed => "decap_passed",
+            Stat::DropForwardingDisabled => "drop_forwarding_disabled",
+            Stat::RefusedClientRate => "refused_client_rate",
+            Stat::RefusedClientConnections => "refused_client_connections",
+            Stat::DecapNotLocal => "decap_not_local",
+            Stat::IcmpTranslated => "icmp_translated",
+            Stat::IcmpToBackend => "icmp_to_backend",
+            Stat::DropIcmpLowMtu => "drop_icmp_low_mtu",
+            Stat::RefusedNatPortsExhausted => "refused_nat_ports_exhausted",
+            Stat::ResetNatNoFlow => "reset_nat_no_flow",
+            Stat::ResetNatPortReclaimed => "reset_nat_port_reclaimed",
+            Stat::DropSynFin => "drop_syn_fin",
+        }
+    }
+
+    /// The counter at `STATS` index `index`; `None` past the last one (a newer program).
+    pub fn from_index(index: usize) -> Option<Stat> {
+        Stat::ALL.get(index).copied()
+    }
+}
 
 /// Value of `SERVICE_STATS` and `BACKEND_STATS` (per CPU): client → VIP traffic the balancer
 /// forwarded for that service or to that backend. NAT replies are not included.
@@ -102,4 +195,29 @@ pub struct Counters {
     /// had no usable entry (TCP SYNs, first UDP packets, TCP non-SYN misses also counted in
     /// [`Stat::CtMissNonSyn`], flows whose backend went down).
     pub new_flows: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_listed_at_its_index_with_a_unique_name() {
+        for (i, stat) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*stat as usize, i, "Stat::ALL[{i}] is {stat:?}");
+            assert_eq!(Stat::from_index(i), Some(*stat));
+        }
+        assert_eq!(Stat::from_index(STATS_LEN as usize), None);
+        for (i, a) in Stat::ALL.iter().enumerate() {
+            for b in &Stat::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name(), "{a:?} and {b:?} share a name");
+            }
+        }
+        // Metric label values users already alert on.
+        assert_eq!(
+            Stat::DropNatPortsExhausted.name(),
+            "drop_nat_ports_exhausted"
+        );
+        assert_eq!(Stat::RefusedClientRate.name(), "refused_client_rate");
+    }
 }

@@ -1,11 +1,11 @@
 //! The balancer's path for one packet: parse, VIP lookup, placement, NAT or DSR, next hop.
 //! Also the reverse path of NAT replies, and the split between it and ICMP (`icmp`).
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
-    maps::{Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT},
+    maps::{ct_seconds, Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT},
     FlowKey, Stat,
 };
 
@@ -15,7 +15,7 @@ use crate::{
     icmp, limits,
     maps::{SERVICES, VIPS},
     nat,
-    parse::{self, Parsed, TCP_FIN, TCP_RST},
+    parse::{self, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reset, stats,
 };
 
@@ -99,6 +99,10 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     if service.family != p.family {
         return Err(Stat::DropBadService);
     }
+    let tcp = p.key.protocol == IPPROTO_TCP;
+    if tcp && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        return Err(Stat::DropSynFin);
+    }
     let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
     if placed.fresh {
         // Before the SNAT port is taken: a refused flow must hold nothing.
@@ -116,14 +120,35 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     let backend = placed.backend;
 
     let (src, dst, ip_len) = if service.mode == MODE_NAT {
-        let port = nat::snat_port(
+        // Only a packet that starts a flow may take a port: a TCP segment without SYN that
+        // finds no port of its own was never seen by the backend (see `nat::snat_port`).
+        let starts = !tcp || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let port = match nat::snat_port(
             &p.key,
             &backend.addr,
             backend.port,
             service_id,
             service,
             placed.entry.snat_port,
-        )?;
+            p.tcp_flags,
+            starts,
+            placed.now,
+        ) {
+            Ok(port) => port,
+            Err(stat) => {
+                // The flow holds nothing: a connection slot the limits gave it goes back.
+                if placed.fresh {
+                    limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
+                }
+                return match stat {
+                    Stat::DropNatPortsExhausted if tcp => {
+                        refuse(ctx, p, Stat::RefusedNatPortsExhausted)
+                    }
+                    Stat::ResetNatNoFlow | Stat::ResetNatPortReclaimed => refuse(ctx, p, stat),
+                    _ => Err(stat),
+                };
+            }
+        };
         if placed.new_flow || port != placed.entry.snat_port {
             placed.entry.snat_port = port;
             conntrack::record(&p.key, &placed.entry);
@@ -176,12 +201,13 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     Ok(action)
 }
 
-/// A new flow the per-client limits refused (`stat`): a TCP SYN is answered with a RST, so the
-/// client fails at once; anything else (UDP, a SYN that cannot be turned around) is dropped.
+/// A packet the balancer will not carry (`stat`): a TCP segment is answered with a RST, so the
+/// client fails at once; anything else (UDP, a RST, a segment that cannot be turned around)
+/// is dropped.
 #[inline(always)]
 fn refuse(ctx: &XdpContext, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
-    if p.key.protocol == IPPROTO_TCP {
-        if let Some(action) = reset::answer_syn(ctx, p) {
+    if p.key.protocol == IPPROTO_TCP && p.tcp_flags & TCP_RST == 0 {
+        if let Some(action) = reset::answer(ctx, p) {
             stats::increment(stat);
             return Ok(action);
         }
@@ -196,7 +222,9 @@ fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
         // ICMP took the other path (`handle`); nothing else gets through `parse`.
         return Err(Stat::PassNotVip);
     }
-    let r = nat::reverse(&p.key).ok_or(Stat::PassNotVip)?;
+    // SAFETY: a helper without arguments.
+    let now = ct_seconds(unsafe { bpf_ktime_get_ns() });
+    let r = nat::reverse(&p.key, p.tcp_flags, now).ok_or(Stat::PassNotVip)?;
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The backend ends the flow: its client's slot goes back as for the client's FIN.
         let client = FlowKey {

@@ -84,6 +84,8 @@ pub struct Placement {
     /// entry of a closed flow. The per-client limits apply to these only; not to TCP misses
     /// without SYN nor to flows re-placed because their backend went down.
     pub fresh: bool,
+    /// The packet's time, [`ct_seconds`] of `bpf_ktime_get_ns`.
+    pub now: u32,
 }
 
 /// The backend for the flow `key` of `service` (id `service_id`). `Err` is the drop counter
@@ -142,6 +144,7 @@ pub fn place(
                         entry,
                         new_flow: false,
                         fresh: false,
+                        now,
                     });
                 }
             }
@@ -169,6 +172,7 @@ pub fn place(
         },
         new_flow: true,
         fresh,
+        now,
     })
 }
 

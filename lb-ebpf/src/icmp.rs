@@ -192,14 +192,17 @@ fn to_client(
         protocol,
         _pad: [0; 3],
     };
-    let r = nat::reverse(&reply)?;
-    Some(Translation {
-        src: r.client_addr,
-        dst: r.vip_addr,
-        sport: r.client_port,
-        dport: r.vip_port,
-        stat: Stat::IcmpTranslated,
-    })
+    let r = nat::find(&reply)?;
+    // SAFETY: a live map value, its fields read in place (this subprogram's stack is full).
+    unsafe {
+        Some(Translation {
+            src: (*r).client_addr,
+            dst: (*r).vip_addr,
+            sport: (*r).client_port,
+            dport: (*r).vip_port,
+            stat: Stat::IcmpTranslated,
+        })
+    }
 }
 
 /// An ICMP / ICMPv6 packet ([`parse::is_icmp`]): parsed, then translated if it is an error

@@ -97,7 +97,19 @@ pub fn release(entry: *mut CtEntry, client: &[u32; 4], service_id: u32) {
         atomic_or::<u64, u64, { Relaxed }>(entry as *mut u64, u64::from(CT_F_CLOSED) << 48)
     };
     let flags = (before >> 48) as u16;
-    if flags & CT_F_CLOSED != 0 || flags & CT_F_COUNTED == 0 {
+    if flags & CT_F_CLOSED != 0 {
+        return;
+    }
+    unadmit(client, service_id, flags);
+}
+
+/// Gives back the connection slot of a flow of `client` (its address) in service
+/// `service_id` whose conntrack flags are `flags`, if it holds one ([`CT_F_COUNTED`]): for a
+/// flow admitted and then refused (no SNAT port), and, through [`release`], once per flow
+/// that ends.
+#[inline(always)]
+pub fn unadmit(client: &[u32; 4], service_id: u32, flags: u16) {
+    if flags & CT_F_COUNTED == 0 {
         return;
     }
     let ckey = ClientKey {

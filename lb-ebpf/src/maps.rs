@@ -18,6 +18,8 @@ use lb_common::{
     Counters, FlowKey, STATS_LEN,
 };
 
+use crate::nat::NatScratch;
+
 /// VIP (address, port, protocol, family) → service id. Written by the daemon.
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -81,6 +83,11 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 /// Per-CPU counters per backend id.
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// One [`NatScratch`] per CPU: scratch space for `nat::snat_port`, kept off the 512-byte BPF
+/// stack. Internal to the program; the daemon never touches it.
+#[map(name = "NAT_SCRATCH")]
+pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// One `bpf_fib_lookup` parameter block per CPU: scratch space for `fib::forward`, kept off the
 /// 512-byte BPF stack. Internal to the program; the daemon never touches it.

@@ -1,58 +1,142 @@
 //! Full NAT: client → VIP becomes balancer (`local_addr`:SNAT port) → backend on the way in,
 //! and the backend's reply becomes VIP → client on the way back, found through `NAT_REVERSE`.
+//! Checksums are updated incrementally (RFC 1624), never recomputed over the payload.
 //!
-//! The SNAT port of a new flow is probed in the service's range starting from the flow's hash,
-//! so the same flow picks the same port again after its conntrack entry is lost (e.g. a
-//! restart), and different flows spread over the range. Checksums are updated incrementally
-//! (RFC 1624), never recomputed over the payload.
+//! A SNAT port is taken for a flow, given back when the flow ends, and reused by another flow
+//! after a hold time; the rules and their reasons are "SNAT ports" in `lb_common::maps`. The
+//! ports of a new flow are probed in the service's range starting from the flow's hash, so the
+//! same flow finds its port again after its conntrack entry is lost, and flows spread over the
+//! range. Never-used ports are taken first; among freed ones, the one free the longest.
 
-use core::num::NonZeroU32;
+use core::{
+    intrinsics::{atomic_cxchg, atomic_or, AtomicOrdering::Relaxed},
+    num::NonZeroU32,
+};
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     flow::IPPROTO_UDP,
     flow_hash,
-    maps::{NatReverse, Service, FAMILY_V4},
+    maps::{
+        nat_flags, nat_seen, nat_state, NatReverse, Service, CT_REFRESH_SECS, FAMILY_V4,
+        NAT_F_ENDED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT,
+    },
     FlowKey, Stat,
 };
 
 use crate::{
     csum,
-    maps::NAT_REVERSE,
-    parse::{groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, TCP_CHECK_OFF, UDP_CHECK_OFF},
+    maps::{LIMITS, NAT_REVERSE, NAT_SCRATCH},
+    parse::{
+        groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, TCP_CHECK_OFF, TCP_FIN, TCP_RST,
+        UDP_CHECK_OFF,
+    },
 };
 
-/// SNAT ports tried for a new flow before it is dropped as `Stat::DropNatPortsExhausted`.
+/// SNAT ports tried for a new flow before it is refused as `Stat::DropNatPortsExhausted`.
 const SNAT_PROBES: u32 = 8;
 
-/// `BPF_NOEXIST`: insert only if the key is absent.
+/// `BPF_NOEXIST`, `BPF_EXIST`: insert only if the key is absent, only if it is present.
 const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 
-/// The key a reply of the translated flow will carry: backend → local_addr:snat_port.
+/// Per-CPU scratch space for [`snat_port`]: the `NAT_REVERSE` key and value it builds, kept
+/// off the balancer's stack, which is at the verifier's 512-byte limit (see `balancer`).
+#[repr(C)]
+pub struct NatScratch {
+    /// The reply key of the port being probed.
+    pub rkey: FlowKey,
+    /// The entry a port taken for the flow gets.
+    pub owner: NatReverse,
+}
+
+/// Writes into `rkey` the key a reply of the translated flow will carry:
+/// backend → local_addr:`port`.
 #[inline(always)]
-fn reply_key(
+fn set_reply_key(
+    rkey: &mut FlowKey,
     key: &FlowKey,
     backend_addr: &[u32; 4],
     backend_port: u16,
     service: &Service,
     port: u16,
-) -> FlowKey {
-    FlowKey {
-        src_addr: *backend_addr,
-        dst_addr: service.local_addr,
-        src_port: backend_port,
-        dst_port: port,
-        protocol: key.protocol,
-        _pad: [0; 3],
+) {
+    rkey.src_addr = *backend_addr;
+    rkey.dst_addr = service.local_addr;
+    rkey.src_port = backend_port;
+    rkey.dst_port = port;
+    rkey.protocol = key.protocol;
+    rkey._pad = [0; 3];
+}
+
+/// Whether the `NAT_REVERSE` entry `r` translates the client flow `key`.
+#[inline(always)]
+fn owned_by(r: *const NatReverse, key: &FlowKey) -> bool {
+    // SAFETY: a live map value, read in place (a copy would cost stack the balancer does not
+    // have); a flow taking the port over replaces the element whole.
+    unsafe {
+        (*r).client_port == key.src_port
+            && (*r).vip_port == key.dst_port
+            && (*r).client_addr == key.src_addr
+            && (*r).vip_addr == key.dst_addr
     }
 }
 
-/// The SNAT port for the client flow `key` placed on the backend at `backend_addr`:
-/// `current` when the flow already has one (its `NAT_REVERSE` entry is re-created if it was
-/// evicted), else a free one from the service's range, recorded in `NAT_REVERSE`.
-/// `Err(Stat::DropNatPortsExhausted)` when the probed ports are all taken,
-/// `Err(Stat::DropBadService)` when the range is empty.
+/// The state word of the live `NAT_REVERSE` entry `r`.
 #[inline(always)]
+fn state_of(r: *mut NatReverse) -> *mut u64 {
+    // SAFETY: only forms the field's address; `NatReverse::state` is 8-byte aligned.
+    unsafe { &raw mut (*r).state }
+}
+
+/// Notes a packet of the flow whose port entry is `r`, sent by the client (`FIN` bit
+/// [`NAT_F_FIN_CLIENT`]) or the backend ([`NAT_F_FIN_BACKEND`]): an RST, or the FIN that
+/// completes both, ends the flow now (the hold starts); other packets refresh the time at
+/// most every [`CT_REFRESH_SECS`]. An ended flow's time is left alone, so a late ACK or a
+/// retransmitted FIN does not restart the hold.
+#[inline(always)]
+fn track(r: *mut NatReverse, tcp_flags: u8, fin_bit: u32, now: u32) {
+    let state = state_of(r);
+    // SAFETY: `state` is the aligned state word of a live map value; it is written only by
+    // single aligned stores and atomic operations, so every read sees a whole word.
+    unsafe {
+        let current = state.read_volatile();
+        let flags = nat_flags(current);
+        if flags & NAT_F_ENDED != 0 {
+            return;
+        }
+        if tcp_flags & TCP_RST != 0 {
+            state.write_volatile(nat_state(now, flags | NAT_F_ENDED));
+        } else if tcp_flags & TCP_FIN != 0 {
+            let before = atomic_or::<u64, u64, { Relaxed }>(state, nat_state(0, fin_bit));
+            let fins = nat_flags(before) | fin_bit;
+            if fins & (NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND) == NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND
+            {
+                state.write_volatile(nat_state(now, fins | NAT_F_ENDED));
+            }
+        } else if now.wrapping_sub(nat_seen(current)) >= CT_REFRESH_SECS {
+            // Only the time half: a FIN bit ORed in meanwhile stays.
+            (state as *mut u32).write_volatile(now);
+        }
+    }
+}
+
+/// The SNAT port for the client flow `key` placed on the backend at `backend_addr`, and the
+/// bookkeeping of the packet (`tcp_flags`, 0 for UDP) on it.
+///
+/// - `current != 0` (the flow has a port): that port, if its `NAT_REVERSE` entry still
+///   translates this flow (re-created if the LRU evicted it). A port another flow took over
+///   (this flow ended or idled past the timeout) is `Err(Stat::ResetNatPortReclaimed)`, unless
+///   `may_take` (a SYN starting the flow anew), which then takes a new port.
+/// - else a port of the service's range: one whose entry already translates this flow (lost
+///   conntrack entry), else, if `may_take`, a never-used port or the free one (ended and held
+///   for [`Service::snat_hold_s`], or idle past the service's idle timeout) that has been free
+///   the longest, claimed with a compare-and-swap so two CPUs never take one port.
+///   `Err(Stat::ResetNatNoFlow)` when `!may_take` and no port translates the flow,
+///   `Err(Stat::DropNatPortsExhausted)` when every probed port is in use or held,
+///   `Err(Stat::DropBadService)` when the range is empty.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn snat_port(
     key: &FlowKey,
     backend_addr: &[u32; 4],
@@ -60,20 +144,35 @@ pub fn snat_port(
     service_id: u32,
     service: &Service,
     current: u16,
+    tcp_flags: u8,
+    may_take: bool,
+    now: u32,
 ) -> Result<u16, Stat> {
-    let reverse = NatReverse {
-        client_addr: key.src_addr,
-        vip_addr: key.dst_addr,
-        client_port: key.src_port,
-        vip_port: key.dst_port,
-        service: service_id,
-    };
+    let scratch = NAT_SCRATCH
+        .get_ptr_mut(0)
+        .ok_or(Stat::DropNatPortsExhausted)?;
+    // SAFETY: this CPU's slot of a live map entry; BPF programs do not preempt each other on
+    // one CPU, so nothing else uses it until this packet is done with it.
+    let NatScratch { rkey, owner } = unsafe { &mut *scratch };
+    owner.client_addr = key.src_addr;
+    owner.vip_addr = key.dst_addr;
+    owner.client_port = key.src_port;
+    owner.vip_port = key.dst_port;
+    owner.service = service_id;
+    owner.state = nat_state(now, 0);
     if current != 0 {
-        let rkey = reply_key(key, backend_addr, backend_port, service, current);
-        if NAT_REVERSE.get_ptr(&rkey).is_none() {
-            let _ = NAT_REVERSE.insert(&rkey, &reverse, 0);
+        set_reply_key(rkey, key, backend_addr, backend_port, service, current);
+        if let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) {
+            if owned_by(r, key) {
+                track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
+                return Ok(current);
+            }
+        } else if NAT_REVERSE.insert(&*rkey, &*owner, BPF_NOEXIST).is_ok() {
+            return Ok(current);
         }
-        return Ok(current);
+        if !may_take {
+            return Err(Stat::ResetNatPortReclaimed);
+        }
     }
     let min = service.snat_port_min as u32;
     let max = service.snat_port_max as u32;
@@ -82,37 +181,90 @@ pub fn snat_port(
     }
     // Non-zero by construction (max >= min); the type removes the division-by-zero panic.
     let span = NonZeroU32::new(max - min + 1).ok_or(Stat::DropBadService)?;
+    let hold = service.snat_hold_s;
+    let idle = match LIMITS.get(service_id) {
+        Some(l) if l.idle_timeout_s != 0 => l.idle_timeout_s.saturating_add(CT_REFRESH_SECS + 1),
+        _ => u32::MAX,
+    };
     let start = flow_hash(key);
+    // The free port seen longest ago: (port, its state word, how long it has been free).
+    let mut best: (u16, u64, u32) = (0, 0, 0);
     let mut i = 0;
     while i < SNAT_PROBES {
         let port = (min + start.wrapping_add(i) % span) as u16;
-        let rkey = reply_key(key, backend_addr, backend_port, service, port);
-        if NAT_REVERSE.insert(&rkey, &reverse, BPF_NOEXIST).is_ok() {
+        i += 1;
+        set_reply_key(rkey, key, backend_addr, backend_port, service, port);
+        if may_take && NAT_REVERSE.insert(&*rkey, &*owner, BPF_NOEXIST).is_ok() {
             return Ok(port);
         }
-        if let Some(existing) = NAT_REVERSE.get_ptr(&rkey) {
-            // SAFETY: a live map value, read in place (a copy would cost stack the balancer
-            // does not have).
-            let existing = unsafe { &*existing };
-            // Our own entry, left from before this flow's conntrack entry was lost.
-            if existing.client_addr == reverse.client_addr
-                && existing.client_port == reverse.client_port
-                && existing.vip_addr == reverse.vip_addr
-                && existing.vip_port == reverse.vip_port
-            {
-                return Ok(port);
+        let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) else {
+            continue;
+        };
+        if owned_by(r, key) {
+            // This flow's own port, from before its conntrack entry was lost (or a SYN
+            // reusing its 5-tuple): in use again.
+            if may_take {
+                // SAFETY: the aligned state word of a live map value.
+                unsafe { state_of(r).write_volatile(nat_state(now, 0)) };
+            } else {
+                track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
+            }
+            return Ok(port);
+        }
+        // SAFETY: as above.
+        let state = unsafe { state_of(r).read_volatile() };
+        let age = now.wrapping_sub(nat_seen(state));
+        let free = if nat_flags(state) & NAT_F_ENDED != 0 {
+            age >= hold
+        } else {
+            age > idle
+        };
+        if free && (best.0 == 0 || age > best.2) {
+            best = (port, state, age);
+        }
+    }
+    if !may_take {
+        return Err(Stat::ResetNatNoFlow);
+    }
+    if best.0 != 0 {
+        set_reply_key(rkey, key, backend_addr, backend_port, service, best.0);
+        if let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) {
+            // The claim: only the CPU whose compare-and-swap moves the word on from what the
+            // probe saw takes the port (a packet of the old flow refreshing it meanwhile makes
+            // every claim fail, as it should). A claim whose update then fails leaves the port
+            // ended just now, free again after the hold.
+            // SAFETY: the aligned state word of a live map value.
+            let (_, claimed) = unsafe {
+                atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(
+                    state_of(r),
+                    best.1,
+                    nat_state(now, NAT_F_ENDED),
+                )
+            };
+            if claimed && NAT_REVERSE.insert(&*rkey, &*owner, BPF_EXIST).is_ok() {
+                return Ok(best.0);
             }
         }
-        i += 1;
     }
     Err(Stat::DropNatPortsExhausted)
 }
 
-/// The translation of a reply `key` back to VIP → client, if it belongs to a NAT'ed flow.
+/// The `NAT_REVERSE` entry of the reply 5-tuple `key`, if it belongs to a NAT'ed flow, with
+/// no bookkeeping (an ICMP error about the flow is not a packet of it).
 #[inline(always)]
-pub fn reverse(key: &FlowKey) -> Option<NatReverse> {
+pub fn find(key: &FlowKey) -> Option<*const NatReverse> {
+    NAT_REVERSE.get_ptr(key)
+}
+
+/// The translation of a reply `key` back to VIP → client, if it belongs to a NAT'ed flow;
+/// notes the reply's `tcp_flags` (the backend's FIN or RST ends the flow's port, see
+/// [`snat_port`]) at time `now` (`ct_seconds`).
+#[inline(always)]
+pub fn reverse(key: &FlowKey, tcp_flags: u8, now: u32) -> Option<NatReverse> {
+    let r = NAT_REVERSE.get_ptr_mut(key)?;
+    track(r, tcp_flags, NAT_F_FIN_BACKEND, now);
     // SAFETY: a live map value, copied out at once.
-    NAT_REVERSE.get_ptr(key).map(|r| unsafe { *r })
+    Some(unsafe { *r })
 }
 
 /// Rewrites the parsed packet's addresses and ports to `src`:`sport` → `dst`:`dport` (ports

@@ -1,6 +1,7 @@
-//! Turning a refused TCP SYN around into a RST+ACK to its sender, in place, so a client over
-//! its limits fails at once (as the proxy's reset makes it) instead of resending its SYN until
-//! its connect times out.
+//! Turning a TCP segment around into a RST to its sender, in place: a refused SYN (limits, no
+//! SNAT port), so the client fails at once (as the proxy's reset makes it) instead of resending
+//! its SYN until its connect times out; and a NAT segment of a flow the balancer cannot carry
+//! on, so the client learns the connection is gone instead of retransmitting into a drop.
 //!
 //! The answer keeps the frame's Ethernet header (MACs swapped, a VLAN tag kept) and IP header
 //! (addresses swapped; IPv4: no options, TTL 64, DF, new checksum; IPv6: hop limit 64), and
@@ -21,21 +22,25 @@ const IPV4_HDR_LEN: usize = 20;
 /// Length of the answer's TCP header.
 const TCP_HDR_LEN: usize = 20;
 
-/// Rewrites the SYN in `ctx` (parsed as `p`) into the RST+ACK answering it; returns
-/// `XDP_TX`, or `None` when it cannot (IPv4 options, or the tail cannot shrink) and the SYN
-/// should be dropped.
+/// Rewrites the TCP segment in `ctx` (parsed as `p`) into the RST answering it (RFC 9293
+/// §3.10.7.1): a segment without ACK (a SYN) gets a RST+ACK acknowledging it, one with ACK a
+/// bare RST whose sequence number is the segment's acknowledgement number, so the sender
+/// takes it. Returns `XDP_TX`, or `None` when it cannot (IPv4 options, or the tail cannot
+/// shrink) and the segment should be dropped.
 #[inline(always)]
-pub fn answer_syn(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
+pub fn answer(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
     let ip_hdr_len = p.l4_off - p.l3_off;
     if p.family == FAMILY_V4 && ip_hdr_len != IPV4_HDR_LEN {
         return None;
     }
     let tcp: *const TcpHdr = ptr_at(ctx, p.l4_off)?;
     // SAFETY: bounds checked by `ptr_at`.
-    let (seq, data_off) = unsafe {
+    let (seq, acked, data_off) = unsafe {
         let s = (*tcp).seq;
+        let a = (*tcp).ack_seq;
         (
             u32::from_be(crate::parse::word(s[0], s[1])),
+            (p.tcp_flags & TCP_ACK != 0).then_some(a),
             ((*tcp).off_flags[0] >> 4) as u32 * 4,
         )
     };
@@ -90,9 +95,19 @@ pub fn answer_syn(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
         let sport = (*tcp).source;
         (*tcp).source = (*tcp).dest;
         (*tcp).dest = sport;
-        (*tcp).seq = [0, 0];
-        (*tcp).ack_seq = crate::parse::halves(ack.to_be());
-        (*tcp).off_flags = [5 << 4, TCP_RST | TCP_ACK];
+        match acked {
+            // Their acknowledgement number, as it came (network order).
+            Some(a) => {
+                (*tcp).seq = a;
+                (*tcp).ack_seq = [0, 0];
+                (*tcp).off_flags = [5 << 4, TCP_RST];
+            }
+            None => {
+                (*tcp).seq = [0, 0];
+                (*tcp).ack_seq = crate::parse::halves(ack.to_be());
+                (*tcp).off_flags = [5 << 4, TCP_RST | TCP_ACK];
+            }
+        }
         (*tcp).window = 0;
         (*tcp).urg_ptr = 0;
         (*tcp).check = csum::tcp_bare(

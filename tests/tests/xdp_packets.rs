@@ -529,6 +529,7 @@ impl Lab {
             local_addr: words(local),
             snat_port_min: SNAT_MIN,
             snat_port_max: SNAT_MAX,
+            snat_hold_s: 0,
         };
         self.services.set(id, s, 0).expect("write SERVICES");
         self.publish(id, slots);
@@ -1233,43 +1234,41 @@ fn conntrack_keeps_flows_on_their_backend_when_the_table_flips() {
         "a new flow after the flip must go to b2"
     );
 
-    // A mid-flow packet nobody knows is placed by the table, recorded and counted.
+    // A mid-flow packet nobody knows: on NAT its backend never saw the flow, so it takes no
+    // SNAT port; the client gets a RST (counted), and nothing is recorded.
     assert_eq!(lab.stat(Stat::CtMissNonSyn), 0, "no conntrack miss yet");
-    let out = lab.expect(
-        lab.vc,
-        &packet(40003, TCP_ACK),
-        XDP_REDIRECT,
-        "flow C's ACK",
+    let out = lab.expect(lab.vc, &packet(40003, TCP_ACK), XDP_TX, "flow C's ACK");
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST,
+        "an unknown mid-flow NAT packet is answered with a bare RST"
     );
     assert_eq!(
-        dst_of(&out),
-        B2_4,
-        "an unknown mid-flow packet goes where the table says"
-    );
-    assert_eq!(
-        lab.stat(Stat::CtMissNonSyn),
-        1,
-        "the non-SYN conntrack miss was not counted"
+        (lab.stat(Stat::CtMissNonSyn), lab.stat(Stat::ResetNatNoFlow)),
+        (1, 1),
+        "the non-SYN conntrack miss and its reset were not counted"
     );
     let c = flow(client, 40003, vip, 80, IPPROTO_TCP);
-    assert_eq!(
-        lab.conntrack.get(&c, 0).expect("flow C recorded").backend,
-        1
+    assert!(
+        lab.conntrack.get(&c, 0).is_err(),
+        "a NAT packet that took no port left a conntrack entry"
     );
 
-    // b1 goes down: its flows cannot be served there any more and move to the table's choice.
+    // b1 goes down: its flows cannot be served there any more, and on NAT another backend
+    // never saw them: the client is reset instead of its segments going to b2.
     lab.set_backend_flags(0, BACKEND_F_DOWN);
     let out = lab.expect(
         lab.vc,
         &packet(40001, TCP_ACK),
-        XDP_REDIRECT,
+        XDP_TX,
         "flow A after b1 died",
     );
     assert_eq!(
-        dst_of(&out),
-        B2_4,
-        "flow A stayed on b1 after b1 was marked down"
+        tcp_flags_of(&out),
+        TCP_RST,
+        "flow A was not reset after b1 was marked down"
     );
+    assert_eq!(lab.stat(Stat::ResetNatNoFlow), 2, "flow A's reset counted");
 
     assert_eq!(
         lab.backend_counters(0),
@@ -1283,16 +1282,21 @@ fn conntrack_keeps_flows_on_their_backend_when_the_table_flips() {
     let b2 = lab.backend_counters(1);
     assert_eq!(
         (b2.packets, b2.new_flows),
-        (3, 3),
+        (1, 1),
         "b2's packets and new flows"
     );
     let s = lab.service_counters(0);
     assert_eq!(
         (s.packets, s.new_flows),
-        (5, 4),
+        (3, 2),
         "the service's packets and new flows"
     );
-    assert_eq!(lab.stat(Stat::Forwarded), 5, "5 packets forwarded");
+    assert_eq!(lab.stat(Stat::Forwarded), 3, "3 packets forwarded");
+}
+
+/// The TCP flags byte of an IPv4 frame without options (no VLAN tag).
+fn tcp_flags_of(frame: &[u8]) -> u8 {
+    frame[14 + 20 + 13]
 }
 
 #[test]
@@ -1726,11 +1730,16 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
         Stat::Forwarded,
         "the first flow of a one-port SNAT range",
     );
-    check(
+    let out = check(
         &syn(1002, 82, b""),
-        XDP_DROP,
-        Stat::DropNatPortsExhausted,
+        XDP_TX,
+        Stat::RefusedNatPortsExhausted,
         "a second flow when the SNAT range is used up",
+    );
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST | TCP_ACK,
+        "a SYN that finds no SNAT port is answered with a RST+ACK, so the client fails at once"
     );
     let out = check(
         &syn(1003, 83, b""),
@@ -1998,16 +2007,20 @@ mod limits {
                 "an ACK of an admitted flow of a client over its rate",
             );
         }
+        // On NAT it takes no port (its backend never saw it): reset, but not for the limits.
         lab.expect(
             lab.vc,
             &tcp(CLIENT4, 41100, TCP_ACK),
-            XDP_REDIRECT,
+            XDP_TX,
             "an ACK that misses conntrack (an evicted flow) from a client over its rate",
         );
         assert_eq!(
-            lab.stat(Stat::RefusedClientRate),
-            1,
-            "packets of flows were refused"
+            (
+                lab.stat(Stat::RefusedClientRate),
+                lab.stat(Stat::ResetNatNoFlow)
+            ),
+            (1, 1),
+            "packets of flows were refused by the limits, or the miss was not reset for NAT"
         );
 
         // UDP: each new source port is a new flow; a flow's later datagrams pass.
@@ -2610,7 +2623,7 @@ mod icmp_errors {
             client,
             vip,
             6,
-            &wire::tcp(client, 40000, vip, 80, TCP_ACK, &[7; 64]),
+            &wire::tcp(client, 40000, vip, 80, TCP_SYN, &[7; 64]),
         );
         let out = lab.expect(
             lab.vc,
@@ -2799,7 +2812,7 @@ mod icmp_errors {
             client,
             vip,
             6,
-            &wire::tcp(client, 40000, vip, 80, TCP_ACK, b"GET /big"),
+            &wire::tcp(client, 40000, vip, 80, TCP_SYN, b"GET /big"),
         );
         let (_, answer, reply) = exchange(lab, &request, |snat| {
             wire::ip(
@@ -2980,7 +2993,7 @@ mod icmp_errors {
             client,
             vip,
             6,
-            &wire::tcp(client, 40000, vip, 80, TCP_ACK, b"GET /"),
+            &wire::tcp(client, 40000, vip, 80, TCP_SYN, b"GET /"),
         );
         let (_, _, reply) = exchange(&lab, &request, |snat| {
             wire::ip(
@@ -3021,7 +3034,7 @@ mod icmp_errors {
             client,
             vip,
             6,
-            &wire::tcp(client, 40000, vip, 80, TCP_ACK, b"GET /"),
+            &wire::tcp(client, 40000, vip, 80, TCP_SYN, b"GET /"),
         );
         lab.expect(
             lab.vc,
@@ -3046,5 +3059,278 @@ mod icmp_errors {
         assert_same(&same, &error, "an error about a DSR reply");
         assert_eq!(lab.stat(Stat::PassNotVip), 1);
         assert_eq!(lab.stat(Stat::IcmpToBackend), 0);
+    }
+}
+
+/// SNAT port lifecycle (issue 10): a port comes back when its flow ends, stays out of use for
+/// the service's hold time, and a SYN that finds none is reset. Service 0 is TCP NAT on
+/// VIP4:80 with the one backend b1, service 1 UDP NAT on VIP4:53 with b1.
+mod snat_ports {
+    use super::*;
+
+    /// Service `id`'s SNAT range becomes `first..=first + ports - 1`, held `hold_s` seconds.
+    fn snat(lab: &mut Lab, id: u32, ports: u16, hold_s: u32) {
+        let mut s = lab.services.get(&id, 0).expect("read SERVICES");
+        s.snat_port_max = s.snat_port_min + ports - 1;
+        s.snat_hold_s = hold_s;
+        lab.services.set(id, s, 0).expect("write SERVICES");
+    }
+
+    fn nat_lab(test: &str, ports: u16, hold_s: u32) -> Option<Lab> {
+        let mut lab = lab(test)?;
+        lab.backend(0, B1_4.into(), 8080);
+        lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+        snat(&mut lab, 0, ports, hold_s);
+        Some(lab)
+    }
+
+    /// A client segment from CLIENT4:`sport` to VIP4:80 with `flags`.
+    fn client(sport: u16, flags: u8) -> Vec<u8> {
+        let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(c, v, 6, &wire::tcp(c, sport, v, 80, flags, b"")),
+        )
+    }
+
+    /// b1's segment to the balancer's SNAT port `snat` with `flags`.
+    fn backend(snat: u16, flags: u8) -> Vec<u8> {
+        let (b, l): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+        wire::frame(
+            VB_MAC,
+            B1_MAC,
+            &wire::ip(b, l, 6, &wire::tcp(b, 8080, l, snat, flags, b"")),
+        )
+    }
+
+    fn entries(lab: &Lab) -> usize {
+        lab.nat_reverse.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Opens a flow from `sport`: the SYN must be forwarded; returns its SNAT port.
+    fn open(lab: &Lab, sport: u16, what: &str) -> u16 {
+        let out = lab.expect(lab.vc, &client(sport, TCP_SYN), XDP_REDIRECT, what);
+        l4_source_port(&out)
+    }
+
+    #[test]
+    fn twenty_flows_closed_one_after_another_reuse_a_four_port_range() {
+        let Some(lab) = nat_lab("snat_reuse", 4, 0) else {
+            return;
+        };
+        for n in 0..20u16 {
+            let sport = 42_000 + n;
+            let port = open(&lab, sport, &format!("flow {n}'s SYN (FIN both ways)"));
+            lab.expect(
+                lab.vc,
+                &client(sport, TCP_FIN | TCP_ACK),
+                XDP_REDIRECT,
+                &format!("flow {n}'s client FIN"),
+            );
+            lab.expect(
+                lab.vb,
+                &backend(port, TCP_FIN | TCP_ACK),
+                XDP_REDIRECT,
+                &format!("flow {n}'s backend FIN"),
+            );
+            assert!(
+                entries(&lab) <= 4,
+                "after flow {n}, NAT_REVERSE holds {} entries for a 4-port range",
+                entries(&lab)
+            );
+        }
+        for n in 0..20u16 {
+            let sport = 43_000 + n;
+            let port = open(&lab, sport, &format!("flow {n}'s SYN (RST)"));
+            if n % 2 == 0 {
+                lab.expect(
+                    lab.vc,
+                    &client(sport, TCP_RST | TCP_ACK),
+                    XDP_REDIRECT,
+                    &format!("flow {n}'s client RST"),
+                );
+            } else {
+                lab.expect(
+                    lab.vb,
+                    &backend(port, TCP_RST | TCP_ACK),
+                    XDP_REDIRECT,
+                    &format!("flow {n}'s backend RST"),
+                );
+            }
+            assert!(entries(&lab) <= 4, "after RST flow {n}: {}", entries(&lab));
+        }
+        assert_eq!(
+            (
+                lab.stat(Stat::DropNatPortsExhausted),
+                lab.stat(Stat::RefusedNatPortsExhausted)
+            ),
+            (0, 0),
+            "a SYN found no SNAT port though every earlier flow had ended"
+        );
+    }
+
+    #[test]
+    fn a_freed_port_is_held_and_a_syn_that_finds_none_is_reset() {
+        let Some(mut lab) = nat_lab("snat_hold", 1, 3600) else {
+            return;
+        };
+        let port = open(&lab, 44_000, "the first flow");
+        lab.expect(
+            lab.vc,
+            &client(44_000, TCP_RST),
+            XDP_REDIRECT,
+            "the first flow's RST",
+        );
+        let out = lab.expect(
+            lab.vc,
+            &client(44_001, TCP_SYN),
+            XDP_TX,
+            "a second flow while the only port is held",
+        );
+        assert_eq!(
+            tcp_flags_of(&out),
+            TCP_RST | TCP_ACK,
+            "the SYN that found no port is not answered with a RST+ACK"
+        );
+        assert_eq!(
+            lab.stat(Stat::RefusedNatPortsExhausted),
+            1,
+            "refusal counted"
+        );
+        snat(&mut lab, 0, 1, 0);
+        assert_eq!(
+            open(&lab, 44_001, "the second flow once the hold is over"),
+            port,
+            "the freed port was not reused"
+        );
+    }
+
+    #[test]
+    fn a_late_packet_of_a_flow_whose_port_was_taken_over_is_not_translated() {
+        let Some(lab) = nat_lab("snat_reclaimed", 1, 0) else {
+            return;
+        };
+        let port = open(&lab, 45_000, "flow A");
+        lab.expect(
+            lab.vc,
+            &client(45_000, TCP_RST),
+            XDP_REDIRECT,
+            "flow A's RST",
+        );
+        assert_eq!(
+            open(&lab, 45_001, "flow B"),
+            port,
+            "flow B took another port"
+        );
+        let out = lab.expect(
+            lab.vc,
+            &client(45_000, TCP_ACK),
+            XDP_TX,
+            "a late ACK of flow A",
+        );
+        assert_eq!(
+            tcp_flags_of(&out),
+            TCP_RST,
+            "flow A's late ACK is not reset"
+        );
+        assert_eq!(lab.stat(Stat::ResetNatPortReclaimed), 1, "reset counted");
+        // The port's replies belong to flow B now.
+        let out = lab.expect(lab.vb, &backend(port, TCP_ACK), XDP_REDIRECT, "b1's reply");
+        assert_eq!(
+            u16::from_be_bytes([out[36], out[37]]),
+            45_001,
+            "b1's reply on the port went to flow A's client port, not flow B's"
+        );
+    }
+
+    #[test]
+    fn an_ack_only_miss_takes_no_port_and_syn_fin_or_syn_rst_are_dropped() {
+        let Some(lab) = nat_lab("snat_miss", 4, 0) else {
+            return;
+        };
+        let out = lab.expect(lab.vc, &client(46_000, TCP_ACK), XDP_TX, "an ACK-only miss");
+        assert_eq!(
+            tcp_flags_of(&out),
+            TCP_RST,
+            "the miss is answered with a bare RST"
+        );
+        assert_eq!(entries(&lab), 0, "an ACK-only miss took a SNAT port");
+        assert_eq!(
+            lab.stat(Stat::ResetNatNoFlow),
+            1,
+            "the miss was not counted"
+        );
+        lab.expect(
+            lab.vc,
+            &client(46_001, TCP_RST),
+            XDP_DROP,
+            "a RST of no known flow",
+        );
+        for (flags, what) in [
+            (TCP_SYN | TCP_FIN, "SYN+FIN"),
+            (TCP_SYN | TCP_RST, "SYN+RST"),
+        ] {
+            lab.expect(lab.vc, &client(46_002, flags), XDP_DROP, what);
+        }
+        assert_eq!(lab.stat(Stat::DropSynFin), 2, "SYN+FIN and SYN+RST counted");
+        assert_eq!(entries(&lab), 0, "a dropped packet took a SNAT port");
+        assert!(
+            lab.conntrack
+                .get(
+                    &flow(CLIENT4.into(), 46_002, VIP4.into(), 80, IPPROTO_TCP),
+                    0
+                )
+                .is_err(),
+            "a SYN+FIN opened a flow"
+        );
+    }
+
+    #[test]
+    fn a_udp_flow_idle_past_the_timeout_gives_its_port_to_a_new_flow() {
+        let Some(mut lab) = lab("snat_idle") else {
+            return;
+        };
+        lab.backend(1, B1_4.into(), 5353);
+        lab.service(1, VIP4.into(), 53, IPPROTO_UDP, MODE_NAT, &[1]);
+        snat(&mut lab, 1, 1, 3600);
+        lab.limits
+            .set(
+                1,
+                Limits {
+                    idle_timeout_s: 1,
+                    ..Limits::default()
+                },
+                0,
+            )
+            .expect("write LIMITS");
+        let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        let datagram = |sport: u16| {
+            wire::frame(
+                VC_MAC,
+                CLIENT_MAC,
+                &wire::ip(c, v, 17, &wire::udp(c, sport, v, 53, b"q")),
+            )
+        };
+        lab.expect(lab.vc, &datagram(5000), XDP_REDIRECT, "flow A");
+        lab.expect(
+            lab.vc,
+            &datagram(5001),
+            XDP_DROP,
+            "flow B while A holds the port",
+        );
+        assert_eq!(
+            lab.stat(Stat::DropNatPortsExhausted),
+            1,
+            "UDP exhaustion counted"
+        );
+        // Idle past the 1 s timeout plus the stored time's lag (CT_REFRESH_SECS + 1).
+        std::thread::sleep(std::time::Duration::from_millis(5_200));
+        lab.expect(
+            lab.vc,
+            &datagram(5001),
+            XDP_REDIRECT,
+            "flow B after A idled out",
+        );
     }
 }

@@ -8,41 +8,10 @@ use tracing::info;
 use super::sync::State;
 use super::MapsError;
 
-/// Names of the `STATS` counters, indexed like `lb_common::Stat`; an index past the list
-/// (a newer program) is shown as `stat_N`.
-const STAT_NAMES: &[&str] = &[
-    "packets",
-    "pass_not_vip",
-    "pass_fragment",
-    "pass_malformed",
-    "pass_ipv6_ext_headers",
-    "forwarded",
-    "nat_replies",
-    "ct_miss_non_syn",
-    "fib_pass",
-    "drop_no_backend",
-    "drop_nat_ports_exhausted",
-    "drop_no_route",
-    "drop_mtu",
-    "drop_no_devmap_entry",
-    "drop_adjust_head",
-    "drop_bad_service",
-    "decapsulated",
-    "decap_passed",
-    "drop_forwarding_disabled",
-    "refused_client_rate",
-    "refused_client_connections",
-    "decap_not_local",
-    "icmp_translated",
-    "icmp_to_backend",
-    "drop_icmp_low_mtu",
-];
-
-/// The log name of `STATS` index `i`.
+/// The log name of `STATS` index `i` ([`lb_common::Stat::name`]); an index past the
+/// program's counters (a newer program) is shown as `stat_N`.
 pub fn stat_name(i: usize) -> String {
-    STAT_NAMES
-        .get(i)
-        .map_or_else(|| format!("stat_{i}"), |n| (*n).to_string())
+    lb_common::Stat::from_index(i).map_or_else(|| format!("stat_{i}"), |s| s.name().to_string())
 }
 
 /// A backend's counters: client packets forwarded to it.
@@ -173,12 +142,15 @@ mod tests {
 
     #[test]
     fn every_stat_has_a_name() {
-        // A counter added to `lb_common::Stat` without a name here would show as `stat_N` in
-        // the log, /status and /metrics.
-        assert_eq!(STAT_NAMES.len(), lb_common::STATS_LEN as usize);
-        assert_eq!(
-            stat_name(STAT_NAMES.len()),
-            format!("stat_{}", STAT_NAMES.len())
-        );
+        // A counter the program has must show by name in the log, /status and /metrics;
+        // one past them (a newer program's) as `stat_N`.
+        let len = lb_common::STATS_LEN as usize;
+        for i in 0..len {
+            assert!(
+                !stat_name(i).starts_with("stat_"),
+                "counter {i} has no name"
+            );
+        }
+        assert_eq!(stat_name(len), format!("stat_{len}"));
     }
 }

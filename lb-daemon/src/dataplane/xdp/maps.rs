@@ -15,6 +15,9 @@ use lb_common::{Counters, STATS_LEN};
 
 use super::ids::{BackendIds, IdPool};
 use crate::config::{Forwarding, Protocol, Service};
+
+/// Seconds a SNAT port whose flow ended stays out of use before another flow may take it.
+const SNAT_PORT_HOLD_S: u32 = 2;
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
 
@@ -509,6 +512,7 @@ impl ServiceSlot {
             local_addr: addr_words(self.local_address),
             snat_port_min: if nat { self.snat_ports.0 } else { 0 },
             snat_port_max: if nat { self.snat_ports.1 } else { 0 },
+            snat_hold_s: if nat { SNAT_PORT_HOLD_S } else { 0 },
         }
     }
 }
