@@ -71,8 +71,62 @@
 //! into VIP → client. Give each service its own range (or its own address); keep the ranges
 //! outside `net.ipv4.ip_local_port_range` of the balancer host, or the host's own connections
 //! could collide with translated flows. A range of N ports carries at most N concurrent flows
-//! per backend address and port; beyond that new flows are dropped
+//! per backend address and port; see "SNAT ports" for what happens beyond that.
+//!
+//! ## SNAT ports
+//!
+//! A port is taken by the first packet of a flow (a TCP SYN without ACK, or a UDP packet),
+//! never by a TCP segment without SYN: one whose flow has no port towards the backend the
+//! table gives (conntrack and `NAT_REVERSE` entries lost, or its backend went down) was never
+//! seen by that backend, so it is answered with a RST
+//! ([`Stat::ResetNatNoFlow`](crate::Stat::ResetNatNoFlow)) and takes nothing.
+//!
+//! The port's `NAT_REVERSE` entry records the flow's life in [`NatReverse::state`]: the
+//! client's FIN ([`NAT_F_FIN_CLIENT`]) and the backend's ([`NAT_F_FIN_BACKEND`]) as they pass;
+//! when both have passed, or an RST either way, the flow has *ended* ([`NAT_F_ENDED`], with the
+//! time). Its port is *free* once [`Service::snat_hold_s`] has passed since it ended, or once
+//! the flow has been idle (no packet either way) longer than the service's
+//! [`Limits::idle_timeout_s`] plus `CT_REFRESH_SECS + 1` (UDP flows, and TCP flows that
+//! vanished without a FIN or RST the balancer saw). Nothing walks the map: a new flow probes
+//! up to 8 ports of the range from its flow hash and takes, in this order, a port whose entry
+//! already translates it (its conntrack entry was lost), a never-used port (inserted with
+//! `BPF_NOEXIST`), or among the free ones the one free the longest (an approximation of
+//! least-recently-freed first over the probed ports). It claims a free port by a
+//! compare-and-swap of the state word from the value it read (a packet of the old flow
+//! refreshing it meanwhile, or another CPU claiming it, makes the swap fail), then replaces
+//! the entry whole. A packet of a flow whose port another flow has taken over finds the entry
+//! naming another client and is answered with a RST
+//! ([`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed)), never translated
+//! onto the new flow. The established path costs what it did: the one `NAT_REVERSE` lookup
+//! each client packet made already, plus one compare of the client's address and ports; FINs
+//! and RSTs add an atomic OR, and the time is written at most every `CT_REFRESH_SECS`.
+//!
+//! A SYN that finds no free port among its probes is answered with a RST+ACK
+//! ([`Stat::RefusedNatPortsExhausted`](crate::Stat::RefusedNatPortsExhausted)), so the client
+//! fails at once instead of retrying into a drop, and gives back the connection slot the
+//! per-client limits gave it; a UDP packet is dropped
 //! ([`Stat::DropNatPortsExhausted`](crate::Stat::DropNatPortsExhausted)).
+//!
+//! **The hold.** After the flow ended, its last ACK (or a retransmitted FIN) may still be on
+//! its way; while the port is held they are translated as before. The other reason for a
+//! hold is the backend's TIME_WAIT: when the backend closed first, its socket for
+//! (local_addr:port → backend) stays in TIME_WAIT for 60 s (Linux's `TCP_TIMEWAIT_LEN`). A
+//! new flow's SYN on that 4-tuple is not lost: Linux (`tcp_timewait_state_process`) accepts
+//! it as a new connection when its sequence number is after the old connection's, or its
+//! timestamp newer than the old one's; otherwise it answers with the old connection's ACK,
+//! the client's stack answers that with a RST, which ends the TIME_WAIT (with the default
+//! `net.ipv4.tcp_rfc1337 = 0`), and the client's SYN retransmitted a second later connects.
+//! A flow from the same client keeps its clock, so it is accepted at once; a flow from
+//! another client has a random ISN and timestamp offset, and pays that second about half the
+//! time. A hold of 60 s would avoid it altogether but would limit a range to
+//! ports × local addresses × backends / 60 new flows per second (1,525 per second for the
+//! default range and 3 backends), and refuse every flow beyond: a SYN delayed by a second
+//! now and then is the better failure. The default hold is therefore short (2 s, a few
+//! retransmission timeouts for the old flow's last packets), and probing takes the port free
+//! the longest, so that ports come back to a backend as late as the range allows: a range of
+//! P ports in front of B backends reaches a port again after about P × B / (new flows per
+//! second) seconds, which stays above 60 s below P × B / 60 new flows per second. Sustained
+//! new flows per second are bounded by ports × local addresses × backends / hold.
 //!
 //! Replies arrive on the backend-facing interface: **`lb_xdp` must be attached there too**
 //! (and on every interface replies can come in on). A reply that finds no `NAT_REVERSE`
