@@ -217,6 +217,8 @@ type Measured = (Vec<(Metric, f64)>, Vec<String>);
 /// A path set up for all its rounds: the XDP paths' veth set-up and the balancer process.
 struct PathRun<'t> {
     path: Path,
+    /// The topology, whose balancer namespace gets its ephemeral ports back at the end.
+    running_topology: &'t Topology,
     /// Declared before `xdp`: fields drop in order, and the balancer must detach first.
     running: Option<Running>,
     /// The XDP paths' extra set-up.
@@ -246,6 +248,9 @@ impl<'t> PathRun<'t> {
             }
             None => None,
         };
+        // The proxies' wide ephemeral range (see `topology`) would leave XDP NAT no room for
+        // its default SNAT range; an XDP host keeps the kernel's default.
+        set_local_ports(topo, path.xdp_setup().is_some())?;
         let mut running = match balancer::start(path, topo, &plan.programs, work, log) {
             Ok(r) => r,
             Err(StartError::Unavailable(why)) => return Err(why),
@@ -253,7 +258,12 @@ impl<'t> PathRun<'t> {
         };
         let target = path.targets(VIP_RR)[0];
         wait_answering(topo, target, running.as_mut()).map_err(|e| format!("{e:#}"))?;
-        Ok(PathRun { path, running, xdp })
+        Ok(PathRun {
+            path,
+            running_topology: topo,
+            running,
+            xdp,
+        })
     }
 
     /// Stops the balancer, then undoes the set-up; notes a balancer that exited on its own.
@@ -268,6 +278,9 @@ impl<'t> PathRun<'t> {
         }
         drop(self.running.take());
         drop(self.xdp.take());
+        if let Err(e) = set_local_ports(self.running_topology, false) {
+            notes.push(e);
+        }
     }
 
     /// Runs every test once on the running balancer.
@@ -408,6 +421,19 @@ impl<'t> PathRun<'t> {
         }
         (figures, notes)
     }
+}
+
+/// The balancer namespace's ephemeral ports: the kernel's default for an XDP path, else the
+/// wide range every proxy path gets (`topology`).
+fn set_local_ports(topo: &Topology, xdp: bool) -> Result<(), String> {
+    let range = if xdp {
+        topology::KERNEL_LOCAL_PORTS
+    } else {
+        topology::PROXY_LOCAL_PORTS
+    };
+    topo.balancer
+        .sysctl("net.ipv4.ip_local_port_range", range)
+        .map_err(|e| format!("setting the balancer's ip_local_port_range to {range}: {e}"))
 }
 
 /// Waits (up to 10 s) until one request/reply exchange with `target` succeeds from the
