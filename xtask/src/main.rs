@@ -6,6 +6,7 @@ mod bench;
 mod bpf_object;
 mod build_ebpf;
 mod demo;
+mod fuzz_xdp;
 mod test;
 mod util;
 
@@ -59,6 +60,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Run the XDP program on generated frames (BPF_PROG_TEST_RUN) and check every outcome
+    /// (needs root); CI runs 100,000 of them in `cargo xtask test`.
+    FuzzXdp {
+        /// How many frames.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// The generator's seed (default: the test's fixed seed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +83,7 @@ fn main() -> ExitCode {
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Demo { serve } => demo::run(serve),
         Task::Bench { quick } => bench::run(quick),
+        Task::FuzzXdp { frames, seed } => fuzz_xdp::run(frames, seed),
     };
     match result {
         Ok(code) => code,
