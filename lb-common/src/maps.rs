@@ -71,12 +71,83 @@
 //! into VIP → client. Give each service its own range (or its own address); keep the ranges
 //! outside `net.ipv4.ip_local_port_range` of the balancer host, or the host's own connections
 //! could collide with translated flows. A range of N ports carries at most N concurrent flows
-//! per backend address and port; beyond that new flows are dropped
-//! ([`Stat::DropNatPortsExhausted`](crate::Stat::DropNatPortsExhausted)).
+//! per backend address and port; beyond that new flows are refused (see "SNAT ports").
 //!
 //! Replies arrive on the backend-facing interface: **`lb_xdp` must be attached there too**
 //! (and on every interface replies can come in on). A reply that finds no `NAT_REVERSE`
 //! entry is an ordinary non-VIP packet and passes to the kernel untouched.
+//!
+//! ## SNAT ports
+//!
+//! A SNAT port of `local_addr` towards one backend address and port is one `NAT_REVERSE`
+//! entry, keyed by the reply's 5-tuple. The program never deletes it: when its flow ends the
+//! entry stays, marked in its [`NatReverse::state`] word (time and `NAT_F_*` flags), and a new
+//! flow later takes it over by replacing the element whole. So NAT_REVERSE holds at most one
+//! entry per (local address, port, backend address and port, protocol), and a late packet of
+//! the old flow still finds whom the port belonged to. Nothing in userspace walks the map.
+//!
+//! - **In use**: a flow's packets keep the state's time fresh (rewritten at most every
+//!   [`CT_REFRESH_SECS`], by the client's packets and the backend's replies). The client's
+//!   FIN sets [`NAT_F_FIN_CLIENT`], the backend's (in a reply) [`NAT_F_FIN_BACKEND`].
+//! - **Ended** ([`NAT_F_ENDED`], the time becomes the end): by the second of the two FINs,
+//!   or an RST either way. If the backend's FIN came first the backend's socket sits in
+//!   TIME_WAIT for that 4-tuple, marked [`NAT_F_TIME_WAIT`]: the port is held for
+//!   [`Service::snat_hold_s`]. Otherwise (the client closed first, so the backend closed
+//!   passively; or an RST, which leaves no TIME_WAIT) it is held only
+//!   `min(snat_hold_s, `[`SNAT_QUIET_S`]`)`, for the last ACK and retransmitted FINs in flight.
+//! - **Idle**: a flow not ended whose time is older than its service's
+//!   [`Limits::idle_timeout_s`]` + CT_REFRESH_SECS + 1` (as conntrack ageing) is free too,
+//!   for TCP only once `snat_hold_s` has also passed since its last packet (the backend may
+//!   have closed it). With `idle_timeout_s` 0 ports are freed only by FINs and RSTs.
+//! - **Taken over**: a new flow (a TCP SYN, or a UDP packet, that has no port) probes up to
+//!   8 ports of the range starting at its hash. A probed port without entry (never used, or
+//!   evicted) is taken at once with a `BPF_NOEXIST` insert; else, among the probed ports that
+//!   are free, the one free the longest (the oldest state time): least recently freed first,
+//!   approximated over the probes, not over the whole range. The taker claims it with a
+//!   64-bit compare-and-swap of the state word from the value it read to one with
+//!   [`NAT_F_CLAIMED`], then replaces the element with its own (`BPF_EXIST`). Two CPUs that
+//!   read the same free port race on the compare-and-swap and one wins; an old flow's packet
+//!   that changes the word meanwhile (a refresh, a FIN) makes the claim fail, and the new
+//!   flow is refused rather than share the port. A claim whose update fails (no memory) puts
+//!   the word back.
+//! - **Ownership**: a client packet of a flow with a port checks that the port's entry still
+//!   names its client address and port and VIP address and port (the entry is already read
+//!   for every packet, to re-create it after an eviction, so this costs compares, no lookup).
+//!   A packet of a flow whose port another flow took over is never translated onto it: a TCP
+//!   segment is answered with a RST, a UDP packet dropped, both counted in
+//!   [`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed). The reverse
+//!   direction cannot tell: the backend's late packets of the old flow carry the new flow's
+//!   5-tuple, which is what the hold is for.
+//!
+//! A new flow that finds no port is refused at once: its SYN gets a RST+ACK
+//! ([`Stat::RefusedNatPortsExhausted`](crate::Stat::RefusedNatPortsExhausted)), a UDP packet
+//! is dropped ([`Stat::DropNatPortsExhausted`](crate::Stat::DropNatPortsExhausted)), and a
+//! connection slot the per-client limits gave it goes back. A TCP segment without SYN that has
+//! no port (its conntrack entry, and its port's entry, are gone, or its backend went down) takes
+//! none, since its backend never saw the flow: it is answered with a RST
+//! ([`Stat::ResetNatNoFlow`](crate::Stat::ResetNatNoFlow)). If its port's entry survived its
+//! conntrack entry, the probe finds it and the flow goes on. A SYN with FIN or RST is dropped
+//! ([`Stat::DropSynFin`](crate::Stat::DropSynFin)), in both modes.
+//!
+//! **Why the hold, and its default.** Measured on Linux 6.18 (two network namespaces, a
+//! server that closes first so it holds TIME_WAIT for 60 s, `tcp_timestamps=1`,
+//! `tcp_rfc1337=0`, SYNs crafted on the old 4-tuple): a SYN whose timestamp is newer than the
+//! old connection's last one is accepted (SYN-ACK) whatever its sequence number; with an older
+//! timestamp it gets an ACK of the old connection instead, whatever its sequence number;
+//! without timestamps it is accepted only if its sequence number is after the old one's. After
+//! the ACK, the client's RST (what a connecting Linux client sends) kills the TIME_WAIT and
+//! the same SYN again is accepted. A port reused by a *different* client carries an unrelated
+//! timestamp (Linux offsets them per address pair) and sequence number, so about half of such
+//! SYNs land on TIME_WAIT: the client loses its SYN retransmission timeout (1 s on Linux), or,
+//! against a backend with `tcp_rfc1337=1`, up to the 60 s of TIME_WAIT. (The same client
+//! through the same VIP sends increasing timestamps and is accepted.) The hazard does not
+//! shrink with a hold shorter than TIME_WAIT, so the useful holds are 60 s (no SYN lands on
+//! TIME_WAIT) or near 0; `lb-daemon` writes 60, and only ports whose backend closed first (or
+//! that idled out) pay it. The cost: where backends close first (HTTP with `Connection:
+//! close`), a backend sustains at most `ports / snat_hold_s` new flows per second per local
+//! address (the default range of 4,536 ports: 75/s) before SYNs are refused; a short hold
+//! lifts that to the concurrency limit at the price of the 1 s stalls above, and the
+//! least-recently-freed order makes them rare while the rate stays below `ports / 60`.
 //!
 //! ## DSR
 //!
@@ -413,8 +484,11 @@ pub struct Service {
     pub snat_port_min: u16,
     /// Last SNAT port (`nat` only), host byte order, inclusive; `>= snat_port_min`.
     pub snat_port_max: u16,
-    /// Seconds a SNAT port whose flow ended stays out of use (`nat` only; see "SNAT ports" in
-    /// the module docs): the service's `snat_port_hold`.
+    /// Seconds a SNAT port stays out of use after a flow that may have left the backend in
+    /// TIME_WAIT (its FIN came first, or the flow idled out) before another flow towards the
+    /// same backend address and port may take it (`nat` only; see "SNAT ports" in the module
+    /// docs). Other ends hold it `min(snat_hold_s, SNAT_QUIET_S)`. The daemon writes its
+    /// default, 60 (Linux's TIME_WAIT length), until a `snat_port_hold` setting exists.
     pub snat_hold_s: u32,
 }
 
@@ -557,10 +631,21 @@ pub struct NatReverse {
 pub const NAT_F_FIN_CLIENT: u32 = 1;
 /// [`NatReverse::state`] flag: the backend's FIN was seen.
 pub const NAT_F_FIN_BACKEND: u32 = 2;
-/// [`NatReverse::state`] flag: the flow ended (both FINs, or an RST either way, or a claim
-/// that could not finish) at the state's time; the port is free once
-/// [`Service::snat_hold_s`] has passed since.
+/// [`NatReverse::state`] flag: the flow ended (both FINs, or an RST either way) at the state's
+/// time; the port is free once its hold has passed since (see "SNAT ports" in the module
+/// docs).
 pub const NAT_F_ENDED: u32 = 4;
+/// [`NatReverse::state`] flag: the flow ended with the backend's FIN first, so the backend
+/// holds the 4-tuple in TIME_WAIT; the port is held for the whole [`Service::snat_hold_s`].
+pub const NAT_F_TIME_WAIT: u32 = 8;
+/// [`NatReverse::state`] flag: a CPU won the compare-and-swap for the port and is replacing
+/// the entry; no other CPU may take it meanwhile.
+pub const NAT_F_CLAIMED: u32 = 16;
+
+/// Seconds a SNAT port whose flow ended without TIME_WAIT on the backend (the client's FIN
+/// first, or an RST) stays out of use, at most [`Service::snat_hold_s`]: enough for the
+/// backend's last ACK or a retransmitted FIN still in flight to find the old flow.
+pub const SNAT_QUIET_S: u32 = 2;
 
 /// The [`NatReverse::state`] word of a flow last seen (or ended) at `seen_s` with `flags`.
 #[inline(always)]

@@ -15,11 +15,15 @@ use lb_common::{Counters, STATS_LEN};
 
 use super::ids::{BackendIds, IdPool};
 use crate::config::{Forwarding, Protocol, Service};
-
-/// Seconds a SNAT port whose flow ended stays out of use before another flow may take it.
-const SNAT_PORT_HOLD_S: u32 = 2;
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
+
+/// Seconds a SNAT port stays out of use after its backend closed first (into TIME_WAIT)
+/// before another flow towards that backend may take it: Linux's TIME_WAIT length, so no SYN
+/// of another client lands on the old flow's TIME_WAIT (see "SNAT ports" in
+/// `lb_common::maps`). Written to `contract::Service::snat_hold_s` until a `snat_port_hold`
+/// setting exists.
+const SNAT_PORT_HOLD_S: u32 = 60;
 
 /// Why a map could not be opened or written.
 #[derive(Debug, thiserror::Error)]
