@@ -152,6 +152,7 @@ mod tests {
                 path("lb-proxy", PathKind::Ours, 8.0),
                 path("nginx", PathKind::Peer, 5.0),
             ],
+            churn: vec![],
             notes: vec![],
         };
         let svg = ratios_svg(&report).expect("chart renders");

@@ -127,6 +127,54 @@ pub fn connections(targets: &[SocketAddr], threads: usize, dur: Duration) -> Rat
     }
 }
 
+/// [`connections`] for `dur`, counted per `window`: one [`Rate`] per whole window, in order
+/// (a last partial window is left out). `Err` when `window` is zero or longer than `dur`.
+pub fn connections_timeline(
+    targets: &[SocketAddr],
+    threads: usize,
+    dur: Duration,
+    window: Duration,
+) -> io::Result<Vec<Rate>> {
+    if window.is_zero() || window > dur {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("window {window:?} must be non-zero and at most the run ({dur:?})"),
+        ));
+    }
+    let windows = (dur.as_nanos() / window.as_nanos()) as usize;
+    let done: Vec<AtomicU64> = (0..windows).map(|_| AtomicU64::new(0)).collect();
+    let failed: Vec<AtomicU64> = (0..windows).map(|_| AtomicU64::new(0)).collect();
+    let started = Instant::now();
+    let end = window * windows as u32;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (done, failed) = (&done, &failed);
+            s.spawn(move || {
+                let mut k = t;
+                while started.elapsed() < end && !stop::requested() {
+                    let target = targets[k % targets.len()];
+                    k += 1;
+                    let ok = one_exchange(target).is_ok();
+                    // Counted in the window the exchange ended in.
+                    let w = (started.elapsed().as_nanos() / window.as_nanos()) as usize;
+                    if let Some(slot) = if ok { done.get(w) } else { failed.get(w) } {
+                        slot.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    Ok(done
+        .into_iter()
+        .zip(failed)
+        .map(|(d, f)| Rate {
+            done: d.into_inner(),
+            failed: f.into_inner(),
+            seconds: window.as_secs_f64(),
+        })
+        .collect())
+}
+
 fn one_exchange(target: SocketAddr) -> io::Result<()> {
     let mut conn = TcpStream::connect_timeout(&target, PATIENCE)?;
     conn.set_nodelay(true)?;

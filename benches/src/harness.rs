@@ -12,7 +12,7 @@ use crate::balancer::{self, Path, Programs, Running, StartError, VIP_BULK, VIP_R
 use crate::client;
 use crate::metric::Metric;
 use crate::procstat;
-use crate::report::{Figure, Machine, PathKind, PathReport, Report};
+use crate::report::{Churn, Figure, Machine, PathKind, PathReport, Report};
 use crate::server::Servers;
 use crate::stop;
 use crate::topology::{self, Topology};
@@ -33,7 +33,16 @@ pub struct Plan {
     pub command: String,
     /// Paths to measure (default: all).
     pub paths: Vec<Path>,
+    /// How long the churn test of [`CHURN_PATHS`] runs (zero: not at all); at least two
+    /// [`CHURN_WINDOW`]s for a first and a last figure.
+    pub churn_time: Duration,
 }
+
+/// The paths whose report gets a churn figure: new connections at full speed for
+/// [`Plan::churn_time`] on the balancer that ran the rounds, the first and the last
+/// [`CHURN_WINDOW`] compared. Full NAT is where a leak of SNAT ports shows.
+const CHURN_PATHS: [Path; 1] = [Path::LbXdpNat];
+const CHURN_WINDOW: Duration = Duration::from_secs(10);
 
 /// Client concurrency: 16 connection loops, 16 kept-alive connections, 8 UDP sockets.
 const CONN_THREADS: usize = 16;
@@ -59,51 +68,75 @@ pub fn run(plan: &Plan) -> Result<Report> {
     let mut skipped: BTreeMap<&str, String> = BTreeMap::new();
     let mut samples: BTreeMap<&str, BTreeMap<Metric, Vec<f64>>> = BTreeMap::new();
     let mut notes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for round in 0..plan.rounds {
-        // Rotate the order each round so no path always runs first (or right after another).
-        let mut order: Vec<Path> = plan.paths.clone();
-        let shift = round % order.len().max(1);
-        order.rotate_left(shift);
-        for path in order {
+    let mut churn = Vec::new();
+    // Every round of a path runs on one balancer process, started once, as a user runs it:
+    // a leak (ports, fds, memory) shows as a rate falling from round to round instead of being
+    // reset by a fresh daemon. The price is that paths are not interleaved round by round.
+    for path in plan.paths.iter().copied() {
+        if stop::requested() {
+            bail!("interrupted");
+        }
+        let log = logs.join(format!("{}.log", path.name()));
+        let mut run = match PathRun::start(plan, &topo, path, &work, log) {
+            Ok(run) => run,
+            Err(reason) => {
+                if stop::requested() {
+                    bail!("interrupted");
+                }
+                let reason = if matches!(path, Path::LbXdpNat | Path::LbXdpDsr) {
+                    format!("the XDP data plane did not start: {reason}")
+                } else {
+                    reason
+                };
+                eprintln!("lb-bench: {}: skipped: {reason}", path.name());
+                skipped.insert(path.name(), reason);
+                continue;
+            }
+        };
+        for round in 0..plan.rounds {
             if stop::requested() {
                 bail!("interrupted");
             }
-            if skipped.contains_key(path.name()) {
-                continue;
-            }
             eprintln!(
-                "lb-bench: round {}/{}: {}",
+                "lb-bench: {}: round {}/{}",
+                path.name(),
                 round + 1,
-                plan.rounds,
-                path.name()
+                plan.rounds
             );
-            let log = logs.join(format!("{}-round{}.log", path.name(), round + 1));
-            match measure(plan, &topo, path, &work, log, round) {
-                Ok((figures, mut n)) => {
-                    for (m, v) in figures {
-                        samples
-                            .entry(path.name())
-                            .or_default()
-                            .entry(m)
-                            .or_default()
-                            .push(v);
-                    }
-                    notes.entry(path.name()).or_default().append(&mut n);
-                }
-                Err(reason) => {
-                    if stop::requested() {
-                        bail!("interrupted");
-                    }
-                    let reason = if matches!(path, Path::LbXdpNat | Path::LbXdpDsr) {
-                        format!("the XDP data plane did not start: {reason}")
-                    } else {
-                        reason
-                    };
-                    eprintln!("lb-bench: {}: skipped: {reason}", path.name());
-                    skipped.insert(path.name(), reason);
-                }
+            let (figures, mut n) = run.measure_round(plan, &topo, round);
+            for (m, v) in figures {
+                samples
+                    .entry(path.name())
+                    .or_default()
+                    .entry(m)
+                    .or_default()
+                    .push(v);
+            }
+            notes.entry(path.name()).or_default().append(&mut n);
+        }
+        if CHURN_PATHS.contains(&path) && !plan.churn_time.is_zero() {
+            eprintln!(
+                "lb-bench: {}: churn, {} s of new connections",
+                path.name(),
+                plan.churn_time.as_secs()
+            );
+            let timeline = topo.client.enter(|| {
+                client::connections_timeline(
+                    &path.targets(VIP_RR),
+                    CONN_THREADS,
+                    plan.churn_time,
+                    CHURN_WINDOW,
+                )
+            });
+            match timeline.and_then(|t| t) {
+                Ok(t) => churn.push(Churn::from_windows(path.name(), CHURN_WINDOW, &t)),
+                Err(e) => notes
+                    .entry(path.name())
+                    .or_default()
+                    .push(format!("churn test failed: {e}")),
             }
         }
+        run.finish(notes.entry(path.name()).or_default());
     }
     let paths = plan
         .paths
@@ -151,6 +184,10 @@ pub fn run(plan: &Plan) -> Result<Report> {
          loopback) through the balancer's kernel routing (lb_xdp passes them) to the client, \
          not through XDP."
             .to_string(),
+        "Every round of a path runs on one balancer process started once for the path (as a \
+         user runs it: a leak shows as a falling rate), with lb-daemon's documented defaults \
+         (no `snat_ports`); paths run one after the other, not interleaved round by round."
+            .to_string(),
         "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
          16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
          clients, servers and the balancer share the same cores."
@@ -169,6 +206,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
         rounds: plan.rounds,
         seconds_per_test: plan.test_time.as_secs_f64(),
         paths,
+        churn,
         notes: run_notes,
     })
 }
@@ -176,181 +214,226 @@ pub fn run(plan: &Plan) -> Result<Report> {
 /// One round of one path: each figure's sample, and what went wrong on the way.
 type Measured = (Vec<(Metric, f64)>, Vec<String>);
 
-/// Starts `path`'s balancer, waits until it answers, runs every test once. `Err(reason)`
-/// when the path cannot run at all.
-fn measure(
-    plan: &Plan,
-    topo: &Topology,
+/// A path set up for all its rounds: the XDP paths' veth set-up and the balancer process.
+struct PathRun<'t> {
     path: Path,
-    work: &std::path::Path,
-    log: PathBuf,
-    round: usize,
-) -> Result<Measured, String> {
-    // The XDP paths' extra set-up comes first (the daemon's XDP needs the decapsulators on
-    // the veth peers) and goes last (after the daemon detached).
-    let xdp = match path.xdp_setup() {
-        Some(kind) => {
-            let object = plan
-                .programs
-                .bpf_object
-                .as_ref()
-                .map_err(|why| format!("no BPF object: {why}"))?;
-            Some(XdpSetup::start(topo, kind, object)?)
-        }
-        None => None,
-    };
-    let mut running = match balancer::start(path, topo, &plan.programs, work, log) {
-        Ok(r) => r,
-        Err(StartError::Unavailable(why)) => return Err(why),
-        Err(e) => return Err(format!("could not start: {e}")),
-    };
-    let target = path.targets(VIP_RR)[0];
-    wait_answering(topo, target, running.as_mut()).map_err(|e| format!("{e:#}"))?;
+    /// The topology, whose balancer namespace gets its ephemeral ports back at the end.
+    running_topology: &'t Topology,
+    /// Declared before `xdp`: fields drop in order, and the balancer must detach first.
+    running: Option<Running>,
+    /// The XDP paths' extra set-up.
+    xdp: Option<XdpSetup<'t>>,
+}
 
-    let d = plan.test_time;
-    let mut figures = Vec::new();
-    let mut notes = Vec::new();
-    let fail = |what: &str, e: &dyn std::fmt::Display, notes: &mut Vec<String>| {
-        notes.push(format!("round {}: {what} failed: {e}", round + 1));
-        f64::NAN
-    };
-    let ns = topo.balancer.name();
-    // The balancer's CPU seconds so far: its processes' user + system time, plus, for XDP,
-    // the time the kernel ran lb_xdp (softirq). `None` when the XDP part cannot be read.
-    let cpu = |notes: &mut Vec<String>| -> (procstat::Usage, Option<f64>) {
-        let u = procstat::usage(ns);
-        let program = match &xdp {
-            Some(x) if path.kind() != PathKind::Baseline => match x.program_seconds() {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    notes.push(format!(
-                        "round {}: no LB CPU figures: the XDP program's run time: {e}",
-                        round + 1
-                    ));
-                    None
-                }
-            },
-            _ => Some(0.0),
-        };
-        (u, program.map(|p| p + u.cpu_seconds))
-    };
-    let (u0, c0) = cpu(&mut notes);
-    let s0 = procstat::softirq_seconds();
-    let mut bytes = 0u64;
-    for (metric, flows) in [(Metric::Bulk1, 1), (Metric::Bulk8, 8)] {
-        let r = topo
-            .client
-            .enter(|| client::bulk(&path.targets(VIP_BULK), flows, d))
-            .and_then(|r| r);
-        let v = match r {
-            Ok(b) => {
-                bytes += b.bytes;
-                b.gbps()
+impl<'t> PathRun<'t> {
+    /// Sets up `path` and starts its balancer, then waits until it answers. `Err(reason)`
+    /// when the path cannot run at all.
+    fn start(
+        plan: &Plan,
+        topo: &'t Topology,
+        path: Path,
+        work: &std::path::Path,
+        log: PathBuf,
+    ) -> Result<PathRun<'t>, String> {
+        // The XDP paths' extra set-up comes first (the daemon's XDP needs the decapsulators on
+        // the veth peers) and goes last (after the daemon detached).
+        let xdp = match path.xdp_setup() {
+            Some(kind) => {
+                let object = plan
+                    .programs
+                    .bpf_object
+                    .as_ref()
+                    .map_err(|why| format!("no BPF object: {why}"))?;
+                Some(XdpSetup::start(topo, kind, object)?)
             }
-            Err(e) => fail(metric.heading(), &e, &mut notes),
+            None => None,
         };
-        figures.push((metric, v));
-    }
-    let (u1, c1) = cpu(&mut notes);
-    let s1 = procstat::softirq_seconds();
-    let gb = bytes as f64 / 1e9;
-    // A baseline has no balancer (direct-xdp-veth's pass programs' loaders do nothing).
-    let has_process = path.kind() != PathKind::Baseline && u0.processes > 0 && u1.processes > 0;
-    if gb > 0.0 {
-        if let (true, Some(c0), Some(c1)) = (has_process, c0, c1) {
-            figures.push((Metric::CpuPerGb, (c1 - c0) * 1e3 / gb));
-        }
-        figures.push((Metric::SoftirqPerGb, (s1 - s0) * 1e3 / gb));
+        // The proxies' wide ephemeral range (see `topology`) would leave XDP NAT no room for
+        // its default SNAT range; an XDP host keeps the kernel's default.
+        set_local_ports(topo, path.xdp_setup().is_some())?;
+        let mut running = match balancer::start(path, topo, &plan.programs, work, log) {
+            Ok(r) => r,
+            Err(StartError::Unavailable(why)) => return Err(why),
+            Err(e) => return Err(format!("could not start: {e}")),
+        };
+        let target = path.targets(VIP_RR)[0];
+        wait_answering(topo, target, running.as_mut()).map_err(|e| format!("{e:#}"))?;
+        Ok(PathRun {
+            path,
+            running_topology: topo,
+            running,
+            xdp,
+        })
     }
 
-    let conns = topo
-        .client
-        .enter(|| client::connections(&path.targets(VIP_RR), CONN_THREADS, d));
-    let (_, c2) = cpu(&mut notes);
-    match conns {
-        Ok(r) => {
-            if r.failed > 0 {
+    /// Stops the balancer, then undoes the set-up; notes a balancer that exited on its own.
+    fn finish(mut self, notes: &mut Vec<String>) {
+        if let Some(r) = self.running.as_mut() {
+            if let Some(status) = r.exited() {
                 notes.push(format!(
-                    "round {}: {} of {} new connections failed",
-                    round + 1,
-                    r.failed,
-                    r.failed + r.done
-                ));
-            }
-            figures.push((Metric::ConnRate, r.per_second()));
-            if let (true, Some(c1), Some(c2)) = (has_process && r.done > 0, c1, c2) {
-                figures.push((
-                    Metric::CpuPer1kConn,
-                    (c2 - c1) * 1e3 / (r.done as f64 / 1e3),
+                    "the balancer exited during the tests ({status}); see {}",
+                    r.log().display()
                 ));
             }
         }
-        Err(e) => {
-            let v = fail(Metric::ConnRate.heading(), &e, &mut notes);
-            figures.push((Metric::ConnRate, v));
+        drop(self.running.take());
+        drop(self.xdp.take());
+        if let Err(e) = set_local_ports(self.running_topology, false) {
+            notes.push(e);
         }
     }
 
-    let kept = topo
-        .client
-        .enter(|| client::kept_alive(&path.targets(VIP_RR), KEPT_ALIVE, d))
-        .and_then(|r| r);
-    let v = match kept {
-        Ok(r) if r.failed == 0 => r.per_second(),
-        Ok(r) => fail(
-            Metric::KeepAliveRate.heading(),
-            &format!("{} of {KEPT_ALIVE} connections broke", r.failed),
-            &mut notes,
-        ),
-        Err(e) => fail(Metric::KeepAliveRate.heading(), &e, &mut notes),
-    };
-    figures.push((Metric::KeepAliveRate, v));
+    /// Runs every test once on the running balancer.
+    fn measure_round(&mut self, plan: &Plan, topo: &Topology, round: usize) -> Measured {
+        let path = self.path;
+        let xdp = &self.xdp;
+        let d = plan.test_time;
+        let mut figures = Vec::new();
+        let mut notes = Vec::new();
+        let fail = |what: &str, e: &dyn std::fmt::Display, notes: &mut Vec<String>| {
+            notes.push(format!("round {}: {what} failed: {e}", round + 1));
+            f64::NAN
+        };
+        let ns = topo.balancer.name();
+        // The balancer's CPU seconds so far: its processes' user + system time, plus, for XDP,
+        // the time the kernel ran lb_xdp (softirq). `None` when the XDP part cannot be read.
+        let cpu = |notes: &mut Vec<String>| -> (procstat::Usage, Option<f64>) {
+            let u = procstat::usage(ns);
+            let program = match xdp {
+                Some(x) if path.kind() != PathKind::Baseline => match x.program_seconds() {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        notes.push(format!(
+                            "round {}: no LB CPU figures: the XDP program's run time: {e}",
+                            round + 1
+                        ));
+                        None
+                    }
+                },
+                _ => Some(0.0),
+            };
+            (u, program.map(|p| p + u.cpu_seconds))
+        };
+        let (u0, c0) = cpu(&mut notes);
+        let s0 = procstat::softirq_seconds();
+        let mut bytes = 0u64;
+        for (metric, flows) in [(Metric::Bulk1, 1), (Metric::Bulk8, 8)] {
+            let r = topo
+                .client
+                .enter(|| client::bulk(&path.targets(VIP_BULK), flows, d))
+                .and_then(|r| r);
+            let v = match r {
+                Ok(b) => {
+                    bytes += b.bytes;
+                    b.gbps()
+                }
+                Err(e) => fail(metric.heading(), &e, &mut notes),
+            };
+            figures.push((metric, v));
+        }
+        let (u1, c1) = cpu(&mut notes);
+        let s1 = procstat::softirq_seconds();
+        let gb = bytes as f64 / 1e9;
+        // A baseline has no balancer (direct-xdp-veth's pass programs' loaders do nothing).
+        let has_process = path.kind() != PathKind::Baseline && u0.processes > 0 && u1.processes > 0;
+        if gb > 0.0 {
+            if let (true, Some(c0), Some(c1)) = (has_process, c0, c1) {
+                figures.push((Metric::CpuPerGb, (c1 - c0) * 1e3 / gb));
+            }
+            figures.push((Metric::SoftirqPerGb, (s1 - s0) * 1e3 / gb));
+        }
 
-    if path.has_udp() {
-        let udp = topo
+        let conns = topo
             .client
-            .enter(|| client::udp(&path.targets(VIP_UDP), UDP_SOCKETS, d))
-            .and_then(|r| r);
-        match udp {
-            Ok(u) => {
-                if u.rate.failed > 0 {
+            .enter(|| client::connections(&path.targets(VIP_RR), CONN_THREADS, d));
+        let (_, c2) = cpu(&mut notes);
+        match conns {
+            Ok(r) => {
+                if r.failed > 0 {
                     notes.push(format!(
-                        "round {}: {} UDP requests got no reply within 200 ms",
+                        "round {}: {} of {} new connections failed",
                         round + 1,
-                        u.rate.failed
+                        r.failed,
+                        r.failed + r.done
                     ));
                 }
-                figures.push((Metric::UdpRate, u.rate.per_second()));
-                figures.push((Metric::UdpP50, u.p50_us));
-                figures.push((Metric::UdpP99, u.p99_us));
+                figures.push((Metric::ConnRate, r.per_second()));
+                if let (true, Some(c1), Some(c2)) = (has_process && r.done > 0, c1, c2) {
+                    figures.push((
+                        Metric::CpuPer1kConn,
+                        (c2 - c1) * 1e3 / (r.done as f64 / 1e3),
+                    ));
+                }
             }
             Err(e) => {
-                let v = fail("UDP", &e, &mut notes);
-                for m in [Metric::UdpRate, Metric::UdpP50, Metric::UdpP99] {
-                    figures.push((m, v));
-                }
+                let v = fail(Metric::ConnRate.heading(), &e, &mut notes);
+                figures.push((Metric::ConnRate, v));
             }
         }
-    } else if round == 0 {
-        notes.push("no UDP figures: HAProxy does not balance UDP".into());
-    }
 
-    let u3 = procstat::usage(ns);
-    if has_process {
-        figures.push((Metric::PeakRss, u3.peak_rss as f64 / (1024.0 * 1024.0)));
-    }
-    if let Some(r) = running.as_mut() {
-        if let Some(status) = r.exited() {
-            notes.push(format!(
-                "round {}: the balancer exited during the tests ({status}); see {}",
-                round + 1,
-                r.log().display()
-            ));
+        let kept = topo
+            .client
+            .enter(|| client::kept_alive(&path.targets(VIP_RR), KEPT_ALIVE, d))
+            .and_then(|r| r);
+        let v = match kept {
+            Ok(r) if r.failed == 0 => r.per_second(),
+            Ok(r) => fail(
+                Metric::KeepAliveRate.heading(),
+                &format!("{} of {KEPT_ALIVE} connections broke", r.failed),
+                &mut notes,
+            ),
+            Err(e) => fail(Metric::KeepAliveRate.heading(), &e, &mut notes),
+        };
+        figures.push((Metric::KeepAliveRate, v));
+
+        if path.has_udp() {
+            let udp = topo
+                .client
+                .enter(|| client::udp(&path.targets(VIP_UDP), UDP_SOCKETS, d))
+                .and_then(|r| r);
+            match udp {
+                Ok(u) => {
+                    if u.rate.failed > 0 {
+                        notes.push(format!(
+                            "round {}: {} UDP requests got no reply within 200 ms",
+                            round + 1,
+                            u.rate.failed
+                        ));
+                    }
+                    figures.push((Metric::UdpRate, u.rate.per_second()));
+                    figures.push((Metric::UdpP50, u.p50_us));
+                    figures.push((Metric::UdpP99, u.p99_us));
+                }
+                Err(e) => {
+                    let v = fail("UDP", &e, &mut notes);
+                    for m in [Metric::UdpRate, Metric::UdpP50, Metric::UdpP99] {
+                        figures.push((m, v));
+                    }
+                }
+            }
+        } else if round == 0 {
+            notes.push("no UDP figures: HAProxy does not balance UDP".into());
         }
+
+        let u3 = procstat::usage(ns);
+        if has_process {
+            figures.push((Metric::PeakRss, u3.peak_rss as f64 / (1024.0 * 1024.0)));
+        }
+        (figures, notes)
     }
-    drop(running);
-    drop(xdp);
-    Ok((figures, notes))
+}
+
+/// The balancer namespace's ephemeral ports: the kernel's default for an XDP path, else the
+/// wide range every proxy path gets (`topology`).
+fn set_local_ports(topo: &Topology, xdp: bool) -> Result<(), String> {
+    let range = if xdp {
+        topology::KERNEL_LOCAL_PORTS
+    } else {
+        topology::PROXY_LOCAL_PORTS
+    };
+    topo.balancer
+        .sysctl("net.ipv4.ip_local_port_range", range)
+        .map_err(|e| format!("setting the balancer's ip_local_port_range to {range}: {e}"))
 }
 
 /// Waits (up to 10 s) until one request/reply exchange with `target` succeeds from the

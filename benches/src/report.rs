@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::client::Rate;
 use crate::metric::Metric;
 use crate::stats::{summarize, Summary};
 
@@ -91,8 +93,50 @@ pub struct Report {
     pub seconds_per_test: f64,
     /// Every path, run or skipped.
     pub paths: Vec<PathReport>,
+    /// The churn figures (new connections at full speed for a minute on one balancer).
+    pub churn: Vec<Churn>,
     /// Remarks about the whole run (methods, noise).
     pub notes: Vec<String>,
+}
+
+/// New connections per second at the start and at the end of a long run on one balancer: a
+/// leak of anything a connection holds (SNAT ports, file descriptors) shows as `last` falling
+/// below `first`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Churn {
+    /// The path.
+    pub path: String,
+    /// How long the run went, s.
+    pub seconds: f64,
+    /// New connections/s in the first window.
+    pub first: f64,
+    /// New connections/s in the last window.
+    pub last: f64,
+    /// The window, s.
+    pub window: f64,
+    /// Connections that failed over the whole run.
+    pub failed: u64,
+}
+
+impl Churn {
+    /// The churn figure of `path` from its per-window rates (`windows` of `window` each, in
+    /// order; at least one).
+    pub fn from_windows(path: &str, window: Duration, windows: &[Rate]) -> Churn {
+        let rate = |r: Option<&Rate>| r.map_or(f64::NAN, Rate::per_second);
+        Churn {
+            path: path.into(),
+            seconds: window.as_secs_f64() * windows.len() as f64,
+            first: rate(windows.first()),
+            last: rate(windows.last()),
+            window: window.as_secs_f64(),
+            failed: windows.iter().map(|r| r.failed).sum(),
+        }
+    }
+
+    /// `last / first`: 1.0 when nothing leaks.
+    pub fn ratio(&self) -> f64 {
+        self.last / self.first
+    }
 }
 
 /// An issue-4 target checked against a run.
@@ -222,7 +266,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "- each figure: median of {} rounds (min–max in brackets), paths interleaved, {} s per test",
+            "- each figure: median of {} rounds (min–max in brackets) on one balancer per path, {} s per test",
             self.rounds, self.seconds_per_test
         );
         let _ = writeln!(s, "\n### Absolute figures\n");
@@ -275,6 +319,29 @@ impl Report {
         for metric in Metric::ALL {
             if let Some((p, v)) = self.best_peer(metric) {
                 let _ = writeln!(s, "- {}: {} ({})", metric.heading(), p.name, number(v));
+            }
+        }
+        if !self.churn.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### Churn (new connections at full speed on one balancer)\n"
+            );
+            let _ = writeln!(
+                s,
+                "| path | run s | first window conn/s | last window conn/s | last / first | failed |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
+            for c in &self.churn {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.0} | {} | {} | {:.2}x | {} |",
+                    c.path,
+                    c.seconds,
+                    number(c.first),
+                    number(c.last),
+                    c.ratio(),
+                    c.failed
+                );
             }
         }
         let targets = self.targets();
@@ -412,6 +479,22 @@ mod tests {
                 ),
                 xdp,
             ],
+            churn: vec![Churn::from_windows(
+                "lb-xdp-nat",
+                Duration::from_secs(10),
+                &[
+                    Rate {
+                        done: 200_000,
+                        failed: 0,
+                        seconds: 10.0,
+                    },
+                    Rate {
+                        done: 190_000,
+                        failed: 2,
+                        seconds: 10.0,
+                    },
+                ],
+            )],
             notes: vec!["other work was running".into()],
         }
     }

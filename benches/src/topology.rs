@@ -35,6 +35,13 @@ pub fn backend_addr(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 77, i as u8 + 1, 2))
 }
 
+/// The ephemeral ports of the client and of the balancer for the proxy paths: wide, so that
+/// the second round's connection rate does not collapse on TIME_WAIT (see DESIGN notes).
+pub const PROXY_LOCAL_PORTS: &str = "1024 65000";
+/// Linux's default ephemeral ports, which the balancer keeps for the XDP paths (their NAT
+/// takes its default SNAT range outside them, as on a user's host).
+pub const KERNEL_LOCAL_PORTS: &str = "32768 60999";
+
 /// The namespaces; dropping it deletes them (and their veth pairs).
 pub struct Topology {
     /// Where the load generators run.
@@ -77,7 +84,7 @@ pub fn build() -> io::Result<Topology> {
     balancer.sysctl("net.ipv4.ip_forward", "1")?;
     for ns in [&client, &balancer] {
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", PROXY_LOCAL_PORTS)?;
     }
     for ns in &backends {
         // Each backend accepts thousands of connections a second.

@@ -130,24 +130,30 @@
 //! ([`Stat::DropSynFin`](crate::Stat::DropSynFin)), in both modes.
 //!
 //! **Why the hold, and its default.** Measured on Linux 6.18 (two network namespaces, a
-//! server that closes first so it holds TIME_WAIT for 60 s, `tcp_timestamps=1`,
-//! `tcp_rfc1337=0`, SYNs crafted on the old 4-tuple): a SYN whose timestamp is newer than the
-//! old connection's last one is accepted (SYN-ACK) whatever its sequence number; with an older
-//! timestamp it gets an ACK of the old connection instead, whatever its sequence number;
-//! without timestamps it is accepted only if its sequence number is after the old one's. After
-//! the ACK, the client's RST (what a connecting Linux client sends) kills the TIME_WAIT and
-//! the same SYN again is accepted. A port reused by a *different* client carries an unrelated
-//! timestamp (Linux offsets them per address pair) and sequence number, so about half of such
-//! SYNs land on TIME_WAIT: the client loses its SYN retransmission timeout (1 s on Linux), or,
-//! against a backend with `tcp_rfc1337=1`, up to the 60 s of TIME_WAIT. (The same client
-//! through the same VIP sends increasing timestamps and is accepted.) The hazard does not
-//! shrink with a hold shorter than TIME_WAIT, so the useful holds are 60 s (no SYN lands on
-//! TIME_WAIT) or near 0; `lb-daemon` writes 60, and only ports whose backend closed first (or
-//! that idled out) pay it. The cost: where backends close first (HTTP with `Connection:
-//! close`), a backend sustains at most `ports / snat_hold_s` new flows per second per local
-//! address (the default range of 4,536 ports: 75/s) before SYNs are refused; a short hold
-//! lifts that to the concurrency limit at the price of the 1 s stalls above, and the
-//! least-recently-freed order makes them rare while the rate stays below `ports / 60`.
+//! server that closes first so it holds TIME_WAIT for 60 s, Linux's `TCP_TIMEWAIT_LEN`;
+//! `tcp_timestamps=1`, `tcp_rfc1337=0`; SYNs crafted on the old 4-tuple): a SYN whose
+//! timestamp is newer than the old connection's last one is accepted (SYN-ACK) whatever its
+//! sequence number; with an older timestamp it gets an ACK of the old connection instead,
+//! whatever its sequence number (PAWS); without timestamps it is accepted only if its sequence
+//! number is after the old one's. After that ACK, the client's RST (what a connecting Linux
+//! client sends) ends the TIME_WAIT and the same SYN again is accepted: the client loses its
+//! SYN retransmission timeout (1 s on Linux), or, against a backend with `tcp_rfc1337=1`, up
+//! to the rest of the 60 s. A flow from the same client through the same VIP keeps its
+//! timestamp clock (Linux offsets timestamps per address pair) and is accepted at once; a flow
+//! from another client carries an unrelated timestamp and sequence number and stalls about
+//! half the time. A hold shorter than TIME_WAIT does not lower that chance, so the choice is
+//! between 60 s (no SYN lands on TIME_WAIT, but a range then carries at most
+//! `ports × local addresses × backends / 60` new flows per second where backends close first,
+//! and refuses every flow beyond) and a short hold (a SYN now and then delayed by a second
+//! under churn). `lb-daemon`'s default `snat_port_hold` is short, 2 s (a few retransmission
+//! timeouts for the old flow's last packets): a delayed SYN is the better failure than a
+//! refused one. Least-recently-freed probing keeps the stalls rare: a range of P ports in
+//! front of B backends reaches a port again after about `P × B / (new flows per second)`
+//! seconds, which stays above 60 s below `P × B / 60` new flows per second. Because only ports
+//! whose backend closed first are held the whole `snat_hold_s`, a service that sets 60 s pays
+//! it only where a TIME_WAIT exists. Sustained new flows per second are bounded by
+//! `ports × local addresses × backends / snat_hold_s` where backends close first, and by
+//! `/ min(snat_hold_s, SNAT_QUIET_S)` where clients close first or flows end by RST.
 //!
 //! ## DSR
 //!
@@ -487,8 +493,8 @@ pub struct Service {
     /// Seconds a SNAT port stays out of use after a flow that may have left the backend in
     /// TIME_WAIT (its FIN came first, or the flow idled out) before another flow towards the
     /// same backend address and port may take it (`nat` only; see "SNAT ports" in the module
-    /// docs). Other ends hold it `min(snat_hold_s, SNAT_QUIET_S)`. The daemon writes its
-    /// default, 60 (Linux's TIME_WAIT length), until a `snat_port_hold` setting exists.
+    /// docs). Other ends hold it `min(snat_hold_s, SNAT_QUIET_S)`. `lb-daemon` writes the
+    /// service's `snat_port_hold`, rounded up to whole seconds.
     pub snat_hold_s: u32,
 }
 

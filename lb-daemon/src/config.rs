@@ -450,6 +450,8 @@ struct RawService {
     forwarding: Option<Spanned<Forwarding>>,
     local_address: Option<Spanned<IpAddr>>,
     snat_ports: Option<Spanned<[u16; 2]>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    snat_port_hold: Option<Spanned<Duration>>,
 }
 
 #[derive(Deserialize)]
@@ -680,6 +682,7 @@ impl Validator<'_> {
                 forwarding: svc.forwarding.clone(),
                 local_address: svc.local_address.clone(),
                 snat_ports: svc.snat_ports.clone(),
+                snat_port_hold: svc.snat_port_hold,
             },
         )?;
         let mut backends = Vec::with_capacity(svc.backend.len());
@@ -1098,9 +1101,14 @@ pub enum Forwarding {
     Dsr,
 }
 
-/// The default `snat_ports`: above Linux's default `ip_local_port_range` (32768-60999), so
-/// the balancer host's own connections (health checks) never collide with translated flows.
-pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+/// The default `snat_port_hold`: how long a SNAT port whose flow ended stays out of use. Long
+/// enough for the last ACK and a retransmitted FIN of the old flow to find their translation
+/// (a few retransmission timeouts); see "SNAT ports" in `lb_common::maps` for why it is not
+/// the backend's TIME_WAIT (60 s).
+pub const DEFAULT_SNAT_PORT_HOLD: Duration = Duration::from_secs(2);
+
+/// The longest `snat_port_hold` accepted: a port held longer is as good as lost.
+pub const MAX_SNAT_PORT_HOLD: Duration = Duration::from_secs(3600);
 
 /// A service's XDP settings. Only the XDP data plane reads them; `interface` is `None`
 /// exactly when the service cannot use XDP (then the other fields are defaults).
@@ -1120,7 +1128,15 @@ pub struct XdpSettings {
     /// (`dsr`). Same family as the VIP and the backends. `Some` whenever `interface` is.
     pub local_address: Option<IpAddr>,
     /// `nat`: the SNAT source ports, inclusive; each concurrent flow to one backend takes one.
-    pub snat_ports: (u16, u16),
+    /// `None`: the default, chosen when the service starts on XDP: the widest range of at
+    /// least 1024 ports outside the host's `net.ipv4.ip_local_port_range` (1024-32767 with
+    /// Linux's default), so the balancer's own connections never collide with translated
+    /// flows. A configured range that overlaps it is refused then.
+    pub snat_ports: Option<(u16, u16)>,
+    /// `nat`: how long a SNAT port whose flow ended (both FINs, or an RST) stays out of use
+    /// before another flow towards the same backend may take it; whole seconds, at most
+    /// [`MAX_SNAT_PORT_HOLD`]. Default [`DEFAULT_SNAT_PORT_HOLD`].
+    pub snat_port_hold: Duration,
 }
 
 /// The XDP keys of one `[[service]]` as written, before validation.
@@ -1130,6 +1146,7 @@ struct RawXdp {
     forwarding: Option<Spanned<Forwarding>>,
     local_address: Option<Spanned<IpAddr>>,
     snat_ports: Option<Spanned<[u16; 2]>>,
+    snat_port_hold: Option<Spanned<Duration>>,
 }
 
 /// What the XDP rules need to know of the rest of a `[[service]]`.
@@ -1176,6 +1193,9 @@ impl Validator<'_> {
                     .as_ref()
                     .map(|v| ("local_address", v.span())),
                 raw.snat_ports.as_ref().map(|v| ("snat_ports", v.span())),
+                raw.snat_port_hold
+                    .as_ref()
+                    .map(|v| ("snat_port_hold", v.span())),
             ]
             .into_iter()
             .flatten()
@@ -1290,7 +1310,7 @@ impl Validator<'_> {
                         .into(),
                 ))
             }
-            (_, None) => DEFAULT_SNAT_PORTS,
+            (_, None) => None,
             (Forwarding::Nat, Some(p)) => {
                 let [lo, hi] = *p.get_ref();
                 if lo == 0 || hi < lo || u32::from(hi - lo) + 1 < 1024 {
@@ -1303,7 +1323,32 @@ impl Validator<'_> {
                         ),
                     ));
                 }
-                (lo, hi)
+                Some((lo, hi))
+            }
+        };
+        let snat_port_hold = match (forwarding, raw.snat_port_hold) {
+            (Forwarding::Dsr, Some(h)) => {
+                return Err(self.invalid(
+                    h.span(),
+                    f("snat_port_hold"),
+                    "`snat_port_hold` is for forwarding = \"nat\"; \"dsr\" takes no SNAT ports"
+                        .into(),
+                ))
+            }
+            (_, None) => DEFAULT_SNAT_PORT_HOLD,
+            (Forwarding::Nat, Some(h)) => {
+                if *h.get_ref() > MAX_SNAT_PORT_HOLD {
+                    return Err(self.invalid(
+                        h.span(),
+                        f("snat_port_hold"),
+                        format!(
+                            "{} is longer than the most a port may be held ({}s)",
+                            humantime::format_duration(*h.get_ref()),
+                            MAX_SNAT_PORT_HOLD.as_secs()
+                        ),
+                    ));
+                }
+                *h.get_ref()
             }
         };
         for (j, b) in svc.backends.iter().enumerate() {
@@ -1359,6 +1404,7 @@ impl Validator<'_> {
             forwarding,
             local_address: Some(local_address),
             snat_ports,
+            snat_port_hold,
         })
     }
 }
@@ -1410,7 +1456,11 @@ address = "10.200.2.2:80"
             "nat is the default forwarding"
         );
         assert_eq!(s.xdp.local_address, Some("10.200.0.1".parse().expect("ip")));
-        assert_eq!(s.xdp.snat_ports, DEFAULT_SNAT_PORTS);
+        assert_eq!(
+            s.xdp.snat_ports, None,
+            "the default range is chosen at start"
+        );
+        assert_eq!(s.xdp.snat_port_hold, DEFAULT_SNAT_PORT_HOLD);
         assert!(s.xdp.backend_interfaces.is_empty());
     }
 
@@ -1484,6 +1534,20 @@ address = "10.200.2.2:80"
         let (msg, line) = error("interface = \"eth0\"\nlocal_address = \"fd00::1\"");
         assert!(msg.contains("address family"), "{msg}");
         assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn snat_port_hold_is_a_nat_duration_of_at_most_an_hour() {
+        let nat = "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n";
+        let s = parse_service(&format!("{nat}snat_port_hold = \"30s\"")).expect("valid");
+        assert_eq!(s.xdp.snat_port_hold, Duration::from_secs(30));
+        let (msg, line) = error(&format!("{nat}snat_port_hold = \"2h\""));
+        assert!(msg.contains("service[0].snat_port_hold"), "{msg}");
+        assert_eq!(line, Some(7), "{msg}");
+        let (msg, _) = error(&format!(
+            "{nat}forwarding = \"dsr\"\nsnat_port_hold = \"1s\""
+        ));
+        assert!(msg.contains("service[0].snat_port_hold"), "{msg}");
     }
 
     #[test]

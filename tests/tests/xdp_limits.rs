@@ -72,7 +72,7 @@ fn config(topology: &Topology, max_connections: i64) -> String {
             ],
         ),
     ];
-    for (k, (port, name, keys)) in limits.into_iter().enumerate() {
+    for (port, name, keys) in limits {
         let mut table = Table::new();
         for (key, value) in keys {
             table.insert(key.into(), value);
@@ -84,13 +84,7 @@ fn config(topology: &Topology, max_connections: i64) -> String {
         for (key, value) in topology.xdp_keys(Mode::Nat) {
             svc = svc.set(key, value);
         }
-        let lo = 40_000 + 10_000 * k as i64;
-        svc = svc
-            .set(
-                "snat_ports",
-                Value::Array(vec![lo.into(), (lo + 9_999).into()]),
-            )
-            .backend(SocketAddr::new(IpAddr::V4(backend_ip(1)), port), 1);
+        svc = svc.backend(SocketAddr::new(IpAddr::V4(backend_ip(1)), port), 1);
         config = config.service(svc);
     }
     config.to_toml()

@@ -31,6 +31,10 @@ struct Args {
     /// Seconds per test (overrides the default).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Seconds of the churn test of lb-xdp-nat (new connections at full speed on the balancer
+    /// that ran the rounds; 0 skips it).
+    #[arg(long, default_value_t = 60)]
+    churn_seconds: u64,
     /// Only these paths (comma-separated names, e.g. `direct,lb-proxy`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -62,6 +66,12 @@ fn run(args: Args) -> Result<()> {
     let seconds = args.seconds.unwrap_or(if args.quick { 2.0 } else { 5.0 });
     if !(seconds > 0.0 && seconds <= 120.0) {
         bail!("--seconds {seconds}: expected more than 0 and at most 120");
+    }
+    if args.churn_seconds != 0 && !(20..=3600).contains(&args.churn_seconds) {
+        bail!(
+            "--churn-seconds {}: expected 0 or 20 to 3600 (two 10 s windows at least)",
+            args.churn_seconds
+        );
     }
     let paths = if args.only.is_empty() {
         Path::ALL.to_vec()
@@ -108,6 +118,7 @@ fn run(args: Args) -> Result<()> {
         out: args.out.clone(),
         command,
         paths,
+        churn_time: Duration::from_secs(args.churn_seconds),
     };
     let report = harness::run(&plan)?;
     std::fs::create_dir_all(&args.out)?;

@@ -144,11 +144,8 @@ impl Topology {
         balancer
             .sysctl("net.ipv4.ip_forward", "1")
             .expect("forwarding in the balancer");
-        // The balancer's own connections use ports below 40000; the NAT services' SNAT ports
-        // lie above (see world.rs).
-        balancer
-            .sysctl("net.ipv4.ip_local_port_range", "32768 39999")
-            .expect("the balancer's local port range");
+        // The balancer keeps the kernel's default ephemeral ports (32768-60999), as a user's
+        // host does: NAT services take the default SNAT range outside them (1024-32767).
         let mut backends = Vec::new();
         for i in 1..=n {
             let ns = Netns::new(&format!("b{i}")).expect("backend namespace");

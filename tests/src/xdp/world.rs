@@ -169,20 +169,17 @@ impl World {
 
 /// The `[[service]]` of the usual service `name` (`web`, `bulk` or `dns`, see the module
 /// docs) on XDP in `topology`, with backends `(i, weight)` (`i` 1-based): its VIP port, health
-/// check, XDP keys and SNAT ports.
+/// check and XDP keys. NAT services take the default SNAT range, as a user's would.
 pub fn service(
     topology: &Topology,
     mode: Mode,
     name: &str,
     backends: &[(usize, u32)],
 ) -> ServiceConfig {
-    // The NAT program never frees a SNAT port before its NAT_REVERSE entry is evicted, so
-    // give each service far more ports than the flows a test opens; the balancer's own
-    // connections (health checks) keep below 40000 (see Topology::new).
-    let (port, udp, snat): (u16, bool, (u16, u16)) = match name {
-        "web" => (WEB, false, (40_000, 54_999)),
-        "bulk" => (BULK, false, (55_000, 59_999)),
-        "dns" => (DNS, true, (60_000, 65_535)),
+    let (port, udp): (u16, bool) = match name {
+        "web" => (WEB, false),
+        "bulk" => (BULK, false),
+        "dns" => (DNS, true),
         other => panic!("no usual XDP test service `{other}`"),
     };
     let vip = SocketAddr::new(IpAddr::V4(VIP), port);
@@ -205,12 +202,6 @@ pub fn service(
     };
     for (key, value) in topology.xdp_keys(mode) {
         svc = svc.set(key, value);
-    }
-    if mode == Mode::Nat {
-        svc = svc.set(
-            "snat_ports",
-            toml::Value::Array(vec![i64::from(snat.0).into(), i64::from(snat.1).into()]),
-        );
     }
     for &(i, weight) in backends {
         svc = svc.backend(SocketAddr::new(IpAddr::V4(backend_ip(i)), port), weight);

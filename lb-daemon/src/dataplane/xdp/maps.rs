@@ -18,13 +18,6 @@ use crate::config::{Forwarding, Protocol, Service};
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
 
-/// Seconds a SNAT port stays out of use after its backend closed first (into TIME_WAIT)
-/// before another flow towards that backend may take it: Linux's TIME_WAIT length, so no SYN
-/// of another client lands on the old flow's TIME_WAIT (see "SNAT ports" in
-/// `lb_common::maps`). Written to `contract::Service::snat_hold_s` until a `snat_port_hold`
-/// setting exists.
-const SNAT_PORT_HOLD_S: u32 = 60;
-
 /// Why a map could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -428,6 +421,8 @@ pub struct ServiceSlot {
     pub local_address: IpAddr,
     /// SNAT ports, inclusive (NAT only).
     pub snat_ports: (u16, u16),
+    /// Seconds an ended flow's SNAT port is held before reuse (NAT only).
+    pub snat_hold_s: u32,
     /// Backend address → id, live and leaving.
     backends: BackendIds,
     /// The half packets read now, 0 or 1.
@@ -451,8 +446,9 @@ pub struct ServiceSlot {
 
 impl ServiceSlot {
     /// The slot of service `s` with service id `id`, nothing written yet. `local_address`
-    /// is `s.xdp.local_address`, which the caller checked is set.
-    pub fn new(id: u32, s: &Service, local_address: IpAddr) -> ServiceSlot {
+    /// is `s.xdp.local_address`, which the caller checked is set; `snat_ports` the range
+    /// [`super::snat::range`] chose (NAT).
+    pub fn new(id: u32, s: &Service, local_address: IpAddr, snat_ports: (u16, u16)) -> ServiceSlot {
         ServiceSlot {
             id,
             table_size: s.table_size,
@@ -460,7 +456,11 @@ impl ServiceSlot {
             protocol: s.protocol,
             forwarding: s.xdp.forwarding,
             local_address,
-            snat_ports: s.xdp.snat_ports,
+            snat_ports,
+            // Rounded up: a hold of 1.5 s must not end after 1 s.
+            snat_hold_s: u32::try_from(s.xdp.snat_port_hold.as_secs())
+                .unwrap_or(u32::MAX)
+                .saturating_add(u32::from(s.xdp.snat_port_hold.subsec_nanos() != 0)),
             backends: BackendIds::default(),
             active_half: 0,
             table_size_live: 0,
@@ -516,7 +516,7 @@ impl ServiceSlot {
             local_addr: addr_words(self.local_address),
             snat_port_min: if nat { self.snat_ports.0 } else { 0 },
             snat_port_max: if nat { self.snat_ports.1 } else { 0 },
-            snat_hold_s: if nat { SNAT_PORT_HOLD_S } else { 0 },
+            snat_hold_s: if nat { self.snat_hold_s } else { 0 },
         }
     }
 }

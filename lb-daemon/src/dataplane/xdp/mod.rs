@@ -17,6 +17,7 @@ pub mod limits;
 pub mod loader;
 pub mod maps;
 pub mod scan;
+pub mod snat;
 mod sync;
 
 use std::collections::BTreeMap;
@@ -256,6 +257,10 @@ impl XdpPlane {
         let (Some(interface), Some(local_address)) = (&s.xdp.interface, s.xdp.local_address) else {
             return Err("no `interface` or `local_address`".into());
         };
+        let snat_ports = match s.xdp.forwarding {
+            Forwarding::Nat => snat::range(s.xdp.snat_ports).map_err(|e| e.to_string())?,
+            Forwarding::Dsr => (0, 0),
+        };
         let mut wanted = vec![interface.clone()];
         for b in &s.xdp.backend_interfaces {
             if !wanted.contains(b) {
@@ -320,7 +325,7 @@ impl XdpPlane {
             ));
         }
         let id = st.service_ids.take().ok_or("no free service id")?;
-        let mut slot = ServiceSlot::new(id, &s, local_address);
+        let mut slot = ServiceSlot::new(id, &s, local_address, snat_ports);
         let deadline = Instant::now() + st.drain_timeout;
         let written = st
             .maps
