@@ -199,9 +199,22 @@ pub fn snat_port(
     let start = flow_hash(key);
     // The free port seen longest ago: (port, its state word, how long it has been free).
     let mut best: (u16, u64, u32) = (0, 0, 0);
+    // Probe offsets 0, 1, 3, 6, 10... (triangular numbers) rather than 0, 1, 2...: with
+    // consecutive probes the taken ports form runs that every flow hashing into one extends
+    // (primary clustering). Simulated with `flow_hash` over a 1,024-port range, the first SYN
+    // refused for want of a port came after a median of 438 flows with consecutive probes and
+    // 532 with these (1% of runs: 255 and 336). Ranges of at most SNAT_PROBES ports are
+    // probed one by one, so that every port of them is reached.
     let mut i = 0;
     while i < SNAT_PROBES {
-        let port = (min + start.wrapping_add(i) % span) as u16;
+        // Computed from `i` alone, not carried between probes: the balancer's stack has no
+        // room for one more live value here.
+        let offset = if span.get() > SNAT_PROBES {
+            i * (i + 1) / 2
+        } else {
+            i
+        };
+        let port = (min + start.wrapping_add(offset) % span) as u16;
         i += 1;
         set_reply_key(rkey, key, backend_addr, backend_port, service, port);
         // Looked up before any insert: an LRU insert takes a free element first (evicting
