@@ -66,15 +66,17 @@ impl<'a> XdpSetup<'a> {
         if kind == XdpVeth::Lb(Mode::Dsr) {
             setup.backend_mtu(DSR_BACKEND_MTU)?;
         }
+        // The balancer's DSR tunnels leave from its `local_address`, the VIP (see balancer.rs).
+        let from = [std::net::IpAddr::V4(crate::topology::VIP)];
         // Decap::start ties the decapsulator's life to the calling thread (PR_SET_PDEATHSIG):
         // this is the harness's main thread, which outlives the run.
         setup
             .decaps
-            .push(quietly(|| Decap::start(&topo.client, "c0", object))?);
+            .push(quietly(|| Decap::start(&topo.client, "c0", object, &from))?);
         for b in &topo.backends {
             setup
                 .decaps
-                .push(quietly(|| Decap::start(b, "b0", object))?);
+                .push(quietly(|| Decap::start(b, "b0", object, &from))?);
         }
         Ok(setup)
     }

@@ -19,6 +19,7 @@
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
 //! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
+//! | `DECAP_SOURCES` | hash, [`DECAP_SOURCES_SIZE`] | [`DecapAddr`] → `u32` (0, unread) | `lb-daemon decap` |
 //! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
@@ -170,7 +171,12 @@
 //! answers the client directly from the VIP. An encapsulated packet for any other address
 //! (a tunnel that ends on another host, routed through this one) passes untouched and is
 //! counted in [`Stat::DecapNotLocal`](crate::Stat::DecapNotLocal); with `DECAP_ADDRS` empty
-//! nothing is decapsulated. `lb-daemon decap` fills the map with every address of its
+//! nothing is decapsulated. A tunnel for this host is stripped only when its outer source is
+//! in `DECAP_SOURCES`, the balancers' `local_address`es (`lb-daemon decap --from`); one from
+//! any other source is dropped and counted in
+//! [`Stat::DecapBadSource`](crate::Stat::DecapBadSource): whoever can reach a backend could
+//! otherwise inject packets with any inner source address past its filters. With
+//! `DECAP_SOURCES` empty every tunnel for this host is dropped. `lb-daemon decap` fills the map with every address of its
 //! network namespace (the backend's address may sit on a VLAN, a bond, a dummy device or `lo`
 //! rather than on the interface the tunnels arrive on) and keeps it in step with them.
 //!
@@ -339,6 +345,9 @@ pub const LIMITS: &str = "LIMITS";
 pub const CLIENTS: &str = "CLIENTS";
 /// Map name: [`DecapAddr`] → ifindex (`u32`), the outer destinations `lb_decap` accepts.
 pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+/// Map name: [`DecapAddr`] → `u32` (unread), the outer sources `lb_decap` accepts: the
+/// balancers' `local_address`es.
+pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
 /// Map name: global per-CPU `u64` counters indexed by [`Stat`](crate::Stat).
 pub const STATS: &str = "STATS";
 /// Map name: per-CPU [`Counters`](crate::Counters) per service id.
@@ -367,6 +376,8 @@ pub const CLIENTS_SIZE: u32 = 65_536;
 pub const DEVMAP_SIZE: u32 = 64;
 /// Local addresses `DECAP_ADDRS` can hold.
 pub const DECAP_ADDRS_SIZE: u32 = 256;
+/// Balancer addresses `DECAP_SOURCES` can hold.
+pub const DECAP_SOURCES_SIZE: u32 = 64;
 
 /// Index into `TABLES` of `slot` in `half` (0 or 1) of `service`'s table:
 /// `(service * 2 + half) * MAX_TABLE_SIZE + slot`. The caller keeps `service < MAX_SERVICES`,

@@ -103,10 +103,13 @@ pub enum Stat {
     ResetNatPortReclaimed = 27,
     /// Dropped: a TCP segment with SYN and FIN, or SYN and RST (no real stack sends one).
     DropSynFin = 28,
+    /// `lb_decap`: IPIP / IP6IP6 packets for this host whose outer source is not in
+    /// `DECAP_SOURCES` (not a balancer): dropped.
+    DecapBadSource = 29,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 29;
+pub const STATS_LEN: u32 = 30;
 
 impl Stat {
     /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
@@ -140,6 +143,7 @@ impl Stat {
         Stat::ResetNatNoFlow,
         Stat::ResetNatPortReclaimed,
         Stat::DropSynFin,
+        Stat::DecapBadSource,
     ];
 
     /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
@@ -175,6 +179,7 @@ impl Stat {
             Stat::ResetNatNoFlow => "reset_nat_no_flow",
             Stat::ResetNatPortReclaimed => "reset_nat_port_reclaimed",
             Stat::DropSynFin => "drop_syn_fin",
+            Stat::DecapBadSource => "decap_bad_source",
         }
     }
 

@@ -74,12 +74,16 @@ enum Command {
         admin: AdminArg,
     },
     /// On a DSR backend host: strips the balancer's IPIP/IP6IP6 header from packets arriving
-    /// on IFACE for one of IFACE's addresses (XDP program `lb_decap`) until SIGTERM or SIGINT.
-    /// Put the VIP on `lo`.
+    /// on IFACE for one of this host's addresses from one of the `--from` balancers (XDP
+    /// program `lb_decap`) until SIGTERM or SIGINT; tunnels from anyone else are dropped. Put
+    /// the VIP on `lo`.
     Decap {
         /// The interface the encapsulated packets arrive on.
         #[arg(long)]
         iface: String,
+        /// A balancer's `local_address` (the tunnels' outer source); repeat for each balancer.
+        #[arg(long = "from", value_name = "ADDR", required = true)]
+        from: Vec<std::net::IpAddr>,
         /// The BPF object; default: $LB_EBPF_OBJ, `lb-ebpf` next to this executable,
         /// target/bpf/bpfel-unknown-none/release/lb-ebpf, /usr/lib/lb/lb-ebpf.
         #[arg(long)]
@@ -157,15 +161,17 @@ fn main() -> ExitCode {
                 )
             })
         }
-        Command::Decap { iface, bpf_object } => {
-            match lb_daemon::dataplane::xdp::decap::run(&iface, bpf_object.as_deref()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{:#}", anyhow::Error::from(e));
-                    ExitCode::FAILURE
-                }
+        Command::Decap {
+            iface,
+            bpf_object,
+            from,
+        } => match lb_daemon::dataplane::xdp::decap::run(&iface, bpf_object.as_deref(), &from) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{:#}", anyhow::Error::from(e));
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Check { config } => match config::load(&config) {
             Ok(c) => {
                 println!(

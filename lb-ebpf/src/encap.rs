@@ -15,7 +15,7 @@ use lb_common::{
 
 use crate::{
     csum,
-    maps::DECAP_ADDRS,
+    maps::{DECAP_ADDRS, DECAP_SOURCES},
     parse::{
         addr6, groups6, halves, ptr_at, word, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP,
         ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6,
@@ -147,24 +147,35 @@ pub enum Decap {
     Plain,
     /// Encapsulated, but the outer destination is not in `DECAP_ADDRS`: untouched.
     NotLocal,
+    /// Encapsulated for a local address, but the outer source is not in `DECAP_SOURCES` (not
+    /// a balancer): to be dropped.
+    BadSource,
 }
 
 /// `lb_decap`'s work: strips the outer header of an IPIP (IPv4 protocol 4) or IP6IP6 (IPv6
-/// next header 41) packet whose outer destination is a local address (`DECAP_ADDRS`); the
-/// caller passes the inner packet to the stack. Every other packet is left untouched and
-/// must pass.
+/// next header 41) packet whose outer destination is a local address (`DECAP_ADDRS`) and
+/// whose outer source is a balancer (`DECAP_SOURCES`); the caller passes the inner packet to
+/// the stack. A tunnel for a local address from another source is [`Decap::BadSource`], to
+/// be dropped. Every other packet is left untouched and must pass.
 #[inline(always)]
 pub fn decapsulate(ctx: &XdpContext) -> Decap {
     let Ok((l3_off, proto)) = crate::parse::l3(ctx) else {
         return Decap::Plain;
     };
-    let (outer_len, dst) = if proto == ETH_P_IP {
+    let (outer_len, src, dst) = if proto == ETH_P_IP {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
             return Decap::Plain;
         };
         // SAFETY: bounds checked by `ptr_at`.
-        let (version_ihl, frag_off, protocol, dst) =
-            unsafe { ((*ip).version_ihl, (*ip).frag_off, (*ip).protocol, (*ip).dst) };
+        let (version_ihl, frag_off, protocol, src, dst) = unsafe {
+            (
+                (*ip).version_ihl,
+                (*ip).frag_off,
+                (*ip).protocol,
+                (*ip).src,
+                (*ip).dst,
+            )
+        };
         let ihl = ((version_ihl & 0x0f) as usize) * 4;
         if version_ihl >> 4 != 4 || ihl < 20 || protocol != IPPROTO_IPIP {
             return Decap::Plain;
@@ -181,13 +192,18 @@ pub fn decapsulate(ctx: &XdpContext) -> Decap {
             family: FAMILY_V4,
             _pad: [0; 3],
         };
-        (ihl, dst)
+        let src = DecapAddr {
+            addr: [word(src[0], src[1]), 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: [0; 3],
+        };
+        (ihl, src, dst)
     } else if proto == ETH_P_IPV6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
             return Decap::Plain;
         };
         // SAFETY: bounds checked by `ptr_at`.
-        let (nexthdr, dst) = unsafe { ((*ip).nexthdr, (*ip).dst) };
+        let (nexthdr, src, dst) = unsafe { ((*ip).nexthdr, (*ip).src, (*ip).dst) };
         if nexthdr != IPPROTO_IPV6 {
             return Decap::Plain;
         }
@@ -200,13 +216,22 @@ pub fn decapsulate(ctx: &XdpContext) -> Decap {
             family: FAMILY_V6,
             _pad: [0; 3],
         };
-        (hdr, dst)
+        let src = DecapAddr {
+            addr: addr6(&src),
+            family: FAMILY_V6,
+            _pad: [0; 3],
+        };
+        (hdr, src, dst)
     } else {
         return Decap::Plain;
     };
     // SAFETY: the key lives on the stack for the call; the value is not read.
     if unsafe { DECAP_ADDRS.get(&dst) }.is_none() {
         return Decap::NotLocal;
+    }
+    // SAFETY: as above.
+    if unsafe { DECAP_SOURCES.get(&src) }.is_none() {
+        return Decap::BadSource;
     }
     let Ok(link) = save_link(ctx, l3_off) else {
         return Decap::Plain;

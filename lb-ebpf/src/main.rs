@@ -51,17 +51,20 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 }
 
 /// The DSR decapsulator, attached on a backend host: strips the outer IPIP / IP6IP6 header of
-/// packets addressed to one of the host's addresses (`DECAP_ADDRS`) and passes the client's
-/// packet to the stack (the VIP is configured on the backend's loopback). Every other packet,
-/// encapsulated ones for other hosts included, passes untouched.
+/// packets from a balancer (`DECAP_SOURCES`) addressed to one of the host's addresses
+/// (`DECAP_ADDRS`) and passes the client's packet to the stack (the VIP is configured on the
+/// backend's loopback). Tunnels for this host from anyone else are dropped; every other
+/// packet, encapsulated ones for other hosts included, passes untouched.
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
-    stats::increment(match encap::decapsulate(&ctx) {
-        encap::Decap::Stripped => Stat::Decapsulated,
-        encap::Decap::Plain => Stat::DecapPassed,
-        encap::Decap::NotLocal => Stat::DecapNotLocal,
-    });
-    xdp_action::XDP_PASS
+    let (stat, action) = match encap::decapsulate(&ctx) {
+        encap::Decap::Stripped => (Stat::Decapsulated, xdp_action::XDP_PASS),
+        encap::Decap::Plain => (Stat::DecapPassed, xdp_action::XDP_PASS),
+        encap::Decap::NotLocal => (Stat::DecapNotLocal, xdp_action::XDP_PASS),
+        encap::Decap::BadSource => (Stat::DecapBadSource, xdp_action::XDP_DROP),
+    };
+    stats::increment(stat);
+    action
 }
 
 /// The kernel refuses GPL-only helpers (`bpf_fib_lookup` among them) to programs whose license

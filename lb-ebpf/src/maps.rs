@@ -12,7 +12,7 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Backend, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey,
-        VipValue, CLIENTS_SIZE, CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DEVMAP_SIZE, MAX_BACKENDS,
+        VipValue, CLIENTS_SIZE, CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE, MAX_BACKENDS,
         MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
     },
     Counters, FlowKey, STATS_LEN,
@@ -71,6 +71,12 @@ pub static CLIENTS: LruHashMap<ClientKey, ClientState> =
 /// `lb-daemon decap`; the balancer does not use it.
 #[map(name = "DECAP_ADDRS")]
 pub static DECAP_ADDRS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECAP_ADDRS_SIZE, 0);
+
+/// The balancers' addresses `lb_decap` accepts as outer source. Written by `lb-daemon decap
+/// --from`; the balancer does not use it.
+#[map(name = "DECAP_SOURCES")]
+pub static DECAP_SOURCES: HashMap<DecapAddr, u32> =
+    HashMap::with_max_entries(DECAP_SOURCES_SIZE, 0);
 
 /// Global per-CPU counters indexed by `lb_common::Stat`.
 #[map(name = "STATS")]

@@ -22,9 +22,9 @@ use lb_common::{
         addr_words as words, family_of as family, table_index, Backend, ClientKey, ClientState,
         CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS,
         BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED,
-        CT_F_COUNTED, CT_REFRESH_SECS, DECAP_ADDRS, DEVMAP, LIMITS, MIN_REPLY_PATH_MTU, MODE_DSR,
-        MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES,
-        VIPS,
+        CT_F_COUNTED, CT_REFRESH_SECS, DECAP_ADDRS, DECAP_SOURCES, DEVMAP, LIMITS,
+        MIN_REPLY_PATH_MTU, MODE_DSR, MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES,
+        SERVICE_STATS, STATS, TABLES, VIPS,
     },
     Counters, FlowKey, Stat,
 };
@@ -392,11 +392,20 @@ impl Lab {
             HashMap::try_from(take(CLIENTS)).expect("CLIENTS is a hash of ClientKey → ClientState");
         let mut decap_addrs: HashMap<MapData, DecapAddr, u32> =
             HashMap::try_from(take(DECAP_ADDRS)).expect("DECAP_ADDRS is a hash of DecapAddr → u32");
-        // The lab is also b1's host, where `lb_decap` runs: b1's addresses are local.
+        // The lab is also b1's host, where `lb_decap` runs: b1's addresses are local, and
+        // the balancer's (LOCAL4, LOCAL6: the services' local_addr) are the tunnels' sources.
         for addr in [IpAddr::V4(B1_4), IpAddr::V6(B1_6)] {
             decap_addrs
                 .insert(DecapAddr::new(addr), 1, 0)
                 .expect("write DECAP_ADDRS");
+        }
+        let mut decap_sources: HashMap<MapData, DecapAddr, u32> =
+            HashMap::try_from(take(DECAP_SOURCES))
+                .expect("DECAP_SOURCES is a hash of DecapAddr → u32");
+        for addr in [IpAddr::V4(LOCAL4), IpAddr::V6(LOCAL6)] {
+            decap_sources
+                .insert(DecapAddr::new(addr), 0, 0)
+                .expect("write DECAP_SOURCES");
         }
 
         let ns = Netns::new("xdp").expect("create the lab namespace");
@@ -1132,6 +1141,61 @@ fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
 }
 
 #[test]
+fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
+    let Some(lab) = lab("decap_bad_source") else {
+        return;
+    };
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let inner = wire::ip(
+        client,
+        vip,
+        6,
+        &wire::tcp(client, 41000, vip, 80, TCP_SYN, b""),
+    );
+    let outer = wire::V4 {
+        tos: 0,
+        id: 0,
+        frag: 0x4000,
+        ttl: 64,
+    };
+    let from = |src: Ipv4Addr| {
+        wire::frame(
+            B1_MAC,
+            VB_MAC,
+            &wire::ipv4(src, B1_4, 4, outer, &[], &inner),
+        )
+    };
+    // Anyone who reaches the backend: a spoofed inner source must not get past it.
+    let (action, _) = lab.run(PROG_DECAP, lab.vb, &from(CLIENT4));
+    assert_eq!(
+        action_name(action),
+        "XDP_DROP",
+        "a tunnel from a host that is not a balancer was not dropped"
+    );
+    let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let inner6 = wire::ip(c6, v6, 17, &wire::udp(c6, 6000, v6, 53, b"q"));
+    let spoofed6 = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::ipv6(CLIENT6, B1_6, 41, 0x6000_0000, 64, &inner6),
+    );
+    let (action, _) = lab.run(PROG_DECAP, lab.vb, &spoofed6);
+    assert_eq!(action_name(action), "XDP_DROP", "the same over IPv6");
+    assert_eq!(
+        (lab.stat(Stat::DecapBadSource), lab.stat(Stat::Decapsulated)),
+        (2, 0),
+        "tunnels from a non-balancer were stripped or not counted"
+    );
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &from(LOCAL4));
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &wire::frame(B1_MAC, VB_MAC, &inner),
+        "a tunnel from the balancer, decapsulated",
+    );
+}
+
+#[test]
 fn lb_daemon_decap_accepts_its_interfaces_addresses_and_follows_their_changes() {
     if !require_root("decap_addresses") {
         return;
@@ -1146,7 +1210,12 @@ fn lb_daemon_decap_accepts_its_interfaces_addresses_and_follows_their_changes() 
     ] {
         ns.ip(args).expect("set up the interface");
     }
-    let decap = Decap::start(&ns, "d0", &bpf_object());
+    let decap = Decap::start(&ns, "d0", &bpf_object(), &[LOCAL4.into()]);
+    assert!(
+        decap.ready_line().contains(&LOCAL4.to_string()),
+        "lb-daemon decap does not say it takes tunnels from the balancer {LOCAL4}: {}",
+        decap.ready_line()
+    );
     for addr in ["10.9.0.1", "fd09::1"] {
         assert!(
             decap.ready_line().contains(addr),

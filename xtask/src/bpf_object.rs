@@ -26,6 +26,7 @@ const MAPS: &[&str] = &[
     maps::LIMITS,
     maps::CLIENTS,
     maps::DECAP_ADDRS,
+    maps::DECAP_SOURCES,
     maps::STATS,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,

@@ -1,6 +1,7 @@
-//! A running `lb-daemon decap --iface IF` inside a namespace, stopped on drop.
+//! A running `lb-daemon decap --iface IF --from ADDR...` inside a namespace, stopped on drop.
 
 use std::io::{BufRead, BufReader};
+use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -26,9 +27,10 @@ pub struct Decap {
 }
 
 impl Decap {
-    /// Starts `lb-daemon decap --iface interface --bpf-object object` in `ns` and waits for
-    /// its `ready` line. Panics with its output when it does not get ready.
-    pub fn start(ns: &Netns, interface: &str, object: &Path) -> Decap {
+    /// Starts `lb-daemon decap --iface interface --from <each of from> --bpf-object object`
+    /// in `ns` and waits for its `ready` line. `from`: the balancers whose tunnels it strips.
+    /// Panics with its output when it does not get ready.
+    pub fn start(ns: &Netns, interface: &str, object: &Path, from: &[IpAddr]) -> Decap {
         let binary =
             crate::daemon::daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
         let what = format!("lb-daemon decap on {interface} in {}", ns.name());
@@ -42,7 +44,11 @@ impl Decap {
                     Ok(())
                 });
             }
-            cmd.args(["decap", "--iface", interface, "--bpf-object"])
+            cmd.args(["decap", "--iface", interface]);
+            for addr in from {
+                cmd.arg("--from").arg(addr.to_string());
+            }
+            cmd.arg("--bpf-object")
                 .arg(object)
                 .env("NO_COLOR", "1")
                 .env("RUST_LOG", "info")

@@ -181,9 +181,10 @@ impl Topology {
             disable_tx_checksum(ns, "b0").expect("tx checksum offload off on b0");
         }
         let object = bpf_object();
-        let mut decaps = vec![Decap::start(&client, "c0", &object)];
+        let from = [IpAddr::V4(BALANCER)];
+        let mut decaps = vec![Decap::start(&client, "c0", &object, &from)];
         for ns in &backends {
-            decaps.push(Decap::start(ns, "b0", &object));
+            decaps.push(Decap::start(ns, "b0", &object, &from));
         }
         Topology {
             decaps,

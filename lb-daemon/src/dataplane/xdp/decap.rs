@@ -1,4 +1,5 @@
-//! `lb-daemon decap --iface IF`: runs the DSR decapsulator `lb_decap` on a backend host.
+//! `lb-daemon decap --iface IF --from ADDR...`: runs the DSR decapsulator `lb_decap` on a
+//! backend host.
 //!
 //! The balancer's `dsr` services send each client packet to the backend inside an IPIP
 //! (IPv4) or IP6IP6 header. The kernel here has no tunnel modules, so `lb_decap` strips that
@@ -11,6 +12,11 @@
 //! that ends on another host and is routed through this one passes untouched (counted as
 //! `decap_not_local`). The addresses go into `DECAP_ADDRS` at start and are read again every
 //! [`REFRESH_EVERY`], so an address added to or removed from IF takes effect within that.
+//!
+//! Only tunnels whose outer source is one of the `--from` addresses (the balancers'
+//! `local_address`es, in `DECAP_SOURCES`) are stripped; a tunnel for this host from anyone
+//! else is dropped (counted as `decap_bad_source`), since its inner packet could carry any
+//! source address past the backend's filters.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -20,7 +26,8 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
 use lb_common::maps::{
-    DecapAddr, CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_ADDRS_SIZE, NAT_REVERSE, PROG_DECAP, TABLES,
+    DecapAddr, CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_ADDRS_SIZE, DECAP_SOURCES,
+    DECAP_SOURCES_SIZE, NAT_REVERSE, PROG_DECAP, TABLES,
 };
 use lb_common::Stat;
 use nix::sys::signal::{SigSet, Signal};
@@ -37,12 +44,21 @@ pub enum DecapError {
     /// The object could not be found or loaded, or XDP could not attach.
     #[error(transparent)]
     Load(#[from] LoadError),
-    /// The object has no usable `DECAP_ADDRS`: not the lb-ebpf this daemon was built with.
-    #[error("the BPF object has no usable map {DECAP_ADDRS}: {reason}")]
+    /// The object has no usable `DECAP_ADDRS` or `DECAP_SOURCES`: not the lb-ebpf this
+    /// daemon was built with.
+    #[error("the BPF object has no usable map {name}: {reason}")]
     Map {
+        /// The map's name.
+        name: &'static str,
         /// What aya reported.
         reason: String,
     },
+    /// No `--from` address, or more than `DECAP_SOURCES` holds.
+    #[error(
+        "give the balancers' local_address(es) with --from (1 to {DECAP_SOURCES_SIZE}): \
+         lb_decap strips only tunnels from them; {0} given"
+    )]
+    Sources(usize),
     /// The host's addresses could not be read or written into the map.
     #[error("cannot give lb_decap the addresses of {interface}: {reason}")]
     Addresses {
@@ -54,15 +70,20 @@ pub enum DecapError {
 }
 
 /// Attaches `lb_decap` to `interface` (native mode, else generic with a warning) with the
-/// host's addresses (every interface of its network namespace) as the accepted outer destinations, logs `ready`, keeps the
-/// addresses in step every [`REFRESH_EVERY`], and waits for SIGTERM or SIGINT; then logs its
-/// counters and detaches.
+/// host's addresses (every interface of its network namespace) as the accepted outer
+/// destinations and `from` (the balancers' addresses) as the accepted outer sources, logs
+/// `ready`, keeps the host's addresses in step every [`REFRESH_EVERY`], and waits for SIGTERM
+/// or SIGINT; then logs its counters and detaches.
 ///
 /// `object`: the BPF object, or `None` for the default search ([`loader::candidates`]).
-/// Returns `Err(DecapError)` when the object cannot be found or loaded, XDP cannot attach,
-/// or the host's addresses cannot be read or written at start (later failures are
-/// logged and retried).
-pub fn run(interface: &str, object: Option<&Path>) -> Result<(), DecapError> {
+/// Returns `Err(DecapError)` when `from` is empty or too long, the object cannot be found or
+/// loaded, XDP cannot attach, or the addresses cannot be read or written at start (later
+/// failures are logged and retried).
+pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<(), DecapError> {
+    let from: BTreeSet<IpAddr> = from.iter().copied().collect();
+    if from.is_empty() || from.len() > DECAP_SOURCES_SIZE as usize {
+        return Err(DecapError::Sources(from.len()));
+    }
     // Block the signals first, so one that arrives while attaching is not lost. Threads
     // started later inherit the mask, so only the wait below takes them.
     let mut signals = SigSet::empty();
@@ -74,16 +95,29 @@ pub fn run(interface: &str, object: Option<&Path>) -> Result<(), DecapError> {
     let path = loader::find_object(object)?;
     // The decapsulator uses none of the balancer's big maps: make them one entry each.
     let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS])?;
-    let map = ebpf
-        .take_map(DECAP_ADDRS)
-        .ok_or_else(|| DecapError::Map {
-            reason: "not in the object".into(),
-        })
-        .and_then(|m| {
-            HashMap::<MapData, DecapAddr, u32>::try_from(m).map_err(|e| DecapError::Map {
-                reason: e.to_string(),
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| DecapError::Map {
+                name,
+                reason: "not in the object".into(),
             })
-        })?;
+            .and_then(|m| {
+                HashMap::<MapData, DecapAddr, u32>::try_from(m).map_err(|e| DecapError::Map {
+                    name,
+                    reason: e.to_string(),
+                })
+            })
+    };
+    let map = take(DECAP_ADDRS)?;
+    let mut sources = take(DECAP_SOURCES)?;
+    for addr in &from {
+        sources
+            .insert(DecapAddr::new(*addr), 0, 0)
+            .map_err(|e| DecapError::Addresses {
+                interface: interface.to_string(),
+                reason: format!("cannot add the balancer address {addr}: {e}"),
+            })?;
+    }
     let mut local = LocalAddrs {
         interface: interface.to_string(),
         map,
@@ -101,10 +135,12 @@ pub fn run(interface: &str, object: Option<&Path>) -> Result<(), DecapError> {
     }
     let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
     let mode = loader::attach(prog, interface)?;
+    let balancers: Vec<String> = from.iter().map(IpAddr::to_string).collect();
     info!(
         "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode} mode) for {} \
-         from {}",
+         from the balancers {} with {}",
         local.describe(),
+        balancers.join(", "),
         path.display()
     );
     // The refresher stops when `stop` is dropped.
@@ -129,12 +165,14 @@ pub fn run(interface: &str, object: Option<&Path>) -> Result<(), DecapError> {
                 read(Stat::Decapsulated),
                 read(Stat::DecapPassed),
                 read(Stat::DecapNotLocal),
+                read(Stat::DecapBadSource),
             )
         });
     match stats {
-        Some((d, p, n)) => {
-            info!("{why}: decapsulated={d} passed={p} not_local={n}; detaching from {interface}")
-        }
+        Some((d, p, n, b)) => info!(
+            "{why}: decapsulated={d} passed={p} not_local={n} bad_source={b}; detaching from \
+             {interface}"
+        ),
         None => info!("{why}: detaching from {interface}"),
     }
     drop(ebpf);
