@@ -72,66 +72,91 @@
 //! into VIP → client. Give each service its own range (or its own address); keep the ranges
 //! outside `net.ipv4.ip_local_port_range` of the balancer host, or the host's own connections
 //! could collide with translated flows. A range of N ports carries at most N concurrent flows
-//! per backend address and port; see "SNAT ports" for what happens beyond that.
-//!
-//! ## SNAT ports
-//!
-//! A port is taken by the first packet of a flow (a TCP SYN without ACK, or a UDP packet),
-//! never by a TCP segment without SYN: one whose flow has no port towards the backend the
-//! table gives (conntrack and `NAT_REVERSE` entries lost, or its backend went down) was never
-//! seen by that backend, so it is answered with a RST
-//! ([`Stat::ResetNatNoFlow`](crate::Stat::ResetNatNoFlow)) and takes nothing.
-//!
-//! The port's `NAT_REVERSE` entry records the flow's life in [`NatReverse::state`]: the
-//! client's FIN ([`NAT_F_FIN_CLIENT`]) and the backend's ([`NAT_F_FIN_BACKEND`]) as they pass;
-//! when both have passed, or an RST either way, the flow has *ended* ([`NAT_F_ENDED`], with the
-//! time). Its port is *free* once [`Service::snat_hold_s`] has passed since it ended, or once
-//! the flow has been idle (no packet either way) longer than the service's
-//! [`Limits::idle_timeout_s`] plus `CT_REFRESH_SECS + 1` (UDP flows, and TCP flows that
-//! vanished without a FIN or RST the balancer saw). Nothing walks the map: a new flow probes
-//! up to 8 ports of the range from its flow hash and takes, in this order, a port whose entry
-//! already translates it (its conntrack entry was lost), a never-used port (inserted with
-//! `BPF_NOEXIST`), or among the free ones the one free the longest (an approximation of
-//! least-recently-freed first over the probed ports). It claims a free port by a
-//! compare-and-swap of the state word from the value it read (a packet of the old flow
-//! refreshing it meanwhile, or another CPU claiming it, makes the swap fail), then replaces
-//! the entry whole. A packet of a flow whose port another flow has taken over finds the entry
-//! naming another client and is answered with a RST
-//! ([`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed)), never translated
-//! onto the new flow. The established path costs what it did: the one `NAT_REVERSE` lookup
-//! each client packet made already, plus one compare of the client's address and ports; FINs
-//! and RSTs add an atomic OR, and the time is written at most every `CT_REFRESH_SECS`.
-//!
-//! A SYN that finds no free port among its probes is answered with a RST+ACK
-//! ([`Stat::RefusedNatPortsExhausted`](crate::Stat::RefusedNatPortsExhausted)), so the client
-//! fails at once instead of retrying into a drop, and gives back the connection slot the
-//! per-client limits gave it; a UDP packet is dropped
-//! ([`Stat::DropNatPortsExhausted`](crate::Stat::DropNatPortsExhausted)).
-//!
-//! **The hold.** After the flow ended, its last ACK (or a retransmitted FIN) may still be on
-//! its way; while the port is held they are translated as before. The other reason for a
-//! hold is the backend's TIME_WAIT: when the backend closed first, its socket for
-//! (local_addr:port → backend) stays in TIME_WAIT for 60 s (Linux's `TCP_TIMEWAIT_LEN`). A
-//! new flow's SYN on that 4-tuple is not lost: Linux (`tcp_timewait_state_process`) accepts
-//! it as a new connection when its sequence number is after the old connection's, or its
-//! timestamp newer than the old one's; otherwise it answers with the old connection's ACK,
-//! the client's stack answers that with a RST, which ends the TIME_WAIT (with the default
-//! `net.ipv4.tcp_rfc1337 = 0`), and the client's SYN retransmitted a second later connects.
-//! A flow from the same client keeps its clock, so it is accepted at once; a flow from
-//! another client has a random ISN and timestamp offset, and pays that second about half the
-//! time. A hold of 60 s would avoid it altogether but would limit a range to
-//! ports × local addresses × backends / 60 new flows per second (1,525 per second for the
-//! default range and 3 backends), and refuse every flow beyond: a SYN delayed by a second
-//! now and then is the better failure. The default hold is therefore short (2 s, a few
-//! retransmission timeouts for the old flow's last packets), and probing takes the port free
-//! the longest, so that ports come back to a backend as late as the range allows: a range of
-//! P ports in front of B backends reaches a port again after about P × B / (new flows per
-//! second) seconds, which stays above 60 s below P × B / 60 new flows per second. Sustained
-//! new flows per second are bounded by ports × local addresses × backends / hold.
+//! per backend address and port; beyond that new flows are refused (see "SNAT ports").
 //!
 //! Replies arrive on the backend-facing interface: **`lb_xdp` must be attached there too**
 //! (and on every interface replies can come in on). A reply that finds no `NAT_REVERSE`
 //! entry is an ordinary non-VIP packet and passes to the kernel untouched.
+//!
+//! ## SNAT ports
+//!
+//! A SNAT port of `local_addr` towards one backend address and port is one `NAT_REVERSE`
+//! entry, keyed by the reply's 5-tuple. The program never deletes it: when its flow ends the
+//! entry stays, marked in its [`NatReverse::state`] word (time and `NAT_F_*` flags), and a new
+//! flow later takes it over by replacing the element whole. So NAT_REVERSE holds at most one
+//! entry per (local address, port, backend address and port, protocol), and a late packet of
+//! the old flow still finds whom the port belonged to. Nothing in userspace walks the map.
+//!
+//! - **In use**: a flow's packets keep the state's time fresh (rewritten at most every
+//!   [`CT_REFRESH_SECS`], by the client's packets and the backend's replies). The client's
+//!   FIN sets [`NAT_F_FIN_CLIENT`], the backend's (in a reply) [`NAT_F_FIN_BACKEND`].
+//! - **Ended** ([`NAT_F_ENDED`], the time becomes the end): by the second of the two FINs,
+//!   or an RST either way. If the backend's FIN came first the backend's socket sits in
+//!   TIME_WAIT for that 4-tuple, marked [`NAT_F_TIME_WAIT`]: the port is held for
+//!   [`Service::snat_hold_s`]. Otherwise (the client closed first, so the backend closed
+//!   passively; or an RST, which leaves no TIME_WAIT) it is held only
+//!   `min(snat_hold_s, `[`SNAT_QUIET_S`]`)`, for the last ACK and retransmitted FINs in flight.
+//! - **Idle**: a flow not ended whose time is older than its service's
+//!   [`Limits::idle_timeout_s`]` + CT_REFRESH_SECS + 1` (as conntrack ageing) is free too,
+//!   for TCP only once `snat_hold_s` has also passed since its last packet (the backend may
+//!   have closed it). With `idle_timeout_s` 0 ports are freed only by FINs and RSTs.
+//! - **Taken over**: a new flow (a TCP SYN, or a UDP packet, that has no port) probes up to
+//!   8 ports of the range, at offsets 0, 1, 3, 6, 10... from its hash (consecutive ones in
+//!   a range of at most 8 ports; triangular offsets keep taken ports from clustering into
+//!   runs, which refused SYNs at about 40% of a range instead of about 50%). A probed port without entry (never used, or
+//!   evicted) is taken at once with a `BPF_NOEXIST` insert; else, among the probed ports that
+//!   are free, the one free the longest (the oldest state time): least recently freed first,
+//!   approximated over the probes, not over the whole range. The taker claims it with a
+//!   64-bit compare-and-swap of the state word from the value it read to one with
+//!   [`NAT_F_CLAIMED`], then replaces the element with its own (`BPF_EXIST`). Two CPUs that
+//!   read the same free port race on the compare-and-swap and one wins; an old flow's packet
+//!   that changes the word meanwhile (a refresh, a FIN) makes the claim fail, and the new
+//!   flow is refused rather than share the port. A claim whose update fails (no memory) puts
+//!   the word back.
+//! - **Ownership**: a client packet of a flow with a port checks that the port's entry still
+//!   names its client address and port and VIP address and port (the entry is already read
+//!   for every packet, to re-create it after an eviction, so this costs compares, no lookup).
+//!   A packet of a flow whose port another flow took over is never translated onto it: a TCP
+//!   segment is answered with a RST, a UDP packet dropped, both counted in
+//!   [`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed). The reverse
+//!   direction cannot tell: the backend's late packets of the old flow carry the new flow's
+//!   5-tuple, which is what the hold is for.
+//!
+//! A new flow that finds no port is refused at once: its SYN gets a RST+ACK
+//! ([`Stat::RefusedNatPortsExhausted`](crate::Stat::RefusedNatPortsExhausted)), a UDP packet
+//! is dropped ([`Stat::DropNatPortsExhausted`](crate::Stat::DropNatPortsExhausted)), and a
+//! connection slot the per-client limits gave it goes back. A TCP segment without SYN that has
+//! no port (its conntrack entry, and its port's entry, are gone, or its backend went down) takes
+//! none, since its backend never saw the flow: it is answered with a RST
+//! ([`Stat::ResetNatNoFlow`](crate::Stat::ResetNatNoFlow)). If its port's entry survived its
+//! conntrack entry, the probe finds it and the flow goes on. A SYN with FIN or RST is dropped
+//! ([`Stat::DropSynFin`](crate::Stat::DropSynFin)), in both modes.
+//!
+//! **Why the hold, and its default.** Measured on Linux 6.18 (two network namespaces, a
+//! server that closes first so it holds TIME_WAIT for 60 s, Linux's `TCP_TIMEWAIT_LEN`;
+//! `tcp_timestamps=1`, `tcp_rfc1337=0`; SYNs crafted on the old 4-tuple): a SYN whose
+//! timestamp is newer than the old connection's last one is accepted (SYN-ACK) whatever its
+//! sequence number; with an older timestamp it gets an ACK of the old connection instead,
+//! whatever its sequence number (PAWS); without timestamps it is accepted only if its sequence
+//! number is after the old one's. After that ACK, the client's RST (what a connecting Linux
+//! client sends) ends the TIME_WAIT and the same SYN again is accepted: the client loses its
+//! SYN retransmission timeout (1 s on Linux), or, against a backend with `tcp_rfc1337=1`, up
+//! to the rest of the 60 s. A flow from the same client through the same VIP keeps its
+//! timestamp clock (Linux offsets timestamps per address pair) and is accepted at once; a flow
+//! from another client carries an unrelated timestamp and sequence number and stalls about
+//! half the time. A hold shorter than TIME_WAIT does not lower that chance, so the choice is
+//! between 60 s (no SYN lands on TIME_WAIT, but a range then carries at most
+//! `ports × local addresses × backends / 60` new flows per second where backends close first,
+//! and refuses every flow beyond) and a short hold (a SYN now and then delayed by a second
+//! under churn). `lb-daemon`'s default `snat_port_hold` is short, 2 s (a few retransmission
+//! timeouts for the old flow's last packets): a delayed SYN is the better failure than a
+//! refused one. Least-recently-freed probing keeps the stalls rare: a range of P ports in
+//! front of B backends reaches a port again after about `P × B / (new flows per second)`
+//! seconds, which stays above 60 s below `P × B / 60` new flows per second. Because only ports
+//! whose backend closed first are held the whole `snat_hold_s`, a service that sets 60 s pays
+//! it only where a TIME_WAIT exists. Sustained new flows per second are bounded by
+//! `ports × local addresses × backends / snat_hold_s` where backends close first, and by
+//! `/ min(snat_hold_s, SNAT_QUIET_S)` where clients close first or flows end by RST.
 //!
 //! ## DSR
 //!
@@ -478,8 +503,11 @@ pub struct Service {
     pub snat_port_min: u16,
     /// Last SNAT port (`nat` only), host byte order, inclusive; `>= snat_port_min`.
     pub snat_port_max: u16,
-    /// Seconds a SNAT port whose flow ended stays out of use (`nat` only; see "SNAT ports" in
-    /// the module docs): the service's `snat_port_hold`.
+    /// Seconds a SNAT port stays out of use after a flow that may have left the backend in
+    /// TIME_WAIT (its FIN came first, or the flow idled out) before another flow towards the
+    /// same backend address and port may take it (`nat` only; see "SNAT ports" in the module
+    /// docs). Other ends hold it `min(snat_hold_s, SNAT_QUIET_S)`. `lb-daemon` writes the
+    /// service's `snat_port_hold`, rounded up to whole seconds.
     pub snat_hold_s: u32,
 }
 
@@ -622,10 +650,21 @@ pub struct NatReverse {
 pub const NAT_F_FIN_CLIENT: u32 = 1;
 /// [`NatReverse::state`] flag: the backend's FIN was seen.
 pub const NAT_F_FIN_BACKEND: u32 = 2;
-/// [`NatReverse::state`] flag: the flow ended (both FINs, or an RST either way, or a claim
-/// that could not finish) at the state's time; the port is free once
-/// [`Service::snat_hold_s`] has passed since.
+/// [`NatReverse::state`] flag: the flow ended (both FINs, or an RST either way) at the state's
+/// time; the port is free once its hold has passed since (see "SNAT ports" in the module
+/// docs).
 pub const NAT_F_ENDED: u32 = 4;
+/// [`NatReverse::state`] flag: the flow ended with the backend's FIN first, so the backend
+/// holds the 4-tuple in TIME_WAIT; the port is held for the whole [`Service::snat_hold_s`].
+pub const NAT_F_TIME_WAIT: u32 = 8;
+/// [`NatReverse::state`] flag: a CPU won the compare-and-swap for the port and is replacing
+/// the entry; no other CPU may take it meanwhile.
+pub const NAT_F_CLAIMED: u32 = 16;
+
+/// Seconds a SNAT port whose flow ended without TIME_WAIT on the backend (the client's FIN
+/// first, or an RST) stays out of use, at most [`Service::snat_hold_s`]: enough for the
+/// backend's last ACK or a retransmitted FIN still in flight to find the old flow.
+pub const SNAT_QUIET_S: u32 = 2;
 
 /// The [`NatReverse::state`] word of a flow last seen (or ended) at `seen_s` with `flags`.
 #[inline(always)]

@@ -7,9 +7,10 @@
 ///
 /// `Pass*` packets went to the kernel stack untouched, `Drop*` ones were dropped, `Refused*`
 /// ones were turned away by a per-client limit or for want of a SNAT port (a TCP SYN answered
-/// with a RST, anything else dropped), `Reset*` ones answered with a RST. Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the `Pass*`
-/// counters, `Forwarded`, `NatReplies`, `IcmpTranslated`, `IcmpToBackend`, `FibPass`, a
-/// `Refused*` or a `Drop*` counter; `CtMissNonSyn` comes on top.
+/// with a RST, anything else dropped), `Reset*` ones answered with a RST (or dropped when they
+/// cannot be). Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the
+/// `Pass*` counters, `Forwarded`, `NatReplies`, `IcmpTranslated`, `IcmpToBackend`, `FibPass`,
+/// a `Refused*`, a `Reset*` or a `Drop*` counter; `CtMissNonSyn` comes on top.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -28,8 +29,9 @@ pub enum Stat {
     Forwarded = 5,
     /// NAT replies translated back to VIP → client and sent on.
     NatReplies = 6,
-    /// TCP packets without SYN that found no conntrack entry: placed by the table (as a new
-    /// flow would be) and recorded.
+    /// TCP packets without SYN that found no conntrack entry. On `dsr` they are placed by the
+    /// table (as a new flow would be) and recorded; on `nat` they take no SNAT port and are
+    /// reset ([`Stat::ResetNatNoFlow`]) unless their port's entry survived.
     CtMissNonSyn = 7,
     /// Rewritten packets passed to the kernel: the next hop's MAC is not known yet, or the
     /// route lookup found no route to forward by (none at all, or a local destination). The
@@ -37,7 +39,9 @@ pub enum Stat {
     FibPass = 8,
     /// Dropped: the service has no eligible backend (empty table or unused backend id).
     DropNoBackend = 9,
-    /// Dropped: every SNAT port probed for a new NAT flow was taken.
+    /// Dropped: every SNAT port probed for a new NAT flow was in use or held (UDP, or a SYN
+    /// that could not be turned into a RST; a TCP SYN is otherwise answered and counted in
+    /// [`Stat::RefusedNatPortsExhausted`]). See "SNAT ports" in `lb_common::maps`.
     DropNatPortsExhausted = 10,
     /// Dropped: `bpf_fib_lookup` found a blackhole, unreachable or prohibit route, or failed.
     DropNoRoute = 11,

@@ -4,9 +4,11 @@
 //! A flow pinned in `CONNTRACK` stays on its backend whatever the table says, so a table flip
 //! moves only new flows. New TCP flows start on SYN. A TCP packet without SYN that finds no
 //! entry (the entry was evicted, or the balancer restarted) is placed the same way a SYN would
-//! be, by `flow_hash` into the live table, recorded, and counted in `Stat::CtMissNonSyn`:
-//! while the table has not changed that is the backend the flow began on (Katran does the
-//! same). UDP has no SYN: its first packet without an entry starts the flow.
+//! be, by `flow_hash` into the live table, and counted in `Stat::CtMissNonSyn`: while the
+//! table has not changed that is the backend the flow began on (Katran does the same). On
+//! `dsr` it is recorded; on `nat` it takes no SNAT port (`nat::snat_port`: only a port whose
+//! entry still names the flow) and is otherwise reset, since that backend never saw the flow
+//! through this SNAT port. UDP has no SYN: its first packet without an entry starts the flow.
 //!
 //! A TCP flow whose FIN or RST was seen is marked `CT_F_CLOSED` (see `limits::closed`); a SYN
 //! (without ACK) that finds such an entry starts a new flow on the same 5-tuple (a client

@@ -3275,6 +3275,97 @@ mod snat_ports {
         );
     }
 
+    /// The hold depends on who closed first: the backend's FIN first leaves the backend's
+    /// socket in TIME_WAIT, and the port is held the whole `snat_hold_s` towards that backend
+    /// (another backend may have it); the client's FIN first (the backend closed passively)
+    /// holds it only `SNAT_QUIET_S`.
+    #[test]
+    fn a_port_is_held_for_the_hold_time_only_when_the_backend_closed_first() {
+        let Some(mut lab) = nat_lab("snat_time_wait", 1, 3600) else {
+            return;
+        };
+        lab.backend(1, B2_4.into(), 8080);
+        // Flow A: the client closes first, so b1 holds no TIME_WAIT.
+        let port = open(&lab, 47_000, "flow A");
+        lab.expect(
+            lab.vc,
+            &client(47_000, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            "flow A's client FIN",
+        );
+        lab.expect(
+            lab.vb,
+            &backend(port, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            "flow A's backend FIN",
+        );
+        lab.expect(
+            lab.vc,
+            &client(47_001, TCP_SYN),
+            XDP_TX,
+            "flow B within SNAT_QUIET_S of flow A's end",
+        );
+        // Whole seconds of the program's clock: SNAT_QUIET_S (2) has surely passed after 3 s.
+        std::thread::sleep(std::time::Duration::from_millis(3_100));
+        assert_eq!(
+            open(
+                &lab,
+                47_001,
+                "flow B after SNAT_QUIET_S, though the hold is an hour"
+            ),
+            port,
+            "a port whose client closed first was held longer than SNAT_QUIET_S"
+        );
+        // Flow B: b1 closes first, so it holds TIME_WAIT: the port is held the full hour.
+        lab.expect(
+            lab.vb,
+            &backend(port, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            "flow B's backend FIN",
+        );
+        lab.expect(
+            lab.vc,
+            &client(47_001, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            "flow B's client FIN",
+        );
+        std::thread::sleep(std::time::Duration::from_millis(3_100));
+        let out = lab.expect(
+            lab.vc,
+            &client(47_002, TCP_SYN),
+            XDP_TX,
+            "flow C towards b1 while b1 holds flow B's TIME_WAIT",
+        );
+        assert_eq!(tcp_flags_of(&out), TCP_RST | TCP_ACK, "flow C is not reset");
+        assert_eq!(
+            lab.stat(Stat::RefusedNatPortsExhausted),
+            2,
+            "the refusals of flows B and C were not counted"
+        );
+        assert_eq!(entries(&lab), 1, "one port towards b1, one entry");
+        // The hold is per backend: towards b2 the same port number is free.
+        lab.publish(0, &[1]);
+        let out = lab.expect(
+            lab.vc,
+            &client(47_002, TCP_SYN),
+            XDP_REDIRECT,
+            "flow C towards b2",
+        );
+        assert_eq!(
+            (
+                Ipv4Addr::new(out[30], out[31], out[32], out[33]),
+                l4_source_port(&out)
+            ),
+            (B2_4, port),
+            "flow C did not get the port towards b2"
+        );
+        assert_eq!(
+            lab.stat(Stat::DropNatPortsExhausted),
+            0,
+            "no SYN was dropped"
+        );
+    }
+
     #[test]
     fn a_late_packet_of_a_flow_whose_port_was_taken_over_is_not_translated() {
         let Some(lab) = nat_lab("snat_reclaimed", 1, 0) else {
