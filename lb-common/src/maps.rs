@@ -146,7 +146,7 @@
 //! from another client carries an unrelated timestamp and sequence number and stalls about
 //! half the time. A hold shorter than TIME_WAIT does not lower that chance, so the choice is
 //! between 60 s (no SYN lands on TIME_WAIT, but a range then carries at most
-//! `ports × local addresses × backends / 60` new flows per second where backends close first,
+//! `ports × backends / 60` new flows per second where backends close first,
 //! and refuses every flow beyond) and a short hold (a SYN now and then delayed by a second
 //! under churn). `lb-daemon`'s default `snat_port_hold` is short, 2 s (a few retransmission
 //! timeouts for the old flow's last packets): a delayed SYN is the better failure than a
@@ -155,7 +155,7 @@
 //! seconds, which stays above 60 s below `P × B / 60` new flows per second. Because only ports
 //! whose backend closed first are held the whole `snat_hold_s`, a service that sets 60 s pays
 //! it only where a TIME_WAIT exists. Sustained new flows per second are bounded by
-//! `ports × local addresses × backends / snat_hold_s` where backends close first, and by
+//! `ports × backends / snat_hold_s` where backends close first, and by
 //! `/ min(snat_hold_s, SNAT_QUIET_S)` where clients close first or flows end by RST.
 //!
 //! ## DSR
