@@ -12,8 +12,8 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Backend, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey,
-        VipValue, CLIENTS_SIZE, CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE, MAX_BACKENDS,
-        MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
+        VipValue, CLIENTS_SIZE, CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE,
+        MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
     },
     Counters, FlowKey, STATS_LEN,
 };
