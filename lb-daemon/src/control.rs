@@ -114,6 +114,14 @@ pub struct XdpTraffic {
     /// the service's idle timeout, counted every few seconds by the sync thread while the counters are read (also added
     /// to the backend's `active`). `None` for a service, or before the first count.
     pub open_flows: Option<u64>,
+    /// `nat` backends: SNAT ports towards the backend in use or held after their flow ended,
+    /// counted every 10 s or so; `None` for `dsr`, a service, or before the first count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_ports_in_use: Option<u64>,
+    /// `nat` backends: SNAT ports a new flow towards the backend may still take (the range's
+    /// ports less those in use or held).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_ports_free: Option<u64>,
 }
 
 impl From<Counters> for XdpTraffic {
@@ -123,6 +131,8 @@ impl From<Counters> for XdpTraffic {
             bytes: c.bytes,
             flows: c.new_flows,
             open_flows: None,
+            snat_ports_in_use: None,
+            snat_ports_free: None,
         }
     }
 }
@@ -437,6 +447,11 @@ fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounter
             b.active += bc.open_flows.unwrap_or(0);
             b.xdp = Some(XdpTraffic {
                 open_flows: bc.open_flows,
+                snat_ports_in_use: bc.snat_ports_taken,
+                snat_ports_free: bc
+                    .snat_ports_taken
+                    .zip(c.snat_ports)
+                    .map(|(taken, ports)| ports.saturating_sub(taken)),
                 ..t
             });
         }

@@ -180,4 +180,45 @@ fn when_snat_ports_run_out_clients_are_reset_at_once_and_metrics_show_it() {
         outcome(&world, "refused_nat_ports_exhausted") >= 1.0,
         "/metrics does not count the SYN refused for want of a SNAT port"
     );
+    // The ports are counted every 10 s or so. Each answered connection took a port; those
+    // whose backend closed first are held for the hour (the others only 2 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (used, free) = loop {
+        let used = gauge(&world, "lb_xdp_snat_ports_in_use");
+        let free = gauge(&world, "lb_xdp_snat_ports_free");
+        if used > 0.0 || Instant::now() > deadline {
+            break (used, free);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        used > 0.0 && used <= answered as f64,
+        "/metrics shows {used} SNAT ports in use after {answered} connections, most of them \
+         held for an hour"
+    );
+    assert_eq!(
+        used + free,
+        1024.0,
+        "in use ({used}) and free ({free}) SNAT ports do not add up to the range"
+    );
+}
+
+/// The sum of the samples of the gauge `name` in `/metrics`.
+fn gauge(world: &World, name: &str) -> f64 {
+    let api = world.daemon.admin_addr();
+    let reply = in_netns(&world.topology.balancer, || {
+        lb_tests::admin::request(api, "GET", "/metrics", "")
+    })
+    .expect("enter the balancer namespace");
+    let scrape = prometheus_parse::Scrape::parse(reply.body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text ({e})"));
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }

@@ -8,6 +8,8 @@
 //! | `lb_backend_connect_failures_total` | counter: failed connect attempts | service, backend |
 //! | `lb_backend_bytes_total` | counter: bytes, `direction` = `to_backend` or `from_backend` (XDP: frames to the backend only) | service, backend, direction |
 //! | `lb_xdp_backend_packets_total` | counter: client packets XDP forwarded to a backend | service, backend |
+//! | `lb_xdp_snat_ports_in_use` | gauge: SNAT ports towards a backend in use or held (XDP `nat`, counted every 10 s or so) | service, backend |
+//! | `lb_xdp_snat_ports_free` | gauge: SNAT ports a new flow towards a backend may still take | service, backend |
 //! | `lb_xdp_packets_total` | counter: packets the XDP program saw | |
 //! | `lb_xdp_packet_outcomes_total` | counter: what it did with them, by `outcome` (`forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...) | outcome |
 //! | `lb_backend_up` | gauge: 1 when the health checks say up | service, backend |
@@ -70,6 +72,8 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
     let up = Family::<BackendLabels, Gauge>::default();
     let weight = Family::<BackendLabels, Gauge>::default();
     let xdp_packets = Family::<BackendLabels, Counter>::default();
+    let snat_in_use = Family::<BackendLabels, Gauge>::default();
+    let snat_free = Family::<BackendLabels, Gauge>::default();
     let full = control.status();
     // A removed service whose name lives on (a reload moved it to another address) would
     // mix two services' values under one label set: only the live one is shown.
@@ -90,6 +94,10 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
             weight.get_or_create(&l).set(i64::from(b.effective_weight));
             if let Some(x) = &b.xdp {
                 xdp_packets.get_or_create(&l).inc_by(x.packets);
+                if let (Some(used), Some(free)) = (x.snat_ports_in_use, x.snat_ports_free) {
+                    snat_in_use.get_or_create(&l).set(clamp(used));
+                    snat_free.get_or_create(&l).set(clamp(free));
+                }
             }
             for (direction, n) in [
                 ("to_backend", b.bytes_to_backend),
@@ -142,6 +150,16 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
             "xdp_backend_packets",
             "Client packets the XDP program forwarded to a backend",
             xdp_packets,
+        );
+        reg.register(
+            "xdp_snat_ports_in_use",
+            "SNAT ports towards a backend in use or held after their flow ended (XDP nat)",
+            snat_in_use,
+        );
+        reg.register(
+            "xdp_snat_ports_free",
+            "SNAT ports a new flow towards a backend may still take (XDP nat)",
+            snat_free,
         );
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let seen = Counter::<u64>::default();

@@ -27,6 +27,9 @@ pub struct BackendCounters {
     /// Flows conntrack holds open on it, as last counted (every few seconds, see
     /// `census.rs`); `None` before the first count.
     pub open_flows: Option<u64>,
+    /// `nat`: SNAT ports towards it taken (in use, or held after their flow ended), as last
+    /// counted (every 10 s or so, `sync.rs`); `None` for `dsr` or before the first count.
+    pub snat_ports_taken: Option<u64>,
 }
 
 /// A service's counters and its backends'.
@@ -40,6 +43,8 @@ pub struct ServiceCounters {
     pub counters: Counters,
     /// Per backend: the snapshot's, in its order, then the draining ones.
     pub backends: Vec<BackendCounters>,
+    /// `nat`: the ports of its SNAT range (each backend has them all); `None` for `dsr`.
+    pub snat_ports: Option<u64>,
 }
 
 /// Every counter of the XDP data plane at one moment.
@@ -101,6 +106,14 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
     };
     let mut out = Vec::with_capacity(state.running.len());
     for r in &state.running {
+        let nat = r.slot.forwarding == crate::config::Forwarding::Nat;
+        let taken = |address: SocketAddr| {
+            state
+                .snat_in_use
+                .as_ref()
+                .filter(|_| nat)
+                .map(|u| u.get(&(r.slot.id, address)).copied().unwrap_or(0))
+        };
         let ids = r.slot.backend_ids();
         let mut backends = Vec::new();
         // The snapshot's backends that the maps know (a newer snapshot's new backends get
@@ -112,6 +125,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                     counters: maps.backend_counters(id)?,
                     draining: false,
                     open_flows: open(id),
+                    snat_ports_taken: taken(b.address),
                 });
             }
         }
@@ -121,6 +135,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                 counters: maps.backend_counters(id)?,
                 draining: true,
                 open_flows: open(id),
+                snat_ports_taken: taken(address),
             });
         }
         out.push(ServiceCounters {
@@ -128,6 +143,10 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
             name: r.rt.name().to_string(),
             counters: maps.service_counters(r.slot.id)?,
             backends,
+            snat_ports: nat.then(|| {
+                let (lo, hi) = r.slot.snat_ports;
+                u64::from(hi.saturating_sub(lo)) + 1
+            }),
         });
     }
     Ok(XdpCounters {

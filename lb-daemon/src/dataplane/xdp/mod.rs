@@ -232,6 +232,7 @@ impl XdpPlane {
             running: Vec::new(),
             leaving: Vec::new(),
             open_flows: None,
+            snat_in_use: None,
             counters_read: None,
         }));
         let sync = sync::SyncThread::start(Arc::clone(&state), walker);

@@ -17,30 +17,43 @@
 
 use aya::maps::{HashMap, MapData};
 use aya::Ebpf;
-use lb_common::maps::{self as contract, ClientKey, ClientState, CtEntry};
+use lb_common::maps::{self as contract, ClientKey, ClientState, CtEntry, NatReverse};
 use lb_common::FlowKey;
 use tracing::warn;
 
 use super::maps::{io, take, MapsError};
 
-/// `CONNTRACK` and `CLIENTS`, owned by the sync thread and walked without the `State` lock.
+/// `CONNTRACK`, `CLIENTS` and `NAT_REVERSE`, owned by the sync thread and walked without the
+/// `State` lock.
 ///
 /// Only the sync thread touches them from the daemon: it scrubs released ids out of them and
 /// sweeps leaked connection counts, one after the other, so those never race each other.
 pub struct Walker {
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     clients: HashMap<MapData, ClientKey, ClientState>,
+    nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
 }
 
 impl Walker {
-    /// Takes `CONNTRACK` and `CLIENTS` out of `ebpf`.
+    /// Takes `CONNTRACK`, `CLIENTS` and `NAT_REVERSE` out of `ebpf`.
     ///
     /// Returns `Err(MapsError::Missing)` when one is absent or has another layout.
     pub fn take(ebpf: &mut Ebpf) -> Result<Walker, MapsError> {
         Ok(Walker {
             conntrack: take(ebpf, contract::CONNTRACK)?,
             clients: take(ebpf, contract::CLIENTS)?,
+            nat_reverse: take(ebpf, contract::NAT_REVERSE)?,
         })
+    }
+
+    /// The entries of `NAT_REVERSE` (one per SNAT port ever taken and not evicted), walked
+    /// with the bound [`bound`]`(NAT_REVERSE_SIZE)`, and whether the walk reached the end.
+    pub fn nat_entries(&self) -> (Vec<(FlowKey, NatReverse)>, bool) {
+        entries(
+            &self.nat_reverse,
+            contract::NAT_REVERSE,
+            bound(contract::NAT_REVERSE_SIZE),
+        )
     }
 
     /// The entries of `CONNTRACK`, walked with the bound [`bound`]`(CONNTRACK_SIZE)`, and

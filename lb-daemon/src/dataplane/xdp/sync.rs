@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use super::census::SnatTimes;
 use super::ids::IdPool;
 use super::scan::Walker;
 use super::{limits, lock, Maps, ServiceSlot};
@@ -45,6 +46,10 @@ pub struct State {
     /// Open flows per backend id of the running services, from the last count (see
     /// `census.rs`); `None` before the first.
     pub open_flows: Option<std::collections::HashMap<u32, u64>>,
+    /// SNAT ports taken (in use or held) per (service id, backend) of the running `nat`
+    /// services, from the last walk of `NAT_REVERSE` (every [`SNAT_EVERY`] or less often);
+    /// `None` before the first.
+    pub snat_in_use: Option<std::collections::HashMap<(u32, SocketAddr), u64>>,
     /// When the counters were last read (`/status`, `/metrics`): the census runs only while
     /// someone looks.
     pub counters_read: Option<Instant>,
@@ -71,6 +76,24 @@ pub struct Leaving {
 impl State {
     /// Per backend id of the running services, its service's conntrack idle timeout in
     /// whole seconds, as the program ages entries by it.
+    /// The running `nat` services by service id: how their ports are held, how many their
+    /// range has, and their name (for the log).
+    fn snat_services(&self) -> std::collections::HashMap<u32, (SnatTimes, u64, String)> {
+        self.running
+            .iter()
+            .filter(|r| r.slot.forwarding == crate::config::Forwarding::Nat)
+            .map(|r| {
+                let times = SnatTimes {
+                    hold_s: r.slot.snat_hold_s,
+                    idle_s: limits::idle_seconds(r.rt.config().idle_timeout),
+                };
+                let (lo, hi) = r.slot.snat_ports;
+                let ports = u64::from(hi.saturating_sub(lo)) + 1;
+                (r.slot.id, (times, ports, r.rt.name().to_string()))
+            })
+            .collect()
+    }
+
     fn idle_by_backend(&self) -> std::collections::HashMap<u32, u32> {
         let mut idle = std::collections::HashMap::new();
         for r in &self.running {
@@ -326,6 +349,63 @@ pub struct SyncThread {
     handle: JoinHandle<()>,
 }
 
+/// How often `NAT_REVERSE` is walked at most to count the SNAT ports taken (for `/status`,
+/// `/metrics` and the 80% warning), whether or not anyone reads the counters.
+pub const SNAT_EVERY: Duration = Duration::from_secs(10);
+
+/// The share of a range in use at which a warning is logged, in percent; it is logged again
+/// only after the use fell below [`SNAT_CALM_PERCENT`].
+const SNAT_WARN_PERCENT: u64 = 80;
+const SNAT_CALM_PERCENT: u64 = 70;
+
+/// The sync thread's count of SNAT ports: when the next walk is due, and which backends are
+/// over the warning share (warned once per crossing).
+#[derive(Default)]
+struct SnatWatch {
+    census: super::census::Census,
+    warned: std::collections::HashSet<(u32, SocketAddr)>,
+}
+
+impl SnatWatch {
+    fn due(&self) -> bool {
+        self.census.due(Some(Instant::now()))
+    }
+
+    /// Walks `NAT_REVERSE`, counts the ports taken per backend of the `nat` services in
+    /// `services`, and logs a backend's range crossing [`SNAT_WARN_PERCENT`].
+    fn walk(
+        &mut self,
+        walker: &Walker,
+        services: &std::collections::HashMap<u32, (SnatTimes, u64, String)>,
+        now: u32,
+    ) -> std::collections::HashMap<(u32, SocketAddr), u64> {
+        let started = Instant::now();
+        let times = services.iter().map(|(id, (t, _, _))| (*id, *t)).collect();
+        let used = super::census::snat_in_use(&walker.nat_entries().0, &times, now);
+        // The census's pacing: a long walk makes the next one later.
+        self.census.walked(started.elapsed().max(SNAT_EVERY / 20));
+        for (key @ (id, backend), n) in &used {
+            let Some((_, ports, name)) = services.get(id) else {
+                continue;
+            };
+            let percent = n * 100 / (*ports).max(1);
+            if percent >= SNAT_WARN_PERCENT && self.warned.insert(*key) {
+                warn!(
+                    "service {name}: {n} of its {ports} SNAT ports towards {backend} are taken \
+                     ({percent}%); new flows are refused with a RST when none is free: widen \
+                     snat_ports or shorten snat_port_hold"
+                );
+            }
+        }
+        self.warned.retain(|key| {
+            let ports = services.get(&key.0).map_or(1, |s| s.1.max(1));
+            used.get(key)
+                .is_some_and(|n| n * 100 / ports >= SNAT_CALM_PERCENT)
+        });
+        used
+    }
+}
+
 impl SyncThread {
     /// Starts the thread over `state`, whose slots hold the generation last written.
     pub fn start(state: Arc<Mutex<State>>, mut walker: Walker) -> SyncThread {
@@ -335,6 +415,7 @@ impl SyncThread {
             .spawn(move || {
                 let mut limits = super::limits::Sweeper::new();
                 let mut census = super::census::Census::new();
+                let mut snat = SnatWatch::default();
                 loop {
                     match stopped.recv_timeout(POLL) {
                         Err(RecvTimeoutError::Timeout) => {}
@@ -343,14 +424,15 @@ impl SyncThread {
                     // The walks of CONNTRACK and CLIENTS (releases, the sweep) run between
                     // two holds of the lock, so that a reload or a counters read never waits
                     // for them.
-                    let (mut drained, view, idle) = {
+                    let (mut drained, view, idle, nat) = {
                         let mut st = lock(&state);
                         st.republish_all();
                         limits.report(&st.maps);
                         let view = limits.due().then(|| st.sweep_view());
                         let idle = (!st.running.is_empty() && census.due(st.counters_read))
                             .then(|| st.idle_by_backend());
-                        (st.take_drained(Instant::now()), view, idle)
+                        let nat = snat.due().then(|| st.snat_services());
+                        (st.take_drained(Instant::now()), view, idle, nat)
                     };
                     if !drained.is_empty() {
                         drained.scrub(&mut walker);
@@ -364,6 +446,10 @@ impl SyncThread {
                         let open = super::census::count(&walker.conntrack_entries().0, &idle, now);
                         census.walked(started.elapsed());
                         lock(&state).open_flows = Some(open);
+                    }
+                    if let (Some(nat), Some(now)) = (nat, super::census::now_s()) {
+                        let used = snat.walk(&walker, &nat, now);
+                        lock(&state).snat_in_use = Some(used);
                     }
                 }
             })
