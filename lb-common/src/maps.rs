@@ -19,6 +19,7 @@
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
 //! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
+//! | `VIP_ADDRS` | hash, [`MAX_SERVICES`] | [`DecapAddr`] (an address and its family) → `u32` (0, unread) | daemon |
 //! | `DECAP_SOURCES` | hash, [`DECAP_SOURCES_SIZE`] | [`DecapAddr`] → `u32` (0, unread) | `lb-daemon decap` |
 //! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
@@ -305,8 +306,14 @@
 //! Every other ICMP message passes untouched, among them errors about `dsr` replies (they
 //! never passed the balancer).
 //!
-//! Not handled (passed to the kernel untouched): IPv4 fragments; IPv6 extension headers. See
-//! `Stat`'s `Pass*` counters.
+//! Not handled: IPv4 fragments and IPv6 packets with extension headers. Addressed to a VIP
+//! (its address in `VIP_ADDRS`, which the daemon keeps equal to the addresses in `VIPS`)
+//! they are dropped ([`Stat::DropFragment`](crate::Stat::DropFragment),
+//! [`Stat::DropIpv6ExtHeaders`](crate::Stat::DropIpv6ExtHeaders)): the VIP is not an address
+//! of the balancer host, so the kernel would route them onward (back out, or along its default
+//! route) instead of to a backend. Addressed elsewhere they pass untouched
+//! ([`Stat::PassFragment`](crate::Stat::PassFragment),
+//! [`Stat::PassIpv6ExtHeaders`](crate::Stat::PassIpv6ExtHeaders)).
 //!
 //! ## Attaching, detaching
 //!
@@ -345,6 +352,10 @@ pub const LIMITS: &str = "LIMITS";
 pub const CLIENTS: &str = "CLIENTS";
 /// Map name: [`DecapAddr`] → ifindex (`u32`), the outer destinations `lb_decap` accepts.
 pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+/// Map name: [`DecapAddr`] → `u32` (unread): every address some entry of `VIPS` has, so
+/// that a packet the balancer cannot place (a fragment, IPv6 extension headers) is known to
+/// be a VIP's without a port.
+pub const VIP_ADDRS: &str = "VIP_ADDRS";
 /// Map name: [`DecapAddr`] → `u32` (unread), the outer sources `lb_decap` accepts: the
 /// balancers' `local_address`es.
 pub const DECAP_SOURCES: &str = "DECAP_SOURCES";

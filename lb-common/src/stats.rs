@@ -18,12 +18,14 @@ pub enum Stat {
     Packets = 0,
     /// Well-formed TCP/UDP (or other) packets not for a VIP and not a NAT reply: passed.
     PassNotVip = 1,
-    /// IPv4 fragments (first or not): passed untouched, since later fragments carry no ports.
+    /// IPv4 fragments (first or not) not addressed to a VIP: passed untouched (see
+    /// [`Stat::DropFragment`] for those that are).
     PassFragment = 2,
     /// Malformed or truncated headers (Ethernet, VLAN, IP, TCP/UDP; IHL < 5, a total length
     /// beyond the frame): passed untouched; the kernel drops what it also finds broken.
     PassMalformed = 3,
-    /// IPv6 packets with extension headers before TCP/UDP: passed untouched.
+    /// IPv6 packets with extension headers before TCP/UDP, not addressed to a VIP: passed
+    /// untouched.
     PassIpv6ExtHeaders = 4,
     /// Client packets for a VIP sent on to a backend (`XDP_TX` or `XDP_REDIRECT`).
     Forwarded = 5,
@@ -106,10 +108,15 @@ pub enum Stat {
     /// `lb_decap`: IPIP / IP6IP6 packets for this host whose outer source is not in
     /// `DECAP_SOURCES` (not a balancer): dropped.
     DecapBadSource = 29,
+    /// Dropped: an IPv4 fragment (first or later) addressed to a VIP (`VIP_ADDRS`): the
+    /// balancer cannot place it, and the kernel would route it onward.
+    DropFragment = 30,
+    /// Dropped: an IPv6 packet with extension headers addressed to a VIP (`VIP_ADDRS`).
+    DropIpv6ExtHeaders = 31,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 30;
+pub const STATS_LEN: u32 = 32;
 
 impl Stat {
     /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
@@ -144,6 +151,8 @@ impl Stat {
         Stat::ResetNatPortReclaimed,
         Stat::DropSynFin,
         Stat::DecapBadSource,
+        Stat::DropFragment,
+        Stat::DropIpv6ExtHeaders,
     ];
 
     /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
@@ -180,6 +189,8 @@ impl Stat {
             Stat::ResetNatPortReclaimed => "reset_nat_port_reclaimed",
             Stat::DropSynFin => "drop_syn_fin",
             Stat::DecapBadSource => "decap_bad_source",
+            Stat::DropFragment => "drop_fragment",
+            Stat::DropIpv6ExtHeaders => "drop_ipv6_ext_headers",
         }
     }
 

@@ -72,6 +72,10 @@ pub static CLIENTS: LruHashMap<ClientKey, ClientState> =
 #[map(name = "DECAP_ADDRS")]
 pub static DECAP_ADDRS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECAP_ADDRS_SIZE, 0);
 
+/// The VIPs' addresses (those of `VIPS`' keys). Written by the daemon.
+#[map(name = "VIP_ADDRS")]
+pub static VIP_ADDRS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
 /// The balancers' addresses `lb_decap` accepts as outer source. Written by `lb-daemon decap
 /// --from`; the balancer does not use it.
 #[map(name = "DECAP_SOURCES")]

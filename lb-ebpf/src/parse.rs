@@ -9,8 +9,10 @@
 //! - truncated or malformed headers (frame shorter than a header, IP version wrong, IHL < 5,
 //!   an IP length beyond the frame, a TCP / UDP header beyond the IP length, TCP data offset
 //!   < 5): `Stat::PassMalformed`;
-//! - IPv4 fragments, first or later (later ones carry no ports): `Stat::PassFragment`;
-//! - IPv6 extension headers before the transport header: `Stat::PassIpv6ExtHeaders`;
+//! - IPv4 fragments, first or later (later ones carry no ports): `Stat::PassFragment`, but
+//!   `Stat::DropFragment` (dropped) when addressed to a VIP, which the kernel would route on;
+//! - IPv6 extension headers before the transport header: `Stat::PassIpv6ExtHeaders`, or
+//!   `Stat::DropIpv6ExtHeaders` (dropped) when addressed to a VIP;
 //! - anything else that is not TCP or UDP over IP (ARP, a second VLAN tag...):
 //!   `Stat::PassNotVip`, like TCP/UDP packets for no VIP.
 //!
@@ -25,9 +27,11 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
-    maps::{FAMILY_V4, FAMILY_V6},
+    maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
     FlowKey, Stat,
 };
+
+use crate::maps::VIP_ADDRS;
 
 /// EtherType of IPv4, as the 16-bit field reads in memory order (network order bytes 08 00).
 pub const ETH_P_IP: u16 = 0x0800_u16.to_be();
@@ -311,7 +315,12 @@ fn parse_ipv4(
     }
     // More-fragments flag or a non-zero offset.
     if frag_off & 0x3fff != 0 {
-        return Err(Stat::PassFragment);
+        return Err(for_vip(
+            [word(dst[0], dst[1]), 0, 0, 0],
+            FAMILY_V4,
+            Stat::DropFragment,
+            Stat::PassFragment,
+        ));
     }
     let key = FlowKey {
         src_addr: [word(src[0], src[1]), 0, 0, 0],
@@ -320,6 +329,23 @@ fn parse_ipv4(
         ..FlowKey::default()
     };
     Ok((key, FAMILY_V4, l3_off + ihl, tot_len))
+}
+
+/// `drop` when `addr` (of `family`) is a VIP's address (`VIP_ADDRS`), else `pass`: the verdict
+/// on a packet the balancer cannot place (see the module docs).
+#[inline(always)]
+fn for_vip(addr: [u32; 4], family: u8, drop: Stat, pass: Stat) -> Stat {
+    let key = DecapAddr {
+        addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the key lives on the stack for the call; the value is not read.
+    if unsafe { VIP_ADDRS.get(&key) }.is_some() {
+        drop
+    } else {
+        pass
+    }
 }
 
 /// IPv6 next-header values that are extension headers (RFC 8200 §4, and AH, ESP is not one
@@ -351,7 +377,12 @@ fn parse_ipv6(
         return Err(Stat::PassMalformed);
     }
     if is_ipv6_ext(nexthdr) {
-        return Err(Stat::PassIpv6ExtHeaders);
+        return Err(for_vip(
+            addr6(&dst),
+            FAMILY_V6,
+            Stat::DropIpv6ExtHeaders,
+            Stat::PassIpv6ExtHeaders,
+        ));
     }
     let key = FlowKey {
         src_addr: addr6(&src),

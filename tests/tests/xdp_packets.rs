@@ -24,7 +24,7 @@ use lb_common::{
         BACKEND_F_DOWN, BACKEND_F_DRAINING, BACKEND_STATS, CLIENTS, CONNTRACK, CT_F_CLOSED,
         CT_F_COUNTED, CT_REFRESH_SECS, DECAP_ADDRS, DECAP_SOURCES, DEVMAP, LIMITS,
         MIN_REPLY_PATH_MTU, MODE_DSR, MODE_NAT, NAT_REVERSE, PROG_BALANCER, PROG_DECAP, SERVICES,
-        SERVICE_STATS, STATS, TABLES, VIPS,
+        SERVICE_STATS, STATS, TABLES, VIPS, VIP_ADDRS,
     },
     Counters, FlowKey, Stat,
 };
@@ -338,6 +338,8 @@ struct Lab {
     limits: Array<MapData, Limits>,
     clients: HashMap<MapData, ClientKey, ClientState>,
     decap_addrs: HashMap<MapData, DecapAddr, u32>,
+    /// The VIPs' addresses, as the daemon keeps them for fragments and extension headers.
+    vip_addrs: HashMap<MapData, DecapAddr, u32>,
     /// ifindex of `vc`, where clients come in.
     vc: u32,
     /// ifindex of `vb`, behind which the backends are.
@@ -399,6 +401,8 @@ impl Lab {
                 .insert(DecapAddr::new(addr), 1, 0)
                 .expect("write DECAP_ADDRS");
         }
+        let vip_addrs: HashMap<MapData, DecapAddr, u32> =
+            HashMap::try_from(take(VIP_ADDRS)).expect("VIP_ADDRS is a hash of DecapAddr → u32");
         let mut decap_sources: HashMap<MapData, DecapAddr, u32> =
             HashMap::try_from(take(DECAP_SOURCES))
                 .expect("DECAP_SOURCES is a hash of DecapAddr → u32");
@@ -499,6 +503,7 @@ impl Lab {
             limits,
             clients,
             decap_addrs,
+            vip_addrs,
             vc,
             vb,
             ns,
@@ -551,6 +556,9 @@ impl Lab {
         self.vips
             .insert(key, VipValue { service: id }, 0)
             .expect("write VIPS");
+        self.vip_addrs
+            .insert(DecapAddr::new(vip), 0, 0)
+            .expect("write VIP_ADDRS");
     }
 
     /// Publishes a new table for service `id` as the contract says: inactive half, its size,
@@ -1368,6 +1376,83 @@ fn tcp_flags_of(frame: &[u8]) -> u8 {
     frame[14 + 20 + 13]
 }
 
+/// An address no service has (IPv4, IPv6).
+const NOT_VIP4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 99);
+const NOT_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x99);
+
+/// A client's IPv4 fragment (`frag`: flags and offset) of `seg` for `dst`.
+fn fragment(dst: Ipv4Addr, frag: u16, seg: &[u8]) -> Vec<u8> {
+    let h = wire::V4 {
+        frag,
+        ..wire::V4_CLIENT
+    };
+    wire::frame(
+        VC_MAC,
+        CLIENT_MAC,
+        &wire::ipv4(CLIENT4, dst, 6, h, &[], seg),
+    )
+}
+
+/// A client's IPv6 packet for `dst` with hop-by-hop options (8 bytes: next header TCP, length
+/// 0, PadN) before the TCP segment `seg`.
+fn hop_by_hop(dst: Ipv6Addr, seg: &[u8]) -> Vec<u8> {
+    let mut hbh = vec![6, 0, 1, 4, 0, 0, 0, 0];
+    hbh.extend_from_slice(seg);
+    wire::frame(
+        VC_MAC,
+        CLIENT_MAC,
+        &wire::ipv6(CLIENT6, dst, 0, 0x6000_0000, 64, &hbh),
+    )
+}
+
+#[test]
+fn fragments_and_extension_headers_for_a_vip_are_dropped() {
+    let Some(mut lab) = lab("vip_fragments") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, B1_6.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    lab.service(1, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[1]);
+    let (client, vip, client6, vip6): (IpAddr, IpAddr, IpAddr, IpAddr) =
+        (CLIENT4.into(), VIP4.into(), CLIENT6.into(), VIP6.into());
+    let seg = wire::tcp(client, 40000, vip, 80, TCP_SYN, b"");
+    let seg6 = wire::tcp(client6, 40000, vip6, 80, TCP_SYN, b"");
+    // The kernel would route them onward (the VIP is not the balancer's address): dropped,
+    // whatever their port, and counted.
+    let cases = [
+        (
+            "a first fragment (MF set) for the VIP",
+            fragment(VIP4, 0x2000, &seg),
+            Stat::DropFragment,
+        ),
+        (
+            "a later fragment for the VIP",
+            fragment(VIP4, 0x00b9, &seg),
+            Stat::DropFragment,
+        ),
+        (
+            "an IPv6 packet with a hop-by-hop header for the VIP",
+            hop_by_hop(VIP6, &seg6),
+            Stat::DropIpv6ExtHeaders,
+        ),
+    ];
+    for (what, frame, stat) in cases {
+        let before = lab.stat(stat);
+        lab.expect(lab.vc, &frame, XDP_DROP, what);
+        assert_eq!(
+            lab.stat(stat),
+            before + 1,
+            "{what}: not counted as {stat:?}"
+        );
+    }
+    assert_eq!(
+        lab.stat(Stat::Forwarded),
+        0,
+        "a fragment or extension-header packet was forwarded"
+    );
+}
+
 #[test]
 fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted() {
     let Some(mut lab) = lab("pass_rules") else {
@@ -1417,34 +1502,17 @@ fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted
         good[..14].to_vec(),
         Stat::PassMalformed,
     ));
+    // Fragments and extension headers for another host pass (for a VIP they are dropped:
+    // `fragments_and_extension_headers_for_a_vip_are_dropped`).
     for (what, frag) in [
-        ("a first fragment (MF set)", 0x2000),
-        ("a later fragment", 0x00b9),
+        ("a first fragment (MF set) for another host", 0x2000),
+        ("a later fragment for another host", 0x00b9),
     ] {
-        let h = wire::V4 {
-            frag,
-            ..wire::V4_CLIENT
-        };
-        cases.push((
-            what,
-            wire::frame(
-                VC_MAC,
-                CLIENT_MAC,
-                &wire::ipv4(CLIENT4, VIP4, 6, h, &[], &seg),
-            ),
-            Stat::PassFragment,
-        ));
+        cases.push((what, fragment(NOT_VIP4, frag, &seg), Stat::PassFragment));
     }
-    // Hop-by-hop options (8 bytes: next header TCP, length 0, PadN) before the TCP header.
-    let mut hbh = vec![6, 0, 1, 4, 0, 0, 0, 0];
-    hbh.extend_from_slice(&seg6);
     cases.push((
-        "an IPv6 packet with a hop-by-hop header",
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ipv6(CLIENT6, VIP6, 0, 0x6000_0000, 64, &hbh),
-        ),
+        "an IPv6 packet with a hop-by-hop header for another host",
+        hop_by_hop(NOT_VIP6, &seg6),
         Stat::PassIpv6ExtHeaders,
     ));
     let other: IpAddr = Ipv4Addr::new(10, 0, 0, 99).into();

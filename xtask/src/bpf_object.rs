@@ -27,6 +27,7 @@ const MAPS: &[&str] = &[
     maps::CLIENTS,
     maps::DECAP_ADDRS,
     maps::DECAP_SOURCES,
+    maps::VIP_ADDRS,
     maps::STATS,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::maps::{
-    self as contract, addr_words, family_of, table_index, Backend, VipKey, VipValue,
+    self as contract, addr_words, family_of, table_index, Backend, DecapAddr, VipKey, VipValue,
     BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
 };
 use lb_common::{Counters, STATS_LEN};
@@ -72,6 +72,10 @@ pub(super) fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsE
 /// The maps the daemon writes and reads, taken out of the loaded object.
 pub struct Maps {
     vips: HashMap<MapData, VipKey, VipValue>,
+    /// `VIP_ADDRS`, kept equal to the addresses of `VIPS`' keys ([`Maps::sync_vip_addrs`]).
+    vip_addrs: HashMap<MapData, DecapAddr, u32>,
+    /// What `VIP_ADDRS` holds.
+    vip_addrs_written: std::collections::HashSet<DecapAddr>,
     services: Array<MapData, contract::Service>,
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
@@ -110,6 +114,8 @@ impl Maps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
         Ok(Maps {
             vips: take(ebpf, contract::VIPS)?,
+            vip_addrs: take(ebpf, contract::VIP_ADDRS)?,
+            vip_addrs_written: std::collections::HashSet::new(),
             services: take(ebpf, contract::SERVICES)?,
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
@@ -276,8 +282,39 @@ impl Maps {
                 .insert(slot.vip_key(), VipValue { service: slot.id }, 0)
                 .map_err(io(contract::VIPS))?;
             slot.vip_published = true;
+            self.sync_vip_addrs()?;
         }
         Ok(written)
+    }
+
+    /// Makes `VIP_ADDRS` hold exactly the addresses of `VIPS`' keys, so the program drops the
+    /// fragments and IPv6 extension-header packets sent to a VIP (see `lb_common::maps`).
+    /// Added before removed; a VIP's address leaves only when no `VIPS` key has it.
+    ///
+    /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
+    pub fn sync_vip_addrs(&mut self) -> Result<(), MapsError> {
+        let mut wanted = std::collections::HashSet::new();
+        for key in self.vips.keys() {
+            let key = key.map_err(io(contract::VIPS))?;
+            wanted.insert(DecapAddr {
+                addr: key.addr,
+                family: key.family,
+                _pad: [0; 3],
+            });
+        }
+        for addr in wanted.difference(&self.vip_addrs_written) {
+            self.vip_addrs
+                .insert(addr, 0, 0)
+                .map_err(io(contract::VIP_ADDRS))?;
+        }
+        for addr in self.vip_addrs_written.difference(&wanted) {
+            match self.vip_addrs.remove(addr) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(io(contract::VIP_ADDRS)(e)),
+            }
+        }
+        self.vip_addrs_written = wanted;
+        Ok(())
     }
 
     /// Takes a drained service out: hands its VIP on (see [`Maps::hand_over_vip`], to no
@@ -316,10 +353,13 @@ impl Maps {
                 .vips
                 .insert(key, VipValue { service }, 0)
                 .map_err(io(contract::VIPS))?,
-            None => match self.vips.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::VIPS)(e)),
-            },
+            None => {
+                match self.vips.remove(&key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(io(contract::VIPS)(e)),
+                }
+                self.sync_vip_addrs()?;
+            }
         }
         Ok(true)
     }
