@@ -41,7 +41,8 @@ fn flows(n: usize) -> Vec<FlowKey> {
             src_port: 10_000 + (i % 50_000) as u16,
             dst_port: 80,
             protocol: 6,
-            _pad: [0; 3],
+            family: lb_common::maps::FAMILY_V4,
+            _pad: [0; 2],
         })
         .collect()
 }

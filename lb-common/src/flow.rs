@@ -5,7 +5,8 @@
 /// Addresses are stored as four 32-bit words holding the address bytes in network order
 /// (`u32::from_ne_bytes` of each 4-byte group), so the value matches what the BPF program
 /// copies straight out of the IP header. An IPv4 address fills `[0]` and leaves `[1..4]`
-/// zero. Ports are in host byte order. `_pad` must be zero.
+/// zero, and `family` tells the two apart (an IPv4 key is never equal to the key of an IPv6
+/// address whose last 96 bits are zero). Ports are in host byte order. `_pad` must be zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -19,8 +20,12 @@ pub struct FlowKey {
     pub dst_port: u16,
     /// IP protocol number: 6 for TCP, 17 for UDP.
     pub protocol: u8,
+    /// The addresses' family, [`FAMILY_V4`](crate::maps::FAMILY_V4) or
+    /// [`FAMILY_V6`](crate::maps::FAMILY_V6). Not hashed by [`flow_hash`]: a service has one
+    /// family, so it places no flow differently.
+    pub family: u8,
     /// Explicit padding; always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
 }
 
 /// IP protocol number of TCP.
@@ -107,7 +112,8 @@ mod tests {
             src_port: sport,
             dst_port: dport,
             protocol,
-            _pad: [0; 3],
+            family: crate::maps::FAMILY_V4,
+            _pad: [0; 2],
         }
     }
 

@@ -184,7 +184,8 @@ pub fn flow_key(client: SocketAddr, vip: SocketAddr, protocol: Protocol) -> Flow
             Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
             Protocol::Udp => lb_common::flow::IPPROTO_UDP,
         },
-        _pad: [0; 3],
+        family: lb_common::maps::family_of(vip.ip()),
+        _pad: [0; 2],
     }
 }
 

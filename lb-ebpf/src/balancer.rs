@@ -233,7 +233,8 @@ fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
             src_port: r.client_port,
             dst_port: r.vip_port,
             protocol: p.key.protocol,
-            _pad: [0; 3],
+            family: p.family,
+            _pad: [0; 2],
         };
         limits::closed(&client, r.service);
     }

@@ -149,7 +149,8 @@ fn to_backend(
         src_port: dport,
         dst_port: sport,
         protocol,
-        _pad: [0; 3],
+        family,
+        _pad: [0; 2],
     };
     // SAFETY: a live map value; the two fields are copied out at once.
     let (backend_id, snat_port) = unsafe {
@@ -177,6 +178,7 @@ fn to_backend(
 /// found through `NAT_REVERSE`. `None` for an unknown flow.
 #[inline(always)]
 fn to_client(
+    family: u8,
     src: &[u32; 4],
     dst: &[u32; 4],
     sport: u16,
@@ -190,7 +192,8 @@ fn to_client(
         src_port: dport,
         dst_port: sport,
         protocol,
-        _pad: [0; 3],
+        family,
+        _pad: [0; 2],
     };
     let r = nat::find(&reply)?;
     // SAFETY: a live map value, its fields read in place (this subprogram's stack is full).
@@ -292,7 +295,7 @@ fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
             return Err(Stat::DropIcmpLowMtu);
         }
         Some(t) => t,
-        None => to_client(&src, &dst, sport, dport, protocol).ok_or(Stat::PassNotVip)?,
+        None => to_client(p.family, &src, &dst, sport, dport, protocol).ok_or(Stat::PassNotVip)?,
     };
     let new_ports = [t.sport.to_be(), t.dport.to_be()];
 

@@ -67,7 +67,8 @@ fn set_reply_key(
     rkey.src_port = backend_port;
     rkey.dst_port = port;
     rkey.protocol = key.protocol;
-    rkey._pad = [0; 3];
+    rkey.family = service.family;
+    rkey._pad = [0; 2];
 }
 
 /// Whether the `NAT_REVERSE` entry `r` translates the client flow `key`.

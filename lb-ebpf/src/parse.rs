@@ -326,6 +326,7 @@ fn parse_ipv4(
         src_addr: [word(src[0], src[1]), 0, 0, 0],
         dst_addr: [word(dst[0], dst[1]), 0, 0, 0],
         protocol,
+        family: FAMILY_V4,
         ..FlowKey::default()
     };
     Ok((key, FAMILY_V4, l3_off + ihl, tot_len))
@@ -388,6 +389,7 @@ fn parse_ipv6(
         src_addr: addr6(&src),
         dst_addr: addr6(&dst),
         protocol: nexthdr,
+        family: FAMILY_V6,
         ..FlowKey::default()
     };
     Ok((

@@ -208,7 +208,8 @@ impl Lab {
             src_port: local.port(),
             dst_port: CONNS,
             protocol: IPPROTO_TCP,
-            _pad: [0; 3],
+            family: lb_common::maps::FAMILY_V4,
+            _pad: [0; 2],
         }
     }
 

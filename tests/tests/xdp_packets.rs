@@ -83,7 +83,8 @@ fn flow(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, protocol: u8) -> FlowK
         src_port: sport,
         dst_port: dport,
         protocol,
-        _pad: [0; 3],
+        family: family(dst),
+        _pad: [0; 2],
     }
 }
 
@@ -3982,4 +3983,63 @@ mod fuzz {
             outcomes.len()
         );
     }
+}
+
+/// An IPv4 flow and an IPv6 flow whose addresses hold the same words (the IPv6 ones with
+/// their last 96 bits zero) are two flows: the conntrack key carries the family.
+#[test]
+fn an_ipv4_flow_and_an_ipv6_flow_with_the_same_address_words_are_apart() {
+    let Some(mut lab) = lab("flow_family") else {
+        return;
+    };
+    // The IPv6 addresses whose first 4 bytes are CLIENT4's and VIP4's, the rest zero.
+    let alike = |v4: Ipv4Addr| {
+        let o = v4.octets();
+        Ipv6Addr::new(
+            u16::from_be_bytes([o[0], o[1]]),
+            u16::from_be_bytes([o[2], o[3]]),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
+    let (client6, vip6) = (alike(CLIENT4), alike(VIP4));
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, B1_6.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_DSR, &[0]);
+    lab.service(1, vip6.into(), 80, IPPROTO_TCP, MODE_DSR, &[1]);
+    let syn = |c: IpAddr, v: IpAddr| {
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ip(c, v, 6, &wire::tcp(c, 41000, v, 80, TCP_SYN, b"")),
+        )
+    };
+    lab.expect(
+        lab.vc,
+        &syn(CLIENT4.into(), VIP4.into()),
+        XDP_REDIRECT,
+        "the IPv4 SYN",
+    );
+    lab.expect(
+        lab.vc,
+        &syn(client6.into(), vip6.into()),
+        XDP_REDIRECT,
+        "the IPv6 SYN",
+    );
+    let v4 = flow(CLIENT4.into(), 41000, VIP4.into(), 80, IPPROTO_TCP);
+    let v6 = flow(client6.into(), 41000, vip6.into(), 80, IPPROTO_TCP);
+    assert_eq!(
+        v4.src_addr, v6.src_addr,
+        "the test's addresses must hold the same words"
+    );
+    let backend = |k: &FlowKey| lab.conntrack.get(k, 0).map(|e| e.backend).ok();
+    assert_eq!(
+        (backend(&v4), backend(&v6)),
+        (Some(0), Some(1)),
+        "the IPv4 and IPv6 flows share a conntrack entry"
+    );
 }

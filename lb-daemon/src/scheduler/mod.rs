@@ -141,7 +141,8 @@ pub(crate) mod test_support {
             src_port: port,
             dst_port: 80,
             protocol: IPPROTO_TCP,
-            _pad: [0; 3],
+            family: lb_common::maps::FAMILY_V4,
+            _pad: [0; 2],
         }
     }
 

@@ -144,11 +144,10 @@ pub fn snat_in_use(
     used
 }
 
-/// The source address of a `NAT_REVERSE` key (the backend), IPv4 when its last 12 bytes are
-/// zero (the key carries no family; a service's backends are of one family).
+/// The source address of a `NAT_REVERSE` key (the backend).
 fn key_addr(key: &FlowKey) -> std::net::IpAddr {
     let b = |w: u32| w.to_ne_bytes();
-    if key.src_addr[1..] == [0, 0, 0] {
+    if key.family == lb_common::maps::FAMILY_V4 {
         std::net::Ipv4Addr::from(b(key.src_addr[0])).into()
     } else {
         let mut o = [0u8; 16];
@@ -218,7 +217,8 @@ mod tests {
             src_port: backend.port(),
             dst_port: port,
             protocol: 6,
-            _pad: [0; 3],
+            family: lb_common::maps::FAMILY_V4,
+            _pad: [0; 2],
         };
         let entry = |port: u16, service: u32, state: u64| {
             (
