@@ -200,8 +200,7 @@
 //! next hop's MAC address is not known yet (no neighbour entry) the rewritten packet is passed
 //! to the kernel stack, which resolves it and forwards the packet; the balancer namespace needs
 //! forwarding enabled for that too ([`Stat::FibPass`](crate::Stat::FibPass); also used
-//! when the route says the destination is local). TTL / hop limit are not decremented (`nat` acts as the flow's endpoint; `dsr` sends a
-//! new outer header with TTL 64).
+//! when the route says the destination is local). `nat` forwards like a router: it decrements the TTL / hop limit of what it translates (both directions) and drops a packet that arrives with 1 or 0 before it takes a port or an entry ([`Stat::DropTtlExpired`](crate::Stat::DropTtlExpired); no ICMP time exceeded is sent); `dsr` leaves the client's packet as it is and sends it in a new outer header with TTL 64.
 //!
 //! ## Conntrack ageing
 //!

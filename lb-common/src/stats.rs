@@ -113,10 +113,14 @@ pub enum Stat {
     DropFragment = 30,
     /// Dropped: an IPv6 packet with extension headers addressed to a VIP (`VIP_ADDRS`).
     DropIpv6ExtHeaders = 31,
+    /// Dropped: a packet `nat` would translate (a client's to a VIP, a backend's reply) whose
+    /// TTL or hop limit is 1 or 0: NAT forwards like a router and decrements it, and a router
+    /// drops a packet it cannot decrement below 1 (no ICMP time exceeded is sent).
+    DropTtlExpired = 32,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 32;
+pub const STATS_LEN: u32 = 33;
 
 impl Stat {
     /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
@@ -153,6 +157,7 @@ impl Stat {
         Stat::DecapBadSource,
         Stat::DropFragment,
         Stat::DropIpv6ExtHeaders,
+        Stat::DropTtlExpired,
     ];
 
     /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
@@ -191,6 +196,7 @@ impl Stat {
             Stat::DecapBadSource => "decap_bad_source",
             Stat::DropFragment => "drop_fragment",
             Stat::DropIpv6ExtHeaders => "drop_ipv6_ext_headers",
+            Stat::DropTtlExpired => "drop_ttl_expired",
         }
     }
 

@@ -103,6 +103,11 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     if tcp && p.tcp_flags & TCP_SYN != 0 && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         return Err(Stat::DropSynFin);
     }
+    // NAT forwards like a router (`nat::rewrite` decrements the TTL): checked before the flow
+    // takes anything. DSR sends the packet on unchanged inside a new header.
+    if service.mode == MODE_NAT && parse::hop_limit(ctx, p) <= 1 {
+        return Err(Stat::DropTtlExpired);
+    }
     let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
     if placed.fresh {
         // Before the SNAT port is taken: a refused flow must hold nothing.
@@ -221,6 +226,14 @@ fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
     if p.key.protocol != IPPROTO_TCP && p.key.protocol != IPPROTO_UDP {
         // ICMP took the other path (`handle`); nothing else gets through `parse`.
         return Err(Stat::PassNotVip);
+    }
+    if parse::hop_limit(ctx, p) <= 1 {
+        // A NAT reply that cannot be decremented is dropped; anything else passes as usual.
+        return Err(if nat::find(&p.key).is_some() {
+            Stat::DropTtlExpired
+        } else {
+            Stat::PassNotVip
+        });
     }
     // SAFETY: a helper without arguments.
     let now = ct_seconds(unsafe { bpf_ktime_get_ns() });

@@ -333,7 +333,8 @@ pub fn reverse(key: &FlowKey, tcp_flags: u8, now: u32) -> Option<NatReverse> {
 }
 
 /// Rewrites the parsed packet's addresses and ports to `src`:`sport` → `dst`:`dport` (ports
-/// in host order) and updates the IP (IPv4) and TCP/UDP checksums incrementally. An IPv4 UDP
+/// in host order), decrements its TTL / hop limit (the caller dropped those at 1 or 0), and
+/// updates the IP (IPv4) and TCP/UDP checksums incrementally. An IPv4 UDP
 /// checksum of 0 (none) stays 0. `Err(Stat::PassMalformed)` cannot happen for a packet `parse`
 /// accepted; it only satisfies the verifier's bounds checks.
 #[inline(always)]
@@ -353,6 +354,16 @@ pub fn rewrite(
             let mut check = (*ip).check;
             check = csum::replace_addr(check, &old.src_addr, src);
             check = csum::replace_addr(check, &old.dst_addr, dst);
+            // TTL and protocol share one 16-bit word of the header checksum (memory order,
+            // as the ports below).
+            let ttl = (*ip).ttl;
+            let proto = (*ip).protocol;
+            check = csum::replace16(
+                check,
+                u16::from_ne_bytes([ttl, proto]),
+                u16::from_ne_bytes([ttl.wrapping_sub(1), proto]),
+            );
+            (*ip).ttl = ttl.wrapping_sub(1);
             (*ip).check = check;
             (*ip).src = halves(src[0]);
             (*ip).dst = halves(dst[0]);
@@ -361,6 +372,7 @@ pub fn rewrite(
         let ip: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
+            (*ip).hop_limit = (*ip).hop_limit.wrapping_sub(1);
             (*ip).src = groups6(src);
             (*ip).dst = groups6(dst);
         }

@@ -332,6 +332,19 @@ fn parse_ipv4(
     Ok((key, FAMILY_V4, l3_off + ihl, tot_len))
 }
 
+/// The TTL (IPv4) or hop limit (IPv6) of the packet `parse` accepted as `p`; 0 when the header
+/// cannot be read, which `parse` already ruled out.
+#[inline(always)]
+pub fn hop_limit(ctx: &XdpContext, p: &Parsed) -> u8 {
+    if p.family == FAMILY_V4 {
+        // SAFETY: bounds checked by `ptr_at`.
+        ptr_at::<Ipv4Hdr>(ctx, p.l3_off).map_or(0, |ip| unsafe { (*ip).ttl })
+    } else {
+        // SAFETY: as above.
+        ptr_at::<Ipv6Hdr>(ctx, p.l3_off).map_or(0, |ip| unsafe { (*ip).hop_limit })
+    }
+}
+
 /// `drop` when `addr` (of `family`) is a VIP's address (`VIP_ADDRS`), else `pass`: the verdict
 /// on a packet the balancer cannot place (see the module docs).
 #[inline(always)]

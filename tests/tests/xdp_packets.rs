@@ -260,6 +260,22 @@ mod wire {
         f
     }
 
+    /// `ip` as a router sends it on: TTL (IPv4, header checksum recomputed) or hop limit
+    /// (IPv6) one lower. What `nat` forwards.
+    pub fn forwarded(ip: &[u8]) -> Vec<u8> {
+        let mut p = ip.to_vec();
+        if p[0] >> 4 == 4 {
+            let ihl = (p[0] & 0x0f) as usize * 4;
+            p[8] -= 1;
+            p[10..12].copy_from_slice(&[0, 0]);
+            let c = checksum(&[&p[..ihl]]);
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            p[7] -= 1;
+        }
+        p
+    }
+
     /// An IP packet (plain client header) carrying `l4` of `protocol`.
     pub fn ip(src: IpAddr, dst: IpAddr, protocol: u8, l4: &[u8]) -> Vec<u8> {
         match (src, dst) {
@@ -721,12 +737,12 @@ fn nat_ipv4_tcp_goes_to_the_backend_from_the_balancer_and_the_reply_back_to_the_
     let want = wire::frame(
         b_mac,
         VB_MAC,
-        &wire::ip(
+        &wire::forwarded(&wire::ip(
             local,
             backend,
             6,
             &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the SYN sent to the backend");
     assert_same(&out, &want, "the SYN sent to the backend");
@@ -755,12 +771,12 @@ fn nat_ipv4_tcp_goes_to_the_backend_from_the_balancer_and_the_reply_back_to_the_
     let want = wire::frame(
         CLIENT_MAC,
         VC_MAC,
-        &wire::ip(
+        &wire::forwarded(&wire::ip(
             vip,
             client,
             6,
             &wire::tcp(vip, 80, client, 40000, TCP_SYN | TCP_ACK, b"hi"),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the SYN-ACK sent to the client");
     assert_same(&out, &want, "the SYN-ACK sent to the client");
@@ -819,12 +835,12 @@ fn nat_ipv6_udp_request_and_reply_are_translated() {
     let want = wire::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ip(
+        &wire::forwarded(&wire::ip(
             local,
             backend,
             17,
             &wire::udp(local, snat, backend, 5300, b"query"),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the request sent to the backend");
     assert_same(&out, &want, "the request sent to the backend");
@@ -854,12 +870,12 @@ fn nat_ipv6_udp_request_and_reply_are_translated() {
     let want = wire::frame(
         CLIENT_MAC,
         VC_MAC,
-        &wire::ip(
+        &wire::forwarded(&wire::ip(
             vip,
             client,
             17,
             &wire::udp(vip, 53, client, 5353, b"answer"),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the reply sent to the client");
     assert_same(&out, &want, "the reply sent to the client");
@@ -1621,14 +1637,14 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
     let want = wire::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ipv4(
+        &wire::forwarded(&wire::ipv4(
             LOCAL4,
             B1_4,
             6,
             wire::V4_CLIENT,
             &options,
             &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the SYN with options sent to the backend");
     assert_same(&out, &want, "the SYN with options sent to the backend");
@@ -1652,12 +1668,12 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
         VB_MAC,
         Some(100),
         wire::ETH_IP,
-        &wire::ip(
+        &wire::forwarded(&wire::ip(
             local,
             backend,
             6,
             &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the VLAN-tagged SYN sent to the backend");
     assert_same(
@@ -1737,7 +1753,11 @@ fn nat_ipv4_udp_without_checksum_and_ipv6_tcp_are_translated() {
     let snat = l4_source_port(&out);
     let mut want_udp = wire::udp(local, snat, backend, 5300, b"no checksum");
     want_udp[6..8].copy_from_slice(&[0, 0]);
-    let want = wire::frame(B1_MAC, VB_MAC, &wire::ip(local, backend, 17, &want_udp));
+    let want = wire::frame(
+        B1_MAC,
+        VB_MAC,
+        &wire::forwarded(&wire::ip(local, backend, 17, &want_udp)),
+    );
     wire::assert_checksums(&out, "the UDP request without checksum");
     assert_same(&out, &want, "the UDP request without checksum (still 0)");
 
@@ -1758,12 +1778,12 @@ fn nat_ipv4_udp_without_checksum_and_ipv6_tcp_are_translated() {
     let want = wire::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ip(
+        &wire::forwarded(&wire::ip(
             local,
             backend,
             6,
             &wire::tcp(local, snat, backend, 8443, TCP_SYN, b""),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the IPv6 SYN sent to the backend");
     assert_same(&out, &want, "the IPv6 SYN sent to the backend");
@@ -1781,12 +1801,12 @@ fn nat_ipv4_udp_without_checksum_and_ipv6_tcp_are_translated() {
     let want = wire::frame(
         CLIENT_MAC,
         VC_MAC,
-        &wire::ip(
+        &wire::forwarded(&wire::ip(
             vip,
             client,
             6,
             &wire::tcp(vip, 443, client, 50000, TCP_SYN | TCP_ACK, b""),
-        ),
+        )),
     );
     wire::assert_checksums(&out, "the IPv6 SYN-ACK sent to the client");
     assert_same(&out, &want, "the IPv6 SYN-ACK sent to the client");
@@ -2788,7 +2808,7 @@ mod icmp_errors {
                     1,
                     ROUTER_V4,
                     &[],
-                    &icmp(3, 4, 1400, &sent[..len], &[]),
+                    &icmp(3, 4, 1400, &wire::forwarded(&sent)[..len], &[]),
                 ),
             );
             assert_same(
@@ -2881,7 +2901,7 @@ mod icmp_errors {
             2,
             0,
             1280,
-            &sent,
+            &wire::forwarded(&sent),
             &wire::pseudo(vip, client, 58, 8 + sent.len()),
         );
         let want = wire::frame(
@@ -2992,7 +3012,7 @@ mod icmp_errors {
                     1,
                     ROUTER_V4,
                     &[],
-                    &icmp(3, 4, 1400, &answer[..len], &[]),
+                    &icmp(3, 4, 1400, &wire::forwarded(&answer)[..len], &[]),
                 ),
             );
             want.extend_from_slice(trailer);
@@ -3053,7 +3073,7 @@ mod icmp_errors {
             2,
             0,
             1280,
-            &answer[..len],
+            &wire::forwarded(&answer)[..len],
             &wire::pseudo(local, b1, 58, 8 + len),
         );
         let want = wire::frame(
@@ -4041,5 +4061,84 @@ fn an_ipv4_flow_and_an_ipv6_flow_with_the_same_address_words_are_apart() {
         (backend(&v4), backend(&v6)),
         (Some(0), Some(1)),
         "the IPv4 and IPv6 flows share a conntrack entry"
+    );
+}
+
+/// NAT forwards like a router: the TTL goes down by one (see the NAT tests' expected frames),
+/// and a packet at TTL 1 is dropped and counted before it takes anything; DSR leaves the
+/// client's packet as it is inside the new header, and other traffic passes.
+#[test]
+fn nat_drops_a_packet_whose_ttl_would_run_out_and_takes_nothing_for_it() {
+    let Some(mut lab) = lab("nat_ttl") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.backend(1, B1_4.into(), 443);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    lab.service(1, VIP4.into(), 443, IPPROTO_TCP, MODE_DSR, &[1]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let syn = |port: u16, ttl: u8| {
+        let h = wire::V4 {
+            ttl,
+            ..wire::V4_CLIENT
+        };
+        wire::frame(
+            VC_MAC,
+            CLIENT_MAC,
+            &wire::ipv4(
+                CLIENT4,
+                VIP4,
+                6,
+                h,
+                &[],
+                &wire::tcp(client, 42000, vip, port, TCP_SYN, b""),
+            ),
+        )
+    };
+    lab.expect(lab.vc, &syn(80, 1), XDP_DROP, "a NAT SYN at TTL 1");
+    assert_eq!(
+        lab.stat(Stat::DropTtlExpired),
+        1,
+        "the expired TTL was not counted"
+    );
+    assert!(
+        lab.conntrack
+            .get(&flow(client, 42000, vip, 80, IPPROTO_TCP), 0)
+            .is_err(),
+        "a packet dropped for its TTL opened a flow"
+    );
+    let out = lab.expect(lab.vc, &syn(80, 2), XDP_REDIRECT, "a NAT SYN at TTL 2");
+    assert_eq!(out[14 + 8], 1, "NAT did not decrement the TTL");
+    wire::assert_checksums(&out, "the SYN at TTL 2");
+    let out = lab.expect(lab.vc, &syn(443, 1), XDP_REDIRECT, "a DSR SYN at TTL 1");
+    assert_eq!(
+        out[14 + 20 + 8],
+        1,
+        "DSR changed the client's packet inside the tunnel"
+    );
+    // The reply of the TTL-2 flow, at TTL 1: dropped, counted.
+    let snat = l4_source_port(&lab.expect(lab.vc, &syn(80, 64), XDP_REDIRECT, "a retransmission"));
+    let (b, l): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+    let h = wire::V4 {
+        ttl: 1,
+        ..wire::V4_CLIENT
+    };
+    let reply = wire::frame(
+        VB_MAC,
+        B1_MAC,
+        &wire::ipv4(
+            B1_4,
+            LOCAL4,
+            6,
+            h,
+            &[],
+            &wire::tcp(b, 8080, l, snat, TCP_SYN | TCP_ACK, b""),
+        ),
+    );
+    lab.expect(lab.vb, &reply, XDP_DROP, "a NAT reply at TTL 1");
+    assert_eq!(
+        lab.stat(Stat::DropTtlExpired),
+        2,
+        "the reply's TTL was not counted"
     );
 }
