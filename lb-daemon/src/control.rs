@@ -9,9 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 use lb_common::Counters;
 use tracing::warn;
 
-use crate::config::{Config, Global};
+use crate::config::Config;
 use crate::dataplane::proxy::{Proxy, ProxyCounters};
-use crate::dataplane::xdp::{CountersReader, MapsError, XdpCounters, XdpPlane};
+use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
+use crate::placement::{Placement, Planes};
 use crate::service::{ServiceRuntime, ServiceSet, ServiceStatus};
 
 /// The daemon's shared control state. One per process, behind an `Arc`.
@@ -19,37 +20,21 @@ pub struct Control {
     path: PathBuf,
     config: Mutex<Config>,
     services: Arc<ServiceSet>,
-    proxy: Mutex<Option<Proxy>>,
-    /// The XDP data plane, when any service runs on it; taken out at shutdown.
-    xdp: Mutex<Option<XdpPlane>>,
-    /// Reads the XDP counters without the `xdp` lock, which a reload holds while it places a
-    /// service (attach, first table write): `/status` does not wait for that.
-    xdp_reader: Mutex<Option<CountersReader>>,
+    /// The data planes, and where services are placed on them.
+    planes: Planes,
     /// Service index ([`ServiceRuntime::index`](crate::service::ServiceRuntime::index)) →
-    /// (runs on XDP, the placement in words). A service missing here runs on the proxy.
-    placements: Mutex<HashMap<usize, Placed>>,
+    /// where it runs. Every running or draining service has one.
+    placements: Mutex<HashMap<usize, Placement>>,
     started: SystemTime,
     reloads: Mutex<ReloadHistory>,
     /// Serialises reloads (SIGHUP and `POST /reload` may race).
     reloading: Arc<tokio::sync::Mutex<()>>,
-    /// Set when the daemon begins to stop: a reload then changes nothing (it would load an
-    /// XDP plane nobody detaches, or start services on a proxy being drained).
-    stopping: std::sync::atomic::AtomicBool,
     /// Services a reload removed, with the end of their drain: shown in `/status` while
     /// connections are still open on them.
     retired: Mutex<Vec<(Arc<ServiceRuntime>, Instant)>>,
     /// Whether the failing reads of the XDP counters since the last good one were logged
     /// already (logged once per outage, not per scrape).
     xdp_read_failed: std::sync::atomic::AtomicBool,
-}
-
-/// Where a service runs, as [`Control`] remembers it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placed {
-    /// Whether the service's flows are carried by XDP.
-    pub on_xdp: bool,
-    /// The placement in words, for `/status` and the log.
-    pub words: String,
 }
 
 /// Counts of reloads and the latest outcome.
@@ -159,32 +144,26 @@ impl From<ProxyCounters> for ProxyCountersView {
 }
 
 impl Control {
-    /// The control state of a daemon that runs `config` (read from `path`) on `proxy` and,
-    /// for the services `placements` marks (service index → [`Placed`]), on `xdp`.
-    pub fn new(
-        path: &Path,
-        config: Config,
-        services: Arc<ServiceSet>,
-        proxy: Proxy,
-        xdp: Option<XdpPlane>,
-        placements: HashMap<usize, Placed>,
-    ) -> Arc<Self> {
+    /// The control state of a daemon that runs no service yet, on `proxy`, with `config`'s
+    /// `[global]` and `[admin]` (read from `path`): start-up then applies the services as a
+    /// reload would ([`crate::reload::apply_config`]).
+    pub fn new(path: &Path, config: &Config, services: Arc<ServiceSet>, proxy: Proxy) -> Arc<Self> {
         let started = SystemTime::now();
         Arc::new(Control {
             path: path.to_path_buf(),
-            config: Mutex::new(config),
+            config: Mutex::new(Config {
+                services: Vec::new(),
+                ..config.clone()
+            }),
             services,
-            proxy: Mutex::new(Some(proxy)),
-            xdp_reader: Mutex::new(xdp.as_ref().map(XdpPlane::counters_reader)),
-            xdp: Mutex::new(xdp),
-            placements: Mutex::new(placements),
+            planes: Planes::new(proxy),
+            placements: Mutex::new(HashMap::new()),
             started,
             reloads: Mutex::new(ReloadHistory {
                 last_success_unix_seconds: unix_seconds(started),
                 ..ReloadHistory::default()
             }),
             reloading: Arc::new(tokio::sync::Mutex::new(())),
-            stopping: std::sync::atomic::AtomicBool::new(false),
             retired: Mutex::new(Vec::new()),
             xdp_read_failed: std::sync::atomic::AtomicBool::new(false),
         })
@@ -210,20 +189,26 @@ impl Control {
         &self.services
     }
 
-    /// Whether the service with index `index` runs on XDP.
-    pub fn on_xdp(&self, index: usize) -> bool {
-        lock(&self.placements).get(&index).is_some_and(|p| p.on_xdp)
+    /// The data planes.
+    pub fn planes(&self) -> &Planes {
+        &self.planes
     }
 
-    /// Where the service with index `index` runs; `None` for a service never placed (one a
-    /// reload started on the proxy).
-    pub fn placement(&self, index: usize) -> Option<Placed> {
+    /// Whether the service with index `index` runs on XDP.
+    pub fn on_xdp(&self, index: usize) -> bool {
+        lock(&self.placements)
+            .get(&index)
+            .is_some_and(Placement::on_xdp)
+    }
+
+    /// Where the service with index `index` runs; `None` for an index never placed.
+    pub fn placement(&self, index: usize) -> Option<Placement> {
         lock(&self.placements).get(&index).cloned()
     }
 
-    /// Records where the service with index `index` runs (a reload started or moved it).
-    pub(crate) fn set_placement(&self, index: usize, placed: Placed) {
-        lock(&self.placements).insert(index, placed);
+    /// Records where the service with index `index` runs (a start or a reload placed it).
+    pub(crate) fn set_placement(&self, index: usize, placement: Placement) {
+        lock(&self.placements).insert(index, placement);
     }
 
     /// Forgets the placement of a service that is gone.
@@ -231,52 +216,15 @@ impl Control {
         lock(&self.placements).remove(&index);
     }
 
-    /// Runs `f` on the XDP data plane; `None` when there is none (or after shutdown took it).
-    pub fn with_xdp<T>(&self, f: impl FnOnce(&mut XdpPlane) -> T) -> Option<T> {
-        lock(&self.xdp).as_mut().map(f)
-    }
-
-    /// Runs `f` on the XDP data plane, loading it first ([`XdpPlane::load`], with `global`'s
-    /// `bpf_object`) when none runs yet: a reload may be the first to need XDP.
-    ///
-    /// Returns `Err(reason)` when the plane had to be loaded and could not be.
-    pub(crate) fn with_xdp_loaded<T>(
-        &self,
-        global: &Global,
-        f: impl FnOnce(&mut XdpPlane) -> T,
-    ) -> Result<T, String> {
-        if self.stopping() {
-            return Err("the daemon is stopping".into());
-        }
-        // Loaded (and verified by the kernel, a matter of seconds for a big program) without
-        // the lock. Reloads are serialised (the guard goes with the work), so no other plane
-        // appears meanwhile; if one did, it stays and this one is dropped.
-        let missing = lock(&self.xdp).is_none();
-        let loaded = if missing {
-            Some(XdpPlane::load(global)?)
-        } else {
-            None
-        };
-        let mut slot = lock(&self.xdp);
-        if let (Some(plane), None) = (loaded, slot.as_ref()) {
-            *lock(&self.xdp_reader) = Some(plane.counters_reader());
-            *slot = Some(plane);
-        }
-        let plane = slot.as_mut().ok_or("the XDP plane is stopped")?;
-        Ok(f(plane))
-    }
-
     /// Takes the XDP data plane out for shutdown; later calls get `None`.
     pub fn take_xdp(&self) -> Option<XdpPlane> {
-        *lock(&self.xdp_reader) = None;
-        lock(&self.xdp).take()
+        self.planes.take_xdp()
     }
 
-    /// The XDP program's counters now; `None` when no service runs on XDP, `Err` when a map
-    /// cannot be read. Does not wait for a reload placing a service (see `xdp_reader`).
+    /// The XDP program's counters now; `None` when no XDP plane is loaded, `Err` when a map
+    /// cannot be read. Does not wait for a reload placing a service.
     pub fn xdp_counters(&self) -> Option<Result<XdpCounters, MapsError>> {
-        let reader = lock(&self.xdp_reader).clone();
-        reader.map(|r| r.read())
+        self.planes.xdp_counters()
     }
 
     /// The data planes in use: `"proxy"`, `"xdp"` or `"xdp+proxy"`.
@@ -292,12 +240,12 @@ impl Control {
 
     /// Runs `f` on the proxy; `None` once it was taken for shutdown.
     pub fn with_proxy<T>(&self, f: impl FnOnce(&Proxy) -> T) -> Option<T> {
-        lock(&self.proxy).as_ref().map(f)
+        self.planes.with_proxy(f)
     }
 
     /// Takes the proxy out for shutdown; later calls get `None`.
     pub fn take_proxy(&self) -> Option<Proxy> {
-        lock(&self.proxy).take()
+        self.planes.take_proxy()
     }
 
     /// Waits for any reload in progress and holds off others while the guard lives.
@@ -309,22 +257,21 @@ impl Control {
         Arc::clone(&self.reloading).lock_owned().await
     }
 
-    /// Marks the daemon stopping: reloads from now on are refused, and
-    /// [`Control::with_xdp_loaded`] loads nothing. Then waits for a reload in progress to
-    /// finish, so that what it started is stopped with the rest.
+    /// Marks the daemon stopping: reloads from now on are refused, and nothing is placed on
+    /// a data plane any more. Then waits for a reload in progress to finish, so that what it
+    /// started is stopped with the rest.
     pub(crate) async fn begin_stop(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.planes.stop_placing();
         drop(self.reload_guard().await);
     }
 
     /// Whether the daemon is stopping (see [`Control::begin_stop`]).
     pub(crate) fn stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+        self.planes.stopping()
     }
 
     /// Records a reload's outcome.
-    pub(crate) fn record_reload(&self, outcome: &Result<String, String>) {
+    pub(crate) fn record_reload(&self, outcome: &Result<String, crate::reload::ReloadError>) {
         let mut r = lock(&self.reloads);
         match outcome {
             Ok(summary) => {
@@ -405,7 +352,7 @@ impl Control {
             let mut status = s.status();
             status.dataplane = self
                 .placement(s.index())
-                .map_or_else(|| "proxy data plane".to_string(), |p| p.words);
+                .map_or_else(|| "proxy data plane".to_string(), |p| p.to_string());
             if let Some(c) = counters_of(s) {
                 add_xdp(&mut status, c);
             }

@@ -8,41 +8,29 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::admin::api::ApiError;
-use crate::config::{Config, Protocol};
-use crate::control::{Control, Placed};
-use crate::dataplane::proxy::{Proxy, ProxyError, ProxyOptions, ProxyService, SpliceMode};
-use crate::dataplane::xdp::{self, Placement, XdpError, XdpPlane};
-use crate::scheduler::SchedulerError;
-use crate::service::{PassiveFeedback, ServiceRuntime, ServiceSet};
+use crate::config::Config;
+use crate::control::Control;
+use crate::dataplane::proxy::{Proxy, ProxyError, ProxyOptions, ProxyStart, SpliceMode};
+use crate::dataplane::Dataplane;
+use crate::reload::ReloadError;
+use crate::service::{PassiveFeedback, ServiceSet};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// A service's scheduler could not be built (a bug: validation should prevent it).
-    #[error("service {service}: {source}")]
-    Scheduler {
-        /// The service's name.
-        service: String,
-        /// What went wrong.
-        source: SchedulerError,
-    },
     /// A data plane setting cannot be used; today only a bad `LB_PROXY_SPLICE` value.
-    #[error("service {service}: {reason}")]
-    Dataplane {
-        /// The service's name.
-        service: String,
-        /// Why.
-        reason: String,
-    },
-    /// The proxy could not start (a listen address in use, no io_uring...).
+    #[error("{0}")]
+    Dataplane(String),
+    /// The proxy could not start (no io_uring, no thread...).
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// A service could not start: a `dataplane = "xdp"` service XDP cannot carry, a listen
+    /// address in use...
+    #[error(transparent)]
+    Start(#[from] ReloadError),
     /// The admin API could not listen on its address.
     #[error(transparent)]
     Admin(#[from] ApiError),
-    /// A service with `dataplane = "xdp"` cannot run on XDP.
-    #[error(transparent)]
-    Xdp(#[from] XdpError),
     /// The signal handlers or the async runtime could not be set up.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
@@ -57,12 +45,13 @@ const PASSIVE_QUEUE: usize = 4096;
 /// at once: what is still open is closed with a reset, as at the drain timeout. The handlers
 /// are in place before anything starts, so even a signal during start-up drains.
 ///
-/// Each service runs on XDP or on the proxy as [`XdpPlane::start`] decides; the choice and
-/// its reason are logged. On exit the XDP programs are detached (their flows end with them).
+/// Start-up is a reload from an empty config: the proxy starts with no service, then each
+/// service is placed as [`crate::placement::Planes::place`] decides (the choice and its
+/// reason are logged). On exit the XDP programs are detached (their flows end with them).
 ///
-/// Returns `Err(DaemonError::Xdp)` when a `dataplane = "xdp"` service cannot run on XDP,
-/// `Err(DaemonError::Proxy)` when a listener cannot be bound, `Err(DaemonError::Admin)` when
-/// the admin API cannot listen.
+/// Returns `Err(DaemonError::Start)` when a service cannot start (a `dataplane = "xdp"`
+/// service XDP cannot carry, a listen address in use), `Err(DaemonError::Proxy)` when the
+/// proxy's workers cannot start, `Err(DaemonError::Admin)` when the admin API cannot listen.
 pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
     // the proxy workers' cores. Built first so that the signal handlers go in before any
@@ -75,76 +64,39 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         let _in_runtime = rt.enter();
         Signals::install().map_err(DaemonError::Runtime)?
     };
-    let set = ServiceSet::new();
-    let services = config
-        .services
-        .iter()
-        .map(|s| {
-            ServiceRuntime::new(set.allocate_index(), s.clone()).map_err(|source| {
-                DaemonError::Scheduler {
-                    service: s.name.clone(),
-                    source,
-                }
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    set.set(services.clone());
-
-    let (xdp_plane, placements) = XdpPlane::start(&config.global, &services)?;
-    for (s, placement) in services.iter().zip(&placements) {
-        let c = s.config();
-        let plane = xdp::describe(placement);
-        info!(
-            "service {}: listening on {}/{} with the {plane}, scheduler {:?}, {} backends",
-            c.name,
-            c.listen,
-            match c.protocol {
-                Protocol::Tcp => "tcp",
-                Protocol::Udp => "udp",
-            },
-            c.scheduler,
-            c.backends.len()
-        );
-    }
-
     raise_fd_limit();
     let workers = match config.global.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     let (feedback, passive_rx) = PassiveFeedback::new(PASSIVE_QUEUE);
-    let proxy = Proxy::start_with(
-        services
-            .iter()
-            .zip(&placements)
-            .filter(|(_, p)| matches!(p, Placement::Proxy { .. }))
-            .map(|(s, _)| ProxyService {
-                index: s.index(),
-                snapshot: s.snapshot(),
-            })
-            .collect(),
+    let proxy = <Proxy as Dataplane>::start(ProxyStart {
         workers,
-        feedback,
-        proxy_options_from_env()?,
-    )?;
-
+        events: feedback,
+        options: proxy_options_from_env()?,
+    })?;
+    let set = ServiceSet::new();
+    let control = Control::new(path, &config, set.clone(), proxy);
     let admin = config.admin.clone();
-    let placements = services
+    {
+        // The services' health checks are spawned on this runtime; they run from block_on.
+        let _in_runtime = rt.enter();
+        crate::reload::apply_config(&control, config)?;
+    }
+    // A plane loaded for services that all went to the proxy would keep its programs on
+    // interfaces no service uses.
+    if control
+        .services()
+        .all()
         .iter()
-        .zip(&placements)
-        .map(|(s, p)| {
-            let placed = Placed {
-                on_xdp: matches!(p, Placement::Xdp { .. }),
-                words: xdp::describe(p),
-            };
-            (s.index(), placed)
-        })
-        .collect();
-    let control = Control::new(path, config, set.clone(), proxy, xdp_plane, placements);
-    let result = rt.block_on(async {
-        for s in &services {
-            s.start();
+        .all(|s| !control.on_xdp(s.index()))
+    {
+        if let Some(x) = control.take_xdp() {
+            x.shutdown();
         }
+    }
+    let services = set.all();
+    let result = rt.block_on(async {
         let passive = tokio::spawn(PassiveFeedback::apply(set.clone(), passive_rx));
         let (_, api) = crate::admin::api::serve(control.clone(), &admin).await?;
         info!(
@@ -288,10 +240,9 @@ fn proxy_options_from_env() -> Result<ProxyOptions, DaemonError> {
         Ok("uring") => SpliceMode::Uring,
         Ok("syscall") => SpliceMode::Syscall,
         Ok(other) => {
-            return Err(DaemonError::Dataplane {
-                service: "(all)".into(),
-                reason: format!("{SPLICE_ENV}={other:?}: expected \"uring\" or \"syscall\""),
-            })
+            return Err(DaemonError::Dataplane(format!(
+                "{SPLICE_ENV}={other:?}: expected \"uring\" or \"syscall\""
+            )))
         }
     };
     if splice != SpliceMode::default() {

@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod discovery;
 pub mod health;
 pub mod maglev;
+pub mod placement;
 pub mod reload;
 pub mod scheduler;
 pub mod service;

@@ -17,11 +17,41 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::config::{self, Config, DataplaneKind, Global, Service};
-use crate::control::{Control, Placed};
-use crate::dataplane::proxy::ProxyService;
-use crate::dataplane::xdp::{self, Placement};
+use crate::config::{self, Config, ConfigError, Global, Service};
+use crate::control::Control;
+use crate::dataplane::ServiceHandle;
+use crate::placement::{self, PlaceError};
 use crate::service::ServiceRuntime;
+
+/// Why a reload (or the start-up, which is a reload from an empty config) was refused. The
+/// running config and services stay as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not parse or validate (its file, line and field are in the error).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A change the running daemon cannot take in place: the reason names the setting and
+    /// the service (see [`plan`] and [`xdp_guard`]).
+    #[error("{0}")]
+    NeedsRestart(String),
+    /// A new service could not be placed on any data plane.
+    #[error(transparent)]
+    Place(#[from] PlaceError),
+    /// A service's scheduler could not be built (a bug: validation should prevent it).
+    #[error("service `{service}`: {source}")]
+    Scheduler {
+        /// The service's name.
+        service: String,
+        /// What went wrong.
+        source: crate::scheduler::SchedulerError,
+    },
+    /// The daemon is stopping.
+    #[error("the daemon is stopping")]
+    Stopping,
+    /// The reload's blocking task failed (a panic).
+    #[error("the reload failed: {0}")]
+    Failed(String),
+}
 
 /// What a reload would do to the running services.
 #[derive(Default)]
@@ -36,7 +66,7 @@ pub struct Plan {
 
 /// Compares the config in force (`running`, carried by `services`) with `new`.
 ///
-/// Returns `Err(reason)` for a change that cannot be applied without a restart: `[global]
+/// Returns `Err(ReloadError::NeedsRestart)` for a change that cannot be applied without a restart: `[global]
 /// workers`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
 /// retries at the same address (the proxy fixes them when a service starts, and replacing
 /// the service on the same address would reset connections waiting to be accepted).
@@ -44,14 +74,15 @@ pub fn plan(
     running: &Config,
     new: &Config,
     services: &[Arc<ServiceRuntime>],
-) -> Result<Plan, String> {
+) -> Result<Plan, ReloadError> {
+    let refuse = |why: String| Err(ReloadError::NeedsRestart(why));
     if running.global.workers != new.global.workers {
-        return Err(
+        return refuse(
             "global.workers changed; the number of proxy workers is fixed until restart".into(),
         );
     }
     if running.admin != new.admin {
-        return Err("the [admin] addresses changed; they are fixed until restart".into());
+        return refuse("the [admin] addresses changed; they are fixed until restart".into());
     }
     let mut plan = Plan::default();
     for s in &new.services {
@@ -65,7 +96,7 @@ pub fn plan(
                     continue;
                 }
                 if let Some(field) = fixed_field_changed(&old, s) {
-                    return Err(format!(
+                    return refuse(format!(
                         "service `{}`: {field} changed; a running service keeps it until restart (or rename the service to replace it)",
                         s.name
                     ));
@@ -87,21 +118,24 @@ pub fn plan(
 /// is placed, and a config XDP could not run (another scheduler, proxy-only settings) would
 /// be accepted and then ignored. Its backends, weights, health checks and DNS names change
 /// live; removing or moving it drains it out of the maps.
-pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), String> {
+///
+/// Returns `Err(ReloadError::NeedsRestart)` naming the service and why.
+pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), ReloadError> {
+    let refuse = |why: String| Err(ReloadError::NeedsRestart(why));
     for (r, new) in &plan.update {
         if !on_xdp(r.index()) {
             continue;
         }
         let old = r.config();
         if old.xdp != new.xdp || old.table_size != new.table_size {
-            return Err(format!(
+            return refuse(format!(
                 "service `{}` runs on XDP: its XDP settings and table_size can change only by \
                  restart (or rename the service to replace it)",
                 new.name
             ));
         }
-        if let Some(why) = crate::dataplane::xdp::obstacle(new) {
-            return Err(format!(
+        if let Some(why) = placement::obstacle(new) {
+            return refuse(format!(
                 "service `{}` runs on XDP and the new config cannot: {why}; restart to move it",
                 new.name
             ));
@@ -130,7 +164,7 @@ fn fixed_field_changed(old: &Service, new: &Service) -> Option<&'static str> {
 
 /// Reads the config file again and applies it. Returns a one-line summary of what changed,
 /// or why the file was refused (the running config then stays). Logs either way.
-pub async fn reload(control: &Arc<Control>) -> Result<String, String> {
+pub async fn reload(control: &Arc<Control>) -> Result<String, ReloadError> {
     let one_at_a_time = control.reload_guard().await;
     // Starting and stopping proxy services blocks until the workers confirm. The guard goes
     // with the work: if this future is dropped (its HTTP client hung up), the work goes on and
@@ -139,12 +173,12 @@ pub async fn reload(control: &Arc<Control>) -> Result<String, String> {
     let outcome = tokio::task::spawn_blocking(move || {
         let _held = one_at_a_time;
         if c.stopping() {
-            return Err("the daemon is stopping".to_string());
+            return Err(ReloadError::Stopping);
         }
-        apply(&c)
+        apply_config(&c, config::load(c.path())?)
     })
     .await
-    .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
+    .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())));
     match &outcome {
         Ok(summary) => info!("reload of {}: applied: {summary}", control.path().display()),
         Err(why) => warn!(
@@ -156,16 +190,24 @@ pub async fn reload(control: &Arc<Control>) -> Result<String, String> {
     outcome
 }
 
-fn apply(control: &Control) -> Result<String, String> {
-    let new = config::load(control.path()).map_err(|e| e.to_string())?;
+/// Applies `new` to the running daemon as a diff against the config in force: services
+/// added, removed, moved and updated as the module docs say. Start-up is this call from an
+/// empty config. Returns a one-line summary of what changed; on `Err` the running config and
+/// services stay as they were (services started on the way are stopped again). Blocks while
+/// data planes take services: call it from a blocking context inside the tokio runtime (it
+/// spawns the services' health checks).
+pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadError> {
     let running = control.config();
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
     xdp_guard(&plan, |index| control.on_xdp(index))?;
-    if running.global.bpf_object != new.global.bpf_object && control.with_xdp(|_| ()).is_some() {
-        return Err("global.bpf_object changed; the loaded XDP program stays until restart".into());
+    if running.global.bpf_object != new.global.bpf_object && control.planes().has_xdp() {
+        return Err(ReloadError::NeedsRestart(
+            "global.bpf_object changed; the loaded XDP program stays until restart".into(),
+        ));
     }
     let drain_timeout = new.global.drain_timeout;
+    control.planes().begin_batch();
 
     // A removed proxy service whose address an added one takes must let go of it first.
     let (early, late) = early_removals(plan.remove, &plan.add, |i| control.on_xdp(i));
@@ -180,35 +222,14 @@ fn apply(control: &Control) -> Result<String, String> {
         match start_service(control, &new.global, s) {
             Ok(runtime) => started.push(runtime),
             Err(why) => {
-                // An XDP service among them gives its VIP back to the XDP service it was to
-                // replace, which was not removed yet (XDP services are never removed early).
-                for r in &started {
-                    stop_service(control, r, std::time::Duration::ZERO, false);
-                }
-                // Put back the services that made room for it, under new numbers.
-                let mut back = Vec::new();
-                for r in &early {
-                    match start_service(control, &new.global, &r.config()) {
-                        Ok(n) => back.push((Arc::clone(r), n)),
-                        Err(e) => warn!("service {} could not be restarted: {e}", r.name()),
-                    }
-                }
-                let list = services
-                    .iter()
-                    .filter_map(|r| match back.iter().find(|(old, _)| Arc::ptr_eq(old, r)) {
-                        Some((_, n)) => Some(Arc::clone(n)),
-                        None if early.iter().any(|e| Arc::ptr_eq(e, r)) => None,
-                        None => Some(Arc::clone(r)),
-                    })
-                    .collect();
-                control.services().set(list);
+                undo_starts(control, &new.global, &services, &started, &early);
                 return Err(why);
             }
         }
     }
 
     // From here the reload cannot fail: backends that leave from now on drain this long.
-    control.with_xdp(|x| x.set_drain_timeout(drain_timeout));
+    control.planes().set_drain_timeout(drain_timeout);
     let mut updated = Vec::new();
     for (runtime, service) in plan.update {
         if runtime.config() != service {
@@ -259,62 +280,58 @@ fn apply(control: &Control) -> Result<String, String> {
     })
 }
 
-/// Starts `s` as a new service (a new number) with its control tasks: on XDP when it can run
-/// there (loading the XDP plane if none runs yet, attaching to new interfaces), else on the
-/// proxy. An `auto` service that XDP cannot take goes to the proxy, and the log says why; an
-/// `xdp` one is `Err` with the reason, leaving nothing behind.
+/// Undoes the start of a refused reload: the services it `started` stop at once, and the
+/// `early` ones it removed to make room come back (under new numbers), so the running list
+/// is `services` again.
+fn undo_starts(
+    control: &Control,
+    global: &Global,
+    services: &[Arc<ServiceRuntime>],
+    started: &[Arc<ServiceRuntime>],
+    early: &[Arc<ServiceRuntime>],
+) {
+    // An XDP service among them gives its VIP back to the XDP service it was to replace,
+    // which was not removed yet (XDP services are never removed early).
+    for r in started {
+        stop_service(control, r, std::time::Duration::ZERO, false);
+    }
+    let mut back = Vec::new();
+    for r in early {
+        match start_service(control, global, &r.config()) {
+            Ok(n) => back.push((Arc::clone(r), n)),
+            Err(e) => warn!("service {} could not be restarted: {e}", r.name()),
+        }
+    }
+    let list = services
+        .iter()
+        .filter_map(|r| match back.iter().find(|(old, _)| Arc::ptr_eq(old, r)) {
+            Some((_, n)) => Some(Arc::clone(n)),
+            None if early.iter().any(|e| Arc::ptr_eq(e, r)) => None,
+            None => Some(Arc::clone(r)),
+        })
+        .collect();
+    control.services().set(list);
+}
+
+/// Starts `s` as a new service (a new number) with its control tasks, on the data plane
+/// [`crate::placement::Planes::place`] decides. `Err` leaves nothing behind.
 fn start_service(
     control: &Control,
     global: &Global,
     s: &Service,
-) -> Result<Arc<ServiceRuntime>, String> {
+) -> Result<Arc<ServiceRuntime>, ReloadError> {
     let index = control.services().allocate_index();
     let runtime =
-        ServiceRuntime::new(index, s.clone()).map_err(|e| format!("service `{}`: {e}", s.name))?;
-    let obstacle = xdp::obstacle(s);
-    let on_xdp = match &obstacle {
-        Some(reason) => Err(reason.clone()),
-        None => control
-            .with_xdp_loaded(global, |x| x.add(&runtime))
-            .and_then(|placed| placed),
-    };
-    let placement = match on_xdp {
-        Ok(p) => p,
-        Err(reason) if s.dataplane == DataplaneKind::Xdp => {
-            return Err(format!(
-                "service `{}`: dataplane = \"xdp\" but XDP is not possible: {reason}",
-                s.name
-            ));
-        }
-        Err(reason) => {
-            // XDP was tried and failed (a static obstacle is in the placement's words).
-            if obstacle.is_none() {
-                warn!(
-                    "service {}: XDP is not possible, starting it on the proxy: {reason}",
-                    s.name
-                );
-            }
-            control
-                .with_proxy(|p| {
-                    p.add_service(ProxyService {
-                        index,
-                        snapshot: runtime.snapshot(),
-                    })
-                })
-                .unwrap_or(Err(crate::dataplane::proxy::ProxyError::Stopped(index)))
-                .map_err(|e| format!("service `{}`: {e}", s.name))?;
-            Placement::Proxy { reason }
-        }
-    };
-    let words = xdp::describe(&placement);
-    info!("service {}: started by the reload on the {words}", s.name);
-    control.set_placement(
+        ServiceRuntime::new(index, s.clone()).map_err(|source| ReloadError::Scheduler {
+            service: s.name.clone(),
+            source,
+        })?;
+    let handle = ServiceHandle {
         index,
-        Placed {
-            on_xdp: matches!(placement, Placement::Xdp { .. }),
-            words,
-        },
-    );
+        snapshot: runtime.snapshot(),
+    };
+    let placement = control.planes().place(global, s, &handle)?;
+    control.set_placement(index, placement);
     runtime.start();
     Ok(runtime)
 }
@@ -348,8 +365,14 @@ fn stop_service(
     drain_timeout: std::time::Duration,
     release_vip: bool,
 ) {
-    if control.on_xdp(r.index()) {
-        control.with_xdp(|x| x.remove(r.index(), drain_timeout, release_vip));
+    let Some(placement) = control.placement(r.index()) else {
+        r.stop();
+        return;
+    };
+    control
+        .planes()
+        .remove(&placement, r.index(), drain_timeout, release_vip);
+    if placement.on_xdp() {
         info!(
             "service {}: removed from the XDP table; flows pinned to its backends may go on for \
              {}, then its VIP leaves the XDP maps",
@@ -357,7 +380,6 @@ fn stop_service(
             humantime::format_duration(drain_timeout)
         );
     } else {
-        control.with_proxy(|p| p.remove_service(r.index(), drain_timeout));
         info!(
             "service {}: stopped accepting; {} open connections and sessions may finish within {}",
             r.name(),
@@ -428,7 +450,7 @@ address = "127.0.0.1:9001"
             ("table_size = 65521", "table_size"),
         ] {
             let p = plan(&old, &xdp(extra, 1), &running(&old)).expect("planned");
-            let why = xdp_guard(&p, on_xdp).expect_err(extra);
+            let why = xdp_guard(&p, on_xdp).expect_err(extra).to_string();
             assert!(why.contains(words), "`{extra}` on an XDP service: {why}");
         }
     }
@@ -516,7 +538,8 @@ address = "127.0.0.1:9001"
         let new = config("connect_timeout = \"1s\"\n");
         let why = plan(&old, &new, &running(&old))
             .err()
-            .expect("must be refused");
+            .expect("must be refused")
+            .to_string();
         assert!(
             why.contains("connect_timeout") && why.contains("web"),
             "the refusal should name the service and the key: {why}"
@@ -548,11 +571,11 @@ address = "127.0.0.1:9001"
         new.global.workers = 7;
         assert!(plan(&old, &new, &running(&old))
             .err()
-            .is_some_and(|w| w.contains("workers")));
+            .is_some_and(|w| w.to_string().contains("workers")));
         let mut new = old.clone();
         new.admin.listen = "127.0.0.1:9999".parse().expect("literal");
         assert!(plan(&old, &new, &running(&old))
             .err()
-            .is_some_and(|w| w.contains("admin")));
+            .is_some_and(|w| w.to_string().contains("admin")));
     }
 }

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions, ProxyService};
+use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions};
+use lb_daemon::dataplane::ServiceHandle;
 use lb_daemon::service::{BackendStatus, PassiveFeedback, ServiceRuntime, ServiceSet};
 use proxy_support::{init_logs, udp_socket, wait_until, TcpBackend, UdpEcho, SERVICE};
 
@@ -72,7 +73,7 @@ passive_timeout = "{}ms"
             service.start();
         }
         let proxy = Proxy::start_with(
-            vec![ProxyService {
+            vec![ServiceHandle {
                 index: SERVICE,
                 snapshot: service.snapshot(),
             }],

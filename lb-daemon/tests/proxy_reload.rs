@@ -9,7 +9,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lb_daemon::dataplane::proxy::{ProxyError, ProxyService};
+use lb_daemon::dataplane::proxy::ProxyError;
+use lb_daemon::dataplane::ServiceHandle;
 use proxy_support::{
     republish_snapshot, udp_client, wait_until, Harness, ServiceSpec, TcpBackend, UdpEcho, SERVICE,
 };
@@ -53,7 +54,7 @@ fn an_added_service_is_carried_on_its_own_port() {
     let second = named("second");
     let spec = ServiceSpec::tcp(vec![second.addr]);
     h.proxy()
-        .add_service(ProxyService {
+        .add_service(ServiceHandle {
             index: 8,
             snapshot: spec.snapshot("added"),
         })
@@ -85,7 +86,7 @@ fn adding_a_service_on_a_taken_address_reports_the_bind_error() {
     let addr = taken.local_addr().expect("its address");
     let mut spec = ServiceSpec::tcp(vec![backend.addr]);
     spec.listen = addr;
-    match h.proxy().add_service(ProxyService {
+    match h.proxy().add_service(ServiceHandle {
         index: 8,
         snapshot: spec.snapshot("taken"),
     }) {
@@ -110,7 +111,7 @@ fn adding_a_service_number_twice_is_refused() {
     let backend = TcpBackend::echo();
     let h = Harness::start(ServiceSpec::tcp(vec![backend.addr]));
     let spec = ServiceSpec::tcp(vec![backend.addr]);
-    match h.proxy().add_service(ProxyService {
+    match h.proxy().add_service(ServiceHandle {
         index: SERVICE,
         snapshot: spec.snapshot("again"),
     }) {
@@ -172,7 +173,7 @@ fn a_service_added_on_a_removed_services_address_takes_it_over() {
     let mut spec = ServiceSpec::tcp(vec![new.addr]);
     spec.listen = h.vip;
     h.proxy()
-        .add_service(ProxyService {
+        .add_service(ServiceHandle {
             index: 8,
             snapshot: spec.snapshot("new"),
         })
@@ -217,7 +218,7 @@ fn a_removed_udp_service_keeps_its_sessions_and_a_successor_takes_new_clients() 
     let mut spec = ServiceSpec::udp(vec![new.addr]);
     spec.listen = h.vip;
     h.proxy()
-        .add_service(ProxyService {
+        .add_service(ServiceHandle {
             index: 8,
             snapshot: spec.snapshot("new"),
         })
@@ -270,7 +271,7 @@ fn a_successors_sessions_leave_a_backend_that_went_down_whichever_socket_they_re
     let snapshot = spec.snapshot("successor");
     republish_snapshot(&snapshot, 0, |_| {});
     h.proxy()
-        .add_service(ProxyService {
+        .add_service(ServiceHandle {
             index: 8,
             snapshot: snapshot.clone(),
         })

@@ -158,7 +158,7 @@ async fn metrics(State(control): State<Arc<Control>>) -> Response {
 async fn reload(State(control): State<Arc<Control>>) -> Response {
     match crate::reload::reload(&control).await {
         Ok(summary) => Json(serde_json::json!({ "applied": summary })).into_response(),
-        Err(why) => error(StatusCode::UNPROCESSABLE_ENTITY, why),
+        Err(why) => error(StatusCode::UNPROCESSABLE_ENTITY, why.to_string()),
     }
 }
 

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use lb_common::FlowKey;
 use lb_daemon::config::{ClientLimits, Protocol, ProxyProtocol, SchedulerKind};
-use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions, ProxyService};
+use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions};
 use lb_daemon::dataplane::FlowEvents;
+use lb_daemon::dataplane::ServiceHandle;
 use lb_daemon::scheduler::Scheduler;
 use lb_daemon::snapshot::{BackendId, BackendStats, BackendView, ServiceSnapshot, SharedSnapshot};
 use socket2::{Domain, SockRef, Socket, Type};
@@ -183,7 +184,7 @@ impl Harness {
         let snapshot = spec.snapshot("test");
         let events = Arc::new(Recorder::default());
         let proxy = Proxy::start_with(
-            vec![ProxyService {
+            vec![ServiceHandle {
                 index: SERVICE,
                 snapshot: snapshot.clone(),
             }],

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::Protocol;
-use crate::dataplane::FlowEvents;
+use crate::dataplane::{Dataplane, FlowEvents, ServiceHandle};
 use crate::snapshot::SharedSnapshot;
 
 mod access;
@@ -43,20 +43,6 @@ mod sys;
 mod tcp;
 mod udp;
 mod worker;
-
-/// One service the proxy carries.
-///
-/// Its listen address, protocol, timeouts and retries are read from the snapshot once, when
-/// the service starts ([`Proxy::start`] or [`Proxy::add_service`]): to change them, remove the
-/// service and add it again under a new index. Backends, weights, health, the scheduler, the
-/// PROXY protocol header, the per-client limits and the access log switch are read from the
-/// current snapshot for every new connection or session.
-pub struct ProxyService {
-    /// The service's number, passed back in [`FlowEvents`] calls.
-    pub index: usize,
-    /// The service's live snapshot.
-    pub snapshot: SharedSnapshot,
-}
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +210,7 @@ struct ServiceInfo {
 }
 
 impl ServiceInfo {
-    fn new(service: &ProxyService) -> ServiceInfo {
+    fn new(service: &ServiceHandle) -> ServiceInfo {
         let snap = service.snapshot.load();
         ServiceInfo {
             index: service.index,
@@ -299,7 +285,7 @@ impl Proxy {
     /// set up and `Err(ProxyError::Thread)` when a thread cannot be spawned; nothing keeps
     /// running after an error.
     pub fn start(
-        services: Vec<ProxyService>,
+        services: Vec<ServiceHandle>,
         workers: usize,
         events: Arc<dyn FlowEvents>,
     ) -> Result<Proxy, ProxyError> {
@@ -308,7 +294,7 @@ impl Proxy {
 
     /// [`Proxy::start`] with explicit [`ProxyOptions`] (benchmarks compare splice modes).
     pub fn start_with(
-        services: Vec<ProxyService>,
+        services: Vec<ServiceHandle>,
         workers: usize,
         events: Arc<dyn FlowEvents>,
         options: ProxyOptions,
@@ -444,7 +430,7 @@ impl Proxy {
             .map(|c| c.clients.refused.load(Ordering::Relaxed))
     }
 
-    /// The address service `index` (its [`ProxyService::index`]) is bound to: its listen
+    /// The address service `index` (its [`ServiceHandle::index`]) is bound to: its listen
     /// address, with the actual port if the configured one was 0. `None` for an index the
     /// proxy does not carry (never added, or removed).
     pub fn listen_addr(&self, index: usize) -> Option<SocketAddr> {
@@ -461,6 +447,12 @@ impl Proxy {
     /// Starts carrying a service that was not there at start: binds its listeners on every
     /// worker.
     ///
+    /// Its listen address, protocol, timeouts and retries are read from the snapshot once,
+    /// here: to change them, remove the service and add it again under a new index. Backends,
+    /// weights, health, the scheduler, the PROXY protocol header, the per-client limits and
+    /// the access log switch are read from the current snapshot for every new connection or
+    /// session.
+    ///
     /// Binds one `SO_REUSEPORT` listener (TCP) or VIP socket (UDP) per worker before any
     /// worker takes it, so a bind error surfaces here as `Err(ProxyError::Bind)` and nothing
     /// is left behind; a listen port of 0 gets one free port for all workers
@@ -469,7 +461,7 @@ impl Proxy {
     /// `Err(ProxyError::Stopped)` when the proxy is shutting down. Blocks for the time the
     /// workers take to pick up the command (a batch of completions, normally well under a
     /// millisecond); call it from a blocking context (e.g. `spawn_blocking` in async code).
-    pub fn add_service(&self, service: ProxyService) -> Result<(), ProxyError> {
+    pub fn add_service(&self, service: ServiceHandle) -> Result<(), ProxyError> {
         let mut carried = self.carried();
         if carried.iter().any(|c| c.index == service.index) {
             return Err(ProxyError::DuplicateService(service.index));
@@ -595,6 +587,46 @@ impl Proxy {
             }
         }
         cut
+    }
+}
+
+/// How [`Proxy`] starts as a [`Dataplane`]: with no service, which placement adds.
+pub struct ProxyStart {
+    /// Worker threads, at least 1.
+    pub workers: usize,
+    /// Where passive connect outcomes go.
+    pub events: Arc<dyn FlowEvents>,
+    /// Splice mode and the like.
+    pub options: ProxyOptions,
+}
+
+impl Dataplane for Proxy {
+    type Options = ProxyStart;
+    /// The proxy needs nothing beyond the snapshot.
+    type Settings = ();
+    /// The address the service is bound to (the actual port when the configured one was 0).
+    type Carried = SocketAddr;
+    type Error = ProxyError;
+    type Counters = ProxyCounters;
+
+    fn start(o: ProxyStart) -> Result<Proxy, ProxyError> {
+        Proxy::start_with(Vec::new(), o.workers, o.events, o.options)
+    }
+
+    fn add(&mut self, service: &ServiceHandle, _: &()) -> Result<SocketAddr, ProxyError> {
+        self.add_service(service.clone())?;
+        self.listen_addr(service.index)
+            .ok_or(ProxyError::Stopped(service.index))
+    }
+
+    /// A proxy service's listeners close at once whether or not another plane takes the
+    /// address.
+    fn remove(&mut self, index: usize, drain_timeout: Duration, _address_moves: bool) {
+        self.remove_service(index, drain_timeout);
+    }
+
+    fn counters(&self) -> ProxyCounters {
+        Proxy::counters(self)
     }
 }
 
@@ -732,7 +764,7 @@ mod tests {
             }
         }
         let result = Proxy::start(
-            vec![ProxyService { index: 0, snapshot }],
+            vec![ServiceHandle { index: 0, snapshot }],
             2,
             Arc::new(Nothing),
         );

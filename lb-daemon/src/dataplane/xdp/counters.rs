@@ -35,7 +35,7 @@ pub struct BackendCounters {
 /// A service's counters and its backends'.
 #[derive(Debug, Clone)]
 pub struct ServiceCounters {
-    /// The service's index ([`ServiceRuntime::index`](crate::service::ServiceRuntime::index)).
+    /// The service's index ([`ServiceHandle::index`](crate::dataplane::ServiceHandle::index)).
     pub index: usize,
     /// The service's name.
     pub name: String,
@@ -118,7 +118,8 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
         let mut backends = Vec::new();
         // The snapshot's backends that the maps know (a newer snapshot's new backends get
         // their ids at the next write).
-        for b in &r.rt.snapshot().load_full().backends {
+        let snap = r.service.snapshot.load();
+        for b in &snap.backends {
             if let Some(id) = ids.live_id(&b.address) {
                 backends.push(BackendCounters {
                     address: b.address,
@@ -139,8 +140,8 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
             });
         }
         out.push(ServiceCounters {
-            index: r.rt.index(),
-            name: r.rt.name().to_string(),
+            index: r.service.index,
+            name: snap.name.to_string(),
             counters: maps.service_counters(r.slot.id)?,
             backends,
             snat_ports: nat.then(|| {

@@ -27,9 +27,8 @@ use lb_common::maps::{self as contract, ClientKey, Limits, VipKey, CT_F_CLOSED, 
 use lb_common::{FlowKey, Stat};
 use tracing::{info, warn};
 
-use super::maps::{io, take, MapsError, ServiceSlot};
+use super::bpf_map::{io, take, MapsError};
 use super::scan::Walker;
-use super::Maps;
 use crate::config::{ClientLimits, Protocol};
 
 /// How often the refusal counters are looked at for the log.
@@ -100,24 +99,23 @@ impl LimitMaps {
         })
     }
 
-    /// Writes `limits` and `idle_timeout` (the service's) as service `slot.id`'s `LIMITS`
-    /// entry.
+    /// Writes `limits` and `idle_timeout` (the service's) as service `id`'s `LIMITS` entry;
+    /// `protocol` is the service's.
     ///
     /// Returns `Err(MapsError::Io)` when the update fails.
     pub fn write(
         &mut self,
-        slot: &ServiceSlot,
+        id: u32,
+        protocol: Protocol,
         limits: &ClientLimits,
         idle_timeout: Duration,
     ) -> Result<(), MapsError> {
-        let v = value(limits, slot.protocol, idle_timeout);
-        self.limits
-            .set(slot.id, v, 0)
-            .map_err(io(contract::LIMITS))?;
+        let v = value(limits, protocol, idle_timeout);
+        self.limits.set(id, v, 0).map_err(io(contract::LIMITS))?;
         if v.max_connections > 0 {
-            self.limited.insert(slot.id);
+            self.limited.insert(id);
         } else {
-            self.limited.remove(&slot.id);
+            self.limited.remove(&id);
         }
         Ok(())
     }
@@ -239,11 +237,14 @@ impl Sweeper {
         }
     }
 
-    /// Logs refusals every [`REPORT_EVERY`]; call it often, under the `State` lock.
-    pub fn report(&mut self, maps: &Maps) {
+    /// Logs refusals every [`REPORT_EVERY`], from the global counters `stats` reads (by
+    /// `lb_common::Stat` index); call it often, under the `State` lock.
+    pub fn report(&mut self, stats: impl FnOnce() -> Result<Vec<u64>, MapsError>) {
         if self.reported.elapsed() >= REPORT_EVERY {
             self.reported = Instant::now();
-            self.log_refusals(maps);
+            if let Ok(stats) = stats() {
+                self.log_refusals(&stats);
+            }
         }
     }
 
@@ -273,8 +274,7 @@ impl Sweeper {
         }
     }
 
-    fn log_refusals(&mut self, maps: &Maps) {
-        let Ok(stats) = maps.stats() else { return };
+    fn log_refusals(&mut self, stats: &[u64]) {
         let get = |s: Stat| stats.get(s as usize).copied().unwrap_or(0);
         let now = (
             get(Stat::RefusedClientRate),

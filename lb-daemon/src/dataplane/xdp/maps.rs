@@ -13,61 +13,11 @@ use lb_common::maps::{
 };
 use lb_common::{Counters, STATS_LEN};
 
+use super::bpf_map::{io, take, MapsError};
 use super::ids::{BackendIds, IdPool};
-use crate::config::{Forwarding, Protocol, Service};
+use crate::config::{Forwarding, Protocol};
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
-
-/// Why a map could not be opened or written.
-#[derive(Debug, thiserror::Error)]
-pub enum MapsError {
-    /// The object has no map of this name, or one of another type or layout.
-    #[error("the BPF object has no usable map `{name}` ({reason}); it is not the lb-ebpf this daemon was built with")]
-    Missing {
-        /// The map's name.
-        name: &'static str,
-        /// What was wrong.
-        reason: String,
-    },
-    /// A map update or lookup failed.
-    #[error("BPF map {map}: {source}")]
-    Io {
-        /// The map's name.
-        map: &'static str,
-        /// What the kernel said.
-        source: Box<aya::maps::MapError>,
-    },
-    /// A walk of the map stopped before its end (entries deleted during it made it start
-    /// over until its bound): entries it did not reach may still name what was to be
-    /// forgotten.
-    #[error("BPF map {map}: the walk stopped before the end; entries not reached wait for the next walk")]
-    WalkIncomplete {
-        /// The map's name.
-        map: &'static str,
-    },
-    /// DEVMAP refused an interface.
-    #[error("BPF map DEVMAP: interface index {ifindex}: {reason}")]
-    Devmap {
-        /// The interface index.
-        ifindex: u32,
-        /// What went wrong.
-        reason: String,
-    },
-    /// The table could not be built (a bug: validation checks its inputs).
-    #[error("Maglev table: {0}")]
-    Maglev(#[from] crate::maglev::MaglevError),
-    /// The number of CPUs could not be read, so per-CPU counters cannot be reset.
-    #[error("cannot count the CPUs: {0}")]
-    Cpus(String),
-}
-
-/// Turns a failed map call on `map` into `MapsError::Io`.
-pub(super) fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
-    move |e| MapsError::Io {
-        map,
-        source: Box::new(e),
-    }
-}
 
 /// The maps the daemon writes and reads, taken out of the loaded object.
 pub struct Maps {
@@ -86,24 +36,6 @@ pub struct Maps {
     /// `LIMITS`: see `limits.rs`. (`CONNTRACK` and `CLIENTS` are not here: the sync thread
     /// owns them, see `scan.rs`.)
     pub(super) limits: super::limits::LimitMaps,
-}
-
-/// Takes map `name` out of `ebpf` as a `T`.
-///
-/// Returns `Err(MapsError::Missing)` when the object has no such map or one of another type
-/// or layout.
-pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(MapsError::Missing {
-        name,
-        reason: "not in the object".into(),
-    })?;
-    T::try_from(map).map_err(|e| MapsError::Missing {
-        name,
-        reason: e.to_string(),
-    })
 }
 
 impl Maps {
@@ -210,7 +142,8 @@ impl Maps {
         };
         // Before the flip, which publishes the VIP the first time: the limits hold from the
         // service's first packet.
-        self.limits.write(slot, &snap.limits, snap.idle_timeout)?;
+        self.limits
+            .write(slot.id, slot.protocol, &snap.limits, snap.idle_timeout)?;
         let written = self.flip(slot, table)?;
         slot.generation = snap.generation;
         Ok(written)
@@ -485,22 +418,30 @@ pub struct ServiceSlot {
 }
 
 impl ServiceSlot {
-    /// The slot of service `s` with service id `id`, nothing written yet. `local_address`
-    /// is `s.xdp.local_address`, which the caller checked is set; `snat_ports` the range
-    /// [`super::snat::range`] chose (NAT).
-    pub fn new(id: u32, s: &Service, local_address: IpAddr, snat_ports: (u16, u16)) -> ServiceSlot {
+    /// The slot of the service at `vip`/`protocol` with service id `id` and `settings`,
+    /// nothing written yet. `local_address` is `settings.xdp.local_address`, which the caller
+    /// checked is set; `snat_ports` the range [`super::snat::range`] chose (NAT).
+    pub fn new(
+        id: u32,
+        vip: SocketAddr,
+        protocol: Protocol,
+        settings: &super::XdpService,
+        local_address: IpAddr,
+        snat_ports: (u16, u16),
+    ) -> ServiceSlot {
+        let hold = settings.xdp.snat_port_hold;
         ServiceSlot {
             id,
-            table_size: s.table_size,
-            vip: s.listen,
-            protocol: s.protocol,
-            forwarding: s.xdp.forwarding,
+            table_size: settings.table_size,
+            vip,
+            protocol,
+            forwarding: settings.xdp.forwarding,
             local_address,
             snat_ports,
             // Rounded up: a hold of 1.5 s must not end after 1 s.
-            snat_hold_s: u32::try_from(s.xdp.snat_port_hold.as_secs())
+            snat_hold_s: u32::try_from(hold.as_secs())
                 .unwrap_or(u32::MAX)
-                .saturating_add(u32::from(s.xdp.snat_port_hold.subsec_nanos() != 0)),
+                .saturating_add(u32::from(hold.subsec_nanos() != 0)),
             backends: BackendIds::default(),
             active_half: 0,
             table_size_live: 0,
@@ -617,35 +558,58 @@ pub fn table_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::ServiceRuntime;
-    use std::path::Path;
+    use crate::scheduler::{self, Candidate};
+    use crate::snapshot::{BackendView, ServiceSnapshot};
 
-    fn service() -> crate::config::Service {
-        let text = r#"
-[[service]]
-name = "web"
-listen = "10.200.100.1:80"
-protocol = "tcp"
-table_size = 65537
-[[service.backend]]
-address = "10.200.1.2:80"
-[[service.backend]]
-address = "10.200.2.2:80"
-weight = 2
-[[service.backend]]
-address = "10.200.3.2:80"
-weight = 0
-"#;
-        crate::config::parse(text, Path::new("t.toml"))
-            .expect("valid")
-            .services
-            .remove(0)
+    /// Three backends (weights 1, 2 and 0) behind a `maglev` service with M = 65537, as the
+    /// control plane would build it.
+    fn snapshot() -> ServiceSnapshot {
+        let backends: Vec<BackendView> = [
+            ("10.200.1.2:80", 1),
+            ("10.200.2.2:80", 2),
+            ("10.200.3.2:80", 0),
+        ]
+        .into_iter()
+        .map(|(address, weight)| BackendView {
+            address: address.parse().expect("literal"),
+            weight,
+            up: true,
+            stats: Default::default(),
+        })
+        .collect();
+        let candidates = backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.eligible())
+            .map(|(id, b)| Candidate {
+                id,
+                address: b.address,
+                weight: b.weight,
+                stats: b.stats.clone(),
+            })
+            .collect();
+        let maglev = scheduler::build(crate::config::SchedulerKind::Maglev, candidates, 65537)
+            .expect("builds");
+        ServiceSnapshot {
+            name: "web".into(),
+            listen: "10.200.100.1:80".parse().expect("literal"),
+            protocol: Protocol::Tcp,
+            scheduler_kind: crate::config::SchedulerKind::Maglev,
+            connect_timeout: std::time::Duration::from_secs(1),
+            idle_timeout: std::time::Duration::from_secs(60),
+            retries: 0,
+            backends,
+            scheduler: Some(maglev),
+            generation: 1,
+            proxy_protocol: Default::default(),
+            limits: Default::default(),
+            access_log: false,
+        }
     }
 
     #[test]
     fn the_xdp_table_places_every_flow_where_the_maglev_scheduler_does() {
-        let rt = ServiceRuntime::new(0, service()).expect("builds");
-        let snap = rt.snapshot().load_full();
+        let snap = snapshot();
         let ids = [100, 101, 102];
         let table = table_entries(&snap.backends, &ids, 65537)
             .expect("builds")
@@ -701,8 +665,7 @@ weight = 0
 
     #[test]
     fn no_eligible_backend_gives_no_table() {
-        let rt = ServiceRuntime::new(0, service()).expect("builds");
-        let mut backends = rt.snapshot().load_full().backends.clone();
+        let mut backends = snapshot().backends;
         for b in &mut backends {
             b.up = false;
         }

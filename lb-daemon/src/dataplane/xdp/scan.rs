@@ -21,7 +21,7 @@ use lb_common::maps::{self as contract, ClientKey, ClientState, CtEntry, NatReve
 use lb_common::FlowKey;
 use tracing::warn;
 
-use super::maps::{io, take, MapsError};
+use super::bpf_map::{io, take, MapsError};
 
 /// `CONNTRACK`, `CLIENTS` and `NAT_REVERSE`, owned by the sync thread and walked without the
 /// `State` lock.

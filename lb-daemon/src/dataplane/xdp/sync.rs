@@ -22,7 +22,8 @@ use super::census::SnatTimes;
 use super::ids::IdPool;
 use super::scan::Walker;
 use super::{limits, lock, Maps, ServiceSlot};
-use crate::service::ServiceRuntime;
+use crate::config::{ClientLimits, Forwarding};
+use crate::dataplane::ServiceHandle;
 
 /// How often the thread compares generations and looks for drained ids.
 pub const POLL: Duration = Duration::from_millis(50);
@@ -58,7 +59,7 @@ pub struct State {
 /// A service on XDP.
 pub struct Running {
     /// The service.
-    pub rt: Arc<ServiceRuntime>,
+    pub service: ServiceHandle,
     /// Its place in the maps.
     pub slot: ServiceSlot,
 }
@@ -81,15 +82,16 @@ impl State {
     fn snat_services(&self) -> std::collections::HashMap<u32, (SnatTimes, u64, String)> {
         self.running
             .iter()
-            .filter(|r| r.slot.forwarding == crate::config::Forwarding::Nat)
+            .filter(|r| r.slot.forwarding == Forwarding::Nat)
             .map(|r| {
+                let snap = r.service.snapshot.load();
                 let times = SnatTimes {
                     hold_s: r.slot.snat_hold_s,
-                    idle_s: limits::idle_seconds(r.rt.config().idle_timeout),
+                    idle_s: limits::idle_seconds(snap.idle_timeout),
                 };
                 let (lo, hi) = r.slot.snat_ports;
                 let ports = u64::from(hi.saturating_sub(lo)) + 1;
-                (r.slot.id, (times, ports, r.rt.name().to_string()))
+                (r.slot.id, (times, ports, snap.name.to_string()))
             })
             .collect()
     }
@@ -97,7 +99,7 @@ impl State {
     fn idle_by_backend(&self) -> std::collections::HashMap<u32, u32> {
         let mut idle = std::collections::HashMap::new();
         for r in &self.running {
-            let secs = limits::idle_seconds(r.rt.config().idle_timeout);
+            let secs = limits::idle_seconds(r.service.snapshot.load().idle_timeout);
             for id in r.slot.backend_ids().all() {
                 idle.insert(id, secs);
             }
@@ -105,11 +107,11 @@ impl State {
         idle
     }
 
-    /// Writes `rt`'s current snapshot into `slot` when its generation is not the one
+    /// Writes `service`'s current snapshot into `slot` when its generation is not the one
     /// written; logs the outcome (a failure once per generation: the previous table stays
     /// and the next call tries again).
-    pub fn republish_if_changed(&mut self, rt: &ServiceRuntime, slot: &mut ServiceSlot) {
-        let snap = rt.snapshot().load_full();
+    pub fn republish_if_changed(&mut self, service: &ServiceHandle, slot: &mut ServiceSlot) {
+        let snap = service.snapshot.load_full();
         // A snapshot written with backends left out for want of ids is written again once
         // ids are free.
         let waiting = slot.missing_ids > 0 && self.backend_ids.available() > 0;
@@ -168,7 +170,7 @@ impl State {
     fn republish_all(&mut self) {
         let mut running = std::mem::take(&mut self.running);
         for r in &mut running {
-            self.republish_if_changed(&r.rt, &mut r.slot);
+            self.republish_if_changed(&r.service, &mut r.slot);
         }
         self.running = running;
     }
@@ -182,10 +184,9 @@ impl State {
     pub fn take_drained(&mut self, now: Instant) -> Drained {
         let mut drained = Drained::default();
         for r in &mut self.running {
+            let name = r.service.snapshot.load().name.to_string();
             for (address, id) in r.slot.backend_ids_mut().expired(now) {
-                drained
-                    .backends
-                    .push((r.rt.name().to_string(), Some(address), id));
+                drained.backends.push((name.clone(), Some(address), id));
             }
         }
         let (done, left): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut self.leaving)
@@ -244,6 +245,21 @@ impl State {
         }
     }
 
+    /// Undoes a service's first write that failed: its `SERVICES` and `LIMITS` entries are
+    /// cleared and its ids go back. The VIP goes in last, so no packet reached the service
+    /// and no flow was pinned to its backend ids: no walk is needed.
+    pub fn undo_add(&mut self, mut slot: ServiceSlot, name: &str) {
+        if let Err(e) = self.maps.remove_service(&slot) {
+            error!("service {name}: cannot clear its XDP service entry: {e}");
+        }
+        self.service_ids.give_back(slot.id);
+        if let Err(e) = self.maps.limits.clear(slot.id) {
+            error!("service {name}: cannot clear its XDP limits entry: {e}");
+        }
+        let ids = slot.backend_ids_mut().take_all();
+        self.release_unpublished_backend_ids(&ids);
+    }
+
     /// Releases backend `ids` that no published table ever named (a service whose first
     /// write failed, so its VIP never went in and no flow was pinned to them): their
     /// `BACKENDS` entries are cleared and they go back to the pool, with no conntrack walk.
@@ -279,7 +295,7 @@ impl State {
 
 /// The limits a table write carries, for its log line: `""` when there are none, else
 /// `"; per client: N connections, R/s burst B"` (what is set).
-fn describe_limits(limits: &crate::config::ClientLimits) -> String {
+fn describe_limits(limits: &ClientLimits) -> String {
     let mut parts = Vec::new();
     if let Some(n) = limits.max_connections {
         parts.push(format!("{n} connections"));
@@ -427,7 +443,7 @@ impl SyncThread {
                     let (mut drained, view, idle, nat) = {
                         let mut st = lock(&state);
                         st.republish_all();
-                        limits.report(&st.maps);
+                        limits.report(|| st.maps.stats());
                         let view = limits.due().then(|| st.sweep_view());
                         let idle = (!st.running.is_empty() && census.due(st.counters_read))
                             .then(|| st.idle_by_backend());

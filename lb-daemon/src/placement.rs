@@ -1,0 +1,510 @@
+//! Placement: which data plane carries a service, decided in one place.
+//!
+//! - [`obstacle`]: why a service cannot run on XDP whatever the kernel offers (its config).
+//! - [`Planes::place`]: the decision for one service. `dataplane = "proxy"` or an obstacle
+//!   sends it to the proxy; otherwise XDP is tried (the plane loaded on first need, the
+//!   program attached to the service's interfaces) and, when that fails, an `auto` service
+//!   goes to the proxy with the reason logged while an `xdp` one is refused.
+//! - [`Planes::remove`]: the removal, on the plane the placement names.
+//!
+//! Start-up and reloads both place services through here (start-up is a reload from an empty
+//! config, see `crate::reload`). A new plane (tc) joins [`Planes`] and [`Placement`]; nothing
+//! else decides where a service runs.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use lb_common::maps::MAX_TABLE_SIZE;
+use tracing::{info, warn};
+
+use crate::config::{
+    DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
+};
+use crate::dataplane::proxy::{Proxy, ProxyError};
+use crate::dataplane::xdp::{
+    loader, CountersReader, MapsError, XdpCarried, XdpCounters, XdpPlane, XdpService, XdpStart,
+};
+use crate::dataplane::{Dataplane, ServiceHandle};
+
+/// Where a service's flows are carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// On XDP: the forwarding and the interfaces the program is attached to.
+    Xdp(XdpCarried),
+    /// On the userspace proxy, and why not on XDP.
+    Proxy {
+        /// Why not XDP.
+        reason: NotOnXdp,
+    },
+}
+
+impl Placement {
+    /// Whether XDP carries the service.
+    pub fn on_xdp(&self) -> bool {
+        matches!(self, Placement::Xdp(_))
+    }
+}
+
+/// The words of the log and of `/status`: `XDP data plane (nat) on l0 (native), br0
+/// (generic)` or `proxy data plane (REASON)`.
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Placement::Xdp(carried) => {
+                let fwd = match carried.forwarding {
+                    Forwarding::Nat => "nat",
+                    Forwarding::Dsr => "dsr",
+                };
+                let on: Vec<String> = carried
+                    .interfaces
+                    .iter()
+                    .map(|(i, m)| format!("{i} ({m})"))
+                    .collect();
+                write!(f, "XDP data plane ({fwd}) on {}", on.join(", "))
+            }
+            Placement::Proxy { reason } => write!(f, "proxy data plane ({reason})"),
+        }
+    }
+}
+
+/// Why a service does not run on XDP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotOnXdp {
+    /// `dataplane = "proxy"`.
+    #[error("configured (dataplane = \"proxy\")")]
+    Configured,
+    /// No `interface`: XDP has nowhere to attach.
+    #[error(
+        "no `interface` is configured, so XDP has nowhere to attach (set `interface` and \
+         `local_address` to use XDP)"
+    )]
+    NoInterface,
+    /// A scheduler other than `maglev` (the program looks flows up in a Maglev table).
+    #[error("the XDP data plane runs only the `maglev` scheduler, and this service uses {0:?}")]
+    Scheduler(SchedulerKind),
+    /// A loopback VIP: its packets never cross an interface's XDP hook.
+    #[error("the VIP {0} is a loopback address: its packets never cross an interface's XDP hook")]
+    LoopbackVip(std::net::IpAddr),
+    /// `interface` is the loopback device.
+    #[error(
+        "interface {0} is the loopback device: local traffic never crosses an XDP hook the way \
+         a client's packets do"
+    )]
+    LoopbackInterface(String),
+    /// A wildcard VIP (`0.0.0.0`, `::`).
+    #[error("the VIP {0} is a wildcard: XDP balances packets for one address")]
+    WildcardVip(std::net::IpAddr),
+    /// `table_size` larger than the maps hold.
+    #[error("table_size {0} is larger than the {MAX_TABLE_SIZE} slots the XDP maps hold")]
+    TableTooLarge(u32),
+    /// `proxy_protocol` or `access_log`: on XDP they would silently vanish (a backend
+    /// expecting a PROXY header would reject every connection).
+    #[error("proxy_protocol and access_log run only in the proxy data plane")]
+    ProxyOnlySettings,
+    /// `max_connections_per_client` on a UDP service: on XDP a UDP flow shows no end, so a
+    /// client's sessions would never be given back.
+    #[error(
+        "max_connections_per_client of a UDP service runs only in the proxy data plane: on XDP \
+         a UDP flow shows no end, so a client's sessions would never be given back \
+         (new_connections_per_second alone works on XDP)"
+    )]
+    UdpSessionLimit,
+    /// XDP was tried and failed: the plane's reason (no BPF object, no such interface, an
+    /// attach or map error, no free ids...).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why a service could not be placed on any plane. Nothing of it is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// `dataplane = "xdp"` and XDP cannot carry the service.
+    #[error("service {service}: dataplane = \"xdp\" but XDP is not possible: {reason}")]
+    XdpImpossible {
+        /// The service's name.
+        service: String,
+        /// Why not.
+        reason: NotOnXdp,
+    },
+    /// The proxy could not take the service (its address is in use...).
+    #[error("service `{service}`: {source}")]
+    Proxy {
+        /// The service's name.
+        service: String,
+        /// What the proxy said.
+        source: ProxyError,
+    },
+    /// The daemon is stopping: no service is placed any more.
+    #[error("service `{0}`: the daemon is stopping")]
+    Stopping(String),
+}
+
+/// Why `service` cannot run on XDP whatever the kernel offers, or `None` if it may try.
+pub fn obstacle(service: &Service) -> Option<NotOnXdp> {
+    if service.dataplane == DataplaneKind::Proxy {
+        return Some(NotOnXdp::Configured);
+    }
+    let Some(interface) = &service.xdp.interface else {
+        return Some(NotOnXdp::NoInterface);
+    };
+    let vip = service.listen.ip();
+    if service.scheduler != SchedulerKind::Maglev {
+        Some(NotOnXdp::Scheduler(service.scheduler))
+    } else if vip.is_loopback() {
+        Some(NotOnXdp::LoopbackVip(vip))
+    } else if loader::is_loopback(interface) {
+        Some(NotOnXdp::LoopbackInterface(interface.clone()))
+    } else if vip.is_unspecified() {
+        Some(NotOnXdp::WildcardVip(vip))
+    } else if service.table_size > MAX_TABLE_SIZE {
+        Some(NotOnXdp::TableTooLarge(service.table_size))
+    } else if service.proxy_protocol != ProxyProtocol::Off || service.access_log {
+        Some(NotOnXdp::ProxyOnlySettings)
+    } else if service.protocol == Protocol::Udp && service.limits.max_connections.is_some() {
+        Some(NotOnXdp::UdpSessionLimit)
+    } else {
+        None
+    }
+}
+
+/// The data planes of the daemon: the proxy (started with the daemon, with no service) and
+/// the XDP plane (loaded when a service first needs it). Each is taken out at shutdown.
+pub struct Planes {
+    proxy: Mutex<Option<Proxy>>,
+    /// The XDP data plane, when a service needed it; taken out at shutdown.
+    xdp: Mutex<Option<XdpPlane>>,
+    /// Reads the XDP counters without the `xdp` lock, which placing a service holds (attach,
+    /// first table write): `/status` does not wait for that.
+    xdp_reader: Mutex<Option<CountersReader>>,
+    /// Why the XDP plane could not be loaded, during one batch of placements (a start or a
+    /// reload): the next service of the batch is not made to wait for a second failing load
+    /// (the verifier takes seconds). Cleared by [`Planes::begin_batch`].
+    xdp_load_failed: Mutex<Option<String>>,
+    /// Set when the daemon begins to stop: nothing is placed any more (an XDP plane loaded
+    /// then would stay attached with nobody to detach it).
+    stopping: AtomicBool,
+}
+
+impl Planes {
+    /// The planes of a daemon whose proxy is `proxy` and which has no XDP plane yet.
+    pub fn new(proxy: Proxy) -> Planes {
+        Planes {
+            proxy: Mutex::new(Some(proxy)),
+            xdp: Mutex::new(None),
+            xdp_reader: Mutex::new(None),
+            xdp_load_failed: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts a batch of placements (a start or a reload): an XDP plane that failed to load
+    /// in an earlier batch is tried again.
+    pub fn begin_batch(&self) {
+        *lock(&self.xdp_load_failed) = None;
+    }
+
+    /// Decides where `service` runs and starts it there, from `handle`'s current snapshot;
+    /// logs the decision (`service NAME: listening on VIP/PROTO with the PLACEMENT, ...`) and,
+    /// for an `auto` service that XDP could not take, a warning with the reason.
+    ///
+    /// Returns the placement; `Err(PlaceError::XdpImpossible)` for an `xdp` service XDP
+    /// cannot carry, `Err(PlaceError::Proxy)` when the proxy cannot take it (a listen
+    /// address in use), `Err(PlaceError::Stopping)` once [`Planes::stop_placing`] was called.
+    /// Blocks while the proxy's workers pick the service up and while XDP attaches and writes
+    /// the first table: call it from a blocking context.
+    pub fn place(
+        &self,
+        global: &Global,
+        service: &Service,
+        handle: &ServiceHandle,
+    ) -> Result<Placement, PlaceError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(PlaceError::Stopping(service.name.clone()));
+        }
+        let tried = match obstacle(service) {
+            Some(reason) => Err(reason),
+            None => self.place_on_xdp(global, service, handle),
+        };
+        let placement = match tried {
+            Ok(carried) => Placement::Xdp(carried),
+            Err(reason) if service.dataplane == DataplaneKind::Xdp => {
+                return Err(PlaceError::XdpImpossible {
+                    service: service.name.clone(),
+                    reason,
+                });
+            }
+            Err(reason) => {
+                if let NotOnXdp::Failed(why) = &reason {
+                    warn!(
+                        "service {}: XDP is not possible, starting it on the proxy: {why}",
+                        service.name
+                    );
+                }
+                self.place_on_proxy(service, handle)?;
+                Placement::Proxy { reason }
+            }
+        };
+        info!(
+            "service {}: listening on {}/{} with the {placement}, scheduler {:?}, {} backends",
+            service.name,
+            service.listen,
+            match service.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            },
+            service.scheduler,
+            service.backends.len()
+        );
+        Ok(placement)
+    }
+
+    fn place_on_xdp(
+        &self,
+        global: &Global,
+        service: &Service,
+        handle: &ServiceHandle,
+    ) -> Result<XdpCarried, NotOnXdp> {
+        let settings = XdpService {
+            table_size: service.table_size,
+            xdp: service.xdp.clone(),
+        };
+        self.with_xdp_loaded(global, |x| x.add(handle, &settings))?
+            .map_err(|e| NotOnXdp::Failed(e.to_string()))
+    }
+
+    fn place_on_proxy(&self, service: &Service, handle: &ServiceHandle) -> Result<(), PlaceError> {
+        let added = match lock(&self.proxy).as_mut() {
+            Some(p) => Dataplane::add(p, handle, &()).map(drop),
+            None => Err(ProxyError::Stopped(handle.index)),
+        };
+        added.map_err(|source| PlaceError::Proxy {
+            service: service.name.clone(),
+            source,
+        })
+    }
+
+    /// Runs `f` on the XDP plane, loading it first when none runs yet. `Err` is why it could
+    /// not be loaded (remembered for the rest of the batch).
+    fn with_xdp_loaded<T>(
+        &self,
+        global: &Global,
+        f: impl FnOnce(&mut XdpPlane) -> T,
+    ) -> Result<T, NotOnXdp> {
+        if let Some(why) = lock(&self.xdp_load_failed).clone() {
+            return Err(NotOnXdp::Failed(why));
+        }
+        // Loaded (and verified by the kernel, a matter of seconds for a big program) without
+        // the lock, so counter reads go on. Placements are serialised (reloads hold their
+        // guard), so no other plane appears meanwhile; if one did, it stays and this one is
+        // dropped.
+        let loaded = if lock(&self.xdp).is_none() {
+            let start = XdpStart {
+                bpf_object: global.bpf_object.clone(),
+                drain_timeout: global.drain_timeout,
+            };
+            match XdpPlane::start(start) {
+                Ok(plane) => Some(plane),
+                Err(e) => {
+                    let why = e.to_string();
+                    *lock(&self.xdp_load_failed) = Some(why.clone());
+                    return Err(NotOnXdp::Failed(why));
+                }
+            }
+        } else {
+            None
+        };
+        let mut slot = lock(&self.xdp);
+        if let (Some(plane), None) = (loaded, slot.as_ref()) {
+            *lock(&self.xdp_reader) = Some(plane.counters_reader());
+            *slot = Some(plane);
+        }
+        let plane = slot
+            .as_mut()
+            .ok_or_else(|| NotOnXdp::Failed("the XDP plane is stopped".into()))?;
+        Ok(f(plane))
+    }
+
+    /// Stops new flows of service `index` on the plane `placement` names; open flows go on
+    /// for at most `drain_timeout`. `address_moves`: a service on another plane takes its
+    /// address now (XDP lets go of the VIP at once, cutting its pinned flows; see
+    /// [`XdpPlane::remove`]).
+    pub fn remove(
+        &self,
+        placement: &Placement,
+        index: usize,
+        drain_timeout: Duration,
+        address_moves: bool,
+    ) {
+        match placement {
+            Placement::Xdp(_) => {
+                if let Some(x) = lock(&self.xdp).as_mut() {
+                    Dataplane::remove(x, index, drain_timeout, address_moves);
+                }
+            }
+            Placement::Proxy { .. } => {
+                if let Some(p) = lock(&self.proxy).as_mut() {
+                    Dataplane::remove(p, index, drain_timeout, address_moves);
+                }
+            }
+        }
+    }
+
+    /// Sets how long XDP backends and services removed from now on keep their ids.
+    pub fn set_drain_timeout(&self, drain_timeout: Duration) {
+        if let Some(x) = lock(&self.xdp).as_ref() {
+            x.set_drain_timeout(drain_timeout);
+        }
+    }
+
+    /// Whether an XDP plane is loaded.
+    pub fn has_xdp(&self) -> bool {
+        lock(&self.xdp).is_some()
+    }
+
+    /// The XDP program's counters now; `None` when no XDP plane is loaded, `Err` when a map
+    /// cannot be read. Does not wait for a placement in progress.
+    pub fn xdp_counters(&self) -> Option<Result<XdpCounters, MapsError>> {
+        let reader = lock(&self.xdp_reader).clone();
+        reader.map(|r| r.read())
+    }
+
+    /// Runs `f` on the proxy; `None` once it was taken for shutdown.
+    pub fn with_proxy<T>(&self, f: impl FnOnce(&Proxy) -> T) -> Option<T> {
+        lock(&self.proxy).as_ref().map(f)
+    }
+
+    /// Refuses every placement from now on (the daemon is stopping).
+    pub fn stop_placing(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Planes::stop_placing`] was called.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Takes the proxy out for shutdown; later calls get `None`.
+    pub fn take_proxy(&self) -> Option<Proxy> {
+        lock(&self.proxy).take()
+    }
+
+    /// Takes the XDP plane out for shutdown; later calls get `None`.
+    pub fn take_xdp(&self) -> Option<XdpPlane> {
+        *lock(&self.xdp_reader) = None;
+        lock(&self.xdp).take()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn service(listen: &str, keys: &str) -> Service {
+        let text = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"{listen}\"\nprotocol = \"tcp\"\n{keys}\n\
+             [[service.backend]]\naddress = \"10.200.1.2:80\"\n"
+        );
+        crate::config::parse(&text, Path::new("t.toml"))
+            .expect("valid")
+            .services
+            .remove(0)
+    }
+
+    const XDP_KEYS: &str = "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"";
+
+    #[test]
+    fn a_service_with_interface_and_maglev_may_try_xdp() {
+        assert_eq!(obstacle(&service("10.200.100.1:80", XDP_KEYS)), None);
+    }
+
+    #[test]
+    fn limits_run_on_xdp_except_a_udp_session_limit() {
+        let limits = "[service.limits]\nmax_connections_per_client = 2\n\
+                      new_connections_per_second = 5.0\nburst = 10\n";
+        let tcp = service("10.200.100.1:80", &format!("{XDP_KEYS}\n{limits}"));
+        assert_eq!(obstacle(&tcp), None, "TCP limits run on XDP");
+        let mut udp = tcp.clone();
+        udp.protocol = Protocol::Udp;
+        let why = obstacle(&udp).map(|r| r.to_string()).unwrap_or_default();
+        assert!(
+            why.contains("max_connections_per_client of a UDP service"),
+            "a UDP session limit on XDP: {why}"
+        );
+        udp.limits.max_connections = None;
+        assert_eq!(obstacle(&udp), None, "a UDP rate limit runs on XDP");
+    }
+
+    #[test]
+    fn obstacles_name_their_reason() {
+        let cases = [
+            (
+                "10.200.100.1:80",
+                "dataplane = \"proxy\"".to_string(),
+                "configured",
+            ),
+            ("10.200.100.1:80", String::new(), "no `interface`"),
+            (
+                "10.200.100.1:80",
+                format!("scheduler = \"least_conn\"\n{XDP_KEYS}"),
+                "only the `maglev` scheduler",
+            ),
+            (
+                "127.0.0.1:80",
+                "interface = \"eth0\"\nlocal_address = \"127.0.0.1\"".to_string(),
+                "loopback address",
+            ),
+            (
+                "10.200.100.1:80",
+                "interface = \"lo\"\nlocal_address = \"10.200.0.1\"".to_string(),
+                "loopback device",
+            ),
+            (
+                "0.0.0.0:80",
+                "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"".to_string(),
+                "wildcard",
+            ),
+            (
+                "10.200.100.1:80",
+                format!("table_size = 65539\n{XDP_KEYS}"),
+                "larger than",
+            ),
+        ];
+        for (listen, keys, want) in cases {
+            let svc = service(listen, &keys);
+            let got = obstacle(&svc).map(|r| r.to_string()).unwrap_or_default();
+            assert!(
+                got.contains(want),
+                "expected a reason with `{want}` for {listen} with {keys:?}, got `{got}`"
+            );
+        }
+    }
+
+    #[test]
+    fn a_placement_reads_as_the_log_says_it() {
+        let xdp = Placement::Xdp(XdpCarried {
+            forwarding: Forwarding::Nat,
+            interfaces: vec![
+                ("l0".into(), crate::dataplane::xdp::AttachMode::Native),
+                ("br0".into(), crate::dataplane::xdp::AttachMode::Generic),
+            ],
+        });
+        assert_eq!(
+            xdp.to_string(),
+            "XDP data plane (nat) on l0 (native), br0 (generic)"
+        );
+        let proxy = Placement::Proxy {
+            reason: NotOnXdp::Configured,
+        };
+        assert_eq!(
+            proxy.to_string(),
+            "proxy data plane (configured (dataplane = \"proxy\"))"
+        );
+    }
+}
