@@ -270,8 +270,8 @@ impl Control {
         self.planes.stopping()
     }
 
-    /// Records a reload's outcome.
-    pub(crate) fn record_reload(&self, outcome: &Result<String, crate::reload::ReloadError>) {
+    /// Records a reload's outcome: `outcome` is the summary of what changed, or why the reload was refused.
+    pub(crate) fn record_reload(&self, outcome: Result<&str, String>) {
         let mut r = lock(&self.reloads);
         match outcome {
             Ok(summary) => {

@@ -186,7 +186,7 @@ pub async fn reload(control: &Arc<Control>) -> Result<String, ReloadError> {
             control.path().display()
         ),
     }
-    control.record_reload(&outcome);
+    control.record_reload(outcome.as_deref().map_err(|e| e.to_string()));
     outcome
 }
 

@@ -18,8 +18,6 @@ use lb_common::{
     Counters, FlowKey, STATS_LEN,
 };
 
-use crate::nat::NatScratch;
-
 /// VIP (address, port, protocol, family) → service id. Written by the daemon.
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -93,6 +91,16 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 /// Per-CPU counters per backend id.
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-CPU scratch space for `nat::snat_port`: the `NAT_REVERSE` key and value it builds, kept
+/// off the balancer's stack, which is at the verifier's 512-byte limit (see `balancer`).
+#[repr(C)]
+pub struct NatScratch {
+    /// The reply key of the port being probed.
+    pub rkey: FlowKey,
+    /// The entry a port taken for the flow gets.
+    pub owner: NatReverse,
+}
 
 /// One [`NatScratch`] per CPU: scratch space for `nat::snat_port`, kept off the 512-byte BPF
 /// stack. Internal to the program; the daemon never touches it.

@@ -27,7 +27,7 @@ use lb_common::{
 
 use crate::{
     csum,
-    maps::{LIMITS, NAT_REVERSE, NAT_SCRATCH},
+    maps::{NatScratch, LIMITS, NAT_REVERSE, NAT_SCRATCH},
     parse::{
         groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, TCP_CHECK_OFF, TCP_FIN, TCP_RST,
         UDP_CHECK_OFF,
@@ -40,16 +40,6 @@ const SNAT_PROBES: u32 = 8;
 /// `BPF_NOEXIST`, `BPF_EXIST`: insert only if the key is absent, only if it is present.
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
-
-/// Per-CPU scratch space for [`snat_port`]: the `NAT_REVERSE` key and value it builds, kept
-/// off the balancer's stack, which is at the verifier's 512-byte limit (see `balancer`).
-#[repr(C)]
-pub struct NatScratch {
-    /// The reply key of the port being probed.
-    pub rkey: FlowKey,
-    /// The entry a port taken for the flow gets.
-    pub owner: NatReverse,
-}
 
 /// Writes into `rkey` the key a reply of the translated flow will carry:
 /// backend → local_addr:`port`.

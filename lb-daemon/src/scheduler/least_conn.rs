@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use lb_common::FlowKey;
 
 use super::{eligible, less_loaded, was_tried, Candidate, Scheduler, SchedulerError};
-use crate::snapshot::BackendId;
+use crate::backend_stats::BackendId;
 
 /// Picks the candidate with the smallest `active / weight`, where `active` is its open
-/// connections or sessions ([`crate::snapshot::BackendStats::active`]).
+/// connections or sessions ([`crate::backend_stats::BackendStats::active`]).
 ///
 /// Loads are compared cross-multiplied (`a.active * b.weight` against
 /// `b.active * a.weight`), exact in integers. Among equally loaded candidates the scan

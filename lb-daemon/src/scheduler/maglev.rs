@@ -6,8 +6,8 @@
 use lb_common::{flow_hash, FlowKey};
 
 use super::{eligible, was_tried, Candidate, Scheduler, SchedulerError};
+use crate::backend_stats::BackendId;
 use crate::maglev::{MaglevBackend, MaglevTable};
-use crate::snapshot::BackendId;
 
 /// Picks the backend of `flow_hash(flow) % M` in a weighted Maglev table.
 ///

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use lb_common::FlowKey;
 
+use crate::backend_stats::{BackendId, BackendStats};
 use crate::config::SchedulerKind;
 use crate::maglev::MaglevError;
-use crate::snapshot::{BackendId, BackendStats};
 
 pub mod least_conn;
 pub mod maglev;

@@ -3,7 +3,7 @@
 use lb_common::FlowKey;
 
 use super::{eligible, less_loaded, was_tried, Candidate, Scheduler, SchedulerError};
-use crate::snapshot::BackendId;
+use crate::backend_stats::BackendId;
 
 /// Draws two distinct candidates at random, each with probability proportional to its
 /// weight, and picks the one with fewer active connections per unit of weight (the first

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use lb_common::FlowKey;
 
 use super::{eligible, was_tried, Candidate, Scheduler, SchedulerError};
-use crate::snapshot::BackendId;
+use crate::backend_stats::BackendId;
 
 /// Hands new flows to the candidates in turn, whatever their weights.
 ///

@@ -5,8 +5,8 @@ use lb_common::flow::source_hash;
 use lb_common::FlowKey;
 
 use super::{Candidate, MaglevScheduler, Scheduler, SchedulerError};
+use crate::backend_stats::BackendId;
 use crate::maglev::MaglevTable;
-use crate::snapshot::BackendId;
 
 /// Picks the backend of `source_hash(flow) % M` in a weighted Maglev table; retries walk
 /// forward from that slot as [`MaglevScheduler`] does.

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use lb_common::FlowKey;
 
 use super::{eligible, was_tried, Candidate, Scheduler, SchedulerError};
+use crate::backend_stats::BackendId;
 use crate::config::MAX_WEIGHT;
-use crate::snapshot::BackendId;
 
 /// Hands new flows to each candidate as often as its weight, interleaved smoothly: nginx's
 /// smooth weighted round robin (nginx commit 52327e0627f4, `ngx_http_upstream_round_robin.c`).
