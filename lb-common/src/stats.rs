@@ -47,7 +47,9 @@ pub enum Stat {
     DropNatPortsExhausted = 10,
     /// Dropped: `bpf_fib_lookup` found a blackhole, unreachable or prohibit route, or failed.
     DropNoRoute = 11,
-    /// Dropped: the packet (after encapsulation) exceeds the egress MTU.
+    /// Dropped: the packet (after encapsulation) exceeds the egress MTU and is not answered
+    /// with [`Stat::TooBigSent`]: a NAT packet, an IPv4 packet without DF, or over the
+    /// answers' rate limit.
     DropMtu = 12,
     /// Dropped: the egress interface is not in `DEVMAP`.
     DropNoDevmapEntry = 13,
@@ -117,10 +119,16 @@ pub enum Stat {
     /// TTL or hop limit is 1 or 0: NAT forwards like a router and decrements it, and a router
     /// drops a packet it cannot decrement below 1 (no ICMP time exceeded is sent).
     DropTtlExpired = 32,
+    /// Answered: a DSR packet that would exceed the backend link's MTU once encapsulated got
+    /// an ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big" back to the
+    /// client, announcing the MTU less the outer header, so the client resends smaller (RFC
+    /// 1191, RFC 8201). At most `TOO_BIG_PER_SECOND` answers a second per CPU; the rest are
+    /// [`Stat::DropMtu`].
+    TooBigSent = 33,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 33;
+pub const STATS_LEN: u32 = 34;
 
 impl Stat {
     /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
@@ -158,6 +166,7 @@ impl Stat {
         Stat::DropFragment,
         Stat::DropIpv6ExtHeaders,
         Stat::DropTtlExpired,
+        Stat::TooBigSent,
     ];
 
     /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
@@ -197,6 +206,7 @@ impl Stat {
             Stat::DropFragment => "drop_fragment",
             Stat::DropIpv6ExtHeaders => "drop_ipv6_ext_headers",
             Stat::DropTtlExpired => "drop_ttl_expired",
+            Stat::TooBigSent => "too_big_sent",
         }
     }
 

@@ -16,7 +16,7 @@ use crate::{
     maps::{SERVICES, VIPS},
     nat,
     parse::{self, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    reset, stats,
+    reset, stats, too_big,
 };
 
 /// The action for a packet that ends on counter `stat`: the `Pass*` rules hand it to the
@@ -124,7 +124,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
     }
     let backend = placed.backend;
 
-    let (src, dst, ip_len) = if service.mode == MODE_NAT {
+    let out = if service.mode == MODE_NAT {
         // Only a packet that starts a flow may take a port: a TCP segment without SYN that
         // finds no port of its own was never seen by the backend (see `nat::snat_port`).
         let starts = !tcp || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -166,33 +166,60 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
             &backend.addr,
             backend.port,
         )?;
-        (service.local_addr, backend.addr, p.ip_len)
+        fib::forward(
+            ctx,
+            p.family,
+            p.key.protocol,
+            &service.local_addr,
+            &backend.addr,
+            p.ip_len,
+        )?
     } else if service.mode == MODE_DSR {
+        let (protocol, outer_hdr) = if p.family == lb_common::maps::FAMILY_V4 {
+            (parse::IPPROTO_IPIP, 20)
+        } else {
+            (parse::IPPROTO_IPV6, 40)
+        };
+        // The route first, with the length the packet will have: one that would not fit the
+        // backend link is answered, not encapsulated (see `too_big`).
+        let routed = match fib::lookup(
+            ctx,
+            p.family,
+            protocol,
+            &service.local_addr,
+            &backend.addr,
+            p.ip_len.wrapping_add(outer_hdr),
+        ) {
+            Err(Stat::DropMtu) => {
+                // The flow holds nothing: what the limits gave it goes back.
+                if placed.fresh {
+                    limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
+                }
+                let action = too_big::answer(ctx, p, outer_hdr)?;
+                stats::increment(Stat::TooBigSent);
+                return Ok(action);
+            }
+            other => other?,
+        };
         if placed.new_flow {
             conntrack::record(&p.key, &placed.entry);
         }
-        let outer_len = encap::encapsulate(
+        encap::encapsulate(
             ctx,
             p,
             &service.local_addr,
             &backend.addr,
             flow_hash(&p.key),
         )?;
-        (service.local_addr, backend.addr, outer_len)
+        if routed {
+            Out::Sent(fib::send(ctx)?)
+        } else {
+            Out::Pass
+        }
     } else {
         return Err(Stat::DropBadService);
     };
-
-    let protocol = if service.mode == MODE_DSR {
-        if p.family == lb_common::maps::FAMILY_V4 {
-            parse::IPPROTO_IPIP
-        } else {
-            parse::IPPROTO_IPV6
-        }
-    } else {
-        p.key.protocol
-    };
-    let action = match fib::forward(ctx, p.family, protocol, &src, &dst, ip_len)? {
+    let action = match out {
         Out::Sent(action) => {
             stats::increment(Stat::Forwarded);
             action

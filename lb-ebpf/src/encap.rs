@@ -30,14 +30,15 @@ const IP_DF: u16 = 0x4000_u16.to_be();
 /// The link-layer header (Ethernet, and the VLAN tag when there is one) saved before the
 /// packet's head moves.
 #[derive(Clone, Copy)]
-struct LinkHdr {
+pub struct LinkHdr {
     eth: [u16; 7],
     vlan: [u16; 2],
     tagged: bool,
 }
 
+/// Reads the link-layer header in front of the IP header at `l3_off`.
 #[inline(always)]
-fn save_link(ctx: &XdpContext, l3_off: usize) -> Result<LinkHdr, Stat> {
+pub fn save_link(ctx: &XdpContext, l3_off: usize) -> Result<LinkHdr, Stat> {
     let eth: *const [u16; 7] = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
     let tagged = l3_off > core::mem::size_of::<EthHdr>();
     let mut link = LinkHdr {
@@ -55,8 +56,9 @@ fn save_link(ctx: &XdpContext, l3_off: usize) -> Result<LinkHdr, Stat> {
     Ok(link)
 }
 
+/// Writes `link` at the packet's (new) start.
 #[inline(always)]
-fn restore_link(ctx: &XdpContext, link: &LinkHdr) -> Result<(), Stat> {
+pub fn restore_link(ctx: &XdpContext, link: &LinkHdr) -> Result<(), Stat> {
     let eth: *mut [u16; 7] = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe { *eth = link.eth };
@@ -129,9 +131,9 @@ pub fn encapsulate(
     }
 }
 
-/// Moves the packet's start `bytes` earlier.
+/// Moves the packet's start `bytes` earlier. `Err(Stat::DropAdjustHead)` without headroom.
 #[inline(always)]
-fn grow(ctx: &XdpContext, bytes: usize) -> Result<(), Stat> {
+pub fn grow(ctx: &XdpContext, bytes: usize) -> Result<(), Stat> {
     // SAFETY: the helper only moves `data`; every later access re-checks bounds.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(bytes as i32)) } != 0 {
         return Err(Stat::DropAdjustHead);

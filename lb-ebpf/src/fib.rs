@@ -54,6 +54,27 @@ pub fn forward(
     dst: &[u32; 4],
     ip_len: u16,
 ) -> Result<Out, Stat> {
+    if lookup(ctx, family, protocol, src, dst, ip_len)? {
+        Ok(Out::Sent(send(ctx)?))
+    } else {
+        Ok(Out::Pass)
+    }
+}
+
+/// The route lookup of [`forward`] alone, so the packet can be changed between the lookup and
+/// [`send`] (DSR encapsulates only a packet that fits). `Ok(true)`: a next hop, for
+/// [`send`]; `Ok(false)`: hand the packet to the kernel ([`Out::Pass`]). `Err(Stat::DropMtu)`
+/// when `ip_len` exceeds the route's MTU, which [`path_mtu`] then tells; other `Err`s as
+/// [`forward`]'s.
+#[inline(always)]
+pub fn lookup(
+    ctx: &XdpContext,
+    family: u8,
+    protocol: u8,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    ip_len: u16,
+) -> Result<bool, Stat> {
     // The 64-byte parameter block lives in a per-CPU scratch slot, not on the stack: the
     // balancer is close to the verifier's 512-byte stack limit.
     let params: *mut FibParams = FIB_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropNoRoute)?;
@@ -89,13 +110,32 @@ pub fn forward(
         return Err(Stat::DropNoRoute);
     }
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_NOT_FWDED => return Ok(Out::Pass),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Stat::DropMtu),
-        BPF_FIB_LKUP_RET_FWD_DISABLED => return Err(Stat::DropForwardingDisabled),
-        _ => return Err(Stat::DropNoRoute),
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(true),
+        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_NOT_FWDED => Ok(false),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Stat::DropMtu),
+        BPF_FIB_LKUP_RET_FWD_DISABLED => Err(Stat::DropForwardingDisabled),
+        _ => Err(Stat::DropNoRoute),
     }
+}
 
+/// The route's MTU after a [`lookup`] on this CPU answered `Err(Stat::DropMtu)`.
+#[inline(always)]
+pub fn path_mtu() -> Option<u16> {
+    let params: *const FibParams = FIB_SCRATCH.get_ptr(0)?;
+    // SAFETY: this CPU's slot, written by the lookup of the packet being handled; on
+    // FRAG_NEEDED the kernel stores the MTU in the union that held `tot_len`.
+    Some(unsafe { (*params).__bindgen_anon_1.mtu_result })
+}
+
+/// Sends the packet to the next hop the last successful [`lookup`] on this CPU found: writes
+/// its Ethernet addresses and returns `XDP_TX` (out of the ingress interface) or
+/// `XDP_REDIRECT` through `DEVMAP`. `Err(Stat::DropNoDevmapEntry)` when the egress interface
+/// is not in `DEVMAP`.
+#[inline(always)]
+pub fn send(ctx: &XdpContext) -> Result<u32, Stat> {
+    let params: *const FibParams = FIB_SCRATCH.get_ptr(0).ok_or(Stat::DropNoRoute)?;
+    // SAFETY: this CPU's slot, written by the lookup of the packet being handled.
+    let params = unsafe { &*params };
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe {
@@ -103,15 +143,13 @@ pub fn forward(
         (*eth).src = params.smac;
     }
     if params.ifindex == ctx.ingress_ifindex() as u32 {
-        return Ok(Out::Sent(xdp_action::XDP_TX));
+        return Ok(xdp_action::XDP_TX);
     }
     if DEVMAP.get_ifindex(params.ifindex).is_none() {
         return Err(Stat::DropNoDevmapEntry);
     }
     // The lookup just succeeded; should the entry vanish in between, the packet is dropped.
-    Ok(Out::Sent(
-        DEVMAP
-            .redirect(params.ifindex, xdp_action::XDP_DROP as u64)
-            .unwrap_or(xdp_action::XDP_DROP),
-    ))
+    Ok(DEVMAP
+        .redirect(params.ifindex, xdp_action::XDP_DROP as u64)
+        .unwrap_or(xdp_action::XDP_DROP))
 }

@@ -28,6 +28,7 @@ mod nat;
 mod parse;
 mod reset;
 mod stats;
+mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::Stat;

@@ -47,3 +47,44 @@ fn xdp_counters_match_the_traffic_sent() {
         scenarios::counters_match(MODE);
     }
 }
+
+/// A backend link of 1500 bytes, a user's default, has no room for the 20 bytes of IPIP on a
+/// full-size client segment: the balancer answers "fragmentation needed" (MTU 1480) from the
+/// VIP, the client's kernel lowers its path MTU, and a 10 MiB upload arrives intact instead of
+/// stalling on its first full-size segment.
+#[test]
+fn an_upload_over_a_1500_byte_backend_link_adapts_its_path_mtu_and_arrives_intact() {
+    if !lb_tests::require_root("xdp_dsr::an_upload_over_a_1500_byte_backend_link") {
+        return;
+    }
+    let world = lb_tests::xdp::world::World::start(MODE, 1, 1);
+    let t = &world.topology;
+    t.balancer
+        .ip(&["link", "set", "l1", "mtu", "1500"])
+        .expect("MTU of the balancer's backend veth");
+    t.backends[0]
+        .ip(&["link", "set", "b0", "mtu", "1500"])
+        .expect("MTU of the backend's veth");
+    const LEN: u64 = 10 * 1024 * 1024;
+    let vip = lb_tests::xdp::Topology::vip(lb_tests::xdp::world::BULK);
+    let receipt = world
+        .client(|| lb_tests::client::upload(vip, LEN, 11))
+        .unwrap_or_else(|e| panic!("the upload over a 1500-byte backend link failed: {e}"));
+    assert_eq!(
+        receipt,
+        lb_tests::data::Receipt::of_stream(LEN, 11),
+        "the backend did not receive the 10 MiB the client sent, byte for byte"
+    );
+    let api = world.daemon.admin_addr();
+    let status = lb_tests::xdp::in_netns(&t.balancer, || lb_tests::admin::status(api))
+        .expect("enter the balancer namespace");
+    let answered = status["xdp"]["packets"]["too_big_sent"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        answered >= 1,
+        "the client's full-size segments should have been answered with fragmentation \
+         needed; the XDP counters: {}",
+        status["xdp"]["packets"]
+    );
+}

@@ -1,0 +1,220 @@
+//! The answer to a DSR packet that would not fit the backend link once encapsulated: ICMP
+//! "fragmentation needed" (type 3 code 4, RFC 1191) for IPv4 with DF, ICMPv6 "packet too big"
+//! (type 2, RFC 8201) for IPv6, from the VIP to the client, so the client lowers its path MTU
+//! and resends smaller instead of its packets vanishing (a path-MTU black hole). Katran
+//! answers the same way.
+//!
+//! The client's packet is turned into the answer in place: the frame grows at the front by
+//! the new IP and ICMP headers, the Ethernet header (and VLAN tag) moves to the new start with
+//! its addresses swapped, and the client's packet stays behind the ICMP header as the quote,
+//! cut to [`QUOTE_V4`] / [`QUOTE_V6`] bytes. The announced MTU is the route's less the outer
+//! header. At most `TOO_BIG_PER_SECOND` answers a second per CPU (a flood of big packets must
+//! not turn into a flood of answers); over it, and for IPv4 without DF (XDP cannot fragment),
+//! the packet is dropped (`Stat::DropMtu`).
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    maps::{FAMILY_V4, TOO_BIG_PER_SECOND},
+    Stat,
+};
+
+use crate::{
+    csum, encap,
+    maps::TOO_BIG_BUDGET,
+    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP, IPPROTO_ICMPV6},
+};
+
+/// Bytes of the client's IPv4 packet quoted: its header (options included) and well over the
+/// 8 bytes of transport header RFC 792 asks for.
+pub const QUOTE_V4: usize = 128;
+/// Bytes of the client's IPv6 packet quoted (RFC 4443 asks for as much as fits in 1280; the
+/// checksum helper takes at most 512 bytes a call, and the transport header is at the start).
+pub const QUOTE_V6: usize = 512;
+/// The ICMP / ICMPv6 header: type, code, checksum and the 4 bytes that carry the MTU.
+const ICMP_HDR_LEN: usize = 8;
+/// IPv4 "don't fragment", network order.
+const IP_DF: u16 = 0x4000_u16.to_be();
+
+/// The answers sent on one CPU in the current second.
+#[repr(C)]
+pub struct TooBigBudget {
+    /// The second (monotonic clock) `sent` counts in.
+    pub second: u64,
+    /// Answers sent in it.
+    pub sent: u64,
+}
+
+/// Answers the DSR packet in `ctx` (parsed as `p`) that the route lookup found too big once
+/// `outer_hdr` bytes of encapsulation are added. Returns `XDP_TX` with the answer in the frame,
+/// or `Err(Stat::DropMtu)` when it is not answered (IPv4 without DF, over the rate limit, a
+/// packet shorter than the quote) and the packet is to be dropped.
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, p: &Parsed, outer_hdr: u16) -> Result<u32, Stat> {
+    let mtu = crate::fib::path_mtu()
+        .ok_or(Stat::DropMtu)?
+        .saturating_sub(outer_hdr);
+    if p.family == FAMILY_V4 {
+        v4(ctx, p, mtu)
+    } else {
+        v6(ctx, p, mtu)
+    }
+}
+
+/// Takes one answer from this CPU's budget; `false` when the second's is spent.
+#[inline(always)]
+fn allowed() -> bool {
+    let Some(budget) = TOO_BIG_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a live map entry; BPF programs do not preempt each other on
+    // one CPU.
+    let budget = unsafe { &mut *budget };
+    // SAFETY: a helper without arguments.
+    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    if budget.second != second {
+        budget.second = second;
+        budget.sent = 0;
+    }
+    if budget.sent >= TOO_BIG_PER_SECOND as u64 {
+        return false;
+    }
+    budget.sent += 1;
+    true
+}
+
+/// Grows the frame's front by `hdr` bytes for the answer's IP and ICMP headers, moves the
+/// link-layer header there with its addresses swapped, and cuts the tail after `quote` bytes
+/// of the client's packet.
+#[inline(always)]
+fn make_room(ctx: &XdpContext, p: &Parsed, hdr: usize, quote: usize) -> Result<(), Stat> {
+    let link = encap::save_link(ctx, p.l3_off)?;
+    encap::grow(ctx, hdr)?;
+    encap::restore_link(ctx, &link)?;
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe {
+        let src = (*eth).src;
+        (*eth).src = (*eth).dst;
+        (*eth).dst = src;
+    }
+    let want = p.l3_off + hdr + quote;
+    let len = ctx.data_end() - ctx.data();
+    if len < want {
+        return Err(Stat::DropMtu);
+    }
+    // SAFETY: the helper only moves `data_end` within the frame (the kernel checks).
+    if len > want && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {
+        return Err(Stat::DropMtu);
+    }
+    Ok(())
+}
+
+/// The one's-complement sum of `QUOTE` bytes at `offset` plus `seed`, by the kernel's helper.
+#[inline(always)]
+fn sum_quote<const QUOTE: usize>(ctx: &XdpContext, offset: usize, seed: u32) -> Result<u32, Stat> {
+    let quote: *mut [u8; QUOTE] = ptr_at(ctx, offset).ok_or(Stat::DropMtu)?;
+    // SAFETY: `QUOTE` bytes at `quote` lie within the packet (checked by `ptr_at`); the helper
+    // only reads them.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            quote as *mut u32,
+            QUOTE as u32,
+            seed,
+        )
+    };
+    if sum < 0 {
+        return Err(Stat::DropMtu);
+    }
+    Ok(sum as u32)
+}
+
+#[inline(always)]
+fn v4(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (df, client, vip) = unsafe { ((*ip).frag_off & IP_DF != 0, (*ip).src, (*ip).dst) };
+    if !df || (p.ip_len as usize) < QUOTE_V4 || !allowed() {
+        return Err(Stat::DropMtu);
+    }
+    let ip_hdr = core::mem::size_of::<Ipv4Hdr>();
+    make_room(ctx, p, ip_hdr + ICMP_HDR_LEN, QUOTE_V4)?;
+
+    let icmp_off = p.l3_off + ip_hdr;
+    // Type 3 ("destination unreachable"), code 4 ("fragmentation needed"), checksum, 16
+    // unused bits, the next hop's MTU (RFC 1191).
+    let mut head = [u16::from_ne_bytes([3, 4]), 0, 0, mtu.to_be()];
+    let seed = head[0] as u32 + head[3] as u32;
+    head[1] = !csum::fold(sum_quote::<QUOTE_V4>(ctx, icmp_off + ICMP_HDR_LEN, seed)?);
+    let at: *mut [u16; 4] = ptr_at(ctx, icmp_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *at = head };
+
+    let mut out = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: ((ip_hdr + ICMP_HDR_LEN + QUOTE_V4) as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        protocol: IPPROTO_ICMP,
+        check: 0,
+        src: vip,
+        dst: client,
+    };
+    // SAFETY: `Ipv4Hdr` is 20 bytes of plain integers, `#[repr(C)]` with alignment 2 and no
+    // padding: viewing it as ten `u16`s reads exactly its bytes.
+    let words: [u16; 10] = unsafe { core::mem::transmute_copy(&out) };
+    out.check = csum::ipv4_header(&words);
+    let at: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *at = out };
+    Ok(xdp_action::XDP_TX)
+}
+
+#[inline(always)]
+fn v6(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let (client, vip) = unsafe { ((*ip).src, (*ip).dst) };
+    if (p.ip_len as usize) < QUOTE_V6 || !allowed() {
+        return Err(Stat::DropMtu);
+    }
+    let ip_hdr = core::mem::size_of::<Ipv6Hdr>();
+    make_room(ctx, p, ip_hdr + ICMP_HDR_LEN, QUOTE_V6)?;
+
+    let icmp_off = p.l3_off + ip_hdr;
+    let upper_len = (ICMP_HDR_LEN + QUOTE_V6) as u16;
+    // Type 2 ("packet too big"), code 0, checksum, the 32-bit MTU (RFC 4443 §3.2).
+    let mut head = [u16::from_ne_bytes([2, 0]), 0, 0, mtu.to_be()];
+    // The pseudo-header (RFC 8200 §8.1): addresses, upper-layer length, next header.
+    let mut seed = head[0] as u32 + head[3] as u32;
+    seed += upper_len.to_be() as u32 + (IPPROTO_ICMPV6 as u16).to_be() as u32;
+    let mut i = 0;
+    while i < 8 {
+        seed += vip[i] as u32 + client[i] as u32;
+        i += 1;
+    }
+    head[1] = !csum::fold(sum_quote::<QUOTE_V6>(ctx, icmp_off + ICMP_HDR_LEN, seed)?);
+    let at: *mut [u16; 4] = ptr_at(ctx, icmp_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *at = head };
+
+    let out = Ipv6Hdr {
+        vtc_flow: [0x6000_u16.to_be(), 0],
+        payload_len: upper_len.to_be(),
+        nexthdr: IPPROTO_ICMPV6,
+        hop_limit: 64,
+        src: vip,
+        dst: client,
+    };
+    let at: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *at = out };
+    Ok(xdp_action::XDP_TX)
+}
