@@ -25,7 +25,7 @@ pub struct BackendCounters {
     /// its id for the flows pinned to it, until `drain_timeout` has passed.
     pub draining: bool,
     /// Flows conntrack holds open on it, as last counted (every few seconds, see
-    /// `census.rs`); `None` before the first count.
+    /// `open_flows.rs`); `None` before the first count.
     pub open_flows: Option<u64>,
     /// `nat`: SNAT ports towards it taken (in use, or held after their flow ended), as last
     /// counted (every 10 s or so, `sync.rs`); `None` for `dsr` or before the first count.

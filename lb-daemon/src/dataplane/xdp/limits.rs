@@ -28,14 +28,14 @@ use lb_common::{FlowKey, Stat};
 use tracing::{info, warn};
 
 use super::bpf_map::{io, take, MapsError};
-use super::scan::Walker;
+use super::map_walk::MapWalk;
 use crate::config::{ClientLimits, Protocol};
 
 /// How often the refusal counters are looked at for the log.
 pub const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// How often the sweep runs. It reads all of `CONNTRACK` and `CLIENTS` (two syscalls per
 /// entry, up to some 100 ms for full maps) on the sync thread but without the `State` lock
-/// (see `scan.rs`): it delays the sync thread's next table write by as much, never a reload
+/// (see `map_walk.rs`): it delays the sync thread's next table write by as much, never a reload
 /// or a counters read.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -164,14 +164,11 @@ impl SweepView {
 
 /// Open counted flows per client of the services in `by_vip`, from `CONNTRACK`; `None` when
 /// the walk did not reach the end (the flows not reached would look like leaks).
-fn tracked(
-    walker: &Walker,
-    by_vip: &StdHashMap<VipKey, u32>,
-) -> Option<StdHashMap<ClientKey, u64>> {
+fn tracked(walk: &MapWalk, by_vip: &StdHashMap<VipKey, u32>) -> Option<StdHashMap<ClientKey, u64>> {
     let mut tracked = StdHashMap::new();
     // Entries evicted or added while walking may be skipped or seen (twice, after a restart
     // of the walk): the two-sweep rule absorbs that, and a count is never raised.
-    let (entries, complete) = walker.conntrack_entries();
+    let (entries, complete) = walk.conntrack_entries();
     if !complete {
         return None;
     }
@@ -258,14 +255,14 @@ impl Sweeper {
         true
     }
 
-    /// Sweeps the clients of the services in `view` (see the module doc), through `walker`,
+    /// Sweeps the clients of the services in `view` (see the module doc), through `walk`,
     /// without the `State` lock; logs what it gave back.
-    pub fn sweep(&mut self, walker: &mut Walker, view: &SweepView) {
+    pub fn sweep(&mut self, walk: &mut MapWalk, view: &SweepView) {
         if view.services.is_empty() {
             self.excess.clear();
             return;
         }
-        let lowered = self.sweep_once(walker, view);
+        let lowered = self.sweep_once(walk, view);
         if lowered > 0 {
             info!(
                 "XDP limits: gave back {lowered} connection slots held by flows conntrack \
@@ -294,23 +291,23 @@ impl Sweeper {
     }
 
     /// One sweep; returns the slots given back.
-    fn sweep_once(&mut self, walker: &mut Walker, view: &SweepView) -> u64 {
+    fn sweep_once(&mut self, walk: &mut MapWalk, view: &SweepView) -> u64 {
         // An unfinished walk proves no leak: this sweep lowers nothing, and the next one
         // compares with the sweep before it.
-        let Some(tracked) = tracked(walker, &view.by_vip()) else {
+        let Some(tracked) = tracked(walk, &view.by_vip()) else {
             return 0;
         };
         let ids = view.ids();
         let mut excess = StdHashMap::new();
         let mut lowered = 0;
-        let (keys, _) = walker.client_keys();
+        let (keys, _) = walk.client_keys();
         for key in keys {
             // Only running services with a connection limit: a removed service's entries
             // wait for its release, another's have no count that matters.
             if !ids.contains(&key.service) || excess.contains_key(&key) {
                 continue;
             }
-            let Some(state) = walker.client(&key) else {
+            let Some(state) = walk.client(&key) else {
                 continue;
             };
             let open = tracked.get(&key).copied().unwrap_or(0);
@@ -323,7 +320,7 @@ impl Sweeper {
             if lower == 0 {
                 continue;
             }
-            match walker.lower_client(&key, lower) {
+            match walk.lower_client(&key, lower) {
                 Ok(true) => {
                     lowered += lower;
                     excess.insert(key, now - lower);

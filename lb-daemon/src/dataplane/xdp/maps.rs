@@ -34,7 +34,7 @@ pub struct Maps {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     /// `LIMITS`: see `limits.rs`. (`CONNTRACK` and `CLIENTS` are not here: the sync thread
-    /// owns them, see `scan.rs`.)
+    /// owns them, see `map_walk.rs`.)
     pub(super) limits: super::limits::LimitMaps,
 }
 
@@ -299,7 +299,7 @@ impl Maps {
 
     /// Marks backends `ids` unused (`family` 0, so the program re-places flows still pinned
     /// to them). The first step of releasing ids: the conntrack entries still naming them
-    /// are forgotten next, outside the `State` lock (`scan::Walker::forget_flows_of`), and
+    /// are forgotten next, outside the `State` lock (`map_walk::MapWalk::forget_flows_of`), and
     /// only then may the ids be reused.
     ///
     /// Returns `Err(MapsError::Io)` when a write fails: some of them cleared, none safe to

@@ -10,14 +10,14 @@
 //! the map contract and `docs/ARCHITECTURE.md` for the behaviour.
 
 pub mod bpf_map;
-pub mod census;
 pub mod counters;
 pub mod decap;
 pub mod ids;
 pub mod limits;
 pub mod loader;
+pub mod map_walk;
 pub mod maps;
-pub mod scan;
+pub mod open_flows;
 pub mod snat;
 mod sync;
 
@@ -53,7 +53,7 @@ impl CountersReader {
     /// Returns `Err(MapsError::Io)` when a map cannot be read.
     pub fn read(&self) -> Result<XdpCounters, MapsError> {
         let mut st = lock(&self.state);
-        // Someone looks: the sync thread keeps the open-flow counts up (census.rs).
+        // Someone looks: the sync thread keeps the open-flow counts up (open_flows.rs).
         st.counters_read = Some(Instant::now());
         counters::read(&st)
     }
@@ -155,7 +155,7 @@ impl XdpPlane {
     /// Returns `Err(XdpPlaneError::Load)` with the loader's reason (no object found, the
     /// kernel refused the program, a map is missing).
     pub fn load(start: &XdpStart) -> Result<XdpPlane, XdpPlaneError> {
-        let (ebpf, maps, walker, path) = load_balancer(start.bpf_object.as_deref())?;
+        let (ebpf, maps, walk, path) = load_balancer(start.bpf_object.as_deref())?;
         info!("XDP: loaded {}", path.display());
         let state = Arc::new(Mutex::new(sync::State {
             maps,
@@ -168,7 +168,7 @@ impl XdpPlane {
             snat_in_use: None,
             counters_read: None,
         }));
-        let sync = sync::SyncThread::start(Arc::clone(&state), walker);
+        let sync = sync::SyncThread::start(Arc::clone(&state), walk);
         Ok(XdpPlane {
             ebpf: Some(ebpf),
             state,
@@ -427,15 +427,15 @@ impl Drop for XdpPlane {
 /// Finds and loads the object, loads `lb_xdp` and takes the maps.
 fn load_balancer(
     configured: Option<&std::path::Path>,
-) -> Result<(Ebpf, Maps, scan::Walker, PathBuf), XdpPlaneError> {
+) -> Result<(Ebpf, Maps, map_walk::MapWalk, PathBuf), XdpPlaneError> {
     // The loader's errors carry their causes (the verifier's log) in the words.
     let chain = |e: LoadError| XdpPlaneError::Load(loader::error_chain(&e));
     let path = loader::find_object(configured)?;
     let mut ebpf = loader::load_object(&path, &[]).map_err(chain)?;
     loader::load_program(&mut ebpf, &path, PROG_BALANCER).map_err(chain)?;
     let maps = Maps::take(&mut ebpf)?;
-    let walker = scan::Walker::take(&mut ebpf)?;
-    Ok((ebpf, maps, walker, path))
+    let walk = map_walk::MapWalk::take(&mut ebpf)?;
+    Ok((ebpf, maps, walk, path))
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut aya::programs::Xdp, XdpPlaneError> {

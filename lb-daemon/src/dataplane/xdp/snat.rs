@@ -1,13 +1,21 @@
-//! The SNAT port range of a `nat` service: the configured one, checked against the host's
-//! ephemeral ports, or by default the widest range outside them.
+//! The SNAT ports of a `nat` service: its range (the configured one, checked against the
+//! host's ephemeral ports, or by default the widest range outside them), and how many of them
+//! a walk of `NAT_REVERSE` finds taken ([`snat_in_use`]).
 //!
 //! The balancer's own connections (health checks, DNS) take source ports from
 //! `net.ipv4.ip_local_port_range`; a SNAT port inside it could be the source port of such a
 //! connection to the same backend, and the program would translate that connection's replies
 //! for a client. So the two must not overlap.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 
+use lb_common::maps::{
+    nat_flags, nat_seen, NatReverse, CT_REFRESH_SECS, NAT_F_CLAIMED, NAT_F_ENDED, NAT_F_TIME_WAIT,
+    SNAT_QUIET_S,
+};
+use lb_common::FlowKey;
 use thiserror::Error;
 
 /// Where the host's ephemeral port range is read from (in the daemon's network namespace).
@@ -76,6 +84,70 @@ pub fn choose(
         .ok_or(SnatRangeError::NoRoom(lo, hi))
 }
 
+/// How a `nat` service's SNAT ports are held, for [`snat_in_use`]: its `snat_port_hold` and
+/// idle timeout, whole seconds (idle 0: never idle).
+#[derive(Debug, Clone, Copy)]
+pub struct SnatTimes {
+    /// `Service::snat_hold_s` as written to the map.
+    pub hold_s: u32,
+    /// `Limits::idle_timeout_s` as written to the map.
+    pub idle_s: u32,
+}
+
+/// SNAT ports not free, per (service id, backend address) among `entries` (`NAT_REVERSE`'s),
+/// at `now_s`, for the service ids in `services`: a port is taken while its flow is open (not
+/// ended, seen within the idle timeout) and while it is held after the flow ended (the
+/// program's rule, "SNAT ports" in `lb_common::maps`). Entries of other services are left
+/// out; a backend with no port taken is absent.
+pub fn snat_in_use(
+    entries: &[(FlowKey, NatReverse)],
+    services: &HashMap<u32, SnatTimes>,
+    now_s: u32,
+) -> HashMap<(u32, SocketAddr), u64> {
+    let mut used = HashMap::new();
+    for (key, r) in entries {
+        let Some(t) = services.get(&r.service) else {
+            continue;
+        };
+        let flags = nat_flags(r.state);
+        let age = now_s.wrapping_sub(nat_seen(r.state));
+        let taken = if flags & NAT_F_CLAIMED != 0 {
+            true
+        } else if flags & NAT_F_ENDED != 0 {
+            let hold = if flags & NAT_F_TIME_WAIT != 0 {
+                t.hold_s
+            } else {
+                t.hold_s.min(SNAT_QUIET_S)
+            };
+            age < hold
+        } else {
+            // Idle as the program sees it; a TCP port also waits out the hold (the backend
+            // may have closed it into TIME_WAIT unseen).
+            let idle = t.idle_s != 0 && age > t.idle_s.saturating_add(CT_REFRESH_SECS + 1);
+            !(idle && (key.protocol == lb_common::flow::IPPROTO_UDP || age >= t.hold_s))
+        };
+        if taken {
+            let backend = SocketAddr::new(key_addr(key), key.src_port);
+            *used.entry((r.service, backend)).or_insert(0) += 1;
+        }
+    }
+    used
+}
+
+/// The source address of a `NAT_REVERSE` key (the backend).
+fn key_addr(key: &FlowKey) -> std::net::IpAddr {
+    let b = |w: u32| w.to_ne_bytes();
+    if key.family == lb_common::maps::FAMILY_V4 {
+        std::net::Ipv4Addr::from(b(key.src_addr[0])).into()
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in key.src_addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
+        }
+        std::net::Ipv6Addr::from(o).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +177,57 @@ mod tests {
         );
         let e = choose(Some((60000, 62000)), (32768, 60999)).expect_err("overlap");
         assert!(e.to_string().contains("overlap"), "{e}");
+    }
+
+    #[test]
+    fn snat_ports_are_taken_while_open_or_held() {
+        use lb_common::maps::{addr_words, nat_state, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT};
+        let backend: SocketAddr = "10.0.2.11:8080".parse().expect("addr");
+        let key = |port: u16| FlowKey {
+            src_addr: addr_words(backend.ip()),
+            dst_addr: addr_words("10.0.2.1".parse().expect("addr")),
+            src_port: backend.port(),
+            dst_port: port,
+            protocol: 6,
+            family: lb_common::maps::FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let entry = |port: u16, service: u32, state: u64| {
+            (
+                key(port),
+                NatReverse {
+                    service,
+                    state,
+                    ..NatReverse::default()
+                },
+            )
+        };
+        let now = 10_000;
+        let services: HashMap<u32, SnatTimes> = [(
+            0,
+            SnatTimes {
+                hold_s: 60,
+                idle_s: 30,
+            },
+        )]
+        .into();
+        let both = NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_ENDED;
+        let entries = [
+            // Open, seen now.
+            entry(1, 0, nat_state(now, 0)),
+            // Idle past the timeout and its lag, but a TCP port waits out the hold too.
+            entry(2, 0, nat_state(now - 40, 0)),
+            // Idle past both: free.
+            entry(6, 0, nat_state(now - 70, 0)),
+            // The backend closed first 10 s ago: held 60 s.
+            entry(3, 0, nat_state(now - 10, both | NAT_F_TIME_WAIT)),
+            // The client closed first 10 s ago: held only the quiet time.
+            entry(4, 0, nat_state(now - 10, both)),
+            // Another service's port.
+            entry(5, 7, nat_state(now, 0)),
+        ];
+        let used = snat_in_use(&entries, &services, now);
+        assert_eq!(used.get(&(0, backend)), Some(&3), "{used:?}");
+        assert_eq!(used.len(), 1, "{used:?}");
     }
 }

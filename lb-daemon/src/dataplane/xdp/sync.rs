@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::census::SnatTimes;
 use super::ids::IdPool;
-use super::scan::Walker;
+use super::map_walk::MapWalk;
+use super::snat::SnatTimes;
 use super::{limits, lock, Maps, ServiceSlot};
 use crate::config::{ClientLimits, Forwarding};
 use crate::dataplane::ServiceHandle;
@@ -30,7 +30,7 @@ pub const POLL: Duration = Duration::from_millis(50);
 
 /// Everything the XDP plane writes into the maps, behind one lock: the reload path (adding,
 /// removing services), the sync thread and the counters' reader take it in turn. Nothing
-/// holds it for a walk of `CONNTRACK` or `CLIENTS` (see `scan.rs`).
+/// holds it for a walk of `CONNTRACK` or `CLIENTS` (see `map_walk.rs`).
 pub struct State {
     /// The maps.
     pub maps: Maps,
@@ -45,13 +45,13 @@ pub struct State {
     /// Removed services whose pinned flows may still go on, until their deadline.
     pub leaving: Vec<Leaving>,
     /// Open flows per backend id of the running services, from the last count (see
-    /// `census.rs`); `None` before the first.
+    /// `open_flows.rs`); `None` before the first.
     pub open_flows: Option<std::collections::HashMap<u32, u64>>,
     /// SNAT ports taken (in use or held) per (service id, backend) of the running `nat`
     /// services, from the last walk of `NAT_REVERSE` (every [`SNAT_EVERY`] or less often);
     /// `None` before the first.
     pub snat_in_use: Option<std::collections::HashMap<(u32, SocketAddr), u64>>,
-    /// When the counters were last read (`/status`, `/metrics`): the census runs only while
+    /// When the counters were last read (`/status`, `/metrics`): open flows are counted only while
     /// someone looks.
     pub counters_read: Option<Instant>,
 }
@@ -179,7 +179,7 @@ impl State {
     /// ended by `now`, and does the part of their release that needs the lock: each service's
     /// VIP (see [`Maps::remove_service`]), `SERVICES` and `LIMITS` entries, and the backends'
     /// `BACKENDS` entries are cleared. The ids go back to the pools only after
-    /// [`Drained::scrub`] (outside the lock) and [`State::give_back`]; meanwhile they are in
+    /// [`Drained::forget_in_maps`] (outside the lock) and [`State::give_back`]; meanwhile they are in
     /// no pool and no slot, so nothing reuses them.
     pub fn take_drained(&mut self, now: Instant) -> Drained {
         let mut drained = Drained::default();
@@ -225,7 +225,7 @@ impl State {
         drained
     }
 
-    /// Returns to the pools the ids of `drained` that [`Drained::scrub`] left safe to reuse.
+    /// Returns to the pools the ids of `drained` that [`Drained::forget_in_maps`] left safe to reuse.
     pub fn give_back(&mut self, drained: Drained) {
         if drained.backends_cleared {
             for (service, address, id) in drained.backends {
@@ -337,16 +337,16 @@ impl Drained {
     /// Forgets, outside the `State` lock, the conntrack entries pinned to the released
     /// backends and the `CLIENTS` entries of the released services: one bounded walk of each
     /// map for all of them. What fails is logged and its ids stay reserved.
-    pub fn scrub(&mut self, walker: &mut Walker) {
+    pub fn forget_in_maps(&mut self, walk: &mut MapWalk) {
         if self.backends_cleared {
             let ids = self.backend_ids();
-            if let Err(e) = walker.forget_flows_of(&ids) {
+            if let Err(e) = walk.forget_flows_of(&ids) {
                 error!("cannot release XDP backend ids {ids:?}: {e}; they stay reserved");
                 self.backends_cleared = false;
             }
         }
         let ids: Vec<u32> = self.services.iter().map(|&(_, id)| id).collect();
-        self.clients_cleared = match walker.forget_clients_of(&ids) {
+        self.clients_cleared = match walk.forget_clients_of(&ids) {
             Ok(_) => true,
             Err(e) => {
                 error!(
@@ -378,28 +378,28 @@ const SNAT_CALM_PERCENT: u64 = 70;
 /// over the warning share (warned once per crossing).
 #[derive(Default)]
 struct SnatWatch {
-    census: super::census::Census,
+    pacing: super::open_flows::WalkPacing,
     warned: std::collections::HashSet<(u32, SocketAddr)>,
 }
 
 impl SnatWatch {
     fn due(&self) -> bool {
-        self.census.due(Some(Instant::now()))
+        self.pacing.due(Some(Instant::now()))
     }
 
     /// Walks `NAT_REVERSE`, counts the ports taken per backend of the `nat` services in
     /// `services`, and logs a backend's range crossing [`SNAT_WARN_PERCENT`].
     fn walk(
         &mut self,
-        walker: &Walker,
+        walk: &MapWalk,
         services: &std::collections::HashMap<u32, (SnatTimes, u64, String)>,
         now: u32,
     ) -> std::collections::HashMap<(u32, SocketAddr), u64> {
         let started = Instant::now();
         let times = services.iter().map(|(id, (t, _, _))| (*id, *t)).collect();
-        let used = super::census::snat_in_use(&walker.nat_entries().0, &times, now);
-        // The census's pacing: a long walk makes the next one later.
-        self.census.walked(started.elapsed().max(SNAT_EVERY / 20));
+        let used = super::snat::snat_in_use(&walk.nat_entries().0, &times, now);
+        // The pacing: a long walk makes the next one later.
+        self.pacing.walked(started.elapsed().max(SNAT_EVERY / 20));
         for (key @ (id, backend), n) in &used {
             let Some((_, ports, name)) = services.get(id) else {
                 continue;
@@ -424,13 +424,13 @@ impl SnatWatch {
 
 impl SyncThread {
     /// Starts the thread over `state`, whose slots hold the generation last written.
-    pub fn start(state: Arc<Mutex<State>>, mut walker: Walker) -> SyncThread {
+    pub fn start(state: Arc<Mutex<State>>, mut walk: MapWalk) -> SyncThread {
         let (stop, stopped) = mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name("lb-xdp-sync".into())
             .spawn(move || {
                 let mut limits = super::limits::Sweeper::new();
-                let mut census = super::census::Census::new();
+                let mut open_flow_walks = super::open_flows::WalkPacing::new();
                 let mut snat = SnatWatch::default();
                 loop {
                     match stopped.recv_timeout(POLL) {
@@ -445,26 +445,28 @@ impl SyncThread {
                         st.republish_all();
                         limits.report(|| st.maps.stats());
                         let view = limits.due().then(|| st.sweep_view());
-                        let idle = (!st.running.is_empty() && census.due(st.counters_read))
-                            .then(|| st.idle_by_backend());
+                        let idle = (!st.running.is_empty()
+                            && open_flow_walks.due(st.counters_read))
+                        .then(|| st.idle_by_backend());
                         let nat = snat.due().then(|| st.snat_services());
                         (st.take_drained(Instant::now()), view, idle, nat)
                     };
                     if !drained.is_empty() {
-                        drained.scrub(&mut walker);
+                        drained.forget_in_maps(&mut walk);
                         lock(&state).give_back(drained);
                     }
                     if let Some(view) = view {
-                        limits.sweep(&mut walker, &view);
+                        limits.sweep(&mut walk, &view);
                     }
-                    if let (Some(idle), Some(now)) = (idle, super::census::now_s()) {
+                    if let (Some(idle), Some(now)) = (idle, super::open_flows::now_s()) {
                         let started = Instant::now();
-                        let open = super::census::count(&walker.conntrack_entries().0, &idle, now);
-                        census.walked(started.elapsed());
+                        let open =
+                            super::open_flows::count(&walk.conntrack_entries().0, &idle, now);
+                        open_flow_walks.walked(started.elapsed());
                         lock(&state).open_flows = Some(open);
                     }
-                    if let (Some(nat), Some(now)) = (nat, super::census::now_s()) {
-                        let used = snat.walk(&walker, &nat, now);
+                    if let (Some(nat), Some(now)) = (nat, super::open_flows::now_s()) {
+                        let used = snat.walk(&walk, &nat, now);
                         lock(&state).snat_in_use = Some(used);
                     }
                 }

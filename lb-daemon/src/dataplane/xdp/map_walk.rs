@@ -4,7 +4,7 @@
 //! A walk is one `bpf_map_get_next_key` and one lookup per entry, some 260,000 syscalls for
 //! both maps full. Done under the `State` lock it would stall every other user of the plane
 //! (a reload adding a service, `/status` reading counters) for as long. The two maps are
-//! therefore not in `State` at all: the sync thread owns them ([`Walker`]) and walks them
+//! therefore not in `State` at all: the sync thread owns them ([`MapWalk`]) and walks them
 //! between two holds of the lock. Nothing else in the daemon reads or writes them; the
 //! program's own writes race with a walk the same way whether the daemon holds a lock or
 //! not. (The alternative, walking in chunks under the lock, means more lock traffic and a
@@ -26,20 +26,20 @@ use super::bpf_map::{io, take, MapsError};
 /// `CONNTRACK`, `CLIENTS` and `NAT_REVERSE`, owned by the sync thread and walked without the
 /// `State` lock.
 ///
-/// Only the sync thread touches them from the daemon: it scrubs released ids out of them and
+/// Only the sync thread touches them from the daemon: it removes released ids from them and
 /// sweeps leaked connection counts, one after the other, so those never race each other.
-pub struct Walker {
+pub struct MapWalk {
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     clients: HashMap<MapData, ClientKey, ClientState>,
     nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
 }
 
-impl Walker {
+impl MapWalk {
     /// Takes `CONNTRACK`, `CLIENTS` and `NAT_REVERSE` out of `ebpf`.
     ///
     /// Returns `Err(MapsError::Missing)` when one is absent or has another layout.
-    pub fn take(ebpf: &mut Ebpf) -> Result<Walker, MapsError> {
-        Ok(Walker {
+    pub fn take(ebpf: &mut Ebpf) -> Result<MapWalk, MapsError> {
+        Ok(MapWalk {
             conntrack: take(ebpf, contract::CONNTRACK)?,
             clients: take(ebpf, contract::CLIENTS)?,
             nat_reverse: take(ebpf, contract::NAT_REVERSE)?,
