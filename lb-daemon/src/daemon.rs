@@ -2,6 +2,7 @@
 //! admin API, reloads on SIGHUP, and drains on SIGTERM/SIGINT.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -69,71 +70,13 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (feedback, passive_rx) = PassiveFeedback::new(PASSIVE_QUEUE);
-    let proxy = <Proxy as Dataplane>::start(ProxyStart {
-        workers,
-        events: feedback,
-        options: proxy_options_from_env()?,
-    })?;
-    let set = ServiceSet::new();
-    let control = Control::new(path, &config, set.clone(), proxy);
-    let admin = config.admin.clone();
-    {
-        // The services' health checks are spawned on this runtime; they run from block_on.
-        let _in_runtime = rt.enter();
-        crate::reload::apply_config(&control, config)?;
-    }
-    // A plane loaded for services that all went to the proxy would keep its programs on
-    // interfaces no service uses.
-    if control
-        .services()
-        .all()
-        .iter()
-        .all(|s| !control.on_xdp(s.index()))
-    {
-        if let Some(x) = control.take_xdp() {
-            x.shutdown();
-        }
-    }
-    let services = set.all();
-    let result = rt.block_on(async {
-        let passive = tokio::spawn(PassiveFeedback::apply(set.clone(), passive_rx));
-        let (_, api) = crate::admin::api::serve(control.clone(), &admin).await?;
-        info!(
-            "ready: {} services, {workers} proxy workers",
-            services.len()
-        );
-        let why = loop {
-            match signals.next().await {
-                Received::Stop(why) => break why,
-                Received::Reload => {
-                    info!("SIGHUP: reloading {}", control.path().display());
-                    let _logged = crate::reload::reload(&control).await;
-                }
-            }
-        };
-        info!(
-            "{why}: no longer accepting; draining {} open connections and sessions for up to {}",
-            control.with_proxy(|p| p.active()).unwrap_or(0),
-            humantime::format_duration(control.config().global.drain_timeout)
-        );
-        for t in api {
-            t.abort();
-        }
-        // A reload still at work (its caller may be gone) finishes first, and none starts
-        // after: what it places is then stopped with the rest, not left behind.
-        control.begin_stop().await;
-        for s in set.all().iter() {
-            s.stop();
-        }
-        passive.abort();
-        Ok::<(), DaemonError>(())
-    });
+    let (control, passive_rx) = start(config, path, workers, &rt)?;
+    let result = rt.block_on(serve(&control, passive_rx, workers, &mut signals));
     if let Some(x) = control.take_xdp() {
         x.shutdown();
     }
-    let drain_timeout = control.config().global.drain_timeout;
     if let Some(proxy) = control.take_proxy() {
+        let drain_timeout = control.config().global.drain_timeout;
         match rt.block_on(drain(proxy, drain_timeout, &mut signals)) {
             (cut, Some(why)) => warn!(
                 "drain cut short by a second {why}: closed {cut} connections and sessions that \
@@ -148,6 +91,84 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     info!("stopped");
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Starts the proxy with `workers` workers and no service, then places every service of
+/// `config` as a reload from an empty config would. Returns the control state and the queue
+/// of passive connect outcomes, for [`serve`].
+fn start(
+    config: Config,
+    path: &Path,
+    workers: usize,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Arc<Control>, PassiveQueue), DaemonError> {
+    let (feedback, passive_rx) = PassiveFeedback::new(PASSIVE_QUEUE);
+    let proxy = <Proxy as Dataplane>::start(ProxyStart {
+        workers,
+        events: feedback,
+        options: proxy_options_from_env()?,
+    })?;
+    let control = Control::new(path, &config, ServiceSet::new(), proxy);
+    {
+        // The services' health checks are spawned on this runtime; they run from block_on.
+        let _in_runtime = rt.enter();
+        crate::reload::apply_config(&control, config)?;
+    }
+    // A plane loaded for services that all went to the proxy would keep its programs on
+    // interfaces no service uses.
+    let services = control.services().all();
+    if services.iter().all(|s| !control.on_xdp(s.index())) {
+        if let Some(x) = control.take_xdp() {
+            x.shutdown();
+        }
+    }
+    Ok((control, passive_rx))
+}
+
+/// The passive connect outcomes the data planes queue for the control plane.
+type PassiveQueue = tokio::sync::mpsc::Receiver<crate::service::PassiveEvent>;
+
+/// Serves the admin API and applies passive outcomes and SIGHUP reloads until SIGTERM or
+/// SIGINT; then stops accepting reloads and the services' control tasks. The data planes are
+/// drained by the caller.
+async fn serve(
+    control: &Arc<Control>,
+    passive_rx: PassiveQueue,
+    workers: usize,
+    signals: &mut Signals,
+) -> Result<(), DaemonError> {
+    let set = Arc::clone(control.services());
+    let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
+    let (_, api) = crate::admin::api::serve(Arc::clone(control), &control.config().admin).await?;
+    info!(
+        "ready: {} services, {workers} proxy workers",
+        set.all().len()
+    );
+    let why = loop {
+        match signals.next().await {
+            Received::Stop(why) => break why,
+            Received::Reload => {
+                info!("SIGHUP: reloading {}", control.path().display());
+                let _logged = crate::reload::reload(control).await;
+            }
+        }
+    };
+    info!(
+        "{why}: no longer accepting; draining {} open connections and sessions for up to {}",
+        control.with_proxy(|p| p.active()).unwrap_or(0),
+        humantime::format_duration(control.config().global.drain_timeout)
+    );
+    for t in api {
+        t.abort();
+    }
+    // A reload still at work (its caller may be gone) finishes first, and none starts after:
+    // what it places is then stopped with the rest, not left behind.
+    control.begin_stop().await;
+    for s in set.all().iter() {
+        s.stop();
+    }
+    passive.abort();
+    Ok(())
 }
 
 /// The signals the daemon acts on, each a stream that remembers a delivery until it is read.

@@ -237,19 +237,10 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
             runtime.update(service);
         }
     }
-    // The running list in the new file's order.
-    let mut next = Vec::with_capacity(new.services.len());
-    for s in &new.services {
-        if let Some(r) = started.iter().find(|r| r.name() == s.name) {
-            next.push(Arc::clone(r));
-        } else if let Some(r) = services
-            .iter()
-            .find(|r| r.name() == s.name && !early.iter().chain(&late).any(|x| Arc::ptr_eq(x, r)))
-        {
-            next.push(Arc::clone(r));
-        }
-    }
-    control.services().set(next);
+    let removed: Vec<_> = early.iter().chain(&late).cloned().collect();
+    control
+        .services()
+        .set(running_list(&new, &started, &services, &removed));
     for r in &late {
         // An XDP service replaced at its address by a proxy one lets go of its VIP now, so
         // new flows reach the proxy instead of its emptied table.
@@ -262,22 +253,52 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
     }
     control.set_config(new);
 
+    Ok(summary(&started, &removed, &updated))
+}
+
+/// The running services after a reload, in the new file's order: the ones it `started`, and
+/// the ones that were running (`services`) and stay (not in `removed`).
+fn running_list(
+    new: &Config,
+    started: &[Arc<ServiceRuntime>],
+    services: &[Arc<ServiceRuntime>],
+    removed: &[Arc<ServiceRuntime>],
+) -> Vec<Arc<ServiceRuntime>> {
+    let stays = |r: &&Arc<ServiceRuntime>| !removed.iter().any(|x| Arc::ptr_eq(x, r));
+    new.services
+        .iter()
+        .filter_map(|s| {
+            started
+                .iter()
+                .find(|r| r.name() == s.name)
+                .or_else(|| services.iter().filter(stays).find(|r| r.name() == s.name))
+                .cloned()
+        })
+        .collect()
+}
+
+/// The one-line summary of an applied reload: `started a, b; draining c; updated d`, or
+/// `no change`.
+fn summary(
+    started: &[Arc<ServiceRuntime>],
+    removed: &[Arc<ServiceRuntime>],
+    updated: &[String],
+) -> String {
     let mut parts = Vec::new();
     if !started.is_empty() {
-        parts.push(format!("started {}", names(&started)));
+        parts.push(format!("started {}", names(started)));
     }
-    let removed: Vec<_> = early.iter().chain(&late).cloned().collect();
     if !removed.is_empty() {
-        parts.push(format!("draining {}", names(&removed)));
+        parts.push(format!("draining {}", names(removed)));
     }
     if !updated.is_empty() {
         parts.push(format!("updated {}", updated.join(", ")));
     }
-    Ok(if parts.is_empty() {
+    if parts.is_empty() {
         "no change".to_string()
     } else {
         parts.join("; ")
-    })
+    }
 }
 
 /// Undoes the start of a refused reload: the services it `started` stop at once, and the
