@@ -107,12 +107,20 @@ pub struct NatScratch {
 #[map(name = "NAT_SCRATCH")]
 pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// One [`TooBigBudget`](crate::too_big::TooBigBudget) per CPU: the "fragmentation needed" /
+/// The answers sent on one CPU in the current second.
+#[repr(C)]
+pub struct TooBigBudget {
+    /// The second (monotonic clock) `sent` counts in.
+    pub second: u64,
+    /// Answers sent in it.
+    pub sent: u64,
+}
+
+/// One [`TooBigBudget`] per CPU: the "fragmentation needed" /
 /// "packet too big" answers sent in the current second (see `too_big.rs`). Internal to the
 /// program; the daemon never touches it.
 #[map(name = "TOO_BIG_BUDGET")]
-pub static TOO_BIG_BUDGET: PerCpuArray<crate::too_big::TooBigBudget> =
-    PerCpuArray::with_max_entries(1, 0);
+pub static TOO_BIG_BUDGET: PerCpuArray<TooBigBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// One `bpf_fib_lookup` parameter block per CPU: scratch space for `fib::forward`, kept off the
 /// 512-byte BPF stack. Internal to the program; the daemon never touches it.

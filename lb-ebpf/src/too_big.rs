@@ -24,7 +24,7 @@ use lb_common::{
 
 use crate::{
     csum, encap,
-    maps::TOO_BIG_BUDGET,
+    maps::{TooBigBudget, TOO_BIG_BUDGET},
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -38,15 +38,6 @@ pub const QUOTE_V6: usize = 512;
 const ICMP_HDR_LEN: usize = 8;
 /// IPv4 "don't fragment", network order.
 const IP_DF: u16 = 0x4000_u16.to_be();
-
-/// The answers sent on one CPU in the current second.
-#[repr(C)]
-pub struct TooBigBudget {
-    /// The second (monotonic clock) `sent` counts in.
-    pub second: u64,
-    /// Answers sent in it.
-    pub sent: u64,
-}
 
 /// Answers the DSR packet in `ctx` (parsed as `p`) that the route lookup found too big once
 /// `outer_hdr` bytes of encapsulation are added. Returns `XDP_TX` with the answer in the frame,
