@@ -21,6 +21,7 @@
 //! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
 //! | `VIP_ADDRS` | hash, [`MAX_SERVICES`] | [`DecapAddr`] (an address and its family) → `u32` (0, unread) | daemon |
 //! | `DECAP_SOURCES` | hash, [`DECAP_SOURCES_SIZE`] | [`DecapAddr`] → `u32` (0, unread) | `lb-daemon decap` |
+//! | `LOCAL_ADDRS` | array, [`LOCAL_ADDRS_LEN`] | [`local_addr_index`]`(service, i)` → address words (`[u32; 4]`) | daemon |
 //! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
 //! | `SERVICE_STATS` | per-CPU array, [`MAX_SERVICES`] | service id → [`Counters`](crate::Counters) | program |
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
@@ -122,6 +123,16 @@
 //!   [`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed). The reverse
 //!   direction cannot tell: the backend's late packets of the old flow carry the new flow's
 //!   5-tuple, which is what the hold is for.
+//!
+//! **Several local addresses** (IPVS full-NAT's local address pool): a `nat` service with
+//! [`Service::local_addrs`] `= n > 1` has its addresses in `LOCAL_ADDRS` entries
+//! [`local_addr_index`]`(service, 0..n)` (entry 0 equal to [`Service::local_addr`]), and
+//! a flow's SNAT source address is [`snat_addr_index`] of its flow hash: one address per flow,
+//! the same for every packet of it (nothing to store), the flows spread evenly over the
+//! addresses. Its port is probed as above among that address's ports. Sustained new flows per
+//! second towards one backend are then about `n × span / hold`, and concurrent flows about
+//! `n × span` (a flow is refused when the probed ports of its own address are taken, while
+//! another address may have some free).
 //!
 //! A new flow that finds no port is refused at once: its SYN gets a RST+ACK
 //! ([`Stat::RefusedNatPortsExhausted`](crate::Stat::RefusedNatPortsExhausted)), a UDP packet
@@ -367,6 +378,9 @@ pub const VIP_ADDRS: &str = "VIP_ADDRS";
 /// Map name: [`DecapAddr`] → `u32` (unread), the outer sources `lb_decap` accepts: the
 /// balancers' `local_address`es.
 pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+/// Map name: the SNAT source addresses of `nat` services with more than one (see "Several
+/// local addresses").
+pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 /// Map name: global per-CPU `u64` counters indexed by [`Stat`](crate::Stat).
 pub const STATS: &str = "STATS";
 /// Map name: per-CPU [`Counters`](crate::Counters) per service id.
@@ -397,6 +411,34 @@ pub const DEVMAP_SIZE: u32 = 64;
 pub const DECAP_ADDRS_SIZE: u32 = 256;
 /// Balancer addresses `DECAP_SOURCES` can hold.
 pub const DECAP_SOURCES_SIZE: u32 = 64;
+/// SNAT source addresses a `nat` service can have (its `local_address` list).
+pub const MAX_LOCAL_ADDRS: u32 = 16;
+/// Entries of `LOCAL_ADDRS`: [`MAX_LOCAL_ADDRS`] per service id.
+pub const LOCAL_ADDRS_LEN: u32 = MAX_SERVICES * MAX_LOCAL_ADDRS;
+
+/// Index into `LOCAL_ADDRS` of local address `i` of service `service`.
+#[inline(always)]
+pub const fn local_addr_index(service: u32, i: u32) -> u32 {
+    service * MAX_LOCAL_ADDRS + i
+}
+
+/// Which of its `local_addrs` addresses (`0..n`, 0 being [`Service::local_addr`]) a `nat`
+/// flow with flow hash `hash` (`crate::flow_hash` of its client → VIP 5-tuple) is translated
+/// from: by the hash's high half, as the port probes start from the whole hash. `n` of 0 or 1
+/// is address 0.
+#[inline(always)]
+pub const fn snat_addr_index(hash: u32, n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        let n = if n > MAX_LOCAL_ADDRS {
+            MAX_LOCAL_ADDRS
+        } else {
+            n
+        };
+        (hash >> 16) % n
+    }
+}
 
 /// Index into `TABLES` of `slot` in `half` (0 or 1) of `service`'s table:
 /// `(service * 2 + half) * MAX_TABLE_SIZE + slot`. The caller keeps `service < MAX_SERVICES`,
@@ -509,8 +551,11 @@ pub struct Service {
     pub mode: u8,
     /// The VIP's family, [`FAMILY_V4`] or [`FAMILY_V6`]; backends and `local_addr` match it.
     pub family: u8,
+    /// `nat`: how many SNAT source addresses the service has in `LOCAL_ADDRS` (see "Several
+    /// local addresses"), `1..=MAX_LOCAL_ADDRS`; 0 and 1 both mean `local_addr` alone.
+    pub local_addrs: u8,
     /// Explicit padding; zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// The live table half, 0 or 1. The flip: see the module docs.
     pub active_half: u32,
     /// Slots in use in each half (the Maglev M of that table), `1..=MAX_TABLE_SIZE`; 0 means

@@ -158,19 +158,13 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
             placed.entry.snat_port = port;
             conntrack::record(&p.key, &placed.entry);
         }
-        nat::rewrite(
-            ctx,
-            p,
-            &service.local_addr,
-            port,
-            &backend.addr,
-            backend.port,
-        )?;
+        let local = nat::flow_local(service_id, service, &p.key).ok_or(Stat::DropBadService)?;
+        nat::rewrite(ctx, p, local, port, &backend.addr, backend.port)?;
         fib::forward(
             ctx,
             p.family,
             p.key.protocol,
-            &service.local_addr,
+            local,
             &backend.addr,
             p.ip_len,
         )?

@@ -166,7 +166,7 @@ fn to_backend(
     }
     Some(Translation {
         src: backend.addr,
-        dst: service.local_addr,
+        dst: *nat::flow_local(service_id, service, &client)?,
         sport: backend.port,
         dport: snat_port,
         stat: Stat::IcmpToBackend,

@@ -13,7 +13,7 @@ use lb_common::{
     maps::{
         Backend, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey,
         VipValue, CLIENTS_SIZE, CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE,
-        MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
+        LOCAL_ADDRS_LEN, MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
     },
     Counters, FlowKey, STATS_LEN,
 };
@@ -91,6 +91,11 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 /// Per-CPU counters per backend id.
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// The SNAT source addresses of `nat` services with several (`lb_common::maps`, "Several
+/// local addresses"), written by the daemon.
+#[map(name = "LOCAL_ADDRS")]
+pub static LOCAL_ADDRS: Array<[u32; 4]> = Array::with_max_entries(LOCAL_ADDRS_LEN, 0);
 
 /// Per-CPU scratch space for `nat::snat_port`: the `NAT_REVERSE` key and value it builds, kept
 /// off the balancer's stack, which is at the verifier's 512-byte limit (see `balancer`).

@@ -18,16 +18,16 @@ use lb_common::{
     flow::IPPROTO_UDP,
     flow_hash,
     maps::{
-        nat_flags, nat_seen, nat_state, NatReverse, Service, CT_REFRESH_SECS, FAMILY_V4,
-        NAT_F_CLAIMED, NAT_F_ENDED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_TIME_WAIT,
-        SNAT_QUIET_S,
+        local_addr_index, nat_flags, nat_seen, nat_state, snat_addr_index, NatReverse, Service,
+        CT_REFRESH_SECS, FAMILY_V4, NAT_F_CLAIMED, NAT_F_ENDED, NAT_F_FIN_BACKEND,
+        NAT_F_FIN_CLIENT, NAT_F_TIME_WAIT, SNAT_QUIET_S,
     },
     FlowKey, Stat,
 };
 
 use crate::{
     csum,
-    maps::{NatScratch, LIMITS, NAT_REVERSE, NAT_SCRATCH},
+    maps::{NatScratch, LIMITS, LOCAL_ADDRS, NAT_REVERSE, NAT_SCRATCH},
     parse::{
         groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, TCP_CHECK_OFF, TCP_FIN, TCP_RST,
         UDP_CHECK_OFF,
@@ -41,23 +41,43 @@ const SNAT_PROBES: u32 = 8;
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
 
+/// The SNAT source address of the client flow `key` of service `service_id` (`service`): its
+/// `local_addr`, or with several local addresses the one [`snat_addr_index`] of the flow's
+/// hash names (the same for every packet of the flow). `None` when that `LOCAL_ADDRS` entry
+/// cannot be read.
+#[inline(always)]
+pub fn flow_local<'a>(
+    service_id: u32,
+    service: &'a Service,
+    key: &FlowKey,
+) -> Option<&'a [u32; 4]> {
+    if service.local_addrs <= 1 {
+        return Some(&service.local_addr);
+    }
+    match snat_addr_index(flow_hash(key), service.local_addrs as u32) {
+        0 => Some(&service.local_addr),
+        i => LOCAL_ADDRS.get(local_addr_index(service_id, i)),
+    }
+}
+
 /// Writes into `rkey` the key a reply of the translated flow will carry:
-/// backend → local_addr:`port`.
+/// backend → `local`:`port`, of `family`.
 #[inline(always)]
 fn set_reply_key(
     rkey: &mut FlowKey,
     key: &FlowKey,
     backend_addr: &[u32; 4],
     backend_port: u16,
-    service: &Service,
+    local: &[u32; 4],
+    family: u8,
     port: u16,
 ) {
     rkey.src_addr = *backend_addr;
-    rkey.dst_addr = service.local_addr;
+    rkey.dst_addr = *local;
     rkey.src_port = backend_port;
     rkey.dst_port = port;
     rkey.protocol = key.protocol;
-    rkey.family = service.family;
+    rkey.family = family;
     rkey._pad = [0; 2];
 }
 
@@ -155,10 +175,20 @@ pub fn snat_port(
     // SAFETY: this CPU's slot of a live map entry; BPF programs do not preempt each other on
     // one CPU, so nothing else uses it until this packet is done with it.
     let NatScratch { rkey, owner } = unsafe { &mut *scratch };
+    // Everything of the reply key but the port, written once: the probes change the port.
+    let local = flow_local(service_id, service, key).ok_or(Stat::DropBadService)?;
+    set_reply_key(
+        rkey,
+        key,
+        backend_addr,
+        backend_port,
+        local,
+        service.family,
+        current,
+    );
     if current != 0 {
         // The established path: one lookup (as before this lifecycle existed, to re-create an
         // evicted entry) and the ownership compares.
-        set_reply_key(rkey, key, backend_addr, backend_port, service, current);
         if let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) {
             if owned_by(r, key) {
                 track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
@@ -207,7 +237,7 @@ pub fn snat_port(
         };
         let port = (min + start.wrapping_add(offset) % span) as u16;
         i += 1;
-        set_reply_key(rkey, key, backend_addr, backend_port, service, port);
+        rkey.dst_port = port;
         // Looked up before any insert: an LRU insert takes a free element first (evicting
         // another flow's entry when the map is full) even when it then fails on the key.
         let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) else {
@@ -265,7 +295,7 @@ pub fn snat_port(
         return Err(Stat::ResetNatNoFlow);
     }
     if best.0 != 0 {
-        set_reply_key(rkey, key, backend_addr, backend_port, service, best.0);
+        rkey.dst_port = best.0;
         if let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) {
             // The claim: only the CPU whose compare-and-swap moves the word on from what the
             // probe saw takes the port (a packet of the old flow refreshing it meanwhile makes

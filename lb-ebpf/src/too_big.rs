@@ -24,7 +24,7 @@ use lb_common::{
 
 use crate::{
     csum, encap,
-    maps::{TooBigBudget, TOO_BIG_BUDGET},
+    maps::TOO_BIG_BUDGET,
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 

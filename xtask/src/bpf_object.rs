@@ -28,6 +28,7 @@ const MAPS: &[&str] = &[
     maps::DECAP_ADDRS,
     maps::DECAP_SOURCES,
     maps::VIP_ADDRS,
+    maps::LOCAL_ADDRS,
     maps::STATS,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,

@@ -43,7 +43,8 @@ pub struct ServiceCounters {
     pub counters: Counters,
     /// Per backend: the snapshot's, in its order, then the draining ones.
     pub backends: Vec<BackendCounters>,
-    /// `nat`: the ports of its SNAT range (each backend has them all); `None` for `dsr`.
+    /// `nat`: the SNAT ports each backend has (the range's ports times the local addresses);
+    /// `None` for `dsr`.
     pub snat_ports: Option<u64>,
 }
 
@@ -144,10 +145,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
             name: snap.name.to_string(),
             counters: maps.service_counters(r.slot.id)?,
             backends,
-            snat_ports: nat.then(|| {
-                let (lo, hi) = r.slot.snat_ports;
-                u64::from(hi.saturating_sub(lo)) + 1
-            }),
+            snat_ports: nat.then(|| r.slot.snat_capacity()),
         });
     }
     Ok(XdpCounters {

@@ -8,8 +8,8 @@ use std::time::Instant;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::maps::{
-    self as contract, addr_words, family_of, table_index, Backend, DecapAddr, VipKey, VipValue,
-    BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
+    self as contract, addr_words, family_of, local_addr_index, table_index, Backend, DecapAddr,
+    VipKey, VipValue, BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
 };
 use lb_common::{Counters, STATS_LEN};
 
@@ -33,6 +33,8 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
+    /// `LOCAL_ADDRS`: the SNAT addresses past the first of `nat` services with several.
+    local_addrs: Array<MapData, [u32; 4]>,
     /// `LIMITS`: see `limits.rs`. (`CONNTRACK` and `CLIENTS` are not here: the sync thread
     /// owns them, see `map_walk.rs`.)
     pub(super) limits: super::limits::LimitMaps,
@@ -55,6 +57,7 @@ impl Maps {
             stats: take(ebpf, contract::STATS)?,
             service_stats: take(ebpf, contract::SERVICE_STATS)?,
             backend_stats: take(ebpf, contract::BACKEND_STATS)?,
+            local_addrs: take(ebpf, contract::LOCAL_ADDRS)?,
             limits: super::limits::LimitMaps::take(ebpf)?,
         })
     }
@@ -199,6 +202,14 @@ impl Maps {
             }
             None => 0,
         };
+        if !slot.vip_published {
+            // Before the service entry that counts them.
+            for (i, addr) in slot.local_addresses.iter().enumerate().skip(1) {
+                self.local_addrs
+                    .set(local_addr_index(slot.id, i as u32), addr_words(*addr), 0)
+                    .map_err(io(contract::LOCAL_ADDRS))?;
+            }
+        }
         let mut service = slot.service_value();
         service.table_size[inactive as usize] = size;
         self.services
@@ -390,8 +401,10 @@ pub struct ServiceSlot {
     pub protocol: Protocol,
     /// NAT or DSR.
     pub forwarding: Forwarding,
-    /// The balancer's address on the backends' side.
-    pub local_address: IpAddr,
+    /// The balancer's addresses on the backends' side: the first is the DSR outer source and
+    /// NAT's `local_addr`, all of them NAT's SNAT sources (at most
+    /// `lb_common::maps::MAX_LOCAL_ADDRS`).
+    pub local_addresses: Vec<IpAddr>,
     /// SNAT ports, inclusive (NAT only).
     pub snat_ports: (u16, u16),
     /// Seconds an ended flow's SNAT port is held before reuse (NAT only).
@@ -419,14 +432,14 @@ pub struct ServiceSlot {
 
 impl ServiceSlot {
     /// The slot of the service at `vip`/`protocol` with service id `id` and `settings`,
-    /// nothing written yet. `local_address` is `settings.xdp.local_address`, which the caller
+    /// nothing written yet. `local_addresses` are the service's (`local_address`), at least one, which the caller
     /// checked is set; `snat_ports` the range [`super::snat::range`] chose (NAT).
     pub fn new(
         id: u32,
         vip: SocketAddr,
         protocol: Protocol,
         settings: &super::XdpService,
-        local_address: IpAddr,
+        local_addresses: Vec<IpAddr>,
         snat_ports: (u16, u16),
     ) -> ServiceSlot {
         let hold = settings.xdp.snat_port_hold;
@@ -436,7 +449,7 @@ impl ServiceSlot {
             vip,
             protocol,
             forwarding: settings.xdp.forwarding,
-            local_address,
+            local_addresses,
             snat_ports,
             // Rounded up: a hold of 1.5 s must not end after 1 s.
             snat_hold_s: u32::try_from(hold.as_secs())
@@ -484,6 +497,16 @@ impl ServiceSlot {
         )
     }
 
+    /// `nat`: the SNAT ports each backend has, over every local address (the range's ports
+    /// times the addresses); 0 for `dsr`.
+    pub fn snat_capacity(&self) -> u64 {
+        if self.forwarding != Forwarding::Nat {
+            return 0;
+        }
+        let (lo, hi) = self.snat_ports;
+        (u64::from(hi.saturating_sub(lo)) + 1) * self.local_addresses.len() as u64
+    }
+
     fn service_value(&self) -> contract::Service {
         let mut table_size = [0; 2];
         table_size[self.active_half as usize] = self.table_size_live;
@@ -491,10 +514,16 @@ impl ServiceSlot {
         contract::Service {
             mode: if nat { MODE_NAT } else { MODE_DSR },
             family: family_of(self.vip.ip()),
-            _pad: [0; 2],
+            // Bounded by `MAX_LOCAL_ADDRS` (16) at validation.
+            local_addrs: if nat {
+                self.local_addresses.len() as u8
+            } else {
+                1
+            },
+            _pad: 0,
             active_half: self.active_half,
             table_size,
-            local_addr: addr_words(self.local_address),
+            local_addr: addr_words(self.local_addresses[0]),
             snat_port_min: if nat { self.snat_ports.0 } else { 0 },
             snat_port_max: if nat { self.snat_ports.1 } else { 0 },
             snat_hold_s: if nat { self.snat_hold_s } else { 0 },

@@ -230,7 +230,7 @@ impl XdpPlane {
             snap.listen,
             snap.protocol,
             settings,
-            local_address,
+            vec![local_address],
             snat_ports,
         );
         let deadline = Instant::now() + st.drain_timeout;

@@ -89,9 +89,10 @@ impl State {
                     hold_s: r.slot.snat_hold_s,
                     idle_s: limits::idle_seconds(snap.idle_timeout),
                 };
-                let (lo, hi) = r.slot.snat_ports;
-                let ports = u64::from(hi.saturating_sub(lo)) + 1;
-                (r.slot.id, (times, ports, snap.name.to_string()))
+                (
+                    r.slot.id,
+                    (times, r.slot.snat_capacity(), snap.name.to_string()),
+                )
             })
             .collect()
     }
