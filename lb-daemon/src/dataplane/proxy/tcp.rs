@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::access::{self, End};
+use super::ctx::Ctx;
 use super::limits::Admission;
 use super::proxy_header::{self, Transport};
 use super::relay::{Direction, Outcome, Step};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Pipe};
-use super::worker::Ctx;
 use super::{LogLimit, ServiceInfo, Shared, SpliceMode};
 use crate::config::{Protocol, ProxyProtocol};
 use crate::snapshot::{flow_key, BackendId, BackendStats, ServiceSnapshot};

@@ -28,12 +28,12 @@ use std::time::Instant;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::access::{self, End};
+use super::ctx::Ctx;
 use super::limits::{Admission, RecentRefusals};
 use super::proxy_header::{self, Transport};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Datagrams, Local};
-use super::worker::Ctx;
 use super::{LogLimit, ServiceInfo, Shared};
 use crate::config::Protocol;
 use crate::snapshot::{flow_key, BackendStats};
