@@ -34,6 +34,7 @@ use crate::dataplane::FlowEvents;
 use crate::snapshot::SharedSnapshot;
 
 mod access;
+mod admission;
 mod ctx;
 mod limits;
 mod proxy_header;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::access::{self, End};
+use super::admission::admit_or_refuse;
 use super::ctx::Ctx;
 use super::limits::Admission;
 use super::proxy_header::{self, Transport};
@@ -474,31 +475,12 @@ impl Tcp {
         let _ = sock.set_nodelay(true);
         let info = &self.services[service];
         let snapshot = info.snapshot.load_full();
-        let admission = match info
-            .clients
-            .admit(client_addr.ip(), &snapshot.limits, ctx.now)
-        {
-            Ok(admission) => admission,
-            Err(why) => {
-                // A reset, not a FIN: the client learns at once that it was turned away (a
-                // FIN would read as an empty answer), and the VIP keeps no TIME_WAIT socket
-                // per refused connection, which a client over its limit could pile up.
-                set_reset_on_close(&client);
-                Shared::count(&ctx.shared.limited, 1);
-                tracing::debug!(
-                    "service {}: connection from {client_addr} refused by the limits ({why:?})",
-                    info.name
-                );
-                if snapshot.access_log {
-                    access::log(&access::Line::turned_away(
-                        Protocol::Tcp,
-                        &info.name,
-                        client_addr,
-                        End::LimitRefused,
-                    ));
-                }
-                return;
-            }
+        let Ok(admission) = admit_or_refuse(ctx, info, &snapshot, client_addr, None) else {
+            // A reset, not a FIN: the client learns at once that it was turned away (a FIN
+            // would read as an empty answer), and the VIP keeps no TIME_WAIT socket per
+            // refused connection, which a client over its limit could pile up.
+            set_reset_on_close(&client);
+            return;
         };
         let access_log = snapshot.access_log;
         let (index, generation) = self.conns.insert(Conn {
