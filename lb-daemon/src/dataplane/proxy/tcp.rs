@@ -168,6 +168,15 @@ impl PipePool {
         }
     }
 
+    /// The two pipes of a new relay. Takes both even when the first fails, as a failure
+    /// drops whatever was taken.
+    fn take_pair(&mut self, size: usize) -> io::Result<[Pipe; 2]> {
+        match (self.take(size), self.take(size)) {
+            (Ok(p0), Ok(p1)) => Ok([p0, p1]),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+
     /// Keeps `pipe` if it is empty and the pool has room; bytes left in a pipe belong to a
     /// connection that is gone, so such a pipe is closed.
     fn give(&mut self, pipe: Pipe) {
@@ -208,6 +217,92 @@ fn splice(
         }
         SpliceMode::Syscall => Some(sys::splice(from, to, len)),
     }
+}
+
+/// Counts the bytes an `outcome` of direction `way` delivered (the PROXY protocol header
+/// not included) for the access log and the backend's stats. Returns whether bytes moved
+/// at all, in or out: the connection was active.
+fn count_delivered(r: &mut Relaying, way: usize, outcome: Outcome) -> bool {
+    match outcome {
+        Outcome::SplicedIn(n) => n > 0,
+        Outcome::SplicedOut(n) if n > 0 => {
+            let mut n = n as u32;
+            let counter = if way == TO_BACKEND {
+                let header = n.min(r.header_left);
+                r.header_left -= header;
+                n -= header;
+                &r.stats.bytes_to_backend
+            } else {
+                &r.stats.bytes_from_backend
+            };
+            r.bytes[way] += u64::from(n);
+            counter.fetch_add(u64::from(n), Ordering::Relaxed);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// What became of one step of a relay direction.
+enum Next {
+    /// An operation is in flight; its completion comes with the step's token.
+    InFlight,
+    /// The step was carried out at once, with this outcome.
+    Now(Outcome),
+    /// The direction finished: its destination's write side is shut down.
+    Finished,
+    /// The direction failed with this errno: the connection must close.
+    Failed(i32),
+}
+
+/// Carries out `step` of direction `way` of relay `r`, whose client socket is `client`:
+/// issues a poll or an io_uring splice (completing with `token`), or does a splice, copy or
+/// half-close now.
+fn start_step(
+    ctx: &mut Ctx,
+    client: BorrowedFd<'_>,
+    r: &Relaying,
+    way: usize,
+    step: Step,
+    token: Token,
+) -> Next {
+    let (src, dst) = if way == TO_BACKEND {
+        (client, r.backend.as_fd())
+    } else {
+        (r.backend.as_fd(), client)
+    };
+    let pipe = &r.pipes[way];
+    let done = match step {
+        Step::PollReadable => {
+            ctx.ring.poll(src.as_raw_fd(), READABLE, false, token);
+            None
+        }
+        Step::PollWritable => {
+            ctx.ring.poll(dst.as_raw_fd(), WRITABLE, false, token);
+            None
+        }
+        Step::SpliceIn(len) => {
+            splice(ctx, src, pipe.write.as_fd(), len, token).map(Outcome::SplicedIn)
+        }
+        Step::CopyIn(len) => Some(Outcome::SplicedIn(sys::copy_into_pipe(
+            src,
+            pipe.write.as_fd(),
+            len,
+        ))),
+        Step::SpliceOut(len) => {
+            splice(ctx, pipe.read.as_fd(), dst, len, token).map(Outcome::SplicedOut)
+        }
+        Step::Finish => {
+            // Half-close: the peer of `dst` reads end of file; the other direction keeps
+            // flowing.
+            if let Err(e) = SockRef::from(&dst).shutdown(Shutdown::Write) {
+                tracing::debug!("shutdown(SHUT_WR) of a relayed socket: {e}");
+            }
+            return Next::Finished;
+        }
+        Step::Fail(errno) => return Next::Failed(errno),
+    };
+    done.map_or(Next::InFlight, Next::Now)
 }
 
 /// A non-blocking TCP socket for a connect to `addr`, with `TCP_NODELAY` (the proxy
@@ -294,6 +389,46 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
         conn.client_addr
     );
     Some(how)
+}
+
+/// Records a failed connect attempt of connection `a` to `service` (`result`: the
+/// connect's -errno): releases the attempt's count, reports the failure against the backend
+/// unless it was a local shortage, and adds the backend to those tried.
+fn connect_failed(
+    ctx: &Ctx,
+    service: &ServiceInfo,
+    a: &mut Connecting,
+    attempt: Attempt,
+    result: i32,
+) {
+    let Attempt {
+        addr,
+        stats,
+        socket,
+    } = attempt;
+    let err = if a.timed_out {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {:?}", service.connect_timeout),
+        )
+    } else {
+        io::Error::from_raw_os_error(-result)
+    };
+    stats.closed();
+    if sys::is_local_error(&err) {
+        // Out of ports, memory or descriptors here says nothing about the backend: counting
+        // it towards `fall` would take healthy backends down under load.
+        Shared::count(&ctx.shared.errors, 1);
+    } else {
+        stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &err));
+    }
+    tracing::warn!(
+        "service {}: connect to backend {addr} failed: {err} (table generation {})",
+        service.name,
+        a.snapshot.generation
+    );
+    drop(socket);
+    a.tried.push(addr);
 }
 
 fn set_reset_on_close(fd: &OwnedFd) {
@@ -638,6 +773,8 @@ impl Tcp {
         }
     }
 
+    /// Both completions of a connect attempt are in: on failure tries the next backend, on
+    /// success sets up the relay and starts both directions.
     fn connect_done(&mut self, ctx: &mut Ctx, index: u32, generation: u32) {
         let Some(conn) = self.conns.get_mut(index, generation) else {
             return;
@@ -645,64 +782,48 @@ impl Tcp {
         let Phase::Connecting(a) = &mut conn.phase else {
             return;
         };
-        let Some(Attempt {
-            addr,
-            stats,
-            socket,
-        }) = a.attempt.take()
-        else {
+        let Some(attempt) = a.attempt.take() else {
             // Unreachable: both connect completions imply an attempt. Never leave a
             // connection with nothing in flight and no way out.
             self.close(ctx, index, generation, End::Error);
             return;
         };
-        let service = &self.services[conn.service];
         let result = a.result.take().unwrap_or(-libc::ECANCELED);
         if result < 0 {
-            let err = if a.timed_out {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {:?}", service.connect_timeout),
-                )
-            } else {
-                io::Error::from_raw_os_error(-result)
-            };
-            stats.closed();
-            if sys::is_local_error(&err) {
-                // Out of ports, memory or descriptors here says nothing about the backend:
-                // counting it towards `fall` would take healthy backends down under load.
-                Shared::count(&ctx.shared.errors, 1);
-            } else {
-                stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &err));
-            }
-            tracing::warn!(
-                "service {}: connect to backend {addr} failed: {err} (table generation {})",
-                service.name,
-                a.snapshot.generation
-            );
-            drop(socket);
-            a.tried.push(addr);
+            connect_failed(ctx, &self.services[conn.service], a, attempt, result);
             self.connect_next(ctx, index, generation);
             return;
         }
+        let Some((pipes, header_len)) = self.relay_pipes(ctx, index, generation) else {
+            Shared::count(&ctx.shared.errors, 1);
+            drop(attempt.socket);
+            attempt.stats.closed();
+            self.close(ctx, index, generation, End::Error);
+            return;
+        };
+        self.start_relaying(ctx, index, generation, attempt, pipes, header_len);
+    }
 
-        let pipe_size = ctx.options.pipe_size;
-        let pipes = match (self.pipes.take(pipe_size), self.pipes.take(pipe_size)) {
-            (Ok(p0), Ok(p1)) => [p0, p1],
-            (first, second) => {
-                let err = first.err().or(second.err());
+    /// The two relay pipes of a connection whose connect succeeded, the client-to-backend
+    /// one already holding the PROXY protocol header if the service sends one, and that
+    /// header's length. `None` (with a warning) when the pipes cannot be had or the header
+    /// cannot be queued.
+    fn relay_pipes(&mut self, ctx: &Ctx, index: u32, generation: u32) -> Option<([Pipe; 2], u32)> {
+        let conn = self.conns.get_mut(index, generation)?;
+        let Phase::Connecting(a) = &conn.phase else {
+            return None;
+        };
+        let service = &self.services[conn.service];
+        let pipes = match self.pipes.take_pair(ctx.options.pipe_size) {
+            Ok(pipes) => pipes,
+            Err(e) => {
                 if let Some(also) = self.resource_log.allow(ctx.now) {
                     tracing::warn!(
-                        "service {}: cannot create relay pipes: {}{also}",
-                        service.name,
-                        err.map_or_else(String::new, |e| e.to_string())
+                        "service {}: cannot create relay pipes: {e}{also}",
+                        service.name
                     );
                 }
-                Shared::count(&ctx.shared.errors, 1);
-                drop(socket);
-                stats.closed();
-                self.close(ctx, index, generation, End::Error);
-                return;
+                return None;
             }
         };
         // The PROXY protocol header goes into the empty client-to-backend pipe: the relay
@@ -722,21 +843,41 @@ impl Tcp {
                     ))),
                 },
             });
-        let header_len = match queued {
-            Ok(n) => n,
+        match queued {
+            Ok(header_len) => Some((pipes, header_len)),
             Err(e) => {
                 tracing::warn!(
                     "service {}: cannot queue the PROXY protocol header for {}: {e}",
                     service.name,
                     conn.client_addr
                 );
-                Shared::count(&ctx.shared.errors, 1);
-                drop((socket, pipes));
-                stats.closed();
-                self.close(ctx, index, generation, End::Error);
-                return;
+                None
             }
+        }
+    }
+
+    /// The connect of `attempt` succeeded and the relay is set up: the connection starts
+    /// relaying through `pipes` (`header_len` bytes of PROXY protocol header queued first).
+    fn start_relaying(
+        &mut self,
+        ctx: &mut Ctx,
+        index: u32,
+        generation: u32,
+        attempt: Attempt,
+        pipes: [Pipe; 2],
+        header_len: u32,
+    ) {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            // Unreachable: the caller just found it.
+            attempt.stats.closed();
+            return;
         };
+        let Attempt {
+            addr,
+            stats,
+            socket,
+        } = attempt;
+        let service = &self.services[conn.service];
         stats.connect_succeeded(|| ctx.events.connect_succeeded(service.index, addr));
         // `active` has counted this connection since the pick.
         stats.total.fetch_add(1, Ordering::Relaxed);
@@ -778,73 +919,38 @@ impl Tcp {
             let Phase::Relaying(r) = &mut conn.phase else {
                 return;
             };
-            match outcome {
-                Outcome::SplicedIn(n) if n > 0 => conn.last_active = ctx.now,
-                Outcome::SplicedOut(n) if n > 0 => {
-                    conn.last_active = ctx.now;
-                    let mut n = n as u32;
-                    let counter = if way == TO_BACKEND {
-                        let header = n.min(r.header_left);
-                        r.header_left -= header;
-                        n -= header;
-                        &r.stats.bytes_to_backend
-                    } else {
-                        &r.stats.bytes_from_backend
-                    };
-                    r.bytes[way] += u64::from(n);
-                    counter.fetch_add(u64::from(n), Ordering::Relaxed);
-                }
-                _ => {}
+            if count_delivered(r, way, outcome) {
+                conn.last_active = ctx.now;
             }
-            let step = r.ways[way].on(outcome);
-            let (src, dst) = if way == TO_BACKEND {
-                (conn.client.as_fd(), r.backend.as_fd())
-            } else {
-                (r.backend.as_fd(), conn.client.as_fd())
-            };
-            let pipe = &r.pipes[way];
             let op = OP_RELAY + way as u8;
             let token = Token::entry(Kind::Conn, op, index, generation);
-            let done = match step {
-                Step::PollReadable => {
-                    ctx.ring.poll(src.as_raw_fd(), READABLE, false, token);
-                    None
-                }
-                Step::PollWritable => {
-                    ctx.ring.poll(dst.as_raw_fd(), WRITABLE, false, token);
-                    None
-                }
+            let next = match r.ways[way].on(outcome) {
                 // Syscall splices yield after a few steps: the would-block outcome makes the
                 // direction poll, which completes at once if it is still ready.
                 Step::SpliceIn(_) if steps >= SYSCALL_STEPS => {
-                    Some(Outcome::SplicedIn(-libc::EAGAIN))
+                    Next::Now(Outcome::SplicedIn(-libc::EAGAIN))
                 }
                 Step::SpliceOut(_) if steps >= SYSCALL_STEPS => {
-                    Some(Outcome::SplicedOut(-libc::EAGAIN))
+                    Next::Now(Outcome::SplicedOut(-libc::EAGAIN))
                 }
-                Step::SpliceIn(len) => {
-                    splice(ctx, src, pipe.write.as_fd(), len, token).map(Outcome::SplicedIn)
+                step => start_step(ctx, conn.client.as_fd(), r, way, step, token),
+            };
+            match next {
+                Next::InFlight => {
+                    conn.in_flight |= bit(op);
+                    return;
                 }
-                Step::CopyIn(len) => Some(Outcome::SplicedIn(sys::copy_into_pipe(
-                    src,
-                    pipe.write.as_fd(),
-                    len,
-                ))),
-                Step::SpliceOut(len) => {
-                    splice(ctx, pipe.read.as_fd(), dst, len, token).map(Outcome::SplicedOut)
+                Next::Now(now) => {
+                    outcome = now;
+                    steps += 1;
                 }
-                Step::Finish => {
-                    // Half-close: the peer of `dst` reads end of file; the other direction
-                    // keeps flowing.
-                    if let Err(e) = SockRef::from(&dst).shutdown(Shutdown::Write) {
-                        tracing::debug!("shutdown(SHUT_WR) of a relayed socket: {e}");
-                    }
+                Next::Finished => {
                     if r.ways.iter().all(Direction::finished) {
                         self.close(ctx, index, generation, End::Eof);
                     }
                     return;
                 }
-                Step::Fail(errno) => {
+                Next::Failed(errno) => {
                     tracing::debug!(
                         "service {}: connection {} <-> {} ends: {}",
                         self.services[conn.service].name,
@@ -855,16 +961,6 @@ impl Tcp {
                     Shared::count(&ctx.shared.errors, 1);
                     self.close(ctx, index, generation, End::of_errno(errno));
                     return;
-                }
-            };
-            match done {
-                None => {
-                    conn.in_flight |= bit(op);
-                    return;
-                }
-                Some(next) => {
-                    outcome = next;
-                    steps += 1;
                 }
             }
         }
