@@ -37,6 +37,7 @@ mod access;
 mod admission;
 mod ctx;
 mod limits;
+mod listener;
 mod proxy_header;
 mod relay;
 mod ring;

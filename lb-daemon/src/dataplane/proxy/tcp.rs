@@ -11,10 +11,10 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use socket2::{Domain, SockRef, Socket, Type};
 
@@ -22,6 +22,7 @@ use super::access::{self, End};
 use super::admission::admit_or_refuse;
 use super::ctx::Ctx;
 use super::limits::Admission;
+use super::listener::Listeners;
 use super::proxy_header::{self, Transport};
 use super::relay::{Direction, Outcome, Step};
 use super::ring::{Completion, Kind, Token};
@@ -49,8 +50,6 @@ const WRITABLE: u32 = libc::POLLOUT as u32;
 const SWEEP_BUDGET: u32 = 4096;
 /// With `splice(2)`, steps one direction may take in a row before yielding to others.
 const SYSCALL_STEPS: u32 = 16;
-/// Accept failures in a row after which a listener waits for the next sweep to re-arm.
-const MAX_ACCEPT_FAILURES: u32 = 8;
 /// Empty pipes kept for reuse by a worker.
 const PIPE_POOL: usize = 256;
 
@@ -118,43 +117,6 @@ struct Conn {
     admission: Admission,
 }
 
-struct Listener {
-    /// Index into [`Tcp::services`].
-    service: usize,
-    fd: Option<OwnedFd>,
-    /// The multishot accept is in flight.
-    armed: bool,
-    /// Shutting down: close once the accept is no longer in flight.
-    closing: bool,
-    /// Accept failed for lack of resources, or kept failing: re-arm at the next sweep, not
-    /// in a hot loop.
-    backoff: bool,
-    /// Accept failures since the last accepted connection.
-    failures: u32,
-    /// Held while a [`Tcp::remove`] waits for this listener to close; dropped with `fd`.
-    on_close: Option<std::sync::mpsc::Sender<()>>,
-}
-
-impl Listener {
-    fn new(service: usize, fd: OwnedFd) -> Listener {
-        Listener {
-            service,
-            fd: Some(fd),
-            armed: false,
-            closing: false,
-            backoff: false,
-            failures: 0,
-            on_close: None,
-        }
-    }
-
-    /// Closes the socket (nothing of it may be in flight) and tells whoever waits for it.
-    fn close_fd(&mut self) {
-        self.fd = None;
-        self.on_close = None;
-    }
-}
-
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
 struct PipePool {
     free: Vec<Pipe>,
@@ -189,7 +151,7 @@ impl PipePool {
 /// A worker's TCP services, listeners and connections.
 pub(super) struct Tcp {
     services: Vec<ServiceInfo>,
-    listeners: Vec<Listener>,
+    listeners: Listeners,
     conns: Slab<Conn>,
     pipes: PipePool,
     sweep_cursor: u32,
@@ -431,16 +393,12 @@ fn connect_failed(
     a.tried.push(addr);
 }
 
-fn set_reset_on_close(fd: &OwnedFd) {
-    let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
-}
-
 impl Tcp {
     /// A TCP half for `listeners` (service, bound listening socket).
     pub(super) fn new(listeners: Vec<(ServiceInfo, OwnedFd)>) -> Tcp {
         let mut tcp = Tcp {
             services: Vec::with_capacity(listeners.len()),
-            listeners: Vec::with_capacity(listeners.len()),
+            listeners: Listeners::new(),
             conns: Slab::new(),
             pipes: PipePool { free: Vec::new() },
             sweep_cursor: 0,
@@ -449,7 +407,7 @@ impl Tcp {
         };
         for (service, (info, fd)) in listeners.into_iter().enumerate() {
             tcp.services.push(info);
-            tcp.listeners.push(Listener::new(service, fd));
+            tcp.listeners.push(service, fd);
         }
         tcp
     }
@@ -459,8 +417,8 @@ impl Tcp {
         let service = self.services.len();
         self.services.push(info);
         self.no_backend_log.push(LogLimit::default());
-        self.listeners.push(Listener::new(service, fd));
-        self.arm(ctx, self.listeners.len() - 1);
+        let listener = self.listeners.push(service, fd);
+        self.listeners.arm(ctx, listener);
     }
 
     /// Service `index` was removed: closes its listener (after cancelling the accept; `closed`
@@ -477,18 +435,7 @@ impl Tcp {
                 continue;
             }
             info.drain_until = Some(until);
-            for (i, l) in self.listeners.iter_mut().enumerate() {
-                if l.service != at || l.fd.is_none() {
-                    continue;
-                }
-                l.closing = true;
-                if l.armed {
-                    l.on_close = Some(closed.clone());
-                    ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
-                } else {
-                    l.close_fd();
-                }
-            }
+            self.listeners.close_service(ctx, at, closed);
         }
     }
 
@@ -521,19 +468,7 @@ impl Tcp {
 
     /// Arms every listener's accept.
     pub(super) fn start(&mut self, ctx: &mut Ctx) {
-        for i in 0..self.listeners.len() {
-            self.arm(ctx, i);
-        }
-    }
-
-    fn arm(&mut self, ctx: &mut Ctx, listener: usize) {
-        let l = &mut self.listeners[listener];
-        if let (Some(fd), false, false) = (&l.fd, l.armed, l.closing) {
-            let token = Token::entry(Kind::Accept, 0, listener as u32, 0);
-            ctx.ring.accept_multi(fd.as_raw_fd(), token);
-            l.armed = true;
-            l.backoff = false;
-        }
+        self.listeners.start(ctx);
     }
 
     /// Connections open on this worker (accepted and not yet closed).
@@ -543,60 +478,16 @@ impl Tcp {
 
     /// Whether the drain is over: listeners closed, no connection left.
     pub(super) fn is_done(&self) -> bool {
-        self.conns.is_empty() && self.listeners.iter().all(|l| l.fd.is_none())
+        self.conns.is_empty() && self.listeners.all_closed()
     }
 
     /// A multishot accept completed: a new client socket, or an error.
     pub(super) fn on_accept(&mut self, ctx: &mut Ctx, c: Completion) {
-        let index = c.token.index as usize;
-        let Some(l) = self.listeners.get_mut(index) else {
-            return;
-        };
-        if !c.more {
-            l.armed = false;
-        }
-        if c.result >= 0 {
-            l.failures = 0;
-            // SAFETY: a successful accept's result is a new descriptor that we now own.
-            let client = unsafe { OwnedFd::from_raw_fd(c.result) };
-            if l.closing || ctx.draining {
-                set_reset_on_close(&client);
-            } else {
-                let service = l.service;
-                self.accepted(ctx, service, client);
-            }
-        } else if c.result != -libc::ECANCELED {
-            let err = io::Error::from_raw_os_error(-c.result);
-            let name = &self.services[self.listeners[index].service].name;
-            match -c.result {
-                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                    if let Some(also) = self.resource_log.allow(ctx.now) {
-                        tracing::warn!("service {name}: cannot accept connections: {err}{also}");
-                    }
-                    self.listeners[index].backoff = true;
-                }
-                _ => {
-                    tracing::debug!("service {name}: accept failed: {err}");
-                    let l = &mut self.listeners[index];
-                    l.failures += 1;
-                    // A persistent error (e.g. no multishot accept in this kernel) must not
-                    // spin; a passing one (a client gone before accept) re-arms at once.
-                    if l.failures >= MAX_ACCEPT_FAILURES {
-                        if let Some(also) = self.resource_log.allow(ctx.now) {
-                            tracing::warn!("service {name}: accept keeps failing: {err}{also}");
-                        }
-                        l.backoff = true;
-                    }
-                }
-            }
-        }
-        let l = &mut self.listeners[index];
-        if l.closing {
-            if !l.armed {
-                l.close_fd();
-            }
-        } else if !l.armed && !l.backoff {
-            self.arm(ctx, index);
+        let accepted = self
+            .listeners
+            .on_accept(ctx, c, &self.services, &mut self.resource_log);
+        if let Some((service, client)) = accepted {
+            self.accepted(ctx, service, client);
         }
     }
 
@@ -614,7 +505,7 @@ impl Tcp {
             // A reset, not a FIN: the client learns at once that it was turned away (a FIN
             // would read as an empty answer), and the VIP keeps no TIME_WAIT socket per
             // refused connection, which a client over its limit could pile up.
-            set_reset_on_close(&client);
+            sys::set_reset_on_close(&client);
             return;
         };
         let access_log = snapshot.access_log;
@@ -997,14 +888,14 @@ impl Tcp {
         let end = conn.closing.unwrap_or(End::Error);
         let reset = !end.graceful();
         if reset {
-            set_reset_on_close(&conn.client);
+            sys::set_reset_on_close(&conn.client);
         }
         let info = &self.services[conn.service];
         info.clients.release(conn.admission);
         let (backend, bytes) = match conn.phase {
             Phase::Relaying(r) => {
                 if reset {
-                    set_reset_on_close(&r.backend);
+                    sys::set_reset_on_close(&r.backend);
                 }
                 r.stats.closed();
                 let [p0, p1] = r.pipes;
@@ -1044,11 +935,7 @@ impl Tcp {
     /// ([`sys::peer_gone`]); an io_uring poll cannot wait for this, as it always reports the
     /// FIN already received (`POLLRDHUP`).
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
-        for i in 0..self.listeners.len() {
-            if self.listeners[i].backoff {
-                self.arm(ctx, i);
-            }
-        }
+        self.listeners.rearm_backed_off(ctx);
         let mut due = Vec::new();
         let (services, now) = (&self.services, ctx.now);
         self.conns.sweep(
@@ -1071,14 +958,7 @@ impl Tcp {
     /// Shutdown began: closes the listeners (after cancelling their accepts). Connections
     /// already accepted carry on.
     pub(super) fn stop_accepting(&mut self, ctx: &mut Ctx) {
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            l.closing = true;
-            if l.armed {
-                ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
-            } else {
-                l.close_fd();
-            }
-        }
+        self.listeners.stop_accepting(ctx);
     }
 
     /// The drain deadline passed: resets every connection not already closing. Returns how
@@ -1108,9 +988,7 @@ impl Tcp {
             }
             self.finish(ctx, index, generation);
         }
-        for l in &mut self.listeners {
-            l.close_fd();
-        }
+        self.listeners.close_all();
         keys.len() as u64
     }
 }
