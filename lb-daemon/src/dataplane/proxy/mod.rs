@@ -40,6 +40,7 @@ mod limits;
 mod listener;
 mod proxy_header;
 mod relay;
+mod relay_io;
 mod ring;
 mod slab;
 mod sys;

@@ -10,8 +10,8 @@
 //! closed connection and no completion can land on a reused slot.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,10 +25,13 @@ use super::limits::Admission;
 use super::listener::Listeners;
 use super::proxy_header::{self, Transport};
 use super::relay::{Direction, Outcome, Step};
+use super::relay_io::{
+    count_delivered, start_step, Next, PipePool, Relaying, TO_BACKEND, TO_CLIENT,
+};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Pipe};
-use super::{LogLimit, ServiceInfo, Shared, SpliceMode};
+use super::{LogLimit, ServiceInfo, Shared};
 use crate::config::{Protocol, ProxyProtocol};
 use crate::snapshot::{flow_key, BackendId, BackendStats, ServiceSnapshot};
 
@@ -38,21 +41,10 @@ const OP_TIMER: u8 = 1;
 /// `OP_RELAY + way`: the one operation in flight for a direction.
 const OP_RELAY: u8 = 2;
 
-/// Direction indices: client to backend, backend to client.
-const TO_BACKEND: usize = 0;
-const TO_CLIENT: usize = 1;
-
-/// Poll masks.
-const READABLE: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
-const WRITABLE: u32 = libc::POLLOUT as u32;
-
 /// Connections examined per sweep tick, so a sweep's cost is bounded.
 const SWEEP_BUDGET: u32 = 4096;
 /// With `splice(2)`, steps one direction may take in a row before yielding to others.
 const SYSCALL_STEPS: u32 = 16;
-/// Empty pipes kept for reuse by a worker.
-const PIPE_POOL: usize = 256;
-
 fn bit(op: u8) -> u8 {
     1 << op
 }
@@ -80,18 +72,6 @@ struct Attempt {
     socket: OwnedFd,
 }
 
-struct Relaying {
-    backend: OwnedFd,
-    backend_addr: SocketAddr,
-    stats: Arc<BackendStats>,
-    ways: [Direction; 2],
-    pipes: [Pipe; 2],
-    /// Bytes delivered each way (index `TO_BACKEND`, `TO_CLIENT`), for the access log.
-    bytes: [u64; 2],
-    /// Bytes of the PROXY protocol header not yet delivered: they are not client bytes.
-    header_left: u32,
-}
-
 enum Phase {
     Connecting(Connecting),
     Relaying(Relaying),
@@ -117,37 +97,6 @@ struct Conn {
     admission: Admission,
 }
 
-/// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
-struct PipePool {
-    free: Vec<Pipe>,
-}
-
-impl PipePool {
-    fn take(&mut self, size: usize) -> io::Result<Pipe> {
-        match self.free.pop() {
-            Some(pipe) => Ok(pipe),
-            None => Pipe::new(size),
-        }
-    }
-
-    /// The two pipes of a new relay. Takes both even when the first fails, as a failure
-    /// drops whatever was taken.
-    fn take_pair(&mut self, size: usize) -> io::Result<[Pipe; 2]> {
-        match (self.take(size), self.take(size)) {
-            (Ok(p0), Ok(p1)) => Ok([p0, p1]),
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        }
-    }
-
-    /// Keeps `pipe` if it is empty and the pool has room; bytes left in a pipe belong to a
-    /// connection that is gone, so such a pipe is closed.
-    fn give(&mut self, pipe: Pipe) {
-        if self.free.len() < PIPE_POOL && matches!(pipe.pending(), Ok(0)) {
-            self.free.push(pipe);
-        }
-    }
-}
-
 /// A worker's TCP services, listeners and connections.
 pub(super) struct Tcp {
     services: Vec<ServiceInfo>,
@@ -159,112 +108,6 @@ pub(super) struct Tcp {
     no_backend_log: Vec<LogLimit>,
     /// Local resource shortages (sockets, pipes, accept).
     resource_log: LogLimit,
-}
-
-/// Performs one splice step of a relay: the one place that moves relay bytes, so a variant
-/// (e.g. for benchmarks) replaces only this. Returns `None` when the result arrives later as
-/// a completion with `token`, `Some(bytes or -errno)` when it is known now.
-fn splice(
-    ctx: &mut Ctx,
-    from: BorrowedFd<'_>,
-    to: BorrowedFd<'_>,
-    len: u32,
-    token: Token,
-) -> Option<i32> {
-    match ctx.options.splice {
-        SpliceMode::Uring => {
-            ctx.ring
-                .splice(from.as_raw_fd(), to.as_raw_fd(), len, token);
-            None
-        }
-        SpliceMode::Syscall => Some(sys::splice(from, to, len)),
-    }
-}
-
-/// Counts the bytes an `outcome` of direction `way` delivered (the PROXY protocol header
-/// not included) for the access log and the backend's stats. Returns whether bytes moved
-/// at all, in or out: the connection was active.
-fn count_delivered(r: &mut Relaying, way: usize, outcome: Outcome) -> bool {
-    match outcome {
-        Outcome::SplicedIn(n) => n > 0,
-        Outcome::SplicedOut(n) if n > 0 => {
-            let mut n = n as u32;
-            let counter = if way == TO_BACKEND {
-                let header = n.min(r.header_left);
-                r.header_left -= header;
-                n -= header;
-                &r.stats.bytes_to_backend
-            } else {
-                &r.stats.bytes_from_backend
-            };
-            r.bytes[way] += u64::from(n);
-            counter.fetch_add(u64::from(n), Ordering::Relaxed);
-            true
-        }
-        _ => false,
-    }
-}
-
-/// What became of one step of a relay direction.
-enum Next {
-    /// An operation is in flight; its completion comes with the step's token.
-    InFlight,
-    /// The step was carried out at once, with this outcome.
-    Now(Outcome),
-    /// The direction finished: its destination's write side is shut down.
-    Finished,
-    /// The direction failed with this errno: the connection must close.
-    Failed(i32),
-}
-
-/// Carries out `step` of direction `way` of relay `r`, whose client socket is `client`:
-/// issues a poll or an io_uring splice (completing with `token`), or does a splice, copy or
-/// half-close now.
-fn start_step(
-    ctx: &mut Ctx,
-    client: BorrowedFd<'_>,
-    r: &Relaying,
-    way: usize,
-    step: Step,
-    token: Token,
-) -> Next {
-    let (src, dst) = if way == TO_BACKEND {
-        (client, r.backend.as_fd())
-    } else {
-        (r.backend.as_fd(), client)
-    };
-    let pipe = &r.pipes[way];
-    let done = match step {
-        Step::PollReadable => {
-            ctx.ring.poll(src.as_raw_fd(), READABLE, false, token);
-            None
-        }
-        Step::PollWritable => {
-            ctx.ring.poll(dst.as_raw_fd(), WRITABLE, false, token);
-            None
-        }
-        Step::SpliceIn(len) => {
-            splice(ctx, src, pipe.write.as_fd(), len, token).map(Outcome::SplicedIn)
-        }
-        Step::CopyIn(len) => Some(Outcome::SplicedIn(sys::copy_into_pipe(
-            src,
-            pipe.write.as_fd(),
-            len,
-        ))),
-        Step::SpliceOut(len) => {
-            splice(ctx, pipe.read.as_fd(), dst, len, token).map(Outcome::SplicedOut)
-        }
-        Step::Finish => {
-            // Half-close: the peer of `dst` reads end of file; the other direction keeps
-            // flowing.
-            if let Err(e) = SockRef::from(&dst).shutdown(Shutdown::Write) {
-                tracing::debug!("shutdown(SHUT_WR) of a relayed socket: {e}");
-            }
-            return Next::Finished;
-        }
-        Step::Fail(errno) => return Next::Failed(errno),
-    };
-    done.map_or(Next::InFlight, Next::Now)
 }
 
 /// A non-blocking TCP socket for a connect to `addr`, with `TCP_NODELAY` (the proxy
@@ -400,7 +243,7 @@ impl Tcp {
             services: Vec::with_capacity(listeners.len()),
             listeners: Listeners::new(),
             conns: Slab::new(),
-            pipes: PipePool { free: Vec::new() },
+            pipes: PipePool::new(),
             sweep_cursor: 0,
             no_backend_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),
