@@ -34,9 +34,13 @@ use crate::dataplane::{Dataplane, FlowEvents, ServiceHandle};
 use crate::snapshot::SharedSnapshot;
 
 mod access;
+mod admission;
+mod ctx;
 mod limits;
+mod listener;
 mod proxy_header;
 mod relay;
+mod relay_io;
 mod ring;
 mod slab;
 mod sys;

@@ -211,6 +211,11 @@ fn setsockopt_int(
     .map(drop)
 }
 
+/// Makes closing `fd` send a reset instead of a FIN (`SO_LINGER` 0).
+pub(super) fn set_reset_on_close(fd: &OwnedFd) {
+    let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// `write(2)` of `data` to `fd` (non-blocking when `fd` is); returns the bytes written.
 pub(super) fn write(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     // SAFETY: `data` is a live slice of `data.len()` bytes.

@@ -10,23 +10,28 @@
 //! closed connection and no completion can land on a reused slot.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::access::{self, End};
+use super::admission::admit_or_refuse;
+use super::ctx::Ctx;
 use super::limits::Admission;
+use super::listener::Listeners;
 use super::proxy_header::{self, Transport};
 use super::relay::{Direction, Outcome, Step};
+use super::relay_io::{
+    count_delivered, start_step, Next, PipePool, Relaying, TO_BACKEND, TO_CLIENT,
+};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Pipe};
-use super::worker::Ctx;
-use super::{LogLimit, ServiceInfo, Shared, SpliceMode};
+use super::{LogLimit, ServiceInfo, Shared};
 use crate::config::{Protocol, ProxyProtocol};
 use crate::snapshot::{flow_key, BackendId, BackendStats, ServiceSnapshot};
 
@@ -36,23 +41,10 @@ const OP_TIMER: u8 = 1;
 /// `OP_RELAY + way`: the one operation in flight for a direction.
 const OP_RELAY: u8 = 2;
 
-/// Direction indices: client to backend, backend to client.
-const TO_BACKEND: usize = 0;
-const TO_CLIENT: usize = 1;
-
-/// Poll masks.
-const READABLE: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
-const WRITABLE: u32 = libc::POLLOUT as u32;
-
 /// Connections examined per sweep tick, so a sweep's cost is bounded.
 const SWEEP_BUDGET: u32 = 4096;
 /// With `splice(2)`, steps one direction may take in a row before yielding to others.
 const SYSCALL_STEPS: u32 = 16;
-/// Accept failures in a row after which a listener waits for the next sweep to re-arm.
-const MAX_ACCEPT_FAILURES: u32 = 8;
-/// Empty pipes kept for reuse by a worker.
-const PIPE_POOL: usize = 256;
-
 fn bit(op: u8) -> u8 {
     1 << op
 }
@@ -80,18 +72,6 @@ struct Attempt {
     socket: OwnedFd,
 }
 
-struct Relaying {
-    backend: OwnedFd,
-    backend_addr: SocketAddr,
-    stats: Arc<BackendStats>,
-    ways: [Direction; 2],
-    pipes: [Pipe; 2],
-    /// Bytes delivered each way (index `TO_BACKEND`, `TO_CLIENT`), for the access log.
-    bytes: [u64; 2],
-    /// Bytes of the PROXY protocol header not yet delivered: they are not client bytes.
-    header_left: u32,
-}
-
 enum Phase {
     Connecting(Connecting),
     Relaying(Relaying),
@@ -117,69 +97,10 @@ struct Conn {
     admission: Admission,
 }
 
-struct Listener {
-    /// Index into [`Tcp::services`].
-    service: usize,
-    fd: Option<OwnedFd>,
-    /// The multishot accept is in flight.
-    armed: bool,
-    /// Shutting down: close once the accept is no longer in flight.
-    closing: bool,
-    /// Accept failed for lack of resources, or kept failing: re-arm at the next sweep, not
-    /// in a hot loop.
-    backoff: bool,
-    /// Accept failures since the last accepted connection.
-    failures: u32,
-    /// Held while a [`Tcp::remove`] waits for this listener to close; dropped with `fd`.
-    on_close: Option<std::sync::mpsc::Sender<()>>,
-}
-
-impl Listener {
-    fn new(service: usize, fd: OwnedFd) -> Listener {
-        Listener {
-            service,
-            fd: Some(fd),
-            armed: false,
-            closing: false,
-            backoff: false,
-            failures: 0,
-            on_close: None,
-        }
-    }
-
-    /// Closes the socket (nothing of it may be in flight) and tells whoever waits for it.
-    fn close_fd(&mut self) {
-        self.fd = None;
-        self.on_close = None;
-    }
-}
-
-/// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
-struct PipePool {
-    free: Vec<Pipe>,
-}
-
-impl PipePool {
-    fn take(&mut self, size: usize) -> io::Result<Pipe> {
-        match self.free.pop() {
-            Some(pipe) => Ok(pipe),
-            None => Pipe::new(size),
-        }
-    }
-
-    /// Keeps `pipe` if it is empty and the pool has room; bytes left in a pipe belong to a
-    /// connection that is gone, so such a pipe is closed.
-    fn give(&mut self, pipe: Pipe) {
-        if self.free.len() < PIPE_POOL && matches!(pipe.pending(), Ok(0)) {
-            self.free.push(pipe);
-        }
-    }
-}
-
 /// A worker's TCP services, listeners and connections.
 pub(super) struct Tcp {
     services: Vec<ServiceInfo>,
-    listeners: Vec<Listener>,
+    listeners: Listeners,
     conns: Slab<Conn>,
     pipes: PipePool,
     sweep_cursor: u32,
@@ -187,26 +108,6 @@ pub(super) struct Tcp {
     no_backend_log: Vec<LogLimit>,
     /// Local resource shortages (sockets, pipes, accept).
     resource_log: LogLimit,
-}
-
-/// Performs one splice step of a relay: the one place that moves relay bytes, so a variant
-/// (e.g. for benchmarks) replaces only this. Returns `None` when the result arrives later as
-/// a completion with `token`, `Some(bytes or -errno)` when it is known now.
-fn splice(
-    ctx: &mut Ctx,
-    from: BorrowedFd<'_>,
-    to: BorrowedFd<'_>,
-    len: u32,
-    token: Token,
-) -> Option<i32> {
-    match ctx.options.splice {
-        SpliceMode::Uring => {
-            ctx.ring
-                .splice(from.as_raw_fd(), to.as_raw_fd(), len, token);
-            None
-        }
-        SpliceMode::Syscall => Some(sys::splice(from, to, len)),
-    }
 }
 
 /// A non-blocking TCP socket for a connect to `addr`, with `TCP_NODELAY` (the proxy
@@ -295,8 +196,44 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
     Some(how)
 }
 
-fn set_reset_on_close(fd: &OwnedFd) {
-    let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
+/// Records a failed connect attempt of connection `a` to `service` (`result`: the
+/// connect's -errno): releases the attempt's count, reports the failure against the backend
+/// unless it was a local shortage, and adds the backend to those tried.
+fn connect_failed(
+    ctx: &Ctx,
+    service: &ServiceInfo,
+    a: &mut Connecting,
+    attempt: Attempt,
+    result: i32,
+) {
+    let Attempt {
+        addr,
+        stats,
+        socket,
+    } = attempt;
+    let err = if a.timed_out {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {:?}", service.connect_timeout),
+        )
+    } else {
+        io::Error::from_raw_os_error(-result)
+    };
+    stats.closed();
+    if sys::is_local_error(&err) {
+        // Out of ports, memory or descriptors here says nothing about the backend: counting
+        // it towards `fall` would take healthy backends down under load.
+        Shared::count(&ctx.shared.errors, 1);
+    } else {
+        stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &err));
+    }
+    tracing::warn!(
+        "service {}: connect to backend {addr} failed: {err} (table generation {})",
+        service.name,
+        a.snapshot.generation
+    );
+    drop(socket);
+    a.tried.push(addr);
 }
 
 impl Tcp {
@@ -304,16 +241,16 @@ impl Tcp {
     pub(super) fn new(listeners: Vec<(ServiceInfo, OwnedFd)>) -> Tcp {
         let mut tcp = Tcp {
             services: Vec::with_capacity(listeners.len()),
-            listeners: Vec::with_capacity(listeners.len()),
+            listeners: Listeners::new(),
             conns: Slab::new(),
-            pipes: PipePool { free: Vec::new() },
+            pipes: PipePool::new(),
             sweep_cursor: 0,
             no_backend_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),
         };
         for (service, (info, fd)) in listeners.into_iter().enumerate() {
             tcp.services.push(info);
-            tcp.listeners.push(Listener::new(service, fd));
+            tcp.listeners.push(service, fd);
         }
         tcp
     }
@@ -323,8 +260,8 @@ impl Tcp {
         let service = self.services.len();
         self.services.push(info);
         self.no_backend_log.push(LogLimit::default());
-        self.listeners.push(Listener::new(service, fd));
-        self.arm(ctx, self.listeners.len() - 1);
+        let listener = self.listeners.push(service, fd);
+        self.listeners.arm(ctx, listener);
     }
 
     /// Service `index` was removed: closes its listener (after cancelling the accept; `closed`
@@ -341,18 +278,7 @@ impl Tcp {
                 continue;
             }
             info.drain_until = Some(until);
-            for (i, l) in self.listeners.iter_mut().enumerate() {
-                if l.service != at || l.fd.is_none() {
-                    continue;
-                }
-                l.closing = true;
-                if l.armed {
-                    l.on_close = Some(closed.clone());
-                    ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
-                } else {
-                    l.close_fd();
-                }
-            }
+            self.listeners.close_service(ctx, at, closed);
         }
     }
 
@@ -385,19 +311,7 @@ impl Tcp {
 
     /// Arms every listener's accept.
     pub(super) fn start(&mut self, ctx: &mut Ctx) {
-        for i in 0..self.listeners.len() {
-            self.arm(ctx, i);
-        }
-    }
-
-    fn arm(&mut self, ctx: &mut Ctx, listener: usize) {
-        let l = &mut self.listeners[listener];
-        if let (Some(fd), false, false) = (&l.fd, l.armed, l.closing) {
-            let token = Token::entry(Kind::Accept, 0, listener as u32, 0);
-            ctx.ring.accept_multi(fd.as_raw_fd(), token);
-            l.armed = true;
-            l.backoff = false;
-        }
+        self.listeners.start(ctx);
     }
 
     /// Connections open on this worker (accepted and not yet closed).
@@ -407,60 +321,16 @@ impl Tcp {
 
     /// Whether the drain is over: listeners closed, no connection left.
     pub(super) fn is_done(&self) -> bool {
-        self.conns.is_empty() && self.listeners.iter().all(|l| l.fd.is_none())
+        self.conns.is_empty() && self.listeners.all_closed()
     }
 
     /// A multishot accept completed: a new client socket, or an error.
     pub(super) fn on_accept(&mut self, ctx: &mut Ctx, c: Completion) {
-        let index = c.token.index as usize;
-        let Some(l) = self.listeners.get_mut(index) else {
-            return;
-        };
-        if !c.more {
-            l.armed = false;
-        }
-        if c.result >= 0 {
-            l.failures = 0;
-            // SAFETY: a successful accept's result is a new descriptor that we now own.
-            let client = unsafe { OwnedFd::from_raw_fd(c.result) };
-            if l.closing || ctx.draining {
-                set_reset_on_close(&client);
-            } else {
-                let service = l.service;
-                self.accepted(ctx, service, client);
-            }
-        } else if c.result != -libc::ECANCELED {
-            let err = io::Error::from_raw_os_error(-c.result);
-            let name = &self.services[self.listeners[index].service].name;
-            match -c.result {
-                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                    if let Some(also) = self.resource_log.allow(ctx.now) {
-                        tracing::warn!("service {name}: cannot accept connections: {err}{also}");
-                    }
-                    self.listeners[index].backoff = true;
-                }
-                _ => {
-                    tracing::debug!("service {name}: accept failed: {err}");
-                    let l = &mut self.listeners[index];
-                    l.failures += 1;
-                    // A persistent error (e.g. no multishot accept in this kernel) must not
-                    // spin; a passing one (a client gone before accept) re-arms at once.
-                    if l.failures >= MAX_ACCEPT_FAILURES {
-                        if let Some(also) = self.resource_log.allow(ctx.now) {
-                            tracing::warn!("service {name}: accept keeps failing: {err}{also}");
-                        }
-                        l.backoff = true;
-                    }
-                }
-            }
-        }
-        let l = &mut self.listeners[index];
-        if l.closing {
-            if !l.armed {
-                l.close_fd();
-            }
-        } else if !l.armed && !l.backoff {
-            self.arm(ctx, index);
+        let accepted = self
+            .listeners
+            .on_accept(ctx, c, &self.services, &mut self.resource_log);
+        if let Some((service, client)) = accepted {
+            self.accepted(ctx, service, client);
         }
     }
 
@@ -474,31 +344,12 @@ impl Tcp {
         let _ = sock.set_nodelay(true);
         let info = &self.services[service];
         let snapshot = info.snapshot.load_full();
-        let admission = match info
-            .clients
-            .admit(client_addr.ip(), &snapshot.limits, ctx.now)
-        {
-            Ok(admission) => admission,
-            Err(why) => {
-                // A reset, not a FIN: the client learns at once that it was turned away (a
-                // FIN would read as an empty answer), and the VIP keeps no TIME_WAIT socket
-                // per refused connection, which a client over its limit could pile up.
-                set_reset_on_close(&client);
-                Shared::count(&ctx.shared.limited, 1);
-                tracing::debug!(
-                    "service {}: connection from {client_addr} refused by the limits ({why:?})",
-                    info.name
-                );
-                if snapshot.access_log {
-                    access::log(&access::Line::turned_away(
-                        Protocol::Tcp,
-                        &info.name,
-                        client_addr,
-                        End::LimitRefused,
-                    ));
-                }
-                return;
-            }
+        let Ok(admission) = admit_or_refuse(ctx, info, &snapshot, client_addr, None) else {
+            // A reset, not a FIN: the client learns at once that it was turned away (a FIN
+            // would read as an empty answer), and the VIP keeps no TIME_WAIT socket per
+            // refused connection, which a client over its limit could pile up.
+            sys::set_reset_on_close(&client);
+            return;
         };
         let access_log = snapshot.access_log;
         let (index, generation) = self.conns.insert(Conn {
@@ -656,6 +507,8 @@ impl Tcp {
         }
     }
 
+    /// Both completions of a connect attempt are in: on failure tries the next backend, on
+    /// success sets up the relay and starts both directions.
     fn connect_done(&mut self, ctx: &mut Ctx, index: u32, generation: u32) {
         let Some(conn) = self.conns.get_mut(index, generation) else {
             return;
@@ -663,64 +516,48 @@ impl Tcp {
         let Phase::Connecting(a) = &mut conn.phase else {
             return;
         };
-        let Some(Attempt {
-            addr,
-            stats,
-            socket,
-        }) = a.attempt.take()
-        else {
+        let Some(attempt) = a.attempt.take() else {
             // Unreachable: both connect completions imply an attempt. Never leave a
             // connection with nothing in flight and no way out.
             self.close(ctx, index, generation, End::Error);
             return;
         };
-        let service = &self.services[conn.service];
         let result = a.result.take().unwrap_or(-libc::ECANCELED);
         if result < 0 {
-            let err = if a.timed_out {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {:?}", service.connect_timeout),
-                )
-            } else {
-                io::Error::from_raw_os_error(-result)
-            };
-            stats.closed();
-            if sys::is_local_error(&err) {
-                // Out of ports, memory or descriptors here says nothing about the backend:
-                // counting it towards `fall` would take healthy backends down under load.
-                Shared::count(&ctx.shared.errors, 1);
-            } else {
-                stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &err));
-            }
-            tracing::warn!(
-                "service {}: connect to backend {addr} failed: {err} (table generation {})",
-                service.name,
-                a.snapshot.generation
-            );
-            drop(socket);
-            a.tried.push(addr);
+            connect_failed(ctx, &self.services[conn.service], a, attempt, result);
             self.connect_next(ctx, index, generation);
             return;
         }
+        let Some((pipes, header_len)) = self.relay_pipes(ctx, index, generation) else {
+            Shared::count(&ctx.shared.errors, 1);
+            drop(attempt.socket);
+            attempt.stats.closed();
+            self.close(ctx, index, generation, End::Error);
+            return;
+        };
+        self.start_relaying(ctx, index, generation, attempt, pipes, header_len);
+    }
 
-        let pipe_size = ctx.options.pipe_size;
-        let pipes = match (self.pipes.take(pipe_size), self.pipes.take(pipe_size)) {
-            (Ok(p0), Ok(p1)) => [p0, p1],
-            (first, second) => {
-                let err = first.err().or(second.err());
+    /// The two relay pipes of a connection whose connect succeeded, the client-to-backend
+    /// one already holding the PROXY protocol header if the service sends one, and that
+    /// header's length. `None` (with a warning) when the pipes cannot be had or the header
+    /// cannot be queued.
+    fn relay_pipes(&mut self, ctx: &Ctx, index: u32, generation: u32) -> Option<([Pipe; 2], u32)> {
+        let conn = self.conns.get_mut(index, generation)?;
+        let Phase::Connecting(a) = &conn.phase else {
+            return None;
+        };
+        let service = &self.services[conn.service];
+        let pipes = match self.pipes.take_pair(ctx.options.pipe_size) {
+            Ok(pipes) => pipes,
+            Err(e) => {
                 if let Some(also) = self.resource_log.allow(ctx.now) {
                     tracing::warn!(
-                        "service {}: cannot create relay pipes: {}{also}",
-                        service.name,
-                        err.map_or_else(String::new, |e| e.to_string())
+                        "service {}: cannot create relay pipes: {e}{also}",
+                        service.name
                     );
                 }
-                Shared::count(&ctx.shared.errors, 1);
-                drop(socket);
-                stats.closed();
-                self.close(ctx, index, generation, End::Error);
-                return;
+                return None;
             }
         };
         // The PROXY protocol header goes into the empty client-to-backend pipe: the relay
@@ -740,21 +577,41 @@ impl Tcp {
                     ))),
                 },
             });
-        let header_len = match queued {
-            Ok(n) => n,
+        match queued {
+            Ok(header_len) => Some((pipes, header_len)),
             Err(e) => {
                 tracing::warn!(
                     "service {}: cannot queue the PROXY protocol header for {}: {e}",
                     service.name,
                     conn.client_addr
                 );
-                Shared::count(&ctx.shared.errors, 1);
-                drop((socket, pipes));
-                stats.closed();
-                self.close(ctx, index, generation, End::Error);
-                return;
+                None
             }
+        }
+    }
+
+    /// The connect of `attempt` succeeded and the relay is set up: the connection starts
+    /// relaying through `pipes` (`header_len` bytes of PROXY protocol header queued first).
+    fn start_relaying(
+        &mut self,
+        ctx: &mut Ctx,
+        index: u32,
+        generation: u32,
+        attempt: Attempt,
+        pipes: [Pipe; 2],
+        header_len: u32,
+    ) {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            // Unreachable: the caller just found it.
+            attempt.stats.closed();
+            return;
         };
+        let Attempt {
+            addr,
+            stats,
+            socket,
+        } = attempt;
+        let service = &self.services[conn.service];
         stats.connect_succeeded(|| ctx.events.connect_succeeded(service.index, addr));
         // `active` has counted this connection since the pick.
         stats.total.fetch_add(1, Ordering::Relaxed);
@@ -796,73 +653,38 @@ impl Tcp {
             let Phase::Relaying(r) = &mut conn.phase else {
                 return;
             };
-            match outcome {
-                Outcome::SplicedIn(n) if n > 0 => conn.last_active = ctx.now,
-                Outcome::SplicedOut(n) if n > 0 => {
-                    conn.last_active = ctx.now;
-                    let mut n = n as u32;
-                    let counter = if way == TO_BACKEND {
-                        let header = n.min(r.header_left);
-                        r.header_left -= header;
-                        n -= header;
-                        &r.stats.bytes_to_backend
-                    } else {
-                        &r.stats.bytes_from_backend
-                    };
-                    r.bytes[way] += u64::from(n);
-                    counter.fetch_add(u64::from(n), Ordering::Relaxed);
-                }
-                _ => {}
+            if count_delivered(r, way, outcome) {
+                conn.last_active = ctx.now;
             }
-            let step = r.ways[way].on(outcome);
-            let (src, dst) = if way == TO_BACKEND {
-                (conn.client.as_fd(), r.backend.as_fd())
-            } else {
-                (r.backend.as_fd(), conn.client.as_fd())
-            };
-            let pipe = &r.pipes[way];
             let op = OP_RELAY + way as u8;
             let token = Token::entry(Kind::Conn, op, index, generation);
-            let done = match step {
-                Step::PollReadable => {
-                    ctx.ring.poll(src.as_raw_fd(), READABLE, false, token);
-                    None
-                }
-                Step::PollWritable => {
-                    ctx.ring.poll(dst.as_raw_fd(), WRITABLE, false, token);
-                    None
-                }
+            let next = match r.ways[way].on(outcome) {
                 // Syscall splices yield after a few steps: the would-block outcome makes the
                 // direction poll, which completes at once if it is still ready.
                 Step::SpliceIn(_) if steps >= SYSCALL_STEPS => {
-                    Some(Outcome::SplicedIn(-libc::EAGAIN))
+                    Next::Now(Outcome::SplicedIn(-libc::EAGAIN))
                 }
                 Step::SpliceOut(_) if steps >= SYSCALL_STEPS => {
-                    Some(Outcome::SplicedOut(-libc::EAGAIN))
+                    Next::Now(Outcome::SplicedOut(-libc::EAGAIN))
                 }
-                Step::SpliceIn(len) => {
-                    splice(ctx, src, pipe.write.as_fd(), len, token).map(Outcome::SplicedIn)
+                step => start_step(ctx, conn.client.as_fd(), r, way, step, token),
+            };
+            match next {
+                Next::InFlight => {
+                    conn.in_flight |= bit(op);
+                    return;
                 }
-                Step::CopyIn(len) => Some(Outcome::SplicedIn(sys::copy_into_pipe(
-                    src,
-                    pipe.write.as_fd(),
-                    len,
-                ))),
-                Step::SpliceOut(len) => {
-                    splice(ctx, pipe.read.as_fd(), dst, len, token).map(Outcome::SplicedOut)
+                Next::Now(now) => {
+                    outcome = now;
+                    steps += 1;
                 }
-                Step::Finish => {
-                    // Half-close: the peer of `dst` reads end of file; the other direction
-                    // keeps flowing.
-                    if let Err(e) = SockRef::from(&dst).shutdown(Shutdown::Write) {
-                        tracing::debug!("shutdown(SHUT_WR) of a relayed socket: {e}");
-                    }
+                Next::Finished => {
                     if r.ways.iter().all(Direction::finished) {
                         self.close(ctx, index, generation, End::Eof);
                     }
                     return;
                 }
-                Step::Fail(errno) => {
+                Next::Failed(errno) => {
                     tracing::debug!(
                         "service {}: connection {} <-> {} ends: {}",
                         self.services[conn.service].name,
@@ -873,16 +695,6 @@ impl Tcp {
                     Shared::count(&ctx.shared.errors, 1);
                     self.close(ctx, index, generation, End::of_errno(errno));
                     return;
-                }
-            };
-            match done {
-                None => {
-                    conn.in_flight |= bit(op);
-                    return;
-                }
-                Some(next) => {
-                    outcome = next;
-                    steps += 1;
                 }
             }
         }
@@ -919,14 +731,14 @@ impl Tcp {
         let end = conn.closing.unwrap_or(End::Error);
         let reset = !end.graceful();
         if reset {
-            set_reset_on_close(&conn.client);
+            sys::set_reset_on_close(&conn.client);
         }
         let info = &self.services[conn.service];
         info.clients.release(conn.admission);
         let (backend, bytes) = match conn.phase {
             Phase::Relaying(r) => {
                 if reset {
-                    set_reset_on_close(&r.backend);
+                    sys::set_reset_on_close(&r.backend);
                 }
                 r.stats.closed();
                 let [p0, p1] = r.pipes;
@@ -966,11 +778,7 @@ impl Tcp {
     /// ([`sys::peer_gone`]); an io_uring poll cannot wait for this, as it always reports the
     /// FIN already received (`POLLRDHUP`).
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
-        for i in 0..self.listeners.len() {
-            if self.listeners[i].backoff {
-                self.arm(ctx, i);
-            }
-        }
+        self.listeners.rearm_backed_off(ctx);
         let mut due = Vec::new();
         let (services, now) = (&self.services, ctx.now);
         self.conns.sweep(
@@ -993,14 +801,7 @@ impl Tcp {
     /// Shutdown began: closes the listeners (after cancelling their accepts). Connections
     /// already accepted carry on.
     pub(super) fn stop_accepting(&mut self, ctx: &mut Ctx) {
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            l.closing = true;
-            if l.armed {
-                ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
-            } else {
-                l.close_fd();
-            }
-        }
+        self.listeners.stop_accepting(ctx);
     }
 
     /// The drain deadline passed: resets every connection not already closing. Returns how
@@ -1030,9 +831,7 @@ impl Tcp {
             }
             self.finish(ctx, index, generation);
         }
-        for l in &mut self.listeners {
-            l.close_fd();
-        }
+        self.listeners.close_all();
         keys.len() as u64
     }
 }

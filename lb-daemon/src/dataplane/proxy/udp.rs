@@ -28,15 +28,16 @@ use std::time::Instant;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::access::{self, End};
+use super::admission::{admit_or_refuse, log_turned_away};
+use super::ctx::Ctx;
 use super::limits::{Admission, RecentRefusals};
 use super::proxy_header::{self, Transport};
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
 use super::sys::{self, Datagrams, Local};
-use super::worker::Ctx;
 use super::{LogLimit, ServiceInfo, Shared};
 use crate::config::Protocol;
-use crate::snapshot::{flow_key, BackendStats};
+use crate::snapshot::{flow_key, BackendStats, ServiceSnapshot};
 
 /// Operation numbers of a VIP socket or a session.
 const OP_POLL: u8 = 0;
@@ -121,6 +122,30 @@ pub(super) struct Udp {
     refusals: RecentRefusals,
     /// Local resource shortages (sockets).
     resource_log: LogLimit,
+}
+
+/// The PROXY protocol header that starts every datagram of a new session of `client`, if
+/// the service sends one. It names the VIP the client wrote to: `local` when the VIP socket
+/// is a wildcard, else the listen address.
+fn session_header(
+    service: &ServiceInfo,
+    snapshot: &ServiceSnapshot,
+    client: SocketAddr,
+    local: Option<Local>,
+) -> Option<Box<[u8]>> {
+    let vip_addr = match local {
+        Some(local) if service.listen.ip().is_unspecified() => {
+            SocketAddr::new(local.ip(), service.listen.port())
+        }
+        _ => service.listen,
+    };
+    proxy_header::header(
+        snapshot.proxy_protocol,
+        client,
+        vip_addr,
+        Transport::Datagram,
+    )
+    .map(Vec::into_boxed_slice)
 }
 
 impl Udp {
@@ -451,8 +476,63 @@ impl Udp {
         local: Option<Local>,
     ) -> Option<(u32, u32)> {
         let service_at = self.vips[vip].service;
+        let snapshot = self.services[service_at].snapshot.load();
+        let admission = self.admit(ctx, service_at, &snapshot, client)?;
+        let opened = self
+            .pick_backend(ctx, service_at, &snapshot, client)
+            .and_then(|(addr, stats)| {
+                let fd = self.connect_backend(ctx, service_at, &snapshot, addr, &stats)?;
+                Some((addr, stats, fd))
+            });
         let service = &self.services[service_at];
-        let snapshot = service.snapshot.load();
+        let Some((backend, stats, fd)) = opened else {
+            service.clients.release(admission);
+            return None;
+        };
+        let raw = fd.as_raw_fd();
+        let (index, generation) = self.sessions.insert(Session {
+            vip,
+            client,
+            client_name: SockAddr::from(client),
+            fd,
+            backend,
+            local: None,
+            stats: stats.clone(),
+            last_active: ctx.now,
+            in_flight: bit(OP_POLL),
+            closing: None,
+            answered: false,
+            table_generation: snapshot.generation,
+            started: ctx.now,
+            bytes: [0, 0],
+            access_log: snapshot.access_log,
+            admission,
+            header: session_header(service, &snapshot, client, local),
+        });
+        ctx.ring.poll(
+            raw,
+            libc::POLLIN as u32,
+            true,
+            Token::entry(Kind::Session, OP_POLL, index, generation),
+        );
+        self.by_client.insert((vip, client), (index, generation));
+        self.vips[vip].sessions += 1;
+        stats.opened();
+        ctx.shared.active.fetch_add(1, Ordering::Relaxed);
+        Some((index, generation))
+    }
+
+    /// The per-client limits' answer to a new session of `client` on service `service_at`
+    /// ([`admit_or_refuse`]); a refusal is remembered for as long as it stands, so that the
+    /// client's next datagrams are refused without asking the shared table again.
+    fn admit(
+        &mut self,
+        ctx: &Ctx,
+        service_at: usize,
+        snapshot: &ServiceSnapshot,
+        client: SocketAddr,
+    ) -> Option<Admission> {
+        let service = &self.services[service_at];
         let limited = snapshot.limits.max_connections.is_some() || snapshot.limits.rate.is_some();
         if limited && self.refusals.stands(service_at, client.ip(), ctx.now) {
             // Refused a moment ago and bound to be refused again: drop it at the cost of a
@@ -461,76 +541,55 @@ impl Udp {
             service.clients.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let admission = match service
-            .clients
-            .admit(client.ip(), &snapshot.limits, ctx.now)
-        {
-            Ok(admission) => admission,
+        let refused_log = Some(&mut self.refused_access_log[service_at]);
+        match admit_or_refuse(ctx, service, snapshot, client, refused_log) {
+            Ok(admission) => Some(admission),
             Err(why) => {
-                Shared::count(&ctx.shared.limited, 1);
                 self.refusals
                     .remember(service_at, client.ip(), ctx.now, why.stands_for());
-                tracing::debug!(
-                    "service {}: new session from {client} refused by the limits ({why:?})",
-                    service.name
-                );
-                if snapshot.access_log {
-                    if let Some(similar) =
-                        self.refused_access_log[service_at].allow_counted(ctx.now)
-                    {
-                        access::log_summary(
-                            &access::Line::turned_away(
-                                Protocol::Udp,
-                                &service.name,
-                                client,
-                                End::LimitRefused,
-                            ),
-                            similar,
-                        );
-                    }
-                }
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// The backend a new session of `client` goes to, and its stats; `None` (counted and
+    /// logged) when no backend is eligible.
+    fn pick_backend(
+        &mut self,
+        ctx: &Ctx,
+        service_at: usize,
+        snapshot: &ServiceSnapshot,
+        client: SocketAddr,
+    ) -> Option<(SocketAddr, Arc<BackendStats>)> {
+        let service = &self.services[service_at];
         let key = flow_key(client, service.listen, Protocol::Udp);
-        let Some(backend) = snapshot
+        if let Some(b) = snapshot
             .pick(&key, &[])
             .and_then(|id| snapshot.backends.get(id))
-        else {
-            service.clients.release(admission);
-            Shared::count(&ctx.shared.no_backend, 1);
-            if snapshot.access_log {
-                if let Some(similar) = self.no_backend_access_log[service_at].allow_counted(ctx.now)
-                {
-                    access::log_summary(
-                        &access::Line::turned_away(
-                            Protocol::Udp,
-                            &service.name,
-                            client,
-                            End::NoBackend,
-                        ),
-                        similar,
-                    );
-                }
-            }
-            self.log_no_backend(ctx, service_at, client);
-            return None;
-        };
-        // The VIP the header names: the address the client wrote to.
-        let vip_addr = match local {
-            Some(local) if service.listen.ip().is_unspecified() => {
-                SocketAddr::new(local.ip(), service.listen.port())
-            }
-            _ => service.listen,
-        };
-        let header = proxy_header::header(
-            snapshot.proxy_protocol,
-            client,
-            vip_addr,
-            Transport::Datagram,
-        )
-        .map(Vec::into_boxed_slice);
-        let (addr, stats) = (backend.address, backend.stats.clone());
+        {
+            return Some((b.address, b.stats.clone()));
+        }
+        Shared::count(&ctx.shared.no_backend, 1);
+        if snapshot.access_log {
+            let limit = Some(&mut self.no_backend_access_log[service_at]);
+            log_turned_away(ctx, service, client, End::NoBackend, limit);
+        }
+        self.log_no_backend(ctx, service_at, client);
+        None
+    }
+
+    /// A non-blocking UDP socket connected to backend `addr`; `None` (counted and logged)
+    /// when it cannot be opened or connected. A failed connect counts against the backend
+    /// unless it was a local shortage.
+    fn connect_backend(
+        &mut self,
+        ctx: &Ctx,
+        service_at: usize,
+        snapshot: &ServiceSnapshot,
+        addr: SocketAddr,
+        stats: &BackendStats,
+    ) -> Option<OwnedFd> {
+        let service = &self.services[service_at];
         let socket = match Socket::new(
             Domain::for_address(addr),
             Type::DGRAM.nonblocking().cloexec(),
@@ -545,7 +604,6 @@ impl Udp {
                     );
                 }
                 Shared::count(&ctx.shared.errors, 1);
-                service.clients.release(admission);
                 return None;
             }
         };
@@ -562,41 +620,9 @@ impl Udp {
                 service.name,
                 snapshot.generation
             );
-            service.clients.release(admission);
             return None;
         }
-        let fd: OwnedFd = socket.into();
-        let raw = fd.as_raw_fd();
-        let (index, generation) = self.sessions.insert(Session {
-            vip,
-            client,
-            client_name: SockAddr::from(client),
-            fd,
-            backend: addr,
-            local: None,
-            stats: stats.clone(),
-            last_active: ctx.now,
-            in_flight: bit(OP_POLL),
-            closing: None,
-            answered: false,
-            table_generation: snapshot.generation,
-            started: ctx.now,
-            bytes: [0, 0],
-            access_log: snapshot.access_log,
-            admission,
-            header,
-        });
-        ctx.ring.poll(
-            raw,
-            libc::POLLIN as u32,
-            true,
-            Token::entry(Kind::Session, OP_POLL, index, generation),
-        );
-        self.by_client.insert((vip, client), (index, generation));
-        self.vips[vip].sessions += 1;
-        stats.opened();
-        ctx.shared.active.fetch_add(1, Ordering::Relaxed);
-        Some((index, generation))
+        Some(socket.into())
     }
 
     fn log_no_backend(&mut self, ctx: &Ctx, service: usize, client: SocketAddr) {

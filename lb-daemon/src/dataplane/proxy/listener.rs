@@ -1,0 +1,195 @@
+//! A worker's TCP listeners: their multishot accepts, the back-off after accept failures,
+//! and their closing (service removed, shutdown).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc::Sender;
+
+use super::ctx::Ctx;
+use super::ring::{Completion, Kind, Token};
+use super::{sys, LogLimit, ServiceInfo};
+
+/// Accept failures in a row after which a listener waits for the next sweep to re-arm.
+const MAX_ACCEPT_FAILURES: u32 = 8;
+
+struct Listener {
+    /// Index into the worker's TCP services.
+    service: usize,
+    fd: Option<OwnedFd>,
+    /// The multishot accept is in flight.
+    armed: bool,
+    /// Shutting down: close once the accept is no longer in flight.
+    closing: bool,
+    /// Accept failed for lack of resources, or kept failing: re-arm at the next sweep, not
+    /// in a hot loop.
+    backoff: bool,
+    /// Accept failures since the last accepted connection.
+    failures: u32,
+    /// Held while a service removal waits for this listener to close; dropped with `fd`.
+    on_close: Option<Sender<()>>,
+}
+
+impl Listener {
+    /// Closes the socket (nothing of it may be in flight) and tells whoever waits for it.
+    fn close_fd(&mut self) {
+        self.fd = None;
+        self.on_close = None;
+    }
+}
+
+/// A worker's listening sockets, one per TCP service; the index of one is the `index` of
+/// its accept's token.
+pub(super) struct Listeners {
+    list: Vec<Listener>,
+}
+
+impl Listeners {
+    /// No listener yet.
+    pub(super) fn new() -> Listeners {
+        Listeners { list: Vec::new() }
+    }
+
+    /// Adds `fd`, listening for service `service` (an index into the worker's TCP services);
+    /// returns its index, for [`Listeners::arm`].
+    pub(super) fn push(&mut self, service: usize, fd: OwnedFd) -> usize {
+        self.list.push(Listener {
+            service,
+            fd: Some(fd),
+            armed: false,
+            closing: false,
+            backoff: false,
+            failures: 0,
+            on_close: None,
+        });
+        self.list.len() - 1
+    }
+
+    /// Arms every listener's accept.
+    pub(super) fn start(&mut self, ctx: &mut Ctx) {
+        for i in 0..self.list.len() {
+            self.arm(ctx, i);
+        }
+    }
+
+    /// Starts listener `i`'s multishot accept, unless it is armed, closing or closed.
+    pub(super) fn arm(&mut self, ctx: &mut Ctx, i: usize) {
+        let l = &mut self.list[i];
+        if let (Some(fd), false, false) = (&l.fd, l.armed, l.closing) {
+            let token = Token::entry(Kind::Accept, 0, i as u32, 0);
+            ctx.ring.accept_multi(fd.as_raw_fd(), token);
+            l.armed = true;
+            l.backoff = false;
+        }
+    }
+
+    /// Re-arms the listeners that backed off after accept failures (called each sweep).
+    pub(super) fn rearm_backed_off(&mut self, ctx: &mut Ctx) {
+        for i in 0..self.list.len() {
+            if self.list[i].backoff {
+                self.arm(ctx, i);
+            }
+        }
+    }
+
+    /// Closes the listener(s) of service `service` (after cancelling the accept);
+    /// `closed` is dropped once each is closed.
+    pub(super) fn close_service(&mut self, ctx: &mut Ctx, service: usize, closed: &Sender<()>) {
+        for (i, l) in self.list.iter_mut().enumerate() {
+            if l.service != service || l.fd.is_none() {
+                continue;
+            }
+            l.closing = true;
+            if l.armed {
+                l.on_close = Some(closed.clone());
+                ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
+            } else {
+                l.close_fd();
+            }
+        }
+    }
+
+    /// Shutdown began: closes every listener (after cancelling its accept).
+    pub(super) fn stop_accepting(&mut self, ctx: &mut Ctx) {
+        for (i, l) in self.list.iter_mut().enumerate() {
+            l.closing = true;
+            if l.armed {
+                ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
+            } else {
+                l.close_fd();
+            }
+        }
+    }
+
+    /// Whether every listener is closed.
+    pub(super) fn all_closed(&self) -> bool {
+        self.list.iter().all(|l| l.fd.is_none())
+    }
+
+    /// The worker is exiting: closes every listener now, whatever is in flight.
+    pub(super) fn close_all(&mut self) {
+        for l in &mut self.list {
+            l.close_fd();
+        }
+    }
+
+    /// A multishot accept completed. Returns the new client socket and its service (an
+    /// index into `services`) when the connection is to be carried; a client accepted
+    /// while closing or draining is reset instead. An accept error is logged (a shortage
+    /// through `resource_log`) and, for a shortage or a run of failures, makes the
+    /// listener wait for the next sweep. Re-arms or closes the listener as due.
+    pub(super) fn on_accept(
+        &mut self,
+        ctx: &mut Ctx,
+        c: Completion,
+        services: &[ServiceInfo],
+        resource_log: &mut LogLimit,
+    ) -> Option<(usize, OwnedFd)> {
+        let index = c.token.index as usize;
+        let l = self.list.get_mut(index)?;
+        if !c.more {
+            l.armed = false;
+        }
+        let mut accepted = None;
+        if c.result >= 0 {
+            l.failures = 0;
+            // SAFETY: a successful accept's result is a new descriptor that we now own.
+            let client = unsafe { OwnedFd::from_raw_fd(c.result) };
+            if l.closing || ctx.draining {
+                sys::set_reset_on_close(&client);
+            } else {
+                accepted = Some((l.service, client));
+            }
+        } else if c.result != -libc::ECANCELED {
+            let err = io::Error::from_raw_os_error(-c.result);
+            let name = &services[l.service].name;
+            match -c.result {
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                    if let Some(also) = resource_log.allow(ctx.now) {
+                        tracing::warn!("service {name}: cannot accept connections: {err}{also}");
+                    }
+                    l.backoff = true;
+                }
+                _ => {
+                    tracing::debug!("service {name}: accept failed: {err}");
+                    l.failures += 1;
+                    // A persistent error (e.g. no multishot accept in this kernel) must not
+                    // spin; a passing one (a client gone before accept) re-arms at once.
+                    if l.failures >= MAX_ACCEPT_FAILURES {
+                        if let Some(also) = resource_log.allow(ctx.now) {
+                            tracing::warn!("service {name}: accept keeps failing: {err}{also}");
+                        }
+                        l.backoff = true;
+                    }
+                }
+            }
+        }
+        if l.closing {
+            if !l.armed {
+                l.close_fd();
+            }
+        } else if !l.armed && !l.backoff {
+            self.arm(ctx, index);
+        }
+        accepted
+    }
+}

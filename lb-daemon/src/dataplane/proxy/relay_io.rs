@@ -1,0 +1,185 @@
+//! The I/O side of a TCP connection's relay ([`super::relay`] is its pure state machine):
+//! the relay's sockets, pipes and byte counts, carrying out one step of a direction, and
+//! the pool of empty pipes.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use socket2::SockRef;
+
+use super::ctx::Ctx;
+use super::relay::{Direction, Outcome, Step};
+use super::ring::Token;
+use super::sys::{self, Pipe};
+use super::SpliceMode;
+use crate::snapshot::BackendStats;
+
+/// Direction indices: client to backend, backend to client.
+pub(super) const TO_BACKEND: usize = 0;
+pub(super) const TO_CLIENT: usize = 1;
+
+/// Poll masks.
+const READABLE: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+const WRITABLE: u32 = libc::POLLOUT as u32;
+
+/// Empty pipes kept for reuse by a worker.
+const PIPE_POOL: usize = 256;
+
+/// A connection's relay, once its connect succeeded: the backend socket and, each way
+/// (index [`TO_BACKEND`], [`TO_CLIENT`]), a direction's state machine and its pipe.
+pub(super) struct Relaying {
+    pub(super) backend: OwnedFd,
+    pub(super) backend_addr: SocketAddr,
+    pub(super) stats: Arc<BackendStats>,
+    pub(super) ways: [Direction; 2],
+    pub(super) pipes: [Pipe; 2],
+    /// Bytes delivered each way (index `TO_BACKEND`, `TO_CLIENT`), for the access log.
+    pub(super) bytes: [u64; 2],
+    /// Bytes of the PROXY protocol header not yet delivered: they are not client bytes.
+    pub(super) header_left: u32,
+}
+
+/// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
+pub(super) struct PipePool {
+    free: Vec<Pipe>,
+}
+
+impl PipePool {
+    /// An empty pool.
+    pub(super) fn new() -> PipePool {
+        PipePool { free: Vec::new() }
+    }
+
+    fn take(&mut self, size: usize) -> io::Result<Pipe> {
+        match self.free.pop() {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::new(size),
+        }
+    }
+
+    /// The two pipes of a new relay. Takes both even when the first fails, as a failure
+    /// drops whatever was taken.
+    pub(super) fn take_pair(&mut self, size: usize) -> io::Result<[Pipe; 2]> {
+        match (self.take(size), self.take(size)) {
+            (Ok(p0), Ok(p1)) => Ok([p0, p1]),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+
+    /// Keeps `pipe` if it is empty and the pool has room; bytes left in a pipe belong to a
+    /// connection that is gone, so such a pipe is closed.
+    pub(super) fn give(&mut self, pipe: Pipe) {
+        if self.free.len() < PIPE_POOL && matches!(pipe.pending(), Ok(0)) {
+            self.free.push(pipe);
+        }
+    }
+}
+
+/// Performs one splice step of a relay: the one place that moves relay bytes, so a variant
+/// (e.g. for benchmarks) replaces only this. Returns `None` when the result arrives later as
+/// a completion with `token`, `Some(bytes or -errno)` when it is known now.
+fn splice(
+    ctx: &mut Ctx,
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    len: u32,
+    token: Token,
+) -> Option<i32> {
+    match ctx.options.splice {
+        SpliceMode::Uring => {
+            ctx.ring
+                .splice(from.as_raw_fd(), to.as_raw_fd(), len, token);
+            None
+        }
+        SpliceMode::Syscall => Some(sys::splice(from, to, len)),
+    }
+}
+
+/// Counts the bytes an `outcome` of direction `way` delivered (the PROXY protocol header
+/// not included) for the access log and the backend's stats. Returns whether bytes moved
+/// at all, in or out: the connection was active.
+pub(super) fn count_delivered(r: &mut Relaying, way: usize, outcome: Outcome) -> bool {
+    match outcome {
+        Outcome::SplicedIn(n) => n > 0,
+        Outcome::SplicedOut(n) if n > 0 => {
+            let mut n = n as u32;
+            let counter = if way == TO_BACKEND {
+                let header = n.min(r.header_left);
+                r.header_left -= header;
+                n -= header;
+                &r.stats.bytes_to_backend
+            } else {
+                &r.stats.bytes_from_backend
+            };
+            r.bytes[way] += u64::from(n);
+            counter.fetch_add(u64::from(n), Ordering::Relaxed);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// What became of one step of a relay direction.
+pub(super) enum Next {
+    /// An operation is in flight; its completion comes with the step's token.
+    InFlight,
+    /// The step was carried out at once, with this outcome.
+    Now(Outcome),
+    /// The direction finished: its destination's write side is shut down.
+    Finished,
+    /// The direction failed with this errno: the connection must close.
+    Failed(i32),
+}
+
+/// Carries out `step` of direction `way` of relay `r`, whose client socket is `client`:
+/// issues a poll or an io_uring splice (completing with `token`), or does a splice, copy or
+/// half-close now.
+pub(super) fn start_step(
+    ctx: &mut Ctx,
+    client: BorrowedFd<'_>,
+    r: &Relaying,
+    way: usize,
+    step: Step,
+    token: Token,
+) -> Next {
+    let (src, dst) = if way == TO_BACKEND {
+        (client, r.backend.as_fd())
+    } else {
+        (r.backend.as_fd(), client)
+    };
+    let pipe = &r.pipes[way];
+    let done = match step {
+        Step::PollReadable => {
+            ctx.ring.poll(src.as_raw_fd(), READABLE, false, token);
+            None
+        }
+        Step::PollWritable => {
+            ctx.ring.poll(dst.as_raw_fd(), WRITABLE, false, token);
+            None
+        }
+        Step::SpliceIn(len) => {
+            splice(ctx, src, pipe.write.as_fd(), len, token).map(Outcome::SplicedIn)
+        }
+        Step::CopyIn(len) => Some(Outcome::SplicedIn(sys::copy_into_pipe(
+            src,
+            pipe.write.as_fd(),
+            len,
+        ))),
+        Step::SpliceOut(len) => {
+            splice(ctx, pipe.read.as_fd(), dst, len, token).map(Outcome::SplicedOut)
+        }
+        Step::Finish => {
+            // Half-close: the peer of `dst` reads end of file; the other direction keeps
+            // flowing.
+            if let Err(e) = SockRef::from(&dst).shutdown(Shutdown::Write) {
+                tracing::debug!("shutdown(SHUT_WR) of a relayed socket: {e}");
+            }
+            return Next::Finished;
+        }
+        Step::Fail(errno) => return Next::Failed(errno),
+    };
+    done.map_or(Next::InFlight, Next::Now)
+}
