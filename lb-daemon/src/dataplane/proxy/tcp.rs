@@ -293,20 +293,11 @@ impl Tcp {
         {
             return 0;
         }
-        let mut cut = 0;
-        for (index, generation) in self.conns.keys() {
-            let due = self.conns.get_mut(index, generation).is_some_and(|c| {
-                c.closing.is_none()
-                    && self.services[c.service]
-                        .drain_until
-                        .is_some_and(|at| at <= now)
-            });
-            if due {
-                cut += 1;
-                self.close(ctx, index, generation, End::DrainCut);
-            }
-        }
-        cut
+        let services = &self.services;
+        let due = self.conns.keys_where(|c| {
+            c.closing.is_none() && services[c.service].drain_until.is_some_and(|at| at <= now)
+        });
+        self.close_all(ctx, &due, End::DrainCut)
     }
 
     /// Arms every listener's accept.
@@ -779,17 +770,12 @@ impl Tcp {
     /// FIN already received (`POLLRDHUP`).
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
-        let mut due = Vec::new();
         let (services, now) = (&self.services, ctx.now);
-        self.conns.sweep(
-            &mut self.sweep_cursor,
-            SWEEP_BUDGET,
-            |i, generation, conn| {
-                if let Some(how) = sweep_verdict(conn, &services[conn.service], now) {
-                    due.push((i, generation, how));
-                }
-            },
-        );
+        let due = self
+            .conns
+            .sweep_due(&mut self.sweep_cursor, SWEEP_BUDGET, |conn| {
+                sweep_verdict(conn, &services[conn.service], now)
+            });
         for (index, generation, how) in due {
             if how == End::Reset {
                 Shared::count(&ctx.shared.errors, 1);
@@ -807,18 +793,16 @@ impl Tcp {
     /// The drain deadline passed: resets every connection not already closing. Returns how
     /// many.
     pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
-        let mut cut = 0;
-        for (index, generation) in self.conns.keys() {
-            let closing = self
-                .conns
-                .get_mut(index, generation)
-                .is_some_and(|c| c.closing.is_some());
-            if !closing {
-                cut += 1;
-                self.close(ctx, index, generation, End::DrainCut);
-            }
+        let due = self.conns.keys_where(|c| c.closing.is_none());
+        self.close_all(ctx, &due, End::DrainCut)
+    }
+
+    /// Starts closing the connections `keys` with `how`; returns how many.
+    fn close_all(&mut self, ctx: &mut Ctx, keys: &[(u32, u32)], how: End) -> u64 {
+        for &(index, generation) in keys {
+            self.close(ctx, index, generation, how);
         }
-        cut
+        keys.len() as u64
     }
 
     /// The worker is exiting with connections left (ring failure, stuck drain): closes

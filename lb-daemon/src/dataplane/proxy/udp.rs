@@ -235,17 +235,11 @@ impl Udp {
         if due.is_empty() {
             return 0;
         }
-        let mut cut = 0;
-        for key in self.sessions.keys() {
-            if self
-                .sessions
-                .get_mut(key.0, key.1)
-                .is_some_and(|s| s.closing.is_none() && due.contains(&s.vip))
-            {
-                cut += 1;
-                self.close(ctx, key, End::DrainCut);
-            }
-        }
+        let cut = self.close_all(
+            ctx,
+            |s| s.closing.is_none() && due.contains(&s.vip),
+            End::DrainCut,
+        );
         for i in due {
             if self.vips[i].sessions == 0 {
                 self.close_vip(ctx, i);
@@ -813,23 +807,24 @@ impl Udp {
     /// [`SWEEP_BUDGET`] sessions.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.refusals.prune(ctx.now);
-        let mut idle = Vec::new();
-        let (services, vips) = (&self.services, &self.vips);
-        self.sessions
-            .sweep(&mut self.sweep_cursor, SWEEP_BUDGET, |i, generation, s| {
+        let (services, vips, now) = (&self.services, &self.vips, ctx.now);
+        let idle = self
+            .sessions
+            .sweep_due(&mut self.sweep_cursor, SWEEP_BUDGET, |s| {
                 let limit = services[vips[s.vip].service].idle_timeout;
-                if s.closing.is_none() && ctx.now.saturating_duration_since(s.last_active) >= limit
-                {
+                let idle =
+                    s.closing.is_none() && now.saturating_duration_since(s.last_active) >= limit;
+                if idle {
                     tracing::debug!(
                         "session {} -> {} idle for {limit:?}; closing it",
                         s.client,
                         s.backend
                     );
-                    idle.push((i, generation));
                 }
+                idle.then_some(())
             });
-        for key in idle {
-            self.close(ctx, key, End::Idle);
+        for (index, generation, ()) in idle {
+            self.close(ctx, (index, generation), End::Idle);
         }
     }
 
@@ -870,19 +865,18 @@ impl Udp {
     /// The drain deadline passed: ends every session and closes the VIP sockets. Returns
     /// how many sessions were open.
     pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
-        let mut cut = 0;
-        for key in self.sessions.keys() {
-            if self
-                .sessions
-                .get_mut(key.0, key.1)
-                .is_some_and(|s| s.closing.is_none())
-            {
-                cut += 1;
-                self.close(ctx, key, End::DrainCut);
-            }
-        }
+        let cut = self.close_all(ctx, |s| s.closing.is_none(), End::DrainCut);
         self.close_vips(ctx);
         cut
+    }
+
+    /// Starts closing the sessions for which `pick` holds, with `end`; returns how many.
+    fn close_all(&mut self, ctx: &mut Ctx, pick: impl FnMut(&Session) -> bool, end: End) -> u64 {
+        let keys = self.sessions.keys_where(pick);
+        for &key in &keys {
+            self.close(ctx, key, end);
+        }
+        keys.len() as u64
     }
 
     /// The worker is exiting with sessions left: ends them now and returns how many there
