@@ -220,18 +220,7 @@ fn connect_failed(
         io::Error::from_raw_os_error(-result)
     };
     stats.closed();
-    if sys::is_local_error(&err) {
-        // Out of ports, memory or descriptors here says nothing about the backend: counting
-        // it towards `fall` would take healthy backends down under load.
-        Shared::count(&ctx.shared.errors, 1);
-    } else {
-        stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &err));
-    }
-    tracing::warn!(
-        "service {}: connect to backend {addr} failed: {err} (table generation {})",
-        service.name,
-        a.snapshot.generation
-    );
+    ctx.connect_failed(service, addr, &stats, &err, a.snapshot.generation);
     drop(socket);
     a.tried.push(addr);
 }
@@ -407,13 +396,7 @@ impl Tcp {
         let socket = match backend_socket(addr) {
             Ok(s) => s,
             Err(e) => {
-                if let Some(also) = self.resource_log.allow(ctx.now) {
-                    tracing::warn!(
-                        "service {}: cannot open a socket for backend {addr}: {e}{also}",
-                        service.name
-                    );
-                }
-                Shared::count(&ctx.shared.errors, 1);
+                ctx.no_socket(&mut self.resource_log, service, addr, &e);
                 self.close(ctx, index, generation, End::Error);
                 return;
             }

@@ -47,6 +47,19 @@ fn bit(op: u8) -> u8 {
     1 << op
 }
 
+/// Clears the bit of the operation of a VIP socket or session that `c` ends in its
+/// `in_flight`: a resume, or a multishot poll that will not fire again. `false` for an
+/// operation number it does not have (the completion is ignored).
+fn completed(in_flight: &mut u8, c: &Completion) -> bool {
+    match c.token.op {
+        OP_POLL if !c.more => *in_flight &= !bit(OP_POLL),
+        OP_POLL => {}
+        OP_RESUME => *in_flight &= !bit(OP_RESUME),
+        _ => return false,
+    }
+    true
+}
+
 /// Datagrams read from one socket per completion before yielding.
 const READ_BUDGET: usize = 256;
 /// Sessions examined per sweep tick.
@@ -297,11 +310,8 @@ impl Udp {
         let Some(v) = self.vips.get_mut(vip) else {
             return;
         };
-        match c.token.op {
-            OP_POLL if !c.more => v.in_flight &= !bit(OP_POLL),
-            OP_POLL => {}
-            OP_RESUME => v.in_flight &= !bit(OP_RESUME),
-            _ => return,
+        if !completed(&mut v.in_flight, &c) {
+            return;
         }
         if v.closing {
             if v.in_flight == 0 {
@@ -591,29 +601,13 @@ impl Udp {
         ) {
             Ok(s) => s,
             Err(e) => {
-                if let Some(also) = self.resource_log.allow(ctx.now) {
-                    tracing::warn!(
-                        "service {}: cannot open a socket for backend {addr}: {e}{also}",
-                        service.name
-                    );
-                }
-                Shared::count(&ctx.shared.errors, 1);
+                ctx.no_socket(&mut self.resource_log, service, addr, &e);
                 return None;
             }
         };
         sys::set_buffers(socket.as_fd(), ctx.options.udp_buffer);
         if let Err(e) = socket.connect(&addr.into()) {
-            if sys::is_local_error(&e) {
-                // Out of ports or memory here says nothing about the backend.
-                Shared::count(&ctx.shared.errors, 1);
-            } else {
-                stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &e));
-            }
-            tracing::warn!(
-                "service {}: connect to backend {addr} failed: {e} (table generation {})",
-                service.name,
-                snapshot.generation
-            );
+            ctx.connect_failed(service, addr, stats, &e, snapshot.generation);
             return None;
         }
         Some(socket.into())
@@ -635,11 +629,8 @@ impl Udp {
             tracing::debug!("stale completion for session slot {index}");
             return;
         };
-        match c.token.op {
-            OP_POLL if !c.more => s.in_flight &= !bit(OP_POLL),
-            OP_POLL => {}
-            OP_RESUME => s.in_flight &= !bit(OP_RESUME),
-            _ => return,
+        if !completed(&mut s.in_flight, &c) {
+            return;
         }
         if s.closing.is_some() {
             if s.in_flight == 0 {
@@ -723,14 +714,7 @@ impl Udp {
             return;
         };
         let service = &self.services[self.vips[s.vip].service];
-        s.stats
-            .connect_failed(|| ctx.events.connect_failed(service.index, s.backend, &err));
-        tracing::warn!(
-            "service {}: connect to backend {} failed: {err} (table generation {})",
-            service.name,
-            s.backend,
-            s.table_generation
-        );
+        ctx.connect_failed(service, s.backend, &s.stats, &err, s.table_generation);
         self.close(ctx, key, End::Error);
     }
 
