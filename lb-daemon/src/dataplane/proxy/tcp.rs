@@ -1,4 +1,6 @@
-//! TCP: a worker's listeners, its connections' connect-and-retry, and their relays.
+//! TCP: a worker's connections, from accept to close: the admission, connect-and-retry and
+//! relay of each. The listeners are in [`super::listener`], the relay's I/O in
+//! [`super::relay_io`].
 //!
 //! A connection's life: accepted (multishot accept) → connecting (io_uring connect linked
 //! with a timeout; on failure the next backend, up to `retries` more) → relaying (two
@@ -45,6 +47,7 @@ const OP_RELAY: u8 = 2;
 const SWEEP_BUDGET: u32 = 4096;
 /// With `splice(2)`, steps one direction may take in a row before yielding to others.
 const SYSCALL_STEPS: u32 = 16;
+
 fn bit(op: u8) -> u8 {
     1 << op
 }
