@@ -1,12 +1,16 @@
 //! What the TCP and UDP halves of a worker share: its ring, the proxy-wide counters and
-//! options, and the time of the current batch of completions.
+//! options, the time of the current batch of completions, and the reports of a failed
+//! backend connect or socket that both protocols make alike.
 
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::ring::Ring;
-use super::{ProxyOptions, Shared};
+use super::{sys, LogLimit, ProxyOptions, ServiceInfo, Shared};
 use crate::dataplane::FlowEvents;
+use crate::snapshot::BackendStats;
 
 /// What the TCP and UDP halves of a worker share.
 pub(super) struct Ctx {
@@ -18,4 +22,51 @@ pub(super) struct Ctx {
     pub(super) now: Instant,
     /// Set once shutdown began: no new connections or sessions.
     pub(super) draining: bool,
+}
+
+impl Ctx {
+    /// Reports a failed connect to backend `addr` of `service` (a TCP connect, or a UDP
+    /// connect or ICMP port unreachable). A local shortage ([`sys::is_local_error`]: out of
+    /// ports, memory or descriptors here) says nothing about the backend: counting it towards
+    /// `fall` would take healthy backends down under load, so it counts as a proxy error;
+    /// any other error counts against the backend (its stats and [`FlowEvents`]). Either way
+    /// a warning names the table `generation` the backend was picked from.
+    pub(super) fn connect_failed(
+        &self,
+        service: &ServiceInfo,
+        addr: SocketAddr,
+        stats: &BackendStats,
+        err: &io::Error,
+        generation: u64,
+    ) {
+        if sys::is_local_error(err) {
+            Shared::count(&self.shared.errors, 1);
+        } else {
+            stats.connect_failed(|| self.events.connect_failed(service.index, addr, err));
+        }
+        tracing::warn!(
+            "service {}: connect to backend {addr} failed: {err} (table generation \
+             {generation})",
+            service.name
+        );
+    }
+
+    /// Reports that no socket could be opened for a connect to backend `addr` of `service`
+    /// (a local shortage, not the backend's fault): counts a proxy error and warns through
+    /// `log`, so that a shortage cannot flood the log.
+    pub(super) fn no_socket(
+        &self,
+        log: &mut LogLimit,
+        service: &ServiceInfo,
+        addr: SocketAddr,
+        err: &io::Error,
+    ) {
+        if let Some(also) = log.allow(self.now) {
+            tracing::warn!(
+                "service {}: cannot open a socket for backend {addr}: {err}{also}",
+                service.name
+            );
+        }
+        Shared::count(&self.shared.errors, 1);
+    }
 }

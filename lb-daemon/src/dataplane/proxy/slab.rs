@@ -115,12 +115,36 @@ impl<T> Slab<T> {
         }
     }
 
+    /// A [`Slab::sweep`] that returns `(index, generation, verdict)` for each live entry
+    /// visited for which `verdict` gives one: the entries a periodic sweep is to act on
+    /// (e.g. the flows idle for too long), collected first because acting on one needs the
+    /// whole slab.
+    pub(super) fn sweep_due<V>(
+        &mut self,
+        cursor: &mut u32,
+        budget: u32,
+        mut verdict: impl FnMut(&T) -> Option<V>,
+    ) -> Vec<(u32, u32, V)> {
+        let mut due = Vec::new();
+        self.sweep(cursor, budget, |index, generation, entry| {
+            if let Some(v) = verdict(entry) {
+                due.push((index, generation, v));
+            }
+        });
+        due
+    }
+
     /// `(index, generation)` of every live entry.
     pub(super) fn keys(&self) -> Vec<(u32, u32)> {
+        self.keys_where(|_| true)
+    }
+
+    /// `(index, generation)` of every live entry for which `pick` holds.
+    pub(super) fn keys_where(&self, mut pick: impl FnMut(&T) -> bool) -> Vec<(u32, u32)> {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.value.is_some())
+            .filter(|(_, s)| s.value.as_ref().is_some_and(&mut pick))
             .map(|(i, s)| (i as u32, s.generation))
             .collect()
     }
@@ -177,6 +201,27 @@ mod tests {
         empty.sweep(&mut cursor, 10, |_, _, _| {
             panic!("an empty slab has nothing to visit")
         });
+    }
+
+    #[test]
+    fn a_sweep_collects_the_entries_due_and_keys_where_picks_live_ones() {
+        let mut slab = Slab::new();
+        let keys: Vec<_> = (0..6u32).map(|v| slab.insert(v)).collect();
+        let (i, g) = keys[4];
+        slab.remove(i, g);
+        let mut cursor = 0;
+        let due = slab.sweep_due(&mut cursor, 4, |v| (v % 2 == 0).then_some(*v * 10));
+        assert_eq!(
+            due,
+            [(0, 0, 0), (2, 0, 20)],
+            "only the even entries among the first four slots are due"
+        );
+        assert_eq!(
+            slab.keys_where(|v| *v >= 3),
+            [(3, 0), (5, 0)],
+            "the freed slot 4 is not live, so only 3 and 5 qualify"
+        );
+        assert_eq!(slab.keys().len(), 5);
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! TCP: a worker's listeners, its connections' connect-and-retry, and their relays.
+//! TCP: a worker's connections, from accept to close: the admission, connect-and-retry and
+//! relay of each. The listeners are in [`super::listener`], the relay's I/O in
+//! [`super::relay_io`].
 //!
 //! A connection's life: accepted (multishot accept) → connecting (io_uring connect linked
 //! with a timeout; on failure the next backend, up to `retries` more) → relaying (two
@@ -45,6 +47,7 @@ const OP_RELAY: u8 = 2;
 const SWEEP_BUDGET: u32 = 4096;
 /// With `splice(2)`, steps one direction may take in a row before yielding to others.
 const SYSCALL_STEPS: u32 = 16;
+
 fn bit(op: u8) -> u8 {
     1 << op
 }
@@ -220,18 +223,7 @@ fn connect_failed(
         io::Error::from_raw_os_error(-result)
     };
     stats.closed();
-    if sys::is_local_error(&err) {
-        // Out of ports, memory or descriptors here says nothing about the backend: counting
-        // it towards `fall` would take healthy backends down under load.
-        Shared::count(&ctx.shared.errors, 1);
-    } else {
-        stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &err));
-    }
-    tracing::warn!(
-        "service {}: connect to backend {addr} failed: {err} (table generation {})",
-        service.name,
-        a.snapshot.generation
-    );
+    ctx.connect_failed(service, addr, &stats, &err, a.snapshot.generation);
     drop(socket);
     a.tried.push(addr);
 }
@@ -293,20 +285,11 @@ impl Tcp {
         {
             return 0;
         }
-        let mut cut = 0;
-        for (index, generation) in self.conns.keys() {
-            let due = self.conns.get_mut(index, generation).is_some_and(|c| {
-                c.closing.is_none()
-                    && self.services[c.service]
-                        .drain_until
-                        .is_some_and(|at| at <= now)
-            });
-            if due {
-                cut += 1;
-                self.close(ctx, index, generation, End::DrainCut);
-            }
-        }
-        cut
+        let services = &self.services;
+        let due = self.conns.keys_where(|c| {
+            c.closing.is_none() && services[c.service].drain_until.is_some_and(|at| at <= now)
+        });
+        self.close_all(ctx, &due, End::DrainCut)
     }
 
     /// Arms every listener's accept.
@@ -416,13 +399,7 @@ impl Tcp {
         let socket = match backend_socket(addr) {
             Ok(s) => s,
             Err(e) => {
-                if let Some(also) = self.resource_log.allow(ctx.now) {
-                    tracing::warn!(
-                        "service {}: cannot open a socket for backend {addr}: {e}{also}",
-                        service.name
-                    );
-                }
-                Shared::count(&ctx.shared.errors, 1);
+                ctx.no_socket(&mut self.resource_log, service, addr, &e);
                 self.close(ctx, index, generation, End::Error);
                 return;
             }
@@ -779,17 +756,12 @@ impl Tcp {
     /// FIN already received (`POLLRDHUP`).
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
-        let mut due = Vec::new();
         let (services, now) = (&self.services, ctx.now);
-        self.conns.sweep(
-            &mut self.sweep_cursor,
-            SWEEP_BUDGET,
-            |i, generation, conn| {
-                if let Some(how) = sweep_verdict(conn, &services[conn.service], now) {
-                    due.push((i, generation, how));
-                }
-            },
-        );
+        let due = self
+            .conns
+            .sweep_due(&mut self.sweep_cursor, SWEEP_BUDGET, |conn| {
+                sweep_verdict(conn, &services[conn.service], now)
+            });
         for (index, generation, how) in due {
             if how == End::Reset {
                 Shared::count(&ctx.shared.errors, 1);
@@ -807,18 +779,16 @@ impl Tcp {
     /// The drain deadline passed: resets every connection not already closing. Returns how
     /// many.
     pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
-        let mut cut = 0;
-        for (index, generation) in self.conns.keys() {
-            let closing = self
-                .conns
-                .get_mut(index, generation)
-                .is_some_and(|c| c.closing.is_some());
-            if !closing {
-                cut += 1;
-                self.close(ctx, index, generation, End::DrainCut);
-            }
+        let due = self.conns.keys_where(|c| c.closing.is_none());
+        self.close_all(ctx, &due, End::DrainCut)
+    }
+
+    /// Starts closing the connections `keys` with `how`; returns how many.
+    fn close_all(&mut self, ctx: &mut Ctx, keys: &[(u32, u32)], how: End) -> u64 {
+        for &(index, generation) in keys {
+            self.close(ctx, index, generation, how);
         }
-        cut
+        keys.len() as u64
     }
 
     /// The worker is exiting with connections left (ring failure, stuck drain): closes

@@ -47,6 +47,19 @@ fn bit(op: u8) -> u8 {
     1 << op
 }
 
+/// Clears the bit of the operation of a VIP socket or session that `c` ends in its
+/// `in_flight`: a resume, or a multishot poll that will not fire again. `false` for an
+/// operation number it does not have (the completion is ignored).
+fn completed(in_flight: &mut u8, c: &Completion) -> bool {
+    match c.token.op {
+        OP_POLL if !c.more => *in_flight &= !bit(OP_POLL),
+        OP_POLL => {}
+        OP_RESUME => *in_flight &= !bit(OP_RESUME),
+        _ => return false,
+    }
+    true
+}
+
 /// Datagrams read from one socket per completion before yielding.
 const READ_BUDGET: usize = 256;
 /// Sessions examined per sweep tick.
@@ -235,17 +248,11 @@ impl Udp {
         if due.is_empty() {
             return 0;
         }
-        let mut cut = 0;
-        for key in self.sessions.keys() {
-            if self
-                .sessions
-                .get_mut(key.0, key.1)
-                .is_some_and(|s| s.closing.is_none() && due.contains(&s.vip))
-            {
-                cut += 1;
-                self.close(ctx, key, End::DrainCut);
-            }
-        }
+        let cut = self.close_all(
+            ctx,
+            |s| s.closing.is_none() && due.contains(&s.vip),
+            End::DrainCut,
+        );
         for i in due {
             if self.vips[i].sessions == 0 {
                 self.close_vip(ctx, i);
@@ -303,11 +310,8 @@ impl Udp {
         let Some(v) = self.vips.get_mut(vip) else {
             return;
         };
-        match c.token.op {
-            OP_POLL if !c.more => v.in_flight &= !bit(OP_POLL),
-            OP_POLL => {}
-            OP_RESUME => v.in_flight &= !bit(OP_RESUME),
-            _ => return,
+        if !completed(&mut v.in_flight, &c) {
+            return;
         }
         if v.closing {
             if v.in_flight == 0 {
@@ -597,29 +601,13 @@ impl Udp {
         ) {
             Ok(s) => s,
             Err(e) => {
-                if let Some(also) = self.resource_log.allow(ctx.now) {
-                    tracing::warn!(
-                        "service {}: cannot open a socket for backend {addr}: {e}{also}",
-                        service.name
-                    );
-                }
-                Shared::count(&ctx.shared.errors, 1);
+                ctx.no_socket(&mut self.resource_log, service, addr, &e);
                 return None;
             }
         };
         sys::set_buffers(socket.as_fd(), ctx.options.udp_buffer);
         if let Err(e) = socket.connect(&addr.into()) {
-            if sys::is_local_error(&e) {
-                // Out of ports or memory here says nothing about the backend.
-                Shared::count(&ctx.shared.errors, 1);
-            } else {
-                stats.connect_failed(|| ctx.events.connect_failed(service.index, addr, &e));
-            }
-            tracing::warn!(
-                "service {}: connect to backend {addr} failed: {e} (table generation {})",
-                service.name,
-                snapshot.generation
-            );
+            ctx.connect_failed(service, addr, stats, &e, snapshot.generation);
             return None;
         }
         Some(socket.into())
@@ -641,11 +629,8 @@ impl Udp {
             tracing::debug!("stale completion for session slot {index}");
             return;
         };
-        match c.token.op {
-            OP_POLL if !c.more => s.in_flight &= !bit(OP_POLL),
-            OP_POLL => {}
-            OP_RESUME => s.in_flight &= !bit(OP_RESUME),
-            _ => return,
+        if !completed(&mut s.in_flight, &c) {
+            return;
         }
         if s.closing.is_some() {
             if s.in_flight == 0 {
@@ -729,14 +714,7 @@ impl Udp {
             return;
         };
         let service = &self.services[self.vips[s.vip].service];
-        s.stats
-            .connect_failed(|| ctx.events.connect_failed(service.index, s.backend, &err));
-        tracing::warn!(
-            "service {}: connect to backend {} failed: {err} (table generation {})",
-            service.name,
-            s.backend,
-            s.table_generation
-        );
+        ctx.connect_failed(service, s.backend, &s.stats, &err, s.table_generation);
         self.close(ctx, key, End::Error);
     }
 
@@ -813,23 +791,24 @@ impl Udp {
     /// [`SWEEP_BUDGET`] sessions.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.refusals.prune(ctx.now);
-        let mut idle = Vec::new();
-        let (services, vips) = (&self.services, &self.vips);
-        self.sessions
-            .sweep(&mut self.sweep_cursor, SWEEP_BUDGET, |i, generation, s| {
+        let (services, vips, now) = (&self.services, &self.vips, ctx.now);
+        let idle = self
+            .sessions
+            .sweep_due(&mut self.sweep_cursor, SWEEP_BUDGET, |s| {
                 let limit = services[vips[s.vip].service].idle_timeout;
-                if s.closing.is_none() && ctx.now.saturating_duration_since(s.last_active) >= limit
-                {
+                let idle =
+                    s.closing.is_none() && now.saturating_duration_since(s.last_active) >= limit;
+                if idle {
                     tracing::debug!(
                         "session {} -> {} idle for {limit:?}; closing it",
                         s.client,
                         s.backend
                     );
-                    idle.push((i, generation));
                 }
+                idle.then_some(())
             });
-        for key in idle {
-            self.close(ctx, key, End::Idle);
+        for (index, generation, ()) in idle {
+            self.close(ctx, (index, generation), End::Idle);
         }
     }
 
@@ -870,19 +849,18 @@ impl Udp {
     /// The drain deadline passed: ends every session and closes the VIP sockets. Returns
     /// how many sessions were open.
     pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
-        let mut cut = 0;
-        for key in self.sessions.keys() {
-            if self
-                .sessions
-                .get_mut(key.0, key.1)
-                .is_some_and(|s| s.closing.is_none())
-            {
-                cut += 1;
-                self.close(ctx, key, End::DrainCut);
-            }
-        }
+        let cut = self.close_all(ctx, |s| s.closing.is_none(), End::DrainCut);
         self.close_vips(ctx);
         cut
+    }
+
+    /// Starts closing the sessions for which `pick` holds, with `end`; returns how many.
+    fn close_all(&mut self, ctx: &mut Ctx, pick: impl FnMut(&Session) -> bool, end: End) -> u64 {
+        let keys = self.sessions.keys_where(pick);
+        for &key in &keys {
+            self.close(ctx, key, end);
+        }
+        keys.len() as u64
     }
 
     /// The worker is exiting with sessions left: ends them now and returns how many there
