@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -21,8 +22,10 @@ use arc_swap::ArcSwap;
 use tokio::task::AbortHandle;
 use tracing::{error, info, warn};
 
+use crate::admin::status::{BackendStatus, ServiceStatus};
 use crate::config::{CheckKind, Service, MAX_WEIGHT};
 use crate::dataplane::FlowEvents;
+use crate::discovery;
 use crate::health::{self, Health, HealthState, Transition};
 use crate::scheduler::{self, Candidate, SchedulerError};
 use crate::snapshot::{BackendStats, BackendView, ServiceSnapshot, SharedSnapshot};
@@ -182,75 +185,6 @@ pub enum AdminError {
     /// The backend is leaving (removed from the config or DNS); it cannot be enabled.
     #[error("backend {0} is being removed (it left the config or DNS) and cannot be changed")]
     Removing(SocketAddr),
-}
-
-/// One backend in a [`ServiceStatus`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BackendStatus {
-    /// `ip:port`.
-    pub address: SocketAddr,
-    /// `"static"`, or the `name:port` it was resolved from; several joined by `,` (static
-    /// first) when more than one asks for it. While it is removing: its last ones.
-    pub origin: String,
-    /// `"up"` or `"down"`, the health checks' verdict.
-    pub health: &'static str,
-    /// Seconds since the health verdict last changed.
-    pub health_for_seconds: f64,
-    /// `"active"`, `"draining"` (drained through the admin API), `"removing"` (left the
-    /// config or DNS; forgotten when its last connection closes) or `"slow_start"`.
-    pub state: &'static str,
-    /// The weight from the config (or set through the admin API, which wins until a reload
-    /// changes the configured one).
-    pub weight: u32,
-    /// The weight from the config file.
-    pub configured_weight: u32,
-    /// The weight the scheduler uses now: 0 when draining, down or removing, ramping up
-    /// during slow start.
-    pub effective_weight: u32,
-    /// Connections (TCP) or sessions (UDP) open now.
-    pub active: u64,
-    /// Connections or sessions opened since the daemon started.
-    pub total: u64,
-    /// Failed connect attempts since the daemon started.
-    pub connect_failures: u64,
-    /// Bytes from clients to this backend.
-    pub bytes_to_backend: u64,
-    /// Bytes from this backend to clients.
-    pub bytes_from_backend: u64,
-    /// The last active check: `"ok"`, the error, or `None` before the first one. With
-    /// `kind = "none"`, what passive failures did: `"passive: 3 consecutive failures, last:
-    /// proxied connect failed: ...; retry in 7s"` while held off, `"passive: on trial after a
-    /// 10s hold-off"` once tried again, `"passive: 1 failure of 3, last: ..."` during a
-    /// streak, else `None`.
-    pub last_check: Option<String>,
-    /// What the XDP program counted for this backend, when the service runs on XDP (its
-    /// flows started, bytes and open flows are also in `total`, `bytes_to_backend` and
-    /// `active`). Filled in by [`crate::control::Control::status`].
-    pub xdp: Option<crate::control::XdpTraffic>,
-}
-
-/// A service in the admin API's `/status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ServiceStatus {
-    /// The service's name.
-    pub name: String,
-    /// The VIP and port.
-    pub listen: SocketAddr,
-    /// `"tcp"` or `"udp"`.
-    pub protocol: &'static str,
-    /// The scheduler, as written in the config (`"maglev"`...).
-    pub scheduler: String,
-    /// The data plane carrying the service and why, e.g. `"XDP data plane (nat) on eth0
-    /// (native)"` or `"proxy data plane (no interface is configured)"`. The daemon knows it,
-    /// not the service: [`crate::control::Control::status`] fills it in.
-    pub dataplane: String,
-    /// The snapshot generation (counts rebuilds).
-    pub generation: u64,
-    /// Every backend, in config order, then discovered ones.
-    pub backends: Vec<BackendStatus>,
-    /// What the XDP program counted for the service, when it runs on XDP. Filled in by
-    /// [`crate::control::Control::status`].
-    pub xdp: Option<crate::control::XdpTraffic>,
 }
 
 /// A configured service at run time: its backends' state and its published snapshot.
@@ -799,11 +733,22 @@ impl ServiceRuntime {
         }
         let Some(rt) = st.runtime.clone() else { return };
         for d in &st.config.discovered {
+            let weak = self.this.clone();
+            let label = d.to_string();
+            // The resolver holds the service weakly and ends once it is gone.
+            let on_answer = move |addresses: &[SocketAddr]| match weak.upgrade() {
+                Some(s) => {
+                    s.set_discovered(&label, addresses);
+                    ControlFlow::Continue(())
+                }
+                None => ControlFlow::Break(()),
+            };
             st.resolvers.push(
-                rt.spawn(crate::discovery::follow(
-                    self.this.clone(),
+                rt.spawn(discovery::follow(
+                    self.name.clone(),
                     d.clone(),
                     st.config.resolve_interval,
+                    on_answer,
                 ))
                 .abort_handle(),
             );
