@@ -40,6 +40,30 @@ pub struct Status {
     pub xdp: Option<XdpStatus>,
 }
 
+/// A service in the admin API's `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceStatus {
+    /// The service's name.
+    pub name: String,
+    /// The VIP and port.
+    pub listen: SocketAddr,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: &'static str,
+    /// The scheduler, as written in the config (`"maglev"`...).
+    pub scheduler: String,
+    /// The data plane carrying the service and why, e.g. `"XDP data plane (nat) on eth0
+    /// (native)"` or `"proxy data plane (no interface is configured)"`. The daemon knows it,
+    /// not the service: [`crate::control::Control::status`] fills it in.
+    pub dataplane: String,
+    /// The snapshot generation (counts rebuilds).
+    pub generation: u64,
+    /// Every backend, in config order, then discovered ones.
+    pub backends: Vec<BackendStatus>,
+    /// What the XDP program counted for the service, when it runs on XDP. Filled in by
+    /// [`crate::control::Control::status`].
+    pub xdp: Option<XdpTraffic>,
+}
+
 /// One backend in a [`ServiceStatus`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BackendStatus {
@@ -82,30 +106,6 @@ pub struct BackendStatus {
     /// What the XDP program counted for this backend, when the service runs on XDP (its
     /// flows started, bytes and open flows are also in `total`, `bytes_to_backend` and
     /// `active`). Filled in by [`crate::control::Control::status`].
-    pub xdp: Option<XdpTraffic>,
-}
-
-/// A service in the admin API's `/status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ServiceStatus {
-    /// The service's name.
-    pub name: String,
-    /// The VIP and port.
-    pub listen: SocketAddr,
-    /// `"tcp"` or `"udp"`.
-    pub protocol: &'static str,
-    /// The scheduler, as written in the config (`"maglev"`...).
-    pub scheduler: String,
-    /// The data plane carrying the service and why, e.g. `"XDP data plane (nat) on eth0
-    /// (native)"` or `"proxy data plane (no interface is configured)"`. The daemon knows it,
-    /// not the service: [`crate::control::Control::status`] fills it in.
-    pub dataplane: String,
-    /// The snapshot generation (counts rebuilds).
-    pub generation: u64,
-    /// Every backend, in config order, then discovered ones.
-    pub backends: Vec<BackendStatus>,
-    /// What the XDP program counted for the service, when it runs on XDP. Filled in by
-    /// [`crate::control::Control::status`].
     pub xdp: Option<XdpTraffic>,
 }
 

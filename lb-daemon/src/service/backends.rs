@@ -205,7 +205,7 @@ impl BackendSet {
     }
 
     /// Sets the health settings that backends added from now on start with (a reload).
-    pub(super) fn set_health(&mut self, health: HealthCheck) {
+    pub(super) fn set_health_settings(&mut self, health: HealthCheck) {
         self.health = health;
     }
 

@@ -16,7 +16,8 @@ use crate::dataplane::FlowEvents;
 /// Carries the data planes' connect outcomes to the services' health state.
 ///
 /// The data plane reports every failed connect, and only the first success after failures
-/// (it keeps the "failing" mark in the backend's [`BackendStats`], so the common case, a
+/// (it keeps the "failing" mark in the backend's
+/// [`BackendStats`](crate::snapshot::BackendStats), so the common case, a
 /// success after a success, never calls here). That first success resets the failure streak
 /// that failed connects started, but successful connects do not cancel failed active checks
 /// (two failed checks and one failed connect reach `fall = 3`). Unlike HAProxy's

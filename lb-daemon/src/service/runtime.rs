@@ -441,7 +441,7 @@ fn static_backends(config: &Service) -> Vec<(SocketAddr, u32)> {
 /// config keeps the addresses of its last answer, at its new weight; a name gone from it
 /// lets go of them. Returns the backends added (each needs a health check).
 fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
-    st.backends.set_health(st.config.health.clone());
+    st.backends.set_health_settings(st.config.health.clone());
     let statics = static_backends(&st.config);
     let added = st
         .backends
