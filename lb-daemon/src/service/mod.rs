@@ -19,6 +19,7 @@
 //!   publishing snapshots.
 //! - `admin.rs`: drain, enable, weight and the status, for the admin API.
 //! - `feedback.rs`: [`PassiveFeedback`], the data planes' connect outcomes.
+//! - here: [`ServiceSet`], the running services by number.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

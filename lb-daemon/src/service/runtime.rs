@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -30,7 +30,7 @@ use crate::snapshot::{ServiceSnapshot, SharedSnapshot};
 pub struct ServiceRuntime {
     index: usize,
     pub(super) name: String,
-    pub(super) state: std::sync::Mutex<State>,
+    pub(super) state: Mutex<State>,
     /// The backends by address, for the data plane's connect reports (no lock taken).
     pub(super) by_address: ArcSwap<HashMap<SocketAddr, Arc<BackendRuntime>>>,
     pub(super) snapshot: SharedSnapshot,
@@ -69,7 +69,7 @@ impl ServiceRuntime {
         Ok(Arc::new_cyclic(|this| ServiceRuntime {
             index,
             name: config.name.clone(),
-            state: std::sync::Mutex::new(State {
+            state: Mutex::new(State {
                 config,
                 backends,
                 checkers: HashMap::new(),
