@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use lb_common::Counters;
 use tracing::warn;
 
+use crate::admin::status::{ReloadHistory, ServiceStatus, Status, XdpStatus, XdpTraffic};
 use crate::config::Config;
-use crate::dataplane::proxy::{Proxy, ProxyCounters};
+use crate::dataplane::proxy::Proxy;
 use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
 use crate::placement::{Placement, Planes};
-use crate::service::{ServiceRuntime, ServiceSet, ServiceStatus};
+use crate::service::{ServiceRuntime, ServiceSet};
 
 /// The daemon's shared control state. One per process, behind an `Arc`.
 pub struct Control {
@@ -35,112 +35,6 @@ pub struct Control {
     /// Whether the failing reads of the XDP counters since the last good one were logged
     /// already (logged once per outage, not per scrape).
     xdp_read_failed: std::sync::atomic::AtomicBool,
-}
-
-/// Counts of reloads and the latest outcome.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ReloadHistory {
-    /// Reloads applied.
-    pub succeeded: u64,
-    /// Reloads refused (the running config stayed).
-    pub failed: u64,
-    /// The latest reload's outcome: what changed, or why it was refused.
-    pub last: Option<String>,
-    /// Unix time in seconds of the latest applied reload (or of start).
-    pub last_success_unix_seconds: f64,
-}
-
-/// `GET /status`: the daemon and every service.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Status {
-    /// The config file.
-    pub config: PathBuf,
-    /// The data planes carrying the services: `"proxy"`, `"xdp"` or `"xdp+proxy"`; each
-    /// service's own is in its `dataplane`.
-    pub dataplane: &'static str,
-    /// Seconds since start.
-    pub uptime_seconds: f64,
-    /// Connections and sessions open in the data plane.
-    pub active: u64,
-    /// Proxy-wide counters.
-    pub proxy: ProxyCountersView,
-    /// Reloads so far.
-    pub reloads: ReloadHistory,
-    /// The services, in config order.
-    pub services: Vec<ServiceStatus>,
-    /// Services a reload removed that still have open connections or sessions (listed until
-    /// the last one closes or `drain_timeout` passes).
-    pub removed_services: Vec<ServiceStatus>,
-    /// The XDP program's own counters; `None` when no service runs on XDP.
-    pub xdp: Option<XdpStatus>,
-}
-
-/// The XDP program's global counters in `/status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct XdpStatus {
-    /// Packets by outcome, summed over CPUs, named as `lb_common::Stat` in snake case
-    /// (`packets` seen, `forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...).
-    pub packets: BTreeMap<String, u64>,
-    /// Why the counters could not be read, when they could not (they are then empty, and the
-    /// per-service XDP figures are missing).
-    pub error: Option<String>,
-}
-
-/// What the XDP program counted for one service or one backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct XdpTraffic {
-    /// Client packets forwarded.
-    pub packets: u64,
-    /// Bytes of those packets as the frames arrived (Ethernet header included).
-    pub bytes: u64,
-    /// Flows started (conntrack entries made).
-    pub flows: u64,
-    /// Flows open now (backends only): conntrack entries no FIN or RST closed and seen within
-    /// the service's idle timeout, counted every few seconds by the sync thread while the counters are read (also added
-    /// to the backend's `active`). `None` for a service, or before the first count.
-    pub open_flows: Option<u64>,
-    /// `nat` backends: SNAT ports towards the backend in use or held after their flow ended,
-    /// counted every 10 s or so; `None` for `dsr`, a service, or before the first count.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub snat_ports_in_use: Option<u64>,
-    /// `nat` backends: SNAT ports a new flow towards the backend may still take (the range's
-    /// ports less those in use or held).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub snat_ports_free: Option<u64>,
-}
-
-impl From<Counters> for XdpTraffic {
-    fn from(c: Counters) -> Self {
-        XdpTraffic {
-            packets: c.packets,
-            bytes: c.bytes,
-            flows: c.new_flows,
-            open_flows: None,
-            snat_ports_in_use: None,
-            snat_ports_free: None,
-        }
-    }
-}
-
-/// [`ProxyCounters`] for JSON.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct ProxyCountersView {
-    /// Connections refused and datagrams dropped for want of a backend.
-    pub no_backend: u64,
-    /// UDP datagrams dropped.
-    pub dropped_datagrams: u64,
-    /// Connections and sessions ended by an error.
-    pub errors: u64,
-}
-
-impl From<ProxyCounters> for ProxyCountersView {
-    fn from(c: ProxyCounters) -> Self {
-        ProxyCountersView {
-            no_backend: c.no_backend,
-            dropped_datagrams: c.dropped_datagrams,
-            errors: c.errors,
-        }
-    }
 }
 
 impl Control {

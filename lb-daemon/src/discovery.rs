@@ -5,44 +5,48 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Weak;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use tracing::warn;
 
 use crate::config::DnsBackend;
-use crate::service::ServiceRuntime;
 
-/// Resolves `name` now and then every `interval`, and hands each answer to the service
-/// ([`ServiceRuntime::set_discovered`]), which adds new addresses and lets go of vanished
-/// ones: they drain unless the config or another name still asks for them.
-/// Returns when the service is gone; abort the task to stop it sooner.
+/// Resolves `name` now and then every `interval`, and hands each answer to `on_answer`
+/// (the service's backend set adds new addresses and lets go of vanished ones: they drain
+/// unless the config or another name still asks for them), as [`crate::health::monitor`]
+/// reports a transition.
 ///
-/// A failed lookup (no answer, a resolver error) keeps the last set: a DNS outage must not
-/// drain every backend. It is logged once per failure streak.
-pub async fn follow(service: Weak<ServiceRuntime>, name: DnsBackend, interval: Duration) {
+/// - `service`: the service's name, for the log.
+/// - `on_answer`: gets every address of a successful lookup, sorted and deduplicated;
+///   returns `ControlFlow::Break(())` when nobody needs the name any more (the service is
+///   gone), which ends the task. Abort the task to stop it sooner.
+/// - A failed lookup (no answer, a resolver error) keeps the last set: `on_answer` is not
+///   called, as a DNS outage must not drain every backend. It is logged once per failure
+///   streak.
+pub async fn follow(
+    service: String,
+    name: DnsBackend,
+    interval: Duration,
+    on_answer: impl Fn(&[SocketAddr]) -> ControlFlow<()>,
+) {
     let label = name.to_string();
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         ticker.tick().await;
-        let answer = resolve(&name).await;
-        let Some(service) = service.upgrade() else {
-            return;
-        };
-        match answer {
+        match resolve(&name).await {
             Ok(addresses) => {
                 failing = false;
                 let addresses: Vec<SocketAddr> = addresses.into_iter().collect();
-                service.set_discovered(&label, &addresses);
+                if on_answer(&addresses).is_break() {
+                    return;
+                }
             }
             Err(e) => {
                 if !failing {
-                    warn!(
-                        "service {}: cannot resolve {label} ({e}); keeping its last backends",
-                        service.name()
-                    );
+                    warn!("service {service}: cannot resolve {label} ({e}); keeping its last backends");
                 }
                 failing = true;
             }

@@ -10,9 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lb_daemon::admin::status::BackendStatus;
 use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions};
 use lb_daemon::dataplane::ServiceHandle;
-use lb_daemon::service::{BackendStatus, PassiveFeedback, ServiceRuntime, ServiceSet};
+use lb_daemon::service::{PassiveFeedback, ServiceRuntime, ServiceSet};
 use proxy_support::{init_logs, udp_socket, wait_until, TcpBackend, UdpEcho, SERVICE};
 
 /// Consecutive passive failures that take a backend out.

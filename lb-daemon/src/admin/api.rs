@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /status` | JSON [`Status`](crate::control::Status): services, backends, health, weights, counters |
+//! | `GET /status` | JSON [`Status`](crate::admin::status::Status): services, backends, health, weights, counters |
 //! | `GET /metrics` | Prometheus text exposition (see [`super::metrics`]) |
 //! | `POST /services/{service}/backends/{backend}/drain` | no new flows to the backend |
 //! | `POST /services/{service}/backends/{backend}/enable` | ends a drain |

@@ -1,0 +1,250 @@
+//! What the admin API does to one service: drain, enable and weigh a backend, and show the
+//! service's state in `/status`.
+//!
+//! Each action changes a backend's [`Weight`] under the service's lock and republishes the
+//! snapshot, as a health transition does.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use super::backends::BackendEntry;
+use super::weights::Weight;
+use super::{lock, protocol_name, round_ms, scheduler_name, ServiceRuntime};
+use crate::admin::status::{BackendStatus, ServiceStatus};
+use crate::config::{CheckKind, MAX_WEIGHT};
+use crate::health::Health;
+
+/// Why an admin call on a backend was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminError {
+    /// No service has this name.
+    #[error("no service is named `{0}`")]
+    NoService(String),
+    /// The service has no backend at this address.
+    #[error("service `{service}` has no backend {backend}")]
+    NoBackend {
+        /// The service's name.
+        service: String,
+        /// The address asked for.
+        backend: String,
+    },
+    /// The weight is above [`MAX_WEIGHT`].
+    #[error("weight {0} is out of range 0..={MAX_WEIGHT}")]
+    Weight(u32),
+    /// The backend is leaving (removed from the config or DNS); it cannot be enabled.
+    #[error("backend {0} is being removed (it left the config or DNS) and cannot be changed")]
+    Removing(SocketAddr),
+}
+
+impl ServiceRuntime {
+    /// The service and its backends as the admin API shows them; the daemon fills in the
+    /// data plane and the XDP counters.
+    pub fn status(&self) -> ServiceStatus {
+        let st = lock(&self.state);
+        let now = Instant::now();
+        ServiceStatus {
+            dataplane: String::new(),
+            name: st.config.name.clone(),
+            listen: st.config.listen,
+            protocol: protocol_name(&st.config),
+            scheduler: scheduler_name(&st.config),
+            generation: self.snapshot.load().generation,
+            backends: st
+                .backends
+                .iter()
+                .map(|b| backend_status(b, &st.config.health.kind, st.config.slow_start, now))
+                .collect(),
+            xdp: None,
+        }
+    }
+
+    /// Drains `backend`: no new flows from now on, open ones finish. Stays until
+    /// [`ServiceRuntime::enable`].
+    ///
+    /// Returns `Err(AdminError::NoBackend)` when the service has no such backend.
+    pub fn drain(&self, backend: SocketAddr) -> Result<(), AdminError> {
+        self.change_backend(backend, |b, _| {
+            b.weight.drain();
+            Ok(())
+        })?;
+        info!(
+            "backend {backend} of service {} is draining: no new flows",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Ends a drain of `backend`; with `slow_start` its weight ramps up again.
+    ///
+    /// Returns `Err(AdminError::NoBackend)` when the service has no such backend and
+    /// `Err(AdminError::Removing)` when it left the config or DNS.
+    pub fn enable(&self, backend: SocketAddr) -> Result<(), AdminError> {
+        self.change_backend(backend, |b, now| {
+            if b.removing() {
+                return Err(AdminError::Removing(b.address()));
+            }
+            b.weight.enable(now);
+            Ok(())
+        })?;
+        info!(
+            "backend {backend} of service {} is enabled: it takes new flows",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Sets `backend`'s weight to `weight` (0 drains) until a reload changes its configured
+    /// weight.
+    ///
+    /// Returns `Err(AdminError::Weight)` above [`MAX_WEIGHT`], `Err(AdminError::NoBackend)`
+    /// when the service has no such backend and `Err(AdminError::Removing)` when it is leaving.
+    pub fn set_weight(&self, backend: SocketAddr, weight: u32) -> Result<(), AdminError> {
+        if weight > MAX_WEIGHT {
+            return Err(AdminError::Weight(weight));
+        }
+        self.change_backend(backend, |b, now| {
+            if b.removing() {
+                return Err(AdminError::Removing(b.address()));
+            }
+            b.weight.set_admin(weight, now);
+            Ok(())
+        })?;
+        info!(
+            "backend {backend} of service {}: weight set to {weight}",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Runs `change` on `backend` under the lock, then republishes.
+    fn change_backend(
+        &self,
+        backend: SocketAddr,
+        change: impl FnOnce(&mut BackendEntry, Instant) -> Result<(), AdminError>,
+    ) -> Result<(), AdminError> {
+        let mut st = lock(&self.state);
+        let Some(b) = st.backends.get_mut(backend) else {
+            return Err(AdminError::NoBackend {
+                service: self.name.clone(),
+                backend: backend.to_string(),
+            });
+        };
+        change(b, Instant::now())?;
+        self.republish(&st);
+        Ok(())
+    }
+}
+
+/// One backend in `/status`: `kind` and `slow_start` are the service's.
+fn backend_status(
+    b: &BackendEntry,
+    kind: &CheckKind,
+    slow_start: Option<Duration>,
+    now: Instant,
+) -> BackendStatus {
+    let h = lock(&b.rt.health);
+    let up = h.health() == Health::Up;
+    let effective = if up {
+        b.effective_weight(slow_start, now)
+    } else {
+        0
+    };
+    let s = &b.rt.stats;
+    BackendStatus {
+        address: b.address(),
+        origin: b.label().to_string(),
+        health: if up { "up" } else { "down" },
+        health_for_seconds: round_ms(now.duration_since(h.since())).as_secs_f64(),
+        state: state_name(b.removing(), &b.weight, up, effective),
+        weight: b.weight.base(),
+        configured_weight: b.weight.configured(),
+        effective_weight: effective,
+        active: s.active(),
+        total: s.total.load(Ordering::Relaxed),
+        connect_failures: s.connect_failures.load(Ordering::Relaxed),
+        bytes_to_backend: s.bytes_to_backend.load(Ordering::Relaxed),
+        bytes_from_backend: s.bytes_from_backend.load(Ordering::Relaxed),
+        last_check: match (kind, h.last_check()) {
+            (CheckKind::None, _) => h.passive_summary(now),
+            (_, None) => None,
+            (_, Some(Ok(()))) => Some("ok".into()),
+            (_, Some(Err(e))) => Some(e.to_string()),
+        },
+        xdp: None,
+    }
+}
+
+/// A backend's `state` in `/status`: removing, draining, slow start or active.
+fn state_name(removing: bool, weight: &Weight, up: bool, effective: u32) -> &'static str {
+    if removing {
+        "removing"
+    } else if weight.drained() {
+        "draining"
+    } else if up && effective < weight.base() {
+        "slow_start"
+    } else {
+        "active"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing::service;
+
+    #[test]
+    fn drain_then_enable_ramps_the_weight_back_with_slow_start() {
+        let mut svc = service("none");
+        svc.slow_start = Some(Duration::from_secs(600));
+        svc.backends[0].weight = 50;
+        let rt = ServiceRuntime::new(0, svc).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        assert_eq!(
+            rt.snapshot().load().backends[0].weight,
+            50,
+            "full weight at start"
+        );
+        rt.drain(b1).expect("9001 is a backend");
+        assert!(
+            !rt.snapshot().load().backends[0].eligible(),
+            "a drained backend must get no new flows"
+        );
+        rt.enable(b1).expect("9001 is a backend");
+        let w = rt.snapshot().load().backends[0].weight;
+        assert!(
+            (1..50).contains(&w),
+            "an enabled backend should ramp up from 1, not return at full weight {w}"
+        );
+        assert_eq!(
+            rt.drain("127.0.0.1:1".parse().expect("literal")),
+            Err(AdminError::NoBackend {
+                service: "web".into(),
+                backend: "127.0.0.1:1".into()
+            })
+        );
+        assert_eq!(rt.set_weight(b1, 300), Err(AdminError::Weight(300)));
+    }
+
+    #[test]
+    fn draining_backend_is_never_picked() {
+        let rt = ServiceRuntime::new(0, service("tcp")).expect("builds");
+        let snap = rt.snapshot().load_full();
+        assert_eq!(
+            snap.eligible_count(),
+            2,
+            "weight 0 must not count as eligible"
+        );
+        let key = lb_common::FlowKey::default();
+        for _ in 0..30 {
+            let id = snap.pick(&key, &[]).expect("two backends are up");
+            assert_ne!(
+                snap.backends[id].address.port(),
+                9003,
+                "a draining backend got a new flow"
+            );
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! The backend set of one service: every backend the config or a DNS name asks for, where
+//! each came from, and their reconciliation with what a source asks for now.
+//!
+//! - A backend is known by its address for the life of the daemon: while a source still asks
+//!   for it, it keeps its counters and its health state.
+//! - A backend may come from several sources at once (a static address that a DNS name also
+//!   returns): it stays while one of them still asks for it. One that no source asks for is
+//!   leaving (removing): weight 0, forgotten once its last connection closes.
+//! - [`BackendSet::reconcile`] is the one place where a source's wish is applied: a reload
+//!   (the config's static addresses, the DNS names' weights) and a DNS answer both go
+//!   through it, so a new backend gets its slow start in one place.
+//! - Pure, like [`crate::health::HealthState`]: time is passed in; spawning health checks and
+//!   publishing a snapshot are the caller's ([`super::ServiceRuntime`]) side effects.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::lock;
+use super::weights::Weight;
+use crate::config::{CheckKind, HealthCheck};
+use crate::health::{Health, HealthState};
+use crate::snapshot::{BackendStats, BackendView};
+
+/// What the data plane hot path needs of a backend, reachable without the service's lock.
+pub(super) struct BackendRuntime {
+    /// `ip:port`.
+    pub(super) address: SocketAddr,
+    /// The rise/fall state that checks and passive failures update.
+    pub(super) health: Arc<Mutex<HealthState>>,
+    /// Live counters, shared with every snapshot.
+    pub(super) stats: Arc<BackendStats>,
+}
+
+/// Where a backend comes from: the config file or a DNS name.
+///
+/// Ordered static first, then names alphabetically (`name:port` as a string), which is the
+/// order in which they give its weight: the static entry's, else that of the alphabetically
+/// first name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BackendSource {
+    /// An `ip:port` in the config file.
+    Static,
+    /// A record of this `name:port` in the config file.
+    Dns(String),
+}
+
+impl BackendSource {
+    /// As the status shows it: `static`, or the `name:port`.
+    fn label(&self) -> &str {
+        match self {
+            BackendSource::Static => "static",
+            BackendSource::Dns(name) => name,
+        }
+    }
+}
+
+/// A backend's state as the control plane keeps it (under the service's lock).
+pub(super) struct BackendEntry {
+    /// The part the data planes' reports reach without the lock.
+    pub(super) rt: Arc<BackendRuntime>,
+    /// Every source that asks for this backend now, with the weight it gives. Empty once
+    /// none does: the backend is leaving (weight 0, forgotten once its last connection
+    /// closes).
+    sources: BTreeMap<BackendSource, u32>,
+    /// The sources as the status shows them (`static`, `app:3000`, joined by `,`); kept as
+    /// they last were while the backend is leaving.
+    label: String,
+    /// Configured, admin and drained weight, and slow start.
+    pub(super) weight: Weight,
+}
+
+impl BackendEntry {
+    /// A backend that `source` asks for with `weight`.
+    fn new(rt: Arc<BackendRuntime>, source: BackendSource, weight: u32) -> BackendEntry {
+        let mut b = BackendEntry {
+            rt,
+            sources: BTreeMap::new(),
+            label: String::new(),
+            weight: Weight::new(weight),
+        };
+        b.sources.insert(source, weight);
+        b.follow_sources();
+        b
+    }
+
+    /// `ip:port`.
+    pub(super) fn address(&self) -> SocketAddr {
+        self.rt.address
+    }
+
+    /// Gone from the config and from DNS: no source asks for it any more.
+    pub(super) fn removing(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// The sources as the status shows them, e.g. `static,app:3000`.
+    pub(super) fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The weight the scheduler gets now if the backend is up: 0 while drained or removed,
+    /// ramping from 1 to the full weight during slow start.
+    pub(super) fn effective_weight(&self, slow_start: Option<Duration>, now: Instant) -> u32 {
+        if self.removing() {
+            return 0;
+        }
+        self.weight.effective(slow_start, now)
+    }
+
+    /// Records whether `source` asks for this backend now (`Some(weight)`) or not (`None`).
+    /// A backend that was leaving and is asked for again returns to service (with slow
+    /// start from `now`). Returns whether anything changed.
+    fn set_source(&mut self, source: &BackendSource, weight: Option<u32>, now: Instant) -> bool {
+        let was_removing = self.removing();
+        let changed = match weight {
+            Some(w) => self.sources.insert(source.clone(), w) != Some(w),
+            None => self.sources.remove(source).is_some(),
+        };
+        if was_removing && !self.removing() {
+            self.weight.start_ramp(now);
+        }
+        self.follow_sources();
+        changed
+    }
+
+    /// Takes the configured weight from the first source (a new one clears an admin weight)
+    /// and the status label from all of them. Nothing changes while no source is left.
+    fn follow_sources(&mut self) {
+        let Some((_, &weight)) = self.sources.first_key_value() else {
+            return;
+        };
+        self.weight.set_configured(weight);
+        let labels: Vec<&str> = self.sources.keys().map(BackendSource::label).collect();
+        self.label = labels.join(",");
+    }
+}
+
+/// What one [`BackendSet::reconcile`] changed, by backend address.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Changes {
+    /// Backends new to the set, in the order asked for: each needs a health check.
+    pub(super) added: Vec<SocketAddr>,
+    /// Backends that were leaving and are asked for again: back in service, slow start.
+    pub(super) returned: Vec<SocketAddr>,
+    /// Backends that no source asks for any more: they drain.
+    pub(super) leaving: Vec<SocketAddr>,
+    /// Backends still asked for whose sources or weights changed otherwise.
+    pub(super) updated: Vec<SocketAddr>,
+}
+
+impl Changes {
+    /// Whether nothing changed (no rebuild needed).
+    pub(super) fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.returned.is_empty()
+            && self.leaving.is_empty()
+            && self.updated.is_empty()
+    }
+}
+
+/// The backends of one service, in the order they were first asked for (config order, then
+/// discovered ones): the snapshot lists them, and so numbers them, in this order.
+pub(super) struct BackendSet {
+    entries: Vec<BackendEntry>,
+    /// The service's `[service.health]`, which a new backend's health state follows.
+    health: HealthCheck,
+}
+
+impl BackendSet {
+    /// The backends a service starts with: `statics` as (address, weight), each up and at
+    /// full weight at once (there are no flows yet for slow start to protect them from).
+    pub(super) fn new(health: HealthCheck, statics: &[(SocketAddr, u32)], now: Instant) -> Self {
+        let mut set = BackendSet {
+            entries: Vec::new(),
+            health,
+        };
+        for &(address, weight) in statics {
+            let rt = set.new_runtime(address, now);
+            set.entries
+                .push(BackendEntry::new(rt, BackendSource::Static, weight));
+        }
+        set
+    }
+
+    /// The backends, in order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &BackendEntry> {
+        self.entries.iter()
+    }
+
+    /// The backends, in order, to change their weight or ramp.
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut BackendEntry> {
+        self.entries.iter_mut()
+    }
+
+    /// The backend at `address`, if the set has it.
+    pub(super) fn get(&self, address: SocketAddr) -> Option<&BackendEntry> {
+        self.entries.iter().find(|b| b.address() == address)
+    }
+
+    /// The backend at `address`, if the set has it, to change.
+    pub(super) fn get_mut(&mut self, address: SocketAddr) -> Option<&mut BackendEntry> {
+        self.entries.iter_mut().find(|b| b.address() == address)
+    }
+
+    /// Sets the health settings that backends added from now on start with (a reload).
+    pub(super) fn set_health_settings(&mut self, health: HealthCheck) {
+        self.health = health;
+    }
+
+    /// The DNS names that some backend comes from now, alphabetically.
+    pub(super) fn dns_names(&self) -> BTreeSet<String> {
+        self.entries
+            .iter()
+            .flat_map(|b| b.sources.keys())
+            .filter_map(|s| match s {
+                BackendSource::Dns(name) => Some(name.clone()),
+                BackendSource::Static => None,
+            })
+            .collect()
+    }
+
+    /// The addresses `source` asks for now, in set order.
+    pub(super) fn addresses_from(&self, source: &BackendSource) -> Vec<SocketAddr> {
+        self.entries
+            .iter()
+            .filter(|b| b.sources.contains_key(source))
+            .map(BackendEntry::address)
+            .collect()
+    }
+
+    /// Makes the set follow what `source` asks for now: `desired` as (address, weight), its
+    /// whole wish (an address it asked for before and not now is let go).
+    ///
+    /// - A new address is added with slow start from `now`, healthy (as at start).
+    /// - A backend `source` lets go of leaves unless another source still asks for it.
+    /// - A leaving backend asked for again returns, with slow start from `now`.
+    /// - A weight follows the first source (see [`BackendSource`]); a new one clears the
+    ///   admin weight.
+    ///
+    /// For an address listed twice in `desired`, the first weight counts.
+    pub(super) fn reconcile(
+        &mut self,
+        source: &BackendSource,
+        desired: &[(SocketAddr, u32)],
+        now: Instant,
+    ) -> Changes {
+        let mut changes = Changes::default();
+        for b in &mut self.entries {
+            let address = b.address();
+            let weight = desired.iter().find(|(a, _)| *a == address).map(|&(_, w)| w);
+            let was_removing = b.removing();
+            if !b.set_source(source, weight, now) {
+                continue;
+            }
+            match (was_removing, b.removing()) {
+                (true, false) => changes.returned.push(address),
+                (false, true) => changes.leaving.push(address),
+                _ => changes.updated.push(address),
+            }
+        }
+        for &(address, weight) in desired {
+            if self.get(address).is_some() {
+                continue;
+            }
+            let rt = self.new_runtime(address, now);
+            let mut b = BackendEntry::new(rt, source.clone(), weight);
+            b.weight.start_ramp(now);
+            self.entries.push(b);
+            changes.added.push(address);
+        }
+        changes
+    }
+
+    /// Forgets the leaving backends whose last connection closed; returns their addresses.
+    pub(super) fn forget_idle(&mut self) -> Vec<SocketAddr> {
+        let mut forgotten = Vec::new();
+        self.entries.retain(|b| {
+            let keep = !b.removing() || b.rt.stats.active() > 0;
+            if !keep {
+                forgotten.push(b.address());
+            }
+            keep
+        });
+        forgotten
+    }
+
+    /// The backends by address, for the data planes' connect reports.
+    pub(super) fn by_address(&self) -> HashMap<SocketAddr, Arc<BackendRuntime>> {
+        self.entries
+            .iter()
+            .map(|b| (b.address(), Arc::clone(&b.rt)))
+            .collect()
+    }
+
+    /// The backends as a snapshot lists them: effective weight and health now.
+    pub(super) fn views(&self, slow_start: Option<Duration>, now: Instant) -> Vec<BackendView> {
+        self.entries
+            .iter()
+            .map(|b| BackendView {
+                address: b.address(),
+                weight: b.effective_weight(slow_start, now),
+                up: lock(&b.rt.health).health() == Health::Up,
+                stats: Arc::clone(&b.rt.stats),
+            })
+            .collect()
+    }
+
+    fn new_runtime(&self, address: SocketAddr, now: Instant) -> Arc<BackendRuntime> {
+        Arc::new(BackendRuntime {
+            address,
+            health: Arc::new(Mutex::new(new_health(&self.health, now))),
+            stats: Arc::new(BackendStats::default()),
+        })
+    }
+}
+
+/// A backend's health state as `[service.health]` says: with no active checks, passive
+/// failures hold it off for `passive_timeout`.
+pub(super) fn new_health(health: &HealthCheck, now: Instant) -> HealthState {
+    let state = HealthState::new(health.rise, health.fall, now);
+    match health.kind {
+        CheckKind::None => state.passive_only(health.passive_timeout),
+        _ => state,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::testing::service;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("literal address")
+    }
+
+    fn entry(weight: u32, ramp_start: Option<Instant>) -> BackendEntry {
+        let svc = service("none");
+        let set = BackendSet::new(svc.health, &[], Instant::now());
+        let mut b = BackendEntry::new(
+            set.new_runtime(addr("127.0.0.1:9001"), Instant::now()),
+            BackendSource::Static,
+            weight,
+        );
+        if let Some(t) = ramp_start {
+            b.weight.start_ramp(t);
+        }
+        b
+    }
+
+    #[test]
+    fn slow_start_ramps_from_one_to_the_full_weight() {
+        let t0 = Instant::now();
+        let ramp = Some(Duration::from_secs(10));
+        let e = entry(100, Some(t0));
+        assert_eq!(e.effective_weight(ramp, t0), 1, "a ramp starts at weight 1");
+        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(5)), 50);
+        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(10)), 100);
+        assert_eq!(
+            e.effective_weight(None, t0),
+            100,
+            "without slow_start the full weight applies at once"
+        );
+        let mut d = entry(100, None);
+        d.weight.drain();
+        assert_eq!(
+            d.effective_weight(ramp, t0),
+            0,
+            "a drained backend has weight 0"
+        );
+        let mut r = entry(100, None);
+        r.set_source(&BackendSource::Static, None, t0);
+        assert_eq!(
+            r.effective_weight(ramp, t0),
+            0,
+            "a removed backend has weight 0"
+        );
+    }
+
+    /// A set with `statics` (weight 1 each) and health checks off.
+    fn set_of(statics: &[&str], now: Instant) -> BackendSet {
+        let desired: Vec<(SocketAddr, u32)> = statics.iter().map(|s| (addr(s), 1)).collect();
+        BackendSet::new(service("none").health, &desired, now)
+    }
+
+    #[test]
+    fn reconcile_adds_with_slow_start_and_lets_go_of_what_a_source_no_longer_asks_for() {
+        let t0 = Instant::now();
+        let ramp = Some(Duration::from_secs(10));
+        let mut set = set_of(&["10.0.0.1:80", "10.0.0.2:80"], t0);
+        let changes = set.reconcile(
+            &BackendSource::Static,
+            &[(addr("10.0.0.2:80"), 1), (addr("10.0.0.3:80"), 10)],
+            t0,
+        );
+        assert_eq!(
+            changes,
+            Changes {
+                added: vec![addr("10.0.0.3:80")],
+                leaving: vec![addr("10.0.0.1:80")],
+                ..Changes::default()
+            }
+        );
+        let new = set.get(addr("10.0.0.3:80")).expect("10.0.0.3 was added");
+        assert_eq!(
+            new.effective_weight(ramp, t0),
+            1,
+            "a new backend must start its slow start"
+        );
+        let gone = set.get(addr("10.0.0.1:80")).expect("kept while it drains");
+        assert!(gone.removing() && gone.effective_weight(ramp, t0) == 0);
+        assert_eq!(
+            set.forget_idle(),
+            vec![addr("10.0.0.1:80")],
+            "a leaving backend with no connection is forgotten"
+        );
+    }
+
+    #[test]
+    fn reconcile_of_an_unchanged_wish_changes_nothing() {
+        let t0 = Instant::now();
+        let mut set = set_of(&["10.0.0.1:80"], t0);
+        let changes = set.reconcile(&BackendSource::Static, &[(addr("10.0.0.1:80"), 1)], t0);
+        assert!(changes.is_empty(), "nothing changed, yet {changes:?}");
+    }
+
+    #[test]
+    fn the_first_source_gives_the_weight_and_the_label_lists_them_all() {
+        let t0 = Instant::now();
+        let mut set = set_of(&["10.0.0.1:80"], t0);
+        let name = BackendSource::Dns("app:80".into());
+        let changes = set.reconcile(&name, &[(addr("10.0.0.1:80"), 7)], t0);
+        assert_eq!(changes.updated, vec![addr("10.0.0.1:80")]);
+        let b = set.get(addr("10.0.0.1:80")).expect("still there");
+        assert_eq!(b.label(), "static,app:80");
+        assert_eq!(
+            b.weight.configured(),
+            1,
+            "the static entry's weight comes first"
+        );
+        set.reconcile(&BackendSource::Static, &[], t0);
+        let b = set
+            .get(addr("10.0.0.1:80"))
+            .expect("app:80 still asks for it");
+        assert!(!b.removing(), "a name still returns it, yet it is leaving");
+        assert_eq!((b.label(), b.weight.configured()), ("app:80", 7));
+        assert_eq!(set.dns_names(), BTreeSet::from(["app:80".to_string()]));
+        assert_eq!(set.addresses_from(&name), vec![addr("10.0.0.1:80")]);
+    }
+
+    #[test]
+    fn a_leaving_backend_asked_for_again_returns_with_slow_start() {
+        let t0 = Instant::now();
+        let ramp = Some(Duration::from_secs(10));
+        let mut set = set_of(&["10.0.0.1:80"], t0);
+        set.reconcile(&BackendSource::Static, &[], t0);
+        let t1 = t0 + Duration::from_secs(60);
+        let changes = set.reconcile(&BackendSource::Static, &[(addr("10.0.0.1:80"), 4)], t1);
+        assert_eq!(changes.returned, vec![addr("10.0.0.1:80")]);
+        let b = set.get(addr("10.0.0.1:80")).expect("kept while it drained");
+        assert_eq!(b.label(), "static");
+        assert_eq!(b.effective_weight(ramp, t1), 1, "a returning backend ramps");
+        assert_eq!(b.effective_weight(ramp, t1 + Duration::from_secs(10)), 4);
+    }
+}

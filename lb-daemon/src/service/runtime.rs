@@ -1,0 +1,712 @@
+//! [`ServiceRuntime`]: one configured service at run time.
+//!
+//! - One lock over the service's state (config, backend set, tasks) serialises every change
+//!   and every snapshot publication.
+//! - The tasks: one active health check per backend, one resolver per DNS name, and a ticker
+//!   for slow start, passive hold-offs and forgetting drained backends.
+//! - Every change ends in [`ServiceRuntime::republish`]: a new scheduler (and Maglev table)
+//!   built from the backend set, swapped in whole.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::task::AbortHandle;
+use tracing::{error, info, warn};
+
+use super::backends::{new_health, BackendRuntime, BackendSet, BackendSource};
+use super::{lock, protocol_name, round_ms};
+use crate::config::{CheckKind, Service};
+use crate::discovery;
+use crate::health::{self, Health, Transition};
+use crate::scheduler::{self, Candidate, SchedulerError};
+use crate::snapshot::{ServiceSnapshot, SharedSnapshot};
+
+/// A configured service at run time: its backends' state and its published snapshot.
+pub struct ServiceRuntime {
+    index: usize,
+    pub(super) name: String,
+    pub(super) state: Mutex<State>,
+    /// The backends by address, for the data plane's connect reports (no lock taken).
+    pub(super) by_address: ArcSwap<HashMap<SocketAddr, Arc<BackendRuntime>>>,
+    pub(super) snapshot: SharedSnapshot,
+    generation: AtomicU64,
+    /// Lets tasks (checks, resolvers, the ticker) hold a weak reference to the service.
+    this: Weak<ServiceRuntime>,
+}
+
+/// The service's mutable state; its lock also serialises rebuilds.
+pub(super) struct State {
+    pub(super) config: Service,
+    pub(super) backends: BackendSet,
+    /// The active health check of each backend (none with `kind = "none"`).
+    checkers: HashMap<SocketAddr, AbortHandle>,
+    /// Discovery tasks, one per DNS name of the config.
+    resolvers: Vec<AbortHandle>,
+    /// The periodic task that steps slow starts and forgets drained removed backends.
+    ticker: Option<AbortHandle>,
+    /// The runtime tasks are spawned on; `None` until [`ServiceRuntime::start`].
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl ServiceRuntime {
+    /// Sets up service number `index` from its validated config and publishes its first
+    /// snapshot, with every static backend up (HAProxy's default: a backend needs `fall`
+    /// failed checks to go down). Backends given by DNS name appear once resolved, after
+    /// [`ServiceRuntime::start`].
+    ///
+    /// Returns `Err(SchedulerError)` only if the scheduler cannot be built from a config that
+    /// validation accepted, which would be a bug.
+    pub fn new(index: usize, config: Service) -> Result<Arc<Self>, SchedulerError> {
+        let now = Instant::now();
+        let backends = BackendSet::new(config.health.clone(), &static_backends(&config), now);
+        let first = build_snapshot(&config, &backends, 1, now)?;
+        let by_address = backends.by_address();
+        Ok(Arc::new_cyclic(|this| ServiceRuntime {
+            index,
+            name: config.name.clone(),
+            state: Mutex::new(State {
+                config,
+                backends,
+                checkers: HashMap::new(),
+                resolvers: Vec::new(),
+                ticker: None,
+                runtime: None,
+            }),
+            by_address: ArcSwap::from_pointee(by_address),
+            snapshot: Arc::new(ArcSwap::from_pointee(first)),
+            generation: AtomicU64::new(1),
+            this: this.clone(),
+        }))
+    }
+
+    /// The service's number, as data planes report it in
+    /// [`FlowEvents`](crate::dataplane::FlowEvents). Unique for the daemon's lifetime.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The service's current config (a copy: reloads replace it).
+    pub fn config(&self) -> Service {
+        lock(&self.state).config.clone()
+    }
+
+    /// The snapshot the data planes read; it is replaced whole on every change.
+    pub fn snapshot(&self) -> SharedSnapshot {
+        Arc::clone(&self.snapshot)
+    }
+
+    /// Starts the service's control tasks on the current tokio runtime: one active health
+    /// check per backend (none with `kind = "none"`), one resolver per DNS name, and a ticker
+    /// for slow start and removals. [`ServiceRuntime::stop`] ends them.
+    ///
+    /// Panics outside a tokio runtime.
+    pub fn start(&self) {
+        let mut st = lock(&self.state);
+        st.runtime = Some(tokio::runtime::Handle::current());
+        let addresses: Vec<SocketAddr> = st.backends.iter().map(|b| b.address()).collect();
+        for address in addresses {
+            self.spawn_checker(&mut st, address);
+        }
+        self.spawn_resolvers(&mut st);
+        self.restart_ticker(&mut st);
+    }
+
+    /// Stops every task [`ServiceRuntime::start`] started.
+    pub fn stop(&self) {
+        let mut st = lock(&self.state);
+        for (_, c) in st.checkers.drain() {
+            c.abort();
+        }
+        for r in st.resolvers.drain(..) {
+            r.abort();
+        }
+        if let Some(t) = st.ticker.take() {
+            t.abort();
+        }
+    }
+
+    /// Connections and sessions open to this service's backends now.
+    pub fn active(&self) -> u64 {
+        lock(&self.state)
+            .backends
+            .iter()
+            .map(|b| b.rt.stats.active())
+            .sum()
+    }
+
+    /// Applies a reloaded config of this service. The listen address and protocol must be
+    /// the same (the reload replaces a service whose are not). Static backends that stay keep
+    /// their counters and health; new ones start (with slow start, if set); the ones that
+    /// left drain and are forgotten once idle; weight changes clear admin weights.
+    pub fn update(&self, config: Service) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let health_changed = st.config.health != config.health;
+        let discovery_changed = st.config.discovered != config.discovered
+            || st.config.resolve_interval != config.resolve_interval;
+        let slow_start_changed = st.config.slow_start != config.slow_start;
+        st.config = config;
+        for address in reconcile_config(&mut st, now) {
+            self.spawn_checker(&mut st, address);
+        }
+        if health_changed {
+            self.restart_health(&mut st, now);
+        }
+        if discovery_changed {
+            self.spawn_resolvers(&mut st);
+        }
+        if slow_start_changed || health_changed {
+            self.restart_ticker(&mut st);
+        }
+        self.by_address.store(Arc::new(st.backends.by_address()));
+        self.republish(&st);
+    }
+
+    /// Gives every backend a fresh health state under the new `[service.health]` and
+    /// restarts its check. The verdict carries over; new thresholds, interval and kind apply
+    /// from now (without active checks, a new hold-off starts now).
+    fn restart_health(&self, st: &mut State, now: Instant) {
+        let health = &st.config.health;
+        for b in st.backends.iter() {
+            let down = lock(&b.rt.health).health() == Health::Down;
+            let mut fresh = new_health(health, now);
+            if down {
+                for _ in 0..health.fall {
+                    fresh.record_passive_failure("down before the reload", now);
+                }
+            }
+            *lock(&b.rt.health) = fresh;
+        }
+        let addresses: Vec<SocketAddr> = st.backends.iter().map(|b| b.address()).collect();
+        for address in addresses {
+            self.spawn_checker(st, address);
+        }
+    }
+
+    /// Sets the backends resolved from DNS name `name` (`host:port`) to `addresses`, each
+    /// with the weight the config gives the name: new addresses are added (with slow start);
+    /// the name lets go of the ones it no longer returns, which leave (drain, forgotten once
+    /// idle) unless the config or another name still asks for them.
+    ///
+    /// Does nothing when the config no longer lists `name`: a resolver task that a reload
+    /// aborted may already be waiting for this lock (an abort cannot stop it there), and its
+    /// answer must not bring back a name [`ServiceRuntime::update`] has just let go.
+    pub fn set_discovered(&self, name: &str, addresses: &[SocketAddr]) {
+        let mut st = lock(&self.state);
+        let Some(weight) = st
+            .config
+            .discovered
+            .iter()
+            .find(|d| d.to_string() == name)
+            .map(|d| d.weight)
+        else {
+            return;
+        };
+        let desired: Vec<(SocketAddr, u32)> = addresses.iter().map(|&a| (a, weight)).collect();
+        let source = BackendSource::Dns(name.to_string());
+        let changes = st.backends.reconcile(&source, &desired, Instant::now());
+        if changes.is_empty() {
+            return;
+        }
+        for &address in &changes.added {
+            self.spawn_checker(&mut st, address);
+        }
+        self.by_address.store(Arc::new(st.backends.by_address()));
+        let generation = self.republish(&st);
+        let added: Vec<SocketAddr> = changes
+            .returned
+            .iter()
+            .chain(&changes.added)
+            .copied()
+            .collect();
+        info!(
+            "service {}: {name} resolves to {} addresses; added {added:?}, draining {:?} (table generation {})",
+            self.name,
+            addresses.len(),
+            changes.leaving,
+            generation.map_or_else(|| "unchanged".to_string(), |g| g.to_string())
+        );
+    }
+
+    /// Applies a health transition of `backend`: a backend that came up starts its slow
+    /// start; the snapshot is republished, then the transition logged.
+    pub(super) fn transitioned(&self, backend: SocketAddr, t: &Transition) {
+        let mut st = lock(&self.state);
+        if t.to == Health::Up {
+            if let Some(b) = st.backends.get_mut(backend) {
+                b.weight.start_ramp(Instant::now());
+            }
+        }
+        // Publish before logging: once the line is out, every new flow is placed by a table
+        // that reflects it. Flows placed by an older generation may still be connecting.
+        let generation = self.republish(&st);
+        drop(st);
+        self.log_transition(backend, t, generation);
+    }
+
+    fn log_transition(&self, backend: SocketAddr, t: &Transition, generation: Option<u64>) {
+        let held = humantime::format_duration(round_ms(t.held_for));
+        let table = match generation {
+            Some(g) => format!("table generation {g}"),
+            None => "table unchanged".to_string(),
+        };
+        match t.to {
+            Health::Down => warn!(
+                "backend {backend} of service {} is DOWN: {}; it was {} for {held} ({table})",
+                self.name, t.reason, t.from
+            ),
+            Health::Up => info!(
+                "backend {backend} of service {} is UP: {}; it was {} for {held} ({table})",
+                self.name, t.reason, t.from
+            ),
+        }
+    }
+
+    /// Brings back backends whose passive hold-off ran out (no active checks), steps slow
+    /// starts (a rebuild when an effective weight changed) and forgets removed backends whose
+    /// last connection closed.
+    pub(super) fn tick(&self) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let current = self.snapshot.load_full();
+        let mut retried = Vec::new();
+        for b in st.backends.iter_mut() {
+            let t = lock(&b.rt.health).retry_due(now);
+            if let Some(t) = t {
+                b.weight.start_ramp(now);
+                retried.push((b.address(), t));
+            }
+        }
+        let mut changed = !retried.is_empty();
+        changed |= step_slow_starts(&mut st, &current, now);
+        changed |= self.forget_idle(&mut st);
+        if changed {
+            let generation = self.republish(&st);
+            drop(st);
+            for (backend, t) in &retried {
+                self.log_transition(*backend, t, generation);
+            }
+        }
+    }
+
+    /// Forgets the removed backends whose last connection closed and stops their checks.
+    /// Returns whether any was forgotten.
+    fn forget_idle(&self, st: &mut State) -> bool {
+        let forgotten = st.backends.forget_idle();
+        if forgotten.is_empty() {
+            return false;
+        }
+        for address in &forgotten {
+            if let Some(c) = st.checkers.remove(address) {
+                c.abort();
+            }
+        }
+        self.by_address.store(Arc::new(st.backends.by_address()));
+        info!(
+            "service {}: removed backends {forgotten:?} (drained, no connection left)",
+            self.name
+        );
+        true
+    }
+
+    /// (Re)starts the active health check of `address`; with `kind = "none"` only stops the
+    /// old one. Does nothing before [`ServiceRuntime::start`].
+    fn spawn_checker(&self, st: &mut State, address: SocketAddr) {
+        let Some(rt) = st.runtime.clone() else { return };
+        if let Some(old) = st.checkers.remove(&address) {
+            old.abort();
+        }
+        if st.config.health.kind == CheckKind::None {
+            return;
+        }
+        let Some(b) = st.backends.get(address) else {
+            return;
+        };
+        let weak = self.this.clone();
+        let on_transition: Arc<dyn Fn(&Transition) + Send + Sync> =
+            Arc::new(move |t: &Transition| {
+                if let Some(s) = weak.upgrade() {
+                    s.transitioned(address, t);
+                }
+            });
+        let task = rt.spawn(health::monitor(
+            address,
+            st.config.health.clone(),
+            Arc::clone(&b.rt.health),
+            on_transition,
+        ));
+        st.checkers.insert(address, task.abort_handle());
+    }
+
+    /// (Re)starts one resolver per DNS name of the config; each hands its answers to
+    /// [`ServiceRuntime::set_discovered`].
+    fn spawn_resolvers(&self, st: &mut State) {
+        for r in st.resolvers.drain(..) {
+            r.abort();
+        }
+        let Some(rt) = st.runtime.clone() else { return };
+        for d in &st.config.discovered {
+            let weak = self.this.clone();
+            let label = d.to_string();
+            // The resolver holds the service weakly and ends once it is gone.
+            let on_answer = move |addresses: &[SocketAddr]| match weak.upgrade() {
+                Some(s) => {
+                    s.set_discovered(&label, addresses);
+                    ControlFlow::Continue(())
+                }
+                None => ControlFlow::Break(()),
+            };
+            st.resolvers.push(
+                rt.spawn(discovery::follow(
+                    self.name.clone(),
+                    d.clone(),
+                    st.config.resolve_interval,
+                    on_answer,
+                ))
+                .abort_handle(),
+            );
+        }
+    }
+
+    fn restart_ticker(&self, st: &mut State) {
+        let Some(rt) = st.runtime.clone() else { return };
+        if let Some(t) = st.ticker.take() {
+            t.abort();
+        }
+        let weak = self.this.clone();
+        let period = tick_period(&st.config);
+        st.ticker = Some(
+            rt.spawn(async move {
+                let mut t = tokio::time::interval(period);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    t.tick().await;
+                    let Some(s) = weak.upgrade() else { return };
+                    s.tick();
+                }
+            })
+            .abort_handle(),
+        );
+    }
+
+    /// Builds a snapshot from the backends' current state and publishes it. Returns its
+    /// generation, or `None` when the build failed and the previous snapshot stays. The
+    /// caller holds the state lock, which serialises publications.
+    pub(super) fn republish(&self, st: &MutexGuard<'_, State>) -> Option<u64> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        match build_snapshot(&st.config, &st.backends, generation, Instant::now()) {
+            Ok(snap) => {
+                if snap.eligible_count() == 0 {
+                    error!(
+                        "service {} has no backend up: new {} flows are refused until one returns",
+                        self.name,
+                        protocol_name(&st.config).to_uppercase()
+                    );
+                }
+                self.snapshot.store(Arc::new(snap));
+                Some(generation)
+            }
+            Err(e) => {
+                error!(
+                    "service {}: could not rebuild the scheduler ({e}); keeping the previous table",
+                    self.name
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The config's static backends as (address, weight), in config order.
+fn static_backends(config: &Service) -> Vec<(SocketAddr, u32)> {
+    config
+        .backends
+        .iter()
+        .map(|b| (b.address, b.weight))
+        .collect()
+}
+
+/// Makes the backend set follow a reloaded config (already in `st.config`): its static
+/// addresses, then each DNS name's weight. A reload does not resolve: a name still in the
+/// config keeps the addresses of its last answer, at its new weight; a name gone from it
+/// lets go of them. Returns the backends added (each needs a health check).
+fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
+    st.backends.set_health_settings(st.config.health.clone());
+    let statics = static_backends(&st.config);
+    let added = st
+        .backends
+        .reconcile(&BackendSource::Static, &statics, now)
+        .added;
+    // Alphabetically, as a backend's sources are ordered: the first one gives its weight.
+    for name in st.backends.dns_names() {
+        let weight = st
+            .config
+            .discovered
+            .iter()
+            .find(|d| d.to_string() == name)
+            .map(|d| d.weight);
+        let source = BackendSource::Dns(name);
+        let desired: Vec<(SocketAddr, u32)> = match weight {
+            Some(w) => st
+                .backends
+                .addresses_from(&source)
+                .into_iter()
+                .map(|a| (a, w))
+                .collect(),
+            None => Vec::new(),
+        };
+        st.backends.reconcile(&source, &desired, now);
+    }
+    added
+}
+
+/// Ends the slow starts that ran their length. Returns whether an effective weight now
+/// differs from the one `current` (the published snapshot) has.
+fn step_slow_starts(st: &mut State, current: &ServiceSnapshot, now: Instant) -> bool {
+    let slow = st.config.slow_start;
+    let mut changed = false;
+    for b in st.backends.iter_mut() {
+        b.weight.finish_ramp(slow, now);
+        let published = current
+            .backends
+            .iter()
+            .find(|v| v.address == b.address())
+            .map(|v| v.weight);
+        if published.is_some_and(|w| w != b.effective_weight(slow, now)) {
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// How often the ticker runs: about 10 steps per slow-start ramp, and a tenth of the passive
+/// hold-off without active checks (so a backend returns within 10% of it); at least every
+/// 100 ms, at most every second.
+fn tick_period(config: &Service) -> Duration {
+    let mut period = Duration::from_secs(1);
+    if let Some(ramp) = config.slow_start {
+        period = period.min(ramp / 10);
+    }
+    if config.health.kind == CheckKind::None {
+        period = period.min(config.health.passive_timeout / 10);
+    }
+    period.max(Duration::from_millis(100))
+}
+
+/// The snapshot of `backends` now, numbered `generation`, with a scheduler over the
+/// eligible ones (none when no backend is eligible).
+fn build_snapshot(
+    config: &Service,
+    backends: &BackendSet,
+    generation: u64,
+    now: Instant,
+) -> Result<ServiceSnapshot, SchedulerError> {
+    let views = backends.views(config.slow_start, now);
+    let candidates: Vec<Candidate> = views
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.eligible())
+        .map(|(id, v)| Candidate {
+            id,
+            address: v.address,
+            weight: v.weight,
+            stats: Arc::clone(&v.stats),
+        })
+        .collect();
+    let scheduler = if candidates.is_empty() {
+        None
+    } else {
+        Some(scheduler::build(
+            config.scheduler,
+            candidates,
+            config.table_size,
+        )?)
+    };
+    Ok(ServiceSnapshot {
+        name: Arc::from(config.name.as_str()),
+        listen: config.listen,
+        protocol: config.protocol,
+        scheduler_kind: config.scheduler,
+        connect_timeout: config.connect_timeout,
+        idle_timeout: config.idle_timeout,
+        retries: config.retries,
+        backends: views,
+        scheduler,
+        generation,
+        proxy_protocol: config.proxy_protocol,
+        limits: config.limits,
+        access_log: config.access_log,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config;
+
+    /// A service with health checks off, the given static backends and DNS names (`host:port`).
+    fn with_backends(statics: &[&str], names: &[&str]) -> Service {
+        let mut text = String::from(
+            r#"
+[[service]]
+name = "app"
+listen = "127.0.0.1:8080"
+protocol = "tcp"
+scheduler = "round_robin"
+[service.health]
+kind = "none"
+"#,
+        );
+        for b in statics.iter().chain(names) {
+            text.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\n"));
+        }
+        config::parse(&text, Path::new("test.toml"))
+            .expect("valid test config")
+            .services
+            .remove(0)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("literal address")
+    }
+
+    /// `backend`'s state and origin in the status, `None` when the service has forgotten it.
+    fn state_of(rt: &ServiceRuntime, backend: &str) -> Option<(&'static str, String)> {
+        rt.status()
+            .backends
+            .into_iter()
+            .find(|b| b.address == addr(backend))
+            .map(|b| (b.state, b.origin))
+    }
+
+    /// Whether `backend` takes new flows in the published table.
+    fn takes_flows(rt: &ServiceRuntime, backend: &str) -> bool {
+        rt.snapshot()
+            .load()
+            .backends
+            .iter()
+            .any(|b| b.address == addr(backend) && b.eligible())
+    }
+
+    #[test]
+    fn a_backend_two_names_return_stays_while_one_still_does() {
+        let rt = ServiceRuntime::new(0, with_backends(&[], &["one.test:9100", "two.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.5:9100")]);
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100"),
+            Some(("active", "one.test:9100,two.test:9100".to_string()))
+        );
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")]);
+        assert!(
+            takes_flows(&rt, "10.0.0.5:9100"),
+            "two.test still returns 10.0.0.5, yet it left when one.test stopped returning it"
+        );
+        rt.set_discovered("two.test:9100", &[addr("10.0.0.7:9100")]);
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100").map(|s| s.0),
+            Some("removing"),
+            "no name returns 10.0.0.5 any more"
+        );
+        assert!(!takes_flows(&rt, "10.0.0.5:9100"));
+    }
+
+    #[test]
+    fn a_discovered_backend_the_config_also_lists_stays_when_its_name_drops_it() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9100")]);
+        // A reload lists the discovered address statically too.
+        rt.update(with_backends(
+            &["127.0.0.1:9001", "127.0.0.1:9100"],
+            &["one.test:9100"],
+        ));
+        assert_eq!(
+            state_of(&rt, "127.0.0.1:9100"),
+            Some(("active", "static,one.test:9100".to_string()))
+        );
+        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9101")]);
+        assert!(
+            takes_flows(&rt, "127.0.0.1:9100"),
+            "the config lists 127.0.0.1:9100, yet it left when one.test stopped returning it"
+        );
+        assert_eq!(
+            state_of(&rt, "127.0.0.1:9100"),
+            Some(("active", "static".to_string()))
+        );
+    }
+
+    #[test]
+    fn a_static_backend_a_name_also_returns_stays_when_the_config_drops_it() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9001"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9001", &[addr("127.0.0.1:9001")]);
+        rt.update(with_backends(&[], &["one.test:9001"]));
+        assert!(
+            takes_flows(&rt, "127.0.0.1:9001"),
+            "one.test still returns 127.0.0.1:9001, yet it left with its static entry"
+        );
+        // The name itself leaves the config: nothing asks for the backend any more.
+        rt.update(with_backends(&["127.0.0.1:9002"], &[]));
+        assert_eq!(
+            state_of(&rt, "127.0.0.1:9001").map(|s| s.0),
+            Some("removing")
+        );
+        assert!(!takes_flows(&rt, "127.0.0.1:9001"));
+    }
+
+    #[test]
+    fn an_answer_for_a_name_a_reload_dropped_is_ignored() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.update(with_backends(&["127.0.0.1:9001"], &[]));
+        // The aborted resolver was already waiting for the lock with a fresh answer.
+        rt.set_discovered(
+            "one.test:9100",
+            &[addr("10.0.0.5:9100"), addr("10.0.0.6:9100")],
+        );
+        assert!(
+            !takes_flows(&rt, "10.0.0.5:9100"),
+            "one.test left the config, yet a late answer for it kept 10.0.0.5 taking flows"
+        );
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100").map(|s| s.0),
+            Some("removing"),
+            "10.0.0.5 must drain: no configured name returns it"
+        );
+        assert_eq!(
+            state_of(&rt, "10.0.0.6:9100"),
+            None,
+            "a late answer for a dropped name added a backend"
+        );
+    }
+
+    #[test]
+    fn a_leaving_backend_a_name_returns_again_comes_back() {
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.6:9100")]);
+        assert!(!takes_flows(&rt, "10.0.0.5:9100"));
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100"),
+            Some(("active", "one.test:9100".to_string()))
+        );
+        assert!(takes_flows(&rt, "10.0.0.5:9100"));
+    }
+}
