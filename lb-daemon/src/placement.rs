@@ -82,7 +82,7 @@ pub enum NotOnXdp {
     )]
     NoInterface,
     /// A scheduler other than `maglev` (the program looks flows up in a Maglev table).
-    #[error("the XDP data plane runs only the `maglev` scheduler, and this service uses {0:?}")]
+    #[error("the XDP data plane runs only the `maglev` scheduler, and this service uses {0}")]
     Scheduler(SchedulerKind),
     /// A loopback VIP: its packets never cross an interface's XDP hook.
     #[error("the VIP {0} is a loopback address: its packets never cross an interface's XDP hook")]
@@ -247,13 +247,10 @@ impl Planes {
             }
         };
         info!(
-            "service {}: listening on {}/{} with the {placement}, scheduler {:?}, {} backends",
+            "service {}: listening on {}/{} with the {placement}, scheduler {}, {} backends",
             service.name,
             service.listen,
-            match service.protocol {
-                Protocol::Tcp => "tcp",
-                Protocol::Udp => "udp",
-            },
+            service.protocol,
             service.scheduler,
             service.backends.len()
         );

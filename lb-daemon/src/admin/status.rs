@@ -48,7 +48,7 @@ pub struct ServiceStatus {
     /// The VIP and port.
     pub listen: SocketAddr,
     /// `"tcp"` or `"udp"`.
-    pub protocol: &'static str,
+    pub protocol: String,
     /// The scheduler, as written in the config (`"maglev"`...).
     pub scheduler: String,
     /// The data plane carrying the service and why, e.g. `"XDP data plane (nat) on eth0

@@ -12,7 +12,7 @@ use tracing::info;
 
 use super::backends::BackendEntry;
 use super::weights::Weight;
-use super::{lock, protocol_name, round_ms, scheduler_name, ServiceRuntime};
+use super::{lock, round_ms, ServiceRuntime};
 use crate::admin::status::{BackendStatus, ServiceStatus};
 use crate::config::{CheckKind, MAX_WEIGHT};
 use crate::health::Health;
@@ -49,8 +49,8 @@ impl ServiceRuntime {
             dataplane: String::new(),
             name: st.config.name.clone(),
             listen: st.config.listen,
-            protocol: protocol_name(&st.config),
-            scheduler: scheduler_name(&st.config),
+            protocol: st.config.protocol.to_string(),
+            scheduler: st.config.scheduler.to_string(),
             generation: self.snapshot.load().generation,
             backends: st
                 .backends

@@ -27,8 +27,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::Service;
-
 mod admin;
 mod backends;
 mod feedback;
@@ -96,26 +94,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
-}
-
-fn protocol_name(config: &Service) -> &'static str {
-    match config.protocol {
-        crate::config::Protocol::Tcp => "tcp",
-        crate::config::Protocol::Udp => "udp",
-    }
-}
-
-fn scheduler_name(config: &Service) -> String {
-    // The config's own spelling: snake_case of the variant.
-    let debug = format!("{:?}", config.scheduler);
-    let mut out = String::new();
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
 }
 
 /// Service configs for the tests of this module's files.

@@ -19,7 +19,7 @@ use tokio::task::AbortHandle;
 use tracing::{error, info, warn};
 
 use super::backends::{new_health, BackendRuntime, BackendSet, BackendSource};
-use super::{lock, protocol_name, round_ms};
+use super::{lock, round_ms};
 use crate::config::{CheckKind, Service};
 use crate::discovery;
 use crate::health::{self, Health, Transition};
@@ -410,7 +410,7 @@ impl ServiceRuntime {
                     error!(
                         "service {} has no backend up: new {} flows are refused until one returns",
                         self.name,
-                        protocol_name(&st.config).to_uppercase()
+                        st.config.protocol.to_string().to_uppercase()
                     );
                 }
                 self.snapshot.store(Arc::new(snap));

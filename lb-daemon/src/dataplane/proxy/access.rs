@@ -109,10 +109,7 @@ pub(super) fn log(line: &Line<'_>) {
 /// Writes `line` to the `lb::access` target, ending with `similar={similar}` when `similar`
 /// lines like it were held back before it (nothing when 0).
 pub(super) fn log_summary(line: &Line<'_>, similar: u64) {
-    let protocol = match line.protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    };
+    let protocol = line.protocol;
     let backend = match line.backend {
         Some(backend) => backend.to_string(),
         None => "-".to_string(),

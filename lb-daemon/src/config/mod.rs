@@ -1,0 +1,443 @@
+//! The configuration file: parsing and validation. The only module that knows TOML.
+//!
+//! A config is a list of `[[service]]` tables, each with its `[[service.backend]]` list and an
+//! optional `[service.health]` table, plus an optional `[global]` table. `config/lb.toml`
+//! documents every key. Every error names the file, the line and column, and the field
+//! (`service[1].backend[0].weight`), so a user can go straight to it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+mod health;
+mod raw;
+mod validate;
+mod xdp;
+
+pub use validate::is_prime;
+pub use xdp::{Forwarding, XdpSettings, DEFAULT_SNAT_PORT_HOLD, MAX_SNAT_PORT_HOLD};
+
+use raw::RawConfig;
+use validate::Validator;
+
+/// The largest backend weight; 0 means draining. The same range as HAProxy's `weight`.
+pub const MAX_WEIGHT: u32 = 256;
+pub use crate::maglev::DEFAULT_TABLE_SIZE;
+/// The most proxy worker threads `global.workers` may ask for: each has a ring, listeners
+/// and buffers, and more threads than this on any one host only contend.
+pub const MAX_WORKERS: usize = 1024;
+/// The largest Maglev table size accepted: 2^24 entries keeps one table under 64 MiB of u32s.
+pub const MAX_TABLE_SIZE: u32 = 16_777_259;
+
+/// A parsed and validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Process-wide settings from `[global]`.
+    pub global: Global,
+    /// Where the admin API listens (`[admin]`).
+    pub admin: Admin,
+    /// The services, in file order; names and listen addresses are unique.
+    pub services: Vec<Service>,
+}
+
+/// Process-wide settings (`[global]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    /// Proxy worker threads, each with its own io_uring; `0` in the file means one per core.
+    pub workers: usize,
+    /// On SIGTERM/SIGINT, how long open connections may take to finish before the daemon exits.
+    pub drain_timeout: Duration,
+    /// `bpf_object`: the BPF object with the XDP programs; `None` means the default search
+    /// (see `dataplane::xdp::loader::find_object`).
+    pub bpf_object: Option<PathBuf>,
+}
+
+/// The admin API's addresses (`[admin]`): status, metrics, drain/enable/weight, reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// TCP address of the HTTP admin API; default `127.0.0.1:9100`. Port 0 picks a free
+    /// port (the daemon logs it).
+    pub listen: SocketAddr,
+    /// A unix socket path to serve the same API on, too (access is the file's permissions).
+    pub socket: Option<PathBuf>,
+}
+
+/// The admin API's default address: loopback only, like HAProxy's stats socket.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9100,
+));
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: DEFAULT_ADMIN_LISTEN,
+            socket: None,
+        }
+    }
+}
+
+/// One load-balanced service: a VIP and port, a protocol, a scheduler and its backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// Unique name, used in logs and status.
+    pub name: String,
+    /// The VIP and port clients connect to (IPv4 or IPv6).
+    pub listen: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// How a new flow picks its backend.
+    pub scheduler: SchedulerKind,
+    /// Which data plane carries the flows.
+    pub dataplane: DataplaneKind,
+    /// TCP: how long one connect attempt to a backend may take.
+    pub connect_timeout: Duration,
+    /// TCP: a connection with no bytes either way for this long is closed. UDP: a client
+    /// session with no datagram either way for this long is forgotten.
+    pub idle_timeout: Duration,
+    /// TCP: how many other backends to try after a failed connect before the client's
+    /// connection is closed (nginx's `proxy_next_upstream_tries` minus one).
+    pub retries: u32,
+    /// The Maglev table size M, a prime (used by the `maglev` and `source_hash` schedulers).
+    pub table_size: u32,
+    /// Active health checking.
+    pub health: HealthCheck,
+    /// The backends given as `ip:port`, in file order; addresses are unique within the service.
+    pub backends: Vec<Backend>,
+    /// The backends given as `name:port`: each resolves to any number of backends.
+    pub discovered: Vec<DnsBackend>,
+    /// How often the names in `discovered` are resolved again.
+    pub resolve_interval: Duration,
+    /// A backend that comes up, is enabled or added ramps its weight from 1 to its full weight
+    /// over this time (HAProxy's `slowstart`); `None` gives it the full weight at once.
+    pub slow_start: Option<Duration>,
+    /// The PROXY protocol header the proxy sends a backend before the client's bytes, so the
+    /// backend learns the client's address. In XDP `dsr` mode the address is real already.
+    pub proxy_protocol: ProxyProtocol,
+    /// Per-client-address limits (nginx's `limit_conn` and `limit_req`).
+    pub limits: ClientLimits,
+    /// One line per connection or session on the `lb::access` log target (proxy only).
+    pub access_log: bool,
+    /// Where and how the XDP data plane forwards this service (`interface`,
+    /// `backend_interfaces`, `forwarding`, `local_address`, `snat_ports`); see [`XdpSettings`].
+    pub xdp: XdpSettings,
+}
+
+/// Which PROXY protocol header, if any, precedes the client's bytes towards a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    /// No header (the default).
+    #[default]
+    Off,
+    /// The text header, version 1 (TCP only).
+    V1,
+    /// The binary header, version 2 (TCP, and each UDP datagram).
+    V2,
+}
+
+/// Limits per client (source) address within one service. `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ClientLimits {
+    /// Concurrent connections (TCP) or sessions (UDP) one client address may hold.
+    pub max_connections: Option<u32>,
+    /// New connections or sessions per second one client address may open, on average.
+    pub rate: Option<f64>,
+    /// How many new connections above `rate` a client may open in a burst (a token bucket
+    /// of this size, refilled at `rate`); only with `rate`.
+    pub burst: u32,
+}
+
+/// A backend server of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Where to forward flows (ip:port).
+    pub address: SocketAddr,
+    /// Relative share of new flows, `0..=MAX_WEIGHT`; 0 drains the backend (no new flows).
+    pub weight: u32,
+}
+
+/// A backend given by DNS name (`app:3000`): every A and AAAA record of `host` becomes a
+/// backend `record:port` with `weight`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsBackend {
+    /// The name to resolve with the system resolver.
+    pub host: String,
+    /// The port of every resolved backend.
+    pub port: u16,
+    /// The weight of every resolved backend, `0..=MAX_WEIGHT`.
+    pub weight: u32,
+}
+
+impl fmt::Display for DnsBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// TCP: connections are proxied (or, in XDP, flows forwarded) whole.
+    Tcp,
+    /// UDP: datagrams are forwarded one by one, grouped into per-client sessions.
+    Udp,
+}
+
+/// `tcp` or `udp`, as the config spells it.
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// The scheduler: how a new flow picks its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerKind {
+    /// Weighted Maglev consistent hashing of the 5-tuple (the only one XDP can run).
+    #[default]
+    Maglev,
+    /// Each backend in turn, ignoring weights.
+    RoundRobin,
+    /// Each backend in turn, as often as its weight (nginx's smooth weighted round robin).
+    WeightedRoundRobin,
+    /// The backend with the fewest active connections relative to its weight.
+    LeastConn,
+    /// Two random backends (by weight); the one with fewer active connections wins.
+    RandomTwo,
+    /// Weighted Maglev hashing of the client address only: a client sticks to one backend.
+    SourceHash,
+}
+
+/// The config's spelling: `maglev`, `round_robin`, `weighted_round_robin`, `least_conn`,
+/// `random_two`, `source_hash`.
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SchedulerKind::Maglev => "maglev",
+            SchedulerKind::RoundRobin => "round_robin",
+            SchedulerKind::WeightedRoundRobin => "weighted_round_robin",
+            SchedulerKind::LeastConn => "least_conn",
+            SchedulerKind::RandomTwo => "random_two",
+            SchedulerKind::SourceHash => "source_hash",
+        })
+    }
+}
+
+/// Which data plane carries a service's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataplaneKind {
+    /// XDP where it can attach, else the userspace proxy; the choice is logged.
+    #[default]
+    Auto,
+    /// XDP only; the daemon refuses to start the service without it.
+    Xdp,
+    /// The userspace io_uring proxy only.
+    Proxy,
+}
+
+/// Health checking of a service's backends: active checks (HAProxy's `check
+/// inter/rise/fall`), or with [`CheckKind::None`] passive failures alone (nginx's
+/// `max_fails`/`fail_timeout`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// What one check does.
+    pub kind: CheckKind,
+    /// Time between the start of two checks of one backend.
+    pub interval: Duration,
+    /// How long one check may take before it counts as failed.
+    pub timeout: Duration,
+    /// Consecutive successful checks that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failed checks (active, or passive connect failures) that take an up
+    /// backend down.
+    pub fall: u32,
+    /// With [`CheckKind::None`] only: how long a backend that `fall` passive failures took
+    /// down stays out before it gets its share of new flows again (on trial: one more
+    /// failure takes it out for as long again). Default 10 s, like nginx's `fail_timeout`.
+    pub passive_timeout: Duration,
+}
+
+/// The default of [`HealthCheck::passive_timeout`].
+pub const DEFAULT_PASSIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect that completes.
+    Tcp,
+    /// An HTTP/1.1 `GET path` whose response status is `expect_status`.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+        /// The status code that counts as healthy.
+        expect_status: u16,
+    },
+    /// Sends `send` in one datagram and expects any datagram back (or one that starts with
+    /// `expect`, if set); an ICMP port unreachable fails it at once.
+    Udp {
+        /// Payload of the probe datagram.
+        send: Vec<u8>,
+        /// Required prefix of the reply, if any.
+        expect: Option<Vec<u8>>,
+    },
+    /// No active checks: a backend is up until `fall` consecutive passive failures (failed
+    /// proxied connects, ICMP port unreachable on a UDP session) take it down; it is tried
+    /// again after `passive_timeout`.
+    None,
+}
+
+/// A config that could not be read or is not valid. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The config file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown, misspelled or of the wrong type.
+    #[error("{location}: {field}: {message}")]
+    Syntax {
+        /// File, line and column.
+        location: Location,
+        /// The dotted path of the offending key, e.g. `service[0].backend[2].weight`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file parses but breaks a rule: a duplicate, an empty list, a value out of range.
+    #[error("{location}: {field}: {message}")]
+    Invalid {
+        /// File, line and column.
+        location: Location,
+        /// The dotted path of the offending key.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The line (1-based) the error points at, if it points at one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Io { .. } => None,
+            ConfigError::Syntax { location, .. } | ConfigError::Invalid { location, .. } => {
+                Some(location.line)
+            }
+        }
+    }
+}
+
+/// A place in a config file: `path:line:column`, 1-based.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The config file as given.
+    pub path: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.path.display(), self.line, self.column)
+    }
+}
+
+/// Reads and validates the config at `path`.
+///
+/// Returns `Err(ConfigError::Io)` when the file cannot be read, `Err(ConfigError::Syntax)` for
+/// bad TOML, unknown keys and wrong types, and `Err(ConfigError::Invalid)` when the rules
+/// below are broken; the error names the file, line and field.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates config `text`; `path` is only used in error messages.
+///
+/// Rules: at least one service; service names and listen addresses unique; every service has
+/// at least one backend, with unique addresses and weights in `0..=MAX_WEIGHT`, and at least
+/// one non-zero weight; `rise`, `fall` and `retries` in range; durations positive; the table
+/// size a prime no smaller than the backend count; an `http` check's path starts with `/`.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: RawConfig = {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = clean_path(&e.path().to_string());
+            let inner = e.into_inner();
+            let span = inner.span().unwrap_or(0..0);
+            ConfigError::Syntax {
+                location: locate(text, path, &span),
+                field: if field.is_empty() || field == "." {
+                    "syntax".into()
+                } else {
+                    field
+                },
+                message: inner.message().trim().replace('\n', "; "),
+            }
+        })?
+    };
+    Validator { text, path }.validate(raw)
+}
+
+/// `serde_path_to_error` sees `toml::Spanned`'s private wrapper as a path segment; users
+/// should see `service[0].backend[1].weight`.
+fn clean_path(path: &str) -> String {
+    path.split('.')
+        .filter(|seg| !seg.starts_with("$__serde_spanned"))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Turns a byte span of `text` into a 1-based line and column.
+fn locate(text: &str, path: &Path, span: &Range<usize>) -> Location {
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Location {
+        path: path.to_path_buf(),
+        line,
+        column,
+    }
+}
+
+#[cfg(test)]
+mod xdp_examples {
+    #[test]
+    fn the_xdp_example_configs_are_valid() {
+        for (name, text) in [
+            (
+                "config/xdp-nat.toml",
+                include_str!("../../../config/xdp-nat.toml"),
+            ),
+            (
+                "config/xdp-dsr.toml",
+                include_str!("../../../config/xdp-dsr.toml"),
+            ),
+        ] {
+            if let Err(e) = super::parse(text, std::path::Path::new(name)) {
+                panic!("the example {name} no longer parses: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The file's shape as serde sees it: every key of `config/lb.toml`, with its span for the
+//! errors, before validation.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use super::{DataplaneKind, Forwarding, Protocol, ProxyProtocol, SchedulerKind};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) global: RawGlobal,
+    #[serde(default)]
+    pub(super) admin: RawAdmin,
+    #[serde(default)]
+    pub(super) service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGlobal {
+    pub(super) workers: Option<Spanned<usize>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) drain_timeout: Option<Spanned<Duration>>,
+    pub(super) bpf_object: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<SocketAddr>,
+    pub(super) socket: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    pub(super) name: Spanned<String>,
+    pub(super) listen: Spanned<SocketAddr>,
+    pub(super) protocol: Protocol,
+    #[serde(default)]
+    pub(super) scheduler: SchedulerKind,
+    #[serde(default)]
+    pub(super) dataplane: DataplaneKind,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) connect_timeout: Option<Spanned<Duration>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) idle_timeout: Option<Spanned<Duration>>,
+    pub(super) retries: Option<Spanned<u32>>,
+    pub(super) table_size: Option<Spanned<u32>>,
+    pub(super) health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    pub(super) backend: Vec<Spanned<RawBackend>>,
+    #[serde(default)]
+    pub(super) proxy_protocol: Option<Spanned<ProxyProtocol>>,
+    pub(super) limits: Option<RawLimits>,
+    #[serde(default)]
+    pub(super) access_log: bool,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) slow_start: Option<Spanned<Duration>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) resolve_interval: Option<Spanned<Duration>>,
+    // XDP keys; validated in `Validator::xdp`.
+    pub(super) interface: Option<Spanned<String>>,
+    pub(super) backend_interfaces: Option<Spanned<Vec<String>>>,
+    pub(super) forwarding: Option<Spanned<Forwarding>>,
+    pub(super) local_address: Option<Spanned<IpAddr>>,
+    pub(super) snat_ports: Option<Spanned<[u16; 2]>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) snat_port_hold: Option<Spanned<Duration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) max_connections_per_client: Option<Spanned<u32>>,
+    pub(super) new_connections_per_second: Option<Spanned<f64>>,
+    pub(super) burst: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackend {
+    pub(super) address: Spanned<String>,
+    pub(super) weight: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawCheckKind {
+    Tcp,
+    Http,
+    Udp,
+    None,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub(super) kind: Option<Spanned<RawCheckKind>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) interval: Option<Spanned<Duration>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) timeout: Option<Spanned<Duration>>,
+    pub(super) rise: Option<Spanned<u32>>,
+    pub(super) fall: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) passive_timeout: Option<Spanned<Duration>>,
+    pub(super) path: Option<Spanned<String>>,
+    pub(super) expect_status: Option<Spanned<u16>>,
+    pub(super) send: Option<Spanned<String>>,
+    pub(super) expect: Option<Spanned<String>>,
+}
+
+/// Durations are written in human units: "5s", "250ms", "1m 30s".
+pub(super) fn de_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<Duration>>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    let span = s.span();
+    let value = humantime::parse_duration(s.get_ref().trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{}` is not a duration ({e}); write it like \"5s\" or \"250ms\"",
+            s.get_ref()
+        ))
+    })?;
+    Ok(Some(Spanned::new(span, value)))
+}

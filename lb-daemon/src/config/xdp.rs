@@ -1,0 +1,519 @@
+//! The XDP data plane's keys: `interface`, `backend_interfaces`, `forwarding`,
+//! `local_address`, `snat_ports`, `snat_port_hold`, and their rules.
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::raw::RawBackend;
+use super::validate::Validator;
+use super::{ConfigError, DataplaneKind, SchedulerKind};
+
+/// How the XDP data plane carries a service's packets to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Forwarding {
+    /// Full NAT: the destination becomes the backend, the source becomes `local_address` and a
+    /// port from `snat_ports`, and replies come back through the balancer, which translates
+    /// them back. Works with unmodified backends anywhere the balancer can route to (the
+    /// default).
+    #[default]
+    Nat,
+    /// Direct server return: the packet is encapsulated (IPIP / IP6IP6) to the backend, which
+    /// decapsulates it (`lb-daemon decap`), sees the client's real address and replies to it
+    /// directly from the VIP (configured on its loopback).
+    Dsr,
+}
+
+/// The default `snat_port_hold`: how long a SNAT port whose flow ended stays out of use. Long
+/// enough for the last ACK and a retransmitted FIN of the old flow to find their translation
+/// (a few retransmission timeouts); see "SNAT ports" in `lb_common::maps` for why it is not
+/// the backend's TIME_WAIT (60 s).
+pub const DEFAULT_SNAT_PORT_HOLD: Duration = Duration::from_secs(2);
+
+/// The longest `snat_port_hold` accepted: a port held longer is as good as lost.
+pub const MAX_SNAT_PORT_HOLD: Duration = Duration::from_secs(3600);
+
+/// A service's XDP settings. Only the XDP data plane reads them; `interface` is `None`
+/// exactly when the service cannot use XDP (then the other fields are defaults).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct XdpSettings {
+    /// The network interface the VIP's traffic arrives on: the XDP program attaches there.
+    /// `None`: the service cannot use XDP (`auto` then runs it on the proxy).
+    pub interface: Option<String>,
+    /// The interfaces backends are reached through, when not `interface` itself. The program
+    /// attaches there too: NAT replies arrive there, and `XDP_REDIRECT` can only send to
+    /// interfaces the daemon registered.
+    pub backend_interfaces: Vec<String>,
+    /// NAT or DSR.
+    pub forwarding: Forwarding,
+    /// The balancer's own address on the backends' side: the SNAT source (`nat`, where the
+    /// backends' replies come back to) or the outer source of the encapsulated packet
+    /// (`dsr`). Same family as the VIP and the backends. `Some` whenever `interface` is.
+    pub local_address: Option<IpAddr>,
+    /// `nat`: the SNAT source ports, inclusive; each concurrent flow to one backend takes one.
+    /// `None`: the default, chosen when the service starts on XDP: the widest range of at
+    /// least 1024 ports outside the host's `net.ipv4.ip_local_port_range` (1024-32767 with
+    /// Linux's default), so the balancer's own connections never collide with translated
+    /// flows. A configured range that overlaps it is refused then.
+    pub snat_ports: Option<(u16, u16)>,
+    /// `nat`: how long a SNAT port whose flow ended (both FINs, or an RST) stays out of use
+    /// before another flow towards the same backend may take it; whole seconds, at most
+    /// [`MAX_SNAT_PORT_HOLD`]. Default [`DEFAULT_SNAT_PORT_HOLD`].
+    pub snat_port_hold: Duration,
+}
+
+/// The XDP keys of one `[[service]]` as written, before validation.
+pub(super) struct RawXdp {
+    pub(super) interface: Option<Spanned<String>>,
+    pub(super) backend_interfaces: Option<Spanned<Vec<String>>>,
+    pub(super) forwarding: Option<Spanned<Forwarding>>,
+    pub(super) local_address: Option<Spanned<IpAddr>>,
+    pub(super) snat_ports: Option<Spanned<[u16; 2]>>,
+    pub(super) snat_port_hold: Option<Spanned<Duration>>,
+}
+
+/// What the XDP rules need to know of the rest of a `[[service]]`.
+pub(super) struct XdpContext<'a> {
+    pub(super) name_span: Range<usize>,
+    pub(super) listen: SocketAddr,
+    pub(super) dataplane: DataplaneKind,
+    pub(super) scheduler: SchedulerKind,
+    pub(super) backends: &'a [Spanned<RawBackend>],
+}
+
+/// The longest interface name Linux accepts (IFNAMSIZ minus the NUL).
+const MAX_IFNAME: usize = 15;
+
+fn is_interface_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_IFNAME
+        && !n.contains(['/', ' ', ':', '\t', '\n'])
+        && n != "."
+        && n != ".."
+}
+
+impl Validator<'_> {
+    /// Rules: interface names are valid Linux names; `dataplane = "proxy"` takes none of the
+    /// XDP keys; without `interface` none of the others; `dataplane = "xdp"` needs `interface`
+    /// and the `maglev` scheduler (the only one the XDP program runs). With `interface`:
+    /// `local_address` is required and of the VIP's family, as is every backend; `snat_ports`
+    /// (nat only) is an ordered range of at least 1024 ports; `dsr` backends listen on the
+    /// VIP's port (the packet reaches them unchanged).
+    pub(super) fn xdp(
+        &self,
+        i: usize,
+        svc: &XdpContext<'_>,
+        raw: RawXdp,
+    ) -> Result<XdpSettings, ConfigError> {
+        let f = |k: &str| format!("service[{i}].{k}");
+        let name_span = svc.name_span.clone();
+        let given = |with_interface: bool| {
+            [
+                raw.interface
+                    .as_ref()
+                    .filter(|_| with_interface)
+                    .map(|v| ("interface", v.span())),
+                raw.backend_interfaces
+                    .as_ref()
+                    .map(|v| ("backend_interfaces", v.span())),
+                raw.forwarding.as_ref().map(|v| ("forwarding", v.span())),
+                raw.local_address
+                    .as_ref()
+                    .map(|v| ("local_address", v.span())),
+                raw.snat_ports.as_ref().map(|v| ("snat_ports", v.span())),
+                raw.snat_port_hold
+                    .as_ref()
+                    .map(|v| ("snat_port_hold", v.span())),
+            ]
+            .into_iter()
+            .flatten()
+            .next()
+        };
+        if svc.dataplane == DataplaneKind::Proxy {
+            if let Some((key, span)) = given(true) {
+                return Err(self.invalid(
+                    span,
+                    f(key),
+                    format!(
+                        "`{key}` configures the XDP data plane, but this service has \
+                         dataplane = \"proxy\"; remove it, or use \"auto\" or \"xdp\""
+                    ),
+                ));
+            }
+            return Ok(XdpSettings::default());
+        }
+        let Some(interface) = raw.interface else {
+            if let Some((key, span)) = given(false) {
+                return Err(self.invalid(
+                    span,
+                    f(key),
+                    format!(
+                        "`{key}` needs `interface` (where the VIP's traffic arrives); without \
+                         it the service runs on the proxy"
+                    ),
+                ));
+            }
+            if svc.dataplane == DataplaneKind::Xdp {
+                return Err(self.invalid(
+                    name_span,
+                    f("interface"),
+                    "dataplane = \"xdp\" needs `interface`, the interface the VIP's traffic \
+                     arrives on (the XDP program attaches there)"
+                        .into(),
+                ));
+            }
+            return Ok(XdpSettings::default());
+        };
+        if !is_interface_name(interface.get_ref()) {
+            return Err(self.invalid(
+                interface.span(),
+                f("interface"),
+                format!(
+                    "`{}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)",
+                    interface.get_ref()
+                ),
+            ));
+        }
+        let backend_interfaces = match raw.backend_interfaces {
+            None => Vec::new(),
+            Some(list) => {
+                if let Some(bad) = list.get_ref().iter().find(|n| !is_interface_name(n)) {
+                    return Err(self.invalid(
+                        list.span(),
+                        f("backend_interfaces"),
+                        format!(
+                            "`{bad}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)"
+                        ),
+                    ));
+                }
+                list.into_inner()
+            }
+        };
+        if svc.dataplane == DataplaneKind::Xdp && svc.scheduler != SchedulerKind::Maglev {
+            return Err(self.invalid(
+                name_span,
+                f("scheduler"),
+                format!(
+                    "the XDP data plane runs only the `maglev` scheduler, not `{}`; use \
+                     scheduler = \"maglev\", or dataplane = \"auto\" or \"proxy\"",
+                    svc.scheduler
+                ),
+            ));
+        }
+        let forwarding = raw
+            .forwarding
+            .as_ref()
+            .map_or(Forwarding::default(), |v| *v.get_ref());
+        let vip_is_v4 = svc.listen.is_ipv4();
+        let local_address = match raw.local_address {
+            None => {
+                return Err(self.invalid(
+                    interface.span(),
+                    f("local_address"),
+                    "an XDP service needs `local_address`, the balancer's own address on the \
+                     backends' side (the NAT source, or the outer source of DSR packets)"
+                        .into(),
+                ))
+            }
+            Some(a) if a.get_ref().is_ipv4() != vip_is_v4 => {
+                return Err(self.invalid(
+                    a.span(),
+                    f("local_address"),
+                    format!(
+                        "{} is not of the VIP's address family ({})",
+                        a.get_ref(),
+                        svc.listen.ip()
+                    ),
+                ))
+            }
+            Some(a) => a.into_inner(),
+        };
+        let snat_ports = match (forwarding, raw.snat_ports) {
+            (Forwarding::Dsr, Some(p)) => {
+                return Err(self.invalid(
+                    p.span(),
+                    f("snat_ports"),
+                    "`snat_ports` is for forwarding = \"nat\"; with \"dsr\" the backend sees \
+                     the client's own address and port"
+                        .into(),
+                ))
+            }
+            (_, None) => None,
+            (Forwarding::Nat, Some(p)) => {
+                let [lo, hi] = *p.get_ref();
+                if lo == 0 || hi < lo || u32::from(hi - lo) + 1 < 1024 {
+                    return Err(self.invalid(
+                        p.span(),
+                        f("snat_ports"),
+                        format!(
+                            "[{lo}, {hi}] must be [first, last] with 0 < first <= last and at \
+                             least 1024 ports; keep it outside net.ipv4.ip_local_port_range"
+                        ),
+                    ));
+                }
+                Some((lo, hi))
+            }
+        };
+        let snat_port_hold = match (forwarding, raw.snat_port_hold) {
+            (Forwarding::Dsr, Some(h)) => {
+                return Err(self.invalid(
+                    h.span(),
+                    f("snat_port_hold"),
+                    "`snat_port_hold` is for forwarding = \"nat\"; \"dsr\" takes no SNAT ports"
+                        .into(),
+                ))
+            }
+            (_, None) => DEFAULT_SNAT_PORT_HOLD,
+            (Forwarding::Nat, Some(h)) => {
+                if *h.get_ref() > MAX_SNAT_PORT_HOLD {
+                    return Err(self.invalid(
+                        h.span(),
+                        f("snat_port_hold"),
+                        format!(
+                            "{} is longer than the most a port may be held ({}s)",
+                            humantime::format_duration(*h.get_ref()),
+                            MAX_SNAT_PORT_HOLD.as_secs()
+                        ),
+                    ));
+                }
+                *h.get_ref()
+            }
+        };
+        for (j, b) in svc.backends.iter().enumerate() {
+            let text = b.get_ref().address.get_ref();
+            let Ok(address) = text.parse::<SocketAddr>() else {
+                // A DNS name: its records are known only at run time. Those of the other
+                // family never enter the XDP table; the DSR port rule applies to the name.
+                let port = text
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok());
+                if let (Forwarding::Dsr, Some(port)) = (forwarding, port) {
+                    if port != svc.listen.port() {
+                        return Err(self.invalid(
+                            b.get_ref().address.span(),
+                            format!("service[{i}].backend[{j}].address"),
+                            format!(
+                                "with forwarding = \"dsr\" the backend receives the packet as \
+                                 the client sent it, so it must listen on the VIP's port {}, not \
+                                 {port}",
+                                svc.listen.port()
+                            ),
+                        ));
+                    }
+                }
+                continue;
+            };
+            if address.is_ipv4() != vip_is_v4 {
+                return Err(self.invalid(
+                    b.get_ref().address.span(),
+                    format!("service[{i}].backend[{j}].address"),
+                    format!(
+                        "{address} is not of the VIP's address family: the XDP data plane \
+                         forwards within one family"
+                    ),
+                ));
+            }
+            if forwarding == Forwarding::Dsr && address.port() != svc.listen.port() {
+                return Err(self.invalid(
+                    b.get_ref().address.span(),
+                    format!("service[{i}].backend[{j}].address"),
+                    format!(
+                        "with forwarding = \"dsr\" the backend receives the packet as the \
+                         client sent it, so it must listen on the VIP's port {}, not {}",
+                        svc.listen.port(),
+                        address.port()
+                    ),
+                ));
+            }
+        }
+        Ok(XdpSettings {
+            interface: Some(interface.into_inner()),
+            backend_interfaces,
+            forwarding,
+            local_address: Some(local_address),
+            snat_ports,
+            snat_port_hold,
+        })
+    }
+}
+
+#[cfg(test)]
+mod xdp_tests {
+    use super::*;
+    use crate::config::{parse, Service};
+    use std::path::{Path, PathBuf};
+
+    const BACKENDS: &str = r#"
+[[service.backend]]
+address = "10.200.1.2:80"
+[[service.backend]]
+address = "10.200.2.2:80"
+"#;
+
+    fn parse_service(keys: &str) -> Result<Service, ConfigError> {
+        let text = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\n{keys}\n{BACKENDS}"
+        );
+        parse(&text, Path::new("xdp.toml")).map(|mut c| c.services.remove(0))
+    }
+
+    fn error(keys: &str) -> (String, Option<usize>) {
+        let e = parse_service(keys).expect_err("the config must be refused");
+        (e.to_string(), e.line())
+    }
+
+    #[test]
+    fn nat_service_with_interface_parses_with_defaults() {
+        let s = parse_service(
+            "dataplane = \"xdp\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        )
+        .expect("valid");
+        assert_eq!(s.xdp.interface.as_deref(), Some("eth0"));
+        assert_eq!(
+            s.xdp.forwarding,
+            Forwarding::Nat,
+            "nat is the default forwarding"
+        );
+        assert_eq!(s.xdp.local_address, Some("10.200.0.1".parse().expect("ip")));
+        assert_eq!(
+            s.xdp.snat_ports, None,
+            "the default range is chosen at start"
+        );
+        assert_eq!(s.xdp.snat_port_hold, DEFAULT_SNAT_PORT_HOLD);
+        assert!(s.xdp.backend_interfaces.is_empty());
+    }
+
+    #[test]
+    fn auto_without_interface_has_no_xdp_settings() {
+        let s = parse_service("").expect("valid");
+        assert_eq!(s.dataplane, DataplaneKind::Auto);
+        assert_eq!(s.xdp, XdpSettings::default());
+    }
+
+    #[test]
+    fn xdp_needs_an_interface() {
+        let (msg, line) = error("dataplane = \"xdp\"");
+        assert!(
+            msg.contains("service[0].interface") && msg.contains("needs `interface`"),
+            "{msg}"
+        );
+        assert_eq!(
+            line,
+            Some(2),
+            "the error points at the service's name line: {msg}"
+        );
+    }
+
+    #[test]
+    fn xdp_refuses_schedulers_other_than_maglev() {
+        let (msg, line) = error(
+            "dataplane = \"xdp\"\nscheduler = \"least_conn\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        );
+        assert!(
+            msg.contains("service[0].scheduler") && msg.contains("`least_conn`"),
+            "{msg}"
+        );
+        assert_eq!(line, Some(2), "{msg}");
+    }
+
+    #[test]
+    fn auto_accepts_other_schedulers_and_leaves_the_choice_to_the_daemon() {
+        let s = parse_service(
+            "scheduler = \"round_robin\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        )
+        .expect("auto with round_robin is valid: it runs on the proxy");
+        assert_eq!(s.scheduler, SchedulerKind::RoundRobin);
+    }
+
+    #[test]
+    fn proxy_refuses_xdp_keys() {
+        let (msg, line) = error("dataplane = \"proxy\"\ninterface = \"eth0\"");
+        assert!(
+            msg.contains("service[0].interface") && msg.contains("dataplane = \"proxy\""),
+            "{msg}"
+        );
+        assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn xdp_keys_without_interface_are_refused_not_ignored() {
+        let (msg, line) = error("forwarding = \"dsr\"");
+        assert!(
+            msg.contains("service[0].forwarding") && msg.contains("needs `interface`"),
+            "{msg}"
+        );
+        assert_eq!(line, Some(5), "{msg}");
+    }
+
+    #[test]
+    fn local_address_is_required_and_of_the_vips_family() {
+        let (msg, line) = error("interface = \"eth0\"");
+        assert!(msg.contains("service[0].local_address"), "{msg}");
+        assert_eq!(line, Some(5), "{msg}");
+        let (msg, line) = error("interface = \"eth0\"\nlocal_address = \"fd00::1\"");
+        assert!(msg.contains("address family"), "{msg}");
+        assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn snat_port_hold_is_a_nat_duration_of_at_most_an_hour() {
+        let nat = "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n";
+        let s = parse_service(&format!("{nat}snat_port_hold = \"30s\"")).expect("valid");
+        assert_eq!(s.xdp.snat_port_hold, Duration::from_secs(30));
+        let (msg, line) = error(&format!("{nat}snat_port_hold = \"2h\""));
+        assert!(msg.contains("service[0].snat_port_hold"), "{msg}");
+        assert_eq!(line, Some(7), "{msg}");
+        let (msg, _) = error(&format!(
+            "{nat}forwarding = \"dsr\"\nsnat_port_hold = \"1s\""
+        ));
+        assert!(msg.contains("service[0].snat_port_hold"), "{msg}");
+    }
+
+    #[test]
+    fn bad_interface_names_and_snat_ranges_are_refused() {
+        let (msg, _) =
+            error("interface = \"a-name-longer-than-15\"\nlocal_address = \"10.200.0.1\"");
+        assert!(msg.contains("not an interface name"), "{msg}");
+        let (msg, _) = error(
+            "interface = \"eth0\"\nbackend_interfaces = [\"ok\", \"bad/name\"]\nlocal_address = \"10.200.0.1\"",
+        );
+        assert!(msg.contains("service[0].backend_interfaces"), "{msg}");
+        let (msg, line) = error(
+            "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"\nsnat_ports = [62000, 61000]",
+        );
+        assert!(msg.contains("service[0].snat_ports"), "{msg}");
+        assert_eq!(line, Some(7), "{msg}");
+    }
+
+    #[test]
+    fn dsr_backends_listen_on_the_vip_port_and_take_no_snat_ports() {
+        let s = parse_service(
+            "forwarding = \"dsr\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"",
+        )
+        .expect("dsr with backends on port 80 is valid");
+        assert_eq!(s.xdp.forwarding, Forwarding::Dsr);
+        let (msg, _) = error(
+            "forwarding = \"dsr\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"\nsnat_ports = [61000, 65000]",
+        );
+        assert!(msg.contains("service[0].snat_ports"), "{msg}");
+        let text = "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\nforwarding = \"dsr\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n[[service.backend]]\naddress = \"10.200.1.2:8080\"\n";
+        let e = parse(text, Path::new("xdp.toml")).expect_err("port 8080 != VIP port 80");
+        assert!(
+            e.to_string().contains("service[0].backend[0].address") && e.line() == Some(9),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn global_bpf_object_is_kept() {
+        let text = format!(
+            "[global]\nbpf_object = \"/opt/lb/lb-ebpf\"\n[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\n{BACKENDS}"
+        );
+        let c = parse(&text, Path::new("xdp.toml")).expect("valid");
+        assert_eq!(c.global.bpf_object, Some(PathBuf::from("/opt/lb/lb-ebpf")));
+    }
+}
