@@ -16,6 +16,7 @@ mod decap;
 mod offload;
 mod peers;
 pub mod scenarios;
+pub mod testrun;
 pub mod world;
 
 pub use decap::Decap;
