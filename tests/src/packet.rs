@@ -294,3 +294,100 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+/// The transport of a [`Packet`].
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    /// TCP with these flags.
+    Tcp(u8),
+    Udp,
+}
+
+/// A TCP segment or UDP datagram in a plain IP packet (client header: IPv4 id 0x1234, DF,
+/// TTL 64; IPv6 hop limit 64), built in one chain:
+///
+/// ```
+/// # use lb_tests::packet::{Packet, TCP_SYN};
+/// # use std::net::Ipv4Addr;
+/// let (client, vip) = (Ipv4Addr::new(10, 0, 1, 100).into(), Ipv4Addr::new(10, 0, 0, 10).into());
+/// let syn = Packet::tcp(client, 40000, vip, 80, TCP_SYN).frame([2, 0, 0, 0, 1, 1], [2, 0, 0, 0, 1, 0x64]);
+/// assert_eq!(syn.len(), 14 + 20 + 20);
+/// ```
+/// Lengths and checksums are computed when the bytes are asked for ([`Packet::ip`],
+/// [`Packet::frame`]); panics there when `src` and `dst` are of different families.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    transport: Transport,
+    payload: Vec<u8>,
+    /// How many routers sent it on: each takes one off the TTL / hop limit.
+    hops: u8,
+}
+
+impl Packet {
+    /// A TCP segment (no options) from `src`:`sport` to `dst`:`dport` with `flags`; the
+    /// acknowledgement number is set when `flags` has ACK.
+    pub fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Packet {
+        Packet::new(src, sport, dst, dport, Transport::Tcp(flags))
+    }
+
+    /// A UDP datagram from `src`:`sport` to `dst`:`dport`, with its checksum.
+    pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Packet {
+        Packet::new(src, sport, dst, dport, Transport::Udp)
+    }
+
+    fn new(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, transport: Transport) -> Packet {
+        Packet {
+            src,
+            sport,
+            dst,
+            dport,
+            transport,
+            payload: Vec::new(),
+            hops: 0,
+        }
+    }
+
+    /// The same packet carrying `payload` (empty unless set).
+    pub fn payload(mut self, payload: &[u8]) -> Packet {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    /// The same packet as a router sends it on: one hop further, its TTL / hop limit one lower
+    /// (what `nat` forwards).
+    pub fn forwarded(mut self) -> Packet {
+        self.hops += 1;
+        self
+    }
+
+    /// The TCP segment or UDP datagram alone, with its checksum.
+    pub fn segment(&self) -> Vec<u8> {
+        let (src, dst) = (self.src, self.dst);
+        match self.transport {
+            Transport::Tcp(flags) => tcp(src, self.sport, dst, self.dport, flags, &self.payload),
+            Transport::Udp => udp(src, self.sport, dst, self.dport, &self.payload),
+        }
+    }
+
+    /// The IP packet: header (checksum included) and segment.
+    pub fn ip(&self) -> Vec<u8> {
+        let protocol = match self.transport {
+            Transport::Tcp(_) => 6,
+            Transport::Udp => 17,
+        };
+        let mut p = ip(self.src, self.dst, protocol, &self.segment());
+        for _ in 0..self.hops {
+            p = forwarded(&p);
+        }
+        p
+    }
+
+    /// The Ethernet frame from MAC `src` to MAC `dst` carrying [`Packet::ip`].
+    pub fn frame(&self, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+        frame(dst, src, &self.ip())
+    }
+}

@@ -44,20 +44,14 @@ fn idle_timeout(lab: &mut Lab, id: u32, idle_timeout_s: u32, max_connections: u3
 
 fn tcp(sport: u16, flags: u8) -> Vec<u8> {
     let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(c, v, 6, &wire::tcp(c, sport, v, 80, flags, b"")),
-    )
+    Packet::tcp(c, sport, v, 80, flags).frame(VC_MAC, CLIENT_MAC)
 }
 
 fn udp(sport: u16) -> Vec<u8> {
     let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(c, v, 17, &wire::udp(c, sport, v, 53, b"q")),
-    )
+    Packet::udp(c, sport, v, 53)
+        .payload(b"q")
+        .frame(VC_MAC, CLIENT_MAC)
 }
 
 fn key(sport: u16, protocol: u8) -> FlowKey {

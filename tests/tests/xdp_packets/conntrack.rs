@@ -13,16 +13,9 @@ fn a_draining_backend_keeps_its_flows_but_not_a_new_connection_on_an_old_4_tuple
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0; 7]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
     let packet = |sport: u16, flags: u8| {
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(
-                client,
-                vip,
-                6,
-                &wire::tcp(client, sport, vip, 80, flags, b"x"),
-            ),
-        )
+        Packet::tcp(client, sport, vip, 80, flags)
+            .payload(b"x")
+            .frame(VC_MAC, CLIENT_MAC)
     };
     let dst_of = |frame: &[u8]| Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
     let out = lab.expect(
@@ -78,16 +71,9 @@ fn conntrack_keeps_flows_on_their_backend_when_the_table_flips() {
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0; 7]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
     let packet = |sport: u16, flags: u8| {
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(
-                client,
-                vip,
-                6,
-                &wire::tcp(client, sport, vip, 80, flags, b"x"),
-            ),
-        )
+        Packet::tcp(client, sport, vip, 80, flags)
+            .payload(b"x")
+            .frame(VC_MAC, CLIENT_MAC)
     };
     let dst_of = |frame: &[u8]| Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
 
@@ -220,13 +206,8 @@ fn an_ipv4_flow_and_an_ipv6_flow_with_the_same_address_words_are_apart() {
     lab.backend(1, B1_6.into(), 8080);
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_DSR, &[0]);
     lab.service(1, vip6.into(), 80, IPPROTO_TCP, MODE_DSR, &[1]);
-    let syn = |c: IpAddr, v: IpAddr| {
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(c, v, 6, &wire::tcp(c, 41000, v, 80, TCP_SYN, b"")),
-        )
-    };
+    let syn =
+        |c: IpAddr, v: IpAddr| Packet::tcp(c, 41000, v, 80, TCP_SYN).frame(VC_MAC, CLIENT_MAC);
     lab.expect(
         lab.vc,
         &syn(CLIENT4.into(), VIP4.into()),

@@ -9,23 +9,18 @@ fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
         return;
     };
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let inner = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 41000, vip, 80, TCP_SYN, b""),
-    );
-    let outer = wire::V4 {
+    let inner = Packet::tcp(client, 41000, vip, 80, TCP_SYN).ip();
+    let outer = packet::V4 {
         tos: 0,
         id: 0,
         frag: 0x4000,
         ttl: 64,
     };
     let to = |dst: Ipv4Addr| {
-        wire::frame(
+        packet::frame(
             B1_MAC,
             VB_MAC,
-            &wire::ipv4(LOCAL4, dst, 4, outer, &[], &inner),
+            &packet::ipv4(LOCAL4, dst, 4, outer, &[], &inner),
         )
     };
     let (action, out) = lab.run(PROG_DECAP, lab.vb, &to(B2_4));
@@ -36,11 +31,11 @@ fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
         "an IPIP packet for another host through lb_decap",
     );
     let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
-    let inner6 = wire::ip(c6, v6, 17, &wire::udp(c6, 6000, v6, 53, b"q"));
-    let other6 = wire::frame(
+    let inner6 = Packet::udp(c6, 6000, v6, 53).payload(b"q").ip();
+    let other6 = packet::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ipv6(LOCAL6, LOCAL6, 41, 0x6000_0000, 64, &inner6),
+        &packet::ipv6(LOCAL6, LOCAL6, 41, 0x6000_0000, 64, &inner6),
     );
     let (action, out) = lab.run(PROG_DECAP, lab.vb, &other6);
     assert_eq!(action_name(action), "XDP_PASS");
@@ -65,7 +60,7 @@ fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
     let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
     assert_same(
         &out,
-        &wire::frame(B1_MAC, VB_MAC, &inner),
+        &packet::frame(B1_MAC, VB_MAC, &inner),
         "decapsulated for b1",
     );
     lab.decap_addrs
@@ -96,23 +91,18 @@ fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
         return;
     };
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let inner = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 41000, vip, 80, TCP_SYN, b""),
-    );
-    let outer = wire::V4 {
+    let inner = Packet::tcp(client, 41000, vip, 80, TCP_SYN).ip();
+    let outer = packet::V4 {
         tos: 0,
         id: 0,
         frag: 0x4000,
         ttl: 64,
     };
     let from = |src: Ipv4Addr| {
-        wire::frame(
+        packet::frame(
             B1_MAC,
             VB_MAC,
-            &wire::ipv4(src, B1_4, 4, outer, &[], &inner),
+            &packet::ipv4(src, B1_4, 4, outer, &[], &inner),
         )
     };
     // Anyone who reaches the backend: a spoofed inner source must not get past it.
@@ -123,11 +113,11 @@ fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
         "a tunnel from a host that is not a balancer was not dropped"
     );
     let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
-    let inner6 = wire::ip(c6, v6, 17, &wire::udp(c6, 6000, v6, 53, b"q"));
-    let spoofed6 = wire::frame(
+    let inner6 = Packet::udp(c6, 6000, v6, 53).payload(b"q").ip();
+    let spoofed6 = packet::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ipv6(CLIENT6, B1_6, 41, 0x6000_0000, 64, &inner6),
+        &packet::ipv6(CLIENT6, B1_6, 41, 0x6000_0000, 64, &inner6),
     );
     let (action, _) = lab.run(PROG_DECAP, lab.vb, &spoofed6);
     assert_eq!(action_name(action), "XDP_DROP", "the same over IPv6");
@@ -140,7 +130,7 @@ fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
     assert_eq!(action_name(action), "XDP_PASS");
     assert_same(
         &out,
-        &wire::frame(B1_MAC, VB_MAC, &inner),
+        &packet::frame(B1_MAC, VB_MAC, &inner),
         "a tunnel from the balancer, decapsulated",
     );
 }

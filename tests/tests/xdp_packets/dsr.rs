@@ -11,32 +11,32 @@ fn dsr_ipv4_tcp_is_encapsulated_in_ipip_and_decapsulated_on_the_backend() {
     lab.backend(0, B1_4.into(), 0);
     lab.service(1, VIP4.into(), 80, IPPROTO_TCP, MODE_DSR, &[0, 0, 0]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let tos = wire::V4 {
+    let tos = packet::V4 {
         tos: 0x28,
-        ..wire::V4_CLIENT
+        ..packet::V4_CLIENT
     };
-    let inner = wire::ipv4(
+    let inner = packet::ipv4(
         CLIENT4,
         VIP4,
         6,
         tos,
         &[],
-        &wire::tcp(client, 41000, vip, 80, TCP_SYN, b""),
+        &packet::tcp(client, 41000, vip, 80, TCP_SYN, b""),
     );
-    let syn = wire::frame(VC_MAC, CLIENT_MAC, &inner);
+    let syn = packet::frame(VC_MAC, CLIENT_MAC, &inner);
     let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the DSR VIP");
-    let outer = wire::V4 {
+    let outer = packet::V4 {
         tos: 0x28,
         id: 0,
         frag: 0x4000,
         ttl: 64,
     };
-    let want = wire::frame(
+    let want = packet::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ipv4(LOCAL4, B1_4, 4, outer, &[], &inner),
+        &packet::ipv4(LOCAL4, B1_4, 4, outer, &[], &inner),
     );
-    wire::assert_checksums(&out, "the IPIP packet sent to the backend");
+    packet::assert_checksums(&out, "the IPIP packet sent to the backend");
     assert_same(&out, &want, "the IPIP packet sent to the backend");
 
     // The backend host's lb_decap hands the client's own packet to its stack.
@@ -48,7 +48,7 @@ fn dsr_ipv4_tcp_is_encapsulated_in_ipip_and_decapsulated_on_the_backend() {
     );
     assert_same(
         &decapped,
-        &wire::frame(B1_MAC, VB_MAC, &inner),
+        &packet::frame(B1_MAC, VB_MAC, &inner),
         "the decapsulated packet",
     );
     assert_eq!(lab.stat(Stat::Decapsulated), 1, "one packet decapsulated");
@@ -94,8 +94,8 @@ fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
     lab.backend(7, B1_6.into(), 0);
     lab.service(5, VIP6.into(), 53, IPPROTO_UDP, MODE_DSR, &[7]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
-    let inner = wire::ip(client, vip, 17, &wire::udp(client, 6000, vip, 53, b"query"));
-    let request = wire::frame(VC_MAC, CLIENT_MAC, &inner);
+    let inner = Packet::udp(client, 6000, vip, 53).payload(b"query").ip();
+    let request = packet::frame(VC_MAC, CLIENT_MAC, &inner);
     let out = lab.expect(
         lab.vc,
         &request,
@@ -103,12 +103,12 @@ fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
         "a request to the DSR IPv6 VIP",
     );
     let label = flow_hash(&flow(client, 6000, vip, 53, IPPROTO_UDP)) & 0x000f_ffff;
-    let want = wire::frame(
+    let want = packet::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ipv6(LOCAL6, B1_6, 41, 0x6000_0000 | label, 64, &inner),
+        &packet::ipv6(LOCAL6, B1_6, 41, 0x6000_0000 | label, 64, &inner),
     );
-    wire::assert_checksums(&out, "the IP6IP6 packet sent to the backend");
+    packet::assert_checksums(&out, "the IP6IP6 packet sent to the backend");
     assert_same(&out, &want, "the IP6IP6 packet sent to the backend");
 
     let (action, decapped) = lab.run(PROG_DECAP, lab.vb, &out);
@@ -119,7 +119,7 @@ fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
     );
     assert_same(
         &decapped,
-        &wire::frame(B1_MAC, VB_MAC, &inner),
+        &packet::frame(B1_MAC, VB_MAC, &inner),
         "the decapsulated packet",
     );
     assert_eq!(

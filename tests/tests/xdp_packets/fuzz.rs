@@ -54,7 +54,7 @@ fn l4(rng: &mut Rng, src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: 
                 4..=6 => TCP_ACK,
                 _ => rng.byte(),
             };
-            let mut seg = wire::tcp(src, sport, dst, dport, flags, &payload);
+            let mut seg = packet::tcp(src, sport, dst, dport, flags, &payload);
             // Any data offset: options (random bytes) between the header and the payload.
             if rng.percent(25) {
                 let words = 1 + rng.below(10) as usize;
@@ -64,14 +64,14 @@ fn l4(rng: &mut Rng, src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: 
                 with.extend_from_slice(&seg[20..]);
                 with[12] = ((5 + words as u8) << 4) | (with[12] & 0x0f);
                 with[16..18].copy_from_slice(&[0, 0]);
-                let c = wire::checksum(&[&wire::pseudo(src, dst, 6, with.len()), &with]);
+                let c = packet::checksum(&[&packet::pseudo(src, dst, 6, with.len()), &with]);
                 with[16..18].copy_from_slice(&c.to_be_bytes());
                 seg = with;
             }
             seg
         }
         17 => {
-            let mut d = wire::udp(src, sport, dst, dport, &payload);
+            let mut d = packet::udp(src, sport, dst, dport, &payload);
             if src.is_ipv4() && rng.percent(10) {
                 d[6..8].copy_from_slice(&[0, 0]);
             }
@@ -84,16 +84,16 @@ fn l4(rng: &mut Rng, src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: 
             let quote = if quote_v4 {
                 let n = 4 * rng.below(3) as usize;
                 let opts = rng.bytes(n);
-                let inner = wire::udp(
+                let inner = packet::udp(
                     LOCAL4.into(),
                     20_000 + rng.below(100) as u16,
                     B1_4.into(),
                     5353,
                     b"",
                 );
-                wire::ipv4(LOCAL4, B1_4, 17, wire::V4_CLIENT, &opts, &inner)
+                packet::ipv4(LOCAL4, B1_4, 17, packet::V4_CLIENT, &opts, &inner)
             } else {
-                let inner = wire::tcp(
+                let inner = packet::tcp(
                     LOCAL6.into(),
                     20_000 + rng.below(100) as u16,
                     B1_6.into(),
@@ -101,7 +101,7 @@ fn l4(rng: &mut Rng, src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: 
                     TCP_ACK,
                     b"",
                 );
-                wire::ipv6(LOCAL6, B1_6, 6, 0x6000_0000, 64, &inner)
+                packet::ipv6(LOCAL6, B1_6, 6, 0x6000_0000, 64, &inner)
             };
             let (kind, code) = if rng.percent(70) {
                 if quote_v4 {
@@ -118,9 +118,9 @@ fn l4(rng: &mut Rng, src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: 
             let pseudo = if quote_v4 {
                 Vec::new()
             } else {
-                wire::pseudo(src, dst, 58, m.len())
+                packet::pseudo(src, dst, 58, m.len())
             };
-            let c = wire::checksum(&[&pseudo, &m]);
+            let c = packet::checksum(&[&pseudo, &m]);
             m[2..4].copy_from_slice(&c.to_be_bytes());
             m
         }
@@ -195,13 +195,13 @@ fn case(rng: &mut Rng) -> Case {
             } else {
                 rng.next() as u16
             };
-            let h = wire::V4 {
+            let h = packet::V4 {
                 tos: rng.byte(),
                 id: rng.next() as u16,
                 frag,
                 ttl: rng.byte(),
             };
-            (wire::ipv4(s, d, protocol, h, &opts, &l4), wire::ETH_IP)
+            (packet::ipv4(s, d, protocol, h, &opts, &l4), packet::ETH_IP)
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             // Extension headers (8 bytes each) before the L4 header.
@@ -218,8 +218,8 @@ fn case(rng: &mut Rng) -> Case {
                 }
             }
             (
-                wire::ipv6(s, d, next, 0x6000_0000, rng.byte(), &payload),
-                wire::ETH_IPV6,
+                packet::ipv6(s, d, next, 0x6000_0000, rng.byte(), &payload),
+                packet::ETH_IPV6,
             )
         }
         _ => unreachable!("one family per case"),
@@ -235,11 +235,11 @@ fn case(rng: &mut Rng) -> Case {
         (VB_MAC, B1_MAC)
     };
     let mut frame = match rng.below(10) {
-        0..=6 => wire::eth(dmac, smac, None, ethertype, &ip),
-        7 | 8 => wire::eth(dmac, smac, Some(rng.next() as u16 & 0x0fff), ethertype, &ip),
+        0..=6 => packet::eth(dmac, smac, None, ethertype, &ip),
+        7 | 8 => packet::eth(dmac, smac, Some(rng.next() as u16 & 0x0fff), ethertype, &ip),
         _ => {
             // Two tags (QinQ).
-            let inner = wire::eth(dmac, smac, Some(7), ethertype, &ip);
+            let inner = packet::eth(dmac, smac, Some(7), ethertype, &ip);
             let mut f = inner[..12].to_vec();
             f.extend_from_slice(&0x8100u16.to_be_bytes());
             f.extend_from_slice(&(rng.next() as u16 & 0x0fff).to_be_bytes());
@@ -281,14 +281,14 @@ fn unsound(frame: &[u8]) -> Option<String> {
     let (at, ethertype) = l3(frame)?;
     let ip = &frame[at..];
     let len = match ethertype {
-        wire::ETH_IP => u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]) as usize,
-        wire::ETH_IPV6 => 40 + u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]) as usize,
+        packet::ETH_IP => u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]) as usize,
+        packet::ETH_IPV6 => 40 + u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]) as usize,
         other => return Some(format!("sent on with EtherType {other:#06x}")),
     };
     if len != ip.len() {
         return Some(format!("IP length {len} but {} bytes after L2", ip.len()));
     }
-    std::panic::catch_unwind(|| wire::assert_checksums(frame, "fuzz"))
+    std::panic::catch_unwind(|| packet::assert_checksums(frame, "fuzz"))
         .err()
         .map(|e| {
             e.downcast_ref::<String>()

@@ -13,13 +13,13 @@ fn icmp(kind: u8, code: u8, rest: u32, quote: &[u8], pseudo: &[u8]) -> Vec<u8> {
     let mut m = vec![kind, code, 0, 0];
     m.extend_from_slice(&rest.to_be_bytes());
     m.extend_from_slice(quote);
-    let c = wire::checksum(&[pseudo, &m]);
+    let c = packet::checksum(&[pseudo, &m]);
     m[2..4].copy_from_slice(&c.to_be_bytes());
     m
 }
 
 /// The outer IPv4 header fields of the errors the router sends.
-const ROUTER_V4: wire::V4 = wire::V4 {
+const ROUTER_V4: packet::V4 = packet::V4 {
     tos: 0xc0,
     id: 0x4321,
     frag: 0,
@@ -27,10 +27,10 @@ const ROUTER_V4: wire::V4 = wire::V4 {
 };
 
 fn error4(quote: &[u8], to: Ipv4Addr) -> Vec<u8> {
-    wire::frame(
+    packet::frame(
         VB_MAC,
         B1_MAC,
-        &wire::ipv4(
+        &packet::ipv4(
             ROUTER4,
             to,
             1,
@@ -49,15 +49,12 @@ fn a_fragmentation_needed_about_a_nat_flow_reaches_its_client_as_if_from_the_vip
     lab.backend(0, B1_4.into(), 8080);
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let sent = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 40000, vip, 80, TCP_SYN, &[7; 64]),
-    );
+    let sent = Packet::tcp(client, 40000, vip, 80, TCP_SYN)
+        .payload(&[7; 64])
+        .ip();
     let out = lab.expect(
         lab.vc,
-        &wire::frame(VC_MAC, CLIENT_MAC, &sent),
+        &packet::frame(VC_MAC, CLIENT_MAC, &sent),
         XDP_REDIRECT,
         "a client's segment",
     );
@@ -71,16 +68,16 @@ fn a_fragmentation_needed_about_a_nat_flow_reaches_its_client_as_if_from_the_vip
             XDP_REDIRECT,
             "a fragmentation-needed error about the flow",
         );
-        let want = wire::frame(
+        let want = packet::frame(
             CLIENT_MAC,
             VC_MAC,
-            &wire::ipv4(
+            &packet::ipv4(
                 VIP4,
                 CLIENT4,
                 1,
                 ROUTER_V4,
                 &[],
-                &icmp(3, 4, 1400, &wire::forwarded(&sent)[..len], &[]),
+                &icmp(3, 4, 1400, &packet::forwarded(&sent)[..len], &[]),
             ),
         );
         assert_same(
@@ -106,10 +103,10 @@ fn a_fragmentation_needed_about_a_nat_flow_reaches_its_client_as_if_from_the_vip
         "an error about no known flow"
     );
     assert_same(&same, &unknown, "an error about no known flow");
-    let echo = wire::frame(
+    let echo = packet::frame(
         VB_MAC,
         B1_MAC,
-        &wire::ipv4(
+        &packet::ipv4(
             ROUTER4,
             LOCAL4,
             1,
@@ -137,15 +134,10 @@ fn a_packet_too_big_about_a_nat_ipv6_udp_flow_reaches_its_client() {
     lab.backend(1, B1_6.into(), 5353);
     lab.service(1, VIP6.into(), 53, IPPROTO_UDP, MODE_NAT, &[1]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
-    let sent = wire::ip(
-        client,
-        vip,
-        17,
-        &wire::udp(client, 6000, vip, 53, &[9; 100]),
-    );
+    let sent = Packet::udp(client, 6000, vip, 53).payload(&[9; 100]).ip();
     let out = lab.expect(
         lab.vc,
-        &wire::frame(VC_MAC, CLIENT_MAC, &sent),
+        &packet::frame(VC_MAC, CLIENT_MAC, &sent),
         XDP_REDIRECT,
         "a client's datagram",
     );
@@ -156,12 +148,12 @@ fn a_packet_too_big_about_a_nat_ipv6_udp_flow_reaches_its_client() {
         0,
         1280,
         translated,
-        &wire::pseudo(b1, local, 58, 8 + translated.len()),
+        &packet::pseudo(b1, local, 58, 8 + translated.len()),
     );
-    let error = wire::frame(
+    let error = packet::frame(
         VB_MAC,
         B1_MAC,
-        &wire::ipv6(B1_6, LOCAL6, 58, 0x6000_0000, 64, &message),
+        &packet::ipv6(B1_6, LOCAL6, 58, 0x6000_0000, 64, &message),
     );
     let out = lab.expect(
         lab.vb,
@@ -173,13 +165,13 @@ fn a_packet_too_big_about_a_nat_ipv6_udp_flow_reaches_its_client() {
         2,
         0,
         1280,
-        &wire::forwarded(&sent),
-        &wire::pseudo(vip, client, 58, 8 + sent.len()),
+        &packet::forwarded(&sent),
+        &packet::pseudo(vip, client, 58, 8 + sent.len()),
     );
-    let want = wire::frame(
+    let want = packet::frame(
         CLIENT_MAC,
         VC_MAC,
-        &wire::ipv6(VIP6, CLIENT6, 58, 0x6000_0000, 64, &message),
+        &packet::ipv6(VIP6, CLIENT6, 58, 0x6000_0000, 64, &message),
     );
     assert_same(&out, &want, "the packet-too-big sent to the client");
     assert_eq!(lab.stat(Stat::IcmpTranslated), 1);
@@ -192,10 +184,10 @@ const CLIENT_ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xfe];
 
 /// A fragmentation-needed (MTU 1400) from the client-side router to `to`, quoting `quote`.
 fn error4_from_client_side(quote: &[u8], to: Ipv4Addr) -> Vec<u8> {
-    wire::frame(
+    packet::frame(
         VC_MAC,
         CLIENT_ROUTER_MAC,
-        &wire::ipv4(
+        &packet::ipv4(
             CLIENT_ROUTER4,
             to,
             1,
@@ -212,7 +204,7 @@ fn error4_from_client_side(quote: &[u8], to: Ipv4Addr) -> Vec<u8> {
 fn exchange(lab: &Lab, request: &[u8], answer: impl Fn(u16) -> Vec<u8>) -> (u16, Vec<u8>, Vec<u8>) {
     let out = lab.expect(
         lab.vc,
-        &wire::frame(VC_MAC, CLIENT_MAC, request),
+        &packet::frame(VC_MAC, CLIENT_MAC, request),
         XDP_REDIRECT,
         "a client's first packet",
     );
@@ -220,7 +212,7 @@ fn exchange(lab: &Lab, request: &[u8], answer: impl Fn(u16) -> Vec<u8>) -> (u16,
     let sent = answer(snat);
     let out = lab.expect(
         lab.vb,
-        &wire::frame(VB_MAC, B1_MAC, &sent),
+        &packet::frame(VB_MAC, B1_MAC, &sent),
         XDP_REDIRECT,
         "the backend's answer",
     );
@@ -234,19 +226,13 @@ fn big_tcp_reply4(lab: &mut Lab) -> (Vec<u8>, Vec<u8>) {
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
     let (client, vip, local, b1): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
-    let request = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 40000, vip, 80, TCP_SYN, b"GET /big"),
-    );
+    let request = Packet::tcp(client, 40000, vip, 80, TCP_SYN)
+        .payload(b"GET /big")
+        .ip();
     let (_, answer, reply) = exchange(lab, &request, |snat| {
-        wire::ip(
-            b1,
-            local,
-            6,
-            &wire::tcp(b1, 8080, local, snat, TCP_ACK, &[5; 1460]),
-        )
+        Packet::tcp(b1, 8080, local, snat, TCP_ACK)
+            .payload(&[5; 1460])
+            .ip()
     });
     (answer, reply)
 }
@@ -271,16 +257,16 @@ fn a_fragmentation_needed_about_a_nat_reply_reaches_its_backend_as_if_from_the_b
             XDP_REDIRECT,
             "a fragmentation-needed error about a reply",
         );
-        let mut want = wire::frame(
+        let mut want = packet::frame(
             B1_MAC,
             VB_MAC,
-            &wire::ipv4(
+            &packet::ipv4(
                 LOCAL4,
                 B1_4,
                 1,
                 ROUTER_V4,
                 &[],
-                &icmp(3, 4, 1400, &wire::forwarded(&answer)[..len], &[]),
+                &icmp(3, 4, 1400, &packet::forwarded(&answer)[..len], &[]),
             ),
         );
         want.extend_from_slice(trailer);
@@ -311,9 +297,9 @@ fn a_packet_too_big_about_a_nat_ipv6_udp_reply_reaches_its_backend() {
     lab.service(1, VIP6.into(), 53, IPPROTO_UDP, MODE_NAT, &[1]);
     let (client, vip, local, b1): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT6.into(), VIP6.into(), LOCAL6.into(), B1_6.into());
-    let request = wire::ip(client, vip, 17, &wire::udp(client, 6000, vip, 53, b"query"));
+    let request = Packet::udp(client, 6000, vip, 53).payload(b"query").ip();
     let (_, answer, reply) = exchange(&lab, &request, |snat| {
-        wire::ip(b1, local, 17, &wire::udp(b1, 5353, local, snat, &[3; 1300]))
+        Packet::udp(b1, 5353, local, snat).payload(&[3; 1300]).ip()
     });
 
     // An IPv6 error quotes as much as fits in 1280 bytes (RFC 4443 §2.4).
@@ -324,12 +310,12 @@ fn a_packet_too_big_about_a_nat_ipv6_udp_reply_reaches_its_backend() {
         0,
         1280,
         &reply[..len],
-        &wire::pseudo(router, vip, 58, 8 + len),
+        &packet::pseudo(router, vip, 58, 8 + len),
     );
-    let error = wire::frame(
+    let error = packet::frame(
         VC_MAC,
         CLIENT_ROUTER_MAC,
-        &wire::ipv6(CLIENT_ROUTER6, VIP6, 58, 0x6000_0000, 64, &message),
+        &packet::ipv6(CLIENT_ROUTER6, VIP6, 58, 0x6000_0000, 64, &message),
     );
     let out = lab.expect(
         lab.vc,
@@ -341,13 +327,13 @@ fn a_packet_too_big_about_a_nat_ipv6_udp_reply_reaches_its_backend() {
         2,
         0,
         1280,
-        &wire::forwarded(&answer)[..len],
-        &wire::pseudo(local, b1, 58, 8 + len),
+        &packet::forwarded(&answer)[..len],
+        &packet::pseudo(local, b1, 58, 8 + len),
     );
-    let want = wire::frame(
+    let want = packet::frame(
         B1_MAC,
         VB_MAC,
-        &wire::ipv6(LOCAL6, B1_6, 58, 0x6000_0000, 64, &message),
+        &packet::ipv6(LOCAL6, B1_6, 58, 0x6000_0000, 64, &message),
     );
     assert_same(&out, &want, "the packet-too-big sent to the backend");
     assert_eq!(lab.stat(Stat::IcmpToBackend), 1);
@@ -363,10 +349,10 @@ fn an_error_about_a_reply_claiming_a_tiny_path_mtu_is_dropped_not_sent_to_the_ba
     // error claiming 552 bytes (forged by a client, or a client's own tiny tunnel) would
     // shrink every client's segments.
     for mtu in [552, MIN_REPLY_PATH_MTU - 1] {
-        let error = wire::frame(
+        let error = packet::frame(
             VC_MAC,
             CLIENT_ROUTER_MAC,
-            &wire::ipv4(
+            &packet::ipv4(
                 CLIENT_ROUTER4,
                 VIP4,
                 1,
@@ -385,10 +371,10 @@ fn an_error_about_a_reply_claiming_a_tiny_path_mtu_is_dropped_not_sent_to_the_ba
     assert_eq!(lab.stat(Stat::DropIcmpLowMtu), 2);
     assert_eq!(lab.stat(Stat::IcmpToBackend), 0);
     // The floor itself is translated.
-    let error = wire::frame(
+    let error = packet::frame(
         VC_MAC,
         CLIENT_ROUTER_MAC,
-        &wire::ipv4(
+        &packet::ipv4(
             CLIENT_ROUTER4,
             VIP4,
             1,
@@ -415,19 +401,13 @@ fn an_error_about_a_reply_of_no_known_flow_passes_untouched() {
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
     let (client, vip, local, b1): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
-    let request = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 40000, vip, 80, TCP_SYN, b"GET /"),
-    );
+    let request = Packet::tcp(client, 40000, vip, 80, TCP_SYN)
+        .payload(b"GET /")
+        .ip();
     let (_, _, reply) = exchange(&lab, &request, |snat| {
-        wire::ip(
-            b1,
-            local,
-            6,
-            &wire::tcp(b1, 8080, local, snat, TCP_ACK, &[5; 100]),
-        )
+        Packet::tcp(b1, 8080, local, snat, TCP_ACK)
+            .payload(&[5; 100])
+            .ip()
     });
     // The same reply to another client port: conntrack has no such flow.
     let mut other = reply.clone();
@@ -456,25 +436,19 @@ fn an_error_about_a_dsr_reply_passes_untouched() {
     lab.backend(0, B1_4.into(), 0);
     lab.service(1, VIP4.into(), 80, IPPROTO_TCP, MODE_DSR, &[0]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let request = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 40000, vip, 80, TCP_SYN, b"GET /"),
-    );
+    let request = Packet::tcp(client, 40000, vip, 80, TCP_SYN)
+        .payload(b"GET /")
+        .ip();
     lab.expect(
         lab.vc,
-        &wire::frame(VC_MAC, CLIENT_MAC, &request),
+        &packet::frame(VC_MAC, CLIENT_MAC, &request),
         XDP_REDIRECT,
         "a client's segment to a DSR VIP",
     );
     // The backend answered the client directly, from the VIP.
-    let reply = wire::ip(
-        vip,
-        client,
-        6,
-        &wire::tcp(vip, 80, client, 40000, TCP_ACK, &[5; 100]),
-    );
+    let reply = Packet::tcp(vip, 80, client, 40000, TCP_ACK)
+        .payload(&[5; 100])
+        .ip();
     let error = error4_from_client_side(&reply, VIP4);
     let (action, same) = lab.run(PROG_BALANCER, lab.vc, &error);
     assert_eq!(

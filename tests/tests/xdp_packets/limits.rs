@@ -13,20 +13,14 @@ fn limited(lab: &mut Lab, id: u32, limits: Limits) {
 /// A TCP segment from `client`:`sport` to VIP4:80 with `flags`.
 fn tcp(client: Ipv4Addr, sport: u16, flags: u8) -> Vec<u8> {
     let (c, v): (IpAddr, IpAddr) = (client.into(), VIP4.into());
-    wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(c, v, 6, &wire::tcp(c, sport, v, 80, flags, b"")),
-    )
+    Packet::tcp(c, sport, v, 80, flags).frame(VC_MAC, CLIENT_MAC)
 }
 
 fn udp(client: Ipv4Addr, sport: u16) -> Vec<u8> {
     let (c, v): (IpAddr, IpAddr) = (client.into(), VIP4.into());
-    wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(c, v, 17, &wire::udp(c, sport, v, 53, b"q")),
-    )
+    Packet::udp(c, sport, v, 53)
+        .payload(b"q")
+        .frame(VC_MAC, CLIENT_MAC)
 }
 
 /// The RST+ACK the balancer answers a refused SYN from `client`:`sport` to `vip`:80
@@ -38,22 +32,22 @@ fn rst(client: IpAddr, sport: u16, vip: IpAddr, ack: u32) -> Vec<u8> {
     seg.extend_from_slice(&0u32.to_be_bytes());
     seg.extend_from_slice(&ack.to_be_bytes());
     seg.extend_from_slice(&[5 << 4, TCP_RST | TCP_ACK, 0, 0, 0, 0, 0, 0]);
-    let c = wire::checksum(&[&wire::pseudo(vip, client, 6, seg.len()), &seg]);
+    let c = packet::checksum(&[&packet::pseudo(vip, client, 6, seg.len()), &seg]);
     seg[16..18].copy_from_slice(&c.to_be_bytes());
     let ip = match (vip, client) {
         (IpAddr::V4(v), IpAddr::V4(c)) => {
-            let h = wire::V4 {
+            let h = packet::V4 {
                 tos: 0,
                 id: 0,
                 frag: 0x4000,
                 ttl: 64,
             };
-            wire::ipv4(v, c, 6, h, &[], &seg)
+            packet::ipv4(v, c, 6, h, &[], &seg)
         }
-        (IpAddr::V6(v), IpAddr::V6(c)) => wire::ipv6(v, c, 6, 0x6000_0000, 64, &seg),
+        (IpAddr::V6(v), IpAddr::V6(c)) => packet::ipv6(v, c, 6, 0x6000_0000, 64, &seg),
         _ => panic!("mixed address families"),
     };
-    wire::frame(CLIENT_MAC, VC_MAC, &ip)
+    packet::frame(CLIENT_MAC, VC_MAC, &ip)
 }
 
 #[test]
@@ -71,11 +65,9 @@ fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() 
     limited(&mut lab, 0, one);
     let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
     let syn6 = |sport: u16, data: &[u8]| {
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(c6, v6, 6, &wire::tcp(c6, sport, v6, 80, TCP_SYN, data)),
-        )
+        Packet::tcp(c6, sport, v6, 80, TCP_SYN)
+            .payload(data)
+            .frame(VC_MAC, CLIENT_MAC)
     };
     lab.expect(
         lab.vc,
@@ -89,7 +81,7 @@ fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() 
         XDP_TX,
         "an IPv6 SYN over it",
     );
-    wire::assert_checksums(&out, "the IPv6 RST");
+    packet::assert_checksums(&out, "the IPv6 RST");
     // The SYN's sequence + 1 + its 5 bytes of data.
     assert_same(&out, &rst(c6, 43001, v6, 0x1122_3344 + 6), "the IPv6 RST");
 
@@ -100,16 +92,16 @@ fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() 
         "an IPv4 SYN",
     );
     let (c4, v4): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let with_options = wire::frame(
+    let with_options = packet::frame(
         VC_MAC,
         CLIENT_MAC,
-        &wire::ipv4(
+        &packet::ipv4(
             CLIENT4,
             VIP4,
             6,
-            wire::V4_CLIENT,
+            packet::V4_CLIENT,
             &[1, 1, 1, 0],
-            &wire::tcp(c4, 43001, v4, 80, TCP_SYN, b""),
+            &packet::tcp(c4, 43001, v4, 80, TCP_SYN, b""),
         ),
     );
     lab.expect(
@@ -172,7 +164,7 @@ fn new_flows_over_a_clients_burst_are_refused_and_counted_and_another_client_is_
         XDP_TX,
         "a 4th SYN; the burst is 3",
     );
-    wire::assert_checksums(&out, "the RST answering a refused SYN");
+    packet::assert_checksums(&out, "the RST answering a refused SYN");
     assert_same(
         &out,
         &rst(CLIENT4.into(), 41003, VIP4.into(), 0x1122_3345),
@@ -288,13 +280,8 @@ fn a_client_at_its_connection_limit_is_refused_until_a_fin_or_rst_of_one_of_its_
     let snat_42001 = l4_source_port(&out);
     // A segment from the backend to the balancer (the NAT reply path).
     let (b, local): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
-    let reply = |snat: u16, flags: u8| {
-        wire::frame(
-            VB_MAC,
-            B1_MAC,
-            &wire::ip(b, local, 6, &wire::tcp(b, 8080, local, snat, flags, b"")),
-        )
-    };
+    let reply =
+        |snat: u16, flags: u8| Packet::tcp(b, 8080, local, snat, flags).frame(VB_MAC, B1_MAC);
     syn(
         &lab,
         CLIENT4,

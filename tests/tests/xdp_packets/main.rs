@@ -34,7 +34,7 @@ use lb_common::{
 use lb_tests::{
     netns::Netns,
     packet::{
-        self as wire, assert_same, l4_source_port, tcp_flags_of, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        self, assert_same, l4_source_port, tcp_flags_of, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
     require_root,
     xdp::{

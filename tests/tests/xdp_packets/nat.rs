@@ -14,16 +14,7 @@ fn nat_ipv4_tcp_goes_to_the_backend_from_the_balancer_and_the_reply_back_to_the_
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &slots);
 
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let syn = wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(
-            client,
-            vip,
-            6,
-            &wire::tcp(client, 40000, vip, 80, TCP_SYN, b""),
-        ),
-    );
+    let syn = Packet::tcp(client, 40000, vip, 80, TCP_SYN).frame(VC_MAC, CLIENT_MAC);
     let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the VIP");
 
     let key = flow(client, 40000, vip, 80, IPPROTO_TCP);
@@ -39,17 +30,10 @@ fn nat_ipv4_tcp_goes_to_the_backend_from_the_balancer_and_the_reply_back_to_the_
         "the SNAT port {snat} is outside the service's range {SNAT_MIN}..={SNAT_MAX}"
     );
     let (local, backend): (IpAddr, IpAddr) = (LOCAL4.into(), b_addr.into());
-    let want = wire::frame(
-        b_mac,
-        VB_MAC,
-        &wire::forwarded(&wire::ip(
-            local,
-            backend,
-            6,
-            &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
-        )),
-    );
-    wire::assert_checksums(&out, "the SYN sent to the backend");
+    let want = Packet::tcp(local, snat, backend, 8080, TCP_SYN)
+        .forwarded()
+        .frame(b_mac, VB_MAC);
+    packet::assert_checksums(&out, "the SYN sent to the backend");
     assert_same(&out, &want, "the SYN sent to the backend");
     let entry = lab
         .conntrack
@@ -62,28 +46,15 @@ fn nat_ipv4_tcp_goes_to_the_backend_from_the_balancer_and_the_reply_back_to_the_
     );
 
     // The backend's SYN-ACK comes back on the backend side.
-    let reply = wire::frame(
-        VB_MAC,
-        b_mac,
-        &wire::ip(
-            backend,
-            local,
-            6,
-            &wire::tcp(backend, 8080, local, snat, TCP_SYN | TCP_ACK, b"hi"),
-        ),
-    );
+    let reply = Packet::tcp(backend, 8080, local, snat, TCP_SYN | TCP_ACK)
+        .payload(b"hi")
+        .frame(VB_MAC, b_mac);
     let out = lab.expect(lab.vb, &reply, XDP_REDIRECT, "the backend's SYN-ACK");
-    let want = wire::frame(
-        CLIENT_MAC,
-        VC_MAC,
-        &wire::forwarded(&wire::ip(
-            vip,
-            client,
-            6,
-            &wire::tcp(vip, 80, client, 40000, TCP_SYN | TCP_ACK, b"hi"),
-        )),
-    );
-    wire::assert_checksums(&out, "the SYN-ACK sent to the client");
+    let want = Packet::tcp(vip, 80, client, 40000, TCP_SYN | TCP_ACK)
+        .payload(b"hi")
+        .forwarded()
+        .frame(CLIENT_MAC, VC_MAC);
+    packet::assert_checksums(&out, "the SYN-ACK sent to the client");
     assert_same(&out, &want, "the SYN-ACK sent to the client");
 
     assert_eq!(lab.stat(Stat::Packets), 2, "the balancer saw 2 packets");
@@ -121,11 +92,9 @@ fn nat_ipv6_udp_request_and_reply_are_translated() {
     let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT6.into(), VIP6.into(), LOCAL6.into(), B1_6.into());
 
-    let request = wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(client, vip, 17, &wire::udp(client, 5353, vip, 53, b"query")),
-    );
+    let request = Packet::udp(client, 5353, vip, 53)
+        .payload(b"query")
+        .frame(VC_MAC, CLIENT_MAC);
     let out = lab.expect(
         lab.vc,
         &request,
@@ -137,17 +106,11 @@ fn nat_ipv6_udp_request_and_reply_are_translated() {
         (SNAT_MIN..=SNAT_MAX).contains(&snat),
         "SNAT port {snat} out of range"
     );
-    let want = wire::frame(
-        B1_MAC,
-        VB_MAC,
-        &wire::forwarded(&wire::ip(
-            local,
-            backend,
-            17,
-            &wire::udp(local, snat, backend, 5300, b"query"),
-        )),
-    );
-    wire::assert_checksums(&out, "the request sent to the backend");
+    let want = Packet::udp(local, snat, backend, 5300)
+        .payload(b"query")
+        .forwarded()
+        .frame(B1_MAC, VB_MAC);
+    packet::assert_checksums(&out, "the request sent to the backend");
     assert_same(&out, &want, "the request sent to the backend");
 
     let reply_key = flow(backend, 5300, local, snat, IPPROTO_UDP);
@@ -161,28 +124,15 @@ fn nat_ipv6_udp_request_and_reply_are_translated() {
         "NAT_REVERSE records the wrong client, VIP port or service"
     );
 
-    let reply = wire::frame(
-        VB_MAC,
-        B1_MAC,
-        &wire::ip(
-            backend,
-            local,
-            17,
-            &wire::udp(backend, 5300, local, snat, b"answer"),
-        ),
-    );
+    let reply = Packet::udp(backend, 5300, local, snat)
+        .payload(b"answer")
+        .frame(VB_MAC, B1_MAC);
     let out = lab.expect(lab.vb, &reply, XDP_REDIRECT, "the backend's UDP reply");
-    let want = wire::frame(
-        CLIENT_MAC,
-        VC_MAC,
-        &wire::forwarded(&wire::ip(
-            vip,
-            client,
-            17,
-            &wire::udp(vip, 53, client, 5353, b"answer"),
-        )),
-    );
-    wire::assert_checksums(&out, "the reply sent to the client");
+    let want = Packet::udp(vip, 53, client, 5353)
+        .payload(b"answer")
+        .forwarded()
+        .frame(CLIENT_MAC, VC_MAC);
+    packet::assert_checksums(&out, "the reply sent to the client");
     assert_same(&out, &want, "the reply sent to the client");
     assert_eq!(lab.stat(Stat::NatReplies), 1, "1 reply translated back");
     assert_eq!(
@@ -205,9 +155,9 @@ fn nat_ipv4_udp_without_checksum_and_ipv6_tcp_are_translated() {
         (CLIENT4.into(), VIP4.into(), LOCAL4.into(), B1_4.into());
 
     // IPv4 UDP may go without a checksum (0); the translation must not invent one.
-    let mut datagram = wire::udp(client, 7000, vip, 53, b"no checksum");
+    let mut datagram = packet::udp(client, 7000, vip, 53, b"no checksum");
     datagram[6..8].copy_from_slice(&[0, 0]);
-    let request = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 17, &datagram));
+    let request = packet::frame(VC_MAC, CLIENT_MAC, &packet::ip(client, vip, 17, &datagram));
     let out = lab.expect(
         lab.vc,
         &request,
@@ -215,64 +165,32 @@ fn nat_ipv4_udp_without_checksum_and_ipv6_tcp_are_translated() {
         "a UDP request without checksum",
     );
     let snat = l4_source_port(&out);
-    let mut want_udp = wire::udp(local, snat, backend, 5300, b"no checksum");
+    let mut want_udp = packet::udp(local, snat, backend, 5300, b"no checksum");
     want_udp[6..8].copy_from_slice(&[0, 0]);
-    let want = wire::frame(
+    let want = packet::frame(
         B1_MAC,
         VB_MAC,
-        &wire::forwarded(&wire::ip(local, backend, 17, &want_udp)),
+        &packet::forwarded(&packet::ip(local, backend, 17, &want_udp)),
     );
-    wire::assert_checksums(&out, "the UDP request without checksum");
+    packet::assert_checksums(&out, "the UDP request without checksum");
     assert_same(&out, &want, "the UDP request without checksum (still 0)");
 
     let (client, vip, local, backend): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT6.into(), VIP6.into(), LOCAL6.into(), B1_6.into());
-    let syn = wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(
-            client,
-            vip,
-            6,
-            &wire::tcp(client, 50000, vip, 443, TCP_SYN, b""),
-        ),
-    );
+    let syn = Packet::tcp(client, 50000, vip, 443, TCP_SYN).frame(VC_MAC, CLIENT_MAC);
     let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the IPv6 VIP");
     let snat = l4_source_port(&out);
-    let want = wire::frame(
-        B1_MAC,
-        VB_MAC,
-        &wire::forwarded(&wire::ip(
-            local,
-            backend,
-            6,
-            &wire::tcp(local, snat, backend, 8443, TCP_SYN, b""),
-        )),
-    );
-    wire::assert_checksums(&out, "the IPv6 SYN sent to the backend");
+    let want = Packet::tcp(local, snat, backend, 8443, TCP_SYN)
+        .forwarded()
+        .frame(B1_MAC, VB_MAC);
+    packet::assert_checksums(&out, "the IPv6 SYN sent to the backend");
     assert_same(&out, &want, "the IPv6 SYN sent to the backend");
-    let reply = wire::frame(
-        VB_MAC,
-        B1_MAC,
-        &wire::ip(
-            backend,
-            local,
-            6,
-            &wire::tcp(backend, 8443, local, snat, TCP_SYN | TCP_ACK, b""),
-        ),
-    );
+    let reply = Packet::tcp(backend, 8443, local, snat, TCP_SYN | TCP_ACK).frame(VB_MAC, B1_MAC);
     let out = lab.expect(lab.vb, &reply, XDP_REDIRECT, "the backend's IPv6 SYN-ACK");
-    let want = wire::frame(
-        CLIENT_MAC,
-        VC_MAC,
-        &wire::forwarded(&wire::ip(
-            vip,
-            client,
-            6,
-            &wire::tcp(vip, 443, client, 50000, TCP_SYN | TCP_ACK, b""),
-        )),
-    );
-    wire::assert_checksums(&out, "the IPv6 SYN-ACK sent to the client");
+    let want = Packet::tcp(vip, 443, client, 50000, TCP_SYN | TCP_ACK)
+        .forwarded()
+        .frame(CLIENT_MAC, VC_MAC);
+    packet::assert_checksums(&out, "the IPv6 SYN-ACK sent to the client");
     assert_same(&out, &want, "the IPv6 SYN-ACK sent to the client");
 }
 
@@ -290,20 +208,20 @@ fn nat_drops_a_packet_whose_ttl_would_run_out_and_takes_nothing_for_it() {
     lab.service(1, VIP4.into(), 443, IPPROTO_TCP, MODE_DSR, &[1]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
     let syn = |port: u16, ttl: u8| {
-        let h = wire::V4 {
+        let h = packet::V4 {
             ttl,
-            ..wire::V4_CLIENT
+            ..packet::V4_CLIENT
         };
-        wire::frame(
+        packet::frame(
             VC_MAC,
             CLIENT_MAC,
-            &wire::ipv4(
+            &packet::ipv4(
                 CLIENT4,
                 VIP4,
                 6,
                 h,
                 &[],
-                &wire::tcp(client, 42000, vip, port, TCP_SYN, b""),
+                &packet::tcp(client, 42000, vip, port, TCP_SYN, b""),
             ),
         )
     };
@@ -321,7 +239,7 @@ fn nat_drops_a_packet_whose_ttl_would_run_out_and_takes_nothing_for_it() {
     );
     let out = lab.expect(lab.vc, &syn(80, 2), XDP_REDIRECT, "a NAT SYN at TTL 2");
     assert_eq!(out[14 + 8], 1, "NAT did not decrement the TTL");
-    wire::assert_checksums(&out, "the SYN at TTL 2");
+    packet::assert_checksums(&out, "the SYN at TTL 2");
     let out = lab.expect(lab.vc, &syn(443, 1), XDP_REDIRECT, "a DSR SYN at TTL 1");
     assert_eq!(
         out[14 + 20 + 8],
@@ -331,20 +249,20 @@ fn nat_drops_a_packet_whose_ttl_would_run_out_and_takes_nothing_for_it() {
     // The reply of the TTL-2 flow, at TTL 1: dropped, counted.
     let snat = l4_source_port(&lab.expect(lab.vc, &syn(80, 64), XDP_REDIRECT, "a retransmission"));
     let (b, l): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
-    let h = wire::V4 {
+    let h = packet::V4 {
         ttl: 1,
-        ..wire::V4_CLIENT
+        ..packet::V4_CLIENT
     };
-    let reply = wire::frame(
+    let reply = packet::frame(
         VB_MAC,
         B1_MAC,
-        &wire::ipv4(
+        &packet::ipv4(
             B1_4,
             LOCAL4,
             6,
             h,
             &[],
-            &wire::tcp(b, 8080, l, snat, TCP_SYN | TCP_ACK, b""),
+            &packet::tcp(b, 8080, l, snat, TCP_SYN | TCP_ACK, b""),
         ),
     );
     lab.expect(lab.vb, &reply, XDP_DROP, "a NAT reply at TTL 1");

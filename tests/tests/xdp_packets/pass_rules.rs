@@ -10,14 +10,14 @@ const NOT_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x99);
 
 /// A client's IPv4 fragment (`frag`: flags and offset) of `seg` for `dst`.
 fn fragment(dst: Ipv4Addr, frag: u16, seg: &[u8]) -> Vec<u8> {
-    let h = wire::V4 {
+    let h = packet::V4 {
         frag,
-        ..wire::V4_CLIENT
+        ..packet::V4_CLIENT
     };
-    wire::frame(
+    packet::frame(
         VC_MAC,
         CLIENT_MAC,
-        &wire::ipv4(CLIENT4, dst, 6, h, &[], seg),
+        &packet::ipv4(CLIENT4, dst, 6, h, &[], seg),
     )
 }
 
@@ -26,10 +26,10 @@ fn fragment(dst: Ipv4Addr, frag: u16, seg: &[u8]) -> Vec<u8> {
 fn hop_by_hop(dst: Ipv6Addr, seg: &[u8]) -> Vec<u8> {
     let mut hbh = vec![6, 0, 1, 4, 0, 0, 0, 0];
     hbh.extend_from_slice(seg);
-    wire::frame(
+    packet::frame(
         VC_MAC,
         CLIENT_MAC,
-        &wire::ipv6(CLIENT6, dst, 0, 0x6000_0000, 64, &hbh),
+        &packet::ipv6(CLIENT6, dst, 0, 0x6000_0000, 64, &hbh),
     )
 }
 
@@ -44,8 +44,8 @@ fn fragments_and_extension_headers_for_a_vip_are_dropped() {
     lab.service(1, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[1]);
     let (client, vip, client6, vip6): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT4.into(), VIP4.into(), CLIENT6.into(), VIP6.into());
-    let seg = wire::tcp(client, 40000, vip, 80, TCP_SYN, b"");
-    let seg6 = wire::tcp(client6, 40000, vip6, 80, TCP_SYN, b"");
+    let seg = packet::tcp(client, 40000, vip, 80, TCP_SYN, b"");
+    let seg6 = packet::tcp(client6, 40000, vip6, 80, TCP_SYN, b"");
     // The kernel would route them onward (the VIP is not the balancer's address): dropped,
     // whatever their port, and counted.
     let cases = [
@@ -92,9 +92,9 @@ fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted
     lab.service(1, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[1]);
     let (client, vip, client6, vip6): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT4.into(), VIP4.into(), CLIENT6.into(), VIP6.into());
-    let seg = wire::tcp(client, 40000, vip, 80, TCP_SYN, b"");
-    let seg6 = wire::tcp(client6, 40000, vip6, 80, TCP_SYN, b"");
-    let good = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg));
+    let seg = packet::tcp(client, 40000, vip, 80, TCP_SYN, b"");
+    let seg6 = packet::tcp(client6, 40000, vip6, 80, TCP_SYN, b"");
+    let good = packet::frame(VC_MAC, CLIENT_MAC, &packet::ip(client, vip, 6, &seg));
 
     let mut cases: Vec<(&str, Vec<u8>, Stat)> = Vec::new();
     cases.push((
@@ -109,12 +109,12 @@ fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted
     ));
     cases.push((
         "an IPv4 packet whose TCP header is cut short",
-        wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg[..10])),
+        packet::frame(VC_MAC, CLIENT_MAC, &packet::ip(client, vip, 6, &seg[..10])),
         Stat::PassMalformed,
     ));
     // The same, padded to Ethernet's 60-byte minimum with the rest of a TCP header: bytes after
     // the IP packet's end are padding, never part of its TCP header.
-    let mut padded = wire::frame(VC_MAC, CLIENT_MAC, &wire::ip(client, vip, 6, &seg[..10]));
+    let mut padded = packet::frame(VC_MAC, CLIENT_MAC, &packet::ip(client, vip, 6, &seg[..10]));
     padded.extend_from_slice(&seg[10..20]);
     padded.resize(60, 0);
     cases.push((
@@ -146,53 +146,33 @@ fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted
     let other: IpAddr = Ipv4Addr::new(10, 0, 0, 99).into();
     cases.push((
         "TCP to an address that is no VIP",
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(
-                client,
-                other,
-                6,
-                &wire::tcp(client, 40000, other, 80, TCP_SYN, b""),
-            ),
-        ),
+        Packet::tcp(client, 40000, other, 80, TCP_SYN).frame(VC_MAC, CLIENT_MAC),
         Stat::PassNotVip,
     ));
     cases.push((
         "TCP to the VIP on a port no service uses",
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(
-                client,
-                vip,
-                6,
-                &wire::tcp(client, 40000, vip, 81, TCP_SYN, b""),
-            ),
-        ),
+        Packet::tcp(client, 40000, vip, 81, TCP_SYN).frame(VC_MAC, CLIENT_MAC),
         Stat::PassNotVip,
     ));
     cases.push((
         "UDP to a TCP VIP's port",
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(client, vip, 17, &wire::udp(client, 40000, vip, 80, b"x")),
-        ),
+        Packet::udp(client, 40000, vip, 80)
+            .payload(b"x")
+            .frame(VC_MAC, CLIENT_MAC),
         Stat::PassNotVip,
     ));
     cases.push((
         "an ICMP echo request to the VIP",
-        wire::frame(
+        packet::frame(
             VC_MAC,
             CLIENT_MAC,
-            &wire::ip(client, vip, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]),
+            &packet::ip(client, vip, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]),
         ),
         Stat::PassNotVip,
     ));
     cases.push((
         "an ARP request",
-        wire::eth([0xff; 6], CLIENT_MAC, None, 0x0806, &[0; 28]),
+        packet::eth([0xff; 6], CLIENT_MAC, None, 0x0806, &[0; 28]),
         Stat::PassNotVip,
     ));
 
@@ -231,11 +211,11 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
 
     // IHL 7: a timestamp-free option block of NOPs ending in EOL.
     let options = [1, 1, 1, 1, 1, 1, 1, 0];
-    let seg = wire::tcp(client, 42000, vip, 80, TCP_SYN, b"");
-    let with_options = wire::frame(
+    let seg = packet::tcp(client, 42000, vip, 80, TCP_SYN, b"");
+    let with_options = packet::frame(
         VC_MAC,
         CLIENT_MAC,
-        &wire::ipv4(CLIENT4, VIP4, 6, wire::V4_CLIENT, &options, &seg),
+        &packet::ipv4(CLIENT4, VIP4, 6, packet::V4_CLIENT, &options, &seg),
     );
     let out = lab.expect(
         lab.vc,
@@ -245,28 +225,23 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
     );
     let l4 = 14 + 28;
     let snat = u16::from_be_bytes([out[l4], out[l4 + 1]]);
-    let want = wire::frame(
+    let want = packet::frame(
         B1_MAC,
         VB_MAC,
-        &wire::forwarded(&wire::ipv4(
+        &packet::forwarded(&packet::ipv4(
             LOCAL4,
             B1_4,
             6,
-            wire::V4_CLIENT,
+            packet::V4_CLIENT,
             &options,
-            &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
+            &packet::tcp(local, snat, backend, 8080, TCP_SYN, b""),
         )),
     );
-    wire::assert_checksums(&out, "the SYN with options sent to the backend");
+    packet::assert_checksums(&out, "the SYN with options sent to the backend");
     assert_same(&out, &want, "the SYN with options sent to the backend");
 
-    let ip = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 42001, vip, 80, TCP_SYN, b""),
-    );
-    let tagged = wire::eth(VC_MAC, CLIENT_MAC, Some(100), wire::ETH_IP, &ip);
+    let ip = Packet::tcp(client, 42001, vip, 80, TCP_SYN).ip();
+    let tagged = packet::eth(VC_MAC, CLIENT_MAC, Some(100), packet::ETH_IP, &ip);
     let out = lab.expect(
         lab.vc,
         &tagged,
@@ -274,19 +249,16 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
         "a VLAN-tagged SYN to the VIP",
     );
     let snat = u16::from_be_bytes([out[18 + 20], out[18 + 21]]);
-    let want = wire::eth(
+    let want = packet::eth(
         B1_MAC,
         VB_MAC,
         Some(100),
-        wire::ETH_IP,
-        &wire::forwarded(&wire::ip(
-            local,
-            backend,
-            6,
-            &wire::tcp(local, snat, backend, 8080, TCP_SYN, b""),
-        )),
+        packet::ETH_IP,
+        &Packet::tcp(local, snat, backend, 8080, TCP_SYN)
+            .forwarded()
+            .ip(),
     );
-    wire::assert_checksums(&out, "the VLAN-tagged SYN sent to the backend");
+    packet::assert_checksums(&out, "the VLAN-tagged SYN sent to the backend");
     assert_same(
         &out,
         &want,
@@ -295,31 +267,26 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
 
     // DSR puts the outer header after the tag, and lb_decap takes it out from there.
     lab.service(1, vip, 8443, IPPROTO_TCP, MODE_DSR, &[0]);
-    let inner = wire::ip(
-        client,
-        vip,
-        6,
-        &wire::tcp(client, 42002, vip, 8443, TCP_SYN, b""),
-    );
-    let tagged = wire::eth(VC_MAC, CLIENT_MAC, Some(100), wire::ETH_IP, &inner);
+    let inner = Packet::tcp(client, 42002, vip, 8443, TCP_SYN).ip();
+    let tagged = packet::eth(VC_MAC, CLIENT_MAC, Some(100), packet::ETH_IP, &inner);
     let out = lab.expect(
         lab.vc,
         &tagged,
         XDP_REDIRECT,
         "a VLAN-tagged SYN to a DSR VIP",
     );
-    let outer = wire::V4 {
+    let outer = packet::V4 {
         id: 0,
-        ..wire::V4_CLIENT
+        ..packet::V4_CLIENT
     };
-    let want = wire::eth(
+    let want = packet::eth(
         B1_MAC,
         VB_MAC,
         Some(100),
-        wire::ETH_IP,
-        &wire::ipv4(LOCAL4, B1_4, 4, outer, &[], &inner),
+        packet::ETH_IP,
+        &packet::ipv4(LOCAL4, B1_4, 4, outer, &[], &inner),
     );
-    wire::assert_checksums(&out, "the VLAN-tagged IPIP packet");
+    packet::assert_checksums(&out, "the VLAN-tagged IPIP packet");
     assert_same(
         &out,
         &want,
@@ -333,7 +300,7 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
     );
     assert_same(
         &decapped,
-        &wire::eth(B1_MAC, VB_MAC, Some(100), wire::ETH_IP, &inner),
+        &packet::eth(B1_MAC, VB_MAC, Some(100), packet::ETH_IP, &inner),
         "the decapsulated VLAN-tagged packet",
     );
     assert_eq!(lab.stat(Stat::Forwarded), 3, "all three packets forwarded");
@@ -381,16 +348,9 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
     lab.service(5, vip, 85, IPPROTO_TCP, MODE_NAT, &[3]);
     lab.service(6, vip, 86, IPPROTO_TCP, MODE_DSR, &[0]);
     let syn = |sport: u16, dport: u16, payload: &[u8]| {
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(
-                client,
-                vip,
-                6,
-                &wire::tcp(client, sport, vip, dport, TCP_SYN, payload),
-            ),
-        )
+        Packet::tcp(client, sport, vip, dport, TCP_SYN)
+            .payload(payload)
+            .frame(VC_MAC, CLIENT_MAC)
     };
 
     let check = |frame: &[u8], action: u32, stat: Stat, what: &str| {

@@ -24,21 +24,13 @@ fn nat_lab(test: &str, ports: u16, hold_s: u32) -> Option<Lab> {
 /// A client segment from CLIENT4:`sport` to VIP4:80 with `flags`.
 fn client(sport: u16, flags: u8) -> Vec<u8> {
     let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    wire::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &wire::ip(c, v, 6, &wire::tcp(c, sport, v, 80, flags, b"")),
-    )
+    Packet::tcp(c, sport, v, 80, flags).frame(VC_MAC, CLIENT_MAC)
 }
 
 /// b1's segment to the balancer's SNAT port `snat` with `flags`.
 fn backend(snat: u16, flags: u8) -> Vec<u8> {
     let (b, l): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
-    wire::frame(
-        VB_MAC,
-        B1_MAC,
-        &wire::ip(b, l, 6, &wire::tcp(b, 8080, l, snat, flags, b"")),
-    )
+    Packet::tcp(b, 8080, l, snat, flags).frame(VB_MAC, B1_MAC)
 }
 
 fn entries(lab: &Lab) -> usize {
@@ -334,11 +326,9 @@ fn a_udp_flow_idle_past_the_timeout_gives_its_port_to_a_new_flow() {
         .expect("write LIMITS");
     let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
     let datagram = |sport: u16| {
-        wire::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &wire::ip(c, v, 17, &wire::udp(c, sport, v, 53, b"q")),
-        )
+        Packet::udp(c, sport, v, 53)
+            .payload(b"q")
+            .frame(VC_MAC, CLIENT_MAC)
     };
     lab.expect(lab.vc, &datagram(5000), XDP_REDIRECT, "flow A");
     lab.expect(
