@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions, ProxyService};
 use lb_daemon::service::{BackendStatus, PassiveFeedback, ServiceRuntime, ServiceSet};
-use proxy_support::{init_logs, udp_socket, wait_until, TcpBackend, UdpEcho, SERVICE};
+use lb_tests::UdpEcho;
+use proxy_support::{init_logs, udp_socket, wait_until, TcpBackend, SERVICE};
 
 /// Consecutive passive failures that take a backend out.
 const FALL: u32 = 2;
@@ -147,10 +148,10 @@ fn lost(runs: &[(Option<String>, usize)]) -> usize {
 
 #[test]
 fn a_dead_udp_backend_without_checks_goes_out_after_fall_failures_and_is_retried_later() {
-    let b0 = UdpEcho::start("b0");
-    let b1 = UdpEcho::start("b1");
-    let b1_addr = b1.addr;
-    let lb = Balancer::start("udp", &[b0.addr, b1_addr]);
+    let b0 = UdpEcho::start("b0").expect("start a UDP echo backend");
+    let b1 = UdpEcho::start("b1").expect("start a UDP echo backend");
+    let b1_addr = b1.addr();
+    let lb = Balancer::start("udp", &[b0.addr(), b1_addr]);
 
     // Two clients with sessions on each backend.
     let old = [client(lb.vip), client(lb.vip)];
@@ -230,7 +231,7 @@ fn a_dead_udp_backend_without_checks_goes_out_after_fall_failures_and_is_retried
     assert_eq!(lb.backend(1).health, "down");
 
     // b1 is back on its port: after the next hold-off it gets its share again.
-    let b1 = UdpEcho::start_at("b1", b1_addr);
+    let b1 = UdpEcho::start_on("b1", b1_addr).expect("restart a UDP echo backend on its port");
     assert!(
         lb.wait_health(1, "up", HOLD_OFF + Duration::from_secs(3)),
         "b1 was not tried again after its second hold-off: {:?}",
