@@ -221,36 +221,20 @@ fn new_flows_over_a_clients_burst_are_refused_and_counted_and_another_client_is_
     );
 
     // UDP: each new source port is a new flow; a flow's later datagrams pass.
-    lab.expect(
-        lab.vc,
-        &udp(CLIENT4, 5000),
-        XDP_REDIRECT,
-        "a first UDP flow",
-    );
-    lab.expect(
-        lab.vc,
-        &udp(CLIENT4, 5001),
-        XDP_REDIRECT,
-        "a second UDP flow",
-    );
-    lab.expect(
-        lab.vc,
-        &udp(CLIENT4, 5002),
-        XDP_DROP,
-        "a third UDP flow; the burst is 2",
-    );
-    lab.expect(
-        lab.vc,
-        &udp(CLIENT4, 5000),
-        XDP_REDIRECT,
-        "a datagram of an admitted flow",
-    );
-    lab.expect(
-        lab.vc,
-        &udp(CLIENT_B, 5002),
-        XDP_REDIRECT,
-        "another client's UDP flow",
-    );
+    for (client, sport, action, what) in [
+        (CLIENT4, 5000, XDP_REDIRECT, "a first UDP flow"),
+        (CLIENT4, 5001, XDP_REDIRECT, "a second UDP flow"),
+        (CLIENT4, 5002, XDP_DROP, "a third UDP flow; the burst is 2"),
+        (
+            CLIENT4,
+            5000,
+            XDP_REDIRECT,
+            "a datagram of an admitted flow",
+        ),
+        (CLIENT_B, 5002, XDP_REDIRECT, "another client's UDP flow"),
+    ] {
+        lab.expect(lab.vc, &udp(client, sport), action, what);
+    }
     assert_eq!(
         lab.stat(Stat::RefusedClientRate),
         2,
