@@ -3,21 +3,34 @@
 
 use super::*;
 
-#[test]
-fn a_draining_backend_keeps_its_flows_but_not_a_new_connection_on_an_old_4_tuple() {
-    let Some(mut lab) = lab("conntrack_draining_backend") else {
-        return;
-    };
+/// b1 (id 0) and b2 (id 1); service 0 is TCP NAT on VIP4:80 with a table naming only b1.
+fn two_backends(test: &str) -> Option<Lab> {
+    let mut lab = lab(test)?;
     lab.backend(0, B1_4.into(), 8080);
     lab.backend(1, B2_4.into(), 8080);
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0; 7]);
+    Some(lab)
+}
+
+/// A client segment from CLIENT4:`sport` to VIP4:80 with `flags` and one byte of data.
+fn packet(sport: u16, flags: u8) -> Vec<u8> {
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let packet = |sport: u16, flags: u8| {
-        Packet::tcp(client, sport, vip, 80, flags)
-            .payload(b"x")
-            .frame(VC_MAC, CLIENT_MAC)
+    Packet::tcp(client, sport, vip, 80, flags)
+        .payload(b"x")
+        .frame(VC_MAC, CLIENT_MAC)
+}
+
+/// The IPv4 destination of an untagged frame without IP options.
+fn dst_of(frame: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_but_not_a_new_connection_on_an_old_4_tuple() {
+    let Some(mut lab) = two_backends("conntrack_draining_backend") else {
+        return;
     };
-    let dst_of = |frame: &[u8]| Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
     let out = lab.expect(
         lab.vc,
         &packet(40001, TCP_SYN),
@@ -63,19 +76,10 @@ fn a_draining_backend_keeps_its_flows_but_not_a_new_connection_on_an_old_4_tuple
 
 #[test]
 fn conntrack_keeps_flows_on_their_backend_when_the_table_flips() {
-    let Some(mut lab) = lab("conntrack_table_flip") else {
+    let Some(mut lab) = two_backends("conntrack_table_flip") else {
         return;
     };
-    lab.backend(0, B1_4.into(), 8080);
-    lab.backend(1, B2_4.into(), 8080);
-    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0; 7]);
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let packet = |sport: u16, flags: u8| {
-        Packet::tcp(client, sport, vip, 80, flags)
-            .payload(b"x")
-            .frame(VC_MAC, CLIENT_MAC)
-    };
-    let dst_of = |frame: &[u8]| Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
 
     let out = lab.expect(
         lab.vc,

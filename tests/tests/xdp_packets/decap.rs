@@ -3,26 +3,34 @@
 
 use super::*;
 
-#[test]
-fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
-    let Some(mut lab) = lab("decap_not_local") else {
-        return;
-    };
+/// The packet the tunnels carry: a client's SYN to VIP4:80.
+fn inner() -> Vec<u8> {
     let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let inner = Packet::tcp(client, 41000, vip, 80, TCP_SYN).ip();
+    Packet::tcp(client, 41000, vip, 80, TCP_SYN).ip()
+}
+
+/// An IPIP frame on `vb` from `src` to `dst` (outer header as a balancer writes it, DS field
+/// 0) carrying [`inner`].
+fn ipip(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let outer = packet::V4 {
         tos: 0,
         id: 0,
         frag: 0x4000,
         ttl: 64,
     };
-    let to = |dst: Ipv4Addr| {
-        packet::frame(
-            B1_MAC,
-            VB_MAC,
-            &packet::ipv4(LOCAL4, dst, 4, outer, &[], &inner),
-        )
+    packet::frame(
+        B1_MAC,
+        VB_MAC,
+        &packet::ipv4(src, dst, 4, outer, &[], &inner()),
+    )
+}
+
+#[test]
+fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
+    let Some(mut lab) = lab("decap_not_local") else {
+        return;
     };
+    let to = |dst: Ipv4Addr| ipip(LOCAL4, dst);
     let (action, out) = lab.run(PROG_DECAP, lab.vb, &to(B2_4));
     assert_eq!(action_name(action), "XDP_PASS");
     assert_same(
@@ -60,7 +68,7 @@ fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
     let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
     assert_same(
         &out,
-        &packet::frame(B1_MAC, VB_MAC, &inner),
+        &packet::frame(B1_MAC, VB_MAC, &inner()),
         "decapsulated for b1",
     );
     lab.decap_addrs
@@ -90,21 +98,7 @@ fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
     let Some(lab) = lab("decap_bad_source") else {
         return;
     };
-    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let inner = Packet::tcp(client, 41000, vip, 80, TCP_SYN).ip();
-    let outer = packet::V4 {
-        tos: 0,
-        id: 0,
-        frag: 0x4000,
-        ttl: 64,
-    };
-    let from = |src: Ipv4Addr| {
-        packet::frame(
-            B1_MAC,
-            VB_MAC,
-            &packet::ipv4(src, B1_4, 4, outer, &[], &inner),
-        )
-    };
+    let from = |src: Ipv4Addr| ipip(src, B1_4);
     // Anyone who reaches the backend: a spoofed inner source must not get past it.
     let (action, _) = lab.run(PROG_DECAP, lab.vb, &from(CLIENT4));
     assert_eq!(
@@ -130,7 +124,7 @@ fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
     assert_eq!(action_name(action), "XDP_PASS");
     assert_same(
         &out,
-        &packet::frame(B1_MAC, VB_MAC, &inner),
+        &packet::frame(B1_MAC, VB_MAC, &inner()),
         "a tunnel from the balancer, decapsulated",
     );
 }

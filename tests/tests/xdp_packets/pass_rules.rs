@@ -33,15 +33,21 @@ fn hop_by_hop(dst: Ipv6Addr, seg: &[u8]) -> Vec<u8> {
     )
 }
 
-#[test]
-fn fragments_and_extension_headers_for_a_vip_are_dropped() {
-    let Some(mut lab) = lab("vip_fragments") else {
-        return;
-    };
+/// b1 on IPv4 (id 0) and IPv6 (id 1); services 0 and 1 are TCP NAT on VIP4:80 and VIP6:80.
+fn two_vips(test: &str) -> Option<Lab> {
+    let mut lab = lab(test)?;
     lab.backend(0, B1_4.into(), 8080);
     lab.backend(1, B1_6.into(), 8080);
     lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
     lab.service(1, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[1]);
+    Some(lab)
+}
+
+#[test]
+fn fragments_and_extension_headers_for_a_vip_are_dropped() {
+    let Some(lab) = two_vips("vip_fragments") else {
+        return;
+    };
     let (client, vip, client6, vip6): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT4.into(), VIP4.into(), CLIENT6.into(), VIP6.into());
     let seg = packet::tcp(client, 40000, vip, 80, TCP_SYN, b"");
@@ -83,13 +89,9 @@ fn fragments_and_extension_headers_for_a_vip_are_dropped() {
 
 #[test]
 fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted() {
-    let Some(mut lab) = lab("pass_rules") else {
+    let Some(lab) = two_vips("pass_rules") else {
         return;
     };
-    lab.backend(0, B1_4.into(), 8080);
-    lab.backend(1, B1_6.into(), 8080);
-    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
-    lab.service(1, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[1]);
     let (client, vip, client6, vip6): (IpAddr, IpAddr, IpAddr, IpAddr) =
         (CLIENT4.into(), VIP4.into(), CLIENT6.into(), VIP6.into());
     let seg = packet::tcp(client, 40000, vip, 80, TCP_SYN, b"");
