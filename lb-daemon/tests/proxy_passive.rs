@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions, ProxyService};
 use lb_daemon::service::{BackendStatus, PassiveFeedback, ServiceRuntime, ServiceSet};
-use lb_tests::UdpEcho;
+use lb_tests::{ports::free_addr, UdpEcho};
 use proxy_support::{init_logs, udp_socket, wait_until, TcpBackend, SERVICE};
 
 /// Consecutive passive failures that take a backend out.
@@ -256,7 +256,7 @@ fn a_dead_udp_backend_without_checks_goes_out_after_fall_failures_and_is_retried
 #[test]
 fn a_refusing_tcp_backend_without_checks_goes_out_and_is_retried_after_the_hold_off() {
     let live = TcpBackend::echo();
-    let dead = proxy_support::refusing_address();
+    let dead = free_addr();
     let lb = Balancer::start("tcp", &[live.addr, dead]);
     // Connections that round robin sends to the dead backend are retried on the live one,
     // so every client gets through; the dead one is only tried until it is out.

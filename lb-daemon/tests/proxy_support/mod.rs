@@ -297,13 +297,6 @@ pub fn logged_lines(parts: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// A loopback address nothing listens on: connects to it are refused.
-pub fn refusing_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-    listener.local_addr().expect("probe address")
-    // dropped here: the port is closed
-}
-
 /// A TCP backend on 127.0.0.1 that runs `handler` on a thread per connection, and stops
 /// (joining its threads) when dropped.
 pub struct TcpBackend {
