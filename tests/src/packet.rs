@@ -93,7 +93,7 @@ pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> 
 }
 
 /// IPv4 header fields a test may vary.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct V4 {
     /// Type of service (DSCP and ECN).
     pub tos: u8,
@@ -323,6 +323,10 @@ pub struct Packet {
     dport: u16,
     transport: Transport,
     payload: Vec<u8>,
+    /// The IPv4 header fields ([`V4_CLIENT`] unless set).
+    v4: V4,
+    /// IPv4 options, a multiple of 4 bytes (none unless set).
+    options: Vec<u8>,
     /// How many routers sent it on: each takes one off the TTL / hop limit.
     hops: u8,
 }
@@ -347,6 +351,8 @@ impl Packet {
             dport,
             transport,
             payload: Vec::new(),
+            v4: V4_CLIENT,
+            options: Vec::new(),
             hops: 0,
         }
     }
@@ -354,6 +360,18 @@ impl Packet {
     /// The same packet carrying `payload` (empty unless set).
     pub fn payload(mut self, payload: &[u8]) -> Packet {
         self.payload = payload.to_vec();
+        self
+    }
+
+    /// The same packet with IPv4 header fields `v4` (an IPv4 packet only).
+    pub fn v4(mut self, v4: V4) -> Packet {
+        self.v4 = v4;
+        self
+    }
+
+    /// The same packet with IPv4 `options`, a multiple of 4 bytes (an IPv4 packet only).
+    pub fn options(mut self, options: &[u8]) -> Packet {
+        self.options = options.to_vec();
         self
     }
 
@@ -373,13 +391,27 @@ impl Packet {
         }
     }
 
-    /// The IP packet: header (checksum included) and segment.
+    /// The IP packet: header (checksum included) and segment. Panics when IPv4 header fields
+    /// or options were set on an IPv6 packet.
     pub fn ip(&self) -> Vec<u8> {
         let protocol = match self.transport {
             Transport::Tcp(_) => 6,
             Transport::Udp => 17,
         };
-        let mut p = ip(self.src, self.dst, protocol, &self.segment());
+        let segment = self.segment();
+        let mut p = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                ipv4(s, d, protocol, self.v4, &self.options, &segment)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                assert!(
+                    self.options.is_empty() && self.v4 == V4_CLIENT,
+                    "IPv4 header fields or options on an IPv6 packet"
+                );
+                ipv6(s, d, protocol, 0x6000_0000, 64, &segment)
+            }
+            _ => panic!("mixed address families in one packet"),
+        };
         for _ in 0..self.hops {
             p = forwarded(&p);
         }

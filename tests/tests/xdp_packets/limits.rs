@@ -92,18 +92,9 @@ fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() 
         "an IPv4 SYN",
     );
     let (c4, v4): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
-    let with_options = packet::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &packet::ipv4(
-            CLIENT4,
-            VIP4,
-            6,
-            packet::V4_CLIENT,
-            &[1, 1, 1, 0],
-            &packet::tcp(c4, 43001, v4, 80, TCP_SYN, b""),
-        ),
-    );
+    let with_options = Packet::tcp(c4, 43001, v4, 80, TCP_SYN)
+        .options(&[1, 1, 1, 0])
+        .frame(VC_MAC, CLIENT_MAC);
     lab.expect(
         lab.vc,
         &with_options,

@@ -212,18 +212,9 @@ fn nat_drops_a_packet_whose_ttl_would_run_out_and_takes_nothing_for_it() {
             ttl,
             ..packet::V4_CLIENT
         };
-        packet::frame(
-            VC_MAC,
-            CLIENT_MAC,
-            &packet::ipv4(
-                CLIENT4,
-                VIP4,
-                6,
-                h,
-                &[],
-                &packet::tcp(client, 42000, vip, port, TCP_SYN, b""),
-            ),
-        )
+        Packet::tcp(client, 42000, vip, port, TCP_SYN)
+            .v4(h)
+            .frame(VC_MAC, CLIENT_MAC)
     };
     lab.expect(lab.vc, &syn(80, 1), XDP_DROP, "a NAT SYN at TTL 1");
     assert_eq!(
@@ -253,18 +244,9 @@ fn nat_drops_a_packet_whose_ttl_would_run_out_and_takes_nothing_for_it() {
         ttl: 1,
         ..packet::V4_CLIENT
     };
-    let reply = packet::frame(
-        VB_MAC,
-        B1_MAC,
-        &packet::ipv4(
-            B1_4,
-            LOCAL4,
-            6,
-            h,
-            &[],
-            &packet::tcp(b, 8080, l, snat, TCP_SYN | TCP_ACK, b""),
-        ),
-    );
+    let reply = Packet::tcp(b, 8080, l, snat, TCP_SYN | TCP_ACK)
+        .v4(h)
+        .frame(VB_MAC, B1_MAC);
     lab.expect(lab.vb, &reply, XDP_DROP, "a NAT reply at TTL 1");
     assert_eq!(
         lab.stat(Stat::DropTtlExpired),

@@ -213,12 +213,9 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
 
     // IHL 7: a timestamp-free option block of NOPs ending in EOL.
     let options = [1, 1, 1, 1, 1, 1, 1, 0];
-    let seg = packet::tcp(client, 42000, vip, 80, TCP_SYN, b"");
-    let with_options = packet::frame(
-        VC_MAC,
-        CLIENT_MAC,
-        &packet::ipv4(CLIENT4, VIP4, 6, packet::V4_CLIENT, &options, &seg),
-    );
+    let with_options = Packet::tcp(client, 42000, vip, 80, TCP_SYN)
+        .options(&options)
+        .frame(VC_MAC, CLIENT_MAC);
     let out = lab.expect(
         lab.vc,
         &with_options,
@@ -227,18 +224,10 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
     );
     let l4 = 14 + 28;
     let snat = u16::from_be_bytes([out[l4], out[l4 + 1]]);
-    let want = packet::frame(
-        B1_MAC,
-        VB_MAC,
-        &packet::forwarded(&packet::ipv4(
-            LOCAL4,
-            B1_4,
-            6,
-            packet::V4_CLIENT,
-            &options,
-            &packet::tcp(local, snat, backend, 8080, TCP_SYN, b""),
-        )),
-    );
+    let want = Packet::tcp(local, snat, backend, 8080, TCP_SYN)
+        .options(&options)
+        .forwarded()
+        .frame(B1_MAC, VB_MAC);
     packet::assert_checksums(&out, "the SYN with options sent to the backend");
     assert_same(&out, &want, "the SYN with options sent to the backend");
 
