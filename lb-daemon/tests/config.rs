@@ -80,162 +80,100 @@ fn durations_are_human() {
     assert_eq!(s.idle_timeout.as_secs(), 90);
 }
 
-#[test]
-fn unknown_key_is_named() {
-    let text = GOOD.replace("weight = 3", "wieght = 3");
-    rejects(&text, 12, "service[0].backend[1]", "unknown field `wieght`");
+/// The mistakes `rejects` checks, a test each: its name, then one or more rows of (the config
+/// text, the line the error must point at, the field it must name, words it must say).
+macro_rules! rejected {
+    ($($name:ident: [$(($text:expr, $line:expr, $field:expr, $words:expr)),+ $(,)?];)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $(rejects(&$text, $line, $field, $words);)+
+            }
+        )*
+    };
 }
 
-#[test]
-fn duplicate_service_name() {
-    let text = format!("{GOOD}\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8081\"\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");
-    rejects(&text, 15, "service[1].name", "duplicate service name `web`");
-}
-
-#[test]
-fn duplicate_listen_address() {
-    let text = format!("{GOOD}\n[[service]]\nname = \"api\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");
-    rejects(&text, 16, "service[1].listen", "duplicate listen address");
+rejected! {
+    unknown_key_is_named: [
+        (GOOD.replace("weight = 3", "wieght = 3"), 12, "service[0].backend[1]", "unknown field `wieght`"),
+    ];
+    duplicate_service_name: [
+        (format!("{GOOD}\n[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8081\"\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n"), 15, "service[1].name", "duplicate service name `web`"),
+    ];
+    duplicate_listen_address: [
+        (format!("{GOOD}\n[[service]]\nname = \"api\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n"), 16, "service[1].listen", "duplicate listen address"),
+    ];
+    empty_backend_list: [
+        ("[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n", 1, "service[0].backend", "needs at least one"),
+    ];
+    weight_out_of_range: [
+        (GOOD.replace("weight = 3", "weight = 300"), 12, "service[0].backend[1].weight", "out of range"),
+        (GOOD.replace("weight = 3", "weight = -1"), 12, "service[0].backend[1].weight", "out of range"),
+    ];
+    all_weights_zero: [
+        (GOOD.replace("weight = 3", "weight = 0").replace("address = \"127.0.0.1:9001\"", "address = \"127.0.0.1:9001\"\nweight = 0"), 2, "service[0].backend", "every backend has weight 0"),
+    ];
+    duplicate_backend: [
+        (GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"), 11, "service[0].backend[1].address", "duplicate backend"),
+    ];
+    bad_duration: [
+        (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nconnect_timeout = \"5 parsecs\""), 6, "service[0].connect_timeout", "is not a duration"),
+        (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nidle_timeout = \"0s\""), 6, "service[0].idle_timeout", "longer than 0"),
+    ];
+    table_size_must_be_prime: [
+        (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ntable_size = 65536"), 6, "service[0].table_size", "must be a prime"),
+    ];
+    bad_address: [
+        (GOOD.replace("127.0.0.1:9002", "127.0.0.1"), 11, "service[0].backend[1].address", "invalid socket address"),
+    ];
+    wrong_type: [
+        (GOOD.replace("weight = 3", "weight = \"heavy\""), 12, "service[0].backend[1].weight", "invalid type"),
+    ];
+    unknown_scheduler: [
+        (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nscheduler = \"fastest\""), 6, "service[0].scheduler", "unknown variant `fastest`"),
+    ];
+    check_kind_must_fit_protocol: [
+        (format!("{GOOD}\n[service.health]\nkind = \"udp\"\n"), 15, "service[0].health.kind", "cannot check a TCP service"),
+    ];
+    rise_and_fall_in_range: [
+        (format!("{GOOD}\n[service.health]\nrise = 0\n"), 15, "service[0].health.rise", "out of range"),
+    ];
+    http_path_must_be_absolute: [
+        (format!("{GOOD}\n[service.health]\nkind = \"http\"\npath = \"health\"\n"), 16, "service[0].health.path", "must start with `/`"),
+    ];
+    no_service_at_all: [
+        ("[global]\nworkers = 2\n", 1, "service", "no [[service]]"),
+    ];
+    not_toml: [
+        (GOOD.replace("name = \"web\"", "name = web"), 3, "syntax", "invalid string"),
+    ];
+    proxy_protocol_v1_is_tcp_only: [
+        ("[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:53\"\nprotocol = \"udp\"\nproxy_protocol = \"v1\"\n[[service.backend]]\naddress = \"127.0.0.1:5353\"\n", 5, "service[0].proxy_protocol", "v1 carries only TCP"),
+    ];
+    limits_in_range: [
+        (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\n[service.limits]\nburst = 5"), 7, "service[0].limits.burst", "needs new_connections_per_second"),
+        (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\n[service.limits]\nmax_connections_per_client = 0"), 7, "service[0].limits.max_connections_per_client", "out of range"),
+    ];
+    check_keys_must_fit_the_kind: [
+        (format!("{GOOD}\n[service.health]\npath = \"/health\"\n"), 15, "service[0].health.path", "applies only to kind = \"http\""),
+        (format!("{GOOD}\n[service.health]\nkind = \"http\"\nsend = \"x\"\n"), 16, "service[0].health.send", "applies only to kind = \"udp\""),
+    ];
+    workers_are_bounded: [
+        (format!("[global]\nworkers = 100000000\n{GOOD}"), 2, "global.workers", "more than 1024"),
+    ];
+    table_smaller_than_backend_count_points_at_table_size: [
+        (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ntable_size = 2").replace("weight = 3", "weight = 3\n[[service.backend]]\naddress = \"127.0.0.1:9003\""), 6, "service[0].table_size", "smaller than the 3 backends"),
+    ];
+    a_backend_name_must_be_a_dns_name_with_a_port: [
+        (GOOD.replace("127.0.0.1:9002", "app_ser ver:80"), 11, "service[0].backend[1].address", "neither an IP address nor a DNS name"),
+        (GOOD.replace("127.0.0.1:9002", "app:http"), 11, "service[0].backend[1].address", "not a port"),
+    ];
 }
 
 #[test]
 fn same_port_for_tcp_and_udp_is_fine() {
     let text = format!("{GOOD}\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");
     parse(&text).expect("TCP and UDP may share a port");
-}
-
-#[test]
-fn empty_backend_list() {
-    let text = "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n";
-    rejects(text, 1, "service[0].backend", "needs at least one");
-}
-
-#[test]
-fn weight_out_of_range() {
-    rejects(
-        &GOOD.replace("weight = 3", "weight = 300"),
-        12,
-        "service[0].backend[1].weight",
-        "out of range",
-    );
-    rejects(
-        &GOOD.replace("weight = 3", "weight = -1"),
-        12,
-        "service[0].backend[1].weight",
-        "out of range",
-    );
-}
-
-#[test]
-fn all_weights_zero() {
-    let text = GOOD.replace("weight = 3", "weight = 0").replace(
-        "address = \"127.0.0.1:9001\"",
-        "address = \"127.0.0.1:9001\"\nweight = 0",
-    );
-    rejects(&text, 2, "service[0].backend", "every backend has weight 0");
-}
-
-#[test]
-fn duplicate_backend() {
-    let text = GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001");
-    rejects(
-        &text,
-        11,
-        "service[0].backend[1].address",
-        "duplicate backend",
-    );
-}
-
-#[test]
-fn bad_duration() {
-    let text = GOOD.replace(
-        "protocol = \"tcp\"",
-        "protocol = \"tcp\"\nconnect_timeout = \"5 parsecs\"",
-    );
-    rejects(&text, 6, "service[0].connect_timeout", "is not a duration");
-    let text = GOOD.replace(
-        "protocol = \"tcp\"",
-        "protocol = \"tcp\"\nidle_timeout = \"0s\"",
-    );
-    rejects(&text, 6, "service[0].idle_timeout", "longer than 0");
-}
-
-#[test]
-fn table_size_must_be_prime() {
-    let text = GOOD.replace(
-        "protocol = \"tcp\"",
-        "protocol = \"tcp\"\ntable_size = 65536",
-    );
-    rejects(&text, 6, "service[0].table_size", "must be a prime");
-}
-
-#[test]
-fn bad_address() {
-    let text = GOOD.replace("127.0.0.1:9002", "127.0.0.1");
-    rejects(
-        &text,
-        11,
-        "service[0].backend[1].address",
-        "invalid socket address",
-    );
-}
-
-#[test]
-fn wrong_type() {
-    let text = GOOD.replace("weight = 3", "weight = \"heavy\"");
-    rejects(&text, 12, "service[0].backend[1].weight", "invalid type");
-}
-
-#[test]
-fn unknown_scheduler() {
-    let text = GOOD.replace(
-        "protocol = \"tcp\"",
-        "protocol = \"tcp\"\nscheduler = \"fastest\"",
-    );
-    rejects(
-        &text,
-        6,
-        "service[0].scheduler",
-        "unknown variant `fastest`",
-    );
-}
-
-#[test]
-fn check_kind_must_fit_protocol() {
-    let text = format!("{GOOD}\n[service.health]\nkind = \"udp\"\n");
-    rejects(
-        &text,
-        15,
-        "service[0].health.kind",
-        "cannot check a TCP service",
-    );
-}
-
-#[test]
-fn rise_and_fall_in_range() {
-    let text = format!("{GOOD}\n[service.health]\nrise = 0\n");
-    rejects(&text, 15, "service[0].health.rise", "out of range");
-}
-
-#[test]
-fn http_path_must_be_absolute() {
-    let text = format!("{GOOD}\n[service.health]\nkind = \"http\"\npath = \"health\"\n");
-    rejects(&text, 16, "service[0].health.path", "must start with `/`");
-}
-
-#[test]
-fn no_service_at_all() {
-    rejects("[global]\nworkers = 2\n", 1, "service", "no [[service]]");
-}
-
-#[test]
-fn not_toml() {
-    rejects(
-        &GOOD.replace("name = \"web\"", "name = web"),
-        3,
-        "syntax",
-        "invalid string",
-    );
 }
 
 #[test]
@@ -257,79 +195,6 @@ fn proxy_protocol_and_limits() {
     assert_eq!(s.limits.max_connections, Some(10));
     assert_eq!(s.limits.rate, Some(5.5));
     assert_eq!(s.limits.burst, 6, "burst defaults to the rate, rounded up");
-}
-
-#[test]
-fn proxy_protocol_v1_is_tcp_only() {
-    let text = "[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:53\"\nprotocol = \"udp\"\nproxy_protocol = \"v1\"\n[[service.backend]]\naddress = \"127.0.0.1:5353\"\n";
-    rejects(text, 5, "service[0].proxy_protocol", "v1 carries only TCP");
-}
-
-#[test]
-fn limits_in_range() {
-    let text = GOOD.replace(
-        "protocol = \"tcp\"",
-        "protocol = \"tcp\"\n[service.limits]\nburst = 5",
-    );
-    rejects(
-        &text,
-        7,
-        "service[0].limits.burst",
-        "needs new_connections_per_second",
-    );
-    let text = GOOD.replace(
-        "protocol = \"tcp\"",
-        "protocol = \"tcp\"\n[service.limits]\nmax_connections_per_client = 0",
-    );
-    rejects(
-        &text,
-        7,
-        "service[0].limits.max_connections_per_client",
-        "out of range",
-    );
-}
-
-#[test]
-fn check_keys_must_fit_the_kind() {
-    let text = format!("{GOOD}\n[service.health]\npath = \"/health\"\n");
-    rejects(
-        &text,
-        15,
-        "service[0].health.path",
-        "applies only to kind = \"http\"",
-    );
-    let text = format!("{GOOD}\n[service.health]\nkind = \"http\"\nsend = \"x\"\n");
-    rejects(
-        &text,
-        16,
-        "service[0].health.send",
-        "applies only to kind = \"udp\"",
-    );
-}
-
-#[test]
-fn workers_are_bounded() {
-    rejects(
-        &format!("[global]\nworkers = 100000000\n{GOOD}"),
-        2,
-        "global.workers",
-        "more than 1024",
-    );
-}
-
-#[test]
-fn table_smaller_than_backend_count_points_at_table_size() {
-    let text = GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ntable_size = 2");
-    let text = text.replace(
-        "weight = 3",
-        "weight = 3\n[[service.backend]]\naddress = \"127.0.0.1:9003\"",
-    );
-    rejects(
-        &text,
-        6,
-        "service[0].table_size",
-        "smaller than the 3 backends",
-    );
 }
 
 #[test]
@@ -360,22 +225,6 @@ fn admin_slow_start_and_named_backends() {
     assert_eq!(
         d.services[0].slow_start, None,
         "slow start is off by default"
-    );
-}
-
-#[test]
-fn a_backend_name_must_be_a_dns_name_with_a_port() {
-    rejects(
-        &GOOD.replace("127.0.0.1:9002", "app_ser ver:80"),
-        11,
-        "service[0].backend[1].address",
-        "neither an IP address nor a DNS name",
-    );
-    rejects(
-        &GOOD.replace("127.0.0.1:9002", "app:http"),
-        11,
-        "service[0].backend[1].address",
-        "not a port",
     );
 }
 

@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lb_daemon::config::ClientLimits;
-use proxy_support::{wait_until, Harness, ServiceSpec, TcpBackend, UdpEcho, SERVICE};
+use lb_tests::UdpEcho;
+use proxy_support::{wait_until, Harness, ServiceSpec, TcpBackend, SERVICE};
 use socket2::{Domain, Socket, Type};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -142,8 +143,8 @@ fn udp_from(from: &str, vip: SocketAddr) -> UdpSocket {
 
 #[test]
 fn a_udp_client_address_over_its_session_limit_is_dropped_and_others_are_not() {
-    let backend = UdpEcho::start("b");
-    let mut spec = ServiceSpec::udp(vec![backend.addr]);
+    let backend = UdpEcho::start("b").expect("start a UDP echo backend");
+    let mut spec = ServiceSpec::udp(vec![backend.addr()]);
     spec.limits = ClientLimits {
         max_connections: Some(1),
         rate: None,
@@ -208,8 +209,8 @@ fn flood(socket: &UdpSocket, count: u64, counted: impl Fn() -> u64) -> Result<()
 
 #[test]
 fn a_flooding_refused_udp_client_is_counted_per_datagram_and_logged_once_a_second() {
-    let backend = UdpEcho::start("b");
-    let mut spec = ServiceSpec::udp(vec![backend.addr]);
+    let backend = UdpEcho::start("b").expect("start a UDP echo backend");
+    let mut spec = ServiceSpec::udp(vec![backend.addr()]);
     spec.limits = ClientLimits {
         max_connections: Some(1),
         rate: None,
@@ -252,8 +253,8 @@ fn a_flooding_refused_udp_client_is_counted_per_datagram_and_logged_once_a_secon
 
 #[test]
 fn a_refused_udp_client_is_admitted_soon_after_a_place_frees_up() {
-    let backend = UdpEcho::start("b");
-    let mut spec = ServiceSpec::udp(vec![backend.addr]);
+    let backend = UdpEcho::start("b").expect("start a UDP echo backend");
+    let mut spec = ServiceSpec::udp(vec![backend.addr()]);
     spec.limits = ClientLimits {
         max_connections: Some(1),
         rate: None,

@@ -14,7 +14,8 @@ use lb_daemon::admin::status::BackendStatus;
 use lb_daemon::dataplane::proxy::{Proxy, ProxyOptions};
 use lb_daemon::dataplane::ServiceHandle;
 use lb_daemon::service::{PassiveFeedback, ServiceRuntime, ServiceSet};
-use proxy_support::{init_logs, udp_socket, wait_until, TcpBackend, UdpEcho, SERVICE};
+use lb_tests::{ports::free_addr, UdpEcho};
+use proxy_support::{init_logs, udp_socket, wait_until, TcpBackend, SERVICE};
 
 /// Consecutive passive failures that take a backend out.
 const FALL: u32 = 2;
@@ -149,10 +150,10 @@ fn lost(runs: &[(Option<String>, usize)]) -> usize {
 
 #[test]
 fn a_dead_udp_backend_without_checks_goes_out_after_fall_failures_and_is_retried_later() {
-    let b0 = UdpEcho::start("b0");
-    let b1 = UdpEcho::start("b1");
-    let b1_addr = b1.addr;
-    let lb = Balancer::start("udp", &[b0.addr, b1_addr]);
+    let b0 = UdpEcho::start("b0").expect("start a UDP echo backend");
+    let b1 = UdpEcho::start("b1").expect("start a UDP echo backend");
+    let b1_addr = b1.addr();
+    let lb = Balancer::start("udp", &[b0.addr(), b1_addr]);
 
     // Two clients with sessions on each backend.
     let old = [client(lb.vip), client(lb.vip)];
@@ -232,7 +233,7 @@ fn a_dead_udp_backend_without_checks_goes_out_after_fall_failures_and_is_retried
     assert_eq!(lb.backend(1).health, "down");
 
     // b1 is back on its port: after the next hold-off it gets its share again.
-    let b1 = UdpEcho::start_at("b1", b1_addr);
+    let b1 = UdpEcho::start_on("b1", b1_addr).expect("restart a UDP echo backend on its port");
     assert!(
         lb.wait_health(1, "up", HOLD_OFF + Duration::from_secs(3)),
         "b1 was not tried again after its second hold-off: {:?}",
@@ -257,7 +258,7 @@ fn a_dead_udp_backend_without_checks_goes_out_after_fall_failures_and_is_retried
 #[test]
 fn a_refusing_tcp_backend_without_checks_goes_out_and_is_retried_after_the_hold_off() {
     let live = TcpBackend::echo();
-    let dead = proxy_support::refusing_address();
+    let dead = free_addr();
     let lb = Balancer::start("tcp", &[live.addr, dead]);
     // Connections that round robin sends to the dead backend are retried on the live one,
     // so every client gets through; the dead one is only tried until it is out.

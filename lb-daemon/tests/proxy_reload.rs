@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use lb_daemon::dataplane::proxy::ProxyError;
 use lb_daemon::dataplane::ServiceHandle;
+use lb_tests::UdpEcho;
 use proxy_support::{
-    republish_snapshot, udp_client, wait_until, Harness, ServiceSpec, TcpBackend, UdpEcho, SERVICE,
+    republish_snapshot, udp_client, wait_until, Harness, ServiceSpec, TcpBackend, SERVICE,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -189,8 +190,8 @@ fn a_service_added_on_a_removed_services_address_takes_it_over() {
 
 #[test]
 fn a_removed_udp_service_keeps_its_sessions_and_a_successor_takes_new_clients() {
-    let old = UdpEcho::start("old");
-    let h = Harness::start(ServiceSpec::udp(vec![old.addr]));
+    let old = UdpEcho::start("old").expect("start a UDP echo backend");
+    let h = Harness::start(ServiceSpec::udp(vec![old.addr()]));
     let before = udp_client(h.vip);
     let mut buf = [0u8; 64];
     before.send(b"a").expect("send");
@@ -214,8 +215,8 @@ fn a_removed_udp_service_keeps_its_sessions_and_a_successor_takes_new_clients() 
         .expect("the open session is still answered");
     assert_eq!(&buf[..n], b"old:c", "the open session stays on its backend");
 
-    let new = UdpEcho::start("new");
-    let mut spec = ServiceSpec::udp(vec![new.addr]);
+    let new = UdpEcho::start("new").expect("start a UDP echo backend");
+    let mut spec = ServiceSpec::udp(vec![new.addr()]);
     spec.listen = h.vip;
     h.proxy()
         .add_service(ServiceHandle {
@@ -255,8 +256,8 @@ fn a_successors_sessions_leave_a_backend_that_went_down_whichever_socket_they_re
     // (kept open by a session) and its successor's. The kernel hashes some clients to the
     // old one; their sessions live on the successor all the same, and must be subject to
     // the same checks.
-    let old = UdpEcho::start("old");
-    let mut spec = ServiceSpec::udp(vec![old.addr]);
+    let old = UdpEcho::start("old").expect("start a UDP echo backend");
+    let mut spec = ServiceSpec::udp(vec![old.addr()]);
     spec.workers = 1;
     let h = Harness::start(spec);
     let holder = udp_client(h.vip);
@@ -265,8 +266,11 @@ fn a_successors_sessions_leave_a_backend_that_went_down_whichever_socket_they_re
     holder.recv(&mut buf).expect("the old service answers");
     h.proxy().remove_service(SERVICE, Duration::from_secs(60));
 
-    let (b0, b1) = (UdpEcho::start("b0"), UdpEcho::start("b1"));
-    let mut spec = ServiceSpec::udp(vec![b0.addr, b1.addr]);
+    let (b0, b1) = (
+        UdpEcho::start("b0").expect("start a UDP echo backend"),
+        UdpEcho::start("b1").expect("start a UDP echo backend"),
+    );
+    let mut spec = ServiceSpec::udp(vec![b0.addr(), b1.addr()]);
     spec.listen = h.vip;
     let snapshot = spec.snapshot("successor");
     republish_snapshot(&snapshot, 0, |_| {});

@@ -11,9 +11,8 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use lb_daemon::dataplane::proxy::SpliceMode;
-use proxy_support::{
-    refusing_address, republish, tcp_listener, wait_until, Harness, ServiceSpec, TcpBackend,
-};
+use lb_tests::ports::free_addr;
+use proxy_support::{republish, tcp_listener, wait_until, Harness, ServiceSpec, TcpBackend};
 use sha2::{Digest, Sha256};
 use socket2::SockRef;
 
@@ -378,7 +377,7 @@ fn urgent_data_just_before_end_of_file_is_not_lost() {
 
 #[test]
 fn a_refused_backend_is_retried_on_the_next_without_client_error() {
-    let dead = refusing_address();
+    let dead = free_addr();
     let alive = TcpBackend::echo();
     let mut spec = ServiceSpec::tcp(vec![dead, alive.addr]);
     spec.retries = 1;
@@ -413,7 +412,7 @@ fn a_backend_that_failed_and_then_accepts_is_reported_recovered_once() {
     // The control plane hears of a success only when it ends a run of failures: that is
     // what resets the backend's passive failure streak. Successes after successes stay in
     // the data plane.
-    let addr = refusing_address();
+    let addr = free_addr();
     let mut spec = ServiceSpec::tcp(vec![addr]);
     spec.retries = 0;
     spec.workers = 1;
@@ -571,7 +570,7 @@ fn a_retry_picks_from_the_current_table() {
 
 #[test]
 fn the_client_is_reset_when_every_backend_refuses() {
-    let (dead1, dead2) = (refusing_address(), refusing_address());
+    let (dead1, dead2) = (free_addr(), free_addr());
     let mut spec = ServiceSpec::tcp(vec![dead1, dead2]);
     spec.retries = 5;
     spec.workers = 1;

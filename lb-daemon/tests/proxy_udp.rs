@@ -9,8 +9,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use lb_tests::UdpEcho;
 use proxy_support::{
-    in_private_network, republish, udp_client as client, wait_until, Harness, ServiceSpec, UdpEcho,
+    in_private_network, republish, udp_client as client, wait_until, Harness, ServiceSpec,
 };
 
 /// Datagram `seq` of client `id`: its header, then a length that varies, up to 60 000 bytes.
@@ -30,11 +31,13 @@ fn three_clients_each_stay_with_their_backend_and_nothing_is_lost() {
     const DATAGRAMS: u32 = 1000;
     const WINDOW: u32 = 100;
     let backends = [
-        UdpEcho::start("b0"),
-        UdpEcho::start("b1"),
-        UdpEcho::start("b2"),
+        UdpEcho::start("b0").expect("start a UDP echo backend"),
+        UdpEcho::start("b1").expect("start a UDP echo backend"),
+        UdpEcho::start("b2").expect("start a UDP echo backend"),
     ];
-    let h = Harness::start(ServiceSpec::udp(backends.iter().map(|b| b.addr).collect()));
+    let h = Harness::start(ServiceSpec::udp(
+        backends.iter().map(|b| b.addr()).collect(),
+    ));
     let clients: Vec<_> = (0..3u8)
         .map(|id| {
             let vip = h.vip;
@@ -133,8 +136,11 @@ fn three_clients_each_stay_with_their_backend_and_nothing_is_lost() {
 
 #[test]
 fn an_idle_session_expires_and_the_next_datagram_opens_a_new_one() {
-    let backends = [UdpEcho::start("b0"), UdpEcho::start("b1")];
-    let mut spec = ServiceSpec::udp(backends.iter().map(|b| b.addr).collect());
+    let backends = [
+        UdpEcho::start("b0").expect("start a UDP echo backend"),
+        UdpEcho::start("b1").expect("start a UDP echo backend"),
+    ];
+    let mut spec = ServiceSpec::udp(backends.iter().map(|b| b.addr()).collect());
     spec.idle_timeout = Duration::from_millis(300);
     let h = Harness::start(spec);
     let socket = client(h.vip);
@@ -199,10 +205,10 @@ fn replies_to_a_wildcard_vip_come_from_the_address_the_client_used() {
     // (here 127.0.0.2), not from the one routing would pick (127.0.0.1): the client's
     // connected socket discards datagrams from any other address.
     in_private_network(|| {
-        let backend = UdpEcho::start("b0");
+        let backend = UdpEcho::start("b0").expect("start a UDP echo backend");
         // IPv4, and dual-stack IPv6 where IPv4 clients appear as IPv4-mapped addresses.
         for wildcard in ["0.0.0.0:0", "[::]:0"] {
-            let mut spec = ServiceSpec::udp(vec![backend.addr]);
+            let mut spec = ServiceSpec::udp(vec![backend.addr()]);
             spec.listen = wildcard.parse().expect("literal address");
             let h = Harness::start(spec);
             let target = SocketAddr::from(([127, 0, 0, 2], h.vip.port()));
@@ -228,8 +234,8 @@ fn replies_to_a_wildcard_vip_come_from_the_address_the_client_used() {
 
 #[test]
 fn shutdown_cuts_off_sessions_open_at_the_deadline() {
-    let backend = UdpEcho::start("b0");
-    let mut h = Harness::start(ServiceSpec::udp(vec![backend.addr]));
+    let backend = UdpEcho::start("b0").expect("start a UDP echo backend");
+    let mut h = Harness::start(ServiceSpec::udp(vec![backend.addr()]));
     let socket = client(h.vip);
     let mut buf = [0u8; 64];
     socket.send(b"hello").expect("send");
@@ -241,8 +247,13 @@ fn shutdown_cuts_off_sessions_open_at_the_deadline() {
 
 #[test]
 fn a_session_stays_on_a_draining_backend_and_moves_off_a_down_one() {
-    let backends = [UdpEcho::start("b0"), UdpEcho::start("b1")];
-    let h = Harness::start(ServiceSpec::udp(backends.iter().map(|b| b.addr).collect()));
+    let backends = [
+        UdpEcho::start("b0").expect("start a UDP echo backend"),
+        UdpEcho::start("b1").expect("start a UDP echo backend"),
+    ];
+    let h = Harness::start(ServiceSpec::udp(
+        backends.iter().map(|b| b.addr()).collect(),
+    ));
     let socket = client(h.vip);
     let mut buf = [0u8; 64];
     let mut ask = |payload: &[u8]| -> String {

@@ -22,6 +22,7 @@ pub mod data;
 mod http_wire;
 pub mod load;
 pub mod netns;
+pub mod packet;
 pub mod ports;
 pub mod privileged;
 pub mod tally;

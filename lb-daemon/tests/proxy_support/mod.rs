@@ -1,5 +1,10 @@
 //! Shared parts of the proxy tests: a hand-built snapshot with a round-robin scheduler, a
 //! recorder of flow events, backend servers that clean up after themselves, bounded waits.
+//!
+//! What needs no lb-daemon type comes from `lb_tests` (the UDP echo backend,
+//! [`lb_tests::UdpEcho`]): lb-tests does not depend on lb-daemon, so taking it as a
+//! dev-dependency here leaves one copy of lb-daemon's types. What builds lb-daemon's own
+//! types (snapshots, schedulers, the in-process [`Proxy`]) stays here.
 #![allow(dead_code)]
 
 use std::io;
@@ -293,13 +298,6 @@ pub fn logged_lines(parts: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// A loopback address nothing listens on: connects to it are refused.
-pub fn refusing_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
-    listener.local_addr().expect("probe address")
-    // dropped here: the port is closed
-}
-
 /// A TCP backend on 127.0.0.1 that runs `handler` on a thread per connection, and stops
 /// (joining its threads) when dropped.
 pub struct TcpBackend {
@@ -376,60 +374,6 @@ pub fn tcp_listener(backlog: i32) -> TcpListener {
 }
 
 const BUFFER: usize = 4 * 1024 * 1024;
-
-/// A UDP backend on 127.0.0.1 answering each datagram with `name:` + the datagram.
-pub struct UdpEcho {
-    pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    pub fn start(name: &'static str) -> UdpEcho {
-        UdpEcho::start_at(name, "127.0.0.1:0".parse().expect("literal address"))
-    }
-
-    /// [`UdpEcho::start`] on a given address (a backend restarted on its old port).
-    pub fn start_at(name: &'static str, addr: SocketAddr) -> UdpEcho {
-        let socket = udp_socket_at(addr);
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("read timeout");
-        let addr = socket.local_addr().expect("backend address");
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                let mut reply = Vec::with_capacity(65_600);
-                while !stop.load(Ordering::SeqCst) {
-                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    reply.clear();
-                    reply.extend_from_slice(name.as_bytes());
-                    reply.push(b':');
-                    reply.extend_from_slice(&buf[..n]);
-                    let _ = socket.send_to(&reply, from);
-                }
-            })
-        };
-        UdpEcho {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A UDP socket on 127.0.0.1 with large buffers, so the test's own bursts are not dropped.
 pub fn udp_socket() -> UdpSocket {

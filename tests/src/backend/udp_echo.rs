@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// The socket buffer size asked for, bytes.
+const BUFFER: usize = 4 * 1024 * 1024;
+
 /// The UDP echo server; stoppable (the port is closed, so datagrams to it draw an ICMP port
 /// unreachable) and restartable on the same port.
 pub struct UdpEcho {
@@ -81,6 +84,11 @@ impl UdpEcho {
             }
         };
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+        // Large buffers, so that a test's own bursts are not dropped at the server; best
+        // effort (the kernel caps them at net.core.[rw]mem_max).
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(BUFFER);
+        let _ = sock.set_send_buffer_size(BUFFER);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();

@@ -1,0 +1,172 @@
+//! `lb_decap` and `lb-daemon decap`: which tunnels a backend host unwraps, which it leaves alone
+//! or drops, and how it learns its own addresses.
+
+use super::*;
+
+/// The packet the tunnels carry: a client's SYN to VIP4:80.
+fn inner() -> Vec<u8> {
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    Packet::tcp(client, 41000, vip, 80, TCP_SYN).ip()
+}
+
+/// An IPIP frame on `vb` from `src` to `dst` (outer header as a balancer writes it, DS field
+/// 0) carrying [`inner`].
+fn ipip(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let outer = packet::V4 {
+        tos: 0,
+        id: 0,
+        frag: 0x4000,
+        ttl: 64,
+    };
+    packet::frame(
+        B1_MAC,
+        VB_MAC,
+        &packet::ipv4(src, dst, 4, outer, &[], &inner()),
+    )
+}
+
+#[test]
+fn lb_decap_leaves_tunnels_for_other_hosts_alone_and_counts_them() {
+    let Some(mut lab) = lab("decap_not_local") else {
+        return;
+    };
+    let to = |dst: Ipv4Addr| ipip(LOCAL4, dst);
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &to(B2_4));
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &to(B2_4),
+        "an IPIP packet for another host through lb_decap",
+    );
+    let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let inner6 = Packet::udp(c6, 6000, v6, 53).payload(b"q").ip();
+    let other6 = packet::frame(
+        B1_MAC,
+        VB_MAC,
+        &packet::ipv6(LOCAL6, LOCAL6, 41, 0x6000_0000, 64, &inner6),
+    );
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &other6);
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &other6,
+        "an IP6IP6 packet for another host through lb_decap",
+    );
+    assert_eq!(
+        lab.stat(Stat::DecapNotLocal),
+        2,
+        "tunnels for other hosts were not counted as such"
+    );
+    assert_eq!(
+        lab.stat(Stat::Decapsulated),
+        0,
+        "lb_decap stripped a tunnel for another host"
+    );
+
+    // b1's own address is decapsulated until it leaves the map (IPv4 and IPv6 keys differ
+    // even where their words are alike).
+    let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
+    assert_same(
+        &out,
+        &packet::frame(B1_MAC, VB_MAC, &inner()),
+        "decapsulated for b1",
+    );
+    lab.decap_addrs
+        .remove(&DecapAddr::new(B1_4.into()))
+        .expect("remove b1 from DECAP_ADDRS");
+    let v6_alike = IpAddr::V6(Ipv6Addr::new(
+        u16::from_be_bytes([10, 0]),
+        u16::from_be_bytes([2, 11]),
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ));
+    lab.decap_addrs
+        .insert(DecapAddr::new(v6_alike), 1, 0)
+        .expect("write DECAP_ADDRS");
+    let (_, out) = lab.run(PROG_DECAP, lab.vb, &to(B1_4));
+    assert_same(&out, &to(B1_4), "an address removed from DECAP_ADDRS");
+    assert_eq!(lab.stat(Stat::DecapNotLocal), 3);
+    assert_eq!(lab.stat(Stat::Decapsulated), 1);
+}
+
+#[test]
+fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
+    let Some(lab) = lab("decap_bad_source") else {
+        return;
+    };
+    let from = |src: Ipv4Addr| ipip(src, B1_4);
+    // Anyone who reaches the backend: a spoofed inner source must not get past it.
+    let (action, _) = lab.run(PROG_DECAP, lab.vb, &from(CLIENT4));
+    assert_eq!(
+        action_name(action),
+        "XDP_DROP",
+        "a tunnel from a host that is not a balancer was not dropped"
+    );
+    let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let inner6 = Packet::udp(c6, 6000, v6, 53).payload(b"q").ip();
+    let spoofed6 = packet::frame(
+        B1_MAC,
+        VB_MAC,
+        &packet::ipv6(CLIENT6, B1_6, 41, 0x6000_0000, 64, &inner6),
+    );
+    let (action, _) = lab.run(PROG_DECAP, lab.vb, &spoofed6);
+    assert_eq!(action_name(action), "XDP_DROP", "the same over IPv6");
+    assert_eq!(
+        (lab.stat(Stat::DecapBadSource), lab.stat(Stat::Decapsulated)),
+        (2, 0),
+        "tunnels from a non-balancer were stripped or not counted"
+    );
+    let (action, out) = lab.run(PROG_DECAP, lab.vb, &from(LOCAL4));
+    assert_eq!(action_name(action), "XDP_PASS");
+    assert_same(
+        &out,
+        &packet::frame(B1_MAC, VB_MAC, &inner()),
+        "a tunnel from the balancer, decapsulated",
+    );
+}
+
+#[test]
+fn lb_daemon_decap_accepts_its_interfaces_addresses_and_follows_their_changes() {
+    if !require_root("decap_addresses") {
+        return;
+    }
+    let ns = Netns::new("dcp").expect("create a namespace");
+    for args in [
+        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"][..],
+        &["addr", "add", "10.9.0.1/24", "dev", "d0"],
+        &["-6", "addr", "add", "fd09::1/64", "dev", "d0", "nodad"],
+        &["link", "set", "d0", "up"],
+        &["link", "set", "d1", "up"],
+    ] {
+        ns.ip(args).expect("set up the interface");
+    }
+    let decap = Decap::start(&ns, "d0", &bpf_object(), &[LOCAL4.into()]);
+    assert!(
+        decap.ready_line().contains(&LOCAL4.to_string()),
+        "lb-daemon decap does not say it takes tunnels from the balancer {LOCAL4}: {}",
+        decap.ready_line()
+    );
+    for addr in ["10.9.0.1", "fd09::1"] {
+        assert!(
+            decap.ready_line().contains(addr),
+            "lb-daemon decap does not say it decapsulates for {addr}: {}",
+            decap.ready_line()
+        );
+    }
+    // It reads them every 2 s.
+    let within = std::time::Duration::from_secs(10);
+    ns.ip(&["addr", "add", "10.9.0.2/24", "dev", "d0"])
+        .expect("add an address");
+    decap
+        .wait_for("decapsulating for 10.9.0.2 too", within)
+        .unwrap_or_else(|seen| panic!("an address added to d0 was not taken up: {seen:?}"));
+    ns.ip(&["addr", "del", "10.9.0.1/24", "dev", "d0"])
+        .expect("remove an address");
+    decap
+        .wait_for("no longer decapsulating for 10.9.0.1", within)
+        .unwrap_or_else(|seen| panic!("an address removed from d0 was kept: {seen:?}"));
+}

@@ -1,0 +1,403 @@
+//!
+//! Per-client limits on crafted packets: service 0 is TCP NAT on VIP4:80 with one backend,
+//! service 1 UDP NAT on VIP4:53; `limits` sets service `id`'s `LIMITS` entry.
+
+use super::*;
+
+const CLIENT_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 101);
+
+fn limited(lab: &mut Lab, id: u32, limits: Limits) {
+    lab.limits.set(id, limits, 0).expect("write LIMITS");
+}
+
+/// A TCP segment from `client`:`sport` to VIP4:80 with `flags`.
+fn tcp(client: Ipv4Addr, sport: u16, flags: u8) -> Vec<u8> {
+    let (c, v): (IpAddr, IpAddr) = (client.into(), VIP4.into());
+    Packet::tcp(c, sport, v, 80, flags).frame(VC_MAC, CLIENT_MAC)
+}
+
+fn udp(client: Ipv4Addr, sport: u16) -> Vec<u8> {
+    let (c, v): (IpAddr, IpAddr) = (client.into(), VIP4.into());
+    Packet::udp(c, sport, v, 53)
+        .payload(b"q")
+        .frame(VC_MAC, CLIENT_MAC)
+}
+
+/// The RST+ACK the balancer answers a refused SYN from `client`:`sport` to `vip`:80
+/// with: addresses, ports and MACs swapped, sequence 0, acknowledging `ack`.
+fn rst(client: IpAddr, sport: u16, vip: IpAddr, ack: u32) -> Vec<u8> {
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&80u16.to_be_bytes());
+    seg.extend_from_slice(&sport.to_be_bytes());
+    seg.extend_from_slice(&0u32.to_be_bytes());
+    seg.extend_from_slice(&ack.to_be_bytes());
+    seg.extend_from_slice(&[5 << 4, TCP_RST | TCP_ACK, 0, 0, 0, 0, 0, 0]);
+    let c = packet::checksum(&[&packet::pseudo(vip, client, 6, seg.len()), &seg]);
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    let ip = match (vip, client) {
+        (IpAddr::V4(v), IpAddr::V4(c)) => {
+            let h = packet::V4 {
+                tos: 0,
+                id: 0,
+                frag: 0x4000,
+                ttl: 64,
+            };
+            packet::ipv4(v, c, 6, h, &[], &seg)
+        }
+        (IpAddr::V6(v), IpAddr::V6(c)) => packet::ipv6(v, c, 6, 0x6000_0000, 64, &seg),
+        _ => panic!("mixed address families"),
+    };
+    packet::frame(CLIENT_MAC, VC_MAC, &ip)
+}
+
+#[test]
+fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() {
+    let Some(mut lab) = setup("limits_rst") else {
+        return;
+    };
+    lab.backend(3, B1_6.into(), 8080);
+    lab.service(2, VIP6.into(), 80, IPPROTO_TCP, MODE_NAT, &[3]);
+    let one = Limits {
+        max_connections: 1,
+        ..Limits::default()
+    };
+    limited(&mut lab, 2, one);
+    limited(&mut lab, 0, one);
+    let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let syn6 = |sport: u16, data: &[u8]| {
+        Packet::tcp(c6, sport, v6, 80, TCP_SYN)
+            .payload(data)
+            .frame(VC_MAC, CLIENT_MAC)
+    };
+    lab.expect(
+        lab.vc,
+        &syn6(43000, b""),
+        XDP_REDIRECT,
+        "an IPv6 SYN within the limit",
+    );
+    let out = lab.expect(
+        lab.vc,
+        &syn6(43001, b"hello"),
+        XDP_TX,
+        "an IPv6 SYN over it",
+    );
+    packet::assert_checksums(&out, "the IPv6 RST");
+    // The SYN's sequence + 1 + its 5 bytes of data.
+    assert_same(&out, &rst(c6, 43001, v6, 0x1122_3344 + 6), "the IPv6 RST");
+
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 43000, TCP_SYN),
+        XDP_REDIRECT,
+        "an IPv4 SYN",
+    );
+    let (c4, v4): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let with_options = Packet::tcp(c4, 43001, v4, 80, TCP_SYN)
+        .options(&[1, 1, 1, 0])
+        .frame(VC_MAC, CLIENT_MAC);
+    lab.expect(
+        lab.vc,
+        &with_options,
+        XDP_DROP,
+        "a refused SYN with IPv4 options",
+    );
+    assert_eq!(lab.stat(Stat::RefusedClientConnections), 2);
+}
+
+fn setup(test: &str) -> Option<Lab> {
+    let mut lab = lab(test)?;
+    lab.backend(0, B1_4.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    lab.service(1, VIP4.into(), 53, IPPROTO_UDP, MODE_NAT, &[0]);
+    Some(lab)
+}
+
+fn connections(lab: &Lab, client: Ipv4Addr) -> u64 {
+    let key = ClientKey {
+        service: 0,
+        addr: words(client.into()),
+    };
+    lab.clients.get(&key, 0).map_or(0, |s| s.connections)
+}
+
+#[test]
+fn new_flows_over_a_clients_burst_are_refused_and_counted_and_another_client_is_not() {
+    let Some(mut lab) = setup("limits_rate") else {
+        return;
+    };
+    // One token per 100 s after a burst of 3: nothing refills during the test.
+    let slow = Limits {
+        interval_ns: 100_000_000_000,
+        burst_ns: 300_000_000_000,
+        max_connections: 0,
+        idle_timeout_s: 0,
+    };
+    limited(&mut lab, 0, slow);
+    limited(
+        &mut lab,
+        1,
+        Limits {
+            burst_ns: 200_000_000_000,
+            ..slow
+        },
+    );
+    for port in 41000..41003 {
+        lab.expect(
+            lab.vc,
+            &tcp(CLIENT4, port, TCP_SYN),
+            XDP_REDIRECT,
+            "a SYN within the burst",
+        );
+    }
+    let out = lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 41003, TCP_SYN),
+        XDP_TX,
+        "a 4th SYN; the burst is 3",
+    );
+    packet::assert_checksums(&out, "the RST answering a refused SYN");
+    assert_same(
+        &out,
+        &rst(CLIENT4.into(), 41003, VIP4.into(), 0x1122_3345),
+        "the RST answering a refused SYN",
+    );
+    assert_eq!(
+        lab.stat(Stat::RefusedClientRate),
+        1,
+        "the refused SYN is not counted"
+    );
+    assert!(
+        lab.conntrack
+            .get(
+                &flow(CLIENT4.into(), 41003, VIP4.into(), 80, IPPROTO_TCP),
+                0
+            )
+            .is_err(),
+        "a refused SYN left a conntrack entry"
+    );
+    assert_eq!(
+        lab.service_counters(0).new_flows,
+        3,
+        "the refused SYN counted as a new flow of the service"
+    );
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT_B, 41003, TCP_SYN),
+        XDP_REDIRECT,
+        "another client's SYN while the first is over its rate",
+    );
+    // Packets of admitted flows and TCP misses without SYN are never limited.
+    for _ in 0..5 {
+        lab.expect(
+            lab.vc,
+            &tcp(CLIENT4, 41000, TCP_ACK),
+            XDP_REDIRECT,
+            "an ACK of an admitted flow of a client over its rate",
+        );
+    }
+    // On NAT it takes no port (its backend never saw it): reset, but not for the limits.
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 41100, TCP_ACK),
+        XDP_TX,
+        "an ACK that misses conntrack (an evicted flow) from a client over its rate",
+    );
+    assert_eq!(
+        (
+            lab.stat(Stat::RefusedClientRate),
+            lab.stat(Stat::ResetNatNoFlow)
+        ),
+        (1, 1),
+        "packets of flows were refused by the limits, or the miss was not reset for NAT"
+    );
+
+    // UDP: each new source port is a new flow; a flow's later datagrams pass.
+    for (client, sport, action, what) in [
+        (CLIENT4, 5000, XDP_REDIRECT, "a first UDP flow"),
+        (CLIENT4, 5001, XDP_REDIRECT, "a second UDP flow"),
+        (CLIENT4, 5002, XDP_DROP, "a third UDP flow; the burst is 2"),
+        (
+            CLIENT4,
+            5000,
+            XDP_REDIRECT,
+            "a datagram of an admitted flow",
+        ),
+        (CLIENT_B, 5002, XDP_REDIRECT, "another client's UDP flow"),
+    ] {
+        lab.expect(lab.vc, &udp(client, sport), action, what);
+    }
+    assert_eq!(
+        lab.stat(Stat::RefusedClientRate),
+        2,
+        "the refused datagram is not counted"
+    );
+}
+
+#[test]
+fn a_client_at_its_connection_limit_is_refused_until_a_fin_or_rst_of_one_of_its_flows() {
+    let Some(mut lab) = setup("limits_connections") else {
+        return;
+    };
+    limited(
+        &mut lab,
+        0,
+        Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+    );
+    let syn = |lab: &Lab, client, port, action, what| {
+        lab.expect(lab.vc, &tcp(client, port, TCP_SYN), action, what)
+    };
+    let out = syn(&lab, CLIENT4, 42000, XDP_REDIRECT, "the first connection");
+    let snat_42000 = l4_source_port(&out);
+    let out = syn(&lab, CLIENT4, 42001, XDP_REDIRECT, "the second connection");
+    let snat_42001 = l4_source_port(&out);
+    // A segment from the backend to the balancer (the NAT reply path).
+    let (b, local): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+    let reply =
+        |snat: u16, flags: u8| Packet::tcp(b, 8080, local, snat, flags).frame(VB_MAC, B1_MAC);
+    syn(
+        &lab,
+        CLIENT4,
+        42002,
+        XDP_TX,
+        "a third connection; the limit is 2",
+    );
+    assert_eq!(
+        lab.stat(Stat::RefusedClientConnections),
+        1,
+        "the refusal is not counted"
+    );
+    syn(
+        &lab,
+        CLIENT_B,
+        42002,
+        XDP_REDIRECT,
+        "another client's connection",
+    );
+    assert_eq!(connections(&lab, CLIENT4), 2);
+
+    // The client half-closes its first flow: on NAT that frees nothing (the backend may
+    // go on sending, and a client could free its slots by half-closing them all)...
+    for _ in 0..3 {
+        lab.expect(
+            lab.vc,
+            &tcp(CLIENT4, 42000, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            "the client's FIN",
+        );
+    }
+    assert_eq!(
+        connections(&lab, CLIENT4),
+        2,
+        "the client's FIN gave its slot back on NAT"
+    );
+    // ...the backend's FIN ends the flow and gives its slot back, once.
+    for _ in 0..2 {
+        lab.expect(
+            lab.vb,
+            &reply(snat_42000, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            "the backend's FIN",
+        );
+    }
+    let key = flow(CLIENT4.into(), 42000, VIP4.into(), 80, IPPROTO_TCP);
+    let entry = lab.conntrack.get(&key, 0).expect("the closed flow's entry");
+    assert_eq!(
+        entry.flags,
+        CT_F_COUNTED | CT_F_CLOSED,
+        "conntrack flags after the FIN"
+    );
+    assert_eq!(
+        connections(&lab, CLIENT4),
+        1,
+        "two FINs of one flow from its backend gave back other than one slot"
+    );
+    let out = syn(
+        &lab,
+        CLIENT4,
+        42002,
+        XDP_REDIRECT,
+        "a connection after a FIN",
+    );
+    let snat_42002 = l4_source_port(&out);
+    syn(
+        &lab,
+        CLIENT4,
+        42003,
+        XDP_TX,
+        "a third open connection again",
+    );
+
+    // The backend resets the second flow (NAT reply path): its slot goes back too.
+    lab.expect(
+        lab.vb,
+        &reply(snat_42001, TCP_RST | TCP_ACK),
+        XDP_REDIRECT,
+        "the backend's RST",
+    );
+    assert_eq!(
+        connections(&lab, CLIENT4),
+        1,
+        "the backend's RST gave no slot back"
+    );
+    syn(
+        &lab,
+        CLIENT4,
+        42003,
+        XDP_REDIRECT,
+        "a connection after the backend's RST",
+    );
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 42001, TCP_RST),
+        XDP_REDIRECT,
+        "the client's RST of a flow the backend already reset",
+    );
+    syn(
+        &lab,
+        CLIENT4,
+        42004,
+        XDP_TX,
+        "a third open connection once more",
+    );
+    assert_eq!(lab.stat(Stat::RefusedClientConnections), 3);
+
+    // A new SYN on the 5-tuple of a closed flow is a new flow: it counts again.
+    syn(
+        &lab,
+        CLIENT4,
+        42000,
+        XDP_TX,
+        "a SYN reusing a closed flow's port at the limit",
+    );
+    lab.expect(
+        lab.vb,
+        &reply(snat_42002, TCP_FIN | TCP_ACK),
+        XDP_REDIRECT,
+        "the backend's FIN of a third flow",
+    );
+    syn(
+        &lab,
+        CLIENT4,
+        42000,
+        XDP_REDIRECT,
+        "a SYN reusing a closed flow's port below the limit",
+    );
+    let entry = lab
+        .conntrack
+        .get(&key, 0)
+        .expect("the reopened flow's entry");
+    assert_eq!(
+        entry.flags, CT_F_COUNTED,
+        "the reopened flow's conntrack flags"
+    );
+    assert_eq!(connections(&lab, CLIENT4), 2);
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 42000, TCP_ACK),
+        XDP_REDIRECT,
+        "an ACK of a flow at the limit",
+    );
+}

@@ -1,0 +1,353 @@
+//!
+//! SNAT port lifecycle (issue 10): a port comes back when its flow ends, stays out of use for
+//! the service's hold time, and a SYN that finds none is reset. Service 0 is TCP NAT on
+//! VIP4:80 with the one backend b1, service 1 UDP NAT on VIP4:53 with b1.
+
+use super::*;
+
+/// Service `id`'s SNAT range becomes `first..=first + ports - 1`, held `hold_s` seconds.
+fn snat(lab: &mut Lab, id: u32, ports: u16, hold_s: u32) {
+    let mut s = lab.services.get(&id, 0).expect("read SERVICES");
+    s.snat_port_max = s.snat_port_min + ports - 1;
+    s.snat_hold_s = hold_s;
+    lab.services.set(id, s, 0).expect("write SERVICES");
+}
+
+fn nat_lab(test: &str, ports: u16, hold_s: u32) -> Option<Lab> {
+    let mut lab = lab(test)?;
+    lab.backend(0, B1_4.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_NAT, &[0]);
+    snat(&mut lab, 0, ports, hold_s);
+    Some(lab)
+}
+
+/// A client segment from CLIENT4:`sport` to VIP4:80 with `flags`.
+fn client(sport: u16, flags: u8) -> Vec<u8> {
+    let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    Packet::tcp(c, sport, v, 80, flags).frame(VC_MAC, CLIENT_MAC)
+}
+
+/// b1's segment to the balancer's SNAT port `snat` with `flags`.
+fn backend(snat: u16, flags: u8) -> Vec<u8> {
+    let (b, l): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+    Packet::tcp(b, 8080, l, snat, flags).frame(VB_MAC, B1_MAC)
+}
+
+fn entries(lab: &Lab) -> usize {
+    lab.nat_reverse.keys().filter(|k| k.is_ok()).count()
+}
+
+/// Opens a flow from `sport`: the SYN must be forwarded; returns its SNAT port.
+fn open(lab: &Lab, sport: u16, what: &str) -> u16 {
+    let out = lab.expect(lab.vc, &client(sport, TCP_SYN), XDP_REDIRECT, what);
+    l4_source_port(&out)
+}
+
+#[test]
+fn twenty_flows_closed_one_after_another_reuse_a_four_port_range() {
+    let Some(lab) = nat_lab("snat_reuse", 4, 0) else {
+        return;
+    };
+    for n in 0..20u16 {
+        let sport = 42_000 + n;
+        let port = open(&lab, sport, &format!("flow {n}'s SYN (FIN both ways)"));
+        lab.expect(
+            lab.vc,
+            &client(sport, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            &format!("flow {n}'s client FIN"),
+        );
+        lab.expect(
+            lab.vb,
+            &backend(port, TCP_FIN | TCP_ACK),
+            XDP_REDIRECT,
+            &format!("flow {n}'s backend FIN"),
+        );
+        assert!(
+            entries(&lab) <= 4,
+            "after flow {n}, NAT_REVERSE holds {} entries for a 4-port range",
+            entries(&lab)
+        );
+    }
+    for n in 0..20u16 {
+        let sport = 43_000 + n;
+        let port = open(&lab, sport, &format!("flow {n}'s SYN (RST)"));
+        if n % 2 == 0 {
+            lab.expect(
+                lab.vc,
+                &client(sport, TCP_RST | TCP_ACK),
+                XDP_REDIRECT,
+                &format!("flow {n}'s client RST"),
+            );
+        } else {
+            lab.expect(
+                lab.vb,
+                &backend(port, TCP_RST | TCP_ACK),
+                XDP_REDIRECT,
+                &format!("flow {n}'s backend RST"),
+            );
+        }
+        assert!(entries(&lab) <= 4, "after RST flow {n}: {}", entries(&lab));
+    }
+    assert_eq!(
+        (
+            lab.stat(Stat::DropNatPortsExhausted),
+            lab.stat(Stat::RefusedNatPortsExhausted)
+        ),
+        (0, 0),
+        "a SYN found no SNAT port though every earlier flow had ended"
+    );
+}
+
+#[test]
+fn a_freed_port_is_held_and_a_syn_that_finds_none_is_reset() {
+    let Some(mut lab) = nat_lab("snat_hold", 1, 3600) else {
+        return;
+    };
+    let port = open(&lab, 44_000, "the first flow");
+    lab.expect(
+        lab.vc,
+        &client(44_000, TCP_RST),
+        XDP_REDIRECT,
+        "the first flow's RST",
+    );
+    let out = lab.expect(
+        lab.vc,
+        &client(44_001, TCP_SYN),
+        XDP_TX,
+        "a second flow while the only port is held",
+    );
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST | TCP_ACK,
+        "the SYN that found no port is not answered with a RST+ACK"
+    );
+    assert_eq!(
+        lab.stat(Stat::RefusedNatPortsExhausted),
+        1,
+        "refusal counted"
+    );
+    snat(&mut lab, 0, 1, 0);
+    assert_eq!(
+        open(&lab, 44_001, "the second flow once the hold is over"),
+        port,
+        "the freed port was not reused"
+    );
+}
+
+/// The hold depends on who closed first: the backend's FIN first leaves the backend's
+/// socket in TIME_WAIT, and the port is held the whole `snat_hold_s` towards that backend
+/// (another backend may have it); the client's FIN first (the backend closed passively)
+/// holds it only `SNAT_QUIET_S`.
+#[test]
+fn a_port_is_held_for_the_hold_time_only_when_the_backend_closed_first() {
+    let Some(mut lab) = nat_lab("snat_time_wait", 1, 3600) else {
+        return;
+    };
+    lab.backend(1, B2_4.into(), 8080);
+    // Flow A: the client closes first, so b1 holds no TIME_WAIT.
+    let port = open(&lab, 47_000, "flow A");
+    lab.expect(
+        lab.vc,
+        &client(47_000, TCP_FIN | TCP_ACK),
+        XDP_REDIRECT,
+        "flow A's client FIN",
+    );
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_FIN | TCP_ACK),
+        XDP_REDIRECT,
+        "flow A's backend FIN",
+    );
+    lab.expect(
+        lab.vc,
+        &client(47_001, TCP_SYN),
+        XDP_TX,
+        "flow B within SNAT_QUIET_S of flow A's end",
+    );
+    // Whole seconds of the program's clock: SNAT_QUIET_S (2) has surely passed after 3 s.
+    std::thread::sleep(std::time::Duration::from_millis(3_100));
+    assert_eq!(
+        open(
+            &lab,
+            47_001,
+            "flow B after SNAT_QUIET_S, though the hold is an hour"
+        ),
+        port,
+        "a port whose client closed first was held longer than SNAT_QUIET_S"
+    );
+    // Flow B: b1 closes first, so it holds TIME_WAIT: the port is held the full hour.
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_FIN | TCP_ACK),
+        XDP_REDIRECT,
+        "flow B's backend FIN",
+    );
+    lab.expect(
+        lab.vc,
+        &client(47_001, TCP_FIN | TCP_ACK),
+        XDP_REDIRECT,
+        "flow B's client FIN",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3_100));
+    let out = lab.expect(
+        lab.vc,
+        &client(47_002, TCP_SYN),
+        XDP_TX,
+        "flow C towards b1 while b1 holds flow B's TIME_WAIT",
+    );
+    assert_eq!(tcp_flags_of(&out), TCP_RST | TCP_ACK, "flow C is not reset");
+    assert_eq!(
+        lab.stat(Stat::RefusedNatPortsExhausted),
+        2,
+        "the refusals of flows B and C were not counted"
+    );
+    assert_eq!(entries(&lab), 1, "one port towards b1, one entry");
+    // The hold is per backend: towards b2 the same port number is free.
+    lab.publish(0, &[1]);
+    let out = lab.expect(
+        lab.vc,
+        &client(47_002, TCP_SYN),
+        XDP_REDIRECT,
+        "flow C towards b2",
+    );
+    assert_eq!(
+        (
+            Ipv4Addr::new(out[30], out[31], out[32], out[33]),
+            l4_source_port(&out)
+        ),
+        (B2_4, port),
+        "flow C did not get the port towards b2"
+    );
+    assert_eq!(
+        lab.stat(Stat::DropNatPortsExhausted),
+        0,
+        "no SYN was dropped"
+    );
+}
+
+#[test]
+fn a_late_packet_of_a_flow_whose_port_was_taken_over_is_not_translated() {
+    let Some(lab) = nat_lab("snat_reclaimed", 1, 0) else {
+        return;
+    };
+    let port = open(&lab, 45_000, "flow A");
+    lab.expect(
+        lab.vc,
+        &client(45_000, TCP_RST),
+        XDP_REDIRECT,
+        "flow A's RST",
+    );
+    assert_eq!(
+        open(&lab, 45_001, "flow B"),
+        port,
+        "flow B took another port"
+    );
+    let out = lab.expect(
+        lab.vc,
+        &client(45_000, TCP_ACK),
+        XDP_TX,
+        "a late ACK of flow A",
+    );
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST,
+        "flow A's late ACK is not reset"
+    );
+    assert_eq!(lab.stat(Stat::ResetNatPortReclaimed), 1, "reset counted");
+    // The port's replies belong to flow B now.
+    let out = lab.expect(lab.vb, &backend(port, TCP_ACK), XDP_REDIRECT, "b1's reply");
+    assert_eq!(
+        u16::from_be_bytes([out[36], out[37]]),
+        45_001,
+        "b1's reply on the port went to flow A's client port, not flow B's"
+    );
+}
+
+#[test]
+fn an_ack_only_miss_takes_no_port_and_syn_fin_or_syn_rst_are_dropped() {
+    let Some(lab) = nat_lab("snat_miss", 4, 0) else {
+        return;
+    };
+    let out = lab.expect(lab.vc, &client(46_000, TCP_ACK), XDP_TX, "an ACK-only miss");
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST,
+        "the miss is answered with a bare RST"
+    );
+    assert_eq!(entries(&lab), 0, "an ACK-only miss took a SNAT port");
+    assert_eq!(
+        lab.stat(Stat::ResetNatNoFlow),
+        1,
+        "the miss was not counted"
+    );
+    lab.expect(
+        lab.vc,
+        &client(46_001, TCP_RST),
+        XDP_DROP,
+        "a RST of no known flow",
+    );
+    for (flags, what) in [
+        (TCP_SYN | TCP_FIN, "SYN+FIN"),
+        (TCP_SYN | TCP_RST, "SYN+RST"),
+    ] {
+        lab.expect(lab.vc, &client(46_002, flags), XDP_DROP, what);
+    }
+    assert_eq!(lab.stat(Stat::DropSynFin), 2, "SYN+FIN and SYN+RST counted");
+    assert_eq!(entries(&lab), 0, "a dropped packet took a SNAT port");
+    assert!(
+        lab.conntrack
+            .get(
+                &flow(CLIENT4.into(), 46_002, VIP4.into(), 80, IPPROTO_TCP),
+                0
+            )
+            .is_err(),
+        "a SYN+FIN opened a flow"
+    );
+}
+
+#[test]
+fn a_udp_flow_idle_past_the_timeout_gives_its_port_to_a_new_flow() {
+    let Some(mut lab) = lab("snat_idle") else {
+        return;
+    };
+    lab.backend(1, B1_4.into(), 5353);
+    lab.service(1, VIP4.into(), 53, IPPROTO_UDP, MODE_NAT, &[1]);
+    snat(&mut lab, 1, 1, 3600);
+    lab.limits
+        .set(
+            1,
+            Limits {
+                idle_timeout_s: 1,
+                ..Limits::default()
+            },
+            0,
+        )
+        .expect("write LIMITS");
+    let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let datagram = |sport: u16| {
+        Packet::udp(c, sport, v, 53)
+            .payload(b"q")
+            .frame(VC_MAC, CLIENT_MAC)
+    };
+    lab.expect(lab.vc, &datagram(5000), XDP_REDIRECT, "flow A");
+    lab.expect(
+        lab.vc,
+        &datagram(5001),
+        XDP_DROP,
+        "flow B while A holds the port",
+    );
+    assert_eq!(
+        lab.stat(Stat::DropNatPortsExhausted),
+        1,
+        "UDP exhaustion counted"
+    );
+    // Idle past the 1 s timeout plus the stored time's lag (CT_REFRESH_SECS + 1).
+    std::thread::sleep(std::time::Duration::from_millis(5_200));
+    lab.expect(
+        lab.vc,
+        &datagram(5001),
+        XDP_REDIRECT,
+        "flow B after A idled out",
+    );
+}
