@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::warn;
 
-use crate::admin::status::{ReloadHistory, ServiceStatus, Status, XdpStatus, XdpTraffic};
+use crate::admin::status::{
+    ReloadHistory, ServiceStatus, SnatAddressUse, Status, XdpStatus, XdpTraffic,
+};
 use crate::config::Config;
 use crate::dataplane::proxy::Proxy;
 use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
@@ -286,13 +288,27 @@ fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounter
             b.total += t.flows;
             b.bytes_to_backend += t.bytes;
             b.active += bc.open_flows.unwrap_or(0);
+            let per_address: Option<Vec<SnatAddressUse>> = bc
+                .snat_ports_taken
+                .as_ref()
+                .zip(c.snat_ports)
+                .map(|(taken, ports)| {
+                    taken
+                        .iter()
+                        .map(|&(address, in_use)| SnatAddressUse {
+                            address,
+                            in_use,
+                            free: ports.saturating_sub(in_use),
+                        })
+                        .collect()
+                });
+            let sum =
+                |f: fn(&SnatAddressUse) -> u64| per_address.as_ref().map(|v| v.iter().map(f).sum());
             b.xdp = Some(XdpTraffic {
                 open_flows: bc.open_flows,
-                snat_ports_in_use: bc.snat_ports_taken,
-                snat_ports_free: bc
-                    .snat_ports_taken
-                    .zip(c.snat_ports)
-                    .map(|(taken, ports)| ports.saturating_sub(taken)),
+                snat_ports_in_use: sum(|u| u.in_use),
+                snat_ports_free: sum(|u| u.free),
+                snat_local_addresses: per_address,
                 ..t
             });
         }

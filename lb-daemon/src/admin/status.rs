@@ -120,8 +120,19 @@ pub struct XdpStatus {
     pub error: Option<String>,
 }
 
+/// The SNAT ports towards one backend on one local address (XDP `nat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SnatAddressUse {
+    /// The local address (one of the service's `local_address`).
+    pub address: std::net::IpAddr,
+    /// Its ports towards the backend in use or held after their flow ended.
+    pub in_use: u64,
+    /// Its ports a new flow towards the backend may still take.
+    pub free: u64,
+}
+
 /// What the XDP program counted for one service or one backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct XdpTraffic {
     /// Client packets forwarded.
     pub packets: u64,
@@ -138,9 +149,12 @@ pub struct XdpTraffic {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snat_ports_in_use: Option<u64>,
     /// `nat` backends: SNAT ports a new flow towards the backend may still take (the range's
-    /// ports less those in use or held).
+    /// ports on every local address less those in use or held).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snat_ports_free: Option<u64>,
+    /// `nat` backends: the same two counts per local address, in the service's order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_local_addresses: Option<Vec<SnatAddressUse>>,
 }
 
 impl From<Counters> for XdpTraffic {
@@ -152,6 +166,7 @@ impl From<Counters> for XdpTraffic {
             open_flows: None,
             snat_ports_in_use: None,
             snat_ports_free: None,
+            snat_local_addresses: None,
         }
     }
 }

@@ -69,7 +69,7 @@ pub(super) struct RawService {
     pub(super) interface: Option<Spanned<String>>,
     pub(super) backend_interfaces: Option<Spanned<Vec<String>>>,
     pub(super) forwarding: Option<Spanned<Forwarding>>,
-    pub(super) local_address: Option<Spanned<IpAddr>>,
+    pub(super) local_address: Option<Spanned<Addresses>>,
     pub(super) snat_ports: Option<Spanned<[u16; 2]>>,
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) snat_port_hold: Option<Spanned<Duration>>,
@@ -115,6 +115,42 @@ pub(super) struct RawHealth {
     pub(super) expect_status: Option<Spanned<u16>>,
     pub(super) send: Option<Spanned<String>>,
     pub(super) expect: Option<Spanned<String>>,
+}
+
+/// `local_address`: one address, or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Addresses(pub(super) Vec<IpAddr>);
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OneOrMany;
+        impl<'de> serde::de::Visitor<'de> for OneOrMany {
+            type Value = Addresses;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an IP address, or a list of IP addresses")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Addresses, E> {
+                ip(s).map(|a| Addresses(vec![a]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Addresses, A::Error> {
+                let mut all = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    all.push(ip(&s)?);
+                }
+                Ok(Addresses(all))
+            }
+        }
+        d.deserialize_any(OneOrMany)
+    }
+}
+
+fn ip<E: serde::de::Error>(s: &str) -> Result<IpAddr, E> {
+    s.trim()
+        .parse()
+        .map_err(|_| E::custom(format!("`{s}` is not an IP address")))
 }
 
 /// Durations are written in human units: "5s", "250ms", "1m 30s".

@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::raw::RawBackend;
+use super::raw::{Addresses, RawBackend};
 use super::validate::Validator;
 use super::{ConfigError, DataplaneKind, SchedulerKind};
+use lb_common::maps::MAX_LOCAL_ADDRS;
 
 /// How the XDP data plane carries a service's packets to a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
@@ -50,10 +51,12 @@ pub struct XdpSettings {
     pub backend_interfaces: Vec<String>,
     /// NAT or DSR.
     pub forwarding: Forwarding,
-    /// The balancer's own address on the backends' side: the SNAT source (`nat`, where the
-    /// backends' replies come back to) or the outer source of the encapsulated packet
-    /// (`dsr`). Same family as the VIP and the backends. `Some` whenever `interface` is.
-    pub local_address: Option<IpAddr>,
+    /// `local_address`: the balancer's own addresses on the backends' side, in the config's
+    /// order. `nat`: the SNAT sources (the backends' replies come back to them); one or more,
+    /// at most `lb_common::maps::MAX_LOCAL_ADDRS`, each flow taking one by its hash. `dsr`:
+    /// exactly one, the encapsulated packets' outer source. Same family as the VIP and the
+    /// backends. Empty exactly when `interface` is `None`.
+    pub local_addresses: Vec<IpAddr>,
     /// `nat`: the SNAT source ports, inclusive; each concurrent flow to one backend takes one.
     /// `None`: the default, chosen when the service starts on XDP: the widest range of at
     /// least 1024 ports outside the host's `net.ipv4.ip_local_port_range` (1024-32767 with
@@ -71,7 +74,7 @@ pub(super) struct RawXdp {
     pub(super) interface: Option<Spanned<String>>,
     pub(super) backend_interfaces: Option<Spanned<Vec<String>>>,
     pub(super) forwarding: Option<Spanned<Forwarding>>,
-    pub(super) local_address: Option<Spanned<IpAddr>>,
+    pub(super) local_address: Option<Spanned<Addresses>>,
     pub(super) snat_ports: Option<Spanned<[u16; 2]>>,
     pub(super) snat_port_hold: Option<Spanned<Duration>>,
 }
@@ -209,29 +212,17 @@ impl Validator<'_> {
             .as_ref()
             .map_or(Forwarding::default(), |v| *v.get_ref());
         let vip_is_v4 = svc.listen.is_ipv4();
-        let local_address = match raw.local_address {
-            None => {
-                return Err(self.invalid(
-                    interface.span(),
-                    f("local_address"),
-                    "an XDP service needs `local_address`, the balancer's own address on the \
-                     backends' side (the NAT source, or the outer source of DSR packets)"
-                        .into(),
-                ))
-            }
-            Some(a) if a.get_ref().is_ipv4() != vip_is_v4 => {
-                return Err(self.invalid(
-                    a.span(),
-                    f("local_address"),
-                    format!(
-                        "{} is not of the VIP's address family ({})",
-                        a.get_ref(),
-                        svc.listen.ip()
-                    ),
-                ))
-            }
-            Some(a) => a.into_inner(),
+        let Some(local_address) = raw.local_address else {
+            return Err(self.invalid(
+                interface.span(),
+                f("local_address"),
+                "an XDP service needs `local_address`, the balancer's own address on the \
+                 backends' side (the NAT source, or the outer source of DSR packets)"
+                    .into(),
+            ));
         };
+        let local_addresses =
+            self.local_addresses(&f("local_address"), local_address, forwarding, svc.listen)?;
         let snat_ports = match (forwarding, raw.snat_ports) {
             (Forwarding::Dsr, Some(p)) => {
                 return Err(self.invalid(
@@ -334,10 +325,53 @@ impl Validator<'_> {
             interface: Some(interface.into_inner()),
             backend_interfaces,
             forwarding,
-            local_address: Some(local_address),
+            local_addresses,
             snat_ports,
             snat_port_hold,
         })
+    }
+}
+
+impl Validator<'_> {
+    /// `local_address` (`field`), one address or a list: at least one, at most
+    /// [`MAX_LOCAL_ADDRS`], no repeats, each of the VIP's (`listen`'s) family; `dsr` takes
+    /// exactly one (its outer source).
+    fn local_addresses(
+        &self,
+        field: &str,
+        given: Spanned<Addresses>,
+        forwarding: Forwarding,
+        listen: SocketAddr,
+    ) -> Result<Vec<IpAddr>, ConfigError> {
+        let span = given.span();
+        let all = given.into_inner().0;
+        let bad = |message: String| Err(self.invalid(span.clone(), field.to_string(), message));
+        if all.is_empty() {
+            return bad("the list is empty; give at least one address".into());
+        }
+        if forwarding == Forwarding::Dsr && all.len() > 1 {
+            return bad(
+                "forwarding = \"dsr\" sends from one outer source: give one address".into(),
+            );
+        }
+        if all.len() > MAX_LOCAL_ADDRS as usize {
+            return bad(format!(
+                "{} addresses; a service takes at most {MAX_LOCAL_ADDRS}",
+                all.len()
+            ));
+        }
+        for (k, a) in all.iter().enumerate() {
+            if a.is_ipv4() != listen.is_ipv4() {
+                return bad(format!(
+                    "{a} is not of the VIP's address family ({})",
+                    listen.ip()
+                ));
+            }
+            if all[..k].contains(a) {
+                return bad(format!("{a} is given twice"));
+            }
+        }
+        Ok(all)
     }
 }
 
@@ -345,6 +379,7 @@ impl Validator<'_> {
 mod xdp_tests {
     use super::*;
     use crate::config::{parse, Service};
+    use std::net::IpAddr;
     use std::path::{Path, PathBuf};
 
     const BACKENDS: &str = r#"
@@ -378,7 +413,10 @@ address = "10.200.2.2:80"
             Forwarding::Nat,
             "nat is the default forwarding"
         );
-        assert_eq!(s.xdp.local_address, Some("10.200.0.1".parse().expect("ip")));
+        assert_eq!(
+            s.xdp.local_addresses,
+            vec!["10.200.0.1".parse::<IpAddr>().expect("ip")]
+        );
         assert_eq!(
             s.xdp.snat_ports, None,
             "the default range is chosen at start"
@@ -457,6 +495,46 @@ address = "10.200.2.2:80"
         let (msg, line) = error("interface = \"eth0\"\nlocal_address = \"fd00::1\"");
         assert!(msg.contains("address family"), "{msg}");
         assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn local_address_may_be_a_pool_for_nat_only() {
+        let s =
+            parse_service("interface = \"eth0\"\nlocal_address = [\"10.200.0.1\", \"10.200.0.3\"]")
+                .expect("a pool of two");
+        let want: Vec<IpAddr> = vec![
+            "10.200.0.1".parse().expect("ip"),
+            "10.200.0.3".parse().expect("ip"),
+        ];
+        assert_eq!(s.xdp.local_addresses, want);
+        let sixteen: Vec<String> = (1..=17).map(|i| format!("\"10.200.0.{i}\"")).collect();
+        for (keys, words) in [
+            ("local_address = []", "empty"),
+            (
+                "local_address = [\"10.200.0.1\", \"10.200.0.1\"]",
+                "given twice",
+            ),
+            (
+                "local_address = [\"10.200.0.1\", \"fd00::1\"]",
+                "address family",
+            ),
+            (
+                "forwarding = \"dsr\"\nlocal_address = [\"10.200.0.1\", \"10.200.0.3\"]",
+                "one outer source",
+            ),
+            (
+                &format!("local_address = [{}]", sixteen.join(", ")),
+                "at most 16",
+            ),
+            ("local_address = \"not-an-ip\"", "is not an IP address"),
+        ] {
+            let (msg, line) = error(&format!("interface = \"eth0\"\n{keys}"));
+            assert!(
+                msg.contains("local_address") && msg.contains(words),
+                "`{keys}` must be refused with `{words}`: {msg}"
+            );
+            assert!(line.is_some(), "`{keys}`: no line in {msg}");
+        }
     }
 
     #[test]

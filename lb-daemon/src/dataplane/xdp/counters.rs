@@ -1,6 +1,6 @@
 //! Reading the program's counters: global (`STATS`), per service and per backend.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use lb_common::Counters;
 use tracing::info;
@@ -27,9 +27,10 @@ pub struct BackendCounters {
     /// Flows conntrack holds open on it, as last counted (every few seconds, see
     /// `open_flows.rs`); `None` before the first count.
     pub open_flows: Option<u64>,
-    /// `nat`: SNAT ports towards it taken (in use, or held after their flow ended), as last
-    /// counted (every 10 s or so, `sync.rs`); `None` for `dsr` or before the first count.
-    pub snat_ports_taken: Option<u64>,
+    /// `nat`: SNAT ports towards it taken (in use, or held after their flow ended) on each of
+    /// the service's local addresses, in their order, as last counted (every 10 s or so,
+    /// `sync.rs`); `None` for `dsr` or before the first count.
+    pub snat_ports_taken: Option<Vec<(IpAddr, u64)>>,
 }
 
 /// A service's counters and its backends'.
@@ -43,7 +44,7 @@ pub struct ServiceCounters {
     pub counters: Counters,
     /// Per backend: the snapshot's, in its order, then the draining ones.
     pub backends: Vec<BackendCounters>,
-    /// `nat`: the SNAT ports each backend has (the range's ports times the local addresses);
+    /// `nat`: the SNAT ports of the range, which each backend has on every local address;
     /// `None` for `dsr`.
     pub snat_ports: Option<u64>,
 }
@@ -109,11 +110,16 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
     for r in &state.running {
         let nat = r.slot.forwarding == crate::config::Forwarding::Nat;
         let taken = |address: SocketAddr| {
-            state
-                .snat_in_use
-                .as_ref()
-                .filter(|_| nat)
-                .map(|u| u.get(&(r.slot.id, address)).copied().unwrap_or(0))
+            state.snat_in_use.as_ref().filter(|_| nat).map(|u| {
+                r.slot
+                    .local_addresses
+                    .iter()
+                    .map(|&local| {
+                        let n = u.get(&(r.slot.id, local, address)).copied().unwrap_or(0);
+                        (local, n)
+                    })
+                    .collect()
+            })
         };
         let ids = r.slot.backend_ids();
         let mut backends = Vec::new();
@@ -145,7 +151,10 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
             name: snap.name.to_string(),
             counters: maps.service_counters(r.slot.id)?,
             backends,
-            snat_ports: nat.then(|| r.slot.snat_capacity()),
+            snat_ports: nat.then(|| {
+                let (lo, hi) = r.slot.snat_ports;
+                u64::from(hi.saturating_sub(lo)) + 1
+            }),
         });
     }
     Ok(XdpCounters {

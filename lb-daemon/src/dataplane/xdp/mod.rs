@@ -189,7 +189,7 @@ impl XdpPlane {
         settings: &XdpService,
     ) -> Result<XdpCarried, XdpPlaneError> {
         let xdp = &settings.xdp;
-        let (Some(interface), Some(local_address)) = (&xdp.interface, xdp.local_address) else {
+        let (Some(interface), false) = (&xdp.interface, xdp.local_addresses.is_empty()) else {
             return Err(XdpPlaneError::NotConfigured);
         };
         let snat_ports = match xdp.forwarding {
@@ -230,7 +230,7 @@ impl XdpPlane {
             snap.listen,
             snap.protocol,
             settings,
-            vec![local_address],
+            xdp.local_addresses.clone(),
             snat_ports,
         );
         let deadline = Instant::now() + st.drain_timeout;

@@ -94,7 +94,8 @@ pub struct SnatTimes {
     pub idle_s: u32,
 }
 
-/// SNAT ports not free, per (service id, backend address) among `entries` (`NAT_REVERSE`'s),
+/// SNAT ports not free, per (service id, local address, backend address) among `entries`
+/// (`NAT_REVERSE`'s),
 /// at `now_s`, for the service ids in `services`: a port is taken while its flow is open (not
 /// ended, seen within the idle timeout) and while it is held after the flow ended (the
 /// program's rule, "SNAT ports" in `lb_common::maps`). Entries of other services are left
@@ -103,7 +104,7 @@ pub fn snat_in_use(
     entries: &[(FlowKey, NatReverse)],
     services: &HashMap<u32, SnatTimes>,
     now_s: u32,
-) -> HashMap<(u32, SocketAddr), u64> {
+) -> HashMap<(u32, std::net::IpAddr, SocketAddr), u64> {
     let mut used = HashMap::new();
     for (key, r) in entries {
         let Some(t) = services.get(&r.service) else {
@@ -127,21 +128,23 @@ pub fn snat_in_use(
             !(idle && (key.protocol == lb_common::flow::IPPROTO_UDP || age >= t.hold_s))
         };
         if taken {
-            let backend = SocketAddr::new(key_addr(key), key.src_port);
-            *used.entry((r.service, backend)).or_insert(0) += 1;
+            let backend = SocketAddr::new(key_addr(key.family, &key.src_addr), key.src_port);
+            let local = key_addr(key.family, &key.dst_addr);
+            *used.entry((r.service, local, backend)).or_insert(0) += 1;
         }
     }
     used
 }
 
-/// The source address of a `NAT_REVERSE` key (the backend).
-fn key_addr(key: &FlowKey) -> std::net::IpAddr {
+/// An address of a `NAT_REVERSE` key, from its words (source: the backend; destination: the
+/// local address) and the key's family.
+fn key_addr(family: u8, words: &[u32; 4]) -> std::net::IpAddr {
     let b = |w: u32| w.to_ne_bytes();
-    if key.family == lb_common::maps::FAMILY_V4 {
-        std::net::Ipv4Addr::from(b(key.src_addr[0])).into()
+    if family == lb_common::maps::FAMILY_V4 {
+        std::net::Ipv4Addr::from(b(words[0])).into()
     } else {
         let mut o = [0u8; 16];
-        for (i, w) in key.src_addr.iter().enumerate() {
+        for (i, w) in words.iter().enumerate() {
             o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
         }
         std::net::Ipv6Addr::from(o).into()
@@ -227,7 +230,8 @@ mod tests {
             entry(5, 7, nat_state(now, 0)),
         ];
         let used = snat_in_use(&entries, &services, now);
-        assert_eq!(used.get(&(0, backend)), Some(&3), "{used:?}");
+        let local: std::net::IpAddr = "10.0.2.1".parse().expect("addr");
+        assert_eq!(used.get(&(0, local, backend)), Some(&3), "{used:?}");
         assert_eq!(used.len(), 1, "{used:?}");
     }
 }

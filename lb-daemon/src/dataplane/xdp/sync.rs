@@ -50,7 +50,7 @@ pub struct State {
     /// SNAT ports taken (in use or held) per (service id, backend) of the running `nat`
     /// services, from the last walk of `NAT_REVERSE` (every [`SNAT_EVERY`] or less often);
     /// `None` before the first.
-    pub snat_in_use: Option<std::collections::HashMap<(u32, SocketAddr), u64>>,
+    pub snat_in_use: Option<std::collections::HashMap<(u32, std::net::IpAddr, SocketAddr), u64>>,
     /// When the counters were last read (`/status`, `/metrics`): open flows are counted only while
     /// someone looks.
     pub counters_read: Option<Instant>,
@@ -395,10 +395,15 @@ impl SnatWatch {
         walk: &MapWalk,
         services: &std::collections::HashMap<u32, (SnatTimes, u64, String)>,
         now: u32,
-    ) -> std::collections::HashMap<(u32, SocketAddr), u64> {
+    ) -> std::collections::HashMap<(u32, std::net::IpAddr, SocketAddr), u64> {
         let started = Instant::now();
         let times = services.iter().map(|(id, (t, _, _))| (*id, *t)).collect();
-        let used = super::snat::snat_in_use(&walk.nat_entries().0, &times, now);
+        let by_address = super::snat::snat_in_use(&walk.nat_entries().0, &times, now);
+        // The warning is about a backend's whole capacity, every local address together.
+        let mut used = std::collections::HashMap::new();
+        for (&(id, _, backend), n) in &by_address {
+            *used.entry((id, backend)).or_insert(0) += n;
+        }
         // The pacing: a long walk makes the next one later.
         self.pacing.walked(started.elapsed().max(SNAT_EVERY / 20));
         for (key @ (id, backend), n) in &used {
@@ -419,7 +424,7 @@ impl SnatWatch {
             used.get(key)
                 .is_some_and(|n| n * 100 / ports >= SNAT_CALM_PERCENT)
         });
-        used
+        by_address
     }
 }
 
