@@ -167,7 +167,7 @@
 //! seconds, which stays above 60 s below `P × B / 60` new flows per second. Because only ports
 //! whose backend closed first are held the whole `snat_hold_s`, a service that sets 60 s pays
 //! it only where a TIME_WAIT exists. Sustained new flows per second are bounded by
-//! `ports × backends / snat_hold_s` where backends close first, and by
+//! `ports × local addresses × backends / snat_hold_s` where backends close first, and by
 //! `/ min(snat_hold_s, SNAT_QUIET_S)` where clients close first or flows end by RST.
 //!
 //! ## DSR

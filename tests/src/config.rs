@@ -1,4 +1,4 @@
-//! Daemon configs for tests, built in code and written as TOML (see `lb-daemon/src/config.rs`
+//! Daemon configs for tests, built in code and written as TOML (see `lb-daemon/src/config/`
 //! for the keys): `dataplane = "proxy"` by default (or `$LB_TEST_DATAPLANE`), so tests run
 //! without XDP.
 
