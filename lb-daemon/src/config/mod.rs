@@ -4,6 +4,12 @@
 //! optional `[service.health]` table, plus an optional `[global]` table. `config/lb.toml`
 //! documents every key. Every error names the file, the line and column, and the field
 //! (`service[1].backend[0].weight`), so a user can go straight to it.
+//!
+//! - `mod.rs`: the validated types, `load`/`parse`, `ConfigError` and `Location`.
+//! - `raw.rs`: the file's shape as serde reads it, with spans.
+//! - `validate.rs`: the `Validator` core, `[global]`, `[admin]` and one `[[service]]`.
+//! - `backends.rs`, `health.rs`, `limits.rs`, `xdp.rs`: the rules of those keys (`xdp.rs`
+//!   also holds `XdpSettings` and `Forwarding`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,16 +19,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod backends;
 mod health;
+mod limits;
 mod raw;
 mod validate;
 mod xdp;
 
-pub use validate::is_prime;
-pub use xdp::{Forwarding, XdpSettings, DEFAULT_SNAT_PORT_HOLD, MAX_SNAT_PORT_HOLD};
-
 use raw::RawConfig;
 use validate::Validator;
+pub use xdp::{Forwarding, XdpSettings, DEFAULT_SNAT_PORT_HOLD, MAX_SNAT_PORT_HOLD};
 
 /// The largest backend weight; 0 means draining. The same range as HAProxy's `weight`.
 pub const MAX_WEIGHT: u32 = 256;
@@ -189,8 +195,8 @@ pub enum Protocol {
     Udp,
 }
 
-/// `tcp` or `udp`, as the config spells it.
 impl fmt::Display for Protocol {
+    /// The config spelling: `tcp` or `udp`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
@@ -218,9 +224,9 @@ pub enum SchedulerKind {
     SourceHash,
 }
 
-/// The config's spelling: `maglev`, `round_robin`, `weighted_round_robin`, `least_conn`,
-/// `random_two`, `source_hash`.
 impl fmt::Display for SchedulerKind {
+    /// The config spelling of `scheduler`: `maglev`, `round_robin`, `weighted_round_robin`,
+    /// `least_conn`, `random_two` or `source_hash`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SchedulerKind::Maglev => "maglev",
@@ -421,23 +427,58 @@ fn locate(text: &str, path: &Path, span: &Range<usize>) -> Location {
     }
 }
 
+/// Whether `n` is prime (trial division; fine for table sizes up to 2^24).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
 #[cfg(test)]
-mod xdp_examples {
+mod tests {
+    use super::*;
+
+    /// Display must print what the config file accepts, so a message or the API can be
+    /// pasted back into the file.
     #[test]
-    fn the_xdp_example_configs_are_valid() {
-        for (name, text) in [
-            (
-                "config/xdp-nat.toml",
-                include_str!("../../../config/xdp-nat.toml"),
-            ),
-            (
-                "config/xdp-dsr.toml",
-                include_str!("../../../config/xdp-dsr.toml"),
-            ),
-        ] {
-            if let Err(e) = super::parse(text, std::path::Path::new(name)) {
-                panic!("the example {name} no longer parses: {e}");
+    fn protocol_and_scheduler_print_their_config_spelling() {
+        let schedulers = [
+            SchedulerKind::Maglev,
+            SchedulerKind::RoundRobin,
+            SchedulerKind::WeightedRoundRobin,
+            SchedulerKind::LeastConn,
+            SchedulerKind::RandomTwo,
+            SchedulerKind::SourceHash,
+        ];
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            for scheduler in schedulers {
+                let text = format!(
+                    "[[service]]\nname = \"s\"\nlisten = \"127.0.0.1:80\"\nprotocol = \"{protocol}\"\n\
+                     scheduler = \"{scheduler}\"\ndataplane = \"proxy\"\n\
+                     [service.health]\nkind = \"none\"\n\
+                     [[service.backend]]\naddress = \"127.0.0.1:81\"\n"
+                );
+                let config = parse(&text, Path::new("display.toml"))
+                    .unwrap_or_else(|e| panic!("`{protocol}`/`{scheduler}` not accepted: {e}"));
+                assert_eq!(config.services[0].protocol, protocol);
+                assert_eq!(config.services[0].scheduler, scheduler);
             }
         }
+        assert_eq!(Protocol::Tcp.to_string(), "tcp");
+        assert_eq!(
+            SchedulerKind::WeightedRoundRobin.to_string(),
+            "weighted_round_robin"
+        );
     }
 }

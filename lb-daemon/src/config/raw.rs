@@ -1,5 +1,5 @@
-//! The file's shape as serde sees it: every key of `config/lb.toml`, with its span for the
-//! errors, before validation.
+//! The file's shape as serde sees it: every key, with its span for error messages, before
+//! any rule is checked.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
-//! Validation: from the file's shape ([`super::raw`]) to the typed [`super::Config`], each
-//! error naming the file, line and field. The health check and XDP rules are in
-//! `health.rs` and `xdp.rs`.
+//! The rules a parsed file must follow: the `Validator` core, `[global]`, `[admin]`, and one
+//! `[[service]]` (its backends, health, limits and XDP keys each have their own file).
+//!
+//! Checks run in file order and the first broken rule is the error, so the order of the
+//! steps below is part of the behaviour (the tests assert which error a file gets).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,20 +12,22 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawLimits, RawService};
+use super::raw::{RawAdmin, RawConfig, RawGlobal, RawService};
 use super::xdp::{RawXdp, XdpContext};
 use super::{
-    locate, Admin, Backend, ClientLimits, Config, ConfigError, DnsBackend, Global, Protocol,
-    ProxyProtocol, Service, DEFAULT_ADMIN_LISTEN, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, MAX_WEIGHT,
-    MAX_WORKERS,
+    is_prime, locate, Admin, Config, ConfigError, Global, Protocol, ProxyProtocol, Service,
+    DEFAULT_ADMIN_LISTEN, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, MAX_WORKERS,
 };
 
+/// Checks a [`RawConfig`] against the rules and builds the [`Config`]; knows the text only
+/// to turn spans into lines.
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
     pub(super) path: &'a Path,
 }
 
 impl Validator<'_> {
+    /// An `Invalid` error at `span` of the text.
     pub(super) fn invalid(
         &self,
         span: Range<usize>,
@@ -37,6 +41,7 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration that must be above zero; `default` when the key is absent.
     pub(super) fn positive(
         &self,
         d: Option<Spanned<Duration>>,
@@ -52,6 +57,7 @@ impl Validator<'_> {
         }
     }
 
+    /// The whole file: at least one service, `[global]`, every service, then `[admin]`.
     pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         if raw.service.is_empty() {
             return Err(self.invalid(
@@ -60,8 +66,28 @@ impl Validator<'_> {
                 "no [[service]] is configured; a config needs at least one".into(),
             ));
         }
-        let global = Global {
-            workers: match raw.global.workers {
+        let global = self.global(raw.global)?;
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut listens: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
+        let mut services = Vec::with_capacity(raw.service.len());
+        for (i, svc) in raw.service.into_iter().enumerate() {
+            let svc_span = svc.span();
+            let svc = svc.into_inner();
+            let (name, listen) = self.identity(i, &svc, &mut names, &mut listens)?;
+            services.push(self.service(i, svc_span, name, listen, svc)?);
+        }
+        let admin = self.admin(raw.admin)?;
+        Ok(Config {
+            global,
+            admin,
+            services,
+        })
+    }
+
+    /// `[global]`: `workers`, then `drain_timeout`.
+    fn global(&self, raw: RawGlobal) -> Result<Global, ConfigError> {
+        Ok(Global {
+            workers: match raw.workers {
                 None => 0,
                 Some(n) if *n.get_ref() <= MAX_WORKERS => n.into_inner(),
                 Some(n) => {
@@ -75,49 +101,18 @@ impl Validator<'_> {
                     ))
                 }
             },
-            drain_timeout: self.positive(
-                raw.global.drain_timeout,
-                Duration::from_secs(30),
-                || "global.drain_timeout".into(),
-            )?,
-            bpf_object: raw.global.bpf_object,
-        };
-        let mut names: HashMap<String, usize> = HashMap::new();
-        let mut listens: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
-        let mut services = Vec::with_capacity(raw.service.len());
-        for (i, svc) in raw.service.into_iter().enumerate() {
-            let svc_span = svc.span();
-            let svc = svc.into_inner();
-            let name_span = svc.name.span();
-            let name = svc.name.get_ref().clone();
-            if name.trim().is_empty() {
-                return Err(self.invalid(
-                    name_span,
-                    format!("service[{i}].name"),
-                    "is empty".into(),
-                ));
-            }
-            if let Some(first) = names.insert(name.clone(), i) {
-                return Err(self.invalid(
-                    name_span,
-                    format!("service[{i}].name"),
-                    format!("duplicate service name `{name}` (also service[{first}])"),
-                ));
-            }
-            let listen_span = svc.listen.span();
-            let listen = *svc.listen.get_ref();
-            if let Some(other) = listens.insert((listen, svc.protocol), name.clone()) {
-                return Err(self.invalid(
-                    listen_span,
-                    format!("service[{i}].listen"),
-                    format!("duplicate listen address {listen} (also service `{other}`)"),
-                ));
-            }
-            services.push(self.service(i, svc_span, name, listen, svc)?);
-        }
-        let admin = Admin {
-            listen: raw.admin.listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
-            socket: match raw.admin.socket {
+            drain_timeout: self.positive(raw.drain_timeout, Duration::from_secs(30), || {
+                "global.drain_timeout".into()
+            })?,
+            bpf_object: raw.bpf_object,
+        })
+    }
+
+    /// `[admin]`: the default address, and a socket path that must be absolute.
+    fn admin(&self, raw: RawAdmin) -> Result<Admin, ConfigError> {
+        Ok(Admin {
+            listen: raw.listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
+            socket: match raw.socket {
                 None => None,
                 Some(p) if p.get_ref().is_absolute() => Some(p.into_inner()),
                 Some(p) => {
@@ -128,15 +123,45 @@ impl Validator<'_> {
                     ))
                 }
             },
-        };
-        Ok(Config {
-            global,
-            admin,
-            services,
         })
     }
 
-    pub(super) fn service(
+    /// Service `i`'s name (not empty, unique) and listen address (unique per protocol);
+    /// records both in `names` and `listens` for the services after it.
+    fn identity(
+        &self,
+        i: usize,
+        svc: &RawService,
+        names: &mut HashMap<String, usize>,
+        listens: &mut HashMap<(SocketAddr, Protocol), String>,
+    ) -> Result<(String, SocketAddr), ConfigError> {
+        let name_span = svc.name.span();
+        let name = svc.name.get_ref().clone();
+        if name.trim().is_empty() {
+            return Err(self.invalid(name_span, format!("service[{i}].name"), "is empty".into()));
+        }
+        if let Some(first) = names.insert(name.clone(), i) {
+            return Err(self.invalid(
+                name_span,
+                format!("service[{i}].name"),
+                format!("duplicate service name `{name}` (also service[{first}])"),
+            ));
+        }
+        let listen_span = svc.listen.span();
+        let listen = *svc.listen.get_ref();
+        if let Some(other) = listens.insert((listen, svc.protocol), name.clone()) {
+            return Err(self.invalid(
+                listen_span,
+                format!("service[{i}].listen"),
+                format!("duplicate listen address {listen} (also service `{other}`)"),
+            ));
+        }
+        Ok((name, listen))
+    }
+
+    /// One `[[service]]` after its name and listen address: retries, table size, the XDP
+    /// keys, the backends, health, timeouts, PROXY protocol and limits, in that order.
+    fn service(
         &self,
         i: usize,
         svc_span: Range<usize>,
@@ -145,33 +170,14 @@ impl Validator<'_> {
         svc: RawService,
     ) -> Result<Service, ConfigError> {
         let f = |k: &str| format!("service[{i}].{k}");
-        let retries = match svc.retries {
-            None => 2,
-            Some(r) if *r.get_ref() > 100 => {
-                return Err(self.invalid(r.span(), f("retries"), "must be at most 100".into()))
-            }
-            Some(r) => r.into_inner(),
-        };
+        // Checked after the backend count, but copied out before the fields move.
+        let raw_xdp = RawXdp::of(&svc);
+        let retries = self.retries(i, svc.retries)?;
         let table_size_span = svc
             .table_size
             .as_ref()
             .map_or(svc_span.clone(), |m| m.span());
-        let table_size = match svc.table_size {
-            None => DEFAULT_TABLE_SIZE,
-            Some(m) => {
-                let v = *m.get_ref();
-                if !is_prime(v) || v > MAX_TABLE_SIZE {
-                    return Err(self.invalid(
-                        m.span(),
-                        f("table_size"),
-                        format!(
-                            "{v} must be a prime no larger than {MAX_TABLE_SIZE} (65537 is the default)"
-                        ),
-                    ));
-                }
-                v
-            }
-        };
+        let table_size = self.table_size(i, svc.table_size)?;
         if svc.backend.is_empty() {
             return Err(self.invalid(
                 svc_span.clone(),
@@ -188,82 +194,13 @@ impl Validator<'_> {
                 scheduler: svc.scheduler,
                 backends: &svc.backend,
             },
-            RawXdp {
-                interface: svc.interface.clone(),
-                backend_interfaces: svc.backend_interfaces.clone(),
-                forwarding: svc.forwarding.clone(),
-                local_address: svc.local_address.clone(),
-                snat_ports: svc.snat_ports.clone(),
-                snat_port_hold: svc.snat_port_hold,
-            },
+            raw_xdp,
         )?;
-        let mut backends = Vec::with_capacity(svc.backend.len());
-        let mut discovered = Vec::new();
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        for (j, b) in svc.backend.into_iter().enumerate() {
-            let b = b.into_inner();
-            let addr_span = b.address.span();
-            let text = b.address.into_inner();
-            let address = parse_backend_address(text.trim()).map_err(|message| {
-                self.invalid(
-                    addr_span.clone(),
-                    format!("service[{i}].backend[{j}].address"),
-                    message,
-                )
-            })?;
-            let key = match &address {
-                Ok(a) => a.to_string(),
-                Err((host, port)) => format!("{}:{port}", host.to_ascii_lowercase()),
-            };
-            if let Some(first) = seen.insert(key.clone(), j) {
-                return Err(self.invalid(
-                    addr_span,
-                    format!("service[{i}].backend[{j}].address"),
-                    format!("duplicate backend {key} (also backend[{first}])"),
-                ));
-            }
-            let weight = match b.weight {
-                None => 1,
-                Some(w) => {
-                    let v = *w.get_ref();
-                    if !(0..=i64::from(MAX_WEIGHT)).contains(&v) {
-                        return Err(self.invalid(
-                            w.span(),
-                            format!("service[{i}].backend[{j}].weight"),
-                            format!("weight {v} is out of range 0..={MAX_WEIGHT} (0 drains)"),
-                        ));
-                    }
-                    v as u32
-                }
-            };
-            match address {
-                Ok(address) => backends.push(Backend { address, weight }),
-                Err((host, port)) => discovered.push(DnsBackend { host, port, weight }),
-            }
-        }
-        if backends
-            .iter()
-            .map(|b| b.weight)
-            .chain(discovered.iter().map(|d| d.weight))
-            .all(|w| w == 0)
-        {
-            return Err(self.invalid(
-                svc_span.clone(),
-                f("backend"),
-                format!("every backend has weight 0 in service `{name}`; at least one must take new flows"),
-            ));
-        }
-        if (table_size as usize) < backends.len() {
-            return Err(self.invalid(
-                table_size_span,
-                f("table_size"),
-                format!(
-                    "table size {table_size} is smaller than the {} backends",
-                    backends.len()
-                ),
-            ));
-        }
+        let (backends, discovered) = self.backends(i, svc.backend)?;
+        self.some_weight(i, &svc_span, &name, &backends, &discovered)?;
+        self.table_holds(i, table_size, table_size_span, backends.len())?;
         let health = self.health(i, svc.protocol, svc.health)?;
+        // The fields are checked in the order they are written here.
         Ok(Service {
             name,
             listen,
@@ -295,140 +232,78 @@ impl Validator<'_> {
                 None => None,
                 Some(d) => Some(self.positive(Some(d), Duration::ZERO, || f("slow_start"))?),
             },
-            proxy_protocol: match svc.proxy_protocol {
-                None => ProxyProtocol::Off,
-                Some(p) if *p.get_ref() == ProxyProtocol::V1 && svc.protocol == Protocol::Udp => {
-                    return Err(self.invalid(
-                        p.span(),
-                        f("proxy_protocol"),
-                        "PROXY protocol v1 carries only TCP; use \"v2\" for a UDP service".into(),
-                    ))
-                }
-                Some(p) => p.into_inner(),
-            },
+            proxy_protocol: self.proxy_protocol(i, svc.protocol, svc.proxy_protocol)?,
             limits: self.limits(i, svc.limits)?,
             access_log: svc.access_log,
             xdp,
         })
     }
 
-    pub(super) fn limits(
+    /// `retries`: at most 100; 2 by default.
+    fn retries(&self, i: usize, raw: Option<Spanned<u32>>) -> Result<u32, ConfigError> {
+        match raw {
+            None => Ok(2),
+            Some(r) if *r.get_ref() > 100 => Err(self.invalid(
+                r.span(),
+                format!("service[{i}].retries"),
+                "must be at most 100".into(),
+            )),
+            Some(r) => Ok(r.into_inner()),
+        }
+    }
+
+    /// `table_size`: a prime no larger than [`MAX_TABLE_SIZE`]; the Maglev default otherwise.
+    fn table_size(&self, i: usize, raw: Option<Spanned<u32>>) -> Result<u32, ConfigError> {
+        let Some(m) = raw else {
+            return Ok(DEFAULT_TABLE_SIZE);
+        };
+        let v = *m.get_ref();
+        if !is_prime(v) || v > MAX_TABLE_SIZE {
+            return Err(self.invalid(
+                m.span(),
+                format!("service[{i}].table_size"),
+                format!(
+                    "{v} must be a prime no larger than {MAX_TABLE_SIZE} (65537 is the default)"
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// The Maglev table (at `span`) has room for each of the `count` backends.
+    fn table_holds(
         &self,
         i: usize,
-        raw: Option<RawLimits>,
-    ) -> Result<ClientLimits, ConfigError> {
-        let f = |k: &str| format!("service[{i}].limits.{k}");
-        let Some(raw) = raw else {
-            return Ok(ClientLimits::default());
-        };
-        const MAX: u32 = 1_000_000;
-        let max_connections = match raw.max_connections_per_client {
-            None => None,
-            Some(m) if (1..=MAX).contains(m.get_ref()) => Some(m.into_inner()),
-            Some(m) => {
-                return Err(self.invalid(
-                    m.span(),
-                    f("max_connections_per_client"),
-                    format!("{} is out of range 1..={MAX}", m.get_ref()),
-                ))
-            }
-        };
-        let rate = match raw.new_connections_per_second {
-            None => None,
-            Some(r)
-                if r.get_ref().is_finite()
-                    && *r.get_ref() > 0.0
-                    && *r.get_ref() <= f64::from(MAX) =>
-            {
-                Some(r.into_inner())
-            }
-            Some(r) => {
-                return Err(self.invalid(
-                    r.span(),
-                    f("new_connections_per_second"),
-                    format!("{} must be above 0 and at most {MAX}", r.get_ref()),
-                ))
-            }
-        };
-        let burst = match (raw.burst, rate) {
-            (None, None) => 0,
-            // Like nginx's limit_req without `burst`: no more than the rate allows.
-            (None, Some(r)) => r.ceil() as u32,
-            (Some(b), None) => {
-                return Err(self.invalid(
-                    b.span(),
-                    f("burst"),
-                    "burst needs new_connections_per_second".into(),
-                ))
-            }
-            (Some(b), Some(_)) if (1..=MAX).contains(b.get_ref()) => b.into_inner(),
-            (Some(b), Some(_)) => {
-                return Err(self.invalid(
-                    b.span(),
-                    f("burst"),
-                    format!("{} is out of range 1..={MAX}", b.get_ref()),
-                ))
-            }
-        };
-        Ok(ClientLimits {
-            max_connections,
-            rate,
-            burst,
-        })
-    }
-}
-
-/// A backend address: `Ok(ip:port)`, or `Err((name, port))` for a DNS name to resolve.
-/// The outer `Err` says why the text is neither.
-type BackendAddress = Result<SocketAddr, (String, u16)>;
-
-fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
-    if let Ok(a) = text.parse::<SocketAddr>() {
-        return Ok(Ok(a));
-    }
-    let hint = "write it as \"IPv4:port\", \"[IPv6]:port\" or \"name:port\"";
-    let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("invalid socket address `{text}`: no port; {hint}"));
-    };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("invalid socket address `{text}`: `{port}` is not a port; {hint}"))?;
-    // A DNS name (RFC 1123 labels); anything else, an IPv6 address without brackets say, is
-    // a typo and better refused than looked up.
-    let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    let name = host.strip_suffix('.').unwrap_or(host);
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(valid_label) {
-        return Err(format!(
-            "invalid socket address `{text}`: `{host}` is neither an IP address nor a DNS name; {hint}"
-        ));
-    }
-    if port == 0 {
-        return Err(format!("`{text}` has port 0; a backend needs a real port"));
-    }
-    Ok(Err((name.to_string(), port)))
-}
-
-/// Whether `n` is prime (trial division; fine for table sizes up to 2^24).
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    if n.is_multiple_of(2) {
-        return n == 2;
-    }
-    let mut d = 3u32;
-    while d.saturating_mul(d) <= n {
-        if n.is_multiple_of(d) {
-            return false;
+        table_size: u32,
+        span: Range<usize>,
+        count: usize,
+    ) -> Result<(), ConfigError> {
+        if (table_size as usize) < count {
+            return Err(self.invalid(
+                span,
+                format!("service[{i}].table_size"),
+                format!("table size {table_size} is smaller than the {count} backends"),
+            ));
         }
-        d += 2;
+        Ok(())
     }
-    true
+
+    /// `proxy_protocol`: v1 is text over a TCP stream, so a UDP service cannot use it.
+    fn proxy_protocol(
+        &self,
+        i: usize,
+        protocol: Protocol,
+        raw: Option<Spanned<ProxyProtocol>>,
+    ) -> Result<ProxyProtocol, ConfigError> {
+        match raw {
+            None => Ok(ProxyProtocol::Off),
+            Some(p) if *p.get_ref() == ProxyProtocol::V1 && protocol == Protocol::Udp => Err(self
+                .invalid(
+                    p.span(),
+                    format!("service[{i}].proxy_protocol"),
+                    "PROXY protocol v1 carries only TCP; use \"v2\" for a UDP service".into(),
+                )),
+            Some(p) => Ok(p.into_inner()),
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! The XDP data plane's keys: `interface`, `backend_interfaces`, `forwarding`,
-//! `local_address`, `snat_ports`, `snat_port_hold`, and their rules.
+//! The XDP data plane's keys of a `[[service]]`: `interface`, `backend_interfaces`,
+//! `forwarding`, `local_address`, `snat_ports`, `snat_port_hold`; their settings type and
+//! their rules.
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::raw::{Addresses, RawBackend};
+use super::raw::{Addresses, RawBackend, RawService};
 use super::validate::Validator;
 use super::{ConfigError, DataplaneKind, SchedulerKind};
 use lb_common::maps::MAX_LOCAL_ADDRS;
@@ -79,6 +80,46 @@ pub(super) struct RawXdp {
     pub(super) snat_port_hold: Option<Spanned<Duration>>,
 }
 
+impl RawXdp {
+    /// The XDP keys of `svc`, copied out so the rest of it can be validated (and consumed)
+    /// after them.
+    pub(super) fn of(svc: &RawService) -> RawXdp {
+        RawXdp {
+            interface: svc.interface.clone(),
+            backend_interfaces: svc.backend_interfaces.clone(),
+            forwarding: svc.forwarding.clone(),
+            local_address: svc.local_address.clone(),
+            snat_ports: svc.snat_ports.clone(),
+            snat_port_hold: svc.snat_port_hold.clone(),
+        }
+    }
+
+    /// The first XDP key given, in the order of the fields (with `interface` only when
+    /// `with_interface`), and its span.
+    fn first_given(&self, with_interface: bool) -> Option<(&'static str, Range<usize>)> {
+        [
+            self.interface
+                .as_ref()
+                .filter(|_| with_interface)
+                .map(|v| ("interface", v.span())),
+            self.backend_interfaces
+                .as_ref()
+                .map(|v| ("backend_interfaces", v.span())),
+            self.forwarding.as_ref().map(|v| ("forwarding", v.span())),
+            self.local_address
+                .as_ref()
+                .map(|v| ("local_address", v.span())),
+            self.snat_ports.as_ref().map(|v| ("snat_ports", v.span())),
+            self.snat_port_hold
+                .as_ref()
+                .map(|v| ("snat_port_hold", v.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+    }
+}
+
 /// What the XDP rules need to know of the rest of a `[[service]]`.
 pub(super) struct XdpContext<'a> {
     pub(super) name_span: Range<usize>,
@@ -91,6 +132,7 @@ pub(super) struct XdpContext<'a> {
 /// The longest interface name Linux accepts (IFNAMSIZ minus the NUL).
 const MAX_IFNAME: usize = 15;
 
+/// Whether `n` is a name Linux would take for an interface.
 fn is_interface_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_IFNAME
@@ -112,215 +154,25 @@ impl Validator<'_> {
         svc: &XdpContext<'_>,
         raw: RawXdp,
     ) -> Result<XdpSettings, ConfigError> {
-        let f = |k: &str| format!("service[{i}].{k}");
-        let name_span = svc.name_span.clone();
-        let given = |with_interface: bool| {
-            [
-                raw.interface
-                    .as_ref()
-                    .filter(|_| with_interface)
-                    .map(|v| ("interface", v.span())),
-                raw.backend_interfaces
-                    .as_ref()
-                    .map(|v| ("backend_interfaces", v.span())),
-                raw.forwarding.as_ref().map(|v| ("forwarding", v.span())),
-                raw.local_address
-                    .as_ref()
-                    .map(|v| ("local_address", v.span())),
-                raw.snat_ports.as_ref().map(|v| ("snat_ports", v.span())),
-                raw.snat_port_hold
-                    .as_ref()
-                    .map(|v| ("snat_port_hold", v.span())),
-            ]
-            .into_iter()
-            .flatten()
-            .next()
-        };
         if svc.dataplane == DataplaneKind::Proxy {
-            if let Some((key, span)) = given(true) {
-                return Err(self.invalid(
-                    span,
-                    f(key),
-                    format!(
-                        "`{key}` configures the XDP data plane, but this service has \
-                         dataplane = \"proxy\"; remove it, or use \"auto\" or \"xdp\""
-                    ),
-                ));
-            }
+            self.no_xdp_keys_on_proxy(i, &raw)?;
             return Ok(XdpSettings::default());
         }
-        let Some(interface) = raw.interface else {
-            if let Some((key, span)) = given(false) {
-                return Err(self.invalid(
-                    span,
-                    f(key),
-                    format!(
-                        "`{key}` needs `interface` (where the VIP's traffic arrives); without \
-                         it the service runs on the proxy"
-                    ),
-                ));
-            }
-            if svc.dataplane == DataplaneKind::Xdp {
-                return Err(self.invalid(
-                    name_span,
-                    f("interface"),
-                    "dataplane = \"xdp\" needs `interface`, the interface the VIP's traffic \
-                     arrives on (the XDP program attaches there)"
-                        .into(),
-                ));
-            }
+        let Some(interface) = raw.interface.clone() else {
+            self.no_xdp_keys_without_interface(i, svc, &raw)?;
             return Ok(XdpSettings::default());
         };
-        if !is_interface_name(interface.get_ref()) {
-            return Err(self.invalid(
-                interface.span(),
-                f("interface"),
-                format!(
-                    "`{}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)",
-                    interface.get_ref()
-                ),
-            ));
-        }
-        let backend_interfaces = match raw.backend_interfaces {
-            None => Vec::new(),
-            Some(list) => {
-                if let Some(bad) = list.get_ref().iter().find(|n| !is_interface_name(n)) {
-                    return Err(self.invalid(
-                        list.span(),
-                        f("backend_interfaces"),
-                        format!(
-                            "`{bad}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)"
-                        ),
-                    ));
-                }
-                list.into_inner()
-            }
-        };
-        if svc.dataplane == DataplaneKind::Xdp && svc.scheduler != SchedulerKind::Maglev {
-            return Err(self.invalid(
-                name_span,
-                f("scheduler"),
-                format!(
-                    "the XDP data plane runs only the `maglev` scheduler, not `{}`; use \
-                     scheduler = \"maglev\", or dataplane = \"auto\" or \"proxy\"",
-                    svc.scheduler
-                ),
-            ));
-        }
+        let backend_interfaces = self.interfaces(i, &interface, raw.backend_interfaces)?;
+        self.xdp_scheduler(i, svc)?;
         let forwarding = raw
             .forwarding
             .as_ref()
             .map_or(Forwarding::default(), |v| *v.get_ref());
-        let vip_is_v4 = svc.listen.is_ipv4();
-        let Some(local_address) = raw.local_address else {
-            return Err(self.invalid(
-                interface.span(),
-                f("local_address"),
-                "an XDP service needs `local_address`, the balancer's own address on the \
-                 backends' side (the NAT source, or the outer source of DSR packets)"
-                    .into(),
-            ));
-        };
         let local_addresses =
-            self.local_addresses(&f("local_address"), local_address, forwarding, svc.listen)?;
-        let snat_ports = match (forwarding, raw.snat_ports) {
-            (Forwarding::Dsr, Some(p)) => {
-                return Err(self.invalid(
-                    p.span(),
-                    f("snat_ports"),
-                    "`snat_ports` is for forwarding = \"nat\"; with \"dsr\" the backend sees \
-                     the client's own address and port"
-                        .into(),
-                ))
-            }
-            (_, None) => None,
-            (Forwarding::Nat, Some(p)) => {
-                let [lo, hi] = *p.get_ref();
-                if lo == 0 || hi < lo || u32::from(hi - lo) + 1 < 1024 {
-                    return Err(self.invalid(
-                        p.span(),
-                        f("snat_ports"),
-                        format!(
-                            "[{lo}, {hi}] must be [first, last] with 0 < first <= last and at \
-                             least 1024 ports; keep it outside net.ipv4.ip_local_port_range"
-                        ),
-                    ));
-                }
-                Some((lo, hi))
-            }
-        };
-        let snat_port_hold = match (forwarding, raw.snat_port_hold) {
-            (Forwarding::Dsr, Some(h)) => {
-                return Err(self.invalid(
-                    h.span(),
-                    f("snat_port_hold"),
-                    "`snat_port_hold` is for forwarding = \"nat\"; \"dsr\" takes no SNAT ports"
-                        .into(),
-                ))
-            }
-            (_, None) => DEFAULT_SNAT_PORT_HOLD,
-            (Forwarding::Nat, Some(h)) => {
-                if *h.get_ref() > MAX_SNAT_PORT_HOLD {
-                    return Err(self.invalid(
-                        h.span(),
-                        f("snat_port_hold"),
-                        format!(
-                            "{} is longer than the most a port may be held ({}s)",
-                            humantime::format_duration(*h.get_ref()),
-                            MAX_SNAT_PORT_HOLD.as_secs()
-                        ),
-                    ));
-                }
-                *h.get_ref()
-            }
-        };
-        for (j, b) in svc.backends.iter().enumerate() {
-            let text = b.get_ref().address.get_ref();
-            let Ok(address) = text.parse::<SocketAddr>() else {
-                // A DNS name: its records are known only at run time. Those of the other
-                // family never enter the XDP table; the DSR port rule applies to the name.
-                let port = text
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok());
-                if let (Forwarding::Dsr, Some(port)) = (forwarding, port) {
-                    if port != svc.listen.port() {
-                        return Err(self.invalid(
-                            b.get_ref().address.span(),
-                            format!("service[{i}].backend[{j}].address"),
-                            format!(
-                                "with forwarding = \"dsr\" the backend receives the packet as \
-                                 the client sent it, so it must listen on the VIP's port {}, not \
-                                 {port}",
-                                svc.listen.port()
-                            ),
-                        ));
-                    }
-                }
-                continue;
-            };
-            if address.is_ipv4() != vip_is_v4 {
-                return Err(self.invalid(
-                    b.get_ref().address.span(),
-                    format!("service[{i}].backend[{j}].address"),
-                    format!(
-                        "{address} is not of the VIP's address family: the XDP data plane \
-                         forwards within one family"
-                    ),
-                ));
-            }
-            if forwarding == Forwarding::Dsr && address.port() != svc.listen.port() {
-                return Err(self.invalid(
-                    b.get_ref().address.span(),
-                    format!("service[{i}].backend[{j}].address"),
-                    format!(
-                        "with forwarding = \"dsr\" the backend receives the packet as the \
-                         client sent it, so it must listen on the VIP's port {}, not {}",
-                        svc.listen.port(),
-                        address.port()
-                    ),
-                ));
-            }
-        }
+            self.local_addresses(i, svc, &interface, forwarding, raw.local_address)?;
+        let snat_ports = self.snat_ports(i, forwarding, raw.snat_ports)?;
+        let snat_port_hold = self.snat_port_hold(i, forwarding, raw.snat_port_hold)?;
+        self.xdp_backends(i, svc, forwarding)?;
         Ok(XdpSettings {
             interface: Some(interface.into_inner()),
             backend_interfaces,
@@ -330,22 +182,124 @@ impl Validator<'_> {
             snat_port_hold,
         })
     }
-}
 
-impl Validator<'_> {
-    /// `local_address` (`field`), one address or a list: at least one, at most
-    /// [`MAX_LOCAL_ADDRS`], no repeats, each of the VIP's (`listen`'s) family; `dsr` takes
-    /// exactly one (its outer source).
+    /// `dataplane = "proxy"`: the first XDP key given, if any, is an error.
+    fn no_xdp_keys_on_proxy(&self, i: usize, raw: &RawXdp) -> Result<(), ConfigError> {
+        if let Some((key, span)) = raw.first_given(true) {
+            return Err(self.invalid(
+                span,
+                format!("service[{i}].{key}"),
+                format!(
+                    "`{key}` configures the XDP data plane, but this service has \
+                     dataplane = \"proxy\"; remove it, or use \"auto\" or \"xdp\""
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// No `interface`: no other XDP key either, and not `dataplane = "xdp"` (which points at
+    /// the service's name, as there is no key to point at).
+    fn no_xdp_keys_without_interface(
+        &self,
+        i: usize,
+        svc: &XdpContext<'_>,
+        raw: &RawXdp,
+    ) -> Result<(), ConfigError> {
+        if let Some((key, span)) = raw.first_given(false) {
+            return Err(self.invalid(
+                span,
+                format!("service[{i}].{key}"),
+                format!(
+                    "`{key}` needs `interface` (where the VIP's traffic arrives); without \
+                     it the service runs on the proxy"
+                ),
+            ));
+        }
+        if svc.dataplane == DataplaneKind::Xdp {
+            return Err(self.invalid(
+                svc.name_span.clone(),
+                format!("service[{i}].interface"),
+                "dataplane = \"xdp\" needs `interface`, the interface the VIP's traffic \
+                 arrives on (the XDP program attaches there)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `interface`, then every name in `backend_interfaces`, are Linux interface names;
+    /// returns `backend_interfaces` (empty when absent).
+    fn interfaces(
+        &self,
+        i: usize,
+        interface: &Spanned<String>,
+        backend_interfaces: Option<Spanned<Vec<String>>>,
+    ) -> Result<Vec<String>, ConfigError> {
+        if !is_interface_name(interface.get_ref()) {
+            return Err(self.invalid(
+                interface.span(),
+                format!("service[{i}].interface"),
+                format!(
+                    "`{}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)",
+                    interface.get_ref()
+                ),
+            ));
+        }
+        let Some(list) = backend_interfaces else {
+            return Ok(Vec::new());
+        };
+        if let Some(bad) = list.get_ref().iter().find(|n| !is_interface_name(n)) {
+            return Err(self.invalid(
+                list.span(),
+                format!("service[{i}].backend_interfaces"),
+                format!(
+                    "`{bad}` is not an interface name (1 to {MAX_IFNAME} bytes, no `/`, `:` or spaces)"
+                ),
+            ));
+        }
+        Ok(list.into_inner())
+    }
+
+    /// `dataplane = "xdp"` runs only `maglev`; `auto` leaves other schedulers to the proxy.
+    fn xdp_scheduler(&self, i: usize, svc: &XdpContext<'_>) -> Result<(), ConfigError> {
+        if svc.dataplane == DataplaneKind::Xdp && svc.scheduler != SchedulerKind::Maglev {
+            return Err(self.invalid(
+                svc.name_span.clone(),
+                format!("service[{i}].scheduler"),
+                format!(
+                    "the XDP data plane runs only the `maglev` scheduler, not `{}`; use \
+                     scheduler = \"maglev\", or dataplane = \"auto\" or \"proxy\"",
+                    svc.scheduler
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `local_address`, one address or a list: at least one, at most [`MAX_LOCAL_ADDRS`], no
+    /// repeats, each of the VIP's family; `dsr` takes exactly one (its outer source).
     fn local_addresses(
         &self,
-        field: &str,
-        given: Spanned<Addresses>,
+        i: usize,
+        svc: &XdpContext<'_>,
+        interface: &Spanned<String>,
         forwarding: Forwarding,
-        listen: SocketAddr,
+        raw: Option<Spanned<Addresses>>,
     ) -> Result<Vec<IpAddr>, ConfigError> {
+        let field = format!("service[{i}].local_address");
+        let Some(given) = raw else {
+            return Err(self.invalid(
+                interface.span(),
+                field,
+                "an XDP service needs `local_address`, the balancer's own address on the \
+                 backends' side (the NAT source, or the outer source of DSR packets)"
+                    .into(),
+            ));
+        };
         let span = given.span();
         let all = given.into_inner().0;
-        let bad = |message: String| Err(self.invalid(span.clone(), field.to_string(), message));
+        let bad = |message: String| Err(self.invalid(span.clone(), field.clone(), message));
         if all.is_empty() {
             return bad("the list is empty; give at least one address".into());
         }
@@ -361,10 +315,10 @@ impl Validator<'_> {
             ));
         }
         for (k, a) in all.iter().enumerate() {
-            if a.is_ipv4() != listen.is_ipv4() {
+            if a.is_ipv4() != svc.listen.is_ipv4() {
                 return bad(format!(
                     "{a} is not of the VIP's address family ({})",
-                    listen.ip()
+                    svc.listen.ip()
                 ));
             }
             if all[..k].contains(a) {
@@ -373,14 +327,134 @@ impl Validator<'_> {
         }
         Ok(all)
     }
+
+    /// `snat_ports`: nat only; `[first, last]` with `0 < first <= last`, at least 1024 ports.
+    fn snat_ports(
+        &self,
+        i: usize,
+        forwarding: Forwarding,
+        raw: Option<Spanned<[u16; 2]>>,
+    ) -> Result<Option<(u16, u16)>, ConfigError> {
+        let f = || format!("service[{i}].snat_ports");
+        match (forwarding, raw) {
+            (Forwarding::Dsr, Some(p)) => Err(self.invalid(
+                p.span(),
+                f(),
+                "`snat_ports` is for forwarding = \"nat\"; with \"dsr\" the backend sees \
+                 the client's own address and port"
+                    .into(),
+            )),
+            (_, None) => Ok(None),
+            (Forwarding::Nat, Some(p)) => {
+                let [lo, hi] = *p.get_ref();
+                if lo == 0 || hi < lo || u32::from(hi - lo) + 1 < 1024 {
+                    return Err(self.invalid(
+                        p.span(),
+                        f(),
+                        format!(
+                            "[{lo}, {hi}] must be [first, last] with 0 < first <= last and at \
+                             least 1024 ports; keep it outside net.ipv4.ip_local_port_range"
+                        ),
+                    ));
+                }
+                Ok(Some((lo, hi)))
+            }
+        }
+    }
+
+    /// `snat_port_hold`: nat only; at most [`MAX_SNAT_PORT_HOLD`], default
+    /// [`DEFAULT_SNAT_PORT_HOLD`].
+    fn snat_port_hold(
+        &self,
+        i: usize,
+        forwarding: Forwarding,
+        raw: Option<Spanned<Duration>>,
+    ) -> Result<Duration, ConfigError> {
+        let f = || format!("service[{i}].snat_port_hold");
+        match (forwarding, raw) {
+            (Forwarding::Dsr, Some(h)) => Err(self.invalid(
+                h.span(),
+                f(),
+                "`snat_port_hold` is for forwarding = \"nat\"; \"dsr\" takes no SNAT ports".into(),
+            )),
+            (_, None) => Ok(DEFAULT_SNAT_PORT_HOLD),
+            (Forwarding::Nat, Some(h)) => {
+                if *h.get_ref() > MAX_SNAT_PORT_HOLD {
+                    return Err(self.invalid(
+                        h.span(),
+                        f(),
+                        format!(
+                            "{} is longer than the most a port may be held ({}s)",
+                            humantime::format_duration(*h.get_ref()),
+                            MAX_SNAT_PORT_HOLD.as_secs()
+                        ),
+                    ));
+                }
+                Ok(*h.get_ref())
+            }
+        }
+    }
+
+    /// Every `ip:port` backend is of the VIP's family (XDP forwards within one family), and
+    /// with `dsr` every backend, named ones too, listens on the VIP's port.
+    fn xdp_backends(
+        &self,
+        i: usize,
+        svc: &XdpContext<'_>,
+        forwarding: Forwarding,
+    ) -> Result<(), ConfigError> {
+        let vip_port = svc.listen.port();
+        let wrong_port = |j: usize, span, port: u16| {
+            self.invalid(
+                span,
+                format!("service[{i}].backend[{j}].address"),
+                format!(
+                    "with forwarding = \"dsr\" the backend receives the packet as the \
+                     client sent it, so it must listen on the VIP's port {vip_port}, not {port}"
+                ),
+            )
+        };
+        for (j, b) in svc.backends.iter().enumerate() {
+            let text = b.get_ref().address.get_ref();
+            let span = b.get_ref().address.span();
+            let Ok(address) = text.parse::<SocketAddr>() else {
+                // A DNS name: its records are known only at run time. Those of the other
+                // family never enter the XDP table; the DSR port rule applies to the name.
+                let port = text
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok());
+                if let (Forwarding::Dsr, Some(port)) = (forwarding, port) {
+                    if port != vip_port {
+                        return Err(wrong_port(j, span, port));
+                    }
+                }
+                continue;
+            };
+            if address.is_ipv4() != svc.listen.is_ipv4() {
+                return Err(self.invalid(
+                    span,
+                    format!("service[{i}].backend[{j}].address"),
+                    format!(
+                        "{address} is not of the VIP's address family: the XDP data plane \
+                         forwards within one family"
+                    ),
+                ));
+            }
+            if forwarding == Forwarding::Dsr && address.port() != vip_port {
+                return Err(wrong_port(j, span, address.port()));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod xdp_tests {
-    use super::*;
-    use crate::config::{parse, Service};
     use std::net::IpAddr;
     use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::config::{parse, Service};
 
     const BACKENDS: &str = r#"
 [[service.backend]]
@@ -593,5 +667,26 @@ address = "10.200.2.2:80"
         );
         let c = parse(&text, Path::new("xdp.toml")).expect("valid");
         assert_eq!(c.global.bpf_object, Some(PathBuf::from("/opt/lb/lb-ebpf")));
+    }
+}
+
+#[cfg(test)]
+mod xdp_examples {
+    #[test]
+    fn the_xdp_example_configs_are_valid() {
+        for (name, text) in [
+            (
+                "config/xdp-nat.toml",
+                include_str!("../../../config/xdp-nat.toml"),
+            ),
+            (
+                "config/xdp-dsr.toml",
+                include_str!("../../../config/xdp-dsr.toml"),
+            ),
+        ] {
+            if let Err(e) = crate::config::parse(text, std::path::Path::new(name)) {
+                panic!("the example {name} no longer parses: {e}");
+            }
+        }
     }
 }

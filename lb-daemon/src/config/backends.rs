@@ -1,0 +1,135 @@
+//! A service's `[[service.backend]]` list: addresses (`ip:port` or `name:port`), unique
+//! within the service, and weights.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use toml::Spanned;
+
+use super::raw::RawBackend;
+use super::validate::Validator;
+use super::{Backend, ConfigError, DnsBackend, MAX_WEIGHT};
+
+impl Validator<'_> {
+    /// Service `i`'s backends in file order, split into those given as `ip:port` and those
+    /// given as `name:port`. Each backend's address is checked, then its uniqueness, then
+    /// its weight, before the next backend.
+    pub(super) fn backends(
+        &self,
+        i: usize,
+        raw: Vec<Spanned<RawBackend>>,
+    ) -> Result<(Vec<Backend>, Vec<DnsBackend>), ConfigError> {
+        let mut backends = Vec::with_capacity(raw.len());
+        let mut discovered = Vec::new();
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (j, b) in raw.into_iter().enumerate() {
+            let b = b.into_inner();
+            let addr_span = b.address.span();
+            let text = b.address.into_inner();
+            let address = parse_backend_address(text.trim()).map_err(|message| {
+                self.invalid(
+                    addr_span.clone(),
+                    format!("service[{i}].backend[{j}].address"),
+                    message,
+                )
+            })?;
+            let key = match &address {
+                Ok(a) => a.to_string(),
+                Err((host, port)) => format!("{}:{port}", host.to_ascii_lowercase()),
+            };
+            if let Some(first) = seen.insert(key.clone(), j) {
+                return Err(self.invalid(
+                    addr_span,
+                    format!("service[{i}].backend[{j}].address"),
+                    format!("duplicate backend {key} (also backend[{first}])"),
+                ));
+            }
+            let weight = self.weight(i, j, b.weight)?;
+            match address {
+                Ok(address) => backends.push(Backend { address, weight }),
+                Err((host, port)) => discovered.push(DnsBackend { host, port, weight }),
+            }
+        }
+        Ok((backends, discovered))
+    }
+
+    /// Backend `j`'s `weight`: `0..=MAX_WEIGHT`, 1 by default.
+    fn weight(&self, i: usize, j: usize, raw: Option<Spanned<i64>>) -> Result<u32, ConfigError> {
+        let Some(w) = raw else {
+            return Ok(1);
+        };
+        let v = *w.get_ref();
+        if !(0..=i64::from(MAX_WEIGHT)).contains(&v) {
+            return Err(self.invalid(
+                w.span(),
+                format!("service[{i}].backend[{j}].weight"),
+                format!("weight {v} is out of range 0..={MAX_WEIGHT} (0 drains)"),
+            ));
+        }
+        // In range 0..=MAX_WEIGHT just above, so it fits.
+        Ok(v as u32)
+    }
+
+    /// At least one backend of service `name` takes new flows (weight above 0).
+    pub(super) fn some_weight(
+        &self,
+        i: usize,
+        svc_span: &Range<usize>,
+        name: &str,
+        backends: &[Backend],
+        discovered: &[DnsBackend],
+    ) -> Result<(), ConfigError> {
+        if backends
+            .iter()
+            .map(|b| b.weight)
+            .chain(discovered.iter().map(|d| d.weight))
+            .all(|w| w == 0)
+        {
+            return Err(self.invalid(
+                svc_span.clone(),
+                format!("service[{i}].backend"),
+                format!("every backend has weight 0 in service `{name}`; at least one must take new flows"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A backend address: `Ok(ip:port)`, or `Err((name, port))` for a DNS name to resolve.
+/// The outer `Err` says why the text is neither.
+type BackendAddress = Result<SocketAddr, (String, u16)>;
+
+/// Parses a backend's `address` text; the `Err` is the message for the user.
+fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(Ok(a));
+    }
+    let hint = "write it as \"IPv4:port\", \"[IPv6]:port\" or \"name:port\"";
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("invalid socket address `{text}`: no port; {hint}"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("invalid socket address `{text}`: `{port}` is not a port; {hint}"))?;
+    // A DNS name (RFC 1123 labels); anything else, an IPv6 address without brackets say, is
+    // a typo and better refused than looked up.
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(valid_label) {
+        return Err(format!(
+            "invalid socket address `{text}`: `{host}` is neither an IP address nor a DNS name; {hint}"
+        ));
+    }
+    if port == 0 {
+        return Err(format!("`{text}` has port 0; a backend needs a real port"));
+    }
+    Ok(Err((name.to_string(), port)))
+}
