@@ -24,7 +24,7 @@ use crate::config::{
 };
 use crate::dataplane::proxy::{Proxy, ProxyError};
 use crate::dataplane::xdp::{
-    loader, CountersReader, MapsError, XdpCarried, XdpCounters, XdpPlane, XdpService, XdpStart,
+    loader, CountersReader, MapsError, XdpAttachment, XdpCounters, XdpPlane, XdpService, XdpStart,
 };
 use crate::dataplane::{Dataplane, ServiceHandle};
 
@@ -32,7 +32,7 @@ use crate::dataplane::{Dataplane, ServiceHandle};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
     /// On XDP: the forwarding and the interfaces the program is attached to.
-    Xdp(XdpCarried),
+    Xdp(XdpAttachment),
     /// On the userspace proxy, and why not on XDP.
     Proxy {
         /// Why not XDP.
@@ -262,7 +262,7 @@ impl Planes {
         global: &Global,
         service: &Service,
         handle: &ServiceHandle,
-    ) -> Result<XdpCarried, NotOnXdp> {
+    ) -> Result<XdpAttachment, NotOnXdp> {
         let settings = XdpService {
             table_size: service.table_size,
             xdp: service.xdp.clone(),
@@ -485,7 +485,7 @@ mod tests {
 
     #[test]
     fn a_placement_reads_as_the_log_says_it() {
-        let xdp = Placement::Xdp(XdpCarried {
+        let xdp = Placement::Xdp(XdpAttachment {
             forwarding: Forwarding::Nat,
             interfaces: vec![
                 ("l0".into(), crate::dataplane::xdp::AttachMode::Native),

@@ -33,8 +33,9 @@ pub trait Dataplane: Sized {
     type Options;
     /// What the plane needs of a service beyond its snapshot, fixed while it runs there.
     type Settings: ?Sized;
-    /// Where the plane carries an added service (XDP: the interfaces and attach modes).
-    type Carried;
+    /// What adding a service gives back: where the plane carries it (XDP: the interfaces
+    /// and attach modes; the proxy: the address it is bound to).
+    type Added;
     /// Why the plane could not start or take a service.
     type Error: std::error::Error;
     /// The plane's counters.
@@ -49,7 +50,7 @@ pub trait Dataplane: Sized {
         &mut self,
         service: &ServiceHandle,
         settings: &Self::Settings,
-    ) -> Result<Self::Carried, Self::Error>;
+    ) -> Result<Self::Added, Self::Error>;
 
     /// Stops new flows of service `index` (no-op for an index the plane does not carry);
     /// the open ones go on for at most `drain_timeout`. `address_moves`: another plane takes

@@ -256,11 +256,46 @@ impl WorkerHandle {
     }
 }
 
-/// A service the proxy carries, as the handle knows it.
-struct Carried {
+/// A service the proxy carries, as the handle keeps it: its number, the address its
+/// listeners are bound to, and its clients' limits table.
+struct BoundService {
     index: usize,
     listen: SocketAddr,
     clients: Arc<limits::ClientTable>,
+}
+
+impl BoundService {
+    fn of(info: &ServiceInfo) -> BoundService {
+        BoundService {
+            index: info.index,
+            listen: info.listen,
+            clients: info.clients.clone(),
+        }
+    }
+}
+
+/// Binds one listener (TCP) or VIP socket (UDP) per service for each of `workers` workers;
+/// worker 0's sockets fix the ports that were 0, which `infos` then holds. Returns the
+/// sockets per worker, in `infos`' order; `Err(ProxyError::Bind)` at the first failure.
+fn bind_all(
+    infos: &mut [ServiceInfo],
+    workers: usize,
+    options: ProxyOptions,
+) -> Result<Vec<Vec<OwnedFd>>, ProxyError> {
+    let mut sockets: Vec<Vec<OwnedFd>> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let mut mine = Vec::with_capacity(infos.len());
+        for info in infos.iter_mut() {
+            let (fd, bound) = bind(info, options).map_err(|source| ProxyError::Bind {
+                addr: info.listen,
+                source,
+            })?;
+            info.listen = bound;
+            mine.push(fd);
+        }
+        sockets.push(mine);
+    }
+    Ok(sockets)
 }
 
 /// The running proxy: its worker threads and their listeners.
@@ -271,7 +306,7 @@ pub struct Proxy {
     shared: Arc<Shared>,
     /// The services carried now; held across [`Proxy::add_service`] and
     /// [`Proxy::remove_service`] so that they apply one at a time.
-    services: Mutex<Vec<Carried>>,
+    services: Mutex<Vec<BoundService>>,
     options: ProxyOptions,
 }
 
@@ -310,22 +345,7 @@ impl Proxy {
                 return Err(ProxyError::DuplicateService(info.index));
             }
         }
-
-        // Bind everything first: worker 0's sockets fix the ports that were 0.
-        let mut sockets: Vec<Vec<OwnedFd>> = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let mut mine = Vec::with_capacity(infos.len());
-            for info in &mut infos {
-                let (fd, bound) = bind(info, options).map_err(|source| ProxyError::Bind {
-                    addr: info.listen,
-                    source,
-                })?;
-                info.listen = bound;
-                mine.push(fd);
-            }
-            sockets.push(mine);
-        }
-
+        let sockets = bind_all(&mut infos, workers, options)?;
         let shared = Arc::new(Shared::default());
         let (ready, readiness) = std::sync::mpsc::channel();
         let mut setups = Vec::with_capacity(workers);
@@ -353,59 +373,64 @@ impl Proxy {
             }
             setups.push((setup, wake, commands));
         }
-
-        let mut proxy = Proxy {
+        drop(ready);
+        let proxy = Proxy {
             workers: Vec::with_capacity(workers),
             shared,
-            services: Mutex::new(
-                infos
-                    .iter()
-                    .map(|i| Carried {
-                        index: i.index,
-                        listen: i.listen,
-                        clients: i.clients.clone(),
-                    })
-                    .collect(),
-            ),
+            services: Mutex::new(infos.iter().map(BoundService::of).collect()),
             options,
         };
-        for (setup, wake, commands) in setups {
-            let name = format!("lb-proxy-{}", setup.id);
-            match std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker::run(setup))
-            {
-                Ok(thread) => proxy.workers.push(WorkerHandle {
-                    thread: Some(thread),
-                    wake,
-                    commands,
-                }),
-                Err(e) => {
-                    proxy.stop(Duration::ZERO);
-                    return Err(ProxyError::Thread(e));
-                }
-            }
-        }
-        drop(ready);
-        // A ring becomes usable only once its worker thread enables it: wait for each.
-        for _ in 0..proxy.workers.len() {
-            let outcome = readiness
-                .recv()
-                .unwrap_or_else(|_| Err(io::Error::other("a proxy worker exited at start")));
-            if let Err(e) = outcome {
-                proxy.stop(Duration::ZERO);
-                return Err(ProxyError::Ring(e));
-            }
-        }
+        let proxy = proxy.spawn_workers(setups, readiness)?;
         for info in &infos {
             tracing::info!(
-                "service {}: proxying {:?} on {} with {workers} worker(s)",
+                "service {}: proxying {} on {} with {workers} worker(s)",
                 info.name,
                 info.protocol,
                 info.listen
             );
         }
         Ok(proxy)
+    }
+
+    /// Starts one thread per worker set-up and waits until each has enabled its ring (a
+    /// ring is usable only then). On any failure the workers started are stopped and
+    /// `Err(ProxyError::Thread)` or `Err(ProxyError::Ring)` returned.
+    fn spawn_workers(
+        mut self,
+        setups: Vec<(
+            worker::Setup,
+            Arc<OwnedFd>,
+            std::sync::mpsc::Sender<worker::Command>,
+        )>,
+        readiness: std::sync::mpsc::Receiver<io::Result<()>>,
+    ) -> Result<Proxy, ProxyError> {
+        for (setup, wake, commands) in setups {
+            let name = format!("lb-proxy-{}", setup.id);
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || worker::run(setup))
+            {
+                Ok(thread) => self.workers.push(WorkerHandle {
+                    thread: Some(thread),
+                    wake,
+                    commands,
+                }),
+                Err(e) => {
+                    self.stop(Duration::ZERO);
+                    return Err(ProxyError::Thread(e));
+                }
+            }
+        }
+        for _ in 0..self.workers.len() {
+            let outcome = readiness
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("a proxy worker exited at start")));
+            if let Err(e) = outcome {
+                self.stop(Duration::ZERO);
+                return Err(ProxyError::Ring(e));
+            }
+        }
+        Ok(self)
     }
 
     /// Open TCP connections (from accept to close, including ones still connecting to a
@@ -428,7 +453,7 @@ impl Proxy {
     /// `index` refused by its per-client limits since it started, as
     /// [`ProxyCounters::limited`] counts them. `None` for an index the proxy does not carry.
     pub fn limited(&self, index: usize) -> Option<u64> {
-        self.carried()
+        self.bound()
             .iter()
             .find(|c| c.index == index)
             .map(|c| c.clients.refused.load(Ordering::Relaxed))
@@ -438,13 +463,13 @@ impl Proxy {
     /// address, with the actual port if the configured one was 0. `None` for an index the
     /// proxy does not carry (never added, or removed).
     pub fn listen_addr(&self, index: usize) -> Option<SocketAddr> {
-        self.carried()
+        self.bound()
             .iter()
             .find(|c| c.index == index)
             .map(|c| c.listen)
     }
 
-    fn carried(&self) -> std::sync::MutexGuard<'_, Vec<Carried>> {
+    fn bound(&self) -> std::sync::MutexGuard<'_, Vec<BoundService>> {
         self.services.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -466,8 +491,8 @@ impl Proxy {
     /// workers take to pick up the command (a batch of completions, normally well under a
     /// millisecond); call it from a blocking context (e.g. `spawn_blocking` in async code).
     pub fn add_service(&self, service: ServiceHandle) -> Result<(), ProxyError> {
-        let mut carried = self.carried();
-        if carried.iter().any(|c| c.index == service.index) {
+        let mut bound = self.bound();
+        if bound.iter().any(|c| c.index == service.index) {
             return Err(ProxyError::DuplicateService(service.index));
         }
         let mut info = ServiceInfo::new(&service);
@@ -500,7 +525,7 @@ impl Proxy {
             self.send_remove(info.index, Instant::now());
             return Err(ProxyError::Stopped(info.index));
         }
-        carried.push(Carried {
+        bound.push(BoundService {
             index: info.index,
             listen: info.listen,
             clients: info.clients.clone(),
@@ -530,13 +555,13 @@ impl Proxy {
     /// new service, as if their old session had expired. An unknown index is ignored. Blocks like
     /// [`Proxy::add_service`].
     pub fn remove_service(&self, index: usize, drain_timeout: Duration) {
-        let mut carried = self.carried();
-        let Some(at) = carried.iter().position(|c| c.index == index) else {
+        let mut bound = self.bound();
+        let Some(at) = bound.iter().position(|c| c.index == index) else {
             return;
         };
         let until = deadline_after(drain_timeout);
         self.send_remove(index, until);
-        carried.remove(at);
+        bound.remove(at);
     }
 
     /// Tells every worker that service `index` is removed, its flows cut at `until`; returns
@@ -609,7 +634,7 @@ impl Dataplane for Proxy {
     /// The proxy needs nothing beyond the snapshot.
     type Settings = ();
     /// The address the service is bound to (the actual port when the configured one was 0).
-    type Carried = SocketAddr;
+    type Added = SocketAddr;
     type Error = ProxyError;
     type Counters = ProxyCounters;
 

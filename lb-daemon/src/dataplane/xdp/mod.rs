@@ -74,7 +74,7 @@ pub struct XdpService {
 /// Where the XDP plane carries a service: each interface it is attached to and how (the
 /// service's `interface` first).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XdpCarried {
+pub struct XdpAttachment {
     /// NAT or DSR.
     pub forwarding: Forwarding,
     /// Each interface and how the program is attached to it.
@@ -187,7 +187,7 @@ impl XdpPlane {
         &mut self,
         service: &ServiceHandle,
         settings: &XdpService,
-    ) -> Result<XdpCarried, XdpPlaneError> {
+    ) -> Result<XdpAttachment, XdpPlaneError> {
         let xdp = &settings.xdp;
         let (Some(interface), false) = (&xdp.interface, xdp.local_addresses.is_empty()) else {
             return Err(XdpPlaneError::NotConfigured);
@@ -247,7 +247,7 @@ impl XdpPlane {
             service: service.clone(),
             slot,
         });
-        Ok(XdpCarried {
+        Ok(XdpAttachment {
             forwarding: xdp.forwarding,
             interfaces,
         })
@@ -390,7 +390,7 @@ impl XdpPlane {
 impl Dataplane for XdpPlane {
     type Options = XdpStart;
     type Settings = XdpService;
-    type Carried = XdpCarried;
+    type Added = XdpAttachment;
     type Error = XdpPlaneError;
     /// `Err` when a map cannot be read.
     type Counters = Result<XdpCounters, MapsError>;
@@ -403,7 +403,7 @@ impl Dataplane for XdpPlane {
         &mut self,
         service: &ServiceHandle,
         settings: &XdpService,
-    ) -> Result<XdpCarried, XdpPlaneError> {
+    ) -> Result<XdpAttachment, XdpPlaneError> {
         XdpPlane::add(self, service, settings)
     }
 
