@@ -1,7 +1,7 @@
 //! Placement: which data plane carries a service, decided in one place.
 //!
-//! - [`obstacle`]: why a service cannot run on XDP whatever the kernel offers (its config).
-//! - [`Planes::place`]: the decision for one service. `dataplane = "proxy"` or an obstacle
+//! - [`why_not_xdp`]: why a service cannot run on XDP whatever the kernel offers (its config).
+//! - [`Planes::place`]: the decision for one service. `dataplane = "proxy"` or a `why_not_xdp` reason
 //!   sends it to the proxy; otherwise XDP is tried (the plane loaded on first need, the
 //!   program attached to the service's interfaces) and, when that fails, an `auto` service
 //!   goes to the proxy with the reason logged while an `xdp` one is refused.
@@ -142,7 +142,7 @@ pub enum PlaceError {
 }
 
 /// Why `service` cannot run on XDP whatever the kernel offers, or `None` if it may try.
-pub fn obstacle(service: &Service) -> Option<NotOnXdp> {
+pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
     if service.dataplane == DataplaneKind::Proxy {
         return Some(NotOnXdp::Configured);
     }
@@ -223,7 +223,7 @@ impl Planes {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(PlaceError::Stopping(service.name.clone()));
         }
-        let tried = match obstacle(service) {
+        let tried = match why_not_xdp(service) {
             Some(reason) => Err(reason),
             None => self.place_on_xdp(global, service, handle),
         };
@@ -418,7 +418,7 @@ mod tests {
 
     #[test]
     fn a_service_with_interface_and_maglev_may_try_xdp() {
-        assert_eq!(obstacle(&service("10.200.100.1:80", XDP_KEYS)), None);
+        assert_eq!(why_not_xdp(&service("10.200.100.1:80", XDP_KEYS)), None);
     }
 
     #[test]
@@ -426,20 +426,20 @@ mod tests {
         let limits = "[service.limits]\nmax_connections_per_client = 2\n\
                       new_connections_per_second = 5.0\nburst = 10\n";
         let tcp = service("10.200.100.1:80", &format!("{XDP_KEYS}\n{limits}"));
-        assert_eq!(obstacle(&tcp), None, "TCP limits run on XDP");
+        assert_eq!(why_not_xdp(&tcp), None, "TCP limits run on XDP");
         let mut udp = tcp.clone();
         udp.protocol = Protocol::Udp;
-        let why = obstacle(&udp).map(|r| r.to_string()).unwrap_or_default();
+        let why = why_not_xdp(&udp).map(|r| r.to_string()).unwrap_or_default();
         assert!(
             why.contains("max_connections_per_client of a UDP service"),
             "a UDP session limit on XDP: {why}"
         );
         udp.limits.max_connections = None;
-        assert_eq!(obstacle(&udp), None, "a UDP rate limit runs on XDP");
+        assert_eq!(why_not_xdp(&udp), None, "a UDP rate limit runs on XDP");
     }
 
     #[test]
-    fn obstacles_name_their_reason() {
+    fn every_reason_not_to_use_xdp_names_itself() {
         let cases = [
             (
                 "10.200.100.1:80",
@@ -475,7 +475,7 @@ mod tests {
         ];
         for (listen, keys, want) in cases {
             let svc = service(listen, &keys);
-            let got = obstacle(&svc).map(|r| r.to_string()).unwrap_or_default();
+            let got = why_not_xdp(&svc).map(|r| r.to_string()).unwrap_or_default();
             assert!(
                 got.contains(want),
                 "expected a reason with `{want}` for {listen} with {keys:?}, got `{got}`"

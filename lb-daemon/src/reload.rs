@@ -134,7 +134,7 @@ pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), Relo
                 new.name
             ));
         }
-        if let Some(why) = placement::obstacle(new) {
+        if let Some(why) = placement::why_not_xdp(new) {
             return refuse(format!(
                 "service `{}` runs on XDP and the new config cannot: {why}; restart to move it",
                 new.name

@@ -45,7 +45,7 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The rate becomes a token interval of `round(1e9 / rate)` ns (at least 1; rates are at most
 /// 1,000,000/s, so the rounding error is below 0.05%), the bucket `burst` such intervals. The
 /// connection limit is written for TCP only: the daemon keeps UDP services that have one on
-/// the proxy (see `obstacle`), so a UDP entry never carries it.
+/// the proxy (see `placement::why_not_xdp`), so a UDP entry never carries it.
 ///
 /// `idle_timeout` becomes the conntrack idle timeout in whole seconds, rounded up, at least 1
 /// and at most `u32::MAX` (see "Conntrack ageing" in `lb_common::maps`): for UDP it ends a
