@@ -2,6 +2,7 @@
 //! any rule is checked.
 
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -166,4 +167,54 @@ pub(super) fn de_duration<'de, D: Deserializer<'de>>(
         ))
     })?;
     Ok(Some(Spanned::new(span, value)))
+}
+
+/// The XDP keys of one `[[service]]` as written, before validation.
+pub(super) struct RawXdp {
+    pub(super) interface: Option<Spanned<String>>,
+    pub(super) backend_interfaces: Option<Spanned<Vec<String>>>,
+    pub(super) forwarding: Option<Spanned<Forwarding>>,
+    pub(super) local_address: Option<Spanned<Addresses>>,
+    pub(super) snat_ports: Option<Spanned<[u16; 2]>>,
+    pub(super) snat_port_hold: Option<Spanned<Duration>>,
+}
+
+impl RawXdp {
+    /// The XDP keys of `svc`, copied out so the rest of it can be validated (and consumed)
+    /// after them.
+    pub(super) fn of(svc: &RawService) -> RawXdp {
+        RawXdp {
+            interface: svc.interface.clone(),
+            backend_interfaces: svc.backend_interfaces.clone(),
+            forwarding: svc.forwarding.clone(),
+            local_address: svc.local_address.clone(),
+            snat_ports: svc.snat_ports.clone(),
+            snat_port_hold: svc.snat_port_hold.clone(),
+        }
+    }
+
+    /// The first XDP key given, in the order of the fields (with `interface` only when
+    /// `with_interface`), and its span.
+    pub(super) fn first_given(&self, with_interface: bool) -> Option<(&'static str, Range<usize>)> {
+        [
+            self.interface
+                .as_ref()
+                .filter(|_| with_interface)
+                .map(|v| ("interface", v.span())),
+            self.backend_interfaces
+                .as_ref()
+                .map(|v| ("backend_interfaces", v.span())),
+            self.forwarding.as_ref().map(|v| ("forwarding", v.span())),
+            self.local_address
+                .as_ref()
+                .map(|v| ("local_address", v.span())),
+            self.snat_ports.as_ref().map(|v| ("snat_ports", v.span())),
+            self.snat_port_hold
+                .as_ref()
+                .map(|v| ("snat_port_hold", v.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+    }
 }

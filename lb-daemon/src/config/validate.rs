@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawAdmin, RawConfig, RawGlobal, RawService};
-use super::xdp::{RawXdp, XdpContext};
+use super::raw::{RawAdmin, RawBackend, RawConfig, RawGlobal, RawService, RawXdp};
 use super::{
-    is_prime, locate, Admin, Config, ConfigError, Global, Protocol, ProxyProtocol, Service,
-    DEFAULT_ADMIN_LISTEN, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, MAX_WORKERS,
+    is_prime, locate, Admin, Config, ConfigError, DataplaneKind, Global, Protocol, ProxyProtocol,
+    SchedulerKind, Service, DEFAULT_ADMIN_LISTEN, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, MAX_WORKERS,
 };
 
 /// Checks a [`RawConfig`] against the rules and builds the [`Config`]; knows the text only
@@ -24,6 +23,15 @@ use super::{
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
     pub(super) path: &'a Path,
+}
+
+/// What the XDP rules need to know of the rest of a `[[service]]`.
+pub(super) struct XdpContext<'a> {
+    pub(super) name_span: Range<usize>,
+    pub(super) listen: SocketAddr,
+    pub(super) dataplane: DataplaneKind,
+    pub(super) scheduler: SchedulerKind,
+    pub(super) backends: &'a [Spanned<RawBackend>],
 }
 
 impl Validator<'_> {
