@@ -1,5 +1,6 @@
 //! The admin API's client, behind `lb-daemon status|drain|enable|weight|reload`.
 
+use std::fmt::Write;
 use std::path::PathBuf;
 
 use http_body_util::{BodyExt, Full};
@@ -150,26 +151,47 @@ pub fn path_segment(s: &str) -> String {
 
 /// The `/status` JSON as a table for people: one block per service, one row per backend.
 pub fn status_table(status: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    let s = |v: &serde_json::Value, k: &str| -> String {
-        match v.get(k) {
-            Some(serde_json::Value::String(x)) => x.clone(),
-            Some(serde_json::Value::Null) | None => "-".into(),
-            Some(x) => x.to_string(),
-        }
-    };
-    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     let mut out = String::new();
+    write_summary(&mut out, status);
+    if let Some(xdp) = status.get("xdp").filter(|x| !x.is_null()) {
+        write_xdp_summary(&mut out, xdp);
+    }
+    for (key, removed) in [("services", false), ("removed_services", true)] {
+        for svc in list(status, key) {
+            write_service(&mut out, svc, removed);
+        }
+    }
+    out
+}
+
+/// The column heads of a service's backend table, in [`backend_row`]'s order.
+const BACKEND_COLUMNS: [&str; 12] = [
+    "BACKEND",
+    "ORIGIN",
+    "HEALTH",
+    "STATE",
+    "WEIGHT",
+    "EFFECTIVE",
+    "ACTIVE",
+    "TOTAL",
+    "FAILED",
+    "BYTES IN",
+    "BYTES OUT",
+    "LAST CHECK",
+];
+
+/// The daemon's line (data plane, config, uptime, open, reloads) and the last reload's outcome.
+fn write_summary(out: &mut String, status: &serde_json::Value) {
     let _ = writeln!(
         out,
         "data plane {}, config {}, up {}s, {} open, reloads {} applied / {} refused",
-        s(status, "dataplane"),
-        s(status, "config"),
+        text(status, "dataplane"),
+        text(status, "config"),
         status
             .get("uptime_seconds")
             .and_then(|x| x.as_f64())
             .unwrap_or(0.0) as u64,
-        n(status, "active"),
+        number(status, "active"),
         status
             .pointer("/reloads/succeeded")
             .and_then(|x| x.as_u64())
@@ -182,122 +204,130 @@ pub fn status_table(status: &serde_json::Value) -> String {
     if let Some(last) = status.pointer("/reloads/last").and_then(|x| x.as_str()) {
         let _ = writeln!(out, "last reload: {last}");
     }
-    if let Some(xdp) = status.get("xdp").filter(|x| !x.is_null()) {
-        match xdp.get("error").and_then(|e| e.as_str()) {
-            Some(e) => {
-                let _ = writeln!(out, "XDP counters unreadable: {e}");
-            }
-            None => {
-                let p = |k: &str| {
-                    xdp.pointer(&format!("/packets/{k}"))
-                        .and_then(|x| x.as_u64())
-                };
-                let total = |prefix: &str| -> u64 {
-                    xdp.get("packets")
-                        .and_then(|x| x.as_object())
-                        .map(|m| {
-                            m.iter()
-                                .filter(|(k, _)| k.starts_with(prefix))
-                                .filter_map(|(_, v)| v.as_u64())
-                                .sum()
-                        })
-                        .unwrap_or(0)
-                };
-                let (drops, refused) = (total("drop_"), total("refused_"));
-                let _ = writeln!(
-                    out,
-                    "XDP: {} packets, {} forwarded, {} NAT replies, {} passed to the kernel, \
-                     {drops} dropped, {refused} refused by client limits",
-                    p("packets").unwrap_or(0),
-                    p("forwarded").unwrap_or(0),
-                    p("nat_replies").unwrap_or(0),
-                    p("pass_not_vip").unwrap_or(0) + p("fib_pass").unwrap_or(0),
-                );
-            }
-        }
+}
+
+/// The XDP program's packet counts by outcome, or why they could not be read.
+fn write_xdp_summary(out: &mut String, xdp: &serde_json::Value) {
+    if let Some(e) = xdp.get("error").and_then(|e| e.as_str()) {
+        let _ = writeln!(out, "XDP counters unreadable: {e}");
+        return;
     }
-    let empty = Vec::new();
-    let listed = |key: &'static str| {
-        status
-            .get(key)
-            .and_then(|x| x.as_array())
-            .unwrap_or(&empty)
-            .iter()
-            .map(move |svc| (key, svc))
+    let p = |k: &str| {
+        xdp.pointer(&format!("/packets/{k}"))
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0)
     };
-    for (list, svc) in listed("services").chain(listed("removed_services")) {
+    // Drops and refusals are many outcomes each (`drop_no_backend`, `drop_mtu`...): summed.
+    let total = |prefix: &str| -> u64 {
+        xdp.get("packets")
+            .and_then(|x| x.as_object())
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .filter_map(|(_, v)| v.as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let (drops, refused) = (total("drop_"), total("refused_"));
+    let _ = writeln!(
+        out,
+        "XDP: {} packets, {} forwarded, {} NAT replies, {} passed to the kernel, \
+         {drops} dropped, {refused} refused by client limits",
+        p("packets"),
+        p("forwarded"),
+        p("nat_replies"),
+        p("pass_not_vip") + p("fib_pass"),
+    );
+}
+
+/// One service's block: its line, its data plane, its XDP figures when on XDP, then its
+/// backend table. `removed`: a service a reload removed that is still draining.
+fn write_service(out: &mut String, svc: &serde_json::Value, removed: bool) {
+    let _ = writeln!(
+        out,
+        "\n{}service {}  {}/{}  {}  table generation {}\n  {}",
+        if removed {
+            "removed by a reload, draining: "
+        } else {
+            ""
+        },
+        text(svc, "name"),
+        text(svc, "listen"),
+        text(svc, "protocol"),
+        text(svc, "scheduler"),
+        number(svc, "generation"),
+        text(svc, "dataplane")
+    );
+    if let Some(x) = svc.get("xdp").filter(|x| !x.is_null()) {
         let _ = writeln!(
             out,
-            "\n{}service {}  {}/{}  {}  table generation {}\n  {}",
-            if list == "removed_services" {
-                "removed by a reload, draining: "
-            } else {
-                ""
-            },
-            s(svc, "name"),
-            s(svc, "listen"),
-            s(svc, "protocol"),
-            s(svc, "scheduler"),
-            n(svc, "generation"),
-            s(svc, "dataplane")
+            "  XDP: {} flows started, {} packets, {}",
+            number(x, "flows"),
+            number(x, "packets"),
+            human_bytes(number(x, "bytes"))
         );
-        if let Some(x) = svc.get("xdp").filter(|x| !x.is_null()) {
-            let _ = writeln!(
-                out,
-                "  XDP: {} flows started, {} packets, {}",
-                n(x, "flows"),
-                n(x, "packets"),
-                human_bytes(n(x, "bytes"))
-            );
-        }
-        let header = [
-            "BACKEND",
-            "ORIGIN",
-            "HEALTH",
-            "STATE",
-            "WEIGHT",
-            "EFFECTIVE",
-            "ACTIVE",
-            "TOTAL",
-            "FAILED",
-            "BYTES IN",
-            "BYTES OUT",
-            "LAST CHECK",
-        ];
-        let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
-        for b in svc
-            .get("backends")
-            .and_then(|x| x.as_array())
-            .unwrap_or(&empty)
-        {
-            rows.push(vec![
-                s(b, "address"),
-                s(b, "origin"),
-                s(b, "health"),
-                s(b, "state"),
-                n(b, "weight").to_string(),
-                n(b, "effective_weight").to_string(),
-                n(b, "active").to_string(),
-                n(b, "total").to_string(),
-                n(b, "connect_failures").to_string(),
-                human_bytes(n(b, "bytes_to_backend")),
-                human_bytes(n(b, "bytes_from_backend")),
-                s(b, "last_check"),
-            ]);
-        }
-        let widths: Vec<usize> = (0..header.len())
-            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-            .collect();
-        for r in rows {
-            let line: Vec<String> = r
-                .iter()
-                .zip(&widths)
-                .map(|(cell, w)| format!("{cell:<w$}"))
-                .collect();
-            let _ = writeln!(out, "  {}", line.join("  ").trim_end());
-        }
     }
-    out
+    let mut rows: Vec<Vec<String>> = vec![BACKEND_COLUMNS.iter().map(|h| h.to_string()).collect()];
+    rows.extend(list(svc, "backends").map(backend_row));
+    write_aligned(out, &rows);
+}
+
+/// One backend's cells, in [`BACKEND_COLUMNS`]' order.
+fn backend_row(b: &serde_json::Value) -> Vec<String> {
+    vec![
+        text(b, "address"),
+        text(b, "origin"),
+        text(b, "health"),
+        text(b, "state"),
+        number(b, "weight").to_string(),
+        number(b, "effective_weight").to_string(),
+        number(b, "active").to_string(),
+        number(b, "total").to_string(),
+        number(b, "connect_failures").to_string(),
+        human_bytes(number(b, "bytes_to_backend")),
+        human_bytes(number(b, "bytes_from_backend")),
+        text(b, "last_check"),
+    ]
+}
+
+/// `rows` (the head first, each as long as [`BACKEND_COLUMNS`]) with each column padded to
+/// its widest cell, indented by two spaces, trailing spaces cut.
+fn write_aligned(out: &mut String, rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..BACKEND_COLUMNS.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "  {}", line.join("  ").trim_end());
+    }
+}
+
+/// The array at `key` in `v`, empty when missing or not an array.
+fn list<'a>(v: &'a serde_json::Value, key: &str) -> impl Iterator<Item = &'a serde_json::Value> {
+    v.get(key)
+        .and_then(|x| x.as_array())
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+}
+
+/// The field `k` of `v` as text: a string as is, `-` when missing or null, else its JSON.
+fn text(v: &serde_json::Value, k: &str) -> String {
+    match v.get(k) {
+        Some(serde_json::Value::String(x)) => x.clone(),
+        Some(serde_json::Value::Null) | None => "-".into(),
+        Some(x) => x.to_string(),
+    }
+}
+
+/// The field `k` of `v` as an unsigned number, 0 when missing or not one.
+fn number(v: &serde_json::Value, k: &str) -> u64 {
+    v.get(k).and_then(|x| x.as_u64()).unwrap_or(0)
 }
 
 fn human_bytes(n: u64) -> String {
@@ -379,5 +409,43 @@ mod tests {
             t.contains("removed by a reload, draining: service old"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_whole_table_is_pinned() {
+        // Every section once (summary, last reload, unreadable XDP counters, a service with
+        // IPv6 backends of unequal widths, a removed service with no backends), byte for byte.
+        let status = serde_json::json!({
+            "dataplane": "xdp+proxy", "config": "/etc/lb/lb.toml", "uptime_seconds": 75.9, "active": 3,
+            "reloads": {"succeeded": 2, "failed": 1, "last": "refused: bad weight"},
+            "xdp": {"packets": {}, "error": "map gone"},
+            "services": [{"name": "web", "listen": "[2001:db8::1]:443", "protocol": "tcp",
+                "scheduler": "maglev", "generation": 4, "dataplane": "proxy data plane (no interface is configured)",
+                "backends": [
+                {"address": "[2001:db8::10]:443", "origin": "static", "health": "up", "state": "active",
+                 "weight": 2, "effective_weight": 2, "active": 1, "total": 5, "connect_failures": 0,
+                 "bytes_to_backend": 3_000_000, "bytes_from_backend": 10, "last_check": "ok"},
+                {"address": "[2001:db8::11]:443", "origin": "web.example:443", "health": "down", "state": "slow_start",
+                 "weight": 10, "effective_weight": 0, "active": 0, "total": 12345, "connect_failures": 7,
+                 "bytes_to_backend": 0, "bytes_from_backend": 5_000_000_000u64, "last_check": null}]}],
+            "removed_services": [{"name": "old", "listen": "10.0.0.1:53", "protocol": "udp",
+                "scheduler": "round_robin", "generation": 1, "dataplane": "proxy", "backends": []}]
+        });
+        let want = concat!(
+            "data plane xdp+proxy, config /etc/lb/lb.toml, up 75s, 3 open, reloads 2 applied / 1 refused\n",
+            "last reload: refused: bad weight\n",
+            "XDP counters unreadable: map gone\n",
+            "\n",
+            "service web  [2001:db8::1]:443/tcp  maglev  table generation 4\n",
+            "  proxy data plane (no interface is configured)\n",
+            "  BACKEND             ORIGIN           HEALTH  STATE       WEIGHT  EFFECTIVE  ACTIVE  TOTAL  FAILED  BYTES IN  BYTES OUT  LAST CHECK\n",
+            "  [2001:db8::10]:443  static           up      active      2       2          1       5      0       2.9 MiB   10 B       ok\n",
+            "  [2001:db8::11]:443  web.example:443  down    slow_start  10      0          0       12345  7       0 B       4.7 GiB    -\n",
+            "\n",
+            "removed by a reload, draining: service old  10.0.0.1:53/udp  round_robin  table generation 1\n",
+            "  proxy\n",
+            "  BACKEND  ORIGIN  HEALTH  STATE  WEIGHT  EFFECTIVE  ACTIVE  TOTAL  FAILED  BYTES IN  BYTES OUT  LAST CHECK\n",
+        );
+        assert_eq!(status_table(&status), want);
     }
 }

@@ -33,6 +33,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::admin::status::{ProxyCountersView, ServiceStatus, XdpStatus};
 use crate::control::Control;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,16 +66,8 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 /// Returns `Err` only if formatting into a `String` fails, which it does not.
 pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("lb");
-    let connections = Family::<BackendLabels, Counter>::default();
-    let active = Family::<BackendLabels, Gauge>::default();
-    let failures = Family::<BackendLabels, Counter>::default();
-    let bytes = Family::<BytesLabels, Counter>::default();
-    let up = Family::<BackendLabels, Gauge>::default();
-    let weight = Family::<BackendLabels, Gauge>::default();
-    let xdp_packets = Family::<BackendLabels, Counter>::default();
-    let snat_in_use = Family::<BackendLabels, Gauge>::default();
-    let snat_free = Family::<BackendLabels, Gauge>::default();
     let full = control.status();
+    let mut backends = BackendFamilies::default();
     // A removed service whose name lives on (a reload moved it to another address) would
     // mix two services' values under one label set: only the live one is shown.
     let removed = full
@@ -82,28 +75,68 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
         .iter()
         .filter(|r| !full.services.iter().any(|s| s.name == r.name));
     for status in full.services.iter().chain(removed) {
+        backends.add_service(status);
+    }
+    // Registration order is the order of the text out: backend families, XDP, proxy, reloads.
+    let xdp_families = backends.register(&mut reg);
+    if let Some(xdp) = &full.xdp {
+        register_xdp(&mut reg, xdp_families, xdp);
+    }
+    register_proxy(&mut reg, &full.proxy);
+    register_reloads(&mut reg, control);
+
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+/// The per-backend families, filled from every service's backends before registration.
+#[derive(Default)]
+struct BackendFamilies {
+    connections: Family<BackendLabels, Counter>,
+    active: Family<BackendLabels, Gauge>,
+    failures: Family<BackendLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    up: Family<BackendLabels, Gauge>,
+    weight: Family<BackendLabels, Gauge>,
+    xdp: XdpBackendFamilies,
+}
+
+/// The per-backend families only a service on XDP fills; registered only when XDP runs.
+#[derive(Default)]
+struct XdpBackendFamilies {
+    packets: Family<BackendLabels, Counter>,
+    snat_in_use: Family<BackendLabels, Gauge>,
+    snat_free: Family<BackendLabels, Gauge>,
+}
+
+impl BackendFamilies {
+    /// Adds one series per family for each of `status`'s backends.
+    fn add_service(&mut self, status: &ServiceStatus) {
         for b in &status.backends {
             let l = BackendLabels {
                 service: status.name.clone(),
                 backend: b.address.to_string(),
             };
-            connections.get_or_create(&l).inc_by(b.total);
-            active.get_or_create(&l).set(clamp(b.active));
-            failures.get_or_create(&l).inc_by(b.connect_failures);
-            up.get_or_create(&l).set(i64::from(b.health == "up"));
-            weight.get_or_create(&l).set(i64::from(b.effective_weight));
+            self.connections.get_or_create(&l).inc_by(b.total);
+            self.active.get_or_create(&l).set(clamp(b.active));
+            self.failures.get_or_create(&l).inc_by(b.connect_failures);
+            self.up.get_or_create(&l).set(i64::from(b.health == "up"));
+            self.weight
+                .get_or_create(&l)
+                .set(i64::from(b.effective_weight));
             if let Some(x) = &b.xdp {
-                xdp_packets.get_or_create(&l).inc_by(x.packets);
+                self.xdp.packets.get_or_create(&l).inc_by(x.packets);
                 if let (Some(used), Some(free)) = (x.snat_ports_in_use, x.snat_ports_free) {
-                    snat_in_use.get_or_create(&l).set(clamp(used));
-                    snat_free.get_or_create(&l).set(clamp(free));
+                    self.xdp.snat_in_use.get_or_create(&l).set(clamp(used));
+                    self.xdp.snat_free.get_or_create(&l).set(clamp(free));
                 }
             }
             for (direction, n) in [
                 ("to_backend", b.bytes_to_backend),
                 ("from_backend", b.bytes_from_backend),
             ] {
-                bytes
+                self.bytes
                     .get_or_create(&BytesLabels {
                         service: status.name.clone(),
                         backend: l.backend.clone(),
@@ -113,83 +146,87 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
             }
         }
     }
-    reg.register(
-        "backend_connections",
-        "Connections (TCP) or sessions (UDP) opened to a backend",
-        connections,
-    );
-    reg.register(
-        "backend_active_connections",
-        "Connections (TCP) or sessions (UDP) open to a backend now",
-        active,
-    );
-    reg.register(
-        "backend_connect_failures",
-        "Failed connect attempts to a backend",
-        failures,
-    );
-    reg.register_with_unit(
-        "backend",
-        "Bytes carried between clients and a backend, by direction",
-        Unit::Bytes,
-        bytes,
-    );
-    reg.register(
-        "backend_up",
-        "1 when the health checks say the backend is up",
-        up,
-    );
-    reg.register(
-        "backend_weight",
-        "The weight the scheduler gives the backend now (0: draining, down or removed)",
-        weight,
-    );
 
-    if let Some(xdp) = &full.xdp {
+    /// Registers the families every data plane fills; hands back the XDP ones, which
+    /// [`register_xdp`] registers when XDP runs.
+    fn register(self, reg: &mut Registry) -> XdpBackendFamilies {
         reg.register(
-            "xdp_backend_packets",
-            "Client packets the XDP program forwarded to a backend",
-            xdp_packets,
+            "backend_connections",
+            "Connections (TCP) or sessions (UDP) opened to a backend",
+            self.connections,
         );
         reg.register(
-            "xdp_snat_ports_in_use",
-            "SNAT ports towards a backend in use or held after their flow ended (XDP nat)",
-            snat_in_use,
+            "backend_active_connections",
+            "Connections (TCP) or sessions (UDP) open to a backend now",
+            self.active,
         );
         reg.register(
-            "xdp_snat_ports_free",
-            "SNAT ports a new flow towards a backend may still take (XDP nat)",
-            snat_free,
+            "backend_connect_failures",
+            "Failed connect attempts to a backend",
+            self.failures,
         );
-        let outcomes = Family::<OutcomeLabels, Counter>::default();
-        let seen = Counter::<u64>::default();
-        for (outcome, n) in &xdp.packets {
-            // `packets` is every packet the program saw, not an outcome: summing the
-            // outcomes must not count them twice.
-            if outcome == "packets" {
-                seen.inc_by(*n);
-                continue;
-            }
-            outcomes
-                .get_or_create(&OutcomeLabels {
-                    outcome: outcome.clone(),
-                })
-                .inc_by(*n);
-        }
-        reg.register("xdp_packets", "Packets the XDP program saw", seen);
+        reg.register_with_unit(
+            "backend",
+            "Bytes carried between clients and a backend, by direction",
+            Unit::Bytes,
+            self.bytes,
+        );
         reg.register(
-            "xdp_packet_outcomes",
-            "What the XDP program did with packets, by outcome",
-            outcomes,
+            "backend_up",
+            "1 when the health checks say the backend is up",
+            self.up,
         );
+        reg.register(
+            "backend_weight",
+            "The weight the scheduler gives the backend now (0: draining, down or removed)",
+            self.weight,
+        );
+        self.xdp
     }
+}
 
-    let counters = full.proxy;
-    let counter = |n: u64| {
-        let c = Counter::<u64>::default();
-        c.inc_by(n);
-        c
-    };
+/// Registers the XDP per-backend families, then the program's packet count and outcomes.
+fn register_xdp(reg: &mut Registry, backends: XdpBackendFamilies, xdp: &XdpStatus) {
+    reg.register(
+        "xdp_backend_packets",
+        "Client packets the XDP program forwarded to a backend",
+        backends.packets,
+    );
+    reg.register(
+        "xdp_snat_ports_in_use",
+        "SNAT ports towards a backend in use or held after their flow ended (XDP nat)",
+        backends.snat_in_use,
+    );
+    reg.register(
+        "xdp_snat_ports_free",
+        "SNAT ports a new flow towards a backend may still take (XDP nat)",
+        backends.snat_free,
+    );
+    let outcomes = Family::<OutcomeLabels, Counter>::default();
+    let seen = Counter::<u64>::default();
+    for (outcome, n) in &xdp.packets {
+        // `packets` is every packet the program saw, not an outcome: summing the
+        // outcomes must not count them twice.
+        if outcome == "packets" {
+            seen.inc_by(*n);
+            continue;
+        }
+        outcomes
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.clone(),
+            })
+            .inc_by(*n);
+    }
+    reg.register("xdp_packets", "Packets the XDP program saw", seen);
+    reg.register(
+        "xdp_packet_outcomes",
+        "What the XDP program did with packets, by outcome",
+        outcomes,
+    );
+}
+
+/// Registers the proxy-wide counters.
+fn register_proxy(reg: &mut Registry, counters: &ProxyCountersView) {
     reg.register(
         "proxy_no_backend",
         "Connections refused and datagrams dropped because no backend was eligible",
@@ -205,7 +242,10 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
         "Connections and sessions ended by an error",
         counter(counters.errors),
     );
+}
 
+/// Registers the reload counts, the last applied config's time and the start time.
+fn register_reloads(reg: &mut Registry, control: &Control) {
     let history = control.reloads();
     let reloads = Family::<ReloadLabels, Counter>::default();
     reloads
@@ -231,10 +271,13 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
         Unit::Seconds,
         start,
     );
+}
 
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &reg)?;
-    Ok(out)
+/// A counter standing at `n`.
+fn counter(n: u64) -> Counter<u64> {
+    let c = Counter::<u64>::default();
+    c.inc_by(n);
+    c
 }
 
 fn clamp(n: u64) -> i64 {
