@@ -2,7 +2,7 @@
 //! running daemon's admin API (`status`, `drain`, `enable`, `weight`, `reload`), or `decap`
 //! DSR traffic on a backend host.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -106,103 +106,137 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Status { admin, json } => {
-            admin_call(&admin.admin, Method::GET, "/status".into(), None, |body| {
-                if json {
-                    body.to_string()
-                } else {
-                    match serde_json::from_str(body) {
-                        Ok(v) => lb_daemon::admin::client::status_table(&v),
-                        Err(_) => body.to_string(),
-                    }
-                }
-            })
-        }
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+        Command::Status { admin, json } => status(&admin.admin, json),
         Command::Drain {
             admin,
             service,
             backend,
-        } => admin_call(
-            &admin.admin,
-            Method::POST,
-            backend_path(&service, &backend, "drain"),
-            None,
-            |_| format!("{backend} of {service}: draining (no new flows; open ones finish)"),
-        ),
+        } => drain(&admin.admin, &service, &backend),
         Command::Enable {
             admin,
             service,
             backend,
-        } => admin_call(
-            &admin.admin,
-            Method::POST,
-            backend_path(&service, &backend, "enable"),
-            None,
-            |_| format!("{backend} of {service}: enabled"),
-        ),
+        } => enable(&admin.admin, &service, &backend),
         Command::Weight {
             admin,
             service,
             backend,
             weight,
-        } => admin_call(
-            &admin.admin,
-            Method::POST,
-            backend_path(&service, &backend, "weight"),
-            Some(serde_json::json!({ "weight": weight }).to_string()),
-            |_| format!("{backend} of {service}: weight {weight}"),
-        ),
-        Command::Reload { admin } => {
-            admin_call(&admin.admin, Method::POST, "/reload".into(), None, |body| {
-                let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-                format!(
-                    "reloaded: {}",
-                    v.get("applied").and_then(|a| a.as_str()).unwrap_or(body)
-                )
-            })
-        }
+        } => set_weight(&admin.admin, &service, &backend, weight),
+        Command::Reload { admin } => reload(&admin.admin),
         Command::Decap {
             iface,
             bpf_object,
             from,
-        } => match lb_daemon::dataplane::xdp::decap::run(&iface, bpf_object.as_deref(), &from) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{:#}", anyhow::Error::from(e));
-                ExitCode::FAILURE
+        } => decap(&iface, bpf_object.as_deref(), &from),
+    }
+}
+
+/// `run`: loads `config` (exit 2 when it cannot be used) and runs the balancer until a signal.
+fn run(config: &Path) -> ExitCode {
+    let cfg = match config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    tracing::info!("config {} loaded", config.display());
+    match lb_daemon::daemon::run(cfg, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `check`: loads `config` and says how many services and backends it has, or why not (exit 2).
+fn check(config: &Path) -> ExitCode {
+    match config::load(config) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} services, {} backends)",
+                config.display(),
+                c.services.len(),
+                c.services.iter().map(|s| s.backends.len()).sum::<usize>()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+/// `status`: `/status` as a table, or its JSON as is with `json` (or when it does not parse).
+fn status(admin: &str, json: bool) -> ExitCode {
+    admin_call(admin, Method::GET, "/status".into(), None, |body| {
+        if json {
+            body.to_string()
+        } else {
+            match serde_json::from_str(body) {
+                Ok(v) => lb_daemon::admin::client::status_table(&v),
+                Err(_) => body.to_string(),
             }
-        },
-        Command::Check { config } => match config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} services, {} backends)",
-                    config.display(),
-                    c.services.len(),
-                    c.services.iter().map(|s| s.backends.len()).sum::<usize>()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EXIT_BAD_CONFIG)
-            }
-        },
-        Command::Run { config } => {
-            let cfg = match config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
-            };
-            tracing::info!("config {} loaded", config.display());
-            match lb_daemon::daemon::run(cfg, &config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{:#}", anyhow::Error::from(e));
-                    ExitCode::FAILURE
-                }
-            }
+        }
+    })
+}
+
+/// `drain`: no new flows to `backend` of `service`.
+fn drain(admin: &str, service: &str, backend: &str) -> ExitCode {
+    admin_call(
+        admin,
+        Method::POST,
+        backend_path(service, backend, "drain"),
+        None,
+        |_| format!("{backend} of {service}: draining (no new flows; open ones finish)"),
+    )
+}
+
+/// `enable`: ends a drain of `backend` of `service`.
+fn enable(admin: &str, service: &str, backend: &str) -> ExitCode {
+    admin_call(
+        admin,
+        Method::POST,
+        backend_path(service, backend, "enable"),
+        None,
+        |_| format!("{backend} of {service}: enabled"),
+    )
+}
+
+/// `weight`: sets the weight of `backend` of `service`.
+fn set_weight(admin: &str, service: &str, backend: &str, weight: u32) -> ExitCode {
+    admin_call(
+        admin,
+        Method::POST,
+        backend_path(service, backend, "weight"),
+        Some(serde_json::json!({ "weight": weight }).to_string()),
+        |_| format!("{backend} of {service}: weight {weight}"),
+    )
+}
+
+/// `reload`: prints what the reload applied (the body itself when it has no `applied`).
+fn reload(admin: &str) -> ExitCode {
+    admin_call(admin, Method::POST, "/reload".into(), None, |body| {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        format!(
+            "reloaded: {}",
+            v.get("applied").and_then(|a| a.as_str()).unwrap_or(body)
+        )
+    })
+}
+
+/// `decap`: strips the balancers' tunnels on `iface` until a signal.
+fn decap(iface: &str, bpf_object: Option<&Path>, from: &[std::net::IpAddr]) -> ExitCode {
+    match lb_daemon::dataplane::xdp::decap::run(iface, bpf_object, from) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
         }
     }
 }

@@ -84,17 +84,53 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
     if from.is_empty() || from.len() > DECAP_SOURCES_SIZE as usize {
         return Err(DecapError::Sources(from.len()));
     }
-    // Block the signals first, so one that arrives while attaching is not lost. Threads
-    // started later inherit the mask, so only the wait below takes them.
+    let signals = block_signals();
+    let path = loader::find_object(object)?;
+    // The decapsulator uses none of the balancer's big maps: make them one entry each.
+    let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS])?;
+    // Before the attach, so no encapsulated packet for this host passes undecapsulated.
+    let local = fill_maps(&mut ebpf, interface, &from)?;
+    let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
+    let mode = loader::attach(prog, interface)?;
+    let balancers: Vec<String> = from.iter().map(IpAddr::to_string).collect();
+    info!(
+        "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode} mode) for {} \
+         from the balancers {} with {}",
+        local.describe(),
+        balancers.join(", "),
+        path.display()
+    );
+    let why = refresh_until_signal(local, &signals);
+    log_counters(&ebpf, why, interface);
+    // Dropping the object detaches the program.
+    drop(ebpf);
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and returns them, for [`refresh_until_signal`].
+///
+/// First thing, so one that arrives while attaching is not lost. Threads started later
+/// inherit the mask, so only the wait takes them.
+fn block_signals() -> SigSet {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
     if let Err(e) = signals.thread_block() {
         warn!("cannot block SIGTERM/SIGINT ({e}); they will end the process without a detach log");
     }
-    let path = loader::find_object(object)?;
-    // The decapsulator uses none of the balancer's big maps: make them one entry each.
-    let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS])?;
+    signals
+}
+
+/// Writes `from` into `DECAP_SOURCES` and the host's addresses into `DECAP_ADDRS`, and
+/// returns the latter for the refresher.
+///
+/// Returns `Err(DecapError::Map)` when a map is missing or of the wrong type,
+/// `Err(DecapError::Addresses)` when the addresses cannot be read or written.
+fn fill_maps(
+    ebpf: &mut aya::Ebpf,
+    interface: &str,
+    from: &BTreeSet<IpAddr>,
+) -> Result<LocalAddrs, DecapError> {
     let mut take = |name: &'static str| {
         ebpf.take_map(name)
             .ok_or_else(|| DecapError::Map {
@@ -110,7 +146,7 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
     };
     let map = take(DECAP_ADDRS)?;
     let mut sources = take(DECAP_SOURCES)?;
-    for addr in &from {
+    for addr in from {
         sources
             .insert(DecapAddr::new(*addr), 0, 0)
             .map_err(|e| DecapError::Addresses {
@@ -123,7 +159,6 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
         map,
         written: BTreeSet::new(),
     };
-    // Before the attach, so no encapsulated packet for this host passes undecapsulated.
     local.sync().map_err(|reason| DecapError::Addresses {
         interface: interface.to_string(),
         reason,
@@ -133,16 +168,13 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
             "{interface} has no address yet: {PROG_DECAP} decapsulates nothing until it gets one"
         );
     }
-    let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
-    let mode = loader::attach(prog, interface)?;
-    let balancers: Vec<String> = from.iter().map(IpAddr::to_string).collect();
-    info!(
-        "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode} mode) for {} \
-         from the balancers {} with {}",
-        local.describe(),
-        balancers.join(", "),
-        path.display()
-    );
+    Ok(local)
+}
+
+/// Keeps `local` in step on a thread of its own until one of `signals` arrives; returns the
+/// signal's name for the log, once the refresher has stopped.
+fn refresh_until_signal(local: LocalAddrs, signals: &SigSet) -> &'static str {
+    let interface = local.interface.clone();
     // The refresher stops when `stop` is dropped.
     let (stop, stopped) = mpsc::channel::<()>();
     let refresher = std::thread::Builder::new()
@@ -156,6 +188,11 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
     if let Ok(handle) = refresher {
         let _ = handle.join();
     }
+    why
+}
+
+/// Logs `lb_decap`'s counters (or only `why` when they cannot be read) before the detach.
+fn log_counters(ebpf: &aya::Ebpf, why: &str, interface: &str) {
     let stats = ebpf
         .map(lb_common::maps::STATS)
         .and_then(|m| aya::maps::PerCpuArray::<_, u64>::try_from(m).ok())
@@ -175,8 +212,6 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
         ),
         None => info!("{why}: detaching from {interface}"),
     }
-    drop(ebpf);
-    Ok(())
 }
 
 /// Re-reads the addresses every [`REFRESH_EVERY`] until `stopped` says stop.
