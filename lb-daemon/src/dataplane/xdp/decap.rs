@@ -35,6 +35,9 @@ use tracing::{info, warn};
 
 use super::loader::{self, LoadError};
 
+/// `DECAP_ADDRS` (address -> ifindex) and `DECAP_SOURCES` (address -> 0).
+type DecapMap = HashMap<MapData, DecapAddr, u32>;
+
 /// How often the host's addresses are read again.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
@@ -89,7 +92,9 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
     // The decapsulator uses none of the balancer's big maps: make them one entry each.
     let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS])?;
     // Before the attach, so no encapsulated packet for this host passes undecapsulated.
-    let local = fill_maps(&mut ebpf, interface, &from)?;
+    // `sources` is out of the object: it must stay open until the detach, as the program
+    // refers to it.
+    let (sources, local) = fill_maps(&mut ebpf, interface, &from)?;
     let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
     let mode = loader::attach(prog, interface)?;
     let balancers: Vec<String> = from.iter().map(IpAddr::to_string).collect();
@@ -104,6 +109,7 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
     log_counters(&ebpf, why, interface);
     // Dropping the object detaches the program.
     drop(ebpf);
+    drop(sources);
     Ok(())
 }
 
@@ -121,8 +127,9 @@ fn block_signals() -> SigSet {
     signals
 }
 
-/// Writes `from` into `DECAP_SOURCES` and the host's addresses into `DECAP_ADDRS`, and
-/// returns the latter for the refresher.
+/// Takes `DECAP_SOURCES` and `DECAP_ADDRS` out of `ebpf`, writes `from` into the first and
+/// the host's addresses into the second, and returns both: `DECAP_SOURCES` to keep open until
+/// the detach, `DECAP_ADDRS` (with what it holds) for the refresher.
 ///
 /// Returns `Err(DecapError::Map)` when a map is missing or of the wrong type,
 /// `Err(DecapError::Addresses)` when the addresses cannot be read or written.
@@ -130,7 +137,7 @@ fn fill_maps(
     ebpf: &mut aya::Ebpf,
     interface: &str,
     from: &BTreeSet<IpAddr>,
-) -> Result<LocalAddrs, DecapError> {
+) -> Result<(DecapMap, LocalAddrs), DecapError> {
     let mut take = |name: &'static str| {
         ebpf.take_map(name)
             .ok_or_else(|| DecapError::Map {
@@ -138,7 +145,7 @@ fn fill_maps(
                 reason: "not in the object".into(),
             })
             .and_then(|m| {
-                HashMap::<MapData, DecapAddr, u32>::try_from(m).map_err(|e| DecapError::Map {
+                DecapMap::try_from(m).map_err(|e| DecapError::Map {
                     name,
                     reason: e.to_string(),
                 })
@@ -168,7 +175,7 @@ fn fill_maps(
             "{interface} has no address yet: {PROG_DECAP} decapsulates nothing until it gets one"
         );
     }
-    Ok(local)
+    Ok((sources, local))
 }
 
 /// Keeps `local` in step on a thread of its own until one of `signals` arrives; returns the
@@ -232,7 +239,7 @@ fn refresh(mut local: LocalAddrs, stopped: mpsc::Receiver<()>) {
 /// `DECAP_ADDRS` and what it holds: the addresses of one interface.
 struct LocalAddrs {
     interface: String,
-    map: HashMap<MapData, DecapAddr, u32>,
+    map: DecapMap,
     written: BTreeSet<IpAddr>,
 }
 
