@@ -300,6 +300,112 @@ struct Group {
     ranks: Vec<usize>,
 }
 
+/// The backends with a quota above 0, grouped by weight.
+struct WeightGroups {
+    /// In order of first appearance in rank order.
+    groups: Vec<Group>,
+    /// Per group, how many of its backends still want slots.
+    wanting: Vec<usize>,
+    /// Per rank, its group (`usize::MAX` for a quota of 0).
+    group_of: Vec<usize>,
+}
+
+impl WeightGroups {
+    /// Groups the backends of `ranked` whose quota is above 0.
+    fn of(ranked: &[Ranked], quotas: &[u32]) -> WeightGroups {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut wanting: Vec<usize> = Vec::new();
+        let mut group_of = vec![usize::MAX; ranked.len()];
+        let mut group_of_weight: std::collections::BTreeMap<u32, usize> = Default::default();
+        for (rank, r) in ranked.iter().enumerate() {
+            if quotas[rank] == 0 {
+                continue;
+            }
+            let g = *group_of_weight.entry(r.weight).or_insert_with(|| {
+                groups.push(Group {
+                    weight: r.weight,
+                    ranks: Vec::new(),
+                });
+                wanting.push(0);
+                groups.len() - 1
+            });
+            // Ranks are visited in order, so each group's list is sorted.
+            groups[g].ranks.push(rank);
+            wanting[g] += 1;
+            group_of[rank] = g;
+        }
+        WeightGroups {
+            groups,
+            wanting,
+            group_of,
+        }
+    }
+}
+
+/// Every group's first turn (k = 1).
+fn first_turns(groups: &[Group]) -> BinaryHeap<Reverse<GroupTurn>> {
+    groups
+        .iter()
+        .enumerate()
+        .map(|(group, g)| {
+            Reverse(GroupTurn {
+                twice_k_minus_one: 1,
+                weight: g.weight,
+                group,
+            })
+        })
+        .collect()
+}
+
+/// Each backend's permutation as (offset, skip): it probes offset, offset + skip, ... mod M.
+fn permutations(ranked: &[Ranked], m: u64) -> Vec<(u32, u32)> {
+    ranked
+        .iter()
+        .map(|r| {
+            let offset = hash_bytes(&r.key, OFFSET_SEED) % m;
+            // M = 2 has a single stride; `max(1)` keeps the modulus non-zero there too.
+            let skip = hash_bytes(&r.key, SKIP_SEED) % (m - 1).max(1) + 1;
+            (offset as u32, skip as u32)
+        })
+        .collect()
+}
+
+/// Moves `first` and every turn in `turns` at the same time as it into `now`.
+fn pop_same_time(
+    turns: &mut BinaryHeap<Reverse<GroupTurn>>,
+    first: GroupTurn,
+    now: &mut Vec<GroupTurn>,
+) {
+    now.clear();
+    now.push(first);
+    while turns
+        .peek()
+        .is_some_and(|Reverse(t)| t.time_cmp(&now[0]) == Ordering::Equal)
+    {
+        if let Some(Reverse(t)) = turns.pop() {
+            now.push(t);
+        }
+    }
+}
+
+/// The ranks that take a turn now, in rank order: one group's list as is, or several
+/// groups' merged into `merged`.
+fn turn_order<'a>(
+    groups: &'a [Group],
+    now: &[GroupTurn],
+    merged: &'a mut Vec<usize>,
+) -> &'a [usize] {
+    if let [only] = now {
+        return &groups[only.group].ranks;
+    }
+    merged.clear();
+    for t in now {
+        merged.extend_from_slice(&groups[t.group].ranks);
+    }
+    merged.sort_unstable();
+    merged
+}
+
 /// Fills the M slots: in turn order, each backend claims the next slot of its permutation
 /// that is still empty, until it holds its quota. The quotas sum to M, and every
 /// permutation visits every slot (M prime, skip in 1..M), so the fill ends with every slot
@@ -315,48 +421,13 @@ struct Group {
 fn fill(ranked: &[Ranked], quotas: &[u32], size: u32) -> Vec<u32> {
     let m = u64::from(size);
     // Current probe position and stride of each backend's permutation.
-    let mut cursors: Vec<(u32, u32)> = ranked
-        .iter()
-        .map(|r| {
-            let offset = hash_bytes(&r.key, OFFSET_SEED) % m;
-            // M = 2 has a single stride; `max(1)` keeps the modulus non-zero there too.
-            let skip = hash_bytes(&r.key, SKIP_SEED) % (m - 1).max(1) + 1;
-            (offset as u32, skip as u32)
-        })
-        .collect();
-    let mut groups: Vec<Group> = Vec::new();
-    // Per group, how many of its backends still want slots; per rank, its group.
-    let mut wanting: Vec<usize> = Vec::new();
-    let mut group_of = vec![usize::MAX; ranked.len()];
-    let mut group_of_weight: std::collections::BTreeMap<u32, usize> = Default::default();
-    for (rank, r) in ranked.iter().enumerate() {
-        if quotas[rank] == 0 {
-            continue;
-        }
-        let g = *group_of_weight.entry(r.weight).or_insert_with(|| {
-            groups.push(Group {
-                weight: r.weight,
-                ranks: Vec::new(),
-            });
-            wanting.push(0);
-            groups.len() - 1
-        });
-        // Ranks are visited in order, so each group's list is sorted.
-        groups[g].ranks.push(rank);
-        wanting[g] += 1;
-        group_of[rank] = g;
-    }
-    let mut turns: BinaryHeap<Reverse<GroupTurn>> = groups
-        .iter()
-        .enumerate()
-        .map(|(group, g)| {
-            Reverse(GroupTurn {
-                twice_k_minus_one: 1,
-                weight: g.weight,
-                group,
-            })
-        })
-        .collect();
+    let mut cursors = permutations(ranked, m);
+    let WeightGroups {
+        groups,
+        mut wanting,
+        group_of,
+    } = WeightGroups::of(ranked, quotas);
+    let mut turns = first_turns(&groups);
     let mut placed = vec![0u32; ranked.len()];
     let mut entries = vec![0u32; size as usize];
     let mut taken = vec![0u64; (size as usize).div_ceil(64)];
@@ -368,27 +439,9 @@ fn fill(ranked: &[Ranked], quotas: &[u32], size: u32) -> Vec<u32> {
     let mut now: Vec<GroupTurn> = Vec::new();
     let mut merged: Vec<usize> = Vec::new();
     while let Some(Reverse(first)) = turns.pop() {
-        now.clear();
-        now.push(first);
-        while turns
-            .peek()
-            .is_some_and(|Reverse(t)| t.time_cmp(&now[0]) == Ordering::Equal)
-        {
-            if let Some(Reverse(t)) = turns.pop() {
-                now.push(t);
-            }
-        }
-        let order: &[usize] = if let [only] = now.as_slice() {
-            &groups[only.group].ranks
-        } else {
-            merged.clear();
-            for t in &now {
-                merged.extend_from_slice(&groups[t.group].ranks);
-            }
-            merged.sort_unstable();
-            &merged
-        };
-        for &rank in order {
+        pop_same_time(&mut turns, first, &mut now);
+        // The hot loop (M slot claims per build) stays inline; only the set-up moved out.
+        for &rank in turn_order(&groups, &now, &mut merged) {
             if placed[rank] == quotas[rank] {
                 continue;
             }
