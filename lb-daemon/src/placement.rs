@@ -266,6 +266,7 @@ impl Planes {
         let settings = XdpService {
             table_size: service.table_size,
             xdp: service.xdp.clone(),
+            allow_generic: service.dataplane == DataplaneKind::Xdp,
         };
         self.with_xdp_loaded(global, |x| x.add(handle, &settings))?
             .map_err(|e| NotOnXdp::Failed(e.to_string()))

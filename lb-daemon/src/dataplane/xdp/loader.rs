@@ -57,6 +57,16 @@ pub enum LoadError {
         /// What the kernel said.
         source: Box<aya::programs::ProgramError>,
     },
+    /// Native XDP could not attach to the interface, and generic mode was not allowed: a
+    /// `dataplane = "auto"` service never runs on generic XDP, which cannot deliver
+    /// everywhere (redirected frames vanish into a bridge).
+    #[error("no native XDP on {interface} ({native}); generic XDP is used only with dataplane = \"xdp\"")]
+    NativeOnly {
+        /// The interface.
+        interface: String,
+        /// Why native (driver) mode failed.
+        native: String,
+    },
     /// Neither native nor generic XDP could attach to the interface.
     #[error("cannot attach XDP to {interface}: native mode: {native}; generic mode: {generic}")]
     Attach {
@@ -165,15 +175,26 @@ pub fn load_program<'a>(
     Ok(prog)
 }
 
-/// Attaches the loaded `prog` to `interface`: native mode first, generic mode (with a
-/// warning) when the driver has no XDP support.
+/// Attaches the loaded `prog` to `interface`: native mode first, then, if `allow_generic`,
+/// generic mode (with a warning) when the driver has no XDP support.
 ///
-/// Returns the mode it attached in, or `Err(LoadError::Attach)` with both modes' errors.
-pub fn attach(prog: &mut Xdp, interface: &str) -> Result<AttachMode, LoadError> {
+/// Returns the mode it attached in; `Err(LoadError::NativeOnly)` when native mode failed and
+/// generic is not allowed, `Err(LoadError::Attach)` with both modes' errors.
+pub fn attach(
+    prog: &mut Xdp,
+    interface: &str,
+    allow_generic: bool,
+) -> Result<AttachMode, LoadError> {
     let native = match prog.attach(interface, XdpMode::Driver) {
         Ok(_) => return Ok(AttachMode::Native),
         Err(e) => error_chain(&e),
     };
+    if !allow_generic {
+        return Err(LoadError::NativeOnly {
+            interface: interface.to_string(),
+            native,
+        });
+    }
     match prog.attach(interface, XdpMode::Skb) {
         Ok(_) => {
             warn!(

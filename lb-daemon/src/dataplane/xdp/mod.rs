@@ -69,6 +69,9 @@ pub struct XdpService {
     /// The service's `interface`, `backend_interfaces`, forwarding, `local_address` and SNAT
     /// settings.
     pub xdp: XdpSettings,
+    /// Whether generic (SKB) XDP may carry the service where native XDP cannot attach: only
+    /// for `dataplane = "xdp"`, the user's explicit choice; `auto` then goes to the proxy.
+    pub allow_generic: bool,
 }
 
 /// Where the XDP plane carries a service: each interface it is attached to and how (the
@@ -205,7 +208,7 @@ impl XdpPlane {
         if lock(&self.state).service_ids.available() == 0 {
             return Err(XdpPlaneError::ServiceIdsFull);
         }
-        let interfaces = self.attach_all(&wanted)?;
+        let interfaces = self.attach_all(&wanted, settings.allow_generic)?;
         // The first write of the table (all M slots) holds the lock: it shares the id pools
         // and the maps with the sync thread.
         let mut guard = lock(&self.state);
@@ -259,6 +262,7 @@ impl XdpPlane {
     fn attach_all(
         &mut self,
         wanted: &[String],
+        allow_generic: bool,
     ) -> Result<Vec<(String, AttachMode)>, XdpPlaneError> {
         let mut ifindexes = Vec::with_capacity(wanted.len());
         for name in wanted {
@@ -270,6 +274,12 @@ impl XdpPlane {
         let mut interfaces = Vec::new();
         for (name, ifindex) in wanted.iter().zip(ifindexes) {
             let mode = match self.attached.get(name) {
+                Some(&AttachMode::Generic) if !allow_generic => {
+                    return Err(XdpPlaneError::Loader(LoadError::NativeOnly {
+                        interface: name.clone(),
+                        native: "another service attached it in generic mode".into(),
+                    }))
+                }
                 Some(&mode) => mode,
                 None => {
                     // Redirects into the interface are allowed first: an interface in
@@ -277,7 +287,7 @@ impl XdpPlane {
                     lock(&self.state).maps.allow_redirect(ifindex)?;
                     // Without the State lock: attaching waits for the kernel (a driver may
                     // reset its rings), and the sync thread and counter reads go on meanwhile.
-                    let mode = loader::attach(program(ebpf)?, name)?;
+                    let mode = loader::attach(program(ebpf)?, name, allow_generic)?;
                     self.attached.insert(name.clone(), mode);
                     info!("XDP: {PROG_BALANCER} attached to {name} ({mode} mode)");
                     mode
