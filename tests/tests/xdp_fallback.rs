@@ -145,6 +145,18 @@ fn auto_without_a_bpf_object_falls_back_to_the_proxy_on_a_real_interface() {
         .expect("enter the client");
 }
 
+/// Starts a daemon in `ns` running `svc`, with the BPF object the tests use.
+fn start_with_the_object(ns: &Netns, svc: ServiceConfig) -> Daemon {
+    let config = DaemonConfig::new()
+        .global(
+            "bpf_object",
+            lb_tests::xdp::bpf_object().display().to_string(),
+        )
+        .service(svc)
+        .to_toml();
+    in_netns(ns, || Daemon::start(&config)).expect("enter the namespace")
+}
+
 /// A namespace with a bridge `br0` at 10.200.0.1/24: an interface without native XDP.
 fn namespace_with_a_bridge() -> Netns {
     let ns = Netns::new("lb").expect("balancer namespace");
@@ -169,14 +181,7 @@ fn auto_on_an_interface_without_native_xdp_runs_on_the_proxy_and_serves() {
     let svc = web(vip, &backends)
         .set("interface", "br0")
         .set("local_address", "10.200.0.1");
-    let config = DaemonConfig::new()
-        .global(
-            "bpf_object",
-            lb_tests::xdp::bpf_object().display().to_string(),
-        )
-        .service(svc)
-        .to_toml();
-    let daemon = in_netns(&ns, || Daemon::start(&config)).expect("enter the namespace");
+    let daemon = start_with_the_object(&ns, svc);
     let line = daemon
         .wait_for_log("service web: listening", Duration::from_secs(5))
         .expect("the daemon logs where service web runs");
@@ -200,14 +205,7 @@ fn xdp_on_an_interface_without_native_xdp_attaches_in_generic_mode_with_a_warnin
         .set("dataplane", "xdp")
         .set("interface", "br0")
         .set("local_address", "10.200.0.1");
-    let config = DaemonConfig::new()
-        .global(
-            "bpf_object",
-            lb_tests::xdp::bpf_object().display().to_string(),
-        )
-        .service(svc)
-        .to_toml();
-    let daemon = in_netns(&ns, || Daemon::start(&config)).expect("enter the namespace");
+    let daemon = start_with_the_object(&ns, svc);
     let warning = daemon
         .wait_for_log("generic (SKB) mode", Duration::from_secs(5))
         .expect("a bridge has no native XDP: the daemon must warn that it uses generic mode");
@@ -235,14 +233,7 @@ fn auto_on_a_missing_interface_falls_back_to_the_proxy_and_serves() {
     let svc = web(vip, &backends)
         .set("interface", "lbt-nope0")
         .set("local_address", "10.200.0.1");
-    let config = DaemonConfig::new()
-        .global(
-            "bpf_object",
-            lb_tests::xdp::bpf_object().display().to_string(),
-        )
-        .service(svc)
-        .to_toml();
-    let daemon = in_netns(&ns, || Daemon::start(&config)).expect("enter the namespace");
+    let daemon = start_with_the_object(&ns, svc);
     let line = daemon
         .wait_for_log("service web: listening", Duration::from_secs(5))
         .expect("the daemon logs where service web runs");

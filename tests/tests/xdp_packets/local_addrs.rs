@@ -88,8 +88,9 @@ fn flows_spread_over_the_local_addresses_and_each_keeps_its_own() {
         "with {PORTS} ports on each of 2 addresses ({per_address:?} flows per address) \
          every address's ports are used"
     );
-    assert!(
-        lab.stat(Stat::RefusedNatPortsExhausted) == u64::from(flows.len() as u16 - can_carry),
+    assert_eq!(
+        lab.stat(Stat::RefusedNatPortsExhausted),
+        u64::from(flows.len() as u16 - can_carry),
         "the other SYNs are refused"
     );
 

@@ -192,7 +192,11 @@ impl XdpPlane {
         settings: &XdpService,
     ) -> Result<XdpAttachment, XdpPlaneError> {
         let xdp = &settings.xdp;
-        let (Some(interface), false) = (&xdp.interface, xdp.local_addresses.is_empty()) else {
+        let Some(interface) = xdp
+            .interface
+            .as_ref()
+            .filter(|_| !xdp.local_addresses.is_empty())
+        else {
             return Err(XdpPlaneError::NotConfigured);
         };
         let snat_ports = match xdp.forwarding {
