@@ -20,9 +20,9 @@ use crate::dataplane::proxy::ProxyCounters;
 pub struct Status {
     /// The config file.
     pub config: PathBuf,
-    /// The data planes carrying the services: `"proxy"`, `"xdp"` or `"xdp+proxy"`; each
+    /// The data planes carrying the services: `"proxy"`, `"xdp"`, `"tc"`, `"tc+proxy"`...; each
     /// service's own is in its `dataplane`.
-    pub dataplane: &'static str,
+    pub dataplane: String,
     /// Seconds since start.
     pub uptime_seconds: f64,
     /// Connections and sessions open in the data plane.
