@@ -67,7 +67,7 @@ fn auto_on_veths_runs_on_tc_and_serves() {
         return;
     }
     let backends = [(1, 1), (2, 1), (3, 1)];
-    let world = World::start_custom(Mode::Nat, 3, 3, &[1, 2, 3], |topology| {
+    let mut world = World::start_custom(Mode::Nat, 3, 3, &[1, 2, 3], |topology| {
         let svc = world::service(topology, Mode::Nat, "web", &backends).set("dataplane", "auto");
         let toml = DaemonConfig::new()
             .global("bpf_object", bpf_object().display().to_string())
@@ -96,6 +96,38 @@ fn auto_on_veths_runs_on_tc_and_serves() {
         &["b1", "b2", "b3"],
         "auto on veths (tc)",
     );
+    assert_eq!(
+        tcx_programs(&world.topology.balancer, "l0"),
+        vec!["lb_tc".to_string()],
+        "l0's tc ingress while the daemon runs"
+    );
+    world
+        .daemon
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .expect("signal the daemon");
+    world
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon exits on SIGTERM");
+    for interface in ["l0", "l1", "l2", "l3"] {
+        assert!(
+            tcx_programs(&world.topology.balancer, interface).is_empty(),
+            "the daemon exited and left a tc program on {interface}"
+        );
+    }
+}
+
+/// The names of the programs attached at `interface`'s tc ingress through TCX, in `ns`.
+fn tcx_programs(ns: &Netns, interface: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let (_, programs) = ns
+        .enter(|| SchedClassifier::query_tcx(interface, TcAttachType::Ingress))
+        .expect("enter the balancer namespace")
+        .unwrap_or_else(|e| panic!("query tc ingress of {interface}: {e}"));
+    programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+        .collect()
 }
 
 /// A client `c0` (10.200.0.2) and a balancer `l0` (10.200.0.1) on a veth; the balancer's

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, Xdp};
 use aya::Ebpf;
-use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, PROG_BALANCER};
+use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, PROG_BALANCER, PROG_TC};
 use tracing::{error, info, warn};
 
 use super::{Dataplane, ServiceHandle};
@@ -43,10 +43,6 @@ use crate::config::{Forwarding, XdpSettings};
 pub use bpf_map::MapsError;
 pub use counters::{BackendCounters, ServiceCounters, XdpCounters};
 pub use loader::{AttachMode, LoadError};
-
-/// The name of the tc balancer program in the BPF object: `lb_xdp`'s code at the tc ingress
-/// hook, on the same maps.
-pub const PROG_TC: &str = "lb_tc";
 
 /// Which hook a service asks the plane for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
