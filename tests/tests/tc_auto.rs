@@ -6,6 +6,7 @@
 //! | veth to the client, backends on a Linux bridge | tc (never generic XDP: it would not deliver into the bridge) | [`auto_with_backends_on_a_bridge_runs_on_tc_and_every_request_succeeds`] |
 //! | the loopback device | proxy | [`auto_on_the_loopback_device_runs_on_the_proxy_and_serves`] |
 //! | veth, with an object that has no `lb_tc` | proxy, saying so | [`auto_with_an_object_without_lb_tc_runs_on_the_proxy_and_says_why`] |
+//! | veth that carries XDP for another service (`dataplane = "xdp"`) | proxy, saying so (an interface carries one hook) | [`auto_where_another_service_holds_xdp_runs_on_the_proxy_and_says_why`] |
 //!
 //! Native XDP (every interface a NIC) needs a physical NIC, which these namespaces have not:
 //! `placement::auto_hook`'s unit tests cover it. No interface, a loopback VIP, no BPF object
@@ -395,4 +396,71 @@ fn auto_with_an_object_without_lb_tc_runs_on_the_proxy_and_says_why() {
         &["b1", "b2", "b3"],
         "auto without lb_tc (proxy)",
     );
+}
+
+#[test]
+fn auto_where_another_service_holds_xdp_runs_on_the_proxy_and_says_why() {
+    if !lb_tests::require_root("tc_auto::auto_where_another_service_holds_xdp") {
+        return;
+    }
+    let client = Netns::new("c").expect("client namespace");
+    let balancer = Netns::new("lb").expect("balancer namespace");
+    veth(
+        &balancer,
+        "l0",
+        "10.200.0.1/24",
+        &client,
+        "c0",
+        "10.200.0.2/24",
+    )
+    .expect("client veth");
+    let servers: Vec<HttpNameServer> = balancer
+        .enter(|| {
+            (1..=3)
+                .map(|i| HttpNameServer::start(&format!("b{i}")).expect("a backend starts"))
+                .collect()
+        })
+        .expect("enter the balancer");
+    // `xdp` takes l0 first (services are placed in the config's order); its backend need not
+    // answer, only its hook matters here.
+    let first = ServiceConfig::tcp("first", SocketAddr::new(IpAddr::V4(VIP), WEB))
+        .set("dataplane", "xdp")
+        .set("interface", "l0")
+        .set("local_address", "10.200.0.1")
+        .health("kind", "none")
+        .backend("10.200.0.2:80".parse().expect("literal"), 1);
+    let vip: SocketAddr = "10.200.0.1:8080".parse().expect("literal");
+    let mut web = ServiceConfig::tcp("web", vip)
+        .set("dataplane", "auto")
+        .set("interface", "l0")
+        .set("local_address", "10.200.0.1")
+        .fast_health("http");
+    for s in &servers {
+        web = web.backend(s.addr(), 1);
+    }
+    let toml = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .service(first)
+        .service(web)
+        .to_toml();
+    let daemon = in_netns(&balancer, || Daemon::start(&toml)).expect("enter the balancer");
+    let first_line = daemon
+        .wait_for_log("service first: listening", PLACED)
+        .expect("the daemon logs where service first runs");
+    assert!(
+        first_line.contains("on l0 (XDP native)"),
+        "dataplane = \"xdp\" on a veth attaches native XDP: {first_line}"
+    );
+    let line = daemon
+        .wait_for_log("service web: listening", PLACED)
+        .expect("the daemon logs where service web runs");
+    assert!(
+        line.contains("proxy data plane")
+            && line.contains("l0 carries XDP native for another service, and this one needs tc"),
+        "auto on a veth that carries XDP must not add tc there; it runs on the proxy and says \
+         why; the log said: {line}"
+    );
+    let (_, all) = status_words(&balancer, &daemon, "web");
+    assert_eq!(all, "xdp+proxy", "/status's summary of the planes");
+    assert_served(&client, vip, &["b1", "b2", "b3"], "auto beside XDP (proxy)");
 }

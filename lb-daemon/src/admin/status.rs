@@ -51,8 +51,9 @@ pub struct ServiceStatus {
     pub protocol: String,
     /// The scheduler, as written in the config (`"maglev"`...).
     pub scheduler: String,
-    /// The data plane carrying the service and why, e.g. `"XDP data plane (nat) on eth0
-    /// (native)"` or `"proxy data plane (no interface is configured)"`. The daemon knows it,
+    /// The data plane carrying the service and why, e.g. `"eBPF data plane (nat) on l0 (tc):
+    /// auto chose tc because l0 is a veth"` or `"proxy data plane (no interface is
+    /// configured)"`. The daemon knows it,
     /// not the service: [`crate::control::Control::status`] fills it in.
     pub dataplane: String,
     /// The snapshot generation (counts rebuilds).
