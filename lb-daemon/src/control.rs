@@ -90,7 +90,7 @@ impl Control {
         &self.planes
     }
 
-    /// Whether the service with index `index` runs on XDP.
+    /// Whether the service with index `index` runs on the eBPF data plane (XDP or tc hook).
     pub fn on_xdp(&self, index: usize) -> bool {
         lock(&self.placements)
             .get(&index)
