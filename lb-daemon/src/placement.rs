@@ -247,7 +247,8 @@ pub enum PlaceError {
     Stopping(String),
 }
 
-/// Why `service` cannot run on XDP whatever the kernel offers, or `None` if it may try.
+/// Why `service` cannot run on the eBPF data plane (XDP or tc) whatever the kernel offers,
+/// or `None` if it may try.
 pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
     if service.dataplane == DataplaneKind::Proxy {
         return Some(NotOnXdp::Configured);
@@ -276,10 +277,12 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
 }
 
 /// The data planes of the daemon: the proxy (started with the daemon, with no service) and
-/// the XDP plane (loaded when a service first needs it). Each is taken out at shutdown.
+/// the eBPF plane, `XdpPlane` for both hooks (loaded when a service first needs it). Each is
+/// taken out at shutdown.
 pub struct Planes {
     proxy: Mutex<Option<Proxy>>,
-    /// The XDP data plane, when a service needed it; taken out at shutdown.
+    /// The eBPF data plane (XDP and tc hooks), when a service needed it; taken out at
+    /// shutdown.
     xdp: Mutex<Option<XdpPlane>>,
     /// Reads the XDP counters without the `xdp` lock, which placing a service holds (attach,
     /// first table write): `/status` does not wait for that.
@@ -461,7 +464,7 @@ impl Planes {
         }
         let plane = slot
             .as_mut()
-            .ok_or_else(|| NotOnXdp::Failed("the XDP plane is stopped".into()))?;
+            .ok_or_else(|| NotOnXdp::Failed("the eBPF plane is stopped".into()))?;
         Ok(f(plane))
     }
 
@@ -557,8 +560,8 @@ fn interface_kinds(service: &Service) -> Result<Vec<(String, InterfaceKind)>, No
     Ok(kinds)
 }
 
-/// The words for native XDP's failure on a NIC: `no native XDP on eth1 (...)` without the
-/// advice about `dataplane = "xdp"`.
+/// The words for native XDP's failure on a NIC: `native XDP did not attach to eth1 (...)`,
+/// without the advice about `dataplane = "xdp"`.
 fn native_failure(e: &XdpPlaneError) -> String {
     match e {
         XdpPlaneError::Loader(LoadError::NativeOnly { interface, native }) => {
