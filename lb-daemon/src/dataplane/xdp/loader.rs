@@ -251,41 +251,16 @@ pub fn load_tc_program<'a>(
 /// Returns the mode it attached in and the link, which `SchedClassifier::detach` takes;
 /// `Err(LoadError::TcAttach)` with both ways' errors.
 pub fn attach_tc(prog: &mut SchedClassifier, interface: &str) -> Result<TcAttached, LoadError> {
-    let tcx = match prog.attach_with_options(
-        interface,
-        TcAttachType::Ingress,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    ) {
+    let tcx = match attach_tcx(prog, interface) {
         Ok(link) => {
             return Ok(TcAttached {
                 mode: AttachMode::Tcx,
                 link,
             })
         }
-        Err(e) => error_chain(&e),
+        Err(e) => e,
     };
-    let failed = |clsact: String| LoadError::TcAttach {
-        interface: interface.to_string(),
-        tcx: tcx.clone(),
-        clsact,
-    };
-    if let Err(e) = aya::programs::tc::qdisc_add_clsact(interface) {
-        // A clsact qdisc that is there already (another tc user's, or ours from a run that
-        // crashed) takes our filter as well.
-        let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
-            if n.raw_os_error() == Some(libc::EEXIST));
-        if !exists {
-            return Err(failed(format!(
-                "adding the clsact qdisc: {}",
-                error_chain(&e)
-            )));
-        }
-    }
-    match prog.attach_with_options(
-        interface,
-        TcAttachType::Ingress,
-        TcAttachOptions::Netlink(NlOptions::default()),
-    ) {
+    match attach_clsact(prog, interface) {
         Ok(link) => {
             warn!(
                 "tc on {interface} is attached through a clsact qdisc (no TCX: {tcx}); a crash \
@@ -296,8 +271,49 @@ pub fn attach_tc(prog: &mut SchedClassifier, interface: &str) -> Result<TcAttach
                 link,
             })
         }
-        Err(e) => Err(failed(error_chain(&e))),
+        Err(clsact) => Err(LoadError::TcAttach {
+            interface: interface.to_string(),
+            tcx,
+            clsact,
+        }),
     }
+}
+
+/// Attaches `prog` at `interface`'s tc ingress through a TCX link, after any TCX program
+/// there. `Err`: why not, in words (a kernel before 6.6 has no TCX).
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    interface: &str,
+) -> Result<aya::programs::tc::SchedClassifierLinkId, String> {
+    prog.attach_with_options(
+        interface,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )
+    .map_err(|e| error_chain(&e))
+}
+
+/// Attaches `prog` at `interface`'s tc ingress as a filter of its `clsact` qdisc, adding the
+/// qdisc when it is missing. `Err`: why not, in words.
+fn attach_clsact(
+    prog: &mut SchedClassifier,
+    interface: &str,
+) -> Result<aya::programs::tc::SchedClassifierLinkId, String> {
+    if let Err(e) = aya::programs::tc::qdisc_add_clsact(interface) {
+        // A clsact qdisc that is there already (another tc user's, or ours from a run that
+        // crashed) takes our filter as well.
+        let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
+            if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(format!("adding the clsact qdisc: {}", error_chain(&e)));
+        }
+    }
+    prog.attach_with_options(
+        interface,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions::default()),
+    )
+    .map_err(|e| error_chain(&e))
 }
 
 /// A tc program attached to an interface by [`attach_tc`].
@@ -410,5 +426,49 @@ mod tests {
     #[test]
     fn lo_is_loopback() {
         assert!(is_loopback("lo"));
+    }
+
+    /// The fallback for kernels without TCX, run on this one: `lb_tc` as a filter of a
+    /// `clsact` qdisc, found by `tc`, and gone when the object is dropped (a clean exit).
+    #[test]
+    fn lb_tc_attaches_through_clsact_and_goes_with_the_object() {
+        if !lb_tests::require_root("loader::lb_tc_attaches_through_clsact") {
+            return;
+        }
+        let object = lb_tests::xdp::bpf_object();
+        let ns = lb_tests::netns::Netns::new("clsact").expect("a namespace");
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+            .expect("a veth pair");
+        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
+        // A clsact qdisc already there (another tc user's) takes our filter as well.
+        ns.run("tc", &["qdisc", "add", "dev", "v0", "clsact"])
+            .expect("a clsact qdisc");
+        let filters = || {
+            let out = ns
+                .run("tc", &["filter", "show", "dev", "v0", "ingress"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            out.unwrap_or_else(|e| panic!("tc filter show: {e}"))
+        };
+        let ebpf = ns
+            .enter(|| {
+                let mut ebpf = load_object(&object, &[]).expect("the object loads");
+                let prog = load_tc_program(&mut ebpf, &object, lb_common::maps::PROG_TC)
+                    .expect("lb_tc loads");
+                attach_clsact(prog, "v0").expect("lb_tc attaches through clsact");
+                ebpf
+            })
+            .expect("enter the namespace");
+        let shown = filters();
+        assert!(
+            shown.contains("lb_tc"),
+            "tc filter show dev v0 ingress must list lb_tc: {shown}"
+        );
+        // Dropped where it was attached: the netlink detach goes to the thread's namespace.
+        ns.enter(move || drop(ebpf)).expect("enter the namespace");
+        let shown = filters();
+        assert!(
+            !shown.contains("lb_tc"),
+            "the filter must go with the object: {shown}"
+        );
     }
 }
