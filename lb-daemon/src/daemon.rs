@@ -35,6 +35,10 @@ pub enum DaemonError {
     /// The signal handlers or the async runtime could not be set up.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    /// A thread the daemon cannot run without ended unexpectedly (see [`crate::watchdog`]):
+    /// the daemon drained what was left and exits non-zero, to be started again.
+    #[error("{0}; exiting so that the service manager starts lb again")]
+    ThreadDied(crate::watchdog::Death),
 }
 
 /// Queued passive connect outcomes before the data plane starts dropping them.
@@ -52,7 +56,9 @@ const PASSIVE_QUEUE: usize = 4096;
 ///
 /// Returns `Err(DaemonError::Start)` when a service cannot start (a `dataplane = "xdp"`
 /// service XDP cannot carry, a listen address in use), `Err(DaemonError::Proxy)` when the
-/// proxy's workers cannot start, `Err(DaemonError::Admin)` when the admin API cannot listen.
+/// proxy's workers cannot start, `Err(DaemonError::Admin)` when the admin API cannot listen,
+/// and `Err(DaemonError::ThreadDied)` after the drain when a proxy worker or the eBPF sync
+/// thread ended unexpectedly (which starts the drain as SIGTERM does).
 pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
     // the proxy workers' cores. Built first so that the signal handlers go in before any
@@ -71,7 +77,9 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         n => n,
     };
     let (control, passive_rx) = start(config, path, workers, &rt)?;
-    let result = rt.block_on(serve(&control, passive_rx, workers, &mut signals));
+    let result = rt
+        .block_on(serve(&control, passive_rx, workers, &mut signals))
+        .and_then(|died| died.map_or(Ok(()), |d| Err(DaemonError::ThreadDied(d))));
     if let Some(x) = control.take_xdp() {
         x.shutdown();
     }
@@ -129,14 +137,15 @@ fn start(
 type PassiveQueue = tokio::sync::mpsc::Receiver<crate::service::PassiveEvent>;
 
 /// Serves the admin API and applies passive outcomes and SIGHUP reloads until SIGTERM or
-/// SIGINT; then stops accepting reloads and the services' control tasks. The data planes are
-/// drained by the caller.
+/// SIGINT, or until a thread the daemon cannot run without dies (returned); then stops
+/// accepting reloads and the services' control tasks. The data planes are drained by the
+/// caller.
 async fn serve(
     control: &Arc<Control>,
     passive_rx: PassiveQueue,
     workers: usize,
     signals: &mut Signals,
-) -> Result<(), DaemonError> {
+) -> Result<Option<crate::watchdog::Death>, DaemonError> {
     let set = Arc::clone(control.services());
     let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
     let (_, api) = crate::admin::api::serve(Arc::clone(control), &control.config().admin).await?;
@@ -144,13 +153,16 @@ async fn serve(
         "ready: {} services, {workers} proxy workers",
         set.all().len()
     );
-    let why = loop {
-        match signals.next().await {
-            Received::Stop(why) => break why,
-            Received::Reload => {
-                info!("SIGHUP: reloading {}", control.path().display());
-                let _logged = crate::reload::reload(control).await;
-            }
+    let (why, died) = loop {
+        tokio::select! {
+            got = signals.next() => match got {
+                Received::Stop(why) => break (why.to_string(), None),
+                Received::Reload => {
+                    info!("SIGHUP: reloading {}", control.path().display());
+                    let _logged = crate::reload::reload(control).await;
+                }
+            },
+            death = crate::watchdog::died() => break (death.to_string(), Some(death)),
         }
     };
     info!(
@@ -168,7 +180,7 @@ async fn serve(
         s.stop();
     }
     passive.abort();
-    Ok(())
+    Ok(died)
 }
 
 /// The signals the daemon acts on, each a stream that remembers a delivery until it is read.

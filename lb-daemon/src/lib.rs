@@ -18,3 +18,4 @@ pub mod reload;
 pub mod scheduler;
 pub mod service;
 pub mod snapshot;
+pub mod watchdog;

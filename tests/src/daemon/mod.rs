@@ -89,10 +89,19 @@ impl Daemon {
 
     /// Like [`start`](Self::start), returning the error instead of panicking.
     pub fn try_start(config_toml: &str) -> Result<Daemon, DaemonError> {
+        Self::try_start_with_env(config_toml, &[])
+    }
+
+    /// Like [`try_start`](Self::try_start), with `env` (name, value) added to the daemon's
+    /// environment (e.g. `LB_FAULT` for a debug build's fault injection).
+    pub fn try_start_with_env(
+        config_toml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, DaemonError> {
         let binary = daemon_binary().map_err(DaemonError::Binary)?;
         let file = write_config(config_toml)?;
         let path = file.to_path_buf();
-        let mut d = Self::launch(&binary, &path, Some(file))?;
+        let mut d = Self::launch(&binary, &path, Some(file), env)?;
         d.wait_ready(READY_TIMEOUT)?;
         Ok(d)
     }
@@ -104,7 +113,7 @@ impl Daemon {
         config: &Path,
         ready_timeout: Duration,
     ) -> Result<Daemon, DaemonError> {
-        let mut d = Self::launch(binary, config, None)?;
+        let mut d = Self::launch(binary, config, None, &[])?;
         d.wait_ready(ready_timeout)?;
         Ok(d)
     }
@@ -113,8 +122,10 @@ impl Daemon {
         binary: &Path,
         config: &Path,
         file: Option<tempfile::TempPath>,
+        env: &[(&str, &str)],
     ) -> Result<Daemon, DaemonError> {
         let mut child = command(binary, "run", config)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

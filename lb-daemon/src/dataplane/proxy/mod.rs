@@ -406,10 +406,7 @@ impl Proxy {
     ) -> Result<Proxy, ProxyError> {
         for (setup, wake, commands) in setups {
             let name = format!("lb-proxy-{}", setup.id);
-            match std::thread::Builder::new()
-                .name(name)
-                .spawn(move || worker::run(setup))
-            {
+            match crate::watchdog::spawn(name, move || worker::run(setup)) {
                 Ok(thread) => self.workers.push(WorkerHandle {
                     thread: Some(thread),
                     wake,

@@ -181,6 +181,14 @@ impl Worker {
                 break;
             }
         }
+        if !self.ctx.draining {
+            let why = if self.ctx.ring.is_broken() {
+                "its io_uring broke"
+            } else {
+                "io_uring_enter kept failing"
+            };
+            crate::watchdog::report(&format!("lb-proxy-{id}"), format!("gave up: {why}"));
+        }
     }
 
     /// Hands one completion to whoever it belongs to.
@@ -193,6 +201,9 @@ impl Worker {
             Kind::Deadline => self.cut_removed(),
             Kind::Wake => self.on_wake(),
             Kind::Sweep => {
+                if self.id == 0 && crate::watchdog::fault("panic-proxy-worker") {
+                    panic!("injected by LB_FAULT=panic-proxy-worker");
+                }
                 self.tcp.sweep(ctx);
                 self.udp.sweep(ctx);
                 ctx.ring.timeout(self.period, Token::of(Kind::Sweep));

@@ -432,52 +432,51 @@ impl SyncThread {
     /// Starts the thread over `state`, whose slots hold the generation last written.
     pub fn start(state: Arc<Mutex<State>>, mut walk: MapWalk) -> SyncThread {
         let (stop, stopped) = mpsc::channel::<()>();
-        let handle = std::thread::Builder::new()
-            .name("lb-xdp-sync".into())
-            .spawn(move || {
-                let mut limits = super::limits::Sweeper::new();
-                let mut open_flow_walks = super::open_flows::WalkPacing::new();
-                let mut snat = SnatWatch::default();
-                loop {
-                    match stopped.recv_timeout(POLL) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                    // The walks of CONNTRACK and CLIENTS (releases, the sweep) run between
-                    // two holds of the lock, so that a reload or a counters read never waits
-                    // for them.
-                    let (mut drained, view, idle, nat) = {
-                        let mut st = lock(&state);
-                        st.republish_all();
-                        limits.report(|| st.maps.stats());
-                        let view = limits.due().then(|| st.sweep_view());
-                        let idle = (!st.running.is_empty()
-                            && open_flow_walks.due(st.counters_read))
-                        .then(|| st.idle_by_backend());
-                        let nat = snat.due().then(|| st.snat_services());
-                        (st.take_drained(Instant::now()), view, idle, nat)
-                    };
-                    if !drained.is_empty() {
-                        drained.forget_in_maps(&mut walk);
-                        lock(&state).give_back(drained);
-                    }
-                    if let Some(view) = view {
-                        limits.sweep(&mut walk, &view);
-                    }
-                    if let (Some(idle), Some(now)) = (idle, super::open_flows::now_s()) {
-                        let started = Instant::now();
-                        let open =
-                            super::open_flows::count(&walk.conntrack_entries().0, &idle, now);
-                        open_flow_walks.walked(started.elapsed());
-                        lock(&state).open_flows = Some(open);
-                    }
-                    if let (Some(nat), Some(now)) = (nat, super::open_flows::now_s()) {
-                        let used = snat.walk(&walk, &nat, now);
-                        lock(&state).snat_in_use = Some(used);
-                    }
+        let handle = crate::watchdog::spawn("lb-xdp-sync".into(), move || {
+            let mut limits = super::limits::Sweeper::new();
+            let mut open_flow_walks = super::open_flows::WalkPacing::new();
+            let mut snat = SnatWatch::default();
+            loop {
+                match stopped.recv_timeout(POLL) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                 }
-            })
-            .unwrap_or_else(|e| panic!("cannot start the XDP map sync thread: {e}"));
+                if crate::watchdog::fault("panic-sync-thread") {
+                    panic!("injected by LB_FAULT=panic-sync-thread");
+                }
+                // The walks of CONNTRACK and CLIENTS (releases, the sweep) run between
+                // two holds of the lock, so that a reload or a counters read never waits
+                // for them.
+                let (mut drained, view, idle, nat) = {
+                    let mut st = lock(&state);
+                    st.republish_all();
+                    limits.report(|| st.maps.stats());
+                    let view = limits.due().then(|| st.sweep_view());
+                    let idle = (!st.running.is_empty() && open_flow_walks.due(st.counters_read))
+                        .then(|| st.idle_by_backend());
+                    let nat = snat.due().then(|| st.snat_services());
+                    (st.take_drained(Instant::now()), view, idle, nat)
+                };
+                if !drained.is_empty() {
+                    drained.forget_in_maps(&mut walk);
+                    lock(&state).give_back(drained);
+                }
+                if let Some(view) = view {
+                    limits.sweep(&mut walk, &view);
+                }
+                if let (Some(idle), Some(now)) = (idle, super::open_flows::now_s()) {
+                    let started = Instant::now();
+                    let open = super::open_flows::count(&walk.conntrack_entries().0, &idle, now);
+                    open_flow_walks.walked(started.elapsed());
+                    lock(&state).open_flows = Some(open);
+                }
+                if let (Some(nat), Some(now)) = (nat, super::open_flows::now_s()) {
+                    let used = snat.walk(&walk, &nat, now);
+                    lock(&state).snat_in_use = Some(used);
+                }
+            }
+        })
+        .unwrap_or_else(|e| panic!("cannot start the XDP map sync thread: {e}"));
         SyncThread { stop, handle }
     }
 

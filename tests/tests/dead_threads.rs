@@ -1,0 +1,82 @@
+//! A thread the daemon cannot run without that dies is not silent: the daemon logs which
+//! thread and why, drains what is left, and exits non-zero, so the service manager starts it
+//! again (see `lb_daemon::watchdog`). The faults are injected with `LB_FAULT`, which only a
+//! debug build (the one the tests run) reads.
+
+use std::time::Duration;
+
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::ports::free_addr;
+use lb_tests::xdp::world::{service, World};
+use lb_tests::xdp::{bpf_object, in_netns, Mode, Path};
+use lb_tests::{Daemon, HttpNameServer};
+
+/// How long the daemon may take to notice the death (a worker's sweep comes at least once a
+/// second), drain (`drain_timeout` 1 s) and exit.
+const EXIT: Duration = Duration::from_secs(15);
+
+/// Waits for the daemon's exit; asserts it is non-zero and that the log names `thread` and
+/// `why`.
+fn assert_exits_naming(daemon: &mut Daemon, thread: &str, why: &str) {
+    let status = daemon.wait_exit(EXIT).unwrap_or_else(|| {
+        panic!(
+            "the daemon did not exit within {EXIT:?} after {thread} died; its log:\n{}",
+            daemon.logs().join("\n")
+        )
+    });
+    assert!(
+        !status.success(),
+        "the daemon exited with {status} after {thread} died: it must exit non-zero so the \
+         service manager starts it again"
+    );
+    let logs = daemon.logs().join("\n");
+    assert!(
+        logs.contains(&format!("thread {thread} ended unexpectedly: {why}")),
+        "the log must name the thread and why it ended; it said:\n{logs}"
+    );
+}
+
+#[test]
+fn a_proxy_worker_that_panics_makes_the_daemon_exit_non_zero_and_say_why() {
+    let backend = HttpNameServer::start("b1").expect("a backend starts");
+    let config = DaemonConfig::new()
+        .global("drain_timeout", "1s")
+        .global("workers", 2)
+        .service(
+            ServiceConfig::tcp("web", free_addr())
+                .fast_health("http")
+                .backend(backend.addr(), 1),
+        )
+        .to_toml();
+    let mut daemon = Daemon::try_start_with_env(&config, &[("LB_FAULT", "panic-proxy-worker")])
+        .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"));
+    assert_exits_naming(
+        &mut daemon,
+        "lb-proxy-0",
+        "panicked: injected by LB_FAULT=panic-proxy-worker",
+    );
+}
+
+#[test]
+fn an_ebpf_sync_thread_that_panics_makes_the_daemon_exit_non_zero_and_say_why() {
+    if !lb_tests::require_root("dead_threads::an_ebpf_sync_thread_that_panics") {
+        return;
+    }
+    let mut world = World::start_custom(Path::tc(Mode::Nat), 1, 1, &[], |t| {
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .global("drain_timeout", "1s")
+            .service(service(t, Mode::Nat, "web", &[(1, 1)]))
+            .to_toml();
+        in_netns(&t.balancer, || {
+            Daemon::try_start_with_env(&toml, &[("LB_FAULT", "panic-sync-thread")])
+        })
+        .expect("enter the balancer namespace")
+        .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"))
+    });
+    assert_exits_naming(
+        &mut world.daemon,
+        "lb-xdp-sync",
+        "panicked: injected by LB_FAULT=panic-sync-thread",
+    );
+}
