@@ -40,6 +40,11 @@ pub(super) struct Relaying {
     pub(super) bytes: [u64; 2],
     /// Bytes of the PROXY protocol header not yet delivered: they are not client bytes.
     pub(super) header_left: u32,
+    /// The backend stopped taking the client's bytes (writing to it failed with this errno,
+    /// typically a reset after an early answer) while `TO_CLIENT` was still open: what the
+    /// backend sent before is readable from its socket ahead of the error, so `TO_CLIENT` runs
+    /// on to deliver it, and the connection then closes with a reset, as a direct one would.
+    pub(super) backend_failed: Option<i32>,
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.

@@ -603,6 +603,7 @@ impl Tcp {
             pipes,
             bytes: [0, 0],
             header_left: header_len,
+            backend_failed: None,
         });
         conn.last_active = ctx.now;
         self.drive(
@@ -658,7 +659,20 @@ impl Tcp {
                 Next::Finished => {
                     if r.ways.iter().all(Direction::finished) {
                         self.close(ctx, index, generation, End::Eof);
+                    } else if let (TO_CLIENT, Some(errno)) = (way, r.backend_failed) {
+                        // The backend's last bytes are delivered; now the reset it sent.
+                        self.close(ctx, index, generation, End::of_errno(errno));
                     }
+                    return;
+                }
+                Next::Failed(errno)
+                    if way == TO_BACKEND
+                        && matches!(outcome, Outcome::SplicedOut(_) | Outcome::Writable(_))
+                        && !r.ways[TO_CLIENT].finished() =>
+                {
+                    // Writing to the backend failed, but what it sent before (an early
+                    // answer) may still wait in its socket: `TO_CLIENT` delivers it first.
+                    r.backend_failed = Some(errno);
                     return;
                 }
                 Next::Failed(errno) => {
