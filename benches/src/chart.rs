@@ -7,7 +7,7 @@ use crate::report::{PathKind, Report};
 
 /// The figures charted: rates (higher is better) and latencies (lower is better). Cost
 /// figures are left out: `direct` has no balancer process, so they have no ratio to it.
-const CHARTED: [(Metric, &str); 7] = [
+const CHARTED: [(Metric, &str); 8] = [
     (Metric::Bulk1, "bulk 1 flow"),
     (Metric::Bulk8, "bulk 8 flows"),
     (Metric::ConnRate, "new conn/s"),
@@ -15,6 +15,7 @@ const CHARTED: [(Metric, &str); 7] = [
     (Metric::UdpRate, "UDP dgram/s"),
     (Metric::UdpP50, "UDP p50 (lower better)"),
     (Metric::UdpP99, "UDP p99 (lower better)"),
+    (Metric::PacketRate, "64-byte pkt/s"),
 ];
 
 const COLORS: [RGBColor; 8] = [
@@ -131,6 +132,7 @@ mod tests {
     fn the_chart_has_a_bar_per_measured_ratio_and_names_every_path() {
         let path = |name: &str, kind, v: f64| PathReport {
             name: name.into(),
+            network: crate::topology::Network::Veth,
             kind,
             skipped: None,
             figures: [(Metric::Bulk1, Figure::new(vec![v; 3]))].into(),

@@ -18,5 +18,6 @@ pub mod report;
 pub mod server;
 pub mod stats;
 pub mod stop;
+pub mod tc;
 pub mod topology;
 pub mod xdp;
