@@ -14,6 +14,7 @@ pub mod client;
 pub mod harness;
 pub mod metric;
 pub mod procstat;
+pub mod program_cost;
 pub mod report;
 pub mod server;
 pub mod stats;
