@@ -348,6 +348,10 @@ use crate::FlowKey;
 
 /// Name of the balancer program (XDP), attached to client-facing and backend-facing interfaces.
 pub const PROG_BALANCER: &str = "lb_xdp";
+/// Name of the balancer program at the tc ingress hook (a `classifier`): the same balancer as
+/// [`PROG_BALANCER`] on socket buffers, sharing every map, for interfaces where XDP cannot
+/// deliver (bridges) or costs more than it saves (veth).
+pub const PROG_TC: &str = "lb_tc";
 /// Name of the DSR decapsulation program (XDP), attached on backend hosts.
 pub const PROG_DECAP: &str = "lb_decap";
 

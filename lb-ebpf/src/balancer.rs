@@ -1,7 +1,7 @@
 //! The balancer's path for one packet: parse, VIP lookup, placement, NAT or DSR, next hop.
 //! Also the reverse path of NAT replies, and the split between it and ICMP (`icmp`).
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
@@ -12,6 +12,7 @@ use lb_common::{
 use crate::{
     conntrack, encap,
     fib::{self, Out},
+    frame::Frame,
     icmp, limits,
     maps::{SERVICES, VIPS},
     nat,
@@ -20,16 +21,16 @@ use crate::{
 };
 
 /// The action for a packet that ends on counter `stat`: the `Pass*` rules hand it to the
-/// kernel untouched, `Drop*` drop it.
+/// kernel untouched, `Drop*` drop it (the hook's own return values, `C::PASS` / `C::DROP`).
 #[inline(always)]
-pub fn action_for(stat: Stat) -> u32 {
+pub fn action_for<C: Frame>(stat: Stat) -> u32 {
     match stat {
         Stat::PassNotVip
         | Stat::PassFragment
         | Stat::PassMalformed
         | Stat::PassIpv6ExtHeaders
-        | Stat::FibPass => xdp_action::XDP_PASS,
-        _ => xdp_action::XDP_DROP,
+        | Stat::FibPass => C::PASS,
+        _ => C::DROP,
     }
 }
 
@@ -43,7 +44,7 @@ pub fn action_for(stat: Stat) -> u32 {
 /// inlined together, the balancing path (about 430 bytes) and the ICMP translation went over
 /// the limit. Only a tiny frame (this function's) sits under either subprogram.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext) -> Result<u32, Stat> {
+pub fn handle<C: Frame>(ctx: &C) -> Result<u32, Stat> {
     if parse::is_icmp(ctx) {
         icmp::handle(ctx)
     } else {
@@ -54,8 +55,8 @@ pub fn handle(ctx: &XdpContext) -> Result<u32, Stat> {
 /// A packet that is not ICMP: balanced if it is for a VIP, translated back if it is a NAT
 /// reply, else passed. A BPF subprogram of its own (see [`handle`]).
 #[inline(never)]
-fn balance(ctx: &XdpContext) -> Result<u32, Stat> {
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+fn balance<C: Frame>(ctx: &C) -> Result<u32, Stat> {
+    let frame_len = ctx.len() as u64;
     let p = parse::parse(ctx)?;
     let vip = VipKey {
         addr: p.key.dst_addr,
@@ -88,7 +89,7 @@ fn client_ends(mode: u8) -> u8 {
 
 /// Client → VIP: place the flow, translate or encapsulate, send to the backend.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> Result<u32, Stat> {
+fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) -> Result<u32, Stat> {
     if service_id >= MAX_SERVICES {
         return Err(Stat::DropBadService);
     }
@@ -176,7 +177,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
         };
         // The route first, with the length the packet will have: one that would not fit the
         // backend link is answered, not encapsulated (see `too_big`).
-        let routed = match fib::lookup(
+        let hop = match fib::lookup(
             ctx,
             p.family,
             protocol,
@@ -205,11 +206,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
             &backend.addr,
             flow_hash(&p.key),
         )?;
-        if routed {
-            Out::Sent(fib::send(ctx)?)
-        } else {
-            Out::Pass
-        }
+        fib::send(ctx, hop)?
     } else {
         return Err(Stat::DropBadService);
     };
@@ -220,7 +217,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
         }
         Out::Pass => {
             stats::increment(Stat::FibPass);
-            xdp_action::XDP_PASS
+            C::PASS
         }
     };
     stats::forwarded(service_id, placed.backend_id, frame_len, placed.new_flow);
@@ -231,7 +228,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, service_id: u32, frame_len: u64) -> 
 /// client fails at once; anything else (UDP, a RST, a segment that cannot be turned around)
 /// is dropped.
 #[inline(always)]
-fn refuse(ctx: &XdpContext, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
+fn refuse<C: Frame>(ctx: &C, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & TCP_RST == 0 {
         if let Some(action) = reset::answer(ctx, p) {
             stats::increment(stat);
@@ -243,7 +240,7 @@ fn refuse(ctx: &XdpContext, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
 
 /// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.
 #[inline(always)]
-fn from_backend(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
+fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     if p.key.protocol != IPPROTO_TCP && p.key.protocol != IPPROTO_UDP {
         // ICMP took the other path (`handle`); nothing else gets through `parse`.
         return Err(Stat::PassNotVip);

@@ -91,3 +91,37 @@ pub fn udp_nonzero(check: u16) -> u16 {
         check
     }
 }
+
+/// The change of an address of 4 words from `old` to `new` as one's-complement difference
+/// (`~old + new`, RFC 1624 eqn. 3), folded to 16 bits, for [`add_diff`] or a kernel checksum
+/// helper. Unused words must be equal in both (e.g. zero).
+#[inline(always)]
+pub fn diff_addr(old: &[u32; 4], new: &[u32; 4]) -> u32 {
+    let mut acc = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        acc = add32(acc, !old[i]);
+        acc = add32(acc, new[i]);
+        acc = fold(acc) as u32;
+        i += 1;
+    }
+    acc
+}
+
+/// The change of a 16-bit field from `old` to `new` as a folded one's-complement difference.
+#[inline(always)]
+pub fn diff16(old: u16, new: u16) -> u32 {
+    fold(!old as u32 + new as u32) as u32
+}
+
+/// Two folded differences as one.
+#[inline(always)]
+pub fn sum(a: u32, b: u32) -> u32 {
+    fold(a + b) as u32
+}
+
+/// `check` (a stored checksum) updated by the folded difference `diff`.
+#[inline(always)]
+pub fn add_diff(check: u16, diff: u32) -> u16 {
+    !fold(!check as u32 + diff)
+}

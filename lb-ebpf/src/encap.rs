@@ -8,6 +8,7 @@
 //! TOS copied, IPv6 with the flow's hash as flow label (so ECMP spreads flows, not packets).
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+
 use lb_common::{
     maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
     Stat,
@@ -15,6 +16,7 @@ use lb_common::{
 
 use crate::{
     csum,
+    frame::Frame,
     maps::{DECAP_ADDRS, DECAP_SOURCES},
     parse::{
         addr6, groups6, halves, ptr_at, word, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP,
@@ -38,7 +40,7 @@ pub struct LinkHdr {
 
 /// Reads the link-layer header in front of the IP header at `l3_off`.
 #[inline(always)]
-pub fn save_link(ctx: &XdpContext, l3_off: usize) -> Result<LinkHdr, Stat> {
+pub fn save_link<C: Frame>(ctx: &C, l3_off: usize) -> Result<LinkHdr, Stat> {
     let eth: *const [u16; 7] = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
     let tagged = l3_off > core::mem::size_of::<EthHdr>();
     let mut link = LinkHdr {
@@ -58,7 +60,7 @@ pub fn save_link(ctx: &XdpContext, l3_off: usize) -> Result<LinkHdr, Stat> {
 
 /// Writes `link` at the packet's (new) start.
 #[inline(always)]
-pub fn restore_link(ctx: &XdpContext, link: &LinkHdr) -> Result<(), Stat> {
+pub fn restore_link<C: Frame>(ctx: &C, link: &LinkHdr) -> Result<(), Stat> {
     let eth: *mut [u16; 7] = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe { *eth = link.eth };
@@ -75,20 +77,19 @@ pub fn restore_link(ctx: &XdpContext, link: &LinkHdr) -> Result<(), Stat> {
 /// family). Returns the outer IP packet's length, for the MTU check. `Err(Stat::DropAdjustHead)`
 /// when the frame has no headroom for the outer header.
 #[inline(always)]
-pub fn encapsulate(
-    ctx: &XdpContext,
+pub fn encapsulate<C: Frame>(
+    ctx: &C,
     p: &Parsed,
     src: &[u32; 4],
     dst: &[u32; 4],
     flow_label: u32,
 ) -> Result<u16, Stat> {
-    let link = save_link(ctx, p.l3_off)?;
     if p.family == FAMILY_V4 {
         let inner: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         let tos = unsafe { (*inner).tos };
         let hdr = core::mem::size_of::<Ipv4Hdr>();
-        grow(ctx, hdr)?;
+        ctx.insert_room(p.l3_off, hdr, true, false)?;
         let outer_len = p.ip_len.wrapping_add(hdr as u16);
         let mut outer = Ipv4Hdr {
             version_ihl: 0x45,
@@ -106,14 +107,13 @@ pub fn encapsulate(
         // no padding: viewing it as ten `u16`s reads exactly its bytes.
         let words: [u16; 10] = unsafe { core::mem::transmute_copy(&outer) };
         outer.check = csum::ipv4_header(&words);
-        restore_link(ctx, &link)?;
         let at: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe { *at = outer };
         Ok(outer_len)
     } else {
         let hdr = core::mem::size_of::<Ipv6Hdr>();
-        grow(ctx, hdr)?;
+        ctx.insert_room(p.l3_off, hdr, true, true)?;
         let vtc_flow = (6u32 << 28) | (flow_label & 0x000f_ffff);
         let outer = Ipv6Hdr {
             vtc_flow: [((vtc_flow >> 16) as u16).to_be(), (vtc_flow as u16).to_be()],
@@ -123,22 +123,11 @@ pub fn encapsulate(
             src: groups6(src),
             dst: groups6(dst),
         };
-        restore_link(ctx, &link)?;
         let at: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe { *at = outer };
         Ok(p.ip_len.wrapping_add(hdr as u16))
     }
-}
-
-/// Moves the packet's start `bytes` earlier. `Err(Stat::DropAdjustHead)` without headroom.
-#[inline(always)]
-pub fn grow(ctx: &XdpContext, bytes: usize) -> Result<(), Stat> {
-    // SAFETY: the helper only moves `data`; every later access re-checks bounds.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(bytes as i32)) } != 0 {
-        return Err(Stat::DropAdjustHead);
-    }
-    Ok(())
 }
 
 /// What `lb_decap` did with a packet.

@@ -1,6 +1,7 @@
 //! The next hop: `bpf_fib_lookup` in the balancer's namespace, the Ethernet addresses it
-//! gives, then `XDP_TX` when the packet leaves by the interface it came in on, else
-//! `XDP_REDIRECT` through `DEVMAP`.
+//! gives, then the hook's way out (see `frame`): on XDP, `XDP_TX` when the packet leaves by
+//! the interface it came in on, else `XDP_REDIRECT` through `DEVMAP`; on tc, `bpf_redirect`,
+//! or `bpf_redirect_neigh` when the next hop's Ethernet address is not known yet.
 //!
 //! The lookup is an input-route lookup from the ingress interface (as if the kernel forwarded
 //! the packet), so the ingress interface must have forwarding enabled
@@ -11,18 +12,16 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::bpf_fib_lookup,
-    programs::XdpContext,
-    EbpfContext,
 };
 use lb_common::{maps::FAMILY_V4, Stat};
 
 use crate::{
-    maps::{DEVMAP, FIB_SCRATCH},
+    frame::Frame,
+    maps::FIB_SCRATCH,
     parse::{ptr_at, EthHdr},
 };
 
@@ -33,48 +32,55 @@ const AF_INET6: u8 = 10;
 
 /// How a rewritten packet leaves.
 pub enum Out {
-    /// Sent on: `XDP_TX` or `XDP_REDIRECT`, the program's return value.
+    /// Sent on: the hook's redirect or turn-around, the program's return value.
     Sent(u32),
-    /// Handed to the kernel (`XDP_PASS`): no neighbour entry for the next hop yet, or no
-    /// route to forward by (none at all, or a local destination; the kernel's own lookup
-    /// answers `NOT_FWDED` for both). Counted as `Stat::FibPass`.
+    /// Handed to the kernel: no route to forward by (none at all, or a local destination;
+    /// the kernel's own lookup answers `NOT_FWDED` for both), or, on XDP, no neighbour entry
+    /// for the next hop yet. Counted as `Stat::FibPass`.
     Pass,
 }
 
+/// What a route lookup found.
+#[derive(Clone, Copy)]
+pub enum Hop {
+    /// A next hop with its Ethernet address: [`send`] writes it and redirects.
+    Resolved,
+    /// A next hop whose neighbour entry is missing or not valid yet.
+    Unresolved,
+    /// Nothing to forward by: the packet is the kernel's.
+    Local,
+}
+
 /// Looks up the route from `src` to `dst` (`family`, L4 `protocol`; `ip_len` bytes of IP
-/// packet, checked against the egress MTU), writes the next hop's Ethernet addresses and picks
-/// the action. `Err` is the drop counter: a blackhole / unreachable / prohibit route, MTU,
-/// forwarding disabled, not in `DEVMAP`.
+/// packet, checked against the egress MTU), and sends the packet by it ([`send`]). `Err` is
+/// the drop counter: a blackhole / unreachable / prohibit route, MTU, forwarding disabled,
+/// not in `DEVMAP`.
 #[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
+pub fn forward<C: Frame>(
+    ctx: &C,
     family: u8,
     protocol: u8,
     src: &[u32; 4],
     dst: &[u32; 4],
     ip_len: u16,
 ) -> Result<Out, Stat> {
-    if lookup(ctx, family, protocol, src, dst, ip_len)? {
-        Ok(Out::Sent(send(ctx)?))
-    } else {
-        Ok(Out::Pass)
-    }
+    let hop = lookup(ctx, family, protocol, src, dst, ip_len)?;
+    send(ctx, hop)
 }
 
 /// The route lookup of [`forward`] alone, so the packet can be changed between the lookup and
-/// [`send`] (DSR encapsulates only a packet that fits). `Ok(true)`: a next hop, for
-/// [`send`]; `Ok(false)`: hand the packet to the kernel ([`Out::Pass`]). `Err(Stat::DropMtu)`
-/// when `ip_len` exceeds the route's MTU, which [`path_mtu`] then tells; other `Err`s as
-/// [`forward`]'s.
+/// [`send`] (DSR encapsulates only a packet that fits). `Err(Stat::DropMtu)` when `ip_len`
+/// exceeds the route's MTU, which [`path_mtu`] then tells (a tc GSO super-packet is checked
+/// by the kernel, segment by segment: see `Frame::mtu_len`); other `Err`s as [`forward`]'s.
 #[inline(always)]
-pub fn lookup(
-    ctx: &XdpContext,
+pub fn lookup<C: Frame>(
+    ctx: &C,
     family: u8,
     protocol: u8,
     src: &[u32; 4],
     dst: &[u32; 4],
     ip_len: u16,
-) -> Result<bool, Stat> {
+) -> Result<Hop, Stat> {
     // The 64-byte parameter block lives in a per-CPU scratch slot, not on the stack: the
     // balancer is close to the verifier's 512-byte stack limit.
     let params: *mut FibParams = FIB_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropNoRoute)?;
@@ -86,8 +92,8 @@ pub fn lookup(
         &mut *params
     };
     params.l4_protocol = protocol;
-    params.__bindgen_anon_1.tot_len = ip_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_1.tot_len = ctx.mtu_len(ip_len);
+    params.ifindex = ctx.ingress_ifindex();
     if family == FAMILY_V4 {
         params.family = AF_INET;
         params.__bindgen_anon_3.ipv4_src = src[0];
@@ -100,7 +106,7 @@ pub fn lookup(
     // SAFETY: `params` is a valid, writable `bpf_fib_lookup` of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.as_ptr(),
+            ctx.raw(),
             params,
             core::mem::size_of::<FibParams>() as i32,
             0,
@@ -110,8 +116,9 @@ pub fn lookup(
         return Err(Stat::DropNoRoute);
     }
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(true),
-        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_NOT_FWDED => Ok(false),
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(Hop::Resolved),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Hop::Unresolved),
+        BPF_FIB_LKUP_RET_NOT_FWDED => Ok(Hop::Local),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Stat::DropMtu),
         BPF_FIB_LKUP_RET_FWD_DISABLED => Err(Stat::DropForwardingDisabled),
         _ => Err(Stat::DropNoRoute),
@@ -127,29 +134,28 @@ pub fn path_mtu() -> Option<u16> {
     Some(unsafe { (*params).__bindgen_anon_1.mtu_result })
 }
 
-/// Sends the packet to the next hop the last successful [`lookup`] on this CPU found: writes
-/// its Ethernet addresses and returns `XDP_TX` (out of the ingress interface) or
-/// `XDP_REDIRECT` through `DEVMAP`. `Err(Stat::DropNoDevmapEntry)` when the egress interface
-/// is not in `DEVMAP`.
+/// Sends the packet by what the last [`lookup`] on this CPU found (`hop`): to a resolved next
+/// hop with its Ethernet addresses written; to an unresolved one by the kernel's neighbour
+/// resolution where the hook has it (tc), else to the kernel. `Err(Stat::DropNoDevmapEntry)`
+/// when XDP may not redirect to the egress interface.
 #[inline(always)]
-pub fn send(ctx: &XdpContext) -> Result<u32, Stat> {
+pub fn send<C: Frame>(ctx: &C, hop: Hop) -> Result<Out, Stat> {
     let params: *const FibParams = FIB_SCRATCH.get_ptr(0).ok_or(Stat::DropNoRoute)?;
     // SAFETY: this CPU's slot, written by the lookup of the packet being handled.
     let params = unsafe { &*params };
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    unsafe {
-        (*eth).dst = params.dmac;
-        (*eth).src = params.smac;
+    match hop {
+        Hop::Resolved => {
+            let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
+            // SAFETY: bounds checked by `ptr_at`.
+            unsafe {
+                (*eth).dst = params.dmac;
+                (*eth).src = params.smac;
+            }
+            Ok(Out::Sent(ctx.redirect(params.ifindex)?))
+        }
+        Hop::Unresolved => Ok(ctx
+            .redirect_neigh(params.ifindex)
+            .map_or(Out::Pass, Out::Sent)),
+        Hop::Local => Ok(Out::Pass),
     }
-    if params.ifindex == ctx.ingress_ifindex() as u32 {
-        return Ok(xdp_action::XDP_TX);
-    }
-    if DEVMAP.get_ifindex(params.ifindex).is_none() {
-        return Err(Stat::DropNoDevmapEntry);
-    }
-    // The lookup just succeeded; should the entry vanish in between, the packet is dropped.
-    Ok(DEVMAP
-        .redirect(params.ifindex, xdp_action::XDP_DROP as u64)
-        .unwrap_or(xdp_action::XDP_DROP))
 }

@@ -47,11 +47,10 @@ use lb_common::{
     FlowKey, Stat,
 };
 
-use aya_ebpf::programs::XdpContext;
-
 use crate::{
     csum,
     fib::{self, Out},
+    frame::Frame,
     maps::{BACKENDS, CONNTRACK, SERVICES, VIPS},
     nat,
     parse::{
@@ -92,7 +91,7 @@ struct Translation {
 /// "packet too big" (ICMPv6 type 2) claiming a path MTU below `MIN_REPLY_PATH_MTU`. Such an
 /// error about a reply is not passed on to the backend: see `Stat::DropIcmpLowMtu`.
 #[inline(always)]
-fn claims_low_mtu(ctx: &XdpContext, family: u8, l4_off: usize) -> bool {
+fn claims_low_mtu<C: Frame>(ctx: &C, family: u8, l4_off: usize) -> bool {
     let Some(head) = ptr_at::<[u8; 8]>(ctx, l4_off) else {
         return false;
     };
@@ -212,7 +211,7 @@ fn to_client(
 /// about a NAT'ed flow, else passed. A BPF subprogram of its own, beside the balancing path
 /// (see `balancer::handle`); `Ok` / `Err` as for [`translate`].
 #[inline(never)]
-pub fn handle(ctx: &XdpContext) -> Result<u32, Stat> {
+pub fn handle<C: Frame>(ctx: &C) -> Result<u32, Stat> {
     let p = parse::parse(ctx)?;
     if p.key.protocol != IPPROTO_ICMP && p.key.protocol != IPPROTO_ICMPV6 {
         // `is_icmp` and `parse` read the same field; this only keeps the two honest.
@@ -226,7 +225,7 @@ pub fn handle(ctx: &XdpContext) -> Result<u32, Stat> {
 /// counter: `PassNotVip` for ICMP this module leaves alone (untouched), or a forwarding
 /// counter after the rewrite (as for a NAT reply).
 #[inline(always)]
-fn translate(ctx: &XdpContext, p: &Parsed) -> Result<u32, Stat> {
+fn translate<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     let icmp: *mut [u16; 2] = ptr_at(ctx, p.l4_off).ok_or(Stat::PassNotVip)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (kind, icmp_check) = unsafe { (((*icmp)[0] & 0xff) as u8, (*icmp)[1]) };

@@ -1,9 +1,13 @@
-//! lb's XDP fast path: the balancer `lb_xdp` and the DSR decapsulator `lb_decap`.
+//! lb's eBPF fast path: the balancer at two hooks, `lb_xdp` (XDP) and `lb_tc` (tc ingress),
+//! built from the same code and sharing every map, and the DSR decapsulator `lb_decap`.
 //!
 //! This file holds only the entry points. Each concern has its own module, as in Katran's
-//! `lib/bpf`: `parse` (headers and the pass rule), `maps` (declarations), `conntrack`
-//! (placement), `limits` (per-client limits on new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about NAT'ed flows, both directions), `encap` (DSR), `csum`, `fib` (next hop), `stats`, and `balancer`, which
-//! strings them together for one packet. The map layouts and how the daemon fills them are
+//! `lib/bpf`: `frame` (what differs between the XDP and the tc hook), `parse` (headers and the
+//! pass rule), `maps` (declarations), `conntrack` (placement), `limits` (per-client limits on
+//! new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about
+//! NAT'ed flows, both directions), `encap` (DSR), `too_big` (the answer to a DSR packet that
+//! would not fit), `csum`, `fib` (next hop), `stats`, and `balancer`, which strings them
+//! together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]
 #![no_main]
@@ -21,6 +25,7 @@ mod conntrack;
 mod csum;
 mod encap;
 mod fib;
+mod frame;
 mod icmp;
 mod limits;
 mod maps;
@@ -30,7 +35,11 @@ mod reset;
 mod stats;
 mod too_big;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::Stat;
 
 /// The balancer, attached by the daemon to the interfaces clients and backends reach it on.
@@ -46,9 +55,29 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Ok(action) => action,
         Err(stat) => {
             stats::increment(stat);
-            balancer::action_for(stat)
+            balancer::action_for::<XdpContext>(stat)
         }
     }
+}
+
+/// The balancer at the tc ingress hook, for interfaces where XDP cannot deliver or costs more
+/// than it saves (veth, bridges, bonds, VLANs): the same placement, NAT, DSR, limits and ICMP
+/// as `lb_xdp`, on socket buffers, so GSO/GRO super-packets stay whole and checksums are kept
+/// right for `CHECKSUM_PARTIAL` packets; it forwards with `bpf_redirect` /
+/// `bpf_redirect_neigh` (any device, a bridge included) and needs nothing from the neighbours.
+/// Returns `TC_ACT_OK` (pass), `TC_ACT_SHOT` (drop) or `TC_ACT_REDIRECT`.
+#[classifier]
+pub fn lb_tc(ctx: TcContext) -> i32 {
+    stats::increment(Stat::Packets);
+    frame::pull_headers(&ctx);
+    let action = match balancer::handle(&ctx) {
+        Ok(action) => action,
+        Err(stat) => {
+            stats::increment(stat);
+            balancer::action_for::<TcContext>(stat)
+        }
+    };
+    action as i32
 }
 
 /// The DSR decapsulator, attached on a backend host: strips the outer IPIP / IP6IP6 header of

@@ -13,7 +13,6 @@ use core::{
     num::NonZeroU32,
 };
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{
     flow::IPPROTO_UDP,
     flow_hash,
@@ -27,10 +26,11 @@ use lb_common::{
 
 use crate::{
     csum,
+    frame::{Frame, L4Check},
     maps::{NatScratch, LIMITS, LOCAL_ADDRS, NAT_REVERSE, NAT_SCRATCH},
     parse::{
-        groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, TCP_CHECK_OFF, TCP_FIN, TCP_RST,
-        UDP_CHECK_OFF,
+        groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, IPV4_CHECK_OFF, TCP_CHECK_OFF, TCP_FIN,
+        TCP_RST, UDP_CHECK_OFF,
     },
 };
 
@@ -354,12 +354,14 @@ pub fn reverse(key: &FlowKey, tcp_flags: u8, now: u32) -> Option<NatReverse> {
 
 /// Rewrites the parsed packet's addresses and ports to `src`:`sport` → `dst`:`dport` (ports
 /// in host order), decrements its TTL / hop limit (the caller dropped those at 1 or 0), and
-/// updates the IP (IPv4) and TCP/UDP checksums incrementally. An IPv4 UDP
-/// checksum of 0 (none) stays 0. `Err(Stat::PassMalformed)` cannot happen for a packet `parse`
-/// accepted; it only satisfies the verifier's bounds checks.
+/// updates the IP (IPv4) and TCP/UDP checksums by the hook's rules (`Frame::l3_csum_add`,
+/// `Frame::l4_csum_add`): an IPv4 UDP checksum of 0 (none) stays 0, and on tc a
+/// `CHECKSUM_PARTIAL` packet's field follows only the addresses. `Err(Stat::PassMalformed)`
+/// cannot happen for a packet `parse` accepted; it only satisfies the verifier's bounds
+/// checks.
 #[inline(always)]
-pub fn rewrite(
-    ctx: &XdpContext,
+pub fn rewrite<C: Frame>(
+    ctx: &C,
     p: &Parsed,
     src: &[u32; 4],
     sport: u16,
@@ -367,24 +369,28 @@ pub fn rewrite(
     dport: u16,
 ) -> Result<(), Stat> {
     let old = &p.key;
+    // The pseudo-header holds both addresses: their change goes into the IPv4 header's
+    // checksum and the transport checksum alike.
+    let addrs = csum::sum(
+        csum::diff_addr(&old.src_addr, src),
+        csum::diff_addr(&old.dst_addr, dst),
+    );
     if p.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (ttl, proto) = unsafe { ((*ip).ttl, (*ip).protocol) };
+        // TTL and protocol share one 16-bit word of the header checksum (memory order, as
+        // the ports below).
+        let hop = csum::diff16(
+            u16::from_ne_bytes([ttl, proto]),
+            u16::from_ne_bytes([ttl.wrapping_sub(1), proto]),
+        );
+        ctx.l3_csum_add(p.l3_off + IPV4_CHECK_OFF, csum::sum(addrs, hop))?;
+        // Taken anew: on tc the checksum helper may have moved the packet.
         let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {
-            let mut check = (*ip).check;
-            check = csum::replace_addr(check, &old.src_addr, src);
-            check = csum::replace_addr(check, &old.dst_addr, dst);
-            // TTL and protocol share one 16-bit word of the header checksum (memory order,
-            // as the ports below).
-            let ttl = (*ip).ttl;
-            let proto = (*ip).protocol;
-            check = csum::replace16(
-                check,
-                u16::from_ne_bytes([ttl, proto]),
-                u16::from_ne_bytes([ttl.wrapping_sub(1), proto]),
-            );
             (*ip).ttl = ttl.wrapping_sub(1);
-            (*ip).check = check;
             (*ip).src = halves(src[0]);
             (*ip).dst = halves(dst[0]);
         }
@@ -399,32 +405,36 @@ pub fn rewrite(
     }
 
     // Source and destination port are the first two 16-bit words of both TCP and UDP.
+    let ports: *const [u16; 2] = ptr_at(ctx, p.l4_off).ok_or(Stat::PassMalformed)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let old_ports = unsafe { *ports };
+    let new_ports = [sport.to_be(), dport.to_be()];
+    let udp = p.key.protocol == IPPROTO_UDP;
+    let check_off = p.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };
+    let v6 = p.family != FAMILY_V4;
+    ctx.l4_csum_add(
+        check_off,
+        addrs,
+        L4Check {
+            pseudo: true,
+            udp,
+            v6,
+        },
+    )?;
+    ctx.l4_csum_add(
+        check_off,
+        csum::sum(
+            csum::diff16(old_ports[0], new_ports[0]),
+            csum::diff16(old_ports[1], new_ports[1]),
+        ),
+        L4Check {
+            pseudo: false,
+            udp,
+            v6,
+        },
+    )?;
     let ports: *mut [u16; 2] = ptr_at(ctx, p.l4_off).ok_or(Stat::PassMalformed)?;
-    let check_off = if p.key.protocol == IPPROTO_UDP {
-        UDP_CHECK_OFF
-    } else {
-        TCP_CHECK_OFF
-    };
-    let check_ptr: *mut u16 = ptr_at(ctx, p.l4_off + check_off).ok_or(Stat::PassMalformed)?;
-    let (new_sport, new_dport) = (sport.to_be(), dport.to_be());
-    // SAFETY: both pointers bounds checked by `ptr_at`.
-    unsafe {
-        let old_ports = *ports;
-        let check = *check_ptr;
-        let udp_without_checksum =
-            p.key.protocol == IPPROTO_UDP && p.family == FAMILY_V4 && check == 0;
-        if !udp_without_checksum {
-            // The pseudo-header holds both addresses, so they change the L4 checksum too.
-            let mut c = csum::replace_addr(check, &old.src_addr, src);
-            c = csum::replace_addr(c, &old.dst_addr, dst);
-            c = csum::replace16(c, old_ports[0], new_sport);
-            c = csum::replace16(c, old_ports[1], new_dport);
-            if p.key.protocol == IPPROTO_UDP {
-                c = csum::udp_nonzero(c);
-            }
-            *check_ptr = c;
-        }
-        *ports = [new_sport, new_dport];
-    }
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *ports = new_ports };
     Ok(())
 }

@@ -14,7 +14,9 @@
 //! - IPv6 extension headers before the transport header: `Stat::PassIpv6ExtHeaders`, or
 //!   `Stat::DropIpv6ExtHeaders` (dropped) when addressed to a VIP;
 //! - anything else that is not TCP or UDP over IP (ARP, a second VLAN tag...):
-//!   `Stat::PassNotVip`, like TCP/UDP packets for no VIP.
+//!   `Stat::PassNotVip`, like TCP/UDP packets for no VIP. At tc ingress the kernel has taken
+//!   the outer tag out of the packet already, so a tag the program sees there is a second one
+//!   (see `Frame::TAG_IN_PACKET`).
 //!
 //! ICMP (over IPv4) and ICMPv6 (over IPv6 without extension headers) are parsed with ports 0,
 //! for `icmp` to translate the errors about NAT'ed flows; it passes the rest as
@@ -24,14 +26,13 @@
 //! Ethernet (14 bytes), a VLAN tag (4) and IP headers (multiples of 4) keep every header on an
 //! even offset, so reading through these pointers is always aligned.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
     FlowKey, Stat,
 };
 
-use crate::maps::VIP_ADDRS;
+use crate::{frame::Frame, maps::VIP_ADDRS};
 
 /// EtherType of IPv4, as the 16-bit field reads in memory order (network order bytes 08 00).
 pub const ETH_P_IP: u16 = 0x0800_u16.to_be();
@@ -154,6 +155,8 @@ pub const TCP_RST: u8 = 0x04;
 /// TCP ACK flag.
 pub const TCP_ACK: u8 = 0x10;
 
+/// Offset of the checksum within the IPv4 header.
+pub const IPV4_CHECK_OFF: usize = 10;
 /// Offset of the checksum within the TCP header.
 pub const TCP_CHECK_OFF: usize = 16;
 /// Offset of the checksum within the UDP header.
@@ -164,7 +167,7 @@ pub const UDP_CHECK_OFF: usize = 6;
 /// The comparison against `data_end` is what the verifier needs to see before any access
 /// through the pointer.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -192,12 +195,15 @@ pub struct Parsed {
 
 /// Offset of the IP header and its EtherType, after at most one VLAN tag.
 #[inline(always)]
-pub fn l3(ctx: &XdpContext) -> Result<(usize, u16), Stat> {
+pub fn l3<C: Frame>(ctx: &C) -> Result<(usize, u16), Stat> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
     // SAFETY: `ptr_at` checked that the header lies within the packet.
     let proto = unsafe { (*eth).proto };
     if proto != ETH_P_8021Q {
         return Ok((core::mem::size_of::<EthHdr>(), proto));
+    }
+    if !C::TAG_IN_PACKET {
+        return Err(Stat::PassNotVip);
     }
     let vlan: *const VlanHdr =
         ptr_at(ctx, core::mem::size_of::<EthHdr>()).ok_or(Stat::PassMalformed)?;
@@ -214,7 +220,7 @@ pub fn l3(ctx: &XdpContext) -> Result<(usize, u16), Stat> {
 /// returns with protocol `IPPROTO_ICMP` / `IPPROTO_ICMPV6` when it accepts them. Looks at
 /// nothing else; a truncated header reads as not ICMP.
 #[inline(always)]
-pub fn is_icmp(ctx: &XdpContext) -> bool {
+pub fn is_icmp<C: Frame>(ctx: &C) -> bool {
     let Ok((l3_off, proto)) = l3(ctx) else {
         return false;
     };
@@ -234,9 +240,9 @@ pub fn is_icmp(ctx: &XdpContext) -> bool {
 /// Parses the packet in `ctx`; `Err` is the counter of the pass rule it falls under (see the
 /// module docs), and the packet must then be passed untouched.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, Stat> {
+pub fn parse<C: Frame>(ctx: &C) -> Result<Parsed, Stat> {
     let (l3_off, proto) = l3(ctx)?;
-    let frame_len = ctx.data_end() - ctx.data();
+    let frame_len = ctx.len();
     let (mut key, family, l4_off, ip_len) = if proto == ETH_P_IP {
         parse_ipv4(ctx, l3_off, frame_len)?
     } else if proto == ETH_P_IPV6 {
@@ -288,8 +294,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Stat> {
 }
 
 #[inline(always)]
-fn parse_ipv4(
-    ctx: &XdpContext,
+fn parse_ipv4<C: Frame>(
+    ctx: &C,
     l3_off: usize,
     frame_len: usize,
 ) -> Result<(FlowKey, u8, usize, u16), Stat> {
@@ -335,7 +341,7 @@ fn parse_ipv4(
 /// The TTL (IPv4) or hop limit (IPv6) of the packet `parse` accepted as `p`; 0 when the header
 /// cannot be read, which `parse` already ruled out.
 #[inline(always)]
-pub fn hop_limit(ctx: &XdpContext, p: &Parsed) -> u8 {
+pub fn hop_limit<C: Frame>(ctx: &C, p: &Parsed) -> u8 {
     if p.family == FAMILY_V4 {
         // SAFETY: bounds checked by `ptr_at`.
         ptr_at::<Ipv4Hdr>(ctx, p.l3_off).map_or(0, |ip| unsafe { (*ip).ttl })
@@ -370,8 +376,8 @@ fn is_ipv6_ext(nexthdr: u8) -> bool {
 }
 
 #[inline(always)]
-fn parse_ipv6(
-    ctx: &XdpContext,
+fn parse_ipv6<C: Frame>(
+    ctx: &C,
     l3_off: usize,
     frame_len: usize,
 ) -> Result<(FlowKey, u8, usize, u16), Stat> {

@@ -9,11 +9,11 @@
 //! (its sequence + 1 + any payload, RFC 9293 §3.10.7.1), window 0. The frame's tail is cut to
 //! that length.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use lb_common::maps::FAMILY_V4;
 
 use crate::{
     csum,
+    frame::Frame,
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, TcpHdr, TCP_ACK, TCP_RST},
 };
 
@@ -25,10 +25,10 @@ const TCP_HDR_LEN: usize = 20;
 /// Rewrites the TCP segment in `ctx` (parsed as `p`) into the RST answering it (RFC 9293
 /// §3.10.7.1): a segment without ACK (a SYN) gets a RST+ACK acknowledging it, one with ACK a
 /// bare RST whose sequence number is the segment's acknowledgement number, so the sender
-/// takes it. Returns `XDP_TX`, or `None` when it cannot (IPv4 options, or the tail cannot
-/// shrink) and the segment should be dropped.
+/// takes it. Returns the hook's turn-around action (`XDP_TX`), or `None` when it cannot
+/// (IPv4 options, or the tail cannot shrink) and the segment should be dropped.
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
+pub fn answer<C: Frame>(ctx: &C, p: &Parsed) -> Option<u32> {
     let ip_hdr_len = p.l4_off - p.l3_off;
     if p.family == FAMILY_V4 && ip_hdr_len != IPV4_HDR_LEN {
         return None;
@@ -50,12 +50,8 @@ pub fn answer(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
     let ack = seq.wrapping_add(1).wrapping_add(payload);
 
     let end = p.l4_off + TCP_HDR_LEN;
-    let len = ctx.data_end() - ctx.data();
-    if len > end {
-        // SAFETY: the helper only moves `data_end` within the frame (the kernel checks).
-        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - end) as i32)) } != 0 {
-            return None;
-        }
+    if !ctx.truncate(end) {
+        return None;
     }
 
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
@@ -116,5 +112,5 @@ pub fn answer(ctx: &XdpContext, p: &Parsed) -> Option<u32> {
             &*(tcp as *const [u16; 10]),
         );
     }
-    Some(xdp_action::XDP_TX)
+    Some(ctx.turn_around())
 }

@@ -12,18 +12,15 @@
 //! not turn into a flood of answers); over it, and for IPv4 without DF (XDP cannot fragment),
 //! the packet is dropped (`Stat::DropMtu`).
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+use aya_ebpf::helpers::{bpf_csum_diff, bpf_ktime_get_ns};
 use lb_common::{
     maps::{FAMILY_V4, TOO_BIG_PER_SECOND},
     Stat,
 };
 
 use crate::{
-    csum, encap,
+    csum,
+    frame::Frame,
     maps::TOO_BIG_BUDGET,
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
@@ -40,11 +37,12 @@ const ICMP_HDR_LEN: usize = 8;
 const IP_DF: u16 = 0x4000_u16.to_be();
 
 /// Answers the DSR packet in `ctx` (parsed as `p`) that the route lookup found too big once
-/// `outer_hdr` bytes of encapsulation are added. Returns `XDP_TX` with the answer in the frame,
+/// `outer_hdr` bytes of encapsulation are added. Returns the hook's turn-around action with
+/// the answer in the frame,
 /// or `Err(Stat::DropMtu)` when it is not answered (IPv4 without DF, over the rate limit, a
 /// packet shorter than the quote) and the packet is to be dropped.
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, p: &Parsed, outer_hdr: u16) -> Result<u32, Stat> {
+pub fn answer<C: Frame>(ctx: &C, p: &Parsed, outer_hdr: u16) -> Result<u32, Stat> {
     let mtu = crate::fib::path_mtu()
         .ok_or(Stat::DropMtu)?
         .saturating_sub(outer_hdr);
@@ -81,10 +79,8 @@ fn allowed() -> bool {
 /// link-layer header there with its addresses swapped, and cuts the tail after `quote` bytes
 /// of the client's packet.
 #[inline(always)]
-fn make_room(ctx: &XdpContext, p: &Parsed, hdr: usize, quote: usize) -> Result<(), Stat> {
-    let link = encap::save_link(ctx, p.l3_off)?;
-    encap::grow(ctx, hdr)?;
-    encap::restore_link(ctx, &link)?;
+fn make_room<C: Frame>(ctx: &C, p: &Parsed, hdr: usize, quote: usize) -> Result<(), Stat> {
+    ctx.insert_room(p.l3_off, hdr, false, p.family != FAMILY_V4)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe {
@@ -93,12 +89,7 @@ fn make_room(ctx: &XdpContext, p: &Parsed, hdr: usize, quote: usize) -> Result<(
         (*eth).dst = src;
     }
     let want = p.l3_off + hdr + quote;
-    let len = ctx.data_end() - ctx.data();
-    if len < want {
-        return Err(Stat::DropMtu);
-    }
-    // SAFETY: the helper only moves `data_end` within the frame (the kernel checks).
-    if len > want && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {
+    if ctx.len() < want || !ctx.truncate(want) {
         return Err(Stat::DropMtu);
     }
     Ok(())
@@ -106,7 +97,7 @@ fn make_room(ctx: &XdpContext, p: &Parsed, hdr: usize, quote: usize) -> Result<(
 
 /// The one's-complement sum of `QUOTE` bytes at `offset` plus `seed`, by the kernel's helper.
 #[inline(always)]
-fn sum_quote<const QUOTE: usize>(ctx: &XdpContext, offset: usize, seed: u32) -> Result<u32, Stat> {
+fn sum_quote<const QUOTE: usize>(ctx: &impl Frame, offset: usize, seed: u32) -> Result<u32, Stat> {
     let quote: *mut [u8; QUOTE] = ptr_at(ctx, offset).ok_or(Stat::DropMtu)?;
     // SAFETY: `QUOTE` bytes at `quote` lie within the packet (checked by `ptr_at`); the helper
     // only reads them.
@@ -126,7 +117,7 @@ fn sum_quote<const QUOTE: usize>(ctx: &XdpContext, offset: usize, seed: u32) -> 
 }
 
 #[inline(always)]
-fn v4(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
+fn v4<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (df, client, vip) = unsafe { ((*ip).frag_off & IP_DF != 0, (*ip).src, (*ip).dst) };
@@ -165,11 +156,11 @@ fn v4(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let at: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe { *at = out };
-    Ok(xdp_action::XDP_TX)
+    Ok(ctx.turn_around())
 }
 
 #[inline(always)]
-fn v6(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
+fn v6<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
     let (client, vip) = unsafe { ((*ip).src, (*ip).dst) };
@@ -207,5 +198,5 @@ fn v6(ctx: &XdpContext, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let at: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe { *at = out };
-    Ok(xdp_action::XDP_TX)
+    Ok(ctx.turn_around())
 }

@@ -13,7 +13,7 @@ use lb_tests::client::{http_get, upload, Upload};
 use lb_tests::data::Receipt;
 use lb_tests::load::run;
 use lb_tests::xdp::world::{World, BULK, WEB};
-use lb_tests::xdp::{backend_ip, in_netns, Mode, Topology};
+use lb_tests::xdp::{backend_ip, in_netns, Mode, Path, Topology};
 
 /// The part of the long upload sent before the drain, and after it.
 const BEFORE: u64 = 8 * 1024 * 1024;
@@ -22,19 +22,33 @@ const AFTER: u64 = 24 * 1024 * 1024;
 #[test]
 fn nat_a_drained_backend_takes_no_new_flow_and_its_upload_finishes() {
     if lb_tests::require_root("xdp_drain::nat_a_drained_backend_takes_no_new_flow") {
-        drain_mid_load(Mode::Nat);
+        drain_mid_load(Mode::Nat.into());
     }
 }
 
 #[test]
 fn dsr_a_drained_backend_takes_no_new_flow_and_its_upload_finishes() {
     if lb_tests::require_root("xdp_drain::dsr_a_drained_backend_takes_no_new_flow") {
-        drain_mid_load(Mode::Dsr);
+        drain_mid_load(Mode::Dsr.into());
     }
 }
 
-fn drain_mid_load(mode: Mode) {
-    let mut world = World::start(mode, 3, 3);
+#[test]
+fn tc_nat_a_drained_backend_takes_no_new_flow_and_its_upload_finishes() {
+    if lb_tests::require_root("xdp_drain::tc_nat_a_drained_backend_takes_no_new_flow") {
+        drain_mid_load(Path::tc(Mode::Nat));
+    }
+}
+
+#[test]
+fn tc_dsr_a_drained_backend_takes_no_new_flow_and_its_upload_finishes() {
+    if lb_tests::require_root("xdp_drain::tc_dsr_a_drained_backend_takes_no_new_flow") {
+        drain_mid_load(Path::tc(Mode::Dsr));
+    }
+}
+
+fn drain_mid_load(path: Path) {
+    let mut world = World::start(path, 3, 3);
     let api = world.daemon.admin_addr();
     let status = |world: &World| {
         in_netns(&world.topology.balancer, || admin::status(api)).expect("balancer namespace")
@@ -46,7 +60,7 @@ fn drain_mid_load(mode: Mode) {
             u.send(BEFORE)?;
             Ok(u)
         })
-        .unwrap_or_else(|e| panic!("{mode:?}: the long upload could not start: {e}"));
+        .unwrap_or_else(|e| panic!("{path:?}: the long upload could not start: {e}"));
     let holder = world.bulk_connection_holder(3);
     let holder_addr = SocketAddr::new(IpAddr::V4(backend_ip(holder)), BULK);
     let web_drained = SocketAddr::new(IpAddr::V4(backend_ip(2)), WEB);
@@ -58,7 +72,7 @@ fn drain_mid_load(mode: Mode) {
             admin::request(api, "POST", &path, "")
         })
         .expect("balancer namespace");
-        assert_eq!(reply.status, 200, "{mode:?}: POST {path}: {}", reply.body);
+        assert_eq!(reply.status, 200, "{path:?}: POST {path}: {}", reply.body);
     }
     for service in ["bulk", "web"] {
         let table = format!("service {service}: XDP table generation");
@@ -66,20 +80,20 @@ fn drain_mid_load(mode: Mode) {
             .daemon
             .wait_for_log_after(mark, &table, Duration::from_secs(10))
             .unwrap_or_else(|e| {
-                panic!("{mode:?}: the drain of {service} never reached the XDP table: {e}")
+                panic!("{path:?}: the drain of {service} never reached the XDP table: {e}")
             });
     }
     let flows_of = |st: &serde_json::Value| -> u64 {
         admin::backend(st, "bulk", holder_addr)
             .and_then(|b| b["xdp"]["flows"].as_u64())
-            .unwrap_or_else(|| panic!("{mode:?}: no XDP flow count for {holder_addr}: {st}"))
+            .unwrap_or_else(|| panic!("{path:?}: no XDP flow count for {holder_addr}: {st}"))
     };
     let st = status(&world);
     let before = flows_of(&st);
     assert_eq!(
         admin::backend(&st, "bulk", holder_addr).map(|b| b["state"].clone()),
         Some("draining".into()),
-        "{mode:?}: /status does not show {holder_addr} draining: {st}"
+        "{path:?}: /status does not show {holder_addr} draining: {st}"
     );
 
     // New flows while the long upload goes on: none reaches a drained backend.
@@ -88,11 +102,11 @@ fn drain_mid_load(mode: Mode) {
             http_get(Topology::vip(WEB), "/")
         })
     });
-    web_report.assert_all_answered(&format!("{mode:?}: HTTP while b2 drains"));
+    web_report.assert_all_answered(&format!("{path:?}: HTTP while b2 drains"));
     assert_eq!(
         web_report.tally.get("b2"),
         0,
-        "{mode:?}: the drained web backend b2 answered new connections: {:?}",
+        "{path:?}: the drained web backend b2 answered new connections: {:?}",
         web_report.tally
     );
     let bulk_report = world.client(|| {
@@ -100,12 +114,12 @@ fn drain_mid_load(mode: Mode) {
             upload(Topology::vip(BULK), 4096, 100 + i as u64).map(|_| "ok".to_string())
         })
     });
-    bulk_report.assert_all_answered(&format!("{mode:?}: uploads while b{holder} drains"));
+    bulk_report.assert_all_answered(&format!("{path:?}: uploads while b{holder} drains"));
     // Status counts the open upload on the drained backend (conntrack holds it open)...
     let active_of = |st: &serde_json::Value| -> u64 {
         admin::backend(st, "bulk", holder_addr)
             .and_then(|b| b["active"].as_u64())
-            .unwrap_or_else(|| panic!("{mode:?}: no active count for {holder_addr}: {st}"))
+            .unwrap_or_else(|| panic!("{path:?}: no active count for {holder_addr}: {st}"))
     };
     let wait_active = |what: &str, ok: &dyn Fn(u64) -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -116,7 +130,7 @@ fn drain_mid_load(mode: Mode) {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "{mode:?}: {what} within 20 s: {}",
+                "{path:?}: {what} within 20 s: {}",
                 admin::backend(&st, "bulk", holder_addr)
                     .cloned()
                     .unwrap_or_default()
@@ -129,14 +143,14 @@ fn drain_mid_load(mode: Mode) {
         &|n| n >= 1,
     );
     long.send(AFTER)
-        .unwrap_or_else(|e| panic!("{mode:?}: the upload to the drained b{holder} broke: {e}"));
+        .unwrap_or_else(|e| panic!("{path:?}: the upload to the drained b{holder} broke: {e}"));
     let receipt = long
         .finish()
-        .unwrap_or_else(|e| panic!("{mode:?}: the upload to the drained b{holder} failed: {e}"));
+        .unwrap_or_else(|e| panic!("{path:?}: the upload to the drained b{holder} failed: {e}"));
     assert_eq!(
         receipt,
         Receipt::of_stream(BEFORE + AFTER, 21),
-        "{mode:?}: the upload pinned to the drained b{holder} arrived damaged or cut"
+        "{path:?}: the upload pinned to the drained b{holder} arrived damaged or cut"
     );
     // ...and the count goes to zero once it has finished.
     wait_active("the drained backend's open flows did not go to 0", &|n| {
@@ -146,7 +160,7 @@ fn drain_mid_load(mode: Mode) {
     assert_eq!(
         after,
         before,
-        "{mode:?}: XDP started {} new flows on the drained b{holder}",
+        "{path:?}: XDP started {} new flows on the drained b{holder}",
         after - before
     );
 }

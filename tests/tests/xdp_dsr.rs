@@ -5,21 +5,24 @@
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
 use lb_tests::xdp::scenarios;
-use lb_tests::xdp::Mode;
+use lb_tests::xdp::{Mode, Path, Plane};
 
-const MODE: Mode = Mode::Dsr;
+const PATH: Path = Path {
+    plane: Plane::Xdp,
+    mode: Mode::Dsr,
+};
 
 #[test]
 fn http_requests_spread_evenly_over_three_backends() {
     if lb_tests::require_root("xdp_dsr::http_requests_spread_evenly_over_three_backends") {
-        scenarios::requests_spread_evenly(MODE);
+        scenarios::requests_spread_evenly(PATH);
     }
 }
 
 #[test]
 fn a_100_mib_upload_arrives_intact_and_udp_gets_replies() {
     if lb_tests::require_root("xdp_dsr::a_100_mib_upload_arrives_intact_and_udp_gets_replies") {
-        scenarios::transfer_and_udp(MODE);
+        scenarios::transfer_and_udp(PATH);
     }
 }
 
@@ -28,7 +31,7 @@ fn new_flows_avoid_a_down_backend_while_a_long_upload_completes() {
     if lb_tests::require_root(
         "xdp_dsr::new_flows_avoid_a_down_backend_while_a_long_upload_completes",
     ) {
-        scenarios::backend_down(MODE);
+        scenarios::backend_down(PATH);
     }
 }
 
@@ -37,14 +40,14 @@ fn a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay() {
     if lb_tests::require_root(
         "xdp_dsr::a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay",
     ) {
-        scenarios::backend_added(MODE);
+        scenarios::backend_added(PATH);
     }
 }
 
 #[test]
 fn xdp_counters_match_the_traffic_sent() {
     if lb_tests::require_root("xdp_dsr::xdp_counters_match_the_traffic_sent") {
-        scenarios::counters_match(MODE);
+        scenarios::counters_match(PATH);
     }
 }
 
@@ -57,7 +60,7 @@ fn an_upload_over_a_1500_byte_backend_link_adapts_its_path_mtu_and_arrives_intac
     if !lb_tests::require_root("xdp_dsr::an_upload_over_a_1500_byte_backend_link") {
         return;
     }
-    let world = lb_tests::xdp::world::World::start(MODE, 1, 1);
+    let world = lb_tests::xdp::world::World::start(PATH, 1, 1);
     let t = &world.topology;
     t.balancer
         .ip(&["link", "set", "l1", "mtu", "1500"])

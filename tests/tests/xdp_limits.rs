@@ -1,6 +1,6 @@
-//! Per-client limits on the XDP data plane, end to end: `lb-daemon` with XDP (`nat`) in the
-//! balancer namespace, one backend namespace with HTTP name servers, and a client namespace
-//! with several addresses. A client address over its connection limit or its rate is refused
+//! Per-client limits on the eBPF data plane, end to end (XDP, and tc for the connection and
+//! rate limits): `lb-daemon` with XDP or tc (`nat`) in the balancer namespace, one backend
+//! namespace with HTTP name servers, and a client namespace with several addresses. A client address over its connection limit or its rate is refused
 //! (the program answers its SYN with a reset, so its connect fails at once), while another
 //! address is served; the daemon's log and counters report the refusals, a reload changes a
 //! limit live, and the daemon's sweep gives back the slot of a flow whose conntrack entry was
@@ -17,7 +17,7 @@ use lb_common::maps::{addr_words, CtEntry, CONNTRACK};
 use lb_common::FlowKey;
 use lb_tests::client::{http_get_from, HttpConnection};
 use lb_tests::config::{DaemonConfig, ServiceConfig};
-use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Topology};
+use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Path, Plane, Topology};
 use lb_tests::{Daemon, HttpNameServer};
 use socket2::{Domain, SockAddr, Socket, Type};
 use toml::{Table, Value};
@@ -90,8 +90,14 @@ fn config(topology: &Topology, max_connections: i64) -> String {
     config.to_toml()
 }
 
-fn start() -> Lab {
-    let topology = Topology::new(Mode::Nat, 1);
+fn start(plane: Plane) -> Lab {
+    let topology = Topology::at(
+        Path {
+            plane,
+            mode: Mode::Nat,
+        },
+        1,
+    );
     for extra in [B, C] {
         topology
             .client
@@ -220,10 +226,20 @@ impl Lab {
 
 #[test]
 fn a_client_over_its_connection_limit_is_refused_and_another_is_not() {
-    if !lb_tests::require_root("xdp_limits::a_client_over_its_connection_limit_is_refused") {
-        return;
+    if lb_tests::require_root("xdp_limits::a_client_over_its_connection_limit_is_refused") {
+        connection_limit(Plane::Xdp);
     }
-    let lab = start();
+}
+
+#[test]
+fn tc_a_client_over_its_connection_limit_is_refused_and_another_is_not() {
+    if lb_tests::require_root("xdp_limits::tc_a_client_over_its_connection_limit_is_refused") {
+        connection_limit(Plane::Tc);
+    }
+}
+
+fn connection_limit(plane: Plane) {
+    let lab = start(plane);
     let first = lab.hold(A, CONNS, "A's first connection");
     let second = lab.hold(A, CONNS, "A's second connection");
     assert!(
@@ -277,10 +293,20 @@ fn a_client_over_its_connection_limit_is_refused_and_another_is_not() {
 
 #[test]
 fn a_client_over_its_rate_is_refused_after_its_burst_and_another_is_not() {
-    if !lb_tests::require_root("xdp_limits::a_client_over_its_rate_is_refused") {
-        return;
+    if lb_tests::require_root("xdp_limits::a_client_over_its_rate_is_refused") {
+        rate_limit(Plane::Xdp);
     }
-    let mut lab = start();
+}
+
+#[test]
+fn tc_a_client_over_its_rate_is_refused_after_its_burst_and_another_is_not() {
+    if lb_tests::require_root("xdp_limits::tc_a_client_over_its_rate_is_refused") {
+        rate_limit(Plane::Tc);
+    }
+}
+
+fn rate_limit(plane: Plane) {
+    let mut lab = start(plane);
     for k in 0..3 {
         assert!(
             lab.served(A, RATE),
@@ -345,7 +371,7 @@ fn a_slot_held_by_an_evicted_flow_is_given_back_by_the_sweep() {
     if !lb_tests::require_root("xdp_limits::a_slot_held_by_an_evicted_flow_is_given_back") {
         return;
     }
-    let lab = start();
+    let lab = start(Plane::Xdp);
     let first = lab.hold(C, CONNS, "C's first connection");
     let _second = lab.hold(C, CONNS, "C's second connection");
     assert!(

@@ -5,21 +5,24 @@
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
 use lb_tests::xdp::scenarios;
-use lb_tests::xdp::Mode;
+use lb_tests::xdp::{Mode, Path, Plane};
 
-const MODE: Mode = Mode::Nat;
+const PATH: Path = Path {
+    plane: Plane::Xdp,
+    mode: Mode::Nat,
+};
 
 #[test]
 fn http_requests_spread_evenly_over_three_backends() {
     if lb_tests::require_root("xdp_nat::http_requests_spread_evenly_over_three_backends") {
-        scenarios::requests_spread_evenly(MODE);
+        scenarios::requests_spread_evenly(PATH);
     }
 }
 
 #[test]
 fn a_100_mib_upload_arrives_intact_and_udp_gets_replies() {
     if lb_tests::require_root("xdp_nat::a_100_mib_upload_arrives_intact_and_udp_gets_replies") {
-        scenarios::transfer_and_udp(MODE);
+        scenarios::transfer_and_udp(PATH);
     }
 }
 
@@ -28,7 +31,7 @@ fn new_flows_avoid_a_down_backend_while_a_long_upload_completes() {
     if lb_tests::require_root(
         "xdp_nat::new_flows_avoid_a_down_backend_while_a_long_upload_completes",
     ) {
-        scenarios::backend_down(MODE);
+        scenarios::backend_down(PATH);
     }
 }
 
@@ -37,13 +40,13 @@ fn a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay() {
     if lb_tests::require_root(
         "xdp_nat::a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay",
     ) {
-        scenarios::backend_added(MODE);
+        scenarios::backend_added(PATH);
     }
 }
 
 #[test]
 fn xdp_counters_match_the_traffic_sent() {
     if lb_tests::require_root("xdp_nat::xdp_counters_match_the_traffic_sent") {
-        scenarios::counters_match(MODE);
+        scenarios::counters_match(PATH);
     }
 }

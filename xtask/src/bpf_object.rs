@@ -13,7 +13,11 @@ const EM_BPF: u16 = 247;
 const E_MACHINE_OFFSET: usize = 18;
 
 /// Programs that must be present, as (section, function symbol).
-const PROGRAMS: &[(&str, &str)] = &[("xdp", maps::PROG_BALANCER), ("xdp", maps::PROG_DECAP)];
+const PROGRAMS: &[(&str, &str)] = &[
+    ("xdp", maps::PROG_BALANCER),
+    ("classifier", maps::PROG_TC),
+    ("xdp", maps::PROG_DECAP),
+];
 /// Maps that must be present, by symbol name in the `maps` section.
 const MAPS: &[&str] = &[
     maps::VIPS,

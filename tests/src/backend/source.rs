@@ -31,6 +31,15 @@ impl SourceServer {
         Ok(SourceServer { server, completed })
     }
 
+    /// Starts `name` listening on `addr` (in the calling thread's namespace). Returns the bind
+    /// error if it cannot listen.
+    pub fn start_on(name: &str, addr: SocketAddr) -> io::Result<SourceServer> {
+        let completed = Arc::new(AtomicU64::new(0));
+        let c = completed.clone();
+        let server = TcpServer::start_on(name, addr, Arc::new(move |s| handle(s, &c)))?;
+        Ok(SourceServer { server, completed })
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         self.server.name()

@@ -105,8 +105,56 @@ pub enum Mode {
     Dsr,
 }
 
+/// The eBPF hook an end-to-end test's balancer runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// `dataplane = "xdp"`: `lb_xdp`. Its neighbours need tx checksum offload off and an XDP
+    /// program on the veth peers (see [`Topology::at`]).
+    Xdp,
+    /// `dataplane = "tc"`: `lb_tc` at tc ingress. Nothing on the neighbours changes.
+    Tc,
+}
+
+/// What an end-to-end eBPF test runs: the hook and the forwarding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    /// The hook.
+    pub plane: Plane,
+    /// NAT or DSR.
+    pub mode: Mode,
+}
+
+impl Path {
+    /// `mode` at the tc hook.
+    pub fn tc(mode: Mode) -> Path {
+        Path {
+            plane: Plane::Tc,
+            mode,
+        }
+    }
+}
+
+/// A mode alone is XDP's, the hook these tests were first written for.
+impl From<Mode> for Path {
+    fn from(mode: Mode) -> Path {
+        Path {
+            plane: Plane::Xdp,
+            mode,
+        }
+    }
+}
+
+/// `Xdp Nat`, `Tc Dsr`: how assertion messages name the path.
+impl std::fmt::Debug for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {:?}", self.plane, self.mode)
+    }
+}
+
 /// The namespaces, veths and decapsulators of one test; all removed on drop.
 pub struct Topology {
+    /// The hook the balancer runs at.
+    pub plane: Plane,
     /// Decapsulators, stopped before the namespaces go.
     pub decaps: Vec<Decap>,
     /// The client's namespace (`c0`, 10.200.0.2).
@@ -118,9 +166,18 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Builds the namespaces for `n` backends in `mode` and starts `lb-daemon decap` on the
-    /// client's and every backend's veth. Panics with the failing step.
+    /// [`Topology::at`] for XDP.
     pub fn new(mode: Mode, n: usize) -> Topology {
+        Topology::at(mode.into(), n)
+    }
+
+    /// Builds the namespaces for `n` backends on `path`. For XDP it turns tx checksum offload
+    /// off on the client's and the backends' veths and starts `lb-daemon decap` on each of
+    /// them (the XDP program a veth's peer needs before it carries redirected frames, and DSR's
+    /// decapsulator); for tc it changes nothing on the neighbours, and starts the
+    /// decapsulator on the backends only in DSR mode. Panics with the failing step.
+    pub fn at(path: Path, n: usize) -> Topology {
+        let Path { plane, mode } = path;
         let client = Netns::new("c").expect("client namespace");
         let balancer = Netns::new("lb").expect("balancer namespace");
         veth(
@@ -176,18 +233,24 @@ impl Topology {
             }
             backends.push(ns);
         }
-        // Local senders must write full checksums, or XDP's rewrites leave them wrong.
-        disable_tx_checksum(&client, "c0").expect("tx checksum offload off on c0");
-        for ns in &backends {
-            disable_tx_checksum(ns, "b0").expect("tx checksum offload off on b0");
-        }
         let object = bpf_object();
         let from = [IpAddr::V4(BALANCER)];
-        let mut decaps = vec![Decap::start(&client, "c0", &object, &from)];
-        for ns in &backends {
-            decaps.push(Decap::start(ns, "b0", &object, &from));
+        let mut decaps = Vec::new();
+        if plane == Plane::Xdp {
+            // Local senders must write full checksums, or XDP's rewrites leave them wrong.
+            disable_tx_checksum(&client, "c0").expect("tx checksum offload off on c0");
+            for ns in &backends {
+                disable_tx_checksum(ns, "b0").expect("tx checksum offload off on b0");
+            }
+            decaps.push(Decap::start(&client, "c0", &object, &from));
+        }
+        if plane == Plane::Xdp || mode == Mode::Dsr {
+            for ns in &backends {
+                decaps.push(Decap::start(ns, "b0", &object, &from));
+            }
         }
         Topology {
+            plane,
             decaps,
             client,
             balancer,
@@ -195,14 +258,18 @@ impl Topology {
         }
     }
 
-    /// The `[[service]]` XDP keys for this topology: `interface = "l0"`, every backend veth,
-    /// `local_address`, `forwarding`.
+    /// The `[[service]]` eBPF keys for this topology: `dataplane` (its plane), `interface =
+    /// "l0"`, every backend veth, `local_address`, `forwarding`.
     pub fn xdp_keys(&self, mode: Mode) -> Vec<(&'static str, toml::Value)> {
+        let dataplane = match self.plane {
+            Plane::Xdp => "xdp",
+            Plane::Tc => "tc",
+        };
         let ifs: Vec<toml::Value> = (1..=self.backends.len())
             .map(|i| toml::Value::from(backend_interface(i)))
             .collect();
         vec![
-            ("dataplane", "xdp".into()),
+            ("dataplane", dataplane.into()),
             ("interface", "l0".into()),
             ("backend_interfaces", toml::Value::Array(ifs)),
             ("local_address", BALANCER.to_string().into()),

@@ -88,7 +88,12 @@ pub fn udp_exchange(
     payloads: &[Vec<u8>],
     timeout: Duration,
 ) -> io::Result<Vec<Vec<u8>>> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let any: SocketAddr = if vip.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(any)?;
     socket.connect(vip)?;
     socket.set_read_timeout(Some(timeout))?;
     let mut replies = Vec::with_capacity(payloads.len());

@@ -1,11 +1,12 @@
-//! The end-to-end checks `xdp_nat.rs` and `xdp_dsr.rs` both run, each in its own [`World`].
+//! The end-to-end checks `xdp_nat.rs`, `xdp_dsr.rs`, `tc_nat.rs` and `tc_dsr.rs` all run, each
+//! in its own [`World`], on the [`Path`] (hook and forwarding) the test gives.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::world::{World, BULK, DNS, WEB};
-use super::{backend_ip, in_netns, udp_exchange, Mode, Topology, BALANCER, CLIENT};
+use super::{backend_ip, in_netns, udp_exchange, Mode, Path, Topology, BALANCER, CLIENT};
 use crate::client::{http_get, HttpConnection, Upload};
 use crate::data::Receipt;
 use crate::load::run;
@@ -29,18 +30,18 @@ fn bulk() -> SocketAddr {
 
 /// HTTP requests through the VIP, each on a new connection, are answered by all three
 /// backends within ±5 points of a third each.
-pub fn requests_spread_evenly(mode: Mode) {
-    let world = World::start(mode, 3, 3);
+pub fn requests_spread_evenly(path: Path) {
+    let world = World::start(path, 3, 3);
     let report = world.client(|| {
         run(CONNECTIONS, 4, Duration::from_secs(180), |_| {
             http_get(web(), "/")
         })
     });
-    report.assert_all_answered(&format!("{mode:?}: HTTP through the VIP"));
+    report.assert_all_answered(&format!("{path:?}: HTTP through the VIP"));
     if let Err(e) = report.tally.check_shares(
         &[("b1", 1), ("b2", 1), ("b3", 1)],
         TOLERANCE,
-        &format!("{mode:?} XDP, maglev"),
+        &format!("{path:?} XDP, maglev"),
     ) {
         panic!("{e}");
     }
@@ -48,15 +49,16 @@ pub fn requests_spread_evenly(mode: Mode) {
 
 /// A 100 MiB upload arrives byte-identical; the backend saw the client's real address (DSR)
 /// or the balancer's (NAT); UDP requests get their replies, from more than one backend.
-pub fn transfer_and_udp(mode: Mode) {
-    let world = World::start(mode, 3, 3);
+pub fn transfer_and_udp(path: Path) {
+    let mode = path.mode;
+    let world = World::start(path, 3, 3);
     let receipt = world
         .client(|| crate::client::upload(bulk(), BIG, 7))
-        .unwrap_or_else(|e| panic!("{mode:?}: the 100 MiB upload through the VIP failed: {e}"));
+        .unwrap_or_else(|e| panic!("{path:?}: the 100 MiB upload through the VIP failed: {e}"));
     assert_eq!(
         receipt,
         Receipt::of_stream(BIG, 7),
-        "{mode:?}: the backend did not receive the 100 MiB the client sent, byte for byte"
+        "{path:?}: the backend did not receive the 100 MiB the client sent, byte for byte"
     );
     let expected_peer: IpAddr = match mode {
         Mode::Nat => BALANCER.into(),
@@ -73,7 +75,7 @@ pub fn transfer_and_udp(mode: Mode) {
         .collect();
     assert!(
         !seen.is_empty() && seen.iter().all(|p| p.ip() == expected_peer),
-        "{mode:?}: the upload's backend should see the connection come from {expected_peer} \
+        "{path:?}: the upload's backend should see the connection come from {expected_peer} \
          ({}); it saw {seen:?}",
         match mode {
             Mode::Nat => "the balancer's local_address",
@@ -87,44 +89,44 @@ pub fn transfer_and_udp(mode: Mode) {
         let replies = world
             .client(|| udp_exchange(Topology::vip(DNS), &payloads, Duration::from_secs(5)))
             .unwrap_or_else(|e| {
-                panic!("{mode:?}: UDP client {k} got no reply through the VIP: {e}")
+                panic!("{path:?}: UDP client {k} got no reply through the VIP: {e}")
             });
         let mut names = Vec::new();
         for (p, r) in payloads.iter().zip(&replies) {
             let text = String::from_utf8_lossy(r);
             let (name, echoed) = text
                 .split_once(':')
-                .unwrap_or_else(|| panic!("{mode:?}: UDP reply `{text}` is not `name:payload`"));
+                .unwrap_or_else(|| panic!("{path:?}: UDP reply `{text}` is not `name:payload`"));
             assert_eq!(
                 echoed.as_bytes(),
                 &p[..],
-                "{mode:?}: the UDP reply does not echo what was sent"
+                "{path:?}: the UDP reply does not echo what was sent"
             );
             names.push(name.to_string());
         }
         assert!(
             names.windows(2).all(|w| w[0] == w[1]),
-            "{mode:?}: one UDP client's datagrams were answered by different backends: {names:?}"
+            "{path:?}: one UDP client's datagrams were answered by different backends: {names:?}"
         );
         *by_backend.entry(names[0].clone()).or_default() += 1;
     }
     assert!(
         by_backend.len() >= 2,
-        "{mode:?}: 30 UDP clients were all answered by one backend: {by_backend:?}"
+        "{path:?}: 30 UDP clients were all answered by one backend: {by_backend:?}"
     );
 }
 
 /// A long upload keeps going to its backend while another backend goes DOWN and the table
 /// changes; new flows avoid the DOWN backend.
-pub fn backend_down(mode: Mode) {
-    let mut world = World::start(mode, 3, 3);
+pub fn backend_down(path: Path) {
+    let mut world = World::start(path, 3, 3);
     let mut up = world
         .client(|| -> Result<Upload, crate::client::ClientError> {
             let mut u = Upload::start(bulk(), 11)?;
             u.send(8 * 1024 * 1024)?;
             Ok(u)
         })
-        .unwrap_or_else(|e| panic!("{mode:?}: the long upload could not start: {e}"));
+        .unwrap_or_else(|e| panic!("{path:?}: the long upload could not start: {e}"));
     let holder = world.bulk_connection_holder(3);
     let victim = if holder == 1 { 2 } else { 1 };
     let victim_addr = SocketAddr::new(IpAddr::V4(backend_ip(victim)), BULK);
@@ -139,15 +141,15 @@ pub fn backend_down(mode: Mode) {
     world.wait_for_table_after(mark, "bulk", victim_addr, "DOWN", TRANSITION);
 
     up.send(BIG - 8 * 1024 * 1024).unwrap_or_else(|e| {
-        panic!("{mode:?}: the upload to b{holder} broke while b{victim} went DOWN: {e}")
+        panic!("{path:?}: the upload to b{holder} broke while b{victim} went DOWN: {e}")
     });
     let receipt = up
         .finish()
-        .unwrap_or_else(|e| panic!("{mode:?}: the upload to b{holder} did not complete: {e}"));
+        .unwrap_or_else(|e| panic!("{path:?}: the upload to b{holder} did not complete: {e}"));
     assert_eq!(
         receipt,
         Receipt::of_stream(BIG, 11),
-        "{mode:?}: the upload to b{holder} arrived damaged while the table changed"
+        "{path:?}: the upload to b{holder} arrived damaged while the table changed"
     );
 
     let report = world.client(|| {
@@ -156,7 +158,7 @@ pub fn backend_down(mode: Mode) {
         })
     });
     report.assert_all_answered(&format!(
-        "{mode:?}: new uploads after b{victim} went DOWN (one placed on it would be refused)"
+        "{path:?}: new uploads after b{victim} went DOWN (one placed on it would be refused)"
     ));
     // The program's own count: no flow of `bulk` was ever placed on the victim (the long
     // upload went to b{holder}, every later one came after the DOWN).
@@ -167,17 +169,17 @@ pub fn backend_down(mode: Mode) {
         .logs()
         .into_iter()
         .find(|l| l.contains(&line))
-        .unwrap_or_else(|| panic!("{mode:?}: no `{line}` line in the daemon's exit log"));
+        .unwrap_or_else(|| panic!("{path:?}: no `{line}` line in the daemon's exit log"));
     assert!(
         counted.contains("new_flows=0"),
-        "{mode:?}: XDP placed new flows on b{victim} after it was marked DOWN: {counted}"
+        "{path:?}: XDP placed new flows on b{victim} after it was marked DOWN: {counted}"
     );
 }
 
 /// A backend that starts DOWN comes UP: kept-alive connections stay on their backends
 /// (conntrack), and new connections spread over all four.
-pub fn backend_added(mode: Mode) {
-    let mut world = World::start(mode, 4, 3);
+pub fn backend_added(path: Path) {
+    let mut world = World::start(path, 4, 3);
     let b4 = SocketAddr::new(IpAddr::V4(backend_ip(4)), WEB);
     world.wait_for_table_after(0, "web", b4, "DOWN", TRANSITION);
 
@@ -185,17 +187,17 @@ pub fn backend_added(mode: Mode) {
         (0..24)
             .map(|k| {
                 let mut c = HttpConnection::open(web())
-                    .unwrap_or_else(|e| panic!("{mode:?}: kept-alive connection {k}: {e}"));
+                    .unwrap_or_else(|e| panic!("{path:?}: kept-alive connection {k}: {e}"));
                 let first = c
                     .get("/")
-                    .unwrap_or_else(|e| panic!("{mode:?}: first request on connection {k}: {e}"));
+                    .unwrap_or_else(|e| panic!("{path:?}: first request on connection {k}: {e}"));
                 (c, first)
             })
             .collect()
     });
     assert!(
         kept.iter().all(|(_, b)| b != "b4"),
-        "{mode:?}: a connection reached b4 while it was DOWN"
+        "{path:?}: a connection reached b4 while it was DOWN"
     );
 
     let mark = world.daemon.log_mark();
@@ -204,20 +206,20 @@ pub fn backend_added(mode: Mode) {
 
     for (k, (c, first)) in kept.iter_mut().enumerate() {
         let again = c.get("/").unwrap_or_else(|e| {
-            panic!("{mode:?}: kept-alive connection {k} broke when b4 came UP: {e}")
+            panic!("{path:?}: kept-alive connection {k} broke when b4 came UP: {e}")
         });
         assert_eq!(
             &again, first,
-            "{mode:?}: kept-alive connection {k} moved from {first} to {again} when b4 came UP; \
+            "{path:?}: kept-alive connection {k} moved from {first} to {again} when b4 came UP; \
              conntrack should keep it on its backend"
         );
     }
     let report = world.client(|| run(1_200, 4, Duration::from_secs(120), |_| http_get(web(), "/")));
-    report.assert_all_answered(&format!("{mode:?}: new connections after b4 came UP"));
+    report.assert_all_answered(&format!("{path:?}: new connections after b4 came UP"));
     if let Err(e) = report.tally.check_shares(
         &[("b1", 1), ("b2", 1), ("b3", 1), ("b4", 1)],
         TOLERANCE,
-        &format!("{mode:?}: new connections after b4 came UP"),
+        &format!("{path:?}: new connections after b4 came UP"),
     ) {
         panic!("{e}");
     }
@@ -225,8 +227,8 @@ pub fn backend_added(mode: Mode) {
 
 /// The XDP counters match what the client sent, as `/status`, `/metrics` and the exit log show
 /// them: UDP packets and bytes exactly, and one new flow per TCP connection.
-pub fn counters_match(mode: Mode) {
-    let mut world = World::start(mode, 3, 3);
+pub fn counters_match(path: Path) {
+    let mut world = World::start(path, 3, 3);
     const DATAGRAMS: usize = 100;
     const PAYLOAD: usize = 32;
     let payloads: Vec<Vec<u8>> = (0..DATAGRAMS)
@@ -234,10 +236,10 @@ pub fn counters_match(mode: Mode) {
         .collect();
     world
         .client(|| udp_exchange(Topology::vip(DNS), &payloads, Duration::from_secs(5)))
-        .unwrap_or_else(|e| panic!("{mode:?}: UDP through the VIP failed: {e}"));
+        .unwrap_or_else(|e| panic!("{path:?}: UDP through the VIP failed: {e}"));
     const CONNS: usize = 50;
     let report = world.client(|| run(CONNS, 1, Duration::from_secs(60), |_| http_get(web(), "/")));
-    report.assert_all_answered(&format!("{mode:?}: HTTP for the counters"));
+    report.assert_all_answered(&format!("{path:?}: HTTP for the counters"));
     // Ethernet 14 + IPv4 20 + UDP 8 + payload, as the frame arrived at the balancer.
     let frame = (14 + 20 + 8 + PAYLOAD) as u64;
 
@@ -251,7 +253,7 @@ pub fn counters_match(mode: Mode) {
         status["services"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["name"] == name))
-            .unwrap_or_else(|| panic!("{mode:?}: no service {name} in /status: {status}"))
+            .unwrap_or_else(|| panic!("{path:?}: no service {name} in /status: {status}"))
     };
     let dns = &service("dns")["xdp"];
     assert_eq!(
@@ -265,7 +267,7 @@ pub fn counters_match(mode: Mode) {
             Some(DATAGRAMS as u64 * frame),
             Some(1)
         ),
-        "{mode:?}: /status shows other XDP figures for dns than the {DATAGRAMS} datagrams of \
+        "{path:?}: /status shows other XDP figures for dns than the {DATAGRAMS} datagrams of \
          {frame} bytes one client sent: {dns}"
     );
     let web_total: u64 = service("web")["backends"]
@@ -274,11 +276,11 @@ pub fn counters_match(mode: Mode) {
         .unwrap_or(0);
     assert_eq!(
         web_total, CONNS as u64,
-        "{mode:?}: /status counts {web_total} flows over web's backends for {CONNS} connections"
+        "{path:?}: /status counts {web_total} flows over web's backends for {CONNS} connections"
     );
     assert!(
         status["xdp"]["packets"]["forwarded"].as_u64() >= Some((DATAGRAMS + CONNS) as u64),
-        "{mode:?}: /status's XDP `forwarded` is below the packets sent: {}",
+        "{path:?}: /status's XDP `forwarded` is below the packets sent: {}",
         status["xdp"]
     );
     assert_eq!(metrics.status, 200, "GET /metrics: {}", metrics.body);
@@ -299,18 +301,18 @@ pub fn counters_match(mode: Mode) {
     assert_eq!(
         sum("lb_backend_connections_total", Some("web")),
         CONNS as f64,
-        "{mode:?}: lb_backend_connections_total for web over XDP"
+        "{path:?}: lb_backend_connections_total for web over XDP"
     );
     assert_eq!(
         sum("lb_xdp_backend_packets_total", Some("dns")),
         DATAGRAMS as f64,
-        "{mode:?}: lb_xdp_backend_packets_total for dns"
+        "{path:?}: lb_xdp_backend_packets_total for dns"
     );
     let seen = sum("lb_xdp_packets_total", None);
     let outcomes = sum("lb_xdp_packet_outcomes_total", None);
     assert!(
         seen >= (DATAGRAMS + CONNS) as f64 && outcomes > 0.0,
-        "{mode:?}: lb_xdp_packets_total {seen} and lb_xdp_packet_outcomes_total {outcomes} \
+        "{path:?}: lb_xdp_packets_total {seen} and lb_xdp_packet_outcomes_total {outcomes} \
          do not fit the traffic sent:\n{}",
         metrics.body
     );
@@ -321,7 +323,7 @@ pub fn counters_match(mode: Mode) {
         let line = logs
             .iter()
             .find(|l| l.contains(prefix))
-            .unwrap_or_else(|| panic!("{mode:?}: no `{prefix}` line in the daemon's exit log"));
+            .unwrap_or_else(|| panic!("{path:?}: no `{prefix}` line in the daemon's exit log"));
         let field = |k: &str| -> u64 {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(&format!("{k}=")))
@@ -333,12 +335,12 @@ pub fn counters_match(mode: Mode) {
     assert_eq!(
         find("xdp counters: service dns: "),
         (DATAGRAMS as u64, DATAGRAMS as u64 * frame, 1),
-        "{mode:?}: the dns counters (packets, bytes, new flows) do not match the {DATAGRAMS} \
+        "{path:?}: the dns counters (packets, bytes, new flows) do not match the {DATAGRAMS} \
          datagrams of {frame} bytes one client sent"
     );
     let (_, _, new_flows) = find("xdp counters: service web: ");
     assert_eq!(
         new_flows, CONNS as u64,
-        "{mode:?}: the web service counted {new_flows} new flows for {CONNS} connections"
+        "{path:?}: the web service counted {new_flows} new flows for {CONNS} connections"
     );
 }

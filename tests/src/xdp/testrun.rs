@@ -1,16 +1,20 @@
-//! The TestRun lab: the lb-ebpf object loaded (so the kernel's verifier checks both programs),
+//! The TestRun lab: the lb-ebpf object loaded (so the kernel's verifier checks its programs),
 //! its maps taken, and a namespace with two veth pairs for `bpf_fib_lookup` to route in; a
 //! test fills the maps as `lb_common::maps` tells the daemon to, runs crafted frames through a
 //! program with BPF_PROG_TEST_RUN (aya's `TestRun`), and reads the maps and counters back.
 //!
 //! The lab's addresses: clients come in on `vc` (10.0.1.1, fd00:1::1), backends sit behind
 //! `vb` (10.0.2.1, fd00:2::1, also the balancer's SNAT / outer source address).
+//!
+//! A lab runs the balancer at one [`Hook`]: `lb_xdp`, or `lb_tc` (the same balancer at tc
+//! ingress), whose return values [`Lab::run`] reports as the XDP action with the same meaning,
+//! so every test states its expectations once for both.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use lb_common::{
@@ -18,7 +22,7 @@ use lb_common::{
         addr_words as words, family_of as family, table_index, Backend, ClientKey, ClientState,
         CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS, BACKEND_STATS,
         CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_SOURCES, DEVMAP, LIMITS, NAT_REVERSE, PROG_BALANCER,
-        PROG_DECAP, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS, VIP_ADDRS,
+        PROG_DECAP, PROG_TC, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS, VIP_ADDRS,
     },
     Counters, FlowKey, Stat,
 };
@@ -94,10 +98,28 @@ pub fn flow(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, protocol: u8) -> F
     }
 }
 
+/// Where a lab runs the balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// `lb_xdp`, on `xdp_md` frames.
+    Xdp,
+    /// `lb_tc`, on socket buffers at tc ingress.
+    Tc,
+}
+
+/// `TC_ACT_OK`: the classifier handed the packet on to the kernel.
+const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_SHOT`: the classifier dropped the packet.
+const TC_ACT_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: the classifier redirected the packet (`bpf_redirect*`).
+const TC_ACT_REDIRECT: u32 = 7;
+
 /// A loaded lb-ebpf object with its maps, and the namespace its packets are routed in.
 pub struct Lab {
-    /// The object, with `lb_xdp` and `lb_decap` loaded.
+    /// The object, with `lb_xdp`, `lb_tc` and `lb_decap` loaded.
     pub ebpf: Ebpf,
+    /// Which program [`Lab::run`] runs for [`PROG_BALANCER`].
+    pub hook: Hook,
     /// `VIPS`: (VIP, port, protocol) to service.
     pub vips: HashMap<MapData, VipKey, VipValue>,
     /// `SERVICES`: a service's mode, table halves and SNAT range.
@@ -141,10 +163,10 @@ pub fn mac(m: [u8; 6]) -> String {
 }
 
 impl Lab {
-    /// Loads the object named by `LB_EBPF_OBJ`, takes its maps and builds the namespace.
-    /// Panics with what failed (no object, the verifier's rejection, `ip` errors).
-    #[allow(clippy::new_without_default)]
-    pub fn new() -> Lab {
+    /// Loads the object named by `LB_EBPF_OBJ`, takes its maps and builds the namespace; the
+    /// balancer runs at `hook`. Panics with what failed (no object, the verifier's rejection,
+    /// `ip` errors).
+    pub fn new(hook: Hook) -> Lab {
         let path = std::env::var("LB_EBPF_OBJ").expect(
             "LB_EBPF_OBJ must name the built lb-ebpf object (`cargo xtask test` sets it; \
              or run `cargo xtask build-ebpf --release` and point it at the printed path)",
@@ -160,6 +182,13 @@ impl Lab {
             prog.load()
                 .unwrap_or_else(|e| panic!("the kernel's verifier rejected {name}: {e:?}"));
         }
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(PROG_TC)
+            .unwrap_or_else(|| panic!("the object has no program {PROG_TC}"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("{PROG_TC} is not a tc classifier: {e}"));
+        tc.load()
+            .unwrap_or_else(|e| panic!("the kernel's verifier rejected {PROG_TC}: {e:?}"));
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .unwrap_or_else(|| panic!("the object has no map {name}"))
@@ -280,6 +309,7 @@ impl Lab {
         .expect("enter the lab namespace");
         Lab {
             ebpf,
+            hook,
             vips,
             services,
             backends,
@@ -378,7 +408,12 @@ impl Lab {
     }
 
     /// Runs `prog` on `frame` as if it arrived on `ingress`; the action and the output frame.
+    /// [`PROG_BALANCER`] runs at the lab's [`Hook`]; on tc the action is reported as the XDP
+    /// action of the same meaning (see [`Lab::run_tc`]).
     pub fn run(&self, prog: &str, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        if prog == PROG_BALANCER && self.hook == Hook::Tc {
+            return self.run_tc(ingress, frame);
+        }
         let xdp: &Xdp = self
             .ebpf
             .program(prog)
@@ -406,6 +441,86 @@ impl Lab {
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} failed: {e:?}"));
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
+    }
+
+    /// Runs `lb_tc` on `frame` as a socket buffer received on `ingress`. The action is given
+    /// as XDP's: `TC_ACT_OK` as `XDP_PASS`, `TC_ACT_SHOT` as `XDP_DROP`, and
+    /// `TC_ACT_REDIRECT` as `XDP_TX` when the frame leaves by the interface it came in on
+    /// (its new source MAC is `ingress`'s: a turned-around answer, or a route back out of
+    /// `ingress`), else `XDP_REDIRECT`, which is how `lb_xdp` tells them apart.
+    pub fn run_tc(&self, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.try_run_tc(ingress, frame).unwrap_or_else(|| {
+            panic!(
+                "BPF_PROG_TEST_RUN of {PROG_TC} refused the {}-byte frame",
+                frame.len()
+            )
+        })
+    }
+
+    /// [`Lab::run`], or `None` when the kernel builds no socket buffer from `frame` for `lb_tc`
+    /// (BPF_PROG_TEST_RUN answers EINVAL to an IPv4 frame cut inside its IP header; such a
+    /// frame reaches XDP only).
+    pub fn try_run(&self, prog: &str, ingress: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+        if prog == PROG_BALANCER && self.hook == Hook::Tc {
+            self.try_run_tc(ingress, frame)
+        } else {
+            Some(self.run(prog, ingress, frame))
+        }
+    }
+
+    fn try_run_tc(&self, ingress: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+        let tc: &SchedClassifier = self
+            .ebpf
+            .program(PROG_TC)
+            .expect("program present")
+            .try_into()
+            .expect("a tc classifier");
+        // struct __sk_buff up to `ifindex` (offset 40): the packet arrives on `ingress`; every
+        // other field the kernel lets a test set stays zero.
+        let mut skb = [0u8; 44];
+        skb[36..40].copy_from_slice(&ingress.to_ne_bytes());
+        skb[40..44].copy_from_slice(&ingress.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .ns
+            .enter(|| {
+                tc.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&skb),
+                    ..TestRunOptions::default()
+                })
+            })
+            .expect("enter the lab namespace");
+        let result = match result {
+            Ok(result) => result,
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                return None
+            }
+            Err(e) => panic!("BPF_PROG_TEST_RUN of {PROG_TC} failed: {e:?}"),
+        };
+        out.truncate(result.data_size_out as usize);
+        let action = match result.return_value {
+            TC_ACT_OK => XDP_PASS,
+            TC_ACT_SHOT => XDP_DROP,
+            TC_ACT_REDIRECT if out.len() >= 12 && out[6..12] == self.mac_of(ingress) => XDP_TX,
+            TC_ACT_REDIRECT => XDP_REDIRECT,
+            other => 0x100 | other,
+        };
+        Some((action, out))
+    }
+
+    /// The MAC address of the lab's interface `ifindex` (`vc` or `vb`); all zero for another.
+    fn mac_of(&self, ifindex: u32) -> [u8; 6] {
+        if ifindex == self.vc {
+            VC_MAC
+        } else if ifindex == self.vb {
+            VB_MAC
+        } else {
+            [0; 6]
+        }
     }
 
     /// Runs the balancer and asserts the action.
@@ -452,11 +567,11 @@ impl Lab {
     }
 }
 
-/// A new [`Lab`] when the process may load BPF programs; `None` (the test skips) when not
-/// root, unless `LB_REQUIRE_PRIVILEGED=1`, when it panics.
-pub fn lab(test: &str) -> Option<Lab> {
+/// A new [`Lab`] running the balancer at `hook` when the process may load BPF programs;
+/// `None` (the test skips) when not root, unless `LB_REQUIRE_PRIVILEGED=1`, when it panics.
+pub fn lab_at(hook: Hook, test: &str) -> Option<Lab> {
     if !require_root(test) {
         return None;
     }
-    Some(Lab::new())
+    Some(Lab::new(hook))
 }

@@ -10,7 +10,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use super::{backend_ip, bpf_object, in_netns, Mode, PeerServer, Topology, VIP};
+use super::{backend_ip, bpf_object, in_netns, Mode, Path, PeerServer, Topology, VIP};
 use crate::config::{DaemonConfig, ServiceConfig};
 use crate::{Daemon, HttpNameServer, UdpEcho};
 
@@ -48,9 +48,13 @@ impl World {
     /// Builds `n` backends and starts servers on the first `running` of them (the others
     /// are configured but have no server: their health checks fail until
     /// [`World::start_backend`]), then the daemon, and waits for its `ready`.
-    pub fn start(mode: Mode, n: usize, running: usize) -> World {
+    ///
+    /// `path`: a [`Mode`] alone runs on XDP; [`Path::tc`] on tc.
+    pub fn start(path: impl Into<Path>, n: usize, running: usize) -> World {
+        let path = path.into();
+        let mode = path.mode;
         let checked: Vec<usize> = (1..=running).collect();
-        World::start_custom(mode, n, running, &checked, |topology| {
+        World::start_custom(path, n, running, &checked, |topology| {
             let mut config =
                 DaemonConfig::new().global("bpf_object", bpf_object().display().to_string());
             for name in ["web", "bulk", "dns"] {
@@ -68,13 +72,15 @@ impl World {
     /// usual services), and waits until it has health-checked each backend of `checked`
     /// (1-based): until then the balancer does not know their MAC addresses.
     pub fn start_custom(
-        mode: Mode,
+        path: impl Into<Path>,
         n: usize,
         running: usize,
         checked: &[usize],
         launch: impl FnOnce(&Topology) -> Daemon,
     ) -> World {
-        let topology = Topology::new(mode, n);
+        let path = path.into();
+        let mode = path.mode;
+        let topology = Topology::at(path, n);
         let mut servers = Vec::new();
         for i in 1..=n {
             servers.push(if i <= running {

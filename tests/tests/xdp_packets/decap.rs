@@ -2,6 +2,12 @@
 //! or drops, and how it learns its own addresses.
 
 use super::*;
+use lb_common::maps::DecapAddr;
+use lb_tests::{
+    netns::Netns,
+    require_root,
+    xdp::{bpf_object, Decap},
+};
 
 /// The packet the tunnels carry: a client's SYN to VIP4:80.
 fn inner() -> Vec<u8> {

@@ -178,6 +178,11 @@ fn packets_the_balancer_cannot_or_need_not_handle_pass_untouched_and_are_counted
         Stat::PassNotVip,
     ));
 
+    // BPF_PROG_TEST_RUN builds no socket buffer from an IPv4 frame without a whole IPv4
+    // header (EINVAL), so the tc lab cannot run that case.
+    if lab.hook == Hook::Tc {
+        cases.retain(|(_, frame, _)| frame.len() >= 14 + 20 || frame[12..14] != [0x08, 0x00]);
+    }
     for (what, frame, stat) in &cases {
         let before = lab.stat(*stat);
         let out = lab.expect(lab.vc, frame, XDP_PASS, what);
@@ -233,6 +238,23 @@ fn vip_packets_with_ip_options_or_a_vlan_tag_are_forwarded_intact() {
 
     let ip = Packet::tcp(client, 42001, vip, 80, TCP_SYN).ip();
     let tagged = packet::eth(VC_MAC, CLIENT_MAC, Some(100), packet::ETH_IP, &ip);
+    if lab.hook == Hook::Tc {
+        // At tc ingress the kernel has already moved a frame's tag into the socket buffer's
+        // metadata (which goes with the packet where it is sent); a tag still in the packet is
+        // a second one, passed like any other (see `parse`). BPF_PROG_TEST_RUN does not untag.
+        let out = lab.expect(lab.vc, &tagged, XDP_PASS, "a frame with a second VLAN tag");
+        assert_same(
+            &out,
+            &tagged,
+            "a frame with a second VLAN tag passes untouched",
+        );
+        assert_eq!(
+            lab.stat(Stat::Forwarded),
+            1,
+            "only the SYN with options forwarded"
+        );
+        return;
+    }
     let out = lab.expect(
         lab.vc,
         &tagged,
@@ -377,16 +399,22 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
         TCP_RST | TCP_ACK,
         "a SYN that finds no SNAT port is answered with a RST+ACK, so the client fails at once"
     );
+    // XDP hands a packet whose next hop has no neighbour entry to the kernel, translated; tc
+    // gives it to `bpf_redirect_neigh`, which resolves the next hop itself.
+    let (action, stat) = match lab.hook {
+        Hook::Xdp => (XDP_PASS, Stat::FibPass),
+        Hook::Tc => (XDP_REDIRECT, Stat::Forwarded),
+    };
     let out = check(
         &syn(1003, 83, b""),
-        XDP_PASS,
-        Stat::FibPass,
+        action,
+        stat,
         "a SYN to a backend whose MAC is unknown",
     );
     assert_eq!(
         &out[30..34],
         &[10, 0, 2, 13],
-        "the packet passed to the kernel must already be translated"
+        "the packet must leave already translated"
     );
     check(
         &syn(1004, 84, b""),
@@ -394,10 +422,15 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
         Stat::DropNoRoute,
         "a SYN to a blackholed backend",
     );
+    // tc redirects to any interface; XDP only to one the daemon put in DEVMAP.
+    let (action, stat) = match lab.hook {
+        Hook::Xdp => (XDP_DROP, Stat::DropNoDevmapEntry),
+        Hook::Tc => (XDP_REDIRECT, Stat::Forwarded),
+    };
     check(
         &syn(1005, 85, b""),
-        XDP_DROP,
-        Stat::DropNoDevmapEntry,
+        action,
+        stat,
         "a SYN routed out of an interface not in DEVMAP",
     );
     // 1490 bytes of IP fit vb's MTU of 1500, with the 20 bytes of IPIP they do not: the

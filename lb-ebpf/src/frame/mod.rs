@@ -1,0 +1,97 @@
+//! The two hooks the balancer runs at, behind one trait: XDP (`xdp.rs`: a frame in the
+//! driver's buffer, before the kernel made a socket buffer of it) and tc (`tc.rs`: a socket
+//! buffer at the ingress hook, GSO/GRO super-packets whole). Everything else in this crate is
+//! written once against [`Frame`]; the entry points `lb_xdp` and `lb_tc` instantiate it for
+//! `XdpContext` and `TcContext`.
+//!
+//! What differs between the hooks, and only that, lives here: the return values, the packet's
+//! length, how a checksum follows a rewrite (tc must keep `CHECKSUM_PARTIAL` and
+//! `CHECKSUM_COMPLETE` packets right, which only the kernel's helpers can), how room for a
+//! header is made, and how a packet leaves (`XDP_TX` / `XDP_REDIRECT` through `DEVMAP`, or
+//! `bpf_redirect` / `bpf_redirect_neigh`).
+
+mod tc;
+mod xdp;
+
+pub use tc::pull_headers;
+
+use aya_ebpf::cty::c_void;
+use lb_common::Stat;
+
+/// How a checksum field relates to the change being folded into it.
+#[derive(Clone, Copy)]
+pub struct L4Check {
+    /// The change is to the pseudo-header (addresses): a `CHECKSUM_PARTIAL` packet's field
+    /// holds the pseudo-header's sum and must follow; a change to the transport header itself
+    /// (ports) must then leave it alone, since the checksum is computed at transmit.
+    pub pseudo: bool,
+    /// UDP: a result of 0 is sent as 0xffff, and over IPv4 a field of 0 means "no checksum"
+    /// and stays 0.
+    pub udp: bool,
+    /// IPv6 (for UDP's "no checksum" rule, and for how a tc packet's `CHECKSUM_COMPLETE`
+    /// sum follows: the IPv6 header has no checksum of its own to absorb the change).
+    pub v6: bool,
+}
+
+/// One packet at one of the balancer's hooks.
+///
+/// Offsets are from the start of the Ethernet header. Every pointer into the packet is taken
+/// anew after a method that may move or resize it ([`Frame::l3_csum_add`],
+/// [`Frame::l4_csum_add`], [`Frame::insert_room`], [`Frame::truncate`]): the verifier forgets
+/// packet pointers across the helpers that change a socket buffer.
+pub trait Frame {
+    /// The return value that hands the packet to the kernel untouched.
+    const PASS: u32;
+    /// The return value that drops the packet.
+    const DROP: u32;
+    /// Whether an 802.1Q tag in the packet is the outer one. At XDP it is; at tc ingress the
+    /// kernel has already taken the outer tag into the socket buffer's metadata (which goes
+    /// with the packet when it is redirected), so a tag still in the packet is a second one,
+    /// which the balancer passes like any second tag.
+    const TAG_IN_PACKET: bool;
+
+    /// Address of the first byte the program can read directly.
+    fn data(&self) -> usize;
+    /// Address one past the last byte the program can read directly (XDP: the frame's end;
+    /// tc: the end of the socket buffer's linear part).
+    fn data_end(&self) -> usize;
+    /// The whole packet's length in bytes, Ethernet header included (tc: with its paged data,
+    /// a GSO super-packet's full length).
+    fn len(&self) -> usize;
+    /// The interface the packet came in on.
+    fn ingress_ifindex(&self) -> u32;
+    /// The context pointer the kernel gave the program, for helpers that take it.
+    fn raw(&self) -> *mut c_void;
+    /// The IP length to check against the route's MTU in `bpf_fib_lookup` for a packet that
+    /// will be `ip_len` bytes: `ip_len`, or 0 for a tc GSO super-packet, whose segments the
+    /// kernel checks itself.
+    fn mtu_len(&self, ip_len: u16) -> u16;
+
+    /// Folds `diff` (a one's-complement sum of the old values complemented and the new ones,
+    /// see `csum::diff_addr`) into the IPv4 header checksum at `off`.
+    fn l3_csum_add(&self, off: usize, diff: u32) -> Result<(), Stat>;
+    /// Folds `diff` into the TCP / UDP checksum at `off`, under the rules `how` gives.
+    fn l4_csum_add(&self, off: usize, diff: u32, how: L4Check) -> Result<(), Stat>;
+
+    /// Makes `bytes` bytes of room in front of the IP header at `l3_off`, keeping the
+    /// link-layer header (and a VLAN tag) at the packet's start. `encap`: the room is for an
+    /// outer IPv4 (`v6` false) or IPv6 header of the same family as the packet, which tc
+    /// records so a GSO super-packet is segmented as a tunnelled one.
+    /// `Err(Stat::DropAdjustHead)` when the room cannot be made.
+    fn insert_room(&self, l3_off: usize, bytes: usize, encap: bool, v6: bool) -> Result<(), Stat>;
+    /// Cuts the packet to its first `len` bytes (`len` at most [`Frame::len`]), all of them
+    /// readable directly afterwards; `false` when it cannot.
+    fn truncate(&self, len: usize) -> bool;
+
+    /// Sends the packet back out of the interface it came in on (its addresses already
+    /// turned around).
+    fn turn_around(&self) -> u32;
+    /// Sends the packet out of `ifindex`, its Ethernet addresses already written.
+    /// `Err(Stat::DropNoDevmapEntry)` when XDP may not redirect there.
+    fn redirect(&self, ifindex: u32) -> Result<u32, Stat>;
+    /// Sends the packet out of `ifindex`, the kernel finding the next hop by the packet's
+    /// destination and resolving its Ethernet address (for a route whose neighbour has no
+    /// entry yet); `None` where the hook cannot (XDP), and the packet is handed to the kernel
+    /// instead.
+    fn redirect_neigh(&self, ifindex: u32) -> Option<u32>;
+}

@@ -1,0 +1,53 @@
+//! The tc data plane (`dataplane = "tc"`, `lb_tc` at tc ingress) in `nat` mode, end to end:
+//! the same checks as `xdp_nat.rs` in the same namespaces, with nothing changed on the
+//! neighbours (tx checksum offload stays on, so the client's and the backends' packets arrive
+//! `CHECKSUM_PARTIAL` and as GSO super-packets; no XDP program on the veth peers). See `lb_tests::xdp`.
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use lb_tests::xdp::scenarios;
+use lb_tests::xdp::{Mode, Path, Plane};
+
+const PATH: Path = Path {
+    plane: Plane::Tc,
+    mode: Mode::Nat,
+};
+
+#[test]
+fn http_requests_spread_evenly_over_three_backends() {
+    if lb_tests::require_root("tc_nat::http_requests_spread_evenly_over_three_backends") {
+        scenarios::requests_spread_evenly(PATH);
+    }
+}
+
+#[test]
+fn a_100_mib_upload_arrives_intact_and_udp_gets_replies() {
+    if lb_tests::require_root("tc_nat::a_100_mib_upload_arrives_intact_and_udp_gets_replies") {
+        scenarios::transfer_and_udp(PATH);
+    }
+}
+
+#[test]
+fn new_flows_avoid_a_down_backend_while_a_long_upload_completes() {
+    if lb_tests::require_root(
+        "tc_nat::new_flows_avoid_a_down_backend_while_a_long_upload_completes",
+    ) {
+        scenarios::backend_down(PATH);
+    }
+}
+
+#[test]
+fn a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay() {
+    if lb_tests::require_root(
+        "tc_nat::a_backend_that_comes_up_takes_new_flows_and_existing_ones_stay",
+    ) {
+        scenarios::backend_added(PATH);
+    }
+}
+
+#[test]
+fn counters_match_the_traffic_sent() {
+    if lb_tests::require_root("tc_nat::counters_match_the_traffic_sent") {
+        scenarios::counters_match(PATH);
+    }
+}
