@@ -557,8 +557,8 @@ mod tests {
         );
     }
 
-    /// The planes whose configs the daemon this branch builds against accepts (`tc` joins
-    /// when `dataplane = "tc"` lands).
+    /// The packet-layer planes whose configs the daemon this branch builds against accepts
+    /// (`tc` joins when the daemon's `dataplane = "tc"` lands on main).
     const PLANES: [&str; 1] = ["xdp"];
 
     #[test]

@@ -30,17 +30,14 @@ use std::time::Duration;
 use aya::maps::{HashMap, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use lb_common::flow::IPPROTO_TCP;
-use lb_common::maps::{MODE_DSR, MODE_NAT, PROG_BALANCER};
+use lb_common::maps::{MODE_DSR, MODE_NAT, PROG_BALANCER, PROG_TC};
 use lb_common::FlowKey;
 use lb_tests::packet::{l4_source_port, Packet as Frame, TCP_ACK, TCP_SYN};
 use lb_tests::xdp::testrun::{
-    Lab, B1_4, B1_MAC, B2_4, B2_MAC, CLIENT4, CLIENT_MAC, LOCAL4, VB_MAC, VC_MAC, VIP4,
+    Hook, Lab, B1_4, B1_MAC, B2_4, B2_MAC, CLIENT4, CLIENT_MAC, LOCAL4, VB_MAC, VC_MAC, VIP4,
 };
 
 use crate::xdp::quietly;
-
-/// The tc program's name in the lb-ebpf object.
-pub const PROG_TC: &str = "lb_tc";
 
 /// `XDP_PASS`, `XDP_REDIRECT`.
 const XDP_PASS: u32 = 2;
@@ -148,8 +145,6 @@ struct Flows {
 /// The loaded object with its services, and the flows each program has opened.
 pub struct ProgramLab {
     lab: Lab,
-    /// `Err(reason)` when the object has no tc program or the verifier refused it.
-    tc: Result<(), String>,
     /// Per program ([`Program::ALL`] order), once [`ProgramLab::prepare`] opened them.
     flows: [Option<Flows>; 2],
     /// The next client port of the `new SYN` case.
@@ -159,25 +154,18 @@ pub struct ProgramLab {
 }
 
 impl ProgramLab {
-    /// Loads the object named by `LB_EBPF_OBJ` (and `lb_tc` in it, when it has one) and adds
-    /// the two services. `Err(reason)` when not root, when `LB_EBPF_OBJ` is unset, or when
+    /// Loads the object named by `LB_EBPF_OBJ` (`lb_xdp` and `lb_tc` in it) and adds the two
+    /// services. `Err(reason)` when not root, when `LB_EBPF_OBJ` is unset, or when
     /// the object does not load.
     pub fn new() -> Result<ProgramLab, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("BPF_PROG_TEST_RUN needs root (CAP_BPF, CAP_NET_ADMIN)".into());
         }
-        let mut lab = quietly(Lab::new)?;
-        let tc = match lab.ebpf.program_mut(PROG_TC) {
-            None => Err(format!("the BPF object has no program {PROG_TC}")),
-            Some(p) => match <&mut SchedClassifier>::try_from(p) {
-                Err(e) => Err(format!("{PROG_TC} is not a tc program: {e}")),
-                Ok(prog) => prog
-                    .load()
-                    .map_err(|e| format!("the kernel's verifier rejected {PROG_TC}: {e:?}")),
-            },
-        };
+        // The lab loads lb_xdp, lb_decap and lb_tc (the verifier checks each).
+        let lab = quietly(|| Lab::new(Hook::Xdp))?;
         let (nat_slots, dsr_slots) = ([0, 1, 0, 1, 0, 1, 1], [2, 2, 2]);
+        let mut lab = lab;
         quietly(move || {
             lab.backend(0, B1_4.into(), BACKEND_PORT);
             lab.backend(1, B2_4.into(), BACKEND_PORT);
@@ -199,7 +187,6 @@ impl ProgramLab {
                 .map_err(|e| format!("write SERVICES: {e}"))?;
             Ok(ProgramLab {
                 lab,
-                tc,
                 flows: [None, None],
                 next_port: 0,
                 new_flows: 0,
@@ -207,11 +194,11 @@ impl ProgramLab {
         })
     }
 
-    /// `Err(reason)` when `program` cannot run here (no `lb_tc` in the object).
+    /// `Err(reason)` when `program` is not in the loaded object.
     pub fn available(&self, program: Program) -> Result<(), String> {
-        match program {
-            Program::Xdp => Ok(()),
-            Program::Tc => self.tc.clone(),
+        match self.lab.ebpf.program(program.name()) {
+            Some(_) => Ok(()),
+            None => Err(format!("the BPF object has no program {}", program.name())),
         }
     }
 
