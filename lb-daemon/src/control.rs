@@ -90,7 +90,7 @@ impl Control {
         &self.planes
     }
 
-    /// Whether the service with index `index` runs on XDP.
+    /// Whether the service with index `index` runs on the eBPF data plane (XDP or tc hook).
     pub fn on_xdp(&self, index: usize) -> bool {
         lock(&self.placements)
             .get(&index)
@@ -123,15 +123,29 @@ impl Control {
         self.planes.xdp_counters()
     }
 
-    /// The data planes in use: `"proxy"`, `"xdp"` or `"xdp+proxy"`.
-    pub fn dataplane(&self) -> &'static str {
+    /// The data planes in use, joined with `+` in the order xdp, tc, proxy: `"proxy"`,
+    /// `"xdp"`, `"tc"`, `"xdp+proxy"`, `"tc+proxy"`, `"xdp+tc+proxy"`...; `"proxy"` with no
+    /// service.
+    pub fn dataplane(&self) -> String {
         let names = self.services.all();
-        let xdp = names.iter().filter(|s| self.on_xdp(s.index())).count();
-        match (xdp, names.len() - xdp) {
-            (0, _) => "proxy",
-            (_, 0) => "xdp",
-            _ => "xdp+proxy",
+        let placements = lock(&self.placements);
+        let mut used = [false; 3];
+        for s in names.iter() {
+            match placements.get(&s.index()).map(Placement::plane) {
+                Some("xdp") => used[0] = true,
+                Some("tc") => used[1] = true,
+                _ => used[2] = true,
+            }
         }
+        if !used.contains(&true) {
+            return "proxy".into();
+        }
+        let words: Vec<&str> = ["xdp", "tc", "proxy"]
+            .into_iter()
+            .zip(used)
+            .filter_map(|(w, u)| u.then_some(w))
+            .collect();
+        words.join("+")
     }
 
     /// Runs `f` on the proxy; `None` once it was taken for shutdown.

@@ -1,15 +1,18 @@
 //! Placement: which data plane carries a service, decided in one place.
 //!
-//! - [`why_not_xdp`]: why a service cannot run on XDP whatever the kernel offers (its config).
-//! - [`Planes::place`]: the decision for one service. `dataplane = "proxy"` or a `why_not_xdp` reason
-//!   sends it to the proxy; otherwise XDP is tried (the plane loaded on first need, the
-//!   program attached to the service's interfaces) and, when that fails, an `auto` service
-//!   goes to the proxy with the reason logged while an `xdp` one is refused.
+//! - [`why_not_xdp`]: why a service cannot run on the eBPF data plane (at either hook)
+//!   whatever the kernel offers (its config).
+//! - [`Planes::place`]: the decision for one service. `dataplane = "proxy"` or a `why_not_xdp`
+//!   reason sends it to the proxy; otherwise the eBPF plane is tried (loaded on first need)
+//!   at a hook: `xdp` and `tc` name theirs, and `auto` chooses by the interfaces' kinds
+//!   ([`auto_hook`]): native XDP only when every interface is a NIC, else tc; native XDP
+//!   that fails to attach falls back to tc. When the plane cannot take it, an `auto` service
+//!   goes to the proxy with the reason logged while an `xdp` or `tc` one is refused. `auto`
+//!   never takes generic XDP: what it redirects into a bridge vanishes.
 //! - [`Planes::remove`]: the removal, on the plane the placement names.
 //!
 //! Start-up and reloads both place services through here (start-up is a reload from an empty
-//! config, see `crate::reload`). A new plane (tc) joins [`Planes`] and [`Placement`]; nothing
-//! else decides where a service runs.
+//! config, see `crate::reload`); nothing else decides where a service runs.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,36 +26,58 @@ use crate::config::{
     DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
 };
 use crate::dataplane::proxy::{Proxy, ProxyError};
+use crate::dataplane::xdp::iface_kind::{self, InterfaceKind, KindError};
 use crate::dataplane::xdp::{
-    loader, CountersReader, MapsError, XdpAttachment, XdpCounters, XdpPlane, XdpService, XdpStart,
+    loader, AttachMode, CountersReader, HookRequest, LoadError, MapsError, XdpAttachment,
+    XdpCounters, XdpPlane, XdpPlaneError, XdpService, XdpStart,
 };
 use crate::dataplane::{Dataplane, ServiceHandle};
 
 /// Where a service's flows are carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    /// On XDP: the forwarding and the interfaces the program is attached to.
-    Xdp(XdpAttachment),
-    /// On the userspace proxy, and why not on XDP.
+    /// On the eBPF data plane: the forwarding, the interfaces the program is attached to and
+    /// at which hook, and for `auto` why that hook.
+    Ebpf {
+        /// The forwarding and each interface with its hook.
+        carried: XdpAttachment,
+        /// Why `auto` chose the hook; `None` for `dataplane = "xdp"` or `"tc"`.
+        why: Option<AutoHook>,
+    },
+    /// On the userspace proxy, and why not on the eBPF data plane.
     Proxy {
-        /// Why not XDP.
+        /// Why not the eBPF data plane.
         reason: NotOnXdp,
     },
 }
 
 impl Placement {
-    /// Whether XDP carries the service.
+    /// Whether the eBPF data plane (at the XDP or the tc hook) carries the service.
     pub fn on_xdp(&self) -> bool {
-        matches!(self, Placement::Xdp(_))
+        matches!(self, Placement::Ebpf { .. })
+    }
+
+    /// The plane's short name, as `/status` sums them up: `xdp`, `tc` or `proxy`.
+    pub fn plane(&self) -> &'static str {
+        match self {
+            Placement::Ebpf { carried, .. }
+                if carried.interfaces.iter().any(|(_, m)| m.is_tc()) =>
+            {
+                "tc"
+            }
+            Placement::Ebpf { .. } => "xdp",
+            Placement::Proxy { .. } => "proxy",
+        }
     }
 }
 
-/// The words of the log and of `/status`: `XDP data plane (nat) on l0 (native), br0
-/// (generic)` or `proxy data plane (REASON)`.
+/// The words of the log and of `/status`: `eBPF data plane (nat) on l0 (tc), l1 (tc): auto
+/// chose tc because l0 is a veth`, `eBPF data plane (dsr) on eth0 (XDP native)` or `proxy
+/// data plane (REASON)`.
 impl fmt::Display for Placement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Placement::Xdp(carried) => {
+            Placement::Ebpf { carried, why } => {
                 let fwd = match carried.forwarding {
                     Forwarding::Nat => "nat",
                     Forwarding::Dsr => "dsr",
@@ -62,57 +87,135 @@ impl fmt::Display for Placement {
                     .iter()
                     .map(|(i, m)| format!("{i} ({m})"))
                     .collect();
-                write!(f, "XDP data plane ({fwd}) on {}", on.join(", "))
+                write!(f, "eBPF data plane ({fwd}) on {}", on.join(", "))?;
+                match why {
+                    Some(why) => write!(f, ": {why}"),
+                    None => Ok(()),
+                }
             }
             Placement::Proxy { reason } => write!(f, "proxy data plane ({reason})"),
         }
     }
 }
 
-/// Why a service does not run on XDP.
+/// Why `auto` put a service on the hook it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoHook {
+    /// XDP: every interface is a NIC and native XDP attached to each.
+    AllNics,
+    /// tc: `interface` is not a NIC (a veth, a bridge...), where XDP would run generic or
+    /// not deliver.
+    NotANic {
+        /// The first interface of the service that is not a NIC.
+        interface: String,
+        /// What it is.
+        kind: InterfaceKind,
+    },
+    /// tc: every interface is a NIC, but native XDP did not attach (the plane's reason).
+    NoNativeXdp(String),
+    /// tc: an interface already carries tc for another service (an interface carries one
+    /// hook).
+    TcThere(String),
+}
+
+/// The reason after the placement: `auto chose tc because l0 is a veth`.
+impl fmt::Display for AutoHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AutoHook::AllNics => {
+                f.write_str("auto chose XDP: every interface is a NIC with native XDP")
+            }
+            AutoHook::NotANic { interface, kind } => {
+                write!(f, "auto chose tc because {interface} is {kind}")
+            }
+            AutoHook::NoNativeXdp(why) => write!(f, "auto chose tc because {why}"),
+            AutoHook::TcThere(interface) => write!(
+                f,
+                "auto chose tc because {interface} carries tc for another service"
+            ),
+        }
+    }
+}
+
+/// The hook `auto` tries first for a service whose interfaces (its `interface` first) are of
+/// the kinds `kinds`, given how each is attached already (`has`): native XDP only when every
+/// one is a NIC and none carries tc, else tc. Pure: the kinds are read by the caller.
+///
+/// Returns the hook to ask the plane for and why.
+pub fn auto_hook(
+    kinds: &[(String, InterfaceKind)],
+    has: impl Fn(&str) -> Option<AttachMode>,
+) -> (HookRequest, AutoHook) {
+    if let Some((name, _)) = kinds
+        .iter()
+        .find(|(name, _)| has(name).is_some_and(AttachMode::is_tc))
+    {
+        return (HookRequest::Tc, AutoHook::TcThere(name.clone()));
+    }
+    match kinds.iter().find(|(_, kind)| !kind.is_nic()) {
+        Some((interface, kind)) => (
+            HookRequest::Tc,
+            AutoHook::NotANic {
+                interface: interface.clone(),
+                kind: kind.clone(),
+            },
+        ),
+        None => (
+            HookRequest::Xdp {
+                allow_generic: false,
+            },
+            AutoHook::AllNics,
+        ),
+    }
+}
+
+/// Why a service does not run on the eBPF data plane.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotOnXdp {
     /// `dataplane = "proxy"`.
     #[error("configured (dataplane = \"proxy\")")]
     Configured,
-    /// No `interface`: XDP has nowhere to attach.
+    /// No `interface`: the eBPF program has nowhere to attach.
     #[error(
-        "no `interface` is configured, so XDP has nowhere to attach (set `interface` and \
-         `local_address` to use XDP)"
+        "no `interface` is configured, so the eBPF data plane has nowhere to attach (set \
+         `interface` and `local_address` to use it)"
     )]
     NoInterface,
     /// A scheduler other than `maglev` (the program looks flows up in a Maglev table).
-    #[error("the XDP data plane runs only the `maglev` scheduler, and this service uses {0}")]
+    #[error("the eBPF data plane runs only the `maglev` scheduler, and this service uses {0}")]
     Scheduler(SchedulerKind),
-    /// A loopback VIP: its packets never cross an interface's XDP hook.
-    #[error("the VIP {0} is a loopback address: its packets never cross an interface's XDP hook")]
+    /// A loopback VIP: its packets never cross an interface's XDP or tc hook.
+    #[error(
+        "the VIP {0} is a loopback address: its packets never cross an interface's XDP or tc hook"
+    )]
     LoopbackVip(std::net::IpAddr),
     /// `interface` is the loopback device.
     #[error(
-        "interface {0} is the loopback device: local traffic never crosses an XDP hook the way \
-         a client's packets do"
+        "interface {0} is the loopback device: local traffic never crosses an XDP or tc hook \
+         the way a client's packets do"
     )]
     LoopbackInterface(String),
     /// A wildcard VIP (`0.0.0.0`, `::`).
-    #[error("the VIP {0} is a wildcard: XDP balances packets for one address")]
+    #[error("the VIP {0} is a wildcard: the eBPF data plane balances packets for one address")]
     WildcardVip(std::net::IpAddr),
     /// `table_size` larger than the maps hold.
-    #[error("table_size {0} is larger than the {MAX_TABLE_SIZE} slots the XDP maps hold")]
+    #[error("table_size {0} is larger than the {MAX_TABLE_SIZE} slots the eBPF maps hold")]
     TableTooLarge(u32),
-    /// `proxy_protocol` or `access_log`: on XDP they would silently vanish (a backend
-    /// expecting a PROXY header would reject every connection).
+    /// `proxy_protocol` or `access_log`: on the eBPF plane they would silently vanish (a
+    /// backend expecting a PROXY header would reject every connection).
     #[error("proxy_protocol and access_log run only in the proxy data plane")]
     ProxyOnlySettings,
-    /// `max_connections_per_client` on a UDP service: on XDP a UDP flow shows no end, so a
-    /// client's sessions would never be given back.
+    /// `max_connections_per_client` on a UDP service: on the eBPF plane a UDP flow shows no
+    /// end, so a client's sessions would never be given back.
     #[error(
-        "max_connections_per_client of a UDP service runs only in the proxy data plane: on XDP \
-         a UDP flow shows no end, so a client's sessions would never be given back \
-         (new_connections_per_second alone works on XDP)"
+        "max_connections_per_client of a UDP service runs only in the proxy data plane: on the \
+         eBPF data plane a UDP flow shows no end, so a client's sessions would never be given \
+         back (new_connections_per_second alone works there)"
     )]
     UdpSessionLimit,
-    /// XDP was tried and failed: the plane's reason (no BPF object, no such interface, an
-    /// attach or map error, no free ids...).
+    /// The eBPF plane was tried and failed: its reason (no BPF object, no `lb_tc` in it, no
+    /// such interface, an interface carrying the other hook, an attach or map error, no free
+    /// ids...).
     #[error("{0}")]
     Failed(String),
 }
@@ -120,11 +223,14 @@ pub enum NotOnXdp {
 /// Why a service could not be placed on any plane. Nothing of it is left running.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaceError {
-    /// `dataplane = "xdp"` and XDP cannot carry the service.
-    #[error("service {service}: dataplane = \"xdp\" but XDP is not possible: {reason}")]
+    /// `dataplane = "xdp"` or `"tc"` and the eBPF plane cannot carry the service at that
+    /// hook.
+    #[error("service {service}: dataplane = \"{dataplane}\" but it is not possible: {reason}")]
     XdpImpossible {
         /// The service's name.
         service: String,
+        /// `xdp` or `tc`.
+        dataplane: DataplaneKind,
         /// Why not.
         reason: NotOnXdp,
     },
@@ -141,7 +247,8 @@ pub enum PlaceError {
     Stopping(String),
 }
 
-/// Why `service` cannot run on XDP whatever the kernel offers, or `None` if it may try.
+/// Why `service` cannot run on the eBPF data plane (XDP or tc) whatever the kernel offers,
+/// or `None` if it may try.
 pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
     if service.dataplane == DataplaneKind::Proxy {
         return Some(NotOnXdp::Configured);
@@ -170,10 +277,12 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
 }
 
 /// The data planes of the daemon: the proxy (started with the daemon, with no service) and
-/// the XDP plane (loaded when a service first needs it). Each is taken out at shutdown.
+/// the eBPF plane, `XdpPlane` for both hooks (loaded when a service first needs it). Each is
+/// taken out at shutdown.
 pub struct Planes {
     proxy: Mutex<Option<Proxy>>,
-    /// The XDP data plane, when a service needed it; taken out at shutdown.
+    /// The eBPF data plane (XDP and tc hooks), when a service needed it; taken out at
+    /// shutdown.
     xdp: Mutex<Option<XdpPlane>>,
     /// Reads the XDP counters without the `xdp` lock, which placing a service holds (attach,
     /// first table write): `/status` does not wait for that.
@@ -207,10 +316,10 @@ impl Planes {
 
     /// Decides where `service` runs and starts it there, from `handle`'s current snapshot;
     /// logs the decision (`service NAME: listening on VIP/PROTO with the PLACEMENT, ...`) and,
-    /// for an `auto` service that XDP could not take, a warning with the reason.
+    /// for an `auto` service that the eBPF plane could not take, a warning with the reason.
     ///
-    /// Returns the placement; `Err(PlaceError::XdpImpossible)` for an `xdp` service XDP
-    /// cannot carry, `Err(PlaceError::Proxy)` when the proxy cannot take it (a listen
+    /// Returns the placement; `Err(PlaceError::XdpImpossible)` for an `xdp` or `tc` service
+    /// the eBPF plane cannot carry at that hook, `Err(PlaceError::Proxy)` when the proxy cannot take it (a listen
     /// address in use), `Err(PlaceError::Stopping)` once [`Planes::stop_placing`] was called.
     /// Blocks while the proxy's workers pick the service up and while XDP attaches and writes
     /// the first table: call it from a blocking context.
@@ -228,17 +337,19 @@ impl Planes {
             None => self.place_on_xdp(global, service, handle),
         };
         let placement = match tried {
-            Ok(carried) => Placement::Xdp(carried),
-            Err(reason) if service.dataplane == DataplaneKind::Xdp => {
+            Ok((carried, why)) => Placement::Ebpf { carried, why },
+            Err(reason) if service.dataplane.forces_ebpf() => {
                 return Err(PlaceError::XdpImpossible {
                     service: service.name.clone(),
+                    dataplane: service.dataplane,
                     reason,
                 });
             }
             Err(reason) => {
                 if let NotOnXdp::Failed(why) = &reason {
                     warn!(
-                        "service {}: XDP is not possible, starting it on the proxy: {why}",
+                        "service {}: the eBPF data plane is not possible, starting it on the \
+                         proxy: {why}",
                         service.name
                     );
                 }
@@ -257,19 +368,52 @@ impl Planes {
         Ok(placement)
     }
 
+    /// Places `service` on the eBPF plane at the hook its `dataplane` names, or for `auto`
+    /// the one [`auto_hook`] chooses, falling back from native XDP to tc when XDP does not
+    /// attach. Returns where it runs and, for `auto`, why that hook.
     fn place_on_xdp(
         &self,
         global: &Global,
         service: &Service,
         handle: &ServiceHandle,
-    ) -> Result<XdpAttachment, NotOnXdp> {
-        let settings = XdpService {
+    ) -> Result<(XdpAttachment, Option<AutoHook>), NotOnXdp> {
+        let failed = |e: XdpPlaneError| NotOnXdp::Failed(e.to_string());
+        let with = |hook| XdpService {
             table_size: service.table_size,
             xdp: service.xdp.clone(),
-            allow_generic: service.dataplane == DataplaneKind::Xdp,
+            hook,
         };
-        self.with_xdp_loaded(global, |x| x.add(handle, &settings))?
-            .map_err(|e| NotOnXdp::Failed(e.to_string()))
+        let fixed = match service.dataplane {
+            DataplaneKind::Xdp => Some(HookRequest::Xdp {
+                allow_generic: true,
+            }),
+            DataplaneKind::Tc => Some(HookRequest::Tc),
+            DataplaneKind::Auto | DataplaneKind::Proxy => None,
+        };
+        if let Some(hook) = fixed {
+            return self
+                .with_xdp_loaded(global, |x| x.add(handle, &with(hook)))?
+                .map(|carried| (carried, None))
+                .map_err(failed);
+        }
+        let kinds = interface_kinds(service)?;
+        self.with_xdp_loaded(global, |x| {
+            let (hook, why) = auto_hook(&kinds, |name| x.hook_on(name));
+            match x.add(handle, &with(hook)) {
+                Ok(carried) => Ok((carried, Some(why))),
+                // Native XDP did not attach (or lb_xdp did not load): the attach left
+                // nothing behind, so tc may take the same interfaces.
+                Err(e @ (XdpPlaneError::Loader(_) | XdpPlaneError::Load(_)))
+                    if hook != HookRequest::Tc =>
+                {
+                    let why = AutoHook::NoNativeXdp(native_failure(&e));
+                    x.add(handle, &with(HookRequest::Tc))
+                        .map(|carried| (carried, Some(why)))
+                        .map_err(failed)
+                }
+                Err(e) => Err(failed(e)),
+            }
+        })?
     }
 
     fn place_on_proxy(&self, service: &Service, handle: &ServiceHandle) -> Result<(), PlaceError> {
@@ -320,7 +464,7 @@ impl Planes {
         }
         let plane = slot
             .as_mut()
-            .ok_or_else(|| NotOnXdp::Failed("the XDP plane is stopped".into()))?;
+            .ok_or_else(|| NotOnXdp::Failed("the eBPF plane is stopped".into()))?;
         Ok(f(plane))
     }
 
@@ -336,7 +480,7 @@ impl Planes {
         address_moves: bool,
     ) {
         match placement {
-            Placement::Xdp(_) => {
+            Placement::Ebpf { .. } => {
                 if let Some(x) = lock(&self.xdp).as_mut() {
                     Dataplane::remove(x, index, drain_timeout, address_moves);
                 }
@@ -392,6 +536,38 @@ impl Planes {
     pub fn take_xdp(&self) -> Option<XdpPlane> {
         *lock(&self.xdp_reader) = None;
         lock(&self.xdp).take()
+    }
+}
+
+/// The kind of each of `service`'s interfaces (`interface` first, then
+/// `backend_interfaces`, each once). `Err` names the first interface that does not exist or
+/// cannot be read.
+fn interface_kinds(service: &Service) -> Result<Vec<(String, InterfaceKind)>, NotOnXdp> {
+    let names = service
+        .xdp
+        .interface
+        .iter()
+        .chain(service.xdp.backend_interfaces.iter());
+    let mut kinds: Vec<(String, InterfaceKind)> = Vec::new();
+    for name in names {
+        if kinds.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let kind =
+            iface_kind::kind_of(name).map_err(|e: KindError| NotOnXdp::Failed(e.to_string()))?;
+        kinds.push((name.clone(), kind));
+    }
+    Ok(kinds)
+}
+
+/// The words for native XDP's failure on a NIC: `native XDP did not attach to eth1 (...)`,
+/// without the advice about `dataplane = "xdp"`.
+fn native_failure(e: &XdpPlaneError) -> String {
+    match e {
+        XdpPlaneError::Loader(LoadError::NativeOnly { interface, native }) => {
+            format!("native XDP did not attach to {interface} ({native})")
+        }
+        other => format!("XDP is not possible: {other}"),
     }
 }
 
@@ -484,18 +660,94 @@ mod tests {
         }
     }
 
+    fn nic(driver: &str) -> InterfaceKind {
+        InterfaceKind::Nic {
+            driver: driver.into(),
+        }
+    }
+
+    #[test]
+    fn auto_takes_native_xdp_only_when_every_interface_is_a_nic() {
+        let none = |_: &str| None;
+        let kinds = [
+            ("eth0".to_string(), nic("ixgbe")),
+            ("eth1".into(), nic("mlx5_core")),
+        ];
+        assert_eq!(
+            auto_hook(&kinds, none),
+            (
+                HookRequest::Xdp {
+                    allow_generic: false
+                },
+                AutoHook::AllNics
+            )
+        );
+        for (other, kind) in [
+            ("l0", InterfaceKind::Veth),
+            ("br0", InterfaceKind::Bridge),
+            ("bond0", InterfaceKind::Bond),
+            ("eth0.7", InterfaceKind::Vlan),
+            ("mv0", InterfaceKind::Macvlan),
+            ("d0", InterfaceKind::Dummy),
+            ("vx0", InterfaceKind::OtherVirtual("vxlan".into())),
+        ] {
+            let kinds = [
+                ("eth0".to_string(), nic("ixgbe")),
+                (other.into(), kind.clone()),
+            ];
+            let (hook, why) = auto_hook(&kinds, none);
+            assert_eq!(hook, HookRequest::Tc, "a NIC with {kind} goes on tc");
+            assert_eq!(
+                why.to_string(),
+                format!("auto chose tc because {other} is {kind}")
+            );
+        }
+        let tc_on_eth1 = |n: &str| (n == "eth1").then_some(AttachMode::Tcx);
+        let (hook, why) = auto_hook(&kinds, tc_on_eth1);
+        assert_eq!(hook, HookRequest::Tc, "an interface carries one hook");
+        assert_eq!(
+            why.to_string(),
+            "auto chose tc because eth1 carries tc for another service"
+        );
+        let xdp_on_eth1 = |n: &str| (n == "eth1").then_some(AttachMode::Native);
+        assert!(matches!(
+            auto_hook(&kinds, xdp_on_eth1).1,
+            AutoHook::AllNics
+        ));
+    }
+
     #[test]
     fn a_placement_reads_as_the_log_says_it() {
-        let xdp = Placement::Xdp(XdpAttachment {
-            forwarding: Forwarding::Nat,
-            interfaces: vec![
-                ("l0".into(), crate::dataplane::xdp::AttachMode::Native),
-                ("br0".into(), crate::dataplane::xdp::AttachMode::Generic),
-            ],
-        });
+        let xdp = Placement::Ebpf {
+            carried: XdpAttachment {
+                forwarding: Forwarding::Nat,
+                interfaces: vec![
+                    ("l0".into(), AttachMode::Native),
+                    ("br0".into(), AttachMode::Generic),
+                ],
+            },
+            why: None,
+        };
         assert_eq!(
             xdp.to_string(),
-            "XDP data plane (nat) on l0 (native), br0 (generic)"
+            "eBPF data plane (nat) on l0 (XDP native), br0 (XDP generic)"
+        );
+        let tc = Placement::Ebpf {
+            carried: XdpAttachment {
+                forwarding: Forwarding::Dsr,
+                interfaces: vec![
+                    ("l0".into(), AttachMode::Tcx),
+                    ("l1".into(), AttachMode::Clsact),
+                ],
+            },
+            why: Some(AutoHook::NotANic {
+                interface: "l0".into(),
+                kind: InterfaceKind::Veth,
+            }),
+        };
+        assert_eq!(
+            tc.to_string(),
+            "eBPF data plane (dsr) on l0 (tc), l1 (tc clsact): auto chose tc because l0 is a veth"
         );
         let proxy = Placement::Proxy {
             reason: NotOnXdp::Configured,

@@ -129,14 +129,16 @@ pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), Relo
         let old = r.config();
         if old.xdp != new.xdp || old.table_size != new.table_size {
             return refuse(format!(
-                "service `{}` runs on XDP: its XDP settings and table_size can change only by \
+                "service `{}` runs on the eBPF data plane: its interfaces, forwarding, \
+                 addresses and table_size can change only by \
                  restart (or rename the service to replace it)",
                 new.name
             ));
         }
         if let Some(why) = placement::why_not_xdp(new) {
             return refuse(format!(
-                "service `{}` runs on XDP and the new config cannot: {why}; restart to move it",
+                "service `{}` runs on the eBPF data plane and the new config cannot: {why}; \
+                 restart to move it",
                 new.name
             ));
         }

@@ -7,8 +7,9 @@
 //! the packet), so the ingress interface must have forwarding enabled
 //! (`net.ipv4.conf.<if>.forwarding`, `net.ipv6.conf.all.forwarding`), and the routes decide the
 //! egress. A VLAN tag, if any, stays in the frame: the lookup does not consult VLAN
-//! sub-interfaces, so tagged traffic is forwarded only when the route leads out of a physical
-//! interface in `DEVMAP` (or back out of the ingress one).
+//! sub-interfaces, so on XDP tagged traffic is forwarded only when the route leads out of a
+//! physical interface in `DEVMAP` (or back out of the ingress one). At tc ingress the kernel
+//! has taken the tag into the socket buffer's metadata, and it goes with the packet.
 
 use aya_ebpf::{
     bindings::{

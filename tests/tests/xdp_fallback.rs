@@ -1,5 +1,7 @@
-//! `dataplane = "auto"` falls back to the userspace proxy where XDP cannot carry a service,
-//! says why in the log, and still serves; `dataplane = "xdp"` refuses to start instead.
+//! `dataplane = "auto"` falls back to the userspace proxy where the eBPF data plane cannot
+//! carry a service, says why in the log, and still serves; `dataplane = "xdp"` refuses to
+//! start instead, and takes generic XDP where native XDP cannot attach. (Where `auto` puts a
+//! service on a bridge or a veth, on tc, is in `tc_auto.rs`.)
 
 use std::time::Duration;
 
@@ -157,7 +159,8 @@ fn start_with_the_object(ns: &Netns, svc: ServiceConfig) -> Daemon {
     in_netns(ns, || Daemon::start(&config)).expect("enter the namespace")
 }
 
-/// A namespace with a bridge `br0` at 10.200.0.1/24: an interface without native XDP.
+/// A namespace with a bridge `br0` at 10.200.0.1/24: an interface without native XDP (and on
+/// which `auto` would choose tc).
 fn namespace_with_a_bridge() -> Netns {
     let ns = Netns::new("lb").expect("balancer namespace");
     ns.ip(&["link", "add", "br0", "type", "bridge"])
@@ -166,32 +169,6 @@ fn namespace_with_a_bridge() -> Netns {
         .expect("bridge address");
     ns.ip(&["link", "set", "br0", "up"]).expect("bridge up");
     ns
-}
-
-#[test]
-fn auto_on_an_interface_without_native_xdp_runs_on_the_proxy_and_serves() {
-    if !lb_tests::require_root("xdp_fallback::auto_on_an_interface_without_native_xdp") {
-        return;
-    }
-    // A bridge has no native XDP, and frames generic XDP redirects into it vanish (issue 11's
-    // measurement: 0 of 30 requests): `auto` must not pick it.
-    let ns = namespace_with_a_bridge();
-    let backends = ns.enter(three_backends).expect("enter the namespace");
-    let vip: std::net::SocketAddr = "10.200.0.1:8080".parse().expect("literal");
-    let svc = web(vip, &backends)
-        .set("interface", "br0")
-        .set("local_address", "10.200.0.1");
-    let daemon = start_with_the_object(&ns, svc);
-    let line = daemon
-        .wait_for_log("service web: listening", Duration::from_secs(5))
-        .expect("the daemon logs where service web runs");
-    assert!(
-        line.contains("proxy data plane") && line.contains("no native XDP on br0"),
-        "dataplane = \"auto\" on an interface without native XDP must run on the proxy and say \
-         why, not on generic XDP; the log said: {line}"
-    );
-    ns.enter(|| assert_served(vip, "auto on a bridge"))
-        .expect("enter the namespace");
 }
 
 #[test]
@@ -217,7 +194,7 @@ fn xdp_on_an_interface_without_native_xdp_attaches_in_generic_mode_with_a_warnin
         .wait_for_log("service web: listening", Duration::from_secs(5))
         .expect("the daemon logs where service web runs");
     assert!(
-        line.contains("XDP data plane (nat) on br0 (generic)"),
+        line.contains("eBPF data plane (nat) on br0 (XDP generic)"),
         "dataplane = \"xdp\" takes generic XDP when native cannot attach; the log said: {line}"
     );
 }

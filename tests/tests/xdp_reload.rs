@@ -20,7 +20,7 @@ use lb_tests::daemon::daemon_binary;
 use lb_tests::data::Receipt;
 use lb_tests::load::wait_until_each_answers;
 use lb_tests::xdp::world::{service, World, BULK, WEB};
-use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Topology};
+use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Path as EbpfPath, Plane, Topology};
 use lb_tests::{require_root, Daemon};
 use nix::sys::signal::Signal;
 
@@ -61,9 +61,20 @@ fn config(
     c.to_toml()
 }
 
-/// A world of `n` backends, all with servers, and the daemon on `toml(topology)`.
+/// A world of `n` backends, all with servers, and the daemon on `toml(topology)`, on XDP.
 fn start(n: usize, checked: &[usize], toml: impl FnOnce(&Topology) -> String) -> World {
-    World::start_custom(MODE, n, n, checked, |t| {
+    start_at(Plane::Xdp, n, checked, toml)
+}
+
+/// [`start`] with the services at `plane`'s hook.
+fn start_at(
+    plane: Plane,
+    n: usize,
+    checked: &[usize],
+    toml: impl FnOnce(&Topology) -> String,
+) -> World {
+    let path = EbpfPath { plane, mode: MODE };
+    World::start_custom(path, n, n, checked, |t| {
         t.resolve_neighbours(WEB);
         let toml = toml(t);
         in_netns(&t.balancer, || Daemon::start(&toml)).expect("enter the balancer namespace")
@@ -145,25 +156,40 @@ fn dataplane(world: &World, service: &str) -> String {
 
 #[test]
 fn reloads_under_load_on_xdp_drop_nothing_and_keep_the_program_attached() {
-    if !require_root("xdp_reload::reloads_under_load_on_xdp_drop_nothing") {
-        return;
+    if require_root("xdp_reload::reloads_under_load_on_xdp_drop_nothing") {
+        reloads_under_load(Plane::Xdp);
     }
+}
+
+#[test]
+fn reloads_under_load_on_tc_drop_nothing_and_keep_the_program_attached() {
+    if require_root("xdp_reload::reloads_under_load_on_tc_drop_nothing") {
+        reloads_under_load(Plane::Tc);
+    }
+}
+
+fn reloads_under_load(plane: Plane) {
     let mut web = vec![(1, 1), (2, 1)];
     let mut bulk = vec![(1, 1), (2, 1)];
     // Long enough that no removed bulk backend's uploads are cut during the test.
     let drain = "120s";
-    let world = start(4, &[1, 2], |t| config(t, drain, &web, Some(&bulk)));
+    let world = start_at(plane, 4, &[1, 2], |t| config(t, drain, &web, Some(&bulk)));
     let prog = |w: &World| -> Vec<Option<u64>> {
         ["l0", "l1", "l2", "l3", "l4"]
             .iter()
-            .map(|i| w.topology.xdp_prog_id(i))
+            .map(|i| w.topology.prog_id(i))
             .collect()
     };
     let progs = prog(&world);
     assert!(
         progs.iter().all(Option::is_some),
-        "lb_xdp is not attached to every interface: {progs:?}"
+        "{plane:?}: the balancer program is not attached to every interface: {progs:?}"
     );
+    // How the placement names the hook.
+    let hook = match plane {
+        Plane::Xdp => "XDP",
+        Plane::Tc => "(tc)",
+    };
 
     let stop = AtomicBool::new(false);
     // (when the request started, who answered) of every request; failures in words.
@@ -347,14 +373,14 @@ fn reloads_under_load_on_xdp_drop_nothing_and_keep_the_program_attached() {
         st["reloads"]
     );
     assert!(
-        dataplane(&world, "web").contains("XDP") && dataplane(&world, "bulk").contains("XDP"),
-        "after the reloads the services should still run on XDP: {:?}",
+        dataplane(&world, "web").contains(hook) && dataplane(&world, "bulk").contains(hook),
+        "after the reloads the services should still run on {plane:?}: {:?}",
         st["services"]
     );
     assert_eq!(
         prog(&world),
         progs,
-        "the XDP program on the interfaces changed during the reloads"
+        "the {plane:?} program on the interfaces changed during the reloads"
     );
 }
 

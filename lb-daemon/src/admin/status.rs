@@ -20,9 +20,9 @@ use crate::dataplane::proxy::ProxyCounters;
 pub struct Status {
     /// The config file.
     pub config: PathBuf,
-    /// The data planes carrying the services: `"proxy"`, `"xdp"` or `"xdp+proxy"`; each
+    /// The data planes carrying the services: `"proxy"`, `"xdp"`, `"tc"`, `"tc+proxy"`...; each
     /// service's own is in its `dataplane`.
-    pub dataplane: &'static str,
+    pub dataplane: String,
     /// Seconds since start.
     pub uptime_seconds: f64,
     /// Connections and sessions open in the data plane.
@@ -51,8 +51,9 @@ pub struct ServiceStatus {
     pub protocol: String,
     /// The scheduler, as written in the config (`"maglev"`...).
     pub scheduler: String,
-    /// The data plane carrying the service and why, e.g. `"XDP data plane (nat) on eth0
-    /// (native)"` or `"proxy data plane (no interface is configured)"`. The daemon knows it,
+    /// The data plane carrying the service and why, e.g. `"eBPF data plane (nat) on l0 (tc):
+    /// auto chose tc because l0 is a veth"` or `"proxy data plane (no interface is
+    /// configured)"`. The daemon knows it,
     /// not the service: [`crate::control::Control::status`] fills it in.
     pub dataplane: String,
     /// The snapshot generation (counts rebuilds).

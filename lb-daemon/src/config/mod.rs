@@ -243,13 +243,39 @@ impl fmt::Display for SchedulerKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DataplaneKind {
-    /// XDP where it can attach, else the userspace proxy; the choice is logged.
+    /// The eBPF data plane where it can deliver, on the hook that suits the service's
+    /// interfaces (native XDP when every one is a NIC whose driver takes it, else tc), else
+    /// the userspace proxy; the choice and its reason are logged.
     #[default]
     Auto,
-    /// XDP only; the daemon refuses to start the service without it.
+    /// The eBPF data plane at the XDP hook (native, else generic with a warning); the daemon
+    /// refuses to start the service without it.
     Xdp,
+    /// The eBPF data plane at the tc ingress hook (TCX, else a clsact qdisc); the daemon
+    /// refuses to start the service without it.
+    Tc,
     /// The userspace io_uring proxy only.
     Proxy,
+}
+
+impl DataplaneKind {
+    /// Whether the service must run on the eBPF data plane (`xdp` or `tc`): the daemon
+    /// refuses to start it elsewhere.
+    pub fn forces_ebpf(self) -> bool {
+        matches!(self, DataplaneKind::Xdp | DataplaneKind::Tc)
+    }
+}
+
+/// The value as written in the config: `auto`, `xdp`, `tc`, `proxy`.
+impl fmt::Display for DataplaneKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataplaneKind::Auto => "auto",
+            DataplaneKind::Xdp => "xdp",
+            DataplaneKind::Tc => "tc",
+            DataplaneKind::Proxy => "proxy",
+        })
+    }
 }
 
 /// Health checking of a service's backends: active checks (HAProxy's `check

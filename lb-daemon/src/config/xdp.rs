@@ -1,5 +1,5 @@
-//! The XDP data plane's keys of a `[[service]]`: `interface`, `backend_interfaces`,
-//! `forwarding`, `local_address`, `snat_ports`, `snat_port_hold`; their settings type and
+//! The eBPF data plane's keys of a `[[service]]`, the same for its XDP and tc hooks:
+//! `interface`, `backend_interfaces`, `forwarding`, `local_address`, `snat_ports`, `snat_port_hold`; their settings type and
 //! their rules.
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +13,7 @@ use super::validate::{Validator, XdpContext};
 use super::{ConfigError, DataplaneKind, SchedulerKind};
 use lb_common::maps::MAX_LOCAL_ADDRS;
 
-/// How the XDP data plane carries a service's packets to a backend.
+/// How the eBPF data plane (XDP or tc) carries a service's packets to a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Forwarding {
@@ -38,16 +38,17 @@ pub const DEFAULT_SNAT_PORT_HOLD: Duration = Duration::from_secs(2);
 /// The longest `snat_port_hold` accepted: a port held longer is as good as lost.
 pub const MAX_SNAT_PORT_HOLD: Duration = Duration::from_secs(3600);
 
-/// A service's XDP settings. Only the XDP data plane reads them; `interface` is `None`
-/// exactly when the service cannot use XDP (then the other fields are defaults).
+/// A service's eBPF data plane settings (XDP or tc hook alike). Only the eBPF data plane reads
+/// them; `interface` is `None` exactly when the service cannot use it (then the other fields
+/// are defaults).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct XdpSettings {
-    /// The network interface the VIP's traffic arrives on: the XDP program attaches there.
-    /// `None`: the service cannot use XDP (`auto` then runs it on the proxy).
+    /// The network interface the VIP's traffic arrives on: the eBPF program attaches there.
+    /// `None`: the service cannot use the eBPF data plane (`auto` then runs it on the proxy).
     pub interface: Option<String>,
     /// The interfaces backends are reached through, when not `interface` itself. The program
-    /// attaches there too: NAT replies arrive there, and `XDP_REDIRECT` can only send to
-    /// interfaces the daemon registered.
+    /// attaches there too: NAT replies arrive there (and `XDP_REDIRECT` can only send to
+    /// interfaces the daemon registered).
     pub backend_interfaces: Vec<String>,
     /// NAT or DSR.
     pub forwarding: Forwarding,
@@ -58,7 +59,7 @@ pub struct XdpSettings {
     /// backends. Empty exactly when `interface` is `None`.
     pub local_addresses: Vec<IpAddr>,
     /// `nat`: the SNAT source ports, inclusive; each concurrent flow to one backend takes one.
-    /// `None`: the default, chosen when the service starts on XDP: the widest range of at
+    /// `None`: the default, chosen when the service starts on the eBPF data plane: the widest range of at
     /// least 1024 ports outside the host's `net.ipv4.ip_local_port_range` (1024-32767 with
     /// Linux's default), so the balancer's own connections never collide with translated
     /// flows. A configured range that overlaps it is refused then.
@@ -83,8 +84,8 @@ fn is_interface_name(n: &str) -> bool {
 
 impl Validator<'_> {
     /// Rules: interface names are valid Linux names; `dataplane = "proxy"` takes none of the
-    /// XDP keys; without `interface` none of the others; `dataplane = "xdp"` needs `interface`
-    /// and the `maglev` scheduler (the only one the XDP program runs). With `interface`:
+    /// eBPF keys; without `interface` none of the others; `dataplane = "xdp"` or `"tc"` needs
+    /// `interface` and the `maglev` scheduler (the only one the eBPF program runs). With `interface`:
     /// `local_address` is required and of the VIP's family, as is every backend; `snat_ports`
     /// (nat only) is an ordered range of at least 1024 ports; `dsr` backends listen on the
     /// VIP's port (the packet reaches them unchanged).
@@ -123,23 +124,23 @@ impl Validator<'_> {
         })
     }
 
-    /// `dataplane = "proxy"`: the first XDP key given, if any, is an error.
+    /// `dataplane = "proxy"`: the first eBPF key given, if any, is an error.
     fn no_xdp_keys_on_proxy(&self, i: usize, raw: &RawXdp) -> Result<(), ConfigError> {
         if let Some((key, span)) = raw.first_given(true) {
             return Err(self.invalid(
                 span,
                 format!("service[{i}].{key}"),
                 format!(
-                    "`{key}` configures the XDP data plane, but this service has \
-                     dataplane = \"proxy\"; remove it, or use \"auto\" or \"xdp\""
+                    "`{key}` configures the eBPF data plane, but this service has \
+                     dataplane = \"proxy\"; remove it, or use \"auto\", \"xdp\" or \"tc\""
                 ),
             ));
         }
         Ok(())
     }
 
-    /// No `interface`: no other XDP key either, and not `dataplane = "xdp"` (which points at
-    /// the service's name, as there is no key to point at).
+    /// No `interface`: no other eBPF key either, and not `dataplane = "xdp"` or `"tc"` (which
+    /// points at the service's name, as there is no key to point at).
     fn no_xdp_keys_without_interface(
         &self,
         i: usize,
@@ -156,13 +157,19 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if svc.dataplane == DataplaneKind::Xdp {
+        if svc.dataplane.forces_ebpf() {
+            let hook = match svc.dataplane {
+                DataplaneKind::Tc => "tc",
+                _ => "XDP",
+            };
             return Err(self.invalid(
                 svc.name_span.clone(),
                 format!("service[{i}].interface"),
-                "dataplane = \"xdp\" needs `interface`, the interface the VIP's traffic \
-                 arrives on (the XDP program attaches there)"
-                    .into(),
+                format!(
+                    "dataplane = \"{}\" needs `interface`, the interface the VIP's traffic \
+                     arrives on (the {hook} program attaches there)",
+                    svc.dataplane
+                ),
             ));
         }
         Ok(())
@@ -201,16 +208,17 @@ impl Validator<'_> {
         Ok(list.into_inner())
     }
 
-    /// `dataplane = "xdp"` runs only `maglev`; `auto` leaves other schedulers to the proxy.
+    /// `dataplane = "xdp"` or `"tc"` runs only `maglev`; `auto` leaves other schedulers to the
+    /// proxy.
     fn xdp_scheduler(&self, i: usize, svc: &XdpContext<'_>) -> Result<(), ConfigError> {
-        if svc.dataplane == DataplaneKind::Xdp && svc.scheduler != SchedulerKind::Maglev {
+        if svc.dataplane.forces_ebpf() && svc.scheduler != SchedulerKind::Maglev {
             return Err(self.invalid(
                 svc.name_span.clone(),
                 format!("service[{i}].scheduler"),
                 format!(
-                    "the XDP data plane runs only the `maglev` scheduler, not `{}`; use \
-                     scheduler = \"maglev\", or dataplane = \"auto\" or \"proxy\"",
-                    svc.scheduler
+                    "the eBPF data plane (dataplane = \"{}\") runs only the `maglev` scheduler, \
+                     not `{}`; use scheduler = \"maglev\", or dataplane = \"auto\" or \"proxy\"",
+                    svc.dataplane, svc.scheduler
                 ),
             ));
         }
@@ -232,8 +240,8 @@ impl Validator<'_> {
             return Err(self.invalid(
                 interface.span(),
                 field,
-                "an XDP service needs `local_address`, the balancer's own address on the \
-                 backends' side (the NAT source, or the outer source of DSR packets)"
+                "an eBPF (XDP or tc) service needs `local_address`, the balancer's own address \
+                 on the backends' side (the NAT source, or the outer source of DSR packets)"
                     .into(),
             ));
         };
@@ -335,7 +343,8 @@ impl Validator<'_> {
         }
     }
 
-    /// Every `ip:port` backend is of the VIP's family (XDP forwards within one family), and
+    /// Every `ip:port` backend is of the VIP's family (the eBPF program forwards within one
+    /// family), and
     /// with `dsr` every backend, named ones too, listens on the VIP's port.
     fn xdp_backends(
         &self,
@@ -359,7 +368,7 @@ impl Validator<'_> {
             let span = b.get_ref().address.span();
             let Ok(address) = text.parse::<SocketAddr>() else {
                 // A DNS name: its records are known only at run time. Those of the other
-                // family never enter the XDP table; the DSR port rule applies to the name.
+                // family never enter the eBPF table; the DSR port rule applies to the name.
                 let port = text
                     .rsplit_once(':')
                     .and_then(|(_, p)| p.parse::<u16>().ok());
@@ -375,7 +384,7 @@ impl Validator<'_> {
                     span,
                     format!("service[{i}].backend[{j}].address"),
                     format!(
-                        "{address} is not of the VIP's address family: the XDP data plane \
+                        "{address} is not of the VIP's address family: the eBPF data plane \
                          forwards within one family"
                     ),
                 ));
@@ -437,6 +446,34 @@ address = "10.200.2.2:80"
         );
         assert_eq!(s.xdp.snat_port_hold, DEFAULT_SNAT_PORT_HOLD);
         assert!(s.xdp.backend_interfaces.is_empty());
+    }
+
+    #[test]
+    fn tc_takes_the_same_keys_and_rules_as_xdp() {
+        let s = parse_service(
+            "dataplane = \"tc\"\ninterface = \"l0\"\nbackend_interfaces = [\"br0\"]\n\
+             forwarding = \"dsr\"\nlocal_address = \"10.200.0.1\"",
+        )
+        .expect("a tc service with the XDP keys is valid");
+        assert_eq!(s.dataplane, DataplaneKind::Tc);
+        assert_eq!(s.xdp.interface.as_deref(), Some("l0"));
+        assert_eq!(s.xdp.backend_interfaces, vec!["br0".to_string()]);
+        assert_eq!(s.xdp.forwarding, Forwarding::Dsr);
+        let (msg, line) = error("dataplane = \"tc\"");
+        assert!(
+            msg.contains("dataplane = \"tc\" needs `interface`") && msg.contains("tc program"),
+            "{msg}"
+        );
+        assert_eq!(line, Some(2), "{msg}");
+        let (msg, _) = error(
+            "dataplane = \"tc\"\nscheduler = \"round_robin\"\ninterface = \"l0\"\nlocal_address = \"10.200.0.1\"",
+        );
+        assert!(
+            msg.contains("service[0].scheduler") && msg.contains("dataplane = \"tc\""),
+            "{msg}"
+        );
+        let (msg, _) = error("dataplane = \"tc\"\ninterface = \"l0\"");
+        assert!(msg.contains("service[0].local_address"), "{msg}");
     }
 
     #[test]

@@ -304,6 +304,24 @@ impl Topology {
         }
     }
 
+    /// The id of the balancer program at this topology's hook on `interface` in the balancer's
+    /// namespace: [`Topology::xdp_prog_id`], or on tc the first program at the interface's
+    /// TCX ingress. `None` when none is attached.
+    pub fn prog_id(&self, interface: &str) -> Option<u64> {
+        match self.plane {
+            Plane::Xdp => self.xdp_prog_id(interface),
+            Plane::Tc => {
+                use aya::programs::{SchedClassifier, TcAttachType};
+                let (_, programs) = self
+                    .balancer
+                    .enter(|| SchedClassifier::query_tcx(interface, TcAttachType::Ingress))
+                    .ok()?
+                    .ok()?;
+                programs.first().map(|p| u64::from(p.id()))
+            }
+        }
+    }
+
     /// The id of the XDP program attached to `interface` in the balancer's namespace, as
     /// `ip -j link` shows it; `None` when none is attached.
     pub fn xdp_prog_id(&self, interface: &str) -> Option<u64> {

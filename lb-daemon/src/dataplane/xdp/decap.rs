@@ -96,10 +96,10 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
     // refers to it.
     let (sources, local) = fill_maps(&mut ebpf, interface, &from)?;
     let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
-    let mode = loader::attach(prog, interface, true)?;
+    let (mode, _link) = loader::attach(prog, interface, true)?;
     let balancers: Vec<String> = from.iter().map(IpAddr::to_string).collect();
     info!(
-        "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode} mode) for {} \
+        "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode}) for {} \
          from the balancers {} with {}",
         local.describe(),
         balancers.join(", "),

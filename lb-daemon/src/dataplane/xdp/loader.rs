@@ -1,13 +1,18 @@
-//! Finding, loading and attaching the BPF object's XDP programs.
+//! Finding, loading and attaching the BPF object's programs: `lb_xdp` at the XDP hook,
+//! `lb_tc` at the tc ingress hook.
 //!
-//! Nothing is pinned. Programs are attached through BPF links (the kernel falls back to a
-//! netlink attach only where links are missing, before 5.9), so the kernel detaches them when
-//! the process's link descriptors close: on a clean exit and on a crash alike. No program is
-//! left forwarding with a table nobody updates.
+//! Nothing is pinned. Programs are attached through BPF links (XDP links; TCX links for tc,
+//! kernel 6.6 and later), so the kernel detaches them when the process's link descriptors
+//! close: on a clean exit and on a crash alike. No program is left forwarding with a table
+//! nobody updates. Older kernels fall back to netlink attachments (XDP before 5.9; tc through
+//! a `clsact` qdisc before 6.6): those are removed on a clean exit, when the object is
+//! dropped, but a crash leaves them; the `clsact` qdisc itself stays (it is empty, and
+//! harmless).
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::{Xdp, XdpMode};
+use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use tracing::warn;
 
@@ -37,20 +42,19 @@ pub enum LoadError {
         /// What aya reported.
         source: Box<aya::EbpfError>,
     },
-    /// The object has no XDP program of this name: it is not lb's, or of another version
-    /// than this daemon. (A missing map is `MapsError::Missing`, found when the maps are
-    /// taken.)
+    /// The object has no program of this name: it is not lb's, or of another version than
+    /// this daemon. (A missing map is `MapsError::Missing`, found when the maps are taken.)
     #[error("the BPF object {} has no {what} `{name}`; it is not the lb-ebpf this daemon was built with", path.display())]
     Missing {
         /// The object.
         path: PathBuf,
-        /// What is missing: "XDP program".
+        /// What is missing: "XDP program", "tc program".
         what: &'static str,
         /// The missing name.
         name: String,
     },
     /// The kernel refused the program (the verifier's log is in the message).
-    #[error("the kernel refused the XDP program `{name}`: {source}")]
+    #[error("the kernel refused the program `{name}`: {source}")]
     Program {
         /// The program.
         name: String,
@@ -67,6 +71,24 @@ pub enum LoadError {
         /// Why native (driver) mode failed.
         native: String,
     },
+    /// The object has no tc program `lb_tc` (it was built before the tc data plane): only
+    /// the XDP hook is possible.
+    #[error("the BPF object {} has no lb_tc program (it predates the tc data plane; rebuild it with `cargo xtask build-ebpf`)", path.display())]
+    NoTcProgram {
+        /// The object.
+        path: PathBuf,
+    },
+    /// The tc program could not attach to the interface, through TCX nor through a
+    /// `clsact` qdisc.
+    #[error("cannot attach tc to {interface}: TCX: {tcx}; clsact: {clsact}")]
+    TcAttach {
+        /// The interface.
+        interface: String,
+        /// Why the TCX link failed.
+        tcx: String,
+        /// Why the netlink attachment through `clsact` failed.
+        clsact: String,
+    },
     /// Neither native nor generic XDP could attach to the interface.
     #[error("cannot attach XDP to {interface}: native mode: {native}; generic mode: {generic}")]
     Attach {
@@ -79,21 +101,37 @@ pub enum LoadError {
     },
 }
 
-/// How a program ended up attached to an interface.
+/// Which hook, and how, a program ended up attached to on an interface. An interface
+/// carries one hook: XDP (native or generic) or tc, never both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
-    /// In the driver (`xdpdrv`): the fast path proper.
+    /// `lb_xdp` in the driver (`xdpdrv`): the fast path proper.
     Native,
-    /// In the kernel's generic receive path (`xdpgeneric`): works on any interface, at a
-    /// fraction of native speed.
+    /// `lb_xdp` in the kernel's generic receive path (`xdpgeneric`): works on any interface,
+    /// at a fraction of native speed, and what it redirects into a bridge vanishes.
     Generic,
+    /// `lb_tc` at tc ingress through a TCX link (kernel 6.6 and later).
+    Tcx,
+    /// `lb_tc` at tc ingress as a filter of a `clsact` qdisc (older kernels).
+    Clsact,
 }
 
+impl AttachMode {
+    /// Whether this is the tc hook (`lb_tc`) rather than XDP (`lb_xdp`).
+    pub fn is_tc(self) -> bool {
+        matches!(self, AttachMode::Tcx | AttachMode::Clsact)
+    }
+}
+
+/// As the log and `/status` say it: `XDP native`, `XDP generic`, `tc` (a TCX link), `tc
+/// clsact`.
 impl std::fmt::Display for AttachMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            AttachMode::Native => "native",
-            AttachMode::Generic => "generic",
+            AttachMode::Native => "XDP native",
+            AttachMode::Generic => "XDP generic",
+            AttachMode::Tcx => "tc",
+            AttachMode::Clsact => "tc clsact",
         })
     }
 }
@@ -149,7 +187,8 @@ pub fn load_object(path: &Path, shrink: &[&str]) -> Result<Ebpf, LoadError> {
     })
 }
 
-/// Loads XDP program `name` of `ebpf` into the kernel (the verifier runs here).
+/// Loads XDP program `name` of `ebpf` into the kernel (the verifier runs here); if it is
+/// loaded already, returns it.
 ///
 /// Returns `Err(LoadError::Missing)` when the object has no XDP program of that name, and
 /// `Err(LoadError::Program)` when the kernel refuses it.
@@ -168,25 +207,138 @@ pub fn load_program<'a>(
         .ok_or_else(missing)?
         .try_into()
         .map_err(|_| missing())?;
-    prog.load().map_err(|source| LoadError::Program {
-        name: name.to_string(),
-        source: Box::new(source),
-    })?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|source| LoadError::Program {
+            name: name.to_string(),
+            source: Box::new(source),
+        })?;
+    }
     Ok(prog)
+}
+
+/// Loads tc program `name` of `ebpf` into the kernel (the verifier runs here); if it is
+/// loaded already, returns it.
+///
+/// Returns `Err(LoadError::NoTcProgram)` when the object has no tc program of that name (an
+/// object built before the tc data plane), and `Err(LoadError::Program)` when the kernel
+/// refuses it.
+pub fn load_tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    path: &Path,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let missing = || LoadError::NoTcProgram {
+        path: path.to_path_buf(),
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(missing)?
+        .try_into()
+        .map_err(|_| missing())?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|source| LoadError::Program {
+            name: name.to_string(),
+            source: Box::new(source),
+        })?;
+    }
+    Ok(prog)
+}
+
+/// Attaches the loaded tc program `prog` at `interface`'s ingress: a TCX link first (kernel
+/// 6.6 and later; it goes after any TCX program already there), else a filter of the
+/// interface's `clsact` qdisc, which is added when missing.
+///
+/// Returns the mode it attached in and the link, which `SchedClassifier::detach` takes;
+/// `Err(LoadError::TcAttach)` with both ways' errors.
+pub fn attach_tc(prog: &mut SchedClassifier, interface: &str) -> Result<TcAttached, LoadError> {
+    let tcx = match attach_tcx(prog, interface) {
+        Ok(link) => {
+            return Ok(TcAttached {
+                mode: AttachMode::Tcx,
+                link,
+            })
+        }
+        Err(e) => e,
+    };
+    match attach_clsact(prog, interface) {
+        Ok(link) => {
+            warn!(
+                "tc on {interface} is attached through a clsact qdisc (no TCX: {tcx}); a crash \
+                 leaves it attached until `tc filter del dev {interface} ingress`"
+            );
+            Ok(TcAttached {
+                mode: AttachMode::Clsact,
+                link,
+            })
+        }
+        Err(clsact) => Err(LoadError::TcAttach {
+            interface: interface.to_string(),
+            tcx,
+            clsact,
+        }),
+    }
+}
+
+/// Attaches `prog` at `interface`'s tc ingress through a TCX link, after any TCX program
+/// there. `Err`: why not, in words (a kernel before 6.6 has no TCX).
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    interface: &str,
+) -> Result<aya::programs::tc::SchedClassifierLinkId, String> {
+    prog.attach_with_options(
+        interface,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )
+    .map_err(|e| error_chain(&e))
+}
+
+/// Attaches `prog` at `interface`'s tc ingress as a filter of its `clsact` qdisc, adding the
+/// qdisc when it is missing. `Err`: why not, in words.
+fn attach_clsact(
+    prog: &mut SchedClassifier,
+    interface: &str,
+) -> Result<aya::programs::tc::SchedClassifierLinkId, String> {
+    if let Err(e) = aya::programs::tc::qdisc_add_clsact(interface) {
+        // A clsact qdisc that is there already (another tc user's, or ours from a run that
+        // crashed) takes our filter as well.
+        let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
+            if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(format!("adding the clsact qdisc: {}", error_chain(&e)));
+        }
+    }
+    prog.attach_with_options(
+        interface,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions::default()),
+    )
+    .map_err(|e| error_chain(&e))
+}
+
+/// A tc program attached to an interface by [`attach_tc`].
+#[derive(Debug)]
+pub struct TcAttached {
+    /// TCX or clsact.
+    pub mode: AttachMode,
+    /// The attachment, for `SchedClassifier::detach`; dropping it leaves the program
+    /// attached until the object is dropped.
+    pub link: aya::programs::tc::SchedClassifierLinkId,
 }
 
 /// Attaches the loaded `prog` to `interface`: native mode first, then, if `allow_generic`,
 /// generic mode (with a warning) when the driver has no XDP support.
 ///
-/// Returns the mode it attached in; `Err(LoadError::NativeOnly)` when native mode failed and
-/// generic is not allowed, `Err(LoadError::Attach)` with both modes' errors.
+/// Returns the mode it attached in and the link, which `Xdp::detach` takes;
+/// `Err(LoadError::NativeOnly)` when native mode failed and generic is not allowed,
+/// `Err(LoadError::Attach)` with both modes' errors.
 pub fn attach(
     prog: &mut Xdp,
     interface: &str,
     allow_generic: bool,
-) -> Result<AttachMode, LoadError> {
+) -> Result<(AttachMode, aya::programs::xdp::XdpLinkId), LoadError> {
     let native = match prog.attach(interface, XdpMode::Driver) {
-        Ok(_) => return Ok(AttachMode::Native),
+        Ok(link) => return Ok((AttachMode::Native, link)),
         Err(e) => error_chain(&e),
     };
     if !allow_generic {
@@ -196,12 +348,12 @@ pub fn attach(
         });
     }
     match prog.attach(interface, XdpMode::Skb) {
-        Ok(_) => {
+        Ok(link) => {
             warn!(
                 "XDP on {interface} runs in generic (SKB) mode, at a fraction of native speed: \
                  native mode failed: {native}"
             );
-            Ok(AttachMode::Generic)
+            Ok((AttachMode::Generic, link))
         }
         Err(e) => Err(LoadError::Attach {
             interface: interface.to_string(),
@@ -216,12 +368,14 @@ pub fn if_index(interface: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(interface).ok()
 }
 
-/// Whether `interface` is a loopback device (`lo`, or any of type `ARPHRD_LOOPBACK`).
+/// Whether `interface` is a loopback device (`lo`, or any of type `ARPHRD_LOOPBACK`) in the
+/// daemon's network namespace.
 pub fn is_loopback(interface: &str) -> bool {
-    const ARPHRD_LOOPBACK: &str = "772";
     interface == "lo"
-        || std::fs::read_to_string(format!("/sys/class/net/{interface}/type"))
-            .is_ok_and(|t| t.trim() == ARPHRD_LOOPBACK)
+        || matches!(
+            super::iface_kind::kind_of(interface),
+            Ok(super::iface_kind::InterfaceKind::Loopback)
+        )
 }
 
 /// `e` and its sources, joined with ": ".
@@ -272,5 +426,49 @@ mod tests {
     #[test]
     fn lo_is_loopback() {
         assert!(is_loopback("lo"));
+    }
+
+    /// The fallback for kernels without TCX, run on this one: `lb_tc` as a filter of a
+    /// `clsact` qdisc, found by `tc`, and gone when the object is dropped (a clean exit).
+    #[test]
+    fn lb_tc_attaches_through_clsact_and_goes_with_the_object() {
+        if !lb_tests::require_root("loader::lb_tc_attaches_through_clsact") {
+            return;
+        }
+        let object = lb_tests::xdp::bpf_object();
+        let ns = lb_tests::netns::Netns::new("clsact").expect("a namespace");
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"])
+            .expect("a veth pair");
+        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
+        // A clsact qdisc already there (another tc user's) takes our filter as well.
+        ns.run("tc", &["qdisc", "add", "dev", "v0", "clsact"])
+            .expect("a clsact qdisc");
+        let filters = || {
+            let out = ns
+                .run("tc", &["filter", "show", "dev", "v0", "ingress"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            out.unwrap_or_else(|e| panic!("tc filter show: {e}"))
+        };
+        let ebpf = ns
+            .enter(|| {
+                let mut ebpf = load_object(&object, &[]).expect("the object loads");
+                let prog = load_tc_program(&mut ebpf, &object, lb_common::maps::PROG_TC)
+                    .expect("lb_tc loads");
+                attach_clsact(prog, "v0").expect("lb_tc attaches through clsact");
+                ebpf
+            })
+            .expect("enter the namespace");
+        let shown = filters();
+        assert!(
+            shown.contains("lb_tc"),
+            "tc filter show dev v0 ingress must list lb_tc: {shown}"
+        );
+        // Dropped where it was attached: the netlink detach goes to the thread's namespace.
+        ns.enter(move || drop(ebpf)).expect("enter the namespace");
+        let shown = filters();
+        assert!(
+            !shown.contains("lb_tc"),
+            "the filter must go with the object: {shown}"
+        );
     }
 }

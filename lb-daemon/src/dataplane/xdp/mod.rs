@@ -1,9 +1,14 @@
-//! The XDP fast path, daemon side: choosing which services run on it, loading and attaching
-//! `lb-ebpf`, keeping its maps in step with the services' snapshots, and detaching on exit.
+//! The eBPF fast path, daemon side: loading `lb-ebpf`, attaching its balancer to the
+//! services' interfaces at the XDP hook (`lb_xdp`) or at tc ingress (`lb_tc`), keeping its
+//! maps in step with the services' snapshots, and detaching on exit. (The module keeps its
+//! first name, `xdp`, from before the tc hook.)
 //!
-//! One BPF object serves every XDP service: the balancer program `lb_xdp` is attached once to
-//! each interface any XDP service names (`interface` and `backend_interfaces`), and stays
-//! attached until the daemon exits, across reloads; the maps are shared, one service id per
+//! One BPF object serves every eBPF service, and both programs share its maps: one of them is
+//! attached once to each interface any eBPF service names (`interface` and
+//! `backend_interfaces`), and stays attached until the daemon exits, across reloads. An
+//! interface carries one hook: a service that needs XDP where tc is attached (or the reverse)
+//! is refused ([`XdpPlaneError::HookConflict`]). Each program is loaded (verified) when a
+//! service first needs its hook. The maps are shared, the maps are shared, one service id per
 //! service and one backend id per backend address of a service (see [`ids`] for their
 //! lifecycle). Reloads add services ([`XdpPlane::add`]) and remove them
 //! ([`XdpPlane::remove`]); backend changes arrive as new snapshots. See `lb_common::maps` for
@@ -13,6 +18,7 @@ pub mod bpf_map;
 pub mod counters;
 pub mod decap;
 pub mod ids;
+pub mod iface_kind;
 pub mod limits;
 pub mod loader;
 pub mod map_walk;
@@ -26,8 +32,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aya::programs::{SchedClassifier, Xdp};
 use aya::Ebpf;
-use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, PROG_BALANCER};
+use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, PROG_BALANCER, PROG_TC};
 use tracing::{error, info, warn};
 
 use super::{Dataplane, ServiceHandle};
@@ -36,6 +43,19 @@ use crate::config::{Forwarding, XdpSettings};
 pub use bpf_map::MapsError;
 pub use counters::{BackendCounters, ServiceCounters, XdpCounters};
 pub use loader::{AttachMode, LoadError};
+
+/// Which hook a service asks the plane for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookRequest {
+    /// `lb_xdp` at the XDP hook, native mode; `allow_generic`: generic (SKB) mode where
+    /// native mode cannot attach, only for `dataplane = "xdp"`, the user's explicit choice.
+    Xdp {
+        /// Whether generic mode may carry the service.
+        allow_generic: bool,
+    },
+    /// `lb_tc` at tc ingress (TCX, else a clsact qdisc).
+    Tc,
+}
 pub use maps::{Maps, ServiceSlot};
 
 /// Reads the XDP counters; see [`XdpPlane::counters_reader`]. It shares the plane's maps:
@@ -69,13 +89,12 @@ pub struct XdpService {
     /// The service's `interface`, `backend_interfaces`, forwarding, `local_address` and SNAT
     /// settings.
     pub xdp: XdpSettings,
-    /// Whether generic (SKB) XDP may carry the service where native XDP cannot attach: only
-    /// for `dataplane = "xdp"`, the user's explicit choice; `auto` then goes to the proxy.
-    pub allow_generic: bool,
+    /// The hook to attach at, on every interface of the service.
+    pub hook: HookRequest,
 }
 
-/// Where the XDP plane carries a service: each interface it is attached to and how (the
-/// service's `interface` first).
+/// Where the eBPF plane carries a service: each interface it is attached to, at which hook
+/// and how (the service's `interface` first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XdpAttachment {
     /// NAT or DSR.
@@ -98,8 +117,22 @@ pub enum XdpPlaneError {
     /// An interface the service names does not exist.
     #[error("there is no interface {0}")]
     NoInterface(String),
-    /// No BPF object was found, or the program could not be attached to an interface,
-    /// natively or generically.
+    /// An interface the service names carries the other hook already, for another service:
+    /// an interface carries one hook (XDP or tc), so the two services cannot share it.
+    #[error(
+        "{interface} carries {has} for another service, and this one needs {wants}: an \
+         interface carries one hook"
+    )]
+    HookConflict {
+        /// The interface.
+        interface: String,
+        /// How the program is attached there now.
+        has: AttachMode,
+        /// The hook this service needs: `XDP` or `tc`.
+        wants: &'static str,
+    },
+    /// No BPF object was found, the object has no `lb_tc`, a program was refused by the
+    /// kernel, or a program could not be attached to an interface.
     #[error(transparent)]
     Loader(#[from] LoadError),
     /// The SNAT range cannot be chosen or clashes with the host's ephemeral ports.
@@ -129,11 +162,16 @@ pub enum XdpPlaneError {
     Stopped,
 }
 
-/// The running XDP data plane: the loaded object (its programs hold the attachments), the
+/// The running eBPF data plane: the loaded object (its programs hold the attachments), the
 /// maps with the services on them, and the thread that republishes snapshots into them.
 pub struct XdpPlane {
     // Dropping the object closes the links: the kernel detaches the programs.
     ebpf: Option<Ebpf>,
+    /// The object's path, for the loader's errors.
+    path: PathBuf,
+    /// Why a program could not be loaded, by name: the verifier is not run again for the
+    /// next service (it takes seconds, and the object does not change).
+    load_failed: BTreeMap<&'static str, String>,
     state: Arc<Mutex<sync::State>>,
     /// Every interface the program is attached to, and how.
     attached: BTreeMap<String, AttachMode>,
@@ -153,13 +191,14 @@ pub struct XdpStart {
 
 impl XdpPlane {
     /// Finds and loads the BPF object, takes its maps and starts the sync thread, with no
-    /// service and no interface yet.
+    /// service and no interface yet. The programs are loaded when a service first needs
+    /// their hook ([`XdpPlane::add`]).
     ///
     /// Returns `Err(XdpPlaneError::Load)` with the loader's reason (no object found, the
     /// kernel refused the program, a map is missing).
     pub fn load(start: &XdpStart) -> Result<XdpPlane, XdpPlaneError> {
         let (ebpf, maps, walk, path) = load_balancer(start.bpf_object.as_deref())?;
-        info!("XDP: loaded {}", path.display());
+        info!("eBPF: loaded {}", path.display());
         let state = Arc::new(Mutex::new(sync::State {
             maps,
             backend_ids: ids::IdPool::new(MAX_BACKENDS),
@@ -174,18 +213,22 @@ impl XdpPlane {
         let sync = sync::SyncThread::start(Arc::clone(&state), walk);
         Ok(XdpPlane {
             ebpf: Some(ebpf),
+            path,
+            load_failed: BTreeMap::new(),
             state,
             attached: BTreeMap::new(),
             sync: Some(sync),
         })
     }
 
-    /// Places `service` on XDP: a service id, the program attached to any of its interfaces
-    /// it is not attached to yet, and its current snapshot written, VIP last. The sync thread
-    /// writes its later snapshots.
+    /// Places `service` on the eBPF plane: a service id, the program of its hook attached to
+    /// any of its interfaces it is not attached to yet, and its current snapshot written, VIP
+    /// last. The sync thread writes its later snapshots.
     ///
-    /// Returns where it runs; `Err` leaves nothing of the service in the maps (an interface
-    /// attached on the way stays attached, passing what is not a VIP's).
+    /// Returns where it runs; `Err` leaves nothing of the service in the maps and no
+    /// attachment made for it if the attaching failed (so `auto` may try the other hook on
+    /// the same interfaces); one made before a later step failed (ids, maps) stays, passing
+    /// what is not a VIP's.
     pub fn add(
         &mut self,
         service: &ServiceHandle,
@@ -212,7 +255,7 @@ impl XdpPlane {
         if lock(&self.state).service_ids.available() == 0 {
             return Err(XdpPlaneError::ServiceIdsFull);
         }
-        let interfaces = self.attach_all(&wanted, settings.allow_generic)?;
+        let interfaces = self.attach_all(&wanted, settings.hook)?;
         // The first write of the table (all M slots) holds the lock: it shares the id pools
         // and the maps with the sync thread.
         let mut guard = lock(&self.state);
@@ -260,46 +303,140 @@ impl XdpPlane {
         })
     }
 
-    /// Attaches the program to each of `wanted` that it is not attached to yet; returns
-    /// every one with its mode, in order. Every interface must exist before anything is
-    /// attached, so a typo in the last one leaves no program behind on the first.
+    /// How the program is attached to `interface`, if it is.
+    pub fn hook_on(&self, interface: &str) -> Option<AttachMode> {
+        self.attached.get(interface).copied()
+    }
+
+    /// Attaches the program of `hook` to each of `wanted` that it is not attached to yet;
+    /// returns every one with its mode, in order. Every interface must exist and carry no
+    /// other hook before anything is attached, so a typo or a conflict in the last one leaves
+    /// no program behind on the first; when an attach fails, those this call made are
+    /// detached again.
     fn attach_all(
         &mut self,
         wanted: &[String],
-        allow_generic: bool,
+        hook: HookRequest,
     ) -> Result<Vec<(String, AttachMode)>, XdpPlaneError> {
         let mut ifindexes = Vec::with_capacity(wanted.len());
         for name in wanted {
             let index =
                 loader::if_index(name).ok_or_else(|| XdpPlaneError::NoInterface(name.clone()))?;
             ifindexes.push(index);
+            if let Some(&has) = self.attached.get(name) {
+                check_hook(name, has, hook)?;
+            }
         }
-        let ebpf = self.ebpf.as_mut().ok_or(XdpPlaneError::Stopped)?;
         let mut interfaces = Vec::new();
+        let mut made: Vec<(String, Link)> = Vec::new();
         for (name, ifindex) in wanted.iter().zip(ifindexes) {
-            let mode = match self.attached.get(name) {
-                Some(&AttachMode::Generic) if !allow_generic => {
-                    return Err(XdpPlaneError::Loader(LoadError::NativeOnly {
-                        interface: name.clone(),
-                        native: "another service attached it in generic mode".into(),
-                    }))
+            if let Some(&mode) = self.attached.get(name) {
+                interfaces.push((name.clone(), mode));
+                continue;
+            }
+            match self.attach_one(name, ifindex, hook) {
+                Ok((mode, link)) => {
+                    made.push((name.clone(), link));
+                    interfaces.push((name.clone(), mode));
                 }
-                Some(&mode) => mode,
-                None => {
-                    // Redirects into the interface are allowed first: an interface in
-                    // `attached` is one other services can redirect to as well.
-                    lock(&self.state).maps.allow_redirect(ifindex)?;
-                    // Without the State lock: attaching waits for the kernel (a driver may
-                    // reset its rings), and the sync thread and counter reads go on meanwhile.
-                    let mode = loader::attach(program(ebpf)?, name, allow_generic)?;
-                    self.attached.insert(name.clone(), mode);
-                    info!("XDP: {PROG_BALANCER} attached to {name} ({mode} mode)");
-                    mode
+                Err(e) => {
+                    self.detach_made(made);
+                    return Err(e);
                 }
-            };
-            interfaces.push((name.clone(), mode));
+            }
+        }
+        for (name, mode) in &interfaces {
+            if self.attached.insert(name.clone(), *mode).is_none() {
+                let prog = if mode.is_tc() { PROG_TC } else { PROG_BALANCER };
+                info!("eBPF: {prog} attached to {name} ({mode})");
+            }
         }
         Ok(interfaces)
+    }
+
+    /// Attaches the program of `hook` to `name` (index `ifindex`), loading the program first
+    /// if no service needed it yet.
+    fn attach_one(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        hook: HookRequest,
+    ) -> Result<(AttachMode, Link), XdpPlaneError> {
+        // Redirects into the interface are allowed first: an interface in `attached` is one
+        // other services can redirect to as well (lb_xdp's DEVMAP; lb_tc does not use it).
+        lock(&self.state).maps.allow_redirect(ifindex)?;
+        // Without the State lock: attaching waits for the kernel (a driver may reset its
+        // rings), and the sync thread and counter reads go on meanwhile.
+        match hook {
+            HookRequest::Xdp { allow_generic } => {
+                let (mode, link) = loader::attach(self.xdp_program()?, name, allow_generic)?;
+                Ok((mode, Link::Xdp(link)))
+            }
+            HookRequest::Tc => {
+                let attached = loader::attach_tc(self.tc_program()?, name)?;
+                Ok((attached.mode, Link::Tc(attached.link)))
+            }
+        }
+    }
+
+    /// Detaches what [`XdpPlane::attach_all`] attached before a later interface failed.
+    fn detach_made(&mut self, made: Vec<(String, Link)>) {
+        let Some(ebpf) = self.ebpf.as_mut() else {
+            return;
+        };
+        for (name, link) in made {
+            let detached = match link {
+                Link::Xdp(id) => program_as::<Xdp>(ebpf, PROG_BALANCER).and_then(|p| {
+                    p.detach(id)
+                        .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
+                }),
+                Link::Tc(id) => program_as::<SchedClassifier>(ebpf, PROG_TC).and_then(|p| {
+                    p.detach(id)
+                        .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
+                }),
+            };
+            if let Err(e) = detached {
+                warn!("eBPF: cannot detach from {name} after a failed attach: {e}");
+            }
+        }
+    }
+
+    /// `lb_xdp`, loaded (verified) on first use.
+    fn xdp_program(&mut self) -> Result<&mut Xdp, XdpPlaneError> {
+        if let Some(why) = self.load_failed.get(PROG_BALANCER) {
+            return Err(XdpPlaneError::Load(why.clone()));
+        }
+        let ebpf = self.ebpf.as_mut().ok_or(XdpPlaneError::Stopped)?;
+        match loader::load_program(ebpf, &self.path, PROG_BALANCER) {
+            Ok(_) => {}
+            Err(e) => {
+                let why = loader::error_chain(&e);
+                self.load_failed.insert(PROG_BALANCER, why.clone());
+                return Err(XdpPlaneError::Load(why));
+            }
+        }
+        program_as::<Xdp>(ebpf, PROG_BALANCER)
+    }
+
+    /// `lb_tc`, loaded (verified) on first use. `Err(XdpPlaneError::Loader(NoTcProgram))`
+    /// for an object built before the tc data plane.
+    fn tc_program(&mut self) -> Result<&mut SchedClassifier, XdpPlaneError> {
+        if let Some(why) = self.load_failed.get(PROG_TC) {
+            return Err(XdpPlaneError::Load(why.clone()));
+        }
+        let ebpf = self.ebpf.as_mut().ok_or(XdpPlaneError::Stopped)?;
+        match loader::load_tc_program(ebpf, &self.path, PROG_TC) {
+            Ok(_) => {}
+            Err(e) => {
+                let why = loader::error_chain(&e);
+                self.load_failed.insert(PROG_TC, why.clone());
+                return Err(match e {
+                    LoadError::NoTcProgram { .. } => XdpPlaneError::Loader(e),
+                    _ => XdpPlaneError::Load(why),
+                });
+            }
+        }
+        program_as::<SchedClassifier>(ebpf, PROG_TC)
     }
 
     /// Starts draining the service with index `index` out of XDP: its table is emptied now
@@ -395,7 +532,7 @@ impl XdpPlane {
         }
         if self.ebpf.take().is_some() {
             for (interface, mode) in &self.attached {
-                info!("XDP detached from {interface} ({mode} mode)");
+                info!("eBPF detached from {interface} ({mode})");
             }
         }
     }
@@ -438,27 +575,96 @@ impl Drop for XdpPlane {
     }
 }
 
-/// Finds and loads the object, loads `lb_xdp` and takes the maps.
+/// Finds and loads the object and takes the maps; the programs are loaded on first use.
 fn load_balancer(
     configured: Option<&std::path::Path>,
 ) -> Result<(Ebpf, Maps, map_walk::MapWalk, PathBuf), XdpPlaneError> {
-    // The loader's errors carry their causes (the verifier's log) in the words.
+    // The loader's errors carry their causes in the words.
     let chain = |e: LoadError| XdpPlaneError::Load(loader::error_chain(&e));
     let path = loader::find_object(configured)?;
     let mut ebpf = loader::load_object(&path, &[]).map_err(chain)?;
-    loader::load_program(&mut ebpf, &path, PROG_BALANCER).map_err(chain)?;
     let maps = Maps::take(&mut ebpf)?;
     let walk = map_walk::MapWalk::take(&mut ebpf)?;
     Ok((ebpf, maps, walk, path))
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut aya::programs::Xdp, XdpPlaneError> {
-    ebpf.program_mut(PROG_BALANCER)
-        .ok_or_else(|| XdpPlaneError::Load(format!("no program {PROG_BALANCER}")))?
+/// One attachment [`XdpPlane::attach_all`] made, kept until all of the service's succeed.
+enum Link {
+    Xdp(aya::programs::xdp::XdpLinkId),
+    Tc(aya::programs::tc::SchedClassifierLinkId),
+}
+
+/// Whether an interface attached as `has` can take a service that asks for `hook`.
+///
+/// Returns `Err(XdpPlaneError::HookConflict)` for the other hook, and
+/// `Err(LoadError::NativeOnly)` for an XDP service that may not run generic where another
+/// service attached XDP in generic mode.
+fn check_hook(interface: &str, has: AttachMode, hook: HookRequest) -> Result<(), XdpPlaneError> {
+    let conflict = |wants| XdpPlaneError::HookConflict {
+        interface: interface.to_string(),
+        has,
+        wants,
+    };
+    match (hook, has) {
+        (HookRequest::Tc, m) if !m.is_tc() => Err(conflict("tc")),
+        (HookRequest::Xdp { .. }, m) if m.is_tc() => Err(conflict("XDP")),
+        (
+            HookRequest::Xdp {
+                allow_generic: false,
+            },
+            AttachMode::Generic,
+        ) => Err(XdpPlaneError::Loader(LoadError::NativeOnly {
+            interface: interface.to_string(),
+            native: "another service attached it in generic mode".into(),
+        })),
+        _ => Ok(()),
+    }
+}
+
+/// Program `name` of `ebpf` as a `P` (`Xdp`, `SchedClassifier`).
+fn program_as<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, XdpPlaneError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| XdpPlaneError::Load(format!("no program {name}")))?
         .try_into()
         .map_err(|e: aya::programs::ProgramError| XdpPlaneError::Load(e.to_string()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interface_carries_one_hook() {
+        let xdp = HookRequest::Xdp {
+            allow_generic: true,
+        };
+        let native_only = HookRequest::Xdp {
+            allow_generic: false,
+        };
+        assert!(check_hook("l0", AttachMode::Tcx, HookRequest::Tc).is_ok());
+        assert!(check_hook("l0", AttachMode::Clsact, HookRequest::Tc).is_ok());
+        assert!(check_hook("l0", AttachMode::Native, xdp).is_ok());
+        assert!(check_hook("l0", AttachMode::Generic, xdp).is_ok());
+        assert!(check_hook("l0", AttachMode::Native, native_only).is_ok());
+        let e = check_hook("l0", AttachMode::Native, HookRequest::Tc).expect_err("XDP there");
+        assert_eq!(
+            e.to_string(),
+            "l0 carries XDP native for another service, and this one needs tc: an interface \
+             carries one hook"
+        );
+        let e = check_hook("l0", AttachMode::Tcx, xdp).expect_err("tc there");
+        assert!(
+            matches!(e, XdpPlaneError::HookConflict { wants: "XDP", .. }),
+            "{e}"
+        );
+        let e = check_hook("br0", AttachMode::Generic, native_only).expect_err("generic there");
+        assert!(e.to_string().contains("no native XDP on br0"), "{e}");
+    }
 }
