@@ -557,9 +557,8 @@ mod tests {
         );
     }
 
-    /// The packet-layer planes whose configs the daemon this branch builds against accepts
-    /// (`tc` joins when the daemon's `dataplane = "tc"` lands on main).
-    const PLANES: [&str; 1] = ["xdp"];
+    /// The packet-layer planes.
+    const PLANES: [&str; 2] = ["xdp", "tc"];
 
     #[test]
     fn the_packet_layer_configs_are_valid_lb_configs_with_the_backends_ports_on_the_vip() {
