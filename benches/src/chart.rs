@@ -61,7 +61,11 @@ pub fn ratios_svg(report: &Report) -> Result<String, String> {
         let n = CHARTED.len() as f64;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("lb bench: ratio to direct ({} UTC)", report.date_utc),
+                // A -bridge path's ratio is to direct-bridge (Report::ratio_to_direct).
+                format!(
+                    "lb bench: ratio to direct of the path's topology ({} UTC)",
+                    report.date_utc
+                ),
                 ("sans-serif", 20),
             )
             .margin(12)
