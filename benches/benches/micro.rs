@@ -1,15 +1,21 @@
 //! Criterion micro-benchmarks of the pieces on the per-flow and per-rebuild paths:
 //! the Maglev table build (per health or weight change), the table lookup and the flow hash
-//! (per new flow, in both data planes), and each proxy scheduler's pick (per new connection).
+//! (per new flow, in both data planes), each proxy scheduler's pick (per new connection), and
+//! the per-packet cost of the BPF programs `lb_xdp` and `lb_tc` under BPF_PROG_TEST_RUN
+//! (`lb_benches::program_cost`; needs root and `LB_EBPF_OBJ`, else skipped with the reason
+//! printed).
 //!
-//! Run with `cargo bench -p lb-benches --bench micro`; criterion reports ns per lookup and
-//! ms per build.
+//! Run with `cargo bench -p lb-benches --bench micro` (only the programs:
+//! `... --bench micro -- program_cost`); criterion reports ns per lookup, per packet and ms
+//! per build.
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use lb_benches::program_cost::{Packet, Program, ProgramLab};
 use lb_common::{flow_hash, FlowKey};
 use lb_daemon::config::SchedulerKind;
 use lb_daemon::maglev::{MaglevBackend, MaglevTable};
@@ -132,5 +138,61 @@ fn scheduler_pick(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, maglev_build, maglev_lookup, hash, scheduler_pick);
+/// ns per packet of `lb_xdp` and `lb_tc` for each case of `program_cost`: each iteration is
+/// one BPF_PROG_TEST_RUN on a fresh frame, and the time criterion gets is the kernel's own
+/// `duration` of the runs (the program, without the system call and the frame's copy).
+fn program_cost(c: &mut Criterion) {
+    let mut lab = match ProgramLab::new() {
+        Ok(lab) => lab,
+        Err(why) => {
+            eprintln!("program_cost: skipped: {why}");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("program_cost");
+    g.sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for program in Program::ALL {
+        if let Err(why) = lab.available(program) {
+            eprintln!("program_cost: {}: skipped: {why}", program.name());
+            continue;
+        }
+        for case in Packet::ALL {
+            if let Err(why) = lab.prepare(program, case) {
+                eprintln!(
+                    "program_cost: {} {}: skipped: {why}",
+                    program.name(),
+                    case.name()
+                );
+                continue;
+            }
+            g.bench_function(format!("{} {}", program.name(), case.name()), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        match lab.run(program, case) {
+                            Ok(d) => total += d,
+                            // prepare() ran this case once already: a failure now is the
+                            // program changing its answer mid-run, which the figure must
+                            // not hide.
+                            Err(e) => panic!("program_cost: {e}"),
+                        }
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    maglev_build,
+    maglev_lookup,
+    hash,
+    scheduler_pick,
+    program_cost
+);
 criterion_main!(benches);

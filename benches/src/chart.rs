@@ -7,7 +7,7 @@ use crate::report::{PathKind, Report};
 
 /// The figures charted: rates (higher is better) and latencies (lower is better). Cost
 /// figures are left out: `direct` has no balancer process, so they have no ratio to it.
-const CHARTED: [(Metric, &str); 7] = [
+const CHARTED: [(Metric, &str); 8] = [
     (Metric::Bulk1, "bulk 1 flow"),
     (Metric::Bulk8, "bulk 8 flows"),
     (Metric::ConnRate, "new conn/s"),
@@ -15,6 +15,7 @@ const CHARTED: [(Metric, &str); 7] = [
     (Metric::UdpRate, "UDP dgram/s"),
     (Metric::UdpP50, "UDP p50 (lower better)"),
     (Metric::UdpP99, "UDP p99 (lower better)"),
+    (Metric::PacketRate, "64-byte pkt/s"),
 ];
 
 const COLORS: [RGBColor; 8] = [
@@ -60,7 +61,11 @@ pub fn ratios_svg(report: &Report) -> Result<String, String> {
         let n = CHARTED.len() as f64;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("lb bench: ratio to direct ({} UTC)", report.date_utc),
+                // A -bridge path's ratio is to direct-bridge (Report::ratio_to_direct).
+                format!(
+                    "lb bench: ratio to direct of the path's topology ({} UTC)",
+                    report.date_utc
+                ),
                 ("sans-serif", 20),
             )
             .margin(12)
@@ -131,6 +136,7 @@ mod tests {
     fn the_chart_has_a_bar_per_measured_ratio_and_names_every_path() {
         let path = |name: &str, kind, v: f64| PathReport {
             name: name.into(),
+            network: crate::topology::Network::Veth,
             kind,
             skipped: None,
             figures: [(Metric::Bulk1, Figure::new(vec![v; 3]))].into(),

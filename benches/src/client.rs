@@ -326,3 +326,90 @@ fn udp_socket_loop(
     }
     Ok((latencies, lost))
 }
+
+/// UDP payload of the packet-rate test: with the UDP (8), IPv4 (20) and Ethernet (14) headers
+/// and the 4-byte frame check sequence, a 64-byte frame, the smallest Ethernet allows (the
+/// size packet rates are usually quoted for).
+pub const BLAST_PAYLOAD: usize = 18;
+/// Datagrams one `sendmmsg(2)` hands the kernel.
+const BLAST_BATCH: usize = 32;
+
+/// What a packet-rate test sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Blast {
+    /// Datagrams the kernel accepted.
+    pub datagrams: u64,
+    /// Seconds from the first send to the last.
+    pub seconds: f64,
+}
+
+/// Sends [`BLAST_PAYLOAD`]-byte UDP datagrams as fast as `sendmmsg(2)` goes, one way, from
+/// `flows` sockets (each its own source port: one flow per socket and target) spread over
+/// `threads` threads, each socket connected to `targets[i % len]`, in batches of 32 per call,
+/// socket after socket. Stops after `dur` or when `max` datagrams went out, whichever comes
+/// first. Send errors (a full queue, an ICMP error reported back) count nothing and do not
+/// stop it. `Err` when a socket cannot be opened or connected, or nothing could be sent.
+pub fn blast(
+    targets: &[SocketAddr],
+    flows: usize,
+    threads: usize,
+    dur: Duration,
+    max: u64,
+) -> io::Result<Blast> {
+    let threads = threads.clamp(1, flows.max(1));
+    let mut sockets: Vec<Vec<UdpSocket>> = (0..threads).map(|_| Vec::new()).collect();
+    for i in 0..flows {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(targets[i % targets.len()])?;
+        // Bounds a send blocked on a full queue, so the time limit holds.
+        s.set_write_timeout(Some(Duration::from_millis(100)))?;
+        sockets[i % threads].push(s);
+    }
+    let sent = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for socks in &sockets {
+            let sent = &sent;
+            s.spawn(move || blast_loop(socks, sent, started, dur, max));
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let datagrams = sent.into_inner();
+    if datagrams == 0 {
+        return Err(io::Error::other("no datagram could be sent"));
+    }
+    Ok(Blast { datagrams, seconds })
+}
+
+fn blast_loop(sockets: &[UdpSocket], sent: &AtomicU64, started: Instant, dur: Duration, max: u64) {
+    use std::os::fd::AsRawFd;
+    let mut payload = [0u8; BLAST_PAYLOAD];
+    // SAFETY: iovec and mmsghdr are plain C structs; all-zero is a valid value of each.
+    let mut iov: libc::iovec = unsafe { std::mem::zeroed() };
+    iov.iov_base = payload.as_mut_ptr().cast();
+    iov.iov_len = payload.len();
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BLAST_BATCH];
+    for m in &mut msgs {
+        // Every message sends the same payload to the socket's connected peer.
+        m.msg_hdr.msg_iov = &mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    let mut k = 0;
+    while started.elapsed() < dur && !stop::requested() && sent.load(Ordering::Relaxed) < max {
+        let s = &sockets[k % sockets.len()];
+        k += 1;
+        // SAFETY: `msgs` holds BLAST_BATCH headers pointing at `iov` and `payload`, which
+        // outlive the call; the socket is connected, so no address is needed.
+        let n = unsafe {
+            libc::sendmmsg(
+                s.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BLAST_BATCH as libc::c_uint,
+                0,
+            )
+        };
+        if n > 0 {
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}

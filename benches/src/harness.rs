@@ -1,5 +1,5 @@
-//! One benchmark run: builds the topology, starts the servers, measures every path in
-//! interleaved rounds and assembles the [`Report`].
+//! One benchmark run: for each topology with a path to measure, builds it, starts the servers,
+//! measures its paths round by round on one balancer each, and assembles the [`Report`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::balancer::{self, Path, Programs, Running, StartError, VIP_BULK, VIP_RR, VIP_UDP};
+use crate::balancer::{
+    self, Case, Path, Plane, Programs, Running, StartError, VIP_BULK, VIP_PPS, VIP_RR, VIP_UDP,
+};
 use crate::client;
 use crate::metric::Metric;
 use crate::procstat;
 use crate::report::{Churn, Figure, Machine, PathKind, PathReport, Report};
 use crate::server::Servers;
 use crate::stop;
-use crate::topology::{self, Topology};
+use crate::tc::TcSetup;
+use crate::topology::{self, Network, Topology};
 use crate::xdp::XdpSetup;
 
 /// How a run is sized and where it writes.
@@ -31,8 +34,8 @@ pub struct Plan {
     pub out: PathBuf,
     /// The command line, for the report.
     pub command: String,
-    /// Paths to measure (default: all).
-    pub paths: Vec<Path>,
+    /// Paths to measure, each on its topology (default: all).
+    pub paths: Vec<Case>,
     /// How long the churn test of [`CHURN_PATHS`] runs (zero: not at all); at least two
     /// [`CHURN_WINDOW`]s for a first and a last figure.
     pub churn_time: Duration,
@@ -48,6 +51,13 @@ const CHURN_WINDOW: Duration = Duration::from_secs(10);
 const CONN_THREADS: usize = 16;
 const KEPT_ALIVE: usize = 16;
 const UDP_SOCKETS: usize = 8;
+/// The packet-rate test: flows (one UDP socket, so one source port, each), sending threads,
+/// and the most datagrams one round may send whatever its length.
+const PPS_FLOWS: usize = 256;
+const PPS_THREADS: usize = 2;
+const PPS_MAX_DATAGRAMS: u64 = 100_000_000;
+/// How long the backends get to count the datagrams still in flight when the senders stop.
+const PPS_SETTLE: Duration = Duration::from_millis(200);
 
 /// Runs the plan. `Err` when the topology or the servers cannot be set up, or on Ctrl-C;
 /// a path that fails is reported as skipped with its reason instead.
@@ -58,100 +68,53 @@ pub fn run(plan: &Plan) -> Result<Report> {
     std::fs::create_dir_all(&work).context("creating the work directory")?;
     let machine = machine();
     let date_utc = date_utc();
-    eprintln!("lb-bench: building the namespace topology");
-    let topo = topology::build().context("building the namespaces (needs root)")?;
-    let _servers = Servers::start(&topo).context("starting the backend servers")?;
-    for t in Path::Direct.targets(VIP_RR) {
-        wait_answering(&topo, t, None).with_context(|| format!("backend server {t}"))?;
-    }
-
     let mut skipped: BTreeMap<&str, String> = BTreeMap::new();
     let mut samples: BTreeMap<&str, BTreeMap<Metric, Vec<f64>>> = BTreeMap::new();
     let mut notes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut churn = Vec::new();
-    // Every round of a path runs on one balancer process, started once, as a user runs it:
-    // a leak (ports, fds, memory) shows as a rate falling from round to round instead of being
-    // reset by a fresh daemon. The price is that paths are not interleaved round by round.
-    for path in plan.paths.iter().copied() {
-        if stop::requested() {
-            bail!("interrupted");
+    for network in Network::ALL {
+        let cases: Vec<Case> = plan
+            .paths
+            .iter()
+            .copied()
+            .filter(|c| c.network == network)
+            .collect();
+        if cases.is_empty() {
+            continue;
         }
-        let log = logs.join(format!("{}.log", path.name()));
-        let mut run = match PathRun::start(plan, &topo, path, &work, log) {
-            Ok(run) => run,
-            Err(reason) => {
-                if stop::requested() {
-                    bail!("interrupted");
-                }
-                let reason = if matches!(path, Path::LbXdpNat | Path::LbXdpDsr) {
-                    format!("the XDP data plane did not start: {reason}")
-                } else {
-                    reason
-                };
-                eprintln!("lb-bench: {}: skipped: {reason}", path.name());
-                skipped.insert(path.name(), reason);
-                continue;
-            }
+        eprintln!(
+            "lb-bench: building the {} namespace topology",
+            network.name()
+        );
+        let topo = topology::build(network)
+            .with_context(|| format!("building the {} namespaces (needs root)", network.name()))?;
+        let servers = Servers::start(&topo).context("starting the backend servers")?;
+        for t in Path::Direct.targets(network, VIP_RR) {
+            wait_answering(&topo, t, None).with_context(|| format!("backend server {t}"))?;
+        }
+        let mut results = Results {
+            skipped: &mut skipped,
+            samples: &mut samples,
+            notes: &mut notes,
+            churn: &mut churn,
         };
-        for round in 0..plan.rounds {
-            if stop::requested() {
-                bail!("interrupted");
-            }
-            eprintln!(
-                "lb-bench: {}: round {}/{}",
-                path.name(),
-                round + 1,
-                plan.rounds
-            );
-            let (figures, mut n) = run.measure_round(plan, &topo, round);
-            for (m, v) in figures {
-                samples
-                    .entry(path.name())
-                    .or_default()
-                    .entry(m)
-                    .or_default()
-                    .push(v);
-            }
-            notes.entry(path.name()).or_default().append(&mut n);
-        }
-        if CHURN_PATHS.contains(&path) && !plan.churn_time.is_zero() {
-            eprintln!(
-                "lb-bench: {}: churn, {} s of new connections",
-                path.name(),
-                plan.churn_time.as_secs()
-            );
-            let timeline = topo.client.enter(|| {
-                client::connections_timeline(
-                    &path.targets(VIP_RR),
-                    CONN_THREADS,
-                    plan.churn_time,
-                    CHURN_WINDOW,
-                )
-            });
-            match timeline.and_then(|t| t) {
-                Ok(t) => churn.push(Churn::from_windows(path.name(), CHURN_WINDOW, &t)),
-                Err(e) => notes
-                    .entry(path.name())
-                    .or_default()
-                    .push(format!("churn test failed: {e}")),
-            }
-        }
-        run.finish(notes.entry(path.name()).or_default());
+        run_network(plan, &topo, &servers, &cases, &logs, &work, &mut results)?;
     }
     let paths = plan
         .paths
         .iter()
-        .map(|p| PathReport {
-            name: p.name().into(),
-            kind: p.kind(),
-            skipped: skipped.get(p.name()).cloned(),
+        .map(|c| PathReport {
+            name: c.name().into(),
+            network: c.network,
+            kind: c.path.kind(),
+            skipped: skipped.get(c.name()).cloned(),
             figures: samples
-                .remove(p.name())
+                .remove(c.name())
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(m, v)| (m, Figure::new(v)))
                 .collect(),
-            notes: notes.remove(p.name()).unwrap_or_default(),
+            notes: notes.remove(c.name()).unwrap_or_default(),
         })
         .collect();
     let mut run_notes = vec![
@@ -184,6 +147,27 @@ pub fn run(plan: &Plan) -> Result<Report> {
          loopback) through the balancer's kernel routing (lb_xdp passes them) to the client, \
          not through XDP."
             .to_string(),
+        "lb-tc-*: lb-daemon with `dataplane = \"tc\"` (lb_tc at tc ingress on l0 and on the \
+         balancer's interfaces towards the backends), the documented defaults and nothing \
+         changed on the neighbours: tx checksum offload and TSO stay on, no program on the veth \
+         peers. DSR backends decapsulate as on the XDP DSR path (`lb-daemon decap` on each \
+         backend's b0) and their links get MTU 1600 for the outer header. Their LB CPU is the \
+         run time of the BPF programs the daemon holds (BPF run-time statistics) plus its own \
+         user+system time."
+            .to_string(),
+        "bridge topology (paths ending in -bridge): the backends' veths are enslaved to br0 in \
+         the balancer's namespace, one subnet for all (Docker's default bridge network), the \
+         client on its own veth; no permanent neighbour entries. Its ratios are to \
+         `direct-bridge` (the kernel routing into the bridge) and to its own peers."
+            .to_string(),
+        format!(
+            "64-byte pkt/s: {PPS_FLOWS} UDP flows (one socket, so one source port, each) on \
+             {PPS_THREADS} threads send {}-byte payloads (64-byte Ethernet frames) one way with \
+             sendmmsg(2), batches of 32, as fast as the kernel takes them, for the test time \
+             (at most {PPS_MAX_DATAGRAMS} datagrams); the figure is what the backends' \
+             recvmmsg(2) counters received per second of sending. HAProxy has no UDP.",
+            client::BLAST_PAYLOAD
+        ),
         "Every round of a path runs on one balancer process started once for the path (as a \
          user runs it: a leak shows as a falling rate), with lb-daemon's documented defaults \
          (no `snat_ports`); paths run one after the other, not interleaved round by round."
@@ -211,18 +195,123 @@ pub fn run(plan: &Plan) -> Result<Report> {
     })
 }
 
+/// Where [`run`] gathers every case's results, keyed by the case's name.
+struct Results<'r> {
+    skipped: &'r mut BTreeMap<&'static str, String>,
+    samples: &'r mut BTreeMap<&'static str, BTreeMap<Metric, Vec<f64>>>,
+    notes: &'r mut BTreeMap<&'static str, Vec<String>>,
+    churn: &'r mut Vec<Churn>,
+}
+
+/// Measures `cases`, all on `topo`'s network, one after the other. `Err` on Ctrl-C.
+fn run_network(
+    plan: &Plan,
+    topo: &Topology,
+    servers: &Servers,
+    cases: &[Case],
+    logs: &std::path::Path,
+    work: &std::path::Path,
+    results: &mut Results<'_>,
+) -> Result<()> {
+    let Results {
+        skipped,
+        samples,
+        notes,
+        churn,
+    } = results;
+    // Every round of a path runs on one balancer process, started once, as a user runs it:
+    // a leak (ports, fds, memory) shows as a rate falling from round to round instead of being
+    // reset by a fresh daemon. The price is that paths are not interleaved round by round.
+    for case in cases.iter().copied() {
+        let path = case.path;
+        if stop::requested() {
+            bail!("interrupted");
+        }
+        let log = logs.join(format!("{}.log", case.name()));
+        let mut run = match PathRun::start(plan, topo, case, work, log) {
+            Ok(run) => run,
+            Err(reason) => {
+                if stop::requested() {
+                    bail!("interrupted");
+                }
+                let reason = match path.plane() {
+                    Plane::Xdp(_) if path.packet_layer() => {
+                        format!("the XDP data plane did not start: {reason}")
+                    }
+                    Plane::Tc(_) => format!("the tc data plane did not start: {reason}"),
+                    _ => reason,
+                };
+                eprintln!("lb-bench: {}: skipped: {reason}", case.name());
+                skipped.insert(case.name(), reason);
+                continue;
+            }
+        };
+        for round in 0..plan.rounds {
+            if stop::requested() {
+                bail!("interrupted");
+            }
+            eprintln!(
+                "lb-bench: {}: round {}/{}",
+                case.name(),
+                round + 1,
+                plan.rounds
+            );
+            let (figures, mut n) = run.measure_round(plan, topo, servers, round);
+            for (m, v) in figures {
+                samples
+                    .entry(case.name())
+                    .or_default()
+                    .entry(m)
+                    .or_default()
+                    .push(v);
+            }
+            notes.entry(case.name()).or_default().append(&mut n);
+        }
+        if CHURN_PATHS.contains(&path)
+            && case.network == Network::Veth
+            && !plan.churn_time.is_zero()
+        {
+            eprintln!(
+                "lb-bench: {}: churn, {} s of new connections",
+                case.name(),
+                plan.churn_time.as_secs()
+            );
+            let timeline = topo.client.enter(|| {
+                client::connections_timeline(
+                    &case.targets(VIP_RR),
+                    CONN_THREADS,
+                    plan.churn_time,
+                    CHURN_WINDOW,
+                )
+            });
+            match timeline.and_then(|t| t) {
+                Ok(t) => churn.push(Churn::from_windows(case.name(), CHURN_WINDOW, &t)),
+                Err(e) => notes
+                    .entry(case.name())
+                    .or_default()
+                    .push(format!("churn test failed: {e}")),
+            }
+        }
+        run.finish(notes.entry(case.name()).or_default());
+    }
+    Ok(())
+}
+
 /// One round of one path: each figure's sample, and what went wrong on the way.
 type Measured = (Vec<(Metric, f64)>, Vec<String>);
 
 /// A path set up for all its rounds: the XDP paths' veth set-up and the balancer process.
 struct PathRun<'t> {
-    path: Path,
+    case: Case,
     /// The topology, whose balancer namespace gets its ephemeral ports back at the end.
     running_topology: &'t Topology,
-    /// Declared before `xdp`: fields drop in order, and the balancer must detach first.
+    /// Declared before `xdp` and `tc`: fields drop in order, and the balancer must detach
+    /// first.
     running: Option<Running>,
     /// The XDP paths' extra set-up.
     xdp: Option<XdpSetup<'t>>,
+    /// The tc paths' extra set-up.
+    tc: Option<TcSetup<'t>>,
 }
 
 impl<'t> PathRun<'t> {
@@ -231,38 +320,43 @@ impl<'t> PathRun<'t> {
     fn start(
         plan: &Plan,
         topo: &'t Topology,
-        path: Path,
+        case: Case,
         work: &std::path::Path,
         log: PathBuf,
     ) -> Result<PathRun<'t>, String> {
-        // The XDP paths' extra set-up comes first (the daemon's XDP needs the decapsulators on
-        // the veth peers) and goes last (after the daemon detached).
+        let path = case.path;
+        let object = || {
+            plan.programs
+                .bpf_object
+                .as_ref()
+                .map_err(|why| format!("no BPF object: {why}"))
+        };
+        // The XDP and tc paths' extra set-up comes first (the daemon's XDP needs the
+        // decapsulators on the veth peers) and goes last (after the daemon detached).
         let xdp = match path.xdp_setup() {
-            Some(kind) => {
-                let object = plan
-                    .programs
-                    .bpf_object
-                    .as_ref()
-                    .map_err(|why| format!("no BPF object: {why}"))?;
-                Some(XdpSetup::start(topo, kind, object)?)
-            }
+            Some(kind) => Some(XdpSetup::start(topo, kind, object()?)?),
             None => None,
         };
-        // The proxies' wide ephemeral range (see `topology`) would leave XDP NAT no room for
-        // its default SNAT range; an XDP host keeps the kernel's default.
-        set_local_ports(topo, path.xdp_setup().is_some())?;
+        let tc = match path.tc_mode() {
+            Some(mode) => Some(TcSetup::start(topo, mode, object()?)?),
+            None => None,
+        };
+        // The proxies' wide ephemeral range (see `topology`) would leave NAT no room for its
+        // default SNAT range; an XDP or tc host keeps the kernel's default.
+        set_local_ports(topo, xdp.is_some() || tc.is_some())?;
         let mut running = match balancer::start(path, topo, &plan.programs, work, log) {
             Ok(r) => r,
             Err(StartError::Unavailable(why)) => return Err(why),
             Err(e) => return Err(format!("could not start: {e}")),
         };
-        let target = path.targets(VIP_RR)[0];
+        let target = case.targets(VIP_RR)[0];
         wait_answering(topo, target, running.as_mut()).map_err(|e| format!("{e:#}"))?;
         Ok(PathRun {
-            path,
+            case,
             running_topology: topo,
             running,
             xdp,
+            tc,
         })
     }
 
@@ -278,15 +372,25 @@ impl<'t> PathRun<'t> {
         }
         drop(self.running.take());
         drop(self.xdp.take());
+        drop(self.tc.take());
         if let Err(e) = set_local_ports(self.running_topology, false) {
             notes.push(e);
         }
     }
 
     /// Runs every test once on the running balancer.
-    fn measure_round(&mut self, plan: &Plan, topo: &Topology, round: usize) -> Measured {
-        let path = self.path;
+    fn measure_round(
+        &mut self,
+        plan: &Plan,
+        topo: &Topology,
+        servers: &Servers,
+        round: usize,
+    ) -> Measured {
+        let case = self.case;
+        let path = case.path;
         let xdp = &self.xdp;
+        let tc = &self.tc;
+        let daemon = self.running.as_ref().map(Running::pid);
         let d = plan.test_time;
         let mut figures = Vec::new();
         let mut notes = Vec::new();
@@ -295,22 +399,26 @@ impl<'t> PathRun<'t> {
             f64::NAN
         };
         let ns = topo.balancer.name();
-        // The balancer's CPU seconds so far: its processes' user + system time, plus, for XDP,
-        // the time the kernel ran lb_xdp (softirq). `None` when the XDP part cannot be read.
+        // The balancer's CPU seconds so far: its processes' user + system time, plus, for XDP
+        // and tc, the time the kernel ran lb's program (softirq). `None` when the program's
+        // part cannot be read.
         let cpu = |notes: &mut Vec<String>| -> (procstat::Usage, Option<f64>) {
             let u = procstat::usage(ns);
-            let program = match xdp {
-                Some(x) if path.kind() != PathKind::Baseline => match x.program_seconds() {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        notes.push(format!(
-                            "round {}: no LB CPU figures: the XDP program's run time: {e}",
-                            round + 1
-                        ));
-                        None
-                    }
-                },
-                _ => Some(0.0),
+            let seconds = match (xdp, tc, daemon) {
+                (Some(x), _, _) if path.kind() != PathKind::Baseline => Some(x.program_seconds()),
+                (_, Some(t), Some(pid)) => Some(t.program_seconds(pid)),
+                _ => None,
+            };
+            let program = match seconds {
+                None => Some(0.0),
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    notes.push(format!(
+                        "round {}: no LB CPU figures: the program's run time: {e}",
+                        round + 1
+                    ));
+                    None
+                }
             };
             (u, program.map(|p| p + u.cpu_seconds))
         };
@@ -320,7 +428,7 @@ impl<'t> PathRun<'t> {
         for (metric, flows) in [(Metric::Bulk1, 1), (Metric::Bulk8, 8)] {
             let r = topo
                 .client
-                .enter(|| client::bulk(&path.targets(VIP_BULK), flows, d))
+                .enter(|| client::bulk(&case.targets(VIP_BULK), flows, d))
                 .and_then(|r| r);
             let v = match r {
                 Ok(b) => {
@@ -345,7 +453,7 @@ impl<'t> PathRun<'t> {
 
         let conns = topo
             .client
-            .enter(|| client::connections(&path.targets(VIP_RR), CONN_THREADS, d));
+            .enter(|| client::connections(&case.targets(VIP_RR), CONN_THREADS, d));
         let (_, c2) = cpu(&mut notes);
         match conns {
             Ok(r) => {
@@ -373,7 +481,7 @@ impl<'t> PathRun<'t> {
 
         let kept = topo
             .client
-            .enter(|| client::kept_alive(&path.targets(VIP_RR), KEPT_ALIVE, d))
+            .enter(|| client::kept_alive(&case.targets(VIP_RR), KEPT_ALIVE, d))
             .and_then(|r| r);
         let v = match kept {
             Ok(r) if r.failed == 0 => r.per_second(),
@@ -389,7 +497,7 @@ impl<'t> PathRun<'t> {
         if path.has_udp() {
             let udp = topo
                 .client
-                .enter(|| client::udp(&path.targets(VIP_UDP), UDP_SOCKETS, d))
+                .enter(|| client::udp(&case.targets(VIP_UDP), UDP_SOCKETS, d))
                 .and_then(|r| r);
             match udp {
                 Ok(u) => {
@@ -413,6 +521,40 @@ impl<'t> PathRun<'t> {
             }
         } else if round == 0 {
             notes.push("no UDP figures: HAProxy does not balance UDP".into());
+        }
+
+        if path.has_udp() {
+            let before = servers.counted();
+            let blast = topo.client.enter(|| {
+                client::blast(
+                    &case.targets(VIP_PPS),
+                    PPS_FLOWS,
+                    PPS_THREADS,
+                    d,
+                    PPS_MAX_DATAGRAMS,
+                )
+            });
+            match blast.and_then(|r| r) {
+                Ok(sent) => {
+                    std::thread::sleep(PPS_SETTLE);
+                    let got = servers.counted().saturating_sub(before);
+                    let rate = got as f64 / sent.seconds;
+                    if round == 0 {
+                        notes.push(format!(
+                            "round 1: packet rate: {} datagrams sent ({:.0}/s), {got} counted by \
+                             the backends ({:.1}% lost)",
+                            sent.datagrams,
+                            sent.datagrams as f64 / sent.seconds,
+                            100.0 * (1.0 - got as f64 / sent.datagrams.max(1) as f64)
+                        ));
+                    }
+                    figures.push((Metric::PacketRate, rate));
+                }
+                Err(e) => {
+                    let v = fail(Metric::PacketRate.heading(), &e, &mut notes);
+                    figures.push((Metric::PacketRate, v));
+                }
+            }
         }
 
         let u3 = procstat::usage(ns);

@@ -20,6 +20,9 @@ pub enum Metric {
     UdpP50,
     /// UDP request/reply latency, 99th percentile, µs.
     UdpP99,
+    /// 64-byte frames (18-byte UDP payloads) from many flows, one way, sent as fast as
+    /// `sendmmsg` goes: datagrams the backends received per second.
+    PacketRate,
     /// CPU time of the balancer's processes per GB relayed in the bulk tests, ms.
     CpuPerGb,
     /// CPU time of the balancer's processes per 1,000 connections in the connection test, ms.
@@ -33,7 +36,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 12] = [
         Metric::Bulk1,
         Metric::Bulk8,
         Metric::ConnRate,
@@ -41,6 +44,7 @@ impl Metric {
         Metric::UdpRate,
         Metric::UdpP50,
         Metric::UdpP99,
+        Metric::PacketRate,
         Metric::CpuPerGb,
         Metric::CpuPer1kConn,
         Metric::SoftirqPerGb,
@@ -57,6 +61,7 @@ impl Metric {
             Metric::UdpRate => "UDP dgram/s",
             Metric::UdpP50 => "UDP p50 µs",
             Metric::UdpP99 => "UDP p99 µs",
+            Metric::PacketRate => "64-byte pkt/s",
             Metric::CpuPerGb => "LB CPU ms/GB",
             Metric::CpuPer1kConn => "LB CPU ms/1k conn",
             Metric::SoftirqPerGb => "softirq ms/GB (all ns)",
@@ -73,6 +78,7 @@ impl Metric {
                 | Metric::ConnRate
                 | Metric::KeepAliveRate
                 | Metric::UdpRate
+                | Metric::PacketRate
         )
     }
 

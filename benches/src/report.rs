@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::balancer::{Case, Path};
 use crate::client::Rate;
 use crate::metric::Metric;
 use crate::stats::{summarize, Summary};
+use crate::topology::Network;
 
 /// What a path is, for the ratio columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -43,8 +45,10 @@ impl Figure {
 /// One path's results.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PathReport {
-    /// The path's name (`direct`, `lb-proxy`, `haproxy`...).
+    /// The path's name (`direct`, `lb-proxy`, `haproxy`, `lb-tc-nat-bridge`...).
     pub name: String,
+    /// The topology it ran on; its ratios are to that topology's `direct`.
+    pub network: Network,
     /// Baseline, ours or a peer.
     pub kind: PathKind,
     /// Why the path did not run; `None` when it ran.
@@ -158,11 +162,11 @@ impl Report {
         self.paths.iter().find(|p| p.name == name)
     }
 
-    /// The peer with the best median for `metric`, and that median.
-    pub fn best_peer(&self, metric: Metric) -> Option<(&PathReport, f64)> {
+    /// The peer on `network` with the best median for `metric`, and that median.
+    pub fn best_peer(&self, network: Network, metric: Metric) -> Option<(&PathReport, f64)> {
         self.paths
             .iter()
-            .filter(|p| p.kind == PathKind::Peer)
+            .filter(|p| p.kind == PathKind::Peer && p.network == network)
             .filter_map(|p| p.median(metric).map(|m| (p, m)))
             .fold(None, |best, (p, m)| match best {
                 Some((_, b)) if !metric.better(m, b) => best,
@@ -177,21 +181,31 @@ impl Report {
         (reference != 0.0).then(|| value / reference)
     }
 
-    /// `path`'s ratio to `direct` for `metric`.
+    /// `path`'s ratio to `direct` on its own topology (`direct-bridge` on the bridge) for
+    /// `metric`.
     pub fn ratio_to_direct(&self, path: &PathReport, metric: Metric) -> Option<f64> {
-        let direct = self.path("direct")?.median(metric)?;
+        let direct = self.path(direct_name(path.network))?.median(metric)?;
         self.ratio(path, direct, metric)
     }
 
-    /// `path`'s ratio to the best peer for `metric`.
+    /// `path`'s ratio to the best peer on its topology for `metric`.
     pub fn ratio_to_best_peer(&self, path: &PathReport, metric: Metric) -> Option<f64> {
-        let (_, best) = self.best_peer(metric)?;
+        let (_, best) = self.best_peer(path.network, metric)?;
         self.ratio(path, best, metric)
     }
 
-    /// The issue's targets: XDP paths at least 1.0x `direct` on every rate figure, lb-proxy
-    /// 1.25x the best peer on bulk throughput and 1.2x on new connections, and UDP p99 at
-    /// most half of nginx's.
+    /// The networks with at least one path in the report, in report order.
+    pub fn networks(&self) -> Vec<Network> {
+        Network::ALL
+            .into_iter()
+            .filter(|n| self.paths.iter().any(|p| p.network == *n))
+            .collect()
+    }
+
+    /// The issues' targets: lb's XDP and tc paths at least 1.0x their topology's `direct` on
+    /// every figure but the cost ones (at most 1.0x for latency), the XDP paths at least 1.0x
+    /// `direct-xdp-veth` (the program's cost alone), lb-proxy 1.25x the best peer on bulk
+    /// throughput and 1.2x on new connections, and UDP p99 at most half of nginx's.
     pub fn targets(&self) -> Vec<TargetCheck> {
         let mut out = Vec::new();
         let mut check = |what: String, target: &str, ratio: Option<f64>, ok: fn(f64) -> bool| {
@@ -202,27 +216,44 @@ impl Report {
                 met: ratio.map(ok),
             });
         };
-        for name in ["lb-xdp-nat", "lb-xdp-dsr"] {
+        let xdp_veth = self.path(Path::DirectXdpVeth.name());
+        let packet_paths = [Path::LbXdpNat, Path::LbXdpDsr, Path::LbTcNat, Path::LbTcDsr];
+        for case in Network::ALL.into_iter().flat_map(|network| {
+            packet_paths
+                .into_iter()
+                .map(move |path| Case { path, network })
+        }) {
+            let name = case.name();
             let Some(p) = self.path(name) else { continue };
-            for m in Metric::ALL.into_iter().filter(|m| {
-                // Cost figures of `direct` are zero (no balancer process): no ratio there.
-                !matches!(m, Metric::CpuPerGb | Metric::CpuPer1kConn | Metric::PeakRss)
-            }) {
-                let ratio = self.ratio_to_direct(p, m);
-                if m.higher_is_better() {
-                    check(
-                        format!("{name} {} vs direct", m.heading()),
-                        ">= 1.0x",
-                        ratio,
-                        |r| r >= 1.0,
-                    );
-                } else {
-                    check(
-                        format!("{name} {} vs direct", m.heading()),
-                        "<= 1.0x",
-                        ratio,
-                        |r| r <= 1.0,
-                    );
+            let mut references = vec![(
+                direct_name(case.network),
+                self.path(direct_name(case.network)),
+            )];
+            if case.path.xdp_setup().is_some() {
+                references.push((Path::DirectXdpVeth.name(), xdp_veth));
+            }
+            for (reference, r) in references {
+                for m in Metric::ALL.into_iter().filter(|m| {
+                    // The issues' figures are the rates and latencies. Cost figures are not
+                    // targets: `direct` has no balancer process (its LB CPU and RSS are
+                    // zero), and softirq time is machine-wide.
+                    !matches!(
+                        m,
+                        Metric::CpuPerGb
+                            | Metric::CpuPer1kConn
+                            | Metric::PeakRss
+                            | Metric::SoftirqPerGb
+                    )
+                }) {
+                    let ratio = r
+                        .and_then(|r| r.median(m))
+                        .and_then(|v| self.ratio(p, v, m));
+                    let what = format!("{name} {} vs {reference}", m.heading());
+                    if m.higher_is_better() {
+                        check(what, ">= 1.0x", ratio, |r| r >= 1.0);
+                    } else {
+                        check(what, "<= 1.0x", ratio, |r| r <= 1.0);
+                    }
                 }
             }
         }
@@ -269,57 +300,8 @@ impl Report {
             "- each figure: median of {} rounds (min–max in brackets) on one balancer per path, {} s per test",
             self.rounds, self.seconds_per_test
         );
-        let _ = writeln!(s, "\n### Absolute figures\n");
-        header(&mut s, "path");
-        for p in &self.paths {
-            let _ = write!(s, "| {} |", p.name);
-            if let Some(reason) = &p.skipped {
-                let _ = writeln!(
-                    s,
-                    " skipped: {} |{}",
-                    reason,
-                    " |".repeat(Metric::ALL.len() - 1)
-                );
-                continue;
-            }
-            for metric in Metric::ALL {
-                let cell = match p.figures.get(&metric).and_then(|f| f.summary) {
-                    Some(x) => {
-                        format!("{} ({}–{})", number(x.median), number(x.min), number(x.max))
-                    }
-                    None if p.figures.contains_key(&metric) => "failed".into(),
-                    None => "n/a".into(),
-                };
-                let _ = write!(s, " {cell} |");
-            }
-            s.push('\n');
-        }
-        for (title, f) in [
-            (
-                "Ratio to `direct`",
-                Report::ratio_to_direct as fn(&Report, &PathReport, Metric) -> Option<f64>,
-            ),
-            ("Ratio to the best peer", Report::ratio_to_best_peer),
-        ] {
-            let _ = writeln!(
-                s,
-                "\n### {title} (value / reference; ↑ higher is better, ↓ lower is better)\n"
-            );
-            header(&mut s, "path");
-            for p in self.paths.iter().filter(|p| p.skipped.is_none()) {
-                let _ = write!(s, "| {} |", p.name);
-                for metric in Metric::ALL {
-                    let cell = f(self, p, metric).map_or("–".to_string(), |r| format!("{r:.2}x"));
-                    let _ = write!(s, " {cell} |");
-                }
-                s.push('\n');
-            }
-        }
-        let _ = writeln!(s, "\nBest peer per figure:");
-        for metric in Metric::ALL {
-            if let Some((p, v)) = self.best_peer(metric) {
-                let _ = writeln!(s, "- {}: {} ({})", metric.heading(), p.name, number(v));
-            }
+        for network in self.networks() {
+            self.network_tables(&mut s, network);
         }
         if !self.churn.is_empty() {
             let _ = writeln!(
@@ -346,7 +328,7 @@ impl Report {
         }
         let targets = self.targets();
         if !targets.is_empty() {
-            let _ = writeln!(s, "\n### Targets (issue 4)\n");
+            let _ = writeln!(s, "\n### Targets (issues 4 and 11)\n");
             let _ = writeln!(s, "| figure | target | measured | verdict |");
             let _ = writeln!(s, "|---|---|---|---|");
             for t in targets {
@@ -372,6 +354,93 @@ impl Report {
             }
         }
         s
+    }
+
+    /// The absolute and ratio tables of the paths on `network`, appended to `s`.
+    fn network_tables(&self, s: &mut String, network: Network) {
+        let _ = writeln!(
+            s,
+            "\n### {} topology: absolute figures\n\n{}\n",
+            network.name(),
+            network_blurb(network)
+        );
+        header(s, "path");
+        let paths: Vec<&PathReport> = self.paths.iter().filter(|p| p.network == network).collect();
+        for p in &paths {
+            let _ = write!(s, "| {} |", p.name);
+            if let Some(reason) = &p.skipped {
+                let _ = writeln!(
+                    s,
+                    " skipped: {} |{}",
+                    reason,
+                    " |".repeat(Metric::ALL.len() - 1)
+                );
+                continue;
+            }
+            for metric in Metric::ALL {
+                let cell = match p.figures.get(&metric).and_then(|f| f.summary) {
+                    Some(x) => {
+                        format!("{} ({}–{})", number(x.median), number(x.min), number(x.max))
+                    }
+                    None if p.figures.contains_key(&metric) => "failed".into(),
+                    None => "n/a".into(),
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            s.push('\n');
+        }
+        for (title, f) in [
+            (
+                format!("Ratio to `{}`", direct_name(network)),
+                Report::ratio_to_direct as fn(&Report, &PathReport, Metric) -> Option<f64>,
+            ),
+            (
+                "Ratio to the best peer".to_string(),
+                Report::ratio_to_best_peer,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "\n#### {} topology: {title} (value / reference; ↑ higher is better, ↓ lower is better)\n",
+                network.name()
+            );
+            header(s, "path");
+            for p in paths.iter().filter(|p| p.skipped.is_none()) {
+                let _ = write!(s, "| {} |", p.name);
+                for metric in Metric::ALL {
+                    let cell = f(self, p, metric).map_or("–".to_string(), |r| format!("{r:.2}x"));
+                    let _ = write!(s, " {cell} |");
+                }
+                s.push('\n');
+            }
+        }
+        let _ = writeln!(s, "\nBest peer per figure ({} topology):", network.name());
+        for metric in Metric::ALL {
+            if let Some((p, v)) = self.best_peer(network, metric) {
+                let _ = writeln!(s, "- {}: {} ({})", metric.heading(), p.name, number(v));
+            }
+        }
+    }
+}
+
+/// The name of `network`'s no-balancer baseline (`direct`, `direct-bridge`).
+pub fn direct_name(network: Network) -> &'static str {
+    Case {
+        path: Path::Direct,
+        network,
+    }
+    .name()
+}
+
+/// One line on how the backends of `network` are attached, above its tables.
+fn network_blurb(network: Network) -> &'static str {
+    match network {
+        Network::Veth => "Each backend on its own veth pair to the balancer.",
+        Network::Bridge => {
+            "The backends' veths enslaved to the bridge br0 in the balancer's namespace (as \
+             Docker attaches containers); the client on its own veth. No XDP paths: \
+             XDP_REDIRECT cannot send into a bridge."
+        }
     }
 }
 
@@ -421,6 +490,11 @@ mod tests {
     fn path(name: &str, kind: PathKind, figures: &[(Metric, &[f64])]) -> PathReport {
         PathReport {
             name: name.into(),
+            network: if name.ends_with("-bridge") {
+                Network::Bridge
+            } else {
+                Network::Veth
+            },
             kind,
             skipped: None,
             figures: figures
@@ -478,6 +552,27 @@ mod tests {
                     ],
                 ),
                 xdp,
+                path(
+                    "direct-bridge",
+                    PathKind::Baseline,
+                    &[
+                        (Metric::Bulk8, &[20.0; 3]),
+                        (Metric::PacketRate, &[400_000.0; 3]),
+                    ],
+                ),
+                path(
+                    "lb-tc-nat-bridge",
+                    PathKind::Ours,
+                    &[
+                        (Metric::Bulk8, &[21.0; 3]),
+                        (Metric::PacketRate, &[300_000.0; 3]),
+                    ],
+                ),
+                path(
+                    "nginx-bridge",
+                    PathKind::Peer,
+                    &[(Metric::Bulk8, &[7.0; 3])],
+                ),
             ],
             churn: vec![Churn::from_windows(
                 "lb-xdp-nat",
@@ -504,11 +599,15 @@ mod tests {
         let r = report();
         let lb = r.path("lb-proxy").expect("lb-proxy path");
         assert_eq!(r.ratio_to_direct(lb, Metric::Bulk8), Some(0.6));
-        let (best, v) = r.best_peer(Metric::Bulk8).expect("a peer measured bulk 8");
+        let (best, v) = r
+            .best_peer(Network::Veth, Metric::Bulk8)
+            .expect("a peer measured bulk 8");
         assert_eq!((best.name.as_str(), v), ("haproxy", 4.0));
         assert_eq!(r.ratio_to_best_peer(lb, Metric::Bulk8), Some(1.5));
         // Lower is better for latency: the best peer is the one with the smaller p99.
-        let (best, v) = r.best_peer(Metric::UdpP99).expect("nginx measured UDP");
+        let (best, v) = r
+            .best_peer(Network::Veth, Metric::UdpP99)
+            .expect("nginx measured UDP");
         assert_eq!((best.name.as_str(), v), ("nginx", 250.0));
         assert_eq!(
             r.ratio_to_direct(lb, Metric::KeepAliveRate),
@@ -530,6 +629,34 @@ mod tests {
         assert_eq!((p99.ratio, p99.met), (Some(0.4), Some(true)));
         let xdp = find("lb-xdp-nat bulk 8 flows");
         assert_eq!(xdp.met, None, "a skipped path's targets are not measured");
+    }
+
+    #[test]
+    fn bridge_paths_compare_with_the_bridge_topology_and_its_peers() {
+        let r = report();
+        let tc = r
+            .path("lb-tc-nat-bridge")
+            .expect("the tc path on the bridge");
+        assert_eq!(r.ratio_to_direct(tc, Metric::Bulk8), Some(1.05));
+        assert_eq!(r.ratio_to_best_peer(tc, Metric::Bulk8), Some(3.0));
+        assert_eq!(r.networks(), vec![Network::Veth, Network::Bridge]);
+        let t = r.targets();
+        let find = |what: &str| t.iter().find(|c| c.what == what).expect(what);
+        let bulk = find("lb-tc-nat-bridge bulk 8 flows Gbit/s vs direct-bridge");
+        assert_eq!(bulk.met, Some(true));
+        let pps = find("lb-tc-nat-bridge 64-byte pkt/s vs direct-bridge");
+        assert_eq!((pps.ratio, pps.met), (Some(0.75), Some(false)));
+        assert!(
+            t.iter().all(|c| !c.what.contains("softirq")),
+            "softirq time is machine-wide, not a target"
+        );
+        let md = r.to_markdown();
+        assert!(md.contains("### bridge topology: absolute figures"), "{md}");
+        assert!(
+            md.contains("#### bridge topology: Ratio to `direct-bridge`"),
+            "the bridge table has its own baseline: {md}"
+        );
+        assert!(md.contains("| lb-tc-nat-bridge | – | 1.05x |"), "{md}");
     }
 
     #[test]

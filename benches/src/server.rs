@@ -1,16 +1,16 @@
 //! The backends' servers, run as threads inside the backend namespaces: a request/reply
-//! server, a bulk sink and a UDP echo. Stopped and joined on drop.
+//! server, a bulk sink, a UDP echo and a UDP packet counter. Stopped and joined on drop.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::topology::{backend_addr, Topology, XDP_VIP};
+use crate::topology::{Topology, XDP_VIP};
 
 /// Request/reply port: each request is [`MSG`] bytes, answered with [`MSG`] bytes.
 pub const RR_PORT: u16 = 5000;
@@ -18,6 +18,8 @@ pub const RR_PORT: u16 = 5000;
 pub const BULK_PORT: u16 = 5001;
 /// UDP echo port.
 pub const UDP_PORT: u16 = 5002;
+/// UDP packet-counting port: counts every datagram, answers none (the packet-rate test).
+pub const PPS_PORT: u16 = 5003;
 /// Size of a request and of a reply, bytes.
 pub const MSG: usize = 64;
 
@@ -30,16 +32,20 @@ const RR_THREADS: usize = 24;
 const BULK_THREADS: usize = 8;
 /// Threads answering UDP per backend.
 const UDP_THREADS: usize = 2;
+/// Datagrams one `recvmmsg(2)` of the packet counter takes at most.
+const COUNT_BATCH: usize = 64;
 
 /// The running servers of every backend.
 pub struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Datagrams the packet counters of every backend received so far.
+    counted: Arc<AtomicU64>,
 }
 
 impl Servers {
-    /// Starts the three servers on every backend, twice: on the backend's own address (for
-    /// `direct`, the proxies and XDP NAT) and on the XDP VIP its loopback holds (XDP DSR
+    /// Starts the four servers on every backend, twice: on the backend's own address (for
+    /// `direct`, the proxies and NAT) and on the packet-layer VIP its loopback holds (DSR
     /// delivers the client's packets to the VIP unchanged, and a UDP reply must leave from
     /// the VIP). `Err` when a namespace cannot be entered or a port cannot be bound.
     pub fn start(topo: &Topology) -> io::Result<Servers> {
@@ -47,20 +53,32 @@ impl Servers {
         let mut servers = Servers {
             stop: stop.clone(),
             threads: Vec::new(),
+            counted: Arc::new(AtomicU64::new(0)),
         };
         for (i, ns) in topo.backends.iter().enumerate() {
-            for ip in [backend_addr(i), IpAddr::V4(XDP_VIP)] {
-                let (rr, bulk, udp) = ns.enter(|| {
+            for ip in [topo.network.backend_addr(i), IpAddr::V4(XDP_VIP)] {
+                let (rr, bulk, udp, pps) = ns.enter(|| {
                     Ok::<_, io::Error>((
                         listener(SocketAddr::new(ip, RR_PORT))?,
                         listener(SocketAddr::new(ip, BULK_PORT))?,
                         udp_socket(SocketAddr::new(ip, UDP_PORT))?,
+                        udp_socket(SocketAddr::new(ip, PPS_PORT))?,
                     ))
                 })??;
                 servers.spawn(&rr, &bulk, &udp)?;
+                let (stop, counted) = (servers.stop.clone(), servers.counted.clone());
+                servers.threads.push(std::thread::spawn(move || {
+                    count_loop(&pps, &stop, &counted)
+                }));
             }
         }
         Ok(servers)
+    }
+
+    /// Datagrams the packet counters (on [`PPS_PORT`]) of every backend have received since
+    /// they started.
+    pub fn counted(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed)
     }
 
     fn spawn(&mut self, rr: &TcpListener, bulk: &TcpListener, udp: &UdpSocket) -> io::Result<()> {
@@ -171,6 +189,38 @@ fn serve_bulk(mut conn: TcpStream, stop: &AtomicBool) {
         }
     }
     let _ = conn.write_all(&total.to_be_bytes());
+}
+
+/// Counts datagrams on `s` until `stop`, taking up to [`COUNT_BATCH`] per `recvmmsg(2)` so
+/// that the counter is not what limits the packet rate.
+fn count_loop(s: &UdpSocket, stop: &AtomicBool, counted: &AtomicU64) {
+    use std::os::fd::AsRawFd;
+    let mut bufs = vec![[0u8; 64]; COUNT_BATCH];
+    // SAFETY: iovec and mmsghdr are plain C structs; all-zero is a valid value of each.
+    let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; COUNT_BATCH];
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; COUNT_BATCH];
+    for ((iov, msg), buf) in iovs.iter_mut().zip(msgs.iter_mut()).zip(bufs.iter_mut()) {
+        iov.iov_base = buf.as_mut_ptr().cast();
+        iov.iov_len = buf.len();
+        msg.msg_hdr.msg_iov = iov;
+        msg.msg_hdr.msg_iovlen = 1;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `msgs` holds COUNT_BATCH headers, each pointing at its own live iovec and
+        // buffer; the socket's receive timeout (TICK) bounds the wait.
+        let n = unsafe {
+            libc::recvmmsg(
+                s.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                COUNT_BATCH as libc::c_uint,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if n > 0 {
+            counted.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 fn echo_loop(s: &UdpSocket, stop: &AtomicBool) {

@@ -34,10 +34,11 @@ fn on_path_or_sbin(name: &str) -> bool {
             .any(|d| Path::new(d).join(name).is_file())
 }
 
-/// Runs the harness; `quick` for the short run. Returns lb-bench's exit code.
+/// Runs the harness; `quick` for the short run, `paths` (comma-separated names) to measure
+/// only those paths. Returns lb-bench's exit code.
 ///
 /// `Err` when a package cannot be installed or the build fails.
-pub fn run(quick: bool) -> Result<ExitCode> {
+pub fn run(quick: bool, paths: Option<&str>) -> Result<ExitCode> {
     if !util::is_root() {
         bail!("the benchmark creates network namespaces and installs packages: run it as root");
     }
@@ -55,21 +56,26 @@ pub fn run(quick: bool) -> Result<ExitCode> {
     let target = util::target_dir()?;
     let bin = target.join("release");
     let out = target.join("bench");
-    let shown = if quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
-    };
+    let mut shown = String::from("cargo xtask bench");
+    if quick {
+        shown.push_str(" --quick");
+    }
+    if let Some(paths) = paths {
+        shown.push_str(&format!(" --paths {paths}"));
+    }
     let mut bench = Command::new(bin.join("lb-bench"));
     bench
         .arg("--daemon")
         .arg(bin.join("lb-daemon"))
         .arg("--out")
         .arg(&out)
-        .args(["--command", shown])
+        .args(["--command", &shown])
         .current_dir(&root);
     if quick {
         bench.arg("--quick");
+    }
+    if let Some(paths) = paths {
+        bench.arg("--only").arg(paths);
     }
     // Ctrl-C reaches lb-bench too (same process group), which stops and cleans up; xtask
     // stays alive to hand on its exit code.

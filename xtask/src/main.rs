@@ -59,6 +59,10 @@ enum Task {
         /// A short run (3 rounds of 2 s tests) instead of the full one (5 rounds of 5 s).
         #[arg(long)]
         quick: bool,
+        /// Only these paths, comma-separated (lb-bench's `--only`), e.g.
+        /// `direct,lb-tc-nat,lb-tc-dsr`.
+        #[arg(long)]
+        paths: Option<String>,
     },
     /// Run the XDP program on generated frames (BPF_PROG_TEST_RUN) and check every outcome
     /// (needs root); CI runs 100,000 of them in `cargo xtask test`.
@@ -82,7 +86,7 @@ fn main() -> ExitCode {
         }),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Demo { serve } => demo::run(serve),
-        Task::Bench { quick } => bench::run(quick),
+        Task::Bench { quick, paths } => bench::run(quick, paths.as_deref()),
         Task::FuzzXdp { frames, seed } => fuzz_xdp::run(frames, seed),
     };
     match result {

@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use lb_benches::balancer::{Path, Programs};
+use lb_benches::balancer::{Case, Programs};
 use lb_benches::{chart, harness, stop};
 
-/// Measure direct, lb, HAProxy and nginx on the same namespace topology.
+/// Measure direct, lb, HAProxy and nginx on the same namespace topologies (backends on
+/// veths, and on a bridge).
 #[derive(Parser)]
 #[command(name = "lb-bench")]
 struct Args {
@@ -35,8 +36,9 @@ struct Args {
     /// that ran the rounds; 0 skips it).
     #[arg(long, default_value_t = 60)]
     churn_seconds: u64,
-    /// Only these paths (comma-separated names, e.g. `direct,lb-proxy`).
-    #[arg(long, value_delimiter = ',')]
+    /// Only these paths (comma-separated names, e.g. `direct,lb-tc-nat,lb-tc-dsr`; the bridge
+    /// topology's end in `-bridge`: `direct-bridge,lb-tc-nat-bridge`). `--paths` is the same.
+    #[arg(long, alias = "paths", value_delimiter = ',')]
     only: Vec<String>,
     /// The command line to record in the report (xtask passes its own).
     #[arg(long)]
@@ -74,15 +76,15 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let paths = if args.only.is_empty() {
-        Path::ALL.to_vec()
+        Case::all()
     } else {
         args.only
             .iter()
             .map(|n| {
-                Path::ALL
-                    .into_iter()
-                    .find(|p| p.name() == n)
-                    .with_context(|| format!("--only: no path named {n:?}"))
+                Case::named(n).with_context(|| {
+                    let names: Vec<&str> = Case::all().into_iter().map(Case::name).collect();
+                    format!("--only: no path named {n:?} (paths: {})", names.join(", "))
+                })
             })
             .collect::<Result<_>>()?
     };
