@@ -213,6 +213,13 @@ pub enum NotOnXdp {
          back (new_connections_per_second alone works there)"
     )]
     UdpSessionLimit,
+    /// `max_connections` / `max_sessions`: the eBPF programs do not count a service's open
+    /// flows (their conntrack table has a fixed size instead).
+    #[error(
+        "max_connections and max_sessions run only in the proxy data plane (on eBPF the \
+         conntrack table's size bounds the flows)"
+    )]
+    FlowCap,
     /// The eBPF plane was tried and failed: its reason (no BPF object, no `lb_tc` in it, no
     /// such interface, an interface carrying the other hook, an attach or map error, no free
     /// ids...).
@@ -271,6 +278,8 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
         Some(NotOnXdp::ProxyOnlySettings)
     } else if service.protocol == Protocol::Udp && service.limits.max_connections.is_some() {
         Some(NotOnXdp::UdpSessionLimit)
+    } else if service.max_flows.is_some() {
+        Some(NotOnXdp::FlowCap)
     } else {
         None
     }

@@ -65,6 +65,9 @@ pub struct ServiceSnapshot {
     pub proxy_protocol: ProxyProtocol,
     /// Per-client-address limits on new connections or sessions.
     pub limits: ClientLimits,
+    /// The most connections or sessions the proxy holds open for the service at once (the
+    /// config's `max_connections` / `max_sessions`, or its default).
+    pub max_flows: u32,
     /// Whether to write one access log line per connection or session.
     pub access_log: bool,
 }

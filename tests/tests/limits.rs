@@ -137,3 +137,88 @@ fn a_client_over_its_rate_is_refused_after_its_burst_and_another_is_not() {
         "127.0.0.3 was refused because of 127.0.0.1's rate"
     );
 }
+
+/// `max_connections` caps the service's open connections whoever opens them: over it every
+/// client is refused with a reset, and a closed connection makes room again.
+#[test]
+fn a_service_at_its_max_connections_refuses_every_client_until_one_closes() {
+    let backend = echo_server();
+    let vip = free_addr();
+    let svc = ServiceConfig::tcp("web", vip)
+        .set("max_connections", 3)
+        .health("kind", "none")
+        .backend(backend.addr(), 1);
+    let daemon = Daemon::start(&DaemonConfig::new().service(svc).to_toml());
+    let mut held: Vec<TcpStream> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|from| {
+            let mut s = connect_from(Some(ip(from)), vip)
+                .unwrap_or_else(|e| panic!("connection from {from} under the cap: {e}"));
+            assert!(served(&mut s), "a connection under the cap is served");
+            s
+        })
+        .collect();
+    for from in ["127.0.0.4", "127.0.0.1"] {
+        assert!(
+            refused(from, vip),
+            "a fourth connection (from {from}) was served; the service's cap is 3. Log:\n{}",
+            daemon.logs().join("\n")
+        );
+    }
+    drop(held.pop());
+    // The backend sees the close a moment after the client does.
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(mut s) = connect_from(Some(ip("127.0.0.4")), vip) {
+            if served(&mut s) {
+                again = Some(s);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        again.is_some(),
+        "no connection was served within 5 s after one of the 3 closed"
+    );
+}
+
+/// `max_sessions` caps a UDP service's sessions: a client over it gets no session (its
+/// datagrams are dropped), the ones under it are answered.
+#[test]
+fn a_udp_service_at_its_max_sessions_drops_a_new_clients_datagrams() {
+    let echo = lb_tests::UdpEcho::start("u1").expect("a UDP echo backend starts");
+    let vip = free_addr();
+    let svc = ServiceConfig::udp("dns", vip)
+        .set("max_sessions", 2)
+        .health("kind", "none")
+        .backend(echo.addr(), 1);
+    let _daemon = Daemon::start(&DaemonConfig::new().service(svc).to_toml());
+    let ask = |socket: &std::net::UdpSocket| -> bool {
+        let mut buf = [0u8; 512];
+        (0..3).any(|_| {
+            socket.send_to(b"q", vip).is_ok()
+                && socket
+                    .recv_from(&mut buf)
+                    .is_ok_and(|(n, from)| from == vip && n > 0)
+        })
+    };
+    let clients: Vec<std::net::UdpSocket> = (0..3)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a client");
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .expect("read timeout");
+            s
+        })
+        .collect();
+    assert!(ask(&clients[0]), "the first session is answered");
+    assert!(ask(&clients[1]), "the second session is answered");
+    assert!(
+        !ask(&clients[2]),
+        "a third client got a session; the service's cap is 2"
+    );
+    assert!(
+        ask(&clients[0]),
+        "a client with a session is still answered at the cap"
+    );
+}

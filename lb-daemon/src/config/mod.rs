@@ -26,6 +26,7 @@ mod raw;
 mod validate;
 mod xdp;
 
+pub use limits::{default_max_flows, MAX_FLOWS};
 use raw::RawConfig;
 use validate::Validator;
 pub use xdp::{Forwarding, XdpSettings, DEFAULT_SNAT_PORT_HOLD, MAX_SNAT_PORT_HOLD};
@@ -126,6 +127,10 @@ pub struct Service {
     pub proxy_protocol: ProxyProtocol,
     /// Per-client-address limits (nginx's `limit_conn` and `limit_req`).
     pub limits: ClientLimits,
+    /// The most connections (TCP, `max_connections`) or sessions (UDP, `max_sessions`) the
+    /// proxy holds open for this service at once; `None`: derived from the open file limit
+    /// when the service starts (see [`default_max_flows`]).
+    pub max_flows: Option<u32>,
     /// One line per connection or session on the `lb::access` log target (proxy only).
     pub access_log: bool,
     /// Where and how the XDP data plane forwards this service (`interface`,

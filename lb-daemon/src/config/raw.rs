@@ -60,6 +60,8 @@ pub(super) struct RawService {
     #[serde(default)]
     pub(super) proxy_protocol: Option<Spanned<ProxyProtocol>>,
     pub(super) limits: Option<RawLimits>,
+    pub(super) max_connections: Option<Spanned<u32>>,
+    pub(super) max_sessions: Option<Spanned<u32>>,
     #[serde(default)]
     pub(super) access_log: bool,
     #[serde(default, deserialize_with = "de_duration")]

@@ -242,6 +242,7 @@ impl Validator<'_> {
             },
             proxy_protocol: self.proxy_protocol(i, svc.protocol, svc.proxy_protocol)?,
             limits: self.limits(i, svc.limits)?,
+            max_flows: self.max_flows(i, svc.protocol, svc.max_connections, svc.max_sessions)?,
             access_log: svc.access_log,
             xdp,
         })

@@ -88,6 +88,7 @@ impl ServiceSpec {
             generation: 1,
             proxy_protocol: spec.proxy_protocol,
             limits: spec.limits,
+            max_flows: u32::MAX,
             access_log: spec.access_log,
         }))
     }
@@ -441,6 +442,7 @@ pub fn republish_snapshot(
         generation: old.generation + 1,
         proxy_protocol: old.proxy_protocol,
         limits: old.limits,
+        max_flows: old.max_flows,
         access_log: old.access_log,
     }));
 }

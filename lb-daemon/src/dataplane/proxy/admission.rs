@@ -26,13 +26,14 @@ pub(super) fn admit_or_refuse(
     client: SocketAddr,
     refused_log: Option<&mut LogLimit>,
 ) -> Result<Admission, Refusal> {
-    let why = match service
-        .clients
-        .admit(client.ip(), &snapshot.limits, ctx.now)
-    {
-        Ok(admission) => return Ok(admission),
-        Err(why) => why,
-    };
+    let why =
+        match service
+            .clients
+            .admit(client.ip(), &snapshot.limits, snapshot.max_flows, ctx.now)
+        {
+            Ok(admission) => return Ok(admission),
+            Err(why) => why,
+        };
     Shared::count(&ctx.shared.limited, 1);
     let flow = match service.protocol {
         Protocol::Tcp => "connection",

@@ -1,6 +1,7 @@
 //! Per-client limits of one service (nginx's `limit_conn` and `limit_req`): concurrent
 //! connections or sessions per source address, and a token bucket of new ones per source
-//! address.
+//! address; and the service's cap on its open connections or sessions (`max_connections` /
+//! `max_sessions`), one atomic count checked first.
 //!
 //! One table per service, shared by every worker (a client's connections are spread over the
 //! workers by the kernel's `SO_REUSEPORT` hash, so a per-worker count would let a client have
@@ -23,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,8 @@ pub(super) enum Refusal {
     },
     /// The table is full of other clients.
     Full,
+    /// The service holds `max_connections` / `max_sessions` open flows already.
+    ServiceFull,
 }
 
 impl Refusal {
@@ -63,7 +66,7 @@ impl Refusal {
     pub(super) fn stands_for(self) -> Duration {
         match self {
             Refusal::Rate { next_token } => next_token.min(REFUSAL_MEMORY),
-            Refusal::Connections | Refusal::Full => REFUSAL_MEMORY,
+            Refusal::Connections | Refusal::Full | Refusal::ServiceFull => REFUSAL_MEMORY,
         }
     }
 }
@@ -73,12 +76,10 @@ impl Refusal {
 pub(super) struct Admission {
     /// The address whose concurrency count was raised, if one was.
     held: Option<IpAddr>,
+    /// Whether the service's count of open flows was raised.
+    counted: bool,
 }
 
-impl Admission {
-    /// An admission that holds nothing (no limits configured).
-    pub(super) const FREE: Admission = Admission { held: None };
-}
 
 struct Entry {
     /// Connections or sessions the client holds now (counted only with a concurrency limit).
@@ -98,8 +99,12 @@ struct Shard {
 /// One service's per-client state, and its count of refusals.
 pub(super) struct ClientTable {
     shards: Box<[Mutex<Shard>]>,
+    /// The service's open connections or sessions, against its cap.
+    open: AtomicU32,
     /// New connections and sessions refused by the limits since the service started.
     pub(super) refused: AtomicU64,
+    /// Of those, refused because the service held its cap of open flows.
+    pub(super) over_cap: AtomicU64,
 }
 
 impl ClientTable {
@@ -114,7 +119,9 @@ impl ClientTable {
                     })
                 })
                 .collect(),
+            open: AtomicU32::new(0),
             refused: AtomicU64::new(0),
+            over_cap: AtomicU64::new(0),
         }
     }
 
@@ -131,23 +138,36 @@ impl ClientTable {
         &self.shards[mixed as usize % SHARDS]
     }
 
-    /// Decides whether `ip` may open one more connection or session under `limits` at `now`.
-    /// On success the client's bucket lost a token and, with a concurrency limit, its count
-    /// went up: release the [`Admission`] when the connection closes. A refusal is counted
-    /// in [`ClientTable::refused`]; a rate refusal says when the next token comes
+    /// Decides whether `ip` may open one more connection or session at `now`: first against
+    /// the service's cap of `max_flows` open ones ([`Refusal::ServiceFull`]), then under the
+    /// per-client `limits`. On success the service's count went up, the client's bucket lost
+    /// a token and, with a concurrency limit, its count went up: release the [`Admission`]
+    /// when the connection closes. A refusal is counted in [`ClientTable::refused`] (and in
+    /// [`ClientTable::over_cap`] for the cap); a rate refusal says when the next token comes
     /// ([`Refusal::Rate`]), at most an hour ahead.
     pub(super) fn admit(
         &self,
         ip: IpAddr,
         limits: &ClientLimits,
+        max_flows: u32,
         now: Instant,
     ) -> Result<Admission, Refusal> {
-        if limits.max_connections.is_none() && limits.rate.is_none() {
-            return Ok(Admission::FREE);
+        if self.open.fetch_add(1, Ordering::Relaxed) >= max_flows {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.over_cap.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::ServiceFull);
         }
-        let ip = ip.to_canonical();
-        let result = self.decide(ip, limits, now);
+        let result = if limits.max_connections.is_none() && limits.rate.is_none() {
+            Ok(Admission {
+                held: None,
+                counted: true,
+            })
+        } else {
+            self.decide(ip.to_canonical(), limits, now)
+        };
         if result.is_err() {
+            self.open.fetch_sub(1, Ordering::Relaxed);
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
         result
@@ -197,16 +217,21 @@ impl ClientTable {
             let refill = Duration::from_secs_f64(((burst - entry.tokens) / rate).min(3600.0));
             entry.full_at = now + refill;
         }
-        if limits.max_connections.is_some() {
+        let held = limits.max_connections.is_some().then(|| {
             entry.active += 1;
-            Ok(Admission { held: Some(ip) })
-        } else {
-            Ok(Admission::FREE)
-        }
+            ip
+        });
+        Ok(Admission {
+            held,
+            counted: true,
+        })
     }
 
     /// The connection or session admitted by `admission` has closed.
     pub(super) fn release(&self, admission: Admission) {
+        if admission.counted {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
         let Some(ip) = admission.held else {
             return;
         };
@@ -292,6 +317,9 @@ impl RecentRefusals {
 mod tests {
     use super::*;
 
+    /// A cap no test reaches.
+    const NO_CAP: u32 = u32::MAX;
+
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("literal address")
     }
@@ -304,18 +332,22 @@ mod tests {
             ..ClientLimits::default()
         };
         let now = Instant::now();
-        let a = table.admit(ip("10.0.0.1"), &limits, now).expect("first");
-        table.admit(ip("10.0.0.1"), &limits, now).expect("second");
+        let a = table
+            .admit(ip("10.0.0.1"), &limits, NO_CAP, now)
+            .expect("first");
+        table
+            .admit(ip("10.0.0.1"), &limits, NO_CAP, now)
+            .expect("second");
         assert_eq!(
-            table.admit(ip("10.0.0.1"), &limits, now),
+            table.admit(ip("10.0.0.1"), &limits, NO_CAP, now),
             Err(Refusal::Connections)
         );
         table
-            .admit(ip("10.0.0.2"), &limits, now)
+            .admit(ip("10.0.0.2"), &limits, NO_CAP, now)
             .expect("another client is not affected");
         table.release(a);
         table
-            .admit(ip("10.0.0.1"), &limits, now)
+            .admit(ip("10.0.0.1"), &limits, NO_CAP, now)
             .expect("a closed connection frees a place");
         assert_eq!(table.refused.load(Ordering::Relaxed), 1);
     }
@@ -331,23 +363,23 @@ mod tests {
         let t0 = Instant::now();
         for k in 0..3 {
             assert!(
-                table.admit(ip("10.0.0.1"), &limits, t0).is_ok(),
+                table.admit(ip("10.0.0.1"), &limits, NO_CAP, t0).is_ok(),
                 "connection {k} of the burst"
             );
         }
         assert_eq!(
-            table.admit(ip("10.0.0.1"), &limits, t0),
+            table.admit(ip("10.0.0.1"), &limits, NO_CAP, t0),
             Err(Refusal::Rate {
                 next_token: Duration::from_millis(500)
             })
         );
         let later = t0 + Duration::from_millis(500);
         assert!(
-            table.admit(ip("10.0.0.1"), &limits, later).is_ok(),
+            table.admit(ip("10.0.0.1"), &limits, NO_CAP, later).is_ok(),
             "one token after 0.5 s at 2/s"
         );
         assert_eq!(
-            table.admit(ip("10.0.0.1"), &limits, later),
+            table.admit(ip("10.0.0.1"), &limits, NO_CAP, later),
             Err(Refusal::Rate {
                 next_token: Duration::from_millis(500)
             })
@@ -362,9 +394,11 @@ mod tests {
             ..ClientLimits::default()
         };
         let now = Instant::now();
-        table.admit(ip("10.0.0.1"), &limits, now).expect("first");
+        table
+            .admit(ip("10.0.0.1"), &limits, NO_CAP, now)
+            .expect("first");
         assert_eq!(
-            table.admit(ip("::ffff:10.0.0.1"), &limits, now),
+            table.admit(ip("::ffff:10.0.0.1"), &limits, NO_CAP, now),
             Err(Refusal::Connections)
         );
     }
@@ -380,11 +414,18 @@ mod tests {
         let t0 = Instant::now();
         for k in 0..100u32 {
             let a = table
-                .admit(IpAddr::from(std::net::Ipv4Addr::from(k)), &limits, t0)
+                .admit(
+                    IpAddr::from(std::net::Ipv4Addr::from(k)),
+                    &limits,
+                    NO_CAP,
+                    t0,
+                )
                 .expect("admitted");
             table.release(a);
         }
-        let held = table.admit(ip("10.9.9.9"), &limits, t0).expect("admitted");
+        let held = table
+            .admit(ip("10.9.9.9"), &limits, NO_CAP, t0)
+            .expect("admitted");
         assert_eq!(table.tracked(), 101);
         // Every bucket is full again after 0.1 s; pruning happens on the next use of a
         // shard after a second, so touch every shard.
@@ -394,6 +435,7 @@ mod tests {
                 .admit(
                     IpAddr::from(std::net::Ipv4Addr::from(k + 1_000_000)),
                     &limits,
+                    NO_CAP,
                     later,
                 )
                 .expect("admitted");
@@ -408,16 +450,61 @@ mod tests {
     }
 
     #[test]
-    fn no_limits_touch_nothing() {
+    fn no_per_client_limits_track_no_client_but_count_against_the_cap() {
         let table = ClientTable::new();
         let now = Instant::now();
+        let mut held = Vec::new();
         for _ in 0..10 {
-            assert_eq!(
-                table.admit(ip("10.0.0.1"), &ClientLimits::default(), now),
-                Ok(Admission::FREE)
-            );
+            let a = table
+                .admit(ip("10.0.0.1"), &ClientLimits::default(), NO_CAP, now)
+                .expect("no limit refuses");
+            assert_eq!(a.held, None);
+            held.push(a);
         }
         assert_eq!(table.tracked(), 0);
+        assert_eq!(table.open.load(Ordering::Relaxed), 10);
+        for a in held {
+            table.release(a);
+        }
+        assert_eq!(table.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_service_cap_refuses_every_client_until_a_flow_closes() {
+        let table = ClientTable::new();
+        let now = Instant::now();
+        let limits = ClientLimits::default();
+        let a = table.admit(ip("10.0.0.1"), &limits, 2, now).expect("first");
+        let b = table
+            .admit(ip("10.0.0.2"), &limits, 2, now)
+            .expect("second");
+        assert_eq!(
+            table.admit(ip("10.0.0.3"), &limits, 2, now),
+            Err(Refusal::ServiceFull)
+        );
+        assert_eq!(table.over_cap.load(Ordering::Relaxed), 1);
+        assert_eq!(table.refused.load(Ordering::Relaxed), 1);
+        table.release(a);
+        let c = table
+            .admit(ip("10.0.0.3"), &limits, 2, now)
+            .expect("a slot came free");
+        // A per-client refusal gives the service's slot back at once.
+        let strict = ClientLimits {
+            max_connections: Some(1),
+            ..ClientLimits::default()
+        };
+        table.release(b);
+        let d = table
+            .admit(ip("10.0.0.4"), &strict, 3, now)
+            .expect("fourth");
+        assert_eq!(
+            table.admit(ip("10.0.0.4"), &strict, 3, now),
+            Err(Refusal::Connections)
+        );
+        assert_eq!(table.open.load(Ordering::Relaxed), 2);
+        table.release(c);
+        table.release(d);
+        assert_eq!(table.open.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -429,9 +516,16 @@ mod tests {
             burst: 1,
         };
         let t0 = Instant::now();
-        table.admit(ip("10.0.0.1"), &limits, t0).expect("the burst");
+        table
+            .admit(ip("10.0.0.1"), &limits, NO_CAP, t0)
+            .expect("the burst");
         let refusal = table
-            .admit(ip("10.0.0.1"), &limits, t0 + Duration::from_millis(990))
+            .admit(
+                ip("10.0.0.1"),
+                &limits,
+                NO_CAP,
+                t0 + Duration::from_millis(990),
+            )
             .expect_err("0.99 tokens is not a token");
         let stands = refusal.stands_for();
         assert!(
@@ -443,6 +537,7 @@ mod tests {
                 .admit(
                     ip("10.0.0.1"),
                     &limits,
+                    NO_CAP,
                     t0 + Duration::from_millis(990) + stands
                 )
                 .is_ok(),
@@ -454,9 +549,11 @@ mod tests {
             rate: Some(0.1),
             ..limits
         };
-        table.admit(ip("10.0.0.2"), &slow, t0).expect("the burst");
+        table
+            .admit(ip("10.0.0.2"), &slow, NO_CAP, t0)
+            .expect("the burst");
         let refusal = table
-            .admit(ip("10.0.0.2"), &slow, t0)
+            .admit(ip("10.0.0.2"), &slow, NO_CAP, t0)
             .expect_err("an empty bucket");
         assert_eq!(
             refusal,

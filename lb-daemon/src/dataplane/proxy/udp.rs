@@ -537,8 +537,8 @@ impl Udp {
         client: SocketAddr,
     ) -> Option<Admission> {
         let service = &self.services[service_at];
-        let limited = snapshot.limits.max_connections.is_some() || snapshot.limits.rate.is_some();
-        if limited && self.refusals.stands(service_at, client.ip(), ctx.now) {
+        // Every session counts against the service's cap, so any client may have been refused.
+        if self.refusals.stands(service_at, client.ip(), ctx.now) {
             // Refused a moment ago and bound to be refused again: drop it at the cost of a
             // hash lookup, with no lock and no log line, but counted like any refusal.
             Shared::count(&ctx.shared.limited, 1);

@@ -632,6 +632,7 @@ mod tests {
             generation: 1,
             proxy_protocol: Default::default(),
             limits: Default::default(),
+            max_flows: u32::MAX,
             access_log: false,
         }
     }
