@@ -150,8 +150,8 @@ pub fn run(plan: &Plan) -> Result<Report> {
         "lb-tc-*: lb-daemon with `dataplane = \"tc\"` (lb_tc at tc ingress on l0 and on the \
          balancer's interfaces towards the backends), the documented defaults and nothing \
          changed on the neighbours: tx checksum offload and TSO stay on, no program on the veth \
-         peers. DSR backends decapsulate as on the XDP DSR path (`lb-daemon decap` on each \
-         backend's b0) and their links get MTU 1600 for the outer header. Their LB CPU is the \
+         peers. DSR backends decapsulate at tc (`lb-daemon decap --hook tc` on each backend's \
+         b0) and their links get MTU 1600 for the outer header. Their LB CPU is the \
          run time of the BPF programs the daemon holds (BPF run-time statistics) plus its own \
          user+system time."
             .to_string(),

@@ -4,8 +4,9 @@
 //! Unlike XDP (`crate::xdp`) the tc program asks nothing of its neighbours: no change of tx
 //! checksum offload, no program on the veth peers, GSO packets stay whole. What remains is
 //! what DSR itself needs, set up as for the XDP DSR path:
-//! - `lb-daemon decap` on every backend's `b0` (the documented decapsulator: the backend strips
-//!   the outer header of the balancer's tunnels and answers from the VIP);
+//! - `lb-daemon decap --hook tc` on every backend's `b0` (the documented decapsulator for a
+//!   veth: the backend strips the outer header of the balancer's tunnels and answers from the
+//!   VIP; at tc, so the balancer's veth keeps GSO, which an XDP program on `b0` would take);
 //! - MTU 1600 on the balancer's links to the backends (the veths, or the bridge and its ports)
 //!   and on the backends' `b0`, for the 20-byte outer header.
 //!
@@ -53,7 +54,7 @@ impl<'a> TcSetup<'a> {
                 // (PR_SET_PDEATHSIG): the harness's main thread, which outlives the run.
                 setup
                     .decaps
-                    .push(quietly(|| Decap::start(b, "b0", object, &from))?);
+                    .push(quietly(|| Decap::start_at("tc", b, "b0", object, &from))?);
             }
         }
         Ok(setup)

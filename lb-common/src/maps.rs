@@ -354,6 +354,9 @@ pub const PROG_BALANCER: &str = "lb_xdp";
 pub const PROG_TC: &str = "lb_tc";
 /// Name of the DSR decapsulation program (XDP), attached on backend hosts.
 pub const PROG_DECAP: &str = "lb_decap";
+/// Name of the DSR decapsulation program at the tc ingress hook: [`PROG_DECAP`] on socket
+/// buffers, for backends on veth or bridge ports, whose peers keep GSO.
+pub const PROG_DECAP_TC: &str = "lb_decap_tc";
 
 /// Map name: [`VipKey`] → [`VipValue`].
 pub const VIPS: &str = "VIPS";

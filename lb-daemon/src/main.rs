@@ -81,6 +81,10 @@ enum Command {
         /// The interface the encapsulated packets arrive on.
         #[arg(long)]
         iface: String,
+        /// The hook: `xdp` for a NIC, `tc` for a veth or a bridge port (a container's
+        /// interface), where XDP would take GSO from the interface's peer.
+        #[arg(long, value_enum, default_value = "xdp")]
+        hook: lb_daemon::dataplane::xdp::decap::DecapHook,
         /// A balancer's `local_address` (the tunnels' outer source); repeat for each balancer.
         #[arg(long = "from", value_name = "ADDR", required = true)]
         from: Vec<std::net::IpAddr>,
@@ -128,9 +132,10 @@ fn main() -> ExitCode {
         Command::Reload { admin } => reload(&admin.admin),
         Command::Decap {
             iface,
+            hook,
             bpf_object,
             from,
-        } => decap(&iface, bpf_object.as_deref(), &from),
+        } => decap(&iface, hook, bpf_object.as_deref(), &from),
     }
 }
 
@@ -231,8 +236,13 @@ fn reload(admin: &str) -> ExitCode {
 }
 
 /// `decap`: strips the balancers' tunnels on `iface` until a signal.
-fn decap(iface: &str, bpf_object: Option<&Path>, from: &[std::net::IpAddr]) -> ExitCode {
-    match lb_daemon::dataplane::xdp::decap::run(iface, bpf_object, from) {
+fn decap(
+    iface: &str,
+    hook: lb_daemon::dataplane::xdp::decap::DecapHook,
+    bpf_object: Option<&Path>,
+    from: &[std::net::IpAddr],
+) -> ExitCode {
+    match lb_daemon::dataplane::xdp::decap::run(iface, hook, bpf_object, from) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{:#}", anyhow::Error::from(e));

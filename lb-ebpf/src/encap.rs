@@ -7,7 +7,6 @@
 //! `local_addr`, destination the backend, TTL / hop limit 64, IPv4 with DF set and the inner
 //! TOS copied, IPv6 with the flow's hash as flow label (so ECMP spreads flows, not packets).
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 
 use lb_common::{
     maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
@@ -149,7 +148,7 @@ pub enum Decap {
 /// the stack. A tunnel for a local address from another source is [`Decap::BadSource`], to
 /// be dropped. Every other packet is left untouched and must pass.
 #[inline(always)]
-pub fn decapsulate(ctx: &XdpContext) -> Decap {
+pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
     let Ok((l3_off, proto)) = crate::parse::l3(ctx) else {
         return Decap::Plain;
     };
@@ -224,15 +223,10 @@ pub fn decapsulate(ctx: &XdpContext) -> Decap {
     if unsafe { DECAP_SOURCES.get(&src) }.is_none() {
         return Decap::BadSource;
     }
-    let Ok(link) = save_link(ctx, l3_off) else {
-        return Decap::Plain;
-    };
-    // SAFETY: the helper only moves `data`; every later access re-checks bounds.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
-        return Decap::Plain;
+    // Same family inside and out, so the EtherType stays right.
+    if ctx.remove_room(l3_off, outer_len) {
+        Decap::Stripped
+    } else {
+        Decap::Plain
     }
-    // Same family inside and out, so the EtherType stays right. The head has moved: a
-    // failure here (it cannot fail, the frame only got shorter) still passes the inner packet.
-    let _ = restore_link(ctx, &link);
-    Decap::Stripped
 }

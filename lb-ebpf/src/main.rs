@@ -36,7 +36,7 @@ mod stats;
 mod too_big;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{self, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -92,6 +92,23 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
         encap::Decap::Plain => (Stat::DecapPassed, xdp_action::XDP_PASS),
         encap::Decap::NotLocal => (Stat::DecapNotLocal, xdp_action::XDP_PASS),
         encap::Decap::BadSource => (Stat::DecapBadSource, xdp_action::XDP_DROP),
+    };
+    stats::increment(stat);
+    action
+}
+
+/// The DSR decapsulator at the tc ingress hook: `lb_decap`'s work on socket buffers, for a
+/// backend host whose interface is a veth or a bridge port (a container), where an XDP program
+/// would take GSO from the interface's peer and every encapsulated segment would cost a pass
+/// of its own. Returns `TC_ACT_OK`, or `TC_ACT_SHOT` for a tunnel from no balancer.
+#[classifier]
+pub fn lb_decap_tc(ctx: TcContext) -> i32 {
+    frame::pull_headers(&ctx);
+    let (stat, action) = match encap::decapsulate(&ctx) {
+        encap::Decap::Stripped => (Stat::Decapsulated, bindings::TC_ACT_OK),
+        encap::Decap::Plain => (Stat::DecapPassed, bindings::TC_ACT_OK),
+        encap::Decap::NotLocal => (Stat::DecapNotLocal, bindings::TC_ACT_OK),
+        encap::Decap::BadSource => (Stat::DecapBadSource, bindings::TC_ACT_SHOT),
     };
     stats::increment(stat);
     action

@@ -121,7 +121,13 @@ fn start(mode: Mode) -> World6 {
                 n.ip(&["link", "set", &dev, "mtu", "1600"])
                     .expect("MTU of a backend link");
             }
-            decaps.push(Decap::start(&ns, "b0", &object, &[IpAddr::V6(BALANCER)]));
+            decaps.push(Decap::start_at(
+                "tc",
+                &ns,
+                "b0",
+                &object,
+                &[IpAddr::V6(BALANCER)],
+            ));
         }
         let name = format!("b{i}");
         let any = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);

@@ -17,6 +17,7 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("xdp", maps::PROG_BALANCER),
     ("classifier", maps::PROG_TC),
     ("xdp", maps::PROG_DECAP),
+    ("classifier", maps::PROG_DECAP_TC),
 ];
 /// Maps that must be present, by symbol name in the `maps` section.
 const MAPS: &[&str] = &[

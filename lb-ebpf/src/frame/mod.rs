@@ -79,6 +79,11 @@ pub trait Frame {
     /// records so a GSO super-packet is segmented as a tunnelled one.
     /// `Err(Stat::DropAdjustHead)` when the room cannot be made.
     fn insert_room(&self, l3_off: usize, bytes: usize, encap: bool, v6: bool) -> Result<(), Stat>;
+    /// Removes the `bytes` bytes in front of the IP header at `l3_off` (an outer header),
+    /// keeping the link-layer header at the packet's start; a tc GSO super-packet stays whole.
+    /// `false` when it cannot, and the packet is as it was or, on XDP after the head moved,
+    /// still starts with its link-layer header.
+    fn remove_room(&self, l3_off: usize, bytes: usize) -> bool;
     /// Cuts the packet to its first `len` bytes (`len` at most [`Frame::len`]), all of them
     /// readable directly afterwards; `false` when it cannot.
     fn truncate(&self, len: usize) -> bool;

@@ -88,6 +88,20 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
+    fn remove_room(&self, l3_off: usize, bytes: usize) -> bool {
+        let Ok(link) = encap::save_link(self, l3_off) else {
+            return false;
+        };
+        // SAFETY: the helper only moves `data`; every later access re-checks bounds.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, bytes as i32) } != 0 {
+            return false;
+        }
+        // It cannot fail (the frame only got shorter); were it to, the packet still goes up.
+        let _ = encap::restore_link(self, &link);
+        true
+    }
+
+    #[inline(always)]
     fn truncate(&self, len: usize) -> bool {
         let now = Frame::len(self);
         // SAFETY: the helper only moves `data_end` within the frame (the kernel checks).

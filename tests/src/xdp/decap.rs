@@ -31,6 +31,18 @@ impl Decap {
     /// in `ns` and waits for its `ready` line. `from`: the balancers whose tunnels it strips.
     /// Panics with its output when it does not get ready.
     pub fn start(ns: &Netns, interface: &str, object: &Path, from: &[IpAddr]) -> Decap {
+        Decap::start_at("xdp", ns, interface, object, from)
+    }
+
+    /// [`Decap::start`] at `hook`: `"xdp"` (`lb_decap`) or `"tc"` (`lb_decap_tc`, for a
+    /// veth whose peer must keep GSO).
+    pub fn start_at(
+        hook: &str,
+        ns: &Netns,
+        interface: &str,
+        object: &Path,
+        from: &[IpAddr],
+    ) -> Decap {
         let binary =
             crate::daemon::daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
         let what = format!("lb-daemon decap on {interface} in {}", ns.name());
@@ -44,7 +56,7 @@ impl Decap {
                     Ok(())
                 });
             }
-            cmd.args(["decap", "--iface", interface]);
+            cmd.args(["decap", "--iface", interface, "--hook", hook]);
             for addr in from {
                 cmd.arg("--from").arg(addr.to_string());
             }

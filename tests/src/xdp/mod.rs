@@ -245,8 +245,14 @@ impl Topology {
             decaps.push(Decap::start(&client, "c0", &object, &from));
         }
         if plane == Plane::Xdp || mode == Mode::Dsr {
+            // On tc the backends decapsulate at tc too: an XDP program on b0 would take GSO
+            // from its peer, the balancer's veth.
+            let hook = match plane {
+                Plane::Xdp => "xdp",
+                Plane::Tc => "tc",
+            };
             for ns in &backends {
-                decaps.push(Decap::start(ns, "b0", &object, &from));
+                decaps.push(Decap::start_at(hook, ns, "b0", &object, &from));
             }
         }
         Topology {

@@ -80,7 +80,6 @@ pub(super) struct Admission {
     counted: bool,
 }
 
-
 struct Entry {
     /// Connections or sessions the client holds now (counted only with a concurrency limit).
     active: u32,

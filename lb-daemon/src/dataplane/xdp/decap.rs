@@ -27,7 +27,7 @@ use std::time::Duration;
 use aya::maps::{HashMap, MapData};
 use lb_common::maps::{
     DecapAddr, CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_ADDRS_SIZE, DECAP_SOURCES,
-    DECAP_SOURCES_SIZE, NAT_REVERSE, PROG_DECAP, TABLES,
+    DECAP_SOURCES_SIZE, NAT_REVERSE, PROG_DECAP, PROG_DECAP_TC, TABLES,
 };
 use lb_common::Stat;
 use nix::sys::signal::{SigSet, Signal};
@@ -72,8 +72,18 @@ pub enum DecapError {
     },
 }
 
-/// Attaches `lb_decap` to `interface` (native mode, else generic with a warning) with the
-/// host's addresses (every interface of its network namespace) as the accepted outer
+/// The hook the decapsulator runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapHook {
+    /// `lb_decap` at XDP (native, else generic with a warning): for a NIC.
+    Xdp,
+    /// `lb_decap_tc` at tc ingress (TCX, else clsact): for a veth or a bridge port, where an
+    /// XDP program would take GSO from the interface's peer.
+    Tc,
+}
+
+/// Attaches the decapsulator at `hook` on `interface` (XDP: `lb_decap`, native mode, else
+/// generic with a warning; tc: `lb_decap_tc`) with the host's addresses (every interface of its network namespace) as the accepted outer
 /// destinations and `from` (the balancers' addresses) as the accepted outer sources, logs
 /// `ready`, keeps the host's addresses in step every [`REFRESH_EVERY`], and waits for SIGTERM
 /// or SIGINT; then logs its counters and detaches.
@@ -82,7 +92,12 @@ pub enum DecapError {
 /// Returns `Err(DecapError)` when `from` is empty or too long, the object cannot be found or
 /// loaded, XDP cannot attach, or the addresses cannot be read or written at start (later
 /// failures are logged and retried).
-pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<(), DecapError> {
+pub fn run(
+    interface: &str,
+    hook: DecapHook,
+    object: Option<&Path>,
+    from: &[IpAddr],
+) -> Result<(), DecapError> {
     let from: BTreeSet<IpAddr> = from.iter().copied().collect();
     if from.is_empty() || from.len() > DECAP_SOURCES_SIZE as usize {
         return Err(DecapError::Sources(from.len()));
@@ -95,11 +110,19 @@ pub fn run(interface: &str, object: Option<&Path>, from: &[IpAddr]) -> Result<()
     // `sources` is out of the object: it must stay open until the detach, as the program
     // refers to it.
     let (sources, local) = fill_maps(&mut ebpf, interface, &from)?;
-    let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
-    let (mode, _link) = loader::attach(prog, interface, true)?;
+    let (name, mode) = match hook {
+        DecapHook::Xdp => {
+            let prog = loader::load_program(&mut ebpf, &path, PROG_DECAP)?;
+            (PROG_DECAP, loader::attach(prog, interface, true)?.0)
+        }
+        DecapHook::Tc => {
+            let prog = loader::load_tc_program(&mut ebpf, &path, PROG_DECAP_TC)?;
+            (PROG_DECAP_TC, loader::attach_tc(prog, interface)?.mode)
+        }
+    };
     let balancers: Vec<String> = from.iter().map(IpAddr::to_string).collect();
     info!(
-        "ready: {PROG_DECAP} decapsulating IPIP/IP6IP6 on {interface} ({mode}) for {} \
+        "ready: {name} decapsulating IPIP/IP6IP6 on {interface} ({mode}) for {} \
          from the balancers {} with {}",
         local.describe(),
         balancers.join(", "),
