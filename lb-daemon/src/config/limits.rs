@@ -14,6 +14,13 @@ pub const MAX_FLOWS: u32 = 10_000_000;
 /// the admin API, the BPF maps, logs.
 const RESERVED_FDS: u64 = 256;
 
+/// The open file limit (soft), which the daemon raises to its hard limit at start; 1024 (the
+/// usual default) when it cannot be read.
+pub fn open_file_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+}
+
 /// A service's cap on open flows when the config sets none, from the open file limit
 /// `nofile` (after the daemon raised it to its hard limit): a TCP connection holds about 6
 /// descriptors (two sockets and the two pipes of its relay), a UDP session one socket, of

@@ -26,7 +26,7 @@ mod raw;
 mod validate;
 mod xdp;
 
-pub use limits::{default_max_flows, MAX_FLOWS};
+pub use limits::{default_max_flows, open_file_limit, MAX_FLOWS};
 use raw::RawConfig;
 use validate::Validator;
 pub use xdp::{Forwarding, XdpSettings, DEFAULT_SNAT_PORT_HOLD, MAX_SNAT_PORT_HOLD};

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::backends::{new_health, BackendRuntime, BackendSet, BackendSource};
 use super::{lock, round_ms};
-use crate::config::{default_max_flows, CheckKind, Service};
+use crate::config::{default_max_flows, open_file_limit, CheckKind, Service};
 use crate::discovery;
 use crate::health::{self, Health, Transition};
 use crate::scheduler::{self, Candidate, SchedulerError};
@@ -550,13 +550,6 @@ fn build_snapshot(
             .unwrap_or_else(|| default_max_flows(config.protocol, open_file_limit())),
         access_log: config.access_log,
     })
-}
-
-/// The open file limit (soft), which the daemon raised to its hard limit at start; 1024 (the
-/// usual default) when it cannot be read.
-fn open_file_limit() -> u64 {
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(1024, |(soft, _)| soft)
 }
 
 #[cfg(test)]

@@ -25,8 +25,11 @@ pub(super) const TO_CLIENT: usize = 1;
 const READABLE: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
 const WRITABLE: u32 = libc::POLLOUT as u32;
 
-/// Empty pipes kept for reuse by a worker.
+/// The most empty pipes a worker keeps for reuse (512 descriptors).
 const PIPE_POOL: usize = 256;
+/// A worker's pool holds at most one pipe per this many descriptors of the open file limit,
+/// so that under a low limit pooled pipes never crowd out connections.
+const FDS_PER_POOLED_PIPE: u64 = 64;
 
 /// A connection's relay, once its connect succeeded: the backend socket and, each way
 /// (index [`TO_BACKEND`], [`TO_CLIENT`]), a direction's state machine and its pipe.
@@ -48,21 +51,43 @@ pub(super) struct Relaying {
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
+/// Bounded by the open file limit, and emptied when the worker runs out of descriptors.
 pub(super) struct PipePool {
     free: Vec<Pipe>,
+    capacity: usize,
 }
 
 impl PipePool {
-    /// An empty pool.
-    pub(super) fn new() -> PipePool {
-        PipePool { free: Vec::new() }
+    /// An empty pool that keeps at most one pipe per [`FDS_PER_POOLED_PIPE`] descriptors of
+    /// `nofile` (the open file limit), and never more than [`PIPE_POOL`].
+    pub(super) fn new(nofile: u64) -> PipePool {
+        PipePool {
+            free: Vec::new(),
+            capacity: (nofile / FDS_PER_POOLED_PIPE).min(PIPE_POOL as u64) as usize,
+        }
     }
 
     fn take(&mut self, size: usize) -> io::Result<Pipe> {
         match self.free.pop() {
             Some(pipe) => Ok(pipe),
-            None => Pipe::new(size),
+            None => Pipe::new(size).inspect_err(|e| {
+                if is_fd_shortage(e.raw_os_error()) {
+                    self.shrink();
+                }
+            }),
         }
+    }
+
+    /// Closes every pooled pipe: the worker ran out of descriptors, which connections need
+    /// more than a faster start.
+    pub(super) fn shrink(&mut self) {
+        self.free.clear();
+    }
+
+    /// Pipes pooled now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.free.len()
     }
 
     /// The two pipes of a new relay. Takes both even when the first fails, as a failure
@@ -77,10 +102,15 @@ impl PipePool {
     /// Keeps `pipe` if it is empty and the pool has room; bytes left in a pipe belong to a
     /// connection that is gone, so such a pipe is closed.
     pub(super) fn give(&mut self, pipe: Pipe) {
-        if self.free.len() < PIPE_POOL && matches!(pipe.pending(), Ok(0)) {
+        if self.free.len() < self.capacity && matches!(pipe.pending(), Ok(0)) {
             self.free.push(pipe);
         }
     }
+}
+
+/// Whether `errno` says the process or the system is out of file descriptors.
+pub(super) fn is_fd_shortage(errno: Option<i32>) -> bool {
+    matches!(errno, Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Performs one splice step of a relay: the one place that moves relay bytes, so a variant
@@ -187,4 +217,25 @@ pub(super) fn start_step(
         Step::Fail(errno) => return Next::Failed(errno),
     };
     done.map_or(Next::InFlight, Next::Now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_is_bounded_by_the_open_file_limit_and_empties_on_a_shortage() {
+        assert_eq!(PipePool::new(64).capacity, 1);
+        assert_eq!(PipePool::new(1024).capacity, 16);
+        assert_eq!(PipePool::new(1 << 20).capacity, PIPE_POOL);
+        let mut pool = PipePool::new(128);
+        let [a, b] = pool.take_pair(4096).expect("two pipes");
+        let c = Pipe::new(4096).expect("a third pipe");
+        pool.give(a);
+        pool.give(b);
+        pool.give(c);
+        assert_eq!(pool.len(), 2, "a pool for 128 descriptors keeps 2 pipes");
+        pool.shrink();
+        assert_eq!(pool.len(), 0);
+    }
 }

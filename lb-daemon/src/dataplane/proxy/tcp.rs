@@ -28,7 +28,7 @@ use super::listener::Listeners;
 use super::proxy_header::{self, Transport};
 use super::relay::{Direction, Outcome, Step};
 use super::relay_io::{
-    count_delivered, start_step, Next, PipePool, Relaying, TO_BACKEND, TO_CLIENT,
+    count_delivered, is_fd_shortage, start_step, Next, PipePool, Relaying, TO_BACKEND, TO_CLIENT,
 };
 use super::ring::{Completion, Kind, Token};
 use super::slab::Slab;
@@ -235,7 +235,7 @@ impl Tcp {
             services: Vec::with_capacity(listeners.len()),
             listeners: Listeners::new(),
             conns: Slab::new(),
-            pipes: PipePool::new(),
+            pipes: PipePool::new(crate::config::open_file_limit()),
             sweep_cursor: 0,
             no_backend_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),
@@ -309,6 +309,9 @@ impl Tcp {
 
     /// A multishot accept completed: a new client socket, or an error.
     pub(super) fn on_accept(&mut self, ctx: &mut Ctx, c: Completion) {
+        if is_fd_shortage(Some(-c.result)) {
+            self.pipes.shrink();
+        }
         let accepted = self
             .listeners
             .on_accept(ctx, c, &self.services, &mut self.resource_log);
@@ -399,6 +402,9 @@ impl Tcp {
         let socket = match backend_socket(addr) {
             Ok(s) => s,
             Err(e) => {
+                if is_fd_shortage(e.raw_os_error()) {
+                    self.pipes.shrink();
+                }
                 ctx.no_socket(&mut self.resource_log, service, addr, &e);
                 self.close(ctx, index, generation, End::Error);
                 return;
