@@ -7,7 +7,6 @@
 //! `local_addr`, destination the backend, TTL / hop limit 64, IPv4 with DF set and the inner
 //! TOS copied, IPv6 with the flow's hash as flow label (so ECMP spreads flows, not packets).
 
-
 use lb_common::{
     maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
     Stat,

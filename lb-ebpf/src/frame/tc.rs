@@ -151,14 +151,7 @@ impl Frame for TcContext {
     fn remove_room(&self, _l3_off: usize, bytes: usize) -> bool {
         // SAFETY: the helper checks the buffer; pointers are taken anew after it. A GSO
         // super-packet keeps its segments (the kernel marks it for a header re-check).
-        unsafe {
-            bpf_skb_adjust_room(
-                self.skb.skb,
-                -(bytes as i32),
-                BPF_ADJ_ROOM_MAC,
-                0,
-            ) == 0
-        }
+        unsafe { bpf_skb_adjust_room(self.skb.skb, -(bytes as i32), BPF_ADJ_ROOM_MAC, 0) == 0 }
     }
 
     #[inline(always)]
