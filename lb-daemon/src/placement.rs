@@ -5,7 +5,8 @@
 //! - [`Planes::place`]: the decision for one service. `dataplane = "proxy"` or a `why_not_xdp`
 //!   reason sends it to the proxy; otherwise the eBPF plane is tried (loaded on first need)
 //!   at a hook: `xdp` and `tc` name theirs, and `auto` chooses by the interfaces' kinds
-//!   ([`auto_hook`]): native XDP only when every interface is a NIC, else tc; native XDP
+//!   ([`auto_hook`]): native XDP only when every interface is a NIC, else tc (an interface
+//!   without Ethernet frames, such as tun or WireGuard, is a `why_not_xdp` reason); native XDP
 //!   that fails to attach falls back to tc. When the plane cannot take it, an `auto` service
 //!   goes to the proxy with the reason logged while an `xdp` or `tc` one is refused. `auto`
 //!   never takes generic XDP: what it redirects into a bridge vanishes.
@@ -195,6 +196,19 @@ pub enum NotOnXdp {
          the way a client's packets do"
     )]
     LoopbackInterface(String),
+    /// An interface of the service (`interface` or one of `backend_interfaces`) carries no
+    /// Ethernet frames (tun, WireGuard, an IP tunnel): the eBPF programs parse an Ethernet
+    /// header first, so every packet of the VIP would be misread and the VIP would be dead.
+    #[error(
+        "interface {interface} is {kind}: the eBPF data plane reads Ethernet frames, which it \
+         does not carry"
+    )]
+    NotEthernet {
+        /// The interface.
+        interface: String,
+        /// What it is.
+        kind: InterfaceKind,
+    },
     /// A wildcard VIP (`0.0.0.0`, `::`).
     #[error("the VIP {0} is a wildcard: the eBPF data plane balances packets for one address")]
     WildcardVip(std::net::IpAddr),
@@ -270,6 +284,8 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
         Some(NotOnXdp::LoopbackVip(vip))
     } else if loader::is_loopback(interface) {
         Some(NotOnXdp::LoopbackInterface(interface.clone()))
+    } else if let Some(not_ethernet) = without_ethernet(service) {
+        Some(not_ethernet)
     } else if vip.is_unspecified() {
         Some(NotOnXdp::WildcardVip(vip))
     } else if service.table_size > MAX_TABLE_SIZE {
@@ -283,6 +299,24 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
     } else {
         None
     }
+}
+
+/// The first of `service`'s interfaces (`interface`, then `backend_interfaces`) that carries
+/// no Ethernet frames, as the reason the service cannot run on eBPF. An interface whose kind
+/// cannot be read is left to the placement, which names the error.
+fn without_ethernet(service: &Service) -> Option<NotOnXdp> {
+    service
+        .xdp
+        .interface
+        .iter()
+        .chain(service.xdp.backend_interfaces.iter())
+        .find_map(|name| match iface_kind::kind_of(name) {
+            Ok(kind @ InterfaceKind::NotEthernet { .. }) => Some(NotOnXdp::NotEthernet {
+                interface: name.clone(),
+                kind,
+            }),
+            _ => None,
+        })
 }
 
 /// The data planes of the daemon: the proxy (started with the daemon, with no service) and

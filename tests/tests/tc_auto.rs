@@ -5,6 +5,7 @@
 //! | veth (client and backends) | tc | [`auto_on_veths_runs_on_tc_and_serves`] |
 //! | veth to the client, backends on a Linux bridge | tc (never generic XDP: it would not deliver into the bridge) | [`auto_with_backends_on_a_bridge_runs_on_tc_and_every_request_succeeds`] |
 //! | the loopback device | proxy | [`auto_on_the_loopback_device_runs_on_the_proxy_and_serves`] |
+//! | a device without Ethernet frames (tun, as WireGuard is) among them | proxy, saying so; `tc` refuses to start | [`auto_with_an_interface_without_ethernet_runs_on_the_proxy_and_tc_refuses_it`] |
 //! | veth, with an object that has no `lb_tc` | proxy, saying so | [`auto_with_an_object_without_lb_tc_runs_on_the_proxy_and_says_why`] |
 //! | veth that carries XDP for another service (`dataplane = "xdp"`) | proxy, saying so (an interface carries one hook) | [`auto_where_another_service_holds_xdp_runs_on_the_proxy_and_says_why`] |
 //!
@@ -463,4 +464,77 @@ fn auto_where_another_service_holds_xdp_runs_on_the_proxy_and_says_why() {
     let (_, all) = status_words(&balancer, &daemon, "web");
     assert_eq!(all, "xdp+proxy", "/status's summary of the planes");
     assert_served(&client, vip, &["b1", "b2", "b3"], "auto beside XDP (proxy)");
+}
+
+#[test]
+fn auto_with_an_interface_without_ethernet_runs_on_the_proxy_and_tc_refuses_it() {
+    if !lb_tests::require_root("tc_auto::auto_with_an_interface_without_ethernet") {
+        return;
+    }
+    let client = Netns::new("c").expect("client namespace");
+    let balancer = Netns::new("lb").expect("balancer namespace");
+    veth(
+        &balancer,
+        "l0",
+        "10.200.0.1/24",
+        &client,
+        "c0",
+        "10.200.0.2/24",
+    )
+    .expect("client veth");
+    // Backends behind a layer-3 tunnel (a tun device, as WireGuard is): its packets start
+    // with the IP header, and a program reading an Ethernet header there would misread them.
+    balancer
+        .ip(&["tuntap", "add", "mode", "tun", "name", "tun0"])
+        .expect("a tun device");
+    balancer
+        .ip(&["link", "set", "tun0", "up"])
+        .expect("tun0 up");
+    let servers: Vec<HttpNameServer> = balancer
+        .enter(|| {
+            (1..=3)
+                .map(|i| HttpNameServer::start(&format!("b{i}")).expect("a backend starts"))
+                .collect()
+        })
+        .expect("enter the balancer");
+    let vip: SocketAddr = "10.200.0.1:8080".parse().expect("literal");
+    let config = |dataplane: &str| {
+        let mut web = ServiceConfig::tcp("web", vip)
+            .set("dataplane", dataplane)
+            .set("interface", "l0")
+            .set("backend_interfaces", vec!["tun0"])
+            .set("local_address", "10.200.0.1")
+            .fast_health("http");
+        for s in &servers {
+            web = web.backend(s.addr(), 1);
+        }
+        DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(web)
+            .to_toml()
+    };
+    let reason = "interface tun0 is a device without Ethernet frames (link type none";
+    let refused = in_netns(&balancer, || {
+        lb_tests::daemon::run_to_end("run", &config("tc"), Duration::from_secs(30))
+    })
+    .expect("enter the balancer");
+    assert!(
+        refused.code().is_some_and(|c| c != 0) && refused.stderr.contains(reason),
+        "dataplane = \"tc\" with a tun device must refuse to start and say why; exit {:?}, \
+         stderr: {}",
+        refused.status,
+        refused.stderr
+    );
+    let daemon =
+        in_netns(&balancer, || Daemon::start(&config("auto"))).expect("enter the balancer");
+    let line = daemon
+        .wait_for_log("service web: listening", PLACED)
+        .expect("the daemon logs where service web runs");
+    assert!(
+        line.contains("proxy data plane") && line.contains(reason),
+        "auto with a tun device must run on the proxy and say why; the log said: {line}"
+    );
+    let (_, all) = status_words(&balancer, &daemon, "web");
+    assert_eq!(all, "proxy", "/status's summary of the planes");
+    assert_served(&client, vip, &["b1", "b2", "b3"], "auto with tun0 (proxy)");
 }

@@ -1,6 +1,7 @@
 //! What kind of network device an interface is: the fact `dataplane = "auto"` chooses its
 //! hook by (native XDP only where every interface is a NIC, tc on veth, bridges and the other
-//! virtual devices; see `crate::placement`).
+//! virtual devices that carry Ethernet frames, the proxy on devices that carry none, such as
+//! tun, WireGuard and IP tunnels; see `crate::placement`).
 //!
 //! The kind is read from the kernel through a socket of the daemon's own network namespace:
 //! the device type (`SIOCGIFHWADDR`, for the loopback) and ethtool's driver information
@@ -38,8 +39,17 @@ pub enum InterfaceKind {
     Dummy,
     /// The loopback device.
     Loopback,
-    /// Another virtual device (tun, vxlan, ipvlan, wireguard...): its driver's name, or
-    /// empty when it reports none (tunnels without ethtool support).
+    /// A device whose packets carry no Ethernet header (tun, WireGuard, ipip, GRE, PPP...):
+    /// the eBPF programs read Ethernet frames, so neither hook can balance on it.
+    NotEthernet {
+        /// Its link type (`ARPHRD_*`, the kernel's `dev->type`), e.g. 65534 (`none`: tun,
+        /// WireGuard) or 768 (`ipip`).
+        link_type: u16,
+        /// Its ethtool driver name, empty when it reports none.
+        driver: String,
+    },
+    /// Another virtual device that carries Ethernet frames (a tap, vxlan, ipvlan...): its
+    /// driver's name, or empty when it reports none.
     OtherVirtual(String),
 }
 
@@ -62,6 +72,17 @@ impl fmt::Display for InterfaceKind {
             InterfaceKind::Macvlan => f.write_str("a macvlan"),
             InterfaceKind::Dummy => f.write_str("a dummy"),
             InterfaceKind::Loopback => f.write_str("the loopback device"),
+            InterfaceKind::NotEthernet { link_type, driver } => {
+                write!(
+                    f,
+                    "a device without Ethernet frames (link type {}",
+                    link_name(*link_type)
+                )?;
+                if !driver.is_empty() {
+                    write!(f, ", driver {driver}")?;
+                }
+                f.write_str(")")
+            }
             InterfaceKind::OtherVirtual(d) if d.is_empty() => f.write_str("a virtual device"),
             InterfaceKind::OtherVirtual(d) => write!(f, "a virtual device ({d})"),
         }
@@ -121,15 +142,43 @@ pub fn kind_of(interface: &str) -> Result<InterfaceKind, KindError> {
     // SAFETY: SIOCETHTOOL reads `cmd` through `ifru_data` and writes at most the struct's
     // size (the kernel's `struct ethtool_drvinfo`, which `EthtoolDrvinfo` mirrors) there;
     // `info` outlives the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) } < 0 {
+    let driver = if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) } < 0 {
         let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
+        match e.raw_os_error() {
             // No ethtool driver information: a virtual device (a tunnel) with no parent.
-            Some(libc::EOPNOTSUPP) => Ok(InterfaceKind::OtherVirtual(String::new())),
-            _ => Err(io(e)),
-        };
+            Some(libc::EOPNOTSUPP) => None,
+            _ => return Err(io(e)),
+        }
+    } else {
+        Some((text(&info.driver), text(&info.bus_info)))
+    };
+    if device_type != ARPHRD_ETHER {
+        // Checked before the driver: a tun device and a tap device share the driver `tun`,
+        // and only the tap carries Ethernet frames.
+        return Ok(InterfaceKind::NotEthernet {
+            link_type: device_type,
+            driver: driver.map(|(d, _)| d).unwrap_or_default(),
+        });
     }
-    Ok(classify(&text(&info.driver), &text(&info.bus_info)))
+    Ok(match driver {
+        Some((driver, bus_info)) => classify(&driver, &bus_info),
+        None => InterfaceKind::OtherVirtual(String::new()),
+    })
+}
+
+/// The `ip link` name of a link type (`ARPHRD_*`), or its number.
+fn link_name(link_type: u16) -> String {
+    match link_type {
+        0xfffe => "none".into(),
+        768 => "ipip".into(),
+        769 => "tunnel6".into(),
+        776 => "sit".into(),
+        778 => "gre".into(),
+        823 => "ip6gre".into(),
+        512 => "ppp".into(),
+        519 => "rawip".into(),
+        n => n.to_string(),
+    }
 }
 
 /// The kind of a device whose ethtool driver name is `driver` and bus address `bus_info`
@@ -169,6 +218,7 @@ const VIRTUAL_DRIVERS: &[&str] = &[
     "vcan",
 ];
 
+const ARPHRD_ETHER: libc::sa_family_t = 1;
 const ARPHRD_LOOPBACK: libc::sa_family_t = 772;
 const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
 
@@ -289,11 +339,23 @@ mod tests {
             "link", "add", "link", "v0", "name", "mv0", "type", "macvlan",
         ])
         .expect("a macvlan");
+        ns.ip(&["tuntap", "add", "mode", "tun", "name", "tun0"])
+            .expect("a tun device");
+        ns.ip(&["tuntap", "add", "mode", "tap", "name", "tap0"])
+            .expect("a tap device");
         let mut want = vec![
             ("v0", InterfaceKind::Veth),
             ("br0", InterfaceKind::Bridge),
             ("mv0", InterfaceKind::Macvlan),
             ("lo", InterfaceKind::Loopback),
+            (
+                "tun0",
+                InterfaceKind::NotEthernet {
+                    link_type: 0xfffe,
+                    driver: "tun".into(),
+                },
+            ),
+            ("tap0", InterfaceKind::OtherVirtual("tun".into())),
         ];
         // Kinds whose driver this kernel may lack (the test machines have no dummy, bonding
         // or 8021q modules): read when they can be made.
