@@ -42,8 +42,9 @@ use crate::xdp::quietly;
 /// `XDP_PASS`, `XDP_REDIRECT`.
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
-/// `TC_ACT_OK` (hand the packet on to the stack), `TC_ACT_REDIRECT`.
-const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (hand the packet on: the hook's next program, or the stack),
+/// `TC_ACT_REDIRECT`.
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
 
 /// New flows the `new SYN` case opens before the lab's conntrack and NAT maps are emptied
@@ -84,7 +85,7 @@ impl Program {
     fn actions(self) -> (u32, u32) {
         match self {
             Program::Xdp => (XDP_REDIRECT, XDP_PASS),
-            Program::Tc => (TC_ACT_REDIRECT, TC_ACT_OK),
+            Program::Tc => (TC_ACT_REDIRECT, TC_ACT_UNSPEC),
         }
     }
 }

@@ -8,13 +8,14 @@
 //! TOS copied, IPv6 with the flow's hash as flow label (so ECMP spreads flows, not packets).
 
 use lb_common::{
+    flow::IPPROTO_UDP,
     maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
     Stat,
 };
 
 use crate::{
     csum,
-    frame::Frame,
+    frame::{Frame, Room},
     maps::{DECAP_ADDRS, DECAP_SOURCES},
     parse::{
         addr6, groups6, halves, ptr_at, word, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP,
@@ -87,7 +88,8 @@ pub fn encapsulate<C: Frame>(
         // SAFETY: bounds checked by `ptr_at`.
         let tos = unsafe { (*inner).tos };
         let hdr = core::mem::size_of::<Ipv4Hdr>();
-        ctx.insert_room(p.l3_off, hdr, true, false)?;
+        let udp = p.key.protocol == IPPROTO_UDP;
+        ctx.insert_room(p.l3_off, hdr, Room::Tunnel { v6: false, udp })?;
         let outer_len = p.ip_len.wrapping_add(hdr as u16);
         let mut outer = Ipv4Hdr {
             version_ihl: 0x45,
@@ -111,7 +113,8 @@ pub fn encapsulate<C: Frame>(
         Ok(outer_len)
     } else {
         let hdr = core::mem::size_of::<Ipv6Hdr>();
-        ctx.insert_room(p.l3_off, hdr, true, true)?;
+        let udp = p.key.protocol == IPPROTO_UDP;
+        ctx.insert_room(p.l3_off, hdr, Room::Tunnel { v6: true, udp })?;
         let vtc_flow = (6u32 << 28) | (flow_label & 0x000f_ffff);
         let outer = Ipv6Hdr {
             vtc_flow: [((vtc_flow >> 16) as u16).to_be(), (vtc_flow as u16).to_be()],
@@ -121,9 +124,21 @@ pub fn encapsulate<C: Frame>(
             src: groups6(src),
             dst: groups6(dst),
         };
+        // SAFETY: `Ipv6Hdr` is 40 bytes of plain integers, `#[repr(C)]` with alignment 2 and
+        // no padding: viewing it as twenty `u16`s reads exactly its bytes.
+        let words: [u16; 20] = unsafe { core::mem::transmute_copy(&outer) };
         let at: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe { *at = outer };
+        // The kernel summed the inserted room as zeros; unlike an IPv4 header, whose checksum
+        // makes its bytes sum to zero, an IPv6 header's bytes add to a tc packet's sum.
+        let mut total = 0u32;
+        let mut i = 0;
+        while i < words.len() {
+            total += words[i] as u32;
+            i += 1;
+        }
+        ctx.complete_sum_add(csum::fold(total) as u32);
         Ok(p.ip_len.wrapping_add(hdr as u16))
     }
 }
@@ -223,7 +238,7 @@ pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
         return Decap::BadSource;
     }
     // Same family inside and out, so the EtherType stays right.
-    if ctx.remove_room(l3_off, outer_len) {
+    if ctx.remove_room(l3_off, outer_len, proto == ETH_P_IPV6) {
         Decap::Stripped
     } else {
         Decap::Plain

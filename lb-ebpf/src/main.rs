@@ -65,7 +65,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// as `lb_xdp`, on socket buffers, so GSO/GRO super-packets stay whole and checksums are kept
 /// right for `CHECKSUM_PARTIAL` packets; it forwards with `bpf_redirect` /
 /// `bpf_redirect_neigh` (any device, a bridge included) and needs nothing from the neighbours.
-/// Returns `TC_ACT_OK` (pass), `TC_ACT_SHOT` (drop) or `TC_ACT_REDIRECT`.
+/// Returns `TC_ACT_UNSPEC` (pass: on to the hook's next program, or the stack),
+/// `TC_ACT_SHOT` (drop) or `TC_ACT_REDIRECT`.
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     stats::increment(Stat::Packets);
@@ -100,14 +101,15 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 /// The DSR decapsulator at the tc ingress hook: `lb_decap`'s work on socket buffers, for a
 /// backend host whose interface is a veth or a bridge port (a container), where an XDP program
 /// would take GSO from the interface's peer and every encapsulated segment would cost a pass
-/// of its own. Returns `TC_ACT_OK`, or `TC_ACT_SHOT` for a tunnel from no balancer.
+/// of its own. Returns `TC_ACT_UNSPEC` (on to the hook's next program, or the stack), or
+/// `TC_ACT_SHOT` for a tunnel from no balancer.
 #[classifier]
 pub fn lb_decap_tc(ctx: TcContext) -> i32 {
     frame::pull_headers(&ctx);
     let (stat, action) = match encap::decapsulate(&ctx) {
-        encap::Decap::Stripped => (Stat::Decapsulated, bindings::TC_ACT_OK),
-        encap::Decap::Plain => (Stat::DecapPassed, bindings::TC_ACT_OK),
-        encap::Decap::NotLocal => (Stat::DecapNotLocal, bindings::TC_ACT_OK),
+        encap::Decap::Stripped => (Stat::Decapsulated, bindings::TC_ACT_UNSPEC),
+        encap::Decap::Plain => (Stat::DecapPassed, bindings::TC_ACT_UNSPEC),
+        encap::Decap::NotLocal => (Stat::DecapNotLocal, bindings::TC_ACT_UNSPEC),
         encap::Decap::BadSource => (Stat::DecapBadSource, bindings::TC_ACT_SHOT),
     };
     stats::increment(stat);

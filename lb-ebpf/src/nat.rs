@@ -397,11 +397,19 @@ pub fn rewrite<C: Frame>(
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
+        let (hop, next) = unsafe { ((*ip).hop_limit, (*ip).nexthdr) };
+        // SAFETY: bounds checked by `ptr_at`.
         unsafe {
-            (*ip).hop_limit = (*ip).hop_limit.wrapping_sub(1);
+            (*ip).hop_limit = hop.wrapping_sub(1);
             (*ip).src = groups6(src);
             (*ip).dst = groups6(dst);
         }
+        // No header checksum takes up the hop limit's change (the addresses' is taken up by
+        // the transport checksum): a tc packet's sum of its bytes must follow it.
+        ctx.complete_sum_add(csum::diff16(
+            u16::from_ne_bytes([next, hop]),
+            u16::from_ne_bytes([next, hop.wrapping_sub(1)]),
+        ));
     }
 
     // Source and destination port are the first two 16-bit words of both TCP and UDP.

@@ -4,7 +4,7 @@
 //! # The rule for what cannot be balanced
 //!
 //! A packet the parser cannot classify goes to the kernel untouched (`XDP_PASS`, tc's
-//! `TC_ACT_OK`) and is
+//! `TC_ACT_UNSPEC`) and is
 //! counted by reason: the balancer only forwards what it fully understood, and the kernel stack
 //! remains the authority on broken packets (it drops them with its own counters).
 //! - truncated or malformed headers (frame shorter than a header, IP version wrong, IHL < 5,

@@ -20,7 +20,7 @@ use lb_common::{
 
 use crate::{
     csum,
-    frame::Frame,
+    frame::{Frame, Room},
     maps::TOO_BIG_BUDGET,
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
@@ -80,7 +80,7 @@ fn allowed() -> bool {
 /// of the client's packet.
 #[inline(always)]
 fn make_room<C: Frame>(ctx: &C, p: &Parsed, hdr: usize, quote: usize) -> Result<(), Stat> {
-    ctx.insert_room(p.l3_off, hdr, false, p.family != FAMILY_V4)?;
+    ctx.insert_room(p.l3_off, hdr, Room::Answer)?;
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
     unsafe {

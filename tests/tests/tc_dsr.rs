@@ -80,3 +80,93 @@ fn an_upload_over_a_1500_byte_backend_link_arrives_intact() {
         "the backend did not receive the 10 MiB the client sent, byte for byte"
     );
 }
+
+/// Datagrams in the UDP GSO test's one send, and the size of each.
+const GSO_DATAGRAMS: usize = 8;
+const GSO_SIZE: usize = 1200;
+
+/// A client sending with UDP GSO (`UDP_SEGMENT`: eight 1,200-byte datagrams in one send)
+/// reaches `lb_tc` as one super-packet; encapsulated, it must still be cut into the same eight
+/// datagrams (the outer header must not change the segment size, as it would for TCP): the
+/// backend echoes each one whole.
+#[test]
+fn udp_gso_datagrams_keep_their_boundaries_through_the_tunnel() {
+    if !lb_tests::require_root("tc_dsr::udp_gso_datagrams_keep_their_boundaries") {
+        return;
+    }
+    let world = lb_tests::xdp::world::World::start(PATH, 1, 1);
+    let vip = lb_tests::xdp::Topology::vip(lb_tests::xdp::world::DNS);
+    let payloads: Vec<Vec<u8>> = (0..GSO_DATAGRAMS)
+        .map(|i| (0..GSO_SIZE).map(|j| (i * 31 + j * 7) as u8).collect())
+        .collect();
+    let replies = world
+        .client(|| gso_exchange(vip, &payloads))
+        .unwrap_or_else(|e| panic!("the UDP GSO exchange through the VIP failed: {e}"));
+    let mut echoed: Vec<Vec<u8>> = replies
+        .iter()
+        .map(|r| {
+            let colon = r
+                .iter()
+                .position(|&b| b == b':')
+                .unwrap_or_else(|| panic!("a reply of {} bytes is not `name:payload`", r.len()));
+            r[colon + 1..].to_vec()
+        })
+        .collect();
+    let sizes: Vec<usize> = echoed.iter().map(Vec::len).collect();
+    echoed.sort();
+    let mut sent = payloads.clone();
+    sent.sort();
+    assert!(
+        echoed == sent,
+        "the backend did not get the {GSO_DATAGRAMS} datagrams of {GSO_SIZE} bytes one send \
+         carried, each whole: it echoed datagrams of {sizes:?} bytes"
+    );
+}
+
+/// Sends `payloads` (each [`GSO_SIZE`] bytes) to `vip` in one `send` with `UDP_SEGMENT`, and
+/// collects the replies until as many came as were sent or 5 s passed. Inside the client's
+/// namespace.
+fn gso_exchange(vip: std::net::SocketAddr, payloads: &[Vec<u8>]) -> std::io::Result<Vec<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(vip)?;
+    let size = GSO_SIZE as libc::c_int;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.send(&payloads.concat())?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut replies = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while replies.len() < payloads.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        socket.set_read_timeout(Some(left))?;
+        match socket.recv(&mut buf) {
+            Ok(n) => replies.push(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(replies)
+}

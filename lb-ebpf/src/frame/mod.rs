@@ -33,6 +33,25 @@ pub struct L4Check {
     pub v6: bool,
 }
 
+/// What [`Frame::insert_room`] makes room for.
+#[derive(Clone, Copy)]
+pub enum Room {
+    /// The headers of an answer built from the packet (ICMP "too big"): what is left of the
+    /// packet is a quote, sent back.
+    Answer,
+    /// An outer IPv4 (`v6` false) or IPv6 header of the packet's own family (DSR's IPIP /
+    /// IP6IP6), which tc records so a GSO super-packet is segmented as a tunnelled one. `udp`:
+    /// the inner packet is UDP, whose GSO segment size is its datagrams' size and must not
+    /// change (a TCP super-packet's segments shrink by the header instead, to stay within
+    /// the MTU).
+    Tunnel {
+        /// The outer header is IPv6.
+        v6: bool,
+        /// The inner packet is UDP.
+        udp: bool,
+    },
+}
+
 /// One packet at one of the balancer's hooks.
 ///
 /// Offsets are from the start of the Ethernet header. Every pointer into the packet is taken
@@ -74,16 +93,20 @@ pub trait Frame {
     fn l4_csum_add(&self, off: usize, diff: u32, how: L4Check) -> Result<(), Stat>;
 
     /// Makes `bytes` bytes of room in front of the IP header at `l3_off`, keeping the
-    /// link-layer header (and a VLAN tag) at the packet's start. `encap`: the room is for an
-    /// outer IPv4 (`v6` false) or IPv6 header of the same family as the packet, which tc
-    /// records so a GSO super-packet is segmented as a tunnelled one.
+    /// link-layer header (and a VLAN tag) at the packet's start, for what `room` says.
     /// `Err(Stat::DropAdjustHead)` when the room cannot be made.
-    fn insert_room(&self, l3_off: usize, bytes: usize, encap: bool, v6: bool) -> Result<(), Stat>;
-    /// Removes the `bytes` bytes in front of the IP header at `l3_off` (an outer header),
-    /// keeping the link-layer header at the packet's start; a tc GSO super-packet stays whole.
-    /// `false` when it cannot, and the packet is as it was or, on XDP after the head moved,
-    /// still starts with its link-layer header.
-    fn remove_room(&self, l3_off: usize, bytes: usize) -> bool;
+    fn insert_room(&self, l3_off: usize, bytes: usize, room: Room) -> Result<(), Stat>;
+    /// Removes the `bytes` bytes of the outer IPv4 (`v6` false) or IPv6 header at `l3_off`,
+    /// whose inner packet is of the same family, keeping the link-layer header at the
+    /// packet's start; a tc GSO super-packet stays whole, its segment size unchanged and no
+    /// longer marked as tunnelled. `false` when it cannot, and the packet is as it was or, on
+    /// XDP after the head moved, still starts with its link-layer header.
+    fn remove_room(&self, l3_off: usize, bytes: usize, v6: bool) -> bool;
+    /// Tells the kernel that bytes it summed on the way in (a tc packet's
+    /// `CHECKSUM_COMPLETE` sum) changed by `diff` (old bytes complemented plus the new ones)
+    /// where no checksum in the packet absorbs the change: an IPv6 hop limit, an inserted
+    /// IPv6 header. Nothing on XDP, or for a packet without that sum.
+    fn complete_sum_add(&self, diff: u32);
     /// Cuts the packet to its first `len` bytes (`len` at most [`Frame::len`]), all of them
     /// readable directly afterwards; `false` when it cannot.
     fn truncate(&self, len: usize) -> bool;

@@ -7,25 +7,27 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
+        TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     cty::c_void,
     helpers::{
-        bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
+        bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
     },
     programs::TcContext,
 };
 use lb_common::Stat;
 
-use super::{Frame, L4Check};
+use super::{Frame, L4Check, Room};
 
 /// `BPF_F_IPV6` for `bpf_l4_csum_replace` (Linux 6.16+; not in the bindings): the packet is
 /// IPv6, whose header has no checksum, so a `CHECKSUM_COMPLETE` sum must not follow a
 /// pseudo-header change (the address bytes and the transport checksum change by opposite
-/// amounts). Older kernels refuse the flag with `-EINVAL`; the update is then made without it.
+/// amounts). Older kernels refuse the flag with `-EINVAL`; the update is then made without
+/// it, and the sum the kernel moved is moved back with `bpf_csum_update`.
 const BPF_F_IPV6: u64 = 1 << 7;
 /// `-EINVAL`.
 const EINVAL: i64 = -22;
@@ -52,7 +54,10 @@ pub fn pull_headers(ctx: &TcContext) {
 }
 
 impl Frame for TcContext {
-    const PASS: u32 = TC_ACT_OK as u32;
+    /// `TC_ACT_UNSPEC` (TCX's `TCX_NEXT`): the packet goes on to the next program on the
+    /// hook (another tool's), or to the stack when there is none. `TC_ACT_OK` would end the
+    /// hook's programs here for every packet that is not the balancer's.
+    const PASS: u32 = TC_ACT_UNSPEC as u32;
     const DROP: u32 = TC_ACT_SHOT as u32;
     const TAG_IN_PACKET: bool = false;
 
@@ -123,6 +128,11 @@ impl Frame for TcContext {
         if rc == EINVAL && ipv6 != 0 {
             // SAFETY: as above; the refused call changed nothing.
             rc = unsafe { bpf_l4_csum_replace(self.skb.skb, off as u32, 0, diff as u64, flags) };
+            if rc == 0 {
+                // Without the flag the kernel took `diff` off a CHECKSUM_COMPLETE sum, as if
+                // an IPv4 header checksum had absorbed the addresses' change: put it back.
+                self.complete_sum_add(diff);
+            }
         }
         if rc != 0 {
             return Err(Stat::PassMalformed);
@@ -131,11 +141,23 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn insert_room(&self, _l3_off: usize, bytes: usize, encap: bool, v6: bool) -> Result<(), Stat> {
-        let flags = match (encap, v6) {
-            (false, _) => 0,
-            (true, false) => BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-            (true, true) => BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
+    fn insert_room(&self, _l3_off: usize, bytes: usize, room: Room) -> Result<(), Stat> {
+        let flags = match room {
+            Room::Answer => 0,
+            Room::Tunnel { v6, udp } => {
+                let outer = if v6 {
+                    BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
+                } else {
+                    BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+                };
+                // Without FIXED_GSO the kernel shrinks the segment size by the header, which
+                // for UDP GSO would cut the datagrams at other boundaries.
+                if udp {
+                    outer | BPF_F_ADJ_ROOM_FIXED_GSO
+                } else {
+                    outer
+                }
+            }
         };
         // SAFETY: the helper checks the buffer; pointers are taken anew after it.
         let rc = unsafe {
@@ -148,10 +170,34 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn remove_room(&self, _l3_off: usize, bytes: usize) -> bool {
-        // SAFETY: the helper checks the buffer; pointers are taken anew after it. A GSO
-        // super-packet keeps its segments (the kernel marks it for a header re-check).
-        unsafe { bpf_skb_adjust_room(self.skb.skb, -(bytes as i32), BPF_ADJ_ROOM_MAC, 0) == 0 }
+    fn remove_room(&self, _l3_off: usize, bytes: usize, v6: bool) -> bool {
+        // FIXED_GSO: the inner packet's segments carry as much payload as the tunnelled ones
+        // did (the kernel would otherwise grow them by the header). DECAP_L3_*: the super-packet
+        // is no longer a tunnelled one (Linux 6.3+; refused with EINVAL before, then tried
+        // without it).
+        let decap = if v6 {
+            BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+        } else {
+            BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+        };
+        let fixed = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
+        let shrink = -(bytes as i32);
+        // SAFETY: the helper checks the buffer; pointers are taken anew after it.
+        let mut rc = unsafe {
+            bpf_skb_adjust_room(self.skb.skb, shrink, BPF_ADJ_ROOM_MAC, fixed | decap as u64)
+        };
+        if rc == EINVAL {
+            // SAFETY: as above; the refused call changed nothing.
+            rc = unsafe { bpf_skb_adjust_room(self.skb.skb, shrink, BPF_ADJ_ROOM_MAC, fixed) };
+        }
+        rc == 0
+    }
+
+    #[inline(always)]
+    fn complete_sum_add(&self, diff: u32) {
+        // SAFETY: the helper changes only `skb->csum`, and only for a CHECKSUM_COMPLETE packet
+        // (it answers an error otherwise, which leaves nothing to do).
+        unsafe { bpf_csum_update(self.skb.skb, diff) };
     }
 
     #[inline(always)]

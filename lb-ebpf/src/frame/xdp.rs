@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::Stat;
 
-use super::{Frame, L4Check};
+use super::{Frame, L4Check, Room};
 use crate::{csum, encap, maps::DEVMAP, parse::ptr_at};
 
 impl Frame for XdpContext {
@@ -72,13 +72,7 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn insert_room(
-        &self,
-        l3_off: usize,
-        bytes: usize,
-        _encap: bool,
-        _v6: bool,
-    ) -> Result<(), Stat> {
+    fn insert_room(&self, l3_off: usize, bytes: usize, _room: Room) -> Result<(), Stat> {
         let link = encap::save_link(self, l3_off)?;
         // SAFETY: the helper only moves `data`; every later access re-checks bounds.
         if unsafe { bpf_xdp_adjust_head(self.ctx, -(bytes as i32)) } != 0 {
@@ -88,7 +82,7 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn remove_room(&self, l3_off: usize, bytes: usize) -> bool {
+    fn remove_room(&self, l3_off: usize, bytes: usize, _v6: bool) -> bool {
         let Ok(link) = encap::save_link(self, l3_off) else {
             return false;
         };
@@ -99,6 +93,11 @@ impl Frame for XdpContext {
         // It cannot fail (the frame only got shorter); were it to, the packet still goes up.
         let _ = encap::restore_link(self, &link);
         true
+    }
+
+    #[inline(always)]
+    fn complete_sum_add(&self, _diff: u32) {
+        // An XDP frame carries no sum of the kernel's.
     }
 
     #[inline(always)]

@@ -107,8 +107,9 @@ pub enum Hook {
     Tc,
 }
 
-/// `TC_ACT_OK`: the classifier handed the packet on to the kernel.
-const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1, TCX's `TCX_NEXT`): the classifier handed the packet on (to the next
+/// program on the hook, or the kernel).
+const TC_ACT_UNSPEC: u32 = u32::MAX;
 /// `TC_ACT_SHOT`: the classifier dropped the packet.
 const TC_ACT_SHOT: u32 = 2;
 /// `TC_ACT_REDIRECT`: the classifier redirected the packet (`bpf_redirect*`).
@@ -444,7 +445,7 @@ impl Lab {
     }
 
     /// Runs `lb_tc` on `frame` as a socket buffer received on `ingress`. The action is given
-    /// as XDP's: `TC_ACT_OK` as `XDP_PASS`, `TC_ACT_SHOT` as `XDP_DROP`, and
+    /// as XDP's: `TC_ACT_UNSPEC` as `XDP_PASS`, `TC_ACT_SHOT` as `XDP_DROP`, and
     /// `TC_ACT_REDIRECT` as `XDP_TX` when the frame leaves by the interface it came in on
     /// (its new source MAC is `ingress`'s: a turned-around answer, or a route back out of
     /// `ingress`), else `XDP_REDIRECT`, which is how `lb_xdp` tells them apart.
@@ -503,7 +504,7 @@ impl Lab {
         };
         out.truncate(result.data_size_out as usize);
         let action = match result.return_value {
-            TC_ACT_OK => XDP_PASS,
+            TC_ACT_UNSPEC => XDP_PASS,
             TC_ACT_SHOT => XDP_DROP,
             TC_ACT_REDIRECT if out.len() >= 12 && out[6..12] == self.mac_of(ingress) => XDP_TX,
             TC_ACT_REDIRECT => XDP_REDIRECT,
