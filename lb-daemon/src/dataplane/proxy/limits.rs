@@ -151,8 +151,14 @@ impl ClientTable {
         max_flows: u32,
         now: Instant,
     ) -> Result<Admission, Refusal> {
-        if self.open.fetch_add(1, Ordering::Relaxed) >= max_flows {
-            self.open.fetch_sub(1, Ordering::Relaxed);
+        // Taken only while under the cap: a refused flow never holds a slot, even for a
+        // moment (an add-then-undo would refuse a flow racing with it although one is free).
+        let taken = self
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < max_flows).then(|| open + 1)
+            });
+        if taken.is_err() {
             self.refused.fetch_add(1, Ordering::Relaxed);
             self.over_cap.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::ServiceFull);
