@@ -363,6 +363,8 @@ impl Proxy {
                 events: events.clone(),
                 shared: shared.clone(),
                 options,
+                // The workers share the process's descriptors: each pools pipes for its part.
+                fd_share: crate::config::open_file_limit() / workers as u64,
                 ready: ready.clone(),
             };
             for (info, fd) in infos.iter().zip(mine) {

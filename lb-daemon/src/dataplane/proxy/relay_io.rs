@@ -51,7 +51,8 @@ pub(super) struct Relaying {
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.
-/// Bounded by the open file limit, and emptied when the worker runs out of descriptors.
+/// Bounded by the worker's part of the open file limit, and emptied when the worker runs out
+/// of descriptors.
 pub(super) struct PipePool {
     free: Vec<Pipe>,
     capacity: usize,
@@ -59,7 +60,7 @@ pub(super) struct PipePool {
 
 impl PipePool {
     /// An empty pool that keeps at most one pipe per [`FDS_PER_POOLED_PIPE`] descriptors of
-    /// `nofile` (the open file limit), and never more than [`PIPE_POOL`].
+    /// `nofile` (the worker's part of the open file limit), and never more than [`PIPE_POOL`].
     pub(super) fn new(nofile: u64) -> PipePool {
         PipePool {
             free: Vec::new(),

@@ -229,13 +229,14 @@ fn connect_failed(
 }
 
 impl Tcp {
-    /// A TCP half for `listeners` (service, bound listening socket).
-    pub(super) fn new(listeners: Vec<(ServiceInfo, OwnedFd)>) -> Tcp {
+    /// A TCP half for `listeners` (service, bound listening socket), whose pipe pool is
+    /// bounded by `fd_share` descriptors (this worker's part of the open file limit).
+    pub(super) fn new(listeners: Vec<(ServiceInfo, OwnedFd)>, fd_share: u64) -> Tcp {
         let mut tcp = Tcp {
             services: Vec::with_capacity(listeners.len()),
             listeners: Listeners::new(),
             conns: Slab::new(),
-            pipes: PipePool::new(crate::config::open_file_limit()),
+            pipes: PipePool::new(fd_share),
             sweep_cursor: 0,
             no_backend_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),

@@ -44,6 +44,9 @@ pub(super) struct Setup {
     pub(super) events: Arc<dyn FlowEvents>,
     pub(super) shared: Arc<Shared>,
     pub(super) options: ProxyOptions,
+    /// This worker's part of the open file limit (the limit over the number of workers),
+    /// which bounds its pool of pipes.
+    pub(super) fd_share: u64,
     /// Told whether the worker's ring is enabled (then it runs) or why not (then it exits).
     pub(super) ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 }
@@ -105,6 +108,7 @@ impl Worker {
             events,
             shared,
             options,
+            fd_share,
             ready,
         } = setup;
         let period = sweep_period(tcp.iter().chain(udp.iter()).map(|(s, _)| s));
@@ -129,7 +133,7 @@ impl Worker {
             wake,
             commands,
             ctx,
-            tcp: Tcp::new(tcp),
+            tcp: Tcp::new(tcp, fd_share),
             udp: Udp::new(udp),
             period,
             deadline: None,
