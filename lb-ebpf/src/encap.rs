@@ -74,7 +74,8 @@ pub fn restore_link<C: Frame>(ctx: &C, link: &LinkHdr) -> Result<(), Stat> {
 
 /// Wraps the parsed client packet in an outer header from `src` to `dst` (the service's
 /// family). Returns the outer IP packet's length, for the MTU check. `Err(Stat::DropAdjustHead)`
-/// when the frame has no headroom for the outer header.
+/// when the room for the outer header cannot be made (XDP: no headroom in the frame; tc: the
+/// kernel refused to grow the buffer).
 #[inline(always)]
 pub fn encapsulate<C: Frame>(
     ctx: &C,

@@ -25,7 +25,8 @@ const TCP_HDR_LEN: usize = 20;
 /// Rewrites the TCP segment in `ctx` (parsed as `p`) into the RST answering it (RFC 9293
 /// §3.10.7.1): a segment without ACK (a SYN) gets a RST+ACK acknowledging it, one with ACK a
 /// bare RST whose sequence number is the segment's acknowledgement number, so the sender
-/// takes it. Returns the hook's turn-around action (`XDP_TX`), or `None` when it cannot
+/// takes it. Returns the hook's turn-around action (`XDP_TX`, or tc's redirect back out of the
+/// interface the segment came in on), or `None` when it cannot
 /// (IPv4 options, or the tail cannot shrink) and the segment should be dropped.
 #[inline(always)]
 pub fn answer<C: Frame>(ctx: &C, p: &Parsed) -> Option<u32> {

@@ -9,8 +9,9 @@
 //! its addresses swapped, and the client's packet stays behind the ICMP header as the quote,
 //! cut to [`QUOTE_V4`] / [`QUOTE_V6`] bytes. The announced MTU is the route's less the outer
 //! header. At most `TOO_BIG_PER_SECOND` answers a second per CPU (a flood of big packets must
-//! not turn into a flood of answers); over it, and for IPv4 without DF (XDP cannot fragment),
-//! the packet is dropped (`Stat::DropMtu`).
+//! not turn into a flood of answers); over it, and for IPv4 without DF (the balancer does not
+//! fragment), the packet is dropped (`Stat::DropMtu`). On tc a GSO super-packet is not
+//! checked here: its segments are (see `Frame::mtu_len`).
 
 use aya_ebpf::helpers::{bpf_csum_diff, bpf_ktime_get_ns};
 use lb_common::{

@@ -82,8 +82,11 @@ pub trait Frame {
     /// The context pointer the kernel gave the program, for helpers that take it.
     fn raw(&self) -> *mut c_void;
     /// The IP length to check against the route's MTU in `bpf_fib_lookup` for a packet that
-    /// will be `ip_len` bytes: `ip_len`, or 0 for a tc GSO super-packet, whose segments the
-    /// kernel checks itself.
+    /// will be `ip_len` bytes: `ip_len`, or 0 (no check) for a tc GSO super-packet, whose
+    /// length says nothing of its segments'. Those are not checked against the route's MTU
+    /// at all yet: a route with a smaller MTU than the sender's link gets segments too large
+    /// for it (a known gap; a TCP super-packet encapsulated for DSR does shrink its segments
+    /// by the outer header).
     fn mtu_len(&self, ip_len: u16) -> u16;
 
     /// Folds `diff` (a one's-complement sum of the old values complemented and the new ones,
