@@ -65,6 +65,8 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     // listener opens: until then SIGTERM's default action would kill the daemon undrained.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Blocking-pool threads started after start-up take the lowered capabilities.
+        .on_thread_start(crate::privileges::follow)
         .build()
         .map_err(DaemonError::Runtime)?;
     let mut signals = {
@@ -149,6 +151,10 @@ async fn serve(
     let set = Arc::clone(control.services());
     let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
     let (_, api) = crate::admin::api::serve(Arc::clone(control), &control.config().admin).await?;
+    // Start-up is over: listeners bound, the eBPF plane attached, the API listening.
+    if let Err(e) = crate::privileges::lower(&crate::privileges::needed(&control.config())) {
+        warn!("{e}");
+    }
     info!(
         "ready: {} services, {workers} proxy workers",
         set.all().len()

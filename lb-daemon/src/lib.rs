@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod health;
 pub mod maglev;
 pub mod placement;
+pub mod privileges;
 pub mod reload;
 pub mod scheduler;
 pub mod service;

@@ -173,6 +173,8 @@ pub async fn reload(control: &Arc<Control>) -> Result<String, ReloadError> {
     // the next reload still waits for it.
     let c = Arc::clone(control);
     let outcome = tokio::task::spawn_blocking(move || {
+        // A pool thread started before the daemon lowered its privileges.
+        crate::privileges::follow();
         let _held = one_at_a_time;
         if c.stopping() {
             return Err(ReloadError::Stopping);

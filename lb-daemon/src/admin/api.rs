@@ -125,9 +125,13 @@ async fn off_runtime<T: Send + 'static>(
     control: Arc<Control>,
     f: impl FnOnce(&Control) -> T + Send + 'static,
 ) -> Result<T, Response> {
-    tokio::task::spawn_blocking(move || f(&control))
-        .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    tokio::task::spawn_blocking(move || {
+        // A pool thread started before the daemon lowered its privileges.
+        crate::privileges::follow();
+        f(&control)
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn status(State(control): State<Arc<Control>>) -> Response {

@@ -163,6 +163,7 @@ impl Worker {
         let mut completions: Vec<Completion> = Vec::with_capacity(4096);
         let mut enter_failures = 0;
         loop {
+            crate::privileges::follow();
             completions.clear();
             if let Err(e) = self.ctx.ring.wait(&mut completions) {
                 enter_failures += 1;

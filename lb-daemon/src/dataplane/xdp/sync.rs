@@ -441,6 +441,7 @@ impl SyncThread {
                     Err(RecvTimeoutError::Timeout) => {}
                     Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                 }
+                crate::privileges::follow();
                 if crate::watchdog::fault("panic-sync-thread") {
                     panic!("injected by LB_FAULT=panic-sync-thread");
                 }

@@ -1,0 +1,181 @@
+//! Least privilege: once started (listeners bound, the eBPF plane loaded and attached, the
+//! admin API listening, the open file limit raised), the daemon keeps only the capabilities
+//! its config can still use, and sets no-new-privileges, so that a flaw in a parser or the
+//! admin API cannot be turned into the host's root.
+//!
+//! | kept | when | for |
+//! |---|---|---|
+//! | `CAP_NET_BIND_SERVICE` | a service listens on a port below 1024 | binding it again (reloads, restarts of a listener) |
+//! | `CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN` | a service may run on the eBPF plane (`dataplane` not `proxy`, an `interface` set), or `[global] bpf_object` is set (a proxy-only config that reloads may give eBPF services) | loading the programs on a reload, attaching and detaching them (XDP, TCX, clsact) |
+//! | `CAP_NET_ADMIN` | a UDP service | `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: UDP session sockets of `udp_buffer` bytes beyond `net.core.rmem_max` |
+//!
+//! Everything else goes, from the effective, permitted, inheritable and ambient sets (and
+//! from the bounding set while `CAP_SETPCAP` allows it). Capabilities are not regained: a
+//! reload that needs one the start-up config did not (a first service below port 1024, a
+//! first eBPF service) has it refused by the kernel, and the service runs on the proxy with
+//! the reason (`auto`) or the reload is refused (`xdp`, `tc`); restart the daemon for it.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use caps::{CapSet, Capability, CapsHashSet};
+use tracing::info;
+
+use crate::config::{Config, DataplaneKind, Protocol};
+
+/// Why the capabilities could not be lowered.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    /// The kernel refused to read or change a capability set, or to set no-new-privileges.
+    #[error("cannot drop the capabilities the config does not need: {0}")]
+    Kernel(String),
+}
+
+/// The capabilities `config` can use after start-up, by the table in the module's docs.
+pub fn needed(config: &Config) -> CapsHashSet {
+    let mut keep = CapsHashSet::new();
+    let ebpf = [
+        Capability::CAP_BPF,
+        Capability::CAP_PERFMON,
+        Capability::CAP_NET_ADMIN,
+    ];
+    if config.global.bpf_object.is_some() {
+        keep.extend(ebpf);
+    }
+    for s in &config.services {
+        if s.listen.port() != 0 && s.listen.port() < 1024 {
+            keep.insert(Capability::CAP_NET_BIND_SERVICE);
+        }
+        if s.dataplane != DataplaneKind::Proxy && s.xdp.interface.is_some() {
+            keep.extend(ebpf);
+        }
+        if s.protocol == Protocol::Udp {
+            keep.insert(Capability::CAP_NET_ADMIN);
+        }
+    }
+    keep
+}
+
+/// The capability set every thread of the daemon lowers itself to, once [`lower`] set it.
+static TARGET: OnceLock<CapsHashSet> = OnceLock::new();
+
+thread_local! {
+    /// Whether this thread has lowered itself to [`TARGET`].
+    static LOWERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Lowers the calling thread's capabilities to `keep` (those of them it has), sets
+/// no-new-privileges, logs what was kept, and makes every other thread of the daemon follow:
+/// Linux keeps capabilities per thread, so each thread running already lowers its own at its
+/// next [`follow`] (a proxy worker within its sweep period, at most a second), and threads
+/// started afterwards inherit the lowered set. Call it once, when start-up is done.
+///
+/// Returns `Err(PrivilegeError::Kernel)` when the kernel refuses a change; the thread then
+/// has at most the privileges it had.
+pub fn lower(keep: &CapsHashSet) -> Result<(), PrivilegeError> {
+    let permitted =
+        caps::read(None, CapSet::Permitted).map_err(|e| PrivilegeError::Kernel(e.to_string()))?;
+    let kept: CapsHashSet = permitted.intersection(keep).copied().collect();
+    let target = TARGET.get_or_init(|| kept.clone());
+    lower_this_thread(target)?;
+    let mut names: Vec<String> = target.iter().map(|c| c.to_string()).collect();
+    names.sort();
+    info!(
+        "privileges: kept {} of the {} capabilities the daemon started with; no new privileges",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        },
+        permitted.len()
+    );
+    Ok(())
+}
+
+/// Lowers the calling thread to the set [`lower`] chose, once; nothing before `lower` ran.
+/// Cheap enough for every turn of a loop. A refusal is logged, not returned: the thread goes
+/// on with the privileges it has.
+pub fn follow() {
+    let Some(target) = TARGET.get() else {
+        return;
+    };
+    if LOWERED.with(Cell::get) {
+        return;
+    }
+    if let Err(e) = lower_this_thread(target) {
+        tracing::warn!("{e}");
+        // Not tried again on every turn of the caller's loop.
+        LOWERED.with(|l| l.set(true));
+    }
+}
+
+fn lower_this_thread(kept: &CapsHashSet) -> Result<(), PrivilegeError> {
+    let kernel = |e: caps::errors::CapsError| PrivilegeError::Kernel(e.to_string());
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes below.
+    if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(kernel)? {
+        for cap in caps::read(None, CapSet::Bounding).map_err(kernel)? {
+            if !kept.contains(&cap) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(kernel)?;
+            }
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(kernel)?;
+    caps::clear(None, CapSet::Inheritable).map_err(kernel)?;
+    let now = caps::read(None, CapSet::Permitted).map_err(kernel)?;
+    let kept: CapsHashSet = now.intersection(kept).copied().collect();
+    caps::set(None, CapSet::Effective, &kept).map_err(kernel)?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(kernel)?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| PrivilegeError::Kernel(e.to_string()))?;
+    LOWERED.with(|l| l.set(true));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn needed_for(text: &str) -> Vec<Capability> {
+        let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
+        let mut v: Vec<Capability> = needed(&config).into_iter().collect();
+        v.sort_by_key(|c| c.index());
+        v
+    }
+
+    const BACKEND: &str = "[[service.backend]]\naddress = \"10.0.0.2:80\"\n";
+
+    #[test]
+    fn a_proxy_service_on_a_high_port_needs_nothing() {
+        let text = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n{BACKEND}"
+        );
+        assert_eq!(needed_for(&text), vec![]);
+    }
+
+    #[test]
+    fn a_low_port_udp_and_an_ebpf_service_each_add_theirs() {
+        let low = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:80\"\nprotocol = \"tcp\"\n{BACKEND}"
+        );
+        assert_eq!(needed_for(&low), vec![Capability::CAP_NET_BIND_SERVICE]);
+        let udp = format!(
+            "[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:5353\"\nprotocol = \"udp\"\n{BACKEND}"
+        );
+        assert_eq!(needed_for(&udp), vec![Capability::CAP_NET_ADMIN]);
+        let ebpf = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"10.0.0.1:8080\"\nprotocol = \"tcp\"\n\
+             interface = \"eth0\"\nlocal_address = \"10.0.0.1\"\n{BACKEND}"
+        );
+        let want = vec![
+            Capability::CAP_NET_ADMIN,
+            Capability::CAP_PERFMON,
+            Capability::CAP_BPF,
+        ];
+        assert_eq!(needed_for(&ebpf), want);
+        let object = format!(
+            "[global]\nbpf_object = \"/x/lb-ebpf\"\n[[service]]\nname = \"web\"\n\
+             listen = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n{BACKEND}"
+        );
+        assert_eq!(needed_for(&object), want, "reloads may add eBPF services");
+    }
+}

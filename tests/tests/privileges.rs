@@ -1,0 +1,165 @@
+//! Least privilege: once started, every thread of the daemon holds only the capabilities its
+//! config can use (`lb_daemon::privileges`), with no-new-privileges set, and it still serves.
+//! Read from `/proc/PID/task/*/status`, as an operator would check it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lb_tests::client::http_get;
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::netns::Netns;
+use lb_tests::ports::free_addr;
+use lb_tests::xdp::world::{World, WEB};
+use lb_tests::xdp::{in_netns, Mode, Path, Topology};
+use lb_tests::{Daemon, HttpNameServer};
+
+/// Capability numbers (linux/capability.h).
+const CAP_NET_BIND_SERVICE: u32 = 10;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// A proxy worker lowers its own set within its sweep period (at most a second).
+const LOWERED_WITHIN: Duration = Duration::from_secs(5);
+
+fn mask(caps: &[u32]) -> u64 {
+    caps.iter().fold(0, |m, c| m | 1 << c)
+}
+
+/// Each thread of process `pid`: its name, effective and permitted capability masks, and
+/// whether no-new-privileges is set.
+fn threads(pid: u32) -> BTreeMap<String, (u64, u64, bool)> {
+    let mut out = BTreeMap::new();
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // a thread that ended meanwhile
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let hex = |name: &str| u64::from_str_radix(&field(name), 16).unwrap_or(u64::MAX);
+        out.insert(
+            format!(
+                "{} ({})",
+                field("Name:"),
+                task.file_name().to_string_lossy()
+            ),
+            (hex("CapEff:"), hex("CapPrm:"), field("NoNewPrivs:") == "1"),
+        );
+    }
+    out
+}
+
+/// Waits until every thread of `daemon` holds exactly `want` (effective and permitted) with
+/// no-new-privileges; panics with the threads that do not.
+fn assert_lowered_to(daemon: &Daemon, want: u64, what: &str) {
+    let deadline = Instant::now() + LOWERED_WITHIN;
+    loop {
+        let all = threads(daemon.pid());
+        let wrong: Vec<_> = all
+            .iter()
+            .filter(|(_, &(eff, prm, nnp))| eff != want || prm != want || !nnp)
+            .collect();
+        if wrong.is_empty() {
+            assert!(!all.is_empty(), "{what}: no thread read");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: every thread should hold capabilities {want:#x} and no-new-privileges \
+             {LOWERED_WITHIN:?} after start-up; these do not (name: effective, permitted, \
+             no-new-privs): {wrong:x?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_proxy_only_daemon_on_a_high_port_keeps_no_capability_and_serves() {
+    if !lb_tests::require_root("privileges::a_proxy_only_daemon_keeps_no_capability") {
+        return;
+    }
+    let backend = HttpNameServer::start("b1").expect("a backend starts");
+    let vip = free_addr();
+    let svc = ServiceConfig::tcp("web", vip)
+        .set("dataplane", "proxy")
+        .health("kind", "none")
+        .backend(backend.addr(), 1);
+    let daemon = Daemon::start(&DaemonConfig::new().service(svc).to_toml());
+    daemon
+        .wait_for_log("privileges: kept none", Duration::from_secs(5))
+        .expect("the daemon logs the capabilities it kept");
+    assert_lowered_to(&daemon, 0, "a proxy-only daemon on a high port");
+    let reply = http_get(vip, "/").unwrap_or_else(|e| panic!("a request after the drop: {e}"));
+    assert_eq!(reply, "b1", "the backend answered");
+}
+
+#[test]
+fn a_proxy_daemon_on_port_80_with_udp_keeps_bind_and_buffer_capabilities() {
+    if !lb_tests::require_root("privileges::a_proxy_daemon_on_port_80_with_udp") {
+        return;
+    }
+    let ns = Netns::new("priv").expect("a namespace");
+    let backend = in_netns(&ns, || {
+        HttpNameServer::start("b1").expect("a backend starts")
+    })
+    .expect("enter the namespace");
+    let web: SocketAddr = "127.0.0.1:80".parse().expect("literal");
+    let dns: SocketAddr = "127.0.0.1:5353".parse().expect("literal");
+    let toml = DaemonConfig::new()
+        .service(
+            ServiceConfig::tcp("web", web)
+                .set("dataplane", "proxy")
+                .health("kind", "none")
+                .backend(backend.addr(), 1),
+        )
+        .service(
+            ServiceConfig::udp("dns", dns)
+                .set("dataplane", "proxy")
+                .health("kind", "none")
+                .backend("127.0.0.1:5300".parse().expect("literal"), 1),
+        )
+        .to_toml();
+    let daemon = in_netns(&ns, || Daemon::start(&toml)).expect("enter the namespace");
+    assert_lowered_to(
+        &daemon,
+        mask(&[CAP_NET_BIND_SERVICE, CAP_NET_ADMIN]),
+        "a proxy daemon on port 80 with a UDP service",
+    );
+    let reply = in_netns(&ns, || http_get(web, "/"))
+        .expect("enter the namespace")
+        .unwrap_or_else(|e| panic!("a request after the drop: {e}"));
+    assert_eq!(reply, "b1", "the backend answered");
+}
+
+#[test]
+fn an_ebpf_daemon_keeps_what_reloads_need_and_serves() {
+    if !lb_tests::require_root("privileges::an_ebpf_daemon_keeps_what_reloads_need") {
+        return;
+    }
+    // The test world: web (80), bulk (81) and dns (53, UDP) on tc, NAT.
+    let world = World::start(Path::tc(Mode::Nat), 2, 2);
+    assert_lowered_to(
+        &world.daemon,
+        mask(&[CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF]),
+        "a daemon with services on tc",
+    );
+    let vip = Topology::vip(WEB);
+    for i in 0..20 {
+        let reply = world
+            .client(|| http_get(vip, "/"))
+            .unwrap_or_else(|e| panic!("request {i} through tc after the drop: {e}"));
+        assert!(
+            reply.starts_with('b'),
+            "request {i}: a backend's name, not {reply:?}"
+        );
+    }
+}
