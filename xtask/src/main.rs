@@ -7,6 +7,7 @@ mod bpf_object;
 mod build_ebpf;
 mod demo;
 mod fuzz_xdp;
+mod soak;
 mod test;
 mod util;
 
@@ -74,6 +75,14 @@ enum Task {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Run one daemon on the tc data plane and the proxy under mixed TCP/UDP load, with a
+    /// reload every 10 s and a backend stopped every 30 s (needs root); prints failed
+    /// connections, lost datagrams, resident memory and descriptors over time, and a verdict.
+    Soak {
+        /// How long, in minutes.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         Task::Demo { serve } => demo::run(serve),
         Task::Bench { quick, paths } => bench::run(quick, paths.as_deref()),
         Task::FuzzXdp { frames, seed } => fuzz_xdp::run(frames, seed),
+        Task::Soak { minutes } => soak::run(minutes),
     };
     match result {
         Ok(code) => code,
