@@ -29,8 +29,10 @@ impl Ctx {
     /// connect or ICMP port unreachable). A local shortage ([`sys::is_local_error`]: out of
     /// ports, memory or descriptors here) says nothing about the backend: counting it towards
     /// `fall` would take healthy backends down under load, so it counts as a proxy error;
-    /// any other error counts against the backend (its stats and [`FlowEvents`]). Either way
-    /// a warning names the table `generation` the backend was picked from.
+    /// any other error counts against the backend (its stats and [`FlowEvents`]) and is
+    /// warned of, naming the table `generation` the backend was picked from. A shortage is
+    /// warned of through `shortage_log`, so a flood of clients it turns away cannot flood the
+    /// log.
     pub(super) fn connect_failed(
         &self,
         service: &ServiceInfo,
@@ -38,12 +40,20 @@ impl Ctx {
         stats: &BackendStats,
         err: &io::Error,
         generation: u64,
+        shortage_log: &mut LogLimit,
     ) {
         if sys::is_local_error(err) {
             Shared::count(&self.shared.errors, 1);
-        } else {
-            stats.connect_failed(|| self.events.connect_failed(service.index, addr, err));
+            if let Some(also) = shortage_log.allow(self.now) {
+                tracing::warn!(
+                    "service {}: cannot connect to backend {addr}: {err} (a shortage on this \
+                     host, not the backend's fault){also}",
+                    service.name
+                );
+            }
+            return;
         }
+        stats.connect_failed(|| self.events.connect_failed(service.index, addr, err));
         tracing::warn!(
             "service {}: connect to backend {addr} failed: {err} (table generation \
              {generation})",

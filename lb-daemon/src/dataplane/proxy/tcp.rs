@@ -208,6 +208,7 @@ fn connect_failed(
     a: &mut Connecting,
     attempt: Attempt,
     result: i32,
+    shortage_log: &mut LogLimit,
 ) {
     let Attempt {
         addr,
@@ -223,7 +224,14 @@ fn connect_failed(
         io::Error::from_raw_os_error(-result)
     };
     stats.closed();
-    ctx.connect_failed(service, addr, &stats, &err, a.snapshot.generation);
+    ctx.connect_failed(
+        service,
+        addr,
+        &stats,
+        &err,
+        a.snapshot.generation,
+        shortage_log,
+    );
     drop(socket);
     a.tried.push(addr);
 }
@@ -508,7 +516,14 @@ impl Tcp {
         };
         let result = a.result.take().unwrap_or(-libc::ECANCELED);
         if result < 0 {
-            connect_failed(ctx, &self.services[conn.service], a, attempt, result);
+            connect_failed(
+                ctx,
+                &self.services[conn.service],
+                a,
+                attempt,
+                result,
+                &mut self.resource_log,
+            );
             self.connect_next(ctx, index, generation);
             return;
         }

@@ -607,7 +607,14 @@ impl Udp {
         };
         sys::set_buffers(socket.as_fd(), ctx.options.udp_buffer);
         if let Err(e) = socket.connect(&addr.into()) {
-            ctx.connect_failed(service, addr, stats, &e, snapshot.generation);
+            ctx.connect_failed(
+                service,
+                addr,
+                stats,
+                &e,
+                snapshot.generation,
+                &mut self.resource_log,
+            );
             return None;
         }
         Some(socket.into())
@@ -714,7 +721,14 @@ impl Udp {
             return;
         };
         let service = &self.services[self.vips[s.vip].service];
-        ctx.connect_failed(service, s.backend, &s.stats, &err, s.table_generation);
+        ctx.connect_failed(
+            service,
+            s.backend,
+            &s.stats,
+            &err,
+            s.table_generation,
+            &mut self.resource_log,
+        );
         self.close(ctx, key, End::Error);
     }
 
