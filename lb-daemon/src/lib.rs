@@ -18,5 +18,6 @@ pub mod privileges;
 pub mod reload;
 pub mod scheduler;
 pub mod service;
+pub mod shortage;
 pub mod snapshot;
 pub mod watchdog;

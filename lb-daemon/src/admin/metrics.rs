@@ -6,6 +6,7 @@
 //! | `lb_backend_connections_total` | counter: connections (TCP) or sessions (UDP) opened, and flows started on XDP | service, backend |
 //! | `lb_backend_active_connections` | gauge: open now | service, backend |
 //! | `lb_backend_connect_failures_total` | counter: failed connect attempts | service, backend |
+//! | `lb_backend_health_checks_unknown_total` | counter: active checks that could not run for want of local ports, descriptors or memory (they leave the backend's state alone) | service, backend |
 //! | `lb_backend_bytes_total` | counter: bytes, `direction` = `to_backend` or `from_backend` (XDP: frames to the backend only) | service, backend, direction |
 //! | `lb_xdp_backend_packets_total` | counter: client packets XDP forwarded to a backend | service, backend |
 //! | `lb_xdp_snat_ports_in_use` | gauge: SNAT ports towards a backend in use or held (XDP `nat`, counted every 10 s or so) | service, backend |
@@ -96,6 +97,7 @@ struct BackendFamilies {
     connections: Family<BackendLabels, Counter>,
     active: Family<BackendLabels, Gauge>,
     failures: Family<BackendLabels, Counter>,
+    checks_unknown: Family<BackendLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
     up: Family<BackendLabels, Gauge>,
     weight: Family<BackendLabels, Gauge>,
@@ -121,6 +123,9 @@ impl BackendFamilies {
             self.connections.get_or_create(&l).inc_by(b.total);
             self.active.get_or_create(&l).set(clamp(b.active));
             self.failures.get_or_create(&l).inc_by(b.connect_failures);
+            self.checks_unknown
+                .get_or_create(&l)
+                .inc_by(b.checks_unknown);
             self.up.get_or_create(&l).set(i64::from(b.health == "up"));
             self.weight
                 .get_or_create(&l)
@@ -164,6 +169,12 @@ impl BackendFamilies {
             "backend_connect_failures",
             "Failed connect attempts to a backend",
             self.failures,
+        );
+        reg.register(
+            "backend_health_checks_unknown",
+            "Active health checks that could not run for want of this host's ports, \
+             descriptors or memory",
+            self.checks_unknown,
         );
         reg.register_with_unit(
             "backend",

@@ -94,6 +94,9 @@ pub struct BackendStatus {
     pub total: u64,
     /// Failed connect attempts since the daemon started.
     pub connect_failures: u64,
+    /// Active health checks since the daemon started that could not run for want of this
+    /// host's resources (ports, descriptors, memory); they left the backend's state alone.
+    pub checks_unknown: u64,
     /// Bytes from clients to this backend.
     pub bytes_to_backend: u64,
     /// Bytes from this backend to clients.

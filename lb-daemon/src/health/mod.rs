@@ -67,12 +67,22 @@ pub enum CheckError {
     /// Any other I/O error, as the OS describes it.
     #[error("I/O error: {0}")]
     Io(String),
+    /// The check could not run for want of this host's own resources (a local port, a
+    /// descriptor, kernel memory: see [`crate::shortage::is_local_shortage`]); the OS's text.
+    /// Says nothing about the backend, so [`HealthState::record_check`] leaves its state as
+    /// it is and counts the check as unknown.
+    #[error("unknown: this host is short of resources ({0})")]
+    Local(String),
 }
 
 impl From<io::Error> for CheckError {
-    /// Maps `ECONNREFUSED` to [`CheckError::Refused`], `EHOSTUNREACH` and `ENETUNREACH` to
+    /// Maps this host's shortages to [`CheckError::Local`], `ECONNREFUSED` to
+    /// [`CheckError::Refused`], `EHOSTUNREACH` and `ENETUNREACH` to
     /// [`CheckError::Unreachable`], anything else to [`CheckError::Io`] with the OS's text.
     fn from(error: io::Error) -> Self {
+        if crate::shortage::is_local_shortage(&error) {
+            return CheckError::Local(error.to_string());
+        }
         match error.kind() {
             io::ErrorKind::ConnectionRefused => return CheckError::Refused,
             io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
@@ -166,6 +176,8 @@ pub struct HealthState {
     last_failure: Option<String>,
     /// Why the latest Up -> Down transition happened.
     down_reason: Option<String>,
+    /// Active checks that could not run for want of local resources ([`CheckError::Local`]).
+    unknown_checks: u64,
 }
 
 impl HealthState {
@@ -185,6 +197,7 @@ impl HealthState {
             on_trial: false,
             last_failure: None,
             down_reason: None,
+            unknown_checks: 0,
         }
     }
 
@@ -203,7 +216,8 @@ impl HealthState {
 
     /// Records the result of an active check finished at `now`. Returns the transition it
     /// causes, if any: Up -> Down on the `fall`-th consecutive failure, Down -> Up on the
-    /// `rise`-th consecutive success.
+    /// `rise`-th consecutive success. A [`CheckError::Local`] result is unknown: it neither
+    /// breaks nor extends a streak, only counts in [`unknown_checks`](Self::unknown_checks).
     pub fn record_check(
         &mut self,
         result: Result<(), CheckError>,
@@ -223,6 +237,10 @@ impl HealthState {
                 } else {
                     None
                 }
+            }
+            Err(CheckError::Local(_)) => {
+                self.unknown_checks = self.unknown_checks.saturating_add(1);
+                None
             }
             Err(error) => self.failure(&error.to_string(), now),
         };
@@ -315,6 +333,11 @@ impl HealthState {
     /// The result of the latest active check, `None` before the first one.
     pub fn last_check(&self) -> Option<&Result<(), CheckError>> {
         self.last_check.as_ref()
+    }
+
+    /// Active checks that could not run for want of this host's resources, since creation.
+    pub fn unknown_checks(&self) -> u64 {
+        self.unknown_checks
     }
 
     /// When the current state began: the last transition, or creation.
@@ -414,11 +437,29 @@ pub async fn monitor(
     let period = check.interval.max(Duration::from_millis(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A shortage lasts many checks: said once when it starts and once when it ends.
+    let mut short = false;
     loop {
         ticker.tick().await;
         let result = self::check(target, &check.kind, check.timeout).await;
-        if let Err(error) = &result {
-            tracing::debug!(backend = %target, %error, "health check failed");
+        match &result {
+            Err(error @ CheckError::Local(_)) => {
+                if !short {
+                    tracing::warn!(
+                        backend = %target,
+                        "health check {error}; the backend keeps its state until checks can run"
+                    );
+                }
+                short = true;
+            }
+            other => {
+                if std::mem::take(&mut short) {
+                    tracing::info!(backend = %target, "health checks run again");
+                }
+                if let Err(error) = other {
+                    tracing::debug!(backend = %target, %error, "health check failed");
+                }
+            }
         }
         let transition = {
             // A panic elsewhere while holding the lock leaves counters that are still
@@ -718,6 +759,38 @@ mod tests {
         assert!(
             active.retry_due(at(t0, 3600)).is_none(),
             "with active checks only they bring a backend back"
+        );
+    }
+
+    #[test]
+    fn a_local_shortage_is_unknown_and_leaves_state_and_streaks_alone() {
+        let t0 = Instant::now();
+        let short = || {
+            Err(CheckError::Local(
+                "Address already in use (os error 98)".into(),
+            ))
+        };
+        let mut s = HealthState::new(2, 2, t0);
+        for i in 1..=10 {
+            assert!(s.record_check(short(), at(t0, i)).is_none());
+        }
+        assert_eq!(s.health(), Health::Up, "a shortage took a backend down");
+        assert_eq!(s.unknown_checks(), 10);
+        // A failure streak goes on across unknown checks, and is not reset by them.
+        s.record_check(Err(CheckError::Refused), at(t0, 11));
+        s.record_check(short(), at(t0, 12));
+        let down = s
+            .record_check(Err(CheckError::Refused), at(t0, 13))
+            .expect("the second real failure");
+        assert_eq!(down.to, Health::Down);
+        // Nor do they bring a Down backend up.
+        for i in 14..20 {
+            assert!(s.record_check(short(), at(t0, i)).is_none());
+        }
+        assert_eq!(s.health(), Health::Down);
+        assert_eq!(
+            CheckError::from(io::Error::from_raw_os_error(libc::EMFILE)),
+            CheckError::Local(io::Error::from_raw_os_error(libc::EMFILE).to_string())
         );
     }
 

@@ -165,6 +165,7 @@ fn backend_status(
         active: s.active(),
         total: s.total.load(Ordering::Relaxed),
         connect_failures: s.connect_failures.load(Ordering::Relaxed),
+        checks_unknown: h.unknown_checks(),
         bytes_to_backend: s.bytes_to_backend.load(Ordering::Relaxed),
         bytes_from_backend: s.bytes_from_backend.load(Ordering::Relaxed),
         last_check: match (kind, h.last_check()) {

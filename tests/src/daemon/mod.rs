@@ -101,7 +101,18 @@ impl Daemon {
         let binary = daemon_binary().map_err(DaemonError::Binary)?;
         let file = write_config(config_toml)?;
         let path = file.to_path_buf();
-        let mut d = Self::launch(&binary, &path, Some(file), env)?;
+        let mut d = Self::launch(&binary, &path, Some(file), env, None)?;
+        d.wait_ready(READY_TIMEOUT)?;
+        Ok(d)
+    }
+
+    /// Like [`try_start`](Self::try_start), with the daemon's open file limit (soft and hard,
+    /// so the daemon cannot raise it) set to `nofile` descriptors.
+    pub fn try_start_with_nofile(config_toml: &str, nofile: u64) -> Result<Daemon, DaemonError> {
+        let binary = daemon_binary().map_err(DaemonError::Binary)?;
+        let file = write_config(config_toml)?;
+        let path = file.to_path_buf();
+        let mut d = Self::launch(&binary, &path, Some(file), &[], Some(nofile))?;
         d.wait_ready(READY_TIMEOUT)?;
         Ok(d)
     }
@@ -113,7 +124,7 @@ impl Daemon {
         config: &Path,
         ready_timeout: Duration,
     ) -> Result<Daemon, DaemonError> {
-        let mut d = Self::launch(binary, config, None, &[])?;
+        let mut d = Self::launch(binary, config, None, &[], None)?;
         d.wait_ready(ready_timeout)?;
         Ok(d)
     }
@@ -123,8 +134,25 @@ impl Daemon {
         config: &Path,
         file: Option<tempfile::TempPath>,
         env: &[(&str, &str)],
+        nofile: Option<u64>,
     ) -> Result<Daemon, DaemonError> {
-        let mut child = command(binary, "run", config)
+        let mut cmd = command(binary, "run", config);
+        if let Some(n) = nofile {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

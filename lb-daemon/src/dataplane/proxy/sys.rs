@@ -160,22 +160,12 @@ pub(super) fn peer_gone(fd: BorrowedFd<'_>) -> bool {
     n > 0 && entry.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
 }
 
-/// Whether a connect error is this host's own (no ports, memory, buffers or descriptors
-/// left) rather than the backend's answer; such errors must not count against a backend.
+/// Whether a connect error is this host's own rather than the backend's answer: a shortage
+/// ([`crate::shortage::is_local_shortage`]), `EAGAIN` or an operation the proxy cancelled
+/// (`ECANCELED`); such errors must not count against a backend.
 pub(super) fn is_local_error(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(
-            libc::EADDRNOTAVAIL
-                | libc::EADDRINUSE
-                | libc::EAGAIN
-                | libc::ENOBUFS
-                | libc::ENOMEM
-                | libc::EMFILE
-                | libc::ENFILE
-                | libc::ECANCELED
-        )
-    )
+    crate::shortage::is_local_shortage(err)
+        || matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::ECANCELED))
 }
 
 /// Sets a socket's receive and send buffers to `bytes` each, beyond `net.core.rmem_max`
