@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
 pub mod health;
+pub mod host_addrs;
 pub mod maglev;
 pub mod placement;
 pub mod privileges;

@@ -333,6 +333,89 @@ address = "127.0.0.1:19001"
         field: Some("service[0].health.path"),
     },
     Case {
+        what: "a duration of 10^12 seconds (would overflow the timers' clock arithmetic)",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+idle_timeout = "1000000000000s"   # <-
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("service[0].idle_timeout"),
+    },
+    Case {
+        what: "a health check interval over a year",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[service.health]
+interval = "400d"   # <-
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("service[0].health.interval"),
+    },
+    Case {
+        what: "a backend that is the service's own listen address",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+[[service.backend]]
+address = "127.0.0.1:18080"   # <-
+"#,
+        field: Some("service[0].backend[1].address"),
+    },
+    Case {
+        what: "a backend on loopback at the port of a wildcard listen of a later service",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:18443"   # <-
+[[service]]
+name = "tls"
+listen = "0.0.0.0:18443"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19002"
+"#,
+        field: Some("service[0].backend[0].address"),
+    },
+    Case {
+        what: "a service name with a space",
+        toml: r#"
+[[service]]
+name = "web site"   # <-
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("service[0].name"),
+    },
+    Case {
+        what: "a service name of 65 characters",
+        toml: r#"
+[[service]]
+name = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"   # <-
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("service[0].name"),
+    },
+    Case {
         what: "no service at all",
         toml: r#"[global]   # <-
 workers = 1

@@ -1,24 +1,60 @@
 //! A service's `[[service.backend]]` list: addresses (`ip:port` or `name:port`), unique
 //! within the service, and weights.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
 use toml::Spanned;
 
 use super::raw::RawBackend;
 use super::validate::Validator;
-use super::{Backend, ConfigError, DnsBackend, MAX_WEIGHT};
+use super::{Backend, ConfigError, DnsBackend, Protocol, MAX_WEIGHT};
+use crate::host_addrs;
+
+/// Every service's listen address, to refuse a backend that is one of them: its flows would
+/// come back into the balancer, which would connect to itself until descriptors run out.
+pub(super) struct OwnListens {
+    listens: HashMap<(SocketAddr, Protocol), String>,
+    /// This host's addresses, read only when a listen address is a wildcard.
+    local: BTreeSet<IpAddr>,
+}
+
+impl OwnListens {
+    /// From the services' (listen address, protocol) -> name.
+    pub(super) fn new(listens: HashMap<(SocketAddr, Protocol), String>) -> Self {
+        let local = if listens.keys().any(|(l, _)| l.ip().is_unspecified()) {
+            // Unreadable: loopback and wildcard backends are still caught.
+            host_addrs::local_addresses().unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
+        OwnListens { listens, local }
+    }
+
+    /// The service whose listener a `protocol` connect to `backend` would reach, if any.
+    fn reached_by(&self, backend: SocketAddr, protocol: Protocol) -> Option<&str> {
+        self.listens.iter().find_map(|((listen, p), name)| {
+            (*p == protocol && host_addrs::reaches_listener(backend, *listen, &self.local))
+                .then_some(name.as_str())
+        })
+    }
+}
 
 impl Validator<'_> {
     /// Service `i`'s backends in file order, split into those given as `ip:port` and those
     /// given as `name:port`. Each backend's address is checked, then its uniqueness, then
     /// its weight, before the next backend.
+    ///
+    /// Returns `Err` (`service[i].backend[j].address`) for an address that is not `ip:port`
+    /// or `name:port`, a duplicate, or one of the config's own listen addresses (`own`) for
+    /// the same `protocol`.
     pub(super) fn backends(
         &self,
         i: usize,
         raw: Vec<Spanned<RawBackend>>,
+        protocol: Protocol,
+        own: &OwnListens,
     ) -> Result<(Vec<Backend>, Vec<DnsBackend>), ConfigError> {
         let mut backends = Vec::with_capacity(raw.len());
         let mut discovered = Vec::new();
@@ -44,6 +80,18 @@ impl Validator<'_> {
                     format!("service[{i}].backend[{j}].address"),
                     format!("duplicate backend {key} (also backend[{first}])"),
                 ));
+            }
+            if let Ok(a) = &address {
+                if let Some(service) = own.reached_by(*a, protocol) {
+                    return Err(self.invalid(
+                        addr_span,
+                        format!("service[{i}].backend[{j}].address"),
+                        format!(
+                            "backend {a} is the listen address of service `{service}` on this \
+                             host: its flows would come back into the balancer"
+                        ),
+                    ));
+                }
             }
             let weight = self.weight(i, j, b.weight)?;
             match address {

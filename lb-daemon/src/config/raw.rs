@@ -156,7 +156,11 @@ fn ip<E: serde::de::Error>(s: &str) -> Result<IpAddr, E> {
         .map_err(|_| E::custom(format!("`{s}` is not an IP address")))
 }
 
-/// Durations are written in human units: "5s", "250ms", "1m 30s".
+/// The longest duration any key takes: a year. Longer ones are mistakes, and would overflow
+/// the clock arithmetic (`Instant + d`) of the timers that use them.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Durations are written in human units: "5s", "250ms", "1m 30s"; at most [`MAX_DURATION`].
 pub(super) fn de_duration<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Spanned<Duration>>, D::Error> {
@@ -168,6 +172,12 @@ pub(super) fn de_duration<'de, D: Deserializer<'de>>(
             s.get_ref()
         ))
     })?;
+    if value > MAX_DURATION {
+        return Err(serde::de::Error::custom(format!(
+            "`{}` is longer than the longest duration lb takes, a year (\"365d\")",
+            s.get_ref()
+        )));
+    }
     Ok(Some(Spanned::new(span, value)))
 }
 

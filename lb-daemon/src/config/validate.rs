@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::backends::OwnListens;
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawGlobal, RawService, RawXdp};
 use super::{
     is_prime, locate, Admin, Config, ConfigError, DataplaneKind, Global, Protocol, ProxyProtocol,
@@ -20,6 +21,9 @@ use super::{
 
 /// Checks a [`RawConfig`] against the rules and builds the [`Config`]; knows the text only
 /// to turn spans into lines.
+/// The longest service name, in bytes (ASCII characters).
+const MAX_NAME_LEN: usize = 64;
+
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
     pub(super) path: &'a Path,
@@ -77,12 +81,20 @@ impl Validator<'_> {
         let global = self.global(raw.global)?;
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut listens: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
-        let mut services = Vec::with_capacity(raw.service.len());
-        for (i, svc) in raw.service.into_iter().enumerate() {
-            let svc_span = svc.span();
-            let svc = svc.into_inner();
-            let (name, listen) = self.identity(i, &svc, &mut names, &mut listens)?;
-            services.push(self.service(i, svc_span, name, listen, svc)?);
+        let raws: Vec<(Range<usize>, RawService)> = raw
+            .service
+            .into_iter()
+            .map(|s| (s.span(), s.into_inner()))
+            .collect();
+        // Every listen address first: a backend may not be any of them.
+        let mut ids = Vec::with_capacity(raws.len());
+        for (i, (_, svc)) in raws.iter().enumerate() {
+            ids.push(self.identity(i, svc, &mut names, &mut listens)?);
+        }
+        let own = OwnListens::new(listens);
+        let mut services = Vec::with_capacity(raws.len());
+        for (i, ((svc_span, svc), (name, listen))) in raws.into_iter().zip(ids).enumerate() {
+            services.push(self.service(i, svc_span, name, listen, svc, &own)?);
         }
         let admin = self.admin(raw.admin)?;
         Ok(Config {
@@ -145,8 +157,25 @@ impl Validator<'_> {
     ) -> Result<(String, SocketAddr), ConfigError> {
         let name_span = svc.name.span();
         let name = svc.name.get_ref().clone();
-        if name.trim().is_empty() {
-            return Err(self.invalid(name_span, format!("service[{i}].name"), "is empty".into()));
+        if name.is_empty() || name.len() > MAX_NAME_LEN {
+            return Err(self.invalid(
+                name_span,
+                format!("service[{i}].name"),
+                format!("must be 1 to {MAX_NAME_LEN} characters long"),
+            ));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        {
+            return Err(self.invalid(
+                name_span,
+                format!("service[{i}].name"),
+                format!(
+                    "`{name}` has {c:?}; a name is letters, digits, `_`, `.` and `-` (it is \
+                     a metrics label and a URL path segment)"
+                ),
+            ));
         }
         if let Some(first) = names.insert(name.clone(), i) {
             return Err(self.invalid(
@@ -176,6 +205,7 @@ impl Validator<'_> {
         name: String,
         listen: SocketAddr,
         svc: RawService,
+        own: &OwnListens,
     ) -> Result<Service, ConfigError> {
         let f = |k: &str| format!("service[{i}].{k}");
         // Checked after the backend count, but copied out before the fields move.
@@ -204,7 +234,7 @@ impl Validator<'_> {
             },
             raw_xdp,
         )?;
-        let (backends, discovered) = self.backends(i, svc.backend)?;
+        let (backends, discovered) = self.backends(i, svc.backend, svc.protocol, own)?;
         self.some_weight(i, &svc_span, &name, &backends, &discovered)?;
         self.table_holds(i, table_size, table_size_span, backends.len())?;
         let health = self.health(i, svc.protocol, svc.health)?;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -355,16 +355,35 @@ impl ServiceRuntime {
             r.abort();
         }
         let Some(rt) = st.runtime.clone() else { return };
+        let listen = st.config.listen;
+        let local = if listen.ip().is_unspecified() && !st.config.discovered.is_empty() {
+            crate::host_addrs::local_addresses().unwrap_or_default()
+        } else {
+            Default::default()
+        };
         for d in &st.config.discovered {
             let weak = self.this.clone();
             let label = d.to_string();
+            let service = self.name.clone();
+            let local = local.clone();
+            let warned = AtomicBool::new(false);
             // The resolver holds the service weakly and ends once it is gone.
-            let on_answer = move |addresses: &[SocketAddr]| match weak.upgrade() {
-                Some(s) => {
-                    s.set_discovered(&label, addresses);
-                    ControlFlow::Continue(())
+            let on_answer = move |addresses: &[SocketAddr]| {
+                let Some(s) = weak.upgrade() else {
+                    return ControlFlow::Break(());
+                };
+                // An answer naming the service's own address would make it connect to itself.
+                let (looped, kept): (Vec<SocketAddr>, Vec<SocketAddr>) = addresses
+                    .iter()
+                    .partition(|a| crate::host_addrs::reaches_listener(**a, listen, &local));
+                if !looped.is_empty() && !warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "service {service}: {label} resolves to {looped:?}, the service's own \
+                         listen address; ignoring it"
+                    );
                 }
-                None => ControlFlow::Break(()),
+                s.set_discovered(&label, &kept);
+                ControlFlow::Continue(())
             };
             st.resolvers.push(
                 rt.spawn(discovery::follow(

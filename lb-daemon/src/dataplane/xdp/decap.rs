@@ -316,20 +316,10 @@ impl LocalAddrs {
     }
 }
 
-/// Every IPv4 and IPv6 address of the network namespace (`getifaddrs`, all interfaces): the
-/// tunnels the host may terminate. A backend's address is often not on the interface the
-/// tunnels arrive on (a VLAN or bond on top of it, a dummy device or `lo` holding a service
-/// address), and a tunnel for any local address is this host's to open.
+/// Every IPv4 and IPv6 address of the network namespace: the tunnels the host may terminate.
+/// A backend's address is often not on the interface the tunnels arrive on (a VLAN or bond
+/// on top of it, a dummy device or `lo` holding a service address), and a tunnel for any
+/// local address is this host's to open.
 fn local_addresses() -> Result<BTreeSet<IpAddr>, String> {
-    let all = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
-    Ok(all
-        .filter_map(|a| {
-            let addr = a.address?;
-            if let Some(v4) = addr.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect())
+    crate::host_addrs::local_addresses()
 }
