@@ -7,6 +7,7 @@ mod bpf_object;
 mod build_ebpf;
 mod demo;
 mod fuzz_xdp;
+mod package;
 mod soak;
 mod test;
 mod util;
@@ -36,8 +37,8 @@ enum Task {
     },
     /// Run everything CI runs (`.ci/run`).
     ///
-    /// Installs missing packages, then build-ebpf, fmt, clippy, builds the daemon and runs
-    /// `cargo test --workspace`. Arguments after `--` go to `cargo test` (a filter,
+    /// Installs missing packages, then build-ebpf, fmt, clippy, builds the daemon and the
+    /// Debian package (for the test that installs it) and runs `cargo test --workspace`. Arguments after `--` go to `cargo test` (a filter,
     /// `-- --nocapture`).
     Test {
         /// Passed to `cargo test --workspace` as they are.
@@ -83,6 +84,11 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
     },
+    /// Build the Debian package target/package/lb_<version>_<arch>.deb (lb-daemon, the BPF
+    /// object, the systemd unit, /etc/lb/lb.toml); print its path.
+    ///
+    /// Install it with `apt install ./target/package/lb_*.deb`.
+    Package,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +104,10 @@ fn main() -> ExitCode {
         Task::Bench { quick, paths } => bench::run(quick, paths.as_deref()),
         Task::FuzzXdp { frames, seed } => fuzz_xdp::run(frames, seed),
         Task::Soak { minutes } => soak::run(minutes),
+        Task::Package => package::run().map(|deb| {
+            println!("{}", deb.display());
+            ExitCode::SUCCESS
+        }),
     };
     match result {
         Ok(code) => code,

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    build_ebpf,
+    build_ebpf, package,
     util::{self, say},
 };
 
@@ -65,6 +65,14 @@ pub fn run(cargo_test_args: &[String]) -> Result<ExitCode> {
             failed.push(name);
         }
     }
+    // tests/tests/package.rs installs it; without it that test fails (and says why).
+    let deb = match util::step("package", package::run) {
+        Ok(deb) => Some(deb),
+        Err(_) => {
+            failed.push("package");
+            None
+        }
+    };
     if failed.contains(&"build lb-daemon") {
         say("skipping cargo test: lb-daemon did not build");
     } else {
@@ -72,6 +80,10 @@ pub fn run(cargo_test_args: &[String]) -> Result<ExitCode> {
         test.args(cargo_test_args)
             .env("LB_DAEMON_BIN", &daemon)
             .env("LB_EBPF_OBJ", &object);
+        if let Some(deb) = &deb {
+            test.env("LB_DEB", deb);
+            say(format!("LB_DEB={}", deb.display()));
+        }
         say(format!("LB_DAEMON_BIN={}", daemon.display()));
         say(format!("LB_EBPF_OBJ={}", object.display()));
         if !check("cargo test", test) {
