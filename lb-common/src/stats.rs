@@ -39,7 +39,9 @@ pub enum Stat {
     /// route lookup found no route to forward by (none at all, or a local destination). The
     /// kernel then resolves the neighbour and forwards, delivers, or drops the packet itself.
     FibPass = 8,
-    /// Dropped: the service has no eligible backend (empty table or unused backend id).
+    /// Dropped: the service has no eligible backend (empty table or unused backend id), for a
+    /// UDP datagram or a TCP segment that cannot be turned into a RST; a TCP segment is
+    /// otherwise answered and counted in [`Stat::RefusedNoBackend`].
     DropNoBackend = 9,
     /// Dropped: every SNAT port probed for a new NAT flow was in use or held (UDP, or a SYN
     /// that could not be turned into a RST; a TCP SYN is otherwise answered and counted in
@@ -125,10 +127,14 @@ pub enum Stat {
     /// 1191, RFC 8201). At most `TOO_BIG_PER_SECOND` answers a second per CPU; the rest are
     /// [`Stat::DropMtu`].
     TooBigSent = 33,
+    /// Answered with a RST: a TCP segment (a SYN, or a DSR segment without a conntrack entry)
+    /// of a service with no eligible backend, or one that stopped taking new flows (the daemon
+    /// drains on SIGTERM), so the client fails at once instead of retrying a dropped SYN.
+    RefusedNoBackend = 34,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 34;
+pub const STATS_LEN: u32 = 35;
 
 impl Stat {
     /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
@@ -167,6 +173,7 @@ impl Stat {
         Stat::DropIpv6ExtHeaders,
         Stat::DropTtlExpired,
         Stat::TooBigSent,
+        Stat::RefusedNoBackend,
     ];
 
     /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
@@ -207,6 +214,7 @@ impl Stat {
             Stat::DropIpv6ExtHeaders => "drop_ipv6_ext_headers",
             Stat::DropTtlExpired => "drop_ttl_expired",
             Stat::TooBigSent => "too_big_sent",
+            Stat::RefusedNoBackend => "refused_no_backend",
         }
     }
 

@@ -52,7 +52,8 @@ const PASSIVE_QUEUE: usize = 4096;
 ///
 /// Start-up is a reload from an empty config: the proxy starts with no service, then each
 /// service is placed as [`crate::placement::Planes::place`] decides (the choice and its
-/// reason are logged). On exit the XDP programs are detached (their flows end with them).
+/// reason are logged). On the eBPF plane the drain stops new flows (empty tables: a SYN gets
+/// a RST) and waits for the open ones as the proxy does; then the programs are detached.
 ///
 /// Returns `Err(DaemonError::Start)` when a service cannot start (a `dataplane = "xdp"`
 /// service XDP cannot carry, a listen address in use), `Err(DaemonError::Proxy)` when the
@@ -82,21 +83,48 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
     let result = rt
         .block_on(serve(&control, passive_rx, workers, &mut signals))
         .and_then(|died| died.map_or(Ok(()), |d| Err(DaemonError::ThreadDied(d))));
-    if let Some(x) = control.take_xdp() {
-        x.shutdown();
+    let xdp = control.take_xdp();
+    if let Some(x) = &xdp {
+        let stopped = x.stop_new_flows();
+        info!(
+            "eBPF: {stopped} service(s) take no new flows (a SYN is answered with a RST); the \
+             flows they carry go on until they end or for {}",
+            humantime::format_duration(control.config().global.drain_timeout)
+        );
     }
-    if let Some(proxy) = control.take_proxy() {
-        let drain_timeout = control.config().global.drain_timeout;
-        match rt.block_on(drain(proxy, drain_timeout, &mut signals)) {
-            (cut, Some(why)) => warn!(
-                "drain cut short by a second {why}: closed {cut} connections and sessions that \
-                 were still open"
-            ),
-            (0, None) => {}
-            (cut, None) => warn!(
-                "drain timeout reached: closed {cut} connections and sessions that were still open"
-            ),
+    let drain_timeout = control.config().global.drain_timeout;
+    let drained = rt.block_on(drain(
+        control.take_proxy(),
+        xdp.as_ref(),
+        drain_timeout,
+        &mut signals,
+    ));
+    match drained.proxy_cut {
+        0 => {}
+        cut if drained.early.is_some() => warn!(
+            "drain cut short by a second {}: closed {cut} connections and sessions that were \
+             still open",
+            drained.early.unwrap_or("signal")
+        ),
+        cut => warn!(
+            "drain timeout reached: closed {cut} connections and sessions that were still open"
+        ),
+    }
+    if let Some(x) = xdp {
+        match drained.ebpf {
+            EbpfDrain::Done => info!("eBPF: every flow ended"),
+            EbpfDrain::Left(open) => {
+                let open = open.map_or("an unknown number of".to_string(), |n| n.to_string());
+                match drained.early {
+                    Some(why) => warn!(
+                        "drain cut short by a second {why}: {open} eBPF flow(s) still open are \
+                         cut"
+                    ),
+                    None => warn!("drain timeout reached: {open} eBPF flow(s) still open are cut"),
+                }
+            }
         }
+        x.shutdown();
     }
     info!("stopped");
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -236,33 +264,88 @@ enum Received {
     Reload,
 }
 
-/// Shuts `proxy` down with a drain of up to `timeout`, cutting it short at a second SIGTERM or
-/// SIGINT. Returns how many connections and sessions were cut off, and the signal that cut the
-/// drain short, if one did.
+/// How a drain ended, for [`run`]'s log.
+struct Drained {
+    /// Connections and sessions the proxy cut off.
+    proxy_cut: u64,
+    /// How the eBPF plane's flows fared.
+    ebpf: EbpfDrain,
+    /// The signal that cut the drain short, if one did.
+    early: Option<&'static str>,
+}
+
+/// How the eBPF plane's flows fared in a drain.
+enum EbpfDrain {
+    /// None was left open (or there was no eBPF plane).
+    Done,
+    /// The drain ended with flows open: the last count, if there was one.
+    Left(Option<u64>),
+}
+
+/// Drains both planes for up to `timeout`: `proxy` shuts down, letting its connections finish;
+/// the flows still open on `xdp` (which [`XdpPlane::stop_new_flows`] already stopped) are
+/// counted until none is left. A second SIGTERM or SIGINT cuts both short.
+///
+/// [`XdpPlane::stop_new_flows`]: crate::dataplane::xdp::XdpPlane::stop_new_flows
 async fn drain(
-    proxy: Proxy,
+    proxy: Option<Proxy>,
+    xdp: Option<&crate::dataplane::xdp::XdpPlane>,
     timeout: Duration,
     signals: &mut Signals,
-) -> (u64, Option<&'static str>) {
-    let cut_short = proxy.drain_cut();
-    let mut shutdown = tokio::task::spawn_blocking(move || proxy.shutdown(timeout));
-    let mut early = None;
-    loop {
+) -> Drained {
+    let cut_short = proxy.as_ref().map(Proxy::drain_cut);
+    let mut shutdown = proxy.map(|p| tokio::task::spawn_blocking(move || p.shutdown(timeout)));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut drained = Drained {
+        proxy_cut: 0,
+        ebpf: if xdp.is_some() {
+            EbpfDrain::Left(None)
+        } else {
+            EbpfDrain::Done
+        },
+        early: None,
+    };
+    // The open flows are counted once a second; a look four times as often ends the wait soon
+    // after the count reaches zero.
+    let mut look = tokio::time::interval(Duration::from_millis(250));
+    let mut ebpf_waiting = xdp.is_some();
+    while shutdown.is_some() || ebpf_waiting {
         tokio::select! {
-            done = &mut shutdown => {
-                let cut = done.unwrap_or_else(|e| {
+            done = async {
+                match shutdown.as_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                shutdown = None;
+                drained.proxy_cut = done.unwrap_or_else(|e| {
                     error!("the proxy's shutdown failed: {e}");
                     0
                 });
-                return (cut, early);
             }
-            why = signals.stop(), if early.is_none() => {
+            _ = look.tick(), if ebpf_waiting => {
+                let left = xdp.and_then(|x| x.open_flows_left());
+                if left == Some(0) {
+                    drained.ebpf = EbpfDrain::Done;
+                    ebpf_waiting = false;
+                } else {
+                    if let EbpfDrain::Left(last) = &mut drained.ebpf {
+                        *last = left.or(*last);
+                    }
+                    ebpf_waiting = tokio::time::Instant::now() < deadline;
+                }
+            }
+            why = signals.stop(), if drained.early.is_none() => {
                 info!("{why} during the drain: closing what is still open");
-                cut_short.now();
-                early = Some(why);
+                if let Some(c) = &cut_short {
+                    c.now();
+                }
+                drained.early = Some(why);
+                ebpf_waiting = false;
             }
         }
     }
+    drained
 }
 
 /// The environment variable that picks the proxy's splice mode: `syscall` (the default) or

@@ -109,7 +109,11 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     if service.mode == MODE_NAT && parse::hop_limit(ctx, p) <= 1 {
         return Err(Stat::DropTtlExpired);
     }
-    let mut placed = conntrack::place(&p.key, p.tcp_flags, service_id, service)?;
+    let mut placed = match conntrack::place(&p.key, p.tcp_flags, service_id, service) {
+        Ok(placed) => placed,
+        Err(Stat::DropNoBackend) if tcp => return refuse(ctx, p, Stat::RefusedNoBackend),
+        Err(stat) => return Err(stat),
+    };
     if placed.fresh {
         // Before the SNAT port is taken: a refused flow must hold nothing.
         match limits::admit(&p.key, service_id) {

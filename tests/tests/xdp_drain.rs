@@ -164,3 +164,79 @@ fn drain_mid_load(path: Path) {
         after - before
     );
 }
+
+#[test]
+fn nat_sigterm_resets_new_flows_and_lets_an_open_upload_finish() {
+    if lb_tests::require_root("xdp_drain::nat_sigterm_resets_new_flows") {
+        stop_mid_upload(Mode::Nat.into());
+    }
+}
+
+#[test]
+fn tc_nat_sigterm_resets_new_flows_and_lets_an_open_upload_finish() {
+    if lb_tests::require_root("xdp_drain::tc_nat_sigterm_resets_new_flows") {
+        stop_mid_upload(Path::tc(Mode::Nat));
+    }
+}
+
+#[test]
+fn tc_dsr_sigterm_resets_new_flows_and_lets_an_open_upload_finish() {
+    if lb_tests::require_root("xdp_drain::tc_dsr_sigterm_resets_new_flows") {
+        stop_mid_upload(Path::tc(Mode::Dsr));
+    }
+}
+
+/// SIGTERM while an upload runs through the eBPF plane: a new connection is refused with a
+/// RST at once, the upload goes on and arrives byte-complete, and the daemon then exits 0
+/// before its `drain_timeout` (5 s) ends, saying every flow ended.
+fn stop_mid_upload(path: Path) {
+    let mut world = World::start(path, 3, 3);
+    let mut long = world
+        .client(|| -> Result<Upload, lb_tests::client::ClientError> {
+            let mut u = Upload::start(Topology::vip(BULK), 31)?;
+            u.send(BEFORE)?;
+            Ok(u)
+        })
+        .unwrap_or_else(|e| panic!("{path:?}: the long upload could not start: {e}"));
+    let mark = world.daemon.log_mark();
+    world
+        .daemon
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .expect("signal the daemon");
+    world
+        .daemon
+        .wait_for_log_after(mark, "take no new flows", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{path:?}: the daemon did not stop taking new flows: {e}"));
+    let refused = world.client(|| {
+        std::net::TcpStream::connect_timeout(&Topology::vip(WEB), Duration::from_secs(2))
+    });
+    match refused {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => {
+            panic!("{path:?}: a new connection after SIGTERM must be reset at once, got {other:?}")
+        }
+    }
+    long.send(AFTER)
+        .unwrap_or_else(|e| panic!("{path:?}: the upload broke after SIGTERM: {e}"));
+    let receipt = long
+        .finish()
+        .unwrap_or_else(|e| panic!("{path:?}: the upload failed after SIGTERM: {e}"));
+    assert_eq!(
+        receipt,
+        Receipt::of_stream(BEFORE + AFTER, 31),
+        "{path:?}: the upload open at SIGTERM arrived damaged or cut"
+    );
+    let status = world
+        .daemon
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{path:?}: the daemon did not exit after its flows ended"));
+    assert!(
+        status.success(),
+        "{path:?}: the daemon exited with {status}"
+    );
+    let logs = world.daemon.logs()[mark..].join("\n");
+    assert!(
+        logs.contains("eBPF: every flow ended"),
+        "{path:?}: the drain did not see the flows end before its timeout:\n{logs}"
+    );
+}

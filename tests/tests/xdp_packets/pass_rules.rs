@@ -360,6 +360,7 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
     lab.service(4, vip, 84, IPPROTO_TCP, MODE_NAT, &[2]);
     lab.service(5, vip, 85, IPPROTO_TCP, MODE_NAT, &[3]);
     lab.service(6, vip, 86, IPPROTO_TCP, MODE_DSR, &[0]);
+    lab.service(7, vip, 87, IPPROTO_UDP, MODE_NAT, &[]);
     let syn = |sport: u16, dport: u16, payload: &[u8]| {
         Packet::tcp(client, sport, vip, dport, TCP_SYN)
             .payload(payload)
@@ -376,11 +377,25 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
         );
         out
     };
-    check(
+    let out = check(
         &syn(1000, 81, b""),
+        XDP_TX,
+        Stat::RefusedNoBackend,
+        "a SYN to a service with an empty table",
+    );
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST | TCP_ACK,
+        "a SYN to a service without a backend is answered with a RST+ACK, so the client fails \
+         at once"
+    );
+    check(
+        &Packet::udp(client, 40000, vip, 87)
+            .payload(b"x")
+            .frame(VC_MAC, CLIENT_MAC),
         XDP_DROP,
         Stat::DropNoBackend,
-        "a SYN to a service with an empty table",
+        "a datagram to a UDP service with an empty table",
     );
     check(
         &syn(1001, 82, b""),

@@ -209,6 +209,7 @@ impl XdpPlane {
             open_flows: None,
             snat_in_use: None,
             counters_read: None,
+            stopping: false,
         }));
         let sync = sync::SyncThread::start(Arc::clone(&state), walk);
         Ok(XdpPlane {
@@ -513,6 +514,41 @@ impl XdpPlane {
         CountersReader {
             state: Arc::clone(&self.state),
         }
+    }
+
+    /// The first step of a drain on the way out (SIGTERM): every service's table is emptied
+    /// and stays empty, so the program answers a new TCP flow with a RST and drops a new UDP
+    /// one, while the flows conntrack already carries go on to their backends. Open flows
+    /// are counted from now on every [`sync::STOPPING_EVERY`] (see
+    /// [`open_flows_left`](Self::open_flows_left)). Returns the number of services stopped.
+    pub fn stop_new_flows(&self) -> usize {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        st.stopping = true;
+        st.open_flows = None;
+        let mut running = std::mem::take(&mut st.running);
+        for r in &mut running {
+            if let Err(e) = st.maps.empty_table(&mut r.slot) {
+                error!(
+                    "service {}: cannot empty its XDP table: {e}; it takes new flows until the \
+                     daemon exits",
+                    r.service.snapshot.load().name
+                );
+            }
+        }
+        let stopped = running.len();
+        st.running = running;
+        stopped
+    }
+
+    /// After [`stop_new_flows`](Self::stop_new_flows): the flows still open on the eBPF plane
+    /// (conntrack entries not closed by a FIN or RST and seen within their idle timeout, see
+    /// `open_flows.rs`), or `None` until the first count since the stop.
+    pub fn open_flows_left(&self) -> Option<u64> {
+        let mut st = lock(&self.state);
+        // The sync thread counts while someone reads.
+        st.counters_read = Some(Instant::now());
+        st.open_flows.as_ref().map(|open| open.values().sum())
     }
 
     /// Stops republishing, logs the final counters and detaches the programs from every

@@ -54,7 +54,12 @@ impl WalkPacing {
     /// A walk took `took`: the next is due [`EVERY`] from now, or later for a long walk, so
     /// that walking takes at most 1/20 of the sync thread's time.
     pub fn walked(&mut self, took: Duration) {
-        self.next = Instant::now() + EVERY.max(took * SHARE);
+        self.walked_within(took, EVERY);
+    }
+
+    /// Like [`walked`](Self::walked), with the next walk due `every` from now at the soonest.
+    pub fn walked_within(&mut self, took: Duration, every: Duration) {
+        self.next = Instant::now() + every.max(took * SHARE);
     }
 }
 

@@ -54,7 +54,13 @@ pub struct State {
     /// When the counters were last read (`/status`, `/metrics`): open flows are counted only while
     /// someone looks.
     pub counters_read: Option<Instant>,
+    /// The daemon is stopping: every table is empty and stays so (nothing is republished);
+    /// open flows are counted every [`STOPPING_EVERY`] for the drain.
+    pub stopping: bool,
 }
+
+/// How often open flows are counted while the daemon drains on its way out.
+pub const STOPPING_EVERY: Duration = Duration::from_secs(1);
 
 /// A service on XDP.
 pub struct Running {
@@ -167,8 +173,11 @@ impl State {
         }
     }
 
-    /// Republishes every running service whose snapshot changed.
+    /// Republishes every running service whose snapshot changed; nothing once stopping.
     fn republish_all(&mut self) {
+        if self.stopping {
+            return;
+        }
         let mut running = std::mem::take(&mut self.running);
         for r in &mut running {
             self.republish_if_changed(&r.service, &mut r.slot);
@@ -454,7 +463,7 @@ impl SyncThread {
                     limits.report(|| st.maps.stats());
                     let view = limits.due().then(|| st.sweep_view());
                     let idle = (!st.running.is_empty() && open_flow_walks.due(st.counters_read))
-                        .then(|| st.idle_by_backend());
+                        .then(|| (st.idle_by_backend(), st.stopping));
                     let nat = snat.due().then(|| st.snat_services());
                     (st.take_drained(Instant::now()), view, idle, nat)
                 };
@@ -465,10 +474,14 @@ impl SyncThread {
                 if let Some(view) = view {
                     limits.sweep(&mut walk, &view);
                 }
-                if let (Some(idle), Some(now)) = (idle, super::open_flows::now_s()) {
+                if let (Some((idle, stopping)), Some(now)) = (idle, super::open_flows::now_s()) {
                     let started = Instant::now();
                     let open = super::open_flows::count(&walk.conntrack_entries().0, &idle, now);
-                    open_flow_walks.walked(started.elapsed());
+                    if stopping {
+                        open_flow_walks.walked_within(started.elapsed(), STOPPING_EVERY);
+                    } else {
+                        open_flow_walks.walked(started.elapsed());
+                    }
                     lock(&state).open_flows = Some(open);
                 }
                 if let (Some(nat), Some(now)) = (nat, super::open_flows::now_s()) {
