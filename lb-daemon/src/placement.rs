@@ -446,9 +446,11 @@ impl Planes {
                 Ok(carried) => Ok((carried, Some(why))),
                 // Native XDP did not attach (or lb_xdp did not load): the attach left
                 // nothing behind, so tc may take the same interfaces.
-                Err(e @ (XdpPlaneError::Loader(_) | XdpPlaneError::Load(_)))
-                    if hook != HookRequest::Tc =>
-                {
+                Err(
+                    e @ (XdpPlaneError::Loader(_)
+                    | XdpPlaneError::Load(_)
+                    | XdpPlaneError::CannotForward { .. }),
+                ) if hook != HookRequest::Tc => {
                     let why = AutoHook::NoNativeXdp(native_failure(&e));
                     x.add(handle, &with(HookRequest::Tc))
                         .map(|carried| (carried, Some(why)))
@@ -610,6 +612,7 @@ fn native_failure(e: &XdpPlaneError) -> String {
         XdpPlaneError::Loader(LoadError::NativeOnly { interface, native }) => {
             format!("native XDP did not attach to {interface} ({native})")
         }
+        e @ XdpPlaneError::CannotForward { .. } => e.to_string(),
         other => format!("XDP is not possible: {other}"),
     }
 }

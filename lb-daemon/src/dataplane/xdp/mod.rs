@@ -26,6 +26,7 @@ pub mod maps;
 pub mod open_flows;
 pub mod snat;
 mod sync;
+pub mod xdp_features;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -130,6 +131,21 @@ pub enum XdpPlaneError {
         has: AttachMode,
         /// The hook this service needs: `XDP` or `tc`.
         wants: &'static str,
+    },
+    /// Native XDP attached to `interface` for `auto`, but the driver does not say it can
+    /// forward (`xdp-features` lacks `basic`, `redirect` or `ndo-xmit`, or the kernel has no
+    /// `xdp-features` to ask: before Linux 6.3): frames redirected there could vanish, so the
+    /// program was detached again.
+    #[error(
+        "native XDP on {interface} cannot be proven to forward ({why}); set dataplane = \"xdp\" \
+         to use it anyway"
+    )]
+    CannotForward {
+        /// The interface.
+        interface: String,
+        /// What its driver reports: `basic, redirect, no ndo-xmit`, or that the kernel
+        /// cannot tell.
+        why: String,
     },
     /// No BPF object was found, the object has no `lb_tc`, a program was refused by the
     /// kernel, or a program could not be attached to an interface.
@@ -344,6 +360,18 @@ impl XdpPlane {
                     self.detach_made(made);
                     return Err(e);
                 }
+            }
+        }
+        if hook
+            == (HookRequest::Xdp {
+                allow_generic: false,
+            })
+        {
+            // `auto`: some drivers only offer `ndo-xmit` once a program is attached
+            // (virtio_net), so the proof comes after the attach.
+            if let Err(e) = prove_forwarding(wanted) {
+                self.detach_made(made);
+                return Err(e);
             }
         }
         for (name, mode) in &interfaces {
@@ -668,6 +696,31 @@ where
         .map_err(|e: aya::programs::ProgramError| XdpPlaneError::Load(e.to_string()))
 }
 
+/// `Ok` when every one of `interfaces` reports the `xdp-features` native XDP forwarding
+/// needs (see `xdp_features.rs`); else `Err(XdpPlaneError::CannotForward)` naming the first
+/// that does not, or cannot be asked.
+fn prove_forwarding(interfaces: &[String]) -> Result<(), XdpPlaneError> {
+    for name in interfaces {
+        let cannot = |why: String| XdpPlaneError::CannotForward {
+            interface: name.clone(),
+            why,
+        };
+        let ifindex =
+            loader::if_index(name).ok_or_else(|| XdpPlaneError::NoInterface(name.clone()))?;
+        match xdp_features::of(ifindex) {
+            Ok(Some(f)) if f.forwards() => {}
+            Ok(Some(f)) => return Err(cannot(format!("its driver reports {f}"))),
+            Ok(None) => {
+                return Err(cannot(
+                    "this kernel reports no xdp-features (Linux 6.3 or newer does)".into(),
+                ))
+            }
+            Err(e) => return Err(cannot(format!("xdp-features cannot be read: {e}"))),
+        }
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -675,6 +728,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_cannot_prove_forwarding_on_a_device_without_xdp_features() {
+        // The loopback device reports none; on a kernel before 6.3 nothing can be proven.
+        let e = prove_forwarding(&["lo".into()]).expect_err("lo does not forward XDP");
+        let text = e.to_string();
+        assert!(
+            matches!(&e, XdpPlaneError::CannotForward { interface, .. } if interface == "lo"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no ndo-xmit") || text.contains("no xdp-features"),
+            "the reason names what is missing: {text}"
+        );
+    }
 
     #[test]
     fn an_interface_carries_one_hook() {
