@@ -19,6 +19,8 @@ const SYSTEM_COMMANDS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     // HTTP checks against the daemon's admin endpoint and the demo backends.
     ("curl", "curl"),
+    // The Debian package's postinst creates the `lb` user with it (tests/tests/package.rs).
+    ("adduser", "adduser"),
 ];
 
 /// Runs every step; `cargo_test_args` are appended to `cargo test --workspace`.
@@ -149,7 +151,11 @@ fn ensure_system_packages() -> Result<()> {
         .filter(|(command, _)| util::on_path(command).is_none())
         .collect();
     if missing.is_empty() {
-        say("all present: ip (iproute2), curl");
+        let all: Vec<String> = SYSTEM_COMMANDS
+            .iter()
+            .map(|(command, package)| format!("{command} ({package})"))
+            .collect();
+        say(format!("all present: {}", all.join(", ")));
         return Ok(());
     }
     let packages: Vec<&str> = missing.iter().map(|(_, package)| *package).collect();
