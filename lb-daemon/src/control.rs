@@ -75,6 +75,15 @@ impl Control {
         lock(&self.config).clone()
     }
 
+    /// The admin API's bearer token in the config in force, if it sets one.
+    pub fn admin_token(&self) -> Option<String> {
+        lock(&self.config)
+            .admin
+            .token
+            .as_ref()
+            .map(|t| t.secret.clone())
+    }
+
     /// Replaces the config in force (after a reload applied it).
     pub(crate) fn set_config(&self, config: Config) {
         *lock(&self.config) = config;

@@ -101,6 +101,9 @@ struct AdminArg {
     /// The admin API: host:port ([admin] listen) or the path of its unix socket.
     #[arg(long, env = "LB_ADMIN", default_value = "127.0.0.1:9100")]
     admin: String,
+    /// A file holding the API's bearer token ([admin] token_file), when it requires one.
+    #[arg(long, env = "LB_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 /// Exit status for a config that cannot be used, as `nginx -t` and HAProxy `-c` do.
@@ -112,24 +115,24 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
-        Command::Status { admin, json } => status(&admin.admin, json),
+        Command::Status { admin, json } => status(&admin, json),
         Command::Drain {
             admin,
             service,
             backend,
-        } => drain(&admin.admin, &service, &backend),
+        } => drain(&admin, &service, &backend),
         Command::Enable {
             admin,
             service,
             backend,
-        } => enable(&admin.admin, &service, &backend),
+        } => enable(&admin, &service, &backend),
         Command::Weight {
             admin,
             service,
             backend,
             weight,
-        } => set_weight(&admin.admin, &service, &backend, weight),
-        Command::Reload { admin } => reload(&admin.admin),
+        } => set_weight(&admin, &service, &backend, weight),
+        Command::Reload { admin } => reload(&admin),
         Command::Decap {
             iface,
             hook,
@@ -178,7 +181,7 @@ fn check(config: &Path) -> ExitCode {
 }
 
 /// `status`: `/status` as a table, or its JSON as is with `json` (or when it does not parse).
-fn status(admin: &str, json: bool) -> ExitCode {
+fn status(admin: &AdminArg, json: bool) -> ExitCode {
     admin_call(admin, Method::GET, "/status".into(), None, |body| {
         if json {
             body.to_string()
@@ -192,7 +195,7 @@ fn status(admin: &str, json: bool) -> ExitCode {
 }
 
 /// `drain`: no new flows to `backend` of `service`.
-fn drain(admin: &str, service: &str, backend: &str) -> ExitCode {
+fn drain(admin: &AdminArg, service: &str, backend: &str) -> ExitCode {
     admin_call(
         admin,
         Method::POST,
@@ -203,7 +206,7 @@ fn drain(admin: &str, service: &str, backend: &str) -> ExitCode {
 }
 
 /// `enable`: ends a drain of `backend` of `service`.
-fn enable(admin: &str, service: &str, backend: &str) -> ExitCode {
+fn enable(admin: &AdminArg, service: &str, backend: &str) -> ExitCode {
     admin_call(
         admin,
         Method::POST,
@@ -214,7 +217,7 @@ fn enable(admin: &str, service: &str, backend: &str) -> ExitCode {
 }
 
 /// `weight`: sets the weight of `backend` of `service`.
-fn set_weight(admin: &str, service: &str, backend: &str, weight: u32) -> ExitCode {
+fn set_weight(admin: &AdminArg, service: &str, backend: &str, weight: u32) -> ExitCode {
     admin_call(
         admin,
         Method::POST,
@@ -225,7 +228,7 @@ fn set_weight(admin: &str, service: &str, backend: &str, weight: u32) -> ExitCod
 }
 
 /// `reload`: prints what the reload applied (the body itself when it has no `applied`).
-fn reload(admin: &str) -> ExitCode {
+fn reload(admin: &AdminArg) -> ExitCode {
     admin_call(admin, Method::POST, "/reload".into(), None, |body| {
         let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
         format!(
@@ -268,7 +271,7 @@ fn backend_path(service: &str, backend: &str, action: &str) -> String {
 /// Sends one admin request and prints `show(body)` on success, the daemon's reason on a
 /// refusal (exit 1), or why the API could not be reached (exit 3).
 fn admin_call(
-    target: &str,
+    admin: &AdminArg,
     method: Method,
     path: String,
     body: Option<String>,
@@ -284,8 +287,22 @@ fn admin_call(
             return ExitCode::FAILURE;
         }
     };
+    let token = match &admin.token_file {
+        None => None,
+        Some(file) => match std::fs::read_to_string(file) {
+            Ok(text) => Some(text.trim().to_string()),
+            Err(e) => {
+                eprintln!("cannot read the admin token from {}: {e}", file.display());
+                return ExitCode::from(EXIT_UNREACHABLE);
+            }
+        },
+    };
     let reply = rt.block_on(lb_daemon::admin::client::request(
-        target, method, &path, body,
+        &admin.admin,
+        method,
+        &path,
+        body,
+        token.as_deref(),
     ));
     match reply {
         Ok(r) if r.ok() => {

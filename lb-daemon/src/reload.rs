@@ -81,7 +81,7 @@ pub fn plan(
             "global.workers changed; the number of proxy workers is fixed until restart".into(),
         );
     }
-    if running.admin != new.admin {
+    if running.admin.fixed_part() != new.admin.fixed_part() {
         return refuse("the [admin] addresses changed; they are fixed until restart".into());
     }
     let mut plan = Plan::default();
@@ -598,7 +598,7 @@ address = "127.0.0.1:9001"
             .err()
             .is_some_and(|w| w.to_string().contains("workers")));
         let mut new = old.clone();
-        new.admin.listen = "127.0.0.1:9999".parse().expect("literal");
+        new.admin.listen = Some("127.0.0.1:9999".parse().expect("literal"));
         assert!(plan(&old, &new, &running(&old))
             .err()
             .is_some_and(|w| w.to_string().contains("admin")));

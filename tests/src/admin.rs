@@ -38,7 +38,7 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> AdminR
     let _ = s.set_read_timeout(Some(ADMIN_TIMEOUT));
     let _ = s.set_write_timeout(Some(ADMIN_TIMEOUT));
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: lb-admin\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes())

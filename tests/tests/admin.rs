@@ -161,3 +161,220 @@ fn the_api_answers_on_its_unix_socket_too() {
         "status over the unix socket: {v}"
     );
 }
+
+/// Sends `head` (request line and headers, without the blank line) and `body` to the admin
+/// API at `api`; returns the answer's status code.
+fn raw_status(api: std::net::SocketAddr, head: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&api, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("cannot reach the admin API at {api}: {e}"));
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send the request");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in the answer: {text:?}"))
+}
+
+fn one_service_daemon(admin: &[(&str, &str)]) -> (Daemon, HttpNameServer, std::net::SocketAddr) {
+    let a = HttpNameServer::start("alpha").expect("backend starts");
+    let vip = free_addr();
+    let mut config = DaemonConfig::new();
+    for (k, v) in admin {
+        config = config.admin(k, *v);
+    }
+    let daemon = Daemon::start(
+        &config
+            .service(
+                ServiceConfig::tcp("web", vip)
+                    .health("kind", "none")
+                    .backend(a.addr(), 1),
+            )
+            .to_toml(),
+    );
+    (daemon, a, vip)
+}
+
+#[test]
+fn cross_site_and_rebound_requests_are_forbidden() {
+    let (daemon, _a, _vip) = one_service_daemon(&[]);
+    let api = daemon.admin_addr();
+    let host = format!("Host: {api}");
+    // The CSRF a web page can send: a "simple" cross-origin POST.
+    let csrf = format!(
+        "POST /reload HTTP/1.1\r\n{host}\r\nOrigin: http://attacker.example\r\nContent-Type: \
+         text/plain"
+    );
+    assert_eq!(
+        raw_status(api, &csrf, "x"),
+        403,
+        "a cross-site POST /reload"
+    );
+    let drain = format!(
+        "POST /services/web/backends/{}/drain HTTP/1.1\r\n{host}\r\nOrigin: \
+         http://attacker.example\r\nContent-Type: application/json",
+        _a.addr()
+    );
+    assert_eq!(raw_status(api, &drain, ""), 403, "a cross-site drain");
+    let plain = format!("POST /reload HTTP/1.1\r\n{host}\r\nContent-Type: text/plain");
+    assert_eq!(raw_status(api, &plain, "x"), 415, "a POST that is not JSON");
+    let rebound = "GET /status HTTP/1.1\r\nHost: attacker.example:9100";
+    assert_eq!(
+        raw_status(api, rebound, ""),
+        403,
+        "DNS rebinding: another Host"
+    );
+    let own = format!(
+        "GET /status HTTP/1.1\r\n{host}\r\nOrigin: http://{api}\r\nContent-Type: application/json"
+    );
+    assert_eq!(raw_status(api, &own, ""), 200, "the API's own origin");
+    let reload = "POST /reload HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json";
+    assert_eq!(
+        raw_status(api, reload, ""),
+        200,
+        "a local JSON POST /reload"
+    );
+}
+
+#[test]
+fn a_socket_only_admin_listens_on_no_tcp_port() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("admin.sock");
+    let (daemon, a, vip) =
+        one_service_daemon(&[("listen", ""), ("socket", &socket.display().to_string())]);
+    assert!(
+        !daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains("admin API listening on http://")),
+        "listen = \"\" still opened a TCP listener:\n{}",
+        daemon.logs().join("\n")
+    );
+    // Every TCP socket the daemon listens on is the service's.
+    let ports = listening_tcp_ports(daemon.pid());
+    assert_eq!(
+        ports,
+        vec![vip.port()],
+        "the daemon listens on TCP ports {ports:?}; only the service's {} was expected",
+        vip.port()
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&socket)
+            .expect("the socket exists")
+            .permissions(),
+    ) & 0o777;
+    assert_eq!(mode, 0o660, "the admin socket's mode is {mode:o}");
+    let out = cli(&socket.display().to_string(), &["status", "--json"]);
+    assert_eq!(out.code, Some(0), "status over the socket: {out:?}");
+    assert!(out.stdout.contains(&a.addr().to_string()), "{out:?}");
+}
+
+/// The TCP ports process `pid` listens on, sorted (from its descriptors and /proc/net/tcp*).
+fn listening_tcp_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's descriptors")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_string)
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state 0A = LISTEN, inode.
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(port) = f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+#[test]
+fn with_a_token_file_every_request_needs_the_token() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").expect("write the token");
+    let (daemon, _a, _vip) = one_service_daemon(&[("token_file", &token.display().to_string())]);
+    let api = daemon.admin_addr();
+    let get = format!("GET /status HTTP/1.1\r\nHost: {api}");
+    assert_eq!(raw_status(api, &get, ""), 401, "no token");
+    let wrong = format!("{get}\r\nAuthorization: Bearer s3cret-tokeN");
+    assert_eq!(raw_status(api, &wrong, ""), 401, "a wrong token");
+    let right = format!("{get}\r\nAuthorization: Bearer s3cret-token");
+    assert_eq!(raw_status(api, &right, ""), 200, "the token");
+    let out = cli(&api.to_string(), &["status"]);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "the CLI without the token is refused: {out:?}"
+    );
+    let out = cli(
+        &api.to_string(),
+        &["status", "--token-file", &token.display().to_string()],
+    );
+    assert_eq!(out.code, Some(0), "the CLI with --token-file: {out:?}");
+}
+
+#[test]
+fn idle_connections_are_capped_and_timed_out() {
+    use std::io::Read;
+    let (daemon, _a, _vip) = one_service_daemon(&[]);
+    let api = daemon.admin_addr();
+    // Connected, and never a byte: more than the 64 the API serves at once.
+    let idle: Vec<std::net::TcpStream> = (0..70)
+        .map(|_| {
+            std::net::TcpStream::connect_timeout(&api, Duration::from_secs(5))
+                .expect("connect to the admin API")
+        })
+        .collect();
+    let closed = |s: &std::net::TcpStream, within: Duration| {
+        let _ = s.set_read_timeout(Some(within));
+        let mut reader = s;
+        let mut b = [0u8; 64];
+        match reader.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    };
+    let over = idle
+        .iter()
+        .filter(|s| closed(s, Duration::from_millis(300)))
+        .count();
+    assert!(
+        over >= 6,
+        "{over} of 70 idle connections were closed at once; the API serves at most 64"
+    );
+    // The header timeout (10 s) closes the others.
+    std::thread::sleep(Duration::from_secs(11));
+    let left = idle
+        .iter()
+        .filter(|s| !closed(s, Duration::from_secs(3)))
+        .count();
+    assert_eq!(
+        left, 0,
+        "{left} idle connections outlived the header timeout"
+    );
+    assert_eq!(admin::status(api)["services"][0]["name"], "web");
+}

@@ -416,6 +416,34 @@ address = "127.0.0.1:19001"
         field: Some("service[0].name"),
     },
     Case {
+        what: "an admin API on a non-loopback address without a token",
+        toml: r#"
+[admin]
+listen = "0.0.0.0:9100"   # <-
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("admin.listen"),
+    },
+    Case {
+        what: "an admin API with neither a TCP address nor a socket",
+        toml: r#"
+[admin]
+listen = ""   # <-
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("admin.listen"),
+    },
+    Case {
         what: "no service at all",
         toml: r#"[global]   # <-
 workers = 1

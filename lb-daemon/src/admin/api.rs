@@ -10,10 +10,11 @@
 //! | `POST /reload` | re-reads the config file; 200 with what changed, 422 with why it was refused |
 //!
 //! Errors are JSON `{"error": "..."}` with 404 (no such service or backend), 400 (bad
-//! address or weight) or 409 (a backend that is being removed).
+//! address or weight) or 409 (a backend that is being removed); before its route a request
+//! may get 403, 401 or 415 from [`super::guard`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -21,7 +22,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Admin;
 use crate::control::Control;
@@ -66,55 +67,84 @@ pub fn router(control: Arc<Control>) -> Router {
         .with_state(control)
 }
 
+/// [`router`] behind the checks of [`super::guard`], for the listener `tcp` (the bound TCP
+/// address, `None` for the unix socket).
+pub fn guarded(control: Arc<Control>, tcp: Option<SocketAddr>) -> Router {
+    let guard = super::guard::Guard {
+        tcp,
+        control: Arc::clone(&control),
+    };
+    router(control).layer(axum::middleware::from_fn_with_state(
+        guard,
+        super::guard::check,
+    ))
+}
+
 /// Binds the admin addresses and serves the API on the current tokio runtime until the
 /// returned tasks are aborted. Returns the bound TCP address (the real port when the config
-/// says 0) and the server tasks.
+/// says 0; `None` with `listen = ""`) and the server tasks.
 ///
-/// Returns `Err(ApiError)` when an address cannot be bound. A stale unix socket file left by
-/// an earlier run is replaced.
+/// The unix socket is created mode 0660 and given `[admin] group` when set; a stale socket
+/// file left by an earlier run is replaced.
+///
+/// Returns `Err(ApiError::Listen)` when the TCP address cannot be bound,
+/// `Err(ApiError::Socket)` when the socket cannot be created, chmod-ed or chown-ed.
 pub async fn serve(
     control: Arc<Control>,
     admin: &Admin,
-) -> Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>), ApiError> {
-    let listener = tokio::net::TcpListener::bind(admin.listen)
-        .await
-        .map_err(|source| ApiError::Listen {
-            addr: admin.listen,
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| ApiError::Listen {
-        addr: admin.listen,
-        source,
-    })?;
-    let app = router(control);
+) -> Result<(Option<SocketAddr>, Vec<tokio::task::JoinHandle<()>>), ApiError> {
     let mut tasks = Vec::new();
-    let tcp_app = app.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, tcp_app).await {
-            warn!("admin API on {bound} stopped: {e}");
-        }
-    }));
-    info!("admin API listening on http://{bound}");
-    if let Some(path) = &admin.socket {
-        let socket_err = |source| ApiError::Socket {
-            path: path.clone(),
+    let mut bound = None;
+    if let Some(listen) = admin.listen {
+        let listen_err = |source| ApiError::Listen {
+            addr: listen,
             source,
         };
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(socket_err(e)),
-        }
-        let unix = tokio::net::UnixListener::bind(path).map_err(socket_err)?;
-        let shown = path.display().to_string();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(unix, app).await {
-                warn!("admin API on {shown} stopped: {e}");
-            }
-        }));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(listen_err)?;
+        let addr = listener.local_addr().map_err(listen_err)?;
+        let app = guarded(Arc::clone(&control), Some(addr));
+        tasks.push(tokio::spawn(super::serve::tcp(
+            listener,
+            app,
+            addr.to_string(),
+        )));
+        info!("admin API listening on http://{addr}");
+        bound = Some(addr);
+    }
+    if let Some(path) = &admin.socket {
+        let unix = bind_socket(path, admin.group.as_ref().map(|g| g.gid))?;
+        let app = guarded(control, None);
+        tasks.push(tokio::spawn(super::serve::unix(
+            unix,
+            app,
+            path.display().to_string(),
+        )));
         info!("admin API listening on unix socket {}", path.display());
     }
     Ok((bound, tasks))
+}
+
+/// The unix socket at `path`, mode 0660, group `gid` when given; replaces a stale file.
+fn bind_socket(path: &FsPath, gid: Option<u32>) -> Result<tokio::net::UnixListener, ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let socket_err = |source| ApiError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(socket_err(e)),
+    }
+    let unix = tokio::net::UnixListener::bind(path).map_err(socket_err)?;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| socket_err(e.into()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(socket_err)?;
+    Ok(unix)
 }
 
 /// Runs `f` on tokio's blocking pool: reading the counters takes std mutexes (the XDP

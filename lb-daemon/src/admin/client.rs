@@ -64,7 +64,8 @@ impl Reply {
 }
 
 /// Sends one request to the admin API at `target` (`host:port`, or the path of the unix
-/// socket when it starts with `/`) and reads the whole answer.
+/// socket when it starts with `/`) and reads the whole answer. `token`: the bearer token
+/// when the API requires one (`[admin] token_file`).
 ///
 /// Returns `Err(ClientError::Connect)` when nothing answers at `target`,
 /// `Err(ClientError::Http)` when the exchange breaks off, `Err(ClientError::Timeout)` after
@@ -74,10 +75,14 @@ pub async fn request(
     method: Method,
     path: &str,
     body: Option<String>,
+    token: Option<&str>,
 ) -> Result<Reply, ClientError> {
-    tokio::time::timeout(REQUEST_TIMEOUT, request_now(target, method, path, body))
-        .await
-        .map_err(|_| ClientError::Timeout(target.to_string()))?
+    tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        request_now(target, method, path, body, token),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(target.to_string()))?
 }
 
 async fn request_now(
@@ -85,6 +90,7 @@ async fn request_now(
     method: Method,
     path: &str,
     body: Option<String>,
+    token: Option<&str>,
 ) -> Result<Reply, ClientError> {
     let connect_err = |source| ClientError::Connect {
         target: target.to_string(),
@@ -94,12 +100,21 @@ async fn request_now(
         target: target.to_string(),
         source,
     };
-    let req = Request::builder()
+    // The API checks that Host names it (see `guard.rs`); over the socket it is not checked.
+    let host = if target.starts_with('/') {
+        "localhost"
+    } else {
+        target
+    };
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, "lb-admin")
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(token) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
     let (status, bytes) = if target.starts_with('/') {
         let stream = tokio::net::UnixStream::connect(PathBuf::from(target))
             .await

@@ -63,14 +63,58 @@ pub struct Global {
     pub bpf_object: Option<PathBuf>,
 }
 
-/// The admin API's addresses (`[admin]`): status, metrics, drain/enable/weight, reload.
+/// The admin API (`[admin]`): status, metrics, drain/enable/weight, reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
-    /// TCP address of the HTTP admin API; default `127.0.0.1:9100`. Port 0 picks a free
-    /// port (the daemon logs it).
-    pub listen: SocketAddr,
-    /// A unix socket path to serve the same API on, too (access is the file's permissions).
+    /// TCP address of the HTTP admin API; default `127.0.0.1:9100`, `None` when the config
+    /// says `listen = ""` (the unix socket only). Port 0 picks a free port (the daemon logs
+    /// it).
+    pub listen: Option<SocketAddr>,
+    /// A unix socket path to serve the same API on (created mode 0660: access is the file's
+    /// owner and group).
     pub socket: Option<PathBuf>,
+    /// The group the socket is given (`group`), so its members may use the API.
+    pub group: Option<AdminGroup>,
+    /// The bearer token every request must carry (`token_file`'s contents, trimmed); required
+    /// when `listen` is not a loopback address.
+    pub token: Option<AdminToken>,
+}
+
+/// `[admin] group`: a group name and the id it had when the config was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminGroup {
+    /// As written.
+    pub name: String,
+    /// Its id (`getgrnam`).
+    pub gid: u32,
+}
+
+/// `[admin] token_file`: where the token was read from, and the token. Its `Debug` shows the
+/// file, never the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    /// The file, as written.
+    pub file: PathBuf,
+    /// Its contents, trimmed; not empty.
+    pub secret: String,
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "AdminToken {{ file: {:?}, secret: <hidden> }}",
+            self.file
+        )
+    }
+}
+
+impl Admin {
+    /// The parts that need a restart to change: the addresses and the socket's group (the
+    /// token is taken from each reload).
+    pub fn fixed_part(&self) -> (Option<SocketAddr>, Option<&PathBuf>, Option<&AdminGroup>) {
+        (self.listen, self.socket.as_ref(), self.group.as_ref())
+    }
 }
 
 /// The admin API's default address: loopback only, like HAProxy's stats socket.
@@ -82,8 +126,10 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddr
 impl Default for Admin {
     fn default() -> Self {
         Admin {
-            listen: DEFAULT_ADMIN_LISTEN,
+            listen: Some(DEFAULT_ADMIN_LISTEN),
             socket: None,
+            group: None,
+            token: None,
         }
     }
 }

@@ -34,8 +34,11 @@ pub(super) struct RawGlobal {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
-    pub(super) listen: Option<SocketAddr>,
+    /// An address, or "" for none.
+    pub(super) listen: Option<Spanned<String>>,
     pub(super) socket: Option<Spanned<PathBuf>>,
+    pub(super) group: Option<Spanned<String>>,
+    pub(super) token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]

@@ -15,8 +15,9 @@ use toml::Spanned;
 use super::backends::OwnListens;
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawGlobal, RawService, RawXdp};
 use super::{
-    is_prime, locate, Admin, Config, ConfigError, DataplaneKind, Global, Protocol, ProxyProtocol,
-    SchedulerKind, Service, DEFAULT_ADMIN_LISTEN, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, MAX_WORKERS,
+    is_prime, locate, Admin, AdminGroup, AdminToken, Config, ConfigError, DataplaneKind, Global,
+    Protocol, ProxyProtocol, SchedulerKind, Service, DEFAULT_ADMIN_LISTEN, DEFAULT_TABLE_SIZE,
+    MAX_TABLE_SIZE, MAX_WORKERS,
 };
 
 /// Checks a [`RawConfig`] against the rules and builds the [`Config`]; knows the text only
@@ -128,21 +129,112 @@ impl Validator<'_> {
         })
     }
 
-    /// `[admin]`: the default address, and a socket path that must be absolute.
+    /// `[admin]`: `listen` (an address, the default, or "" for none), an absolute `socket`
+    /// path, its `group` (which must exist), and `token_file` (read now; required when
+    /// `listen` is not loopback). At least one of `listen` and `socket`.
     fn admin(&self, raw: RawAdmin) -> Result<Admin, ConfigError> {
-        Ok(Admin {
-            listen: raw.listen.unwrap_or(DEFAULT_ADMIN_LISTEN),
-            socket: match raw.socket {
-                None => None,
-                Some(p) if p.get_ref().is_absolute() => Some(p.into_inner()),
-                Some(p) => {
-                    return Err(self.invalid(
-                        p.span(),
-                        "admin.socket".into(),
-                        format!("`{}` must be an absolute path", p.get_ref().display()),
-                    ))
+        let listen_span = raw.listen.as_ref().map_or(0..0, |l| l.span());
+        let listen = match raw.listen {
+            None => Some(DEFAULT_ADMIN_LISTEN),
+            Some(l) if l.get_ref().trim().is_empty() => None,
+            Some(l) => Some(l.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+                self.invalid(
+                    l.span(),
+                    "admin.listen".into(),
+                    format!(
+                        "`{}` is not an address like \"127.0.0.1:9100\" (or \"\" for the socket \
+                         only)",
+                        l.get_ref()
+                    ),
+                )
+            })?),
+        };
+        let socket = match raw.socket {
+            None => None,
+            Some(p) if p.get_ref().is_absolute() => Some(p.into_inner()),
+            Some(p) => {
+                return Err(self.invalid(
+                    p.span(),
+                    "admin.socket".into(),
+                    format!("`{}` must be an absolute path", p.get_ref().display()),
+                ))
+            }
+        };
+        if listen.is_none() && socket.is_none() {
+            return Err(self.invalid(
+                listen_span,
+                "admin.listen".into(),
+                "is \"\" and there is no `socket`: the admin API needs one of them".into(),
+            ));
+        }
+        let group = match raw.group {
+            None => None,
+            Some(_) if socket.is_none() => {
+                return Err(self.invalid(
+                    listen_span,
+                    "admin.group".into(),
+                    "is the unix socket's group, and there is no `socket`".into(),
+                ))
+            }
+            Some(g) => {
+                let name = g.get_ref().trim().to_string();
+                match nix::unistd::Group::from_name(&name) {
+                    Ok(Some(found)) => Some(AdminGroup {
+                        name,
+                        gid: found.gid.as_raw(),
+                    }),
+                    Ok(None) => {
+                        return Err(self.invalid(
+                            g.span(),
+                            "admin.group".into(),
+                            format!("there is no group `{name}` on this host"),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(self.invalid(
+                            g.span(),
+                            "admin.group".into(),
+                            format!("cannot look group `{name}` up: {e}"),
+                        ))
+                    }
                 }
-            },
+            }
+        };
+        let token = match raw.token_file {
+            None => None,
+            Some(f) => {
+                let bad =
+                    |message: String| self.invalid(f.span(), "admin.token_file".into(), message);
+                let text = std::fs::read_to_string(f.get_ref())
+                    .map_err(|e| bad(format!("cannot read `{}`: {e}", f.get_ref().display())))?;
+                let secret = text.trim().to_string();
+                if secret.is_empty() {
+                    return Err(bad(format!("`{}` is empty", f.get_ref().display())));
+                }
+                Some(AdminToken {
+                    file: f.get_ref().clone(),
+                    secret,
+                })
+            }
+        };
+        if let Some(addr) = listen {
+            if !addr.ip().is_loopback() && token.is_none() {
+                return Err(self.invalid(
+                    listen_span,
+                    "admin.listen".into(),
+                    format!(
+                        "{addr} is not a loopback address: anyone who reaches it could drain and \
+                         reload the balancer; set `token_file` (a bearer token) or listen on \
+                         127.0.0.1"
+                    ),
+                ));
+            }
+        }
+        Ok(Admin {
+            listen,
+            socket,
+            group,
+            token,
         })
     }
 
