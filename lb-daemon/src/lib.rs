@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
+pub mod fuzzing;
 pub mod health;
 pub mod host_addrs;
 pub mod maglev;

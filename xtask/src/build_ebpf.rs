@@ -73,7 +73,9 @@ fn toolchains() -> Result<String> {
     )
 }
 
-fn ensure_nightly() -> Result<()> {
+/// Installs rustup's nightly toolchain when it is missing (lb-ebpf and the fuzz targets need
+/// it). `Err` when rustup cannot install it.
+pub fn ensure_nightly() -> Result<()> {
     let has_nightly = |list: &str| list.lines().any(|l| l.starts_with("nightly-"));
     if has_nightly(&toolchains()?) {
         return Ok(());

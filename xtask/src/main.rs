@@ -6,6 +6,7 @@ mod bench;
 mod bpf_object;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod fuzz_xdp;
 mod package;
 mod soak;
@@ -84,6 +85,16 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
     },
+    /// Run the cargo-fuzz targets of fuzz/ (config, admin_request, relay) with libFuzzer, N
+    /// minutes each (installs the nightly and cargo-fuzz when missing).
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Build the Debian package target/package/lb_<version>_<arch>.deb (lb-daemon, the BPF
     /// object, the systemd unit, /etc/lb/lb.toml); print its path.
     ///
@@ -104,6 +115,7 @@ fn main() -> ExitCode {
         Task::Bench { quick, paths } => bench::run(quick, paths.as_deref()),
         Task::FuzzXdp { frames, seed } => fuzz_xdp::run(frames, seed),
         Task::Soak { minutes } => soak::run(minutes),
+        Task::Fuzz { minutes, target } => fuzz::run(minutes, target.as_deref()),
         Task::Package => package::run().map(|deb| {
             println!("{}", deb.display());
             ExitCode::SUCCESS

@@ -210,6 +210,14 @@ async fn enable(
     admin_call(&control, &service, &backend, |s, b| s.enable(b))
 }
 
+/// The weight a `POST .../weight` body asks for: `{"weight": N}`. `Err` says what is wrong
+/// with any other body (the range is checked when the weight is set).
+pub fn weight_of(body: &[u8]) -> Result<u32, String> {
+    serde_json::from_slice::<WeightBody>(body)
+        .map(|w| w.weight)
+        .map_err(|e| format!("the body must be {{\"weight\": N}} with N in 0..=256: {e}"))
+}
+
 /// `POST .../weight` body.
 #[derive(serde::Deserialize)]
 struct WeightBody {
@@ -221,18 +229,11 @@ async fn weight(
     Path((service, backend)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
-    let w: WeightBody = match serde_json::from_slice(&body) {
+    let weight = match weight_of(&body) {
         Ok(w) => w,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body must be {{\"weight\": N}} with N in 0..=256: {e}"),
-            )
-        }
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    admin_call(&control, &service, &backend, |s, b| {
-        s.set_weight(b, w.weight)
-    })
+    admin_call(&control, &service, &backend, |s, b| s.set_weight(b, weight))
 }
 
 fn admin_call(

@@ -28,6 +28,7 @@ mod xdp;
 
 pub use limits::{default_max_flows, open_file_limit, MAX_FLOWS};
 use raw::RawConfig;
+pub use raw::MAX_DURATION;
 use validate::Validator;
 pub use xdp::{Forwarding, XdpSettings, DEFAULT_SNAT_PORT_HOLD, MAX_SNAT_PORT_HOLD};
 

@@ -39,6 +39,27 @@ pub(super) struct XdpContext<'a> {
     pub(super) backends: &'a [Spanned<RawBackend>],
 }
 
+/// The longest token file read, in bytes: a token is a line, and a path like `/dev/zero`
+/// must not make `check` read forever.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The contents of the regular file `path`, at most [`MAX_TOKEN_FILE`] bytes of UTF-8.
+fn read_token(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_TOKEN_FILE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(std::io::Error::other(format!(
+            "longer than {MAX_TOKEN_FILE} bytes"
+        )));
+    }
+    Ok(text)
+}
+
 impl Validator<'_> {
     /// An `Invalid` error at `span` of the text.
     pub(super) fn invalid(
@@ -205,7 +226,7 @@ impl Validator<'_> {
             Some(f) => {
                 let bad =
                     |message: String| self.invalid(f.span(), "admin.token_file".into(), message);
-                let text = std::fs::read_to_string(f.get_ref())
+                let text = read_token(f.get_ref())
                     .map_err(|e| bad(format!("cannot read `{}`: {e}", f.get_ref().display())))?;
                 let secret = text.trim().to_string();
                 if secret.is_empty() {

@@ -48,6 +48,13 @@ mod tcp;
 mod udp;
 mod worker;
 
+/// The relay's state machine against a simulated socket pair scripted by `script` (see
+/// `relay.rs`); panics when it breaks a promise. For the `relay` fuzz target.
+#[doc(hidden)]
+pub fn simulate_relay(script: &[u8]) {
+    relay::simulate(script);
+}
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
