@@ -178,6 +178,7 @@ async fn serve(
 ) -> Result<Option<crate::watchdog::Death>, DaemonError> {
     let set = Arc::clone(control.services());
     let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
+    let trim = tokio::spawn(crate::heap::trim_periodically());
     let (_, api) = crate::admin::api::serve(Arc::clone(control), &control.config().admin).await?;
     // Start-up is over: listeners bound, the eBPF plane attached, the API listening.
     if let Err(e) = crate::privileges::lower(&crate::privileges::needed(&control.config())) {
@@ -214,6 +215,7 @@ async fn serve(
         s.stop();
     }
     passive.abort();
+    trim.abort();
     Ok(died)
 }
 

@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod discovery;
 pub mod fuzzing;
 pub mod health;
+pub mod heap;
 pub mod host_addrs;
 pub mod maglev;
 pub mod placement;
