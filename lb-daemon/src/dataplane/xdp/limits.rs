@@ -168,11 +168,8 @@ fn tracked(walk: &MapWalk, by_vip: &StdHashMap<VipKey, u32>) -> Option<StdHashMa
     let mut tracked = StdHashMap::new();
     // Entries evicted or added while walking may be skipped or seen (twice, after a restart
     // of the walk): the two-sweep rule absorbs that, and a count is never raised.
-    let (entries, complete) = walk.conntrack_entries();
-    if !complete {
-        return None;
-    }
-    for (flow, entry) in entries {
+    let mut entries = walk.conntrack_entries();
+    for (flow, entry) in entries.by_ref() {
         if entry.flags & CT_F_COUNTED == 0 || entry.flags & CT_F_CLOSED != 0 {
             continue;
         }
@@ -191,6 +188,9 @@ fn tracked(walk: &MapWalk, by_vip: &StdHashMap<VipKey, u32>) -> Option<StdHashMa
                 addr: flow.src_addr,
             })
             .or_insert(0) += 1;
+    }
+    if !entries.complete() {
+        return None;
     }
     Some(tracked)
 }

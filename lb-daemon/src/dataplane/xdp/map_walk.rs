@@ -47,19 +47,19 @@ impl MapWalk {
     }
 
     /// The entries of `NAT_REVERSE` (one per SNAT port ever taken and not evicted), walked
-    /// with the bound [`bound`]`(NAT_REVERSE_SIZE)`, and whether the walk reached the end.
-    pub fn nat_entries(&self) -> (Vec<(FlowKey, NatReverse)>, bool) {
-        entries(
+    /// with the bound [`bound`]`(NAT_REVERSE_SIZE)`, one at a time (see [`Entries`]).
+    pub fn nat_entries(&self) -> Entries<'_, FlowKey, NatReverse> {
+        Entries::new(
             &self.nat_reverse,
             contract::NAT_REVERSE,
             bound(contract::NAT_REVERSE_SIZE),
         )
     }
 
-    /// The entries of `CONNTRACK`, walked with the bound [`bound`]`(CONNTRACK_SIZE)`, and
-    /// whether the walk reached the end (see [`keys`]).
-    pub fn conntrack_entries(&self) -> (Vec<(FlowKey, CtEntry)>, bool) {
-        entries(
+    /// The entries of `CONNTRACK`, walked with the bound [`bound`]`(CONNTRACK_SIZE)`, one at a
+    /// time (see [`Entries`]).
+    pub fn conntrack_entries(&self) -> Entries<'_, FlowKey, CtEntry> {
+        Entries::new(
             &self.conntrack,
             contract::CONNTRACK,
             bound(contract::CONNTRACK_SIZE),
@@ -115,12 +115,14 @@ impl MapWalk {
         if ids.is_empty() {
             return Ok(0);
         }
-        let (entries, complete) = self.conntrack_entries();
+        // The keys first, the deletes after: a delete during the walk would restart it.
+        let mut entries = self.conntrack_entries();
         let stale: Vec<FlowKey> = entries
-            .into_iter()
+            .by_ref()
             .filter(|(_, entry)| ids.contains(&entry.backend))
             .map(|(key, _)| key)
             .collect();
+        let complete = entries.complete();
         let mut forgot = 0;
         for key in &stale {
             match self.conntrack.remove(key) {
@@ -180,45 +182,118 @@ pub fn keys<K: aya::Pod, V: aya::Pod>(
     name: &str,
     bound: usize,
 ) -> (Vec<K>, bool) {
-    let mut keys = Vec::new();
-    let mut complete = true;
-    let mut walked = 0usize;
-    for key in map.keys() {
-        walked += 1;
-        if walked > bound {
+    let mut walk = Keys::new(map, name, bound);
+    let keys = walk.by_ref().collect();
+    (keys, walk.complete())
+}
+
+/// The keys of a map, at most a bound of them, yielded as the kernel gives them (the rules of
+/// [`keys`]); [`Keys::complete`] tells, once the iterator is spent, whether the walk reached
+/// the end.
+pub struct Keys<'a, K: aya::Pod> {
+    keys: aya::maps::MapKeys<'a, K>,
+    name: &'a str,
+    bound: usize,
+    walked: usize,
+    complete: bool,
+    done: bool,
+}
+
+impl<'a, K: aya::Pod> Keys<'a, K> {
+    /// A walk of `map` (named `name` in the log) of at most `bound` keys.
+    pub fn new<V: aya::Pod>(map: &'a HashMap<MapData, K, V>, name: &'a str, bound: usize) -> Self {
+        Keys {
+            keys: map.keys(),
+            name,
+            bound,
+            walked: 0,
+            complete: true,
+            done: false,
+        }
+    }
+
+    /// Whether the walk reached the end of the map: `false` when it stopped at its bound or
+    /// on an error (both logged), or has not ended yet.
+    pub fn complete(&self) -> bool {
+        self.done && self.complete
+    }
+}
+
+impl<K: aya::Pod> Iterator for Keys<'_, K> {
+    type Item = K;
+
+    fn next(&mut self) -> Option<K> {
+        if self.done {
+            return None;
+        }
+        let Some(key) = self.keys.next() else {
+            self.done = true;
+            return None;
+        };
+        self.walked += 1;
+        if self.walked > self.bound {
+            let (name, bound) = (self.name, self.bound);
             warn!(
                 "XDP: the walk of {name} stopped after {bound} keys: entries deleted during it \
                  made it start over; the entries not reached wait for the next walk"
             );
-            complete = false;
-            break;
+            self.complete = false;
+            self.done = true;
+            return None;
         }
         match key {
-            Ok(k) => keys.push(k),
-            // The iterator ends after an error.
+            Ok(k) => Some(k),
+            // The kernel's iterator ends after an error.
             Err(e) => {
-                warn!("XDP: the walk of {name} ended early: {e}");
-                complete = false;
-                break;
+                warn!("XDP: the walk of {} ended early: {e}", self.name);
+                self.complete = false;
+                self.done = true;
+                None
             }
         }
     }
-    (keys, complete)
 }
 
-/// The entries of `map` (named `name`), walked as [`keys`] does and looked up one by one (an
-/// entry deleted between the two is skipped), and whether the walk reached the end.
-pub fn entries<K: aya::Pod, V: aya::Pod>(
-    map: &HashMap<MapData, K, V>,
-    name: &str,
-    bound: usize,
-) -> (Vec<(K, V)>, bool) {
-    let (keys, complete) = keys(map, name, bound);
-    let entries = keys
-        .into_iter()
-        .filter_map(|k| map.get(&k, 0).ok().map(|v| (k, v)))
-        .collect();
-    (entries, complete)
+/// The entries of a map, walked as [`Keys`] does and looked up one by one (an entry deleted
+/// between the two is skipped), yielded as they are read: a walk of a full `NAT_REVERSE` or
+/// `CONNTRACK` holds one entry at a time, not the 10 MiB a collected walk took (it made the
+/// daemon's footprint step up as the maps filled, and stay there: the soak run's memory
+/// drift). [`Entries::complete`] tells, once the iterator is spent, whether the walk reached
+/// the end.
+///
+/// Deleting from the map while iterating makes the walk start over (see the module doc):
+/// collect the keys to delete and delete after.
+pub struct Entries<'a, K: aya::Pod, V: aya::Pod> {
+    map: &'a HashMap<MapData, K, V>,
+    keys: Keys<'a, K>,
+}
+
+impl<'a, K: aya::Pod, V: aya::Pod> Entries<'a, K, V> {
+    /// A walk of `map` (named `name` in the log) of at most `bound` keys.
+    pub fn new(map: &'a HashMap<MapData, K, V>, name: &'a str, bound: usize) -> Self {
+        Entries {
+            map,
+            keys: Keys::new(map, name, bound),
+        }
+    }
+
+    /// Whether the walk reached the end of the map (see [`Keys::complete`]).
+    pub fn complete(&self) -> bool {
+        self.keys.complete()
+    }
+}
+
+impl<K: aya::Pod, V: aya::Pod> Iterator for Entries<'_, K, V> {
+    type Item = (K, V);
+
+    fn next(&mut self) -> Option<(K, V)> {
+        for key in self.keys.by_ref() {
+            if let Ok(v) = self.map.get(&key, 0) {
+                return Some((key, v));
+            }
+        }
+        None
+    }
 }
 
 /// The default bound of a walk of a map of `capacity` entries: twice the capacity, enough

@@ -74,7 +74,7 @@ impl Default for WalkPacing {
 /// service's idle timeout in whole seconds, 0 for never). Entries naming other ids are left
 /// out (ids of no running service); an id with no open flow is absent.
 pub fn count(
-    entries: &[(FlowKey, CtEntry)],
+    entries: impl IntoIterator<Item = (FlowKey, CtEntry)>,
     idle_s: &HashMap<u32, u32>,
     now_s: u32,
 ) -> HashMap<u32, u64> {
@@ -138,7 +138,7 @@ mod tests {
             // Not a running service's backend.
             entry(3, 0, now),
         ];
-        let open = count(&entries, &idle, now);
+        let open = count(entries, &idle, now);
         assert_eq!(open.get(&1), Some(&3));
         assert_eq!(open.get(&2), Some(&1));
         assert_eq!(open.get(&3), None);

@@ -101,7 +101,7 @@ pub struct SnatTimes {
 /// program's rule, "SNAT ports" in `lb_common::maps`). Entries of other services are left
 /// out; a backend with no port taken is absent.
 pub fn snat_in_use(
-    entries: &[(FlowKey, NatReverse)],
+    entries: impl IntoIterator<Item = (FlowKey, NatReverse)>,
     services: &HashMap<u32, SnatTimes>,
     now_s: u32,
 ) -> HashMap<(u32, std::net::IpAddr, SocketAddr), u64> {
@@ -229,7 +229,7 @@ mod tests {
             // Another service's port.
             entry(5, 7, nat_state(now, 0)),
         ];
-        let used = snat_in_use(&entries, &services, now);
+        let used = snat_in_use(entries, &services, now);
         let local: std::net::IpAddr = "10.0.2.1".parse().expect("addr");
         assert_eq!(used.get(&(0, local, backend)), Some(&3), "{used:?}");
         assert_eq!(used.len(), 1, "{used:?}");

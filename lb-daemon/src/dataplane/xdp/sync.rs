@@ -407,7 +407,7 @@ impl SnatWatch {
     ) -> std::collections::HashMap<(u32, std::net::IpAddr, SocketAddr), u64> {
         let started = Instant::now();
         let times = services.iter().map(|(id, (t, _, _))| (*id, *t)).collect();
-        let by_address = super::snat::snat_in_use(&walk.nat_entries().0, &times, now);
+        let by_address = super::snat::snat_in_use(walk.nat_entries(), &times, now);
         // The warning is about a backend's whole capacity, every local address together.
         let mut used = std::collections::HashMap::new();
         for (&(id, _, backend), n) in &by_address {
@@ -476,7 +476,7 @@ impl SyncThread {
                 }
                 if let (Some((idle, stopping)), Some(now)) = (idle, super::open_flows::now_s()) {
                     let started = Instant::now();
-                    let open = super::open_flows::count(&walk.conntrack_entries().0, &idle, now);
+                    let open = super::open_flows::count(walk.conntrack_entries(), &idle, now);
                     if stopping {
                         open_flow_walks.walked_within(started.elapsed(), STOPPING_EVERY);
                     } else {
