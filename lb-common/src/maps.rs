@@ -395,6 +395,32 @@ pub const SERVICE_STATS: &str = "SERVICE_STATS";
 /// Map name: per-CPU [`Counters`](crate::Counters) per backend id.
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 
+/// The layout of the maps the daemon pins (`[global] bpf_pin_dir`, see [`PINNED_MAPS`]): a
+/// daemon adopts a pinned set only of its own layout version, and replaces (cuts) any other.
+/// Bump it with any change to a pinned map's type, size, key or value layout, or to what a
+/// field means; the pinned set then lives in another directory (`v{LAYOUT_VERSION}`).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The maps pinned under `bpf_pin_dir/v{LAYOUT_VERSION}/` (one file per map, by name): the
+/// state that must outlive the daemon for flows to outlive it. The per-CPU scratch maps and
+/// the decapsulator's maps (`lb-daemon decap` has its own) are not pinned.
+pub const PINNED_MAPS: [&str; 14] = [
+    VIPS,
+    VIP_ADDRS,
+    SERVICES,
+    BACKENDS,
+    TABLES,
+    CONNTRACK,
+    NAT_REVERSE,
+    DEVMAP,
+    LIMITS,
+    CLIENTS,
+    LOCAL_ADDRS,
+    STATS,
+    SERVICE_STATS,
+    BACKEND_STATS,
+];
+
 /// Number of services (VIPs) the maps hold; service ids are `0..MAX_SERVICES`.
 pub const MAX_SERVICES: u32 = 64;
 /// Number of backends over all services; backend ids are `0..MAX_BACKENDS`.
@@ -494,6 +520,22 @@ pub fn addr_words(addr: IpAddr) -> [u32; 4] {
     }
 }
 
+/// The address `words` hold in [`FlowKey`]'s layout (the inverse of [`addr_words`]), for
+/// `family` [`FAMILY_V4`] or [`FAMILY_V6`]; `None` for another family (an unused entry).
+pub fn words_addr(family: u8, words: &[u32; 4]) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::from(words[0].to_ne_bytes())),
+        FAMILY_V6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(IpAddr::from(o))
+        }
+        _ => None,
+    }
+}
+
 /// [`FAMILY_V4`] or [`FAMILY_V6`] for `addr`.
 pub fn family_of(addr: IpAddr) -> u8 {
     match addr {
@@ -524,6 +566,18 @@ impl Backend {
             family: family_of(addr.ip()),
             flags: 0,
         }
+    }
+
+    /// The backend's address and port; `None` for an unused id (family 0).
+    pub fn address(&self) -> Option<SocketAddr> {
+        words_addr(self.family, &self.addr).map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl VipKey {
+    /// The VIP (address and port) of the key; `None` for a family that is neither.
+    pub fn address(&self) -> Option<SocketAddr> {
+        words_addr(self.family, &self.addr).map(|ip| SocketAddr::new(ip, self.port))
     }
 }
 
@@ -817,6 +871,18 @@ mod tests {
             6,
         );
         assert_eq!((key.port, key.protocol, key.family), (80, 6, FAMILY_V4));
+    }
+
+    #[test]
+    fn addresses_read_back_from_their_words() {
+        for addr in [
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 80),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 2, 3, 4, 5, 6, 7)), 443),
+        ] {
+            assert_eq!(Backend::new(addr).address(), Some(addr));
+            assert_eq!(VipKey::new(addr, 6).address(), Some(addr));
+        }
+        assert_eq!(Backend::default().address(), None, "family 0: an unused id");
     }
 
     #[test]

@@ -121,6 +121,12 @@ impl Control {
         lock(&self.placements).remove(&index);
     }
 
+    /// Ends the adoption of a pinned eBPF set once the first config is placed; `false` when
+    /// no eBPF plane runs.
+    pub fn settle_adoption(&self) -> bool {
+        self.planes.settle_adoption()
+    }
+
     /// Takes the XDP data plane out for shutdown; later calls get `None`.
     pub fn take_xdp(&self) -> Option<XdpPlane> {
         self.planes.take_xdp()

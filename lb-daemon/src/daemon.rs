@@ -1,5 +1,6 @@
 //! `lb-daemon run`: starts every service on its data plane, runs the health checks and the
-//! admin API, reloads on SIGHUP, and drains on SIGTERM/SIGINT.
+//! admin API, reloads on SIGHUP, and drains on SIGTERM/SIGINT (on SIGQUIT: drains the proxy
+//! and leaves the eBPF data plane pinned for the next daemon).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -53,7 +54,10 @@ const PASSIVE_QUEUE: usize = 4096;
 /// Start-up is a reload from an empty config: the proxy starts with no service, then each
 /// service is placed as [`crate::placement::Planes::place`] decides (the choice and its
 /// reason are logged). On the eBPF plane the drain stops new flows (empty tables: a SYN gets
-/// a RST) and waits for the open ones as the proxy does; then the programs are detached.
+/// a RST) and waits for the open ones as the proxy does; then the programs are detached and
+/// their pins removed. SIGQUIT, and a dead thread, drain the proxy only: the eBPF plane stays
+/// attached and pinned (see `dataplane::xdp::pins`), so the daemon started next adopts its
+/// flows.
 ///
 /// Returns `Err(DaemonError::Start)` when a service cannot start (a `dataplane = "xdp"`
 /// service XDP cannot carry, a listen address in use), `Err(DaemonError::Proxy)` when the
@@ -80,10 +84,21 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         n => n,
     };
     let (control, passive_rx) = start(config, path, workers, &rt)?;
-    let result = rt
-        .block_on(serve(&control, passive_rx, workers, &mut signals))
-        .and_then(|died| died.map_or(Ok(()), |d| Err(DaemonError::ThreadDied(d))));
-    let xdp = control.take_xdp();
+    let stopped = rt.block_on(serve(&control, passive_rx, workers, &mut signals));
+    let keep = stopped.as_ref().is_ok_and(|s| s.keep_dataplane);
+    let result = stopped.and_then(|s| s.died.map_or(Ok(()), |d| Err(DaemonError::ThreadDied(d))));
+    let mut xdp = control.take_xdp();
+    if keep {
+        if let Some(x) = xdp.take() {
+            // Dropped without `shutdown`: the pinned programs and maps stay, for the next
+            // daemon to adopt; the proxy drains as for SIGTERM.
+            info!(
+                "eBPF: the data plane stays attached and pinned; its flows go on, on the last \
+                 table, until a daemon adopts it"
+            );
+            drop(x);
+        }
+    }
     if let Some(x) = &xdp {
         let stopped = x.stop_new_flows();
         info!(
@@ -146,6 +161,7 @@ fn start(
         events: feedback,
         options: proxy_options_from_env()?,
     })?;
+    let pin_dir = config.global.bpf_pin_dir.clone();
     let control = Control::new(path, &config, ServiceSet::new(), proxy);
     {
         // The services' health checks are spawned on this runtime; they run from block_on.
@@ -158,6 +174,14 @@ fn start(
     if services.iter().all(|s| !control.on_xdp(s.index())) {
         if let Some(x) = control.take_xdp() {
             x.shutdown();
+        }
+    }
+    // A set pinned by the daemon before: continued where the config has its services, the
+    // rest drains; with no eBPF plane at all, its programs would go on forwarding the VIPs on
+    // a frozen table.
+    if !control.settle_adoption() {
+        if let Some(dir) = &pin_dir {
+            crate::dataplane::xdp::pins::remove_unused(dir);
         }
     }
     Ok((control, passive_rx))
@@ -175,7 +199,7 @@ async fn serve(
     passive_rx: PassiveQueue,
     workers: usize,
     signals: &mut Signals,
-) -> Result<Option<crate::watchdog::Death>, DaemonError> {
+) -> Result<Stopped, DaemonError> {
     let set = Arc::clone(control.services());
     let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
     let trim = tokio::spawn(crate::heap::trim_periodically());
@@ -188,16 +212,18 @@ async fn serve(
         "ready: {} services, {workers} proxy workers",
         set.all().len()
     );
-    let (why, died) = loop {
+    let (why, died, keep_dataplane) = loop {
         tokio::select! {
             got = signals.next() => match got {
-                Received::Stop(why) => break (why.to_string(), None),
+                Received::Stop(why) => break (why.to_string(), None, false),
+                Received::StopKeepingDataplane => break ("SIGQUIT".to_string(), None, true),
                 Received::Reload => {
                     info!("SIGHUP: reloading {}", control.path().display());
                     let _logged = crate::reload::reload(control).await;
                 }
             },
-            death = crate::watchdog::died() => break (death.to_string(), Some(death)),
+            // The kernel's data plane is sound: the daemon started again adopts it.
+            death = crate::watchdog::died() => break (death.to_string(), Some(death), true),
         }
     };
     info!(
@@ -216,7 +242,19 @@ async fn serve(
     }
     passive.abort();
     trim.abort();
-    Ok(died)
+    Ok(Stopped {
+        died,
+        keep_dataplane,
+    })
+}
+
+/// Why [`serve`] returned.
+struct Stopped {
+    /// A thread the daemon cannot run without died.
+    died: Option<crate::watchdog::Death>,
+    /// The eBPF plane stays attached and pinned for the next daemon (SIGQUIT, a dead
+    /// thread), instead of draining and detaching.
+    keep_dataplane: bool,
 }
 
 /// The signals the daemon acts on, each a stream that remembers a delivery until it is read.
@@ -224,6 +262,7 @@ struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    quit: Signal,
 }
 
 impl Signals {
@@ -234,6 +273,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
         })
     }
 
@@ -242,11 +282,12 @@ impl Signals {
         Self::stop_of(&mut self.term, &mut self.int).await
     }
 
-    /// Waits for any of the three.
+    /// Waits for any of the four.
     async fn next(&mut self) -> Received {
         tokio::select! {
             why = Self::stop_of(&mut self.term, &mut self.int) => Received::Stop(why),
             _ = self.hup.recv() => Received::Reload,
+            _ = self.quit.recv() => Received::StopKeepingDataplane,
         }
     }
 
@@ -264,6 +305,9 @@ enum Received {
     Stop(&'static str),
     /// SIGHUP: reload the config.
     Reload,
+    /// SIGQUIT: drain the proxy and exit, leaving the eBPF data plane attached and pinned
+    /// for the daemon started next (a restart that cuts no eBPF flow).
+    StopKeepingDataplane,
 }
 
 /// How a drain ended, for [`run`]'s log.

@@ -490,6 +490,7 @@ impl Planes {
             let start = XdpStart {
                 bpf_object: global.bpf_object.clone(),
                 drain_timeout: global.drain_timeout,
+                bpf_pin_dir: global.bpf_pin_dir.clone(),
             };
             match XdpPlane::start(start) {
                 Ok(plane) => Some(plane),
@@ -575,6 +576,18 @@ impl Planes {
     /// Takes the proxy out for shutdown; later calls get `None`.
     pub fn take_proxy(&self) -> Option<Proxy> {
         lock(&self.proxy).take()
+    }
+
+    /// Ends the adoption of a pinned eBPF set once the first config is placed (see
+    /// [`XdpPlane::settle_adoption`]); `false` when no eBPF plane runs.
+    pub fn settle_adoption(&self) -> bool {
+        match lock(&self.xdp).as_mut() {
+            Some(x) => {
+                x.settle_adoption();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Takes the XDP plane out for shutdown; later calls get `None`.

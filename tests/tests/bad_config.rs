@@ -211,6 +211,20 @@ address = "127.0.0.1:19001"
         field: Some("global.drain_timeout"),
     },
     Case {
+        what: "a relative pin directory",
+        toml: r#"
+[global]
+bpf_pin_dir = "bpf/lb"   # <-
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("global.bpf_pin_dir"),
+    },
+    Case {
         what: "a Maglev table size that is not prime",
         toml: r#"
 [[service]]

@@ -62,6 +62,29 @@ pub struct Global {
     /// `bpf_object`: the BPF object with the XDP programs; `None` means the default search
     /// (see `dataplane::xdp::loader::find_object`).
     pub bpf_object: Option<PathBuf>,
+    /// `bpf_pin_dir`: the bpffs directory where the eBPF plane pins its maps and program
+    /// links, so that flows outlive the daemon (a restart adopts them); default
+    /// [`DEFAULT_BPF_PIN_DIR`], `None` when the file says `""` (nothing pinned: flows end
+    /// with the daemon). Read when the eBPF plane starts; a reload does not move it.
+    pub bpf_pin_dir: Option<PathBuf>,
+}
+
+/// Where the eBPF plane pins its state unless `[global] bpf_pin_dir` or
+/// [`BPF_PIN_DIR_ENV`] says otherwise.
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+/// The environment variable that sets the pin directory when the config does not (an
+/// absolute path; another value is ignored): two daemons on one host (the tests run many)
+/// must not adopt each other's state.
+pub const BPF_PIN_DIR_ENV: &str = "LB_BPF_PIN_DIR";
+
+/// The pin directory of a config that sets none: [`BPF_PIN_DIR_ENV`] if it holds an
+/// absolute path, else [`DEFAULT_BPF_PIN_DIR`].
+pub fn default_bpf_pin_dir() -> PathBuf {
+    std::env::var_os(BPF_PIN_DIR_ENV)
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_PIN_DIR))
 }
 
 /// The admin API (`[admin]`): status, metrics, drain/enable/weight, reload.

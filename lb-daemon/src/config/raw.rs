@@ -29,6 +29,7 @@ pub(super) struct RawGlobal {
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) drain_timeout: Option<Spanned<Duration>>,
     pub(super) bpf_object: Option<PathBuf>,
+    pub(super) bpf_pin_dir: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -147,6 +147,22 @@ impl Validator<'_> {
                 "global.drain_timeout".into()
             })?,
             bpf_object: raw.bpf_object,
+            bpf_pin_dir: match raw.bpf_pin_dir {
+                None => Some(super::default_bpf_pin_dir()),
+                Some(d) if d.get_ref().as_os_str().is_empty() => None,
+                Some(d) if d.get_ref().is_absolute() => Some(d.into_inner()),
+                Some(d) => {
+                    return Err(self.invalid(
+                        d.span(),
+                        "global.bpf_pin_dir".into(),
+                        format!(
+                            "{} is not an absolute path (a directory on a bpffs, or \"\" to \
+                             pin nothing)",
+                            d.get_ref().display()
+                        ),
+                    ))
+                }
+            },
         })
     }
 

@@ -75,6 +75,21 @@ pub struct Daemon {
     config_path: PathBuf,
     _config_file: Option<tempfile::TempPath>,
     exited: Option<ExitStatus>,
+    /// The pin directory this helper chose for the daemon (see [`test_pin_dir`]), removed on
+    /// drop; `None` when the caller chose one.
+    own_pin_dir: Option<PathBuf>,
+}
+
+/// The environment variable that gives a daemon its pin directory when its config sets none
+/// (`lb_daemon::config::BPF_PIN_DIR_ENV`).
+pub const BPF_PIN_DIR_ENV: &str = "LB_BPF_PIN_DIR";
+
+/// A pin directory of its own for one test daemon, under `/sys/fs/bpf`: daemons of tests
+/// that run at once must not adopt each other's pinned eBPF state.
+pub fn test_pin_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PathBuf::from(format!("/sys/fs/bpf/lb-test-{}-{n}", std::process::id()))
 }
 
 impl Daemon {
@@ -104,6 +119,15 @@ impl Daemon {
         let mut d = Self::launch(&binary, &path, Some(file), env, None)?;
         d.wait_ready(READY_TIMEOUT)?;
         Ok(d)
+    }
+
+    /// Like [`start`](Self::start), with the daemon's pin directory `pin_dir` (see
+    /// [`test_pin_dir`]), which the caller removes: a second daemon given the same directory
+    /// adopts what the first one pinned.
+    pub fn start_pinned(config_toml: &str, pin_dir: &Path) -> Daemon {
+        let dir = pin_dir.to_string_lossy().into_owned();
+        Self::try_start_with_env(config_toml, &[(BPF_PIN_DIR_ENV, &dir)])
+            .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"))
     }
 
     /// Like [`try_start`](Self::try_start), with the daemon's open file limit (soft and hard,
@@ -137,6 +161,13 @@ impl Daemon {
         nofile: Option<u64>,
     ) -> Result<Daemon, DaemonError> {
         let mut cmd = command(binary, "run", config);
+        let own_pin_dir = if env.iter().any(|(k, _)| *k == BPF_PIN_DIR_ENV) {
+            None
+        } else {
+            let dir = test_pin_dir();
+            cmd.env(BPF_PIN_DIR_ENV, &dir);
+            Some(dir)
+        };
         if let Some(n) = nofile {
             // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
             unsafe {
@@ -186,6 +217,7 @@ impl Daemon {
             config_path: config.to_path_buf(),
             _config_file: file,
             exited: None,
+            own_pin_dir,
         })
     }
 
@@ -321,6 +353,10 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // A daemon killed leaves its eBPF state pinned (as a crash would); the test's is freed.
+        if let Some(dir) = &self.own_pin_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         // The pipes close with the process; a reader still running after that has a
         // grandchild holding them, and is left behind rather than waited on.
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -384,7 +420,9 @@ pub fn run_to_end(subcommand: &str, config_toml: &str, timeout: Duration) -> Out
 /// Panics when the binary cannot be found or started.
 pub fn run_on_file(subcommand: &str, config: &Path, timeout: Duration) -> Outcome {
     let binary = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
+    let pin_dir = test_pin_dir();
     let mut child = command(&binary, subcommand, config)
+        .env(BPF_PIN_DIR_ENV, &pin_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -412,6 +450,7 @@ pub fn run_on_file(subcommand: &str, config: &Path, timeout: Duration) -> Outcom
             }
         }
     };
+    let _ = std::fs::remove_dir_all(&pin_dir);
     Outcome {
         status,
         stdout: out.join().unwrap_or_default(),

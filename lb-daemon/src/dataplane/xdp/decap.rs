@@ -105,7 +105,7 @@ pub fn run(
     let signals = block_signals();
     let path = loader::find_object(object)?;
     // The decapsulator uses none of the balancer's big maps: make them one entry each.
-    let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS])?;
+    let mut ebpf = loader::load_object(&path, &[TABLES, CONNTRACK, NAT_REVERSE, CLIENTS], &[])?;
     // Before the attach, so no encapsulated packet for this host passes undecapsulated.
     // `sources` is out of the object: it must stay open until the detach, as the program
     // refers to it.

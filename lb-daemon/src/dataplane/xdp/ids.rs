@@ -35,6 +35,21 @@ impl IdPool {
         }
     }
 
+    /// A pool of the ids `0..capacity` but `taken` (the ids of a pinned set the daemon
+    /// adopts: they are in use until their owners release them). The free ids below the
+    /// highest taken one are handed out before the ones never used.
+    pub fn without(capacity: u32, taken: &BTreeSet<u32>) -> IdPool {
+        let next = taken
+            .iter()
+            .next_back()
+            .map_or(0, |&max| max.saturating_add(1).min(capacity));
+        IdPool {
+            capacity,
+            next,
+            free: (0..next).filter(|id| !taken.contains(id)).collect(),
+        }
+    }
+
     /// How many ids [`IdPool::take`] can still hand out.
     pub fn available(&self) -> usize {
         (self.capacity - self.next) as usize + self.free.len()
@@ -83,6 +98,16 @@ pub struct BackendIds {
 }
 
 impl BackendIds {
+    /// The ids of a service adopted from a pinned set: `live`, address → id, as its table
+    /// there names them. The first [`BackendIds::assign`] keeps those the snapshot still has
+    /// and starts the others leaving.
+    pub fn resume(live: BTreeMap<SocketAddr, u32>) -> BackendIds {
+        BackendIds {
+            live,
+            ..BackendIds::default()
+        }
+    }
+
     /// Assigns an id to each of `addresses` (a snapshot's backends, in order) and returns
     /// them in the same order, with the ids given to addresses new to the pool (their
     /// counters start from zero). Live addresses keep their ids; a leaving one gets its id
@@ -197,6 +222,19 @@ impl BackendIds {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_pool_resumed_around_adopted_ids_hands_out_only_the_others() {
+        let taken: BTreeSet<u32> = [1, 3].into();
+        let mut pool = IdPool::without(5, &taken);
+        assert_eq!(pool.available(), 3);
+        let ids: Vec<u32> = std::iter::from_fn(|| pool.take()).collect();
+        assert_eq!(ids, [4, 0, 2]);
+        let mut empty = IdPool::without(4, &BTreeSet::new());
+        assert_eq!(empty.take(), Some(0));
+        let mut full = IdPool::without(2, &[0, 1].into());
+        assert_eq!(full.take(), None);
+    }
 
     fn full(got: Assigned) -> (Vec<u32>, Vec<u32>) {
         assert_eq!(got.missing, 0, "an address got no id: {got:?}");

@@ -172,14 +172,23 @@ pub fn find_object(configured: Option<&Path>) -> Result<PathBuf, LoadError> {
 
 /// Loads the object at `path` into the kernel's map and BTF tables (programs are loaded
 /// separately, by [`load_program`]). `shrink`: maps to create with one entry only, for a
-/// process that never uses them (the decapsulator needs no Maglev tables).
+/// process that never uses them (the decapsulator needs no Maglev tables). `pinned`: maps
+/// (name, bpffs path) opened from their pin when one exists there, else created and pinned
+/// there (see `pins.rs`).
 ///
 /// Returns `Err(LoadError::Object)` when the file is not a BPF object or a map cannot be
-/// created (no root, no memory).
-pub fn load_object(path: &Path, shrink: &[&str]) -> Result<Ebpf, LoadError> {
+/// created or pinned (no root, no memory).
+pub fn load_object(
+    path: &Path,
+    shrink: &[&str],
+    pinned: &[(&'static str, PathBuf)],
+) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     for name in shrink {
         loader.map_max_entries(name, 1);
+    }
+    for (name, pin) in pinned {
+        loader.map_pin_path(name, pin.as_path());
     }
     loader.load_file(path).map_err(|source| LoadError::Object {
         path: path.to_path_buf(),
@@ -451,7 +460,7 @@ mod tests {
         };
         let ebpf = ns
             .enter(|| {
-                let mut ebpf = load_object(&object, &[]).expect("the object loads");
+                let mut ebpf = load_object(&object, &[], &[]).expect("the object loads");
                 let prog = load_tc_program(&mut ebpf, &object, lb_common::maps::PROG_TC)
                     .expect("lb_tc loads");
                 attach_clsact(prog, "v0").expect("lb_tc attaches through clsact");

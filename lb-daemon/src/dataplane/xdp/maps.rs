@@ -2,6 +2,7 @@
 //! (`lb_common::maps`) prescribes: backends, the inactive table half, its size, the flip,
 //! and the VIP last (first time only); and taking a service or a backend id out again.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
@@ -46,10 +47,13 @@ impl Maps {
     /// Returns `Err(MapsError::Missing)` when a map is absent or has another type or
     /// key/value size than `lb_common::maps` says.
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
+        let vip_addrs: HashMap<MapData, DecapAddr, u32> = take(ebpf, contract::VIP_ADDRS)?;
+        // What an adopted (pinned) map holds already; empty for a new one.
+        let vip_addrs_written = vip_addrs.keys().filter_map(Result::ok).collect();
         Ok(Maps {
             vips: take(ebpf, contract::VIPS)?,
-            vip_addrs: take(ebpf, contract::VIP_ADDRS)?,
-            vip_addrs_written: std::collections::HashSet::new(),
+            vip_addrs,
+            vip_addrs_written,
             services: take(ebpf, contract::SERVICES)?,
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
@@ -60,6 +64,61 @@ impl Maps {
             local_addrs: take(ebpf, contract::LOCAL_ADDRS)?,
             limits: super::limits::LimitMaps::take(ebpf)?,
         })
+    }
+
+    /// The `VIPS` entries: each VIP key and its service id (what an adopted pinned set
+    /// serves).
+    ///
+    /// Returns `Err(MapsError::Io)` when the map cannot be read.
+    pub fn vip_entries(&self) -> Result<Vec<(VipKey, u32)>, MapsError> {
+        let mut out = Vec::new();
+        for entry in self.vips.iter() {
+            let (key, value) = entry.map_err(io(contract::VIPS))?;
+            out.push((key, value.service));
+        }
+        Ok(out)
+    }
+
+    /// Service `id`'s `SERVICES` entry.
+    ///
+    /// Returns `Err(MapsError::Io)` when the map cannot be read.
+    pub fn service_entry(&self, id: u32) -> Result<contract::Service, MapsError> {
+        self.services.get(&id, 0).map_err(io(contract::SERVICES))
+    }
+
+    /// The backend ids in use in `BACKENDS` (family set) with their entries.
+    ///
+    /// Returns `Err(MapsError::Io)` when the map cannot be read.
+    pub fn backend_entries(&self) -> Result<Vec<(u32, Backend)>, MapsError> {
+        let mut out = Vec::new();
+        for id in 0..contract::MAX_BACKENDS {
+            let b = self.backends.get(&id, 0).map_err(io(contract::BACKENDS))?;
+            if b.family != 0 {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The distinct backend ids of service `id`'s table half `half` (its first `size`
+    /// slots).
+    ///
+    /// Returns `Err(MapsError::Io)` when the map cannot be read.
+    pub fn table_ids(
+        &self,
+        id: u32,
+        half: u32,
+        size: u32,
+    ) -> Result<std::collections::BTreeSet<u32>, MapsError> {
+        let mut ids = std::collections::BTreeSet::new();
+        for s in 0..size.min(contract::MAX_TABLE_SIZE) {
+            let b = self
+                .tables
+                .get(&table_index(id, half, s), 0)
+                .map_err(io(contract::TABLES))?;
+            ids.insert(b);
+        }
+        Ok(ids)
     }
 
     /// Lets the program redirect packets out of interface `ifindex` (`DEVMAP`).
@@ -164,6 +223,21 @@ impl Maps {
             };
             self.backends
                 .set(id, value, 0)
+                .map_err(io(contract::BACKENDS))?;
+        }
+        Ok(())
+    }
+
+    /// Flags backend ids `ids` draining in `BACKENDS`, keeping their address and whether they
+    /// are down: ids an adopted set left that no service claimed (see `adopt.rs`).
+    ///
+    /// Returns `Err(MapsError::Io)` when the map cannot be read or written.
+    pub fn flag_draining(&mut self, ids: &[u32]) -> Result<(), MapsError> {
+        for &id in ids {
+            let mut b = self.backends.get(&id, 0).map_err(io(contract::BACKENDS))?;
+            b.flags = leaving_flags(b.flags & BACKEND_F_DOWN != 0);
+            self.backends
+                .set(id, b, 0)
                 .map_err(io(contract::BACKENDS))?;
         }
         Ok(())
@@ -464,6 +538,52 @@ impl ServiceSlot {
             failed_generation: None,
             missing_ids: 0,
         }
+    }
+
+    /// Makes this new slot continue a service of an adopted pinned set, whose `SERVICES`
+    /// entry is `found`: the VIP is published already (under this slot's id), packets read
+    /// `found`'s active half, so the first write goes to the other one; `live` are its
+    /// backend ids by address (see [`BackendIds::resume`]).
+    pub fn resume(&mut self, found: &contract::Service, live: BTreeMap<SocketAddr, u32>) {
+        self.active_half = found.active_half & 1;
+        self.table_size_live = found.table_size[self.active_half as usize];
+        self.vip_published = true;
+        self.backends = BackendIds::resume(live);
+    }
+
+    /// The slot of a service of an adopted pinned set that the config no longer has, to drain
+    /// it as a removed one: service id `id` at `vip`, its `SERVICES` entry `found`. `None`
+    /// when the entry does not describe a service (another protocol, no address).
+    pub fn leftover(id: u32, vip: &VipKey, found: &contract::Service) -> Option<ServiceSlot> {
+        let protocol = match vip.protocol {
+            lb_common::flow::IPPROTO_TCP => Protocol::Tcp,
+            lb_common::flow::IPPROTO_UDP => Protocol::Udp,
+            _ => return None,
+        };
+        let local = contract::words_addr(found.family, &found.local_addr)?;
+        let active_half = found.active_half & 1;
+        Some(ServiceSlot {
+            id,
+            table_size: contract::MAX_TABLE_SIZE,
+            vip: vip.address()?,
+            protocol,
+            forwarding: if found.mode == MODE_NAT {
+                Forwarding::Nat
+            } else {
+                Forwarding::Dsr
+            },
+            local_addresses: vec![local],
+            snat_ports: (found.snat_port_min, found.snat_port_max),
+            snat_hold_s: found.snat_hold_s,
+            backends: BackendIds::default(),
+            active_half,
+            table_size_live: found.table_size[active_half as usize],
+            vip_published: true,
+            halves: [None, None],
+            generation: 0,
+            failed_generation: None,
+            missing_ids: 0,
+        })
     }
 
     /// The generation of the snapshot last written; 0 before the first.

@@ -14,6 +14,7 @@
 //! ([`XdpPlane::remove`]); backend changes arrive as new snapshots. See `lb_common::maps` for
 //! the map contract and `docs/ARCHITECTURE.md` for the behaviour.
 
+pub mod adopt;
 pub mod bpf_map;
 pub mod counters;
 pub mod decap;
@@ -24,6 +25,7 @@ pub mod loader;
 pub mod map_walk;
 pub mod maps;
 pub mod open_flows;
+pub mod pins;
 pub mod snat;
 mod sync;
 pub mod xdp_features;
@@ -33,6 +35,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::xdp::XdpLink;
 use aya::programs::{SchedClassifier, Xdp};
 use aya::Ebpf;
 use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES, PROG_BALANCER, PROG_TC};
@@ -192,6 +197,16 @@ pub struct XdpPlane {
     /// Every interface the program is attached to, and how.
     attached: BTreeMap<String, AttachMode>,
     sync: Option<sync::SyncThread>,
+    /// The pinned set (`[global] bpf_pin_dir`); `None` when nothing is pinned.
+    pins: Option<pins::Pins>,
+    /// The links this daemon pinned; it holds them so that the last close detaches them once
+    /// the pins are removed ([`XdpPlane::shutdown`]).
+    pinned_links: Vec<PinnedLink>,
+    /// What the adopted pinned set holds that no service has claimed yet, until
+    /// [`XdpPlane::settle_adoption`].
+    adopted: Option<adopt::Adopted>,
+    /// The adopted set's links not taken over yet: interface → (mode, pin).
+    adopted_links: BTreeMap<String, (AttachMode, PathBuf)>,
 }
 
 /// How the XDP plane starts: which object, and how long removed services drain.
@@ -203,25 +218,68 @@ pub struct XdpStart {
     /// How long a removed backend or service keeps its ids for the flows pinned to it, until
     /// [`XdpPlane::set_drain_timeout`] changes it.
     pub drain_timeout: Duration,
+    /// `[global] bpf_pin_dir`: where the maps and links are pinned (and a set left by the
+    /// daemon before is adopted); `None`: nothing pinned.
+    pub bpf_pin_dir: Option<PathBuf>,
 }
 
 impl XdpPlane {
     /// Finds and loads the BPF object, takes its maps and starts the sync thread, with no
     /// service and no interface yet. The programs are loaded when a service first needs
-    /// their hook ([`XdpPlane::add`]).
+    /// their hook ([`XdpPlane::add`]). With a pin directory, the maps are opened from their
+    /// pins, and a set pinned by the daemon before is adopted: its services continue under
+    /// their ids as the config's services are added, and its links are taken over (see
+    /// `pins.rs`, `adopt.rs`); a pin directory that cannot be used is logged and the plane
+    /// runs unpinned.
     ///
     /// Returns `Err(XdpPlaneError::Load)` with the loader's reason (no object found, the
-    /// kernel refused the program, a map is missing).
+    /// kernel refused the program, a map is missing), `Err(XdpPlaneError::Maps)` when an
+    /// adopted map cannot be read.
     pub fn load(start: &XdpStart) -> Result<XdpPlane, XdpPlaneError> {
-        let (ebpf, maps, walk, path) = load_balancer(start.bpf_object.as_deref())?;
+        let (pins, adopting) = match start.bpf_pin_dir.as_deref().map(pins::Pins::open) {
+            None => (None, false),
+            Some(Ok((pins, adopting))) => (Some(pins), adopting),
+            Some(Err(e)) => {
+                warn!("eBPF: nothing is pinned ({e}): flows will end with the daemon");
+                (None, false)
+            }
+        };
+        let pinned = pins.as_ref().map(pins::map_paths).unwrap_or_default();
+        let (ebpf, maps, walk, path) = load_balancer(start.bpf_object.as_deref(), &pinned)?;
         info!("eBPF: loaded {}", path.display());
+        let mut adopted_links = BTreeMap::new();
+        let adopted = match (&pins, adopting) {
+            (Some(pins), true) => {
+                let adopted = adopt::Adopted::read(&maps)?;
+                for (interface, mode, pin) in pins.links() {
+                    adopted_links.insert(interface, (mode, pin));
+                }
+                let (services, backends) = adopted.counts();
+                info!(
+                    "eBPF: adopting the data plane pinned in {}: {services} service(s), \
+                     {backends} backend id(s), {} link(s); its flows go on",
+                    pins.dir().display(),
+                    adopted_links.len()
+                );
+                Some(adopted)
+            }
+            _ => None,
+        };
+        let (service_ids, backend_ids) = match &adopted {
+            Some(a) => a.pools(),
+            None => (
+                ids::IdPool::new(MAX_SERVICES),
+                ids::IdPool::new(MAX_BACKENDS),
+            ),
+        };
         let state = Arc::new(Mutex::new(sync::State {
             maps,
-            backend_ids: ids::IdPool::new(MAX_BACKENDS),
-            service_ids: ids::IdPool::new(MAX_SERVICES),
+            backend_ids,
+            service_ids,
             drain_timeout: start.drain_timeout,
             running: Vec::new(),
             leaving: Vec::new(),
+            orphans: Vec::new(),
             open_flows: None,
             snat_in_use: None,
             counters_read: None,
@@ -235,7 +293,59 @@ impl XdpPlane {
             state,
             attached: BTreeMap::new(),
             sync: Some(sync),
+            pins,
+            pinned_links: Vec::new(),
+            adopted,
+            adopted_links,
         })
+    }
+
+    /// Ends the adoption of a pinned set once the config's services are placed: the set's
+    /// services that no config service continued drain as removed ones (their VIP and ids
+    /// released after `drain_timeout`), its backend ids no service took back drain too, and
+    /// its links on interfaces no service uses are removed (their programs detached). Does
+    /// nothing when nothing was adopted.
+    pub fn settle_adoption(&mut self) {
+        let Some(adopted) = self.adopted.take() else {
+            return;
+        };
+        let (services, ids) = adopted.unclaimed();
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let deadline = Instant::now() + st.drain_timeout;
+        for (key, found) in services {
+            let Some(mut slot) = maps::ServiceSlot::leftover(found.id, &key, &found.entry) else {
+                warn!(
+                    "eBPF: the adopted service id {} has an unreadable VIP; it stays reserved",
+                    found.id
+                );
+                continue;
+            };
+            let name = format!("{} (adopted, not in the config)", slot.vip);
+            if let Err(e) = st.maps.empty_table(&mut slot) {
+                error!("service {name}: cannot empty its XDP table: {e}");
+            }
+            info!("service {name}: drains, its flows go on for at most the drain timeout");
+            st.leaving.push(sync::Leaving {
+                name,
+                slot,
+                deadline,
+            });
+        }
+        if let Err(e) = st.maps.flag_draining(&ids) {
+            error!("eBPF: cannot flag the adopted backend ids {ids:?} draining: {e}");
+        }
+        st.orphans.extend(ids.into_iter().map(|id| (id, deadline)));
+        drop(guard);
+        for (interface, (mode, pin)) in std::mem::take(&mut self.adopted_links) {
+            warn!(
+                "eBPF: {interface} carries a pinned program ({mode}) no service needs now; \
+                 detaching it"
+            );
+            if let Err(e) = std::fs::remove_file(&pin) {
+                warn!("eBPF: cannot remove {}: {e}", pin.display());
+            }
+        }
     }
 
     /// Places `service` on the eBPF plane: a service id, the program of its hook attached to
@@ -284,24 +394,51 @@ impl XdpPlane {
         let mut addresses: Vec<_> = snap.backends.iter().map(|b| b.address).collect();
         addresses.sort();
         addresses.dedup();
-        let free = st.backend_ids.available();
-        if addresses.len() > free {
-            return Err(XdpPlaneError::BackendIdsFull {
-                needed: addresses.len(),
-                free,
-            });
-        }
-        let id = st.service_ids.take().ok_or(XdpPlaneError::ServiceIdsFull)?;
         let mut slot = ServiceSlot::new(
-            id,
+            0,
             snap.listen,
             snap.protocol,
             settings,
             xdp.local_addresses.clone(),
             snat_ports,
         );
+        // A service of an adopted pinned set at the same VIP continues under its ids: the
+        // flows conntrack pinned to its backends go on.
+        let claimed = self
+            .adopted
+            .as_mut()
+            .and_then(|a| a.claim(&slot.vip_key(), xdp.forwarding, &addresses));
+        let needed = addresses
+            .iter()
+            .filter(|a| !claimed.as_ref().is_some_and(|c| c.backends.contains_key(a)))
+            .count();
+        let free = st.backend_ids.available();
+        if needed > free {
+            return Err(XdpPlaneError::BackendIdsFull { needed, free });
+        }
+        let resumed = claimed.is_some();
+        slot.id = match claimed {
+            Some(c) => {
+                info!(
+                    "service {}: continues the adopted service id {} ({} backend(s))",
+                    snap.name,
+                    c.id,
+                    c.backends.len()
+                );
+                slot.resume(&c.entry, c.backends);
+                c.id
+            }
+            None => st.service_ids.take().ok_or(XdpPlaneError::ServiceIdsFull)?,
+        };
+        let id = slot.id;
         let deadline = Instant::now() + st.drain_timeout;
-        let written = st.maps.reset_service_counters(id).and_then(|()| {
+        // An adopted service keeps its counters.
+        let reset = if resumed {
+            Ok(())
+        } else {
+            st.maps.reset_service_counters(id)
+        };
+        let written = reset.and_then(|()| {
             st.maps
                 .publish(&mut slot, &snap, &mut st.backend_ids, deadline)
                 .map(|_| ())
@@ -351,6 +488,27 @@ impl XdpPlane {
                 interfaces.push((name.clone(), mode));
                 continue;
             }
+            if let Some((mode, pin)) = self.adopted_links.remove(name) {
+                match self.adopt_link(name, ifindex, mode, &pin, hook) {
+                    Ok(()) => {
+                        info!(
+                            "eBPF: the pinned {mode} link on {name} is adopted: the new program \
+                             replaced the old one in place"
+                        );
+                        interfaces.push((name.clone(), mode));
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(
+                            "eBPF: the pinned {mode} link on {name} cannot be adopted ({e}); \
+                             replacing it: the flows it carried are cut"
+                        );
+                        if let Err(e) = std::fs::remove_file(&pin) {
+                            warn!("eBPF: cannot remove {}: {e}", pin.display());
+                        }
+                    }
+                }
+            }
             match self.attach_one(name, ifindex, hook) {
                 Ok((mode, link)) => {
                     made.push((name.clone(), link));
@@ -374,6 +532,11 @@ impl XdpPlane {
                 return Err(e);
             }
         }
+        for (name, link) in made {
+            if let Some(&mode) = interfaces.iter().find(|(n, _)| *n == name).map(|(_, m)| m) {
+                self.pin_link(&name, mode, link);
+            }
+        }
         for (name, mode) in &interfaces {
             if self.attached.insert(name.clone(), *mode).is_none() {
                 let prog = if mode.is_tc() { PROG_TC } else { PROG_BALANCER };
@@ -381,6 +544,102 @@ impl XdpPlane {
             }
         }
         Ok(interfaces)
+    }
+
+    /// Takes over the adopted set's link on `name` (index `ifindex`, attached in `mode`,
+    /// pinned at `pin`) for a service that asks for `hook`: the program this daemon loaded
+    /// replaces the old one in the link, atomically (`bpf_link_update`), so no packet misses
+    /// the hook. `Err` says why not (the other hook, generic where native is needed, a pin
+    /// that is not such a link); nothing changed then.
+    fn adopt_link(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        mode: AttachMode,
+        pin: &std::path::Path,
+        hook: HookRequest,
+    ) -> Result<(), XdpPlaneError> {
+        check_hook(name, mode, hook)?;
+        let failed = |e: String| XdpPlaneError::Load(format!("{}: {e}", pin.display()));
+        let link: FdLink = PinnedLink::from_pin(pin)
+            .map_err(|e| failed(loader::error_chain(&e)))?
+            .into();
+        lock(&self.state).maps.allow_redirect(ifindex)?;
+        if mode.is_tc() {
+            let link =
+                SchedClassifierLink::try_from(link).map_err(|e| failed(loader::error_chain(&e)))?;
+            self.tc_program()?
+                .attach_to_link(link)
+                .map_err(|e| failed(loader::error_chain(&e)))?;
+        } else {
+            let link = XdpLink::try_from(link).map_err(|e| failed(loader::error_chain(&e)))?;
+            self.xdp_program()?
+                .attach_to_link(link)
+                .map_err(|e| failed(loader::error_chain(&e)))?;
+        }
+        Ok(())
+    }
+
+    /// Pins the link `attach_all` made on `name` in `mode`, so the attachment outlives the
+    /// daemon. Not for `clsact` (no link to pin) or without a pin directory. A pin that
+    /// fails is logged and the interface attached again, unpinned.
+    fn pin_link(&mut self, name: &str, mode: AttachMode, link: Link) {
+        let Some(pin) = self.pins.as_ref().and_then(|p| p.link_path(name, mode)) else {
+            return;
+        };
+        if !mode.is_tc() && !xdp_links() {
+            return;
+        }
+        // A pin left by a link no longer attached (its interface went away and came back).
+        let _ = std::fs::remove_file(&pin);
+        let Some(ebpf) = self.ebpf.as_mut() else {
+            return;
+        };
+        let fd = match link {
+            Link::Xdp(id) => program_as::<Xdp>(ebpf, PROG_BALANCER).and_then(|p| {
+                p.take_link(id)
+                    .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
+                    .and_then(|l| {
+                        FdLink::try_from(l)
+                            .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
+                    })
+            }),
+            Link::Tc(id) => program_as::<SchedClassifier>(ebpf, PROG_TC).and_then(|p| {
+                p.take_link(id)
+                    .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
+                    .and_then(|l| {
+                        FdLink::try_from(l)
+                            .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
+                    })
+            }),
+        };
+        let pinned = fd.and_then(|fd| {
+            fd.pin(&pin)
+                .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
+        });
+        match pinned {
+            Ok(p) => self.pinned_links.push(p),
+            Err(e) => {
+                error!(
+                    "eBPF: cannot pin the link on {name} at {}: {e}; attaching it again, \
+                     unpinned (its flows end with the daemon)",
+                    pin.display()
+                );
+                let hook = if mode.is_tc() {
+                    HookRequest::Tc
+                } else {
+                    HookRequest::Xdp {
+                        allow_generic: mode == AttachMode::Generic,
+                    }
+                };
+                let again = loader::if_index(name)
+                    .ok_or_else(|| XdpPlaneError::NoInterface(name.to_string()))
+                    .and_then(|ifindex| self.attach_one(name, ifindex, hook));
+                if let Err(e) = again {
+                    error!("eBPF: {name} could not be attached again: {e}");
+                }
+            }
+        }
     }
 
     /// Attaches the program of `hook` to `name` (index `ifindex`), loading the program first
@@ -579,13 +838,23 @@ impl XdpPlane {
         st.open_flows.as_ref().map(|open| open.values().sum())
     }
 
-    /// Stops republishing, logs the final counters and detaches the programs from every
-    /// interface. Flows still open on XDP are cut: their packets now reach the kernel stack,
-    /// which does not know them.
+    /// Stops republishing, logs the final counters, removes the pins and detaches the
+    /// programs from every interface. Flows still open on XDP are cut: their packets now
+    /// reach the kernel stack, which does not know them.
     pub fn shutdown(mut self) {
+        self.pinned_links.clear();
         self.stop();
+        if let Some(pins) = self.pins.take() {
+            pins.remove();
+        }
+        for (interface, mode) in &self.attached {
+            info!("eBPF detached from {interface} ({mode})");
+        }
     }
 
+    /// Stops republishing and logs the final counters; the programs stay attached where
+    /// their links are pinned (the daemon leaves without [`XdpPlane::shutdown`]: an error
+    /// exit, a dead thread), and are detached elsewhere.
     fn stop(&mut self) {
         if let Some(s) = self.sync.take() {
             s.stop();
@@ -594,11 +863,7 @@ impl XdpPlane {
             Ok(c) => c.log(),
             Err(e) => warn!("XDP counters could not be read at exit: {e}"),
         }
-        if self.ebpf.take().is_some() {
-            for (interface, mode) in &self.attached {
-                info!("eBPF detached from {interface} ({mode})");
-            }
-        }
+        self.ebpf.take();
     }
 }
 
@@ -635,6 +900,13 @@ impl Drop for XdpPlane {
     fn drop(&mut self) {
         if self.ebpf.is_some() {
             self.stop();
+            if let Some(pins) = &self.pins {
+                warn!(
+                    "eBPF: the data plane stays pinned in {}: its flows go on, on the last \
+                     table, until a daemon adopts it",
+                    pins.dir().display()
+                );
+            }
         }
     }
 }
@@ -642,11 +914,12 @@ impl Drop for XdpPlane {
 /// Finds and loads the object and takes the maps; the programs are loaded on first use.
 fn load_balancer(
     configured: Option<&std::path::Path>,
+    pinned: &[(&'static str, PathBuf)],
 ) -> Result<(Ebpf, Maps, map_walk::MapWalk, PathBuf), XdpPlaneError> {
     // The loader's errors carry their causes in the words.
     let chain = |e: LoadError| XdpPlaneError::Load(loader::error_chain(&e));
     let path = loader::find_object(configured)?;
-    let mut ebpf = loader::load_object(&path, &[]).map_err(chain)?;
+    let mut ebpf = loader::load_object(&path, &[], pinned).map_err(chain)?;
     let maps = Maps::take(&mut ebpf)?;
     let walk = map_walk::MapWalk::take(&mut ebpf)?;
     Ok((ebpf, maps, walk, path))
@@ -719,6 +992,12 @@ fn prove_forwarding(interfaces: &[String]) -> Result<(), XdpPlaneError> {
         }
     }
     Ok(())
+}
+
+/// Whether XDP attachments are links that can be pinned (Linux 5.9 and later; aya attaches
+/// through netlink before).
+fn xdp_links() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 9, 0))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

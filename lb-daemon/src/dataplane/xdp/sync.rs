@@ -44,6 +44,9 @@ pub struct State {
     pub running: Vec<Running>,
     /// Removed services whose pinned flows may still go on, until their deadline.
     pub leaving: Vec<Leaving>,
+    /// Backend ids of an adopted pinned set that no service of the config claimed (see
+    /// `adopt.rs`), flagged draining, released at their deadline.
+    pub orphans: Vec<(u32, Instant)>,
     /// Open flows per backend id of the running services, from the last count (see
     /// `open_flows.rs`); `None` before the first.
     pub open_flows: Option<std::collections::HashMap<u32, u64>>,
@@ -198,6 +201,15 @@ impl State {
             for (address, id) in r.slot.backend_ids_mut().expired(now) {
                 drained.backends.push((name.clone(), Some(address), id));
             }
+        }
+        let (expired, orphans): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .partition(|&(_, deadline)| deadline <= now);
+        self.orphans = orphans;
+        for (id, _) in expired {
+            drained
+                .backends
+                .push(("(adopted, not in the config)".into(), None, id));
         }
         let (done, left): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut self.leaving)
             .into_iter()

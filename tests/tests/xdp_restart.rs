@@ -1,0 +1,303 @@
+//! The eBPF data plane outlives the daemon: its maps and program links are pinned, so when
+//! lb-daemon is killed (SIGKILL, a crash) established flows go on and new ones are placed on
+//! the last table; a daemon started again adopts the pinned set and the flows never notice.
+//! SIGQUIT does the same on purpose (a restart): the daemon exits 0 and leaves the data plane
+//! pinned. SIGTERM removes the pins. A pinned set of another map layout is replaced, with the log
+//! line the docs name. tc and XDP, NAT and DSR.
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use std::time::Duration;
+
+use lb_tests::client::{http_get, Upload};
+use lb_tests::config::DaemonConfig;
+use lb_tests::daemon::test_pin_dir;
+use lb_tests::data::Receipt;
+use lb_tests::load::run;
+use lb_tests::xdp::world::{service, World, BULK, WEB};
+use lb_tests::xdp::{bpf_object, in_netns, Mode, Path, Topology};
+use lb_tests::Daemon;
+use nix::sys::signal::Signal;
+
+/// Each long upload's bytes before the kill, during the gap, and after the restart.
+const BEFORE: u64 = 4 * 1024 * 1024;
+const GAP: u64 = 4 * 1024 * 1024;
+const AFTER: u64 = 8 * 1024 * 1024;
+/// Long uploads open across the restart.
+const UPLOADS: u64 = 5;
+
+#[test]
+fn tc_nat_flows_outlive_a_killed_daemon_and_a_restart_adopts_them() {
+    if lb_tests::require_root("xdp_restart::tc_nat_flows_outlive_a_killed_daemon") {
+        kill_and_restart(Path::tc(Mode::Nat), Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn tc_dsr_flows_outlive_a_killed_daemon_and_a_restart_adopts_them() {
+    if lb_tests::require_root("xdp_restart::tc_dsr_flows_outlive_a_killed_daemon") {
+        kill_and_restart(Path::tc(Mode::Dsr), Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn xdp_nat_flows_outlive_a_killed_daemon_and_a_restart_adopts_them() {
+    if lb_tests::require_root("xdp_restart::xdp_nat_flows_outlive_a_killed_daemon") {
+        kill_and_restart(Mode::Nat.into(), Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn tc_nat_sigquit_leaves_the_data_plane_to_the_next_daemon() {
+    if lb_tests::require_root("xdp_restart::tc_nat_sigquit_leaves_the_data_plane") {
+        kill_and_restart(Path::tc(Mode::Nat), Signal::SIGQUIT);
+    }
+}
+
+#[test]
+fn a_service_the_new_config_lacks_drains_and_is_released() {
+    if lb_tests::require_root("xdp_restart::a_service_the_new_config_lacks_drains") {
+        restart_without_a_service(Path::tc(Mode::Nat));
+    }
+}
+
+#[test]
+fn a_pinned_set_of_another_layout_is_replaced_with_the_documented_line() {
+    if lb_tests::require_root("xdp_restart::a_pinned_set_of_another_layout_is_replaced") {
+        other_layout(Path::tc(Mode::Nat));
+    }
+}
+
+/// The pin directory of one test, removed when the test ends, also when it fails.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The usual three services on `path` with 3 backends, as one config.
+fn config(topology: &Topology, mode: Mode) -> String {
+    config_of(topology, mode, &["web", "bulk", "dns"])
+}
+
+/// Services `names` (of the usual three) with 3 backends, and a drain timeout of 2 s.
+fn config_of(topology: &Topology, mode: Mode, names: &[&str]) -> String {
+    let mut config = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "2s");
+    let backends = [(1, 1), (2, 1), (3, 1)];
+    for name in names {
+        config = config.service(service(topology, mode, name, &backends));
+    }
+    config.to_toml()
+}
+
+fn start(path: Path, pins: &PinDir) -> (World, String) {
+    let mut toml = String::new();
+    let world = World::start_custom(path, 3, 3, &[1, 2, 3], |topology| {
+        toml = config(topology, path.mode);
+        in_netns(&topology.balancer, || Daemon::start_pinned(&toml, &pins.0))
+            .expect("enter the balancer namespace")
+    });
+    (world, toml)
+}
+
+/// Stops the daemon with `signal` (SIGKILL, or SIGQUIT: it must exit 0 saying that the data
+/// plane stays) and waits until it is gone.
+fn kill(world: &mut World, path: Path, signal: Signal) {
+    let mark = world.daemon.log_mark();
+    world.daemon.signal(signal).expect("signal the daemon");
+    let status = world
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{path:?}: the daemon did not exit on {signal}"));
+    if signal == Signal::SIGQUIT {
+        assert!(
+            status.success(),
+            "{path:?}: SIGQUIT: the daemon exited with {status}"
+        );
+        let logs = world.daemon.logs()[mark..].join("\n");
+        assert!(
+            logs.contains("the data plane stays attached and pinned"),
+            "{path:?}: SIGQUIT did not leave the data plane:\n{logs}"
+        );
+    }
+}
+
+/// 5 uploads open through the eBPF plane, `signal` (SIGKILL or SIGQUIT), new connections and more bytes during the
+/// gap, the daemon started again on the same pins (it adopts them), more bytes and new
+/// connections: every upload byte-complete, no new connection failed; then SIGTERM removes
+/// the pins.
+fn kill_and_restart(path: Path, signal: Signal) {
+    let pins = PinDir(test_pin_dir());
+    let (mut world, toml) = start(path, &pins);
+    let set = pins.0.join("v1");
+    assert!(
+        set.join("CONNTRACK").exists() && set.join("VIPS").exists(),
+        "{path:?}: the daemon pinned no maps under {}",
+        set.display()
+    );
+    let links = std::fs::read_dir(&set)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("link_"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(
+        links >= 1,
+        "{path:?}: no link pinned under {}",
+        set.display()
+    );
+
+    let mut uploads: Vec<Upload> = (0..UPLOADS)
+        .map(|seed| {
+            world
+                .client(|| -> Result<Upload, lb_tests::client::ClientError> {
+                    let mut u = Upload::start(Topology::vip(BULK), 40 + seed)?;
+                    u.send(BEFORE)?;
+                    Ok(u)
+                })
+                .unwrap_or_else(|e| panic!("{path:?}: upload {seed} could not start: {e}"))
+        })
+        .collect();
+
+    kill(&mut world, path, signal);
+    // No daemon: established flows go on, new ones are placed on the last table.
+    for (i, u) in uploads.iter_mut().enumerate() {
+        u.send(GAP)
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke while no daemon ran: {e}"));
+    }
+    let gap = world.client(|| {
+        run(30, 3, Duration::from_secs(30), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    gap.assert_all_answered(&format!("{path:?}: new connections while no daemon runs"));
+
+    world.daemon = in_netns(&world.topology.balancer, || {
+        Daemon::start_pinned(&toml, &pins.0)
+    })
+    .expect("enter the balancer namespace");
+    let logs = world.daemon.logs().join("\n");
+    assert!(
+        logs.contains("eBPF: adopting the data plane pinned in"),
+        "{path:?}: the new daemon did not adopt the pinned set:\n{logs}"
+    );
+    assert!(
+        logs.contains("is adopted: the new program replaced the old one in place"),
+        "{path:?}: the new daemon did not take the pinned link over:\n{logs}"
+    );
+    for name in ["web", "bulk", "dns"] {
+        assert!(
+            logs.contains(&format!("service {name}: continues the adopted service id")),
+            "{path:?}: {name} did not continue under its adopted id:\n{logs}"
+        );
+    }
+    let after = world.client(|| {
+        run(60, 3, Duration::from_secs(30), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    after.assert_all_answered(&format!("{path:?}: new connections after the restart"));
+    let answering = ["b1", "b2", "b3"]
+        .iter()
+        .filter(|b| after.tally.get(b) > 0)
+        .count();
+    assert!(
+        answering >= 2,
+        "{path:?}: after the restart new flows are not balanced: {:?}",
+        after.tally
+    );
+    for (i, mut u) in uploads.into_iter().enumerate() {
+        u.send(AFTER)
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke after the restart: {e}"));
+        let receipt = u
+            .finish()
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} failed after the restart: {e}"));
+        assert_eq!(
+            receipt,
+            Receipt::of_stream(BEFORE + GAP + AFTER, 40 + i as u64),
+            "{path:?}: upload {i}, open across the kill and the restart, arrived damaged or cut"
+        );
+    }
+
+    let status = world.daemon.terminate();
+    assert!(
+        status.success(),
+        "{path:?}: the daemon exited with {status}"
+    );
+    assert!(
+        !set.exists(),
+        "{path:?}: SIGTERM left the pins under {}",
+        set.display()
+    );
+}
+
+/// A set pinned by a daemon of another map layout (simulated: the set's directory renamed
+/// to another version) is removed with the documented warning, and the new daemon serves
+/// from a fresh set.
+fn other_layout(path: Path) {
+    let pins = PinDir(test_pin_dir());
+    let (mut world, toml) = start(path, &pins);
+    kill(&mut world, path, Signal::SIGKILL);
+    std::fs::rename(pins.0.join("v1"), pins.0.join("v0")).expect("rename the pinned set");
+
+    world.daemon = in_netns(&world.topology.balancer, || {
+        Daemon::start_pinned(&toml, &pins.0)
+    })
+    .expect("enter the balancer namespace");
+    let logs = world.daemon.logs().join("\n");
+    assert!(
+        logs.contains("holds a pinned data plane of another map layout")
+            && logs.contains("the flows it carried are cut"),
+        "{path:?}: the old set was not replaced with the documented line:\n{logs}"
+    );
+    assert!(
+        !logs.contains("adopting the data plane"),
+        "{path:?}: a set of another layout was adopted:\n{logs}"
+    );
+    assert!(
+        !pins.0.join("v0").exists(),
+        "{path:?}: the set of another layout is still pinned"
+    );
+    let report = world.client(|| {
+        run(30, 3, Duration::from_secs(30), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    report.assert_all_answered(&format!("{path:?}: new connections on the fresh set"));
+}
+
+/// A daemon killed with three services and started again with two: the third (`dns`) drains
+/// as a reload would remove it, then its ids are released; the other two go on.
+fn restart_without_a_service(path: Path) {
+    let pins = PinDir(test_pin_dir());
+    let (mut world, _) = start(path, &pins);
+    kill(&mut world, path, Signal::SIGKILL);
+    let toml = config_of(&world.topology, path.mode, &["web", "bulk"]);
+    world.daemon = in_netns(&world.topology.balancer, || {
+        Daemon::start_pinned(&toml, &pins.0)
+    })
+    .expect("enter the balancer namespace");
+    let gone = "10.200.100.1:53 (adopted, not in the config)";
+    world
+        .daemon
+        .wait_for_log(&format!("service {gone}: drains"), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{path:?}: the service the config lacks did not drain: {e}"));
+    world
+        .daemon
+        .wait_for_log(
+            &format!("service {gone}: drained; its XDP ids are released"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{path:?}: the service the config lacks was not released: {e}"));
+    let report = world.client(|| {
+        run(30, 3, Duration::from_secs(30), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    report.assert_all_answered(&format!("{path:?}: web after a restart without dns"));
+}
