@@ -240,6 +240,12 @@ impl Daemon {
         }
     }
 
+    /// The pin directory this helper gave the daemon (see [`test_pin_dir`]); `None` when the
+    /// caller chose it ([`Daemon::start_pinned`]).
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.own_pin_dir.as_deref()
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

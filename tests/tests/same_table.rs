@@ -1,0 +1,198 @@
+//! Every balancer node builds the same Maglev table from the same backends: two daemons
+//! whose configs list the services and the backends in other orders, one of them finding
+//! its backends through DNS answers in yet another order (so their service and backend ids
+//! differ), hold tables that name the same backend in every slot. Read from the kernel's
+//! maps through the daemons' pins: the tables the eBPF plane forwards by, slot for slot.
+//! (The proxy plane builds its table with the same function from the same (address, weight)
+//! pairs: `lb-daemon/src/maglev.rs`, whose unit tests permute the input.)
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path as FsPath;
+use std::time::Duration;
+
+use aya::maps::{Array, HashMap, MapData};
+use lb_common::maps::{table_index, Backend, Service, VipKey, VipValue};
+use lb_tests::config::DaemonConfig;
+use lb_tests::daemon::daemon_binary;
+use lb_tests::xdp::world::{service, World, BULK, WEB};
+use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Path, VIP};
+use lb_tests::Daemon;
+
+const NAME: &str = "bulk.lb-test";
+
+#[test]
+fn two_daemons_with_permuted_configs_and_dns_answers_build_the_same_tables() {
+    if !lb_tests::require_root("same_table::two_daemons_with_permuted_configs") {
+        return;
+    }
+    let path = Path::tc(Mode::Nat);
+    // Node A: web's backends in order with weights 1, 2, 3, 1; bulk's four listed.
+    let a = World::start_custom(path, 4, 4, &[1, 2, 3, 4], |t| {
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(service(
+                t,
+                Mode::Nat,
+                "web",
+                &[(1, 1), (2, 2), (3, 3), (4, 1)],
+            ))
+            .service(service(
+                t,
+                Mode::Nat,
+                "bulk",
+                &[(1, 1), (2, 1), (3, 1), (4, 1)],
+            ))
+            .to_toml();
+        in_netns(&t.balancer, || Daemon::start(&toml)).expect("enter the balancer namespace")
+    });
+    // Node B: the services the other way round (other service ids), web's backends permuted
+    // (other backend ids), bulk's from DNS answers in another order.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hosts = dir.path().join("hosts");
+    let mut text = String::from("127.0.0.1 localhost\n");
+    for i in [4, 2, 3, 1] {
+        text.push_str(&format!("{} {NAME}\n", backend_ip(i)));
+    }
+    std::fs::write(&hosts, text).expect("hosts written");
+    let wrapper = private_hosts_wrapper(dir.path(), &hosts);
+    let config_file = dir.path().join("lb.toml");
+    let b = World::start_custom(path, 4, 4, &[1, 2, 3, 4], |t| {
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(
+                service(t, Mode::Nat, "bulk", &[])
+                    .set("resolve_interval", "300ms")
+                    .backend_named(&format!("{NAME}:{BULK}"), 1),
+            )
+            .service(service(
+                t,
+                Mode::Nat,
+                "web",
+                &[(4, 1), (3, 3), (1, 1), (2, 2)],
+            ))
+            .to_toml();
+        std::fs::write(&config_file, toml).expect("config written");
+        in_netns(&t.balancer, || {
+            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
+        })
+        .expect("enter the balancer namespace")
+    });
+    b.daemon
+        .wait_for_log(
+            &format!("{NAME}:{BULK} resolves to"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("node B never resolved {NAME}: {e}"));
+
+    let pins = |w: &World| {
+        w.daemon
+            .pin_dir()
+            .unwrap_or_else(|| panic!("the helper gave the daemon no pin directory"))
+            .join("v1")
+    };
+    let (pins_a, pins_b) = (pins(&a), pins(&b));
+    let mut ids = Vec::new();
+    for port in [WEB, BULK] {
+        let vip = SocketAddr::new(IpAddr::V4(VIP), port);
+        let backends: Vec<SocketAddr> = (1..=4)
+            .map(|i| SocketAddr::new(IpAddr::V4(backend_ip(i)), port))
+            .collect();
+        // Until every backend is in both tables (B's bulk follows its DNS answers).
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let (table_a, table_b, id_a, id_b) = loop {
+            let (ta, ia) = live_table(&pins_a, vip);
+            let (tb, ib) = live_table(&pins_b, vip);
+            let full = |t: &[SocketAddr]| backends.iter().all(|b| t.contains(b));
+            if full(&ta) && full(&tb) {
+                break (ta, tb, ia, ib);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{vip}: the tables never held all four backends"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        ids.push((id_a, id_b));
+        assert_eq!(table_a.len(), 65537, "{vip}: node A's table size");
+        let differ = table_a.iter().zip(&table_b).filter(|(x, y)| x != y).count();
+        assert!(
+            table_a.len() == table_b.len() && differ == 0,
+            "{vip}: {differ} of {} slots name another backend on node B",
+            table_a.len()
+        );
+        if port == WEB {
+            // The weights hold: backend 3 (weight 3) has three times backend 1's slots.
+            let share = |i: usize| table_a.iter().filter(|a| **a == backends[i - 1]).count();
+            let (one, three) = (share(1), share(3));
+            assert!(
+                three.abs_diff(3 * one) <= 3,
+                "{vip}: weights 1 and 3 got {one} and {three} slots"
+            );
+        }
+    }
+    assert!(
+        ids.iter().any(|(x, y)| x != y),
+        "the two nodes gave the services the same ids ({ids:?}): the test shows nothing"
+    );
+}
+
+/// The live table of the service at `vip` (TCP) in the pinned maps under `set`: each slot's
+/// backend address, and the service id.
+fn live_table(set: &FsPath, vip: SocketAddr) -> (Vec<SocketAddr>, u32) {
+    let open = |name: &str| {
+        MapData::from_pin(set.join(name)).unwrap_or_else(|e| {
+            panic!("cannot open the pinned {name} under {}: {e}", set.display())
+        })
+    };
+    let vips: HashMap<MapData, VipKey, VipValue> =
+        HashMap::try_from(aya::maps::Map::HashMap(open("VIPS"))).expect("VIPS");
+    let services: Array<MapData, Service> =
+        Array::try_from(aya::maps::Map::Array(open("SERVICES"))).expect("SERVICES");
+    let backends: Array<MapData, Backend> =
+        Array::try_from(aya::maps::Map::Array(open("BACKENDS"))).expect("BACKENDS");
+    let tables: Array<MapData, u32> =
+        Array::try_from(aya::maps::Map::Array(open("TABLES"))).expect("TABLES");
+    let Ok(id) = vips.get(&VipKey::new(vip, lb_common::flow::IPPROTO_TCP), 0) else {
+        return (Vec::new(), u32::MAX);
+    };
+    let id = id.service;
+    let service = services.get(&id, 0).expect("the service's entry");
+    let half = service.active_half & 1;
+    let size = service.table_size[half as usize];
+    let table = (0..size)
+        .map(|s| {
+            let b = tables
+                .get(&table_index(id, half, s), 0)
+                .expect("a table slot");
+            backends
+                .get(&b, 0)
+                .ok()
+                .and_then(|b| b.address())
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+        })
+        .collect();
+    (table, id)
+}
+
+/// A wrapper that runs lb-daemon in a mount namespace of its own where `/etc/hosts` is
+/// `hosts` (the DNS answers the test gives it).
+fn private_hosts_wrapper(dir: &FsPath, hosts: &FsPath) -> std::path::PathBuf {
+    let real = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
+    let wrapper = dir.join("lb-daemon-private-hosts");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec unshare --mount --propagation private sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' '{}' '{}' \"$@\"\n",
+            hosts.display(),
+            real.display()
+        ),
+    )
+    .expect("wrapper written");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+        .expect("wrapper made executable");
+    wrapper
+}
