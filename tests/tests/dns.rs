@@ -5,14 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lb_tests::admin;
 use lb_tests::client::http_get;
 use lb_tests::config::{DaemonConfig, ServiceConfig};
-use lb_tests::daemon::daemon_binary;
 use lb_tests::load::wait_until_each_answers;
 use lb_tests::ports::{free_addr, free_port};
 use lb_tests::{require_root, Daemon, HttpNameServer};
@@ -104,19 +102,7 @@ fn backends_follow_the_names_records() {
     )
     .expect("config written");
     // The daemon, in a mount namespace of its own where /etc/hosts is the test's file.
-    let real = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
-    let wrapper = dir.path().join("lb-daemon-private-hosts");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec unshare --mount --propagation private sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' '{}' '{}' \"$@\"\n",
-            hosts_file.display(),
-            real.display()
-        ),
-    )
-    .expect("wrapper written");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
-        .expect("wrapper made executable");
+    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts_file);
     let daemon = Daemon::spawn(&wrapper, &config, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"));
     let api = daemon.admin_addr();

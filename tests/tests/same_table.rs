@@ -9,14 +9,12 @@
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path as FsPath;
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData};
 use lb_common::maps::{table_index, Backend, Service, VipKey, VipValue};
 use lb_tests::config::DaemonConfig;
-use lb_tests::daemon::daemon_binary;
 use lb_tests::xdp::world::{service, World, BULK, WEB};
 use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Path, VIP};
 use lb_tests::Daemon;
@@ -57,7 +55,7 @@ fn two_daemons_with_permuted_configs_and_dns_answers_build_the_same_tables() {
         text.push_str(&format!("{} {NAME}\n", backend_ip(i)));
     }
     std::fs::write(&hosts, text).expect("hosts written");
-    let wrapper = private_hosts_wrapper(dir.path(), &hosts);
+    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts);
     let config_file = dir.path().join("lb.toml");
     let b = World::start_custom(path, 4, 4, &[1, 2, 3, 4], |t| {
         let toml = DaemonConfig::new()
@@ -176,23 +174,4 @@ fn live_table(set: &FsPath, vip: SocketAddr) -> (Vec<SocketAddr>, u32) {
         })
         .collect();
     (table, id)
-}
-
-/// A wrapper that runs lb-daemon in a mount namespace of its own where `/etc/hosts` is
-/// `hosts` (the DNS answers the test gives it).
-fn private_hosts_wrapper(dir: &FsPath, hosts: &FsPath) -> std::path::PathBuf {
-    let real = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
-    let wrapper = dir.join("lb-daemon-private-hosts");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec unshare --mount --propagation private sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' '{}' '{}' \"$@\"\n",
-            hosts.display(),
-            real.display()
-        ),
-    )
-    .expect("wrapper written");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
-        .expect("wrapper made executable");
-    wrapper
 }

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -16,7 +15,6 @@ use std::time::{Duration, Instant};
 use lb_tests::admin::{self, cli};
 use lb_tests::client::{http_get, upload, Upload};
 use lb_tests::config::DaemonConfig;
-use lb_tests::daemon::daemon_binary;
 use lb_tests::data::Receipt;
 use lb_tests::load::wait_until_each_answers;
 use lb_tests::xdp::world::{service, World, BULK, WEB};
@@ -524,19 +522,7 @@ fn dns_named_backends_on_xdp_follow_the_records() {
     let hosts_file = dir.path().join("hosts");
     hosts(&hosts_file, &[1, 2]);
     let config_file = dir.path().join("lb.toml");
-    let real = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
-    let wrapper = dir.path().join("lb-daemon-private-hosts");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec unshare --mount --propagation private sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' '{}' '{}' \"$@\"\n",
-            hosts_file.display(),
-            real.display()
-        ),
-    )
-    .expect("wrapper written");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
-        .expect("wrapper made executable");
+    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts_file);
     let world = World::start_custom(MODE, 3, 3, &[], |t| {
         t.resolve_neighbours(WEB);
         let toml = DaemonConfig::new()

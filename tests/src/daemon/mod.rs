@@ -465,6 +465,29 @@ pub fn run_on_file(subcommand: &str, config: &Path, timeout: Duration) -> Outcom
     }
 }
 
+/// Writes, in `dir`, a wrapper that runs the daemon binary in a mount namespace of its own
+/// where `/etc/hosts` is `hosts` (a bind mount of it: rewriting `hosts` in place changes the
+/// daemon's DNS answers), and returns its path, for [`Daemon::spawn`].
+///
+/// Panics when there is no daemon binary or the wrapper cannot be written.
+pub fn private_hosts_wrapper(dir: &Path, hosts: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let real = daemon_binary().unwrap_or_else(|e| panic!("no lb-daemon binary: {e}"));
+    let wrapper = dir.join("lb-daemon-private-hosts");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec unshare --mount --propagation private sh -c 'mount --bind \"$0\" /etc/hosts && exec \"$@\"' '{}' '{}' \"$@\"\n",
+            hosts.display(),
+            real.display()
+        ),
+    )
+    .expect("wrapper written");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+        .expect("wrapper made executable");
+    wrapper
+}
+
 /// Whether a log line is the daemon's readiness line: it has `ready` as a whole word
 /// (so "address already in use" is not).
 pub fn is_ready_line(line: &str) -> bool {

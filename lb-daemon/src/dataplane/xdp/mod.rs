@@ -595,28 +595,16 @@ impl XdpPlane {
         let Some(ebpf) = self.ebpf.as_mut() else {
             return;
         };
+        let failed = |e: &dyn std::error::Error| XdpPlaneError::Load(loader::error_chain(e));
         let fd = match link {
-            Link::Xdp(id) => program_as::<Xdp>(ebpf, PROG_BALANCER).and_then(|p| {
-                p.take_link(id)
-                    .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
-                    .and_then(|l| {
-                        FdLink::try_from(l)
-                            .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
-                    })
-            }),
-            Link::Tc(id) => program_as::<SchedClassifier>(ebpf, PROG_TC).and_then(|p| {
-                p.take_link(id)
-                    .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
-                    .and_then(|l| {
-                        FdLink::try_from(l)
-                            .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
-                    })
-            }),
+            Link::Xdp(id) => program_as::<Xdp>(ebpf, PROG_BALANCER)
+                .and_then(|p| p.take_link(id).map_err(|e| failed(&e)))
+                .and_then(|l| FdLink::try_from(l).map_err(|e| failed(&e))),
+            Link::Tc(id) => program_as::<SchedClassifier>(ebpf, PROG_TC)
+                .and_then(|p| p.take_link(id).map_err(|e| failed(&e)))
+                .and_then(|l| FdLink::try_from(l).map_err(|e| failed(&e))),
         };
-        let pinned = fd.and_then(|fd| {
-            fd.pin(&pin)
-                .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
-        });
+        let pinned = fd.and_then(|fd| fd.pin(&pin).map_err(|e| failed(&e)));
         match pinned {
             Ok(p) => self.pinned_links.push(p),
             Err(e) => {
