@@ -36,6 +36,10 @@ pub enum DaemonError {
     /// The signal handlers or the async runtime could not be set up.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    /// `lb-daemon upgrade` could not take the running daemon's sockets (no
+    /// `[global] upgrade_socket`, no daemon there, a broken exchange): nothing was started.
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     /// A thread the daemon cannot run without ended unexpectedly (see [`crate::watchdog`]):
     /// the daemon drained what was left and exits non-zero, to be started again.
     #[error("{0}; exiting so that the service manager starts lb again")]
@@ -64,7 +68,12 @@ const PASSIVE_QUEUE: usize = 4096;
 /// proxy's workers cannot start, `Err(DaemonError::Admin)` when the admin API cannot listen,
 /// and `Err(DaemonError::ThreadDied)` after the drain when a proxy worker or the eBPF sync
 /// thread ended unexpectedly (which starts the drain as SIGTERM does).
-pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
+///
+/// With `take_over` (`lb-daemon upgrade`), the listening sockets of the daemon serving
+/// `[global] upgrade_socket` are taken over first (see [`crate::handover`]); once this one is
+/// ready, that one stops accepting, drains and exits. `Err(DaemonError::Upgrade)` when they
+/// cannot be taken.
+pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonError> {
     // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
     // the proxy workers' cores. Built first so that the signal handlers go in before any
     // listener opens: until then SIGTERM's default action would kill the daemon undrained.
@@ -83,8 +92,26 @@ pub fn run(config: Config, path: &Path) -> Result<(), DaemonError> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (control, passive_rx) = start(config, path, workers, &rt)?;
-    let stopped = rt.block_on(serve(&control, passive_rx, workers, &mut signals));
+    let handover = if take_over {
+        let Some(socket) = config.global.upgrade_socket.as_deref() else {
+            return Err(DaemonError::Upgrade(
+                "[global] upgrade_socket is not set: it names the running daemon's hand-over \
+                 socket"
+                    .into(),
+            ));
+        };
+        let (inherited, taken) =
+            crate::handover::take_over(socket).map_err(|e| DaemonError::Upgrade(e.to_string()))?;
+        Some((Arc::new(inherited), taken))
+    } else {
+        None
+    };
+    let inherited = handover.as_ref().map(|(i, _)| Arc::clone(i));
+    let (control, passive_rx) = start(config, path, workers, &rt, inherited)?;
+    let stopped = rt.block_on(serve(&control, passive_rx, workers, &mut signals, handover));
+    if stopped.as_ref().is_ok_and(|s| s.handed_over) {
+        control.with_proxy(|p| p.mark_handed_over());
+    }
     let keep = stopped.as_ref().is_ok_and(|s| s.keep_dataplane);
     let result = stopped.and_then(|s| s.died.map_or(Ok(()), |d| Err(DaemonError::ThreadDied(d))));
     let mut xdp = control.take_xdp();
@@ -154,6 +181,7 @@ fn start(
     path: &Path,
     workers: usize,
     rt: &tokio::runtime::Runtime,
+    inherited: Option<Arc<crate::handover::Inherited>>,
 ) -> Result<(Arc<Control>, PassiveQueue), DaemonError> {
     let (feedback, passive_rx) = PassiveFeedback::new(PASSIVE_QUEUE);
     let proxy = <Proxy as Dataplane>::start(ProxyStart {
@@ -161,6 +189,9 @@ fn start(
         events: feedback,
         options: proxy_options_from_env()?,
     })?;
+    if let Some(sockets) = inherited {
+        proxy.inherit(sockets);
+    }
     let pin_dir = config.global.bpf_pin_dir.clone();
     let control = Control::new(path, &config, ServiceSet::new(), proxy);
     {
@@ -199,11 +230,18 @@ async fn serve(
     passive_rx: PassiveQueue,
     workers: usize,
     signals: &mut Signals,
+    handover: Option<(Arc<crate::handover::Inherited>, crate::handover::Taken)>,
 ) -> Result<Stopped, DaemonError> {
     let set = Arc::clone(control.services());
     let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
     let trim = tokio::spawn(crate::heap::trim_periodically());
-    let (_, api) = crate::admin::api::serve(Arc::clone(control), &control.config().admin).await?;
+    let served = crate::admin::api::serve(
+        Arc::clone(control),
+        &control.config().admin,
+        handover.as_ref().map(|(i, _)| i.as_ref()),
+    )
+    .await?;
+    let api = served.tasks;
     // Start-up is over: listeners bound, the eBPF plane attached, the API listening.
     if let Err(e) = crate::privileges::lower(&crate::privileges::needed(&control.config())) {
         warn!("{e}");
@@ -212,8 +250,56 @@ async fn serve(
         "ready: {} services, {workers} proxy workers",
         set.all().len()
     );
+    if let Some((inherited, taken)) = handover {
+        let unused = inherited.close_rest();
+        if !unused.is_empty() {
+            warn!("upgrade: closed {unused:?}, taken over but used by no service of this config");
+        }
+        if let Err(e) = taken.ready() {
+            warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
+        }
+    }
+    let upgraded = Arc::new(tokio::sync::Notify::new());
+    if let Some(socket) = control.config().global.upgrade_socket.as_deref() {
+        let offering = Arc::clone(control);
+        let admin = served.addr.zip(served.socket);
+        let notify = Arc::clone(&upgraded);
+        let started = crate::handover::Server::start(
+            socket,
+            move || {
+                let mut offer = offering.with_proxy(|p| p.offer()).unwrap_or_default();
+                if let Some((addr, fd)) = &admin {
+                    match fd.try_clone() {
+                        Ok(fd) => offer.push((
+                            crate::handover::OfferedSocket {
+                                listen: *addr,
+                                protocol: crate::admin::api::ADMIN_SOCKET.into(),
+                                worker: 0,
+                            },
+                            fd,
+                        )),
+                        Err(e) => {
+                            warn!("upgrade: the admin API's listener cannot be handed over: {e}")
+                        }
+                    }
+                }
+                offer
+            },
+            move || notify.notify_one(),
+        );
+        if let Err(e) = started {
+            warn!(
+                "upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: {e}"
+            );
+        }
+    }
+    let mut handed_over = false;
     let (why, died, keep_dataplane) = loop {
         tokio::select! {
+            _ = upgraded.notified() => {
+                handed_over = true;
+                break ("upgrade: the new daemon took over".to_string(), None, true);
+            }
             got = signals.next() => match got {
                 Received::Stop(why) => break (why.to_string(), None, false),
                 Received::StopKeepingDataplane => break ("SIGQUIT".to_string(), None, true),
@@ -245,6 +331,7 @@ async fn serve(
     Ok(Stopped {
         died,
         keep_dataplane,
+        handed_over,
     })
 }
 
@@ -255,6 +342,8 @@ struct Stopped {
     /// The eBPF plane stays attached and pinned for the next daemon (SIGQUIT, a dead
     /// thread), instead of draining and detaching.
     keep_dataplane: bool,
+    /// A new daemon took the sockets over (`lb-daemon upgrade`).
+    handed_over: bool,
 }
 
 /// The signals the daemon acts on, each a stream that remembers a delivery until it is read.

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
 pub mod fuzzing;
+pub mod handover;
 pub mod health;
 pub mod heap;
 pub mod host_addrs;

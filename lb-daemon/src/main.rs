@@ -25,6 +25,15 @@ enum Command {
         #[arg(short, long, default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
     },
+    /// Replaces the running daemon without a gap: runs the balancer as `run` does, taking the
+    /// listening sockets of the daemon serving `[global] upgrade_socket` and adopting its
+    /// pinned eBPF data plane; once this one is ready, the old one stops accepting, lets its
+    /// connections finish (up to `drain_timeout`) and exits.
+    Upgrade {
+        /// The config file.
+        #[arg(short, long, default_value = "/etc/lb/lb.toml")]
+        config: PathBuf,
+    },
     /// Validates a config file: exit 0 when valid, 2 with the file, line and field when not.
     Check {
         /// The config file.
@@ -113,7 +122,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config } => run(&config, false),
+        Command::Upgrade { config } => run(&config, true),
         Command::Check { config } => check(&config),
         Command::Status { admin, json } => status(&admin, json),
         Command::Drain {
@@ -142,8 +152,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `run`: loads `config` (exit 2 when it cannot be used) and runs the balancer until a signal.
-fn run(config: &Path) -> ExitCode {
+/// `run` (and `upgrade`, with `take_over`): loads `config` (exit 2 when it cannot be used)
+/// and runs the balancer until a signal.
+fn run(config: &Path, take_over: bool) -> ExitCode {
     let cfg = match config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -152,7 +163,7 @@ fn run(config: &Path) -> ExitCode {
         }
     };
     tracing::info!("config {} loaded", config.display());
-    match lb_daemon::daemon::run(cfg, config) {
+    match lb_daemon::daemon::run(cfg, config, take_over) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{:#}", anyhow::Error::from(e));

@@ -225,6 +225,20 @@ address = "127.0.0.1:19001"
         field: Some("global.bpf_pin_dir"),
     },
     Case {
+        what: "a relative upgrade socket",
+        toml: r#"
+[global]
+upgrade_socket = "lb/upgrade.sock"   # <-
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("global.upgrade_socket"),
+    },
+    Case {
         what: "a Maglev table size that is not prime",
         toml: r#"
 [[service]]

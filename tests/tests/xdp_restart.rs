@@ -55,6 +55,13 @@ fn tc_nat_sigquit_leaves_the_data_plane_to_the_next_daemon() {
 }
 
 #[test]
+fn tc_nat_upgrade_under_load_cuts_no_flow() {
+    if lb_tests::require_root("xdp_restart::tc_nat_upgrade_under_load_cuts_no_flow") {
+        upgrade_under_load(Path::tc(Mode::Nat));
+    }
+}
+
+#[test]
 fn a_service_the_new_config_lacks_drains_and_is_released() {
     if lb_tests::require_root("xdp_restart::a_service_the_new_config_lacks_drains") {
         restart_without_a_service(Path::tc(Mode::Nat));
@@ -300,4 +307,101 @@ fn restart_without_a_service(path: Path) {
         })
     });
     report.assert_all_answered(&format!("{path:?}: web after a restart without dns"));
+}
+
+/// `lb-daemon upgrade` while 5 uploads run through the eBPF plane: the new daemon takes the
+/// old one's sockets and adopts the pinned data plane, the old one exits 0; every upload
+/// arrives byte-complete and no new connection fails, before, during or after.
+fn upgrade_under_load(path: Path) {
+    let pins = PinDir(test_pin_dir());
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let mut toml = String::new();
+    let mut world = World::start_custom(path, 3, 3, &[1, 2, 3], |t| {
+        toml = config(t, path.mode).replacen(
+            "[global]",
+            &format!("[global]\nupgrade_socket = \"{}\"", socket.display()),
+            1,
+        );
+        in_netns(&t.balancer, || Daemon::start_pinned(&toml, &pins.0))
+            .expect("enter the balancer namespace")
+    });
+    let mut uploads: Vec<Upload> = (0..UPLOADS)
+        .map(|seed| {
+            world
+                .client(|| -> Result<Upload, lb_tests::client::ClientError> {
+                    let mut u = Upload::start(Topology::vip(BULK), 60 + seed)?;
+                    u.send(BEFORE)?;
+                    Ok(u)
+                })
+                .unwrap_or_else(|e| panic!("{path:?}: upload {seed} could not start: {e}"))
+        })
+        .collect();
+    let dir_env = pins.0.to_string_lossy().into_owned();
+    let client = &world.topology.client;
+    let balancer = &world.topology.balancer;
+    let upgraded = std::sync::atomic::AtomicBool::new(false);
+    let new = std::thread::scope(|s| {
+        // New connections all along the upgrade, and 200 more after it.
+        let during = s.spawn(|| {
+            client
+                .enter(|| {
+                    let (mut ok, mut failed, mut after) = (0u32, Vec::new(), 0);
+                    let end = std::time::Instant::now() + Duration::from_secs(60);
+                    while after < 200 && std::time::Instant::now() < end {
+                        if upgraded.load(std::sync::atomic::Ordering::Relaxed) {
+                            after += 1;
+                        }
+                        match http_get(Topology::vip(WEB), "/") {
+                            Ok(_) => ok += 1,
+                            Err(e) => failed.push(e.to_string()),
+                        }
+                    }
+                    (ok, failed)
+                })
+                .expect("enter the client namespace")
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let new = in_netns(balancer, || {
+            Daemon::try_upgrade(&toml, &[(lb_tests::daemon::BPF_PIN_DIR_ENV, &dir_env)])
+        })
+        .expect("enter the balancer namespace")
+        .unwrap_or_else(|e| panic!("{path:?}: lb-daemon upgrade did not start: {e}"));
+        upgraded.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = during.join().expect("the load thread");
+        assert!(
+            failed.is_empty() && ok >= 200,
+            "{path:?}: {} of {} new connections failed across the upgrade: {:?}",
+            failed.len(),
+            ok as usize + failed.len(),
+            failed.first()
+        );
+        new
+    });
+    let status = world
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{path:?}: the old daemon did not exit after the upgrade"));
+    assert!(
+        status.success(),
+        "{path:?}: the old daemon exited with {status}"
+    );
+    let logs = new.logs().join("\n");
+    assert!(
+        logs.contains("eBPF: adopting the data plane pinned in"),
+        "{path:?}: the new daemon did not adopt the pinned set:\n{logs}"
+    );
+    world.daemon = new;
+    for (i, mut u) in uploads.drain(..).enumerate() {
+        u.send(AFTER)
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke after the upgrade: {e}"));
+        let receipt = u
+            .finish()
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} failed after the upgrade: {e}"));
+        assert_eq!(
+            receipt,
+            Receipt::of_stream(BEFORE + AFTER, 60 + i as u64),
+            "{path:?}: upload {i}, open across the upgrade, arrived damaged or cut"
+        );
+    }
 }

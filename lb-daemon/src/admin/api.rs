@@ -92,17 +92,31 @@ pub fn guarded(control: Arc<Control>, tcp: Option<SocketAddr>) -> Router {
 pub async fn serve(
     control: Arc<Control>,
     admin: &Admin,
-) -> Result<(Option<SocketAddr>, Vec<tokio::task::JoinHandle<()>>), ApiError> {
+    inherited: Option<&crate::handover::Inherited>,
+) -> Result<Served, ApiError> {
     let mut tasks = Vec::new();
     let mut bound = None;
+    let mut socket = None;
     if let Some(listen) = admin.listen {
         let listen_err = |source| ApiError::Listen {
             addr: listen,
             source,
         };
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(listen_err)?;
+        // The daemon this one replaces still listens there: its listener is taken over.
+        let listener = match inherited.and_then(|i| i.take_named(listen, ADMIN_SOCKET, 0)) {
+            Some(fd) => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true).map_err(listen_err)?;
+                tokio::net::TcpListener::from_std(std).map_err(listen_err)?
+            }
+            None => tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(listen_err)?,
+        };
+        {
+            use std::os::fd::AsFd;
+            socket = Some(listener.as_fd().try_clone_to_owned().map_err(listen_err)?);
+        }
         let addr = listener.local_addr().map_err(listen_err)?;
         let app = guarded(Arc::clone(&control), Some(addr));
         tasks.push(tokio::spawn(super::serve::tcp(
@@ -123,7 +137,24 @@ pub async fn serve(
         )));
         info!("admin API listening on unix socket {}", path.display());
     }
-    Ok((bound, tasks))
+    Ok(Served {
+        addr: bound,
+        tasks,
+        socket,
+    })
+}
+
+/// The kind [`crate::handover`] names the admin API's TCP listener by.
+pub const ADMIN_SOCKET: &str = "admin";
+
+/// What [`serve`] started.
+pub struct Served {
+    /// The TCP address the API listens on (the port chosen when the config said 0).
+    pub addr: Option<SocketAddr>,
+    /// The listeners' tasks: abort them to stop serving.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// A duplicate of the TCP listener, for an upgrade's hand-over.
+    pub socket: Option<std::os::fd::OwnedFd>,
 }
 
 /// The unix socket at `path`, mode 0660, group `gid` when given; replaces a stale file.

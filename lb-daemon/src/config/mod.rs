@@ -67,6 +67,10 @@ pub struct Global {
     /// [`DEFAULT_BPF_PIN_DIR`], `None` when the file says `""` (nothing pinned: flows end
     /// with the daemon). Read when the eBPF plane starts; a reload does not move it.
     pub bpf_pin_dir: Option<PathBuf>,
+    /// `upgrade_socket`: the unix socket on which the daemon hands its listening sockets to
+    /// the one that replaces it (`lb-daemon upgrade`, see `crate::handover`); `None`: no
+    /// hand-over. Read at start; a reload does not move it.
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// Where the eBPF plane pins its state unless `[global] bpf_pin_dir` or

@@ -30,6 +30,7 @@ pub(super) struct RawGlobal {
     pub(super) drain_timeout: Option<Spanned<Duration>>,
     pub(super) bpf_object: Option<PathBuf>,
     pub(super) bpf_pin_dir: Option<Spanned<PathBuf>>,
+    pub(super) upgrade_socket: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -147,6 +147,17 @@ impl Validator<'_> {
                 "global.drain_timeout".into()
             })?,
             bpf_object: raw.bpf_object,
+            upgrade_socket: match raw.upgrade_socket {
+                None => None,
+                Some(p) if p.get_ref().is_absolute() => Some(p.into_inner()),
+                Some(p) => {
+                    return Err(self.invalid(
+                        p.span(),
+                        "global.upgrade_socket".into(),
+                        format!("{} is not an absolute path", p.get_ref().display()),
+                    ))
+                }
+            },
             bpf_pin_dir: match raw.bpf_pin_dir {
                 None => Some(super::default_bpf_pin_dir()),
                 Some(d) if d.get_ref().as_os_str().is_empty() => None,

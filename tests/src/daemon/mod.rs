@@ -121,6 +121,18 @@ impl Daemon {
         Ok(d)
     }
 
+    /// `lb-daemon upgrade -c FILE` with `config_toml` in FILE and `env` added to its
+    /// environment: a daemon that takes the sockets of the one serving the config's
+    /// `[global] upgrade_socket` and replaces it. Waits for its `ready`.
+    pub fn try_upgrade(config_toml: &str, env: &[(&str, &str)]) -> Result<Daemon, DaemonError> {
+        let binary = daemon_binary().map_err(DaemonError::Binary)?;
+        let file = write_config(config_toml)?;
+        let path = file.to_path_buf();
+        let mut d = Self::launch_as("upgrade", &binary, &path, Some(file), env, None)?;
+        d.wait_ready(READY_TIMEOUT)?;
+        Ok(d)
+    }
+
     /// Like [`start`](Self::start), with the daemon's pin directory `pin_dir` (see
     /// [`test_pin_dir`]), which the caller removes: a second daemon given the same directory
     /// adopts what the first one pinned.
@@ -160,7 +172,18 @@ impl Daemon {
         env: &[(&str, &str)],
         nofile: Option<u64>,
     ) -> Result<Daemon, DaemonError> {
-        let mut cmd = command(binary, "run", config);
+        Self::launch_as("run", binary, config, file, env, nofile)
+    }
+
+    fn launch_as(
+        subcommand: &str,
+        binary: &Path,
+        config: &Path,
+        file: Option<tempfile::TempPath>,
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Result<Daemon, DaemonError> {
+        let mut cmd = command(binary, subcommand, config);
         let own_pin_dir = if env.iter().any(|(k, _)| *k == BPF_PIN_DIR_ENV) {
             None
         } else {

@@ -155,6 +155,9 @@ struct Shared {
     /// Set by [`Proxy::shutdown`]: when the drain ends; [`DrainCut::now`] may move it
     /// earlier, never later.
     deadline: Mutex<Option<Instant>>,
+    /// The sockets were handed to a new daemon, which reads them now: draining, the UDP
+    /// VIP sockets stop reading (they still send the replies of this proxy's sessions).
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -268,15 +271,21 @@ impl WorkerHandle {
 struct BoundService {
     index: usize,
     listen: SocketAddr,
+    protocol: Protocol,
     clients: Arc<limits::ClientTable>,
+    /// A duplicate of each worker's socket, in worker order, to hand over in an upgrade
+    /// (`crate::handover`); closed when the service goes and when the drain starts.
+    sockets: Vec<OwnedFd>,
 }
 
 impl BoundService {
-    fn of(info: &ServiceInfo) -> BoundService {
+    fn of(info: &ServiceInfo, sockets: Vec<OwnedFd>) -> BoundService {
         BoundService {
             index: info.index,
             listen: info.listen,
+            protocol: info.protocol,
             clients: info.clients.clone(),
+            sockets,
         }
     }
 }
@@ -315,6 +324,8 @@ pub struct Proxy {
     /// [`Proxy::remove_service`] so that they apply one at a time.
     services: Mutex<Vec<BoundService>>,
     options: ProxyOptions,
+    /// Sockets taken over from the daemon this one replaces, for [`Proxy::add_service`].
+    inherited: Mutex<Option<Arc<crate::handover::Inherited>>>,
 }
 
 /// `listen(2)` backlog; the kernel caps it at `net.core.somaxconn`.
@@ -353,6 +364,12 @@ impl Proxy {
             }
         }
         let sockets = bind_all(&mut infos, workers, options)?;
+        let mut dups: Vec<Vec<OwnedFd>> = infos.iter().map(|_| Vec::new()).collect();
+        for mine in &sockets {
+            for (i, fd) in mine.iter().enumerate() {
+                dups[i].push(fd.try_clone().map_err(ProxyError::Ring)?);
+            }
+        }
         let shared = Arc::new(Shared::default());
         let (ready, readiness) = std::sync::mpsc::channel();
         let mut setups = Vec::with_capacity(workers);
@@ -386,8 +403,15 @@ impl Proxy {
         let proxy = Proxy {
             workers: Vec::with_capacity(workers),
             shared,
-            services: Mutex::new(infos.iter().map(BoundService::of).collect()),
+            services: Mutex::new(
+                infos
+                    .iter()
+                    .zip(dups)
+                    .map(|(info, dups)| BoundService::of(info, dups))
+                    .collect(),
+            ),
             options,
+            inherited: Mutex::new(None),
         };
         let proxy = proxy.spawn_workers(setups, readiness)?;
         for info in &infos {
@@ -503,12 +527,29 @@ impl Proxy {
         }
         let mut info = ServiceInfo::new(&service);
         let mut sockets = Vec::with_capacity(self.workers.len());
-        for _ in 0..self.workers.len() {
-            let (fd, bound) = bind(&info, self.options).map_err(|source| ProxyError::Bind {
+        let mut dups = Vec::with_capacity(self.workers.len());
+        let inherited = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for w in 0..self.workers.len() {
+            let taken = inherited
+                .as_ref()
+                .and_then(|i| i.take(info.listen, info.protocol, w));
+            let (fd, bound) = match taken {
+                // The old daemon's socket, its queue and its place in the reuseport group.
+                Some(fd) => (fd, info.listen),
+                None => bind(&info, self.options).map_err(|source| ProxyError::Bind {
+                    addr: info.listen,
+                    source,
+                })?,
+            };
+            info.listen = bound;
+            dups.push(fd.try_clone().map_err(|source| ProxyError::Bind {
                 addr: info.listen,
                 source,
-            })?;
-            info.listen = bound;
+            })?);
             sockets.push(fd);
         }
         let (done, outcomes) = std::sync::mpsc::channel();
@@ -531,11 +572,7 @@ impl Proxy {
             self.send_remove(info.index, Instant::now());
             return Err(ProxyError::Stopped(info.index));
         }
-        bound.push(BoundService {
-            index: info.index,
-            listen: info.listen,
-            clients: info.clients.clone(),
-        });
+        bound.push(BoundService::of(&info, dups));
         tracing::info!(
             "service {}: proxying {:?} on {} with {} worker(s)",
             info.name,
@@ -609,7 +646,51 @@ impl Proxy {
         }
     }
 
+    /// Hands the sockets of an upgrade to the new daemon from now on: it accepts on them;
+    /// this proxy's drain ([`Proxy::shutdown`]) then stops reading its UDP VIP sockets at
+    /// once (replies of its own sessions still leave through them).
+    pub fn mark_handed_over(&self) {
+        self.shared.handed_over.store(true, Ordering::Relaxed);
+    }
+
+    /// Sockets taken over from the daemon this one replaces: [`Proxy::add_service`] uses
+    /// the one of each worker whose address and protocol match instead of binding anew.
+    pub fn inherit(&self, sockets: Arc<crate::handover::Inherited>) {
+        *self.inherited.lock().unwrap_or_else(|p| p.into_inner()) = Some(sockets);
+    }
+
+    /// A duplicate of every worker's socket of every service, described, for an upgrade's
+    /// hand-over (`crate::handover`). A socket that cannot be duplicated is left out (and
+    /// logged): the new daemon binds that one anew.
+    pub fn offer(&self) -> Vec<(crate::handover::OfferedSocket, OwnedFd)> {
+        let mut out = Vec::new();
+        for s in self.bound().iter() {
+            for (worker, fd) in s.sockets.iter().enumerate() {
+                match fd.try_clone() {
+                    Ok(dup) => out.push((
+                        crate::handover::OfferedSocket {
+                            listen: s.listen,
+                            protocol: s.protocol.to_string(),
+                            worker,
+                        },
+                        dup,
+                    )),
+                    Err(e) => tracing::warn!(
+                        "upgrade: the socket of {} (worker {worker}) cannot be handed over: {e}",
+                        s.listen
+                    ),
+                }
+            }
+        }
+        out
+    }
+
     fn stop(&mut self, drain_timeout: Duration) -> u64 {
+        // The duplicates kept for a hand-over would hold the listeners open through the
+        // drain: a new connection would wait in a queue nobody accepts.
+        for s in self.bound().iter_mut() {
+            s.sockets.clear();
+        }
         self.drain_cut()
             .set_deadline(|current| current.or(Some(deadline_after(drain_timeout))));
         let mut cut = 0;

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -64,6 +64,9 @@ fn completed(in_flight: &mut u8, c: &Completion) -> bool {
 const READ_BUDGET: usize = 256;
 /// Sessions examined per sweep tick.
 const SWEEP_BUDGET: u32 = 4096;
+/// How long a session waits for its backend's replies once the sockets were handed to a new
+/// daemon (which reads the clients' datagrams now).
+const HANDED_OVER_IDLE: Duration = Duration::from_secs(2);
 
 struct Vip {
     /// Index into [`Udp::services`].
@@ -75,6 +78,9 @@ struct Vip {
     in_flight: u8,
     /// Shutting down: close once nothing is in flight.
     closing: bool,
+    /// Handed over to a new daemon, which reads it now: no more reading here, only the
+    /// replies of this worker's sessions leave through it.
+    deaf: bool,
     /// Sessions whose replies leave through this socket.
     sessions: u32,
 }
@@ -203,6 +209,7 @@ impl Udp {
             packet_info,
             in_flight: 0,
             closing: false,
+            deaf: false,
             sessions: 0,
         });
         self.services.push(info);
@@ -284,7 +291,7 @@ impl Udp {
 
     fn arm_vip(&mut self, ctx: &mut Ctx, vip: usize) {
         let v = &mut self.vips[vip];
-        if let (Some(fd), false) = (&v.fd, v.closing) {
+        if let (Some(fd), false, false) = (&v.fd, v.closing, v.deaf) {
             if v.in_flight & bit(OP_POLL) == 0 {
                 let token = Token::entry(Kind::Vip, OP_POLL, vip as u32, 0);
                 ctx.ring
@@ -317,6 +324,9 @@ impl Udp {
             if v.in_flight == 0 {
                 v.fd = None;
             }
+            return;
+        }
+        if v.deaf {
             return;
         }
         if c.result < 0 && c.token.op == OP_POLL {
@@ -801,15 +811,26 @@ impl Udp {
         }
     }
 
-    /// Ends sessions idle for their service's `idle_timeout`, looking at no more than
-    /// [`SWEEP_BUDGET`] sessions.
+    /// Ends sessions idle for their service's `idle_timeout` (after a hand-over, for at most
+    /// [`HANDED_OVER_IDLE`]), looking at no more than [`SWEEP_BUDGET`] sessions.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.refusals.prune(ctx.now);
         let (services, vips, now) = (&self.services, &self.vips, ctx.now);
+        // Handed over: the clients' datagrams go to the new daemon; a session here only
+        // waits for its backend's last replies.
+        let cap = if ctx
+            .shared
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            HANDED_OVER_IDLE
+        } else {
+            Duration::MAX
+        };
         let idle = self
             .sessions
             .sweep_due(&mut self.sweep_cursor, SWEEP_BUDGET, |s| {
-                let limit = services[vips[s.vip].service].idle_timeout;
+                let limit = services[vips[s.vip].service].idle_timeout.min(cap);
                 let idle =
                     s.closing.is_none() && now.saturating_duration_since(s.last_active) >= limit;
                 if idle {
@@ -827,8 +848,25 @@ impl Udp {
     }
 
     /// Shutdown began: no new sessions (enforced through `ctx.draining`); VIP sockets stay
-    /// open so backends' replies still reach clients until the sessions end.
-    pub(super) fn stop_accepting(&mut self, _ctx: &mut Ctx) {}
+    /// open so backends' replies still reach clients until the sessions end. After a
+    /// hand-over they stop reading at once: the new daemon reads them, and a client's
+    /// datagram read here would find no session and be dropped.
+    pub(super) fn stop_accepting(&mut self, ctx: &mut Ctx) {
+        if !ctx
+            .shared
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        for (i, v) in self.vips.iter_mut().enumerate() {
+            v.deaf = true;
+            if v.in_flight & bit(OP_POLL) != 0 {
+                ctx.ring
+                    .cancel(Token::entry(Kind::Vip, OP_POLL, i as u32, 0));
+            }
+        }
+    }
 
     /// While draining: closes the VIP sockets once no session is left.
     pub(super) fn close_vips_when_idle(&mut self, ctx: &mut Ctx) {

@@ -1,0 +1,393 @@
+//! Upgrades without a gap: the running daemon hands its listening sockets to the daemon
+//! that replaces it (`lb-daemon upgrade`), over a unix socket (`[global] upgrade_socket`),
+//! as descriptors (`SCM_RIGHTS`), the way HAProxy's `-x` and nginx's binary upgrade do. The
+//! sockets, their accept queues and their `SO_REUSEPORT` groups stay open throughout, so no
+//! connection is refused; the old daemon stops accepting once the new one is ready, lets its
+//! own connections finish (up to `drain_timeout`) and exits, leaving its eBPF data plane
+//! pinned for the new one (which adopts it at its start, see `dataplane::xdp::pins`).
+//!
+//! The exchange, on a stream socket:
+//! 1. new → old: `TAKE\n`;
+//! 2. old → new: one message whose bytes are a 4-byte big-endian length and that many bytes
+//!    of JSON ([`Offer`]: each socket's listen address, protocol and worker), with every
+//!    socket attached as `SCM_RIGHTS`, in the same order;
+//! 3. new → old, once it is ready (listening on what it took and on what it bound anew):
+//!    `READY\n`. The old daemon then stops as on SIGQUIT. If the new one goes away without
+//!    `READY` (it failed to start), the old one goes on as if nothing happened.
+//!
+//! Between 1 and 3 both daemons accept on the same sockets, and both may write the pinned
+//! eBPF maps: the old one only when a backend's health or DNS records change in that window
+//! (a second or two); the new one builds its tables from its own view once it runs.
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use tracing::{info, warn};
+
+use crate::config::Protocol;
+
+/// Most descriptors one `SCM_RIGHTS` message carries (the kernel's `SCM_MAX_FD`).
+pub const MAX_SOCKETS: usize = 253;
+/// Largest offer accepted, in bytes of JSON.
+const MAX_OFFER: usize = 1 << 20;
+/// How long the new daemon waits for the old one's offer.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the hand-over did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The socket could not be reached, bound, read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The hand-over socket.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The other side said something this daemon does not understand.
+    #[error("{}: {what}", path.display())]
+    Protocol {
+        /// The hand-over socket.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// One socket offered: where it listens, for which protocol, on which proxy worker.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OfferedSocket {
+    /// The address it is bound to.
+    pub listen: SocketAddr,
+    /// `tcp` (a proxy listener), `udp` (a VIP socket), or `admin` (the admin API's
+    /// listener).
+    pub protocol: String,
+    /// The old daemon's proxy worker that used it.
+    pub worker: usize,
+}
+
+/// What the old daemon offers: its sockets, in the order of the descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Offer {
+    /// The sockets.
+    pub sockets: Vec<OfferedSocket>,
+}
+
+/// The sockets a new daemon took over, until its proxy takes them ([`Inherited::take`]).
+#[derive(Debug, Default)]
+pub struct Inherited {
+    sockets: Mutex<Vec<(OfferedSocket, OwnedFd)>>,
+}
+
+impl Inherited {
+    /// The socket bound to `listen` for `protocol` that worker `worker` used, if one was
+    /// handed over and not taken yet.
+    pub fn take(&self, listen: SocketAddr, protocol: Protocol, worker: usize) -> Option<OwnedFd> {
+        self.take_named(listen, &protocol.to_string(), worker)
+    }
+
+    /// The socket bound to `listen` of kind `kind` (`tcp`, `udp`, or another part of the
+    /// daemon's: the admin API's `admin`) for `worker`, if one was handed over and not taken.
+    pub fn take_named(&self, listen: SocketAddr, kind: &str, worker: usize) -> Option<OwnedFd> {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let at = sockets
+            .iter()
+            .position(|(s, _)| s.listen == listen && s.protocol == kind && s.worker == worker)?;
+        Some(sockets.remove(at).1)
+    }
+
+    /// Closes the sockets no service took (the new config dropped their service, or runs
+    /// fewer workers); returns their addresses. TCP connections still queued on one of them
+    /// are reset by the kernel.
+    pub fn close_rest(&self) -> Vec<SocketAddr> {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        sockets.drain(..).map(|(s, _)| s.listen).collect()
+    }
+
+    /// How many sockets are left to take.
+    pub fn len(&self) -> usize {
+        self.sockets.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether every socket was taken.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The new daemon's end of a hand-over: tell the old one when ready.
+pub struct Taken {
+    stream: UnixStream,
+    path: PathBuf,
+}
+
+impl Taken {
+    /// Tells the old daemon that this one is ready: it stops accepting and drains.
+    ///
+    /// Returns `Err(HandoverError::Io)` when the old daemon cannot be told (it is gone).
+    pub fn ready(mut self) -> Result<(), HandoverError> {
+        self.stream
+            .write_all(b"READY\n")
+            .map_err(|source| HandoverError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// The new daemon's side: asks the daemon serving `path` for its sockets.
+///
+/// Returns `Err(HandoverError::Io)` when no daemon answers there, `Err(HandoverError::
+/// Protocol)` when the answer is not an offer.
+pub fn take_over(path: &Path) -> Result<(Inherited, Taken), HandoverError> {
+    let io_err = |source| HandoverError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |what: String| HandoverError::Protocol {
+        path: path.to_path_buf(),
+        what,
+    };
+    let mut stream = UnixStream::connect(path).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(OFFER_TIMEOUT))
+        .map_err(io_err)?;
+    stream.write_all(b"TAKE\n").map_err(io_err)?;
+    let (bytes, fds) = receive(stream.as_fd()).map_err(io_err)?;
+    let mut bytes = bytes;
+    if bytes.len() < 4 {
+        return Err(bad(format!("an offer of {} bytes", bytes.len())));
+    }
+    let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len > MAX_OFFER {
+        return Err(bad(format!("an offer of {len} bytes")));
+    }
+    // The rest of a long offer follows without descriptors.
+    while bytes.len() < 4 + len {
+        let mut more = vec![0; 4 + len - bytes.len()];
+        let n = stream.read(&mut more).map_err(io_err)?;
+        if n == 0 {
+            return Err(bad("the offer ended early".into()));
+        }
+        bytes.extend_from_slice(&more[..n]);
+    }
+    let offer: Offer = serde_json::from_slice(&bytes[4..4 + len])
+        .map_err(|e| bad(format!("an offer that is not JSON: {e}")))?;
+    if offer.sockets.len() != fds.len() {
+        return Err(bad(format!(
+            "{} sockets described, {} received",
+            offer.sockets.len(),
+            fds.len()
+        )));
+    }
+    stream.set_read_timeout(None).map_err(io_err)?;
+    info!(
+        "upgrade: took {} listening socket(s) from the running daemon ({})",
+        fds.len(),
+        path.display()
+    );
+    Ok((
+        Inherited {
+            sockets: Mutex::new(offer.sockets.into_iter().zip(fds).collect()),
+        },
+        Taken {
+            stream,
+            path: path.to_path_buf(),
+        },
+    ))
+}
+
+/// Receives one message and the descriptors attached to it.
+fn receive(fd: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these descriptors in this process for us;
+            // nothing else owns them.
+            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+        }
+    }
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let n = msg.bytes;
+    buf.truncate(n);
+    if truncated {
+        return Err(io::Error::other(
+            "more descriptors than one message carries",
+        ));
+    }
+    Ok((buf, fds))
+}
+
+/// The old daemon's side: the hand-over socket, served on a thread of its own.
+pub struct Server;
+
+impl Server {
+    /// Binds `path` (a stale socket file there is replaced; the socket is made 0600) and
+    /// serves it on a thread: each `TAKE` gets the sockets `offer` lists at that moment; a
+    /// `READY` that follows calls `on_ready` once, and the thread ends.
+    ///
+    /// Returns `Err(HandoverError::Io)` when the socket cannot be bound.
+    pub fn start(
+        path: &Path,
+        offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)> + Send + 'static,
+        on_ready: impl FnOnce() + Send + 'static,
+    ) -> Result<Server, HandoverError> {
+        let io_err = |source| HandoverError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(io_err)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+        let shown = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("lb-handover".into())
+            .spawn(move || serve(listener, &shown, offer, on_ready))
+            .map_err(io_err)?;
+        info!("upgrade: hand-over socket at {}", path.display());
+        Ok(Server)
+    }
+}
+
+fn serve(
+    listener: UnixListener,
+    path: &Path,
+    offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)>,
+    on_ready: impl FnOnce(),
+) {
+    for conn in listener.incoming() {
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("upgrade: {}: accept failed: {e}", path.display());
+                continue;
+            }
+        };
+        match exchange(&mut stream, &offer) {
+            Ok(true) => {
+                info!("upgrade: the new daemon is ready; this one stops accepting and drains");
+                on_ready();
+                return;
+            }
+            Ok(false) => {
+                warn!("upgrade: the new daemon went away before it was ready; this one goes on")
+            }
+            Err(e) => warn!("upgrade: {}: {e}; this one goes on", path.display()),
+        }
+    }
+}
+
+/// One hand-over: `TAKE`, the offer, then `READY` (`Ok(true)`) or the end of the stream
+/// (`Ok(false)`).
+fn exchange(
+    stream: &mut UnixStream,
+    offer: &impl Fn() -> Vec<(OfferedSocket, OwnedFd)>,
+) -> io::Result<bool> {
+    let mut word = [0u8; 5];
+    stream.read_exact(&mut word)?;
+    if &word != b"TAKE\n" {
+        return Err(io::Error::other("not a hand-over request"));
+    }
+    let sockets = offer();
+    if sockets.len() > MAX_SOCKETS {
+        return Err(io::Error::other(format!(
+            "{} sockets to hand over, more than the {MAX_SOCKETS} one message carries",
+            sockets.len()
+        )));
+    }
+    let (described, fds): (Vec<OfferedSocket>, Vec<OwnedFd>) = sockets.into_iter().unzip();
+    let json = serde_json::to_vec(&Offer { sockets: described }).map_err(io::Error::other)?;
+    let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&bytes)],
+        if raw.is_empty() { &[] } else { &cmsg },
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(io::Error::from)?;
+    stream.write_all(&bytes[sent..])?;
+    info!("upgrade: handed {} socket(s) to the new daemon", fds.len());
+    let mut ready = [0u8; 6];
+    match stream.read_exact(&mut ready) {
+        Ok(()) if &ready == b"READY\n" => Ok(true),
+        Ok(()) => Err(io::Error::other("not READY")),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_cross_with_their_descriptions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("upgrade.sock");
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = a.local_addr().expect("addr");
+        let fd: OwnedFd = a.into();
+        let dup = fd.try_clone().expect("dup");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let offered = Mutex::new(Some(dup));
+        let _server = Server::start(
+            &path,
+            move || {
+                let fd = offered.lock().expect("lock").take().expect("offered once");
+                vec![(
+                    OfferedSocket {
+                        listen: addr,
+                        protocol: "tcp".into(),
+                        worker: 0,
+                    },
+                    fd,
+                )]
+            },
+            move || ready_tx.send(()).expect("ready"),
+        )
+        .expect("serve");
+        let (inherited, taken) = take_over(&path).expect("take over");
+        assert_eq!(inherited.len(), 1);
+        assert!(inherited.take(addr, Protocol::Udp, 0).is_none(), "not udp");
+        let got = inherited
+            .take(addr, Protocol::Tcp, 0)
+            .expect("the listener");
+        // The same socket: a connection to the old one is accepted from the new descriptor.
+        drop(fd);
+        let listener = std::net::TcpListener::from(got);
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let (_, from) = listener
+            .accept()
+            .expect("accepted from the handed-over socket");
+        assert!(from.ip().is_loopback());
+        taken.ready().expect("ready sent");
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the old side saw READY");
+    }
+}
