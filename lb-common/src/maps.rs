@@ -399,7 +399,7 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 /// daemon adopts a pinned set only of its own layout version, and replaces (cuts) any other.
 /// Bump it with any change to a pinned map's type, size, key or value layout, or to what a
 /// field means; the pinned set then lives in another directory (`v{LAYOUT_VERSION}`).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// The maps pinned under `bpf_pin_dir/v{LAYOUT_VERSION}/` (one file per map, by name): the
 /// state that must outlive the daemon for flows to outlive it. The per-CPU scratch maps and
@@ -791,6 +791,10 @@ pub const NAT_F_TIME_WAIT: u32 = 8;
 /// [`NatReverse::state`] flag: a CPU won the compare-and-swap for the port and is replacing
 /// the entry; no other CPU may take it meanwhile.
 pub const NAT_F_CLAIMED: u32 = 16;
+/// [`NatReverse::state`] flag (TCP): the backend answered the flow (a SYN-ACK, or any reply
+/// but an RST). An RST before it is the backend refusing the connection: the program drops
+/// it so that the client retries ([`Stat::DropRefusedSyn`](crate::Stat::DropRefusedSyn)).
+pub const NAT_F_ANSWERED: u32 = 32;
 
 /// Seconds a SNAT port whose flow ended without TIME_WAIT on the backend (the client's FIN
 /// first, or an RST) stays out of use, at most [`Service::snat_hold_s`]: enough for the

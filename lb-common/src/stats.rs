@@ -131,10 +131,16 @@ pub enum Stat {
     /// of a service with no eligible backend, or one that stopped taking new flows (the daemon
     /// drains on SIGTERM), so the client fails at once instead of retrying a dropped SYN.
     RefusedNoBackend = 34,
+    /// Dropped: a backend's RST answering a `nat` flow's SYN before the backend answered
+    /// anything else of it (the backend refused the connection: stopped, or its port
+    /// closed). The client resends its SYN (1 s later on Linux), which is placed again, on
+    /// another backend once the health checks took this one out: a dead backend costs the
+    /// client a second, not the connection (the proxy retries another backend the same way).
+    DropRefusedSyn = 35,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 35;
+pub const STATS_LEN: u32 = 36;
 
 impl Stat {
     /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
@@ -174,6 +180,7 @@ impl Stat {
         Stat::DropTtlExpired,
         Stat::TooBigSent,
         Stat::RefusedNoBackend,
+        Stat::DropRefusedSyn,
     ];
 
     /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
@@ -215,6 +222,7 @@ impl Stat {
             Stat::DropTtlExpired => "drop_ttl_expired",
             Stat::TooBigSent => "too_big_sent",
             Stat::RefusedNoBackend => "refused_no_backend",
+            Stat::DropRefusedSyn => "drop_refused_syn",
         }
     }
 

@@ -259,7 +259,7 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     }
     // SAFETY: a helper without arguments.
     let now = ct_seconds(unsafe { bpf_ktime_get_ns() });
-    let r = nat::reverse(&p.key, p.tcp_flags, now).ok_or(Stat::PassNotVip)?;
+    let r = nat::reverse(&p.key, p.tcp_flags, now).ok_or(Stat::PassNotVip)??;
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The backend ends the flow: its client's slot goes back as for the client's FIN.
         let client = FlowKey {

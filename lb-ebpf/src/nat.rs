@@ -14,11 +14,11 @@ use core::{
 };
 
 use lb_common::{
-    flow::IPPROTO_UDP,
+    flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
     maps::{
         local_addr_index, nat_flags, nat_seen, nat_state, snat_addr_index, NatReverse, Service,
-        CT_REFRESH_SECS, FAMILY_V4, NAT_F_CLAIMED, NAT_F_ENDED, NAT_F_FIN_BACKEND,
+        CT_REFRESH_SECS, FAMILY_V4, NAT_F_ANSWERED, NAT_F_CLAIMED, NAT_F_ENDED, NAT_F_FIN_BACKEND,
         NAT_F_FIN_CLIENT, NAT_F_TIME_WAIT, SNAT_QUIET_S,
     },
     FlowKey, Stat,
@@ -344,12 +344,30 @@ pub fn find(key: &FlowKey) -> Option<*const NatReverse> {
 /// The translation of a reply `key` back to VIP → client, if it belongs to a NAT'ed flow;
 /// notes the reply's `tcp_flags` (the backend's FIN or RST ends the flow's port, see
 /// [`snat_port`]) at time `now` (`ct_seconds`).
+///
+/// A TCP reply that is the backend's first is noted as its answer ([`NAT_F_ANSWERED`]),
+/// unless it is an RST: the backend refused the connection, and
+/// `Err(Stat::DropRefusedSyn)` says to drop it, leaving the port and the flow as they are, so
+/// that the client's next SYN finds them and is placed again (on another backend once the
+/// daemon took this one out of the table).
 #[inline(always)]
-pub fn reverse(key: &FlowKey, tcp_flags: u8, now: u32) -> Option<NatReverse> {
+pub fn reverse(key: &FlowKey, tcp_flags: u8, now: u32) -> Option<Result<NatReverse, Stat>> {
     let r = NAT_REVERSE.get_ptr_mut(key)?;
+    if key.protocol == IPPROTO_TCP {
+        let state = state_of(r);
+        // SAFETY: the aligned state word of a live map value (see `track`).
+        let flags = nat_flags(unsafe { state.read_volatile() });
+        if flags & (NAT_F_ANSWERED | NAT_F_ENDED) == 0 {
+            if tcp_flags & TCP_RST != 0 {
+                return Some(Err(Stat::DropRefusedSyn));
+            }
+            // SAFETY: as above; an atomic OR keeps the bits another CPU sets meanwhile.
+            unsafe { atomic_or::<u64, u64, { Relaxed }>(state, nat_state(0, NAT_F_ANSWERED)) };
+        }
+    }
     track(r, tcp_flags, NAT_F_FIN_BACKEND, now);
     // SAFETY: a live map value, copied out at once.
-    Some(unsafe { *r })
+    Some(Ok(unsafe { *r }))
 }
 
 /// Rewrites the parsed packet's addresses and ports to `src`:`sport` → `dst`:`dport` (ports

@@ -90,7 +90,7 @@ fn two_daemons_with_permuted_configs_and_dns_answers_build_the_same_tables() {
         w.daemon
             .pin_dir()
             .unwrap_or_else(|| panic!("the helper gave the daemon no pin directory"))
-            .join("v1")
+            .join(format!("v{}", lb_common::maps::LAYOUT_VERSION))
     };
     let (pins_a, pins_b) = (pins(&a), pins(&b));
     let mut ids = Vec::new();

@@ -140,7 +140,7 @@ fn kill(world: &mut World, path: Path, signal: Signal) {
 fn kill_and_restart(path: Path, signal: Signal) {
     let pins = PinDir(test_pin_dir());
     let (mut world, toml) = start(path, &pins);
-    let set = pins.0.join("v1");
+    let set = pins.0.join(format!("v{}", lb_common::maps::LAYOUT_VERSION));
     assert!(
         set.join("CONNTRACK").exists() && set.join("VIPS").exists(),
         "{path:?}: the daemon pinned no maps under {}",
@@ -250,7 +250,11 @@ fn other_layout(path: Path) {
     let pins = PinDir(test_pin_dir());
     let (mut world, toml) = start(path, &pins);
     kill(&mut world, path, Signal::SIGKILL);
-    std::fs::rename(pins.0.join("v1"), pins.0.join("v0")).expect("rename the pinned set");
+    std::fs::rename(
+        pins.0.join(format!("v{}", lb_common::maps::LAYOUT_VERSION)),
+        pins.0.join("v0"),
+    )
+    .expect("rename the pinned set");
 
     world.daemon = in_netns(&world.topology.balancer, || {
         Daemon::start_pinned(&toml, &pins.0)

@@ -330,7 +330,15 @@ fn a_client_at_its_connection_limit_is_refused_until_a_fin_or_rst_of_one_of_its_
         "a third open connection again",
     );
 
-    // The backend resets the second flow (NAT reply path): its slot goes back too.
+    // The backend resets the second flow (NAT reply path), which it had answered (an RST
+    // before any answer is a refused SYN, dropped so that the client retries): its slot goes
+    // back too.
+    lab.expect(
+        lab.vb,
+        &reply(snat_42001, TCP_SYN | TCP_ACK),
+        XDP_REDIRECT,
+        "the backend's SYN-ACK",
+    );
     lab.expect(
         lab.vb,
         &reply(snat_42001, TCP_RST | TCP_ACK),

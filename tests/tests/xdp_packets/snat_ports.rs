@@ -80,6 +80,13 @@ fn twenty_flows_closed_one_after_another_reuse_a_four_port_range() {
                 &format!("flow {n}'s client RST"),
             );
         } else {
+            // Answered first: an RST before any answer is a refusal (see below).
+            lab.expect(
+                lab.vb,
+                &backend(port, TCP_SYN | TCP_ACK),
+                XDP_REDIRECT,
+                &format!("flow {n}'s backend SYN-ACK"),
+            );
             lab.expect(
                 lab.vb,
                 &backend(port, TCP_RST | TCP_ACK),
@@ -96,6 +103,47 @@ fn twenty_flows_closed_one_after_another_reuse_a_four_port_range() {
         ),
         (0, 0),
         "a SYN found no SNAT port though every earlier flow had ended"
+    );
+}
+
+/// A backend that refuses a connection (an RST answering the SYN: its server is stopped)
+/// does not fail the client: the RST is dropped and counted, the flow keeps its port, and
+/// the client's resent SYN goes out again; once the backend answered, its RST is the
+/// connection's end and reaches the client.
+#[test]
+fn a_backends_refusal_of_a_syn_is_dropped_so_the_client_retries() {
+    let Some(lab) = nat_lab("snat_refused", 4, 0) else {
+        return;
+    };
+    let port = open(&lab, 45_000, "the SYN");
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_RST | TCP_ACK),
+        XDP_DROP,
+        "the backend's RST refusing the SYN",
+    );
+    assert_eq!(lab.stat(Stat::DropRefusedSyn), 1, "refusal counted");
+    assert_eq!(
+        open(&lab, 45_000, "the client's resent SYN"),
+        port,
+        "the resent SYN took another port: the refused flow's was freed or lost"
+    );
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_SYN | TCP_ACK),
+        XDP_REDIRECT,
+        "the backend's SYN-ACK to the resent SYN",
+    );
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_RST | TCP_ACK),
+        XDP_REDIRECT,
+        "the backend's RST once it had answered",
+    );
+    assert_eq!(
+        lab.stat(Stat::DropRefusedSyn),
+        1,
+        "an answered flow's RST was dropped"
     );
 }
 
