@@ -67,7 +67,7 @@ pub struct Plan {
 /// Compares the config in force (`running`, carried by `services`) with `new`.
 ///
 /// Returns `Err(ReloadError::NeedsRestart)` for a change that cannot be applied without a restart: `[global]
-/// workers`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
+/// workers`, `bpf_pin_dir` or `upgrade_socket`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
 /// retries at the same address (the proxy fixes them when a service starts, and replacing
 /// the service on the same address would reset connections waiting to be accepted).
 pub fn plan(
@@ -83,6 +83,17 @@ pub fn plan(
     }
     if running.admin.fixed_part() != new.admin.fixed_part() {
         return refuse("the [admin] addresses changed; they are fixed until restart".into());
+    }
+    if running.global.bpf_pin_dir != new.global.bpf_pin_dir {
+        return refuse(
+            "global.bpf_pin_dir changed; the eBPF plane's pins stay where they are until restart"
+                .into(),
+        );
+    }
+    if running.global.upgrade_socket != new.global.upgrade_socket {
+        return refuse(
+            "global.upgrade_socket changed; the hand-over socket is fixed until restart".into(),
+        );
     }
     let mut plan = Plan::default();
     for s in &new.services {
@@ -602,5 +613,15 @@ address = "127.0.0.1:9001"
         assert!(plan(&old, &new, &running(&old))
             .err()
             .is_some_and(|w| w.to_string().contains("admin")));
+        let mut new = old.clone();
+        new.global.bpf_pin_dir = None;
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.to_string().contains("bpf_pin_dir")));
+        let mut new = old.clone();
+        new.global.upgrade_socket = Some("/run/lb/other.sock".into());
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.to_string().contains("upgrade_socket")));
     }
 }

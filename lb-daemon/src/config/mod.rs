@@ -65,11 +65,11 @@ pub struct Global {
     /// `bpf_pin_dir`: the bpffs directory where the eBPF plane pins its maps and program
     /// links, so that flows outlive the daemon (a restart adopts them); default
     /// [`DEFAULT_BPF_PIN_DIR`], `None` when the file says `""` (nothing pinned: flows end
-    /// with the daemon). Read when the eBPF plane starts; a reload does not move it.
+    /// with the daemon). Fixed until restart (a reload that changes it is refused).
     pub bpf_pin_dir: Option<PathBuf>,
     /// `upgrade_socket`: the unix socket on which the daemon hands its listening sockets to
     /// the one that replaces it (`lb-daemon upgrade`, see `crate::handover`); `None`: no
-    /// hand-over. Read at start; a reload does not move it.
+    /// hand-over. Fixed until restart (a reload that changes it is refused).
     pub upgrade_socket: Option<PathBuf>,
 }
 
