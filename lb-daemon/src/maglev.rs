@@ -36,6 +36,23 @@ pub const SKIP_SEED: u64 = 0x6d61_676c_6576_5f73; // "maglev_s"
 /// service is expected to have, as the paper advises.
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
 
+/// A Maglev table in brief: its size M and a 64-bit FNV-1a hash of the backend address in
+/// every slot, in slot order. Equal digests: the same backend in every slot (to a hash
+/// collision), whatever the order of the config, DNS answers or ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TableDigest {
+    /// Slots, M.
+    pub size: u32,
+    /// FNV-1a (64 bits) of the slots' backend addresses; written as 16 hex digits in JSON
+    /// (a JSON number loses a u64's low bits in many readers).
+    #[serde(serialize_with = "hex64")]
+    pub fnv1a: u64,
+}
+
+fn hex64<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:016x}"))
+}
+
 /// A backend as the table builder sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaglevBackend {
@@ -117,6 +134,32 @@ impl MaglevTable {
         Ok(MaglevTable {
             entries: fill(&ranked, &quotas, size),
         })
+    }
+
+    /// The table's digest, `backends` being the slice it was built from: what two balancer
+    /// nodes compare to know they place every flow alike.
+    pub fn digest(&self, backends: &[MaglevBackend]) -> TableDigest {
+        // FNV-1a, 64 bits, over each slot's backend address (IP octets, then the port, big
+        // endian): fixed, so that any two builds of the daemon agree.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for &e in &self.entries {
+            let a = backends[e as usize].address;
+            match a.ip() {
+                std::net::IpAddr::V4(ip) => eat(&ip.octets()),
+                std::net::IpAddr::V6(ip) => eat(&ip.octets()),
+            }
+            eat(&a.port().to_be_bytes());
+        }
+        TableDigest {
+            size: self.size(),
+            fnv1a: h,
+        }
     }
 
     /// The index (into the slice given to [`MaglevTable::build`]) of the backend for a flow
@@ -473,6 +516,21 @@ fn fill(ranked: &[Ranked], quotas: &[u32], size: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digest_depends_on_the_backends_and_weights_not_their_order() {
+        let b = |i: u8, w: u32| MaglevBackend {
+            address: SocketAddr::from(([10, 0, 0, i], 80)),
+            weight: w,
+        };
+        let one = [b(1, 1), b(2, 2), b(3, 3)];
+        let other = [b(3, 3), b(1, 1), b(2, 2)];
+        let digest =
+            |set: &[MaglevBackend]| MaglevTable::build(set, 65537).expect("a table").digest(set);
+        assert_eq!(digest(&one), digest(&other));
+        assert_eq!(digest(&one).size, 65537);
+        assert_ne!(digest(&one), digest(&[b(1, 1), b(2, 2), b(3, 2)]));
+    }
     use std::collections::HashMap;
     use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -2,9 +2,9 @@
 //! whose configs list the services and the backends in other orders, one of them finding
 //! its backends through DNS answers in yet another order (so their service and backend ids
 //! differ), hold tables that name the same backend in every slot. Read from the kernel's
-//! maps through the daemons' pins: the tables the eBPF plane forwards by, slot for slot.
-//! (The proxy plane builds its table with the same function from the same (address, weight)
-//! pairs: `lb-daemon/src/maglev.rs`, whose unit tests permute the input.)
+//! maps through the daemons' pins: the tables the eBPF plane forwards by, slot for slot; and
+//! the daemon's own table (the proxy's scheduler, `/status` `maglev_table`) is that one. Two
+//! proxy daemons fed permuted configs and DNS answers show the same `maglev_table` digest.
 //!
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData};
 use lb_common::maps::{table_index, Backend, Service, VipKey, VipValue};
-use lb_tests::config::DaemonConfig;
+use lb_tests::admin;
+use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::xdp::world::{service, World, BULK, WEB};
 use lb_tests::xdp::{backend_ip, bpf_object, in_netns, Mode, Path, VIP};
-use lb_tests::Daemon;
+use lb_tests::{Daemon, HttpNameServer};
 
 const NAME: &str = "bulk.lb-test";
 
@@ -122,6 +123,22 @@ fn two_daemons_with_permuted_configs_and_dns_answers_build_the_same_tables() {
             "{vip}: {differ} of {} slots name another backend on node B",
             table_a.len()
         );
+        // The daemon's own table (the one its proxy would schedule by) is the kernel's.
+        let st = in_netns(&a.topology.balancer, || {
+            admin::status(a.daemon.admin_addr())
+        })
+        .expect("enter the balancer namespace");
+        let name = if port == WEB { "web" } else { "bulk" };
+        let shown = st["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == name))
+            .map(|s| s["maglev_table"].clone())
+            .unwrap_or_default();
+        assert_eq!(
+            shown,
+            serde_json::json!({"size": 65537, "fnv1a": digest(&table_a)}),
+            "{vip}: /status shows another table than the kernel's"
+        );
         if port == WEB {
             // The weights hold: backend 3 (weight 3) has three times backend 1's slots.
             let share = |i: usize| table_a.iter().filter(|a| **a == backends[i - 1]).count();
@@ -136,6 +153,23 @@ fn two_daemons_with_permuted_configs_and_dns_answers_build_the_same_tables() {
         ids.iter().any(|(x, y)| x != y),
         "the two nodes gave the services the same ids ({ids:?}): the test shows nothing"
     );
+}
+
+/// The FNV-1a digest of a table of backend addresses, as `/status` `maglev_table` writes it.
+fn digest(table: &[SocketAddr]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for a in table {
+        let mut bytes = match a.ip() {
+            IpAddr::V4(ip) => ip.octets().to_vec(),
+            IpAddr::V6(ip) => ip.octets().to_vec(),
+        };
+        bytes.extend_from_slice(&a.port().to_be_bytes());
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 /// The live table of the service at `vip` (TCP) in the pinned maps under `set`: each slot's
@@ -174,4 +208,87 @@ fn live_table(set: &FsPath, vip: SocketAddr) -> (Vec<SocketAddr>, u32) {
         })
         .collect();
     (table, id)
+}
+
+/// The same on the proxy plane: two daemons on loopback, one with the backends in another
+/// order and the other service's from DNS answers in another order, show the same table
+/// digest for each service.
+#[test]
+fn two_proxy_daemons_with_permuted_configs_and_dns_answers_show_the_same_table() {
+    if !lb_tests::require_root("same_table::two_proxy_daemons") {
+        return;
+    }
+    let port = lb_tests::free_port();
+    let ip = |i: u8| IpAddr::from([127, 0, 0, i]);
+    let servers: Vec<HttpNameServer> = (2..=5)
+        .map(|i| {
+            HttpNameServer::start_on(&format!("b{i}"), SocketAddr::new(ip(i), port))
+                .expect("backend starts")
+        })
+        .collect();
+    let backend = |i: u8| SocketAddr::new(ip(i), port);
+    let with = |s: ServiceConfig, list: &[(u8, u32)]| {
+        list.iter()
+            .fold(s.fast_health("tcp"), |s, &(i, w)| s.backend(backend(i), w))
+    };
+    let a = Daemon::start(
+        &DaemonConfig::new()
+            .service(with(
+                ServiceConfig::tcp("web", lb_tests::ports::free_addr()),
+                &[(2, 1), (3, 2), (4, 3), (5, 1)],
+            ))
+            .service(with(
+                ServiceConfig::tcp("named", lb_tests::ports::free_addr()),
+                &[(2, 1), (3, 1), (4, 1), (5, 1)],
+            ))
+            .to_toml(),
+    );
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hosts = dir.path().join("hosts");
+    let mut text = String::from("127.0.0.1 localhost\n");
+    for i in [5, 3, 2, 4] {
+        text.push_str(&format!("{} {NAME}\n", ip(i)));
+    }
+    std::fs::write(&hosts, text).expect("hosts written");
+    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts);
+    let config = dir.path().join("lb.toml");
+    std::fs::write(
+        &config,
+        DaemonConfig::new()
+            .service(
+                ServiceConfig::tcp("named", lb_tests::ports::free_addr())
+                    .fast_health("tcp")
+                    .set("resolve_interval", "300ms")
+                    .backend_named(&format!("{NAME}:{port}"), 1),
+            )
+            .service(with(
+                ServiceConfig::tcp("web", lb_tests::ports::free_addr()),
+                &[(5, 1), (4, 3), (2, 1), (3, 2)],
+            ))
+            .to_toml(),
+    )
+    .expect("config written");
+    let b = Daemon::spawn(&wrapper, &config, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"));
+    let table = |d: &Daemon, name: &str| {
+        admin::status(d.admin_addr())["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == name))
+            .map(|s| s["maglev_table"].clone())
+            .unwrap_or_default()
+    };
+    // B's named service follows its DNS answers: wait for all four.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while table(&b, "named") != table(&a, "named") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for name in ["web", "named"] {
+        let (ta, tb) = (table(&a, name), table(&b, name));
+        assert!(
+            ta["size"] == 65537 && ta["fnv1a"].is_string(),
+            "{name}: node A shows no table: {ta}"
+        );
+        assert_eq!(ta, tb, "{name}: the two proxy daemons hold other tables");
+    }
+    drop(servers);
 }

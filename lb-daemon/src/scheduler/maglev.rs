@@ -7,7 +7,7 @@ use lb_common::{flow_hash, FlowKey};
 
 use super::{eligible, was_tried, Candidate, Scheduler, SchedulerError};
 use crate::backend_stats::BackendId;
-use crate::maglev::{MaglevBackend, MaglevTable};
+use crate::maglev::{MaglevBackend, MaglevTable, TableDigest};
 
 /// Picks the backend of `flow_hash(flow) % M` in a weighted Maglev table.
 ///
@@ -18,6 +18,7 @@ pub struct MaglevScheduler {
     candidates: Vec<Candidate>,
     table: MaglevTable,
     key: fn(&FlowKey) -> u32,
+    digest: TableDigest,
 }
 
 impl MaglevScheduler {
@@ -45,10 +46,12 @@ impl MaglevScheduler {
             })
             .collect();
         let table = MaglevTable::build(&backends, table_size)?;
+        let digest = table.digest(&backends);
         Ok(MaglevScheduler {
             candidates,
             table,
             key,
+            digest,
         })
     }
 
@@ -65,6 +68,10 @@ impl MaglevScheduler {
 }
 
 impl Scheduler for MaglevScheduler {
+    fn table_digest(&self) -> Option<TableDigest> {
+        Some(self.digest)
+    }
+
     fn pick(&self, flow: &FlowKey, tried: &[BackendId]) -> Option<BackendId> {
         let id_at = |slot: u32| self.candidates[self.table.entries()[slot as usize] as usize].id;
         let m = self.table.size();

@@ -32,6 +32,12 @@ pub trait Scheduler: Send + Sync {
     /// Picks an eligible backend for `flow` that is not in `tried` (backends this flow
     /// already failed to connect to). `None` when every eligible backend is in `tried`.
     fn pick(&self, flow: &FlowKey, tried: &[BackendId]) -> Option<BackendId>;
+
+    /// The scheduler's Maglev table as every balancer node must build it (see
+    /// [`crate::maglev::TableDigest`]); `None` for schedulers without one.
+    fn table_digest(&self) -> Option<crate::maglev::TableDigest> {
+        None
+    }
 }
 
 /// A backend that may receive new flows (up, weight > 0), as handed to a scheduler.

@@ -37,6 +37,10 @@ impl Scheduler for SourceHash {
     fn pick(&self, flow: &FlowKey, tried: &[BackendId]) -> Option<BackendId> {
         self.0.pick(flow, tried)
     }
+
+    fn table_digest(&self) -> Option<crate::maglev::TableDigest> {
+        self.0.table_digest()
+    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,12 @@ impl ServiceRuntime {
             listen: st.config.listen,
             protocol: st.config.protocol.to_string(),
             scheduler: st.config.scheduler.to_string(),
+            maglev_table: self
+                .snapshot
+                .load()
+                .scheduler
+                .as_ref()
+                .and_then(|s| s.table_digest()),
             generation: self.snapshot.load().generation,
             backends: st
                 .backends
