@@ -128,3 +128,80 @@ fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
         "one packet counted on the backend"
     );
 }
+
+/// Several balancers behind ECMP: a flow another node started arrives here mid-way (an ACK,
+/// no conntrack entry). In DSR mode it is placed by the table, as its SYN was on the other
+/// node with the same table, and goes on: Katran's way (issue 14). Its conntrack entry then
+/// keeps it there when the table changes.
+#[test]
+fn dsr_a_mid_flow_packet_without_conntrack_is_placed_by_the_table_and_kept() {
+    let Some(mut lab) = lab("dsr_mid_flow") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 0);
+    lab.backend(1, B2_4.into(), 0);
+    lab.service(
+        1,
+        VIP4.into(),
+        80,
+        IPPROTO_TCP,
+        MODE_DSR,
+        &[0, 1, 0, 1, 1, 0, 1],
+    );
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let segment = |sport: u16, flags: u8| {
+        Packet::tcp(client, sport, vip, 80, flags)
+            .payload(b"x")
+            .frame(VC_MAC, CLIENT_MAC)
+    };
+    // The outer (IPIP) destination of an untagged frame without IP options.
+    let outer_dst = |f: &[u8]| Ipv4Addr::new(f[30], f[31], f[32], f[33]);
+    let mut placed = Vec::new();
+    for sport in 46_000..46_030u16 {
+        let out = lab.expect(
+            lab.vc,
+            &segment(sport, TCP_ACK),
+            XDP_REDIRECT,
+            &format!("flow {sport}'s ACK with no conntrack entry"),
+        );
+        placed.push((sport, outer_dst(&out)));
+    }
+    let on_b2 = placed.iter().filter(|(_, b)| *b == B2_4).count();
+    assert!(
+        on_b2 > 0 && on_b2 < placed.len(),
+        "mid-flow packets all went to one backend: {placed:?}"
+    );
+    // Where the table puts the flow: its SYN, with the entry gone, goes to the same backend.
+    for &(sport, backend) in &placed[..10] {
+        let key = flow(client, sport, vip, 80, IPPROTO_TCP);
+        lab.conntrack
+            .remove(&key)
+            .expect("the ACK made a conntrack entry");
+        let out = lab.expect(
+            lab.vc,
+            &segment(sport, TCP_SYN),
+            XDP_REDIRECT,
+            "the flow's SYN",
+        );
+        assert_eq!(
+            outer_dst(&out),
+            backend,
+            "flow {sport}: the mid-flow packet was not placed where the table puts its SYN"
+        );
+    }
+    // The table changes (every slot b1): flows placed mid-way stay on their backend.
+    lab.service(1, VIP4.into(), 80, IPPROTO_TCP, MODE_DSR, &[0; 7]);
+    for &(sport, backend) in &placed[10..] {
+        let out = lab.expect(
+            lab.vc,
+            &segment(sport, TCP_ACK),
+            XDP_REDIRECT,
+            "the flow's next ACK after the table changed",
+        );
+        assert_eq!(
+            outer_dst(&out),
+            backend,
+            "flow {sport} left its backend when the table changed"
+        );
+    }
+}
