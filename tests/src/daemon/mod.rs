@@ -113,24 +113,14 @@ impl Daemon {
         config_toml: &str,
         env: &[(&str, &str)],
     ) -> Result<Daemon, DaemonError> {
-        let binary = daemon_binary().map_err(DaemonError::Binary)?;
-        let file = write_config(config_toml)?;
-        let path = file.to_path_buf();
-        let mut d = Self::launch(&binary, &path, Some(file), env, None)?;
-        d.wait_ready(READY_TIMEOUT)?;
-        Ok(d)
+        Self::start_on_text("run", config_toml, env, None)
     }
 
     /// `lb-daemon upgrade -c FILE` with `config_toml` in FILE and `env` added to its
     /// environment: a daemon that takes the sockets of the one serving the config's
     /// `[global] upgrade_socket` and replaces it. Waits for its `ready`.
     pub fn try_upgrade(config_toml: &str, env: &[(&str, &str)]) -> Result<Daemon, DaemonError> {
-        let binary = daemon_binary().map_err(DaemonError::Binary)?;
-        let file = write_config(config_toml)?;
-        let path = file.to_path_buf();
-        let mut d = Self::launch_as("upgrade", &binary, &path, Some(file), env, None)?;
-        d.wait_ready(READY_TIMEOUT)?;
-        Ok(d)
+        Self::start_on_text("upgrade", config_toml, env, None)
     }
 
     /// Like [`start`](Self::start), with the daemon's pin directory `pin_dir` (see
@@ -145,10 +135,21 @@ impl Daemon {
     /// Like [`try_start`](Self::try_start), with the daemon's open file limit (soft and hard,
     /// so the daemon cannot raise it) set to `nofile` descriptors.
     pub fn try_start_with_nofile(config_toml: &str, nofile: u64) -> Result<Daemon, DaemonError> {
+        Self::start_on_text("run", config_toml, &[], Some(nofile))
+    }
+
+    /// `lb-daemon {subcommand} -c FILE` with `config_toml` in FILE, `env` and the open file
+    /// limit `nofile`, waited for until ready.
+    fn start_on_text(
+        subcommand: &str,
+        config_toml: &str,
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Result<Daemon, DaemonError> {
         let binary = daemon_binary().map_err(DaemonError::Binary)?;
         let file = write_config(config_toml)?;
         let path = file.to_path_buf();
-        let mut d = Self::launch(&binary, &path, Some(file), &[], Some(nofile))?;
+        let mut d = Self::launch_as(subcommand, &binary, &path, Some(file), env, nofile)?;
         d.wait_ready(READY_TIMEOUT)?;
         Ok(d)
     }
