@@ -104,8 +104,12 @@ fn a_minute_of_new_connections_keeps_its_rate_and_no_connection_fails() {
         first_failure.into_inner().expect("not poisoned")
     );
     let (first, last) = (rates[0], rates[windows - 1]);
+    // Ports that do not come back collapse the rate (refused SYNs, counted and checked below;
+    // a client short of its own ports fell tenfold): half is the bound. Tighter bounds
+    // measured the 2-core machine instead (this binary's other tests run alongside: one run
+    // of the full suite went 10.9k/s, 8.6k, 9.7k, 9.8k, 8.3k, 8.5k).
     assert!(
-        first > 0.0 && last >= 0.8 * first,
+        first > 0.0 && last >= 0.5 * first,
         "the connection rate fell from {first:.0}/s in the first 10 s to {last:.0}/s in the \
          last: SNAT ports do not come back ({rates:.0?})"
     );
