@@ -260,39 +260,11 @@ async fn serve(
         }
     }
     let upgraded = Arc::new(tokio::sync::Notify::new());
-    if let Some(socket) = control.config().global.upgrade_socket.as_deref() {
-        let offering = Arc::clone(control);
-        let admin = served.addr.zip(served.socket);
-        let notify = Arc::clone(&upgraded);
-        let started = crate::handover::Server::start(
-            socket,
-            move || {
-                let mut offer = offering.with_proxy(|p| p.offer()).unwrap_or_default();
-                if let Some((addr, fd)) = &admin {
-                    match fd.try_clone() {
-                        Ok(fd) => offer.push((
-                            crate::handover::OfferedSocket {
-                                listen: *addr,
-                                protocol: crate::admin::api::ADMIN_SOCKET.into(),
-                                worker: 0,
-                            },
-                            fd,
-                        )),
-                        Err(e) => {
-                            warn!("upgrade: the admin API's listener cannot be handed over: {e}")
-                        }
-                    }
-                }
-                offer
-            },
-            move || notify.notify_one(),
-        );
-        if let Err(e) = started {
-            warn!(
-                "upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: {e}"
-            );
-        }
-    }
+    serve_handover(
+        control,
+        served.addr.zip(served.socket),
+        Arc::clone(&upgraded),
+    );
     let mut handed_over = false;
     let (why, died, keep_dataplane) = loop {
         tokio::select! {
@@ -333,6 +305,41 @@ async fn serve(
         keep_dataplane,
         handed_over,
     })
+}
+
+/// With `[global] upgrade_socket`, serves the hand-over of an upgrade (`crate::handover`):
+/// the proxy's sockets and the admin API's TCP listener (`admin`: its address and a
+/// duplicate) to whoever asks, and `upgraded` notified once the new daemon is ready. A socket
+/// that cannot be bound is logged: `lb-daemon upgrade` then cannot replace this daemon.
+fn serve_handover(
+    control: &Arc<Control>,
+    admin: Option<(std::net::SocketAddr, std::os::fd::OwnedFd)>,
+    upgraded: Arc<tokio::sync::Notify>,
+) {
+    let Some(socket) = control.config().global.upgrade_socket.clone() else {
+        return;
+    };
+    let offering = Arc::clone(control);
+    let offer = move || {
+        let mut offer = offering.with_proxy(|p| p.offer()).unwrap_or_default();
+        if let Some((addr, fd)) = &admin {
+            match fd.try_clone() {
+                Ok(fd) => offer.push((
+                    crate::handover::OfferedSocket {
+                        listen: *addr,
+                        protocol: crate::admin::api::ADMIN_SOCKET.into(),
+                        worker: 0,
+                    },
+                    fd,
+                )),
+                Err(e) => warn!("upgrade: the admin API's listener cannot be handed over: {e}"),
+            }
+        }
+        offer
+    };
+    if let Err(e) = crate::handover::serve_handover(&socket, offer, move || upgraded.notify_one()) {
+        warn!("upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: {e}");
+    }
 }
 
 /// Why [`serve`] returned.

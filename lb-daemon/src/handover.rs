@@ -234,40 +234,35 @@ fn receive(fd: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     Ok((buf, fds))
 }
 
-/// The old daemon's side: the hand-over socket, served on a thread of its own.
-pub struct Server;
-
-impl Server {
-    /// Binds `path` (a stale socket file there is replaced; the socket is made 0600) and
-    /// serves it on a thread: each `TAKE` gets the sockets `offer` lists at that moment; a
-    /// `READY` that follows calls `on_ready` once, and the thread ends.
-    ///
-    /// Returns `Err(HandoverError::Io)` when the socket cannot be bound.
-    pub fn start(
-        path: &Path,
-        offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)> + Send + 'static,
-        on_ready: impl FnOnce() + Send + 'static,
-    ) -> Result<Server, HandoverError> {
-        let io_err = |source| HandoverError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(e)),
-        }
-        let listener = UnixListener::bind(path).map_err(io_err)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
-        let shown = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("lb-handover".into())
-            .spawn(move || serve(listener, &shown, offer, on_ready))
-            .map_err(io_err)?;
-        info!("upgrade: hand-over socket at {}", path.display());
-        Ok(Server)
+/// The old daemon's side: binds `path` (a stale socket file there is replaced; the socket is
+/// made 0600) and serves it on a thread of its own: each `TAKE` gets the sockets `offer`
+/// lists at that moment; a `READY` that follows calls `on_ready` once, and the thread ends.
+///
+/// Returns `Err(HandoverError::Io)` when the socket cannot be bound.
+pub fn serve_handover(
+    path: &Path,
+    offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)> + Send + 'static,
+    on_ready: impl FnOnce() + Send + 'static,
+) -> Result<(), HandoverError> {
+    let io_err = |source| HandoverError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
     }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    let shown = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("lb-handover".into())
+        .spawn(move || serve(listener, &shown, offer, on_ready))
+        .map_err(io_err)?;
+    info!("upgrade: hand-over socket at {}", path.display());
+    Ok(())
 }
 
 fn serve(
@@ -355,7 +350,7 @@ mod tests {
         let dup = fd.try_clone().expect("dup");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let offered = Mutex::new(Some(dup));
-        let _server = Server::start(
+        serve_handover(
             &path,
             move || {
                 let fd = offered.lock().expect("lock").take().expect("offered once");

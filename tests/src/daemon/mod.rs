@@ -161,19 +161,9 @@ impl Daemon {
         config: &Path,
         ready_timeout: Duration,
     ) -> Result<Daemon, DaemonError> {
-        let mut d = Self::launch(binary, config, None, &[], None)?;
+        let mut d = Self::launch_as("run", binary, config, None, &[], None)?;
         d.wait_ready(ready_timeout)?;
         Ok(d)
-    }
-
-    fn launch(
-        binary: &Path,
-        config: &Path,
-        file: Option<tempfile::TempPath>,
-        env: &[(&str, &str)],
-        nofile: Option<u64>,
-    ) -> Result<Daemon, DaemonError> {
-        Self::launch_as("run", binary, config, file, env, nofile)
     }
 
     fn launch_as(

@@ -12,8 +12,8 @@ use std::io;
 use std::net::SocketAddr;
 
 use lb_common::maps::{
-    nat_flags, nat_seen, NatReverse, CT_REFRESH_SECS, NAT_F_CLAIMED, NAT_F_ENDED, NAT_F_TIME_WAIT,
-    SNAT_QUIET_S,
+    nat_flags, nat_seen, words_addr, NatReverse, CT_REFRESH_SECS, NAT_F_CLAIMED, NAT_F_ENDED,
+    NAT_F_TIME_WAIT, SNAT_QUIET_S,
 };
 use lb_common::FlowKey;
 use thiserror::Error;
@@ -127,28 +127,20 @@ pub fn snat_in_use(
             let idle = t.idle_s != 0 && age > t.idle_s.saturating_add(CT_REFRESH_SECS + 1);
             !(idle && (key.protocol == lb_common::flow::IPPROTO_UDP || age >= t.hold_s))
         };
-        if taken {
-            let backend = SocketAddr::new(key_addr(key.family, &key.src_addr), key.src_port);
-            let local = key_addr(key.family, &key.dst_addr);
-            *used.entry((r.service, local, backend)).or_insert(0) += 1;
+        if !taken {
+            continue;
         }
+        // The reply key: source the backend, destination the local address.
+        let (Some(backend), Some(local)) = (
+            words_addr(key.family, &key.src_addr),
+            words_addr(key.family, &key.dst_addr),
+        ) else {
+            continue;
+        };
+        let backend = SocketAddr::new(backend, key.src_port);
+        *used.entry((r.service, local, backend)).or_insert(0) += 1;
     }
     used
-}
-
-/// An address of a `NAT_REVERSE` key, from its words (source: the backend; destination: the
-/// local address) and the key's family.
-fn key_addr(family: u8, words: &[u32; 4]) -> std::net::IpAddr {
-    let b = |w: u32| w.to_ne_bytes();
-    if family == lb_common::maps::FAMILY_V4 {
-        std::net::Ipv4Addr::from(b(words[0])).into()
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&b(*w));
-        }
-        std::net::Ipv6Addr::from(o).into()
-    }
 }
 
 #[cfg(test)]
