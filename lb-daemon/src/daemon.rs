@@ -1,6 +1,8 @@
 //! `lb-daemon run`: starts every service on its data plane, runs the health checks and the
 //! admin API, reloads on SIGHUP, and drains on SIGTERM/SIGINT (on SIGQUIT: drains the proxy
-//! and leaves the eBPF data plane pinned for the next daemon).
+//! and leaves the eBPF data plane pinned for the next daemon; on SIGUSR2: starts its binary
+//! anew and hands over to it, see [`crate::handover`]). It tells systemd what it does
+//! ([`crate::notify`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -72,7 +74,8 @@ const PASSIVE_QUEUE: usize = 4096;
 /// With `take_over` (`lb-daemon upgrade`), the listening sockets of the daemon serving
 /// `[global] upgrade_socket` are taken over first (see [`crate::handover`]); once this one is
 /// ready, that one stops accepting, drains and exits. `Err(DaemonError::Upgrade)` when they
-/// cannot be taken.
+/// cannot be taken. A daemon started by another's SIGUSR2 takes them over the descriptor
+/// `$LB_UPGRADE_FD` names instead (see [`crate::handover::spawn_successor`]).
 pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonError> {
     // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
     // the proxy workers' cores. Built first so that the signal handlers go in before any
@@ -88,27 +91,43 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         Signals::install().map_err(DaemonError::Runtime)?
     };
     raise_fd_limit();
+    // Read now: after a package upgrade replaced the file, it names the new binary, which an
+    // upgrade in place (SIGUSR2) starts.
+    let exe = std::env::current_exe();
     let workers = match config.global.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     let handover = if take_over {
-        let Some(socket) = config.global.upgrade_socket.as_deref() else {
-            return Err(DaemonError::Upgrade(
-                "[global] upgrade_socket is not set: it names the running daemon's hand-over \
-                 socket"
-                    .into(),
-            ));
+        let taken = match crate::handover::take_over_from_parent() {
+            // Started by the running daemon (SIGUSR2): the socket pair it made.
+            Some(taken) => taken,
+            None => {
+                let Some(socket) = config.global.upgrade_socket.as_deref() else {
+                    return Err(DaemonError::Upgrade(
+                        "[global] upgrade_socket is not set: it names the running daemon's \
+                         hand-over socket"
+                            .into(),
+                    ));
+                };
+                crate::handover::take_over(socket)
+            }
         };
-        let (inherited, taken) =
-            crate::handover::take_over(socket).map_err(|e| DaemonError::Upgrade(e.to_string()))?;
+        let (inherited, taken) = taken.map_err(|e| DaemonError::Upgrade(e.to_string()))?;
         Some((Arc::new(inherited), taken))
     } else {
         None
     };
     let inherited = handover.as_ref().map(|(i, _)| Arc::clone(i));
     let (control, passive_rx) = start(config, path, workers, &rt, inherited)?;
-    let stopped = rt.block_on(serve(&control, passive_rx, workers, &mut signals, handover));
+    let stopped = rt.block_on(serve(
+        &control,
+        passive_rx,
+        workers,
+        &mut signals,
+        handover,
+        exe,
+    ));
     if stopped.as_ref().is_ok_and(|s| s.handed_over) {
         control.with_proxy(|p| p.mark_handed_over());
     }
@@ -231,6 +250,7 @@ async fn serve(
     workers: usize,
     signals: &mut Signals,
     handover: Option<(Arc<crate::handover::Inherited>, crate::handover::Taken)>,
+    exe: std::io::Result<std::path::PathBuf>,
 ) -> Result<Stopped, DaemonError> {
     let set = Arc::clone(control.services());
     let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
@@ -255,16 +275,18 @@ async fn serve(
         if !unused.is_empty() {
             warn!("upgrade: closed {unused:?}, taken over but used by no service of this config");
         }
+        // The service manager hears of this daemon from the old one (MAINPID=), which it
+        // started: only its main process may tell it anything.
         if let Err(e) = taken.ready() {
             warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
         }
+    } else {
+        crate::notify::ready();
     }
     let upgraded = Arc::new(tokio::sync::Notify::new());
-    serve_handover(
-        control,
-        served.addr.zip(served.socket),
-        Arc::clone(&upgraded),
-    );
+    let offer = handover_offer(control, served.addr.zip(served.socket));
+    serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+    let upgrading = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut handed_over = false;
     let (why, died, keep_dataplane) = loop {
         tokio::select! {
@@ -277,13 +299,25 @@ async fn serve(
                 Received::StopKeepingDataplane => break ("SIGQUIT".to_string(), None, true),
                 Received::Reload => {
                     info!("SIGHUP: reloading {}", control.path().display());
+                    crate::notify::reloading();
                     let _logged = crate::reload::reload(control).await;
+                    crate::notify::ready();
                 }
+                Received::Upgrade => upgrade_in_place(
+                    control,
+                    &exe,
+                    &offer,
+                    &upgraded,
+                    &upgrading,
+                ),
             },
             // The kernel's data plane is sound: the daemon started again adopts it.
             death = crate::watchdog::died() => break (death.to_string(), Some(death), true),
         }
     };
+    if !handed_over {
+        crate::notify::stopping();
+    }
     info!(
         "{why}: no longer accepting; draining {} open connections and sessions for up to {}",
         control.with_proxy(|p| p.active()).unwrap_or(0),
@@ -307,20 +341,18 @@ async fn serve(
     })
 }
 
-/// With `[global] upgrade_socket`, serves the hand-over of an upgrade (`crate::handover`):
-/// the proxy's sockets and the admin API's TCP listener (`admin`: its address and a
-/// duplicate) to whoever asks, and `upgraded` notified once the new daemon is ready. A socket
-/// that cannot be bound is logged: `lb-daemon upgrade` then cannot replace this daemon.
-fn serve_handover(
+/// What the daemon hands over in an upgrade (see `crate::handover`): the proxy's sockets
+/// at that moment and the admin API's TCP listener (`admin`: its address and a duplicate).
+type Offer =
+    Arc<dyn Fn() -> Vec<(crate::handover::OfferedSocket, std::os::fd::OwnedFd)> + Send + Sync>;
+
+/// The [`Offer`] of this daemon.
+fn handover_offer(
     control: &Arc<Control>,
     admin: Option<(std::net::SocketAddr, std::os::fd::OwnedFd)>,
-    upgraded: Arc<tokio::sync::Notify>,
-) {
-    let Some(socket) = control.config().global.upgrade_socket.clone() else {
-        return;
-    };
+) -> Offer {
     let offering = Arc::clone(control);
-    let offer = move || {
+    Arc::new(move || {
         let mut offer = offering.with_proxy(|p| p.offer()).unwrap_or_default();
         if let Some((addr, fd)) = &admin {
             match fd.try_clone() {
@@ -336,9 +368,71 @@ fn serve_handover(
             }
         }
         offer
+    })
+}
+
+/// With `[global] upgrade_socket`, serves the hand-over of an upgrade (`lb-daemon upgrade`)
+/// there: `offer` to whoever asks, and `upgraded` notified once the new daemon is ready. A
+/// socket that cannot be bound is logged: `lb-daemon upgrade` then cannot replace this
+/// daemon (SIGUSR2 still can).
+fn serve_handover(control: &Arc<Control>, offer: Offer, upgraded: Arc<tokio::sync::Notify>) {
+    let Some(socket) = control.config().global.upgrade_socket.clone() else {
+        return;
     };
-    if let Err(e) = crate::handover::serve_handover(&socket, offer, move || upgraded.notify_one()) {
+    if let Err(e) =
+        crate::handover::serve_handover(&socket, move || offer(), move || upgraded.notify_one())
+    {
         warn!("upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: {e}");
+    }
+}
+
+/// SIGUSR2: the upgrade in place. Starts the binary this daemon was started from (`exe`,
+/// read at start) as `upgrade` on the same config, handing it `offer` over a socket pair
+/// (`crate::handover::spawn_successor`); once it is ready, systemd is told that it is the
+/// main process now (`MAINPID=`) and `upgraded` is notified. One at a time (`upgrading`): a SIGUSR2
+/// while one runs is logged and ignored. A successor that fails is logged; this daemon goes
+/// on.
+fn upgrade_in_place(
+    control: &Arc<Control>,
+    exe: &std::io::Result<std::path::PathBuf>,
+    offer: &Offer,
+    upgraded: &Arc<tokio::sync::Notify>,
+    upgrading: &Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let exe = match exe {
+        Ok(exe) => exe,
+        Err(e) => {
+            warn!("SIGUSR2: cannot upgrade in place: this daemon's executable is unknown: {e}");
+            return;
+        }
+    };
+    if upgrading.swap(true, Ordering::SeqCst) {
+        warn!("SIGUSR2: an upgrade is already under way; this one is ignored");
+        return;
+    }
+    info!("SIGUSR2: upgrading in place: starting {}", exe.display());
+    let (offer, upgraded, done) = (
+        Arc::clone(offer),
+        Arc::clone(upgraded),
+        Arc::clone(upgrading),
+    );
+    let started = crate::handover::spawn_successor(
+        exe,
+        control.path(),
+        move || offer(),
+        move |ready| match ready {
+            Some(pid) => {
+                // systemd follows the new daemon before this one drains and exits.
+                crate::notify::main_pid(pid);
+                upgraded.notify_one();
+            }
+            None => done.store(false, Ordering::SeqCst),
+        },
+    );
+    if let Err(e) = started {
+        warn!("SIGUSR2: cannot start the new daemon: {e}; this one goes on");
+        upgrading.store(false, Ordering::SeqCst);
     }
 }
 
@@ -359,17 +453,19 @@ struct Signals {
     int: Signal,
     hup: Signal,
     quit: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
-    /// Installs the handlers; from then on SIGTERM, SIGINT and SIGHUP no longer have their
-    /// default action (ending the process). Must run inside the runtime (`Runtime::enter`).
+    /// Installs the handlers; from then on SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR2 no
+    /// longer have their default action (ending the process). Must run inside the runtime (`Runtime::enter`).
     fn install() -> std::io::Result<Signals> {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
             quit: signal(SignalKind::quit())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -378,12 +474,13 @@ impl Signals {
         Self::stop_of(&mut self.term, &mut self.int).await
     }
 
-    /// Waits for any of the four.
+    /// Waits for any of them.
     async fn next(&mut self) -> Received {
         tokio::select! {
             why = Self::stop_of(&mut self.term, &mut self.int) => Received::Stop(why),
             _ = self.hup.recv() => Received::Reload,
             _ = self.quit.recv() => Received::StopKeepingDataplane,
+            _ = self.usr2.recv() => Received::Upgrade,
         }
     }
 
@@ -404,6 +501,9 @@ enum Received {
     /// SIGQUIT: drain the proxy and exit, leaving the eBPF data plane attached and pinned
     /// for the daemon started next (a restart that cuts no eBPF flow).
     StopKeepingDataplane,
+    /// SIGUSR2: start the binary anew and hand over to it (an upgrade under a service
+    /// manager, nginx's USR2).
+    Upgrade,
 }
 
 /// How a drain ended, for [`run`]'s log.

@@ -1,6 +1,7 @@
 //! Upgrades without a gap: the running daemon hands its listening sockets to the daemon
 //! that replaces it (`lb-daemon upgrade`), over a unix socket (`[global] upgrade_socket`),
-//! as descriptors (`SCM_RIGHTS`), the way HAProxy's `-x` and nginx's binary upgrade do. The
+//! or, when the daemon starts its successor itself (SIGUSR2, [`spawn_successor`]), over a
+//! socket pair, as descriptors (`SCM_RIGHTS`), the way HAProxy's `-x` and nginx's binary upgrade do. The
 //! sockets, their accept queues and their `SO_REUSEPORT` groups stay open throughout, so no
 //! connection is refused; the old daemon stops accepting once the new one is ready, lets its
 //! own connections finish (up to `drain_timeout`) and exits, leaving its eBPF data plane
@@ -146,6 +147,58 @@ impl Taken {
 /// Returns `Err(HandoverError::Io)` when no daemon answers there, `Err(HandoverError::
 /// Protocol)` when the answer is not an offer.
 pub fn take_over(path: &Path) -> Result<(Inherited, Taken), HandoverError> {
+    let stream = UnixStream::connect(path).map_err(|source| HandoverError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    take_over_on(stream, path)
+}
+
+/// The environment variable that gives a daemon started by [`spawn_successor`] the
+/// descriptor number of its end of the hand-over.
+pub const SUCCESSOR_FD_ENV: &str = "LB_UPGRADE_FD";
+
+/// The descriptor a successor finds its end of the hand-over on.
+const SUCCESSOR_FD: RawFd = 3;
+
+/// The new daemon's side when the running daemon started it ([`spawn_successor`]): takes
+/// the sockets over the descriptor [`SUCCESSOR_FD_ENV`] names; `None` when it names none
+/// (the daemon was started by hand: [`take_over`] then).
+///
+/// Returns `Some(Err(HandoverError::Protocol))` when the variable does not name a unix
+/// stream socket, and the errors of [`take_over`].
+pub fn take_over_from_parent() -> Option<Result<(Inherited, Taken), HandoverError>> {
+    let value = std::env::var(SUCCESSOR_FD_ENV).ok()?;
+    let shown = PathBuf::from(format!("${SUCCESSOR_FD_ENV}={value}"));
+    let bad = |what: String| HandoverError::Protocol {
+        path: shown.clone(),
+        what,
+    };
+    let Ok(fd) = value.parse::<RawFd>() else {
+        return Some(Err(bad("not a descriptor number".into())));
+    };
+    // A number that is no unix stream socket (a variable left over in an environment) must
+    // not be taken for one: its owner, if any, keeps it.
+    let is_stream = nix::sys::socket::getsockopt(
+        // SAFETY: only borrowed for this one call; ownership is taken below once checked.
+        &unsafe { BorrowedFd::borrow_raw(fd) },
+        nix::sys::socket::sockopt::SockType,
+    )
+    .is_ok_and(|t| t == nix::sys::socket::SockType::Stream)
+        && nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd).is_ok();
+    if !is_stream {
+        return Some(Err(bad(format!(
+            "descriptor {fd} is not a unix stream socket"
+        ))));
+    }
+    // SAFETY: the parent daemon made this descriptor for this process alone (checked above
+    // to be a unix stream socket); nothing else in this process owns it.
+    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    Some(take_over_on(stream, &shown))
+}
+
+/// `TAKE`, then the offer, on a connected `stream` (`path` names it in errors).
+fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken), HandoverError> {
     let io_err = |source| HandoverError::Io {
         path: path.to_path_buf(),
         source,
@@ -154,7 +207,6 @@ pub fn take_over(path: &Path) -> Result<(Inherited, Taken), HandoverError> {
         path: path.to_path_buf(),
         what,
     };
-    let mut stream = UnixStream::connect(path).map_err(io_err)?;
     stream
         .set_read_timeout(Some(OFFER_TIMEOUT))
         .map_err(io_err)?;
@@ -242,7 +294,7 @@ fn receive(fd: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
 pub fn serve_handover(
     path: &Path,
     offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)> + Send + 'static,
-    on_ready: impl FnOnce() + Send + 'static,
+    on_ready: impl Fn() + Send + 'static,
 ) -> Result<(), HandoverError> {
     let io_err = |source| HandoverError::Io {
         path: path.to_path_buf(),
@@ -269,7 +321,7 @@ fn serve(
     listener: UnixListener,
     path: &Path,
     offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)>,
-    on_ready: impl FnOnce(),
+    on_ready: impl Fn(),
 ) {
     for conn in listener.incoming() {
         let mut stream = match conn {
@@ -291,6 +343,82 @@ fn serve(
             Err(e) => warn!("upgrade: {}: {e}; this one goes on", path.display()),
         }
     }
+}
+
+/// The old daemon's side of an upgrade in place (SIGUSR2, for a service manager that must
+/// keep the service's processes its own): starts `exe upgrade -c config` with its end of a
+/// socket pair as descriptor 3 (named by [`SUCCESSOR_FD_ENV`]) and serves the hand-over on
+/// the other end on a thread of its own: the successor's `TAKE` gets the sockets `offer`
+/// lists at that moment; its `READY` calls `on_end(Some(its pid))`. A successor that ends
+/// before `READY` (a config it refuses, a binary that does not start) is waited for and
+/// logged, and `on_end(None)` called: this daemon goes on. `exe` is the path the daemon was started from, read at its start: after a
+/// package upgrade it holds the new binary.
+///
+/// Returns the successor's pid, or `Err(HandoverError::Io)` when the socket pair, the thread
+/// or the process cannot be made.
+pub fn spawn_successor(
+    exe: &Path,
+    config: &Path,
+    offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)> + Send + 'static,
+    on_end: impl FnOnce(Option<u32>) + Send + 'static,
+) -> Result<u32, HandoverError> {
+    use std::os::unix::process::CommandExt;
+    let io_err = |source| HandoverError::Io {
+        path: exe.to_path_buf(),
+        source,
+    };
+    let (mut ours, theirs) = UnixStream::pair().map_err(io_err)?;
+    let theirs_fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("upgrade")
+        .arg("-c")
+        .arg(config)
+        .env(SUCCESSOR_FD_ENV, SUCCESSOR_FD.to_string());
+    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+    // (dup2, fcntl) on a descriptor that stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if theirs_fd == SUCCESSOR_FD {
+                // dup2 onto itself would keep close-on-exec set.
+                if libc::fcntl(theirs_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(theirs_fd, SUCCESSOR_FD) != SUCCESSOR_FD {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(io_err)?;
+    // Only the successor holds its end now: it closing (exiting) ends the exchange.
+    drop(theirs);
+    let pid = child.id();
+    info!(
+        "upgrade: started {} upgrade -c {} (pid {pid}) to take over",
+        exe.display(),
+        config.display()
+    );
+    std::thread::Builder::new()
+        .name("lb-successor".into())
+        .spawn(move || match exchange(&mut ours, &offer) {
+            Ok(true) => {
+                info!("upgrade: the new daemon (pid {pid}) is ready; this one stops accepting and drains");
+                on_end(Some(pid));
+            }
+            outcome => {
+                let why = match outcome {
+                    Err(e) => e.to_string(),
+                    _ => "it ended before it was ready".into(),
+                };
+                let status = child
+                    .wait()
+                    .map_or_else(|e| format!("unknown ({e})"), |s| s.to_string());
+                warn!("upgrade: the new daemon (pid {pid}) did not take over ({why}; {status}); this one goes on");
+                on_end(None);
+            }
+        })
+        .map_err(io_err)?;
+    Ok(pid)
 }
 
 /// One hand-over: `TAKE`, the offer, then `READY` (`Ok(true)`) or the end of the stream

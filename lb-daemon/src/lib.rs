@@ -17,6 +17,7 @@ pub mod health;
 pub mod heap;
 pub mod host_addrs;
 pub mod maglev;
+pub mod notify;
 pub mod placement;
 pub mod privileges;
 pub mod reload;

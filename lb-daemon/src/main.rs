@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs the balancer in the foreground until SIGTERM or SIGINT.
+    /// Runs the balancer in the foreground until SIGTERM or SIGINT (SIGHUP reloads the
+    /// config, SIGQUIT exits leaving the eBPF plane, SIGUSR2 upgrades in place).
     Run {
         /// The config file.
         #[arg(short, long, default_value = "/etc/lb/lb.toml")]
@@ -28,7 +29,8 @@ enum Command {
     /// Replaces the running daemon without a gap: runs the balancer as `run` does, taking the
     /// listening sockets of the daemon serving `[global] upgrade_socket` and adopting its
     /// pinned eBPF data plane; once this one is ready, the old one stops accepting, lets its
-    /// connections finish (up to `drain_timeout`) and exits.
+    /// connections finish (up to `drain_timeout`) and exits. (A running daemon's SIGUSR2
+    /// starts this itself, handing over on the descriptor `$LB_UPGRADE_FD` names.)
     Upgrade {
         /// The config file.
         #[arg(short, long, default_value = "/etc/lb/lb.toml")]

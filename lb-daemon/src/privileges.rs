@@ -10,7 +10,9 @@
 //! | `CAP_NET_ADMIN` | a UDP service | `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: UDP session sockets of `udp_buffer` bytes beyond `net.core.rmem_max` |
 //!
 //! Everything else goes, from the effective, permitted, inheritable and ambient sets (and
-//! from the bounding set while `CAP_SETPCAP` allows it). Capabilities are not regained: a
+//! from the bounding set while `CAP_SETPCAP` allows it). What is kept is also made
+//! inheritable and ambient, so that the daemon an upgrade in place (SIGUSR2) starts from
+//! this one has the same capabilities, and no more. Capabilities are not regained: a
 //! reload that needs one the start-up config did not (a first service below port 1024, a
 //! first eBPF service) has it refused by the kernel, and the service runs on the proxy with
 //! the reason (`auto`) or the reload is refused (`xdp`, `tc`); restart the daemon for it.
@@ -120,11 +122,18 @@ fn lower_this_thread(kept: &CapsHashSet) -> Result<(), PrivilegeError> {
         }
     }
     caps::clear(None, CapSet::Ambient).map_err(kernel)?;
-    caps::clear(None, CapSet::Inheritable).map_err(kernel)?;
     let now = caps::read(None, CapSet::Permitted).map_err(kernel)?;
     let kept: CapsHashSet = now.intersection(kept).copied().collect();
+    caps::set(None, CapSet::Inheritable, &kept).map_err(kernel)?;
     caps::set(None, CapSet::Effective, &kept).map_err(kernel)?;
     caps::set(None, CapSet::Permitted, &kept).map_err(kernel)?;
+    // The kept ones stay ambient, so that the daemon an upgrade in place starts (SIGUSR2,
+    // the same binary as a non-root user) has them too; it can have no others.
+    for cap in &kept {
+        if let Err(e) = caps::raise(None, CapSet::Ambient, *cap) {
+            tracing::debug!("{cap} not ambient ({e}): an upgrade in place starts without it");
+        }
+    }
     nix::sys::prctl::set_no_new_privs().map_err(|e| PrivilegeError::Kernel(e.to_string()))?;
     LOWERED.with(|l| l.set(true));
     Ok(())

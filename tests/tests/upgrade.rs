@@ -2,7 +2,8 @@
 //! over its hand-over socket (`[global] upgrade_socket`), and once it is ready the old one
 //! stops accepting, lets its connections finish and exits 0. Under a loop of new TCP
 //! connections and UDP requests and three long uploads: no request fails, every upload
-//! arrives byte-complete, the old daemon exits after its last connection.
+//! arrives byte-complete, the old daemon exits after its last connection. The same through
+//! SIGUSR2, the upgrade in place a service manager runs, with its notifications.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,69 +41,96 @@ impl Tally {
     }
 }
 
-#[test]
-fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
-    let web_a = HttpNameServer::start("a").expect("web backend a");
-    let web_b = HttpNameServer::start("b").expect("web backend b");
-    let sink = HashServer::start("sink").expect("hash backend");
-    let echo = UdpEcho::start("echo").expect("udp backend");
-    let (web, bulk, dns) = (free_addr(), free_addr(), free_addr());
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let socket = dir.path().join("upgrade.sock");
-    let config = DaemonConfig::new()
-        .global("drain_timeout", "20s")
-        .global("upgrade_socket", socket.display().to_string())
-        .service(
-            ServiceConfig::tcp("web", web)
-                .fast_health("tcp")
-                .backend(web_a.addr(), 1)
-                .backend(web_b.addr(), 1),
-        )
-        .service(
-            ServiceConfig::tcp("bulk", bulk)
-                .fast_health("tcp")
-                .backend(sink.addr(), 1),
-        )
-        .service(
-            ServiceConfig::udp("dns", dns)
-                .health("kind", "none")
-                .backend(echo.addr(), 1),
-        )
-        .to_toml();
-    let mut old = Daemon::start(&config);
+/// The backends and addresses of one upgrade test: web (HTTP, two backends), bulk (uploads),
+/// dns (UDP echo).
+struct Site {
+    _web_a: HttpNameServer,
+    _web_b: HttpNameServer,
+    _sink: HashServer,
+    _echo: UdpEcho,
+    web: SocketAddr,
+    bulk: SocketAddr,
+    dns: SocketAddr,
+    config: String,
+}
 
-    let mut uploads: Vec<Upload> = (0..3)
-        .map(|seed| {
-            let mut u = Upload::start(bulk, 90 + seed)
-                .unwrap_or_else(|e| panic!("upload {seed} cannot connect: {e}"));
-            u.send(2 * MIB)
-                .unwrap_or_else(|e| panic!("upload {seed}: the first bytes failed: {e}"));
-            u
-        })
-        .collect();
+impl Site {
+    /// The backends, and a config with `upgrade_socket` when one is given.
+    fn new(upgrade_socket: Option<&std::path::Path>) -> Site {
+        let web_a = HttpNameServer::start("a").expect("web backend a");
+        let web_b = HttpNameServer::start("b").expect("web backend b");
+        let sink = HashServer::start("sink").expect("hash backend");
+        let echo = UdpEcho::start("echo").expect("udp backend");
+        let (web, bulk, dns) = (free_addr(), free_addr(), free_addr());
+        let mut config = DaemonConfig::new().global("drain_timeout", "20s");
+        if let Some(socket) = upgrade_socket {
+            config = config.global("upgrade_socket", socket.display().to_string());
+        }
+        let config = config
+            .service(
+                ServiceConfig::tcp("web", web)
+                    .fast_health("tcp")
+                    .backend(web_a.addr(), 1)
+                    .backend(web_b.addr(), 1),
+            )
+            .service(
+                ServiceConfig::tcp("bulk", bulk)
+                    .fast_health("tcp")
+                    .backend(sink.addr(), 1),
+            )
+            .service(
+                ServiceConfig::udp("dns", dns)
+                    .health("kind", "none")
+                    .backend(echo.addr(), 1),
+            )
+            .to_toml();
+        Site {
+            _web_a: web_a,
+            _web_b: web_b,
+            _sink: sink,
+            _echo: echo,
+            web,
+            bulk,
+            dns,
+            config,
+        }
+    }
 
-    let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..2)
-        .map(|_| {
-            let (tally, stop) = (Arc::clone(&tally), Arc::clone(&stop));
-            std::thread::spawn(move || load_loop(web, dns, &tally, &stop))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    /// Three uploads to bulk, 2 MiB sent on each.
+    fn start_uploads(&self) -> Vec<Upload> {
+        (0..3)
+            .map(|seed| {
+                let mut u = Upload::start(self.bulk, 90 + seed)
+                    .unwrap_or_else(|e| panic!("upload {seed} cannot connect: {e}"));
+                u.send(2 * MIB)
+                    .unwrap_or_else(|e| panic!("upload {seed}: the first bytes failed: {e}"));
+                u
+            })
+            .collect()
+    }
 
-    let mark = old.log_mark();
-    let new = Daemon::try_upgrade(&config, &[])
-        .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
-    let logs = new.logs().join("\n");
-    assert!(
-        logs.contains("upgrade: took") && logs.contains("listening socket(s)"),
-        "the new daemon took no socket:\n{logs}"
-    );
-    old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("the old daemon never handed over: {e}"));
+    /// Two threads of [`load_loop`].
+    fn start_load(&self) -> Load {
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..2)
+            .map(|_| {
+                let (tally, stop) = (Arc::clone(&tally), Arc::clone(&stop));
+                let (web, dns) = (self.web, self.dns);
+                std::thread::spawn(move || load_loop(web, dns, &tally, &stop))
+            })
+            .collect();
+        Load {
+            tally,
+            stop,
+            threads,
+        }
+    }
+}
 
-    // The uploads are the old daemon's: they go on while it drains.
+/// The uploads, opened before the hand-over, go on across it: 2 MiB more each, then every
+/// one arrives byte-complete.
+fn finish_uploads(mut uploads: Vec<Upload>) {
     for (i, u) in uploads.iter_mut().enumerate() {
         u.send(2 * MIB)
             .unwrap_or_else(|e| panic!("upload {i} broke during the hand-over: {e}"));
@@ -118,6 +146,60 @@ fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
             "upload {i}, open across the hand-over, arrived damaged or cut"
         );
     }
+}
+
+/// A running load loop.
+struct Load {
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Stops the loop; asserts that it made requests and that none failed.
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("the load thread");
+        }
+        let (ok, failed) = (
+            self.tally.ok.load(Ordering::Relaxed),
+            self.tally.failed.load(Ordering::Relaxed),
+        );
+        assert!(ok >= 50, "the load loop made only {ok} requests");
+        assert_eq!(
+            failed,
+            0,
+            "{failed} of {} requests failed across the upgrade; the first: {:?}",
+            ok + failed,
+            self.tally.first_failure.lock().expect("lock")
+        );
+    }
+}
+
+#[test]
+fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let site = Site::new(Some(&socket));
+    let mut old = Daemon::start(&site.config);
+    let uploads = site.start_uploads();
+    let load = site.start_load();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mark = old.log_mark();
+    let new = Daemon::try_upgrade(&site.config, &[])
+        .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
+    let logs = new.logs().join("\n");
+    assert!(
+        logs.contains("upgrade: took") && logs.contains("listening socket(s)"),
+        "the new daemon took no socket:\n{logs}"
+    );
+    old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the old daemon never handed over: {e}"));
+
+    // The uploads are the old daemon's: they go on while it drains.
+    finish_uploads(uploads);
     // Its last connection closed: the old daemon exits, well before its drain timeout.
     let status = old
         .wait_exit(Duration::from_secs(15))
@@ -125,25 +207,193 @@ fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
     assert!(status.success(), "the old daemon exited with {status}");
 
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.join().expect("the load thread");
-    }
-    let (ok, failed) = (
-        tally.ok.load(Ordering::Relaxed),
-        tally.failed.load(Ordering::Relaxed),
-    );
-    assert!(ok >= 50, "the load loop made only {ok} requests");
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed across the upgrade; the first: {:?}",
-        ok + failed,
-        tally.first_failure.lock().expect("lock")
-    );
+    load.finish();
     // The new daemon serves on its own.
-    http_get(web, "/").unwrap_or_else(|e| panic!("the new daemon does not serve web: {e}"));
+    http_get(site.web, "/").unwrap_or_else(|e| panic!("the new daemon does not serve web: {e}"));
     drop(new);
+}
+
+/// A service manager's notification socket (systemd's `$NOTIFY_SOCKET`), read by the test
+/// with each message's sender (`SO_PASSCRED`), as systemd reads it.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+/// One notification: the sender's pid and the text.
+type Notification = (i32, String);
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)
+            .expect("SO_PASSCRED");
+        NotifySocket { socket, path }
+    }
+
+    /// The next message, waited for up to `timeout`; `None` when none came.
+    fn next(&self, timeout: Duration) -> Option<Notification> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+        use std::os::fd::AsRawFd;
+        self.socket
+            .set_read_timeout(Some(timeout))
+            .expect("read timeout");
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!(UnixCredentials);
+        let msg = recvmsg::<()>(
+            self.socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .ok()?;
+        let pid = msg
+            .cmsgs()
+            .expect("control messages")
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid()),
+                _ => None,
+            })
+            .expect("the sender's credentials");
+        let n = msg.bytes;
+        Some((pid, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    }
+
+    /// Messages until one has a line starting with `line`, for up to `timeout`; returns them
+    /// all.
+    fn until(&self, line: &str, timeout: Duration) -> Vec<Notification> {
+        let end = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            let Some(m) = self.next(left.max(Duration::from_millis(1))) else {
+                break;
+            };
+            let done = m.1.lines().any(|l| l.starts_with(line));
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+        panic!("no {line:?} on the notify socket within {timeout:?}; got {seen:?}");
+    }
+
+    /// Asserts that every one of `said` came from `pid`, the service's main process then
+    /// (what systemd's default `NotifyAccess=main` accepts).
+    fn all_from(said: &[Notification], pid: u32, who: &str) {
+        for (from, text) in said {
+            assert_eq!(
+                *from as u32, pid,
+                "{text:?} came from pid {from}, not from the main process ({who}, {pid})"
+            );
+        }
+    }
+}
+
+/// A process the test did not start (the daemon the old one started), killed if the test
+/// ends without stopping it.
+struct Orphan(nix::unistd::Pid);
+
+impl Orphan {
+    fn alive(&self) -> bool {
+        // A zombie waiting for its new parent to reap it has ended.
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0)).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    }
+}
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// The upgrade under systemd (`Type=notify`, `NotifyAccess=main`): SIGUSR2 makes the daemon
+/// start its binary anew, which takes the sockets over a socket pair (no `upgrade_socket` in
+/// the config); once it is ready the old one says `MAINPID=` (the new one) on
+/// `$NOTIFY_SOCKET`, drains and exits 0 without saying `STOPPING=1` (the service goes on).
+/// Every message comes from the main process of the moment. Under load: no
+/// request fails, the uploads arrive whole. First, a new binary that refuses the config
+/// leaves the old daemon serving.
+#[test]
+fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let notify = NotifySocket::bind(dir.path());
+    let site = Site::new(None);
+    let socket = notify.path.display().to_string();
+    let mut old = Daemon::try_start_with_env(&site.config, &[("NOTIFY_SOCKET", &socket)])
+        .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"));
+    let said = notify.until("READY=1", Duration::from_secs(5));
+    NotifySocket::all_from(&said, old.pid(), "the old daemon");
+
+    // A successor that cannot start: the old daemon goes on, the manager hears nothing.
+    old.rewrite_config("[global\n");
+    let mark = old.log_mark();
+    old.signal(Signal::SIGUSR2).expect("SIGUSR2");
+    old.wait_for_log_after(mark, "did not take over", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the failed successor was not reported: {e}"));
+    assert_eq!(notify.next(Duration::from_millis(300)), None);
+    http_get(site.web, "/").unwrap_or_else(|e| panic!("the old daemon stopped serving: {e}"));
+    old.rewrite_config(&site.config);
+
+    let uploads = site.start_uploads();
+    let load = site.start_load();
+    std::thread::sleep(Duration::from_millis(300));
+    let mark = old.log_mark();
+    old.signal(Signal::SIGUSR2).expect("SIGUSR2");
+    // The old daemon, still the main process, names the new one.
+    let said = notify.until("MAINPID=", Duration::from_secs(20));
+    NotifySocket::all_from(&said, old.pid(), "the old daemon");
+    let last = &said.last().expect("a message").1;
+    let pid: i32 = last
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {last:?}"));
+    let new = Orphan(nix::unistd::Pid::from_raw(pid));
+    assert_ne!(pid as u32, old.pid(), "MAINPID names the old daemon");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the new daemon runs");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("upgrade"),
+        "MAINPID names a process that is not the upgrade: {:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the old daemon never handed over: {e}"));
+
+    finish_uploads(uploads);
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the old daemon did not exit after its last connection"));
+    assert!(status.success(), "the old daemon exited with {status}");
+    std::thread::sleep(Duration::from_millis(500));
+    load.finish();
+    http_get(site.web, "/").unwrap_or_else(|e| panic!("the new daemon does not serve web: {e}"));
+    // The old daemon's exit is no stop of the service.
+    let mut after = Vec::new();
+    while let Some(m) = notify.next(Duration::from_millis(200)) {
+        after.push(m);
+    }
+    assert!(
+        !after.iter().any(|m| m.1.contains("STOPPING=1")),
+        "the old daemon told the manager that the service stops: {after:?}"
+    );
+    NotifySocket::all_from(&after, pid as u32, "the new daemon");
+
+    // The new daemon is the service now: SIGTERM stops it, and it says so.
+    nix::sys::signal::kill(new.0, Signal::SIGTERM).expect("SIGTERM to the new daemon");
+    let said = notify.until("STOPPING=1", Duration::from_secs(10));
+    NotifySocket::all_from(&said, pid as u32, "the new daemon");
+    let end = Instant::now() + Duration::from_secs(30);
+    while new.alive() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!new.alive(), "the new daemon did not exit on SIGTERM");
 }
 
 /// New TCP connections to `web` and UDP requests to `dns`, alternately, until `stop` (or

@@ -1,0 +1,51 @@
+//! What the daemon tells its service manager (systemd's `sd_notify` protocol, `Type=notify`):
+//! ready once it serves, reloading while a SIGHUP reload runs, stopping when it drains, and,
+//! after an upgrade in place (SIGUSR2, see [`crate::handover::spawn_successor`]), that the
+//! service's main process is now the new daemon (`MAINPID=`), so that systemd follows it
+//! while the old one drains and exits. Every message comes from the main process of the
+//! moment (the unit keeps `NotifyAccess=main`): the old daemon names the new one, which says
+//! nothing until it is the main process.
+//!
+//! Without `$NOTIFY_SOCKET` (not started by systemd, or a unit of another type) every call
+//! does nothing. The variable is left in the environment, for the daemon an upgrade starts.
+
+use tracing::{debug, warn};
+
+use sd_notify::NotifyState;
+
+/// Start-up is over: the daemon serves.
+pub fn ready() {
+    send(&[NotifyState::Ready], "ready");
+}
+
+/// The daemon that replaces this one (an upgrade in place) serves: `pid` is the service's
+/// main process from now on. Sent before this daemon drains, so that systemd never sees the
+/// service without its main process.
+pub fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)], "the new main process");
+}
+
+/// A reload starts (`RELOADING=1` with the monotonic time systemd asks for); [`ready`]
+/// ends it.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now], "reloading"),
+        Err(e) => debug!("service manager: no monotonic time for RELOADING=1: {e}"),
+    }
+}
+
+/// The daemon drains and exits. Not sent by a daemon that handed over to a new one: the
+/// service goes on.
+pub fn stopping() {
+    send(&[NotifyState::Stopping], "stopping");
+}
+
+fn send(state: &[NotifyState], what: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    // A service manager that cannot be told is not a reason to stop serving.
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!("service manager: cannot say {what} on $NOTIFY_SOCKET: {e}");
+    }
+}
