@@ -11,6 +11,7 @@ use tracing::warn;
 use crate::admin::status::{
     ReloadHistory, ServiceStatus, SnatAddressUse, Status, XdpStatus, XdpTraffic,
 };
+use crate::announce::Announcer;
 use crate::config::Config;
 use crate::dataplane::proxy::Proxy;
 use crate::dataplane::xdp::{MapsError, XdpCounters, XdpPlane};
@@ -37,6 +38,8 @@ pub struct Control {
     /// Whether the failing reads of the XDP counters since the last good one were logged
     /// already (logged once per outage, not per scrape).
     xdp_read_failed: std::sync::atomic::AtomicBool,
+    /// The VIP announcer (`[announce]`), set once the daemon runs.
+    announcer: std::sync::OnceLock<Arc<Announcer>>,
 }
 
 impl Control {
@@ -62,6 +65,7 @@ impl Control {
             reloading: Arc::new(tokio::sync::Mutex::new(())),
             retired: Mutex::new(Vec::new()),
             xdp_read_failed: std::sync::atomic::AtomicBool::new(false),
+            announcer: std::sync::OnceLock::new(),
         })
     }
 
@@ -302,7 +306,18 @@ impl Control {
                     error: Some(e),
                 },
             }),
+            announce: self.announcer().map(|a| a.status()),
         }
+    }
+
+    /// The VIP announcer, once `[announce]` started one.
+    pub fn announcer(&self) -> Option<&Arc<Announcer>> {
+        self.announcer.get()
+    }
+
+    /// Records the VIP announcer (start-up, once).
+    pub(crate) fn set_announcer(&self, announcer: Arc<Announcer>) {
+        let _ = self.announcer.set(announcer);
     }
 }
 

@@ -35,6 +35,9 @@ pub enum DaemonError {
     /// The admin API could not listen on its address.
     #[error(transparent)]
     Admin(#[from] ApiError),
+    /// `[announce]` is set and its routing table cannot be reached (no netlink socket).
+    #[error("announce: {0}")]
+    Announce(#[from] crate::announce::RouteError),
     /// The signal handlers or the async runtime could not be set up.
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
@@ -262,6 +265,17 @@ async fn serve(
     )
     .await?;
     let api = served.tasks;
+    // Announced once the services run; withdrawn as they stop being servable.
+    let announcer = match &control.config().announce {
+        None => None,
+        Some(settings) => {
+            let announcer = crate::announce::Announcer::new(settings)?;
+            control.set_announcer(Arc::clone(&announcer));
+            announcer.sync(control).await;
+            let task = tokio::spawn(Arc::clone(&announcer).run(Arc::clone(control)));
+            Some((announcer, task))
+        }
+    };
     // Start-up is over: listeners bound, the eBPF plane attached, the API listening.
     if let Err(e) = crate::privileges::lower(&crate::privileges::needed(&control.config())) {
         warn!("{e}");
@@ -318,6 +332,10 @@ async fn serve(
     if !handed_over {
         crate::notify::stopping();
     }
+    if let Some((announcer, task)) = announcer {
+        task.abort();
+        withdraw(control, &announcer, handed_over, keep_dataplane, signals).await;
+    }
     info!(
         "{why}: no longer accepting; draining {} open connections and sessions for up to {}",
         control.with_proxy(|p| p.active()).unwrap_or(0),
@@ -339,6 +357,52 @@ async fn serve(
         keep_dataplane,
         handed_over,
     })
+}
+
+/// The VIP routes as the daemon stops serving: a new daemon that took over keeps them as they
+/// are (`handed_over`); with the eBPF plane kept (`keep_dataplane`: SIGQUIT, a dead thread)
+/// only the VIPs of services the proxy carries are withdrawn; on SIGTERM every VIP is, and
+/// the node serves `withdraw_wait` longer while the router moves their flows away (a second
+/// SIGTERM or SIGINT ends the wait).
+async fn withdraw(
+    control: &Control,
+    announcer: &crate::announce::Announcer,
+    handed_over: bool,
+    keep_dataplane: bool,
+    signals: &mut Signals,
+) {
+    if handed_over {
+        return;
+    }
+    if keep_dataplane {
+        let services = control.services().all();
+        announcer
+            .withdraw_unless(|vip| {
+                services
+                    .iter()
+                    .filter(|s| s.snapshot().load().listen.ip() == vip)
+                    .all(|s| control.on_xdp(s.index()))
+            })
+            .await;
+        return;
+    }
+    let withdrawn = announcer.withdraw_all().await;
+    let wait = control
+        .config()
+        .announce
+        .map_or(Duration::ZERO, |a| a.withdraw_wait);
+    if withdrawn == 0 || wait.is_zero() {
+        return;
+    }
+    info!(
+        "announce: {withdrawn} VIP(s) withdrawn; serving for {} more while the router moves \
+         their flows to other nodes",
+        humantime::format_duration(wait)
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        why = signals.stop() => info!("{why}: the wait after the withdrawal ends early"),
+    }
 }
 
 /// What the daemon hands over in an upgrade (see `crate::handover`): the proxy's sockets

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod announce;
 pub mod backend_stats;
 pub mod config;
 pub mod control;

@@ -1,5 +1,6 @@
 //! The `lb-daemon` binary: `run` the balancer, `check` a config like `nginx -t`, talk to a
-//! running daemon's admin API (`status`, `drain`, `enable`, `weight`, `reload`), or `decap`
+//! running daemon's admin API (`status`, `drain`, `enable`, `weight`, `reload`,
+//! `drain-node`, `enable-node`), or `decap`
 //! DSR traffic on a backend host.
 
 use std::path::{Path, PathBuf};
@@ -84,6 +85,18 @@ enum Command {
         #[command(flatten)]
         admin: AdminArg,
     },
+    /// Withdraws every VIP this node announces (`[announce]`) so that the router sends their
+    /// flows to the other nodes, and announces none until `enable-node`; returns once the
+    /// routes are gone. Open connections go on.
+    DrainNode {
+        #[command(flatten)]
+        admin: AdminArg,
+    },
+    /// Ends `drain-node`: VIPs are announced again as they can be served.
+    EnableNode {
+        #[command(flatten)]
+        admin: AdminArg,
+    },
     /// On a DSR backend host: strips the balancer's IPIP/IP6IP6 header from packets arriving
     /// on IFACE for one of this host's addresses from one of the `--from` balancers (XDP
     /// program `lb_decap`) until SIGTERM or SIGINT; tunnels from anyone else are dropped. Put
@@ -145,6 +158,8 @@ fn main() -> ExitCode {
             weight,
         } => set_weight(&admin, &service, &backend, weight),
         Command::Reload { admin } => reload(&admin),
+        Command::DrainNode { admin } => node(&admin, "drain"),
+        Command::EnableNode { admin } => node(&admin, "enable"),
         Command::Decap {
             iface,
             hook,
@@ -249,6 +264,40 @@ fn reload(admin: &AdminArg) -> ExitCode {
             v.get("applied").and_then(|a| a.as_str()).unwrap_or(body)
         )
     })
+}
+
+/// `drain-node` (`action` `drain`) and `enable-node` (`enable`): prints which VIPs are
+/// announced after it.
+fn node(admin: &AdminArg, action: &str) -> ExitCode {
+    admin_call(
+        admin,
+        Method::POST,
+        format!("/node/{action}"),
+        None,
+        |body| {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let vips = v
+                .get("vips")
+                .and_then(|a| a.as_array())
+                .cloned()
+                .unwrap_or_default();
+            let announced: Vec<String> = vips
+                .iter()
+                .filter(|v| v.get("announced").and_then(|a| a.as_bool()) == Some(true))
+                .filter_map(|v| v.get("vip").and_then(|a| a.as_str()).map(String::from))
+                .collect();
+            let state = if action == "drain" {
+                "node draining: every VIP withdrawn"
+            } else {
+                "node enabled"
+            };
+            if announced.is_empty() {
+                format!("{state}; announced now: none")
+            } else {
+                format!("{state}; announced now: {}", announced.join(", "))
+            }
+        },
+    )
 }
 
 /// `decap`: strips the balancers' tunnels on `iface` until a signal.

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `CAP_NET_BIND_SERVICE` | a service listens on a port below 1024 | binding it again (reloads, restarts of a listener) |
 //! | `CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN` | a service may run on the eBPF plane (`dataplane` not `proxy`, an `interface` set), or `[global] bpf_object` is set (a proxy-only config that reloads may give eBPF services) | loading the programs on a reload, attaching and detaching them (XDP, TCX, clsact) |
+//! | `CAP_NET_ADMIN` | `[announce]` | writing the announced VIPs' routes |
 //! | `CAP_NET_ADMIN` | a UDP service | `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: UDP session sockets of `udp_buffer` bytes beyond `net.core.rmem_max` |
 //!
 //! Everything else goes, from the effective, permitted, inheritable and ambient sets (and
@@ -43,6 +44,10 @@ pub fn needed(config: &Config) -> CapsHashSet {
     ];
     if config.global.bpf_object.is_some() {
         keep.extend(ebpf);
+    }
+    if config.announce.is_some() {
+        // The VIP routes of `[announce]`.
+        keep.insert(Capability::CAP_NET_ADMIN);
     }
     for s in &config.services {
         if s.listen.port() != 0 && s.listen.port() < 1024 {

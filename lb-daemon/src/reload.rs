@@ -67,7 +67,7 @@ pub struct Plan {
 /// Compares the config in force (`running`, carried by `services`) with `new`.
 ///
 /// Returns `Err(ReloadError::NeedsRestart)` for a change that cannot be applied without a restart: `[global]
-/// workers`, `bpf_pin_dir` or `upgrade_socket`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
+/// workers`, `bpf_pin_dir` or `upgrade_socket`, `[announce]`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
 /// retries at the same address (the proxy fixes them when a service starts, and replacing
 /// the service on the same address would reset connections waiting to be accepted).
 pub fn plan(
@@ -94,6 +94,9 @@ pub fn plan(
         return refuse(
             "global.upgrade_socket changed; the hand-over socket is fixed until restart".into(),
         );
+    }
+    if running.announce != new.announce {
+        return refuse("[announce] changed; it is fixed until restart".into());
     }
     let mut plan = Plan::default();
     for s in &new.services {
@@ -623,5 +626,14 @@ address = "127.0.0.1:9001"
         assert!(plan(&old, &new, &running(&old))
             .err()
             .is_some_and(|w| w.to_string().contains("upgrade_socket")));
+        let mut new = old.clone();
+        new.announce = Some(crate::config::Announce {
+            table: 100,
+            protocol: 250,
+            withdraw_wait: std::time::Duration::from_secs(2),
+        });
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.to_string().contains("[announce]")));
     }
 }

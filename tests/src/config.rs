@@ -119,6 +119,7 @@ impl ServiceConfig {
 pub struct DaemonConfig {
     global: Table,
     admin: Table,
+    announce: Table,
     services: Vec<ServiceConfig>,
 }
 
@@ -145,6 +146,12 @@ impl DaemonConfig {
         self
     }
 
+    /// An `[announce]` key (the table is written once it has one).
+    pub fn announce(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.announce.insert(key.into(), value.into());
+        self
+    }
+
     /// Adds a service.
     pub fn service(mut self, s: ServiceConfig) -> Self {
         self.services.push(s);
@@ -159,6 +166,9 @@ impl DaemonConfig {
         }
         if !self.admin.is_empty() {
             root.insert("admin".into(), Value::Table(self.admin.clone()));
+        }
+        if !self.announce.is_empty() {
+            root.insert("announce".into(), Value::Table(self.announce.clone()));
         }
         root.insert(
             "service".into(),

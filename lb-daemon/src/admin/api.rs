@@ -8,9 +8,12 @@
 //! | `POST /services/{service}/backends/{backend}/enable` | ends a drain |
 //! | `POST /services/{service}/backends/{backend}/weight` with body `{"weight": N}` | sets the weight |
 //! | `POST /reload` | re-reads the config file; 200 with what changed, 422 with why it was refused |
+//! | `POST /node/drain` | withdraws every announced VIP (`[announce]`) and announces none until `/node/enable`; answers once the routes are gone, with [`AnnounceStatus`](crate::announce::AnnounceStatus) |
+//! | `POST /node/enable` | ends a node drain: VIPs are announced again as they can be served |
 //!
 //! Errors are JSON `{"error": "..."}` with 404 (no such service or backend), 400 (bad
-//! address or weight) or 409 (a backend that is being removed); before its route a request
+//! address or weight) or 409 (a backend that is being removed, a node drain without
+//! `[announce]`); before its route a request
 //! may get 403, 401 or 415 from [`super::guard`].
 
 use std::net::SocketAddr;
@@ -64,6 +67,8 @@ pub fn router(control: Arc<Control>) -> Router {
             "/services/{service}/backends/{backend}/weight",
             post(weight),
         )
+        .route("/node/drain", post(drain_node))
+        .route("/node/enable", post(enable_node))
         .with_state(control)
 }
 
@@ -239,6 +244,29 @@ async fn enable(
     Path((service, backend)): Path<(String, String)>,
 ) -> Response {
     admin_call(&control, &service, &backend, |s, b| s.enable(b))
+}
+
+async fn drain_node(State(control): State<Arc<Control>>) -> Response {
+    let Some(announcer) = control.announcer().cloned() else {
+        return no_announce();
+    };
+    announcer.drain_node(&control).await;
+    Json(announcer.status()).into_response()
+}
+
+async fn enable_node(State(control): State<Arc<Control>>) -> Response {
+    let Some(announcer) = control.announcer().cloned() else {
+        return no_announce();
+    };
+    announcer.enable_node(&control).await;
+    Json(announcer.status()).into_response()
+}
+
+fn no_announce() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "the config has no [announce]: this node announces nothing to drain".into(),
+    )
 }
 
 /// The weight a `POST .../weight` body asks for: `{"weight": N}`. `Err` says what is wrong

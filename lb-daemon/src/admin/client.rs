@@ -171,12 +171,40 @@ pub fn status_table(status: &serde_json::Value) -> String {
     if let Some(xdp) = status.get("xdp").filter(|x| !x.is_null()) {
         write_xdp_summary(&mut out, xdp);
     }
+    if let Some(announce) = status.get("announce").filter(|x| !x.is_null()) {
+        write_announce(&mut out, announce);
+    }
     for (key, removed) in [("services", false), ("removed_services", true)] {
         for svc in list(status, key) {
             write_service(&mut out, svc, removed);
         }
     }
     out
+}
+
+/// `announce: table 100 (node draining): 10.0.0.1 announced; 10.0.0.2 withdrawn (why)`.
+fn write_announce(out: &mut String, announce: &serde_json::Value) {
+    let vips: Vec<String> = list(announce, "vips")
+        .map(|v| match v.get("reason").and_then(|r| r.as_str()) {
+            None => format!("{} announced", text(v, "vip")),
+            Some(why) => format!("{} withdrawn ({why})", text(v, "vip")),
+        })
+        .collect();
+    let draining = if announce.get("node_draining") == Some(&serde_json::Value::Bool(true)) {
+        " (node draining)"
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        out,
+        "announce: table {}{draining}: {}",
+        text(announce, "table"),
+        if vips.is_empty() {
+            "no VIP".to_string()
+        } else {
+            vips.join("; ")
+        }
+    );
 }
 
 /// The column heads of a service's backend table, in [`backend_row`]'s order.

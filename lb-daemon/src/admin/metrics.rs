@@ -21,6 +21,8 @@
 //! | `lb_reloads_total` | counter: reloads, `result` = `applied` or `refused` | result |
 //! | `lb_config_last_reload_success_timestamp_seconds` | gauge: Unix time | |
 //! | `lb_start_time_seconds` | gauge: Unix time of the daemon's start | |
+//! | `lb_vip_announced` | gauge: 1 while the VIP's route is in the `[announce]` table (announced), 0 when withdrawn | vip |
+//! | `lb_node_draining` | gauge: 1 while `drain-node` holds every VIP back (`[announce]` only) | |
 //!
 //! Services a reload removed keep their series while they drain (see `/status`'s
 //! `removed_services`), unless a live service has their name (a service moved to another
@@ -85,6 +87,9 @@ pub fn render(control: &Control) -> Result<String, std::fmt::Error> {
     }
     register_proxy(&mut reg, &full.proxy);
     register_reloads(&mut reg, control);
+    if let Some(announce) = &full.announce {
+        register_announce(&mut reg, announce);
+    }
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
@@ -285,6 +290,34 @@ fn register_reloads(reg: &mut Registry, control: &Control) {
 }
 
 /// A counter standing at `n`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+}
+
+fn register_announce(reg: &mut Registry, announce: &crate::announce::AnnounceStatus) {
+    let announced = Family::<VipLabels, Gauge>::default();
+    for v in &announce.vips {
+        announced
+            .get_or_create(&VipLabels {
+                vip: v.vip.to_string(),
+            })
+            .set(i64::from(v.announced));
+    }
+    reg.register(
+        "vip_announced",
+        "1 while the VIP is announced (its route in the [announce] table)",
+        announced,
+    );
+    let draining = Gauge::<i64>::default();
+    draining.set(i64::from(announce.node_draining));
+    reg.register(
+        "node_draining",
+        "1 while drain-node holds every VIP back",
+        draining,
+    );
+}
+
 fn counter(n: u64) -> Counter<u64> {
     let c = Counter::<u64>::default();
     c.inc_by(n);

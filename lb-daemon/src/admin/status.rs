@@ -38,6 +38,8 @@ pub struct Status {
     pub removed_services: Vec<ServiceStatus>,
     /// The XDP program's own counters; `None` when no service runs on XDP.
     pub xdp: Option<XdpStatus>,
+    /// The VIPs announced for ECMP and why others are not; `None` without `[announce]`.
+    pub announce: Option<crate::announce::AnnounceStatus>,
 }
 
 /// A service in the admin API's `/status`.

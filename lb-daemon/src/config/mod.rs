@@ -50,7 +50,32 @@ pub struct Config {
     pub admin: Admin,
     /// The services, in file order; names and listen addresses are unique.
     pub services: Vec<Service>,
+    /// `[announce]`: VIP routes for a routing daemon to announce; `None` when the file has
+    /// no such table (nothing announced).
+    pub announce: Option<Announce>,
 }
+
+/// `[announce]`: the kernel routing table in which the daemon keeps a route per VIP it can
+/// serve, for BIRD to export over BGP (see `crate::announce`, `config/bird.conf`). Fixed
+/// until restart (a reload that changes it is refused).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announce {
+    /// `table`: the routing table's id, `1..=4294967295` but not 253, 254 or 255 (the
+    /// kernel's default, main and local tables); no rule should point to it.
+    pub table: u32,
+    /// `protocol`: the routes' protocol number (`rtm_protocol`, `ip route ... proto N`), by
+    /// which the daemon knows its own routes; `5..=255` but not 12 (BIRD's own); default
+    /// [`DEFAULT_ANNOUNCE_PROTOCOL`].
+    pub protocol: u8,
+    /// `withdraw_wait`: on SIGTERM, how long the node goes on serving after withdrawing its
+    /// VIPs, for the router to move their flows elsewhere, before the drain starts; default
+    /// 2 s.
+    pub withdraw_wait: Duration,
+}
+
+/// The route protocol number of announced VIP routes unless `[announce] protocol` says
+/// otherwise (unassigned in `/etc/iproute2/rt_protos`).
+pub const DEFAULT_ANNOUNCE_PROTOCOL: u8 = 250;
 
 /// Process-wide settings (`[global]`).
 #[derive(Debug, Clone, PartialEq)]

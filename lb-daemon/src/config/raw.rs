@@ -20,6 +20,16 @@ pub(super) struct RawConfig {
     pub(super) admin: RawAdmin,
     #[serde(default)]
     pub(super) service: Vec<Spanned<RawService>>,
+    pub(super) announce: Option<Spanned<RawAnnounce>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnnounce {
+    pub(super) table: Spanned<u32>,
+    pub(super) protocol: Option<Spanned<u32>>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub(super) withdraw_wait: Option<Spanned<Duration>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -13,11 +13,11 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::backends::OwnListens;
-use super::raw::{RawAdmin, RawBackend, RawConfig, RawGlobal, RawService, RawXdp};
+use super::raw::{RawAdmin, RawAnnounce, RawBackend, RawConfig, RawGlobal, RawService, RawXdp};
 use super::{
-    is_prime, locate, Admin, AdminGroup, AdminToken, Config, ConfigError, DataplaneKind, Global,
-    Protocol, ProxyProtocol, SchedulerKind, Service, DEFAULT_ADMIN_LISTEN, DEFAULT_TABLE_SIZE,
-    MAX_TABLE_SIZE, MAX_WORKERS,
+    is_prime, locate, Admin, AdminGroup, AdminToken, Announce, Config, ConfigError, DataplaneKind,
+    Global, Protocol, ProxyProtocol, SchedulerKind, Service, DEFAULT_ADMIN_LISTEN,
+    DEFAULT_ANNOUNCE_PROTOCOL, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, MAX_WORKERS,
 };
 
 /// Checks a [`RawConfig`] against the rules and builds the [`Config`]; knows the text only
@@ -119,10 +119,55 @@ impl Validator<'_> {
             services.push(self.service(i, svc_span, name, listen, svc, &own)?);
         }
         let admin = self.admin(raw.admin)?;
+        let announce = raw.announce.map(|a| self.announce(a)).transpose()?;
         Ok(Config {
             global,
             admin,
             services,
+            announce,
+        })
+    }
+
+    /// `[announce]`: `table`, `protocol`, `withdraw_wait`.
+    fn announce(&self, raw: Spanned<RawAnnounce>) -> Result<Announce, ConfigError> {
+        let raw = raw.into_inner();
+        let table = match *raw.table.get_ref() {
+            0 | 253..=255 => {
+                return Err(self.invalid(
+                    raw.table.span(),
+                    "announce.table".into(),
+                    format!(
+                        "{} is the kernel's own (0 unspecified, 253 default, 254 main, 255 \
+                         local); give a table of its own, e.g. 100",
+                        raw.table.get_ref()
+                    ),
+                ))
+            }
+            t => t,
+        };
+        let protocol = match raw.protocol {
+            None => DEFAULT_ANNOUNCE_PROTOCOL,
+            Some(p) => match u8::try_from(*p.get_ref()) {
+                Ok(n) if n > 4 && n != 12 => n,
+                _ => {
+                    return Err(self.invalid(
+                        p.span(),
+                        "announce.protocol".into(),
+                        format!(
+                            "{} is not a route protocol number of its own: 5..=255, not 12 \
+                             (BIRD's)",
+                            p.get_ref()
+                        ),
+                    ))
+                }
+            },
+        };
+        Ok(Announce {
+            table,
+            protocol,
+            withdraw_wait: raw
+                .withdraw_wait
+                .map_or(Duration::from_secs(2), Spanned::into_inner),
         })
     }
 

@@ -1,0 +1,256 @@
+//! `[announce]` on one node, without a router: the daemon keeps a blackhole route per VIP it
+//! can serve in its table (what BIRD exports), withdraws it when the service's last backend
+//! goes down, on `drain-node`, and on SIGTERM before it drains (serving meanwhile), and shows
+//! it in `/status` and `/metrics`. Each test runs the daemon in a namespace of its own (its
+//! routing tables are the namespace's). The cluster with BIRD is `cluster.rs`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::netns::Netns;
+use lb_tests::xdp::in_netns;
+use lb_tests::{Daemon, HttpNameServer};
+use nix::sys::signal::Signal;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 230, 0, 1);
+const ROUTE: &str = "blackhole 10.230.0.1 proto 250";
+
+/// A namespace with the VIP on its loopback, an HTTP backend, and the daemon.
+struct Node {
+    daemon: Daemon,
+    web: HttpNameServer,
+    ns: Netns,
+}
+
+impl Node {
+    fn start(withdraw_wait: &str) -> Node {
+        let ns = Netns::new("an").expect("namespace");
+        ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
+            .expect("the VIP on lo");
+        let backend = SocketAddr::from(([127, 0, 0, 1], 8080));
+        let web = ns
+            .enter(|| HttpNameServer::start_on("a", backend))
+            .expect("enter the namespace")
+            .expect("the backend starts");
+        let toml = DaemonConfig::new()
+            .announce("table", 100)
+            .announce("withdraw_wait", withdraw_wait)
+            .service(
+                ServiceConfig::tcp("web", vip())
+                    .fast_health("tcp")
+                    .backend(backend, 1),
+            )
+            .to_toml();
+        let daemon = in_netns(&ns, || Daemon::start(&toml)).expect("enter the namespace");
+        Node { daemon, web, ns }
+    }
+
+    fn table(&self) -> String {
+        let out = self
+            .ns
+            .run("ip", &["route", "show", "table", "100"])
+            .expect("ip route show");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits up to `timeout` for the VIP's route to be there (`present`) or gone.
+    fn wait_route(&self, present: bool, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.table().contains(ROUTE) == present {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "the VIP's route is {} after {timeout:?}: table 100 holds {:?}",
+            if present {
+                "still missing"
+            } else {
+                "still there"
+            },
+            self.table()
+        );
+    }
+
+    fn api(&self, method: &str, path: &str) -> lb_tests::admin::AdminReply {
+        let addr = self.daemon.admin_addr();
+        in_netns(&self.ns, || {
+            lb_tests::admin::request(addr, method, path, "")
+        })
+        .expect("enter the namespace")
+    }
+}
+
+fn vip() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP), 8000)
+}
+
+#[test]
+fn a_vip_is_announced_while_it_can_be_served() {
+    if !lb_tests::require_root("announce::a_vip_is_announced_while_it_can_be_served") {
+        return;
+    }
+    let mut node = Node::start("2s");
+    node.wait_route(true, Duration::from_secs(3));
+    let status = node.api("GET", "/status").json();
+    assert_eq!(status["announce"]["table"], 100);
+    assert_eq!(status["announce"]["vips"][0]["vip"], VIP.to_string());
+    assert_eq!(status["announce"]["vips"][0]["announced"], true);
+    let admin = node.daemon.admin_addr().to_string();
+    let table = in_netns(&node.ns, || lb_tests::admin::cli(&admin, &["status"]))
+        .expect("enter the namespace");
+    assert!(
+        table
+            .stdout
+            .contains("announce: table 100: 10.230.0.1 announced"),
+        "`lb-daemon status` does not show the announced VIP:\n{}",
+        table.stdout
+    );
+    let metrics = node.api("GET", "/metrics").body;
+    assert!(
+        metrics.contains("lb_vip_announced{vip=\"10.230.0.1\"} 1"),
+        "/metrics: {metrics}"
+    );
+
+    // The last backend goes down: withdrawn, with the reason.
+    let mark = node.daemon.log_mark();
+    node.web.stop();
+    node.wait_route(false, Duration::from_secs(5));
+    node.daemon
+        .wait_for_log_after(
+            mark,
+            "announce: 10.230.0.1 withdrawn: service web has no healthy backend",
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|e| panic!("the withdrawal was not logged: {e}"));
+    let status = node.api("GET", "/status").json();
+    assert_eq!(status["announce"]["vips"][0]["announced"], false);
+    assert!(node
+        .api("GET", "/metrics")
+        .body
+        .contains("lb_vip_announced{vip=\"10.230.0.1\"} 0"));
+    // Bound again inside the namespace.
+    let web = &mut node.web;
+    node.ns
+        .enter(|| web.restart())
+        .expect("enter the namespace")
+        .expect("the backend restarts");
+    node.wait_route(true, Duration::from_secs(5));
+
+    // drain-node withdraws at once (the answer comes once the route is gone); enable-node
+    // announces again.
+    let said = in_netns(&node.ns, || lb_tests::admin::cli(&admin, &["drain-node"]))
+        .expect("enter the namespace");
+    assert_eq!(said.code, Some(0), "drain-node: {said:?}");
+    assert!(
+        said.stdout.contains("announced now: none"),
+        "drain-node: {}",
+        said.stdout
+    );
+    assert!(
+        !node.table().contains(ROUTE),
+        "drained, yet {}",
+        node.table()
+    );
+    assert_eq!(
+        node.api("GET", "/status").json()["announce"]["node_draining"],
+        true
+    );
+    assert!(node
+        .api("GET", "/metrics")
+        .body
+        .contains("lb_node_draining 1"));
+    // Traffic that still arrives is served: drain-node only withdraws.
+    in_netns(&node.ns, || lb_tests::client::http_get(vip(), "/"))
+        .expect("enter the namespace")
+        .expect("a drained node still serves what reaches it");
+    let r = node.api("POST", "/node/enable");
+    assert_eq!(r.status, 200, "POST /node/enable: {}", r.body);
+    assert!(
+        node.table().contains(ROUTE),
+        "enabled, yet {}",
+        node.table()
+    );
+}
+
+/// SIGTERM withdraws the VIP first and keeps serving for `withdraw_wait` (the router moves
+/// the flows elsewhere meanwhile), then drains and exits 0.
+#[test]
+fn sigterm_withdraws_then_serves_for_the_wait_then_drains() {
+    if !lb_tests::require_root("announce::sigterm_withdraws_then_serves_for_the_wait") {
+        return;
+    }
+    let mut node = Node::start("2s");
+    node.wait_route(true, Duration::from_secs(3));
+    let mark = node.daemon.log_mark();
+    let sent = Instant::now();
+    node.daemon.signal(Signal::SIGTERM).expect("SIGTERM");
+    node.wait_route(false, Duration::from_secs(1));
+    // Within the wait: still running, still accepting new connections.
+    assert!(
+        node.daemon.exit_status().is_none(),
+        "exited before the wait"
+    );
+    in_netns(&node.ns, || lb_tests::client::http_get(vip(), "/"))
+        .expect("enter the namespace")
+        .expect("a new connection during withdraw_wait is served");
+    let status = node
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon exits after the wait and the drain");
+    assert!(status.success(), "exited with {status}");
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2),
+        "the daemon did not wait withdraw_wait (2 s) before draining: {:?}",
+        sent.elapsed()
+    );
+    let logs = node.daemon.logs();
+    let at = |needle: &str| {
+        logs.iter()
+            .skip(mark)
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` in the log:\n{}", logs.join("\n")))
+    };
+    assert!(
+        at("withdrawn: the daemon is stopping") < at("no longer accepting"),
+        "the VIP was withdrawn after the drain started:\n{}",
+        logs.join("\n")
+    );
+}
+
+/// SIGQUIT exits leaving the eBPF plane: a VIP the proxy carries is withdrawn, since the proxy
+/// stops accepting.
+#[test]
+fn sigquit_withdraws_a_proxy_vip() {
+    if !lb_tests::require_root("announce::sigquit_withdraws_a_proxy_vip") {
+        return;
+    }
+    let mut node = Node::start("0s");
+    node.wait_route(true, Duration::from_secs(3));
+    node.daemon.signal(Signal::SIGQUIT).expect("SIGQUIT");
+    let status = node
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon exits");
+    assert!(status.success(), "exited with {status}");
+    assert!(
+        !node.table().contains(ROUTE),
+        "a proxy VIP stays announced after SIGQUIT: {}",
+        node.table()
+    );
+}
+
+#[test]
+fn a_bad_announce_table_is_refused_with_its_line() {
+    let text = "[[service]]\nname = \"web\"\nlisten = \"10.230.0.1:8000\"\nprotocol = \"tcp\"\n\
+                [[service.backend]]\naddress = \"127.0.0.1:8080\"\n\n[announce]\ntable = 254\n";
+    let out = lb_tests::daemon::check_config(text);
+    assert_eq!(out.code(), Some(2), "check: {}", out.stderr);
+    assert!(
+        out.stderr.contains("announce.table") && out.stderr.contains(":9:"),
+        "the error names the field and line: {}",
+        out.stderr
+    );
+}
