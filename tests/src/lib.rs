@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod data;

@@ -10,14 +10,20 @@ use anyhow::{bail, Context, Result};
 use crate::util::{self, say};
 
 /// Builds `lb-daemon` and `lb-demo` (from lb-tests), then runs
-/// `lb-demo --daemon <lb-daemon> --config config/demo.toml [--serve]`.
+/// `lb-demo --daemon <lb-daemon> --config config/demo.toml [--serve] [--cluster]`.
 ///
-/// `serve`: keep the demo running until Ctrl-C. Returns the demo's exit code (128 + signal if a
+/// `serve`: keep the demo running until Ctrl-C. `cluster`: the cluster demo (lb nodes behind
+/// an ECMP router in network namespaces; root), after installing BIRD and building the BPF
+/// object. Returns the demo's exit code (128 + signal if a
 /// signal ended it), or `Err` when the build fails or the config is missing.
-pub fn run(serve: bool) -> Result<ExitCode> {
-    // The demo needs nothing beyond cargo today; machine set-up for it (packages, sysctls) goes
-    // here when it does.
+pub fn run(serve: bool, cluster: bool) -> Result<ExitCode> {
     let root = util::workspace_root();
+    if cluster {
+        // BIRD for the router and the nodes, the BPF object for the nodes' eBPF plane.
+        crate::test::ensure_system_packages()?;
+        let object = crate::build_ebpf::run(true)?;
+        std::env::set_var("LB_EBPF_OBJ", object);
+    }
     let config = root.join("config").join("demo.toml");
     if !config.is_file() {
         bail!("the demo's config {} is missing", config.display());
@@ -38,6 +44,9 @@ pub fn run(serve: bool) -> Result<ExitCode> {
         .current_dir(&root);
     if serve {
         demo.arg("--serve");
+    }
+    if cluster {
+        demo.arg("--cluster");
     }
     // Ctrl-C reaches the demo too (same process group); we stay alive to hand on its exit code.
     ignore_interrupts_in_this_process();

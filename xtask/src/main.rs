@@ -53,6 +53,10 @@ enum Task {
         /// Keep the demo's services running until Ctrl-C (passed to lb-demo).
         #[arg(long)]
         serve: bool,
+        /// Three lb nodes behind an ECMP router (BIRD, BGP, BFD) in network namespaces, and
+        /// 300 long-lived flows through a node loss, a new node and a node drain (root).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Run the throughput harness: direct, lb, HAProxy and nginx side by side (needs root).
     ///
@@ -111,7 +115,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
-        Task::Demo { serve } => demo::run(serve),
+        Task::Demo { serve, cluster } => demo::run(serve, cluster),
         Task::Bench { quick, paths } => bench::run(quick, paths.as_deref()),
         Task::FuzzXdp { frames, seed } => fuzz_xdp::run(frames, seed),
         Task::Soak { minutes } => soak::run(minutes),

@@ -7,7 +7,7 @@
 //! | `/usr/lib/lb/lb-ebpf` | `cargo xtask build-ebpf --release` (where the daemon looks for it) |
 //! | `/lib/systemd/system/lb-daemon.service` | `config/lb-daemon.service` |
 //! | `/etc/lb/lb.toml` (a conffile) | `config/lb.toml` |
-//! | `/usr/share/doc/lb/` | README.md, the example configs |
+//! | `/usr/share/doc/lb/` | README.md, the example configs (lb.toml, demo.toml, bird.conf) |
 //!
 //! The control file and maintainer scripts are `packaging/debian/`; `postinst` creates the
 //! `lb` system user.
@@ -34,6 +34,11 @@ const FILES: &[(&str, &str, u32)] = &[
     (
         "config/demo.toml",
         "usr/share/doc/lb/examples/demo.toml",
+        0o644,
+    ),
+    (
+        "config/bird.conf",
+        "usr/share/doc/lb/examples/bird.conf",
         0o644,
     ),
 ];

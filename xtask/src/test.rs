@@ -21,6 +21,8 @@ const SYSTEM_COMMANDS: &[(&str, &str)] = &[
     ("curl", "curl"),
     // The Debian package's postinst creates the `lb` user with it (tests/tests/package.rs).
     ("adduser", "adduser"),
+    // The cluster test's router and nodes announce the VIP with it (tests/tests/cluster.rs).
+    ("bird", "bird2"),
 ];
 
 /// Runs every step; `cargo_test_args` are appended to `cargo test --workspace`.
@@ -144,7 +146,7 @@ fn cargo(args: &[&str]) -> Command {
 }
 
 /// Installs the Debian packages of `SYSTEM_COMMANDS` whose command is not on PATH.
-fn ensure_system_packages() -> Result<()> {
+pub(crate) fn ensure_system_packages() -> Result<()> {
     let missing: Vec<(&str, &str)> = SYSTEM_COMMANDS
         .iter()
         .copied()

@@ -6,7 +6,9 @@
 //! daemon, sends 300 requests to every service and prints who answered, stops the second
 //! backend of every service, waits for the daemon to mark it DOWN, sends again and prints
 //! the new counts. Then it stops the daemon with SIGTERM, or with `--serve` keeps everything
-//! running until Ctrl-C.
+//! running until Ctrl-C. `lb-demo --cluster` runs the cluster demo instead (see `cluster.rs`).
+
+mod cluster;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,9 @@ struct Args {
     /// Keep the daemon and backends running until Ctrl-C, and say how to try them
     #[arg(long)]
     serve: bool,
+    /// Run the cluster demo instead: lb nodes behind an ECMP router (needs root and BIRD 2)
+    #[arg(long)]
+    cluster: bool,
 }
 
 /// A service of the config, as far as the demo needs it.
@@ -81,6 +86,13 @@ impl Backend {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.cluster {
+        if let Some(d) = &args.daemon {
+            // lb_tests starts the nodes' daemons from $LB_DAEMON_BIN.
+            std::env::set_var("LB_DAEMON_BIN", d);
+        }
+        return cluster::run();
+    }
     if args.serve {
         // Blocked before any thread starts, so every thread inherits it and Ctrl-C is only
         // ever taken by the sigwait at the end. The daemon unblocks them for itself.
