@@ -3,7 +3,7 @@
 //! connection, a wrong echo, or a stall: no echo within [`STALL`].
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -31,6 +31,8 @@ pub struct Failure {
 
 /// `n` flows, each on a thread of its own, until [`EchoFlows::stop`] or drop.
 pub struct EchoFlows {
+    /// Per flow, the address its backend saw it from (its node's in NAT mode).
+    seen_from: Vec<IpAddr>,
     stop: Arc<AtomicBool>,
     failures: Arc<Mutex<Vec<Failure>>>,
     echoes: Arc<AtomicU64>,
@@ -45,16 +47,20 @@ impl EchoFlows {
     ///
     /// Panics when a connection cannot be made: the cluster is not ready.
     pub fn start(client: &Netns, vip: SocketAddr, n: usize) -> EchoFlows {
-        let streams: Vec<TcpStream> = client
+        let streams: Vec<(TcpStream, IpAddr)> = client
             .enter(|| {
                 (0..n)
                     .map(|i| {
-                        TcpStream::connect_timeout(&vip, Duration::from_secs(5))
-                            .unwrap_or_else(|e| panic!("flow {i} cannot connect to {vip}: {e}"))
+                        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))
+                            .unwrap_or_else(|e| panic!("flow {i} cannot connect to {vip}: {e}"));
+                        let from = greeting(&mut s)
+                            .unwrap_or_else(|e| panic!("flow {i}: no greeting: {e}"));
+                        (s, from)
                     })
                     .collect()
             })
             .expect("enter the client namespace");
+        let seen_from = streams.iter().map(|(_, from)| *from).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let echoes = Arc::new(AtomicU64::new(0));
@@ -62,7 +68,7 @@ impl EchoFlows {
         let threads = streams
             .into_iter()
             .enumerate()
-            .map(|(i, s)| {
+            .map(|(i, (s, _))| {
                 let (stop, failures, echoes) = (
                     Arc::clone(&stop),
                     Arc::clone(&failures),
@@ -84,6 +90,7 @@ impl EchoFlows {
             })
             .collect();
         EchoFlows {
+            seen_from,
             stop,
             failures,
             echoes,
@@ -96,6 +103,12 @@ impl EchoFlows {
     /// How many flows there are.
     pub fn total(&self) -> usize {
         self.total
+    }
+
+    /// The address flow `i`'s backend saw it from: in NAT mode the `local_address` of the
+    /// node that carried it when it started.
+    pub fn seen_from(&self, i: usize) -> IpAddr {
+        self.seen_from[i]
     }
 
     /// The failures so far.
@@ -142,6 +155,17 @@ impl Drop for EchoFlows {
             let _ = t.join();
         }
     }
+}
+
+/// Reads the backend's greeting: the address it sees the connection from.
+fn greeting(s: &mut TcpStream) -> std::io::Result<IpAddr> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut g = [0u8; super::GREETING];
+    s.read_exact(&mut g)?;
+    String::from_utf8_lossy(&g)
+        .trim()
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("greeting {g:?}: {e}")))
 }
 
 /// One flow: a 16-byte message every [`PERIOD`], its echo within [`STALL`].
@@ -198,7 +222,7 @@ pub fn short_connections(client: &Netns, vip: SocketAddr, n: usize) -> Vec<Strin
             for i in 0..n {
                 let r = (|| -> std::io::Result<()> {
                     let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(10))?;
-                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    greeting(&mut s)?;
                     let msg = format!("short:{i:010}");
                     s.write_all(msg.as_bytes())?;
                     let mut echo = [0u8; 16];

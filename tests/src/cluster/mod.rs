@@ -39,6 +39,8 @@ pub const PORT: u16 = 7000;
 pub const TABLE: u32 = 100;
 /// The most nodes a cluster can have (the router has a BGP session ready for each).
 pub const MAX_NODES: usize = 4;
+/// The bytes a backend's echo server sends first: the address it sees the connection from.
+pub const GREETING: usize = 16;
 /// The client's address.
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 220, 0, 2);
 
@@ -430,9 +432,19 @@ impl Drop for Cluster {
     }
 }
 
-/// The backends' server: echoes what it reads until the client closes.
+/// The backends' server: first says whom it sees (the peer's address, [`GREETING`] bytes,
+/// padded with spaces: a node's `local_address` in NAT mode, the client's in DSR mode), then
+/// echoes what it reads until the client closes.
 fn echo(mut s: std::net::TcpStream) {
     use std::io::{Read, Write};
+    let peer = s
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |p| p.ip().to_string());
+    if s.write_all(format!("{peer:<width$}", width = GREETING).as_bytes())
+        .is_err()
+    {
+        return;
+    }
     let mut buf = [0u8; 4096];
     loop {
         match s.read(&mut buf) {
