@@ -79,6 +79,10 @@ const PASSIVE_QUEUE: usize = 4096;
 /// ready, that one stops accepting, drains and exits. `Err(DaemonError::Upgrade)` when they
 /// cannot be taken. A daemon started by another's SIGUSR2 takes them over the descriptor
 /// `$LB_UPGRADE_FD` names instead (see [`crate::handover::spawn_successor`]).
+///
+/// With `[announce]`, the VIPs it can serve are announced once it runs and withdrawn before
+/// it drains (see [`crate::announce`]); `Err(DaemonError::Announce)` when the routing table
+/// cannot be reached.
 pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonError> {
     // The control plane is I/O bound (checks, timers): one thread is plenty and keeps it off
     // the proxy workers' cores. Built first so that the signal handlers go in before any

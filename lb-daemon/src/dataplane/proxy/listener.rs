@@ -134,7 +134,8 @@ impl Listeners {
 
     /// A multishot accept completed. Returns the new client socket and its service (an
     /// index into `services`) when the connection is to be carried; a client accepted
-    /// while closing or draining is reset instead. An accept error is logged (a shortage
+    /// while closing or draining is reset instead, unless the listener was handed over to a
+    /// new daemon (then it is carried). An accept error is logged (a shortage
     /// through `resource_log`) and, for a shortage or a run of failures, makes the
     /// listener wait for the next sweep. Re-arms or closes the listener as due.
     pub(super) fn on_accept(
@@ -154,7 +155,11 @@ impl Listeners {
             l.failures = 0;
             // SAFETY: a successful accept's result is a new descriptor that we now own.
             let client = unsafe { OwnedFd::from_raw_fd(c.result) };
-            if l.closing || ctx.draining {
+            // After a hand-over the listener lives on in the new daemon: a connection this
+            // one took from its queue before the cancel landed is carried through the drain
+            // like any other, not reset (the new daemon would have served it).
+            let handed_over = ctx.shared.handed_over.load(std::sync::atomic::Ordering::Relaxed);
+            if (l.closing || ctx.draining) && !handed_over {
                 sys::set_reset_on_close(&client);
             } else {
                 accepted = Some((l.service, client));
