@@ -209,6 +209,21 @@ pub enum NotOnXdp {
         /// What it is.
         kind: InterfaceKind,
     },
+    /// Forwarding is off on an interface the eBPF plane takes packets in on (`interface`;
+    /// in `nat` mode the backends' replies come in on `backend_interfaces` too): its route
+    /// lookups would fail and every packet of the VIP would be dropped.
+    #[error(
+        "forwarding is off on {interface} ({key} = 0): the eBPF data plane forwards by the \
+         kernel's routes, which it refuses while forwarding is off (turn it on: sysctl -w \
+         {key}=1, or net.ipv4.ip_forward=1 / net.ipv6.conf.all.forwarding=1 for every \
+         interface)"
+    )]
+    ForwardingOff {
+        /// The interface.
+        interface: String,
+        /// The sysctl that turns it on.
+        key: String,
+    },
     /// A wildcard VIP (`0.0.0.0`, `::`).
     #[error("the VIP {0} is a wildcard: the eBPF data plane balances packets for one address")]
     WildcardVip(std::net::IpAddr),
@@ -301,6 +316,33 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
     }
 }
 
+/// The first interface the eBPF plane would take `service`'s packets in on (`interface`;
+/// in `nat` mode `backend_interfaces` too, where the replies come in) on which the kernel does
+/// not forward the VIP's address family, as the reason the service cannot run on eBPF.
+fn forwarding_off(service: &Service) -> Option<NotOnXdp> {
+    let ipv6 = service.listen.is_ipv6();
+    let replies_here = service.xdp.forwarding == crate::config::Forwarding::Nat;
+    service
+        .xdp
+        .interface
+        .iter()
+        .chain(
+            service
+                .xdp
+                .backend_interfaces
+                .iter()
+                .filter(|_| replies_here),
+        )
+        .find_map(|name| {
+            crate::dataplane::xdp::ip_forwarding::off(name, ipv6).map(|key| {
+                NotOnXdp::ForwardingOff {
+                    interface: name.clone(),
+                    key,
+                }
+            })
+        })
+}
+
 /// The first of `service`'s interfaces (`interface`, then `backend_interfaces`) that carries
 /// no Ethernet frames, as the reason the service cannot run on eBPF. An interface whose kind
 /// cannot be read is left to the placement, which names the error.
@@ -375,7 +417,9 @@ impl Planes {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(PlaceError::Stopping(service.name.clone()));
         }
-        let tried = match why_not_xdp(service) {
+        // The host's forwarding is read when a service is placed, not when a reload checks
+        // a running one: turning it off later is not a reason to move a running service.
+        let tried = match why_not_xdp(service).or_else(|| forwarding_off(service)) {
             Some(reason) => Err(reason),
             None => self.place_on_xdp(global, service, handle),
         };

@@ -28,6 +28,79 @@ use lb_tests::{Daemon, HttpNameServer};
 /// Requests through the VIP in each serving test.
 const REQUESTS: usize = 300;
 
+/// A host as it comes (forwarding off, the default of a host and of a new namespace): the
+/// eBPF plane's route lookups would fail and drop every packet of the VIP, so `auto` runs the
+/// service on the proxy and says which sysctl to turn on, and `tc` refuses to start.
+#[test]
+fn auto_with_forwarding_off_runs_on_the_proxy_and_tc_refuses_it() {
+    if !lb_tests::require_root("tc_auto::auto_with_forwarding_off") {
+        return;
+    }
+    let client = Netns::new("c").expect("client namespace");
+    let balancer = Netns::new("lb").expect("balancer namespace");
+    veth(
+        &balancer,
+        "l0",
+        "10.200.0.1/24",
+        &client,
+        "c0",
+        "10.200.0.2/24",
+    )
+    .expect("client veth");
+    balancer
+        .sysctl("net.ipv4.ip_forward", "0")
+        .expect("forwarding off, as a host comes");
+    let servers: Vec<HttpNameServer> = balancer
+        .enter(|| {
+            (1..=3)
+                .map(|i| HttpNameServer::start(&format!("b{i}")).expect("a backend starts"))
+                .collect()
+        })
+        .expect("enter the balancer");
+    let vip: SocketAddr = "10.200.0.1:8080".parse().expect("literal");
+    let config = |dataplane: &str| {
+        let mut web = ServiceConfig::tcp("web", vip)
+            .set("dataplane", dataplane)
+            .set("interface", "l0")
+            .set("local_address", "10.200.0.1")
+            .fast_health("http");
+        for s in &servers {
+            web = web.backend(s.addr(), 1);
+        }
+        DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(web)
+            .to_toml()
+    };
+    let reason = "forwarding is off on l0 (net.ipv4.conf.l0.forwarding = 0)";
+    let refused = in_netns(&balancer, || {
+        lb_tests::daemon::run_to_end("run", &config("tc"), Duration::from_secs(30))
+    })
+    .expect("enter the balancer");
+    assert!(
+        refused.code().is_some_and(|c| c != 0) && refused.stderr.contains(reason),
+        "dataplane = \"tc\" with forwarding off must refuse to start and say why; exit {:?}, \
+         stderr: {}",
+        refused.status,
+        refused.stderr
+    );
+    let daemon =
+        in_netns(&balancer, || Daemon::start(&config("auto"))).expect("enter the balancer");
+    let line = daemon
+        .wait_for_log("service web: listening", PLACED)
+        .expect("the daemon logs where service web runs");
+    assert!(
+        line.contains("proxy data plane") && line.contains(reason),
+        "auto with forwarding off must run on the proxy and say why; the log said: {line}"
+    );
+    assert_served(
+        &client,
+        vip,
+        &["b1", "b2", "b3"],
+        "auto with forwarding off (proxy)",
+    );
+}
+
 /// How long the daemon may take to say where `web` runs (the verifier runs first).
 const PLACED: Duration = Duration::from_secs(30);
 
@@ -362,6 +435,10 @@ fn auto_with_an_object_without_lb_tc_runs_on_the_proxy_and_says_why() {
         "10.200.0.2/24",
     )
     .expect("client veth");
+    // A router's set-up: the eBPF plane forwards by the kernel's routes.
+    balancer
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding in the balancer");
     let servers: Vec<HttpNameServer> = balancer
         .enter(|| {
             (1..=3)
@@ -415,6 +492,10 @@ fn auto_where_another_service_holds_xdp_runs_on_the_proxy_and_says_why() {
         "10.200.0.2/24",
     )
     .expect("client veth");
+    // A router's set-up: the eBPF plane forwards by the kernel's routes.
+    balancer
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding in the balancer");
     let servers: Vec<HttpNameServer> = balancer
         .enter(|| {
             (1..=3)

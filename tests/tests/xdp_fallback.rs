@@ -123,6 +123,10 @@ fn auto_without_a_bpf_object_falls_back_to_the_proxy_on_a_real_interface() {
         "10.200.0.2/24",
     )
     .expect("veth pair");
+    // Forwarding on, as the eBPF plane needs: what is missing is only the object.
+    balancer
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding in the balancer");
     // The backends run in the balancer's namespace, on its loopback.
     let backends = balancer.enter(three_backends).expect("enter the balancer");
     let vip: std::net::SocketAddr = "10.200.0.1:8080".parse().expect("literal");
@@ -168,6 +172,8 @@ fn namespace_with_a_bridge() -> Netns {
     ns.ip(&["addr", "add", "10.200.0.1/24", "dev", "br0"])
         .expect("bridge address");
     ns.ip(&["link", "set", "br0", "up"]).expect("bridge up");
+    ns.sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding in the namespace");
     ns
 }
 

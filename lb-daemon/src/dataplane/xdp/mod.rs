@@ -20,6 +20,7 @@ pub mod counters;
 pub mod decap;
 pub mod ids;
 pub mod iface_kind;
+pub mod ip_forwarding;
 pub mod limits;
 pub mod loader;
 pub mod map_walk;
