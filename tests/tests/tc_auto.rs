@@ -28,79 +28,6 @@ use lb_tests::{Daemon, HttpNameServer};
 /// Requests through the VIP in each serving test.
 const REQUESTS: usize = 300;
 
-/// A host as it comes (forwarding off, the default of a host and of a new namespace): the
-/// eBPF plane's route lookups would fail and drop every packet of the VIP, so `auto` runs the
-/// service on the proxy and says which sysctl to turn on, and `tc` refuses to start.
-#[test]
-fn auto_with_forwarding_off_runs_on_the_proxy_and_tc_refuses_it() {
-    if !lb_tests::require_root("tc_auto::auto_with_forwarding_off") {
-        return;
-    }
-    let client = Netns::new("c").expect("client namespace");
-    let balancer = Netns::new("lb").expect("balancer namespace");
-    veth(
-        &balancer,
-        "l0",
-        "10.200.0.1/24",
-        &client,
-        "c0",
-        "10.200.0.2/24",
-    )
-    .expect("client veth");
-    balancer
-        .sysctl("net.ipv4.ip_forward", "0")
-        .expect("forwarding off, as a host comes");
-    let servers: Vec<HttpNameServer> = balancer
-        .enter(|| {
-            (1..=3)
-                .map(|i| HttpNameServer::start(&format!("b{i}")).expect("a backend starts"))
-                .collect()
-        })
-        .expect("enter the balancer");
-    let vip: SocketAddr = "10.200.0.1:8080".parse().expect("literal");
-    let config = |dataplane: &str| {
-        let mut web = ServiceConfig::tcp("web", vip)
-            .set("dataplane", dataplane)
-            .set("interface", "l0")
-            .set("local_address", "10.200.0.1")
-            .fast_health("http");
-        for s in &servers {
-            web = web.backend(s.addr(), 1);
-        }
-        DaemonConfig::new()
-            .global("bpf_object", bpf_object().display().to_string())
-            .service(web)
-            .to_toml()
-    };
-    let reason = "forwarding is off on l0 (net.ipv4.conf.l0.forwarding = 0)";
-    let refused = in_netns(&balancer, || {
-        lb_tests::daemon::run_to_end("run", &config("tc"), Duration::from_secs(30))
-    })
-    .expect("enter the balancer");
-    assert!(
-        refused.code().is_some_and(|c| c != 0) && refused.stderr.contains(reason),
-        "dataplane = \"tc\" with forwarding off must refuse to start and say why; exit {:?}, \
-         stderr: {}",
-        refused.status,
-        refused.stderr
-    );
-    let daemon =
-        in_netns(&balancer, || Daemon::start(&config("auto"))).expect("enter the balancer");
-    let line = daemon
-        .wait_for_log("service web: listening", PLACED)
-        .expect("the daemon logs where service web runs");
-    assert!(
-        line.contains("proxy data plane") && line.contains(reason),
-        "auto with forwarding off must run on the proxy and say why; the log said: {line}"
-    );
-    assert_served(
-        &client,
-        vip,
-        &["b1", "b2", "b3"],
-        "auto with forwarding off (proxy)",
-    );
-}
-
 /// How long the daemon may take to say where `web` runs (the verifier runs first).
 const PLACED: Duration = Duration::from_secs(30);
 
@@ -552,6 +479,50 @@ fn auto_with_an_interface_without_ethernet_runs_on_the_proxy_and_tc_refuses_it()
     if !lb_tests::require_root("tc_auto::auto_with_an_interface_without_ethernet") {
         return;
     }
+    let (client, balancer, servers) = balancer_with_a_client();
+    // Backends behind a layer-3 tunnel (a tun device, as WireGuard is): its packets start
+    // with the IP header, and a program reading an Ethernet header there would misread them.
+    balancer
+        .ip(&["tuntap", "add", "mode", "tun", "name", "tun0"])
+        .expect("a tun device");
+    balancer
+        .ip(&["link", "set", "tun0", "up"])
+        .expect("tun0 up");
+    tc_refuses_and_auto_runs_on_the_proxy(
+        &client,
+        &balancer,
+        &servers,
+        |web| web.set("backend_interfaces", vec!["tun0"]),
+        "interface tun0 is a device without Ethernet frames (link type none",
+        "a tun device",
+    );
+}
+
+/// A host as it comes (forwarding off, the default of a host and of a new namespace): the
+/// eBPF plane's route lookups would fail and drop every packet of the VIP, so `auto` runs the
+/// service on the proxy and says which sysctl to turn on, and `tc` refuses to start.
+#[test]
+fn auto_with_forwarding_off_runs_on_the_proxy_and_tc_refuses_it() {
+    if !lb_tests::require_root("tc_auto::auto_with_forwarding_off") {
+        return;
+    }
+    let (client, balancer, servers) = balancer_with_a_client();
+    balancer
+        .sysctl("net.ipv4.ip_forward", "0")
+        .expect("forwarding off, as a host comes");
+    tc_refuses_and_auto_runs_on_the_proxy(
+        &client,
+        &balancer,
+        &servers,
+        |web| web,
+        "forwarding is off on l0 (net.ipv4.conf.l0.forwarding = 0)",
+        "forwarding off",
+    );
+}
+
+/// A client namespace and a balancer namespace joined by a veth (`c0` 10.200.0.2, `l0`
+/// 10.200.0.1), and three HTTP backends on the balancer's loopback.
+fn balancer_with_a_client() -> (Netns, Netns, Vec<HttpNameServer>) {
     let client = Netns::new("c").expect("client namespace");
     let balancer = Netns::new("lb").expect("balancer namespace");
     veth(
@@ -563,14 +534,6 @@ fn auto_with_an_interface_without_ethernet_runs_on_the_proxy_and_tc_refuses_it()
         "10.200.0.2/24",
     )
     .expect("client veth");
-    // Backends behind a layer-3 tunnel (a tun device, as WireGuard is): its packets start
-    // with the IP header, and a program reading an Ethernet header there would misread them.
-    balancer
-        .ip(&["tuntap", "add", "mode", "tun", "name", "tun0"])
-        .expect("a tun device");
-    balancer
-        .ip(&["link", "set", "tun0", "up"])
-        .expect("tun0 up");
     let servers: Vec<HttpNameServer> = balancer
         .enter(|| {
             (1..=3)
@@ -578,15 +541,30 @@ fn auto_with_an_interface_without_ethernet_runs_on_the_proxy_and_tc_refuses_it()
                 .collect()
         })
         .expect("enter the balancer");
+    (client, balancer, servers)
+}
+
+/// `web` on 10.200.0.1:8080 with `interface = "l0"` (and what `keys` adds): with
+/// `dataplane = "tc"` the daemon refuses to start saying `reason`; with `auto` it runs `web`
+/// on the proxy saying `reason`, and every request from `client` is served.
+fn tc_refuses_and_auto_runs_on_the_proxy(
+    client: &Netns,
+    balancer: &Netns,
+    servers: &[HttpNameServer],
+    keys: impl Fn(ServiceConfig) -> ServiceConfig,
+    reason: &str,
+    what: &str,
+) {
     let vip: SocketAddr = "10.200.0.1:8080".parse().expect("literal");
     let config = |dataplane: &str| {
-        let mut web = ServiceConfig::tcp("web", vip)
-            .set("dataplane", dataplane)
-            .set("interface", "l0")
-            .set("backend_interfaces", vec!["tun0"])
-            .set("local_address", "10.200.0.1")
-            .fast_health("http");
-        for s in &servers {
+        let mut web = keys(
+            ServiceConfig::tcp("web", vip)
+                .set("dataplane", dataplane)
+                .set("interface", "l0")
+                .set("local_address", "10.200.0.1")
+                .fast_health("http"),
+        );
+        for s in servers {
             web = web.backend(s.addr(), 1);
         }
         DaemonConfig::new()
@@ -594,28 +572,31 @@ fn auto_with_an_interface_without_ethernet_runs_on_the_proxy_and_tc_refuses_it()
             .service(web)
             .to_toml()
     };
-    let reason = "interface tun0 is a device without Ethernet frames (link type none";
-    let refused = in_netns(&balancer, || {
+    let refused = in_netns(balancer, || {
         lb_tests::daemon::run_to_end("run", &config("tc"), Duration::from_secs(30))
     })
     .expect("enter the balancer");
     assert!(
         refused.code().is_some_and(|c| c != 0) && refused.stderr.contains(reason),
-        "dataplane = \"tc\" with a tun device must refuse to start and say why; exit {:?}, \
+        "dataplane = \"tc\" with {what} must refuse to start and say why; exit {:?}, \
          stderr: {}",
         refused.status,
         refused.stderr
     );
-    let daemon =
-        in_netns(&balancer, || Daemon::start(&config("auto"))).expect("enter the balancer");
+    let daemon = in_netns(balancer, || Daemon::start(&config("auto"))).expect("enter the balancer");
     let line = daemon
         .wait_for_log("service web: listening", PLACED)
         .expect("the daemon logs where service web runs");
     assert!(
         line.contains("proxy data plane") && line.contains(reason),
-        "auto with a tun device must run on the proxy and say why; the log said: {line}"
+        "auto with {what} must run on the proxy and say why; the log said: {line}"
     );
-    let (_, all) = status_words(&balancer, &daemon, "web");
+    let (_, all) = status_words(balancer, &daemon, "web");
     assert_eq!(all, "proxy", "/status's summary of the planes");
-    assert_served(&client, vip, &["b1", "b2", "b3"], "auto with tun0 (proxy)");
+    assert_served(
+        client,
+        vip,
+        &["b1", "b2", "b3"],
+        &format!("auto with {what} (proxy)"),
+    );
 }

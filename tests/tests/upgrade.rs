@@ -195,22 +195,31 @@ fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
         logs.contains("upgrade: took") && logs.contains("listening socket(s)"),
         "the new daemon took no socket:\n{logs}"
     );
+    the_old_daemon_hands_over(&mut old, mark, uploads, load, &site);
+    drop(new);
+}
+
+/// After log line `mark` the old daemon says the new one took over; the uploads (the old
+/// daemon's connections) go on and arrive whole; the old daemon exits 0 after its last
+/// connection, well before its drain timeout; the load loop saw no failure; the new daemon
+/// serves on its own.
+fn the_old_daemon_hands_over(
+    old: &mut Daemon,
+    mark: usize,
+    uploads: Vec<Upload>,
+    load: Load,
+    site: &Site,
+) {
     old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("the old daemon never handed over: {e}"));
-
-    // The uploads are the old daemon's: they go on while it drains.
     finish_uploads(uploads);
-    // Its last connection closed: the old daemon exits, well before its drain timeout.
     let status = old
         .wait_exit(Duration::from_secs(15))
         .unwrap_or_else(|| panic!("the old daemon did not exit after its last connection"));
     assert!(status.success(), "the old daemon exited with {status}");
-
     std::thread::sleep(Duration::from_millis(500));
     load.finish();
-    // The new daemon serves on its own.
     http_get(site.web, "/").unwrap_or_else(|e| panic!("the new daemon does not serve web: {e}"));
-    drop(new);
 }
 
 /// A service manager's notification socket (systemd's `$NOTIFY_SOCKET`), read by the test
@@ -363,17 +372,7 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
         "MAINPID names a process that is not the upgrade: {:?}",
         String::from_utf8_lossy(&cmdline)
     );
-    old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("the old daemon never handed over: {e}"));
-
-    finish_uploads(uploads);
-    let status = old
-        .wait_exit(Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("the old daemon did not exit after its last connection"));
-    assert!(status.success(), "the old daemon exited with {status}");
-    std::thread::sleep(Duration::from_millis(500));
-    load.finish();
-    http_get(site.web, "/").unwrap_or_else(|e| panic!("the new daemon does not serve web: {e}"));
+    the_old_daemon_hands_over(&mut old, mark, uploads, load, &site);
     // The old daemon's exit is no stop of the service.
     let mut after = Vec::new();
     while let Some(m) = notify.next(Duration::from_millis(200)) {
