@@ -24,7 +24,7 @@
 
 pub mod routes;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,8 +80,9 @@ pub struct Announcer {
 #[derive(Default)]
 struct State {
     vips: Vec<VipAnnouncement>,
-    /// The last failure to write each VIP's route, logged once.
-    failed: BTreeMap<IpAddr, String>,
+    /// The last failure to read the table (`None`) or to write a VIP's route, each logged
+    /// once.
+    failed: BTreeMap<Option<IpAddr>, String>,
 }
 
 impl Announcer {
@@ -212,7 +213,7 @@ impl Announcer {
                 _ => {}
             }
             if v.reason.is_none() == v.announced {
-                state.failed.remove(&v.vip);
+                state.failed.remove(&Some(v.vip));
             }
         }
         state.vips = vips;
@@ -222,10 +223,9 @@ impl Announcer {
     /// it changes.
     fn failed_once(&self, vip: Option<IpAddr>, error: String) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let key = vip.unwrap_or(IpAddr::from([0u8; 4]));
-        if state.failed.get(&key) != Some(&error) {
+        if state.failed.get(&vip) != Some(&error) {
             warn!("announce: {error}");
-            state.failed.insert(key, error);
+            state.failed.insert(vip, error);
         }
     }
 
@@ -282,16 +282,5 @@ impl Announcer {
             node_draining: self.node_draining.load(Ordering::SeqCst),
             vips: state.vips.clone(),
         }
-    }
-
-    /// The VIPs announced now, by the last look.
-    pub fn announced(&self) -> BTreeSet<IpAddr> {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state
-            .vips
-            .iter()
-            .filter(|v| v.announced)
-            .map(|v| v.vip)
-            .collect()
     }
 }
