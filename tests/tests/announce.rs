@@ -242,6 +242,54 @@ fn sigquit_withdraws_a_proxy_vip() {
     );
 }
 
+/// An IPv6 VIP is announced as a /128 in the same table, and withdrawn with its backend.
+#[test]
+fn an_ipv6_vip_is_announced_as_a_host_route() {
+    if !lb_tests::require_root("announce::an_ipv6_vip_is_announced_as_a_host_route") {
+        return;
+    }
+    let ns = Netns::new("an6").expect("namespace");
+    ns.ip(&["-6", "addr", "add", "fd00:230::1/128", "dev", "lo", "nodad"])
+        .expect("the VIP on lo");
+    let backend = SocketAddr::from(([127, 0, 0, 1], 8080));
+    let mut web = ns
+        .enter(|| HttpNameServer::start_on("a", backend))
+        .expect("enter the namespace")
+        .expect("the backend starts");
+    let vip: SocketAddr = "[fd00:230::1]:8000".parse().expect("literal");
+    let toml = DaemonConfig::new()
+        .announce("table", 100)
+        .service(
+            ServiceConfig::tcp("web6", vip)
+                .fast_health("tcp")
+                .backend(backend, 1),
+        )
+        .to_toml();
+    let _daemon = in_netns(&ns, || Daemon::start(&toml)).expect("enter the namespace");
+    let table = || {
+        let out = ns
+            .run("ip", &["-6", "route", "show", "table", "100"])
+            .expect("ip route show");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let wait = |present: bool| {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            // IPv6 blackhole routes show `dev lo` between the address and the protocol.
+            let t = table();
+            let there = t.contains("blackhole fd00:230::1 ") && t.contains("proto 250");
+            if there == present {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the IPv6 VIP's route is not {present}: {:?}", table());
+    };
+    wait(true);
+    web.stop();
+    wait(false);
+}
+
 #[test]
 fn a_bad_announce_table_is_refused_with_its_line() {
     let text = "[[service]]\nname = \"web\"\nlisten = \"10.230.0.1:8000\"\nprotocol = \"tcp\"\n\
