@@ -138,7 +138,12 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
     if stopped.as_ref().is_ok_and(|s| s.handed_over) {
         control.with_proxy(|p| p.mark_handed_over());
     }
-    let keep = stopped.as_ref().is_ok_and(|s| s.keep_dataplane);
+    // A daemon taking over that failed before it was ready leaves the adopted eBPF plane to
+    // the old daemon, which goes on with it.
+    let keep = match &stopped {
+        Ok(s) => s.keep_dataplane,
+        Err(_) => take_over,
+    };
     let result = stopped.and_then(|s| s.died.map_or(Ok(()), |d| Err(DaemonError::ThreadDied(d))));
     let mut xdp = control.take_xdp();
     if keep {
@@ -274,6 +279,10 @@ async fn serve(
         None => None,
         Some(settings) => {
             let announcer = crate::announce::Announcer::new(settings)?;
+            // A node the old daemon drained stays drained across an upgrade.
+            if handover.as_ref().is_some_and(|(i, _)| i.node_draining()) {
+                announcer.keep_node_drained();
+            }
             control.set_announcer(Arc::clone(&announcer));
             announcer.sync(control).await;
             let task = tokio::spawn(Arc::clone(&announcer).run(Arc::clone(control)));
@@ -410,9 +419,9 @@ async fn withdraw(
 }
 
 /// What the daemon hands over in an upgrade (see `crate::handover`): the proxy's sockets
-/// at that moment and the admin API's TCP listener (`admin`: its address and a duplicate).
-type Offer =
-    Arc<dyn Fn() -> Vec<(crate::handover::OfferedSocket, std::os::fd::OwnedFd)> + Send + Sync>;
+/// at that moment, the admin API's TCP listener (`admin`: its address and a duplicate), and
+/// whether `drain-node` holds the node's VIPs back.
+type Offer = Arc<dyn Fn() -> crate::handover::Handing + Send + Sync>;
 
 /// The [`Offer`] of this daemon.
 fn handover_offer(
@@ -435,7 +444,10 @@ fn handover_offer(
                 Err(e) => warn!("upgrade: the admin API's listener cannot be handed over: {e}"),
             }
         }
-        offer
+        crate::handover::Handing {
+            sockets: offer,
+            node_draining: offering.announcer().is_some_and(|a| a.node_draining()),
+        }
     })
 }
 

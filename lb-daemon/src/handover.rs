@@ -73,20 +73,43 @@ pub struct OfferedSocket {
     pub worker: usize,
 }
 
-/// What the old daemon offers: its sockets, in the order of the descriptors.
+/// What the old daemon offers: its sockets, in the order of the descriptors, and the state
+/// the new one carries on.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Offer {
     /// The sockets.
     pub sockets: Vec<OfferedSocket>,
+    /// `drain-node` holds the node's VIPs back (`crate::announce`); `false` from a daemon
+    /// that does not say.
+    #[serde(default)]
+    pub node_draining: bool,
 }
 
-/// The sockets a new daemon took over, until its proxy takes them ([`Inherited::take`]).
+/// What the old daemon hands over at the moment of a `TAKE`: its sockets with their
+/// descriptions, and the state the new one carries on.
+#[derive(Debug, Default)]
+pub struct Handing {
+    /// The sockets.
+    pub sockets: Vec<(OfferedSocket, OwnedFd)>,
+    /// See [`Offer::node_draining`].
+    pub node_draining: bool,
+}
+
+/// The sockets a new daemon took over, until its proxy takes them ([`Inherited::take`]),
+/// and the state it carries on.
 #[derive(Debug, Default)]
 pub struct Inherited {
     sockets: Mutex<Vec<(OfferedSocket, OwnedFd)>>,
+    node_draining: bool,
 }
 
 impl Inherited {
+    /// Whether the old daemon's node was draining (`drain-node`): the new one goes on
+    /// announcing nothing.
+    pub fn node_draining(&self) -> bool {
+        self.node_draining
+    }
+
     /// The socket bound to `listen` for `protocol` that worker `worker` used, if one was
     /// handed over and not taken yet.
     pub fn take(&self, listen: SocketAddr, protocol: Protocol, worker: usize) -> Option<OwnedFd> {
@@ -247,6 +270,7 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
     Ok((
         Inherited {
             sockets: Mutex::new(offer.sockets.into_iter().zip(fds).collect()),
+            node_draining: offer.node_draining,
         },
         Taken {
             stream,
@@ -293,7 +317,7 @@ fn receive(fd: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
 /// Returns `Err(HandoverError::Io)` when the socket cannot be bound.
 pub fn serve_handover(
     path: &Path,
-    offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)> + Send + 'static,
+    offer: impl Fn() -> Handing + Send + 'static,
     on_ready: impl Fn() + Send + 'static,
 ) -> Result<(), HandoverError> {
     let io_err = |source| HandoverError::Io {
@@ -317,12 +341,7 @@ pub fn serve_handover(
     Ok(())
 }
 
-fn serve(
-    listener: UnixListener,
-    path: &Path,
-    offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)>,
-    on_ready: impl Fn(),
-) {
+fn serve(listener: UnixListener, path: &Path, offer: impl Fn() -> Handing, on_ready: impl Fn()) {
     for conn in listener.incoming() {
         let mut stream = match conn {
             Ok(s) => s,
@@ -359,7 +378,7 @@ fn serve(
 pub fn spawn_successor(
     exe: &Path,
     config: &Path,
-    offer: impl Fn() -> Vec<(OfferedSocket, OwnedFd)> + Send + 'static,
+    offer: impl Fn() -> Handing + Send + 'static,
     on_end: impl FnOnce(Option<u32>) + Send + 'static,
 ) -> Result<u32, HandoverError> {
     use std::os::unix::process::CommandExt;
@@ -423,16 +442,16 @@ pub fn spawn_successor(
 
 /// One hand-over: `TAKE`, the offer, then `READY` (`Ok(true)`) or the end of the stream
 /// (`Ok(false)`).
-fn exchange(
-    stream: &mut UnixStream,
-    offer: &impl Fn() -> Vec<(OfferedSocket, OwnedFd)>,
-) -> io::Result<bool> {
+fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result<bool> {
     let mut word = [0u8; 5];
     stream.read_exact(&mut word)?;
     if &word != b"TAKE\n" {
         return Err(io::Error::other("not a hand-over request"));
     }
-    let sockets = offer();
+    let Handing {
+        sockets,
+        node_draining,
+    } = offer();
     if sockets.len() > MAX_SOCKETS {
         return Err(io::Error::other(format!(
             "{} sockets to hand over, more than the {MAX_SOCKETS} one message carries",
@@ -440,7 +459,11 @@ fn exchange(
         )));
     }
     let (described, fds): (Vec<OfferedSocket>, Vec<OwnedFd>) = sockets.into_iter().unzip();
-    let json = serde_json::to_vec(&Offer { sockets: described }).map_err(io::Error::other)?;
+    let json = serde_json::to_vec(&Offer {
+        sockets: described,
+        node_draining,
+    })
+    .map_err(io::Error::other)?;
     let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
     bytes.extend_from_slice(&json);
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -482,20 +505,27 @@ mod tests {
             &path,
             move || {
                 let fd = offered.lock().expect("lock").take().expect("offered once");
-                vec![(
-                    OfferedSocket {
-                        listen: addr,
-                        protocol: "tcp".into(),
-                        worker: 0,
-                    },
-                    fd,
-                )]
+                Handing {
+                    sockets: vec![(
+                        OfferedSocket {
+                            listen: addr,
+                            protocol: "tcp".into(),
+                            worker: 0,
+                        },
+                        fd,
+                    )],
+                    node_draining: true,
+                }
             },
             move || ready_tx.send(()).expect("ready"),
         )
         .expect("serve");
         let (inherited, taken) = take_over(&path).expect("take over");
         assert_eq!(inherited.len(), 1);
+        assert!(
+            inherited.node_draining(),
+            "the node's drain is carried over"
+        );
         assert!(inherited.take(addr, Protocol::Udp, 0).is_none(), "not udp");
         let got = inherited
             .take(addr, Protocol::Tcp, 0)

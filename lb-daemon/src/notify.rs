@@ -19,10 +19,14 @@ pub fn ready() {
 }
 
 /// The daemon that replaces this one (an upgrade in place) serves: `pid` is the service's
-/// main process from now on. Sent before this daemon drains, so that systemd never sees the
-/// service without its main process.
+/// main process from now on, and it is ready (one message, so that a reload this daemon
+/// announced is ended by the process allowed to). Sent before this daemon drains, so that
+/// systemd never sees the service without its main process.
 pub fn main_pid(pid: u32) {
-    send(&[NotifyState::MainPid(pid)], "the new main process");
+    send(
+        &[NotifyState::MainPid(pid), NotifyState::Ready],
+        "the new main process",
+    );
 }
 
 /// A reload starts (`RELOADING=1` with the monotonic time systemd asks for); [`ready`]

@@ -224,6 +224,20 @@ pub enum NotOnXdp {
         /// The sysctl that turns it on.
         key: String,
     },
+    /// Whether the kernel forwards on an interface cannot be read (`/proc/sys/net` hidden,
+    /// e.g. by systemd's `ProcSubset=pid`): `auto` does not bet the VIP on it.
+    #[error(
+        "whether the kernel forwards on {interface} cannot be read ({key}: {error}), and the \
+         eBPF data plane drops every packet where it does not"
+    )]
+    ForwardingUnknown {
+        /// The interface.
+        interface: String,
+        /// The sysctl.
+        key: String,
+        /// Why it could not be read.
+        error: String,
+    },
     /// A wildcard VIP (`0.0.0.0`, `::`).
     #[error("the VIP {0} is a wildcard: the eBPF data plane balances packets for one address")]
     WildcardVip(std::net::IpAddr),
@@ -318,7 +332,8 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
 
 /// The first interface the eBPF plane would take `service`'s packets in on (`interface`;
 /// in `nat` mode `backend_interfaces` too, where the replies come in) on which the kernel does
-/// not forward the VIP's address family, as the reason the service cannot run on eBPF.
+/// not forward the VIP's address family, or cannot be shown to, as the reason the service
+/// cannot run on eBPF.
 fn forwarding_off(service: &Service) -> Option<NotOnXdp> {
     let ipv6 = service.listen.is_ipv6();
     let replies_here = service.xdp.forwarding == crate::config::Forwarding::Nat;
@@ -334,11 +349,17 @@ fn forwarding_off(service: &Service) -> Option<NotOnXdp> {
                 .filter(|_| replies_here),
         )
         .find_map(|name| {
-            crate::dataplane::xdp::ip_forwarding::off(name, ipv6).map(|key| {
-                NotOnXdp::ForwardingOff {
+            use crate::dataplane::xdp::ip_forwarding::{check, NotForwarding};
+            check(name, ipv6).map(|not| match not {
+                NotForwarding::Off { key } => NotOnXdp::ForwardingOff {
                     interface: name.clone(),
                     key,
-                }
+                },
+                NotForwarding::Unreadable { key, error } => NotOnXdp::ForwardingUnknown {
+                    interface: name.clone(),
+                    key,
+                    error,
+                },
             })
         })
 }

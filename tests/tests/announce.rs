@@ -242,6 +242,86 @@ fn sigquit_withdraws_a_proxy_vip() {
     );
 }
 
+/// A drained node stays drained across an upgrade in place (SIGUSR2): the new daemon takes
+/// the drain over and announces nothing until `enable-node`.
+#[test]
+fn a_drained_node_stays_drained_across_an_upgrade() {
+    if !lb_tests::require_root("announce::a_drained_node_stays_drained_across_an_upgrade") {
+        return;
+    }
+    let mut node = Node::start("0s");
+    node.wait_route(true, Duration::from_secs(3));
+    assert_eq!(node.api("POST", "/node/drain").status, 200);
+    assert!(
+        !node.table().contains(ROUTE),
+        "drained, yet {}",
+        node.table()
+    );
+    let mark = node.daemon.log_mark();
+    node.daemon.signal(Signal::SIGUSR2).expect("SIGUSR2");
+    let (_, started) = node
+        .daemon
+        .wait_for_log_after(mark, "to take over", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
+    let pid: i32 = started
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {started}"));
+    let _new = Successor(nix::unistd::Pid::from_raw(pid));
+    // The new daemon's lines come through the old one's output, which it inherited.
+    let (_, line) = node
+        .daemon
+        .wait_for_log_after(
+            mark,
+            "admin API listening on http://",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("the new daemon did not start: {e}"));
+    let new_api: SocketAddr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"));
+    node.daemon
+        .wait_for_log_after(mark, "the node stays drained", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the new daemon did not take the drain over: {e}"));
+    let status = node
+        .daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old daemon exits after the hand-over");
+    assert!(status.success(), "the old daemon exited with {status}");
+    // Several looks of the new daemon later: still nothing announced.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !node.table().contains(ROUTE),
+        "the new daemon announced a drained node's VIP: {}",
+        node.table()
+    );
+    let r = in_netns(&node.ns, || {
+        lb_tests::admin::request(new_api, "GET", "/status", "")
+    })
+    .expect("enter the namespace");
+    assert_eq!(r.json()["announce"]["node_draining"], true);
+    let r = in_netns(&node.ns, || {
+        lb_tests::admin::request(new_api, "POST", "/node/enable", "")
+    })
+    .expect("enter the namespace");
+    assert_eq!(r.status, 200, "enable-node on the new daemon: {}", r.body);
+    node.wait_route(true, Duration::from_secs(3));
+}
+
+/// The daemon an upgrade in place started (not the test's child), killed when the test ends.
+struct Successor(nix::unistd::Pid);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+    }
+}
+
 /// An IPv6 VIP is announced as a /128 in the same table, and withdrawn with its backend.
 #[test]
 fn an_ipv6_vip_is_announced_as_a_host_route() {

@@ -289,7 +289,6 @@ fn register_reloads(reg: &mut Registry, control: &Control) {
     );
 }
 
-/// A counter standing at `n`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VipLabels {
     vip: String,
@@ -318,6 +317,7 @@ fn register_announce(reg: &mut Registry, announce: &crate::announce::AnnounceSta
     );
 }
 
+/// A counter standing at `n`.
 fn counter(n: u64) -> Counter<u64> {
     let c = Counter::<u64>::default();
     c.inc_by(n);

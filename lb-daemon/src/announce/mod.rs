@@ -18,7 +18,8 @@
 //!   serving (the router converges away from it), then the drain starts;
 //! - SIGQUIT, a dead thread: the VIPs of services on the proxy are withdrawn (the proxy
 //!   stops accepting); those on the eBPF plane stay announced, since its flows go on;
-//! - an upgrade (hand-over): nothing changes; the new daemon takes the routes as it finds them;
+//! - an upgrade (hand-over): nothing changes; the new daemon takes the routes as it finds them,
+//!   and a node's drain with the sockets (`crate::handover::Offer::node_draining`);
 //! - a crash: the routes stay (the eBPF plane forwards on its last table); the daemon started
 //!   next corrects them within one [`INTERVAL`] of its start.
 
@@ -74,6 +75,9 @@ pub struct Announcer {
     /// The daemon stops: nothing is announced again.
     stopped: AtomicBool,
     state: Mutex<State>,
+    /// Held by each look and each withdrawal from start to end, so that one decided before a
+    /// withdrawal cannot add its routes after it.
+    writing: tokio::sync::Mutex<()>,
 }
 
 /// What the last look found.
@@ -97,6 +101,7 @@ impl Announcer {
             node_draining: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             state: Mutex::new(State::default()),
+            writing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -112,6 +117,7 @@ impl Announcer {
 
     /// Brings the table in step with what `control` can serve now; logs what changed.
     pub async fn sync(&self, control: &Control) {
+        let _writing = self.writing.lock().await;
         let wanted = self.wanted(control);
         let installed = match self.routes.list().await {
             Ok(v) => v,
@@ -247,10 +253,23 @@ impl Announcer {
         self.sync(control).await;
     }
 
+    /// Whether `drain-node` holds every VIP back.
+    pub fn node_draining(&self) -> bool {
+        self.node_draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts drained: the daemon this one replaced had its node drained (an upgrade
+    /// carries it over), so nothing is announced until `enable-node`.
+    pub fn keep_node_drained(&self) {
+        self.node_draining.store(true, Ordering::SeqCst);
+        info!("announce: the node stays drained, as the daemon before this one left it");
+    }
+
     /// SIGTERM: withdraws every VIP for good; returns how many were announced.
     pub async fn withdraw_all(&self) -> usize {
         self.stopped.store(true, Ordering::SeqCst);
-        let installed = self.routes.list().await.unwrap_or_default();
+        let _writing = self.writing.lock().await;
+        let installed = self.installed().await;
         for vip in &installed {
             match self.routes.remove(*vip).await {
                 Ok(()) => info!("announce: {vip} withdrawn: the daemon is stopping"),
@@ -264,11 +283,30 @@ impl Announcer {
     /// the proxy carries, which stops accepting); the others stay announced.
     pub async fn withdraw_unless(&self, keep: impl Fn(IpAddr) -> bool) {
         self.stopped.store(true, Ordering::SeqCst);
-        let installed = self.routes.list().await.unwrap_or_default();
+        let _writing = self.writing.lock().await;
+        let installed = self.installed().await;
         for vip in installed.into_iter().filter(|v| !keep(*v)) {
             match self.routes.remove(vip).await {
                 Ok(()) => info!("announce: {vip} withdrawn: its proxy stops accepting"),
                 Err(e) => warn!("announce: {e}"),
+            }
+        }
+    }
+
+    /// The VIPs whose routes are in the table; when it cannot be read (logged), those the
+    /// last look announced.
+    async fn installed(&self) -> Vec<IpAddr> {
+        match self.routes.list().await {
+            Ok(vips) => vips.into_iter().collect(),
+            Err(e) => {
+                warn!("announce: {e}; withdrawing what the last look announced");
+                let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state
+                    .vips
+                    .iter()
+                    .filter(|v| v.announced)
+                    .map(|v| v.vip)
+                    .collect()
             }
         }
     }
@@ -279,7 +317,7 @@ impl Announcer {
         AnnounceStatus {
             table: self.routes.table(),
             protocol: self.protocol,
-            node_draining: self.node_draining.load(Ordering::SeqCst),
+            node_draining: self.node_draining(),
             vips: state.vips.clone(),
         }
     }
