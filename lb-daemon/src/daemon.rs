@@ -469,7 +469,8 @@ fn serve_handover(control: &Arc<Control>, offer: Offer, upgraded: Arc<tokio::syn
 /// SIGUSR2: the upgrade in place. Starts the binary this daemon was started from (`exe`,
 /// read at start) as `upgrade` on the same config, handing it `offer` over a socket pair
 /// (`crate::handover::spawn_successor`); once it is ready, systemd is told that it is the
-/// main process now (`MAINPID=`) and `upgraded` is notified. One at a time (`upgrading`): a SIGUSR2
+/// main process now (`MAINPID=`) and `upgraded` is notified (when systemd cannot be told,
+/// this daemon serves on beside the new one, with a warning). One at a time (`upgrading`): a SIGUSR2
 /// while one runs is logged and ignored. A successor that fails is logged; this daemon goes
 /// on.
 fn upgrade_in_place(
@@ -503,9 +504,17 @@ fn upgrade_in_place(
         move || offer(),
         move |ready| match ready {
             Some(pid) => {
-                // systemd follows the new daemon before this one drains and exits.
-                crate::notify::main_pid(pid);
-                upgraded.notify_one();
+                // systemd follows the new daemon before this one drains and exits. If it
+                // cannot be told, this one's exit would end the service (and systemd would
+                // stop the new daemon with it): both serve on, this one as the main process.
+                if crate::notify::main_pid(pid) {
+                    upgraded.notify_one();
+                } else {
+                    warn!(
+                        "upgrade: systemd could not be told that pid {pid} is the main process: \
+                         this daemon goes on beside it; restart the service to end the overlap"
+                    );
+                }
             }
             None => done.store(false, Ordering::SeqCst),
         },

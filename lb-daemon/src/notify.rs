@@ -22,18 +22,23 @@ pub fn ready() {
 /// main process from now on, and it is ready (one message, so that a reload this daemon
 /// announced is ended by the process allowed to). Sent before this daemon drains, so that
 /// systemd never sees the service without its main process.
-pub fn main_pid(pid: u32) {
+///
+/// Returns `false` when `$NOTIFY_SOCKET` is set and the message could not be sent: systemd
+/// still takes this process for the main one, and its exit for the service's end.
+pub fn main_pid(pid: u32) -> bool {
     send(
         &[NotifyState::MainPid(pid), NotifyState::Ready],
         "the new main process",
-    );
+    )
 }
 
 /// A reload starts (`RELOADING=1` with the monotonic time systemd asks for); [`ready`]
 /// ends it.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now], "reloading"),
+        Ok(now) => {
+            send(&[NotifyState::Reloading, now], "reloading");
+        }
         Err(e) => debug!("service manager: no monotonic time for RELOADING=1: {e}"),
     }
 }
@@ -44,12 +49,18 @@ pub fn stopping() {
     send(&[NotifyState::Stopping], "stopping");
 }
 
-fn send(state: &[NotifyState], what: &str) {
+/// Sends `state`; `false` when `$NOTIFY_SOCKET` is set and the message could not be sent
+/// (logged).
+fn send(state: &[NotifyState], what: &str) -> bool {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
+        return true;
     }
     // A service manager that cannot be told is not a reason to stop serving.
-    if let Err(e) = sd_notify::notify(false, state) {
-        warn!("service manager: cannot say {what} on $NOTIFY_SOCKET: {e}");
+    match sd_notify::notify(false, state) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!("service manager: cannot say {what} on $NOTIFY_SOCKET: {e}");
+            false
+        }
     }
 }

@@ -418,3 +418,38 @@ fn load_loop(web: SocketAddr, dns: SocketAddr, tally: &Tally, stop: &AtomicBool)
         k += 1;
     }
 }
+
+/// An upgrade in place whose new main process cannot be told to the service manager (its
+/// socket is gone): the old daemon does not exit, which would end the service; both serve.
+#[test]
+fn sigusr2_without_a_reachable_service_manager_keeps_the_old_daemon() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let gone = dir.path().join("no-manager.sock");
+    let site = Site::new(None);
+    let socket = gone.display().to_string();
+    let mut old = Daemon::try_start_with_env(&site.config, &[("NOTIFY_SOCKET", &socket)])
+        .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"));
+    let mark = old.log_mark();
+    old.signal(Signal::SIGUSR2).expect("SIGUSR2");
+    let (_, started) = old
+        .wait_for_log_after(mark, "to take over", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
+    let pid: i32 = started
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {started}"));
+    let _new = Orphan(nix::unistd::Pid::from_raw(pid));
+    old.wait_for_log_after(mark, "could not be told that pid", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the old daemon did not say why it stays: {e}"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        old.exit_status().is_none(),
+        "the old daemon exited although systemd still takes it for the main process"
+    );
+    for _ in 0..20 {
+        http_get(site.web, "/").unwrap_or_else(|e| panic!("web is not served: {e}"));
+    }
+}
