@@ -307,6 +307,21 @@ async fn serve(
         if let Err(e) = taken.ready() {
             warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
         }
+        // Routes the old daemon announced where this one does not look would be exported
+        // for good.
+        let ours = control
+            .config()
+            .announce
+            .map(|a| crate::handover::RouteTableId {
+                table: a.table,
+                protocol: a.protocol,
+            });
+        if let Some(old) = inherited.announced_in().filter(|old| Some(*old) != ours) {
+            tokio::spawn(crate::announce::withdraw_left_behind(
+                old.table,
+                old.protocol,
+            ));
+        }
     } else {
         crate::notify::ready();
     }
@@ -447,6 +462,13 @@ fn handover_offer(
         crate::handover::Handing {
             sockets: offer,
             node_draining: offering.announcer().is_some_and(|a| a.node_draining()),
+            announced_in: offering
+                .config()
+                .announce
+                .map(|a| crate::handover::RouteTableId {
+                    table: a.table,
+                    protocol: a.protocol,
+                }),
         }
     })
 }

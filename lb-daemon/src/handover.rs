@@ -83,6 +83,19 @@ pub struct Offer {
     /// that does not say.
     #[serde(default)]
     pub node_draining: bool,
+    /// Where the old daemon keeps its announced VIP routes (`[announce]`), if it does.
+    #[serde(default)]
+    pub announced_in: Option<RouteTableId>,
+}
+
+/// A routing table and route protocol number of announced VIPs (`[announce] table` and
+/// `protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RouteTableId {
+    /// The kernel routing table.
+    pub table: u32,
+    /// The routes' protocol number.
+    pub protocol: u8,
 }
 
 /// What the old daemon hands over at the moment of a `TAKE`: its sockets with their
@@ -93,6 +106,8 @@ pub struct Handing {
     pub sockets: Vec<(OfferedSocket, OwnedFd)>,
     /// See [`Offer::node_draining`].
     pub node_draining: bool,
+    /// See [`Offer::announced_in`].
+    pub announced_in: Option<RouteTableId>,
 }
 
 /// The sockets a new daemon took over, until its proxy takes them ([`Inherited::take`]),
@@ -101,6 +116,7 @@ pub struct Handing {
 pub struct Inherited {
     sockets: Mutex<Vec<(OfferedSocket, OwnedFd)>>,
     node_draining: bool,
+    announced_in: Option<RouteTableId>,
 }
 
 impl Inherited {
@@ -108,6 +124,11 @@ impl Inherited {
     /// announcing nothing.
     pub fn node_draining(&self) -> bool {
         self.node_draining
+    }
+
+    /// Where the old daemon kept its announced VIP routes, if it announced any.
+    pub fn announced_in(&self) -> Option<RouteTableId> {
+        self.announced_in
     }
 
     /// The socket bound to `listen` for `protocol` that worker `worker` used, if one was
@@ -271,6 +292,7 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
         Inherited {
             sockets: Mutex::new(offer.sockets.into_iter().zip(fds).collect()),
             node_draining: offer.node_draining,
+            announced_in: offer.announced_in,
         },
         Taken {
             stream,
@@ -451,6 +473,7 @@ fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result
     let Handing {
         sockets,
         node_draining,
+        announced_in,
     } = offer();
     if sockets.len() > MAX_SOCKETS {
         return Err(io::Error::other(format!(
@@ -462,6 +485,7 @@ fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result
     let json = serde_json::to_vec(&Offer {
         sockets: described,
         node_draining,
+        announced_in,
     })
     .map_err(io::Error::other)?;
     let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
@@ -515,6 +539,10 @@ mod tests {
                         fd,
                     )],
                     node_draining: true,
+                    announced_in: Some(RouteTableId {
+                        table: 100,
+                        protocol: 250,
+                    }),
                 }
             },
             move || ready_tx.send(()).expect("ready"),
@@ -525,6 +553,13 @@ mod tests {
         assert!(
             inherited.node_draining(),
             "the node's drain is carried over"
+        );
+        assert_eq!(
+            inherited.announced_in(),
+            Some(RouteTableId {
+                table: 100,
+                protocol: 250
+            })
         );
         assert!(inherited.take(addr, Protocol::Udp, 0).is_none(), "not udp");
         let got = inherited

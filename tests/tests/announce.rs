@@ -263,13 +263,7 @@ fn a_drained_node_stays_drained_across_an_upgrade() {
         .daemon
         .wait_for_log_after(mark, "to take over", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
-    let pid: i32 = started
-        .split("(pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {started}"));
-    let _new = Successor(nix::unistd::Pid::from_raw(pid));
+    let _new = Successor(successor_pid(&started));
     // The new daemon's lines come through the old one's output, which it inherited.
     let (_, line) = node
         .daemon
@@ -311,6 +305,54 @@ fn a_drained_node_stays_drained_across_an_upgrade() {
     .expect("enter the namespace");
     assert_eq!(r.status, 200, "enable-node on the new daemon: {}", r.body);
     node.wait_route(true, Duration::from_secs(3));
+}
+
+/// An upgrade whose config announces in another table: the new daemon announces there and
+/// withdraws what the old one left in the old table, which no daemon would look after.
+#[test]
+fn an_upgrade_to_another_table_leaves_nothing_in_the_old_one() {
+    if !lb_tests::require_root("announce::an_upgrade_to_another_table") {
+        return;
+    }
+    let mut node = Node::start("0s");
+    node.wait_route(true, Duration::from_secs(3));
+    let text = std::fs::read_to_string(node.daemon.config_path()).expect("the config");
+    node.daemon
+        .rewrite_config(&text.replace("table = 100", "table = 101"));
+    let mark = node.daemon.log_mark();
+    node.daemon.signal(Signal::SIGUSR2).expect("SIGUSR2");
+    let (_, started) = node
+        .daemon
+        .wait_for_log_after(mark, "to take over", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
+    let _new = Successor(successor_pid(&started));
+    node.daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old daemon exits after the hand-over");
+    node.wait_route(false, Duration::from_secs(5));
+    let end = Instant::now() + Duration::from_secs(5);
+    let in_101 = || {
+        let out = node
+            .ns
+            .run("ip", &["route", "show", "table", "101"])
+            .expect("ip route show");
+        String::from_utf8_lossy(&out.stdout).contains(ROUTE)
+    };
+    while !in_101() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(in_101(), "the new daemon does not announce in table 101");
+}
+
+/// The pid in the old daemon's `upgrade: started ... (pid N) to take over` line.
+fn successor_pid(line: &str) -> nix::unistd::Pid {
+    let pid: i32 = line
+        .split("(pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    nix::unistd::Pid::from_raw(pid)
 }
 
 /// The daemon an upgrade in place started (not the test's child), killed when the test ends.

@@ -19,7 +19,9 @@
 //! - SIGQUIT, a dead thread: the VIPs of services on the proxy are withdrawn (the proxy
 //!   stops accepting); those on the eBPF plane stay announced, since its flows go on;
 //! - an upgrade (hand-over): nothing changes; the new daemon takes the routes as it finds them,
-//!   and a node's drain with the sockets (`crate::handover::Offer::node_draining`);
+//!   and a node's drain with the sockets (`crate::handover::Offer::node_draining`); one
+//!   that announces in another table withdraws the old table's routes
+//!   ([`withdraw_left_behind`]);
 //! - a crash: the routes stay (the eBPF plane forwards on its last table); the daemon started
 //!   next corrects them within one [`INTERVAL`] of its start.
 
@@ -39,6 +41,42 @@ pub use routes::{RouteError, RouteTable};
 
 /// How often the announcer compares what should be announced with what is.
 pub const INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long after taking over a daemon waits before it withdraws the routes the one it
+/// replaced kept in a table this one does not use: that one's last look may still be under
+/// way when it is told to stop.
+const LEFT_BEHIND_AFTER: Duration = Duration::from_secs(1);
+
+/// After an upgrade whose new config announces in another table or with another protocol
+/// number (or not at all): withdraws, [`LEFT_BEHIND_AFTER`] from now, every route of
+/// `protocol` in `table`, which the daemon before this one announced and no daemon looks
+/// after any more. Failures are logged.
+pub async fn withdraw_left_behind(table: u32, protocol: u8) {
+    tokio::time::sleep(LEFT_BEHIND_AFTER).await;
+    let routes = match RouteTable::open(table, protocol) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(
+                "announce: the routes the daemon before this one left in table {table} stay: {e}"
+            );
+            return;
+        }
+    };
+    match routes.list().await {
+        Ok(vips) => {
+            for vip in vips {
+                match routes.remove(vip).await {
+                    Ok(()) => info!(
+                        "announce: {vip} withdrawn from table {table}, where the daemon before \
+                         this one announced it"
+                    ),
+                    Err(e) => warn!("announce: {e}"),
+                }
+            }
+        }
+        Err(e) => warn!("announce: the routes the daemon before this one left stay: {e}"),
+    }
+}
 
 /// One VIP as `/status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
