@@ -258,12 +258,10 @@ fn a_drained_node_stays_drained_across_an_upgrade() {
         node.table()
     );
     let mark = node.daemon.log_mark();
-    node.daemon.signal(Signal::SIGUSR2).expect("SIGUSR2");
-    let (_, started) = node
+    let _new = node
         .daemon
-        .wait_for_log_after(mark, "to take over", Duration::from_secs(10))
+        .upgrade_in_place()
         .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
-    let _new = Successor(successor_pid(&started));
     // The new daemon's lines come through the old one's output, which it inherited.
     let (_, line) = node
         .daemon
@@ -319,13 +317,10 @@ fn an_upgrade_to_another_table_leaves_nothing_in_the_old_one() {
     let text = std::fs::read_to_string(node.daemon.config_path()).expect("the config");
     node.daemon
         .rewrite_config(&text.replace("table = 100", "table = 101"));
-    let mark = node.daemon.log_mark();
-    node.daemon.signal(Signal::SIGUSR2).expect("SIGUSR2");
-    let (_, started) = node
+    let _new = node
         .daemon
-        .wait_for_log_after(mark, "to take over", Duration::from_secs(10))
+        .upgrade_in_place()
         .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
-    let _new = Successor(successor_pid(&started));
     node.daemon
         .wait_exit(Duration::from_secs(15))
         .expect("the old daemon exits after the hand-over");
@@ -342,26 +337,6 @@ fn an_upgrade_to_another_table_leaves_nothing_in_the_old_one() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(in_101(), "the new daemon does not announce in table 101");
-}
-
-/// The pid in the old daemon's `upgrade: started ... (pid N) to take over` line.
-fn successor_pid(line: &str) -> nix::unistd::Pid {
-    let pid: i32 = line
-        .split("(pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
-    nix::unistd::Pid::from_raw(pid)
-}
-
-/// The daemon an upgrade in place started (not the test's child), killed when the test ends.
-struct Successor(nix::unistd::Pid);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
-    }
 }
 
 /// An IPv6 VIP is announced as a /128 in the same table, and withdrawn with its backend.

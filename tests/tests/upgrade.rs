@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::client::{http_get, udp_request, Upload};
 use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::daemon::Successor;
 use lb_tests::data::Receipt;
 use lb_tests::ports::free_addr;
 use lb_tests::{Daemon, HashServer, HttpNameServer, UdpEcho};
@@ -300,27 +301,6 @@ impl NotifySocket {
     }
 }
 
-/// A process the test did not start (the daemon the old one started), killed if the test
-/// ends without stopping it.
-struct Orphan(nix::unistd::Pid);
-
-impl Orphan {
-    fn alive(&self) -> bool {
-        // A zombie waiting for its new parent to reap it has ended.
-        std::fs::read_to_string(format!("/proc/{}/stat", self.0)).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| !r.trim_start().starts_with('Z'))
-        })
-    }
-}
-
-impl Drop for Orphan {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
 /// The upgrade under systemd (`Type=notify`, `NotifyAccess=main`): SIGUSR2 makes the daemon
 /// start its binary anew, which takes the sockets over a socket pair (no `upgrade_socket` in
 /// the config); once it is ready the old one says `MAINPID=` (the new one) on
@@ -364,7 +344,7 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
         .find_map(|l| l.strip_prefix("MAINPID="))
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {last:?}"));
-    let new = Orphan(nix::unistd::Pid::from_raw(pid));
+    let new = Successor::from_pid(pid);
     assert_ne!(pid as u32, old.pid(), "MAINPID names the old daemon");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the new daemon runs");
     assert!(
@@ -385,7 +365,7 @@ fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
     NotifySocket::all_from(&after, pid as u32, "the new daemon");
 
     // The new daemon is the service now: SIGTERM stops it, and it says so.
-    nix::sys::signal::kill(new.0, Signal::SIGTERM).expect("SIGTERM to the new daemon");
+    nix::sys::signal::kill(new.pid(), Signal::SIGTERM).expect("SIGTERM to the new daemon");
     let said = notify.until("STOPPING=1", Duration::from_secs(10));
     NotifySocket::all_from(&said, pid as u32, "the new daemon");
     let end = Instant::now() + Duration::from_secs(30);
@@ -423,7 +403,6 @@ fn load_loop(web: SocketAddr, dns: SocketAddr, tally: &Tally, stop: &AtomicBool)
 /// socket is gone): the old daemon does not exit, which would end the service; both serve.
 #[test]
 fn sigusr2_without_a_reachable_service_manager_keeps_the_old_daemon() {
-    use nix::sys::signal::Signal;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let gone = dir.path().join("no-manager.sock");
     let site = Site::new(None);
@@ -431,17 +410,9 @@ fn sigusr2_without_a_reachable_service_manager_keeps_the_old_daemon() {
     let mut old = Daemon::try_start_with_env(&site.config, &[("NOTIFY_SOCKET", &socket)])
         .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"));
     let mark = old.log_mark();
-    old.signal(Signal::SIGUSR2).expect("SIGUSR2");
-    let (_, started) = old
-        .wait_for_log_after(mark, "to take over", Duration::from_secs(10))
+    let _new = old
+        .upgrade_in_place()
         .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
-    let pid: i32 = started
-        .split("(pid ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {started}"));
-    let _new = Orphan(nix::unistd::Pid::from_raw(pid));
     old.wait_for_log_after(mark, "could not be told that pid", Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("the old daemon did not say why it stays: {e}"));
     std::thread::sleep(Duration::from_millis(500));

@@ -4,9 +4,11 @@
 
 mod binary;
 mod log;
+mod successor;
 
 pub use binary::daemon_binary;
 pub use log::LogWaitError;
+pub use successor::Successor;
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;

@@ -158,11 +158,13 @@ impl Listeners {
             // After a hand-over the listener lives on in the new daemon: a connection this
             // one took from its queue before the cancel landed is carried through the drain
             // like any other, not reset (the new daemon would have served it).
-            let handed_over = ctx
-                .shared
-                .handed_over
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if (l.closing || ctx.draining) && !handed_over {
+            // The flag is read only while stopping: an accept in service reads nothing more.
+            let handed_over = || {
+                ctx.shared
+                    .handed_over
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            };
+            if (l.closing || ctx.draining) && !handed_over() {
                 sys::set_reset_on_close(&client);
             } else {
                 accepted = Some((l.service, client));
