@@ -8,9 +8,11 @@
 //! which a balancer spreads over different iperf3 servers that then refuse them; wrk speaks
 //! only HTTP. These clients and the servers in [`crate::server`] speak a trivial protocol.
 
+use std::collections::BTreeMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::server::MSG;
@@ -100,31 +102,45 @@ impl Rate {
 }
 
 /// `threads` loops, each opening a connection, sending one [`MSG`]-byte request, reading the
-/// reply and closing, for `dur`.
-pub fn connections(targets: &[SocketAddr], threads: usize, dur: Duration) -> Rate {
+/// reply and closing, for `dur`. Besides the [`Rate`], the failures by step and error
+/// ("connect: timed out" -> count), for the report's notes.
+pub fn connections(
+    targets: &[SocketAddr],
+    threads: usize,
+    dur: Duration,
+) -> (Rate, BTreeMap<String, u64>) {
     let (done, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let kinds = Mutex::new(BTreeMap::new());
     let started = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
-            let (done, failed) = (&done, &failed);
+            let (done, failed, kinds) = (&done, &failed, &kinds);
             s.spawn(move || {
                 let mut k = t;
                 while started.elapsed() < dur && !stop::requested() {
                     let target = targets[k % targets.len()];
                     k += 1;
                     match one_exchange(target) {
-                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                    };
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut kinds) = kinds.lock() {
+                                *kinds.entry(e.to_string()).or_insert(0) += 1;
+                            }
+                        }
+                    }
                 }
             });
         }
     });
-    Rate {
+    let rate = Rate {
         done: done.into_inner(),
         failed: failed.into_inner(),
         seconds: started.elapsed().as_secs_f64(),
-    }
+    };
+    (rate, kinds.into_inner().unwrap_or_default())
 }
 
 /// [`connections`] for `dur`, counted per `window`: one [`Rate`] per whole window, in order
@@ -175,13 +191,16 @@ pub fn connections_timeline(
         .collect())
 }
 
+/// One connection, request and reply; the error names the step that failed.
 fn one_exchange(target: SocketAddr) -> io::Result<()> {
-    let mut conn = TcpStream::connect_timeout(&target, PATIENCE)?;
+    let step =
+        |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let mut conn = TcpStream::connect_timeout(&target, PATIENCE).map_err(step("connect"))?;
     conn.set_nodelay(true)?;
     conn.set_read_timeout(Some(PATIENCE))?;
     let mut buf = [7u8; MSG];
-    conn.write_all(&buf)?;
-    conn.read_exact(&mut buf)?;
+    conn.write_all(&buf).map_err(step("request"))?;
+    conn.read_exact(&mut buf).map_err(step("reply"))?;
     Ok(())
 }
 

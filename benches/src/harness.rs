@@ -456,13 +456,16 @@ impl<'t> PathRun<'t> {
             .enter(|| client::connections(&case.targets(VIP_RR), CONN_THREADS, d));
         let (_, c2) = cpu(&mut notes);
         match conns {
-            Ok(r) => {
+            Ok((r, kinds)) => {
                 if r.failed > 0 {
+                    let kinds: Vec<String> =
+                        kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
                     notes.push(format!(
-                        "round {}: {} of {} new connections failed",
+                        "round {}: {} of {} new connections failed ({})",
                         round + 1,
                         r.failed,
-                        r.failed + r.done
+                        r.failed + r.done,
+                        kinds.join(", ")
                     ));
                 }
                 figures.push((Metric::ConnRate, r.per_second()));
@@ -596,7 +599,7 @@ fn wait_answering(
         let ok = topo
             .client
             .enter(|| client::connections(&[target], 1, Duration::from_millis(1)))
-            .map(|r| r.done > 0);
+            .map(|(r, _)| r.done > 0);
         match ok {
             Ok(true) => return Ok(()),
             Ok(false) => last = format!("no reply from {target}"),

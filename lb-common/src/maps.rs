@@ -16,6 +16,7 @@
 //! | `CONNTRACK` | LRU hash (shared), [`CONNTRACK_SIZE`] | [`FlowKey`] → [`CtEntry`] | program |
 //! | `NAT_REVERSE` | LRU hash (shared), [`NAT_REVERSE_SIZE`] | [`FlowKey`] → [`NatReverse`] | program |
 //! | `DEVMAP` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`) | daemon |
+//! | `VETH_PEERS` | hash, [`DEVMAP_SIZE`] | ifindex → `u32` (0, unread) | daemon |
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
 //! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
@@ -211,7 +212,16 @@
 //! next hop's MAC address is not known yet (no neighbour entry) the rewritten packet is passed
 //! to the kernel stack, which resolves it and forwards the packet; the balancer namespace needs
 //! forwarding enabled for that too ([`Stat::FibPass`](crate::Stat::FibPass); also used
-//! when the route says the destination is local). `nat` forwards like a router: it decrements the TTL / hop limit of what it translates (both directions) and drops a packet that arrives with 1 or 0 before it takes a port or an entry ([`Stat::DropTtlExpired`](crate::Stat::DropTtlExpired); no ICMP time exceeded is sent); `dsr` leaves the client's packet as it is and sends it in a new outer header with TTL 64.
+//! when the route says the destination is local).
+//!
+//! `lb_tc` sends a packet out of a resolved next hop's interface with `bpf_redirect`, or
+//! with `bpf_redirect_peer` when `VETH_PEERS` holds the interface: a veth whose peer is in
+//! another network namespace (a container's, a backend's), whose ingress then gets the
+//! packet in the same pass, without the veth's transmit and the backlog queue between the
+//! two ends. The kernel drops a peer redirect to any other device, or to a peer in the
+//! balancer's own namespace, so the daemon writes only such veths (it asks the kernel:
+//! `IFLA_LINK_NETNSID` is present), not pinned: each daemon writes it for the program it
+//! loaded. `lb_xdp` does not read it. `nat` forwards like a router: it decrements the TTL / hop limit of what it translates (both directions) and drops a packet that arrives with 1 or 0 before it takes a port or an entry ([`Stat::DropTtlExpired`](crate::Stat::DropTtlExpired); no ICMP time exceeded is sent); `dsr` leaves the client's packet as it is and sends it in a new outer header with TTL 64.
 //!
 //! ## Conntrack ageing
 //!
@@ -372,6 +382,9 @@ pub const CONNTRACK: &str = "CONNTRACK";
 pub const NAT_REVERSE: &str = "NAT_REVERSE";
 /// Map name: ifindex → ifindex (`u32`), the targets of `XDP_REDIRECT`.
 pub const DEVMAP: &str = "DEVMAP";
+/// Map name: ifindex → `u32` (unread), the veths `lb_tc` hands packets to the peer of
+/// (`bpf_redirect_peer`).
+pub const VETH_PEERS: &str = "VETH_PEERS";
 /// Map name: service id → [`Limits`].
 pub const LIMITS: &str = "LIMITS";
 /// Map name: [`ClientKey`] → [`ClientState`].

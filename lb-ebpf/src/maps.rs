@@ -55,6 +55,11 @@ pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> =
 #[map(name = "DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_SIZE, 0);
 
+/// ifindex → 0: the veths whose peer is in another namespace, which `lb_tc` sends to with
+/// `bpf_redirect_peer`. Written by the daemon.
+#[map(name = "VETH_PEERS")]
+pub static VETH_PEERS: HashMap<u32, u32> = HashMap::with_max_entries(DEVMAP_SIZE, 0);
+
 /// Service id → per-client limits. Written by the daemon.
 #[map(name = "LIMITS")]
 pub static LIMITS: Array<Limits> = Array::with_max_entries(MAX_SERVICES, 0);

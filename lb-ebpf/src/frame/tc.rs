@@ -15,13 +15,15 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
+        bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_adjust_room, bpf_skb_change_tail,
+        bpf_skb_pull_data,
     },
     programs::TcContext,
 };
 use lb_common::Stat;
 
 use super::{Frame, L4Check, Room};
+use crate::maps::VETH_PEERS;
 
 /// `BPF_F_IPV6` for `bpf_l4_csum_replace` (Linux 6.16+; not in the bindings): the packet is
 /// IPv6, whose header has no checksum, so a `CHECKSUM_COMPLETE` sum must not follow a
@@ -217,8 +219,16 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn redirect(&self, ifindex: u32) -> Result<u32, Stat> {
-        // SAFETY: a helper taking plain values.
-        Ok(unsafe { bpf_redirect(ifindex, 0) as u32 })
+        // A veth whose peer is in another namespace: straight into the peer's ingress, in
+        // this pass (no veth transmit, no backlog queue and second softirq pass between the
+        // two ends). The daemon lists only veths the kernel takes a peer redirect to.
+        // SAFETY: a map lookup by value and helpers taking plain values.
+        unsafe {
+            if VETH_PEERS.get(&ifindex).is_some() {
+                return Ok(bpf_redirect_peer(ifindex, 0) as u32);
+            }
+            Ok(bpf_redirect(ifindex, 0) as u32)
+        }
     }
 
     #[inline(always)]

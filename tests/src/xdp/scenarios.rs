@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::world::{World, BULK, DNS, WEB};
-use super::{backend_ip, in_netns, udp_exchange, Mode, Path, Topology, BALANCER, CLIENT};
+use super::{backend_ip, in_netns, udp_exchange, Mode, Path, Plane, Topology, BALANCER, CLIENT};
 use crate::client::{http_get, HttpConnection, Upload};
 use crate::data::Receipt;
 use crate::load::run;
@@ -114,6 +114,18 @@ pub fn transfer_and_udp(path: Path) {
         by_backend.len() >= 2,
         "{path:?}: 30 UDP clients were all answered by one backend: {by_backend:?}"
     );
+    if path.plane == Plane::Tc {
+        // Every interface here is a veth with its peer in another namespace: the transfers
+        // above went through lb_tc's peer redirects, both ways.
+        let logs = world.daemon.logs();
+        for name in ["l0", "l1", "l2", "l3"] {
+            let said = format!("eBPF: {name} is a veth with its peer in another namespace");
+            assert!(
+                logs.iter().any(|l| l.contains(&said)),
+                "{path:?}: the daemon did not say it hands packets for {name} to the peer"
+            );
+        }
+    }
 }
 
 /// A long upload keeps going to its backend while another backend goes DOWN and the table

@@ -30,9 +30,11 @@ pub enum MapsError {
         /// The map's name.
         map: &'static str,
     },
-    /// DEVMAP refused an interface.
-    #[error("BPF map DEVMAP: interface index {ifindex}: {reason}")]
+    /// DEVMAP or VETH_PEERS refused an interface.
+    #[error("BPF map {map}: interface index {ifindex}: {reason}")]
     Devmap {
+        /// The map's name.
+        map: &'static str,
         /// The interface index.
         ifindex: u32,
         /// What went wrong.

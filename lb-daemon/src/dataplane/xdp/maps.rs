@@ -31,6 +31,8 @@ pub struct Maps {
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
     devmap: DevMapHash<MapData>,
+    /// `VETH_PEERS`: the veths `lb_tc` sends to with `bpf_redirect_peer`.
+    veth_peers: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -58,6 +60,7 @@ impl Maps {
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
             devmap: take(ebpf, contract::DEVMAP)?,
+            veth_peers: take(ebpf, contract::VETH_PEERS)?,
             stats: take(ebpf, contract::STATS)?,
             service_stats: take(ebpf, contract::SERVICE_STATS)?,
             backend_stats: take(ebpf, contract::BACKEND_STATS)?,
@@ -126,6 +129,20 @@ impl Maps {
         self.devmap
             .insert(ifindex, ifindex, None, 0)
             .map_err(|e| MapsError::Devmap {
+                map: contract::DEVMAP,
+                ifindex,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Lets `lb_tc` send packets out of interface `ifindex`, a veth whose peer is in another
+    /// namespace, straight to the peer (`VETH_PEERS`). `Err(MapsError::Devmap)` when the
+    /// map is full ([`contract::DEVMAP_SIZE`] interfaces) or cannot be written.
+    pub fn allow_peer_redirect(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        self.veth_peers
+            .insert(ifindex, 0, 0)
+            .map_err(|e| MapsError::Devmap {
+                map: contract::VETH_PEERS,
                 ifindex,
                 reason: e.to_string(),
             })

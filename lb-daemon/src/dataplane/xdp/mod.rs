@@ -26,6 +26,7 @@ pub mod loader;
 pub mod map_walk;
 pub mod maps;
 pub mod open_flows;
+pub mod peer;
 pub mod pins;
 pub mod snat;
 mod sync;
@@ -567,6 +568,7 @@ impl XdpPlane {
             .into();
         lock(&self.state).maps.allow_redirect(ifindex)?;
         if mode.is_tc() {
+            self.allow_peer_redirect(name, ifindex)?;
             let link =
                 SchedClassifierLink::try_from(link).map_err(|e| failed(loader::error_chain(&e)))?;
             self.tc_program()?
@@ -650,10 +652,27 @@ impl XdpPlane {
                 Ok((mode, Link::Xdp(link)))
             }
             HookRequest::Tc => {
+                self.allow_peer_redirect(name, ifindex)?;
                 let attached = loader::attach_tc(self.tc_program()?, name)?;
                 Ok((attached.mode, Link::Tc(attached.link)))
             }
         }
+    }
+
+    /// Before `lb_tc` goes on `name` (index `ifindex`): if it is a veth whose peer is in
+    /// another namespace, lets the program hand packets out of it straight to the peer
+    /// (`VETH_PEERS`, see `peer.rs`). An interface the kernel cannot say that of is logged
+    /// and sent to the usual way. `Err` only when the map cannot be written.
+    fn allow_peer_redirect(&mut self, name: &str, ifindex: u32) -> Result<(), XdpPlaneError> {
+        match peer::peer_elsewhere(ifindex) {
+            Ok(true) => {
+                lock(&self.state).maps.allow_peer_redirect(ifindex)?;
+                info!("eBPF: {name} is a veth with its peer in another namespace: lb_tc hands packets to the peer directly");
+            }
+            Ok(false) => {}
+            Err(e) => warn!("eBPF: cannot tell whether {name} is a veth with a peer elsewhere ({e}); sending out of it the usual way"),
+        }
+        Ok(())
     }
 
     /// Detaches what [`XdpPlane::attach_all`] attached before a later interface failed.
