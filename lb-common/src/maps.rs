@@ -212,16 +212,18 @@
 //! next hop's MAC address is not known yet (no neighbour entry) the rewritten packet is passed
 //! to the kernel stack, which resolves it and forwards the packet; the balancer namespace needs
 //! forwarding enabled for that too ([`Stat::FibPass`](crate::Stat::FibPass); also used
-//! when the route says the destination is local).
+//! when the route says the destination is local). `nat` forwards like a router: it decrements the TTL / hop limit of what it translates (both directions) and drops a packet that arrives with 1 or 0 before it takes a port or an entry ([`Stat::DropTtlExpired`](crate::Stat::DropTtlExpired); no ICMP time exceeded is sent); `dsr` leaves the client's packet as it is and sends it in a new outer header with TTL 64.
 //!
-//! `lb_tc` sends a packet out of a resolved next hop's interface with `bpf_redirect`, or
-//! with `bpf_redirect_peer` when `VETH_PEERS` holds the interface: a veth whose peer is in
-//! another network namespace (a container's, a backend's), whose ingress then gets the
-//! packet in the same pass, without the veth's transmit and the backlog queue between the
+//! `lb_tc` sends a packet out of a resolved next hop's interface with `bpf_redirect`, or,
+//! for a translated packet (NAT both ways, ICMP errors; not a DSR tunnel packet, whose
+//! decapsulator may sit at the peer's XDP hook, which only the veth's transmit runs), with
+//! `bpf_redirect_peer` when `VETH_PEERS` holds the interface: a veth or netkit device whose
+//! peer is in another network namespace (a container's, a backend's), whose ingress then
+//! gets the packet in the same pass, without the transmit and the backlog queue between the
 //! two ends. The kernel drops a peer redirect to any other device, or to a peer in the
-//! balancer's own namespace, so the daemon writes only such veths (it asks the kernel:
-//! `IFLA_LINK_NETNSID` is present), not pinned: each daemon writes it for the program it
-//! loaded. `lb_xdp` does not read it. `nat` forwards like a router: it decrements the TTL / hop limit of what it translates (both directions) and drops a packet that arrives with 1 or 0 before it takes a port or an entry ([`Stat::DropTtlExpired`](crate::Stat::DropTtlExpired); no ICMP time exceeded is sent); `dsr` leaves the client's packet as it is and sends it in a new outer header with TTL 64.
+//! balancer's own namespace, so the daemon writes only such devices (it asks the kernel:
+//! `IFLA_LINK_NETNSID` is present) and only those `lb_tc` is attached to. Not pinned: each
+//! daemon writes it for the program it loaded. `lb_xdp` does not read it.
 //!
 //! ## Conntrack ageing
 //!

@@ -210,7 +210,7 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
             &backend.addr,
             flow_hash(&p.key),
         )?;
-        fib::send(ctx, hop)?
+        fib::send(ctx, hop, fib::Peer::Transmit)?
     } else {
         return Err(Stat::DropBadService);
     };

@@ -1,7 +1,8 @@
 //! The next hop: `bpf_fib_lookup` in the balancer's namespace, the Ethernet addresses it
 //! gives, then the hook's way out (see `frame`): on XDP, `XDP_TX` when the packet leaves by
-//! the interface it came in on, else `XDP_REDIRECT` through `DEVMAP`; on tc, `bpf_redirect`,
-//! or `bpf_redirect_neigh` when the next hop's Ethernet address is not known yet.
+//! the interface it came in on, else `XDP_REDIRECT` through `DEVMAP`; on tc, `bpf_redirect`
+//! (`bpf_redirect_peer` for a translated packet towards a veth in `VETH_PEERS`), or
+//! `bpf_redirect_neigh` when the next hop's Ethernet address is not known yet.
 //!
 //! The lookup is an input-route lookup from the ingress interface (as if the kernel forwarded
 //! the packet), so the ingress interface must have forwarding enabled
@@ -66,7 +67,7 @@ pub fn forward<C: Frame>(
     ip_len: u16,
 ) -> Result<Out, Stat> {
     let hop = lookup(ctx, family, protocol, src, dst, ip_len)?;
-    send(ctx, hop)
+    send(ctx, hop, Peer::Allowed)
 }
 
 /// The route lookup of [`forward`] alone, so the packet can be changed between the lookup and
@@ -135,12 +136,25 @@ pub fn path_mtu() -> Option<u16> {
     Some(unsafe { (*params).__bindgen_anon_1.mtu_result })
 }
 
+/// Whether a packet may go straight into a veth peer's ingress (tc, `VETH_PEERS`), skipping
+/// the veth's transmit and with it any XDP program on the peer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A translated packet (NAT, NAT replies, ICMP errors): nothing on the other side needs
+    /// the veth's transmit path.
+    Allowed,
+    /// A DSR tunnel packet: the backend's decapsulator may sit at the peer's XDP hook
+    /// (`lb-daemon decap`'s default), which only the veth's transmit runs.
+    Transmit,
+}
+
 /// Sends the packet by what the last [`lookup`] on this CPU found (`hop`): to a resolved next
-/// hop with its Ethernet addresses written; to an unresolved one by the kernel's neighbour
-/// resolution where the hook has it (tc), else to the kernel. `Err(Stat::DropNoDevmapEntry)`
-/// when XDP may not redirect to the egress interface.
+/// hop with its Ethernet addresses written (into a veth peer's ingress where `peer` allows
+/// and the hook can); to an unresolved one by the kernel's neighbour resolution where the
+/// hook has it (tc), else to the kernel. `Err(Stat::DropNoDevmapEntry)` when XDP may not
+/// redirect to the egress interface.
 #[inline(always)]
-pub fn send<C: Frame>(ctx: &C, hop: Hop) -> Result<Out, Stat> {
+pub fn send<C: Frame>(ctx: &C, hop: Hop, peer: Peer) -> Result<Out, Stat> {
     let params: *const FibParams = FIB_SCRATCH.get_ptr(0).ok_or(Stat::DropNoRoute)?;
     // SAFETY: this CPU's slot, written by the lookup of the packet being handled.
     let params = unsafe { &*params };
@@ -152,7 +166,9 @@ pub fn send<C: Frame>(ctx: &C, hop: Hop) -> Result<Out, Stat> {
                 (*eth).dst = params.dmac;
                 (*eth).src = params.smac;
             }
-            Ok(Out::Sent(ctx.redirect(params.ifindex)?))
+            Ok(Out::Sent(
+                ctx.redirect(params.ifindex, peer == Peer::Allowed)?,
+            ))
         }
         Hop::Unresolved => Ok(ctx
             .redirect_neigh(params.ifindex)

@@ -64,7 +64,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// than it saves (veth, bridges, bonds, VLANs): the same placement, NAT, DSR, limits and ICMP
 /// as `lb_xdp`, on socket buffers, so GSO/GRO super-packets stay whole and checksums are kept
 /// right for `CHECKSUM_PARTIAL` packets; it forwards with `bpf_redirect` /
-/// `bpf_redirect_neigh` (any device, a bridge included) and needs nothing from the neighbours.
+/// `bpf_redirect_neigh` (any device, a bridge included), or `bpf_redirect_peer` for a
+/// translated packet towards a veth whose peer is in another namespace, and needs nothing
+/// from the neighbours.
 /// Returns `TC_ACT_UNSPEC` (pass: on to the hook's next program, or the stack),
 /// `TC_ACT_SHOT` (drop) or `TC_ACT_REDIRECT`.
 #[classifier]

@@ -8,7 +8,7 @@
 //! length, how a checksum follows a rewrite (tc must keep `CHECKSUM_PARTIAL` and
 //! `CHECKSUM_COMPLETE` packets right, which only the kernel's helpers can), how room for a
 //! header is made, and how a packet leaves (`XDP_TX` / `XDP_REDIRECT` through `DEVMAP`, or
-//! `bpf_redirect` / `bpf_redirect_neigh`).
+//! `bpf_redirect` / `bpf_redirect_peer` / `bpf_redirect_neigh`).
 
 mod tc;
 mod xdp;
@@ -117,9 +117,10 @@ pub trait Frame {
     /// Sends the packet back out of the interface it came in on (its addresses already
     /// turned around).
     fn turn_around(&self) -> u32;
-    /// Sends the packet out of `ifindex`, its Ethernet addresses already written.
+    /// Sends the packet out of `ifindex`, its Ethernet addresses already written; with
+    /// `to_peer`, on tc, straight into the ingress of the peer of a veth in `VETH_PEERS`.
     /// `Err(Stat::DropNoDevmapEntry)` when XDP may not redirect there.
-    fn redirect(&self, ifindex: u32) -> Result<u32, Stat>;
+    fn redirect(&self, ifindex: u32, to_peer: bool) -> Result<u32, Stat>;
     /// Sends the packet out of `ifindex`, the kernel finding the next hop by the packet's
     /// destination and resolving its Ethernet address (for a route whose neighbour has no
     /// entry yet); `None` where the hook cannot (XDP), and the packet is handed to the kernel

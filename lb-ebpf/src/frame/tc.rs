@@ -218,13 +218,13 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn redirect(&self, ifindex: u32) -> Result<u32, Stat> {
+    fn redirect(&self, ifindex: u32, to_peer: bool) -> Result<u32, Stat> {
         // A veth whose peer is in another namespace: straight into the peer's ingress, in
         // this pass (no veth transmit, no backlog queue and second softirq pass between the
         // two ends). The daemon lists only veths the kernel takes a peer redirect to.
         // SAFETY: a map lookup by value and helpers taking plain values.
         unsafe {
-            if VETH_PEERS.get(&ifindex).is_some() {
+            if to_peer && VETH_PEERS.get(&ifindex).is_some() {
                 return Ok(bpf_redirect_peer(ifindex, 0) as u32);
             }
             Ok(bpf_redirect(ifindex, 0) as u32)

@@ -568,7 +568,7 @@ impl XdpPlane {
             .into();
         lock(&self.state).maps.allow_redirect(ifindex)?;
         if mode.is_tc() {
-            self.allow_peer_redirect(name, ifindex)?;
+            self.allow_peer_redirect(name, ifindex);
             let link =
                 SchedClassifierLink::try_from(link).map_err(|e| failed(loader::error_chain(&e)))?;
             self.tc_program()?
@@ -652,7 +652,7 @@ impl XdpPlane {
                 Ok((mode, Link::Xdp(link)))
             }
             HookRequest::Tc => {
-                self.allow_peer_redirect(name, ifindex)?;
+                self.allow_peer_redirect(name, ifindex);
                 let attached = loader::attach_tc(self.tc_program()?, name)?;
                 Ok((attached.mode, Link::Tc(attached.link)))
             }
@@ -660,19 +660,25 @@ impl XdpPlane {
     }
 
     /// Before `lb_tc` goes on `name` (index `ifindex`): if it is a veth whose peer is in
-    /// another namespace, lets the program hand packets out of it straight to the peer
-    /// (`VETH_PEERS`, see `peer.rs`). An interface the kernel cannot say that of is logged
-    /// and sent to the usual way. `Err` only when the map cannot be written.
-    fn allow_peer_redirect(&mut self, name: &str, ifindex: u32) -> Result<(), XdpPlaneError> {
+    /// another namespace, lets the program hand translated packets out of it straight to the
+    /// peer (`VETH_PEERS`, see `peer.rs`). Only a way to go faster: an interface the kernel
+    /// cannot say that of, or one the map has no room for (entries stay for the daemon's
+    /// life), is logged and sent to the usual way.
+    fn allow_peer_redirect(&mut self, name: &str, ifindex: u32) {
         match peer::peer_elsewhere(ifindex) {
-            Ok(true) => {
-                lock(&self.state).maps.allow_peer_redirect(ifindex)?;
-                info!("eBPF: {name} is a veth with its peer in another namespace: lb_tc hands packets to the peer directly");
-            }
+            Ok(true) => match lock(&self.state).maps.allow_peer_redirect(ifindex) {
+                Ok(()) => info!(
+                    "eBPF: {name} is a veth with its peer in another namespace: lb_tc hands \
+                     translated packets to the peer directly"
+                ),
+                Err(e) => warn!("eBPF: {e}; packets out of {name} take the veth's transmit"),
+            },
             Ok(false) => {}
-            Err(e) => warn!("eBPF: cannot tell whether {name} is a veth with a peer elsewhere ({e}); sending out of it the usual way"),
+            Err(e) => warn!(
+                "eBPF: cannot tell whether {name} is a veth with a peer elsewhere ({e}); \
+                 packets out of it take the usual way"
+            ),
         }
-        Ok(())
     }
 
     /// Detaches what [`XdpPlane::attach_all`] attached before a later interface failed.

@@ -83,7 +83,8 @@ mod tests {
 
     #[test]
     fn a_missing_interface_is_an_error() {
-        let e = peer_elsewhere(u32::MAX - 7).expect_err("no such interface");
+        // The kernel's index is a signed int: a positive one that no interface has.
+        let e = peer_elsewhere(0x7fff_fff0).expect_err("no such interface");
         assert_eq!(e.raw_os_error(), Some(19), "ENODEV expected, got {e}");
     }
 }
