@@ -110,6 +110,12 @@ pub struct NatScratch {
     pub rkey: FlowKey,
     /// The entry a port taken for the flow gets.
     pub owner: NatReverse,
+    /// The free port seen longest ago among those probed so far (0: none yet).
+    pub best_port: u32,
+    /// How long (seconds) `best_port` has been free.
+    pub best_age: u32,
+    /// `best_port`'s `NAT_REVERSE` state word when it was probed.
+    pub best_state: u64,
 }
 
 /// One [`NatScratch`] per CPU: scratch space for `nat::snat_port`, kept off the 512-byte BPF

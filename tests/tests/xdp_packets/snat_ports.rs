@@ -399,3 +399,33 @@ fn a_udp_flow_idle_past_the_timeout_gives_its_port_to_a_new_flow() {
         "flow B after A idled out",
     );
 }
+
+/// A crowded range still serves every new flow while any of its ports is free near the
+/// flow's hash: 56 flows stay open in a 64-port range and every SYN gets a port. With the 8
+/// probes of before, the 48th SYN was refused (its 8 probed ports were all taken).
+#[test]
+fn fifty_six_open_flows_fit_a_sixty_four_port_range() {
+    let Some(lab) = nat_lab("snat_crowded", 64, 60) else {
+        return;
+    };
+    let mut ports = std::collections::BTreeSet::new();
+    for n in 0..56u16 {
+        let port = open(
+            &lab,
+            46_000 + n,
+            &format!("open flow {n}'s SYN, {n} ports taken"),
+        );
+        assert!(
+            ports.insert(port),
+            "flow {n} got port {port}, which an open flow holds"
+        );
+    }
+    assert_eq!(
+        (
+            lab.stat(Stat::DropNatPortsExhausted),
+            lab.stat(Stat::RefusedNatPortsExhausted)
+        ),
+        (0, 0),
+        "a SYN was refused while the range had free ports"
+    );
+}
