@@ -107,14 +107,15 @@
 //!   16 ports of the range, at offsets 0, 1, 3, 6, 10... from its hash (consecutive ones in
 //!   a range of at most 16 ports; triangular offsets keep taken ports from clustering into
 //!   runs, which with 8 probes refused SYNs at about 40% of a range instead of about 50%).
-//!   With a share `f` of the ports towards a backend held, a new flow is refused with a
-//!   probability of about `f^16`; with 8 probes (before) a benchmark at 24,000 connections/s
-//!   over three backends (`f` near 0.4: each port held about a second and a half after its
-//!   flow) refused a few SYNs in every 50,000. A probed port without entry (never used, or
-//!   evicted) is taken at once with a `BPF_NOEXIST` insert; else, among the first 8 probed
-//!   ports that are free, the one free the longest (the oldest state time): least recently
-//!   freed first, approximated over the probes, not over the whole range; the probes past
-//!   the eighth go on only while none was free, and take the first free one. The taker claims it with a
+//!   With a share `f` of the ports towards a backend held, at random, a new flow is refused
+//!   with a probability of about `f^16`; with 8 probes (before) a benchmark at 24,000
+//!   connections/s over three backends (each port held one to two seconds after its flow, a
+//!   third of the range or so) refused 3 to 5 SYNs in every 48,000. A probed port without
+//!   entry (never used, or evicted) is taken at once with a `BPF_NOEXIST` insert; else, among
+//!   the probed ports that are free, the one free the longest (the oldest state time): least
+//!   recently freed first, approximated over the probes, not over the whole range. Every
+//!   probe is looked at, also once a free one has been seen: the flow's own port (its
+//!   conntrack entry lost) may be any of them. The taker claims it with a
 //!   64-bit compare-and-swap of the state word from the value it read to one with
 //!   [`NAT_F_CLAIMED`], then replaces the element with its own (`BPF_EXIST`). Two CPUs that
 //!   read the same free port race on the compare-and-swap and one wins; an old flow's packet

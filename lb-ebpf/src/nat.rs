@@ -37,14 +37,11 @@ use crate::{
 /// SNAT ports tried for a new flow before it is refused as `Stat::DropNatPortsExhausted`.
 /// With a share `f` of a backend's ports held (taken, or ended less than the hold ago), a new
 /// flow is refused with probability about `f^SNAT_PROBES`: at 8 probes the benchmark's 24,000
-/// connections/s over three backends (`f` near 0.4 with the default range) refused a few in
-/// every 50,000 though most ports were free.
+/// connections/s over three backends refused a few SYNs in every 50,000 though most ports
+/// were free. Every probe is looked at, also once a free port has been seen: the flow's own
+/// port (after its conntrack entry was lost) may be any of them. 32 probes went past the
+/// verifier's million instructions; 16 load at once.
 const SNAT_PROBES: u32 = 16;
-
-/// Probes among which the port free the longest is chosen; the probes past them go on only
-/// while none was free, so a new flow costs what it did with 8 probes unless the range is
-/// crowded around its hash.
-const SNAT_PROBES_COMPARED: u32 = 8;
 
 /// `BPF_NOEXIST`, `BPF_EXIST`: insert only if the key is absent, only if it is present.
 const BPF_NOEXIST: u64 = 1;
@@ -237,8 +234,7 @@ pub fn snat_port(
     // are read and written there at every probe (volatile: never kept in registers). The
     // verifier tracks the values a program holds, not what it reads back from a map, so each
     // probe's paths meet again at the next one instead of multiplying: with them in registers
-    // 16 probes kept the verifier busy for over 20 seconds. Even so, 32 probes went past the
-    // verifier's million instructions; 16 load at once.
+    // 16 probes kept the verifier busy for over 20 seconds.
     // SAFETY (all volatile accesses below): fields of this CPU's scratch slot.
     unsafe {
         (best_port as *mut u32).write_volatile(0);
@@ -253,10 +249,6 @@ pub fn snat_port(
     // probed one by one, so that every port of them is reached.
     let mut i = 0;
     while i < SNAT_PROBES {
-        // SAFETY: see above.
-        if i >= SNAT_PROBES_COMPARED && unsafe { (best_port as *mut u32).read_volatile() } != 0 {
-            break;
-        }
         // Computed from `i` alone, not carried between probes: the balancer's stack has no
         // room for one more live value here.
         let offset = if span.get() > SNAT_PROBES {

@@ -130,11 +130,11 @@ fn when_snat_ports_run_out_clients_are_reset_at_once_and_metrics_show_it() {
         return;
     }
     let (world, answered) = exhaust(&[]);
-    // A SYN probes 8 ports from its hash: it is refused once all 8 are held, which starts
-    // around half of the range in use (simulated with the program's probe order over 1,000
-    // runs: after 280 to 620 flows, median 532, 1% below 336).
+    // A SYN probes 16 ports from its hash: it is refused once all 16 are held, which starts
+    // around four fifths of the range in use (measured: 829; with 8 probes, 606). With ports
+    // held at random, the first refusal comes before 550 flows about once in 600 runs.
     assert!(
-        answered >= 200,
+        answered >= 550,
         "only {answered} connections got a port from 1,024 free ones"
     );
     let (used, free) = snat_gauges(&world, answered);
@@ -158,10 +158,11 @@ fn a_pool_of_two_local_addresses_carries_twice_the_flows_and_status_shows_each()
     }
     let (world, answered) = exhaust(&[SECOND_LOCAL]);
     // A flow's address is its hash's: each address carries about half the flows, and the
-    // first refusal comes when either address's probes are all held, about 1.6 times one
-    // address's count (measured: 606 with one address, 975 with two).
+    // first refusal comes when either address's probes are all held, about 1.8 times one
+    // address's count (measured: 829 with one address, 1,502 with two; with 8 probes 606 and
+    // 975).
     assert!(
-        answered >= 450,
+        answered >= 1_000,
         "only {answered} connections got a port from 2 x 1,024 free ones"
     );
     let (used, free) = snat_gauges(&world, answered);
