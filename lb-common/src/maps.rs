@@ -16,7 +16,7 @@
 //! | `CONNTRACK` | LRU hash (shared), [`CONNTRACK_SIZE`] | [`FlowKey`] → [`CtEntry`] | program |
 //! | `NAT_REVERSE` | LRU hash (shared), [`NAT_REVERSE_SIZE`] | [`FlowKey`] → [`NatReverse`] | program |
 //! | `DEVMAP` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`) | daemon |
-//! | `VETH_PEERS` | hash, [`DEVMAP_SIZE`] | ifindex → `u32` (0, unread) | daemon |
+//! | `VETH_PEERS` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`, only looked up) | daemon |
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
 //! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
@@ -228,8 +228,11 @@
 //! gets the packet in the same pass, without the transmit and the backlog queue between the
 //! two ends. The kernel drops a peer redirect to any other device, or to a peer in the
 //! balancer's own namespace, so the daemon writes only such devices (it asks the kernel:
-//! `IFLA_LINK_NETNSID` is present) and only those `lb_tc` is attached to. Not pinned: each
-//! daemon writes it for the program it loaded. `lb_xdp` does not read it.
+//! `IFLA_LINK_NETNSID` is present) and only those `lb_tc` is attached to. A devmap hash,
+//! though nothing redirects through it: the kernel deletes a devmap's entry for an interface
+//! that is unregistered, so a later device that gets the same index is never taken for the
+//! veth. Not pinned: each daemon writes it for the program it loaded. `lb_xdp` does not read
+//! it.
 //!
 //! ## Conntrack ageing
 //!

@@ -55,10 +55,12 @@ pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> =
 #[map(name = "DEVMAP")]
 pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_SIZE, 0);
 
-/// ifindex → 0: the veths whose peer is in another namespace, which `lb_tc` sends to with
-/// `bpf_redirect_peer`. Written by the daemon.
+/// ifindex → ifindex: the veths whose peer is in another namespace, which `lb_tc` sends to
+/// with `bpf_redirect_peer`. Written by the daemon; a devmap hash (only looked up, never
+/// redirected through) so that the kernel removes an interface's entry when the interface
+/// goes away, and an index the kernel gives a new device later is not taken for a veth.
 #[map(name = "VETH_PEERS")]
-pub static VETH_PEERS: HashMap<u32, u32> = HashMap::with_max_entries(DEVMAP_SIZE, 0);
+pub static VETH_PEERS: DevMapHash = DevMapHash::with_max_entries(DEVMAP_SIZE, 0);
 
 /// Service id → per-client limits. Written by the daemon.
 #[map(name = "LIMITS")]

@@ -224,7 +224,7 @@ impl Frame for TcContext {
         // two ends). The daemon lists only veths the kernel takes a peer redirect to.
         // SAFETY: a map lookup by value and helpers taking plain values.
         unsafe {
-            if to_peer && VETH_PEERS.get(&ifindex).is_some() {
+            if to_peer && VETH_PEERS.get(ifindex).is_some() {
                 return Ok(bpf_redirect_peer(ifindex, 0) as u32);
             }
             Ok(bpf_redirect(ifindex, 0) as u32)

@@ -52,9 +52,11 @@ pub fn requests_spread_evenly(path: Path) {
 pub fn transfer_and_udp(path: Path) {
     let mode = path.mode;
     let world = World::start(path, 3, 3);
+    let sent_before = backend_links_tx(&world);
     let receipt = world
         .client(|| crate::client::upload(bulk(), BIG, 7))
         .unwrap_or_else(|e| panic!("{path:?}: the 100 MiB upload through the VIP failed: {e}"));
+    let upload_tx = backend_links_tx(&world) - sent_before;
     assert_eq!(
         receipt,
         Receipt::of_stream(BIG, 7),
@@ -115,6 +117,23 @@ pub fn transfer_and_udp(path: Path) {
         "{path:?}: 30 UDP clients were all answered by one backend: {by_backend:?}"
     );
     if path.plane == Plane::Tc {
+        // The upload's packets went to the backend's namespace through peer redirects (NAT),
+        // which skip the balancer's veth transmit and so its tx counter; DSR tunnel packets
+        // take the transmit. The 100 MiB took at least 1,600 socket buffers (64 KiB GSO
+        // packets at most); health checks and ARP send a few dozen meanwhile.
+        eprintln!("{path:?}: the backend veths transmitted {upload_tx} packets in the upload");
+        match mode {
+            Mode::Nat => assert!(
+                upload_tx < 800,
+                "{path:?}: the balancer's backend veths transmitted {upload_tx} packets during \
+                 the 100 MiB upload: NAT packets were not handed to the veths' peers"
+            ),
+            Mode::Dsr => assert!(
+                upload_tx >= 1_600,
+                "{path:?}: the balancer's backend veths transmitted only {upload_tx} packets \
+                 during the 100 MiB upload: DSR tunnel packets must take the veth's transmit"
+            ),
+        }
         // Every interface here is a veth with its peer in another namespace: the transfers
         // above went through lb_tc's peer redirects, both ways.
         let logs = world.daemon.logs();
@@ -126,6 +145,25 @@ pub fn transfer_and_udp(path: Path) {
             );
         }
     }
+}
+
+/// Packets the balancer's veths towards the backends (`l1`..`l3`) have transmitted, summed
+/// (their `tx_packets`: socket buffers, a GSO packet counting once).
+fn backend_links_tx(world: &World) -> u64 {
+    (1..=3)
+        .map(|i| {
+            let file = format!("/sys/class/net/l{i}/statistics/tx_packets");
+            let out = world
+                .topology
+                .balancer
+                .run("cat", &[&file])
+                .unwrap_or_else(|e| panic!("read {file} in the balancer's namespace: {e}"));
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.trim()
+                .parse::<u64>()
+                .unwrap_or_else(|e| panic!("{file} holds `{}`: {e}", text.trim()))
+        })
+        .sum()
 }
 
 /// A long upload keeps going to its backend while another backend goes DOWN and the table

@@ -32,7 +32,7 @@ pub struct Maps {
     tables: Array<MapData, u32>,
     devmap: DevMapHash<MapData>,
     /// `VETH_PEERS`: the veths `lb_tc` sends to with `bpf_redirect_peer`.
-    veth_peers: HashMap<MapData, u32, u32>,
+    veth_peers: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -140,7 +140,7 @@ impl Maps {
     /// map is full ([`contract::DEVMAP_SIZE`] interfaces) or cannot be written.
     pub fn allow_peer_redirect(&mut self, ifindex: u32) -> Result<(), MapsError> {
         self.veth_peers
-            .insert(ifindex, 0, 0)
+            .insert(ifindex, ifindex, None, 0)
             .map_err(|e| MapsError::Devmap {
                 map: contract::VETH_PEERS,
                 ifindex,
