@@ -243,9 +243,9 @@ pub fn snat_port(
     }
     // Probe offsets 0, 1, 3, 6, 10... (triangular numbers) rather than 0, 1, 2...: with
     // consecutive probes the taken ports form runs that every flow hashing into one extends
-    // (primary clustering). Simulated with `flow_hash` over a 1,024-port range and 8 probes, the first SYN
-    // refused for want of a port came after a median of 438 flows with consecutive probes and
-    // 532 with these (1% of runs: 255 and 336). Ranges of at most SNAT_PROBES ports are
+    // (primary clustering). Simulated with `flow_hash` over a 1,024-port range and 8 probes,
+    // the first SYN refused for want of a port came after a median of 438 flows with
+    // consecutive probes and 532 with these (1% of runs: 255 and 336). Ranges of at most SNAT_PROBES ports are
     // probed one by one, so that every port of them is reached.
     let mut i = 0;
     while i < SNAT_PROBES {

@@ -662,8 +662,8 @@ impl XdpPlane {
     /// Before `lb_tc` goes on `name` (index `ifindex`): if it is a veth whose peer is in
     /// another namespace, lets the program hand translated packets out of it straight to the
     /// peer (`VETH_PEERS`, see `peer.rs`). Only a way to go faster: an interface the kernel
-    /// cannot say that of, or one the map has no room for (entries stay for the daemon's
-    /// life), is logged and sent to the usual way.
+    /// cannot say that of, or one the map has no room for (the kernel drops an entry when
+    /// its interface goes away), is logged and sent to the usual way.
     fn allow_peer_redirect(&mut self, name: &str, ifindex: u32) {
         match peer::peer_elsewhere(ifindex) {
             Ok(true) => match lock(&self.state).maps.allow_peer_redirect(ifindex) {
