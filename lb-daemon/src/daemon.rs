@@ -309,13 +309,7 @@ async fn serve(
         }
         // Routes the old daemon announced where this one does not look would be exported
         // for good.
-        let ours = control
-            .config()
-            .announce
-            .map(|a| crate::handover::RouteTableId {
-                table: a.table,
-                protocol: a.protocol,
-            });
+        let ours = crate::handover::RouteTableId::of(&control.config());
         if let Some(old) = inherited.announced_in().filter(|old| Some(*old) != ours) {
             tokio::spawn(crate::announce::withdraw_left_behind(
                 old.table,
@@ -462,13 +456,7 @@ fn handover_offer(
         crate::handover::Handing {
             sockets: offer,
             node_draining: offering.announcer().is_some_and(|a| a.node_draining()),
-            announced_in: offering
-                .config()
-                .announce
-                .map(|a| crate::handover::RouteTableId {
-                    table: a.table,
-                    protocol: a.protocol,
-                }),
+            announced_in: crate::handover::RouteTableId::of(&offering.config()),
         }
     })
 }

@@ -98,6 +98,16 @@ pub struct RouteTableId {
     pub protocol: u8,
 }
 
+impl RouteTableId {
+    /// Where `config` announces its VIPs; `None` without `[announce]`.
+    pub fn of(config: &crate::config::Config) -> Option<RouteTableId> {
+        config.announce.as_ref().map(|a| RouteTableId {
+            table: a.table,
+            protocol: a.protocol,
+        })
+    }
+}
+
 /// What the old daemon hands over at the moment of a `TAKE`: its sockets with their
 /// descriptions, and the state the new one carries on.
 #[derive(Debug, Default)]
