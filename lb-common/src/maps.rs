@@ -16,7 +16,9 @@
 //! | `CONNTRACK` | LRU hash (shared), [`CONNTRACK_SIZE`] | [`FlowKey`] → [`CtEntry`] | program |
 //! | `NAT_REVERSE` | LRU hash (shared), [`NAT_REVERSE_SIZE`] | [`FlowKey`] → [`NatReverse`] | program |
 //! | `DEVMAP` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`) | daemon |
-//! | `VETH_PEERS` | devmap hash, [`DEVMAP_SIZE`] | ifindex → ifindex (`u32`, only looked up) | daemon |
+//! | `VETH_PEERS` | devmap hash, [`VETH_PEERS_SIZE`] | ifindex → ifindex (`u32`, only looked up) | daemon |
+//! | `BRIDGE_FDB` | hash, [`BRIDGE_FDB_SIZE`] | [`BridgeFdbKey`] → port ifindex (`u32`) | daemon |
+//! | `BRIDGE_PORTS` | devmap hash, [`BRIDGE_PORTS_SIZE`] | ifindex → ifindex (`u32`, only looked up) | daemon |
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
 //! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
@@ -234,6 +236,19 @@
 //! veth. Not pinned: each daemon writes it for the program it loaded. `lb_xdp` does not read
 //! it.
 //!
+//! When the route leads into a Linux bridge, `lb_tc` sends the packet straight to the bridge
+//! port that the bridge itself would forward it to: `BRIDGE_FDB` maps the bridge's ifindex and
+//! the next hop's Ethernet address to the port's ifindex (the bridge's forwarding database,
+//! which the daemon copies about every second: learned and static entries of ports in the
+//! forwarding state, never the bridge's own local addresses, and no bridge with VLAN
+//! filtering on). The port is used only while `BRIDGE_PORTS` holds it (a devmap hash, for the
+//! same reason as `VETH_PEERS`: an unregistered port leaves the map at once, and its packets
+//! go through the bridge again). Why: the bridge device offers no tunnel offloads, so a DSR
+//! tunnel super-packet sent to it is segmented and checksummed in software; its ports (a
+//! veth) take it whole. Skipped on the way: the bridge's own transmit (its qdisc, if any, and
+//! its `tx` counters). A port in `VETH_PEERS` takes translated packets by peer redirect as
+//! above. Not pinned. `lb_xdp` does not read them.
+//!
 //! ## Conntrack ageing
 //!
 //! Each `CONNTRACK` entry holds when its flow was last seen ([`CtEntry::seen_s`], whole
@@ -396,6 +411,10 @@ pub const DEVMAP: &str = "DEVMAP";
 /// Map name: ifindex → `u32` (unread), the veths `lb_tc` hands packets to the peer of
 /// (`bpf_redirect_peer`).
 pub const VETH_PEERS: &str = "VETH_PEERS";
+/// Map name: [`BridgeFdbKey`] → ifindex (`u32`) of the bridge port the address is behind.
+pub const BRIDGE_FDB: &str = "BRIDGE_FDB";
+/// Map name: ifindex → `u32` (unread), the bridge ports `BRIDGE_FDB` may name.
+pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
 /// Map name: service id → [`Limits`].
 pub const LIMITS: &str = "LIMITS";
 /// Map name: [`ClientKey`] → [`ClientState`].
@@ -464,6 +483,12 @@ pub const NAT_REVERSE_SIZE: u32 = 131_072;
 pub const CLIENTS_SIZE: u32 = 65_536;
 /// Interfaces `DEVMAP` can hold.
 pub const DEVMAP_SIZE: u32 = 64;
+/// Veths `VETH_PEERS` can hold (those `lb_tc` is attached to and the bridge ports).
+pub const VETH_PEERS_SIZE: u32 = 1024;
+/// Ethernet addresses behind bridge ports `BRIDGE_FDB` can hold (all bridges together).
+pub const BRIDGE_FDB_SIZE: u32 = 4096;
+/// Bridge ports `BRIDGE_PORTS` can hold (all bridges together).
+pub const BRIDGE_PORTS_SIZE: u32 = 1024;
 /// Local addresses `DECAP_ADDRS` can hold.
 pub const DECAP_ADDRS_SIZE: u32 = 256;
 /// Balancer addresses `DECAP_SOURCES` can hold.
@@ -714,6 +739,18 @@ pub const MIN_REPLY_PATH_MTU: u32 = 1280;
 /// Linux's own ICMP rate limit (`net.ipv4.icmp_msgs_per_sec`, 1000 by default).
 pub const TOO_BIG_PER_SECOND: u32 = 1000;
 
+/// Key of `BRIDGE_FDB`: an Ethernet address in a bridge's forwarding database.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BridgeFdbKey {
+    /// The bridge's ifindex (what `bpf_fib_lookup` answers as the egress interface).
+    pub bridge: u32,
+    /// The Ethernet address, in wire order.
+    pub mac: [u8; 6],
+    /// Explicit padding; zero.
+    pub _pad: [u8; 2],
+}
+
 /// Key of `DECAP_ADDRS`: an address `lb_decap` accepts as the outer destination of an
 /// encapsulated packet.
 #[repr(C)]
@@ -861,6 +898,7 @@ const _: () = {
     assert!(core::mem::size_of::<ClientKey>() == 20);
     assert!(core::mem::size_of::<ClientState>() == 16);
     assert!(core::mem::size_of::<DecapAddr>() == 20);
+    assert!(core::mem::size_of::<BridgeFdbKey>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 40);
 };
 
@@ -878,6 +916,7 @@ mod pod {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ClientState {}
     unsafe impl aya::Pod for super::DecapAddr {}
+    unsafe impl aya::Pod for super::BridgeFdbKey {}
     unsafe impl aya::Pod for crate::FlowKey {}
     unsafe impl aya::Pod for crate::Counters {}
 }

@@ -1,8 +1,9 @@
 //! The next hop: `bpf_fib_lookup` in the balancer's namespace, the Ethernet addresses it
 //! gives, then the hook's way out (see `frame`): on XDP, `XDP_TX` when the packet leaves by
 //! the interface it came in on, else `XDP_REDIRECT` through `DEVMAP`; on tc, `bpf_redirect`
-//! (`bpf_redirect_peer` for a translated packet towards a veth in `VETH_PEERS`), or
-//! `bpf_redirect_neigh` when the next hop's Ethernet address is not known yet.
+//! (`bpf_redirect_peer` for a translated packet towards a veth in `VETH_PEERS`; into a
+//! bridge, to the port `BRIDGE_FDB` names), or `bpf_redirect_neigh` when the next hop's
+//! Ethernet address is not known yet.
 //!
 //! The lookup is an input-route lookup from the ingress interface (as if the kernel forwarded
 //! the packet), so the ingress interface must have forwarding enabled
@@ -166,9 +167,11 @@ pub fn send<C: Frame>(ctx: &C, hop: Hop, peer: Peer) -> Result<Out, Stat> {
                 (*eth).dst = params.dmac;
                 (*eth).src = params.smac;
             }
-            Ok(Out::Sent(
-                ctx.redirect(params.ifindex, peer == Peer::Allowed)?,
-            ))
+            Ok(Out::Sent(ctx.redirect(
+                params.ifindex,
+                &params.dmac,
+                peer == Peer::Allowed,
+            )?))
         }
         Hop::Unresolved => Ok(ctx
             .redirect_neigh(params.ifindex)

@@ -11,9 +11,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey,
-        VipValue, CLIENTS_SIZE, CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE,
-        LOCAL_ADDRS_LEN, MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN,
+        Backend, BridgeFdbKey, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse,
+        Service, VipKey, VipValue, BRIDGE_FDB_SIZE, BRIDGE_PORTS_SIZE, CLIENTS_SIZE,
+        CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE, LOCAL_ADDRS_LEN,
+        MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN, VETH_PEERS_SIZE,
     },
     Counters, FlowKey, STATS_LEN,
 };
@@ -60,7 +61,18 @@ pub static DEVMAP: DevMapHash = DevMapHash::with_max_entries(DEVMAP_SIZE, 0);
 /// redirected through) so that the kernel removes an interface's entry when the interface
 /// goes away, and an index the kernel gives a new device later is not taken for a veth.
 #[map(name = "VETH_PEERS")]
-pub static VETH_PEERS: DevMapHash = DevMapHash::with_max_entries(DEVMAP_SIZE, 0);
+pub static VETH_PEERS: DevMapHash = DevMapHash::with_max_entries(VETH_PEERS_SIZE, 0);
+
+/// (bridge ifindex, Ethernet address) → ifindex of the bridge port the address is behind:
+/// `lb_tc` sends a packet routed into a bridge straight to that port. Written by the daemon
+/// from the bridge's forwarding database.
+#[map(name = "BRIDGE_FDB")]
+pub static BRIDGE_FDB: HashMap<BridgeFdbKey, u32> = HashMap::with_max_entries(BRIDGE_FDB_SIZE, 0);
+
+/// ifindex → ifindex: the bridge ports `BRIDGE_FDB` may name, only looked up; a devmap hash so
+/// that a port that goes away leaves it at once (as `VETH_PEERS`).
+#[map(name = "BRIDGE_PORTS")]
+pub static BRIDGE_PORTS: DevMapHash = DevMapHash::with_max_entries(BRIDGE_PORTS_SIZE, 0);
 
 /// Service id → per-client limits. Written by the daemon.
 #[map(name = "LIMITS")]

@@ -13,7 +13,7 @@
 //! `placement::auto_hook`'s unit tests cover it. No interface, a loopback VIP, no BPF object
 //! and a missing interface are in `xdp_fallback.rs`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use lb_tests::client::http_get;
 use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::load::run;
 use lb_tests::netns::{veth, Netns};
+use lb_tests::xdp::bridge_lab::{BridgeLab, ON_BRIDGE, VIP};
 use lb_tests::xdp::world::{self, World, WEB};
 use lb_tests::xdp::{bpf_object, in_netns, Mode, Topology};
 use lb_tests::{Daemon, HttpNameServer};
@@ -130,94 +131,6 @@ fn tcx_programs(ns: &Netns, interface: &str) -> Vec<String> {
         .iter()
         .map(|p| p.name_as_str().unwrap_or("?").to_string())
         .collect()
-}
-
-/// A client `c0` (10.200.0.2) and a balancer `l0` (10.200.0.1) on a veth; the balancer's
-/// bridge `br0` (10.200.1.1/24) with one veth port per backend namespace `b{i}`
-/// (10.200.1.{i+1}), as Docker attaches replicas. All removed on drop.
-struct BridgeLab {
-    client: Netns,
-    balancer: Netns,
-    backends: Vec<Netns>,
-}
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 1);
-const ON_BRIDGE: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
-
-impl BridgeLab {
-    fn new(n: usize) -> BridgeLab {
-        let client = Netns::new("c").expect("client namespace");
-        let balancer = Netns::new("lb").expect("balancer namespace");
-        veth(
-            &balancer,
-            "l0",
-            "10.200.0.1/24",
-            &client,
-            "c0",
-            "10.200.0.2/24",
-        )
-        .expect("client veth");
-        client
-            .ip(&["route", "add", &format!("{VIP}/32"), "via", "10.200.0.1"])
-            .expect("client route to the VIP");
-        balancer
-            .sysctl("net.ipv4.ip_forward", "1")
-            .expect("forwarding in the balancer");
-        balancer
-            .ip(&["link", "add", "br0", "type", "bridge"])
-            .expect("a bridge");
-        balancer
-            .ip(&["addr", "add", &format!("{ON_BRIDGE}/24"), "dev", "br0"])
-            .expect("bridge address");
-        balancer
-            .ip(&["link", "set", "br0", "up"])
-            .expect("bridge up");
-        let mut backends = Vec::new();
-        for i in 1..=n {
-            let ns = Netns::new(&format!("b{i}")).expect("backend namespace");
-            let port = format!("p{i}");
-            balancer
-                .ip(&[
-                    "link",
-                    "add",
-                    &port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "b0",
-                    "netns",
-                    ns.name(),
-                ])
-                .expect("backend veth");
-            balancer
-                .ip(&["link", "set", &port, "master", "br0"])
-                .expect("port on the bridge");
-            balancer.ip(&["link", "set", &port, "up"]).expect("port up");
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", Self::backend(i)),
-                "dev",
-                "b0",
-            ])
-            .expect("backend address");
-            ns.ip(&["link", "set", "b0", "up"]).expect("backend up");
-            ns.ip(&["route", "add", "default", "via", &ON_BRIDGE.to_string()])
-                .expect("backend default route");
-            backends.push(ns);
-        }
-        BridgeLab {
-            client,
-            balancer,
-            backends,
-        }
-    }
-
-    /// Backend `i`'s address (1-based): 10.200.1.{i+1}.
-    fn backend(i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 200, 1, i as u8 + 1)
-    }
 }
 
 #[test]

@@ -117,10 +117,12 @@ pub trait Frame {
     /// Sends the packet back out of the interface it came in on (its addresses already
     /// turned around).
     fn turn_around(&self) -> u32;
-    /// Sends the packet out of `ifindex`, its Ethernet addresses already written; with
-    /// `to_peer`, on tc, straight into the ingress of the peer of a veth in `VETH_PEERS`.
+    /// Sends the packet out of `ifindex`, its Ethernet addresses already written (`dmac`,
+    /// the destination's); with `to_peer`, on tc, straight into the ingress of the peer of a
+    /// veth in `VETH_PEERS`. On tc, when `ifindex` is a bridge and `BRIDGE_FDB` knows the
+    /// port `dmac` is behind, out of that port instead (into its peer with `to_peer`).
     /// `Err(Stat::DropNoDevmapEntry)` when XDP may not redirect there.
-    fn redirect(&self, ifindex: u32, to_peer: bool) -> Result<u32, Stat>;
+    fn redirect(&self, ifindex: u32, dmac: &[u8; 6], to_peer: bool) -> Result<u32, Stat>;
     /// Sends the packet out of `ifindex`, the kernel finding the next hop by the packet's
     /// destination and resolving its Ethernet address (for a route whose neighbour has no
     /// entry yet); `None` where the hook cannot (XDP), and the packet is handed to the kernel

@@ -20,10 +20,10 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::Stat;
+use lb_common::{maps::BridgeFdbKey, Stat};
 
 use super::{Frame, L4Check, Room};
-use crate::maps::VETH_PEERS;
+use crate::maps::{BRIDGE_FDB, BRIDGE_PORTS, VETH_PEERS};
 
 /// `BPF_F_IPV6` for `bpf_l4_csum_replace` (Linux 6.16+; not in the bindings): the packet is
 /// IPv6, whose header has no checksum, so a `CHECKSUM_COMPLETE` sum must not follow a
@@ -218,17 +218,32 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn redirect(&self, ifindex: u32, to_peer: bool) -> Result<u32, Stat> {
+    fn redirect(&self, ifindex: u32, dmac: &[u8; 6], to_peer: bool) -> Result<u32, Stat> {
         // A veth whose peer is in another namespace: straight into the peer's ingress, in
         // this pass (no veth transmit, no backlog queue and second softirq pass between the
         // two ends). The daemon lists only veths the kernel takes a peer redirect to.
-        // SAFETY: a map lookup by value and helpers taking plain values.
-        unsafe {
-            if to_peer && VETH_PEERS.get(ifindex).is_some() {
-                return Ok(bpf_redirect_peer(ifindex, 0) as u32);
-            }
-            Ok(bpf_redirect(ifindex, 0) as u32)
+        // SAFETY (all): map lookups by value and helpers taking plain values.
+        if to_peer && unsafe { VETH_PEERS.get(ifindex) }.is_some() {
+            return Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as u32);
         }
+        // Into a bridge: to the port the bridge would forward the frame to, while the port
+        // is registered. The bridge device has no tunnel offloads (a DSR super-packet would be
+        // cut into segments in software there); its port takes it whole.
+        let key = BridgeFdbKey {
+            bridge: ifindex,
+            mac: *dmac,
+            _pad: [0; 2],
+        };
+        let mut out = ifindex;
+        if let Some(&port) = unsafe { BRIDGE_FDB.get(&key) } {
+            if unsafe { BRIDGE_PORTS.get(port) }.is_some() {
+                if to_peer && unsafe { VETH_PEERS.get(port) }.is_some() {
+                    return Ok(unsafe { bpf_redirect_peer(port, 0) } as u32);
+                }
+                out = port;
+            }
+        }
+        Ok(unsafe { bpf_redirect(out, 0) } as u32)
     }
 
     #[inline(always)]

@@ -113,7 +113,7 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn redirect(&self, ifindex: u32, _to_peer: bool) -> Result<u32, Stat> {
+    fn redirect(&self, ifindex: u32, _dmac: &[u8; 6], _to_peer: bool) -> Result<u32, Stat> {
         if ifindex == Frame::ingress_ifindex(self) {
             return Ok(xdp_action::XDP_TX);
         }

@@ -12,6 +12,7 @@
 //! `lb-daemon decap` runs on `c0` and on every `b0`: it decapsulates DSR packets, and it is
 //! the XDP program a veth's peer needs before the veth will carry `XDP_REDIRECT`ed frames.
 
+pub mod bridge_lab;
 mod decap;
 mod offload;
 mod peers;

@@ -38,6 +38,8 @@ pub struct Maps {
     backend_stats: PerCpuArray<MapData, Counters>,
     /// `LOCAL_ADDRS`: the SNAT addresses past the first of `nat` services with several.
     local_addrs: Array<MapData, [u32; 4]>,
+    /// `BRIDGE_FDB` and `BRIDGE_PORTS`: see `bridge_ports.rs`.
+    bridges: super::bridge_ports::BridgeMaps,
     /// `LIMITS`: see `limits.rs`. (`CONNTRACK` and `CLIENTS` are not here: the sync thread
     /// owns them, see `map_walk.rs`.)
     pub(super) limits: super::limits::LimitMaps,
@@ -65,6 +67,7 @@ impl Maps {
             service_stats: take(ebpf, contract::SERVICE_STATS)?,
             backend_stats: take(ebpf, contract::BACKEND_STATS)?,
             local_addrs: take(ebpf, contract::LOCAL_ADDRS)?,
+            bridges: super::bridge_ports::BridgeMaps::take(ebpf)?,
             limits: super::limits::LimitMaps::take(ebpf)?,
         })
     }
@@ -137,7 +140,7 @@ impl Maps {
 
     /// Lets `lb_tc` send packets out of interface `ifindex`, a veth whose peer is in another
     /// namespace, straight to the peer (`VETH_PEERS`). `Err(MapsError::Devmap)` when the
-    /// map is full ([`contract::DEVMAP_SIZE`] interfaces) or cannot be written.
+    /// map is full ([`contract::VETH_PEERS_SIZE`] interfaces) or cannot be written.
     pub fn allow_peer_redirect(&mut self, ifindex: u32) -> Result<(), MapsError> {
         self.veth_peers
             .insert(ifindex, ifindex, None, 0)
@@ -146,6 +149,17 @@ impl Maps {
                 ifindex,
                 reason: e.to_string(),
             })
+    }
+
+    /// Makes `BRIDGE_FDB` and `BRIDGE_PORTS` hold `wanted` and lets its veth ports take peer
+    /// redirects (see `bridge_ports.rs`). Returns how many entries or ports had no room.
+    ///
+    /// Returns `Err(MapsError::Io)` when an entry cannot be removed.
+    pub fn write_bridges(
+        &mut self,
+        wanted: &super::bridge_ports::Wanted,
+    ) -> Result<usize, MapsError> {
+        self.bridges.write(wanted, &mut self.veth_peers)
     }
 
     /// Writes `snap` into the maps for `slot` and flips its table (steps 1-5 of the map

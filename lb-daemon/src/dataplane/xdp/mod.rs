@@ -16,6 +16,8 @@
 
 pub mod adopt;
 pub mod bpf_map;
+pub mod bridge_fdb;
+mod bridge_ports;
 pub mod counters;
 pub mod decap;
 pub mod ids;
@@ -286,6 +288,7 @@ impl XdpPlane {
             snat_in_use: None,
             counters_read: None,
             stopping: false,
+            bridges: BTreeMap::new(),
         }));
         let sync = sync::SyncThread::start(Arc::clone(&state), walk);
         Ok(XdpPlane {
@@ -569,6 +572,7 @@ impl XdpPlane {
         lock(&self.state).maps.allow_redirect(ifindex)?;
         if mode.is_tc() {
             self.allow_peer_redirect(name, ifindex);
+            self.watch_bridge(name, ifindex);
             let link =
                 SchedClassifierLink::try_from(link).map_err(|e| failed(loader::error_chain(&e)))?;
             self.tc_program()?
@@ -653,6 +657,7 @@ impl XdpPlane {
             }
             HookRequest::Tc => {
                 self.allow_peer_redirect(name, ifindex);
+                self.watch_bridge(name, ifindex);
                 let attached = loader::attach_tc(self.tc_program()?, name)?;
                 Ok((attached.mode, Link::Tc(attached.link)))
             }
@@ -677,6 +682,23 @@ impl XdpPlane {
             Err(e) => warn!(
                 "eBPF: cannot tell whether {name} is a veth with a peer elsewhere ({e}); \
                  packets out of it take the usual way"
+            ),
+        }
+    }
+
+    /// Before `lb_tc` goes on `name` (index `ifindex`): if it is a bridge, the sync thread
+    /// copies its forwarding database into `BRIDGE_FDB` from now on, so that what is routed
+    /// into it goes straight to the port of its next hop (see `bridge_ports.rs`). Only a way
+    /// to go faster: when the kernel cannot say, packets go through the bridge, logged.
+    fn watch_bridge(&mut self, name: &str, ifindex: u32) {
+        match bridge_fdb::is_bridge(ifindex) {
+            Ok(true) => {
+                lock(&self.state).bridges.insert(name.to_string(), ifindex);
+            }
+            Ok(false) => {}
+            Err(e) => warn!(
+                "eBPF: cannot tell whether {name} is a bridge ({e}); packets into it go \
+                 through it"
             ),
         }
     }

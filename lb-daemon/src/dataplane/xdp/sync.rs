@@ -60,6 +60,9 @@ pub struct State {
     /// The daemon is stopping: every table is empty and stays so (nothing is republished);
     /// open flows are counted every [`STOPPING_EVERY`] for the drain.
     pub stopping: bool,
+    /// The bridges `lb_tc` is attached to (name → ifindex), whose forwarding databases the
+    /// thread copies into `BRIDGE_FDB` (see `bridge_ports.rs`).
+    pub bridges: std::collections::BTreeMap<String, u32>,
 }
 
 /// How often open flows are counted while the daemon drains on its way out.
@@ -457,6 +460,8 @@ impl SyncThread {
             let mut limits = super::limits::Sweeper::new();
             let mut open_flow_walks = super::open_flows::WalkPacing::new();
             let mut snat = SnatWatch::default();
+            let mut bridge_watch = super::bridge_ports::BridgeWatch::default();
+            let mut bridge_left_out = 0;
             loop {
                 match stopped.recv_timeout(POLL) {
                     Err(RecvTimeoutError::Timeout) => {}
@@ -469,7 +474,7 @@ impl SyncThread {
                 // The walks of CONNTRACK and CLIENTS (releases, the sweep) run between
                 // two holds of the lock, so that a reload or a counters read never waits
                 // for them.
-                let (mut drained, view, idle, nat) = {
+                let (mut drained, view, idle, nat, bridges) = {
                     let mut st = lock(&state);
                     st.republish_all();
                     limits.report(|| st.maps.stats());
@@ -477,7 +482,10 @@ impl SyncThread {
                     let idle = (!st.running.is_empty() && open_flow_walks.due(st.counters_read))
                         .then(|| (st.idle_by_backend(), st.stopping));
                     let nat = snat.due().then(|| st.snat_services());
-                    (st.take_drained(Instant::now()), view, idle, nat)
+                    let bridges = bridge_watch
+                        .due(&st.bridges, Instant::now())
+                        .then(|| st.bridges.clone());
+                    (st.take_drained(Instant::now()), view, idle, nat, bridges)
                 };
                 if !drained.is_empty() {
                     drained.forget_in_maps(&mut walk);
@@ -499,6 +507,23 @@ impl SyncThread {
                 if let (Some(nat), Some(now)) = (nat, super::open_flows::now_s()) {
                     let used = snat.walk(&walk, &nat, now);
                     lock(&state).snat_in_use = Some(used);
+                }
+                if let Some(bridges) = bridges {
+                    // Read without the lock (netlink dumps), written with it.
+                    let wanted = bridge_watch.read(&bridges, Instant::now());
+                    match lock(&state).maps.write_bridges(&wanted) {
+                        Ok(n) if n != bridge_left_out => {
+                            bridge_left_out = n;
+                            if n > 0 {
+                                warn!(
+                                    "eBPF: {n} bridge addresses or ports found no room in the \
+                                     maps; their packets go through the bridge"
+                                );
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => error!("eBPF: bridge forwarding database: {e}"),
+                    }
                 }
             }
         })

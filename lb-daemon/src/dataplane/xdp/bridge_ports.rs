@@ -1,0 +1,219 @@
+//! Keeps `BRIDGE_FDB` and `BRIDGE_PORTS` equal to the forwarding databases of the bridges
+//! `lb_tc` is attached to (see `bridge_fdb.rs` and the map contract), so that a packet routed
+//! into a bridge goes straight to the port its next hop is behind, and a DSR tunnel
+//! super-packet is not segmented in software by the bridge device, which has no tunnel
+//! offloads.
+//!
+//! The sync thread reads the bridges about every [`REFRESH`]; an address the bridge learns
+//! in between, or one whose port changed, goes through the bridge (correct, slower) until
+//! then, and a port that goes away leaves `BRIDGE_PORTS` at once (the kernel removes it), so
+//! nothing is ever sent to a port that is gone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use aya::maps::{DevMapHash, HashMap as BpfHashMap, MapData};
+use aya::Ebpf;
+use lb_common::maps::{self as contract, BridgeFdbKey};
+use tracing::{info, warn};
+
+use super::bpf_map::{io, take, MapsError};
+use super::bridge_fdb;
+use super::peer;
+
+/// How often the bridges' forwarding databases are read again.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// `BRIDGE_FDB` and `BRIDGE_PORTS`, and what the daemon wrote into them.
+pub struct BridgeMaps {
+    fdb: BpfHashMap<MapData, BridgeFdbKey, u32>,
+    ports: DevMapHash<MapData>,
+    /// What `BRIDGE_FDB` holds.
+    fdb_written: HashMap<BridgeFdbKey, u32>,
+    /// What `BRIDGE_PORTS` holds (less what the kernel removed since).
+    ports_written: HashSet<u32>,
+    /// The ports this module wrote into `VETH_PEERS` (it never removes them: the kernel does
+    /// when the port goes away, and a veth with its peer elsewhere takes a peer redirect
+    /// whichever way the packet was routed to it).
+    peers_written: HashSet<u32>,
+}
+
+/// What one refresh wants in the maps: every (bridge, address) → port, and of the ports,
+/// those that are veths with their peer in another namespace.
+#[derive(Default)]
+pub struct Wanted {
+    /// (bridge, address) → port.
+    pub fdb: HashMap<BridgeFdbKey, u32>,
+    /// Ports that take a peer redirect (`VETH_PEERS`).
+    pub peers: HashSet<u32>,
+}
+
+impl BridgeMaps {
+    /// Takes the two maps out of `ebpf`.
+    ///
+    /// Returns `Err(MapsError::Missing)` when the object lacks one.
+    pub fn take(ebpf: &mut Ebpf) -> Result<BridgeMaps, MapsError> {
+        Ok(BridgeMaps {
+            fdb: take(ebpf, contract::BRIDGE_FDB)?,
+            ports: take(ebpf, contract::BRIDGE_PORTS)?,
+            fdb_written: HashMap::new(),
+            ports_written: HashSet::new(),
+            peers_written: HashSet::new(),
+        })
+    }
+
+    /// Makes the maps hold exactly `wanted.fdb` and its ports, and adds the ports of
+    /// `wanted.peers` to `veth_peers` (`VETH_PEERS`). Ports go in before the entries naming
+    /// them and leave after, so the program never follows an entry to a port that was not
+    /// allowed. Returns how many entries and ports the maps had no room for (their packets go
+    /// through the bridge, or through the veth's transmit).
+    ///
+    /// Returns `Err(MapsError::Io)` when a removal fails (an update that fails is counted).
+    pub fn write(
+        &mut self,
+        wanted: &Wanted,
+        veth_peers: &mut DevMapHash<MapData>,
+    ) -> Result<usize, MapsError> {
+        let mut left_out = 0;
+        let ports: HashSet<u32> = wanted.fdb.values().copied().collect();
+        let mut allowed = HashSet::new();
+        for &port in &ports {
+            if self.ports_written.contains(&port) || self.ports.insert(port, port, None, 0).is_ok()
+            {
+                allowed.insert(port);
+            } else {
+                left_out += 1;
+            }
+        }
+        for &port in &wanted.peers {
+            if !self.peers_written.contains(&port) {
+                if veth_peers.insert(port, port, None, 0).is_ok() {
+                    self.peers_written.insert(port);
+                } else {
+                    left_out += 1;
+                }
+            }
+        }
+        // Stale entries leave before new ones go in, so a full map makes room first.
+        let stale: Vec<BridgeFdbKey> = self
+            .fdb_written
+            .iter()
+            .filter(|(key, port)| wanted.fdb.get(key) != Some(port) || !allowed.contains(port))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            remove_if_present(self.fdb.remove(&key), contract::BRIDGE_FDB)?;
+            self.fdb_written.remove(&key);
+        }
+        for (key, &port) in &wanted.fdb {
+            if !allowed.contains(&port) || self.fdb_written.get(key) == Some(&port) {
+                continue;
+            }
+            if self.fdb.insert(key, port, 0).is_ok() {
+                self.fdb_written.insert(*key, port);
+            } else {
+                left_out += 1;
+            }
+        }
+        let gone: Vec<u32> = self.ports_written.difference(&allowed).copied().collect();
+        for port in gone {
+            remove_if_present(self.ports.remove(port), contract::BRIDGE_PORTS)?;
+        }
+        self.ports_written = allowed;
+        Ok(left_out)
+    }
+}
+
+/// A removal's result, where an entry that is already gone (the kernel removes a devmap's
+/// entry when its interface goes away) is no error.
+fn remove_if_present(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), MapsError> {
+    match result {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        other => other.map_err(io(map)),
+    }
+}
+
+/// The sync thread's watch of the bridges: when they were last read, and what was last
+/// logged of each, so that a bridge's state is logged when it changes, not every second.
+#[derive(Default)]
+pub struct BridgeWatch {
+    last: Option<Instant>,
+    /// The bridges of the last refresh, by name: `Ok(addresses)` or why not.
+    said: BTreeMap<String, Result<usize, String>>,
+    /// Whether each port seen takes a peer redirect (asked once per port, not every refresh).
+    peer_of: HashMap<u32, bool>,
+}
+
+impl BridgeWatch {
+    /// Whether `bridges` (name → ifindex, those `lb_tc` is attached to) are due to be read:
+    /// every [`REFRESH`], and at once when the set changed.
+    pub fn due(&self, bridges: &BTreeMap<String, u32>, now: Instant) -> bool {
+        if bridges.is_empty() && self.said.is_empty() {
+            return false;
+        }
+        let changed = !bridges.keys().eq(self.said.keys());
+        changed || self.last.is_none_or(|t| now.duration_since(t) >= REFRESH)
+    }
+
+    /// Reads each of `bridges` (name → ifindex) from the kernel and says what the maps should
+    /// hold. Logs a bridge whose state changed: how many addresses go straight to their port,
+    /// or why none does.
+    pub fn read(&mut self, bridges: &BTreeMap<String, u32>, now: Instant) -> Wanted {
+        self.last = Some(now);
+        let mut wanted = Wanted::default();
+        let mut said = BTreeMap::new();
+        for (name, &ifindex) in bridges {
+            let state = match bridge_fdb::forwarding_entries(ifindex) {
+                Ok(entries) => {
+                    for (mac, port) in &entries {
+                        let key = BridgeFdbKey {
+                            bridge: ifindex,
+                            mac: *mac,
+                            _pad: [0; 2],
+                        };
+                        wanted.fdb.insert(key, *port);
+                    }
+                    Ok(entries.len())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            self.log_change(name, &state);
+            said.insert(name.clone(), state);
+        }
+        self.said = said;
+        let ports: HashSet<u32> = wanted.fdb.values().copied().collect();
+        self.peer_of.retain(|port, _| ports.contains(port));
+        for port in ports {
+            let peer = *self
+                .peer_of
+                .entry(port)
+                .or_insert_with(|| peer::peer_elsewhere(port).unwrap_or(false));
+            if peer {
+                wanted.peers.insert(port);
+            }
+        }
+        wanted
+    }
+
+    fn log_change(&self, name: &str, state: &Result<usize, String>) {
+        let before = self.said.get(name);
+        match state {
+            Ok(n) if before.is_none_or(|b| b.is_err()) => info!(
+                "eBPF: {name} is a bridge: lb_tc sends what is routed into it straight to the \
+                 port of its next hop ({n} addresses known now, read every {}s)",
+                REFRESH.as_secs()
+            ),
+            Err(why) if before.is_none_or(|b| b.as_ref().err() != Some(why)) => {
+                warn!("eBPF: packets into bridge {name} go through the bridge: {why}");
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! `lb_tc` with the backends on a Linux bridge (how Docker attaches containers), NAT and DSR,
+//! end to end: a packet routed into the bridge goes straight to the port its backend is
+//! behind (`BRIDGE_FDB`, copied from the bridge's forwarding database), so the bridge device
+//! transmits almost nothing of an upload, and a DSR tunnel super-packet is not cut into
+//! segments there (the bridge has no tunnel offloads). The upload arrives byte for byte.
+//!
+//! Needs root and the BPF object (`cargo xtask build-ebpf`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use lb_tests::client::upload;
+use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::data::Receipt;
+use lb_tests::netns::Netns;
+use lb_tests::xdp::bridge_lab::{BridgeLab, ON_BRIDGE, VIP};
+use lb_tests::xdp::{bpf_object, in_netns, Decap, Mode, PeerServer};
+use lb_tests::Daemon;
+
+/// The hash servers' port.
+const BULK: u16 = 81;
+/// The upload through the VIP.
+const UPLOAD: u64 = 64 * 1024 * 1024;
+
+#[test]
+fn nat_into_a_bridge_goes_straight_to_the_ports() {
+    if lb_tests::require_root("tc_bridge::nat_into_a_bridge_goes_straight_to_the_ports") {
+        upload_into_the_bridge(Mode::Nat);
+    }
+}
+
+#[test]
+fn dsr_into_a_bridge_goes_straight_to_the_ports() {
+    if lb_tests::require_root("tc_bridge::dsr_into_a_bridge_goes_straight_to_the_ports") {
+        upload_into_the_bridge(Mode::Dsr);
+    }
+}
+
+/// A `mode` service on tc with two backends on `br0`; an upload of [`UPLOAD`] bytes through
+/// the VIP must arrive intact while `br0` transmits under a tenth of it. The ports' own
+/// transmit: NAT packets skip it too (peer redirect into the backend), DSR tunnel packets take
+/// it (the backend's decapsulator may sit at its XDP hook).
+fn upload_into_the_bridge(mode: Mode) {
+    let (lab, _servers, daemon) = start(mode, 2);
+    let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
+    let bridge_before = tx_bytes(&lab.balancer, "br0");
+    let ports_before = tx_bytes(&lab.balancer, "p1") + tx_bytes(&lab.balancer, "p2");
+    let receipt = lab
+        .client
+        .enter(|| upload(vip, UPLOAD, 11))
+        .expect("enter the client namespace")
+        .unwrap_or_else(|e| panic!("{mode:?}: the upload through the VIP failed: {e}"));
+    assert_eq!(
+        receipt,
+        Receipt::of_stream(UPLOAD, 11),
+        "{mode:?}: the backend did not receive the upload byte for byte"
+    );
+    let bridge = tx_bytes(&lab.balancer, "br0") - bridge_before;
+    let ports = tx_bytes(&lab.balancer, "p1") + tx_bytes(&lab.balancer, "p2") - ports_before;
+    eprintln!("{mode:?}: during the upload br0 transmitted {bridge} bytes, its ports {ports}");
+    assert!(
+        bridge < UPLOAD / 10,
+        "{mode:?}: br0 transmitted {bridge} bytes during the {UPLOAD}-byte upload: packets \
+         routed into the bridge went through it, not straight to the backend's port"
+    );
+    match mode {
+        Mode::Nat => assert!(
+            ports < UPLOAD / 10,
+            "{mode:?}: the bridge ports transmitted {ports} bytes: NAT packets were not \
+             handed to the ports' peers"
+        ),
+        Mode::Dsr => assert!(
+            ports >= UPLOAD,
+            "{mode:?}: the bridge ports transmitted only {ports} bytes of the {UPLOAD}-byte \
+             upload: DSR tunnel packets must take the port's transmit"
+        ),
+    }
+    drop(daemon);
+}
+
+/// A container restarted: its veth is deleted and a new one, with another index but the same
+/// Ethernet and IP address (as Docker gives them), takes its place on the bridge. Packets for
+/// it must not go to the deleted port (the kernel removes it from `BRIDGE_PORTS` at once):
+/// they go through the bridge until the daemon's next copy of the forwarding database, then
+/// to the new port. Every upload through the VIP, before, during and after, arrives intact.
+#[test]
+fn a_backend_whose_bridge_port_is_replaced_keeps_being_served() {
+    if !lb_tests::require_root(
+        "tc_bridge::a_backend_whose_bridge_port_is_replaced_keeps_being_served",
+    ) {
+        return;
+    }
+    let (lab, servers, daemon) = start(Mode::Nat, 2);
+    let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
+    let uploads = |what: &str| {
+        for seed in 0..20u64 {
+            let receipt = lab
+                .client
+                .enter(|| upload(vip, 256 * 1024, seed))
+                .expect("enter the client namespace")
+                .unwrap_or_else(|e| panic!("{what}: upload {seed} through the VIP failed: {e}"));
+            assert_eq!(
+                receipt,
+                Receipt::of_stream(256 * 1024, seed),
+                "{what}: upload {seed} did not arrive byte for byte"
+            );
+        }
+    };
+    uploads("before the port is replaced");
+    let b2 = &lab.backends[1];
+    let mac = String::from_utf8_lossy(
+        &b2.run("cat", &["/sys/class/net/b0/address"])
+            .expect("read b0's address")
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let accepted = servers[1].accepted();
+    lab.balancer
+        .ip(&["link", "del", "p2"])
+        .expect("delete b2's port");
+    lab.balancer
+        .ip(&[
+            "link",
+            "add",
+            "p2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "b0",
+            "netns",
+            b2.name(),
+        ])
+        .expect("a new port for b2");
+    b2.ip(&["link", "set", "b0", "address", &mac])
+        .expect("b2 keeps its Ethernet address");
+    b2.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", BridgeLab::backend(2)),
+        "dev",
+        "b0",
+    ])
+    .expect("b2's address");
+    b2.ip(&["link", "set", "b0", "up"]).expect("b0 up");
+    b2.ip(&["route", "add", "default", "via", &ON_BRIDGE.to_string()])
+        .expect("b2's default route");
+    lab.balancer
+        .ip(&["link", "set", "p2", "master", "br0"])
+        .expect("the new port on the bridge");
+    lab.balancer
+        .ip(&["link", "set", "p2", "up"])
+        .expect("the new port up");
+    // Up again: the health checks reach b2 through the new port.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while servers[1].accepted() < accepted + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "b2 was not health-checked again within 15 s of its new port"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    uploads("right after the port was replaced");
+    std::thread::sleep(Duration::from_secs(3));
+    let b2_before = rx_bytes(b2, "b0");
+    let bridge_before = tx_bytes(&lab.balancer, "br0");
+    uploads("after the next copies of the forwarding database");
+    let b2_got = rx_bytes(b2, "b0") - b2_before;
+    let bridge = tx_bytes(&lab.balancer, "br0") - bridge_before;
+    eprintln!("after the port was replaced: b2 received {b2_got} bytes, br0 transmitted {bridge}");
+    assert!(
+        b2_got >= 256 * 1024,
+        "b2 received {b2_got} bytes: it took none of 20 uploads after its port was replaced"
+    );
+    assert!(
+        bridge < 512 * 1024,
+        "br0 transmitted {bridge} bytes of 5 MiB of uploads: the new port was not taken from \
+         the bridge's forwarding database"
+    );
+    drop(daemon);
+}
+
+/// The lab with `n` backends on `br0`, a hash server on each, and a daemon with a `mode`
+/// service on tc, once the daemon watches the bridge, has health-checked every backend and
+/// has had the time to copy the bridge's forwarding database (which the health checks'
+/// answers filled). The decapsulators (DSR) go with the lab's namespaces.
+fn start(mode: Mode, n: usize) -> (Lab, Vec<PeerServer>, Daemon) {
+    let lab = BridgeLab::new(n);
+    let mut decaps = Vec::new();
+    if mode == Mode::Dsr {
+        lab.prepare_dsr();
+        for ns in &lab.backends {
+            decaps.push(Decap::start_at(
+                "tc",
+                ns,
+                "b0",
+                &bpf_object(),
+                &[IpAddr::V4(ON_BRIDGE)],
+            ));
+        }
+    }
+    let servers: Vec<PeerServer> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(k, ns)| {
+            let name = format!("b{}", k + 1);
+            ns.enter(|| PeerServer::start_on(&name, SocketAddr::from(([0, 0, 0, 0], BULK))))
+                .expect("enter the backend namespace")
+                .expect("a backend starts")
+        })
+        .collect();
+    let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
+    let forwarding = match mode {
+        Mode::Nat => "nat",
+        Mode::Dsr => "dsr",
+    };
+    let mut svc = ServiceConfig::tcp("bulk", vip)
+        .set("dataplane", "tc")
+        .set("interface", "l0")
+        .set("backend_interfaces", toml::Value::Array(vec!["br0".into()]))
+        .set("local_address", ON_BRIDGE.to_string())
+        .set("forwarding", forwarding)
+        .fast_health("tcp");
+    for i in 1..=servers.len() {
+        svc = svc.backend(SocketAddr::new(IpAddr::V4(BridgeLab::backend(i)), BULK), 1);
+    }
+    let toml = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .service(svc)
+        .to_toml();
+    let daemon = in_netns(&lab.balancer, || Daemon::start(&toml)).expect("enter the balancer");
+    daemon
+        .wait_for_log(
+            "eBPF: br0 is a bridge: lb_tc sends what is routed into it straight to the port",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{mode:?}: the daemon did not take br0's ports: {e:?}"));
+    // The health checks' answers teach the bridge the backends' addresses; the daemon copies
+    // its forwarding database every second.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while servers.iter().any(|s| s.accepted() < 2) {
+        assert!(
+            Instant::now() < deadline,
+            "{mode:?}: the daemon did not health-check both backends within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+
+    (
+        Lab {
+            lab,
+            _decaps: decaps,
+        },
+        servers,
+        daemon,
+    )
+}
+
+/// The lab and the decapsulators that must live as long as it.
+struct Lab {
+    lab: BridgeLab,
+    _decaps: Vec<Decap>,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = BridgeLab;
+    fn deref(&self) -> &BridgeLab {
+        &self.lab
+    }
+}
+
+/// `interface`'s `tx_bytes` in `ns`.
+fn tx_bytes(ns: &Netns, interface: &str) -> u64 {
+    counter(ns, interface, "tx_bytes")
+}
+
+/// `interface`'s `rx_bytes` in `ns`.
+fn rx_bytes(ns: &Netns, interface: &str) -> u64 {
+    counter(ns, interface, "rx_bytes")
+}
+
+/// `interface`'s statistic `name` in `ns`.
+fn counter(ns: &Netns, interface: &str, name: &str) -> u64 {
+    let file = format!("/sys/class/net/{interface}/statistics/{name}");
+    let out = ns
+        .run("cat", &[&file])
+        .unwrap_or_else(|e| panic!("read {file} in {}: {e}", ns.name()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{file} holds `{}`: {e}", text.trim()))
+}
