@@ -237,17 +237,21 @@
 //! it.
 //!
 //! When the route leads into a Linux bridge, `lb_tc` sends the packet straight to the bridge
-//! port that the bridge itself would forward it to: `BRIDGE_FDB` maps the bridge's ifindex and
-//! the next hop's Ethernet address to the port's ifindex (the bridge's forwarding database,
-//! which the daemon copies about every second: learned and static entries of ports in the
-//! forwarding state, never the bridge's own local addresses, and no bridge with VLAN
-//! filtering on). The port is used only while `BRIDGE_PORTS` holds it (a devmap hash, for the
-//! same reason as `VETH_PEERS`: an unregistered port leaves the map at once, and its packets
-//! go through the bridge again). Why: the bridge device offers no tunnel offloads, so a DSR
-//! tunnel super-packet sent to it is segmented and checksummed in software; its ports (a
-//! veth) take it whole. Skipped on the way: the bridge's own transmit (its qdisc, if any, and
-//! its `tx` counters). A port in `VETH_PEERS` takes translated packets by peer redirect as
-//! above. Not pinned. `lb_xdp` does not read them.
+//! port that the bridge itself would forward it to, as of the daemon's last copy of the
+//! bridge's forwarding database: `BRIDGE_FDB` maps the bridge's ifindex and the next hop's
+//! Ethernet address to the port's ifindex. The daemon copies it about every second for each
+//! bridge `lb_tc` is attached to (a service's `interface` or `backend_interfaces`): learned
+//! and static entries of ports in the forwarding state, never the bridge's own local
+//! addresses, and no bridge with VLAN filtering on. An address that moves, or a port that
+//! leaves the bridge or stops forwarding, is followed to the old port until the next copy.
+//! The port is used only while `BRIDGE_PORTS` holds it (a devmap hash, for the same reason
+//! as `VETH_PEERS`: a deleted port leaves the map at once, and its packets go through the
+//! bridge again). Why: the bridge device offers no tunnel offloads, so a DSR tunnel
+//! super-packet sent to it is segmented and checksummed in software; its ports (a veth)
+//! take it whole. Skipped on the way: the bridge's own transmit (its qdisc, its `tx`
+//! counters, a capture on it, bridge-family netfilter output rules). A port in `VETH_PEERS`
+//! (the daemon lists the bridge's veth ports whose peer is in another namespace) takes
+//! translated packets by peer redirect as above. Not pinned. `lb_xdp` does not read them.
 //!
 //! ## Conntrack ageing
 //!

@@ -4,10 +4,12 @@
 //! super-packet is not segmented in software by the bridge device, which has no tunnel
 //! offloads.
 //!
-//! The sync thread reads the bridges about every [`REFRESH`]; an address the bridge learns
-//! in between, or one whose port changed, goes through the bridge (correct, slower) until
-//! then, and a port that goes away leaves `BRIDGE_PORTS` at once (the kernel removes it), so
-//! nothing is ever sent to a port that is gone.
+//! The sync thread reads the bridges about every [`REFRESH`]. In between, an address the
+//! bridge learns goes through the bridge (correct, slower); a port that is deleted leaves
+//! `BRIDGE_PORTS` at once (the kernel removes it) and its addresses go through the bridge;
+//! but an address that moves to another port, or a port that leaves the bridge or stops
+//! forwarding (STP, carrier), is still followed to its old port until the next read, up to a
+//! second. A netlink subscription (`RTNLGRP_NEIGH`, `RTNLGRP_LINK`) would close that window.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -30,12 +32,11 @@ pub struct BridgeMaps {
     ports: DevMapHash<MapData>,
     /// What `BRIDGE_FDB` holds.
     fdb_written: HashMap<BridgeFdbKey, u32>,
-    /// What `BRIDGE_PORTS` holds (less what the kernel removed since).
+    /// What `BRIDGE_PORTS` holds (less what the kernel removed since). The ports written into
+    /// `VETH_PEERS` are not removed by this module: the kernel does when a port goes away,
+    /// and a veth with its peer elsewhere takes a peer redirect whichever way the packet was
+    /// routed to it.
     ports_written: HashSet<u32>,
-    /// The ports this module wrote into `VETH_PEERS` (it never removes them: the kernel does
-    /// when the port goes away, and a veth with its peer elsewhere takes a peer redirect
-    /// whichever way the packet was routed to it).
-    peers_written: HashSet<u32>,
 }
 
 /// What one refresh wants in the maps: every (bridge, address) → port, and of the ports,
@@ -58,7 +59,6 @@ impl BridgeMaps {
             ports: take(ebpf, contract::BRIDGE_PORTS)?,
             fdb_written: HashMap::new(),
             ports_written: HashSet::new(),
-            peers_written: HashSet::new(),
         })
     }
 
@@ -77,21 +77,19 @@ impl BridgeMaps {
         let mut left_out = 0;
         let ports: HashSet<u32> = wanted.fdb.values().copied().collect();
         let mut allowed = HashSet::new();
+        // Ports are written every time (an update of an entry that is there changes
+        // nothing): an index the kernel pruned can come back (a device moved into the
+        // namespace keeps its index), and must be allowed again.
         for &port in &ports {
-            if self.ports_written.contains(&port) || self.ports.insert(port, port, None, 0).is_ok()
-            {
+            if self.ports.insert(port, port, None, 0).is_ok() {
                 allowed.insert(port);
             } else {
                 left_out += 1;
             }
         }
         for &port in &wanted.peers {
-            if !self.peers_written.contains(&port) {
-                if veth_peers.insert(port, port, None, 0).is_ok() {
-                    self.peers_written.insert(port);
-                } else {
-                    left_out += 1;
-                }
+            if veth_peers.insert(port, port, None, 0).is_err() {
+                left_out += 1;
             }
         }
         // Stale entries leave before new ones go in, so a full map makes room first.
@@ -191,10 +189,20 @@ impl BridgeWatch {
         let ports: HashSet<u32> = wanted.fdb.values().copied().collect();
         self.peer_of.retain(|port, _| ports.contains(port));
         for port in ports {
-            let peer = *self
-                .peer_of
-                .entry(port)
-                .or_insert_with(|| peer::peer_elsewhere(port).unwrap_or(false));
+            let peer = match self.peer_of.get(&port) {
+                Some(&known) => known,
+                // An error is not remembered: the port is asked again at the next copy.
+                None => match peer::peer_elsewhere(port) {
+                    Ok(known) => *self.peer_of.entry(port).or_insert(known),
+                    Err(e) => {
+                        warn!(
+                            "eBPF: cannot tell whether bridge port {port} is a veth with a \
+                             peer elsewhere ({e}); its packets take its transmit"
+                        );
+                        false
+                    }
+                },
+            };
             if peer {
                 wanted.peers.insert(port);
             }
