@@ -29,6 +29,9 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
+/// How long one read of a dump's answer may wait, in seconds.
+const DUMP_TIMEOUT_S: i64 = 2;
+
 /// Why a bridge's forwarding database was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum FdbError {
@@ -192,6 +195,14 @@ fn fdb_dump() -> io::Result<Vec<NeighbourMessage>> {
 /// Sends `request` as a dump and collects the answers up to `NLMSG_DONE`.
 fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
+    // A kernel that never answers must not hold the sync thread (and with it the tables'
+    // republishing) for longer than this.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(DUMP_TIMEOUT_S, 0),
+    )
+    .map_err(io::Error::from)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut request = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(request));
