@@ -13,7 +13,7 @@ use lb_tests::client::upload;
 use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::data::Receipt;
 use lb_tests::netns::Netns;
-use lb_tests::xdp::bridge_lab::{BridgeLab, ON_BRIDGE, VIP};
+use lb_tests::xdp::bridge_lab::{self, BridgeLab, ON_BRIDGE, VIP};
 use lb_tests::xdp::{bpf_object, in_netns, Decap, Mode, PeerServer};
 use lb_tests::Daemon;
 
@@ -119,39 +119,8 @@ fn a_backend_whose_bridge_port_is_replaced_keeps_being_served() {
     lab.balancer
         .ip(&["link", "del", "p2"])
         .expect("delete b2's port");
-    lab.balancer
-        .ip(&[
-            "link",
-            "add",
-            "p2",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "b0",
-            "netns",
-            b2.name(),
-        ])
-        .expect("a new port for b2");
-    b2.ip(&["link", "set", "b0", "address", &mac])
-        .expect("b2 keeps its Ethernet address");
-    b2.ip(&[
-        "addr",
-        "add",
-        &format!("{}/24", BridgeLab::backend(2)),
-        "dev",
-        "b0",
-    ])
-    .expect("b2's address");
-    b2.ip(&["link", "set", "b0", "up"]).expect("b0 up");
-    b2.ip(&["route", "add", "default", "via", &ON_BRIDGE.to_string()])
-        .expect("b2's default route");
-    lab.balancer
-        .ip(&["link", "set", "p2", "master", "br0"])
-        .expect("the new port on the bridge");
-    lab.balancer
-        .ip(&["link", "set", "p2", "up"])
-        .expect("the new port up");
+    // The same addresses (Docker derives the MAC from the IP), another index.
+    bridge_lab::plug(&lab.balancer, 2, b2, Some(&mac));
     // Up again: the health checks reach b2 through the new port.
     let deadline = Instant::now() + Duration::from_secs(15);
     while servers[1].accepted() < accepted + 3 {

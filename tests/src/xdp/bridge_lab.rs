@@ -55,36 +55,7 @@ impl BridgeLab {
         let mut backends = Vec::new();
         for i in 1..=n {
             let ns = Netns::new(&format!("b{i}")).expect("backend namespace");
-            let port = format!("p{i}");
-            balancer
-                .ip(&[
-                    "link",
-                    "add",
-                    &port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "b0",
-                    "netns",
-                    ns.name(),
-                ])
-                .expect("backend veth");
-            balancer
-                .ip(&["link", "set", &port, "master", "br0"])
-                .expect("port on the bridge");
-            balancer.ip(&["link", "set", &port, "up"]).expect("port up");
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", Self::backend(i)),
-                "dev",
-                "b0",
-            ])
-            .expect("backend address");
-            ns.ip(&["link", "set", "b0", "up"]).expect("backend up");
-            ns.ip(&["route", "add", "default", "via", &ON_BRIDGE.to_string()])
-                .expect("backend default route");
+            plug(&balancer, i, &ns, None);
             backends.push(ns);
         }
         BridgeLab {
@@ -117,4 +88,44 @@ impl BridgeLab {
             .ip(&["link", "set", "br0", "mtu", &mtu])
             .expect("MTU of the bridge");
     }
+}
+
+/// Connects backend namespace `ns` (the `i`-th, 1-based) to `br0` in `balancer`: port `p{i}`,
+/// its peer `b0` in `ns` with [`BridgeLab::backend`]`(i)`, Ethernet address `mac` if given,
+/// and a default route via the bridge. Panics when a step fails.
+pub fn plug(balancer: &Netns, i: usize, ns: &Netns, mac: Option<&str>) {
+    let port = format!("p{i}");
+    balancer
+        .ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "b0",
+            "netns",
+            ns.name(),
+        ])
+        .expect("backend veth");
+    if let Some(mac) = mac {
+        ns.ip(&["link", "set", "b0", "address", mac])
+            .expect("the backend's Ethernet address");
+    }
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", BridgeLab::backend(i)),
+        "dev",
+        "b0",
+    ])
+    .expect("backend address");
+    ns.ip(&["link", "set", "b0", "up"]).expect("backend up");
+    ns.ip(&["route", "add", "default", "via", &ON_BRIDGE.to_string()])
+        .expect("backend default route");
+    balancer
+        .ip(&["link", "set", &port, "master", "br0"])
+        .expect("port on the bridge");
+    balancer.ip(&["link", "set", &port, "up"]).expect("port up");
 }
