@@ -16,9 +16,6 @@
 use std::collections::HashMap;
 use std::io;
 
-use rtnetlink::packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
 use rtnetlink::packet_route::link::{
     BridgePortState, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute,
     LinkInfo, LinkMessage,
@@ -27,10 +24,6 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-
-/// How long one read of a dump's answer may wait, in seconds.
-const DUMP_TIMEOUT_S: i64 = 2;
 
 /// Why a bridge's forwarding database was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +160,7 @@ fn bridge_entry(entry: &NeighbourMessage, bridge_ifindex: u32) -> Option<([u8; 6
 
 /// Every link of the namespace, with its link info (`RTM_GETLINK` dump).
 fn links() -> io::Result<Vec<LinkMessage>> {
-    let answers = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+    let answers = super::rtnl::dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
     Ok(answers
         .into_iter()
         .filter_map(|m| match m {
@@ -182,7 +175,7 @@ fn links() -> io::Result<Vec<LinkMessage>> {
 fn fdb_dump() -> io::Result<Vec<NeighbourMessage>> {
     let mut message = NeighbourMessage::default();
     message.header.family = AddressFamily::Bridge;
-    let answers = dump(RouteNetlinkMessage::GetNeighbour(message))?;
+    let answers = super::rtnl::dump(RouteNetlinkMessage::GetNeighbour(message))?;
     Ok(answers
         .into_iter()
         .filter_map(|m| match m {
@@ -190,55 +183,6 @@ fn fdb_dump() -> io::Result<Vec<NeighbourMessage>> {
             _ => None,
         })
         .collect())
-}
-
-/// Sends `request` as a dump and collects the answers up to `NLMSG_DONE`.
-fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    // A kernel that never answers must not hold the sync thread (and with it the tables'
-    // republishing) for longer than this.
-    nix::sys::socket::setsockopt(
-        &socket,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(DUMP_TIMEOUT_S, 0),
-    )
-    .map_err(io::Error::from)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut request = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(request));
-    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    request.header.sequence_number = 1;
-    request.finalize();
-    let mut out = vec![0u8; request.buffer_len()];
-    request.serialize(&mut out);
-    socket.send(&out, 0)?;
-
-    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
-    let mut answers = Vec::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    // A dump ends with NLMSG_DONE; the bound only guards against a kernel that never says so
-    // (64 KiB a read: tens of links or hundreds of entries each).
-    for _ in 0..100_000 {
-        let n = socket.recv(&mut &mut buffer[..], 0)?;
-        let mut at = 0;
-        while at < n {
-            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buffer[at..n])
-                .map_err(|e| bad(format!("netlink dump answer: {e}")))?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::InnerMessage(answer) => answers.push(answer),
-                NetlinkPayload::Done(_) => return Ok(answers),
-                NetlinkPayload::Error(e) => return Err(e.to_io()),
-                _ => {}
-            }
-            if length == 0 {
-                return Err(bad("netlink dump answer: a message of length 0".into()));
-            }
-            // Messages are 4-byte aligned in the datagram.
-            at += (length + 3) & !3;
-        }
-    }
-    Err(bad("netlink dump did not end".into()))
 }
 
 #[cfg(test)]

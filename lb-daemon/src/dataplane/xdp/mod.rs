@@ -30,6 +30,7 @@ pub mod maps;
 pub mod open_flows;
 pub mod peer;
 pub mod pins;
+mod rtnl;
 pub mod snat;
 mod sync;
 pub mod xdp_features;

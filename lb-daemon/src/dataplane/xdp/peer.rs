@@ -8,10 +8,8 @@
 
 use std::io;
 
-use rtnetlink::packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// Whether interface `ifindex` is a veth or netkit device whose peer is in another network
 /// namespace.
@@ -25,30 +23,14 @@ pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
 
 /// One `RTM_GETLINK` for `ifindex`, the kernel's `RTM_NEWLINK` answer.
 fn get_link(ifindex: u32) -> io::Result<LinkMessage> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
     let mut message = LinkMessage::default();
     message.header.index = ifindex;
-    let mut request = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(RouteNetlinkMessage::GetLink(message)),
-    );
-    request.header.flags = NLM_F_REQUEST;
-    request.finalize();
-    let mut out = vec![0u8; request.buffer_len()];
-    request.serialize(&mut out);
-    socket.send(&out, 0)?;
-    // One link's attributes (statistics, the link info, the queues) fit in a few KiB.
-    let mut answer = vec![0u8; 64 * 1024];
-    let n = socket.recv(&mut &mut answer[..], 0)?;
-    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
-        .map_err(|e| bad(format!("RTM_GETLINK answer: {e}")))?;
-    match reply.payload {
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => Ok(link),
-        NetlinkPayload::Error(e) => Err(e.to_io()),
-        other => Err(bad(format!("RTM_GETLINK answered {other:?}"))),
+    match super::rtnl::request(RouteNetlinkMessage::GetLink(message))? {
+        RouteNetlinkMessage::NewLink(link) => Ok(link),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("RTM_GETLINK answered {other:?}"),
+        )),
     }
 }
 
