@@ -181,10 +181,7 @@ fn start(mode: Mode, n: usize) -> (Lab, Vec<PeerServer>, Daemon) {
         })
         .collect();
     let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
-    let forwarding = match mode {
-        Mode::Nat => "nat",
-        Mode::Dsr => "dsr",
-    };
+    let forwarding = mode.forwarding();
     let mut svc = ServiceConfig::tcp("bulk", vip)
         .set("dataplane", "tc")
         .set("interface", "l0")

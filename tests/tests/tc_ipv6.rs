@@ -167,10 +167,7 @@ fn start(mode: Mode) -> World6 {
         } else {
             svc.fast_health(health).health("timeout", "2s")
         };
-        let forwarding = match mode {
-            Mode::Nat => "nat",
-            Mode::Dsr => "dsr",
-        };
+        let forwarding = mode.forwarding();
         let ifs: Vec<toml::Value> = (1..=BACKENDS)
             .map(|i| toml::Value::from(format!("l{i}")))
             .collect();

@@ -349,10 +349,7 @@ impl Cluster {
     /// Node `k`'s daemon config: the echo service on the VIP with every backend, `auto`
     /// on its one interface, announced in [`TABLE`].
     pub fn node_config(&self, k: usize) -> String {
-        let forwarding = match self.mode {
-            Mode::Nat => "nat",
-            Mode::Dsr => "dsr",
-        };
+        let forwarding = self.mode.forwarding();
         let mut svc = ServiceConfig::tcp("echo", vip())
             .set("dataplane", "auto")
             .set("interface", "n0")

@@ -106,6 +106,16 @@ pub enum Mode {
     Dsr,
 }
 
+impl Mode {
+    /// The service's `forwarding` key for this mode: `"nat"` or `"dsr"`.
+    pub fn forwarding(self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::Dsr => "dsr",
+        }
+    }
+}
+
 /// The eBPF hook an end-to-end test's balancer runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plane {
@@ -280,14 +290,7 @@ impl Topology {
             ("interface", "l0".into()),
             ("backend_interfaces", toml::Value::Array(ifs)),
             ("local_address", BALANCER.to_string().into()),
-            (
-                "forwarding",
-                match mode {
-                    Mode::Nat => "nat",
-                    Mode::Dsr => "dsr",
-                }
-                .into(),
-            ),
+            ("forwarding", mode.forwarding().into()),
         ]
     }
 
