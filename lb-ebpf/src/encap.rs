@@ -9,7 +9,7 @@
 
 use lb_common::{
     flow::IPPROTO_UDP,
-    maps::{DecapAddr, FAMILY_V4, FAMILY_V6},
+    maps::{FAMILY_V4, FAMILY_V6},
     Stat,
 };
 
@@ -18,7 +18,7 @@ use crate::{
     frame::{Frame, Room},
     maps::{DECAP_ADDRS, DECAP_SOURCES},
     parse::{
-        addr6, groups6, halves, ptr_at, word, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP,
+        addr6, addr_key, groups6, halves, ptr_at, word, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP,
         ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6,
     },
 };
@@ -192,16 +192,8 @@ pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
         if ptr_at::<Ipv4Hdr>(ctx, l3_off + ihl).is_none() {
             return Decap::Plain;
         }
-        let dst = DecapAddr {
-            addr: [word(dst[0], dst[1]), 0, 0, 0],
-            family: FAMILY_V4,
-            _pad: [0; 3],
-        };
-        let src = DecapAddr {
-            addr: [word(src[0], src[1]), 0, 0, 0],
-            family: FAMILY_V4,
-            _pad: [0; 3],
-        };
+        let dst = addr_key([word(dst[0], dst[1]), 0, 0, 0], FAMILY_V4);
+        let src = addr_key([word(src[0], src[1]), 0, 0, 0], FAMILY_V4);
         (ihl, src, dst)
     } else if proto == ETH_P_IPV6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
@@ -216,16 +208,8 @@ pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
         if ptr_at::<Ipv6Hdr>(ctx, l3_off + hdr).is_none() {
             return Decap::Plain;
         }
-        let dst = DecapAddr {
-            addr: addr6(&dst),
-            family: FAMILY_V6,
-            _pad: [0; 3],
-        };
-        let src = DecapAddr {
-            addr: addr6(&src),
-            family: FAMILY_V6,
-            _pad: [0; 3],
-        };
+        let dst = addr_key(addr6(&dst), FAMILY_V6);
+        let src = addr_key(addr6(&src), FAMILY_V6);
         (hdr, src, dst)
     } else {
         return Decap::Plain;

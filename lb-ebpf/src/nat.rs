@@ -79,7 +79,9 @@ fn set_reply_key(
     port: u16,
 ) {
     rkey.src_addr = *backend_addr;
-    rkey.dst_addr = *local;
+    // Word by word: a whole-array copy compiles to a byte-at-a-time `memmove` call (`local`
+    // may point into a map value the compiler cannot tell apart from `rkey`'s).
+    rkey.dst_addr = [local[0], local[1], local[2], local[3]];
     rkey.src_port = backend_port;
     rkey.dst_port = port;
     rkey.protocol = key.protocol;

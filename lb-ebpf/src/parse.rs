@@ -356,16 +356,34 @@ pub fn hop_limit<C: Frame>(ctx: &C, p: &Parsed) -> u8 {
 /// on a packet the balancer cannot place (see the module docs).
 #[inline(always)]
 fn for_vip(addr: [u32; 4], family: u8, drop: Stat, pass: Stat) -> Stat {
-    let key = DecapAddr {
-        addr,
-        family,
-        _pad: [0; 3],
-    };
+    let key = addr_key(addr, family);
     // SAFETY: the key lives on the stack for the call; the value is not read.
     if unsafe { VIP_ADDRS.get(&key) }.is_some() {
         drop
     } else {
         pass
+    }
+}
+
+/// The `DecapAddr` key of `addr` (of `family`), padding zeroed. Written as two stores, the
+/// address and one 32-bit word holding `family` and the three padding bytes: a `[0; 3]`
+/// field compiles to a call of the object's byte-at-a-time `memset`.
+#[inline(always)]
+pub fn addr_key(addr: [u32; 4], family: u8) -> DecapAddr {
+    const _: () = assert!(
+        core::mem::offset_of!(DecapAddr, family) == 16
+            && core::mem::size_of::<DecapAddr>() == 20
+            && cfg!(target_endian = "little")
+    );
+    let mut key = core::mem::MaybeUninit::<DecapAddr>::uninit();
+    let p = key.as_mut_ptr();
+    // SAFETY: both stores lie within `key` and are aligned (offset 16 of a 4-aligned struct);
+    // together they write all 20 bytes, so the key is initialised. Little-endian (asserted):
+    // `family` is the word's first byte, the padding its other three.
+    unsafe {
+        (&raw mut (*p).addr).write(addr);
+        ((&raw mut (*p).family) as *mut u32).write(family as u32);
+        key.assume_init()
     }
 }
 
