@@ -16,6 +16,9 @@
 //! - `passed`: an ARP frame, which the program hands to the kernel at once: the floor,
 //!   mostly the kernel's own cost of one test run.
 //!
+//! "Route" is mostly the program's next-hop cache (`lb-ebpf/src/next_hop.rs`), as in traffic:
+//! the case's first run fills it, and a full `bpf_fib_lookup` follows every 100 ms per CPU.
+//!
 //! Why one packet per run and not `repeat`: the kernel hands the *same* buffer to every
 //! repetition, and lb's programs rewrite it in place (NAT addresses, an outer header for DSR),
 //! so from the second repetition on the program sees its own output, not the case's packet.

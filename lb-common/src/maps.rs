@@ -30,7 +30,8 @@
 //! | `BACKEND_STATS` | per-CPU array, [`MAX_BACKENDS`] | backend id → [`Counters`](crate::Counters) | program |
 //!
 //! The object also holds `FIB_SCRATCH` and `NAT_SCRATCH`, one-entry per-CPU arrays the program
-//! uses as scratch space; the daemon leaves them alone.
+//! uses as scratch space, and `NEXT_HOPS`, the program's per-CPU cache of route lookups (kept
+//! for [`NEXT_HOP_TTL_NS`]); the daemon leaves them alone.
 //!
 //! Ids are chosen by the daemon: a service id is `0..MAX_SERVICES`, a backend id is
 //! `0..MAX_BACKENDS` and global (not per service). Entries the daemon never wrote read as
@@ -718,6 +719,12 @@ pub struct CtEntry {
     /// [`CT_REFRESH_SECS`]. See "Conntrack ageing" in the module docs.
     pub seen_s: u32,
 }
+
+/// How long the program keeps a route lookup's answer (egress interface, Ethernet addresses)
+/// for the packets that follow on the same route, per CPU, in nanoseconds: 100 ms. A change
+/// of routes, neighbours, MTUs or of `forwarding` on an interface reaches forwarded packets
+/// this much later at most.
+pub const NEXT_HOP_TTL_NS: u64 = 100_000_000;
 
 /// [`CtEntry::seen_s`] is rewritten only when it is at least this many seconds old, so a
 /// busy flow costs one write to its entry per this many seconds, not one per packet.

@@ -5,6 +5,9 @@
 //! bridge, to the port `BRIDGE_FDB` names), or `bpf_redirect_neigh` when the next hop's
 //! Ethernet address is not known yet.
 //!
+//! A resolved answer is kept per CPU for the packets that follow on the same route (see
+//! `next_hop`): most packets skip the kernel's lookup.
+//!
 //! The lookup is an input-route lookup from the ingress interface (as if the kernel forwarded
 //! the packet), so the ingress interface must have forwarding enabled
 //! (`net.ipv4.conf.<if>.forwarding`, `net.ipv6.conf.all.forwarding`), and the routes decide the
@@ -18,13 +21,14 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
         BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::bpf_fib_lookup,
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns},
 };
 use lb_common::{maps::FAMILY_V4, Stat};
 
 use crate::{
     frame::Frame,
     maps::FIB_SCRATCH,
+    next_hop::{self, Query},
     parse::{ptr_at, EthHdr},
 };
 
@@ -87,22 +91,39 @@ pub fn lookup<C: Frame>(
     // The 64-byte parameter block lives in a per-CPU scratch slot, not on the stack: the
     // balancer is close to the verifier's 512-byte stack limit.
     let params: *mut FibParams = FIB_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropNoRoute)?;
+    let q = Query {
+        family: if family == FAMILY_V4 {
+            AF_INET
+        } else {
+            AF_INET6
+        },
+        protocol,
+        ingress: ctx.ingress_ifindex(),
+        src,
+        dst,
+        len: ctx.mtu_len(ip_len),
+        // SAFETY: a helper without arguments.
+        now: unsafe { bpf_ktime_get_ns() },
+    };
     // SAFETY: this CPU's slot of a live map entry; BPF programs do not preempt each other on
-    // one CPU, so nothing else uses it until this packet is done with it. All-zero is a valid
-    // `bpf_fib_lookup` (plain integers and unions of them).
+    // one CPU, so nothing else uses it until this packet is done with it.
+    if next_hop::answer(&q, unsafe { &mut *params }) {
+        return Ok(Hop::Resolved);
+    }
+    // SAFETY: as above. All-zero is a valid `bpf_fib_lookup` (plain integers and unions of
+    // them).
     let params = unsafe {
         zero(params);
         &mut *params
     };
     params.l4_protocol = protocol;
-    params.__bindgen_anon_1.tot_len = ctx.mtu_len(ip_len);
-    params.ifindex = ctx.ingress_ifindex();
+    params.__bindgen_anon_1.tot_len = q.len;
+    params.ifindex = q.ingress;
+    params.family = q.family;
     if family == FAMILY_V4 {
-        params.family = AF_INET;
         params.__bindgen_anon_3.ipv4_src = src[0];
         params.__bindgen_anon_4.ipv4_dst = dst[0];
     } else {
-        params.family = AF_INET6;
         params.__bindgen_anon_3.ipv6_src = *src;
         params.__bindgen_anon_4.ipv6_dst = *dst;
     }
@@ -119,7 +140,10 @@ pub fn lookup<C: Frame>(
         return Err(Stat::DropNoRoute);
     }
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(Hop::Resolved),
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            next_hop::remember(&q, params);
+            Ok(Hop::Resolved)
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Hop::Unresolved),
         BPF_FIB_LKUP_RET_NOT_FWDED => Ok(Hop::Local),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Stat::DropMtu),
@@ -156,7 +180,7 @@ unsafe fn zero(params: *mut FibParams) {
 /// Both point to 6 valid bytes at even addresses: the frame's Ethernet header starts at an
 /// even offset (see `parse`), and `bpf_fib_lookup`'s `smac` and `dmac` sit at bytes 52 and 58.
 #[inline(always)]
-unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
+pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
     let (d, s) = (dst as *mut u16, src as *const u16);
     // SAFETY: as the caller promises.
     unsafe {

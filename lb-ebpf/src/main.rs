@@ -30,6 +30,7 @@ mod icmp;
 mod limits;
 mod maps;
 mod nat;
+mod next_hop;
 mod parse;
 mod reset;
 mod stats;

@@ -19,6 +19,8 @@ use lb_common::{
     Counters, FlowKey, STATS_LEN,
 };
 
+use crate::next_hop::{self, NextHop};
+
 /// VIP (address, port, protocol, family) → service id. Written by the daemon.
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
@@ -156,3 +158,8 @@ pub static TOO_BIG_BUDGET: PerCpuArray<TooBigBudget> = PerCpuArray::with_max_ent
 /// 512-byte BPF stack. Internal to the program; the daemon never touches it.
 #[map(name = "FIB_SCRATCH")]
 pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// The next-hop cache, [`next_hop::SLOTS`] per CPU (see `next_hop`). Internal to the program;
+/// the daemon never touches it.
+#[map(name = "NEXT_HOPS")]
+pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(next_hop::SLOTS, 0);

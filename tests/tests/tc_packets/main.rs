@@ -22,6 +22,8 @@ mod limits;
 mod local_addrs;
 #[path = "../xdp_packets/nat.rs"]
 mod nat;
+#[path = "../xdp_packets/next_hop.rs"]
+mod next_hop;
 #[path = "../xdp_packets/pass_rules.rs"]
 mod pass_rules;
 #[path = "../xdp_packets/snat_ports.rs"]

@@ -17,6 +17,7 @@ mod icmp_errors;
 mod limits;
 mod local_addrs;
 mod nat;
+mod next_hop;
 mod pass_rules;
 mod snat_ports;
 mod too_big;

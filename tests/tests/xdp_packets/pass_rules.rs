@@ -466,6 +466,9 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
     lab.ns
         .sysctl("net.ipv4.conf.vc.forwarding", "0")
         .expect("disable forwarding on vc");
+    // The program keeps route answers this long (`lb_common::maps::NEXT_HOP_TTL_NS`), and the
+    // full-size NAT packet above was just routed from vc.
+    std::thread::sleep(std::time::Duration::from_nanos(lb_common::maps::NEXT_HOP_TTL_NS) * 2);
     check(
         &syn(1008, 80, b""),
         XDP_DROP,

@@ -1,0 +1,164 @@
+//! The next-hop cache: what `bpf_fib_lookup` answered for a route, kept per CPU for
+//! [`NEXT_HOP_TTL_NS`], so that the packets of a flow do not each pay a full FIB and neighbour lookup
+//! (about a fifth of `lb_tc`'s time per packet in a profile of the 64-byte UDP benchmark:
+//! `fib_table_lookup`, `bpf_ipv4_fib_lookup`, `fib_lookup_good_nhc`, `dev_get_by_index_rcu`).
+//!
+//! Only a resolved answer is kept (a next hop with its Ethernet address); a missing
+//! neighbour, a local destination, a blackhole or an MTU refusal are looked up every time. An
+//! entry answers a lookup of the same family, protocol, ingress interface, source and
+//! destination, and only for packets no longer than one the kernel has passed on that route
+//! (`ok_len`; a GSO super-packet, length 0, is checked by the kernel segment by segment).
+//!
+//! What this costs: a route, neighbour or MTU change reaches packets up to [`NEXT_HOP_TTL_NS`] late, on
+//! each CPU (as the kernel's own dst cache would, were it not invalidated at once); until then
+//! they follow the old next hop. A neighbour the kernel would mark stale is not confirmed by
+//! forwarded traffic either way (`bpf_fib_lookup` does not do it).
+//!
+//! Slots are direct-mapped by a hash of the route's key ([`SLOTS`] per CPU); a collision
+//! replaces the slot, and costs one lookup more.
+
+use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
+use lb_common::maps::NEXT_HOP_TTL_NS;
+
+use crate::{fib::copy_mac, maps::NEXT_HOPS};
+
+/// Entries per CPU (a power of two).
+pub const SLOTS: u32 = 256;
+
+/// One cached route answer. `#[repr(C)]`, 64 bytes; the Ethernet addresses at even offsets
+/// (44 and 50) so that [`copy_mac`] can move them as 16-bit words.
+#[repr(C)]
+pub struct NextHop {
+    /// The lookup's destination, in `FlowKey`'s layout.
+    pub dst: [u32; 4],
+    /// The lookup's source.
+    pub src: [u32; 4],
+    /// The interface the packet came in on.
+    pub ingress: u32,
+    /// The interface the route leads out of.
+    pub egress: u32,
+    /// `AF_INET` or `AF_INET6`, as the lookup's `family`.
+    pub family: u8,
+    /// The L4 protocol of the lookup (policy routing may select on it).
+    pub protocol: u8,
+    /// The longest IP packet, in bytes, the kernel has let through this route.
+    pub ok_len: u16,
+    /// The egress interface's Ethernet address.
+    pub smac: [u8; 6],
+    /// The next hop's Ethernet address.
+    pub dmac: [u8; 6],
+    /// Until when the entry answers, `bpf_ktime_get_ns` time; 0: empty.
+    pub until_ns: u64,
+}
+
+/// What a route lookup is asked: the cache's key and the packet's length.
+pub struct Query<'a> {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    /// The L4 protocol.
+    pub protocol: u8,
+    /// The ingress interface's index.
+    pub ingress: u32,
+    /// The source address.
+    pub src: &'a [u32; 4],
+    /// The destination address.
+    pub dst: &'a [u32; 4],
+    /// The IP packet's length in bytes, 0 for a GSO super-packet (no MTU check).
+    pub len: u16,
+    /// The packet's time, `bpf_ktime_get_ns`.
+    pub now: u64,
+}
+
+/// Whether two addresses are equal, word by word (an array compare may become a `bcmp` call,
+/// which BPF does not have).
+#[inline(always)]
+fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+/// Whether the slot `e` is for the route `q` asks about (fresh or not).
+///
+/// # Safety
+/// `e` is this CPU's slot of `NEXT_HOPS`.
+#[inline(always)]
+unsafe fn for_route(e: *const NextHop, q: &Query) -> bool {
+    // SAFETY: as the caller promises; nothing else writes this CPU's slot meanwhile.
+    unsafe {
+        same_addr(&(*e).dst, q.dst)
+            && same_addr(&(*e).src, q.src)
+            && (*e).ingress == q.ingress
+            && (*e).family == q.family
+            && (*e).protocol == q.protocol
+    }
+}
+
+/// This CPU's slot for the route `q` asks about.
+#[inline(always)]
+fn slot(q: &Query) -> Option<*mut NextHop> {
+    let mut h = q.dst[0] ^ q.dst[3] ^ q.src[0].rotate_left(16) ^ q.ingress;
+    h ^= h >> 16;
+    h ^= h >> 8;
+    NEXT_HOPS.get_ptr_mut(h & (SLOTS - 1))
+}
+
+/// Whether the slot `e` holds the route `q` asks about, fresh and proven for its length.
+///
+/// # Safety
+/// `e` is this CPU's slot of `NEXT_HOPS`.
+#[inline(always)]
+unsafe fn matches(e: *const NextHop, q: &Query) -> bool {
+    // SAFETY: as the caller promises; nothing else writes this CPU's slot meanwhile.
+    unsafe { q.now < (*e).until_ns && for_route(e, q) && (q.len == 0 || q.len <= (*e).ok_len) }
+}
+
+/// Answers `q` from the cache: on a hit, writes the egress interface and both Ethernet
+/// addresses into `params` (the fields `fib::send` reads) and returns `true`.
+#[inline(always)]
+pub fn answer(q: &Query, params: &mut FibParams) -> bool {
+    let Some(e) = slot(q) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a live map entry (BPF programs do not preempt each other on
+    // one CPU).
+    unsafe {
+        if !matches(e, q) {
+            return false;
+        }
+        params.ifindex = (*e).egress;
+        copy_mac(&raw mut params.smac, &(*e).smac);
+        copy_mac(&raw mut params.dmac, &(*e).dmac);
+    }
+    true
+}
+
+/// Keeps the kernel's resolved answer `params` to `q` for [`NEXT_HOP_TTL_NS`]. The same route asked
+/// again with a longer packet (its lookup missed only for the length) keeps the longer one.
+#[inline(always)]
+pub fn remember(q: &Query, params: &FibParams) {
+    let Some(e) = slot(q) else {
+        return;
+    };
+    // SAFETY: as in `answer`.
+    unsafe {
+        // The length the kernel passed before counts only while the entry is fresh and the
+        // route leads the same way: an MTU may have shrunk since.
+        let same = q.now < (*e).until_ns && for_route(e, q) && (*e).egress == params.ifindex;
+        let ok_len = if same && (*e).ok_len > q.len {
+            (*e).ok_len
+        } else {
+            q.len
+        };
+        let (dst, src) = (q.dst, q.src);
+        // Word by word, as in `same_addr` (a whole-array copy may become a `memmove` call).
+        (*e).dst = [dst[0], dst[1], dst[2], dst[3]];
+        (*e).src = [src[0], src[1], src[2], src[3]];
+        (*e).ingress = q.ingress;
+        (*e).egress = params.ifindex;
+        (*e).family = q.family;
+        (*e).protocol = q.protocol;
+        (*e).ok_len = ok_len;
+        copy_mac(&raw mut (*e).smac, &params.smac);
+        copy_mac(&raw mut (*e).dmac, &params.dmac);
+        (*e).until_ns = q.now.wrapping_add(NEXT_HOP_TTL_NS);
+    }
+}
