@@ -450,8 +450,9 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// The maps pinned under `bpf_pin_dir/v{LAYOUT_VERSION}/` (one file per map, by name): the
-/// state that must outlive the daemon for flows to outlive it. The per-CPU scratch maps and
-/// the decapsulator's maps (`lb-daemon decap` has its own) are not pinned.
+/// state that must outlive the daemon for flows to outlive it. The per-CPU scratch maps, the
+/// next-hop cache (`NEXT_HOPS`) and the decapsulator's maps (`lb-daemon decap` has its own)
+/// are not pinned.
 pub const PINNED_MAPS: [&str; 14] = [
     VIPS,
     VIP_ADDRS,
@@ -720,10 +721,10 @@ pub struct CtEntry {
     pub seen_s: u32,
 }
 
-/// How long the program keeps a route lookup's answer (egress interface, Ethernet addresses)
+/// How long the program keeps a resolved route lookup (egress interface, Ethernet addresses)
 /// for the packets that follow on the same route, per CPU, in nanoseconds: 100 ms. A change
-/// of routes, neighbours, MTUs or of `forwarding` on an interface reaches forwarded packets
-/// this much later at most.
+/// of routes, neighbours, MTUs, interfaces or of `forwarding` reaches forwarded packets this
+/// much later at most (see `next_hop` in lb-ebpf for what happens meanwhile).
 pub const NEXT_HOP_TTL_NS: u64 = 100_000_000;
 
 /// [`CtEntry::seen_s`] is rewritten only when it is at least this many seconds old, so a

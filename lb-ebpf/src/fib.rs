@@ -101,7 +101,7 @@ pub fn lookup<C: Frame>(
         ingress: ctx.ingress_ifindex(),
         src,
         dst,
-        len: ctx.mtu_len(ip_len),
+        tot_len: ctx.mtu_len(ip_len),
         // SAFETY: a helper without arguments.
         now: unsafe { bpf_ktime_get_ns() },
     };
@@ -117,7 +117,7 @@ pub fn lookup<C: Frame>(
         &mut *params
     };
     params.l4_protocol = protocol;
-    params.__bindgen_anon_1.tot_len = q.len;
+    params.__bindgen_anon_1.tot_len = q.tot_len;
     params.ifindex = q.ingress;
     params.family = q.family;
     if family == FAMILY_V4 {
@@ -136,14 +136,15 @@ pub fn lookup<C: Frame>(
             0,
         )
     };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        next_hop::remember(&q, params);
+        return Ok(Hop::Resolved);
+    }
+    next_hop::forget(&q);
     if rc < 0 {
         return Err(Stat::DropNoRoute);
     }
     match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            next_hop::remember(&q, params);
-            Ok(Hop::Resolved)
-        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Hop::Unresolved),
         BPF_FIB_LKUP_RET_NOT_FWDED => Ok(Hop::Local),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Stat::DropMtu),
@@ -152,13 +153,21 @@ pub fn lookup<C: Frame>(
     }
 }
 
+const _: () = assert!(
+    core::mem::offset_of!(FibParams, smac) == 52
+        && core::mem::offset_of!(FibParams, dmac) == 58
+        && core::mem::size_of::<FibParams>() == 64
+);
+
 /// Zeroes the parameter block `params` (a per-CPU map value, 8-byte aligned) with eight
 /// 64-bit stores. `core::ptr::write_bytes` compiles to a call of the object's `memset`, which
 /// on BPF is a loop storing one byte per turn: 64 turns, about 320 instructions, per packet.
 /// Volatile, so that LLVM does not turn the stores back into that call.
 ///
 /// # Safety
-/// `params` points to a writable `bpf_fib_lookup` that is 8-byte aligned.
+/// `params` points to a writable `bpf_fib_lookup` that is 8-byte aligned. The Rust type is
+/// only 4-aligned; `FIB_SCRATCH`'s value is 8-aligned because the kernel rounds a per-CPU
+/// array's values up to 8 bytes and allocates them 8-aligned.
 #[inline(always)]
 unsafe fn zero(params: *mut FibParams) {
     const WORDS: usize = core::mem::size_of::<FibParams>() / 8;
@@ -178,7 +187,8 @@ unsafe fn zero(params: *mut FibParams) {
 ///
 /// # Safety
 /// Both point to 6 valid bytes at even addresses: the frame's Ethernet header starts at an
-/// even offset (see `parse`), and `bpf_fib_lookup`'s `smac` and `dmac` sit at bytes 52 and 58.
+/// even offset (see `parse`), `bpf_fib_lookup`'s `smac` and `dmac` sit at bytes 52 and 58 and
+/// `next_hop::NextHop`'s at 44 and 50 (asserted), both structs in 8-aligned map values.
 #[inline(always)]
 pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
     let (d, s) = (dst as *mut u16, src as *const u16);

@@ -1,18 +1,22 @@
 //! The next-hop cache: what `bpf_fib_lookup` answered for a route, kept per CPU for
-//! [`NEXT_HOP_TTL_NS`], so that the packets of a flow do not each pay a full FIB and neighbour lookup
-//! (about a fifth of `lb_tc`'s time per packet in a profile of the 64-byte UDP benchmark:
+//! [`NEXT_HOP_TTL_NS`], so that the packets of a flow do not each pay a full FIB and neighbour
+//! lookup (about a fifth of `lb_tc`'s time per packet in a profile of the 64-byte UDP benchmark:
 //! `fib_table_lookup`, `bpf_ipv4_fib_lookup`, `fib_lookup_good_nhc`, `dev_get_by_index_rcu`).
 //!
 //! Only a resolved answer is kept (a next hop with its Ethernet address); a missing
-//! neighbour, a local destination, a blackhole or an MTU refusal are looked up every time. An
-//! entry answers a lookup of the same family, protocol, ingress interface, source and
-//! destination, and only for packets no longer than one the kernel has passed on that route
-//! (`ok_len`; a GSO super-packet, length 0, is checked by the kernel segment by segment).
+//! neighbour, a local destination, a blackhole or an MTU refusal are looked up every time, and
+//! such an answer also drops what the slot held for that route. An entry answers a lookup of
+//! the same family, protocol, ingress interface, source and destination, and only for packets
+//! no longer than one the kernel has passed on that route (`ok_len`). A GSO super-packet
+//! (length 0) is answered by any fresh entry of its route: the kernel's lookup checks no MTU
+//! for it either (the segments are checked where they are made).
 //!
-//! What this costs: a route, neighbour or MTU change reaches packets up to [`NEXT_HOP_TTL_NS`] late, on
-//! each CPU (as the kernel's own dst cache would, were it not invalidated at once); until then
-//! they follow the old next hop. A neighbour the kernel would mark stale is not confirmed by
-//! forwarded traffic either way (`bpf_fib_lookup` does not do it).
+//! What this costs, for up to [`NEXT_HOP_TTL_NS`] after a change of routes, neighbours, MTUs,
+//! interfaces or `forwarding`, on each CPU: packets follow the old answer. Those the kernel
+//! would now refuse (a shrunk MTU, a neighbour gone, an egress interface deleted or down) are
+//! counted as forwarded and lost further on, and a DSR client gets no "too big" answer in that
+//! window. A neighbour the kernel would mark stale is not confirmed by forwarded traffic
+//! either way (`bpf_fib_lookup` does not do it).
 //!
 //! Slots are direct-mapped by a hash of the route's key ([`SLOTS`] per CPU); a collision
 //! replaces the slot, and costs one lookup more.
@@ -51,6 +55,12 @@ pub struct NextHop {
     pub until_ns: u64,
 }
 
+const _: () = assert!(
+    core::mem::offset_of!(NextHop, smac) == 44
+        && core::mem::offset_of!(NextHop, dmac) == 50
+        && core::mem::size_of::<NextHop>() == 64
+);
+
 /// What a route lookup is asked: the cache's key and the packet's length.
 pub struct Query<'a> {
     /// `AF_INET` or `AF_INET6`.
@@ -63,8 +73,9 @@ pub struct Query<'a> {
     pub src: &'a [u32; 4],
     /// The destination address.
     pub dst: &'a [u32; 4],
-    /// The IP packet's length in bytes, 0 for a GSO super-packet (no MTU check).
-    pub len: u16,
+    /// The lookup's `tot_len`: the IP packet's length in bytes, 0 for a GSO super-packet (no
+    /// MTU check).
+    pub tot_len: u16,
     /// The packet's time, `bpf_ktime_get_ns`.
     pub now: u64,
 }
@@ -92,10 +103,13 @@ unsafe fn for_route(e: *const NextHop, q: &Query) -> bool {
     }
 }
 
-/// This CPU's slot for the route `q` asks about.
+/// This CPU's slot for the route `q` asks about. Every address word goes into the hash: IPv6
+/// addresses of one subnet often differ only in the middle words, and IPv4 ones use the first.
 #[inline(always)]
 fn slot(q: &Query) -> Option<*mut NextHop> {
-    let mut h = q.dst[0] ^ q.dst[3] ^ q.src[0].rotate_left(16) ^ q.ingress;
+    let (d, s) = (q.dst, q.src);
+    let mut h =
+        (d[0] ^ d[1] ^ d[2] ^ d[3]) ^ (s[0] ^ s[1] ^ s[2] ^ s[3]).rotate_left(16) ^ q.ingress;
     h ^= h >> 16;
     h ^= h >> 8;
     NEXT_HOPS.get_ptr_mut(h & (SLOTS - 1))
@@ -108,7 +122,9 @@ fn slot(q: &Query) -> Option<*mut NextHop> {
 #[inline(always)]
 unsafe fn matches(e: *const NextHop, q: &Query) -> bool {
     // SAFETY: as the caller promises; nothing else writes this CPU's slot meanwhile.
-    unsafe { q.now < (*e).until_ns && for_route(e, q) && (q.len == 0 || q.len <= (*e).ok_len) }
+    unsafe {
+        q.now < (*e).until_ns && for_route(e, q) && (q.tot_len == 0 || q.tot_len <= (*e).ok_len)
+    }
 }
 
 /// Answers `q` from the cache: on a hit, writes the egress interface and both Ethernet
@@ -131,8 +147,9 @@ pub fn answer(q: &Query, params: &mut FibParams) -> bool {
     true
 }
 
-/// Keeps the kernel's resolved answer `params` to `q` for [`NEXT_HOP_TTL_NS`]. The same route asked
-/// again with a longer packet (its lookup missed only for the length) keeps the longer one.
+/// Keeps the kernel's resolved answer `params` to `q` for [`NEXT_HOP_TTL_NS`], for packets up
+/// to `q`'s length. (A fresh entry of the same route missed only for a longer packet, so the
+/// new length is always the longer one.)
 #[inline(always)]
 pub fn remember(q: &Query, params: &FibParams) {
     let Some(e) = slot(q) else {
@@ -140,14 +157,6 @@ pub fn remember(q: &Query, params: &FibParams) {
     };
     // SAFETY: as in `answer`.
     unsafe {
-        // The length the kernel passed before counts only while the entry is fresh and the
-        // route leads the same way: an MTU may have shrunk since.
-        let same = q.now < (*e).until_ns && for_route(e, q) && (*e).egress == params.ifindex;
-        let ok_len = if same && (*e).ok_len > q.len {
-            (*e).ok_len
-        } else {
-            q.len
-        };
         let (dst, src) = (q.dst, q.src);
         // Word by word, as in `same_addr` (a whole-array copy may become a `memmove` call).
         (*e).dst = [dst[0], dst[1], dst[2], dst[3]];
@@ -156,9 +165,25 @@ pub fn remember(q: &Query, params: &FibParams) {
         (*e).egress = params.ifindex;
         (*e).family = q.family;
         (*e).protocol = q.protocol;
-        (*e).ok_len = ok_len;
+        (*e).ok_len = q.tot_len;
         copy_mac(&raw mut (*e).smac, &params.smac);
         copy_mac(&raw mut (*e).dmac, &params.dmac);
         (*e).until_ns = q.now.wrapping_add(NEXT_HOP_TTL_NS);
+    }
+}
+
+/// Drops the slot's entry if it is for the route `q` asks about: the kernel just refused or
+/// could not resolve the route (a longer packet than the entry's, or a route that changed), and
+/// the shorter packets that follow must not keep the old answer.
+#[inline(always)]
+pub fn forget(q: &Query) {
+    let Some(e) = slot(q) else {
+        return;
+    };
+    // SAFETY: as in `answer`.
+    unsafe {
+        if for_route(e, q) {
+            (*e).until_ns = 0;
+        }
     }
 }
