@@ -68,32 +68,30 @@ fn a_backend_that_changes_its_mac_address_gets_the_next_packets_once_the_cache_a
             ])
             .expect("give the backend a new MAC address");
     }
+    // Each family's ACK, and the MAC address it was sent to.
+    let ack_macs = |lab: &Lab| {
+        families.map(|(client, vip, _)| {
+            let out = lab.expect(
+                lab.vc,
+                &segment(client, vip, TCP_ACK),
+                XDP_REDIRECT,
+                "an ACK",
+            );
+            (vip, [out[0], out[1], out[2], out[3], out[4], out[5]])
+        })
+    };
     // Right after the change the cached answer still holds (well within the lifetime): the
     // cache is in use, so what follows checks that it ages.
-    for (client, vip, _) in families {
-        let out = lab.expect(
-            lab.vc,
-            &segment(client, vip, TCP_ACK),
-            XDP_REDIRECT,
-            "an ACK",
-        );
+    for (vip, dmac) in ack_macs(&lab) {
         assert_eq!(
-            &out[..6],
-            &B1_MAC,
+            dmac, B1_MAC,
             "{vip}: the next hop was not taken from the cache"
         );
     }
     std::thread::sleep(std::time::Duration::from_nanos(NEXT_HOP_TTL_NS) * 2);
-    for (client, vip, _) in families {
-        let out = lab.expect(
-            lab.vc,
-            &segment(client, vip, TCP_ACK),
-            XDP_REDIRECT,
-            "an ACK",
-        );
+    for (vip, dmac) in ack_macs(&lab) {
         assert_eq!(
-            &out[..6],
-            &NEW_B1_MAC,
+            dmac, NEW_B1_MAC,
             "{vip}: an ACK after the backend's MAC changed (and the cache's lifetime passed) \
              went to the old MAC"
         );
