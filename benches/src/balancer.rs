@@ -38,11 +38,11 @@ pub enum Path {
     /// no-balancer limit under XDP's conditions, which tells the cost of XDP on veth apart
     /// from the cost of lb's program.
     DirectXdpVeth,
-    /// lb-daemon's userspace proxy with io_uring splice (`LB_PROXY_SPLICE=uring`).
+    /// lb-daemon's userspace proxy as a user runs it: its default relay, splice(2) system
+    /// calls (`LB_PROXY_SPLICE` unset). The proxy targets are judged on this path.
     LbProxy,
-    /// lb-daemon's userspace proxy with splice(2) system calls (`LB_PROXY_SPLICE=syscall`,
-    /// the daemon's default).
-    LbProxySyscall,
+    /// lb-daemon's userspace proxy with io_uring splice (`LB_PROXY_SPLICE=uring`, opt-in).
+    LbProxyUring,
     /// lb-daemon's XDP data plane, NAT mode.
     LbXdpNat,
     /// lb-daemon's XDP data plane, DSR mode.
@@ -80,10 +80,16 @@ impl Path {
         Path::LbTcNat,
         Path::LbTcDsr,
         Path::LbProxy,
-        Path::LbProxySyscall,
+        Path::LbProxyUring,
         Path::Haproxy,
         Path::Nginx,
     ];
+
+    /// The `LB_PROXY_SPLICE` value lb-daemon runs with on this path: `None` (the variable
+    /// unset, the daemon's default relay, as a user runs it) but on `lb-proxy-uring`.
+    pub fn splice_mode(self) -> Option<&'static str> {
+        (self == Path::LbProxyUring).then_some("uring")
+    }
 
     /// The path's name in reports.
     pub fn name(self) -> &'static str {
@@ -91,7 +97,7 @@ impl Path {
             Path::Direct => "direct",
             Path::DirectXdpVeth => "direct-xdp-veth",
             Path::LbProxy => "lb-proxy",
-            Path::LbProxySyscall => "lb-proxy-syscall",
+            Path::LbProxyUring => "lb-proxy-uring",
             Path::LbXdpNat => "lb-xdp-nat",
             Path::LbXdpDsr => "lb-xdp-dsr",
             Path::LbTcNat => "lb-tc-nat",
@@ -119,7 +125,7 @@ impl Path {
             Path::LbXdpDsr => Plane::Xdp(XdpVeth::Lb(Mode::Dsr)),
             Path::LbTcNat => Plane::Tc(Mode::Nat),
             Path::LbTcDsr => Plane::Tc(Mode::Dsr),
-            Path::LbProxy | Path::LbProxySyscall | Path::Haproxy | Path::Nginx => Plane::Proxy,
+            Path::LbProxy | Path::LbProxyUring | Path::Haproxy | Path::Nginx => Plane::Proxy,
         }
     }
 
@@ -218,7 +224,7 @@ impl Case {
             Path::Direct => "direct-bridge",
             Path::DirectXdpVeth => "direct-xdp-veth-bridge",
             Path::LbProxy => "lb-proxy-bridge",
-            Path::LbProxySyscall => "lb-proxy-syscall-bridge",
+            Path::LbProxyUring => "lb-proxy-uring-bridge",
             Path::LbXdpNat => "lb-xdp-nat-bridge",
             Path::LbXdpDsr => "lb-xdp-dsr-bridge",
             Path::LbTcNat => "lb-tc-nat-bridge",
@@ -320,7 +326,7 @@ pub fn start(
     let (mut cmd, config) = match path {
         Path::Direct | Path::DirectXdpVeth => return Ok(None),
         Path::LbProxy
-        | Path::LbProxySyscall
+        | Path::LbProxyUring
         | Path::LbXdpNat
         | Path::LbXdpDsr
         | Path::LbTcNat
@@ -342,14 +348,10 @@ pub fn start(
             let mut cmd = topo.balancer.command(&programs.daemon.to_string_lossy());
             cmd.arg("run").arg("--config").arg(&config);
             cmd.env("RUST_LOG", "warn");
-            cmd.env(
-                lb_daemon::daemon::SPLICE_ENV,
-                if path == Path::LbProxySyscall {
-                    "syscall"
-                } else {
-                    "uring"
-                },
-            );
+            cmd.env_remove(lb_daemon::daemon::SPLICE_ENV);
+            if let Some(mode) = path.splice_mode() {
+                cmd.env(lb_daemon::daemon::SPLICE_ENV, mode);
+            }
             (cmd, config)
         }
         Path::Haproxy => {
@@ -595,6 +597,21 @@ mod tests {
                 path.name()
             );
         }
+    }
+
+    #[test]
+    fn lb_proxy_runs_the_daemons_default_relay() {
+        assert_eq!(Path::LbProxy.name(), "lb-proxy");
+        assert_eq!(
+            Path::LbProxy.splice_mode(),
+            None,
+            "the path the proxy targets are judged on must run what a user runs"
+        );
+        assert_eq!(Path::LbProxyUring.splice_mode(), Some("uring"));
+        assert!(Path::ALL
+            .iter()
+            .filter(|p| **p != Path::LbProxyUring)
+            .all(|p| p.splice_mode().is_none()));
     }
 
     #[test]

@@ -204,8 +204,9 @@ impl Report {
 
     /// The issues' targets: lb's XDP and tc paths at least 1.0x their topology's `direct` on
     /// every figure but the cost ones (at most 1.0x for latency), the XDP paths at least 1.0x
-    /// `direct-xdp-veth` (the program's cost alone), lb-proxy 1.25x the best peer on bulk
-    /// throughput and 1.2x on new connections, and UDP p99 at most half of nginx's.
+    /// `direct-xdp-veth` (the program's cost alone), `lb-proxy` (the proxy with its default
+    /// relay, as a user runs it) 1.25x the best peer on bulk throughput and 1.2x on new
+    /// connections, and UDP p99 at most half of nginx's.
     pub fn targets(&self) -> Vec<TargetCheck> {
         let mut out = Vec::new();
         let mut check = |what: String, target: &str, ratio: Option<f64>, ok: fn(f64) -> bool| {
