@@ -222,8 +222,9 @@ impl Frame for TcContext {
         // A veth whose peer is in another namespace: straight into the peer's ingress, in
         // this pass (no veth transmit, no backlog queue and second softirq pass between the
         // two ends). The daemon lists only veths the kernel takes a peer redirect to.
-        // SAFETY (all): map lookups by value and helpers taking plain values.
-        if to_peer && unsafe { VETH_PEERS.get(ifindex) }.is_some() {
+        // SAFETY (all): helpers taking plain values, and `BRIDGE_FDB` read by value (its
+        // `get` is unsafe; the devmap lookups are not).
+        if to_peer && VETH_PEERS.get(ifindex).is_some() {
             return Ok(unsafe { bpf_redirect_peer(ifindex, 0) } as u32);
         }
         // Into a bridge: to the port the bridge would forward the frame to, while the port
@@ -236,8 +237,8 @@ impl Frame for TcContext {
         };
         let mut out = ifindex;
         if let Some(&port) = unsafe { BRIDGE_FDB.get(&key) } {
-            if unsafe { BRIDGE_PORTS.get(port) }.is_some() {
-                if to_peer && unsafe { VETH_PEERS.get(port) }.is_some() {
+            if BRIDGE_PORTS.get(port).is_some() {
+                if to_peer && VETH_PEERS.get(port).is_some() {
                     return Ok(unsafe { bpf_redirect_peer(port, 0) } as u32);
                 }
                 out = port;
