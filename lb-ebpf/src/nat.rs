@@ -29,8 +29,8 @@ use crate::{
     frame::{Frame, L4Check},
     maps::{NatScratch, LIMITS, LOCAL_ADDRS, NAT_REVERSE, NAT_SCRATCH},
     parse::{
-        groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, IPV4_CHECK_OFF, TCP_CHECK_OFF, TCP_FIN,
-        TCP_RST, UDP_CHECK_OFF,
+        copy_addr, groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, IPV4_CHECK_OFF,
+        TCP_CHECK_OFF, TCP_FIN, TCP_RST, UDP_CHECK_OFF,
     },
 };
 
@@ -79,9 +79,7 @@ fn set_reply_key(
     port: u16,
 ) {
     rkey.src_addr = *backend_addr;
-    // Word by word: a whole-array copy compiles to a byte-at-a-time `memmove` call (`local`
-    // may point into a map value the compiler cannot tell apart from `rkey`'s).
-    rkey.dst_addr = [local[0], local[1], local[2], local[3]];
+    rkey.dst_addr = copy_addr(local);
     rkey.src_port = backend_port;
     rkey.dst_port = port;
     rkey.protocol = key.protocol;

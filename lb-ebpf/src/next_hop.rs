@@ -24,7 +24,7 @@
 use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
 use lb_common::maps::NEXT_HOP_TTL_NS;
 
-use crate::{fib::copy_mac, maps::NEXT_HOPS};
+use crate::{fib::copy_mac, maps::NEXT_HOPS, parse::copy_addr};
 
 /// Entries per CPU (a power of two).
 pub const SLOTS: u32 = 256;
@@ -157,10 +157,8 @@ pub fn remember(q: &Query, params: &FibParams) {
     };
     // SAFETY: as in `answer`.
     unsafe {
-        let (dst, src) = (q.dst, q.src);
-        // Word by word, as in `same_addr` (a whole-array copy may become a `memmove` call).
-        (*e).dst = [dst[0], dst[1], dst[2], dst[3]];
-        (*e).src = [src[0], src[1], src[2], src[3]];
+        (*e).dst = copy_addr(q.dst);
+        (*e).src = copy_addr(q.src);
         (*e).ingress = q.ingress;
         (*e).egress = params.ifindex;
         (*e).family = q.family;

@@ -438,6 +438,14 @@ fn parse_ipv6<C: Frame>(
     ))
 }
 
+/// A copy of the `FlowKey` address `a`, made word by word: a whole-array copy compiles to a
+/// call of the object's byte-at-a-time `memmove` when the compiler cannot tell source and
+/// destination apart (one of them in a map value).
+#[inline(always)]
+pub fn copy_addr(a: &[u32; 4]) -> [u32; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
 /// The `FlowKey` address word made of two memory-order 16-bit halves.
 #[inline(always)]
 pub fn word(lo: u16, hi: u16) -> u32 {
