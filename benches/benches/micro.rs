@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use lb_benches::program_cost::{Packet, Program, ProgramLab};
+use lb_benches::program_cost::{Packet, Program, ProgramLab, RESTORED_REPEAT};
 use lb_common::{flow_hash, FlowKey};
 use lb_daemon::config::SchedulerKind;
 use lb_daemon::maglev::{MaglevBackend, MaglevTable};
@@ -140,7 +140,9 @@ fn scheduler_pick(c: &mut Criterion) {
 
 /// ns per packet of `lb_xdp` and `lb_tc` for each case of `program_cost`: each iteration is
 /// one BPF_PROG_TEST_RUN on a fresh frame, and the time criterion gets is the kernel's own
-/// `duration` of the runs (the program, without the system call and the frame's copy).
+/// `duration` of the runs (the program, without the system call and the frame's copy); then
+/// the restored cases, where each iteration is one run of 1,000 repetitions, each on the
+/// case's own frame, and the time is the kernel's duration per repetition.
 fn program_cost(c: &mut Criterion) {
     let mut lab = match ProgramLab::new() {
         Ok(lab) => lab,
@@ -176,6 +178,36 @@ fn program_cost(c: &mut Criterion) {
                             // prepare() ran this case once already: a failure now is the
                             // program changing its answer mid-run, which the figure must
                             // not hide.
+                            Err(e) => panic!("program_cost: {e}"),
+                        }
+                    }
+                    total
+                })
+            });
+        }
+        // The same packets warm, as a stream of them would find the program: 1,000
+        // repetitions per run, each on the case's own frame (`lb_benches::restore`). The
+        // ARP frame's figure is the harness's own cost plus lb's at once-passed packets.
+        for case in Packet::ALL {
+            if let Err(why) = lab.prepare_restored(program, case) {
+                eprintln!(
+                    "program_cost: {} {}, restored: skipped: {why}",
+                    program.name(),
+                    case.name()
+                );
+                continue;
+            }
+            let name = format!(
+                "{} {}, restored, repeat {RESTORED_REPEAT}",
+                program.name(),
+                case.name()
+            );
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        match lab.run_restored(program, case) {
+                            Ok(d) => total += d,
                             Err(e) => panic!("program_cost: {e}"),
                         }
                     }

@@ -16,6 +16,7 @@ pub mod metric;
 pub mod procstat;
 pub mod program_cost;
 pub mod report;
+pub mod restore;
 pub mod server;
 pub mod stats;
 pub mod stop;
