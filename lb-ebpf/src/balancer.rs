@@ -109,7 +109,9 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     if service.mode == MODE_NAT && parse::hop_limit(ctx, p) <= 1 {
         return Err(Stat::DropTtlExpired);
     }
-    let mut placed = match conntrack::place(&p.key, p.tcp_flags, service_id, service) {
+    // SAFETY: a helper without arguments.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let mut placed = match conntrack::place(&p.key, p.tcp_flags, service_id, service, now_ns) {
         Ok(placed) => placed,
         Err(Stat::DropNoBackend) if tcp => return refuse(ctx, p, Stat::RefusedNoBackend),
         Err(stat) => return Err(stat),
@@ -172,6 +174,7 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
             local,
             &backend.addr,
             p.ip_len,
+            now_ns,
         )?
     } else if service.mode == MODE_DSR {
         let (protocol, outer_hdr) = if p.family == lb_common::maps::FAMILY_V4 {
@@ -188,6 +191,7 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
             &service.local_addr,
             &backend.addr,
             p.ip_len.wrapping_add(outer_hdr),
+            now_ns,
         ) {
             Err(Stat::DropMtu) => {
                 // The flow holds nothing: what the limits gave it goes back.
@@ -258,8 +262,8 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         });
     }
     // SAFETY: a helper without arguments.
-    let now = ct_seconds(unsafe { bpf_ktime_get_ns() });
-    let r = nat::reverse(&p.key, p.tcp_flags, now).ok_or(Stat::PassNotVip)??;
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let r = nat::reverse(&p.key, p.tcp_flags, ct_seconds(now_ns)).ok_or(Stat::PassNotVip)??;
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The backend ends the flow: its client's slot goes back as for the client's FIN.
         let client = FlowKey {
@@ -288,6 +292,7 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         &r.vip_addr,
         &r.client_addr,
         p.ip_len,
+        now_ns,
     )? {
         Out::Sent(action) => {
             stats::increment(Stat::NatReplies);

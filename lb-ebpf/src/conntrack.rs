@@ -52,7 +52,6 @@
 
 use core::num::NonZeroU32;
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow::IPPROTO_TCP,
     flow_hash,
@@ -90,20 +89,21 @@ pub struct Placement {
     pub now: u32,
 }
 
-/// The backend for the flow `key` of `service` (id `service_id`). `Err` is the drop counter
-/// when the service has no eligible backend.
+/// The backend for the flow `key` of `service` (id `service_id`), for a packet that arrived
+/// at `now_ns` (`bpf_ktime_get_ns`). `Err` is the drop counter when the service has no
+/// eligible backend.
 #[inline(always)]
 pub fn place(
     key: &FlowKey,
     tcp_flags: u8,
     service_id: u32,
     service: &Service,
+    now_ns: u64,
 ) -> Result<Placement, Stat> {
     let tcp = key.protocol == IPPROTO_TCP;
     // A packet that may start a flow.
     let syn = !tcp || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    // SAFETY: a helper without arguments.
-    let now = ct_seconds(unsafe { bpf_ktime_get_ns() });
+    let now = ct_seconds(now_ns);
     // Flags a re-placed flow keeps (its connection slot, if it holds one).
     let mut flags = 0;
     let fresh;
