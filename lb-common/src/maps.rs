@@ -257,7 +257,7 @@
 //! ## Conntrack ageing
 //!
 //! Each `CONNTRACK` entry holds when its flow was last seen ([`CtEntry::seen_s`], whole
-//! seconds of `bpf_ktime_get_ns`). A packet that finds its entry rewrites that field in place
+//! seconds of `CLOCK_MONOTONIC_COARSE`, `bpf_ktime_get_coarse_ns`). A packet that finds its entry rewrites that field in place
 //! (one aligned 32-bit store, no map update) only when the stored time is
 //! [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry whose stored
 //! time is older than its service's [`Limits::idle_timeout_s`] (the daemon writes the
@@ -715,9 +715,9 @@ pub struct CtEntry {
     pub snat_port: u16,
     /// Bits: [`CT_F_COUNTED`], [`CT_F_CLOSED`]; the others are zero.
     pub flags: u16,
-    /// When a packet of the flow was last seen, in whole seconds of `bpf_ktime_get_ns`
-    /// (`CLOCK_MONOTONIC`: [`ct_seconds`] of its nanoseconds), to within
-    /// [`CT_REFRESH_SECS`]. See "Conntrack ageing" in the module docs.
+    /// When a packet of the flow was last seen, in whole seconds of
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`: [`ct_seconds`] of its
+    /// nanoseconds), to within [`CT_REFRESH_SECS`]. See "Conntrack ageing" in the module docs.
     pub seen_s: u32,
 }
 
@@ -732,12 +732,29 @@ pub const NEXT_HOP_TTL_NS: u64 = 100_000_000;
 /// Idle times are therefore measured to within this many seconds.
 pub const CT_REFRESH_SECS: u32 = 2;
 
-/// The [`CtEntry::seen_s`] clock: seconds of the `bpf_ktime_get_ns` clock
-/// (`CLOCK_MONOTONIC`) at `ns` nanoseconds, truncated to 32 bits (it wraps after 136 years
-/// of uptime; ages are computed with wrapping arithmetic).
+/// The [`CtEntry::seen_s`] clock (and [`NatReverse::state`]'s): seconds of the
+/// `bpf_ktime_get_coarse_ns` clock (`CLOCK_MONOTONIC_COARSE`, which the program reads once per
+/// packet: the fine clock's TSC read cost a tenth of a packet) at `ns` nanoseconds, truncated
+/// to 32 bits (it wraps after 136 years of uptime; ages are computed with wrapping
+/// arithmetic). Whoever ages these times must read the same clock: the fine one runs up to a
+/// tick ahead, and an age computed across the two can wrap.
 #[inline(always)]
 pub const fn ct_seconds(ns: u64) -> u32 {
     (ns / 1_000_000_000) as u32
+}
+
+/// Seconds from `then` to `now` ([`ct_seconds`] times, wrapping), or 0 when `then` lies ahead
+/// of `now`: a time stamped by a clock that runs ahead of this one, as the fine
+/// `CLOCK_MONOTONIC` an older lb-ebpf stamped with does by up to a tick, while both
+/// programs share the maps during an upgrade. Without the floor such an age wraps to years:
+/// a live flow's entry would look aged and its SNAT port free. Branch-free, so the verifier
+/// sees no extra path in the SNAT probe loop.
+#[inline(always)]
+pub const fn ct_age(now: u32, then: u32) -> u32 {
+    let age = now.wrapping_sub(then);
+    // All ones when the difference is negative as a signed number (`then` ahead), else 0.
+    let ahead = ((age as i32) >> 31) as u32;
+    age & !ahead
 }
 
 /// The smallest path MTU an ICMP error about a NAT reply may claim and still be translated
@@ -937,6 +954,21 @@ mod pod {
 mod tests {
     use super::*;
     use core::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn an_age_is_the_wrapping_difference_and_never_negative() {
+        assert_eq!(ct_age(100, 97), 3);
+        assert_eq!(ct_age(100, 100), 0);
+        // A time stamped a second ahead (a finer clock, mid-upgrade) is no age, not years.
+        assert_eq!(ct_age(100, 101), 0);
+        // Across the 32-bit wrap, a time just before it is still a few seconds old.
+        assert_eq!(ct_age(2, u32::MAX - 1), 4);
+        assert_eq!(
+            ct_age(u32::MAX, 0),
+            0,
+            "2^32 - 1 seconds back reads as 1 s ahead"
+        );
+    }
 
     #[test]
     fn addresses_use_the_flow_key_layout() {

@@ -1,7 +1,6 @@
 //! The balancer's path for one packet: parse, VIP lookup, placement, NAT or DSR, next hop.
 //! Also the reverse path of NAT replies, and the split between it and ICMP (`icmp`).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
@@ -10,7 +9,7 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack, encap,
+    clock, conntrack, encap,
     fib::{self, Out},
     frame::Frame,
     icmp, limits,
@@ -109,8 +108,7 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     if service.mode == MODE_NAT && parse::hop_limit(ctx, p) <= 1 {
         return Err(Stat::DropTtlExpired);
     }
-    // SAFETY: a helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now_ns = clock::now_ns();
     let mut placed = match conntrack::place(&p.key, p.tcp_flags, service_id, service, now_ns) {
         Ok(placed) => placed,
         Err(Stat::DropNoBackend) if tcp => return refuse(ctx, p, Stat::RefusedNoBackend),
@@ -261,8 +259,7 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
             Stat::PassNotVip
         });
     }
-    // SAFETY: a helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now_ns = clock::now_ns();
     let r = nat::reverse(&p.key, p.tcp_flags, ct_seconds(now_ns)).ok_or(Stat::PassNotVip)??;
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The backend ends the flow: its client's slot goes back as for the client's FIN.

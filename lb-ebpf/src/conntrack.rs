@@ -56,8 +56,9 @@ use lb_common::{
     flow::IPPROTO_TCP,
     flow_hash,
     maps::{
-        ct_seconds, table_index, Backend, CtEntry, Service, BACKEND_F_DOWN, BACKEND_F_DRAINING,
-        CT_F_CLOSED, CT_F_COUNTED, CT_REFRESH_SECS, MAX_SERVICES, MAX_TABLE_SIZE,
+        ct_age, ct_seconds, table_index, Backend, CtEntry, Service, BACKEND_F_DOWN,
+        BACKEND_F_DRAINING, CT_F_CLOSED, CT_F_COUNTED, CT_REFRESH_SECS, MAX_SERVICES,
+        MAX_TABLE_SIZE,
     },
     FlowKey, Stat,
 };
@@ -85,12 +86,12 @@ pub struct Placement {
     /// entry of a closed flow. The per-client limits apply to these only; not to TCP misses
     /// without SYN nor to flows re-placed because their backend went down.
     pub fresh: bool,
-    /// The packet's time, [`ct_seconds`] of `bpf_ktime_get_ns`.
+    /// The packet's time, [`ct_seconds`] of [`crate::clock::now_ns`].
     pub now: u32,
 }
 
 /// The backend for the flow `key` of `service` (id `service_id`), for a packet that arrived
-/// at `now_ns` (`bpf_ktime_get_ns`). `Err` is the drop counter when the service has no
+/// at `now_ns` ([`crate::clock::now_ns`]). `Err` is the drop counter when the service has no
 /// eligible backend.
 #[inline(always)]
 pub fn place(
@@ -112,7 +113,7 @@ pub fn place(
         // are swapped, not written in place; `limits::release` only sets a bit and the
         // refresh below only stores `seen_s`), and it is copied out at once.
         let mut entry = unsafe { *ptr };
-        let idle = now.wrapping_sub(entry.seen_s);
+        let idle = ct_age(now, entry.seen_s);
         let due = idle >= CT_REFRESH_SECS;
         let aged = syn && due && aged(idle, service_id);
         let closed = syn && tcp && entry.flags & CT_F_CLOSED != 0;

@@ -59,11 +59,10 @@ pub enum Hop {
 }
 
 /// Looks up the route from `src` to `dst` (`family`, L4 `protocol`; `ip_len` bytes of IP
-/// packet, checked against the egress MTU; `now_ns`: the packet's `bpf_ktime_get_ns` time,
-/// read once per packet because the clock is a tenth of an established packet's cost), and
-/// sends the packet by it ([`send`]). `Err` is
-/// the drop counter: a blackhole / unreachable / prohibit route, MTU, forwarding disabled,
-/// not in `DEVMAP`.
+/// packet, checked against the egress MTU; `now_ns`: the packet's time, from
+/// [`crate::clock::now_ns`], read once per packet), and sends the packet by it ([`send`]).
+/// `Err` is the drop counter: a blackhole / unreachable / prohibit route, MTU, forwarding
+/// disabled, not in `DEVMAP`.
 #[inline(always)]
 pub fn forward<C: Frame>(
     ctx: &C,

@@ -41,7 +41,6 @@
 //! about replies that did not pass the balancer (the backends send them with the VIP as
 //! source); the balancer's kernel drops them, as before.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     maps::{VipKey, FAMILY_V4, MIN_REPLY_PATH_MTU, MODE_NAT},
@@ -378,8 +377,7 @@ fn translate<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     } else {
         IPPROTO_ICMPV6
     };
-    // SAFETY: a helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now_ns = crate::clock::now_ns();
     match fib::forward(ctx, p.family, protocol, &t.dst, &t.src, p.ip_len, now_ns)? {
         Out::Sent(action) => {
             stats::increment(t.stat);

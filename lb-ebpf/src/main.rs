@@ -21,6 +21,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod balancer;
+mod clock;
 mod conntrack;
 mod csum;
 mod encap;

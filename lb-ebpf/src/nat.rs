@@ -17,9 +17,9 @@ use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
     maps::{
-        local_addr_index, nat_flags, nat_seen, nat_state, snat_addr_index, NatReverse, Service,
-        CT_REFRESH_SECS, FAMILY_V4, NAT_F_ANSWERED, NAT_F_CLAIMED, NAT_F_ENDED, NAT_F_FIN_BACKEND,
-        NAT_F_FIN_CLIENT, NAT_F_TIME_WAIT, SNAT_QUIET_S,
+        ct_age, local_addr_index, nat_flags, nat_seen, nat_state, snat_addr_index, NatReverse,
+        Service, CT_REFRESH_SECS, FAMILY_V4, NAT_F_ANSWERED, NAT_F_CLAIMED, NAT_F_ENDED,
+        NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_TIME_WAIT, SNAT_QUIET_S,
     },
     FlowKey, Stat,
 };
@@ -141,7 +141,7 @@ fn track(r: *mut NatReverse, tcp_flags: u8, fin_bit: u32, now: u32) {
                 };
                 state.write_volatile(nat_state(now, fins | NAT_F_ENDED | time_wait));
             }
-        } else if now.wrapping_sub(nat_seen(current)) >= CT_REFRESH_SECS {
+        } else if ct_age(now, nat_seen(current)) >= CT_REFRESH_SECS {
             // Only the time half: a FIN bit ORed in meanwhile stays.
             (state as *mut u32).write_volatile(now);
         }
@@ -295,7 +295,13 @@ pub fn snat_port(
         // SAFETY: as above.
         let state = unsafe { state_of(r).read_volatile() };
         let flags = nat_flags(state);
+        // `ct_age`, written out: its floor at 0 is a max LLVM turns into a branch, and one
+        // branch more per probe multiplies the paths the verifier walks past its limit. The
+        // volatile read keeps the mask an opaque value, so the floor stays arithmetic.
         let age = now.wrapping_sub(nat_seen(state));
+        let ahead = ((age as i32) >> 31) as u32;
+        // SAFETY: a read of a local.
+        let age = age & !unsafe { (&raw const ahead).read_volatile() };
         let free = if flags & NAT_F_CLAIMED != 0 {
             false
         } else if flags & NAT_F_ENDED != 0 {

@@ -51,7 +51,7 @@ pub struct NextHop {
     pub smac: [u8; 6],
     /// The next hop's Ethernet address.
     pub dmac: [u8; 6],
-    /// Until when the entry answers, `bpf_ktime_get_ns` time; 0: empty.
+    /// Until when the entry answers, [`crate::clock::now_ns`] time; 0: empty.
     pub until_ns: u64,
 }
 
@@ -76,7 +76,7 @@ pub struct Query<'a> {
     /// The lookup's `tot_len`: the IP packet's length in bytes, 0 for a GSO super-packet (no
     /// MTU check).
     pub tot_len: u16,
-    /// The packet's time, `bpf_ktime_get_ns`.
+    /// The packet's time, [`crate::clock::now_ns`].
     pub now: u64,
 }
 

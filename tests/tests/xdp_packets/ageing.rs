@@ -7,15 +7,16 @@ use super::*;
 /// The idle timeout the tests give their services, seconds.
 const IDLE: u32 = 30;
 
-/// Seconds and nanoseconds of `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+/// Seconds and nanoseconds of `CLOCK_MONOTONIC_COARSE`, the clock the program stamps
+/// conntrack entries with (`bpf_ktime_get_coarse_ns`).
 fn monotonic() -> (u32, u32) {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a valid out-pointer for the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE) failed");
     (ts.tv_sec as u32, ts.tv_nsec as u32)
 }
 
@@ -90,7 +91,7 @@ fn an_aged_udp_entry_is_placed_by_the_live_table_and_a_fresh_one_is_kept() {
     let seen = entry(&lab, &key(5000, IPPROTO_UDP)).seen_s;
     assert!(
         (before..=after).contains(&seen),
-        "a new entry's time {seen} is not the CLOCK_MONOTONIC second it was made in \
+        "a new entry's time {seen} is not the CLOCK_MONOTONIC_COARSE second it was made in \
          ({before}..={after})"
     );
 
@@ -323,4 +324,36 @@ fn an_entry_time_is_rewritten_once_it_is_due_not_per_packet() {
         "an entry time {CT_REFRESH_SECS} s old was not refreshed to now ({refreshed}, \
          now {now}..={later})"
     );
+}
+
+#[test]
+fn an_entry_time_ahead_of_the_programs_clock_reads_as_just_seen_not_as_aged() {
+    // An older lb-ebpf stamped times with the fine clock, up to a tick ahead of the coarse
+    // one; while both programs share the maps (an upgrade) such a time must not wrap into
+    // an age of years, which would re-place the flow on its next datagram.
+    let Some(mut lab) = setup("ageing_ahead") else {
+        return;
+    };
+    let out = lab.expect(lab.vc, &udp(7000), XDP_REDIRECT, "a first datagram");
+    assert_eq!(dst_of(&out), B1_4, "the session starts on b1");
+    lab.publish(1, &[1]);
+    let k = key(7000, IPPROTO_UDP);
+    let mut e = entry(&lab, &k);
+    e.seen_s = e.seen_s.wrapping_add(1);
+    lab.conntrack.insert(k, e, 0).expect("write CONNTRACK");
+    let out = lab.expect(lab.vc, &udp(7000), XDP_REDIRECT, "a datagram");
+    assert_eq!(
+        dst_of(&out),
+        B1_4,
+        "a session stamped a second ahead was re-placed, as if idle past its timeout"
+    );
+    // The control: the same session made idle past the timeout does move.
+    age(&mut lab, &k, 1 + IDLE + CT_REFRESH_SECS + 2);
+    let out = lab.expect(
+        lab.vc,
+        &udp(7000),
+        XDP_REDIRECT,
+        "a datagram after a long idle",
+    );
+    assert_eq!(dst_of(&out), B2_4, "an aged session kept its old backend");
 }

@@ -430,3 +430,41 @@ fn forty_eight_open_flows_fit_a_sixty_four_port_range() {
         "a SYN was refused while the range had free ports"
     );
 }
+
+#[test]
+fn a_port_whose_time_is_ahead_of_the_programs_clock_is_held_not_free() {
+    // An older lb-ebpf stamped times with the fine clock, up to a tick ahead of the coarse
+    // one; while both programs share the maps (an upgrade) such a time must read as just
+    // now, not wrap into an age of years that frees the port.
+    let Some(mut lab) = nat_lab("snat_ahead", 1, 2) else {
+        return;
+    };
+    open(&lab, 44_100, "the first flow");
+    lab.expect(
+        lab.vc,
+        &client(44_100, TCP_RST),
+        XDP_REDIRECT,
+        "the first flow's RST",
+    );
+    let k = lab
+        .nat_reverse
+        .keys()
+        .find_map(Result::ok)
+        .expect("the port's NAT_REVERSE entry");
+    let mut r = lab.nat_reverse.get(&k, 0).expect("read NAT_REVERSE");
+    let ended = nat_flags(r.state);
+    assert_ne!(ended & NAT_F_ENDED, 0, "the RST did not end the flow");
+    r.state = nat_state(nat_seen(r.state).wrapping_add(1), ended);
+    lab.nat_reverse.insert(k, r, 0).expect("write NAT_REVERSE");
+    let out = lab.expect(
+        lab.vc,
+        &client(44_101, TCP_SYN),
+        XDP_TX,
+        "a second flow while the only port's time is ahead",
+    );
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST | TCP_ACK,
+        "a port ended a second from now was taken, as if free for years"
+    );
+}

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lb_common::maps::{CtEntry, CT_F_CLOSED, CT_REFRESH_SECS};
+use lb_common::maps::{ct_age, CtEntry, CT_F_CLOSED, CT_REFRESH_SECS};
 use lb_common::FlowKey;
 
 /// How often the open flows are counted at most.
@@ -70,7 +70,7 @@ impl Default for WalkPacing {
 }
 
 /// Open flows per backend id among `entries` (`CONNTRACK`'s), at `now_s` (seconds of
-/// `CLOCK_MONOTONIC`, the program's clock), for the backend ids in `idle_s` (id → its
+/// `CLOCK_MONOTONIC_COARSE`, the program's clock), for the backend ids in `idle_s` (id → its
 /// service's idle timeout in whole seconds, 0 for never). Entries naming other ids are left
 /// out (ids of no running service); an id with no open flow is absent.
 pub fn count(
@@ -86,7 +86,7 @@ pub fn count(
         if e.flags & CT_F_CLOSED != 0 {
             continue;
         }
-        let age = now_s.wrapping_sub(e.seen_s);
+        let age = ct_age(now_s, e.seen_s);
         if idle != 0 && age > idle.saturating_add(CT_REFRESH_SECS + 1) {
             continue;
         }
@@ -95,10 +95,10 @@ pub fn count(
     open
 }
 
-/// Seconds of `CLOCK_MONOTONIC` now, as the program's `bpf_ktime_get_ns` counts them; `None`
-/// if the clock cannot be read.
+/// Seconds of `CLOCK_MONOTONIC_COARSE` now, the clock the program stamps conntrack and NAT
+/// times with (`lb_common::maps::ct_seconds`); `None` if the clock cannot be read.
 pub fn now_s() -> Option<u32> {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).ok()?;
     Some(ts.tv_sec() as u32)
 }
 

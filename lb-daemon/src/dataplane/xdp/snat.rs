@@ -12,8 +12,8 @@ use std::io;
 use std::net::SocketAddr;
 
 use lb_common::maps::{
-    nat_flags, nat_seen, words_addr, NatReverse, CT_REFRESH_SECS, NAT_F_CLAIMED, NAT_F_ENDED,
-    NAT_F_TIME_WAIT, SNAT_QUIET_S,
+    ct_age, nat_flags, nat_seen, words_addr, NatReverse, CT_REFRESH_SECS, NAT_F_CLAIMED,
+    NAT_F_ENDED, NAT_F_TIME_WAIT, SNAT_QUIET_S,
 };
 use lb_common::FlowKey;
 use thiserror::Error;
@@ -111,7 +111,7 @@ pub fn snat_in_use(
             continue;
         };
         let flags = nat_flags(r.state);
-        let age = now_s.wrapping_sub(nat_seen(r.state));
+        let age = ct_age(now_s, nat_seen(r.state));
         let taken = if flags & NAT_F_CLAIMED != 0 {
             true
         } else if flags & NAT_F_ENDED != 0 {
