@@ -138,7 +138,19 @@ fn client(service_id: u32, addr: &[u32; 4]) -> Option<*mut ClientState> {
     if let Some(state) = CLIENTS.get_ptr_mut(&ckey) {
         return Some(state);
     }
+    // Zeroed field by field with volatile stores, and handed to the helper in place:
+    // `ClientState::default()`, or a copy of the zeroed value, compiles to a call of the
+    // object's byte-at-a-time `memset`.
+    let mut fresh = core::mem::MaybeUninit::<ClientState>::uninit();
+    let p = fresh.as_mut_ptr();
+    // SAFETY: both fields of a local (the type has no others, nor padding), written before
+    // the reference to it is made.
+    let fresh = unsafe {
+        (&raw mut (*p).full_at_ns).write_volatile(0);
+        (&raw mut (*p).connections).write_volatile(0);
+        &*p
+    };
     // NOEXIST: a CPU that created it first keeps its (newer) state.
-    let _ = CLIENTS.insert(&ckey, &ClientState::default(), BPF_NOEXIST);
+    let _ = CLIENTS.insert(&ckey, fresh, BPF_NOEXIST);
     CLIENTS.get_ptr_mut(&ckey)
 }
