@@ -170,19 +170,7 @@ fn program_cost(c: &mut Criterion) {
                 continue;
             }
             g.bench_function(format!("{} {}", program.name(), case.name()), |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        match lab.run(program, case) {
-                            Ok(d) => total += d,
-                            // prepare() ran this case once already: a failure now is the
-                            // program changing its answer mid-run, which the figure must
-                            // not hide.
-                            Err(e) => panic!("program_cost: {e}"),
-                        }
-                    }
-                    total
-                })
+                b.iter_custom(|iters| kernel_time(iters, || lab.run(program, case)))
             });
         }
         // The same packets warm, as a stream of them would find the program: 1,000
@@ -203,20 +191,25 @@ fn program_cost(c: &mut Criterion) {
                 case.name()
             );
             g.bench_function(name, |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        match lab.run_restored(program, case) {
-                            Ok(d) => total += d,
-                            Err(e) => panic!("program_cost: {e}"),
-                        }
-                    }
-                    total
-                })
+                b.iter_custom(|iters| kernel_time(iters, || lab.run_restored(program, case)))
             });
         }
     }
     g.finish();
+}
+
+/// The kernel's durations of `iters` test runs by `run`, summed: the time criterion gets.
+/// Each case ran once already when it was prepared, so a failure now is the program changing
+/// its answer mid-run, which the figure must not hide: it panics.
+fn kernel_time(iters: u64, mut run: impl FnMut() -> Result<Duration, String>) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        match run() {
+            Ok(d) => total += d,
+            Err(e) => panic!("program_cost: {e}"),
+        }
+    }
+    total
 }
 
 criterion_group!(

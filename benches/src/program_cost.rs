@@ -51,11 +51,10 @@ use lb_common::maps::{MODE_DSR, MODE_NAT, PROG_BALANCER, PROG_TC};
 use lb_common::FlowKey;
 use lb_tests::packet::{l4_source_port, Packet as Frame, TCP_ACK, TCP_SYN};
 use lb_tests::xdp::testrun::{
-    Hook as LabHook, Lab, B1_4, B1_MAC, B2_4, B2_MAC, CLIENT4, CLIENT_MAC, LOCAL4, VB_MAC, VC_MAC,
-    VIP4,
+    Hook, Lab, B1_4, B1_MAC, B2_4, B2_MAC, CLIENT4, CLIENT_MAC, LOCAL4, VB_MAC, VC_MAC, VIP4,
 };
 
-use crate::restore::{Harness, Hook};
+use crate::restore::Harness;
 use crate::xdp::quietly;
 
 /// `XDP_PASS`, `XDP_REDIRECT`.
@@ -102,7 +101,7 @@ impl Program {
         }
     }
 
-    /// The hook the program runs at, for [`crate::restore`].
+    /// The hook the program runs at.
     fn hook(self) -> Hook {
         match self {
             Program::Xdp => Hook::Xdp,
@@ -207,7 +206,7 @@ impl ProgramLab {
             return Err("BPF_PROG_TEST_RUN needs root (CAP_BPF, CAP_NET_ADMIN)".into());
         }
         // The lab loads lb_xdp, lb_decap and lb_tc (the verifier checks each).
-        let lab = quietly(|| Lab::new(LabHook::Xdp))?;
+        let lab = quietly(|| Lab::new(Hook::Xdp))?;
         let (nat_slots, dsr_slots) = ([0, 1, 0, 1, 0, 1, 1], [2, 2, 2]);
         let mut lab = lab;
         quietly(move || {

@@ -19,6 +19,10 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+/// The hook the harness runs at, which is the type of the program it tail-calls: XDP (an
+/// `xdp_md`) or tc (`sched_cls`, a `__sk_buff`).
+pub use lb_tests::xdp::testrun::Hook;
+
 /// bpf(2) commands.
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -44,15 +48,6 @@ const BPF_ADJ_ROOM_MAC: i32 = 1;
 /// (`XDP_ABORTED`, `TC_ACT_TRAP`): lb's programs answer neither.
 const XDP_HARNESS_FAILED: u32 = 0;
 const TC_HARNESS_FAILED: u32 = 8;
-
-/// The hook the harness runs at, which is the type of the program it tail-calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    /// An XDP program on an `xdp_md`.
-    Xdp,
-    /// A tc (`sched_cls`) program on a `__sk_buff`.
-    Tc,
-}
 
 /// A loaded harness for one frame and one target program.
 pub struct Harness {
