@@ -257,14 +257,15 @@
 //! ## Conntrack ageing
 //!
 //! Each `CONNTRACK` entry holds when its flow was last seen ([`CtEntry::seen_s`], whole
-//! seconds of `CLOCK_MONOTONIC_COARSE`, `bpf_ktime_get_coarse_ns`). A packet that finds its entry rewrites that field in place
-//! (one aligned 32-bit store, no map update) only when the stored time is
-//! [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry whose stored
-//! time is older than its service's [`Limits::idle_timeout_s`] (the daemon writes the
-//! service's `idle_timeout`) plus `CT_REFRESH_SECS + 1` (the most the stored time can trail
-//! the flow's last packet: refreshed every `CT_REFRESH_SECS`, truncated to seconds) is *aged*, and a packet that would start a flow on it is placed anew by
-//! the live table like a packet that found no entry (and is subject to the per-client limits
-//! like one):
+//! seconds of `CLOCK_MONOTONIC_COARSE`, `bpf_ktime_get_coarse_ns`). A packet that finds its
+//! entry rewrites that field in place (one aligned 32-bit store, no map update) only when the
+//! stored time is [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry
+//! whose stored time is older than its service's [`Limits::idle_timeout_s`] (the daemon
+//! writes the service's `idle_timeout`) plus `CT_REFRESH_SECS + 1` (the most the stored time
+//! can trail the flow's last packet: refreshed every `CT_REFRESH_SECS`, truncated to
+//! seconds) is *aged*, and a packet that would start a flow on it is placed anew by the live
+//! table like a packet that found no entry (and is subject to the per-client limits like
+//! one):
 //!
 //! - UDP: any packet. A client reusing its source port after the timeout gets the backend
 //!   the table gives now, as a new session would on the proxy.
@@ -735,9 +736,8 @@ pub const CT_REFRESH_SECS: u32 = 2;
 /// The [`CtEntry::seen_s`] clock (and [`NatReverse::state`]'s): seconds of the
 /// `bpf_ktime_get_coarse_ns` clock (`CLOCK_MONOTONIC_COARSE`, which the program reads once per
 /// packet: the fine clock's TSC read cost a tenth of a packet) at `ns` nanoseconds, truncated
-/// to 32 bits (it wraps after 136 years of uptime; ages are computed with wrapping
-/// arithmetic). Whoever ages these times must read the same clock: the fine one runs up to a
-/// tick ahead, and an age computed across the two can wrap.
+/// to 32 bits (it wraps after 136 years of uptime). Whoever ages these times reads the same
+/// clock, and takes ages with [`ct_age`].
 #[inline(always)]
 pub const fn ct_seconds(ns: u64) -> u32 {
     (ns / 1_000_000_000) as u32
@@ -747,8 +747,7 @@ pub const fn ct_seconds(ns: u64) -> u32 {
 /// of `now`: a time stamped by a clock that runs ahead of this one, as the fine
 /// `CLOCK_MONOTONIC` an older lb-ebpf stamped with does by up to a tick, while both
 /// programs share the maps during an upgrade. Without the floor such an age wraps to years:
-/// a live flow's entry would look aged and its SNAT port free. Branch-free, so the verifier
-/// sees no extra path in the SNAT probe loop.
+/// a live flow's entry would look aged and its SNAT port free.
 #[inline(always)]
 pub const fn ct_age(now: u32, then: u32) -> u32 {
     let age = now.wrapping_sub(then);
