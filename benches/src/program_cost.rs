@@ -270,13 +270,7 @@ impl ProgramLab {
             _ => 1,
         };
         let (action, _, duration) = self.test_run(program, &frame, ingress, repeat)?;
-        if action != want {
-            return Err(format!(
-                "{} through {}: the program answered {action}, not {want}",
-                case.name(),
-                program.name()
-            ));
-        }
+        answered(program, case, action, want)?;
         Ok(duration)
     }
 
@@ -302,13 +296,7 @@ impl ProgramLab {
         self.prepare(program, case)?;
         let (frame, ingress, want) = self.case_frame(program, case)?;
         let (action, expected, _) = self.test_run(program, &frame, ingress, 1)?;
-        if action != want {
-            return Err(format!(
-                "{} through {}: the program answered {action}, not {want}",
-                case.name(),
-                program.name()
-            ));
-        }
+        answered(program, case, action, want)?;
         let target = self
             .lab
             .ebpf
@@ -520,6 +508,18 @@ fn conntrack_backend(
         .get(key, 0)
         .map(|e| e.backend)
         .map_err(|e| format!("the new flow is not in conntrack: {e}"))
+}
+
+/// `Err` naming the case when `program` answered `action` where the case expects `want`.
+fn answered(program: Program, case: Packet, action: u32, want: u32) -> Result<(), String> {
+    if action == want {
+        return Ok(());
+    }
+    Err(format!(
+        "{} through {}: the program answered {action}, not {want}",
+        case.name(),
+        program.name()
+    ))
 }
 
 /// The test run's context for `program`: an `xdp_md` or a `__sk_buff` for a `len`-byte frame
