@@ -14,6 +14,7 @@ use crate::balancer::{
 use crate::client;
 use crate::metric::Metric;
 use crate::procstat;
+use crate::program_time::ProgramTime;
 use crate::report::{Churn, Figure, Machine, PathKind, PathReport, Report};
 use crate::server::Servers;
 use crate::stop;
@@ -154,6 +155,13 @@ pub fn run(plan: &Plan) -> Result<Report> {
          b0) and their links get MTU 1600 for the outer header. Their LB CPU is the \
          run time of the BPF programs the daemon holds (BPF run-time statistics) plus its own \
          user+system time."
+            .to_string(),
+        "program ns/run (lb-xdp-*, lb-tc-*): lb's program in traffic, the change of its BPF \
+         run-time statistics (`run_time_ns` over `run_cnt`) across the two bulk tests and \
+         across the 64-byte packet test. A run is one packet at XDP and one socket buffer at \
+         tc, where a GSO super-packet of up to 64 KiB is one run. It includes the runs on \
+         replies and on packets the program passes; `cargo bench --bench micro` gives the \
+         same program's warm cost per case."
             .to_string(),
         "bridge topology (paths ending in -bridge): the backends' veths are enslaved to br0 in \
          the balancer's namespace, one subnet for all (Docker's default bridge network), the \
@@ -399,30 +407,32 @@ impl<'t> PathRun<'t> {
             f64::NAN
         };
         let ns = topo.balancer.name();
+        // lb's program's run time and runs so far (XDP and tc paths); `None` where lb runs
+        // no program (a baseline, a proxy).
+        let program = || match (xdp, tc, daemon) {
+            (Some(x), _, _) if path.kind() != PathKind::Baseline => Some(x.program_time()),
+            (_, Some(t), Some(pid)) => Some(t.program_time(pid)),
+            _ => None,
+        };
         // The balancer's CPU seconds so far: its processes' user + system time, plus, for XDP
         // and tc, the time the kernel ran lb's program (softirq). `None` when the program's
-        // part cannot be read.
-        let cpu = |notes: &mut Vec<String>| -> (procstat::Usage, Option<f64>) {
+        // part cannot be read. Also the program's own reading, for its cost per run.
+        let cpu = |notes: &mut Vec<String>| -> (procstat::Usage, Option<f64>, Option<ProgramTime>) {
             let u = procstat::usage(ns);
-            let seconds = match (xdp, tc, daemon) {
-                (Some(x), _, _) if path.kind() != PathKind::Baseline => Some(x.program_seconds()),
-                (_, Some(t), Some(pid)) => Some(t.program_seconds(pid)),
-                _ => None,
-            };
-            let program = match seconds {
-                None => Some(0.0),
-                Some(Ok(s)) => Some(s),
+            let (seconds, time) = match program() {
+                None => (Some(0.0), None),
+                Some(Ok(t)) => (Some(t.seconds), Some(t)),
                 Some(Err(e)) => {
                     notes.push(format!(
                         "round {}: no LB CPU figures: the program's run time: {e}",
                         round + 1
                     ));
-                    None
+                    (None, None)
                 }
             };
-            (u, program.map(|p| p + u.cpu_seconds))
+            (u, seconds.map(|p| p + u.cpu_seconds), time)
         };
-        let (u0, c0) = cpu(&mut notes);
+        let (u0, c0, t0) = cpu(&mut notes);
         let s0 = procstat::softirq_seconds();
         let mut bytes = 0u64;
         for (metric, flows) in [(Metric::Bulk1, 1), (Metric::Bulk8, 8)] {
@@ -439,7 +449,7 @@ impl<'t> PathRun<'t> {
             };
             figures.push((metric, v));
         }
-        let (u1, c1) = cpu(&mut notes);
+        let (u1, c1, t1) = cpu(&mut notes);
         let s1 = procstat::softirq_seconds();
         let gb = bytes as f64 / 1e9;
         // A baseline has no balancer (direct-xdp-veth's pass programs' loaders do nothing).
@@ -450,11 +460,14 @@ impl<'t> PathRun<'t> {
             }
             figures.push((Metric::SoftirqPerGb, (s1 - s0) * 1e3 / gb));
         }
+        if let Some(ns) = t0.zip(t1).and_then(|(t0, t1)| t1.ns_per_run_since(t0)) {
+            figures.push((Metric::ProgramNsBulk, ns));
+        }
 
         let conns = topo
             .client
             .enter(|| client::connections(&case.targets(VIP_RR), CONN_THREADS, d));
-        let (_, c2) = cpu(&mut notes);
+        let (_, c2, _) = cpu(&mut notes);
         match conns {
             Ok((r, kinds)) => {
                 if r.failed > 0 {
@@ -528,6 +541,7 @@ impl<'t> PathRun<'t> {
 
         if path.has_udp() {
             let before = servers.counted();
+            let t0 = program().and_then(Result::ok);
             let blast = topo.client.enter(|| {
                 client::blast(
                     &case.targets(VIP_PPS),
@@ -541,6 +555,10 @@ impl<'t> PathRun<'t> {
                 Ok(sent) => {
                     std::thread::sleep(PPS_SETTLE);
                     let got = servers.counted().saturating_sub(before);
+                    let t1 = program().and_then(Result::ok);
+                    if let Some(ns) = t0.zip(t1).and_then(|(t0, t1)| t1.ns_per_run_since(t0)) {
+                        figures.push((Metric::ProgramNsPacket, ns));
+                    }
                     let rate = got as f64 / sent.seconds;
                     if round == 0 {
                         notes.push(format!(

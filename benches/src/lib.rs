@@ -15,6 +15,7 @@ pub mod harness;
 pub mod metric;
 pub mod procstat;
 pub mod program_cost;
+pub mod program_time;
 pub mod report;
 pub mod restore;
 pub mod server;

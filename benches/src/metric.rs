@@ -32,11 +32,16 @@ pub enum Metric {
     SoftirqPerGb,
     /// Peak resident memory of the balancer's processes (sum of VmHWM), MiB.
     PeakRss,
+    /// lb's BPF program in the bulk tests: its run time over its runs (one per packet at
+    /// XDP, one per socket buffer at tc, where a GSO super-packet is one run), ns.
+    ProgramNsBulk,
+    /// lb's BPF program in the 64-byte packet test, ns per run, as [`Metric::ProgramNsBulk`].
+    ProgramNsPacket,
 }
 
 impl Metric {
     /// Every metric, in table order.
-    pub const ALL: [Metric; 12] = [
+    pub const ALL: [Metric; 14] = [
         Metric::Bulk1,
         Metric::Bulk8,
         Metric::ConnRate,
@@ -49,6 +54,8 @@ impl Metric {
         Metric::CpuPer1kConn,
         Metric::SoftirqPerGb,
         Metric::PeakRss,
+        Metric::ProgramNsBulk,
+        Metric::ProgramNsPacket,
     ];
 
     /// A short column heading with the unit.
@@ -66,6 +73,8 @@ impl Metric {
             Metric::CpuPer1kConn => "LB CPU ms/1k conn",
             Metric::SoftirqPerGb => "softirq ms/GB (all ns)",
             Metric::PeakRss => "LB peak RSS MiB",
+            Metric::ProgramNsBulk => "program ns/run, bulk",
+            Metric::ProgramNsPacket => "program ns/run, 64-byte pkts",
         }
     }
 
@@ -79,6 +88,21 @@ impl Metric {
                 | Metric::KeepAliveRate
                 | Metric::UdpRate
                 | Metric::PacketRate
+        )
+    }
+
+    /// Whether this is a cost figure (CPU, memory, program time): reported beside the rates
+    /// and latencies, never a target (`direct` has no balancer to cost anything, and softirq
+    /// time is machine-wide).
+    pub fn is_cost(self) -> bool {
+        matches!(
+            self,
+            Metric::CpuPerGb
+                | Metric::CpuPer1kConn
+                | Metric::SoftirqPerGb
+                | Metric::PeakRss
+                | Metric::ProgramNsBulk
+                | Metric::ProgramNsPacket
         )
     }
 

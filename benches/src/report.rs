@@ -234,18 +234,8 @@ impl Report {
                 references.push((Path::DirectXdpVeth.name(), xdp_veth));
             }
             for (reference, r) in references {
-                for m in Metric::ALL.into_iter().filter(|m| {
-                    // The issues' figures are the rates and latencies. Cost figures are not
-                    // targets: `direct` has no balancer process (its LB CPU and RSS are
-                    // zero), and softirq time is machine-wide.
-                    !matches!(
-                        m,
-                        Metric::CpuPerGb
-                            | Metric::CpuPer1kConn
-                            | Metric::PeakRss
-                            | Metric::SoftirqPerGb
-                    )
-                }) {
+                // The issues' figures are the rates and latencies, not the costs.
+                for m in Metric::ALL.into_iter().filter(|m| !m.is_cost()) {
                     let ratio = r
                         .and_then(|r| r.median(m))
                         .and_then(|v| self.ratio(p, v, m));

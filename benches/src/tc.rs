@@ -12,13 +12,14 @@
 //!
 //! NAT needs nothing. The balancer's CPU for tc is softirq time; the part spent in `lb_tc`
 //! itself is read from the kernel's BPF run-time statistics of the programs the daemon holds
-//! ([`TcSetup::program_seconds`]).
+//! ([`TcSetup::program_time`]).
 
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 
 use lb_tests::xdp::{Decap, Mode, DSR_BACKEND_MTU};
 
+use crate::program_time::ProgramTime;
 use crate::topology::{Network, Topology};
 use crate::xdp::quietly;
 
@@ -85,25 +86,18 @@ impl<'a> TcSetup<'a> {
         Ok(())
     }
 
-    /// Seconds the BPF programs that the process `pid` (the daemon) holds open have run so
-    /// far: the kernel's `run_time_ns` of each, which for the tc paths is `lb_tc` on every
-    /// interface it is attached to. `Err(reason)` when the statistics are off or the process
-    /// holds no program.
+    /// The run time and run count of the BPF programs that the process `pid` (the daemon)
+    /// holds open: the kernel's `run_time_ns` and `run_cnt` of each, which for the tc paths
+    /// is `lb_tc` on every interface it is attached to. `Err(reason)` when the statistics are
+    /// off or the process holds no program.
     ///
     /// This is the time inside the program only: the redirect and the delivery to the next
     /// namespace run in softirq outside it, which `/proc/stat` shows machine-wide only.
-    pub fn program_seconds(&self, pid: u32) -> Result<f64, String> {
+    pub fn program_time(&self, pid: u32) -> Result<ProgramTime, String> {
         if let Err(e) = &self.stats {
             return Err(e.clone());
         }
-        let ids = programs_held_by(pid)?;
-        let mut total = 0.0;
-        for info in aya::programs::loaded_programs().flatten() {
-            if ids.contains(&info.id()) {
-                total += info.run_time().as_secs_f64();
-            }
-        }
-        Ok(total)
+        Ok(ProgramTime::of(&programs_held_by(pid)?))
     }
 }
 

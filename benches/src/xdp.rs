@@ -12,7 +12,7 @@
 //! Each is undone when the [`XdpSetup`] drops, so the other paths run on the topology as it
 //! was. The balancer's CPU for XDP is softirq time; the part spent in `lb_xdp` itself is read
 //! from the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`), see
-//! [`XdpSetup::program_seconds`].
+//! [`XdpSetup::program_time`].
 
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
@@ -21,6 +21,7 @@ use std::path::Path;
 
 use lb_tests::xdp::{set_tx_checksum, Decap, Mode, DSR_BACKEND_MTU};
 
+use crate::program_time::ProgramTime;
 use crate::topology::Topology;
 
 /// The MTU the topology's veths have outside the DSR runs.
@@ -95,24 +96,18 @@ impl<'a> XdpSetup<'a> {
         Ok(())
     }
 
-    /// Seconds the XDP programs attached in the balancer namespace have run so far (the
-    /// kernel's `run_time_ns` of each distinct program, counted once however many interfaces
-    /// it is attached to). `Err(reason)` when the statistics are off or no program is found.
+    /// The run time and run count of the XDP programs attached in the balancer namespace
+    /// (the kernel's `run_time_ns` and `run_cnt` of each distinct program, counted once
+    /// however many interfaces it is attached to). `Err(reason)` when the statistics are off
+    /// or no program is found.
     ///
     /// This is the time inside `lb_xdp` only: the redirect and the veth's delivery to the next
     /// namespace run in softirq outside it, which `/proc/stat` shows machine-wide only.
-    pub fn program_seconds(&self) -> Result<f64, String> {
+    pub fn program_time(&self) -> Result<ProgramTime, String> {
         if let Err(e) = &self.stats {
             return Err(e.clone());
         }
-        let ids = attached_programs(self.topo)?;
-        let mut total = 0.0;
-        for info in aya::programs::loaded_programs().flatten() {
-            if ids.contains(&info.id()) {
-                total += info.run_time().as_secs_f64();
-            }
-        }
-        Ok(total)
+        Ok(ProgramTime::of(&attached_programs(self.topo)?))
     }
 }
 
