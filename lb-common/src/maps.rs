@@ -431,6 +431,24 @@ pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
 /// that a packet the balancer cannot place (a fragment, IPv6 extension headers) is known to
 /// be a VIP's without a port.
 pub const VIP_ADDRS: &str = "VIP_ADDRS";
+/// Map name: [`VIP_PORTS_LEN`] `u64` words, one bit per port ([`vip_port_bit`]): a port's
+/// bit is set while some key of `VIPS` has that port (any address, protocol or family). The
+/// program looks `VIPS` up only for a packet whose destination port has its bit, so a NAT
+/// reply (to a SNAT port) and traffic the balancer passes skip that hash lookup. The daemon
+/// sets a bit after the `VIPS` key that needs it is added and clears it after the last such
+/// key is removed: a new VIP is taken from the moment its bit is set. Not pinned: each
+/// daemon builds it from `VIPS` before it attaches its program.
+pub const VIP_PORTS: &str = "VIP_PORTS";
+/// Words of [`VIP_PORTS`]: 64 ports each, 65,536 ports in all.
+pub const VIP_PORTS_LEN: u32 = 65_536 / 64;
+
+/// The word of [`VIP_PORTS`] that holds `port`'s bit (`port` in host byte order), and the
+/// bit: `(port / 64, 1 << port % 64)`.
+#[inline(always)]
+pub const fn vip_port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
+
 /// Map name: [`DecapAddr`] → `u32` (unread), the outer sources `lb_decap` accepts: the
 /// balancers' `local_address`es.
 pub const DECAP_SOURCES: &str = "DECAP_SOURCES";

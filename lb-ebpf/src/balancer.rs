@@ -4,7 +4,9 @@
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
-    maps::{ct_seconds, Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT},
+    maps::{
+        ct_seconds, vip_port_bit, Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT,
+    },
     FlowKey, Stat,
 };
 
@@ -13,7 +15,7 @@ use crate::{
     fib::{self, Out},
     frame::Frame,
     icmp, limits,
-    maps::{SERVICES, VIPS},
+    maps::{SERVICES, VIPS, VIP_PORTS},
     nat,
     parse::{self, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reset, stats, too_big,
@@ -57,17 +59,29 @@ pub fn handle<C: Frame>(ctx: &C) -> Result<u32, Stat> {
 fn balance<C: Frame>(ctx: &C) -> Result<u32, Stat> {
     let frame_len = ctx.len() as u64;
     let p = parse::parse(ctx)?;
+    match vip_service(&p) {
+        Some(service) => to_backend(ctx, &p, service, frame_len),
+        None => from_backend(ctx, &p),
+    }
+}
+
+/// The service id of the VIP `p` is addressed to, if it is one. `VIPS` is looked up only
+/// when some VIP has the packet's destination port (`VIP_PORTS`): a NAT reply, addressed to
+/// a SNAT port, and traffic to the host skip hashing a 20-byte key that could only miss.
+#[inline(always)]
+fn vip_service(p: &Parsed) -> Option<u32> {
+    let (word, bit) = vip_port_bit(p.key.dst_port);
+    if VIP_PORTS.get(word).is_none_or(|w| *w & bit == 0) {
+        return None;
+    }
     let vip = VipKey {
         addr: p.key.dst_addr,
         port: p.key.dst_port,
         protocol: p.key.protocol,
         family: p.family,
     };
-    match VIPS.get_ptr(&vip) {
-        // SAFETY: a live map value, copied out at once.
-        Some(v) => to_backend(ctx, &p, unsafe { (*v).service }, frame_len),
-        None => from_backend(ctx, &p),
-    }
+    // SAFETY: a live map value, copied out at once.
+    VIPS.get_ptr(&vip).map(|v| unsafe { (*v).service })
 }
 
 /// The TCP flags of a client's segment that end its flow for the per-client limits. On `nat`

@@ -14,7 +14,7 @@ use lb_common::{
         Backend, BridgeFdbKey, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse,
         Service, VipKey, VipValue, BRIDGE_FDB_SIZE, BRIDGE_PORTS_SIZE, CLIENTS_SIZE,
         CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE, LOCAL_ADDRS_LEN,
-        MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN, VETH_PEERS_SIZE,
+        MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN, VETH_PEERS_SIZE, VIP_PORTS_LEN,
     },
     Counters, FlowKey, STATS_LEN,
 };
@@ -94,6 +94,10 @@ pub static DECAP_ADDRS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECA
 /// The VIPs' addresses (those of `VIPS`' keys). Written by the daemon.
 #[map(name = "VIP_ADDRS")]
 pub static VIP_ADDRS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// A bit per port that some VIP has (`lb_common::maps::VIP_PORTS`). Written by the daemon.
+#[map(name = "VIP_PORTS")]
+pub static VIP_PORTS: Array<u64> = Array::with_max_entries(VIP_PORTS_LEN, 0);
 
 /// The balancers' addresses `lb_decap` accepts as outer source. Written by `lb-daemon decap
 /// --from`; the balancer does not use it.

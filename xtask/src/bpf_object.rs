@@ -36,6 +36,7 @@ const MAPS: &[&str] = &[
     maps::DECAP_ADDRS,
     maps::DECAP_SOURCES,
     maps::VIP_ADDRS,
+    maps::VIP_PORTS,
     maps::LOCAL_ADDRS,
     maps::STATS,
     maps::SERVICE_STATS,

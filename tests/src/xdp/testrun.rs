@@ -19,10 +19,11 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        addr_words as words, family_of as family, table_index, Backend, ClientKey, ClientState,
-        CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS, BACKEND_STATS,
-        CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_SOURCES, DEVMAP, LIMITS, NAT_REVERSE, PROG_BALANCER,
-        PROG_DECAP, PROG_TC, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS, VIP_ADDRS,
+        addr_words as words, family_of as family, table_index, vip_port_bit, Backend, ClientKey,
+        ClientState, CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS,
+        BACKEND_STATS, CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_SOURCES, DEVMAP, LIMITS, NAT_REVERSE,
+        PROG_BALANCER, PROG_DECAP, PROG_TC, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS,
+        VIP_ADDRS, VIP_PORTS,
     },
     Counters, FlowKey, Stat,
 };
@@ -147,6 +148,8 @@ pub struct Lab {
     pub decap_addrs: HashMap<MapData, DecapAddr, u32>,
     /// The VIPs' addresses, as the daemon keeps them for fragments and extension headers.
     pub vip_addrs: HashMap<MapData, DecapAddr, u32>,
+    /// The VIPs' ports, a bit each, as the daemon keeps them.
+    pub vip_ports: Array<MapData, u64>,
     /// ifindex of `vc`, where clients come in.
     pub vc: u32,
     /// ifindex of `vb`, behind which the backends are.
@@ -222,6 +225,8 @@ impl Lab {
         }
         let vip_addrs: HashMap<MapData, DecapAddr, u32> =
             HashMap::try_from(take(VIP_ADDRS)).expect("VIP_ADDRS is a hash of DecapAddr → u32");
+        let vip_ports: Array<MapData, u64> =
+            Array::try_from(take(VIP_PORTS)).expect("VIP_PORTS is an array of u64");
         let mut decap_sources: HashMap<MapData, DecapAddr, u32> =
             HashMap::try_from(take(DECAP_SOURCES))
                 .expect("DECAP_SOURCES is a hash of DecapAddr → u32");
@@ -324,6 +329,7 @@ impl Lab {
             clients,
             decap_addrs,
             vip_addrs,
+            vip_ports,
             vc,
             vb,
             ns,
@@ -390,6 +396,11 @@ impl Lab {
         self.vip_addrs
             .insert(DecapAddr::new(vip), 0, 0)
             .expect("write VIP_ADDRS");
+        let (word, bit) = vip_port_bit(port);
+        let had = self.vip_ports.get(&word, 0).expect("read VIP_PORTS");
+        self.vip_ports
+            .set(word, had | bit, 0)
+            .expect("write VIP_PORTS");
     }
 
     /// Publishes a new table for service `id` as the contract says: inactive half, its size,

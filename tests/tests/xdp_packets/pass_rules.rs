@@ -481,3 +481,45 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
         "a packet handed to the kernel for neighbour resolution still counts as forwarded"
     );
 }
+
+#[test]
+fn a_vip_is_taken_only_while_some_vip_has_its_port() {
+    // The program reads `VIP_PORTS` before it hashes into `VIPS`: the bit the daemon sets
+    // for a VIP's port is what makes the VIP live, and a clear one passes its packets.
+    let Some(mut lab) = two_vips("vip_ports") else {
+        return;
+    };
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let syn = Packet::tcp(client, 40000, vip, 80, TCP_SYN).frame(VC_MAC, CLIENT_MAC);
+    let (word, bit) = vip_port_bit(80);
+    let words = lab.vip_ports.get(&word, 0).expect("read VIP_PORTS");
+    assert_ne!(words & bit, 0, "placing the service at port 80 set its bit");
+    for other in [79, 81, 8080] {
+        let (w, b) = vip_port_bit(other);
+        let set = lab.vip_ports.get(&w, 0).expect("read VIP_PORTS") & b;
+        assert_eq!(set, 0, "port {other} has its bit set, and no VIP has it");
+    }
+
+    lab.vip_ports
+        .set(word, words & !bit, 0)
+        .expect("clear port 80's bit");
+    lab.expect(
+        lab.vc,
+        &syn,
+        XDP_PASS,
+        "a SYN to the VIP while port 80's bit is clear",
+    );
+    assert_eq!(lab.stat(Stat::PassNotVip), 1, "not counted as PassNotVip");
+    assert_eq!(lab.stat(Stat::Forwarded), 0, "forwarded without its bit");
+
+    lab.vip_ports
+        .set(word, words, 0)
+        .expect("set port 80's bit again");
+    let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "the same SYN with the bit set");
+    assert_eq!(lab.stat(Stat::Forwarded), 1, "not forwarded with its bit");
+    let port = l4_source_port(&out);
+    assert!(
+        (SNAT_MIN..=SNAT_MAX).contains(&port),
+        "the forwarded SYN leaves from port {port}, not a SNAT port"
+    );
+}

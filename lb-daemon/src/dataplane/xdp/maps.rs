@@ -9,8 +9,8 @@ use std::time::Instant;
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
 use lb_common::maps::{
-    self as contract, addr_words, family_of, local_addr_index, table_index, Backend, DecapAddr,
-    VipKey, VipValue, BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
+    self as contract, addr_words, family_of, local_addr_index, table_index, vip_port_bit, Backend,
+    DecapAddr, VipKey, VipValue, BACKEND_F_DOWN, BACKEND_F_DRAINING, MODE_DSR, MODE_NAT,
 };
 use lb_common::{Counters, STATS_LEN};
 
@@ -23,10 +23,14 @@ use crate::snapshot::{BackendView, ServiceSnapshot};
 /// The maps the daemon writes and reads, taken out of the loaded object.
 pub struct Maps {
     vips: HashMap<MapData, VipKey, VipValue>,
-    /// `VIP_ADDRS`, kept equal to the addresses of `VIPS`' keys ([`Maps::sync_vip_addrs`]).
+    /// `VIP_ADDRS`, kept equal to the addresses of `VIPS`' keys ([`Maps::sync_vip_keys`]).
     vip_addrs: HashMap<MapData, DecapAddr, u32>,
     /// What `VIP_ADDRS` holds.
     vip_addrs_written: std::collections::HashSet<DecapAddr>,
+    /// `VIP_PORTS`, a bit for each port of `VIPS`' keys ([`Maps::sync_vip_ports`]).
+    vip_ports: Array<MapData, u64>,
+    /// What `VIP_PORTS` holds, word by word.
+    vip_ports_written: Vec<u64>,
     services: Array<MapData, contract::Service>,
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
@@ -46,18 +50,28 @@ pub struct Maps {
 }
 
 impl Maps {
-    /// Takes the balancer's maps out of `ebpf` (the programs stay in it).
+    /// Takes the balancer's maps out of `ebpf` (the programs stay in it), and gives
+    /// `VIP_PORTS` the ports of the VIPs an adopted `VIPS` holds: that map is not pinned, and
+    /// the program must find them there from its first packet.
     ///
     /// Returns `Err(MapsError::Missing)` when a map is absent or has another type or
-    /// key/value size than `lb_common::maps` says.
+    /// key/value size than `lb_common::maps` says, `Err(MapsError::Io)` when `VIPS` or
+    /// `VIP_PORTS` cannot be read or written.
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, MapsError> {
         let vip_addrs: HashMap<MapData, DecapAddr, u32> = take(ebpf, contract::VIP_ADDRS)?;
         // What an adopted (pinned) map holds already; empty for a new one.
         let vip_addrs_written = vip_addrs.keys().filter_map(Result::ok).collect();
-        Ok(Maps {
+        let vip_ports: Array<MapData, u64> = take(ebpf, contract::VIP_PORTS)?;
+        let vip_ports_written = (0..contract::VIP_PORTS_LEN)
+            .map(|word| vip_ports.get(&word, 0))
+            .collect::<Result<_, _>>()
+            .map_err(io(contract::VIP_PORTS))?;
+        let mut maps = Maps {
             vips: take(ebpf, contract::VIPS)?,
             vip_addrs,
             vip_addrs_written,
+            vip_ports,
+            vip_ports_written,
             services: take(ebpf, contract::SERVICES)?,
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
@@ -69,7 +83,9 @@ impl Maps {
             local_addrs: take(ebpf, contract::LOCAL_ADDRS)?,
             bridges: super::bridge_ports::BridgeMaps::take(ebpf)?,
             limits: super::limits::LimitMaps::take(ebpf)?,
-        })
+        };
+        maps.sync_vip_ports()?;
+        Ok(maps)
     }
 
     /// The `VIPS` entries: each VIP key and its service id (what an adopted pinned set
@@ -331,9 +347,42 @@ impl Maps {
                 .insert(slot.vip_key(), VipValue { service: slot.id }, 0)
                 .map_err(io(contract::VIPS))?;
             slot.vip_published = true;
-            self.sync_vip_addrs()?;
+            self.sync_vip_keys()?;
         }
         Ok(written)
+    }
+
+    /// Makes `VIP_ADDRS` and `VIP_PORTS` follow `VIPS`' keys after a key was added or
+    /// removed ([`Maps::sync_vip_addrs`], [`Maps::sync_vip_ports`]).
+    ///
+    /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
+    fn sync_vip_keys(&mut self) -> Result<(), MapsError> {
+        self.sync_vip_addrs()?;
+        self.sync_vip_ports()
+    }
+
+    /// Makes `VIP_PORTS` hold exactly the ports of `VIPS`' keys, a bit each, so the program
+    /// looks `VIPS` up only for packets to those ports (see `lb_common::maps::VIP_PORTS`).
+    /// Called after `VIPS` changed: a new VIP's bit is set after its key is in `VIPS`, a
+    /// removed one's cleared after its key is gone. Writes only the words that change.
+    ///
+    /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
+    fn sync_vip_ports(&mut self) -> Result<(), MapsError> {
+        let mut wanted = vec![0u64; contract::VIP_PORTS_LEN as usize];
+        for key in self.vips.keys() {
+            let key = key.map_err(io(contract::VIPS))?;
+            let (word, bit) = vip_port_bit(key.port);
+            wanted[word as usize] |= bit;
+        }
+        for (word, (&want, had)) in wanted.iter().zip(&mut self.vip_ports_written).enumerate() {
+            if want != *had {
+                self.vip_ports
+                    .set(word as u32, want, 0)
+                    .map_err(io(contract::VIP_PORTS))?;
+                *had = want;
+            }
+        }
+        Ok(())
     }
 
     /// Makes `VIP_ADDRS` hold exactly the addresses of `VIPS`' keys, so the program drops the
@@ -341,7 +390,7 @@ impl Maps {
     /// Added before removed; a VIP's address leaves only when no `VIPS` key has it.
     ///
     /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
-    pub fn sync_vip_addrs(&mut self) -> Result<(), MapsError> {
+    fn sync_vip_addrs(&mut self) -> Result<(), MapsError> {
         let mut wanted = std::collections::HashSet::new();
         for key in self.vips.keys() {
             let key = key.map_err(io(contract::VIPS))?;
@@ -407,7 +456,7 @@ impl Maps {
                     Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                     Err(e) => return Err(io(contract::VIPS)(e)),
                 }
-                self.sync_vip_addrs()?;
+                self.sync_vip_keys()?;
             }
         }
         Ok(true)
