@@ -19,10 +19,12 @@
 //! | `VETH_PEERS` | devmap hash, [`VETH_PEERS_SIZE`] | ifindex → ifindex (`u32`, only looked up) | daemon |
 //! | `BRIDGE_FDB` | hash, [`BRIDGE_FDB_SIZE`] | [`BridgeFdbKey`] → port ifindex (`u32`) | daemon |
 //! | `BRIDGE_PORTS` | devmap hash, [`BRIDGE_PORTS_SIZE`] | ifindex → ifindex (`u32`, only looked up) | daemon |
+//! | `BRIDGES` | array, [`BRIDGES_LEN`] | [`bridge_bit`] word → `u64` bits | daemon |
 //! | `LIMITS` | array, [`MAX_SERVICES`] | service id → [`Limits`] | daemon |
 //! | `CLIENTS` | LRU hash (shared), [`CLIENTS_SIZE`] | [`ClientKey`] → [`ClientState`] | program (daemon lowers counts) |
 //! | `DECAP_ADDRS` | hash, [`DECAP_ADDRS_SIZE`] | [`DecapAddr`] → ifindex (`u32`) | `lb-daemon decap` |
 //! | `VIP_ADDRS` | hash, [`MAX_SERVICES`] | [`DecapAddr`] (an address and its family) → `u32` (0, unread) | daemon |
+//! | `VIP_PORTS` | array, [`VIP_PORTS_LEN`] | [`vip_port_bit`] word → `u64` bits | daemon |
 //! | `DECAP_SOURCES` | hash, [`DECAP_SOURCES_SIZE`] | [`DecapAddr`] → `u32` (0, unread) | `lb-daemon decap` |
 //! | `LOCAL_ADDRS` | array, [`LOCAL_ADDRS_LEN`] | [`local_addr_index`]`(service, i)` → address words (`[u32; 4]`) | daemon |
 //! | `STATS` | per-CPU array, [`STATS_LEN`](crate::STATS_LEN) | [`Stat`](crate::Stat) → `u64` | program |
@@ -57,8 +59,9 @@
 //!    aligned `u32` and nothing else changes in this update, so a packet reads the old half
 //!    with its size or the new half with its size, never a mix. Do not merge steps 3 and 4:
 //!    an array update is a `memcpy`, and a packet could read the new index with the old size.
-//! 5. `VIPS`: insert the service's [`VipKey`] → [`VipValue`] last, the first time only; from
-//!    then on packets for the VIP are balanced. Delete it first when removing a service; to
+//! 5. `VIPS`: insert the service's [`VipKey`] → [`VipValue`] last, the first time only, then
+//!    set its port's bit in `VIP_PORTS`; from then on packets for the VIP are balanced.
+//!    Delete it first when removing a service (and clear the bit once no key has the port); to
 //!    drain a service first, publish size 0 (steps 3-4): new flows find no backend while
 //!    flows pinned in `CONNTRACK` go on.
 //!
@@ -421,6 +424,24 @@ pub const VETH_PEERS: &str = "VETH_PEERS";
 pub const BRIDGE_FDB: &str = "BRIDGE_FDB";
 /// Map name: ifindex → `u32` (unread), the bridge ports `BRIDGE_FDB` may name.
 pub const BRIDGE_PORTS: &str = "BRIDGE_PORTS";
+/// Map name: [`BRIDGES_LEN`] `u64` words, one bit per ifindex modulo 1,024 ([`bridge_bit`]):
+/// set while some key of `BRIDGE_FDB` names a bridge with that bit. `lb_tc` looks
+/// `BRIDGE_FDB` up only for an egress interface whose bit is set, so a packet sent out of
+/// anything else (a DSR tunnel packet on a veth, a bond, a VLAN, a physical port) skips that
+/// hash lookup. Two interfaces can share a bit: the other one then pays the lookup, which
+/// misses, as before. Set after a bridge's first entry is added, cleared after its last is
+/// removed; a bridge whose bit is clear gets packets through the bridge device, as while it
+/// has no entries. Not pinned, like `BRIDGE_FDB`.
+pub const BRIDGES: &str = "BRIDGES";
+/// Words of [`BRIDGES`]: 1,024 bits.
+pub const BRIDGES_LEN: u32 = 1_024 / 64;
+
+/// The word of [`BRIDGES`] that holds `ifindex`'s bit, and the bit.
+#[inline(always)]
+pub const fn bridge_bit(ifindex: u32) -> (u32, u64) {
+    let slot = ifindex % (BRIDGES_LEN * 64);
+    (slot / 64, 1 << (slot % 64))
+}
 /// Map name: service id → [`Limits`].
 pub const LIMITS: &str = "LIMITS";
 /// Map name: [`ClientKey`] → [`ClientState`].

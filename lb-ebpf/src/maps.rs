@@ -12,7 +12,7 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Backend, BridgeFdbKey, ClientKey, ClientState, CtEntry, DecapAddr, Limits, NatReverse,
-        Service, VipKey, VipValue, BRIDGE_FDB_SIZE, BRIDGE_PORTS_SIZE, CLIENTS_SIZE,
+        Service, VipKey, VipValue, BRIDGES_LEN, BRIDGE_FDB_SIZE, BRIDGE_PORTS_SIZE, CLIENTS_SIZE,
         CONNTRACK_SIZE, DECAP_ADDRS_SIZE, DECAP_SOURCES_SIZE, DEVMAP_SIZE, LOCAL_ADDRS_LEN,
         MAX_BACKENDS, MAX_SERVICES, NAT_REVERSE_SIZE, TABLES_LEN, VETH_PEERS_SIZE, VIP_PORTS_LEN,
     },
@@ -75,6 +75,11 @@ pub static BRIDGE_FDB: HashMap<BridgeFdbKey, u32> = HashMap::with_max_entries(BR
 /// that a port that goes away leaves it at once (as `VETH_PEERS`).
 #[map(name = "BRIDGE_PORTS")]
 pub static BRIDGE_PORTS: DevMapHash = DevMapHash::with_max_entries(BRIDGE_PORTS_SIZE, 0);
+
+/// A bit per ifindex (modulo 1,024) that may be a bridge with `BRIDGE_FDB` entries
+/// (`lb_common::maps::BRIDGES`). Written by the daemon.
+#[map(name = "BRIDGES")]
+pub static BRIDGES: Array<u64> = Array::with_max_entries(BRIDGES_LEN, 0);
 
 /// Service id → per-client limits. Written by the daemon.
 #[map(name = "LIMITS")]

@@ -31,6 +31,7 @@ const MAPS: &[&str] = &[
     maps::VETH_PEERS,
     maps::BRIDGE_FDB,
     maps::BRIDGE_PORTS,
+    maps::BRIDGES,
     maps::LIMITS,
     maps::CLIENTS,
     maps::DECAP_ADDRS,

@@ -20,10 +20,13 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{maps::BridgeFdbKey, Stat};
+use lb_common::{
+    maps::{bridge_bit, BridgeFdbKey},
+    Stat,
+};
 
 use super::{Frame, L4Check, Room};
-use crate::maps::{BRIDGE_FDB, BRIDGE_PORTS, VETH_PEERS};
+use crate::maps::{BRIDGES, BRIDGE_FDB, BRIDGE_PORTS, VETH_PEERS};
 
 /// `BPF_F_IPV6` for `bpf_l4_csum_replace` (Linux 6.16+; not in the bindings): the packet is
 /// IPv6, whose header has no checksum, so a `CHECKSUM_COMPLETE` sum must not follow a
@@ -230,18 +233,23 @@ impl Frame for TcContext {
         // Into a bridge: to the port the bridge would forward the frame to, while the port
         // is registered. The bridge device has no tunnel offloads (a DSR super-packet would be
         // cut into segments in software there); its port takes it whole.
-        let key = BridgeFdbKey {
-            bridge: ifindex,
-            mac: *dmac,
-            _pad: [0; 2],
-        };
+        // `BRIDGES` first: one array word, where the `BRIDGE_FDB` lookup it spares hashes a
+        // 12-byte key for every packet sent out of anything else.
+        let (word, bit) = bridge_bit(ifindex);
         let mut out = ifindex;
-        if let Some(&port) = unsafe { BRIDGE_FDB.get(&key) } {
-            if BRIDGE_PORTS.get(port).is_some() {
-                if to_peer && VETH_PEERS.get(port).is_some() {
-                    return Ok(unsafe { bpf_redirect_peer(port, 0) } as u32);
+        if BRIDGES.get(word).is_some_and(|w| *w & bit != 0) {
+            let key = BridgeFdbKey {
+                bridge: ifindex,
+                mac: *dmac,
+                _pad: [0; 2],
+            };
+            if let Some(&port) = unsafe { BRIDGE_FDB.get(&key) } {
+                if BRIDGE_PORTS.get(port).is_some() {
+                    if to_peer && VETH_PEERS.get(port).is_some() {
+                        return Ok(unsafe { bpf_redirect_peer(port, 0) } as u32);
+                    }
+                    out = port;
                 }
-                out = port;
             }
         }
         Ok(unsafe { bpf_redirect(out, 0) } as u32)

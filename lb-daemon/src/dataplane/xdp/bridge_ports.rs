@@ -14,9 +14,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use aya::maps::{DevMapHash, HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData};
 use aya::Ebpf;
-use lb_common::maps::{self as contract, BridgeFdbKey};
+use lb_common::maps::{self as contract, bridge_bit, BridgeFdbKey};
 use tracing::{info, warn};
 
 use super::bpf_map::{io, take, MapsError};
@@ -26,10 +26,14 @@ use super::peer;
 /// How often the bridges' forwarding databases are read again.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
-/// `BRIDGE_FDB` and `BRIDGE_PORTS`, and what the daemon wrote into them.
+/// `BRIDGE_FDB`, `BRIDGE_PORTS` and `BRIDGES`, and what the daemon wrote into them.
 pub struct BridgeMaps {
     fdb: BpfHashMap<MapData, BridgeFdbKey, u32>,
     ports: DevMapHash<MapData>,
+    /// `BRIDGES`: a bit for each bridge `BRIDGE_FDB` has entries of.
+    bridges: Array<MapData, u64>,
+    /// What `BRIDGES` holds, word by word.
+    bridges_written: Vec<u64>,
     /// What `BRIDGE_FDB` holds.
     fdb_written: HashMap<BridgeFdbKey, u32>,
     /// What `BRIDGE_PORTS` holds (less what the kernel removed since). The ports written into
@@ -50,13 +54,15 @@ pub struct Wanted {
 }
 
 impl BridgeMaps {
-    /// Takes the two maps out of `ebpf`.
+    /// Takes the three maps out of `ebpf` (new ones: none of them is pinned).
     ///
     /// Returns `Err(MapsError::Missing)` when the object lacks one.
     pub fn take(ebpf: &mut Ebpf) -> Result<BridgeMaps, MapsError> {
         Ok(BridgeMaps {
             fdb: take(ebpf, contract::BRIDGE_FDB)?,
             ports: take(ebpf, contract::BRIDGE_PORTS)?,
+            bridges: take(ebpf, contract::BRIDGES)?,
+            bridges_written: vec![0; contract::BRIDGES_LEN as usize],
             fdb_written: HashMap::new(),
             ports_written: HashSet::new(),
         })
@@ -65,10 +71,12 @@ impl BridgeMaps {
     /// Makes the maps hold exactly `wanted.fdb` and its ports, and adds the ports of
     /// `wanted.peers` to `veth_peers` (`VETH_PEERS`). Ports go in before the entries naming
     /// them and leave after, so the program never follows an entry to a port that was not
-    /// allowed. Returns how many entries and ports the maps had no room for (their packets go
-    /// through the bridge, or through the veth's transmit).
+    /// allowed; a bridge's bit in `BRIDGES` is set after its entries go in and cleared after
+    /// they leave. Returns how many entries and ports the maps had no room for (their packets
+    /// go through the bridge, or through the veth's transmit).
     ///
-    /// Returns `Err(MapsError::Io)` when a removal fails (an update that fails is counted).
+    /// Returns `Err(MapsError::Io)` when a removal or a `BRIDGES` write fails (an update of
+    /// the other maps that fails is counted).
     pub fn write(
         &mut self,
         wanted: &Wanted,
@@ -118,7 +126,27 @@ impl BridgeMaps {
             remove_if_present(self.ports.remove(port), contract::BRIDGE_PORTS)?;
         }
         self.ports_written = allowed;
+        self.write_bridges()?;
         Ok(left_out)
+    }
+
+    /// Makes `BRIDGES` hold a bit for each bridge that has entries in `BRIDGE_FDB`, writing
+    /// only the words that change.
+    fn write_bridges(&mut self) -> Result<(), MapsError> {
+        let mut wanted = vec![0u64; contract::BRIDGES_LEN as usize];
+        for key in self.fdb_written.keys() {
+            let (word, bit) = bridge_bit(key.bridge);
+            wanted[word as usize] |= bit;
+        }
+        for (word, (&want, had)) in wanted.iter().zip(&mut self.bridges_written).enumerate() {
+            if want != *had {
+                self.bridges
+                    .set(word as u32, want, 0)
+                    .map_err(io(contract::BRIDGES))?;
+                *had = want;
+            }
+        }
+        Ok(())
     }
 }
 
