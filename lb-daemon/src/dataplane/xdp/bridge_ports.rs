@@ -14,11 +14,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, DevMapHash, HashMap as BpfHashMap, MapData};
+use aya::maps::{DevMapHash, HashMap as BpfHashMap, MapData};
 use aya::Ebpf;
 use lb_common::maps::{self as contract, bridge_bit, BridgeFdbKey};
 use tracing::{info, warn};
 
+use super::bit_map::BitMap;
 use super::bpf_map::{io, take, MapsError};
 use super::bridge_fdb;
 use super::peer;
@@ -31,9 +32,7 @@ pub struct BridgeMaps {
     fdb: BpfHashMap<MapData, BridgeFdbKey, u32>,
     ports: DevMapHash<MapData>,
     /// `BRIDGES`: a bit for each bridge `BRIDGE_FDB` has entries of.
-    bridges: Array<MapData, u64>,
-    /// What `BRIDGES` holds, word by word.
-    bridges_written: Vec<u64>,
+    bridges: BitMap,
     /// What `BRIDGE_FDB` holds.
     fdb_written: HashMap<BridgeFdbKey, u32>,
     /// What `BRIDGE_PORTS` holds (less what the kernel removed since). The ports written into
@@ -56,13 +55,13 @@ pub struct Wanted {
 impl BridgeMaps {
     /// Takes the three maps out of `ebpf` (new ones: none of them is pinned).
     ///
-    /// Returns `Err(MapsError::Missing)` when the object lacks one.
+    /// Returns `Err(MapsError::Missing)` when the object lacks one, `Err(MapsError::Io)`
+    /// when `BRIDGES` cannot be read.
     pub fn take(ebpf: &mut Ebpf) -> Result<BridgeMaps, MapsError> {
         Ok(BridgeMaps {
             fdb: take(ebpf, contract::BRIDGE_FDB)?,
             ports: take(ebpf, contract::BRIDGE_PORTS)?,
-            bridges: take(ebpf, contract::BRIDGES)?,
-            bridges_written: vec![0; contract::BRIDGES_LEN as usize],
+            bridges: BitMap::take(ebpf, contract::BRIDGES, contract::BRIDGES_LEN)?,
             fdb_written: HashMap::new(),
             ports_written: HashSet::new(),
         })
@@ -126,27 +125,9 @@ impl BridgeMaps {
             remove_if_present(self.ports.remove(port), contract::BRIDGE_PORTS)?;
         }
         self.ports_written = allowed;
-        self.write_bridges()?;
+        self.bridges
+            .write(self.fdb_written.keys().map(|key| bridge_bit(key.bridge)))?;
         Ok(left_out)
-    }
-
-    /// Makes `BRIDGES` hold a bit for each bridge that has entries in `BRIDGE_FDB`, writing
-    /// only the words that change.
-    fn write_bridges(&mut self) -> Result<(), MapsError> {
-        let mut wanted = vec![0u64; contract::BRIDGES_LEN as usize];
-        for key in self.fdb_written.keys() {
-            let (word, bit) = bridge_bit(key.bridge);
-            wanted[word as usize] |= bit;
-        }
-        for (word, (&want, had)) in wanted.iter().zip(&mut self.bridges_written).enumerate() {
-            if want != *had {
-                self.bridges
-                    .set(word as u32, want, 0)
-                    .map_err(io(contract::BRIDGES))?;
-                *had = want;
-            }
-        }
-        Ok(())
     }
 }
 

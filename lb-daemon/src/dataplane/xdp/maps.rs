@@ -14,6 +14,7 @@ use lb_common::maps::{
 };
 use lb_common::{Counters, STATS_LEN};
 
+use super::bit_map::BitMap;
 use super::bpf_map::{io, take, MapsError};
 use super::ids::{BackendIds, IdPool};
 use crate::config::{Forwarding, Protocol};
@@ -28,9 +29,7 @@ pub struct Maps {
     /// What `VIP_ADDRS` holds.
     vip_addrs_written: std::collections::HashSet<DecapAddr>,
     /// `VIP_PORTS`, a bit for each port of `VIPS`' keys ([`Maps::sync_vip_ports`]).
-    vip_ports: Array<MapData, u64>,
-    /// What `VIP_PORTS` holds, word by word.
-    vip_ports_written: Vec<u64>,
+    vip_ports: BitMap,
     services: Array<MapData, contract::Service>,
     backends: Array<MapData, Backend>,
     tables: Array<MapData, u32>,
@@ -61,17 +60,12 @@ impl Maps {
         let vip_addrs: HashMap<MapData, DecapAddr, u32> = take(ebpf, contract::VIP_ADDRS)?;
         // What an adopted (pinned) map holds already; empty for a new one.
         let vip_addrs_written = vip_addrs.keys().filter_map(Result::ok).collect();
-        let vip_ports: Array<MapData, u64> = take(ebpf, contract::VIP_PORTS)?;
-        let vip_ports_written = (0..contract::VIP_PORTS_LEN)
-            .map(|word| vip_ports.get(&word, 0))
-            .collect::<Result<_, _>>()
-            .map_err(io(contract::VIP_PORTS))?;
+        let vip_ports = BitMap::take(ebpf, contract::VIP_PORTS, contract::VIP_PORTS_LEN)?;
         let mut maps = Maps {
             vips: take(ebpf, contract::VIPS)?,
             vip_addrs,
             vip_addrs_written,
             vip_ports,
-            vip_ports_written,
             services: take(ebpf, contract::SERVICES)?,
             backends: take(ebpf, contract::BACKENDS)?,
             tables: take(ebpf, contract::TABLES)?,
@@ -364,25 +358,17 @@ impl Maps {
     /// Makes `VIP_PORTS` hold exactly the ports of `VIPS`' keys, a bit each, so the program
     /// looks `VIPS` up only for packets to those ports (see `lb_common::maps::VIP_PORTS`).
     /// Called after `VIPS` changed: a new VIP's bit is set after its key is in `VIPS`, a
-    /// removed one's cleared after its key is gone. Writes only the words that change.
+    /// removed one's cleared after its key is gone.
     ///
     /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
     fn sync_vip_ports(&mut self) -> Result<(), MapsError> {
-        let mut wanted = vec![0u64; contract::VIP_PORTS_LEN as usize];
-        for key in self.vips.keys() {
-            let key = key.map_err(io(contract::VIPS))?;
-            let (word, bit) = vip_port_bit(key.port);
-            wanted[word as usize] |= bit;
-        }
-        for (word, (&want, had)) in wanted.iter().zip(&mut self.vip_ports_written).enumerate() {
-            if want != *had {
-                self.vip_ports
-                    .set(word as u32, want, 0)
-                    .map_err(io(contract::VIP_PORTS))?;
-                *had = want;
-            }
-        }
-        Ok(())
+        let ports = self
+            .vips
+            .keys()
+            .map(|key| key.map(|key| vip_port_bit(key.port)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io(contract::VIPS))?;
+        self.vip_ports.write(ports)
     }
 
     /// Makes `VIP_ADDRS` hold exactly the addresses of `VIPS`' keys, so the program drops the
