@@ -436,7 +436,9 @@ pub const BRIDGES: &str = "BRIDGES";
 /// Words of [`BRIDGES`]: 1,024 bits.
 pub const BRIDGES_LEN: u32 = 1_024 / 64;
 
-/// The word of [`BRIDGES`] that holds `ifindex`'s bit, and the bit.
+/// The word of [`BRIDGES`] that holds `ifindex`'s bit, and the bit: with `slot = ifindex %
+/// 1024`, `(slot / 64, 1 << slot % 64)`. Two bridges whose ifindexes differ by a multiple of
+/// 1,024 share a bit (a packet out of the one with no entries then costs a lookup that misses).
 #[inline(always)]
 pub const fn bridge_bit(ifindex: u32) -> (u32, u64) {
     let slot = ifindex % (BRIDGES_LEN * 64);
@@ -491,8 +493,8 @@ pub const LAYOUT_VERSION: u32 = 2;
 
 /// The maps pinned under `bpf_pin_dir/v{LAYOUT_VERSION}/` (one file per map, by name): the
 /// state that must outlive the daemon for flows to outlive it. The per-CPU scratch maps, the
-/// next-hop cache (`NEXT_HOPS`) and the decapsulator's maps (`lb-daemon decap` has its own)
-/// are not pinned.
+/// next-hop cache (`NEXT_HOPS`), the filters the daemon rebuilds at start (`VIP_PORTS`,
+/// `BRIDGES`) and the decapsulator's maps (`lb-daemon decap` has its own) are not pinned.
 pub const PINNED_MAPS: [&str; 14] = [
     VIPS,
     VIP_ADDRS,
@@ -992,6 +994,25 @@ mod pod {
 mod tests {
     use super::*;
     use core::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn every_port_has_its_own_bit_within_the_vip_ports_words() {
+        assert_eq!(vip_port_bit(0), (0, 1));
+        assert_eq!(vip_port_bit(63), (0, 1 << 63));
+        assert_eq!(vip_port_bit(64), (1, 1));
+        assert_eq!(vip_port_bit(80), (1, 1 << 16));
+        assert_eq!(vip_port_bit(65_535), (VIP_PORTS_LEN - 1, 1 << 63));
+    }
+
+    #[test]
+    fn a_bridge_bit_is_its_ifindex_modulo_1024_within_the_bridges_words() {
+        assert_eq!(bridge_bit(0), (0, 1));
+        assert_eq!(bridge_bit(65), (1, 1 << 1));
+        assert_eq!(bridge_bit(1_023), (BRIDGES_LEN - 1, 1 << 63));
+        assert_eq!(bridge_bit(1_024), bridge_bit(0), "1,024 wraps to bit 0");
+        assert_eq!(bridge_bit(2_047), bridge_bit(1_023));
+        assert_eq!(bridge_bit(u32::MAX), (BRIDGES_LEN - 1, 1 << 63));
+    }
 
     #[test]
     fn an_age_is_the_wrapping_difference_and_never_negative() {

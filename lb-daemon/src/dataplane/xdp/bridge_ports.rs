@@ -2,7 +2,9 @@
 //! `lb_tc` is attached to (see `bridge_fdb.rs` and the map contract), so that a packet routed
 //! into a bridge goes straight to the port its next hop is behind, and a DSR tunnel
 //! super-packet is not segmented in software by the bridge device, which has no tunnel
-//! offloads.
+//! offloads. It also keeps `BRIDGES`' bit set for each bridge that has entries, and clear
+//! for the others, so that `lb_tc` looks up `BRIDGE_FDB` only for a packet out of a bridge
+//! it could find an entry for.
 //!
 //! The sync thread reads the bridges about every [`REFRESH`]. In between, an address the
 //! bridge learns goes through the bridge (correct, slower); a port that is deleted leaves

@@ -41,7 +41,7 @@ pub struct Maps {
     backend_stats: PerCpuArray<MapData, Counters>,
     /// `LOCAL_ADDRS`: the SNAT addresses past the first of `nat` services with several.
     local_addrs: Array<MapData, [u32; 4]>,
-    /// `BRIDGE_FDB` and `BRIDGE_PORTS`: see `bridge_ports.rs`.
+    /// `BRIDGE_FDB`, `BRIDGE_PORTS` and `BRIDGES`: see `bridge_ports.rs`.
     bridges: super::bridge_ports::BridgeMaps,
     /// `LIMITS`: see `limits.rs`. (`CONNTRACK` and `CLIENTS` are not here: the sync thread
     /// owns them, see `map_walk.rs`.)
@@ -161,10 +161,12 @@ impl Maps {
             })
     }
 
-    /// Makes `BRIDGE_FDB` and `BRIDGE_PORTS` hold `wanted` and lets its veth ports take peer
-    /// redirects (see `bridge_ports.rs`). Returns how many entries or ports had no room.
+    /// Makes `BRIDGE_FDB` and `BRIDGE_PORTS` hold `wanted`, sets the `BRIDGES` bit of each
+    /// bridge with entries (clears the others') and lets its veth ports take peer redirects
+    /// (see `bridge_ports.rs`). Returns how many entries or ports had no room.
     ///
-    /// Returns `Err(MapsError::Io)` when an entry cannot be removed.
+    /// Returns `Err(MapsError::Io)` when an entry cannot be removed or a `BRIDGES` word
+    /// cannot be written.
     pub fn write_bridges(
         &mut self,
         wanted: &super::bridge_ports::Wanted,

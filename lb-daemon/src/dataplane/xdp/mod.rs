@@ -15,7 +15,7 @@
 //! the map contract and `docs/ARCHITECTURE.md` for the behaviour.
 
 pub mod adopt;
-pub mod bit_map;
+mod bit_map;
 pub mod bpf_map;
 pub mod bridge_fdb;
 mod bridge_ports;
