@@ -493,8 +493,9 @@ pub const LAYOUT_VERSION: u32 = 2;
 
 /// The maps pinned under `bpf_pin_dir/v{LAYOUT_VERSION}/` (one file per map, by name): the
 /// state that must outlive the daemon for flows to outlive it. The per-CPU scratch maps, the
-/// next-hop cache (`NEXT_HOPS`), the filters the daemon rebuilds at start (`VIP_PORTS`,
-/// `BRIDGES`) and the decapsulator's maps (`lb-daemon decap` has its own) are not pinned.
+/// next-hop cache (`NEXT_HOPS`), the maps the daemon rebuilds at start from the host and from
+/// `VIPS` (`VETH_PEERS`, `BRIDGE_FDB`, `BRIDGE_PORTS`, `BRIDGES`, `VIP_PORTS`) and the
+/// decapsulator's maps (`lb-daemon decap` has its own) are not pinned.
 pub const PINNED_MAPS: [&str; 14] = [
     VIPS,
     VIP_ADDRS,
