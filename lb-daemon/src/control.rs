@@ -352,6 +352,10 @@ fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounter
                 open_flows: bc.open_flows,
                 snat_ports_in_use: sum(|u| u.in_use),
                 snat_ports_free: sum(|u| u.free),
+                snat_counted_unix_seconds: per_address
+                    .as_ref()
+                    .and(bc.snat_counted_at)
+                    .map(unix_seconds),
                 snat_local_addresses: per_address,
                 ..t
             });

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lb_tests::client::{http_get, ClientError};
 use lb_tests::config::DaemonConfig;
@@ -22,15 +22,7 @@ const WINDOW: Duration = Duration::from_secs(10);
 
 /// `lb_xdp_packet_outcomes_total{outcome}` from the daemon's `/metrics`.
 fn outcome(world: &World, name: &str) -> f64 {
-    let api = world.daemon.admin_addr();
-    let reply = in_netns(&world.topology.balancer, || {
-        lb_tests::admin::request(api, "GET", "/metrics", "")
-    })
-    .expect("enter the balancer namespace");
-    assert_eq!(reply.status, 200, "GET /metrics: {}", reply.body);
-    let scrape = prometheus_parse::Scrape::parse(reply.body.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text ({e})"));
-    scrape
+    scrape(world)
         .samples
         .iter()
         .filter(|s| {
@@ -41,6 +33,18 @@ fn outcome(world: &World, name: &str) -> f64 {
             _ => 0.0,
         })
         .sum()
+}
+
+/// One read of the daemon's `/metrics`.
+fn scrape(world: &World) -> prometheus_parse::Scrape {
+    let api = world.daemon.admin_addr();
+    let reply = in_netns(&world.topology.balancer, || {
+        lb_tests::admin::request(api, "GET", "/metrics", "")
+    })
+    .expect("enter the balancer namespace");
+    assert_eq!(reply.status, 200, "GET /metrics: {}", reply.body);
+    prometheus_parse::Scrape::parse(reply.body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text ({e})"))
 }
 
 #[test]
@@ -129,7 +133,7 @@ fn when_snat_ports_run_out_clients_are_reset_at_once_and_metrics_show_it() {
     ) {
         return;
     }
-    let (world, answered) = exhaust(&[]);
+    let (world, answered, ended) = exhaust(&[]);
     // A SYN probes 16 ports from its hash: it is refused once all 16 are held, which starts
     // around four fifths of the range in use (measured: 829; with 8 probes, 606). With ports
     // held at random, the first refusal comes before 550 flows about once in 600 runs.
@@ -137,7 +141,7 @@ fn when_snat_ports_run_out_clients_are_reset_at_once_and_metrics_show_it() {
         answered >= 550,
         "only {answered} connections got a port from 1,024 free ones"
     );
-    let (used, free) = snat_gauges(&world, answered);
+    let (used, free) = snat_gauges(&world, answered, ended);
     assert_eq!(
         used + free,
         1024.0,
@@ -156,7 +160,7 @@ fn a_pool_of_two_local_addresses_carries_twice_the_flows_and_status_shows_each()
     ) {
         return;
     }
-    let (world, answered) = exhaust(&[SECOND_LOCAL]);
+    let (world, answered, ended) = exhaust(&[SECOND_LOCAL]);
     // A flow's address is its hash's: each address carries about half the flows, and the
     // first refusal comes when either address's probes are all held, about 1.8 times one
     // address's count (measured: 829 with one address, 1,502 with two; with 8 probes 606 and
@@ -165,43 +169,40 @@ fn a_pool_of_two_local_addresses_carries_twice_the_flows_and_status_shows_each()
         answered >= 1_000,
         "only {answered} connections got a port from 2 x 1,024 free ones"
     );
-    let (used, free) = snat_gauges(&world, answered);
+    let (used, free) = snat_gauges(&world, answered, ended);
     assert_eq!(
         used + free,
         2048.0,
         "in use ({used}) and free ({free}) SNAT ports do not add up to the range on 2 addresses"
     );
-    // The count is the sync thread's last walk of NAT_REVERSE, which a loaded machine may
-    // have taken mid-way through the connections and not repeated for a while (CI saw 81 of
-    // 1,323 on one address, read after the total had held for 12 s): wait for a count in
-    // which both addresses carry their share, up to a minute.
+    // The gauges above came from a count that began after the last connection; so does
+    // every `/status` read after them.
     let api = world.daemon.admin_addr();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let list = loop {
-        let status = in_netns(&world.topology.balancer, || lb_tests::admin::status(api))
-            .expect("enter the balancer namespace");
-        let per_address = &status["services"][0]["backends"][0]["xdp"]["snat_local_addresses"];
-        let list = per_address.as_array().cloned().unwrap_or_else(|| {
-            panic!("/status shows no SNAT ports per local address: {per_address}")
-        });
-        let carried = |a: &serde_json::Value| a["in_use"].as_u64().unwrap_or(0) >= 100;
-        if list.iter().all(carried) || Instant::now() > deadline {
-            break list;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let status = in_netns(&world.topology.balancer, || lb_tests::admin::status(api))
+        .expect("enter the balancer namespace");
+    let xdp = &status["services"][0]["backends"][0]["xdp"];
+    let counted = xdp["snat_counted_unix_seconds"].as_f64().unwrap_or(0.0);
+    assert!(
+        counted >= unix_seconds(ended),
+        "/status shows a SNAT count that began at {counted}, before the last connection \
+         ({xdp})"
+    );
+    let per_address = &xdp["snat_local_addresses"];
+    let list = per_address
+        .as_array()
+        .unwrap_or_else(|| panic!("/status shows no SNAT ports per local address: {per_address}"));
     let addresses: Vec<&str> = list.iter().filter_map(|a| a["address"].as_str()).collect();
     assert_eq!(
         addresses,
         vec![BALANCER_ADDRESS, SECOND_LOCAL],
         "/status lists the local addresses in the config's order"
     );
-    for a in &list {
+    for a in list {
         let in_use = a["in_use"].as_u64().unwrap_or(0);
         assert!(
             in_use >= 100,
             "{answered} connections spread over two addresses, but {a} carried few of them \
-             (a minute after the last)"
+             (counted after the last)"
         );
         assert_eq!(in_use + a["free"].as_u64().unwrap_or(0), 1024, "{a}");
     }
@@ -213,9 +214,9 @@ const BALANCER_ADDRESS: &str = "10.200.0.1";
 /// Starts a NAT service with the smallest SNAT range the config takes (1024 ports), each
 /// port held for an hour after its flow ends, one backend, and `extra` local addresses after
 /// the balancer's own; opens connections one after another until one is refused. Asserts
-/// the refusal is a reset (not a timeout) and counted; returns the world and how many
-/// connections were answered.
-fn exhaust(extra: &[&str]) -> (World, usize) {
+/// the refusal is a reset (not a timeout) and counted; returns the world, how many
+/// connections were answered, and when the last connection (the refused one) ended.
+fn exhaust(extra: &[&str]) -> (World, usize, SystemTime) {
     let local: Vec<toml::Value> = std::iter::once(BALANCER_ADDRESS)
         .chain(extra.iter().copied())
         .map(|a| toml::Value::String(a.into()))
@@ -260,6 +261,7 @@ fn exhaust(extra: &[&str]) -> (World, usize) {
         }
         (answered, false)
     });
+    let ended = SystemTime::now();
     assert!(
         refused,
         "{attempts} connections through 1,024 SNAT ports per address held for an hour were \
@@ -273,39 +275,33 @@ fn exhaust(extra: &[&str]) -> (World, usize) {
         "{} local address(es): {answered} connections answered before the first refusal",
         1 + extra.len()
     );
-    (world, answered)
+    (world, answered, ended)
 }
 
-/// How often the daemon counts SNAT ports at most (`sync::SNAT_EVERY`: every 10 s, later
-/// when a walk is slow).
-const SNAT_COUNT_EVERY: Duration = Duration::from_secs(10);
+/// How long a test waits for the daemon's next count of SNAT ports: it counts every 10 s
+/// (`sync::SNAT_EVERY`), later when a walk is slow or the machine loaded.
+const SNAT_COUNT_WAIT: Duration = Duration::from_secs(60);
 
-/// The SNAT port gauges of `/metrics` (in use, free), once a count that began after the
-/// traffic ended has seen the ports `answered` connections took; asserts they are plausible:
-/// each answered connection took a port, and those whose backend closed first are held for
-/// the hour. The `/status` read after it shows the same count.
-fn snat_gauges(world: &World, answered: usize) -> (f64, f64) {
-    // A count taken while the connections were still being opened is a part of them (CI saw
-    // 80 of ~300 on one address; a loaded full run 98 of 1,238 on one address, read after the
-    // count's period had passed: the daemon's sync thread ran late). After the last
-    // connection the count settles (nothing opens, and what is held stays for the hour):
-    // take one that has held for two periods.
-    let settled = Instant::now() + SNAT_COUNT_EVERY;
-    let deadline = settled + Duration::from_secs(45);
-    let mut last: Option<(f64, Instant)> = None;
+/// The SNAT port gauges of `/metrics` (in use, free) from the first count that began after
+/// `ended` (a count taken while the connections were still being opened holds only a part
+/// of them); asserts they are plausible: each answered connection took a port, and those
+/// whose backend closed first are held for the hour.
+fn snat_gauges(world: &World, answered: usize, ended: SystemTime) -> (f64, f64) {
+    let deadline = Instant::now() + SNAT_COUNT_WAIT;
     let (used, free) = loop {
-        let used = gauge(world, "lb_xdp_snat_ports_in_use");
-        let free = gauge(world, "lb_xdp_snat_ports_free");
-        let now = Instant::now();
-        let since = match last {
-            Some((seen, at)) if seen == used => at,
-            _ => now,
-        };
-        last = Some((used, since));
-        let held = now.duration_since(since) >= SNAT_COUNT_EVERY * 2;
-        if (now >= settled && used > 0.0 && held) || now > deadline {
-            break (used, free);
+        let scrape = scrape(world);
+        let counted = max_gauge(&scrape, "lb_xdp_snat_count_timestamp_seconds");
+        if counted >= unix_seconds(ended) {
+            break (
+                sum_gauge(&scrape, "lb_xdp_snat_ports_in_use"),
+                sum_gauge(&scrape, "lb_xdp_snat_ports_free"),
+            );
         }
+        assert!(
+            Instant::now() < deadline,
+            "no SNAT count began in the {SNAT_COUNT_WAIT:?} after the last connection (the \
+             last began at Unix time {counted})"
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(
@@ -316,22 +312,32 @@ fn snat_gauges(world: &World, answered: usize) -> (f64, f64) {
     (used, free)
 }
 
-/// The sum of the samples of the gauge `name` in `/metrics`.
-fn gauge(world: &World, name: &str) -> f64 {
-    let api = world.daemon.admin_addr();
-    let reply = in_netns(&world.topology.balancer, || {
-        lb_tests::admin::request(api, "GET", "/metrics", "")
-    })
-    .expect("enter the balancer namespace");
-    let scrape = prometheus_parse::Scrape::parse(reply.body.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text ({e})"));
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The values of the gauge `name` in `scrape`.
+fn gauges<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    name: &'a str,
+) -> impl Iterator<Item = f64> + 'a {
     scrape
         .samples
         .iter()
-        .filter(|s| s.metric == name)
+        .filter(move |s| s.metric == name)
         .map(|s| match s.value {
             prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
             _ => 0.0,
         })
-        .sum()
+}
+
+/// The sum of the samples of the gauge `name` in `scrape`.
+fn sum_gauge(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    gauges(scrape, name).sum()
+}
+
+/// The largest sample of the gauge `name` in `scrape`, 0 when it has none.
+fn max_gauge(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    gauges(scrape, name).fold(0.0, f64::max)
 }

@@ -11,6 +11,7 @@
 //! | `lb_xdp_backend_packets_total` | counter: client packets XDP forwarded to a backend | service, backend |
 //! | `lb_xdp_snat_ports_in_use` | gauge: SNAT ports towards a backend in use or held (XDP `nat`, counted every 10 s or so) | service, backend |
 //! | `lb_xdp_snat_ports_free` | gauge: SNAT ports a new flow towards a backend may still take | service, backend |
+//! | `lb_xdp_snat_count_timestamp_seconds` | gauge: Unix time at which the count behind the two SNAT gauges began (a port taken before it is counted) | service, backend |
 //! | `lb_xdp_packets_total` | counter: packets the XDP program saw | |
 //! | `lb_xdp_packet_outcomes_total` | counter: what it did with them, by `outcome` (`forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...) | outcome |
 //! | `lb_backend_up` | gauge: 1 when the health checks say up | service, backend |
@@ -115,6 +116,7 @@ struct XdpBackendFamilies {
     packets: Family<BackendLabels, Counter>,
     snat_in_use: Family<BackendLabels, Gauge>,
     snat_free: Family<BackendLabels, Gauge>,
+    snat_counted: Family<BackendLabels, FloatGauge>,
 }
 
 impl BackendFamilies {
@@ -140,6 +142,9 @@ impl BackendFamilies {
                 if let (Some(used), Some(free)) = (x.snat_ports_in_use, x.snat_ports_free) {
                     self.xdp.snat_in_use.get_or_create(&l).set(clamp(used));
                     self.xdp.snat_free.get_or_create(&l).set(clamp(free));
+                }
+                if let Some(at) = x.snat_counted_unix_seconds {
+                    self.xdp.snat_counted.get_or_create(&l).set(at);
                 }
             }
             for (direction, n) in [
@@ -217,6 +222,12 @@ fn register_xdp(reg: &mut Registry, backends: XdpBackendFamilies, xdp: &XdpStatu
         "xdp_snat_ports_free",
         "SNAT ports a new flow towards a backend may still take (XDP nat)",
         backends.snat_free,
+    );
+    reg.register_with_unit(
+        "xdp_snat_count_timestamp",
+        "Unix time at which the count behind the SNAT port gauges began (XDP nat)",
+        Unit::Seconds,
+        backends.snat_counted,
     );
     let outcomes = Family::<OutcomeLabels, Counter>::default();
     let seen = Counter::<u64>::default();

@@ -142,7 +142,7 @@ pub struct SnatAddressUse {
 }
 
 /// What the XDP program counted for one service or one backend.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct XdpTraffic {
     /// Client packets forwarded.
     pub packets: u64,
@@ -165,6 +165,11 @@ pub struct XdpTraffic {
     /// `nat` backends: the same two counts per local address, in the service's order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snat_local_addresses: Option<Vec<SnatAddressUse>>,
+    /// `nat` backends: when the count of the three fields above began, in Unix seconds. A
+    /// port taken before it and still held is in the count; one taken or freed since may
+    /// not be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_counted_unix_seconds: Option<f64>,
 }
 
 impl From<Counters> for XdpTraffic {
@@ -177,6 +182,7 @@ impl From<Counters> for XdpTraffic {
             snat_ports_in_use: None,
             snat_ports_free: None,
             snat_local_addresses: None,
+            snat_counted_unix_seconds: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Reading the program's counters: global (`STATS`), per service and per backend.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::SystemTime;
 
 use lb_common::Counters;
 use tracing::info;
@@ -31,6 +32,9 @@ pub struct BackendCounters {
     /// the service's local addresses, in their order, as last counted (every 10 s or so,
     /// `sync.rs`); `None` for `dsr` or before the first count.
     pub snat_ports_taken: Option<Vec<(IpAddr, u64)>>,
+    /// When the walk behind `snat_ports_taken` began: a port taken before it is counted, one
+    /// taken since may not be. `None` when `snat_ports_taken` is.
+    pub snat_counted_at: Option<SystemTime>,
 }
 
 /// A service's counters and its backends'.
@@ -121,6 +125,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                     .collect()
             })
         };
+        let counted_at = state.snat_counted_at.filter(|_| nat);
         let ids = r.slot.backend_ids();
         let mut backends = Vec::new();
         // The snapshot's backends that the maps know (a newer snapshot's new backends get
@@ -134,6 +139,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                     draining: false,
                     open_flows: open(id),
                     snat_ports_taken: taken(b.address),
+                    snat_counted_at: counted_at,
                 });
             }
         }
@@ -144,6 +150,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                 draining: true,
                 open_flows: open(id),
                 snat_ports_taken: taken(address),
+                snat_counted_at: counted_at,
             });
         }
         out.push(ServiceCounters {

@@ -288,6 +288,7 @@ impl XdpPlane {
             orphans: Vec::new(),
             open_flows: None,
             snat_in_use: None,
+            snat_counted_at: None,
             counters_read: None,
             stopping: false,
             bridges: BTreeMap::new(),

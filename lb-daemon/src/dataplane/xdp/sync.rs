@@ -54,6 +54,9 @@ pub struct State {
     /// services, from the last walk of `NAT_REVERSE` (every [`SNAT_EVERY`] or less often);
     /// `None` before the first.
     pub snat_in_use: Option<std::collections::HashMap<(u32, std::net::IpAddr, SocketAddr), u64>>,
+    /// When the walk behind `snat_in_use` began (wall clock, for `/status` and `/metrics`):
+    /// every port taken before it is in the count.
+    pub snat_counted_at: Option<std::time::SystemTime>,
     /// When the counters were last read (`/status`, `/metrics`): open flows are counted only while
     /// someone looks.
     pub counters_read: Option<Instant>,
@@ -505,8 +508,11 @@ impl SyncThread {
                     lock(&state).open_flows = Some(open);
                 }
                 if let (Some(nat), Some(now)) = (nat, super::open_flows::now_s()) {
+                    let began = std::time::SystemTime::now();
                     let used = snat.walk(&walk, &nat, now);
-                    lock(&state).snat_in_use = Some(used);
+                    let mut st = lock(&state);
+                    st.snat_in_use = Some(used);
+                    st.snat_counted_at = Some(began);
                 }
                 if let Some(bridges) = bridges {
                     // Read without the lock (netlink dumps), written with it.
