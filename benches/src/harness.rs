@@ -178,7 +178,11 @@ pub fn run(plan: &Plan) -> Result<Report> {
         ),
         "Every round of a path runs on one balancer process started once for the path (as a \
          user runs it: a leak shows as a falling rate), with lb-daemon's documented defaults \
-         (no `snat_ports`); paths run one after the other, not interleaved round by round."
+         (no `snat_ports`); paths run one after the other, not interleaved round by round. \
+         Each topology's `direct` runs first and again last, and its figures (the reference \
+         of every ratio) are the median of both runs' rounds, so a machine that slows down or \
+         speeds up during the run moves the reference with the paths in between; its notes \
+         give both runs' medians."
             .to_string(),
         "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
          16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
@@ -229,8 +233,11 @@ fn run_network(
     } = results;
     // Every round of a path runs on one balancer process, started once, as a user runs it:
     // a leak (ports, fds, memory) shows as a rate falling from round to round instead of being
-    // reset by a fresh daemon. The price is that paths are not interleaved round by round.
-    for case in cases.iter().copied() {
+    // reset by a fresh daemon. The price is that paths are not interleaved round by round, so
+    // the machine's drift over the run (other tenants, clocks) lands between a path and the
+    // reference it is compared with: the topology's `direct` runs first and again last, and
+    // its figures are the median of both runs' rounds.
+    for (case, first_round) in bracket(cases, plan.rounds) {
         let path = case.path;
         if stop::requested() {
             bail!("interrupted");
@@ -254,16 +261,17 @@ fn run_network(
                 continue;
             }
         };
-        for round in 0..plan.rounds {
+        let bracketed = first_round > 0 || (cases.len() > 1 && path == Path::Direct);
+        let total = if bracketed {
+            2 * plan.rounds
+        } else {
+            plan.rounds
+        };
+        for round in first_round..first_round + plan.rounds {
             if stop::requested() {
                 bail!("interrupted");
             }
-            eprintln!(
-                "lb-bench: {}: round {}/{}",
-                case.name(),
-                round + 1,
-                plan.rounds
-            );
+            eprintln!("lb-bench: {}: round {}/{total}", case.name(), round + 1);
             let (figures, mut n) = run.measure_round(plan, topo, servers, round);
             for (m, v) in figures {
                 samples
@@ -274,6 +282,11 @@ fn run_network(
                     .push(v);
             }
             notes.entry(case.name()).or_default().append(&mut n);
+        }
+        if first_round > 0 {
+            if let Some(note) = samples.get(case.name()).and_then(|s| drift(s, plan.rounds)) {
+                notes.entry(case.name()).or_default().push(note);
+            }
         }
         if CHURN_PATHS.contains(&path)
             && case.network == Network::Veth
@@ -303,6 +316,53 @@ fn run_network(
         run.finish(notes.entry(case.name()).or_default());
     }
     Ok(())
+}
+
+/// The order `cases` (one topology's) run in, each with the number of its first round: the
+/// topology's `direct` first and, when another path runs on the topology, again last (its
+/// rounds `rounds..2 * rounds`), the others in their order in between.
+fn bracket(cases: &[Case], rounds: usize) -> Vec<(Case, usize)> {
+    let reference = cases.iter().copied().find(|c| c.path == Path::Direct);
+    let others = cases.iter().copied().filter(|c| c.path != Path::Direct);
+    let mut order: Vec<(Case, usize)> = reference.map(|r| (r, 0)).into_iter().collect();
+    order.extend(others.map(|c| (c, 0)));
+    if let Some(r) = reference.filter(|_| cases.len() > 1) {
+        order.push((r, rounds));
+    }
+    order
+}
+
+/// What a reference measured in two runs (`samples`: each figure's first `rounds` samples,
+/// then the second run's) says about the machine's drift: every figure's median in the first
+/// run and in the second, e.g. `bulk 1 flow Gbit/s 16.8 → 15.0 (-11%)`. `None` without a
+/// second run.
+fn drift(samples: &BTreeMap<Metric, Vec<f64>>, rounds: usize) -> Option<String> {
+    let median = |v: &[f64]| crate::stats::summarize(v).map(|s| s.median);
+    let figures: Vec<String> = samples
+        .iter()
+        .filter(|(_, v)| v.len() > rounds)
+        .filter_map(|(m, v)| {
+            let (first, second) = (median(&v[..rounds])?, median(&v[rounds..])?);
+            let change = if first == 0.0 {
+                String::new()
+            } else {
+                format!(" ({:+.0}%)", (second / first - 1.0) * 100.0)
+            };
+            Some(format!(
+                "{} {} → {}{change}",
+                m.heading(),
+                crate::report::number(first),
+                crate::report::number(second)
+            ))
+        })
+        .collect();
+    (!figures.is_empty()).then(|| {
+        format!(
+            "run first and again last on its topology, its figures the median of both runs' \
+             rounds; medians of the first run → the second: {}",
+            figures.join(", ")
+        )
+    })
 }
 
 /// One round of one path: each figure's sample, and what went wrong on the way.
@@ -670,4 +730,52 @@ fn date_utc() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown date".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(path: Path) -> Case {
+        Case {
+            path,
+            network: Network::Veth,
+        }
+    }
+
+    #[test]
+    fn direct_runs_first_and_again_last_when_another_path_runs() {
+        let cases = [case(Path::LbTcNat), case(Path::Direct), case(Path::Nginx)];
+        let order: Vec<(&str, usize)> = bracket(&cases, 5)
+            .into_iter()
+            .map(|(c, first)| (c.name(), first))
+            .collect();
+        assert_eq!(
+            order,
+            vec![("direct", 0), ("lb-tc-nat", 0), ("nginx", 0), ("direct", 5)]
+        );
+        let alone: Vec<&str> = bracket(&[case(Path::Direct)], 5)
+            .into_iter()
+            .map(|(c, _)| c.name())
+            .collect();
+        assert_eq!(alone, vec!["direct"], "nothing to bracket");
+        let without: Vec<&str> = bracket(&[case(Path::LbTcNat)], 5)
+            .into_iter()
+            .map(|(c, _)| c.name())
+            .collect();
+        assert_eq!(without, vec!["lb-tc-nat"]);
+    }
+
+    #[test]
+    fn drift_gives_each_runs_median() {
+        let mut samples = BTreeMap::new();
+        samples.insert(Metric::Bulk1, vec![16.0, 17.0, 18.0, 14.0, 15.0, f64::NAN]);
+        let note = drift(&samples, 3).expect("two runs");
+        assert!(
+            note.contains("bulk 1 flow Gbit/s 17.0 → 14.5 (-15%)"),
+            "{note}"
+        );
+        samples.insert(Metric::Bulk1, vec![16.0, 17.0, 18.0]);
+        assert_eq!(drift(&samples, 3), None, "one run has no drift");
+    }
 }

@@ -288,8 +288,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "- each figure: median of {} rounds (min–max in brackets) on one balancer per path, {} s per test",
-            self.rounds, self.seconds_per_test
+            "- each figure: median of {} rounds (min–max in brackets) on one balancer per path, {} s per test; `direct` and `direct-bridge`: {} rounds, run first and again last on their topology",
+            self.rounds, self.seconds_per_test, 2 * self.rounds
         );
         for network in self.networks() {
             self.network_tables(&mut s, network);
@@ -463,7 +463,7 @@ fn header(s: &mut String, first: &str) {
 }
 
 /// A figure with 3 significant digits, in plain notation.
-fn number(x: f64) -> String {
+pub fn number(x: f64) -> String {
     let a = x.abs();
     if a >= 100.0 {
         format!("{x:.0}")
