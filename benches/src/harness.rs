@@ -237,7 +237,8 @@ fn run_network(
     // the machine's drift over the run (other tenants, clocks) lands between a path and the
     // reference it is compared with: the topology's `direct` runs first and again last, and
     // its figures are the median of both runs' rounds.
-    for (case, first_round) in bracket(cases, plan.rounds) {
+    let order = bracket(cases, plan.rounds);
+    for &(case, first_round) in &order {
         let path = case.path;
         if stop::requested() {
             bail!("interrupted");
@@ -261,12 +262,7 @@ fn run_network(
                 continue;
             }
         };
-        let bracketed = first_round > 0 || (cases.len() > 1 && path == Path::Direct);
-        let total = if bracketed {
-            2 * plan.rounds
-        } else {
-            plan.rounds
-        };
+        let total = plan.rounds * order.iter().filter(|(c, _)| *c == case).count();
         for round in first_round..first_round + plan.rounds {
             if stop::requested() {
                 bail!("interrupted");
