@@ -98,6 +98,17 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         Signals::install().map_err(DaemonError::Runtime)?
     };
     raise_fd_limit();
+    match crate::priority::allow(config.global.worker_priority) {
+        Ok(()) => info!(
+            "proxy workers run at nice {} ([global] worker_priority)",
+            config.global.worker_priority
+        ),
+        Err(e) => info!(
+            "proxy workers run at nice {} ([global] worker_priority); {e}: CAP_SYS_NICE is kept \
+             for it where the daemon has it",
+            config.global.worker_priority
+        ),
+    }
     // Read now: after a package upgrade replaced the file, it names the new binary, which an
     // upgrade in place (SIGUSR2) starts.
     let exe = std::env::current_exe();
@@ -218,7 +229,10 @@ fn start(
     let proxy = <Proxy as Dataplane>::start(ProxyStart {
         workers,
         events: feedback,
-        options: proxy_options_from_env()?,
+        options: ProxyOptions {
+            worker_priority: Some(config.global.worker_priority),
+            ..proxy_options_from_env()?
+        },
     })?;
     if let Some(sockets) = inherited {
         proxy.inherit(sockets);
@@ -290,7 +304,7 @@ async fn serve(
         }
     };
     // Start-up is over: listeners bound, the eBPF plane attached, the API listening.
-    if let Err(e) = crate::privileges::lower(&crate::privileges::needed(&control.config())) {
+    if let Err(e) = crate::privileges::lower(&crate::privileges::kept_for(&control.config())) {
         warn!("{e}");
     }
     info!(

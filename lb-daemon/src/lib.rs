@@ -20,6 +20,7 @@ pub mod host_addrs;
 pub mod maglev;
 pub mod notify;
 pub mod placement;
+pub mod priority;
 pub mod privileges;
 pub mod reload;
 pub mod scheduler;

@@ -9,6 +9,7 @@
 //! | `CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN` | a service may run on the eBPF plane (`dataplane` not `proxy`, an `interface` set), or `[global] bpf_object` is set (a proxy-only config that reloads may give eBPF services) | loading the programs on a reload, attaching and detaching them (XDP, TCX, clsact) |
 //! | `CAP_NET_ADMIN` | `[announce]` | writing the announced VIPs' routes |
 //! | `CAP_NET_ADMIN` | a UDP service | `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: UDP session sockets of `udp_buffer` bytes beyond `net.core.rmem_max` |
+//! | `CAP_SYS_NICE` | `[global] worker_priority` below 0 (the default, -10) and `RLIMIT_NICE` could not be raised to allow it (no `CAP_SYS_RESOURCE`, `crate::priority`) | the proxy workers of the daemon an upgrade in place starts lowering their nice value |
 //!
 //! Everything else goes, from the effective, permitted, inheritable and ambient sets (and
 //! from the bounding set while `CAP_SETPCAP` allows it). What is kept is also made
@@ -34,7 +35,19 @@ pub enum PrivilegeError {
     Kernel(String),
 }
 
-/// The capabilities `config` can use after start-up, by the table in the module's docs.
+/// The capabilities the daemon keeps for `config`: those [`needed`] names, and
+/// `CAP_SYS_NICE` when the workers' priority needs it (this process's `RLIMIT_NICE` does not
+/// allow `worker_priority`, see `crate::priority::needs_capability`).
+pub fn kept_for(config: &Config) -> CapsHashSet {
+    let mut keep = needed(config);
+    if crate::priority::needs_capability(config.global.worker_priority) {
+        keep.insert(Capability::CAP_SYS_NICE);
+    }
+    keep
+}
+
+/// The capabilities `config` can use after start-up, by the table in the module's docs (all
+/// but `CAP_SYS_NICE`, which depends on the process's limits: [`kept_for`]).
 pub fn needed(config: &Config) -> CapsHashSet {
     let mut keep = CapsHashSet::new();
     let ebpf = [

@@ -67,7 +67,7 @@ pub struct Plan {
 /// Compares the config in force (`running`, carried by `services`) with `new`.
 ///
 /// Returns `Err(ReloadError::NeedsRestart)` for a change that cannot be applied without a restart: `[global]
-/// workers`, `bpf_pin_dir` or `upgrade_socket`, `[announce]`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
+/// workers`, `worker_priority`, `bpf_pin_dir` or `upgrade_socket`, `[announce]`, the `[admin]` addresses, or a same-named service's data plane, timeouts or
 /// retries at the same address (the proxy fixes them when a service starts, and replacing
 /// the service on the same address would reset connections waiting to be accepted).
 pub fn plan(
@@ -79,6 +79,12 @@ pub fn plan(
     if running.global.workers != new.global.workers {
         return refuse(
             "global.workers changed; the number of proxy workers is fixed until restart".into(),
+        );
+    }
+    if running.global.worker_priority != new.global.worker_priority {
+        return refuse(
+            "global.worker_priority changed; the proxy workers' priority is fixed until restart"
+                .into(),
         );
     }
     if running.admin.fixed_part() != new.admin.fixed_part() {
@@ -611,6 +617,11 @@ address = "127.0.0.1:9001"
         assert!(plan(&old, &new, &running(&old))
             .err()
             .is_some_and(|w| w.to_string().contains("workers")));
+        let mut new = old.clone();
+        new.global.worker_priority = 0;
+        assert!(plan(&old, &new, &running(&old))
+            .err()
+            .is_some_and(|w| w.to_string().contains("worker_priority")));
         let mut new = old.clone();
         new.admin.listen = Some("127.0.0.1:9999".parse().expect("literal"));
         assert!(plan(&old, &new, &running(&old))

@@ -53,6 +53,10 @@ fn good_config_gets_defaults() {
     assert_eq!((s.health.rise, s.health.fall), (2, 3));
     assert_eq!(s.backends[0].weight, 1, "weight defaults to 1");
     assert_eq!(s.backends[1].weight, 3);
+    assert_eq!(c.global.worker_priority, config::DEFAULT_WORKER_PRIORITY);
+    assert_eq!(config::DEFAULT_WORKER_PRIORITY, -10);
+    let set = parse(&format!("[global]\nworker_priority = 5\n{GOOD}")).expect("a nice value");
+    assert_eq!(set.global.worker_priority, 5);
 }
 
 #[test]
@@ -160,6 +164,11 @@ rejected! {
     ];
     workers_are_bounded: [
         (format!("[global]\nworkers = 100000000\n{GOOD}"), 2, "global.workers", "more than 1024"),
+    ];
+    worker_priority_is_a_nice_value: [
+        (format!("[global]\nworker_priority = -21\n{GOOD}"), 2, "global.worker_priority", "-20 (most favoured) to 19"),
+        (format!("[global]\nworkers = 2\nworker_priority = 20\n{GOOD}"), 3, "global.worker_priority", "not a nice value"),
+        (format!("[global]\nworker_priority = 9999999999\n{GOOD}"), 2, "global.worker_priority", "not a nice value"),
     ];
     table_smaller_than_backend_count_points_at_table_size: [
         (GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ntable_size = 2").replace("weight = 3", "weight = 3\n[[service.backend]]\naddress = \"127.0.0.1:9003\""), 6, "service[0].table_size", "smaller than the 3 backends"),

@@ -27,6 +27,7 @@ pub mod packet;
 pub mod ports;
 pub mod privileged;
 pub mod tally;
+pub mod threads;
 pub mod xdp;
 
 pub use backend::{HashServer, HttpNameServer, SourceServer, TcpServer, UdpEcho};

@@ -17,14 +17,31 @@ use lb_tests::{Daemon, HttpNameServer};
 /// Capability numbers (linux/capability.h).
 const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_NICE: u32 = 23;
+const CAP_SYS_RESOURCE: u32 = 24;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// A proxy worker lowers its own set within its sweep period (at most a second).
 const LOWERED_WITHIN: Duration = Duration::from_secs(5);
 
+/// The mask of `caps`, plus `CAP_SYS_NICE` where the daemon keeps it for the default
+/// `worker_priority` (-10): when it cannot raise `RLIMIT_NICE` instead, having no
+/// `CAP_SYS_RESOURCE` (as this test process, whose capabilities it starts with), and the
+/// limit does not already allow nice -10 (`lb_daemon::priority`).
 fn mask(caps: &[u32]) -> u64 {
-    caps.iter().fold(0, |m, c| m | 1 << c)
+    let own = threads(std::process::id())
+        .into_values()
+        .next()
+        .map_or(0, |(eff, _, _)| eff);
+    let limit_allows = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
+        .is_ok_and(|(soft, _)| soft >= 30);
+    let nice = if own & 1 << CAP_SYS_RESOURCE == 0 && !limit_allows {
+        1 << CAP_SYS_NICE
+    } else {
+        0
+    };
+    caps.iter().fold(nice, |m, c| m | 1 << c)
 }
 
 /// Each thread of process `pid`: its name, effective and permitted capability masks, and
@@ -83,8 +100,8 @@ fn assert_lowered_to(daemon: &Daemon, want: u64, what: &str) {
 }
 
 #[test]
-fn a_proxy_only_daemon_on_a_high_port_keeps_no_capability_and_serves() {
-    if !lb_tests::require_root("privileges::a_proxy_only_daemon_keeps_no_capability") {
+fn a_proxy_only_daemon_on_a_high_port_keeps_at_most_cap_sys_nice_and_serves() {
+    if !lb_tests::require_root("privileges::a_proxy_only_daemon_keeps_at_most_cap_sys_nice") {
         return;
     }
     let backend = HttpNameServer::start("b1").expect("a backend starts");
@@ -95,9 +112,9 @@ fn a_proxy_only_daemon_on_a_high_port_keeps_no_capability_and_serves() {
         .backend(backend.addr(), 1);
     let daemon = Daemon::start(&DaemonConfig::new().service(svc).to_toml());
     daemon
-        .wait_for_log("privileges: kept none", Duration::from_secs(5))
+        .wait_for_log("privileges: kept", Duration::from_secs(5))
         .expect("the daemon logs the capabilities it kept");
-    assert_lowered_to(&daemon, 0, "a proxy-only daemon on a high port");
+    assert_lowered_to(&daemon, mask(&[]), "a proxy-only daemon on a high port");
     let reply = http_get(vip, "/").unwrap_or_else(|e| panic!("a request after the drop: {e}"));
     assert_eq!(reply, "b1", "the backend answered");
 }
@@ -162,4 +179,92 @@ fn an_ebpf_daemon_keeps_what_reloads_need_and_serves() {
             "request {i}: a backend's name, not {reply:?}"
         );
     }
+}
+
+/// Waits until every `lb-proxy-N` thread of process `pid` runs at nice `workers` (and there is
+/// at least one) and every other thread at `rest`; panics with the threads that do not.
+fn assert_nice(pid: u32, workers: i32, rest: i32, what: &str) {
+    let deadline = Instant::now() + LOWERED_WITHIN;
+    loop {
+        let all = lb_tests::threads::nice_values(pid);
+        let proxy = all
+            .iter()
+            .filter(|(n, _)| n.starts_with("lb-proxy-"))
+            .count();
+        let wrong: Vec<_> = all
+            .iter()
+            .filter(|(name, nice)| {
+                *nice
+                    != if name.starts_with("lb-proxy-") {
+                        workers
+                    } else {
+                        rest
+                    }
+            })
+            .collect();
+        if proxy > 0 && wrong.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the proxy workers should run at nice {workers} and the other threads at \
+             {rest}; these do not (name, nice): {wrong:?} of {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `[global] worker_priority`: the proxy workers lower their nice value (default -10), the
+/// control plane keeps the daemon's; the daemon has dropped `CAP_SYS_NICE` by then, so the
+/// workers of the daemon an upgrade in place starts can do it only by the `RLIMIT_NICE` the
+/// first one raised (`lb_daemon::priority`).
+#[test]
+fn proxy_workers_run_at_worker_priority_also_after_an_upgrade_in_place() {
+    if !lb_tests::require_root("privileges::proxy_workers_run_at_worker_priority") {
+        return;
+    }
+    let own = lb_tests::threads::own_nice();
+    let backend = HttpNameServer::start("b1").expect("a backend starts");
+    let web = |vip| {
+        ServiceConfig::tcp("web", vip)
+            .set("dataplane", "proxy")
+            .health("kind", "none")
+            .backend(backend.addr(), 1)
+    };
+    let vip = free_addr();
+    let old = Daemon::start(
+        &DaemonConfig::new()
+            .global("workers", 2)
+            .service(web(vip))
+            .to_toml(),
+    );
+    old.wait_for_log("privileges: kept", Duration::from_secs(5))
+        .expect("the daemon logs the capabilities it kept");
+    assert_nice(old.pid(), -10, own, "the default worker_priority");
+    assert_eq!(http_get(vip, "/").expect("a request"), "b1");
+
+    let mark = old.log_mark();
+    let new = old
+        .upgrade_in_place()
+        .unwrap_or_else(|e| panic!("no upgrade in place: {e}"));
+    old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("the new daemon did not take over: {e}"));
+    assert_nice(
+        new.pid().as_raw() as u32,
+        -10,
+        own,
+        "the daemon an upgrade in place started, without CAP_SYS_NICE",
+    );
+    assert_eq!(
+        http_get(vip, "/").expect("a request to the new daemon"),
+        "b1"
+    );
+    drop(new);
+
+    let toml = DaemonConfig::new()
+        .global("worker_priority", 3)
+        .service(web(free_addr()))
+        .to_toml();
+    let daemon = Daemon::start(&toml);
+    assert_nice(daemon.pid(), 3, own, "worker_priority = 3");
 }

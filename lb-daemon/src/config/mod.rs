@@ -82,6 +82,11 @@ pub const DEFAULT_ANNOUNCE_PROTOCOL: u8 = 250;
 pub struct Global {
     /// Proxy worker threads, each with its own io_uring; `0` in the file means one per core.
     pub workers: usize,
+    /// `worker_priority`: the nice value of the proxy worker threads, -20 (most favoured) to
+    /// 19; default [`DEFAULT_WORKER_PRIORITY`]. Only the workers: the control plane (health
+    /// checks, admin API) keeps the daemon's own. Fixed until restart (a reload that changes
+    /// it is refused).
+    pub worker_priority: i32,
     /// On SIGTERM/SIGINT, how long open connections may take to finish before the daemon exits.
     pub drain_timeout: Duration,
     /// `bpf_object`: the BPF object with the XDP programs; `None` means the default search
@@ -97,6 +102,13 @@ pub struct Global {
     /// hand-over. Fixed until restart (a reload that changes it is refused).
     pub upgrade_socket: Option<PathBuf>,
 }
+
+/// The proxy workers' nice value unless `[global] worker_priority` says otherwise. The
+/// eBPF planes forward in softirq, ahead of every task; a proxy worker at nice 0 waits for a
+/// core behind any busy process of the host, each time a datagram or a connection wakes it.
+/// At -10 it weighs about nine times a nice-0 task in the scheduler's share, and a woken
+/// worker gets its core sooner. nginx's `worker_priority` is the same knob (its default is 0).
+pub const DEFAULT_WORKER_PRIORITY: i32 = -10;
 
 /// Where the eBPF plane pins its state unless `[global] bpf_pin_dir` or
 /// [`BPF_PIN_DIR_ENV`] says otherwise.

@@ -36,6 +36,7 @@ pub(super) struct RawAnnounce {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawGlobal {
     pub(super) workers: Option<Spanned<usize>>,
+    pub(super) worker_priority: Option<Spanned<i64>>,
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) drain_timeout: Option<Spanned<Duration>>,
     pub(super) bpf_object: Option<PathBuf>,

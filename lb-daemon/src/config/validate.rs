@@ -171,7 +171,7 @@ impl Validator<'_> {
         })
     }
 
-    /// `[global]`: `workers`, then `drain_timeout`.
+    /// `[global]`: `workers`, `worker_priority`, then `drain_timeout`.
     fn global(&self, raw: RawGlobal) -> Result<Global, ConfigError> {
         Ok(Global {
             workers: match raw.workers {
@@ -187,6 +187,22 @@ impl Validator<'_> {
                         ),
                     ))
                 }
+            },
+            worker_priority: match raw.worker_priority {
+                None => super::DEFAULT_WORKER_PRIORITY,
+                Some(n) => match i32::try_from(*n.get_ref()) {
+                    Ok(nice) if (-20..=19).contains(&nice) => nice,
+                    _ => {
+                        return Err(self.invalid(
+                            n.span(),
+                            "global.worker_priority".into(),
+                            format!(
+                                "{} is not a nice value: -20 (most favoured) to 19",
+                                n.get_ref()
+                            ),
+                        ))
+                    }
+                },
             },
             drain_timeout: self.positive(raw.drain_timeout, Duration::from_secs(30), || {
                 "global.drain_timeout".into()

@@ -110,6 +110,10 @@ pub struct ProxyOptions {
     /// Receive and send buffer of each UDP socket, in bytes; default 4 MiB. Beyond
     /// `net.core.rmem_max`/`wmem_max` only with `CAP_NET_ADMIN`.
     pub udp_buffer: usize,
+    /// The nice value each worker thread sets for itself when it starts (-20 to 19, see
+    /// `crate::priority`); `None` (the default) leaves the threads at the priority of the
+    /// thread that started them. The daemon passes `[global] worker_priority`.
+    pub worker_priority: Option<i32>,
 }
 
 impl Default for ProxyOptions {
@@ -118,6 +122,7 @@ impl Default for ProxyOptions {
             splice: SpliceMode::default(),
             pipe_size: 256 * 1024,
             udp_buffer: 4 * 1024 * 1024,
+            worker_priority: None,
         }
     }
 }

@@ -111,6 +111,13 @@ impl Worker {
             fd_share,
             ready,
         } = setup;
+        // Before the ring is enabled: the kernel's io-wq threads it starts later are forked
+        // from this thread and take its nice value.
+        if let Some(nice) = options.worker_priority {
+            if let Err(e) = crate::priority::set_this_thread(nice) {
+                tracing::warn!("lb-proxy-{id}: {e}; it runs at the daemon's priority");
+            }
+        }
         let period = sweep_period(tcp.iter().chain(udp.iter()).map(|(s, _)| s));
         let mut ctx = Ctx {
             ring,
