@@ -98,17 +98,23 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         Signals::install().map_err(DaemonError::Runtime)?
     };
     raise_fd_limit();
-    match crate::priority::allow(config.global.worker_priority) {
-        Ok(()) => info!(
-            "proxy workers run at nice {} ([global] worker_priority)",
-            config.global.worker_priority
-        ),
-        Err(e) => info!(
-            "proxy workers run at nice {} ([global] worker_priority); {e}: CAP_SYS_NICE is kept \
-             for it where the daemon has it",
-            config.global.worker_priority
-        ),
-    }
+    let worker_priority = config.global.worker_priority;
+    let worker_priority = match crate::priority::allow(worker_priority) {
+        Ok(how) => {
+            let how = match how {
+                crate::priority::Allowed::Capability => {
+                    " (RLIMIT_NICE cannot be raised: CAP_SYS_NICE is kept for it)"
+                }
+                _ => "",
+            };
+            info!("proxy workers run at nice {worker_priority} ([global] worker_priority){how}");
+            Some(worker_priority)
+        }
+        Err(e) => {
+            warn!("{e}, nor is there CAP_SYS_NICE: the proxy workers run at the daemon's priority");
+            None
+        }
+    };
     // Read now: after a package upgrade replaced the file, it names the new binary, which an
     // upgrade in place (SIGUSR2) starts.
     let exe = std::env::current_exe();
@@ -137,7 +143,7 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         None
     };
     let inherited = handover.as_ref().map(|(i, _)| Arc::clone(i));
-    let (control, passive_rx) = start(config, path, workers, &rt, inherited)?;
+    let (control, passive_rx) = start(config, path, workers, worker_priority, &rt, inherited)?;
     let stopped = rt.block_on(serve(
         &control,
         passive_rx,
@@ -215,13 +221,15 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
     result
 }
 
-/// Starts the proxy with `workers` workers and no service, then places every service of
+/// Starts the proxy with `workers` workers (at nice `worker_priority`, `None`: the daemon's)
+/// and no service, then places every service of
 /// `config` as a reload from an empty config would. Returns the control state and the queue
 /// of passive connect outcomes, for [`serve`].
 fn start(
     config: Config,
     path: &Path,
     workers: usize,
+    worker_priority: Option<i32>,
     rt: &tokio::runtime::Runtime,
     inherited: Option<Arc<crate::handover::Inherited>>,
 ) -> Result<(Arc<Control>, PassiveQueue), DaemonError> {
@@ -230,7 +238,7 @@ fn start(
         workers,
         events: feedback,
         options: ProxyOptions {
-            worker_priority: Some(config.global.worker_priority),
+            worker_priority,
             ..proxy_options_from_env()?
         },
     })?;

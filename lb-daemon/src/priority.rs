@@ -18,8 +18,7 @@ use nix::sys::resource::{getrlimit, setrlimit, Resource};
 #[derive(Debug, thiserror::Error)]
 pub enum PriorityError {
     /// The kernel refused: `nice` is below the current value and the thread has neither
-    /// `CAP_SYS_NICE` nor an `RLIMIT_NICE` that allows it (`EACCES`/`EPERM`), or it is out of
-    /// range.
+    /// `CAP_SYS_NICE` nor an `RLIMIT_NICE` that allows it (`EACCES`/`EPERM`).
     #[error("cannot set the nice value to {nice}: {source}")]
     Refused {
         /// The nice value asked for, -20 to 19.
@@ -31,7 +30,7 @@ pub enum PriorityError {
     /// needs `CAP_SYS_RESOURCE`).
     #[error("cannot raise RLIMIT_NICE to {} for a nice value of {nice}: {source}", limit_for(*.nice))]
     Limit {
-        /// The nice value the limit should allow, -20 to -1.
+        /// The nice value the limit should allow, -20 to 18 (below the daemon's own).
         nice: i32,
         /// The kernel's error.
         source: io::Error,
@@ -44,15 +43,29 @@ pub fn limit_for(nice: i32) -> u64 {
     u64::try_from(20 - nice.clamp(-20, 19)).unwrap_or(0)
 }
 
-/// Raises `RLIMIT_NICE` (soft and hard) so that threads can be lowered to `nice` after the
-/// daemon dropped `CAP_SYS_NICE`. Call it at start-up, before `crate::privileges::lower`.
-/// A limit already high enough is left alone; nothing is done for a `nice` of 0 or more.
+/// How [`allow`] made way for the workers' nice value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// The value is not below the calling thread's: nothing was needed.
+    NotLower,
+    /// `RLIMIT_NICE` allows it (it did, or the daemon raised it).
+    Limit,
+    /// `RLIMIT_NICE` could not be raised, and the thread has `CAP_SYS_NICE`, which
+    /// `crate::privileges` then keeps ([`needs_capability`]).
+    Capability,
+}
+
+/// Makes sure that threads can be lowered to `nice` also after the daemon dropped
+/// `CAP_SYS_NICE`: raises `RLIMIT_NICE` (soft and hard) to [`limit_for`]`(nice)` when `nice`
+/// is below the calling thread's value and the limit does not allow it. Call it at start-up,
+/// before `crate::privileges::lower`.
 ///
-/// Returns `Err(PriorityError::Limit)` when the kernel refuses (no `CAP_SYS_RESOURCE` to
-/// raise the hard limit): the workers then need `CAP_SYS_NICE` ([`needs_capability`]).
-pub fn allow(nice: i32) -> Result<(), PriorityError> {
-    if nice >= 0 {
-        return Ok(());
+/// Returns `Err(PriorityError::Limit)` when the limit cannot be raised (no
+/// `CAP_SYS_RESOURCE` for the hard limit) and the thread has no `CAP_SYS_NICE` either: the
+/// workers would stay at the daemon's value.
+pub fn allow(nice: i32) -> Result<Allowed, PriorityError> {
+    if !lowers(nice) {
+        return Ok(Allowed::NotLower);
     }
     let wanted = limit_for(nice);
     let refused = |e: nix::Error| PriorityError::Limit {
@@ -61,17 +74,37 @@ pub fn allow(nice: i32) -> Result<(), PriorityError> {
     };
     let (soft, hard) = getrlimit(Resource::RLIMIT_NICE).map_err(refused)?;
     if soft >= wanted {
-        return Ok(());
+        return Ok(Allowed::Limit);
     }
-    setrlimit(Resource::RLIMIT_NICE, wanted, hard.max(wanted)).map_err(refused)
+    match setrlimit(Resource::RLIMIT_NICE, wanted, hard.max(wanted)) {
+        Ok(()) => Ok(Allowed::Limit),
+        Err(_)
+            if caps::has_cap(
+                None,
+                caps::CapSet::Effective,
+                caps::Capability::CAP_SYS_NICE,
+            )
+            .unwrap_or(false) =>
+        {
+            Ok(Allowed::Capability)
+        }
+        Err(e) => Err(refused(e)),
+    }
 }
 
-/// Whether lowering a thread to `nice` will need `CAP_SYS_NICE`: `nice` is below 0 and this
-/// process's `RLIMIT_NICE` does not allow it (the daemon could not raise it, see [`allow`];
-/// a container without `CAP_SYS_RESOURCE`). `crate::privileges` then keeps the capability, so
-/// that the daemon an upgrade in place starts can lower its workers too.
+/// Whether `nice` is below the calling thread's nice value (lowering needs a privilege).
+fn lowers(nice: i32) -> bool {
+    this_thread().map_or(true, |current| nice < current)
+}
+
+/// Whether lowering a thread to `nice` will need `CAP_SYS_NICE`: `nice` is below the calling
+/// thread's value and this process's `RLIMIT_NICE` does not allow it (the daemon could not
+/// raise it, see [`allow`]; a container without `CAP_SYS_RESOURCE`). `crate::privileges`
+/// then keeps the capability, so that the daemon an upgrade in place starts can lower its
+/// workers too.
 pub fn needs_capability(nice: i32) -> bool {
-    nice < 0 && getrlimit(Resource::RLIMIT_NICE).map_or(true, |(soft, _)| soft < limit_for(nice))
+    lowers(nice)
+        && getrlimit(Resource::RLIMIT_NICE).map_or(true, |(soft, _)| soft < limit_for(nice))
 }
 
 /// Sets the calling thread's nice value to `nice` (-20 to 19); other threads keep theirs.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use lb_daemon::config::DEFAULT_WORKER_PRIORITY;
 use lb_tests::client::http_get;
 use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::netns::Netns;
@@ -26,22 +27,26 @@ const CAP_BPF: u32 = 39;
 const LOWERED_WITHIN: Duration = Duration::from_secs(5);
 
 /// The mask of `caps`, plus `CAP_SYS_NICE` where the daemon keeps it for the default
-/// `worker_priority` (-10): when it cannot raise `RLIMIT_NICE` instead, having no
-/// `CAP_SYS_RESOURCE` (as this test process, whose capabilities it starts with), and the
-/// limit does not already allow nice -10 (`lb_daemon::priority`).
+/// `worker_priority`, as `lb_daemon::priority::allow` decides in the daemon this test process
+/// starts (which inherits its capabilities, limits and nice value): the value is below this
+/// process's, `RLIMIT_NICE` neither allows it nor can be raised to (no `CAP_SYS_RESOURCE`,
+/// a hard limit too low), and the capability is there to keep.
 fn mask(caps: &[u32]) -> u64 {
     let own = threads(std::process::id())
         .into_values()
         .next()
         .map_or(0, |(eff, _, _)| eff);
-    let limit_allows = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE)
-        .is_ok_and(|(soft, _)| soft >= 30);
-    let nice = if own & 1 << CAP_SYS_RESOURCE == 0 && !limit_allows {
-        1 << CAP_SYS_NICE
-    } else {
-        0
-    };
-    caps.iter().fold(nice, |m, c| m | 1 << c)
+    let nice = DEFAULT_WORKER_PRIORITY;
+    let wanted = lb_daemon::priority::limit_for(nice);
+    let limit =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NICE).unwrap_or((0, 0));
+    let keeps = nice < lb_tests::threads::own_nice()
+        && limit.0 < wanted
+        && limit.1 < wanted
+        && own & 1 << CAP_SYS_RESOURCE == 0
+        && own & 1 << CAP_SYS_NICE != 0;
+    caps.iter()
+        .fold(if keeps { 1 << CAP_SYS_NICE } else { 0 }, |m, c| m | 1 << c)
 }
 
 /// Each thread of process `pid`: its name, effective and permitted capability masks, and
@@ -75,12 +80,12 @@ fn threads(pid: u32) -> BTreeMap<String, (u64, u64, bool)> {
     out
 }
 
-/// Waits until every thread of `daemon` holds exactly `want` (effective and permitted) with
+/// Waits until every thread of process `pid` holds exactly `want` (effective and permitted) with
 /// no-new-privileges; panics with the threads that do not.
-fn assert_lowered_to(daemon: &Daemon, want: u64, what: &str) {
+fn assert_lowered_to(pid: u32, want: u64, what: &str) {
     let deadline = Instant::now() + LOWERED_WITHIN;
     loop {
-        let all = threads(daemon.pid());
+        let all = threads(pid);
         let wrong: Vec<_> = all
             .iter()
             .filter(|(_, &(eff, prm, nnp))| eff != want || prm != want || !nnp)
@@ -114,7 +119,11 @@ fn a_proxy_only_daemon_on_a_high_port_keeps_at_most_cap_sys_nice_and_serves() {
     daemon
         .wait_for_log("privileges: kept", Duration::from_secs(5))
         .expect("the daemon logs the capabilities it kept");
-    assert_lowered_to(&daemon, mask(&[]), "a proxy-only daemon on a high port");
+    assert_lowered_to(
+        daemon.pid(),
+        mask(&[]),
+        "a proxy-only daemon on a high port",
+    );
     let reply = http_get(vip, "/").unwrap_or_else(|e| panic!("a request after the drop: {e}"));
     assert_eq!(reply, "b1", "the backend answered");
 }
@@ -147,7 +156,7 @@ fn a_proxy_daemon_on_port_80_with_udp_keeps_bind_and_buffer_capabilities() {
         .to_toml();
     let daemon = in_netns(&ns, || Daemon::start(&toml)).expect("enter the namespace");
     assert_lowered_to(
-        &daemon,
+        daemon.pid(),
         mask(&[CAP_NET_BIND_SERVICE, CAP_NET_ADMIN]),
         "a proxy daemon on port 80 with a UDP service",
     );
@@ -165,7 +174,7 @@ fn an_ebpf_daemon_keeps_what_reloads_need_and_serves() {
     // The test world: web (80), bulk (81) and dns (53, UDP) on tc, NAT.
     let world = World::start(Path::tc(Mode::Nat), 2, 2);
     assert_lowered_to(
-        &world.daemon,
+        world.daemon.pid(),
         mask(&[CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF]),
         "a daemon with services on tc",
     );
@@ -181,8 +190,15 @@ fn an_ebpf_daemon_keeps_what_reloads_need_and_serves() {
     }
 }
 
-/// Waits until every `lb-proxy-N` thread of process `pid` runs at nice `workers` (and there is
-/// at least one) and every other thread at `rest`; panics with the threads that do not.
+/// Whether thread `name` is a proxy worker, or an io-wq thread the kernel forked from one
+/// (which takes its nice value).
+fn is_worker(name: &str) -> bool {
+    name.starts_with("lb-proxy-") || name.starts_with("iou-wrk-")
+}
+
+/// Waits until every proxy worker thread of process `pid` runs at nice `workers` (and there is
+/// at least one `lb-proxy-N`) and every other thread at `rest`; panics with the threads that
+/// do not.
 fn assert_nice(pid: u32, workers: i32, rest: i32, what: &str) {
     let deadline = Instant::now() + LOWERED_WITHIN;
     loop {
@@ -193,14 +209,7 @@ fn assert_nice(pid: u32, workers: i32, rest: i32, what: &str) {
             .count();
         let wrong: Vec<_> = all
             .iter()
-            .filter(|(name, nice)| {
-                *nice
-                    != if name.starts_with("lb-proxy-") {
-                        workers
-                    } else {
-                        rest
-                    }
-            })
+            .filter(|(name, nice)| *nice != if is_worker(name) { workers } else { rest })
             .collect();
         if proxy > 0 && wrong.is_empty() {
             return;
@@ -215,9 +224,10 @@ fn assert_nice(pid: u32, workers: i32, rest: i32, what: &str) {
 }
 
 /// `[global] worker_priority`: the proxy workers lower their nice value (default -10), the
-/// control plane keeps the daemon's; the daemon has dropped `CAP_SYS_NICE` by then, so the
-/// workers of the daemon an upgrade in place starts can do it only by the `RLIMIT_NICE` the
-/// first one raised (`lb_daemon::priority`).
+/// control plane keeps the daemon's. The daemon an upgrade in place starts has only the
+/// capabilities the first one kept, so its workers can lower themselves only by the
+/// `RLIMIT_NICE` the first one raised, or by the `CAP_SYS_NICE` it kept where the limit
+/// could not be raised (`lb_daemon::priority`); it keeps no more than the first.
 #[test]
 fn proxy_workers_run_at_worker_priority_also_after_an_upgrade_in_place() {
     if !lb_tests::require_root("privileges::proxy_workers_run_at_worker_priority") {
@@ -240,8 +250,14 @@ fn proxy_workers_run_at_worker_priority_also_after_an_upgrade_in_place() {
     );
     old.wait_for_log("privileges: kept", Duration::from_secs(5))
         .expect("the daemon logs the capabilities it kept");
-    assert_nice(old.pid(), -10, own, "the default worker_priority");
+    // A request first: the io-wq threads its relay may start must take the workers' value.
     assert_eq!(http_get(vip, "/").expect("a request"), "b1");
+    assert_nice(
+        old.pid(),
+        DEFAULT_WORKER_PRIORITY,
+        own,
+        "the default worker_priority",
+    );
 
     let mark = old.log_mark();
     let new = old
@@ -249,16 +265,18 @@ fn proxy_workers_run_at_worker_priority_also_after_an_upgrade_in_place() {
         .unwrap_or_else(|e| panic!("no upgrade in place: {e}"));
     old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("the new daemon did not take over: {e}"));
-    assert_nice(
-        new.pid().as_raw() as u32,
-        -10,
-        own,
-        "the daemon an upgrade in place started, without CAP_SYS_NICE",
-    );
     assert_eq!(
         http_get(vip, "/").expect("a request to the new daemon"),
         "b1"
     );
+    let pid = new.pid().as_raw() as u32;
+    assert_nice(
+        pid,
+        DEFAULT_WORKER_PRIORITY,
+        own,
+        "the daemon an upgrade in place started",
+    );
+    assert_lowered_to(pid, mask(&[]), "the daemon an upgrade in place started");
     drop(new);
 
     let toml = DaemonConfig::new()

@@ -104,10 +104,12 @@ pub struct Global {
 }
 
 /// The proxy workers' nice value unless `[global] worker_priority` says otherwise. The
-/// eBPF planes forward in softirq, ahead of every task; a proxy worker at nice 0 waits for a
-/// core behind any busy process of the host, each time a datagram or a connection wakes it.
-/// At -10 it weighs about nine times a nice-0 task in the scheduler's share, and a woken
-/// worker gets its core sooner. nginx's `worker_priority` is the same knob (its default is 0).
+/// eBPF planes forward in softirq, ahead of every task; a proxy worker at nice 0 competes
+/// for a core with every busy task of its group each time a datagram or a connection wakes
+/// it. At -10 it weighs about nine times a nice-0 task in the scheduler's share, and a woken
+/// worker gets its core sooner. A nice value ranks threads within their group (a cgroup with
+/// the cpu controller, an autogroup); between groups their weights decide. nginx's
+/// `worker_priority` is the same knob (its default is 0).
 pub const DEFAULT_WORKER_PRIORITY: i32 = -10;
 
 /// Where the eBPF plane pins its state unless `[global] bpf_pin_dir` or
