@@ -271,6 +271,26 @@ fn start(
     Ok((control, passive_rx))
 }
 
+/// Every [`FOLLOW_EVERY`] until aborted: the eBPF program attached again to interfaces
+/// deleted and made again under their names (`dataplane/xdp/interfaces.rs`), on tokio's
+/// blocking pool (attaching waits for the kernel, and for a reload placing a service).
+///
+/// [`FOLLOW_EVERY`]: crate::dataplane::xdp::interfaces::FOLLOW_EVERY
+async fn follow_interfaces(control: Arc<Control>) {
+    let mut ticker = tokio::time::interval(crate::dataplane::xdp::interfaces::FOLLOW_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let c = Arc::clone(&control);
+        let _ = tokio::task::spawn_blocking(move || {
+            // A pool thread started before the daemon lowered its privileges.
+            crate::privileges::follow();
+            c.planes().follow_interfaces();
+        })
+        .await;
+    }
+}
+
 /// The passive connect outcomes the data planes queue for the control plane.
 type PassiveQueue = tokio::sync::mpsc::Receiver<crate::service::PassiveEvent>;
 
@@ -289,6 +309,7 @@ async fn serve(
     let set = Arc::clone(control.services());
     let passive = tokio::spawn(PassiveFeedback::apply(Arc::clone(&set), passive_rx));
     let trim = tokio::spawn(crate::heap::trim_periodically());
+    let follow = tokio::spawn(follow_interfaces(Arc::clone(control)));
     let served = crate::admin::api::serve(
         Arc::clone(control),
         &control.config().admin,
@@ -396,6 +417,7 @@ async fn serve(
     }
     passive.abort();
     trim.abort();
+    follow.abort();
     Ok(Stopped {
         died,
         keep_dataplane,

@@ -655,6 +655,15 @@ impl Planes {
         }
     }
 
+    /// Attaches the eBPF program again to interfaces deleted and made again under their
+    /// names (see [`XdpPlane::follow_interfaces`]); nothing when no eBPF plane runs. Waits
+    /// for a placement that holds the plane. Blocks: call it from a blocking context.
+    pub fn follow_interfaces(&self) {
+        if let Some(x) = lock(&self.xdp).as_mut() {
+            x.follow_interfaces();
+        }
+    }
+
     /// Takes the XDP plane out for shutdown; later calls get `None`.
     pub fn take_xdp(&self) -> Option<XdpPlane> {
         *lock(&self.xdp_reader) = None;

@@ -150,6 +150,75 @@ fn a_backend_whose_bridge_port_is_replaced_keeps_being_served() {
     drop(daemon);
 }
 
+/// The backends' bridge deleted and made again under its name, as `docker compose down` and
+/// `up` do to a network's bridge when its name is fixed: the kernel takes `lb_tc` off with
+/// the old device, and without it on the new one every NAT reply would reach the balancer's
+/// stack and be answered with a reset. The daemon attaches `lb_tc` to the new `br0` within
+/// seconds, and every upload through the VIP arrives intact again, on both backends.
+#[test]
+fn a_bridge_made_again_under_its_name_is_served_again() {
+    if !lb_tests::require_root("tc_bridge::a_bridge_made_again_under_its_name_is_served_again") {
+        return;
+    }
+    let (lab, servers, daemon) = start(Mode::Nat, 2);
+    let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
+    let uploads = |what: &str| {
+        let before: Vec<u64> = lab.backends.iter().map(|b| rx_bytes(b, "b0")).collect();
+        for seed in 0..20u64 {
+            let receipt = lab
+                .client
+                .enter(|| upload(vip, 256 * 1024, seed))
+                .expect("enter the client namespace")
+                .unwrap_or_else(|e| panic!("{what}: upload {seed} through the VIP failed: {e}"));
+            assert_eq!(
+                receipt,
+                Receipt::of_stream(256 * 1024, seed),
+                "{what}: upload {seed} did not arrive byte for byte"
+            );
+        }
+        for (k, b) in lab.backends.iter().enumerate() {
+            let got = rx_bytes(b, "b0") - before[k];
+            assert!(
+                got >= 256 * 1024,
+                "{what}: backend b{} received {got} bytes: it took none of the 20 uploads",
+                k + 1
+            );
+        }
+    };
+    uploads("before br0 was deleted");
+    lab.balancer
+        .ip(&["link", "del", "br0"])
+        .expect("delete br0");
+    daemon
+        .wait_for_log("eBPF: br0 is gone", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the daemon did not see br0 go: {e:?}"));
+    let accepted: Vec<u64> = servers.iter().map(|s| s.accepted()).collect();
+    bridge_lab::make_bridge(&lab.balancer);
+    for i in 1..=servers.len() {
+        lab.balancer
+            .ip(&["link", "set", &format!("p{i}"), "master", "br0"])
+            .expect("port on the new bridge");
+    }
+    daemon
+        .wait_for_log("eBPF: br0 was made again", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the daemon did not attach lb_tc to the new br0: {e:?}"));
+    // The health checks failed while br0 was gone; both backends up again first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while servers
+        .iter()
+        .zip(&accepted)
+        .any(|(s, &before)| s.accepted() < before + 3)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the backends were not health-checked again within 20 s of the new br0"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    uploads("after br0 was made again");
+    drop(daemon);
+}
+
 /// The lab with `n` backends on `br0`, a hash server on each, and a daemon with a `mode`
 /// service on tc, once the daemon watches the bridge, has health-checked every backend and
 /// has had the time to copy the bridge's forwarding database (which the health checks'

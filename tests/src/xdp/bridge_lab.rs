@@ -43,15 +43,7 @@ impl BridgeLab {
         balancer
             .sysctl("net.ipv4.ip_forward", "1")
             .expect("forwarding in the balancer");
-        balancer
-            .ip(&["link", "add", "br0", "type", "bridge"])
-            .expect("a bridge");
-        balancer
-            .ip(&["addr", "add", &format!("{ON_BRIDGE}/24"), "dev", "br0"])
-            .expect("bridge address");
-        balancer
-            .ip(&["link", "set", "br0", "up"])
-            .expect("bridge up");
+        make_bridge(&balancer);
         let mut backends = Vec::new();
         for i in 1..=n {
             let ns = Netns::new(&format!("b{i}")).expect("backend namespace");
@@ -88,6 +80,19 @@ impl BridgeLab {
             .ip(&["link", "set", "br0", "mtu", &mtu])
             .expect("MTU of the bridge");
     }
+}
+
+/// Makes `br0` in `balancer`, with [`ON_BRIDGE`]/24, up; panics when a step fails.
+pub fn make_bridge(balancer: &Netns) {
+    balancer
+        .ip(&["link", "add", "br0", "type", "bridge"])
+        .expect("a bridge");
+    balancer
+        .ip(&["addr", "add", &format!("{ON_BRIDGE}/24"), "dev", "br0"])
+        .expect("bridge address");
+    balancer
+        .ip(&["link", "set", "br0", "up"])
+        .expect("bridge up");
 }
 
 /// Connects backend namespace `ns` (the `i`-th, 1-based) to `br0` in `balancer`: port `p{i}`,

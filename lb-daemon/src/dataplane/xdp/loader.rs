@@ -121,6 +121,15 @@ impl AttachMode {
     pub fn is_tc(self) -> bool {
         matches!(self, AttachMode::Tcx | AttachMode::Clsact)
     }
+
+    /// The program on this hook: `lb_tc` or `lb_xdp`.
+    pub fn program(self) -> &'static str {
+        if self.is_tc() {
+            lb_common::maps::PROG_TC
+        } else {
+            lb_common::maps::PROG_BALANCER
+        }
+    }
 }
 
 /// As the log and `/status` say it: `XDP native`, `XDP generic`, `tc` (a TCX link), `tc

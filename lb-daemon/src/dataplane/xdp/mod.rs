@@ -8,7 +8,7 @@
 //! `backend_interfaces`), and stays attached until the daemon exits, across reloads. An
 //! interface carries one hook: a service that needs XDP where tc is attached (or the reverse)
 //! is refused ([`XdpPlaneError::HookConflict`]). Each program is loaded (verified) when a
-//! service first needs its hook. The maps are shared, the maps are shared, one service id per
+//! service first needs its hook. The maps are shared, with one service id per
 //! service and one backend id per backend address of a service (see [`ids`] for their
 //! lifecycle). Reloads add services ([`XdpPlane::add`]) and remove them
 //! ([`XdpPlane::remove`]); backend changes arrive as new snapshots. See `lb_common::maps` for
@@ -23,6 +23,7 @@ pub mod counters;
 pub mod decap;
 pub mod ids;
 pub mod iface_kind;
+pub mod interfaces;
 pub mod ip_forwarding;
 pub mod limits;
 pub mod loader;
@@ -200,14 +201,14 @@ pub struct XdpPlane {
     /// next service (it takes seconds, and the object does not change).
     load_failed: BTreeMap<&'static str, String>,
     state: Arc<Mutex<sync::State>>,
-    /// Every interface the program is attached to, and how.
-    attached: BTreeMap<String, AttachMode>,
+    /// Every interface the program is attached to, by name.
+    attached: BTreeMap<String, Attached>,
     sync: Option<sync::SyncThread>,
     /// The pinned set (`[global] bpf_pin_dir`); `None` when nothing is pinned.
     pins: Option<pins::Pins>,
-    /// The links this daemon pinned; it holds them so that the last close detaches them once
-    /// the pins are removed ([`XdpPlane::shutdown`]).
-    pinned_links: Vec<PinnedLink>,
+    /// The links this daemon pinned, by interface; it holds them so that the last close
+    /// detaches them once the pins are removed ([`XdpPlane::shutdown`]).
+    pinned_links: BTreeMap<String, PinnedLink>,
     /// What the adopted pinned set holds that no service has claimed yet, until
     /// [`XdpPlane::settle_adoption`].
     adopted: Option<adopt::Adopted>,
@@ -302,7 +303,7 @@ impl XdpPlane {
             attached: BTreeMap::new(),
             sync: Some(sync),
             pins,
-            pinned_links: Vec::new(),
+            pinned_links: BTreeMap::new(),
             adopted,
             adopted_links,
         })
@@ -467,7 +468,7 @@ impl XdpPlane {
 
     /// How the program is attached to `interface`, if it is.
     pub fn hook_on(&self, interface: &str) -> Option<AttachMode> {
-        self.attached.get(interface).copied()
+        self.attached.get(interface).map(|a| a.mode)
     }
 
     /// Attaches the program of `hook` to each of `wanted` that it is not attached to yet;
@@ -485,25 +486,27 @@ impl XdpPlane {
             let index =
                 loader::if_index(name).ok_or_else(|| XdpPlaneError::NoInterface(name.clone()))?;
             ifindexes.push(index);
-            if let Some(&has) = self.attached.get(name) {
-                check_hook(name, has, hook)?;
+            if let Some(has) = self.attached.get(name) {
+                check_hook(name, has.mode, hook)?;
             }
         }
         let mut interfaces = Vec::new();
-        let mut made: Vec<(String, Link)> = Vec::new();
+        let mut made: Vec<(String, u32, Link)> = Vec::new();
+        let mut adopted = Vec::new();
         for (name, ifindex) in wanted.iter().zip(ifindexes) {
-            if let Some(&mode) = self.attached.get(name) {
-                interfaces.push((name.clone(), mode));
+            if let Some(a) = self.attached.get(name) {
+                interfaces.push((name.clone(), a.mode));
                 continue;
             }
             if let Some((mode, pin)) = self.adopted_links.remove(name) {
                 match self.adopt_link(name, ifindex, mode, &pin, hook) {
-                    Ok(()) => {
+                    Ok(link) => {
                         info!(
                             "eBPF: the pinned {mode} link on {name} is adopted: the new program \
                              replaced the old one in place"
                         );
                         interfaces.push((name.clone(), mode));
+                        adopted.push((name.clone(), ifindex, mode, link));
                         continue;
                     }
                     Err(e) => {
@@ -519,7 +522,7 @@ impl XdpPlane {
             }
             match self.attach_one(name, ifindex, hook) {
                 Ok((mode, link)) => {
-                    made.push((name.clone(), link));
+                    made.push((name.clone(), ifindex, link));
                     interfaces.push((name.clone(), mode));
                 }
                 Err(e) => {
@@ -540,16 +543,17 @@ impl XdpPlane {
                 return Err(e);
             }
         }
-        for (name, link) in made {
+        for (name, ifindex, link) in made {
             if let Some(&mode) = interfaces.iter().find(|(n, _)| *n == name).map(|(_, m)| m) {
-                self.pin_link(&name, mode, link);
+                let link = self.pin_link(&name, mode, link);
+                info!("eBPF: {} attached to {name} ({mode})", mode.program());
+                self.attached
+                    .insert(name, Attached::new(mode, ifindex, link));
             }
         }
-        for (name, mode) in &interfaces {
-            if self.attached.insert(name.clone(), *mode).is_none() {
-                let prog = if mode.is_tc() { PROG_TC } else { PROG_BALANCER };
-                info!("eBPF: {prog} attached to {name} ({mode})");
-            }
+        for (name, ifindex, mode, link) in adopted {
+            self.attached
+                .insert(name, Attached::new(mode, ifindex, Some(link)));
         }
         Ok(interfaces)
     }
@@ -557,8 +561,9 @@ impl XdpPlane {
     /// Takes over the adopted set's link on `name` (index `ifindex`, attached in `mode`,
     /// pinned at `pin`) for a service that asks for `hook`: the program this daemon loaded
     /// replaces the old one in the link, atomically (`bpf_link_update`), so no packet misses
-    /// the hook. `Err` says why not (the other hook, generic where native is needed, a pin
-    /// that is not such a link); nothing changed then.
+    /// the hook. Returns the link, which aya holds from then on (its pin stays). `Err` says
+    /// why not (the other hook, generic where native is needed, a pin that is not such a
+    /// link); nothing changed then.
     fn adopt_link(
         &mut self,
         name: &str,
@@ -566,7 +571,7 @@ impl XdpPlane {
         mode: AttachMode,
         pin: &std::path::Path,
         hook: HookRequest,
-    ) -> Result<(), XdpPlaneError> {
+    ) -> Result<Link, XdpPlaneError> {
         check_hook(name, mode, hook)?;
         let failed = |e: String| XdpPlaneError::Load(format!("{}: {e}", pin.display()));
         let link: FdLink = PinnedLink::from_pin(pin)
@@ -580,31 +585,31 @@ impl XdpPlane {
                 SchedClassifierLink::try_from(link).map_err(|e| failed(loader::error_chain(&e)))?;
             self.tc_program()?
                 .attach_to_link(link)
-                .map_err(|e| failed(loader::error_chain(&e)))?;
+                .map(Link::Tc)
+                .map_err(|e| failed(loader::error_chain(&e)))
         } else {
             let link = XdpLink::try_from(link).map_err(|e| failed(loader::error_chain(&e)))?;
             self.xdp_program()?
                 .attach_to_link(link)
-                .map_err(|e| failed(loader::error_chain(&e)))?;
+                .map(Link::Xdp)
+                .map_err(|e| failed(loader::error_chain(&e)))
         }
-        Ok(())
     }
 
-    /// Pins the link `attach_all` made on `name` in `mode`, so the attachment outlives the
-    /// daemon. Not for `clsact` (no link to pin) or without a pin directory. A pin that
-    /// fails is logged and the interface attached again, unpinned.
-    fn pin_link(&mut self, name: &str, mode: AttachMode, link: Link) {
+    /// Pins the link made on `name` in `mode`, so the attachment outlives the daemon. Not
+    /// for `clsact` (no link to pin) or without a pin directory. A pin that fails is logged
+    /// and the interface attached again, unpinned. Returns the link when aya still holds it
+    /// (not pinned), `None` when it is pinned (in `pinned_links`) or lost.
+    fn pin_link(&mut self, name: &str, mode: AttachMode, link: Link) -> Option<Link> {
         let Some(pin) = self.pins.as_ref().and_then(|p| p.link_path(name, mode)) else {
-            return;
+            return Some(link);
         };
         if !mode.is_tc() && !xdp_links() {
-            return;
+            return Some(link);
         }
         // A pin left by a link no longer attached (its interface went away and came back).
         let _ = std::fs::remove_file(&pin);
-        let Some(ebpf) = self.ebpf.as_mut() else {
-            return;
-        };
+        let ebpf = self.ebpf.as_mut()?;
         let failed = |e: &dyn std::error::Error| XdpPlaneError::Load(loader::error_chain(e));
         let fd = match link {
             Link::Xdp(id) => program_as::<Xdp>(ebpf, PROG_BALANCER)
@@ -616,7 +621,10 @@ impl XdpPlane {
         };
         let pinned = fd.and_then(|fd| fd.pin(&pin).map_err(|e| failed(&e)));
         match pinned {
-            Ok(p) => self.pinned_links.push(p),
+            Ok(p) => {
+                self.pinned_links.insert(name.to_string(), p);
+                None
+            }
             Err(e) => {
                 error!(
                     "eBPF: cannot pin the link on {name} at {}: {e}; attaching it again, \
@@ -633,8 +641,12 @@ impl XdpPlane {
                 let again = loader::if_index(name)
                     .ok_or_else(|| XdpPlaneError::NoInterface(name.to_string()))
                     .and_then(|ifindex| self.attach_one(name, ifindex, hook));
-                if let Err(e) = again {
-                    error!("eBPF: {name} could not be attached again: {e}");
+                match again {
+                    Ok((_, link)) => Some(link),
+                    Err(e) => {
+                        error!("eBPF: {name} could not be attached again: {e}");
+                        None
+                    }
                 }
             }
         }
@@ -707,24 +719,25 @@ impl XdpPlane {
     }
 
     /// Detaches what [`XdpPlane::attach_all`] attached before a later interface failed.
-    fn detach_made(&mut self, made: Vec<(String, Link)>) {
-        let Some(ebpf) = self.ebpf.as_mut() else {
-            return;
-        };
-        for (name, link) in made {
-            let detached = match link {
-                Link::Xdp(id) => program_as::<Xdp>(ebpf, PROG_BALANCER).and_then(|p| {
-                    p.detach(id)
-                        .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
-                }),
-                Link::Tc(id) => program_as::<SchedClassifier>(ebpf, PROG_TC).and_then(|p| {
-                    p.detach(id)
-                        .map_err(|e| XdpPlaneError::Load(loader::error_chain(&e)))
-                }),
-            };
-            if let Err(e) = detached {
+    fn detach_made(&mut self, made: Vec<(String, u32, Link)>) {
+        for (name, _, link) in made {
+            if let Err(e) = self.detach(link) {
                 warn!("eBPF: cannot detach from {name} after a failed attach: {e}");
             }
+        }
+    }
+
+    /// Detaches `link`, which aya holds, and forgets it. `Err` when the kernel refuses (a
+    /// link whose device is gone may say so); aya forgets the link all the same.
+    fn detach(&mut self, link: Link) -> Result<(), XdpPlaneError> {
+        let ebpf = self.ebpf.as_mut().ok_or(XdpPlaneError::Stopped)?;
+        let failed = |e: aya::programs::ProgramError| XdpPlaneError::Load(loader::error_chain(&e));
+        match link {
+            Link::Xdp(id) => {
+                program_as::<Xdp>(ebpf, PROG_BALANCER).and_then(|p| p.detach(id).map_err(failed))
+            }
+            Link::Tc(id) => program_as::<SchedClassifier>(ebpf, PROG_TC)
+                .and_then(|p| p.detach(id).map_err(failed)),
         }
     }
 
@@ -886,8 +899,8 @@ impl XdpPlane {
         if let Some(pins) = self.pins.take() {
             pins.remove();
         }
-        for (interface, mode) in &self.attached {
-            info!("eBPF detached from {interface} ({mode})");
+        for (interface, a) in &self.attached {
+            info!("eBPF detached from {interface} ({})", a.mode);
         }
     }
 
@@ -964,10 +977,34 @@ fn load_balancer(
     Ok((ebpf, maps, walk, path))
 }
 
-/// One attachment [`XdpPlane::attach_all`] made, kept until all of the service's succeed.
+/// A link aya holds for one of the programs (not pinned): what [`XdpPlane::detach`] takes.
 enum Link {
     Xdp(aya::programs::xdp::XdpLinkId),
     Tc(aya::programs::tc::SchedClassifierLinkId),
+}
+
+/// An interface the program is attached to.
+struct Attached {
+    /// How.
+    mode: AttachMode,
+    /// The interface's index when the program went on it (a device deleted and made again
+    /// under the same name has another: `interfaces.rs`).
+    ifindex: u32,
+    /// The link while aya holds it; `None` when it is pinned (`pinned_links`) or was lost.
+    link: Option<Link>,
+    /// No interface has the name (since the last look; logged once).
+    gone: bool,
+}
+
+impl Attached {
+    fn new(mode: AttachMode, ifindex: u32, link: Option<Link>) -> Attached {
+        Attached {
+            mode,
+            ifindex,
+            link,
+            gone: false,
+        }
+    }
 }
 
 /// Whether an interface attached as `has` can take a service that asks for `hook`.
