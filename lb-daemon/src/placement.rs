@@ -656,9 +656,14 @@ impl Planes {
     }
 
     /// Attaches the eBPF program again to interfaces deleted and made again under their
-    /// names (see [`XdpPlane::follow_interfaces`]); nothing when no eBPF plane runs. Waits
-    /// for a placement that holds the plane. Blocks: call it from a blocking context.
+    /// names (see [`XdpPlane::follow_interfaces`]); nothing when no eBPF plane runs or the
+    /// daemon stops placing. Waits for a placement that holds the plane. Blocks: call it
+    /// from a blocking context.
     pub fn follow_interfaces(&self) {
+        // A daemon on its way out (an upgrade's successor may be attaching) leaves them be.
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(x) = lock(&self.xdp).as_mut() {
             x.follow_interfaces();
         }

@@ -4,19 +4,25 @@
 //! device (another index) has none: without `lb_tc` on a backend bridge, NAT replies reach
 //! the host's stack, which answers them with resets, and on the client's side a VIP's packets
 //! are routed by the host instead of balanced. So the daemon looks each attached interface up
-//! by name every [`FOLLOW_EVERY`] and, when the index changed, attaches the program again
-//! with the same hook and mode, as at placement (peer redirect, bridge watch and `DEVMAP`
-//! entry included). Flows go on: conntrack, the tables and the SNAT ports are in the maps,
-//! not on the device.
+//! by name every [`FOLLOW_EVERY`] (and a reload placing a service on it looks first) and,
+//! when the index changed, attaches the program again at the same hook, as at placement
+//! (peer redirect, bridge watch and `DEVMAP` entry included; XDP native where it attaches, so
+//! a generic attachment may come back native). Flows go on: conntrack, the tables and the
+//! SNAT ports are in the maps, not on the device.
 //!
 //! An interface that comes back with the same index is taken as the same device (renamed
-//! away and back, which keeps its program) and not attached twice. A re-attach that fails is
-//! logged as an error and not tried again for that device; a restart tries again.
+//! away and back, which keeps its program) and not attached twice. A device that carries no
+//! Ethernet frames (a tun or WireGuard device under the old name) does not get the program,
+//! which would misread its packets. A re-attach that fails, or is refused so, is logged as an
+//! error and not tried again for that device; a restart tries again. Interfaces are
+//! followed as long as the program is attached to them, which is until exit, also after the
+//! last service that named one is gone.
 
 use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use super::iface_kind::{self, InterfaceKind};
 use super::{loader, lock, AttachMode, HookRequest, XdpPlane};
 
 /// How often the interfaces are looked up by name: the longest a re-made interface runs
@@ -56,9 +62,10 @@ impl XdpPlane {
         }
     }
 
-    /// Attaches the program again to `name`, now the device with index `ifindex`, in the mode
-    /// it had; the old link (its device is gone, the kernel detached it) is let go.
-    fn attach_again(&mut self, name: &str, ifindex: u32) {
+    /// Attaches the program again to `name`, now the device with index `ifindex`, at the hook
+    /// it had; the old link (its device is gone, the kernel detached it) and its pin are let
+    /// go.
+    pub(super) fn attach_again(&mut self, name: &str, ifindex: u32) {
         let Some(a) = self.attached.get_mut(name) else {
             return;
         };
@@ -67,14 +74,26 @@ impl XdpPlane {
         let old = a.link.take();
         a.ifindex = ifindex;
         a.gone = false;
-        // Their pins are replaced by `pin_link`; closing a detached link's fd frees it.
+        // Closing a detached link's fd frees it; its pin goes too (`pin_link` replaces only
+        // the pin of the mode the new link gets).
         self.pinned_links.remove(name);
+        if let Some(pin) = self.pins.as_ref().and_then(|p| p.link_path(name, mode)) {
+            let _ = std::fs::remove_file(pin);
+        }
         if let Some(link) = old {
             // Whatever the kernel says of a link whose device is gone, aya forgets it.
             let _ = self.detach(link);
         }
         // Watched again below if the new device is a bridge too.
         lock(&self.state).bridges.remove(name);
+        if let Ok(kind @ InterfaceKind::NotEthernet { .. }) = iface_kind::kind_of(name) {
+            error!(
+                "eBPF: {name} was made again (index {ifindex}, was {was}) as {kind}, which \
+                 carries no Ethernet frames: {} is not attached to it",
+                mode.program()
+            );
+            return;
+        }
         let attached = self
             .attach_one(name, ifindex, hook_of(mode))
             .map(|(now, link)| (now, self.pin_link(name, now, link)));

@@ -494,6 +494,14 @@ impl XdpPlane {
         let mut made: Vec<(String, u32, Link)> = Vec::new();
         let mut adopted = Vec::new();
         for (name, ifindex) in wanted.iter().zip(ifindexes) {
+            if self
+                .attached
+                .get(name)
+                .is_some_and(|a| a.ifindex != ifindex)
+            {
+                // Made again since the last look (`interfaces.rs`): not left to it.
+                self.attach_again(name, ifindex);
+            }
             if let Some(a) = self.attached.get(name) {
                 interfaces.push((name.clone(), a.mode));
                 continue;
