@@ -21,7 +21,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use lb_common::maps::MAX_TABLE_SIZE;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{
     DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
@@ -263,6 +263,28 @@ pub enum NotOnXdp {
          conntrack table's size bounds the flows)"
     )]
     FlowCap,
+    /// `nat`: the kernel routes a backend out of an interface the program would not be on
+    /// (neither `interface` nor one of `backend_interfaces`). The translated packets would
+    /// still leave, but the backend's replies would come in there and meet the host's stack,
+    /// which answers them with resets: every flow to that backend would fail.
+    #[error(
+        "backend {backend} is reached through {via}, which is not the service's interface or \
+         one of its backend_interfaces: its replies would come in where the eBPF program is \
+         not (add {via} to backend_interfaces)"
+    )]
+    BackendElsewhere {
+        /// The backend.
+        backend: std::net::SocketAddr,
+        /// The interface the route to it names.
+        via: String,
+    },
+    /// A backend's address is this host's own: the eBPF plane forwards packets out of
+    /// interfaces, and the host's own sockets are behind none.
+    #[error(
+        "backend {0} is an address of this host: the eBPF data plane forwards packets out of \
+         interfaces, and this host's sockets are behind none"
+    )]
+    BackendLocal(std::net::SocketAddr),
     /// The eBPF plane was tried and failed: its reason (no BPF object, no `lb_tc` in it, no
     /// such interface, an interface carrying the other hook, an attach or map error, no free
     /// ids...).
@@ -364,6 +386,52 @@ fn forwarding_off(service: &Service) -> Option<NotOnXdp> {
         })
 }
 
+/// In `nat` mode, the first of `backends` whose route (from the service's first local
+/// address of its family) leaves by an interface where the program would not see its
+/// replies (see `routes::reaches_the_program`: not one of the service's interfaces, nor the
+/// bridge or bond one is a port of, nor a VLAN on one), or that is an address of this host,
+/// as the reason the service cannot run on eBPF. Where it cannot be told (the kernel has no
+/// route, or cannot be asked; a listed interface in a VRF), the backend passes, and a
+/// service one of whose interfaces does not exist is left to the placement (which says so). Read when a
+/// service is placed and when a reload gives a running one new backends (`crate::reload`);
+/// backends a DNS name brings later are not checked.
+pub fn backends_elsewhere(
+    service: &Service,
+    backends: impl IntoIterator<Item = std::net::SocketAddr>,
+) -> Option<NotOnXdp> {
+    use crate::dataplane::xdp::routes::{self, egress, Egress};
+    if service.xdp.forwarding != Forwarding::Nat {
+        return None;
+    }
+    // A missing interface is the placement's reason to give, not a backend's.
+    let listed: Vec<u32> = service
+        .xdp
+        .interface
+        .iter()
+        .chain(service.xdp.backend_interfaces.iter())
+        .map(|name| loader::if_index(name))
+        .collect::<Option<_>>()?;
+    backends.into_iter().find_map(|backend| {
+        let source = service
+            .xdp
+            .local_addresses
+            .iter()
+            .find(|a| a.is_ipv4() == backend.is_ipv4())?;
+        match egress(backend.ip(), *source) {
+            Ok(Egress::Local) => Some(NotOnXdp::BackendLocal(backend)),
+            Ok(Egress::Interface(index))
+                if routes::reaches_the_program(index, &listed) == Some(false) =>
+            {
+                let via = nix::net::if_::if_indextoname(index)
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| format!("interface index {index}"));
+                Some(NotOnXdp::BackendElsewhere { backend, via })
+            }
+            Ok(Egress::Interface(_)) | Err(_) => None,
+        }
+    })
+}
+
 /// The first of `service`'s interfaces (`interface`, then `backend_interfaces`) that carries
 /// no Ethernet frames, as the reason the service cannot run on eBPF. An interface whose kind
 /// cannot be read is left to the placement, which names the error.
@@ -440,7 +508,12 @@ impl Planes {
         }
         // The host's forwarding is read when a service is placed, not when a reload checks
         // a running one: turning it off later is not a reason to move a running service.
-        let tried = match why_not_xdp(service).or_else(|| forwarding_off(service)) {
+        let tried = match why_not_xdp(service)
+            .or_else(|| forwarding_off(service))
+            .or_else(|| {
+                let snapshot = handle.snapshot.load();
+                backends_elsewhere(service, snapshot.backends.iter().map(|b| b.address))
+            }) {
             Some(reason) => Err(reason),
             None => self.place_on_xdp(global, service, handle),
         };
@@ -461,7 +534,18 @@ impl Planes {
                         service.name
                     );
                 }
-                self.place_on_proxy(service, handle)?;
+                if let Err(e) = self.place_on_proxy(service, handle) {
+                    // Else the refusal names only the proxy's trouble (a VIP that is no
+                    // address of this host cannot be bound), not why the proxy was chosen.
+                    if !matches!(reason, NotOnXdp::Configured | NotOnXdp::Failed(_)) {
+                        error!(
+                            "service {}: the eBPF data plane cannot carry it ({reason}), and \
+                             the proxy cannot take it: {e}",
+                            service.name
+                        );
+                    }
+                    return Err(e);
+                }
                 Placement::Proxy { reason }
             }
         };
@@ -730,6 +814,30 @@ mod tests {
     }
 
     const XDP_KEYS: &str = "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"";
+
+    /// Only `nat` asks where its backends are (DSR replies bypass the balancer), and a
+    /// missing interface is left to the placement; `lo` and its address exist on any host.
+    #[test]
+    fn a_nat_backend_at_an_address_of_this_host_is_a_reason() {
+        let on_host: std::net::SocketAddr = "127.0.0.1:80".parse().expect("literal");
+        let keys = |interface: &str, forwarding: &str| {
+            format!(
+                "interface = \"{interface}\"\nlocal_address = \"127.0.0.1\"\n\
+                 forwarding = \"{forwarding}\""
+            )
+        };
+        let nat = service("10.200.100.1:80", &keys("lo", "nat"));
+        let got = backends_elsewhere(&nat, [on_host]);
+        assert_eq!(got, Some(NotOnXdp::BackendLocal(on_host)));
+        assert!(got
+            .expect("a reason")
+            .to_string()
+            .contains("127.0.0.1:80 is an address of this host"));
+        let dsr = service("10.200.100.1:80", &keys("lo", "dsr"));
+        assert_eq!(backends_elsewhere(&dsr, [on_host]), None);
+        let missing = service("10.200.100.1:80", &keys("lbt-none0", "nat"));
+        assert_eq!(backends_elsewhere(&missing, [on_host]), None);
+    }
 
     #[test]
     fn a_service_with_interface_and_maglev_may_try_xdp() {

@@ -37,6 +37,18 @@ pub enum ReloadError {
     /// A new service could not be placed on any data plane.
     #[error(transparent)]
     Place(#[from] PlaceError),
+    /// A running `nat` service on the eBPF plane gets a backend the program could not serve
+    /// (see [`placement::backends_elsewhere`]); the running config stays.
+    #[error(
+        "service `{service}` runs on the eBPF data plane and cannot take its new backends: \
+         {reason}"
+    )]
+    BackendOffThePlane {
+        /// The service's name.
+        service: String,
+        /// Why not.
+        reason: placement::NotOnXdp,
+    },
     /// A service's scheduler could not be built (a bug: validation should prevent it).
     #[error("service `{service}`: {source}")]
     Scheduler {
@@ -166,6 +178,31 @@ pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), Relo
     Ok(())
 }
 
+/// Refuses a reload that gives a running `nat` service on the eBPF plane (`on_xdp`) a backend
+/// whose replies would miss the program: routed out of an interface the program is not on,
+/// or an address of this host ([`placement::backends_elsewhere`]). Only the added backends
+/// are asked about (a route lookup each): the running ones were checked when they came.
+///
+/// Returns `Err(ReloadError::BackendOffThePlane)` naming the service, the backend and the
+/// interface.
+fn backends_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), ReloadError> {
+    for (r, new) in &plan.update {
+        if !on_xdp(r.index()) {
+            continue;
+        }
+        let old = r.config();
+        let added = (new.backends.iter().map(|b| b.address))
+            .filter(|a| !old.backends.iter().any(|b| b.address == *a));
+        if let Some(reason) = placement::backends_elsewhere(new, added) {
+            return Err(ReloadError::BackendOffThePlane {
+                service: new.name.clone(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The first setting of a running service that the proxy reads only when the service
 /// starts, if it changed.
 fn fixed_field_changed(old: &Service, new: &Service) -> Option<&'static str> {
@@ -225,6 +262,7 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
     xdp_guard(&plan, |index| control.on_xdp(index))?;
+    backends_guard(&plan, |index| control.on_xdp(index))?;
     if running.global.bpf_object != new.global.bpf_object && control.planes().has_xdp() {
         return Err(ReloadError::NeedsRestart(
             "global.bpf_object changed; the loaded XDP program stays until restart".into(),

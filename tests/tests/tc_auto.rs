@@ -8,6 +8,8 @@
 //! | a device without Ethernet frames (tun, as WireGuard is) among them | proxy, saying so; `tc` refuses to start | [`auto_with_an_interface_without_ethernet_runs_on_the_proxy_and_tc_refuses_it`] |
 //! | veth, with an object that has no `lb_tc` | proxy, saying so | [`auto_with_an_object_without_lb_tc_runs_on_the_proxy_and_says_why`] |
 //! | veth that carries XDP for another service (`dataplane = "xdp"`) | proxy, saying so (an interface carries one hook) | [`auto_where_another_service_holds_xdp_runs_on_the_proxy_and_says_why`] |
+//! | `nat`, a backend routed out of an interface that is not among the service's (its replies would miss the program) | proxy, saying so; `tc` refuses to start | [`auto_with_backends_behind_an_unlisted_interface_runs_on_the_proxy_and_tc_refuses_it`] |
+//! | `nat`, backends routed out of a bridge whose ports are listed (their replies come in on the ports) | tc | [`auto_with_the_bridge_ports_listed_runs_on_tc_and_serves`] |
 //!
 //! Native XDP (every interface a NIC) needs a physical NIC, which these namespaces have not:
 //! `placement::auto_hook`'s unit tests cover it. No interface, a loopback VIP, no BPF object
@@ -192,6 +194,148 @@ fn auto_with_backends_on_a_bridge_runs_on_tc_and_every_request_succeeds() {
     assert!(service.contains("br0 (tc)"), "/status: {service}");
 }
 
+/// A `nat` service on `l0` alone whose backends sit behind `br0`, which the config does not
+/// list in `backend_interfaces`: their replies would come in on `br0`, where no program
+/// translates them, and reach the balancer's stack (which resets them). `tc` refuses to
+/// start naming the backend and the interface; `auto` runs the service on the proxy, saying
+/// so, and every request is served.
+#[test]
+fn auto_with_backends_behind_an_unlisted_interface_runs_on_the_proxy_and_tc_refuses_it() {
+    if !lb_tests::require_root("tc_auto::auto_with_backends_behind_an_unlisted_interface") {
+        return;
+    }
+    let lab = BridgeLab::new(3);
+    let servers: Vec<HttpNameServer> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(k, ns)| {
+            let name = format!("b{}", k + 1);
+            ns.enter(|| HttpNameServer::start_on(&name, SocketAddr::from(([0, 0, 0, 0], WEB))))
+                .expect("enter the backend namespace")
+                .expect("a backend starts")
+        })
+        .collect();
+    // The proxy, where `auto` must put the service, needs the VIP on the host.
+    lab.balancer
+        .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
+        .expect("the VIP on the balancer's loopback");
+    let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
+    let config = |dataplane: &str| {
+        let mut svc = ServiceConfig::tcp("web", vip)
+            .set("dataplane", dataplane)
+            .set("interface", "l0")
+            .set("local_address", ON_BRIDGE.to_string())
+            .fast_health("http");
+        for i in 1..=servers.len() {
+            svc = svc.backend(SocketAddr::new(IpAddr::V4(BridgeLab::backend(i)), WEB), 1);
+        }
+        DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(svc)
+            .to_toml()
+    };
+    let reason = format!(
+        "backend {}:{WEB} is reached through br0, which is not the service's interface or \
+         one of its backend_interfaces",
+        BridgeLab::backend(1)
+    );
+    let refused = in_netns(&lab.balancer, || {
+        lb_tests::daemon::run_to_end("run", &config("tc"), Duration::from_secs(30))
+    })
+    .expect("enter the balancer");
+    assert!(
+        refused.code().is_some_and(|c| c != 0) && refused.stderr.contains(&reason),
+        "dataplane = \"tc\" with the backends behind an unlisted interface must refuse to \
+         start and say why; exit {:?}, stderr: {}",
+        refused.status,
+        refused.stderr
+    );
+    let daemon =
+        in_netns(&lab.balancer, || Daemon::start(&config("auto"))).expect("enter the balancer");
+    let line = daemon
+        .wait_for_log("service web: listening", PLACED)
+        .expect("the daemon logs where service web runs");
+    assert!(
+        line.contains("proxy data plane") && line.contains(&reason),
+        "auto with the backends behind an unlisted interface must run on the proxy and say \
+         why; the log said: {line}"
+    );
+    for s in &servers {
+        assert!(
+            s.wait_for_health_checks(2, Duration::from_secs(15)),
+            "the daemon did not health-check {} within 15 s",
+            s.addr()
+        );
+    }
+    assert_served(
+        &lab.client,
+        vip,
+        &["b1", "b2", "b3"],
+        "auto with the backends behind an unlisted interface (proxy)",
+    );
+}
+
+/// The same backends with the bridge's ports listed in `backend_interfaces` instead of the
+/// bridge: the routes send the backends out of `br0`, but their replies come in on the
+/// ports, where `lb_tc` is, so the check lets the service run on tc, and it serves.
+#[test]
+fn auto_with_the_bridge_ports_listed_runs_on_tc_and_serves() {
+    if !lb_tests::require_root("tc_auto::auto_with_the_bridge_ports_listed") {
+        return;
+    }
+    let lab = BridgeLab::new(3);
+    let servers: Vec<HttpNameServer> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(k, ns)| {
+            let name = format!("b{}", k + 1);
+            ns.enter(|| HttpNameServer::start_on(&name, SocketAddr::from(([0, 0, 0, 0], WEB))))
+                .expect("enter the backend namespace")
+                .expect("a backend starts")
+        })
+        .collect();
+    let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
+    let ports: Vec<toml::Value> = (1..=servers.len())
+        .map(|i| format!("p{i}").into())
+        .collect();
+    let mut svc = ServiceConfig::tcp("web", vip)
+        .set("dataplane", "auto")
+        .set("interface", "l0")
+        .set("backend_interfaces", toml::Value::Array(ports))
+        .set("local_address", ON_BRIDGE.to_string())
+        .fast_health("http");
+    for i in 1..=servers.len() {
+        svc = svc.backend(SocketAddr::new(IpAddr::V4(BridgeLab::backend(i)), WEB), 1);
+    }
+    let toml = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .service(svc)
+        .to_toml();
+    let daemon = in_netns(&lab.balancer, || Daemon::start(&toml)).expect("enter the balancer");
+    let line = daemon
+        .wait_for_log("service web: listening", PLACED)
+        .expect("the daemon logs where service web runs");
+    assert!(
+        line.contains("eBPF data plane (nat) on l0 (tc), p1 (tc)"),
+        "with the bridge's ports listed, auto must run on tc; the log said: {line}"
+    );
+    for s in &servers {
+        assert!(
+            s.wait_for_health_checks(2, Duration::from_secs(15)),
+            "the daemon did not health-check {} within 15 s",
+            s.addr()
+        );
+    }
+    assert_served(
+        &lab.client,
+        vip,
+        &["b1", "b2", "b3"],
+        "auto with the bridge's ports listed (tc)",
+    );
+}
+
 #[test]
 fn auto_on_the_loopback_device_runs_on_the_proxy_and_serves() {
     if !lb_tests::require_root("tc_auto::auto_on_the_loopback_device") {
@@ -257,6 +401,22 @@ fn without_lb_tc(object: &Path, dir: &Path) -> PathBuf {
     path
 }
 
+/// Three HTTP backends `b1`..`b3` in `client`'s namespace, on 10.200.0.2 (ports 8081..8083):
+/// reached through `l0`, so a `nat` service on `l0` alone may run on eBPF (its backends'
+/// replies come in where the program is), and the reason it does not is the test's.
+fn beyond_l0(client: &Netns) -> Vec<HttpNameServer> {
+    client
+        .enter(|| {
+            (1..=3u16)
+                .map(|i| {
+                    let addr = SocketAddr::from(([10, 200, 0, 2], 8080 + i));
+                    HttpNameServer::start_on(&format!("b{i}"), addr).expect("a backend starts")
+                })
+                .collect()
+        })
+        .expect("enter the client namespace")
+}
+
 #[test]
 fn auto_with_an_object_without_lb_tc_runs_on_the_proxy_and_says_why() {
     if !lb_tests::require_root("tc_auto::auto_with_an_object_without_lb_tc") {
@@ -279,13 +439,7 @@ fn auto_with_an_object_without_lb_tc_runs_on_the_proxy_and_says_why() {
     balancer
         .sysctl("net.ipv4.ip_forward", "1")
         .expect("forwarding in the balancer");
-    let servers: Vec<HttpNameServer> = balancer
-        .enter(|| {
-            (1..=3)
-                .map(|i| HttpNameServer::start(&format!("b{i}")).expect("a backend starts"))
-                .collect()
-        })
-        .expect("enter the balancer");
+    let servers = beyond_l0(&client);
     let vip: SocketAddr = "10.200.0.1:8080".parse().expect("literal");
     let mut svc = ServiceConfig::tcp("web", vip)
         .set("dataplane", "auto")
@@ -336,13 +490,7 @@ fn auto_where_another_service_holds_xdp_runs_on_the_proxy_and_says_why() {
     balancer
         .sysctl("net.ipv4.ip_forward", "1")
         .expect("forwarding in the balancer");
-    let servers: Vec<HttpNameServer> = balancer
-        .enter(|| {
-            (1..=3)
-                .map(|i| HttpNameServer::start(&format!("b{i}")).expect("a backend starts"))
-                .collect()
-        })
-        .expect("enter the balancer");
+    let servers = beyond_l0(&client);
     // `xdp` takes l0 first (services are placed in the config's order); its backend need not
     // answer, only its hook matters here.
     let first = ServiceConfig::tcp("first", SocketAddr::new(IpAddr::V4(VIP), WEB))

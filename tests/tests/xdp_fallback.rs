@@ -127,8 +127,18 @@ fn auto_without_a_bpf_object_falls_back_to_the_proxy_on_a_real_interface() {
     balancer
         .sysctl("net.ipv4.ip_forward", "1")
         .expect("forwarding in the balancer");
-    // The backends run in the balancer's namespace, on its loopback.
-    let backends = balancer.enter(three_backends).expect("enter the balancer");
+    // The backends run in the client's namespace, reached through l0 (backends on the
+    // balancer's own loopback would be a reason of their own not to run on eBPF).
+    let backends = client
+        .enter(|| {
+            (1..=3u16)
+                .map(|i| {
+                    let addr = std::net::SocketAddr::from(([10, 200, 0, 2], 8080 + i));
+                    HttpNameServer::start_on(&format!("b{i}"), addr).expect("a backend starts")
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("enter the client");
     let vip: std::net::SocketAddr = "10.200.0.1:8080".parse().expect("literal");
     let svc = web(vip, &backends)
         .set("interface", "l0")
@@ -183,8 +193,14 @@ fn xdp_on_an_interface_without_native_xdp_attaches_in_generic_mode_with_a_warnin
         return;
     }
     let ns = namespace_with_a_bridge();
-    let backends = ns.enter(three_backends).expect("enter the namespace");
-    let svc = web("10.200.0.100:80".parse().expect("literal"), &backends)
+    // Backends on br0's subnet (only the hook matters here, they need not answer): the
+    // routes send them out of br0, where the program is.
+    let mut svc = ServiceConfig::tcp("web", "10.200.0.100:80".parse().expect("literal"))
+        .health("kind", "none");
+    for i in 11..=13u8 {
+        svc = svc.backend(std::net::SocketAddr::from(([10, 200, 0, i], 80)), 1);
+    }
+    let svc = svc
         .set("dataplane", "xdp")
         .set("interface", "br0")
         .set("local_address", "10.200.0.1");

@@ -482,6 +482,46 @@ fn a_service_added_by_reload_runs_on_xdp_and_a_removed_one_drains() {
     world
         .client(|| http_get(web_vip(), "/"))
         .expect("web still answers after the refused reload");
+
+    // A running `nat` service given a backend whose replies could not come back through the
+    // program (here an address of the balancer itself) refuses the reload; `web` goes on
+    // with the backends it had.
+    let local: SocketAddr = "127.0.0.1:80".parse().expect("literal");
+    let onto_the_host = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "8s")
+        .service(service(t, MODE, "web", &[(1, 1), (2, 1)]).backend(local, 1))
+        .to_toml();
+    world.daemon.rewrite_config(&onto_the_host);
+    let out = cli_reload(&world);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a reload giving an eBPF nat service a backend on the host itself must be refused: \
+         {out:?}"
+    );
+    assert!(
+        out.stderr.contains("web")
+            && out
+                .stderr
+                .contains("127.0.0.1:80 is an address of this host"),
+        "the refusal should name the service, the backend and the reason: {out:?}"
+    );
+    let backends: Vec<String> = status(&world)["services"][0]["backends"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b["address"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !backends.iter().any(|b| b == "127.0.0.1:80") && backends.len() == 2,
+        "the refused reload changed web's backends: {backends:?}"
+    );
+    world
+        .client(|| http_get(web_vip(), "/"))
+        .expect("web still answers after the second refused reload");
     assert_eq!(
         world.topology.xdp_prog_id("l0"),
         prog,

@@ -32,6 +32,7 @@ pub mod maps;
 pub mod open_flows;
 pub mod peer;
 pub mod pins;
+pub mod routes;
 mod rtnl;
 pub mod snat;
 mod sync;

@@ -22,7 +22,7 @@ pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
 }
 
 /// One `RTM_GETLINK` for `ifindex`, the kernel's `RTM_NEWLINK` answer.
-fn get_link(ifindex: u32) -> io::Result<LinkMessage> {
+pub(super) fn get_link(ifindex: u32) -> io::Result<LinkMessage> {
     let mut message = LinkMessage::default();
     message.header.index = ifindex;
     match super::rtnl::request(RouteNetlinkMessage::GetLink(message))? {

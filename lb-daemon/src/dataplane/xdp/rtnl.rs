@@ -1,6 +1,6 @@
 //! Requests to the kernel's routing netlink (`NETLINK_ROUTE`) in the daemon's own network
 //! namespace, blocking and bounded in time: one request and its answer, or a dump and all of
-//! its answers. Used by `peer.rs` and `bridge_fdb.rs`.
+//! its answers. Used by `peer.rs`, `bridge_fdb.rs` and `routes.rs`.
 
 use std::io;
 
