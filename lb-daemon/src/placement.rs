@@ -386,49 +386,34 @@ fn forwarding_off(service: &Service) -> Option<NotOnXdp> {
         })
 }
 
-/// In `nat` mode, the first of `backends` whose route (from the service's first local
-/// address of its family) leaves by an interface where the program would not see its
-/// replies (see `routes::reaches_the_program`: not one of the service's interfaces, nor the
-/// bridge or bond one is a port of, nor a VLAN on one), or that is an address of this host,
-/// as the reason the service cannot run on eBPF. Where it cannot be told (the kernel has no
-/// route, or cannot be asked; a listed interface in a VRF), the backend passes, and a
-/// service one of whose interfaces does not exist is left to the placement (which says so). Read when a
-/// service is placed and when a reload gives a running one new backends (`crate::reload`);
-/// backends a DNS name brings later are not checked.
+/// In `nat` mode, the first of `backends` whose replies would miss the program
+/// (`routes::replies_miss`: its route, from the service's first local address of its
+/// family, leaves by an interface where the program would not see them, or it is an address
+/// of this host), as the reason the service cannot run on eBPF. Where it cannot be told (no
+/// route, the kernel cannot be asked, a listed interface in a VRF) the backend passes; a
+/// service one of whose interfaces does not exist is left to the placement (which says
+/// so). Read when a service is placed and when a reload gives a running one new backends
+/// (`crate::reload`); backends a DNS name brings later are left out of the table instead
+/// (`ServiceSlot` in `dataplane/xdp/maps.rs`).
 pub fn backends_elsewhere(
     service: &Service,
     backends: impl IntoIterator<Item = std::net::SocketAddr>,
 ) -> Option<NotOnXdp> {
-    use crate::dataplane::xdp::routes::{self, egress, Egress};
+    use crate::dataplane::xdp::routes::{self, Miss};
     if service.xdp.forwarding != Forwarding::Nat {
         return None;
     }
     // A missing interface is the placement's reason to give, not a backend's.
-    let listed: Vec<u32> = service
-        .xdp
-        .interface
-        .iter()
-        .chain(service.xdp.backend_interfaces.iter())
-        .map(|name| loader::if_index(name))
-        .collect::<Option<_>>()?;
+    let listed = routes::indexes(
+        (service.xdp.interface.iter()).chain(service.xdp.backend_interfaces.iter()),
+    )?;
     backends.into_iter().find_map(|backend| {
-        let source = service
-            .xdp
-            .local_addresses
-            .iter()
-            .find(|a| a.is_ipv4() == backend.is_ipv4())?;
-        match egress(backend.ip(), *source) {
-            Ok(Egress::Local) => Some(NotOnXdp::BackendLocal(backend)),
-            Ok(Egress::Interface(index))
-                if routes::reaches_the_program(index, &listed) == Some(false) =>
-            {
-                let via = nix::net::if_::if_indextoname(index)
-                    .map(|name| name.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| format!("interface index {index}"));
-                Some(NotOnXdp::BackendElsewhere { backend, via })
+        routes::replies_miss(backend.ip(), &service.xdp.local_addresses, &listed).map(|miss| {
+            match miss {
+                Miss::Local => NotOnXdp::BackendLocal(backend),
+                Miss::Elsewhere(via) => NotOnXdp::BackendElsewhere { backend, via },
             }
-            Ok(Egress::Interface(_)) | Err(_) => None,
-        }
+        })
     })
 }
 

@@ -634,6 +634,58 @@ fn dns_named_backends_on_xdp_follow_the_records() {
         .unwrap_or_else(|e| panic!("all three resolved backends should answer: {e}"));
 }
 
+/// A DNS name that answers with a backend behind an interface the service does not list
+/// (`l3`, with `backend_interfaces = ["l1", "l2"]`): that backend's replies would never pass
+/// the program, so every flow placed on it would fail. It is left out of the XDP table with
+/// a warning naming it and the interface, and every request is answered by the other two.
+#[test]
+fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
+    if !require_root("xdp_reload::a_dns_answer_behind_an_unlisted_interface") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hosts_file = dir.path().join("hosts");
+    hosts(&hosts_file, &[1, 2, 3]);
+    let config_file = dir.path().join("lb.toml");
+    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts_file);
+    let world = World::start_custom(MODE, 3, 3, &[], |t| {
+        t.resolve_neighbours(WEB);
+        let listed = toml::Value::Array(vec!["l1".into(), "l2".into()]);
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .service(
+                service(t, MODE, "web", &[])
+                    .set("backend_interfaces", listed)
+                    .set("resolve_interval", "300ms")
+                    .backend_named(&format!("{NAME}:{WEB}"), 1),
+            )
+            .to_toml();
+        std::fs::write(&config_file, toml).expect("config written");
+        in_netns(&t.balancer, || {
+            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
+        })
+        .expect("enter the balancer namespace")
+    });
+    let b3 = backend(3, WEB);
+    world
+        .daemon
+        .wait_for_log(
+            &format!("service web: backend {b3} is reached through l3"),
+            FOLLOW,
+        )
+        .unwrap_or_else(|e| panic!("no warning that b3 is left out: {e}"));
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("the two reachable backends should answer: {e}"));
+    // Each of 60 new connections must be answered (`who_answers` panics on a failure).
+    let seen = who_answers(&world);
+    assert!(
+        !seen.contains("b3"),
+        "the backend behind the unlisted interface got flows: {seen:?}"
+    );
+}
+
 #[test]
 fn the_first_reload_that_needs_xdp_loads_it() {
     if !require_root("xdp_reload::the_first_reload_that_needs_xdp_loads_it") {

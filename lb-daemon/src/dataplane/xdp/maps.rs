@@ -197,6 +197,7 @@ impl Maps {
         drain_deadline: Instant,
     ) -> Result<usize, MapsError> {
         let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
+        slot.check_replies(&snap.name, &addresses);
         let assigned = slot.backends.assign(&addresses, pool, drain_deadline);
         slot.missing_ids = assigned.missing;
         for &id in &assigned.fresh {
@@ -221,7 +222,8 @@ impl Maps {
         }
         self.mark_draining(slot.backend_ids())?;
         // DNS may answer with both families; XDP forwards within the VIP's, so the others
-        // take no table slot (they count as not eligible), nor do backends with no id.
+        // take no table slot (they count as not eligible), nor do backends with no id, nor
+        // NAT backends whose replies would miss the program.
         let v4 = slot.vip.is_ipv4();
         // Never in the table: a backend without an id is never eligible.
         let ids: Vec<u32> = assigned
@@ -229,8 +231,9 @@ impl Maps {
             .iter()
             .map(|id| id.unwrap_or(u32::MAX))
             .collect();
-        let placeable =
-            |(b, id): (&BackendView, &Option<u32>)| b.address.is_ipv4() == v4 && id.is_some();
+        let placeable = |(b, id): (&BackendView, &Option<u32>)| {
+            b.address.is_ipv4() == v4 && id.is_some() && slot.replies_reach(&b.address)
+        };
         let table = if snap.backends.iter().zip(&assigned.ids).all(placeable) {
             table_entries(&snap.backends, &ids, slot.table_size)?
         } else {
@@ -570,6 +573,14 @@ pub struct ServiceSlot {
     /// How many of the last written snapshot's backends got no backend id (the pool was
     /// empty) and were left out of the table.
     pub missing_ids: usize,
+    /// NAT: the service's `interface` and `backend_interfaces`, where its backends' replies
+    /// must come in; empty for DSR.
+    reply_interfaces: Vec<String>,
+    /// NAT: per backend address, whether its replies reach the program, asked once when the
+    /// address first comes ([`super::routes::replies_miss`]). One whose would not (a DNS
+    /// name answered with an address behind another interface) is left out of the table:
+    /// every flow placed on it would fail.
+    replies_reach: std::collections::HashMap<SocketAddr, bool>,
 }
 
 impl ServiceSlot {
@@ -605,7 +616,50 @@ impl ServiceSlot {
             generation: 0,
             failed_generation: None,
             missing_ids: 0,
+            reply_interfaces: match settings.xdp.forwarding {
+                Forwarding::Nat => (settings.xdp.interface.iter())
+                    .chain(settings.xdp.backend_interfaces.iter())
+                    .cloned()
+                    .collect(),
+                Forwarding::Dsr => Vec::new(),
+            },
+            replies_reach: std::collections::HashMap::new(),
         }
+    }
+
+    /// Asks, for each of `addresses` not asked about yet (NAT only), whether its replies
+    /// reach the program, and logs each of `service`'s backends whose would not: it is left
+    /// out of the table. Asked again at the next write while one of the service's interfaces
+    /// is missing (it cannot be told then).
+    fn check_replies(&mut self, service: &str, addresses: &[SocketAddr]) {
+        if self.reply_interfaces.is_empty() {
+            return;
+        }
+        let fresh: Vec<SocketAddr> = (addresses.iter())
+            .filter(|a| !self.replies_reach.contains_key(a))
+            .copied()
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let Some(listed) = super::routes::indexes(&self.reply_interfaces) else {
+            return;
+        };
+        for address in fresh {
+            let miss = super::routes::replies_miss(address.ip(), &self.local_addresses, &listed);
+            if let Some(why) = &miss {
+                tracing::warn!(
+                    "service {service}: backend {address} {why}: left out of the eBPF table"
+                );
+            }
+            self.replies_reach.insert(address, miss.is_none());
+        }
+    }
+
+    /// Whether the replies of the backend at `address` reach the program, as far as known
+    /// ([`ServiceSlot::check_replies`]).
+    fn replies_reach(&self, address: &SocketAddr) -> bool {
+        self.replies_reach.get(address).copied().unwrap_or(true)
     }
 
     /// Makes this new slot continue a service of an adopted pinned set, whose `SERVICES`
@@ -651,6 +705,9 @@ impl ServiceSlot {
             generation: 0,
             failed_generation: None,
             missing_ids: 0,
+            // Drained, never given backends: nothing to ask.
+            reply_interfaces: Vec::new(),
+            replies_reach: std::collections::HashMap::new(),
         })
     }
 

@@ -14,6 +14,47 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
+/// Why a `nat` backend's replies would not reach the program ([`replies_miss`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Miss {
+    /// The backend is an address of this host: the program forwards packets out of
+    /// interfaces, and this host's sockets are behind none.
+    #[error("is an address of this host")]
+    Local,
+    /// The route to the backend leaves by this interface (its name), where the program
+    /// would not see the replies.
+    #[error("is reached through {0}, where the eBPF program would not see its replies (add {0} to backend_interfaces)")]
+    Elsewhere(String),
+}
+
+/// The indexes of the interfaces `names`, in order; `None` when one does not exist.
+pub fn indexes<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<Vec<u32>> {
+    names
+        .into_iter()
+        .map(|name| super::loader::if_index(name))
+        .collect()
+}
+
+/// Whether the replies of a `nat` backend at `backend` would miss a program on `listed`
+/// (interface indexes; the service's `interface` and `backend_interfaces`): the route from the
+/// first of `sources` (the service's local addresses) of the backend's family leaves where
+/// [`reaches_the_program`] says they would not come in, or the backend is an address of this
+/// host. `None` when they would reach it, and when it cannot be told (no source of the
+/// family, no route, the kernel cannot be asked, a VRF).
+pub fn replies_miss(backend: IpAddr, sources: &[IpAddr], listed: &[u32]) -> Option<Miss> {
+    let source = sources.iter().find(|a| a.is_ipv4() == backend.is_ipv4())?;
+    match egress(backend, *source) {
+        Ok(Egress::Local) => Some(Miss::Local),
+        Ok(Egress::Interface(index)) if reaches_the_program(index, listed) == Some(false) => {
+            let via = nix::net::if_::if_indextoname(index)
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| format!("interface index {index}"));
+            Some(Miss::Elsewhere(via))
+        }
+        Ok(Egress::Interface(_)) | Err(_) => None,
+    }
+}
+
 /// Where a packet to an address goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Egress {
