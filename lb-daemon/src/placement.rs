@@ -387,7 +387,7 @@ fn forwarding_off(service: &Service) -> Option<NotOnXdp> {
 }
 
 /// In `nat` mode, the first of `backends` whose replies would miss the program
-/// (`routes::replies_miss`: its route, from the service's first local address of its
+/// (`routes::ReplyPaths::verdict`: its route, from the service's first local address of its
 /// family, leaves by an interface where the program would not see them, or it is an address
 /// of this host), as the reason the service cannot run on eBPF. Where it cannot be told (no
 /// route, the kernel cannot be asked, a listed interface in a VRF) the backend passes; a
@@ -399,21 +399,22 @@ pub fn backends_elsewhere(
     service: &Service,
     backends: impl IntoIterator<Item = std::net::SocketAddr>,
 ) -> Option<NotOnXdp> {
-    use crate::dataplane::xdp::routes::{self, Miss};
+    use crate::dataplane::xdp::routes::{Miss, ReplyPaths, Verdict};
     if service.xdp.forwarding != Forwarding::Nat {
         return None;
     }
     // A missing interface is the placement's reason to give, not a backend's.
-    let listed = routes::indexes(
+    let paths = ReplyPaths::of(
         (service.xdp.interface.iter()).chain(service.xdp.backend_interfaces.iter()),
     )?;
     backends.into_iter().find_map(|backend| {
-        routes::replies_miss(backend.ip(), &service.xdp.local_addresses, &listed).map(|miss| {
-            match miss {
-                Miss::Local => NotOnXdp::BackendLocal(backend),
-                Miss::Elsewhere(via) => NotOnXdp::BackendElsewhere { backend, via },
+        match paths.verdict(backend.ip(), &service.xdp.local_addresses) {
+            Verdict::Miss(Miss::Local) => Some(NotOnXdp::BackendLocal(backend)),
+            Verdict::Miss(Miss::Elsewhere(via)) => {
+                Some(NotOnXdp::BackendElsewhere { backend, via })
             }
-        })
+            Verdict::Reach | Verdict::Unknown => None,
+        }
     })
 }
 

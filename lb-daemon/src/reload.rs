@@ -41,7 +41,7 @@ pub enum ReloadError {
     /// (see [`placement::backends_elsewhere`]); the running config stays.
     #[error(
         "service `{service}` runs on the eBPF data plane and cannot take its new backends: \
-         {reason}"
+         {reason} (the interfaces of a running eBPF service change only by restart)"
     )]
     BackendOffThePlane {
         /// The service's name.

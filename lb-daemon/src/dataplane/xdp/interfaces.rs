@@ -14,7 +14,9 @@
 //! away and back, which keeps its program) and not attached twice. A device that carries no
 //! Ethernet frames (a tun or WireGuard device under the old name) does not get the program,
 //! which would misread its packets. A re-attach that fails, or is refused so, is logged as an
-//! error and not tried again for that device; a restart tries again. Interfaces are
+//! error, and the interface no longer counts as attached: it is not followed any more, and
+//! the next placement that names it (a reload) attaches afresh or fails saying why, instead of
+//! taking it for attached. Interfaces are
 //! followed as long as the program is attached to them, which is until exit, also after the
 //! last service that named one is gone.
 
@@ -64,7 +66,7 @@ impl XdpPlane {
 
     /// Attaches the program again to `name`, now the device with index `ifindex`, at the hook
     /// it had; the old link (its device is gone, the kernel detached it) and its pin are let
-    /// go.
+    /// go. When it cannot, `name` leaves `attached` (logged).
     pub(super) fn attach_again(&mut self, name: &str, ifindex: u32) {
         let Some(a) = self.attached.get_mut(name) else {
             return;
@@ -92,6 +94,7 @@ impl XdpPlane {
                  carries no Ethernet frames: {} is not attached to it",
                 mode.program()
             );
+            self.attached.remove(name);
             return;
         }
         let attached = self
@@ -109,12 +112,14 @@ impl XdpPlane {
                     now.program()
                 );
             }
-            Err(e) => error!(
-                "eBPF: {name} was made again (index {ifindex}, was {was}), and {} cannot be \
-                 attached to it: {e}; its packets reach the host's stack, not the balancer, until \
-                 the daemon is restarted",
-                mode.program()
-            ),
+            Err(e) => {
+                error!(
+                    "eBPF: {name} was made again (index {ifindex}, was {was}), and {} cannot be \
+                     attached to it: {e}; its packets reach the host's stack, not the balancer",
+                    mode.program()
+                );
+                self.attached.remove(name);
+            }
         }
     }
 }

@@ -577,7 +577,7 @@ pub struct ServiceSlot {
     /// must come in; empty for DSR.
     reply_interfaces: Vec<String>,
     /// NAT: per backend address, whether its replies reach the program, asked once when the
-    /// address first comes ([`super::routes::replies_miss`]). One whose would not (a DNS
+    /// address first comes ([`super::routes::ReplyPaths::verdict`]). One whose would not (a DNS
     /// name answered with an address behind another interface) is left out of the table:
     /// every flow placed on it would fail.
     replies_reach: std::collections::HashMap<SocketAddr, bool>,
@@ -629,12 +629,18 @@ impl ServiceSlot {
 
     /// Asks, for each of `addresses` not asked about yet (NAT only), whether its replies
     /// reach the program, and logs each of `service`'s backends whose would not: it is left
-    /// out of the table. Asked again at the next write while one of the service's interfaces
-    /// is missing (it cannot be told then).
+    /// out of the table. Addresses that left are forgotten (asked again if they come back).
+    /// One that cannot be told about now (no route, the kernel cannot be asked, one of the
+    /// service's interfaces missing) counts as reaching and is asked again at the next
+    /// write. A verdict is not asked again while its address stays: a route changed later
+    /// is not followed.
     fn check_replies(&mut self, service: &str, addresses: &[SocketAddr]) {
+        use super::routes::{ReplyPaths, Verdict};
         if self.reply_interfaces.is_empty() {
             return;
         }
+        let now: std::collections::HashSet<&SocketAddr> = addresses.iter().collect();
+        self.replies_reach.retain(|a, _| now.contains(a));
         let fresh: Vec<SocketAddr> = (addresses.iter())
             .filter(|a| !self.replies_reach.contains_key(a))
             .copied()
@@ -642,17 +648,25 @@ impl ServiceSlot {
         if fresh.is_empty() {
             return;
         }
-        let Some(listed) = super::routes::indexes(&self.reply_interfaces) else {
+        // Two or three netlink requests per new address, under the plane's lock: a DNS
+        // answer of hundreds of new addresses holds it for tens of milliseconds.
+        let Some(paths) = ReplyPaths::of(&self.reply_interfaces) else {
             return;
         };
         for address in fresh {
-            let miss = super::routes::replies_miss(address.ip(), &self.local_addresses, &listed);
-            if let Some(why) = &miss {
-                tracing::warn!(
-                    "service {service}: backend {address} {why}: left out of the eBPF table"
-                );
+            match paths.verdict(address.ip(), &self.local_addresses) {
+                Verdict::Reach => {
+                    self.replies_reach.insert(address, true);
+                }
+                Verdict::Miss(why) => {
+                    tracing::warn!(
+                        "service {service}: backend {address} {why}: left out of the eBPF \
+                         table"
+                    );
+                    self.replies_reach.insert(address, false);
+                }
+                Verdict::Unknown => {}
             }
-            self.replies_reach.insert(address, miss.is_none());
         }
     }
 

@@ -2,8 +2,8 @@
 //! SRC` asks) in the daemon's own network namespace. A `nat` service's translated packets
 //! leave by the interface the route to their backend names, and the backend's replies come
 //! back in on it: when that is not an interface the program is on, the replies meet the
-//! host's stack instead of the program (`placement.rs` checks this before it places a
-//! service on the eBPF plane, [`reaches_the_program`]).
+//! host's stack instead of the program ([`ReplyPaths`]; `placement.rs` asks before it
+//! places a service on the eBPF plane, `maps.rs` when a backend address first comes).
 
 use std::io;
 use std::net::IpAddr;
@@ -14,7 +14,7 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
-/// Why a `nat` backend's replies would not reach the program ([`replies_miss`]).
+/// Why a `nat` backend's replies would not reach the program ([`ReplyPaths::verdict`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Miss {
     /// The backend is an address of this host: the program forwards packets out of
@@ -27,31 +27,83 @@ pub enum Miss {
     Elsewhere(String),
 }
 
-/// The indexes of the interfaces `names`, in order; `None` when one does not exist.
-pub fn indexes<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<Vec<u32>> {
-    names
-        .into_iter()
-        .map(|name| super::loader::if_index(name))
-        .collect()
+/// What the routes say of a `nat` backend's replies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// They come in where the program is.
+    Reach,
+    /// They would not.
+    Miss(Miss),
+    /// It cannot be told now: the service has no local address of the backend's family,
+    /// the kernel has no route to it, or cannot be asked.
+    Unknown,
 }
 
-/// Whether the replies of a `nat` backend at `backend` would miss a program on `listed`
-/// (interface indexes; the service's `interface` and `backend_interfaces`): the route from the
-/// first of `sources` (the service's local addresses) of the backend's family leaves where
-/// [`reaches_the_program`] says they would not come in, or the backend is an address of this
-/// host. `None` when they would reach it, and when it cannot be told (no source of the
-/// family, no route, the kernel cannot be asked, a VRF).
-pub fn replies_miss(backend: IpAddr, sources: &[IpAddr], listed: &[u32]) -> Option<Miss> {
-    let source = sources.iter().find(|a| a.is_ipv4() == backend.is_ipv4())?;
-    match egress(backend, *source) {
-        Ok(Egress::Local) => Some(Miss::Local),
-        Ok(Egress::Interface(index)) if reaches_the_program(index, listed) == Some(false) => {
-            let via = nix::net::if_::if_indextoname(index)
-                .map(|name| name.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| format!("interface index {index}"));
-            Some(Miss::Elsewhere(via))
+/// Where a service's backends' replies may come in and be seen by the program: its
+/// `interface` and `backend_interfaces` (by index) and the bridges or bonds they are ports
+/// of. Read once, then asked about any number of backends.
+#[derive(Debug, Clone)]
+pub struct ReplyPaths {
+    listed: Vec<u32>,
+    masters: Vec<u32>,
+}
+
+impl ReplyPaths {
+    /// Reads the links of the interfaces `names`. `None` when it cannot be told where
+    /// replies come in: one of them does not exist or cannot be read, or is in a VRF (its
+    /// routes are not the main table's, which [`egress`] reads).
+    pub fn of<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<ReplyPaths> {
+        let listed: Vec<u32> = names
+            .into_iter()
+            .map(|name| super::loader::if_index(name))
+            .collect::<Option<_>>()?;
+        let links: Vec<LinkMessage> = listed
+            .iter()
+            .map(|&index| super::peer::get_link(index))
+            .collect::<io::Result<_>>()
+            .ok()?;
+        let masters: Vec<u32> = links.iter().filter_map(master).collect();
+        for &m in &masters {
+            if is_vrf(&super::peer::get_link(m).ok()?) {
+                return None;
+            }
         }
-        Ok(Egress::Interface(_)) | Err(_) => None,
+        Some(ReplyPaths { listed, masters })
+    }
+
+    /// Whether the replies of a backend at `backend` come in where the program sees them:
+    /// the route from the first of `sources` (the service's local addresses) of the
+    /// backend's family leaves by a listed interface, by the bridge or bond one of them is a
+    /// port of (its replies come in on the port), or by a VLAN or macvlan device on one;
+    /// [`Miss::Local`] for an address of this host. Of a multipath route the kernel answers
+    /// with the path its hash picks for this source and destination.
+    pub fn verdict(&self, backend: IpAddr, sources: &[IpAddr]) -> Verdict {
+        let Some(source) = sources.iter().find(|a| a.is_ipv4() == backend.is_ipv4()) else {
+            return Verdict::Unknown;
+        };
+        match egress(backend, *source) {
+            Ok(Egress::Local) => Verdict::Miss(Miss::Local),
+            Ok(Egress::Interface(index)) => match self.reaches(index) {
+                Some(true) => Verdict::Reach,
+                Some(false) => Verdict::Miss(Miss::Elsewhere(
+                    nix::net::if_::if_indextoname(index)
+                        .map(|name| name.to_string_lossy().into_owned())
+                        .unwrap_or_else(|_| format!("interface index {index}")),
+                )),
+                None => Verdict::Unknown,
+            },
+            Err(_) => Verdict::Unknown,
+        }
+    }
+
+    /// Whether packets routed out of `egress` come back in where the program sees them;
+    /// `None` when the kernel cannot say what `egress` is.
+    fn reaches(&self, egress: u32) -> Option<bool> {
+        if self.listed.contains(&egress) || self.masters.contains(&egress) {
+            return Some(true);
+        }
+        let out = super::peer::get_link(egress).ok()?;
+        Some(lower(&out).is_some_and(|l| self.listed.contains(&l)))
     }
 }
 
@@ -118,31 +170,6 @@ pub fn egress(destination: IpAddr, source: IpAddr) -> io::Result<Egress> {
         })
 }
 
-/// Whether packets routed out of interface `egress` come back in where a program on each of
-/// `listed` (the service's interfaces, by index) sees them: `egress` is one of them, or the
-/// bridge or bond one of them is a port of (its replies come in on the port), or the VLAN or
-/// macvlan device on top of one of them. `None` when it cannot be told: a listed interface is
-/// in a VRF (its routes are not the main table's, which [`egress`] reads), or the kernel
-/// cannot be asked.
-pub fn reaches_the_program(egress: u32, listed: &[u32]) -> Option<bool> {
-    let links: Vec<LinkMessage> = listed
-        .iter()
-        .map(|&index| super::peer::get_link(index))
-        .collect::<io::Result<_>>()
-        .ok()?;
-    let masters: Vec<u32> = links.iter().filter_map(master).collect();
-    for &m in &masters {
-        if is_vrf(&super::peer::get_link(m).ok()?) {
-            return None;
-        }
-    }
-    if listed.contains(&egress) || masters.contains(&egress) {
-        return Some(true);
-    }
-    let out = super::peer::get_link(egress).ok()?;
-    Some(lower(&out).is_some_and(|l| listed.contains(&l)))
-}
-
 /// `IFLA_MASTER`: the bridge, bond or VRF the link is enslaved to.
 fn master(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
@@ -188,9 +215,15 @@ mod tests {
         assert_eq!(egress(lo, lo).expect("RTM_GETROUTE"), Egress::Local);
     }
 
-    /// The loopback device (index 1) is its own listed interface, and reaches nothing else.
+    /// `lo` and its address exist in every namespace: a backend there is this host's own.
     #[test]
-    fn an_egress_among_the_listed_interfaces_reaches_the_program() {
-        assert_eq!(reaches_the_program(1, &[1]), Some(true));
+    fn a_backend_at_an_address_of_this_host_misses() {
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        let paths = ReplyPaths::of(&["lo".to_string()]).expect("lo's link");
+        assert_eq!(paths.verdict(lo, &[lo]), Verdict::Miss(Miss::Local));
+        assert_eq!(paths.reaches(1), Some(true), "lo is listed");
+        let v6 = IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+        assert_eq!(paths.verdict(v6, &[lo]), Verdict::Unknown, "no IPv6 source");
+        assert!(ReplyPaths::of(&["lbt-none0".to_string()]).is_none());
     }
 }
