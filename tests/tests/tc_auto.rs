@@ -140,32 +140,9 @@ fn auto_with_backends_on_a_bridge_runs_on_tc_and_every_request_succeeds() {
     if !lb_tests::require_root("tc_auto::auto_with_backends_on_a_bridge") {
         return;
     }
-    let lab = BridgeLab::new(3);
-    let servers: Vec<HttpNameServer> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(k, ns)| {
-            let name = format!("b{}", k + 1);
-            ns.enter(|| HttpNameServer::start_on(&name, SocketAddr::from(([0, 0, 0, 0], WEB))))
-                .expect("enter the backend namespace")
-                .expect("a backend starts")
-        })
-        .collect();
+    let (lab, servers) = bridge_lab_with_servers();
     let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
-    let mut svc = ServiceConfig::tcp("web", vip)
-        .set("dataplane", "auto")
-        .set("interface", "l0")
-        .set("backend_interfaces", toml::Value::Array(vec!["br0".into()]))
-        .set("local_address", ON_BRIDGE.to_string())
-        .fast_health("http");
-    for i in 1..=servers.len() {
-        svc = svc.backend(SocketAddr::new(IpAddr::V4(BridgeLab::backend(i)), WEB), 1);
-    }
-    let toml = DaemonConfig::new()
-        .global("bpf_object", bpf_object().display().to_string())
-        .service(svc)
-        .to_toml();
+    let toml = web_on_the_bridge("auto", &["br0"]);
     let daemon = in_netns(&lab.balancer, || Daemon::start(&toml)).expect("enter the balancer");
     let line = daemon
         .wait_for_log("service web: listening", PLACED)
@@ -194,18 +171,10 @@ fn auto_with_backends_on_a_bridge_runs_on_tc_and_every_request_succeeds() {
     assert!(service.contains("br0 (tc)"), "/status: {service}");
 }
 
-/// A `nat` service on `l0` alone whose backends sit behind `br0`, which the config does not
-/// list in `backend_interfaces`: their replies would come in on `br0`, where no program
-/// translates them, and reach the balancer's stack (which resets them). `tc` refuses to
-/// start naming the backend and the interface; `auto` runs the service on the proxy, saying
-/// so, and every request is served.
-#[test]
-fn auto_with_backends_behind_an_unlisted_interface_runs_on_the_proxy_and_tc_refuses_it() {
-    if !lb_tests::require_root("tc_auto::auto_with_backends_behind_an_unlisted_interface") {
-        return;
-    }
+/// The bridge lab with three backends, an HTTP server `b{i}` on port [`WEB`] of each.
+fn bridge_lab_with_servers() -> (BridgeLab, Vec<HttpNameServer>) {
     let lab = BridgeLab::new(3);
-    let servers: Vec<HttpNameServer> = lab
+    let servers = lab
         .backends
         .iter()
         .enumerate()
@@ -216,25 +185,48 @@ fn auto_with_backends_behind_an_unlisted_interface_runs_on_the_proxy_and_tc_refu
                 .expect("a backend starts")
         })
         .collect();
+    (lab, servers)
+}
+
+/// The config of `web` at the bridge lab's VIP: `dataplane`, `interface = "l0"`,
+/// `backend_interfaces` (left out when empty), `local_address` on the bridge, and the lab's
+/// three backends with HTTP health checks.
+fn web_on_the_bridge(dataplane: &str, backend_interfaces: &[&str]) -> String {
+    let mut svc = ServiceConfig::tcp("web", SocketAddr::new(IpAddr::V4(VIP), WEB))
+        .set("dataplane", dataplane)
+        .set("interface", "l0")
+        .set("local_address", ON_BRIDGE.to_string())
+        .fast_health("http");
+    if !backend_interfaces.is_empty() {
+        let listed = backend_interfaces.iter().map(|&i| i.into()).collect();
+        svc = svc.set("backend_interfaces", toml::Value::Array(listed));
+    }
+    for i in 1..=3 {
+        svc = svc.backend(SocketAddr::new(IpAddr::V4(BridgeLab::backend(i)), WEB), 1);
+    }
+    DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .service(svc)
+        .to_toml()
+}
+
+/// A `nat` service on `l0` alone whose backends sit behind `br0`, which the config does not
+/// list in `backend_interfaces`: their replies would come in on `br0`, where no program
+/// translates them, and reach the balancer's stack (which resets them). `tc` refuses to
+/// start naming the backend and the interface; `auto` runs the service on the proxy, saying
+/// so, and every request is served.
+#[test]
+fn auto_with_backends_behind_an_unlisted_interface_runs_on_the_proxy_and_tc_refuses_it() {
+    if !lb_tests::require_root("tc_auto::auto_with_backends_behind_an_unlisted_interface") {
+        return;
+    }
+    let (lab, servers) = bridge_lab_with_servers();
     // The proxy, where `auto` must put the service, needs the VIP on the host.
     lab.balancer
         .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
         .expect("the VIP on the balancer's loopback");
     let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
-    let config = |dataplane: &str| {
-        let mut svc = ServiceConfig::tcp("web", vip)
-            .set("dataplane", dataplane)
-            .set("interface", "l0")
-            .set("local_address", ON_BRIDGE.to_string())
-            .fast_health("http");
-        for i in 1..=servers.len() {
-            svc = svc.backend(SocketAddr::new(IpAddr::V4(BridgeLab::backend(i)), WEB), 1);
-        }
-        DaemonConfig::new()
-            .global("bpf_object", bpf_object().display().to_string())
-            .service(svc)
-            .to_toml()
-    };
+    let config = |dataplane: &str| web_on_the_bridge(dataplane, &[]);
     let reason = format!(
         "backend {}:{WEB} is reached through br0, which is not the service's interface or \
          one of its backend_interfaces",
@@ -284,35 +276,9 @@ fn auto_with_the_bridge_ports_listed_runs_on_tc_and_serves() {
     if !lb_tests::require_root("tc_auto::auto_with_the_bridge_ports_listed") {
         return;
     }
-    let lab = BridgeLab::new(3);
-    let servers: Vec<HttpNameServer> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(k, ns)| {
-            let name = format!("b{}", k + 1);
-            ns.enter(|| HttpNameServer::start_on(&name, SocketAddr::from(([0, 0, 0, 0], WEB))))
-                .expect("enter the backend namespace")
-                .expect("a backend starts")
-        })
-        .collect();
+    let (lab, servers) = bridge_lab_with_servers();
     let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
-    let ports: Vec<toml::Value> = (1..=servers.len())
-        .map(|i| format!("p{i}").into())
-        .collect();
-    let mut svc = ServiceConfig::tcp("web", vip)
-        .set("dataplane", "auto")
-        .set("interface", "l0")
-        .set("backend_interfaces", toml::Value::Array(ports))
-        .set("local_address", ON_BRIDGE.to_string())
-        .fast_health("http");
-    for i in 1..=servers.len() {
-        svc = svc.backend(SocketAddr::new(IpAddr::V4(BridgeLab::backend(i)), WEB), 1);
-    }
-    let toml = DaemonConfig::new()
-        .global("bpf_object", bpf_object().display().to_string())
-        .service(svc)
-        .to_toml();
+    let toml = web_on_the_bridge("auto", &["p1", "p2", "p3"]);
     let daemon = in_netns(&lab.balancer, || Daemon::start(&toml)).expect("enter the balancer");
     let line = daemon
         .wait_for_log("service web: listening", PLACED)

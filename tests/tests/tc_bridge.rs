@@ -91,22 +91,7 @@ fn a_backend_whose_bridge_port_is_replaced_keeps_being_served() {
         return;
     }
     let (lab, servers, daemon) = start(Mode::Nat, 2);
-    let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
-    let uploads = |what: &str| {
-        for seed in 0..20u64 {
-            let receipt = lab
-                .client
-                .enter(|| upload(vip, 256 * 1024, seed))
-                .expect("enter the client namespace")
-                .unwrap_or_else(|e| panic!("{what}: upload {seed} through the VIP failed: {e}"));
-            assert_eq!(
-                receipt,
-                Receipt::of_stream(256 * 1024, seed),
-                "{what}: upload {seed} did not arrive byte for byte"
-            );
-        }
-    };
-    uploads("before the port is replaced");
+    uploads(&lab, "before the port is replaced");
     let b2 = &lab.backends[1];
     let mac = String::from_utf8_lossy(
         &b2.run("cat", &["/sys/class/net/b0/address"])
@@ -122,19 +107,12 @@ fn a_backend_whose_bridge_port_is_replaced_keeps_being_served() {
     // The same addresses (Docker derives the MAC from the IP), another index.
     bridge_lab::plug(&lab.balancer, 2, b2, Some(&mac));
     // Up again: the health checks reach b2 through the new port.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while servers[1].accepted() < accepted + 3 {
-        assert!(
-            Instant::now() < deadline,
-            "b2 was not health-checked again within 15 s of its new port"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    uploads("right after the port was replaced");
+    checked_again(&servers[1..], &[accepted], "b2's new port");
+    uploads(&lab, "right after the port was replaced");
     std::thread::sleep(Duration::from_secs(3));
     let b2_before = rx_bytes(b2, "b0");
     let bridge_before = tx_bytes(&lab.balancer, "br0");
-    uploads("after the next copies of the forwarding database");
+    uploads(&lab, "after the next copies of the forwarding database");
     let b2_got = rx_bytes(b2, "b0") - b2_before;
     let bridge = tx_bytes(&lab.balancer, "br0") - bridge_before;
     eprintln!("after the port was replaced: b2 received {b2_got} bytes, br0 transmitted {bridge}");
@@ -161,21 +139,9 @@ fn a_bridge_made_again_under_its_name_is_served_again() {
         return;
     }
     let (lab, servers, daemon) = start(Mode::Nat, 2);
-    let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
-    let uploads = |what: &str| {
+    let uploads_to_both = |what: &str| {
         let before: Vec<u64> = lab.backends.iter().map(|b| rx_bytes(b, "b0")).collect();
-        for seed in 0..20u64 {
-            let receipt = lab
-                .client
-                .enter(|| upload(vip, 256 * 1024, seed))
-                .expect("enter the client namespace")
-                .unwrap_or_else(|e| panic!("{what}: upload {seed} through the VIP failed: {e}"));
-            assert_eq!(
-                receipt,
-                Receipt::of_stream(256 * 1024, seed),
-                "{what}: upload {seed} did not arrive byte for byte"
-            );
-        }
+        uploads(&lab, what);
         for (k, b) in lab.backends.iter().enumerate() {
             let got = rx_bytes(b, "b0") - before[k];
             assert!(
@@ -185,7 +151,7 @@ fn a_bridge_made_again_under_its_name_is_served_again() {
             );
         }
     };
-    uploads("before br0 was deleted");
+    uploads_to_both("before br0 was deleted");
     lab.balancer
         .ip(&["link", "del", "br0"])
         .expect("delete br0");
@@ -203,20 +169,44 @@ fn a_bridge_made_again_under_its_name_is_served_again() {
         .wait_for_log("eBPF: br0 was made again", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("the daemon did not attach lb_tc to the new br0: {e:?}"));
     // The health checks failed while br0 was gone; both backends up again first.
+    checked_again(&servers, &accepted, "the new br0");
+    uploads_to_both("after br0 was made again");
+    drop(daemon);
+}
+
+/// 20 uploads of 256 KiB through the VIP from the client, each of which must arrive byte for
+/// byte; `what` names the moment in a failure.
+fn uploads(lab: &BridgeLab, what: &str) {
+    let vip = SocketAddr::new(IpAddr::V4(VIP), BULK);
+    for seed in 0..20u64 {
+        let receipt = lab
+            .client
+            .enter(|| upload(vip, 256 * 1024, seed))
+            .expect("enter the client namespace")
+            .unwrap_or_else(|e| panic!("{what}: upload {seed} through the VIP failed: {e}"));
+        assert_eq!(
+            receipt,
+            Receipt::of_stream(256 * 1024, seed),
+            "{what}: upload {seed} did not arrive byte for byte"
+        );
+    }
+}
+
+/// Waits up to 20 s until each of `servers` has accepted three connections (health checks)
+/// more than its count in `before`; panics naming `after` (what they are checked again after).
+fn checked_again(servers: &[PeerServer], before: &[u64], after: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while servers
         .iter()
-        .zip(&accepted)
+        .zip(before)
         .any(|(s, &before)| s.accepted() < before + 3)
     {
         assert!(
             Instant::now() < deadline,
-            "the backends were not health-checked again within 20 s of the new br0"
+            "the backends were not health-checked again within 20 s of {after}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    uploads("after br0 was made again");
-    drop(daemon);
 }
 
 /// The lab with `n` backends on `br0`, a hash server on each, and a daemon with a `mode`

@@ -541,6 +541,35 @@ fn hosts(path: &Path, backends: &[usize]) {
     std::fs::write(path, text).expect("the test's hosts file is writable");
 }
 
+/// Three backends, and a daemon in its own mount namespace (its `/etc/hosts` is `hosts_file`,
+/// its config in `dir`) whose `web` has the backends [`NAME`] resolves to every 300 ms,
+/// changed by `custom`; a removed backend drains for 2 s.
+fn start_named(
+    dir: &Path,
+    hosts_file: &Path,
+    custom: impl FnOnce(lb_tests::config::ServiceConfig) -> lb_tests::config::ServiceConfig,
+) -> World {
+    let config_file = dir.join("lb.toml");
+    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir, hosts_file);
+    World::start_custom(MODE, 3, 3, &[], |t| {
+        t.resolve_neighbours(WEB);
+        let web = service(t, MODE, "web", &[])
+            .set("resolve_interval", "300ms")
+            .backend_named(&format!("{NAME}:{WEB}"), 1);
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .global("drain_timeout", "2s")
+            .service(custom(web))
+            .to_toml();
+        std::fs::write(&config_file, toml).expect("config written");
+        in_netns(&t.balancer, || {
+            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
+        })
+        .expect("enter the balancer namespace")
+    })
+}
+
 /// Answers of 60 new connections to `web`, by backend.
 fn who_answers(world: &World) -> BTreeSet<String> {
     world.client(|| {
@@ -561,26 +590,7 @@ fn dns_named_backends_on_xdp_follow_the_records() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let hosts_file = dir.path().join("hosts");
     hosts(&hosts_file, &[1, 2]);
-    let config_file = dir.path().join("lb.toml");
-    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts_file);
-    let world = World::start_custom(MODE, 3, 3, &[], |t| {
-        t.resolve_neighbours(WEB);
-        let toml = DaemonConfig::new()
-            .global("bpf_object", bpf_object().display().to_string())
-            .global("drain_timeout", "2s")
-            .service(
-                service(t, MODE, "web", &[])
-                    .set("resolve_interval", "300ms")
-                    .backend_named(&format!("{NAME}:{WEB}"), 1),
-            )
-            .to_toml();
-        std::fs::write(&config_file, toml).expect("config written");
-        in_netns(&t.balancer, || {
-            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
-        })
-        .expect("enter the balancer namespace")
-    });
+    let world = start_named(dir.path(), &hosts_file, |web| web);
     let words = dataplane(&world, "web");
     assert!(words.contains("XDP"), "web should run on XDP: {words}");
     world
@@ -646,26 +656,9 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let hosts_file = dir.path().join("hosts");
     hosts(&hosts_file, &[1, 2, 3]);
-    let config_file = dir.path().join("lb.toml");
-    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts_file);
-    let world = World::start_custom(MODE, 3, 3, &[], |t| {
-        t.resolve_neighbours(WEB);
-        let listed = toml::Value::Array(vec!["l1".into(), "l2".into()]);
-        let toml = DaemonConfig::new()
-            .global("bpf_object", bpf_object().display().to_string())
-            .service(
-                service(t, MODE, "web", &[])
-                    .set("backend_interfaces", listed)
-                    .set("resolve_interval", "300ms")
-                    .backend_named(&format!("{NAME}:{WEB}"), 1),
-            )
-            .to_toml();
-        std::fs::write(&config_file, toml).expect("config written");
-        in_netns(&t.balancer, || {
-            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
-        })
-        .expect("enter the balancer namespace")
+    let listed = toml::Value::Array(vec!["l1".into(), "l2".into()]);
+    let world = start_named(dir.path(), &hosts_file, |web| {
+        web.set("backend_interfaces", listed)
     });
     let b3 = backend(3, WEB);
     world
