@@ -141,7 +141,6 @@ fn auto_with_backends_on_a_bridge_runs_on_tc_and_every_request_succeeds() {
         return;
     }
     let (lab, servers) = bridge_lab_with_servers();
-    let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
     let toml = web_on_the_bridge("auto", &["br0"]);
     let daemon = in_netns(&lab.balancer, || Daemon::start(&toml)).expect("enter the balancer");
     let line = daemon
@@ -154,19 +153,7 @@ fn auto_with_backends_on_a_bridge_runs_on_tc_and_every_request_succeeds() {
          redirects vanish into a bridge); the log said: {line}"
     );
     // Health checks resolve the backends' MAC addresses before the load.
-    for s in &servers {
-        assert!(
-            s.wait_for_health_checks(2, Duration::from_secs(15)),
-            "the daemon did not health-check {} within 15 s",
-            s.addr()
-        );
-    }
-    assert_served(
-        &lab.client,
-        vip,
-        &["b1", "b2", "b3"],
-        "auto with backends on a bridge (tc)",
-    );
+    checked_then_served(&lab, &servers, "auto with backends on a bridge (tc)");
     let (service, _) = status_words(&lab.balancer, &daemon, "web");
     assert!(service.contains("br0 (tc)"), "/status: {service}");
 }
@@ -186,6 +173,21 @@ fn bridge_lab_with_servers() -> (BridgeLab, Vec<HttpNameServer>) {
         })
         .collect();
     (lab, servers)
+}
+
+/// Once the daemon has health-checked each of the bridge lab's `servers` twice (they may
+/// start down), every one of [`REQUESTS`] requests to the VIP from the lab's client is
+/// answered, and by each backend.
+fn checked_then_served(lab: &BridgeLab, servers: &[HttpNameServer], what: &str) {
+    for s in servers {
+        assert!(
+            s.wait_for_health_checks(2, Duration::from_secs(15)),
+            "the daemon did not health-check {} within 15 s",
+            s.addr()
+        );
+    }
+    let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
+    assert_served(&lab.client, vip, &["b1", "b2", "b3"], what);
 }
 
 /// The config of `web` at the bridge lab's VIP: `dataplane`, `interface = "l0"`,
@@ -225,7 +227,6 @@ fn auto_with_backends_behind_an_unlisted_interface_runs_on_the_proxy_and_tc_refu
     lab.balancer
         .ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
         .expect("the VIP on the balancer's loopback");
-    let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
     let config = |dataplane: &str| web_on_the_bridge(dataplane, &[]);
     let reason = format!(
         "backend {}:{WEB} is reached through br0, which is not the service's interface or \
@@ -253,17 +254,9 @@ fn auto_with_backends_behind_an_unlisted_interface_runs_on_the_proxy_and_tc_refu
         "auto with the backends behind an unlisted interface must run on the proxy and say \
          why; the log said: {line}"
     );
-    for s in &servers {
-        assert!(
-            s.wait_for_health_checks(2, Duration::from_secs(15)),
-            "the daemon did not health-check {} within 15 s",
-            s.addr()
-        );
-    }
-    assert_served(
-        &lab.client,
-        vip,
-        &["b1", "b2", "b3"],
+    checked_then_served(
+        &lab,
+        &servers,
         "auto with the backends behind an unlisted interface (proxy)",
     );
 }
@@ -277,7 +270,6 @@ fn auto_with_the_bridge_ports_listed_runs_on_tc_and_serves() {
         return;
     }
     let (lab, servers) = bridge_lab_with_servers();
-    let vip = SocketAddr::new(IpAddr::V4(VIP), WEB);
     let toml = web_on_the_bridge("auto", &["p1", "p2", "p3"]);
     let daemon = in_netns(&lab.balancer, || Daemon::start(&toml)).expect("enter the balancer");
     let line = daemon
@@ -287,19 +279,7 @@ fn auto_with_the_bridge_ports_listed_runs_on_tc_and_serves() {
         line.contains("eBPF data plane (nat) on l0 (tc), p1 (tc)"),
         "with the bridge's ports listed, auto must run on tc; the log said: {line}"
     );
-    for s in &servers {
-        assert!(
-            s.wait_for_health_checks(2, Duration::from_secs(15)),
-            "the daemon did not health-check {} within 15 s",
-            s.addr()
-        );
-    }
-    assert_served(
-        &lab.client,
-        vip,
-        &["b1", "b2", "b3"],
-        "auto with the bridge's ports listed (tc)",
-    );
+    checked_then_served(&lab, &servers, "auto with the bridge's ports listed (tc)");
 }
 
 #[test]
