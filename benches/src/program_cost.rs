@@ -38,7 +38,8 @@
 //!   figure less its plain `repeat` one. The `new SYN` case has no restored form (a SYN is
 //!   new once), nor has `lb_tc`'s DSR encapsulation: Linux (6.18 here) keeps the socket
 //!   buffer marked as tunnelled after the harness strips the outer header, and refuses the
-//!   next encapsulation.
+//!   next encapsulation (stripping it with `BPF_F_ADJ_ROOM_DECAP_L3_IPV4` does not clear that
+//!   either: tried on 2026-12-05).
 
 use std::net::IpAddr;
 use std::os::fd::AsFd;
