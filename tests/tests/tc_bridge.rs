@@ -139,19 +139,7 @@ fn a_bridge_made_again_under_its_name_is_served_again() {
         return;
     }
     let (lab, servers, daemon) = start(Mode::Nat, 2);
-    let uploads_to_both = |what: &str| {
-        let before: Vec<u64> = lab.backends.iter().map(|b| rx_bytes(b, "b0")).collect();
-        uploads(&lab, what);
-        for (k, b) in lab.backends.iter().enumerate() {
-            let got = rx_bytes(b, "b0") - before[k];
-            assert!(
-                got >= 256 * 1024,
-                "{what}: backend b{} received {got} bytes: it took none of the 20 uploads",
-                k + 1
-            );
-        }
-    };
-    uploads_to_both("before br0 was deleted");
+    uploads_to_each(&lab, "before br0 was deleted");
     lab.balancer
         .ip(&["link", "del", "br0"])
         .expect("delete br0");
@@ -159,19 +147,83 @@ fn a_bridge_made_again_under_its_name_is_served_again() {
         .wait_for_log("eBPF: br0 is gone", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("the daemon did not see br0 go: {e:?}"));
     let accepted: Vec<u64> = servers.iter().map(|s| s.accepted()).collect();
-    bridge_lab::make_bridge(&lab.balancer);
-    for i in 1..=servers.len() {
-        lab.balancer
-            .ip(&["link", "set", &format!("p{i}"), "master", "br0"])
-            .expect("port on the new bridge");
-    }
+    make_br0_again(&lab, servers.len());
     daemon
         .wait_for_log("eBPF: br0 was made again", Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("the daemon did not attach lb_tc to the new br0: {e:?}"));
     // The health checks failed while br0 was gone; both backends up again first.
     checked_again(&servers, &accepted, "the new br0");
-    uploads_to_both("after br0 was made again");
+    uploads_to_each(&lab, "after br0 was made again");
     drop(daemon);
+}
+
+/// The same while the daemon is stopped with SIGQUIT (a restart: the data plane stays,
+/// pinned): the link pinned for the old `br0` is left attached to nothing, and the daemon
+/// started again must not adopt it as if it carried `lb_tc` on the new `br0`; it attaches
+/// afresh, and every upload through the VIP arrives intact, on both backends.
+#[test]
+fn a_bridge_made_again_while_the_daemon_was_stopped_is_served_after_its_restart() {
+    if !lb_tests::require_root(
+        "tc_bridge::a_bridge_made_again_while_the_daemon_was_stopped_is_served_after_its_restart",
+    ) {
+        return;
+    }
+    let pins = PinDir(lb_tests::daemon::test_pin_dir());
+    let (lab, servers, mut daemon, toml) = start_with(Mode::Nat, 2, Some(&pins.0));
+    uploads_to_each(&lab, "before the restart");
+    daemon
+        .signal(nix::sys::signal::Signal::SIGQUIT)
+        .expect("signal the daemon");
+    let status = daemon
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the daemon did not exit on SIGQUIT"));
+    assert!(status.success(), "SIGQUIT: the daemon exited with {status}");
+    lab.balancer
+        .ip(&["link", "del", "br0"])
+        .expect("delete br0");
+    make_br0_again(&lab, servers.len());
+    let accepted: Vec<u64> = servers.iter().map(|s| s.accepted()).collect();
+    let daemon = in_netns(&lab.balancer, || Daemon::start_pinned(&toml, &pins.0))
+        .expect("enter the balancer");
+    ready_on_the_bridge(&daemon, &servers, &accepted, "restarted");
+    uploads_to_each(
+        &lab,
+        "after br0 was made again while the daemon was stopped",
+    );
+    drop(daemon);
+}
+
+/// The pin directory of one test, removed when the test ends, also when it fails.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes `br0` again in the lab's balancer, with the ports of its `n` backends on it.
+fn make_br0_again(lab: &BridgeLab, n: usize) {
+    bridge_lab::make_bridge(&lab.balancer);
+    for i in 1..=n {
+        lab.balancer
+            .ip(&["link", "set", &format!("p{i}"), "master", "br0"])
+            .expect("port on the new bridge");
+    }
+}
+
+/// [`uploads`], and each backend received at least one of them.
+fn uploads_to_each(lab: &BridgeLab, what: &str) {
+    let before: Vec<u64> = lab.backends.iter().map(|b| rx_bytes(b, "b0")).collect();
+    uploads(lab, what);
+    for (k, b) in lab.backends.iter().enumerate() {
+        let got = rx_bytes(b, "b0") - before[k];
+        assert!(
+            got >= 256 * 1024,
+            "{what}: backend b{} received {got} bytes: it took none of the 20 uploads",
+            k + 1
+        );
+    }
 }
 
 /// 20 uploads of 256 KiB through the VIP from the client, each of which must arrive byte for
@@ -214,6 +266,16 @@ fn checked_again(servers: &[PeerServer], before: &[u64], after: &str) {
 /// has had the time to copy the bridge's forwarding database (which the health checks'
 /// answers filled). The decapsulators (DSR) go with the lab's namespaces.
 fn start(mode: Mode, n: usize) -> (Lab, Vec<PeerServer>, Daemon) {
+    let (lab, servers, daemon, _) = start_with(mode, n, None);
+    (lab, servers, daemon)
+}
+
+/// [`start`], with the daemon's pin directory `pins` when given; also returns the config.
+fn start_with(
+    mode: Mode,
+    n: usize,
+    pins: Option<&std::path::Path>,
+) -> (Lab, Vec<PeerServer>, Daemon, String) {
     let lab = BridgeLab::new(n);
     let mut decaps = Vec::new();
     if mode == Mode::Dsr {
@@ -255,25 +317,13 @@ fn start(mode: Mode, n: usize) -> (Lab, Vec<PeerServer>, Daemon) {
         .global("bpf_object", bpf_object().display().to_string())
         .service(svc)
         .to_toml();
-    let daemon = in_netns(&lab.balancer, || Daemon::start(&toml)).expect("enter the balancer");
-    daemon
-        .wait_for_log(
-            "eBPF: br0 is a bridge: lb_tc sends what is routed into it straight to the port",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{mode:?}: the daemon did not take br0's ports: {e:?}"));
-    // The health checks' answers teach the bridge the backends' addresses; the daemon copies
-    // its forwarding database every second.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while servers.iter().any(|s| s.accepted() < 2) {
-        assert!(
-            Instant::now() < deadline,
-            "{mode:?}: the daemon did not health-check both backends within 15 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_secs(3));
-
+    let accepted: Vec<u64> = servers.iter().map(|s| s.accepted()).collect();
+    let daemon = in_netns(&lab.balancer, || match pins {
+        Some(pins) => Daemon::start_pinned(&toml, pins),
+        None => Daemon::start(&toml),
+    })
+    .expect("enter the balancer");
+    ready_on_the_bridge(&daemon, &servers, &accepted, &format!("{mode:?}"));
     (
         Lab {
             lab,
@@ -281,7 +331,34 @@ fn start(mode: Mode, n: usize) -> (Lab, Vec<PeerServer>, Daemon) {
         },
         servers,
         daemon,
+        toml,
     )
+}
+
+/// Waits until `daemon` watches `br0` and each of `servers` has accepted two connections
+/// (health checks) more than its count in `before`, then 3 s more for the copy of the
+/// bridge's forwarding database (which the health checks' answers filled; the daemon copies
+/// it every second). Panics naming `what` (the set-up).
+fn ready_on_the_bridge(daemon: &Daemon, servers: &[PeerServer], before: &[u64], what: &str) {
+    daemon
+        .wait_for_log(
+            "eBPF: br0 is a bridge: lb_tc sends what is routed into it straight to the port",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{what}: the daemon did not take br0's ports: {e:?}"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while servers
+        .iter()
+        .zip(before)
+        .any(|(s, &before)| s.accepted() < before + 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the daemon did not health-check both backends within 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
 }
 
 /// The lab and the decapsulators that must live as long as it.
