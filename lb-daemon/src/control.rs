@@ -357,6 +357,7 @@ fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounter
                     .and(bc.snat_counted_at)
                     .map(unix_seconds),
                 snat_local_addresses: per_address,
+                left_out: bc.left_out.clone(),
                 ..t
             });
         }

@@ -677,6 +677,27 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
         !seen.contains("b3"),
         "the backend behind the unlisted interface got flows: {seen:?}"
     );
+    // `/status` says why b3 takes no flows although its health is up; the others take theirs.
+    let st = status(&world);
+    for i in 1..=3 {
+        let b = admin::backend(&st, "web", backend(i, WEB))
+            .unwrap_or_else(|| panic!("b{i} is not in /status: {st}"));
+        let left_out = b["xdp"]["left_out"].as_str();
+        if i == 3 {
+            assert_eq!(b["health"], "up", "b3's health: {b}");
+            assert!(
+                left_out.is_some_and(|why| why.contains("l3")),
+                "/status does not say why b3 is left out of the eBPF table: {b}"
+            );
+        } else {
+            assert_eq!(left_out, None, "b{i} is reported left out: {b}");
+        }
+    }
+    let logs = world.daemon.logs().join("\n");
+    assert!(
+        logs.contains("(2 of 3 backends eligible, 1 more left out"),
+        "the table's log line does not count b3 as left out:\n{logs}"
+    );
 }
 
 #[test]

@@ -28,6 +28,10 @@ pub struct BackendCounters {
     /// Flows conntrack holds open on it, as last counted (every few seconds, see
     /// `open_flows.rs`); `None` before the first count.
     pub open_flows: Option<u64>,
+    /// `nat`: why the service's table gives the backend no slot whatever its health, as a
+    /// sentence ([`super::routes::Miss`]: its replies would miss the program); `None` when it
+    /// takes its share.
+    pub left_out: Option<String>,
     /// `nat`: SNAT ports towards it taken (in use, or held after their flow ended) on each of
     /// the service's local addresses, in their order, as last counted (every 10 s or so,
     /// `sync.rs`); `None` for `dsr` or before the first count.
@@ -138,6 +142,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                     counters: maps.backend_counters(id)?,
                     draining: false,
                     open_flows: open(id),
+                    left_out: r.slot.left_out(&b.address).map(ToString::to_string),
                     snat_ports_taken: taken(b.address),
                     snat_counted_at: counted_at,
                 });
@@ -149,6 +154,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                 counters: maps.backend_counters(id)?,
                 draining: true,
                 open_flows: open(id),
+                left_out: None,
                 snat_ports_taken: taken(address),
                 snat_counted_at: counted_at,
             });

@@ -576,11 +576,12 @@ pub struct ServiceSlot {
     /// NAT: the service's `interface` and `backend_interfaces`, where its backends' replies
     /// must come in; empty for DSR.
     reply_interfaces: Vec<String>,
-    /// NAT: per backend address, whether its replies reach the program, asked once when the
-    /// address first comes ([`super::routes::ReplyPaths::verdict`]). One whose would not (a DNS
-    /// name answered with an address behind another interface) is left out of the table:
-    /// every flow placed on it would fail.
-    replies_reach: std::collections::HashMap<SocketAddr, bool>,
+    /// NAT: per backend address, why its replies would miss the program (`None`: they reach
+    /// it), asked once when the address first comes
+    /// ([`super::routes::ReplyPaths::verdict`]). One whose would miss (a DNS name answered
+    /// with an address behind another interface) is left out of the table: every flow placed
+    /// on it would fail.
+    replies_miss: std::collections::HashMap<SocketAddr, Option<super::routes::Miss>>,
 }
 
 impl ServiceSlot {
@@ -623,7 +624,7 @@ impl ServiceSlot {
                     .collect(),
                 Forwarding::Dsr => Vec::new(),
             },
-            replies_reach: std::collections::HashMap::new(),
+            replies_miss: std::collections::HashMap::new(),
         }
     }
 
@@ -640,9 +641,9 @@ impl ServiceSlot {
             return;
         }
         let now: std::collections::HashSet<&SocketAddr> = addresses.iter().collect();
-        self.replies_reach.retain(|a, _| now.contains(a));
+        self.replies_miss.retain(|a, _| now.contains(a));
         let fresh: Vec<SocketAddr> = (addresses.iter())
-            .filter(|a| !self.replies_reach.contains_key(a))
+            .filter(|a| !self.replies_miss.contains_key(a))
             .copied()
             .collect();
         if fresh.is_empty() {
@@ -656,14 +657,14 @@ impl ServiceSlot {
         for address in fresh {
             match paths.verdict(address.ip(), &self.local_addresses) {
                 Verdict::Reach => {
-                    self.replies_reach.insert(address, true);
+                    self.replies_miss.insert(address, None);
                 }
                 Verdict::Miss(why) => {
                     tracing::warn!(
                         "service {service}: backend {address} {why}: left out of the eBPF \
                          table"
                     );
-                    self.replies_reach.insert(address, false);
+                    self.replies_miss.insert(address, Some(why));
                 }
                 Verdict::Unknown => {}
             }
@@ -672,8 +673,14 @@ impl ServiceSlot {
 
     /// Whether the replies of the backend at `address` reach the program, as far as known
     /// ([`ServiceSlot::check_replies`]).
-    fn replies_reach(&self, address: &SocketAddr) -> bool {
-        self.replies_reach.get(address).copied().unwrap_or(true)
+    pub(super) fn replies_reach(&self, address: &SocketAddr) -> bool {
+        self.left_out(address).is_none()
+    }
+
+    /// Why the backend at `address` is left out of the table: its replies would miss the
+    /// program ([`ServiceSlot::check_replies`]); `None` when it is not (or not known to be).
+    pub(super) fn left_out(&self, address: &SocketAddr) -> Option<&super::routes::Miss> {
+        self.replies_miss.get(address).and_then(Option::as_ref)
     }
 
     /// Makes this new slot continue a service of an adopted pinned set, whose `SERVICES`
@@ -721,7 +728,7 @@ impl ServiceSlot {
             missing_ids: 0,
             // Drained, never given backends: nothing to ask.
             reply_interfaces: Vec::new(),
-            replies_reach: std::collections::HashMap::new(),
+            replies_miss: std::collections::HashMap::new(),
         })
     }
 

@@ -158,17 +158,27 @@ impl State {
             }
         }
         match written {
-            Ok(written) => info!(
-                "service {}: XDP table generation {} live in half {} ({} of {} backends \
-                 eligible; {written} slots written in {} ms){}",
-                snap.name,
-                snap.generation,
-                slot.active_half(),
-                snap.eligible_count(),
-                snap.backends.len(),
-                started.elapsed().as_millis(),
-                describe_limits(&snap.limits)
-            ),
+            Ok(written) => {
+                // Eligible by health and weight, yet given no slot: the warning said why.
+                let left_out = (snap.backends.iter())
+                    .filter(|b| b.eligible() && !slot.replies_reach(&b.address))
+                    .count();
+                let also = match left_out {
+                    0 => String::new(),
+                    n => format!(", {n} more left out: their replies would miss the program"),
+                };
+                info!(
+                    "service {}: XDP table generation {} live in half {} ({} of {} backends \
+                     eligible{also}; {written} slots written in {} ms){}",
+                    snap.name,
+                    snap.generation,
+                    slot.active_half(),
+                    snap.eligible_count() - left_out,
+                    snap.backends.len(),
+                    started.elapsed().as_millis(),
+                    describe_limits(&snap.limits)
+                )
+            }
             Err(e) => {
                 if slot.failed_generation != Some(snap.generation) {
                     slot.failed_generation = Some(snap.generation);
