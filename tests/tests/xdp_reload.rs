@@ -647,7 +647,9 @@ fn dns_named_backends_on_xdp_follow_the_records() {
 /// A DNS name that answers with a backend behind an interface the service does not list
 /// (`l3`, with `backend_interfaces = ["l1", "l2"]`): that backend's replies would never pass
 /// the program, so every flow placed on it would fail. It is left out of the XDP table with
-/// a warning naming it and the interface, and every request is answered by the other two.
+/// a warning naming it and the interface (also in `/status`), and every request is answered
+/// by the other two. A route changed later is followed: b1 routed out of `l3` leaves the
+/// table, and comes back once the route is removed.
 #[test]
 fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
     if !require_root("xdp_reload::a_dns_answer_behind_an_unlisted_interface") {
@@ -698,7 +700,53 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
         logs.contains("(2 of 3 backends eligible, 1 more left out"),
         "the table's log line does not count b3 as left out:\n{logs}"
     );
+
+    // A route changed later is followed: b1 routed out of l3 leaves the table, and comes
+    // back once the route is gone.
+    let b1 = backend(1, WEB);
+    let route = [&format!("{}/32", b1.ip()), "dev", "l3"];
+    let mark = world.daemon.log_mark();
+    world
+        .topology
+        .balancer
+        .ip(&[&["route", "add"][..], &route[..]].concat())
+        .expect("a route to b1 out of l3");
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!("service web: backend {b1} is reached through l3"),
+            REROUTE,
+        )
+        .unwrap_or_else(|e| panic!("b1, routed out of l3, was not left out: {e}"));
+    let b = admin::backend(&status(&world), "web", b1).cloned();
+    assert!(
+        b.as_ref()
+            .and_then(|b| b["xdp"]["left_out"].as_str())
+            .is_some_and(|why| why.contains("l3")),
+        "/status does not say why b1 is left out: {b:?}"
+    );
+    let mark = world.daemon.log_mark();
+    world
+        .topology
+        .balancer
+        .ip(&[&["route", "del"][..], &route[..]].concat())
+        .expect("the route to b1 out of l3 removed");
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!("service web: backend {b1}'s replies reach the eBPF program again"),
+            REROUTE,
+        )
+        .unwrap_or_else(|e| panic!("b1, routed back, did not come back to the table: {e}"));
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("b1 should answer again once its route is back: {e}"));
 }
+
+/// How long a route change may take to be followed: `REPLIES_EVERY` (10 s) and a margin.
+const REROUTE: Duration = Duration::from_secs(15);
 
 #[test]
 fn the_first_reload_that_needs_xdp_loads_it() {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::Ebpf;
@@ -20,6 +20,11 @@ use super::ids::{BackendIds, IdPool};
 use crate::config::{Forwarding, Protocol};
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
+
+/// How often a `nat` service's backends are asked about again ([`ServiceSlot::ask_replies_again`]):
+/// a route changed so that a backend's replies would miss the program takes it out of the
+/// table within this time, and one changed back returns it.
+pub const REPLIES_EVERY: Duration = Duration::from_secs(10);
 
 /// The maps the daemon writes and reads, taken out of the loaded object.
 pub struct Maps {
@@ -577,11 +582,13 @@ pub struct ServiceSlot {
     /// must come in; empty for DSR.
     reply_interfaces: Vec<String>,
     /// NAT: per backend address, why its replies would miss the program (`None`: they reach
-    /// it), asked once when the address first comes
+    /// it), asked when the address first comes and again every [`REPLIES_EVERY`]
     /// ([`super::routes::ReplyPaths::verdict`]). One whose would miss (a DNS name answered
-    /// with an address behind another interface) is left out of the table: every flow placed
-    /// on it would fail.
+    /// with an address behind another interface, a route changed since) is left out of the
+    /// table: every flow placed on it would fail.
     replies_miss: std::collections::HashMap<SocketAddr, Option<super::routes::Miss>>,
+    /// When every address of `replies_miss` was last asked about again.
+    replies_asked_at: Option<Instant>,
 }
 
 impl ServiceSlot {
@@ -625,6 +632,7 @@ impl ServiceSlot {
                 Forwarding::Dsr => Vec::new(),
             },
             replies_miss: std::collections::HashMap::new(),
+            replies_asked_at: None,
         }
     }
 
@@ -632,11 +640,9 @@ impl ServiceSlot {
     /// reach the program, and logs each of `service`'s backends whose would not: it is left
     /// out of the table. Addresses that left are forgotten (asked again if they come back).
     /// One that cannot be told about now (no route, the kernel cannot be asked, one of the
-    /// service's interfaces missing) counts as reaching and is asked again at the next
-    /// write. A verdict is not asked again while its address stays: a route changed later
-    /// is not followed.
+    /// service's interfaces missing) counts as reaching until [`ServiceSlot::ask_replies_again`]
+    /// can tell.
     fn check_replies(&mut self, service: &str, addresses: &[SocketAddr]) {
-        use super::routes::{ReplyPaths, Verdict};
         if self.reply_interfaces.is_empty() {
             return;
         }
@@ -646,24 +652,62 @@ impl ServiceSlot {
             .filter(|a| !self.replies_miss.contains_key(a))
             .copied()
             .collect();
-        if fresh.is_empty() {
+        // The first ask covers every address: the next full one is due in REPLIES_EVERY.
+        self.replies_asked_at.get_or_insert_with(Instant::now);
+        self.ask_replies(service, &fresh);
+    }
+
+    /// Asks again about every backend of `snap` (a NAT service's) once [`REPLIES_EVERY`]
+    /// has passed since the last time at `now`, so that a route changed since, or one that
+    /// could not be told about, is followed. Returns whether a backend left the table or
+    /// came back to it (the table must be written again); each such change is logged.
+    pub(super) fn ask_replies_again(&mut self, snap: &ServiceSnapshot, now: Instant) -> bool {
+        if self.reply_interfaces.is_empty()
+            || self
+                .replies_asked_at
+                .is_some_and(|at| now.saturating_duration_since(at) < REPLIES_EVERY)
+        {
+            return false;
+        }
+        self.replies_asked_at = Some(now);
+        let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
+        let before: Vec<bool> = addresses.iter().map(|a| self.replies_reach(a)).collect();
+        self.ask_replies(&snap.name, &addresses);
+        (addresses.iter().zip(before)).any(|(a, reached)| self.replies_reach(a) != reached)
+    }
+
+    /// Asks the routes about each of `addresses` and records the verdicts, logging a
+    /// backend of `service` that leaves the table or comes back to it. A verdict that
+    /// cannot be told now leaves the last one in place. Two or three netlink requests per
+    /// address, under the plane's lock: hundreds of addresses hold it for tens of
+    /// milliseconds.
+    fn ask_replies(&mut self, service: &str, addresses: &[SocketAddr]) {
+        use super::routes::{ReplyPaths, Verdict};
+        if addresses.is_empty() {
             return;
         }
-        // Two or three netlink requests per new address, under the plane's lock: a DNS
-        // answer of hundreds of new addresses holds it for tens of milliseconds.
         let Some(paths) = ReplyPaths::of(&self.reply_interfaces) else {
             return;
         };
-        for address in fresh {
+        for &address in addresses {
+            let was = self.replies_miss.get(&address);
             match paths.verdict(address.ip(), &self.local_addresses) {
                 Verdict::Reach => {
+                    if was.is_some_and(Option::is_some) {
+                        tracing::info!(
+                            "service {service}: backend {address}'s replies reach the eBPF \
+                             program again: back in the eBPF table"
+                        );
+                    }
                     self.replies_miss.insert(address, None);
                 }
                 Verdict::Miss(why) => {
-                    tracing::warn!(
-                        "service {service}: backend {address} {why}: left out of the eBPF \
-                         table"
-                    );
+                    if was.and_then(Option::as_ref) != Some(&why) {
+                        tracing::warn!(
+                            "service {service}: backend {address} {why}: left out of the eBPF \
+                             table"
+                        );
+                    }
                     self.replies_miss.insert(address, Some(why));
                 }
                 Verdict::Unknown => {}
@@ -729,6 +773,7 @@ impl ServiceSlot {
             // Drained, never given backends: nothing to ask.
             reply_interfaces: Vec::new(),
             replies_miss: std::collections::HashMap::new(),
+            replies_asked_at: None,
         })
     }
 

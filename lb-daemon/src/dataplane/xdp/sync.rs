@@ -131,7 +131,9 @@ impl State {
         // A snapshot written with backends left out for want of ids is written again once
         // ids are free.
         let waiting = slot.missing_ids > 0 && self.backend_ids.available() > 0;
-        if snap.generation == slot.generation() && !waiting {
+        // A route changed since the last write may take a backend out or bring it back.
+        let rerouted = slot.ask_replies_again(&snap, Instant::now());
+        if snap.generation == slot.generation() && !waiting && !rerouted {
             return;
         }
         let started = Instant::now();
