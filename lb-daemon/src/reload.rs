@@ -181,7 +181,8 @@ pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), Relo
 /// Refuses a reload that gives a running `nat` service on the eBPF plane (`on_xdp`) a backend
 /// whose replies would miss the program: routed out of an interface the program is not on,
 /// or an address of this host ([`placement::backends_elsewhere`]). Only the added backends
-/// are asked about (a route lookup each): the running ones were checked when they came.
+/// are asked about (a route lookup each): the running ones were checked when they came, and
+/// are asked about again every 10 s (`ServiceSlot::ask_replies_again`).
 ///
 /// Returns `Err(ReloadError::BackendOffThePlane)` naming the service, the backend and the
 /// interface.

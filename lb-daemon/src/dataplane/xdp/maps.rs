@@ -21,9 +21,10 @@ use crate::config::{Forwarding, Protocol};
 use crate::maglev::{MaglevBackend, MaglevTable};
 use crate::snapshot::{BackendView, ServiceSnapshot};
 
-/// How often a `nat` service's backends are asked about again ([`ServiceSlot::ask_replies_again`]):
-/// a route changed so that a backend's replies would miss the program takes it out of the
-/// table within this time, and one changed back returns it.
+/// How often a `nat` service's backends are asked about their routes again (by the sync
+/// thread, `ServiceSlot::ask_replies_again`): a route changed so that a backend's replies
+/// would miss the program takes it out of the table within this time, and one changed back
+/// returns it.
 pub const REPLIES_EVERY: Duration = Duration::from_secs(10);
 
 /// The maps the daemon writes and reads, taken out of the loaded object.
@@ -259,6 +260,7 @@ impl Maps {
             .write(slot.id, slot.protocol, &snap.limits, snap.idle_timeout)?;
         let written = self.flip(slot, table)?;
         slot.generation = snap.generation;
+        slot.replies_changed = false;
         Ok(written)
     }
 
@@ -589,6 +591,9 @@ pub struct ServiceSlot {
     replies_miss: std::collections::HashMap<SocketAddr, Option<super::routes::Miss>>,
     /// When every address of `replies_miss` was last asked about again.
     replies_asked_at: Option<Instant>,
+    /// A backend left the table or came back to it by a verdict since the last successful
+    /// write: the table is written again even when the snapshot is the same.
+    replies_changed: bool,
 }
 
 impl ServiceSlot {
@@ -633,6 +638,7 @@ impl ServiceSlot {
             },
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,
+            replies_changed: false,
         }
     }
 
@@ -659,21 +665,22 @@ impl ServiceSlot {
 
     /// Asks again about every backend of `snap` (a NAT service's) once [`REPLIES_EVERY`]
     /// has passed since the last time at `now`, so that a route changed since, or one that
-    /// could not be told about, is followed. Returns whether a backend left the table or
-    /// came back to it (the table must be written again); each such change is logged.
+    /// could not be told about, is followed; each backend that leaves the table or comes back
+    /// is logged. Returns whether one did since the table was last written (it must be
+    /// written again): true until [`Maps::publish`] succeeds.
     pub(super) fn ask_replies_again(&mut self, snap: &ServiceSnapshot, now: Instant) -> bool {
-        if self.reply_interfaces.is_empty()
-            || self
-                .replies_asked_at
-                .is_some_and(|at| now.saturating_duration_since(at) < REPLIES_EVERY)
-        {
-            return false;
+        let due = self
+            .replies_asked_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= REPLIES_EVERY);
+        if !self.reply_interfaces.is_empty() && due {
+            self.replies_asked_at = Some(now);
+            let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
+            let before: Vec<bool> = addresses.iter().map(|a| self.replies_reach(a)).collect();
+            self.ask_replies(&snap.name, &addresses);
+            self.replies_changed |=
+                (addresses.iter().zip(before)).any(|(a, reached)| self.replies_reach(a) != reached);
         }
-        self.replies_asked_at = Some(now);
-        let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
-        let before: Vec<bool> = addresses.iter().map(|a| self.replies_reach(a)).collect();
-        self.ask_replies(&snap.name, &addresses);
-        (addresses.iter().zip(before)).any(|(a, reached)| self.replies_reach(a) != reached)
+        self.replies_changed
     }
 
     /// Asks the routes about each of `addresses` and records the verdicts, logging a
@@ -774,6 +781,7 @@ impl ServiceSlot {
             reply_interfaces: Vec::new(),
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,
+            replies_changed: false,
         })
     }
 
@@ -946,6 +954,60 @@ mod tests {
             max_flows: u32::MAX,
             access_log: false,
         }
+    }
+
+    /// A route change (here: a backend at an address of this host, which `lo` always has) is
+    /// noticed when the re-ask is due, and stays to be written until a write succeeds.
+    #[test]
+    fn a_backend_whose_replies_miss_is_noticed_when_due_and_until_written() {
+        let settings = super::super::XdpService {
+            table_size: 65537,
+            xdp: crate::config::XdpSettings {
+                interface: Some("lo".into()),
+                ..Default::default()
+            },
+            hook: super::super::HookRequest::Tc,
+        };
+        let lo = IpAddr::from([127, 0, 0, 1]);
+        let vip = "10.200.100.1:80".parse().expect("literal");
+        let mut slot = ServiceSlot::new(0, vip, Protocol::Tcp, &settings, vec![lo], (1024, 2047));
+        let mut snap = snapshot();
+        snap.backends.truncate(1);
+        let local = SocketAddr::new(lo, 80);
+        snap.backends[0].address = local;
+        let t0 = Instant::now();
+        assert!(slot.ask_replies_again(&snap, t0), "the first ask finds it");
+        assert!(matches!(
+            slot.left_out(&local),
+            Some(super::super::routes::Miss::Local)
+        ));
+        assert!(
+            slot.ask_replies_again(&snap, t0 + Duration::from_secs(1)),
+            "not written yet: still to be written"
+        );
+        slot.replies_changed = false;
+        assert!(
+            !slot.ask_replies_again(&snap, t0 + Duration::from_secs(2)),
+            "written, and the next ask not due"
+        );
+        assert!(
+            !slot.ask_replies_again(&snap, t0 + REPLIES_EVERY + Duration::from_secs(1)),
+            "asked again: nothing changed"
+        );
+        assert!(!slot.replies_reach(&local));
+        let dsr = super::super::XdpService {
+            xdp: crate::config::XdpSettings {
+                forwarding: Forwarding::Dsr,
+                ..settings.xdp.clone()
+            },
+            ..settings
+        };
+        let mut slot = ServiceSlot::new(1, vip, Protocol::Tcp, &dsr, vec![lo], (1024, 2047));
+        assert!(
+            !slot.ask_replies_again(&snap, t0),
+            "DSR replies bypass the balancer"
+        );
+        assert!(slot.replies_reach(&local));
     }
 
     #[test]

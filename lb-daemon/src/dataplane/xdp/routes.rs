@@ -3,7 +3,8 @@
 //! leave by the interface the route to their backend names, and the backend's replies come
 //! back in on it: when that is not an interface the program is on, the replies meet the
 //! host's stack instead of the program ([`ReplyPaths`]; `placement.rs` asks before it
-//! places a service on the eBPF plane, `maps.rs` when a backend address first comes).
+//! places a service on the eBPF plane, `maps.rs` when a backend address first comes and
+//! again every `REPLIES_EVERY`).
 
 use std::io;
 use std::net::IpAddr;

@@ -124,8 +124,10 @@ impl State {
     }
 
     /// Writes `service`'s current snapshot into `slot` when its generation is not the one
-    /// written; logs the outcome (a failure once per generation: the previous table stays
-    /// and the next call tries again).
+    /// written, when backends left out for want of ids may now get one, or when a backend
+    /// left the table or came back to it by its route ([`ServiceSlot::ask_replies_again`],
+    /// asked here once due); logs the outcome (a failure once per generation: the previous
+    /// table stays and the next call tries again).
     pub fn republish_if_changed(&mut self, service: &ServiceHandle, slot: &mut ServiceSlot) {
         let snap = service.snapshot.load_full();
         // A snapshot written with backends left out for want of ids is written again once
