@@ -28,7 +28,10 @@ struct Tally {
 }
 
 impl Tally {
-    fn record<T, E: std::fmt::Display>(&self, what: &str, r: Result<T, E>) {
+    /// Counts the outcome `r` of a request of kind `what` that started at `started`; the
+    /// first failure is kept with how long its request took and when it ended, to tell a
+    /// refusal from a stall (a read timeout is `IO_TIMEOUT`, 20 s) in a failure's message.
+    fn record<T, E: std::fmt::Display>(&self, what: &str, started: Instant, r: Result<T, E>) {
         match r {
             Ok(_) => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
@@ -36,7 +39,13 @@ impl Tally {
             Err(e) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 let mut first = self.first_failure.lock().expect("lock");
-                first.get_or_insert_with(|| format!("{what}: {e}"));
+                first.get_or_insert_with(|| {
+                    format!(
+                        "{what}: {e} (after {:?}, ended at {:?})",
+                        started.elapsed(),
+                        std::time::SystemTime::now()
+                    )
+                });
             }
         }
     }
@@ -381,8 +390,10 @@ fn load_loop(web: SocketAddr, dns: SocketAddr, tally: &Tally, stop: &AtomicBool)
     let end = Instant::now() + Duration::from_secs(60);
     let mut k = 0u64;
     while !stop.load(Ordering::Relaxed) && Instant::now() < end {
-        tally.record("http", http_get(web, "/"));
+        let started = Instant::now();
+        tally.record("http", started, http_get(web, "/"));
         let payload = format!("ping {k}");
+        let started = Instant::now();
         let reply = udp_request(dns, payload.as_bytes(), Duration::from_secs(2)).and_then(|r| {
             // The echo server answers `NAME:payload`.
             if r.ends_with(payload.as_bytes()) {
@@ -394,7 +405,7 @@ fn load_loop(web: SocketAddr, dns: SocketAddr, tally: &Tally, stop: &AtomicBool)
                 )))
             }
         });
-        tally.record("udp", reply);
+        tally.record("udp", started, reply);
         k += 1;
     }
 }
