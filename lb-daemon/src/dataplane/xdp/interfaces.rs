@@ -106,6 +106,11 @@ impl XdpPlane {
                     a.mode = now;
                     a.link = link;
                 }
+                // A backend whose route left with the old device (to a default route, say)
+                // comes back to its table at the next poll, not up to REPLIES_EVERY later.
+                for r in &mut lock(&self.state).running {
+                    r.slot.ask_replies_soon();
+                }
                 info!(
                     "eBPF: {name} was made again (index {ifindex}, was {was}): {} attached to it \
                      again ({now})",

@@ -683,6 +683,12 @@ impl ServiceSlot {
         self.replies_changed
     }
 
+    /// Makes the next [`ServiceSlot::ask_replies_again`] ask at once: an interface of the
+    /// plane was made again, and the routes to backends behind it with it.
+    pub(super) fn ask_replies_soon(&mut self) {
+        self.replies_asked_at = None;
+    }
+
     /// Asks the routes about each of `addresses` and records the verdicts, logging a
     /// backend of `service` that leaves the table or comes back to it. A verdict that
     /// cannot be told now leaves the last one in place. Two or three netlink requests per
