@@ -27,6 +27,11 @@ use crate::snapshot::{BackendView, ServiceSnapshot};
 /// returns it.
 pub const REPLIES_EVERY: Duration = Duration::from_secs(10);
 
+/// Most backends of one service asked about again per poll of the sync thread (every 50 ms):
+/// each costs two or three netlink requests under the plane's lock, so a service of 4,096
+/// backends is asked about over 64 polls (3.2 s), not in one hold of the lock.
+pub const REPLIES_PER_POLL: usize = 64;
+
 /// The maps the daemon writes and reads, taken out of the loaded object.
 pub struct Maps {
     vips: HashMap<MapData, VipKey, VipValue>,
@@ -589,8 +594,10 @@ pub struct ServiceSlot {
     /// with an address behind another interface, a route changed since) is left out of the
     /// table: every flow placed on it would fail.
     replies_miss: std::collections::HashMap<SocketAddr, Option<super::routes::Miss>>,
-    /// When every address of `replies_miss` was last asked about again.
+    /// When the last round of asking every backend again began.
     replies_asked_at: Option<Instant>,
+    /// The index of the next backend to ask about while a round is under way.
+    replies_cursor: Option<usize>,
     /// A backend left the table or came back to it by a verdict since the last successful
     /// write: the table is written again even when the snapshot is the same.
     replies_changed: bool,
@@ -638,6 +645,7 @@ impl ServiceSlot {
             },
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,
+            replies_cursor: None,
             replies_changed: false,
         }
     }
@@ -663,23 +671,38 @@ impl ServiceSlot {
         self.ask_replies(service, &fresh);
     }
 
-    /// Asks again about every backend of `snap` (a NAT service's) once [`REPLIES_EVERY`]
-    /// has passed since the last time at `now`, so that a route changed since, or one that
-    /// could not be told about, is followed; each backend that leaves the table or comes back
-    /// is logged. Returns whether one did since the table was last written (it must be
-    /// written again): true until [`Maps::publish`] succeeds.
+    /// Asks again about every backend of `snap` (a NAT service's), in a round that begins
+    /// once [`REPLIES_EVERY`] has passed since the last began and asks about
+    /// [`REPLIES_PER_POLL`] backends per call at `now`, so that a route changed since, or
+    /// one that could not be told about, is followed; each backend that leaves the table or
+    /// comes back is logged. Returns whether one did since the table was last written (it
+    /// must be written again): true until [`Maps::publish`] succeeds.
     pub(super) fn ask_replies_again(&mut self, snap: &ServiceSnapshot, now: Instant) -> bool {
-        let due = self
-            .replies_asked_at
-            .is_none_or(|at| now.saturating_duration_since(at) >= REPLIES_EVERY);
-        if !self.reply_interfaces.is_empty() && due {
-            self.replies_asked_at = Some(now);
-            let addresses: Vec<SocketAddr> = snap.backends.iter().map(|b| b.address).collect();
-            let before: Vec<bool> = addresses.iter().map(|a| self.replies_reach(a)).collect();
-            self.ask_replies(&snap.name, &addresses);
-            self.replies_changed |=
-                (addresses.iter().zip(before)).any(|(a, reached)| self.replies_reach(a) != reached);
+        if self.reply_interfaces.is_empty() {
+            return false;
         }
+        let start = match self.replies_cursor {
+            Some(next) => next,
+            None if self
+                .replies_asked_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= REPLIES_EVERY) =>
+            {
+                self.replies_asked_at = Some(now);
+                0
+            }
+            None => return self.replies_changed,
+        };
+        let all = snap.backends.len();
+        let end = start.saturating_add(REPLIES_PER_POLL).min(all);
+        let addresses: Vec<SocketAddr> = (snap.backends.get(start..end).unwrap_or_default())
+            .iter()
+            .map(|b| b.address)
+            .collect();
+        self.replies_cursor = (end < all).then_some(end);
+        let before: Vec<bool> = addresses.iter().map(|a| self.replies_reach(a)).collect();
+        self.ask_replies(&snap.name, &addresses);
+        self.replies_changed |=
+            (addresses.iter().zip(before)).any(|(a, reached)| self.replies_reach(a) != reached);
         self.replies_changed
     }
 
@@ -687,6 +710,7 @@ impl ServiceSlot {
     /// plane was made again, and the routes to backends behind it with it.
     pub(super) fn ask_replies_soon(&mut self) {
         self.replies_asked_at = None;
+        self.replies_cursor = None;
     }
 
     /// Asks the routes about each of `addresses` and records the verdicts, logging a
@@ -787,6 +811,7 @@ impl ServiceSlot {
             reply_interfaces: Vec::new(),
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,
+            replies_cursor: None,
             replies_changed: false,
         })
     }
@@ -1001,6 +1026,34 @@ mod tests {
             "asked again: nothing changed"
         );
         assert!(!slot.replies_reach(&local));
+
+        // A round over many backends asks REPLIES_PER_POLL of them per call.
+        let many = REPLIES_PER_POLL + 36;
+        let template = snap.backends[0].clone();
+        snap.backends = (0..many)
+            .map(|i| BackendView {
+                address: SocketAddr::new(lo, 1000 + i as u16),
+                ..template.clone()
+            })
+            .collect();
+        let next_round = t0 + 2 * REPLIES_EVERY + Duration::from_secs(2);
+        assert!(slot.ask_replies_again(&snap, next_round));
+        let asked = |slot: &ServiceSlot| {
+            (snap.backends.iter())
+                .filter(|b| slot.left_out(&b.address).is_some())
+                .count()
+        };
+        assert_eq!(
+            asked(&slot),
+            REPLIES_PER_POLL,
+            "the first part of the round"
+        );
+        slot.ask_replies_again(&snap, next_round + Duration::from_millis(50));
+        assert_eq!(
+            asked(&slot),
+            many,
+            "the round goes on before the next is due"
+        );
         let dsr = super::super::XdpService {
             xdp: crate::config::XdpSettings {
                 forwarding: Forwarding::Dsr,
