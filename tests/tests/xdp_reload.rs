@@ -695,6 +695,21 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
             assert_eq!(left_out, None, "b{i} is reported left out: {b}");
         }
     }
+    // And `/metrics`, for an alert: 1 for b3 alone.
+    let api = world.daemon.admin_addr();
+    let metrics = in_netns(&world.topology.balancer, || {
+        admin::request(api, "GET", "/metrics", "")
+    })
+    .expect("enter the balancer namespace");
+    for i in 1..=3 {
+        let backend = format!("backend=\"{}\"", backend(i, WEB));
+        let value = (metrics.body.lines())
+            .find(|l| l.starts_with("lb_xdp_backend_left_out{") && l.contains(&backend))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no lb_xdp_backend_left_out for b{i}:\n{}", metrics.body));
+        let want = if i == 3 { "1" } else { "0" };
+        assert_eq!(value, want, "lb_xdp_backend_left_out of b{i}");
+    }
     let logs = world.daemon.logs().join("\n");
     assert!(
         logs.contains("(2 of 3 backends eligible, 1 more left out"),

@@ -11,6 +11,7 @@
 //! | `lb_xdp_backend_packets_total` | counter: client packets XDP forwarded to a backend | service, backend |
 //! | `lb_xdp_snat_ports_in_use` | gauge: SNAT ports towards a backend in use or held (XDP `nat`, counted every 10 s or so) | service, backend |
 //! | `lb_xdp_snat_ports_free` | gauge: SNAT ports a new flow towards a backend may still take | service, backend |
+//! | `lb_xdp_backend_left_out` | gauge: 1 when the eBPF table gives a `nat` backend no slot whatever its health (its replies would miss the program: `/status` `xdp.left_out` says why), else 0 | service, backend |
 //! | `lb_xdp_snat_count_timestamp_seconds` | gauge: Unix time at which the count behind the two SNAT gauges began (a port taken before it is counted) | service, backend |
 //! | `lb_xdp_packets_total` | counter: packets the XDP program saw | |
 //! | `lb_xdp_packet_outcomes_total` | counter: what it did with them, by `outcome` (`forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...) | outcome |
@@ -114,6 +115,7 @@ struct BackendFamilies {
 #[derive(Default)]
 struct XdpBackendFamilies {
     packets: Family<BackendLabels, Counter>,
+    left_out: Family<BackendLabels, Gauge>,
     snat_in_use: Family<BackendLabels, Gauge>,
     snat_free: Family<BackendLabels, Gauge>,
     snat_counted: Family<BackendLabels, FloatGauge>,
@@ -139,6 +141,10 @@ impl BackendFamilies {
                 .set(i64::from(b.effective_weight));
             if let Some(x) = &b.xdp {
                 self.xdp.packets.get_or_create(&l).inc_by(x.packets);
+                self.xdp
+                    .left_out
+                    .get_or_create(&l)
+                    .set(i64::from(x.left_out.is_some()));
                 if let (Some(used), Some(free)) = (x.snat_ports_in_use, x.snat_ports_free) {
                     self.xdp.snat_in_use.get_or_create(&l).set(clamp(used));
                     self.xdp.snat_free.get_or_create(&l).set(clamp(free));
@@ -212,6 +218,12 @@ fn register_xdp(reg: &mut Registry, backends: XdpBackendFamilies, xdp: &XdpStatu
         "xdp_backend_packets",
         "Client packets the XDP program forwarded to a backend",
         backends.packets,
+    );
+    reg.register(
+        "xdp_backend_left_out",
+        "1 when the eBPF table gives a nat backend no slot whatever its health: its replies \
+         would miss the program (see /status)",
+        backends.left_out,
     );
     reg.register(
         "xdp_snat_ports_in_use",
