@@ -323,9 +323,15 @@ impl Control {
 
 /// Adds what XDP counted to a service's status: its own `xdp` figures, and the flows and
 /// bytes folded into each backend's `total` and `bytes_to_backend`, so the columns (and the
-/// metrics built from them) count traffic whichever data plane carried it.
+/// metrics built from them) count traffic whichever data plane carried it; and the digest
+/// of the program's own Maglev table as `maglev_table`.
 fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounters) {
     status.xdp = Some(c.counters.into());
+    // The table the program places new flows by: it leaves out what the snapshot's keeps
+    // (a backend with no id, of the other family, or whose replies would miss the program).
+    if status.maglev_table.is_some() {
+        status.maglev_table = c.table_digest;
+    }
     for b in &mut status.backends {
         if let Some(bc) = c.backends.iter().find(|bc| bc.address == b.address) {
             let t: XdpTraffic = bc.counters.into();

@@ -695,6 +695,27 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
             assert_eq!(left_out, None, "b{i} is reported left out: {b}");
         }
     }
+    // Its `maglev_table` is the program's table, of b1 and b2 only: what another balancer
+    // node with the same backends reachable must show to place flows the same way.
+    let size = lb_daemon::maglev::DEFAULT_TABLE_SIZE;
+    let placed: Vec<lb_daemon::maglev::MaglevBackend> = [1, 2]
+        .map(|i| lb_daemon::maglev::MaglevBackend {
+            address: backend(i, WEB),
+            weight: 1,
+        })
+        .to_vec();
+    let want = lb_daemon::maglev::MaglevTable::build(&placed, size)
+        .expect("a table of two backends")
+        .digest(&placed);
+    let table = &st["services"][0]["maglev_table"];
+    assert_eq!(
+        (table["size"].as_u64(), table["fnv1a"].as_str()),
+        (
+            Some(u64::from(size)),
+            Some(format!("{:016x}", want.fnv1a).as_str())
+        ),
+        "maglev_table is not the table of b1 and b2: {table}"
+    );
     // And `/metrics`, for an alert: 1 for b3 alone.
     let api = world.daemon.admin_addr();
     let metrics = in_netns(&world.topology.balancer, || {

@@ -54,8 +54,9 @@ pub struct ServiceStatus {
     /// The scheduler, as written in the config (`"maglev"`...).
     pub scheduler: String,
     /// The Maglev table new flows are placed by (`maglev` and `source_hash`), in brief: two
-    /// balancer nodes with equal digests place every flow on the same backend. `None` for
-    /// other schedulers, or while no backend is eligible.
+    /// balancer nodes with equal digests place every flow on the same backend. On the eBPF
+    /// plane, the table the program holds, which leaves out the backends it cannot carry
+    /// (see `left_out`). `None` for other schedulers, or while no backend is eligible.
     pub maglev_table: Option<crate::maglev::TableDigest>,
     /// The data plane carrying the service and why, e.g. `"eBPF data plane (nat) on l0 (tc):
     /// auto chose tc because l0 is a veth"` or `"proxy data plane (no interface is

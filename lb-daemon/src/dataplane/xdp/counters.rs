@@ -55,6 +55,9 @@ pub struct ServiceCounters {
     /// `nat`: the SNAT ports of the range, which each backend has on every local address;
     /// `None` for `dsr`.
     pub snat_ports: Option<u64>,
+    /// The digest of the Maglev table the program places new flows by
+    /// ([`super::ServiceSlot::table_digest`]); `None` while no backend is eligible.
+    pub table_digest: Option<crate::maglev::TableDigest>,
 }
 
 /// Every counter of the XDP data plane at one moment.
@@ -168,6 +171,7 @@ pub(super) fn read(state: &State) -> Result<XdpCounters, MapsError> {
                 let (lo, hi) = r.slot.snat_ports;
                 u64::from(hi.saturating_sub(lo)) + 1
             }),
+            table_digest: r.slot.table_digest(),
         });
     }
     Ok(XdpCounters {

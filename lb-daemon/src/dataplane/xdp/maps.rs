@@ -259,11 +259,13 @@ impl Maps {
                 .collect();
             table_entries(&view, &ids, slot.table_size)?
         };
+        let (table, digest) = table.unzip();
         // Before the flip, which publishes the VIP the first time: the limits hold from the
         // service's first packet.
         self.limits
             .write(slot.id, slot.protocol, &snap.limits, snap.idle_timeout)?;
         let written = self.flip(slot, table)?;
+        slot.table_digest = digest;
         slot.generation = snap.generation;
         slot.replies_changed = false;
         Ok(written)
@@ -579,6 +581,10 @@ pub struct ServiceSlot {
     halves: [Option<std::sync::Arc<[u32]>>; 2],
     /// The generation of the snapshot last written; 0 before the first.
     generation: u64,
+    /// The digest of the table written last (`None`: no backend eligible): what the program
+    /// places new flows by, which leaves out backends the snapshot's own table has (no id,
+    /// another family, replies that would miss the program).
+    table_digest: Option<crate::maglev::TableDigest>,
     /// The last generation whose write failed and was logged, so a persistent error is
     /// logged once per generation, not on every poll.
     pub failed_generation: Option<u64>,
@@ -634,6 +640,7 @@ impl ServiceSlot {
             vip_published: false,
             halves: [None, None],
             generation: 0,
+            table_digest: None,
             failed_generation: None,
             missing_ids: 0,
             reply_interfaces: match settings.xdp.forwarding {
@@ -805,6 +812,7 @@ impl ServiceSlot {
             vip_published: true,
             halves: [None, None],
             generation: 0,
+            table_digest: None,
             failed_generation: None,
             missing_ids: 0,
             // Drained, never given backends: nothing to ask.
@@ -819,6 +827,12 @@ impl ServiceSlot {
     /// The generation of the snapshot last written; 0 before the first.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The digest of the table the program places new flows by (the last one written);
+    /// `None` before the first write or while no backend is eligible.
+    pub fn table_digest(&self) -> Option<crate::maglev::TableDigest> {
+        self.table_digest
     }
 
     /// The half packets read now, 0 or 1.
@@ -900,12 +914,13 @@ pub fn changed_slots<'a>(
 ///
 /// Built over the eligible backends (up, weight > 0) exactly as the `maglev` scheduler builds
 /// its own, so both data planes place a flow on the same backend. `None` when no backend is
-/// eligible. `ids[j]` is the backend id of `backends[j]`.
+/// eligible, else the slots with the table's digest (by address, as `/status` shows it).
+/// `ids[j]` is the backend id of `backends[j]`.
 pub fn table_entries(
     backends: &[BackendView],
     ids: &[u32],
     size: u32,
-) -> Result<Option<Vec<u32>>, crate::maglev::MaglevError> {
+) -> Result<Option<(Vec<u32>, crate::maglev::TableDigest)>, crate::maglev::MaglevError> {
     let eligible: Vec<(u32, MaglevBackend)> = backends
         .iter()
         .zip(ids)
@@ -925,13 +940,10 @@ pub fn table_entries(
     }
     let input: Vec<MaglevBackend> = eligible.iter().map(|(_, b)| *b).collect();
     let table = MaglevTable::build(&input, size)?;
-    Ok(Some(
-        table
-            .entries()
-            .iter()
-            .map(|&e| eligible[e as usize].0)
-            .collect(),
-    ))
+    let slots = (table.entries().iter())
+        .map(|&e| eligible[e as usize].0)
+        .collect();
+    Ok(Some((slots, table.digest(&input))))
 }
 
 #[cfg(test)]
@@ -1073,7 +1085,7 @@ mod tests {
     fn the_xdp_table_places_every_flow_where_the_maglev_scheduler_does() {
         let snap = snapshot();
         let ids = [100, 101, 102];
-        let table = table_entries(&snap.backends, &ids, 65537)
+        let (table, _) = table_entries(&snap.backends, &ids, 65537)
             .expect("builds")
             .expect("two backends are eligible");
         assert_eq!(table.len(), 65537);
