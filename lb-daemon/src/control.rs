@@ -327,11 +327,10 @@ impl Control {
 /// of the program's own Maglev table as `maglev_table`.
 fn add_xdp(status: &mut ServiceStatus, c: &crate::dataplane::xdp::ServiceCounters) {
     status.xdp = Some(c.counters.into());
-    // The table the program places new flows by: it leaves out what the snapshot's keeps
-    // (a backend with no id, of the other family, or whose replies would miss the program).
-    if status.maglev_table.is_some() {
-        status.maglev_table = c.table_digest;
-    }
+    // The table the program places new flows by (the eBPF plane runs `maglev` alone): it
+    // leaves out what the snapshot's keeps (a backend with no id, of the other family, or
+    // whose replies would miss the program).
+    status.maglev_table = c.table_digest;
     for b in &mut status.backends {
         if let Some(bc) = c.backends.iter().find(|bc| bc.address == b.address) {
             let t: XdpTraffic = bc.counters.into();

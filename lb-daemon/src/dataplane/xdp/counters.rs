@@ -56,7 +56,8 @@ pub struct ServiceCounters {
     /// `None` for `dsr`.
     pub snat_ports: Option<u64>,
     /// The digest of the Maglev table the program places new flows by
-    /// ([`super::ServiceSlot::table_digest`]); `None` while no backend is eligible.
+    /// ([`super::ServiceSlot::table_digest`]); `None` before the first write, while no backend
+    /// is eligible, and once the table was emptied (the service drains).
     pub table_digest: Option<crate::maglev::TableDigest>,
 }
 

@@ -108,8 +108,9 @@ impl XdpPlane {
                 }
                 // A backend whose route left with the old device (to a default route, say)
                 // comes back to its table at the next poll, not up to REPLIES_EVERY later.
+                let at = std::time::Instant::now();
                 for r in &mut lock(&self.state).running {
-                    r.slot.ask_replies_soon();
+                    r.slot.ask_replies_soon(at);
                 }
                 info!(
                     "eBPF: {name} was made again (index {ifindex}, was {was}): {} attached to it \

@@ -32,6 +32,13 @@ pub const REPLIES_EVERY: Duration = Duration::from_secs(10);
 /// backends is asked about over 64 polls (3.2 s), not in one hold of the lock.
 pub const REPLIES_PER_POLL: usize = 64;
 
+/// After an interface of the plane was made again, the rounds of asking come this often
+/// (instead of every [`REPLIES_EVERY`]) for [`REPLIES_SOON_FOR`]: the new device's address
+/// and routes may come a moment after the device itself (Docker adds them next).
+const REPLIES_SOON_EVERY: Duration = Duration::from_secs(1);
+/// How long the rounds come every [`REPLIES_SOON_EVERY`] after an interface was made again.
+const REPLIES_SOON_FOR: Duration = Duration::from_secs(5);
+
 /// The maps the daemon writes and reads, taken out of the loaded object.
 pub struct Maps {
     vips: HashMap<MapData, VipKey, VipValue>,
@@ -306,7 +313,9 @@ impl Maps {
     /// Empties `slot`'s table (steps 2-4 with no backend): new flows of the service find no
     /// backend, flows conntrack pinned go on. The first step of removing a service.
     pub fn empty_table(&mut self, slot: &mut ServiceSlot) -> Result<(), MapsError> {
-        self.flip(slot, None).map(|_| ())
+        self.flip(slot, None)?;
+        slot.table_digest = None;
+        Ok(())
     }
 
     /// Steps 2-5: writes `table` into the inactive half, flips to it, and inserts the VIP the
@@ -602,8 +611,11 @@ pub struct ServiceSlot {
     replies_miss: std::collections::HashMap<SocketAddr, Option<super::routes::Miss>>,
     /// When the last round of asking every backend again began.
     replies_asked_at: Option<Instant>,
-    /// The index of the next backend to ask about while a round is under way.
-    replies_cursor: Option<usize>,
+    /// The index of the next backend to ask about while a round is under way, and the
+    /// generation of the snapshot whose backend list it indexes.
+    replies_cursor: Option<(usize, u64)>,
+    /// Until when rounds come every [`REPLIES_SOON_EVERY`] ([`ServiceSlot::ask_replies_soon`]).
+    replies_soon_until: Option<Instant>,
     /// A backend left the table or came back to it by a verdict since the last successful
     /// write: the table is written again even when the snapshot is the same.
     replies_changed: bool,
@@ -653,6 +665,7 @@ impl ServiceSlot {
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,
             replies_cursor: None,
+            replies_soon_until: None,
             replies_changed: false,
         }
     }
@@ -688,11 +701,21 @@ impl ServiceSlot {
         if self.reply_interfaces.is_empty() {
             return false;
         }
+        let every = match self.replies_soon_until {
+            Some(until) if now < until => REPLIES_SOON_EVERY,
+            _ => REPLIES_EVERY,
+        };
         let start = match self.replies_cursor {
-            Some(next) => next,
+            // The round goes on over the list it began with; a new list (a DNS answer, a
+            // reload) starts it again, so no backend is skipped.
+            Some((next, generation)) if generation == snap.generation => next,
+            Some(_) => {
+                self.replies_asked_at = Some(now);
+                0
+            }
             None if self
                 .replies_asked_at
-                .is_none_or(|at| now.saturating_duration_since(at) >= REPLIES_EVERY) =>
+                .is_none_or(|at| now.saturating_duration_since(at) >= every) =>
             {
                 self.replies_asked_at = Some(now);
                 0
@@ -705,7 +728,7 @@ impl ServiceSlot {
             .iter()
             .map(|b| b.address)
             .collect();
-        self.replies_cursor = (end < all).then_some(end);
+        self.replies_cursor = (end < all).then_some((end, snap.generation));
         let before: Vec<bool> = addresses.iter().map(|a| self.replies_reach(a)).collect();
         self.ask_replies(&snap.name, &addresses);
         self.replies_changed |=
@@ -713,11 +736,13 @@ impl ServiceSlot {
         self.replies_changed
     }
 
-    /// Makes the next [`ServiceSlot::ask_replies_again`] ask at once: an interface of the
-    /// plane was made again, and the routes to backends behind it with it.
-    pub(super) fn ask_replies_soon(&mut self) {
+    /// Makes [`ServiceSlot::ask_replies_again`] begin a round at once, and then every
+    /// [`REPLIES_SOON_EVERY`] for [`REPLIES_SOON_FOR`] from `now`: an interface of the plane
+    /// was made again, and the routes to backends behind it with it (or a moment later).
+    pub(super) fn ask_replies_soon(&mut self, now: Instant) {
         self.replies_asked_at = None;
         self.replies_cursor = None;
+        self.replies_soon_until = Some(now + REPLIES_SOON_FOR);
     }
 
     /// Asks the routes about each of `addresses` and records the verdicts, logging a
@@ -820,6 +845,7 @@ impl ServiceSlot {
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,
             replies_cursor: None,
+            replies_soon_until: None,
             replies_changed: false,
         })
     }
@@ -1065,6 +1091,50 @@ mod tests {
             asked(&slot),
             many,
             "the round goes on before the next is due"
+        );
+        assert!(
+            slot.replies_cursor.is_none(),
+            "the round is over after {many} backends"
+        );
+
+        // A new backend list mid-round starts the round again: none is skipped.
+        let later = next_round + 2 * REPLIES_EVERY;
+        slot.ask_replies_again(&snap, later);
+        assert_eq!(
+            slot.replies_cursor,
+            Some((REPLIES_PER_POLL, snap.generation))
+        );
+        snap.generation += 1;
+        slot.ask_replies_again(&snap, later + Duration::from_millis(50));
+        assert_eq!(
+            slot.replies_cursor,
+            Some((REPLIES_PER_POLL, snap.generation)),
+            "the new list is asked from its first backend"
+        );
+        slot.ask_replies_again(&snap, later + Duration::from_millis(100));
+        assert_eq!(slot.replies_cursor, None);
+
+        // After an interface was made again, rounds come every second for a while.
+        let soon = later + Duration::from_secs(1);
+        slot.ask_replies_soon(soon);
+        for k in 0..2 {
+            let at = soon + Duration::from_secs(k);
+            slot.ask_replies_again(&snap, at);
+            slot.ask_replies_again(&snap, at + Duration::from_millis(50));
+            assert_eq!(
+                slot.replies_cursor, None,
+                "round {k} after the interface came back"
+            );
+            assert_eq!(slot.replies_asked_at, Some(at));
+        }
+        let quiet = soon + REPLIES_SOON_FOR + Duration::from_secs(1);
+        slot.ask_replies_again(&snap, quiet);
+        slot.ask_replies_again(&snap, quiet + Duration::from_millis(50));
+        let began = slot.replies_asked_at;
+        slot.ask_replies_again(&snap, quiet + Duration::from_secs(2));
+        assert_eq!(
+            slot.replies_asked_at, began,
+            "rounds are every REPLIES_EVERY again once the burst is over"
         );
         let dsr = super::super::XdpService {
             xdp: crate::config::XdpSettings {
