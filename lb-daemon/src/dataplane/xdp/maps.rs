@@ -590,9 +590,9 @@ pub struct ServiceSlot {
     halves: [Option<std::sync::Arc<[u32]>>; 2],
     /// The generation of the snapshot last written; 0 before the first.
     generation: u64,
-    /// The digest of the table written last (`None`: no backend eligible): what the program
-    /// places new flows by, which leaves out backends the snapshot's own table has (no id,
-    /// another family, replies that would miss the program).
+    /// The digest of the table written last (`None`: none yet, none eligible, or emptied):
+    /// what the program places new flows by, which leaves out backends the snapshot's own
+    /// table has (no id, another family, replies that would miss the program).
     table_digest: Option<crate::maglev::TableDigest>,
     /// The last generation whose write failed and was logged, so a persistent error is
     /// logged once per generation, not on every poll.
@@ -856,7 +856,8 @@ impl ServiceSlot {
     }
 
     /// The digest of the table the program places new flows by (the last one written);
-    /// `None` before the first write or while no backend is eligible.
+    /// `None` before the first write, while no backend is eligible, and once the table was
+    /// emptied ([`Maps::empty_table`]).
     pub fn table_digest(&self) -> Option<crate::maglev::TableDigest> {
         self.table_digest
     }
