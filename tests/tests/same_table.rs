@@ -73,12 +73,7 @@ fn two_daemons_with_permuted_configs_and_dns_answers_build_the_same_tables() {
                 &[(4, 1), (3, 3), (1, 1), (2, 2)],
             ))
             .to_toml();
-        std::fs::write(&config_file, toml).expect("config written");
-        in_netns(&t.balancer, || {
-            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
-        })
-        .expect("enter the balancer namespace")
+        lb_tests::xdp::spawn_with_hosts(&t.balancer, &wrapper, &config_file, &toml)
     });
     b.daemon
         .wait_for_log(

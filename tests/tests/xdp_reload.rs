@@ -561,12 +561,7 @@ fn start_named(
             .global("drain_timeout", "2s")
             .service(custom(web))
             .to_toml();
-        std::fs::write(&config_file, toml).expect("config written");
-        in_netns(&t.balancer, || {
-            Daemon::spawn(&wrapper, &config_file, Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
-        })
-        .expect("enter the balancer namespace")
+        lb_tests::xdp::spawn_with_hosts(&t.balancer, &wrapper, &config_file, &toml)
     })
 }
 

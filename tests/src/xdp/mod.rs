@@ -97,6 +97,24 @@ pub fn in_netns<T>(ns: &Netns, f: impl FnOnce() -> T) -> io::Result<T> {
     Ok(f())
 }
 
+/// Writes `toml` to `config_file` and starts a daemon on it in `ns` through `wrapper` (its
+/// own mount namespace with a private `/etc/hosts`,
+/// [`crate::daemon::private_hosts_wrapper`]), waiting up to 30 s for its `ready`. Panics
+/// when a step fails: a test cannot go on without it.
+pub fn spawn_with_hosts(
+    ns: &Netns,
+    wrapper: &std::path::Path,
+    config_file: &std::path::Path,
+    toml: &str,
+) -> crate::Daemon {
+    std::fs::write(config_file, toml).expect("config written");
+    in_netns(ns, || {
+        crate::Daemon::spawn(wrapper, config_file, std::time::Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("lb-daemon did not start in its mount namespace: {e}"))
+    })
+    .expect("enter the balancer namespace")
+}
+
 /// How the balancer forwards, which decides the backends' set-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
