@@ -126,7 +126,8 @@ fn scheduler_pick(c: &mut Criterion) {
                 stats: Arc::new(BackendStats::default()),
             })
             .collect();
-        let s = scheduler::build(kind, candidates, 65_537).expect("valid set");
+        let s = scheduler::build(kind, candidates, 65_537, &scheduler::Turn::default())
+            .expect("valid set");
         let mut i = 0;
         g.bench_function(format!("{kind:?}"), |b| {
             b.iter(|| {

@@ -72,14 +72,9 @@ pub enum MaglevError {
     /// No backend has a weight above 0.
     #[error("no backend with a weight above 0: nothing to put in the Maglev table")]
     NoBackends,
-    /// The table has fewer slots than there are backends with a weight above 0.
-    #[error("Maglev table size {size} is smaller than its {backends} weighted backends")]
-    TooSmall {
-        /// The requested size M.
-        size: u32,
-        /// How many backends have a weight above 0.
-        backends: usize,
-    },
+    /// More backends than a table's `u32` slots can index.
+    #[error("{0} backends are more than a Maglev table can index")]
+    TooMany(usize),
 }
 
 /// A built Maglev table: M slots, each an index into the backend slice it was built from.
@@ -97,7 +92,8 @@ impl MaglevTable {
     /// `backends`: the service's backends in any order; addresses should be unique (two
     /// entries with one address would prefer the same slots). Weight 0 means draining: the
     /// backend gets no slot. Every other backend gets `M * weight / sum(weights)` slots,
-    /// rounded up or down, so a backend whose share is under one slot may get none.
+    /// rounded up or down, so a backend whose share is under one slot may get none; with
+    /// more weighted backends than slots, only M of them at most get one.
     /// `size`: the table length M, a prime; [`DEFAULT_TABLE_SIZE`] (65537) is the default.
     /// The paper advises M > 100 × the number of backends so that a removal moves few flows.
     ///
@@ -106,8 +102,7 @@ impl MaglevTable {
     ///
     /// Returns `Err(MaglevError::NotPrime(size))` when `size` is not a prime,
     /// `Err(MaglevError::NoBackends)` when no backend has a weight above 0, and
-    /// `Err(MaglevError::TooSmall { .. })` when `size` is smaller than the number of
-    /// backends with a weight above 0 (or the slice is longer than `u32::MAX`).
+    /// `Err(MaglevError::TooMany(n))` when the slice is longer than `u32::MAX`.
     ///
     /// Cost, with N weighted backends of G distinct weights: O(M log M + T log G + N log N)
     /// time expected, T <= M being the distinct turn times (the probing of the paper's fill
@@ -124,11 +119,8 @@ impl MaglevTable {
             return Err(MaglevError::NoBackends);
         }
         // Slots hold u32 indexes into `backends`; a longer slice cannot be represented.
-        if (size as usize) < ranked.len() || u32::try_from(backends.len()).is_err() {
-            return Err(MaglevError::TooSmall {
-                size,
-                backends: ranked.len(),
-            });
+        if u32::try_from(backends.len()).is_err() {
+            return Err(MaglevError::TooMany(backends.len()));
         }
         let quotas = apportion(&ranked, size);
         Ok(MaglevTable {
@@ -658,6 +650,27 @@ mod tests {
     }
 
     #[test]
+    fn more_backends_than_slots_fill_every_slot_with_a_different_one() {
+        let set = backends(5, |_| 1);
+        let table = MaglevTable::build(&set, 3).expect("5 backends in 3 slots");
+        let mut seen = table.entries().to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(
+            seen.len(),
+            3,
+            "a backend holds two of 3 slots: {:?}",
+            table.entries()
+        );
+        // The heavier backends are the ones that get a slot.
+        let set = backends(5, |i| if i < 2 { 10 } else { 1 });
+        let table = MaglevTable::build(&set, 2).expect("5 backends in 2 slots");
+        let mut seen = table.entries().to_vec();
+        seen.sort_unstable();
+        assert_eq!(seen, vec![0, 1]);
+    }
+
+    #[test]
     fn bad_inputs_are_refused() {
         let set = backends(3, |_| 1);
         assert_eq!(
@@ -670,13 +683,6 @@ mod tests {
             MaglevTable::build(&backends(3, |_| 0), M),
             Err(MaglevError::NoBackends),
             "all draining"
-        );
-        assert_eq!(
-            MaglevTable::build(&set, 2),
-            Err(MaglevError::TooSmall {
-                size: 2,
-                backends: 3
-            })
         );
         // Exactly one slot per backend is allowed, and each gets it.
         let table = MaglevTable::build(&set, 3).expect("size 3 fits 3 backends");

@@ -4,6 +4,7 @@
 //! the new candidates, whenever a backend's health or weight changes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use lb_common::FlowKey;
@@ -40,6 +41,24 @@ pub trait Scheduler: Send + Sync {
     }
 }
 
+/// The turn counter of the `round_robin` and `weighted_round_robin` schedulers, kept by the
+/// service across rebuilds. A scheduler is rebuilt whole at every change of health, weight
+/// or slow-start step (at most once a second during a ramp); a counter of its own would
+/// start each new one at the first backend, and a service with fewer new flows per rebuild
+/// than backends would send every one of them to its first backends. Shared, the turns go
+/// on where the last scheduler left them, as nginx's counters do across a reload.
+#[derive(Debug, Clone, Default)]
+pub struct Turn(Arc<AtomicUsize>);
+
+impl Turn {
+    /// The next turn: 0, 1, 2... across every scheduler built with this counter (wrapping
+    /// at `usize::MAX`), distinct for each caller whatever the threads.
+    pub fn next(&self) -> usize {
+        // Relaxed is enough: the counter only has to hand out distinct turns.
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
 /// A backend that may receive new flows (up, weight > 0), as handed to a scheduler.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -69,7 +88,9 @@ pub enum SchedulerError {
 /// `candidates`: only eligible backends (up, weight > 0), in snapshot order; their ids are
 /// the snapshot's [`BackendId`]s, which `pick` returns. A candidate with weight 0 is
 /// dropped (it is draining). `table_size`: the Maglev table size M, a prime, used only by
-/// [`SchedulerKind::Maglev`] and [`SchedulerKind::SourceHash`].
+/// [`SchedulerKind::Maglev`] and [`SchedulerKind::SourceHash`]. `turn`: the service's turn
+/// counter, used only by [`SchedulerKind::RoundRobin`] and
+/// [`SchedulerKind::WeightedRoundRobin`] (see [`Turn`]).
 ///
 /// Returns `Err(SchedulerError::NoCandidates)` when no candidate has a weight above 0, and
 /// `Err(SchedulerError::Maglev(_))` when a Maglev table cannot be built (size not a prime,
@@ -78,12 +99,15 @@ pub fn build(
     kind: SchedulerKind,
     candidates: Vec<Candidate>,
     table_size: u32,
+    turn: &Turn,
 ) -> Result<Box<dyn Scheduler>, SchedulerError> {
     Ok(match kind {
         SchedulerKind::Maglev => Box::new(MaglevScheduler::new(candidates, table_size)?),
         SchedulerKind::SourceHash => Box::new(SourceHash::new(candidates, table_size)?),
-        SchedulerKind::RoundRobin => Box::new(RoundRobin::new(candidates)?),
-        SchedulerKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(candidates)?),
+        SchedulerKind::RoundRobin => Box::new(RoundRobin::new(candidates, turn.clone())?),
+        SchedulerKind::WeightedRoundRobin => {
+            Box::new(WeightedRoundRobin::new(candidates, turn.clone())?)
+        }
         SchedulerKind::LeastConn => Box::new(LeastConn::new(candidates)?),
         SchedulerKind::RandomTwo => Box::new(RandomTwo::new(candidates)?),
     })
@@ -218,14 +242,14 @@ mod tests {
         for kind in ALL {
             assert!(
                 matches!(
-                    build(kind, vec![], 65537),
+                    build(kind, vec![], 65537, &Turn::default()),
                     Err(SchedulerError::NoCandidates)
                 ),
                 "{kind:?} accepted an empty backend set"
             );
             assert!(
                 matches!(
-                    build(kind, candidates(&[0, 0]), 65537),
+                    build(kind, candidates(&[0, 0]), 65537, &Turn::default()),
                     Err(SchedulerError::NoCandidates)
                 ),
                 "{kind:?} accepted a set where every backend is draining"
@@ -236,7 +260,8 @@ mod tests {
     #[test]
     fn every_kind_respects_tried_and_skips_draining() {
         for kind in ALL {
-            let s = build(kind, candidates(&[3, 0, 1, 2]), 65537).expect("valid set");
+            let s =
+                build(kind, candidates(&[3, 0, 1, 2]), 65537, &Turn::default()).expect("valid set");
             // Candidate 11 has weight 0: it must never be picked, so three remain.
             assert_respects_tried(&format!("{kind:?}"), s.as_ref(), 3);
         }
@@ -244,7 +269,13 @@ mod tests {
 
     #[test]
     fn maglev_table_errors_are_reported() {
-        let err = build(SchedulerKind::Maglev, candidates(&[1, 1]), 65536).err();
+        let err = build(
+            SchedulerKind::Maglev,
+            candidates(&[1, 1]),
+            65536,
+            &Turn::default(),
+        )
+        .err();
         assert!(
             matches!(
                 err,
@@ -253,6 +284,12 @@ mod tests {
             "non-prime table size accepted: {err:?}"
         );
         // Other kinds do not use the table, so its size does not matter to them.
-        assert!(build(SchedulerKind::RoundRobin, candidates(&[1, 1]), 65536).is_ok());
+        assert!(build(
+            SchedulerKind::RoundRobin,
+            candidates(&[1, 1]),
+            65536,
+            &Turn::default()
+        )
+        .is_ok());
     }
 }

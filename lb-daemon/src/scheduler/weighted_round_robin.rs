@@ -1,11 +1,10 @@
 //! The `weighted_round_robin` scheduler: nginx's smooth weighted round robin, precomputed.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lb_common::FlowKey;
 
-use super::{eligible, was_tried, Candidate, Scheduler, SchedulerError};
+use super::{eligible, was_tried, Candidate, Scheduler, SchedulerError, Turn};
 use crate::backend_stats::BackendId;
 use crate::config::MAX_WEIGHT;
 
@@ -16,7 +15,8 @@ use crate::config::MAX_WEIGHT;
 /// turns, in which candidate i appears exactly `weight_i / gcd` times; weights 5, 1, 1
 /// give `a a b a c a a`. A pick reads the turn at an atomic counter modulo S, so it is
 /// lock-free and, with no retries, exact: over `k * S` picks from any threads, candidate i
-/// gets `k * weight_i / gcd`. A retry walks forward through the cycle to the first
+/// gets `k * weight_i / gcd`. The counter is the service's ([`Turn`]): a rebuilt scheduler
+/// goes on from the last turn, not from the start of its cycle. A retry walks forward through the cycle to the first
 /// candidate the flow has not tried.
 ///
 /// Weights above [`MAX_WEIGHT`] are treated as [`MAX_WEIGHT`], which bounds the cycle.
@@ -26,14 +26,15 @@ pub struct WeightedRoundRobin {
     candidates: Vec<Candidate>,
     /// Indexes into `candidates`, one per turn of the cycle.
     cycle: Vec<u32>,
-    next: AtomicUsize,
+    turn: Turn,
 }
 
 impl WeightedRoundRobin {
-    /// A smooth weighted round robin over `candidates` (weight 0 dropped).
+    /// A smooth weighted round robin over `candidates` (weight 0 dropped), taking its turns
+    /// from `turn` (modulo the cycle's length): a new counter starts at the cycle's start.
     ///
     /// Returns `Err(SchedulerError::NoCandidates)` when no candidate has a weight above 0.
-    pub fn new(candidates: Vec<Candidate>) -> Result<Self, SchedulerError> {
+    pub fn new(candidates: Vec<Candidate>, turn: Turn) -> Result<Self, SchedulerError> {
         let candidates = eligible(candidates)?;
         let weights: Vec<u32> = candidates
             .iter()
@@ -42,7 +43,7 @@ impl WeightedRoundRobin {
         Ok(WeightedRoundRobin {
             cycle: smooth_cycle(&weights),
             candidates,
-            next: AtomicUsize::new(0),
+            turn,
         })
     }
 
@@ -56,7 +57,7 @@ impl WeightedRoundRobin {
 impl Scheduler for WeightedRoundRobin {
     fn pick(&self, _flow: &FlowKey, tried: &[BackendId]) -> Option<BackendId> {
         let len = self.cycle.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % len;
+        let start = self.turn.next() % len;
         let id_at = |turn: usize| self.candidates[self.cycle[turn] as usize].id;
         let first = id_at(start);
         if !was_tried(tried, first) {
@@ -177,7 +178,7 @@ mod tests {
     #[test]
     fn weight_shares_are_exact_across_threads() {
         let weights = [4, 2, 6, 2];
-        let s = WeightedRoundRobin::new(candidates(&weights)).expect("valid set");
+        let s = WeightedRoundRobin::new(candidates(&weights), Turn::default()).expect("valid set");
         // gcd 2: the cycle is 2 + 1 + 3 + 1 = 7 turns.
         assert_eq!(s.cycle().len(), 7);
         let per_thread: Vec<Vec<u64>> = std::thread::scope(|scope| {
@@ -210,7 +211,8 @@ mod tests {
     fn a_cycle_of_1000_candidates_holds_each_weight_times() {
         let mut rng = fastrand::Rng::with_seed(8);
         let weights: Vec<u32> = (0..1000).map(|_| rng.u32(1..=256)).collect();
-        let s = WeightedRoundRobin::new(candidates_many(&weights)).expect("valid set");
+        let s =
+            WeightedRoundRobin::new(candidates_many(&weights), Turn::default()).expect("valid set");
         let mut got = vec![0u32; weights.len()];
         for &i in s.cycle() {
             got[i as usize] += 1;
@@ -237,7 +239,8 @@ mod tests {
 
     #[test]
     fn retries_skip_failed_backends() {
-        let s = WeightedRoundRobin::new(candidates(&[5, 1, 1])).expect("valid set");
+        let s =
+            WeightedRoundRobin::new(candidates(&[5, 1, 1]), Turn::default()).expect("valid set");
         assert_respects_tried("weighted_round_robin", &s, 3);
     }
 }

@@ -20,10 +20,11 @@ use tracing::{error, info, warn};
 
 use super::backends::{new_health, BackendRuntime, BackendSet, BackendSource};
 use super::{lock, round_ms};
+use crate::config::SchedulerKind;
 use crate::config::{default_max_flows, open_file_limit, CheckKind, Service};
 use crate::discovery;
 use crate::health::{self, Health, Transition};
-use crate::scheduler::{self, Candidate, SchedulerError};
+use crate::scheduler::{self, Candidate, SchedulerError, Turn};
 use crate::snapshot::{ServiceSnapshot, SharedSnapshot};
 
 /// A configured service at run time: its backends' state and its published snapshot.
@@ -35,6 +36,11 @@ pub struct ServiceRuntime {
     pub(super) by_address: ArcSwap<HashMap<SocketAddr, Arc<BackendRuntime>>>,
     pub(super) snapshot: SharedSnapshot,
     generation: AtomicU64,
+    /// The turn counter of a round-robin scheduler, kept across rebuilds.
+    turn: Turn,
+    /// Whether the last snapshot had more eligible backends than its Maglev table has
+    /// slots (see [`ServiceRuntime::republish`]), so that this is logged once per change.
+    over_table: AtomicBool,
     /// Lets tasks (checks, resolvers, the ticker) hold a weak reference to the service.
     this: Weak<ServiceRuntime>,
 }
@@ -64,7 +70,8 @@ impl ServiceRuntime {
     pub fn new(index: usize, config: Service) -> Result<Arc<Self>, SchedulerError> {
         let now = Instant::now();
         let backends = BackendSet::new(config.health.clone(), &static_backends(&config), now);
-        let first = build_snapshot(&config, &backends, 1, now)?;
+        let turn = Turn::default();
+        let first = build_snapshot(&config, &backends, 1, now, &turn)?;
         let by_address = backends.by_address();
         Ok(Arc::new_cyclic(|this| ServiceRuntime {
             index,
@@ -80,6 +87,8 @@ impl ServiceRuntime {
             by_address: ArcSwap::from_pointee(by_address),
             snapshot: Arc::new(ArcSwap::from_pointee(first)),
             generation: AtomicU64::new(1),
+            turn,
+            over_table: AtomicBool::new(false),
             this: this.clone(),
         }))
     }
@@ -423,8 +432,15 @@ impl ServiceRuntime {
     /// caller holds the state lock, which serialises publications.
     pub(super) fn republish(&self, st: &MutexGuard<'_, State>) -> Option<u64> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        match build_snapshot(&st.config, &st.backends, generation, Instant::now()) {
+        match build_snapshot(
+            &st.config,
+            &st.backends,
+            generation,
+            Instant::now(),
+            &self.turn,
+        ) {
             Ok(snap) => {
+                self.note_table_room(&st.config, &snap);
                 if snap.eligible_count() == 0 {
                     error!(
                         "service {} has no backend up: new {} flows are refused until one returns",
@@ -442,6 +458,40 @@ impl ServiceRuntime {
                 );
                 None
             }
+        }
+    }
+}
+
+impl ServiceRuntime {
+    /// Logs when the eligible backends of `snap` come to outnumber the slots of the
+    /// service's Maglev table (`maglev` and `source_hash` schedulers), and when they no
+    /// longer do. Validation keeps the static backends within `table_size`, but a DNS name
+    /// may answer with more addresses; the table is then built all the same and the
+    /// backends whose weight share is under one slot get none (they take flows only on a
+    /// retry), rather than the service keeping an old table that a health change no longer
+    /// reaches.
+    fn note_table_room(&self, config: &Service, snap: &ServiceSnapshot) {
+        let hashed = matches!(
+            config.scheduler,
+            SchedulerKind::Maglev | SchedulerKind::SourceHash
+        );
+        let eligible = snap.eligible_count();
+        let over = hashed && eligible > config.table_size as usize;
+        if self.over_table.swap(over, Ordering::Relaxed) == over {
+            return;
+        }
+        if over {
+            warn!(
+                "service {}: {eligible} eligible backends outnumber the {} slots of its Maglev \
+                 table (table_size): some get no slot and new flows only when a retry \
+                 reaches them; raise table_size",
+                self.name, config.table_size
+            );
+        } else {
+            info!(
+                "service {}: its Maglev table has a slot for every eligible backend again",
+                self.name
+            );
         }
     }
 }
@@ -529,6 +579,7 @@ fn build_snapshot(
     backends: &BackendSet,
     generation: u64,
     now: Instant,
+    turn: &Turn,
 ) -> Result<ServiceSnapshot, SchedulerError> {
     let views = backends.views(config.slow_start, now);
     let candidates: Vec<Candidate> = views
@@ -549,6 +600,7 @@ fn build_snapshot(
             config.scheduler,
             candidates,
             config.table_size,
+            turn,
         )?)
     };
     Ok(ServiceSnapshot {
@@ -620,6 +672,103 @@ kind = "none"
             .backends
             .iter()
             .any(|b| b.address == addr(backend) && b.eligible())
+    }
+
+    /// A service with `scheduler`, `table_size` (when given), passive health only
+    /// (`fall = 1`), and the given static backends and DNS names.
+    fn scheduled(
+        scheduler: &str,
+        table_size: Option<u32>,
+        statics: &[&str],
+        names: &[&str],
+    ) -> Service {
+        let mut text = format!(
+            "[[service]]\nname = \"app\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n\
+             scheduler = \"{scheduler}\"\n"
+        );
+        if let Some(size) = table_size {
+            text.push_str(&format!("table_size = {size}\n"));
+        }
+        text.push_str("[service.health]\nkind = \"none\"\nfall = 1\n");
+        for b in statics.iter().chain(names) {
+            text.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\n"));
+        }
+        config::parse(&text, Path::new("test.toml"))
+            .expect("valid test config")
+            .services
+            .remove(0)
+    }
+
+    /// The backend the published scheduler gives the flow from client port `port`.
+    fn pick(rt: &ServiceRuntime, port: u16) -> Option<SocketAddr> {
+        let snap = rt.snapshot().load_full();
+        let flow = lb_common::FlowKey {
+            src_addr: [u32::from_ne_bytes([127, 0, 0, 9]), 0, 0, 0],
+            dst_addr: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
+            src_port: port,
+            dst_port: 8080,
+            protocol: lb_common::flow::IPPROTO_TCP,
+            family: lb_common::maps::FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let id = snap.scheduler.as_ref()?.pick(&flow, &[])?;
+        Some(snap.backends[id].address)
+    }
+
+    #[test]
+    fn a_name_answering_more_addresses_than_table_slots_leaves_health_changes_in_force() {
+        let rt = ServiceRuntime::new(
+            0,
+            scheduled("maglev", Some(3), &["127.0.0.1:9001"], &["many.test:9100"]),
+        )
+        .expect("builds");
+        let answer: Vec<SocketAddr> = (1..=4).map(|i| addr(&format!("10.0.0.{i}:9100"))).collect();
+        rt.set_discovered("many.test:9100", &answer);
+        assert!(
+            answer.iter().all(|a| takes_flows(&rt, &a.to_string())),
+            "the answer's 4 addresses never reached the published table"
+        );
+        rt.passive_failure(addr("127.0.0.1:9001"), "connection refused");
+        assert!(!takes_flows(&rt, "127.0.0.1:9001"));
+        for port in 1..=1000 {
+            let got = pick(&rt, port).expect("a backend");
+            assert_ne!(
+                got,
+                addr("127.0.0.1:9001"),
+                "flow {port} went to the backend that is down"
+            );
+        }
+    }
+
+    #[test]
+    fn round_robin_goes_on_across_rebuilds() {
+        for scheduler in ["round_robin", "weighted_round_robin"] {
+            let backends = [
+                "127.0.0.1:9001",
+                "127.0.0.1:9002",
+                "127.0.0.1:9003",
+                "127.0.0.1:9004",
+            ];
+            let rt =
+                ServiceRuntime::new(0, scheduled(scheduler, None, &backends, &[])).expect("builds");
+            let mut got: HashMap<SocketAddr, u32> = HashMap::new();
+            // Two flows per rebuild, fewer than the backends: a slow-start ramp or a
+            // flapping backend on a quiet service.
+            for i in 0..100u16 {
+                rt.set_weight(addr("127.0.0.1:9004"), 1 + u32::from(i % 2))
+                    .expect("a known backend");
+                for port in [2 * i, 2 * i + 1] {
+                    *got.entry(pick(&rt, port).expect("a backend")).or_default() += 1;
+                }
+            }
+            for b in backends {
+                assert!(
+                    got.get(&addr(b)).copied().unwrap_or(0) >= 20,
+                    "{scheduler}: {b} got {:?} of 200 flows: {got:?}",
+                    got.get(&addr(b))
+                );
+            }
+        }
     }
 
     #[test]

@@ -1006,8 +1006,13 @@ mod tests {
                 stats: b.stats.clone(),
             })
             .collect();
-        let maglev = scheduler::build(crate::config::SchedulerKind::Maglev, candidates, 65537)
-            .expect("builds");
+        let maglev = scheduler::build(
+            crate::config::SchedulerKind::Maglev,
+            candidates,
+            65537,
+            &scheduler::Turn::default(),
+        )
+        .expect("builds");
         ServiceSnapshot {
             name: "web".into(),
             listen: "10.200.100.1:80".parse().expect("literal"),
