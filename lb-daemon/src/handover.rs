@@ -18,7 +18,11 @@
 //!
 //! Between 1 and 3 both daemons accept on the same sockets, and both may write the pinned
 //! eBPF maps: the old one only when a backend's health or DNS records change in that window
-//! (a second or two); the new one builds its tables from its own view once it runs.
+//! (a second or two); the new one builds its tables from its own view once it runs. When the
+//! old daemon stops accepting it takes what is left in each socket's queue and serves it
+//! through its drain: a new connection wakes one of the two daemons' accepts only, and the
+//! wake-up of one that arrives as the old accept is cancelled would otherwise be lost
+//! (`dataplane::proxy::listener`).
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! and their closing (service removed, shutdown).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc::Sender;
 
 use super::ctx::Ctx;
@@ -132,25 +132,34 @@ impl Listeners {
         }
     }
 
-    /// A multishot accept completed. Returns the new client socket and its service (an
-    /// index into `services`) when the connection is to be carried; a client accepted
-    /// while closing or draining is reset instead, unless the listener was handed over to a
-    /// new daemon (then it is carried). An accept error is logged (a shortage
-    /// through `resource_log`) and, for a shortage or a run of failures, makes the
-    /// listener wait for the next sweep. Re-arms or closes the listener as due.
+    /// A multishot accept completed. Pushes onto `accepted` each new client socket with its
+    /// service (an index into `services`) that is to be carried; a client accepted while
+    /// closing or draining is reset instead, unless the listener was handed over to a new
+    /// daemon (then it is carried). An accept error is logged (a shortage through
+    /// `resource_log`) and, for a shortage or a run of failures, makes the listener wait for
+    /// the next sweep. Re-arms or closes the listener as due; a handed-over listener's queue
+    /// is emptied into `accepted` before it closes (see [`take_queue`]).
     pub(super) fn on_accept(
         &mut self,
         ctx: &mut Ctx,
         c: Completion,
         services: &[ServiceInfo],
         resource_log: &mut LogLimit,
-    ) -> Option<(usize, OwnedFd)> {
+        accepted: &mut Vec<(usize, OwnedFd)>,
+    ) {
         let index = c.token.index as usize;
-        let l = self.list.get_mut(index)?;
+        let Some(l) = self.list.get_mut(index) else {
+            return;
+        };
         if !c.more {
             l.armed = false;
         }
-        let mut accepted = None;
+        // The flag is read only while stopping: an accept in service reads nothing more.
+        let handed_over = || {
+            ctx.shared
+                .handed_over
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
         if c.result >= 0 {
             l.failures = 0;
             // SAFETY: a successful accept's result is a new descriptor that we now own.
@@ -158,16 +167,10 @@ impl Listeners {
             // After a hand-over the listener lives on in the new daemon: a connection this
             // one took from its queue before the cancel landed is carried through the drain
             // like any other, not reset (the new daemon would have served it).
-            // The flag is read only while stopping: an accept in service reads nothing more.
-            let handed_over = || {
-                ctx.shared
-                    .handed_over
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            };
             if (l.closing || ctx.draining) && !handed_over() {
                 sys::set_reset_on_close(&client);
             } else {
-                accepted = Some((l.service, client));
+                accepted.push((l.service, client));
             }
         } else if c.result != -libc::ECANCELED {
             let err = io::Error::from_raw_os_error(-c.result);
@@ -195,11 +198,47 @@ impl Listeners {
         }
         if l.closing {
             if !l.armed {
+                if handed_over() {
+                    take_queue(l, accepted);
+                }
                 l.close_fd();
             }
         } else if !l.armed && !l.backoff {
             self.arm(ctx, index);
         }
-        accepted
+    }
+}
+
+/// Most connections [`take_queue`] takes: the kernel's default `somaxconn`, the longest
+/// accept queue a listener has unless the host raised it.
+const MAX_QUEUE_TAKEN: usize = 4096;
+
+/// Takes what waits in the queue of listener `l`, whose accept was just cancelled after a
+/// hand-over, into `accepted` (carried through the drain), up to [`MAX_QUEUE_TAKEN`].
+///
+/// Why: io_uring's accept waits on the socket as an exclusive waiter (`EPOLLEXCLUSIVE`),
+/// and a new connection wakes one waiter only. Between the hand-over and the cancel, the
+/// old daemon's accept and the new daemon's both wait on the same socket; a wake-up that
+/// went to the old one as it was being cancelled is lost with it, and the connection would
+/// wait in the queue, unseen by the new daemon, until another connection arrived: with few
+/// clients, until they time out. Once the cancel completed no wake-up can go here any more,
+/// so what is queued now is taken here and what comes later wakes the new daemon.
+fn take_queue(l: &Listener, accepted: &mut Vec<(usize, OwnedFd)>) {
+    let Some(fd) = &l.fd else {
+        return;
+    };
+    // The daemon binds its listeners non-blocking; one that is not (handed over by
+    // something else) cannot be emptied without the risk of waiting here for good.
+    if !sys::is_nonblocking(fd.as_fd()) {
+        return;
+    }
+    for _ in 0..MAX_QUEUE_TAKEN {
+        match sys::accept_now(fd.as_fd()) {
+            Ok(client) => accepted.push((l.service, client)),
+            // Empty (`EAGAIN`), or a client gone before it was taken (`ECONNABORTED`): the
+            // new daemon's accept sees whatever comes next.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+            Err(_) => return,
+        }
     }
 }

@@ -201,6 +201,35 @@ fn setsockopt_int(
     .map(drop)
 }
 
+/// Whether `fd`'s file description is non-blocking (`O_NONBLOCK`); `false` when it cannot
+/// be read.
+pub(super) fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: F_GETFL takes no argument and only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_NONBLOCK != 0
+}
+
+/// `accept4(2)` on the listening socket `fd`: the next connection of its queue, made
+/// non-blocking and close-on-exec. On a non-blocking `fd` ([`is_nonblocking`]) it does not
+/// wait: `Err` with `WouldBlock` when the queue is empty.
+pub(super) fn accept_now(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed (the peer's address is not wanted).
+    let n = unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: a successful accept4 returns a new descriptor that we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    }
+}
+
 /// Makes closing `fd` send a reset instead of a FIN (`SO_LINGER` 0).
 pub(super) fn set_reset_on_close(fd: &OwnedFd) {
     let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));

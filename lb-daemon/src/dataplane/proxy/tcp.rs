@@ -111,6 +111,9 @@ pub(super) struct Tcp {
     no_backend_log: Vec<LogLimit>,
     /// Local resource shortages (sockets, pipes, accept).
     resource_log: LogLimit,
+    /// The connections one accept completion gave, kept empty between completions (its
+    /// allocation is reused).
+    accepted_now: Vec<(usize, OwnedFd)>,
 }
 
 /// A non-blocking TCP socket for a connect to `addr`, with `TCP_NODELAY` (the proxy
@@ -248,6 +251,7 @@ impl Tcp {
             sweep_cursor: 0,
             no_backend_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),
+            accepted_now: Vec::new(),
         };
         for (service, (info, fd)) in listeners.into_iter().enumerate() {
             tcp.services.push(info);
@@ -321,12 +325,19 @@ impl Tcp {
         if is_fd_shortage(Some(-c.result)) {
             self.pipes.shrink();
         }
-        let accepted = self
-            .listeners
-            .on_accept(ctx, c, &self.services, &mut self.resource_log);
-        if let Some((service, client)) = accepted {
+        let mut accepted = std::mem::take(&mut self.accepted_now);
+        self.listeners.on_accept(
+            ctx,
+            c,
+            &self.services,
+            &mut self.resource_log,
+            &mut accepted,
+        );
+        for (service, client) in accepted.drain(..) {
             self.accepted(ctx, service, client);
         }
+        // The buffer goes back for the next completion (no allocation per accept).
+        self.accepted_now = accepted;
     }
 
     fn accepted(&mut self, ctx: &mut Ctx, service: usize, client: OwnedFd) {
