@@ -116,10 +116,14 @@
 //!   With a share `f` of the ports towards a backend held, at random, a new flow is refused
 //!   with a probability of about `f^16`; with 8 probes (before) a benchmark at 24,000
 //!   connections/s over three backends (each port held one to two seconds after its flow, a
-//!   third of the range or so) refused 3 to 5 SYNs in every 48,000. A probed port without
-//!   entry (never used, or evicted) is taken at once with a `BPF_NOEXIST` insert; else, among
-//!   the probed ports that are free, the one free the longest (the oldest state time): least
-//!   recently freed first, approximated over the probes, not over the whole range. Every
+//!   third of the range or so) refused 3 to 5 SYNs in every 48,000. Among the probed ports
+//!   that are free, the one free the longest (the oldest state time) is taken: least
+//!   recently freed first, approximated over the probes, not over the whole range. Only when
+//!   none is free is a probed port without entry (never used, or evicted) taken, with a
+//!   `BPF_NOEXIST` insert. Free ports first keep `NAT_REVERSE` at about the flows and held
+//!   ports of the moment: taking never-used ports first would give every port ever used an
+//!   entry, more than `NAT_REVERSE_SIZE` once a range serves five backends, and the LRU
+//!   would then evict entries of live flows that idle. Every
 //!   probe is looked at, also once a free one has been seen: the flow's own port (its
 //!   conntrack entry lost) may be any of them. The taker claims it with a
 //!   64-bit compare-and-swap of the state word from the value it read to one with

@@ -141,6 +141,9 @@ pub struct NatScratch {
     pub best_age: u32,
     /// `best_port`'s `NAT_REVERSE` state word when it was probed.
     pub best_state: u64,
+    /// The first probed port without a `NAT_REVERSE` entry (0: none yet), taken only when
+    /// no probed port is free.
+    pub empty_port: u32,
 }
 
 /// One [`NatScratch`] per CPU: scratch space for `nat::snat_port`, kept off the 512-byte BPF

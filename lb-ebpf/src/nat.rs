@@ -6,7 +6,9 @@
 //! after a hold time; the rules and their reasons are "SNAT ports" in `lb_common::maps`. The
 //! ports of a new flow are probed in the service's range starting from the flow's hash, so the
 //! same flow finds its port again after its conntrack entry is lost, and flows spread over the
-//! range. Never-used ports are taken first; among freed ones, the one free the longest.
+//! range. A freed port is taken first (the one free the longest), a port without entry only
+//! when no probed port is free, so `NAT_REVERSE` holds about as many entries as there are
+//! flows and held ports, not one per port ever used.
 
 use core::{
     intrinsics::{atomic_cxchg, atomic_or, AtomicOrdering::Relaxed},
@@ -156,9 +158,10 @@ fn track(r: *mut NatReverse, tcp_flags: u8, fin_bit: u32, now: u32) {
 ///   (this flow ended or idled past the timeout) is `Err(Stat::ResetNatPortReclaimed)`, unless
 ///   `may_take` (a SYN starting the flow anew), which then takes a new port.
 /// - else a port of the service's range: one whose entry already translates this flow (lost
-///   conntrack entry), else, if `may_take`, a never-used port or the free one (ended and held
-///   for [`Service::snat_hold_s`], or idle past the service's idle timeout) that has been free
-///   the longest, claimed with a compare-and-swap so two CPUs never take one port.
+///   conntrack entry), else, if `may_take`, the free one (ended and held for
+///   [`Service::snat_hold_s`], or idle past the service's idle timeout) that has been free
+///   the longest, claimed with a compare-and-swap so two CPUs never take one port, or when
+///   none is free (or the claim is lost), a port without entry (never used, or evicted).
 ///   `Err(Stat::ResetNatNoFlow)` when `!may_take` and no port translates the flow,
 ///   `Err(Stat::DropNatPortsExhausted)` when every probed port is in use or held,
 ///   `Err(Stat::DropBadService)` when the range is empty.
@@ -186,6 +189,7 @@ pub fn snat_port(
         best_port,
         best_age,
         best_state,
+        empty_port,
     } = unsafe { &mut *scratch };
     // Everything of the reply key but the port, written once: the probes change the port.
     let local = flow_local(service_id, service, key).ok_or(Stat::DropBadService)?;
@@ -240,6 +244,7 @@ pub fn snat_port(
         (best_port as *mut u32).write_volatile(0);
         (best_age as *mut u32).write_volatile(0);
         (best_state as *mut u64).write_volatile(0);
+        (empty_port as *mut u32).write_volatile(0);
     }
     // Probe offsets 0, 1, 3, 6, 10... (triangular numbers) rather than 0, 1, 2...: with
     // consecutive probes the taken ports form runs that every flow hashing into one extends
@@ -259,11 +264,18 @@ pub fn snat_port(
         let port = (min + start.wrapping_add(offset) % span) as u16;
         i += 1;
         rkey.dst_port = port;
-        // Looked up before any insert: an LRU insert takes a free element first (evicting
-        // another flow's entry when the map is full) even when it then fails on the key.
+        // A port without entry is remembered, not taken: taking free ports first keeps
+        // `NAT_REVERSE` within its size. Taking never-used ports first (as before) gave every
+        // port ever used an entry: past `NAT_REVERSE_SIZE` of them (the default range in
+        // front of five backends) each new flow made the LRU evict the entry least recently
+        // used, which after a while is a live flow's that idles: its port then looked unused
+        // and went to a new flow, and the old flow was reset.
         let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) else {
-            if may_take && NAT_REVERSE.insert(&*rkey, &*owner, BPF_NOEXIST).is_ok() {
-                return Ok(port);
+            // SAFETY: a field of this CPU's scratch slot.
+            unsafe {
+                if (empty_port as *mut u32).read_volatile() == 0 {
+                    (empty_port as *mut u32).write_volatile(port as u32);
+                }
             }
             continue;
         };
@@ -359,6 +371,17 @@ pub fn snat_port(
                     atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(state_of(r), claimed_word, best.1)
                 };
             }
+        }
+    }
+    // No free port, or another CPU claimed it first: a port without entry. Inserted only now,
+    // after every probe was looked up: an LRU insert takes a free element first (evicting
+    // another flow's entry when the map is full) even when it then fails on the key.
+    // SAFETY: a field of this CPU's scratch slot.
+    let empty = unsafe { (empty_port as *mut u32).read_volatile() } as u16;
+    if empty != 0 {
+        rkey.dst_port = empty;
+        if NAT_REVERSE.insert(&*rkey, &*owner, BPF_NOEXIST).is_ok() {
+            return Ok(empty);
         }
     }
     Err(Stat::DropNatPortsExhausted)

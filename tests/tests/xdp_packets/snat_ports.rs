@@ -106,6 +106,42 @@ fn twenty_flows_closed_one_after_another_reuse_a_four_port_range() {
     );
 }
 
+/// Ended flows' ports are taken again before ports that have no entry, so `NAT_REVERSE`
+/// holds about the flows of the moment, not every port ever used: the map is an LRU of
+/// `NAT_REVERSE_SIZE` entries, and once the ports ever used outnumber it (the default range
+/// in front of five backends) its evictions would take the entries of live flows that idle.
+#[test]
+fn ended_flows_ports_are_taken_again_before_unused_ones() {
+    let Some(lab) = nat_lab("snat_few_entries", 256, 0) else {
+        return;
+    };
+    for n in 0..200u16 {
+        let sport = 48_000 + n;
+        open(&lab, sport, &format!("flow {n}'s SYN"));
+        lab.expect(
+            lab.vc,
+            &client(sport, TCP_RST | TCP_ACK),
+            XDP_REDIRECT,
+            &format!("flow {n}'s client RST"),
+        );
+    }
+    // With one flow at a time, a new flow finds a free port among its 16 probes once about
+    // a sixteenth of the range has entries; taking unused ports first gave 200 entries.
+    assert!(
+        entries(&lab) <= 64,
+        "200 flows one after another left {} NAT_REVERSE entries in a 256-port range",
+        entries(&lab)
+    );
+    assert_eq!(
+        (
+            lab.stat(Stat::DropNatPortsExhausted),
+            lab.stat(Stat::RefusedNatPortsExhausted)
+        ),
+        (0, 0),
+        "a SYN found no SNAT port though every earlier flow had ended"
+    );
+}
+
 /// A backend that refuses a connection (an RST answering the SYN: its server is stopped)
 /// does not fail the client: the RST is dropped and counted, the flow keeps its port, and
 /// the client's resent SYN goes out again; once the backend answered, its RST is the
