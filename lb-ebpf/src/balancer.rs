@@ -125,7 +125,10 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     let now_ns = clock::now_ns();
     let mut placed = match conntrack::place(&p.key, p.tcp_flags, service_id, service, now_ns) {
         Ok(placed) => placed,
-        Err(Stat::DropNoBackend) if tcp => return refuse(ctx, p, Stat::RefusedNoBackend),
+        // A flow that had an entry (its backend went down, and no other is left) ends here.
+        Err(Stat::DropNoBackend) if tcp => {
+            return end_flow(ctx, p, service_id, Stat::RefusedNoBackend)
+        }
         Err(stat) => return Err(stat),
     };
     if placed.fresh {
@@ -161,14 +164,27 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
             Ok(port) => port,
             Err(stat) => {
                 // The flow holds nothing: a connection slot the limits gave it goes back.
+                // A fresh flow's was given by this packet; an older flow's (its backend went
+                // down, its port was taken over, a resent SYN found no port) goes back
+                // through its conntrack entry, once, as for its FIN: the RST ends it, and no
+                // FIN or RST of the client's will follow to do it.
                 if placed.fresh {
                     limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
+                    return match stat {
+                        Stat::DropNatPortsExhausted if tcp => {
+                            refuse(ctx, p, Stat::RefusedNatPortsExhausted)
+                        }
+                        Stat::ResetNatNoFlow | Stat::ResetNatPortReclaimed => refuse(ctx, p, stat),
+                        _ => Err(stat),
+                    };
                 }
                 return match stat {
                     Stat::DropNatPortsExhausted if tcp => {
-                        refuse(ctx, p, Stat::RefusedNatPortsExhausted)
+                        end_flow(ctx, p, service_id, Stat::RefusedNatPortsExhausted)
                     }
-                    Stat::ResetNatNoFlow | Stat::ResetNatPortReclaimed => refuse(ctx, p, stat),
+                    Stat::ResetNatNoFlow | Stat::ResetNatPortReclaimed => {
+                        end_flow(ctx, p, service_id, stat)
+                    }
                     _ => Err(stat),
                 };
             }
@@ -256,6 +272,18 @@ fn refuse<C: Frame>(ctx: &C, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
         }
     }
     Err(stat)
+}
+
+/// A TCP flow of service `service_id` that had a conntrack entry and is refused now (`stat`):
+/// answered as [`refuse`] does, and its entry marked closed, which gives its client's
+/// connection slot back once (`limits::closed`). Without that the slot would stay taken: the
+/// RST ends the flow, and no FIN or RST of the client's follows to free it.
+#[inline(always)]
+fn end_flow<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, stat: Stat) -> Result<u32, Stat> {
+    if p.key.protocol == IPPROTO_TCP {
+        limits::closed(&p.key, service_id);
+    }
+    refuse(ctx, p, stat)
 }
 
 /// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.

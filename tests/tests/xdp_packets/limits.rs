@@ -104,6 +104,54 @@ fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() 
     assert_eq!(lab.stat(Stat::RefusedClientConnections), 2);
 }
 
+/// A counted flow the balancer ends with a RST (its backend went down and its segment
+/// cannot be carried on another: NAT) gives its client's slot back, as its FIN would have:
+/// the client will send no FIN or RST of its own to free it.
+#[test]
+fn a_flow_the_balancer_resets_gives_its_connection_slot_back() {
+    let Some(mut lab) = setup("limits_reset_flow") else {
+        return;
+    };
+    lab.backend(1, B2_4.into(), 8080);
+    limited(
+        &mut lab,
+        0,
+        Limits {
+            max_connections: 1,
+            ..Limits::default()
+        },
+    );
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 42000, TCP_SYN),
+        XDP_REDIRECT,
+        "the client's one connection",
+    );
+    assert_eq!(connections(&lab, CLIENT4), 1);
+    // b1 goes down; the table has b2 only.
+    lab.set_backend_flags(0, BACKEND_F_DOWN);
+    lab.publish(0, &[1]);
+    let out = lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 42000, TCP_ACK),
+        XDP_TX,
+        "the connection's next segment, its backend down",
+    );
+    assert_eq!(tcp_flags_of(&out), TCP_RST, "the segment is not reset");
+    assert_eq!(lab.stat(Stat::ResetNatNoFlow), 1);
+    assert_eq!(
+        connections(&lab, CLIENT4),
+        0,
+        "the reset connection still holds its client's slot"
+    );
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 42001, TCP_SYN),
+        XDP_REDIRECT,
+        "a new connection of the client after the reset",
+    );
+}
+
 fn setup(test: &str) -> Option<Lab> {
     let mut lab = lab(test)?;
     lab.backend(0, B1_4.into(), 8080);
