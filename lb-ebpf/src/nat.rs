@@ -207,8 +207,19 @@ pub fn snat_port(
         // evicted entry) and the ownership compares.
         if let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) {
             if owned_by(r, key) {
-                track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
-                return Ok(current);
+                // SAFETY: the aligned state word of a live map value (see `track`).
+                let ended = nat_flags(unsafe { state_of(r).read_volatile() }) & NAT_F_ENDED != 0;
+                if !(may_take && ended) {
+                    track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
+                    return Ok(current);
+                }
+                // A SYN starting the flow anew on its own ended port: its conntrack entry
+                // lost the closed mark (evicted during the close, then re-made by a late
+                // segment). `track` leaves an ended port alone, so the port would stay free
+                // under the new connection, for the next flow to take.
+                if in_use_again(r, now) {
+                    return Ok(current);
+                }
             }
         } else {
             set_owner(owner, key, service_id, now);
@@ -283,20 +294,7 @@ pub fn snat_port(
             // This flow's own port, from before its conntrack entry was lost (or a SYN
             // reusing its 5-tuple): in use again.
             if may_take {
-                // In use again, through a compare-and-swap: a CPU claiming the (free) port at
-                // this moment wins or loses the port whole, never shares it with this flow.
-                // SAFETY: the aligned state word of a live map value.
-                let taken = unsafe {
-                    let seen = state_of(r).read_volatile();
-                    nat_flags(seen) & NAT_F_CLAIMED == 0
-                        && atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(
-                            state_of(r),
-                            seen,
-                            nat_state(now, 0),
-                        )
-                        .1
-                };
-                if !taken {
+                if !in_use_again(r, now) {
                     continue;
                 }
             } else {
@@ -385,6 +383,20 @@ pub fn snat_port(
         }
     }
     Err(Stat::DropNatPortsExhausted)
+}
+
+/// Marks the port entry `r`, which its own flow starts anew on (a SYN, or a UDP packet), in
+/// use since `now`, through a compare-and-swap: a CPU claiming the (free) port at this moment
+/// wins or loses the port whole, never shares it with this flow. `false` when the port is
+/// being claimed, or was changed meanwhile: the flow then looks for another.
+#[inline(always)]
+fn in_use_again(r: *mut NatReverse, now: u32) -> bool {
+    // SAFETY: the aligned state word of a live map value.
+    unsafe {
+        let seen = state_of(r).read_volatile();
+        nat_flags(seen) & NAT_F_CLAIMED == 0
+            && atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(state_of(r), seen, nat_state(now, 0)).1
+    }
 }
 
 /// Writes into `owner` the `NAT_REVERSE` entry of the client flow `key` of service

@@ -467,6 +467,52 @@ fn forty_eight_open_flows_fit_a_sixty_four_port_range() {
     );
 }
 
+/// A SYN that starts a flow anew on its own 5-tuple, whose conntrack entry lost the closed
+/// mark (evicted during the close, then re-made by a late segment without SYN), puts its
+/// ended port in use again: another flow cannot take the port from under the new connection.
+#[test]
+fn a_syn_reusing_an_ended_flows_tuple_puts_its_port_in_use_again() {
+    let Some(mut lab) = nat_lab("snat_reused_tuple", 1, 0) else {
+        return;
+    };
+    let port = open(&lab, 44_200, "the first connection");
+    lab.expect(
+        lab.vc,
+        &client(44_200, TCP_RST),
+        XDP_REDIRECT,
+        "the first connection's RST",
+    );
+    // The entry as a late segment re-makes it after an eviction: no closed mark.
+    let key = flow(CLIENT4.into(), 44_200, VIP4.into(), 80, IPPROTO_TCP);
+    let mut entry = lab
+        .conntrack
+        .get(&key, 0)
+        .expect("the flow's conntrack entry");
+    entry.flags &= !CT_F_CLOSED;
+    lab.conntrack
+        .insert(key, entry, 0)
+        .expect("write CONNTRACK");
+    assert_eq!(
+        open(
+            &lab,
+            44_200,
+            "the client's new connection on the same 5-tuple"
+        ),
+        port
+    );
+    let out = lab.expect(
+        lab.vc,
+        &client(44_201, TCP_SYN),
+        XDP_TX,
+        "another client port while the only port carries the new connection",
+    );
+    assert_eq!(
+        tcp_flags_of(&out),
+        TCP_RST | TCP_ACK,
+        "another flow took the port of a live connection"
+    );
+}
+
 #[test]
 fn a_port_whose_time_is_ahead_of_the_programs_clock_is_held_not_free() {
     // An older lb-ebpf stamped times with the fine clock, up to a tick ahead of the coarse
