@@ -119,8 +119,10 @@
 //!   third of the range or so) refused 3 to 5 SYNs in every 48,000. Among the probed ports
 //!   that are free, the one free the longest (the oldest state time) is taken: least
 //!   recently freed first, approximated over the probes, not over the whole range. Only when
-//!   none is free is a probed port without entry (never used, or evicted) taken, with a
-//!   `BPF_NOEXIST` insert. Free ports first keep `NAT_REVERSE` at about the flows and held
+//!   none is free (or the claim is lost, or the free one's flow left a TIME_WAIT on the
+//!   backend less than [`SNAT_TIME_WAIT_S`] ago) is a probed port without entry (never used,
+//!   or evicted) taken, with a `BPF_NOEXIST` insert; failing that, such a young TIME_WAIT
+//!   port. Free ports first keep `NAT_REVERSE` at about the flows and held
 //!   ports of the moment: taking never-used ports first would give every port ever used an
 //!   entry, more than `NAT_REVERSE_SIZE` once a range serves five backends, and the LRU
 //!   would then evict entries of live flows that idle. Every
@@ -130,7 +132,7 @@
 //!   [`NAT_F_CLAIMED`], then replaces the element with its own (`BPF_EXIST`). Two CPUs that
 //!   read the same free port race on the compare-and-swap and one wins; an old flow's packet
 //!   that changes the word meanwhile (a refresh, a FIN) makes the claim fail, and the new
-//!   flow is refused rather than share the port. A claim whose update fails (no memory) puts
+//!   flow takes a port without entry, or is refused, rather than share the port. A claim whose update fails (no memory) puts
 //!   the word back.
 //! - **Ownership**: a client packet of a flow with a port checks that the port's entry still
 //!   names its client address and port and VIP address and port (the entry is already read
@@ -179,9 +181,9 @@
 //! and refuses every flow beyond) and a short hold (a SYN now and then delayed by a second
 //! under churn). `lb-daemon`'s default `snat_port_hold` is short, 2 s (a few retransmission
 //! timeouts for the old flow's last packets): a delayed SYN is the better failure than a
-//! refused one. Least-recently-freed probing keeps the stalls rare: a range of P ports in
-//! front of B backends reaches a port again after about `P × B / (new flows per second)`
-//! seconds, which stays above 60 s below `P × B / 60` new flows per second. Because only ports
+//! refused one. The stalls stay rare: a port whose backend closed first is taken again within
+//! [`SNAT_TIME_WAIT_S`] only when none of the flow's probes found a port without entry, that
+//! is once its range towards that backend is nearly all in use. Because only ports
 //! whose backend closed first are held the whole `snat_hold_s`, a service that sets 60 s pays
 //! it only where a TIME_WAIT exists. Sustained new flows per second are bounded by
 //! `ports × local addresses × backends / snat_hold_s` where backends close first, and by
@@ -930,6 +932,12 @@ pub const NAT_F_CLAIMED: u32 = 16;
 /// but an RST). An RST before it is the backend refusing the connection: the program drops
 /// it so that the client retries ([`Stat::DropRefusedSyn`](crate::Stat::DropRefusedSyn)).
 pub const NAT_F_ANSWERED: u32 = 32;
+
+/// Seconds a backend's socket stays in TIME_WAIT after it closed first (Linux's
+/// `TCP_TIMEWAIT_LEN`). A free SNAT port whose flow left a TIME_WAIT ([`NAT_F_TIME_WAIT`])
+/// less than this ago is taken only when no probed port is without entry: a SYN from another
+/// client on that 4-tuple may stall a second (see "Why the hold, and its default").
+pub const SNAT_TIME_WAIT_S: u32 = 60;
 
 /// Seconds a SNAT port whose flow ended without TIME_WAIT on the backend (the client's FIN
 /// first, or an RST) stays out of use, at most [`Service::snat_hold_s`]: enough for the

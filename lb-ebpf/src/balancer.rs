@@ -275,15 +275,18 @@ fn refuse<C: Frame>(ctx: &C, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
 }
 
 /// A TCP flow of service `service_id` that had a conntrack entry and is refused now (`stat`):
-/// answered as [`refuse`] does, and its entry marked closed, which gives its client's
-/// connection slot back once (`limits::closed`). Without that the slot would stay taken: the
-/// RST ends the flow, and no FIN or RST of the client's follows to free it.
+/// answered as [`refuse`] does, and once it is over (the RST went out, or the segment was
+/// the client's own RST) its entry is marked closed, which gives its client's connection
+/// slot back once (`limits::closed`). Without that the slot would stay taken: no FIN or RST
+/// of the client's follows to free it. A segment dropped without answer leaves the flow as
+/// it is: the client sends it again, and it may yet go on (its backend back up).
 #[inline(always)]
 fn end_flow<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, stat: Stat) -> Result<u32, Stat> {
-    if p.key.protocol == IPPROTO_TCP {
+    let action = refuse(ctx, p, stat);
+    if p.key.protocol == IPPROTO_TCP && (action.is_ok() || p.tcp_flags & TCP_RST != 0) {
         limits::closed(&p.key, service_id);
     }
-    refuse(ctx, p, stat)
+    action
 }
 
 /// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.

@@ -8,7 +8,8 @@
 //! same flow finds its port again after its conntrack entry is lost, and flows spread over the
 //! range. A freed port is taken first (the one free the longest), a port without entry only
 //! when no probed port is free, so `NAT_REVERSE` holds about as many entries as there are
-//! flows and held ports, not one per port ever used.
+//! flows and held ports, not one per port ever used; but a freed port whose backend may still
+//! hold the old flow's TIME_WAIT (`SNAT_TIME_WAIT_S`) comes after a port without entry.
 
 use core::{
     intrinsics::{atomic_cxchg, atomic_or, AtomicOrdering::Relaxed},
@@ -21,7 +22,7 @@ use lb_common::{
     maps::{
         ct_age, local_addr_index, nat_flags, nat_seen, nat_state, snat_addr_index, NatReverse,
         Service, CT_REFRESH_SECS, FAMILY_V4, NAT_F_ANSWERED, NAT_F_CLAIMED, NAT_F_ENDED,
-        NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_TIME_WAIT, SNAT_QUIET_S,
+        NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_TIME_WAIT, SNAT_QUIET_S, SNAT_TIME_WAIT_S,
     },
     FlowKey, Stat,
 };
@@ -161,7 +162,9 @@ fn track(r: *mut NatReverse, tcp_flags: u8, fin_bit: u32, now: u32) {
 ///   conntrack entry), else, if `may_take`, the free one (ended and held for
 ///   [`Service::snat_hold_s`], or idle past the service's idle timeout) that has been free
 ///   the longest, claimed with a compare-and-swap so two CPUs never take one port, or when
-///   none is free (or the claim is lost), a port without entry (never used, or evicted).
+///   none is free (or the claim is lost), a port without entry (never used, or evicted); a
+///   free port whose flow left a TIME_WAIT on the backend less than `SNAT_TIME_WAIT_S` ago
+///   comes after a port without entry.
 ///   `Err(Stat::ResetNatNoFlow)` when `!may_take` and no port translates the flow,
 ///   `Err(Stat::DropNatPortsExhausted)` when every probed port is in use or held,
 ///   `Err(Stat::DropBadService)` when the range is empty.
@@ -344,45 +347,61 @@ pub fn snat_port(
         (
             (best_port as *mut u32).read_volatile() as u16,
             (best_state as *mut u64).read_volatile(),
+            (best_age as *mut u32).read_volatile(),
         )
     };
-    if best.0 != 0 {
-        rkey.dst_port = best.0;
-        if let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) {
-            // The claim: only the CPU whose compare-and-swap moves the word on from what the
-            // probe saw takes the port (a packet of the old flow refreshing it meanwhile makes
-            // every claim fail, as it should). The claimed word carries NAT_F_CLAIMED, which
-            // no free word has, so a second CPU that read the same word cannot succeed after
-            // the first (even within the same second).
-            let claimed_word = best.1 | nat_state(0, NAT_F_CLAIMED);
-            // SAFETY: the aligned state word of a live map value.
-            let (_, claimed) = unsafe {
-                atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(state_of(r), best.1, claimed_word)
-            };
-            if claimed {
-                if NAT_REVERSE.insert(&*rkey, &*owner, BPF_EXIST).is_ok() {
-                    return Ok(best.0);
-                }
-                // No memory for the new element: the port goes back as it was.
-                // SAFETY: as above.
-                unsafe {
-                    atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(state_of(r), claimed_word, best.1)
-                };
-            }
-        }
-    }
-    // No free port, or another CPU claimed it first: a port without entry. Inserted only now,
-    // after every probe was looked up: an LRU insert takes a free element first (evicting
-    // another flow's entry when the map is full) even when it then fails on the key.
     // SAFETY: a field of this CPU's scratch slot.
     let empty = unsafe { (empty_port as *mut u32).read_volatile() } as u16;
+    // A free port first, but not one whose backend may still hold the old flow's TIME_WAIT
+    // while a port without entry is there: that costs an entry, not a stalled SYN.
+    let young_time_wait =
+        nat_flags(best.1) & NAT_F_TIME_WAIT != 0 && best.2 < SNAT_TIME_WAIT_S && empty != 0;
+    if best.0 != 0 && !young_time_wait && claim(rkey, owner, best.0, best.1) {
+        return Ok(best.0);
+    }
+    // No free port (or only a young TIME_WAIT one), or another CPU claimed it first: a port
+    // without entry. Inserted only now, after every probe was looked up: an LRU insert takes
+    // a free element first (evicting another flow's entry when the map is full) even when
+    // it then fails on the key.
     if empty != 0 {
         rkey.dst_port = empty;
         if NAT_REVERSE.insert(&*rkey, &*owner, BPF_NOEXIST).is_ok() {
             return Ok(empty);
         }
     }
+    if best.0 != 0 && young_time_wait && claim(rkey, owner, best.0, best.1) {
+        return Ok(best.0);
+    }
     Err(Stat::DropNatPortsExhausted)
+}
+
+/// Takes the free `port` (its reply key is `rkey` but for the port), whose state word the
+/// probe read as `seen`, for the flow whose entry is `owner`. The claim: only the CPU whose
+/// compare-and-swap moves the word on from what the probe saw takes the port (a packet of
+/// the old flow refreshing it meanwhile makes every claim fail, as it should). The claimed
+/// word carries NAT_F_CLAIMED, which no free word has, so a second CPU that read the same
+/// word cannot succeed after the first (even within the same second). `false` when the
+/// claim is lost or the entry cannot be replaced.
+#[inline(always)]
+fn claim(rkey: &mut FlowKey, owner: &NatReverse, port: u16, seen: u64) -> bool {
+    rkey.dst_port = port;
+    let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) else {
+        return false;
+    };
+    let claimed_word = seen | nat_state(0, NAT_F_CLAIMED);
+    // SAFETY: the aligned state word of a live map value.
+    let (_, claimed) =
+        unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(state_of(r), seen, claimed_word) };
+    if !claimed {
+        return false;
+    }
+    if NAT_REVERSE.insert(&*rkey, owner, BPF_EXIST).is_ok() {
+        return true;
+    }
+    // No memory for the new element: the port goes back as it was.
+    // SAFETY: as above.
+    unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(state_of(r), claimed_word, seen) };
+    false
 }
 
 /// Marks the port entry `r`, which its own flow starts anew on (a SYN, or a UDP packet), in

@@ -93,8 +93,8 @@ pub enum SchedulerError {
 /// [`SchedulerKind::WeightedRoundRobin`] (see [`Turn`]).
 ///
 /// Returns `Err(SchedulerError::NoCandidates)` when no candidate has a weight above 0, and
-/// `Err(SchedulerError::Maglev(_))` when a Maglev table cannot be built (size not a prime,
-/// or smaller than the number of candidates).
+/// `Err(SchedulerError::Maglev(_))` when a Maglev table cannot be built (size not a prime;
+/// a table with fewer slots than candidates is built, see `MaglevTable::build`).
 pub fn build(
     kind: SchedulerKind,
     candidates: Vec<Candidate>,

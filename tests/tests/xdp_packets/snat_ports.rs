@@ -142,6 +142,49 @@ fn ended_flows_ports_are_taken_again_before_unused_ones() {
     );
 }
 
+/// Of the free ports, one whose backend closed first (it may still hold the old flow's
+/// TIME_WAIT for 60 s) is passed over while a port without entry is there; one whose client
+/// closed first is taken again at once. In a 16-port range every port is probed.
+#[test]
+fn a_port_the_backend_may_hold_in_time_wait_is_taken_after_unused_ones() {
+    let Some(lab) = nat_lab("snat_time_wait_last", 16, 0) else {
+        return;
+    };
+    let end = |sport: u16, port: u16, backend_first: bool| {
+        let (first, second) = if backend_first {
+            (
+                backend(port, TCP_FIN | TCP_ACK),
+                client(sport, TCP_FIN | TCP_ACK),
+            )
+        } else {
+            (
+                client(sport, TCP_FIN | TCP_ACK),
+                backend(port, TCP_FIN | TCP_ACK),
+            )
+        };
+        let (a, b) = if backend_first {
+            (lab.vb, lab.vc)
+        } else {
+            (lab.vc, lab.vb)
+        };
+        lab.expect(a, &first, XDP_REDIRECT, "the first FIN");
+        lab.expect(b, &second, XDP_REDIRECT, "the second FIN");
+    };
+    let a = open(&lab, 49_000, "flow A");
+    end(49_000, a, true);
+    let b = open(&lab, 49_001, "flow B");
+    assert_ne!(
+        b, a,
+        "flow B took the port b1 may hold in TIME_WAIT though others had no entry"
+    );
+    end(49_001, b, false);
+    assert_eq!(
+        open(&lab, 49_002, "flow C"),
+        b,
+        "flow C did not take the port freed without TIME_WAIT"
+    );
+}
+
 /// A backend that refuses a connection (an RST answering the SYN: its server is stopped)
 /// does not fail the client: the RST is dropped and counted, the flow keeps its port, and
 /// the client's resent SYN goes out again; once the backend answered, its RST is the
