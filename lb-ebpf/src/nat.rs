@@ -33,7 +33,7 @@ use crate::{
     maps::{NatScratch, LIMITS, LOCAL_ADDRS, NAT_REVERSE, NAT_SCRATCH},
     parse::{
         copy_addr, groups6, halves, ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, IPV4_CHECK_OFF,
-        TCP_CHECK_OFF, TCP_FIN, TCP_RST, UDP_CHECK_OFF,
+        TCP_CHECK_OFF, TCP_FIN, TCP_RST, TCP_SYN, UDP_CHECK_OFF,
     },
 };
 
@@ -210,9 +210,13 @@ pub fn snat_port(
         // evicted entry) and the ownership compares.
         if let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) {
             if owned_by(r, key) {
+                // Only a SYN reads the word here: the flow's other packets (UDP's included,
+                // whose ports never end) go straight to `track`.
                 // SAFETY: the aligned state word of a live map value (see `track`).
-                let ended = nat_flags(unsafe { state_of(r).read_volatile() }) & NAT_F_ENDED != 0;
-                if !(may_take && ended) {
+                let anew = may_take
+                    && tcp_flags & TCP_SYN != 0
+                    && nat_flags(unsafe { state_of(r).read_volatile() }) & NAT_F_ENDED != 0;
+                if !anew {
                     track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
                     return Ok(current);
                 }
@@ -278,12 +282,9 @@ pub fn snat_port(
         let port = (min + start.wrapping_add(offset) % span) as u16;
         i += 1;
         rkey.dst_port = port;
-        // A port without entry is remembered, not taken: taking free ports first keeps
-        // `NAT_REVERSE` within its size. Taking never-used ports first (as before) gave every
-        // port ever used an entry: past `NAT_REVERSE_SIZE` of them (the default range in
-        // front of five backends) each new flow made the LRU evict the entry least recently
-        // used, which after a while is a live flow's that idles: its port then looked unused
-        // and went to a new flow, and the old flow was reset.
+        // A port without entry is remembered, not taken: free ports go first, so that
+        // `NAT_REVERSE` holds the flows of the moment, not every port ever used (past its
+        // size the LRU would evict idle live flows' entries; see "SNAT ports").
         let Some(r) = NAT_REVERSE.get_ptr_mut(&*rkey) else {
             // SAFETY: a field of this CPU's scratch slot.
             unsafe {
