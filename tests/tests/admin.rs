@@ -36,7 +36,18 @@ fn status_shows_backends_and_the_cli_changes_them() {
         http_get(vip, "/").expect("the service answers");
     }
 
-    let status = admin::status(api);
+    // The requests can all be done within milliseconds of the start, before the first
+    // health check of alpha has completed; its result is what `last_check` shows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = admin::status(api);
+        let checked = admin::backend(&status, "web", a.addr())
+            .is_some_and(|alpha| !alpha["last_check"].is_null());
+        if checked || std::time::Instant::now() >= deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(status["dataplane"], "proxy", "status: {status}");
     let alpha = admin::backend(&status, "web", a.addr())
         .unwrap_or_else(|| panic!("status does not list backend alpha: {status}"));
