@@ -178,6 +178,10 @@ pub struct HealthState {
     down_reason: Option<String>,
     /// Active checks that could not run for want of local resources ([`CheckError::Local`]).
     unknown_checks: u64,
+    /// The [`monitor`] whose results this state takes (0: none yet). A reload replaces a
+    /// backend's state and its checker; a replaced checker that is past its last await when
+    /// it is aborted finds another id here and records nothing.
+    checker: u64,
 }
 
 impl HealthState {
@@ -198,7 +202,14 @@ impl HealthState {
             last_failure: None,
             down_reason: None,
             unknown_checks: 0,
+            checker: 0,
         }
+    }
+
+    /// Makes checker `id` (a [`monitor`]'s, unique per backend; a new state is watched by 0)
+    /// the one whose results this state takes from now on; an earlier one's are ignored.
+    pub fn watched_by(&mut self, id: u64) {
+        self.checker = id;
     }
 
     /// The same state for a backend with no active checks: passive failures take it Down
@@ -421,13 +432,16 @@ pub async fn check(
 ///
 /// One check per `check.interval`, the first one right away; a check that overruns the
 /// interval delays the next one instead of bunching them up (tokio's
-/// `MissedTickBehavior::Delay`). Each result goes into `state`; when it causes a transition,
-/// `on_transition` is called with it after the lock is released. With [`CheckKind::None`] it
-/// returns at once and never touches `state`.
+/// `MissedTickBehavior::Delay`). Each result goes into `state` while `state` is watched by
+/// `checker` ([`HealthState::watched_by`]); when it causes a transition, `on_transition` is
+/// called with it after the lock is released. Once another checker watches `state` it
+/// returns, recording nothing more. With [`CheckKind::None`] it returns at once and never
+/// touches `state`.
 pub async fn monitor(
     target: SocketAddr,
     check: HealthCheck,
     state: Arc<Mutex<HealthState>>,
+    checker: u64,
     on_transition: Arc<dyn Fn(&Transition) + Send + Sync>,
 ) {
     if check.kind == CheckKind::None {
@@ -465,6 +479,10 @@ pub async fn monitor(
             // A panic elsewhere while holding the lock leaves counters that are still
             // meaningful, so keep checking rather than stop monitoring the backend.
             let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            if state.checker != checker {
+                // Replaced (a reload) while this check ran: its result is of the old check.
+                return;
+            }
             state.record_check(result, Instant::now())
         };
         if let Some(transition) = transition {
@@ -889,7 +907,7 @@ mod tests {
             fall: 3,
             passive_timeout: Duration::from_secs(10),
         };
-        let monitor = tokio::spawn(monitor(addr, check, state.clone(), on_transition));
+        let monitor = tokio::spawn(monitor(addr, check, state.clone(), 0, on_transition));
 
         // Wait (bounded) until a check has passed against the open listener.
         let mut passed = false;
@@ -946,6 +964,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replaced_checker_records_nothing_and_returns() {
+        let mut fresh = HealthState::new(2, 1, Instant::now());
+        fresh.watched_by(2);
+        let state = Arc::new(Mutex::new(fresh));
+        let check = HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: Duration::from_millis(10),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 1,
+            passive_timeout: Duration::from_secs(10),
+        };
+        // Nothing listens on port 9 of loopback: a recorded check would take it DOWN.
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            monitor(addr, check, state.clone(), 1, Arc::new(|_: &Transition| {})),
+        )
+        .await
+        .expect("checker 1 went on checking a state checker 2 watches");
+        let state = state.lock().expect("lock");
+        assert!(state.last_check().is_none());
+        assert_eq!(state.health(), Health::Up);
+    }
+
+    #[tokio::test]
     async fn monitor_with_no_checks_returns_at_once() {
         let state = Arc::new(Mutex::new(HealthState::new(2, 3, Instant::now())));
         let check = HealthCheck {
@@ -959,7 +1003,7 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
         tokio::time::timeout(
             Duration::from_secs(5),
-            monitor(addr, check, state.clone(), Arc::new(|_: &Transition| {})),
+            monitor(addr, check, state.clone(), 0, Arc::new(|_: &Transition| {})),
         )
         .await
         .expect("monitor with kind none should return at once");

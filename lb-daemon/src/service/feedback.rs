@@ -113,7 +113,7 @@ impl ServiceRuntime {
         };
         let t = lock(&b.health).record_passive_failure(error, Instant::now());
         if let Some(t) = t {
-            self.transitioned(backend, &t);
+            self.transitioned(backend, &b.health, &t);
         }
     }
 

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::task::AbortHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::backends::{new_health, BackendRuntime, BackendSet, BackendSource};
 use super::{lock, round_ms};
 use crate::config::SchedulerKind;
 use crate::config::{default_max_flows, open_file_limit, CheckKind, Service};
 use crate::discovery;
-use crate::health::{self, Health, Transition};
+use crate::health::{self, Health, HealthState, Transition};
 use crate::scheduler::{self, Candidate, SchedulerError, Turn};
 use crate::snapshot::{ServiceSnapshot, SharedSnapshot};
 
@@ -51,6 +51,8 @@ pub(super) struct State {
     pub(super) backends: BackendSet,
     /// The active health check of each backend (none with `kind = "none"`).
     checkers: HashMap<SocketAddr, AbortHandle>,
+    /// The id of the last checker started ([`HealthState::watched_by`]).
+    next_checker: u64,
     /// Discovery tasks, one per DNS name of the config.
     resolvers: Vec<AbortHandle>,
     /// The periodic task that steps slow starts and forgets drained removed backends.
@@ -80,6 +82,7 @@ impl ServiceRuntime {
                 config,
                 backends,
                 checkers: HashMap::new(),
+                next_checker: 0,
                 resolvers: Vec::new(),
                 ticker: None,
                 runtime: None,
@@ -247,14 +250,29 @@ impl ServiceRuntime {
         );
     }
 
-    /// Applies a health transition of `backend`: a backend that came up starts its slow
-    /// start; the snapshot is republished, then the transition logged.
-    pub(super) fn transitioned(&self, backend: SocketAddr, t: &Transition) {
+    /// Applies a health transition that `health` recorded for `backend`: a backend that
+    /// came up starts its slow start; the snapshot is republished, then the transition
+    /// logged. Does nothing when `health` is no longer the backend's state: the backend was
+    /// forgotten (and perhaps added again, with a state of its own) while the transition
+    /// waited for the lock.
+    pub(super) fn transitioned(
+        &self,
+        backend: SocketAddr,
+        health: &Arc<Mutex<HealthState>>,
+        t: &Transition,
+    ) {
         let mut st = lock(&self.state);
+        let Some(b) = (st.backends.get_mut(backend)).filter(|b| Arc::ptr_eq(&b.rt.health, health))
+        else {
+            debug!(
+                "service {}: backend {backend}'s transition {t} came after it was forgotten; \
+                 ignored",
+                self.name
+            );
+            return;
+        };
         if t.to == Health::Up {
-            if let Some(b) = st.backends.get_mut(backend) {
-                b.weight.start_ramp(Instant::now());
-            }
+            b.weight.start_ramp(Instant::now());
         }
         // Publish before logging: once the line is out, every new flow is placed by a table
         // that reflects it. Flows placed by an older generation may still be connecting.
@@ -335,23 +353,29 @@ impl ServiceRuntime {
         if let Some(old) = st.checkers.remove(&address) {
             old.abort();
         }
-        if st.config.health.kind == CheckKind::None {
-            return;
-        }
         let Some(b) = st.backends.get(address) else {
             return;
         };
+        // An aborted checker past its last await would still record one result.
+        st.next_checker += 1;
+        let checker = st.next_checker;
+        lock(&b.rt.health).watched_by(checker);
+        if st.config.health.kind == CheckKind::None {
+            return;
+        }
         let weak = self.this.clone();
+        let health = Arc::clone(&b.rt.health);
         let on_transition: Arc<dyn Fn(&Transition) + Send + Sync> =
             Arc::new(move |t: &Transition| {
                 if let Some(s) = weak.upgrade() {
-                    s.transitioned(address, t);
+                    s.transitioned(address, &health, t);
                 }
             });
         let task = rt.spawn(health::monitor(
             address,
             st.config.health.clone(),
             Arc::clone(&b.rt.health),
+            checker,
             on_transition,
         ));
         st.checkers.insert(address, task.abort_handle());
@@ -863,6 +887,48 @@ kind = "none"
             state_of(&rt, "10.0.0.6:9100"),
             None,
             "a late answer for a dropped name added a backend"
+        );
+    }
+
+    #[test]
+    fn a_transition_of_a_forgotten_backends_state_leaves_the_one_added_again_alone() {
+        let ramp = Duration::from_secs(60);
+        let config = |statics: &[&str]| {
+            let mut c = scheduled("round_robin", None, statics, &[]);
+            c.slow_start = Some(ramp);
+            for b in &mut c.backends {
+                b.weight = 100;
+            }
+            c
+        };
+        let a = addr("127.0.0.1:9001");
+        let rt =
+            ServiceRuntime::new(0, config(&["127.0.0.1:9001", "127.0.0.1:9002"])).expect("builds");
+        let forgotten = Arc::clone(&lock(&rt.state).backends.get(a).expect("listed").rt.health);
+        rt.update(config(&["127.0.0.1:9002"]));
+        rt.tick();
+        assert_eq!(state_of(&rt, "127.0.0.1:9001"), None, "not forgotten");
+        rt.update(config(&["127.0.0.1:9001", "127.0.0.1:9002"]));
+        {
+            let mut st = lock(&rt.state);
+            let b = st.backends.get_mut(a).expect("added again");
+            b.weight.finish_ramp(Some(ramp), Instant::now() + ramp);
+        }
+        // The forgotten entry's checker, aborted past its last await, was waiting for the
+        // lock with this.
+        let up = Transition {
+            from: Health::Down,
+            to: Health::Up,
+            reason: "2 consecutive successful checks".into(),
+            held_for: Duration::from_secs(3),
+        };
+        rt.transitioned(a, &forgotten, &up);
+        let st = lock(&rt.state);
+        let b = st.backends.get(a).expect("still listed");
+        assert_eq!(
+            b.weight.effective(Some(ramp), Instant::now()),
+            100,
+            "the forgotten entry's transition started a slow start on its successor"
         );
     }
 
