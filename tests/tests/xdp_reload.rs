@@ -1,7 +1,8 @@
 //! Reloads and DNS discovery on the XDP data plane, end to end (`nat`, see `lb_tests::xdp`):
 //! backends added, removed and reweighted under load with nothing dropped and the program
 //! never detached; DNS records followed into the maps; services added on XDP and drained
-//! out of it by a reload.
+//! out of it by a reload; two VIPs on one port, each keeping its service as the other
+//! leaves and comes back.
 //!
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
@@ -527,6 +528,87 @@ fn a_service_added_by_reload_runs_on_xdp_and_a_removed_one_drains() {
         prog,
         "the XDP program on l0 changed"
     );
+}
+
+/// A second VIP of the balancer, which the client routes to it like the first.
+const VIP2: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 100, 2);
+
+/// `web` on the VIP with backend 1 (when `first`), and `web2` on [`VIP2`] at the same port
+/// with backend 2 (when `second`), both on tc.
+fn two_vips(t: &Topology, first: bool, second: bool) -> String {
+    let mut c = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "2s");
+    if first {
+        c = c.service(service(t, MODE, "web", &[(1, 1)]));
+    }
+    if second {
+        c = c.service(
+            service(t, MODE, "web", &[(2, 1)])
+                .set("name", "web2")
+                .set("listen", SocketAddr::new(IpAddr::V4(VIP2), WEB).to_string()),
+        );
+    }
+    c.to_toml()
+}
+
+#[test]
+fn two_vips_on_one_port_keep_their_backends_as_either_comes_and_goes() {
+    if !require_root("xdp_reload::two_vips_on_one_port") {
+        return;
+    }
+    let world = start_at(Plane::Tc, 2, &[1, 2], |t| two_vips(t, true, true));
+    let t = &world.topology;
+    t.client
+        .ip(&[
+            "route",
+            "add",
+            &format!("{VIP2}/32"),
+            "via",
+            &lb_tests::xdp::BALANCER.to_string(),
+        ])
+        .expect("client route to the second VIP");
+    let vip2 = SocketAddr::new(IpAddr::V4(VIP2), WEB);
+    // Who answers 20 new connections to `vip`, each of which must succeed.
+    let answers = |vip: SocketAddr, when: &str| -> BTreeSet<String> {
+        world.client(|| {
+            (0..20)
+                .map(|k| {
+                    http_get(vip, "/")
+                        .unwrap_or_else(|e| panic!("request {k} to {vip} failed ({when}): {e}"))
+                })
+                .collect()
+        })
+    };
+    let refused = |vip: SocketAddr| {
+        world.client(|| std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(1)).is_err())
+    };
+    let only = |name: &str| BTreeSet::from([name.to_string()]);
+    assert_eq!(answers(web_vip(), "both running"), only("b1"));
+    assert_eq!(answers(vip2, "both running"), only("b2"));
+
+    // `web` leaves: its VIP takes no new connection, and `web2` on the same port goes on,
+    // while `web` drains and once it is gone.
+    let mark = reload(&world, &two_vips(t, false, true), false, "remove web");
+    assert_eq!(answers(vip2, "web draining"), only("b2"));
+    world
+        .daemon
+        .wait_for_log_after(mark, "service web: drained", FOLLOW)
+        .unwrap_or_else(|e| panic!("the removed service never left the maps: {e}"));
+    assert!(refused(web_vip()), "the removed service took a connection");
+    assert_eq!(answers(vip2, "web gone"), only("b2"));
+
+    // `web` comes back beside `web2`, then `web2` leaves and `web` goes on.
+    reload(&world, &two_vips(t, true, true), true, "add web again");
+    assert_eq!(answers(web_vip(), "web back"), only("b1"));
+    assert_eq!(answers(vip2, "web back"), only("b2"));
+    let mark = reload(&world, &two_vips(t, true, false), true, "remove web2");
+    world
+        .daemon
+        .wait_for_log_after(mark, "service web2: drained", FOLLOW)
+        .unwrap_or_else(|e| panic!("the removed service never left the maps: {e}"));
+    assert!(refused(vip2), "the removed service took a connection");
+    assert_eq!(answers(web_vip(), "web2 gone"), only("b1"));
 }
 
 const NAME: &str = "app.lb-test";
