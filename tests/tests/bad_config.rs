@@ -472,6 +472,21 @@ address = "127.0.0.1:19001"
         field: Some("admin.listen"),
     },
     Case {
+        what: "an admin socket group without a socket",
+        toml: r#"
+[admin]
+listen = "127.0.0.1:9100"
+group = "root"   # <-
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("admin.group"),
+    },
+    Case {
         what: "no service at all",
         toml: r#"[global]   # <-
 workers = 1

@@ -162,15 +162,24 @@ pub struct Served {
     pub socket: Option<std::os::fd::OwnedFd>,
 }
 
-/// The unix socket at `path`, mode 0660, group `gid` when given; replaces a stale file.
+/// The unix socket at `path`, mode 0660, group `gid` when given; replaces a stale socket.
+///
+/// Returns `Err(ApiError::Socket)` when `path` cannot be bound, or names something other than
+/// a socket (a mistyped path to a file is not deleted).
 fn bind_socket(path: &FsPath, gid: Option<u32>) -> Result<tokio::net::UnixListener, ApiError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let socket_err = |source| ApiError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(socket_err)?,
+        Ok(_) => {
+            return Err(socket_err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket: not replaced",
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(socket_err(e)),
     }
@@ -328,4 +337,27 @@ fn admin_call(
 
 fn error(code: StatusCode, message: String) -> Response {
     (code, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_path_replaces_a_stale_socket_and_never_a_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stale = dir.path().join("admin.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        assert!(stale.exists(), "a closed listener leaves its socket file");
+        bind_socket(&stale, None).expect("a stale socket is replaced");
+
+        let file = dir.path().join("lb.toml");
+        std::fs::write(&file, "keep me").expect("write");
+        let refused = bind_socket(&file, None).map(drop);
+        assert!(
+            matches!(refused, Err(ApiError::Socket { .. })),
+            "a regular file at the socket path was taken: {refused:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+    }
 }

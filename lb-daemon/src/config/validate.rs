@@ -278,9 +278,9 @@ impl Validator<'_> {
         }
         let group = match raw.group {
             None => None,
-            Some(_) if socket.is_none() => {
+            Some(g) if socket.is_none() => {
                 return Err(self.invalid(
-                    listen_span,
+                    g.span(),
                     "admin.group".into(),
                     "is the unix socket's group, and there is no `socket`".into(),
                 ))
