@@ -223,13 +223,20 @@ fn fixed_field_changed(old: &Service, new: &Service) -> Option<&'static str> {
 }
 
 /// Reads the config file again and applies it. Returns a one-line summary of what changed,
-/// or why the file was refused (the running config then stays). Logs either way.
+/// or why the file was refused (the running config then stays). Logs and counts it either
+/// way, also when this future is dropped (an HTTP client that hung up): the reload runs on a
+/// task of its own, waiting for the one before it.
 pub async fn reload(control: &Arc<Control>) -> Result<String, ReloadError> {
+    tokio::spawn(reload_now(Arc::clone(control)))
+        .await
+        .unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())))
+}
+
+async fn reload_now(control: Arc<Control>) -> Result<String, ReloadError> {
     let one_at_a_time = control.reload_guard().await;
     // Starting and stopping proxy services blocks until the workers confirm. The guard goes
-    // with the work: if this future is dropped (its HTTP client hung up), the work goes on and
-    // the next reload still waits for it.
-    let c = Arc::clone(control);
+    // with the work.
+    let c = Arc::clone(&control);
     let outcome = tokio::task::spawn_blocking(move || {
         // A pool thread started before the daemon lowered its privileges.
         crate::privileges::follow();

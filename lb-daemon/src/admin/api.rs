@@ -245,14 +245,14 @@ async fn drain(
     State(control): State<Arc<Control>>,
     Path((service, backend)): Path<(String, String)>,
 ) -> Response {
-    admin_call(&control, &service, &backend, |s, b| s.drain(b))
+    admin_call(control, service, backend, |s, b| s.drain(b)).await
 }
 
 async fn enable(
     State(control): State<Arc<Control>>,
     Path((service, backend)): Path<(String, String)>,
 ) -> Response {
-    admin_call(&control, &service, &backend, |s, b| s.enable(b))
+    admin_call(control, service, backend, |s, b| s.enable(b)).await
 }
 
 async fn drain_node(State(control): State<Arc<Control>>) -> Response {
@@ -301,27 +301,40 @@ async fn weight(
         Ok(w) => w,
         Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
-    admin_call(&control, &service, &backend, |s, b| s.set_weight(b, weight))
+    admin_call(control, service, backend, move |s, b| {
+        s.set_weight(b, weight)
+    })
+    .await
 }
 
-fn admin_call(
-    control: &Control,
-    service: &str,
-    backend: &str,
-    call: impl FnOnce(&crate::service::ServiceRuntime, SocketAddr) -> Result<(), AdminError>,
+/// Runs `call` on backend `backend` of service `service` and answers with the service's
+/// status. Off the runtime ([`off_runtime`]): the call rebuilds the service's scheduler, a
+/// Maglev table of up to `table_size` slots.
+async fn admin_call(
+    control: Arc<Control>,
+    service: String,
+    backend: String,
+    call: impl FnOnce(&crate::service::ServiceRuntime, SocketAddr) -> Result<(), AdminError>
+        + Send
+        + 'static,
 ) -> Response {
-    let result = (|| {
+    let result = off_runtime(control, move |control| {
         let s = control
             .services()
-            .by_name(service)
-            .ok_or_else(|| AdminError::NoService(service.to_string()))?;
+            .by_name(&service)
+            .ok_or_else(|| AdminError::NoService(service.clone()))?;
         let addr: SocketAddr = backend.parse().map_err(|_| AdminError::NoBackend {
-            service: service.to_string(),
-            backend: backend.to_string(),
+            service: service.clone(),
+            backend: backend.clone(),
         })?;
         call(&s, addr)?;
         Ok::<_, AdminError>(s.status())
-    })();
+    })
+    .await;
+    let result = match result {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
     match result {
         Ok(status) => Json(status).into_response(),
         Err(e) => {
