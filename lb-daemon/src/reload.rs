@@ -262,7 +262,11 @@ async fn reload_now(control: Arc<Control>) -> Result<String, ReloadError> {
 /// Applies `new` to the running daemon as a diff against the config in force: services
 /// added, removed, moved and updated as the module docs say. Start-up is this call from an
 /// empty config. Returns a one-line summary of what changed; on `Err` the running config and
-/// services stay as they were (services started on the way are stopped again). Blocks while
+/// services stay as they were (services started on the way are stopped again). One case
+/// touches a running service: a proxy service that must let go of its address for an added
+/// one (a rename, a move in) is stopped before that one starts, and if that one then fails,
+/// it is started again as a new service (its open connections drain); every other added
+/// service starts before it is stopped. Blocks while
 /// data planes take services: call it from a blocking context inside the tokio runtime (it
 /// spawns the services' health checks).
 pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadError> {
@@ -281,14 +285,30 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
 
     // A removed proxy service whose address an added one takes must let go of it first.
     let (early, late) = early_removals(plan.remove, &plan.add, |i| control.on_xdp(i));
+    // The added services no early removal makes room for start first: when one cannot (its
+    // address is taken, its plane refuses it), nothing running was touched yet.
+    let (after_early, first): (Vec<&Service>, Vec<&Service>) = plan.add.iter().partition(|a| {
+        early.iter().any(|r| {
+            let c = r.config();
+            a.listen == c.listen && a.protocol == c.protocol
+        })
+    });
+    let mut started: Vec<Arc<ServiceRuntime>> = Vec::new();
+    for s in first {
+        match start_service(control, &new.global, s) {
+            Ok(runtime) => started.push(runtime),
+            Err(why) => {
+                undo_starts(control, &new.global, &services, &started, &[]);
+                return Err(why);
+            }
+        }
+    }
     for r in &early {
         stop_service(control, r, drain_timeout, false);
     }
-
-    // Start the new services; if one cannot (its address is taken), undo the others and
-    // refuse the reload.
-    let mut started: Vec<Arc<ServiceRuntime>> = Vec::new();
-    for s in &plan.add {
+    // If one of these cannot start, the early ones are started again, as new services:
+    // their open connections drain.
+    for s in after_early {
         match start_service(control, &new.global, s) {
             Ok(runtime) => started.push(runtime),
             Err(why) => {

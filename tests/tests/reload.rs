@@ -401,3 +401,75 @@ fn a_removed_service_is_shown_draining_until_its_last_connection_ends() {
         &|st| active_of(st, "removed_services").is_none(),
     );
 }
+
+#[test]
+fn a_refused_reload_that_renames_a_service_leaves_it_running_with_its_connections() {
+    let s = HashServer::start("s1").expect("backend starts");
+    let (bulk_vip, extra_vip) = (free_addr(), free_addr());
+    let drain = Duration::from_secs(2);
+    let bulk = |name: &str| {
+        ServiceConfig::tcp(name, bulk_vip)
+            .health("kind", "none")
+            .backend(s.addr(), 1)
+    };
+    let daemon = Daemon::start(
+        &DaemonConfig::new()
+            .global("drain_timeout", "2s")
+            .service(bulk("bulk"))
+            .to_toml(),
+    );
+    let api = daemon.admin_addr();
+    let mut upload = Upload::start(bulk_vip, 11).expect("upload connects");
+    upload.send(PIECE).expect("first piece");
+
+    // `bulk` renamed at its address (it must let go of the address first), and a new
+    // service on an address another socket holds: the reload is refused.
+    let _taken = std::net::TcpListener::bind(extra_vip).expect("hold the extra address");
+    daemon.rewrite_config(
+        &DaemonConfig::new()
+            .global("drain_timeout", "2s")
+            .service(bulk("renamed"))
+            .service(
+                ServiceConfig::tcp("extra", extra_vip)
+                    .health("kind", "none")
+                    .backend(s.addr(), 1),
+            )
+            .to_toml(),
+    );
+    let out = cli(&api.to_string(), &["reload"]);
+    assert_eq!(out.code, Some(1), "the reload should be refused: {out:?}");
+
+    let st = admin::status(api);
+    let names: Vec<&str> = st["services"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        names,
+        vec!["bulk"],
+        "the refused reload changed the services: {st}"
+    );
+    assert!(
+        st["removed_services"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "the refused reload left a service draining: {st}"
+    );
+    // Past the drain timeout a removed service's connections are cut; this one's must not be.
+    std::thread::sleep(drain + Duration::from_secs(1));
+    upload
+        .send(PIECE)
+        .expect("the upload was cut after the refused reload");
+    let got = upload.finish().expect("the upload finishes");
+    assert_eq!(
+        got,
+        Receipt::of_stream(2 * PIECE, 11),
+        "the upload arrived damaged"
+    );
+    let mut again = Upload::start(bulk_vip, 12).expect("a new connection after the refusal");
+    again.send(PIECE).expect("send");
+    assert_eq!(
+        again.finish().expect("finish"),
+        Receipt::of_stream(PIECE, 12)
+    );
+}
