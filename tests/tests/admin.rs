@@ -389,3 +389,53 @@ fn idle_connections_are_capped_and_timed_out() {
     );
     assert_eq!(admin::status(api)["services"][0]["name"], "web");
 }
+
+#[test]
+fn slow_bodies_and_unread_answers_give_their_slots_back() {
+    use std::io::Write;
+    let (daemon, _a, _vip) = one_service_daemon(&[]);
+    let api = daemon.admin_addr();
+    // 32 connections send a body's first byte and no more; 32 pipeline status requests and
+    // never read the answers (a small receive buffer fills at once). Together they take
+    // all 64 of the API's slots.
+    let slow: Vec<std::net::TcpStream> = (0..32)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect_timeout(&api, Duration::from_secs(5))
+                .expect("connect to the admin API");
+            s.write_all(
+                b"POST /services/web/backends/x/weight HTTP/1.1\r\nHost: localhost\r\n\
+                  Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+            )
+            .expect("send a header and one byte");
+            s
+        })
+        .collect();
+    let unread: Vec<socket2::Socket> = (0..32)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_recv_buffer_size(4096).expect("small receive buffer");
+            s.connect_timeout(&api.into(), Duration::from_secs(5))
+                .expect("connect to the admin API");
+            s.set_write_timeout(Some(Duration::from_millis(200)))
+                .expect("write timeout");
+            let one = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n";
+            let mut w = &s;
+            for _ in 0..2000 {
+                if w.write_all(one).is_err() {
+                    break; // the daemon no longer reads: its answers are not taken
+                }
+            }
+            s
+        })
+        .collect();
+    // The header timeout (10 s) is past, and the body and write stall limits (10 s each).
+    std::thread::sleep(Duration::from_secs(13));
+    let out = cli(&api.to_string(), &["status"]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "slow clients still held the admin API after its time limits: {out:?}"
+    );
+    drop((slow, unread));
+}

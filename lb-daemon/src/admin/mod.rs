@@ -8,4 +8,5 @@ pub mod client;
 pub mod guard;
 pub mod metrics;
 pub mod serve;
+pub mod stall;
 pub mod status;

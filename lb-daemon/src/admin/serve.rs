@@ -1,7 +1,9 @@
 //! The admin API's accept loops: at most [`MAX_CONNECTIONS`] connections at a time (one over
-//! it is closed at once), and a request's header must arrive within [`HEADER_TIMEOUT`], so a
-//! client that opens connections and sends nothing cannot hold the API, or the daemon's
-//! descriptors.
+//! it is closed at once). A request's header must arrive within [`HEADER_TIMEOUT`], its body
+//! within [`BODY_TIMEOUT`](stall::BODY_TIMEOUT), and a response the client takes nothing of
+//! for [`WRITE_STALL`] ends the connection ([`super::stall`]), so a client that opens
+//! connections and then sends or reads nothing (or next to nothing) cannot hold the API, or
+//! the daemon's descriptors.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +15,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use super::stall::{self, WriteStall, WRITE_STALL};
+
 /// Admin connections served at once; more are closed as they come.
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send a request's header (and, between requests on a
@@ -23,6 +27,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serves `app` on `listener` until the task is aborted; `label` names it in the log.
 pub async fn tcp(listener: tokio::net::TcpListener, app: Router, label: String) {
+    let app = app.layer(axum::middleware::from_fn(stall::whole_body));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
@@ -34,6 +39,7 @@ pub async fn tcp(listener: tokio::net::TcpListener, app: Router, label: String) 
 
 /// Serves `app` on the unix socket `listener` until the task is aborted.
 pub async fn unix(listener: tokio::net::UnixListener, app: Router, label: String) {
+    let app = app.layer(axum::middleware::from_fn(stall::whole_body));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
@@ -70,7 +76,10 @@ where
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+        .serve_connection(
+            TokioIo::new(WriteStall::new(io, WRITE_STALL)),
+            TowerToHyperService::new(app),
+        )
         .await;
     if let Err(e) = served {
         debug!("admin API connection ended: {e}");
