@@ -137,9 +137,9 @@ impl fmt::Display for Transition {
 ///   ([`record_passive_failure`](Self::record_passive_failure)), counted together.
 /// - While Down, `rise` consecutive successful active checks bring it Up. Only active checks
 ///   bring a backend Up: a Down backend gets no traffic, so passive events are ignored.
-/// - A success resets the failure streak and a failure resets the success streak. A successful
-///   proxy connect ([`record_passive_success`](Self::record_passive_success)) resets the
-///   failure streak of an Up backend.
+/// - A successful check resets the failure streak and a failure resets the success streak. A
+///   successful proxy connect ([`record_passive_success`](Self::record_passive_success))
+///   takes an Up backend's failed connects out of its failure streak, not its failed checks.
 ///
 /// A backend without active checks ([`passive_only`](Self::passive_only), for `kind =
 /// "none"`) follows nginx's `max_fails`/`fail_timeout` instead, since nothing would ever bring
@@ -163,6 +163,8 @@ pub struct HealthState {
     successes: u32,
     /// Consecutive failures, active or passive; only counts towards `fall` while Up.
     failures: u32,
+    /// The failed active checks among `failures`: a successful connect forgives the others.
+    failed_checks: u32,
     /// The latest active check's result.
     last_check: Option<Result<(), CheckError>>,
     /// Without active checks: how long passive failures keep the backend Down. `None` with
@@ -195,6 +197,7 @@ impl HealthState {
             since: now,
             successes: 0,
             failures: 0,
+            failed_checks: 0,
             last_check: None,
             hold_off: None,
             retry_at: None,
@@ -237,6 +240,7 @@ impl HealthState {
         let transition = match &result {
             Ok(()) => {
                 self.failures = 0;
+                self.failed_checks = 0;
                 self.successes = self.successes.saturating_add(1);
                 if self.health == Health::Down && self.successes >= self.rise {
                     let reason = if self.successes == 1 {
@@ -253,7 +257,10 @@ impl HealthState {
                 self.unknown_checks = self.unknown_checks.saturating_add(1);
                 None
             }
-            Err(error) => self.failure(&error.to_string(), now),
+            Err(error) => {
+                self.failed_checks = self.failed_checks.saturating_add(1);
+                self.failure(&error.to_string(), now)
+            }
         };
         self.last_check = Some(result);
         transition
@@ -274,12 +281,13 @@ impl HealthState {
         }
     }
 
-    /// Records a successful proxy connect: while Up it resets the failure streak and ends a
-    /// trial. It never brings a Down backend Up; only active checks or the end of a hold-off
-    /// do.
+    /// Records a successful proxy connect: while Up it takes the failed connects out of the
+    /// failure streak (failed active checks stay in it: a backend that takes connections
+    /// but fails its checks still goes Down) and ends a trial. It never brings a Down
+    /// backend Up; only active checks or the end of a hold-off do.
     pub fn record_passive_success(&mut self) {
         if self.health == Health::Up {
-            self.failures = 0;
+            self.failures = self.failed_checks;
             self.on_trial = false;
         }
     }
@@ -388,6 +396,7 @@ impl HealthState {
         self.since = now;
         self.successes = 0;
         self.failures = 0;
+        self.failed_checks = 0;
         self.on_trial = false;
         match to {
             Health::Down => {
@@ -601,6 +610,33 @@ mod tests {
                 .is_none(),
             "the failure before going DOWN must not count again after coming back UP"
         );
+        assert_eq!(s.health(), Health::Up);
+    }
+
+    #[test]
+    fn successful_connects_do_not_forgive_failed_checks() {
+        let t0 = Instant::now();
+        let mut s = HealthState::new(2, 3, t0);
+        // A degraded backend: its checks fail, one connect per interval fails, the next works.
+        let mut down = None;
+        for k in 0..10 {
+            let t = at(t0, 3 * k);
+            down = down.or(s.record_check(Err(CheckError::Timeout(Duration::from_secs(1))), t));
+            down = down.or(s.record_passive_failure("refused", at(t, 1)));
+            s.record_passive_success();
+        }
+        let down = down.expect("a backend failing every check never went DOWN");
+        assert_eq!(down.to, Health::Down);
+
+        // Failed connects alone are forgiven by a successful one.
+        let mut s = HealthState::new(2, 3, t0);
+        for k in 0..10 {
+            assert!(s.record_passive_failure("refused", at(t0, 2 * k)).is_none());
+            assert!(s
+                .record_passive_failure("refused", at(t0, 2 * k + 1))
+                .is_none());
+            s.record_passive_success();
+        }
         assert_eq!(s.health(), Health::Up);
     }
 

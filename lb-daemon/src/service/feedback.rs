@@ -117,8 +117,9 @@ impl ServiceRuntime {
         }
     }
 
-    /// Records a successful connect to `backend` after a passive failure: the failure streak
-    /// starts again, and a backend on trial after a hold-off is trusted again. Only active
+    /// Records a successful connect to `backend` after a passive failure: the failed connects
+    /// leave the failure streak (its failed checks stay), and a backend on trial after a
+    /// hold-off is trusted again. Only active
     /// checks, or the end of a hold-off without them, bring a down backend back up.
     pub fn passive_success(&self, backend: SocketAddr) {
         if let Some(b) = self.by_address.load().get(&backend) {
