@@ -110,18 +110,19 @@ impl BackendEntry {
     }
 
     /// Records whether `source` asks for this backend now (`Some(weight)`) or not (`None`).
-    /// A backend that was leaving and is asked for again returns to service (with slow
-    /// start from `now`). Returns whether anything changed.
+    /// A backend that was leaving and is asked for again, or whose weight goes from 0 to a
+    /// positive one, returns to service (with slow start from `now`). Returns whether
+    /// anything changed.
     fn set_source(&mut self, source: &BackendSource, weight: Option<u32>, now: Instant) -> bool {
-        let was_removing = self.removing();
+        let was_out = self.effective_weight(None, now) == 0;
         let changed = match weight {
             Some(w) => self.sources.insert(source.clone(), w) != Some(w),
             None => self.sources.remove(source).is_some(),
         };
-        if was_removing && !self.removing() {
+        self.follow_sources();
+        if was_out && self.effective_weight(None, now) > 0 {
             self.weight.start_ramp(now);
         }
-        self.follow_sources();
         changed
     }
 
@@ -414,6 +415,33 @@ mod tests {
             set.forget_idle(),
             vec![addr("10.0.0.1:80")],
             "a leaving backend with no connection is forgotten"
+        );
+    }
+
+    #[test]
+    fn a_weight_from_0_to_more_returns_the_backend_with_slow_start() {
+        let t0 = Instant::now();
+        let ramp = Some(Duration::from_secs(10));
+        let b = addr("10.0.0.1:80");
+        let mut set = set_of(&["10.0.0.1:80"], t0);
+        set.reconcile(&BackendSource::Static, &[(b, 0)], t0);
+        let t1 = t0 + Duration::from_secs(60);
+        set.reconcile(&BackendSource::Static, &[(b, 100)], t1);
+        let got = set.get(b).expect("listed").effective_weight(ramp, t1);
+        assert_eq!(
+            got, 1,
+            "a backend the config brings back from weight 0 must slow-start"
+        );
+        set.reconcile(
+            &BackendSource::Static,
+            &[(b, 50)],
+            t1 + Duration::from_secs(60),
+        );
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!(
+            set.get(b).expect("listed").effective_weight(ramp, t2),
+            50,
+            "a weight change of a serving backend is no return to service"
         );
     }
 

@@ -133,9 +133,11 @@ impl ServiceRuntime {
         self.restart_ticker(&mut st);
     }
 
-    /// Stops every task [`ServiceRuntime::start`] started.
+    /// Stops every task [`ServiceRuntime::start`] started; none starts again (a resolver
+    /// past its last await may still hand in an answer).
     pub fn stop(&self) {
         let mut st = lock(&self.state);
+        st.runtime = None;
         for (_, c) in st.checkers.drain() {
             c.abort();
         }
@@ -190,14 +192,15 @@ impl ServiceRuntime {
     fn restart_health(&self, st: &mut State, now: Instant) {
         let health = &st.config.health;
         for b in st.backends.iter() {
-            let down = lock(&b.rt.health).health() == Health::Down;
+            // Read and replaced under one lock: a failed connect in between would be lost.
+            let mut state = lock(&b.rt.health);
             let mut fresh = new_health(health, now);
-            if down {
+            if state.health() == Health::Down {
                 for _ in 0..health.fall {
                     fresh.record_passive_failure("down before the reload", now);
                 }
             }
-            *lock(&b.rt.health) = fresh;
+            *state = fresh;
         }
         let addresses: Vec<SocketAddr> = st.backends.iter().map(|b| b.address()).collect();
         for address in addresses {
@@ -929,6 +932,21 @@ kind = "none"
             b.weight.effective(Some(ramp), Instant::now()),
             100,
             "the forgotten entry's transition started a slow start on its successor"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_after_stop_starts_no_check() {
+        let mut c = with_backends(&["127.0.0.1:9001"], &["one.test:9100"]);
+        c.health.kind = CheckKind::Tcp;
+        let rt = ServiceRuntime::new(0, c).expect("builds");
+        rt.start();
+        rt.stop();
+        // A resolver past its last await when stopped hands in its answer.
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        assert!(
+            lock(&rt.state).checkers.is_empty(),
+            "a stopped service started a health check nothing will stop"
         );
     }
 
