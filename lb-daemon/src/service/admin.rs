@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::backends::BackendEntry;
 use super::weights::Weight;
@@ -83,22 +83,33 @@ impl ServiceRuntime {
         Ok(())
     }
 
-    /// Ends a drain of `backend`; with `slow_start` its weight ramps up again.
+    /// Ends a drain of `backend`, by `drain` or by an admin weight of 0 (its configured
+    /// weight counts again); with `slow_start` its weight ramps up again. A configured
+    /// weight of 0 stays (a reload changes it): the log says so.
     ///
     /// Returns `Err(AdminError::NoBackend)` when the service has no such backend and
     /// `Err(AdminError::Removing)` when it left the config or DNS.
     pub fn enable(&self, backend: SocketAddr) -> Result<(), AdminError> {
+        let mut weight = 0;
         self.change_backend(backend, |b, now| {
             if b.removing() {
                 return Err(AdminError::Removing(b.address()));
             }
             b.weight.enable(now);
+            weight = b.weight.base();
             Ok(())
         })?;
-        info!(
-            "backend {backend} of service {} is enabled: it takes new flows",
-            self.name
-        );
+        if weight == 0 {
+            warn!(
+                "backend {backend} of service {} is enabled, but its configured weight is 0:                  it takes no new flows",
+                self.name
+            );
+        } else {
+            info!(
+                "backend {backend} of service {} is enabled: it takes new flows",
+                self.name
+            );
+        }
         Ok(())
     }
 
@@ -184,11 +195,12 @@ fn backend_status(
     }
 }
 
-/// A backend's `state` in `/status`: removing, draining, slow start or active.
+/// A backend's `state` in `/status`: removing, draining (drained, or a weight of 0), slow
+/// start or active.
 fn state_name(removing: bool, weight: &Weight, up: bool, effective: u32) -> &'static str {
     if removing {
         "removing"
-    } else if weight.drained() {
+    } else if weight.drained() || weight.base() == 0 {
         "draining"
     } else if up && effective < weight.base() {
         "slow_start"
@@ -233,6 +245,30 @@ mod tests {
             })
         );
         assert_eq!(rt.set_weight(b1, 300), Err(AdminError::Weight(300)));
+    }
+
+    #[test]
+    fn enable_ends_a_drain_by_weight_0_and_the_status_calls_weight_0_draining() {
+        let rt = ServiceRuntime::new(0, service("none")).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        let state = |rt: &ServiceRuntime| {
+            let st = rt.status();
+            let b = st
+                .backends
+                .iter()
+                .find(|b| b.address == b1)
+                .expect("listed");
+            (b.state, b.weight)
+        };
+        rt.set_weight(b1, 0).expect("9001 is a backend");
+        assert_eq!(state(&rt), ("draining", 0));
+        rt.enable(b1).expect("9001 is a backend");
+        assert_eq!(
+            state(&rt),
+            ("active", 1),
+            "enable after `weight 0` left the backend out"
+        );
+        assert!(rt.snapshot().load().backends[0].eligible());
     }
 
     #[test]

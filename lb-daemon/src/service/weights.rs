@@ -67,10 +67,16 @@ impl Weight {
         self.drained = true;
     }
 
-    /// Ends a drain; the weight then ramps up again from `now`. No change when not drained.
+    /// Ends a drain, by [`Weight::drain`] or by an admin weight of 0 (the configured weight
+    /// counts again); the weight then ramps up again from `now`. No change otherwise: a
+    /// configured weight of 0 stays.
     pub(super) fn enable(&mut self, now: Instant) {
-        if self.drained {
-            self.drained = false;
+        let was_out = self.effective(None, now) == 0;
+        self.drained = false;
+        if self.admin == Some(0) {
+            self.admin = None;
+        }
+        if was_out && self.effective(None, now) > 0 {
             self.ramp_start = Some(now);
         }
     }
