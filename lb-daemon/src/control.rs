@@ -233,12 +233,14 @@ impl Control {
         let _ = self.draining();
     }
 
-    /// The removed services still draining; forgets those done.
+    /// The removed services still draining; forgets those done. A proxy service drains while
+    /// it has open connections (until its deadline); an eBPF one until its deadline, as the
+    /// maps keep its VIP and backends that long (the proxy's counts it has none of).
     fn draining(&self) -> Vec<Arc<ServiceRuntime>> {
         let mut retired = lock(&self.retired);
         let now = Instant::now();
         retired.retain(|(s, until)| {
-            let draining = now < *until && s.active() > 0;
+            let draining = now < *until && (s.active() > 0 || self.on_xdp(s.index()));
             if !draining {
                 self.forget_placement(s.index());
             }

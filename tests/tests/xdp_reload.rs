@@ -438,6 +438,13 @@ fn a_service_added_by_reload_runs_on_xdp_and_a_removed_one_drains() {
         std::net::TcpStream::connect_timeout(&bulk_vip(), Duration::from_secs(1)).is_err()
     });
     assert!(refused, "the removed service still took a new connection");
+    let st = status(&world);
+    assert!(
+        st["removed_services"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["name"] == "bulk")),
+        "/status does not show the removed service while it drains: {st}"
+    );
     world
         .daemon
         .wait_for_log_after(removed, "service bulk: drained", FOLLOW)
