@@ -9,9 +9,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use lb_daemon::config::ClientLimits;
 use lb_tests::UdpEcho;
 use proxy_support::{
-    in_private_network, republish, udp_client as client, wait_until, Harness, ServiceSpec,
+    in_private_network, republish, udp_client as client, wait_until, Harness, ServiceSpec, SERVICE,
 };
 
 /// Datagram `seq` of client `id`: its header, then a length that varies, up to 60 000 bytes.
@@ -245,6 +246,42 @@ fn shutdown_cuts_off_sessions_open_at_the_deadline() {
     assert_eq!(h.stats(0).active(), 0, "the session is counted closed");
 }
 
+/// Sends `payload` through the VIP and returns the reply, or says why there was none.
+fn ask(socket: &UdpSocket, payload: &[u8]) -> Result<String, String> {
+    let mut buf = [0u8; 64];
+    socket
+        .send(payload)
+        .map_err(|e| format!("send {:?}: {e}", String::from_utf8_lossy(payload)))?;
+    let n = socket
+        .recv(&mut buf)
+        .map_err(|e| format!("no reply to {:?}: {e}", String::from_utf8_lossy(payload)))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// With `socket`'s session on b0 (backend 0 of two): b0 drains and the session stays; b0
+/// goes DOWN and the very next datagram reaches b1 on a new session.
+fn stays_while_b0_drains_and_moves_when_it_goes_down(h: &Harness, socket: &UdpSocket) {
+    republish(h, 1, |b0| b0.weight = 0);
+    assert_eq!(
+        ask(socket, b"two"),
+        Ok("b0:two".into()),
+        "a draining backend (weight 0) must keep the sessions it has"
+    );
+
+    republish(h, 1, |b0| b0.up = false);
+    assert_eq!(
+        ask(socket, b"three"),
+        Ok("b1:three".into()),
+        "after b0 went DOWN the client's next datagram must reach a backend that is up"
+    );
+    assert_eq!(
+        h.stats(0).active(),
+        0,
+        "the session to the DOWN backend is closed"
+    );
+    assert_eq!(h.stats(1).active(), 1, "the client has a new session on b1");
+}
+
 #[test]
 fn a_session_stays_on_a_draining_backend_and_moves_off_a_down_one() {
     let backends = [
@@ -255,35 +292,48 @@ fn a_session_stays_on_a_draining_backend_and_moves_off_a_down_one() {
         backends.iter().map(|b| b.addr()).collect(),
     ));
     let socket = client(h.vip);
-    let mut buf = [0u8; 64];
-    let mut ask = |payload: &[u8]| -> String {
-        socket.send(payload).expect("send to the VIP");
-        let n = socket.recv(&mut buf).expect("a reply through the VIP");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
     assert_eq!(
-        ask(b"one"),
-        "b0:one",
+        ask(&socket, b"one"),
+        Ok("b0:one".into()),
         "the round-robin test scheduler starts with b0"
     );
+    stays_while_b0_drains_and_moves_when_it_goes_down(&h, &socket);
+}
 
-    republish(&h, 1, |b0| b0.weight = 0);
+#[test]
+fn a_client_at_its_session_limit_moves_off_a_down_backend_at_once() {
+    let backends = [
+        UdpEcho::start("b0").expect("start a UDP echo backend"),
+        UdpEcho::start("b1").expect("start a UDP echo backend"),
+    ];
+    let mut spec = ServiceSpec::udp(backends.iter().map(|b| b.addr()).collect());
+    spec.limits = ClientLimits {
+        max_connections: Some(1),
+        ..ClientLimits::default()
+    };
+    // One worker, so that both of the client's sockets meet the same worker's memory of
+    // refusals.
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let socket = client(h.vip);
     assert_eq!(
-        ask(b"two"),
-        "b0:two",
-        "a draining backend (weight 0) must keep the sessions it has"
+        ask(&socket, b"one"),
+        Ok("b0:one".into()),
+        "the round-robin test scheduler starts with b0"
     );
-
-    republish(&h, 1, |b0| b0.up = false);
+    // The same address from another port is over its limit of one session: refused, and
+    // the refusal remembered by the worker.
+    let other = client(h.vip);
+    other.send(b"over the limit").expect("send to the VIP");
+    assert!(
+        wait_until(Duration::from_secs(10), || h.proxy().limited(SERVICE)
+            == Some(1)),
+        "a second session of a client limited to one was not refused"
+    );
+    stays_while_b0_drains_and_moves_when_it_goes_down(&h, &socket);
     assert_eq!(
-        ask(b"three"),
-        "b1:three",
-        "after b0 went DOWN the client's next datagram must reach a backend that is up"
+        h.proxy().limited(SERVICE),
+        Some(1),
+        "a datagram of the client was refused on its way to b1"
     );
-    assert_eq!(
-        h.stats(0).active(),
-        0,
-        "the session to the DOWN backend is closed"
-    );
-    assert_eq!(h.stats(1).active(), 1, "the client has a new session on b1");
 }

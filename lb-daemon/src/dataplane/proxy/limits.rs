@@ -298,6 +298,12 @@ impl RecentRefusals {
         self.until.insert(key, now + stands_for);
     }
 
+    /// Forgets the refusal of `ip` by service `service`, if one is remembered: the client
+    /// gave a place back, so its next datagram asks the table again.
+    pub(super) fn forget(&mut self, service: usize, ip: IpAddr) {
+        self.until.remove(&(service, ip.to_canonical()));
+    }
+
     /// Forgets the refusals that no longer stand; does the work at most once per
     /// [`PRUNE_EVERY`].
     pub(super) fn prune(&mut self, now: Instant) {
@@ -584,6 +590,12 @@ mod tests {
         assert!(
             !recent.stands(3, ip("10.0.0.1"), t0 + Duration::from_millis(500)),
             "the refusal no longer stands once its time is up"
+        );
+        recent.remember(3, ip("10.0.0.1"), t0, REFUSAL_MEMORY);
+        recent.forget(3, ip("::ffff:10.0.0.1"));
+        assert!(
+            !recent.stands(3, ip("10.0.0.1"), t0),
+            "a forgotten refusal no longer stands"
         );
         recent.prune(t0 + Duration::from_secs(2));
         assert_eq!(

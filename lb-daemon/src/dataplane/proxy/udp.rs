@@ -112,8 +112,8 @@ struct Session {
     bytes: [u64; 2],
     /// Whether its service logged access when it opened.
     access_log: bool,
-    /// Its place in the service's per-client limits, given back when it ends.
-    admission: Admission,
+    /// Its place in the service's limits, given back when it starts closing (`None` after).
+    admission: Option<Admission>,
     /// The PROXY protocol v2 header that starts every datagram to the backend, if the
     /// service sends one.
     header: Option<Box<[u8]>>,
@@ -520,7 +520,7 @@ impl Udp {
             started: ctx.now,
             bytes: [0, 0],
             access_log: snapshot.access_log,
-            admission,
+            admission: Some(admission),
             header: session_header(service, &snapshot, client, local),
         });
         ctx.ring.poll(
@@ -760,8 +760,10 @@ impl Udp {
             .any(|b| b.address == s.backend && b.up)
     }
 
-    /// Starts closing a session: it stops receiving client datagrams at once, and is freed
-    /// when its operations have completed.
+    /// Starts closing a session: it stops receiving client datagrams and gives its place in
+    /// the service's limits back at once, and is freed when its operations have completed.
+    /// So a closing session no longer counts against `max_sessions` or the client's limit,
+    /// although its socket stays open until its poll's cancel completes.
     fn close(&mut self, ctx: &mut Ctx, key: (u32, u32), end: End) {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return;
@@ -770,6 +772,16 @@ impl Udp {
             return;
         }
         s.closing = Some(end);
+        // Not in `finish`: the cancel completes in a later batch, and the client's next
+        // datagram, often in this one, opens the session that replaces this one. Admitted
+        // against a place still held, it would be refused, and the refusal remembered for a
+        // second. A refusal of the client remembered earlier (another of its ports, over
+        // the limit) no longer stands either.
+        if let Some(admission) = s.admission.take() {
+            let service_at = self.vips[s.vip].service;
+            self.services[service_at].clients.release(admission);
+            self.refusals.forget(service_at, s.client.ip());
+        }
         if self.by_client.get(&(s.vip, s.client)) == Some(&key) {
             self.by_client.remove(&(s.vip, s.client));
         }
@@ -792,7 +804,10 @@ impl Udp {
         s.stats.closed();
         ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
         let info = &self.services[self.vips[s.vip].service];
-        info.clients.release(s.admission);
+        // Still held only when the session is cut without closing (`abandon`).
+        if let Some(admission) = s.admission {
+            info.clients.release(admission);
+        }
         if s.access_log {
             access::log(&access::Line {
                 protocol: Protocol::Udp,
