@@ -314,6 +314,69 @@ fn a_half_closed_backend_that_resets_releases_the_client_before_the_idle_timeout
 }
 
 #[test]
+fn a_client_that_resets_while_its_upload_waits_on_the_backend_releases_the_backend() {
+    // The backend accepts and never reads: the client's upload fills every buffer on the
+    // way and the proxy waits for the backend to take more, reading nothing from the
+    // client. The client gives up with a reset. The backend must see it within a few sweep
+    // ticks (1 s each here), not when the 60 s idle timeout comes.
+    let (accepted, backend_side) = mpsc::channel();
+    let accepted = std::sync::Mutex::new(accepted);
+    let backend = TcpBackend::start(move |s| {
+        let _ = accepted.lock().expect("sender lock").send(s);
+    });
+    let mut spec = ServiceSpec::tcp(vec![backend.addr]);
+    spec.workers = 1;
+    let h = Harness::start(spec);
+    let mut client = connect(h.vip);
+    let backend_side: TcpStream = backend_side
+        .recv_timeout(TIMEOUT)
+        .expect("the backend accepts the proxy's connection");
+    client.set_nonblocking(true).expect("non-blocking");
+    let chunk = vec![7u8; 64 * 1024];
+    let mut sent = 0usize;
+    // Full once nothing more goes in for 300 ms: the proxy stopped reading the client.
+    let mut stuck_since = std::time::Instant::now();
+    while stuck_since.elapsed() < Duration::from_millis(300) {
+        match client.write(&chunk) {
+            Ok(n) => {
+                sent += n;
+                stuck_since = std::time::Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("upload after {sent} bytes: {e}"),
+        }
+        assert!(sent < 1 << 30, "a backend that never reads took 1 GiB");
+    }
+    assert_eq!(h.proxy().active(), 1);
+    SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(client); // a reset
+                  // Asked without reading: a read would make room and let the proxy find the reset itself.
+    let mut seen = None;
+    let reset = wait_until(Duration::from_secs(5), || {
+        seen = SockRef::from(&backend_side).take_error().ok().flatten();
+        seen.is_some()
+    });
+    assert!(
+        reset,
+        "the backend saw nothing 5 s after the client reset ({sent} bytes uploaded, {} open)",
+        h.proxy().active()
+    );
+    assert_eq!(
+        seen.map(|e| e.kind()),
+        Some(io::ErrorKind::ConnectionReset),
+        "the backend is told of the client's reset"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || h.proxy().active() == 0),
+        "the proxy still holds the connection after resetting the backend"
+    );
+}
+
+#[test]
 fn urgent_data_is_relayed_inline_instead_of_stalling_the_connection() {
     // A splice cannot read past TCP urgent data while poll keeps saying "readable": without
     // care the relay would spin and the bytes after the urgent one would never arrive.

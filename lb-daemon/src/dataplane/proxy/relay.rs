@@ -109,6 +109,12 @@ impl Direction {
         self.waiting == Waiting::Finished
     }
 
+    /// Whether the direction waits for its destination to take the pipe's bytes
+    /// ([`Step::PollWritable`]): its source is not read meanwhile.
+    pub(super) fn waiting_to_write(&self) -> bool {
+        self.waiting == Waiting::Writable
+    }
+
     /// The [`Outcome`] a completion of this direction's operation in flight reports
     /// (`result`: the completion's result). With nothing in flight, an outcome that
     /// [`Direction::on`] rejects.
@@ -350,7 +356,9 @@ mod tests {
         d.on(Outcome::Readable(POLLIN));
         d.on(Outcome::SplicedIn(300));
         assert_eq!(d.on(Outcome::SplicedOut(100)), Step::PollWritable);
+        assert!(d.waiting_to_write());
         assert_eq!(d.on(Outcome::Writable(POLLOUT)), Step::SpliceOut(200));
+        assert!(!d.waiting_to_write());
         assert_eq!(d.on(Outcome::SplicedOut(-libc::EAGAIN)), Step::PollWritable);
         assert_eq!(d.on(Outcome::Writable(POLLOUT)), Step::SpliceOut(200));
         assert_eq!(d.on(Outcome::SplicedOut(200)), Step::PollReadable);

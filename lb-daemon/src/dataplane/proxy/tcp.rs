@@ -160,7 +160,7 @@ fn proxy_header_for(
 }
 
 /// How the sweep ends `conn` of `service` at `now`, if it does: [`End::Reset`] when the
-/// source of a finished direction is gone (see [`Tcp::sweep`]), [`End::Stalled`] or
+/// peer of a socket nothing watches is gone (see [`Tcp::sweep`]), [`End::Stalled`] or
 /// [`End::Idle`] after `idle_timeout` without traffic. Connections still connecting or
 /// already closing are left alone.
 fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End> {
@@ -170,14 +170,22 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
     if conn.closing.is_some() {
         return None;
     }
-    let finished_source = match (r.ways[TO_BACKEND].finished(), r.ways[TO_CLIENT].finished()) {
-        (true, false) => Some(conn.client.as_fd()),
-        (false, true) => Some(r.backend.as_fd()),
-        _ => None,
+    // A direction waiting for room polls its destination for POLLOUT, which reports an
+    // error or hang-up too; otherwise it works on its source. So a source goes unwatched
+    // when its direction finished or waits for room and the other direction does neither.
+    let idle = |way: &Direction| way.finished() || way.waiting_to_write();
+    let (to_backend, to_client) = (&r.ways[TO_BACKEND], &r.ways[TO_CLIENT]);
+    let unwatched_source = if idle(to_backend) && !idle(to_client) {
+        Some(conn.client.as_fd())
+    } else if idle(to_client) && !idle(to_backend) {
+        Some(r.backend.as_fd())
+    } else {
+        None
     };
-    if finished_source.is_some_and(sys::peer_gone) {
+    if unwatched_source.is_some_and(sys::peer_gone) {
         tracing::debug!(
-            "service {}: a peer of the half-closed connection from {} is gone; closing it",
+            "service {}: a peer of the connection from {} is gone while nothing reads it; \
+             closing it",
             service.name,
             conn.client_addr
         );
@@ -791,16 +799,19 @@ impl Tcp {
         ctx.shared.active.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Closes relaying connections idle for their service's `idle_timeout`, and half-closed
-    /// ones whose finished side's peer is gone, looking at no more than [`SWEEP_BUDGET`]
-    /// connections; re-arms listeners that backed off.
+    /// Closes relaying connections idle for their service's `idle_timeout`, and those whose
+    /// unread side's peer is gone, looking at no more than [`SWEEP_BUDGET`] connections;
+    /// re-arms listeners that backed off.
     ///
-    /// Why the second: once a direction has finished (its source sent a FIN), nothing polls
-    /// that source any more, so a reset from it (the client half-closed, then went away)
-    /// would go unseen while the other direction waits on a quiet peer, holding the backend
-    /// until the idle timeout. The sweep asks each such source once per tick
-    /// ([`sys::peer_gone`]); an io_uring poll cannot wait for this, as it always reports the
-    /// FIN already received (`POLLRDHUP`).
+    /// Why the second: once a direction has finished (its source sent a FIN), or while it
+    /// waits for its destination to take the pipe's bytes (a peer that does not read),
+    /// nothing polls that source, so a reset from it (the client half-closed, or gave up on
+    /// an upload, then went away) would go unseen while the other direction waits on a
+    /// quiet peer, holding the other peer until the idle timeout. The sweep asks each such
+    /// source once per tick ([`sys::peer_gone`]): one `poll(2)` per such connection, none
+    /// for the others. An io_uring poll cannot wait for this on a finished source, as it
+    /// always reports the FIN already received (`POLLRDHUP`); on a blocked one it would
+    /// cost a second operation in flight per direction.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
         let (services, now) = (&self.services, ctx.now);
