@@ -117,6 +117,15 @@ pub enum AutoHook {
     /// tc: an interface already carries tc for another service (an interface carries one
     /// hook).
     TcThere(String),
+    /// tc: every interface is a NIC, but a backend's route leaves by another device (a
+    /// VLAN, a bond, another NIC), which `lb_xdp` cannot send to
+    /// ([`routes::off_xdp`](crate::dataplane::xdp::routes::off_xdp)).
+    RoutedOffXdp {
+        /// The backend.
+        backend: std::net::SocketAddr,
+        /// The device its route leaves by.
+        via: String,
+    },
 }
 
 /// The reason after the placement: `auto chose tc because l0 is a veth`.
@@ -134,18 +143,26 @@ impl fmt::Display for AutoHook {
                 f,
                 "auto chose tc because {interface} carries tc for another service"
             ),
+            AutoHook::RoutedOffXdp { backend, via } => write!(
+                f,
+                "auto chose tc because backend {backend} is routed out of {via}, where XDP \
+                 cannot send (it sends only out of the service's interfaces)"
+            ),
         }
     }
 }
 
 /// The hook `auto` tries first for a service whose interfaces (its `interface` first) are of
-/// the kinds `kinds`, given how each is attached already (`has`): native XDP only when every
-/// one is a NIC and none carries tc, else tc. Pure: the kinds are read by the caller.
+/// the kinds `kinds`, given how each is attached already (`has`) and the first backend routed
+/// out of a device XDP cannot send to, if any (`off_xdp`, see [`backend_off_xdp`]): native
+/// XDP only when every one is a NIC, none carries tc and no backend is routed elsewhere,
+/// else tc. Pure: the kinds and routes are read by the caller.
 ///
 /// Returns the hook to ask the plane for and why.
 pub fn auto_hook(
     kinds: &[(String, InterfaceKind)],
     has: impl Fn(&str) -> Option<AttachMode>,
+    off_xdp: Option<(std::net::SocketAddr, String)>,
 ) -> (HookRequest, AutoHook) {
     if let Some((name, _)) = kinds
         .iter()
@@ -161,12 +178,15 @@ pub fn auto_hook(
                 kind: kind.clone(),
             },
         ),
-        None => (
-            HookRequest::Xdp {
-                allow_generic: false,
-            },
-            AutoHook::AllNics,
-        ),
+        None => match off_xdp {
+            Some((backend, via)) => (HookRequest::Tc, AutoHook::RoutedOffXdp { backend, via }),
+            None => (
+                HookRequest::Xdp {
+                    allow_generic: false,
+                },
+                AutoHook::AllNics,
+            ),
+        },
     }
 }
 
@@ -575,8 +595,12 @@ impl Planes {
                 .map_err(failed);
         }
         let kinds = interface_kinds(service)?;
+        // Asked of the kernel before the plane's lock, and only where XDP may be chosen.
+        let off_xdp = (kinds.iter().all(|(_, kind)| kind.is_nic()))
+            .then(|| backend_off_xdp(service, handle))
+            .flatten();
         self.with_xdp_loaded(global, |x| {
-            let (hook, why) = auto_hook(&kinds, |name| x.hook_on(name));
+            let (hook, why) = auto_hook(&kinds, |name| x.hook_on(name), off_xdp);
             match x.add(handle, &with(hook)) {
                 Ok(carried) => Ok((carried, Some(why))),
                 // Native XDP did not attach (or lb_xdp did not load): the attach left
@@ -767,6 +791,26 @@ fn interface_kinds(service: &Service) -> Result<Vec<(String, InterfaceKind)>, No
     Ok(kinds)
 }
 
+/// The first backend of `handle`'s snapshot whose route leaves by a device that `lb_xdp`
+/// cannot send to ([`routes::off_xdp`](crate::dataplane::xdp::routes::off_xdp)), with that
+/// device; `None` when every route leaves by one of `service`'s interfaces or cannot be
+/// told. One route lookup per backend.
+fn backend_off_xdp(
+    service: &Service,
+    handle: &ServiceHandle,
+) -> Option<(std::net::SocketAddr, String)> {
+    use crate::dataplane::xdp::routes;
+    let attached: Vec<u32> = (service.xdp.interface.iter())
+        .chain(&service.xdp.backend_interfaces)
+        .filter_map(|name| loader::if_index(name))
+        .collect();
+    let snapshot = handle.snapshot.load();
+    snapshot.backends.iter().find_map(|b| {
+        routes::off_xdp(&attached, b.address.ip(), &service.xdp.local_addresses)
+            .map(|via| (b.address, via))
+    })
+}
+
 /// The words for native XDP's failure on a NIC: `native XDP did not attach to eth1 (...)`,
 /// without the advice about `dataplane = "xdp"`.
 fn native_failure(e: &XdpPlaneError) -> String {
@@ -906,7 +950,7 @@ mod tests {
             ("eth1".into(), nic("mlx5_core")),
         ];
         assert_eq!(
-            auto_hook(&kinds, none),
+            auto_hook(&kinds, none, None),
             (
                 HookRequest::Xdp {
                     allow_generic: false
@@ -927,7 +971,7 @@ mod tests {
                 ("eth0".to_string(), nic("ixgbe")),
                 (other.into(), kind.clone()),
             ];
-            let (hook, why) = auto_hook(&kinds, none);
+            let (hook, why) = auto_hook(&kinds, none, None);
             assert_eq!(hook, HookRequest::Tc, "a NIC with {kind} goes on tc");
             assert_eq!(
                 why.to_string(),
@@ -935,7 +979,7 @@ mod tests {
             );
         }
         let tc_on_eth1 = |n: &str| (n == "eth1").then_some(AttachMode::Tcx);
-        let (hook, why) = auto_hook(&kinds, tc_on_eth1);
+        let (hook, why) = auto_hook(&kinds, tc_on_eth1, None);
         assert_eq!(hook, HookRequest::Tc, "an interface carries one hook");
         assert_eq!(
             why.to_string(),
@@ -943,9 +987,18 @@ mod tests {
         );
         let xdp_on_eth1 = |n: &str| (n == "eth1").then_some(AttachMode::Native);
         assert!(matches!(
-            auto_hook(&kinds, xdp_on_eth1).1,
+            auto_hook(&kinds, xdp_on_eth1, None).1,
             AutoHook::AllNics
         ));
+        // A backend behind a VLAN on eth1: lb_xdp could only drop its packets.
+        let backend = "10.0.7.5:80".parse().expect("literal");
+        let (hook, why) = auto_hook(&kinds, none, Some((backend, "eth1.7".into())));
+        assert_eq!(hook, HookRequest::Tc, "XDP cannot send out of eth1.7");
+        assert_eq!(
+            why.to_string(),
+            "auto chose tc because backend 10.0.7.5:80 is routed out of eth1.7, where XDP \
+             cannot send (it sends only out of the service's interfaces)"
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! | `nat`, backends routed out of a bridge whose ports are listed (their replies come in on the ports) | tc | [`auto_with_the_bridge_ports_listed_runs_on_tc_and_serves`] |
 //!
 //! Native XDP (every interface a NIC) needs a physical NIC, which these namespaces have not:
-//! `placement::auto_hook`'s unit tests cover it. No interface, a loopback VIP, no BPF object
+//! `placement::auto_hook`'s unit tests cover it, and its refusal of a backend routed out of
+//! another device (`routes::off_xdp`, tested there on a macvlan). No interface, a loopback VIP, no BPF object
 //! and a missing interface are in `xdp_fallback.rs`.
 
 use std::net::{IpAddr, SocketAddr};

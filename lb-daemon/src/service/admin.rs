@@ -101,7 +101,8 @@ impl ServiceRuntime {
         })?;
         if weight == 0 {
             warn!(
-                "backend {backend} of service {} is enabled, but its configured weight is 0:                  it takes no new flows",
+                "backend {backend} of service {} is enabled, but its configured weight is 0: \
+                 it takes no new flows",
                 self.name
             );
         } else {

@@ -108,6 +108,24 @@ impl ReplyPaths {
     }
 }
 
+/// The interface by which the route to `backend`, from the first of `sources` (the
+/// service's local addresses) of its family, leaves, when it is none of `attached` (the
+/// indexes of the service's interfaces): `lb_xdp` sends a packet out only by `XDP_TX` or a
+/// redirect to an interface it is attached to (its `DEVMAP`), and drops one routed out of
+/// any other device, a VLAN, bond or bridge over one of them included, where `lb_tc`
+/// delivers it. `None` when the route leaves by one of them, is local, or cannot be told.
+pub fn off_xdp(attached: &[u32], backend: IpAddr, sources: &[IpAddr]) -> Option<String> {
+    let source = sources.iter().find(|a| a.is_ipv4() == backend.is_ipv4())?;
+    match egress(backend, *source) {
+        Ok(Egress::Interface(index)) if !attached.contains(&index) => Some(
+            nix::net::if_::if_indextoname(index)
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| format!("interface index {index}")),
+        ),
+        _ => None,
+    }
+}
+
 /// Where a packet to an address goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Egress {
@@ -214,6 +232,44 @@ mod tests {
     fn the_loopback_address_is_local() {
         let lo = IpAddr::from([127, 0, 0, 1]);
         assert_eq!(egress(lo, lo).expect("RTM_GETROUTE"), Egress::Local);
+    }
+
+    #[test]
+    fn a_backend_routed_out_of_a_macvlan_or_an_unlisted_device_is_off_xdp() {
+        if !lb_tests::require_root("routes::a_backend_routed_out_of_a_macvlan") {
+            return;
+        }
+        let ns = lb_tests::netns::Netns::new("offxdp").expect("a namespace");
+        let run = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+        run(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        run(&["link", "add", "w0", "type", "veth", "peer", "name", "w1"]);
+        // A macvlan, as a VLAN would be (this kernel has no 8021q): a device over v0.
+        run(&[
+            "link", "add", "link", "v0", "name", "mv0", "type", "macvlan",
+        ]);
+        for (dev, addr) in [
+            ("v0", "10.9.0.1/24"),
+            ("mv0", "10.9.5.1/24"),
+            ("w0", "10.9.7.1/24"),
+        ] {
+            run(&["addr", "add", addr, "dev", dev]);
+        }
+        for dev in ["v0", "v1", "mv0", "w0", "w1"] {
+            run(&["link", "set", dev, "up"]);
+        }
+        let answers = ns
+            .enter(|| {
+                let v0 = crate::dataplane::xdp::loader::if_index("v0").expect("v0");
+                let local = [IpAddr::from([10, 9, 0, 1])];
+                ["10.9.0.2", "10.9.5.2", "10.9.7.2", "10.9.0.1"]
+                    .map(|b| off_xdp(&[v0], b.parse().expect("literal"), &local))
+            })
+            .expect("enter the namespace");
+        assert_eq!(
+            answers,
+            [None, Some("mv0".into()), Some("w0".into()), None],
+            "by v0 itself, by a macvlan on it, by another device, and a local address"
+        );
     }
 
     /// `lo` and its address exist in every namespace: a backend there is this host's own.
