@@ -332,8 +332,18 @@ async fn serve(
             Some((announcer, task))
         }
     };
+    // Routes the old daemon announced where this one does not look would be exported for
+    // good: they are withdrawn once this one is ready (below), which takes CAP_NET_ADMIN.
+    let left_behind = handover
+        .as_ref()
+        .and_then(|(inherited, _)| inherited.announced_in())
+        .filter(|old| Some(*old) != crate::handover::RouteTableId::of(&control.config()));
     // Start-up is over: listeners bound, the eBPF plane attached, the API listening.
-    if let Err(e) = crate::privileges::lower(&crate::privileges::kept_for(&control.config())) {
+    let mut keep = crate::privileges::kept_for(&control.config());
+    if left_behind.is_some() {
+        keep.insert(caps::Capability::CAP_NET_ADMIN);
+    }
+    if let Err(e) = crate::privileges::lower(&keep) {
         warn!("{e}");
     }
     info!(
@@ -350,10 +360,7 @@ async fn serve(
         if let Err(e) = taken.ready() {
             warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
         }
-        // Routes the old daemon announced where this one does not look would be exported
-        // for good.
-        let ours = crate::handover::RouteTableId::of(&control.config());
-        if let Some(old) = inherited.announced_in().filter(|old| Some(*old) != ours) {
+        if let Some(old) = left_behind {
             tokio::spawn(crate::announce::withdraw_left_behind(
                 old.table,
                 old.protocol,

@@ -339,6 +339,30 @@ fn an_upgrade_to_another_table_leaves_nothing_in_the_old_one() {
     assert!(in_101(), "the new daemon does not announce in table 101");
 }
 
+#[test]
+fn an_upgrade_to_a_config_without_announce_withdraws_the_old_routes() {
+    if !lb_tests::require_root("announce::an_upgrade_to_a_config_without_announce") {
+        return;
+    }
+    let mut node = Node::start("0s");
+    node.wait_route(true, Duration::from_secs(3));
+    let text = std::fs::read_to_string(node.daemon.config_path()).expect("the config");
+    let mut config: toml::Table = text.parse().expect("the test's config is TOML");
+    config.remove("announce");
+    // A proxy service on a high port and no [announce]: the new daemon keeps no capability
+    // of its own for routes.
+    node.daemon
+        .rewrite_config(&toml::to_string(&config).expect("serializes"));
+    let _new = node
+        .daemon
+        .upgrade_in_place()
+        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
+    node.daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("the old daemon exits after the hand-over");
+    node.wait_route(false, Duration::from_secs(5));
+}
+
 /// An IPv6 VIP is announced as a /128 in the same table, and withdrawn with its backend.
 #[test]
 fn an_ipv6_vip_is_announced_as_a_host_route() {
