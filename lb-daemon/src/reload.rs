@@ -401,9 +401,17 @@ fn undo_starts(
     started: &[Arc<ServiceRuntime>],
     early: &[Arc<ServiceRuntime>],
 ) {
+    // At start-up (nothing ran before) the refusal ends the daemon: an eBPF service's table
+    // stays as written, not emptied, so a pinned plane it adopted (a restart after a crash,
+    // an upgrade) goes on serving on it for the next daemon to adopt.
+    let starting = services.is_empty();
     // An XDP service among them gives its VIP back to the XDP service it was to replace,
     // which was not removed yet (XDP services are never removed early).
     for r in started {
+        if starting && control.on_xdp(r.index()) {
+            r.stop();
+            continue;
+        }
         stop_service(control, r, std::time::Duration::ZERO, false);
     }
     let mut back = Vec::new();
