@@ -42,7 +42,8 @@ pub enum DaemonError {
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     /// `lb-daemon upgrade` could not take the running daemon's sockets (no
-    /// `[global] upgrade_socket`, no daemon there, a broken exchange): nothing was started.
+    /// `[global] upgrade_socket`, no daemon there, a broken exchange): nothing was started;
+    /// or it was told to stop before it was ready: the old daemon goes on.
     #[error("upgrade: {0}")]
     Upgrade(String),
     /// A thread the daemon cannot run without ended unexpectedly (see [`crate::watchdog`]):
@@ -351,6 +352,17 @@ async fn serve(
         set.all().len()
     );
     if let Some((inherited, taken)) = handover {
+        if crate::watchdog::fault("pause-before-ready") {
+            info!("LB_FAULT=pause-before-ready: READY in 5 s");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        // Told to stop while it started (Ctrl-C on `lb-daemon upgrade`): the old daemon,
+        // never told READY, goes on as if this one had failed.
+        if let Some(why) = signals.stop_now() {
+            return Err(DaemonError::Upgrade(format!(
+                "{why} before this daemon was ready: the old daemon goes on"
+            )));
+        }
         let unused = inherited.close_rest();
         if !unused.is_empty() {
             warn!("upgrade: closed {unused:?}, taken over but used by no service of this config");
@@ -622,6 +634,18 @@ impl Signals {
     /// Waits for SIGTERM or SIGINT; returns its name.
     async fn stop(&mut self) -> &'static str {
         Self::stop_of(&mut self.term, &mut self.int).await
+    }
+
+    /// SIGTERM, SIGINT or SIGQUIT, if one came and was not read yet; does not wait.
+    fn stop_now(&mut self) -> Option<&'static str> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        [
+            (&mut self.term, "SIGTERM"),
+            (&mut self.int, "SIGINT"),
+            (&mut self.quit, "SIGQUIT"),
+        ]
+        .into_iter()
+        .find_map(|(signal, name)| signal.poll_recv(&mut cx).is_ready().then_some(name))
     }
 
     /// Waits for any of them.

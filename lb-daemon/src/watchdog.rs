@@ -114,8 +114,9 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Whether the fault `point` is to be injected: a debug build with `LB_FAULT` naming it in
-/// its comma-separated list (`panic-proxy-worker`, `panic-sync-thread`). Always `false` in a
-/// release build, so no environment can make a production daemon fail on purpose.
+/// its comma-separated list (`panic-proxy-worker`, `panic-sync-thread`, `pause-before-ready`).
+/// Always `false` in a release build, so no environment can make a production daemon fail on
+/// purpose.
 pub fn fault(point: &str) -> bool {
     if !cfg!(debug_assertions) {
         return false;

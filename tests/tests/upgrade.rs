@@ -16,6 +16,7 @@ use lb_tests::daemon::Successor;
 use lb_tests::data::Receipt;
 use lb_tests::ports::free_addr;
 use lb_tests::{Daemon, HashServer, HttpNameServer, UdpEcho};
+use nix::sys::signal::Signal;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -209,6 +210,35 @@ fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
     drop(new);
 }
 
+#[test]
+fn an_upgrade_stopped_before_it_is_ready_leaves_the_old_daemon_serving() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let site = Site::new(Some(&socket));
+    let mut old = Daemon::start(&site.config);
+    // A debug build waits 5 s before READY with this fault: Ctrl-C comes meanwhile.
+    let mut new = Daemon::launch_upgrade(&site.config, &[("LB_FAULT", "pause-before-ready")])
+        .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
+    new.wait_for_log("LB_FAULT=pause-before-ready", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("the new daemon never got to READY: {e}"));
+    new.signal(Signal::SIGINT).expect("SIGINT the new daemon");
+    let status = new
+        .wait_exit(Duration::from_secs(30))
+        .expect("the new daemon exits on SIGINT");
+    assert!(!status.success(), "a stopped upgrade must fail: {status}");
+    let logs = new.logs().join("\n");
+    assert!(
+        logs.contains("SIGINT before this daemon was ready"),
+        "the new daemon does not say why it stopped:\n{logs}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(old.exit_status().is_none(), "the old daemon stopped");
+    for k in 0..20 {
+        http_get(site.web, "/")
+            .unwrap_or_else(|e| panic!("request {k} after the stopped upgrade failed: {e}"));
+    }
+}
+
 /// After log line `mark` the old daemon says the new one took over; the uploads (the old
 /// daemon's connections) go on and arrive whole; the old daemon exits 0 after its last
 /// connection, well before its drain timeout; the load loop saw no failure; the new daemon
@@ -319,7 +349,6 @@ impl NotifySocket {
 /// leaves the old daemon serving.
 #[test]
 fn sigusr2_upgrades_in_place_and_tells_the_service_manager() {
-    use nix::sys::signal::Signal;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let notify = NotifySocket::bind(dir.path());
     let site = Site::new(None);

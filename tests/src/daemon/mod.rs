@@ -125,6 +125,15 @@ impl Daemon {
         Self::start_on_text("upgrade", config_toml, env, None)
     }
 
+    /// `lb-daemon upgrade -c FILE` like [`try_upgrade`](Self::try_upgrade), without waiting
+    /// for its `ready` (a test that stops it before).
+    pub fn launch_upgrade(config_toml: &str, env: &[(&str, &str)]) -> Result<Daemon, DaemonError> {
+        let binary = daemon_binary().map_err(DaemonError::Binary)?;
+        let file = write_config(config_toml)?;
+        let path = file.to_path_buf();
+        Self::launch_as("upgrade", &binary, &path, Some(file), env, None)
+    }
+
     /// Like [`start`](Self::start), with the daemon's pin directory `pin_dir` (see
     /// [`test_pin_dir`]), which the caller removes: a second daemon given the same directory
     /// adopts what the first one pinned.
