@@ -10,13 +10,23 @@
 //! The exchange, on a stream socket:
 //! 1. new → old: `TAKE\n`;
 //! 2. old → new: one message whose bytes are a 4-byte big-endian length and that many bytes
-//!    of JSON ([`Offer`]: each socket's listen address, protocol and worker), with every
-//!    socket attached as `SCM_RIGHTS`, in the same order;
-//! 3. new → old, once it is ready (listening on what it took and on what it bound anew):
+//!    of JSON ([`Offer`]: each socket's listen address, protocol and worker, in the order of
+//!    the descriptors), with the first [`FDS_PER_MESSAGE`] sockets (or all, if fewer)
+//!    attached as `SCM_RIGHTS`;
+//! 3. old → new, only when there are more sockets than that: for each further
+//!    [`FDS_PER_MESSAGE`] (the last one: the rest), a message of 4 bytes, the big-endian
+//!    count of the descriptors attached to it. A hand-over of up to [`FDS_PER_MESSAGE`]
+//!    sockets is the single message of 2, as the releases before this step sent and read it;
+//! 4. new → old, once it is ready (listening on what it took and on what it bound anew):
 //!    `READY\n`. The old daemon then stops as on SIGQUIT. If the new one goes away without
 //!    `READY` (it failed to start), the old one goes on as if nothing happened.
 //!
-//! Between 1 and 3 both daemons accept on the same sockets, and both may write the pinned
+//! The new daemon knows from the JSON how many descriptors to expect; it refuses the offer,
+//! closing every descriptor it received, when a message carries more than described or
+//! announced, when descriptors were lost on the way (`MSG_CTRUNC`: it ran out of
+//! descriptors), or when the whole offer has not arrived within [`OFFER_TIMEOUT`].
+//!
+//! Between 1 and 4 both daemons accept on the same sockets, and both may write the pinned
 //! eBPF maps: the old one only when a backend's health or DNS records change in that window
 //! (a second or two); the new one builds its tables from its own view once it runs. When the
 //! old daemon stops accepting it takes what is left in each socket's queue and serves it
@@ -26,11 +36,11 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use tracing::{info, warn};
@@ -38,10 +48,15 @@ use tracing::{info, warn};
 use crate::config::Protocol;
 
 /// Most descriptors one `SCM_RIGHTS` message carries (the kernel's `SCM_MAX_FD`).
-pub const MAX_SOCKETS: usize = 253;
-/// Largest offer accepted, in bytes of JSON.
-const MAX_OFFER: usize = 1 << 20;
-/// How long the new daemon waits for the old one's offer.
+pub const FDS_PER_MESSAGE: usize = 253;
+/// Most sockets one hand-over carries: (proxy services × workers) + 1 admin listener, e.g.
+/// 255 services on 256 workers. Both daemons refuse more, and the new one refuses more than
+/// its open file limit (`ulimit -n`) too.
+pub const MAX_SOCKETS: usize = 65_536;
+/// Largest offer accepted, in bytes of JSON: [`MAX_SOCKETS`] at about 120 bytes each (an
+/// IPv6 address with a scope, the longest protocol, a large worker number) fit in it.
+const MAX_OFFER: usize = 16 << 20;
+/// How long the new daemon waits for the whole offer, its descriptors included.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the hand-over did not happen.
@@ -261,41 +276,8 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
         path: path.to_path_buf(),
         source,
     };
-    let bad = |what: String| HandoverError::Protocol {
-        path: path.to_path_buf(),
-        what,
-    };
-    stream
-        .set_read_timeout(Some(OFFER_TIMEOUT))
-        .map_err(io_err)?;
     stream.write_all(b"TAKE\n").map_err(io_err)?;
-    let (bytes, fds) = receive(stream.as_fd()).map_err(io_err)?;
-    let mut bytes = bytes;
-    if bytes.len() < 4 {
-        return Err(bad(format!("an offer of {} bytes", bytes.len())));
-    }
-    let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-    if len > MAX_OFFER {
-        return Err(bad(format!("an offer of {len} bytes")));
-    }
-    // The rest of a long offer follows without descriptors.
-    while bytes.len() < 4 + len {
-        let mut more = vec![0; 4 + len - bytes.len()];
-        let n = stream.read(&mut more).map_err(io_err)?;
-        if n == 0 {
-            return Err(bad("the offer ended early".into()));
-        }
-        bytes.extend_from_slice(&more[..n]);
-    }
-    let offer: Offer = serde_json::from_slice(&bytes[4..4 + len])
-        .map_err(|e| bad(format!("an offer that is not JSON: {e}")))?;
-    if offer.sockets.len() != fds.len() {
-        return Err(bad(format!(
-            "{} sockets described, {} received",
-            offer.sockets.len(),
-            fds.len()
-        )));
-    }
+    let (offer, fds) = receive_offer(&stream, path, OFFER_TIMEOUT)?;
     stream.set_read_timeout(None).map_err(io_err)?;
     info!(
         "upgrade: took {} listening socket(s) from the running daemon ({})",
@@ -315,35 +297,154 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
     ))
 }
 
-/// Receives one message and the descriptors attached to it.
-fn receive(fd: BorrowedFd<'_>) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut space = nix::cmsg_space!([RawFd; MAX_SOCKETS]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
-    let mut fds = Vec::new();
-    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel just installed these descriptors in this process for us;
-            // nothing else owns them.
-            fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+/// Reads steps 2 and 3 of the exchange (see the module's doc) from `stream` within
+/// `timeout`: the offer and its descriptors, one for each of `Offer::sockets`, in order.
+///
+/// Returns `Err(HandoverError::Io)` when the stream fails or the time is up,
+/// `Err(HandoverError::Protocol)` when what arrives is not such an offer. Every descriptor
+/// received is closed on an error.
+fn receive_offer(
+    stream: &UnixStream,
+    path: &Path,
+    timeout: Duration,
+) -> Result<(Offer, Vec<OwnedFd>), HandoverError> {
+    let bad = |what: String| HandoverError::Protocol {
+        path: path.to_path_buf(),
+        what,
+    };
+    let mut incoming = Incoming {
+        stream,
+        path,
+        deadline: Instant::now() + timeout,
+        timeout,
+    };
+    let (head, mut fds) = incoming.read_exact(4)?;
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_OFFER {
+        return Err(bad(format!(
+            "an offer of {len} bytes, more than the {MAX_OFFER} accepted"
+        )));
+    }
+    let (json, more) = incoming.read_exact(len)?;
+    fds.extend(more);
+    let offer: Offer = serde_json::from_slice(&json)
+        .map_err(|e| bad(format!("an offer that is not JSON: {e}")))?;
+    let described = offer.sockets.len();
+    if described > MAX_SOCKETS {
+        return Err(bad(format!(
+            "{described} sockets offered, more than the {MAX_SOCKETS} one hand-over carries"
+        )));
+    }
+    // Checked before the rest arrive: past the limit the kernel drops what does not fit,
+    // and the error would only say that descriptors were lost.
+    let limit = crate::config::open_file_limit();
+    if described as u64 > limit {
+        return Err(bad(format!(
+            "{described} sockets offered, more than this process may open (open file limit \
+             {limit})"
+        )));
+    }
+    if fds.len() > described {
+        return Err(bad(format!(
+            "{described} sockets described, {} descriptors received with them",
+            fds.len()
+        )));
+    }
+    // A daemon of an earlier release sent them all with the offer; this one sends the rest
+    // in messages of their own.
+    while fds.len() < described {
+        let (head, more) = incoming.read_exact(4)?;
+        let announced = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let missing = described - fds.len();
+        if announced == 0 || announced > FDS_PER_MESSAGE.min(missing) {
+            return Err(bad(format!(
+                "a message announcing {announced} descriptors, with {missing} of {described} \
+                 to come"
+            )));
         }
+        if more.len() != announced {
+            return Err(bad(format!(
+                "a message announcing {announced} descriptors carried {}",
+                more.len()
+            )));
+        }
+        fds.extend(more);
     }
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    let n = msg.bytes;
-    buf.truncate(n);
-    if truncated {
-        return Err(io::Error::other(
-            "more descriptors than one message carries",
-        ));
+    Ok((offer, fds))
+}
+
+/// The new daemon's end of the stream while it reads the offer, until `deadline`.
+struct Incoming<'a> {
+    stream: &'a UnixStream,
+    /// Names the stream in errors.
+    path: &'a Path,
+    deadline: Instant,
+    /// The whole time allowed, for the error.
+    timeout: Duration,
+}
+
+impl Incoming<'_> {
+    /// Reads exactly `n` bytes; returns them and the descriptors that came with them.
+    ///
+    /// Reading no further than the bytes expected keeps the descriptors of the next message
+    /// (attached to its first byte) for the read that asks for it.
+    fn read_exact(&mut self, n: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoverError> {
+        let io_err = |source| HandoverError::Io {
+            path: self.path.to_path_buf(),
+            source,
+        };
+        let bad = |what: String| HandoverError::Protocol {
+            path: self.path.to_path_buf(),
+            what,
+        };
+        let mut bytes = vec![0u8; n];
+        let mut fds = Vec::new();
+        let mut got = 0;
+        while got < n {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io_err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the offer did not arrive in full within {:?}", self.timeout),
+                )));
+            }
+            self.stream.set_read_timeout(Some(left)).map_err(io_err)?;
+            let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
+            let mut iov = [IoSliceMut::new(&mut bytes[got..])];
+            let msg = match recvmsg::<()>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(msg) => msg,
+                // Interrupted, or the read timeout ran out: the deadline is checked above.
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => continue,
+                Err(e) => return Err(io_err(e.into())),
+            };
+            let read = msg.bytes;
+            let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+            for cmsg in msg.cmsgs().map_err(|e| io_err(e.into()))? {
+                if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                    // SAFETY: the kernel just installed these descriptors in this process
+                    // for us; nothing else owns them.
+                    fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+                }
+            }
+            if truncated {
+                return Err(bad(format!(
+                    "descriptors were lost on the way (control data truncated, {} arrived): \
+                     is this process at its open file limit?",
+                    fds.len()
+                )));
+            }
+            if read == 0 {
+                return Err(bad("the offer ended early".into()));
+            }
+            got += read;
+        }
+        Ok((bytes, fds))
     }
-    Ok((buf, fds))
 }
 
 /// The old daemon's side: binds `path` (a stale socket file there is replaced; the socket is
@@ -491,7 +592,7 @@ fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result
     } = offer();
     if sockets.len() > MAX_SOCKETS {
         return Err(io::Error::other(format!(
-            "{} sockets to hand over, more than the {MAX_SOCKETS} one message carries",
+            "{} sockets to hand over, more than the {MAX_SOCKETS} one hand-over carries",
             sockets.len()
         )));
     }
@@ -502,19 +603,20 @@ fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result
         announced_in,
     })
     .map_err(io::Error::other)?;
+    if json.len() > MAX_OFFER {
+        return Err(io::Error::other(format!(
+            "an offer of {} bytes, more than the {MAX_OFFER} the new daemon accepts",
+            json.len()
+        )));
+    }
     let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
     bytes.extend_from_slice(&json);
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let sent = sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&bytes)],
-        if raw.is_empty() { &[] } else { &cmsg },
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(io::Error::from)?;
-    stream.write_all(&bytes[sent..])?;
+    let first = raw.len().min(FDS_PER_MESSAGE);
+    send_with_fds(stream, &bytes, &raw[..first])?;
+    for chunk in raw[first..].chunks(FDS_PER_MESSAGE) {
+        send_with_fds(stream, &(chunk.len() as u32).to_be_bytes(), chunk)?;
+    }
     info!("upgrade: handed {} socket(s) to the new daemon", fds.len());
     let mut ready = [0u8; 6];
     match stream.read_exact(&mut ready) {
@@ -523,6 +625,26 @@ fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Sends `bytes` with `fds` (at most [`FDS_PER_MESSAGE`]) attached to their first part.
+fn send_with_fds(stream: &mut UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+    let sent = loop {
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::empty(),
+            None,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            sent => break sent.map_err(io::Error::from)?,
+        }
+    };
+    // The descriptors went with the bytes sent; the rest follows plain.
+    stream.write_all(&bytes[sent..])
 }
 
 #[cfg(test)]
@@ -591,5 +713,162 @@ mod tests {
         ready_rx
             .recv_timeout(Duration::from_secs(5))
             .expect("the old side saw READY");
+    }
+
+    /// `n` UDP sockets on 127.0.0.1 (each on a port of its own), described as worker `i`'s.
+    fn udp_sockets(n: usize) -> Vec<(OfferedSocket, OwnedFd)> {
+        (0..n)
+            .map(|worker| {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+                let listen = socket.local_addr().expect("addr");
+                let described = OfferedSocket {
+                    listen,
+                    protocol: "udp".into(),
+                    worker,
+                };
+                (described, socket.into())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn more_sockets_than_one_message_carries_cross_all() {
+        // 300 > 253 (SCM_MAX_FD): e.g. 4 services with 64 workers and the admin listener
+        // would be 257.
+        let sockets = udp_sockets(300);
+        let described: Vec<OfferedSocket> = sockets.iter().map(|(s, _)| s.clone()).collect();
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        let offered = Mutex::new(Some(sockets));
+        let old_side = std::thread::spawn(move || {
+            exchange(&mut old, &|| Handing {
+                sockets: offered.lock().expect("lock").take().expect("offered once"),
+                ..Handing::default()
+            })
+        });
+        let (inherited, taken) =
+            take_over_on(new, Path::new("pair")).expect("the new daemon takes 300 sockets");
+        assert_eq!(inherited.len(), 300, "sockets taken over");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+        for s in &described {
+            let got = inherited
+                .take(s.listen, Protocol::Udp, s.worker)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "worker {}'s socket {} was not handed over",
+                        s.worker, s.listen
+                    )
+                });
+            let got = std::net::UdpSocket::from(got);
+            assert_eq!(
+                got.local_addr().expect("addr"),
+                s.listen,
+                "worker {}'s descriptor is another socket",
+                s.worker
+            );
+            // The same socket, not one at the same address: what is sent to it arrives here.
+            client.send_to(&[s.worker as u8], s.listen).expect("send");
+            got.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut buf = [0u8; 1];
+            let (_, from) = got
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("worker {}'s socket got no datagram: {e}", s.worker));
+            assert_eq!(from, client.local_addr().expect("client addr"));
+        }
+        assert!(inherited.is_empty());
+        taken.ready().expect("ready sent");
+        let outcome = old_side.join().expect("old side");
+        assert!(
+            matches!(outcome, Ok(true)),
+            "the old daemon did not see READY: {outcome:?}"
+        );
+    }
+
+    /// The bytes of step 2 for `sockets`: the length, then the JSON.
+    fn offer_bytes(sockets: &[(OfferedSocket, OwnedFd)]) -> Vec<u8> {
+        let json = serde_json::to_vec(&Offer {
+            sockets: sockets.iter().map(|(s, _)| s.clone()).collect(),
+            node_draining: false,
+            announced_in: None,
+        })
+        .expect("json");
+        let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        bytes
+    }
+
+    fn raw(sockets: &[(OfferedSocket, OwnedFd)]) -> Vec<RawFd> {
+        sockets.iter().map(|(_, fd)| fd.as_raw_fd()).collect()
+    }
+
+    #[test]
+    fn an_offer_in_one_message_as_the_previous_release_sends_it_is_taken() {
+        let sockets = udp_sockets(FDS_PER_MESSAGE);
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        // The previous release: one message, every descriptor attached.
+        send_with_fds(&mut old, &offer_bytes(&sockets), &raw(&sockets)).expect("send");
+        let (offer, fds) =
+            receive_offer(&new, Path::new("pair"), Duration::from_secs(5)).expect("taken");
+        assert_eq!(fds.len(), FDS_PER_MESSAGE);
+        for ((s, _), fd) in sockets.iter().zip(fds) {
+            let got = std::net::UdpSocket::from(fd).local_addr().expect("addr");
+            assert_eq!(
+                got, s.listen,
+                "worker {}'s descriptor is another socket",
+                s.worker
+            );
+        }
+        assert_eq!(offer.sockets.len(), FDS_PER_MESSAGE);
+    }
+
+    #[test]
+    fn a_message_with_more_descriptors_than_it_announces_is_refused() {
+        let sockets = udp_sockets(FDS_PER_MESSAGE + 2);
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        let fds = raw(&sockets);
+        send_with_fds(&mut old, &offer_bytes(&sockets), &fds[..FDS_PER_MESSAGE]).expect("send");
+        // Announces 1 of the 2 left and carries both.
+        send_with_fds(&mut old, &1u32.to_be_bytes(), &fds[FDS_PER_MESSAGE..]).expect("send");
+        let e = receive_offer(&new, Path::new("pair"), Duration::from_secs(5))
+            .expect_err("a message carrying more than it announces");
+        assert!(
+            e.to_string().contains("announcing 1 descriptors carried 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn more_descriptors_than_described_are_refused() {
+        let sockets = udp_sockets(3);
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        send_with_fds(&mut old, &offer_bytes(&sockets[..2]), &raw(&sockets)).expect("send");
+        let e = receive_offer(&new, Path::new("pair"), Duration::from_secs(5))
+            .expect_err("3 descriptors for 2 sockets");
+        assert!(e.to_string().contains("2 sockets described, 3"), "{e}");
+    }
+
+    #[test]
+    fn an_offer_whose_descriptors_stop_coming_times_out() {
+        let sockets = udp_sockets(FDS_PER_MESSAGE + 1);
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        // The offer and its first message, then nothing (the stream stays open).
+        send_with_fds(
+            &mut old,
+            &offer_bytes(&sockets),
+            &raw(&sockets)[..FDS_PER_MESSAGE],
+        )
+        .expect("send");
+        let started = Instant::now();
+        let e = receive_offer(&new, Path::new("pair"), Duration::from_millis(300))
+            .expect_err("the last descriptor never comes");
+        assert!(
+            matches!(&e, HandoverError::Io { source, .. } if source.kind() == io::ErrorKind::TimedOut),
+            "{e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "waited {:?} for a 300 ms timeout",
+            started.elapsed()
+        );
     }
 }
