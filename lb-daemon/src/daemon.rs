@@ -162,7 +162,13 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         Ok(s) => s.keep_dataplane,
         Err(_) => take_over,
     };
-    let result = stopped.and_then(|s| s.died.map_or(Ok(()), |d| Err(DaemonError::ThreadDied(d))));
+    let result = stopped.and_then(|s| match (s.died, s.aborted) {
+        (Some(d), _) => Err(DaemonError::ThreadDied(d)),
+        (None, Some(why)) => Err(DaemonError::Upgrade(format!(
+            "{why} before this daemon was ready: the old daemon goes on"
+        ))),
+        (None, None) => Ok(()),
+    });
     let mut xdp = control.take_xdp();
     if keep {
         if let Some(x) = xdp.take() {
@@ -351,67 +357,61 @@ async fn serve(
         "ready: {} services, {workers} proxy workers",
         set.all().len()
     );
+    // Told to stop while it started as an upgrade (Ctrl-C on `lb-daemon upgrade`): the old
+    // daemon, never told READY, goes on; the sockets and routes this one shares stay its.
+    let mut aborted = None;
     if let Some((inherited, taken)) = handover {
         if crate::watchdog::fault("pause-before-ready") {
-            info!("LB_FAULT=pause-before-ready: READY in 5 s");
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            info!("LB_FAULT=pause-before-ready: READY in 10 s");
+            tokio::time::sleep(Duration::from_secs(10)).await;
         }
-        // Told to stop while it started (Ctrl-C on `lb-daemon upgrade`): the old daemon,
-        // never told READY, goes on as if this one had failed.
-        if let Some(why) = signals.stop_now() {
-            return Err(DaemonError::Upgrade(format!(
-                "{why} before this daemon was ready: the old daemon goes on"
-            )));
-        }
-        let unused = inherited.close_rest();
-        if !unused.is_empty() {
-            warn!("upgrade: closed {unused:?}, taken over but used by no service of this config");
-        }
-        // The service manager hears of this daemon from the old one (MAINPID=), which it
-        // started: only its main process may tell it anything.
-        if let Err(e) = taken.ready() {
-            warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
-        }
-        if let Some(old) = left_behind {
-            tokio::spawn(crate::announce::withdraw_left_behind(
-                old.table,
-                old.protocol,
-            ));
+        aborted = signals.stop_now();
+        if aborted.is_some() {
+            drop(taken);
+        } else {
+            take_the_place(&inherited, taken, left_behind);
         }
     } else {
         crate::notify::ready();
     }
     let upgraded = Arc::new(tokio::sync::Notify::new());
     let offer = handover_offer(control, served.addr.zip(served.socket));
-    serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+    if aborted.is_none() {
+        serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+    }
     let upgrading = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut handed_over = false;
-    let (why, died, keep_dataplane) = loop {
-        tokio::select! {
-            _ = upgraded.notified() => {
-                handed_over = true;
-                break ("upgrade: the new daemon took over".to_string(), None, true);
-            }
-            got = signals.next() => match got {
-                Received::Stop(why) => break (why.to_string(), None, false),
-                Received::StopKeepingDataplane => break ("SIGQUIT".to_string(), None, true),
-                Received::Reload => {
-                    info!("SIGHUP: reloading {}", control.path().display());
-                    crate::notify::reloading();
-                    let _logged = crate::reload::reload(control).await;
-                    crate::notify::ready();
+    // An aborted take-over leaves like a daemon that handed over: nothing it shares is
+    // withdrawn or stopped, the eBPF plane stays the old daemon's.
+    let mut handed_over = aborted.is_some();
+    let (why, died, keep_dataplane) = match aborted {
+        Some(why) => (format!("{why} before this daemon was ready"), None, true),
+        None => loop {
+            tokio::select! {
+                _ = upgraded.notified() => {
+                    handed_over = true;
+                    break ("upgrade: the new daemon took over".to_string(), None, true);
                 }
-                Received::Upgrade => upgrade_in_place(
-                    control,
-                    &exe,
-                    &offer,
-                    &upgraded,
-                    &upgrading,
-                ),
-            },
-            // The kernel's data plane is sound: the daemon started again adopts it.
-            death = crate::watchdog::died() => break (death.to_string(), Some(death), true),
-        }
+                got = signals.next() => match got {
+                    Received::Stop(why) => break (why.to_string(), None, false),
+                    Received::StopKeepingDataplane => break ("SIGQUIT".to_string(), None, true),
+                    Received::Reload => {
+                        info!("SIGHUP: reloading {}", control.path().display());
+                        crate::notify::reloading();
+                        let _logged = crate::reload::reload(control).await;
+                        crate::notify::ready();
+                    }
+                    Received::Upgrade => upgrade_in_place(
+                        control,
+                        &exe,
+                        &offer,
+                        &upgraded,
+                        &upgrading,
+                    ),
+                },
+                // The kernel's data plane is sound: the daemon started again adopts it.
+                death = crate::watchdog::died() => break (death.to_string(), Some(death), true),
+            }
+        },
     };
     if !handed_over {
         crate::notify::stopping();
@@ -441,7 +441,33 @@ async fn serve(
         died,
         keep_dataplane,
         handed_over,
+        aborted,
     })
+}
+
+/// The new daemon of an upgrade takes the old one's place: closes the sockets it took and no
+/// service of its config uses, tells the old one READY, and withdraws the routes the old one
+/// left in a table this one does not use (`left_behind`).
+fn take_the_place(
+    inherited: &crate::handover::Inherited,
+    taken: crate::handover::Taken,
+    left_behind: Option<crate::handover::RouteTableId>,
+) {
+    let unused = inherited.close_rest();
+    if !unused.is_empty() {
+        warn!("upgrade: closed {unused:?}, taken over but used by no service of this config");
+    }
+    // The service manager hears of this daemon from the old one (MAINPID=), which it
+    // started: only its main process may tell it anything.
+    if let Err(e) = taken.ready() {
+        warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
+    }
+    if let Some(old) = left_behind {
+        tokio::spawn(crate::announce::withdraw_left_behind(
+            old.table,
+            old.protocol,
+        ));
+    }
 }
 
 /// The VIP routes as the daemon stops serving: a new daemon that took over keeps them as they
@@ -605,8 +631,13 @@ struct Stopped {
     /// The eBPF plane stays attached and pinned for the next daemon (SIGQUIT, a dead
     /// thread), instead of draining and detaching.
     keep_dataplane: bool,
-    /// A new daemon took the sockets over (`lb-daemon upgrade`).
+    /// A new daemon took the sockets over (`lb-daemon upgrade`), or this one, an upgrade,
+    /// was told to stop before it was ready (`aborted`): either way the sockets and routes it
+    /// shares are another daemon's.
     handed_over: bool,
+    /// This daemon, an upgrade, was told to stop (the signal's name) before it told the old
+    /// daemon READY: the old one goes on, and this one exits with an error.
+    aborted: Option<&'static str>,
 }
 
 /// The signals the daemon acts on, each a stream that remembers a delivery until it is read.

@@ -216,7 +216,7 @@ fn an_upgrade_stopped_before_it_is_ready_leaves_the_old_daemon_serving() {
     let socket = dir.path().join("upgrade.sock");
     let site = Site::new(Some(&socket));
     let mut old = Daemon::start(&site.config);
-    // A debug build waits 5 s before READY with this fault: Ctrl-C comes meanwhile.
+    // A debug build waits 10 s before READY with this fault: Ctrl-C comes meanwhile.
     let mut new = Daemon::launch_upgrade(&site.config, &[("LB_FAULT", "pause-before-ready")])
         .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
     new.wait_for_log("LB_FAULT=pause-before-ready", Duration::from_secs(15))
