@@ -319,6 +319,52 @@ fn a_client_that_resets_while_its_upload_waits_on_the_backend_releases_the_backe
     // way and the proxy waits for the backend to take more, reading nothing from the
     // client. The client gives up with a reset. The backend must see it within a few sweep
     // ticks (1 s each here), not when the 60 s idle timeout comes.
+    let (backend_side, client, sent, h) = upload_until_the_proxy_stops_reading(false);
+    expect_reset_passed_on(&backend_side, client, sent, &h);
+}
+
+#[test]
+fn a_client_that_resets_after_the_backend_finished_releases_the_backend() {
+    // As above, once the backend has sent its FIN (which the proxy passed on): nothing
+    // writes to the client any more either.
+    let (backend_side, client, sent, h) = upload_until_the_proxy_stops_reading(true);
+    expect_reset_passed_on(&backend_side, client, sent, &h);
+}
+
+#[test]
+fn a_client_that_closes_cleanly_after_the_backend_finished_keeps_its_upload() {
+    // Both sides have sent their FIN: the client's socket hangs up, cleanly. The sweep must
+    // not take that for a reset: every byte of the upload still reaches the backend.
+    let (mut backend_side, client, sent, h) = upload_until_the_proxy_stops_reading(true);
+    client.shutdown(Shutdown::Write).expect("the client's FIN");
+    std::thread::sleep(Duration::from_millis(3_500));
+    assert_eq!(
+        h.proxy().active(),
+        1,
+        "the proxy ended a cleanly closing connection while the backend was still to read"
+    );
+    backend_side
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("read timeout");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match backend_side.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("the backend's read after {got} of {sent} bytes: {e}"),
+        }
+    }
+    assert_eq!(got, sent, "the upload arrived cut");
+}
+
+/// A proxied connection whose backend never reads (and, with `backend_fin`, has sent its
+/// FIN), and a client that uploads until nothing more goes in for 300 ms: the proxy has
+/// stopped reading the client. Returns the backend's socket, the client's, the bytes sent
+/// and the harness.
+fn upload_until_the_proxy_stops_reading(
+    backend_fin: bool,
+) -> (TcpStream, TcpStream, usize, Harness) {
     let (accepted, backend_side) = mpsc::channel();
     let accepted = std::sync::Mutex::new(accepted);
     let backend = TcpBackend::start(move |s| {
@@ -331,10 +377,19 @@ fn a_client_that_resets_while_its_upload_waits_on_the_backend_releases_the_backe
     let backend_side: TcpStream = backend_side
         .recv_timeout(TIMEOUT)
         .expect("the backend accepts the proxy's connection");
+    if backend_fin {
+        backend_side
+            .shutdown(Shutdown::Write)
+            .expect("the backend's FIN");
+        client
+            .set_read_timeout(Some(TIMEOUT))
+            .expect("read timeout");
+        let mut b = [0u8; 1];
+        assert_eq!(client.read(&mut b).expect("read"), 0, "the FIN passed on");
+    }
     client.set_nonblocking(true).expect("non-blocking");
     let chunk = vec![7u8; 64 * 1024];
     let mut sent = 0usize;
-    // Full once nothing more goes in for 300 ms: the proxy stopped reading the client.
     let mut stuck_since = std::time::Instant::now();
     while stuck_since.elapsed() < Duration::from_millis(300) {
         match client.write(&chunk) {
@@ -350,14 +405,20 @@ fn a_client_that_resets_while_its_upload_waits_on_the_backend_releases_the_backe
         assert!(sent < 1 << 30, "a backend that never reads took 1 GiB");
     }
     assert_eq!(h.proxy().active(), 1);
+    (backend_side, client, sent, h)
+}
+
+/// The client resets; its reset reaches the backend within 5 s, asked without reading
+/// (a read would make room and let the proxy find the reset itself), and the proxy lets
+/// the connection go.
+fn expect_reset_passed_on(backend_side: &TcpStream, client: TcpStream, sent: usize, h: &Harness) {
     SockRef::from(&client)
         .set_linger(Some(Duration::ZERO))
         .expect("SO_LINGER 0");
-    drop(client); // a reset
-                  // Asked without reading: a read would make room and let the proxy find the reset itself.
+    drop(client);
     let mut seen = None;
     let reset = wait_until(Duration::from_secs(5), || {
-        seen = SockRef::from(&backend_side).take_error().ok().flatten();
+        seen = SockRef::from(backend_side).take_error().ok().flatten();
         seen.is_some()
     });
     assert!(

@@ -109,10 +109,16 @@ impl Direction {
         self.waiting == Waiting::Finished
     }
 
-    /// Whether the direction waits for its destination to take the pipe's bytes
-    /// ([`Step::PollWritable`]): its source is not read meanwhile.
-    pub(super) fn waiting_to_write(&self) -> bool {
-        self.waiting == Waiting::Writable
+    /// Whether an operation of the direction's in flight is on its destination (a poll for
+    /// room or a splice into it), which reports an error or hang-up of that socket.
+    pub(super) fn writing(&self) -> bool {
+        matches!(self.waiting, Waiting::Writable | Waiting::SplicedOut)
+    }
+
+    /// Whether the direction works on its source (reads it, or is about to): neither
+    /// finished nor [`writing`](Self::writing).
+    pub(super) fn reading(&self) -> bool {
+        !self.finished() && !self.writing()
     }
 
     /// The [`Outcome`] a completion of this direction's operation in flight reports
@@ -356,9 +362,9 @@ mod tests {
         d.on(Outcome::Readable(POLLIN));
         d.on(Outcome::SplicedIn(300));
         assert_eq!(d.on(Outcome::SplicedOut(100)), Step::PollWritable);
-        assert!(d.waiting_to_write());
+        assert!(d.writing() && !d.reading());
         assert_eq!(d.on(Outcome::Writable(POLLOUT)), Step::SpliceOut(200));
-        assert!(!d.waiting_to_write());
+        assert!(d.writing(), "a splice into the destination is in flight");
         assert_eq!(d.on(Outcome::SplicedOut(-libc::EAGAIN)), Step::PollWritable);
         assert_eq!(d.on(Outcome::Writable(POLLOUT)), Step::SpliceOut(200));
         assert_eq!(d.on(Outcome::SplicedOut(200)), Step::PollReadable);

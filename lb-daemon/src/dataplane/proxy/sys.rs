@@ -149,7 +149,9 @@ pub(super) fn copy_into_pipe(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: u32)
 /// arrived). One `poll(2)` that does not wait. Unlike an io_uring poll, which always
 /// reports `POLLRDHUP`, `poll(2)` asked for no event reports only `POLLERR`, `POLLHUP`
 /// and `POLLNVAL`, so this works on a socket whose peer has already sent its FIN.
-pub(super) fn peer_gone(fd: BorrowedFd<'_>) -> bool {
+/// `we_sent_fin`: this side shut its writing down, so a hang-up is also what the peer's own
+/// FIN gives (a clean close); then only an error counts.
+pub(super) fn peer_gone(fd: BorrowedFd<'_>, we_sent_fin: bool) -> bool {
     let mut entry = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: 0,
@@ -157,7 +159,12 @@ pub(super) fn peer_gone(fd: BorrowedFd<'_>) -> bool {
     };
     // SAFETY: one valid pollfd, no wait.
     let n = unsafe { libc::poll(&mut entry, 1, 0) };
-    n > 0 && entry.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+    let gone = if we_sent_fin {
+        libc::POLLERR | libc::POLLNVAL
+    } else {
+        libc::POLLERR | libc::POLLHUP | libc::POLLNVAL
+    };
+    n > 0 && entry.revents & gone != 0
 }
 
 /// Whether a connect error is this host's own rather than the backend's answer: a shortage

@@ -170,19 +170,19 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
     if conn.closing.is_some() {
         return None;
     }
-    // A direction waiting for room polls its destination for POLLOUT, which reports an
-    // error or hang-up too; otherwise it works on its source. So a source goes unwatched
-    // when its direction finished or waits for room and the other direction does neither.
-    let idle = |way: &Direction| way.finished() || way.waiting_to_write();
+    // A socket is watched while the direction from it reads it, or while the direction to
+    // it writes to it (a poll for room, a splice: either reports an error or hang-up). One
+    // the relay sent its FIN to shows a hang-up at the peer's own FIN too, a clean close:
+    // there only an error (a reset) tells that the peer is gone.
     let (to_backend, to_client) = (&r.ways[TO_BACKEND], &r.ways[TO_CLIENT]);
-    let unwatched_source = if idle(to_backend) && !idle(to_client) {
-        Some(conn.client.as_fd())
-    } else if idle(to_client) && !idle(to_backend) {
-        Some(r.backend.as_fd())
-    } else {
-        None
-    };
-    if unwatched_source.is_some_and(sys::peer_gone) {
+    let sockets = [
+        (conn.client.as_fd(), to_backend, to_client),
+        (r.backend.as_fd(), to_client, to_backend),
+    ];
+    let gone = sockets.into_iter().any(|(fd, from, to)| {
+        !from.reading() && !to.writing() && sys::peer_gone(fd, to.finished())
+    });
+    if gone {
         tracing::debug!(
             "service {}: a peer of the connection from {} is gone while nothing reads it; \
              closing it",
@@ -805,13 +805,14 @@ impl Tcp {
     ///
     /// Why the second: once a direction has finished (its source sent a FIN), or while it
     /// waits for its destination to take the pipe's bytes (a peer that does not read),
-    /// nothing polls that source, so a reset from it (the client half-closed, or gave up on
-    /// an upload, then went away) would go unseen while the other direction waits on a
-    /// quiet peer, holding the other peer until the idle timeout. The sweep asks each such
-    /// source once per tick ([`sys::peer_gone`]): one `poll(2)` per such connection, none
-    /// for the others. An io_uring poll cannot wait for this on a finished source, as it
-    /// always reports the FIN already received (`POLLRDHUP`); on a blocked one it would
-    /// cost a second operation in flight per direction.
+    /// nothing polls that source unless the other direction writes to it, so a reset from
+    /// it (the client half-closed, or gave up on an upload, then went away) would go unseen
+    /// while the other direction waits on a quiet peer or has finished, holding the other
+    /// peer until the idle timeout. The sweep asks each such socket once per tick
+    /// ([`sys::peer_gone`]): one `poll(2)` per such socket, none for the others. An
+    /// io_uring poll cannot wait for this on a finished source, as it always reports the
+    /// FIN already received (`POLLRDHUP`); on a blocked one it would cost a second
+    /// operation in flight per direction.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
         let (services, now) = (&self.services, ctx.now);
