@@ -69,6 +69,13 @@ fn a_service_the_new_config_lacks_drains_and_is_released() {
 }
 
 #[test]
+fn a_local_address_added_across_a_restart_carries_new_flows() {
+    if lb_tests::require_root("xdp_restart::a_local_address_added_across_a_restart") {
+        restart_with_a_second_local_address(Path::tc(Mode::Nat));
+    }
+}
+
+#[test]
 fn a_pinned_set_of_another_layout_is_replaced_with_the_documented_line() {
     if lb_tests::require_root("xdp_restart::a_pinned_set_of_another_layout_is_replaced") {
         other_layout(Path::tc(Mode::Nat));
@@ -446,4 +453,53 @@ fn upgrade_under_load(path: Path) {
             "{path:?}: upload {i}, open across the upgrade, arrived damaged or cut"
         );
     }
+}
+
+/// The second local address of [`restart_with_a_second_local_address`]; the balancer need
+/// not own it: the backends' replies to it reach the balancer by their default route, and
+/// the program translates them.
+const SECOND_LOCAL: &str = "10.200.0.3";
+
+/// A daemon stopped with SIGQUIT and started again with a second local address for `web`
+/// (a reload refuses that change; a restart is how it is made): `web` continues its adopted
+/// service id, and every new connection is answered, those whose hash names the second
+/// address included.
+fn restart_with_a_second_local_address(path: Path) {
+    let pins = PinDir(test_pin_dir());
+    let (mut world, _) = start(path, &pins);
+    kill(&mut world, path, Signal::SIGQUIT);
+    let local = toml::Value::Array(
+        [
+            lb_tests::xdp::BALANCER.to_string(),
+            SECOND_LOCAL.to_string(),
+        ]
+        .into_iter()
+        .map(toml::Value::String)
+        .collect(),
+    );
+    let backends = [(1, 1), (2, 1), (3, 1)];
+    let toml = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "2s")
+        .service(service(&world.topology, path.mode, "web", &backends).set("local_address", local))
+        .service(service(&world.topology, path.mode, "bulk", &backends))
+        .service(service(&world.topology, path.mode, "dns", &backends))
+        .to_toml();
+    world.daemon = in_netns(&world.topology.balancer, || {
+        Daemon::start_pinned(&toml, &pins.0)
+    })
+    .expect("enter the balancer namespace");
+    let logs = world.daemon.logs().join("\n");
+    assert!(
+        logs.contains("service web: continues the adopted service id"),
+        "{path:?}: web did not continue under its adopted id:\n{logs}"
+    );
+    let report = world.client(|| {
+        run(60, 3, Duration::from_secs(60), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    report.assert_all_answered(&format!(
+        "{path:?}: new connections after a restart that added the local address {SECOND_LOCAL}"
+    ));
 }

@@ -345,14 +345,15 @@ impl Maps {
             }
             None => 0,
         };
-        if !slot.vip_published {
-            // Before the service entry that counts them.
-            for (i, addr) in slot.local_addresses.iter().enumerate().skip(1) {
-                self.local_addrs
-                    .set(local_addr_index(slot.id, i as u32), addr_words(*addr), 0)
-                    .map_err(io(contract::LOCAL_ADDRS))?;
-            }
+        // Before the service entry that counts them, also for a slot that continues an
+        // adopted service (its VIP is published, but `local_address` may have gained an
+        // address across the restart): the program never reads a count past what is written.
+        for (index, words) in slot.local_addrs_due() {
+            self.local_addrs
+                .set(index, words, 0)
+                .map_err(io(contract::LOCAL_ADDRS))?;
         }
+        slot.local_addrs_written = true;
         let mut service = slot.service_value();
         service.table_size[inactive as usize] = size;
         self.services
@@ -585,6 +586,10 @@ pub struct ServiceSlot {
     table_size_live: u32,
     /// Whether the VIP is in `VIPS` yet.
     vip_published: bool,
+    /// Whether this slot wrote its `LOCAL_ADDRS` entries yet. Apart from `vip_published`: a
+    /// slot that continues an adopted service finds its VIP published, but its local
+    /// addresses may have changed across the restart.
+    local_addrs_written: bool,
     /// What each table half holds in the kernel, when known: later writes skip the slots
     /// that already hold the right backend.
     halves: [Option<std::sync::Arc<[u32]>>; 2],
@@ -650,6 +655,7 @@ impl ServiceSlot {
             active_half: 0,
             table_size_live: 0,
             vip_published: false,
+            local_addrs_written: false,
             halves: [None, None],
             generation: 0,
             table_digest: None,
@@ -835,6 +841,8 @@ impl ServiceSlot {
             active_half,
             table_size_live: found.table_size[active_half as usize],
             vip_published: true,
+            // One address: no entry to write.
+            local_addrs_written: true,
             halves: [None, None],
             generation: 0,
             table_digest: None,
@@ -848,6 +856,18 @@ impl ServiceSlot {
             replies_soon_until: None,
             replies_changed: false,
         })
+    }
+
+    /// The `LOCAL_ADDRS` entries (index, address words) the next flip writes before the
+    /// `SERVICES` entry that counts them: the addresses past the first, until the slot's
+    /// first flip wrote them.
+    fn local_addrs_due(&self) -> Vec<(u32, [u32; 4])> {
+        if self.local_addrs_written {
+            return Vec::new();
+        }
+        (self.local_addresses.iter().enumerate().skip(1))
+            .map(|(i, addr)| (local_addr_index(self.id, i as u32), addr_words(*addr)))
+            .collect()
     }
 
     /// The generation of the snapshot last written; 0 before the first.
@@ -1155,6 +1175,43 @@ mod tests {
             "DSR replies bypass the balancer"
         );
         assert!(slot.replies_reach(&local));
+    }
+
+    /// A `nat` service continued from a pinned set with a second local address (added across
+    /// the restart: a reload refuses the change) writes it before its first flip counts it.
+    #[test]
+    fn a_resumed_service_writes_its_local_addresses_before_counting_them() {
+        let settings = super::super::XdpService {
+            table_size: 65537,
+            xdp: crate::config::XdpSettings::default(),
+            hook: super::super::HookRequest::Tc,
+        };
+        let first: IpAddr = [10, 200, 0, 1].into();
+        let second: IpAddr = [10, 200, 0, 3].into();
+        let vip = "10.200.100.1:80".parse().expect("literal");
+        let mut slot = ServiceSlot::new(
+            5,
+            vip,
+            Protocol::Tcp,
+            &settings,
+            vec![first, second],
+            (1024, 2047),
+        );
+        let found = contract::Service {
+            mode: MODE_NAT,
+            local_addrs: 1,
+            active_half: 1,
+            ..slot.service_value()
+        };
+        slot.resume(&found, BTreeMap::new());
+        assert_eq!(slot.service_value().local_addrs, 2);
+        assert_eq!(
+            slot.local_addrs_due(),
+            vec![(local_addr_index(5, 1), addr_words(second))],
+            "the first write would count a second local address LOCAL_ADDRS does not hold"
+        );
+        slot.local_addrs_written = true;
+        assert_eq!(slot.local_addrs_due(), vec![], "written once per slot");
     }
 
     #[test]
