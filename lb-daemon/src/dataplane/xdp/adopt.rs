@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use lb_common::maps::{self as contract, VipKey, MAX_BACKENDS, MAX_SERVICES};
 
 use super::ids::IdPool;
-use super::{Maps, MapsError};
+use super::{Maps, MapsError, XdpPlaneError};
 use crate::config::Forwarding;
 
 /// A service of the adopted set.
@@ -27,6 +27,9 @@ pub struct AdoptedService {
     pub entry: contract::Service,
     /// Its backends (the ids its live table half names), by address.
     pub backends: BTreeMap<SocketAddr, u32>,
+    /// The orphan ids [`Adopted::claim`] added to `backends`: they are orphans again if the
+    /// claim is given back ([`Adopted::give_back`]).
+    orphans_taken: Vec<u32>,
 }
 
 /// What an adopted pinned set holds that no service of the config has claimed yet.
@@ -63,6 +66,7 @@ impl Adopted {
                 id,
                 entry,
                 backends: BTreeMap::new(),
+                orphans_taken: Vec::new(),
             };
             for b in maps.table_ids(id, half, size)? {
                 if let Some(&address) = backends.get(&b) {
@@ -123,9 +127,29 @@ impl Adopted {
             if let Some(id) = orphan {
                 self.orphans.remove(&id);
                 service.backends.insert(*a, id);
+                service.orphans_taken.push(id);
             }
         }
         Some(service)
+    }
+
+    /// Puts back `service`, which [`Adopted::claim`] took at `key` for a service that could
+    /// not be placed after all: it is the set's again (and drains at
+    /// [`XdpPlane::settle_adoption`](super::XdpPlane::settle_adoption) unless another
+    /// service claims it), and so are the orphans the claim took.
+    pub fn give_back(&mut self, key: VipKey, mut service: AdoptedService) {
+        for id in std::mem::take(&mut service.orphans_taken) {
+            let address = service
+                .backends
+                .iter()
+                .find(|(_, &b)| b == id)
+                .map(|(&a, _)| a);
+            if let Some(address) = address {
+                service.backends.remove(&address);
+                self.orphans.insert(id, address);
+            }
+        }
+        self.services.insert(key, service);
     }
 
     /// What no config service claimed: the services (VIP key and service) and the backend
@@ -140,5 +164,171 @@ impl Adopted {
         ids.sort_unstable();
         ids.dedup();
         (services, ids)
+    }
+}
+
+/// Takes what `adopted` holds for a config service at `key` with `forwarding` and backends
+/// `addresses` (distinct; see [`Adopted::claim`]) if the service can be placed with the ids
+/// free in the pools: a new service id unless it continues an adopted service
+/// (`free_services`), a backend id for each address the claim does not bring
+/// (`free_backends`). A refusal leaves `adopted` as it was, so that what the service would
+/// have continued drains as any service of the set no config service continued.
+///
+/// Returns `Err(XdpPlaneError::ServiceIdsFull)` or `Err(XdpPlaneError::BackendIdsFull)`.
+pub fn claim_if_placeable(
+    adopted: Option<&mut Adopted>,
+    key: &VipKey,
+    forwarding: Forwarding,
+    addresses: &[SocketAddr],
+    free_services: usize,
+    free_backends: usize,
+) -> Result<Option<AdoptedService>, XdpPlaneError> {
+    let Some(adopted) = adopted else {
+        return check_ids(None, addresses, free_services, free_backends).map(|()| None);
+    };
+    let claimed = adopted.claim(key, forwarding, addresses);
+    match check_ids(claimed.as_ref(), addresses, free_services, free_backends) {
+        Ok(()) => Ok(claimed),
+        Err(e) => {
+            if let Some(service) = claimed {
+                adopted.give_back(*key, service);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Whether a service with backends `addresses` that continues `claimed` (if any) finds the
+/// ids it needs besides among `free_services` and `free_backends`.
+fn check_ids(
+    claimed: Option<&AdoptedService>,
+    addresses: &[SocketAddr],
+    free_services: usize,
+    free_backends: usize,
+) -> Result<(), XdpPlaneError> {
+    if claimed.is_none() && free_services == 0 {
+        return Err(XdpPlaneError::ServiceIdsFull);
+    }
+    let needed = (addresses.iter())
+        .filter(|a| !claimed.is_some_and(|c| c.backends.contains_key(a)))
+        .count();
+    if needed > free_backends {
+        return Err(XdpPlaneError::BackendIdsFull {
+            needed,
+            free: free_backends,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(s: &str) -> SocketAddr {
+        s.parse().expect("literal")
+    }
+
+    fn vip(port: u16) -> VipKey {
+        VipKey::new(
+            SocketAddr::from(([10, 200, 100, 1], port)),
+            lb_common::flow::IPPROTO_TCP,
+        )
+    }
+
+    /// A set whose `nat` service `id` at `vip(80)` names backend 10.200.1.2:80 (id 10), with
+    /// 10.200.2.2:80 (id 11) an orphan; `others` more services at other ports hold the
+    /// service ids after it.
+    fn set_with(id: u32, others: u32) -> Adopted {
+        let mut adopted = Adopted::default();
+        let entry = contract::Service {
+            mode: contract::MODE_NAT,
+            ..Default::default()
+        };
+        for (i, port) in (0..=others).zip(80u16..) {
+            let backends = match i {
+                0 => BTreeMap::from([(address("10.200.1.2:80"), 10)]),
+                _ => BTreeMap::new(),
+            };
+            let service = AdoptedService {
+                id: id + i,
+                entry,
+                backends,
+                orphans_taken: Vec::new(),
+            };
+            adopted.service_ids.insert(service.id);
+            adopted.services.insert(vip(port), service);
+        }
+        adopted.orphans.insert(11, address("10.200.2.2:80"));
+        adopted.backend_ids = BTreeSet::from([10, 11]);
+        adopted
+    }
+
+    /// The service ids and backend ids the set would drain at settle.
+    fn left_to_drain(adopted: Adopted) -> (Vec<u32>, Vec<u32>) {
+        let (services, ids) = adopted.unclaimed();
+        let mut services: Vec<u32> = services.iter().map(|(_, s)| s.id).collect();
+        services.sort_unstable();
+        (services, ids)
+    }
+
+    #[test]
+    fn a_service_refused_for_backend_ids_leaves_the_adopted_one_to_drain() {
+        let mut adopted = set_with(3, 0);
+        let addresses = [
+            address("10.200.1.2:80"),
+            address("10.200.2.2:80"),
+            address("10.200.3.2:80"),
+        ];
+        let refused = claim_if_placeable(
+            Some(&mut adopted),
+            &vip(80),
+            Forwarding::Nat,
+            &addresses,
+            5,
+            0,
+        );
+        assert!(
+            matches!(
+                refused,
+                Err(XdpPlaneError::BackendIdsFull { needed: 1, free: 0 })
+            ),
+            "one new backend and no free id: {refused:?}"
+        );
+        assert_eq!(
+            left_to_drain(adopted),
+            (vec![3], vec![10, 11]),
+            "a refused service took the adopted service and its ids with it: they would \
+             never drain"
+        );
+    }
+
+    #[test]
+    fn a_claim_given_back_after_a_failed_write_drains_with_its_orphans() {
+        let mut adopted = set_with(3, 0);
+        let addresses = [address("10.200.1.2:80"), address("10.200.2.2:80")];
+        let claimed = claim_if_placeable(
+            Some(&mut adopted),
+            &vip(80),
+            Forwarding::Nat,
+            &addresses,
+            5,
+            0,
+        )
+        .expect("every backend has an adopted id")
+        .expect("the service at the VIP is claimed");
+        assert_eq!(
+            claimed.backends.values().copied().collect::<Vec<_>>(),
+            vec![10, 11],
+            "the orphan at one of its addresses comes with it"
+        );
+        assert_eq!(left_to_drain(adopted), (vec![], vec![]));
+
+        let mut adopted = set_with(3, 0);
+        let claimed = adopted
+            .claim(&vip(80), Forwarding::Nat, &addresses)
+            .expect("claimed");
+        adopted.give_back(vip(80), claimed);
+        assert_eq!(left_to_drain(adopted), (vec![3], vec![10, 11]));
     }
 }

@@ -430,6 +430,16 @@ impl Maps {
         Ok(())
     }
 
+    /// Writes `entry` back as service `id`'s `SERVICES` entry: an adopted service's, after a
+    /// first write for the config's service that continued it failed.
+    ///
+    /// Returns `Err(MapsError::Io)` when the map cannot be written.
+    pub fn restore_service(&mut self, id: u32, entry: contract::Service) -> Result<(), MapsError> {
+        self.services
+            .set(id, entry, 0)
+            .map_err(io(contract::SERVICES))
+    }
+
     /// Takes a drained service out: hands its VIP on (see [`Maps::hand_over_vip`], to no
     /// one) and clears its `SERVICES` entry. Its backend ids are released separately
     /// ([`Maps::clear_backends`]).

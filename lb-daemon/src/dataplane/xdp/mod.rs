@@ -362,10 +362,11 @@ impl XdpPlane {
     /// any of its interfaces it is not attached to yet, and its current snapshot written, VIP
     /// last. The sync thread writes its later snapshots.
     ///
-    /// Returns where it runs; `Err` leaves nothing of the service in the maps and no
-    /// attachment made for it if the attaching failed (so `auto` may try the other hook on
-    /// the same interfaces); one made before a later step failed (ids, maps) stays, passing
-    /// what is not a VIP's.
+    /// Returns where it runs; `Err` leaves nothing of the service in the maps (a service of
+    /// an adopted set it would have continued stays the set's, to drain at
+    /// [`XdpPlane::settle_adoption`]) and no attachment made for it if the attaching failed
+    /// (so `auto` may try the other hook on the same interfaces); one made before a later
+    /// step failed (ids, maps) stays, passing what is not a VIP's.
     pub fn add(
         &mut self,
         service: &ServiceHandle,
@@ -413,21 +414,18 @@ impl XdpPlane {
             snat_ports,
         );
         // A service of an adopted pinned set at the same VIP continues under its ids: the
-        // flows conntrack pinned to its backends go on.
-        let claimed = self
-            .adopted
-            .as_mut()
-            .and_then(|a| a.claim(&slot.vip_key(), xdp.forwarding, &addresses));
-        let needed = addresses
-            .iter()
-            .filter(|a| !claimed.as_ref().is_some_and(|c| c.backends.contains_key(a)))
-            .count();
-        let free = st.backend_ids.available();
-        if needed > free {
-            return Err(XdpPlaneError::BackendIdsFull { needed, free });
-        }
-        let resumed = claimed.is_some();
-        slot.id = match claimed {
+        // flows conntrack pinned to its backends go on. Taken only once the ids the service
+        // needs besides are known to be free: a refused service leaves it to drain.
+        let key = slot.vip_key();
+        let claimed = adopt::claim_if_placeable(
+            self.adopted.as_mut(),
+            &key,
+            xdp.forwarding,
+            &addresses,
+            st.service_ids.available(),
+            st.backend_ids.available(),
+        )?;
+        slot.id = match &claimed {
             Some(c) => {
                 info!(
                     "service {}: continues the adopted service id {} ({} backend(s))",
@@ -435,7 +433,7 @@ impl XdpPlane {
                     c.id,
                     c.backends.len()
                 );
-                slot.resume(&c.entry, c.backends);
+                slot.resume(&c.entry, c.backends.clone());
                 c.id
             }
             None => st.service_ids.take().ok_or(XdpPlaneError::ServiceIdsFull)?,
@@ -443,7 +441,7 @@ impl XdpPlane {
         let id = slot.id;
         let deadline = Instant::now() + st.drain_timeout;
         // An adopted service keeps its counters.
-        let reset = if resumed {
+        let reset = if claimed.is_some() {
             Ok(())
         } else {
             st.maps.reset_service_counters(id)
@@ -454,7 +452,16 @@ impl XdpPlane {
                 .map(|_| ())
         });
         if let Err(e) = written {
-            st.undo_add(slot, &snap.name);
+            match claimed {
+                // Its VIP, live table and ids stay the set's, to drain at settle.
+                Some(c) => {
+                    st.undo_resume(slot, &c, &snap.name);
+                    if let Some(adopted) = self.adopted.as_mut() {
+                        adopted.give_back(key, c);
+                    }
+                }
+                None => st.undo_add(slot, &snap.name),
+            }
             return Err(e.into());
         }
         st.running.push(sync::Running {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use super::adopt::AdoptedService;
 use super::ids::IdPool;
 use super::map_walk::MapWalk;
 use super::snat::SnatTimes;
@@ -299,6 +300,23 @@ impl State {
             error!("service {name}: cannot clear its XDP limits entry: {e}");
         }
         let ids = slot.backend_ids_mut().take_all();
+        self.release_unpublished_backend_ids(&ids);
+    }
+
+    /// Undoes the first write of a service that continued `found`, an adopted service, and
+    /// failed: `found`'s `SERVICES` entry is written back (the flip did not happen: packets
+    /// still read its live half), and the backend ids the write took from the pool go back.
+    /// The service id, the VIP and `found`'s backend ids stay: conntrack pins flows to
+    /// them, and they drain with the rest of the set (see `adopt.rs`). `found`'s `LIMITS`
+    /// entry keeps what the write put there until then.
+    pub fn undo_resume(&mut self, mut slot: ServiceSlot, found: &AdoptedService, name: &str) {
+        if let Err(e) = self.maps.restore_service(slot.id, found.entry) {
+            error!("service {name}: cannot restore its adopted XDP service entry: {e}");
+        }
+        let adopted: std::collections::HashSet<u32> = found.backends.values().copied().collect();
+        let ids: Vec<u32> = (slot.backend_ids_mut().take_all().into_iter())
+            .filter(|id| !adopted.contains(id))
+            .collect();
         self.release_unpublished_backend_ids(&ids);
     }
 
