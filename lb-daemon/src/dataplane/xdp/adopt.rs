@@ -97,6 +97,16 @@ impl Adopted {
         (self.service_ids.len(), self.backend_ids.len())
     }
 
+    /// Whether a config service at `key` with `forwarding` would continue a service of the
+    /// set ([`Adopted::claim`] would take one): it needs no new service id.
+    pub fn continues(&self, key: &VipKey, forwarding: Forwarding) -> bool {
+        let mode = match forwarding {
+            Forwarding::Nat => contract::MODE_NAT,
+            Forwarding::Dsr => contract::MODE_DSR,
+        };
+        self.services.get(key).is_some_and(|s| s.entry.mode == mode)
+    }
+
     /// Takes the adopted service at `key` for a config service with `forwarding` and
     /// backends `addresses`: the service and its backend ids by address, the orphans with
     /// one of `addresses` included. `None` when the set has no service there, or one that
@@ -107,11 +117,7 @@ impl Adopted {
         forwarding: Forwarding,
         addresses: &[SocketAddr],
     ) -> Option<AdoptedService> {
-        let mode = match forwarding {
-            Forwarding::Nat => contract::MODE_NAT,
-            Forwarding::Dsr => contract::MODE_DSR,
-        };
-        if self.services.get(key)?.entry.mode != mode {
+        if !self.continues(key, forwarding) {
             return None;
         }
         let mut service = self.services.remove(key)?;
@@ -330,5 +336,36 @@ mod tests {
             .expect("claimed");
         adopted.give_back(vip(80), claimed);
         assert_eq!(left_to_drain(adopted), (vec![3], vec![10, 11]));
+    }
+
+    #[test]
+    fn with_every_service_id_adopted_only_a_service_needing_a_new_one_is_refused() {
+        let mut adopted = set_with(0, MAX_SERVICES - 1);
+        let (services, _) = adopted.pools();
+        assert_eq!(services.available(), 0, "the set holds every service id");
+        let addresses = [address("10.200.1.2:80")];
+        assert!(adopted.continues(&vip(80), Forwarding::Nat));
+        assert!(!adopted.continues(&vip(80), Forwarding::Dsr));
+        let continued = claim_if_placeable(
+            Some(&mut adopted),
+            &vip(80),
+            Forwarding::Nat,
+            &addresses,
+            0,
+            0,
+        );
+        assert!(
+            matches!(&continued, Ok(Some(s)) if s.id == 0),
+            "the service continuing adopted id 0 was refused: {continued:?}"
+        );
+        let other = VipKey::new(
+            SocketAddr::from(([10, 200, 100, 2], 80)),
+            lb_common::flow::IPPROTO_TCP,
+        );
+        let new = claim_if_placeable(Some(&mut adopted), &other, Forwarding::Nat, &[], 0, 9);
+        assert!(
+            matches!(new, Err(XdpPlaneError::ServiceIdsFull)),
+            "a service at a VIP the set lacks needs a new id: {new:?}"
+        );
     }
 }

@@ -909,9 +909,14 @@ impl ServiceSlot {
 
     /// The key of the service's VIP in `VIPS`.
     pub fn vip_key(&self) -> VipKey {
+        ServiceSlot::vip_key_of(self.vip, self.protocol)
+    }
+
+    /// The `VIPS` key of a service at `vip` over `protocol`.
+    pub fn vip_key_of(vip: SocketAddr, protocol: Protocol) -> VipKey {
         VipKey::new(
-            self.vip,
-            match self.protocol {
+            vip,
+            match protocol {
                 Protocol::Tcp => lb_common::flow::IPPROTO_TCP,
                 Protocol::Udp => lb_common::flow::IPPROTO_UDP,
             },

@@ -390,7 +390,15 @@ impl XdpPlane {
                 wanted.push(b.clone());
             }
         }
-        if lock(&self.state).service_ids.available() == 0 {
+        // Refused before anything is attached when it would need a new service id and none
+        // is free; one that continues a service of an adopted set keeps that one's id.
+        let key = {
+            let snap = service.snapshot.load();
+            ServiceSlot::vip_key_of(snap.listen, snap.protocol)
+        };
+        if lock(&self.state).service_ids.available() == 0
+            && !(self.adopted.as_ref()).is_some_and(|a| a.continues(&key, xdp.forwarding))
+        {
             return Err(XdpPlaneError::ServiceIdsFull);
         }
         let interfaces = self.attach_all(&wanted, settings.hook)?;
