@@ -76,6 +76,13 @@ fn a_local_address_added_across_a_restart_carries_new_flows() {
 }
 
 #[test]
+fn a_service_draining_behind_its_successor_keeps_its_id_across_a_restart() {
+    if lb_tests::require_root("xdp_restart::a_service_draining_behind_its_successor") {
+        restart_while_a_renamed_service_drains(Path::tc(Mode::Nat));
+    }
+}
+
+#[test]
 fn a_pinned_set_of_another_layout_is_replaced_with_the_documented_line() {
     if lb_tests::require_root("xdp_restart::a_pinned_set_of_another_layout_is_replaced") {
         other_layout(Path::tc(Mode::Nat));
@@ -502,4 +509,77 @@ fn restart_with_a_second_local_address(path: Path) {
     report.assert_all_answered(&format!(
         "{path:?}: new connections after a restart that added the local address {SECOND_LOCAL}"
     ));
+}
+
+/// `web` renamed `web2` by a reload (a new service at the VIP, the old one draining behind
+/// it, its VIP passed on), then a SIGQUIT restart within the drain: the new daemon keeps
+/// the old service's id reserved until it drains, then releases it (its clients' counts
+/// deleted), and `web2` goes on.
+fn restart_while_a_renamed_service_drains(path: Path) {
+    let pins = PinDir(test_pin_dir());
+    let backends = [(1, 1), (2, 1), (3, 1)];
+    let config = |topology: &Topology, web: &str, drain: &str| {
+        DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .global("drain_timeout", drain)
+            .service(
+                service(topology, path.mode, "web", &backends)
+                    .set("name", toml::Value::String(web.into())),
+            )
+            .service(service(topology, path.mode, "bulk", &backends))
+            .to_toml()
+    };
+    let mut world = World::start_custom(path, 3, 3, &[1, 2, 3], |topology| {
+        let toml = config(topology, "web", "1h");
+        in_netns(&topology.balancer, || Daemon::start_pinned(&toml, &pins.0))
+            .expect("enter the balancer namespace")
+    });
+    world
+        .daemon
+        .rewrite_config(&config(&world.topology, "web2", "1h"));
+    let mark = world.daemon.log_mark();
+    world
+        .daemon
+        .signal(Signal::SIGHUP)
+        .expect("the daemon runs");
+    let (_, line) = world
+        .daemon
+        .wait_for_log_after(mark, "reload of", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{path:?}: no reload: {e}"));
+    assert!(
+        line.contains("applied"),
+        "{path:?}: the rename was refused: {line}"
+    );
+    kill(&mut world, path, Signal::SIGQUIT);
+
+    let toml = config(&world.topology, "web2", "2s");
+    world.daemon = in_netns(&world.topology.balancer, || {
+        Daemon::start_pinned(&toml, &pins.0)
+    })
+    .expect("enter the balancer namespace");
+    let line = world
+        .daemon
+        .wait_for_log("was draining (its VIP passed on)", Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            panic!("{path:?}: the draining web's service id was not kept reserved: {e}")
+        });
+    let id = line
+        .split("the adopted service id ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{path:?}: no service id in: {line}"))
+        .to_string();
+    world
+        .daemon
+        .wait_for_log(
+            &format!("service id {id} (adopted, draining, its VIP passed on): drained; its XDP id is released"),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{path:?}: the draining web's id was not released: {e}"));
+    let report = world.client(|| {
+        run(30, 3, Duration::from_secs(30), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    report.assert_all_answered(&format!("{path:?}: web2 after the restart"));
 }

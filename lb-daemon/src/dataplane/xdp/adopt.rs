@@ -7,7 +7,10 @@
 //! the ids in that half are its backends (addresses from `BACKENDS`). A backend id in
 //! `BACKENDS` that no table names (a backend down or draining when the daemon stopped) is an
 //! orphan: the first adopted service whose config has its address takes it back; the others
-//! drain.
+//! drain. A service id with a `SERVICES` entry that no `VIPS` key names is a service that was
+//! draining when the daemon stopped, its VIP passed to the service placed after it (or to no
+//! one): its id stays reserved and drains, so the `CLIENTS` entries it left are deleted
+//! before another service is given the id.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -38,6 +41,8 @@ pub struct Adopted {
     services: HashMap<VipKey, AdoptedService>,
     /// Backend ids no table names, with their addresses.
     orphans: BTreeMap<u32, SocketAddr>,
+    /// Service ids with a `SERVICES` entry but no VIP: services that were draining.
+    without_vip: BTreeSet<u32>,
     service_ids: BTreeSet<u32>,
     backend_ids: BTreeSet<u32>,
 }
@@ -81,7 +86,23 @@ impl Adopted {
             .into_iter()
             .filter(|(id, _)| !named.contains(id) && *id < MAX_BACKENDS)
             .collect();
+        let mut entries = Vec::new();
+        for id in (0..MAX_SERVICES).filter(|id| !adopted.service_ids.contains(id)) {
+            entries.push((id, maps.service_entry(id)?));
+        }
+        adopted.reserve_without_vip(&entries);
         Ok(adopted)
+    }
+
+    /// Reserves the ids of `entries` (id and `SERVICES` entry, of the ids no `VIPS` key
+    /// names) that describe a service: ones that were draining when the daemon stopped, their
+    /// VIP passed on. An entry a release cleared (or never written) has no family.
+    fn reserve_without_vip(&mut self, entries: &[(u32, contract::Service)]) {
+        self.without_vip = (entries.iter())
+            .filter(|(_, e)| e.family != 0)
+            .map(|&(id, _)| id)
+            .collect();
+        self.service_ids.extend(&self.without_vip);
     }
 
     /// The pools of free ids around the adopted ones: (services, backends).
@@ -158,19 +179,34 @@ impl Adopted {
         self.services.insert(key, service);
     }
 
-    /// What no config service claimed: the services (VIP key and service) and the backend
-    /// ids of theirs and the orphans, to drain.
-    pub fn unclaimed(self) -> (Vec<(VipKey, AdoptedService)>, Vec<u32>) {
-        let mut ids: Vec<u32> = self.orphans.into_keys().collect();
+    /// What no config service claimed, to drain.
+    pub fn unclaimed(self) -> Unclaimed {
+        let mut backend_ids: Vec<u32> = self.orphans.into_keys().collect();
         let mut services = Vec::new();
         for (key, service) in self.services {
-            ids.extend(service.backends.values().copied());
+            backend_ids.extend(service.backends.values().copied());
             services.push((key, service));
         }
-        ids.sort_unstable();
-        ids.dedup();
-        (services, ids)
+        backend_ids.sort_unstable();
+        backend_ids.dedup();
+        Unclaimed {
+            services,
+            backend_ids,
+            without_vip: self.without_vip.into_iter().collect(),
+        }
     }
+}
+
+/// What an adopted set holds that no config service claimed ([`Adopted::unclaimed`]).
+#[derive(Debug)]
+pub struct Unclaimed {
+    /// The services at a VIP: VIP key and service.
+    pub services: Vec<(VipKey, AdoptedService)>,
+    /// The backend ids of those services and the orphans.
+    pub backend_ids: Vec<u32>,
+    /// The ids of services that were draining, their VIP passed on: only their `SERVICES`,
+    /// `LIMITS` and `CLIENTS` entries are left to release.
+    pub without_vip: Vec<u32>,
 }
 
 /// Takes what `adopted` holds for a config service at `key` with `forwarding` and backends
@@ -272,10 +308,42 @@ mod tests {
 
     /// The service ids and backend ids the set would drain at settle.
     fn left_to_drain(adopted: Adopted) -> (Vec<u32>, Vec<u32>) {
-        let (services, ids) = adopted.unclaimed();
-        let mut services: Vec<u32> = services.iter().map(|(_, s)| s.id).collect();
+        let unclaimed = adopted.unclaimed();
+        let mut services: Vec<u32> = (unclaimed.services.iter())
+            .map(|(_, s)| s.id)
+            .chain(unclaimed.without_vip)
+            .collect();
         services.sort_unstable();
-        (services, ids)
+        (services, unclaimed.backend_ids)
+    }
+
+    /// A service draining when the daemon stopped, its VIP given to the one that replaced
+    /// it, keeps its id until it drains: its clients' counts must not pass to the next
+    /// service given the id.
+    #[test]
+    fn a_draining_service_whose_vip_passed_on_keeps_its_id_until_it_drains() {
+        let mut adopted = set_with(3, 0);
+        let draining = contract::Service {
+            mode: contract::MODE_NAT,
+            family: contract::FAMILY_V4,
+            ..Default::default()
+        };
+        let entries: Vec<(u32, contract::Service)> = (0..MAX_SERVICES)
+            .filter(|&id| id != 3)
+            .map(|id| match id {
+                1 => (id, draining),
+                _ => (id, contract::Service::default()),
+            })
+            .collect();
+        adopted.reserve_without_vip(&entries);
+        let (mut services, _) = adopted.pools();
+        let handed: Vec<u32> = std::iter::from_fn(|| services.take()).collect();
+        assert!(
+            !handed.contains(&1),
+            "service id 1, still draining, was free for a new service"
+        );
+        assert_eq!(handed.len(), MAX_SERVICES as usize - 2);
+        assert_eq!(left_to_drain(adopted), (vec![1, 3], vec![10, 11]));
     }
 
     #[test]

@@ -447,8 +447,15 @@ impl Maps {
     /// Returns `Err(MapsError::Io)` when a map cannot be read or written.
     pub fn remove_service(&mut self, slot: &ServiceSlot) -> Result<(), MapsError> {
         self.hand_over_vip(slot, None)?;
+        self.clear_service(slot.id)
+    }
+
+    /// Clears service `id`'s `SERVICES` entry (its VIP is gone already).
+    ///
+    /// Returns `Err(MapsError::Io)` when the map cannot be written.
+    pub fn clear_service(&mut self, id: u32) -> Result<(), MapsError> {
         self.services
-            .set(slot.id, contract::Service::default(), 0)
+            .set(id, contract::Service::default(), 0)
             .map_err(io(contract::SERVICES))
     }
 

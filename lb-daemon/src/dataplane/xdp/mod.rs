@@ -288,6 +288,7 @@ impl XdpPlane {
             running: Vec::new(),
             leaving: Vec::new(),
             orphans: Vec::new(),
+            orphan_services: Vec::new(),
             open_flows: None,
             snat_in_use: None,
             snat_counted_at: None,
@@ -312,17 +313,28 @@ impl XdpPlane {
 
     /// Ends the adoption of a pinned set once the config's services are placed: the set's
     /// services that no config service continued drain as removed ones (their VIP and ids
-    /// released after `drain_timeout`), its backend ids no service took back drain too, and
+    /// released after `drain_timeout`), so do the ids of the services that were draining
+    /// with their VIP passed on, its backend ids no service took back drain too, and
     /// its links on interfaces no service uses are removed (their programs detached). Does
     /// nothing when nothing was adopted.
     pub fn settle_adoption(&mut self) {
         let Some(adopted) = self.adopted.take() else {
             return;
         };
-        let (services, ids) = adopted.unclaimed();
+        let adopt::Unclaimed {
+            services,
+            backend_ids: ids,
+            without_vip,
+        } = adopted.unclaimed();
         let mut guard = lock(&self.state);
         let st = &mut *guard;
         let deadline = Instant::now() + st.drain_timeout;
+        for id in without_vip {
+            info!(
+                "eBPF: the adopted service id {id} was draining (its VIP passed on); it is                  released after the drain timeout"
+            );
+            st.orphan_services.push((id, deadline));
+        }
         for (key, found) in services {
             let Some(mut slot) = maps::ServiceSlot::leftover(found.id, &key, &found.entry) else {
                 warn!(

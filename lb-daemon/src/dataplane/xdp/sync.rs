@@ -48,6 +48,9 @@ pub struct State {
     /// Backend ids of an adopted pinned set that no service of the config claimed (see
     /// `adopt.rs`), flagged draining, released at their deadline.
     pub orphans: Vec<(u32, Instant)>,
+    /// Service ids of an adopted pinned set whose services were draining, their VIP passed
+    /// on (see `adopt.rs`), released at their deadline like a removed service's.
+    pub orphan_services: Vec<(u32, Instant)>,
     /// Open flows per backend id of the running services, from the last count (see
     /// `open_flows.rs`); `None` before the first.
     pub open_flows: Option<std::collections::HashMap<u32, u64>>,
@@ -231,6 +234,23 @@ impl State {
             drained
                 .backends
                 .push(("(adopted, not in the config)".into(), None, id));
+        }
+        let (expired, orphans): (Vec<_>, Vec<_>) = std::mem::take(&mut self.orphan_services)
+            .into_iter()
+            .partition(|&(_, deadline)| deadline <= now);
+        self.orphan_services = orphans;
+        for (id, _) in expired {
+            let name = format!("id {id} (adopted, draining, its VIP passed on)");
+            let cleared = (self.maps.clear_service(id)).and_then(|()| self.maps.limits.clear(id));
+            match cleared {
+                Ok(()) => {
+                    info!("service {name}: drained; its XDP id is released");
+                    drained.services.push((name, id));
+                }
+                Err(e) => error!(
+                    "service {name}: cannot take it out of the XDP maps: {e}; it stays reserved"
+                ),
+            }
         }
         let (done, left): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut self.leaving)
             .into_iter()
