@@ -331,7 +331,8 @@ impl XdpPlane {
         let deadline = Instant::now() + st.drain_timeout;
         for id in without_vip {
             info!(
-                "eBPF: the adopted service id {id} was draining (its VIP passed on); it is                  released after the drain timeout"
+                "eBPF: the adopted service id {id} was draining (its VIP passed on); it is \
+                 released after the drain timeout"
             );
             st.orphan_services.push((id, deadline));
         }
