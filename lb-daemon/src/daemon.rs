@@ -257,7 +257,17 @@ fn start(
     {
         // The services' health checks are spawned on this runtime; they run from block_on.
         let _in_runtime = rt.enter();
-        crate::reload::apply_config(&control, config)?;
+        if let Err(e) = crate::reload::apply_config(&control, config) {
+            // The refused start left the eBPF services it placed as written
+            // (`reload::undo_starts`): a pinned set it adopted goes on serving on them for
+            // the next daemon; a plane this start made itself is taken down again.
+            if !control.planes().adopting() {
+                if let Some(x) = control.take_xdp() {
+                    x.shutdown();
+                }
+            }
+            return Err(e.into());
+        }
     }
     // A plane loaded for services that all went to the proxy would keep its programs on
     // interfaces no service uses.

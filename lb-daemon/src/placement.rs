@@ -737,6 +737,11 @@ impl Planes {
         lock(&self.proxy).take()
     }
 
+    /// Whether the eBPF plane adopted a pinned set not settled yet ([`XdpPlane::adopting`]).
+    pub fn adopting(&self) -> bool {
+        lock(&self.xdp).as_ref().is_some_and(XdpPlane::adopting)
+    }
+
     /// Ends the adoption of a pinned eBPF set once the first config is placed (see
     /// [`XdpPlane::settle_adoption`]); `false` when no eBPF plane runs.
     pub fn settle_adoption(&self) -> bool {

@@ -96,6 +96,32 @@ fn a_restart_that_fails_leaves_the_pinned_plane_serving() {
     }
 }
 
+#[test]
+fn a_fresh_start_that_is_refused_leaves_no_program_behind() {
+    if !lb_tests::require_root("xdp_restart::a_fresh_start_that_is_refused") {
+        return;
+    }
+    let path = Path::tc(Mode::Nat);
+    let pins = PinDir(test_pin_dir());
+    let t = Topology::at(path, 1);
+    let toml = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .service(service(&t, path.mode, "web", &[(1, 1)]))
+        .service(service(&t, path.mode, "bulk", &[(1, 1)]).set("interface", "l9"))
+        .to_toml();
+    let dir = pins.0.to_string_lossy().into_owned();
+    let refused = in_netns(&t.balancer, || {
+        Daemon::try_start_with_env(&toml, &[(lb_tests::daemon::BPF_PIN_DIR_ENV, &dir)])
+    })
+    .expect("enter the balancer namespace");
+    assert!(refused.is_err(), "a service on a missing interface started");
+    assert_eq!(
+        t.prog_id("l0"),
+        None,
+        "a refused start left its program on l0, serving a VIP no daemon looks after"
+    );
+}
+
 /// The pin directory of one test, removed when the test ends, also when it fails.
 struct PinDir(std::path::PathBuf);
 

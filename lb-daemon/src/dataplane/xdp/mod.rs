@@ -311,6 +311,12 @@ impl XdpPlane {
         })
     }
 
+    /// Whether the plane adopted a pinned set that [`XdpPlane::settle_adoption`] has not
+    /// settled yet: a daemon refused at start-up leaves such a plane pinned, as it found it.
+    pub fn adopting(&self) -> bool {
+        self.adopted.is_some()
+    }
+
     /// Ends the adoption of a pinned set once the config's services are placed: the set's
     /// services that no config service continued drain as removed ones (their VIP and ids
     /// released after `drain_timeout`), so do the ids of the services that were draining
