@@ -225,8 +225,9 @@ impl Control {
         unix_seconds(self.started)
     }
 
-    /// Keeps `service`, which a reload removed, in `/status` while it still has open
-    /// connections or sessions, for at most `drain_timeout`.
+    /// Keeps `service`, which a reload removed, in `/status` while it drains, for at most
+    /// `drain_timeout`: on the proxy while it has open connections or sessions, on the eBPF
+    /// plane for all of it (see `draining`).
     pub(crate) fn retire(&self, service: Arc<ServiceRuntime>, drain_timeout: Duration) {
         lock(&self.retired).push((service, Instant::now() + drain_timeout));
         // Pruned here too, so reloads without status requests do not pile them up.

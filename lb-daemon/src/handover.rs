@@ -716,7 +716,15 @@ mod tests {
     }
 
     /// `n` UDP sockets on 127.0.0.1 (each on a port of its own), described as worker `i`'s.
+    /// Raises this process's open file limit to its hard limit first: two such tests at
+    /// once hold over a thousand descriptors (each socket twice), past a soft limit of 1024.
     fn udp_sockets(n: usize) -> Vec<(OfferedSocket, OwnedFd)> {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
         (0..n)
             .map(|worker| {
                 let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");

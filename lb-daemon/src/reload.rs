@@ -266,9 +266,10 @@ async fn reload_now(control: Arc<Control>) -> Result<String, ReloadError> {
 /// touches a running service: a proxy service that must let go of its address for an added
 /// one (a rename, a move in) is stopped before that one starts, and if that one then fails,
 /// it is started again as a new service (its open connections drain); every other added
-/// service starts before it is stopped. Blocks while
-/// data planes take services: call it from a blocking context inside the tokio runtime (it
-/// spawns the services' health checks).
+/// service starts before it is stopped. At start-up a refusal leaves the eBPF services it
+/// placed as written (the daemon ends; see `undo_starts`). Blocks while data planes take
+/// services: call it from a blocking context inside the tokio runtime (it spawns the
+/// services' health checks).
 pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadError> {
     let running = control.config();
     let services = control.services().all();
@@ -506,7 +507,7 @@ fn stop_service(
             humantime::format_duration(drain_timeout)
         );
     }
-    // Shown in `/status` while proxied connections remain; its placement goes with it.
+    // Shown in `/status` while it drains (see `Control::retire`); its placement goes with it.
     control.retire(Arc::clone(r), drain_timeout);
     r.stop();
 }

@@ -391,14 +391,12 @@ fn idle_connections_are_capped_and_timed_out() {
 }
 
 #[test]
-fn slow_bodies_and_unread_answers_give_their_slots_back() {
+fn slow_bodies_give_their_slots_back() {
     use std::io::Write;
     let (daemon, _a, _vip) = one_service_daemon(&[]);
     let api = daemon.admin_addr();
-    // 32 connections send a body's first byte and no more; 32 pipeline status requests and
-    // never read the answers (a small receive buffer fills at once). Together they take
-    // all 64 of the API's slots.
-    let slow: Vec<std::net::TcpStream> = (0..32)
+    // 64 connections, all the API serves at once, send a body's first byte and no more.
+    let slow: Vec<std::net::TcpStream> = (0..64)
         .map(|_| {
             let mut s = std::net::TcpStream::connect_timeout(&api, Duration::from_secs(5))
                 .expect("connect to the admin API");
@@ -410,32 +408,61 @@ fn slow_bodies_and_unread_answers_give_their_slots_back() {
             s
         })
         .collect();
-    let unread: Vec<socket2::Socket> = (0..32)
-        .map(|_| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .expect("socket");
-            s.set_recv_buffer_size(4096).expect("small receive buffer");
-            s.connect_timeout(&api.into(), Duration::from_secs(5))
-                .expect("connect to the admin API");
-            s.set_write_timeout(Some(Duration::from_millis(200)))
-                .expect("write timeout");
-            let one = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n";
-            let mut w = &s;
-            for _ in 0..2000 {
-                if w.write_all(one).is_err() {
-                    break; // the daemon no longer reads: its answers are not taken
-                }
-            }
-            s
-        })
-        .collect();
-    // The header timeout (10 s) is past, and the body and write stall limits (10 s each).
+    slots_come_back(api, "slow bodies");
+    drop(slow);
+}
+
+#[test]
+fn a_client_that_takes_no_answer_loses_its_connection() {
+    use std::io::{Read, Write};
+    let (daemon, _a, _vip) = one_service_daemon(&[]);
+    let api = daemon.admin_addr();
+    // Status requests pipelined, none of the answers read: with a small receive buffer the
+    // daemon's writes wait within a second or so.
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.set_recv_buffer_size(4096).expect("small receive buffer");
+    s.connect_timeout(&api.into(), Duration::from_secs(5))
+        .expect("connect to the admin API");
+    s.set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("write timeout");
+    let one = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut sent = 0;
+    let mut w = &s;
+    while sent < 3000 && w.write_all(one).is_ok() {
+        sent += 1;
+    }
+    // Past the write-stall limit (10 s): the daemon has ended the connection, so fewer
+    // answers than requests ever arrive, then the end of the stream.
+    std::thread::sleep(Duration::from_secs(13));
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let mut all = Vec::new();
+    let mut r = &s;
+    let end = r.read_to_end(&mut all);
+    let answers = String::from_utf8_lossy(&all)
+        .matches("HTTP/1.1 200")
+        .count();
+    // Closed with requests still unread, the daemon's socket answers with a reset.
+    let ended = match &end {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        ended && answers < sent,
+        "a client that took no answer kept its connection: {answers} answers to {sent} \
+         requests, then {end:?}"
+    );
+}
+
+/// Once the header timeout (10 s) and the body and write-stall limits (10 s each) are past,
+/// the CLI gets an answer again: the connections holding every slot were closed.
+fn slots_come_back(api: std::net::SocketAddr, what: &str) {
     std::thread::sleep(Duration::from_secs(13));
     let out = cli(&api.to_string(), &["status"]);
     assert_eq!(
         out.code,
         Some(0),
-        "slow clients still held the admin API after its time limits: {out:?}"
+        "{what} still held the admin API after its time limits: {out:?}"
     );
-    drop((slow, unread));
 }

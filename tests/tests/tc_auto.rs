@@ -13,8 +13,8 @@
 //!
 //! Native XDP (every interface a NIC) needs a physical NIC, which these namespaces have not:
 //! `placement::auto_hook`'s unit tests cover it, and its refusal of a backend routed out of
-//! another device (`routes::off_xdp`, tested there on a macvlan). No interface, a loopback VIP, no BPF object
-//! and a missing interface are in `xdp_fallback.rs`.
+//! another device (`routes::off_xdp`, tested there on a macvlan). No interface, a loopback
+//! VIP, no BPF object and a missing interface are in `xdp_fallback.rs`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -2,8 +2,9 @@
 //! it is closed at once). A request's header must arrive within [`HEADER_TIMEOUT`], its body
 //! within [`BODY_TIMEOUT`](stall::BODY_TIMEOUT), and a response the client takes nothing of
 //! for [`WRITE_STALL`] ends the connection ([`super::stall`]), so a client that opens
-//! connections and then sends or reads nothing (or next to nothing) cannot hold the API, or
-//! the daemon's descriptors.
+//! connections and then sends or reads nothing cannot hold the API, or the daemon's
+//! descriptors. (One that reads a few bytes every few seconds still can: nothing bounds a
+//! connection's whole life.)
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -151,7 +151,10 @@ mod tests {
     #[tokio::test]
     async fn a_write_nobody_takes_fails_after_the_stall_and_one_taken_goes_on() {
         let (ours, mut theirs) = tokio::io::duplex(64);
-        let mut conn = WriteStall::new(ours, Duration::from_millis(200));
+        // A stall of 1 s against a reader taking 16 bytes every 20 ms: wide margins, for a
+        // loaded machine.
+        let stall = Duration::from_secs(1);
+        let mut conn = WriteStall::new(ours, stall);
         conn.write_all(&[7; 64])
             .await
             .expect("the pipe takes 64 bytes");
@@ -161,7 +164,7 @@ mod tests {
             .expect("the stalled write never failed")
             .expect_err("a write nobody takes must fail");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(started.elapsed() >= stall);
 
         // A peer that takes bytes, however slowly, keeps the connection.
         let reader = tokio::spawn(async move {
@@ -169,11 +172,11 @@ mod tests {
             let mut buf = [0; 16];
             let mut n = 0;
             while n < 64 + 256 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 n += theirs.read(&mut buf).await.expect("read");
             }
         });
-        let mut conn = WriteStall::new(conn.io, Duration::from_millis(200));
+        let mut conn = WriteStall::new(conn.io, stall);
         conn.write_all(&[7; 256])
             .await
             .expect("a write the peer takes slowly must go on");
