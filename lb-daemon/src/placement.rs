@@ -298,6 +298,19 @@ pub enum NotOnXdp {
         /// The interface the route to it names.
         via: String,
     },
+    /// A service at the XDP hook, and a backend routed out of a device that `lb_xdp` cannot
+    /// send to: it sends only out of the interfaces it is attached to, and would drop every
+    /// packet of that backend's flows.
+    #[error(
+        "backend {backend} is routed out of {via}, where the XDP program cannot send (it \
+         sends only out of the service's interfaces; a service on tc can)"
+    )]
+    BackendOffXdp {
+        /// The backend.
+        backend: std::net::SocketAddr,
+        /// The device its route leaves by.
+        via: String,
+    },
     /// A backend's address is this host's own: the eBPF plane forwards packets out of
     /// interfaces, and the host's own sockets are behind none.
     #[error(
@@ -796,6 +809,31 @@ fn interface_kinds(service: &Service) -> Result<Vec<(String, InterfaceKind)>, No
     Ok(kinds)
 }
 
+/// The first of `backends` routed out of a device that `lb_xdp` cannot send to
+/// ([`routes::off_xdp`](crate::dataplane::xdp::routes::off_xdp)), as the reason a service at
+/// the XDP hook cannot take it; `None` when every route leaves by one of `service`'s
+/// interfaces or cannot be told. One route lookup per backend. Read when a reload gives a
+/// running XDP service new backends (`crate::reload`).
+pub fn backends_off_xdp(
+    service: &Service,
+    backends: impl IntoIterator<Item = std::net::SocketAddr>,
+) -> Option<NotOnXdp> {
+    use crate::dataplane::xdp::routes;
+    let attached = attached_indexes(service);
+    backends.into_iter().find_map(|backend| {
+        routes::off_xdp(&attached, backend.ip(), &service.xdp.local_addresses)
+            .map(|via| NotOnXdp::BackendOffXdp { backend, via })
+    })
+}
+
+/// The indexes of `service`'s interfaces that exist.
+fn attached_indexes(service: &Service) -> Vec<u32> {
+    (service.xdp.interface.iter())
+        .chain(&service.xdp.backend_interfaces)
+        .filter_map(|name| loader::if_index(name))
+        .collect()
+}
+
 /// The first backend of `handle`'s snapshot whose route leaves by a device that `lb_xdp`
 /// cannot send to ([`routes::off_xdp`](crate::dataplane::xdp::routes::off_xdp)), with that
 /// device; `None` when every route leaves by one of `service`'s interfaces or cannot be
@@ -805,10 +843,7 @@ fn backend_off_xdp(
     handle: &ServiceHandle,
 ) -> Option<(std::net::SocketAddr, String)> {
     use crate::dataplane::xdp::routes;
-    let attached: Vec<u32> = (service.xdp.interface.iter())
-        .chain(&service.xdp.backend_interfaces)
-        .filter_map(|name| loader::if_index(name))
-        .collect();
+    let attached = attached_indexes(service);
     let snapshot = handle.snapshot.load();
     snapshot.backends.iter().find_map(|b| {
         routes::off_xdp(&attached, b.address.ip(), &service.xdp.local_addresses)

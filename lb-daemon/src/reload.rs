@@ -178,27 +178,40 @@ pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), Relo
     Ok(())
 }
 
-/// Refuses a reload that gives a running `nat` service on the eBPF plane (`on_xdp`) a backend
-/// whose replies would miss the program: routed out of an interface the program is not on,
-/// or an address of this host ([`placement::backends_elsewhere`]). Only the added backends
+/// Refuses a reload that gives a running `nat` service on the eBPF plane (as `placed` says) a
+/// backend whose replies would miss the program: routed out of an interface the program is
+/// not on, or an address of this host ([`placement::backends_elsewhere`]); or gives a
+/// service at the XDP hook (either forwarding) a backend routed out of a device `lb_xdp`
+/// cannot send to ([`placement::backends_off_xdp`]). Only the added backends
 /// are asked about (a route lookup each): the running ones were checked when they came, and
 /// are asked about again every 10 s (`ServiceSlot::ask_replies_again`).
 ///
 /// Returns `Err(ReloadError::BackendOffThePlane)` naming the service, the backend and the
 /// interface.
-fn backends_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), ReloadError> {
+fn backends_guard(
+    plan: &Plan,
+    placed: impl Fn(usize) -> Option<placement::Placement>,
+) -> Result<(), ReloadError> {
     for (r, new) in &plan.update {
-        if !on_xdp(r.index()) {
+        let Some(placement::Placement::Ebpf { carried, .. }) = placed(r.index()) else {
             continue;
-        }
+        };
         let old = r.config();
-        let added = (new.backends.iter().map(|b| b.address))
-            .filter(|a| !old.backends.iter().any(|b| b.address == *a));
-        if let Some(reason) = placement::backends_elsewhere(new, added) {
-            return Err(ReloadError::BackendOffThePlane {
-                service: new.name.clone(),
-                reason,
-            });
+        let added: Vec<_> = (new.backends.iter().map(|b| b.address))
+            .filter(|a| !old.backends.iter().any(|b| b.address == *a))
+            .collect();
+        let refuse = |reason| ReloadError::BackendOffThePlane {
+            service: new.name.clone(),
+            reason,
+        };
+        if let Some(reason) = placement::backends_elsewhere(new, added.iter().copied()) {
+            return Err(refuse(reason));
+        }
+        // At the XDP hook the program sends only out of the service's interfaces.
+        if carried.interfaces.iter().any(|(_, mode)| !mode.is_tc()) {
+            if let Some(reason) = placement::backends_off_xdp(new, added) {
+                return Err(refuse(reason));
+            }
         }
     }
     Ok(())
@@ -275,7 +288,7 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
     xdp_guard(&plan, |index| control.on_xdp(index))?;
-    backends_guard(&plan, |index| control.on_xdp(index))?;
+    backends_guard(&plan, |index| control.placement(index))?;
     if running.global.bpf_object != new.global.bpf_object && control.planes().has_xdp() {
         return Err(ReloadError::NeedsRestart(
             "global.bpf_object changed; the loaded XDP program stays until restart".into(),

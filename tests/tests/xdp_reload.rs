@@ -530,6 +530,39 @@ fn a_service_added_by_reload_runs_on_xdp_and_a_removed_one_drains() {
     world
         .client(|| http_get(web_vip(), "/"))
         .expect("web still answers after the second refused reload");
+
+    // At the XDP hook the program sends only out of the service's interfaces: a backend
+    // routed out of a macvlan over l1 (whose replies would come in on l1) is refused too.
+    let balancer = &world.topology.balancer;
+    balancer
+        .ip(&[
+            "link", "add", "link", "l1", "name", "mv1", "type", "macvlan",
+        ])
+        .expect("a macvlan over l1");
+    balancer
+        .ip(&["addr", "add", "10.200.77.1/24", "dev", "mv1"])
+        .expect("its address");
+    balancer.ip(&["link", "set", "mv1", "up"]).expect("mv1 up");
+    let behind: SocketAddr = "10.200.77.2:80".parse().expect("literal");
+    let over_a_macvlan = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", "8s")
+        .service(service(t, MODE, "web", &[(1, 1), (2, 1)]).backend(behind, 1))
+        .to_toml();
+    world.daemon.rewrite_config(&over_a_macvlan);
+    let out = cli_reload(&world);
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a reload giving an XDP service a backend XDP cannot send to must be refused: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("10.200.77.2:80 is routed out of mv1"),
+        "the refusal should name the backend and the device: {out:?}"
+    );
+    world
+        .client(|| http_get(web_vip(), "/"))
+        .expect("web still answers after the third refused reload");
     assert_eq!(
         world.topology.xdp_prog_id("l0"),
         prog,
