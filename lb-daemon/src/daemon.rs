@@ -351,10 +351,18 @@ async fn serve(
     };
     // Routes the old daemon announced where this one does not look would be exported for
     // good: they are withdrawn once this one is ready (below), which takes CAP_NET_ADMIN.
+    let ours = crate::handover::RouteTableId::of(&control.config());
     let left_behind = handover
         .as_ref()
         .and_then(|(inherited, _)| inherited.announced_in())
-        .filter(|old| Some(*old) != crate::handover::RouteTableId::of(&control.config()));
+        .filter(|old| Some(*old) != ours);
+    // An upgrade announcing where the old daemon does not: if it is stopped before READY,
+    // its own routes are for it to withdraw (nobody else looks there).
+    let own_table = ours.filter(|_| {
+        handover
+            .as_ref()
+            .is_some_and(|(inherited, _)| inherited.announced_in() != ours)
+    });
     // Start-up is over: listeners bound, the eBPF plane attached, the API listening.
     let mut keep = crate::privileges::kept_for(&control.config());
     if left_behind.is_some() {
@@ -428,7 +436,11 @@ async fn serve(
     }
     if let Some((announcer, task)) = announcer {
         task.abort();
-        withdraw(control, &announcer, handed_over, keep_dataplane, signals).await;
+        if aborted.is_some() && own_table.is_some() {
+            announcer.withdraw_all().await;
+        } else {
+            withdraw(control, &announcer, handed_over, keep_dataplane, signals).await;
+        }
     }
     info!(
         "{why}: no longer accepting; draining {} open connections and sessions for up to {}",

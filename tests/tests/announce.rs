@@ -25,6 +25,12 @@ struct Node {
 
 impl Node {
     fn start(withdraw_wait: &str) -> Node {
+        Self::start_with_env(withdraw_wait, &[])
+    }
+
+    /// [`Node::start`] with `env` added to the daemon's environment (which an upgrade in
+    /// place passes on to the new daemon).
+    fn start_with_env(withdraw_wait: &str, env: &[(&str, &str)]) -> Node {
         let ns = Netns::new("an").expect("namespace");
         ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
             .expect("the VIP on lo");
@@ -42,7 +48,9 @@ impl Node {
                     .backend(backend, 1),
             )
             .to_toml();
-        let daemon = in_netns(&ns, || Daemon::start(&toml)).expect("enter the namespace");
+        let daemon = in_netns(&ns, || Daemon::try_start_with_env(&toml, env))
+            .expect("enter the namespace")
+            .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"));
         Node { daemon, web, ns }
     }
 
@@ -361,6 +369,61 @@ fn an_upgrade_to_a_config_without_announce_withdraws_the_old_routes() {
         .wait_exit(Duration::from_secs(15))
         .expect("the old daemon exits after the hand-over");
     node.wait_route(false, Duration::from_secs(5));
+}
+
+#[test]
+fn an_upgrade_to_another_table_stopped_before_ready_withdraws_what_it_announced() {
+    if !lb_tests::require_root("announce::an_upgrade_to_another_table_stopped") {
+        return;
+    }
+    // The upgrade in place passes the fault on: the new daemon announces, then waits 10 s
+    // before READY.
+    let node = Node::start_with_env("0s", &[("LB_FAULT", "pause-before-ready")]);
+    node.wait_route(true, Duration::from_secs(3));
+    let text = std::fs::read_to_string(node.daemon.config_path()).expect("the config");
+    node.daemon
+        .rewrite_config(&text.replace("table = 100", "table = 101"));
+    let mark = node.daemon.log_mark();
+    let new = node
+        .daemon
+        .upgrade_in_place()
+        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
+    node.daemon
+        .wait_for_log_after(mark, "LB_FAULT=pause-before-ready", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("the new daemon never got to READY: {e}"));
+    let table_101 = || {
+        let out = node
+            .ns
+            .run("ip", &["route", "show", "table", "101"])
+            .expect("ip route show");
+        String::from_utf8_lossy(&out.stdout).contains(ROUTE)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), table_101),
+        "the new daemon did not announce in table 101"
+    );
+    nix::sys::signal::kill(new.pid(), nix::sys::signal::Signal::SIGINT).expect("SIGINT it");
+    assert!(
+        wait_until(Duration::from_secs(15), || !new.alive()),
+        "the stopped upgrade did not exit"
+    );
+    assert!(
+        !table_101(),
+        "the stopped upgrade left its routes in table 101, where nobody looks"
+    );
+    node.wait_route(true, Duration::from_secs(1));
+}
+
+/// Whether `done` holds within `limit`, asked every 20 ms.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done()
 }
 
 /// An IPv6 VIP is announced as a /128 in the same table, and withdrawn with its backend.
