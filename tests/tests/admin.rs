@@ -427,9 +427,16 @@ fn a_client_that_takes_no_answer_loses_its_connection() {
     s.set_write_timeout(Some(Duration::from_millis(200)))
         .expect("write timeout");
     let one = b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    // More answers (about 1 KB each) than the daemon's send buffer can ever hold (the
+    // kernel's `tcp_wmem` maximum), or every answer would fit and no write would wait.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2).and_then(|m| m.parse().ok()))
+        .unwrap_or(4 << 20);
+    let requests = (2 * wmem_max / 800).max(3000);
     let mut sent = 0;
     let mut w = &s;
-    while sent < 3000 && w.write_all(one).is_ok() {
+    while sent < requests && w.write_all(one).is_ok() {
         sent += 1;
     }
     // Past the write-stall limit (10 s): the daemon has ended the connection, so fewer

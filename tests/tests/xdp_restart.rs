@@ -595,12 +595,12 @@ fn restart_while_a_renamed_service_drains(path: Path) {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("{path:?}: no service id in: {line}"))
         .to_string();
+    let released = format!(
+        "service id {id} (adopted, draining, its VIP passed on): drained; its XDP id is released"
+    );
     world
         .daemon
-        .wait_for_log(
-            &format!("service id {id} (adopted, draining, its VIP passed on): drained; its XDP id is released"),
-            Duration::from_secs(10),
-        )
+        .wait_for_log(&released, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{path:?}: the draining web's id was not released: {e}"));
     let report = world.client(|| {
         run(30, 3, Duration::from_secs(30), |_| {

@@ -151,8 +151,8 @@ mod tests {
     #[tokio::test]
     async fn a_write_nobody_takes_fails_after_the_stall_and_one_taken_goes_on() {
         let (ours, mut theirs) = tokio::io::duplex(64);
-        // A stall of 1 s against a reader taking 16 bytes every 20 ms: wide margins, for a
-        // loaded machine.
+        // A stall of 1 s against a reader taking 16 bytes every 200 ms: each wait is a fifth
+        // of the stall, and the whole write takes four times it.
         let stall = Duration::from_secs(1);
         let mut conn = WriteStall::new(ours, stall);
         conn.write_all(&[7; 64])
@@ -172,7 +172,7 @@ mod tests {
             let mut buf = [0; 16];
             let mut n = 0;
             while n < 64 + 256 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 n += theirs.read(&mut buf).await.expect("read");
             }
         });
