@@ -144,7 +144,8 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         None
     };
     let inherited = handover.as_ref().map(|(i, _)| Arc::clone(i));
-    let (control, passive_rx) = start(config, path, workers, worker_priority, &rt, inherited)?;
+    let (control, passive_rx, adopted) =
+        start(config, path, workers, worker_priority, &rt, inherited)?;
     let stopped = rt.block_on(serve(
         &control,
         passive_rx,
@@ -157,10 +158,11 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         control.with_proxy(|p| p.mark_handed_over());
     }
     // A daemon taking over that failed before it was ready leaves the adopted eBPF plane to
-    // the old daemon, which goes on with it.
+    // the old daemon, which goes on with it; one that adopted a pinned set after a crash or
+    // SIGQUIT leaves it pinned for the next daemon, as it found it.
     let keep = match &stopped {
         Ok(s) => s.keep_dataplane,
-        Err(_) => take_over,
+        Err(_) => take_over || adopted,
     };
     let result = stopped.and_then(|s| match (s.died, s.aborted) {
         (Some(d), _) => Err(DaemonError::ThreadDied(d)),
@@ -230,8 +232,9 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
 
 /// Starts the proxy with `workers` workers (at nice `worker_priority`, `None`: the daemon's)
 /// and no service, then places every service of
-/// `config` as a reload from an empty config would. Returns the control state and the queue
-/// of passive connect outcomes, for [`serve`].
+/// `config` as a reload from an empty config would. Returns the control state, the queue
+/// of passive connect outcomes, for [`serve`], and whether the eBPF plane adopted a pinned
+/// set (a restart after a crash or SIGQUIT, an upgrade).
 fn start(
     config: Config,
     path: &Path,
@@ -239,7 +242,7 @@ fn start(
     worker_priority: Option<i32>,
     rt: &tokio::runtime::Runtime,
     inherited: Option<Arc<crate::handover::Inherited>>,
-) -> Result<(Arc<Control>, PassiveQueue), DaemonError> {
+) -> Result<(Arc<Control>, PassiveQueue, bool), DaemonError> {
     let (feedback, passive_rx) = PassiveFeedback::new(PASSIVE_QUEUE);
     let proxy = <Proxy as Dataplane>::start(ProxyStart {
         workers,
@@ -280,12 +283,13 @@ fn start(
     // A set pinned by the daemon before: continued where the config has its services, the
     // rest drains; with no eBPF plane at all, its programs would go on forwarding the VIPs on
     // a frozen table.
+    let adopted = control.planes().adopting();
     if !control.settle_adoption() {
         if let Some(dir) = &pin_dir {
             crate::dataplane::xdp::pins::remove_unused(dir);
         }
     }
-    Ok((control, passive_rx))
+    Ok((control, passive_rx, adopted))
 }
 
 /// Every [`FOLLOW_EVERY`] until aborted: the eBPF program attached again to interfaces

@@ -92,8 +92,24 @@ fn a_pinned_set_of_another_layout_is_replaced_with_the_documented_line() {
 #[test]
 fn a_restart_that_fails_leaves_the_pinned_plane_serving() {
     if lb_tests::require_root("xdp_restart::a_restart_that_fails_leaves_the_pinned_plane") {
-        failed_restart(Path::tc(Mode::Nat));
+        failed_restart(Path::tc(Mode::Nat), Refused::Placement);
     }
+}
+
+#[test]
+fn a_restart_that_cannot_serve_its_api_leaves_the_pinned_plane_serving() {
+    if lb_tests::require_root("xdp_restart::a_restart_that_cannot_serve_its_api") {
+        failed_restart(Path::tc(Mode::Nat), Refused::AdminAddressTaken);
+    }
+}
+
+/// Why the restart in [`failed_restart`] is refused.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// A service of its config cannot be placed (`tc` on a missing interface).
+    Placement,
+    /// Its admin API's address is taken, once the services are placed.
+    AdminAddressTaken,
 }
 
 #[test]
@@ -361,34 +377,49 @@ fn restart_without_a_service(path: Path) {
 }
 
 /// The daemon is killed; the next one adopts `web` and writes its table, then refuses to
-/// start, as it cannot place `bulk` (`tc` on a missing interface): new connections to `web`
-/// are still served, by the pinned plane on the table it wrote.
-fn failed_restart(path: Path) {
+/// start (`refused`): new connections to `web` are still served, by the pinned plane on the
+/// table it wrote.
+fn failed_restart(path: Path, refused: Refused) {
     let pins = PinDir(test_pin_dir());
     let (mut world, _) = start(path, &pins);
     kill(&mut world, path, Signal::SIGKILL);
     let t = &world.topology;
-    let toml = DaemonConfig::new()
+    let mut config = DaemonConfig::new()
         .global("bpf_object", bpf_object().display().to_string())
         .global("drain_timeout", "2s")
-        .service(service(t, path.mode, "web", &[(1, 1), (2, 1), (3, 1)]))
-        .service(service(t, path.mode, "bulk", &[(1, 1)]).set("interface", "l9"))
-        .to_toml();
+        .service(service(t, path.mode, "web", &[(1, 1), (2, 1), (3, 1)]));
+    let mut _taken = None;
+    match refused {
+        Refused::Placement => {
+            config =
+                config.service(service(t, path.mode, "bulk", &[(1, 1)]).set("interface", "l9"));
+        }
+        Refused::AdminAddressTaken => {
+            let holder = in_netns(&t.balancer, || std::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("enter the balancer namespace")
+                .expect("hold a port");
+            let held = holder.local_addr().expect("its address").to_string();
+            config = config.admin("listen", held);
+            _taken = Some(holder);
+        }
+    }
+    let toml = config.to_toml();
     let dir = pins.0.to_string_lossy().into_owned();
+    let why = refused;
     let refused = in_netns(&t.balancer, || {
         Daemon::try_start_with_env(&toml, &[(lb_tests::daemon::BPF_PIN_DIR_ENV, &dir)])
     })
     .expect("enter the balancer namespace");
     assert!(
         refused.is_err(),
-        "{path:?}: a config with a service on a missing interface started"
+        "{path:?}: {why:?}: the restart was not refused"
     );
     let report = world.client(|| {
         run(30, 3, Duration::from_secs(30), |_| {
             http_get(Topology::vip(WEB), "/")
         })
     });
-    report.assert_all_answered(&format!("{path:?}: web after a refused restart"));
+    report.assert_all_answered(&format!("{path:?}: web after a restart refused ({why:?})"));
 }
 
 /// `lb-daemon upgrade` while 5 uploads run through the eBPF plane: the new daemon takes the
