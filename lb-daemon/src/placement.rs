@@ -446,6 +446,8 @@ pub fn backends_elsewhere(
             Verdict::Miss(Miss::Elsewhere(via)) => {
                 Some(NotOnXdp::BackendElsewhere { backend, via })
             }
+            // `verdict` does not answer it: the hook's own check does (`backends_off_xdp`).
+            Verdict::Miss(Miss::OffXdp(via)) => Some(NotOnXdp::BackendOffXdp { backend, via }),
             Verdict::Reach | Verdict::Unknown => None,
         }
     })

@@ -896,6 +896,35 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
     world
         .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
         .unwrap_or_else(|e| panic!("b1 should answer again once its route is back: {e}"));
+
+    // At the XDP hook the program sends only out of the service's interfaces: b1 routed out
+    // of a macvlan over l1 (where its replies would still come in) is left out too.
+    let balancer = &world.topology.balancer;
+    balancer
+        .ip(&[
+            "link", "add", "link", "l1", "name", "mv1", "type", "macvlan",
+        ])
+        .expect("a macvlan over l1");
+    balancer.ip(&["link", "set", "mv1", "up"]).expect("mv1 up");
+    let route = [&format!("{}/32", b1.ip()), "dev", "mv1"];
+    let mark = world.daemon.log_mark();
+    balancer
+        .ip(&[&["route", "add"][..], &route[..]].concat())
+        .expect("a route to b1 out of mv1");
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!("service web: backend {b1} is routed out of mv1"),
+            REROUTE,
+        )
+        .unwrap_or_else(|e| panic!("b1, routed out of mv1, was not left out: {e}"));
+    wait_for_table(&world, mark, "web", "b1 routed out of mv1");
+    let seen = who_answers(&world);
+    assert!(
+        !seen.contains("b1"),
+        "the backend XDP cannot send to got flows: {seen:?}"
+    );
 }
 
 /// How long a route change may take to be followed: `REPLIES_EVERY` (10 s) and a margin.

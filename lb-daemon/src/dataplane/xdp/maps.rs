@@ -625,6 +625,9 @@ pub struct ServiceSlot {
     /// NAT: the service's `interface` and `backend_interfaces`, where its backends' replies
     /// must come in; empty for DSR.
     reply_interfaces: Vec<String>,
+    /// Whether the service runs at the XDP hook, where the program sends only out of those
+    /// interfaces: a NAT backend routed out of another device is left out too.
+    xdp_hook: bool,
     /// NAT: per backend address, why its replies would miss the program (`None`: they reach
     /// it), asked when the address first comes and again every [`REPLIES_EVERY`]
     /// ([`super::routes::ReplyPaths::verdict`]). One whose would miss (a DNS name answered
@@ -678,6 +681,7 @@ impl ServiceSlot {
             table_digest: None,
             failed_generation: None,
             missing_ids: 0,
+            xdp_hook: matches!(settings.hook, super::HookRequest::Xdp { .. }),
             reply_interfaces: match settings.xdp.forwarding {
                 Forwarding::Nat => (settings.xdp.interface.iter())
                     .chain(settings.xdp.backend_interfaces.iter())
@@ -783,7 +787,16 @@ impl ServiceSlot {
         };
         for &address in addresses {
             let was = self.replies_miss.get(&address);
-            match paths.verdict(address.ip(), &self.local_addresses) {
+            let verdict = match paths.verdict(address.ip(), &self.local_addresses) {
+                Verdict::Reach if self.xdp_hook => {
+                    match paths.off_xdp(address.ip(), &self.local_addresses) {
+                        Some(via) => Verdict::Miss(super::routes::Miss::OffXdp(via)),
+                        None => Verdict::Reach,
+                    }
+                }
+                verdict => verdict,
+            };
+            match verdict {
                 Verdict::Reach => {
                     if was.is_some_and(Option::is_some) {
                         tracing::info!(
@@ -866,6 +879,7 @@ impl ServiceSlot {
             failed_generation: None,
             missing_ids: 0,
             // Drained, never given backends: nothing to ask.
+            xdp_hook: false,
             reply_interfaces: Vec::new(),
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,

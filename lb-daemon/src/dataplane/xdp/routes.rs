@@ -26,6 +26,13 @@ pub enum Miss {
     /// would not see the replies.
     #[error("is reached through {0}, where the eBPF program would not see its replies (add {0} to backend_interfaces)")]
     Elsewhere(String),
+    /// The service runs at the XDP hook, and the route to the backend leaves by this device
+    /// (its name), which `lb_xdp` cannot send to ([`off_xdp`]).
+    #[error(
+        "is routed out of {0}, where the XDP program cannot send (it sends only out of the \
+         service's interfaces; a service on tc can)"
+    )]
+    OffXdp(String),
 }
 
 /// What the routes say of a `nat` backend's replies.
@@ -95,6 +102,11 @@ impl ReplyPaths {
             },
             Err(_) => Verdict::Unknown,
         }
+    }
+
+    /// [`off_xdp`] for a service at the XDP hook whose interfaces these are.
+    pub fn off_xdp(&self, backend: IpAddr, sources: &[IpAddr]) -> Option<String> {
+        off_xdp(&self.listed, backend, sources)
     }
 
     /// Whether packets routed out of `egress` come back in where the program sees them;
