@@ -46,6 +46,9 @@ pub enum DaemonError {
     /// or it was told to stop before it was ready: the old daemon goes on.
     #[error("upgrade: {0}")]
     Upgrade(String),
+    /// Another daemon runs on the same `[global] bpf_pin_dir`: nothing was started.
+    #[error(transparent)]
+    PinLock(#[from] crate::dataplane::xdp::pin_lock::PinLockError),
     /// A thread the daemon cannot run without ended unexpectedly (see [`crate::watchdog`]):
     /// the daemon drained what was left and exits non-zero, to be started again.
     #[error("{0}; exiting so that the service manager starts lb again")]
@@ -143,6 +146,9 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
     } else {
         None
     };
+    if let Some(dir) = &config.global.bpf_pin_dir {
+        claim_pin_dir(dir, &config, handover.as_ref().map(|(i, _)| &**i))?;
+    }
     let inherited = handover.as_ref().map(|(i, _)| Arc::clone(i));
     let (control, passive_rx, adopted) =
         start(config, path, workers, worker_priority, &rt, inherited)?;
@@ -228,6 +234,36 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
     info!("stopped");
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Makes pin directory `dir` this daemon's (`dataplane::xdp::pin_lock`) before anything
+/// starts: the lock an old daemon handed over (`inherited`), whatever `config` holds (the
+/// successor of the set's owner removes it if no service of its runs on eBPF), or else its
+/// own when a service of `config` may run on the eBPF plane. A daemon with no such service
+/// leaves another's pinned set alone (`pins::remove_unused`) and runs beside it. A directory
+/// that is not there yet is claimed when the eBPF plane makes it (`pins::Pins::open`).
+///
+/// Returns `Err(DaemonError::PinLock)` when another daemon holds it: this one must not adopt
+/// the set that daemon serves.
+fn claim_pin_dir(
+    dir: &Path,
+    config: &Config,
+    inherited: Option<&crate::handover::Inherited>,
+) -> Result<(), DaemonError> {
+    use crate::dataplane::xdp::pin_lock;
+    let handed =
+        inherited.and_then(|i| i.take_named(pin_lock::HANDOVER_ADDR, pin_lock::HANDOVER_KIND, 0));
+    if handed.is_some_and(|fd| pin_lock::inherit(dir, fd)) {
+        return Ok(());
+    }
+    let may_pin = config
+        .services
+        .iter()
+        .any(|s| crate::placement::why_not_xdp(s).is_none());
+    if may_pin {
+        pin_lock::claim(dir)?;
+    }
+    Ok(())
 }
 
 /// Starts the proxy with `workers` workers (at nice `worker_priority`, `None`: the daemon's)
@@ -543,8 +579,9 @@ async fn withdraw(
 }
 
 /// What the daemon hands over in an upgrade (see `crate::handover`): the proxy's sockets
-/// at that moment, the admin API's TCP listener (`admin`: its address and a duplicate), and
-/// whether `drain-node` holds the node's VIPs back.
+/// at that moment, the admin API's TCP listener (`admin`: its address and a duplicate), the
+/// pin directory's lock (`dataplane::xdp::pin_lock`), and whether `drain-node` holds the
+/// node's VIPs back.
 type Offer = Arc<dyn Fn() -> crate::handover::Handing + Send + Sync>;
 
 /// The [`Offer`] of this daemon.
@@ -567,6 +604,17 @@ fn handover_offer(
                 )),
                 Err(e) => warn!("upgrade: the admin API's listener cannot be handed over: {e}"),
             }
+        }
+        // With the sockets, so that the new daemon holds the pin directory from its start.
+        if let Some(fd) = crate::dataplane::xdp::pin_lock::for_handover() {
+            offer.push((
+                crate::handover::OfferedSocket {
+                    listen: crate::dataplane::xdp::pin_lock::HANDOVER_ADDR,
+                    protocol: crate::dataplane::xdp::pin_lock::HANDOVER_KIND.into(),
+                    worker: 0,
+                },
+                fd,
+            ));
         }
         crate::handover::Handing {
             sockets: offer,

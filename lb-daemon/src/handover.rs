@@ -85,8 +85,9 @@ pub enum HandoverError {
 pub struct OfferedSocket {
     /// The address it is bound to.
     pub listen: SocketAddr,
-    /// `tcp` (a proxy listener), `udp` (a VIP socket), or `admin` (the admin API's
-    /// listener).
+    /// `tcp` (a proxy listener), `udp` (a VIP socket), `admin` (the admin API's
+    /// listener), or `pin-lock`: no socket but the pin directory's locked descriptor
+    /// (`dataplane::xdp::pin_lock`), under the address `0.0.0.0:0`.
     pub protocol: String,
     /// The old daemon's proxy worker that used it.
     pub worker: usize,

@@ -103,6 +103,13 @@ fn a_restart_that_cannot_serve_its_api_leaves_the_pinned_plane_serving() {
     }
 }
 
+#[test]
+fn a_second_daemon_on_the_same_pins_is_refused_and_takes_nothing() {
+    if lb_tests::require_root("xdp_restart::a_second_daemon_on_the_same_pins") {
+        second_daemon(Path::tc(Mode::Nat));
+    }
+}
+
 /// Why the restart in [`failed_restart`] is refused.
 #[derive(Debug, Clone, Copy)]
 enum Refused {
@@ -422,6 +429,83 @@ fn failed_restart(path: Path, refused: Refused) {
     report.assert_all_answered(&format!("{path:?}: web after a restart refused ({why:?})"));
 }
 
+/// A daemon runs the eBPF plane pinned in one directory, and two more are started by hand on
+/// the same directory: one with eBPF services of its own (web on one backend) is refused at
+/// once, naming the directory, and web stays on its three backends; one with only a proxy
+/// service starts and stops without removing the pinned set, so the first daemon, killed,
+/// still leaves its flows to a daemon started after it.
+fn second_daemon(path: Path) {
+    let pins = PinDir(test_pin_dir());
+    let (mut world, toml) = start(path, &pins);
+    let dir = pins.0.to_string_lossy().into_owned();
+    let t = &world.topology;
+    let ebpf = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .service(service(t, path.mode, "web", &[(1, 1)]))
+        .to_toml();
+    let refused = in_netns(&t.balancer, || {
+        Daemon::try_start_with_env(&ebpf, &[(lb_tests::daemon::BPF_PIN_DIR_ENV, &dir)])
+    })
+    .expect("enter the balancer namespace");
+    match refused {
+        Ok(_) => panic!("{path:?}: a second daemon started on the pins of a running one"),
+        Err(e) => assert!(
+            e.to_string().contains(&format!(
+                "another lb-daemon runs the eBPF data plane pinned in {dir}"
+            )),
+            "{path:?}: the second daemon was refused for another reason: {e}"
+        ),
+    }
+    let report = world.client(|| {
+        run(60, 3, Duration::from_secs(30), |_| {
+            http_get(Topology::vip(WEB), "/")
+        })
+    });
+    report.assert_all_answered(&format!("{path:?}: web beside a refused second daemon"));
+    for b in ["b1", "b2", "b3"] {
+        assert!(
+            report.tally.get(b) > 0,
+            "{path:?}: {b} took no new flow after a second daemon was refused: {:?}",
+            report.tally
+        );
+    }
+
+    let proxy_only = DaemonConfig::new()
+        .service(
+            lb_tests::config::ServiceConfig::tcp("other", lb_tests::ports::free_addr())
+                .set("dataplane", "proxy")
+                .backend("127.0.0.1:9".parse().expect("addr"), 1),
+        )
+        .to_toml();
+    let mut other = in_netns(&t.balancer, || {
+        Daemon::try_start_with_env(&proxy_only, &[(lb_tests::daemon::BPF_PIN_DIR_ENV, &dir)])
+    })
+    .expect("enter the balancer namespace")
+    .unwrap_or_else(|e| panic!("{path:?}: a proxy-only daemon beside it did not start: {e}"));
+    other
+        .signal(Signal::SIGTERM)
+        .expect("signal the proxy-only daemon");
+    other
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{path:?}: the proxy-only daemon did not stop"));
+    let logs = other.logs().join("\n");
+    assert!(
+        !logs.contains("removing it"),
+        "{path:?}: a proxy-only daemon removed the pins of a running daemon:\n{logs}"
+    );
+
+    kill(&mut world, path, Signal::SIGKILL);
+    world.daemon = in_netns(&world.topology.balancer, || {
+        Daemon::start_pinned(&toml, &pins.0)
+    })
+    .expect("enter the balancer namespace");
+    let logs = world.daemon.logs().join("\n");
+    assert!(
+        logs.contains("eBPF: adopting the data plane pinned in"),
+        "{path:?}: after a proxy-only daemon ran beside it, the set was not there to adopt:\n{logs}"
+    );
+}
+
 /// `lb-daemon upgrade` while 5 uploads run through the eBPF plane: the new daemon takes the
 /// old one's sockets and adopts the pinned data plane, the old one exits 0; every upload
 /// arrives byte-complete and no new connection fails, before, during or after.
@@ -505,6 +589,20 @@ fn upgrade_under_load(path: Path) {
         "{path:?}: the new daemon did not adopt the pinned set:\n{logs}"
     );
     world.daemon = new;
+    // The old daemon is gone: the pin directory's lock is the one it handed over.
+    let second = in_netns(&world.topology.balancer, || {
+        Daemon::try_start_with_env(&toml, &[(lb_tests::daemon::BPF_PIN_DIR_ENV, &dir_env)])
+    })
+    .expect("enter the balancer namespace");
+    match second {
+        Ok(_) => panic!("{path:?}: after the upgrade a daemon started by hand took its pins"),
+        Err(e) => assert!(
+            e.to_string()
+                .contains("another lb-daemon runs the eBPF data plane"),
+            "{path:?}: a daemon started by hand after the upgrade was refused for another \
+             reason: {e}"
+        ),
+    }
     for (i, mut u) in uploads.drain(..).enumerate() {
         u.send(AFTER)
             .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke after the upgrade: {e}"));

@@ -31,6 +31,7 @@ pub mod map_walk;
 pub mod maps;
 pub mod open_flows;
 pub mod peer;
+pub mod pin_lock;
 pub mod pins;
 pub mod routes;
 mod rtnl;
@@ -125,6 +126,9 @@ pub enum XdpPlaneError {
     /// the loader's, with their causes.
     #[error("{0}")]
     Load(String),
+    /// Another daemon holds the pin directory (`pin_lock`).
+    #[error(transparent)]
+    PinsHeld(#[from] pin_lock::PinLockError),
     /// The service has no `interface` or no `local_address`.
     #[error("no `interface` or `local_address`")]
     NotConfigured,
@@ -247,6 +251,8 @@ impl XdpPlane {
         let (pins, adopting) = match start.bpf_pin_dir.as_deref().map(pins::Pins::open) {
             None => (None, false),
             Some(Ok((pins, adopting))) => (Some(pins), adopting),
+            // Another daemon serves the set: neither adopted nor run beside it unpinned.
+            Some(Err(pins::PinError::Held(e))) => return Err(XdpPlaneError::PinsHeld(e)),
             Some(Err(e)) => {
                 warn!("eBPF: nothing is pinned ({e}): flows will end with the daemon");
                 (None, false)

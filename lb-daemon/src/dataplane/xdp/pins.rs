@@ -42,6 +42,9 @@ pub enum PinError {
         /// Why.
         source: io::Error,
     },
+    /// Another daemon holds the directory (`pin_lock`): this one must not touch its set.
+    #[error(transparent)]
+    Held(#[from] super::pin_lock::PinLockError),
     /// The directory is not on a bpffs (mount one: `mount -t bpf bpf /sys/fs/bpf`).
     #[error("{} is not on a bpffs (mount -t bpf bpf /sys/fs/bpf)", path.display())]
     NotBpffs {
@@ -64,6 +67,7 @@ impl Pins {
     /// adopt.
     ///
     /// Returns `Err(PinError::NotBpffs)` when `root` is not on a bpffs,
+    /// `Err(PinError::Held)` when another daemon holds `root` (`pin_lock`),
     /// `Err(PinError::Io)` when a directory cannot be created or read.
     pub fn open(root: &Path) -> Result<(Pins, bool), PinError> {
         let io_err = |path: &Path| {
@@ -83,6 +87,8 @@ impl Pins {
                 path: root.to_path_buf(),
             });
         }
+        // Before anything in it is read or removed.
+        super::pin_lock::claim(root)?;
         let set = root.join(format!("v{LAYOUT_VERSION}"));
         for entry in fs::read_dir(root).map_err(io_err(root))? {
             let path = entry.map_err(io_err(root))?.path();
@@ -178,8 +184,16 @@ impl Pins {
 
 /// Removes a set found under `root` while no eBPF plane runs (the config has no eBPF
 /// service any more): its programs would go on forwarding the VIPs on a frozen table.
-/// Logged when there was one; errors are logged too.
+/// Logged when there was one; errors are logged too. A set another daemon holds
+/// (`pin_lock`) is that daemon's, and stays.
 pub fn remove_unused(root: &Path) {
+    if let Err(e) = super::pin_lock::claim(root) {
+        info!(
+            "eBPF: the pins under {} are left alone: {e}",
+            root.display()
+        );
+        return;
+    }
     let Ok(dir) = fs::read_dir(root) else {
         return;
     };
