@@ -927,6 +927,72 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
     );
 }
 
+/// DSR at the XDP hook: `lb_xdp` sends the encapsulated packets only out of the service's
+/// interfaces, so a backend whose route comes to leave by another device (a macvlan over
+/// `l1`) would take flows it never gets. The periodic route check leaves it out of the table
+/// (logged, in `/status`), every new connection is answered by the others, and it comes back
+/// once the route is gone.
+#[test]
+fn a_dsr_backend_routed_off_the_xdp_interfaces_is_left_out() {
+    if !require_root("xdp_reload::a_dsr_backend_routed_off_the_xdp_interfaces") {
+        return;
+    }
+    let world = World::start(Mode::Dsr, 3, 3);
+    let b1 = backend(1, WEB);
+    let balancer = &world.topology.balancer;
+    balancer
+        .ip(&[
+            "link", "add", "link", "l1", "name", "mv1", "type", "macvlan",
+        ])
+        .expect("a macvlan over l1");
+    balancer.ip(&["link", "set", "mv1", "up"]).expect("mv1 up");
+    let route = [&format!("{}/32", b1.ip()), "dev", "mv1"];
+    let mark = world.daemon.log_mark();
+    balancer
+        .ip(&[&["route", "add"][..], &route[..]].concat())
+        .expect("a route to b1 out of mv1");
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!("service web: backend {b1} is routed out of mv1"),
+            REROUTE,
+        )
+        .unwrap_or_else(|e| panic!("b1, routed out of mv1, was not left out: {e}"));
+    wait_for_table(&world, mark, "web", "b1 routed out of mv1");
+    let seen = who_answers(&world);
+    assert!(
+        !seen.contains("b1"),
+        "the backend XDP cannot send to got flows: {seen:?}"
+    );
+    let b = admin::backend(&status(&world), "web", b1).cloned();
+    assert!(
+        b.as_ref()
+            .and_then(|b| b["xdp"]["left_out"].as_str())
+            .is_some_and(|why| why.contains("mv1")),
+        "/status does not say why b1 is left out: {b:?}"
+    );
+    let mark = world.daemon.log_mark();
+    balancer
+        .ip(&[&["route", "del"][..], &route[..]].concat())
+        .expect("the route to b1 out of mv1 removed");
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!(
+                "service web: backend {b1} is routed out of an interface of the service again"
+            ),
+            REROUTE,
+        )
+        .unwrap_or_else(|e| panic!("b1, routed back, did not come back to the table: {e}"));
+    world
+        .client(|| {
+            wait_until_each_answers(&["b1", "b2", "b3"], FOLLOW, || http_get(web_vip(), "/"))
+        })
+        .unwrap_or_else(|e| panic!("b1 should answer again once its route is back: {e}"));
+}
+
 /// How long a route change may take to be followed: `REPLIES_EVERY` (10 s) and a margin.
 const REROUTE: Duration = Duration::from_secs(15);
 

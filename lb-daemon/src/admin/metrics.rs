@@ -11,7 +11,7 @@
 //! | `lb_xdp_backend_packets_total` | counter: client packets XDP forwarded to a backend | service, backend |
 //! | `lb_xdp_snat_ports_in_use` | gauge: SNAT ports towards a backend in use or held (XDP `nat`, counted every 10 s or so) | service, backend |
 //! | `lb_xdp_snat_ports_free` | gauge: SNAT ports a new flow towards a backend may still take | service, backend |
-//! | `lb_xdp_backend_left_out` | gauge: 1 when the eBPF table gives a `nat` backend no slot whatever its health (its replies would miss the program, or at the XDP hook it is routed out of a device XDP cannot send to: `/status` `xdp.left_out` says why), else 0 (always 0 for `dsr`) | service, backend |
+//! | `lb_xdp_backend_left_out` | gauge: 1 when the eBPF table gives a backend no slot whatever its health (`nat`: its replies would miss the program; `nat` or `dsr` at the XDP hook: it is routed out of a device XDP cannot send to; `/status` `xdp.left_out` says why), else 0 | service, backend |
 //! | `lb_xdp_snat_count_timestamp_seconds` | gauge: Unix time at which the count behind the two SNAT gauges began (a port taken before it is counted) | service, backend |
 //! | `lb_xdp_packets_total` | counter: packets the XDP program saw | |
 //! | `lb_xdp_packet_outcomes_total` | counter: what it did with them, by `outcome` (`forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...) | outcome |
@@ -221,8 +221,8 @@ fn register_xdp(reg: &mut Registry, backends: XdpBackendFamilies, xdp: &XdpStatu
     );
     reg.register(
         "xdp_backend_left_out",
-        "1 when the eBPF table gives a nat backend no slot whatever its health: its replies \
-         would miss the program (see /status)",
+        "1 when the eBPF table gives a backend no slot whatever its health: its replies would \
+         miss the program, or XDP cannot send to it (see /status)",
         backends.left_out,
     );
     reg.register(

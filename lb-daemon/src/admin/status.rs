@@ -171,8 +171,8 @@ pub struct XdpTraffic {
     /// not be.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snat_counted_unix_seconds: Option<f64>,
-    /// `nat` backends: why the eBPF table gives the backend no slot although its health may
-    /// be up, e.g. `"is reached through eth1, where the eBPF program would not see its
+    /// Why the eBPF table gives the backend no slot although its health may be up (`nat`
+    /// backends, and `dsr` ones at the XDP hook), e.g. `"is reached through eth1, where the eBPF program would not see its
     /// replies (add eth1 to backend_interfaces)"`; absent when it takes its share.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_out: Option<String>,

@@ -622,11 +622,12 @@ pub struct ServiceSlot {
     /// How many of the last written snapshot's backends got no backend id (the pool was
     /// empty) and were left out of the table.
     pub missing_ids: usize,
-    /// NAT: the service's `interface` and `backend_interfaces`, where its backends' replies
-    /// must come in; empty for DSR.
+    /// The service's `interface` and `backend_interfaces`, by which the routes to its
+    /// backends are checked: NAT replies must come in there, and at the XDP hook the program
+    /// sends only out of them. Empty for DSR at tc, where there is nothing to check.
     reply_interfaces: Vec<String>,
     /// Whether the service runs at the XDP hook, where the program sends only out of those
-    /// interfaces: a NAT backend routed out of another device is left out too.
+    /// interfaces: a backend (NAT or DSR) routed out of another device is left out too.
     xdp_hook: bool,
     /// NAT: per backend address, why its replies would miss the program (`None`: they reach
     /// it), asked when the address first comes and again every [`REPLIES_EVERY`]
@@ -659,6 +660,7 @@ impl ServiceSlot {
         snat_ports: (u16, u16),
     ) -> ServiceSlot {
         let hold = settings.xdp.snat_port_hold;
+        let xdp_hook = matches!(settings.hook, super::HookRequest::Xdp { .. });
         ServiceSlot {
             id,
             table_size: settings.table_size,
@@ -681,13 +683,14 @@ impl ServiceSlot {
             table_digest: None,
             failed_generation: None,
             missing_ids: 0,
-            xdp_hook: matches!(settings.hook, super::HookRequest::Xdp { .. }),
+            xdp_hook,
             reply_interfaces: match settings.xdp.forwarding {
-                Forwarding::Nat => (settings.xdp.interface.iter())
+                // DSR replies bypass the balancer; only the way out is checked, at XDP.
+                Forwarding::Dsr if !xdp_hook => Vec::new(),
+                _ => (settings.xdp.interface.iter())
                     .chain(settings.xdp.backend_interfaces.iter())
                     .cloned()
                     .collect(),
-                Forwarding::Dsr => Vec::new(),
             },
             replies_miss: std::collections::HashMap::new(),
             replies_asked_at: None,
@@ -697,9 +700,9 @@ impl ServiceSlot {
         }
     }
 
-    /// Asks, for each of `addresses` not asked about yet (NAT only), whether its replies
-    /// reach the program, and logs each of `service`'s backends whose would not: it is left
-    /// out of the table. Addresses that left are forgotten (asked again if they come back).
+    /// Asks, for each of `addresses` not asked about yet (NAT, and DSR at the XDP hook),
+    /// whether its replies reach the program (NAT) and the program can send to it (at XDP),
+    /// and logs each of `service`'s backends for which not: it is left out of the table. Addresses that left are forgotten (asked again if they come back).
     /// One that cannot be told about now (no route, the kernel cannot be asked, one of the
     /// service's interfaces missing) counts as reaching until [`ServiceSlot::ask_replies_again`]
     /// can tell.
@@ -718,7 +721,7 @@ impl ServiceSlot {
         self.ask_replies(service, &fresh);
     }
 
-    /// Asks again about every backend of `snap` (a NAT service's), in a round that begins
+    /// Asks again about every backend of `snap` (as [`ServiceSlot::check_replies`]), in a round that begins
     /// once [`REPLIES_EVERY`] has passed since the last began and asks about
     /// [`REPLIES_PER_POLL`] backends per call at `now`, so that a route changed since, or
     /// one that could not be told about, is followed; each backend that leaves the table or
@@ -787,7 +790,11 @@ impl ServiceSlot {
         };
         for &address in addresses {
             let was = self.replies_miss.get(&address);
-            let verdict = match paths.verdict(address.ip(), &self.local_addresses) {
+            let replies = match self.forwarding {
+                Forwarding::Nat => paths.verdict(address.ip(), &self.local_addresses),
+                Forwarding::Dsr => Verdict::Reach,
+            };
+            let verdict = match replies {
                 Verdict::Reach if self.xdp_hook => {
                     match paths.off_xdp(address.ip(), &self.local_addresses) {
                         Some(via) => Verdict::Miss(super::routes::Miss::OffXdp(via)),
@@ -798,10 +805,15 @@ impl ServiceSlot {
             };
             match verdict {
                 Verdict::Reach => {
-                    if was.is_some_and(Option::is_some) {
+                    if was.is_some_and(Option::is_some) && self.forwarding == Forwarding::Nat {
                         tracing::info!(
                             "service {service}: backend {address}'s replies reach the eBPF \
                              program again: back in the eBPF table"
+                        );
+                    } else if was.is_some_and(Option::is_some) {
+                        tracing::info!(
+                            "service {service}: backend {address} is routed out of an interface \
+                             of the service again: back in the eBPF table"
                         );
                     }
                     self.replies_miss.insert(address, None);
