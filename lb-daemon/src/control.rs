@@ -126,9 +126,18 @@ impl Control {
     }
 
     /// Ends the adoption of a pinned eBPF set once the first config is placed; `false` when
-    /// no eBPF plane runs.
+    /// no eBPF plane runs. The addresses of the services placed on the proxy go with it: an
+    /// adopted service at one of them lets go of its VIP at once.
     pub fn settle_adoption(&self) -> bool {
-        self.planes.settle_adoption()
+        let proxied: Vec<(std::net::SocketAddr, crate::config::Protocol)> = (self.services.all())
+            .iter()
+            .filter(|s| !self.on_xdp(s.index()))
+            .map(|s| {
+                let snap = s.snapshot().load();
+                (snap.listen, snap.protocol)
+            })
+            .collect();
+        self.planes.settle_adoption(&proxied)
     }
 
     /// Takes the XDP data plane out for shutdown; later calls get `None`.

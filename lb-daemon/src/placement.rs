@@ -758,11 +758,12 @@ impl Planes {
     }
 
     /// Ends the adoption of a pinned eBPF set once the first config is placed (see
-    /// [`XdpPlane::settle_adoption`]); `false` when no eBPF plane runs.
-    pub fn settle_adoption(&self) -> bool {
+    /// [`XdpPlane::settle_adoption`]; `proxied`: the listen addresses of the services on the
+    /// proxy); `false` when no eBPF plane runs.
+    pub fn settle_adoption(&self, proxied: &[(std::net::SocketAddr, Protocol)]) -> bool {
         match lock(&self.xdp).as_mut() {
             Some(x) => {
-                x.settle_adoption();
+                x.settle_adoption(proxied);
                 true
             }
             None => false,

@@ -110,6 +110,13 @@ fn a_second_daemon_on_the_same_pins_is_refused_and_takes_nothing() {
     }
 }
 
+#[test]
+fn a_service_moved_to_the_proxy_across_a_restart_takes_its_vip_at_once() {
+    if lb_tests::require_root("xdp_restart::a_service_moved_to_the_proxy_across_a_restart") {
+        moved_to_the_proxy(Path::tc(Mode::Nat));
+    }
+}
+
 /// Why the restart in [`failed_restart`] is refused.
 #[derive(Debug, Clone, Copy)]
 enum Refused {
@@ -504,6 +511,71 @@ fn second_daemon(path: Path) {
         logs.contains("eBPF: adopting the data plane pinned in"),
         "{path:?}: after a proxy-only daemon ran beside it, the set was not there to adopt:\n{logs}"
     );
+}
+
+/// A daemon with a drain far longer than the test is stopped with SIGQUIT and started again
+/// with `web` on the proxy at the same VIP (`bulk` and `dns` stay on eBPF, so the adopted
+/// plane is kept): the adopted `web` lets go of its VIP at once, and new connections reach
+/// the proxy within seconds, not after the drain (until then the program would answer them
+/// with a RST).
+fn moved_to_the_proxy(path: Path) {
+    let pins = PinDir(test_pin_dir());
+    let drain = "60s";
+    let mut world = World::start_custom(path, 2, 2, &[1, 2], |t| {
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .global("drain_timeout", drain)
+            .service(service(t, path.mode, "web", &[(1, 1), (2, 1)]))
+            .service(service(t, path.mode, "bulk", &[(1, 1)]))
+            .to_toml();
+        in_netns(&t.balancer, || Daemon::start_pinned(&toml, &pins.0))
+            .expect("enter the balancer namespace")
+    });
+    kill(&mut world, path, Signal::SIGQUIT);
+    let t = &world.topology;
+    // The proxy needs the VIP as a local address.
+    t.balancer
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", Topology::vip(WEB).ip()),
+            "dev",
+            "lo",
+        ])
+        .expect("the VIP on the balancer's loopback");
+    let toml = DaemonConfig::new()
+        .global("bpf_object", bpf_object().display().to_string())
+        .global("drain_timeout", drain)
+        .service(
+            lb_tests::config::ServiceConfig::tcp("web-proxy", Topology::vip(WEB))
+                .set("dataplane", "proxy")
+                .fast_health("http")
+                .backend(
+                    std::net::SocketAddr::from((lb_tests::xdp::backend_ip(1), WEB)),
+                    1,
+                )
+                .backend(
+                    std::net::SocketAddr::from((lb_tests::xdp::backend_ip(2), WEB)),
+                    1,
+                ),
+        )
+        .service(service(t, path.mode, "bulk", &[(1, 1)]))
+        .to_toml();
+    world.daemon = in_netns(&t.balancer, || Daemon::start_pinned(&toml, &pins.0))
+        .expect("enter the balancer namespace");
+    world
+        .client(|| {
+            lb_tests::load::wait_until_each_answers(&["b1", "b2"], Duration::from_secs(10), || {
+                http_get(Topology::vip(WEB), "/")
+            })
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{path:?}: new connections to web did not reach the proxy within 10 s of the \
+                 restart (the drain is {drain}): {e}\n{}",
+                world.daemon.logs().join("\n")
+            )
+        });
 }
 
 /// `lb-daemon upgrade` while 5 uploads run through the eBPF plane: the new daemon takes the

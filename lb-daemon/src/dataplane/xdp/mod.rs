@@ -329,7 +329,12 @@ impl XdpPlane {
     /// with their VIP passed on, its backend ids no service took back drain too, and
     /// its links on interfaces no service uses are removed (their programs detached). Does
     /// nothing when nothing was adopted.
-    pub fn settle_adoption(&mut self) {
+    ///
+    /// A service of the set whose VIP a service on the proxy listens on now (`proxied`: its
+    /// address, or the wildcard of that port, and protocol) lets go of the VIP at once, as
+    /// [`XdpPlane::remove`] does for a reload: else the program would go on answering the
+    /// VIP's new connections with a RST for the whole drain. The flows it carried are cut.
+    pub fn settle_adoption(&mut self, proxied: &[(std::net::SocketAddr, crate::config::Protocol)]) {
         let Some(adopted) = self.adopted.take() else {
             return;
         };
@@ -359,6 +364,21 @@ impl XdpPlane {
             let name = format!("{} (adopted, not in the config)", slot.vip);
             if let Err(e) = st.maps.empty_table(&mut slot) {
                 error!("service {name}: cannot empty its XDP table: {e}");
+            }
+            let taken = proxied.iter().any(|&(listen, protocol)| {
+                protocol == slot.protocol
+                    && listen.port() == slot.vip.port()
+                    && (listen.ip() == slot.vip.ip() || listen.ip().is_unspecified())
+            });
+            if taken {
+                match st.maps.hand_over_vip(&slot, None) {
+                    Ok(true) => warn!(
+                        "service {name}: its VIP left the XDP maps now, for the service that \
+                         replaces it on the proxy; the flows XDP carried for it are cut"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => error!("service {name}: cannot hand its VIP on: {e}"),
+                }
             }
             info!("service {name}: drains, its flows go on for at most the drain timeout");
             st.leaving.push(sync::Leaving {
