@@ -610,6 +610,12 @@ pub const CT_F_COUNTED: u16 = 1;
 /// [`CtEntry::flags`] bit: a FIN or RST of the flow was seen and, if it was
 /// [`CT_F_COUNTED`], its slot given back. A later SYN on the same 5-tuple starts a new flow.
 pub const CT_F_CLOSED: u16 = 2;
+/// [`CtEntry::flags`] bit: the entry was made by a TCP segment without SYN, a flow met in
+/// mid-stream (its entry was evicted, the balancer restarted, or the client sent an ACK
+/// first): no SYN of it went through the per-client limits. A SYN without ACK that meets it
+/// starts a new flow, admitted like any other; else a bare ACK would open an entry that the
+/// client's SYN then slips past the limits on (on `dsr`, which records such entries).
+pub const CT_F_MIDSTREAM: u16 = 4;
 
 /// `addr` in [`FlowKey`]'s address layout: the address bytes in network order, four bytes per
 /// word read with `u32::from_ne_bytes`; an IPv4 address fills word 0 and leaves 1..4 zero.

@@ -49,6 +49,14 @@
 //! A lone SYN that meets such an entry is a new connection reusing the 4-tuple (a client's
 //! ports wrap): it is placed by the table like any new flow, counts against the per-client
 //! limits, and the old entry's connection slot, if it held one, goes back.
+//!
+//! # Entries made in mid-stream
+//!
+//! An entry a segment without SYN made is marked `CT_F_MIDSTREAM`: no SYN of that flow was
+//! admitted by the limits. A lone SYN that meets one is placed as a new flow (by the table,
+//! which gives the same backend while it is unchanged) and admitted, as for a draining
+//! backend: a client could otherwise send a bare ACK first (recorded on `dsr`) and its SYN,
+//! taken for a retransmission, would never meet the limits.
 
 use core::num::NonZeroU32;
 
@@ -57,8 +65,8 @@ use lb_common::{
     flow_hash,
     maps::{
         ct_age, ct_seconds, table_index, Backend, CtEntry, Service, BACKEND_F_DOWN,
-        BACKEND_F_DRAINING, CT_F_CLOSED, CT_F_COUNTED, CT_REFRESH_SECS, MAX_SERVICES,
-        MAX_TABLE_SIZE,
+        BACKEND_F_DRAINING, CT_F_CLOSED, CT_F_COUNTED, CT_F_MIDSTREAM, CT_REFRESH_SECS,
+        MAX_SERVICES, MAX_TABLE_SIZE,
     },
     FlowKey, Stat,
 };
@@ -118,13 +126,15 @@ pub fn place(
         let aged = syn && due && aged(idle, service_id);
         let closed = syn && tcp && entry.flags & CT_F_CLOSED != 0;
         // A lone SYN on an entry pinned to a draining backend (weight 0 or removed) is a new
-        // connection reusing the 4-tuple: the draining backend takes no new connections.
+        // connection reusing the 4-tuple: the draining backend takes no new connections. On
+        // an entry made in mid-stream it starts the flow the limits have not seen.
         let reused = syn
             && tcp
             && !closed
-            && BACKENDS
-                .get(entry.backend)
-                .is_some_and(|b| b.flags & BACKEND_F_DRAINING != 0);
+            && (entry.flags & CT_F_MIDSTREAM != 0
+                || BACKENDS
+                    .get(entry.backend)
+                    .is_some_and(|b| b.flags & BACKEND_F_DRAINING != 0));
         fresh = aged || closed || reused;
         if (aged || reused) && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED {
             // The flow it pinned is over: its slot goes back (once, even if CPUs race here).
@@ -160,6 +170,7 @@ pub fn place(
     } else {
         if !syn {
             stats::increment(Stat::CtMissNonSyn);
+            flags = CT_F_MIDSTREAM;
         }
         fresh = syn;
     }

@@ -152,6 +152,92 @@ fn a_flow_the_balancer_resets_gives_its_connection_slot_back() {
     );
 }
 
+/// On `dsr` a segment without SYN that misses conntrack is recorded (the flow goes on where
+/// the table puts it). A client at its connection limit that sends a bare ACK first and then
+/// its SYN on the same port must still be refused: the SYN starts a flow the limits never
+/// admitted, not a retransmission.
+#[test]
+fn a_dsr_client_at_its_limit_cannot_slip_a_syn_in_behind_a_bare_ack() {
+    let Some(mut lab) = lab("limits_dsr_ack") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.service(0, VIP4.into(), 80, IPPROTO_TCP, MODE_DSR, &[0]);
+    limited(
+        &mut lab,
+        0,
+        Limits {
+            max_connections: 1,
+            ..Limits::default()
+        },
+    );
+    let send = |lab: &Lab, port, flags, action, what| {
+        lab.expect(lab.vc, &tcp(CLIENT4, port, flags), action, what)
+    };
+    send(&lab, 42000, TCP_SYN, XDP_REDIRECT, "the first connection");
+    send(
+        &lab,
+        42001,
+        TCP_SYN,
+        XDP_TX,
+        "a second connection; the limit is 1",
+    );
+    send(
+        &lab,
+        42002,
+        TCP_ACK,
+        XDP_REDIRECT,
+        "a bare ACK, met in mid-stream",
+    );
+    let key = flow(CLIENT4.into(), 42002, VIP4.into(), 80, IPPROTO_TCP);
+    let entry = lab
+        .conntrack
+        .get(&key, 0)
+        .expect("the mid-stream flow's entry");
+    assert_eq!(
+        entry.flags, CT_F_MIDSTREAM,
+        "conntrack flags of a mid-stream entry"
+    );
+    send(
+        &lab,
+        42002,
+        TCP_SYN,
+        XDP_TX,
+        "a SYN behind the bare ACK, over the limit",
+    );
+    assert_eq!(
+        lab.stat(Stat::RefusedClientConnections),
+        2,
+        "the SYN behind the bare ACK was not refused by the limits"
+    );
+    assert_eq!(connections(&lab, CLIENT4), 1);
+    // Once the first flow ends (on dsr the client's FIN is all the balancer sees), a SYN on
+    // the mid-stream entry's port is admitted as a new flow.
+    send(
+        &lab,
+        42000,
+        TCP_FIN | TCP_ACK,
+        XDP_REDIRECT,
+        "the first flow's FIN",
+    );
+    send(
+        &lab,
+        42002,
+        TCP_SYN,
+        XDP_REDIRECT,
+        "the SYN, now under the limit",
+    );
+    let entry = lab
+        .conntrack
+        .get(&key, 0)
+        .expect("the admitted flow's entry");
+    assert_eq!(
+        entry.flags, CT_F_COUNTED,
+        "conntrack flags of the admitted flow"
+    );
+    assert_eq!(connections(&lab, CLIENT4), 1);
+}
+
 fn setup(test: &str) -> Option<Lab> {
     let mut lab = lab(test)?;
     lab.backend(0, B1_4.into(), 8080);
