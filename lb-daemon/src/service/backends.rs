@@ -161,12 +161,24 @@ impl Changes {
     }
 }
 
+/// How long the health of a forgotten backend is remembered. Resolvers that answer a rotating
+/// subset of a name's records make addresses leave and come back within a few answers; one
+/// that comes back within this time starts from the health it had, so a backend that was
+/// down stays down until `rise` checks pass, rather than starting up and taking flows it
+/// fails until `fall` checks notice.
+pub(super) const HEALTH_MEMORY: Duration = Duration::from_secs(600);
+/// Most forgotten backends whose health one service remembers (the oldest go first).
+const HEALTH_MEMORY_SIZE: usize = 4096;
+
 /// The backends of one service, in the order they were first asked for (config order, then
 /// discovered ones): the snapshot lists them, and so numbers them, in this order.
 pub(super) struct BackendSet {
     entries: Vec<BackendEntry>,
     /// The service's `[service.health]`, which a new backend's health state follows.
     health: HealthCheck,
+    /// The health state of each backend forgotten in the last [`HEALTH_MEMORY`], and when
+    /// it was forgotten.
+    recent: HashMap<SocketAddr, (HealthState, Instant)>,
 }
 
 impl BackendSet {
@@ -176,6 +188,7 @@ impl BackendSet {
         let mut set = BackendSet {
             entries: Vec::new(),
             health,
+            recent: HashMap::new(),
         };
         for &(address, weight) in statics {
             let rt = set.new_runtime(address, now);
@@ -205,8 +218,13 @@ impl BackendSet {
         self.entries.iter_mut().find(|b| b.address() == address)
     }
 
-    /// Sets the health settings that backends added from now on start with (a reload).
+    /// Sets the health settings that backends added from now on start with (a reload). The
+    /// remembered health of forgotten backends goes when they change: it was counted by
+    /// other thresholds.
     pub(super) fn set_health_settings(&mut self, health: HealthCheck) {
+        if health != self.health {
+            self.recent.clear();
+        }
         self.health = health;
     }
 
@@ -234,7 +252,8 @@ impl BackendSet {
     /// Makes the set follow what `source` asks for now: `desired` as (address, weight), its
     /// whole wish (an address it asked for before and not now is let go).
     ///
-    /// - A new address is added with slow start from `now`, healthy (as at start).
+    /// - A new address is added with slow start from `now`, healthy (as at start), or with
+    ///   the health it had if it was forgotten less than [`HEALTH_MEMORY`] ago.
     /// - A backend `source` lets go of leaves unless another source still asks for it.
     /// - A leaving backend asked for again returns, with slow start from `now`.
     /// - A weight follows the first source (see [`BackendSource`]); a new one clears the
@@ -274,17 +293,30 @@ impl BackendSet {
         changes
     }
 
-    /// Forgets the leaving backends whose last connection closed; returns their addresses.
-    pub(super) fn forget_idle(&mut self) -> Vec<SocketAddr> {
-        let mut forgotten = Vec::new();
-        self.entries.retain(|b| {
-            let keep = !b.removing() || b.rt.stats.active() > 0;
-            if !keep {
-                forgotten.push(b.address());
-            }
-            keep
-        });
-        forgotten
+    /// Forgets the leaving backends whose last connection closed, remembering their health
+    /// for [`HEALTH_MEMORY`] from `now`; returns their addresses.
+    pub(super) fn forget_idle(&mut self, now: Instant) -> Vec<SocketAddr> {
+        let (gone, kept): (Vec<BackendEntry>, Vec<BackendEntry>) =
+            std::mem::take(&mut self.entries)
+                .into_iter()
+                .partition(|b| b.removing() && b.rt.stats.active() == 0);
+        self.entries = kept;
+        self.recent
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < HEALTH_MEMORY);
+        for b in &gone {
+            let state = lock(&b.rt.health).clone();
+            self.recent.insert(b.address(), (state, now));
+        }
+        while self.recent.len() > HEALTH_MEMORY_SIZE {
+            let oldest = (self.recent.iter())
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(a, _)| *a);
+            match oldest {
+                Some(a) => self.recent.remove(&a),
+                None => break,
+            };
+        }
+        gone.iter().map(BackendEntry::address).collect()
     }
 
     /// The backends by address, for the data planes' connect reports.
@@ -308,10 +340,18 @@ impl BackendSet {
             .collect()
     }
 
-    fn new_runtime(&self, address: SocketAddr, now: Instant) -> Arc<BackendRuntime> {
+    fn new_runtime(&mut self, address: SocketAddr, now: Instant) -> Arc<BackendRuntime> {
+        let health = match self.recent.remove(&address) {
+            Some((mut state, at)) if now.saturating_duration_since(at) < HEALTH_MEMORY => {
+                // Its checker was stopped; the one started now takes the state over.
+                state.watched_by(0);
+                state
+            }
+            _ => new_health(&self.health, now),
+        };
         Arc::new(BackendRuntime {
             address,
-            health: Arc::new(Mutex::new(new_health(&self.health, now))),
+            health: Arc::new(Mutex::new(health)),
             stats: Arc::new(BackendStats::default()),
         })
     }
@@ -338,7 +378,7 @@ mod tests {
 
     fn entry(weight: u32, ramp_start: Option<Instant>) -> BackendEntry {
         let svc = service("none");
-        let set = BackendSet::new(svc.health, &[], Instant::now());
+        let mut set = BackendSet::new(svc.health, &[], Instant::now());
         let mut b = BackendEntry::new(
             set.new_runtime(addr("127.0.0.1:9001"), Instant::now()),
             BackendSource::Static,
@@ -412,7 +452,7 @@ mod tests {
         let gone = set.get(addr("10.0.0.1:80")).expect("kept while it drains");
         assert!(gone.removing() && gone.effective_weight(ramp, t0) == 0);
         assert_eq!(
-            set.forget_idle(),
+            set.forget_idle(t0),
             vec![addr("10.0.0.1:80")],
             "a leaving backend with no connection is forgotten"
         );

@@ -332,7 +332,7 @@ impl ServiceRuntime {
     /// Forgets the removed backends whose last connection closed and stops their checks.
     /// Returns whether any was forgotten.
     fn forget_idle(&self, st: &mut State) -> bool {
-        let forgotten = st.backends.forget_idle();
+        let forgotten = st.backends.forget_idle(Instant::now());
         if forgotten.is_empty() {
             return false;
         }
@@ -740,6 +740,31 @@ kind = "none"
         };
         let id = snap.scheduler.as_ref()?.pick(&flow, &[])?;
         Some(snap.backends[id].address)
+    }
+
+    /// A resolver answering a rotating subset of a name's records: an address that was down
+    /// leaves one answer, is forgotten (no connection left), and comes back in the next. It
+    /// must come back down, not up taking flows it fails.
+    #[test]
+    fn a_down_backend_that_a_dns_answer_leaves_out_briefly_comes_back_down() {
+        let rt = ServiceRuntime::new(0, scheduled("maglev", None, &[], &["n.test:9100"]))
+            .expect("builds");
+        let (a, b) = (addr("10.0.0.1:9100"), addr("10.0.0.2:9100"));
+        rt.set_discovered("n.test:9100", &[a, b]);
+        rt.passive_failure(b, "connection refused");
+        assert!(!takes_flows(&rt, "10.0.0.2:9100"), "b is down");
+        rt.set_discovered("n.test:9100", &[a]);
+        rt.tick();
+        assert!(
+            rt.status().backends.iter().all(|s| s.address != b),
+            "b, left out and with no connection, was not forgotten"
+        );
+        rt.set_discovered("n.test:9100", &[a, b]);
+        assert!(
+            !takes_flows(&rt, "10.0.0.2:9100"),
+            "b came back up from a DNS answer while it was down"
+        );
+        assert!(takes_flows(&rt, "10.0.0.1:9100"));
     }
 
     #[test]
