@@ -332,9 +332,18 @@
 //!   so the daemon keeps UDP services with `max_connections_per_client` on the proxy.
 //!
 //! A counted flow whose `CONNTRACK` entry the LRU evicts before its FIN or RST never gives
-//! its slot back. The daemon bounds that leak: every few seconds it counts, per client,
-//! the entries of `CONNTRACK` with [`CT_F_COUNTED`] and without [`CT_F_CLOSED`], and lowers
-//! each client's `connections` to that count (never raises it). A client whose `CLIENTS`
+//! its slot back, nor does one that ends unseen (a SYN the backend refused or never
+//! answered, a client gone without a word). The daemon bounds both leaks: every few seconds
+//! it counts, per client, the entries of `CONNTRACK` with [`CT_F_COUNTED`], without
+//! [`CT_F_CLOSED`], whose slot has not expired ([`slot_expired`]: idle past their service's
+//! idle timeout and [`CT_SLOT_GRACE_SECS`] more), and lowers each client's `connections` to
+//! that count (never raises it). A counted flow whose slot expired thus gives it back
+//! through the sweep alone: the program clears its [`CT_F_COUNTED`] without subtracting
+//! when it meets the entry again (a packet of the flow, which goes on uncounted, as the
+//! proxy would have closed it; or a SYN replacing it), so that no later FIN or RST gives the
+//! slot back twice. Idle age only grows until the program refreshes it, so the two never
+//! both act on one entry. Within the grace a SYN replacing an aged entry gives its slot back
+//! at once (a client reusing its port is not refused for the time of two sweeps). A client whose `CLIENTS`
 //! entry the LRU evicts starts again from a full bucket and zero connections; size
 //! [`CLIENTS_SIZE`] so that the clients that matter fit.
 //!
@@ -808,6 +817,25 @@ pub const fn ct_age(now: u32, then: u32) -> u32 {
     // All ones when the difference is negative as a signed number (`then` ahead), else 0.
     let ahead = ((age as i32) >> 31) as u32;
     age & !ahead
+}
+
+/// How long past its service's idle timeout (and the lag of the stored time, as for ageing)
+/// a counted TCP flow keeps its client's connection slot, in seconds: from then on it no
+/// longer holds it ([`slot_expired`]; "Per-client limits"). Until then a SYN reusing its
+/// 5-tuple gives the slot back at once, as its FIN would.
+pub const CT_SLOT_GRACE_SECS: u32 = 60;
+
+/// Whether a counted TCP flow last seen `idle` seconds ago ([`ct_age`]) in a service whose
+/// idle timeout is `timeout_s` seconds (0: never) no longer holds its client's connection
+/// slot: idle longer than the timeout, [`CT_REFRESH_SECS`]` + 1` and
+/// [`CT_SLOT_GRACE_SECS`]. The program and the daemon's sweep decide by this one rule.
+#[inline(always)]
+pub const fn slot_expired(idle: u32, timeout_s: u32) -> bool {
+    timeout_s != 0
+        && idle
+            > timeout_s
+                .saturating_add(CT_REFRESH_SECS + 1)
+                .saturating_add(CT_SLOT_GRACE_SECS)
 }
 
 /// The smallest path MTU an ICMP error about a NAT reply may claim and still be translated

@@ -127,7 +127,13 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
         Ok(placed) => placed,
         // A flow that had an entry (its backend went down, and no other is left) ends here.
         Err(Stat::DropNoBackend) if tcp => {
-            return end_flow(ctx, p, service_id, Stat::RefusedNoBackend)
+            return end_flow(
+                ctx,
+                p,
+                service_id,
+                Stat::RefusedNoBackend,
+                ct_seconds(now_ns),
+            )
         }
         Err(stat) => return Err(stat),
     };
@@ -142,7 +148,7 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
         && p.tcp_flags & client_ends(service.mode) != 0
         && placed.entry.flags & CT_F_CLOSED == 0
     {
-        limits::closed(&p.key, service_id);
+        limits::closed(&p.key, service_id, placed.now);
     }
     let backend = placed.backend;
 
@@ -179,11 +185,15 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
                     };
                 }
                 return match stat {
-                    Stat::DropNatPortsExhausted if tcp => {
-                        end_flow(ctx, p, service_id, Stat::RefusedNatPortsExhausted)
-                    }
+                    Stat::DropNatPortsExhausted if tcp => end_flow(
+                        ctx,
+                        p,
+                        service_id,
+                        Stat::RefusedNatPortsExhausted,
+                        placed.now,
+                    ),
                     Stat::ResetNatNoFlow | Stat::ResetNatPortReclaimed => {
-                        end_flow(ctx, p, service_id, stat)
+                        end_flow(ctx, p, service_id, stat, placed.now)
                     }
                     _ => Err(stat),
                 };
@@ -281,10 +291,16 @@ fn refuse<C: Frame>(ctx: &C, p: &Parsed, stat: Stat) -> Result<u32, Stat> {
 /// of the client's follows to free it. A segment dropped without answer leaves the flow as
 /// it is: the client sends it again, and it may yet go on (its backend back up).
 #[inline(always)]
-fn end_flow<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, stat: Stat) -> Result<u32, Stat> {
+fn end_flow<C: Frame>(
+    ctx: &C,
+    p: &Parsed,
+    service_id: u32,
+    stat: Stat,
+    now: u32,
+) -> Result<u32, Stat> {
     let action = refuse(ctx, p, stat);
     if p.key.protocol == IPPROTO_TCP && (action.is_ok() || p.tcp_flags & TCP_RST != 0) {
-        limits::closed(&p.key, service_id);
+        limits::closed(&p.key, service_id, now);
     }
     action
 }
@@ -317,7 +333,7 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
             family: p.family,
             _pad: [0; 2],
         };
-        limits::closed(&client, r.service);
+        limits::closed(&client, r.service, ct_seconds(now_ns));
     }
     nat::rewrite(
         ctx,

@@ -40,8 +40,13 @@
 //! would bounce the entry's cache line between the CPUs a flow's packets arrive on). The
 //! service's timeout (`LIMITS`) is read only then, and for SYNs and UDP.
 //!
-//! An aged entry that held one of its client's connection slots gives it back when it is
-//! replaced, through the same once-only step as a FIN (`limits::release`).
+//! An aged entry that held one of its client's connection slots gives it back when a SYN
+//! replaces it, through the same once-only step as a FIN (`limits::release`). Past a grace
+//! after the idle timeout (`lb_common::maps::slot_expired`) the daemon's sweep gives it back
+//! instead, as it does for a flow that ended unseen and is never met again; the program then
+//! only takes the mark off the entry when it meets it (a SYN replacing it, or a packet of a
+//! flow that was only idle, which goes on uncounted), so that no FIN gives the slot back
+//! twice (`limits::uncount`).
 //!
 //! # Draining backends
 //!
@@ -123,7 +128,7 @@ pub fn place(
         let mut entry = unsafe { *ptr };
         let idle = ct_age(now, entry.seen_s);
         let due = idle >= CT_REFRESH_SECS;
-        let aged = syn && due && aged(idle, service_id);
+        let aged = syn && due && past_idle_timeout(idle, service_id);
         let closed = syn && tcp && entry.flags & CT_F_CLOSED != 0;
         // A lone SYN on an entry pinned to a draining backend (weight 0 or removed) is a new
         // connection reusing the 4-tuple: the draining backend takes no new connections. On
@@ -137,8 +142,14 @@ pub fn place(
                     .is_some_and(|b| b.flags & BACKEND_F_DRAINING != 0));
         fresh = aged || closed || reused;
         if (aged || reused) && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED {
-            // The flow it pinned is over: its slot goes back (once, even if CPUs race here).
-            limits::release(ptr, &key.src_addr, service_id);
+            if aged && limits::slot_expired(idle, service_id) {
+                // Its slot goes back through the daemon's sweep, which no longer counts it:
+                // only taken off the entry, so that no FIN gives it back again.
+                limits::uncount(ptr);
+            } else {
+                // The flow it pinned is over: its slot goes back (once, even if CPUs race).
+                limits::release(ptr, &key.src_addr, service_id);
+            }
         }
         if !fresh {
             if let Some(backend) = BACKENDS.get(entry.backend) {
@@ -150,6 +161,15 @@ pub fn place(
                         // 8 bytes `limits::release` changes atomically.
                         unsafe { (&raw mut (*ptr).seen_s).write_volatile(now) };
                         entry.seen_s = now;
+                        // A counted flow back from an idle that expired its slot: the sweep
+                        // gave the slot back (or will); the flow goes on uncounted.
+                        if tcp
+                            && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED
+                            && limits::slot_expired(idle, service_id)
+                        {
+                            limits::uncount(ptr);
+                            entry.flags &= !CT_F_COUNTED;
+                        }
                     }
                     return Ok(Placement {
                         backend_id: entry.backend,
@@ -197,7 +217,7 @@ pub fn place(
 /// without that margin a flow sending every 1.5 s under a 2 s timeout would read as idle and
 /// be moved mid-session. A flow idle for good ages between the timeout and 3 s after it.
 #[inline(always)]
-fn aged(idle: u32, service_id: u32) -> bool {
+fn past_idle_timeout(idle: u32, service_id: u32) -> bool {
     match LIMITS.get(service_id) {
         Some(limits) => {
             limits.idle_timeout_s != 0

@@ -4,15 +4,16 @@
 //! "Per-client limits"); this module only implements it.
 //!
 //! Called for flows a client starts (see `conntrack::Placement::fresh`), for the first FIN
-//! or RST of a tracked TCP flow, and when an aged conntrack entry is replaced. Nothing here
-//! runs for the other packets of a flow.
+//! or RST of a tracked TCP flow, when an aged conntrack entry is replaced or met again, and
+//! when a draining backend's entry is reused. Nothing here runs for the other packets of a
+//! flow.
 
-use core::intrinsics::{atomic_or, atomic_xadd, atomic_xsub, AtomicOrdering::Relaxed};
+use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, atomic_xsub, AtomicOrdering::Relaxed};
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     flow::IPPROTO_TCP,
-    maps::{ClientKey, ClientState, CtEntry, CT_F_CLOSED, CT_F_COUNTED},
+    maps::{ct_age, ClientKey, ClientState, CtEntry, CT_F_CLOSED, CT_F_COUNTED},
     FlowKey, Stat,
 };
 
@@ -75,11 +76,31 @@ pub fn admit(key: &FlowKey, service_id: u32) -> Result<u16, Stat> {
 /// A FIN or RST of the tracked TCP flow `key` (client → VIP) of service `service_id`: marks
 /// its conntrack entry [`CT_F_CLOSED`] and, the first time and if the flow was
 /// [`CT_F_COUNTED`], gives its client's connection slot back.
+///
+/// At `now` ([`lb_common::maps::ct_seconds`]): an entry whose slot expired (idle past its
+/// service's timeout and the grace) is taken off the count first ([`uncount`]): the daemon's
+/// sweep gives that slot back, and the end of a flow not seen since (a backend's FIN after a
+/// long idle) must not give it back again.
 #[inline(always)]
-pub fn closed(key: &FlowKey, service_id: u32) {
+pub fn closed(key: &FlowKey, service_id: u32, now: u32) {
     if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a live map value; `seen_s` is written by single aligned stores.
+        let seen = unsafe { (&raw const (*entry).seen_s).read_volatile() };
+        if slot_expired(ct_age(now, seen), service_id) {
+            uncount(entry);
+        }
         release(entry, &key.src_addr, service_id);
     }
+}
+
+/// Whether a counted flow of service `service_id` idle for `idle` seconds no longer holds its
+/// client's connection slot (`lb_common::maps::slot_expired` of the service's
+/// `Limits::idle_timeout_s`).
+#[inline(always)]
+pub fn slot_expired(idle: u32, service_id: u32) -> bool {
+    LIMITS
+        .get(service_id)
+        .is_some_and(|l| lb_common::maps::slot_expired(idle, l.idle_timeout_s))
 }
 
 /// Marks the live conntrack entry `entry` of a flow of `client` (its address) in service
@@ -101,6 +122,19 @@ pub fn release(entry: *mut CtEntry, client: &[u32; 4], service_id: u32) {
         return;
     }
     unadmit(client, service_id, flags);
+}
+
+/// Takes the live conntrack entry `entry` off its client's count for good, without giving
+/// the slot back: a counted TCP flow idle past its service's idle timeout, whose slot the
+/// daemon's sweep gives back (it counts only the flows seen within the timeout). Clears
+/// [`CT_F_COUNTED`] atomically, so a FIN or RST on another CPU ([`release`]) either sees it
+/// and gives the slot back before, or does not and gives nothing.
+#[inline(always)]
+pub fn uncount(entry: *mut CtEntry) {
+    // SAFETY: as in `release`: the first 8 bytes of a live map value, `flags` their top bits.
+    unsafe {
+        atomic_and::<u64, u64, { Relaxed }>(entry as *mut u64, !(u64::from(CT_F_COUNTED) << 48))
+    };
 }
 
 /// Gives back the connection slot of a flow of `client` (its address) in service

@@ -91,6 +91,11 @@ fn config(topology: &Topology, max_connections: i64) -> String {
 }
 
 fn start(plane: Plane) -> Lab {
+    start_with(plane, |toml| toml)
+}
+
+/// [`start`], with the config passed through `edit` first.
+fn start_with(plane: Plane, edit: impl FnOnce(String) -> String) -> Lab {
     let topology = Topology::at(
         Path {
             plane,
@@ -114,7 +119,7 @@ fn start(plane: Plane) -> Lab {
                 .into()
         })
         .expect("enter the backend namespace");
-    let toml = config(&topology, 2);
+    let toml = edit(config(&topology, 2));
     let daemon = in_netns(&topology.balancer, || Daemon::start(&toml))
         .expect("enter the balancer namespace");
     // Health checks make the balancer resolve the backend's MAC; before that NAT'ed packets
@@ -346,6 +351,26 @@ fn rate_limit(plane: Plane) {
 /// this test's daemon's holds the flow (its client address is this test's alone). Returns
 /// whether an entry was deleted.
 fn evict(flow: &FlowKey) -> bool {
+    with_entry(flow, |conntrack| conntrack.remove(flow).is_ok())
+}
+
+/// Makes `flow`'s entry look last seen `seconds` earlier than it was (see [`evict`] for how
+/// it is found). Returns whether an entry was changed.
+fn backdate(flow: &FlowKey, seconds: u32) -> bool {
+    with_entry(flow, |conntrack| {
+        let Ok(mut e) = conntrack.get(flow, 0) else {
+            return false;
+        };
+        e.seen_s = e.seen_s.wrapping_sub(seconds);
+        conntrack.insert(flow, e, 0).is_ok()
+    })
+}
+
+/// Runs `f` on the `CONNTRACK` map that holds `flow`; `false` when none does.
+fn with_entry(
+    flow: &FlowKey,
+    f: impl FnOnce(&mut AyaHashMap<MapData, FlowKey, CtEntry>) -> bool,
+) -> bool {
     for info in loaded_maps().flatten() {
         if info.name_as_str() != Some(CONNTRACK) {
             continue;
@@ -360,10 +385,71 @@ fn evict(flow: &FlowKey) -> bool {
             continue;
         };
         if conntrack.get(flow, 0).is_ok() {
-            return conntrack.remove(flow).is_ok();
+            return f(&mut conntrack);
         }
     }
     false
+}
+
+/// A counted flow idle past its service's idle timeout and the grace after it (a client
+/// gone without a word, a SYN its backend never answered, or a connection merely idle) no
+/// longer holds its client's slot: the sweep gives it back though its entry is still there.
+/// If the flow then goes on, it goes on uncounted, and its end gives nothing back twice.
+#[test]
+fn a_slot_held_by_a_flow_idle_past_its_timeout_is_given_back_by_the_sweep() {
+    if !lb_tests::require_root("xdp_limits::a_slot_held_by_a_flow_idle_past_its_timeout") {
+        return;
+    }
+    // A 1 s idle timeout: a flow's slot expires 64 s after its last packet
+    // (`lb_common::maps::slot_expired`); the test makes one look that old.
+    let lab = start_with(Plane::Xdp, |toml| {
+        toml.replace(
+            "name = \"conns\"",
+            "name = \"conns\"\nidle_timeout = \"1s\"",
+        )
+    });
+    let mut first = lab.hold(C, CONNS, "C's first connection");
+    let mut second = lab.hold(C, CONNS, "C's second connection");
+    assert!(
+        lab.refused(C, CONNS),
+        "a third connection from {C} was served"
+    );
+    let mark = lab.daemon.log_mark();
+    assert!(
+        backdate(&Lab::flow_of(&first), 120),
+        "no CONNTRACK map held the flow of C's first connection"
+    );
+    // Two sweeps (10 s apart) see the excess. Meanwhile both connections carry a request
+    // every few seconds (the backend ends a connection idle for 15 s): the first one's
+    // next packet finds its slot expired, and it goes on uncounted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut given = false;
+    while !given && std::time::Instant::now() < deadline {
+        for (c, which) in [(&mut first, "first"), (&mut second, "second")] {
+            let body = lab
+                .client(|| c.get("/"))
+                .unwrap_or_else(|e| panic!("a request on C's {which} connection: {e}"));
+            assert_eq!(body, "b1");
+        }
+        given = lab
+            .daemon
+            .wait_for_log_after(
+                mark,
+                "XDP limits: gave back 1 connection slots",
+                Duration::from_secs(3),
+            )
+            .is_ok();
+    }
+    assert!(given, "the sweep gave no slot back:\n{}", lab.logs());
+    let _third = lab.hold(C, CONNS, "C's connection after the sweep");
+    // The first flow ends: it held no slot any more, so C stays at its limit of 2.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        lab.refused(C, CONNS),
+        "the end of a flow whose slot the sweep gave back gave a slot back a second time"
+    );
+    drop(second);
 }
 
 #[test]

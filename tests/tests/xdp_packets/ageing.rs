@@ -283,6 +283,84 @@ fn an_aged_counted_entry_gives_its_connection_slot_back_once_when_replaced() {
     assert_eq!(lab.stat(Stat::RefusedClientConnections), 2);
 }
 
+/// Past the grace after the idle timeout a counted flow's slot is the daemon sweep's to give
+/// back (it counts only flows whose slot has not expired): the program takes the mark off
+/// the entry when it meets it again and gives nothing back itself, whether the flow goes on
+/// (and then ends with the client's RST), ends with the backend's FIN, or is replaced by a
+/// SYN. Whatever the order, the client's slot goes back once.
+#[test]
+fn an_expired_slot_is_left_to_the_sweep_and_never_given_back_twice() {
+    let Some(mut lab) = setup("ageing_slot_expired") else {
+        return;
+    };
+    idle_timeout(&mut lab, 0, IDLE, 3);
+    let slots = |lab: &Lab| {
+        let c = ClientKey {
+            service: 0,
+            addr: words(CLIENT4.into()),
+        };
+        lab.clients.get(&c, 0).map_or(0, |s| s.connections)
+    };
+    let mut snat = Vec::new();
+    for port in [42000, 42001, 42002] {
+        let out = lab.expect(lab.vc, &tcp(port, TCP_SYN), XDP_REDIRECT, "a SYN");
+        snat.push(l4_source_port(&out));
+    }
+    assert_eq!(slots(&lab), 3);
+    let expired = IDLE + CT_REFRESH_SECS + 2 + CT_SLOT_GRACE_SECS;
+
+    // A flow back from that long an idle goes on, uncounted; its RST gives nothing.
+    let k = key(42000, IPPROTO_TCP);
+    age(&mut lab, &k, expired);
+    lab.expect(
+        lab.vc,
+        &tcp(42000, TCP_ACK),
+        XDP_REDIRECT,
+        "the ACK of a flow back from a long idle",
+    );
+    assert_eq!(entry(&lab, &k).flags, 0, "the expired flow kept its mark");
+    lab.expect(
+        lab.vc,
+        &tcp(42000, TCP_RST | TCP_ACK),
+        XDP_REDIRECT,
+        "the expired flow's RST",
+    );
+    assert_eq!(slots(&lab), 3, "an expired flow gave its slot back itself");
+
+    // The backend's FIN ends a flow not seen since its slot expired: nothing given back.
+    let k = key(42001, IPPROTO_TCP);
+    age(&mut lab, &k, expired);
+    let (b, local): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+    let fin = Packet::tcp(b, 8080, local, snat[1], TCP_FIN | TCP_ACK).frame(VB_MAC, B1_MAC);
+    lab.expect(
+        lab.vb,
+        &fin,
+        XDP_REDIRECT,
+        "the backend's FIN after a long idle",
+    );
+    assert_eq!(
+        entry(&lab, &k).flags,
+        CT_F_CLOSED,
+        "conntrack flags after the FIN"
+    );
+    assert_eq!(
+        slots(&lab),
+        3,
+        "the backend's FIN gave an expired slot back"
+    );
+
+    // A SYN replacing an expired entry needs a slot of its own; the old one is the sweep's.
+    let k = key(42002, IPPROTO_TCP);
+    age(&mut lab, &k, expired);
+    lab.expect(
+        lab.vc,
+        &tcp(42002, TCP_SYN),
+        XDP_TX,
+        "a SYN replacing an expired flow, before the sweep gave its slot back",
+    );
+    assert_eq!(slots(&lab), 3);
+}
+
 #[test]
 fn an_entry_time_is_rewritten_once_it_is_due_not_per_packet() {
     let Some(mut lab) = setup("ageing_refresh") else {

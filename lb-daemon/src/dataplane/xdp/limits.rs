@@ -9,10 +9,14 @@
 //! # The sweep
 //!
 //! A counted TCP flow gives its client's slot back on its first FIN or RST. If `CONNTRACK`
-//! evicts the flow's entry first, the slot is never given back: the client's count stays one
-//! too high. Every [`SWEEP_EVERY`] (10 s), while some XDP service has `max_connections_per_client`,
-//! [`Sweeper::tick`] counts the open counted flows of each client in `CONNTRACK` and lowers a
-//! client's count that is above it. It only lowers, and only by the excess it saw in two
+//! evicts the flow's entry first, or the flow ends unseen (a SYN the backend refused or
+//! never answered, a client gone without a word), the slot is never given back: the
+//! client's count stays one too high. Every [`SWEEP_EVERY`] (10 s), while some XDP service
+//! has `max_connections_per_client`, [`Sweeper::tick`] counts the open counted flows of each
+//! client in `CONNTRACK` (not closed, and whose slot has not expired: idle past the
+//! service's idle timeout and a grace more, `lb_common::maps::slot_expired`) and lowers a
+//! client's count that is above it. A flow whose slot expired gives it back this way only
+//! (see "Per-client limits" in `lb_common::maps`). It only lowers, and only by the excess it saw in two
 //! sweeps in a row: a flow admitted a moment before the count was read (its conntrack entry
 //! not yet written) is not mistaken for a leak. A leak thus lasts at most two sweeps. The
 //! write itself is a read and an update of one entry; a flow the program admits or closes
@@ -150,6 +154,8 @@ impl LimitMaps {
 pub struct SweepView {
     /// (VIP key, service id).
     pub services: Vec<(VipKey, u32)>,
+    /// Service id → its idle timeout in whole seconds ([`idle_seconds`]).
+    pub idle_s: StdHashMap<u32, u32>,
 }
 
 impl SweepView {
@@ -162,9 +168,16 @@ impl SweepView {
     }
 }
 
-/// Open counted flows per client of the services in `by_vip`, from `CONNTRACK`; `None` when
-/// the walk did not reach the end (the flows not reached would look like leaks).
-fn tracked(walk: &MapWalk, by_vip: &StdHashMap<VipKey, u32>) -> Option<StdHashMap<ClientKey, u64>> {
+/// Open counted flows per client of the services in `by_vip`, from `CONNTRACK`: not closed,
+/// and whose slot has not expired ([`contract::slot_expired`] of the service's idle timeout,
+/// `idle_s`) at `now_s` (`None`: the clock could not be read, every flow not closed counts);
+/// `None` when the walk did not reach the end (the flows not reached would look like leaks).
+fn tracked(
+    walk: &MapWalk,
+    by_vip: &StdHashMap<VipKey, u32>,
+    idle_s: &StdHashMap<u32, u32>,
+    now_s: Option<u32>,
+) -> Option<StdHashMap<ClientKey, u64>> {
     let mut tracked = StdHashMap::new();
     // Entries evicted or added while walking may be skipped or seen (twice, after a restart
     // of the walk): the two-sweep rule absorbs that, and a count is never raised.
@@ -182,6 +195,11 @@ fn tracked(walk: &MapWalk, by_vip: &StdHashMap<VipKey, u32>) -> Option<StdHashMa
         let Some(&service) = by_vip.get(&vip) else {
             continue;
         };
+        let idle = idle_s.get(&service).copied().unwrap_or(0);
+        let age = |now| contract::ct_age(now, entry.seen_s);
+        if now_s.is_some_and(|now| contract::slot_expired(age(now), idle)) {
+            continue;
+        }
         *tracked
             .entry(ClientKey {
                 service,
@@ -265,8 +283,8 @@ impl Sweeper {
         let lowered = self.sweep_once(walk, view);
         if lowered > 0 {
             info!(
-                "XDP limits: gave back {lowered} connection slots held by flows conntrack \
-                 evicted before their end"
+                "XDP limits: gave back {lowered} connection slots held by flows that ended \
+                 unseen (evicted from conntrack, or idle past the idle timeout)"
             );
         }
     }
@@ -294,7 +312,8 @@ impl Sweeper {
     fn sweep_once(&mut self, walk: &mut MapWalk, view: &SweepView) -> u64 {
         // An unfinished walk proves no leak: this sweep lowers nothing, and the next one
         // compares with the sweep before it.
-        let Some(tracked) = tracked(walk, &view.by_vip()) else {
+        let now_s = super::open_flows::now_s();
+        let Some(tracked) = tracked(walk, &view.by_vip(), &view.idle_s, now_s) else {
             return 0;
         };
         let ids = view.ids();
@@ -359,6 +378,7 @@ mod tests {
         // Service 7 replaced service 3 at the same VIP (placed after it, removed later).
         let view = SweepView {
             services: vec![(vip, 3), (other, 5), (vip, 7)],
+            idle_s: StdHashMap::new(),
         };
         let by_vip = view.by_vip();
         assert_eq!(

@@ -83,16 +83,19 @@ pub fn count(
         let Some(&idle) = idle_s.get(&e.backend) else {
             continue;
         };
-        if e.flags & CT_F_CLOSED != 0 {
-            continue;
-        }
-        let age = ct_age(now_s, e.seen_s);
-        if idle != 0 && age > idle.saturating_add(CT_REFRESH_SECS + 1) {
+        if e.flags & CT_F_CLOSED != 0 || idle_past(&e, idle, now_s) {
             continue;
         }
         *open.entry(e.backend).or_insert(0) += 1;
     }
     open
+}
+
+/// Whether conntrack entry `e` of a service whose idle timeout is `idle` whole seconds (0:
+/// never) was last seen longer ago than that at `now_s` ([`now_s`]), with the lag of the
+/// stored time allowed for, as the program ages entries ("Conntrack ageing").
+fn idle_past(e: &CtEntry, idle: u32, now_s: u32) -> bool {
+    idle != 0 && ct_age(now_s, e.seen_s) > idle.saturating_add(CT_REFRESH_SECS + 1)
 }
 
 /// Seconds of `CLOCK_MONOTONIC_COARSE` now, the clock the program stamps conntrack and NAT

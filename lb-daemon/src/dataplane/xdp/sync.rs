@@ -362,12 +362,14 @@ impl State {
 
     /// What a limits sweep needs of the running services (see [`limits::SweepView`]).
     fn sweep_view(&self) -> limits::SweepView {
+        let limited = || (self.running.iter()).filter(|r| self.maps.limits.limited(r.slot.id));
         limits::SweepView {
-            services: self
-                .running
-                .iter()
-                .filter(|r| self.maps.limits.limited(r.slot.id))
-                .map(|r| (r.slot.vip_key(), r.slot.id))
+            services: limited().map(|r| (r.slot.vip_key(), r.slot.id)).collect(),
+            idle_s: limited()
+                .map(|r| {
+                    let idle = r.service.snapshot.load().idle_timeout;
+                    (r.slot.id, limits::idle_seconds(idle))
+                })
                 .collect(),
         }
     }
