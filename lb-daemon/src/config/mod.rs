@@ -38,7 +38,10 @@ pub use crate::maglev::DEFAULT_TABLE_SIZE;
 /// The most proxy worker threads `global.workers` may ask for: each has a ring, listeners
 /// and buffers, and more threads than this on any one host only contend.
 pub const MAX_WORKERS: usize = 1024;
-/// The largest Maglev table size accepted: 2^24 entries keeps one table under 64 MiB of u32s.
+/// The largest Maglev table size accepted: the first prime above 2^24, about 64 MiB of u32s
+/// per table. A table this large takes seconds to build, on the control plane's one thread
+/// (every health change, DNS answer or slow-start step rebuilds it); sizes up to a few
+/// hundred thousand build in well under a second (BENCHMARKS.md, "Micro-benchmarks").
 pub const MAX_TABLE_SIZE: u32 = 16_777_259;
 
 /// A parsed and validated configuration.

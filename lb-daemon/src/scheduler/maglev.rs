@@ -25,8 +25,9 @@ impl MaglevScheduler {
     /// Builds the table over `candidates` (weight 0 dropped), with `table_size` slots.
     ///
     /// Returns `Err(SchedulerError::NoCandidates)` when no candidate has a weight above 0,
-    /// `Err(SchedulerError::Maglev(_))` when `table_size` is not a prime or is smaller than
-    /// the number of candidates. Costs what [`MaglevTable::build`] costs.
+    /// `Err(SchedulerError::Maglev(_))` when `table_size` is not a prime or there are more
+    /// candidates than a table can index. A table smaller than the number of candidates is
+    /// built all the same: some candidates get no slot (see `MaglevTable::build`). Costs what [`MaglevTable::build`] costs.
     pub fn new(candidates: Vec<Candidate>, table_size: u32) -> Result<Self, SchedulerError> {
         Self::with_key(candidates, table_size, flow_hash)
     }

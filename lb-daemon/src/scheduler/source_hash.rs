@@ -16,8 +16,9 @@ impl SourceHash {
     /// Builds the table over `candidates` (weight 0 dropped), with `table_size` slots.
     ///
     /// Returns `Err(SchedulerError::NoCandidates)` when no candidate has a weight above 0,
-    /// `Err(SchedulerError::Maglev(_))` when `table_size` is not a prime or is smaller than
-    /// the number of candidates.
+    /// `Err(SchedulerError::Maglev(_))` when `table_size` is not a prime or there are more
+    /// candidates than a table can index. A table smaller than the number of candidates is
+    /// built all the same: some candidates get no slot (see `MaglevTable::build`).
     pub fn new(candidates: Vec<Candidate>, table_size: u32) -> Result<Self, SchedulerError> {
         MaglevScheduler::with_key(candidates, table_size, source_hash).map(SourceHash)
     }
