@@ -19,7 +19,7 @@ use crate::{
     maps::{DECAP_ADDRS, DECAP_SOURCES},
     parse::{
         addr6, addr_key, groups6, halves, ptr_at, word, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, ETH_P_IP,
-        ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6,
+        ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_CHECK_OFF,
     },
 };
 
@@ -113,10 +113,17 @@ pub fn encapsulate<C: Frame>(
         unsafe { *at = outer };
         Ok(outer_len)
     } else {
+        let inner: *const Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let first = u16::from_be(unsafe { (*inner).vtc_flow[0] });
+        // The inner traffic class (DSCP and ECN) is copied out, as IPv4's TOS is: routers on
+        // the way see the packet's class, and mark congestion where the backend's
+        // decapsulator carries it in (RFC 6040).
+        let class = u32::from((first >> 4) & 0xff);
         let hdr = core::mem::size_of::<Ipv6Hdr>();
         let udp = p.key.protocol == IPPROTO_UDP;
         ctx.insert_room(p.l3_off, hdr, Room::Tunnel { v6: true, udp })?;
-        let vtc_flow = (6u32 << 28) | (flow_label & 0x000f_ffff);
+        let vtc_flow = (6u32 << 28) | (class << 20) | (flow_label & 0x000f_ffff);
         let outer = Ipv6Hdr {
             vtc_flow: [((vtc_flow >> 16) as u16).to_be(), (vtc_flow as u16).to_be()],
             payload_len: p.ip_len.to_be(),
@@ -167,7 +174,7 @@ pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
     let Ok((l3_off, proto)) = crate::parse::l3(ctx) else {
         return Decap::Plain;
     };
-    let (outer_len, src, dst) = if proto == ETH_P_IP {
+    let (outer_len, src, dst, outer_ce) = if proto == ETH_P_IP {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
             return Decap::Plain;
         };
@@ -185,6 +192,8 @@ pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
         if version_ihl >> 4 != 4 || ihl < 20 || protocol != IPPROTO_IPIP {
             return Decap::Plain;
         }
+        // SAFETY: bounds checked by `ptr_at`.
+        let outer_ce = unsafe { (*ip).tos } & ECN_MASK == ECN_CE;
         if u16::from_be(frag_off) & 0x3fff != 0 {
             return Decap::Plain;
         }
@@ -194,23 +203,25 @@ pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
         }
         let dst = addr_key([word(dst[0], dst[1]), 0, 0, 0], FAMILY_V4);
         let src = addr_key([word(src[0], src[1]), 0, 0, 0], FAMILY_V4);
-        (ihl, src, dst)
+        (ihl, src, dst, outer_ce)
     } else if proto == ETH_P_IPV6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
             return Decap::Plain;
         };
         // SAFETY: bounds checked by `ptr_at`.
-        let (nexthdr, src, dst) = unsafe { ((*ip).nexthdr, (*ip).src, (*ip).dst) };
+        let (nexthdr, src, dst, first) =
+            unsafe { ((*ip).nexthdr, (*ip).src, (*ip).dst, (*ip).vtc_flow[0]) };
         if nexthdr != IPPROTO_IPV6 {
             return Decap::Plain;
         }
+        let outer_ce = (u16::from_be(first) >> 4) as u8 & ECN_MASK == ECN_CE;
         let hdr = core::mem::size_of::<Ipv6Hdr>();
         if ptr_at::<Ipv6Hdr>(ctx, l3_off + hdr).is_none() {
             return Decap::Plain;
         }
         let dst = addr_key(addr6(&dst), FAMILY_V6);
         let src = addr_key(addr6(&src), FAMILY_V6);
-        (hdr, src, dst)
+        (hdr, src, dst, outer_ce)
     } else {
         return Decap::Plain;
     };
@@ -223,9 +234,65 @@ pub fn decapsulate<C: Frame>(ctx: &C) -> Decap {
         return Decap::BadSource;
     }
     // Same family inside and out, so the EtherType stays right.
-    if ctx.remove_room(l3_off, outer_len, proto == ETH_P_IPV6) {
-        Decap::Stripped
+    if !ctx.remove_room(l3_off, outer_len, proto == ETH_P_IPV6) {
+        return Decap::Plain;
+    }
+    if outer_ce {
+        carry_ce(ctx, l3_off, proto == ETH_P_IPV6);
+    }
+    Decap::Stripped
+}
+
+/// The ECN field's bits in an IPv4 TOS byte or IPv6 traffic class, and its value for
+/// "congestion experienced" (RFC 3168).
+const ECN_MASK: u8 = 0x03;
+const ECN_CE: u8 = 0x03;
+
+/// Marks the packet whose IP header (IPv6 when `v6`) is at `l3_off` as having met congestion,
+/// if it is ECN-capable: a router between balancer and backend marked the outer header, and
+/// the decapsulator carries the mark in (RFC 6040, section 4.2), else it would vanish with
+/// the outer header and the sender would never slow down. A packet that is not ECN-capable
+/// is left as it is (the RFC would drop it; a router that marks instead of dropping saw the
+/// outer header's ECN field, which encapsulation copies from this one, so it does not
+/// happen with lb's encapsulation).
+#[inline(always)]
+fn carry_ce<C: Frame>(ctx: &C, l3_off: usize, v6: bool) {
+    if v6 {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
+            return;
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        let old = unsafe { (*ip).vtc_flow[0] };
+        let host = u16::from_be(old);
+        if (host >> 4) as u8 & ECN_MASK == 0 {
+            return;
+        }
+        let new = (host | (u16::from(ECN_CE) << 4)).to_be();
+        // SAFETY: bounds checked by `ptr_at`; an aligned 16-bit field.
+        unsafe { (*ip).vtc_flow[0] = new };
+        // No header checksum covers it: a tc packet's sum of its bytes must follow.
+        ctx.complete_sum_add(csum::diff16(old, new));
     } else {
-        Decap::Plain
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+            return;
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        let (version_ihl, tos) = unsafe { ((*ip).version_ihl, (*ip).tos) };
+        if tos & ECN_MASK == 0 {
+            return;
+        }
+        let new_tos = tos | ECN_CE;
+        let diff = csum::diff16(
+            u16::from_ne_bytes([version_ihl, tos]),
+            u16::from_ne_bytes([version_ihl, new_tos]),
+        );
+        if ctx.l3_csum_add(l3_off + IPV4_CHECK_OFF, diff).is_err() {
+            return;
+        }
+        // Taken anew: on tc the checksum helper may have moved the packet.
+        if let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) {
+            // SAFETY: bounds checked by `ptr_at`.
+            unsafe { (*ip).tos = new_tos };
+        }
     }
 }

@@ -135,6 +135,83 @@ fn lb_decap_drops_tunnels_for_this_host_from_a_source_that_is_not_a_balancer() {
     );
 }
 
+/// A router between balancer and backend that marks congestion marks the outer header
+/// (encapsulation copies the inner ECN field out): the decapsulator carries "congestion
+/// experienced" into an ECN-capable inner packet (RFC 6040, 4.2), IPv4 (its header checksum
+/// updated) and IPv6, and leaves a packet that is not ECN-capable as it is.
+#[test]
+fn lb_decap_carries_a_congestion_mark_of_the_outer_header_in() {
+    let Some(lab) = lab("decap_ecn") else {
+        return;
+    };
+    let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let inner4 = |tos: u8| {
+        let h = packet::V4 {
+            tos,
+            id: 0,
+            frag: 0x4000,
+            ttl: 64,
+        };
+        packet::ipv4(
+            CLIENT4,
+            VIP4,
+            6,
+            h,
+            &[],
+            &packet::tcp(c, 41000, v, 80, TCP_ACK, b"data"),
+        )
+    };
+    let outer = packet::V4 {
+        tos: 0x03,
+        id: 0,
+        frag: 0x4000,
+        ttl: 64,
+    };
+    for (inner, want, what) in [
+        (0x02, 0x03, "ECT(0) under an outer CE"),
+        (0x01, 0x03, "ECT(1) under an outer CE"),
+        (
+            0xba,
+            0xbb,
+            "EF and ECT(0) under an outer CE: the DSCP stays",
+        ),
+        (0x00, 0x00, "not ECN-capable: left alone"),
+    ] {
+        let frame = packet::frame(
+            B1_MAC,
+            VB_MAC,
+            &packet::ipv4(LOCAL4, B1_4, 4, outer, &[], &inner4(inner)),
+        );
+        let (action, out) = lab.run(PROG_DECAP, lab.vb, &frame);
+        assert_eq!(action_name(action), "XDP_PASS", "{what}");
+        assert_same(&out, &packet::frame(B1_MAC, VB_MAC, &inner4(want)), what);
+    }
+
+    let (c6, v6): (IpAddr, IpAddr) = (CLIENT6.into(), VIP6.into());
+    let udp6 = packet::udp(c6, 6000, v6, 53, b"q");
+    let inner6 = |class: u32| packet::ipv6(CLIENT6, VIP6, 17, 0x6000_0000 | class << 20, 64, &udp6);
+    for (inner, want, what) in [
+        (0x02, 0x03, "IPv6 ECT(0) under an outer CE"),
+        (0x00, 0x00, "IPv6 not ECN-capable: left alone"),
+    ] {
+        let frame = packet::frame(
+            B1_MAC,
+            VB_MAC,
+            &packet::ipv6(
+                LOCAL6,
+                B1_6,
+                41,
+                0x6000_0000 | 0x03 << 20,
+                64,
+                &inner6(inner),
+            ),
+        );
+        let (action, out) = lab.run(PROG_DECAP, lab.vb, &frame);
+        assert_eq!(action_name(action), "XDP_PASS", "{what}");
+        assert_same(&out, &packet::frame(B1_MAC, VB_MAC, &inner6(want)), what);
+    }
+}
+
 #[test]
 fn lb_daemon_decap_accepts_its_interfaces_addresses_and_follows_their_changes() {
     if !require_root("decap_addresses") {

@@ -127,6 +127,30 @@ fn dsr_ipv6_udp_is_encapsulated_in_ip6ip6_and_decapsulated_on_the_backend() {
         1,
         "one packet counted on the backend"
     );
+
+    // The inner traffic class (DSCP and ECN) is copied out, as IPv4's TOS is.
+    let udp = packet::udp(client, 6001, vip, 53, b"query");
+    let classed = packet::ipv6(CLIENT6, VIP6, 17, 0x6000_0000 | 0xba << 20, 64, &udp);
+    let out = lab.expect(
+        lab.vc,
+        &packet::frame(VC_MAC, CLIENT_MAC, &classed),
+        XDP_REDIRECT,
+        "a request with traffic class EF and ECT(0)",
+    );
+    let label = flow_hash(&flow(client, 6001, vip, 53, IPPROTO_UDP)) & 0x000f_ffff;
+    let want = packet::frame(
+        B1_MAC,
+        VB_MAC,
+        &packet::ipv6(
+            LOCAL6,
+            B1_6,
+            41,
+            0x6000_0000 | 0xba << 20 | label,
+            64,
+            &classed,
+        ),
+    );
+    assert_same(&out, &want, "the outer header's traffic class");
 }
 
 /// Several balancers behind ECMP: a flow another node started arrives here mid-way (an ACK,
