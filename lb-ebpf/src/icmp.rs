@@ -114,7 +114,8 @@ fn claims_low_mtu<C: Frame>(ctx: &C, family: u8, l4_off: usize) -> bool {
 /// The quote is a NAT reply VIP:vport → client:cport (`src`:`sport` → `dst`:`dport`, ports
 /// in host order) of a `nat` service, sent to the VIP (`outer_dst`): its translation as the
 /// backend's own reply, backend:bport → `local_addr`:SNAT port, found through the client's
-/// `CONNTRACK` entry. `None` for anything else (not a VIP, a `dsr` service, an unknown flow).
+/// `CONNTRACK` entry, while `NAT_REVERSE` says the port is still the flow's. `None` for
+/// anything else (not a VIP, a `dsr` service, an unknown flow, a port taken over).
 #[inline(always)]
 fn to_backend(
     family: u8,
@@ -163,9 +164,25 @@ fn to_backend(
     if backend.family != family {
         return None;
     }
+    let local = *nat::flow_local(service_id, service, &client)?;
+    // The port must still be this flow's: a client's entry outlives its port, which another
+    // flow to the same backend may have taken since (an idle UDP flow's). The error would
+    // then reach the backend as one about that other flow.
+    let reply = FlowKey {
+        src_addr: backend.addr,
+        dst_addr: local,
+        src_port: backend.port,
+        dst_port: snat_port,
+        protocol,
+        family,
+        _pad: [0; 2],
+    };
+    if !nat::owned_by(nat::find(&reply)?, &client) {
+        return None;
+    }
     Some(Translation {
         src: backend.addr,
-        dst: *nat::flow_local(service_id, service, &client)?,
+        dst: local,
         sport: backend.port,
         dport: snat_port,
         stat: Stat::IcmpToBackend,

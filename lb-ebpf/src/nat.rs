@@ -90,9 +90,9 @@ fn set_reply_key(
     rkey._pad = [0; 2];
 }
 
-/// Whether the `NAT_REVERSE` entry `r` translates the client flow `key`.
+/// Whether the `NAT_REVERSE` entry `r` (a live map value) translates the client flow `key`.
 #[inline(always)]
-fn owned_by(r: *const NatReverse, key: &FlowKey) -> bool {
+pub fn owned_by(r: *const NatReverse, key: &FlowKey) -> bool {
     // SAFETY: a live map value, read in place (a copy would cost stack the balancer does not
     // have); a flow taking the port over replaces the element whole.
     unsafe {

@@ -428,6 +428,38 @@ fn an_error_about_a_reply_of_no_known_flow_passes_untouched() {
     assert_eq!(lab.stat(Stat::IcmpToBackend), 0);
 }
 
+/// A client's conntrack entry outlives its SNAT port: once another flow to the same backend
+/// took the port over (here written into `NAT_REVERSE` as the takeover leaves it), an error
+/// quoting the old flow's reply must not reach the backend as one about the new flow.
+#[test]
+fn an_error_about_a_flow_whose_port_was_taken_over_passes_untouched() {
+    let Some(mut lab) = lab("icmp4_reply_taken_over") else {
+        return;
+    };
+    let (answer, reply) = big_tcp_reply4(&mut lab);
+    let error = error4_from_client_side(&reply[..576 - 20 - 8], VIP4);
+    // The port's entry, keyed by the backend's reply, now names another client.
+    let (b1, local): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+    let snat = u16::from_be_bytes([answer[22], answer[23]]);
+    let key = flow(b1, 8080, local, snat, IPPROTO_TCP);
+    let mut owner = lab
+        .nat_reverse
+        .get(&key, 0)
+        .expect("the flow's NAT_REVERSE entry");
+    owner.client_port = 40001;
+    lab.nat_reverse
+        .insert(key, owner, 0)
+        .expect("write NAT_REVERSE");
+    let (action, same) = lab.run(PROG_BALANCER, lab.vc, &error);
+    assert_eq!(
+        action_name(action),
+        "XDP_PASS",
+        "an error about a flow whose port another flow took over"
+    );
+    assert_same(&same, &error, "the error passed untouched");
+    assert_eq!(lab.stat(Stat::IcmpToBackend), 0);
+}
+
 #[test]
 fn an_error_about_a_dsr_reply_passes_untouched() {
     let Some(mut lab) = lab("icmp4_reply_dsr") else {
