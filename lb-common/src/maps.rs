@@ -303,8 +303,9 @@
 //!
 //! The limits apply to flows a client starts: a TCP SYN without ACK, or a UDP packet, that
 //! finds no `CONNTRACK` entry (or, for a SYN, an entry whose flow was closed
-//! [`CT_F_CLOSED`]). TCP packets without SYN that miss conntrack (evicted entries) and flows
-//! re-placed because their backend went down are never limited. State per client address and
+//! [`CT_F_CLOSED`], aged, pinned to a draining backend, or made in mid-stream
+//! [`CT_F_MIDSTREAM`]). TCP packets without SYN that miss conntrack (evicted entries) and
+//! flows re-placed because their backend went down are never limited. State per client address and
 //! service lives in `CLIENTS` ([`ClientKey`] → [`ClientState`]):
 //!
 //! - **Rate**: a token bucket of [`Limits::burst_ns`]` / `[`Limits::interval_ns`] tokens
@@ -341,9 +342,14 @@
 //! through the sweep alone: the program clears its [`CT_F_COUNTED`] without subtracting
 //! when it meets the entry again (a packet of the flow, which goes on uncounted, as the
 //! proxy would have closed it; or a SYN replacing it), so that no later FIN or RST gives the
-//! slot back twice. Idle age only grows until the program refreshes it, so the two never
-//! both act on one entry. Within the grace a SYN replacing an aged entry gives its slot back
-//! at once (a client reusing its port is not refused for the time of two sweeps). A client whose `CLIENTS`
+//! slot back twice. Idle age only grows until the program refreshes it, and the program
+//! takes the mark off before it refreshes the time, so the two do not both act on one
+//! entry while the idle timeout stays as it is. A reload that raises it makes entries
+//! expired under the old timeout unexpired again, and a daemon of an earlier release
+//! adopting the pinned maps does not know the rule: either can give one such slot back
+//! twice (the client may then hold one flow more than its limit, until its flows end).
+//! Within the grace a SYN replacing an aged entry gives its slot back at once (a client
+//! reusing its port is not refused for the time of two sweeps). A client whose `CLIENTS`
 //! entry the LRU evicts starts again from a full bucket and zero connections; size
 //! [`CLIENTS_SIZE`] so that the clients that matter fit.
 //!
@@ -777,7 +783,7 @@ pub struct CtEntry {
     pub backend: u32,
     /// The SNAT port chosen for the flow (`nat` only; 0 for `dsr`), host byte order.
     pub snat_port: u16,
-    /// Bits: [`CT_F_COUNTED`], [`CT_F_CLOSED`]; the others are zero.
+    /// Bits: [`CT_F_COUNTED`], [`CT_F_CLOSED`], [`CT_F_MIDSTREAM`]; the others are zero.
     pub flags: u16,
     /// When a packet of the flow was last seen, in whole seconds of
     /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`: [`ct_seconds`] of its

@@ -239,9 +239,9 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
 /// Makes pin directory `dir` this daemon's (`dataplane::xdp::pin_lock`) before anything
 /// starts: the lock an old daemon handed over (`inherited`), whatever `config` holds (the
 /// successor of the set's owner removes it if no service of its runs on eBPF), or else its
-/// own when a service of `config` may run on the eBPF plane. A daemon with no such service
-/// leaves another's pinned set alone (`pins::remove_unused`) and runs beside it. A directory
-/// that is not there yet is claimed when the eBPF plane makes it (`pins::Pins::open`).
+/// own when a service of `config` may run on the eBPF plane (the directory is made first if
+/// need be). A daemon with no such service leaves another's pinned set alone
+/// (`pins::remove_unused`) and runs beside it.
 ///
 /// Returns `Err(DaemonError::PinLock)` when another daemon holds it: this one must not adopt
 /// the set that daemon serves.
@@ -261,6 +261,10 @@ fn claim_pin_dir(
         .iter()
         .any(|s| crate::placement::why_not_xdp(s).is_none());
     if may_pin {
+        // Made now if it is not there yet (a first start, or the last daemon's SIGTERM
+        // removed it), so that of two daemons starting at once one is refused here, before
+        // it binds anything. A directory that cannot be made is the eBPF plane's to report.
+        let _ = crate::dataplane::xdp::pins::make_root(dir);
         pin_lock::claim(dir)?;
     }
     Ok(())

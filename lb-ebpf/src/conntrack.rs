@@ -157,12 +157,10 @@ pub fn place(
                 // one (weight 0 or removed, not down) keeps its flows.
                 if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
                     if due {
-                        // SAFETY: a live map value; one aligned 32-bit store outside the
-                        // 8 bytes `limits::release` changes atomically.
-                        unsafe { (&raw mut (*ptr).seen_s).write_volatile(now) };
-                        entry.seen_s = now;
                         // A counted flow back from an idle that expired its slot: the sweep
-                        // gave the slot back (or will); the flow goes on uncounted.
+                        // gave the slot back (or will); the flow goes on uncounted. Before
+                        // the time is refreshed: a FIN on another CPU that sees the fresh
+                        // time must find the mark gone (`limits::closed`).
                         if tcp
                             && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED
                             && limits::slot_expired(idle, service_id)
@@ -170,6 +168,10 @@ pub fn place(
                             limits::uncount(ptr);
                             entry.flags &= !CT_F_COUNTED;
                         }
+                        // SAFETY: a live map value; one aligned 32-bit store outside the
+                        // 8 bytes `limits::release` changes atomically.
+                        unsafe { (&raw mut (*ptr).seen_s).write_volatile(now) };
+                        entry.seen_s = now;
                     }
                     return Ok(Placement {
                         backend_id: entry.backend,
@@ -181,10 +183,18 @@ pub fn place(
                     });
                 }
             }
+            // A re-placed flow whose slot expired holds none: the sweep gave it back.
+            if tcp
+                && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED
+                && limits::slot_expired(idle, service_id)
+            {
+                limits::uncount(ptr);
+            }
             // Read again, not from the copy: a FIN on another CPU may have closed the flow
             // (and given its slot back) since, and the re-placed entry must not count the
             // slot a second time.
-            // SAFETY: a live map value; `flags` is changed only by `limits::release`'s atomic OR.
+            // SAFETY: a live map value; `flags` is changed only by atomic operations
+            // (`limits::release`, `limits::uncount`).
             flags = unsafe { (&raw const (*ptr).flags).read_volatile() };
         }
     } else {

@@ -361,6 +361,56 @@ fn an_expired_slot_is_left_to_the_sweep_and_never_given_back_twice() {
     assert_eq!(slots(&lab), 3);
 }
 
+/// On `dsr` a flow whose backend went down is re-placed and goes on. One whose slot expired
+/// goes on uncounted: its FIN must not give back the slot the sweep gave back.
+#[test]
+fn a_dsr_flow_re_placed_after_its_slot_expired_goes_on_uncounted() {
+    let Some(mut lab) = setup("ageing_slot_replaced") else {
+        return;
+    };
+    lab.service(2, VIP4.into(), 81, IPPROTO_TCP, MODE_DSR, &[0]);
+    idle_timeout(&mut lab, 2, IDLE, 3);
+    let seg = |flags: u8| {
+        let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+        Packet::tcp(c, 43000, v, 81, flags).frame(VC_MAC, CLIENT_MAC)
+    };
+    let slots = |lab: &Lab| {
+        let c = ClientKey {
+            service: 2,
+            addr: words(CLIENT4.into()),
+        };
+        lab.clients.get(&c, 0).map_or(0, |s| s.connections)
+    };
+    lab.expect(lab.vc, &seg(TCP_SYN), XDP_REDIRECT, "the SYN");
+    assert_eq!(slots(&lab), 1);
+    let k = flow(CLIENT4.into(), 43000, VIP4.into(), 81, IPPROTO_TCP);
+    age(
+        &mut lab,
+        &k,
+        IDLE + CT_REFRESH_SECS + 2 + CT_SLOT_GRACE_SECS,
+    );
+    lab.set_backend_flags(0, BACKEND_F_DOWN);
+    lab.publish(2, &[1]);
+    lab.expect(
+        lab.vc,
+        &seg(TCP_ACK),
+        XDP_REDIRECT,
+        "an expired flow's ACK, its backend down",
+    );
+    let e = entry(&lab, &k);
+    assert_eq!(
+        (e.backend, e.flags & CT_F_COUNTED),
+        (1, 0),
+        "the re-placed expired flow: its backend and mark"
+    );
+    lab.expect(lab.vc, &seg(TCP_FIN | TCP_ACK), XDP_REDIRECT, "its FIN");
+    assert_eq!(
+        slots(&lab),
+        1,
+        "a re-placed expired flow gave its slot back itself"
+    );
+}
+
 #[test]
 fn an_entry_time_is_rewritten_once_it_is_due_not_per_packet() {
     let Some(mut lab) = setup("ageing_refresh") else {

@@ -331,7 +331,7 @@ impl XdpPlane {
     /// nothing when nothing was adopted.
     ///
     /// A service of the set whose VIP a service on the proxy listens on now (`proxied`: its
-    /// address, or the wildcard of that port, and protocol) lets go of the VIP at once, as
+    /// address, or the wildcard of its family on that port, and protocol) lets go of the VIP at once, as
     /// [`XdpPlane::remove`] does for a reload: else the program would go on answering the
     /// VIP's new connections with a RST for the whole drain. The flows it carried are cut.
     pub fn settle_adoption(&mut self, proxied: &[(std::net::SocketAddr, crate::config::Protocol)]) {
@@ -368,7 +368,8 @@ impl XdpPlane {
             let taken = proxied.iter().any(|&(listen, protocol)| {
                 protocol == slot.protocol
                     && listen.port() == slot.vip.port()
-                    && (listen.ip() == slot.vip.ip() || listen.ip().is_unspecified())
+                    && (listen.ip() == slot.vip.ip()
+                        || listen.ip().is_unspecified() && listen.is_ipv4() == slot.vip.is_ipv4())
             });
             if taken {
                 match st.maps.hand_over_vip(&slot, None) {

@@ -76,7 +76,7 @@ pub fn claim(dir: &Path) -> Result<bool, PinLockError> {
         if h.dir != dir {
             return Ok(false);
         }
-        if is_same(dir, &h.fd) {
+        if is_same(dir, &h.fd) != Some(false) {
             return Ok(true);
         }
         // The directory was removed (no eBPF service was left) and made again: the lock of
@@ -112,7 +112,7 @@ pub fn claim(dir: &Path) -> Result<bool, PinLockError> {
 /// another one). Returns whether it was kept; a descriptor not kept is closed.
 pub fn inherit(dir: &Path, fd: OwnedFd) -> bool {
     let mut held = held();
-    if !is_same(dir, &fd) || held.is_some() {
+    if is_same(dir, &fd) != Some(true) || held.is_some() {
         return false;
     }
     *held = Some(Held {
@@ -140,13 +140,20 @@ fn lock_exclusive(fd: &OwnedFd) -> io::Result<()> {
     }
 }
 
-/// Whether `fd` is open on the file at `path` (same device and inode).
-fn is_same(path: &Path, fd: &OwnedFd) -> bool {
+/// Whether `fd` is open on the file at `path` (same device and inode); `None` when either
+/// cannot be looked at.
+fn is_same(path: &Path, fd: &OwnedFd) -> Option<bool> {
     let open = fd.try_clone().and_then(|fd| fs::File::from(fd).metadata());
     match (fs::metadata(path), open) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
+        (Ok(a), Ok(b)) => Some(a.dev() == b.dev() && a.ino() == b.ino()),
+        _ => None,
     }
+}
+
+/// Lets go of the lock this process holds, if any: for a daemon that took it only to look
+/// at the directory (`pins::remove_unused`) and runs no eBPF service.
+pub fn release() {
+    *held() = None;
 }
 
 #[cfg(test)]

@@ -74,19 +74,7 @@ impl Pins {
             let path = path.to_path_buf();
             move |source| PinError::Io { path, source }
         };
-        if root.starts_with(BPF_FS) && !is_bpffs(Path::new(BPF_FS)) {
-            mount_bpffs_once();
-        }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root)
-            .map_err(io_err(root))?;
-        if !is_bpffs(root) {
-            return Err(PinError::NotBpffs {
-                path: root.to_path_buf(),
-            });
-        }
+        make_root(root)?;
         // Before anything in it is read or removed.
         super::pin_lock::claim(root)?;
         let set = root.join(format!("v{LAYOUT_VERSION}"));
@@ -182,18 +170,52 @@ impl Pins {
     }
 }
 
+/// Makes pin directory `root` (mode 0700, its parents as needed) on a bpffs, mounting one at
+/// `/sys/fs/bpf` first if `root` is below it and none is there. Nothing when it exists.
+///
+/// Returns `Err(PinError::Io)` when it cannot be made, `Err(PinError::NotBpffs)` when it is
+/// not on a bpffs.
+pub fn make_root(root: &Path) -> Result<(), PinError> {
+    if root.starts_with(BPF_FS) && !is_bpffs(Path::new(BPF_FS)) {
+        mount_bpffs_once();
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(|source| PinError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+    if !is_bpffs(root) {
+        return Err(PinError::NotBpffs {
+            path: root.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// Removes a set found under `root` while no eBPF plane runs (the config has no eBPF
 /// service any more): its programs would go on forwarding the VIPs on a frozen table.
 /// Logged when there was one; errors are logged too. A set another daemon holds
-/// (`pin_lock`) is that daemon's, and stays.
+/// (`pin_lock`) is that daemon's, and stays; the lock this one took to look is let go of.
 pub fn remove_unused(root: &Path) {
-    if let Err(e) = super::pin_lock::claim(root) {
+    use super::pin_lock;
+    if let Err(e) = pin_lock::claim(root) {
         info!(
             "eBPF: the pins under {} are left alone: {e}",
             root.display()
         );
         return;
     }
+    remove_sets(root);
+    // This daemon runs no eBPF plane: it held the lock (its own, or one an upgrade handed
+    // it) only to look, and must not keep a later eBPF daemon out.
+    pin_lock::release();
+}
+
+/// [`remove_unused`]'s work, under the lock.
+fn remove_sets(root: &Path) {
     let Ok(dir) = fs::read_dir(root) else {
         return;
     };
