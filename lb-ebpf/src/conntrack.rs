@@ -161,10 +161,7 @@ pub fn place(
                         // gave the slot back (or will); the flow goes on uncounted. Before
                         // the time is refreshed: a FIN on another CPU that sees the fresh
                         // time must find the mark gone (`limits::closed`).
-                        if tcp
-                            && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED
-                            && limits::slot_expired(idle, service_id)
-                        {
+                        if tcp && holds_expired_slot(&entry, idle, service_id) {
                             limits::uncount(ptr);
                             entry.flags &= !CT_F_COUNTED;
                         }
@@ -184,10 +181,7 @@ pub fn place(
                 }
             }
             // A re-placed flow whose slot expired holds none: the sweep gave it back.
-            if tcp
-                && entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED
-                && limits::slot_expired(idle, service_id)
-            {
+            if tcp && holds_expired_slot(&entry, idle, service_id) {
                 limits::uncount(ptr);
             }
             // Read again, not from the copy: a FIN on another CPU may have closed the flow
@@ -235,6 +229,16 @@ fn past_idle_timeout(idle: u32, service_id: u32) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether `entry`, of a TCP flow of service `service_id` idle for `idle` seconds, is marked
+/// as holding a connection slot ([`CT_F_COUNTED`], not [`CT_F_CLOSED`]) that has expired
+/// (`limits::slot_expired`): the daemon's sweep gives that slot back, and the program only
+/// takes the mark off (`limits::uncount`).
+#[inline(always)]
+fn holds_expired_slot(entry: &CtEntry, idle: u32, service_id: u32) -> bool {
+    entry.flags & (CT_F_COUNTED | CT_F_CLOSED) == CT_F_COUNTED
+        && limits::slot_expired(idle, service_id)
 }
 
 /// Records `entry` for `key` (a new flow, or a new SNAT port).
