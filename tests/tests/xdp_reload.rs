@@ -899,32 +899,7 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
 
     // At the XDP hook the program sends only out of the service's interfaces: b1 routed out
     // of a macvlan over l1 (where its replies would still come in) is left out too.
-    let balancer = &world.topology.balancer;
-    balancer
-        .ip(&[
-            "link", "add", "link", "l1", "name", "mv1", "type", "macvlan",
-        ])
-        .expect("a macvlan over l1");
-    balancer.ip(&["link", "set", "mv1", "up"]).expect("mv1 up");
-    let route = [&format!("{}/32", b1.ip()), "dev", "mv1"];
-    let mark = world.daemon.log_mark();
-    balancer
-        .ip(&[&["route", "add"][..], &route[..]].concat())
-        .expect("a route to b1 out of mv1");
-    world
-        .daemon
-        .wait_for_log_after(
-            mark,
-            &format!("service web: backend {b1} is routed out of mv1"),
-            REROUTE,
-        )
-        .unwrap_or_else(|e| panic!("b1, routed out of mv1, was not left out: {e}"));
-    wait_for_table(&world, mark, "web", "b1 routed out of mv1");
-    let seen = who_answers(&world);
-    assert!(
-        !seen.contains("b1"),
-        "the backend XDP cannot send to got flows: {seen:?}"
-    );
+    route_out_of_a_macvlan(&world, b1);
 }
 
 /// DSR at the XDP hook: `lb_xdp` sends the encapsulated packets only out of the service's
@@ -939,32 +914,7 @@ fn a_dsr_backend_routed_off_the_xdp_interfaces_is_left_out() {
     }
     let world = World::start(Mode::Dsr, 3, 3);
     let b1 = backend(1, WEB);
-    let balancer = &world.topology.balancer;
-    balancer
-        .ip(&[
-            "link", "add", "link", "l1", "name", "mv1", "type", "macvlan",
-        ])
-        .expect("a macvlan over l1");
-    balancer.ip(&["link", "set", "mv1", "up"]).expect("mv1 up");
-    let route = [&format!("{}/32", b1.ip()), "dev", "mv1"];
-    let mark = world.daemon.log_mark();
-    balancer
-        .ip(&[&["route", "add"][..], &route[..]].concat())
-        .expect("a route to b1 out of mv1");
-    world
-        .daemon
-        .wait_for_log_after(
-            mark,
-            &format!("service web: backend {b1} is routed out of mv1"),
-            REROUTE,
-        )
-        .unwrap_or_else(|e| panic!("b1, routed out of mv1, was not left out: {e}"));
-    wait_for_table(&world, mark, "web", "b1 routed out of mv1");
-    let seen = who_answers(&world);
-    assert!(
-        !seen.contains("b1"),
-        "the backend XDP cannot send to got flows: {seen:?}"
-    );
+    let route = route_out_of_a_macvlan(&world, b1);
     let b = admin::backend(&status(&world), "web", b1).cloned();
     assert!(
         b.as_ref()
@@ -973,8 +923,14 @@ fn a_dsr_backend_routed_off_the_xdp_interfaces_is_left_out() {
         "/status does not say why b1 is left out: {b:?}"
     );
     let mark = world.daemon.log_mark();
-    balancer
-        .ip(&[&["route", "del"][..], &route[..]].concat())
+    let del: Vec<&str> = ["route", "del"]
+        .into_iter()
+        .chain(route.iter().map(String::as_str))
+        .collect();
+    world
+        .topology
+        .balancer
+        .ip(&del)
         .expect("the route to b1 out of mv1 removed");
     world
         .daemon
@@ -991,6 +947,42 @@ fn a_dsr_backend_routed_off_the_xdp_interfaces_is_left_out() {
             wait_until_each_answers(&["b1", "b2", "b3"], FOLLOW, || http_get(web_vip(), "/"))
         })
         .unwrap_or_else(|e| panic!("b1 should answer again once its route is back: {e}"));
+}
+
+/// At the XDP hook the program sends only out of the service's interfaces: routes `b1`
+/// (web's backend) out of `mv1`, a macvlan made over `l1`, and checks that web leaves it out
+/// of its table (logged) and that 60 new connections go to the others. Returns the route's
+/// `ip route` arguments, to delete it.
+fn route_out_of_a_macvlan(world: &World, b1: SocketAddr) -> [String; 3] {
+    let balancer = &world.topology.balancer;
+    balancer
+        .ip(&[
+            "link", "add", "link", "l1", "name", "mv1", "type", "macvlan",
+        ])
+        .expect("a macvlan over l1");
+    balancer.ip(&["link", "set", "mv1", "up"]).expect("mv1 up");
+    let route = [format!("{}/32", b1.ip()), "dev".into(), "mv1".into()];
+    let mark = world.daemon.log_mark();
+    let add: Vec<&str> = ["route", "add"]
+        .into_iter()
+        .chain(route.iter().map(String::as_str))
+        .collect();
+    balancer.ip(&add).expect("a route to b1 out of mv1");
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!("service web: backend {b1} is routed out of mv1"),
+            REROUTE,
+        )
+        .unwrap_or_else(|e| panic!("b1, routed out of mv1, was not left out: {e}"));
+    wait_for_table(world, mark, "web", "b1 routed out of mv1");
+    let seen = who_answers(world);
+    assert!(
+        !seen.contains("b1"),
+        "the backend XDP cannot send to got flows: {seen:?}"
+    );
+    route
 }
 
 /// How long a route change may take to be followed: `REPLIES_EVERY` (10 s) and a margin.

@@ -66,6 +66,15 @@ fn entry(lab: &Lab, key: &FlowKey) -> CtEntry {
         .expect("the flow has a conntrack entry")
 }
 
+/// The connection slots `CLIENT4` holds in service `service` (`CLIENTS`).
+fn slots(lab: &Lab, service: u32) -> u64 {
+    let c = ClientKey {
+        service,
+        addr: words(CLIENT4.into()),
+    };
+    lab.clients.get(&c, 0).map_or(0, |s| s.connections)
+}
+
 /// Makes `key`'s entry look last seen `idle` seconds before its current `seen_s`.
 fn age(lab: &mut Lab, key: &FlowKey, idle: u32) -> CtEntry {
     let mut e = entry(lab, key);
@@ -199,13 +208,7 @@ fn an_aged_counted_entry_gives_its_connection_slot_back_once_when_replaced() {
         return;
     };
     idle_timeout(&mut lab, 0, IDLE, 1);
-    let slots = |lab: &Lab| {
-        let c = ClientKey {
-            service: 0,
-            addr: words(CLIENT4.into()),
-        };
-        lab.clients.get(&c, 0).map_or(0, |s| s.connections)
-    };
+    let slots = |lab: &Lab| slots(lab, 0);
     lab.expect(lab.vc, &tcp(42000, TCP_SYN), XDP_REDIRECT, "the first SYN");
     lab.expect(
         lab.vc,
@@ -294,13 +297,7 @@ fn an_expired_slot_is_left_to_the_sweep_and_never_given_back_twice() {
         return;
     };
     idle_timeout(&mut lab, 0, IDLE, 3);
-    let slots = |lab: &Lab| {
-        let c = ClientKey {
-            service: 0,
-            addr: words(CLIENT4.into()),
-        };
-        lab.clients.get(&c, 0).map_or(0, |s| s.connections)
-    };
+    let slots = |lab: &Lab| slots(lab, 0);
     let mut snat = Vec::new();
     for port in [42000, 42001, 42002] {
         let out = lab.expect(lab.vc, &tcp(port, TCP_SYN), XDP_REDIRECT, "a SYN");
@@ -374,13 +371,7 @@ fn a_dsr_flow_re_placed_after_its_slot_expired_goes_on_uncounted() {
         let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
         Packet::tcp(c, 43000, v, 81, flags).frame(VC_MAC, CLIENT_MAC)
     };
-    let slots = |lab: &Lab| {
-        let c = ClientKey {
-            service: 2,
-            addr: words(CLIENT4.into()),
-        };
-        lab.clients.get(&c, 0).map_or(0, |s| s.connections)
-    };
+    let slots = |lab: &Lab| slots(lab, 2);
     lab.expect(lab.vc, &seg(TCP_SYN), XDP_REDIRECT, "the SYN");
     assert_eq!(slots(&lab), 1);
     let k = flow(CLIENT4.into(), 43000, VIP4.into(), 81, IPPROTO_TCP);
