@@ -58,12 +58,11 @@ pub fn ipv4_header(words: &[u16; 10]) -> u16 {
     !fold(acc)
 }
 
-/// The checksum of a TCP segment of `header` (ten memory-order `u16`s: 20 bytes, no options,
-/// checksum field at index 8 ignored) and no payload, from `src` to `dst` (address words;
-/// IPv4 leaves words 1..4 zero). The pseudo-header's length and protocol sum the same way for
-/// IPv4 and IPv6.
+/// The one's-complement sum, folded, of the pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1) of a
+/// bare 20-byte TCP segment from `src` to `dst` (address words; IPv4 leaves words 1..4
+/// zero). The length and protocol sum the same way for IPv4 and IPv6.
 #[inline(always)]
-pub fn tcp_bare(src: &[u32; 4], dst: &[u32; 4], header: &[u16; 10]) -> u16 {
+pub fn tcp_bare_pseudo(src: &[u32; 4], dst: &[u32; 4]) -> u32 {
     let mut acc = (20u16.to_be() as u32) + (6u16.to_be() as u32);
     let mut i = 0;
     while i < 4 {
@@ -72,14 +71,28 @@ pub fn tcp_bare(src: &[u32; 4], dst: &[u32; 4], header: &[u16; 10]) -> u16 {
         acc = fold(acc) as u32;
         i += 1;
     }
-    i = 0;
+    acc
+}
+
+/// The one's-complement sum, folded, of a 20-byte TCP header without options (ten
+/// memory-order `u16`s) with its checksum field (index 8) taken as 0.
+#[inline(always)]
+pub fn tcp_bare_header(header: &[u16; 10]) -> u32 {
+    let mut acc = 0u32;
+    let mut i = 0;
     while i < 10 {
         if i != 8 {
             acc += header[i] as u32;
         }
         i += 1;
     }
-    !fold(acc)
+    fold(acc) as u32
+}
+
+/// `a - b` for two folded one's-complement sums (`b` a part of the bytes `a` sums), folded.
+#[inline(always)]
+pub fn sub(a: u32, b: u32) -> u32 {
+    fold(a + (!(b as u16)) as u32) as u32
 }
 
 /// A UDP checksum that computes to 0 is sent as 0xffff (RFC 768): 0 means "no checksum".

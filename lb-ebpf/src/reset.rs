@@ -7,14 +7,16 @@
 //! (addresses swapped; IPv4: no options, TTL 64, DF, new checksum; IPv6: hop limit 64), and
 //! carries a bare 20-byte TCP header: ports swapped, sequence 0, acknowledging the SYN
 //! (its sequence + 1 + any payload, RFC 9293 §3.10.7.1), window 0. The frame's tail is cut to
-//! that length.
+//! that length. At tc the checksum is made through the kernel's helpers, so that a segment
+//! that arrived `CHECKSUM_PARTIAL` (a local sender's, a virtual card's) leaves with the field
+//! its device expects (see `answer`).
 
 use lb_common::maps::FAMILY_V4;
 
 use crate::{
     csum,
-    frame::Frame,
-    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, TcpHdr, TCP_ACK, TCP_RST},
+    frame::{Frame, L4Check},
+    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, TcpHdr, TCP_ACK, TCP_CHECK_OFF, TCP_RST},
 };
 
 /// Length of the IPv4 header the answer can keep (no options).
@@ -107,11 +109,23 @@ pub fn answer<C: Frame>(ctx: &C, p: &Parsed) -> Option<u32> {
         }
         (*tcp).window = 0;
         (*tcp).urg_ptr = 0;
-        (*tcp).check = csum::tcp_bare(
-            &p.key.dst_addr,
-            &p.key.src_addr,
-            &*(tcp as *const [u16; 10]),
-        );
+        (*tcp).check = 0;
     }
+    // The checksum in two parts, through the hook's helpers, from a field of 0: a tc packet
+    // that arrived CHECKSUM_PARTIAL still is, and the device (or the kernel, for one that
+    // offloads nothing) will sum the TCP header into the field at transmit; the field must
+    // then hold the pseudo-header's sum alone, which is what the helpers leave. A full
+    // checksum there would be summed again and reach the client wrong.
+    // SAFETY: bounds checked by `ptr_at`; read before the helpers move the packet.
+    let header = csum::tcp_bare_header(unsafe { &*(tcp as *const [u16; 10]) });
+    let how = |pseudo| L4Check {
+        pseudo,
+        udp: false,
+        v6: p.family != FAMILY_V4,
+    };
+    let check = p.l4_off + TCP_CHECK_OFF;
+    let pseudo = csum::tcp_bare_pseudo(&p.key.dst_addr, &p.key.src_addr);
+    ctx.l4_csum_add(check, pseudo, how(true)).ok()?;
+    ctx.l4_csum_add(check, header, how(false)).ok()?;
     Some(ctx.turn_around())
 }

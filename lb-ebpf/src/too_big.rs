@@ -11,19 +11,25 @@
 //! header. At most `TOO_BIG_PER_SECOND` answers a second per CPU (a flood of big packets must
 //! not turn into a flood of answers); over it, and for IPv4 without DF (the balancer does not
 //! fragment), the packet is dropped (`Stat::DropMtu`). On tc a GSO super-packet is not
-//! checked here: its segments are (see `Frame::mtu_len`).
+//! checked here: its segments are (see `Frame::mtu_len`). At tc the client's packet may have
+//! arrived `CHECKSUM_PARTIAL`, and then the device rewrites the quoted transport checksum at
+//! transmit: the ICMP checksum is built to hold either way (see `write_head`).
 
 use aya_ebpf::helpers::{bpf_csum_diff, bpf_ktime_get_ns};
 use lb_common::{
+    flow::IPPROTO_UDP,
     maps::{FAMILY_V4, TOO_BIG_PER_SECOND},
     Stat,
 };
 
 use crate::{
     csum,
-    frame::{Frame, Room},
+    frame::{Frame, L4Check, Room},
     maps::TOO_BIG_BUDGET,
-    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP, IPPROTO_ICMPV6},
+    parse::{
+        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_CHECK_OFF,
+        UDP_CHECK_OFF,
+    },
 };
 
 /// Bytes of the client's IPv4 packet quoted: its header (options included) and well over the
@@ -117,6 +123,79 @@ fn sum_quote<const QUOTE: usize>(ctx: &impl Frame, offset: usize, seed: u32) -> 
     Ok(sum as u32)
 }
 
+/// The one's-complement sum of the quoted IP header: `len` bytes at `offset` (a multiple of 4,
+/// at most 60, as an IPv4 header's length is; 40 for IPv6), by the kernel's helper.
+#[inline(always)]
+fn sum_quoted_header(ctx: &impl Frame, offset: usize, len: usize) -> Result<u32, Stat> {
+    let hdr: *mut [u8; 60] = ptr_at(ctx, offset).ok_or(Stat::DropMtu)?;
+    // SAFETY: 60 bytes at `hdr` lie within the packet (checked by `ptr_at`; the quote is
+    // longer), and the mask keeps the length within them; the helper only reads.
+    let sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            hdr as *mut u32,
+            (len & 0x3c) as u32,
+            0,
+        )
+    };
+    if sum < 0 {
+        return Err(Stat::DropMtu);
+    }
+    Ok(sum as u32)
+}
+
+/// Writes the ICMP header `head` (its checksum field 0) at `icmp_off`, with the checksum of
+/// the message: `head`, the quote of `QUOTE` bytes behind it, and `seed` (the sum of `head`,
+/// and for ICMPv6 of the pseudo-header).
+///
+/// On tc the client's packet may have arrived `CHECKSUM_PARTIAL`, and the answer still is:
+/// at transmit the device (or the kernel, for one that offloads nothing) sums the socket
+/// buffer from its checksum start, the quoted transport header, to the end and writes the
+/// result into the quoted transport checksum. That changes the quote under the ICMP
+/// checksum. Summed together, what the device writes and the bytes it sums come to the
+/// complement of the field's value before (`Q`): so the checksum is first written for that
+/// case (covering `head`, the quoted IP header, and `~Q` for the quote's transport part), and
+/// the difference to the checksum of a packet that stays as written (the transport part's
+/// sum, `Q` included, and `Q` again) goes in through the hook's checksum helper with
+/// `pseudo` false, which a `CHECKSUM_PARTIAL` packet ignores and any other takes (XDP
+/// always).
+#[inline(always)]
+fn write_head<C: Frame, const QUOTE: usize>(
+    ctx: &C,
+    p: &Parsed,
+    icmp_off: usize,
+    head: [u16; 4],
+    seed: u32,
+) -> Result<(), Stat> {
+    let quote_off = icmp_off + ICMP_HDR_LEN;
+    let quoted_ip = p.l4_off - p.l3_off;
+    let check_off = if p.key.protocol == IPPROTO_UDP {
+        UDP_CHECK_OFF
+    } else {
+        TCP_CHECK_OFF
+    };
+    let quoted_check: *const u16 =
+        ptr_at(ctx, quote_off + quoted_ip + check_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let q = unsafe { *quoted_check } as u32;
+    let ip = csum::fold(sum_quoted_header(ctx, quote_off, quoted_ip)?) as u32;
+    let whole = csum::fold(sum_quote::<QUOTE>(ctx, quote_off, 0)?) as u32;
+    let transport = csum::sub(whole, ip);
+    let mut head = head;
+    head[1] = !csum::fold(csum::sub(csum::sum(csum::fold(seed) as u32, ip), q));
+    let at: *mut [u16; 4] = ptr_at(ctx, icmp_off).ok_or(Stat::DropMtu)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    unsafe { *at = head };
+    let whole_packet = L4Check {
+        pseudo: false,
+        udp: false,
+        v6: p.family != FAMILY_V4,
+    };
+    ctx.l4_csum_add(icmp_off + 2, csum::sum(transport, q), whole_packet)
+        .map_err(|_| Stat::DropMtu)
+}
+
 #[inline(always)]
 fn v4<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
@@ -131,12 +210,9 @@ fn v4<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let icmp_off = p.l3_off + ip_hdr;
     // Type 3 ("destination unreachable"), code 4 ("fragmentation needed"), checksum, 16
     // unused bits, the next hop's MTU (RFC 1191).
-    let mut head = [u16::from_ne_bytes([3, 4]), 0, 0, mtu.to_be()];
+    let head = [u16::from_ne_bytes([3, 4]), 0, 0, mtu.to_be()];
     let seed = head[0] as u32 + head[3] as u32;
-    head[1] = !csum::fold(sum_quote::<QUOTE_V4>(ctx, icmp_off + ICMP_HDR_LEN, seed)?);
-    let at: *mut [u16; 4] = ptr_at(ctx, icmp_off).ok_or(Stat::DropMtu)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    unsafe { *at = head };
+    write_head::<_, QUOTE_V4>(ctx, p, icmp_off, head, seed)?;
 
     let mut out = Ipv4Hdr {
         version_ihl: 0x45,
@@ -174,7 +250,7 @@ fn v6<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let icmp_off = p.l3_off + ip_hdr;
     let upper_len = (ICMP_HDR_LEN + QUOTE_V6) as u16;
     // Type 2 ("packet too big"), code 0, checksum, the 32-bit MTU (RFC 4443 §3.2).
-    let mut head = [u16::from_ne_bytes([2, 0]), 0, 0, mtu.to_be()];
+    let head = [u16::from_ne_bytes([2, 0]), 0, 0, mtu.to_be()];
     // The pseudo-header (RFC 8200 §8.1): addresses, upper-layer length, next header.
     let mut seed = head[0] as u32 + head[3] as u32;
     seed += upper_len.to_be() as u32 + (IPPROTO_ICMPV6 as u16).to_be() as u32;
@@ -183,10 +259,7 @@ fn v6<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
         seed += vip[i] as u32 + client[i] as u32;
         i += 1;
     }
-    head[1] = !csum::fold(sum_quote::<QUOTE_V6>(ctx, icmp_off + ICMP_HDR_LEN, seed)?);
-    let at: *mut [u16; 4] = ptr_at(ctx, icmp_off).ok_or(Stat::DropMtu)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    unsafe { *at = head };
+    write_head::<_, QUOTE_V6>(ctx, p, icmp_off, head, seed)?;
 
     let out = Ipv6Hdr {
         vtc_flow: [0x6000_u16.to_be(), 0],

@@ -170,3 +170,38 @@ fn gso_exchange(vip: std::net::SocketAddr, payloads: &[Vec<u8>]) -> std::io::Res
     }
     Ok(replies)
 }
+
+/// The client sends a 1,472-byte UDP datagram with DF (a 1,500-byte IPv4 packet, too big for
+/// a 1,500-byte backend link once the 20 bytes of IPIP are added): its path MTU towards the
+/// VIP must drop to 1,480 once the balancer's "fragmentation needed" arrives.
+///
+/// The datagram leaves the client's socket `CHECKSUM_PARTIAL` (its veth offloads the UDP
+/// checksum), and `lb_tc` builds the answer from it. The balancer's client-facing veth has its
+/// transmit checksum offload turned off, so the kernel finishes the answer's checksum at
+/// transmit as a network card would: from the socket buffer's checksum start, into the field
+/// at its checksum offset, both still the datagram's. An answer whose checksums do not
+/// account for that reaches the client corrupted, and its kernel drops it.
+#[test]
+fn fragmentation_needed_built_from_a_partial_checksum_packet_survives_a_checksumming_link() {
+    if !lb_tests::require_root("tc_dsr::fragmentation_needed_built_from_a_partial_checksum") {
+        return;
+    }
+    let world = lb_tests::xdp::world::World::start(PATH, 1, 1);
+    let t = &world.topology;
+    t.balancer
+        .ip(&["link", "set", "l1", "mtu", "1500"])
+        .expect("MTU of the balancer's backend veth");
+    t.backends[0]
+        .ip(&["link", "set", "b0", "mtu", "1500"])
+        .expect("MTU of the backend's veth");
+    lb_tests::xdp::disable_tx_checksum(&t.balancer, "l0").expect("tx checksum offload off on l0");
+    let vip = lb_tests::xdp::Topology::vip(lb_tests::xdp::world::DNS);
+    let mtu = world
+        .client(|| lb_tests::client::learnt_path_mtu(vip, 1500))
+        .unwrap_or_else(|e| panic!("sending the 1,472-byte datagram failed: {e}"));
+    assert_eq!(
+        mtu, 1480,
+        "the client's path MTU towards the VIP stayed {mtu}: the balancer's \"fragmentation \
+         needed\" did not arrive intact"
+    );
+}

@@ -66,8 +66,8 @@ struct World6 {
     _servers: Vec<Servers>,
     _decaps: Vec<Decap>,
     client: Netns,
-    _balancer: Netns,
-    _backends: Vec<Netns>,
+    balancer: Netns,
+    backends: Vec<Netns>,
 }
 
 fn start(mode: Mode) -> World6 {
@@ -197,8 +197,8 @@ fn start(mode: Mode) -> World6 {
         _servers: servers,
         _decaps: decaps,
         client,
-        _balancer: balancer,
-        _backends: backends,
+        balancer,
+        backends,
     }
 }
 
@@ -260,4 +260,38 @@ fn dsr_over_ipv6_serves_http_both_transfers_and_udp() {
     if lb_tests::require_root("tc_ipv6::dsr_over_ipv6") {
         checks(Mode::Dsr);
     }
+}
+
+/// IPv6's "packet too big", built by `lb_tc` from a `CHECKSUM_PARTIAL` datagram, reaches the
+/// client intact through a link whose transmit checksums the kernel computes (see
+/// `tc_dsr::fragmentation_needed_built_from_a_partial_checksum_packet_survives_a_checksumming_link`):
+/// with 1,500-byte backend links, a 1,500-byte packet has no room for the 40-byte outer
+/// header, and the client's path MTU towards the VIP must drop to 1,460.
+#[test]
+fn dsr_packet_too_big_built_from_a_partial_checksum_packet_survives_a_checksumming_link() {
+    if !lb_tests::require_root("tc_ipv6::dsr_packet_too_big_built_from_a_partial_checksum") {
+        return;
+    }
+    let world = start(Mode::Dsr);
+    for (i, ns) in world.backends.iter().enumerate() {
+        for (n, dev) in [
+            (&world.balancer, format!("l{}", i + 1)),
+            (ns, "b0".to_string()),
+        ] {
+            n.ip(&["link", "set", &dev, "mtu", "1500"])
+                .expect("MTU of a backend link");
+        }
+    }
+    lb_tests::xdp::disable_tx_checksum(&world.balancer, "l0")
+        .expect("tx checksum offload off on l0");
+    let mtu = world
+        .client
+        .enter(|| lb_tests::client::learnt_path_mtu(vip(DNS), 1500))
+        .expect("client namespace")
+        .unwrap_or_else(|e| panic!("sending the 1,452-byte datagram failed: {e}"));
+    assert_eq!(
+        mtu, 1460,
+        "the client's path MTU towards the VIP stayed {mtu}: the balancer's \"packet too big\" \
+         did not arrive intact"
+    );
 }

@@ -243,6 +243,28 @@ fn tc_a_client_over_its_connection_limit_is_refused_and_another_is_not() {
     }
 }
 
+/// On tc a refused client's SYN arrives `CHECKSUM_PARTIAL` when its sender left the checksum
+/// to a device (a local socket over a veth, another VM over a virtual card), and `lb_tc` builds
+/// the reset from it. Here the balancer's client-facing veth has its transmit checksum
+/// offload turned off, so the kernel finishes the reset's checksum at transmit as a network
+/// card would: a reset whose checksum field does not account for that reaches the client
+/// corrupted, is dropped, and the connect times out instead of failing at once.
+#[test]
+fn tc_a_reset_built_from_a_partial_checksum_syn_survives_a_checksumming_link() {
+    if lb_tests::require_root("xdp_limits::tc_a_reset_built_from_a_partial_checksum_syn") {
+        let lab = start(Plane::Tc);
+        lb_tests::xdp::disable_tx_checksum(&lab.topology.balancer, "l0")
+            .expect("tx checksum offload off on l0");
+        let _first = lab.hold(A, CONNS, "A's first connection");
+        let _second = lab.hold(A, CONNS, "A's second connection");
+        assert!(
+            lab.refused(A, CONNS),
+            "a third concurrent connection from {A} was served; the limit is 2. Daemon log:\n{}",
+            lab.logs()
+        );
+    }
+}
+
 fn connection_limit(plane: Plane) {
     let lab = start(plane);
     let first = lab.hold(A, CONNS, "A's first connection");

@@ -7,7 +7,7 @@ mod udp;
 
 pub use http::{http_get, http_get_from, HttpConnection};
 pub use tcp::{connect, connect_from, download, upload, Upload};
-pub use udp::{udp_request, UdpClient};
+pub use udp::{learnt_path_mtu, udp_request, UdpClient};
 
 use std::io;
 use std::time::Duration;
