@@ -50,8 +50,8 @@ pub enum Stat {
     /// Dropped: `bpf_fib_lookup` found a blackhole, unreachable or prohibit route, or failed.
     DropNoRoute = 11,
     /// Dropped: the packet (after encapsulation) exceeds the egress MTU and is not answered
-    /// with [`Stat::TooBigSent`]: a NAT packet, an IPv4 packet without DF, or over the
-    /// answers' rate limit.
+    /// with [`Stat::TooBigSent`]: an IPv4 packet without DF (the balancer does not fragment),
+    /// one shorter than the answer's quote, a NAT reply, or over the answers' rate limit.
     DropMtu = 12,
     /// Dropped: the egress interface is not in `DEVMAP`.
     DropNoDevmapEntry = 13,
@@ -121,10 +121,10 @@ pub enum Stat {
     /// TTL or hop limit is 1 or 0: NAT forwards like a router and decrements it, and a router
     /// drops a packet it cannot decrement below 1 (no ICMP time exceeded is sent).
     DropTtlExpired = 32,
-    /// Answered: a DSR packet that would exceed the backend link's MTU once encapsulated got
-    /// an ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too big" back to the
-    /// client, announcing the MTU less the outer header, so the client resends smaller (RFC
-    /// 1191, RFC 8201). At most `TOO_BIG_PER_SECOND` answers a second per CPU; the rest are
+    /// Answered: a client's packet that would exceed the backend link's MTU (`nat`: as it
+    /// is; `dsr`: once encapsulated) got an ICMP "fragmentation needed" (IPv4 with DF) or
+    /// ICMPv6 "packet too big" back to the client from the VIP, announcing the MTU (less the
+    /// outer header), so the client resends smaller (RFC 1191, RFC 8201). At most `TOO_BIG_PER_SECOND` answers a second per CPU; the rest are
     /// [`Stat::DropMtu`].
     TooBigSent = 33,
     /// Answered with a RST: a TCP segment (a SYN, or a DSR segment without a conntrack entry)

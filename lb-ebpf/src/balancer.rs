@@ -152,7 +152,48 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     }
     let backend = placed.backend;
 
-    let out = if service.mode == MODE_NAT {
+    // The route first, for the length the packet will have: a packet too big for the
+    // backend link is answered while it is still the client's (the answer quotes it), before
+    // it takes a SNAT port or is encapsulated (see `too_big`).
+    let nat = service.mode == MODE_NAT;
+    if !nat && service.mode != MODE_DSR {
+        return Err(Stat::DropBadService);
+    }
+    let (protocol, outer_hdr) = if nat {
+        (p.key.protocol, 0)
+    } else if p.family == lb_common::maps::FAMILY_V4 {
+        (parse::IPPROTO_IPIP, 20)
+    } else {
+        (parse::IPPROTO_IPV6, 40)
+    };
+    let src = if nat {
+        nat::flow_local(service_id, service, &p.key).ok_or(Stat::DropBadService)?
+    } else {
+        &service.local_addr
+    };
+    match fib::lookup(
+        ctx,
+        p.family,
+        protocol,
+        src,
+        &backend.addr,
+        p.ip_len.wrapping_add(outer_hdr),
+        now_ns,
+    ) {
+        Err(Stat::DropMtu) => {
+            // No SNAT port, no conntrack entry yet: only a fresh flow's connection slot to
+            // give back. (On the other errors the daemon's sweep finds the slot unused.)
+            if placed.fresh {
+                limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
+            }
+            let action = too_big::answer(ctx, p, outer_hdr)?;
+            stats::increment(Stat::TooBigSent);
+            return Ok(action);
+        }
+        other => other?,
+    }
+
+    let out = if nat {
         // Only a packet that starts a flow may take a port: a TCP segment without SYN that
         // finds no port of its own was never seen by the backend (see `nat::snat_port`).
         let starts = !tcp || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -203,45 +244,13 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
             placed.entry.snat_port = port;
             conntrack::record(&p.key, &placed.entry);
         }
+        // Looked up again, not kept from the lookup: the verifier would otherwise carry one
+        // state per kind of address (the service's own, or one of `LOCAL_ADDRS`) through the
+        // port probes.
         let local = nat::flow_local(service_id, service, &p.key).ok_or(Stat::DropBadService)?;
         nat::rewrite(ctx, p, local, port, &backend.addr, backend.port)?;
-        fib::forward(
-            ctx,
-            p.family,
-            p.key.protocol,
-            local,
-            &backend.addr,
-            p.ip_len,
-            now_ns,
-        )?
-    } else if service.mode == MODE_DSR {
-        let (protocol, outer_hdr) = if p.family == lb_common::maps::FAMILY_V4 {
-            (parse::IPPROTO_IPIP, 20)
-        } else {
-            (parse::IPPROTO_IPV6, 40)
-        };
-        // The route first, with the length the packet will have: one that would not fit the
-        // backend link is answered, not encapsulated (see `too_big`).
-        let hop = match fib::lookup(
-            ctx,
-            p.family,
-            protocol,
-            &service.local_addr,
-            &backend.addr,
-            p.ip_len.wrapping_add(outer_hdr),
-            now_ns,
-        ) {
-            Err(Stat::DropMtu) => {
-                // The flow holds nothing: what the limits gave it goes back.
-                if placed.fresh {
-                    limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
-                }
-                let action = too_big::answer(ctx, p, outer_hdr)?;
-                stats::increment(Stat::TooBigSent);
-                return Ok(action);
-            }
-            other => other?,
-        };
+        fib::send(ctx, fib::Peer::Allowed)?
+    } else {
         if placed.new_flow {
             conntrack::record(&p.key, &placed.entry);
         }
@@ -252,9 +261,7 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
             &backend.addr,
             flow_hash(&p.key),
         )?;
-        fib::send(ctx, hop, fib::Peer::Transmit)?
-    } else {
-        return Err(Stat::DropBadService);
+        fib::send(ctx, fib::Peer::Transmit)?
     };
     let action = match out {
         Out::Sent(action) => {

@@ -58,6 +58,29 @@ pub enum Hop {
     Local,
 }
 
+impl Hop {
+    /// The hop as a word to keep in a map value; [`Hop::from_word`] reads it back.
+    #[inline(always)]
+    fn word(self) -> u32 {
+        match self {
+            Hop::Resolved => 0,
+            Hop::Unresolved => 1,
+            Hop::Local => 2,
+        }
+    }
+
+    /// The hop [`Hop::word`] gave `word`; any other word reads as [`Hop::Local`] (the packet
+    /// goes to the kernel).
+    #[inline(always)]
+    fn from_word(word: u32) -> Hop {
+        match word {
+            0 => Hop::Resolved,
+            1 => Hop::Unresolved,
+            _ => Hop::Local,
+        }
+    }
+}
+
 /// Looks up the route from `src` to `dst` (`family`, L4 `protocol`; `ip_len` bytes of IP
 /// packet, checked against the egress MTU; `now_ns`: the packet's time, from
 /// [`crate::clock::now_ns`], read once per packet), and sends the packet by it ([`send`]).
@@ -73,16 +96,41 @@ pub fn forward<C: Frame>(
     ip_len: u16,
     now_ns: u64,
 ) -> Result<Out, Stat> {
-    let hop = lookup(ctx, family, protocol, src, dst, ip_len, now_ns)?;
-    send(ctx, hop, Peer::Allowed)
+    lookup(ctx, family, protocol, src, dst, ip_len, now_ns)?;
+    send(ctx, Peer::Allowed)
 }
 
-/// The route lookup of [`forward`] alone, so the packet can be changed between the lookup and
-/// [`send`] (DSR encapsulates only a packet that fits). `Err(Stat::DropMtu)` when `ip_len`
-/// exceeds the route's MTU, which [`path_mtu`] then tells (a tc GSO super-packet is checked
-/// by the kernel, segment by segment: see `Frame::mtu_len`); other `Err`s as [`forward`]'s.
+/// The route lookup of [`forward`] alone, so the packet can be changed (translated,
+/// encapsulated) between the lookup and [`send`], and a packet too big for the route be
+/// answered before. `Err(Stat::DropMtu)` when `ip_len` exceeds the route's MTU, which
+/// [`path_mtu`] then tells (a tc GSO super-packet is checked by the kernel, segment by
+/// segment: see `Frame::mtu_len`); other `Err`s as [`forward`]'s.
+///
+/// What it found (a [`Hop`]) is kept in this CPU's scratch slot for [`send`], not returned:
+/// the verifier tracks the values a program holds, and each kind of hop held across the work
+/// in between (NAT's port probes above all) would have it walk that work once more, where a
+/// value read back from a map is one unknown.
 #[inline(always)]
 pub fn lookup<C: Frame>(
+    ctx: &C,
+    family: u8,
+    protocol: u8,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    ip_len: u16,
+    now_ns: u64,
+) -> Result<(), Stat> {
+    let hop = find(ctx, family, protocol, src, dst, ip_len, now_ns)?;
+    let scratch = FIB_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropNoRoute)?;
+    // SAFETY: this CPU's slot of a live map entry; BPF programs do not preempt each other on
+    // one CPU. Volatile: `send` reads it back as a value the verifier does not know.
+    unsafe { (&raw mut (*scratch).hop).write_volatile(hop.word()) };
+    Ok(())
+}
+
+/// The lookup itself, for [`lookup`].
+#[inline(always)]
+fn find<C: Frame>(
     ctx: &C,
     family: u8,
     protocol: u8,
@@ -93,7 +141,9 @@ pub fn lookup<C: Frame>(
 ) -> Result<Hop, Stat> {
     // The 64-byte parameter block lives in a per-CPU scratch slot, not on the stack: the
     // balancer is close to the verifier's 512-byte stack limit.
-    let params: *mut FibParams = FIB_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropNoRoute)?;
+    let scratch = FIB_SCRATCH.get_ptr_mut(0).ok_or(Stat::DropNoRoute)?;
+    // SAFETY: only forms the field's address.
+    let params: *mut FibParams = unsafe { &raw mut (*scratch).params };
     let q = Query {
         family: if family == FAMILY_V4 {
             AF_INET
@@ -205,10 +255,10 @@ pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
 /// The route's MTU after a [`lookup`] on this CPU answered `Err(Stat::DropMtu)`.
 #[inline(always)]
 pub fn path_mtu() -> Option<u16> {
-    let params: *const FibParams = FIB_SCRATCH.get_ptr(0)?;
+    let scratch = FIB_SCRATCH.get_ptr(0)?;
     // SAFETY: this CPU's slot, written by the lookup of the packet being handled; on
     // FRAG_NEEDED the kernel stores the MTU in the union that held `tot_len`.
-    Some(unsafe { (*params).__bindgen_anon_1.mtu_result })
+    Some(unsafe { (*scratch).params.__bindgen_anon_1.mtu_result })
 }
 
 /// Whether a packet may go straight into a veth peer's ingress (tc, `VETH_PEERS`), skipping
@@ -223,16 +273,21 @@ pub enum Peer {
     Transmit,
 }
 
-/// Sends the packet by what the last [`lookup`] on this CPU found (`hop`): to a resolved next
+/// Sends the packet by what the last [`lookup`] on this CPU found: to a resolved next
 /// hop with its Ethernet addresses written (into a veth peer's ingress where `peer` allows
 /// and the hook can); to an unresolved one by the kernel's neighbour resolution where the
 /// hook has it (tc), else to the kernel. `Err(Stat::DropNoDevmapEntry)` when XDP may not
 /// redirect to the egress interface.
 #[inline(always)]
-pub fn send<C: Frame>(ctx: &C, hop: Hop, peer: Peer) -> Result<Out, Stat> {
-    let params: *const FibParams = FIB_SCRATCH.get_ptr(0).ok_or(Stat::DropNoRoute)?;
+pub fn send<C: Frame>(ctx: &C, peer: Peer) -> Result<Out, Stat> {
+    let scratch = FIB_SCRATCH.get_ptr(0).ok_or(Stat::DropNoRoute)?;
     // SAFETY: this CPU's slot, written by the lookup of the packet being handled.
-    let params = unsafe { &*params };
+    let (params, hop) = unsafe {
+        (
+            &(*scratch).params,
+            Hop::from_word((&raw const (*scratch).hop).read_volatile()),
+        )
+    };
     match hop {
         Hop::Resolved => {
             let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;

@@ -166,10 +166,20 @@ pub struct TooBigBudget {
 #[map(name = "TOO_BIG_BUDGET")]
 pub static TOO_BIG_BUDGET: PerCpuArray<TooBigBudget> = PerCpuArray::with_max_entries(1, 0);
 
-/// One `bpf_fib_lookup` parameter block per CPU: scratch space for `fib::forward`, kept off the
-/// 512-byte BPF stack. Internal to the program; the daemon never touches it.
+/// What `fib::lookup` found for the packet on one CPU, for `fib::send` after it.
+#[repr(C)]
+pub struct FibScratch {
+    /// The `bpf_fib_lookup` parameter block (first: 8-aligned, see `fib::zero`).
+    pub params: bpf_fib_lookup,
+    /// The kind of hop found (`fib::Hop::word`).
+    pub hop: u32,
+}
+
+/// One [`FibScratch`] per CPU: scratch space for `fib::lookup` and `fib::send`, kept off the
+/// 512-byte BPF stack (and, for the hop, out of the verifier's sight: see `fib::lookup`).
+/// Internal to the program; the daemon never touches it.
 #[map(name = "FIB_SCRATCH")]
-pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+pub static FIB_SCRATCH: PerCpuArray<FibScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The next-hop cache, [`next_hop::SLOTS`] per CPU (see `next_hop`). Internal to the program;
 /// the daemon never touches it.

@@ -1,4 +1,5 @@
-//! The answer to a DSR packet that would not fit the backend link once encapsulated: ICMP
+//! The answer to a client's packet that would not fit the backend link (`nat`: as it is,
+//! `dsr`: once encapsulated): ICMP
 //! "fragmentation needed" (type 3 code 4, RFC 1191) for IPv4 with DF, ICMPv6 "packet too big"
 //! (type 2, RFC 8201) for IPv6, from the VIP to the client, so the client lowers its path MTU
 //! and resends smaller instead of its packets vanishing (a path-MTU black hole). Katran
@@ -43,8 +44,8 @@ const ICMP_HDR_LEN: usize = 8;
 /// IPv4 "don't fragment", network order.
 const IP_DF: u16 = 0x4000_u16.to_be();
 
-/// Answers the DSR packet in `ctx` (parsed as `p`) that the route lookup found too big once
-/// `outer_hdr` bytes of encapsulation are added. Returns the hook's turn-around action with
+/// Answers the client's packet in `ctx` (parsed as `p`) that the route lookup found too big
+/// once `outer_hdr` bytes of encapsulation are added (0 for NAT). Returns the hook's turn-around action with
 /// the answer in the frame,
 /// or `Err(Stat::DropMtu)` when it is not answered (IPv4 without DF, over the rate limit, a
 /// packet shorter than the quote) and the packet is to be dropped.

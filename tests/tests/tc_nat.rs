@@ -51,3 +51,10 @@ fn counters_match_the_traffic_sent() {
         scenarios::counters_match(PATH);
     }
 }
+
+#[test]
+fn a_packet_too_big_for_the_backend_link_is_answered_and_the_client_learns_the_mtu() {
+    if lb_tests::require_root("tc_nat::a_packet_too_big_for_the_backend_link_is_answered") {
+        scenarios::nat_packet_too_big(PATH);
+    }
+}

@@ -394,3 +394,36 @@ pub fn counters_match(path: Path) {
         "{path:?}: the web service counted {new_flows} new flows for {CONNS} connections"
     );
 }
+
+/// The backend link's MTU in [`nat_packet_too_big`]: smaller than the client side's 1500, as
+/// for a backend reached through a tunnel or an overlay.
+const SMALL_MTU: i32 = 1400;
+
+/// NAT to a backend over a link with a smaller MTU than the client's (1400): a 1,500-byte
+/// datagram with DF is answered with "fragmentation needed" from the VIP, and the client's
+/// path MTU towards the VIP drops to the link's. The balancer's client-facing veth computes
+/// its transmit checksums in software, as a card would, so on tc an answer built from the
+/// client's `CHECKSUM_PARTIAL` datagram must account for that to arrive.
+pub fn nat_packet_too_big(path: Path) {
+    let world = World::start(path, 1, 1);
+    let t = &world.topology;
+    let mtu = SMALL_MTU.to_string();
+    t.balancer
+        .ip(&["link", "set", "l1", "mtu", &mtu])
+        .expect("MTU of the balancer's backend veth");
+    t.backends[0]
+        .ip(&["link", "set", "b0", "mtu", &mtu])
+        .expect("MTU of the backend's veth");
+    super::disable_tx_checksum(&t.balancer, "l0").expect("tx checksum offload off on l0");
+    let vip = Topology::vip(DNS);
+    let learnt = world
+        .client(|| crate::client::learnt_path_mtu(vip, 1500))
+        .unwrap_or_else(|e| panic!("{path:?}: sending the 1,472-byte datagram failed: {e}"));
+    assert_eq!(
+        learnt,
+        SMALL_MTU,
+        "{path:?}: the client's path MTU towards the VIP is {learnt}, not the backend link's \
+         {SMALL_MTU}: the balancer's \"fragmentation needed\" did not arrive. Daemon log:\n{}",
+        world.daemon.logs().join("\n")
+    );
+}

@@ -1,7 +1,7 @@
-//! DSR packets that would not fit the backend link once encapsulated (vb's MTU is 1500):
-//! answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" from the VIP, so the
-//! client lowers its path MTU, instead of vanishing; at most `TOO_BIG_PER_SECOND` a second per
-//! CPU.
+//! DSR packets that would not fit the backend link once encapsulated, and NAT packets that
+//! would not fit it as they are (vb's MTU is 1500): answered with ICMP "fragmentation needed" /
+//! ICMPv6 "packet too big" from the VIP, so the client lowers its path MTU, instead of
+//! vanishing; at most `TOO_BIG_PER_SECOND` a second per CPU.
 
 use super::*;
 use lb_common::maps::TOO_BIG_PER_SECOND;
@@ -101,6 +101,62 @@ fn an_ipv4_packet_too_big_once_encapsulated_gets_fragmentation_needed() {
     );
     assert_eq!(lab.stat(Stat::DropMtu), dropped + 1, "counted as drop_mtu");
     assert_eq!(lab.stat(Stat::TooBigSent), 1, "and not answered");
+}
+
+/// NAT: the route is looked up before the packet takes a SNAT port and is translated, so the
+/// answer quotes the client's packet as it came, and the flow holds nothing; a packet that
+/// fits goes on as usual afterwards.
+#[test]
+fn a_nat_packet_too_big_for_the_backend_link_gets_fragmentation_needed_and_takes_no_port() {
+    let Some(mut lab) = lab("too_big_nat") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.service(0, VIP4.into(), 86, IPPROTO_TCP, MODE_NAT, &[0]);
+    let big = segment(CLIENT4.into(), VIP4.into(), 1510);
+    let out = lab.expect(
+        lab.vc,
+        &packet::frame(VC_MAC, CLIENT_MAC, &big),
+        XDP_TX,
+        "1510 bytes over vb's 1500",
+    );
+    assert_eq!(lab.stat(Stat::TooBigSent), 1, "the answer is counted");
+    packet::assert_checksums(&out, "fragmentation needed");
+    let answer = &out[14..];
+    assert_eq!(&answer[12..16], &VIP4.octets(), "from the VIP");
+    assert_eq!(&answer[16..20], &CLIENT4.octets(), "to the client");
+    let icmp = &answer[20..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+    assert_eq!(packet::checksum(&[icmp]), 0, "ICMP checksum");
+    assert_eq!(
+        u16::from_be_bytes([icmp[6], icmp[7]]),
+        1500,
+        "the next-hop MTU is vb's: NAT adds no header"
+    );
+    assert_eq!(
+        &icmp[8..],
+        &big[..128],
+        "the quote is the client's packet as it came, not translated"
+    );
+    assert_eq!(
+        lab.nat_reverse.keys().count(),
+        0,
+        "the refused packet took a SNAT port"
+    );
+    assert_eq!(
+        lab.conntrack.keys().count(),
+        0,
+        "the refused packet left a conntrack entry"
+    );
+
+    // A SYN: a segment without one that finds no port of its own is reset on NAT.
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let fits = Packet::tcp(client, 40000, vip, 86, TCP_SYN)
+        .payload(&[0x55; 1460])
+        .frame(VC_MAC, CLIENT_MAC);
+    let before = lab.stat(Stat::Forwarded);
+    lab.expect(lab.vc, &fits, XDP_REDIRECT, "a 1500-byte SYN");
+    assert_eq!(lab.stat(Stat::Forwarded), before + 1, "1500 bytes fit");
 }
 
 #[test]
