@@ -5,8 +5,9 @@
 //!
 //! The answer keeps the frame's Ethernet header (MACs swapped, a VLAN tag kept) and IP header
 //! (addresses swapped; IPv4: no options, TTL 64, DF, new checksum; IPv6: hop limit 64), and
-//! carries a bare 20-byte TCP header: ports swapped, sequence 0, acknowledging the SYN
-//! (its sequence + 1 + any payload, RFC 9293 §3.10.7.1), window 0. The frame's tail is cut to
+//! carries a bare 20-byte TCP header: ports swapped, and either the segment's acknowledgement
+//! number as its sequence (a segment with ACK) or sequence 0 acknowledging the segment (its
+//! sequence + its length: data, and one each for SYN and FIN; RFC 9293 §3.10.7.1), window 0. The frame's tail is cut to
 //! that length. At tc the checksum is made through the kernel's helpers, so that a segment
 //! that arrived `CHECKSUM_PARTIAL` (a local sender's, a virtual card's) leaves with the field
 //! its device expects (see `answer`).
@@ -16,7 +17,10 @@ use lb_common::maps::FAMILY_V4;
 use crate::{
     csum,
     frame::{Frame, L4Check},
-    parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, TcpHdr, TCP_ACK, TCP_CHECK_OFF, TCP_RST},
+    parse::{
+        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Parsed, TcpHdr, TCP_ACK, TCP_CHECK_OFF, TCP_FIN, TCP_RST,
+        TCP_SYN,
+    },
 };
 
 /// Length of the IPv4 header the answer can keep (no options).
@@ -28,8 +32,9 @@ const TCP_HDR_LEN: usize = 20;
 /// §3.10.7.1): a segment without ACK (a SYN) gets a RST+ACK acknowledging it, one with ACK a
 /// bare RST whose sequence number is the segment's acknowledgement number, so the sender
 /// takes it. Returns the hook's turn-around action (`XDP_TX`, or tc's redirect back out of the
-/// interface the segment came in on), or `None` when it cannot
-/// (IPv4 options, or the tail cannot shrink) and the segment should be dropped.
+/// interface the segment came in on), or `None` when it cannot (IPv4 options, a data offset
+/// below 20 bytes or beyond the segment, or the tail cannot shrink) and the segment should be
+/// dropped.
 #[inline(always)]
 pub fn answer<C: Frame>(ctx: &C, p: &Parsed) -> Option<u32> {
     let ip_hdr_len = p.l4_off - p.l3_off;
@@ -47,10 +52,16 @@ pub fn answer<C: Frame>(ctx: &C, p: &Parsed) -> Option<u32> {
             ((*tcp).off_flags[0] >> 4) as u32 * 4,
         )
     };
-    let payload = (p.ip_len as u32)
-        .wrapping_sub(ip_hdr_len as u32)
-        .wrapping_sub(data_off);
-    let ack = seq.wrapping_add(1).wrapping_add(payload);
+    // The segment's length as RFC 9293 counts it (SEG.LEN): its data, and one each for SYN
+    // and FIN. A data offset outside the segment is a malformed header: not answered.
+    let segment = (p.ip_len as u32).wrapping_sub(ip_hdr_len as u32);
+    if data_off < TCP_HDR_LEN as u32 || data_off > segment {
+        return None;
+    }
+    let seg_len = (segment - data_off)
+        + (p.tcp_flags & TCP_SYN != 0) as u32
+        + (p.tcp_flags & TCP_FIN != 0) as u32;
+    let ack = seq.wrapping_add(seg_len);
 
     let end = p.l4_off + TCP_HDR_LEN;
     if !ctx.truncate(end) {

@@ -104,6 +104,44 @@ fn a_refused_ipv6_syn_with_data_is_answered_and_one_with_ipv4_options_dropped() 
     assert_eq!(lab.stat(Stat::RefusedClientConnections), 2);
 }
 
+/// A NAT segment without SYN that finds no flow is reset; when it has no ACK either, the
+/// reset acknowledges the segment's length as RFC 9293 counts it (§3.10.7.1: its data, one
+/// for a FIN), not one more. A segment whose data offset lies beyond it is not answered.
+#[test]
+fn a_segment_without_ack_is_reset_acknowledging_its_length_and_a_bad_data_offset_is_not() {
+    let Some(lab) = setup("limits_rst_ack") else {
+        return;
+    };
+    let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    const SEQ: u32 = 0x1122_3344; // `Packet::tcp`'s sequence number
+    const TCP_PSH: u8 = 0x08;
+    for (flags, what, ack) in [
+        (TCP_PSH, "10 bytes of data", SEQ + 10),
+        (TCP_FIN, "10 bytes and a FIN", SEQ + 11),
+    ] {
+        let segment = Packet::tcp(c, 42100, v, 80, flags)
+            .payload(&[0x42; 10])
+            .frame(VC_MAC, CLIENT_MAC);
+        let out = lab.expect(lab.vc, &segment, XDP_TX, what);
+        assert_eq!(
+            out,
+            rst(c, 42100, v, ack),
+            "{what} without ACK: the reset must acknowledge {ack:#x}"
+        );
+    }
+
+    // Data offset 15 (60 bytes of header) on a segment of 20.
+    let mut bad = Packet::tcp(c, 42101, v, 80, TCP_PSH).frame(VC_MAC, CLIENT_MAC);
+    bad[14 + 20 + 12] = 15 << 4;
+    let reset = lab.stat(Stat::ResetNatNoFlow);
+    lab.expect(lab.vc, &bad, XDP_DROP, "a data offset beyond the segment");
+    assert_eq!(
+        lab.stat(Stat::ResetNatNoFlow),
+        reset + 1,
+        "counted as the segment it would have been reset for"
+    );
+}
+
 /// A counted flow the balancer ends with a RST (its backend went down and its segment
 /// cannot be carried on another: NAT) gives its client's slot back, as its FIN would have:
 /// the client will send no FIN or RST of its own to free it.
