@@ -95,8 +95,6 @@ fn tcp_case(version: &str) {
     let vip = free_addr();
     let svc = ServiceConfig::tcp("web", vip)
         .set("proxy_protocol", version)
-        // The health checks would connect without a header; this test is about the header.
-        .health("kind", "none")
         .backend(backend.addr(), 1);
     let _daemon = Daemon::start(&DaemonConfig::new().service(svc).to_toml());
     for _ in 0..3 {
@@ -112,6 +110,92 @@ fn tcp_case(version: &str) {
              and port, the VIP, then the client's bytes"
         );
     }
+}
+
+/// A backend that, like nginx's `listen ... proxy_protocol`, closes a connection that does not
+/// start with a PROXY header (of either version, addresses or not), and answers one that
+/// does with `HTTP/1.1 200` and `ok`.
+fn header_requiring_http() -> TcpServer {
+    TcpServer::start(
+        "pp-http",
+        Arc::new(|s: TcpStream| {
+            let mut out = s.try_clone().expect("clone the stream");
+            let mut reader = BufReader::new(s);
+            let Ok(first) = reader.fill_buf().map(|b| b.first().copied()) else {
+                return;
+            };
+            match first {
+                Some(b'P') => {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() || !line.starts_with("PROXY ") {
+                        return;
+                    }
+                }
+                Some(b'\r') => {
+                    let mut fixed = [0u8; 16];
+                    if reader.read_exact(&mut fixed).is_err() || fixed[..12] != V2_SIGNATURE {
+                        return;
+                    }
+                    let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+                    let mut rest = vec![0u8; len];
+                    if reader.read_exact(&mut rest).is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let _ = out
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }),
+    )
+    .expect("the backend starts")
+}
+
+/// The first 12 bytes of every PROXY protocol v2 header.
+const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// HTTP health checks of a service with `proxy_protocol` send the header too (HAProxy does for
+/// a `send-proxy` server): a backend that requires it stays up, and serves the clients.
+fn checks_case(version: &str) {
+    let backend = header_requiring_http();
+    let vip = free_addr();
+    let svc = ServiceConfig::tcp("web", vip)
+        .set("proxy_protocol", version)
+        .fast_health("http")
+        .backend(backend.addr(), 1);
+    let daemon = Daemon::start(&DaemonConfig::new().service(svc).to_toml());
+    // Checks every 200 ms, down after 2 failures: a backend whose checks fail is down well
+    // within this.
+    std::thread::sleep(Duration::from_millis(1500));
+    for _ in 0..3 {
+        let body = lb_tests::client::http_get(vip, "/").unwrap_or_else(|e| {
+            panic!(
+                "with proxy_protocol = {version:?} and HTTP checks the backend must stay up and \
+                 answer: {e}. Daemon log:\n{}",
+                daemon.logs().join("\n")
+            )
+        });
+        assert_eq!(body, "ok");
+    }
+}
+
+#[test]
+fn http_health_checks_send_the_v1_header_and_the_backend_stays_up() {
+    checks_case("v1");
+}
+
+#[test]
+fn http_health_checks_send_the_v2_header_and_the_backend_stays_up() {
+    checks_case("v2");
 }
 
 #[test]

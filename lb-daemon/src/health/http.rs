@@ -14,13 +14,15 @@ const MAX_STATUS_LINE: usize = 8 * 1024;
 ///
 /// The request carries `Host: <target>`, `Connection: close` and `User-Agent: lb-health`;
 /// bytes of `path` that may not appear in a request line (space, controls, non-ASCII) are
-/// percent-encoded. Only the status line is read; the connection is then closed.
+/// percent-encoded. `header` (a PROXY protocol header, see [`super::check_behind`]), when
+/// there is one, goes first, in the same write. Only the status line is read; the connection is then closed.
 /// Not bounded in time by itself: [`super::check`] puts the timeout around the whole exchange.
 ///
 /// Returns `Err(CheckError::BadStatus)` for another status, `Err(CheckError::BadReply)` when
 /// the reply has no HTTP status line, or the connect's error (`Refused`, `Unreachable`, `Io`).
 pub(super) async fn check(
     target: SocketAddr,
+    header: Option<&[u8]>,
     path: &str,
     expect_status: u16,
 ) -> Result<(), CheckError> {
@@ -30,7 +32,9 @@ pub(super) async fn check(
         "GET {} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\nUser-Agent: lb-health\r\n\r\n",
         request_target(path)
     );
-    stream.write_all(request.as_bytes()).await?;
+    let mut bytes = header.unwrap_or_default().to_vec();
+    bytes.extend_from_slice(request.as_bytes());
+    stream.write_all(&bytes).await?;
     let line = read_status_line(&mut stream).await?;
     let got = parse_status(&line)?;
     if got == expect_status {
@@ -110,8 +114,8 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::{parse_status, request_target};
-    use crate::config::CheckKind;
-    use crate::health::{check, CheckError};
+    use crate::config::{CheckKind, ProxyProtocol};
+    use crate::health::{check, check_behind, CheckError};
 
     const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -156,6 +160,29 @@ mod tests {
             "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: lb-health\r\n\r\n"
         );
         assert_eq!(request, expected, "the backend got a different request");
+    }
+
+    #[tokio::test]
+    async fn http_check_of_a_proxy_protocol_service_sends_a_local_header_first() {
+        for (version, header) in [
+            (ProxyProtocol::V1, b"PROXY UNKNOWN\r\n".to_vec()),
+            (
+                ProxyProtocol::V2,
+                crate::dataplane::proxy::local_header(ProxyProtocol::V2).expect("a v2 header"),
+            ),
+        ] {
+            let (addr, request) = server("HTTP/1.1 200 OK\r\n\r\n").await;
+            assert_eq!(
+                check_behind(addr, &http("/", 200), TIMEOUT, version).await,
+                Ok(())
+            );
+            let request = request.await.expect("the server saw no request");
+            assert!(
+                request.as_bytes().starts_with(&header)
+                    && request[header.len()..].starts_with("GET / HTTP/1.1\r\n"),
+                "{version:?}: the check must send the header, then its request; sent {request:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::config::{CheckKind, HealthCheck};
+use crate::config::{CheckKind, HealthCheck, ProxyProtocol};
 
 mod http;
 mod tcp;
@@ -420,14 +420,32 @@ pub async fn check(
     kind: &CheckKind,
     timeout: Duration,
 ) -> Result<(), CheckError> {
+    check_behind(target, kind, timeout, ProxyProtocol::Off).await
+}
+
+/// [`check`] of a backend of a service that sends `proxy` (`proxy_protocol`): the check's
+/// connection, or its datagram, starts with the header of a connection of the balancer's own
+/// (v1 `PROXY UNKNOWN`, v2 `LOCAL`), as HAProxy's checks of a `send-proxy` server do. A
+/// backend that requires the header closes a connection without one, and would be taken
+/// down; with `tcp` the header is written and the connection closed.
+pub async fn check_behind(
+    target: SocketAddr,
+    kind: &CheckKind,
+    timeout: Duration,
+    proxy: ProxyProtocol,
+) -> Result<(), CheckError> {
+    let header = crate::dataplane::proxy::local_header(proxy);
+    let header = header.as_deref();
     let exchange = async {
         match kind {
-            CheckKind::Tcp => tcp::check(target).await,
+            CheckKind::Tcp => tcp::check(target, header).await,
             CheckKind::Http {
                 path,
                 expect_status,
-            } => http::check(target, path, *expect_status).await,
-            CheckKind::Udp { send, expect } => udp::check(target, send, expect.as_deref()).await,
+            } => http::check(target, header, path, *expect_status).await,
+            CheckKind::Udp { send, expect } => {
+                udp::check(target, header, send, expect.as_deref()).await
+            }
             CheckKind::None => Ok(()),
         }
     };
@@ -445,10 +463,12 @@ pub async fn check(
 /// `checker` ([`HealthState::watched_by`]); when it causes a transition, `on_transition` is
 /// called with it after the lock is released. Once another checker watches `state` it
 /// returns, recording nothing more. With [`CheckKind::None`] it returns at once and never
-/// touches `state`.
+/// touches `state`. `proxy`: the service's `proxy_protocol`, which the checks send too
+/// ([`check_behind`]).
 pub async fn monitor(
     target: SocketAddr,
     check: HealthCheck,
+    proxy: ProxyProtocol,
     state: Arc<Mutex<HealthState>>,
     checker: u64,
     on_transition: Arc<dyn Fn(&Transition) + Send + Sync>,
@@ -464,7 +484,7 @@ pub async fn monitor(
     let mut short = false;
     loop {
         ticker.tick().await;
-        let result = self::check(target, &check.kind, check.timeout).await;
+        let result = check_behind(target, &check.kind, check.timeout, proxy).await;
         match &result {
             Err(error @ CheckError::Local(_)) => {
                 if !short {
@@ -943,7 +963,14 @@ mod tests {
             fall: 3,
             passive_timeout: Duration::from_secs(10),
         };
-        let monitor = tokio::spawn(monitor(addr, check, state.clone(), 0, on_transition));
+        let monitor = tokio::spawn(monitor(
+            addr,
+            check,
+            ProxyProtocol::Off,
+            state.clone(),
+            0,
+            on_transition,
+        ));
 
         // Wait (bounded) until a check has passed against the open listener.
         let mut passed = false;
@@ -1016,7 +1043,14 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
         tokio::time::timeout(
             Duration::from_secs(5),
-            monitor(addr, check, state.clone(), 1, Arc::new(|_: &Transition| {})),
+            monitor(
+                addr,
+                check,
+                ProxyProtocol::Off,
+                state.clone(),
+                1,
+                Arc::new(|_: &Transition| {}),
+            ),
         )
         .await
         .expect("checker 1 went on checking a state checker 2 watches");
@@ -1039,7 +1073,14 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
         tokio::time::timeout(
             Duration::from_secs(5),
-            monitor(addr, check, state.clone(), 0, Arc::new(|_: &Transition| {})),
+            monitor(
+                addr,
+                check,
+                ProxyProtocol::Off,
+                state.clone(),
+                0,
+                Arc::new(|_: &Transition| {}),
+            ),
         )
         .await
         .expect("monitor with kind none should return at once");

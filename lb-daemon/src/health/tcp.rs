@@ -2,16 +2,21 @@
 
 use std::net::SocketAddr;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::CheckError;
 
-/// Passes when a TCP connect to `target` completes; the connection is closed at once.
+/// Passes when a TCP connect to `target` completes; the connection is closed at once, after
+/// `header` (a PROXY protocol header, see [`super::check_behind`]) when there is one.
 ///
 /// Not bounded in time by itself: [`super::check`] puts the timeout around it.
 /// Returns `Err(CheckError::Refused)` on a RST, `Err(CheckError::Unreachable)` on no route.
-pub(super) async fn check(target: SocketAddr) -> Result<(), CheckError> {
-    let stream = TcpStream::connect(target).await?;
+pub(super) async fn check(target: SocketAddr, header: Option<&[u8]>) -> Result<(), CheckError> {
+    let mut stream = TcpStream::connect(target).await?;
+    if let Some(header) = header {
+        stream.write_all(header).await?;
+    }
     drop(stream);
     Ok(())
 }

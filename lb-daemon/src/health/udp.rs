@@ -9,7 +9,8 @@ use super::CheckError;
 /// Reply bytes shown in a [`CheckError::BadReply`], at most.
 const SHOWN_REPLY: usize = 64;
 
-/// Passes when `send`, sent to `target` in one datagram, is answered by one datagram that
+/// Passes when `send`, sent to `target` in one datagram (after `header`, a PROXY protocol v2
+/// header, see [`super::check_behind`], when there is one), is answered by one datagram that
 /// starts with `expect` (any reply when `expect` is `None`).
 ///
 /// Uses a fresh socket on an ephemeral port of the target's family, connected to `target`
@@ -19,6 +20,7 @@ const SHOWN_REPLY: usize = 64;
 /// [`super::check`] puts the timeout around it.
 pub(super) async fn check(
     target: SocketAddr,
+    header: Option<&[u8]>,
     send: &[u8],
     expect: Option<&[u8]>,
 ) -> Result<(), CheckError> {
@@ -28,7 +30,10 @@ pub(super) async fn check(
     };
     let socket = UdpSocket::bind(local).await?;
     socket.connect(target).await?;
-    socket.send(send).await?;
+    match header {
+        Some(header) => socket.send(&[header, send].concat()).await?,
+        None => socket.send(send).await?,
+    };
     // The largest UDP payload, so a long reply is never truncated before the prefix check.
     let mut reply = vec![0u8; 65_536];
     let n = socket.recv(&mut reply).await?;
@@ -60,8 +65,8 @@ mod tests {
 
     use tokio::net::UdpSocket;
 
-    use crate::config::CheckKind;
-    use crate::health::{check, CheckError};
+    use crate::config::{CheckKind, ProxyProtocol};
+    use crate::health::{check, check_behind, CheckError};
 
     const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -94,6 +99,25 @@ mod tests {
             check(addr, &udp(b"ping", Some(b"pi")), TIMEOUT).await,
             Ok(()),
             "a reply starting with the expected bytes should pass"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn udp_check_of_a_proxy_protocol_service_sends_a_local_header_before_the_probe() {
+        let (addr, server) = echo("127.0.0.1:0").await.expect("bind the echo server");
+        let header = crate::dataplane::proxy::local_header(ProxyProtocol::V2).expect("a header");
+        let echoed = [header.as_slice(), b"ping"].concat();
+        assert_eq!(
+            check_behind(
+                addr,
+                &udp(b"ping", Some(&echoed)),
+                TIMEOUT,
+                ProxyProtocol::V2
+            )
+            .await,
+            Ok(()),
+            "the probe must go in one datagram after the v2 header"
         );
         server.abort();
     }

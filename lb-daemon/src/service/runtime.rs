@@ -165,7 +165,9 @@ impl ServiceRuntime {
     pub fn update(&self, config: Service) {
         let mut st = lock(&self.state);
         let now = Instant::now();
-        let health_changed = st.config.health != config.health;
+        // The checks send the service's PROXY protocol header too.
+        let health_changed =
+            st.config.health != config.health || st.config.proxy_protocol != config.proxy_protocol;
         let discovery_changed = st.config.discovered != config.discovered
             || st.config.resolve_interval != config.resolve_interval;
         let slow_start_changed = st.config.slow_start != config.slow_start;
@@ -377,6 +379,7 @@ impl ServiceRuntime {
         let task = rt.spawn(health::monitor(
             address,
             st.config.health.clone(),
+            st.config.proxy_protocol,
             Arc::clone(&b.rt.health),
             checker,
             on_transition,

@@ -39,6 +39,8 @@ mod ctx;
 mod limits;
 mod listener;
 mod proxy_header;
+
+pub(crate) use proxy_header::local_header;
 mod relay;
 mod relay_io;
 mod ring;

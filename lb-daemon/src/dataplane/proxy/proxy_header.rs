@@ -60,12 +60,41 @@ pub(super) fn header(
     }
 }
 
+/// The header of a connection (or datagram) of the balancer's own, such as a health check,
+/// on a service with `version`: v1 `PROXY UNKNOWN`, v2 a `LOCAL` command without addresses.
+/// The spec has backends accept both and take the connection's own addresses, as HAProxy's
+/// health checks of a `send-proxy` server do. `None` with `ProxyProtocol::Off`.
+pub(crate) fn local_header(version: ProxyProtocol) -> Option<Vec<u8>> {
+    match version {
+        ProxyProtocol::Off => None,
+        ProxyProtocol::V1 => Some(ppp::v1::Addresses::Unknown.to_string().into_bytes()),
+        ProxyProtocol::V2 => {
+            use ppp::v2::{Builder, Command, Version};
+            // Building into a Vec cannot fail: there is no I/O and no TLV.
+            Builder::new(Version::Two | Command::Local, 0).build().ok()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("literal address")
+    }
+
+    #[test]
+    fn a_local_header_is_unknown_in_v1_and_local_without_addresses_in_v2() {
+        assert_eq!(local_header(ProxyProtocol::Off), None);
+        assert_eq!(
+            local_header(ProxyProtocol::V1).expect("a v1 header"),
+            b"PROXY UNKNOWN\r\n"
+        );
+        let v2 = local_header(ProxyProtocol::V2).expect("a v2 header");
+        let parsed = ppp::v2::Header::try_from(&v2[..]).expect("a valid v2 header");
+        assert_eq!(parsed.command, ppp::v2::Command::Local);
+        assert_eq!(parsed.addresses, ppp::v2::Addresses::Unspecified);
     }
 
     #[test]
