@@ -9,6 +9,7 @@
 //! | `CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN` | a service may run on the eBPF plane (`dataplane` not `proxy`, an `interface` set), or `[global] bpf_object` is set (a proxy-only config that reloads may give eBPF services) | loading the programs on a reload, attaching and detaching them (XDP, TCX, clsact) |
 //! | `CAP_NET_ADMIN` | `[announce]` | writing the announced VIPs' routes |
 //! | `CAP_NET_ADMIN` | a UDP service | `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`: UDP session sockets of `udp_buffer` bytes beyond `net.core.rmem_max` |
+//! | `CAP_SYS_RESOURCE` | a TCP service that may run on the proxy (`dataplane` `proxy` or `auto`) | the relay's pipes of `pipe_size` bytes (two a connection) past `fs.pipe-user-pages-soft`, the kernel's page limit for all pipes of one user (root's included, shared with every root process): without it, past about 125 connections the kernel refuses the size and makes new pipes of 8 KiB, and every splice moves at most that much |
 //! | `CAP_SYS_NICE` | `[global] worker_priority` below 0 (the default, -10) and `RLIMIT_NICE` could not be raised to allow it (no `CAP_SYS_RESOURCE`, `crate::priority`) | the proxy workers of the daemon an upgrade in place starts lowering their nice value |
 //!
 //! Everything else goes, from the effective, permitted, inheritable and ambient sets (and
@@ -72,6 +73,11 @@ pub fn needed(config: &Config) -> CapsHashSet {
         if s.protocol == Protocol::Udp {
             keep.insert(Capability::CAP_NET_ADMIN);
         }
+        if s.protocol == Protocol::Tcp
+            && matches!(s.dataplane, DataplaneKind::Proxy | DataplaneKind::Auto)
+        {
+            keep.insert(Capability::CAP_SYS_RESOURCE);
+        }
     }
     keep
 }
@@ -96,6 +102,10 @@ pub fn lower(keep: &CapsHashSet) -> Result<(), PrivilegeError> {
     let permitted =
         caps::read(None, CapSet::Permitted).map_err(|e| PrivilegeError::Kernel(e.to_string()))?;
     let kept: CapsHashSet = permitted.intersection(keep).copied().collect();
+    if keep.contains(&Capability::CAP_SYS_RESOURCE) && !kept.contains(&Capability::CAP_SYS_RESOURCE)
+    {
+        warn_pipe_limit();
+    }
     let target = TARGET.get_or_init(|| kept.clone());
     lower_this_thread(target)?;
     let mut names: Vec<String> = target.iter().map(|c| c.to_string()).collect();
@@ -110,6 +120,26 @@ pub fn lower(keep: &CapsHashSet) -> Result<(), PrivilegeError> {
         permitted.len()
     );
     Ok(())
+}
+
+/// Says what a daemon with TCP proxy services lacks without `CAP_SYS_RESOURCE` (a container,
+/// a unit with a narrow `CapabilityBoundingSet`): its relay pipes count against
+/// `fs.pipe-user-pages-soft`, and past it the kernel makes them 8 KiB. Nothing when the limit
+/// is off (0) or cannot be read.
+fn warn_pipe_limit() {
+    let Some(pages) = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&p| p > 0)
+    else {
+        return;
+    };
+    tracing::warn!(
+        "privileges: started without CAP_SYS_RESOURCE: the proxy's relay pipes (two a TCP \
+         connection) share fs.pipe-user-pages-soft ({pages} pages) with every pipe of this \
+         user, and past it the kernel makes them 8 KiB, so that each splice moves at most \
+         that much; grant the capability or raise the limit"
+    );
 }
 
 /// Lowers the calling thread to the set [`lower`] chose, once; nothing before `lower` ran.
@@ -172,11 +202,19 @@ mod tests {
     const BACKEND: &str = "[[service.backend]]\naddress = \"10.0.0.2:80\"\n";
 
     #[test]
-    fn a_proxy_service_on_a_high_port_needs_nothing() {
+    fn a_tcp_proxy_service_on_a_high_port_needs_only_its_pipes() {
         let text = format!(
             "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"tcp\"\n{BACKEND}"
         );
-        assert_eq!(needed_for(&text), vec![]);
+        assert_eq!(needed_for(&text), vec![Capability::CAP_SYS_RESOURCE]);
+        let tc_only = format!(
+            "[[service]]\nname = \"web\"\nlisten = \"10.0.0.1:8080\"\nprotocol = \"tcp\"\n\
+             dataplane = \"tc\"\ninterface = \"eth0\"\nlocal_address = \"10.0.0.1\"\n{BACKEND}"
+        );
+        assert!(
+            !needed_for(&tc_only).contains(&Capability::CAP_SYS_RESOURCE),
+            "a service only on tc has no relay pipes"
+        );
     }
 
     #[test]
@@ -184,7 +222,13 @@ mod tests {
         let low = format!(
             "[[service]]\nname = \"web\"\nlisten = \"127.0.0.1:80\"\nprotocol = \"tcp\"\n{BACKEND}"
         );
-        assert_eq!(needed_for(&low), vec![Capability::CAP_NET_BIND_SERVICE]);
+        assert_eq!(
+            needed_for(&low),
+            vec![
+                Capability::CAP_NET_BIND_SERVICE,
+                Capability::CAP_SYS_RESOURCE
+            ]
+        );
         let udp = format!(
             "[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:5353\"\nprotocol = \"udp\"\n{BACKEND}"
         );
@@ -193,8 +237,10 @@ mod tests {
             "[[service]]\nname = \"web\"\nlisten = \"10.0.0.1:8080\"\nprotocol = \"tcp\"\n\
              interface = \"eth0\"\nlocal_address = \"10.0.0.1\"\n{BACKEND}"
         );
+        // `auto`: the proxy too, if the eBPF plane cannot deliver.
         let want = vec![
             Capability::CAP_NET_ADMIN,
+            Capability::CAP_SYS_RESOURCE,
             Capability::CAP_PERFMON,
             Capability::CAP_BPF,
         ];
