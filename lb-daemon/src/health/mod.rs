@@ -215,6 +215,17 @@ impl HealthState {
         self.checker = id;
     }
 
+    /// The state of a backend that returns at `now`, some time after it was forgotten: the
+    /// verdict (and a hold-off running) stays, the streaks and the verdict's time start over.
+    /// Checks from before it left, minutes apart from the next ones, must not count with
+    /// them: one failure would take an Up backend Down on a streak begun before it left.
+    pub fn resume(&mut self, now: Instant) {
+        self.since = now;
+        self.successes = 0;
+        self.failures = 0;
+        self.failed_checks = 0;
+    }
+
     /// The same state for a backend with no active checks: passive failures take it Down
     /// for `hold_off`, then it is tried again (see the type's docs). A zero `hold_off` is
     /// treated as 1 ms.

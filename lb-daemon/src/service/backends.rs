@@ -345,6 +345,7 @@ impl BackendSet {
             Some((mut state, at)) if now.saturating_duration_since(at) < HEALTH_MEMORY => {
                 // Its checker was stopped; the one started now takes the state over.
                 state.watched_by(0);
+                state.resume(now);
                 state
             }
             _ => new_health(&self.health, now),
@@ -423,6 +424,31 @@ mod tests {
     fn set_of(statics: &[&str], now: Instant) -> BackendSet {
         let desired: Vec<(SocketAddr, u32)> = statics.iter().map(|s| (addr(s), 1)).collect();
         BackendSet::new(service("none").health, &desired, now)
+    }
+
+    #[test]
+    fn a_backend_that_returns_keeps_its_verdict_but_not_its_streaks() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(300);
+        let failed = || Err(crate::health::CheckError::Refused);
+        // `fall = 2`: one failure before it leaves, one after it returns.
+        let mut set = BackendSet::new(service("tcp").health, &[(addr("10.0.0.1:80"), 1)], t0);
+        let b = set.get(addr("10.0.0.1:80")).expect("the backend");
+        assert!(lock(&b.rt.health).record_check(failed(), t0).is_none());
+        set.reconcile(&BackendSource::Static, &[], t0);
+        assert_eq!(set.forget_idle(t0), vec![addr("10.0.0.1:80")]);
+        set.reconcile(&BackendSource::Static, &[(addr("10.0.0.1:80"), 1)], later);
+        let b = set.get(addr("10.0.0.1:80")).expect("the backend is back");
+        let mut health = lock(&b.rt.health);
+        assert_eq!(health.health(), Health::Up, "it left Up and comes back Up");
+        assert!(
+            health.record_check(failed(), later).is_none(),
+            "one failure after it returned took it Down with one from before it left"
+        );
+        assert!(
+            health.record_check(failed(), later).is_some(),
+            "two failures in a row after it returned must take it Down"
+        );
     }
 
     #[test]
