@@ -34,8 +34,10 @@ pub(super) async fn check(
         Some(header) => socket.send(&[header, send].concat()).await?,
         None => socket.send(send).await?,
     };
-    // The largest UDP payload, so a long reply is never truncated before the prefix check.
-    let mut reply = vec![0u8; 65_536];
+    // Room for the prefix and the bytes a log line shows, and one more to tell a longer
+    // reply: a datagram longer than the buffer is cut, which only drops its tail. (Not the
+    // largest payload: a silent backend would hold 64 KiB per check while it times out.)
+    let mut reply = vec![0u8; expect.map_or(0, <[u8]>::len).max(SHOWN_REPLY) + 1];
     let n = socket.recv(&mut reply).await?;
     let reply = &reply[..n];
     match expect {
@@ -118,6 +120,24 @@ mod tests {
             .await,
             Ok(()),
             "the probe must go in one datagram after the v2 header"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_long_reply_is_judged_by_its_prefix_and_shown_cut() {
+        let (addr, server) = echo("127.0.0.1:0").await.expect("bind the echo server");
+        let long = [b'a'; 1500];
+        assert_eq!(
+            check(addr, &udp(&long, Some(b"aaa")), TIMEOUT).await,
+            Ok(())
+        );
+        let shown = format!("{}...", "a".repeat(64));
+        assert_eq!(
+            check(addr, &udp(&long, Some(b"b")), TIMEOUT).await,
+            Err(CheckError::BadReply(format!(
+                r#"reply "{shown}" does not start with "b""#
+            )))
         );
         server.abort();
     }
