@@ -468,7 +468,8 @@ pub async fn check_behind(
 
 /// Runs active checks of the backend at `target` until the task is aborted.
 ///
-/// One check per `check.interval`, the first one right away; a check that overruns the
+/// One check per `check.interval`, the first one at a random point of the first interval
+/// ([`first_check_after`]), or right away for a backend that starts Down; a check that overruns the
 /// interval delays the next one instead of bunching them up (tokio's
 /// `MissedTickBehavior::Delay`). Each result goes into `state` while `state` is watched by
 /// `checker` ([`HealthState::watched_by`]); when it causes a transition, `on_transition` is
@@ -489,7 +490,17 @@ pub async fn monitor(
     }
     // tokio panics on a zero period; config validation already forbids it.
     let period = check.interval.max(Duration::from_millis(1));
-    let mut ticker = tokio::time::interval(period);
+    let starts_down = state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .health()
+        == Health::Down;
+    let first = if starts_down {
+        Duration::ZERO
+    } else {
+        first_check_after(period, target, checker)
+    };
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A shortage lasts many checks: said once when it starts and once when it ends.
     let mut short = false;
@@ -529,6 +540,21 @@ pub async fn monitor(
             on_transition(&transition);
         }
     }
+}
+
+/// When the first check of the backend at `target` (its checker `checker`) goes out: at a
+/// random point of the first `period`, as HAProxy spreads its checks. The checkers of a
+/// service start together (the daemon's start, a reload of `[service.health]`) and keep one
+/// period: started at once, every backend would be checked in the same millisecond of
+/// every interval, a burst of connects at hosts that carry several backends, or at a
+/// firewall between.
+fn first_check_after(period: Duration, target: SocketAddr, checker: u64) -> Duration {
+    use std::hash::BuildHasher;
+    // A hash with keys of its own (random per process, and per call), over values that
+    // differ between checkers: a draw without a random-number crate.
+    let draw = std::collections::hash_map::RandomState::new().hash_one((target, checker));
+    let nanos = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX).max(1);
+    Duration::from_nanos(draw % nanos)
 }
 
 #[cfg(test)]
@@ -1068,6 +1094,56 @@ mod tests {
         let state = state.lock().expect("lock");
         assert!(state.last_check().is_none());
         assert_eq!(state.health(), Health::Up);
+    }
+
+    /// Checkers started together check their backends spread over the interval, not in one
+    /// burst: 40 of them against one listener, each first connect's time.
+    #[tokio::test]
+    async fn checkers_started_together_spread_their_first_checks_over_the_interval() {
+        const CHECKERS: u64 = 40;
+        const PERIOD: Duration = Duration::from_secs(1);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("listener address");
+        let check = HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: PERIOD,
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+            passive_timeout: Duration::from_secs(10),
+        };
+        let started = Instant::now();
+        let monitors: Vec<_> = (1..=CHECKERS)
+            .map(|id| {
+                let state = Arc::new(Mutex::new(HealthState::new(2, 3, started)));
+                state.lock().expect("fresh").watched_by(id);
+                tokio::spawn(monitor(
+                    addr,
+                    check.clone(),
+                    ProxyProtocol::Off,
+                    state,
+                    id,
+                    Arc::new(|_: &Transition| {}),
+                ))
+            })
+            .collect();
+        let mut first = Vec::new();
+        while first.len() < CHECKERS as usize {
+            let accepted = tokio::time::timeout(2 * PERIOD, listener.accept()).await;
+            let Ok(Ok(_)) = accepted else {
+                panic!("only {} of {CHECKERS} checks came within 2 s", first.len());
+            };
+            first.push(started.elapsed());
+        }
+        for m in monitors {
+            m.abort();
+        }
+        let spread = first[first.len() - 1].saturating_sub(first[0]);
+        assert!(
+            spread >= PERIOD / 2,
+            "the first checks of {CHECKERS} backends came within {spread:?} of each other; \
+             spread over the {PERIOD:?} interval they take most of it: {first:?}"
+        );
     }
 
     #[tokio::test]
