@@ -7,7 +7,8 @@ use tokio::net::TcpStream;
 
 use super::CheckError;
 
-/// The longest status line we read before calling the reply bad, in bytes.
+/// The longest status line we read before calling the reply bad, in bytes; also the most
+/// bytes of interim (1xx) responses skipped before the final one.
 const MAX_STATUS_LINE: usize = 8 * 1024;
 
 /// Passes when `GET path HTTP/1.1` to `target` is answered with status `expect_status`.
@@ -15,7 +16,8 @@ const MAX_STATUS_LINE: usize = 8 * 1024;
 /// The request carries `Host: <target>`, `Connection: close` and `User-Agent: lb-health`;
 /// bytes of `path` that may not appear in a request line (space, controls, non-ASCII) are
 /// percent-encoded. `header` (a PROXY protocol header, see [`super::check_behind`]), when
-/// there is one, goes first, in the same write. Only the status line is read; the connection is then closed.
+/// there is one, goes first, in the same write. Only the final status line is read (interim
+/// 1xx responses before it are skipped); the connection is then closed.
 /// Not bounded in time by itself: [`super::check`] puts the timeout around the whole exchange.
 ///
 /// Returns `Err(CheckError::BadStatus)` for another status, `Err(CheckError::BadReply)` when
@@ -35,8 +37,19 @@ pub(super) async fn check(
     let mut bytes = header.unwrap_or_default().to_vec();
     bytes.extend_from_slice(request.as_bytes());
     stream.write_all(&bytes).await?;
-    let line = read_status_line(&mut stream).await?;
-    let got = parse_status(&line)?;
+    let mut reply = Reply {
+        stream: &mut stream,
+        buf: Vec::with_capacity(256),
+        skipped: 0,
+    };
+    let mut got = parse_status(&reply.line().await?)?;
+    // Interim responses (`100 Continue`, `103 Early Hints`; not `101`, which ends HTTP)
+    // come before the final one, each a status line and headers up to an empty line (RFC
+    // 9110 §15.2), unless the check expects one of them.
+    while (100..200).contains(&got) && got != 101 && got != expect_status {
+        while !reply.line().await?.is_empty() {}
+        got = parse_status(&reply.line().await?)?;
+    }
     if got == expect_status {
         Ok(())
     } else {
@@ -60,32 +73,49 @@ fn request_target(path: &str) -> String {
     out
 }
 
-/// Reads up to the first line end; returns the line without it.
-async fn read_status_line(stream: &mut TcpStream) -> Result<Vec<u8>, CheckError> {
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            buf.truncate(end);
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
+/// The reply of one check, read line by line.
+struct Reply<'a> {
+    stream: &'a mut TcpStream,
+    /// Bytes read and not yet returned as a line.
+    buf: Vec<u8>,
+    /// Bytes of lines returned so far.
+    skipped: usize,
+}
+
+impl Reply<'_> {
+    /// The next line, without its end (CRLF or a bare LF).
+    ///
+    /// Returns `Err(CheckError::BadReply)` when the stream closes first, or when the line,
+    /// or all lines so far, pass [`MAX_STATUS_LINE`] bytes.
+    async fn line(&mut self) -> Result<Vec<u8>, CheckError> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+                self.skipped += line.len();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
             }
-            return Ok(buf);
+            if self.buf.len() + self.skipped > MAX_STATUS_LINE {
+                return Err(CheckError::BadReply(format!(
+                    "no status line in the first {MAX_STATUS_LINE} bytes"
+                )));
+            }
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(CheckError::BadReply(
+                    if self.buf.is_empty() && self.skipped == 0 {
+                        "connection closed without a reply".into()
+                    } else {
+                        "connection closed in the status line".into()
+                    },
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
         }
-        if buf.len() > MAX_STATUS_LINE {
-            return Err(CheckError::BadReply(format!(
-                "no status line in the first {MAX_STATUS_LINE} bytes"
-            )));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(CheckError::BadReply(if buf.is_empty() {
-                "connection closed without a reply".into()
-            } else {
-                "connection closed in the status line".into()
-            }));
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -183,6 +213,26 @@ mod tests {
                 "{version:?}: the check must send the header, then its request; sent {request:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn interim_responses_before_the_final_one_are_skipped() {
+        let (addr, _request) = server(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(check(addr, &http("/", 200), TIMEOUT).await, Ok(()));
+        let (addr, _request) =
+            server("HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 503 Unavailable\r\n\r\n").await;
+        assert_eq!(
+            check(addr, &http("/", 200), TIMEOUT).await,
+            Err(CheckError::BadStatus {
+                got: 503,
+                want: 200
+            }),
+            "the final status is the one judged"
+        );
     }
 
     #[tokio::test]
