@@ -13,6 +13,9 @@ struct Slot<T> {
     value: Option<T>,
 }
 
+/// Ticks within which a sweep reaches every slot of a slab ([`Slab::sweep_budget`]).
+pub(super) const SWEEP_ROUNDS: u32 = 8;
+
 /// Entries addressed by `(index, generation)`; freed slots are reused, newest first.
 pub(super) struct Slab<T> {
     slots: Vec<Slot<T>>,
@@ -92,6 +95,15 @@ impl<T> Slab<T> {
         self.slots.len() as u32
     }
 
+    /// The slots one tick of a periodic sweep looks at: `least`, or an eighth of the slots
+    /// when that is more, so that the sweep reaches every slot within eight ticks however
+    /// large the slab grew. A slab keeps the slots of its busiest moment (it never shrinks):
+    /// with a fixed budget, a worker that once held 100,000 flows would reach each one only
+    /// every 25 ticks from then on, and close idle ones that much later.
+    pub(super) fn sweep_budget(&self, least: u32) -> u32 {
+        least.max(self.capacity().div_ceil(SWEEP_ROUNDS))
+    }
+
     /// Visits the next `budget` slots (at most all of them) from `*cursor` on, wrapping
     /// around, and leaves `*cursor` after the last one: a periodic sweep whose cost is
     /// bounded, and which over several calls reaches every slot. Calls `visit(index,
@@ -168,6 +180,23 @@ mod tests {
         );
         assert_eq!(slab.get_mut(b, gb), Some(&mut "b"));
         assert_eq!(slab.len(), 1);
+    }
+
+    #[test]
+    fn a_large_slab_is_swept_whole_within_eight_ticks() {
+        let mut slab = Slab::new();
+        for v in 0..100_000u32 {
+            slab.insert(v);
+        }
+        assert_eq!(slab.sweep_budget(4096), 12_500);
+        let (mut cursor, mut seen) = (0, 0);
+        for _ in 0..SWEEP_ROUNDS {
+            let budget = slab.sweep_budget(4096);
+            slab.sweep(&mut cursor, budget, |_, _, _| seen += 1);
+        }
+        assert_eq!(seen, 100_000, "every slot within eight ticks");
+        let small: Slab<u8> = Slab::new();
+        assert_eq!(small.sweep_budget(4096), 4096, "at least the least");
     }
 
     #[test]

@@ -43,7 +43,8 @@ const OP_TIMER: u8 = 1;
 /// `OP_RELAY + way`: the one operation in flight for a direction.
 const OP_RELAY: u8 = 2;
 
-/// Connections examined per sweep tick, so a sweep's cost is bounded.
+/// Connections examined per sweep tick at least (more in a slab past eight times this, see
+/// `Slab::sweep_budget`), so a sweep's cost is bounded.
 const SWEEP_BUDGET: u32 = 4096;
 /// With `splice(2)`, steps one direction may take in a row before yielding to others.
 const SYSCALL_STEPS: u32 = 16;
@@ -800,7 +801,8 @@ impl Tcp {
     }
 
     /// Closes relaying connections idle for their service's `idle_timeout`, and those whose
-    /// unread side's peer is gone, looking at no more than [`SWEEP_BUDGET`] connections;
+    /// unread side's peer is gone, looking at [`SWEEP_BUDGET`] connection slots, or an eighth
+    /// of them when that is more;
     /// re-arms listeners that backed off.
     ///
     /// Why the second: once a direction has finished (its source sent a FIN), or while it
@@ -816,9 +818,10 @@ impl Tcp {
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
         let (services, now) = (&self.services, ctx.now);
+        let budget = self.conns.sweep_budget(SWEEP_BUDGET);
         let due = self
             .conns
-            .sweep_due(&mut self.sweep_cursor, SWEEP_BUDGET, |conn| {
+            .sweep_due(&mut self.sweep_cursor, budget, |conn| {
                 sweep_verdict(conn, &services[conn.service], now)
             });
         for (index, generation, how) in due {

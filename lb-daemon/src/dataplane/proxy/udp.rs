@@ -62,7 +62,8 @@ fn completed(in_flight: &mut u8, c: &Completion) -> bool {
 
 /// Datagrams read from one socket per completion before yielding.
 const READ_BUDGET: usize = 256;
-/// Sessions examined per sweep tick.
+/// Sessions examined per sweep tick at least (more in a slab past eight times this, see
+/// `Slab::sweep_budget`).
 const SWEEP_BUDGET: u32 = 4096;
 /// How long a session waits for its backend's replies once the sockets were handed to a new
 /// daemon (which reads the clients' datagrams now).
@@ -827,7 +828,8 @@ impl Udp {
     }
 
     /// Ends sessions idle for their service's `idle_timeout` (after a hand-over, for at most
-    /// [`HANDED_OVER_IDLE`]), looking at no more than [`SWEEP_BUDGET`] sessions.
+    /// [`HANDED_OVER_IDLE`]), looking at [`SWEEP_BUDGET`] session slots, or an eighth of
+    /// them when that is more.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.refusals.prune(ctx.now);
         let (services, vips, now) = (&self.services, &self.vips, ctx.now);
@@ -842,9 +844,10 @@ impl Udp {
         } else {
             Duration::MAX
         };
+        let budget = self.sessions.sweep_budget(SWEEP_BUDGET);
         let idle = self
             .sessions
-            .sweep_due(&mut self.sweep_cursor, SWEEP_BUDGET, |s| {
+            .sweep_due(&mut self.sweep_cursor, budget, |s| {
                 let limit = services[vips[s.vip].service].idle_timeout.min(cap);
                 let idle =
                     s.closing.is_none() && now.saturating_duration_since(s.last_active) >= limit;

@@ -57,8 +57,10 @@ const AFTER_DEADLINE: Duration = Duration::from_secs(5);
 /// Consecutive `io_uring_enter` failures after which the worker gives up.
 const MAX_ENTER_FAILURES: u32 = 100;
 
-/// The sweep period: an eighth of the shortest idle timeout, within 10 ms..1 s, so a flow is
-/// closed at most ~12% late (or 1 s for long timeouts).
+/// The sweep period: an eighth of the shortest idle timeout, within 10 ms..1 s. A flow is
+/// closed one period late at most (~12%, or 1 s for long timeouts) while its slab holds
+/// 4,096 slots or fewer, else within as many periods as it takes to reach it (at most
+/// eight: `Slab::sweep_budget`).
 fn sweep_period<'a>(services: impl Iterator<Item = &'a ServiceInfo>) -> Duration {
     services
         .map(|s| s.idle_timeout / 8)
