@@ -171,7 +171,7 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     } else {
         &service.local_addr
     };
-    match fib::lookup(
+    if let Err(stat) = fib::lookup(
         ctx,
         p.family,
         protocol,
@@ -180,17 +180,17 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
         p.ip_len.wrapping_add(outer_hdr),
         now_ns,
     ) {
-        Err(Stat::DropMtu) => {
-            // No SNAT port, no conntrack entry yet: only a fresh flow's connection slot to
-            // give back. (On the other errors the daemon's sweep finds the slot unused.)
-            if placed.fresh {
-                limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
-            }
-            let action = too_big::answer(ctx, p, outer_hdr)?;
-            stats::increment(Stat::TooBigSent);
-            return Ok(action);
+        // No SNAT port, no conntrack entry yet: a fresh flow's connection slot goes back, or
+        // each resent SYN of a client whose backend has no route would take one more.
+        if placed.fresh {
+            limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
         }
-        other => other?,
+        if stat != Stat::DropMtu {
+            return Err(stat);
+        }
+        let action = too_big::answer(ctx, p, outer_hdr)?;
+        stats::increment(Stat::TooBigSent);
+        return Ok(action);
     }
 
     let out = if nat {

@@ -142,6 +142,45 @@ fn a_segment_without_ack_is_reset_acknowledging_its_length_and_a_bad_data_offset
     );
 }
 
+/// A new flow whose backend has no route takes no connection slot: its SYN is dropped for the
+/// route and the client resends it, and each resent SYN would otherwise count once more until
+/// the client is refused (here at once: a limit of 1).
+#[test]
+fn a_syn_dropped_for_want_of_a_route_gives_its_connection_slot_back() {
+    let Some(mut lab) = setup("limits_no_route") else {
+        return;
+    };
+    limited(
+        &mut lab,
+        0,
+        Limits {
+            max_connections: 1,
+            ..Limits::default()
+        },
+    );
+    let blackhole = ["route", "add", "blackhole", &format!("{B1_4}/32")];
+    lab.ns.ip(&blackhole).expect("a blackhole route to b1");
+    for what in ["a SYN", "the same SYN resent"] {
+        lab.expect(lab.vc, &tcp(CLIENT4, 42200, TCP_SYN), XDP_DROP, what);
+        assert_eq!(
+            connections(&lab, CLIENT4),
+            0,
+            "{what}, dropped for want of a route, holds a connection slot"
+        );
+    }
+    assert_eq!(lab.stat(Stat::DropNoRoute), 2);
+    lab.ns
+        .ip(&["route", "del", "blackhole", &format!("{B1_4}/32")])
+        .expect("remove the blackhole route");
+    lab.expect(
+        lab.vc,
+        &tcp(CLIENT4, 42200, TCP_SYN),
+        XDP_REDIRECT,
+        "the SYN once the route is back",
+    );
+    assert_eq!(connections(&lab, CLIENT4), 1);
+}
+
 /// A counted flow the balancer ends with a RST (its backend went down and its segment
 /// cannot be carried on another: NAT) gives its client's slot back, as its FIN would have:
 /// the client will send no FIN or RST of its own to free it.
