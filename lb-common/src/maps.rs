@@ -382,10 +382,11 @@
 //! Every other ICMP message passes untouched, among them errors about `dsr` replies (they
 //! never passed the balancer).
 //!
-//! A `dsr` packet that would not fit the backend link's MTU once encapsulated (the route's
-//! MTU, found by the lookup that forwards it) is answered instead of dropped: IPv4 with DF gets
+//! A client's packet that would not fit the backend link's MTU (`nat`: as it is; `dsr`: once
+//! encapsulated; the route's MTU, found by the lookup that forwards it, made before the
+//! packet takes a SNAT port or is encapsulated) is answered instead of dropped: IPv4 with DF gets
 //! an ICMP "fragmentation needed", IPv6 an ICMPv6 "packet too big", from the VIP to the client,
-//! announcing the MTU less the outer header and quoting the packet's start (IPv4: 128 bytes,
+//! announcing the MTU (less the outer header) and quoting the packet's start (IPv4: 128 bytes,
 //! IPv6: 512), so the client lowers its path MTU and resends (RFC 1191, RFC 8201), as Katran
 //! does. At most [`TOO_BIG_PER_SECOND`] a second per CPU
 //! ([`Stat::TooBigSent`](crate::Stat::TooBigSent)); the rest, and IPv4 packets without DF
@@ -849,8 +850,8 @@ pub const fn slot_expired(idle: u32, timeout_s: u32) -> bool {
 /// minimum link MTU, which IPv4 paths of today carry too.
 pub const MIN_REPLY_PATH_MTU: u32 = 1280;
 
-/// Per CPU and second, the most ICMP "fragmentation needed" / "packet too big" answers to DSR
-/// packets too big for the backend link ([`Stat::TooBigSent`](crate::Stat::TooBigSent)); the
+/// Per CPU and second, the most ICMP "fragmentation needed" / "packet too big" answers to
+/// client packets too big for the backend link ([`Stat::TooBigSent`](crate::Stat::TooBigSent)); the
 /// rest are dropped and counted as [`Stat::DropMtu`](crate::Stat::DropMtu). The same order as
 /// Linux's own ICMP rate limit (`net.ipv4.icmp_msgs_per_sec`, 1000 by default).
 pub const TOO_BIG_PER_SECOND: u32 = 1000;

@@ -5,8 +5,8 @@
 //! `lib/bpf`: `frame` (what differs between the XDP and the tc hook), `parse` (headers and the
 //! pass rule), `maps` (declarations), `conntrack` (placement), `limits` (per-client limits on
 //! new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about
-//! NAT'ed flows, both directions), `encap` (DSR), `too_big` (the answer to a DSR packet that
-//! would not fit), `csum`, `fib` (next hop), `stats`, and `balancer`, which strings them
+//! NAT'ed flows, both directions), `encap` (DSR), `too_big` (the answer to a client's packet
+//! that would not fit the backend link), `csum`, `fib` (next hop), `stats`, and `balancer`, which strings them
 //! together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]

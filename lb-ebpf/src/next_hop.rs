@@ -14,7 +14,7 @@
 //! What this costs, for up to [`NEXT_HOP_TTL_NS`] after a change of routes, neighbours, MTUs,
 //! interfaces or `forwarding`, on each CPU: packets follow the old answer. Those the kernel
 //! would now refuse (a shrunk MTU, a neighbour gone, an egress interface deleted or down) are
-//! counted as forwarded and lost further on, and a DSR client gets no "too big" answer in that
+//! counted as forwarded and lost further on, and the client gets no "too big" answer in that
 //! window. A neighbour the kernel would mark stale is not confirmed by forwarded traffic
 //! either way (`bpf_fib_lookup` does not do it).
 //!

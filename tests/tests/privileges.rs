@@ -278,7 +278,11 @@ fn proxy_workers_run_at_worker_priority_also_after_an_upgrade_in_place() {
         own,
         "the daemon an upgrade in place started",
     );
-    assert_lowered_to(pid, mask(&[]), "the daemon an upgrade in place started");
+    assert_lowered_to(
+        pid,
+        mask(&[CAP_SYS_RESOURCE]),
+        "the daemon an upgrade in place started",
+    );
     drop(new);
 
     let toml = DaemonConfig::new()

@@ -165,9 +165,10 @@ impl ServiceRuntime {
     pub fn update(&self, config: Service) {
         let mut st = lock(&self.state);
         let now = Instant::now();
-        // The checks send the service's PROXY protocol header too.
-        let health_changed =
-            st.config.health != config.health || st.config.proxy_protocol != config.proxy_protocol;
+        // Active checks send the service's PROXY protocol header too.
+        let health_changed = st.config.health != config.health
+            || (st.config.proxy_protocol != config.proxy_protocol
+                && config.health.kind != CheckKind::None);
         let discovery_changed = st.config.discovered != config.discovered
             || st.config.resolve_interval != config.resolve_interval;
         let slow_start_changed = st.config.slow_start != config.slow_start;
