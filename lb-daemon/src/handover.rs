@@ -58,6 +58,12 @@ pub const MAX_SOCKETS: usize = 65_536;
 const MAX_OFFER: usize = 16 << 20;
 /// How long the new daemon waits for the whole offer, its descriptors included.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the old daemon waits for a peer's `TAKE`, and for each send of its offer: a
+/// peer that connects and says nothing, or stops reading, would otherwise hold the
+/// hand-over socket (served one peer at a time) and no upgrade could take over until the
+/// daemon restarts. `READY` has no limit: the new daemon sends it once it has started its
+/// services, however long that takes.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the hand-over did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -473,13 +479,19 @@ pub fn serve_handover(
     let shown = path.to_path_buf();
     std::thread::Builder::new()
         .name("lb-handover".into())
-        .spawn(move || serve(listener, &shown, offer, on_ready))
+        .spawn(move || serve(listener, &shown, offer, on_ready, REQUEST_TIMEOUT))
         .map_err(io_err)?;
     info!("upgrade: hand-over socket at {}", path.display());
     Ok(())
 }
 
-fn serve(listener: UnixListener, path: &Path, offer: impl Fn() -> Handing, on_ready: impl Fn()) {
+fn serve(
+    listener: UnixListener,
+    path: &Path,
+    offer: impl Fn() -> Handing,
+    on_ready: impl Fn(),
+    request_timeout: Duration,
+) {
     for conn in listener.incoming() {
         let mut stream = match conn {
             Ok(s) => s,
@@ -488,7 +500,7 @@ fn serve(listener: UnixListener, path: &Path, offer: impl Fn() -> Handing, on_re
                 continue;
             }
         };
-        match exchange(&mut stream, &offer) {
+        match exchange(&mut stream, &offer, request_timeout) {
             Ok(true) => {
                 info!("upgrade: the new daemon is ready; this one stops accepting and drains");
                 on_ready();
@@ -557,7 +569,7 @@ pub fn spawn_successor(
     );
     std::thread::Builder::new()
         .name("lb-successor".into())
-        .spawn(move || match exchange(&mut ours, &offer) {
+        .spawn(move || match exchange(&mut ours, &offer, REQUEST_TIMEOUT) {
             Ok(true) => {
                 info!("upgrade: the new daemon (pid {pid}) is ready; this one stops accepting and drains");
                 on_end(Some(pid));
@@ -579,8 +591,15 @@ pub fn spawn_successor(
 }
 
 /// One hand-over: `TAKE`, the offer, then `READY` (`Ok(true)`) or the end of the stream
-/// (`Ok(false)`).
-fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result<bool> {
+/// (`Ok(false)`). `TAKE` and each send of the offer may take `request_timeout` at most
+/// (`Err` of kind `WouldBlock` / `TimedOut` past it); `READY` is waited for without limit.
+fn exchange(
+    stream: &mut UnixStream,
+    offer: &impl Fn() -> Handing,
+    request_timeout: Duration,
+) -> io::Result<bool> {
+    stream.set_read_timeout(Some(request_timeout))?;
+    stream.set_write_timeout(Some(request_timeout))?;
     let mut word = [0u8; 5];
     stream.read_exact(&mut word)?;
     if &word != b"TAKE\n" {
@@ -619,6 +638,7 @@ fn exchange(stream: &mut UnixStream, offer: &impl Fn() -> Handing) -> io::Result
         send_with_fds(stream, &(chunk.len() as u32).to_be_bytes(), chunk)?;
     }
     info!("upgrade: handed {} socket(s) to the new daemon", fds.len());
+    stream.set_read_timeout(None)?;
     let mut ready = [0u8; 6];
     match stream.read_exact(&mut ready) {
         Ok(()) if &ready == b"READY\n" => Ok(true),
@@ -716,6 +736,33 @@ mod tests {
             .expect("the old side saw READY");
     }
 
+    /// A peer that connects and says nothing holds the hand-over socket for the request
+    /// timeout only: the new daemon that comes next takes over.
+    #[test]
+    fn a_silent_peer_does_not_keep_the_next_one_from_taking_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("upgrade.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let serving = path.clone();
+        std::thread::spawn(move || {
+            serve(
+                listener,
+                &serving,
+                Handing::default,
+                move || ready_tx.send(()).expect("ready"),
+                Duration::from_millis(200),
+            )
+        });
+        let _silent = UnixStream::connect(&path).expect("the silent peer connects");
+        let (inherited, taken) = take_over(&path).expect("the next peer takes over");
+        assert_eq!(inherited.len(), 0);
+        taken.ready().expect("ready sent");
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the old side saw READY from the peer after the silent one");
+    }
+
     /// `n` UDP sockets on 127.0.0.1 (each on a port of its own), described as worker `i`'s.
     /// Raises this process's open file limit to its hard limit first: two such tests at
     /// once hold over a thousand descriptors (each socket twice), past a soft limit of 1024.
@@ -749,10 +796,14 @@ mod tests {
         let (mut old, new) = UnixStream::pair().expect("socket pair");
         let offered = Mutex::new(Some(sockets));
         let old_side = std::thread::spawn(move || {
-            exchange(&mut old, &|| Handing {
-                sockets: offered.lock().expect("lock").take().expect("offered once"),
-                ..Handing::default()
-            })
+            exchange(
+                &mut old,
+                &|| Handing {
+                    sockets: offered.lock().expect("lock").take().expect("offered once"),
+                    ..Handing::default()
+                },
+                REQUEST_TIMEOUT,
+            )
         });
         let (inherited, taken) =
             take_over_on(new, Path::new("pair")).expect("the new daemon takes 300 sockets");
