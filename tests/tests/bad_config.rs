@@ -361,6 +361,36 @@ address = "127.0.0.1:19001"
         field: Some("service[0].health.path"),
     },
     Case {
+        what: "an HTTP check Host with a space (it would split the header)",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[service.health]
+kind = "http"
+host = "app example"   # <-
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("service[0].health.host"),
+    },
+    Case {
+        what: "a Host for a TCP check",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[service.health]
+kind = "tcp"
+host = "app.example"   # <-
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("service[0].health.host"),
+    },
+    Case {
         what: "a duration of 10^12 seconds (would overflow the timers' clock arithmetic)",
         toml: r#"
 [[service]]

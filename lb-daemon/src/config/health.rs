@@ -97,6 +97,11 @@ impl Validator<'_> {
                 RawCheckKind::Http,
             ),
             (
+                "host",
+                raw.host.as_ref().map(Spanned::span),
+                RawCheckKind::Http,
+            ),
+            (
                 "send",
                 raw.send.as_ref().map(Spanned::span),
                 RawCheckKind::Udp,
@@ -197,7 +202,8 @@ impl Validator<'_> {
     }
 
     /// An `http` check's `path` (starts with `/`, default `/`), then `expect_status` (an
-    /// HTTP status, default 200).
+    /// HTTP status, default 200), then `host` (the `Host` header's value, printable ASCII
+    /// without spaces, default the backend's address).
     fn http_check(&self, i: usize, raw: RawHealth) -> Result<CheckKind, ConfigError> {
         let f = |k: &str| format!("service[{i}].health.{k}");
         let path = match raw.path {
@@ -222,9 +228,26 @@ impl Validator<'_> {
                 ))
             }
         };
+        let host = match raw.host {
+            None => None,
+            Some(h)
+                if !h.get_ref().is_empty() && h.get_ref().bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Some(h.into_inner())
+            }
+            Some(h) => return Err(self.invalid(
+                h.span(),
+                f("host"),
+                format!(
+                    "{:?} is not a host name: printable ASCII without spaces, e.g. \"app.example\"",
+                    h.get_ref()
+                ),
+            )),
+        };
         Ok(CheckKind::Http {
             path,
             expect_status,
+            host,
         })
     }
 }

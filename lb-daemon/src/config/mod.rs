@@ -435,6 +435,9 @@ pub enum CheckKind {
         path: String,
         /// The status code that counts as healthy.
         expect_status: u16,
+        /// The `Host` header's value (`host`): for a backend that serves by name (an
+        /// ingress, name-based virtual hosts). `None`: the backend's address and port.
+        host: Option<String>,
     },
     /// Sends `send` in one datagram and expects any datagram back (or one that starts with
     /// `expect`, if set); an ICMP port unreachable fails it at once.

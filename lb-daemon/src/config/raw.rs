@@ -132,6 +132,7 @@ pub(super) struct RawHealth {
     pub(super) passive_timeout: Option<Spanned<Duration>>,
     pub(super) path: Option<Spanned<String>>,
     pub(super) expect_status: Option<Spanned<u16>>,
+    pub(super) host: Option<Spanned<String>>,
     pub(super) send: Option<Spanned<String>>,
     pub(super) expect: Option<Spanned<String>>,
 }

@@ -13,7 +13,8 @@ const MAX_STATUS_LINE: usize = 8 * 1024;
 
 /// Passes when `GET path HTTP/1.1` to `target` is answered with status `expect_status`.
 ///
-/// The request carries `Host: <target>`, `Connection: close` and `User-Agent: lb-health`;
+/// The request carries `Host: <host>` (`<target>` when `host` is `None`), `Connection:
+/// close` and `User-Agent: lb-health`;
 /// bytes of `path` that may not appear in a request line (space, controls, non-ASCII) are
 /// percent-encoded. `header` (a PROXY protocol header, see [`super::check_behind`]), when
 /// there is one, goes first, in the same write. Only the final status line is read (interim
@@ -26,12 +27,14 @@ pub(super) async fn check(
     target: SocketAddr,
     header: Option<&[u8]>,
     path: &str,
+    host: Option<&str>,
     expect_status: u16,
 ) -> Result<(), CheckError> {
     let mut stream = TcpStream::connect(target).await?;
     // SocketAddr's Display brackets IPv6 addresses, as a Host header needs.
+    let host = host.map_or_else(|| target.to_string(), str::to_string);
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\nUser-Agent: lb-health\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: lb-health\r\n\r\n",
         request_target(path)
     );
     let mut bytes = header.unwrap_or_default().to_vec();
@@ -153,6 +156,7 @@ mod tests {
         CheckKind::Http {
             path: path.into(),
             expect_status,
+            host: None,
         }
     }
 
@@ -232,6 +236,22 @@ mod tests {
                 want: 200
             }),
             "the final status is the one judged"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_check_sends_the_configured_host() {
+        let (addr, request) = server("HTTP/1.1 200 OK\r\n\r\n").await;
+        let kind = CheckKind::Http {
+            path: "/".into(),
+            expect_status: 200,
+            host: Some("app.example".into()),
+        };
+        assert_eq!(check(addr, &kind, TIMEOUT).await, Ok(()));
+        let request = request.await.expect("the server saw no request");
+        assert!(
+            request.contains("\r\nHost: app.example\r\n"),
+            "the request must carry the configured Host: {request:?}"
         );
     }
 

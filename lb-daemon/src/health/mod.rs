@@ -453,7 +453,8 @@ pub async fn check_behind(
             CheckKind::Http {
                 path,
                 expect_status,
-            } => http::check(target, header, path, *expect_status).await,
+                host,
+            } => http::check(target, header, path, host.as_deref(), *expect_status).await,
             CheckKind::Udp { send, expect } => {
                 udp::check(target, header, send, expect.as_deref()).await
             }
