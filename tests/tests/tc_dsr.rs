@@ -63,12 +63,7 @@ fn an_upload_over_a_1500_byte_backend_link_arrives_intact() {
     }
     let world = lb_tests::xdp::world::World::start(PATH, 1, 1);
     let t = &world.topology;
-    t.balancer
-        .ip(&["link", "set", "l1", "mtu", "1500"])
-        .expect("MTU of the balancer's backend veth");
-    t.backends[0]
-        .ip(&["link", "set", "b0", "mtu", "1500"])
-        .expect("MTU of the backend's veth");
+    t.set_backend_link_mtu(0, 1500);
     const LEN: u64 = 10 * 1024 * 1024;
     let vip = lb_tests::xdp::Topology::vip(lb_tests::xdp::world::BULK);
     let receipt = world
@@ -188,12 +183,7 @@ fn fragmentation_needed_built_from_a_partial_checksum_packet_survives_a_checksum
     }
     let world = lb_tests::xdp::world::World::start(PATH, 1, 1);
     let t = &world.topology;
-    t.balancer
-        .ip(&["link", "set", "l1", "mtu", "1500"])
-        .expect("MTU of the balancer's backend veth");
-    t.backends[0]
-        .ip(&["link", "set", "b0", "mtu", "1500"])
-        .expect("MTU of the backend's veth");
+    t.set_backend_link_mtu(0, 1500);
     lb_tests::xdp::disable_tx_checksum(&t.balancer, "l0").expect("tx checksum offload off on l0");
     let vip = lb_tests::xdp::Topology::vip(lb_tests::xdp::world::DNS);
     let mtu = world

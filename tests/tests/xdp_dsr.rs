@@ -62,12 +62,7 @@ fn an_upload_over_a_1500_byte_backend_link_adapts_its_path_mtu_and_arrives_intac
     }
     let world = lb_tests::xdp::world::World::start(PATH, 1, 1);
     let t = &world.topology;
-    t.balancer
-        .ip(&["link", "set", "l1", "mtu", "1500"])
-        .expect("MTU of the balancer's backend veth");
-    t.backends[0]
-        .ip(&["link", "set", "b0", "mtu", "1500"])
-        .expect("MTU of the backend's veth");
+    t.set_backend_link_mtu(0, 1500);
     const LEN: u64 = 10 * 1024 * 1024;
     let vip = lb_tests::xdp::Topology::vip(lb_tests::xdp::world::BULK);
     let receipt = world

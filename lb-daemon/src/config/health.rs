@@ -235,14 +235,16 @@ impl Validator<'_> {
             {
                 Some(h.into_inner())
             }
-            Some(h) => return Err(self.invalid(
-                h.span(),
-                f("host"),
-                format!(
+            Some(h) => {
+                return Err(self.invalid(
+                    h.span(),
+                    f("host"),
+                    format!(
                     "{:?} is not a host name: printable ASCII without spaces, e.g. \"app.example\"",
                     h.get_ref()
                 ),
-            )),
+                ))
+            }
         };
         Ok(CheckKind::Http {
             path,

@@ -564,6 +564,18 @@ mod tests {
     use tokio::net::{TcpListener, TcpSocket};
     use tokio::sync::mpsc;
 
+    /// A `tcp` check every `interval`, each within `timeout`, `rise` 2 and `fall` as given.
+    fn tcp_check(interval: Duration, timeout: Duration, fall: u32) -> HealthCheck {
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            interval,
+            timeout,
+            rise: 2,
+            fall,
+            passive_timeout: Duration::from_secs(10),
+        }
+    }
+
     fn at(t0: Instant, secs: u64) -> Instant {
         t0 + Duration::from_secs(secs)
     }
@@ -993,14 +1005,7 @@ mod tests {
         let on_transition: Arc<dyn Fn(&Transition) + Send + Sync> = Arc::new(move |t| {
             let _ = tx.send(t.clone());
         });
-        let check = HealthCheck {
-            kind: CheckKind::Tcp,
-            interval: INTERVAL,
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            passive_timeout: Duration::from_secs(10),
-        };
+        let check = tcp_check(INTERVAL, Duration::from_secs(1), 3);
         let monitor = tokio::spawn(monitor(
             addr,
             check,
@@ -1069,14 +1074,7 @@ mod tests {
         let mut fresh = HealthState::new(2, 1, Instant::now());
         fresh.watched_by(2);
         let state = Arc::new(Mutex::new(fresh));
-        let check = HealthCheck {
-            kind: CheckKind::Tcp,
-            interval: Duration::from_millis(10),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 1,
-            passive_timeout: Duration::from_secs(10),
-        };
+        let check = tcp_check(Duration::from_millis(10), Duration::from_secs(1), 1);
         // Nothing listens on port 9 of loopback: a recorded check would take it DOWN.
         let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
         tokio::time::timeout(
@@ -1105,14 +1103,7 @@ mod tests {
         const PERIOD: Duration = Duration::from_secs(1);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("listener address");
-        let check = HealthCheck {
-            kind: CheckKind::Tcp,
-            interval: PERIOD,
-            timeout: Duration::from_millis(500),
-            rise: 2,
-            fall: 3,
-            passive_timeout: Duration::from_secs(10),
-        };
+        let check = tcp_check(PERIOD, Duration::from_millis(500), 3);
         let started = Instant::now();
         let monitors: Vec<_> = (1..=CHECKERS)
             .map(|id| {
@@ -1152,11 +1143,7 @@ mod tests {
         let state = Arc::new(Mutex::new(HealthState::new(2, 3, Instant::now())));
         let check = HealthCheck {
             kind: CheckKind::None,
-            interval: Duration::from_millis(50),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            passive_timeout: Duration::from_secs(10),
+            ..tcp_check(Duration::from_millis(50), Duration::from_secs(1), 3)
         };
         let addr: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
         tokio::time::timeout(

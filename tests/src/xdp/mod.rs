@@ -253,12 +253,7 @@ impl Topology {
                 // The IPIP header adds 20 bytes to a full-size client packet: with the room
                 // on the balancer-to-backend link no client needs a "fragmentation needed"
                 // round trip (xdp_dsr.rs has a test over a 1500-byte link without it).
-                let mtu = DSR_BACKEND_MTU.to_string();
-                balancer
-                    .ip(&["link", "set", &backend_interface(i), "mtu", &mtu])
-                    .expect("MTU of the balancer's backend veth");
-                ns.ip(&["link", "set", "b0", "mtu", &mtu])
-                    .expect("MTU of the backend's veth");
+                set_link_mtu(&balancer, &ns, &backend_interface(i), DSR_BACKEND_MTU);
             }
             backends.push(ns);
         }
@@ -291,6 +286,17 @@ impl Topology {
             balancer,
             backends,
         }
+    }
+
+    /// Sets the MTU of backend `i`'s link (index 0 is backend 1), both ends: the balancer's
+    /// veth towards it and the backend's `b0`. Panics with the failing step.
+    pub fn set_backend_link_mtu(&self, i: usize, mtu: u32) {
+        set_link_mtu(
+            &self.balancer,
+            &self.backends[i],
+            &backend_interface(i + 1),
+            mtu,
+        );
     }
 
     /// The `[[service]]` eBPF keys for this topology: `dataplane` (its plane), `interface =
@@ -368,4 +374,16 @@ impl Drop for Topology {
         // namespaces, whose deletion removes the veths.
         self.decaps.clear();
     }
+}
+
+/// Sets the MTU of the link between the balancer's `interface` and the backend namespace
+/// `backend`'s `b0`, both ends. Panics with the failing step.
+fn set_link_mtu(balancer: &Netns, backend: &Netns, interface: &str, mtu: u32) {
+    let mtu = mtu.to_string();
+    balancer
+        .ip(&["link", "set", interface, "mtu", &mtu])
+        .expect("MTU of the balancer's backend veth");
+    backend
+        .ip(&["link", "set", "b0", "mtu", &mtu])
+        .expect("MTU of the backend's veth");
 }

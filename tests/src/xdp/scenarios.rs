@@ -407,13 +407,7 @@ const SMALL_MTU: i32 = 1400;
 pub fn nat_packet_too_big(path: Path) {
     let world = World::start(path, 1, 1);
     let t = &world.topology;
-    let mtu = SMALL_MTU.to_string();
-    t.balancer
-        .ip(&["link", "set", "l1", "mtu", &mtu])
-        .expect("MTU of the balancer's backend veth");
-    t.backends[0]
-        .ip(&["link", "set", "b0", "mtu", &mtu])
-        .expect("MTU of the backend's veth");
+    t.set_backend_link_mtu(0, SMALL_MTU as u32);
     super::disable_tx_checksum(&t.balancer, "l0").expect("tx checksum offload off on l0");
     let vip = Topology::vip(DNS);
     let learnt = world
