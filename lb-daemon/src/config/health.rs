@@ -228,22 +228,17 @@ impl Validator<'_> {
                 ))
             }
         };
+        // A header value: no space or control byte may split or end it.
+        let is_host = |h: &str| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic());
         let host = match raw.host {
             None => None,
-            Some(h)
-                if !h.get_ref().is_empty() && h.get_ref().bytes().all(|b| b.is_ascii_graphic()) =>
-            {
-                Some(h.into_inner())
-            }
+            Some(h) if is_host(h.get_ref()) => Some(h.into_inner()),
             Some(h) => {
-                return Err(self.invalid(
-                    h.span(),
-                    f("host"),
-                    format!(
+                let why = format!(
                     "{:?} is not a host name: printable ASCII without spaces, e.g. \"app.example\"",
                     h.get_ref()
-                ),
-                ))
+                );
+                return Err(self.invalid(h.span(), f("host"), why));
             }
         };
         Ok(CheckKind::Http {
