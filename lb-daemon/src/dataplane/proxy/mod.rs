@@ -36,6 +36,7 @@ use crate::snapshot::SharedSnapshot;
 mod access;
 mod admission;
 mod ctx;
+mod flush;
 mod limits;
 mod listener;
 mod proxy_header;

@@ -237,6 +237,19 @@ pub(super) fn accept_now(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     }
 }
 
+/// Bytes written to TCP socket `fd` that its peer has not acknowledged yet, sent or not
+/// (`SIOCOUTQ`); 0 when the kernel cannot say.
+pub(super) fn unacknowledged(fd: BorrowedFd<'_>) -> u32 {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `SIOCOUTQ` (`TIOCOUTQ`) writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 {
+        u32::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// Makes closing `fd` send a reset instead of a FIN (`SO_LINGER` 0).
 pub(super) fn set_reset_on_close(fd: &OwnedFd) {
     let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));

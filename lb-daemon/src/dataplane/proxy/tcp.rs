@@ -23,6 +23,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 use super::access::{self, End};
 use super::admission::admit_or_refuse;
 use super::ctx::Ctx;
+use super::flush::Flushing;
 use super::limits::Admission;
 use super::listener::Listeners;
 use super::proxy_header::{self, Transport};
@@ -108,6 +109,11 @@ pub(super) struct Tcp {
     conns: Slab<Conn>,
     pipes: PipePool,
     sweep_cursor: u32,
+    /// When the last sweep ran (when the worker started, before the first).
+    last_sweep: Instant,
+    /// Sockets of connections a peer reset, waiting for their send queues (see
+    /// [`super::flush`]).
+    flushing: Flushing,
     /// Per service: "no backend" warnings.
     no_backend_log: Vec<LogLimit>,
     /// Local resource shortages (sockets, pipes, accept).
@@ -163,8 +169,13 @@ fn proxy_header_for(
 /// How the sweep ends `conn` of `service` at `now`, if it does: [`End::Reset`] when the
 /// peer of a socket nothing watches is gone (see [`Tcp::sweep`]), [`End::Stalled`] or
 /// [`End::Idle`] after `idle_timeout` without traffic. Connections still connecting or
-/// already closing are left alone.
-fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End> {
+/// already closing are left alone. `last_sweep`: when the previous sweep ran.
+fn sweep_verdict(
+    conn: &Conn,
+    service: &ServiceInfo,
+    now: Instant,
+    last_sweep: Instant,
+) -> Option<End> {
     let Phase::Relaying(r) = &conn.phase else {
         return None;
     };
@@ -175,13 +186,20 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
     // it writes to it (a poll for room, a splice: either reports an error or hang-up). One
     // the relay sent its FIN to shows a hang-up at the peer's own FIN too, a clean close:
     // there only an error (a reset) tells that the peer is gone.
+    //
+    // A direction that still delivers what it read from a gone peer, to a destination that
+    // took bytes since the last sweep, is let be: it reads the socket again once done and
+    // meets the reset there, after the gone peer's last bytes, as a direct connection would
+    // show them. Against a destination that stopped taking them, waiting would only hold
+    // both sides until the idle timeout.
+    let delivering = |way: &Direction| way.writing() && conn.last_active >= last_sweep;
     let (to_backend, to_client) = (&r.ways[TO_BACKEND], &r.ways[TO_CLIENT]);
     let sockets = [
         (conn.client.as_fd(), to_backend, to_client),
         (r.backend.as_fd(), to_client, to_backend),
     ];
     let gone = sockets.into_iter().any(|(fd, from, to)| {
-        !from.reading() && !to.writing() && sys::peer_gone(fd, to.finished())
+        !from.reading() && !delivering(from) && !to.writing() && sys::peer_gone(fd, to.finished())
     });
     if gone {
         tracing::debug!(
@@ -209,6 +227,20 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
         conn.client_addr
     );
     Some(how)
+}
+
+/// Closes `socket` of a connection that ended with `end`: with a FIN when the end is
+/// graceful, else with a reset; after a peer's reset ([`End::Reset`]), once the socket's peer
+/// has what the proxy wrote to it ([`Flushing`]).
+fn close_socket(flushing: &mut Flushing, socket: OwnedFd, end: End, now: Instant) {
+    if end.graceful() {
+        drop(socket);
+    } else if end == End::Reset {
+        flushing.reset_after_queue(socket, now);
+    } else {
+        sys::set_reset_on_close(&socket);
+        drop(socket);
+    }
 }
 
 /// Records a failed connect attempt of connection `a` to `service` (`result`: the
@@ -258,6 +290,8 @@ impl Tcp {
             conns: Slab::new(),
             pipes: PipePool::new(fd_share),
             sweep_cursor: 0,
+            last_sweep: Instant::now(),
+            flushing: Flushing::default(),
             no_backend_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),
             accepted_now: Vec::new(),
@@ -324,9 +358,10 @@ impl Tcp {
         self.conns.len() as u64
     }
 
-    /// Whether the drain is over: listeners closed, no connection left.
+    /// Whether the drain is over: listeners closed, no connection left, no socket waiting
+    /// for its send queue.
     pub(super) fn is_done(&self) -> bool {
-        self.conns.is_empty() && self.listeners.all_closed()
+        self.conns.is_empty() && self.listeners.all_closed() && self.flushing.len() == 0
     }
 
     /// A multishot accept completed: a new client socket, or an error.
@@ -762,17 +797,12 @@ impl Tcp {
             return;
         };
         let end = conn.closing.unwrap_or(End::Error);
-        let reset = !end.graceful();
-        if reset {
-            sys::set_reset_on_close(&conn.client);
-        }
+        close_socket(&mut self.flushing, conn.client, end, ctx.now);
         let info = &self.services[conn.service];
         info.clients.release(conn.admission);
         let (backend, bytes) = match conn.phase {
             Phase::Relaying(r) => {
-                if reset {
-                    sys::set_reset_on_close(&r.backend);
-                }
+                close_socket(&mut self.flushing, r.backend, end, ctx.now);
                 r.stats.closed();
                 let [p0, p1] = r.pipes;
                 self.pipes.give(p0);
@@ -817,12 +847,14 @@ impl Tcp {
     /// operation in flight per direction.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
-        let (services, now) = (&self.services, ctx.now);
+        let (services, now, last_sweep) = (&self.services, ctx.now, self.last_sweep);
+        self.last_sweep = now;
+        self.flushing.sweep(now);
         let budget = self.conns.sweep_budget(SWEEP_BUDGET);
         let due = self
             .conns
             .sweep_due(&mut self.sweep_cursor, budget, |conn| {
-                sweep_verdict(conn, &services[conn.service], now)
+                sweep_verdict(conn, &services[conn.service], now, last_sweep)
             });
         for (index, generation, how) in due {
             if how == End::Reset {
@@ -841,6 +873,7 @@ impl Tcp {
     /// The drain deadline passed: resets every connection not already closing. Returns how
     /// many.
     pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
+        self.flushing.reset_all();
         let due = self.conns.keys_where(|c| c.closing.is_none());
         self.close_all(ctx, &due, End::DrainCut)
     }
@@ -864,6 +897,7 @@ impl Tcp {
             self.finish(ctx, index, generation);
         }
         self.listeners.close_all();
+        self.flushing.reset_all();
         keys.len() as u64
     }
 }
