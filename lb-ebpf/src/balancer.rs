@@ -329,6 +329,25 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     }
     let now_ns = clock::now_ns();
     let r = nat::reverse(&p.key, p.tcp_flags, ct_seconds(now_ns)).ok_or(Stat::PassNotVip)??;
+    // The route first: a reply too big for the client's link is answered to the backend
+    // while it is still the backend's packet (the answer quotes it, and the backend's
+    // kernel finds its socket by it), as a client's packet too big for the backend link is.
+    if let Err(stat) = fib::lookup(
+        ctx,
+        p.family,
+        p.key.protocol,
+        &r.vip_addr,
+        &r.client_addr,
+        p.ip_len,
+        now_ns,
+    ) {
+        if stat != Stat::DropMtu {
+            return Err(stat);
+        }
+        let action = too_big::answer(ctx, p, 0)?;
+        stats::increment(Stat::TooBigSent);
+        return Ok(action);
+    }
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The backend ends the flow: its client's slot goes back as for the client's FIN.
         let client = FlowKey {
@@ -350,15 +369,7 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         &r.client_addr,
         r.client_port,
     )?;
-    match fib::forward(
-        ctx,
-        p.family,
-        p.key.protocol,
-        &r.vip_addr,
-        &r.client_addr,
-        p.ip_len,
-        now_ns,
-    )? {
+    match fib::send(ctx, fib::Peer::Allowed)? {
         Out::Sent(action) => {
             stats::increment(Stat::NatReplies);
             Ok(action)

@@ -1,18 +1,19 @@
 //! The answer to a client's packet that would not fit the backend link (`nat`: as it is,
-//! `dsr`: once encapsulated): ICMP
+//! `dsr`: once encapsulated), and to a backend's NAT reply that would not fit the client's
+//! link: ICMP
 //! "fragmentation needed" (type 3 code 4, RFC 1191) for IPv4 with DF, ICMPv6 "packet too big"
-//! (type 2, RFC 8201) for IPv6, from the VIP to the client, so the client lowers its path MTU
-//! and resends smaller instead of its packets vanishing (a path-MTU black hole). Katran
-//! answers the same way.
+//! (type 2, RFC 8201) for IPv6, back to the sender (from the VIP to the client; from the SNAT
+//! address to the backend), so the sender lowers its path MTU and resends smaller instead of
+//! its packets vanishing (a path-MTU black hole). Katran answers the same way.
 //!
-//! The client's packet is turned into the answer in place: the frame grows at the front by
+//! The packet is turned into the answer in place: the frame grows at the front by
 //! the new IP and ICMP headers, the Ethernet header (and VLAN tag) moves to the new start with
-//! its addresses swapped, and the client's packet stays behind the ICMP header as the quote,
+//! its addresses swapped, and the packet stays behind the ICMP header as the quote,
 //! cut to [`QUOTE_V4`] / [`QUOTE_V6`] bytes. The announced MTU is the route's less the outer
 //! header. At most `TOO_BIG_PER_SECOND` answers a second per CPU (a flood of big packets must
 //! not turn into a flood of answers); over it, and for IPv4 without DF (the balancer does not
 //! fragment), the packet is dropped (`Stat::DropMtu`). On tc a GSO super-packet is not
-//! checked here: its segments are (see `Frame::mtu_len`). At tc the client's packet may have
+//! checked here: its segments are (see `Frame::mtu_len`). At tc the packet may have
 //! arrived `CHECKSUM_PARTIAL`, and then the device rewrites the quoted transport checksum at
 //! transmit: the ICMP checksum is built to hold either way (see `write_head`).
 
@@ -33,10 +34,10 @@ use crate::{
     },
 };
 
-/// Bytes of the client's IPv4 packet quoted: its header (options included) and well over the
+/// Bytes of the sender's IPv4 packet quoted: its header (options included) and well over the
 /// 8 bytes of transport header RFC 792 asks for.
 pub const QUOTE_V4: usize = 128;
-/// Bytes of the client's IPv6 packet quoted (RFC 4443 asks for as much as fits in 1280; the
+/// Bytes of the sender's IPv6 packet quoted (RFC 4443 asks for as much as fits in 1280; the
 /// checksum helper takes at most 512 bytes a call, and the transport header is at the start).
 pub const QUOTE_V6: usize = 512;
 /// The ICMP / ICMPv6 header: type, code, checksum and the 4 bytes that carry the MTU.
@@ -44,9 +45,9 @@ const ICMP_HDR_LEN: usize = 8;
 /// IPv4 "don't fragment", network order.
 const IP_DF: u16 = 0x4000_u16.to_be();
 
-/// Answers the client's packet in `ctx` (parsed as `p`) that the route lookup found too big
-/// once `outer_hdr` bytes of encapsulation are added (0 for NAT). Returns the hook's turn-around action with
-/// the answer in the frame,
+/// Answers the packet in `ctx` (parsed as `p`, a client's or a backend's NAT reply, not yet
+/// changed) that the route lookup found too big once `outer_hdr` bytes of encapsulation are
+/// added (0 but for DSR). Returns the hook's turn-around action with the answer in the frame,
 /// or `Err(Stat::DropMtu)` when it is not answered (IPv4 without DF, over the rate limit, a
 /// packet shorter than the quote) and the packet is to be dropped.
 #[inline(always)]
@@ -85,7 +86,7 @@ fn allowed() -> bool {
 
 /// Grows the frame's front by `hdr` bytes for the answer's IP and ICMP headers, moves the
 /// link-layer header there with its addresses swapped, and cuts the tail after `quote` bytes
-/// of the client's packet.
+/// of the packet.
 #[inline(always)]
 fn make_room<C: Frame>(ctx: &C, p: &Parsed, hdr: usize, quote: usize) -> Result<(), Stat> {
     ctx.insert_room(p.l3_off, hdr, Room::Answer)?;
@@ -150,7 +151,7 @@ fn sum_quoted_header(ctx: &impl Frame, offset: usize, len: usize) -> Result<u32,
 /// the message: `head`, the quote of `QUOTE` bytes behind it, and `seed` (the sum of `head`,
 /// and for ICMPv6 of the pseudo-header).
 ///
-/// On tc the client's packet may have arrived `CHECKSUM_PARTIAL`, and the answer still is:
+/// On tc the packet may have arrived `CHECKSUM_PARTIAL`, and the answer still is:
 /// at transmit the device (or the kernel, for one that offloads nothing) sums the socket
 /// buffer from its checksum start, the quoted transport header, to the end and writes the
 /// result into the quoted transport checksum. That changes the quote under the ICMP
@@ -201,7 +202,7 @@ fn write_head<C: Frame, const QUOTE: usize>(
 fn v4<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
-    let (df, client, vip) = unsafe { ((*ip).frag_off & IP_DF != 0, (*ip).src, (*ip).dst) };
+    let (df, sender, to) = unsafe { ((*ip).frag_off & IP_DF != 0, (*ip).src, (*ip).dst) };
     if !df || (p.ip_len as usize) < QUOTE_V4 || !allowed() {
         return Err(Stat::DropMtu);
     }
@@ -224,8 +225,8 @@ fn v4<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
         ttl: 64,
         protocol: IPPROTO_ICMP,
         check: 0,
-        src: vip,
-        dst: client,
+        src: to,
+        dst: sender,
     };
     // SAFETY: `Ipv4Hdr` is 20 bytes of plain integers, `#[repr(C)]` with alignment 2 and no
     // padding: viewing it as ten `u16`s reads exactly its bytes.
@@ -241,7 +242,7 @@ fn v4<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
 fn v6<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.
-    let (client, vip) = unsafe { ((*ip).src, (*ip).dst) };
+    let (sender, to) = unsafe { ((*ip).src, (*ip).dst) };
     if (p.ip_len as usize) < QUOTE_V6 || !allowed() {
         return Err(Stat::DropMtu);
     }
@@ -257,7 +258,7 @@ fn v6<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
     seed += upper_len.to_be() as u32 + (IPPROTO_ICMPV6 as u16).to_be() as u32;
     let mut i = 0;
     while i < 8 {
-        seed += vip[i] as u32 + client[i] as u32;
+        seed += to[i] as u32 + sender[i] as u32;
         i += 1;
     }
     write_head::<_, QUOTE_V6>(ctx, p, icmp_off, head, seed)?;
@@ -267,8 +268,8 @@ fn v6<C: Frame>(ctx: &C, p: &Parsed, mtu: u16) -> Result<u32, Stat> {
         payload_len: upper_len.to_be(),
         nexthdr: IPPROTO_ICMPV6,
         hop_limit: 64,
-        src: vip,
-        dst: client,
+        src: to,
+        dst: sender,
     };
     let at: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::DropMtu)?;
     // SAFETY: bounds checked by `ptr_at`.

@@ -421,3 +421,72 @@ pub fn nat_packet_too_big(path: Path) {
         world.daemon.logs().join("\n")
     );
 }
+
+/// NAT replies towards a client reached by a route of a smaller MTU (1400, locked: a VPN or
+/// an overlay on the client's side) than the backend link's 1500: a backend's 1,471-byte
+/// reply with DF is answered with "fragmentation needed" from the balancer's NAT address,
+/// and the backend's path MTU towards that address drops to the route's. The balancer's
+/// backend veth computes its transmit checksums in software, so on tc an answer built from
+/// the backend's `CHECKSUM_PARTIAL` reply must account for that to arrive.
+pub fn nat_reply_too_big(path: Path) {
+    let world = World::start(path, 1, 1);
+    let t = &world.topology;
+    let client_route = format!("{CLIENT}/32");
+    let small = SMALL_MTU.to_string();
+    t.balancer
+        .ip(&[
+            "route",
+            "replace",
+            &client_route,
+            "dev",
+            "l0",
+            "mtu",
+            "lock",
+            &small,
+        ])
+        .expect("a route to the client with a smaller MTU");
+    super::disable_tx_checksum(&t.balancer, &super::backend_interface(1))
+        .expect("tx checksum offload off on the backend veth");
+    let vip = Topology::vip(DNS);
+    // The backend echoes each datagram behind its name ("b1:"): 1,440 bytes in, a 1,471-byte
+    // IP packet out, within its own link's MTU.
+    world
+        .client(|| -> std::io::Result<()> {
+            let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.connect(vip)?;
+            for _ in 0..3 {
+                socket.send(&[0x42u8; 1440])?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{path:?}: sending the 1,440-byte datagrams failed: {e}"));
+    let route = || {
+        t.backends[0]
+            .command("ip")
+            .args(["-4", "route", "get", &BALANCER.to_string()])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_default()
+    };
+    let want = format!("mtu {SMALL_MTU}");
+    // Bounded: 3 s for the answer to reach the backend's kernel.
+    let mut seen = route();
+    for _ in 0..30 {
+        if seen.contains(&want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        seen = route();
+    }
+    assert!(
+        seen.contains(&want),
+        "{path:?}: the backend's route towards the balancer shows no `{want}`: the \
+         balancer's \"fragmentation needed\" for its too-big reply did not arrive. Route:\n\
+         {seen}\nDaemon log:\n{}",
+        world.daemon.logs().join("\n")
+    );
+}

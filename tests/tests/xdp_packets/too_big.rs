@@ -1,7 +1,8 @@
 //! DSR packets that would not fit the backend link once encapsulated, and NAT packets that
 //! would not fit it as they are (vb's MTU is 1500): answered with ICMP "fragmentation needed" /
 //! ICMPv6 "packet too big" from the VIP, so the client lowers its path MTU, instead of
-//! vanishing; at most `TOO_BIG_PER_SECOND` a second per CPU.
+//! vanishing; NAT replies too big for the client's link (vc's, 1500) likewise, back to the
+//! backend; at most `TOO_BIG_PER_SECOND` a second per CPU.
 
 use super::*;
 use lb_common::maps::TOO_BIG_PER_SECOND;
@@ -157,6 +158,71 @@ fn a_nat_packet_too_big_for_the_backend_link_gets_fragmentation_needed_and_takes
     let before = lab.stat(Stat::Forwarded);
     lab.expect(lab.vc, &fits, XDP_REDIRECT, "a 1500-byte SYN");
     assert_eq!(lab.stat(Stat::Forwarded), before + 1, "1500 bytes fit");
+}
+
+/// A NAT reply too big for the client's link (vc's MTU is 1500): the route is looked up
+/// before the reply is translated, so the answer goes back to the backend from the
+/// balancer's NAT address and quotes the reply as the backend sent it (its kernel finds its
+/// socket by that); the flow stays as it was, and a reply that fits goes on.
+#[test]
+fn a_nat_reply_too_big_for_the_client_link_gets_fragmentation_needed_to_the_backend() {
+    let Some(mut lab) = lab("too_big_nat_reply") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 8080);
+    lab.service(0, VIP4.into(), 86, IPPROTO_TCP, MODE_NAT, &[0]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let syn = Packet::tcp(client, 40000, vip, 86, TCP_SYN).frame(VC_MAC, CLIENT_MAC);
+    let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the VIP");
+    let snat = l4_source_port(&out);
+    let (local, backend): (IpAddr, IpAddr) = (LOCAL4.into(), B1_4.into());
+    let reverse_before: Vec<_> = lab.nat_reverse.iter().filter_map(Result::ok).collect();
+
+    let big = Packet::tcp(backend, 8080, local, snat, TCP_ACK).payload(&[0x66; 1470]);
+    let out = lab.expect(
+        lab.vb,
+        &big.frame(VB_MAC, B1_MAC),
+        XDP_TX,
+        "a 1510-byte reply over vc's 1500",
+    );
+    assert_eq!(lab.stat(Stat::TooBigSent), 1, "the answer is counted");
+    assert_eq!(lab.stat(Stat::NatReplies), 0, "nothing went to the client");
+    packet::assert_checksums(&out, "fragmentation needed");
+    assert_eq!(
+        &out[..6],
+        &B1_MAC,
+        "the answer goes back to the backend's MAC"
+    );
+    let answer = &out[14..];
+    assert_eq!(&answer[12..16], &LOCAL4.octets(), "from the NAT address");
+    assert_eq!(&answer[16..20], &B1_4.octets(), "to the backend");
+    let icmp = &answer[20..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+    assert_eq!(
+        u16::from_be_bytes([icmp[6], icmp[7]]),
+        1500,
+        "the next-hop MTU is vc's"
+    );
+    assert_eq!(
+        &icmp[8..],
+        &big.ip()[..128],
+        "the quote is the backend's reply as it came, not translated"
+    );
+    let reverse_after: Vec<_> = lab.nat_reverse.iter().filter_map(Result::ok).collect();
+    assert_eq!(
+        reverse_after.len(),
+        reverse_before.len(),
+        "the flow's NAT entries are as they were"
+    );
+
+    let fits = Packet::tcp(backend, 8080, local, snat, TCP_ACK).payload(&[0x66; 1460]);
+    lab.expect(
+        lab.vb,
+        &fits.frame(VB_MAC, B1_MAC),
+        XDP_REDIRECT,
+        "a 1500-byte reply",
+    );
+    assert_eq!(lab.stat(Stat::NatReplies), 1, "1500 bytes fit");
 }
 
 #[test]
