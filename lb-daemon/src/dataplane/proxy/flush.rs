@@ -1,5 +1,6 @@
 //! Sockets of closed TCP connections that are reset only once their peer has what was
-//! written to them.
+//! written to them, and the measure both this and the sweep use of whether a peer still
+//! takes bytes ([`Progress`]).
 //!
 //! When one peer of a relayed connection resets it, the proxy resets the other one too, as a
 //! direct connection would show it. But a reset (`SO_LINGER` 0) throws away the socket's
@@ -9,69 +10,119 @@
 //! send queue is acknowledged, and reset then.
 //!
 //! Bounded three ways, so a peer that stopped reading holds nothing for long: a socket whose
-//! queue did not shrink for one sweep tick is reset at that tick, none stays longer than
-//! [`MAX_FLUSH`], and at most [`MAX_FLUSHING`] wait at once per worker (past that, a socket
-//! is reset at once, losing its queue as before).
+//! peer acknowledged nothing for [`STALL`] is reset, none waits longer than [`MAX_FLUSH`],
+//! and at most [`MAX_FLUSHING`] wait at once per worker, fewer under a low open file limit
+//! (past that, a socket is reset at once, losing its queue as before). From the drain
+//! deadline on ([`Flushing::stop`]) nothing waits.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use super::sys;
 
+/// How long a peer may acknowledge nothing before it counts as no longer reading.
+pub(super) const STALL: Duration = Duration::from_secs(2);
 /// The longest a socket waits for its peer to take its send queue.
 pub(super) const MAX_FLUSH: Duration = Duration::from_secs(30);
-/// The most sockets waiting at once, per worker (each holds a file descriptor).
+/// The most sockets waiting at once, per worker.
 pub(super) const MAX_FLUSHING: usize = 1024;
+/// Each waiting socket holds a descriptor: at most one per this many of the worker's part
+/// of the open file limit.
+const FDS_PER_FLUSHING: u64 = 16;
+
+/// Whether a peer still takes the bytes written to it, from samples of how many it has
+/// acknowledged (any count that grows as it acknowledges: bytes written less `SIOCOUTQ`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Progress {
+    acked: i64,
+    since: Instant,
+}
+
+impl Progress {
+    /// The first sample, `acked` at `now`.
+    pub(super) fn new(acked: i64, now: Instant) -> Progress {
+        Progress { acked, since: now }
+    }
+
+    /// Takes the sample `acked` at `now`; returns whether the peer acknowledged nothing for
+    /// [`STALL`] or longer.
+    pub(super) fn stalled(&mut self, acked: i64, now: Instant) -> bool {
+        if acked > self.acked {
+            *self = Progress::new(acked, now);
+            return false;
+        }
+        now.saturating_duration_since(self.since) >= STALL
+    }
+}
 
 /// A socket waiting for its send queue to be acknowledged.
 struct Entry {
     socket: OwnedFd,
-    /// Its unacknowledged bytes at the last look.
-    queued: u32,
+    progress: Progress,
     /// When it began to wait.
     since: Instant,
 }
 
 /// A worker's sockets waiting to be reset (see the module's doc).
-#[derive(Default)]
 pub(super) struct Flushing {
     entries: Vec<Entry>,
+    /// The most that may wait at once.
+    max: usize,
+    /// Set at the drain deadline: every socket is reset at once from then on.
+    stopped: bool,
+}
+
+/// The sample of a waiting socket: its queue shrinks as its peer acknowledges.
+fn acked(queued: u32) -> i64 {
+    -i64::from(queued)
 }
 
 impl Flushing {
-    /// Resets `socket` now if its peer has all it was sent (or is gone, or too many wait);
-    /// otherwise keeps it until [`Flushing::sweep`] finds its queue acknowledged.
+    /// None waiting; at most [`MAX_FLUSHING`], or one per [`FDS_PER_FLUSHING`] descriptors of
+    /// `fd_share` (the worker's part of the open file limit) when that is fewer.
+    pub(super) fn new(fd_share: u64) -> Flushing {
+        let by_fds = usize::try_from(fd_share / FDS_PER_FLUSHING).unwrap_or(usize::MAX);
+        Flushing {
+            entries: Vec::new(),
+            max: MAX_FLUSHING.min(by_fds),
+            stopped: false,
+        }
+    }
+
+    /// Resets `socket` now if its peer has all it was sent, or is gone, or too many wait, or
+    /// the drain deadline passed; otherwise keeps it until [`Flushing::sweep`] finds its queue
+    /// acknowledged.
     pub(super) fn reset_after_queue(&mut self, socket: OwnedFd, now: Instant) {
         let queued = sys::unacknowledged(socket.as_fd());
-        if queued == 0
-            || self.entries.len() >= MAX_FLUSHING
-            || sys::peer_gone(socket.as_fd(), false)
+        if self.stopped
+            || queued == 0
+            || self.entries.len() >= self.max
+            || sys::tcp_failed(socket.as_fd())
         {
             reset(socket);
             return;
         }
         self.entries.push(Entry {
             socket,
-            queued,
+            progress: Progress::new(acked(queued), now),
             since: now,
         });
     }
 
     /// Once per sweep tick: resets each socket whose queue was acknowledged, whose peer is
-    /// gone, whose queue did not shrink since the last tick, or that waited [`MAX_FLUSH`].
+    /// gone, whose peer acknowledged nothing for [`STALL`], or that waited [`MAX_FLUSH`].
     pub(super) fn sweep(&mut self, now: Instant) {
         let mut i = 0;
         while i < self.entries.len() {
             let entry = &mut self.entries[i];
             let queued = sys::unacknowledged(entry.socket.as_fd());
             let done = queued == 0
-                || queued >= entry.queued
+                || entry.progress.stalled(acked(queued), now)
                 || now.saturating_duration_since(entry.since) >= MAX_FLUSH
-                || sys::peer_gone(entry.socket.as_fd(), false);
+                || sys::tcp_failed(entry.socket.as_fd());
             if done {
                 reset(self.entries.swap_remove(i).socket);
             } else {
-                entry.queued = queued;
                 i += 1;
             }
         }
@@ -82,8 +133,10 @@ impl Flushing {
         self.entries.len()
     }
 
-    /// Resets every socket waiting (the drain deadline, or the worker exits).
-    pub(super) fn reset_all(&mut self) {
+    /// The drain deadline passed, or the worker exits: resets every socket waiting, and every
+    /// one handed over from now on at once.
+    pub(super) fn stop(&mut self) {
+        self.stopped = true;
         for entry in self.entries.drain(..) {
             reset(entry.socket);
         }
@@ -92,7 +145,7 @@ impl Flushing {
 
 impl Drop for Flushing {
     fn drop(&mut self) {
-        self.reset_all();
+        self.stop();
     }
 }
 
@@ -129,18 +182,31 @@ mod tests {
                 Err(e) => panic!("write: {e}"),
             }
         }
-        assert!(unacknowledged_of(&side) > 0, "bytes wait in the send queue");
+        assert!(
+            sys::unacknowledged(side.as_fd()) > 0,
+            "bytes wait in the send queue"
+        );
         (OwnedFd::from(side), peer.into(), written)
     }
 
-    fn unacknowledged_of(s: &TcpStream) -> u32 {
-        sys::unacknowledged(s.as_fd())
+    /// Reads from `peer` until the connection ends (at most 1,024 reads); returns how.
+    fn read_to_end_of(peer: &mut TcpStream) -> std::io::Result<usize> {
+        peer.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 64 * 1024];
+        let mut end = Ok(0);
+        for _ in 0..1024 {
+            end = peer.read(&mut buf);
+            if !matches!(end, Ok(n) if n > 0) {
+                break;
+            }
+        }
+        end
     }
 
     #[test]
     fn a_socket_whose_peer_reads_everything_is_reset_after_the_last_byte() {
         let (side, mut peer, written) = queued_pair();
-        let mut flushing = Flushing::default();
+        let mut flushing = Flushing::new(1 << 20);
         flushing.reset_after_queue(side, Instant::now());
         assert_eq!(flushing.len(), 1, "kept while its queue waits");
         peer.set_read_timeout(Some(Duration::from_secs(5)))
@@ -156,8 +222,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(flushing.len(), 0, "reset once its queue was taken");
-        let mut more = [0u8; 1];
-        let end = peer.read(&mut more);
+        let end = read_to_end_of(&mut peer);
         assert!(
             matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
             "the peer meets the reset after the bytes: {end:?}"
@@ -165,24 +230,20 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_whose_peer_reads_nothing_is_reset_at_the_next_sweep() {
+    fn a_socket_whose_peer_reads_nothing_is_reset_once_it_stalled() {
         let (side, mut peer, _) = queued_pair();
-        let mut flushing = Flushing::default();
-        flushing.reset_after_queue(side, Instant::now());
-        assert_eq!(flushing.len(), 1);
-        flushing.sweep(Instant::now());
-        assert_eq!(flushing.len(), 0, "no progress for a tick: reset");
-        peer.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("read timeout");
-        let mut buf = [0u8; 64 * 1024];
-        // Bounded: what the peer had received, then the reset.
-        let mut end = Ok(0);
-        for _ in 0..1024 {
-            end = peer.read(&mut buf);
-            if !matches!(end, Ok(n) if n > 0) {
-                break;
-            }
-        }
+        let mut flushing = Flushing::new(1 << 20);
+        let start = Instant::now();
+        flushing.reset_after_queue(side, start);
+        flushing.sweep(start + STALL / 2);
+        assert_eq!(flushing.len(), 1, "not yet: it may still read");
+        flushing.sweep(start + STALL);
+        assert_eq!(
+            flushing.len(),
+            0,
+            "nothing acknowledged for the stall time: reset"
+        );
+        let end = read_to_end_of(&mut peer);
         assert!(
             matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
             "the peer is reset: {end:?}"
@@ -190,20 +251,38 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_with_nothing_queued_is_reset_at_once() {
+    fn a_socket_with_nothing_queued_or_past_the_deadline_is_reset_at_once() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut peer =
             TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
         let (side, _) = listener.accept().expect("accept");
-        let mut flushing = Flushing::default();
+        let mut flushing = Flushing::new(1 << 20);
         flushing.reset_after_queue(OwnedFd::from(side), Instant::now());
         assert_eq!(flushing.len(), 0);
-        peer.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("read timeout");
-        let end = peer.read(&mut [0u8; 1]);
+        let end = read_to_end_of(&mut peer);
         assert!(
             matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
             "{end:?}"
         );
+
+        let (side, mut peer, _) = queued_pair();
+        flushing.stop();
+        flushing.reset_after_queue(side, Instant::now());
+        assert_eq!(flushing.len(), 0, "nothing waits after the drain deadline");
+        let end = read_to_end_of(&mut peer);
+        assert!(
+            matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "{end:?}"
+        );
+    }
+
+    #[test]
+    fn progress_is_a_growing_count_and_a_stall_the_time_without_growth() {
+        let t = Instant::now();
+        let mut p = Progress::new(10, t);
+        assert!(!p.stalled(10, t + STALL / 2));
+        assert!(!p.stalled(11, t + STALL), "it grew: the clock starts again");
+        assert!(!p.stalled(11, t + STALL + STALL / 2));
+        assert!(p.stalled(11, t + STALL * 2), "nothing for the stall time");
     }
 }

@@ -2,6 +2,7 @@
 //! the relay's sockets, pipes and byte counts, carrying out one step of a direction, and
 //! the pool of empty pipes.
 
+use std::cell::Cell;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use socket2::SockRef;
 
 use super::ctx::Ctx;
+use super::flush::Progress;
 use super::relay::{Direction, Outcome, Step};
 use super::ring::Token;
 use super::sys::{self, Pipe};
@@ -48,6 +50,10 @@ pub(super) struct Relaying {
     /// backend sent before is readable from its socket ahead of the error, so `TO_CLIENT` runs
     /// on to deliver it, and the connection then closes with a reset, as a direct one would.
     pub(super) backend_failed: Option<i32>,
+    /// While the sweep lets a direction deliver the last bytes of a peer that is gone: how
+    /// its destination acknowledges them (see `tcp::sweep_verdict`). A `Cell`: the sweep
+    /// sees connections through shared references.
+    pub(super) last_bytes_of_gone_peer: Cell<Option<Progress>>,
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.

@@ -237,6 +237,34 @@ pub(super) fn accept_now(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     }
 }
 
+/// `TCP_CLOSE` of `include/net/tcp_states.h`: the state of a socket a reset ended.
+const TCP_CLOSE: u8 = 7;
+
+/// Whether TCP socket `fd` has failed: an error is pending, or the socket is closed (a reset
+/// came and its error was already taken). Unlike [`peer_gone`], a hang-up alone does not
+/// count: it is also what a FIN each way shows while the send queue still holds bytes.
+pub(super) fn tcp_failed(fd: BorrowedFd<'_>) -> bool {
+    peer_gone(fd, true) || tcp_state(fd) == Some(TCP_CLOSE)
+}
+
+/// The TCP state of `fd` (`tcpi_state` of `TCP_INFO`), if the kernel tells it.
+fn tcp_state(fd: BorrowedFd<'_>) -> Option<u8> {
+    // SAFETY: `tcp_info` is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, and the new length into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len >= 1).then_some(info.tcpi_state)
+}
+
 /// Bytes written to TCP socket `fd` that its peer has not acknowledged yet, sent or not
 /// (`SIOCOUTQ`); 0 when the kernel cannot say.
 pub(super) fn unacknowledged(fd: BorrowedFd<'_>) -> u32 {

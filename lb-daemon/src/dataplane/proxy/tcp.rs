@@ -11,6 +11,7 @@
 //! operation of it is in flight (`in_flight == 0`), so the kernel never holds a file of a
 //! closed connection and no completion can land on a reused slot.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -23,7 +24,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 use super::access::{self, End};
 use super::admission::admit_or_refuse;
 use super::ctx::Ctx;
-use super::flush::Flushing;
+use super::flush::{Flushing, Progress};
 use super::limits::Admission;
 use super::listener::Listeners;
 use super::proxy_header::{self, Transport};
@@ -91,7 +92,8 @@ struct Conn {
     /// Bit `op` set while operation `op` is in flight.
     in_flight: u8,
     /// Why it is closing. A graceful end ([`End::graceful`]) closes with a FIN; any other
-    /// with `SO_LINGER` 0, so peers get a reset.
+    /// with `SO_LINGER` 0, so peers get a reset: after a peer's reset ([`End::Reset`]), once
+    /// the other peer's socket has its send queue acknowledged ([`super::flush`]).
     closing: Option<End>,
     last_active: Instant,
     /// When it was accepted.
@@ -109,8 +111,6 @@ pub(super) struct Tcp {
     conns: Slab<Conn>,
     pipes: PipePool,
     sweep_cursor: u32,
-    /// When the last sweep ran (when the worker started, before the first).
-    last_sweep: Instant,
     /// Sockets of connections a peer reset, waiting for their send queues (see
     /// [`super::flush`]).
     flushing: Flushing,
@@ -167,15 +167,12 @@ fn proxy_header_for(
 }
 
 /// How the sweep ends `conn` of `service` at `now`, if it does: [`End::Reset`] when the
-/// peer of a socket nothing watches is gone (see [`Tcp::sweep`]), [`End::Stalled`] or
-/// [`End::Idle`] after `idle_timeout` without traffic. Connections still connecting or
-/// already closing are left alone. `last_sweep`: when the previous sweep ran.
-fn sweep_verdict(
-    conn: &Conn,
-    service: &ServiceInfo,
-    now: Instant,
-    last_sweep: Instant,
-) -> Option<End> {
+/// peer of a socket nothing watches is gone (see [`Tcp::sweep`]), [`End::Stalled`] when the
+/// gone peer's last bytes wait on a destination that acknowledged nothing for
+/// [`super::flush::STALL`], or after `idle_timeout` without traffic with bytes in a pipe,
+/// [`End::Idle`] after it without. Connections still connecting or already closing are
+/// left alone.
+fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End> {
     let Phase::Relaying(r) = &conn.phase else {
         return None;
     };
@@ -187,28 +184,56 @@ fn sweep_verdict(
     // the relay sent its FIN to shows a hang-up at the peer's own FIN too, a clean close:
     // there only an error (a reset) tells that the peer is gone.
     //
-    // A direction that still delivers what it read from a gone peer, to a destination that
-    // took bytes since the last sweep, is let be: it reads the socket again once done and
-    // meets the reset there, after the gone peer's last bytes, as a direct connection would
-    // show them. Against a destination that stopped taking them, waiting would only hold
-    // both sides until the idle timeout.
-    let delivering = |way: &Direction| way.writing() && conn.last_active >= last_sweep;
-    let (to_backend, to_client) = (&r.ways[TO_BACKEND], &r.ways[TO_CLIENT]);
+    // A direction that still delivers what it read from a gone peer is let be while its
+    // destination acknowledges bytes: it reads the socket again once done and meets the
+    // reset there, after the gone peer's last bytes, as a direct connection would show them.
+    // A destination that acknowledged nothing for `STALL` does not read: waiting would only
+    // hold both sides until the idle timeout.
     let sockets = [
-        (conn.client.as_fd(), to_backend, to_client),
-        (r.backend.as_fd(), to_client, to_backend),
+        (
+            conn.client.as_fd(),
+            r.backend.as_fd(),
+            TO_BACKEND,
+            TO_CLIENT,
+        ),
+        (
+            r.backend.as_fd(),
+            conn.client.as_fd(),
+            TO_CLIENT,
+            TO_BACKEND,
+        ),
     ];
-    let gone = sockets.into_iter().any(|(fd, from, to)| {
-        !from.reading() && !delivering(from) && !to.writing() && sys::peer_gone(fd, to.finished())
-    });
-    if gone {
-        tracing::debug!(
-            "service {}: a peer of the connection from {} is gone while nothing reads it; \
-             closing it",
-            service.name,
-            conn.client_addr
-        );
-        return Some(End::Reset);
+    for (fd, destination, from, to) in sockets {
+        let (from_way, to_way) = (&r.ways[from], &r.ways[to]);
+        if from_way.reading() || to_way.writing() || !sys::peer_gone(fd, to_way.finished()) {
+            continue;
+        }
+        if !from_way.writing() {
+            tracing::debug!(
+                "service {}: a peer of the connection from {} is gone while nothing reads it; \
+                 closing it",
+                service.name,
+                conn.client_addr
+            );
+            return Some(End::Reset);
+        }
+        // Acknowledged by the destination: delivered less what its socket still holds.
+        let acked = r.bytes[from] as i64 - i64::from(sys::unacknowledged(destination));
+        let mut progress = r
+            .last_bytes_of_gone_peer
+            .get()
+            .unwrap_or_else(|| Progress::new(acked, now));
+        let stalled = progress.stalled(acked, now);
+        r.last_bytes_of_gone_peer.set(Some(progress));
+        if stalled {
+            tracing::debug!(
+                "service {}: a peer of the connection from {} is gone and the other takes \
+                 none of its last bytes; closing it",
+                service.name,
+                conn.client_addr
+            );
+            return Some(End::Stalled);
+        }
     }
     let limit = service.idle_timeout;
     if now.saturating_duration_since(conn.last_active) < limit {
@@ -290,8 +315,7 @@ impl Tcp {
             conns: Slab::new(),
             pipes: PipePool::new(fd_share),
             sweep_cursor: 0,
-            last_sweep: Instant::now(),
-            flushing: Flushing::default(),
+            flushing: Flushing::new(fd_share),
             no_backend_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),
             accepted_now: Vec::new(),
@@ -681,6 +705,7 @@ impl Tcp {
             bytes: [0, 0],
             header_left: header_len,
             backend_failed: None,
+            last_bytes_of_gone_peer: Cell::new(None),
         });
         conn.last_active = ctx.now;
         self.drive(
@@ -847,14 +872,13 @@ impl Tcp {
     /// operation in flight per direction.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
-        let (services, now, last_sweep) = (&self.services, ctx.now, self.last_sweep);
-        self.last_sweep = now;
+        let (services, now) = (&self.services, ctx.now);
         self.flushing.sweep(now);
         let budget = self.conns.sweep_budget(SWEEP_BUDGET);
         let due = self
             .conns
             .sweep_due(&mut self.sweep_cursor, budget, |conn| {
-                sweep_verdict(conn, &services[conn.service], now, last_sweep)
+                sweep_verdict(conn, &services[conn.service], now)
             });
         for (index, generation, how) in due {
             if how == End::Reset {
@@ -873,7 +897,7 @@ impl Tcp {
     /// The drain deadline passed: resets every connection not already closing. Returns how
     /// many.
     pub(super) fn cut_off(&mut self, ctx: &mut Ctx) -> u64 {
-        self.flushing.reset_all();
+        self.flushing.stop();
         let due = self.conns.keys_where(|c| c.closing.is_none());
         self.close_all(ctx, &due, End::DrainCut)
     }
@@ -897,7 +921,7 @@ impl Tcp {
             self.finish(ctx, index, generation);
         }
         self.listeners.close_all();
-        self.flushing.reset_all();
+        self.flushing.stop();
         keys.len() as u64
     }
 }
