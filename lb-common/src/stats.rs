@@ -51,7 +51,8 @@ pub enum Stat {
     DropNoRoute = 11,
     /// Dropped: the packet (after encapsulation) exceeds the egress MTU and is not answered
     /// with [`Stat::TooBigSent`]: an IPv4 packet without DF (the balancer does not fragment),
-    /// one shorter than the answer's quote, a NAT reply, or over the answers' rate limit.
+    /// one shorter than the answer's quote, a UDP NAT reply, or over the answers' rate
+    /// limit.
     DropMtu = 12,
     /// Dropped: the egress interface is not in `DEVMAP`.
     DropNoDevmapEntry = 13,
@@ -124,8 +125,10 @@ pub enum Stat {
     /// Answered: a client's packet that would exceed the backend link's MTU (`nat`: as it
     /// is; `dsr`: once encapsulated) got an ICMP "fragmentation needed" (IPv4 with DF) or
     /// ICMPv6 "packet too big" back to the client from the VIP, announcing the MTU (less the
-    /// outer header), so the client resends smaller (RFC 1191, RFC 8201). At most `TOO_BIG_PER_SECOND` answers a second per CPU; the rest are
-    /// [`Stat::DropMtu`].
+    /// outer header), so the client resends smaller (RFC 1191, RFC 8201); or a backend's TCP
+    /// NAT reply that would exceed the route's MTU towards the client got one back to the
+    /// backend from the NAT address. At most `TOO_BIG_PER_SECOND` answers a second per CPU;
+    /// the rest are [`Stat::DropMtu`].
     TooBigSent = 33,
     /// Answered with a RST: a TCP segment (a SYN, or a DSR segment without a conntrack entry)
     /// of a service with no eligible backend, or one that stopped taking new flows (the daemon

@@ -329,9 +329,13 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     }
     let now_ns = clock::now_ns();
     let r = nat::reverse(&p.key, p.tcp_flags, ct_seconds(now_ns)).ok_or(Stat::PassNotVip)??;
-    // The route first: a reply too big for the client's link is answered to the backend
-    // while it is still the backend's packet (the answer quotes it, and the backend's
-    // kernel finds its socket by it), as a client's packet too big for the backend link is.
+    // The route first: a TCP reply too big for the route to the client is answered to the
+    // backend while it is still the backend's packet (the answer quotes it, and the
+    // backend's kernel finds its socket by it), as a client's packet too big for the backend
+    // link is. Not a UDP reply: the backend keeps the path MTU per destination, the NAT
+    // address all clients share, and a UDP sender then fragments its large datagrams to
+    // every client, fragments that are not translated back (`pass_fragment`); TCP only
+    // lowers its segment size.
     if let Err(stat) = fib::lookup(
         ctx,
         p.family,
@@ -341,7 +345,7 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         p.ip_len,
         now_ns,
     ) {
-        if stat != Stat::DropMtu {
+        if stat != Stat::DropMtu || p.key.protocol != IPPROTO_TCP {
             return Err(stat);
         }
         let action = too_big::answer(ctx, p, 0)?;

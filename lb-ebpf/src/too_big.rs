@@ -1,6 +1,6 @@
 //! The answer to a client's packet that would not fit the backend link (`nat`: as it is,
-//! `dsr`: once encapsulated), and to a backend's NAT reply that would not fit the client's
-//! link: ICMP
+//! `dsr`: once encapsulated), and to a backend's TCP NAT reply that would not fit the route
+//! to the client: ICMP
 //! "fragmentation needed" (type 3 code 4, RFC 1191) for IPv4 with DF, ICMPv6 "packet too big"
 //! (type 2, RFC 8201) for IPv6, back to the sender (from the VIP to the client; from the SNAT
 //! address to the backend), so the sender lowers its path MTU and resends smaller instead of

@@ -60,8 +60,8 @@ fn a_packet_too_big_for_the_backend_link_is_answered_and_the_client_learns_the_m
 }
 
 #[test]
-fn a_reply_too_big_for_the_client_route_is_answered_and_the_backend_learns_the_mtu() {
-    if lb_tests::require_root("tc_nat::a_reply_too_big_for_the_client_route_is_answered") {
+fn a_download_behind_a_smaller_route_to_the_client_completes() {
+    if lb_tests::require_root("tc_nat::a_download_behind_a_smaller_route_to_the_client") {
         scenarios::nat_reply_too_big(PATH);
     }
 }

@@ -21,7 +21,7 @@ pub mod testrun;
 pub mod world;
 
 pub use decap::Decap;
-pub use offload::{disable_tx_checksum, set_tx_checksum};
+pub use offload::{disable_segmentation_offload, disable_tx_checksum, set_tx_checksum};
 pub use peers::{udp_exchange, PeerServer};
 
 use std::fs::File;

@@ -1,4 +1,4 @@
-//! Turning off a veth's transmit checksum offload.
+//! Turning off a veth's transmit checksum offload, or its segmentation offloads.
 //!
 //! A packet a local socket sends over a veth carries only a partial TCP/UDP checksum (the
 //! pseudo-header sum) and a note for the receiver that the rest is "to be done". XDP sees the
@@ -12,6 +12,10 @@ use crate::netns::Netns;
 
 /// `ETHTOOL_STXCSUM` from `<linux/ethtool.h>`: set transmit checksum offload.
 const ETHTOOL_STXCSUM: u32 = 0x17;
+/// `ETHTOOL_STSO`: set TCP segmentation offload.
+const ETHTOOL_STSO: u32 = 0x1f;
+/// `ETHTOOL_SGSO`: set generic segmentation offload.
+const ETHTOOL_SGSO: u32 = 0x24;
 
 #[repr(C)]
 struct EthtoolValue {
@@ -31,6 +35,22 @@ pub fn disable_tx_checksum(ns: &Netns, interface: &str) -> io::Result<()> {
 ///
 /// Returns `Err` when the namespace cannot be entered or the ioctl fails.
 pub fn set_tx_checksum(ns: &Netns, interface: &str, on: bool) -> io::Result<()> {
+    set_feature(ns, interface, ETHTOOL_STXCSUM, on)
+}
+
+/// Turns off TCP and generic segmentation offload on `interface` in `ns` (`ethtool -K IF tso
+/// off gso off`): a local TCP sender's segments then cross the link one by one, each of its
+/// MSS, as on a wire, instead of as one super-packet.
+///
+/// Returns `Err` when the namespace cannot be entered or an ioctl fails.
+pub fn disable_segmentation_offload(ns: &Netns, interface: &str) -> io::Result<()> {
+    set_feature(ns, interface, ETHTOOL_STSO, false)?;
+    set_feature(ns, interface, ETHTOOL_SGSO, false)
+}
+
+/// Sets the ethtool feature `cmd` (an `ETHTOOL_S*` command taking an `ethtool_value`) of
+/// `interface` in `ns`.
+fn set_feature(ns: &Netns, interface: &str, cmd: u32, on: bool) -> io::Result<()> {
     let name = interface.to_string();
     ns.enter(move || -> io::Result<()> {
         // SAFETY: plain socket(2) call; the descriptor is owned and closed below.
@@ -39,7 +59,7 @@ pub fn set_tx_checksum(ns: &Netns, interface: &str, on: bool) -> io::Result<()> 
             return Err(io::Error::last_os_error());
         }
         let mut value = EthtoolValue {
-            cmd: ETHTOOL_STXCSUM,
+            cmd,
             data: u32::from(on),
         };
         // SAFETY: ifreq is plain data; zeroed is a valid value.

@@ -8,8 +8,10 @@ use std::time::Duration;
 use super::world::{World, BULK, DNS, WEB};
 use super::{backend_ip, in_netns, udp_exchange, Mode, Path, Plane, Topology, BALANCER, CLIENT};
 use crate::client::{http_get, HttpConnection, Upload};
+use crate::config::{DaemonConfig, ServiceConfig};
 use crate::data::Receipt;
 use crate::load::run;
+use crate::Daemon;
 
 /// New connections in the distribution check.
 pub const CONNECTIONS: usize = 3_000;
@@ -422,14 +424,41 @@ pub fn nat_packet_too_big(path: Path) {
     );
 }
 
+/// The port of the `down` service of [`nat_reply_too_big`]: a source server on b1.
+const DOWN: u16 = 82;
+/// The download of [`nat_reply_too_big`].
+const DOWNLOAD: u64 = 4 * 1024 * 1024;
+
 /// NAT replies towards a client reached by a route of a smaller MTU (1400, locked: a VPN or
-/// an overlay on the client's side) than the backend link's 1500: a backend's 1,471-byte
-/// reply with DF is answered with "fragmentation needed" from the balancer's NAT address,
-/// and the backend's path MTU towards that address drops to the route's. The balancer's
-/// backend veth computes its transmit checksums in software, so on tc an answer built from
-/// the backend's `CHECKSUM_PARTIAL` reply must account for that to arrive.
+/// an overlay on the client's side) than the backend link's 1500: the backend's full-sized
+/// TCP segments are answered with "fragmentation needed" from the balancer's NAT address,
+/// the backend lowers its segment size, and a 4 MiB download completes byte for byte
+/// (without the answer it stalls). The backend sends its segments one by one (no
+/// segmentation offload: a tc GSO super-packet is not checked against a route's MTU), and
+/// the balancer's backend veth computes its transmit checksums in software, so on tc an
+/// answer built from the backend's `CHECKSUM_PARTIAL` segment must account for that to
+/// arrive.
 pub fn nat_reply_too_big(path: Path) {
-    let world = World::start(path, 1, 1);
+    let source_addr = SocketAddr::new(IpAddr::V4(backend_ip(1)), DOWN);
+    let mut source = None;
+    let world = World::start_custom(path, 1, 1, &[1], |t| {
+        source = Some(
+            t.backends[0]
+                .enter(|| crate::SourceServer::start_on("b1", source_addr))
+                .expect("enter b1's namespace")
+                .expect("the source server starts"),
+        );
+        let mut down = ServiceConfig::tcp("down", Topology::vip(DOWN)).health("kind", "none");
+        for (key, value) in t.xdp_keys(path.mode) {
+            down = down.set(key, value);
+        }
+        let toml = DaemonConfig::new()
+            .global("bpf_object", super::bpf_object().display().to_string())
+            .service(super::world::service(t, path.mode, "web", &[(1, 1)]))
+            .service(down.backend(source_addr, 1))
+            .to_toml();
+        in_netns(&t.balancer, || Daemon::start(&toml)).expect("enter the balancer namespace")
+    });
     let t = &world.topology;
     let client_route = format!("{CLIENT}/32");
     let small = SMALL_MTU.to_string();
@@ -447,46 +476,27 @@ pub fn nat_reply_too_big(path: Path) {
         .expect("a route to the client with a smaller MTU");
     super::disable_tx_checksum(&t.balancer, &super::backend_interface(1))
         .expect("tx checksum offload off on the backend veth");
-    let vip = Topology::vip(DNS);
-    // The backend echoes each datagram behind its name ("b1:"): 1,440 bytes in, a 1,471-byte
-    // IP packet out, within its own link's MTU.
-    world
-        .client(|| -> std::io::Result<()> {
-            let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-            socket.connect(vip)?;
-            for _ in 0..3 {
-                socket.send(&[0x42u8; 1440])?;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok(())
-        })
-        .unwrap_or_else(|e| panic!("{path:?}: sending the 1,440-byte datagrams failed: {e}"));
-    let route = || {
-        t.backends[0]
-            .command("ip")
-            .args(["-4", "route", "get", &BALANCER.to_string()])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout).into_owned()
-                    + &String::from_utf8_lossy(&o.stderr)
-            })
-            .unwrap_or_default()
-    };
-    let want = format!("mtu {SMALL_MTU}");
-    // Bounded: 3 s for the answer to reach the backend's kernel.
-    let mut seen = route();
-    for _ in 0..30 {
-        if seen.contains(&want) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        seen = route();
+    // On tc the backend's segments must reach the balancer one by one, as from a wire: a
+    // GSO super-packet is not checked against the route's MTU (`Frame::mtu_len`). (XDP on
+    // the peer already takes the veth its segmentation offloads.)
+    if path.plane == Plane::Tc {
+        super::disable_segmentation_offload(&t.backends[0], "b0")
+            .expect("segmentation offloads off on the backend's veth");
     }
-    assert!(
-        seen.contains(&want),
-        "{path:?}: the backend's route towards the balancer shows no `{want}`: the \
-         balancer's \"fragmentation needed\" for its too-big reply did not arrive. Route:\n\
-         {seen}\nDaemon log:\n{}",
-        world.daemon.logs().join("\n")
+    let receipt = world
+        .client(|| crate::client::download(Topology::vip(DOWN), DOWNLOAD, 63))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{path:?}: the download behind a route of MTU {SMALL_MTU} failed (it stalls when \
+                 no \"fragmentation needed\" reaches the backend): {e}. Daemon log:\n{}",
+                world.daemon.logs().join("\n")
+            )
+        });
+    assert_eq!(
+        receipt,
+        Receipt::of_stream(DOWNLOAD, 63),
+        "{path:?}: the client did not receive the 4 MiB the backend sent, byte for byte"
     );
+    drop(world);
+    drop(source);
 }

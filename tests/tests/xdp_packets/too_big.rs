@@ -1,8 +1,8 @@
 //! DSR packets that would not fit the backend link once encapsulated, and NAT packets that
 //! would not fit it as they are (vb's MTU is 1500): answered with ICMP "fragmentation needed" /
 //! ICMPv6 "packet too big" from the VIP, so the client lowers its path MTU, instead of
-//! vanishing; NAT replies too big for the client's link (vc's, 1500) likewise, back to the
-//! backend; at most `TOO_BIG_PER_SECOND` a second per CPU.
+//! vanishing; TCP NAT replies too big for the client's link (vc's, 1500) likewise, back to
+//! the backend; at most `TOO_BIG_PER_SECOND` a second per CPU.
 
 use super::*;
 use lb_common::maps::TOO_BIG_PER_SECOND;
@@ -176,7 +176,7 @@ fn a_nat_reply_too_big_for_the_client_link_gets_fragmentation_needed_to_the_back
     let out = lab.expect(lab.vc, &syn, XDP_REDIRECT, "a SYN to the VIP");
     let snat = l4_source_port(&out);
     let (local, backend): (IpAddr, IpAddr) = (LOCAL4.into(), B1_4.into());
-    let reverse_before: Vec<_> = lab.nat_reverse.iter().filter_map(Result::ok).collect();
+    let reverse_before: Vec<_> = lab.nat_reverse.keys().filter_map(Result::ok).collect();
 
     let big = Packet::tcp(backend, 8080, local, snat, TCP_ACK).payload(&[0x66; 1470]);
     let out = lab.expect(
@@ -208,11 +208,10 @@ fn a_nat_reply_too_big_for_the_client_link_gets_fragmentation_needed_to_the_back
         &big.ip()[..128],
         "the quote is the backend's reply as it came, not translated"
     );
-    let reverse_after: Vec<_> = lab.nat_reverse.iter().filter_map(Result::ok).collect();
+    let reverse_after: Vec<_> = lab.nat_reverse.keys().filter_map(Result::ok).collect();
     assert_eq!(
-        reverse_after.len(),
-        reverse_before.len(),
-        "the flow's NAT entries are as they were"
+        reverse_after, reverse_before,
+        "the flow keeps its NAT entries, and no other is made"
     );
 
     let fits = Packet::tcp(backend, 8080, local, snat, TCP_ACK).payload(&[0x66; 1460]);
@@ -223,6 +222,32 @@ fn a_nat_reply_too_big_for_the_client_link_gets_fragmentation_needed_to_the_back
         "a 1500-byte reply",
     );
     assert_eq!(lab.stat(Stat::NatReplies), 1, "1500 bytes fit");
+}
+
+/// A UDP NAT reply too big for the client's link is dropped, not answered: the backend keeps
+/// the path MTU per destination, the NAT address every client shares, and would fragment its
+/// large datagrams to all of them, fragments that are not translated back.
+#[test]
+fn a_udp_nat_reply_too_big_for_the_client_link_is_dropped_not_answered() {
+    let Some(mut lab) = lab("too_big_nat_udp_reply") else {
+        return;
+    };
+    lab.backend(0, B1_4.into(), 5300);
+    lab.service(0, VIP4.into(), 53, IPPROTO_UDP, MODE_NAT, &[0]);
+    let (client, vip): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let request = Packet::udp(client, 40000, vip, 53).frame(VC_MAC, CLIENT_MAC);
+    let out = lab.expect(lab.vc, &request, XDP_REDIRECT, "a datagram to the VIP");
+    let snat = l4_source_port(&out);
+    let (local, backend): (IpAddr, IpAddr) = (LOCAL4.into(), B1_4.into());
+    let big = Packet::udp(backend, 5300, local, snat).payload(&[0x66; 1482]);
+    lab.expect(
+        lab.vb,
+        &big.frame(VB_MAC, B1_MAC),
+        XDP_DROP,
+        "a 1510-byte UDP reply over vc's 1500",
+    );
+    assert_eq!(lab.stat(Stat::DropMtu), 1, "counted as drop_mtu");
+    assert_eq!(lab.stat(Stat::TooBigSent), 0, "and not answered");
 }
 
 #[test]
