@@ -17,6 +17,7 @@ pub mod handover;
 pub mod health;
 pub mod heap;
 pub mod host_addrs;
+pub mod log_writer;
 pub mod maglev;
 pub mod notify;
 pub mod placement;

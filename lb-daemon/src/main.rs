@@ -135,7 +135,9 @@ const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let daemon = matches!(cli.command, Command::Run { .. } | Command::Upgrade { .. });
+    // Dropped last: the daemon's final lines are written before the process ends.
+    let _log = init_logging(daemon);
     match cli.command {
         Command::Run { config } => run(&config, false),
         Command::Upgrade { config } => run(&config, true),
@@ -382,13 +384,25 @@ fn admin_call(
     }
 }
 
-fn init_logging() {
+/// Logs to stderr: the daemon (`daemon`) through [`lb_daemon::log_writer`]'s thread, so that
+/// a stalled reader stalls none of its threads; the other commands in place. Returns the
+/// guard that writes the daemon's queued lines at exit.
+fn init_logging(daemon: bool) -> Option<lb_daemon::log_writer::LogGuard> {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    if daemon {
+        match lb_daemon::log_writer::start() {
+            Ok((writer, guard)) => {
+                logger.with_writer(writer).init();
+                return Some(guard);
+            }
+            Err(e) => eprintln!("no thread for the log ({e}): logging to stderr in place"),
+        }
+    }
+    logger.with_writer(std::io::stderr).init();
+    None
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lb_tests::backend::TcpServer;
 use lb_tests::client::{connect, UdpClient};
@@ -177,4 +177,52 @@ fn each_connection_and_session_gets_one_line_with_what_happened() {
         leaked.is_empty(),
         "a service with access_log off logged access: {leaked:?}"
     );
+}
+
+/// Connections in [`a_stalled_log_reader_does_not_stall_the_proxy`]: their access lines
+/// (about 150 bytes each) are far more than the pipe (64 KiB) and the daemon's log queue
+/// (`lb_daemon::log_writer::QUEUE_LINES`) hold.
+const STALLED_CONNECTIONS: usize = 6_000;
+
+/// A log reader that stalls (a journald under load, a pipe nobody drains) does not stall the
+/// proxy: its workers queue their access lines without waiting, the lines that do not fit
+/// are dropped, and the daemon says how many once the reader is back.
+#[test]
+fn a_stalled_log_reader_does_not_stall_the_proxy() {
+    let echo = echo_server();
+    let vip = free_addr();
+    let config = DaemonConfig::new().service(
+        ServiceConfig::tcp("web", vip)
+            .set("access_log", true)
+            .health("kind", "none")
+            .backend(echo.addr(), 1),
+    );
+    let daemon = Daemon::start(&config.to_toml());
+    daemon.pause_log_reader(true);
+    let started = Instant::now();
+    let exchange = || -> io::Result<()> {
+        let mut c = connect(vip).map_err(io::Error::other)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"x")?;
+        let mut back = [0u8; 1];
+        c.read_exact(&mut back)
+    };
+    for i in 0..STALLED_CONNECTIONS {
+        if let Err(e) = exchange() {
+            daemon.pause_log_reader(false);
+            panic!(
+                "connection {i} of {STALLED_CONNECTIONS} through the proxy failed while the \
+                 log reader stalled ({:?} in): {e}",
+                started.elapsed()
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{i} connections took over 120 s"
+        );
+    }
+    daemon.pause_log_reader(false);
+    daemon
+        .wait_for_log("log line(s) dropped", WAIT)
+        .expect("the daemon says how many access lines it dropped");
 }

@@ -1,6 +1,7 @@
 //! The daemon's output, captured line by line for assertions.
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,8 @@ pub enum LogWaitError {
 pub(crate) struct LogBuffer {
     state: Mutex<State>,
     changed: Condvar,
+    /// While set, the pumps read nothing, as a stalled log reader would.
+    paused: AtomicBool,
 }
 
 #[derive(Default)]
@@ -55,6 +58,9 @@ impl LogBuffer {
         let mut reader = BufReader::new(stream);
         let mut raw = Vec::new();
         loop {
+            while self.paused.load(Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             raw.clear();
             match reader.read_until(b'\n', &mut raw) {
                 Ok(0) | Err(_) => break,
@@ -74,6 +80,11 @@ impl LogBuffer {
         }
         self.state.lock().expect("log lock").open -= 1;
         self.changed.notify_all();
+    }
+
+    /// Stops (`true`) or resumes the pumps' reading.
+    pub(crate) fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
     }
 
     /// A copy of every line so far.

@@ -302,6 +302,13 @@ impl Daemon {
         &self.config_path
     }
 
+    /// Stops reading the daemon's output (`true`), as a log reader that stalls would (a
+    /// journald under load): once the pipe is full, the daemon's writes to it would block.
+    /// `false` reads on.
+    pub fn pause_log_reader(&self, paused: bool) {
+        self.log.pause(paused);
+    }
+
     /// Every log line so far (stderr and stdout, colour codes removed).
     pub fn logs(&self) -> Vec<String> {
         self.log.lines()
