@@ -5,26 +5,35 @@
 //! Each line is handed over through a bounded queue of [`QUEUE_LINES`] lines without waiting.
 //! When the queue is full the line is dropped and counted, and the writer says how many were
 //! dropped once it can write again (HAProxy's UDP syslog loses lines under load the same way,
-//! rather than slow the traffic down). The writer thread lowers its capabilities like every
-//! other thread ([`crate::privileges::follow`]), within a second of start-up.
+//! rather than slow the traffic down). Lines below WARN (the access log above all) may use
+//! only the first three quarters of the queue, so that a flood of them cannot push out a
+//! warning or an error.
 //!
-//! At exit, [`LogGuard`] waits up to [`FLUSH_WAIT`] for the queue to be written, so the last
-//! lines (the exit summary) are not lost to a reader that keeps up.
+//! Until [`spawn_writer`] runs, lines are written in place: the daemon calls it once it has
+//! lowered its privileges, so that the writer thread inherits the lowered set (a thread
+//! blocked on a stalled stderr could not lower its own). At exit, [`LogGuard`] waits up to
+//! [`FLUSH_WAIT`] for the queue to be written, and a panic waits up to [`PANIC_FLUSH_WAIT`]
+//! before its message, so that neither loses or overtakes the lines before it.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// Lines the queue holds (a few hundred bytes each).
 pub const QUEUE_LINES: usize = 4096;
+/// Lines below WARN are dropped once this many wait.
+pub const QUEUE_LINES_BELOW_WARN: usize = QUEUE_LINES * 3 / 4;
 /// The longest [`LogGuard`] waits at exit for the queue to be written.
 pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
-/// How often the writer thread wakes without lines: to lower its capabilities once start-up
-/// is done, and to report drops.
+/// The longest a panicking thread waits for the queue before its message is printed.
+pub const PANIC_FLUSH_WAIT: Duration = Duration::from_millis(500);
+/// How often the writer thread wakes without lines, to report drops.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 enum Message {
@@ -33,45 +42,100 @@ enum Message {
     Flush(SyncSender<()>),
 }
 
+/// What the writer thread counts with the threads that log.
+#[derive(Default)]
+struct Counts {
+    /// Lines queued and not yet taken by the writer thread.
+    waiting: AtomicUsize,
+    /// Lines dropped and not yet reported.
+    dropped: AtomicU64,
+}
+
+/// The threads that log: the queue's sending end and where the writer stands.
+struct Shared {
+    queue: SyncSender<Message>,
+    counts: Arc<Counts>,
+    /// The writer thread runs: lines go through the queue, not in place.
+    live: AtomicBool,
+    /// The receiving end, until [`spawn_writer`] hands it to the thread.
+    lines: Mutex<Option<Receiver<Message>>>,
+}
+
 /// A [`MakeWriter`] for `tracing_subscriber::fmt` that queues each line for the writer
-/// thread (see the module's doc). Cloned into the subscriber.
+/// thread, or writes it in place before the thread runs (see the module's doc).
 #[derive(Clone)]
 pub struct QueuedStderr {
-    queue: SyncSender<Message>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
 
 /// Flushes the queue when dropped (at most [`FLUSH_WAIT`]); keep it until the process exits.
 pub struct LogGuard {
-    queue: SyncSender<Message>,
+    shared: Arc<Shared>,
 }
 
-/// Starts the writer thread `lb-log`. Returns the writer for the subscriber and the guard for
-/// `main`, or `Err` when the thread cannot be started.
-pub fn start() -> io::Result<(QueuedStderr, LogGuard)> {
+/// The daemon's one writer, for [`spawn_writer`] and the panic hook.
+static WRITER: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+
+/// Makes the writer for the subscriber and the guard for `main`. Lines are written in place
+/// until [`spawn_writer`] starts the thread. Installs a panic hook that lets the queue be
+/// written before a panic's message.
+pub fn start() -> (QueuedStderr, LogGuard) {
     let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
-    let dropped = Arc::new(AtomicU64::new(0));
-    let counted = dropped.clone();
+    let shared = Arc::new(Shared {
+        queue,
+        counts: Arc::default(),
+        live: AtomicBool::new(false),
+        lines: Mutex::new(Some(lines)),
+    });
+    if let Ok(mut writer) = WRITER.lock() {
+        *writer = Some(shared.clone());
+    }
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let on_writer = std::thread::current().name() == Some("lb-log");
+        if !on_writer {
+            if let Some(shared) = WRITER.lock().ok().and_then(|w| w.clone()) {
+                shared.flush(PANIC_FLUSH_WAIT);
+            }
+        }
+        previous(info);
+    }));
+    (
+        QueuedStderr {
+            shared: shared.clone(),
+        },
+        LogGuard { shared },
+    )
+}
+
+/// Starts the writer thread `lb-log` of the writer [`start`] made; from then on lines go
+/// through the queue. Call it once the daemon's privileges are lowered: the thread inherits
+/// the caller's. Nothing when there is no such writer or it already runs; `Err` when the
+/// thread cannot be started (lines are then written in place).
+pub fn spawn_writer() -> io::Result<()> {
+    let Some(shared) = WRITER.lock().ok().and_then(|w| w.clone()) else {
+        return Ok(());
+    };
+    let Some(lines) = shared.lines.lock().ok().and_then(|mut l| l.take()) else {
+        return Ok(());
+    };
+    let counts = shared.counts.clone();
     std::thread::Builder::new()
         .name("lb-log".to_string())
-        .spawn(move || write_lines(&lines, &counted, &mut io::stderr()))?;
-    Ok((
-        QueuedStderr {
-            queue: queue.clone(),
-            dropped,
-        },
-        LogGuard { queue },
-    ))
+        .spawn(move || write_lines(&lines, &counts, &mut io::stderr()))?;
+    shared.live.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// The writer thread: writes each queued line to `out` and reports drops, until every sender
 /// is gone.
-fn write_lines(lines: &Receiver<Message>, dropped: &AtomicU64, out: &mut impl Write) {
+fn write_lines(lines: &Receiver<Message>, counts: &Counts, out: &mut impl Write) {
     loop {
         let message = lines.recv_timeout(IDLE_WAKE);
-        report_drops(dropped, out);
+        report_drops(&counts.dropped, out);
         match message {
             Ok(Message::Line(line)) => {
+                counts.waiting.fetch_sub(1, Ordering::Relaxed);
                 // A write error (stderr closed) loses the line; there is nowhere to say so.
                 let _ = out.write_all(&line);
             }
@@ -82,81 +146,66 @@ fn write_lines(lines: &Receiver<Message>, dropped: &AtomicU64, out: &mut impl Wr
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        crate::privileges::follow();
     }
 }
 
-/// Writes how many lines were dropped since the last report, if any.
+/// Writes how many lines were dropped since the last report, if any, as a WARN line of the
+/// subscriber's layout.
 fn report_drops(dropped: &AtomicU64, out: &mut impl Write) {
     let n = dropped.swap(0, Ordering::Relaxed);
-    if n > 0 {
-        let _ = writeln!(
-            out,
-            "WARN lb_daemon::log_writer: {n} log line(s) dropped: stderr did not take them as \
-             fast as they came (its reader stalled or fell behind)"
-        );
+    if n == 0 {
+        return;
     }
+    let mut time = String::new();
+    let _ = SystemTime.format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut time));
+    let _ = writeln!(
+        out,
+        "{time}  WARN lb_daemon::log_writer: {n} log line(s) dropped: stderr did not take them \
+         as fast as they came (its reader stalled or fell behind)"
+    );
 }
 
-impl QueuedStderr {
-    /// Lines dropped so far and not yet reported.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-}
-
-impl<'a> MakeWriter<'a> for QueuedStderr {
-    type Writer = Line<'a>;
-
-    fn make_writer(&'a self) -> Line<'a> {
-        Line {
-            to: self,
-            bytes: Vec::new(),
-        }
-    }
-}
-
-/// One log line being formatted; queued when dropped.
-pub struct Line<'a> {
-    to: &'a QueuedStderr,
-    bytes: Vec<u8>,
-}
-
-impl Write for Line<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for Line<'_> {
-    fn drop(&mut self) {
-        if self.bytes.is_empty() {
+impl Shared {
+    /// Queues `line` (`urgent`: WARN or above), or drops and counts it when its part of the
+    /// queue is full; writes it in place while the writer thread does not run.
+    fn send(&self, line: Vec<u8>, urgent: bool) {
+        if !self.live.load(Ordering::Acquire) {
+            let _ = io::stderr().write_all(&line);
             return;
         }
-        let line = std::mem::take(&mut self.bytes);
-        match self.to.queue.try_send(Message::Line(line)) {
+        let room = if urgent {
+            QUEUE_LINES
+        } else {
+            QUEUE_LINES_BELOW_WARN
+        };
+        if self.counts.waiting.fetch_add(1, Ordering::Relaxed) >= room {
+            self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.queue.try_send(Message::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.to.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.counts.dropped.fetch_add(1, Ordering::Relaxed);
             }
             // The writer thread is gone (it cannot end while a sender lives, short of a
             // panic): write in place rather than lose the line.
             Err(TrySendError::Disconnected(Message::Line(line))) => {
+                self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
                 let _ = io::stderr().write_all(&line);
             }
             Err(TrySendError::Disconnected(Message::Flush(_))) => {}
         }
     }
-}
 
-impl Drop for LogGuard {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + FLUSH_WAIT;
+    /// Waits up to `wait` until every line queued before the call is written; nothing while
+    /// the writer thread does not run.
+    fn flush(&self, wait: Duration) {
+        if !self.live.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = Instant::now() + wait;
         let (done, written) = mpsc::sync_channel(1);
         let mut flush = Message::Flush(done);
         loop {
@@ -173,13 +222,73 @@ impl Drop for LogGuard {
     }
 }
 
+impl QueuedStderr {
+    /// Lines dropped so far and not yet reported.
+    pub fn dropped(&self) -> u64 {
+        self.shared.counts.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl<'a> MakeWriter<'a> for QueuedStderr {
+    type Writer = Line<'a>;
+
+    fn make_writer(&'a self) -> Line<'a> {
+        Line {
+            to: &self.shared,
+            bytes: Vec::new(),
+            urgent: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Line<'a> {
+        Line {
+            to: &self.shared,
+            bytes: Vec::new(),
+            urgent: *meta.level() <= Level::WARN,
+        }
+    }
+}
+
+/// One log line being formatted; queued when dropped.
+pub struct Line<'a> {
+    to: &'a Shared,
+    bytes: Vec<u8>,
+    /// WARN or above: may take the whole queue.
+    urgent: bool,
+}
+
+impl Write for Line<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line<'_> {
+    fn drop(&mut self) {
+        if !self.bytes.is_empty() {
+            self.to.send(std::mem::take(&mut self.bytes), self.urgent);
+        }
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared.flush(FLUSH_WAIT);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A writer for the thread under test: what it got, shared.
     #[derive(Clone, Default)]
-    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    struct Sink(Arc<Mutex<Vec<u8>>>);
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -191,51 +300,85 @@ mod tests {
         }
     }
 
+    impl Sink {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().expect("sink lock").clone()).expect("text")
+        }
+    }
+
+    /// A live writer with a queue of `capacity` lines, not shared with the daemon's.
+    fn writer(capacity: usize) -> (QueuedStderr, Receiver<Message>) {
+        let (queue, lines) = mpsc::sync_channel(capacity);
+        let shared = Arc::new(Shared {
+            queue,
+            counts: Arc::default(),
+            live: AtomicBool::new(true),
+            lines: Mutex::new(None),
+        });
+        (QueuedStderr { shared }, lines)
+    }
+
     #[test]
     fn lines_past_a_full_queue_are_dropped_counted_and_reported() {
-        let (queue, lines) = mpsc::sync_channel(2);
-        let writer = QueuedStderr {
-            queue,
-            dropped: Arc::new(AtomicU64::new(0)),
-        };
+        let (writer, lines) = writer(2);
         for i in 0..5 {
             writeln!(writer.make_writer(), "line {i}").expect("formatting a line");
         }
         assert_eq!(writer.dropped(), 3, "two fit the queue, three did not");
-        let sink = Sink::default();
-        let dropped = writer.dropped.clone();
+        let counts = writer.shared.counts.clone();
         drop(writer);
-        write_lines(&lines, &dropped, &mut sink.clone());
-        let got = String::from_utf8(sink.0.lock().expect("sink lock").clone()).expect("text");
+        let sink = Sink::default();
+        // Ends once the queue is empty: its only sender went with the writer.
+        write_lines(&lines, &counts, &mut sink.clone());
+        let got = sink.text();
         assert!(
-            got.starts_with("WARN lb_daemon::log_writer: 3 log line(s) dropped"),
+            got.contains(" WARN lb_daemon::log_writer: 3 log line(s) dropped"),
             "{got}"
         );
         assert!(got.ends_with("line 0\nline 1\n"), "{got}");
     }
 
     #[test]
-    fn the_guard_waits_until_the_queue_is_written() {
-        let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
-        let writer = QueuedStderr {
-            queue: queue.clone(),
-            dropped: Arc::new(AtomicU64::new(0)),
-        };
+    fn lines_below_warn_leave_a_quarter_of_the_queue_to_warnings() {
+        let (writer, _lines) = writer(QUEUE_LINES);
+        for _ in 0..QUEUE_LINES {
+            let mut line = writer.make_writer();
+            line.urgent = false;
+            writeln!(line, "access").expect("formatting a line");
+        }
+        assert_eq!(
+            writer.dropped(),
+            (QUEUE_LINES - QUEUE_LINES_BELOW_WARN) as u64,
+            "info lines stop at three quarters"
+        );
+        for _ in 0..QUEUE_LINES - QUEUE_LINES_BELOW_WARN {
+            writeln!(writer.make_writer(), "warning").expect("formatting a line");
+        }
+        assert_eq!(
+            writer.dropped(),
+            (QUEUE_LINES - QUEUE_LINES_BELOW_WARN) as u64,
+            "warnings take the last quarter"
+        );
+    }
+
+    #[test]
+    fn a_flush_waits_until_the_queue_is_written() {
+        let (writer, lines) = writer(QUEUE_LINES);
         let sink = Sink::default();
-        let (out, dropped) = (sink.clone(), writer.dropped.clone());
-        let thread = std::thread::spawn(move || write_lines(&lines, &dropped, &mut out.clone()));
+        let out = sink.clone();
+        let counts = writer.shared.counts.clone();
+        let thread = std::thread::spawn(move || write_lines(&lines, &counts, &mut out.clone()));
         for i in 0..100 {
             writeln!(writer.make_writer(), "line {i}").expect("formatting a line");
         }
-        drop(LogGuard { queue });
-        let got = sink.0.lock().expect("sink lock").clone();
+        writer.shared.flush(FLUSH_WAIT);
         assert!(
-            String::from_utf8(got).expect("text").ends_with("line 99\n"),
-            "every line queued before the guard went was written when it returned"
+            sink.text().ends_with("line 99\n"),
+            "every line queued before the flush was written when it returned"
         );
         drop(writer);
         thread
             .join()
-            .expect("the writer thread ends with its senders");
+            .expect("the writer thread ends with its sender");
     }
 }

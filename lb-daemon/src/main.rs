@@ -384,9 +384,9 @@ fn admin_call(
     }
 }
 
-/// Logs to stderr: the daemon (`daemon`) through [`lb_daemon::log_writer`]'s thread, so that
-/// a stalled reader stalls none of its threads; the other commands in place. Returns the
-/// guard that writes the daemon's queued lines at exit.
+/// Logs to stderr: the daemon (`daemon`) through [`lb_daemon::log_writer`]'s queue once its
+/// start-up is done, so that a stalled reader stalls none of its threads; the other commands
+/// in place. Returns the guard that writes the daemon's queued lines at exit.
 fn init_logging(daemon: bool) -> Option<lb_daemon::log_writer::LogGuard> {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -395,13 +395,9 @@ fn init_logging(daemon: bool) -> Option<lb_daemon::log_writer::LogGuard> {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal());
     if daemon {
-        match lb_daemon::log_writer::start() {
-            Ok((writer, guard)) => {
-                logger.with_writer(writer).init();
-                return Some(guard);
-            }
-            Err(e) => eprintln!("no thread for the log ({e}): logging to stderr in place"),
-        }
+        let (writer, guard) = lb_daemon::log_writer::start();
+        logger.with_writer(writer).init();
+        return Some(guard);
     }
     logger.with_writer(std::io::stderr).init();
     None

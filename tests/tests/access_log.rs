@@ -198,7 +198,15 @@ fn a_stalled_log_reader_does_not_stall_the_proxy() {
             .backend(echo.addr(), 1),
     );
     let daemon = Daemon::start(&config.to_toml());
+    // Reads on however the test ends, so that the daemon's last lines reach its log.
+    struct Resume<'a>(&'a Daemon);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.pause_log_reader(false);
+        }
+    }
     daemon.pause_log_reader(true);
+    let resume = Resume(&daemon);
     let started = Instant::now();
     let exchange = || -> io::Result<()> {
         let mut c = connect(vip).map_err(io::Error::other)?;
@@ -209,7 +217,6 @@ fn a_stalled_log_reader_does_not_stall_the_proxy() {
     };
     for i in 0..STALLED_CONNECTIONS {
         if let Err(e) = exchange() {
-            daemon.pause_log_reader(false);
             panic!(
                 "connection {i} of {STALLED_CONNECTIONS} through the proxy failed while the \
                  log reader stalled ({:?} in): {e}",
@@ -221,7 +228,7 @@ fn a_stalled_log_reader_does_not_stall_the_proxy() {
             "{i} connections took over 120 s"
         );
     }
-    daemon.pause_log_reader(false);
+    drop(resume);
     daemon
         .wait_for_log("log line(s) dropped", WAIT)
         .expect("the daemon says how many access lines it dropped");
