@@ -103,8 +103,8 @@ pub fn forward<C: Frame>(
 /// The route lookup of [`forward`] alone, so the packet can be changed (translated,
 /// encapsulated) between the lookup and [`send`], and a packet too big for the route be
 /// answered before. `Err(Stat::DropMtu)` when `ip_len` exceeds the route's MTU, which
-/// [`path_mtu`] then tells (a tc GSO super-packet is checked by the kernel, segment by
-/// segment: see `Frame::mtu_len`); other `Err`s as [`forward`]'s.
+/// [`path_mtu`] then tells (a tc GSO super-packet is not checked: see `Frame::mtu_len`);
+/// other `Err`s as [`forward`]'s.
 ///
 /// What it found (a [`Hop`]) is kept in this CPU's scratch slot for [`send`], not returned:
 /// the verifier tracks the values a program holds, and each kind of hop held across the work

@@ -13,7 +13,7 @@
 //! header. At most `TOO_BIG_PER_SECOND` answers a second per CPU (a flood of big packets must
 //! not turn into a flood of answers); over it, and for IPv4 without DF (the balancer does not
 //! fragment), the packet is dropped (`Stat::DropMtu`). On tc a GSO super-packet is not
-//! checked here: its segments are (see `Frame::mtu_len`). At tc the packet may have
+//! checked, nor answered (see `Frame::mtu_len`). At tc the packet may have
 //! arrived `CHECKSUM_PARTIAL`, and then the device rewrites the quoted transport checksum at
 //! transmit: the ICMP checksum is built to hold either way (see `write_head`).
 

@@ -22,8 +22,9 @@ pub(super) enum End {
     /// No byte either way for the service's `idle_timeout`.
     Idle,
     /// No byte moved for the service's `idle_timeout` while bytes sat in the proxy (a peer
-    /// stopped reading), or a peer is gone and the other acknowledged none of its last bytes
-    /// for `flush::STALL`: both peers get a reset, so neither takes the cut stream as whole.
+    /// stopped reading), or a peer is gone and the other, with its last bytes still to take,
+    /// acknowledged nothing for `flush::STALL`: both peers get a reset, so neither takes the
+    /// cut stream as whole.
     Stalled,
     /// A peer reset the connection (or the backend went away mid-write).
     Reset,

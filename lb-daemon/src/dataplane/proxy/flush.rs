@@ -10,7 +10,9 @@
 //! send queue is acknowledged, and reset then.
 //!
 //! Bounded three ways, so a peer that stopped reading holds nothing for long: a socket whose
-//! peer acknowledged nothing for [`STALL`] is reset, none waits longer than [`MAX_FLUSH`],
+//! peer acknowledged nothing for [`STALL`] is reset (unless the socket is resending after a
+//! retransmission timeout: a lossy path, not a peer that stopped), none waits longer than
+//! [`MAX_FLUSH`],
 //! and at most [`MAX_FLUSHING`] wait at once per worker, fewer under a low open file limit
 //! (past that, a socket is reset at once, losing its queue as before). From the drain
 //! deadline on ([`Flushing::stop`]) nothing waits.
@@ -20,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use super::sys;
 
-/// How long a peer may acknowledge nothing before it counts as no longer reading.
+/// How long a peer may acknowledge nothing before it counts as no longer reading, unless the
+/// socket is resending after a retransmission timeout (`sys::retransmitting`).
 pub(super) const STALL: Duration = Duration::from_secs(2);
 /// The longest a socket waits for its peer to take its send queue.
 pub(super) const MAX_FLUSH: Duration = Duration::from_secs(30);
@@ -110,14 +113,16 @@ impl Flushing {
     }
 
     /// Once per sweep tick: resets each socket whose queue was acknowledged, whose peer is
-    /// gone, whose peer acknowledged nothing for [`STALL`], or that waited [`MAX_FLUSH`].
+    /// gone, whose peer acknowledged nothing for [`STALL`] (and that is not resending after a
+    /// retransmission timeout), or that waited [`MAX_FLUSH`].
     pub(super) fn sweep(&mut self, now: Instant) {
         let mut i = 0;
         while i < self.entries.len() {
             let entry = &mut self.entries[i];
             let queued = sys::unacknowledged(entry.socket.as_fd());
             let done = queued == 0
-                || entry.progress.stalled(acked(queued), now)
+                || (entry.progress.stalled(acked(queued), now)
+                    && !sys::retransmitting(entry.socket.as_fd()))
                 || now.saturating_duration_since(entry.since) >= MAX_FLUSH
                 || sys::tcp_failed(entry.socket.as_fd());
             if done {

@@ -50,10 +50,10 @@ pub(super) struct Relaying {
     /// backend sent before is readable from its socket ahead of the error, so `TO_CLIENT` runs
     /// on to deliver it, and the connection then closes with a reset, as a direct one would.
     pub(super) backend_failed: Option<i32>,
-    /// While the sweep lets a direction deliver the last bytes of a peer that is gone: how
-    /// its destination acknowledges them (see `tcp::sweep_verdict`). A `Cell`: the sweep
-    /// sees connections through shared references.
-    pub(super) last_bytes_of_gone_peer: Cell<Option<Progress>>,
+    /// While the sweep lets a direction deliver the last bytes of a peer that is gone: the
+    /// direction, and how its destination acknowledges them (see `tcp::sweep_verdict`). A
+    /// `Cell`: the sweep sees connections through shared references.
+    pub(super) last_bytes_of_gone_peer: Cell<Option<(usize, Progress)>>,
 }
 
 /// Empty pipes for reuse: creating one costs `pipe2` + `fcntl`, returning it two `close`s.

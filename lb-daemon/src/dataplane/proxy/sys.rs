@@ -244,11 +244,18 @@ const TCP_CLOSE: u8 = 7;
 /// came and its error was already taken). Unlike [`peer_gone`], a hang-up alone does not
 /// count: it is also what a FIN each way shows while the send queue still holds bytes.
 pub(super) fn tcp_failed(fd: BorrowedFd<'_>) -> bool {
-    peer_gone(fd, true) || tcp_state(fd) == Some(TCP_CLOSE)
+    peer_gone(fd, true) || tcp_info(fd).is_some_and(|i| i.tcpi_state == TCP_CLOSE)
 }
 
-/// The TCP state of `fd` (`tcpi_state` of `TCP_INFO`), if the kernel tells it.
-fn tcp_state(fd: BorrowedFd<'_>) -> Option<u8> {
+/// Whether TCP socket `fd` is resending unacknowledged data after a retransmission timeout
+/// (`tcpi_retransmits`): its peer may be reading, behind a lossy path. A peer that does not
+/// read advertises a zero window instead, which the kernel probes without counting here.
+pub(super) fn retransmitting(fd: BorrowedFd<'_>) -> bool {
+    tcp_info(fd).is_some_and(|i| i.tcpi_retransmits > 0)
+}
+
+/// `TCP_INFO` of `fd`, if the kernel tells it.
+fn tcp_info(fd: BorrowedFd<'_>) -> Option<libc::tcp_info> {
     // SAFETY: `tcp_info` is plain integers; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -262,7 +269,8 @@ fn tcp_state(fd: BorrowedFd<'_>) -> Option<u8> {
             &mut len,
         )
     };
-    (rc == 0 && len >= 1).then_some(info.tcpi_state)
+    // The fields read here are in the first 8 bytes, which every kernel fills.
+    (rc == 0 && len >= 8).then_some(info)
 }
 
 /// Bytes written to TCP socket `fd` that its peer has not acknowledged yet, sent or not

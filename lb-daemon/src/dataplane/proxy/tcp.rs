@@ -187,8 +187,9 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
     // A direction that still delivers what it read from a gone peer is let be while its
     // destination acknowledges bytes: it reads the socket again once done and meets the
     // reset there, after the gone peer's last bytes, as a direct connection would show them.
-    // A destination that acknowledged nothing for `STALL` does not read: waiting would only
-    // hold both sides until the idle timeout.
+    // A destination that acknowledged nothing for `STALL`, and to which nothing is being
+    // resent after a timeout (a lossy path), does not read: waiting would only hold both
+    // sides until the idle timeout.
     let sockets = [
         (
             conn.client.as_fd(),
@@ -217,14 +218,15 @@ fn sweep_verdict(conn: &Conn, service: &ServiceInfo, now: Instant) -> Option<End
             );
             return Some(End::Reset);
         }
-        // Acknowledged by the destination: delivered less what its socket still holds.
+        // Acknowledged by the destination: delivered less what its socket still holds. (Less
+        // the PROXY protocol header too, towards a backend: a constant once it is out.)
         let acked = r.bytes[from] as i64 - i64::from(sys::unacknowledged(destination));
-        let mut progress = r
-            .last_bytes_of_gone_peer
-            .get()
-            .unwrap_or_else(|| Progress::new(acked, now));
-        let stalled = progress.stalled(acked, now);
-        r.last_bytes_of_gone_peer.set(Some(progress));
+        let mut progress = match r.last_bytes_of_gone_peer.get() {
+            Some((way, progress)) if way == from => progress,
+            _ => Progress::new(acked, now),
+        };
+        let stalled = progress.stalled(acked, now) && !sys::retransmitting(destination);
+        r.last_bytes_of_gone_peer.set(Some((from, progress)));
         if stalled {
             tracing::debug!(
                 "service {}: a peer of the connection from {} is gone and the other takes \
