@@ -10,7 +10,9 @@ use lb_tests::admin;
 use lb_tests::client::{udp_request, UdpClient};
 use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::load::wait_until_each_answers;
+use lb_tests::netns::Netns;
 use lb_tests::ports::free_addr;
+use lb_tests::xdp::in_netns;
 use lb_tests::{Daemon, Tally, UdpEcho};
 
 const CLIENTS: usize = 3;
@@ -247,4 +249,80 @@ fn without_checks_a_stopped_backend_leaves_after_fall_lost_datagrams_and_returns
         "u2 got a new client {back_after:?} after it stopped, within its {HOLD_OFF:?} hold-off"
     );
     assert_eq!(u2_status()["health"], "up");
+}
+
+/// A backend that becomes unreachable while a client's session is on it (its route goes:
+/// a host that left the network, a withdrawn route; or an ICMP host unreachable comes back):
+/// the first datagram that cannot reach it ends the session and counts against the backend,
+/// so the client's next datagrams reach the other backend once `fall` failures took the
+/// first out, instead of vanishing until the session's idle timeout.
+#[test]
+fn a_session_whose_backend_becomes_unreachable_moves_to_another_backend() {
+    if !lb_tests::require_root("udp::a_session_whose_backend_becomes_unreachable") {
+        return;
+    }
+    let near = Netns::new("unreach").expect("a namespace for the balancer");
+    let far = Netns::new("far").expect("a namespace for the far backend");
+    lb_tests::netns::veth(&near, "v0", "10.99.0.1/24", &far, "v1", "10.99.0.2/24")
+        .expect("a veth between the namespaces");
+    let far_addr: SocketAddr = "10.99.0.2:5300".parse().expect("literal");
+    let near_addr: SocketAddr = "127.0.0.2:5300".parse().expect("literal");
+    let _u1 = in_netns(&far, || UdpEcho::start_on("u1", far_addr))
+        .expect("enter the far namespace")
+        .expect("u1 starts");
+    let _u2 = in_netns(&near, || UdpEcho::start_on("u2", near_addr))
+        .expect("enter the balancer's namespace")
+        .expect("u2 starts");
+    let vip: SocketAddr = "127.0.0.1:5353".parse().expect("literal");
+    let svc = ServiceConfig::udp("echo", vip)
+        .set("dataplane", "proxy")
+        .set("idle_timeout", "60s")
+        .scheduler("round_robin")
+        .health("kind", "none")
+        .health("fall", 2)
+        .backend(far_addr, 1)
+        .backend(near_addr, 1);
+    let config = DaemonConfig::new().global("workers", 1).service(svc);
+    let _daemon = in_netns(&near, || Daemon::start(&config.to_toml()))
+        .expect("enter the balancer's namespace");
+
+    // A client whose session is on u1 (round robin: one of the first few).
+    let client = in_netns(&near, || {
+        (0..10).find_map(|_| {
+            let c = UdpClient::new(vip).expect("a UDP client socket");
+            c.send(b"who").ok()?;
+            let reply = c.recv(Duration::from_millis(500)).ok()??;
+            reply.starts_with(b"u1:").then_some(c)
+        })
+    })
+    .expect("enter the balancer's namespace")
+    .expect("no client of 10 got a session on u1");
+
+    near.ip(&["route", "add", "unreachable", "10.99.0.2/32"])
+        .expect("an unreachable route to u1");
+    let start = Instant::now();
+    let mut answers = Vec::new();
+    while start.elapsed() < Duration::from_secs(5) {
+        client
+            .send(b"again")
+            .expect("sending a datagram on loopback");
+        if let Ok(Some(reply)) = client.recv(Duration::from_millis(100)) {
+            let from = String::from_utf8_lossy(&reply)
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            answers.push(from.clone());
+            if from == "u2" {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some("u2"),
+        "the client's datagrams should reach u2 once u1 became unreachable, well before the \
+         session's 60 s idle timeout; in {:?} it got answers from {answers:?}",
+        start.elapsed()
+    );
 }

@@ -168,6 +168,17 @@ fn session_header(
     .map(Vec::into_boxed_slice)
 }
 
+/// Whether `err`, from a send to or a receive from a session's backend, says the backend
+/// cannot be reached: an ICMP port, host or network unreachable came back for an earlier
+/// datagram (`ECONNREFUSED`, `EHOSTUNREACH`, `ENETUNREACH`), the host is down
+/// (`EHOSTDOWN`), or the route to it is gone (`EHOSTUNREACH`, `ENETUNREACH` on a send).
+fn unreachable(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN)
+    )
+}
+
 impl Udp {
     /// A UDP half for `sockets` (service, bound VIP socket).
     pub(super) fn new(sockets: Vec<(ServiceInfo, OwnedFd)>) -> Udp {
@@ -447,9 +458,8 @@ impl Udp {
             }
             Err(e) => {
                 Shared::count(&ctx.shared.dropped_datagrams, 1);
-                if e.raw_os_error() == Some(libc::ECONNREFUSED) {
-                    // An earlier datagram drew an ICMP port unreachable.
-                    self.refused(ctx, key, e);
+                if unreachable(&e) {
+                    self.unreachable(ctx, key, e);
                 } else {
                     tracing::debug!("send to backend {}: {e}", s.backend);
                 }
@@ -686,8 +696,8 @@ impl Udp {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    self.refused(ctx, key, e);
+                Err(e) if unreachable(&e) => {
+                    self.unreachable(ctx, key, e);
                     break;
                 }
                 Err(e) => {
@@ -725,9 +735,11 @@ impl Udp {
         self.batch = Some(batch);
     }
 
-    /// The backend answered with an ICMP port unreachable: report it and end the session,
-    /// so the client's next datagram picks a backend again.
-    fn refused(&mut self, ctx: &mut Ctx, key: (u32, u32), err: io::Error) {
+    /// The backend cannot be reached ([`unreachable`]): report it against the backend (as a
+    /// failed connect, which passive health checking counts) and end the session, so the
+    /// client's next datagram picks a backend again instead of feeding this one until the
+    /// idle timeout.
+    fn unreachable(&mut self, ctx: &mut Ctx, key: (u32, u32), err: io::Error) {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return;
         };
