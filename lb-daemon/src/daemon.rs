@@ -415,13 +415,6 @@ async fn serve(
     if let Err(e) = crate::privileges::lower(&keep) {
         warn!("{e}");
     }
-    // After `lower`: the log's writer thread inherits the lowered set.
-    if let Err(e) = crate::log_writer::spawn_writer() {
-        warn!(
-            "no thread for the log ({e}): lines are written in place, and a stalled reader \
-             stalls the threads that log"
-        );
-    }
     info!(
         "ready: {} services, {workers} proxy workers",
         set.all().len()

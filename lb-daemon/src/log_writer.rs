@@ -9,11 +9,12 @@
 //! only the first three quarters of the queue, so that a flood of them cannot push out a
 //! warning or an error.
 //!
-//! Until [`spawn_writer`] runs, lines are written in place: the daemon calls it once it has
-//! lowered its privileges, so that the writer thread inherits the lowered set (a thread
-//! blocked on a stalled stderr could not lower its own). At exit, [`LogGuard`] waits up to
-//! [`FLUSH_WAIT`] for the queue to be written, and a panic waits up to [`PANIC_FLUSH_WAIT`]
-//! before its message, so that neither loses or overtakes the lines before it.
+//! The writer thread drops every capability and sets no-new-privileges before anything else
+//! ([`crate::privileges::drop_all_in_this_thread`]): writing to stderr needs none, and a
+//! thread blocked on a stalled stderr could not lower its own later. At exit, [`LogGuard`]
+//! waits up to [`FLUSH_WAIT`] for the queue to be written, and a panic waits up to
+//! [`PANIC_FLUSH_WAIT`] before its message, so that neither loses or overtakes the lines
+//! before it. Should the thread not start, lines are written in place.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -57,8 +58,6 @@ struct Shared {
     counts: Arc<Counts>,
     /// The writer thread runs: lines go through the queue, not in place.
     live: AtomicBool,
-    /// The receiving end, until [`spawn_writer`] hands it to the thread.
-    lines: Mutex<Option<Receiver<Message>>>,
 }
 
 /// A [`MakeWriter`] for `tracing_subscriber::fmt` that queues each line for the writer
@@ -73,20 +72,38 @@ pub struct LogGuard {
     shared: Arc<Shared>,
 }
 
-/// The daemon's one writer, for [`spawn_writer`] and the panic hook.
+/// The daemon's one writer, for the panic hook.
 static WRITER: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
 
-/// Makes the writer for the subscriber and the guard for `main`. Lines are written in place
-/// until [`spawn_writer`] starts the thread. Installs a panic hook that lets the queue be
-/// written before a panic's message.
+/// Starts the writer thread `lb-log` and makes the writer for the subscriber and the guard
+/// for `main`; installs a panic hook that lets the queue be written before a panic's
+/// message. When the thread cannot be started, lines are written in place.
 pub fn start() -> (QueuedStderr, LogGuard) {
     let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
     let shared = Arc::new(Shared {
         queue,
         counts: Arc::default(),
         live: AtomicBool::new(false),
-        lines: Mutex::new(Some(lines)),
     });
+    let counts = shared.counts.clone();
+    let spawned = std::thread::Builder::new()
+        .name("lb-log".to_string())
+        .spawn(move || {
+            if let Err(e) = crate::privileges::drop_all_in_this_thread() {
+                let _ = writeln!(io::stderr(), "the log's writer keeps its privileges: {e}");
+            }
+            write_lines(&lines, &counts, &mut io::stderr());
+        });
+    match spawned {
+        Ok(_) => shared.live.store(true, Ordering::Release),
+        Err(e) => {
+            let _ = writeln!(
+                io::stderr(),
+                "no thread for the log ({e}): lines are written in place, and a stalled \
+                 reader stalls the threads that log"
+            );
+        }
+    }
     if let Ok(mut writer) = WRITER.lock() {
         *writer = Some(shared.clone());
     }
@@ -106,25 +123,6 @@ pub fn start() -> (QueuedStderr, LogGuard) {
         },
         LogGuard { shared },
     )
-}
-
-/// Starts the writer thread `lb-log` of the writer [`start`] made; from then on lines go
-/// through the queue. Call it once the daemon's privileges are lowered: the thread inherits
-/// the caller's. Nothing when there is no such writer or it already runs; `Err` when the
-/// thread cannot be started (lines are then written in place).
-pub fn spawn_writer() -> io::Result<()> {
-    let Some(shared) = WRITER.lock().ok().and_then(|w| w.clone()) else {
-        return Ok(());
-    };
-    let Some(lines) = shared.lines.lock().ok().and_then(|mut l| l.take()) else {
-        return Ok(());
-    };
-    let counts = shared.counts.clone();
-    std::thread::Builder::new()
-        .name("lb-log".to_string())
-        .spawn(move || write_lines(&lines, &counts, &mut io::stderr()))?;
-    shared.live.store(true, Ordering::Release);
-    Ok(())
 }
 
 /// The writer thread: writes each queued line to `out` and reports drops, until every sender
@@ -313,7 +311,6 @@ mod tests {
             queue,
             counts: Arc::default(),
             live: AtomicBool::new(true),
-            lines: Mutex::new(None),
         });
         (QueuedStderr { shared }, lines)
     }

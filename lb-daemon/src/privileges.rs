@@ -159,6 +159,15 @@ pub fn follow() {
     }
 }
 
+/// Drops every capability of the calling thread and sets no-new-privileges, for a thread
+/// that needs none (the log's writer, `crate::log_writer`), whenever it starts: it then
+/// holds less than [`lower`] keeps, from its first instruction on.
+///
+/// Returns `Err(PrivilegeError::Kernel)` when the kernel refuses a change.
+pub fn drop_all_in_this_thread() -> Result<(), PrivilegeError> {
+    lower_this_thread(&CapsHashSet::new())
+}
+
 fn lower_this_thread(kept: &CapsHashSet) -> Result<(), PrivilegeError> {
     let kernel = |e: caps::errors::CapsError| PrivilegeError::Kernel(e.to_string());
     // The bounding set first: dropping from it needs CAP_SETPCAP, which goes below.
