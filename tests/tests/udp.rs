@@ -251,11 +251,11 @@ fn without_checks_a_stopped_backend_leaves_after_fall_lost_datagrams_and_returns
     assert_eq!(u2_status()["health"], "up");
 }
 
-/// A backend that becomes unreachable while a client's session is on it (its route goes:
-/// a host that left the network, a withdrawn route; or an ICMP host unreachable comes back):
-/// the first datagram that cannot reach it ends the session and counts against the backend,
-/// so the client's next datagrams reach the other backend once `fall` failures took the
-/// first out, instead of vanishing until the session's idle timeout.
+/// A backend whose route goes away while a client's session is on it (a withdrawn route, an
+/// `unreachable` route here): the first datagram that cannot be sent ends the session, the
+/// next session's connect counts against the backend, so the client's next datagrams reach
+/// the other backend once `fall` failures took the first out, instead of vanishing until the
+/// session's idle timeout.
 #[test]
 fn a_session_whose_backend_becomes_unreachable_moves_to_another_backend() {
     if !lb_tests::require_root("udp::a_session_whose_backend_becomes_unreachable") {

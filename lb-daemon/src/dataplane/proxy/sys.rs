@@ -247,12 +247,18 @@ pub(super) fn tcp_failed(fd: BorrowedFd<'_>) -> bool {
     peer_gone(fd, true) || tcp_info(fd).is_some_and(|i| i.tcpi_state == TCP_CLOSE)
 }
 
-/// Whether TCP socket `fd` is resending unacknowledged data after a retransmission timeout
-/// (`tcpi_retransmits`): its peer may be reading, behind a lossy path. A peer that does not
-/// read advertises a zero window instead, which the kernel probes without counting here.
+/// Whether TCP socket `fd` is resending unacknowledged data after a retransmission timeout,
+/// at most [`RETRIES_OF_A_LOSSY_PATH`] times in a row (`tcpi_retransmits`): its peer may be
+/// reading, behind a lossy path. A peer that does not read advertises a zero window
+/// instead, which the kernel probes without counting here.
 pub(super) fn retransmitting(fd: BorrowedFd<'_>) -> bool {
-    tcp_info(fd).is_some_and(|i| i.tcpi_retransmits > 0)
+    tcp_info(fd).is_some_and(|i| (1..=RETRIES_OF_A_LOSSY_PATH).contains(&i.tcpi_retransmits))
 }
+
+/// Retransmission timeouts in a row that still read as a lossy path: the kernel's own
+/// threshold for suspecting the path (`net.ipv4.tcp_retries1`, default 3). A peer that died
+/// without a reset gets more, and then counts as not reading.
+const RETRIES_OF_A_LOSSY_PATH: u8 = 3;
 
 /// `TCP_INFO` of `fd`, if the kernel tells it.
 fn tcp_info(fd: BorrowedFd<'_>) -> Option<libc::tcp_info> {

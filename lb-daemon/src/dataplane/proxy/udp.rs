@@ -169,9 +169,11 @@ fn session_header(
 }
 
 /// Whether `err`, from a send to or a receive from a session's backend, says the backend
-/// cannot be reached: an ICMP port, host or network unreachable came back for an earlier
-/// datagram (`ECONNREFUSED`, `EHOSTUNREACH`, `ENETUNREACH`), the host is down
-/// (`EHOSTDOWN`), or the route to it is gone (`EHOSTUNREACH`, `ENETUNREACH` on a send).
+/// cannot be reached: an ICMP error came back for an earlier datagram, a port unreachable
+/// (`ECONNREFUSED`) or a host or network administratively prohibited, as a firewall's
+/// reject sends (`EHOSTUNREACH`, `ENETUNREACH`; the plain host and network unreachable
+/// reach a UDP socket only with `IP_RECVERR`, which these do not set), or the host is
+/// unknown (`EHOSTDOWN`).
 fn unreachable(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
@@ -458,7 +460,16 @@ impl Udp {
             }
             Err(e) => {
                 Shared::count(&ctx.shared.dropped_datagrams, 1);
-                if unreachable(&e) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EHOSTUNREACH | libc::ENETUNREACH)
+                ) {
+                    // On a send, most likely this host's routing (the route to the backend
+                    // gone), which is not the backend's fault: the session ends, and if the
+                    // route stays gone, the next session's connect says so against it.
+                    tracing::debug!("send to backend {}: {e}; ending the session", s.backend);
+                    self.close(ctx, key, End::Error);
+                } else if unreachable(&e) {
                     self.unreachable(ctx, key, e);
                 } else {
                     tracing::debug!("send to backend {}: {e}", s.backend);
