@@ -730,6 +730,13 @@ pub struct VipValue {
     pub service: u32,
 }
 
+/// [`Service::flags`]: the node announces the service's VIP among others (`[announce]`,
+/// ECMP). A SYN that finds no eligible backend is then dropped (`drop_no_backend`), not
+/// refused with a RST: the node withdraws the VIP as its last backend goes down, and the
+/// client's resent SYN reaches another node, where a RST would have failed the connection
+/// in the moments before the withdrawal reached the router.
+pub const SERVICE_F_ANNOUNCED: u8 = 1;
+
 /// Value of `SERVICES`: how a service forwards, and which table half is live.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -741,8 +748,8 @@ pub struct Service {
     /// `nat`: how many SNAT source addresses the service has in `LOCAL_ADDRS` (see "Several
     /// local addresses"), `1..=MAX_LOCAL_ADDRS`; 0 and 1 both mean `local_addr` alone.
     pub local_addrs: u8,
-    /// Explicit padding; zero.
-    pub _pad: u8,
+    /// Bits: [`SERVICE_F_ANNOUNCED`].
+    pub flags: u8,
     /// The live table half, 0 or 1. The flip: see the module docs.
     pub active_half: u32,
     /// Slots in use in each half (the Maglev M of that table), `1..=MAX_TABLE_SIZE`; 0 means

@@ -297,6 +297,7 @@ fn start(
     }
     let pin_dir = config.global.bpf_pin_dir.clone();
     let control = Control::new(path, &config, ServiceSet::new(), proxy);
+    control.planes().set_announced(config.announce.is_some());
     {
         // The services' health checks are spawned on this runtime; they run from block_on.
         let _in_runtime = rt.enter();

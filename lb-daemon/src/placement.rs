@@ -489,6 +489,10 @@ pub struct Planes {
     /// Set when the daemon begins to stop: nothing is placed any more (an XDP plane loaded
     /// then would stay attached with nobody to detach it).
     stopping: AtomicBool,
+    /// The node announces its VIPs (`[announce]`, which only a restart changes): eBPF
+    /// services drop a SYN that finds no backend instead of refusing it
+    /// ([`Planes::set_announced`]).
+    announced: AtomicBool,
 }
 
 impl Planes {
@@ -500,7 +504,16 @@ impl Planes {
             xdp_reader: Mutex::new(None),
             xdp_load_failed: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            announced: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the node announces its VIPs (`[announce]` is set): call before the first
+    /// service is placed. eBPF services then drop a SYN that finds no backend, where a node
+    /// alone refuses it at once: among announcing nodes, one whose last backend went down
+    /// withdraws the VIP, and the client's resent SYN reaches another node.
+    pub fn set_announced(&self, on: bool) {
+        self.announced.store(on, Ordering::SeqCst);
     }
 
     /// Starts a batch of placements (a start or a reload): an XDP plane that failed to load
@@ -595,6 +608,7 @@ impl Planes {
             table_size: service.table_size,
             xdp: service.xdp.clone(),
             hook,
+            announced: self.announced.load(Ordering::SeqCst),
         };
         let fixed = match service.dataplane {
             DataplaneKind::Xdp => Some(HookRequest::Xdp {

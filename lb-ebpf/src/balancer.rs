@@ -6,6 +6,7 @@ use lb_common::{
     flow_hash,
     maps::{
         ct_seconds, vip_port_bit, Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT,
+        SERVICE_F_ANNOUNCED,
     },
     FlowKey, Stat,
 };
@@ -125,8 +126,11 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     let now_ns = clock::now_ns();
     let mut placed = match conntrack::place(&p.key, p.tcp_flags, service_id, service, now_ns) {
         Ok(placed) => placed,
-        // A flow that had an entry (its backend went down, and no other is left) ends here.
-        Err(Stat::DropNoBackend) if tcp => {
+        // A flow that had an entry (its backend went down, and no other is left) ends here;
+        // so does a SYN, unless another node may take it once this one withdrew the VIP.
+        Err(Stat::DropNoBackend)
+            if tcp && (p.tcp_flags & TCP_SYN == 0 || service.flags & SERVICE_F_ANNOUNCED == 0) =>
+        {
             return end_flow(
                 ctx,
                 p,

@@ -374,7 +374,7 @@ impl Lab {
             mode,
             family: family(vip),
             local_addrs: 0,
-            _pad: 0,
+            flags: 0,
             active_half: 0,
             table_size: [0, 0],
             local_addr: words(local),

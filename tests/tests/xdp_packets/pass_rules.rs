@@ -361,6 +361,10 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
     lab.service(5, vip, 85, IPPROTO_TCP, MODE_NAT, &[3]);
     lab.service(6, vip, 86, IPPROTO_TCP, MODE_DSR, &[0]);
     lab.service(7, vip, 87, IPPROTO_UDP, MODE_NAT, &[]);
+    lab.service(8, vip, 88, IPPROTO_TCP, MODE_NAT, &[]);
+    let mut announced = lab.services.get(&8, 0).expect("read SERVICES");
+    announced.flags = lb_common::maps::SERVICE_F_ANNOUNCED;
+    lab.services.set(8, announced, 0).expect("write SERVICES");
     let syn = |sport: u16, dport: u16, payload: &[u8]| {
         Packet::tcp(client, sport, vip, dport, TCP_SYN)
             .payload(payload)
@@ -388,6 +392,14 @@ fn packets_that_cannot_be_forwarded_get_the_documented_action_and_are_counted() 
         TCP_RST | TCP_ACK,
         "a SYN to a service without a backend is answered with a RST+ACK, so the client fails \
          at once"
+    );
+    // A node that announces the VIP among others withdraws it as its last backend goes:
+    // its SYNs are dropped meanwhile, so that the client's resent SYN reaches another node.
+    check(
+        &syn(1001, 88, b""),
+        XDP_DROP,
+        Stat::DropNoBackend,
+        "a SYN to an announced service with an empty table",
     );
     check(
         &Packet::udp(client, 40000, vip, 87)

@@ -595,6 +595,8 @@ pub struct ServiceSlot {
     pub snat_ports: (u16, u16),
     /// Seconds an ended flow's SNAT port is held before reuse (NAT only).
     pub snat_hold_s: u32,
+    /// The node announces the VIP among others (`contract::SERVICE_F_ANNOUNCED`).
+    pub announced: bool,
     /// Backend address → id, live and leaving.
     backends: BackendIds,
     /// The half packets read now, 0 or 1.
@@ -673,6 +675,7 @@ impl ServiceSlot {
             snat_hold_s: u32::try_from(hold.as_secs())
                 .unwrap_or(u32::MAX)
                 .saturating_add(u32::from(hold.subsec_nanos() != 0)),
+            announced: settings.announced,
             backends: BackendIds::default(),
             active_half: 0,
             table_size_live: 0,
@@ -879,6 +882,7 @@ impl ServiceSlot {
             local_addresses: vec![local],
             snat_ports: (found.snat_port_min, found.snat_port_max),
             snat_hold_s: found.snat_hold_s,
+            announced: found.flags & contract::SERVICE_F_ANNOUNCED != 0,
             backends: BackendIds::default(),
             active_half,
             table_size_live: found.table_size[active_half as usize],
@@ -979,7 +983,11 @@ impl ServiceSlot {
             } else {
                 1
             },
-            _pad: 0,
+            flags: if self.announced {
+                contract::SERVICE_F_ANNOUNCED
+            } else {
+                0
+            },
             active_half: self.active_half,
             table_size,
             local_addr: addr_words(self.local_addresses[0]),
@@ -1110,6 +1118,7 @@ mod tests {
                 ..Default::default()
             },
             hook: super::super::HookRequest::Tc,
+            announced: false,
         };
         let lo = IpAddr::from([127, 0, 0, 1]);
         let vip = "10.200.100.1:80".parse().expect("literal");
@@ -1233,6 +1242,7 @@ mod tests {
             table_size: 65537,
             xdp: crate::config::XdpSettings::default(),
             hook: super::super::HookRequest::Tc,
+            announced: true,
         };
         let first: IpAddr = [10, 200, 0, 1].into();
         let second: IpAddr = [10, 200, 0, 3].into();
@@ -1253,6 +1263,11 @@ mod tests {
         };
         slot.resume(&found, BTreeMap::new());
         assert_eq!(slot.service_value().local_addrs, 2);
+        assert_eq!(
+            slot.service_value().flags,
+            contract::SERVICE_F_ANNOUNCED,
+            "an announced service says so to the program"
+        );
         assert_eq!(
             slot.local_addrs_due(),
             vec![(local_addr_index(5, 1), addr_words(second))],

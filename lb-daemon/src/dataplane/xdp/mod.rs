@@ -106,6 +106,9 @@ pub struct XdpService {
     pub xdp: XdpSettings,
     /// The hook to attach at, on every interface of the service.
     pub hook: HookRequest,
+    /// The node announces the VIP among others (`[announce]`): a SYN with no backend is
+    /// dropped, not refused (`lb_common::maps::SERVICE_F_ANNOUNCED`).
+    pub announced: bool,
 }
 
 /// Where the eBPF plane carries a service: each interface it is attached to, at which hook
