@@ -4,7 +4,7 @@
 //! receive every byte of the answer and then the reset, not the reset alone.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,17 +20,16 @@ const ANSWER: &[u8] =
 /// Attempts: the loss depends on which of the proxy's two directions hears of the reset first.
 const ATTEMPTS: usize = 40;
 
-/// A backend that, for every connection, reads the first 1 KiB, writes [`ANSWER`] and closes
-/// with the rest of the upload unread, which makes its kernel reset the connection. Stops when
-/// dropped.
-struct EarlyAnswerer {
+/// A loopback backend that hands every connection to its `serve` function, one at a time,
+/// on a thread of its own. Stops when dropped.
+struct Backend {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl EarlyAnswerer {
-    fn start() -> EarlyAnswerer {
+impl Backend {
+    fn start(serve: impl Fn(TcpStream) + Send + 'static) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the backend");
         listener.set_nonblocking(true).expect("non-blocking accept");
         let addr = listener.local_addr().expect("the backend's address");
@@ -38,23 +37,15 @@ impl EarlyAnswerer {
         let halt = stop.clone();
         let thread = std::thread::spawn(move || {
             while !halt.load(Ordering::Relaxed) {
-                let Ok((mut s, _)) = listener.accept() else {
+                let Ok((s, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 };
                 let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut head = [0u8; 1024];
-                // A health check closes at once: nothing to answer.
-                if s.read_exact(&mut head).is_err() {
-                    continue;
-                }
-                let _ = s.write_all(ANSWER);
-                // Closed with unread data: the kernel sends a RST after the answer.
-                drop(s);
+                serve(s);
             }
         });
-        EarlyAnswerer {
+        Backend {
             addr,
             stop,
             thread: Some(thread),
@@ -62,13 +53,28 @@ impl EarlyAnswerer {
     }
 }
 
-impl Drop for EarlyAnswerer {
+impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// A backend that, for every connection, reads the first 1 KiB, writes [`ANSWER`] and closes
+/// with the rest of the upload unread, which makes its kernel reset the connection.
+fn early_answerer() -> Backend {
+    Backend::start(|mut s| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut head = [0u8; 1024];
+        // A health check closes at once: nothing to answer.
+        if s.read_exact(&mut head).is_err() {
+            return;
+        }
+        let _ = s.write_all(ANSWER);
+        // Closed with unread data: the kernel sends a RST after the answer.
+    })
 }
 
 /// Uploads to `vip` until the connection breaks (at most 64 MiB), then reads what came back.
@@ -98,7 +104,7 @@ fn upload_until_refused(vip: SocketAddr) -> Vec<u8> {
 
 #[test]
 fn an_answer_sent_before_a_backend_reset_reaches_the_client() {
-    let backend = EarlyAnswerer::start();
+    let backend = early_answerer();
     // Direct, for reference: the answer always arrives.
     let direct = upload_until_refused(backend.addr);
     assert_eq!(
@@ -143,38 +149,25 @@ fn long_byte(i: usize) -> u8 {
 
 /// A backend that, for every connection, reads one byte, writes [`LONG`] bytes, waits until
 /// its peer has acknowledged them all, and resets the connection (`SO_LINGER` 0: an
-/// application giving up, or a server killed after sending). Stops when dropped.
-fn start_long_answerer() -> (SocketAddr, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the backend");
-    listener.set_nonblocking(true).expect("non-blocking accept");
-    let addr = listener.local_addr().expect("the backend's address");
-    let stop = Arc::new(AtomicBool::new(false));
-    let halt = stop.clone();
+/// application giving up, or a server killed after sending).
+fn long_answerer() -> Backend {
     let answer: Vec<u8> = (0..LONG).map(long_byte).collect();
-    let thread = std::thread::spawn(move || {
-        while !halt.load(Ordering::Relaxed) {
-            let Ok((mut s, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(2));
-                continue;
-            };
-            let _ = s.set_nonblocking(false);
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
-            let mut request = [0u8; 1];
-            if s.read_exact(&mut request).is_err() || s.write_all(&answer).is_err() {
-                continue;
-            }
-            // Bounded: 10 s at most for the peer to acknowledge the answer.
-            for _ in 0..1000 {
-                if unacknowledged(&s) == 0 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    Backend::start(move |mut s| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+        let mut request = [0u8; 1];
+        if s.read_exact(&mut request).is_err() || s.write_all(&answer).is_err() {
+            return;
         }
-    });
-    (addr, stop, thread)
+        // Bounded: 10 s at most for the peer to acknowledge the answer.
+        for _ in 0..1000 {
+            if unacknowledged(&s) == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    })
 }
 
 /// Bytes written to `s` that its peer has not acknowledged yet (`SIOCOUTQ`).
@@ -227,10 +220,10 @@ fn read_slowly(addr: SocketAddr) -> (usize, bool) {
 
 #[test]
 fn a_slow_client_receives_all_its_backend_sent_before_a_reset() {
-    let (backend, stop, thread) = start_long_answerer();
+    let backend = long_answerer();
     // Direct, for reference: the reset comes after the whole answer was acknowledged.
     assert_eq!(
-        read_slowly(backend),
+        read_slowly(backend.addr),
         (LONG, false),
         "bytes of the answer a slow client read on a direct connection (the reference)"
     );
@@ -240,14 +233,12 @@ fn a_slow_client_receives_all_its_backend_sent_before_a_reset() {
             .service(
                 ServiceConfig::tcp("download", vip)
                     .health("kind", "none")
-                    .backend(backend, 1),
+                    .backend(backend.addr, 1),
             )
             .to_toml(),
     );
     let through = (0..2).map(|_| read_slowly(vip)).collect::<Vec<_>>();
     drop(daemon);
-    stop.store(true, Ordering::Relaxed);
-    let _ = thread.join();
     assert!(
         through.iter().all(|&r| r == (LONG, false)),
         "bytes (of {LONG}) a slow client read through the proxy before the reset its \
