@@ -12,10 +12,9 @@
 //! Bounded three ways, so a peer that stopped reading holds nothing for long: a socket whose
 //! peer acknowledged nothing for [`STALL`] is reset (unless the socket is resending after a
 //! retransmission timeout: a lossy path, not a peer that stopped), none waits longer than
-//! [`MAX_FLUSH`],
-//! and at most [`MAX_FLUSHING`] wait at once per worker, fewer under a low open file limit
-//! (past that, a socket is reset at once, losing its queue as before). From the drain
-//! deadline on ([`Flushing::stop`]) nothing waits.
+//! [`MAX_FLUSH`], and at most [`MAX_FLUSHING`] wait at once per worker, fewer under a low
+//! open file limit (past that, a socket is reset at once, losing its queue as before). From
+//! the drain deadline on ([`Flushing::stop`]) nothing waits.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
