@@ -220,9 +220,10 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
 impl QueuedStderr {
     /// Lines dropped so far and not yet reported.
-    pub fn dropped(&self) -> u64 {
+    fn dropped(&self) -> u64 {
         self.shared.counts.dropped.load(Ordering::Relaxed)
     }
 }

@@ -193,9 +193,11 @@ mod tests {
         (OwnedFd::from(side), peer.into(), written)
     }
 
-    /// Reads from `peer` until the connection ends (at most 1,024 reads); returns how.
-    fn read_to_end_of(peer: &mut TcpStream) -> std::io::Result<usize> {
-        peer.set_read_timeout(Some(Duration::from_secs(5)))?;
+    /// Reads from `peer` until the connection ends (at most 1,024 reads) and asserts that it
+    /// ended with a reset (`what`: the case, for the message).
+    fn assert_reset(peer: &mut TcpStream, what: &str) {
+        peer.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
         let mut buf = [0u8; 64 * 1024];
         let mut end = Ok(0);
         for _ in 0..1024 {
@@ -204,7 +206,10 @@ mod tests {
                 break;
             }
         }
-        end
+        assert!(
+            matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "{what}: {end:?}"
+        );
     }
 
     #[test]
@@ -226,11 +231,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(flushing.len(), 0, "reset once its queue was taken");
-        let end = read_to_end_of(&mut peer);
-        assert!(
-            matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "the peer meets the reset after the bytes: {end:?}"
-        );
+        assert_reset(&mut peer, "the peer meets the reset after the bytes");
     }
 
     #[test]
@@ -247,11 +248,7 @@ mod tests {
             0,
             "nothing acknowledged for the stall time: reset"
         );
-        let end = read_to_end_of(&mut peer);
-        assert!(
-            matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "the peer is reset: {end:?}"
-        );
+        assert_reset(&mut peer, "the peer is reset");
     }
 
     #[test]
@@ -263,21 +260,13 @@ mod tests {
         let mut flushing = Flushing::new(1 << 20);
         flushing.reset_after_queue(OwnedFd::from(side), Instant::now());
         assert_eq!(flushing.len(), 0);
-        let end = read_to_end_of(&mut peer);
-        assert!(
-            matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "{end:?}"
-        );
+        assert_reset(&mut peer, "nothing queued: reset at once");
 
         let (side, mut peer, _) = queued_pair();
         flushing.stop();
         flushing.reset_after_queue(side, Instant::now());
         assert_eq!(flushing.len(), 0, "nothing waits after the drain deadline");
-        let end = read_to_end_of(&mut peer);
-        assert!(
-            matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset),
-            "{end:?}"
-        );
+        assert_reset(&mut peer, "after the drain deadline: reset at once");
     }
 
     #[test]

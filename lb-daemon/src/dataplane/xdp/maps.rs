@@ -596,7 +596,7 @@ pub struct ServiceSlot {
     /// Seconds an ended flow's SNAT port is held before reuse (NAT only).
     pub snat_hold_s: u32,
     /// The node announces the VIP among others (`contract::SERVICE_F_ANNOUNCED`).
-    pub announced: bool,
+    announced: bool,
     /// Backend address → id, live and leaving.
     backends: BackendIds,
     /// The half packets read now, 0 or 1.
