@@ -94,11 +94,14 @@
 //! entry stays, marked in its [`NatReverse::state`] word (time and `NAT_F_*` flags), and a new
 //! flow later takes it over by replacing the element whole. So NAT_REVERSE holds at most one
 //! entry per (local address, port, backend address and port, protocol), and a late packet of
-//! the old flow still finds whom the port belonged to. Nothing in userspace walks the map.
+//! the old flow still finds whom the port belonged to. Userspace only reads the map (the
+//! daemon's count of ports in use, `lb_xdp_snat_ports_in_use`).
 //!
 //! - **In use**: a flow's packets keep the state's time fresh (rewritten at most every
-//!   [`CT_REFRESH_SECS`], by the client's packets and the backend's replies). The client's
-//!   FIN sets [`NAT_F_FIN_CLIENT`], the backend's (in a reply) [`NAT_F_FIN_BACKEND`].
+//!   [`CT_REFRESH_SECS`], by the client's packets and the backend's replies; an established
+//!   TCP flow's client segments only when they renew the flow's conntrack time, and then
+//!   once the port's time is a second old). The client's FIN sets [`NAT_F_FIN_CLIENT`], the
+//!   backend's (in a reply) [`NAT_F_FIN_BACKEND`].
 //! - **Ended** ([`NAT_F_ENDED`], the time becomes the end): by the second of the two FINs,
 //!   or an RST either way. If the backend's FIN came first the backend's socket sits in
 //!   TIME_WAIT for that 4-tuple, marked [`NAT_F_TIME_WAIT`]: the port is held for
@@ -135,11 +138,17 @@
 //!   flow takes a port without entry, or is refused, rather than share the port. A claim whose update fails (no memory) puts
 //!   the word back.
 //! - **Ownership**: a client packet of a flow with a port checks that the port's entry still
-//!   names its client address and port and VIP address and port (the entry is already read
-//!   for every packet, to re-create it after an eviction, so this costs compares, no lookup).
-//!   A packet of a flow whose port another flow took over is never translated onto it: a TCP
-//!   segment is answered with a RST, a UDP packet dropped, both counted in
-//!   [`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed). The reverse
+//!   names its client address and port and VIP address and port (the entry is read anyway,
+//!   to re-create it after an eviction, so this costs compares, no lookup). Every UDP packet
+//!   checks; an established TCP flow's segments without SYN, FIN or RST check only when they
+//!   renew the flow's conntrack time, at most [`CT_REFRESH_SECS`]` + 1` seconds apart while
+//!   it is busy (the lookup was a sixth of such a segment's cost). A packet that checks and
+//!   finds its port taken over is never translated onto it: a TCP segment is answered with a
+//!   RST, a UDP packet dropped, both counted in
+//!   [`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed). A busy flow's port
+//!   is taken over only if the LRU evicted its entry (its time is fresh, and its ends are
+//!   checked); until its next check such a flow's segments reach the backend on the new
+//!   flow's 4-tuple, outside that connection's sequence window. The reverse
 //!   direction cannot tell: the backend's late packets of the old flow carry the new flow's
 //!   5-tuple, which is what the hold is for.
 //!

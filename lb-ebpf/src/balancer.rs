@@ -201,17 +201,22 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
         // Only a packet that starts a flow may take a port: a TCP segment without SYN that
         // finds no port of its own was never seen by the backend (see `nat::snat_port`).
         let starts = !tcp || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let port = match nat::snat_port(
-            &p.key,
-            &backend.addr,
-            backend.port,
-            service_id,
-            service,
-            placed.entry.snat_port,
-            p.tcp_flags,
-            starts,
-            placed.now,
-        ) {
+        let port = if tcp && keeps_port(p, &placed) {
+            Ok(placed.entry.snat_port)
+        } else {
+            nat::snat_port(
+                &p.key,
+                &backend.addr,
+                backend.port,
+                service_id,
+                service,
+                placed.entry.snat_port,
+                p.tcp_flags,
+                starts,
+                placed.now,
+            )
+        };
+        let port = match port {
             Ok(port) => port,
             Err(stat) => {
                 // The flow holds nothing: a connection slot the limits gave it goes back.
@@ -279,6 +284,32 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     };
     stats::forwarded(service_id, placed.backend_id, frame_len, placed.new_flow);
     Ok(action)
+}
+
+/// Whether the client segment `p` of a TCP NAT flow placed as `placed` goes on with the flow's
+/// SNAT port without `nat::snat_port` (one `NAT_REVERSE` lookup and its bookkeeping, about a
+/// sixth of an established packet's cost): a segment of an established TCP flow that carries
+/// no SYN, FIN or RST, did not renew its conntrack time (`Placement::refreshed`), and whose
+/// flow has not ended (no FIN or RST of it seen, [`CT_F_CLOSED`]: an ended flow's port is
+/// taken over once its hold has passed, and its late segments must find that out).
+///
+/// The flow's other packets prove the port as before: the port's entry still names the
+/// flow (re-made if the LRU evicted it), its time is renewed (`nat::snat_port` then writes
+/// it once it is a second old, so it trails the flow's last packet no more than conntrack's
+/// time does, and an idle judgement cannot take a busy flow's port), and its FINs and RSTs
+/// mark its end. What a skipped packet gives up: an entry evicted while its flow is busy is
+/// re-made by the flow's next refresh, within `CT_REFRESH_SECS + 1` seconds, not by its next
+/// packet. A busy TCP flow's entry is referenced by the backend's replies (its ACKs at
+/// least), which keeps it off the LRU's eviction end; and if another flow took the port
+/// meanwhile, the segments that reach the backend on its 4-tuple fall outside that
+/// connection's sequence window. UDP has no such window, so every UDP packet proves its
+/// port.
+#[inline(always)]
+fn keeps_port(p: &Parsed, placed: &conntrack::Placement) -> bool {
+    !placed.refreshed
+        && placed.entry.snat_port != 0
+        && placed.entry.flags & CT_F_CLOSED == 0
+        && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
 }
 
 /// A packet the balancer will not carry (`stat`): a TCP segment is answered with a RST, so the

@@ -101,6 +101,11 @@ pub struct Placement {
     pub fresh: bool,
     /// The packet's time, [`ct_seconds`] of [`crate::clock::now_ns`].
     pub now: u32,
+    /// Whether this packet renewed the entry's time (it was [`CT_REFRESH_SECS`] or more
+    /// old: at most once per that many seconds of a busy flow, and on the first packet after
+    /// an idle), or the flow is new. An established TCP flow proves its SNAT port on these
+    /// packets (and on its SYNs, FINs and RSTs) only: see `balancer::keeps_port`.
+    pub refreshed: bool,
 }
 
 /// The backend for the flow `key` of `service` (id `service_id`), for a packet that arrived
@@ -177,6 +182,7 @@ pub fn place(
                         new_flow: false,
                         fresh: false,
                         now,
+                        refreshed: due,
                     });
                 }
             }
@@ -211,6 +217,7 @@ pub fn place(
         new_flow: true,
         fresh,
         now,
+        refreshed: true,
     })
 }
 

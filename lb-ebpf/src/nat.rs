@@ -114,10 +114,10 @@ fn state_of(r: *mut NatReverse) -> *mut u64 {
 /// [`NAT_F_FIN_CLIENT`]) or the backend ([`NAT_F_FIN_BACKEND`]): an RST, or the FIN that
 /// completes both, ends the flow now (the hold starts; [`NAT_F_TIME_WAIT`] when the
 /// completing FIN is the client's, so the backend closed first); other packets refresh the
-/// time at most every [`CT_REFRESH_SECS`]. An ended flow's time is left alone, so a late ACK
-/// or a retransmitted FIN does not restart the hold.
+/// time once it is `refresh_after` seconds old or more. An ended flow's time is left alone,
+/// so a late ACK or a retransmitted FIN does not restart the hold.
 #[inline(always)]
-fn track(r: *mut NatReverse, tcp_flags: u8, fin_bit: u32, now: u32) {
+fn track(r: *mut NatReverse, tcp_flags: u8, fin_bit: u32, now: u32, refresh_after: u32) {
     let state = state_of(r);
     // SAFETY: `state` is the aligned state word of a live map value; it is written only by
     // single aligned stores and atomic operations, so every read sees a whole word.
@@ -144,10 +144,24 @@ fn track(r: *mut NatReverse, tcp_flags: u8, fin_bit: u32, now: u32) {
                 };
                 state.write_volatile(nat_state(now, fins | NAT_F_ENDED | time_wait));
             }
-        } else if ct_age(now, nat_seen(current)) >= CT_REFRESH_SECS {
+        } else if ct_age(now, nat_seen(current)) >= refresh_after {
             // Only the time half: a FIN bit ORed in meanwhile stays.
             (state as *mut u32).write_volatile(now);
         }
+    }
+}
+
+/// How old, in seconds, the port's time may be before a client packet of the established
+/// flow `key` renews it in [`snat_port`]. A UDP flow's every packet comes here, so every
+/// [`CT_REFRESH_SECS`] is enough. An established TCP flow's segments skip it between two
+/// renewals of their conntrack time (`balancer::keeps_port`): the one that renews that time
+/// renews this one too unless it is this second's, which keeps it as fresh as conntrack's.
+#[inline(always)]
+fn client_refresh(key: &FlowKey) -> u32 {
+    if key.protocol == IPPROTO_TCP {
+        1
+    } else {
+        CT_REFRESH_SECS
     }
 }
 
@@ -217,7 +231,7 @@ pub fn snat_port(
                     && tcp_flags & TCP_SYN != 0
                     && nat_flags(unsafe { state_of(r).read_volatile() }) & NAT_F_ENDED != 0;
                 if !anew {
-                    track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
+                    track(r, tcp_flags, NAT_F_FIN_CLIENT, now, client_refresh(key));
                     return Ok(current);
                 }
                 // A SYN starting the flow anew on its own ended port: its conntrack entry
@@ -302,7 +316,7 @@ pub fn snat_port(
                     continue;
                 }
             } else {
-                track(r, tcp_flags, NAT_F_FIN_CLIENT, now);
+                track(r, tcp_flags, NAT_F_FIN_CLIENT, now, CT_REFRESH_SECS);
             }
             return Ok(port);
         }
@@ -462,7 +476,7 @@ pub fn reverse(key: &FlowKey, tcp_flags: u8, now: u32) -> Option<Result<NatRever
             unsafe { atomic_or::<u64, u64, { Relaxed }>(state, nat_state(0, NAT_F_ANSWERED)) };
         }
     }
-    track(r, tcp_flags, NAT_F_FIN_BACKEND, now);
+    track(r, tcp_flags, NAT_F_FIN_BACKEND, now, CT_REFRESH_SECS);
     // SAFETY: a live map value, copied out at once.
     Some(Ok(unsafe { *r }))
 }

@@ -7,7 +7,7 @@ use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
     maps::{
-        addr_words as words, nat_flags, nat_seen, nat_state, vip_port_bit, ClientKey, CtEntry, Limits,
+        addr_words as words, nat_flags, nat_seen, nat_state, vip_port_bit, ClientKey, CtEntry, Limits, NatReverse,
         BACKEND_F_DOWN, NAT_F_ENDED,
         BACKEND_F_DRAINING, CT_F_CLOSED, CT_F_COUNTED, CT_F_MIDSTREAM, CT_REFRESH_SECS, CT_SLOT_GRACE_SECS, MIN_REPLY_PATH_MTU,
         MODE_DSR, MODE_NAT, PROG_BALANCER, PROG_DECAP,

@@ -593,3 +593,100 @@ fn a_port_whose_time_is_ahead_of_the_programs_clock_is_held_not_free() {
         "a port ended a second from now was taken, as if free for years"
     );
 }
+
+/// The conntrack entry and the `NAT_REVERSE` entry of the open flow from `sport` (towards b1
+/// on SNAT port `port`).
+fn flow_entries(lab: &Lab, sport: u16, port: u16) -> (FlowKey, CtEntry, FlowKey, NatReverse) {
+    let key = flow(CLIENT4.into(), sport, VIP4.into(), 80, IPPROTO_TCP);
+    let ct = lab
+        .conntrack
+        .get(&key, 0)
+        .expect("the flow's conntrack entry");
+    let rkey = flow(B1_4.into(), 8080, LOCAL4.into(), port, IPPROTO_TCP);
+    let r = lab
+        .nat_reverse
+        .get(&rkey, 0)
+        .expect("the port's NAT_REVERSE entry");
+    (key, ct, rkey, r)
+}
+
+/// Between two renewals of its conntrack time, an established TCP flow's plain segments keep
+/// their SNAT port without looking at its `NAT_REVERSE` entry; the segment that renews the
+/// time (here: the time made 2 s old) also renews the port's time when it is a second old,
+/// so the port's time is never older than the flow's, and the idle rule cannot free the
+/// port of a flow that is busy.
+#[test]
+fn a_segment_that_renews_its_flows_time_renews_its_ports_time() {
+    let Some(mut lab) = nat_lab("snat_renew", 4, 0) else {
+        return;
+    };
+    let port = open(&lab, 44_300, "the flow's SYN");
+    let (key, mut ct, rkey, mut r) = flow_entries(&lab, 44_300, port);
+    let syn_time = ct.seen_s;
+    ct.seen_s = syn_time.wrapping_sub(2);
+    lab.conntrack.insert(key, ct, 0).expect("write CONNTRACK");
+    r.state = nat_state(syn_time.wrapping_sub(1), nat_flags(r.state));
+    lab.nat_reverse
+        .insert(rkey, r, 0)
+        .expect("write NAT_REVERSE");
+    let out = lab.expect(
+        lab.vc,
+        &client(44_300, TCP_ACK),
+        XDP_REDIRECT,
+        "a segment whose flow's time is 2 s old",
+    );
+    assert_eq!(l4_source_port(&out), port, "the segment changed port");
+    let (_, ct, _, r) = flow_entries(&lab, 44_300, port);
+    assert_ne!(
+        ct.seen_s,
+        syn_time.wrapping_sub(2),
+        "the flow's time was not renewed"
+    );
+    assert_eq!(
+        nat_seen(r.state),
+        ct.seen_s,
+        "the port's time (a second old) was not renewed with the flow's"
+    );
+}
+
+/// What a plain segment between two renewals gives up, and gets back: a `NAT_REVERSE` entry
+/// evicted under a busy flow is not re-made by the flow's next segment (which keeps its port)
+/// but by the one that renews the flow's time, within `CT_REFRESH_SECS + 1` seconds.
+#[test]
+fn a_busy_flows_evicted_port_entry_is_made_again_when_its_time_is_renewed() {
+    let Some(mut lab) = nat_lab("snat_evicted_busy", 4, 0) else {
+        return;
+    };
+    let port = open(&lab, 44_400, "the flow's SYN");
+    let (key, mut ct, rkey, _) = flow_entries(&lab, 44_400, port);
+    lab.nat_reverse
+        .remove(&rkey)
+        .expect("evict the port's entry");
+    let out = lab.expect(
+        lab.vc,
+        &client(44_400, TCP_ACK),
+        XDP_REDIRECT,
+        "a plain segment while its time is fresh",
+    );
+    assert_eq!(l4_source_port(&out), port, "the segment changed port");
+    assert_eq!(entries(&lab), 0, "a plain segment looked the port up");
+    ct.seen_s = ct.seen_s.wrapping_sub(CT_REFRESH_SECS);
+    lab.conntrack.insert(key, ct, 0).expect("write CONNTRACK");
+    let out = lab.expect(
+        lab.vc,
+        &client(44_400, TCP_ACK),
+        XDP_REDIRECT,
+        "the segment that renews the flow's time",
+    );
+    assert_eq!(
+        l4_source_port(&out),
+        port,
+        "the renewing segment changed port"
+    );
+    let (_, _, _, r) = flow_entries(&lab, 44_400, port);
+    assert_eq!(
+        (r.client_port, r.vip_port),
+        (44_400, 80),
+        "the port's entry was made again for another flow"
+    );
+}
