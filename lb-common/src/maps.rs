@@ -97,11 +97,11 @@
 //! the old flow still finds whom the port belonged to. Userspace only reads the map (the
 //! daemon's count of ports in use, `lb_xdp_snat_ports_in_use`).
 //!
-//! - **In use**: a flow's packets keep the state's time fresh (rewritten at most every
-//!   [`CT_REFRESH_SECS`], by the client's packets and the backend's replies; an established
-//!   TCP flow's client segments only when they renew the flow's conntrack time, and then
-//!   once the port's time is a second old). The client's FIN sets [`NAT_F_FIN_CLIENT`], the
-//!   backend's (in a reply) [`NAT_F_FIN_BACKEND`].
+//! - **In use**: a flow's packets keep the state's time fresh: the backend's replies and
+//!   the client's UDP packets rewrite it once it is [`CT_REFRESH_SECS`] old, an established
+//!   TCP flow's client segment that renews the flow's conntrack time once it is a second
+//!   old. The client's FIN sets [`NAT_F_FIN_CLIENT`], the backend's (in a reply)
+//!   [`NAT_F_FIN_BACKEND`].
 //! - **Ended** ([`NAT_F_ENDED`], the time becomes the end): by the second of the two FINs,
 //!   or an RST either way. If the backend's FIN came first the backend's socket sits in
 //!   TIME_WAIT for that 4-tuple, marked [`NAT_F_TIME_WAIT`]: the port is held for
@@ -142,13 +142,16 @@
 //!   to re-create it after an eviction, so this costs compares, no lookup). Every UDP packet
 //!   checks; an established TCP flow's segments without SYN, FIN or RST check only when they
 //!   renew the flow's conntrack time, at most [`CT_REFRESH_SECS`]` + 1` seconds apart while
-//!   it is busy (the lookup was a sixth of such a segment's cost). A packet that checks and
+//!   it is busy, or once the flow is closed ([`CT_F_CLOSED`]) or was re-made in mid-stream
+//!   ([`CT_F_MIDSTREAM`]): the lookup was a sixth to a fifth of such a segment's cost. A
+//!   packet that checks and
 //!   finds its port taken over is never translated onto it: a TCP segment is answered with a
 //!   RST, a UDP packet dropped, both counted in
-//!   [`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed). A busy flow's port
-//!   is taken over only if the LRU evicted its entry (its time is fresh, and its ends are
-//!   checked); until its next check such a flow's segments reach the backend on the new
-//!   flow's 4-tuple, outside that connection's sequence window. The reverse
+//!   [`Stat::ResetNatPortReclaimed`](crate::Stat::ResetNatPortReclaimed). Between two checks,
+//!   a busy TCP flow's segments go out on a port another flow took over only if the LRU
+//!   evicted the port's entry under it or its local address changed (lb-ebpf
+//!   `balancer::keeps_port`); they reach the backend on the new flow's 4-tuple, outside that
+//!   connection's sequence window, until the next check resets the flow. The reverse
 //!   direction cannot tell: the backend's late packets of the old flow carry the new flow's
 //!   5-tuple, which is what the hold is for.
 //!
@@ -966,7 +969,7 @@ pub struct NatReverse {
     /// The SNAT port's life, one word so that a flow taking over a free port can
     /// compare-and-swap it whole (see "SNAT ports" in the module docs): bits 0..32 the time
     /// the flow was last seen, or for an ended flow when it ended ([`ct_seconds`] clock,
-    /// refreshed at most every [`CT_REFRESH_SECS`]); bits 32..64 the `NAT_F_*` flags.
+    /// refreshed every second or two, see "SNAT ports"); bits 32..64 the `NAT_F_*` flags.
     /// Build and read it with [`nat_state`], [`nat_seen`] and [`nat_flags`].
     pub state: u64,
 }

@@ -5,7 +5,8 @@ use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
     flow_hash,
     maps::{
-        ct_seconds, vip_port_bit, Service, VipKey, CT_F_CLOSED, MAX_SERVICES, MODE_DSR, MODE_NAT,
+        ct_seconds, vip_port_bit, Service, VipKey, CT_F_CLOSED, CT_F_MIDSTREAM, MAX_SERVICES,
+        MODE_DSR, MODE_NAT,
         SERVICE_F_ANNOUNCED,
     },
     FlowKey, Stat,
@@ -189,6 +190,12 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
         if placed.fresh {
             limits::unadmit(&p.key.src_addr, service_id, placed.entry.flags);
         }
+        // A renewal of an established flow's time spent on a packet that does not reach the
+        // port check: the next packet renews (and checks) instead (see `keeps_port`; a UDP
+        // flow checks anyway, and `tcp` here costs the verifier more paths than it saves).
+        if nat && placed.refreshed && !placed.new_flow {
+            conntrack::renew_next(&p.key, placed.now);
+        }
         if stat != Stat::DropMtu {
             return Err(stat);
         }
@@ -286,29 +293,31 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
     Ok(action)
 }
 
-/// Whether the client segment `p` of a TCP NAT flow placed as `placed` goes on with the flow's
-/// SNAT port without `nat::snat_port` (one `NAT_REVERSE` lookup and its bookkeeping, about a
-/// sixth of an established packet's cost): a segment of an established TCP flow that carries
-/// no SYN, FIN or RST, did not renew its conntrack time (`Placement::refreshed`), and whose
-/// flow has not ended (no FIN or RST of it seen, [`CT_F_CLOSED`]: an ended flow's port is
-/// taken over once its hold has passed, and its late segments must find that out).
+/// Whether the client segment `p` of a TCP NAT flow placed as `placed` goes on with the port
+/// its conntrack entry holds, without `nat::snat_port` (a `NAT_REVERSE` lookup and its
+/// bookkeeping: a sixth to a fifth of an established segment's cost in the program). Such a
+/// segment carries no SYN, FIN or RST, did not renew its flow's conntrack time
+/// (`Placement::refreshed`), and its flow is neither ended nor made in mid-stream:
+/// [`CT_F_CLOSED`] (the client's RST, the backend's FIN or RST) says its port may be taken
+/// over once its hold has passed, [`CT_F_MIDSTREAM`] that its entry was lost, perhaps during a
+/// close whose mark it no longer carries.
 ///
-/// The flow's other packets prove the port as before: the port's entry still names the
-/// flow (re-made if the LRU evicted it), its time is renewed (`nat::snat_port` then writes
-/// it once it is a second old, so it trails the flow's last packet no more than conntrack's
-/// time does, and an idle judgement cannot take a busy flow's port), and its FINs and RSTs
-/// mark its end. What a skipped packet gives up: an entry evicted while its flow is busy is
-/// re-made by the flow's next refresh, within `CT_REFRESH_SECS + 1` seconds, not by its next
-/// packet. A busy TCP flow's entry is referenced by the backend's replies (its ACKs at
-/// least), which keeps it off the LRU's eviction end; and if another flow took the port
-/// meanwhile, the segments that reach the backend on its 4-tuple fall outside that
-/// connection's sequence window. UDP has no such window, so every UDP packet proves its
-/// port.
+/// The segment that renews the time (at most every `CT_REFRESH_SECS + 1` seconds while the
+/// flow is busy, and the next one if the route lookup stopped it: `conntrack::renew_next`)
+/// takes the full path, as every other packet does: the port's entry must still name the flow
+/// (it is re-made if evicted), its time is renewed once it is a second old (so it is never
+/// older than the conntrack time, and the idle rule cannot free a busy flow's port), and FINs
+/// and RSTs mark the end. What the skipped segments give up: a port another flow took over is
+/// noticed at the next check, not at once. That needs the LRU to have evicted the busy
+/// flow's entry (the backend's replies, its ACKs at least, reference it and keep it off the
+/// eviction end) or the flow's local address to have changed under it (a reload). The
+/// segments in between reach the backend on the other connection's 4-tuple, outside its
+/// sequence window. UDP has no such window: every UDP packet checks its port.
 #[inline(always)]
 fn keeps_port(p: &Parsed, placed: &conntrack::Placement) -> bool {
     !placed.refreshed
         && placed.entry.snat_port != 0
-        && placed.entry.flags & CT_F_CLOSED == 0
+        && placed.entry.flags & (CT_F_CLOSED | CT_F_MIDSTREAM) == 0
         && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
 }
 
@@ -364,6 +373,22 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     }
     let now_ns = clock::now_ns();
     let r = nat::reverse(&p.key, p.tcp_flags, ct_seconds(now_ns)).ok_or(Stat::PassNotVip)??;
+    if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        // The backend ends the flow: its client's slot goes back as for the client's FIN.
+        // Before the route: `reverse` has marked the port's end, and the client's flow is
+        // marked closed with it even if this packet goes no further, so that its segments
+        // keep checking their port (`keeps_port`), which may be taken over after its hold.
+        let client = FlowKey {
+            src_addr: r.client_addr,
+            dst_addr: r.vip_addr,
+            src_port: r.client_port,
+            dst_port: r.vip_port,
+            protocol: p.key.protocol,
+            family: p.family,
+            _pad: [0; 2],
+        };
+        limits::closed(&client, r.service, ct_seconds(now_ns));
+    }
     // The route first: a TCP reply too big for the route to the client is answered to the
     // backend while it is still the backend's packet (the answer quotes it, and the
     // backend's kernel finds its socket by it), as a client's packet too big for the backend
@@ -386,19 +411,6 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         let action = too_big::answer(ctx, p, 0)?;
         stats::increment(Stat::TooBigSent);
         return Ok(action);
-    }
-    if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        // The backend ends the flow: its client's slot goes back as for the client's FIN.
-        let client = FlowKey {
-            src_addr: r.client_addr,
-            dst_addr: r.vip_addr,
-            src_port: r.client_port,
-            dst_port: r.vip_port,
-            protocol: p.key.protocol,
-            family: p.family,
-            _pad: [0; 2],
-        };
-        limits::closed(&client, r.service, ct_seconds(now_ns));
     }
     nat::rewrite(
         ctx,

@@ -248,6 +248,19 @@ fn holds_expired_slot(entry: &CtEntry, idle: u32, service_id: u32) -> bool {
         && limits::slot_expired(idle, service_id)
 }
 
+/// Makes the next packet of the flow `key`, whose time this packet renewed at `now`, renew it
+/// again: its entry's time is set [`CT_REFRESH_SECS`] back. For a packet that renewed the time
+/// and then went no further than the route lookup: the renewing packet is the one that checks
+/// the flow's SNAT port (`balancer::keeps_port`). The flow reads at most that much idler,
+/// well inside every idle timeout's margin.
+#[inline(always)]
+pub fn renew_next(key: &FlowKey, now: u32) {
+    if let Some(ptr) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a live map value; one aligned 32-bit store, as `place`'s refresh.
+        unsafe { (&raw mut (*ptr).seen_s).write_volatile(now.wrapping_sub(CT_REFRESH_SECS)) };
+    }
+}
+
 /// Records `entry` for `key` (a new flow, or a new SNAT port).
 #[inline(always)]
 pub fn record(key: &FlowKey, entry: &CtEntry) {

@@ -9,7 +9,7 @@ const IDLE: u32 = 30;
 
 /// Seconds and nanoseconds of `CLOCK_MONOTONIC_COARSE`, the clock the program stamps
 /// conntrack entries with (`bpf_ktime_get_coarse_ns`).
-fn monotonic() -> (u32, u32) {
+pub(super) fn monotonic() -> (u32, u32) {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -610,6 +610,14 @@ fn flow_entries(lab: &Lab, sport: u16, port: u16) -> (FlowKey, CtEntry, FlowKey,
     (key, ct, rkey, r)
 }
 
+/// Sets the conntrack time of the flow `key` (entry `ct`) `age` seconds before the
+/// program's clock (`CLOCK_MONOTONIC_COARSE`) reads now, and returns that time.
+fn age_flow(lab: &mut Lab, key: FlowKey, mut ct: CtEntry, age: u32) -> u32 {
+    ct.seen_s = super::ageing::monotonic().0.wrapping_sub(age);
+    lab.conntrack.insert(key, ct, 0).expect("write CONNTRACK");
+    ct.seen_s
+}
+
 /// Between two renewals of its conntrack time, an established TCP flow's plain segments keep
 /// their SNAT port without looking at its `NAT_REVERSE` entry; the segment that renews the
 /// time (here: the time made 2 s old) also renews the port's time when it is a second old,
@@ -621,11 +629,9 @@ fn a_segment_that_renews_its_flows_time_renews_its_ports_time() {
         return;
     };
     let port = open(&lab, 44_300, "the flow's SYN");
-    let (key, mut ct, rkey, mut r) = flow_entries(&lab, 44_300, port);
-    let syn_time = ct.seen_s;
-    ct.seen_s = syn_time.wrapping_sub(2);
-    lab.conntrack.insert(key, ct, 0).expect("write CONNTRACK");
-    r.state = nat_state(syn_time.wrapping_sub(1), nat_flags(r.state));
+    let (key, ct, rkey, mut r) = flow_entries(&lab, 44_300, port);
+    let old = age_flow(&mut lab, key, ct, 2);
+    r.state = nat_state(old.wrapping_add(1), nat_flags(r.state));
     lab.nat_reverse
         .insert(rkey, r, 0)
         .expect("write NAT_REVERSE");
@@ -637,11 +643,7 @@ fn a_segment_that_renews_its_flows_time_renews_its_ports_time() {
     );
     assert_eq!(l4_source_port(&out), port, "the segment changed port");
     let (_, ct, _, r) = flow_entries(&lab, 44_300, port);
-    assert_ne!(
-        ct.seen_s,
-        syn_time.wrapping_sub(2),
-        "the flow's time was not renewed"
-    );
+    assert_ne!(ct.seen_s, old, "the flow's time was not renewed");
     assert_eq!(
         nat_seen(r.state),
         ct.seen_s,
@@ -658,7 +660,8 @@ fn a_busy_flows_evicted_port_entry_is_made_again_when_its_time_is_renewed() {
         return;
     };
     let port = open(&lab, 44_400, "the flow's SYN");
-    let (key, mut ct, rkey, _) = flow_entries(&lab, 44_400, port);
+    let (key, ct, rkey, _) = flow_entries(&lab, 44_400, port);
+    age_flow(&mut lab, key, ct, 0);
     lab.nat_reverse
         .remove(&rkey)
         .expect("evict the port's entry");
@@ -670,8 +673,7 @@ fn a_busy_flows_evicted_port_entry_is_made_again_when_its_time_is_renewed() {
     );
     assert_eq!(l4_source_port(&out), port, "the segment changed port");
     assert_eq!(entries(&lab), 0, "a plain segment looked the port up");
-    ct.seen_s = ct.seen_s.wrapping_sub(CT_REFRESH_SECS);
-    lab.conntrack.insert(key, ct, 0).expect("write CONNTRACK");
+    age_flow(&mut lab, key, ct, CT_REFRESH_SECS);
     let out = lab.expect(
         lab.vc,
         &client(44_400, TCP_ACK),
@@ -688,5 +690,113 @@ fn a_busy_flows_evicted_port_entry_is_made_again_when_its_time_is_renewed() {
         (r.client_port, r.vip_port),
         (44_400, 80),
         "the port's entry was made again for another flow"
+    );
+}
+
+/// A renewal spent on a segment the route lookup stops (here too big for the backend link,
+/// answered with "fragmentation needed") passes to the flow's next segment, which checks
+/// the port: without that the flow would go unchecked until the renewal after.
+#[test]
+fn a_renewal_the_route_stopped_passes_to_the_next_segment() {
+    let Some(mut lab) = nat_lab("snat_renewal_stopped", 4, 0) else {
+        return;
+    };
+    let port = open(&lab, 44_500, "the flow's SYN");
+    let (key, ct, rkey, _) = flow_entries(&lab, 44_500, port);
+    age_flow(&mut lab, key, ct, CT_REFRESH_SECS);
+    lab.nat_reverse
+        .remove(&rkey)
+        .expect("evict the port's entry");
+    let (c, v): (IpAddr, IpAddr) = (CLIENT4.into(), VIP4.into());
+    let big = Packet::tcp(c, 44_500, v, 80, TCP_ACK)
+        .payload(&[0x55; 1470])
+        .frame(VC_MAC, CLIENT_MAC);
+    lab.expect(
+        lab.vc,
+        &big,
+        XDP_TX,
+        "a renewing segment too big for the backend link",
+    );
+    assert_eq!(
+        lab.stat(Stat::TooBigSent),
+        1,
+        "the segment was not answered"
+    );
+    lab.expect(
+        lab.vc,
+        &client(44_500, TCP_ACK),
+        XDP_REDIRECT,
+        "the next segment",
+    );
+    assert_eq!(
+        entries(&lab),
+        1,
+        "the next segment did not check the port (its entry was not made again)"
+    );
+}
+
+/// A flow whose conntrack entry was made in mid-stream (lost, then re-made by a segment
+/// without SYN) checks its port on every segment: it may have lost its closed mark with the
+/// entry.
+#[test]
+fn a_flow_made_in_mid_stream_checks_its_port_on_every_segment() {
+    let Some(mut lab) = nat_lab("snat_midstream_checks", 4, 0) else {
+        return;
+    };
+    let port = open(&lab, 44_600, "the flow's SYN");
+    let (key, mut ct, rkey, _) = flow_entries(&lab, 44_600, port);
+    ct.flags |= CT_F_MIDSTREAM;
+    age_flow(&mut lab, key, ct, 0);
+    lab.nat_reverse
+        .remove(&rkey)
+        .expect("evict the port's entry");
+    lab.expect(
+        lab.vc,
+        &client(44_600, TCP_ACK),
+        XDP_REDIRECT,
+        "a plain segment while its time is fresh",
+    );
+    assert_eq!(
+        entries(&lab),
+        1,
+        "a mid-stream flow's segment did not check its port"
+    );
+}
+
+/// The backend's RST marks the client's flow closed even when the route lookup then stops it
+/// (here too big for the client link): `reverse` has ended the port, which may be taken over
+/// after its hold, so the flow's later segments must keep checking it.
+#[test]
+fn a_backend_rst_the_route_stopped_still_closes_the_flow() {
+    let Some(lab) = nat_lab("snat_rst_stopped", 4, 0) else {
+        return;
+    };
+    let port = open(&lab, 44_700, "the flow's SYN");
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_SYN | TCP_ACK),
+        XDP_REDIRECT,
+        "b1's SYN-ACK",
+    );
+    let (b, l): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
+    let big = Packet::tcp(b, 8080, l, port, TCP_RST | TCP_ACK)
+        .payload(&[0x66; 1470])
+        .frame(VB_MAC, B1_MAC);
+    lab.expect(
+        lab.vb,
+        &big,
+        XDP_TX,
+        "b1's RST, too big for the client link",
+    );
+    let (_, ct, _, r) = flow_entries(&lab, 44_700, port);
+    assert_ne!(
+        nat_flags(r.state) & NAT_F_ENDED,
+        0,
+        "the RST did not end the port"
+    );
+    assert_ne!(
+        ct.flags & CT_F_CLOSED,
+        0,
+        "the port ended but the client's flow was not closed"
     );
 }
