@@ -98,8 +98,9 @@
 //! daemon's count of ports in use, `lb_xdp_snat_ports_in_use`).
 //!
 //! - **In use**: a flow's packets keep the state's time fresh: the backend's replies and
-//!   the client's UDP packets rewrite it once it is [`CT_REFRESH_SECS`] old, an established
-//!   TCP flow's client segment that renews the flow's conntrack time once it is a second
+//!   the client's UDP packets rewrite it once it is [`CT_REFRESH_SECS`] old, the client's
+//!   TCP segments that check their port (see "Ownership": those that renew the flow's
+//!   conntrack time, and those of a flow closed or made in mid-stream) once it is a second
 //!   old. The client's FIN sets [`NAT_F_FIN_CLIENT`], the backend's (in a reply)
 //!   [`NAT_F_FIN_BACKEND`].
 //! - **Ended** ([`NAT_F_ENDED`], the time becomes the end): by the second of the two FINs,
@@ -280,7 +281,10 @@
 //! Each `CONNTRACK` entry holds when its flow was last seen ([`CtEntry::seen_s`], whole
 //! seconds of `CLOCK_MONOTONIC_COARSE`, `bpf_ktime_get_coarse_ns`). A packet that finds its
 //! entry rewrites that field in place (one aligned 32-bit store, no map update) only when the
-//! stored time is [`CT_REFRESH_SECS`] or more old; the other packets only read it. An entry
+//! stored time is [`CT_REFRESH_SECS`] or more old; the other packets only read it. (One
+//! exception: a `nat` packet that renewed the time and was then stopped by the route lookup
+//! sets it [`CT_REFRESH_SECS`] back, so that the next packet renews it and checks the flow's
+//! SNAT port; see "SNAT ports".) An entry
 //! whose stored time is older than its service's [`Limits::idle_timeout_s`] (the daemon
 //! writes the service's `idle_timeout`) plus `CT_REFRESH_SECS + 1` (the most the stored time
 //! can trail the flow's last packet: refreshed every `CT_REFRESH_SECS`, truncated to
@@ -307,7 +311,8 @@
 //! entry never written, means no limit) and its conntrack idle timeout. It is its own array
 //! rather than fields of [`Service`] because it changes on another schedule (a reload, not a
 //! health change) and is read only for new flows and for entries due a refresh (at most
-//! once per [`CT_REFRESH_SECS`] per flow): the `SERVICES` flip protocol stays about
+//! once per [`CT_REFRESH_SECS`] per flow, or per packet while a `nat` flow's route fails,
+//! see "Conntrack ageing"): the `SERVICES` flip protocol stays about
 //! `active_half` alone, and the per-packet path does not read fields it never needs. Write
 //! it before the VIP is published and again whenever it changes; each field is read on its
 //! own, so a packet may see half of an update, which only mixes two valid settings for one

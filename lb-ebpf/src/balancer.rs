@@ -6,8 +6,7 @@ use lb_common::{
     flow_hash,
     maps::{
         ct_seconds, vip_port_bit, Service, VipKey, CT_F_CLOSED, CT_F_MIDSTREAM, MAX_SERVICES,
-        MODE_DSR, MODE_NAT,
-        SERVICE_F_ANNOUNCED,
+        MODE_DSR, MODE_NAT, SERVICE_F_ANNOUNCED,
     },
     FlowKey, Stat,
 };
@@ -305,10 +304,10 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
 /// The segment that renews the time (at most every `CT_REFRESH_SECS + 1` seconds while the
 /// flow is busy, and the next one if the route lookup stopped it: `conntrack::renew_next`)
 /// takes the full path, as every other packet does: the port's entry must still name the flow
-/// (it is re-made if evicted), its time is renewed once it is a second old (so it is never
-/// older than the conntrack time, and the idle rule cannot free a busy flow's port), and FINs
-/// and RSTs mark the end. What the skipped segments give up: a port another flow took over is
-/// noticed at the next check, not at once. That needs the LRU to have evicted the busy
+/// (it is re-made if evicted), its time is renewed once it is a second old (so at each check
+/// it is as fresh as the conntrack time, and the idle rule cannot free a busy flow's port),
+/// and FINs and RSTs mark the end. What the skipped segments give up: a port another flow
+/// took over is noticed at the next check, not at once. That needs the LRU to have evicted the busy
 /// flow's entry (the backend's replies, its ACKs at least, reference it and keep it off the
 /// eviction end) or the flow's local address to have changed under it (a reload). The
 /// segments in between reach the backend on the other connection's 4-tuple, outside its

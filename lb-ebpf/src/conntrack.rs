@@ -252,12 +252,21 @@ fn holds_expired_slot(entry: &CtEntry, idle: u32, service_id: u32) -> bool {
 /// again: its entry's time is set [`CT_REFRESH_SECS`] back. For a packet that renewed the time
 /// and then went no further than the route lookup: the renewing packet is the one that checks
 /// the flow's SNAT port (`balancer::keeps_port`). The flow reads at most that much idler,
-/// well inside every idle timeout's margin.
+/// inside every idle timeout's margin. A time another CPU renewed since (a later second) is
+/// left alone: set back, it would trail the flow's last packet by more than that margin.
 #[inline(always)]
 pub fn renew_next(key: &FlowKey, now: u32) {
     if let Some(ptr) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: a live map value; one aligned 32-bit store, as `place`'s refresh.
-        unsafe { (&raw mut (*ptr).seen_s).write_volatile(now.wrapping_sub(CT_REFRESH_SECS)) };
+        // SAFETY: a live map value; `seen_s` is written by single aligned 32-bit stores, as
+        // `place`'s refresh. A renewal between the read and the store is lost: it was this
+        // second's (one store per flow per `CT_REFRESH_SECS` makes that rare), and the flow
+        // then reads 2 s idler than it is, as here.
+        unsafe {
+            let seen = &raw mut (*ptr).seen_s;
+            if seen.read_volatile() == now {
+                seen.write_volatile(now.wrapping_sub(CT_REFRESH_SECS));
+            }
+        }
     }
 }
 

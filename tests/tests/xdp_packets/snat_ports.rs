@@ -611,9 +611,11 @@ fn flow_entries(lab: &Lab, sport: u16, port: u16) -> (FlowKey, CtEntry, FlowKey,
 }
 
 /// Sets the conntrack time of the flow `key` (entry `ct`) `age` seconds before the
-/// program's clock (`CLOCK_MONOTONIC_COARSE`) reads now, and returns that time.
-fn age_flow(lab: &mut Lab, key: FlowKey, mut ct: CtEntry, age: u32) -> u32 {
-    ct.seen_s = super::ageing::monotonic().0.wrapping_sub(age);
+/// program's clock (`CLOCK_MONOTONIC_COARSE`) reads now, and returns that time. A negative
+/// `age` puts it ahead, which the program reads as just now (`ct_age`): no segment renews it
+/// for `CT_REFRESH_SECS - age` seconds, however the test is delayed meanwhile.
+fn age_flow(lab: &mut Lab, key: FlowKey, mut ct: CtEntry, age: i32) -> u32 {
+    ct.seen_s = super::ageing::monotonic().0.wrapping_sub(age as u32);
     lab.conntrack.insert(key, ct, 0).expect("write CONNTRACK");
     ct.seen_s
 }
@@ -661,7 +663,7 @@ fn a_busy_flows_evicted_port_entry_is_made_again_when_its_time_is_renewed() {
     };
     let port = open(&lab, 44_400, "the flow's SYN");
     let (key, ct, rkey, _) = flow_entries(&lab, 44_400, port);
-    age_flow(&mut lab, key, ct, 0);
+    age_flow(&mut lab, key, ct, -1);
     lab.nat_reverse
         .remove(&rkey)
         .expect("evict the port's entry");
@@ -673,7 +675,7 @@ fn a_busy_flows_evicted_port_entry_is_made_again_when_its_time_is_renewed() {
     );
     assert_eq!(l4_source_port(&out), port, "the segment changed port");
     assert_eq!(entries(&lab), 0, "a plain segment looked the port up");
-    age_flow(&mut lab, key, ct, CT_REFRESH_SECS);
+    age_flow(&mut lab, key, ct, CT_REFRESH_SECS as i32);
     let out = lab.expect(
         lab.vc,
         &client(44_400, TCP_ACK),
@@ -703,7 +705,7 @@ fn a_renewal_the_route_stopped_passes_to_the_next_segment() {
     };
     let port = open(&lab, 44_500, "the flow's SYN");
     let (key, ct, rkey, _) = flow_entries(&lab, 44_500, port);
-    age_flow(&mut lab, key, ct, CT_REFRESH_SECS);
+    age_flow(&mut lab, key, ct, CT_REFRESH_SECS as i32);
     lab.nat_reverse
         .remove(&rkey)
         .expect("evict the port's entry");
@@ -746,7 +748,7 @@ fn a_flow_made_in_mid_stream_checks_its_port_on_every_segment() {
     let port = open(&lab, 44_600, "the flow's SYN");
     let (key, mut ct, rkey, _) = flow_entries(&lab, 44_600, port);
     ct.flags |= CT_F_MIDSTREAM;
-    age_flow(&mut lab, key, ct, 0);
+    age_flow(&mut lab, key, ct, -1);
     lab.nat_reverse
         .remove(&rkey)
         .expect("evict the port's entry");
