@@ -307,10 +307,10 @@ fn to_backend<C: Frame>(ctx: &C, p: &Parsed, service_id: u32, frame_len: u64) ->
 /// (it is re-made if evicted), its time is renewed once it is a second old (so at each check
 /// it is as fresh as the conntrack time, and the idle rule cannot free a busy flow's port),
 /// and FINs and RSTs mark the end. What the skipped segments give up: a port another flow
-/// took over is noticed at the next check, not at once. That needs the LRU to have evicted the busy
-/// flow's entry (the backend's replies, its ACKs at least, reference it and keep it off the
-/// eviction end) or the flow's local address to have changed under it (a reload). The
-/// segments in between reach the backend on the other connection's 4-tuple, outside its
+/// took over is noticed at the next check, not at once. That needs the LRU to have evicted
+/// the busy flow's entry (the backend's replies, its ACKs at least, reference it and keep it
+/// off the eviction end) or the flow's local address to have changed under it (a reload).
+/// The segments in between reach the backend on the other connection's 4-tuple, outside its
 /// sequence window. UDP has no such window: every UDP packet checks its port.
 #[inline(always)]
 fn keeps_port(p: &Parsed, placed: &conntrack::Placement) -> bool {

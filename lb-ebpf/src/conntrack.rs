@@ -258,9 +258,9 @@ fn holds_expired_slot(entry: &CtEntry, idle: u32, service_id: u32) -> bool {
 pub fn renew_next(key: &FlowKey, now: u32) {
     if let Some(ptr) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a live map value; `seen_s` is written by single aligned 32-bit stores, as
-        // `place`'s refresh. A renewal between the read and the store is lost: it was this
-        // second's (one store per flow per `CT_REFRESH_SECS` makes that rare), and the flow
-        // then reads 2 s idler than it is, as here.
+        // `place`'s refresh. Another CPU's renewal between the read and the store is lost
+        // (rare: a flow's time is renewed once per `CT_REFRESH_SECS`), and the flow then reads
+        // up to 3 s idler than it is, at the edge of the ageing margin.
         unsafe {
             let seen = &raw mut (*ptr).seen_s;
             if seen.read_volatile() == now {
