@@ -244,6 +244,12 @@ pub fn snat_port(
             }
         } else {
             set_owner(owner, key, service_id, now);
+            if tcp_flags & TCP_SYN == 0 {
+                // Re-made under a flow past its SYN: the backend has answered it, and its RST
+                // now ends the connection rather than refusing a SYN (`reverse`). (A UDP
+                // packet sets it too; `reverse` reads it for TCP only.)
+                owner.state = nat_state(now, NAT_F_ANSWERED);
+            }
             if NAT_REVERSE.insert(&*rkey, &*owner, BPF_NOEXIST).is_ok() {
                 return Ok(current);
             }

@@ -802,3 +802,43 @@ fn a_backend_rst_the_route_stopped_still_closes_the_flow() {
         "the port ended but the client's flow was not closed"
     );
 }
+
+/// A port entry re-made under an established flow (evicted, then re-made by the segment that
+/// renews the flow's time) counts as answered: the backend's RST that ends the connection
+/// reaches the client, not dropped as the refusal of a SYN.
+#[test]
+fn a_backend_rst_on_a_port_entry_made_again_reaches_the_client() {
+    let Some(mut lab) = nat_lab("snat_remade_rst", 4, 0) else {
+        return;
+    };
+    let port = open(&lab, 44_800, "the flow's SYN");
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_SYN | TCP_ACK),
+        XDP_REDIRECT,
+        "b1's SYN-ACK",
+    );
+    let (key, ct, rkey, _) = flow_entries(&lab, 44_800, port);
+    lab.nat_reverse
+        .remove(&rkey)
+        .expect("evict the port's entry");
+    age_flow(&mut lab, key, ct, CT_REFRESH_SECS as i32);
+    lab.expect(
+        lab.vc,
+        &client(44_800, TCP_ACK),
+        XDP_REDIRECT,
+        "the segment that renews the flow's time (and re-makes the entry)",
+    );
+    let out = lab.expect(
+        lab.vb,
+        &backend(port, TCP_RST | TCP_ACK),
+        XDP_REDIRECT,
+        "b1's RST ending the connection",
+    );
+    assert_eq!(
+        u16::from_be_bytes([out[36], out[37]]),
+        44_800,
+        "b1's RST went to another client port"
+    );
+    assert_eq!(lab.stat(Stat::DropRefusedSyn), 0, "taken for a refused SYN");
+}
