@@ -995,8 +995,9 @@ pub const NAT_F_TIME_WAIT: u32 = 8;
 pub const NAT_F_CLAIMED: u32 = 16;
 /// [`NatReverse::state`] flag (TCP): the backend answered the flow (a SYN-ACK, or any reply
 /// but an RST; or a client segment without SYN re-made the entry after an eviction, so the
-/// flow was past its handshake). An RST before it is the backend refusing the connection: the program drops
-/// it so that the client retries ([`Stat::DropRefusedSyn`](crate::Stat::DropRefusedSyn)).
+/// flow was past its handshake). An RST before it is the backend refusing the connection:
+/// the program drops it so that the client retries
+/// ([`Stat::DropRefusedSyn`](crate::Stat::DropRefusedSyn)).
 pub const NAT_F_ANSWERED: u32 = 32;
 
 /// Seconds a backend's socket stays in TIME_WAIT after it closed first (Linux's
