@@ -21,12 +21,19 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
+    flow::{IPPROTO_TCP, IPPROTO_UDP},
     maps::{bridge_bit, BridgeFdbKey},
     Stat,
 };
 
 use super::{Frame, L4Check, Room};
-use crate::maps::{BRIDGES, BRIDGE_FDB, BRIDGE_PORTS, VETH_PEERS};
+use crate::{
+    maps::{BRIDGES, BRIDGE_FDB, BRIDGE_PORTS, VETH_PEERS},
+    parse::{
+        ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr, UdpHdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP,
+        IPPROTO_IPV6,
+    },
+};
 
 /// `BPF_F_IPV6` for `bpf_l4_csum_replace` (Linux 6.16+; not in the bindings): the packet is
 /// IPv6, whose header has no checksum, so a `CHECKSUM_COMPLETE` sum must not follow a
@@ -37,25 +44,82 @@ const BPF_F_IPV6: u64 = 1 << 7;
 /// `-EINVAL`.
 const EINVAL: i64 = -22;
 
-/// Bytes from the packet's start the balancer reads directly: Ethernet, a VLAN tag, an IPv6
-/// header, ICMPv6 and the quoted IPv6 and TCP headers up to the quoted checksum (122 bytes).
-/// A socket buffer whose linear part is shorter is pulled this far first ([`pull_headers`]).
+/// Bytes from the packet's start the balancer may read directly: Ethernet, a VLAN tag, an
+/// IPv6 header, ICMPv6 and the quoted IPv6 and TCP headers up to the quoted checksum (122
+/// bytes). The most [`pull_headers`] makes directly readable.
 const HEADERS: u32 = 128;
 
-/// Makes the first [`HEADERS`] bytes of the packet (or all of a shorter one) directly
-/// readable: a GRO'd or paged buffer may hold less in its linear part. A packet that cannot be
-/// pulled is left as it is; the parser then passes what it cannot read.
+/// Makes the bytes the programs read in place directly readable ([`headers_len`]; all of a
+/// shorter packet): a GRO'd or paged buffer may hold less in its linear part. A packet that
+/// cannot be pulled is left as it is; the parser then passes what it cannot read.
+///
+/// Only what is read is pulled, because a pull beyond the linear part is a copy: a TCP
+/// segment from a local sender or a veth keeps its headers in the linear part and its payload
+/// in pages, and is a clone (the sender keeps the original for retransmission), so pulling
+/// payload bytes in makes the kernel copy the head and take new references on the pages
+/// (`__pskb_pull_tail`, `pskb_expand_head`). Its headers need no pull to be written: the
+/// unclone the verifier puts in front of a tc program that writes packets directly, and the
+/// checksum helpers, copy a clone's head only where the original shares it
+/// (`skb_clone_writable`), and a TCP sender shares only its payload.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
-    let want = if ctx.len() < HEADERS {
-        ctx.len()
-    } else {
-        HEADERS
-    };
+    let need = headers_len(ctx);
+    let want = if ctx.len() < need { ctx.len() } else { need };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         // SAFETY: the helper only makes more of the buffer linear; pointers are taken after.
         unsafe { bpf_skb_pull_data(ctx.skb.skb, want) };
     }
+}
+
+/// The bytes from the packet's start that lb's tc programs read or write in place, as far as
+/// the linear part tells: for TCP and UDP over IPv4 (any IHL) or IPv6, the Ethernet, IP and
+/// fixed transport headers (`parse`, NAT, DSR encapsulation; an answer built from the packet,
+/// a RST or "too big", pulls what it quotes itself); for an IPIP or IP6IP6 tunnel
+/// (`lb_decap_tc`), the outer and the inner IP headers. For anything else (ICMP and its quote,
+/// extension headers, a second VLAN tag, an IP header not in the linear part), [`HEADERS`].
+#[inline(always)]
+fn headers_len(ctx: &TcContext) -> u32 {
+    let l3_off = core::mem::size_of::<EthHdr>();
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return HEADERS;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let proto = unsafe { (*eth).proto };
+    let (ip_len, next, tunnel) = if proto == ETH_P_IP {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+            return HEADERS;
+        };
+        // SAFETY: as above.
+        let (version_ihl, protocol) = unsafe { ((*ip).version_ihl, (*ip).protocol) };
+        // An IHL below 5 is malformed; the parser reads the 20 bytes to find out.
+        let ihl = (version_ihl & 0x0f).max(5);
+        (u32::from(ihl) * 4, protocol, IPPROTO_IPIP)
+    } else if proto == ETH_P_IPV6 {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
+            return HEADERS;
+        };
+        // SAFETY: as above.
+        let nexthdr = unsafe { (*ip).nexthdr };
+        (
+            core::mem::size_of::<Ipv6Hdr>() as u32,
+            nexthdr,
+            IPPROTO_IPV6,
+        )
+    } else {
+        return HEADERS;
+    };
+    let inner = if next == IPPROTO_TCP {
+        core::mem::size_of::<TcpHdr>()
+    } else if next == IPPROTO_UDP {
+        core::mem::size_of::<UdpHdr>()
+    } else if next == tunnel && proto == ETH_P_IP {
+        core::mem::size_of::<Ipv4Hdr>()
+    } else if next == tunnel {
+        core::mem::size_of::<Ipv6Hdr>()
+    } else {
+        return HEADERS;
+    };
+    l3_off as u32 + ip_len + inner as u32
 }
 
 impl Frame for TcContext {
