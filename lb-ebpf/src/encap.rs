@@ -289,7 +289,7 @@ fn carry_ce<C: Frame>(ctx: &C, l3_off: usize, v6: bool) {
         if ctx.l3_csum_add(l3_off + IPV4_CHECK_OFF, diff).is_err() {
             return;
         }
-        // Taken anew: on tc the checksum helper may have moved the packet.
+        // Taken anew after a `Frame` checksum method, as the trait asks.
         if let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) {
             // SAFETY: bounds checked by `ptr_at`.
             unsafe { (*ip).tos = new_tos };

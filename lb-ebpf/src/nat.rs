@@ -521,7 +521,7 @@ pub fn rewrite<C: Frame>(
             u16::from_ne_bytes([ttl.wrapping_sub(1), proto]),
         );
         ctx.l3_csum_add(p.l3_off + IPV4_CHECK_OFF, csum::sum(addrs, hop))?;
-        // Taken anew: on tc the checksum helper may have moved the packet.
+        // Taken anew after a `Frame` checksum method, as the trait asks.
         let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
         // SAFETY: bounds checked by `ptr_at`.
         unsafe {

@@ -14,9 +14,8 @@ use aya_ebpf::{
     },
     cty::c_void,
     helpers::{
-        bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect,
-        bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_adjust_room, bpf_skb_change_tail,
-        bpf_skb_pull_data,
+        bpf_csum_update, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
     },
     programs::TcContext,
 };
@@ -28,6 +27,7 @@ use lb_common::{
 
 use super::{Frame, L4Check, Room};
 use crate::{
+    csum,
     maps::{BRIDGES, BRIDGE_FDB, BRIDGE_PORTS, VETH_PEERS},
     parse::{
         ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr, UdpHdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP,
@@ -166,14 +166,18 @@ impl Frame for TcContext {
         }
     }
 
+    /// Written in place, as at XDP, not through `bpf_l3_csum_replace` (which does the same
+    /// and costs a helper call): the header checksum changes by exactly what the header's
+    /// other words changed, so the sum of the header's bytes, and with it a
+    /// `CHECKSUM_COMPLETE` packet's sum, stays as it was; `CHECKSUM_PARTIAL` concerns only
+    /// the transport checksum. The header is directly writable: the program writes its
+    /// addresses in place too. (The trait still lets an implementation move the packet here,
+    /// so callers take their pointers anew.)
     #[inline(always)]
     fn l3_csum_add(&self, off: usize, diff: u32) -> Result<(), Stat> {
-        // SAFETY: the helper checks `off` against the buffer. Size 0 in the flags: `to` is a
-        // checksum difference (`from` must be 0).
-        let rc = unsafe { bpf_l3_csum_replace(self.skb.skb, off as u32, 0, diff as u64, 0) };
-        if rc != 0 {
-            return Err(Stat::PassMalformed);
-        }
+        let at: *mut u16 = ptr_at(self, off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { *at = csum::add_diff(*at, diff) };
         Ok(())
     }
 
