@@ -5,10 +5,10 @@
 //! `XdpContext` and `TcContext`.
 //!
 //! What differs between the hooks, and only that, lives here: the return values, the packet's
-//! length, how a checksum follows a rewrite (tc must keep `CHECKSUM_PARTIAL` and
-//! `CHECKSUM_COMPLETE` packets right, which only the kernel's helpers can), how room for a
-//! header is made, and how a packet leaves (`XDP_TX` / `XDP_REDIRECT` through `DEVMAP`, or
-//! `bpf_redirect` / `bpf_redirect_peer` / `bpf_redirect_neigh`).
+//! length, how a checksum follows a rewrite (tc must keep a `CHECKSUM_PARTIAL` or
+//! `CHECKSUM_COMPLETE` packet's transport checksum right, which only the kernel's helpers
+//! can), how room for a header is made, and how a packet leaves (`XDP_TX` / `XDP_REDIRECT`
+//! through `DEVMAP`, or `bpf_redirect` / `bpf_redirect_peer` / `bpf_redirect_neigh`).
 
 mod tc;
 mod xdp;

@@ -1,8 +1,9 @@
-//! [`Frame`] for tc: a socket buffer at the ingress hook. Checksums follow a rewrite through
-//! the kernel's helpers, which know the buffer's checksum state: a `CHECKSUM_PARTIAL` packet
-//! (from a local sender or a veth, its transport checksum still to be computed at transmit)
-//! keeps only the pseudo-header's sum in the field, and a `CHECKSUM_COMPLETE` one carries the
-//! sum of its bytes beside them. Room is made after the Ethernet header with
+//! [`Frame`] for tc: a socket buffer at the ingress hook. The transport checksum follows a
+//! rewrite through the kernel's helpers, which know the buffer's checksum state: a
+//! `CHECKSUM_PARTIAL` packet (from a local sender or a veth, its transport checksum still to
+//! be computed at transmit) keeps only the pseudo-header's sum in the field, and a
+//! `CHECKSUM_COMPLETE` one carries the sum of its bytes beside them. The IPv4 header checksum
+//! is updated in place (`l3_csum_add`). Room is made after the Ethernet header with
 //! `bpf_skb_adjust_room`, which keeps GSO super-packets whole and segmentable.
 
 use aya_ebpf::{
@@ -59,8 +60,9 @@ const HEADERS: u32 = 128;
 /// payload bytes in makes the kernel copy the head and take new references on the pages
 /// (`__pskb_pull_tail`, `pskb_expand_head`). Its headers need no pull to be written: the
 /// unclone the verifier puts in front of a tc program that writes packets directly, and the
-/// checksum helpers, copy a clone's head only where the original shares it
-/// (`skb_clone_writable`), and a TCP sender shares only its payload.
+/// checksum helpers, copy a clone's head only when another holder still uses its header part
+/// (`skb_header_cloned`, `skb_clone_writable`), and a TCP sender gives that part up in the
+/// original it keeps for retransmission.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
     let need = headers_len(ctx);
