@@ -22,8 +22,8 @@ use lb_common::{
         addr_words as words, family_of as family, table_index, vip_port_bit, Backend, ClientKey,
         ClientState, CtEntry, DecapAddr, Limits, NatReverse, Service, VipKey, VipValue, BACKENDS,
         BACKEND_STATS, CLIENTS, CONNTRACK, DECAP_ADDRS, DECAP_SOURCES, DEVMAP, LIMITS, NAT_REVERSE,
-        PROG_BALANCER, PROG_DECAP, PROG_TC, SERVICES, SERVICE_STATS, STATS, TABLES, VIPS,
-        VIP_ADDRS, VIP_PORTS,
+        PROG_BALANCER, PROG_DECAP, PROG_DECAP_TC, PROG_TC, SERVICES, SERVICE_STATS, STATS, TABLES,
+        VIPS, VIP_ADDRS, VIP_PORTS,
     },
     Counters, FlowKey, Stat,
 };
@@ -118,9 +118,9 @@ const TC_ACT_REDIRECT: u32 = 7;
 
 /// A loaded lb-ebpf object with its maps, and the namespace its packets are routed in.
 pub struct Lab {
-    /// The object, with `lb_xdp`, `lb_tc` and `lb_decap` loaded.
+    /// The object, with `lb_xdp`, `lb_tc`, `lb_decap` and `lb_decap_tc` loaded.
     pub ebpf: Ebpf,
-    /// Which program [`Lab::run`] runs for [`PROG_BALANCER`].
+    /// Which programs [`Lab::run`] runs for [`PROG_BALANCER`] and [`PROG_DECAP`].
     pub hook: Hook,
     /// `VIPS`: (VIP, port, protocol) to service.
     pub vips: HashMap<MapData, VipKey, VipValue>,
@@ -186,13 +186,15 @@ impl Lab {
             prog.load()
                 .unwrap_or_else(|e| panic!("the kernel's verifier rejected {name}: {e:?}"));
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(PROG_TC)
-            .unwrap_or_else(|| panic!("the object has no program {PROG_TC}"))
-            .try_into()
-            .unwrap_or_else(|e| panic!("{PROG_TC} is not a tc classifier: {e}"));
-        tc.load()
-            .unwrap_or_else(|e| panic!("the kernel's verifier rejected {PROG_TC}: {e:?}"));
+        for name in [PROG_TC, PROG_DECAP_TC] {
+            let tc: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("the object has no program {name}"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name} is not a tc classifier: {e}"));
+            tc.load()
+                .unwrap_or_else(|e| panic!("the kernel's verifier rejected {name}: {e:?}"));
+        }
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .unwrap_or_else(|| panic!("the object has no map {name}"))
@@ -420,11 +422,17 @@ impl Lab {
     }
 
     /// Runs `prog` on `frame` as if it arrived on `ingress`; the action and the output frame.
-    /// [`PROG_BALANCER`] runs at the lab's [`Hook`]; on tc the action is reported as the XDP
-    /// action of the same meaning (see [`Lab::run_tc`]).
+    /// [`PROG_BALANCER`] and [`PROG_DECAP`] run at the lab's [`Hook`] (`lb_tc` and
+    /// `lb_decap_tc` on tc); on tc the action is reported as the XDP action of the same
+    /// meaning (see [`Lab::run_tc`]).
     pub fn run(&self, prog: &str, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        if prog == PROG_BALANCER && self.hook == Hook::Tc {
-            return self.run_tc(ingress, frame);
+        if let Some(tc) = self.tc_form(prog) {
+            return self.try_run_tc(tc, ingress, frame).unwrap_or_else(|| {
+                panic!(
+                    "BPF_PROG_TEST_RUN of {tc} refused the {}-byte frame",
+                    frame.len()
+                )
+            });
         }
         let xdp: &Xdp = self
             .ebpf
@@ -461,7 +469,7 @@ impl Lab {
     /// (its new source MAC is `ingress`'s: a turned-around answer, or a route back out of
     /// `ingress`), else `XDP_REDIRECT`, which is how `lb_xdp` tells them apart.
     pub fn run_tc(&self, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run_tc(ingress, frame).unwrap_or_else(|| {
+        self.try_run_tc(PROG_TC, ingress, frame).unwrap_or_else(|| {
             panic!(
                 "BPF_PROG_TEST_RUN of {PROG_TC} refused the {}-byte frame",
                 frame.len()
@@ -473,17 +481,25 @@ impl Lab {
     /// (BPF_PROG_TEST_RUN answers EINVAL to an IPv4 frame cut inside its IP header; such a
     /// frame reaches XDP only).
     pub fn try_run(&self, prog: &str, ingress: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
-        if prog == PROG_BALANCER && self.hook == Hook::Tc {
-            self.try_run_tc(ingress, frame)
-        } else {
-            Some(self.run(prog, ingress, frame))
+        match self.tc_form(prog) {
+            Some(tc) => self.try_run_tc(tc, ingress, frame),
+            None => Some(self.run(prog, ingress, frame)),
         }
     }
 
-    fn try_run_tc(&self, ingress: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+    /// The tc program that stands for `prog` in a tc lab, if one does.
+    fn tc_form(&self, prog: &str) -> Option<&'static str> {
+        match (self.hook, prog) {
+            (Hook::Tc, PROG_BALANCER) => Some(PROG_TC),
+            (Hook::Tc, PROG_DECAP) => Some(PROG_DECAP_TC),
+            _ => None,
+        }
+    }
+
+    fn try_run_tc(&self, prog: &str, ingress: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
         let tc: &SchedClassifier = self
             .ebpf
-            .program(PROG_TC)
+            .program(prog)
             .expect("program present")
             .try_into()
             .expect("a tc classifier");
@@ -511,7 +527,7 @@ impl Lab {
             {
                 return None
             }
-            Err(e) => panic!("BPF_PROG_TEST_RUN of {PROG_TC} failed: {e:?}"),
+            Err(e) => panic!("BPF_PROG_TEST_RUN of {prog} failed: {e:?}"),
         };
         out.truncate(result.data_size_out as usize);
         let action = match result.return_value {

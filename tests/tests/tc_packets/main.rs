@@ -1,7 +1,7 @@
 //! The crafted-packet tests of `xdp_packets`, run against the balancer at the tc hook
 //! (`lb_tc`): the same modules, built a second time with a lab whose balancer is `lb_tc`, so
 //! both hooks are held to the same frames byte for byte (`Lab::run_tc` reports tc's actions as
-//! the XDP actions of the same meaning). `decap` stays out: `lb_decap` is an XDP program only.
+//! the XDP actions of the same meaning); `decap` runs `lb_decap_tc` where it runs `lb_decap`.
 //! In BPF_PROG_TEST_RUN a socket buffer carries no checksum offload state, so these tests see
 //! the checksum helpers' plain path; `tc_nat` and `tc_dsr` cover `CHECKSUM_PARTIAL` end to
 //! end through veth pairs.
@@ -10,6 +10,8 @@
 mod ageing;
 #[path = "../xdp_packets/conntrack.rs"]
 mod conntrack;
+#[path = "../xdp_packets/decap.rs"]
+mod decap;
 #[path = "../xdp_packets/dsr.rs"]
 mod dsr;
 #[path = "../xdp_packets/fuzz.rs"]
