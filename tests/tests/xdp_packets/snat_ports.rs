@@ -43,6 +43,18 @@ fn open(lab: &Lab, sport: u16, what: &str) -> u16 {
     l4_source_port(&out)
 }
 
+/// [`open`], then b1's SYN-ACK on the flow's port, which must be forwarded: an answered flow.
+fn open_answered(lab: &Lab, sport: u16) -> u16 {
+    let port = open(lab, sport, "the flow's SYN");
+    lab.expect(
+        lab.vb,
+        &backend(port, TCP_SYN | TCP_ACK),
+        XDP_REDIRECT,
+        "b1's SYN-ACK",
+    );
+    port
+}
+
 #[test]
 fn twenty_flows_closed_one_after_another_reuse_a_four_port_range() {
     let Some(lab) = nat_lab("snat_reuse", 4, 0) else {
@@ -773,13 +785,7 @@ fn a_backend_rst_the_route_stopped_still_closes_the_flow() {
     let Some(lab) = nat_lab("snat_rst_stopped", 4, 0) else {
         return;
     };
-    let port = open(&lab, 44_700, "the flow's SYN");
-    lab.expect(
-        lab.vb,
-        &backend(port, TCP_SYN | TCP_ACK),
-        XDP_REDIRECT,
-        "b1's SYN-ACK",
-    );
+    let port = open_answered(&lab, 44_700);
     let (b, l): (IpAddr, IpAddr) = (B1_4.into(), LOCAL4.into());
     let big = Packet::tcp(b, 8080, l, port, TCP_RST | TCP_ACK)
         .payload(&[0x66; 1470])
@@ -811,13 +817,7 @@ fn a_backend_rst_on_a_port_entry_made_again_reaches_the_client() {
     let Some(mut lab) = nat_lab("snat_remade_rst", 4, 0) else {
         return;
     };
-    let port = open(&lab, 44_800, "the flow's SYN");
-    lab.expect(
-        lab.vb,
-        &backend(port, TCP_SYN | TCP_ACK),
-        XDP_REDIRECT,
-        "b1's SYN-ACK",
-    );
+    let port = open_answered(&lab, 44_800);
     let (key, ct, rkey, _) = flow_entries(&lab, 44_800, port);
     lab.nat_reverse
         .remove(&rkey)
