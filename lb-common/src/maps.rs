@@ -528,7 +528,7 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 /// daemon adopts a pinned set only of its own layout version, and replaces (cuts) any other.
 /// Bump it with any change to a pinned map's type, size, key or value layout, or to what a
 /// field means; the pinned set then lives in another directory (`v{LAYOUT_VERSION}`).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The maps pinned under `bpf_pin_dir/v{LAYOUT_VERSION}/` (one file per map, by name): the
 /// state that must outlive the daemon for flows to outlive it. The per-CPU scratch maps, the

@@ -9,8 +9,9 @@
 /// ones were turned away by a per-client limit or for want of a SNAT port (a TCP SYN answered
 /// with a RST, anything else dropped), `Reset*` ones answered with a RST (or dropped when they
 /// cannot be). Besides `Packets`, each packet `lb_xdp` sees lands in exactly one of the
-/// `Pass*` counters, `Forwarded`, `NatReplies`, `IcmpTranslated`, `IcmpToBackend`, `FibPass`,
-/// a `Refused*`, a `Reset*` or a `Drop*` counter; `CtMissNonSyn` comes on top.
+/// `Pass*` counters, `Forwarded`, `NatReplies`, `DsrReplies`, `IcmpTranslated`,
+/// `IcmpToBackend`, `FibPass`, a `Refused*`, a `Reset*` or a `Drop*` counter; `CtMissNonSyn`
+/// comes on top.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
@@ -140,10 +141,15 @@ pub enum Stat {
     /// another backend once the health checks took this one out: a dead backend costs the
     /// client a second, not the connection (the proxy retries another backend the same way).
     DropRefusedSyn = 35,
+    /// Replies of `dsr` services (from the VIP and port, to the client) that the balancer's
+    /// host routes, sent on by `lb_tc` as the kernel would have forwarded them (TTL / hop limit
+    /// decremented, nothing else changed). `lb_xdp` passes them to the kernel
+    /// ([`Stat::PassNotVip`]).
+    DsrReplies = 36,
 }
 
 /// Entries of the `STATS` map: one past the highest [`Stat`].
-pub const STATS_LEN: u32 = 36;
+pub const STATS_LEN: u32 = 37;
 
 impl Stat {
     /// Every counter, in index order (`Stat::ALL[i] as u32 == i`).
@@ -184,6 +190,7 @@ impl Stat {
         Stat::TooBigSent,
         Stat::RefusedNoBackend,
         Stat::DropRefusedSyn,
+        Stat::DsrReplies,
     ];
 
     /// The counter's name in logs and metrics (`lb_xdp_packet_outcomes_total{outcome}`):
@@ -226,6 +233,7 @@ impl Stat {
             Stat::TooBigSent => "too_big_sent",
             Stat::RefusedNoBackend => "refused_no_backend",
             Stat::DropRefusedSyn => "drop_refused_syn",
+            Stat::DsrReplies => "dsr_replies",
         }
     }
 

@@ -1,5 +1,6 @@
 //! The balancer's path for one packet: parse, VIP lookup, placement, NAT or DSR, next hop.
-//! Also the reverse path of NAT replies, and the split between it and ICMP (`icmp`).
+//! Also the reverse path of NAT replies (and of DSR replies the host routes: `dsr_reply`), and
+//! the split between it and ICMP (`icmp`).
 
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},
@@ -12,7 +13,7 @@ use lb_common::{
 };
 
 use crate::{
-    clock, conntrack, encap,
+    clock, conntrack, dsr_reply, encap,
     fib::{self, Out},
     frame::Frame,
     icmp, limits,
@@ -371,7 +372,10 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         });
     }
     let now_ns = clock::now_ns();
-    let r = nat::reverse(&p.key, p.tcp_flags, ct_seconds(now_ns)).ok_or(Stat::PassNotVip)??;
+    let Some(r) = nat::reverse(&p.key, p.tcp_flags, ct_seconds(now_ns)) else {
+        return dsr_reply::send(ctx, p, now_ns);
+    };
+    let r = r?;
     if p.key.protocol == IPPROTO_TCP && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         // The backend ends the flow: its client's slot goes back as for the client's FIN.
         // Before the route: `reverse` has marked the port's end, and the client's flow is

@@ -265,8 +265,8 @@ pub fn path_mtu() -> Option<u16> {
 /// the veth's transmit and with it any XDP program on the peer.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
-    /// A translated packet (NAT, NAT replies, ICMP errors): nothing on the other side needs
-    /// the veth's transmit path.
+    /// A translated packet (NAT, NAT replies, ICMP errors) or a DSR reply: nothing on the other
+    /// side needs the veth's transmit path.
     Allowed,
     /// A DSR tunnel packet: the backend's decapsulator may sit at the peer's XDP hook
     /// (`lb-daemon decap`'s default), which only the veth's transmit runs.

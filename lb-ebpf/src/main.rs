@@ -24,6 +24,7 @@ mod balancer;
 mod clock;
 mod conntrack;
 mod csum;
+mod dsr_reply;
 mod encap;
 mod fib;
 mod frame;

@@ -275,11 +275,12 @@ fn write_xdp_summary(out: &mut String, xdp: &serde_json::Value) {
     let (drops, refused) = (total("drop_"), total("refused_"));
     let _ = writeln!(
         out,
-        "XDP: {} packets, {} forwarded, {} NAT replies, {} passed to the kernel, \
-         {drops} dropped, {refused} refused by client limits",
+        "XDP: {} packets, {} forwarded, {} NAT replies, {} DSR replies, {} passed to the \
+         kernel, {drops} dropped, {refused} refused by client limits",
         p("packets"),
         p("forwarded"),
         p("nat_replies"),
+        p("dsr_replies"),
         p("pass_not_vip") + p("fib_pass"),
     );
 }
@@ -432,15 +433,16 @@ mod tests {
         let status = serde_json::json!({
             "dataplane": "xdp", "config": "/etc/lb/lb.toml", "uptime_seconds": 1.0, "active": 0,
             "reloads": {"succeeded": 1, "failed": 0, "last": null},
-            "xdp": {"packets": {"packets": 10, "forwarded": 7, "nat_replies": 2, "pass_not_vip": 1,
-                "drop_no_backend": 3, "drop_mtu": 1}, "error": null},
+            "xdp": {"packets": {"packets": 13, "forwarded": 7, "nat_replies": 2, "dsr_replies": 3,
+                "pass_not_vip": 1, "drop_no_backend": 3, "drop_mtu": 1}, "error": null},
             "services": [svc("web", serde_json::json!({"packets": 7, "bytes": 2048, "flows": 3}))],
             "removed_services": [svc("old", serde_json::Value::Null)]
         });
         let t = status_table(&status);
         assert!(
             t.contains(
-                "XDP: 10 packets, 7 forwarded, 2 NAT replies, 1 passed to the kernel, 4 dropped"
+                "XDP: 13 packets, 7 forwarded, 2 NAT replies, 3 DSR replies, 1 passed to the \
+                 kernel, 4 dropped"
             ),
             "{t}"
         );

@@ -68,6 +68,11 @@ pub trait Frame {
     /// with the packet when it is redirected), so a tag still in the packet is a second one,
     /// which the balancer passes like any second tag.
     const TAG_IN_PACKET: bool;
+    /// Whether the hook forwards DSR replies the host routes (`dsr_reply`). tc does; XDP
+    /// passes them to the kernel, which forwards them as any routed packet: its redirect can
+    /// fail (an egress without a `DEVMAP` entry) after the frame was rewritten for it, where
+    /// the kernel would still have forwarded the packet.
+    const SENDS_DSR_REPLIES: bool;
 
     /// Address of the first byte the program can read directly.
     fn data(&self) -> usize;

@@ -131,6 +131,7 @@ impl Frame for TcContext {
     const PASS: u32 = TC_ACT_UNSPEC as u32;
     const DROP: u32 = TC_ACT_SHOT as u32;
     const TAG_IN_PACKET: bool = false;
+    const SENDS_DSR_REPLIES: bool = true;
 
     #[inline(always)]
     fn data(&self) -> usize {

@@ -17,6 +17,7 @@ impl Frame for XdpContext {
     const PASS: u32 = xdp_action::XDP_PASS;
     const DROP: u32 = xdp_action::XDP_DROP;
     const TAG_IN_PACKET: bool = true;
+    const SENDS_DSR_REPLIES: bool = false;
 
     #[inline(always)]
     fn data(&self) -> usize {

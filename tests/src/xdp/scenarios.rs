@@ -360,6 +360,31 @@ pub fn counters_match(path: Path) {
         DATAGRAMS as f64,
         "{path:?}: lb_xdp_backend_packets_total for dns"
     );
+    // The backends answer by their default route, the balancer: at tc a DSR reply (from the
+    // VIP) is sent on by the program, every datagram's and every connection's; at XDP, and
+    // under NAT (whose replies are `nat_replies`), none is.
+    let dsr_replies = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "lb_xdp_packet_outcomes_total")
+        .filter(|s| s.labels.get("outcome") == Some("dsr_replies"))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum::<f64>();
+    if path == Path::tc(Mode::Dsr) {
+        assert!(
+            dsr_replies >= (DATAGRAMS + CONNS) as f64,
+            "{path:?}: lb_tc sent on {dsr_replies} DSR replies, fewer than the {DATAGRAMS} \
+             datagrams and {CONNS} connections answered"
+        );
+    } else {
+        assert_eq!(
+            dsr_replies, 0.0,
+            "{path:?}: DSR replies sent on by the program"
+        );
+    }
     let seen = sum("lb_xdp_packets_total", None);
     let outcomes = sum("lb_xdp_packet_outcomes_total", None);
     assert!(

@@ -14,6 +14,8 @@ mod conntrack;
 mod decap;
 #[path = "../xdp_packets/dsr.rs"]
 mod dsr;
+#[path = "../xdp_packets/dsr_replies.rs"]
+mod dsr_replies;
 #[path = "../xdp_packets/fuzz.rs"]
 mod fuzz;
 #[path = "../xdp_packets/icmp_errors.rs"]

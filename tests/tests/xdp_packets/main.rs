@@ -12,6 +12,7 @@ mod ageing;
 mod conntrack;
 mod decap;
 mod dsr;
+mod dsr_replies;
 mod fuzz;
 mod icmp_errors;
 mod limits;

@@ -1,0 +1,124 @@
+//! DSR replies that the balancer's host routes: a backend's answer from the VIP to the client,
+//! when the balancer is also the backends' gateway (a Docker host for its containers on a
+//! bridge, or any host that routes for its backends' subnet).
+//!
+//! The kernel would forward such a reply as any routed packet: a pass through its input
+//! route, the forward path and the egress device's queue. At tc the balancer sends it itself
+//! as it sends a NAT reply (route lookup, next hop, redirect, into a veth peer's ingress where
+//! it can), with the addresses and ports left as they are and the TTL / hop limit decremented
+//! as a router does. Only a packet from a `dsr` service's VIP and port is taken; any other,
+//! and one the route lookup does not answer with a next hop (a local destination, no route,
+//! too big for the egress, TTL expiring), goes to the kernel untouched, which does what it
+//! did before.
+//!
+//! Like the client's packets of the flow, which the balancer sends on at tc ingress, these
+//! replies then skip the host's netfilter `FORWARD` chain.
+
+use lb_common::{
+    maps::{vip_port_bit, FAMILY_V4, MODE_DSR},
+    Stat,
+};
+
+use crate::{
+    csum,
+    fib::{self, Out},
+    frame::Frame,
+    maps::{SERVICES, VIPS, VIP_PORTS},
+    parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, IPV4_CHECK_OFF},
+    stats,
+};
+use lb_common::maps::VipKey;
+
+/// Sends on the parsed packet `p` (TCP or UDP, TTL / hop limit above 1, no NAT reply) if it is
+/// a reply of a `dsr` service (its source a VIP and port of one) and the route to its
+/// destination has a next hop; `now_ns` is the packet's time ([`crate::clock::now_ns`]).
+/// Returns the hook's action; `Err(Stat::PassNotVip)` for every packet it leaves to the
+/// kernel, untouched.
+#[inline(always)]
+pub fn send<C: Frame>(ctx: &C, p: &Parsed, now_ns: u64) -> Result<u32, Stat> {
+    if !C::SENDS_DSR_REPLIES || !from_dsr_vip(p) {
+        return Err(Stat::PassNotVip);
+    }
+    if fib::lookup(
+        ctx,
+        p.family,
+        p.key.protocol,
+        &p.key.src_addr,
+        &p.key.dst_addr,
+        p.ip_len,
+        now_ns,
+    )
+    .is_err()
+    {
+        return Err(Stat::PassNotVip);
+    }
+    // The redirect takes effect when the program returns: the hop limit is decremented after
+    // `send`, once it is known that the packet leaves by it (a local destination passes
+    // unchanged).
+    match fib::send(ctx, fib::Peer::Allowed)? {
+        Out::Sent(action) => {
+            decrement_hop(ctx, p)?;
+            stats::increment(Stat::DsrReplies);
+            Ok(action)
+        }
+        Out::Pass => Err(Stat::PassNotVip),
+    }
+}
+
+/// Whether `p`'s source address and port are a VIP of a `dsr` service (`VIP_PORTS` first, as
+/// for a client's packet: most packets' source port is no VIP's).
+#[inline(always)]
+fn from_dsr_vip(p: &Parsed) -> bool {
+    let (word, bit) = vip_port_bit(p.key.src_port);
+    if VIP_PORTS.get(word).is_none_or(|w| *w & bit == 0) {
+        return false;
+    }
+    let vip = VipKey {
+        addr: p.key.src_addr,
+        port: p.key.src_port,
+        protocol: p.key.protocol,
+        family: p.family,
+    };
+    // SAFETY: a live map value, read at once.
+    let Some(service) = VIPS.get_ptr(&vip).map(|v| unsafe { (*v).service }) else {
+        return false;
+    };
+    SERVICES
+        .get(service)
+        .is_some_and(|s| s.mode == MODE_DSR && s.family == p.family)
+}
+
+/// Decrements the TTL (IPv4, its header checksum with it) or hop limit (IPv6) of `p`, which
+/// the caller found above 1. `Err(Stat::PassMalformed)` only satisfies the verifier.
+#[inline(always)]
+fn decrement_hop<C: Frame>(ctx: &C, p: &Parsed) -> Result<(), Stat> {
+    if p.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (ttl, proto) = unsafe { ((*ip).ttl, (*ip).protocol) };
+        // TTL and protocol share one 16-bit word of the header checksum (memory order).
+        ctx.l3_csum_add(
+            p.l3_off + IPV4_CHECK_OFF,
+            csum::diff16(
+                u16::from_ne_bytes([ttl, proto]),
+                u16::from_ne_bytes([ttl.wrapping_sub(1), proto]),
+            ),
+        )?;
+        // Taken anew after a `Frame` checksum method, as the trait asks.
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        unsafe { (*ip).ttl = ttl.wrapping_sub(1) };
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, p.l3_off).ok_or(Stat::PassMalformed)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let (next, hop) = unsafe { ((*ip).nexthdr, (*ip).hop_limit) };
+        // SAFETY: as above.
+        unsafe { (*ip).hop_limit = hop.wrapping_sub(1) };
+        // No header checksum covers the hop limit: a tc packet's sum of its bytes follows it.
+        ctx.complete_sum_add(csum::diff16(
+            u16::from_ne_bytes([next, hop]),
+            u16::from_ne_bytes([next, hop.wrapping_sub(1)]),
+        ));
+    }
+    Ok(())
+}
