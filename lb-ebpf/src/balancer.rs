@@ -56,7 +56,8 @@ pub fn handle<C: Frame>(ctx: &C) -> Result<u32, Stat> {
 }
 
 /// A packet that is not ICMP: balanced if it is for a VIP, translated back if it is a NAT
-/// reply, else passed. A BPF subprogram of its own (see [`handle`]).
+/// reply, sent on if it is a DSR reply the hook takes (`dsr_reply`), else passed. A BPF
+/// subprogram of its own (see [`handle`]).
 #[inline(never)]
 fn balance<C: Frame>(ctx: &C) -> Result<u32, Stat> {
     let frame_len = ctx.len() as u64;
@@ -356,7 +357,8 @@ fn end_flow<C: Frame>(
     action
 }
 
-/// Not for a VIP: a NAT reply to translate back to VIP → client, or a packet to pass.
+/// Not for a VIP: a NAT reply to translate back to VIP → client, a DSR reply to send on
+/// (`dsr_reply`, tc only), or a packet to pass.
 #[inline(always)]
 fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
     if p.key.protocol != IPPROTO_TCP && p.key.protocol != IPPROTO_UDP {

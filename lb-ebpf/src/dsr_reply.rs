@@ -6,40 +6,47 @@
 //! route, the forward path and the egress device's queue. At tc the balancer sends it itself
 //! as it sends a NAT reply (route lookup, next hop, redirect, into a veth peer's ingress where
 //! it can), with the addresses and ports left as they are and the TTL / hop limit decremented
-//! as a router does. Only a packet from a `dsr` service's VIP and port is taken; any other,
-//! and one the route lookup does not answer with a next hop (a local destination, no route,
-//! too big for the egress, TTL expiring), goes to the kernel untouched, which does what it
-//! did before.
+//! as a router does. Only a reply of a flow the balancer placed is taken: from a `dsr`
+//! service's VIP and port, to a client whose flow is in `CONNTRACK`, in a frame addressed to
+//! this host with no VLAN tag outside it. Any other packet, and one the route lookup does not
+//! answer with a next hop (a local destination, no route, too big for the egress, a GSO
+//! super-packet whose segments are), goes to the kernel untouched, which does what it did
+//! before.
 //!
-//! Like the client's packets of the flow, which the balancer sends on at tc ingress, these
-//! replies then skip the host's netfilter `FORWARD` chain.
+//! What the kernel's forward path would have done and these replies skip, as NAT replies
+//! and the client's packets of the same flows (sent on from the hook) do: netfilter
+//! (`PREROUTING`, `FORWARD`, `POSTROUTING`), the reverse-path filter, policy routing by
+//! mark or ports (the lookup gives only the addresses, the protocol and the ingress), IPv4
+//! options, and any later program on the hook. The conntrack gate keeps that to the
+//! 5-tuples of flows the balancer carries: a packet from the VIP and port to anyone else,
+//! however it arrives, is the kernel's.
 
 use lb_common::{
-    maps::{vip_port_bit, FAMILY_V4, MODE_DSR},
-    Stat,
+    maps::{vip_port_bit, VipKey, FAMILY_V4, MODE_DSR},
+    FlowKey, Stat,
 };
 
 use crate::{
     csum,
     fib::{self, Out},
     frame::Frame,
-    maps::{SERVICES, VIPS, VIP_PORTS},
+    maps::{CONNTRACK, SERVICES, VIPS, VIP_PORTS},
     parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, IPV4_CHECK_OFF},
     stats,
 };
-use lb_common::maps::VipKey;
 
 /// Sends on the parsed packet `p` (TCP or UDP, TTL / hop limit above 1, no NAT reply) if it is
-/// a reply of a `dsr` service (its source a VIP and port of one) and the route to its
+/// a reply of a `dsr` flow the balancer placed (see the module docs) and the route to its
 /// destination has a next hop; `now_ns` is the packet's time ([`crate::clock::now_ns`]).
-/// Returns the hook's action; `Err(Stat::PassNotVip)` for every packet it leaves to the
-/// kernel, untouched.
+/// Returns the hook's action. `Err(Stat::PassNotVip)` for every packet it leaves to the
+/// kernel, untouched; `Err(Stat::PassMalformed)` only satisfies the verifier (`parse` proved
+/// the headers it reads).
 #[inline(always)]
 pub fn send<C: Frame>(ctx: &C, p: &Parsed, now_ns: u64) -> Result<u32, Stat> {
-    if !C::SENDS_DSR_REPLIES || !from_dsr_vip(p) {
+    if !C::SENDS_DSR_REPLIES || !ctx.routed_here() || !from_dsr_vip(p) || !placed(p) {
         return Err(Stat::PassNotVip);
     }
-    if fib::lookup(
+    let routed = fib::lookup(
         ctx,
         p.family,
         p.key.protocol,
@@ -47,22 +54,40 @@ pub fn send<C: Frame>(ctx: &C, p: &Parsed, now_ns: u64) -> Result<u32, Stat> {
         &p.key.dst_addr,
         p.ip_len,
         now_ns,
-    )
-    .is_err()
-    {
+    );
+    if routed.is_err() || !fib::egress().is_some_and(|out| ctx.segments_fit(out)) {
         return Err(Stat::PassNotVip);
     }
     // The redirect takes effect when the program returns: the hop limit is decremented after
     // `send`, once it is known that the packet leaves by it (a local destination passes
-    // unchanged).
-    match fib::send(ctx, fib::Peer::Allowed)? {
-        Out::Sent(action) => {
+    // unchanged). `send` writes the Ethernet addresses only for a next hop it then sends to,
+    // which at tc cannot fail.
+    match fib::send(ctx, fib::Peer::Allowed) {
+        Ok(Out::Sent(action)) => {
             decrement_hop(ctx, p)?;
             stats::increment(Stat::DsrReplies);
             Ok(action)
         }
-        Out::Pass => Err(Stat::PassNotVip),
+        Ok(Out::Pass) | Err(_) => Err(Stat::PassNotVip),
     }
+}
+
+/// Whether the client flow `p` answers (its 5-tuple turned around) is in `CONNTRACK`: a
+/// flow the balancer placed. The entry is only looked at, not renewed: the client's packets
+/// keep it.
+#[inline(always)]
+fn placed(p: &Parsed) -> bool {
+    let client = FlowKey {
+        src_addr: p.key.dst_addr,
+        dst_addr: p.key.src_addr,
+        src_port: p.key.dst_port,
+        dst_port: p.key.src_port,
+        protocol: p.key.protocol,
+        family: p.family,
+        _pad: [0; 2],
+    };
+    // SAFETY: the key lives on the stack for the call; the value is not read.
+    unsafe { CONNTRACK.get(&client) }.is_some()
 }
 
 /// Whether `p`'s source address and port are a VIP of a `dsr` service (`VIP_PORTS` first, as

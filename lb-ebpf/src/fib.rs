@@ -252,6 +252,15 @@ pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
     }
 }
 
+/// The interface the route leads out of, after a [`lookup`] on this CPU found a next hop
+/// (resolved or not); after any other answer, whatever the slot last held.
+#[inline(always)]
+pub fn egress() -> Option<u32> {
+    let scratch = FIB_SCRATCH.get_ptr(0)?;
+    // SAFETY: this CPU's slot, written by the lookup of the packet being handled.
+    Some(unsafe { (*scratch).params.ifindex })
+}
+
 /// The route's MTU after a [`lookup`] on this CPU answered `Err(Stat::DropMtu)`.
 #[inline(always)]
 pub fn path_mtu() -> Option<u16> {

@@ -38,8 +38,9 @@
 //! or UDP, a quoted IPv4 header with a bad IHL) passes untouched as `Stat::PassNotVip`, as
 //! ICMP always did. Errors about `dsr` flows pass too: towards the client they never reach the
 //! balancer (the backend answers the client directly), and errors sent to a `dsr` VIP are
-//! about replies that did not pass the balancer (the backends send them with the VIP as
-//! source); the balancer's kernel drops them, as before.
+//! about replies (the backends send them with the VIP as source), which the balancer did not
+//! translate even where it routed them (`dsr_reply`); the balancer's kernel drops them, as
+//! before.
 
 use lb_common::{
     flow::{IPPROTO_TCP, IPPROTO_UDP},

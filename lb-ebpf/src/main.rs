@@ -5,9 +5,10 @@
 //! `lib/bpf`: `frame` (what differs between the XDP and the tc hook), `parse` (headers and the
 //! pass rule), `maps` (declarations), `conntrack` (placement), `limits` (per-client limits on
 //! new flows) and `reset` (the RST answering a refused SYN), `nat`, `icmp` (errors about
-//! NAT'ed flows, both directions), `encap` (DSR), `too_big` (the answer to a client's packet
-//! that would not fit the backend link), `csum`, `fib` (next hop), `stats`, and `balancer`, which strings them
-//! together for one packet. The map layouts and how the daemon fills them are
+//! NAT'ed flows, both directions), `encap` (DSR), `dsr_reply` (DSR replies the host routes,
+//! tc only), `too_big` (the answer to a client's packet that would not fit the backend link),
+//! `csum`, `fib` (next hop), `next_hop` (its cache), `clock`, `stats`, and `balancer`, which
+//! strings them together for one packet. The map layouts and how the daemon fills them are
 //! the contract in `lb_common::maps`.
 #![no_std]
 #![no_main]
@@ -69,7 +70,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// right for `CHECKSUM_PARTIAL` packets; it forwards with `bpf_redirect` /
 /// `bpf_redirect_neigh` (any device, a bridge included), or `bpf_redirect_peer` for a
 /// translated packet towards a veth whose peer is in another namespace, and needs nothing
-/// from the neighbours.
+/// from the neighbours. Unlike `lb_xdp` it also sends on the DSR replies the host routes
+/// (`dsr_reply`).
 /// Returns `TC_ACT_UNSPEC` (pass: on to the hook's next program, or the stack),
 /// `TC_ACT_SHOT` (drop) or `TC_ACT_REDIRECT`.
 #[classifier]

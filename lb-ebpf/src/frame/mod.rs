@@ -133,4 +133,14 @@ pub trait Frame {
     /// entry yet); `None` where the hook cannot (XDP), and the packet is handed to the kernel
     /// instead.
     fn redirect_neigh(&self, ifindex: u32) -> Option<u32>;
+    /// Whether the kernel would route this packet by the ingress interface's own routes: it
+    /// is addressed to this host at the link layer (not another host's frame that a
+    /// promiscuous interface, or a bridge with one, passes up) and carries no VLAN tag the
+    /// kernel took out of it (such a packet belongs to the VLAN's device and its routes).
+    /// XDP cannot tell and answers `false`.
+    fn routed_here(&self) -> bool;
+    /// Whether every segment of a GSO super-packet fits the MTU of interface `ifindex`
+    /// (`bpf_check_mtu` with `BPF_MTU_CHK_SEGS`); `true` for a packet that is not one (the
+    /// route lookup checked its length) and at XDP, which has none.
+    fn segments_fit(&self, ifindex: u32) -> bool;
 }

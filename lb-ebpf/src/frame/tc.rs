@@ -8,15 +8,15 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_ENFORCE,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     cty::c_void,
     helpers::{
-        bpf_csum_update, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
-        bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
+        bpf_check_mtu, bpf_csum_update, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
     },
     programs::TcContext,
 };
@@ -44,6 +44,8 @@ use crate::{
 const BPF_F_IPV6: u64 = 1 << 7;
 /// `-EINVAL`.
 const EINVAL: i64 = -22;
+/// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`, linux/if_packet.h).
+const PACKET_HOST: u32 = 0;
 
 /// Bytes from the packet's start the balancer may read directly: Ethernet, a VLAN tag, an
 /// IPv6 header, ICMPv6 and the quoted IPv6 and TCP headers up to the quoted checksum (122
@@ -330,5 +332,31 @@ impl Frame for TcContext {
     fn redirect_neigh(&self, ifindex: u32) -> Option<u32> {
         // SAFETY: without parameters the kernel looks the next hop up itself.
         Some(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as u32 })
+    }
+
+    #[inline(always)]
+    fn routed_here(&self) -> bool {
+        // SAFETY: fields of the context the kernel passed.
+        unsafe { (*self.skb.skb).pkt_type == PACKET_HOST && (*self.skb.skb).vlan_present == 0 }
+    }
+
+    #[inline(always)]
+    fn segments_fit(&self, ifindex: u32) -> bool {
+        // SAFETY: a field of the context the kernel passed.
+        if unsafe { (*self.skb.skb).gso_size } == 0 {
+            return true;
+        }
+        // In: 0, the packet's own length (the flag takes no other); out: the MTU.
+        let mut mtu_len = 0u32;
+        // SAFETY: the helper reads the socket buffer and writes `mtu_len`, a live local.
+        unsafe {
+            bpf_check_mtu(
+                self.skb.skb as *mut c_void,
+                ifindex,
+                &mut mtu_len,
+                0,
+                BPF_MTU_CHK_SEGS as u64,
+            ) == 0
+        }
     }
 }

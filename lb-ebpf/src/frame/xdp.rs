@@ -131,4 +131,14 @@ impl Frame for XdpContext {
     fn redirect_neigh(&self, _ifindex: u32) -> Option<u32> {
         None
     }
+
+    #[inline(always)]
+    fn routed_here(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn segments_fit(&self, _ifindex: u32) -> bool {
+        true
+    }
 }
