@@ -2,11 +2,13 @@
 //! options, the time of the current batch of completions, and the reports of a failed
 //! backend connect or socket that both protocols make alike.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::connect_log::ConnectLog;
 use super::ring::Ring;
 use super::{sys, LogLimit, ProxyOptions, ServiceInfo, Shared};
 use crate::dataplane::FlowEvents;
@@ -22,6 +24,9 @@ pub(super) struct Ctx {
     pub(super) now: Instant,
     /// Set once shutdown began: no new connections or sessions.
     pub(super) draining: bool,
+    /// The limits on failed-connect warnings, per backend, of both halves (a cell: the
+    /// reports take `&self`, and a worker is one thread).
+    pub(super) connect_log: RefCell<ConnectLog>,
 }
 
 impl Ctx {
@@ -30,9 +35,10 @@ impl Ctx {
     /// ports, memory or descriptors here) says nothing about the backend: counting it towards
     /// `fall` would take healthy backends down under load, so it counts as a proxy error;
     /// any other error counts against the backend (its stats and [`FlowEvents`]) and is
-    /// warned of, naming the table `generation` the backend was picked from. A shortage is
-    /// warned of through `shortage_log`, so a flood of clients it turns away cannot flood the
-    /// log.
+    /// warned of through `connect_log` (a line a second per backend at most, the first failure
+    /// picked from each table generation at once), naming the table `generation` the backend
+    /// was picked from. A shortage is warned of through `shortage_log`, so a flood of clients
+    /// it turns away cannot flood the log.
     pub(super) fn connect_failed(
         &self,
         service: &ServiceInfo,
@@ -54,11 +60,17 @@ impl Ctx {
             return;
         }
         stats.connect_failed(|| self.events.connect_failed(service.index, addr, err));
-        tracing::warn!(
-            "service {}: connect to backend {addr} failed: {err} (table generation \
-             {generation})",
-            service.name
-        );
+        let allowed =
+            self.connect_log
+                .borrow_mut()
+                .allow(service.index, addr, generation, self.now);
+        if let Some(also) = allowed {
+            tracing::warn!(
+                "service {}: connect to backend {addr} failed: {err}{also} (table generation \
+                 {generation})",
+                service.name
+            );
+        }
     }
 
     /// Reports that no socket could be opened for a connect to backend `addr` of `service`

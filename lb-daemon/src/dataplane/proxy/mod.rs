@@ -35,6 +35,7 @@ use crate::snapshot::SharedSnapshot;
 
 mod access;
 mod admission;
+mod connect_log;
 mod ctx;
 mod flush;
 mod limits;

@@ -128,6 +128,7 @@ impl Worker {
             options,
             now: Instant::now(),
             draining: false,
+            connect_log: Default::default(),
         };
         let io_workers = std::thread::available_parallelism().map_or(2, |n| n.get() as u32 * 2);
         if let Err(e) = ctx.ring.enable(io_workers) {
