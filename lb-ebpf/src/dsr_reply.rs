@@ -8,18 +8,22 @@
 //! it can), with the addresses and ports left as they are and the TTL / hop limit decremented
 //! as a router does. Only a reply of a flow the balancer placed is taken: from a `dsr`
 //! service's VIP and port, to a client whose flow is in `CONNTRACK`, in a frame addressed to
-//! this host with no VLAN tag outside it. Any other packet, and one the route lookup does not
-//! answer with a next hop (a local destination, no route, too big for the egress, a GSO
-//! super-packet whose segments are), goes to the kernel untouched, which does what it did
-//! before.
+//! this host with no VLAN tag outside it, an IPv4 header without options. Any other packet,
+//! and one the route lookup does not answer with a next hop (a local destination, no route,
+//! too big for the egress, a GSO super-packet whose segments are too big for the egress
+//! device), goes to the kernel untouched, which does what it did before.
 //!
 //! What the kernel's forward path would have done and these replies skip, as NAT replies
 //! and the client's packets of the same flows (sent on from the hook) do: netfilter
-//! (`PREROUTING`, `FORWARD`, `POSTROUTING`), the reverse-path filter, policy routing by
-//! mark or ports (the lookup gives only the addresses, the protocol and the ingress), IPv4
-//! options, and any later program on the hook. The conntrack gate keeps that to the
-//! 5-tuples of flows the balancer carries: a packet from the VIP and port to anyone else,
-//! however it arrives, is the kernel's.
+//! (`PREROUTING`, `FORWARD`, `POSTROUTING`), the reverse-path filter, IPsec (xfrm) policies,
+//! policy routing by mark, TOS or ports (the lookup gives only the addresses, the protocol
+//! and the ingress), a route's own `mtu` for a GSO super-packet (its segments are checked
+//! against the egress device's), and any later program on the hook. The conntrack gate
+//! keeps that to the 5-tuples of flows the balancer placed. It does not prove who sent the
+//! client's packet: the balancer places a flow from any source address at its hook, before
+//! the reverse-path filter, so a sender that forges a source address X places a flow whose
+//! replies then go to X, and a host on a backend's side can send packets from the VIP and
+//! port to X past the host's firewall.
 
 use lb_common::{
     maps::{vip_port_bit, VipKey, FAMILY_V4, MODE_DSR},
@@ -35,6 +39,9 @@ use crate::{
     stats,
 };
 
+/// An IPv4 header without options, in bytes.
+const IPV4_HDR_LEN: usize = 20;
+
 /// Sends on the parsed packet `p` (TCP or UDP, TTL / hop limit above 1, no NAT reply) if it is
 /// a reply of a `dsr` flow the balancer placed (see the module docs) and the route to its
 /// destination has a next hop; `now_ns` is the packet's time ([`crate::clock::now_ns`]).
@@ -43,7 +50,10 @@ use crate::{
 /// the headers it reads).
 #[inline(always)]
 pub fn send<C: Frame>(ctx: &C, p: &Parsed, now_ns: u64) -> Result<u32, Stat> {
-    if !C::SENDS_DSR_REPLIES || !ctx.routed_here() || !from_dsr_vip(p) || !placed(p) {
+    // IPv4 options need the kernel (source routes refused, record route written); replies
+    // do not carry them.
+    let options = p.family == FAMILY_V4 && p.l4_off != p.l3_off + IPV4_HDR_LEN;
+    if !C::SENDS_DSR_REPLIES || options || !ctx.routed_here() || !from_dsr_vip(p) || !placed(p) {
         return Err(Stat::PassNotVip);
     }
     let routed = fib::lookup(

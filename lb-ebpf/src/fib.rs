@@ -253,7 +253,8 @@ pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
 }
 
 /// The interface the route leads out of, after a [`lookup`] on this CPU found a next hop
-/// (resolved or not); after any other answer, whatever the slot last held.
+/// (resolved or not); after any other answer, not an egress (the lookup's input, or what
+/// the slot last held).
 #[inline(always)]
 pub fn egress() -> Option<u32> {
     let scratch = FIB_SCRATCH.get_ptr(0)?;

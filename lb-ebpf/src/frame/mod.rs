@@ -140,7 +140,8 @@ pub trait Frame {
     /// XDP cannot tell and answers `false`.
     fn routed_here(&self) -> bool;
     /// Whether every segment of a GSO super-packet fits the MTU of interface `ifindex`
-    /// (`bpf_check_mtu` with `BPF_MTU_CHK_SEGS`); `true` for a packet that is not one (the
-    /// route lookup checked its length) and at XDP, which has none.
+    /// (`bpf_check_mtu` with `BPF_MTU_CHK_SEGS`; `false` too when the helper fails); `true`
+    /// for a packet that is not one (the route lookup checked its length) and at XDP, which
+    /// has none.
     fn segments_fit(&self, ifindex: u32) -> bool;
 }

@@ -78,8 +78,8 @@ fn only_replies_of_placed_dsr_flows_with_a_next_hop_are_sent_on() {
     lab.service(1, VIP4.into(), 443, IPPROTO_TCP, MODE_NAT, &[1, 1, 1]);
     let (client, vip, local): (IpAddr, IpAddr, IpAddr) =
         (CLIENT4.into(), VIP4.into(), LOCAL4.into());
-    // Flows for the replies below to answer: every case but one has its flow, so that only
-    // the rule it names stops it.
+    // Flows for the replies below to answer, so that a case stops at the rule it names: a
+    // case from a port or protocol no service has could not have one anyway.
     for (src, dport) in [(client, 80), (client, 443), (local, 80)] {
         let syn = Packet::tcp(src, 41000, vip, dport, TCP_SYN).frame(VC_MAC, CLIENT_MAC);
         lab.expect(lab.vc, &syn, XDP_REDIRECT, "a client's SYN");
@@ -105,6 +105,10 @@ fn only_replies_of_placed_dsr_flows_with_a_next_hop_are_sent_on() {
         (
             Packet::tcp(vip, 80, client, 41001, TCP_ACK),
             "from the DSR VIP and port to a client port with no flow",
+        ),
+        (
+            Packet::tcp(vip, 80, client, 41000, TCP_ACK).options(&[1, 1, 1, 1]),
+            "from the DSR VIP and port with IPv4 options (the kernel's to process)",
         ),
         (
             Packet::tcp(vip, 80, client, 41000, TCP_ACK).v4(packet::V4 {
