@@ -2,16 +2,19 @@
 //! the table (health checks off, or until they notice it) fails every connection that picks
 //! it, and a line per failure would flood the log at the connection rate. Each backend gets
 //! one line a second at most, with the count held back since its last line; the first failure
-//! picked from a new table generation is always logged at once, since the line names the
-//! generation that picked the backend (which is how a failover is read from the log).
+//! picked from a newer table generation than the backend's last line named is logged at once,
+//! since the line names the generation that picked the backend (which is how a failover is
+//! read from the log). Failures from an older generation (connects still in flight from
+//! before a table change) go by the limit, so two generations' failures interleaving cannot
+//! lift it.
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
 use super::LogLimit;
 
-/// Backends remembered at most; past that the memory is cleared, and each backend's next
-/// failure is logged as a first one. Discovery (DNS) can bring new backend addresses without
-/// end; the configured ones are far fewer.
+/// Backends remembered at most; past that the memory is cleared (the counts held back are
+/// lost with it), and each backend's next failure is logged as a first one. Discovery (DNS)
+/// can bring new backend addresses without end; the configured ones are far fewer.
 const MAX_BACKENDS: usize = 4096;
 
 /// One worker's limits on connect-failure warnings, per (service index, backend address).
@@ -20,7 +23,7 @@ pub(super) struct ConnectLog {
     backends: HashMap<(usize, SocketAddr), Backend>,
 }
 
-/// The last table generation a failure of the backend was logged for, and its rate limit.
+/// The newest table generation a failure of the backend was logged for, and its rate limit.
 struct Backend {
     generation: u64,
     limit: LogLimit,
@@ -48,7 +51,7 @@ impl ConnectLog {
                 generation,
                 limit: LogLimit::default(),
             });
-        if backend.generation != generation {
+        if generation > backend.generation {
             backend.generation = generation;
             // A new period, the count held back so far kept for this line's suffix.
             backend.limit.last = None;
@@ -88,10 +91,12 @@ mod tests {
             Some(" (2 similar since the last report)")
         );
         assert_eq!(log.allow(0, addr(80), 2, t1), None);
+        // A connect from the older table failing now is held back like any other.
+        assert_eq!(log.allow(0, addr(80), 1, t1), None, "an older generation");
         let t2 = t1 + Duration::from_secs(1);
         assert_eq!(
             log.allow(0, addr(80), 2, t2).as_deref(),
-            Some(" (1 similar since the last report)")
+            Some(" (2 similar since the last report)")
         );
     }
 
