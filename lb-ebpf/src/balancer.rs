@@ -68,20 +68,27 @@ fn balance<C: Frame>(ctx: &C) -> Result<u32, Stat> {
     }
 }
 
-/// The service id of the VIP `p` is addressed to, if it is one. `VIPS` is looked up only
-/// when some VIP has the packet's destination port (`VIP_PORTS`): a NAT reply, addressed to
-/// a SNAT port, and traffic to the host skip hashing a 20-byte key that could only miss.
+/// The service id of the VIP `p` is addressed to, if it is one.
 #[inline(always)]
 fn vip_service(p: &Parsed) -> Option<u32> {
-    let (word, bit) = vip_port_bit(p.key.dst_port);
+    service_at(&p.key.dst_addr, p.key.dst_port, p.key.protocol, p.family)
+}
+
+/// The service id of the VIP `addr`:`port` (`protocol`, `family`; the port in host order), if
+/// it is one. `VIPS` is looked up only when some VIP has the port (`VIP_PORTS`): a NAT reply,
+/// addressed to a SNAT port, and traffic to the host skip hashing a 20-byte key that could
+/// only miss.
+#[inline(always)]
+pub fn service_at(addr: &[u32; 4], port: u16, protocol: u8, family: u8) -> Option<u32> {
+    let (word, bit) = vip_port_bit(port);
     if VIP_PORTS.get(word).is_none_or(|w| *w & bit == 0) {
         return None;
     }
     let vip = VipKey {
-        addr: p.key.dst_addr,
-        port: p.key.dst_port,
-        protocol: p.key.protocol,
-        family: p.family,
+        addr: *addr,
+        port,
+        protocol,
+        family,
     };
     // SAFETY: a live map value, copied out at once.
     VIPS.get_ptr(&vip).map(|v| unsafe { (*v).service })

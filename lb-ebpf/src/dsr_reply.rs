@@ -26,15 +26,15 @@
 //! port to X past the host's firewall.
 
 use lb_common::{
-    maps::{vip_port_bit, VipKey, FAMILY_V4, MODE_DSR},
+    maps::{FAMILY_V4, MODE_DSR},
     FlowKey, Stat,
 };
 
 use crate::{
-    csum,
+    balancer, csum,
     fib::{self, Out},
     frame::Frame,
-    maps::{CONNTRACK, SERVICES, VIPS, VIP_PORTS},
+    maps::{CONNTRACK, SERVICES},
     parse::{ptr_at, Ipv4Hdr, Ipv6Hdr, Parsed, IPV4_CHECK_OFF},
     stats,
 };
@@ -100,26 +100,11 @@ fn placed(p: &Parsed) -> bool {
     unsafe { CONNTRACK.get(&client) }.is_some()
 }
 
-/// Whether `p`'s source address and port are a VIP of a `dsr` service (`VIP_PORTS` first, as
-/// for a client's packet: most packets' source port is no VIP's).
+/// Whether `p`'s source address and port are a VIP of a `dsr` service (of `p`'s family).
 #[inline(always)]
 fn from_dsr_vip(p: &Parsed) -> bool {
-    let (word, bit) = vip_port_bit(p.key.src_port);
-    if VIP_PORTS.get(word).is_none_or(|w| *w & bit == 0) {
-        return false;
-    }
-    let vip = VipKey {
-        addr: p.key.src_addr,
-        port: p.key.src_port,
-        protocol: p.key.protocol,
-        family: p.family,
-    };
-    // SAFETY: a live map value, read at once.
-    let Some(service) = VIPS.get_ptr(&vip).map(|v| unsafe { (*v).service }) else {
-        return false;
-    };
-    SERVICES
-        .get(service)
+    balancer::service_at(&p.key.src_addr, p.key.src_port, p.key.protocol, p.family)
+        .and_then(|service| SERVICES.get(service))
         .is_some_and(|s| s.mode == MODE_DSR && s.family == p.family)
 }
 
