@@ -338,12 +338,14 @@ pub fn counters_match(path: Path) {
     assert_eq!(metrics.status, 200, "GET /metrics: {}", metrics.body);
     let scrape = prometheus_parse::Scrape::parse(metrics.body.lines().map(|l| Ok(l.to_string())))
         .unwrap_or_else(|e| panic!("/metrics is not Prometheus text ({e}):\n{}", metrics.body));
-    let sum = |name: &str, service: Option<&str>| -> f64 {
+    // The samples of metric `name`, summed; only those whose label `label.0` is `label.1`
+    // when one is given.
+    let sum = |name: &str, label: Option<(&str, &str)>| -> f64 {
         scrape
             .samples
             .iter()
             .filter(|s| s.metric == name)
-            .filter(|s| service.is_none_or(|v| s.labels.get("service") == Some(v)))
+            .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
             .map(|s| match s.value {
                 prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
                 _ => 0.0,
@@ -351,28 +353,22 @@ pub fn counters_match(path: Path) {
             .sum()
     };
     assert_eq!(
-        sum("lb_backend_connections_total", Some("web")),
+        sum("lb_backend_connections_total", Some(("service", "web"))),
         CONNS as f64,
         "{path:?}: lb_backend_connections_total for web over XDP"
     );
     assert_eq!(
-        sum("lb_xdp_backend_packets_total", Some("dns")),
+        sum("lb_xdp_backend_packets_total", Some(("service", "dns"))),
         DATAGRAMS as f64,
         "{path:?}: lb_xdp_backend_packets_total for dns"
     );
     // The backends answer by their default route, the balancer: at tc a DSR reply (from the
     // VIP) is sent on by the program, every datagram's and every connection's; at XDP, and
     // under NAT (whose replies are `nat_replies`), none is.
-    let dsr_replies = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "lb_xdp_packet_outcomes_total")
-        .filter(|s| s.labels.get("outcome") == Some("dsr_replies"))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum::<f64>();
+    let dsr_replies = sum(
+        "lb_xdp_packet_outcomes_total",
+        Some(("outcome", "dsr_replies")),
+    );
     if path == Path::tc(Mode::Dsr) {
         assert!(
             dsr_replies >= (DATAGRAMS + CONNS) as f64,
