@@ -108,6 +108,22 @@ pub enum Hook {
     Tc,
 }
 
+/// A GSO super-packet's shape, as a tc test run gives it to the socket buffer
+/// (`__sk_buff.gso_size`, `gso_segs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gso {
+    /// Payload bytes per segment (the kernel's `gso_size` is 16 bits); 0 for a packet that is
+    /// no super-packet.
+    pub size: u16,
+    /// How many segments the super-packet stands for.
+    pub segs: u32,
+}
+
+impl Gso {
+    /// A plain packet.
+    pub const NONE: Gso = Gso { size: 0, segs: 0 };
+}
+
 /// `TC_ACT_UNSPEC` (-1, TCX's `TCX_NEXT`): the classifier handed the packet on (to the next
 /// program on the hook, or the kernel).
 const TC_ACT_UNSPEC: u32 = u32::MAX;
@@ -427,12 +443,14 @@ impl Lab {
     /// meaning (see [`Lab::run_tc`]).
     pub fn run(&self, prog: &str, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
         if let Some(tc) = self.tc_form(prog) {
-            return self.try_run_tc(tc, ingress, frame).unwrap_or_else(|| {
-                panic!(
-                    "BPF_PROG_TEST_RUN of {tc} refused the {}-byte frame",
-                    frame.len()
-                )
-            });
+            return self
+                .try_run_tc(tc, ingress, frame, Gso::NONE)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "BPF_PROG_TEST_RUN of {tc} refused the {}-byte frame",
+                        frame.len()
+                    )
+                });
         }
         let xdp: &Xdp = self
             .ebpf
@@ -469,12 +487,25 @@ impl Lab {
     /// (its new source MAC is `ingress`'s: a turned-around answer, or a route back out of
     /// `ingress`), else `XDP_REDIRECT`, which is how `lb_xdp` tells them apart.
     pub fn run_tc(&self, ingress: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run_tc(PROG_TC, ingress, frame).unwrap_or_else(|| {
-            panic!(
-                "BPF_PROG_TEST_RUN of {PROG_TC} refused the {}-byte frame",
-                frame.len()
-            )
-        })
+        self.run_tc_gso(ingress, frame, Gso::NONE)
+    }
+
+    /// [`Lab::run_tc`] on `frame` as the GSO super-packet `gso` describes (`frame` at most
+    /// about 3.7 KB: a test run's socket buffer is one page, and a longer frame panics here).
+    /// What a test run cannot give such a packet: its transport header offset. Without it,
+    /// `bpf_check_mtu` with `BPF_MTU_CHK_SEGS` on a packet longer than the MTU reads every
+    /// segment as too big for any MTU (`skb_gso_network_seglen`), or, on kernels that check
+    /// for the offset, fails (and a kernel built with `CONFIG_DEBUG_NET` warns once). Either
+    /// way the program finds the segments do not fit, so only that outcome of a segment check
+    /// can be tested this way, whatever `gso.size` says.
+    pub fn run_tc_gso(&self, ingress: u32, frame: &[u8], gso: Gso) -> (u32, Vec<u8>) {
+        self.try_run_tc(PROG_TC, ingress, frame, gso)
+            .unwrap_or_else(|| {
+                panic!(
+                    "BPF_PROG_TEST_RUN of {PROG_TC} refused the {}-byte frame ({gso:?})",
+                    frame.len()
+                )
+            })
     }
 
     /// [`Lab::run`], or `None` when the kernel builds no socket buffer from `frame` for `lb_tc`
@@ -482,7 +513,7 @@ impl Lab {
     /// frame reaches XDP only).
     pub fn try_run(&self, prog: &str, ingress: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
         match self.tc_form(prog) {
-            Some(tc) => self.try_run_tc(tc, ingress, frame),
+            Some(tc) => self.try_run_tc(tc, ingress, frame, Gso::NONE),
             None => Some(self.run(prog, ingress, frame)),
         }
     }
@@ -496,18 +527,27 @@ impl Lab {
         }
     }
 
-    fn try_run_tc(&self, prog: &str, ingress: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+    fn try_run_tc(
+        &self,
+        prog: &str,
+        ingress: u32,
+        frame: &[u8],
+        gso: Gso,
+    ) -> Option<(u32, Vec<u8>)> {
         let tc: &SchedClassifier = self
             .ebpf
             .program(prog)
             .expect("program present")
             .try_into()
             .expect("a tc classifier");
-        // struct __sk_buff up to `ifindex` (offset 40): the packet arrives on `ingress`; every
-        // other field the kernel lets a test set stays zero.
-        let mut skb = [0u8; 44];
+        // struct __sk_buff up to `gso_size` (offset 176): the packet arrives on `ingress`,
+        // with `gso`'s `gso_segs` (offset 164) and `gso_size`; every other field the kernel
+        // lets a test set stays zero.
+        let mut skb = [0u8; 180];
         skb[36..40].copy_from_slice(&ingress.to_ne_bytes());
         skb[40..44].copy_from_slice(&ingress.to_ne_bytes());
+        skb[164..168].copy_from_slice(&gso.segs.to_ne_bytes());
+        skb[176..180].copy_from_slice(&u32::from(gso.size).to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
         let result = self
             .ns

@@ -4,7 +4,8 @@
 //! the XDP actions of the same meaning); `decap` runs `lb_decap_tc` where it runs `lb_decap`.
 //! In BPF_PROG_TEST_RUN a socket buffer carries no checksum offload state, so these tests see
 //! the checksum helpers' plain path; `tc_nat` and `tc_dsr` cover `CHECKSUM_PARTIAL` end to
-//! end through veth pairs.
+//! end through veth pairs. One module is this binary's own: `gso`, GSO super-packets, which
+//! only socket buffers have.
 
 #[path = "../xdp_packets/ageing.rs"]
 mod ageing;
@@ -18,6 +19,7 @@ mod dsr;
 mod dsr_replies;
 #[path = "../xdp_packets/fuzz.rs"]
 mod fuzz;
+mod gso;
 #[path = "../xdp_packets/icmp_errors.rs"]
 mod icmp_errors;
 #[path = "../xdp_packets/limits.rs"]
