@@ -1,13 +1,8 @@
-//! `lb_decap` and `lb-daemon decap`: which tunnels a backend host unwraps, which it leaves alone
-//! or drops, and how it learns its own addresses.
+//! `lb_decap`: which tunnels a backend host unwraps, which it leaves alone or drops (how
+//! `lb-daemon decap` learns its own addresses: `decap_daemon`).
 
 use super::*;
 use lb_common::maps::DecapAddr;
-use lb_tests::{
-    netns::Netns,
-    require_root,
-    xdp::{bpf_object, Decap},
-};
 
 /// The packet the tunnels carry: a client's SYN to VIP4:80.
 fn inner() -> Vec<u8> {
@@ -210,46 +205,4 @@ fn lb_decap_carries_a_congestion_mark_of_the_outer_header_in() {
         assert_eq!(action_name(action), "XDP_PASS", "{what}");
         assert_same(&out, &packet::frame(B1_MAC, VB_MAC, &inner6(want)), what);
     }
-}
-
-#[test]
-fn lb_daemon_decap_accepts_its_interfaces_addresses_and_follows_their_changes() {
-    if !require_root("decap_addresses") {
-        return;
-    }
-    let ns = Netns::new("dcp").expect("create a namespace");
-    for args in [
-        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"][..],
-        &["addr", "add", "10.9.0.1/24", "dev", "d0"],
-        &["-6", "addr", "add", "fd09::1/64", "dev", "d0", "nodad"],
-        &["link", "set", "d0", "up"],
-        &["link", "set", "d1", "up"],
-    ] {
-        ns.ip(args).expect("set up the interface");
-    }
-    let decap = Decap::start(&ns, "d0", &bpf_object(), &[LOCAL4.into()]);
-    assert!(
-        decap.ready_line().contains(&LOCAL4.to_string()),
-        "lb-daemon decap does not say it takes tunnels from the balancer {LOCAL4}: {}",
-        decap.ready_line()
-    );
-    for addr in ["10.9.0.1", "fd09::1"] {
-        assert!(
-            decap.ready_line().contains(addr),
-            "lb-daemon decap does not say it decapsulates for {addr}: {}",
-            decap.ready_line()
-        );
-    }
-    // It reads them every 2 s.
-    let within = std::time::Duration::from_secs(10);
-    ns.ip(&["addr", "add", "10.9.0.2/24", "dev", "d0"])
-        .expect("add an address");
-    decap
-        .wait_for("decapsulating for 10.9.0.2 too", within)
-        .unwrap_or_else(|seen| panic!("an address added to d0 was not taken up: {seen:?}"));
-    ns.ip(&["addr", "del", "10.9.0.1/24", "dev", "d0"])
-        .expect("remove an address");
-    decap
-        .wait_for("no longer decapsulating for 10.9.0.1", within)
-        .unwrap_or_else(|seen| panic!("an address removed from d0 was kept: {seen:?}"));
 }

@@ -6,11 +6,13 @@
 //! programs, makes a namespace for `bpf_fib_lookup` to route in, fills the maps the way
 //! `lb_common::maps` tells the daemon to, runs packets, and compares each output frame byte for
 //! byte with the frame built from scratch by `lb_tests::packet`, whose checksums are computed
-//! there from nothing (and checked once more on the output on their own).
+//! there from nothing (and checked once more on the output on their own). `decap_daemon`
+//! runs `lb-daemon decap` instead, in this binary only.
 
 mod ageing;
 mod conntrack;
 mod decap;
+mod decap_daemon;
 mod dsr;
 mod dsr_replies;
 mod fuzz;
