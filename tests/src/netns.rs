@@ -68,6 +68,35 @@ impl Netns {
         }
     }
 
+    /// The IPv4 and IPv6 packets the namespace's kernel has forwarded so far: `Ip:
+    /// ForwDatagrams` of `/proc/net/snmp` and `Ip6OutForwDatagrams` of `/proc/net/snmp6`.
+    /// `Err` when a file cannot be read or lacks its counter.
+    pub fn forwarded_datagrams(&self) -> io::Result<(u64, u64)> {
+        let out = self.run("cat", &["/proc/net/snmp", "/proc/net/snmp6"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // snmp: two `Ip:` lines, the names, then the values; snmp6: a name and a value a line.
+        let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+        let v4 = ip.next().zip(ip.next()).and_then(|(names, values)| {
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == "ForwDatagrams")
+                .and_then(|(_, value)| value.parse().ok())
+        });
+        let v6 = text.lines().find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("Ip6OutForwDatagrams"))
+                .then(|| words.next().and_then(|v| v.parse().ok()))
+                .flatten()
+        });
+        v4.zip(v6).ok_or_else(|| {
+            io::Error::other(format!(
+                "no forwarded-packet counters in {}'s /proc/net/snmp and snmp6",
+                self.name
+            ))
+        })
+    }
+
     /// Sets a sysctl inside the namespace, e.g. `("net.ipv4.ip_forward", "1")`.
     pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
         self.run("sysctl", &["-qw", &format!("{key}={value}")])

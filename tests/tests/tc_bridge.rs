@@ -408,29 +408,11 @@ impl std::ops::Deref for Lab {
     }
 }
 
-/// `Ip: ForwDatagrams` in `ns`'s `/proc/net/snmp`: the IPv4 packets its kernel forwarded.
+/// The IPv4 packets `ns`'s kernel has forwarded so far.
 fn forwarded_by_kernel(ns: &Netns) -> u64 {
-    let out = ns
-        .run("cat", &["/proc/net/snmp"])
-        .unwrap_or_else(|e| panic!("read /proc/net/snmp in {}: {e}", ns.name()));
-    let text = String::from_utf8_lossy(&out.stdout);
-    // Two `Ip:` lines: the names, then the values.
-    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
-    ip.next()
-        .zip(ip.next())
-        .and_then(|(names, values)| {
-            names
-                .split_whitespace()
-                .zip(values.split_whitespace())
-                .find(|(name, _)| *name == "ForwDatagrams")
-                .and_then(|(_, value)| value.parse().ok())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no Ip: ForwDatagrams in {}'s /proc/net/snmp:\n{text}",
-                ns.name()
-            )
-        })
+    ns.forwarded_datagrams()
+        .unwrap_or_else(|e| panic!("read the forwarding counters: {e}"))
+        .0
 }
 
 /// `interface`'s `tx_bytes` in `ns`.

@@ -11,8 +11,9 @@
 //! ```
 //!
 //! Each run checks what a user would: HTTP requests on new connections are answered by both
-//! backends, a 100 MiB upload and a 100 MiB download arrive byte for byte, and UDP requests
-//! get their replies.
+//! backends, a 100 MiB upload and a 100 MiB download arrive byte for byte (the download's
+//! replies sent on by `lb_tc`, none by the balancer's kernel), and UDP requests get their
+//! replies.
 //!
 //! Needs root and the BPF object (`cargo xtask build-ebpf`).
 
@@ -226,6 +227,14 @@ fn checks(mode: Mode) {
             "{mode:?} over IPv6: the backend did not receive the 100 MiB sent, byte for byte"
         );
     });
+    let forwarded = || {
+        world
+            .balancer
+            .forwarded_datagrams()
+            .unwrap_or_else(|e| panic!("read the forwarding counters: {e}"))
+            .1
+    };
+    let before = forwarded();
     on_client(&|| {
         let receipt = download(vip(DOWN), BIG, 62)
             .unwrap_or_else(|e| panic!("{mode:?} over IPv6: the 100 MiB download failed: {e}"));
@@ -235,6 +244,14 @@ fn checks(mode: Mode) {
             "{mode:?} over IPv6: the client did not receive the 100 MiB sent, byte for byte"
         );
     });
+    // The download's replies are GSO super-packets whose segments fit the client's link: lb_tc
+    // sends them on (a NAT reply, or a DSR reply by `Frame::segments_fit`), and the
+    // balancer's kernel forwards none.
+    let by_kernel = forwarded() - before;
+    assert_eq!(
+        by_kernel, 0,
+        "{mode:?} over IPv6: the balancer's kernel forwarded {by_kernel} packets of the download"
+    );
     on_client(&|| {
         let payloads: Vec<Vec<u8>> = (0..50u8).map(|n| vec![n; 100]).collect();
         let replies = udp_exchange(vip(DNS), &payloads, Duration::from_secs(2))
