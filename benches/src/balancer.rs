@@ -154,6 +154,18 @@ impl Path {
         )
     }
 
+    /// The reference whose rounds the harness interleaves with this path's, on a twin of
+    /// its topology, because the targets compare the two: `direct` for the tc paths,
+    /// `direct-xdp-veth` for the XDP paths (the cost of lb's program alone). `None` for every
+    /// other path, which is compared with the topology's own reference runs.
+    pub fn paired_reference(self) -> Option<Path> {
+        match self {
+            Path::LbTcNat | Path::LbTcDsr => Some(Path::Direct),
+            Path::LbXdpNat | Path::LbXdpDsr => Some(Path::DirectXdpVeth),
+            _ => None,
+        }
+    }
+
     /// Whether the path can run on `network`: XDP cannot redirect into a bridge, so the XDP
     /// paths are on the veth topology only.
     pub fn runs_on(self, network: Network) -> bool {

@@ -15,7 +15,7 @@ use crate::client;
 use crate::metric::Metric;
 use crate::procstat;
 use crate::program_time::ProgramTime;
-use crate::report::{Churn, Figure, Machine, PathKind, PathReport, Report};
+use crate::report::{Churn, Figure, Machine, PairedReference, PathKind, PathReport, Report};
 use crate::server::Servers;
 use crate::stop;
 use crate::tc::TcSetup;
@@ -72,6 +72,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
     let mut skipped: BTreeMap<&str, String> = BTreeMap::new();
     let mut samples: BTreeMap<&str, BTreeMap<Metric, Vec<f64>>> = BTreeMap::new();
     let mut notes: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut paired: BTreeMap<&str, Paired> = BTreeMap::new();
     let mut churn = Vec::new();
     for network in Network::ALL {
         let cases: Vec<Case> = plan
@@ -93,13 +94,50 @@ pub fn run(plan: &Plan) -> Result<Report> {
         for t in Path::Direct.targets(network, VIP_RR) {
             wait_answering(&topo, t, None).with_context(|| format!("backend server {t}"))?;
         }
+        // The paired references run on a second topology built the same way, so that a
+        // path's balancer stays up (and its programs attached) through all its rounds while
+        // the reference's rounds go between them.
+        let twin_topo = if cases.iter().any(|c| c.path.paired_reference().is_some()) {
+            eprintln!(
+                "lb-bench: building a twin of the {} topology for the paired references",
+                network.name()
+            );
+            Some(
+                topology::build(network)
+                    .with_context(|| format!("building the twin {} namespaces", network.name()))?,
+            )
+        } else {
+            None
+        };
+        let twin_servers = match &twin_topo {
+            Some(t) => {
+                let servers = Servers::start(t).context("starting the twin's backend servers")?;
+                for a in Path::Direct.targets(network, VIP_RR) {
+                    wait_answering(t, a, None)
+                        .with_context(|| format!("the twin's backend server {a}"))?;
+                }
+                Some(servers)
+            }
+            None => None,
+        };
+        let twin = twin_topo.as_ref().zip(twin_servers.as_ref());
         let mut results = Results {
             skipped: &mut skipped,
             samples: &mut samples,
             notes: &mut notes,
+            paired: &mut paired,
             churn: &mut churn,
         };
-        run_network(plan, &topo, &servers, &cases, &logs, &work, &mut results)?;
+        run_network(
+            plan,
+            &topo,
+            &servers,
+            twin,
+            &cases,
+            &logs,
+            &work,
+            &mut results,
+        )?;
     }
     let paths = plan
         .paths
@@ -116,6 +154,15 @@ pub fn run(plan: &Plan) -> Result<Report> {
                 .map(|(m, v)| (m, Figure::new(v)))
                 .collect(),
             notes: notes.remove(c.name()).unwrap_or_default(),
+            paired: paired
+                .remove(c.name())
+                .map(|(name, samples)| PairedReference {
+                    name: name.into(),
+                    figures: samples
+                        .into_iter()
+                        .map(|(m, v)| (m, Figure::new(v)))
+                        .collect(),
+                }),
         })
         .collect();
     let mut run_notes = vec![
@@ -178,11 +225,15 @@ pub fn run(plan: &Plan) -> Result<Report> {
         ),
         "Every round of a path runs on one balancer process started once for the path (as a \
          user runs it: a leak shows as a falling rate), with lb-daemon's documented defaults \
-         (no `snat_ports`); paths run one after the other, not interleaved round by round. \
-         Each topology's `direct` runs first and again last, and its figures (the reference \
-         of every ratio) are the median of both runs' rounds, so a machine that slows down or \
-         speeds up during the run moves the reference with the paths in between; its notes \
-         give both runs' medians."
+         (no `snat_ports`); paths run one after the other. Each topology's `direct` runs \
+         first and again last, and its figures (the reference of the peers' and proxies' \
+         ratios) are the median of both runs' rounds; its notes give both runs' medians. \
+         lb's tc and XDP paths are compared with a reference measured beside them instead \
+         (`direct`, `direct-bridge`, `direct-xdp-veth` for XDP; the `↳` rows): a twin of \
+         the topology, built the same way, runs it in rounds interleaved with the path's (the \
+         path first in odd rounds, the reference in even ones) while the path's balancer \
+         stays up on the first, so that the machine's drift over minutes lands on both sides \
+         of their target ratios alike."
             .to_string(),
         "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
          16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
@@ -207,19 +258,26 @@ pub fn run(plan: &Plan) -> Result<Report> {
     })
 }
 
+/// A path's paired reference: its case name and its samples, one per round.
+type Paired = (&'static str, BTreeMap<Metric, Vec<f64>>);
+
 /// Where [`run`] gathers every case's results, keyed by the case's name.
 struct Results<'r> {
     skipped: &'r mut BTreeMap<&'static str, String>,
     samples: &'r mut BTreeMap<&'static str, BTreeMap<Metric, Vec<f64>>>,
     notes: &'r mut BTreeMap<&'static str, Vec<String>>,
+    /// Keyed by the path's case name.
+    paired: &'r mut BTreeMap<&'static str, Paired>,
     churn: &'r mut Vec<Churn>,
 }
 
 /// Measures `cases`, all on `topo`'s network, one after the other. `Err` on Ctrl-C.
+#[allow(clippy::too_many_arguments)]
 fn run_network(
     plan: &Plan,
     topo: &Topology,
     servers: &Servers,
+    twin: Option<(&Topology, &Servers)>,
     cases: &[Case],
     logs: &std::path::Path,
     work: &std::path::Path,
@@ -229,14 +287,17 @@ fn run_network(
         skipped,
         samples,
         notes,
+        paired,
         churn,
     } = results;
     // Every round of a path runs on one balancer process, started once, as a user runs it:
     // a leak (ports, fds, memory) shows as a rate falling from round to round instead of being
-    // reset by a fresh daemon. The price is that paths are not interleaved round by round, so
-    // the machine's drift over the run (other tenants, clocks) lands between a path and the
-    // reference it is compared with: the topology's `direct` runs first and again last, and
-    // its figures are the median of both runs' rounds.
+    // reset by a fresh daemon. The price is that paths cannot be interleaved round by round
+    // on one topology (a tc or XDP balancer holds its interfaces), so the machine's drift
+    // over the run (other tenants, clocks) would land between a path and its reference. The
+    // topology's `direct` runs first and again last (its figures the median of both runs'
+    // rounds), and the paths with targets against a reference get their own run of it on a
+    // twin topology, round for round (`paired_order`).
     let order = bracket(cases, plan.rounds);
     for &(case, first_round) in &order {
         let path = case.path;
@@ -262,22 +323,82 @@ fn run_network(
                 continue;
             }
         };
+        let mut reference = match (path.paired_reference(), twin) {
+            (Some(r), Some((twin_topo, twin_servers))) => {
+                let ref_case = Case {
+                    path: r,
+                    network: case.network,
+                };
+                let log = logs.join(format!("{}-beside-{}.log", ref_case.name(), case.name()));
+                match PathRun::start(plan, twin_topo, ref_case, work, log) {
+                    Ok(r) => Some((r, twin_topo, twin_servers)),
+                    Err(reason) => {
+                        notes.entry(case.name()).or_default().push(format!(
+                            "no paired {}: {reason}; compared with the topology's own runs",
+                            ref_case.name()
+                        ));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let total = plan.rounds * order.iter().filter(|(c, _)| *c == case).count();
         for round in first_round..first_round + plan.rounds {
             if stop::requested() {
                 bail!("interrupted");
             }
-            eprintln!("lb-bench: {}: round {}/{total}", case.name(), round + 1);
-            let (figures, mut n) = run.measure_round(plan, topo, servers, round);
-            for (m, v) in figures {
-                samples
-                    .entry(case.name())
-                    .or_default()
-                    .entry(m)
-                    .or_default()
-                    .push(v);
+            let pair = paired_order(round - first_round);
+            let sides: &[Side] = if reference.is_some() {
+                &pair
+            } else {
+                &[Side::Path]
+            };
+            for &side in sides {
+                let (who, run, on, with) = match (side, reference.as_mut()) {
+                    (Side::Reference, Some((r, t, s))) => (Side::Reference, r, *t, *s),
+                    _ => (Side::Path, &mut run, topo, servers),
+                };
+                let name = run.case.name();
+                let beside = match who {
+                    Side::Path => String::new(),
+                    Side::Reference => format!(" beside {}", case.name()),
+                };
+                eprintln!("lb-bench: {name}{beside}: round {}/{total}", round + 1);
+                let (figures, mut n) = run.measure_round(plan, on, with, round);
+                let into = match who {
+                    Side::Path => samples.entry(case.name()).or_default(),
+                    Side::Reference => {
+                        &mut paired
+                            .entry(case.name())
+                            .or_insert((name, BTreeMap::new()))
+                            .1
+                    }
+                };
+                for (m, v) in figures {
+                    into.entry(m).or_default().push(v);
+                }
+                if who == Side::Reference {
+                    for note in &mut n {
+                        *note = format!("the paired {name}: {note}");
+                    }
+                }
+                notes.entry(case.name()).or_default().append(&mut n);
             }
-            notes.entry(case.name()).or_default().append(&mut n);
+        }
+        if let Some((r, _, _)) = reference.take() {
+            let name = r.case.name();
+            let mut n = Vec::new();
+            r.finish(&mut n);
+            notes.entry(case.name()).or_default().extend(
+                n.into_iter()
+                    .map(|note| format!("the paired {name}: {note}")),
+            );
+            notes.entry(case.name()).or_default().push(format!(
+                "its targets' reference, {name}, ran on a twin of this topology in rounds \
+                 interleaved with this path's (this path first in odd rounds, the reference first \
+                 in even ones); its figures are the `↳` row"
+            ));
         }
         if first_round > 0 {
             if let Some(note) = samples.get(case.name()).and_then(|s| drift(s, plan.rounds)) {
@@ -312,6 +433,24 @@ fn run_network(
         run.finish(notes.entry(case.name()).or_default());
     }
     Ok(())
+}
+
+/// Which run a round measures: the path under test or its paired reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Path,
+    Reference,
+}
+
+/// The order of a path and its paired reference in the path's `round`-th round (from 0):
+/// the path first in even rounds, the reference first in odd ones (A B, B A, A B...), so
+/// that neither side always runs right after the other's load.
+fn paired_order(round: usize) -> [Side; 2] {
+    if round.is_multiple_of(2) {
+        [Side::Path, Side::Reference]
+    } else {
+        [Side::Reference, Side::Path]
+    }
 }
 
 /// The order `cases` (one topology's) run in, each with the number of its first round: the
@@ -737,6 +876,28 @@ mod tests {
             path,
             network: Network::Veth,
         }
+    }
+
+    #[test]
+    fn a_path_and_its_paired_reference_take_turns_going_first() {
+        let order: Vec<[Side; 2]> = (0..4).map(paired_order).collect();
+        assert_eq!(
+            order,
+            vec![
+                [Side::Path, Side::Reference],
+                [Side::Reference, Side::Path],
+                [Side::Path, Side::Reference],
+                [Side::Reference, Side::Path],
+            ]
+        );
+        assert_eq!(Path::LbTcNat.paired_reference(), Some(Path::Direct));
+        assert_eq!(Path::LbXdpDsr.paired_reference(), Some(Path::DirectXdpVeth));
+        assert_eq!(Path::LbProxy.paired_reference(), None);
+        assert_eq!(
+            Path::Direct.paired_reference(),
+            None,
+            "no reference of a reference"
+        );
     }
 
     #[test]

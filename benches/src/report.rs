@@ -57,16 +57,37 @@ pub struct PathReport {
     pub figures: BTreeMap<Metric, Figure>,
     /// What did not go as planned (a failed test in one round, a metric that does not apply).
     pub notes: Vec<String>,
+    /// The reference measured beside this path, its rounds interleaved with the path's
+    /// (`Path::paired_reference`); `None` for a path without one, or when it did not run.
+    pub paired: Option<PairedReference>,
 }
 
 impl PathReport {
     /// The median of `metric`, when measured.
     pub fn median(&self, metric: Metric) -> Option<f64> {
-        self.figures
-            .get(&metric)
-            .and_then(|f| f.summary)
-            .map(|s| s.median)
+        median(&self.figures, metric)
     }
+}
+
+/// A reference (`direct`, `direct-bridge`, `direct-xdp-veth`) measured on a twin of a path's
+/// topology in rounds interleaved with the path's: round 1 path then reference, round 2
+/// reference then path, and so on. Drift of the machine over minutes then lands on both
+/// sides of the path's ratios alike, where the topology's own reference runs (first and
+/// last) can be half an hour away from the path.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PairedReference {
+    /// The reference's case name on the path's topology (`direct-bridge` beside
+    /// `lb-tc-nat-bridge`).
+    pub name: String,
+    /// Its figures, one sample per round, as [`PathReport::figures`].
+    pub figures: BTreeMap<Metric, Figure>,
+}
+
+fn median(figures: &BTreeMap<Metric, Figure>, metric: Metric) -> Option<f64> {
+    figures
+        .get(&metric)
+        .and_then(|f| f.summary)
+        .map(|s| s.median)
 }
 
 /// The machine a run happened on.
@@ -181,10 +202,25 @@ impl Report {
         (reference != 0.0).then(|| value / reference)
     }
 
+    /// The median of `metric` of the reference named `reference` as `path` is compared
+    /// with it: the run paired with `path` when it has one of that name, else the path
+    /// named `reference` in the report.
+    pub fn reference_median(
+        &self,
+        path: &PathReport,
+        reference: &str,
+        metric: Metric,
+    ) -> Option<f64> {
+        match &path.paired {
+            Some(p) if p.name == reference => median(&p.figures, metric),
+            _ => self.path(reference)?.median(metric),
+        }
+    }
+
     /// `path`'s ratio to `direct` on its own topology (`direct-bridge` on the bridge) for
-    /// `metric`.
+    /// `metric`: to its paired run of it when it has one ([`PairedReference`]).
     pub fn ratio_to_direct(&self, path: &PathReport, metric: Metric) -> Option<f64> {
-        let direct = self.path(direct_name(path.network))?.median(metric)?;
+        let direct = self.reference_median(path, direct_name(path.network), metric)?;
         self.ratio(path, direct, metric)
     }
 
@@ -217,7 +253,6 @@ impl Report {
                 met: ratio.map(ok),
             });
         };
-        let xdp_veth = self.path(Path::DirectXdpVeth.name());
         let packet_paths = [Path::LbXdpNat, Path::LbXdpDsr, Path::LbTcNat, Path::LbTcDsr];
         for case in Network::ALL.into_iter().flat_map(|network| {
             packet_paths
@@ -226,20 +261,19 @@ impl Report {
         }) {
             let name = case.name();
             let Some(p) = self.path(name) else { continue };
-            let mut references = vec![(
-                direct_name(case.network),
-                self.path(direct_name(case.network)),
-            )];
+            let mut references = vec![direct_name(case.network)];
             if case.path.xdp_setup().is_some() {
-                references.push((Path::DirectXdpVeth.name(), xdp_veth));
+                references.push(Path::DirectXdpVeth.name());
             }
-            for (reference, r) in references {
+            for reference in references {
+                let paired = p.paired.as_ref().is_some_and(|r| r.name == reference);
                 // The issues' figures are the rates and latencies, not the costs.
                 for m in Metric::ALL.into_iter().filter(|m| !m.is_cost()) {
-                    let ratio = r
-                        .and_then(|r| r.median(m))
+                    let ratio = self
+                        .reference_median(p, reference, m)
                         .and_then(|v| self.ratio(p, v, m));
-                    let what = format!("{name} {} vs {reference}", m.heading());
+                    let beside = if paired { " (paired)" } else { "" };
+                    let what = format!("{name} {} vs {reference}{beside}", m.heading());
                     if m.higher_is_better() {
                         check(what, ">= 1.0x", ratio, |r| r >= 1.0);
                     } else {
@@ -286,9 +320,13 @@ impl Report {
             "- machine: {} cores, {}, kernel {}; load average {:.2} when it started",
             m.cores, m.cpu, m.kernel, m.load_before
         );
-        let _ = writeln!(
+        let _ =
+            writeln!(
             s,
-            "- each figure: median of {} rounds (min–max in brackets) on one balancer per path, {} s per test; `direct` and `direct-bridge`: {} rounds, run first and again last on their topology",
+            "- each figure: median of {} rounds (min–max in brackets) on one balancer per path, \
+             {} s per test; `direct` and `direct-bridge`: {} rounds, run first and again last \
+             on their topology; lb's tc and XDP paths: their targets' reference (`↳` rows) \
+             measured beside them on a twin topology, rounds interleaved",
             self.rounds, self.seconds_per_test, 2 * self.rounds
         );
         for network in self.networks() {
@@ -368,17 +406,11 @@ impl Report {
                 );
                 continue;
             }
-            for metric in Metric::ALL {
-                let cell = match p.figures.get(&metric).and_then(|f| f.summary) {
-                    Some(x) => {
-                        format!("{} ({}–{})", number(x.median), number(x.min), number(x.max))
-                    }
-                    None if p.figures.contains_key(&metric) => "failed".into(),
-                    None => "n/a".into(),
-                };
-                let _ = write!(s, " {cell} |");
+            figure_cells(s, &p.figures);
+            if let Some(r) = &p.paired {
+                let _ = write!(s, "| ↳ {} beside {} |", r.name, p.name);
+                figure_cells(s, &r.figures);
             }
-            s.push('\n');
         }
         for (title, f) in [
             (
@@ -395,6 +427,21 @@ impl Report {
                 "\n#### {} topology: {title} (value / reference; ↑ higher is better, ↓ lower is better)\n",
                 network.name()
             );
+            let paired_direct = paths.iter().any(|p| {
+                p.paired
+                    .as_ref()
+                    .is_some_and(|r| r.name == direct_name(network))
+            });
+            if title.starts_with("Ratio to `") && paired_direct {
+                let _ = writeln!(
+                    s,
+                    "Paths with a `↳ {}` row above are divided by that paired run, measured in \
+                     rounds interleaved with theirs; the others by the topology's own `{}` \
+                     runs.\n",
+                    direct_name(network),
+                    direct_name(network)
+                );
+            }
             header(s, "path");
             for p in paths.iter().filter(|p| p.skipped.is_none()) {
                 let _ = write!(s, "| {} |", p.name);
@@ -412,6 +459,19 @@ impl Report {
             }
         }
     }
+}
+
+/// Appends one table row's figure cells (median and min–max, `failed`, `n/a`) to `s`.
+fn figure_cells(s: &mut String, figures: &BTreeMap<Metric, Figure>) {
+    for metric in Metric::ALL {
+        let cell = match figures.get(&metric).and_then(|f| f.summary) {
+            Some(x) => format!("{} ({}–{})", number(x.median), number(x.min), number(x.max)),
+            None if figures.contains_key(&metric) => "failed".into(),
+            None => "n/a".into(),
+        };
+        let _ = write!(s, " {cell} |");
+    }
+    s.push('\n');
 }
 
 /// The name of `network`'s no-balancer baseline (`direct`, `direct-bridge`).
@@ -493,6 +553,7 @@ mod tests {
                 .map(|(m, v)| (*m, Figure::new(v.to_vec())))
                 .collect(),
             notes: vec![],
+            paired: None,
         }
     }
 
@@ -620,6 +681,49 @@ mod tests {
         assert_eq!((p99.ratio, p99.met), (Some(0.4), Some(true)));
         let xdp = find("lb-xdp-nat bulk 8 flows");
         assert_eq!(xdp.met, None, "a skipped path's targets are not measured");
+    }
+
+    #[test]
+    fn a_paired_reference_is_what_its_path_is_compared_with() {
+        let mut r = report();
+        let tc = r
+            .paths
+            .iter_mut()
+            .find(|p| p.name == "lb-tc-nat-bridge")
+            .expect("the tc path on the bridge");
+        // The topology's own runs had 20 Gbit/s and 400k pkt/s; the run beside it 25 and 250k.
+        tc.paired = Some(PairedReference {
+            name: "direct-bridge".into(),
+            figures: [
+                (Metric::Bulk8, Figure::new(vec![24.0, 25.0, 26.0])),
+                (Metric::PacketRate, Figure::new(vec![250_000.0; 3])),
+            ]
+            .into(),
+        });
+        let tc = r.path("lb-tc-nat-bridge").expect("the tc path");
+        assert_eq!(r.ratio_to_direct(tc, Metric::Bulk8), Some(21.0 / 25.0));
+        let t = r.targets();
+        let find = |what: &str| t.iter().find(|c| c.what == what).expect(what);
+        let bulk = find("lb-tc-nat-bridge bulk 8 flows Gbit/s vs direct-bridge (paired)");
+        assert_eq!(bulk.met, Some(false), "21 against the paired 25");
+        let pps = find("lb-tc-nat-bridge 64-byte pkt/s vs direct-bridge (paired)");
+        assert_eq!((pps.ratio, pps.met), (Some(1.2), Some(true)));
+        // A path without one still goes by the topology's own runs.
+        let lb = r.path("lb-proxy").expect("lb-proxy");
+        assert_eq!(r.ratio_to_direct(lb, Metric::Bulk8), Some(0.6));
+        let md = r.to_markdown();
+        assert!(
+            md.contains("| ↳ direct-bridge beside lb-tc-nat-bridge | n/a | 25.0 (24.0–26.0) |"),
+            "the paired run has its own row: {md}"
+        );
+        assert!(
+            md.contains("| lb-tc-nat-bridge | – | 0.84x |"),
+            "its ratio is to the paired run: {md}"
+        );
+        assert!(
+            md.contains("Paths with a `↳ direct-bridge` row above"),
+            "{md}"
+        );
     }
 
     #[test]
