@@ -61,7 +61,8 @@ pub fn ratios_svg(report: &Report) -> Result<String, String> {
         let n = CHARTED.len() as f64;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                // A -bridge path's ratio is to direct-bridge (Report::ratio_to_direct).
+                // A -bridge path's ratio is to direct-bridge, a tc path's to the direct run
+                // beside it (Report::ratio_to_direct).
                 format!(
                     "lb bench: ratio to direct of the path's topology ({} UTC)",
                     report.date_utc

@@ -94,33 +94,6 @@ pub fn run(plan: &Plan) -> Result<Report> {
         for t in Path::Direct.targets(network, VIP_RR) {
             wait_answering(&topo, t, None).with_context(|| format!("backend server {t}"))?;
         }
-        // The paired references run on a second topology built the same way, so that a
-        // path's balancer stays up (and its programs attached) through all its rounds while
-        // the reference's rounds go between them.
-        let twin_topo = if cases.iter().any(|c| c.path.paired_reference().is_some()) {
-            eprintln!(
-                "lb-bench: building a twin of the {} topology for the paired references",
-                network.name()
-            );
-            Some(
-                topology::build(network)
-                    .with_context(|| format!("building the twin {} namespaces", network.name()))?,
-            )
-        } else {
-            None
-        };
-        let twin_servers = match &twin_topo {
-            Some(t) => {
-                let servers = Servers::start(t).context("starting the twin's backend servers")?;
-                for a in Path::Direct.targets(network, VIP_RR) {
-                    wait_answering(t, a, None)
-                        .with_context(|| format!("the twin's backend server {a}"))?;
-                }
-                Some(servers)
-            }
-            None => None,
-        };
-        let twin = twin_topo.as_ref().zip(twin_servers.as_ref());
         let mut results = Results {
             skipped: &mut skipped,
             samples: &mut samples,
@@ -128,16 +101,7 @@ pub fn run(plan: &Plan) -> Result<Report> {
             paired: &mut paired,
             churn: &mut churn,
         };
-        run_network(
-            plan,
-            &topo,
-            &servers,
-            twin,
-            &cases,
-            &logs,
-            &work,
-            &mut results,
-        )?;
+        run_network(plan, &topo, &servers, &cases, &logs, &work, &mut results)?;
     }
     let paths = plan
         .paths
@@ -228,12 +192,14 @@ pub fn run(plan: &Plan) -> Result<Report> {
          (no `snat_ports`); paths run one after the other. Each topology's `direct` runs \
          first and again last, and its figures (the reference of the peers' and proxies' \
          ratios) are the median of both runs' rounds; its notes give both runs' medians. \
-         lb's tc and XDP paths are compared with a reference measured beside them instead \
-         (`direct`, `direct-bridge`, `direct-xdp-veth` for XDP; the `↳` rows): a twin of \
-         the topology, built the same way, runs it in rounds interleaved with the path's (the \
-         path first in odd rounds, the reference in even ones) while the path's balancer \
-         stays up on the first, so that the machine's drift over minutes lands on both sides \
-         of their target ratios alike."
+         lb's tc paths are compared with a `direct` (`direct-bridge`) measured beside them \
+         instead, and the XDP paths' `direct-xdp-veth` targets with a `direct-xdp-veth` \
+         measured beside them (the `↳` rows; their ratios to `direct` still use the \
+         topology's own runs): for each such path a twin of the topology, built the same way \
+         and removed after the path, runs the reference in rounds interleaved with the \
+         path's (the path first in rounds 1, 3, 5..., the reference in rounds 2, 4...) while \
+         the path's balancer stays up on the first, so that the machine's drift over minutes \
+         lands on both sides of those ratios alike."
             .to_string(),
         "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
          16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
@@ -272,12 +238,10 @@ struct Results<'r> {
 }
 
 /// Measures `cases`, all on `topo`'s network, one after the other. `Err` on Ctrl-C.
-#[allow(clippy::too_many_arguments)]
 fn run_network(
     plan: &Plan,
     topo: &Topology,
     servers: &Servers,
-    twin: Option<(&Topology, &Servers)>,
     cases: &[Case],
     logs: &std::path::Path,
     work: &std::path::Path,
@@ -323,19 +287,38 @@ fn run_network(
                 continue;
             }
         };
-        let mut reference = match (path.paired_reference(), twin) {
-            (Some(r), Some((twin_topo, twin_servers))) => {
-                let ref_case = Case {
-                    path: r,
-                    network: case.network,
-                };
-                let log = logs.join(format!("{}-beside-{}.log", ref_case.name(), case.name()));
-                match PathRun::start(plan, twin_topo, ref_case, work, log) {
-                    Ok(r) => Some((r, twin_topo, twin_servers)),
+        // The paired reference runs on a second topology built the same way, so that the
+        // path's balancer stays up (and its programs attached) through all its rounds while
+        // the reference's rounds go between them. Built for this path only: its idle servers
+        // would otherwise run beside every other path too.
+        let ref_case = path.paired_reference().map(|r| Case {
+            path: r,
+            network: case.network,
+        });
+        let twin = match ref_case {
+            Some(r) => match Twin::build(case.network) {
+                Ok(t) => Some(t),
+                Err(reason) => {
+                    notes.entry(case.name()).or_default().push(format!(
+                        "no paired {}: the twin topology: {reason}; compared with the \
+                         topology's own runs",
+                        r.name()
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut reference = match (ref_case, &twin) {
+            (Some(r), Some(twin)) => {
+                // A baseline has no balancer process, so nothing writes this log today.
+                let log = logs.join(format!("{}-beside-{}.log", r.name(), case.name()));
+                match PathRun::start(plan, &twin.topo, r, work, log) {
+                    Ok(run) => Some((run, &twin.topo, &twin.servers)),
                     Err(reason) => {
                         notes.entry(case.name()).or_default().push(format!(
                             "no paired {}: {reason}; compared with the topology's own runs",
-                            ref_case.name()
+                            r.name()
                         ));
                         None
                     }
@@ -355,35 +338,26 @@ fn run_network(
                 &[Side::Path]
             };
             for &side in sides {
-                let (who, run, on, with) = match (side, reference.as_mut()) {
-                    (Side::Reference, Some((r, t, s))) => (Side::Reference, r, *t, *s),
-                    _ => (Side::Path, &mut run, topo, servers),
-                };
-                let name = run.case.name();
-                let beside = match who {
-                    Side::Path => String::new(),
-                    Side::Reference => format!(" beside {}", case.name()),
-                };
-                eprintln!("lb-bench: {name}{beside}: round {}/{total}", round + 1);
-                let (figures, mut n) = run.measure_round(plan, on, with, round);
-                let into = match who {
-                    Side::Path => samples.entry(case.name()).or_default(),
-                    Side::Reference => {
-                        &mut paired
-                            .entry(case.name())
-                            .or_insert((name, BTreeMap::new()))
-                            .1
+                if stop::requested() {
+                    bail!("interrupted");
+                }
+                let (who, name, measured) = match (side, reference.as_mut()) {
+                    (Side::Reference, Some((r, t, s))) => {
+                        let name = r.case.name();
+                        eprintln!(
+                            "lb-bench: {name} beside {}: round {}/{total}",
+                            case.name(),
+                            round + 1
+                        );
+                        (side, name, r.measure_round(plan, t, s, round))
+                    }
+                    _ => {
+                        eprintln!("lb-bench: {}: round {}/{total}", case.name(), round + 1);
+                        let measured = run.measure_round(plan, topo, servers, round);
+                        (Side::Path, case.name(), measured)
                     }
                 };
-                for (m, v) in figures {
-                    into.entry(m).or_default().push(v);
-                }
-                if who == Side::Reference {
-                    for note in &mut n {
-                        *note = format!("the paired {name}: {note}");
-                    }
-                }
-                notes.entry(case.name()).or_default().append(&mut n);
+                record(samples, paired, notes, case.name(), who, name, measured);
             }
         }
         if let Some((r, _, _)) = reference.take() {
@@ -396,8 +370,8 @@ fn run_network(
             );
             notes.entry(case.name()).or_default().push(format!(
                 "its targets' reference, {name}, ran on a twin of this topology in rounds \
-                 interleaved with this path's (this path first in odd rounds, the reference first \
-                 in even ones); its figures are the `↳` row"
+                 interleaved with this path's (this path first in rounds 1, 3, 5..., the \
+                 reference first in rounds 2, 4...); its figures are the `↳` row"
             ));
         }
         if first_round > 0 {
@@ -435,6 +409,59 @@ fn run_network(
     Ok(())
 }
 
+/// Files one round's `measured` figures and notes under the path named `path`: the path's
+/// own (`side` [`Side::Path`]) with its samples, or those of its paired reference `name`
+/// with the path's paired samples, each note then prefixed with the reference's name.
+fn record(
+    samples: &mut BTreeMap<&'static str, BTreeMap<Metric, Vec<f64>>>,
+    paired: &mut BTreeMap<&'static str, Paired>,
+    notes: &mut BTreeMap<&'static str, Vec<String>>,
+    path: &'static str,
+    side: Side,
+    name: &'static str,
+    measured: Measured,
+) {
+    let (figures, mut n) = measured;
+    let into = match side {
+        Side::Path => samples.entry(path).or_default(),
+        Side::Reference => &mut paired.entry(path).or_insert((name, BTreeMap::new())).1,
+    };
+    for (m, v) in figures {
+        into.entry(m).or_default().push(v);
+    }
+    if side == Side::Reference {
+        for note in &mut n {
+            *note = format!("the paired {name}: {note}");
+        }
+    }
+    notes.entry(path).or_default().append(&mut n);
+}
+
+/// A second topology like the first, with its own servers, for a paired reference.
+struct Twin {
+    /// Declared first: the servers stop before their namespaces go.
+    servers: Servers,
+    topo: Topology,
+}
+
+impl Twin {
+    /// Builds `network`'s topology again and starts its servers, then waits until they
+    /// answer. `Err(reason)` when a step fails (what was built is removed).
+    fn build(network: Network) -> Result<Twin, String> {
+        eprintln!(
+            "lb-bench: building a twin of the {} topology for a paired reference",
+            network.name()
+        );
+        let topo = topology::build(network).map_err(|e| format!("building it: {e}"))?;
+        let servers =
+            Servers::start(&topo).map_err(|e| format!("starting its backend servers: {e}"))?;
+        for a in Path::Direct.targets(network, VIP_RR) {
+            wait_answering(&topo, a, None).map_err(|e| format!("its backend server {a}: {e:#}"))?;
+        }
+        Ok(Twin { servers, topo })
+    }
+}
+
 /// Which run a round measures: the path under test or its paired reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -442,11 +469,12 @@ enum Side {
     Reference,
 }
 
-/// The order of a path and its paired reference in the path's `round`-th round (from 0):
-/// the path first in even rounds, the reference first in odd ones (A B, B A, A B...), so
-/// that neither side always runs right after the other's load.
-fn paired_order(round: usize) -> [Side; 2] {
-    if round.is_multiple_of(2) {
+/// The order of a path and its paired reference in the path's round `index` (0 for round
+/// 1): the path first in rounds 1, 3, 5..., the reference first in rounds 2, 4... (A B, B A,
+/// A B...), so that neither side always runs right after the other's load. With an odd
+/// number of rounds the path goes first once more often.
+fn paired_order(index: usize) -> [Side; 2] {
+    if index.is_multiple_of(2) {
         [Side::Path, Side::Reference]
     } else {
         [Side::Reference, Side::Path]
@@ -897,6 +925,52 @@ mod tests {
             Path::Direct.paired_reference(),
             None,
             "no reference of a reference"
+        );
+    }
+
+    #[test]
+    fn a_round_is_filed_under_its_side() {
+        let (mut samples, mut paired, mut notes) = Default::default();
+        let round = |bulk: f64, note: &str| (vec![(Metric::Bulk1, bulk)], vec![note.to_string()]);
+        let path = "lb-tc-nat";
+        record(
+            &mut samples,
+            &mut paired,
+            &mut notes,
+            path,
+            Side::Path,
+            path,
+            round(17.0, "a"),
+        );
+        let r = Side::Reference;
+        record(
+            &mut samples,
+            &mut paired,
+            &mut notes,
+            path,
+            r,
+            "direct",
+            round(16.0, "b"),
+        );
+        record(
+            &mut samples,
+            &mut paired,
+            &mut notes,
+            path,
+            r,
+            "direct",
+            round(15.0, "c"),
+        );
+        assert_eq!(samples[path][&Metric::Bulk1], vec![17.0]);
+        let (name, figures) = &paired[path];
+        assert_eq!(
+            (*name, &figures[&Metric::Bulk1]),
+            ("direct", &vec![16.0, 15.0])
+        );
+        assert_eq!(
+            notes[path],
+            vec!["a", "the paired direct: b", "the paired direct: c"],
+            "the reference's notes say whose they are"
         );
     }
 
