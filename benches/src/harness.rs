@@ -14,7 +14,7 @@ use crate::balancer::{
 use crate::client;
 use crate::metric::Metric;
 use crate::procstat;
-use crate::program_time::ProgramTime;
+use crate::program_time::{ProgramTime, StatsOn};
 use crate::report::{Churn, Figure, Machine, PairedReference, PathKind, PathReport, Report};
 use crate::server::Servers;
 use crate::stop;
@@ -169,7 +169,10 @@ pub fn run(plan: &Plan) -> Result<Report> {
             .to_string(),
         "program ns/run (lb-xdp-*, lb-tc-*): lb's program in traffic, the change of its BPF \
          run-time statistics (`run_time_ns` over `run_cnt`) across the two bulk tests and \
-         across the 64-byte packet test. A run is one packet at XDP and one socket buffer at \
+         across the 64-byte packet test. It and these paths' LB CPU come from one more round \
+         with the statistics on, the cost round, after the path's rounds; the statistics add \
+         two scheduler-clock reads to every program run (no user's host has them on), so \
+         every other figure of these paths comes from the rounds with them off. A run is one packet at XDP and one socket buffer at \
          tc, where a GSO super-packet of up to 64 KiB is one run. It includes the runs on \
          replies and on packets the program passes; `cargo bench --bench micro` gives the \
          same program's warm cost per case."
@@ -291,88 +294,96 @@ fn run_network(
         // path's balancer stays up (and its programs attached) through all its rounds while
         // the reference's rounds go between them. Built for this path only: its idle servers
         // would otherwise run beside every other path too.
-        let ref_case = path.paired_reference().map(|r| Case {
-            path: r,
-            network: case.network,
-        });
-        let twin = match ref_case {
-            Some(r) => match Twin::build(case.network) {
-                Ok(t) => Some(t),
-                Err(reason) => {
-                    notes.entry(case.name()).or_default().push(format!(
-                        "no paired {}: the twin topology: {reason}; compared with the \
-                         topology's own runs",
-                        r.name()
-                    ));
-                    None
-                }
-            },
-            None => None,
-        };
-        let mut reference = match (ref_case, &twin) {
-            (Some(r), Some(twin)) => {
-                // A baseline has no balancer process, so nothing writes this log today.
-                let log = logs.join(format!("{}-beside-{}.log", r.name(), case.name()));
-                match PathRun::start(plan, &twin.topo, r, work, log) {
-                    Ok(run) => Some((run, &twin.topo, &twin.servers)),
+        // The twin, the reference and the rounds in a block of their own: the twin goes as
+        // soon as the rounds end, before the path's churn test and its balancer's stop. (When
+        // the reference cannot start, the twin stays up, idle, through the path's rounds.)
+        {
+            let ref_case = path.paired_reference().map(|r| Case {
+                path: r,
+                network: case.network,
+            });
+            let twin = match ref_case {
+                Some(r) => match Twin::build(case.network) {
+                    Ok(t) => Some(t),
                     Err(reason) => {
                         notes.entry(case.name()).or_default().push(format!(
-                            "no paired {}: {reason}; compared with the topology's own runs",
+                            "no paired {}: the twin topology: {reason}; compared with the \
+                         topology's own runs",
                             r.name()
                         ));
                         None
                     }
-                }
-            }
-            _ => None,
-        };
-        let total = plan.rounds * order.iter().filter(|(c, _)| *c == case).count();
-        for round in first_round..first_round + plan.rounds {
-            if stop::requested() {
-                bail!("interrupted");
-            }
-            let pair = paired_order(round - first_round);
-            let sides: &[Side] = if reference.is_some() {
-                &pair
-            } else {
-                &[Side::Path]
+                },
+                None => None,
             };
-            for &side in sides {
+            let mut reference = match (ref_case, &twin) {
+                (Some(r), Some(twin)) => {
+                    // A baseline has no balancer process, so nothing writes this log today.
+                    let log = logs.join(format!("{}-beside-{}.log", r.name(), case.name()));
+                    match PathRun::start(plan, &twin.topo, r, work, log) {
+                        Ok(run) => Some((run, &twin.topo, &twin.servers)),
+                        Err(reason) => {
+                            notes.entry(case.name()).or_default().push(format!(
+                                "no paired {}: {reason}; compared with the topology's own runs",
+                                r.name()
+                            ));
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let total = plan.rounds * order.iter().filter(|(c, _)| *c == case).count();
+            for round in first_round..first_round + plan.rounds {
                 if stop::requested() {
                     bail!("interrupted");
                 }
-                let (who, name, measured) = match (side, reference.as_mut()) {
-                    (Side::Reference, Some((r, t, s))) => {
-                        let name = r.case.name();
-                        eprintln!(
-                            "lb-bench: {name} beside {}: round {}/{total}",
-                            case.name(),
-                            round + 1
-                        );
-                        (side, name, r.measure_round(plan, t, s, round))
-                    }
-                    _ => {
-                        eprintln!("lb-bench: {}: round {}/{total}", case.name(), round + 1);
-                        let measured = run.measure_round(plan, topo, servers, round);
-                        (Side::Path, case.name(), measured)
-                    }
+                let pair = paired_order(round - first_round);
+                let sides: &[Side] = if reference.is_some() {
+                    &pair
+                } else {
+                    &[Side::Path]
                 };
-                record(samples, paired, notes, case.name(), who, name, measured);
+                for &side in sides {
+                    if stop::requested() {
+                        bail!("interrupted");
+                    }
+                    let (who, name, measured) = match (side, reference.as_mut()) {
+                        (Side::Reference, Some((r, t, s))) => {
+                            let name = r.case.name();
+                            eprintln!(
+                                "lb-bench: {name} beside {}: round {}/{total}",
+                                case.name(),
+                                round + 1
+                            );
+                            (side, name, r.measure_round(plan, t, s, round, false))
+                        }
+                        _ => {
+                            eprintln!("lb-bench: {}: round {}/{total}", case.name(), round + 1);
+                            let measured = run.measure_round(plan, topo, servers, round, false);
+                            (Side::Path, case.name(), measured)
+                        }
+                    };
+                    record(samples, paired, notes, case.name(), who, name, measured);
+                }
             }
+            if let Some((r, _, _)) = reference.take() {
+                let name = r.case.name();
+                let mut n = Vec::new();
+                r.finish(&mut n);
+                notes.entry(case.name()).or_default().extend(
+                    n.into_iter()
+                        .map(|note| format!("the paired {name}: {note}")),
+                );
+                notes.entry(case.name()).or_default().push(format!(
+                    "its targets' reference, {name}, ran on a twin of this topology in rounds \
+                     interleaved with this path's (this path first in rounds 1, 3, 5..., the \
+                     reference first in rounds 2, 4...); its figures are the `↳` row"
+                ));
+            };
         }
-        if let Some((r, _, _)) = reference.take() {
-            let name = r.case.name();
-            let mut n = Vec::new();
-            r.finish(&mut n);
-            notes.entry(case.name()).or_default().extend(
-                n.into_iter()
-                    .map(|note| format!("the paired {name}: {note}")),
-            );
-            notes.entry(case.name()).or_default().push(format!(
-                "its targets' reference, {name}, ran on a twin of this topology in rounds \
-                 interleaved with this path's (this path first in rounds 1, 3, 5..., the \
-                 reference first in rounds 2, 4...); its figures are the `↳` row"
-            ));
+        if path.packet_layer() {
+            cost_round(plan, topo, servers, &mut run, samples, notes)?;
         }
         if first_round > 0 {
             if let Some(note) = samples.get(case.name()).and_then(|s| drift(s, plan.rounds)) {
@@ -406,6 +417,62 @@ fn run_network(
         }
         run.finish(notes.entry(case.name()).or_default());
     }
+    Ok(())
+}
+
+/// The figures a cost round gives lb's tc and XDP paths: those that need the program's run
+/// time, which the kernel counts only with statistics on.
+const COST_ROUND_METRICS: [Metric; 4] = [
+    Metric::CpuPerGb,
+    Metric::CpuPer1kConn,
+    Metric::ProgramNsBulk,
+    Metric::ProgramNsPacket,
+];
+
+/// One more round of `run`'s tests with BPF run-time statistics on ([`StatsOn`]), which
+/// gives the path's program-time figures ([`COST_ROUND_METRICS`]) and nothing else: the
+/// statistics slow every program run down, so its rates and latencies come from the rounds
+/// before, run as a user's host runs (statistics off). A note says so, or why there are no
+/// such figures. `Err` on Ctrl-C.
+fn cost_round(
+    plan: &Plan,
+    topo: &Topology,
+    servers: &Servers,
+    run: &mut PathRun<'_>,
+    samples: &mut BTreeMap<&'static str, BTreeMap<Metric, Vec<f64>>>,
+    notes: &mut BTreeMap<&'static str, Vec<String>>,
+) -> Result<()> {
+    if stop::requested() {
+        bail!("interrupted");
+    }
+    let name = run.case.name();
+    let stats = match StatsOn::enable() {
+        Ok(s) => s,
+        Err(e) => {
+            notes
+                .entry(name)
+                .or_default()
+                .push(format!("no LB CPU or program figures: {e}"));
+            return Ok(());
+        }
+    };
+    eprintln!("lb-bench: {name}: cost round (BPF run-time statistics on)");
+    let (figures, n) = run.measure_round(plan, topo, servers, plan.rounds, true);
+    drop(stats);
+    let into = samples.entry(name).or_default();
+    for (m, v) in figures {
+        if COST_ROUND_METRICS.contains(&m) {
+            into.entry(m).or_default().push(v);
+        }
+    }
+    let entry = notes.entry(name).or_default();
+    entry.extend(n.into_iter().map(|note| format!("cost round: {note}")));
+    entry.push(
+        "LB CPU and program ns/run: from one more round with BPF run-time statistics on \
+         (the cost round), which the other figures do not include: the statistics add two \
+         clock reads to every program run"
+            .into(),
+    );
     Ok(())
 }
 
@@ -609,16 +676,20 @@ impl<'t> PathRun<'t> {
         }
     }
 
-    /// Runs every test once on the running balancer.
+    /// Runs every test once on the running balancer. For lb's tc and XDP paths the figures
+    /// that need the program's run time (LB CPU, program ns/run) only when `costs` (the
+    /// cost round, with BPF run-time statistics on); for every other path in every round.
     fn measure_round(
         &mut self,
         plan: &Plan,
         topo: &Topology,
         servers: &Servers,
         round: usize,
+        costs: bool,
     ) -> Measured {
         let case = self.case;
         let path = case.path;
+        let costs = costs || !path.packet_layer();
         let xdp = &self.xdp;
         let tc = &self.tc;
         let daemon = self.running.as_ref().map(Running::pid);
@@ -678,13 +749,15 @@ impl<'t> PathRun<'t> {
         // A baseline has no balancer (direct-xdp-veth's pass programs' loaders do nothing).
         let has_process = path.kind() != PathKind::Baseline && u0.processes > 0 && u1.processes > 0;
         if gb > 0.0 {
-            if let (true, Some(c0), Some(c1)) = (has_process, c0, c1) {
+            if let (true, Some(c0), Some(c1)) = (has_process && costs, c0, c1) {
                 figures.push((Metric::CpuPerGb, (c1 - c0) * 1e3 / gb));
             }
             figures.push((Metric::SoftirqPerGb, (s1 - s0) * 1e3 / gb));
         }
         if let Some(ns) = t0.zip(t1).and_then(|(t0, t1)| t1.ns_per_run_since(t0)) {
-            figures.push((Metric::ProgramNsBulk, ns));
+            if costs {
+                figures.push((Metric::ProgramNsBulk, ns));
+            }
         }
 
         let conns = topo
@@ -705,7 +778,7 @@ impl<'t> PathRun<'t> {
                     ));
                 }
                 figures.push((Metric::ConnRate, r.per_second()));
-                if let (true, Some(c1), Some(c2)) = (has_process && r.done > 0, c1, c2) {
+                if let (true, Some(c1), Some(c2)) = (has_process && r.done > 0 && costs, c1, c2) {
                     figures.push((
                         Metric::CpuPer1kConn,
                         (c2 - c1) * 1e3 / (r.done as f64 / 1e3),
@@ -780,7 +853,9 @@ impl<'t> PathRun<'t> {
                     let got = servers.counted().saturating_sub(before);
                     let t1 = program().and_then(Result::ok);
                     if let Some(ns) = t0.zip(t1).and_then(|(t0, t1)| t1.ns_per_run_since(t0)) {
-                        figures.push((Metric::ProgramNsPacket, ns));
+                        if costs {
+                            figures.push((Metric::ProgramNsPacket, ns));
+                        }
                     }
                     let rate = got as f64 / sent.seconds;
                     if round == 0 {

@@ -2,10 +2,32 @@
 //! many times, read before and after a test to give its CPU time in the program and its cost
 //! per run (per packet at XDP, per socket buffer at tc, where a GSO super-packet is one run).
 //!
-//! The kernel counts only while statistics are enabled (`BPF_ENABLE_STATS`, held by the
-//! set-ups in `crate::tc` and `crate::xdp`).
+//! The kernel counts only while statistics are enabled ([`StatsOn`], held by the harness for
+//! a path's cost round only).
 
 use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
+
+/// The kernel's BPF run-time statistics, on while this is held (`BPF_ENABLE_STATS`: the
+/// kernel counts the holders and turns the statistics off when the last one goes).
+///
+/// They cost every run of every program two reads of the scheduler clock, which no user's
+/// host pays (`kernel.bpf_stats_enabled` is 0 by default): on this KVM guest
+/// `kvm_sched_clock_read` had 0.6% of all samples in a profile of `lb-tc-dsr-bridge`, where
+/// `lb_tc`'s own code had 1.4% (BENCHMARKS.md). So the harness holds them only while it
+/// measures a path's costs, apart from the rounds that give its rates and latencies.
+pub struct StatsOn {
+    _fd: OwnedFd,
+}
+
+impl StatsOn {
+    /// Turns the statistics on. `Err(reason)` when the kernel refuses (no root, too old).
+    pub fn enable() -> Result<StatsOn, String> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(|fd| StatsOn { _fd: fd })
+            .map_err(|e| format!("BPF run-time statistics cannot be enabled: {e}"))
+    }
+}
 
 /// The summed `run_time_ns` and `run_cnt` of a set of programs at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -329,14 +329,20 @@ impl Report {
             "- machine: {} cores, {}, kernel {}; load average {:.2} when it started",
             m.cores, m.cpu, m.kernel, m.load_before
         );
-        let _ =
-            writeln!(
+        let _ = writeln!(
             s,
             "- each figure: median of {} rounds (min–max in brackets) on one balancer per path, \
              {} s per test; `direct` and `direct-bridge`: {} rounds, run first and again last \
-             on their topology; lb's tc and XDP paths: their targets' reference (`↳` rows) \
-             measured beside them on a twin topology, rounds interleaved",
-            self.rounds, self.seconds_per_test, 2 * self.rounds
+             on their topology{}",
+            self.rounds,
+            self.seconds_per_test,
+            2 * self.rounds,
+            if self.paths.iter().any(|p| p.paired.is_some()) {
+                "; lb's tc and XDP paths: their targets' reference (`↳` rows) measured beside \
+                 them on a twin topology, rounds interleaved"
+            } else {
+                ""
+            }
         );
         for network in self.networks() {
             self.network_tables(&mut s, network);
@@ -756,6 +762,10 @@ mod tests {
             !md.contains("Paths with a `↳ direct` row above"),
             "no veth path is paired with direct: {md}"
         );
+        assert!(
+            md.contains("reference (`↳` rows) measured beside them"),
+            "{md}"
+        );
     }
 
     #[test]
@@ -843,6 +853,7 @@ mod tests {
         );
         assert!(md.contains("missed (by 9% of the target)"), "{md}");
         assert!(md.contains("- other work was running"), "{md}");
+        assert!(!md.contains("twin topology"), "no path was paired: {md}");
         let json = serde_json::to_string(&report()).expect("report serializes");
         assert!(json.contains("\"bulk8\""), "{json}");
     }

@@ -15,7 +15,6 @@
 //! ([`TcSetup::program_time`]).
 
 use std::collections::BTreeSet;
-use std::os::fd::OwnedFd;
 
 use lb_tests::xdp::{Decap, Mode, DSR_BACKEND_MTU};
 
@@ -31,20 +30,16 @@ pub struct TcSetup<'a> {
     topo: &'a Topology,
     mode: Mode,
     decaps: Vec<Decap>,
-    stats: Result<OwnedFd, String>,
 }
 
 impl<'a> TcSetup<'a> {
     /// Applies what `mode` needs on `topo`, with `object` the BPF object for the DSR
     /// decapsulators. `Err(reason)` (with whatever was applied undone) when a step fails.
     pub fn start(topo: &'a Topology, mode: Mode, object: &std::path::Path) -> Result<Self, String> {
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-            .map_err(|e| format!("BPF run-time statistics cannot be enabled: {e}"));
         let mut setup = TcSetup {
             topo,
             mode,
             decaps: Vec::new(),
-            stats,
         };
         if mode == Mode::Dsr {
             setup.backend_mtu(DSR_BACKEND_MTU)?;
@@ -88,15 +83,13 @@ impl<'a> TcSetup<'a> {
 
     /// The run time and run count of the BPF programs that the process `pid` (the daemon)
     /// holds open: the kernel's `run_time_ns` and `run_cnt` of each, which for the tc paths
-    /// is `lb_tc` on every interface it is attached to. `Err(reason)` when the statistics are
-    /// off or the process holds no program.
+    /// is `lb_tc` on every interface it is attached to; they advance only while statistics
+    /// are on ([`crate::program_time::StatsOn`]). `Err(reason)` when the process holds no
+    /// program.
     ///
     /// This is the time inside the program only: the redirect and the delivery to the next
     /// namespace run in softirq outside it, which `/proc/stat` shows machine-wide only.
     pub fn program_time(&self, pid: u32) -> Result<ProgramTime, String> {
-        if let Err(e) = &self.stats {
-            return Err(e.clone());
-        }
         Ok(ProgramTime::of(&programs_held_by(pid)?))
     }
 }

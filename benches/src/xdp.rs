@@ -7,7 +7,9 @@
 //!   off TSO on them, so their stacks send MTU-sized segments);
 //! - `lb-daemon decap` on those ends: a veth delivers `XDP_REDIRECT`ed frames only when its
 //!   peer has an XDP program, and DSR backends need it to strip the outer header;
-//! - DSR: MTU 1600 on the balancer-to-backend veths for the 20-byte outer header.
+//! - DSR: MTU 1600 on the balancer-to-backend veths for the 20-byte outer header;
+//! - `direct-xdp-veth` (no balancer): `lb-daemon decap` on the balancer's veths too, where
+//!   the daemon would attach `lb_xdp`, so that the kernel routes with XDP on every veth.
 //!
 //! Each is undone when the [`XdpSetup`] drops, so the other paths run on the topology as it
 //! was. The balancer's CPU for XDP is softirq time; the part spent in `lb_xdp` itself is read
@@ -15,7 +17,6 @@
 //! [`XdpSetup::program_time`].
 
 use std::collections::BTreeSet;
-use std::os::fd::OwnedFd;
 use std::panic::{self, UnwindSafe};
 use std::path::Path;
 
@@ -43,20 +44,16 @@ pub struct XdpSetup<'a> {
     topo: &'a Topology,
     kind: XdpVeth,
     decaps: Vec<Decap>,
-    stats: Result<OwnedFd, String>,
 }
 
 impl<'a> XdpSetup<'a> {
     /// Applies the set-up `kind`, with `object` the BPF object for the decapsulators.
     /// `Err(reason)` (with whatever was applied undone) when a step fails.
     pub fn start(topo: &'a Topology, kind: XdpVeth, object: &Path) -> Result<XdpSetup<'a>, String> {
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-            .map_err(|e| format!("BPF run-time statistics cannot be enabled: {e}"));
         let mut setup = XdpSetup {
             topo,
             kind,
             decaps: Vec::new(),
-            stats,
         };
         set_tx_checksum(&topo.client, "c0", false)
             .map_err(|e| format!("turning off tx checksum offload on c0: {e}"))?;
@@ -79,6 +76,18 @@ impl<'a> XdpSetup<'a> {
                 .decaps
                 .push(quietly(|| Decap::start(b, "b0", object, &from))?);
         }
+        if kind == XdpVeth::Pass {
+            // No balancer to attach lb_xdp: the same pass-everything program goes on the
+            // balancer's own veths, so that the kernel routes with XDP on every veth, as
+            // with lb's program there (a veth with an XDP program receives in NAPI, with
+            // GRO).
+            let ifaces = std::iter::once("l0".to_string()).chain(topo.network.backend_interfaces());
+            for iface in ifaces {
+                setup.decaps.push(quietly(|| {
+                    Decap::start(&topo.balancer, &iface, object, &from)
+                })?);
+            }
+        }
         Ok(setup)
     }
 
@@ -98,15 +107,12 @@ impl<'a> XdpSetup<'a> {
 
     /// The run time and run count of the XDP programs attached in the balancer namespace
     /// (the kernel's `run_time_ns` and `run_cnt` of each distinct program, counted once
-    /// however many interfaces it is attached to). `Err(reason)` when the statistics are off
-    /// or no program is found.
+    /// however many interfaces it is attached to); they advance only while statistics are on
+    /// ([`crate::program_time::StatsOn`]). `Err(reason)` when no program is found.
     ///
     /// This is the time inside `lb_xdp` only: the redirect and the veth's delivery to the next
     /// namespace run in softirq outside it, which `/proc/stat` shows machine-wide only.
     pub fn program_time(&self) -> Result<ProgramTime, String> {
-        if let Err(e) = &self.stats {
-            return Err(e.clone());
-        }
         Ok(ProgramTime::of(&attached_programs(self.topo)?))
     }
 }
