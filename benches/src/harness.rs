@@ -172,8 +172,9 @@ pub fn run(plan: &Plan) -> Result<Report> {
          across the 64-byte packet test. It and these paths' LB CPU come from one more round \
          with the statistics on, the cost round, after the path's rounds; the statistics add \
          two scheduler-clock reads to every program run (no user's host has them on), so \
-         every other figure of these paths comes from the rounds with them off. A run is one packet at XDP and one socket buffer at \
-         tc, where a GSO super-packet of up to 64 KiB is one run. It includes the runs on \
+         every other figure of these paths comes from the rounds with them off. A run is one \
+         packet at XDP and one socket buffer at tc, where a GSO super-packet of up to 64 KiB \
+         is one run. It includes the runs on \
          replies and on packets the program passes; `cargo bench --bench micro` gives the \
          same program's warm cost per case."
             .to_string(),
@@ -446,6 +447,13 @@ fn cost_round(
         bail!("interrupted");
     }
     let name = run.case.name();
+    if stats_sysctl_on() {
+        notes.entry(name).or_default().push(
+            "kernel.bpf_stats_enabled is 1 on this host: every figure of this path includes \
+             the statistics' clock reads, not only the cost round's"
+                .into(),
+        );
+    }
     let stats = match StatsOn::enable() {
         Ok(s) => s,
         Err(e) => {
@@ -460,10 +468,14 @@ fn cost_round(
     let (figures, n) = run.measure_round(plan, topo, servers, plan.rounds, true);
     drop(stats);
     let into = samples.entry(name).or_default();
-    for (m, v) in figures {
-        if COST_ROUND_METRICS.contains(&m) {
-            into.entry(m).or_default().push(v);
-        }
+    for m in COST_ROUND_METRICS {
+        // A figure the round could not give is a failure (the report says `failed`): every
+        // tc and XDP path has a daemon, bulk, connections and UDP.
+        let v = figures
+            .iter()
+            .find(|(f, _)| *f == m)
+            .map_or(f64::NAN, |(_, v)| *v);
+        into.entry(m).or_default().push(v);
     }
     let entry = notes.entry(name).or_default();
     entry.extend(n.into_iter().map(|note| format!("cost round: {note}")));
@@ -474,6 +486,12 @@ fn cost_round(
             .into(),
     );
     Ok(())
+}
+
+/// Whether the host keeps BPF run-time statistics on for everyone (`kernel.bpf_stats_enabled`
+/// set to 1), whoever else holds them. `false` when it cannot be read.
+fn stats_sysctl_on() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
 }
 
 /// Files one round's `measured` figures and notes under the path named `path`: the path's
@@ -704,6 +722,7 @@ impl<'t> PathRun<'t> {
         // lb's program's run time and runs so far (XDP and tc paths); `None` where lb runs
         // no program (a baseline, a proxy).
         let program = || match (xdp, tc, daemon) {
+            _ if !costs => None,
             (Some(x), _, _) if path.kind() != PathKind::Baseline => Some(x.program_time()),
             (_, Some(t), Some(pid)) => Some(t.program_time(pid)),
             _ => None,

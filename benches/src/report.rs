@@ -339,7 +339,9 @@ impl Report {
             2 * self.rounds,
             if self.paths.iter().any(|p| p.paired.is_some()) {
                 "; lb's tc and XDP paths: their targets' reference (`↳` rows) measured beside \
-                 them on a twin topology, rounds interleaved"
+                 them on a twin topology, rounds interleaved, and their LB CPU and program \
+                 ns/run from one more round with BPF run-time statistics on (one sample: its \
+                 min–max repeats it)"
             } else {
                 ""
             }

@@ -83,9 +83,15 @@ impl<'a> XdpSetup<'a> {
             // GRO).
             let ifaces = std::iter::once("l0".to_string()).chain(topo.network.backend_interfaces());
             for iface in ifaces {
-                setup.decaps.push(quietly(|| {
-                    Decap::start(&topo.balancer, &iface, object, &from)
-                })?);
+                let decap = quietly(|| Decap::start(&topo.balancer, &iface, object, &from))?;
+                // Generic XDP would make this reference slower than lb's native one.
+                if decap.ready_line().contains("generic") {
+                    return Err(format!(
+                        "the pass program on {iface} went on in generic mode: {}",
+                        decap.ready_line()
+                    ));
+                }
+                setup.decaps.push(decap);
             }
         }
         Ok(setup)
