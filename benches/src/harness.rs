@@ -1025,36 +1025,22 @@ mod tests {
     #[test]
     fn a_round_is_filed_under_its_side() {
         let (mut samples, mut paired, mut notes) = Default::default();
-        let round = |bulk: f64, note: &str| (vec![(Metric::Bulk1, bulk)], vec![note.to_string()]);
         let path = "lb-tc-nat";
-        record(
-            &mut samples,
-            &mut paired,
-            &mut notes,
-            path,
-            Side::Path,
-            path,
-            round(17.0, "a"),
-        );
-        let r = Side::Reference;
-        record(
-            &mut samples,
-            &mut paired,
-            &mut notes,
-            path,
-            r,
-            "direct",
-            round(16.0, "b"),
-        );
-        record(
-            &mut samples,
-            &mut paired,
-            &mut notes,
-            path,
-            r,
-            "direct",
-            round(15.0, "c"),
-        );
+        let mut file = |side, name, bulk: f64, note: &str| {
+            let measured = (vec![(Metric::Bulk1, bulk)], vec![note.to_string()]);
+            record(
+                &mut samples,
+                &mut paired,
+                &mut notes,
+                path,
+                side,
+                name,
+                measured,
+            );
+        };
+        file(Side::Path, path, 17.0, "a");
+        file(Side::Reference, "direct", 16.0, "b");
+        file(Side::Reference, "direct", 15.0, "c");
         assert_eq!(samples[path][&Metric::Bulk1], vec![17.0]);
         let (name, figures) = &paired[path];
         assert_eq!(
