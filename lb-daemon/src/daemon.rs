@@ -416,10 +416,8 @@ async fn serve(
     if let Err(e) = crate::privileges::lower(&keep) {
         warn!("{e}");
     }
-    info!(
-        "ready: {} services, {workers} proxy workers",
-        set.all().len()
-    );
+    let upgraded = Arc::new(tokio::sync::Notify::new());
+    let offer = handover_offer(control, served.addr.zip(served.socket));
     // Told to stop while it started as an upgrade (Ctrl-C on `lb-daemon upgrade`): the old
     // daemon, never told READY, goes on; the sockets and routes this one shares stay its.
     let mut aborted = None;
@@ -433,14 +431,20 @@ async fn serve(
             drop(taken);
         } else {
             take_the_place(&inherited, taken, left_behind);
+            // Only after READY: until then the socket's path is the old daemon's.
+            serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
         }
     } else {
+        // Bound before READY and the `ready` line: a daemon said to be ready can be
+        // upgraded at once (`lb-daemon upgrade` right after start found no socket).
+        serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
         crate::notify::ready();
     }
-    let upgraded = Arc::new(tokio::sync::Notify::new());
-    let offer = handover_offer(control, served.addr.zip(served.socket));
     if aborted.is_none() {
-        serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+        info!(
+            "ready: {} services, {workers} proxy workers",
+            set.all().len()
+        );
     }
     let upgrading = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // An aborted take-over leaves like a daemon that handed over: nothing it shares is
