@@ -174,13 +174,6 @@ pub(crate) fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// Whether `line` has `word` as a whole word (bounded by non-alphanumerics), ignoring case:
-/// `ready` matches "lb ready: 2 services" but not "address already in use".
-pub(crate) fn has_word(line: &str, word: &str) -> bool {
-    line.split(|c: char| !c.is_alphanumeric() && c != '_')
-        .any(|w| w.eq_ignore_ascii_case(word))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,13 +185,6 @@ mod tests {
             strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m ready"),
             "2026  INFO ready"
         );
-    }
-
-    #[test]
-    fn ready_is_a_word_not_a_substring() {
-        assert!(has_word("INFO lb_daemon: ready, 2 services", "ready"));
-        assert!(has_word("READY", "ready"));
-        assert!(!has_word("bind: address already in use", "ready"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use log::{has_word, LogBuffer};
+use log::LogBuffer;
 
 /// How long [`Daemon::start`] waits for the `ready` line.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -520,10 +520,13 @@ pub fn private_hosts_wrapper(dir: &Path, hosts: &Path) -> PathBuf {
     wrapper
 }
 
-/// Whether a log line is the daemon's readiness line: it has `ready` as a whole word
-/// (so "address already in use" is not).
+/// Whether a log line (colour codes stripped) is the daemon's readiness line, whose message
+/// begins `ready: ` (`INFO lb_daemon::daemon: ready: 3 services, 2 proxy workers`; `lb-daemon
+/// decap` says `ready: ` too): not "address already in use", nor a warning that it cannot
+/// say ready on `$NOTIFY_SOCKET`, nor `LB_FAULT=pause-before-ready`, which come before an
+/// upgrade is ready.
 pub fn is_ready_line(line: &str) -> bool {
-    has_word(line, "ready")
+    line.contains(": ready: ")
 }
 
 fn write_config(config_toml: &str) -> Result<tempfile::TempPath, DaemonError> {
@@ -565,4 +568,28 @@ fn command(binary: &Path, subcommand: &str, config: &Path) -> Command {
         });
     }
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_ready_line;
+
+    #[test]
+    fn only_the_readiness_line_is_ready() {
+        let at = "2026-12-07T00:49:28.447971Z  INFO";
+        assert!(is_ready_line(&format!(
+            "{at} lb_daemon::daemon: ready: 3 services, 2 proxy workers"
+        )));
+        assert!(is_ready_line(&format!(
+            "{at} lb_daemon::dataplane::xdp::decap: ready: lb-decap decapsulating IPIP"
+        )));
+        for not in [
+            "ERROR lb_daemon: bind 127.0.0.1:80: Address already in use (os error 98)",
+            "WARN lb_daemon::notify: cannot say ready on $NOTIFY_SOCKET: no such file",
+            "INFO lb_daemon::daemon: LB_FAULT=pause-before-ready: READY in 10 s",
+            "INFO lb_daemon::daemon: SIGINT before this daemon was ready: the old daemon goes on",
+        ] {
+            assert!(!is_ready_line(not), "{not}");
+        }
+    }
 }
