@@ -83,6 +83,21 @@ pub struct PairedReference {
     pub figures: BTreeMap<Metric, Figure>,
 }
 
+/// Of the rounds in which both `path` and its paired `reference` measured a sample (finite,
+/// the reference's not zero), how many gave a ratio that is `ok`, and how many there were.
+/// Round k of each is the k-th sample: a failed round is NaN, not left out, so the two
+/// stay in step.
+fn rounds_met(path: &Figure, reference: &Figure, ok: fn(f64) -> bool) -> (usize, usize) {
+    let ratios: Vec<f64> = path
+        .samples
+        .iter()
+        .zip(&reference.samples)
+        .filter(|(p, r)| p.is_finite() && r.is_finite() && **r != 0.0)
+        .map(|(p, r)| p / r)
+        .collect();
+    (ratios.iter().filter(|r| ok(**r)).count(), ratios.len())
+}
+
 fn median(figures: &BTreeMap<Metric, Figure>, metric: Metric) -> Option<f64> {
     figures
         .get(&metric)
@@ -179,6 +194,12 @@ pub struct TargetCheck {
     /// Whether the reference is the run paired with the path ([`PairedReference`]), not
     /// the topology's own runs of it.
     pub paired: bool,
+    /// With a paired reference: in how many rounds the path's sample met the target against
+    /// the reference's sample of the same round, and in how many rounds both were measured
+    /// (`(3, 5)`: 3 of 5). One round's ratio moves by tenths on this machine, so a median a
+    /// few percent off says less than a count that holds round after round. `None` without
+    /// a paired reference: other runs are minutes away, not beside the path.
+    pub rounds: Option<(usize, usize)>,
 }
 
 impl Report {
@@ -250,16 +271,20 @@ impl Report {
     /// run of is read from that run ([`Report::reference_median`]).
     pub fn targets(&self) -> Vec<TargetCheck> {
         let mut out = Vec::new();
-        let mut check =
-            |what: String, target: &str, ratio: Option<f64>, ok: fn(f64) -> bool, paired: bool| {
-                out.push(TargetCheck {
-                    what,
-                    target: target.into(),
-                    ratio,
-                    met: ratio.map(ok),
-                    paired,
-                });
-            };
+        let mut check = |what: String,
+                         target: &str,
+                         ratio: Option<f64>,
+                         ok: fn(f64) -> bool,
+                         rounds: Option<(&Figure, &Figure)>| {
+            out.push(TargetCheck {
+                what,
+                target: target.into(),
+                ratio,
+                met: ratio.map(ok),
+                paired: rounds.is_some(),
+                rounds: rounds.map(|(path, reference)| rounds_met(path, reference, ok)),
+            });
+        };
         let packet_paths = [Path::LbXdpNat, Path::LbXdpDsr, Path::LbTcNat, Path::LbTcDsr];
         for case in Network::ALL.into_iter().flat_map(|network| {
             packet_paths
@@ -273,17 +298,24 @@ impl Report {
                 references.push(Path::DirectXdpVeth.name());
             }
             for reference in references {
-                let paired = p.paired.as_ref().is_some_and(|r| r.name == reference);
+                let paired = p.paired.as_ref().filter(|r| r.name == reference);
                 // The issues' figures are the rates and latencies, not the costs.
                 for m in Metric::ALL.into_iter().filter(|m| !m.is_cost()) {
                     let ratio = self
                         .reference_median(p, reference, m)
                         .and_then(|v| self.ratio(p, v, m));
                     let what = format!("{name} {} vs {reference}", m.heading());
+                    let empty = Figure::new(Vec::new());
+                    let rounds = paired.map(|r| {
+                        (
+                            p.figures.get(&m).unwrap_or(&empty),
+                            r.figures.get(&m).unwrap_or(&empty),
+                        )
+                    });
                     if m.higher_is_better() {
-                        check(what, ">= 1.0x", ratio, |r| r >= 1.0, paired);
+                        check(what, ">= 1.0x", ratio, |r| r >= 1.0, rounds);
                     } else {
-                        check(what, "<= 1.0x", ratio, |r| r <= 1.0, paired);
+                        check(what, "<= 1.0x", ratio, |r| r <= 1.0, rounds);
                     }
                 }
             }
@@ -295,7 +327,7 @@ impl Report {
                     ">= 1.25x",
                     self.ratio_to_best_peer(p, m),
                     |r| r >= 1.25,
-                    false,
+                    None,
                 );
             }
             check(
@@ -303,7 +335,7 @@ impl Report {
                 ">= 1.2x",
                 self.ratio_to_best_peer(p, Metric::ConnRate),
                 |r| r >= 1.2,
-                false,
+                None,
             );
             let nginx = self.path("nginx").and_then(|n| n.median(Metric::UdpP99));
             check(
@@ -311,7 +343,7 @@ impl Report {
                 "<= 0.5x",
                 nginx.and_then(|n| self.ratio(p, n, Metric::UdpP99)),
                 |r| r <= 0.5,
-                false,
+                None,
             );
         }
         out
@@ -375,8 +407,11 @@ impl Report {
         let targets = self.targets();
         if !targets.is_empty() {
             let _ = writeln!(s, "\n### Targets (issues 4 and 11)\n");
-            let _ = writeln!(s, "| figure | target | measured | verdict | reference |");
-            let _ = writeln!(s, "|---|---|---|---|---|");
+            let _ = writeln!(
+                s,
+                "| figure | target | measured | verdict | reference | rounds met |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
             for t in targets {
                 let verdict = match (t.met, t.ratio) {
                     (Some(true), _) => "met".to_string(),
@@ -389,9 +424,12 @@ impl Report {
                 } else {
                     "its row"
                 };
+                let rounds = t
+                    .rounds
+                    .map_or("–".to_string(), |(met, of)| format!("{met} of {of}"));
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {measured} | {verdict} | {reference} |",
+                    "| {} | {} | {measured} | {verdict} | {reference} | {rounds} |",
                     t.what, t.target
                 );
             }
@@ -721,8 +759,11 @@ mod tests {
         tc.paired = Some(PairedReference {
             name: "direct-bridge".into(),
             figures: [
-                (Metric::Bulk8, Figure::new(vec![24.0, 25.0, 26.0])),
-                (Metric::PacketRate, Figure::new(vec![250_000.0; 3])),
+                (Metric::Bulk8, Figure::new(vec![20.0, 25.0, 26.0])),
+                (
+                    Metric::PacketRate,
+                    Figure::new(vec![250_000.0, f64::NAN, 250_000.0]),
+                ),
             ]
             .into(),
         });
@@ -733,23 +774,30 @@ mod tests {
         let find = |what: &str| t.iter().find(|c| c.what == what).expect(what);
         let bulk = find("lb-tc-nat-bridge bulk 8 flows Gbit/s vs direct-bridge");
         assert_eq!(
-            (bulk.met, bulk.paired),
-            (Some(false), true),
-            "21 against the paired 25"
+            (bulk.met, bulk.paired, bulk.rounds),
+            (Some(false), true, Some((1, 3))),
+            "21 against the paired 25; 21 against 20 in round 1"
         );
         let pps = find("lb-tc-nat-bridge 64-byte pkt/s vs direct-bridge");
         assert_eq!(
-            (pps.ratio, pps.met, pps.paired),
-            (Some(1.2), Some(true), true)
+            (pps.ratio, pps.met, pps.paired, pps.rounds),
+            (Some(1.2), Some(true), true, Some((2, 2))),
+            "the reference's failed round 2 is no round of the pair"
+        );
+        let p99 = find("lb-tc-nat-bridge UDP p99 µs vs direct-bridge");
+        assert_eq!(
+            (p99.met, p99.rounds),
+            (None, Some((0, 0))),
+            "measured by neither"
         );
         let row = "| lb-tc-nat-bridge bulk 8 flows Gbit/s vs direct-bridge | >= 1.0x | 0.84x | \
-                   missed (by 16% of the target) | paired (↳ row) |";
+                   missed (by 16% of the target) | paired (↳ row) | 1 of 3 |";
         assert!(md.contains(row), "{md}");
         // A path without one still goes by the topology's own runs.
         let lb = r.path("lb-proxy").expect("lb-proxy");
         assert_eq!(r.ratio_to_direct(lb, Metric::Bulk8), Some(0.6));
         assert!(
-            md.contains("| ↳ direct-bridge beside lb-tc-nat-bridge | n/a | 25.0 (24.0–26.0) |"),
+            md.contains("| ↳ direct-bridge beside lb-tc-nat-bridge | n/a | 25.0 (20.0–26.0) |"),
             "the paired run has its own row: {md}"
         );
         assert!(
