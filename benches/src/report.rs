@@ -196,9 +196,10 @@ pub struct TargetCheck {
     pub paired: bool,
     /// With a paired reference: in how many rounds the path's sample met the target against
     /// the reference's sample of the same round, and in how many rounds both were measured
-    /// (`(3, 5)`: 3 of 5). One round's ratio moves by tenths on this machine, so a median a
-    /// few percent off says less than a count that holds round after round. `None` without
-    /// a paired reference: other runs are minutes away, not beside the path.
+    /// (`(3, 5)`: 3 of 5; `(0, 0)` when a side lacks the figure). One round's ratio moves by
+    /// tenths on this machine, so a median a few percent off says less than a count that
+    /// holds round after round. `None` without a paired reference: other runs are minutes
+    /// away, not beside the path.
     pub rounds: Option<(usize, usize)>,
 }
 

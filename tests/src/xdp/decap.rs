@@ -83,7 +83,7 @@ impl Decap {
         let ready = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains("ready") => break line,
+                Ok(line) if crate::daemon::is_ready_line(&line) => break line,
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     let _ = child.kill();
