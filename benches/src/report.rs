@@ -191,16 +191,22 @@ pub struct TargetCheck {
     pub ratio: Option<f64>,
     /// Met, missed, or unknown (`None`: a side was not measured).
     pub met: Option<bool>,
-    /// Whether the reference is the run paired with the path ([`PairedReference`]), not
-    /// the topology's own runs of it.
-    pub paired: bool,
-    /// With a paired reference: in how many rounds the path's sample met the target against
-    /// the reference's sample of the same round, and in how many rounds both were measured
-    /// (`(3, 5)`: 3 of 5; `(0, 0)` when a side lacks the figure). One round's ratio moves by
-    /// tenths on this machine, so a median a few percent off says less than a count that
-    /// holds round after round. `None` without a paired reference: other runs are minutes
-    /// away, not beside the path.
+    /// With a paired reference ([`PairedReference`], not the topology's own runs of it): in
+    /// how many rounds the path's sample met the target against the reference's sample of
+    /// the same round, and in how many rounds both were measured (`(3, 5)`: 3 of 5;
+    /// `(0, 0)` when a side lacks the figure). One round's ratio moves by tenths on this
+    /// machine, so a median a few percent off says less than a count that holds round after
+    /// round. `None` without a paired reference: other runs are minutes away, not beside
+    /// the path.
     pub rounds: Option<(usize, usize)>,
+}
+
+impl TargetCheck {
+    /// Whether the reference is the run paired with the path ([`PairedReference`]), not
+    /// the topology's own runs of it: whether rounds could be counted.
+    pub fn paired(&self) -> bool {
+        self.rounds.is_some()
+    }
 }
 
 impl Report {
@@ -282,7 +288,6 @@ impl Report {
                 target: target.into(),
                 ratio,
                 met: ratio.map(ok),
-                paired: rounds.is_some(),
                 rounds: rounds.map(|(path, reference)| rounds_met(path, reference, ok)),
             });
         };
@@ -420,7 +425,7 @@ impl Report {
                     _ => "not measured".to_string(),
                 };
                 let measured = t.ratio.map_or("–".to_string(), |r| format!("{r:.2}x"));
-                let reference = if t.paired {
+                let reference = if t.paired() {
                     "paired (↳ row)"
                 } else {
                     "its row"
@@ -775,13 +780,13 @@ mod tests {
         let find = |what: &str| t.iter().find(|c| c.what == what).expect(what);
         let bulk = find("lb-tc-nat-bridge bulk 8 flows Gbit/s vs direct-bridge");
         assert_eq!(
-            (bulk.met, bulk.paired, bulk.rounds),
+            (bulk.met, bulk.paired(), bulk.rounds),
             (Some(false), true, Some((1, 3))),
             "21 against the paired 25; 21 against 20 in round 1"
         );
         let pps = find("lb-tc-nat-bridge 64-byte pkt/s vs direct-bridge");
         assert_eq!(
-            (pps.ratio, pps.met, pps.paired, pps.rounds),
+            (pps.ratio, pps.met, pps.paired(), pps.rounds),
             (Some(1.2), Some(true), true, Some((2, 2))),
             "the reference's failed round 2 is no round of the pair"
         );
@@ -844,10 +849,10 @@ mod tests {
         let t = r.targets();
         let find = |what: &str| t.iter().find(|c| c.what == what).expect(what);
         let direct = find("lb-xdp-nat bulk 8 flows Gbit/s vs direct");
-        assert_eq!((direct.ratio, direct.paired), (Some(0.5), false));
+        assert_eq!((direct.ratio, direct.paired()), (Some(0.5), false));
         let pass = find("lb-xdp-nat bulk 8 flows Gbit/s vs direct-xdp-veth");
         assert_eq!(
-            (pass.ratio, pass.paired),
+            (pass.ratio, pass.paired()),
             (Some(1.25), true),
             "5 against the paired 4"
         );
