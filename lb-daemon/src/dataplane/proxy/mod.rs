@@ -21,13 +21,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::config::Protocol;
 use crate::dataplane::{Dataplane, FlowEvents, ServiceHandle};
@@ -548,7 +548,18 @@ impl Proxy {
                 .and_then(|i| i.take(info.listen, info.protocol, w));
             let (fd, bound) = match taken {
                 // The old daemon's socket, its queue and its place in the reuseport group.
-                Some(fd) => (fd, info.listen),
+                Some(fd) => {
+                    if info.protocol == Protocol::Tcp {
+                        if let Err(e) = set_listener_nodelay(fd.as_fd()) {
+                            tracing::warn!(
+                                "service {}: TCP_NODELAY on the listener taken over: {e}; its \
+                                 clients' small writes may wait for Nagle's algorithm",
+                                info.name
+                            );
+                        }
+                    }
+                    (fd, info.listen)
+                }
                 None => bind(&info, self.options).map_err(|source| ProxyError::Bind {
                     addr: info.listen,
                     source,
@@ -808,6 +819,15 @@ fn deadline_after(timeout: Duration) -> Instant {
         .unwrap_or(now)
 }
 
+/// Sets `TCP_NODELAY` on a TCP listener: Linux copies it to every socket the listener
+/// accepts, so a client's connection has it with no system call of its own (the proxy
+/// forwards what it gets at once; batching is the endpoints' business). Also applied to a
+/// listener taken over from an older daemon, which may have set it on each accepted socket
+/// instead. `Err` is `setsockopt`'s.
+fn set_listener_nodelay(listener: BorrowedFd<'_>) -> io::Result<()> {
+    SockRef::from(&listener).set_nodelay(true)
+}
+
 /// Binds one worker's socket for `info`; returns it and the address it got.
 fn bind(info: &ServiceInfo, options: ProxyOptions) -> io::Result<(OwnedFd, SocketAddr)> {
     let ty = match info.protocol {
@@ -829,6 +849,7 @@ fn bind(info: &ServiceInfo, options: ProxyOptions) -> io::Result<(OwnedFd, Socke
     if info.protocol == Protocol::Tcp {
         // Inherited by accepted sockets: urgent data stays in the stream (see `relay`).
         socket.set_out_of_band_inline(true)?;
+        set_listener_nodelay(socket.as_fd())?;
         socket.listen(LISTEN_BACKLOG)?;
     }
     let bound = socket
@@ -860,14 +881,12 @@ mod tests {
         assert_eq!(next.as_deref(), Some(" (2 similar since the last report)"));
     }
 
-    #[test]
-    fn start_reports_an_address_in_use() {
-        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
-        let addr = taken.local_addr().expect("its address");
-        let snapshot: SharedSnapshot = Arc::new(arc_swap::ArcSwap::from_pointee(
+    /// A TCP service `name` on `listen` without backends.
+    fn tcp_service(name: &str, listen: SocketAddr) -> SharedSnapshot {
+        Arc::new(arc_swap::ArcSwap::from_pointee(
             crate::snapshot::ServiceSnapshot {
-                name: "taken".into(),
-                listen: addr,
+                name: name.into(),
+                listen,
                 protocol: Protocol::Tcp,
                 scheduler_kind: crate::config::SchedulerKind::RoundRobin,
                 connect_timeout: Duration::from_secs(1),
@@ -881,7 +900,40 @@ mod tests {
                 max_flows: u32::MAX,
                 access_log: false,
             },
-        ));
+        ))
+    }
+
+    /// The accept path sets no option of its own: it relies on the kernel copying the
+    /// listener's `TCP_NODELAY` and `SO_OOBINLINE` to each accepted socket.
+    #[test]
+    fn an_accepted_socket_has_the_listeners_nodelay_and_oobinline() {
+        let snapshot = tcp_service("web", "127.0.0.1:0".parse().expect("address"));
+        let info = ServiceInfo::new(&ServiceHandle { index: 0, snapshot });
+        let (listener, bound) = bind(&info, ProxyOptions::default()).expect("bind");
+        let _client = std::net::TcpStream::connect(bound).expect("connect");
+        let listener = Socket::from(listener);
+        let accepted = (0..200)
+            .find_map(|_| match listener.accept() {
+                Ok((s, _)) => Some(s),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    None
+                }
+                Err(e) => panic!("accept: {e}"),
+            })
+            .expect("the connection within a second");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"), "TCP_NODELAY");
+        assert!(
+            accepted.out_of_band_inline().expect("SO_OOBINLINE"),
+            "SO_OOBINLINE"
+        );
+    }
+
+    #[test]
+    fn start_reports_an_address_in_use() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+        let addr = taken.local_addr().expect("its address");
+        let snapshot = tcp_service("taken", addr);
         struct Nothing;
         impl FlowEvents for Nothing {
             fn connect_failed(&self, _: usize, _: SocketAddr, _: &io::Error) {}

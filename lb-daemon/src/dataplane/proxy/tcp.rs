@@ -417,7 +417,6 @@ impl Tcp {
             tracing::debug!("accepted a connection that is already gone");
             return;
         };
-        let _ = sock.set_nodelay(true);
         let info = &self.services[service];
         let snapshot = info.snapshot.load_full();
         let Ok(admission) = admit_or_refuse(ctx, info, &snapshot, client_addr, None) else {
@@ -832,8 +831,8 @@ impl Tcp {
                 close_socket(&mut self.flushing, r.backend, end, ctx.now);
                 r.stats.closed();
                 let [p0, p1] = r.pipes;
-                self.pipes.give(p0);
-                self.pipes.give(p1);
+                self.pipes.give(p0, r.ways[TO_BACKEND].finished());
+                self.pipes.give(p1, r.ways[TO_CLIENT].finished());
                 (Some(r.backend_addr), r.bytes)
             }
             Phase::Connecting(a) => {
