@@ -228,6 +228,11 @@ struct ServiceInfo {
     retries: u32,
     /// Worker-local: set when the service was removed; its flows are cut at this instant.
     drain_until: Option<Instant>,
+    /// Worker-local: the worker's listener was taken over without `TCP_NODELAY`
+    /// ([`take_over_listener`]), so each socket it accepts gets it set on its own: one
+    /// system call per connection, for the listener's life (until the next upgrade, which
+    /// hands over the listener with the option set).
+    nodelay_on_accept: bool,
     /// Per-client limits state, shared by the workers.
     clients: Arc<limits::ClientTable>,
 }
@@ -245,6 +250,7 @@ impl ServiceInfo {
             retries: snap.retries,
             snapshot: service.snapshot.clone(),
             drain_until: None,
+            nodelay_on_accept: false,
             clients: Arc::new(limits::ClientTable::new()),
         }
     }
@@ -537,6 +543,7 @@ impl Proxy {
         let mut info = ServiceInfo::new(&service);
         let mut sockets = Vec::with_capacity(self.workers.len());
         let mut dups = Vec::with_capacity(self.workers.len());
+        let mut nodelay_on_accept = Vec::with_capacity(self.workers.len());
         let inherited = self
             .inherited
             .lock()
@@ -549,21 +556,19 @@ impl Proxy {
             let (fd, bound) = match taken {
                 // The old daemon's socket, its queue and its place in the reuseport group.
                 Some(fd) => {
-                    if info.protocol == Protocol::Tcp {
-                        if let Err(e) = set_listener_nodelay(fd.as_fd()) {
-                            tracing::warn!(
-                                "service {}: TCP_NODELAY on the listener taken over: {e}; its \
-                                 clients' small writes may wait for Nagle's algorithm",
-                                info.name
-                            );
-                        }
-                    }
+                    nodelay_on_accept.push(
+                        info.protocol == Protocol::Tcp
+                            && take_over_listener(&info.name, fd.as_fd()),
+                    );
                     (fd, info.listen)
                 }
-                None => bind(&info, self.options).map_err(|source| ProxyError::Bind {
-                    addr: info.listen,
-                    source,
-                })?,
+                None => {
+                    nodelay_on_accept.push(false);
+                    bind(&info, self.options).map_err(|source| ProxyError::Bind {
+                        addr: info.listen,
+                        source,
+                    })?
+                }
             };
             info.listen = bound;
             dups.push(fd.try_clone().map_err(|source| ProxyError::Bind {
@@ -574,9 +579,13 @@ impl Proxy {
         }
         let (done, outcomes) = std::sync::mpsc::channel();
         let mut sent = 0;
-        for (w, fd) in self.workers.iter().zip(sockets) {
+        for ((w, fd), nodelay_on_accept) in self.workers.iter().zip(sockets).zip(nodelay_on_accept)
+        {
             let command = worker::Command::Add {
-                info: info.clone(),
+                info: ServiceInfo {
+                    nodelay_on_accept,
+                    ..info.clone()
+                },
                 fd,
                 done: done.clone(),
             };
@@ -819,13 +828,31 @@ fn deadline_after(timeout: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-/// Sets `TCP_NODELAY` on a TCP listener: Linux copies it to every socket the listener
-/// accepts, so a client's connection has it with no system call of its own (the proxy
-/// forwards what it gets at once; batching is the endpoints' business). Also applied to a
-/// listener taken over from an older daemon, which may have set it on each accepted socket
-/// instead. `Err` is `setsockopt`'s.
+/// Sets `TCP_NODELAY` on a TCP listener: Linux copies it to each connection whose handshake
+/// completes after that, so the socket the proxy accepts has it with no system call of its
+/// own (the proxy forwards what it gets at once; batching is the endpoints' business). `Err`
+/// is `setsockopt`'s.
 fn set_listener_nodelay(listener: BorrowedFd<'_>) -> io::Result<()> {
     SockRef::from(&listener).set_nodelay(true)
+}
+
+/// Prepares a TCP listener taken over from the daemon this one replaces (service `service`),
+/// which may be an older lb-daemon that set `TCP_NODELAY` on each accepted socket instead
+/// of on the listener: sets it there. Returns `true` when the worker must still set it on
+/// each socket this listener accepts: the listener lacked it, so the connections already in
+/// its queue lack it too, or it cannot be set (a warning says so). `false` when the
+/// listener had it.
+fn take_over_listener(service: &str, listener: BorrowedFd<'_>) -> bool {
+    if SockRef::from(&listener).nodelay().unwrap_or(false) {
+        return false;
+    }
+    if let Err(e) = set_listener_nodelay(listener) {
+        tracing::warn!(
+            "service {service}: TCP_NODELAY on the listener taken over: {e}; set on each \
+             accepted connection instead"
+        );
+    }
+    true
 }
 
 /// Binds one worker's socket for `info`; returns it and the address it got.
@@ -903,8 +930,9 @@ mod tests {
         ))
     }
 
-    /// The accept path sets no option of its own: it relies on the kernel copying the
-    /// listener's `TCP_NODELAY` and `SO_OOBINLINE` to each accepted socket.
+    /// For a listener it bound, the accept path sets no option of its own: it relies on the
+    /// kernel copying the listener's `TCP_NODELAY` and `SO_OOBINLINE` to each accepted
+    /// socket.
     #[test]
     fn an_accepted_socket_has_the_listeners_nodelay_and_oobinline() {
         let snapshot = tcp_service("web", "127.0.0.1:0".parse().expect("address"));
@@ -926,6 +954,43 @@ mod tests {
         assert!(
             accepted.out_of_band_inline().expect("SO_OOBINLINE"),
             "SO_OOBINLINE"
+        );
+    }
+
+    /// A listener taken over without `TCP_NODELAY` gets it, and its worker is told to set
+    /// it on each accepted socket as well (connections queued before have not got it).
+    #[test]
+    fn a_listener_taken_over_without_nodelay_gets_it() {
+        let old = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        old.bind(&addr.into()).expect("bind");
+        old.listen(8).expect("listen");
+        let bound = old
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("bound address");
+        let _queued = std::net::TcpStream::connect(bound).expect("connect");
+        assert!(
+            take_over_listener("web", old.as_fd()),
+            "it lacked TCP_NODELAY"
+        );
+        assert!(
+            old.nodelay().expect("TCP_NODELAY"),
+            "now set on the listener"
+        );
+        // Established before: it has the listener's options of then (the worker's own
+        // setsockopt covers it).
+        drop(old.accept().expect("accept the queued connection"));
+        let _later = std::net::TcpStream::connect(bound).expect("connect again");
+        let (later, _) = old.accept().expect("accept");
+        assert!(
+            later.nodelay().expect("TCP_NODELAY"),
+            "copied from the listener"
+        );
+        assert!(
+            !take_over_listener("web", old.as_fd()),
+            "a listener that has it needs nothing per connection"
         );
     }
 

@@ -10,7 +10,8 @@
 //! before a splice (an io_uring splice runs in an io-wq thread: one that would block must
 //! never be issued). A read that filled the request suggests more is waiting, so the next
 //! read skips the poll. End of file with an empty pipe finishes the direction: the caller
-//! shuts down the destination's write side.
+//! shuts down the destination's write side, or, when the other direction is over too,
+//! closes the connection, which sends the FIN.
 //!
 //! TCP urgent data: a splice stops at the urgent mark (`tcp_read_sock` never reads past it)
 //! while poll keeps reporting the socket readable; it then returns `EAGAIN` (which would
@@ -51,7 +52,8 @@ pub(super) enum Step {
     /// Splice up to `len` bytes from the pipe to the destination.
     SpliceOut(u32),
     /// The source is at end of file and everything was delivered: shut down the
-    /// destination's write side. The direction is over.
+    /// destination's write side (or close the connection, when the other direction is over
+    /// too). The direction is over, its pipe empty.
     Finish,
     /// The direction failed with this errno: close the connection (with a reset).
     Fail(i32),
@@ -104,7 +106,8 @@ impl Direction {
         self.buffered
     }
 
-    /// Whether the direction is over (end of file delivered, destination shut down).
+    /// Whether the direction is over (end of file delivered, the pipe empty, the FIN sent
+    /// or left to the connection's close).
     pub(super) fn finished(&self) -> bool {
         self.waiting == Waiting::Finished
     }

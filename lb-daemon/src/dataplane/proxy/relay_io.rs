@@ -111,6 +111,8 @@ impl PipePool {
     /// finished (it ends only with its pipe drained), so the kernel is not asked
     /// (`FIONREAD`); otherwise it is, as a cancelled splice may have left bytes in it.
     pub(super) fn give(&mut self, pipe: Pipe, known_empty: bool) {
+        // Bytes of one connection in another's stream if the relay's rules were broken.
+        debug_assert!(!known_empty || matches!(pipe.pending(), Ok(0)));
         if self.free.len() < self.capacity && (known_empty || matches!(pipe.pending(), Ok(0))) {
             self.free.push(pipe);
         }

@@ -418,6 +418,9 @@ impl Tcp {
             return;
         };
         let info = &self.services[service];
+        if info.nodelay_on_accept {
+            let _ = sock.set_nodelay(true);
+        }
         let snapshot = info.snapshot.load_full();
         let Ok(admission) = admit_or_refuse(ctx, info, &snapshot, client_addr, None) else {
             // A reset, not a FIN: the client learns at once that it was turned away (a FIN
