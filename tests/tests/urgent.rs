@@ -5,7 +5,7 @@
 //! mark and the end of file both arrive. The urgency itself is not forwarded: the backend gets
 //! the byte as ordinary data.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 
@@ -51,14 +51,8 @@ fn send_with_urgent(to: SocketAddr, before: &[u8], urgent: u8, after: &[u8]) -> 
     s.write_all(after).expect("send the bytes after the mark");
     s.shutdown(Shutdown::Write).expect("shutdown");
     let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => panic!("reading the answer after {} bytes: {e}", got.len()),
-        }
+    if let Err(e) = s.read_to_end(&mut got) {
+        panic!("reading the answer after {} bytes: {e}", got.len());
     }
     got
 }
