@@ -154,18 +154,6 @@ impl Path {
         )
     }
 
-    /// The reference whose rounds the harness interleaves with this path's, on a twin of
-    /// its topology, because the targets compare the two: `direct` for the tc paths,
-    /// `direct-xdp-veth` for the XDP paths (the cost of lb's program alone). `None` for every
-    /// other path, which is compared with the topology's own reference runs.
-    pub fn paired_reference(self) -> Option<Path> {
-        match self {
-            Path::LbTcNat | Path::LbTcDsr => Some(Path::Direct),
-            Path::LbXdpNat | Path::LbXdpDsr => Some(Path::DirectXdpVeth),
-            _ => None,
-        }
-    }
-
     /// Whether the path can run on `network`: XDP cannot redirect into a bridge, so the XDP
     /// paths are on the veth topology only.
     pub fn runs_on(self, network: Network) -> bool {
@@ -224,6 +212,21 @@ impl Case {
                     .map(move |path| Case { path, network })
             })
             .collect()
+    }
+
+    /// The references whose rounds the harness interleaves with this case's, each on a twin
+    /// of its topology, because the targets compare them: `direct` (`direct-bridge`)
+    /// for the tc paths, `direct-xdp-veth` for the XDP paths (the cost of lb's program
+    /// alone), and HAProxy and nginx for `lb-proxy` on veth (its targets are against the best
+    /// peer of each figure, and UDP p99 against nginx's). Empty for every other case, which
+    /// is compared with the topology's own runs of its reference.
+    pub fn paired_references(self) -> &'static [Path] {
+        match self.path {
+            Path::LbTcNat | Path::LbTcDsr => &[Path::Direct],
+            Path::LbXdpNat | Path::LbXdpDsr => &[Path::DirectXdpVeth],
+            Path::LbProxy if self.network == Network::Veth => &[Path::Haproxy, Path::Nginx],
+            _ => &[],
+        }
     }
 
     /// Its name in reports and in `--only`: the path's name, with `-bridge` on the bridge

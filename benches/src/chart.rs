@@ -142,7 +142,7 @@ mod tests {
             skipped: None,
             figures: [(Metric::Bulk1, Figure::new(vec![v; 3]))].into(),
             notes: vec![],
-            paired: None,
+            paired: vec![],
         };
         let report = Report {
             machine: Machine {

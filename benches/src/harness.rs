@@ -120,13 +120,17 @@ pub fn run(plan: &Plan) -> Result<Report> {
             notes: notes.remove(c.name()).unwrap_or_default(),
             paired: paired
                 .remove(c.name())
-                .map(|(name, samples)| PairedReference {
-                    name: name.into(),
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(reference, samples)| PairedReference {
+                    name: reference.name().into(),
+                    kind: reference.path.kind(),
                     figures: samples
                         .into_iter()
                         .map(|(m, v)| (m, Figure::new(v)))
                         .collect(),
-                }),
+                })
+                .collect(),
         })
         .collect();
     let mut run_notes = vec![
@@ -199,11 +203,13 @@ pub fn run(plan: &Plan) -> Result<Report> {
          lb's tc paths are compared with a `direct` (`direct-bridge`) measured beside them \
          instead, and the XDP paths' `direct-xdp-veth` targets with a `direct-xdp-veth` \
          measured beside them (the `↳` rows; their ratios to `direct` still use the \
-         topology's own runs): for each such path a twin of the topology, built the same way \
-         and removed after the path, runs the reference in rounds interleaved with the \
-         path's (the path first in rounds 1, 3, 5..., the reference in rounds 2, 4...) while \
-         the path's balancer stays up on the first, so that the machine's drift over minutes \
-         lands on both sides of those ratios alike."
+         topology's own runs), and `lb-proxy` (veth) with a HAProxy and an nginx measured \
+         beside it (its ratios to the best peer and its targets use those runs): for each \
+         such reference a twin of the topology, built the same way and removed after the \
+         path, runs it in rounds interleaved with the path's (with one reference the path \
+         first in rounds 1, 3, 5..., the reference in rounds 2, 4...; with two the order \
+         turns by one place each round) while the path's balancer stays up on the first, so \
+         that the machine's drift over minutes lands on every side of those ratios alike."
             .to_string(),
         "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
          16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
@@ -228,8 +234,9 @@ pub fn run(plan: &Plan) -> Result<Report> {
     })
 }
 
-/// A path's paired reference: its case name and its samples, one per round.
-type Paired = (&'static str, BTreeMap<Metric, Vec<f64>>);
+/// A path's paired references: each one's case and its samples, one per round, in the order
+/// of their first round.
+type Paired = Vec<(Case, BTreeMap<Metric, Vec<f64>>)>;
 
 /// Where [`run`] gathers every case's results, keyed by the case's name.
 struct Results<'r> {
@@ -264,8 +271,8 @@ fn run_network(
     // on one topology (a tc or XDP balancer holds its interfaces), so the machine's drift
     // over the run (other tenants, clocks) would land between a path and its reference. The
     // topology's `direct` runs first and again last (its figures the median of both runs'
-    // rounds), and the paths with targets against a reference get their own run of it on a
-    // twin topology, round for round (`paired_order`).
+    // rounds), and the paths with targets against a reference or the peers get their own
+    // runs of them, each on a twin topology, round for round (`paired_order`).
     let order = bracket(cases, plan.rounds);
     for &(case, first_round) in &order {
         let path = case.path;
@@ -291,84 +298,93 @@ fn run_network(
                 continue;
             }
         };
-        // The paired reference runs on a second topology built the same way, so that the
-        // path's balancer stays up (and its programs attached) through all its rounds while
-        // the reference's rounds go between them. Built for this path only: its idle servers
-        // would otherwise run beside every other path too.
-        // The twin, the reference and the rounds in a block of their own: the twin goes as
+        // The paired references run each on a second topology built the same way, so that
+        // the path's balancer stays up (and its programs attached) through all its rounds
+        // while the references' rounds go between them. Built for this path only: their
+        // idle servers would otherwise run beside every other path too.
+        // The twins, the references and the rounds in a block of their own: the twins go as
         // soon as the rounds end, before the path's churn test and its balancer's stop. (When
-        // the reference cannot start, the twin stays up, idle, through the path's rounds.)
+        // a reference cannot start, its twin stays up, idle, through the path's rounds.)
         {
-            let ref_case = path.paired_reference().map(|r| Case {
-                path: r,
-                network: case.network,
-            });
-            let twin = match ref_case {
-                Some(r) => match Twin::build(case.network) {
-                    Ok(t) => Some(t),
-                    Err(reason) => {
-                        notes.entry(case.name()).or_default().push(format!(
-                            "no paired {}: the twin topology: {reason}; compared with the \
+            let mut twins = Vec::new();
+            for &r in case.paired_references() {
+                let r = Case {
+                    path: r,
+                    network: case.network,
+                };
+                match Twin::build(case.network) {
+                    Ok(t) => twins.push((r, t)),
+                    Err(reason) => notes.entry(case.name()).or_default().push(format!(
+                        "no paired {}: the twin topology: {reason}; compared with the \
                          topology's own runs",
-                            r.name()
-                        ));
-                        None
-                    }
-                },
-                None => None,
-            };
-            let mut reference = match (ref_case, &twin) {
-                (Some(r), Some(twin)) => {
-                    // A baseline has no balancer process, so nothing writes this log today.
-                    let log = logs.join(format!("{}-beside-{}.log", r.name(), case.name()));
-                    match PathRun::start(plan, &twin.topo, r, work, log) {
-                        Ok(run) => Some((run, &twin.topo, &twin.servers)),
-                        Err(reason) => {
-                            notes.entry(case.name()).or_default().push(format!(
-                                "no paired {}: {reason}; compared with the topology's own runs",
-                                r.name()
-                            ));
-                            None
-                        }
-                    }
+                        r.name()
+                    )),
                 }
-                _ => None,
-            };
+            }
+            // Declared after the twins, so dropped (stopped) before them.
+            let mut references = Vec::new();
+            for (r, twin) in &twins {
+                // A baseline has no balancer process, so nothing writes its log.
+                let log = logs.join(format!("{}-beside-{}.log", r.name(), case.name()));
+                match PathRun::start(plan, &twin.topo, *r, work, log) {
+                    Ok(run) => references.push((run, &twin.topo, &twin.servers)),
+                    Err(reason) => notes.entry(case.name()).or_default().push(format!(
+                        "no paired {}: {reason}; compared with the topology's own runs",
+                        r.name()
+                    )),
+                }
+            }
             let total = plan.rounds * order.iter().filter(|(c, _)| *c == case).count();
             for round in first_round..first_round + plan.rounds {
                 if stop::requested() {
                     bail!("interrupted");
                 }
-                let pair = paired_order(round - first_round);
-                let sides: &[Side] = if reference.is_some() {
-                    &pair
-                } else {
-                    &[Side::Path]
-                };
-                for &side in sides {
+                for side in paired_order(round - first_round, references.len()) {
                     if stop::requested() {
                         bail!("interrupted");
                     }
-                    let (who, name, measured) = match (side, reference.as_mut()) {
-                        (Side::Reference, Some((r, t, s))) => {
-                            let name = r.case.name();
+                    let (who, measured) = match side {
+                        Side::Reference(i) => {
+                            let (r, t, s) = &mut references[i];
                             eprintln!(
-                                "lb-bench: {name} beside {}: round {}/{total}",
+                                "lb-bench: {} beside {}: round {}/{total}",
+                                r.case.name(),
                                 case.name(),
                                 round + 1
                             );
-                            (side, name, r.measure_round(plan, t, s, round, false))
+                            (r.case, r.measure_round(plan, t, s, round, false))
                         }
-                        _ => {
+                        Side::Path => {
                             eprintln!("lb-bench: {}: round {}/{total}", case.name(), round + 1);
                             let measured = run.measure_round(plan, topo, servers, round, false);
-                            (Side::Path, case.name(), measured)
+                            (case, measured)
                         }
                     };
-                    record(samples, paired, notes, case.name(), who, name, measured);
+                    record(samples, paired, notes, case.name(), side, who, measured);
                 }
             }
-            if let Some((r, _, _)) = reference.take() {
+            if !references.is_empty() {
+                let names: Vec<&str> = references.iter().map(|(r, _, _)| r.case.name()).collect();
+                let first: Vec<String> = (0..=references.len())
+                    .map(|round| match paired_order(round, references.len())[0] {
+                        Side::Path => format!("round {} with this path", round + 1),
+                        Side::Reference(i) => format!("round {} with {}", round + 1, names[i]),
+                    })
+                    .collect();
+                notes.entry(case.name()).or_default().push(format!(
+                    "its targets' {} ({}) ran each on a twin of this topology in rounds \
+                     interleaved with this path's, the order turning each round ({}, and so \
+                     on); their figures are the `↳` rows",
+                    if names.len() == 1 {
+                        "reference"
+                    } else {
+                        "references"
+                    },
+                    names.join(", "),
+                    first.join(", ")
+                ));
+            }
+            for (r, _, _) in references {
                 let name = r.case.name();
                 let mut n = Vec::new();
                 r.finish(&mut n);
@@ -376,12 +392,7 @@ fn run_network(
                     n.into_iter()
                         .map(|note| format!("the paired {name}: {note}")),
                 );
-                notes.entry(case.name()).or_default().push(format!(
-                    "its targets' reference, {name}, ran on a twin of this topology in rounds \
-                     interleaved with this path's (this path first in rounds 1, 3, 5..., the \
-                     reference first in rounds 2, 4...); its figures are the `↳` row"
-                ));
-            };
+            }
         }
         if path.packet_layer() {
             cost_round(plan, topo, servers, &mut run, samples, notes)?;
@@ -494,27 +505,39 @@ fn stats_sysctl_on() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
 }
 
-/// Files one round's `measured` figures and notes under the path named `path`: the path's
-/// own (`side` [`Side::Path`]) with its samples, or those of its paired reference `name`
-/// with the path's paired samples, each note then prefixed with the reference's name.
+/// Files one round's `measured` figures and notes, measured by `who`, under the path named
+/// `path`: the path's own (`side` [`Side::Path`]) with its samples, or those of its paired
+/// reference `who` (any [`Side::Reference`]) with the path's paired samples of that
+/// reference, each note then prefixed with the reference's name.
 fn record(
     samples: &mut BTreeMap<&'static str, BTreeMap<Metric, Vec<f64>>>,
     paired: &mut BTreeMap<&'static str, Paired>,
     notes: &mut BTreeMap<&'static str, Vec<String>>,
     path: &'static str,
     side: Side,
-    name: &'static str,
+    who: Case,
     measured: Measured,
 ) {
     let (figures, mut n) = measured;
+    let name = who.name();
     let into = match side {
         Side::Path => samples.entry(path).or_default(),
-        Side::Reference => &mut paired.entry(path).or_insert((name, BTreeMap::new())).1,
+        Side::Reference(_) => {
+            let references = paired.entry(path).or_default();
+            let at = match references.iter().position(|(r, _)| *r == who) {
+                Some(at) => at,
+                None => {
+                    references.push((who, BTreeMap::new()));
+                    references.len() - 1
+                }
+            };
+            &mut references[at].1
+        }
     };
     for (m, v) in figures {
         into.entry(m).or_default().push(v);
     }
-    if side == Side::Reference {
+    if side != Side::Path {
         for note in &mut n {
             *note = format!("the paired {name}: {note}");
         }
@@ -522,7 +545,7 @@ fn record(
     notes.entry(path).or_default().append(&mut n);
 }
 
-/// A second topology like the first, with its own servers, for a paired reference.
+/// A second topology like the first, with its own servers, for one paired reference.
 struct Twin {
     /// Declared first: the servers stop before their namespaces go.
     servers: Servers,
@@ -547,23 +570,26 @@ impl Twin {
     }
 }
 
-/// Which run a round measures: the path under test or its paired reference.
+/// Which run a round measures: the path under test or its `i`-th running paired reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     Path,
-    Reference,
+    Reference(usize),
 }
 
-/// The order of a path and its paired reference in the path's round `index` (0 for round
-/// 1): the path first in rounds 1, 3, 5..., the reference first in rounds 2, 4... (A B, B A,
-/// A B...), so that neither side always runs right after the other's load. With an odd
-/// number of rounds the path goes first once more often.
-fn paired_order(index: usize) -> [Side; 2] {
-    if index.is_multiple_of(2) {
-        [Side::Path, Side::Reference]
-    } else {
-        [Side::Reference, Side::Path]
-    }
+/// The order of a path and its `references` running paired references in the path's round
+/// `index` (0 for round 1): the path, then each reference, turned by one place each round.
+/// With one reference: A B, B A, A B...; with two: A B C, B C A, C A B... So each side
+/// goes first in turn and none always runs right after the same one's load. When the rounds
+/// are not a multiple of the sides, the earlier sides go first once more often.
+fn paired_order(index: usize, references: usize) -> Vec<Side> {
+    let sides = references + 1;
+    (0..sides)
+        .map(|k| match (index + k) % sides {
+            0 => Side::Path,
+            i => Side::Reference(i - 1),
+        })
+        .collect()
 }
 
 /// The order `cases` (one topology's) run in, each with the number of its first round: the
@@ -1001,23 +1027,50 @@ mod tests {
     }
 
     #[test]
-    fn a_path_and_its_paired_reference_take_turns_going_first() {
-        let order: Vec<[Side; 2]> = (0..4).map(paired_order).collect();
+    fn a_path_and_its_paired_references_take_turns_going_first() {
+        let (p, r0, r1) = (Side::Path, Side::Reference(0), Side::Reference(1));
+        let order: Vec<Vec<Side>> = (0..4).map(|i| paired_order(i, 1)).collect();
+        assert_eq!(
+            order,
+            vec![vec![p, r0], vec![r0, p], vec![p, r0], vec![r0, p]]
+        );
+        let order: Vec<Vec<Side>> = (0..4).map(|i| paired_order(i, 2)).collect();
         assert_eq!(
             order,
             vec![
-                [Side::Path, Side::Reference],
-                [Side::Reference, Side::Path],
-                [Side::Path, Side::Reference],
-                [Side::Reference, Side::Path],
+                vec![p, r0, r1],
+                vec![r0, r1, p],
+                vec![r1, p, r0],
+                vec![p, r0, r1]
             ]
         );
-        assert_eq!(Path::LbTcNat.paired_reference(), Some(Path::Direct));
-        assert_eq!(Path::LbXdpDsr.paired_reference(), Some(Path::DirectXdpVeth));
-        assert_eq!(Path::LbProxy.paired_reference(), None);
+        assert_eq!(paired_order(3, 0), vec![p], "without a reference");
+        assert_eq!(case(Path::LbTcNat).paired_references(), &[Path::Direct]);
+        let on_bridge = Case {
+            path: Path::LbTcDsr,
+            network: Network::Bridge,
+        };
+        assert_eq!(on_bridge.paired_references(), &[Path::Direct]);
         assert_eq!(
-            Path::Direct.paired_reference(),
-            None,
+            case(Path::LbXdpDsr).paired_references(),
+            &[Path::DirectXdpVeth]
+        );
+        assert_eq!(
+            case(Path::LbProxy).paired_references(),
+            &[Path::Haproxy, Path::Nginx],
+            "the proxy's targets are against the peers"
+        );
+        let proxy_on_bridge = Case {
+            path: Path::LbProxy,
+            network: Network::Bridge,
+        };
+        assert!(
+            proxy_on_bridge.paired_references().is_empty(),
+            "no targets there"
+        );
+        assert!(case(Path::LbProxyUring).paired_references().is_empty());
+        assert!(
+            case(Path::Direct).paired_references().is_empty(),
             "no reference of a reference"
         );
     }
@@ -1026,7 +1079,7 @@ mod tests {
     fn a_round_is_filed_under_its_side() {
         let (mut samples, mut paired, mut notes) = Default::default();
         let path = "lb-tc-nat";
-        let mut file = |side, name, bulk: f64, note: &str| {
+        let mut file = |side, who: Path, bulk: f64, note: &str| {
             let measured = (vec![(Metric::Bulk1, bulk)], vec![note.to_string()]);
             record(
                 &mut samples,
@@ -1034,23 +1087,33 @@ mod tests {
                 &mut notes,
                 path,
                 side,
-                name,
+                case(who),
                 measured,
             );
         };
-        file(Side::Path, path, 17.0, "a");
-        file(Side::Reference, "direct", 16.0, "b");
-        file(Side::Reference, "direct", 15.0, "c");
+        file(Side::Path, Path::LbTcNat, 17.0, "a");
+        file(Side::Reference(0), Path::Direct, 16.0, "b");
+        file(Side::Reference(1), Path::Nginx, 9.0, "c");
+        file(Side::Reference(0), Path::Direct, 15.0, "d");
         assert_eq!(samples[path][&Metric::Bulk1], vec![17.0]);
-        let (name, figures) = &paired[path];
+        let filed: Vec<(&str, &Vec<f64>)> = paired[path]
+            .iter()
+            .map(|(who, figures)| (who.name(), &figures[&Metric::Bulk1]))
+            .collect();
         assert_eq!(
-            (*name, &figures[&Metric::Bulk1]),
-            ("direct", &vec![16.0, 15.0])
+            filed,
+            vec![("direct", &vec![16.0, 15.0]), ("nginx", &vec![9.0])],
+            "each reference's rounds under its own name"
         );
         assert_eq!(
             notes[path],
-            vec!["a", "the paired direct: b", "the paired direct: c"],
-            "the reference's notes say whose they are"
+            vec![
+                "a",
+                "the paired direct: b",
+                "the paired nginx: c",
+                "the paired direct: d"
+            ],
+            "the references' notes say whose they are"
         );
     }
 

@@ -57,9 +57,10 @@ pub struct PathReport {
     pub figures: BTreeMap<Metric, Figure>,
     /// What did not go as planned (a failed test in one round, a metric that does not apply).
     pub notes: Vec<String>,
-    /// The reference measured beside this path, its rounds interleaved with the path's
-    /// (`Path::paired_reference`); `None` for a path without one, or when it did not run.
-    pub paired: Option<PairedReference>,
+    /// The references measured beside this path, their rounds interleaved with the path's
+    /// (`Case::paired_references`); empty for a path without one, and without those that
+    /// did not run.
+    pub paired: Vec<PairedReference>,
 }
 
 impl PathReport {
@@ -67,18 +68,31 @@ impl PathReport {
     pub fn median(&self, metric: Metric) -> Option<f64> {
         median(&self.figures, metric)
     }
+
+    /// Its paired run of the reference named `name`, if it has one.
+    pub fn paired_run(&self, name: &str) -> Option<&PairedReference> {
+        self.paired.iter().find(|r| r.name == name)
+    }
+
+    /// Its paired runs of peers (`lb-proxy`'s HAProxy and nginx).
+    fn paired_peers(&self) -> impl Iterator<Item = &PairedReference> {
+        self.paired.iter().filter(|r| r.kind == PathKind::Peer)
+    }
 }
 
-/// A reference (`direct`, `direct-bridge`, `direct-xdp-veth`) measured on a twin of a path's
-/// topology in rounds interleaved with the path's: round 1 path then reference, round 2
-/// reference then path, and so on. Drift of the machine over minutes then lands on both
-/// sides of the path's ratios alike, where the topology's own reference runs (first and
-/// last) can be half an hour away from the path.
+/// A reference (`direct`, `direct-bridge`, `direct-xdp-veth`, or a peer beside `lb-proxy`)
+/// measured on a twin of a path's topology in rounds interleaved with the path's: round 1
+/// path then reference, round 2 reference then path, and so on (with two references, the
+/// order turns by one place each round). Drift of the machine over minutes then lands on
+/// every side of the path's ratios alike, where the topology's own reference runs (first and
+/// last) can be half an hour away from the path, and a peer's own run minutes away.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PairedReference {
     /// The reference's case name on the path's topology (`direct-bridge` beside
-    /// `lb-tc-nat-bridge`).
+    /// `lb-tc-nat-bridge`, `haproxy` beside `lb-proxy`).
     pub name: String,
+    /// A baseline or a peer.
+    pub kind: PathKind,
     /// Its figures, one sample per round, as [`PathReport::figures`].
     pub figures: BTreeMap<Metric, Figure>,
 }
@@ -87,7 +101,7 @@ pub struct PairedReference {
 /// the reference's not zero), how many gave a ratio that is `ok`, and how many there were.
 /// Round k of each is the k-th sample: a failed round is NaN, not left out, so the two
 /// stay in step.
-fn rounds_met(path: &Figure, reference: &Figure, ok: fn(f64) -> bool) -> (usize, usize) {
+fn rounds_met(path: &Figure, reference: &Figure, ok: impl Fn(f64) -> bool) -> (usize, usize) {
     let ratios: Vec<f64> = path
         .samples
         .iter()
@@ -96,6 +110,33 @@ fn rounds_met(path: &Figure, reference: &Figure, ok: fn(f64) -> bool) -> (usize,
         .map(|(p, r)| p / r)
         .collect();
     (ratios.iter().filter(|r| ok(**r)).count(), ratios.len())
+}
+
+/// The best of `figures`' samples of `metric` round by round (one sample per round, NaN
+/// where none of them measured that round), as one figure: what a path's round is checked
+/// against when its reference is the best peer. `None` when none of them has the metric.
+fn best_per_round(figures: &[&BTreeMap<Metric, Figure>], metric: Metric) -> Option<Figure> {
+    let samples: Vec<&Vec<f64>> = figures
+        .iter()
+        .filter_map(|f| f.get(&metric))
+        .map(|f| &f.samples)
+        .collect();
+    let rounds = samples.iter().map(|s| s.len()).max()?;
+    let best = (0..rounds)
+        .map(|k| {
+            samples
+                .iter()
+                .filter_map(|s| s.get(k).copied().filter(|v| v.is_finite()))
+                .fold(f64::NAN, |best, v| {
+                    if best.is_nan() || metric.better(v, best) {
+                        v
+                    } else {
+                        best
+                    }
+                })
+        })
+        .collect();
+    Some(Figure::new(best))
 }
 
 fn median(figures: &BTreeMap<Metric, Figure>, metric: Metric) -> Option<f64> {
@@ -243,9 +284,9 @@ impl Report {
         reference: &str,
         metric: Metric,
     ) -> Option<f64> {
-        match &path.paired {
-            Some(p) if p.name == reference => median(&p.figures, metric),
-            _ => self.path(reference)?.median(metric),
+        match path.paired_run(reference) {
+            Some(p) => median(&p.figures, metric),
+            None => self.path(reference)?.median(metric),
         }
     }
 
@@ -256,9 +297,25 @@ impl Report {
         self.ratio(path, direct, metric)
     }
 
-    /// `path`'s ratio to the best peer on its topology for `metric`.
+    /// The best median of `metric` among the peers `path` is compared with: its paired runs
+    /// of peers when it has any (`lb-proxy`), else the topology's peers
+    /// ([`Report::best_peer`]). `None` when no such peer measured it.
+    pub fn best_peer_median(&self, path: &PathReport, metric: Metric) -> Option<f64> {
+        if path.paired_peers().next().is_none() {
+            return self.best_peer(path.network, metric).map(|(_, m)| m);
+        }
+        path.paired_peers()
+            .filter_map(|r| median(&r.figures, metric))
+            .fold(None, |best, m| match best {
+                Some(b) if !metric.better(m, b) => best,
+                _ => Some(m),
+            })
+    }
+
+    /// `path`'s ratio to the best peer for `metric`: of its paired peers when it has any,
+    /// else of its topology's ([`Report::best_peer_median`]).
     pub fn ratio_to_best_peer(&self, path: &PathReport, metric: Metric) -> Option<f64> {
-        let (_, best) = self.best_peer(path.network, metric)?;
+        let best = self.best_peer_median(path, metric)?;
         self.ratio(path, best, metric)
     }
 
@@ -304,7 +361,7 @@ impl Report {
                 references.push(Path::DirectXdpVeth.name());
             }
             for reference in references {
-                let paired = p.paired.as_ref().filter(|r| r.name == reference);
+                let paired = p.paired_run(reference);
                 // The issues' figures are the rates and latencies, not the costs.
                 for m in Metric::ALL.into_iter().filter(|m| !m.is_cost()) {
                     let ratio = self
@@ -327,30 +384,47 @@ impl Report {
             }
         }
         if let Some(p) = self.path("lb-proxy") {
-            for m in [Metric::Bulk1, Metric::Bulk8] {
-                check(
-                    format!("lb-proxy {} vs best peer", m.heading()),
-                    ">= 1.25x",
-                    self.ratio_to_best_peer(p, m),
-                    |r| r >= 1.25,
-                    None,
-                );
+            // Round by round against the best of its paired peers, when it has them.
+            let peers: Vec<&BTreeMap<Metric, Figure>> =
+                p.paired_peers().map(|r| &r.figures).collect();
+            let empty = Figure::new(Vec::new());
+            let against = |m: Metric, of: &[&BTreeMap<Metric, Figure>]| {
+                (!of.is_empty()).then(|| {
+                    (
+                        p.figures.get(&m).cloned().unwrap_or_else(|| empty.clone()),
+                        best_per_round(of, m).unwrap_or_else(|| empty.clone()),
+                    )
+                })
+            };
+            for (m, target, goal) in [
+                (Metric::Bulk1, ">= 1.25x", 1.25),
+                (Metric::Bulk8, ">= 1.25x", 1.25),
+                (Metric::ConnRate, ">= 1.2x", 1.2),
+            ] {
+                let rounds = against(m, &peers);
+                let ratio = self.ratio_to_best_peer(p, m);
+                out.push(TargetCheck {
+                    what: format!("lb-proxy {} vs best peer", m.heading()),
+                    target: target.into(),
+                    ratio,
+                    met: ratio.map(|r| r >= goal),
+                    rounds: rounds.map(|(path, best)| rounds_met(&path, &best, |r| r >= goal)),
+                });
             }
-            check(
-                format!("lb-proxy {} vs best peer", Metric::ConnRate.heading()),
-                ">= 1.2x",
-                self.ratio_to_best_peer(p, Metric::ConnRate),
-                |r| r >= 1.2,
-                None,
-            );
-            let nginx = self.path("nginx").and_then(|n| n.median(Metric::UdpP99));
-            check(
-                "lb-proxy UDP p99 µs vs nginx".into(),
-                "<= 0.5x",
-                nginx.and_then(|n| self.ratio(p, n, Metric::UdpP99)),
-                |r| r <= 0.5,
-                None,
-            );
+            let paired_nginx = p.paired_run("nginx").map(|r| &r.figures);
+            let nginx = match paired_nginx {
+                Some(f) => median(f, Metric::UdpP99),
+                None => self.path("nginx").and_then(|n| n.median(Metric::UdpP99)),
+            };
+            let ratio = nginx.and_then(|n| self.ratio(p, n, Metric::UdpP99));
+            let rounds = paired_nginx.and_then(|f| against(Metric::UdpP99, &[f]));
+            out.push(TargetCheck {
+                what: "lb-proxy UDP p99 µs vs nginx".into(),
+                target: "<= 0.5x".into(),
+                ratio,
+                met: ratio.map(|r| r <= 0.5),
+                rounds: rounds.map(|(path, best)| rounds_met(&path, &best, |r| r <= 0.5)),
+            });
         }
         out
     }
@@ -375,11 +449,12 @@ impl Report {
             self.rounds,
             self.seconds_per_test,
             2 * self.rounds,
-            if self.paths.iter().any(|p| p.paired.is_some()) {
+            if self.paths.iter().any(|p| !p.paired.is_empty()) {
                 "; lb's tc and XDP paths: their targets' reference (`↳` rows) measured beside \
                  them on a twin topology, rounds interleaved, and their LB CPU and program \
                  ns/run from one more round with BPF run-time statistics on (one sample: its \
-                 min–max repeats it)"
+                 min–max repeats it); `lb-proxy`: HAProxy and nginx measured beside it the \
+                 same way, each on a twin (`↳` rows), its targets against them"
             } else {
                 ""
             }
@@ -477,7 +552,7 @@ impl Report {
                 continue;
             }
             figure_cells(s, &p.figures);
-            if let Some(r) = &p.paired {
+            for r in &p.paired {
                 let _ = write!(s, "| ↳ {} beside {} |", r.name, p.name);
                 figure_cells(s, &r.figures);
             }
@@ -497,11 +572,10 @@ impl Report {
                 "\n#### {} topology: {title} (value / reference; ↑ higher is better, ↓ lower is better)\n",
                 network.name()
             );
-            let paired_direct = paths.iter().any(|p| {
-                p.paired
-                    .as_ref()
-                    .is_some_and(|r| r.name == direct_name(network))
-            });
+            let paired_direct = paths
+                .iter()
+                .any(|p| p.paired_run(direct_name(network)).is_some());
+            let paired_peers = paths.iter().any(|p| p.paired_peers().next().is_some());
             if title.starts_with("Ratio to `") && paired_direct {
                 let _ = writeln!(
                     s,
@@ -510,6 +584,14 @@ impl Report {
                      runs.\n",
                     direct_name(network),
                     direct_name(network)
+                );
+            }
+            if title.starts_with("Ratio to the best") && paired_peers {
+                let _ = writeln!(
+                    s,
+                    "Paths with peers' `↳` rows above are divided by the best of those paired \
+                     runs, measured in rounds interleaved with theirs; the others by the best \
+                     of the topology's own peer runs (listed below the table).\n"
                 );
             }
             header(s, "path");
@@ -522,11 +604,25 @@ impl Report {
                 s.push('\n');
             }
         }
-        let _ = writeln!(s, "\nBest peer per figure ({} topology):", network.name());
-        for metric in Metric::ALL {
-            if let Some((p, v)) = self.best_peer(network, metric) {
-                let _ = writeln!(s, "- {}: {} ({})", metric.heading(), p.name, number(v));
-            }
+        let best: Vec<String> = Metric::ALL
+            .into_iter()
+            .filter_map(|metric| {
+                let (p, v) = self.best_peer(network, metric)?;
+                Some(format!(
+                    "- {}: {} ({})",
+                    metric.heading(),
+                    p.name,
+                    number(v)
+                ))
+            })
+            .collect();
+        if !best.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nBest peer per figure ({} topology):\n{}",
+                network.name(),
+                best.join("\n")
+            );
         }
     }
 }
@@ -623,7 +719,7 @@ mod tests {
                 .map(|(m, v)| (*m, Figure::new(v.to_vec())))
                 .collect(),
             notes: vec![],
-            paired: None,
+            paired: vec![],
         }
     }
 
@@ -762,8 +858,9 @@ mod tests {
             .find(|p| p.name == "lb-tc-nat-bridge")
             .expect("the tc path on the bridge");
         // The topology's own runs had 20 Gbit/s and 400k pkt/s; the run beside it 25 and 250k.
-        tc.paired = Some(PairedReference {
+        tc.paired = vec![PairedReference {
             name: "direct-bridge".into(),
+            kind: PathKind::Baseline,
             figures: [
                 (Metric::Bulk8, Figure::new(vec![20.0, 25.0, 26.0])),
                 (
@@ -772,7 +869,7 @@ mod tests {
                 ),
             ]
             .into(),
-        });
+        }];
         let tc = r.path("lb-tc-nat-bridge").expect("the tc path");
         assert_eq!(r.ratio_to_direct(tc, Metric::Bulk8), Some(21.0 / 25.0));
         let md = r.to_markdown();
@@ -825,6 +922,80 @@ mod tests {
     }
 
     #[test]
+    fn lb_proxy_with_paired_peers_is_checked_against_the_best_of_them_round_by_round() {
+        let mut r = report();
+        let lb = r
+            .paths
+            .iter_mut()
+            .find(|p| p.name == "lb-proxy")
+            .expect("lb-proxy");
+        lb.figures
+            .insert(Metric::ConnRate, Figure::new(vec![1200.0, 1300.0, 1250.0]));
+        let peer = |name: &str, figures: &[(Metric, Vec<f64>)]| PairedReference {
+            name: name.into(),
+            kind: PathKind::Peer,
+            figures: figures
+                .iter()
+                .map(|(m, v)| (*m, Figure::new(v.clone())))
+                .collect(),
+        };
+        // The peers' own runs (haproxy 1,100 conn/s, nginx 900 and a p99 of 250 µs) are
+        // not what lb-proxy is compared with once it has runs of them beside it.
+        lb.paired = vec![
+            peer(
+                "haproxy",
+                &[(Metric::ConnRate, vec![1000.0, 1200.0, 900.0])],
+            ),
+            peer(
+                "nginx",
+                &[
+                    (Metric::ConnRate, vec![950.0, 1050.0, 1100.0]),
+                    (Metric::UdpP99, vec![250.0, 150.0, f64::NAN]),
+                ],
+            ),
+        ];
+        let lb = r.path("lb-proxy").expect("lb-proxy");
+        assert_eq!(
+            r.ratio_to_best_peer(lb, Metric::ConnRate),
+            Some(1250.0 / 1050.0),
+            "its median over the best paired median (nginx's 1,050, not HAProxy's own 1,100)"
+        );
+        let t = r.targets();
+        let find = |what: &str| t.iter().find(|c| c.what == what).expect(what);
+        let conn = find("lb-proxy new conn/s vs best peer");
+        assert_eq!(
+            (conn.met, conn.rounds),
+            (Some(false), Some((1, 3))),
+            "round by round against the best peer of the round: 1,000, 1,200, 1,100"
+        );
+        let p99 = find("lb-proxy UDP p99 µs vs nginx");
+        assert_eq!(
+            (p99.ratio, p99.met, p99.rounds),
+            (Some(0.5), Some(true), Some((1, 2))),
+            "against the paired nginx; its failed round 3 is no round of the pair"
+        );
+        let bulk = find("lb-proxy bulk 8 flows Gbit/s vs best peer");
+        assert_eq!(
+            (bulk.ratio, bulk.rounds),
+            (None, Some((0, 0))),
+            "the paired peers did not measure it: not measured, not the peers' own runs"
+        );
+        let md = r.to_markdown();
+        assert!(md.contains("| ↳ haproxy beside lb-proxy |"), "{md}");
+        assert!(md.contains("| ↳ nginx beside lb-proxy |"), "{md}");
+        assert!(
+            md.contains("Paths with peers' `↳` rows above are divided by the best"),
+            "{md}"
+        );
+        let nginx = r.path("nginx").expect("nginx");
+        assert_eq!(
+            r.ratio_to_best_peer(nginx, Metric::ConnRate),
+            Some(900.0 / 1100.0),
+            "a path without paired peers keeps the topology's"
+        );
+    }
+
+    #[test]
     fn an_xdp_path_paired_with_direct_xdp_veth_keeps_the_topologys_direct() {
         let mut r = report();
         r.paths.push(path(
@@ -839,10 +1010,11 @@ mod tests {
             .expect("the XDP path");
         xdp.skipped = None;
         xdp.figures = [(Metric::Bulk8, Figure::new(vec![5.0; 3]))].into();
-        xdp.paired = Some(PairedReference {
+        xdp.paired = vec![PairedReference {
             name: "direct-xdp-veth".into(),
+            kind: PathKind::Baseline,
             figures: [(Metric::Bulk8, Figure::new(vec![4.0; 3]))].into(),
-        });
+        }];
         let xdp = r.path("lb-xdp-nat").expect("the XDP path");
         // Its direct is the topology's (10), not the paired direct-xdp-veth (4).
         assert_eq!(r.ratio_to_direct(xdp, Metric::Bulk8), Some(0.5));
