@@ -366,20 +366,23 @@ fn run_network(
             if !references.is_empty() {
                 let names: Vec<&str> = references.iter().map(|(r, _, _)| r.case.name()).collect();
                 let first: Vec<String> = (0..=references.len())
-                    .map(|round| match paired_order(round, references.len())[0] {
-                        Side::Path => format!("round {} with this path", round + 1),
-                        Side::Reference(i) => format!("round {} with {}", round + 1, names[i]),
+                    .map(|round| {
+                        let who = match paired_order(round, references.len())[0] {
+                            Side::Path => "this path",
+                            Side::Reference(i) => names[i],
+                        };
+                        format!("{who} first in round {}", round + 1)
                     })
                     .collect();
+                let (what, each) = if names.len() == 1 {
+                    ("reference", "")
+                } else {
+                    ("references", " each")
+                };
                 notes.entry(case.name()).or_default().push(format!(
-                    "its targets' {} ({}) ran each on a twin of this topology in rounds \
-                     interleaved with this path's, the order turning each round ({}, and so \
-                     on); their figures are the `↳` rows",
-                    if names.len() == 1 {
-                        "reference"
-                    } else {
-                        "references"
-                    },
+                    "its targets' {what} ({}) ran{each} on a twin of this topology in rounds \
+                     interleaved with this path's, the order turning by one place each round \
+                     ({}, and so on); their figures are the `↳` rows",
                     names.join(", "),
                     first.join(", ")
                 ));
@@ -579,9 +582,10 @@ enum Side {
 
 /// The order of a path and its `references` running paired references in the path's round
 /// `index` (0 for round 1): the path, then each reference, turned by one place each round.
-/// With one reference: A B, B A, A B...; with two: A B C, B C A, C A B... So each side
-/// goes first in turn and none always runs right after the same one's load. When the rounds
-/// are not a multiple of the sides, the earlier sides go first once more often.
+/// With one reference: A B, B A, A B...; with two: A B C, B C A, C A B... So each side goes
+/// first in turn (with one reference, neither always runs right after the other's load;
+/// with two, each always follows the same one within a round). When the rounds are not a
+/// multiple of the sides, the earlier sides go first once more often.
 fn paired_order(index: usize, references: usize) -> Vec<Side> {
     let sides = references + 1;
     (0..sides)

@@ -101,7 +101,7 @@ pub struct PairedReference {
 /// the reference's not zero), how many gave a ratio that is `ok`, and how many there were.
 /// Round k of each is the k-th sample: a failed round is NaN, not left out, so the two
 /// stay in step.
-fn rounds_met(path: &Figure, reference: &Figure, ok: impl Fn(f64) -> bool) -> (usize, usize) {
+fn rounds_met(path: &Figure, reference: &Figure, ok: &dyn Fn(f64) -> bool) -> (usize, usize) {
     let ratios: Vec<f64> = path
         .samples
         .iter()
@@ -112,9 +112,11 @@ fn rounds_met(path: &Figure, reference: &Figure, ok: impl Fn(f64) -> bool) -> (u
     (ratios.iter().filter(|r| ok(**r)).count(), ratios.len())
 }
 
-/// The best of `figures`' samples of `metric` round by round (one sample per round, NaN
-/// where none of them measured that round), as one figure: what a path's round is checked
-/// against when its reference is the best peer. `None` when none of them has the metric.
+/// The best of `figures`' samples of `metric` round by round, as one figure (one sample per
+/// round): what a path's round is checked against when its reference is the best peer.
+/// A round that one of them failed (NaN, or no sample) is NaN: the best of the others is
+/// not that round's best peer. Figures without the metric (HAProxy's UDP) take no part;
+/// `None` when none has it.
 fn best_per_round(figures: &[&BTreeMap<Metric, Figure>], metric: Metric) -> Option<Figure> {
     let samples: Vec<&Vec<f64>> = figures
         .iter()
@@ -124,17 +126,16 @@ fn best_per_round(figures: &[&BTreeMap<Metric, Figure>], metric: Metric) -> Opti
     let rounds = samples.iter().map(|s| s.len()).max()?;
     let best = (0..rounds)
         .map(|k| {
-            samples
-                .iter()
-                .filter_map(|s| s.get(k).copied().filter(|v| v.is_finite()))
-                .fold(f64::NAN, |best, v| {
-                    if best.is_nan() || metric.better(v, best) {
-                        v
-                    } else {
-                        best
-                    }
+            samples.iter().try_fold(f64::NAN, |best, s| {
+                let v = s.get(k).copied().filter(|v| v.is_finite())?;
+                Some(if best.is_nan() || metric.better(v, best) {
+                    v
+                } else {
+                    best
                 })
+            })
         })
+        .map(|best| best.unwrap_or(f64::NAN))
         .collect();
     Some(Figure::new(best))
 }
@@ -240,6 +241,9 @@ pub struct TargetCheck {
     /// round. `None` without a paired reference: other runs are minutes away, not beside
     /// the path.
     pub rounds: Option<(usize, usize)>,
+    /// What the ratio's reference is, for the report's column: `paired (↳ row)`, `paired
+    /// (best ↳ row of each round)` (`lb-proxy` against its paired peers) or `its row`.
+    pub reference: String,
 }
 
 impl TargetCheck {
@@ -297,23 +301,74 @@ impl Report {
         self.ratio(path, direct, metric)
     }
 
-    /// The best median of `metric` among the peers `path` is compared with: its paired runs
-    /// of peers when it has any (`lb-proxy`), else the topology's peers
-    /// ([`Report::best_peer`]). `None` when no such peer measured it.
-    pub fn best_peer_median(&self, path: &PathReport, metric: Metric) -> Option<f64> {
+    /// The peers `path` is compared with, by case name, when it has paired runs of peers
+    /// (`lb-proxy`): those its case pairs with (`Case::paired_references`), those it has
+    /// runs of, and the topology's own peers. Each is read from the paired run when there is
+    /// one, else from the topology's run ([`Report::reference_median`]), so a peer whose
+    /// paired run did not start still counts. Empty for a path without paired peers.
+    fn peers_of<'a>(&'a self, path: &'a PathReport) -> Vec<&'a str> {
         if path.paired_peers().next().is_none() {
+            return Vec::new();
+        }
+        let expected = Case::all()
+            .into_iter()
+            .filter(|c| c.name() == path.name)
+            .flat_map(|c| {
+                c.paired_references().iter().map(move |&r| Case {
+                    path: r,
+                    network: c.network,
+                })
+            })
+            .filter(|r| r.path.kind() == PathKind::Peer)
+            .map(|r| r.name());
+        let mut names: Vec<&str> = expected.collect();
+        let others = path.paired_peers().map(|r| r.name.as_str()).chain(
+            self.paths
+                .iter()
+                .filter(|p| p.kind == PathKind::Peer && p.network == path.network)
+                .map(|p| p.name.as_str()),
+        );
+        for name in others {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    /// The best median of `metric` among the peers `path` is compared with: with paired
+    /// runs of peers (`lb-proxy`), those of [`Report::peers_of`]; else the topology's
+    /// peers ([`Report::best_peer`]). `None` when no such peer measured it.
+    pub fn best_peer_median(&self, path: &PathReport, metric: Metric) -> Option<f64> {
+        let peers = self.peers_of(path);
+        if peers.is_empty() {
             return self.best_peer(path.network, metric).map(|(_, m)| m);
         }
-        path.paired_peers()
-            .filter_map(|r| median(&r.figures, metric))
+        peers
+            .into_iter()
+            .filter_map(|name| self.reference_median(path, name, metric))
             .fold(None, |best, m| match best {
                 Some(b) if !metric.better(m, b) => best,
                 _ => Some(m),
             })
     }
 
-    /// `path`'s ratio to the best peer for `metric`: of its paired peers when it has any,
-    /// else of its topology's ([`Report::best_peer_median`]).
+    /// The paired runs `path` is checked against round by round for the best peer: its paired
+    /// runs of every peer of [`Report::peers_of`], or `None` when one of those has none (a
+    /// round's best would then miss a peer) or it has no paired peers at all.
+    fn paired_peer_rounds<'a>(&'a self, path: &'a PathReport) -> Option<Vec<&'a PairedReference>> {
+        let peers = self.peers_of(path);
+        if peers.is_empty() {
+            return None;
+        }
+        peers
+            .into_iter()
+            .map(|name| path.paired_run(name))
+            .collect()
+    }
+
+    /// `path`'s ratio to the best peer for `metric`: of the peers of its paired runs when it
+    /// has any, else of its topology's ([`Report::best_peer_median`]).
     pub fn ratio_to_best_peer(&self, path: &PathReport, metric: Metric) -> Option<f64> {
         let best = self.best_peer_median(path, metric)?;
         self.ratio(path, best, metric)
@@ -338,14 +393,22 @@ impl Report {
         let mut check = |what: String,
                          target: &str,
                          ratio: Option<f64>,
-                         ok: fn(f64) -> bool,
-                         rounds: Option<(&Figure, &Figure)>| {
+                         ok: &dyn Fn(f64) -> bool,
+                         rounds: Option<(&Figure, &Figure)>,
+                         best_of_round: bool| {
+            let paired = rounds.is_some();
             out.push(TargetCheck {
                 what,
                 target: target.into(),
                 ratio,
                 met: ratio.map(ok),
                 rounds: rounds.map(|(path, reference)| rounds_met(path, reference, ok)),
+                reference: match (paired, best_of_round) {
+                    (true, true) => "paired (best ↳ row of each round)",
+                    (true, false) => "paired (↳ row)",
+                    (false, _) => "its row",
+                }
+                .into(),
             });
         };
         let packet_paths = [Path::LbXdpNat, Path::LbXdpDsr, Path::LbTcNat, Path::LbTcDsr];
@@ -376,57 +439,87 @@ impl Report {
                         )
                     });
                     if m.higher_is_better() {
-                        check(what, ">= 1.0x", ratio, |r| r >= 1.0, rounds);
+                        check(what, ">= 1.0x", ratio, &|r| r >= 1.0, rounds, false);
                     } else {
-                        check(what, "<= 1.0x", ratio, |r| r <= 1.0, rounds);
+                        check(what, "<= 1.0x", ratio, &|r| r <= 1.0, rounds, false);
                     }
                 }
             }
         }
         if let Some(p) = self.path("lb-proxy") {
-            // Round by round against the best of its paired peers, when it has them.
-            let peers: Vec<&BTreeMap<Metric, Figure>> =
-                p.paired_peers().map(|r| &r.figures).collect();
+            // Round by round against the best of its paired peers, when every peer it is
+            // compared with has a paired run.
+            let peers: Option<Vec<&BTreeMap<Metric, Figure>>> = self
+                .paired_peer_rounds(p)
+                .map(|runs| runs.into_iter().map(|r| &r.figures).collect());
             let empty = Figure::new(Vec::new());
-            let against = |m: Metric, of: &[&BTreeMap<Metric, Figure>]| {
-                (!of.is_empty()).then(|| {
-                    (
-                        p.figures.get(&m).cloned().unwrap_or_else(|| empty.clone()),
-                        best_per_round(of, m).unwrap_or_else(|| empty.clone()),
-                    )
-                })
+            let rounds_of = |m: Metric, of: &[&BTreeMap<Metric, Figure>]| {
+                best_per_round(of, m).unwrap_or_else(|| empty.clone())
             };
             for (m, target, goal) in [
                 (Metric::Bulk1, ">= 1.25x", 1.25),
                 (Metric::Bulk8, ">= 1.25x", 1.25),
                 (Metric::ConnRate, ">= 1.2x", 1.2),
             ] {
-                let rounds = against(m, &peers);
-                let ratio = self.ratio_to_best_peer(p, m);
-                out.push(TargetCheck {
-                    what: format!("lb-proxy {} vs best peer", m.heading()),
-                    target: target.into(),
-                    ratio,
-                    met: ratio.map(|r| r >= goal),
-                    rounds: rounds.map(|(path, best)| rounds_met(&path, &best, |r| r >= goal)),
-                });
+                let best = peers.as_deref().map(|of| rounds_of(m, of));
+                check(
+                    format!("lb-proxy {} vs best peer", m.heading()),
+                    target,
+                    self.ratio_to_best_peer(p, m),
+                    &|r| r >= goal,
+                    best.as_ref()
+                        .map(|b| (p.figures.get(&m).unwrap_or(&empty), b)),
+                    true,
+                );
             }
-            let paired_nginx = p.paired_run("nginx").map(|r| &r.figures);
-            let nginx = match paired_nginx {
-                Some(f) => median(f, Metric::UdpP99),
-                None => self.path("nginx").and_then(|n| n.median(Metric::UdpP99)),
-            };
-            let ratio = nginx.and_then(|n| self.ratio(p, n, Metric::UdpP99));
-            let rounds = paired_nginx.and_then(|f| against(Metric::UdpP99, &[f]));
-            out.push(TargetCheck {
-                what: "lb-proxy UDP p99 µs vs nginx".into(),
-                target: "<= 0.5x".into(),
-                ratio,
-                met: ratio.map(|r| r <= 0.5),
-                rounds: rounds.map(|(path, best)| rounds_met(&path, &best, |r| r <= 0.5)),
-            });
+            let nginx = self.reference_median(p, "nginx", Metric::UdpP99);
+            let paired_nginx = p
+                .paired_run("nginx")
+                .map(|r| rounds_of(Metric::UdpP99, &[&r.figures]));
+            check(
+                "lb-proxy UDP p99 µs vs nginx".into(),
+                "<= 0.5x",
+                nginx.and_then(|n| self.ratio(p, n, Metric::UdpP99)),
+                &|r| r <= 0.5,
+                paired_nginx
+                    .as_ref()
+                    .map(|n| (p.figures.get(&Metric::UdpP99).unwrap_or(&empty), n)),
+                false,
+            );
         }
         out
+    }
+
+    /// What the header's rounds line adds for paired runs: the clause for lb's tc and XDP
+    /// paths when one of them has a paired reference, and one naming the peers measured
+    /// beside each path that has paired peers (`lb-proxy`). Empty without paired runs.
+    fn paired_clauses(&self) -> String {
+        let mut s = String::new();
+        if self
+            .paths
+            .iter()
+            .any(|p| p.paired.iter().any(|r| r.kind == PathKind::Baseline))
+        {
+            s.push_str(
+                "; lb's tc and XDP paths: their targets' reference (`↳` rows) measured beside \
+                 them on a twin topology, rounds interleaved, and their LB CPU and program \
+                 ns/run from one more round with BPF run-time statistics on (one sample: its \
+                 min–max repeats it)",
+            );
+        }
+        for p in &self.paths {
+            let peers: Vec<&str> = p.paired_peers().map(|r| r.name.as_str()).collect();
+            if !peers.is_empty() {
+                let _ = write!(
+                    s,
+                    "; `{}`: {} measured beside it the same way, each on a twin (`↳` rows), its \
+                     best-peer ratios and targets against them",
+                    p.name,
+                    peers.join(" and ")
+                );
+            }
+        }
+        s
     }
 
     /// The report as markdown: machine, absolute figures (median and min–max), ratios to
@@ -449,15 +542,7 @@ impl Report {
             self.rounds,
             self.seconds_per_test,
             2 * self.rounds,
-            if self.paths.iter().any(|p| !p.paired.is_empty()) {
-                "; lb's tc and XDP paths: their targets' reference (`↳` rows) measured beside \
-                 them on a twin topology, rounds interleaved, and their LB CPU and program \
-                 ns/run from one more round with BPF run-time statistics on (one sample: its \
-                 min–max repeats it); `lb-proxy`: HAProxy and nginx measured beside it the \
-                 same way, each on a twin (`↳` rows), its targets against them"
-            } else {
-                ""
-            }
+            self.paired_clauses()
         );
         for network in self.networks() {
             self.network_tables(&mut s, network);
@@ -500,18 +585,13 @@ impl Report {
                     _ => "not measured".to_string(),
                 };
                 let measured = t.ratio.map_or("–".to_string(), |r| format!("{r:.2}x"));
-                let reference = if t.paired() {
-                    "paired (↳ row)"
-                } else {
-                    "its row"
-                };
                 let rounds = t
                     .rounds
                     .map_or("–".to_string(), |(met, of)| format!("{met} of {of}"));
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {measured} | {verdict} | {reference} | {rounds} |",
-                    t.what, t.target
+                    "| {} | {} | {measured} | {verdict} | {} | {rounds} |",
+                    t.what, t.target, t.reference
                 );
             }
         }
@@ -919,6 +999,84 @@ mod tests {
             md.contains("reference (`↳` rows) measured beside them"),
             "{md}"
         );
+        assert!(
+            !md.contains("measured beside it the same way"),
+            "lb-proxy has no paired peers here: {md}"
+        );
+    }
+
+    #[test]
+    fn a_peer_without_a_paired_run_is_read_from_its_own_run_and_rounds_are_not_counted() {
+        let mut r = report();
+        let lb = r
+            .paths
+            .iter_mut()
+            .find(|p| p.name == "lb-proxy")
+            .expect("lb-proxy");
+        // Only nginx ran beside it (HAProxy's twin failed): HAProxy's own run (1,100 conn/s)
+        // is still the best peer, and a round's best cannot be told without HAProxy's.
+        lb.paired = vec![PairedReference {
+            name: "nginx".into(),
+            kind: PathKind::Peer,
+            figures: [(Metric::ConnRate, Figure::new(vec![800.0; 3]))].into(),
+        }];
+        let lb = r.path("lb-proxy").expect("lb-proxy");
+        assert_eq!(
+            r.ratio_to_best_peer(lb, Metric::ConnRate),
+            Some(1200.0 / 1100.0)
+        );
+        let t = r.targets();
+        let conn = t
+            .iter()
+            .find(|c| c.what == "lb-proxy new conn/s vs best peer")
+            .expect("the target");
+        assert_eq!((conn.rounds, conn.reference.as_str()), (None, "its row"));
+        r.paths.retain(|p| p.name != "haproxy");
+        let lb = r.path("lb-proxy").expect("lb-proxy");
+        assert_eq!(
+            r.ratio_to_best_peer(lb, Metric::ConnRate),
+            Some(1.5),
+            "with no run of HAProxy at all, the paired nginx is the best there is"
+        );
+        let t = r.targets();
+        let conn = t
+            .iter()
+            .find(|c| c.what == "lb-proxy new conn/s vs best peer")
+            .expect("the target");
+        assert_eq!(
+            conn.rounds, None,
+            "HAProxy is still missing from every round"
+        );
+    }
+
+    #[test]
+    fn the_best_of_a_round_is_per_metric_and_none_when_a_peer_failed_it() {
+        let a: BTreeMap<Metric, Figure> = [
+            (Metric::UdpP99, Figure::new(vec![300.0, 200.0, f64::NAN])),
+            (Metric::ConnRate, Figure::new(vec![10.0, 30.0, 20.0])),
+        ]
+        .into();
+        let b: BTreeMap<Metric, Figure> = [
+            (Metric::UdpP99, Figure::new(vec![250.0, 260.0, 100.0])),
+            (Metric::ConnRate, Figure::new(vec![20.0, 25.0, 15.0])),
+        ]
+        .into();
+        let no_udp: BTreeMap<Metric, Figure> =
+            [(Metric::ConnRate, Figure::new(vec![5.0; 3]))].into();
+        let best = |m| {
+            best_per_round(&[&a, &b, &no_udp], m)
+                .expect("measured")
+                .samples
+        };
+        assert_eq!(
+            best(Metric::ConnRate),
+            vec![20.0, 30.0, 20.0],
+            "higher is better"
+        );
+        let p99 = best(Metric::UdpP99);
+        assert_eq!(&p99[..2], &[250.0, 200.0], "lower is better");
+        assert!(p99[2].is_nan(), "a's round 3 failed: not b's 100 alone");
+        assert_eq!(best_per_round(&[&no_udp], Metric::UdpP99), None);
     }
 
     #[test]
@@ -983,6 +1141,18 @@ mod tests {
         let md = r.to_markdown();
         assert!(md.contains("| ↳ haproxy beside lb-proxy |"), "{md}");
         assert!(md.contains("| ↳ nginx beside lb-proxy |"), "{md}");
+        assert!(
+            md.contains("| paired (best ↳ row of each round) | 1 of 3 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("; `lb-proxy`: haproxy and nginx measured beside it"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("lb's tc and XDP paths: their targets' reference"),
+            "no tc or XDP path is paired here: {md}"
+        );
         assert!(
             md.contains("Paths with peers' `↳` rows above are divided by the best"),
             "{md}"
