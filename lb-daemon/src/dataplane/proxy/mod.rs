@@ -855,7 +855,9 @@ fn take_over_listener(service: &str, listener: BorrowedFd<'_>) -> bool {
     true
 }
 
-/// Binds one worker's socket for `info`; returns it and the address it got.
+/// Binds one worker's socket for `info`; returns it and the address it got. A UDP VIP
+/// socket must not get `IP_RECVERR` (or `IPV6_RECVERR`): `udp::Udp`'s reading of it takes a
+/// short `recvmmsg` batch for an empty queue, which an ICMP error would make untrue.
 fn bind(info: &ServiceInfo, options: ProxyOptions) -> io::Result<(OwnedFd, SocketAddr)> {
     let ty = match info.protocol {
         Protocol::Tcp => Type::STREAM,

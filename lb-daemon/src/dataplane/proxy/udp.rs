@@ -14,8 +14,8 @@
 //! receive buffer absorbs bursts.
 //!
 //! A multishot poll reports new arrivals, not a level: after each completion the socket is
-//! read until it would block, or, past a budget, a `Nop` completion resumes the reading so
-//! one busy socket cannot starve the rest.
+//! read until it would block (a VIP socket: until a batch comes back short), or, past a
+//! budget, a `Nop` completion resumes the reading so one busy socket cannot starve the rest.
 
 use std::collections::HashMap;
 use std::io;
@@ -393,6 +393,17 @@ impl Udp {
                     }
                     _ => Shared::count(&ctx.shared.dropped_datagrams, 1),
                 }
+            }
+            // A short batch already found the queue empty: `recvmmsg(2)` stops early only
+            // when a receive fails, and on this unconnected socket (no `IP_RECVERR` or
+            // `IPV6_RECVERR`, see `bind`) that is the `EAGAIN` one more read would return. A
+            // datagram that arrives later wakes the multishot poll (or, if that poll ended,
+            // completes the one `arm_vip` arms at once), as one after that read would. (A
+            // session's connected socket reads on to `WouldBlock`: there the failure may be
+            // an ICMP error, which a short batch leaves in the socket's error slot without a
+            // wake-up.)
+            if n < sys::BATCH {
+                break;
             }
         }
         self.batch = Some(batch);
