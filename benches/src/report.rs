@@ -803,6 +803,23 @@ mod tests {
         }
     }
 
+    /// `r`'s path named `name`, to change.
+    fn path_mut<'r>(r: &'r mut Report, name: &str) -> &'r mut PathReport {
+        r.paths.iter_mut().find(|p| p.name == name).expect(name)
+    }
+
+    /// A run named `name` measured beside a path, with one sample per round of each figure.
+    fn paired(name: &str, kind: PathKind, figures: &[(Metric, Vec<f64>)]) -> PairedReference {
+        PairedReference {
+            name: name.into(),
+            kind,
+            figures: figures
+                .iter()
+                .map(|(m, v)| (*m, Figure::new(v.clone())))
+                .collect(),
+        }
+    }
+
     fn report() -> Report {
         let mut xdp = path("lb-xdp-nat", PathKind::Ours, &[]);
         xdp.skipped = Some("the BPF object was not found".into());
@@ -932,24 +949,15 @@ mod tests {
     #[test]
     fn a_paired_reference_is_what_its_path_is_compared_with() {
         let mut r = report();
-        let tc = r
-            .paths
-            .iter_mut()
-            .find(|p| p.name == "lb-tc-nat-bridge")
-            .expect("the tc path on the bridge");
         // The topology's own runs had 20 Gbit/s and 400k pkt/s; the run beside it 25 and 250k.
-        tc.paired = vec![PairedReference {
-            name: "direct-bridge".into(),
-            kind: PathKind::Baseline,
-            figures: [
-                (Metric::Bulk8, Figure::new(vec![20.0, 25.0, 26.0])),
-                (
-                    Metric::PacketRate,
-                    Figure::new(vec![250_000.0, f64::NAN, 250_000.0]),
-                ),
-            ]
-            .into(),
-        }];
+        path_mut(&mut r, "lb-tc-nat-bridge").paired = vec![paired(
+            "direct-bridge",
+            PathKind::Baseline,
+            &[
+                (Metric::Bulk8, vec![20.0, 25.0, 26.0]),
+                (Metric::PacketRate, vec![250_000.0, f64::NAN, 250_000.0]),
+            ],
+        )];
         let tc = r.path("lb-tc-nat-bridge").expect("the tc path");
         assert_eq!(r.ratio_to_direct(tc, Metric::Bulk8), Some(21.0 / 25.0));
         let md = r.to_markdown();
@@ -1008,18 +1016,13 @@ mod tests {
     #[test]
     fn a_peer_without_a_paired_run_is_read_from_its_own_run_and_rounds_are_not_counted() {
         let mut r = report();
-        let lb = r
-            .paths
-            .iter_mut()
-            .find(|p| p.name == "lb-proxy")
-            .expect("lb-proxy");
         // Only nginx ran beside it (HAProxy's twin failed): HAProxy's own run (1,100 conn/s)
         // is still the best peer, and a round's best cannot be told without HAProxy's.
-        lb.paired = vec![PairedReference {
-            name: "nginx".into(),
-            kind: PathKind::Peer,
-            figures: [(Metric::ConnRate, Figure::new(vec![800.0; 3]))].into(),
-        }];
+        path_mut(&mut r, "lb-proxy").paired = vec![paired(
+            "nginx",
+            PathKind::Peer,
+            &[(Metric::ConnRate, vec![800.0; 3])],
+        )];
         let lb = r.path("lb-proxy").expect("lb-proxy");
         assert_eq!(
             r.ratio_to_best_peer(lb, Metric::ConnRate),
@@ -1082,30 +1085,20 @@ mod tests {
     #[test]
     fn lb_proxy_with_paired_peers_is_checked_against_the_best_of_them_round_by_round() {
         let mut r = report();
-        let lb = r
-            .paths
-            .iter_mut()
-            .find(|p| p.name == "lb-proxy")
-            .expect("lb-proxy");
+        let lb = path_mut(&mut r, "lb-proxy");
         lb.figures
             .insert(Metric::ConnRate, Figure::new(vec![1200.0, 1300.0, 1250.0]));
-        let peer = |name: &str, figures: &[(Metric, Vec<f64>)]| PairedReference {
-            name: name.into(),
-            kind: PathKind::Peer,
-            figures: figures
-                .iter()
-                .map(|(m, v)| (*m, Figure::new(v.clone())))
-                .collect(),
-        };
         // The peers' own runs (haproxy 1,100 conn/s, nginx 900 and a p99 of 250 µs) are
         // not what lb-proxy is compared with once it has runs of them beside it.
         lb.paired = vec![
-            peer(
+            paired(
                 "haproxy",
+                PathKind::Peer,
                 &[(Metric::ConnRate, vec![1000.0, 1200.0, 900.0])],
             ),
-            peer(
+            paired(
                 "nginx",
+                PathKind::Peer,
                 &[
                     (Metric::ConnRate, vec![950.0, 1050.0, 1100.0]),
                     (Metric::UdpP99, vec![250.0, 150.0, f64::NAN]),
@@ -1173,18 +1166,14 @@ mod tests {
             PathKind::Baseline,
             &[(Metric::Bulk8, &[2.0; 3])],
         ));
-        let xdp = r
-            .paths
-            .iter_mut()
-            .find(|p| p.name == "lb-xdp-nat")
-            .expect("the XDP path");
+        let xdp = path_mut(&mut r, "lb-xdp-nat");
         xdp.skipped = None;
         xdp.figures = [(Metric::Bulk8, Figure::new(vec![5.0; 3]))].into();
-        xdp.paired = vec![PairedReference {
-            name: "direct-xdp-veth".into(),
-            kind: PathKind::Baseline,
-            figures: [(Metric::Bulk8, Figure::new(vec![4.0; 3]))].into(),
-        }];
+        xdp.paired = vec![paired(
+            "direct-xdp-veth",
+            PathKind::Baseline,
+            &[(Metric::Bulk8, vec![4.0; 3])],
+        )];
         let xdp = r.path("lb-xdp-nat").expect("the XDP path");
         // Its direct is the topology's (10), not the paired direct-xdp-veth (4).
         assert_eq!(r.ratio_to_direct(xdp, Metric::Bulk8), Some(0.5));
