@@ -12,9 +12,11 @@
 //! The writer thread drops every capability and sets no-new-privileges before anything else
 //! ([`crate::privileges::drop_all_in_this_thread`]): writing to stderr needs none, and a
 //! thread blocked on a stalled stderr could not lower its own later. At exit, [`LogGuard`]
-//! waits up to [`FLUSH_WAIT`] for the queue to be written, and a panic waits up to
-//! [`PANIC_FLUSH_WAIT`] before its message, so that neither loses or overtakes the lines
-//! before it. Should the thread not start, lines are written in place.
+//! waits up to [`FLUSH_WAIT`] for the queue to be written. A panic's message is queued
+//! after the lines before it, and the panicking thread waits up to [`PANIC_FLUSH_WAIT`] for
+//! it to be written, never on stderr itself: a thread blocked there would not unwind, and
+//! the daemon would not exit to be restarted (`watchdog`). Should the thread not start,
+//! lines (a panic's message among them) are written in place.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -76,8 +78,8 @@ pub struct LogGuard {
 static WRITER: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
 
 /// Starts the writer thread `lb-log` and makes the writer for the subscriber and the guard
-/// for `main`; installs a panic hook that lets the queue be written before a panic's
-/// message. When the thread cannot be started, lines are written in place.
+/// for `main`; installs a panic hook that queues a panic's message as a line (see the
+/// module's doc). When the thread cannot be started, lines are written in place.
 pub fn start() -> (QueuedStderr, LogGuard) {
     let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
     let shared = Arc::new(Shared {
@@ -109,13 +111,17 @@ pub fn start() -> (QueuedStderr, LogGuard) {
     }
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // The writer thread's own panic, or one before it runs, is told in place.
         let on_writer = std::thread::current().name() == Some("lb-log");
-        if !on_writer {
-            if let Some(shared) = WRITER.lock().ok().and_then(|w| w.clone()) {
-                shared.flush(PANIC_FLUSH_WAIT);
-            }
+        let shared = WRITER
+            .lock()
+            .ok()
+            .and_then(|w| w.clone())
+            .filter(|s| !on_writer && s.live.load(Ordering::Acquire));
+        match shared {
+            Some(shared) => shared.report_panic(panic_text(info)),
+            None => previous(info),
         }
-        previous(info);
     }));
     (
         QueuedStderr {
@@ -123,6 +129,23 @@ pub fn start() -> (QueuedStderr, LogGuard) {
         },
         LogGuard { shared },
     )
+}
+
+/// What a panic says: the thread, where, the message, and a backtrace when `RUST_BACKTRACE`
+/// (or `RUST_LIB_BACKTRACE`) asks for one, as the standard hook would say it.
+fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> Vec<u8> {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed>");
+    let location = info
+        .location()
+        .map_or_else(|| "an unknown place".to_string(), |l| l.to_string());
+    let message = info.payload_as_str().unwrap_or("Box<dyn Any>");
+    let backtrace = std::backtrace::Backtrace::capture();
+    let tail = match backtrace.status() {
+        std::backtrace::BacktraceStatus::Captured => format!("stack backtrace:\n{backtrace}\n"),
+        _ => "note: set RUST_BACKTRACE=1 for a backtrace\n".to_string(),
+    };
+    format!("thread '{name}' panicked at {location}:\n{message}\n{tail}").into_bytes()
 }
 
 /// The writer thread: writes each queued line to `out` and reports drops, until every sender
@@ -195,6 +218,17 @@ impl Shared {
             }
             Err(TrySendError::Disconnected(Message::Flush(_))) => {}
         }
+    }
+
+    /// Queues a panic's `text` as a warning's line and waits up to [`PANIC_FLUSH_WAIT`] for it
+    /// and the lines before it to be written. Never waits longer: a panicking thread that
+    /// blocked on a stalled stderr (as the standard hook's write would) would never unwind to
+    /// `watchdog`, and the daemon would run on without it instead of exiting to be restarted.
+    /// While stderr stalls, the text waits in the queue like any line (or is dropped and
+    /// counted when the queue is full).
+    fn report_panic(&self, text: Vec<u8>) {
+        self.send(text, true);
+        self.flush(PANIC_FLUSH_WAIT);
     }
 
     /// Waits up to `wait` until every line queued before the call is written; nothing while
@@ -339,24 +373,95 @@ mod tests {
     #[test]
     fn lines_below_warn_leave_a_quarter_of_the_queue_to_warnings() {
         let (writer, _lines) = writer(QUEUE_LINES);
-        for _ in 0..QUEUE_LINES {
-            let mut line = writer.make_writer();
-            line.urgent = false;
-            writeln!(line, "access").expect("formatting a line");
+        // Through the subscriber the daemon uses, which asks `make_writer_for` per line.
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(writer.clone())
+            .finish();
+        let below_warn = (QUEUE_LINES - QUEUE_LINES_BELOW_WARN) as u64;
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..QUEUE_LINES {
+                tracing::info!("access");
+            }
+            assert_eq!(
+                writer.dropped(),
+                below_warn,
+                "info lines stop at three quarters"
+            );
+            for _ in 0..QUEUE_LINES - QUEUE_LINES_BELOW_WARN {
+                tracing::warn!("warning");
+            }
+            assert_eq!(
+                writer.dropped(),
+                below_warn,
+                "warnings take the last quarter"
+            );
+            tracing::error!("one more than the queue holds");
+            assert_eq!(
+                writer.dropped(),
+                below_warn + 1,
+                "a full queue drops even errors"
+            );
+        });
+    }
+
+    /// A stderr whose reader stalled: takes nothing until released.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        sink: Sink,
+        released: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Stalled {
+        fn release(&self) {
+            let (released, wake) = &*self.released;
+            *released.lock().expect("stall lock") = true;
+            wake.notify_all();
         }
-        assert_eq!(
-            writer.dropped(),
-            (QUEUE_LINES - QUEUE_LINES_BELOW_WARN) as u64,
-            "info lines stop at three quarters"
-        );
-        for _ in 0..QUEUE_LINES - QUEUE_LINES_BELOW_WARN {
-            writeln!(writer.make_writer(), "warning").expect("formatting a line");
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (released, wake) = &*self.released;
+            let mut open = released.lock().expect("stall lock");
+            while !*open {
+                open = wake.wait(open).expect("stall lock");
+            }
+            drop(open);
+            self.sink.write(buf)
         }
-        assert_eq!(
-            writer.dropped(),
-            (QUEUE_LINES - QUEUE_LINES_BELOW_WARN) as u64,
-            "warnings take the last quarter"
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panic_is_queued_after_the_lines_before_it_and_never_waits_on_a_stalled_stderr() {
+        let (writer, lines) = writer(QUEUE_LINES);
+        let stderr = Stalled::default();
+        let out = stderr.clone();
+        let counts = writer.shared.counts.clone();
+        let thread = std::thread::spawn(move || write_lines(&lines, &counts, &mut out.clone()));
+        writeln!(writer.make_writer(), "before").expect("formatting a line");
+        let started = Instant::now();
+        writer
+            .shared
+            .report_panic(b"thread 'lb-proxy-0' panicked at here:\nboom\n".to_vec());
+        let waited = started.elapsed();
+        assert!(
+            waited < PANIC_FLUSH_WAIT + Duration::from_secs(2),
+            "the panicking thread waited {waited:?} on a stalled stderr"
         );
+        stderr.release();
+        writer.shared.flush(FLUSH_WAIT);
+        assert_eq!(
+            stderr.sink.text(),
+            "before\nthread 'lb-proxy-0' panicked at here:\nboom\n",
+            "the panic's message follows the lines before it once stderr takes them"
+        );
+        drop(writer);
+        thread
+            .join()
+            .expect("the writer thread ends with its sender");
     }
 
     #[test]

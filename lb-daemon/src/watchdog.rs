@@ -114,22 +114,26 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Whether the fault `point` is to be injected: a debug build with `LB_FAULT` naming it in
-/// its comma-separated list (`panic-proxy-worker`, `panic-sync-thread`, `pause-before-ready`).
-/// Always `false` in a release build, so no environment can make a production daemon fail on
-/// purpose.
+/// its comma-separated list (`panic-proxy-worker`, `panic-sync-thread`, `pause-before-ready`)
+/// and, when `LB_FAULT_ARMED_BY` names a file, once that file exists (so that a test can set
+/// the scene first). Always `false` in a release build, so no environment can make a
+/// production daemon fail on purpose.
 pub fn fault(point: &str) -> bool {
     if !cfg!(debug_assertions) {
         return false;
     }
     static FAULTS: OnceLock<Vec<String>> = OnceLock::new();
-    FAULTS
+    let named = FAULTS
         .get_or_init(|| {
             std::env::var("LB_FAULT")
                 .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
                 .unwrap_or_default()
         })
         .iter()
-        .any(|f| f == point)
+        .any(|f| f == point);
+    named
+        && std::env::var_os("LB_FAULT_ARMED_BY")
+            .is_none_or(|file| std::path::Path::new(&file).exists())
 }
 
 #[cfg(test)]

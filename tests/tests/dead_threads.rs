@@ -3,8 +3,10 @@
 //! again (see `lb_daemon::watchdog`). The faults are injected with `LB_FAULT`, which only a
 //! debug build (the one the tests run) reads.
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
+use lb_tests::client::http_get;
 use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::ports::free_addr;
 use lb_tests::xdp::world::{service, World};
@@ -15,8 +17,8 @@ use lb_tests::{Daemon, HttpNameServer};
 /// second), drain (`drain_timeout` 1 s) and exit.
 const EXIT: Duration = Duration::from_secs(15);
 
-/// Waits for the daemon's exit; asserts it is non-zero and that the log names `thread` and
-/// `why`.
+/// Waits for the daemon's exit after `thread` panicked; asserts it is non-zero and that the
+/// log names `thread` and `why`, and has the panic's own message.
 fn assert_exits_naming(daemon: &mut Daemon, thread: &str, why: &str) {
     let status = daemon.wait_exit(EXIT).unwrap_or_else(|| {
         panic!(
@@ -33,6 +35,10 @@ fn assert_exits_naming(daemon: &mut Daemon, thread: &str, why: &str) {
     assert!(
         logs.contains(&format!("thread {thread} ended unexpectedly: {why}")),
         "the log must name the thread and why it ended; it said:\n{logs}"
+    );
+    assert!(
+        logs.contains(&format!("thread '{thread}' panicked at ")),
+        "the panic's own message (where it happened) must reach the log; it said:\n{logs}"
     );
 }
 
@@ -54,6 +60,64 @@ fn a_proxy_worker_that_panics_makes_the_daemon_exit_non_zero_and_say_why() {
         &mut daemon,
         "lb-proxy-0",
         "panicked: injected by LB_FAULT=panic-proxy-worker",
+    );
+}
+
+/// Connections made while the log reader stalls in
+/// [`a_worker_that_panics_while_the_log_reader_stalls_still_makes_the_daemon_exit`]: their
+/// access lines (about 150 bytes each) fill the pipe (64 KiB), so that the daemon's writes to
+/// stderr block.
+const STALLING_CONNECTIONS: usize = 1_000;
+
+/// A panic while stderr's reader stalls (a journald under load) does not leave the panicking
+/// thread blocked on stderr: the daemon still exits non-zero, so the service manager starts
+/// it again, rather than running on without a worker.
+#[test]
+fn a_worker_that_panics_while_the_log_reader_stalls_still_makes_the_daemon_exit() {
+    let backend = HttpNameServer::start("b1").expect("a backend starts");
+    let vip = free_addr();
+    let config = DaemonConfig::new()
+        .global("drain_timeout", "1s")
+        .global("workers", 2)
+        .service(
+            ServiceConfig::tcp("web", vip)
+                .set("access_log", true)
+                .health("kind", "none")
+                .backend(backend.addr(), 1),
+        )
+        .to_toml();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let armed = dir.path().join("armed");
+    let armed_by = armed.display().to_string();
+    let env = [
+        ("LB_FAULT", "panic-proxy-worker"),
+        ("LB_FAULT_ARMED_BY", armed_by.as_str()),
+    ];
+    let mut daemon = Daemon::try_start_with_env(&config, &env)
+        .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"));
+    daemon.pause_log_reader(true);
+    let stalled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        for i in 0..STALLING_CONNECTIONS {
+            if let Err(e) = http_get(vip, "/") {
+                panic!("connection {i} through the proxy failed while the log reader stalled: {e}");
+            }
+        }
+        std::fs::write(&armed, b"").expect("arm the fault");
+        daemon.wait_exit(EXIT)
+    }));
+    // Reads on however the test ends, so that the daemon's last lines reach its log.
+    daemon.pause_log_reader(false);
+    let status = stalled
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        .unwrap_or_else(|| {
+            panic!(
+                "the daemon did not exit within {EXIT:?} after lb-proxy-0 panicked while its \
+                 log reader stalled: the panicking thread is stuck on stderr"
+            )
+        });
+    assert!(
+        !status.success(),
+        "the daemon exited with {status} after lb-proxy-0 died: it must exit non-zero"
     );
 }
 
