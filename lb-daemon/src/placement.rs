@@ -509,11 +509,15 @@ impl Planes {
     }
 
     /// Whether the node announces its VIPs (`[announce]` is set): call before the first
-    /// service is placed. eBPF services then drop a SYN that finds no backend, where a node
-    /// alone refuses it at once: among announcing nodes, one whose last backend went down
-    /// withdraws the VIP, and the client's resent SYN reaches another node.
+    /// service is placed. Services then drop a SYN that finds no backend (eBPF services in the
+    /// program, proxied ones at their listeners), where a node alone refuses it at once:
+    /// among announcing nodes, one whose last backend went down withdraws the VIP, and the
+    /// client's resent SYN reaches another node.
     pub fn set_announced(&self, on: bool) {
         self.announced.store(on, Ordering::SeqCst);
+        if let Some(proxy) = lock(&self.proxy).as_ref() {
+            proxy.set_announced(on);
+        }
     }
 
     /// Starts a batch of placements (a start or a reload): an XDP plane that failed to load

@@ -4,7 +4,8 @@
 //! it in `/status` and `/metrics`. Each test runs the daemon in a namespace of its own (its
 //! routing tables are the namespace's). The cluster with BIRD is `cluster.rs`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use lb_tests::config::{DaemonConfig, ServiceConfig};
@@ -181,6 +182,76 @@ fn a_vip_is_announced_while_it_can_be_served() {
         "enabled, yet {}",
         node.table()
     );
+}
+
+/// A proxied service whose last backend went down drops the SYNs of new connections while
+/// the node announces its VIPs, rather than refusing the connections: until the router has
+/// moved the VIP's traffic, the client's resent SYN can still be carried (here by this node,
+/// once its backend is back; among several nodes, by another one).
+#[test]
+fn a_proxy_service_without_backend_drops_syns_so_that_the_resent_one_is_carried() {
+    if !lb_tests::require_root("announce::a_proxy_service_without_backend_drops_syns") {
+        return;
+    }
+    let mut node = Node::start("2s");
+    node.wait_route(true, Duration::from_secs(3));
+    let mark = node.daemon.log_mark();
+    node.web.stop();
+    node.wait_route(false, Duration::from_secs(5));
+    node.daemon
+        .wait_for_log_after(
+            mark,
+            "SYNs are dropped, not refused",
+            Duration::from_secs(3),
+        )
+        .unwrap_or_else(|e| panic!("no listener dropped SYNs: {e}"));
+    // Every worker's listener within its next sweep (at most a second).
+    std::thread::sleep(Duration::from_millis(1_500));
+
+    let exchange = || -> Result<(Duration, String), String> {
+        let started = Instant::now();
+        let mut c = TcpStream::connect_timeout(&vip(), Duration::from_secs(20))
+            .map_err(|e| format!("connect: {e}"))?;
+        let connected = started.elapsed();
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
+            .map_err(|e| format!("request: {e}"))?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)
+            .map_err(|e| format!("answer: {e} (after {answer:?})"))?;
+        Ok((connected, answer))
+    };
+    let (ns, web) = (&node.ns, &mut node.web);
+    let (connected, answer) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            ns.enter(exchange)
+                .map_err(|e| format!("enter the namespace: {e}"))?
+        });
+        std::thread::sleep(Duration::from_millis(1_300));
+        assert!(
+            !client.is_finished(),
+            "the connection was settled while the service had no backend"
+        );
+        ns.enter(|| web.restart())
+            .expect("enter the namespace")
+            .expect("the backend restarts");
+        client
+            .join()
+            .expect("the client thread")
+            .unwrap_or_else(|e| panic!("the resent SYN was not carried: {e}"))
+    });
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\na"),
+        "the backend's answer, through the balancer: {answer:?}"
+    );
+    assert!(
+        connected >= Duration::from_secs(1),
+        "connected after {connected:?}: the first SYN was not dropped"
+    );
+    node.daemon
+        .wait_for_log_after(mark, "SYNs are taken again", Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("the listeners did not take SYNs again: {e}"));
 }
 
 /// SIGTERM withdraws the VIP first and keeps serving for `withdraw_wait` (the router moves

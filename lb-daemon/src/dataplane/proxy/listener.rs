@@ -27,6 +27,8 @@ struct Listener {
     failures: u32,
     /// Held while a service removal waits for this listener to close; dropped with `fd`.
     on_close: Option<Sender<()>>,
+    /// Its SYN filter is on ([`Listeners::drop_syns`]).
+    dropping_syns: bool,
 }
 
 impl Listener {
@@ -50,8 +52,13 @@ impl Listeners {
     }
 
     /// Adds `fd`, listening for service `service` (an index into the worker's TCP services);
-    /// returns its index, for [`Listeners::arm`].
+    /// returns its index, for [`Listeners::arm`]. A SYN filter the socket carries is taken
+    /// off: a listener taken over from an older daemon keeps the filter that daemon set
+    /// ([`Listeners::drop_syns`]), which this one would otherwise never know to remove.
     pub(super) fn push(&mut self, service: usize, fd: OwnedFd) -> usize {
+        if let Err(e) = sys::drop_syns(fd.as_fd(), false) {
+            tracing::warn!("a listener may still drop SYNs (removing its filter failed: {e})");
+        }
         self.list.push(Listener {
             service,
             fd: Some(fd),
@@ -60,8 +67,34 @@ impl Listeners {
             backoff: false,
             failures: 0,
             on_close: None,
+            dropping_syns: false,
         });
         self.list.len() - 1
+    }
+
+    /// Makes service `service`'s listener drop the SYNs that reach it (`on`) or take them
+    /// again ([`sys::drop_syns`]), unless it already does; a listener closing or closed is
+    /// left alone. Returns `Ok(true)` when the filter changed, the `setsockopt(2)` error
+    /// when it could not (the listener is then as it was).
+    pub(super) fn drop_syns(&mut self, service: usize, on: bool) -> io::Result<bool> {
+        let mut changed = false;
+        for l in &mut self.list {
+            let Some(fd) = &l.fd else {
+                continue;
+            };
+            if l.service != service || l.closing || l.dropping_syns == on {
+                continue;
+            }
+            sys::drop_syns(fd.as_fd(), on)?;
+            l.dropping_syns = on;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Whether some listener drops SYNs.
+    pub(super) fn dropping_syns(&self) -> bool {
+        self.list.iter().any(|l| l.dropping_syns && l.fd.is_some())
     }
 
     /// Arms every listener's accept.
@@ -240,5 +273,46 @@ fn take_queue(l: &Listener, accepted: &mut Vec<(usize, OwnedFd)>) {
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether a connection to `addr` completes within `wait`.
+    fn connects(addr: SocketAddr, wait: Duration) -> bool {
+        TcpStream::connect_timeout(&addr, wait).is_ok()
+    }
+
+    #[test]
+    fn a_listener_that_drops_syns_answers_none_and_a_new_owner_takes_the_filter_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+        let addr = listener.local_addr().expect("its address");
+        let fd = OwnedFd::from(listener);
+        assert!(connects(addr, Duration::from_secs(2)), "a plain listener");
+        sys::drop_syns(fd.as_fd(), true).expect("the filter goes on");
+        // The client's SYN goes unanswered: the kernel would resend it after a second.
+        assert!(
+            !connects(addr, Duration::from_millis(300)),
+            "a SYN reached the listener through its filter"
+        );
+        // As a listener inherited from an older daemon that left its filter on.
+        let mut listeners = Listeners::new();
+        listeners.push(0, fd);
+        assert!(!listeners.dropping_syns());
+        assert!(
+            connects(addr, Duration::from_secs(2)),
+            "the new owner took SYNs again"
+        );
+        assert!(listeners.drop_syns(0, true).expect("on"), "turned on");
+        assert!(!listeners.drop_syns(0, true).expect("on"), "already on");
+        assert!(listeners.dropping_syns());
+        assert!(!connects(addr, Duration::from_millis(300)), "dropped again");
+        assert!(listeners.drop_syns(0, false).expect("off"), "turned off");
+        assert!(connects(addr, Duration::from_secs(2)), "taken again");
     }
 }

@@ -167,6 +167,8 @@ struct Shared {
     /// The sockets were handed to a new daemon, which reads them now: draining, the UDP
     /// VIP sockets stop reading (they still send the replies of this proxy's sessions).
     handed_over: std::sync::atomic::AtomicBool,
+    /// The node announces its VIPs ([`Proxy::set_announced`]).
+    announced: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -235,6 +237,9 @@ struct ServiceInfo {
     nodelay_on_accept: bool,
     /// Per-client limits state, shared by the workers.
     clients: Arc<limits::ClientTable>,
+    /// Some worker's listener drops the service's SYNs (TCP; see `tcp`): the first worker to
+    /// turn its filter on or off logs it.
+    syns_dropped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ServiceInfo {
@@ -252,6 +257,7 @@ impl ServiceInfo {
             drain_until: None,
             nodelay_on_accept: false,
             clients: Arc::new(limits::ClientTable::new()),
+            syns_dropped: Arc::default(),
         }
     }
 
@@ -673,6 +679,13 @@ impl Proxy {
             shared: Arc::clone(&self.shared),
             wakes: self.workers.iter().map(|w| Arc::clone(&w.wake)).collect(),
         }
+    }
+
+    /// Whether the node announces its VIPs (`[announce]`): a TCP service without an eligible
+    /// backend then drops the SYNs that reach its listeners instead of refusing their
+    /// connections, as the eBPF plane does. Call before the first service is added.
+    pub fn set_announced(&self, on: bool) {
+        self.shared.announced.store(on, Ordering::Relaxed);
     }
 
     /// Hands the sockets of an upgrade to the new daemon from now on: it accepts on them;

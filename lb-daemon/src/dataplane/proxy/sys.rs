@@ -297,6 +297,47 @@ pub(super) fn set_reset_on_close(fd: &OwnedFd) {
     let _ = socket2::SockRef::from(fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// The classic BPF socket filter of [`drop_syns`]: drops a TCP segment with SYN set and ACK
+/// clear (a connection's first segment) and takes every other packet whole. The kernel runs
+/// a TCP socket's filter on the segment from its TCP header on (`tcp_filter`), so byte 13
+/// is the flags.
+const SYN_DROP: [libc::sock_filter; 5] = [
+    // A = segment[13], the flags.
+    bpf_insn(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 13),
+    bpf_insn(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0, 0, 0x12),
+    // SYN without ACK: on to the drop, else past it.
+    bpf_insn(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, 0x02),
+    bpf_insn(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+    bpf_insn(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+];
+
+const fn bpf_insn(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// Makes the TCP listener `fd` drop the SYNs that reach it (`on`), unanswered, or take them
+/// again (`!on`). A dropped SYN costs its client a retransmission timeout (1 s, then 3 s, ...)
+/// where a refused connection would cost it the connection. The segments of handshakes
+/// under way pass, and a connection accepted while the filter is on inherits it, harmlessly:
+/// it never gets a lone SYN. Removing a filter that is not there is no error. `Err`: the
+/// `setsockopt(2)` error (`SO_ATTACH_FILTER`, `SO_DETACH_FILTER`).
+pub(super) fn drop_syns(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let socket = socket2::SockRef::from(&fd);
+    if on {
+        socket.attach_filter(&SYN_DROP)
+    } else {
+        match socket.detach_filter() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+}
+
 /// `write(2)` of `data` to `fd` (non-blocking when `fd` is); returns the bytes written.
 pub(super) fn write(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     // SAFETY: `data` is a live slice of `data.len()` bytes.

@@ -123,6 +123,21 @@ pub(super) struct Tcp {
     accepted_now: Vec<(usize, OwnedFd)>,
 }
 
+/// Whether service `info`'s listener is to drop the SYNs that reach it rather than accept
+/// connections it can only refuse: the node announces its VIPs (`[announce]`), this daemon
+/// still owns the listener (not handed over in an upgrade), the service is not removed, and
+/// no backend is eligible. Such a node withdraws the VIP (`announce`), and until the router
+/// has moved the traffic, a refused connection fails its client where a dropped SYN is sent
+/// again: to another node once the route is gone, or to this one once a backend is back.
+/// The eBPF plane does the same (`SERVICE_F_ANNOUNCED`). A node that does not announce
+/// refuses at once: no other node could take the SYN.
+fn syns_unwelcome(ctx: &Ctx, info: &ServiceInfo) -> bool {
+    ctx.shared.announced.load(Ordering::Relaxed)
+        && !ctx.shared.handed_over.load(Ordering::Relaxed)
+        && !info.removed()
+        && info.snapshot.load().scheduler.is_none()
+}
+
 /// A non-blocking TCP socket for a connect to `addr`, with `TCP_NODELAY` (the proxy
 /// forwards what it gets at once; batching is the endpoints' business) and `SO_OOBINLINE`
 /// (urgent data stays in the stream, see [`super::relay`]).
@@ -489,6 +504,8 @@ impl Tcp {
             let service_at = conn.service;
             self.log_no_backend(ctx, service_at, client, failed);
             self.close(ctx, index, generation, End::NoBackend);
+            // The next connections' SYNs need not wait for the sweep to be dropped.
+            self.gate_syns(ctx, service_at);
             return;
         };
         let socket = match backend_socket(addr) {
@@ -535,6 +552,44 @@ impl Tcp {
                  from {client}{also}"
             );
         }
+    }
+
+    /// Turns service `service`'s SYN filter on or off as [`syns_unwelcome`] says (called each
+    /// sweep, and when a connection found no backend); the first worker to change it logs the
+    /// change.
+    fn gate_syns(&mut self, ctx: &Ctx, service: usize) {
+        let info = &self.services[service];
+        let on = syns_unwelcome(ctx, info);
+        match self.listeners.drop_syns(service, on) {
+            Ok(true) if info.syns_dropped.swap(on, Ordering::Relaxed) != on => {
+                let name = &info.name;
+                if on {
+                    tracing::info!(
+                        "service {name}: no backend while the VIP is announced: SYNs are \
+                         dropped, not refused, until one is back, so that clients send them \
+                         again (to another node once the VIP is withdrawn)"
+                    );
+                } else {
+                    tracing::info!("service {name}: SYNs are taken again");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(also) = self.no_backend_log[service].allow(ctx.now) {
+                    let name = &info.name;
+                    tracing::warn!(
+                        "service {name}: cannot {} SYNs at its listener: {e}{also}",
+                        if on { "drop" } else { "take again the" }
+                    );
+                }
+            }
+        }
+    }
+
+    /// Whether some listener of this worker drops SYNs (the worker then sweeps more often,
+    /// so that it takes them again soon after a backend is back).
+    pub(super) fn dropping_syns(&self) -> bool {
+        self.listeners.dropping_syns()
     }
 
     /// A completion of one of a connection's operations.
@@ -876,6 +931,9 @@ impl Tcp {
     /// operation in flight per direction.
     pub(super) fn sweep(&mut self, ctx: &mut Ctx) {
         self.listeners.rearm_backed_off(ctx);
+        for service in 0..self.services.len() {
+            self.gate_syns(ctx, service);
+        }
         let (services, now) = (&self.services, ctx.now);
         self.flushing.sweep(now);
         let budget = self.conns.sweep_budget(SWEEP_BUDGET);

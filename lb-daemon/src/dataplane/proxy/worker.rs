@@ -61,6 +61,11 @@ const MAX_ENTER_FAILURES: u32 = 100;
 /// closed one period late at most (~12%, or 1 s for long timeouts) while its slab holds
 /// 4,096 slots or fewer, else within as many periods as it takes to reach it (at most
 /// eight: `Slab::sweep_budget`).
+/// The longest a worker's sweep waits while one of its listeners drops SYNs (see `tcp`):
+/// a backend back up takes SYNs again within this, before the announcer (which looks every
+/// 200 ms) announces the VIP again.
+const SYN_GATE_PERIOD: Duration = Duration::from_millis(100);
+
 fn sweep_period<'a>(services: impl Iterator<Item = &'a ServiceInfo>) -> Duration {
     services
         .map(|s| s.idle_timeout / 8)
@@ -221,7 +226,12 @@ impl Worker {
                 }
                 self.tcp.sweep(ctx);
                 self.udp.sweep(ctx);
-                ctx.ring.timeout(self.period, Token::of(Kind::Sweep));
+                let period = if self.tcp.dropping_syns() {
+                    self.period.min(SYN_GATE_PERIOD)
+                } else {
+                    self.period
+                };
+                ctx.ring.timeout(period, Token::of(Kind::Sweep));
             }
             Kind::Accept => self.tcp.on_accept(ctx, c),
             Kind::Conn => self.tcp.on_conn(ctx, c),
