@@ -208,8 +208,9 @@ pub fn run(plan: &Plan) -> Result<Report> {
          such reference a twin of the topology, built the same way and removed after the \
          path, runs it in rounds interleaved with the path's (with one reference the path \
          first in rounds 1, 3, 5..., the reference in rounds 2, 4...; with two the order \
-         turns by one place each round) while the path's balancer stays up on the first, so \
-         that the machine's drift over minutes lands on every side of those ratios alike."
+         turns by one place each round, and the peers swap places every three rounds) \
+         while the path's balancer stays up on the first, so that the machine's drift over \
+         minutes lands on every side of those ratios alike."
             .to_string(),
         "Clients and servers are Rust (benches/src/client.rs, server.rs): 1 and 8 bulk flows, \
          16 connection loops, 16 kept-alive connections, 8 UDP sockets, 64-byte messages; \
@@ -374,15 +375,21 @@ fn run_network(
                         format!("{who} first in round {}", round + 1)
                     })
                     .collect();
-                let (what, each) = if names.len() == 1 {
-                    ("reference", "")
+                let (what, each, swap) = if names.len() == 1 {
+                    ("reference", "", String::new())
                 } else {
-                    ("references", " each")
+                    let sides = names.len() + 1;
+                    let swap = format!(
+                        ", the references listed the other way round in rounds {}-{}",
+                        sides + 1,
+                        2 * sides
+                    );
+                    ("references", " each", swap)
                 };
                 notes.entry(case.name()).or_default().push(format!(
                     "its targets' {what} ({}) ran{each} on a twin of this topology in rounds \
                      interleaved with this path's, the order turning by one place each round \
-                     ({}, and so on); their figures are the `↳` rows",
+                     ({}, and so on{swap}); their figures are the `↳` rows",
                     names.join(", "),
                     first.join(", ")
                 ));
@@ -581,19 +588,23 @@ enum Side {
 }
 
 /// The order of a path and its `references` running paired references in the path's round
-/// `index` (0 for round 1): the path, then each reference, turned by one place each round.
-/// With one reference: A B, B A, A B...; with two: A B C, B C A, C A B... So each side goes
-/// first in turn (with one reference, neither always runs right after the other's load;
-/// with two, each always follows the same one within a round). When the rounds are not a
-/// multiple of the sides, the earlier sides go first once more often.
+/// `index` (0 for round 1): the path, then each reference, turned by one place each round, so
+/// that in every `references + 1` rounds each side goes first once. With one reference: A B,
+/// B A, A B... With more, every other block of `references + 1` rounds lists the references
+/// the other way round (A B C, B C A, C A B, then A C B, C B A, B A C), so that over two
+/// blocks each side runs right after each other one as often: a side that leaves the machine
+/// worse for the next (sockets in TIME_WAIT, a warm cache gone) burdens them all alike. When
+/// the rounds are not a multiple of the sides, the earlier sides go first once more often.
 fn paired_order(index: usize, references: usize) -> Vec<Side> {
     let sides = references + 1;
-    (0..sides)
-        .map(|k| match (index + k) % sides {
-            0 => Side::Path,
-            i => Side::Reference(i - 1),
-        })
-        .collect()
+    let backwards = references > 1 && (index / sides) % 2 == 1;
+    let base: Vec<Side> = std::iter::once(Side::Path)
+        .chain(
+            (0..references)
+                .map(|i| Side::Reference(if backwards { references - 1 - i } else { i })),
+        )
+        .collect();
+    (0..sides).map(|k| base[(index + k) % sides]).collect()
 }
 
 /// The order `cases` (one topology's) run in, each with the number of its first round: the
@@ -1038,16 +1049,30 @@ mod tests {
             order,
             vec![vec![p, r0], vec![r0, p], vec![p, r0], vec![r0, p]]
         );
-        let order: Vec<Vec<Side>> = (0..4).map(|i| paired_order(i, 2)).collect();
+        let order: Vec<Vec<Side>> = (0..7).map(|i| paired_order(i, 2)).collect();
         assert_eq!(
             order,
             vec![
                 vec![p, r0, r1],
                 vec![r0, r1, p],
                 vec![r1, p, r0],
+                vec![p, r1, r0],
+                vec![r1, r0, p],
+                vec![r0, p, r1],
                 vec![p, r0, r1]
             ]
         );
+        // Over two blocks, every side runs right after each other one equally often.
+        let mut follows = BTreeMap::new();
+        for round in &order[..6] {
+            for pair in round.windows(2) {
+                *follows
+                    .entry(format!("{:?}>{:?}", pair[0], pair[1]))
+                    .or_insert(0) += 1;
+            }
+        }
+        assert_eq!(follows.len(), 6, "{follows:?}");
+        assert!(follows.values().all(|&n| n == 2), "{follows:?}");
         assert_eq!(paired_order(3, 0), vec![p], "without a reference");
         assert_eq!(case(Path::LbTcNat).paired_references(), &[Path::Direct]);
         let on_bridge = Case {
