@@ -27,7 +27,7 @@ struct Listener {
     failures: u32,
     /// Held while a service removal waits for this listener to close; dropped with `fd`.
     on_close: Option<Sender<()>>,
-    /// Its SYN filter is on ([`Listeners::drop_syns`]).
+    /// Its SYN filter was on at the last look ([`Listeners::drop_syns`]).
     dropping_syns: bool,
 }
 
@@ -73,23 +73,33 @@ impl Listeners {
     }
 
     /// Makes service `service`'s listener drop the SYNs that reach it (`on`) or take them
-    /// again ([`sys::drop_syns`]), unless it already does; a listener closing or closed is
-    /// left alone. Returns `Ok(true)` when the filter changed, the `setsockopt(2)` error
-    /// when it could not (the listener is then as it was).
+    /// again ([`sys::drop_syns`]), unless the socket already does, as the kernel says
+    /// ([`sys::has_filter`]): after an upgrade the other daemon may have changed it. A
+    /// listener closing or closed is left alone. Returns `Ok(true)` when a filter changed,
+    /// or the first `getsockopt(2)` / `setsockopt(2)` error (the listener is then as it was;
+    /// a worker has one listener per service).
     pub(super) fn drop_syns(&mut self, service: usize, on: bool) -> io::Result<bool> {
         let mut changed = false;
         for l in &mut self.list {
             let Some(fd) = &l.fd else {
                 continue;
             };
-            if l.service != service || l.closing || l.dropping_syns == on {
+            if l.service != service || l.closing {
                 continue;
             }
-            sys::drop_syns(fd.as_fd(), on)?;
+            if sys::has_filter(fd.as_fd())? != on {
+                sys::drop_syns(fd.as_fd(), on)?;
+                changed = true;
+            }
             l.dropping_syns = on;
-            changed = true;
         }
         Ok(changed)
+    }
+
+    /// Whether the listener of service `service` dropped SYNs at the last look: a connection
+    /// it accepts then carries the filter ([`sys::drop_syns`]).
+    pub(super) fn drops_syns_of(&self, service: usize) -> bool {
+        (self.list.iter()).any(|l| l.service == service && l.dropping_syns && l.fd.is_some())
     }
 
     /// Whether some listener drops SYNs.
@@ -278,6 +288,7 @@ fn take_queue(l: &Listener, accepted: &mut Vec<(usize, OwnedFd)>) {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::time::Duration;
 
@@ -288,13 +299,15 @@ mod tests {
         TcpStream::connect_timeout(&addr, wait).is_ok()
     }
 
-    #[test]
-    fn a_listener_that_drops_syns_answers_none_and_a_new_owner_takes_the_filter_off() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    /// What `drop_syns` does to a listener on `at` (IPv4 or IPv6 loopback, port 0).
+    fn drops_syns_and_the_new_owner_takes_the_filter_off(at: &str) {
+        let listener = TcpListener::bind(at).expect("bind a listener");
         let addr = listener.local_addr().expect("its address");
         let fd = OwnedFd::from(listener);
         assert!(connects(addr, Duration::from_secs(2)), "a plain listener");
+        assert!(!sys::has_filter(fd.as_fd()).expect("asked"));
         sys::drop_syns(fd.as_fd(), true).expect("the filter goes on");
+        assert!(sys::has_filter(fd.as_fd()).expect("asked"));
         // The client's SYN goes unanswered: the kernel would resend it after a second.
         assert!(
             !connects(addr, Duration::from_millis(300)),
@@ -310,9 +323,39 @@ mod tests {
         );
         assert!(listeners.drop_syns(0, true).expect("on"), "turned on");
         assert!(!listeners.drop_syns(0, true).expect("on"), "already on");
-        assert!(listeners.dropping_syns());
+        assert!(listeners.dropping_syns() && listeners.drops_syns_of(0));
         assert!(!connects(addr, Duration::from_millis(300)), "dropped again");
         assert!(listeners.drop_syns(0, false).expect("off"), "turned off");
         assert!(connects(addr, Duration::from_secs(2)), "taken again");
+    }
+
+    #[test]
+    fn a_listener_that_drops_syns_answers_none_and_a_new_owner_takes_the_filter_off() {
+        drops_syns_and_the_new_owner_takes_the_filter_off("127.0.0.1:0");
+        drops_syns_and_the_new_owner_takes_the_filter_off("[::1]:0");
+    }
+
+    #[test]
+    fn the_syn_filter_lets_an_open_connections_segments_through_both_ways() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+        let mut client =
+            TcpStream::connect(listener.local_addr().expect("its address")).expect("connect");
+        let (mut server, _) = listener.accept().expect("accept");
+        sys::drop_syns(server.as_fd(), true).expect("the filter goes on");
+        let timeout = Some(Duration::from_secs(2));
+        client.set_read_timeout(timeout).expect("timeout");
+        server.set_read_timeout(timeout).expect("timeout");
+        let mut got = [0u8; 5];
+        client.write_all(b"hello").expect("send");
+        server
+            .read_exact(&mut got)
+            .expect("data reaches the filtered socket");
+        server.write_all(b"world").expect("send");
+        client
+            .read_exact(&mut got)
+            .expect("its acknowledgements and data flow");
+        assert_eq!(&got, b"world");
+        drop(client);
+        assert_eq!(server.read(&mut got).expect("the FIN passes"), 0);
     }
 }

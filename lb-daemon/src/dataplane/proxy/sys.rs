@@ -320,12 +320,14 @@ const fn bpf_insn(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     }
 }
 
-/// Makes the TCP listener `fd` drop the SYNs that reach it (`on`), unanswered, or take them
-/// again (`!on`). A dropped SYN costs its client a retransmission timeout (1 s, then 3 s, ...)
-/// where a refused connection would cost it the connection. The segments of handshakes
-/// under way pass, and a connection accepted while the filter is on inherits it, harmlessly:
-/// it never gets a lone SYN. Removing a filter that is not there is no error. `Err`: the
-/// `setsockopt(2)` error (`SO_ATTACH_FILTER`, `SO_DETACH_FILTER`).
+/// Makes the TCP socket `fd` drop the SYNs that reach it (`on`), unanswered, or take them
+/// again (`!on`). On a listener, a dropped SYN costs its client a retransmission timeout (it
+/// resends 1 s, 3 s, 7 s... after the first) where a refused connection would cost it the
+/// connection; the segments of handshakes under way pass. A connection accepted while its
+/// listener has the filter inherits it (the kernel copies a listener's filter to each new
+/// connection), so the caller takes it off such a connection: there a dropped SYN would be
+/// one RFC 5961 answers with a challenge ACK. Removing a filter that is not there is no
+/// error. `Err`: the `setsockopt(2)` error (`SO_ATTACH_FILTER`, `SO_DETACH_FILTER`).
 pub(super) fn drop_syns(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     let socket = socket2::SockRef::from(&fd);
     if on {
@@ -335,6 +337,29 @@ pub(super) fn drop_syns(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             other => other,
         }
+    }
+}
+
+/// Whether socket `fd` has a socket filter (the one of [`drop_syns`]: lb puts no other on
+/// its sockets), as the kernel says (`SO_GET_FILTER`'s count of instructions), not as this
+/// process remembers: after an upgrade two daemons hold the same listener. `Err`: the
+/// `getsockopt(2)` error.
+pub(super) fn has_filter(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut len: libc::socklen_t = 0;
+    // SAFETY: with a length of 0 the kernel writes no value, only the count into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_GET_FILTER,
+            std::ptr::null_mut(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(len > 0)
     }
 }
 

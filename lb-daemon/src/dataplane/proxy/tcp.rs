@@ -130,10 +130,15 @@ pub(super) struct Tcp {
 /// has moved the traffic, a refused connection fails its client where a dropped SYN is sent
 /// again: to another node once the route is gone, or to this one once a backend is back.
 /// The eBPF plane does the same (`SERVICE_F_ANNOUNCED`). A node that does not announce
-/// refuses at once: no other node could take the SYN.
+/// refuses at once: no other node could take the SYN; nor does a service on a wildcard
+/// address, which is never announced.
+///
+/// While an upgrade hands the listeners over, both daemons hold them and each sets the
+/// filter as its own services say: they agree unless one of them has no backend, and the
+/// old one stops changing it once the sockets are handed over.
 fn syns_unwelcome(ctx: &Ctx, info: &ServiceInfo) -> bool {
     ctx.shared.announced.load(Ordering::Relaxed)
-        && !ctx.shared.handed_over.load(Ordering::Relaxed)
+        && !info.listen.ip().is_unspecified()
         && !info.removed()
         && info.snapshot.load().scheduler.is_none()
 }
@@ -426,6 +431,12 @@ impl Tcp {
     }
 
     fn accepted(&mut self, ctx: &mut Ctx, service: usize, client: OwnedFd) {
+        // A connection whose handshake ended while its listener dropped SYNs got the filter
+        // with its socket (a handshake that ends just as the filter comes off may keep it
+        // too: then only a SYN on the open connection goes unanswered).
+        if self.listeners.drops_syns_of(service) {
+            let _ = sys::drop_syns(client.as_fd(), false);
+        }
         let sock = SockRef::from(&client);
         let Some(client_addr) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
             // Reset before we got to it.
@@ -558,6 +569,10 @@ impl Tcp {
     /// sweep, and when a connection found no backend); the first worker to change it logs the
     /// change.
     fn gate_syns(&mut self, ctx: &Ctx, service: usize) {
+        // After a hand-over the listener is the new daemon's, filter and all.
+        if ctx.shared.handed_over.load(Ordering::Relaxed) {
+            return;
+        }
         let info = &self.services[service];
         let on = syns_unwelcome(ctx, info);
         match self.listeners.drop_syns(service, on) {

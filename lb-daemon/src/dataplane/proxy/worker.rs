@@ -57,15 +57,16 @@ const AFTER_DEADLINE: Duration = Duration::from_secs(5);
 /// Consecutive `io_uring_enter` failures after which the worker gives up.
 const MAX_ENTER_FAILURES: u32 = 100;
 
+/// The longest a worker's sweep waits while one of its listeners drops SYNs (see `tcp`):
+/// once the sweep runs at this pace, a listener takes SYNs again within this of a backend
+/// being back, usually before the announcer (which looks every 200 ms) announces the VIP
+/// again. The sweep that follows the filter going on may still come up to a second later.
+const SYN_GATE_PERIOD: Duration = Duration::from_millis(100);
+
 /// The sweep period: an eighth of the shortest idle timeout, within 10 ms..1 s. A flow is
 /// closed one period late at most (~12%, or 1 s for long timeouts) while its slab holds
 /// 4,096 slots or fewer, else within as many periods as it takes to reach it (at most
 /// eight: `Slab::sweep_budget`).
-/// The longest a worker's sweep waits while one of its listeners drops SYNs (see `tcp`):
-/// a backend back up takes SYNs again within this, before the announcer (which looks every
-/// 200 ms) announces the VIP again.
-const SYN_GATE_PERIOD: Duration = Duration::from_millis(100);
-
 fn sweep_period<'a>(services: impl Iterator<Item = &'a ServiceInfo>) -> Duration {
     services
         .map(|s| s.idle_timeout / 8)
