@@ -32,9 +32,12 @@ use tracing_subscriber::fmt::MakeWriter;
 pub const QUEUE_LINES: usize = 4096;
 /// Lines below WARN are dropped once this many wait.
 pub const QUEUE_LINES_BELOW_WARN: usize = QUEUE_LINES * 3 / 4;
+/// The last lines of the queue, kept for panics' messages: warnings and errors are dropped
+/// once `QUEUE_LINES - QUEUE_LINES_FOR_PANICS` wait.
+pub const QUEUE_LINES_FOR_PANICS: usize = 16;
 /// The longest [`LogGuard`] waits at exit for the queue to be written.
 pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
-/// The longest a panicking thread waits for the queue before its message is printed.
+/// The longest a panicking thread waits, once its message is queued, for it to be written.
 pub const PANIC_FLUSH_WAIT: Duration = Duration::from_millis(500);
 /// How often the writer thread wakes without lines, to report drops.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
@@ -43,6 +46,17 @@ enum Message {
     Line(Vec<u8>),
     /// Everything queued before it has been written: answer on the channel.
     Flush(SyncSender<()>),
+}
+
+/// What a line is, for how much of the queue it may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// Below WARN (the access log above all): the first [`QUEUE_LINES_BELOW_WARN`].
+    BelowWarn,
+    /// WARN or ERROR: all but the last [`QUEUE_LINES_FOR_PANICS`].
+    Warn,
+    /// A panic's message: the whole queue.
+    Panic,
 }
 
 /// What the writer thread counts with the threads that log.
@@ -131,11 +145,13 @@ pub fn start() -> (QueuedStderr, LogGuard) {
     )
 }
 
-/// What a panic says: the thread, where, the message, and a backtrace when `RUST_BACKTRACE`
-/// (or `RUST_LIB_BACKTRACE`) asks for one, as the standard hook would say it.
+/// What a panic says: the thread (name and id), where, the message, and a backtrace when
+/// `RUST_LIB_BACKTRACE` or `RUST_BACKTRACE` asks for one (`std::backtrace::Backtrace`'s
+/// rule; `full` prints as `1` does). The standard hook's first line, in its own words after.
 fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> Vec<u8> {
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("<unnamed>");
+    let tid = nix::unistd::gettid();
     let location = info
         .location()
         .map_or_else(|| "an unknown place".to_string(), |l| l.to_string());
@@ -145,7 +161,7 @@ fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> Vec<u8> {
         std::backtrace::BacktraceStatus::Captured => format!("stack backtrace:\n{backtrace}\n"),
         _ => "note: set RUST_BACKTRACE=1 for a backtrace\n".to_string(),
     };
-    format!("thread '{name}' panicked at {location}:\n{message}\n{tail}").into_bytes()
+    format!("thread '{name}' ({tid}) panicked at {location}:\n{message}\n{tail}").into_bytes()
 }
 
 /// The writer thread: writes each queued line to `out` and reports drops, until every sender
@@ -187,17 +203,18 @@ fn report_drops(dropped: &AtomicU64, out: &mut impl Write) {
 }
 
 impl Shared {
-    /// Queues `line` (`urgent`: WARN or above), or drops and counts it when its part of the
-    /// queue is full; writes it in place while the writer thread does not run.
-    fn send(&self, line: Vec<u8>, urgent: bool) {
+    /// Queues `line` (of `class`), or drops and counts it when its part of the queue is full;
+    /// writes it in place while the writer thread does not run, or once it is gone, unless
+    /// it is a panic's (see [`Shared::report_panic`]).
+    fn send(&self, line: Vec<u8>, class: Class) {
         if !self.live.load(Ordering::Acquire) {
             let _ = io::stderr().write_all(&line);
             return;
         }
-        let room = if urgent {
-            QUEUE_LINES
-        } else {
-            QUEUE_LINES_BELOW_WARN
+        let room = match class {
+            Class::BelowWarn => QUEUE_LINES_BELOW_WARN,
+            Class::Warn => QUEUE_LINES - QUEUE_LINES_FOR_PANICS,
+            Class::Panic => QUEUE_LINES,
         };
         if self.counts.waiting.fetch_add(1, Ordering::Relaxed) >= room {
             self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -211,23 +228,28 @@ impl Shared {
                 self.counts.dropped.fetch_add(1, Ordering::Relaxed);
             }
             // The writer thread is gone (it cannot end while a sender lives, short of a
-            // panic): write in place rather than lose the line.
+            // panic): write in place rather than lose the line. Not a panic's: its thread
+            // must not block on stderr.
             Err(TrySendError::Disconnected(Message::Line(line))) => {
                 self.counts.waiting.fetch_sub(1, Ordering::Relaxed);
-                let _ = io::stderr().write_all(&line);
+                if class != Class::Panic {
+                    let _ = io::stderr().write_all(&line);
+                }
             }
             Err(TrySendError::Disconnected(Message::Flush(_))) => {}
         }
     }
 
-    /// Queues a panic's `text` as a warning's line and waits up to [`PANIC_FLUSH_WAIT`] for it
-    /// and the lines before it to be written. Never waits longer: a panicking thread that
-    /// blocked on a stalled stderr (as the standard hook's write would) would never unwind to
-    /// `watchdog`, and the daemon would run on without it instead of exiting to be restarted.
-    /// While stderr stalls, the text waits in the queue like any line (or is dropped and
-    /// counted when the queue is full).
+    /// Queues a panic's `text` (it may take the last [`QUEUE_LINES_FOR_PANICS`] lines of the
+    /// queue, which warnings leave free) and waits up to [`PANIC_FLUSH_WAIT`] for it and the
+    /// lines before it to be written. Never waits longer, nor on stderr itself: a panicking
+    /// thread that blocked on a stalled stderr (as the standard hook's write would) would
+    /// never unwind to `watchdog`, and the daemon would run on without it instead of exiting
+    /// to be restarted. While stderr stalls, the text waits in the queue like any line; it is
+    /// dropped and counted only when panics filled those last lines too, or the writer
+    /// thread is gone.
     fn report_panic(&self, text: Vec<u8>) {
-        self.send(text, true);
+        self.send(text, Class::Panic);
         self.flush(PANIC_FLUSH_WAIT);
     }
 
@@ -269,7 +291,7 @@ impl<'a> MakeWriter<'a> for QueuedStderr {
         Line {
             to: &self.shared,
             bytes: Vec::new(),
-            urgent: true,
+            class: Class::Warn,
         }
     }
 
@@ -277,7 +299,11 @@ impl<'a> MakeWriter<'a> for QueuedStderr {
         Line {
             to: &self.shared,
             bytes: Vec::new(),
-            urgent: *meta.level() <= Level::WARN,
+            class: if *meta.level() <= Level::WARN {
+                Class::Warn
+            } else {
+                Class::BelowWarn
+            },
         }
     }
 }
@@ -286,8 +312,8 @@ impl<'a> MakeWriter<'a> for QueuedStderr {
 pub struct Line<'a> {
     to: &'a Shared,
     bytes: Vec<u8>,
-    /// WARN or above: may take the whole queue.
-    urgent: bool,
+    /// How much of the queue it may take.
+    class: Class,
 }
 
 impl Write for Line<'_> {
@@ -304,7 +330,7 @@ impl Write for Line<'_> {
 impl Drop for Line<'_> {
     fn drop(&mut self) {
         if !self.bytes.is_empty() {
-            self.to.send(std::mem::take(&mut self.bytes), self.urgent);
+            self.to.send(std::mem::take(&mut self.bytes), self.class);
         }
     }
 }
@@ -371,7 +397,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_below_warn_leave_a_quarter_of_the_queue_to_warnings() {
+    fn each_kind_of_line_has_its_part_of_the_queue() {
         let (writer, _lines) = writer(QUEUE_LINES);
         // Through the subscriber the daemon uses, which asks `make_writer_for` per line.
         let subscriber = tracing_subscriber::fmt()
@@ -387,7 +413,7 @@ mod tests {
                 below_warn,
                 "info lines stop at three quarters"
             );
-            for _ in 0..QUEUE_LINES - QUEUE_LINES_BELOW_WARN {
+            for _ in 0..QUEUE_LINES - QUEUE_LINES_BELOW_WARN - QUEUE_LINES_FOR_PANICS {
                 tracing::warn!("warning");
             }
             assert_eq!(
@@ -395,13 +421,23 @@ mod tests {
                 below_warn,
                 "warnings take the last quarter"
             );
-            tracing::error!("one more than the queue holds");
+            tracing::error!("one more than warnings may take");
             assert_eq!(
                 writer.dropped(),
                 below_warn + 1,
-                "a full queue drops even errors"
+                "the last lines are for panics"
             );
         });
+        for _ in 0..QUEUE_LINES_FOR_PANICS {
+            writer.shared.send(b"panicked\n".to_vec(), Class::Panic);
+        }
+        assert_eq!(
+            writer.dropped(),
+            below_warn + 1,
+            "panics take the queue's last lines"
+        );
+        writer.shared.send(b"panicked\n".to_vec(), Class::Panic);
+        assert_eq!(writer.dropped(), below_warn + 2, "and no more");
     }
 
     /// A stderr whose reader stalled: takes nothing until released.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use lb_tests::client::http_get;
 use lb_tests::config::{DaemonConfig, ServiceConfig};
+use lb_tests::daemon::LogWaitError;
 use lb_tests::ports::free_addr;
 use lb_tests::xdp::world::{service, World};
 use lb_tests::xdp::{bpf_object, in_netns, Mode, Path};
@@ -37,7 +38,8 @@ fn assert_exits_naming(daemon: &mut Daemon, thread: &str, why: &str) {
         "the log must name the thread and why it ended; it said:\n{logs}"
     );
     assert!(
-        logs.contains(&format!("thread '{thread}' panicked at ")),
+        daemon.logs().iter().any(|l| l.starts_with(&format!("thread '{thread}' ("))
+            && l.contains(") panicked at ")),
         "the panic's own message (where it happened) must reach the log; it said:\n{logs}"
     );
 }
@@ -107,6 +109,7 @@ fn a_worker_that_panics_while_the_log_reader_stalls_still_makes_the_daemon_exit(
     }));
     // Reads on however the test ends, so that the daemon's last lines reach its log.
     daemon.pause_log_reader(false);
+    let ended = daemon.wait_for_log("(nothing: the end of the output)", EXIT);
     let status = stalled
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         .unwrap_or_else(|| {
@@ -118,6 +121,20 @@ fn a_worker_that_panics_while_the_log_reader_stalls_still_makes_the_daemon_exit(
     assert!(
         !status.success(),
         "the daemon exited with {status} after lb-proxy-0 died: it must exit non-zero"
+    );
+    // The stall was real: lines that stderr never took were lost with the process.
+    assert!(
+        matches!(ended, Err(LogWaitError::Exited { .. })),
+        "the daemon's output did not end: {ended:?}"
+    );
+    let access_lines = daemon
+        .logs()
+        .iter()
+        .filter(|l| l.contains("lb::access"))
+        .count();
+    assert!(
+        access_lines < STALLING_CONNECTIONS,
+        "all {access_lines} access lines reached the log: its reader never stalled the daemon"
     );
 }
 
