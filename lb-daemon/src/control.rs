@@ -40,6 +40,9 @@ pub struct Control {
     xdp_read_failed: std::sync::atomic::AtomicBool,
     /// The VIP announcer (`[announce]`), set once the daemon runs.
     announcer: std::sync::OnceLock<Arc<Announcer>>,
+    /// The backends' state an upgrade's old daemon carried over, until each service the
+    /// start places takes its own ([`Control::take_carried`]).
+    carried: Mutex<Vec<crate::handover::CarriedBackend>>,
 }
 
 impl Control {
@@ -66,7 +69,25 @@ impl Control {
             retired: Mutex::new(Vec::new()),
             xdp_read_failed: std::sync::atomic::AtomicBool::new(false),
             announcer: std::sync::OnceLock::new(),
+            carried: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Keeps `carried`, the backends' state the daemon an upgrade replaces handed over, for
+    /// the services the start places.
+    pub fn carry(&self, carried: Vec<crate::handover::CarriedBackend>) {
+        *lock(&self.carried) = carried;
+    }
+
+    /// Takes the carried state of service `name`'s backends (see [`Control::carry`]); empty
+    /// for a service the old daemon did not have, and for a service started later (a reload).
+    pub fn take_carried(&self, name: &str) -> Vec<crate::handover::CarriedBackend> {
+        let mut all = lock(&self.carried);
+        let (mine, rest) = std::mem::take(&mut *all)
+            .into_iter()
+            .partition(|c| c.service == name);
+        *all = rest;
+        mine
     }
 
     /// The config file reloads read.

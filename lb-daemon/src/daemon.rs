@@ -292,11 +292,13 @@ fn start(
             ..proxy_options_from_env()?
         },
     })?;
+    let carried = inherited.as_ref().map(|i| i.take_backends());
     if let Some(sockets) = inherited {
         proxy.inherit(sockets);
     }
     let pin_dir = config.global.bpf_pin_dir.clone();
     let control = Control::new(path, &config, ServiceSet::new(), proxy);
+    control.carry(carried.unwrap_or_default());
     control.planes().set_announced(config.announce.is_some());
     {
         // The services' health checks are spawned on this runtime; they run from block_on.
@@ -313,6 +315,8 @@ fn start(
             return Err(e.into());
         }
     }
+    // What no service of this config took is not for the services a reload adds later.
+    control.carry(Vec::new());
     // A plane loaded for services that all went to the proxy would keep its programs on
     // interfaces no service uses.
     let services = control.services().all();
@@ -629,6 +633,9 @@ fn handover_offer(
             sockets: offer,
             node_draining: offering.announcer().is_some_and(|a| a.node_draining()),
             announced_in: crate::handover::RouteTableId::of(&offering.config()),
+            backends: (offering.services().all().iter())
+                .flat_map(|s| s.carried())
+                .collect(),
         }
     })
 }

@@ -112,6 +112,32 @@ pub struct Offer {
     /// Where the old daemon keeps its announced VIP routes (`[announce]`), if it does.
     #[serde(default)]
     pub announced_in: Option<RouteTableId>,
+    /// The backends whose state the new daemon carries on (drained, an admin weight, down);
+    /// empty from a daemon that does not say.
+    #[serde(default)]
+    pub backends: Vec<CarriedBackend>,
+}
+
+/// A backend's state that outlives the daemon in an upgrade: what the admin API set, and a
+/// health check's verdict of down. A backend with none of it (up, configured weight, not
+/// drained) is not carried.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedBackend {
+    /// The service's name.
+    pub service: String,
+    /// The backend's address.
+    pub address: SocketAddr,
+    /// Drained through the admin API (`drain`): it stays so until `enable`.
+    #[serde(default)]
+    pub drained: bool,
+    /// A weight set through the admin API, and the configured weight it was set over: a new
+    /// config that configures another weight clears it, as a reload does.
+    #[serde(default)]
+    pub admin_weight: Option<(u32, u32)>,
+    /// Down by its health check (or by passive failures): it needs `rise` successful checks,
+    /// or the hold-off without active checks, to take flows again.
+    #[serde(default)]
+    pub down: bool,
 }
 
 /// A routing table and route protocol number of announced VIPs (`[announce] table` and
@@ -144,6 +170,8 @@ pub struct Handing {
     pub node_draining: bool,
     /// See [`Offer::announced_in`].
     pub announced_in: Option<RouteTableId>,
+    /// See [`Offer::backends`].
+    pub backends: Vec<CarriedBackend>,
 }
 
 /// The sockets a new daemon took over, until its proxy takes them ([`Inherited::take`]),
@@ -153,9 +181,15 @@ pub struct Inherited {
     sockets: Mutex<Vec<(OfferedSocket, OwnedFd)>>,
     node_draining: bool,
     announced_in: Option<RouteTableId>,
+    backends: Mutex<Vec<CarriedBackend>>,
 }
 
 impl Inherited {
+    /// The backends' state the old daemon carried over ([`CarriedBackend`]), taken once.
+    pub fn take_backends(&self) -> Vec<CarriedBackend> {
+        std::mem::take(&mut *self.backends.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Whether the old daemon's node was draining (`drain-node`): the new one goes on
     /// announcing nothing.
     pub fn node_draining(&self) -> bool {
@@ -296,6 +330,7 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
             sockets: Mutex::new(offer.sockets.into_iter().zip(fds).collect()),
             node_draining: offer.node_draining,
             announced_in: offer.announced_in,
+            backends: Mutex::new(offer.backends),
         },
         Taken {
             stream,
@@ -609,6 +644,7 @@ fn exchange(
         sockets,
         node_draining,
         announced_in,
+        backends,
     } = offer();
     if sockets.len() > MAX_SOCKETS {
         return Err(io::Error::other(format!(
@@ -617,12 +653,23 @@ fn exchange(
         )));
     }
     let (described, fds): (Vec<OfferedSocket>, Vec<OwnedFd>) = sockets.into_iter().unzip();
-    let json = serde_json::to_vec(&Offer {
+    let mut offered = Offer {
         sockets: described,
         node_draining,
         announced_in,
-    })
-    .map_err(io::Error::other)?;
+        backends,
+    };
+    let mut json = serde_json::to_vec(&offered).map_err(io::Error::other)?;
+    if json.len() > MAX_OFFER && !offered.backends.is_empty() {
+        // The sockets matter more: the new daemon starts its backends afresh instead.
+        warn!(
+            "upgrade: the state of {} backend(s) is too large to hand over; the new daemon \
+             starts them up, at their configured weights, not drained",
+            offered.backends.len()
+        );
+        offered.backends.clear();
+        json = serde_json::to_vec(&offered).map_err(io::Error::other)?;
+    }
     if json.len() > MAX_OFFER {
         return Err(io::Error::other(format!(
             "an offer of {} bytes, more than the {MAX_OFFER} the new daemon accepts",
@@ -700,6 +747,7 @@ mod tests {
                         table: 100,
                         protocol: 250,
                     }),
+                    backends: vec![carried()],
                 }
             },
             move || ready_tx.send(()).expect("ready"),
@@ -718,6 +766,12 @@ mod tests {
                 protocol: 250
             })
         );
+        assert_eq!(
+            inherited.take_backends(),
+            vec![carried()],
+            "the backends' state"
+        );
+        assert!(inherited.take_backends().is_empty(), "taken once");
         assert!(inherited.take(addr, Protocol::Udp, 0).is_none(), "not udp");
         let got = inherited
             .take(addr, Protocol::Tcp, 0)
@@ -844,12 +898,24 @@ mod tests {
         );
     }
 
+    /// A drained backend with an admin weight, down.
+    fn carried() -> CarriedBackend {
+        CarriedBackend {
+            service: "web".into(),
+            address: "10.0.0.11:8080".parse().expect("address"),
+            drained: true,
+            admin_weight: Some((5, 1)),
+            down: true,
+        }
+    }
+
     /// The bytes of step 2 for `sockets`: the length, then the JSON.
     fn offer_bytes(sockets: &[(OfferedSocket, OwnedFd)]) -> Vec<u8> {
         let json = serde_json::to_vec(&Offer {
             sockets: sockets.iter().map(|(s, _)| s.clone()).collect(),
             node_draining: false,
             announced_in: None,
+            backends: Vec::new(),
         })
         .expect("json");
         let mut bytes = (json.len() as u32).to_be_bytes().to_vec();

@@ -459,6 +459,8 @@ fn start_service(
             service: s.name.clone(),
             source,
         })?;
+    // Before the data plane reads the snapshot: an upgrade's drained backends take no flow.
+    runtime.carry_over(&control.take_carried(&s.name));
     let handle = ServiceHandle {
         index,
         snapshot: runtime.snapshot(),

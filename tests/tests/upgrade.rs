@@ -210,6 +210,78 @@ fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
     drop(new);
 }
 
+/// What the admin API set and the health checks found goes on in the new daemon: a drained
+/// backend takes no new flow after the upgrade, an admin weight stays, and a backend that was
+/// down stays down until its checks pass (it does not take flows for `fall` checks first).
+#[test]
+fn an_upgrade_keeps_drained_weighed_and_down_backends_as_they_were() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let a = HttpNameServer::start("a").expect("backend a");
+    let b = HttpNameServer::start("b").expect("backend b");
+    let mut c = HttpNameServer::start("c").expect("backend c");
+    let web = free_addr();
+    let config = DaemonConfig::new()
+        .global("upgrade_socket", socket.display().to_string())
+        .service(
+            ServiceConfig::tcp("web", web)
+                .fast_health("tcp")
+                .backend(a.addr(), 1)
+                .backend(b.addr(), 1)
+                .backend(c.addr(), 1),
+        )
+        .to_toml();
+    let old = Daemon::start(&config);
+    let admin = old.admin_addr();
+    let backend = |status: &serde_json::Value, addr: SocketAddr| -> serde_json::Value {
+        status["services"][0]["backends"]
+            .as_array()
+            .and_then(|all| all.iter().find(|x| x["address"] == addr.to_string()))
+            .cloned()
+            .unwrap_or_else(|| panic!("{addr} is not in /status: {status}"))
+    };
+    let (a_at, b_at) = (a.addr().to_string(), b.addr().to_string());
+    let said = lb_tests::admin::cli(&admin.to_string(), &["drain", "web", &b_at]);
+    assert_eq!(said.code, Some(0), "drain: {said:?}");
+    let said = lb_tests::admin::cli(&admin.to_string(), &["weight", "web", &a_at, "5"]);
+    assert_eq!(said.code, Some(0), "weight: {said:?}");
+    c.stop();
+    let end = Instant::now() + Duration::from_secs(5);
+    while backend(
+        &lb_tests::admin::request(admin, "GET", "/status", "").json(),
+        c.addr(),
+    )["health"]
+        != "down"
+    {
+        assert!(Instant::now() < end, "backend c never went down");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let new = Daemon::try_upgrade(&config, &[])
+        .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
+    new.wait_for_log(
+        "carried over from the daemon this one replaces",
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|e| panic!("the new daemon took over no backend state: {e}"));
+    let admin = new.admin_addr();
+    let status = lb_tests::admin::request(admin, "GET", "/status", "").json();
+    assert_eq!(backend(&status, b.addr())["state"], "draining", "{status}");
+    assert_eq!(backend(&status, a.addr())["weight"], 5, "{status}");
+    assert_eq!(backend(&status, c.addr())["health"], "down", "{status}");
+    for k in 0..30 {
+        let who = http_get(web, "/").unwrap_or_else(|e| panic!("request {k}: {e}"));
+        assert_ne!(who, "b", "request {k} reached the drained backend");
+    }
+    let status = lb_tests::admin::request(admin, "GET", "/status", "").json();
+    assert_eq!(
+        backend(&status, c.addr())["connect_failures"],
+        0,
+        "the new daemon sent connections to the backend the old one knew was down: {status}"
+    );
+    drop(new);
+}
+
 #[test]
 fn an_upgrade_stopped_before_it_is_ready_leaves_the_old_daemon_serving() {
     let dir = tempfile::tempdir().expect("a temporary directory");

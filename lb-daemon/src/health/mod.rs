@@ -234,6 +234,15 @@ impl HealthState {
         self
     }
 
+    /// Puts an Up backend Down at `now` without a transition to report (`reason`, for the
+    /// status): an upgrade's new daemon taking on the old one's verdict. It then comes back
+    /// as any Down backend does: `rise` successful checks, or the hold-off without them.
+    pub fn start_down(&mut self, reason: String, now: Instant) {
+        if self.health == Health::Up {
+            self.enter(Health::Down, reason, now);
+        }
+    }
+
     /// The backend's current state.
     pub fn health(&self) -> Health {
         self.health

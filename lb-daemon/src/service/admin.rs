@@ -15,6 +15,7 @@ use super::weights::Weight;
 use super::{lock, round_ms, ServiceRuntime};
 use crate::admin::status::{BackendStatus, ServiceStatus};
 use crate::config::{CheckKind, MAX_WEIGHT};
+use crate::handover::CarriedBackend;
 use crate::health::Health;
 
 /// Why an admin call on a backend was refused.
@@ -137,6 +138,67 @@ impl ServiceRuntime {
         Ok(())
     }
 
+    /// What of this service's backends an upgrade carries to the new daemon: each backend
+    /// the admin API drained or weighed, or that is down, and not leaving.
+    pub fn carried(&self) -> Vec<CarriedBackend> {
+        let st = lock(&self.state);
+        st.backends
+            .iter()
+            .filter(|b| !b.removing())
+            .filter_map(|b| {
+                let down = lock(&b.rt.health).health() == Health::Down;
+                let drained = b.weight.drained();
+                let admin_weight = b.weight.admin().map(|w| (w, b.weight.configured()));
+                (down || drained || admin_weight.is_some()).then(|| CarriedBackend {
+                    service: self.name.clone(),
+                    address: b.address(),
+                    drained,
+                    admin_weight,
+                    down,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes on what the daemon an upgrade replaces carried for this service's backends
+    /// (see [`ServiceRuntime::carried`]), for those it has now, and republishes; logs each
+    /// backend so carried. Entries of other services and addresses this service does not
+    /// have (a backend the new config dropped, one DNS has not given yet) are ignored.
+    pub fn carry_over(&self, carried: &[CarriedBackend]) {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        let mut taken = Vec::new();
+        for c in carried.iter().filter(|c| c.service == self.name) {
+            let Some(b) = st.backends.get_mut(c.address) else {
+                continue;
+            };
+            b.weight.carry_over(c.drained, c.admin_weight);
+            if c.down {
+                lock(&b.rt.health).start_down("down in the daemon this one replaced".into(), now);
+            }
+            let mut what = Vec::new();
+            if c.drained {
+                what.push("drained".to_string());
+            }
+            if let Some(w) = b.weight.admin() {
+                what.push(format!("weight {w} (set through the admin API)"));
+            }
+            if c.down {
+                what.push("down until its checks pass".to_string());
+            }
+            taken.push(format!("{} {}", c.address, what.join(", ")));
+        }
+        if taken.is_empty() {
+            return;
+        }
+        self.republish(&st);
+        info!(
+            "service {}: carried over from the daemon this one replaces: {}",
+            self.name,
+            taken.join("; ")
+        );
+    }
+
     /// Runs `change` on `backend` under the lock, then republishes.
     fn change_backend(
         &self,
@@ -214,6 +276,66 @@ fn state_name(removing: bool, weight: &Weight, up: bool, effective: u32) -> &'st
 mod tests {
     use super::*;
     use crate::service::testing::service;
+
+    #[test]
+    fn an_upgrade_carries_drains_admin_weights_and_down_backends_to_the_new_daemon() {
+        let addr = |s: &str| -> SocketAddr { s.parse().expect("literal") };
+        let (b1, b2, b3) = (
+            addr("127.0.0.1:9001"),
+            addr("127.0.0.1:9002"),
+            addr("127.0.0.1:9003"),
+        );
+        let old = ServiceRuntime::new(0, service("tcp")).expect("builds");
+        old.drain(b1).expect("a backend");
+        old.set_weight(b2, 7).expect("a backend");
+        {
+            let st = lock(&old.state);
+            let b = st.backends.get(b2).expect("a backend");
+            lock(&b.rt.health).start_down("test".into(), Instant::now());
+        }
+        let carried = old.carried();
+        assert_eq!(
+            carried,
+            vec![
+                CarriedBackend {
+                    service: "web".into(),
+                    address: b1,
+                    drained: true,
+                    admin_weight: None,
+                    down: false,
+                },
+                CarriedBackend {
+                    service: "web".into(),
+                    address: b2,
+                    drained: false,
+                    admin_weight: Some((7, 1)),
+                    down: true,
+                },
+            ],
+            "b3 (configured weight 0, up, untouched) has nothing to carry"
+        );
+        let mut other = carried[0].clone();
+        other.service = "api".into();
+        other.address = b3;
+
+        let new = ServiceRuntime::new(1, service("tcp")).expect("builds");
+        new.carry_over(&[carried.clone(), vec![other]].concat());
+        let snap = new.snapshot().load_full();
+        let view = |a: SocketAddr| snap.backends.iter().find(|b| b.address == a).expect("in");
+        assert!(!view(b1).eligible(), "drained across the upgrade");
+        assert!(!view(b2).up, "down across the upgrade");
+        assert_eq!(view(b2).weight, 7, "its admin weight is kept");
+        assert_eq!(new.carried(), carried, "and carried on by the next upgrade");
+
+        // A new config that configures another weight clears the admin one, as a reload does.
+        let mut svc = service("tcp");
+        svc.backends[1].weight = 3;
+        let new = ServiceRuntime::new(2, svc).expect("builds");
+        new.carry_over(&carried);
+        let snap = new.snapshot().load_full();
+        let b = snap.backends.iter().find(|b| b.address == b2).expect("in");
+        assert_eq!(b.weight, 3, "the new configured weight");
+    }
 
     #[test]
     fn drain_then_enable_ramps_the_weight_back_with_slow_start() {

@@ -49,6 +49,23 @@ impl Weight {
         self.drained
     }
 
+    /// The weight the admin API set, if any.
+    pub(super) fn admin(&self) -> Option<u32> {
+        self.admin
+    }
+
+    /// Takes on what an older daemon's admin API set (an upgrade): `drained`, and `admin`
+    /// (the admin weight and the configured weight it was set over) unless this backend's
+    /// configured weight is another one now. No slow start: the backend was serving so.
+    pub(super) fn carry_over(&mut self, drained: bool, admin: Option<(u32, u32)>) {
+        self.drained |= drained;
+        if let Some((weight, over)) = admin {
+            if over == self.configured {
+                self.admin = Some(weight);
+            }
+        }
+    }
+
     /// Records the configured weight; a different one clears the admin weight.
     pub(super) fn set_configured(&mut self, weight: u32) {
         if weight != self.configured {
