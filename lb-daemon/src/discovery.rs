@@ -54,6 +54,44 @@ pub async fn follow(
     }
 }
 
+/// Resolves every name of `names` at once with the system resolver, each on a thread of its
+/// own, and waits up to `limit` for them: for a service about to start, so that its first
+/// table has the backends its names give (a start or an upgrade that placed it with none
+/// would refuse every new flow until the first answer). Returns the names that answered in
+/// time with their addresses (deduplicated and sorted); a name that failed or is still
+/// resolving is left out (its resolver task, [`follow`], answers later). Blocks the calling
+/// thread: not for an async task.
+pub fn resolve_now(names: &[DnsBackend], limit: Duration) -> Vec<(DnsBackend, Vec<SocketAddr>)> {
+    let deadline = std::time::Instant::now() + limit;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for name in names {
+        let (tx, asked) = (tx.clone(), name.clone());
+        let spawned = std::thread::Builder::new()
+            .name("lb-resolve".into())
+            .spawn(move || {
+                use std::net::ToSocketAddrs;
+                let found: BTreeSet<SocketAddr> = (asked.host.as_str(), asked.port)
+                    .to_socket_addrs()
+                    .map(|a| a.collect())
+                    .unwrap_or_default();
+                let _ = tx.send((asked, found));
+            });
+        if let Err(e) = spawned {
+            warn!("cannot resolve {name} before the service starts: {e}");
+        }
+    }
+    drop(tx);
+    let mut answers = Vec::new();
+    while let Ok((name, found)) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        if !found.is_empty() {
+            answers.push((name, found.into_iter().collect()));
+        }
+    }
+    answers
+}
+
 /// The addresses `name` resolves to now, deduplicated and sorted. An empty answer is an
 /// error: the resolver returns at least one record or fails.
 pub async fn resolve(name: &DnsBackend) -> std::io::Result<BTreeSet<SocketAddr>> {

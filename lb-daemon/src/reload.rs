@@ -448,6 +448,10 @@ fn undo_starts(
 
 /// Starts `s` as a new service (a new number) with its control tasks, on the data plane
 /// [`crate::placement::Planes::place`] decides. `Err` leaves nothing behind.
+/// The longest a service about to start waits for the first answers for its DNS names
+/// (`ServiceRuntime::resolve_first`).
+const FIRST_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn start_service(
     control: &Control,
     global: &Global,
@@ -459,7 +463,10 @@ fn start_service(
             service: s.name.clone(),
             source,
         })?;
-    // Before the data plane reads the snapshot: an upgrade's drained backends take no flow.
+    // Before the data plane reads the snapshot: backends given by DNS names are there (a
+    // start or an upgrade would otherwise refuse new flows until the first answer), and an
+    // upgrade's drained backends take no flow.
+    runtime.resolve_first(FIRST_LOOKUP_LIMIT);
     runtime.carry_over(&control.take_carried(&s.name));
     let handle = ServiceHandle {
         index,

@@ -390,6 +390,54 @@ impl ServiceRuntime {
 
     /// (Re)starts one resolver per DNS name of the config; each hands its answers to
     /// [`ServiceRuntime::set_discovered`].
+    /// Takes `addresses`, an answer for the name `label`, for a service listening on
+    /// `listen` (`local`: the host's addresses when that is a wildcard): an address that
+    /// reaches the service's own listener is left out (the service would connect to itself),
+    /// warned of once (`warned`).
+    fn take_answer(
+        &self,
+        label: &str,
+        addresses: &[SocketAddr],
+        listen: SocketAddr,
+        local: &std::collections::BTreeSet<std::net::IpAddr>,
+        warned: &AtomicBool,
+    ) {
+        let (looped, kept): (Vec<SocketAddr>, Vec<SocketAddr>) = addresses
+            .iter()
+            .partition(|a| crate::host_addrs::reaches_listener(**a, listen, local));
+        if !looped.is_empty() && !warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "service {}: {label} resolves to {looped:?}, the service's own listen \
+                 address; ignoring it",
+                self.name
+            );
+        }
+        self.set_discovered(label, &kept);
+    }
+
+    /// Resolves the service's DNS names once, waiting up to `limit` (see
+    /// `discovery::resolve_now`), and takes the answers, before the service is placed: its
+    /// first table then has those backends. A name that does not answer in time is left to
+    /// its resolver task, which [`ServiceRuntime::start`] starts. Blocks the calling thread.
+    pub fn resolve_first(&self, limit: Duration) {
+        let (names, listen) = {
+            let st = lock(&self.state);
+            (st.config.discovered.clone(), st.config.listen)
+        };
+        if names.is_empty() {
+            return;
+        }
+        let local = if listen.ip().is_unspecified() {
+            crate::host_addrs::local_addresses().unwrap_or_default()
+        } else {
+            Default::default()
+        };
+        let warned = AtomicBool::new(false);
+        for (name, addresses) in discovery::resolve_now(&names, limit) {
+            self.take_answer(&name.to_string(), &addresses, listen, &local, &warned);
+        }
+    }
+
     fn spawn_resolvers(&self, st: &mut State) {
         for r in st.resolvers.drain(..) {
             r.abort();
@@ -404,7 +452,6 @@ impl ServiceRuntime {
         for d in &st.config.discovered {
             let weak = self.this.clone();
             let label = d.to_string();
-            let service = self.name.clone();
             let local = local.clone();
             let warned = AtomicBool::new(false);
             // The resolver holds the service weakly and ends once it is gone.
@@ -412,17 +459,7 @@ impl ServiceRuntime {
                 let Some(s) = weak.upgrade() else {
                     return ControlFlow::Break(());
                 };
-                // An answer naming the service's own address would make it connect to itself.
-                let (looped, kept): (Vec<SocketAddr>, Vec<SocketAddr>) = addresses
-                    .iter()
-                    .partition(|a| crate::host_addrs::reaches_listener(**a, listen, &local));
-                if !looped.is_empty() && !warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "service {service}: {label} resolves to {looped:?}, the service's own \
-                         listen address; ignoring it"
-                    );
-                }
-                s.set_discovered(&label, &kept);
+                s.take_answer(&label, addresses, listen, &local, &warned);
                 ControlFlow::Continue(())
             };
             st.resolvers.push(
@@ -744,6 +781,27 @@ kind = "none"
         };
         let id = snap.scheduler.as_ref()?.pick(&flow, &[])?;
         Some(snap.backends[id].address)
+    }
+
+    #[test]
+    fn a_service_resolves_its_names_before_it_is_placed() {
+        let rt = ServiceRuntime::new(0, scheduled("maglev", None, &[], &["localhost:9100"]))
+            .expect("builds");
+        assert!(
+            rt.snapshot().load().backends.is_empty(),
+            "nothing before a lookup"
+        );
+        rt.resolve_first(Duration::from_secs(5));
+        let snap = rt.snapshot().load_full();
+        assert!(
+            (snap.backends.iter()).any(|b| b.address == addr("127.0.0.1:9100") && b.eligible()),
+            "localhost's address takes flows at once: {snap:?}"
+        );
+        // A name that never answers costs the wait and leaves the service as it was.
+        let rt = ServiceRuntime::new(0, scheduled("maglev", None, &[], &["nowhere.invalid:9100"]))
+            .expect("builds");
+        rt.resolve_first(Duration::from_millis(200));
+        assert!(rt.snapshot().load().backends.is_empty());
     }
 
     /// A resolver answering a rotating subset of a name's records: an address that was down
