@@ -79,8 +79,15 @@ impl Control {
         *lock(&self.carried) = carried;
     }
 
+    /// Adds `carried` to what [`Control::carry`] kept: a reload's moved services.
+    pub fn carry_also(&self, carried: impl IntoIterator<Item = crate::handover::CarriedBackend>) {
+        lock(&self.carried).extend(carried);
+    }
+
     /// Takes the carried state of service `name`'s backends (see [`Control::carry`]); empty
-    /// for a service the old daemon did not have, and for a service started later (a reload).
+    /// for a service the old daemon did not have, and for a service a reload adds (unless it
+    /// moved a running one: [`Control::carry_also`]). `reload::apply_config` drops what no
+    /// service took when it returns.
     pub fn take_carried(&self, name: &str) -> Vec<crate::handover::CarriedBackend> {
         let mut all = lock(&self.carried);
         let (mine, rest) = std::mem::take(&mut *all)

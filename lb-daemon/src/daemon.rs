@@ -315,8 +315,6 @@ fn start(
             return Err(e.into());
         }
     }
-    // What no service of this config took is not for the services a reload adds later.
-    control.carry(Vec::new());
     // A plane loaded for services that all went to the proxy would keep its programs on
     // interfaces no service uses.
     let services = control.services().all();

@@ -284,9 +284,23 @@ async fn reload_now(control: Arc<Control>) -> Result<String, ReloadError> {
 /// services: call it from a blocking context inside the tokio runtime (it spawns the
 /// services' health checks).
 pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadError> {
+    // What no service of this config takes is not for the services a later reload adds.
+    struct Leftovers<'a>(&'a Control);
+    impl Drop for Leftovers<'_> {
+        fn drop(&mut self) {
+            self.0.carry(Vec::new());
+        }
+    }
+    let _leftovers = Leftovers(control);
     let running = control.config();
     let services = control.services().all();
     let plan = plan(&running, &new, &services)?;
+    // A service moved to another address or protocol starts anew, and its backends' drains,
+    // admin weights and down verdicts go with it, as an upgrade carries them.
+    let moved = (plan.remove.iter())
+        .filter(|r| plan.add.iter().any(|a| a.name == r.name()))
+        .flat_map(|r| r.carried());
+    control.carry_also(moved);
     xdp_guard(&plan, |index| control.on_xdp(index))?;
     backends_guard(&plan, |index| control.placement(index))?;
     if running.global.bpf_object != new.global.bpf_object && control.planes().has_xdp() {

@@ -473,3 +473,47 @@ fn a_refused_reload_that_renames_a_service_leaves_it_running_with_its_connection
         Receipt::of_stream(PIECE, 12)
     );
 }
+
+/// A reload that moves a service to another address starts it anew, but what the admin API
+/// set on its backends goes with it: a drained backend stays drained at the new address.
+#[test]
+fn a_moved_service_keeps_its_drained_backend_drained() {
+    let a = HttpNameServer::start("a").expect("backend starts");
+    let b = HttpNameServer::start("b").expect("backend starts");
+    let s = HashServer::start("s1").expect("backend starts");
+    let (web_vip, moved_vip, bulk_vip) = (free_addr(), free_addr(), free_addr());
+    let web = [(a.addr(), 1), (b.addr(), 1)];
+    let bulk = [(s.addr(), 1)];
+    let daemon = Daemon::start(&config(web_vip, &web, bulk_vip, &bulk, None));
+    let api = daemon.admin_addr();
+    let said = cli(&api.to_string(), &["drain", "web", &b.addr().to_string()]);
+    assert_eq!(said.code, Some(0), "drain: {said:?}");
+
+    let mark = daemon.log_mark();
+    daemon.rewrite_config(&config(moved_vip, &web, bulk_vip, &bulk, None));
+    daemon.signal(Signal::SIGHUP).expect("SIGHUP");
+    let (_, line) = daemon
+        .wait_for_log_after(mark, "reload of", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("no reload after SIGHUP: {e}"));
+    assert!(line.contains("applied"), "the reload was refused: {line}");
+    daemon
+        .wait_for_log_after(mark, "carried over", Duration::from_secs(1))
+        .unwrap_or_else(|e| panic!("the moved service took over no backend state: {e}"));
+    let st = admin::status(api);
+    let web = st["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "web"))
+        .unwrap_or_else(|| panic!("no service web: {st}"));
+    assert_eq!(web["listen"], moved_vip.to_string(), "{st}");
+    let b_now = (web["backends"].as_array())
+        .and_then(|all| all.iter().find(|x| x["address"] == b.addr().to_string()))
+        .unwrap_or_else(|| panic!("no backend b: {st}"));
+    assert_eq!(b_now["state"], "draining", "{st}");
+    for k in 0..20 {
+        let who = http_get(moved_vip, "/").unwrap_or_else(|e| panic!("request {k}: {e}"));
+        assert_eq!(
+            who, "a",
+            "request {k} at the new address reached the drained backend"
+        );
+    }
+}

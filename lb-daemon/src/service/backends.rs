@@ -176,9 +176,23 @@ pub(super) struct BackendSet {
     entries: Vec<BackendEntry>,
     /// The service's `[service.health]`, which a new backend's health state follows.
     health: HealthCheck,
-    /// The health state of each backend forgotten in the last [`HEALTH_MEMORY`], and when
-    /// it was forgotten.
-    recent: HashMap<SocketAddr, (HealthState, Instant)>,
+    /// Each backend forgotten in the last [`HEALTH_MEMORY`]: what it returns with.
+    recent: HashMap<SocketAddr, Remembered>,
+}
+
+/// What the admin API set on a backend: drained, and an admin weight with the configured
+/// weight it was set over (see `Weight::carry_over`).
+type AdminSet = (bool, Option<(u32, u32)>);
+
+/// What a forgotten backend returns with, if it comes back within [`HEALTH_MEMORY`]: its
+/// health, and what the admin API set on it (a drain, a weight and the configured weight it
+/// was set over), which a rotating DNS answer must not undo.
+struct Remembered {
+    health: HealthState,
+    drained: bool,
+    admin: Option<(u32, u32)>,
+    /// When it was forgotten.
+    at: Instant,
 }
 
 impl BackendSet {
@@ -191,7 +205,7 @@ impl BackendSet {
             recent: HashMap::new(),
         };
         for &(address, weight) in statics {
-            let rt = set.new_runtime(address, now);
+            let (rt, _) = set.new_runtime(address, now);
             set.entries
                 .push(BackendEntry::new(rt, BackendSource::Static, weight));
         }
@@ -253,7 +267,8 @@ impl BackendSet {
     /// whole wish (an address it asked for before and not now is let go).
     ///
     /// - A new address is added with slow start from `now`, healthy (as at start), or with
-    ///   the health it had if it was forgotten less than [`HEALTH_MEMORY`] ago.
+    ///   the health, drain and admin weight it had if it was forgotten less than
+    ///   [`HEALTH_MEMORY`] ago.
     /// - A backend `source` lets go of leaves unless another source still asks for it.
     /// - A leaving backend asked for again returns, with slow start from `now`.
     /// - A weight follows the first source (see [`BackendSource`]); a new one clears the
@@ -284,8 +299,11 @@ impl BackendSet {
             if self.get(address).is_some() {
                 continue;
             }
-            let rt = self.new_runtime(address, now);
+            let (rt, admin) = self.new_runtime(address, now);
             let mut b = BackendEntry::new(rt, source.clone(), weight);
+            if let Some((drained, admin)) = admin {
+                b.weight.carry_over(drained, admin);
+            }
             b.weight.start_ramp(now);
             self.entries.push(b);
             changes.added.push(address);
@@ -293,8 +311,8 @@ impl BackendSet {
         changes
     }
 
-    /// Forgets the leaving backends whose last connection closed, remembering their health
-    /// for [`HEALTH_MEMORY`] from `now`; returns their addresses.
+    /// Forgets the leaving backends whose last connection closed, remembering their health,
+    /// drain and admin weight for [`HEALTH_MEMORY`] from `now`; returns their addresses.
     pub(super) fn forget_idle(&mut self, now: Instant) -> Vec<SocketAddr> {
         let (gone, kept): (Vec<BackendEntry>, Vec<BackendEntry>) =
             std::mem::take(&mut self.entries)
@@ -302,14 +320,19 @@ impl BackendSet {
                 .partition(|b| b.removing() && b.rt.stats.active() == 0);
         self.entries = kept;
         self.recent
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) < HEALTH_MEMORY);
+            .retain(|_, r| now.saturating_duration_since(r.at) < HEALTH_MEMORY);
         for b in &gone {
-            let state = lock(&b.rt.health).clone();
-            self.recent.insert(b.address(), (state, now));
+            let remembered = Remembered {
+                health: lock(&b.rt.health).clone(),
+                drained: b.weight.drained(),
+                admin: b.weight.admin().map(|w| (w, b.weight.configured())),
+                at: now,
+            };
+            self.recent.insert(b.address(), remembered);
         }
         while self.recent.len() > HEALTH_MEMORY_SIZE {
             let oldest = (self.recent.iter())
-                .min_by_key(|(_, (_, at))| *at)
+                .min_by_key(|(_, r)| r.at)
                 .map(|(a, _)| *a);
             match oldest {
                 Some(a) => self.recent.remove(&a),
@@ -340,21 +363,29 @@ impl BackendSet {
             .collect()
     }
 
-    fn new_runtime(&mut self, address: SocketAddr, now: Instant) -> Arc<BackendRuntime> {
-        let health = match self.recent.remove(&address) {
-            Some((mut state, at)) if now.saturating_duration_since(at) < HEALTH_MEMORY => {
+    /// The run-time part of backend `address`, new at `now` or returning with what it was
+    /// forgotten with ([`Remembered`]): then also its drain and admin weight (see
+    /// `Weight::carry_over`).
+    fn new_runtime(
+        &mut self,
+        address: SocketAddr,
+        now: Instant,
+    ) -> (Arc<BackendRuntime>, Option<AdminSet>) {
+        let (health, admin) = match self.recent.remove(&address) {
+            Some(mut r) if now.saturating_duration_since(r.at) < HEALTH_MEMORY => {
                 // Its checker was stopped; the one started now takes the state over.
-                state.watched_by(0);
-                state.resume(now);
-                state
+                r.health.watched_by(0);
+                r.health.resume(now);
+                (r.health, Some((r.drained, r.admin)))
             }
-            _ => new_health(&self.health, now),
+            _ => (new_health(&self.health, now), None),
         };
-        Arc::new(BackendRuntime {
+        let rt = Arc::new(BackendRuntime {
             address,
             health: Arc::new(Mutex::new(health)),
             stats: Arc::new(BackendStats::default()),
-        })
+        });
+        (rt, admin)
     }
 }
 
@@ -381,7 +412,7 @@ mod tests {
         let svc = service("none");
         let mut set = BackendSet::new(svc.health, &[], Instant::now());
         let mut b = BackendEntry::new(
-            set.new_runtime(addr("127.0.0.1:9001"), Instant::now()),
+            set.new_runtime(addr("127.0.0.1:9001"), Instant::now()).0,
             BackendSource::Static,
             weight,
         );

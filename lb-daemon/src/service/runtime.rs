@@ -829,6 +829,35 @@ kind = "none"
         assert!(takes_flows(&rt, "10.0.0.1:9100"));
     }
 
+    /// The same for what the admin API set: a drained address stays drained, a weighed one
+    /// keeps its weight, across an answer that left them out.
+    #[test]
+    fn a_drained_backend_that_a_dns_answer_leaves_out_briefly_comes_back_drained() {
+        let rt = ServiceRuntime::new(0, scheduled("maglev", None, &[], &["n.test:9100"]))
+            .expect("builds");
+        let (a, b, c) = (
+            addr("10.0.0.1:9100"),
+            addr("10.0.0.2:9100"),
+            addr("10.0.0.3:9100"),
+        );
+        rt.set_discovered("n.test:9100", &[a, b, c]);
+        rt.drain(b).expect("a backend");
+        rt.set_weight(c, 7).expect("a backend");
+        rt.set_discovered("n.test:9100", &[a]);
+        rt.tick();
+        assert_eq!(rt.status().backends.len(), 1, "b and c were forgotten");
+        rt.set_discovered("n.test:9100", &[a, b, c]);
+        assert!(
+            !takes_flows(&rt, "10.0.0.2:9100"),
+            "b came back from a DNS answer undrained"
+        );
+        let status = rt.status();
+        let c_now = (status.backends.iter())
+            .find(|s| s.address == c)
+            .expect("c is back");
+        assert_eq!(c_now.weight, 7, "c came back without its admin weight");
+    }
+
     #[test]
     fn a_name_answering_more_addresses_than_table_slots_leaves_health_changes_in_force() {
         let rt = ServiceRuntime::new(
