@@ -928,6 +928,20 @@ mod tests {
     }
 
     #[test]
+    fn an_offer_from_a_daemon_that_carries_no_backends_reads_as_none() {
+        let json = concat!(
+            r#"{"sockets":[{"listen":"127.0.0.1:80","protocol":"tcp","worker":0}],"#,
+            r#""node_draining":true}"#
+        )
+        .as_bytes();
+        let offer: Offer = serde_json::from_slice(json).expect("an older daemon's offer");
+        assert!(offer.backends.is_empty() && offer.node_draining);
+        let carried = serde_json::to_value(carried()).expect("json");
+        let back: CarriedBackend = serde_json::from_value(carried).expect("read back");
+        assert_eq!(back, super::tests::carried());
+    }
+
+    #[test]
     fn an_offer_in_one_message_as_the_previous_release_sends_it_is_taken() {
         let sockets = udp_sockets(FDS_PER_MESSAGE);
         let (mut old, new) = UnixStream::pair().expect("socket pair");

@@ -548,10 +548,10 @@ impl Planes {
         // a running one: turning it off later is not a reason to move a running service.
         let tried = match why_not_xdp(service)
             .or_else(|| forwarding_off(service))
-            .or_else(|| {
-                let snapshot = handle.snapshot.load();
-                backends_elsewhere(service, snapshot.backends.iter().map(|b| b.address))
-            }) {
+            // The configured addresses only: backends a DNS name gives are left out of the
+            // table one by one (`ServiceSlot`), whenever their answers come.
+            .or_else(|| backends_elsewhere(service, service.backends.iter().map(|b| b.address)))
+        {
             Some(reason) => Err(reason),
             None => self.place_on_xdp(global, service, handle),
         };
@@ -630,7 +630,7 @@ impl Planes {
         let kinds = interface_kinds(service)?;
         // Asked of the kernel before the plane's lock, and only where XDP may be chosen.
         let off_xdp = (kinds.iter().all(|(_, kind)| kind.is_nic()))
-            .then(|| backend_off_xdp(service, handle))
+            .then(|| backend_off_xdp(service))
             .flatten();
         self.with_xdp_loaded(global, |x| {
             let (hook, why) = auto_hook(&kinds, |name| x.hook_on(name), off_xdp);
@@ -855,18 +855,15 @@ fn attached_indexes(service: &Service) -> Vec<u32> {
         .collect()
 }
 
-/// The first backend of `handle`'s snapshot whose route leaves by a device that `lb_xdp`
-/// cannot send to ([`routes::off_xdp`](crate::dataplane::xdp::routes::off_xdp)), with that
-/// device; `None` when every route leaves by one of `service`'s interfaces or cannot be
-/// told. One route lookup per backend.
-fn backend_off_xdp(
-    service: &Service,
-    handle: &ServiceHandle,
-) -> Option<(std::net::SocketAddr, String)> {
+/// The first configured backend of `service` (not one a DNS name gives: those are left out
+/// of the table one by one, whenever their answers come) whose route leaves by a device that
+/// `lb_xdp` cannot send to ([`routes::off_xdp`](crate::dataplane::xdp::routes::off_xdp)),
+/// with that device; `None` when every route leaves by one of `service`'s interfaces or
+/// cannot be told. One route lookup per backend.
+fn backend_off_xdp(service: &Service) -> Option<(std::net::SocketAddr, String)> {
     use crate::dataplane::xdp::routes;
     let attached = attached_indexes(service);
-    let snapshot = handle.snapshot.load();
-    snapshot.backends.iter().find_map(|b| {
+    service.backends.iter().find_map(|b| {
         routes::off_xdp(&attached, b.address.ip(), &service.xdp.local_addresses)
             .map(|via| (b.address, via))
     })

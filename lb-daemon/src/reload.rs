@@ -13,11 +13,13 @@
 //! running data plane cannot take in place are refused with the reason, so nothing is
 //! half-applied and nothing is silently ignored.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::config::{self, Config, ConfigError, Global, Service};
+use crate::config::{self, Config, ConfigError, DnsBackend, Global, Service};
 use crate::control::Control;
 use crate::dataplane::ServiceHandle;
 use crate::placement::{self, PlaceError};
@@ -321,9 +323,10 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
             a.listen == c.listen && a.protocol == c.protocol
         })
     });
+    let answers = first_answers(&plan.add);
     let mut started: Vec<Arc<ServiceRuntime>> = Vec::new();
     for s in first {
-        match start_service(control, &new.global, s) {
+        match start_service(control, &new.global, s, &answers) {
             Ok(runtime) => started.push(runtime),
             Err(why) => {
                 undo_starts(control, &new.global, &services, &started, &[]);
@@ -337,7 +340,7 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
     // If one of these cannot start, the early ones are started again, as new services:
     // their open connections drain.
     for s in after_early {
-        match start_service(control, &new.global, s) {
+        match start_service(control, &new.global, s, &answers) {
             Ok(runtime) => started.push(runtime),
             Err(why) => {
                 undo_starts(control, &new.global, &services, &started, &early);
@@ -442,9 +445,12 @@ fn undo_starts(
         }
         stop_service(control, r, std::time::Duration::ZERO, false);
     }
+    // Started again as new services, with what their backends had (their DNS names' backends
+    // come back with their resolvers' first answers).
+    control.carry_also(early.iter().flat_map(|r| r.carried()));
     let mut back = Vec::new();
     for r in early {
-        match start_service(control, global, &r.config()) {
+        match start_service(control, global, &r.config(), &HashMap::new()) {
             Ok(n) => back.push((Arc::clone(r), n)),
             Err(e) => warn!("service {} could not be restarted: {e}", r.name()),
         }
@@ -460,16 +466,35 @@ fn undo_starts(
     control.services().set(list);
 }
 
-/// Starts `s` as a new service (a new number) with its control tasks, on the data plane
-/// [`crate::placement::Planes::place`] decides. `Err` leaves nothing behind.
-/// The longest a service about to start waits for the first answers for its DNS names
-/// (`ServiceRuntime::resolve_first`).
+/// The longest a reload (or the start) waits for the first answers for the DNS names of the
+/// services it adds, all looked up at once ([`first_answers`]).
 const FIRST_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The first answers for the DNS names of `services`, by `name:port`: each name looked up
+/// once, all at the same time, for [`FIRST_LOOKUP_LIMIT`] at most (`discovery::resolve_now`).
+fn first_answers(services: &[Service]) -> HashMap<String, Vec<SocketAddr>> {
+    let mut names: Vec<DnsBackend> = Vec::new();
+    for d in services.iter().flat_map(|s| &s.discovered) {
+        if !names.iter().any(|n| n.host == d.host && n.port == d.port) {
+            names.push(d.clone());
+        }
+    }
+    if names.is_empty() {
+        return HashMap::new();
+    }
+    (crate::discovery::resolve_now(&names, FIRST_LOOKUP_LIMIT).into_iter())
+        .map(|(name, addresses)| (name.to_string(), addresses))
+        .collect()
+}
+
+/// Starts `s` as a new service (a new number) with its control tasks, on the data plane
+/// [`crate::placement::Planes::place`] decides, with `first` (see [`first_answers`]) for
+/// its DNS names. `Err` leaves nothing behind.
 fn start_service(
     control: &Control,
     global: &Global,
     s: &Service,
+    first: &HashMap<String, Vec<SocketAddr>>,
 ) -> Result<Arc<ServiceRuntime>, ReloadError> {
     let index = control.services().allocate_index();
     let runtime =
@@ -480,7 +505,7 @@ fn start_service(
     // Before the data plane reads the snapshot: backends given by DNS names are there (a
     // start or an upgrade would otherwise refuse new flows until the first answer), and an
     // upgrade's drained backends take no flow.
-    runtime.resolve_first(FIRST_LOOKUP_LIMIT);
+    runtime.take_first_answers(first);
     runtime.carry_over(&control.take_carried(&s.name));
     let handle = ServiceHandle {
         index,

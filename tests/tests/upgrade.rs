@@ -231,7 +231,7 @@ fn an_upgrade_keeps_drained_weighed_and_down_backends_as_they_were() {
                 .backend(c.addr(), 1),
         )
         .to_toml();
-    let old = Daemon::start(&config);
+    let mut old = Daemon::start(&config);
     let admin = old.admin_addr();
     let backend = |status: &serde_json::Value, addr: SocketAddr| -> serde_json::Value {
         status["services"][0]["backends"]
@@ -260,10 +260,13 @@ fn an_upgrade_keeps_drained_weighed_and_down_backends_as_they_were() {
     let new = Daemon::try_upgrade(&config, &[])
         .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
     new.wait_for_log(
-        "carried over from the daemon this one replaces",
+        "carried over from before its restart",
         Duration::from_secs(5),
     )
     .unwrap_or_else(|e| panic!("the new daemon took over no backend state: {e}"));
+    // From here only the new daemon answers, on the VIP and on its admin API.
+    old.wait_exit(Duration::from_secs(10))
+        .expect("the old daemon exits once it has handed over");
     let admin = new.admin_addr();
     let status = lb_tests::admin::request(admin, "GET", "/status", "").json();
     assert_eq!(backend(&status, b.addr())["state"], "draining", "{status}");

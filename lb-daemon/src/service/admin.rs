@@ -160,21 +160,25 @@ impl ServiceRuntime {
             .collect()
     }
 
-    /// Takes on what the daemon an upgrade replaces carried for this service's backends
-    /// (see [`ServiceRuntime::carried`]), for those it has now, and republishes; logs each
-    /// backend so carried. Entries of other services and addresses this service does not
-    /// have (a backend the new config dropped, one DNS has not given yet) are ignored.
+    /// Takes on what this service's backends were before it was restarted (an upgrade's old
+    /// daemon, or a reload that moved it; see [`ServiceRuntime::carried`]) for those it has
+    /// now, and republishes; logs each backend so carried. An address it does not have yet
+    /// is remembered, so that a DNS answer that brings it brings it back so (see
+    /// `BackendSet::remember`); entries of other services are ignored.
     pub fn carry_over(&self, carried: &[CarriedBackend]) {
         let mut st = lock(&self.state);
         let now = Instant::now();
         let mut taken = Vec::new();
         for c in carried.iter().filter(|c| c.service == self.name) {
             let Some(b) = st.backends.get_mut(c.address) else {
+                st.backends
+                    .remember(c.address, (c.drained, c.admin_weight), c.down, now);
                 continue;
             };
             b.weight.carry_over(c.drained, c.admin_weight);
             if c.down {
-                lock(&b.rt.health).start_down("down in the daemon this one replaced".into(), now);
+                let why = "down before the service was restarted (an upgrade, or a move)";
+                lock(&b.rt.health).start_down(why.into(), now);
             }
             let mut what = Vec::new();
             if c.drained {
@@ -193,7 +197,8 @@ impl ServiceRuntime {
         }
         self.republish(&st);
         info!(
-            "service {}: carried over from the daemon this one replaces: {}",
+            "service {}: carried over from before its restart (an upgrade, or a reload that \
+             moved it): {}",
             self.name,
             taken.join("; ")
         );

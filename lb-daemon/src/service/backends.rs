@@ -182,7 +182,7 @@ pub(super) struct BackendSet {
 
 /// What the admin API set on a backend: drained, and an admin weight with the configured
 /// weight it was set over (see `Weight::carry_over`).
-type AdminSet = (bool, Option<(u32, u32)>);
+pub(super) type AdminSet = (bool, Option<(u32, u32)>);
 
 /// What a forgotten backend returns with, if it comes back within [`HEALTH_MEMORY`]: its
 /// health, and what the admin API set on it (a drain, a weight and the configured weight it
@@ -301,7 +301,9 @@ impl BackendSet {
             }
             let (rt, admin) = self.new_runtime(address, now);
             let mut b = BackendEntry::new(rt, source.clone(), weight);
-            if let Some((drained, admin)) = admin {
+            // A configured address that a reload adds back starts afresh, as a reload
+            // promises; a DNS answer that returns an address must not undo a drain.
+            if let (Some((drained, admin)), BackendSource::Dns(_)) = (admin, source) {
                 b.weight.carry_over(drained, admin);
             }
             b.weight.start_ramp(now);
@@ -340,6 +342,34 @@ impl BackendSet {
             };
         }
         gone.iter().map(BackendEntry::address).collect()
+    }
+
+    /// Remembers, as if it had just been forgotten at `now`, a backend this service does not
+    /// have yet: down (`down`), drained (`drained`) and with the admin weight `admin` (and
+    /// the configured weight it was set over). For an upgrade's or a move's carried state of
+    /// a backend a DNS name gives and has not answered yet: its first answer brings it back
+    /// so (within [`HEALTH_MEMORY`]). An address it has or remembers already is left alone.
+    pub(super) fn remember(
+        &mut self,
+        address: SocketAddr,
+        (drained, admin): AdminSet,
+        down: bool,
+        now: Instant,
+    ) {
+        if self.get(address).is_some() || self.recent.contains_key(&address) {
+            return;
+        }
+        let mut health = new_health(&self.health, now);
+        if down {
+            health.start_down("down before the service was restarted".into(), now);
+        }
+        let remembered = Remembered {
+            health,
+            drained,
+            admin,
+            at: now,
+        };
+        self.recent.insert(address, remembered);
     }
 
     /// The backends by address, for the data planes' connect reports.

@@ -388,8 +388,6 @@ impl ServiceRuntime {
         st.checkers.insert(address, task.abort_handle());
     }
 
-    /// (Re)starts one resolver per DNS name of the config; each hands its answers to
-    /// [`ServiceRuntime::set_discovered`].
     /// Takes `addresses`, an answer for the name `label`, for a service listening on
     /// `listen` (`local`: the host's addresses when that is a wildcard): an address that
     /// reaches the service's own listener is left out (the service would connect to itself),
@@ -415,16 +413,20 @@ impl ServiceRuntime {
         self.set_discovered(label, &kept);
     }
 
-    /// Resolves the service's DNS names once, waiting up to `limit` (see
-    /// `discovery::resolve_now`), and takes the answers, before the service is placed: its
-    /// first table then has those backends. A name that does not answer in time is left to
-    /// its resolver task, which [`ServiceRuntime::start`] starts. Blocks the calling thread.
-    pub fn resolve_first(&self, limit: Duration) {
+    /// Takes the first answers for the service's DNS names (`answers`: by `name:port`, from
+    /// `discovery::resolve_now`) before the service is placed, so that its first table has
+    /// those backends, at full weight at once as the configured ones (no flows yet for slow
+    /// start to protect them from). A name without an answer is left to its resolver task,
+    /// which [`ServiceRuntime::start`] starts.
+    pub fn take_first_answers(&self, answers: &HashMap<String, Vec<SocketAddr>>) {
         let (names, listen) = {
             let st = lock(&self.state);
             (st.config.discovered.clone(), st.config.listen)
         };
-        if names.is_empty() {
+        let answered: Vec<(String, &Vec<SocketAddr>)> = (names.iter())
+            .filter_map(|n| answers.get(&n.to_string()).map(|a| (n.to_string(), a)))
+            .collect();
+        if answered.is_empty() {
             return;
         }
         let local = if listen.ip().is_unspecified() {
@@ -433,11 +435,19 @@ impl ServiceRuntime {
             Default::default()
         };
         let warned = AtomicBool::new(false);
-        for (name, addresses) in discovery::resolve_now(&names, limit) {
-            self.take_answer(&name.to_string(), &addresses, listen, &local, &warned);
+        for (label, addresses) in answered {
+            self.take_answer(&label, addresses, listen, &local, &warned);
         }
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        for b in st.backends.iter_mut() {
+            b.weight.finish_ramp(None, now);
+        }
+        self.republish(&st);
     }
 
+    /// (Re)starts one resolver per DNS name of the config; each hands its answers to
+    /// [`ServiceRuntime::set_discovered`].
     fn spawn_resolvers(&self, st: &mut State) {
         for r in st.resolvers.drain(..) {
             r.abort();
@@ -784,24 +794,51 @@ kind = "none"
     }
 
     #[test]
-    fn a_service_resolves_its_names_before_it_is_placed() {
-        let rt = ServiceRuntime::new(0, scheduled("maglev", None, &[], &["localhost:9100"]))
-            .expect("builds");
-        assert!(
-            rt.snapshot().load().backends.is_empty(),
-            "nothing before a lookup"
+    fn a_service_takes_its_names_first_answers_at_full_weight_before_it_is_placed() {
+        let mut svc = scheduled("maglev", None, &["127.0.0.1:9001"], &["n.test:9100"]);
+        svc.slow_start = Some(Duration::from_secs(600));
+        let rt = ServiceRuntime::new(0, svc).expect("builds");
+        assert_eq!(
+            rt.snapshot().load().backends.len(),
+            1,
+            "the configured one only"
         );
-        rt.resolve_first(Duration::from_secs(5));
+        let answers = HashMap::from([
+            ("n.test:9100".to_string(), vec![addr("10.0.0.1:9100")]),
+            ("other.test:9100".to_string(), vec![addr("10.0.0.9:9100")]),
+        ]);
+        rt.take_first_answers(&answers);
         let snap = rt.snapshot().load_full();
-        assert!(
-            (snap.backends.iter()).any(|b| b.address == addr("127.0.0.1:9100") && b.eligible()),
-            "localhost's address takes flows at once: {snap:?}"
+        let got: Vec<(SocketAddr, u32)> = (snap.backends.iter())
+            .map(|b| (b.address, b.weight))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(addr("127.0.0.1:9001"), 1), (addr("10.0.0.1:9100"), 1)],
+            "the name's answer, at full weight (no slow start before any flow), and no other"
         );
-        // A name that never answers costs the wait and leaves the service as it was.
-        let rt = ServiceRuntime::new(0, scheduled("maglev", None, &[], &["nowhere.invalid:9100"]))
+        assert_eq!(rt.status().backends[1].state, "active", "not in slow start");
+    }
+
+    /// An upgrade's (or a move's) carried state of a backend that a DNS name gives and has
+    /// not answered yet waits for the answer that brings the backend.
+    #[test]
+    fn carried_state_of_a_backend_dns_has_not_given_yet_waits_for_its_answer() {
+        let rt = ServiceRuntime::new(0, scheduled("maglev", None, &[], &["n.test:9100"]))
             .expect("builds");
-        rt.resolve_first(Duration::from_millis(200));
-        assert!(rt.snapshot().load().backends.is_empty());
+        let (a, b) = (addr("10.0.0.1:9100"), addr("10.0.0.2:9100"));
+        let carried = |address, drained, down| crate::handover::CarriedBackend {
+            service: "app".into(),
+            address,
+            drained,
+            admin_weight: None,
+            down,
+        };
+        rt.carry_over(&[carried(a, true, false), carried(b, false, true)]);
+        rt.set_discovered("n.test:9100", &[a, b, addr("10.0.0.3:9100")]);
+        assert!(!takes_flows(&rt, "10.0.0.1:9100"), "a comes drained");
+        assert!(!takes_flows(&rt, "10.0.0.2:9100"), "b comes down");
+        assert!(takes_flows(&rt, "10.0.0.3:9100"));
     }
 
     /// A resolver answering a rotating subset of a name's records: an address that was down

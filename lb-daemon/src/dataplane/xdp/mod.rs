@@ -496,7 +496,8 @@ impl XdpPlane {
             None => st.service_ids.take().ok_or(XdpPlaneError::ServiceIdsFull)?,
         };
         let id = slot.id;
-        let deadline = Instant::now() + st.drain_timeout;
+        let started = Instant::now();
+        let deadline = started + st.drain_timeout;
         // An adopted service keeps its counters.
         let reset = if claimed.is_some() {
             Ok(())
@@ -506,8 +507,10 @@ impl XdpPlane {
         let written = reset.and_then(|()| {
             st.maps
                 .publish(&mut slot, &snap, &mut st.backend_ids, deadline)
-                .map(|_| ())
         });
+        if let Ok(written) = written {
+            sync::log_table(&snap, &slot, written, started);
+        }
         if let Err(e) = written {
             match claimed {
                 // Its VIP, live table and ids stay the set's, to drain at settle.

@@ -166,27 +166,7 @@ impl State {
             }
         }
         match written {
-            Ok(written) => {
-                // Eligible by health and weight, yet given no slot: the warning said why.
-                let left_out = (snap.backends.iter())
-                    .filter(|b| b.eligible() && !slot.replies_reach(&b.address))
-                    .count();
-                let also = match left_out {
-                    0 => String::new(),
-                    n => format!(", {n} more left out: their replies would miss the program"),
-                };
-                info!(
-                    "service {}: XDP table generation {} live in half {} ({} of {} backends \
-                     eligible{also}; {written} slots written in {} ms){}",
-                    snap.name,
-                    snap.generation,
-                    slot.active_half(),
-                    snap.eligible_count() - left_out,
-                    snap.backends.len(),
-                    started.elapsed().as_millis(),
-                    describe_limits(&snap.limits)
-                )
-            }
+            Ok(written) => log_table(&snap, slot, written, started),
             Err(e) => {
                 if slot.failed_generation != Some(snap.generation) {
                     slot.failed_generation = Some(snap.generation);
@@ -596,4 +576,33 @@ impl SyncThread {
         let _ = self.stop.send(());
         let _ = self.handle.join();
     }
+}
+
+/// Logs that `snap`'s table is live in `slot` (`written` slots, written since `started`): how
+/// many backends are eligible, and how many of those it leaves out (their replies would miss
+/// the program; a warning said why).
+pub(super) fn log_table(
+    snap: &crate::snapshot::ServiceSnapshot,
+    slot: &ServiceSlot,
+    written: usize,
+    started: Instant,
+) {
+    let left_out = (snap.backends.iter())
+        .filter(|b| b.eligible() && !slot.replies_reach(&b.address))
+        .count();
+    let also = match left_out {
+        0 => String::new(),
+        n => format!(", {n} more left out: their replies would miss the program"),
+    };
+    info!(
+        "service {}: XDP table generation {} live in half {} ({} of {} backends \
+         eligible{also}; {written} slots written in {} ms){}",
+        snap.name,
+        snap.generation,
+        slot.active_half(),
+        snap.eligible_count() - left_out,
+        snap.backends.len(),
+        started.elapsed().as_millis(),
+        describe_limits(&snap.limits)
+    )
 }
