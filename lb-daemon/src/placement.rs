@@ -588,7 +588,8 @@ impl Planes {
             }
         };
         info!(
-            "service {}: listening on {}/{} with the {placement}, scheduler {}, {} backends",
+            "service {}: listening on {}/{} with the {placement}, scheduler {}, {} configured \
+             backends",
             service.name,
             service.listen,
             service.protocol,
@@ -613,6 +614,7 @@ impl Planes {
             xdp: service.xdp.clone(),
             hook,
             announced: self.announced.load(Ordering::SeqCst),
+            configured: service.backends.iter().map(|b| b.address).collect(),
         };
         let fixed = match service.dataplane {
             DataplaneKind::Xdp => Some(HookRequest::Xdp {

@@ -445,12 +445,17 @@ fn undo_starts(
         }
         stop_service(control, r, std::time::Duration::ZERO, false);
     }
-    // Started again as new services, with what their backends had (their DNS names' backends
-    // come back with their resolvers' first answers).
+    // Started again as new services, with the backends their DNS names gave and what their
+    // backends had (what a move of theirs carried is not kept twice).
+    let mut answers = HashMap::new();
+    for r in early {
+        drop(control.take_carried(r.name()));
+        answers.extend(r.dns_answers());
+    }
     control.carry_also(early.iter().flat_map(|r| r.carried()));
     let mut back = Vec::new();
     for r in early {
-        match start_service(control, global, &r.config(), &HashMap::new()) {
+        match start_service(control, global, &r.config(), &answers) {
             Ok(n) => back.push((Arc::clone(r), n)),
             Err(e) => warn!("service {} could not be restarted: {e}", r.name()),
         }

@@ -173,6 +173,7 @@ impl ServiceRuntime {
             let Some(b) = st.backends.get_mut(c.address) else {
                 st.backends
                     .remember(c.address, (c.drained, c.admin_weight), c.down, now);
+                taken.push(format!("{} (when DNS gives it)", c.address));
                 continue;
             };
             b.weight.carry_over(c.drained, c.admin_weight);

@@ -413,6 +413,22 @@ impl ServiceRuntime {
         self.set_discovered(label, &kept);
     }
 
+    /// The addresses each of the service's DNS names gives now, by `name:port`: to start it
+    /// again as a new service with them ([`ServiceRuntime::take_first_answers`]).
+    pub fn dns_answers(&self) -> HashMap<String, Vec<SocketAddr>> {
+        let st = lock(&self.state);
+        (st.config.discovered.iter())
+            .map(|d| {
+                let label = d.to_string();
+                let addresses = st
+                    .backends
+                    .addresses_from(&BackendSource::Dns(label.clone()));
+                (label, addresses)
+            })
+            .filter(|(_, a)| !a.is_empty())
+            .collect()
+    }
+
     /// Takes the first answers for the service's DNS names (`answers`: by `name:port`, from
     /// `discovery::resolve_now`) before the service is placed, so that its first table has
     /// those backends, at full weight at once as the configured ones (no flows yet for slow
@@ -797,6 +813,7 @@ kind = "none"
     fn a_service_takes_its_names_first_answers_at_full_weight_before_it_is_placed() {
         let mut svc = scheduled("maglev", None, &["127.0.0.1:9001"], &["n.test:9100"]);
         svc.slow_start = Some(Duration::from_secs(600));
+        svc.discovered[0].weight = 10;
         let rt = ServiceRuntime::new(0, svc).expect("builds");
         assert_eq!(
             rt.snapshot().load().backends.len(),
@@ -814,10 +831,25 @@ kind = "none"
             .collect();
         assert_eq!(
             got,
-            vec![(addr("127.0.0.1:9001"), 1), (addr("10.0.0.1:9100"), 1)],
+            vec![(addr("127.0.0.1:9001"), 1), (addr("10.0.0.1:9100"), 10)],
             "the name's answer, at full weight (no slow start before any flow), and no other"
         );
         assert_eq!(rt.status().backends[1].state, "active", "not in slow start");
+    }
+
+    /// A configured address that a reload removes and a later one adds back starts afresh:
+    /// its drain is not remembered, as a reload promises (a DNS answer's would be).
+    #[test]
+    fn a_configured_backend_a_reload_adds_back_is_not_drained_any_more() {
+        let both = scheduled("maglev", None, &["127.0.0.1:9001", "127.0.0.1:9002"], &[]);
+        let rt = ServiceRuntime::new(0, both.clone()).expect("builds");
+        let b = addr("127.0.0.1:9002");
+        rt.drain(b).expect("a backend");
+        rt.update(scheduled("maglev", None, &["127.0.0.1:9001"], &[]));
+        rt.tick();
+        assert_eq!(rt.status().backends.len(), 1, "9002 was forgotten");
+        rt.update(both);
+        assert!(takes_flows(&rt, "127.0.0.1:9002"), "9002 came back drained");
     }
 
     /// An upgrade's (or a move's) carried state of a backend that a DNS name gives and has

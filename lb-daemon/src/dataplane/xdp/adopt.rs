@@ -212,24 +212,26 @@ pub struct Unclaimed {
 /// Takes what `adopted` holds for a config service at `key` with `forwarding` and backends
 /// `addresses` (distinct; see [`Adopted::claim`]) if the service can be placed with the ids
 /// free in the pools: a new service id unless it continues an adopted service
-/// (`free_services`), a backend id for each address the claim does not bring
-/// (`free_backends`). A refusal leaves `adopted` as it was, so that what the service would
-/// have continued drains as any service of the set no config service continued.
+/// (`free_services`), a backend id for each address of `required` (its configured backends,
+/// among `addresses`) the claim does not bring (`free_backends`). The others (a DNS name's
+/// answers) are left out of the table for want of ids, as a later answer's would be. A
+/// refusal leaves `adopted` as it was, so that what the service would have continued drains
+/// as any service of the set no config service continued.
 ///
 /// Returns `Err(XdpPlaneError::ServiceIdsFull)` or `Err(XdpPlaneError::BackendIdsFull)`.
 pub fn claim_if_placeable(
     adopted: Option<&mut Adopted>,
     key: &VipKey,
     forwarding: Forwarding,
-    addresses: &[SocketAddr],
+    (addresses, required): (&[SocketAddr], &[SocketAddr]),
     free_services: usize,
     free_backends: usize,
 ) -> Result<Option<AdoptedService>, XdpPlaneError> {
     let Some(adopted) = adopted else {
-        return check_ids(None, addresses, free_services, free_backends).map(|()| None);
+        return check_ids(None, required, free_services, free_backends).map(|()| None);
     };
     let claimed = adopted.claim(key, forwarding, addresses);
-    match check_ids(claimed.as_ref(), addresses, free_services, free_backends) {
+    match check_ids(claimed.as_ref(), required, free_services, free_backends) {
         Ok(()) => Ok(claimed),
         Err(e) => {
             if let Some(service) = claimed {
@@ -358,7 +360,7 @@ mod tests {
             Some(&mut adopted),
             &vip(80),
             Forwarding::Nat,
-            &addresses,
+            (&addresses, &addresses),
             5,
             0,
         );
@@ -385,7 +387,7 @@ mod tests {
             Some(&mut adopted),
             &vip(80),
             Forwarding::Nat,
-            &addresses,
+            (&addresses, &addresses),
             5,
             0,
         )
@@ -418,7 +420,7 @@ mod tests {
             Some(&mut adopted),
             &vip(80),
             Forwarding::Nat,
-            &addresses,
+            (&addresses, &addresses),
             0,
             0,
         );
@@ -430,10 +432,38 @@ mod tests {
             SocketAddr::from(([10, 200, 100, 2], 80)),
             lb_common::flow::IPPROTO_TCP,
         );
-        let new = claim_if_placeable(Some(&mut adopted), &other, Forwarding::Nat, &[], 0, 9);
+        let new = claim_if_placeable(
+            Some(&mut adopted),
+            &other,
+            Forwarding::Nat,
+            (&[], &[]),
+            0,
+            9,
+        );
         assert!(
             matches!(new, Err(XdpPlaneError::ServiceIdsFull)),
             "a service at a VIP the set lacks needs a new id: {new:?}"
+        );
+    }
+
+    #[test]
+    fn only_the_configured_backends_must_find_free_ids() {
+        let addresses = [
+            address("10.200.1.2:80"),
+            address("10.200.2.2:80"),
+            address("10.200.3.2:80"),
+        ];
+        let placed = claim_if_placeable(
+            None,
+            &vip(80),
+            Forwarding::Nat,
+            (&addresses, &addresses[..1]),
+            5,
+            1,
+        );
+        assert!(
+            matches!(placed, Ok(None)),
+            "two DNS answers without ids refused the service: {placed:?}"
         );
     }
 }

@@ -1119,6 +1119,7 @@ mod tests {
             },
             hook: super::super::HookRequest::Tc,
             announced: false,
+            configured: Vec::new(),
         };
         let lo = IpAddr::from([127, 0, 0, 1]);
         let vip = "10.200.100.1:80".parse().expect("literal");
@@ -1243,6 +1244,7 @@ mod tests {
             xdp: crate::config::XdpSettings::default(),
             hook: super::super::HookRequest::Tc,
             announced: true,
+            configured: Vec::new(),
         };
         let first: IpAddr = [10, 200, 0, 1].into();
         let second: IpAddr = [10, 200, 0, 3].into();

@@ -109,6 +109,9 @@ pub struct XdpService {
     /// The node announces the VIP among others (`[announce]`): a SYN with no backend is
     /// dropped, not refused (`lb_common::maps::SERVICE_F_ANNOUNCED`).
     pub announced: bool,
+    /// The service's configured backends (not a DNS name's answers): placing it needs a free
+    /// backend id for each (see `adopt::claim_if_placeable`).
+    pub configured: Vec<std::net::SocketAddr>,
 }
 
 /// Where the eBPF plane carries a service: each interface it is attached to, at which hook
@@ -474,11 +477,15 @@ impl XdpPlane {
         // flows conntrack pinned to its backends go on. Taken only once the ids the service
         // needs besides are known to be free: a refused service leaves it to drain.
         let key = slot.vip_key();
+        let required: Vec<std::net::SocketAddr> = (settings.configured.iter())
+            .filter(|a| addresses.contains(a))
+            .copied()
+            .collect();
         let claimed = adopt::claim_if_placeable(
             self.adopted.as_mut(),
             &key,
             xdp.forwarding,
-            &addresses,
+            (&addresses, &required),
             st.service_ids.available(),
             st.backend_ids.available(),
         )?;
