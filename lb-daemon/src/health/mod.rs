@@ -374,9 +374,24 @@ impl HealthState {
         self.last_check.as_ref()
     }
 
-    /// Active checks that could not run for want of this host's resources, since creation.
+    /// Active checks that could not run for want of this host's resources, since creation
+    /// (or since the state it replaced was created: [`HealthState::carry_from`]).
     pub fn unknown_checks(&self) -> u64 {
         self.unknown_checks
+    }
+
+    /// Takes from `old`, the state this one replaces (a reload changed the service's health
+    /// settings), what does not depend on the settings: the count of unknown checks (which
+    /// `/metrics` exports as a counter, and a counter must not go back), the latest check's
+    /// result, and, when both say the same (Up or Down), since when that holds.
+    pub fn carry_from(&mut self, old: &HealthState) {
+        self.unknown_checks = self.unknown_checks.saturating_add(old.unknown_checks);
+        if self.last_check.is_none() {
+            self.last_check = old.last_check.clone();
+        }
+        if self.health == old.health {
+            self.since = old.since;
+        }
     }
 
     /// When the current state began: the last transition, or creation.
@@ -570,6 +585,29 @@ fn first_check_after(period: Duration, target: SocketAddr, checker: u64) -> Dura
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_health_settings_keep_the_unknown_checks_the_last_result_and_the_verdicts_age() {
+        let t0 = Instant::now();
+        let mut old = HealthState::new(2, 2, t0);
+        old.record_check(Err(CheckError::Local("no port".into())), t0);
+        old.record_check(Err(CheckError::Local("no port".into())), t0);
+        assert_eq!(old.unknown_checks(), 2);
+        let later = t0 + Duration::from_secs(60);
+        let mut new = HealthState::new(3, 3, later);
+        new.carry_from(&old);
+        assert_eq!(new.unknown_checks(), 2, "a counter must not go back");
+        assert!(new.last_check().is_some(), "the latest result stays shown");
+        assert_eq!(new.since(), t0, "still Up since t0");
+        let mut down = HealthState::new(3, 3, later);
+        down.start_down("down before the reload".into(), later);
+        down.carry_from(&old);
+        assert_eq!(
+            down.since(),
+            later,
+            "Down since the reload, not Up since t0"
+        );
+    }
     use tokio::net::{TcpListener, TcpSocket};
     use tokio::sync::mpsc;
 

@@ -203,6 +203,7 @@ impl ServiceRuntime {
                     fresh.record_passive_failure("down before the reload", now);
                 }
             }
+            fresh.carry_from(&state);
             *state = fresh;
         }
         let addresses: Vec<SocketAddr> = st.backends.iter().map(|b| b.address()).collect();
