@@ -224,8 +224,11 @@ fn an_upgrade_keeps_drained_weighed_and_down_backends_as_they_were() {
     let config = DaemonConfig::new()
         .global("upgrade_socket", socket.display().to_string())
         .service(
+            // Checks every 5 s: the new daemon's own checks cannot take a backend down within
+            // the test (two failures, 5 s apart); only what the old daemon knew can.
             ServiceConfig::tcp("web", web)
                 .fast_health("tcp")
+                .health("interval", "5s")
                 .backend(a.addr(), 1)
                 .backend(b.addr(), 1)
                 .backend(c.addr(), 1),
@@ -245,8 +248,9 @@ fn an_upgrade_keeps_drained_weighed_and_down_backends_as_they_were() {
     assert_eq!(said.code, Some(0), "drain: {said:?}");
     let said = lb_tests::admin::cli(&admin.to_string(), &["weight", "web", &a_at, "5"]);
     assert_eq!(said.code, Some(0), "weight: {said:?}");
+    // The old daemon learns that c is down from its failed connects (fall = 2).
     c.stop();
-    let end = Instant::now() + Duration::from_secs(5);
+    let end = Instant::now() + Duration::from_secs(10);
     while backend(
         &lb_tests::admin::request(admin, "GET", "/status", "").json(),
         c.addr(),
@@ -254,7 +258,7 @@ fn an_upgrade_keeps_drained_weighed_and_down_backends_as_they_were() {
         != "down"
     {
         assert!(Instant::now() < end, "backend c never went down");
-        std::thread::sleep(Duration::from_millis(50));
+        let _ = http_get(web, "/");
     }
 
     let new = Daemon::try_upgrade(&config, &[])
