@@ -124,11 +124,12 @@ pub(super) struct Tcp {
 }
 
 /// Whether service `info`'s listener is to drop the SYNs that reach it rather than accept
-/// connections it can only refuse: the node announces its VIPs (`[announce]`), this daemon
-/// still owns the listener (not handed over in an upgrade), the service is not removed, and
-/// no backend is eligible. Such a node withdraws the VIP (`announce`), and until the router
-/// has moved the traffic, a refused connection fails its client where a dropped SYN is sent
-/// again: to another node once the route is gone, or to this one once a backend is back.
+/// connections it can only refuse: the node announces its VIPs (`[announce]`), the service is
+/// not removed, and no backend is eligible (after a hand-over in an upgrade, `Tcp::gate_syns`
+/// asks nothing: the listener is the new daemon's). Such a node withdraws the VIP
+/// (`announce`), and until the router has moved the traffic, a refused connection fails its
+/// client where a dropped SYN is sent again: to another node once the route is gone, or to
+/// this one once a backend is back.
 /// The eBPF plane does the same (`SERVICE_F_ANNOUNCED`). A node that does not announce
 /// refuses at once: no other node could take the SYN; nor does a service on a wildcard
 /// address, which is never announced.
