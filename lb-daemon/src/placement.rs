@@ -709,9 +709,11 @@ impl Planes {
     }
 
     /// Stops new flows of service `index` on the plane `placement` names; open flows go on
-    /// for at most `drain_timeout`. `address_moves`: a service on another plane takes its
-    /// address now (XDP lets go of the VIP at once, cutting its pinned flows; see
-    /// [`XdpPlane::remove`]).
+    /// for at most `drain_timeout`. `address_moves`: a service added next takes its address:
+    /// XDP lets go of the VIP at once, cutting its pinned flows (see [`XdpPlane::remove`];
+    /// for a proxy service taking it); the proxy keeps the TCP listeners open for it to take
+    /// (see [`Proxy::remove_service_keeping_listeners`]; [`Planes::close_kept`] closes what
+    /// no service took).
     pub fn remove(
         &self,
         placement: &Placement,
@@ -730,6 +732,15 @@ impl Planes {
                     Dataplane::remove(p, index, drain_timeout, address_moves);
                 }
             }
+        }
+    }
+
+    /// Closes the proxy listeners kept open by a removal whose address moves (see
+    /// [`Planes::remove`]) that no service took: call once the reload that removed them
+    /// added its services.
+    pub fn close_kept(&self) {
+        if let Some(p) = lock(&self.proxy).as_ref() {
+            p.close_kept();
         }
     }
 

@@ -279,18 +279,22 @@ async fn reload_now(control: Arc<Control>) -> Result<String, ReloadError> {
 /// empty config. Returns a one-line summary of what changed; on `Err` the running config and
 /// services stay as they were (services started on the way are stopped again). One case
 /// touches a running service: a proxy service that must let go of its address for an added
-/// one (a rename, a move in) is stopped before that one starts, and if that one then fails,
-/// it is started again as a new service (its open connections drain); every other added
-/// service starts before it is stopped. At start-up a refusal leaves the eBPF services it
-/// placed as written (the daemon ends; see `undo_starts`). Blocks while data planes take
-/// services: call it from a blocking context inside the tokio runtime (it spawns the
-/// services' health checks).
+/// one (a rename, a move in, two services swapping addresses) is stopped before that one
+/// starts, and if that one then fails, it is started again as a new service (its open
+/// connections drain); its TCP listeners stay open meanwhile and pass to the service that
+/// takes the address, so clients arriving in between wait in their queues and none is
+/// refused. Every other added service starts before it is stopped. At start-up a refusal
+/// leaves the eBPF services it placed as written (the daemon ends; see `undo_starts`).
+/// Blocks while data planes take services: call it from a blocking context inside the
+/// tokio runtime (it spawns the services' health checks).
 pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadError> {
-    // What no service of this config takes is not for the services a later reload adds.
+    // What no service of this config takes is not for the services a later reload adds:
+    // carried backend state, and listeners kept open for a service at the same address.
     struct Leftovers<'a>(&'a Control);
     impl Drop for Leftovers<'_> {
         fn drop(&mut self) {
             self.0.carry(Vec::new());
+            self.0.planes().close_kept();
         }
     }
     let _leftovers = Leftovers(control);
@@ -334,8 +338,10 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
             }
         }
     }
+    // Their TCP listeners stay open, with the connections in their queues, for the added
+    // service at their address to take: a rename or an address swap refuses no client.
     for r in &early {
-        stop_service(control, r, drain_timeout, false);
+        stop_service(control, r, drain_timeout, true);
     }
     // If one of these cannot start, the early ones are started again, as new services:
     // their open connections drain.
@@ -438,12 +444,21 @@ fn undo_starts(
     let starting = services.is_empty();
     // An XDP service among them gives its VIP back to the XDP service it was to replace,
     // which was not removed yet (XDP services are never removed early).
+    // A proxy service at an early one's address keeps its TCP listeners open for it, started
+    // again below.
     for r in started {
-        if starting && control.on_xdp(r.index()) {
+        let on_xdp = control.on_xdp(r.index());
+        if starting && on_xdp {
             r.stop();
             continue;
         }
-        stop_service(control, r, std::time::Duration::ZERO, false);
+        let c = r.config();
+        let hands_on = !on_xdp
+            && (early.iter()).any(|e| {
+                let ec = e.config();
+                ec.listen == c.listen && ec.protocol == c.protocol
+            });
+        stop_service(control, r, std::time::Duration::ZERO, hands_on);
     }
     // Started again as new services, with the backends their DNS names gave and what their
     // backends had (what a move of theirs carried is not kept twice).
@@ -524,7 +539,8 @@ fn start_service(
 
 /// Splits the services a reload removes into those to stop before the new ones start and
 /// those to stop after: a proxy service whose address (listen and protocol) an added service
-/// takes must close its listeners first, so the address can be bound again. An XDP service
+/// takes must stop first, handing its listeners on (or, for UDP, letting the address be
+/// bound again). An XDP service
 /// holds no socket, so it always goes after: the new service at its VIP is placed first, and
 /// no SYN finds the VIP without a table in between; and a refused reload, which restarts the
 /// early ones, never has to touch it.
@@ -543,13 +559,15 @@ fn early_removals(
 }
 
 /// Stops new flows to a service (its listeners close, or its XDP table empties), lets its
-/// open ones finish within `drain_timeout`, and ends its health checks and resolvers. An XDP
-/// service with `release_vip` lets go of its VIP at once (see `XdpPlane::remove`).
+/// open ones finish within `drain_timeout`, and ends its health checks and resolvers.
+/// `address_moves`: a service started next takes its address: an XDP service lets go of its
+/// VIP at once (see `XdpPlane::remove`), a proxy service keeps its TCP listeners open for
+/// that one (see `Proxy::remove_service_keeping_listeners`).
 fn stop_service(
     control: &Control,
     r: &Arc<ServiceRuntime>,
     drain_timeout: std::time::Duration,
-    release_vip: bool,
+    address_moves: bool,
 ) {
     let Some(placement) = control.placement(r.index()) else {
         r.stop();
@@ -557,7 +575,7 @@ fn stop_service(
     };
     control
         .planes()
-        .remove(&placement, r.index(), drain_timeout, release_vip);
+        .remove(&placement, r.index(), drain_timeout, address_moves);
     if placement.on_xdp() {
         info!(
             "service {}: removed from the XDP table; flows pinned to its backends may go on for \

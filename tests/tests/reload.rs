@@ -517,3 +517,89 @@ fn a_moved_service_keeps_its_drained_backend_drained() {
         );
     }
 }
+
+/// Reload after reload renames two services and swaps their addresses while clients connect
+/// to both addresses without pause: no connection is refused (the removed service's
+/// listeners pass to the added one at their address, with what waits in their queues), and
+/// after each reload each address answers from the backend the new file gives it.
+#[test]
+fn renaming_and_swapping_services_refuses_no_connection() {
+    const RELOADS: usize = 12;
+    let h1 = HttpNameServer::start("h1").expect("backend starts");
+    let h2 = HttpNameServer::start("h2").expect("backend starts");
+    let (x, y) = (free_addr(), free_addr());
+    // Step `i`: the services are `one{i}` (h1) and `two{i}` (h2); even steps put h1 at x.
+    let file = |i: usize| {
+        let (at1, at2) = if i.is_multiple_of(2) { (x, y) } else { (y, x) };
+        let service = |name: String, vip, backend| {
+            ServiceConfig::tcp(&name, vip)
+                .health("kind", "none")
+                .backend(backend, 1)
+        };
+        DaemonConfig::new()
+            .service(service(format!("one{i}"), at1, h1.addr()))
+            .service(service(format!("two{i}"), at2, h2.addr()))
+            .to_toml()
+    };
+    let daemon = Daemon::start(&file(0));
+    let api = daemon.admin_addr().to_string();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let load: Vec<_> = [x, y]
+        .into_iter()
+        .map(|vip| {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let end = Instant::now() + Duration::from_secs(60);
+                for _ in 0..300_000 {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > end {
+                        break;
+                    }
+                    match http_get(vip, "/") {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failures.lock().expect("lock").push(format!("{vip}: {e}"));
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+
+    for i in 1..=RELOADS {
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.rewrite_config(&file(i));
+        let out = cli(&api, &["reload"]);
+        assert_eq!(out.code, Some(0), "reload {i} failed: {out:?}");
+        let (at_x, at_y) = if i.is_multiple_of(2) {
+            ("h1", "h2")
+        } else {
+            ("h2", "h1")
+        };
+        for (vip, name) in [(x, at_x), (y, at_y)] {
+            let who = http_get(vip, "/").expect("the address answers after the reload");
+            assert!(
+                who.contains(name),
+                "after reload {i}, {vip} should reach {name}: {who}"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().expect("load thread");
+    }
+    let failed = failures.lock().expect("lock").clone();
+    let answered = ok.load(Ordering::Relaxed);
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed across {RELOADS} reloads; first: {:?}",
+        failed.len(),
+        failed.len() as u64 + answered,
+        failed.first()
+    );
+    assert!(answered > 1_000, "only {answered} requests were made");
+}

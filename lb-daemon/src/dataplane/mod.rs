@@ -53,8 +53,9 @@ pub trait Dataplane: Sized {
     ) -> Result<Self::Added, Self::Error>;
 
     /// Stops new flows of service `index` (no-op for an index the plane does not carry);
-    /// the open ones go on for at most `drain_timeout`. `address_moves`: another plane takes
-    /// the service's address now, so the plane lets go of it at once.
+    /// the open ones go on for at most `drain_timeout`. `address_moves`: another service
+    /// takes the service's address now: XDP lets go of the VIP at once (the new service runs
+    /// on the proxy); the proxy keeps its TCP listeners open for the new service to take.
     fn remove(&mut self, index: usize, drain_timeout: Duration, address_moves: bool);
 
     /// The plane's counters now.

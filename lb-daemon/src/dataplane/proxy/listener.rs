@@ -29,6 +29,8 @@ struct Listener {
     on_close: Option<Sender<()>>,
     /// Its SYN filter was on at the last look ([`Listeners::drop_syns`]).
     dropping_syns: bool,
+    /// Closing, but its socket lives on for another service ([`Listeners::close_service`]).
+    kept: bool,
 }
 
 impl Listener {
@@ -68,6 +70,7 @@ impl Listeners {
             failures: 0,
             on_close: None,
             dropping_syns: false,
+            kept: false,
         });
         self.list.len() - 1
     }
@@ -135,13 +138,23 @@ impl Listeners {
     }
 
     /// Closes the listener(s) of service `service` (after cancelling the accept);
-    /// `closed` is dropped once each is closed.
-    pub(super) fn close_service(&mut self, ctx: &mut Ctx, service: usize, closed: &Sender<()>) {
+    /// `closed` is dropped once each is closed. `kept`: another duplicate of the socket
+    /// stays open for the service that takes the address, so a connection this accept takes
+    /// before the cancel lands is carried by `service` through its drain, not reset: the
+    /// client came to an address that goes on listening.
+    pub(super) fn close_service(
+        &mut self,
+        ctx: &mut Ctx,
+        service: usize,
+        closed: &Sender<()>,
+        kept: bool,
+    ) {
         for (i, l) in self.list.iter_mut().enumerate() {
             if l.service != service || l.fd.is_none() {
                 continue;
             }
             l.closing = true;
+            l.kept = kept;
             if l.armed {
                 l.on_close = Some(closed.clone());
                 ctx.ring.cancel(Token::entry(Kind::Accept, 0, i as u32, 0));
@@ -178,7 +191,7 @@ impl Listeners {
     /// A multishot accept completed. Pushes onto `accepted` each new client socket with its
     /// service (an index into `services`) that is to be carried; a client accepted while
     /// closing or draining is reset instead, unless the listener was handed over to a new
-    /// daemon (then it is carried). An accept error is logged (a shortage through
+    /// daemon or kept for another service (then it is carried). An accept error is logged (a shortage through
     /// `resource_log`) and, for a shortage or a run of failures, makes the listener wait for
     /// the next sweep. Re-arms or closes the listener as due; a handed-over listener's queue
     /// is emptied into `accepted` before it closes (see [`take_queue`]).
@@ -207,10 +220,11 @@ impl Listeners {
             l.failures = 0;
             // SAFETY: a successful accept's result is a new descriptor that we now own.
             let client = unsafe { OwnedFd::from_raw_fd(c.result) };
-            // After a hand-over the listener lives on in the new daemon: a connection this
-            // one took from its queue before the cancel landed is carried through the drain
-            // like any other, not reset (the new daemon would have served it).
-            if (l.closing || ctx.draining) && !handed_over() {
+            // After a hand-over the listener lives on in the new daemon, and a kept one in
+            // the service that takes its address: a connection this one took from its queue
+            // before the cancel landed is carried through the drain like any other, not
+            // reset (the new owner would have served it).
+            if ((l.closing && !l.kept) || ctx.draining) && !handed_over() {
                 sys::set_reset_on_close(&client);
             } else {
                 accepted.push((l.service, client));

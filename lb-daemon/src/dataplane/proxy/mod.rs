@@ -347,6 +347,9 @@ pub struct Proxy {
     options: ProxyOptions,
     /// Sockets taken over from the daemon this one replaces, for [`Proxy::add_service`].
     inherited: Mutex<Option<Arc<crate::handover::Inherited>>>,
+    /// TCP listeners of removed services, kept open for a service added at their address
+    /// ([`Proxy::remove_service_keeping_listeners`]): address, worker, socket.
+    kept: Mutex<Vec<(SocketAddr, usize, OwnedFd)>>,
 }
 
 /// `listen(2)` backlog; the kernel caps it at `net.core.somaxconn`.
@@ -433,6 +436,7 @@ impl Proxy {
             ),
             options,
             inherited: Mutex::new(None),
+            kept: Mutex::new(Vec::new()),
         };
         let proxy = proxy.spawn_workers(setups, readiness)?;
         for info in &infos {
@@ -534,7 +538,10 @@ impl Proxy {
     /// session.
     ///
     /// Binds one `SO_REUSEPORT` listener (TCP) or VIP socket (UDP) per worker before any
-    /// worker takes it, so a bind error surfaces here as `Err(ProxyError::Bind)` and nothing
+    /// worker takes it, unless a removed service kept its listeners open for this address
+    /// ([`Proxy::remove_service_keeping_listeners`]) or the daemon this one replaces handed
+    /// one over ([`Proxy::inherit`]): then it takes those, with the connections in their
+    /// queues. A bind error surfaces here as `Err(ProxyError::Bind)` and nothing
     /// is left behind; a listen port of 0 gets one free port for all workers
     /// ([`Proxy::listen_addr`] tells which). Returns once every worker accepts on it.
     /// `Err(ProxyError::DuplicateService)` when `service.index` is carried already,
@@ -555,33 +562,49 @@ impl Proxy {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for w in 0..self.workers.len() {
-            let taken = inherited
-                .as_ref()
-                .and_then(|i| i.take(info.listen, info.protocol, w));
-            let (fd, bound) = match taken {
-                // The old daemon's socket, its queue and its place in the reuseport group.
-                Some(fd) => {
-                    nodelay_on_accept.push(
-                        info.protocol == Protocol::Tcp
-                            && take_over_listener(&info.name, fd.as_fd()),
-                    );
-                    (fd, info.listen)
-                }
-                None => {
-                    nodelay_on_accept.push(false);
-                    bind(&info, self.options).map_err(|source| ProxyError::Bind {
-                        addr: info.listen,
-                        source,
-                    })?
-                }
-            };
-            info.listen = bound;
-            dups.push(fd.try_clone().map_err(|source| ProxyError::Bind {
-                addr: info.listen,
-                source,
-            })?);
-            sockets.push(fd);
+        let mut from_kept = false;
+        let got_all = (|| {
+            for w in 0..self.workers.len() {
+                let kept = self.take_kept(info.listen, info.protocol, w);
+                from_kept |= kept.is_some();
+                let taken = kept.or_else(|| {
+                    (inherited.as_ref()).and_then(|i| i.take(info.listen, info.protocol, w))
+                });
+                let (fd, bound) = match taken {
+                    // A removed service's listener, or the old daemon's socket: its queue
+                    // and its place in the reuseport group.
+                    Some(fd) => {
+                        nodelay_on_accept.push(
+                            info.protocol == Protocol::Tcp
+                                && take_over_listener(&info.name, fd.as_fd()),
+                        );
+                        (fd, info.listen)
+                    }
+                    None => {
+                        nodelay_on_accept.push(false);
+                        bind(&info, self.options).map_err(|source| ProxyError::Bind {
+                            addr: info.listen,
+                            source,
+                        })?
+                    }
+                };
+                info.listen = bound;
+                let dup = fd.try_clone();
+                sockets.push(fd);
+                dups.push(dup.map_err(|source| ProxyError::Bind {
+                    addr: info.listen,
+                    source,
+                })?);
+            }
+            Ok(())
+        })();
+        if let Err(e) = got_all {
+            // Kept for the service that takes the address: a refused reload restarts the
+            // one that kept them.
+            if from_kept {
+                self.keep(info.listen, sockets);
+            }
+            return Err(e);
         }
         let (done, outcomes) = std::sync::mpsc::channel();
         let mut sent = 0;
@@ -604,7 +627,10 @@ impl Proxy {
         if sent < self.workers.len() || started < sent {
             // Workers that took it close their listener with the proxy; none is left open
             // for a service the caller believes failed.
-            self.send_remove(info.index, Instant::now());
+            self.send_remove(info.index, Instant::now(), from_kept);
+            if from_kept {
+                self.keep(info.listen, dups);
+            }
             return Err(ProxyError::Stopped(info.index));
         }
         bound.push(BoundService::of(&info, dups));
@@ -633,24 +659,77 @@ impl Proxy {
     /// new service, as if their old session had expired. An unknown index is ignored. Blocks like
     /// [`Proxy::add_service`].
     pub fn remove_service(&self, index: usize, drain_timeout: Duration) {
+        self.remove_with(index, drain_timeout, false);
+    }
+
+    /// As [`Proxy::remove_service`], but a TCP service's listening sockets stay open, with
+    /// the connections in their queues, for the service that a reload adds at the same
+    /// address next (a rename, two services swapping addresses): the workers stop accepting
+    /// on them and [`Proxy::add_service`] hands them to that service, so no client arriving
+    /// in between is refused. A connection the old service's worker accepted as it stopped
+    /// is carried by the old service through its drain. [`Proxy::close_kept`] closes the
+    /// listeners no service took. A UDP service is removed as by `remove_service`.
+    pub fn remove_service_keeping_listeners(&self, index: usize, drain_timeout: Duration) {
+        self.remove_with(index, drain_timeout, true);
+    }
+
+    /// Closes the listeners kept by [`Proxy::remove_service_keeping_listeners`] that no
+    /// added service took (connections in their queues are reset by the kernel).
+    pub fn close_kept(&self) {
+        let closed = std::mem::take(&mut *self.kept.lock().unwrap_or_else(|p| p.into_inner()));
+        if !closed.is_empty() {
+            tracing::debug!("closed {} listening sockets no service took", closed.len());
+        }
+    }
+
+    /// The listener for worker `worker` kept open at `listen` for `protocol`, if any.
+    fn take_kept(&self, listen: SocketAddr, protocol: Protocol, worker: usize) -> Option<OwnedFd> {
+        if protocol != Protocol::Tcp {
+            return None;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let at = kept
+            .iter()
+            .position(|(at, w, _)| *at == listen && *w == worker)?;
+        Some(kept.swap_remove(at).2)
+    }
+
+    /// Adds each worker's listening socket at `listen` (in worker order) to the kept ones.
+    fn keep(&self, listen: SocketAddr, sockets: Vec<OwnedFd>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.extend(
+            sockets
+                .into_iter()
+                .enumerate()
+                .map(|(w, fd)| (listen, w, fd)),
+        );
+    }
+
+    fn remove_with(&self, index: usize, drain_timeout: Duration, keep_listeners: bool) {
         let mut bound = self.bound();
         let Some(at) = bound.iter().position(|c| c.index == index) else {
             return;
         };
+        let keep = keep_listeners && bound[at].protocol == Protocol::Tcp;
         let until = deadline_after(drain_timeout);
-        self.send_remove(index, until);
-        bound.remove(at);
+        self.send_remove(index, until, keep);
+        let gone = bound.remove(at);
+        if keep {
+            self.keep(gone.listen, gone.sockets);
+        }
     }
 
     /// Tells every worker that service `index` is removed, its flows cut at `until`; returns
-    /// once every worker has closed its listener (or exited).
-    fn send_remove(&self, index: usize, until: Instant) {
+    /// once every worker has closed its listener (or exited). `keep_listener`: the socket
+    /// lives on for another service (see [`Proxy::remove_service_keeping_listeners`]).
+    fn send_remove(&self, index: usize, until: Instant, keep_listener: bool) {
         let (closed, all_closed) = std::sync::mpsc::channel::<()>();
         for w in &self.workers {
             w.send(worker::Command::Remove {
                 index,
                 until,
                 closed: closed.clone(),
+                keep_listener,
             });
         }
         drop(closed);
@@ -733,6 +812,7 @@ impl Proxy {
         for s in self.bound().iter_mut() {
             s.sockets.clear();
         }
+        self.close_kept();
         self.drain_cut()
             .set_deadline(|current| current.or(Some(deadline_after(drain_timeout))));
         let mut cut = 0;
@@ -777,10 +857,10 @@ impl Dataplane for Proxy {
             .ok_or(ProxyError::Stopped(service.index))
     }
 
-    /// A proxy service's listeners close at once whether or not another plane takes the
-    /// address.
-    fn remove(&mut self, index: usize, drain_timeout: Duration, _address_moves: bool) {
-        self.remove_service(index, drain_timeout);
+    /// When the address moves, a TCP service's listeners stay open for the service that
+    /// takes it ([`Proxy::remove_service_keeping_listeners`]); otherwise they close at once.
+    fn remove(&mut self, index: usize, drain_timeout: Duration, address_moves: bool) {
+        self.remove_with(index, drain_timeout, address_moves);
     }
 
     fn counters(&self) -> ProxyCounters {

@@ -360,20 +360,22 @@ impl Tcp {
     }
 
     /// Service `index` was removed: closes its listener (after cancelling the accept; `closed`
-    /// is dropped then) and marks its connections to be cut at `until`.
+    /// is dropped then) and marks its connections to be cut at `until`. `keep_listener`: the
+    /// socket lives on for another service (see [`Listeners::close_service`]).
     pub(super) fn remove(
         &mut self,
         ctx: &mut Ctx,
         index: usize,
         until: Instant,
         closed: &std::sync::mpsc::Sender<()>,
+        keep_listener: bool,
     ) {
         for (at, info) in self.services.iter_mut().enumerate() {
             if info.index != index || info.removed() {
                 continue;
             }
             info.drain_until = Some(until);
-            self.listeners.close_service(ctx, at, closed);
+            self.listeners.close_service(ctx, at, closed, keep_listener);
         }
     }
 

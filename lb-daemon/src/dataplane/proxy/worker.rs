@@ -25,11 +25,14 @@ pub(super) enum Command {
         done: Sender<bool>,
     },
     /// Stop taking new flows for service `index` and cut its flows at `until`. `closed` is
-    /// dropped once this worker's listener for it is closed.
+    /// dropped once this worker's listener for it is closed. `keep_listener`: the listening
+    /// socket lives on for another service (the handle holds it), so a connection accepted
+    /// as the listener closes is carried, not reset.
     Remove {
         index: usize,
         until: Instant,
         closed: Sender<()>,
+        keep_listener: bool,
     },
 }
 
@@ -283,8 +286,9 @@ impl Worker {
                 index,
                 until,
                 closed,
+                keep_listener,
             } => {
-                self.tcp.remove(ctx, index, until, &closed);
+                self.tcp.remove(ctx, index, until, &closed, keep_listener);
                 self.udp.remove(ctx, index, until);
                 if until > ctx.now {
                     ctx.ring.timeout(until - ctx.now, Token::of(Kind::Deadline));
