@@ -36,6 +36,40 @@ fn echo_server() -> TcpServer {
     .expect("the echo backend starts")
 }
 
+/// Refused connections the access log test makes in a burst.
+const FLOOD: u64 = 50;
+
+/// Opens a connection to `vip` that the proxy refuses with a reset (its client is over the
+/// limit); returns the client's address. The address is taken before the connect: the
+/// proxy's reset may beat the connect's return.
+fn refused_connection(vip: std::net::SocketAddr) -> std::net::SocketAddr {
+    let client =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    client
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind the client");
+    let addr = client
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("client address");
+    let mut buf = [0u8; 8];
+    match client.connect_timeout(&vip.into(), WAIT) {
+        Ok(()) => {
+            let mut client: TcpStream = client.into();
+            let _ = client.set_read_timeout(Some(WAIT));
+            let n = client.read(&mut buf);
+            assert!(
+                !matches!(n, Ok(n) if n > 0),
+                "a connection over the limit was served"
+            );
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("a connection over the limit failed other than by a reset: {e}"),
+    }
+    addr
+}
+
 #[test]
 fn each_connection_and_session_gets_one_line_with_what_happened() {
     let echo = echo_server();
@@ -72,28 +106,42 @@ fn each_connection_and_session_gets_one_line_with_what_happened() {
     // The echo proves the proxy admitted it: only then is the next one second in line (two
     // workers accept in no set order).
     c.read_exact(&mut back).expect("the echo");
-    // While it is open, a second one from the same address is over the limit of 1. Its
-    // address is taken before the connect: the proxy's reset may beat the connect's return.
-    let second =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    second
-        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind the second client");
-    let second_addr = second
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .expect("second client address");
-    let mut buf = [0u8; 8];
-    match second.connect_timeout(&web.into(), WAIT) {
-        Ok(()) => {
-            let mut second: TcpStream = second.into();
-            let _ = second.set_read_timeout(Some(WAIT));
-            let _ = second.read(&mut buf);
-        }
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("the second connection failed other than by the proxy's reset: {e}"),
+    // While it is open, a second one from the same address is over the limit of 1.
+    let second_addr = refused_connection(web);
+    // A flood of refused connections writes no line per connection: at most one a second
+    // per worker, the next one counting those held back.
+    for _ in 0..FLOOD {
+        refused_connection(web);
     }
+    std::thread::sleep(Duration::from_millis(1_200));
+    let mark = daemon.log_mark();
+    let summed = (0..20).find_map(|_| {
+        refused_connection(web);
+        let lines = daemon.logs();
+        let after = lines.get(mark..).unwrap_or_default();
+        (after.iter())
+            .find(|l| l.contains("end=limit_refused") && l.contains("similar="))
+            .cloned()
+            .or_else(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            })
+    });
+    let summed = summed.expect("no line counts the refusals held back");
+    let held: u64 = fields(&summed)["similar"].parse().expect("a count");
+    assert!(
+        (1..=FLOOD).contains(&held),
+        "the held-back count should be part of the {FLOOD} refused: {summed}"
+    );
+    let refused_lines = (daemon.logs().iter())
+        .filter(|l| l.contains("end=limit_refused"))
+        .count();
+    assert!(
+        refused_lines <= 6,
+        "{refused_lines} access lines for {} refused connections",
+        FLOOD + 2
+    );
+    let mut buf = [0u8; 8];
     c.shutdown(Shutdown::Write).expect("half-close");
     assert_eq!(c.read(&mut buf).expect("end of file"), 0);
     drop(c);

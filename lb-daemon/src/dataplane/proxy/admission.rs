@@ -16,15 +16,15 @@ use crate::snapshot::ServiceSnapshot;
 ///
 /// `Ok(admission)`: pass it to the client table's `release` when the flow ends.
 /// `Err(why)`: the refusal is already counted (`limited`), logged at debug level and, if the
-/// service logs access, written to the access log: every line when `refused_log` is `None`,
-/// else at most one a second with the count of those held back. The caller only turns the
+/// service logs access, written to the access log as `refused_log` lets it (at most one line
+/// a second, with the count of those held back). The caller only turns the
 /// flow away (TCP: a reset; UDP: the datagram is dropped).
 pub(super) fn admit_or_refuse(
     ctx: &Ctx,
     service: &ServiceInfo,
     snapshot: &ServiceSnapshot,
     client: SocketAddr,
-    refused_log: Option<&mut LogLimit>,
+    refused_log: &mut LogLimit,
 ) -> Result<Admission, Refusal> {
     let why =
         match service
@@ -50,21 +50,17 @@ pub(super) fn admit_or_refuse(
 }
 
 /// Writes the access log line of a flow of `client` turned away before it reached a backend
-/// (`end`: [`End::LimitRefused`] or [`End::NoBackend`]): every time when `limit` is `None`,
-/// else at most once a second, with the count of lines held back.
+/// (`end`: [`End::LimitRefused`] or [`End::NoBackend`]), at most once a second as `limit`
+/// counts, with the count of lines held back.
 pub(super) fn log_turned_away(
     ctx: &Ctx,
     service: &ServiceInfo,
     client: SocketAddr,
     end: End,
-    limit: Option<&mut LogLimit>,
+    limit: &mut LogLimit,
 ) {
-    let similar = match limit {
-        None => 0,
-        Some(limit) => match limit.allow_counted(ctx.now) {
-            Some(similar) => similar,
-            None => return,
-        },
+    let Some(similar) = limit.allow_counted(ctx.now) else {
+        return;
     };
     access::log_summary(
         &access::Line::turned_away(service.protocol, &service.name, client, end),

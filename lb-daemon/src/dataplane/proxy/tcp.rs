@@ -116,6 +116,9 @@ pub(super) struct Tcp {
     flushing: Flushing,
     /// Per service: "no backend" warnings.
     no_backend_log: Vec<LogLimit>,
+    /// Per service: access log lines of connections refused by the limits, one a second at
+    /// most (a client over its limit is often a flood).
+    refused_access_log: Vec<LogLimit>,
     /// Local resource shortages (sockets, pipes, accept).
     resource_log: LogLimit,
     /// The connections one accept completion gave, kept empty between completions (its
@@ -340,6 +343,7 @@ impl Tcp {
             sweep_cursor: 0,
             flushing: Flushing::new(fd_share),
             no_backend_log: vec![LogLimit::default(); listeners.len()],
+            refused_access_log: vec![LogLimit::default(); listeners.len()],
             resource_log: LogLimit::default(),
             accepted_now: Vec::new(),
         };
@@ -355,6 +359,7 @@ impl Tcp {
         let service = self.services.len();
         self.services.push(info);
         self.no_backend_log.push(LogLimit::default());
+        self.refused_access_log.push(LogLimit::default());
         let listener = self.listeners.push(service, fd);
         self.listeners.arm(ctx, listener);
     }
@@ -451,7 +456,8 @@ impl Tcp {
             let _ = sock.set_nodelay(true);
         }
         let snapshot = info.snapshot.load_full();
-        let Ok(admission) = admit_or_refuse(ctx, info, &snapshot, client_addr, None) else {
+        let refused_log = &mut self.refused_access_log[service];
+        let Ok(admission) = admit_or_refuse(ctx, info, &snapshot, client_addr, refused_log) else {
             // A reset, not a FIN: the client learns at once that it was turned away (a FIN
             // would read as an empty answer), and the VIP keeps no TIME_WAIT socket per
             // refused connection, which a client over its limit could pile up.

@@ -588,7 +588,7 @@ impl Udp {
             service.clients.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let refused_log = Some(&mut self.refused_access_log[service_at]);
+        let refused_log = &mut self.refused_access_log[service_at];
         match admit_or_refuse(ctx, service, snapshot, client, refused_log) {
             Ok(admission) => Some(admission),
             Err(why) => {
@@ -618,7 +618,7 @@ impl Udp {
         }
         Shared::count(&ctx.shared.no_backend, 1);
         if snapshot.access_log {
-            let limit = Some(&mut self.no_backend_access_log[service_at]);
+            let limit = &mut self.no_backend_access_log[service_at];
             log_turned_away(ctx, service, client, End::NoBackend, limit);
         }
         self.log_no_backend(ctx, service_at, client);
