@@ -778,8 +778,10 @@ impl Udp {
     }
 
     /// Whether session `key`'s backend is still up in the service's current table. A
-    /// draining backend (weight 0) keeps its sessions; a DOWN or removed one does not. Costs
-    /// one snapshot load per datagram, and a scan of the backends only when the table changed.
+    /// drained backend keeps its sessions, and so does one a reload removed (it stays in the
+    /// table at weight 0 until its last session ends: established flows are never cut); a
+    /// DOWN one does not. Costs one snapshot load per datagram, and a scan of the backends
+    /// only when the table changed.
     fn backend_still_up(&mut self, key: (u32, u32)) -> bool {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return false;
