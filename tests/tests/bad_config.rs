@@ -2,11 +2,15 @@
 //! user to the right line and key: `lb-daemon check` exits 2 with `{file}:{line}:{col}:
 //! {field}: {message}`, and `lb-daemon run` exits 2 too.
 //!
-//! Each case marks the line the error must point at with `# <-`.
+//! Each case marks the line the error must point at with `# <-`. A setting that is allowed
+//! but works otherwise than it reads is warned of when the service starts.
 
 use std::time::Duration;
 
+use lb_tests::config::{DaemonConfig, ServiceConfig};
 use lb_tests::daemon::{check_config, is_ready_line, run_on_file, run_to_end, Outcome};
+use lb_tests::ports::free_addr;
+use lb_tests::{Daemon, HttpNameServer};
 
 /// A valid config using every key, with two services.
 const GOOD: &str = r#"
@@ -659,5 +663,40 @@ fn run_refuses_a_bad_config_with_exit_2_and_starts_nothing() {
             .any(is_ready_line),
         "`lb-daemon run` said it was ready with a bad config; {}",
         describe(&out)
+    );
+}
+
+/// A health `timeout` longer than the `interval` is allowed (HAProxy allows a `timeout check`
+/// above `inter`) but makes checks of a silent backend run back to back: the service says
+/// so when it starts, and a service whose timeout fits says nothing.
+#[test]
+fn a_health_timeout_longer_than_the_interval_is_warned_of() {
+    let h = HttpNameServer::start("h1").expect("backend starts");
+    let service = |name: &str, timeout: &str| {
+        ServiceConfig::tcp(name, free_addr())
+            .health("kind", "tcp")
+            .health("interval", "1s")
+            .health("timeout", timeout)
+            .backend(h.addr(), 1)
+    };
+    let daemon = Daemon::start(
+        &DaemonConfig::new()
+            .service(service("slow", "3s"))
+            .service(service("fits", "1s"))
+            .to_toml(),
+    );
+    let line = daemon
+        .wait_for_log("health.timeout", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("no warning of the long health timeout: {e}"));
+    assert!(
+        line.contains("WARN") && line.contains("service slow:") && line.contains("(3s)"),
+        "the warning should name the service and its timeout: {line}"
+    );
+    let about_fits = (daemon.logs().iter())
+        .filter(|l| l.contains("health.timeout") && l.contains("service fits:"))
+        .count();
+    assert_eq!(
+        about_fits, 0,
+        "a timeout equal to the interval is not warned of"
     );
 }

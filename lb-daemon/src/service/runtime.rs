@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 use super::backends::{new_health, BackendRuntime, BackendSet, BackendSource};
 use super::{lock, round_ms};
 use crate::config::SchedulerKind;
-use crate::config::{default_max_flows, open_file_limit, CheckKind, Service};
+use crate::config::{default_max_flows, open_file_limit, CheckKind, HealthCheck, Service};
 use crate::discovery;
 use crate::health::{self, Health, HealthState, Transition};
 use crate::scheduler::{self, Candidate, SchedulerError, Turn};
@@ -59,6 +59,24 @@ pub(super) struct State {
     ticker: Option<AbortHandle>,
     /// The runtime tasks are spawned on; `None` until [`ServiceRuntime::start`].
     runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Warns when `health`'s active checks may take longer (`timeout`) than the time between two
+/// (`interval`): a check is still running when the next is due, so a backend that does not
+/// answer is checked back to back, once per `timeout`, and found down after `fall` timeouts,
+/// not `fall` intervals. Allowed, as HAProxy allows a `timeout check` above `inter`.
+fn warn_of_long_timeout(name: &str, health: &HealthCheck) {
+    if health.kind == CheckKind::None || health.timeout <= health.interval {
+        return;
+    }
+    let fmt = |d: Duration| humantime::format_duration(d).to_string();
+    let (timeout, interval) = (fmt(health.timeout), fmt(health.interval));
+    warn!(
+        "service {name}: health.timeout ({timeout}) is longer than health.interval \
+         ({interval}): a backend that does not answer is checked back to back, once every \
+         {timeout}, and found down after {} such checks",
+        health.fall
+    );
 }
 
 impl ServiceRuntime {
@@ -131,6 +149,7 @@ impl ServiceRuntime {
         }
         self.spawn_resolvers(&mut st);
         self.restart_ticker(&mut st);
+        warn_of_long_timeout(&self.name, &st.config.health);
     }
 
     /// Stops every task [`ServiceRuntime::start`] started; none starts again (a resolver
@@ -178,6 +197,7 @@ impl ServiceRuntime {
         }
         if health_changed {
             self.restart_health(&mut st, now);
+            warn_of_long_timeout(&self.name, &st.config.health);
         }
         if discovery_changed {
             self.spawn_resolvers(&mut st);
