@@ -326,3 +326,90 @@ fn a_session_whose_backend_becomes_unreachable_moves_to_another_backend() {
         start.elapsed()
     );
 }
+
+/// A router between the balancer and the backend with a smaller MTU on the backend's side
+/// answers a datagram too big for it with "fragmentation needed": the datagram is lost, but
+/// the session stays, so the client's next datagrams (fragmented to fit now) reach the same
+/// backend, from the same source port, instead of a new session on another backend.
+#[test]
+fn a_smaller_mtu_on_the_way_to_the_backend_keeps_the_session_on_its_backend() {
+    if !lb_tests::require_root("udp::a_smaller_mtu_on_the_way_to_the_backend_keeps_the_session") {
+        return;
+    }
+    let near = Netns::new("pmtu").expect("a namespace for the balancer");
+    let router = Netns::new("rtr").expect("a namespace for the router");
+    let far = Netns::new("far").expect("a namespace for the backends");
+    lb_tests::netns::veth(&near, "v0", "10.98.1.1/24", &router, "r0", "10.98.1.2/24")
+        .expect("a veth from the balancer to the router");
+    lb_tests::netns::veth(&router, "r1", "10.98.2.1/24", &far, "v1", "10.98.2.2/24")
+        .expect("a veth from the router to the backends");
+    for (ns, dev) in [(&router, "r1"), (&far, "v1")] {
+        ns.ip(&["link", "set", dev, "mtu", "1280"])
+            .expect("a smaller MTU on the backends' side");
+    }
+    router
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("the router forwards");
+    near.ip(&["route", "add", "10.98.2.0/24", "via", "10.98.1.2"])
+        .expect("a route to the backends");
+    far.ip(&["route", "add", "default", "via", "10.98.2.1"])
+        .expect("a route back");
+    let (a1, a2): (SocketAddr, SocketAddr) = (
+        "10.98.2.2:5300".parse().expect("literal"),
+        "10.98.2.2:5301".parse().expect("literal"),
+    );
+    let _u = in_netns(&far, || {
+        (UdpEcho::start_on("u1", a1), UdpEcho::start_on("u2", a2))
+    })
+    .expect("enter the backends' namespace");
+    let vip: SocketAddr = "127.0.0.1:5353".parse().expect("literal");
+    let svc = ServiceConfig::udp("echo", vip)
+        .set("dataplane", "proxy")
+        .set("idle_timeout", "60s")
+        .scheduler("round_robin")
+        .health("kind", "none")
+        .backend(a1, 1)
+        .backend(a2, 1);
+    let config = DaemonConfig::new().global("workers", 1).service(svc);
+    let _daemon = in_netns(&near, || Daemon::start(&config.to_toml()))
+        .expect("enter the balancer's namespace");
+
+    let (first, answers) = in_netns(&near, || {
+        let client = UdpClient::new(vip).expect("a UDP client socket");
+        let name = |reply: &[u8]| {
+            String::from_utf8_lossy(reply)
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let first = name(
+            &client
+                .request(b"small", Duration::from_secs(2))
+                .expect("a first answer"),
+        );
+        // 1,400 bytes: too big for the router's way out, sent with "don't fragment" until
+        // the router's answer lowers the path MTU; then fragmented, and answered.
+        let big = vec![b'x'; 1_400];
+        let mut answers = Vec::new();
+        let start = Instant::now();
+        while answers.len() < 5 && start.elapsed() < Duration::from_secs(5) {
+            client.send(&big).expect("sending a datagram on loopback");
+            if let Ok(Some(reply)) = client.recv(Duration::from_millis(200)) {
+                assert_eq!(
+                    reply.len(),
+                    3 + big.len(),
+                    "a whole answer to the big datagram"
+                );
+                answers.push(name(&reply));
+            }
+        }
+        (first, answers)
+    })
+    .expect("enter the balancer's namespace");
+    assert!(
+        answers.len() == 5 && answers.iter().all(|a| *a == first),
+        "after the router's \"fragmentation needed\", the client's datagrams should go on to \
+         {first}, its session's backend; they got answers from {answers:?}"
+    );
+}

@@ -722,6 +722,15 @@ impl Udp {
                     self.unreachable(ctx, key, e);
                     break;
                 }
+                // A router on the way said a datagram was too big ("fragmentation needed",
+                // "packet too big"): the kernel lowered the path MTU towards the backend and
+                // fragments the next datagrams to fit. That datagram is lost, the session is
+                // not: its client keeps its backend and the source port the backend knows it
+                // by (QUIC, WireGuard).
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    tracing::debug!("backend {}: {e}; the path MTU to it is lower", s.backend);
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!("receive from backend {}: {e}", s.backend);
                     Shared::count(&ctx.shared.errors, 1);
