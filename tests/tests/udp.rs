@@ -283,8 +283,15 @@ fn a_session_whose_backend_becomes_unreachable_moves_to_another_backend() {
         .backend(far_addr, 1)
         .backend(near_addr, 1);
     let config = DaemonConfig::new().global("workers", 1).service(svc);
-    let _daemon = in_netns(&near, || Daemon::start(&config.to_toml()))
+    let daemon = in_netns(&near, || Daemon::start(&config.to_toml()))
         .expect("enter the balancer's namespace");
+    let errors = || {
+        in_netns(&near, || {
+            admin::status(daemon.admin_addr())["proxy"]["errors"].as_u64()
+        })
+        .expect("enter the balancer's namespace")
+        .expect("the proxy's error count in /status")
+    };
 
     // A client whose session is on u1 (round robin: one of the first few).
     let client = in_netns(&near, || {
@@ -324,6 +331,10 @@ fn a_session_whose_backend_becomes_unreachable_moves_to_another_backend() {
         "the client's datagrams should reach u2 once u1 became unreachable, well before the \
          session's 60 s idle timeout; in {:?} it got answers from {answers:?}",
         start.elapsed()
+    );
+    assert!(
+        errors() >= 1,
+        "the session that ended on the unreachable backend is not counted among the errors"
     );
 }
 

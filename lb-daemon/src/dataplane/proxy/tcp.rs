@@ -846,6 +846,7 @@ impl Tcp {
                         self.close(ctx, index, generation, End::Eof);
                     } else if let (TO_CLIENT, Some(errno)) = (way, r.backend_failed) {
                         // The backend's last bytes are delivered; now the reset it sent.
+                        Shared::count(&ctx.shared.errors, 1);
                         self.close(ctx, index, generation, End::of_errno(errno));
                     }
                     return;

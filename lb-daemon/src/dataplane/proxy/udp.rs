@@ -479,6 +479,7 @@ impl Udp {
                     // gone), which is not the backend's fault: the session ends, and if the
                     // route stays gone, the next session's connect says so against it.
                     tracing::debug!("send to backend {}: {e}; ending the session", s.backend);
+                    Shared::count(&ctx.shared.errors, 1);
                     self.close(ctx, key, End::Error);
                 } else if unreachable(&e) {
                     self.unreachable(ctx, key, e);
@@ -783,6 +784,7 @@ impl Udp {
             s.table_generation,
             &mut self.resource_log,
         );
+        Shared::count(&ctx.shared.errors, 1);
         self.close(ctx, key, End::Error);
     }
 
