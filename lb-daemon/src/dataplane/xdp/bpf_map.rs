@@ -48,6 +48,29 @@ pub enum MapsError {
     Cpus(String),
 }
 
+/// The result of deleting a map entry, an entry already gone being no error: `Ok(true)` when
+/// it was deleted, `Ok(false)` when there was none.
+///
+/// Why: the kernel says `ENOENT`, which aya gives as `MapError::SyscallError` (only lookups
+/// give `MapError::KeyNotFound`), and entries do go away under us: an LRU map (`CONNTRACK`,
+/// `CLIENTS`) evicts its oldest entries as the program adds flows, and the kernel deletes a
+/// device map's entry when its interface goes. Taken for an error, such a delete would stop
+/// the release of backend and service ids for good.
+///
+/// Returns the other errors as they came.
+pub fn removed(result: Result<(), aya::maps::MapError>) -> Result<bool, aya::maps::MapError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(false)
+        }
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Turns a failed map call on `map` into `MapsError::Io`.
 pub fn io(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
     move |e| MapsError::Io {
@@ -72,4 +95,40 @@ where
         name,
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::maps::{HashMap, MapData};
+    use lb_common::maps::{self as contract, CtEntry};
+    use lb_common::FlowKey;
+
+    use super::*;
+
+    /// A delete of an entry that is not there (one an LRU map evicted) is told from a
+    /// failure, on the real `CONNTRACK`: aya gives the kernel's `ENOENT` as a syscall error.
+    #[test]
+    fn a_delete_of_an_entry_already_gone_is_no_error() {
+        if !lb_tests::require_root("bpf_map::a_delete_of_an_entry_already_gone_is_no_error") {
+            return;
+        }
+        let object = lb_tests::xdp::bpf_object();
+        let mut ebpf = super::super::loader::load_object(&object, &[contract::CONNTRACK], &[])
+            .expect("the object loads");
+        let mut conntrack: HashMap<MapData, FlowKey, CtEntry> =
+            take(&mut ebpf, contract::CONNTRACK).expect("CONNTRACK");
+        let key = FlowKey::default();
+        let gone = conntrack.remove(&key);
+        assert!(
+            matches!(removed(gone), Ok(false)),
+            "a delete of a missing entry must read as already gone"
+        );
+        conntrack
+            .insert(key, CtEntry::default(), 0)
+            .expect("an entry goes in");
+        assert!(
+            matches!(removed(conntrack.remove(&key)), Ok(true)),
+            "a delete of an entry that is there must read as deleted"
+        );
+    }
 }

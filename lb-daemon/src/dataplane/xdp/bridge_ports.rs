@@ -22,7 +22,7 @@ use lb_common::maps::{self as contract, bridge_bit, BridgeFdbKey};
 use tracing::{info, warn};
 
 use super::bit_map::BitMap;
-use super::bpf_map::{io, take, MapsError};
+use super::bpf_map::{io, removed, take, MapsError};
 use super::bridge_fdb;
 use super::peer;
 
@@ -109,7 +109,7 @@ impl BridgeMaps {
             .map(|(key, _)| *key)
             .collect();
         for key in stale {
-            remove_if_present(self.fdb.remove(&key), contract::BRIDGE_FDB)?;
+            removed(self.fdb.remove(&key)).map_err(io(contract::BRIDGE_FDB))?;
             self.fdb_written.remove(&key);
         }
         for (key, &port) in &wanted.fdb {
@@ -124,28 +124,12 @@ impl BridgeMaps {
         }
         let gone: Vec<u32> = self.ports_written.difference(&allowed).copied().collect();
         for port in gone {
-            remove_if_present(self.ports.remove(port), contract::BRIDGE_PORTS)?;
+            removed(self.ports.remove(port)).map_err(io(contract::BRIDGE_PORTS))?;
         }
         self.ports_written = allowed;
         self.bridges
             .write(self.fdb_written.keys().map(|key| bridge_bit(key.bridge)))?;
         Ok(left_out)
-    }
-}
-
-/// A removal's result, where an entry that is already gone (the kernel removes a devmap's
-/// entry when its interface goes away) is no error.
-fn remove_if_present(
-    result: Result<(), aya::maps::MapError>,
-    map: &'static str,
-) -> Result<(), MapsError> {
-    match result {
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(())
-        }
-        other => other.map_err(io(map)),
     }
 }
 

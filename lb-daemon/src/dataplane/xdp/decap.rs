@@ -279,10 +279,9 @@ impl LocalAddrs {
         let mut failed = None;
         for gone in self.written.difference(&now).copied().collect::<Vec<_>>() {
             let key = DecapAddr::new(gone);
-            match self.map.remove(&key) {
-                // Already absent counts as removed (else every later refresh would fail).
-                Ok(()) => {}
-                Err(_) if self.map.get(&key, 0).is_err() => {}
+            // Already absent counts as removed (else every later refresh would fail).
+            match super::bpf_map::removed(self.map.remove(&key)) {
+                Ok(_) => {}
                 Err(e) => {
                     failed = Some(format!("cannot remove {gone}: {e}"));
                     continue;

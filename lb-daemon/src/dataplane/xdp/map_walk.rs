@@ -21,7 +21,7 @@ use lb_common::maps::{self as contract, ClientKey, ClientState, CtEntry, NatReve
 use lb_common::FlowKey;
 use tracing::warn;
 
-use super::bpf_map::{io, take, MapsError};
+use super::bpf_map::{io, removed, take, MapsError};
 
 /// `CONNTRACK`, `CLIENTS` and `NAT_REVERSE`, owned by the sync thread and walked without the
 /// `State` lock.
@@ -125,10 +125,8 @@ impl MapWalk {
         let complete = entries.complete();
         let mut forgot = 0;
         for key in &stale {
-            match self.conntrack.remove(key) {
-                Ok(()) => forgot += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::CONNTRACK)(e)),
+            if removed(self.conntrack.remove(key)).map_err(io(contract::CONNTRACK))? {
+                forgot += 1;
             }
         }
         if !complete {
@@ -154,10 +152,8 @@ impl MapWalk {
             if !ids.contains(&key.service) {
                 continue;
             }
-            match self.clients.remove(&key) {
-                Ok(()) => forgot += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::CLIENTS)(e)),
+            if removed(self.clients.remove(&key)).map_err(io(contract::CLIENTS))? {
+                forgot += 1;
             }
         }
         if !complete {

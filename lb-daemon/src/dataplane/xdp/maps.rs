@@ -15,7 +15,7 @@ use lb_common::maps::{
 use lb_common::{Counters, STATS_LEN};
 
 use super::bit_map::BitMap;
-use super::bpf_map::{io, take, MapsError};
+use super::bpf_map::{io, removed, take, MapsError};
 use super::ids::{BackendIds, IdPool};
 use crate::config::{Forwarding, Protocol};
 use crate::maglev::{MaglevBackend, MaglevTable};
@@ -421,10 +421,7 @@ impl Maps {
                 .map_err(io(contract::VIP_ADDRS))?;
         }
         for addr in self.vip_addrs_written.difference(&wanted) {
-            match self.vip_addrs.remove(addr) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(io(contract::VIP_ADDRS)(e)),
-            }
+            removed(self.vip_addrs.remove(addr)).map_err(io(contract::VIP_ADDRS))?;
         }
         self.vip_addrs_written = wanted;
         Ok(())
@@ -484,10 +481,7 @@ impl Maps {
                 .insert(key, VipValue { service }, 0)
                 .map_err(io(contract::VIPS))?,
             None => {
-                match self.vips.remove(&key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(io(contract::VIPS)(e)),
-                }
+                removed(self.vips.remove(&key)).map_err(io(contract::VIPS))?;
                 self.sync_vip_keys()?;
             }
         }
