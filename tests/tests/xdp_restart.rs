@@ -69,6 +69,13 @@ fn a_service_the_new_config_lacks_drains_and_is_released() {
 }
 
 #[test]
+fn a_nat_service_on_two_local_addresses_the_new_config_lacks_drains_its_flows() {
+    if lb_tests::require_root("xdp_restart::a_nat_service_on_two_local_addresses_drains") {
+        restart_without_a_two_address_service(Path::tc(Mode::Nat));
+    }
+}
+
+#[test]
 fn a_local_address_added_across_a_restart_carries_new_flows() {
     if lb_tests::require_root("xdp_restart::a_local_address_added_across_a_restart") {
         restart_with_a_second_local_address(Path::tc(Mode::Nat));
@@ -736,6 +743,77 @@ fn restart_with_a_second_local_address(path: Path) {
     report.assert_all_answered(&format!(
         "{path:?}: new connections after a restart that added the local address {SECOND_LOCAL}"
     ));
+}
+
+/// `bulk`, translating from two local addresses, carries 10 long uploads (hashed over both
+/// addresses) when the daemon stops with SIGQUIT, and the next config lacks `bulk`: it drains
+/// as a removed service, and every upload, from either address, arrives byte-complete (the
+/// drain wrote back a service entry that counted one address: the flows of the second were
+/// translated from the first, and cut).
+fn restart_without_a_two_address_service(path: Path) {
+    const TWO_ADDRESS_UPLOADS: u64 = 10;
+    let pins = PinDir(test_pin_dir());
+    let backends = [(1, 1), (2, 1), (3, 1)];
+    let config = |topology: &Topology, with_bulk: bool| {
+        let local = toml::Value::Array(
+            [
+                lb_tests::xdp::BALANCER.to_string(),
+                SECOND_LOCAL.to_string(),
+            ]
+            .into_iter()
+            .map(toml::Value::String)
+            .collect(),
+        );
+        let mut config = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .global("drain_timeout", "60s")
+            .service(service(topology, path.mode, "web", &backends));
+        if with_bulk {
+            config = config.service(
+                service(topology, path.mode, "bulk", &backends).set("local_address", local),
+            );
+        }
+        config.to_toml()
+    };
+    let mut world = World::start_custom(path, 3, 3, &[1, 2, 3], |topology| {
+        let toml = config(topology, true);
+        in_netns(&topology.balancer, || Daemon::start_pinned(&toml, &pins.0))
+            .expect("enter the balancer namespace")
+    });
+    let mut uploads: Vec<Upload> = (0..TWO_ADDRESS_UPLOADS)
+        .map(|seed| {
+            world
+                .client(|| -> Result<Upload, lb_tests::client::ClientError> {
+                    let mut u = Upload::start(Topology::vip(BULK), 60 + seed)?;
+                    u.send(BEFORE)?;
+                    Ok(u)
+                })
+                .unwrap_or_else(|e| panic!("{path:?}: upload {seed} could not start: {e}"))
+        })
+        .collect();
+    kill(&mut world, path, Signal::SIGQUIT);
+    let toml = config(&world.topology, false);
+    world.daemon = in_netns(&world.topology.balancer, || {
+        Daemon::start_pinned(&toml, &pins.0)
+    })
+    .expect("enter the balancer namespace");
+    let gone = format!("{} (adopted, not in the config)", Topology::vip(BULK));
+    world
+        .daemon
+        .wait_for_log(&format!("service {gone}: drains"), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{path:?}: the service the config lacks did not drain: {e}"));
+    for (i, mut u) in uploads.drain(..).enumerate() {
+        u.send(AFTER)
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke after the restart: {e}"));
+        let receipt = u
+            .finish()
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} failed after the restart: {e}"));
+        assert_eq!(
+            receipt,
+            Receipt::of_stream(BEFORE + AFTER, 60 + i as u64),
+            "{path:?}: upload {i}, open across the restart, arrived damaged or cut"
+        );
+    }
 }
 
 /// `web` renamed `web2` by a reload (a new service at the VIP, the old one draining behind

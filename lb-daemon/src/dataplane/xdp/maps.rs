@@ -310,6 +310,33 @@ impl Maps {
         Ok(())
     }
 
+    /// The SNAT addresses past the first of adopted service `id`, whose `SERVICES` entry is
+    /// `found`, as `LOCAL_ADDRS` holds them (for [`ServiceSlot::leftover`]); none for `dsr`
+    /// or a single address. Stops at the first entry it cannot read or make out (logged):
+    /// the flows translated from the addresses after it would then break.
+    pub fn adopted_local_addrs(&self, id: u32, found: &contract::Service) -> Vec<IpAddr> {
+        if found.mode != MODE_NAT {
+            return Vec::new();
+        }
+        let n = u32::from(found.local_addrs).min(contract::MAX_LOCAL_ADDRS);
+        let mut more = Vec::new();
+        for i in 1..n {
+            let read = self.local_addrs.get(&local_addr_index(id, i), 0);
+            match read.map(|words| contract::words_addr(found.family, &words)) {
+                Ok(Some(addr)) => more.push(addr),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        "eBPF: adopted service id {id}: its local address {i} cannot be read \
+                         ({e}); flows translated from it break"
+                    );
+                    break;
+                }
+            }
+        }
+        more
+    }
+
     /// Empties `slot`'s table (steps 2-4 with no backend): new flows of the service find no
     /// backend, flows conntrack pinned go on. The first step of removing a service.
     pub fn empty_table(&mut self, slot: &mut ServiceSlot) -> Result<(), MapsError> {
@@ -853,9 +880,17 @@ impl ServiceSlot {
     }
 
     /// The slot of a service of an adopted pinned set that the config no longer has, to drain
-    /// it as a removed one: service id `id` at `vip`, its `SERVICES` entry `found`. `None`
-    /// when the entry does not describe a service (another protocol, no address).
-    pub fn leftover(id: u32, vip: &VipKey, found: &contract::Service) -> Option<ServiceSlot> {
+    /// it as a removed one: service id `id` at `vip`, its `SERVICES` entry `found`, and for
+    /// `nat` its SNAT addresses past the first (`more_local`, see
+    /// [`Maps::adopted_local_addrs`]): the entry the drain writes back counts them all, so
+    /// the flows translated from each go on. `None` when the entry does not describe a
+    /// service (another protocol, no address).
+    pub fn leftover(
+        id: u32,
+        vip: &VipKey,
+        found: &contract::Service,
+        more_local: Vec<IpAddr>,
+    ) -> Option<ServiceSlot> {
         let protocol = match vip.protocol {
             lb_common::flow::IPPROTO_TCP => Protocol::Tcp,
             lb_common::flow::IPPROTO_UDP => Protocol::Udp,
@@ -873,7 +908,7 @@ impl ServiceSlot {
             } else {
                 Forwarding::Dsr
             },
-            local_addresses: vec![local],
+            local_addresses: std::iter::once(local).chain(more_local).collect(),
             snat_ports: (found.snat_port_min, found.snat_port_max),
             snat_hold_s: found.snat_hold_s,
             announced: found.flags & contract::SERVICE_F_ANNOUNCED != 0,
@@ -881,7 +916,7 @@ impl ServiceSlot {
             active_half,
             table_size_live: found.table_size[active_half as usize],
             vip_published: true,
-            // One address: no entry to write.
+            // Its addresses past the first are in `LOCAL_ADDRS` already.
             local_addrs_written: true,
             halves: [None, None],
             generation: 0,

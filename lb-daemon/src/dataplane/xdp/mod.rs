@@ -360,7 +360,9 @@ impl XdpPlane {
             st.orphan_services.push((id, deadline));
         }
         for (key, found) in services {
-            let Some(mut slot) = maps::ServiceSlot::leftover(found.id, &key, &found.entry) else {
+            let more_local = st.maps.adopted_local_addrs(found.id, &found.entry);
+            let leftover = maps::ServiceSlot::leftover(found.id, &key, &found.entry, more_local);
+            let Some(mut slot) = leftover else {
                 warn!(
                     "eBPF: the adopted service id {} has an unreadable VIP; it stays reserved",
                     found.id
