@@ -268,6 +268,68 @@ address = "127.0.0.1"   # <-
         field: Some("service[0].backend[0].address"),
     },
     Case {
+        what: "a backend IPv4 address with a part over 255 (not a DNS name either)",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "10.0.0.256:80"   # <-
+"#,
+        field: Some("service[0].backend[0].address"),
+    },
+    Case {
+        what: "a backend IPv4 address with a leading zero (the resolver would read it as octal)",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.010:19001"   # <-
+"#,
+        field: Some("service[0].backend[0].address"),
+    },
+    Case {
+        what: "a backend address with port 0",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:0"   # <-
+"#,
+        field: Some("service[0].backend[0].address"),
+    },
+    Case {
+        what: "a TCP service on the admin API's default address (the start would fail on it)",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "0.0.0.0:9100"   # <-
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19001"
+"#,
+        field: Some("service[0].listen"),
+    },
+    Case {
+        what: "a backend that is the admin API (clients would reach it through the service)",
+        toml: r#"
+[admin]
+listen = "127.0.0.1:19100"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "127.0.0.1:19100"   # <-
+"#,
+        field: Some("service[0].backend[0].address"),
+    },
+    Case {
         what: "the same backend twice",
         toml: r#"
 [[service]]

@@ -13,23 +13,42 @@ use super::{Backend, ConfigError, DnsBackend, Protocol, MAX_WEIGHT};
 use crate::host_addrs;
 
 /// Every service's listen address, to refuse a backend that is one of them: its flows would
-/// come back into the balancer, which would connect to itself until descriptors run out.
+/// come back into the balancer, which would connect to itself until descriptors run out. And
+/// the admin API's TCP address: a service in front of it would serve the API to its clients.
 pub(super) struct OwnListens {
     listens: HashMap<(SocketAddr, Protocol), String>,
+    /// `[admin] listen`, if the API listens on TCP at a fixed port.
+    admin: Option<SocketAddr>,
     /// This host's addresses, read only when a listen address is a wildcard.
     local: BTreeSet<IpAddr>,
 }
 
 impl OwnListens {
-    /// From the services' (listen address, protocol) -> name.
-    pub(super) fn new(listens: HashMap<(SocketAddr, Protocol), String>) -> Self {
-        let local = if listens.keys().any(|(l, _)| l.ip().is_unspecified()) {
+    /// From the services' (listen address, protocol) -> name, and the admin API's TCP
+    /// address (`admin`; port 0, a free port picked at start, is left out).
+    pub(super) fn new(
+        listens: HashMap<(SocketAddr, Protocol), String>,
+        admin: Option<SocketAddr>,
+    ) -> Self {
+        let admin = admin.filter(|a| a.port() != 0);
+        let wildcard =
+            (listens.keys().map(|(l, _)| l).chain(&admin)).any(|l| l.ip().is_unspecified());
+        let local = if wildcard {
             // Unreadable: loopback and wildcard backends are still caught.
             host_addrs::local_addresses().unwrap_or_default()
         } else {
             BTreeSet::new()
         };
-        OwnListens { listens, local }
+        OwnListens {
+            listens,
+            admin,
+            local,
+        }
+    }
+
+    /// Whether a TCP connect to `backend` would reach the admin API.
+    fn reaches_admin(&self, backend: SocketAddr) -> bool {
+        (self.admin).is_some_and(|a| host_addrs::reaches_listener(backend, a, &self.local))
     }
 
     /// The service whose listener a `protocol` connect to `backend` would reach, if any.
@@ -82,6 +101,16 @@ impl Validator<'_> {
                 ));
             }
             if let Ok(a) = &address {
+                if protocol == Protocol::Tcp && own.reaches_admin(*a) {
+                    return Err(self.invalid(
+                        addr_span,
+                        format!("service[{i}].backend[{j}].address"),
+                        format!(
+                            "backend {a} is the admin API's address (`[admin] listen`) on this \
+                             host: the service would serve the API to its clients"
+                        ),
+                    ));
+                }
                 if let Some(service) = own.reached_by(*a, protocol) {
                     return Err(self.invalid(
                         addr_span,
@@ -151,6 +180,9 @@ type BackendAddress = Result<SocketAddr, (String, u16)>;
 /// Parses a backend's `address` text; the `Err` is the message for the user.
 fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
     if let Ok(a) = text.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err(format!("`{text}` has port 0; a backend needs a real port"));
+        }
         return Ok(Ok(a));
     }
     let hint = "write it as \"IPv4:port\", \"[IPv6]:port\" or \"name:port\"";
@@ -174,6 +206,18 @@ fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
     if name.is_empty() || name.len() > 253 || !name.split('.').all(valid_label) {
         return Err(format!(
             "invalid socket address `{text}`: `{host}` is neither an IP address nor a DNS name; {hint}"
+        ));
+    }
+    // A name's last label is never all digits (RFC 3696 §2): `10.0.0.256` is a mistyped
+    // address, and the resolver would read one such as `10.0.0.010` as octal (10.0.0.8).
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return Err(format!(
+            "invalid socket address `{text}`: `{host}` is not a valid IPv4 address (each part \
+             0 to 255, no leading zero), and a DNS name cannot end in digits; {hint}"
         ));
     }
     if port == 0 {

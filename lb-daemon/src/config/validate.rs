@@ -113,12 +113,32 @@ impl Validator<'_> {
         for (i, (_, svc)) in raws.iter().enumerate() {
             ids.push(self.identity(i, svc, &mut names, &mut listens)?);
         }
-        let own = OwnListens::new(listens);
+        let admin = self.admin(raw.admin)?;
+        // The API binds after the services: one of them at its address would stop the start.
+        if let Some(at) = admin.listen.filter(|a| a.port() != 0) {
+            for (i, (_, svc)) in raws.iter().enumerate() {
+                let listen = *svc.listen.get_ref();
+                let overlaps = listen.port() == at.port()
+                    && (listen.ip() == at.ip()
+                        || listen.ip().is_unspecified()
+                        || at.ip().is_unspecified());
+                if svc.protocol == Protocol::Tcp && overlaps {
+                    return Err(self.invalid(
+                        svc.listen.span(),
+                        format!("service[{i}].listen"),
+                        format!(
+                            "{listen} takes the admin API's address {at} (`[admin] listen`); \
+                             move one of them"
+                        ),
+                    ));
+                }
+            }
+        }
+        let own = OwnListens::new(listens, admin.listen);
         let mut services = Vec::with_capacity(raws.len());
         for (i, ((svc_span, svc), (name, listen))) in raws.into_iter().zip(ids).enumerate() {
             services.push(self.service(i, svc_span, name, listen, svc, &own)?);
         }
-        let admin = self.admin(raw.admin)?;
         let announce = raw.announce.map(|a| self.announce(a)).transpose()?;
         Ok(Config {
             global,

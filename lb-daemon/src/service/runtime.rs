@@ -1030,25 +1030,25 @@ kind = "none"
 
     #[test]
     fn a_discovered_backend_the_config_also_lists_stays_when_its_name_drops_it() {
-        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9100"]))
+        let rt = ServiceRuntime::new(0, with_backends(&["127.0.0.1:9001"], &["one.test:9200"]))
             .expect("builds");
-        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9100")]);
+        rt.set_discovered("one.test:9200", &[addr("127.0.0.1:9200")]);
         // A reload lists the discovered address statically too.
         rt.update(with_backends(
-            &["127.0.0.1:9001", "127.0.0.1:9100"],
-            &["one.test:9100"],
+            &["127.0.0.1:9001", "127.0.0.1:9200"],
+            &["one.test:9200"],
         ));
         assert_eq!(
-            state_of(&rt, "127.0.0.1:9100"),
-            Some(("active", "static,one.test:9100".to_string()))
+            state_of(&rt, "127.0.0.1:9200"),
+            Some(("active", "static,one.test:9200".to_string()))
         );
-        rt.set_discovered("one.test:9100", &[addr("127.0.0.1:9101")]);
+        rt.set_discovered("one.test:9200", &[addr("127.0.0.1:9201")]);
         assert!(
-            takes_flows(&rt, "127.0.0.1:9100"),
-            "the config lists 127.0.0.1:9100, yet it left when one.test stopped returning it"
+            takes_flows(&rt, "127.0.0.1:9200"),
+            "the config lists 127.0.0.1:9200, yet it left when one.test stopped returning it"
         );
         assert_eq!(
-            state_of(&rt, "127.0.0.1:9100"),
+            state_of(&rt, "127.0.0.1:9200"),
             Some(("active", "static".to_string()))
         );
     }
