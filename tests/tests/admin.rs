@@ -124,6 +124,13 @@ fn status_shows_backends_and_the_cli_changes_them() {
         out.stderr.contains("no backend 127.0.0.1:1"),
         "the refusal should name the backend: {out:?}"
     );
+    // A DNS name where the API wants the address /status lists: 400, saying what to give.
+    let named = admin::request(api, "POST", "/services/web/backends/app:8080/drain", "");
+    assert_eq!(named.status, 400, "a backend given by name: {named:?}");
+    assert!(
+        named.body.contains("ip:port"),
+        "the refusal should say how to name a backend: {named:?}"
+    );
     let out = cli(&target, &["drain", "nope", &beta]);
     assert_eq!(
         out.code,

@@ -323,10 +323,7 @@ async fn admin_call(
             .services()
             .by_name(&service)
             .ok_or_else(|| AdminError::NoService(service.clone()))?;
-        let addr: SocketAddr = backend.parse().map_err(|_| AdminError::NoBackend {
-            service: service.clone(),
-            backend: backend.clone(),
-        })?;
+        let addr: SocketAddr = (backend.parse()).map_err(|_| AdminError::BadAddress(backend))?;
         call(&s, addr)?;
         Ok::<_, AdminError>(s.status())
     })
@@ -340,7 +337,7 @@ async fn admin_call(
         Err(e) => {
             let code = match e {
                 AdminError::NoService(_) | AdminError::NoBackend { .. } => StatusCode::NOT_FOUND,
-                AdminError::Weight(_) => StatusCode::BAD_REQUEST,
+                AdminError::Weight(_) | AdminError::BadAddress(_) => StatusCode::BAD_REQUEST,
                 AdminError::Removing(_) => StatusCode::CONFLICT,
             };
             error(code, e.to_string())

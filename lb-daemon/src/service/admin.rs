@@ -32,6 +32,10 @@ pub enum AdminError {
         /// The address asked for.
         backend: String,
     },
+    /// The backend was not given as `ip:port` (a DNS name, say): the API names backends by
+    /// the addresses `/status` lists.
+    #[error("`{0}` is not a backend address: give it as ip:port, as /status lists it")]
+    BadAddress(String),
     /// The weight is above [`MAX_WEIGHT`].
     #[error("weight {0} is out of range 0..={MAX_WEIGHT}")]
     Weight(u32),
