@@ -191,15 +191,21 @@ fn run(config: &Path, take_over: bool) -> ExitCode {
     }
 }
 
-/// `check`: loads `config` and says how many services and backends it has, or why not (exit 2).
+/// `check`: loads `config` and says how many services, backends and backend DNS names it
+/// has, or why not (exit 2).
 fn check(config: &Path) -> ExitCode {
     match config::load(config) {
         Ok(c) => {
+            let names: usize = c.services.iter().map(|s| s.discovered.len()).sum();
             println!(
-                "{}: ok ({} services, {} backends)",
+                "{}: ok ({} services, {} backends{})",
                 config.display(),
                 c.services.len(),
-                c.services.iter().map(|s| s.backends.len()).sum::<usize>()
+                c.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+                match names {
+                    0 => String::new(),
+                    n => format!(", {n} backend DNS names"),
+                }
             );
             ExitCode::SUCCESS
         }
