@@ -1097,3 +1097,53 @@ fn an_xdp_service_replaced_at_its_vip_by_a_proxy_one_hands_the_vip_over_at_once(
             )
         });
 }
+
+/// A backend removed by a reload whose id release fails (the walk of `CONNTRACK` cut short,
+/// as the program's churn can cut it; injected with `LB_FAULT=release-walk-incomplete` while
+/// a file exists) keeps its id reserved, and the release is tried again until it succeeds:
+/// the id is released once the fault ends, not kept out of the pool until a restart.
+#[test]
+fn a_failed_id_release_is_tried_again() {
+    if !require_root("xdp_reload::a_failed_id_release_is_tried_again") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let armed = dir.path().join("armed");
+    std::fs::write(&armed, "").expect("arm the fault");
+    let env = [
+        ("LB_FAULT", "release-walk-incomplete".to_string()),
+        ("LB_FAULT_ARMED_BY", armed.display().to_string()),
+    ];
+    let path = EbpfPath {
+        plane: Plane::Tc,
+        mode: MODE,
+    };
+    let world = World::start_custom(path, 3, 3, &[1, 2, 3], |t| {
+        t.resolve_neighbours(WEB);
+        let toml = config(t, "1s", &[(1, 1), (2, 1), (3, 1)], None);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        in_netns(&t.balancer, || Daemon::try_start_with_env(&toml, &env))
+            .expect("enter the balancer namespace")
+            .expect("the daemon starts")
+    });
+    let removed = backend(3, WEB);
+    let mark = reload(
+        &world,
+        &config(&world.topology, "1s", &[(1, 1), (2, 1)], None),
+        false,
+        "remove b3",
+    );
+    world
+        .daemon
+        .wait_for_log_after(mark, "cannot release XDP backend ids", FOLLOW)
+        .unwrap_or_else(|e| panic!("the injected failure did not happen: {e}"));
+    std::fs::remove_file(&armed).expect("end the fault");
+    world
+        .daemon
+        .wait_for_log_after(
+            mark,
+            &format!("backend {removed} drained; XDP backend id"),
+            FOLLOW + Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("b3's id was not released once the fault ended: {e}"));
+}

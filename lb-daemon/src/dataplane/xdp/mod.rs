@@ -307,6 +307,7 @@ impl XdpPlane {
             counters_read: None,
             stopping: false,
             bridges: BTreeMap::new(),
+            unreleased: Vec::new(),
         }));
         let sync = sync::SyncThread::start(Arc::clone(&state), walk);
         Ok(XdpPlane {

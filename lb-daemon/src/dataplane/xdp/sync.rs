@@ -70,7 +70,13 @@ pub struct State {
     /// The bridges `lb_tc` is attached to (name → ifindex), whose forwarding databases the
     /// thread copies into `BRIDGE_FDB` (see `bridge_ports.rs`).
     pub bridges: std::collections::BTreeMap<String, u32>,
+    /// Ids whose release failed (a walk cut short by the program's churn, a map error), and
+    /// when to try again ([`RELEASE_RETRY`] later): in no pool meanwhile.
+    pub unreleased: Vec<(Drained, Instant)>,
 }
+
+/// How long ids whose release failed wait before it is tried again.
+pub const RELEASE_RETRY: Duration = Duration::from_secs(5);
 
 /// How often open flows are counted while the daemon drains on its way out.
 pub const STOPPING_EVERY: Duration = Duration::from_secs(1);
@@ -200,6 +206,15 @@ impl State {
     /// no pool and no slot, so nothing reuses them.
     pub fn take_drained(&mut self, now: Instant) -> Drained {
         let mut drained = Drained::default();
+        // Released again from the start: their entries cleared again, the maps walked again.
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unreleased)
+            .into_iter()
+            .partition(|&(_, at)| at <= now);
+        self.unreleased = later;
+        for (again, _) in due {
+            drained.backends.extend(again.backends);
+            drained.services.extend(again.services);
+        }
         for r in &mut self.running {
             let name = r.service.snapshot.load().name.to_string();
             for (address, id) in r.slot.backend_ids_mut().expired(now) {
@@ -261,16 +276,25 @@ impl State {
         drained.backends_cleared = match self.maps.clear_backends(&ids) {
             Ok(()) => true,
             Err(e) => {
-                error!("cannot release XDP backend ids {ids:?}: {e}; they stay reserved");
+                error!(
+                    "cannot release XDP backend ids {ids:?}: {e}; they stay reserved, tried \
+                     again in {}s",
+                    RELEASE_RETRY.as_secs()
+                );
                 false
             }
         };
         drained
     }
 
-    /// Returns to the pools the ids of `drained` that [`Drained::forget_in_maps`] left safe to reuse.
-    pub fn give_back(&mut self, drained: Drained) {
-        if drained.backends_cleared {
+    /// Returns to the pools the ids of `drained` that [`Drained::forget_in_maps`] left safe to
+    /// reuse; the others are released again [`RELEASE_RETRY`] from `now` (see
+    /// [`State::take_drained`]), not kept out of the pools for good.
+    pub fn give_back(&mut self, drained: Drained, now: Instant) {
+        let mut again = Drained::default();
+        if !drained.backends_cleared {
+            again.backends = drained.backends;
+        } else {
             for (service, address, id) in drained.backends {
                 self.backend_ids.give_back(id);
                 if let Some(address) = address {
@@ -281,10 +305,15 @@ impl State {
                 }
             }
         }
-        if drained.clients_cleared {
+        if !drained.clients_cleared {
+            again.services = drained.services;
+        } else {
             for (_, id) in drained.services {
                 self.service_ids.give_back(id);
             }
+        }
+        if !again.is_empty() {
+            self.unreleased.push((again, now + RELEASE_RETRY));
         }
     }
 
@@ -400,10 +429,21 @@ impl Drained {
     /// backends and the `CLIENTS` entries of the released services: one bounded walk of each
     /// map for all of them. What fails is logged and its ids stay reserved.
     pub fn forget_in_maps(&mut self, walk: &mut MapWalk) {
-        if self.backends_cleared {
+        let retry = RELEASE_RETRY.as_secs();
+        if self.backends_cleared && !self.backends.is_empty() {
             let ids = self.backend_ids();
-            if let Err(e) = walk.forget_flows_of(&ids) {
-                error!("cannot release XDP backend ids {ids:?}: {e}; they stay reserved");
+            let forgot = if crate::watchdog::fault("release-walk-incomplete") {
+                Err(super::bpf_map::MapsError::WalkIncomplete {
+                    map: lb_common::maps::CONNTRACK,
+                })
+            } else {
+                walk.forget_flows_of(&ids)
+            };
+            if let Err(e) = forgot {
+                error!(
+                    "cannot release XDP backend ids {ids:?}: {e}; they stay reserved, tried \
+                     again in {retry}s"
+                );
                 self.backends_cleared = false;
             }
         }
@@ -413,7 +453,7 @@ impl Drained {
             Err(e) => {
                 error!(
                     "cannot forget the clients of XDP service ids {ids:?}: {e}; they stay \
-                     reserved"
+                     reserved, tried again in {retry}s"
                 );
                 false
             }
@@ -526,7 +566,7 @@ impl SyncThread {
                 };
                 if !drained.is_empty() {
                     drained.forget_in_maps(&mut walk);
-                    lock(&state).give_back(drained);
+                    lock(&state).give_back(drained, Instant::now());
                 }
                 if let Some(view) = view {
                     limits.sweep(&mut walk, &view);
