@@ -38,6 +38,9 @@ pub struct Control {
     /// Whether the failing reads of the XDP counters since the last good one were logged
     /// already (logged once per outage, not per scrape).
     xdp_read_failed: std::sync::atomic::AtomicBool,
+    /// The XDP counters of the last good read: shown while reads fail, so that no counter
+    /// goes back (Prometheus would take the drop for a reset, and `rate()` would spike).
+    xdp_last: Mutex<Option<XdpCounters>>,
     /// The VIP announcer (`[announce]`), set once the daemon runs.
     announcer: std::sync::OnceLock<Arc<Announcer>>,
     /// The backends' state an upgrade's old daemon carried over, until each service the
@@ -68,6 +71,7 @@ impl Control {
             reloading: Arc::new(tokio::sync::Mutex::new(())),
             retired: Mutex::new(Vec::new()),
             xdp_read_failed: std::sync::atomic::AtomicBool::new(false),
+            xdp_last: Mutex::new(None),
             announcer: std::sync::OnceLock::new(),
             carried: Mutex::new(Vec::new()),
         })
@@ -292,13 +296,15 @@ impl Control {
         let (active, counters) = self
             .with_proxy(|p| (p.active(), p.counters()))
             .unwrap_or_default();
-        let xdp = match self.xdp_counters() {
+        // The counters to show, and why they are not fresh.
+        let xdp: Option<(Option<XdpCounters>, Option<String>)> = match self.xdp_counters() {
             None => None,
             Some(Ok(c)) => {
                 // A later failure is logged again.
                 self.xdp_read_failed
                     .store(false, std::sync::atomic::Ordering::Relaxed);
-                Some(Ok(c))
+                *lock(&self.xdp_last) = Some(c.clone());
+                Some((Some(c), None))
             }
             Some(Err(e)) => {
                 let e = e.to_string();
@@ -306,13 +312,16 @@ impl Control {
                     .xdp_read_failed
                     .swap(true, std::sync::atomic::Ordering::Relaxed)
                 {
-                    warn!("the XDP counters cannot be read: {e}; /status and /metrics miss them");
+                    warn!(
+                        "the XDP counters cannot be read: {e}; /status and /metrics show the \
+                         last ones read until they can"
+                    );
                 }
-                Some(Err(e))
+                Some((lock(&self.xdp_last).clone(), Some(e)))
             }
         };
         let counters_of = |s: &ServiceRuntime| match &xdp {
-            Some(Ok(c)) if self.on_xdp(s.index()) => {
+            Some((Some(c), _)) if self.on_xdp(s.index()) => {
                 c.services.iter().find(|sc| sc.index == s.index())
             }
             _ => None,
@@ -336,15 +345,9 @@ impl Control {
             reloads: self.reloads(),
             services: self.services.all().iter().map(show).collect(),
             removed_services: self.draining().iter().map(show).collect(),
-            xdp: xdp.map(|r| match r {
-                Ok(c) => XdpStatus {
-                    packets: c.global.into_iter().collect(),
-                    error: None,
-                },
-                Err(e) => XdpStatus {
-                    packets: BTreeMap::new(),
-                    error: Some(e),
-                },
+            xdp: xdp.map(|(c, error)| XdpStatus {
+                packets: c.map_or_else(BTreeMap::new, |c| c.global.into_iter().collect()),
+                error,
             }),
             announce: self.announcer().map(|a| a.status()),
         }

@@ -760,7 +760,14 @@ impl Planes {
     /// cannot be read. Does not wait for a placement in progress.
     pub fn xdp_counters(&self) -> Option<Result<XdpCounters, MapsError>> {
         let reader = lock(&self.xdp_reader).clone();
-        reader.map(|r| r.read())
+        reader.map(|r| {
+            if crate::watchdog::fault("xdp-counters-unreadable") {
+                return Err(MapsError::Cpus(
+                    "injected by LB_FAULT=xdp-counters-unreadable".into(),
+                ));
+            }
+            r.read()
+        })
     }
 
     /// Runs `f` on the proxy; `None` once it was taken for shutdown.

@@ -115,8 +115,9 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Whether the fault `point` is to be injected: a debug build with `LB_FAULT` naming it in
 /// its comma-separated list (`panic-proxy-worker`, `panic-sync-thread`, `pause-before-ready`,
-/// `release-walk-incomplete`) and, when `LB_FAULT_ARMED_BY` names a file, while that file
-/// exists (so that a test can set the scene first, or end the fault). Always `false` in a
+/// `release-walk-incomplete`, `xdp-counters-unreadable`) and, when `LB_FAULT_ARMED_BY` names
+/// a file, while that file exists (so that a test can set the scene first, or end the
+/// fault). Always `false` in a
 /// release build, so no environment can make a production daemon fail on purpose.
 pub fn fault(point: &str) -> bool {
     if !cfg!(debug_assertions) {

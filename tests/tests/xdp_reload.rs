@@ -1147,3 +1147,90 @@ fn a_failed_id_release_is_tried_again() {
         )
         .unwrap_or_else(|e| panic!("b3's id was not released once the fault ended: {e}"));
 }
+
+/// While the XDP counters cannot be read (injected with `LB_FAULT=xdp-counters-unreadable`
+/// while a file exists), `/metrics` shows the last ones read, so that no counter goes back
+/// (Prometheus would take the drop for a reset, and `rate()` would spike), and `/status`
+/// says why; once they can be read again, they go on from there.
+#[test]
+fn unreadable_xdp_counters_never_go_back() {
+    if !require_root("xdp_reload::unreadable_xdp_counters_never_go_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let armed = dir.path().join("armed");
+    let env = [
+        ("LB_FAULT", "xdp-counters-unreadable".to_string()),
+        ("LB_FAULT_ARMED_BY", armed.display().to_string()),
+    ];
+    let path = EbpfPath {
+        plane: Plane::Tc,
+        mode: MODE,
+    };
+    let world = World::start_custom(path, 3, 3, &[1, 2, 3], |t| {
+        t.resolve_neighbours(WEB);
+        let toml = config(t, "1s", &[(1, 1), (2, 1), (3, 1)], None);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        in_netns(&t.balancer, || Daemon::try_start_with_env(&toml, &env))
+            .expect("enter the balancer namespace")
+            .expect("the daemon starts")
+    });
+    let api = world.daemon.admin_addr();
+    // (lb_xdp_packets_total, web's lb_xdp_backend_packets_total)
+    let counters = || {
+        let body = in_netns(&world.topology.balancer, || {
+            admin::request(api, "GET", "/metrics", "").body
+        })
+        .expect("enter the balancer namespace");
+        let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        let seen = body
+            .lines()
+            .find(|l| l.starts_with("lb_xdp_packets_total "))
+            .and_then(value)
+            .unwrap_or(0.0);
+        let web: f64 = body
+            .lines()
+            .filter(|l| l.starts_with("lb_xdp_backend_packets_total{"))
+            .filter(|l| l.contains("service=\"web\""))
+            .filter_map(value)
+            .sum();
+        (seen, web)
+    };
+    let traffic = || {
+        world.client(|| {
+            for k in 0..30 {
+                http_get(web_vip(), "/")
+                    .unwrap_or_else(|e| panic!("request {k} through the VIP failed: {e}"));
+            }
+        })
+    };
+    traffic();
+    let before = counters();
+    assert!(
+        before.0 > 0.0 && before.1 > 0.0,
+        "30 requests went through XDP, yet the counters show {before:?}"
+    );
+    std::fs::write(&armed, "").expect("start the fault");
+    traffic();
+    let during = counters();
+    assert!(
+        during.0 >= before.0 && during.1 >= before.1,
+        "while the counters cannot be read they went back: {before:?} then {during:?}"
+    );
+    let error = status(&world)["xdp"]["error"].clone();
+    assert!(
+        error.as_str().is_some_and(|e| e.contains("injected")),
+        "/status should say why the counters are old: {error}"
+    );
+    std::fs::remove_file(&armed).expect("end the fault");
+    let after = counters();
+    assert!(
+        after.0 > during.0 && after.1 > during.1,
+        "once readable again the counters should show the traffic sent meanwhile: {during:?} \
+         then {after:?}"
+    );
+    assert!(
+        status(&world)["xdp"]["error"].is_null(),
+        "the error should be gone"
+    );
+}

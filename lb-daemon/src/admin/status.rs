@@ -126,8 +126,8 @@ pub struct XdpStatus {
     /// Packets by outcome, summed over CPUs, named as `lb_common::Stat` in snake case
     /// (`packets` seen, `forwarded`, `nat_replies`, `pass_not_vip`, `drop_no_backend`...).
     pub packets: BTreeMap<String, u64>,
-    /// Why the counters could not be read, when they could not (they are then empty, and the
-    /// per-service XDP figures are missing).
+    /// Why the counters could not be read, when they could not: the counters shown are then
+    /// those of the last good read (none before the first), so that none goes back.
     pub error: Option<String>,
 }
 
