@@ -402,10 +402,11 @@ fn a_smaller_mtu_on_the_way_to_the_backend_keeps_the_session_on_its_backend() {
         // 1,400 bytes: too big for the router's way out, sent with "don't fragment" until
         // the router's answer lowers the path MTU; then fragmented, and answered.
         let big = vec![b'x'; 1_400];
-        let mut answers = Vec::new();
+        let (mut answers, mut sent) = (Vec::new(), 0);
         let start = Instant::now();
         while answers.len() < 5 && start.elapsed() < Duration::from_secs(5) {
             client.send(&big).expect("sending a datagram on loopback");
+            sent += 1;
             if let Ok(Some(reply)) = client.recv(Duration::from_millis(200)) {
                 assert_eq!(
                     reply.len(),
@@ -415,6 +416,11 @@ fn a_smaller_mtu_on_the_way_to_the_backend_keeps_the_session_on_its_backend() {
                 answers.push(name(&reply));
             }
         }
+        // The router's answer cost the first big datagram: else nothing was tested.
+        assert!(
+            sent > answers.len(),
+            "every big datagram was answered: the router sent no \"fragmentation needed\""
+        );
         (first, answers)
     })
     .expect("enter the balancer's namespace");
