@@ -196,15 +196,20 @@ fn run(config: &Path, take_over: bool) -> ExitCode {
 fn check(config: &Path) -> ExitCode {
     match config::load(config) {
         Ok(c) => {
+            let count = |n: usize, what: &str| match n {
+                1 => format!("1 {what}"),
+                n => format!("{n} {what}s"),
+            };
             let names: usize = c.services.iter().map(|s| s.discovered.len()).sum();
+            let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
             println!(
-                "{}: ok ({} services, {} backends{})",
+                "{}: ok ({}, {}{})",
                 config.display(),
-                c.services.len(),
-                c.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+                count(c.services.len(), "service"),
+                count(backends, "backend"),
                 match names {
                     0 => String::new(),
-                    n => format!(", {n} backend DNS names"),
+                    n => format!(", {}", count(n, "backend DNS name")),
                 }
             );
             ExitCode::SUCCESS

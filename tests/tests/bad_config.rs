@@ -330,6 +330,18 @@ address = "127.0.0.1:19100"   # <-
         field: Some("service[0].backend[0].address"),
     },
     Case {
+        what: "a backend named localhost at the admin API's default port",
+        toml: r#"
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+protocol = "tcp"
+[[service.backend]]
+address = "localhost:9100"   # <-
+"#,
+        field: Some("service[0].backend[0].address"),
+    },
+    Case {
         what: "the same backend twice",
         toml: r#"
 [[service]]

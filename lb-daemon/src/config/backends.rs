@@ -51,6 +51,17 @@ impl OwnListens {
         (self.admin).is_some_and(|a| host_addrs::reaches_listener(backend, a, &self.local))
     }
 
+    /// Whether a TCP connect to `name:port` would reach the admin API for certain: `name` is
+    /// `localhost` (or below it, RFC 6761: always loopback) and the API listens at `port` on
+    /// loopback or a wildcard. Other names are looked up only at run time.
+    fn name_reaches_admin(&self, name: &str, port: u16) -> bool {
+        let name = name.to_ascii_lowercase();
+        let local = name == "localhost" || name.ends_with(".localhost");
+        (self.admin).is_some_and(|a| {
+            local && a.port() == port && (a.ip().is_loopback() || a.ip().is_unspecified())
+        })
+    }
+
     /// The service whose listener a `protocol` connect to `backend` would reach, if any.
     fn reached_by(&self, backend: SocketAddr, protocol: Protocol) -> Option<&str> {
         self.listens.iter().find_map(|((listen, p), name)| {
@@ -66,8 +77,9 @@ impl Validator<'_> {
     /// its weight, before the next backend.
     ///
     /// Returns `Err` (`service[i].backend[j].address`) for an address that is not `ip:port`
-    /// or `name:port`, a duplicate, or one of the config's own listen addresses (`own`) for
-    /// the same `protocol`.
+    /// or `name:port` (a name ending in digits is a mistyped IPv4 address), a port 0, a
+    /// duplicate, one of the config's own listen addresses (`own`) for the same `protocol`,
+    /// or, for TCP, the admin API's address.
     pub(super) fn backends(
         &self,
         i: usize,
@@ -100,17 +112,21 @@ impl Validator<'_> {
                     format!("duplicate backend {key} (also backend[{first}])"),
                 ));
             }
+            let admin = match &address {
+                Ok(a) => own.reaches_admin(*a),
+                Err((name, port)) => own.name_reaches_admin(name, *port),
+            };
+            if protocol == Protocol::Tcp && admin {
+                return Err(self.invalid(
+                    addr_span,
+                    format!("service[{i}].backend[{j}].address"),
+                    format!(
+                        "backend {key} is the admin API's address (`[admin] listen`) on this \
+                         host: the service would serve the API to its clients"
+                    ),
+                ));
+            }
             if let Ok(a) = &address {
-                if protocol == Protocol::Tcp && own.reaches_admin(*a) {
-                    return Err(self.invalid(
-                        addr_span,
-                        format!("service[{i}].backend[{j}].address"),
-                        format!(
-                            "backend {a} is the admin API's address (`[admin] listen`) on this \
-                             host: the service would serve the API to its clients"
-                        ),
-                    ));
-                }
                 if let Some(service) = own.reached_by(*a, protocol) {
                     return Err(self.invalid(
                         addr_span,

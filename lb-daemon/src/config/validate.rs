@@ -91,7 +91,9 @@ impl Validator<'_> {
         }
     }
 
-    /// The whole file: at least one service, `[global]`, every service, then `[admin]`.
+    /// The whole file: at least one service, `[global]`, every service's name and listen
+    /// address, `[admin]` (and no TCP service a socket of on its address), then every
+    /// service's other keys.
     pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         if raw.service.is_empty() {
             return Err(self.invalid(
@@ -118,11 +120,9 @@ impl Validator<'_> {
         if let Some(at) = admin.listen.filter(|a| a.port() != 0) {
             for (i, (_, svc)) in raws.iter().enumerate() {
                 let listen = *svc.listen.get_ref();
-                let overlaps = listen.port() == at.port()
-                    && (listen.ip() == at.ip()
-                        || listen.ip().is_unspecified()
-                        || at.ip().is_unspecified());
-                if svc.protocol == Protocol::Tcp && overlaps {
+                // An eBPF-only service binds no socket.
+                let binds = !matches!(svc.dataplane, DataplaneKind::Xdp | DataplaneKind::Tc);
+                if svc.protocol == Protocol::Tcp && binds && binds_overlap(listen, at) {
                     return Err(self.invalid(
                         svc.listen.span(),
                         format!("service[{i}].listen"),
@@ -565,5 +565,36 @@ impl Validator<'_> {
                 )),
             Some(p) => Ok(p.into_inner()),
         }
+    }
+}
+
+/// Whether TCP sockets bound to `a` and `b` take the same connections: the same port, and
+/// the same address, or a wildcard of the other's family (the IPv6 one, dual-stack, takes
+/// IPv4 too).
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::binds_overlap;
+
+    #[test]
+    fn binds_overlap_by_port_address_and_family() {
+        let a = |s: &str| s.parse().expect("literal");
+        assert!(binds_overlap(a("127.0.0.1:9100"), a("127.0.0.1:9100")));
+        assert!(binds_overlap(a("0.0.0.0:9100"), a("127.0.0.1:9100")));
+        assert!(
+            binds_overlap(a("127.0.0.1:9100"), a("[::]:9100")),
+            "dual-stack"
+        );
+        assert!(
+            !binds_overlap(a("0.0.0.0:9100"), a("[::1]:9100")),
+            "other family"
+        );
+        assert!(!binds_overlap(a("127.0.0.1:9100"), a("127.0.0.2:9100")));
+        assert!(!binds_overlap(a("0.0.0.0:9100"), a("0.0.0.0:9101")));
     }
 }

@@ -185,7 +185,8 @@ impl ServiceRuntime {
         let mut st = lock(&self.state);
         let now = Instant::now();
         // Active checks send the service's PROXY protocol header too.
-        let health_changed = st.config.health != config.health
+        let checks_changed = st.config.health != config.health;
+        let health_changed = checks_changed
             || (st.config.proxy_protocol != config.proxy_protocol
                 && config.health.kind != CheckKind::None);
         let discovery_changed = st.config.discovered != config.discovered
@@ -197,7 +198,9 @@ impl ServiceRuntime {
         }
         if health_changed {
             self.restart_health(&mut st, now);
-            warn_of_long_timeout(&self.name, &st.config.health);
+            if checks_changed {
+                warn_of_long_timeout(&self.name, &st.config.health);
+            }
         }
         if discovery_changed {
             self.spawn_resolvers(&mut st);

@@ -5,8 +5,9 @@
 //! to_backend=512 from_backend=20480 duration=0.153s end=eof`; `backend=-` when none was
 //! reached. Bytes count what the proxy delivered (a PROXY protocol header is not counted).
 //!
-//! UDP datagrams that open no session (`end=limit_refused`, `end=no_backend`) would give a
-//! line each: their lines are let through at most once a second per service and worker, the
+//! Flows the per-client limits refuse (`end=limit_refused`: TCP connections, UDP sessions)
+//! and UDP datagrams that find no backend (`end=no_backend`) would give a line each, often a
+//! flood's: their lines are let through at most once a second per service and worker, the
 //! next one that passes ending with `similar=N`, the lines held back since the previous one.
 
 use std::net::SocketAddr;
