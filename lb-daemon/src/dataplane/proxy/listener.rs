@@ -191,10 +191,11 @@ impl Listeners {
     /// A multishot accept completed. Pushes onto `accepted` each new client socket with its
     /// service (an index into `services`) that is to be carried; a client accepted while
     /// closing or draining is reset instead, unless the listener was handed over to a new
-    /// daemon or kept for another service (then it is carried). An accept error is logged (a shortage through
-    /// `resource_log`) and, for a shortage or a run of failures, makes the listener wait for
-    /// the next sweep. Re-arms or closes the listener as due; a handed-over listener's queue
-    /// is emptied into `accepted` before it closes (see [`take_queue`]).
+    /// daemon or kept for another service (then it is carried). An accept error is logged
+    /// (a shortage through `resource_log`) and, for a shortage or a run of failures, makes
+    /// the listener wait for the next sweep. Re-arms or closes the listener as due; a
+    /// handed-over listener's queue is emptied into `accepted` before it closes (see
+    /// [`take_queue`]).
     pub(super) fn on_accept(
         &mut self,
         ctx: &mut Ctx,
