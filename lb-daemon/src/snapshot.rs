@@ -24,7 +24,9 @@ pub type SharedSnapshot = Arc<ArcSwap<ServiceSnapshot>>;
 pub struct BackendView {
     /// Where flows go.
     pub address: SocketAddr,
-    /// Configured weight, `0..=MAX_WEIGHT`; 0 is draining.
+    /// Effective weight, in 16ths of a configured unit (`service::WEIGHT_SCALE`): 16 × the
+    /// configured (or admin) weight, less during slow start; 0 is draining. Schedulers and
+    /// the Maglev table go by its ratios.
     pub weight: u32,
     /// The health checker's verdict when the snapshot was built.
     pub up: bool,

@@ -192,3 +192,58 @@ fn an_enabled_backend_ramps_up_with_slow_start() {
         "the ramp should only go up: {seen:?}"
     );
 }
+
+/// Slow start at the default weight of 1: a backend enabled again starts its ramp with a
+/// small share of new connections, not half of them at once (weights count in sixteenths
+/// inside, as HAProxy's do; with whole weights 1 could not ramp), and `/status` says it is
+/// in slow start.
+#[test]
+fn slow_start_ramps_a_backend_of_weight_1_too() {
+    let a = lb_tests::HttpNameServer::start("alpha").expect("backend starts");
+    let b = lb_tests::HttpNameServer::start("beta").expect("backend starts");
+    let vip = free_addr();
+    let daemon = Daemon::start(
+        &DaemonConfig::new()
+            .service(
+                ServiceConfig::tcp("web", vip)
+                    .scheduler("weighted_round_robin")
+                    .fast_health("http")
+                    .set("slow_start", "6s")
+                    .backend(a.addr(), 1)
+                    .backend(b.addr(), 1),
+            )
+            .to_toml(),
+    );
+    let api = daemon.admin_addr();
+    let target = api.to_string();
+    let b_addr = b.addr().to_string();
+    let out = cli(&target, &["drain", "web", &b_addr]);
+    assert_eq!(out.code, Some(0), "`lb-daemon drain` failed: {out:?}");
+    let out = cli(&target, &["enable", "web", &b_addr]);
+    assert_eq!(out.code, Some(0), "`lb-daemon enable` failed: {out:?}");
+    let enabled = Instant::now();
+    let st = admin::status(api);
+    let b_st = admin::backend(&st, "web", b.addr()).expect("beta is listed");
+    assert_eq!(
+        b_st["state"], "slow_start",
+        "beta right after enable: {b_st}"
+    );
+
+    // Well inside the first sixth of the ramp, beta's share is at most about 1/7 of the
+    // flows (2 sixteenths against alpha's 16), not the half an unramped weight 1 takes.
+    let mut to_b = 0;
+    let mut made = 0;
+    while made < 64 && enabled.elapsed() < Duration::from_secs(1) {
+        let who = lb_tests::client::http_get(vip, "/").expect("a request through the VIP");
+        made += 1;
+        if who.contains("beta") {
+            to_b += 1;
+        }
+    }
+    assert!(made >= 16, "only {made} requests in a second");
+    assert!(
+        to_b * 4 < made,
+        "beta took {to_b} of {made} new connections right after it was enabled: slow start \
+         did not ramp its weight of 1"
+    );
+}

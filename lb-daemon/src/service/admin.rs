@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::backends::BackendEntry;
-use super::weights::Weight;
+use super::weights::{Weight, WEIGHT_SCALE};
 use super::{lock, round_ms, ServiceRuntime};
 use crate::admin::status::{BackendStatus, ServiceStatus};
 use crate::config::{CheckKind, MAX_WEIGHT};
@@ -249,9 +249,10 @@ fn backend_status(
         health: if up { "up" } else { "down" },
         health_for_seconds: round_ms(now.duration_since(h.since())).as_secs_f64(),
         state: state_name(b.removing(), &b.weight, up, effective),
+        // In configured units, as `weight` is; a ramp's first steps show 1.
         weight: b.weight.base(),
         configured_weight: b.weight.configured(),
-        effective_weight: effective,
+        effective_weight: effective.div_ceil(WEIGHT_SCALE),
         active: s.active(),
         total: s.total.load(Ordering::Relaxed),
         connect_failures: s.connect_failures.load(Ordering::Relaxed),
@@ -275,7 +276,7 @@ fn state_name(removing: bool, weight: &Weight, up: bool, effective: u32) -> &'st
         "removing"
     } else if weight.drained() || weight.base() == 0 {
         "draining"
-    } else if up && effective < weight.base() {
+    } else if up && effective < weight.base() * WEIGHT_SCALE {
         "slow_start"
     } else {
         "active"
@@ -334,7 +335,11 @@ mod tests {
         let view = |a: SocketAddr| snap.backends.iter().find(|b| b.address == a).expect("in");
         assert!(!view(b1).eligible(), "drained across the upgrade");
         assert!(!view(b2).up, "down across the upgrade");
-        assert_eq!(view(b2).weight, 7, "its admin weight is kept");
+        assert_eq!(
+            view(b2).weight,
+            7 * WEIGHT_SCALE,
+            "its admin weight is kept"
+        );
         assert_eq!(new.carried(), carried, "and carried on by the next upgrade");
 
         // A new config that configures another weight clears the admin one, as a reload does.
@@ -344,7 +349,7 @@ mod tests {
         new.carry_over(&carried);
         let snap = new.snapshot().load_full();
         let b = snap.backends.iter().find(|b| b.address == b2).expect("in");
-        assert_eq!(b.weight, 3, "the new configured weight");
+        assert_eq!(b.weight, 3 * WEIGHT_SCALE, "the new configured weight");
     }
 
     #[test]
@@ -356,7 +361,7 @@ mod tests {
         let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
         assert_eq!(
             rt.snapshot().load().backends[0].weight,
-            50,
+            50 * WEIGHT_SCALE,
             "full weight at start"
         );
         rt.drain(b1).expect("9001 is a backend");
@@ -367,7 +372,7 @@ mod tests {
         rt.enable(b1).expect("9001 is a backend");
         let w = rt.snapshot().load().backends[0].weight;
         assert!(
-            (1..50).contains(&w),
+            (1..50 * WEIGHT_SCALE).contains(&w),
             "an enabled backend should ramp up from 1, not return at full weight {w}"
         );
         assert_eq!(

@@ -100,8 +100,9 @@ impl BackendEntry {
         &self.label
     }
 
-    /// The weight the scheduler gets now if the backend is up: 0 while drained or removed,
-    /// ramping from 1 to the full weight during slow start.
+    /// The weight the scheduler gets now if the backend is up, in `WEIGHT_SCALE`ths of a
+    /// configured unit (see `weights.rs`): 0 while drained or removed, ramping from 1 to the
+    /// full weight × `WEIGHT_SCALE` during slow start.
     pub(super) fn effective_weight(&self, slow_start: Option<Duration>, now: Instant) -> u32 {
         if self.removing() {
             return 0;
@@ -433,6 +434,7 @@ pub(super) fn new_health(health: &HealthCheck, now: Instant) -> HealthState {
 mod tests {
     use super::*;
     use crate::service::testing::service;
+    use crate::service::WEIGHT_SCALE;
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("literal address")
@@ -458,11 +460,15 @@ mod tests {
         let ramp = Some(Duration::from_secs(10));
         let e = entry(100, Some(t0));
         assert_eq!(e.effective_weight(ramp, t0), 1, "a ramp starts at weight 1");
-        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(5)), 50);
-        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(10)), 100);
+        let full = 100 * WEIGHT_SCALE;
+        assert_eq!(
+            e.effective_weight(ramp, t0 + Duration::from_secs(5)),
+            full / 2
+        );
+        assert_eq!(e.effective_weight(ramp, t0 + Duration::from_secs(10)), full);
         assert_eq!(
             e.effective_weight(None, t0),
-            100,
+            full,
             "without slow_start the full weight applies at once"
         );
         let mut d = entry(100, None);
@@ -567,7 +573,7 @@ mod tests {
         let t2 = t1 + Duration::from_secs(60);
         assert_eq!(
             set.get(b).expect("listed").effective_weight(ramp, t2),
-            50,
+            50 * WEIGHT_SCALE,
             "a weight change of a serving backend is no return to service"
         );
     }
@@ -616,6 +622,9 @@ mod tests {
         let b = set.get(addr("10.0.0.1:80")).expect("kept while it drained");
         assert_eq!(b.label(), "static");
         assert_eq!(b.effective_weight(ramp, t1), 1, "a returning backend ramps");
-        assert_eq!(b.effective_weight(ramp, t1 + Duration::from_secs(10)), 4);
+        assert_eq!(
+            b.effective_weight(ramp, t1 + Duration::from_secs(10)),
+            4 * WEIGHT_SCALE
+        );
     }
 }

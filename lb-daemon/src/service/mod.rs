@@ -37,6 +37,7 @@ pub use admin::AdminError;
 pub use backends::BackendSource;
 pub use feedback::{PassiveEvent, PassiveFeedback};
 pub use runtime::ServiceRuntime;
+pub use weights::WEIGHT_SCALE;
 
 /// The running services, by number. Reloads add and remove services; a number is never
 /// reused, so a data plane report about a removed service finds nothing rather than the

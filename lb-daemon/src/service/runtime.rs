@@ -747,6 +747,7 @@ mod tests {
 
     use super::*;
     use crate::config;
+    use crate::service::WEIGHT_SCALE;
 
     /// A service with health checks off, the given static backends and DNS names (`host:port`).
     fn with_backends(statics: &[&str], names: &[&str]) -> Service {
@@ -855,7 +856,10 @@ kind = "none"
             .collect();
         assert_eq!(
             got,
-            vec![(addr("127.0.0.1:9001"), 1), (addr("10.0.0.1:9100"), 10)],
+            vec![
+                (addr("127.0.0.1:9001"), WEIGHT_SCALE),
+                (addr("10.0.0.1:9100"), 10 * WEIGHT_SCALE)
+            ],
             "the name's answer, at full weight (no slow start before any flow), and no other"
         );
         assert_eq!(rt.status().backends[1].state, "active", "not in slow start");
@@ -1139,7 +1143,7 @@ kind = "none"
         let b = st.backends.get(a).expect("still listed");
         assert_eq!(
             b.weight.effective(Some(ramp), Instant::now()),
-            100,
+            100 * WEIGHT_SCALE,
             "the forgotten entry's transition started a slow start on its successor"
         );
     }

@@ -2,12 +2,19 @@
 //!
 //! - The base weight is the admin API's when one was set, else the configured one; a new
 //!   configured weight (a reload, or a DNS name that now gives another) clears the admin one.
-//! - The effective weight, the one the scheduler gets, is 0 while drained and ramps from 1
-//!   to the base weight during slow start (HAProxy's `slowstart`, nginx's `slow_start`).
+//! - The effective weight, the one the scheduler gets, counts in [`WEIGHT_SCALE`]ths of a
+//!   configured unit: 0 while drained, else `WEIGHT_SCALE` × the base weight, ramping from 1
+//!   to that during slow start (HAProxy's `slowstart`, nginx's `slow_start`). Scaled so that
+//!   a backend of weight 1, the default, ramps too (HAProxy scales its weights by 16 for the
+//!   same reason); every scheduler and the Maglev table go by ratios of weights, which the
+//!   scale leaves as they are.
 //! - Pure: time is passed in, and whether the backend is up or leaving is the caller's to
 //!   apply.
 
 use std::time::{Duration, Instant};
+
+/// Effective weights per unit of configured weight (see the module docs).
+pub const WEIGHT_SCALE: u32 = 16;
 
 /// The weight state of one backend (kept under the service's lock).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,13 +123,15 @@ impl Weight {
         }
     }
 
-    /// The weight the scheduler gets now (if the backend is up and not leaving): 0 while
-    /// drained, ramping from 1 to the base weight during `slow_start` (`None`: off).
+    /// The weight the scheduler gets now (if the backend is up and not leaving), in
+    /// [`WEIGHT_SCALE`]ths: 0 while drained, else the base weight × `WEIGHT_SCALE`, ramping
+    /// from 1 to that during `slow_start` (`None`: off).
     pub(super) fn effective(&self, slow_start: Option<Duration>, now: Instant) -> u32 {
         if self.drained {
             return 0;
         }
-        let full = self.base();
+        // At most MAX_WEIGHT × 16 = 4096.
+        let full = self.base() * WEIGHT_SCALE;
         match (slow_start, self.ramp_start) {
             (Some(ramp), Some(t)) if full > 0 && now.duration_since(t) < ramp => {
                 let part = now.duration_since(t).as_secs_f64() / ramp.as_secs_f64();
@@ -171,7 +180,7 @@ mod tests {
         w.set_admin(100, t0);
         assert_eq!(
             w.effective(ramp, t0),
-            100,
+            100 * WEIGHT_SCALE,
             "weight 50 -> 100 applies at once"
         );
     }
@@ -183,14 +192,20 @@ mod tests {
         let mut w = Weight::new(100);
         w.start_ramp(t0);
         w.finish_ramp(ramp, t0 + Duration::from_secs(9));
-        assert_eq!(w.effective(ramp, t0 + Duration::from_secs(5)), 50);
+        assert_eq!(
+            w.effective(ramp, t0 + Duration::from_secs(5)),
+            50 * WEIGHT_SCALE
+        );
         w.finish_ramp(ramp, t0 + Duration::from_secs(10));
-        assert_eq!(w.effective(ramp, t0 + Duration::from_secs(5)), 100);
+        assert_eq!(
+            w.effective(ramp, t0 + Duration::from_secs(5)),
+            100 * WEIGHT_SCALE
+        );
         w.start_ramp(t0);
         w.finish_ramp(None, t0);
         assert_eq!(
             w.effective(ramp, t0),
-            100,
+            100 * WEIGHT_SCALE,
             "slow start turned off ends a ramp"
         );
     }
