@@ -142,6 +142,16 @@ impl Control {
             .is_some_and(Placement::on_xdp)
     }
 
+    /// Whether eBPF service `index`'s table has no backend although its snapshot may have
+    /// eligible ones (they can be left out of it; see `CountersReader::table_empty`); `None`
+    /// when it is not on the eBPF plane or the plane is busy writing a table.
+    pub fn ebpf_table_empty(&self, index: usize) -> Option<bool> {
+        if !self.on_xdp(index) {
+            return None;
+        }
+        self.planes.ebpf_table_empty(index)
+    }
+
     /// Where the service with index `index` runs; `None` for an index never placed.
     pub fn placement(&self, index: usize) -> Option<Placement> {
         lock(&self.placements).get(&index).cloned()

@@ -770,6 +770,13 @@ impl Planes {
         })
     }
 
+    /// Whether eBPF service `index`'s table has no backend (see
+    /// `CountersReader::table_empty`); `None` when no eBPF plane carries it or it is busy.
+    pub fn ebpf_table_empty(&self, index: usize) -> Option<bool> {
+        let reader = lock(&self.xdp_reader).clone();
+        reader.and_then(|r| r.table_empty(index))
+    }
+
     /// Runs `f` on the proxy; `None` once it was taken for shutdown.
     pub fn with_proxy<T>(&self, f: impl FnOnce(&Proxy) -> T) -> Option<T> {
         lock(&self.proxy).as_ref().map(f)

@@ -67,6 +67,12 @@ impl ServiceConfig {
         self
     }
 
+    /// Drops `[service.health]` key `key`, one a helper set (`path` before `kind = "none"`).
+    pub fn without_health(mut self, key: &str) -> Self {
+        self.health.remove(key);
+        self
+    }
+
     /// Fast active checks of `kind` (`tcp`, `http` on `/health`, `udp`, `none`): every 200 ms,
     /// 500 ms timeout, rise 2, fall 2.
     pub fn fast_health(self, kind: &str) -> Self {

@@ -1234,3 +1234,84 @@ fn unreadable_xdp_counters_never_go_back() {
         "the error should be gone"
     );
 }
+
+/// With `[announce]`, an eBPF service whose only healthy backend is left out of its table
+/// (here: a DNS name answering with an IPv6 address for an IPv4 VIP) is not announced: its
+/// program would drop the VIP's SYNs while the node drew its share of them. Once the name
+/// also answers with an IPv4 backend, the VIP is announced.
+#[test]
+fn a_vip_whose_table_is_empty_is_not_announced() {
+    if !require_root("xdp_reload::a_vip_whose_table_is_empty_is_not_announced") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hosts_file = dir.path().join("hosts");
+    let write_hosts = |v4: bool| {
+        let mut text = format!("127.0.0.1 localhost\nfd00:98::2 {NAME}\n");
+        if v4 {
+            text.push_str(&format!("{} {NAME}\n", backend_ip(1)));
+        }
+        std::fs::write(&hosts_file, text).expect("the test's hosts file is writable");
+    };
+    write_hosts(false);
+    let config_file = dir.path().join("lb.toml");
+    let wrapper = lb_tests::daemon::private_hosts_wrapper(dir.path(), &hosts_file);
+    let path = EbpfPath {
+        plane: Plane::Tc,
+        mode: MODE,
+    };
+    let world = World::start_custom(path, 3, 3, &[], |t| {
+        t.resolve_neighbours(WEB);
+        let web = service(t, MODE, "web", &[])
+            .set("resolve_interval", "300ms")
+            .without_health("path")
+            .health("kind", "none")
+            .backend_named(&format!("{NAME}:{WEB}"), 1);
+        let toml = DaemonConfig::new()
+            .global("bpf_object", bpf_object().display().to_string())
+            .announce("table", 100)
+            .service(web)
+            .to_toml();
+        lb_tests::xdp::spawn_with_hosts(&t.balancer, &wrapper, &config_file, &toml)
+    });
+    let announced = || {
+        let st = status(&world);
+        let vips = st["announce"]["vips"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ours = vips
+            .iter()
+            .find(|v| v["vip"].as_str() == Some(&web_vip().ip().to_string()))
+            .cloned();
+        ours.unwrap_or_else(|| panic!("/status lists no announcement of the VIP: {st}"))
+    };
+    let words = dataplane(&world, "web");
+    assert!(
+        words.contains("tc"),
+        "web should run on the eBPF plane: {words}"
+    );
+    // Several announcer rounds (one every 200 ms) with the IPv6 backend alone.
+    std::thread::sleep(Duration::from_secs(1));
+    let v = announced();
+    assert_eq!(
+        v["announced"], false,
+        "a VIP whose eBPF table has no backend was announced: {v}"
+    );
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("eBPF table")),
+        "the reason should say the table is empty: {v}"
+    );
+    write_hosts(true);
+    let deadline = Instant::now() + FOLLOW;
+    while announced()["announced"] != true && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = announced();
+    assert_eq!(
+        v["announced"], true,
+        "the VIP should be announced once an IPv4 backend is in the table: {v}"
+    );
+}

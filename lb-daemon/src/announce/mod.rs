@@ -224,6 +224,14 @@ impl Announcer {
                 Some(format!("service {} is on no data plane", s.name()))
             } else if snapshot.eligible_count() == 0 {
                 Some(format!("service {} has no healthy backend", s.name()))
+            } else if control.ebpf_table_empty(s.index()) == Some(true) {
+                // Its program drops the VIP's SYNs, trusting the route to be withdrawn.
+                Some(format!(
+                    "service {} has no backend in its eBPF table (its healthy ones are left \
+                     out: of the other address family, without an id, or their replies would \
+                     miss the program)",
+                    s.name()
+                ))
             } else {
                 None
             };

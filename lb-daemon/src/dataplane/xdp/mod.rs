@@ -92,6 +92,22 @@ impl CountersReader {
         st.counters_read = Some(Instant::now());
         counters::read(&st)
     }
+
+    /// Whether the table the program places service `index`'s new flows by has no backend
+    /// (none is eligible, or every eligible one is left out: of the other address family
+    /// than the VIP, without a backend id, or with replies that would miss the program).
+    /// `None` when the plane does not carry the service, or when its lock is held (a table
+    /// being written): never waits.
+    pub fn table_empty(&self, index: usize) -> Option<bool> {
+        let st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        (st.running.iter())
+            .find(|r| r.service.index == index)
+            .map(|r| r.slot.table_digest().is_none())
+    }
 }
 
 /// What the XDP plane needs of a service beyond its snapshot, given once at
