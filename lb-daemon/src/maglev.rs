@@ -447,8 +447,8 @@ fn turn_order<'a>(
 /// taken and every backend at its quota.
 ///
 /// Turn order: earlier times first, ties to the backend that ranks first. Backends of equal
-/// weight share every turn time, so the heap holds one entry per distinct weight (at most
-/// 256 with the config's weights, usually a handful), not one per backend; turns of several
+/// weight share every turn time, so the heap holds one entry per distinct weight (usually a
+/// handful), not one per backend; turns of several
 /// weights that fall at the same time are merged by rank. Which slots are taken is kept in
 /// a bitmap (M / 8 bytes, in L1 cache for the default M) that the probing reads instead
 /// of the 4·M-byte table. Both only make the fill faster: the table is the one a heap of

@@ -129,6 +129,15 @@ fn weighted_round_robin_follows_weights_1_2_3() {
     assert_shares(&tally, &[1, 2, 3], 0.01, "weighted_round_robin 1:2:3");
 }
 
+/// Weights above 16: the schedulers count in sixteenths inside (slow start), so a cap left
+/// at the configured maximum would flatten 10 : 20 : 30.
+#[test]
+fn weighted_round_robin_follows_weights_10_20_30() {
+    let s = Setup::start("weighted_round_robin", &[10, 20, 30]);
+    let tally = s.connections("weighted_round_robin 10:20:30");
+    assert_shares(&tally, &[1, 2, 3], 0.01, "weighted_round_robin 10:20:30");
+}
+
 #[test]
 fn maglev_spreads_connections_evenly() {
     let s = Setup::start("maglev", &[1, 1, 1]);

@@ -235,8 +235,9 @@ pub struct Service {
     pub discovered: Vec<DnsBackend>,
     /// How often the names in `discovered` are resolved again.
     pub resolve_interval: Duration,
-    /// A backend that comes up, is enabled or added ramps its weight from 1 to its full weight
-    /// over this time (HAProxy's `slowstart`); `None` gives it the full weight at once.
+    /// A backend that comes up, is enabled or added ramps its weight from a sixteenth of 1 to
+    /// its full weight over this time (HAProxy's `slowstart`); `None` gives it the full
+    /// weight at once.
     pub slow_start: Option<Duration>,
     /// The PROXY protocol header the proxy sends a backend before the client's bytes, so the
     /// backend learns the client's address. In XDP `dsr` mode the address is real already.

@@ -66,7 +66,8 @@ pub struct Candidate {
     pub id: BackendId,
     /// Its address: the identity Maglev hashes, so every balancer host builds the same table.
     pub address: SocketAddr,
-    /// Its weight, `1..=MAX_WEIGHT`.
+    /// Its effective weight, in sixteenths of a configured unit (`service::WEIGHT_SCALE`):
+    /// `1..=MAX_WEIGHT × 16`. Schedulers go by ratios of weights.
     pub weight: u32,
     /// Its live counters (active connections, for `least_conn` and `random_two`).
     pub stats: Arc<BackendStats>,

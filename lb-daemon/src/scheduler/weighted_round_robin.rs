@@ -7,6 +7,7 @@ use lb_common::FlowKey;
 use super::{eligible, was_tried, Candidate, Scheduler, SchedulerError, Turn};
 use crate::backend_stats::BackendId;
 use crate::config::MAX_WEIGHT;
+use crate::service::WEIGHT_SCALE;
 
 /// Hands new flows to each candidate as often as its weight, interleaved smoothly: nginx's
 /// smooth weighted round robin (nginx commit 52327e0627f4, `ngx_http_upstream_round_robin.c`).
@@ -19,9 +20,12 @@ use crate::config::MAX_WEIGHT;
 /// goes on from the last turn, not from the start of its cycle. A retry walks forward through the cycle to the first
 /// candidate the flow has not tried.
 ///
-/// Weights above [`MAX_WEIGHT`] are treated as [`MAX_WEIGHT`], which bounds the cycle.
-/// Building costs O(S × D) time, D the number of distinct weights (at most 256), and
-/// 4·S bytes: for 1000 candidates at most 1 MiB.
+/// Weights count in sixteenths ([`WEIGHT_SCALE`]); above [`MAX_WEIGHT`] × 16 they are
+/// treated as that. The 16 cancel out in the gcd while no backend ramps under slow start;
+/// a ramp can make the cycle up to 16 times longer, so a cycle past [`MAX_CYCLE`] turns is
+/// built from the weights divided down together (each at least 1: shares then hold to
+/// within one turn in `MAX_CYCLE / N`). Building costs O(S × D) time, D the number of
+/// distinct weights, and 4·S bytes: at most about 1 MiB.
 pub struct WeightedRoundRobin {
     candidates: Vec<Candidate>,
     /// Indexes into `candidates`, one per turn of the cycle.
@@ -38,10 +42,10 @@ impl WeightedRoundRobin {
         let candidates = eligible(candidates)?;
         let weights: Vec<u32> = candidates
             .iter()
-            .map(|c| c.weight.min(MAX_WEIGHT))
+            .map(|c| c.weight.min(MAX_WEIGHT * WEIGHT_SCALE))
             .collect();
         Ok(WeightedRoundRobin {
-            cycle: smooth_cycle(&weights),
+            cycle: smooth_cycle(&bounded(weights)),
             candidates,
             turn,
         })
@@ -125,6 +129,25 @@ fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
     cycle
 }
 
+/// The most turns a cycle has, before the candidates' own count: that of 1000 candidates at
+/// the largest configured weight, as before weights counted in sixteenths.
+const MAX_CYCLE: u64 = 1000 * MAX_WEIGHT as u64;
+
+/// `weights` (all > 0), divided down together when their cycle (their sum over their gcd)
+/// would pass [`MAX_CYCLE`]: each by the same factor, rounded down, at least 1.
+fn bounded(weights: Vec<u32>) -> Vec<u32> {
+    let g = weights.iter().fold(0, |a, &w| gcd(a, w)).max(1);
+    let turns: u64 = weights.iter().map(|&w| u64::from(w / g)).sum();
+    if turns <= MAX_CYCLE {
+        return weights;
+    }
+    let factor = turns.div_ceil(MAX_CYCLE);
+    // Each quotient is at most a weight, so it fits u32.
+    (weights.iter())
+        .map(|&w| (u64::from(w / g) / factor).max(1) as u32)
+        .collect()
+}
+
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 {
         a
@@ -173,6 +196,31 @@ mod tests {
                 "round {round}: weights {weights:?} are not interleaved as nginx does"
             );
         }
+    }
+
+    /// Weights in sixteenths keep their ratios (1 : 100 configured is 16 : 1600, not capped
+    /// at 256), and a ramp among many large weights keeps the cycle bounded.
+    #[test]
+    fn scaled_weights_keep_their_shares_and_a_ramp_keeps_the_cycle_bounded() {
+        let s = WeightedRoundRobin::new(candidates(&[16, 1600]), Turn::default()).expect("valid");
+        let count = |s: &WeightedRoundRobin, i: u32| s.cycle().iter().filter(|&&c| c == i).count();
+        assert_eq!(
+            (count(&s, 0), count(&s, 1)),
+            (1, 100),
+            "1 : 100 as configured"
+        );
+        // 200 at the largest weight and one ramping: 819,201 turns unbounded.
+        let mut weights = vec![MAX_WEIGHT * WEIGHT_SCALE; 200];
+        weights[0] = 1;
+        let s = WeightedRoundRobin::new(candidates(&weights), Turn::default()).expect("valid");
+        assert!(
+            s.cycle().len() as u64 <= MAX_CYCLE + 200,
+            "a cycle of {} turns",
+            s.cycle().len()
+        );
+        assert_eq!(count(&s, 0), 1, "the ramping candidate keeps a turn");
+        let (a, b) = (count(&s, 1), count(&s, 199));
+        assert_eq!(a, b, "equal weights keep equal shares");
     }
 
     #[test]
