@@ -113,6 +113,9 @@ pub struct Announcer {
     /// The daemon stops: nothing is announced again.
     stopped: AtomicBool,
     state: Mutex<State>,
+    /// eBPF services whose table was empty at the last look that could tell (by service
+    /// index): a look that finds the plane busy keeps that verdict, so the VIP does not flap.
+    empty_tables: Mutex<std::collections::BTreeSet<usize>>,
     /// Held by each look and each withdrawal from start to end, so that one decided before a
     /// withdrawal cannot add its routes after it.
     writing: tokio::sync::Mutex<()>,
@@ -139,6 +142,7 @@ impl Announcer {
             node_draining: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             state: Mutex::new(State::default()),
+            empty_tables: Mutex::new(std::collections::BTreeSet::new()),
             writing: tokio::sync::Mutex::new(()),
         }))
     }
@@ -224,7 +228,7 @@ impl Announcer {
                 Some(format!("service {} is on no data plane", s.name()))
             } else if snapshot.eligible_count() == 0 {
                 Some(format!("service {} has no healthy backend", s.name()))
-            } else if control.ebpf_table_empty(s.index()) == Some(true) {
+            } else if self.table_empty(control, s.index()) {
                 // Its program drops the VIP's SYNs, trusting the route to be withdrawn.
                 Some(format!(
                     "service {} has no backend in its eBPF table (its healthy ones are left \
@@ -242,6 +246,23 @@ impl Announcer {
             }
         }
         wanted
+    }
+
+    /// Whether eBPF service `index`'s table has no backend, as the plane says, or as it said
+    /// at the last look when it is busy now.
+    fn table_empty(&self, control: &Control, index: usize) -> bool {
+        let mut empty = self.empty_tables.lock().unwrap_or_else(|p| p.into_inner());
+        match control.ebpf_table_empty(index) {
+            Some(now) => {
+                if now {
+                    empty.insert(index);
+                } else {
+                    empty.remove(&index);
+                }
+                now
+            }
+            None => empty.contains(&index),
+        }
     }
 
     /// Keeps `vips` for `/status` and logs each VIP whose state changed.
