@@ -1098,6 +1098,24 @@ fn an_xdp_service_replaced_at_its_vip_by_a_proxy_one_hands_the_vip_over_at_once(
         });
 }
 
+/// A tc world of 3 backends, `web` on all three with a 1 s drain, its daemon started with
+/// fault point `fault` (`LB_FAULT`) injected while the file `armed` exists.
+fn start_with_fault(fault: &str, armed: &Path) -> World {
+    let armed = armed.display().to_string();
+    let env = [("LB_FAULT", fault), ("LB_FAULT_ARMED_BY", armed.as_str())];
+    let path = EbpfPath {
+        plane: Plane::Tc,
+        mode: MODE,
+    };
+    World::start_custom(path, 3, 3, &[1, 2, 3], |t| {
+        t.resolve_neighbours(WEB);
+        let toml = config(t, "1s", &[(1, 1), (2, 1), (3, 1)], None);
+        in_netns(&t.balancer, || Daemon::try_start_with_env(&toml, &env))
+            .expect("enter the balancer namespace")
+            .expect("the daemon starts")
+    })
+}
+
 /// A backend removed by a reload whose id release fails (the walk of `CONNTRACK` cut short,
 /// as the program's churn can cut it; injected with `LB_FAULT=release-walk-incomplete` while
 /// a file exists) keeps its id reserved, and the release is tried again until it succeeds:
@@ -1110,22 +1128,7 @@ fn a_failed_id_release_is_tried_again() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let armed = dir.path().join("armed");
     std::fs::write(&armed, "").expect("arm the fault");
-    let env = [
-        ("LB_FAULT", "release-walk-incomplete".to_string()),
-        ("LB_FAULT_ARMED_BY", armed.display().to_string()),
-    ];
-    let path = EbpfPath {
-        plane: Plane::Tc,
-        mode: MODE,
-    };
-    let world = World::start_custom(path, 3, 3, &[1, 2, 3], |t| {
-        t.resolve_neighbours(WEB);
-        let toml = config(t, "1s", &[(1, 1), (2, 1), (3, 1)], None);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        in_netns(&t.balancer, || Daemon::try_start_with_env(&toml, &env))
-            .expect("enter the balancer namespace")
-            .expect("the daemon starts")
-    });
+    let world = start_with_fault("release-walk-incomplete", &armed);
     let removed = backend(3, WEB);
     let mark = reload(
         &world,
@@ -1159,22 +1162,7 @@ fn unreadable_xdp_counters_never_go_back() {
     }
     let dir = tempfile::tempdir().expect("a temporary directory");
     let armed = dir.path().join("armed");
-    let env = [
-        ("LB_FAULT", "xdp-counters-unreadable".to_string()),
-        ("LB_FAULT_ARMED_BY", armed.display().to_string()),
-    ];
-    let path = EbpfPath {
-        plane: Plane::Tc,
-        mode: MODE,
-    };
-    let world = World::start_custom(path, 3, 3, &[1, 2, 3], |t| {
-        t.resolve_neighbours(WEB);
-        let toml = config(t, "1s", &[(1, 1), (2, 1), (3, 1)], None);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        in_netns(&t.balancer, || Daemon::try_start_with_env(&toml, &env))
-            .expect("enter the balancer namespace")
-            .expect("the daemon starts")
-    });
+    let world = start_with_fault("xdp-counters-unreadable", &armed);
     let api = world.daemon.admin_addr();
     // (lb_xdp_packets_total, web's lb_xdp_backend_packets_total)
     let counters = || {

@@ -243,17 +243,7 @@ fn kill_and_restart(path: Path, signal: Signal) {
         set.display()
     );
 
-    let mut uploads: Vec<Upload> = (0..UPLOADS)
-        .map(|seed| {
-            world
-                .client(|| -> Result<Upload, lb_tests::client::ClientError> {
-                    let mut u = Upload::start(Topology::vip(BULK), 40 + seed)?;
-                    u.send(BEFORE)?;
-                    Ok(u)
-                })
-                .unwrap_or_else(|e| panic!("{path:?}: upload {seed} could not start: {e}"))
-        })
-        .collect();
+    let mut uploads = bulk_uploads(&world, path, UPLOADS, 40);
 
     kill(&mut world, path, signal);
     // No daemon: established flows go on, new ones are placed on the last table.
@@ -602,17 +592,7 @@ fn upgrade_under_load(path: Path) {
         in_netns(&t.balancer, || Daemon::start_pinned(&toml, &pins.0))
             .expect("enter the balancer namespace")
     });
-    let mut uploads: Vec<Upload> = (0..UPLOADS)
-        .map(|seed| {
-            world
-                .client(|| -> Result<Upload, lb_tests::client::ClientError> {
-                    let mut u = Upload::start(Topology::vip(BULK), 60 + seed)?;
-                    u.send(BEFORE)?;
-                    Ok(u)
-                })
-                .unwrap_or_else(|e| panic!("{path:?}: upload {seed} could not start: {e}"))
-        })
-        .collect();
+    let mut uploads = bulk_uploads(&world, path, UPLOADS, 60);
     let dir_env = pins.0.to_string_lossy().into_owned();
     let client = &world.topology.client;
     let balancer = &world.topology.balancer;
@@ -745,6 +725,21 @@ fn restart_with_a_second_local_address(path: Path) {
     ));
 }
 
+/// `n` uploads through `bulk` (seeds `seed`, `seed + 1`, ...), each `BEFORE` bytes in.
+fn bulk_uploads(world: &World, path: Path, n: u64, seed: u64) -> Vec<Upload> {
+    (seed..seed + n)
+        .map(|seed| {
+            world
+                .client(|| -> Result<Upload, lb_tests::client::ClientError> {
+                    let mut u = Upload::start(Topology::vip(BULK), seed)?;
+                    u.send(BEFORE)?;
+                    Ok(u)
+                })
+                .unwrap_or_else(|e| panic!("{path:?}: upload {seed} could not start: {e}"))
+        })
+        .collect()
+}
+
 /// `bulk`, translating from two local addresses, carries 16 long uploads (hashed over both
 /// addresses) when the daemon stops with SIGQUIT, and the next config lacks `bulk`: it drains
 /// as a removed service, and every upload, from either address, arrives byte-complete (the
@@ -781,17 +776,7 @@ fn restart_without_a_two_address_service(path: Path) {
         in_netns(&topology.balancer, || Daemon::start_pinned(&toml, &pins.0))
             .expect("enter the balancer namespace")
     });
-    let mut uploads: Vec<Upload> = (0..TWO_ADDRESS_UPLOADS)
-        .map(|seed| {
-            world
-                .client(|| -> Result<Upload, lb_tests::client::ClientError> {
-                    let mut u = Upload::start(Topology::vip(BULK), 60 + seed)?;
-                    u.send(BEFORE)?;
-                    Ok(u)
-                })
-                .unwrap_or_else(|e| panic!("{path:?}: upload {seed} could not start: {e}"))
-        })
-        .collect();
+    let mut uploads = bulk_uploads(&world, path, TWO_ADDRESS_UPLOADS, 60);
     kill(&mut world, path, Signal::SIGQUIT);
     let toml = config(&world.topology, false);
     world.daemon = in_netns(&world.topology.balancer, || {
