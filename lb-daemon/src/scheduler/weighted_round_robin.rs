@@ -23,8 +23,9 @@ use crate::service::WEIGHT_SCALE;
 /// Weights count in sixteenths ([`WEIGHT_SCALE`]); above [`MAX_WEIGHT`] × 16 they are
 /// treated as that. The 16 cancel out in the gcd while no backend ramps under slow start;
 /// a ramp can make the cycle up to 16 times longer, so a cycle past [`MAX_CYCLE`] turns is
-/// built from the weights divided down together (each at least 1: shares then hold to
-/// within one turn in `MAX_CYCLE / N`). Building costs O(S × D) time, D the number of
+/// built from the weights divided down together (each at least 1): shares then hold to
+/// within about one turn in `MAX_CYCLE / 2N`, and a weight divided below 1 (a ramp's first
+/// steps) gets more than its share. Building costs O(S × D) time, D the number of
 /// distinct weights, and 4·S bytes: at most about 1 MiB.
 pub struct WeightedRoundRobin {
     candidates: Vec<Candidate>,
@@ -209,7 +210,7 @@ mod tests {
             (1, 100),
             "1 : 100 as configured"
         );
-        // 200 at the largest weight and one ramping: 819,201 turns unbounded.
+        // 199 at the largest weight and one ramping: 815,105 turns unbounded.
         let mut weights = vec![MAX_WEIGHT * WEIGHT_SCALE; 200];
         weights[0] = 1;
         let s = WeightedRoundRobin::new(candidates(&weights), Turn::default()).expect("valid");
