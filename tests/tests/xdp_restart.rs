@@ -592,7 +592,7 @@ fn upgrade_under_load(path: Path) {
         in_netns(&t.balancer, || Daemon::start_pinned(&toml, &pins.0))
             .expect("enter the balancer namespace")
     });
-    let mut uploads = bulk_uploads(&world, path, UPLOADS, 60);
+    let uploads = bulk_uploads(&world, path, UPLOADS, 60);
     let dir_env = pins.0.to_string_lossy().into_owned();
     let client = &world.topology.client;
     let balancer = &world.topology.balancer;
@@ -662,18 +662,7 @@ fn upgrade_under_load(path: Path) {
              reason: {e}"
         ),
     }
-    for (i, mut u) in uploads.drain(..).enumerate() {
-        u.send(AFTER)
-            .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke after the upgrade: {e}"));
-        let receipt = u
-            .finish()
-            .unwrap_or_else(|e| panic!("{path:?}: upload {i} failed after the upgrade: {e}"));
-        assert_eq!(
-            receipt,
-            Receipt::of_stream(BEFORE + AFTER, 60 + i as u64),
-            "{path:?}: upload {i}, open across the upgrade, arrived damaged or cut"
-        );
-    }
+    finish_uploads(uploads, path, 60, "upgrade");
 }
 
 /// The second local address of [`restart_with_a_second_local_address`]; the balancer need
@@ -740,6 +729,23 @@ fn bulk_uploads(world: &World, path: Path, n: u64, seed: u64) -> Vec<Upload> {
         .collect()
 }
 
+/// Sends `AFTER` more bytes on each of `uploads` (made by [`bulk_uploads`] from `seed`) and
+/// checks that each arrives byte-complete across `what` (an upgrade, a restart).
+fn finish_uploads(uploads: Vec<Upload>, path: Path, seed: u64, what: &str) {
+    for (i, mut u) in uploads.into_iter().enumerate() {
+        u.send(AFTER)
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke after the {what}: {e}"));
+        let receipt = u
+            .finish()
+            .unwrap_or_else(|e| panic!("{path:?}: upload {i} failed after the {what}: {e}"));
+        assert_eq!(
+            receipt,
+            Receipt::of_stream(BEFORE + AFTER, seed + i as u64),
+            "{path:?}: upload {i}, open across the {what}, arrived damaged or cut"
+        );
+    }
+}
+
 /// `bulk`, translating from two local addresses, carries 16 long uploads (hashed over both
 /// addresses) when the daemon stops with SIGQUIT, and the next config lacks `bulk`: it drains
 /// as a removed service, and every upload, from either address, arrives byte-complete (the
@@ -776,7 +782,7 @@ fn restart_without_a_two_address_service(path: Path) {
         in_netns(&topology.balancer, || Daemon::start_pinned(&toml, &pins.0))
             .expect("enter the balancer namespace")
     });
-    let mut uploads = bulk_uploads(&world, path, TWO_ADDRESS_UPLOADS, 60);
+    let uploads = bulk_uploads(&world, path, TWO_ADDRESS_UPLOADS, 60);
     kill(&mut world, path, Signal::SIGQUIT);
     let toml = config(&world.topology, false);
     world.daemon = in_netns(&world.topology.balancer, || {
@@ -788,18 +794,7 @@ fn restart_without_a_two_address_service(path: Path) {
         .daemon
         .wait_for_log(&format!("service {gone}: drains"), Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("{path:?}: the service the config lacks did not drain: {e}"));
-    for (i, mut u) in uploads.drain(..).enumerate() {
-        u.send(AFTER)
-            .unwrap_or_else(|e| panic!("{path:?}: upload {i} broke after the restart: {e}"));
-        let receipt = u
-            .finish()
-            .unwrap_or_else(|e| panic!("{path:?}: upload {i} failed after the restart: {e}"));
-        assert_eq!(
-            receipt,
-            Receipt::of_stream(BEFORE + AFTER, 60 + i as u64),
-            "{path:?}: upload {i}, open across the restart, arrived damaged or cut"
-        );
-    }
+    finish_uploads(uploads, path, 60, "restart");
 }
 
 /// `web` renamed `web2` by a reload (a new service at the VIP, the old one draining behind
