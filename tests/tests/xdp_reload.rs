@@ -663,17 +663,18 @@ fn hosts(path: &Path, backends: &[usize]) {
     std::fs::write(path, text).expect("the test's hosts file is writable");
 }
 
-/// Three backends, and a daemon in its own mount namespace (its `/etc/hosts` is `hosts_file`,
-/// its config in `dir`) whose `web` has the backends [`NAME`] resolves to every 300 ms,
-/// changed by `custom`; a removed backend drains for 2 s.
+/// Three backends, servers on the first `running`, and a daemon in its own mount namespace
+/// (its `/etc/hosts` is `hosts_file`, its config in `dir`) whose `web` has the backends
+/// [`NAME`] resolves to every 300 ms, changed by `custom`; a removed backend drains for 2 s.
 fn start_named(
     dir: &Path,
     hosts_file: &Path,
+    running: usize,
     custom: impl FnOnce(lb_tests::config::ServiceConfig) -> lb_tests::config::ServiceConfig,
 ) -> World {
     let config_file = dir.join("lb.toml");
     let wrapper = lb_tests::daemon::private_hosts_wrapper(dir, hosts_file);
-    World::start_custom(MODE, 3, 3, &[], |t| {
+    World::start_custom(MODE, 3, running, &[], |t| {
         t.resolve_neighbours(WEB);
         let web = service(t, MODE, "web", &[])
             .set("resolve_interval", "300ms")
@@ -707,7 +708,7 @@ fn dns_named_backends_on_xdp_follow_the_records() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let hosts_file = dir.path().join("hosts");
     hosts(&hosts_file, &[1, 2]);
-    let world = start_named(dir.path(), &hosts_file, |web| web);
+    let world = start_named(dir.path(), &hosts_file, 3, |web| web);
     let words = dataplane(&world, "web");
     assert!(words.contains("XDP"), "web should run on XDP: {words}");
     world
@@ -761,6 +762,80 @@ fn dns_named_backends_on_xdp_follow_the_records() {
         .unwrap_or_else(|e| panic!("all three resolved backends should answer: {e}"));
 }
 
+/// A backend that DNS adds to a running service takes no flow before its first health check
+/// passes. A record appears for b3, whose server does not run yet (a container whose process
+/// is still starting) while one client connects without pause: no connection fails and none
+/// goes to b3. Before, b3 took its share of new flows until `fall` checks failed; the program
+/// drops b3's refusal (`drop_refused_syn`), so each such client waited a second for its
+/// resent SYN, which then went elsewhere. Once its server runs, b3 comes up and answers.
+#[test]
+fn a_backend_dns_adds_takes_no_flow_before_its_first_check() {
+    if !require_root("xdp_reload::a_backend_dns_adds_takes_no_flow_before_its_first_check") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let hosts_file = dir.path().join("hosts");
+    hosts(&hosts_file, &[1, 2]);
+    let mut world = start_named(dir.path(), &hosts_file, 2, |web| web);
+    world
+        .client(|| wait_until_each_answers(&["b1", "b2"], FOLLOW, || http_get(web_vip(), "/")))
+        .unwrap_or_else(|e| panic!("both resolved backends should answer: {e}"));
+
+    let mark = world.daemon.log_mark();
+    let (answered, failed, slowest) = world.client(|| {
+        let start = Instant::now();
+        let (mut answered, mut failed, mut slowest) = (0_u32, Vec::new(), Duration::ZERO);
+        let mut added = false;
+        while start.elapsed() < Duration::from_secs(3) && answered < 20_000 {
+            if !added && start.elapsed() >= INTERVAL {
+                hosts(&hosts_file, &[1, 2, 3]);
+                added = true;
+            }
+            let sent = Instant::now();
+            match http_get(web_vip(), "/") {
+                Ok(_) => answered += 1,
+                Err(e) => failed.push(e.to_string()),
+            }
+            slowest = slowest.max(sent.elapsed());
+        }
+        (answered, failed, slowest)
+    });
+    world
+        .daemon
+        .wait_for_log_after(mark, &format!("{NAME}:{WEB} resolves to"), FOLLOW)
+        .unwrap_or_else(|e| panic!("the daemon did not see b3's record: {e}"));
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed while DNS added b3, which has no server yet: {:?}",
+        failed.len(),
+        failed.len() + answered as usize,
+        &failed[..failed.len().min(5)]
+    );
+    let b3 = backend(3, WEB);
+    let st = status(&world);
+    let listed = st["services"][0]["backends"]
+        .as_array()
+        .and_then(|a| a.iter().find(|b| b["address"] == b3.to_string()).cloned())
+        .unwrap_or_else(|| panic!("/status does not list b3 after its record appeared: {st}"));
+    assert_eq!(listed["health"], "down", "b3 has no server: {listed}");
+    assert_eq!(
+        (&listed["total"], &listed["xdp"]["flows"]),
+        (&0.into(), &0.into()),
+        "a flow went to b3 before it passed a check (the slowest of {answered} requests took \
+         {slowest:?}; refused SYNs dropped: {}): {listed}",
+        st["xdp"]["packets"]["drop_refused_syn"]
+    );
+
+    let mark = world.daemon.log_mark();
+    world.start_backend(3);
+    world.wait_for_table_after(mark, "web", b3, "UP", FOLLOW);
+    world
+        .client(|| {
+            wait_until_each_answers(&["b1", "b2", "b3"], FOLLOW, || http_get(web_vip(), "/"))
+        })
+        .unwrap_or_else(|e| panic!("b3 should answer once its server runs: {e}"));
+}
+
 /// A DNS name that answers with a backend behind an interface the service does not list
 /// (`l3`, with `backend_interfaces = ["l1", "l2"]`): that backend's replies would never pass
 /// the program, so every flow placed on it would fail. It is left out of the XDP table with
@@ -776,7 +851,7 @@ fn a_dns_answer_behind_an_unlisted_interface_is_left_out_of_the_xdp_table() {
     let hosts_file = dir.path().join("hosts");
     hosts(&hosts_file, &[1, 2, 3]);
     let listed = toml::Value::Array(vec!["l1".into(), "l2".into()]);
-    let world = start_named(dir.path(), &hosts_file, |web| {
+    let world = start_named(dir.path(), &hosts_file, 3, |web| {
         web.set("backend_interfaces", listed)
     });
     let b3 = backend(3, WEB);

@@ -131,7 +131,9 @@ impl fmt::Display for Transition {
 /// The rise/fall state machine of one backend, with HAProxy's semantics:
 ///
 /// - A backend starts [`Health::Up`], so a new backend takes `fall` failures to go down rather
-///   than `rise` successes to come up (HAProxy's default).
+///   than `rise` successes to come up (HAProxy's default). A backend added to a running
+///   service starts Down instead, until its first check
+///   ([`await_first_check`](Self::await_first_check)).
 /// - While Up, `fall` consecutive failures take it Down. Failures are failed active checks
 ///   ([`record_check`](Self::record_check)) and failed proxy connects
 ///   ([`record_passive_failure`](Self::record_passive_failure)), counted together.
@@ -174,6 +176,9 @@ pub struct HealthState {
     retry_at: Option<Instant>,
     /// Put back Up after a hold-off and not seen working since: one failure takes it Down.
     on_trial: bool,
+    /// Added to a running service and Down until its first active check, which brings it Up
+    /// if it passes ([`HealthState::await_first_check`]).
+    awaiting_first_check: bool,
     /// The latest passive failure, as the transition reasons word it.
     last_failure: Option<String>,
     /// Why the latest Up -> Down transition happened.
@@ -202,6 +207,7 @@ impl HealthState {
             hold_off: None,
             retry_at: None,
             on_trial: false,
+            awaiting_first_check: false,
             last_failure: None,
             down_reason: None,
             unknown_checks: 0,
@@ -243,6 +249,34 @@ impl HealthState {
         }
     }
 
+    /// Puts a backend that is added to a running service (a DNS answer, a reload) Down at
+    /// `now` until its first active check: a pass brings it Up at once, whatever `rise`; a
+    /// failure leaves it Down, to come Up after `rise` passes as any Down backend. Started Up
+    /// as at the daemon's start, a backend that is not serving yet (a container whose
+    /// process is still starting) would take new flows until `fall` checks failed, and the
+    /// eBPF planes cannot retry a flow's connect elsewhere. Its [`monitor`] checks it at
+    /// once, as any Down backend. Does nothing without active checks (nothing would bring
+    /// it Up but a hold-off).
+    pub fn await_first_check(&mut self, now: Instant) {
+        if self.hold_off.is_some() {
+            return;
+        }
+        if self.health == Health::Up {
+            self.enter(
+                Health::Down,
+                "added; waiting for its first health check".into(),
+                now,
+            );
+        }
+        self.awaiting_first_check = true;
+    }
+
+    /// Whether the backend is Down until its first check
+    /// ([`await_first_check`](Self::await_first_check)).
+    pub fn awaiting_first_check(&self) -> bool {
+        self.awaiting_first_check
+    }
+
     /// The backend's current state.
     pub fn health(&self) -> Health {
         self.health
@@ -250,8 +284,10 @@ impl HealthState {
 
     /// Records the result of an active check finished at `now`. Returns the transition it
     /// causes, if any: Up -> Down on the `fall`-th consecutive failure, Down -> Up on the
-    /// `rise`-th consecutive success. A [`CheckError::Local`] result is unknown: it neither
-    /// breaks nor extends a streak, only counts in [`unknown_checks`](Self::unknown_checks).
+    /// `rise`-th consecutive success, or on the first check's success for a backend
+    /// [awaiting it](Self::await_first_check). A [`CheckError::Local`] result is unknown: it
+    /// neither breaks nor extends a streak, only counts in
+    /// [`unknown_checks`](Self::unknown_checks), and is not a first check.
     pub fn record_check(
         &mut self,
         result: Result<(), CheckError>,
@@ -262,7 +298,10 @@ impl HealthState {
                 self.failures = 0;
                 self.failed_checks = 0;
                 self.successes = self.successes.saturating_add(1);
-                if self.health == Health::Down && self.successes >= self.rise {
+                let first = std::mem::take(&mut self.awaiting_first_check);
+                if self.health == Health::Down && first {
+                    Some(self.enter(Health::Up, "its first check passed".into(), now))
+                } else if self.health == Health::Down && self.successes >= self.rise {
                     let reason = if self.successes == 1 {
                         "1 successful check".to_string()
                     } else {
@@ -278,6 +317,7 @@ impl HealthState {
                 None
             }
             Err(error) => {
+                self.awaiting_first_check = false;
                 self.failed_checks = self.failed_checks.saturating_add(1);
                 self.failure(&error.to_string(), now)
             }
@@ -657,6 +697,56 @@ mod tests {
         assert_eq!(s.health(), Health::Down);
         assert_eq!(s.since(), at(t0, 3));
         assert_eq!(s.last_check(), Some(&Err(CheckError::Refused)));
+    }
+
+    #[test]
+    fn a_backend_added_to_a_running_service_waits_for_its_first_check() {
+        let t0 = Instant::now();
+        let mut passing = HealthState::new(3, 3, t0);
+        passing.await_first_check(t0);
+        assert_eq!(
+            passing.health(),
+            Health::Down,
+            "no flows before the first check"
+        );
+        let unknown = Err(CheckError::Local("no file descriptors".into()));
+        assert!(passing.record_check(unknown, at(t0, 1)).is_none());
+        assert!(
+            passing.awaiting_first_check(),
+            "a check that could not run is not the first check"
+        );
+        let up = passing
+            .record_check(Ok(()), at(t0, 2))
+            .expect("a first check that passes brings it Up, whatever rise");
+        assert_eq!((up.from, up.to), (Health::Down, Health::Up));
+        assert_eq!(up.reason, "its first check passed");
+        assert!(!passing.awaiting_first_check());
+
+        let mut failing = HealthState::new(3, 3, t0);
+        failing.await_first_check(t0);
+        assert!(failing
+            .record_check(Err(CheckError::Refused), at(t0, 1))
+            .is_none());
+        assert!(!failing.awaiting_first_check());
+        for k in 2..4 {
+            assert!(
+                failing.record_check(Ok(()), at(t0, k)).is_none(),
+                "after a failed first check it needs rise = 3 passes"
+            );
+        }
+        let up = failing
+            .record_check(Ok(()), at(t0, 4))
+            .expect("the 3rd pass");
+        assert_eq!(up.reason, "3 consecutive successful checks");
+
+        let mut passive = HealthState::new(3, 3, t0).passive_only(Duration::from_secs(10));
+        passive.await_first_check(t0);
+        assert_eq!(
+            passive.health(),
+            Health::Up,
+            "without active checks nothing would bring it Up: it starts Up"
+        );
+        assert!(!passive.awaiting_first_check());
     }
 
     #[test]

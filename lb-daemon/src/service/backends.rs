@@ -267,9 +267,10 @@ impl BackendSet {
     /// Makes the set follow what `source` asks for now: `desired` as (address, weight), its
     /// whole wish (an address it asked for before and not now is let go).
     ///
-    /// - A new address is added with slow start from `now`, healthy (as at start), or with
-    ///   the health, drain and admin weight it had if it was forgotten less than
-    ///   [`HEALTH_MEMORY`] ago.
+    /// - A new address is added with slow start from `now`: healthy as at start, or, when
+    ///   `running` (the service runs and takes flows), Down until its first check
+    ///   ([`HealthState::await_first_check`]); or with the health, drain and admin weight it
+    ///   had if it was forgotten less than [`HEALTH_MEMORY`] ago.
     /// - A backend `source` lets go of leaves unless another source still asks for it.
     /// - A leaving backend asked for again returns, with slow start from `now`.
     /// - A weight follows the first source (see [`BackendSource`]); a new one clears the
@@ -280,6 +281,7 @@ impl BackendSet {
         &mut self,
         source: &BackendSource,
         desired: &[(SocketAddr, u32)],
+        running: bool,
         now: Instant,
     ) -> Changes {
         let mut changes = Changes::default();
@@ -301,6 +303,9 @@ impl BackendSet {
                 continue;
             }
             let (rt, admin) = self.new_runtime(address, now);
+            if running && admin.is_none() {
+                lock(&rt.health).await_first_check(now);
+            }
             let mut b = BackendEntry::new(rt, source.clone(), weight);
             // A configured address that a reload adds back starts afresh, as a reload
             // promises; a DNS answer that returns an address must not undo a drain.
@@ -502,9 +507,14 @@ mod tests {
         let mut set = BackendSet::new(service("tcp").health, &[(addr("10.0.0.1:80"), 1)], t0);
         let b = set.get(addr("10.0.0.1:80")).expect("the backend");
         assert!(lock(&b.rt.health).record_check(failed(), t0).is_none());
-        set.reconcile(&BackendSource::Static, &[], t0);
+        set.reconcile(&BackendSource::Static, &[], false, t0);
         assert_eq!(set.forget_idle(t0), vec![addr("10.0.0.1:80")]);
-        set.reconcile(&BackendSource::Static, &[(addr("10.0.0.1:80"), 1)], later);
+        set.reconcile(
+            &BackendSource::Static,
+            &[(addr("10.0.0.1:80"), 1)],
+            true,
+            later,
+        );
         let b = set.get(addr("10.0.0.1:80")).expect("the backend is back");
         let mut health = lock(&b.rt.health);
         assert_eq!(health.health(), Health::Up, "it left Up and comes back Up");
@@ -519,6 +529,33 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_new_to_a_running_service_is_down_until_its_first_check() {
+        let t0 = Instant::now();
+        let dns = BackendSource::Dns("app.test:80".into());
+        let new = |running| {
+            let mut set = BackendSet::new(service("tcp").health, &[], t0);
+            set.reconcile(&dns, &[(addr("10.0.0.1:80"), 1)], running, t0);
+            let b = set.get(addr("10.0.0.1:80")).expect("added");
+            let health = lock(&b.rt.health);
+            (health.health(), health.awaiting_first_check())
+        };
+        assert_eq!(new(true), (Health::Down, true));
+        assert_eq!(
+            new(false),
+            (Health::Up, false),
+            "before the start: up, as at start"
+        );
+        let mut passive = BackendSet::new(service("none").health, &[], t0);
+        passive.reconcile(&dns, &[(addr("10.0.0.1:80"), 1)], true, t0);
+        let b = passive.get(addr("10.0.0.1:80")).expect("added");
+        assert_eq!(
+            lock(&b.rt.health).health(),
+            Health::Up,
+            "without active checks nothing would bring it up"
+        );
+    }
+
+    #[test]
     fn reconcile_adds_with_slow_start_and_lets_go_of_what_a_source_no_longer_asks_for() {
         let t0 = Instant::now();
         let ramp = Some(Duration::from_secs(10));
@@ -526,6 +563,7 @@ mod tests {
         let changes = set.reconcile(
             &BackendSource::Static,
             &[(addr("10.0.0.2:80"), 1), (addr("10.0.0.3:80"), 10)],
+            false,
             t0,
         );
         assert_eq!(
@@ -557,9 +595,9 @@ mod tests {
         let ramp = Some(Duration::from_secs(10));
         let b = addr("10.0.0.1:80");
         let mut set = set_of(&["10.0.0.1:80"], t0);
-        set.reconcile(&BackendSource::Static, &[(b, 0)], t0);
+        set.reconcile(&BackendSource::Static, &[(b, 0)], false, t0);
         let t1 = t0 + Duration::from_secs(60);
-        set.reconcile(&BackendSource::Static, &[(b, 100)], t1);
+        set.reconcile(&BackendSource::Static, &[(b, 100)], false, t1);
         let got = set.get(b).expect("listed").effective_weight(ramp, t1);
         assert_eq!(
             got, 1,
@@ -568,6 +606,7 @@ mod tests {
         set.reconcile(
             &BackendSource::Static,
             &[(b, 50)],
+            false,
             t1 + Duration::from_secs(60),
         );
         let t2 = t1 + Duration::from_secs(60);
@@ -582,7 +621,12 @@ mod tests {
     fn reconcile_of_an_unchanged_wish_changes_nothing() {
         let t0 = Instant::now();
         let mut set = set_of(&["10.0.0.1:80"], t0);
-        let changes = set.reconcile(&BackendSource::Static, &[(addr("10.0.0.1:80"), 1)], t0);
+        let changes = set.reconcile(
+            &BackendSource::Static,
+            &[(addr("10.0.0.1:80"), 1)],
+            false,
+            t0,
+        );
         assert!(changes.is_empty(), "nothing changed, yet {changes:?}");
     }
 
@@ -591,7 +635,7 @@ mod tests {
         let t0 = Instant::now();
         let mut set = set_of(&["10.0.0.1:80"], t0);
         let name = BackendSource::Dns("app:80".into());
-        let changes = set.reconcile(&name, &[(addr("10.0.0.1:80"), 7)], t0);
+        let changes = set.reconcile(&name, &[(addr("10.0.0.1:80"), 7)], false, t0);
         assert_eq!(changes.updated, vec![addr("10.0.0.1:80")]);
         let b = set.get(addr("10.0.0.1:80")).expect("still there");
         assert_eq!(b.label(), "static,app:80");
@@ -600,7 +644,7 @@ mod tests {
             1,
             "the static entry's weight comes first"
         );
-        set.reconcile(&BackendSource::Static, &[], t0);
+        set.reconcile(&BackendSource::Static, &[], false, t0);
         let b = set
             .get(addr("10.0.0.1:80"))
             .expect("app:80 still asks for it");
@@ -615,9 +659,14 @@ mod tests {
         let t0 = Instant::now();
         let ramp = Some(Duration::from_secs(10));
         let mut set = set_of(&["10.0.0.1:80"], t0);
-        set.reconcile(&BackendSource::Static, &[], t0);
+        set.reconcile(&BackendSource::Static, &[], false, t0);
         let t1 = t0 + Duration::from_secs(60);
-        let changes = set.reconcile(&BackendSource::Static, &[(addr("10.0.0.1:80"), 4)], t1);
+        let changes = set.reconcile(
+            &BackendSource::Static,
+            &[(addr("10.0.0.1:80"), 4)],
+            false,
+            t1,
+        );
         assert_eq!(changes.returned, vec![addr("10.0.0.1:80")]);
         let b = set.get(addr("10.0.0.1:80")).expect("kept while it drained");
         assert_eq!(b.label(), "static");

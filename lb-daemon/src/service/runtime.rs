@@ -221,7 +221,9 @@ impl ServiceRuntime {
             // Read and replaced under one lock: a failed connect in between would be lost.
             let mut state = lock(&b.rt.health);
             let mut fresh = new_health(health, now);
-            if state.health() == Health::Down {
+            if state.awaiting_first_check() {
+                fresh.await_first_check(now);
+            } else if state.health() == Health::Down {
                 for _ in 0..health.fall {
                     fresh.record_passive_failure("down before the reload", now);
                 }
@@ -256,7 +258,8 @@ impl ServiceRuntime {
         };
         let desired: Vec<(SocketAddr, u32)> = addresses.iter().map(|&a| (a, weight)).collect();
         let source = BackendSource::Dns(name.to_string());
-        let changes = st.backends.reconcile(&source, &desired, Instant::now());
+        let running = st.runtime.is_some();
+        let changes = (st.backends).reconcile(&source, &desired, running, Instant::now());
         if changes.is_empty() {
             return;
         }
@@ -630,9 +633,10 @@ fn static_backends(config: &Service) -> Vec<(SocketAddr, u32)> {
 fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
     st.backends.set_health_settings(st.config.health.clone());
     let statics = static_backends(&st.config);
+    let running = st.runtime.is_some();
     let added = st
         .backends
-        .reconcile(&BackendSource::Static, &statics, now)
+        .reconcile(&BackendSource::Static, &statics, running, now)
         .added;
     // Alphabetically, as a backend's sources are ordered: the first one gives its weight.
     for name in st.backends.dns_names() {
@@ -652,7 +656,7 @@ fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
                 .collect(),
             None => Vec::new(),
         };
-        st.backends.reconcile(&source, &desired, now);
+        st.backends.reconcile(&source, &desired, running, now);
     }
     added
 }

@@ -326,15 +326,20 @@ impl Topology {
     /// Connects from the balancer to port `port` of every backend, so it knows their MAC
     /// addresses before a backend that no health check has reached yet (one a reload adds)
     /// gets flows: until then the program hands packets to the kernel, which drops NAT'ed
-    /// ones. The backends' servers must run.
+    /// ones. A backend whose server does not run refuses the connect, which resolves its
+    /// address as well.
     pub fn resolve_neighbours(&self, port: u16) {
         for i in 1..=self.backends.len() {
             let addr = SocketAddr::new(IpAddr::V4(backend_ip(i)), port);
-            in_netns(&self.balancer, || {
+            let connect = in_netns(&self.balancer, || {
                 std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
             })
-            .expect("enter the balancer namespace")
-            .unwrap_or_else(|e| panic!("the balancer cannot reach b{i} at {addr}: {e}"));
+            .expect("enter the balancer namespace");
+            match connect {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => panic!("the balancer cannot reach b{i} at {addr}: {e}"),
+            }
         }
     }
 
