@@ -800,10 +800,12 @@ fn a_backend_dns_adds_takes_no_flow_before_its_first_check() {
         }
         (answered, failed, slowest)
     });
+    // Hardly waited for (the log is read by a thread): the record must have been seen while
+    // the client still connected, else the loop tested nothing.
     world
         .daemon
-        .wait_for_log_after(mark, &format!("{NAME}:{WEB} resolves to"), FOLLOW)
-        .unwrap_or_else(|e| panic!("the daemon did not see b3's record: {e}"));
+        .wait_for_log_after(mark, &format!("{NAME}:{WEB} resolves to"), INTERVAL)
+        .unwrap_or_else(|e| panic!("the daemon saw b3's record only after the load: {e}"));
     assert!(
         failed.is_empty(),
         "{} of {} connections failed while DNS added b3, which has no server yet: {:?}",
@@ -818,6 +820,10 @@ fn a_backend_dns_adds_takes_no_flow_before_its_first_check() {
         .and_then(|a| a.iter().find(|b| b["address"] == b3.to_string()).cloned())
         .unwrap_or_else(|| panic!("/status does not list b3 after its record appeared: {st}"));
     assert_eq!(listed["health"], "down", "b3 has no server: {listed}");
+    world
+        .daemon
+        .wait_for_log_after(mark, "first health check of a backend added", FOLLOW)
+        .unwrap_or_else(|e| panic!("b3's failed first check was not logged: {e}"));
     assert_eq!(
         (&listed["total"], &listed["xdp"]["flows"]),
         (&0.into(), &0.into()),

@@ -599,6 +599,18 @@ pub async fn monitor(
                 // Replaced (a reload) while this check ran: its result is of the old check.
                 return;
             }
+            let first = state.awaiting_first_check();
+            if let (true, Err(error)) = (first, &result) {
+                if !matches!(error, CheckError::Local(_)) {
+                    // No transition to log: it was Down already, waiting for this check.
+                    tracing::warn!(
+                        backend = %target,
+                        "the first health check of a backend added to a running service \
+                         failed ({error}); it stays down until {} checks pass",
+                        check.rise.max(1)
+                    );
+                }
+            }
             state.record_check(result, Instant::now())
         };
         if let Some(transition) = transition {

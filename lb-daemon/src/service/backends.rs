@@ -268,9 +268,11 @@ impl BackendSet {
     /// whole wish (an address it asked for before and not now is let go).
     ///
     /// - A new address is added with slow start from `now`: healthy as at start, or, when
-    ///   `running` (the service runs and takes flows), Down until its first check
-    ///   ([`HealthState::await_first_check`]); or with the health, drain and admin weight it
-    ///   had if it was forgotten less than [`HEALTH_MEMORY`] ago.
+    ///   `running` (the service runs and takes flows) and another backend is up to take
+    ///   them, Down until its first check ([`HealthState::await_first_check`]); or with the
+    ///   health, drain and admin weight it had if it was forgotten less than
+    ///   [`HEALTH_MEMORY`] ago. With no other backend up (every record replaced at once),
+    ///   waiting would refuse every new flow even if the new backends are ready.
     /// - A backend `source` lets go of leaves unless another source still asks for it.
     /// - A leaving backend asked for again returns, with slow start from `now`.
     /// - A weight follows the first source (see [`BackendSource`]); a new one clears the
@@ -298,12 +300,15 @@ impl BackendSet {
                 _ => changes.updated.push(address),
             }
         }
+        let others_up = self.entries.iter().any(|b| {
+            b.effective_weight(None, now) > 0 && lock(&b.rt.health).health() == Health::Up
+        });
         for &(address, weight) in desired {
             if self.get(address).is_some() {
                 continue;
             }
             let (rt, admin) = self.new_runtime(address, now);
-            if running && admin.is_none() {
+            if running && others_up && admin.is_none() {
                 lock(&rt.health).await_first_check(now);
             }
             let mut b = BackendEntry::new(rt, source.clone(), weight);
@@ -532,20 +537,26 @@ mod tests {
     fn a_backend_new_to_a_running_service_is_down_until_its_first_check() {
         let t0 = Instant::now();
         let dns = BackendSource::Dns("app.test:80".into());
-        let new = |running| {
-            let mut set = BackendSet::new(service("tcp").health, &[], t0);
+        let one = [(addr("10.0.0.9:80"), 1)];
+        let new = |running, statics: &[(SocketAddr, u32)]| {
+            let mut set = BackendSet::new(service("tcp").health, statics, t0);
             set.reconcile(&dns, &[(addr("10.0.0.1:80"), 1)], running, t0);
             let b = set.get(addr("10.0.0.1:80")).expect("added");
             let health = lock(&b.rt.health);
             (health.health(), health.awaiting_first_check())
         };
-        assert_eq!(new(true), (Health::Down, true));
+        assert_eq!(new(true, &one), (Health::Down, true));
         assert_eq!(
-            new(false),
+            new(false, &one),
             (Health::Up, false),
             "before the start: up, as at start"
         );
-        let mut passive = BackendSet::new(service("none").health, &[], t0);
+        assert_eq!(
+            new(true, &[]),
+            (Health::Up, false),
+            "with no other backend up, waiting would refuse every flow"
+        );
+        let mut passive = BackendSet::new(service("none").health, &one, t0);
         passive.reconcile(&dns, &[(addr("10.0.0.1:80"), 1)], true, t0);
         let b = passive.get(addr("10.0.0.1:80")).expect("added");
         assert_eq!(

@@ -179,8 +179,9 @@ impl ServiceRuntime {
 
     /// Applies a reloaded config of this service. The listen address and protocol must be
     /// the same (the reload replaces a service whose are not). Static backends that stay keep
-    /// their counters and health; new ones start (with slow start, if set); the ones that
-    /// left drain and are forgotten once idle; weight changes clear admin weights.
+    /// their counters and health; new ones start (with slow start, if set) down until their
+    /// first check while another backend is up (`BackendSet::reconcile`); the ones that left
+    /// drain and are forgotten once idle; weight changes clear admin weights.
     pub fn update(&self, config: Service) {
         let mut st = lock(&self.state);
         let now = Instant::now();
