@@ -160,7 +160,8 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         handover,
         exe,
     ));
-    if stopped.as_ref().is_ok_and(|s| s.handed_over) {
+    let handed_over = stopped.as_ref().is_ok_and(|s| s.handed_over);
+    if handed_over {
         control.with_proxy(|p| p.mark_handed_over());
     }
     // A daemon taking over that failed before it was ready leaves the adopted eBPF plane to
@@ -198,10 +199,13 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         );
     }
     let drain_timeout = control.config().global.drain_timeout;
+    // Not after an aborted take-over: a stop signal began that drain.
+    let upgrade_drain = handed_over && result.is_ok();
     let drained = rt.block_on(drain(
         control.take_proxy(),
         xdp.as_ref(),
         drain_timeout,
+        upgrade_drain,
         &mut signals,
     ));
     match drained.proxy_cut {
@@ -819,15 +823,21 @@ enum EbpfDrain {
 
 /// Drains both planes for up to `timeout`: `proxy` shuts down, letting its connections finish;
 /// the flows still open on `xdp` (which [`XdpPlane::stop_new_flows`] already stopped) are
-/// counted until none is left. A second SIGTERM or SIGINT cuts both short.
+/// counted until none is left. A second SIGTERM or SIGINT cuts both short; after a hand-over
+/// (`handed_over`: the upgrade began the drain), the first one does not either.
 ///
 /// [`XdpPlane::stop_new_flows`]: crate::dataplane::xdp::XdpPlane::stop_new_flows
 async fn drain(
     proxy: Option<Proxy>,
     xdp: Option<&crate::dataplane::xdp::XdpPlane>,
     timeout: Duration,
+    handed_over: bool,
     signals: &mut Signals,
 ) -> Drained {
+    // After a hand-over the drain began with the upgrade, not a signal: the first SIGTERM is
+    // then a stop of the whole service (systemd sends it to every process of the unit, this
+    // one too) and must not cut the connections this daemon still carries; a second one does.
+    let mut patient = handed_over;
     let cut_short = proxy.as_ref().map(Proxy::drain_cut);
     let mut shutdown = proxy.map(|p| tokio::task::spawn_blocking(move || p.shutdown(timeout)));
     let deadline = tokio::time::Instant::now() + timeout;
@@ -871,6 +881,13 @@ async fn drain(
                 }
             }
             why = signals.stop(), if drained.early.is_none() => {
+                if std::mem::take(&mut patient) {
+                    info!(
+                        "{why} during the drain that follows an upgrade: the drain goes on \
+                         (a second {why} cuts it short)"
+                    );
+                    continue;
+                }
                 info!("{why} during the drain: closing what is still open");
                 if let Some(c) = &cut_short {
                     c.now();

@@ -210,6 +210,35 @@ fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
     drop(new);
 }
 
+/// A stop of the service while the old daemon drains after an upgrade (systemd's `stop` or
+/// `restart` sends SIGTERM to every process of the unit, the old daemon too) lets the old
+/// daemon's connections finish: only a second signal cuts its drain short. Before, that first
+/// SIGTERM cut the uploads it still carried.
+#[test]
+fn a_stop_while_the_old_daemon_drains_after_an_upgrade_lets_its_connections_finish() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let site = Site::new(Some(&socket));
+    let mut old = Daemon::start(&site.config);
+    let uploads = site.start_uploads();
+    let mark = old.log_mark();
+    let new = Daemon::try_upgrade(&site.config, &[])
+        .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
+    old.wait_for_log_after(mark, "the new daemon took over", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the old daemon never handed over: {e}"));
+    // systemd's stop: SIGTERM to every process of the unit.
+    new.signal(Signal::SIGTERM).expect("the new daemon runs");
+    old.signal(Signal::SIGTERM).expect("the old daemon runs");
+    old.wait_for_log_after(mark, "the drain goes on", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the old daemon did not go on draining: {e}"));
+    finish_uploads(uploads);
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the old daemon did not exit after its last connection"));
+    assert!(status.success(), "the old daemon exited with {status}");
+    drop(new);
+}
+
 /// What the admin API set and the health checks found goes on in the new daemon: a drained
 /// backend takes no new flow after the upgrade, an admin weight stays, and a backend that was
 /// down stays down until its checks pass (it does not take flows for `fall` checks first).
