@@ -385,6 +385,7 @@ async fn serve(
     )
     .await?;
     let api = served.tasks;
+    let pending_socket = served.pending;
     // Announced once the services run; withdrawn as they stop being servable.
     let announcer = match &control.config().announce {
         None => None,
@@ -437,7 +438,12 @@ async fn serve(
             drop(taken);
         } else {
             take_the_place(&inherited, taken, left_behind);
-            // Only after READY: until then the socket's path is the old daemon's.
+            // Only after READY: until then the sockets' paths are the old daemon's.
+            if let Some(pending) = pending_socket {
+                if let Err(e) = pending.publish() {
+                    warn!("admin API: {e}");
+                }
+            }
             serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
         }
     } else {

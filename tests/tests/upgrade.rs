@@ -68,6 +68,14 @@ struct Site {
 impl Site {
     /// The backends, and a config with `upgrade_socket` when one is given.
     fn new(upgrade_socket: Option<&std::path::Path>) -> Site {
+        Site::with_admin_socket(upgrade_socket, None)
+    }
+
+    /// [`Site::new`], with the admin API on unix socket `admin_socket` too when one is given.
+    fn with_admin_socket(
+        upgrade_socket: Option<&std::path::Path>,
+        admin_socket: Option<&std::path::Path>,
+    ) -> Site {
         let web_a = HttpNameServer::start("a").expect("web backend a");
         let web_b = HttpNameServer::start("b").expect("web backend b");
         let sink = HashServer::start("sink").expect("hash backend");
@@ -76,6 +84,9 @@ impl Site {
         let mut config = DaemonConfig::new().global("drain_timeout", "20s");
         if let Some(socket) = upgrade_socket {
             config = config.global("upgrade_socket", socket.display().to_string());
+        }
+        if let Some(socket) = admin_socket {
+            config = config.admin("socket", socket.display().to_string());
         }
         let config = config
             .service(
@@ -192,7 +203,8 @@ impl Load {
 fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let socket = dir.path().join("upgrade.sock");
-    let site = Site::new(Some(&socket));
+    let admin_socket = dir.path().join("admin.sock");
+    let site = Site::with_admin_socket(Some(&socket), Some(&admin_socket));
     let mut old = Daemon::start(&site.config);
     let uploads = site.start_uploads();
     let load = site.start_load();
@@ -207,6 +219,13 @@ fn upgrade_hands_the_sockets_over_and_no_connection_fails() {
         "the new daemon took no socket:\n{logs}"
     );
     the_old_daemon_hands_over(&mut old, mark, uploads, load, &site);
+    // The old daemon is gone: the admin socket's path leads to the new one.
+    let out = lb_tests::admin::cli(&admin_socket.display().to_string(), &["status"]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "no admin API on its socket after the upgrade: {out:?}"
+    );
     drop(new);
 }
 
@@ -322,7 +341,8 @@ fn an_upgrade_keeps_drained_weighed_and_down_backends_as_they_were() {
 fn an_upgrade_stopped_before_it_is_ready_leaves_the_old_daemon_serving() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let socket = dir.path().join("upgrade.sock");
-    let site = Site::new(Some(&socket));
+    let admin_socket = dir.path().join("admin.sock");
+    let site = Site::with_admin_socket(Some(&socket), Some(&admin_socket));
     let mut old = Daemon::start(&site.config);
     // A debug build waits 10 s before READY with this fault: Ctrl-C comes meanwhile.
     let mut new = Daemon::launch_upgrade(&site.config, &[("LB_FAULT", "pause-before-ready")])
@@ -345,6 +365,18 @@ fn an_upgrade_stopped_before_it_is_ready_leaves_the_old_daemon_serving() {
         http_get(site.web, "/")
             .unwrap_or_else(|e| panic!("request {k} after the stopped upgrade failed: {e}"));
     }
+    let out = lb_tests::admin::cli(&admin_socket.display().to_string(), &["status"]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "the old daemon's admin socket stopped answering after the stopped upgrade: {out:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("the test's directory")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("admin.sock."))
+        .collect();
+    assert!(left.is_empty(), "the stopped upgrade left {left:?} behind");
 }
 
 /// After log line `mark` the old daemon says the new one took over; the uploads (the old

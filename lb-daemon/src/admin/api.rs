@@ -90,7 +90,10 @@ pub fn guarded(control: Arc<Control>, tcp: Option<SocketAddr>) -> Router {
 /// says 0; `None` with `listen = ""`) and the server tasks.
 ///
 /// The unix socket is created mode 0660 and given `[admin] group` when set; a stale socket
-/// file left by an earlier run is replaced.
+/// file left by an earlier run is replaced. A daemon taking over from another (`inherited`)
+/// binds it at a path of its own, which [`Served::pending`] moves to the configured one once
+/// this daemon is ready: until then the path is the old daemon's, which goes on if this one
+/// stops first.
 ///
 /// Returns `Err(ApiError::Listen)` when the TCP address cannot be bound,
 /// `Err(ApiError::Socket)` when the socket cannot be created, chmod-ed or chown-ed.
@@ -132,8 +135,24 @@ pub async fn serve(
         info!("admin API listening on http://{addr}");
         bound = Some(addr);
     }
+    let mut pending = None;
     if let Some(path) = &admin.socket {
-        let unix = bind_socket(path, admin.group.as_ref().map(|g| g.gid))?;
+        let at = match inherited {
+            Some(_) => {
+                let mut name = path.file_name().unwrap_or_default().to_os_string();
+                name.push(format!(".upgrade-{}", std::process::id()));
+                path.with_file_name(name)
+            }
+            None => path.clone(),
+        };
+        let unix = bind_socket(&at, admin.group.as_ref().map(|g| g.gid))?;
+        if at != *path {
+            pending = Some(PendingSocket {
+                at,
+                path: path.clone(),
+                published: false,
+            });
+        }
         let app = guarded(control, None);
         tasks.push(tokio::spawn(super::serve::unix(
             unix,
@@ -146,6 +165,7 @@ pub async fn serve(
         addr: bound,
         tasks,
         socket,
+        pending,
     })
 }
 
@@ -160,6 +180,46 @@ pub struct Served {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
     /// A duplicate of the TCP listener, for an upgrade's hand-over.
     pub socket: Option<std::os::fd::OwnedFd>,
+    /// The unix socket of a daemon taking over, still at a path of its own.
+    pub pending: Option<PendingSocket>,
+}
+
+/// The admin API's unix socket bound beside its configured path (`[admin] socket`) by a
+/// daemon taking over from another, whose socket the configured path still is. Dropped before
+/// [`PendingSocket::publish`] (an upgrade stopped or failed before it was ready), it removes
+/// its own path and leaves the old daemon's alone.
+pub struct PendingSocket {
+    /// Where the socket is bound now: the configured path with `.upgrade-<pid>` added.
+    at: PathBuf,
+    /// The configured path.
+    path: PathBuf,
+    published: bool,
+}
+
+impl PendingSocket {
+    /// Moves the socket to its configured path (`rename(2)`, which replaces the old daemon's
+    /// at once: a client finds one socket or the other, never none).
+    ///
+    /// Returns `Err(ApiError::Socket)` naming the configured path when the rename fails; the
+    /// socket is then removed, and the API stays reachable over TCP only, if configured.
+    pub fn publish(mut self) -> Result<(), ApiError> {
+        self.published = true;
+        std::fs::rename(&self.at, &self.path).map_err(|source| {
+            let _ = std::fs::remove_file(&self.at);
+            ApiError::Socket {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+}
+
+impl Drop for PendingSocket {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.at);
+        }
+    }
 }
 
 /// The unix socket at `path`, mode 0660, group `gid` when given; replaces a stale socket.
