@@ -36,8 +36,9 @@ pub enum Stat {
     /// table (as a new flow would be) and recorded; on `nat` they take no SNAT port and are
     /// reset ([`Stat::ResetNatNoFlow`]) unless their port's entry survived.
     CtMissNonSyn = 7,
-    /// Rewritten packets passed to the kernel: the next hop's MAC is not known yet, or the
-    /// route lookup found no route to forward by (none at all, or a local destination). The
+    /// Rewritten packets passed to the kernel: the next hop's MAC is not known yet, the
+    /// route lookup found no route to forward by (none at all, or a local destination), or a
+    /// NAT reply's route to the client leaves by an interface XDP cannot redirect to. The
     /// kernel then resolves the neighbour and forwards, delivers, or drops the packet itself.
     FibPass = 8,
     /// Dropped: the service has no eligible backend (empty table or unused backend id), for a

@@ -432,11 +432,18 @@ fn from_backend<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         &r.client_addr,
         r.client_port,
     )?;
-    match fib::send(ctx, fib::Peer::Allowed)? {
-        Out::Sent(action) => {
+    match fib::send(ctx, fib::Peer::Allowed) {
+        Ok(Out::Sent(action)) => {
             stats::increment(Stat::NatReplies);
             Ok(action)
         }
-        Out::Pass => Err(Stat::FibPass),
+        // The route to the client leaves by an interface XDP cannot send to (a second
+        // uplink the program is not attached to): the kernel forwards the reply, whose
+        // source is now the VIP, not one of this host's addresses. A client's packet has no
+        // such way out: rewritten, its source is the balancer's own address, which the
+        // kernel drops as a martian (placement keeps backends' routes on the attached
+        // interfaces).
+        Ok(Out::Pass) | Err(Stat::DropNoDevmapEntry) => Err(Stat::FibPass),
+        Err(stat) => Err(stat),
     }
 }

@@ -287,7 +287,8 @@ pub enum Peer {
 /// hop with its Ethernet addresses written (into a veth peer's ingress where `peer` allows
 /// and the hook can); to an unresolved one by the kernel's neighbour resolution where the
 /// hook has it (tc), else to the kernel. `Err(Stat::DropNoDevmapEntry)` when XDP may not
-/// redirect to the egress interface.
+/// redirect to the egress interface; the packet's Ethernet addresses are then as they came,
+/// so that the caller may still hand it to the kernel.
 #[inline(always)]
 pub fn send<C: Frame>(ctx: &C, peer: Peer) -> Result<Out, Stat> {
     let scratch = FIB_SCRATCH.get_ptr(0).ok_or(Stat::DropNoRoute)?;
@@ -300,17 +301,16 @@ pub fn send<C: Frame>(ctx: &C, peer: Peer) -> Result<Out, Stat> {
     };
     match hop {
         Hop::Resolved => {
+            // The redirect takes effect when the program returns: asked for first, so that a
+            // refusal leaves the frame untouched.
+            let action = ctx.redirect(params.ifindex, &params.dmac, peer == Peer::Allowed)?;
             let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Stat::PassMalformed)?;
             // SAFETY: bounds checked by `ptr_at`.
             unsafe {
                 copy_mac(&raw mut (*eth).dst, &params.dmac);
                 copy_mac(&raw mut (*eth).src, &params.smac);
             }
-            Ok(Out::Sent(ctx.redirect(
-                params.ifindex,
-                &params.dmac,
-                peer == Peer::Allowed,
-            )?))
+            Ok(Out::Sent(action))
         }
         Hop::Unresolved => Ok(ctx
             .redirect_neigh(params.ifindex)

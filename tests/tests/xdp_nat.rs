@@ -64,3 +64,10 @@ fn a_download_behind_a_smaller_route_to_the_client_completes() {
         scenarios::nat_reply_too_big(PATH);
     }
 }
+
+#[test]
+fn replies_routed_to_the_client_by_another_interface_reach_it() {
+    if lb_tests::require_root("xdp_nat::replies_routed_to_the_client_by_another_interface") {
+        scenarios::nat_reply_by_another_interface(PATH);
+    }
+}

@@ -521,3 +521,53 @@ pub fn nat_reply_too_big(path: Path) {
     drop(world);
     drop(source);
 }
+
+/// NAT replies whose route to the client leaves by an interface the program is not attached
+/// to (a second uplink, `l9`, with the client's address routed over it, as on a host with two
+/// uplinks) reach the client: every request is answered. At XDP, which cannot redirect to
+/// `l9`, the program hands the rewritten replies to the kernel, which forwards them
+/// (`fib_pass`, none dropped for want of a devmap entry); at tc it sends them itself.
+pub fn nat_reply_by_another_interface(path: Path) {
+    let world = World::start(path, 2, 2);
+    let t = &world.topology;
+    crate::netns::veth(
+        &t.balancer,
+        "l9",
+        "10.201.9.1/24",
+        &t.client,
+        "c9",
+        "10.201.9.2/24",
+    )
+    .expect("a second link between balancer and client");
+    // The client takes replies on c9 for an address of c0.
+    for conf in ["all", "default", "c0", "c9"] {
+        t.client
+            .sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0")
+            .expect("rp_filter off in the client");
+    }
+    let route = format!("{CLIENT}/32");
+    t.balancer
+        .ip(&["route", "add", &route, "via", "10.201.9.2", "dev", "l9"])
+        .expect("the client routed over l9");
+    // Its next hop resolved, as on a busy uplink: the program finds it in the route lookup.
+    let hop = SocketAddr::from(([10, 201, 9, 2], 9));
+    let _refused = in_netns(&t.balancer, || {
+        std::net::TcpStream::connect_timeout(&hop, Duration::from_secs(2))
+    });
+    let report = world.client(|| run(200, 2, Duration::from_secs(60), |_| http_get(web(), "/")));
+    report.assert_all_answered(&format!("{path:?}: requests whose replies route out of l9"));
+    if path.plane == Plane::Xdp {
+        let api = world.daemon.admin_addr();
+        let st = in_netns(&t.balancer, || crate::admin::status(api))
+            .expect("enter the balancer namespace");
+        let packets = &st["xdp"]["packets"];
+        assert_eq!(
+            packets["drop_no_devmap_entry"], 0,
+            "{path:?}: replies were dropped: {packets}"
+        );
+        assert!(
+            packets["fib_pass"].as_u64() >= Some(200),
+            "{path:?}: the replies should have gone to the kernel: {packets}"
+        );
+    }
+}
