@@ -627,18 +627,16 @@ fn static_backends(config: &Service) -> Vec<(SocketAddr, u32)> {
         .collect()
 }
 
-/// Makes the backend set follow a reloaded config (already in `st.config`): its static
-/// addresses, then each DNS name's weight. A reload does not resolve: a name still in the
+/// Makes the backend set follow a reloaded config (already in `st.config`): each DNS name's
+/// weight, then its static addresses. A reload does not resolve: a name still in the
 /// config keeps the addresses of its last answer, at its new weight; a name gone from it
 /// lets go of them. Returns the backends added (each needs a health check).
 fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
     st.backends.set_health_settings(st.config.health.clone());
-    let statics = static_backends(&st.config);
     let running = st.runtime.is_some();
-    let added = st
-        .backends
-        .reconcile(&BackendSource::Static, &statics, running, now)
-        .added;
+    // The names first: they add no backend, and the static backends that a reload adds wait
+    // for their first check only if a backend stays up (`BackendSet::reconcile`), which must
+    // not count one that a name let go of in this same reload.
     // Alphabetically, as a backend's sources are ordered: the first one gives its weight.
     for name in st.backends.dns_names() {
         let weight = st
@@ -659,7 +657,10 @@ fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
         };
         st.backends.reconcile(&source, &desired, running, now);
     }
-    added
+    let statics = static_backends(&st.config);
+    st.backends
+        .reconcile(&BackendSource::Static, &statics, running, now)
+        .added
 }
 
 /// Ends the slow starts that ran their length. Returns whether an effective weight now
@@ -1151,6 +1152,37 @@ kind = "none"
             100 * WEIGHT_SCALE,
             "the forgotten entry's transition started a slow start on its successor"
         );
+    }
+
+    #[tokio::test]
+    async fn backends_a_reload_adds_wait_for_a_check_only_while_another_stays_up() {
+        // Checks every hour: none passes during the test, so a waiting backend stays down.
+        let checked = |statics: &[&str], names: &[&str]| {
+            let mut c = with_backends(statics, names);
+            c.health.kind = CheckKind::Tcp;
+            c.health.interval = Duration::from_secs(3600);
+            c
+        };
+        let rt = ServiceRuntime::new(0, checked(&["127.0.0.1:9001"], &["one.test:9100"]))
+            .expect("builds");
+        rt.start();
+        rt.set_discovered("one.test:9100", &[addr("10.0.0.5:9100")]);
+        assert!(
+            !takes_flows(&rt, "10.0.0.5:9100"),
+            "a record added beside an up backend takes flows before its first check"
+        );
+        rt.stop();
+        // A service on a name alone, up; a reload replaces the name by a static backend.
+        let rt = ServiceRuntime::new(0, checked(&[], &["one.test:9100"])).expect("builds");
+        rt.take_first_answers(&[("one.test:9100".to_string(), vec![addr("10.0.0.5:9100")])].into());
+        rt.start();
+        assert!(takes_flows(&rt, "10.0.0.5:9100"));
+        rt.update(checked(&["127.0.0.1:9002"], &[]));
+        assert!(
+            takes_flows(&rt, "127.0.0.1:9002"),
+            "the only backend a reload leaves waits for its first check: the service has none"
+        );
+        rt.stop();
     }
 
     #[tokio::test]
