@@ -61,7 +61,9 @@ const PASSIVE_QUEUE: usize = 4096;
 /// Runs `config` (read from `path`, which SIGHUP and `POST /reload` read again) until
 /// SIGTERM or SIGINT, then stops accepting, lets open connections finish for up to
 /// `global.drain_timeout`, and returns. A second SIGTERM or SIGINT during the drain ends it
-/// at once: what is still open is closed with a reset, as at the drain timeout. The handlers
+/// at once: what is still open is closed with a reset, as at the drain timeout. A daemon that
+/// handed over to a new one drains as well; there a SIGINT or a second SIGTERM ends it (the
+/// first SIGTERM is the service manager stopping both daemons). The handlers
 /// are in place before anything starts, so even a signal during start-up drains.
 ///
 /// Start-up is a reload from an empty config: the proxy starts with no service, then each
@@ -830,7 +832,7 @@ enum EbpfDrain {
 /// Drains both planes for up to `timeout`: `proxy` shuts down, letting its connections finish;
 /// the flows still open on `xdp` (which [`XdpPlane::stop_new_flows`] already stopped) are
 /// counted until none is left. A second SIGTERM or SIGINT cuts both short; after a hand-over
-/// (`handed_over`: the upgrade began the drain), the first one does not either.
+/// (`handed_over`: the upgrade began the drain), a SIGINT or a second SIGTERM does.
 ///
 /// [`XdpPlane::stop_new_flows`]: crate::dataplane::xdp::XdpPlane::stop_new_flows
 async fn drain(
@@ -842,7 +844,8 @@ async fn drain(
 ) -> Drained {
     // After a hand-over the drain began with the upgrade, not a signal: the first SIGTERM is
     // then a stop of the whole service (systemd sends it to every process of the unit, this
-    // one too) and must not cut the connections this daemon still carries; a second one does.
+    // one too) and must not cut the connections this daemon still carries; a second one does,
+    // as does a SIGINT (Ctrl-C at a terminal is meant for this daemon).
     let mut patient = handed_over;
     let cut_short = proxy.as_ref().map(Proxy::drain_cut);
     let mut shutdown = proxy.map(|p| tokio::task::spawn_blocking(move || p.shutdown(timeout)));
@@ -887,7 +890,7 @@ async fn drain(
                 }
             }
             why = signals.stop(), if drained.early.is_none() => {
-                if std::mem::take(&mut patient) {
+                if why == "SIGTERM" && std::mem::take(&mut patient) {
                     info!(
                         "{why} during the drain that follows an upgrade: the drain goes on \
                          (a second {why} cuts it short)"

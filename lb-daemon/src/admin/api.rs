@@ -137,29 +137,38 @@ pub async fn serve(
     }
     let mut pending = None;
     if let Some(path) = &admin.socket {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".upgrade-{}", std::process::id()));
+        let beside = path.with_file_name(name);
+        // A unix socket's path holds at most 107 bytes: a longer one is bound in place, as
+        // before (a stopped upgrade then takes the old daemon's path away).
         let at = match inherited {
-            Some(_) => {
-                let mut name = path.file_name().unwrap_or_default().to_os_string();
-                name.push(format!(".upgrade-{}", std::process::id()));
-                path.with_file_name(name)
+            Some(_) if beside.as_os_str().len() <= MAX_SOCKET_PATH => {
+                // Made first: it removes the path whatever fails after the bind.
+                pending = Some(PendingSocket {
+                    at: beside.clone(),
+                    path: path.clone(),
+                    published: false,
+                });
+                beside
             }
-            None => path.clone(),
+            _ => path.clone(),
         };
         let unix = bind_socket(&at, admin.group.as_ref().map(|g| g.gid))?;
-        if at != *path {
-            pending = Some(PendingSocket {
-                at,
-                path: path.clone(),
-                published: false,
-            });
-        }
         let app = guarded(control, None);
         tasks.push(tokio::spawn(super::serve::unix(
             unix,
             app,
             path.display().to_string(),
         )));
-        info!("admin API listening on unix socket {}", path.display());
+        match &pending {
+            Some(_) => info!(
+                "admin API listening on unix socket {}, moved to {} once this daemon is ready",
+                at.display(),
+                path.display()
+            ),
+            None => info!("admin API listening on unix socket {}", path.display()),
+        }
     }
     Ok(Served {
         addr: bound,
@@ -168,6 +177,9 @@ pub async fn serve(
         pending,
     })
 }
+
+/// The longest path a unix socket may be bound at (`sun_path` less its closing NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// The kind [`crate::handover`] names the admin API's TCP listener by.
 pub const ADMIN_SOCKET: &str = "admin";
