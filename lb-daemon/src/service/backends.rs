@@ -255,6 +255,23 @@ impl BackendSet {
             .collect()
     }
 
+    /// Whether a backend that takes flows now (up, effective weight above 0) is still asked
+    /// for by `statics` (address, weight above 0) or by one of `names` (`name:port`, those
+    /// with a weight above 0): whether a reload to those leaves the service one up.
+    pub(super) fn up_after(
+        &self,
+        statics: &[(SocketAddr, u32)],
+        names: &[String],
+        now: Instant,
+    ) -> bool {
+        self.entries.iter().any(|b| {
+            let kept = statics.iter().any(|&(a, w)| a == b.address() && w > 0)
+                || (b.sources.keys())
+                    .any(|s| matches!(s, BackendSource::Dns(n) if names.contains(n)));
+            kept && b.effective_weight(None, now) > 0 && lock(&b.rt.health).health() == Health::Up
+        })
+    }
+
     /// The addresses `source` asks for now, in set order.
     pub(super) fn addresses_from(&self, source: &BackendSource) -> Vec<SocketAddr> {
         self.entries

@@ -627,16 +627,24 @@ fn static_backends(config: &Service) -> Vec<(SocketAddr, u32)> {
         .collect()
 }
 
-/// Makes the backend set follow a reloaded config (already in `st.config`): each DNS name's
-/// weight, then its static addresses. A reload does not resolve: a name still in the
+/// Makes the backend set follow a reloaded config (already in `st.config`): its static
+/// addresses, then each DNS name's weight. A reload does not resolve: a name still in the
 /// config keeps the addresses of its last answer, at its new weight; a name gone from it
 /// lets go of them. Returns the backends added (each needs a health check).
 fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
     st.backends.set_health_settings(st.config.health.clone());
-    let running = st.runtime.is_some();
-    // The names first: they add no backend, and the static backends that a reload adds wait
-    // for their first check only if a backend stays up (`BackendSet::reconcile`), which must
-    // not count one that a name let go of in this same reload.
+    let statics = static_backends(&st.config);
+    let names: Vec<String> = (st.config.discovered.iter())
+        .filter(|d| d.weight > 0)
+        .map(|d| d.to_string())
+        .collect();
+    // The static backends a reload adds wait for their first check only while a backend
+    // stays up (`BackendSet::reconcile`): not one a name this reload drops still gives.
+    let running = st.runtime.is_some() && st.backends.up_after(&statics, &names, now);
+    let added = st
+        .backends
+        .reconcile(&BackendSource::Static, &statics, running, now)
+        .added;
     // Alphabetically, as a backend's sources are ordered: the first one gives its weight.
     for name in st.backends.dns_names() {
         let weight = st
@@ -657,10 +665,7 @@ fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
         };
         st.backends.reconcile(&source, &desired, running, now);
     }
-    let statics = static_backends(&st.config);
-    st.backends
-        .reconcile(&BackendSource::Static, &statics, running, now)
-        .added
+    added
 }
 
 /// Ends the slow starts that ran their length. Returns whether an effective weight now
@@ -1181,6 +1186,22 @@ kind = "none"
         assert!(
             takes_flows(&rt, "127.0.0.1:9002"),
             "the only backend a reload leaves waits for its first check: the service has none"
+        );
+        rt.stop();
+        // A reload that lists a name's address statically keeps it as it was: no new ramp.
+        let ramped = |statics: &[&str], names: &[&str]| {
+            let mut c = checked(statics, names);
+            c.slow_start = Some(Duration::from_secs(600));
+            c
+        };
+        let rt = ServiceRuntime::new(0, ramped(&[], &["one.test:9100"])).expect("builds");
+        rt.take_first_answers(&[("one.test:9100".to_string(), vec![addr("10.0.0.5:9100")])].into());
+        rt.start();
+        rt.update(ramped(&["10.0.0.5:9100"], &[]));
+        assert_eq!(
+            state_of(&rt, "10.0.0.5:9100"),
+            Some(("active", "static".to_string())),
+            "the backend the reload lists statically instead started over"
         );
         rt.stop();
     }
