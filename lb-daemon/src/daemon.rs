@@ -893,7 +893,7 @@ async fn drain(
                 if why == "SIGTERM" && std::mem::take(&mut patient) {
                     info!(
                         "{why} during the drain that follows an upgrade: the drain goes on \
-                         (a second {why} cuts it short)"
+                         (a second {why}, or a SIGINT, cuts it short)"
                     );
                     continue;
                 }

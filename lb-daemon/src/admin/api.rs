@@ -152,7 +152,15 @@ pub async fn serve(
                 });
                 beside
             }
-            _ => path.clone(),
+            Some(_) => {
+                tracing::warn!(
+                    "admin API: {} is too long for a temporary path beside it; bound in place \
+                     (a stopped upgrade then leaves the old daemon without it)",
+                    path.display()
+                );
+                path.clone()
+            }
+            None => path.clone(),
         };
         let unix = bind_socket(&at, admin.group.as_ref().map(|g| g.gid))?;
         let app = guarded(control, None);
@@ -228,7 +236,10 @@ impl PendingSocket {
 
 impl Drop for PendingSocket {
     fn drop(&mut self) {
-        if !self.published {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a socket: something else there was refused by the bind, and is not ours.
+        let socket = std::fs::symlink_metadata(&self.at).is_ok_and(|m| m.file_type().is_socket());
+        if !self.published && socket {
             let _ = std::fs::remove_file(&self.at);
         }
     }
