@@ -426,7 +426,9 @@ async fn serve(
         warn!("{e}");
     }
     let upgraded = Arc::new(tokio::sync::Notify::new());
-    let offer = handover_offer(control, served.addr.zip(served.socket));
+    let admin_listener: AdminListener =
+        Arc::new(std::sync::Mutex::new(served.addr.zip(served.socket)));
+    let offer = handover_offer(control, Arc::clone(&admin_listener));
     // Told to stop while it started as an upgrade (Ctrl-C on `lb-daemon upgrade`): the old
     // daemon, never told READY, goes on; the sockets and routes this one shares stay its.
     let mut aborted = None;
@@ -512,6 +514,17 @@ async fn serve(
     );
     for t in api {
         t.abort();
+    }
+    // The API's listener closes now (its duplicate for an upgrade was the last reference):
+    // a client is refused, not queued for a server that no longer accepts.
+    (admin_listener.lock())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    // Stopping on a signal: `lb-daemon upgrade` must find no hand-over to take (it would
+    // adopt an eBPF plane this daemon is about to empty and detach). After a hand-over the
+    // path is the new daemon's.
+    if !handed_over {
+        stop_handover(control);
     }
     // A reload still at work (its caller may be gone) finishes first, and none starts after:
     // what it places is then stopped with the rest, not left behind.
@@ -607,15 +620,20 @@ async fn withdraw(
 /// node's VIPs back.
 type Offer = Arc<dyn Fn() -> crate::handover::Handing + Send + Sync>;
 
+/// The duplicate of the admin API's TCP listener an [`Offer`] hands over, with its address;
+/// taken (closed) when the daemon stops serving, so that the listener closes with the API
+/// and a client is refused rather than left in its queue.
+type AdminListener = Arc<std::sync::Mutex<Option<(std::net::SocketAddr, std::os::fd::OwnedFd)>>>;
+
 /// The [`Offer`] of this daemon.
-fn handover_offer(
-    control: &Arc<Control>,
-    admin: Option<(std::net::SocketAddr, std::os::fd::OwnedFd)>,
-) -> Offer {
+fn handover_offer(control: &Arc<Control>, admin: AdminListener) -> Offer {
     let offering = Arc::clone(control);
     Arc::new(move || {
         let mut offer = offering.with_proxy(|p| p.offer()).unwrap_or_default();
-        if let Some((addr, fd)) = &admin {
+        let admin = admin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((addr, fd)) = admin.as_ref() {
             match fd.try_clone() {
                 Ok(fd) => offer.push((
                     crate::handover::OfferedSocket {
@@ -662,6 +680,22 @@ fn serve_handover(control: &Arc<Control>, offer: Offer, upgraded: Arc<tokio::syn
         crate::handover::serve_handover(&socket, move || offer(), move || upgraded.notify_one())
     {
         warn!("upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: {e}");
+    }
+}
+
+/// Removes the hand-over socket's path (`[global] upgrade_socket`) of a daemon that stops
+/// serving: `lb-daemon upgrade` then finds nothing to take over and says so.
+fn stop_handover(control: &Arc<Control>) {
+    let Some(socket) = control.config().global.upgrade_socket.clone() else {
+        return;
+    };
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(
+            "upgrade: cannot remove the hand-over socket {}: {e}",
+            socket.display()
+        ),
     }
 }
 

@@ -313,3 +313,61 @@ impl Drop for KillOnDrop {
         let _ = nix::sys::signal::kill(self.pid(), Signal::SIGKILL);
     }
 }
+
+/// While the daemon drains after SIGTERM, its admin API no longer answers, and says so at
+/// once: a connection to its address is refused rather than queued for a server that no
+/// longer accepts (the listener's duplicate kept for an upgrade used to hold it open). And
+/// `lb-daemon upgrade` finds no hand-over to take: it would adopt what the stopping daemon is
+/// about to tear down.
+#[test]
+fn a_draining_daemon_refuses_admin_connections_and_upgrades() {
+    let backend = HashServer::start("sink").expect("hash server starts");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let vip = free_addr();
+    let config = DaemonConfig::new()
+        .global("drain_timeout", "20s")
+        .global("upgrade_socket", socket.display().to_string())
+        .service(
+            ServiceConfig::tcp("bulk", vip)
+                .fast_health("tcp")
+                .backend(backend.addr(), 1),
+        )
+        .to_toml();
+    let mut daemon = Daemon::start(&config);
+    let api = daemon.admin_addr();
+    let seed = 78;
+    let mut up = Upload::start(vip, seed).unwrap_or_else(|e| panic!("cannot connect: {e}"));
+    up.send(MIB).expect("the first MiB goes through");
+    wait_until_backend_has(&backend, 1);
+    let mark = daemon.log_mark();
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("SIGTERM is delivered");
+    daemon
+        .wait_for_log_after(mark, "no longer accepting", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the daemon did not start draining: {e}"));
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = std::net::TcpStream::connect_timeout(&api, Duration::from_secs(1));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the admin API of a draining daemon should refuse connections, got {refused:?}"
+    );
+    assert!(
+        !socket.exists(),
+        "a draining daemon still offers its hand-over at {}",
+        socket.display()
+    );
+    let got = up
+        .finish()
+        .unwrap_or_else(|e| panic!("the open transfer got no receipt after SIGTERM: {e}"));
+    assert_eq!(
+        got,
+        Receipt::of_stream(MIB, seed),
+        "the open transfer arrived damaged"
+    );
+    let status = daemon
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the daemon did not exit after its last connection closed"));
+    assert_eq!(status.code(), Some(0), "the daemon exited with {status}");
+}
