@@ -438,6 +438,11 @@ async fn serve(
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
         aborted = signals.stop_now();
+        // A thread this daemon cannot run without died while it started: READY would make
+        // the old daemon drain and leave, and this one exits at once; neither would serve.
+        if aborted.is_none() && crate::watchdog::dead().is_some() {
+            aborted = Some("a thread's death");
+        }
         if aborted.is_some() {
             drop(taken);
         } else {

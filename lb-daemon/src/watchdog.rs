@@ -63,6 +63,14 @@ pub fn report(thread: &str, why: impl Into<String>) {
     b.notify.notify_one();
 }
 
+/// The first death reported so far, if any; does not wait.
+pub fn dead() -> Option<Death> {
+    (board().deaths.lock())
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .first()
+        .cloned()
+}
+
 /// Waits for the first death reported (also one reported before the call) and returns it.
 pub async fn died() -> Death {
     let b = board();

@@ -379,6 +379,45 @@ fn an_upgrade_stopped_before_it_is_ready_leaves_the_old_daemon_serving() {
     assert!(left.is_empty(), "the stopped upgrade left {left:?} behind");
 }
 
+/// A new daemon whose proxy worker dies while it starts (here during the 10 s a debug build
+/// waits before READY with `pause-before-ready`) does not say READY: it exits non-zero, and
+/// the old daemon, never told, goes on serving. Before, READY went out, the old daemon
+/// drained and left, and the new one exited for its dead thread: neither served.
+#[test]
+fn an_upgrade_whose_thread_dies_before_it_is_ready_leaves_the_old_daemon_serving() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let site = Site::new(Some(&socket));
+    let mut old = Daemon::start(&site.config);
+    let mark = old.log_mark();
+    let faults = [("LB_FAULT", "pause-before-ready,panic-proxy-worker")];
+    let mut new = Daemon::launch_upgrade(&site.config, &faults)
+        .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
+    let status = new
+        .wait_exit(Duration::from_secs(30))
+        .expect("the new daemon exits once its worker died");
+    assert!(
+        !status.success(),
+        "an upgrade with a dead thread must fail: {status}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(old.exit_status().is_none(), "the old daemon stopped");
+    assert!(
+        old.wait_for_log_after(mark, "took over", Duration::ZERO)
+            .is_err(),
+        "the old daemon handed over to a new one that cannot serve"
+    );
+    let logs = new.logs().join("\n");
+    assert!(
+        logs.contains("a thread's death before this daemon was ready"),
+        "the new daemon does not say why it stopped:\n{logs}"
+    );
+    for k in 0..20 {
+        http_get(site.web, "/")
+            .unwrap_or_else(|e| panic!("request {k} after the failed upgrade failed: {e}"));
+    }
+}
+
 /// After log line `mark` the old daemon says the new one took over; the uploads (the old
 /// daemon's connections) go on and arrive whole; the old daemon exits 0 after its last
 /// connection, well before its drain timeout; the load loop saw no failure; the new daemon
