@@ -237,7 +237,9 @@
 //! no program: with aya, `DevMapHash::insert(ifindex, ifindex, None, 0)`. The kernel resolves
 //! the ifindex in the network namespace of the process that writes the entry, so write it from
 //! the balancer's namespace (else `EINVAL`). A missing entry drops the packet
-//! ([`Stat::DropNoDevmapEntry`](crate::Stat::DropNoDevmapEntry)). A veth only transmits
+//! ([`Stat::DropNoDevmapEntry`](crate::Stat::DropNoDevmapEntry)), except a NAT reply or an
+//! ICMP error translated towards the client, which then goes to the kernel to forward
+//! ([`Stat::FibPass`](crate::Stat::FibPass)): its source is the VIP. A veth only transmits
 //! redirected frames when **its peer has an XDP program attached** (any program, e.g.
 //! `lb_xdp` itself or one that returns `XDP_PASS`); otherwise the kernel drops them. When the
 //! next hop's MAC address is not known yet (no neighbour entry) the rewritten packet is passed

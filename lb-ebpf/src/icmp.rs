@@ -396,11 +396,15 @@ fn translate<C: Frame>(ctx: &C, p: &Parsed) -> Result<u32, Stat> {
         IPPROTO_ICMPV6
     };
     let now_ns = crate::clock::now_ns();
-    match fib::forward(ctx, p.family, protocol, &t.dst, &t.src, p.ip_len, now_ns)? {
-        Out::Sent(action) => {
+    match fib::forward(ctx, p.family, protocol, &t.dst, &t.src, p.ip_len, now_ns) {
+        Ok(Out::Sent(action)) => {
             stats::increment(t.stat);
             Ok(action)
         }
-        Out::Pass => Err(Stat::FibPass),
+        // As a NAT reply (`balancer::from_backend`): an error translated for a client whose
+        // route leaves by an interface XDP cannot send to is forwarded by the kernel. One
+        // for a backend goes out by an attached interface (placement sees to it).
+        Ok(Out::Pass) | Err(Stat::DropNoDevmapEntry) => Err(Stat::FibPass),
+        Err(stat) => Err(stat),
     }
 }

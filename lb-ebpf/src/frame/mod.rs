@@ -70,8 +70,8 @@ pub trait Frame {
     const TAG_IN_PACKET: bool;
     /// Whether the hook forwards DSR replies the host routes (`dsr_reply`). tc does; XDP
     /// passes them to the kernel, which forwards them as any routed packet: its redirect can
-    /// fail (an egress without a `DEVMAP` entry) after the frame was rewritten for it, where
-    /// the kernel would still have forwarded the packet.
+    /// fail (an egress without a `DEVMAP` entry) where the kernel would still have forwarded
+    /// the packet, whose hop limit `dsr_reply` would already have lowered.
     const SENDS_DSR_REPLIES: bool;
 
     /// Address of the first byte the program can read directly.

@@ -539,11 +539,19 @@ pub fn nat_reply_by_another_interface(path: Path) {
         "10.201.9.2/24",
     )
     .expect("a second link between balancer and client");
-    // The client takes replies on c9 for an address of c0.
+    // The client takes replies on c9 for an address of c0, and the balancer forwards replies
+    // from the VIP, to which it has no route (a namespace copies the host's rp_filter).
     for conf in ["all", "default", "c0", "c9"] {
         t.client
             .sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0")
             .expect("rp_filter off in the client");
+    }
+    let mut ours = vec!["all".to_string(), "l0".into(), "l9".into()];
+    ours.extend((1..=2).map(super::backend_interface));
+    for conf in &ours {
+        t.balancer
+            .sysctl(&format!("net.ipv4.conf.{conf}.rp_filter"), "0")
+            .expect("rp_filter off in the balancer");
     }
     let route = format!("{CLIENT}/32");
     t.balancer
