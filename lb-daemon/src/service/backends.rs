@@ -255,20 +255,30 @@ impl BackendSet {
             .collect()
     }
 
-    /// Whether a backend that takes flows now (up, effective weight above 0) is still asked
-    /// for by `statics` (address, weight above 0) or by one of `names` (`name:port`, those
-    /// with a weight above 0): whether a reload to those leaves the service one up.
+    /// Whether a backend that takes flows now (up, effective weight above 0) keeps a weight
+    /// above 0 under a reload to `statics` (address, weight) and `names` (`name:port`, weight):
+    /// whether such a reload leaves the service one up. The weight it will have is its first
+    /// source's, as `BackendEntry::follow_sources` takes it: its static entry, else the
+    /// first of its names the reload keeps.
     pub(super) fn up_after(
         &self,
         statics: &[(SocketAddr, u32)],
-        names: &[String],
+        names: &[(String, u32)],
         now: Instant,
     ) -> bool {
         self.entries.iter().any(|b| {
-            let kept = statics.iter().any(|&(a, w)| a == b.address() && w > 0)
-                || (b.sources.keys())
-                    .any(|s| matches!(s, BackendSource::Dns(n) if names.contains(n)));
-            kept && b.effective_weight(None, now) > 0 && lock(&b.rt.health).health() == Health::Up
+            let from_name = || {
+                b.sources.keys().find_map(|s| match s {
+                    BackendSource::Dns(n) => names.iter().find(|(m, _)| m == n).map(|&(_, w)| w),
+                    BackendSource::Static => None,
+                })
+            };
+            let weight = (statics.iter().find(|&&(a, _)| a == b.address()))
+                .map(|&(_, w)| w)
+                .or_else(from_name);
+            weight.is_some_and(|w| w > 0)
+                && b.effective_weight(None, now) > 0
+                && lock(&b.rt.health).health() == Health::Up
         })
     }
 

@@ -634,9 +634,8 @@ fn static_backends(config: &Service) -> Vec<(SocketAddr, u32)> {
 fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
     st.backends.set_health_settings(st.config.health.clone());
     let statics = static_backends(&st.config);
-    let names: Vec<String> = (st.config.discovered.iter())
-        .filter(|d| d.weight > 0)
-        .map(|d| d.to_string())
+    let names: Vec<(String, u32)> = (st.config.discovered.iter())
+        .map(|d| (d.to_string(), d.weight))
         .collect();
     // The static backends a reload adds wait for their first check only while a backend
     // stays up (`BackendSet::reconcile`): not one a name this reload drops still gives.
@@ -1186,6 +1185,31 @@ kind = "none"
         assert!(
             takes_flows(&rt, "127.0.0.1:9002"),
             "the only backend a reload leaves waits for its first check: the service has none"
+        );
+        rt.stop();
+        // The only backend, from two names; a reload sets the first to weight 0 (which then
+        // gives the backend its weight) and adds a static one: that one must not wait.
+        let rt =
+            ServiceRuntime::new(0, checked(&[], &["a.test:9100", "b.test:9100"])).expect("builds");
+        let x = vec![addr("10.0.0.5:9100")];
+        rt.take_first_answers(
+            &[
+                ("a.test:9100".to_string(), x.clone()),
+                ("b.test:9100".to_string(), x),
+            ]
+            .into(),
+        );
+        rt.start();
+        let mut reloaded = checked(&["127.0.0.1:9003"], &["a.test:9100", "b.test:9100"]);
+        reloaded.discovered[0].weight = 0;
+        rt.update(reloaded);
+        assert!(
+            !takes_flows(&rt, "10.0.0.5:9100"),
+            "weight 0 from its first name"
+        );
+        assert!(
+            takes_flows(&rt, "127.0.0.1:9003"),
+            "the new static backend waits for its first check while no other takes flows"
         );
         rt.stop();
         // A reload that lists a name's address statically keeps it as it was: no new ramp.
