@@ -17,14 +17,21 @@ use nix::sys::signal::Signal;
 const MIB: u64 = 1024 * 1024;
 
 fn start(drain_timeout: &str, backend: SocketAddr) -> (Daemon, SocketAddr) {
+    start_with(DaemonConfig::new(), drain_timeout, backend)
+}
+
+/// [`start`] on `config` (its `[global]` settings, say).
+fn start_with(
+    config: DaemonConfig,
+    drain_timeout: &str,
+    backend: SocketAddr,
+) -> (Daemon, SocketAddr) {
     let vip = free_addr();
-    let config = DaemonConfig::new()
-        .global("drain_timeout", drain_timeout)
-        .service(
-            ServiceConfig::tcp("bulk", vip)
-                .fast_health("tcp")
-                .backend(backend, 1),
-        );
+    let config = config.global("drain_timeout", drain_timeout).service(
+        ServiceConfig::tcp("bulk", vip)
+            .fast_health("tcp")
+            .backend(backend, 1),
+    );
     (Daemon::start(&config.to_toml()), vip)
 }
 
@@ -40,6 +47,28 @@ fn wait_until_backend_has(backend: &HashServer, n: usize) {
         "the client connected to the VIP, but within 5 s the backend saw {} connections",
         backend.open_connections()
     );
+}
+
+/// Opens an upload to `vip` (stream `seed`) with `first` bytes sent, waits until `backend`
+/// carries it, sends SIGTERM and waits until the daemon says it drains; returns the upload.
+fn sigterm_with_an_upload(
+    daemon: &Daemon,
+    vip: SocketAddr,
+    backend: &HashServer,
+    seed: u64,
+    first: u64,
+) -> Upload {
+    let mut up = Upload::start(vip, seed).unwrap_or_else(|e| panic!("cannot connect: {e}"));
+    up.send(first).expect("the first bytes go through");
+    wait_until_backend_has(backend, 1);
+    let mark = daemon.log_mark();
+    daemon
+        .signal(Signal::SIGTERM)
+        .expect("SIGTERM is delivered");
+    daemon
+        .wait_for_log_after(mark, "no longer accepting", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("the daemon did not start draining after SIGTERM: {e}"));
+    up
 }
 
 /// Whether a new connection to `vip` is still served: connected, sent a few bytes, and got
@@ -178,17 +207,7 @@ fn sigint_without_connections_exits_0() {
 fn a_second_sigterm_cuts_the_drain_short_and_says_how_many_it_closed() {
     let backend = HashServer::start("sink").expect("hash server starts");
     let (mut daemon, vip) = start("60s", backend.addr());
-    let mut up = Upload::start(vip, 5).unwrap_or_else(|e| panic!("cannot connect: {e}"));
-    up.send(4 * MIB).expect("the first 4 MiB go through");
-    wait_until_backend_has(&backend, 1);
-
-    let mark = daemon.log_mark();
-    daemon
-        .signal(Signal::SIGTERM)
-        .expect("SIGTERM is delivered");
-    daemon
-        .wait_for_log_after(mark, "no longer accepting", Duration::from_secs(5))
-        .expect("the daemon starts draining after the first SIGTERM");
+    let mut up = sigterm_with_an_upload(&daemon, vip, &backend, 5, 4 * MIB);
     std::thread::sleep(Duration::from_millis(300));
     if let Some(status) = daemon.exit_status() {
         panic!("the daemon exited ({status}) after one SIGTERM with a transfer open");
@@ -324,29 +343,11 @@ fn a_draining_daemon_refuses_admin_connections_and_upgrades() {
     let backend = HashServer::start("sink").expect("hash server starts");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let socket = dir.path().join("upgrade.sock");
-    let vip = free_addr();
-    let config = DaemonConfig::new()
-        .global("drain_timeout", "20s")
-        .global("upgrade_socket", socket.display().to_string())
-        .service(
-            ServiceConfig::tcp("bulk", vip)
-                .fast_health("tcp")
-                .backend(backend.addr(), 1),
-        )
-        .to_toml();
-    let mut daemon = Daemon::start(&config);
+    let config = DaemonConfig::new().global("upgrade_socket", socket.display().to_string());
+    let (mut daemon, vip) = start_with(config, "20s", backend.addr());
     let api = daemon.admin_addr();
     let seed = 78;
-    let mut up = Upload::start(vip, seed).unwrap_or_else(|e| panic!("cannot connect: {e}"));
-    up.send(MIB).expect("the first MiB goes through");
-    wait_until_backend_has(&backend, 1);
-    let mark = daemon.log_mark();
-    daemon
-        .signal(Signal::SIGTERM)
-        .expect("SIGTERM is delivered");
-    daemon
-        .wait_for_log_after(mark, "no longer accepting", Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("the daemon did not start draining: {e}"));
+    let up = sigterm_with_an_upload(&daemon, vip, &backend, seed, MIB);
     std::thread::sleep(Duration::from_millis(200));
     let refused = std::net::TcpStream::connect_timeout(&api, Duration::from_secs(1));
     assert!(
