@@ -432,6 +432,7 @@ async fn serve(
     // Told to stop while it started as an upgrade (Ctrl-C on `lb-daemon upgrade`): the old
     // daemon, never told READY, goes on; the sockets and routes this one shares stay its.
     let mut aborted = None;
+    let mut handover_socket = None;
     if let Some((inherited, taken)) = handover {
         if crate::watchdog::fault("pause-before-ready") {
             info!("LB_FAULT=pause-before-ready: READY in 10 s");
@@ -453,12 +454,12 @@ async fn serve(
                     warn!("admin API: {e}");
                 }
             }
-            serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+            handover_socket = serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
         }
     } else {
         // Bound before READY and the `ready` line: a daemon said to be ready can be
         // upgraded at once (`lb-daemon upgrade` right after start found no socket).
-        serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+        handover_socket = serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
         crate::notify::ready();
     }
     if aborted.is_none() {
@@ -480,6 +481,12 @@ async fn serve(
                     break ("upgrade: the new daemon took over".to_string(), None, true);
                 }
                 got = signals.next() => match got {
+                    // A new daemon that said READY in the same instant serves now: this
+                    // one hands over, or it would tear down the eBPF plane that one adopted.
+                    Received::Stop(_) if notified_now(&upgraded) => {
+                        handed_over = true;
+                        break ("upgrade: the new daemon took over".to_string(), None, true);
+                    }
                     Received::Stop(why) => break (why.to_string(), None, false),
                     Received::StopKeepingDataplane => break ("SIGQUIT".to_string(), None, true),
                     Received::Reload => {
@@ -503,6 +510,12 @@ async fn serve(
     };
     if !handed_over {
         crate::notify::stopping();
+        // Before the withdrawal's wait: `lb-daemon upgrade` must find no hand-over to take
+        // from now on (it would adopt an eBPF plane this daemon is about to empty and
+        // detach). After a hand-over the path is the new daemon's.
+        if let Some(socket) = &handover_socket {
+            socket.remove();
+        }
     }
     if let Some((announcer, task)) = announcer {
         task.abort();
@@ -525,12 +538,6 @@ async fn serve(
     (admin_listener.lock())
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
-    // Stopping on a signal: `lb-daemon upgrade` must find no hand-over to take (it would
-    // adopt an eBPF plane this daemon is about to empty and detach). After a hand-over the
-    // path is the new daemon's.
-    if !handed_over {
-        stop_handover(control);
-    }
     // A reload still at work (its caller may be gone) finishes first, and none starts after:
     // what it places is then stopped with the rest, not left behind.
     control.begin_stop().await;
@@ -677,31 +684,28 @@ fn handover_offer(control: &Arc<Control>, admin: AdminListener) -> Offer {
 /// there: `offer` to whoever asks, and `upgraded` notified once the new daemon is ready. A
 /// socket that cannot be bound is logged: `lb-daemon upgrade` then cannot replace this
 /// daemon (SIGUSR2 still can).
-fn serve_handover(control: &Arc<Control>, offer: Offer, upgraded: Arc<tokio::sync::Notify>) {
-    let Some(socket) = control.config().global.upgrade_socket.clone() else {
-        return;
-    };
-    if let Err(e) =
-        crate::handover::serve_handover(&socket, move || offer(), move || upgraded.notify_one())
-    {
-        warn!("upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: {e}");
-    }
+fn serve_handover(
+    control: &Arc<Control>,
+    offer: Offer,
+    upgraded: Arc<tokio::sync::Notify>,
+) -> Option<crate::handover::BoundSocket> {
+    let socket = control.config().global.upgrade_socket.clone()?;
+    crate::handover::serve_handover(&socket, move || offer(), move || upgraded.notify_one())
+        .inspect_err(|e| {
+            warn!(
+                "upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: \
+                 {e}"
+            );
+        })
+        .ok()
 }
 
-/// Removes the hand-over socket's path (`[global] upgrade_socket`) of a daemon that stops
-/// serving: `lb-daemon upgrade` then finds nothing to take over and says so.
-fn stop_handover(control: &Arc<Control>) {
-    let Some(socket) = control.config().global.upgrade_socket.clone() else {
-        return;
-    };
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!(
-            "upgrade: cannot remove the hand-over socket {}: {e}",
-            socket.display()
-        ),
-    }
+/// Whether `notify` holds a notification now (taking it); does not wait.
+fn notified_now(notify: &tokio::sync::Notify) -> bool {
+    use std::future::Future;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let notified = std::pin::pin!(notify.notified());
+    notified.poll(&mut cx).is_ready()
 }
 
 /// SIGUSR2: the upgrade in place. Starts the binary this daemon was started from (`exe`,

@@ -489,16 +489,55 @@ impl Incoming<'_> {
     }
 }
 
+/// The hand-over socket [`serve_handover`] bound: its path and the file it made there (device
+/// and inode), so that a daemon that stops removes its own socket, not one that another daemon
+/// (the new one of an upgrade, which binds the same path) has put there since.
+#[derive(Debug)]
+pub struct BoundSocket {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl BoundSocket {
+    fn at(path: &Path) -> io::Result<BoundSocket> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(BoundSocket {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// Removes the path while it is still this socket, so that `lb-daemon upgrade` finds
+    /// nothing to take over from a daemon that stops; a failure is logged.
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if !ours {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            warn!(
+                "upgrade: cannot remove the hand-over socket {}: {e}",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// The old daemon's side: binds `path` (a stale socket file there is replaced; the socket is
 /// made 0600) and serves it on a thread of its own: each `TAKE` gets the sockets `offer`
 /// lists at that moment; a `READY` that follows calls `on_ready` once, and the thread ends.
 ///
-/// Returns `Err(HandoverError::Io)` when the socket cannot be bound.
+/// Returns the socket it bound, or `Err(HandoverError::Io)` when the socket cannot be bound.
 pub fn serve_handover(
     path: &Path,
     offer: impl Fn() -> Handing + Send + 'static,
     on_ready: impl Fn() + Send + 'static,
-) -> Result<(), HandoverError> {
+) -> Result<BoundSocket, HandoverError> {
     let io_err = |source| HandoverError::Io {
         path: path.to_path_buf(),
         source,
@@ -511,13 +550,14 @@ pub fn serve_handover(
     let listener = UnixListener::bind(path).map_err(io_err)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    let bound = BoundSocket::at(path).map_err(io_err)?;
     let shown = path.to_path_buf();
     std::thread::Builder::new()
         .name("lb-handover".into())
         .spawn(move || serve(listener, &shown, offer, on_ready, REQUEST_TIMEOUT))
         .map_err(io_err)?;
     info!("upgrade: hand-over socket at {}", path.display());
-    Ok(())
+    Ok(bound)
 }
 
 fn serve(
@@ -718,6 +758,28 @@ fn send_with_fds(stream: &mut UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopping_daemon_removes_its_own_hand_over_socket_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("upgrade.sock");
+        let nothing = || Handing {
+            sockets: Vec::new(),
+            node_draining: false,
+            announced_in: None,
+            backends: Vec::new(),
+        };
+        let old = serve_handover(&path, nothing, || {}).expect("serve");
+        // The new daemon of an upgrade binds the same path.
+        let new = serve_handover(&path, nothing, || {}).expect("serve again");
+        old.remove();
+        assert!(
+            path.exists(),
+            "the old daemon removed the new daemon's socket"
+        );
+        new.remove();
+        assert!(!path.exists(), "the socket's own daemon left it behind");
+    }
 
     #[test]
     fn sockets_cross_with_their_descriptions() {
