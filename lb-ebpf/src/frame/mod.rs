@@ -71,7 +71,7 @@ pub trait Frame {
     /// Whether the hook forwards DSR replies the host routes (`dsr_reply`). tc does; XDP
     /// passes them to the kernel, which forwards them as any routed packet: its redirect can
     /// fail (an egress without a `DEVMAP` entry) where the kernel would still have forwarded
-    /// the packet, whose hop limit `dsr_reply` would already have lowered.
+    /// the packet.
     const SENDS_DSR_REPLIES: bool;
 
     /// Address of the first byte the program can read directly.
