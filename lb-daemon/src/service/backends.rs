@@ -100,6 +100,12 @@ impl BackendEntry {
         &self.label
     }
 
+    /// Whether it takes new flows at `now`: up, with an effective weight above 0 (slow start
+    /// aside: a ramping weight is at least 1).
+    fn takes_flows(&self, now: Instant) -> bool {
+        self.effective_weight(None, now) > 0 && lock(&self.rt.health).health() == Health::Up
+    }
+
     /// The weight the scheduler gets now if the backend is up, in `WEIGHT_SCALE`ths of a
     /// configured unit (see `weights.rs`): 0 while drained or removed, ramping from 1 to the
     /// full weight × `WEIGHT_SCALE` during slow start.
@@ -276,9 +282,7 @@ impl BackendSet {
             let weight = (statics.iter().find(|&&(a, _)| a == b.address()))
                 .map(|&(_, w)| w)
                 .or_else(from_name);
-            weight.is_some_and(|w| w > 0)
-                && b.effective_weight(None, now) > 0
-                && lock(&b.rt.health).health() == Health::Up
+            weight.is_some_and(|w| w > 0) && b.takes_flows(now)
         })
     }
 
@@ -327,9 +331,7 @@ impl BackendSet {
                 _ => changes.updated.push(address),
             }
         }
-        let others_up = self.entries.iter().any(|b| {
-            b.effective_weight(None, now) > 0 && lock(&b.rt.health).health() == Health::Up
-        });
+        let others_up = self.entries.iter().any(|b| b.takes_flows(now));
         for &(address, weight) in desired {
             if self.get(address).is_some() {
                 continue;
