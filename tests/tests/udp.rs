@@ -2,6 +2,7 @@
 //! stays on one backend, and on loopback no datagram is lost; without active checks, a
 //! backend that stops is taken out by the failures clients reveal, and tried again later.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -159,8 +160,17 @@ fn each_udp_client_stays_on_one_backend_and_nothing_is_lost() {
 
 /// Sends one datagram from a new client, resending every 300 ms until it is answered (at
 /// most 5 times). Returns who answered (`None` if nobody did) and the datagrams lost first.
-fn new_client_asks(vip: SocketAddr, payload: &str) -> (Option<String>, usize) {
-    let c = UdpClient::new(vip).expect("a UDP client socket");
+///
+/// The client's socket goes into `held`, to stay open until the test ends: the kernel picks
+/// a closed socket's port again at random, and a later client on it would find the session
+/// the balancer still keeps for that port (with its backend), not open a new one.
+fn new_client_asks(
+    vip: SocketAddr,
+    payload: &str,
+    held: &mut Vec<UdpClient>,
+) -> (Option<String>, usize) {
+    held.push(UdpClient::new(vip).expect("a UDP client socket"));
+    let c = held.last().expect("just pushed");
     for lost in 0..5 {
         c.send(payload.as_bytes())
             .expect("sending a datagram on loopback");
@@ -189,12 +199,17 @@ fn without_checks_a_stopped_backend_leaves_after_fall_lost_datagrams_and_returns
         .backend(u2.addr(), 1);
     let config = DaemonConfig::new().global("workers", 1).service(svc);
     let daemon = Daemon::start(&config.to_toml());
+    // Every client socket of the test, open until it ends (see `new_client_asks`).
+    let held = RefCell::new(Vec::new());
     wait_until_each_answers(&["u1", "u2"], Duration::from_secs(15), || {
-        let reply = udp_request(vip, b"hello", Duration::from_millis(500))?;
-        let text = String::from_utf8_lossy(&reply).to_string();
+        let client = UdpClient::new(vip)?;
+        let reply = client.request(b"hello", Duration::from_millis(500));
+        held.borrow_mut().push(client);
+        let text = String::from_utf8_lossy(&reply?).to_string();
         Ok(text.split(':').next().unwrap_or_default().to_string())
     })
     .unwrap_or_else(|e| panic!("the UDP service never came up on both backends: {e}"));
+    let mut held = held.into_inner();
     let u2_addr = u2.addr();
     let u2_status = || {
         admin::backend(&admin::status(daemon.admin_addr()), "echo", u2_addr)
@@ -205,7 +220,7 @@ fn without_checks_a_stopped_backend_leaves_after_fall_lost_datagrams_and_returns
     u2.stop();
     let stopped = Instant::now();
     let runs: Vec<_> = (0..20)
-        .map(|i| new_client_asks(vip, &format!("after-stop-{i}")))
+        .map(|i| new_client_asks(vip, &format!("after-stop-{i}"), &mut held))
         .collect();
     let lost: usize = runs.iter().map(|r| r.1).sum();
     assert!(
@@ -234,7 +249,7 @@ fn without_checks_a_stopped_backend_leaves_after_fall_lost_datagrams_and_returns
     let deadline = Instant::now() + HOLD_OFF + Duration::from_secs(5);
     let mut answered_by_u2 = false;
     while Instant::now() < deadline && !answered_by_u2 {
-        answered_by_u2 = new_client_asks(vip, "back").0.as_deref() == Some("u2");
+        answered_by_u2 = new_client_asks(vip, "back", &mut held).0.as_deref() == Some("u2");
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
