@@ -426,6 +426,9 @@ async fn serve(
         warn!("{e}");
     }
     let upgraded = Arc::new(tokio::sync::Notify::new());
+    // Whether this daemon's serving ends in a hand-over or in its own stop: whichever of a
+    // new daemon's READY and a stop signal comes first; the other gets its answer from it.
+    let succession = crate::handover::Succession::default();
     let admin_listener: AdminListener =
         Arc::new(std::sync::Mutex::new(served.addr.zip(served.socket)));
     let offer = handover_offer(control, Arc::clone(&admin_listener));
@@ -446,20 +449,21 @@ async fn serve(
         }
         if aborted.is_some() {
             drop(taken);
+        } else if let Some(why) = take_the_place(&inherited, taken, left_behind) {
+            aborted = Some(why);
         } else {
-            take_the_place(&inherited, taken, left_behind);
             // Only after READY: until then the sockets' paths are the old daemon's.
             if let Some(pending) = pending_socket {
                 if let Err(e) = pending.publish() {
                     warn!("admin API: {e}");
                 }
             }
-            handover_socket = serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+            handover_socket = serve_handover(control, &offer, &succession, &upgraded);
         }
     } else {
         // Bound before READY and the `ready` line: a daemon said to be ready can be
         // upgraded at once (`lb-daemon upgrade` right after start found no socket).
-        handover_socket = serve_handover(control, Arc::clone(&offer), Arc::clone(&upgraded));
+        handover_socket = serve_handover(control, &offer, &succession, &upgraded);
         crate::notify::ready();
     }
     if aborted.is_none() {
@@ -481,9 +485,13 @@ async fn serve(
                     break ("upgrade: the new daemon took over".to_string(), None, true);
                 }
                 got = signals.next() => match got {
-                    // A new daemon that said READY in the same instant serves now: this
-                    // one hands over, or it would tear down the eBPF plane that one adopted.
-                    Received::Stop(_) if notified_now(&upgraded) => {
+                    // A new daemon was told to go on before this stop (its READY crossed
+                    // the signal): it serves now, and this one leaves it everything they
+                    // share, or it would empty and detach the eBPF plane that one adopted.
+                    // From here on, a READY is answered no.
+                    Received::Stop(_) | Received::StopKeepingDataplane
+                        if !succession.stop() =>
+                    {
                         handed_over = true;
                         break ("upgrade: the new daemon took over".to_string(), None, true);
                     }
@@ -499,12 +507,15 @@ async fn serve(
                         control,
                         &exe,
                         &offer,
-                        &upgraded,
+                        (&succession, &upgraded),
                         &upgrading,
                     ),
                 },
                 // The kernel's data plane is sound: the daemon started again adopts it.
-                death = crate::watchdog::died() => break (death.to_string(), Some(death), true),
+                death = crate::watchdog::died() => {
+                    handed_over = !succession.stop();
+                    break (death.to_string(), Some(death), true);
+                }
             }
         },
     };
@@ -558,19 +569,31 @@ async fn serve(
 /// The new daemon of an upgrade takes the old one's place: closes the sockets it took and no
 /// service of its config uses, tells the old one READY, and withdraws the routes the old one
 /// left in a table this one does not use (`left_behind`).
+///
+/// Returns why it cannot take the place (then it must exit leaving what the two share as it
+/// is): the old daemon was stopping and refused, or is gone. A stopping daemon empties and
+/// detaches its eBPF plane, the one this daemon adopted.
 fn take_the_place(
     inherited: &crate::handover::Inherited,
     taken: crate::handover::Taken,
     left_behind: Option<crate::handover::RouteTableId>,
-) {
+) -> Option<&'static str> {
     let unused = inherited.close_rest();
     if !unused.is_empty() {
         warn!("upgrade: closed {unused:?}, taken over but used by no service of this config");
     }
     // The service manager hears of this daemon from the old one (MAINPID=), which it
     // started: only its main process may tell it anything.
-    if let Err(e) = taken.ready() {
-        warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
+    match taken.ready() {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!("upgrade: the old daemon is stopping and refused to hand over");
+            return Some("the old daemon's stop");
+        }
+        Err(e) => {
+            warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
+            return Some("the old daemon's end");
+        }
     }
     if let Some(old) = left_behind {
         tokio::spawn(crate::announce::withdraw_left_behind(
@@ -578,6 +601,7 @@ fn take_the_place(
             old.protocol,
         ));
     }
+    None
 }
 
 /// The VIP routes as the daemon stops serving: a new daemon that took over keeps them as they
@@ -681,37 +705,37 @@ fn handover_offer(control: &Arc<Control>, admin: AdminListener) -> Offer {
 }
 
 /// With `[global] upgrade_socket`, serves the hand-over of an upgrade (`lb-daemon upgrade`)
-/// there: `offer` to whoever asks, and `upgraded` notified once the new daemon is ready. A
-/// socket that cannot be bound is logged: `lb-daemon upgrade` then cannot replace this
-/// daemon (SIGUSR2 still can).
+/// there: `offer` to whoever asks, and `upgraded` notified once the new daemon is ready and
+/// `succession` has handed over to it. A socket that cannot be bound is logged: `lb-daemon
+/// upgrade` then cannot replace this daemon (SIGUSR2 still can).
 fn serve_handover(
     control: &Arc<Control>,
-    offer: Offer,
-    upgraded: Arc<tokio::sync::Notify>,
+    offer: &Offer,
+    succession: &crate::handover::Succession,
+    upgraded: &Arc<tokio::sync::Notify>,
 ) -> Option<crate::handover::BoundSocket> {
     let socket = control.config().global.upgrade_socket.clone()?;
-    crate::handover::serve_handover(&socket, move || offer(), move || upgraded.notify_one())
-        .inspect_err(|e| {
-            warn!(
-                "upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: \
+    let (offer, upgraded) = (Arc::clone(offer), Arc::clone(upgraded));
+    crate::handover::serve_handover(
+        &socket,
+        move || offer(),
+        succession.clone(),
+        move || upgraded.notify_one(),
+    )
+    .inspect_err(|e| {
+        warn!(
+            "upgrade: no hand-over socket, `lb-daemon upgrade` cannot replace this daemon: \
                  {e}"
-            );
-        })
-        .ok()
-}
-
-/// Whether `notify` holds a notification now (taking it); does not wait.
-fn notified_now(notify: &tokio::sync::Notify) -> bool {
-    use std::future::Future;
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let notified = std::pin::pin!(notify.notified());
-    notified.poll(&mut cx).is_ready()
+        );
+    })
+    .ok()
 }
 
 /// SIGUSR2: the upgrade in place. Starts the binary this daemon was started from (`exe`,
 /// read at start) as `upgrade` on the same config, handing it `offer` over a socket pair
-/// (`crate::handover::spawn_successor`); once it is ready, systemd is told that it is the
-/// main process now (`MAINPID=`) and `upgraded` is notified (when systemd cannot be told,
+/// (`crate::handover::spawn_successor`); once it is ready and `succession` has handed over to
+/// it, systemd is told that it is the main process now (`MAINPID=`) and `upgraded` is
+/// notified (when systemd cannot be told,
 /// this daemon serves on beside the new one, with a warning). One at a time (`upgrading`): a SIGUSR2
 /// while one runs is logged and ignored. A successor that fails is logged; this daemon goes
 /// on.
@@ -719,7 +743,7 @@ fn upgrade_in_place(
     control: &Arc<Control>,
     exe: &std::io::Result<std::path::PathBuf>,
     offer: &Offer,
-    upgraded: &Arc<tokio::sync::Notify>,
+    (succession, upgraded): (&crate::handover::Succession, &Arc<tokio::sync::Notify>),
     upgrading: &Arc<std::sync::atomic::AtomicBool>,
 ) {
     use std::sync::atomic::Ordering;
@@ -744,6 +768,7 @@ fn upgrade_in_place(
         exe,
         control.path(),
         move || offer(),
+        succession.clone(),
         move |ready| match ready {
             Some(pid) => {
                 // systemd follows the new daemon before this one drains and exits. If it
@@ -778,8 +803,9 @@ struct Stopped {
     /// was told to stop before it was ready (`aborted`): either way the sockets and routes it
     /// shares are another daemon's.
     handed_over: bool,
-    /// This daemon, an upgrade, was told to stop (the signal's name) before it told the old
-    /// daemon READY: the old one goes on, and this one exits with an error.
+    /// This daemon, an upgrade, did not take the old daemon's place: it was told to stop
+    /// before it told the old daemon READY (the signal's name; the old one goes on), or the
+    /// old one answered no or was gone (it stopped). This one exits with an error.
     aborted: Option<&'static str>,
 }
 

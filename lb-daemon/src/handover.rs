@@ -18,8 +18,14 @@
 //!    count of the descriptors attached to it. A hand-over of up to [`FDS_PER_MESSAGE`]
 //!    sockets is the single message of 2, as the releases before this step sent and read it;
 //! 4. new → old, once it is ready (listening on what it took and on what it bound anew):
-//!    `READY\n`. The old daemon then stops as on SIGQUIT. If the new one goes away without
-//!    `READY` (it failed to start), the old one goes on as if nothing happened.
+//!    `READY\n`. If the new one goes away without `READY` (it failed to start), the old one
+//!    goes on as if nothing happened;
+//! 5. old → new: `GO\n`, and the old daemon stops accepting and drains; or `NO\n` when it
+//!    was already stopping (or had handed over to another new daemon), and the new one then
+//!    exits without touching what the two share ([`Succession`]). Otherwise a stop that came
+//!    between 1 and 4 would empty and detach the eBPF plane the new daemon adopted, while
+//!    the new daemon went on as if it served. A daemon of an earlier release sends no answer
+//!    ([`Offer::answers_ready`] is `false`): the new one goes on once `READY` is written.
 //!
 //! The new daemon knows from the JSON how many descriptors to expect; it refuses the offer,
 //! closing every descriptor it received, when a message carries more than described or
@@ -39,7 +45,8 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
@@ -116,6 +123,10 @@ pub struct Offer {
     /// empty from a daemon that does not say.
     #[serde(default)]
     pub backends: Vec<CarriedBackend>,
+    /// The old daemon answers `READY` with `GO` or `NO` (step 5 of the exchange); `false`
+    /// from a daemon of an earlier release, which answers nothing.
+    #[serde(default)]
+    pub answers_ready: bool,
 }
 
 /// A backend's state that outlives the daemon in an upgrade: what the admin API set, and a
@@ -158,6 +169,59 @@ impl RouteTableId {
             protocol: a.protocol,
         })
     }
+}
+
+/// How a running daemon's serving ends, decided once and for all: by handing over to a new
+/// daemon that said `READY`, or by its own stop (a signal, a dead thread). Shared by the
+/// daemon's main loop and its hand-over threads, so that a stop and a `READY` that cross
+/// each other cannot both win: the stopping daemon would empty and detach the eBPF plane
+/// that the new one, told to go on, had adopted.
+#[derive(Debug, Clone, Default)]
+pub struct Succession(Arc<AtomicU8>);
+
+const SERVING: u8 = 0;
+const HANDED_OVER: u8 = 1;
+const STOPPING: u8 = 2;
+
+impl Succession {
+    /// A new daemon said `READY`: returns `true` when this daemon hands over to it, `false`
+    /// when it is stopping or has already handed over to another one (the new daemon is
+    /// then told `NO`).
+    pub fn hand_over(&self) -> bool {
+        self.0
+            .compare_exchange(SERVING, HANDED_OVER, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// A hand-over decided by [`Succession::hand_over`] did not happen (the new daemon
+    /// could not be told): the daemon serves on.
+    fn take_back(&self) {
+        let _ = (self.0).compare_exchange(HANDED_OVER, SERVING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The daemon stops: returns `true` when the stop is its own, `false` when it has
+    /// already handed over to a new daemon, which serves now: the daemon then leaves as
+    /// after a hand-over, with its sockets, routes and eBPF plane left as they are.
+    pub fn stop(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(SERVING, STOPPING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => true,
+            Err(now) => now == STOPPING,
+        }
+    }
+}
+
+/// How one hand-over ended, on the old daemon's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exchanged {
+    /// The new daemon said `READY` and was told `GO`: this daemon hands over.
+    HandedOver,
+    /// The new daemon said `READY` and was told `NO`: this daemon was stopping.
+    Refused,
+    /// The new daemon went away before `READY`.
+    Gone,
 }
 
 /// What the old daemon hands over at the moment of a `TAKE`: its sockets with their
@@ -240,19 +304,42 @@ impl Inherited {
 pub struct Taken {
     stream: UnixStream,
     path: PathBuf,
+    /// The old daemon answers `READY` ([`Offer::answers_ready`]).
+    answers: bool,
 }
 
 impl Taken {
-    /// Tells the old daemon that this one is ready: it stops accepting and drains.
+    /// Tells the old daemon that this one is ready. Returns `Ok(true)` when it hands over (it
+    /// stops accepting and drains), `Ok(false)` when it refused because it is stopping: this
+    /// daemon must then leave what the two share (sockets, routes, the eBPF plane) as it is,
+    /// and exit. An old daemon of an earlier release answers nothing: `Ok(true)` once
+    /// `READY` is written.
     ///
-    /// Returns `Err(HandoverError::Io)` when the old daemon cannot be told (it is gone).
-    pub fn ready(mut self) -> Result<(), HandoverError> {
+    /// Returns `Err(HandoverError::Io)` when the old daemon cannot be told or does not answer
+    /// within [`REQUEST_TIMEOUT`] (it is gone), `Err(HandoverError::Protocol)` when its
+    /// answer is neither `GO` nor `NO`.
+    pub fn ready(mut self) -> Result<bool, HandoverError> {
+        let io_err = |source| HandoverError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.stream.write_all(b"READY\n").map_err(io_err)?;
+        if !self.answers {
+            return Ok(true);
+        }
         self.stream
-            .write_all(b"READY\n")
-            .map_err(|source| HandoverError::Io {
+            .set_read_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(io_err)?;
+        let mut answer = [0u8; 3];
+        self.stream.read_exact(&mut answer).map_err(io_err)?;
+        match &answer {
+            b"GO\n" => Ok(true),
+            b"NO\n" => Ok(false),
+            other => Err(HandoverError::Protocol {
                 path: self.path.clone(),
-                source,
-            })
+                what: format!("{:?} in answer to READY", String::from_utf8_lossy(other)),
+            }),
+        }
     }
 }
 
@@ -320,6 +407,7 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
     stream.write_all(b"TAKE\n").map_err(io_err)?;
     let (offer, fds) = receive_offer(&stream, path, OFFER_TIMEOUT)?;
     stream.set_read_timeout(None).map_err(io_err)?;
+    let answers = offer.answers_ready;
     info!(
         "upgrade: took {} listening socket(s) from the running daemon ({})",
         fds.len(),
@@ -335,6 +423,7 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
         Taken {
             stream,
             path: path.to_path_buf(),
+            answers,
         },
     ))
 }
@@ -530,12 +619,15 @@ impl BoundSocket {
 
 /// The old daemon's side: binds `path` (a stale socket file there is replaced; the socket is
 /// made 0600) and serves it on a thread of its own: each `TAKE` gets the sockets `offer`
-/// lists at that moment; a `READY` that follows calls `on_ready` once, and the thread ends.
+/// lists at that moment; a `READY` that follows is answered by `succession`: `GO` and a call
+/// of `on_ready` when the daemon hands over, `NO` when it is stopping. Either ends the
+/// thread.
 ///
 /// Returns the socket it bound, or `Err(HandoverError::Io)` when the socket cannot be bound.
 pub fn serve_handover(
     path: &Path,
     offer: impl Fn() -> Handing + Send + 'static,
+    succession: Succession,
     on_ready: impl Fn() + Send + 'static,
 ) -> Result<BoundSocket, HandoverError> {
     let io_err = |source| HandoverError::Io {
@@ -554,7 +646,16 @@ pub fn serve_handover(
     let shown = path.to_path_buf();
     std::thread::Builder::new()
         .name("lb-handover".into())
-        .spawn(move || serve(listener, &shown, offer, on_ready, REQUEST_TIMEOUT))
+        .spawn(move || {
+            serve(
+                listener,
+                &shown,
+                offer,
+                &succession,
+                on_ready,
+                REQUEST_TIMEOUT,
+            )
+        })
         .map_err(io_err)?;
     info!("upgrade: hand-over socket at {}", path.display());
     Ok(bound)
@@ -564,6 +665,7 @@ fn serve(
     listener: UnixListener,
     path: &Path,
     offer: impl Fn() -> Handing,
+    succession: &Succession,
     on_ready: impl Fn(),
     request_timeout: Duration,
 ) {
@@ -575,13 +677,17 @@ fn serve(
                 continue;
             }
         };
-        match exchange(&mut stream, &offer, request_timeout) {
-            Ok(true) => {
+        match exchange(&mut stream, &offer, succession, request_timeout) {
+            Ok(Exchanged::HandedOver) => {
                 info!("upgrade: the new daemon is ready; this one stops accepting and drains");
                 on_ready();
                 return;
             }
-            Ok(false) => {
+            Ok(Exchanged::Refused) => {
+                warn!("upgrade: the new daemon is ready, but this one is stopping: it was told no");
+                return;
+            }
+            Ok(Exchanged::Gone) => {
                 warn!("upgrade: the new daemon went away before it was ready; this one goes on")
             }
             Err(e) => warn!("upgrade: {}: {e}; this one goes on", path.display()),
@@ -593,9 +699,11 @@ fn serve(
 /// keep the service's processes its own): starts `exe upgrade -c config` with its end of a
 /// socket pair as descriptor 3 (named by [`SUCCESSOR_FD_ENV`]) and serves the hand-over on
 /// the other end on a thread of its own: the successor's `TAKE` gets the sockets `offer`
-/// lists at that moment; its `READY` calls `on_end(Some(its pid))`. A successor that ends
-/// before `READY` (a config it refuses, a binary that does not start) is waited for and
-/// logged, and `on_end(None)` called: this daemon goes on. `exe` is the path the daemon was started from, read at its start: after a
+/// lists at that moment; its `READY` is answered by `succession` (as in [`serve_handover`]):
+/// `GO` and `on_end(Some(its pid))` when this daemon hands over. A successor told `NO`
+/// (this daemon is stopping), or that ends before `READY` (a config it refuses, a binary
+/// that does not start), is waited for and logged, and `on_end(None)` called: this daemon
+/// goes on. `exe` is the path the daemon was started from, read at its start: after a
 /// package upgrade it holds the new binary.
 ///
 /// Returns the successor's pid, or `Err(HandoverError::Io)` when the socket pair, the thread
@@ -604,6 +712,7 @@ pub fn spawn_successor(
     exe: &Path,
     config: &Path,
     offer: impl Fn() -> Handing + Send + 'static,
+    succession: Succession,
     on_end: impl FnOnce(Option<u32>) + Send + 'static,
 ) -> Result<u32, HandoverError> {
     use std::os::unix::process::CommandExt;
@@ -644,14 +753,15 @@ pub fn spawn_successor(
     );
     std::thread::Builder::new()
         .name("lb-successor".into())
-        .spawn(move || match exchange(&mut ours, &offer, REQUEST_TIMEOUT) {
-            Ok(true) => {
+        .spawn(move || match exchange(&mut ours, &offer, &succession, REQUEST_TIMEOUT) {
+            Ok(Exchanged::HandedOver) => {
                 info!("upgrade: the new daemon (pid {pid}) is ready; this one stops accepting and drains");
                 on_end(Some(pid));
             }
             outcome => {
                 let why = match outcome {
                     Err(e) => e.to_string(),
+                    Ok(Exchanged::Refused) => "it was ready, but this one is stopping".into(),
                     _ => "it ended before it was ready".into(),
                 };
                 let status = child
@@ -665,14 +775,17 @@ pub fn spawn_successor(
     Ok(pid)
 }
 
-/// One hand-over: `TAKE`, the offer, then `READY` (`Ok(true)`) or the end of the stream
-/// (`Ok(false)`). `TAKE` and each send of the offer may take `request_timeout` at most
-/// (`Err` of kind `WouldBlock` / `TimedOut` past it); `READY` is waited for without limit.
+/// One hand-over: `TAKE`, the offer, then `READY`, answered as `succession` decides
+/// (`Ok(Exchanged::HandedOver)` or `Ok(Exchanged::Refused)`), or the end of the stream
+/// (`Ok(Exchanged::Gone)`). `TAKE`, each send of the offer and the answer may take
+/// `request_timeout` at most (`Err` of kind `WouldBlock` / `TimedOut` past it); `READY` is
+/// waited for without limit.
 fn exchange(
     stream: &mut UnixStream,
     offer: &impl Fn() -> Handing,
+    succession: &Succession,
     request_timeout: Duration,
-) -> io::Result<bool> {
+) -> io::Result<Exchanged> {
     stream.set_read_timeout(Some(request_timeout))?;
     stream.set_write_timeout(Some(request_timeout))?;
     let mut word = [0u8; 5];
@@ -698,6 +811,7 @@ fn exchange(
         node_draining,
         announced_in,
         backends,
+        answers_ready: true,
     };
     let mut json = serde_json::to_vec(&offered).map_err(io::Error::other)?;
     if json.len() > MAX_OFFER && !offered.backends.is_empty() {
@@ -728,10 +842,28 @@ fn exchange(
     stream.set_read_timeout(None)?;
     let mut ready = [0u8; 6];
     match stream.read_exact(&mut ready) {
-        Ok(()) if &ready == b"READY\n" => Ok(true),
-        Ok(()) => Err(io::Error::other("not READY")),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(e),
+        Ok(()) if &ready == b"READY\n" => {}
+        Ok(()) => return Err(io::Error::other("not READY")),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Exchanged::Gone),
+        Err(e) => return Err(e),
+    }
+    // Decided before the answer: a `GO` the new daemon reads means this one hands over,
+    // whatever signal comes next.
+    if !succession.hand_over() {
+        if let Err(e) = stream.write_all(b"NO\n") {
+            warn!("upgrade: cannot refuse the new daemon's READY: {e}");
+        }
+        return Ok(Exchanged::Refused);
+    }
+    match stream.write_all(b"GO\n") {
+        Ok(()) => Ok(Exchanged::HandedOver),
+        Err(e) => {
+            // The new daemon, without an answer, exits: this one serves on, unless a stop
+            // already took the hand-over for done (it then leaves everything as it is).
+            warn!("upgrade: cannot answer the new daemon's READY: {e}");
+            succession.take_back();
+            Ok(Exchanged::Gone)
+        }
     }
 }
 
@@ -769,9 +901,10 @@ mod tests {
             announced_in: None,
             backends: Vec::new(),
         };
-        let old = serve_handover(&path, nothing, || {}).expect("serve");
+        let old = serve_handover(&path, nothing, Succession::default(), || {}).expect("serve");
         // The new daemon of an upgrade binds the same path.
-        let new = serve_handover(&path, nothing, || {}).expect("serve again");
+        let new =
+            serve_handover(&path, nothing, Succession::default(), || {}).expect("serve again");
         old.remove();
         assert!(
             path.exists(),
@@ -812,6 +945,7 @@ mod tests {
                     backends: vec![carried()],
                 }
             },
+            Succession::default(),
             move || ready_tx.send(()).expect("ready"),
         )
         .expect("serve");
@@ -846,7 +980,7 @@ mod tests {
             .accept()
             .expect("accepted from the handed-over socket");
         assert!(from.ip().is_loopback());
-        taken.ready().expect("ready sent");
+        assert!(taken.ready().expect("ready sent"), "the old daemon said no");
         ready_rx
             .recv_timeout(Duration::from_secs(5))
             .expect("the old side saw READY");
@@ -866,6 +1000,7 @@ mod tests {
                 listener,
                 &serving,
                 Handing::default,
+                &Succession::default(),
                 move || ready_tx.send(()).expect("ready"),
                 Duration::from_millis(200),
             )
@@ -873,7 +1008,7 @@ mod tests {
         let _silent = UnixStream::connect(&path).expect("the silent peer connects");
         let (inherited, taken) = take_over(&path).expect("the next peer takes over");
         assert_eq!(inherited.len(), 0);
-        taken.ready().expect("ready sent");
+        assert!(taken.ready().expect("ready sent"), "the old daemon said no");
         ready_rx
             .recv_timeout(Duration::from_secs(5))
             .expect("the old side saw READY from the peer after the silent one");
@@ -918,6 +1053,7 @@ mod tests {
                     sockets: offered.lock().expect("lock").take().expect("offered once"),
                     ..Handing::default()
                 },
+                &Succession::default(),
                 REQUEST_TIMEOUT,
             )
         });
@@ -952,12 +1088,84 @@ mod tests {
             assert_eq!(from, client.local_addr().expect("client addr"));
         }
         assert!(inherited.is_empty());
-        taken.ready().expect("ready sent");
+        assert!(taken.ready().expect("ready sent"), "the old daemon said no");
         let outcome = old_side.join().expect("old side");
         assert!(
-            matches!(outcome, Ok(true)),
+            matches!(outcome, Ok(Exchanged::HandedOver)),
             "the old daemon did not see READY: {outcome:?}"
         );
+    }
+
+    /// One exchange on a socket pair with an old daemon whose serving ends as `succession`
+    /// says: what the new daemon's READY got, and how the old daemon saw it.
+    fn ready_against(succession: &Succession) -> (Result<bool, HandoverError>, Exchanged) {
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        let deciding = succession.clone();
+        let old_side = std::thread::spawn(move || {
+            exchange(&mut old, &Handing::default, &deciding, REQUEST_TIMEOUT)
+        });
+        let (_, taken) = take_over_on(new, Path::new("pair")).expect("taken");
+        let answer = taken.ready();
+        let seen = old_side.join().expect("old side").expect("exchanged");
+        (answer, seen)
+    }
+
+    /// A daemon told to stop while a new one was taking over answers its READY `NO`: the new
+    /// one must not go on with the eBPF plane this one empties as it stops. Its stop stays
+    /// its own.
+    #[test]
+    fn a_stopping_daemon_refuses_a_ready_that_comes_after_its_stop() {
+        let succession = Succession::default();
+        assert!(succession.stop(), "a serving daemon's stop is its own");
+        let (answer, seen) = ready_against(&succession);
+        assert!(
+            !answer.expect("answered"),
+            "a stopping daemon told the new daemon to go on"
+        );
+        assert_eq!(seen, Exchanged::Refused);
+        assert!(succession.stop(), "the refused READY took the stop over");
+    }
+
+    /// A READY that comes first wins: the stop that follows finds the hand-over done (the
+    /// daemon leaves everything to the new one), and a second new daemon is told `NO`.
+    #[test]
+    fn a_stop_after_a_ready_leaves_as_after_a_hand_over() {
+        let succession = Succession::default();
+        let (answer, seen) = ready_against(&succession);
+        assert!(answer.expect("answered"), "a serving daemon said no");
+        assert_eq!(seen, Exchanged::HandedOver);
+        let (second, seen) = ready_against(&succession);
+        assert!(
+            !second.expect("answered"),
+            "two new daemons were both told to go on"
+        );
+        assert_eq!(seen, Exchanged::Refused);
+        assert!(
+            !succession.stop(),
+            "a stop after the hand-over took the eBPF plane back from the new daemon"
+        );
+    }
+
+    /// An old daemon of an earlier release answers nothing to READY: the new one goes on as
+    /// soon as READY is written (and does not wait for an answer that never comes).
+    #[test]
+    fn ready_to_a_daemon_that_does_not_answer_goes_on() {
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        // The previous release's offer: no `answers_ready`.
+        let json = br#"{"sockets":[],"node_draining":false}"#;
+        old.write_all(&(json.len() as u32).to_be_bytes())
+            .expect("send");
+        old.write_all(json).expect("send");
+        let (_, taken) = take_over_on(new, Path::new("pair")).expect("taken");
+        let started = Instant::now();
+        assert!(taken.ready().expect("READY written"));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "waited for an answer"
+        );
+        let mut got = [0u8; 11];
+        old.read_exact(&mut got).expect("TAKE and READY");
+        assert_eq!(&got, b"TAKE\nREADY\n");
     }
 
     /// A drained backend with an admin weight, down.
@@ -978,6 +1186,7 @@ mod tests {
             node_draining: false,
             announced_in: None,
             backends: Vec::new(),
+            answers_ready: false,
         })
         .expect("json");
         let mut bytes = (json.len() as u32).to_be_bytes().to_vec();

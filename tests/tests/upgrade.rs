@@ -379,6 +379,73 @@ fn an_upgrade_stopped_before_it_is_ready_leaves_the_old_daemon_serving() {
     assert!(left.is_empty(), "the stopped upgrade left {left:?} behind");
 }
 
+/// Starts an `lb-daemon upgrade` of `old` that waits 10 s before READY (a debug build's
+/// `pause-before-ready`), sends the old daemon SIGTERM once the new one has taken its sockets,
+/// and returns the new daemon.
+fn stop_the_old_daemon_while_an_upgrade_takes_over(site: &Site, old: &mut Daemon) -> Daemon {
+    let new = Daemon::launch_upgrade(&site.config, &[("LB_FAULT", "pause-before-ready")])
+        .unwrap_or_else(|e| panic!("lb-daemon upgrade did not start: {e}"));
+    new.wait_for_log("LB_FAULT=pause-before-ready", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("the new daemon never took the sockets over: {e}"));
+    old.signal(Signal::SIGTERM).expect("the old daemon runs");
+    new
+}
+
+/// The new daemon of a stopped upgrade exits non-zero within 30 s (its 10 s pause and the
+/// answer), saying `why` it could not take the old daemon's place.
+fn the_new_daemon_gives_up(new: &mut Daemon, why: &str) {
+    let status = new
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the new daemon went on after the old one stopped"));
+    assert!(
+        !status.success(),
+        "an upgrade of a stopped daemon must fail: {status}"
+    );
+    let logs = new.logs().join("\n");
+    assert!(
+        logs.contains(&format!("{why} before this daemon was ready")),
+        "the new daemon does not say why it stopped:\n{logs}"
+    );
+}
+
+/// A stop of the old daemon while a new one takes over, before it is ready, wins: the old
+/// daemon answers the new one's READY no, and the new one exits 1 leaving what the two share
+/// as it is, while the old one lets its connections finish and exits 0. Before, the new
+/// daemon went on as if it served while the old one, stopping, emptied and detached the eBPF
+/// plane that the new one had adopted.
+#[test]
+fn a_stop_while_an_upgrade_takes_over_tells_the_new_daemon_no() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let site = Site::new(Some(&socket));
+    let mut old = Daemon::start(&site.config);
+    let uploads = site.start_uploads();
+    let mut new = stop_the_old_daemon_while_an_upgrade_takes_over(&site, &mut old);
+    the_new_daemon_gives_up(&mut new, "the old daemon's stop");
+    assert!(old.exit_status().is_none(), "the old daemon cut its drain");
+    finish_uploads(uploads);
+    let status = old
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the old daemon did not exit after its last connection"));
+    assert!(status.success(), "the old daemon exited with {status}");
+}
+
+/// The same when the old daemon, with nothing to drain, has exited before the new one is
+/// ready: the new one cannot tell it READY, and exits 1 instead of going on.
+#[test]
+fn an_upgrade_whose_old_daemon_exited_before_it_was_ready_gives_up() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("upgrade.sock");
+    let site = Site::new(Some(&socket));
+    let mut old = Daemon::start(&site.config);
+    let mut new = stop_the_old_daemon_while_an_upgrade_takes_over(&site, &mut old);
+    let status = old
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the old daemon, with no connection, did not exit"));
+    assert!(status.success(), "the old daemon exited with {status}");
+    the_new_daemon_gives_up(&mut new, "the old daemon's end");
+}
+
 /// A new daemon whose proxy worker dies while it starts (here during the 10 s a debug build
 /// waits before READY with `pause-before-ready`) does not say READY: it exits non-zero, and
 /// the old daemon, never told, goes on serving. Before, READY went out, the old daemon
