@@ -700,14 +700,22 @@ fn handover_offer(control: &Arc<Control>, admin: AdminListener) -> Offer {
             backends: (offering.services().all().iter())
                 .flat_map(|s| s.carried())
                 .collect(),
+            refused: None,
         }
     })
 }
 
+/// Why a daemon under a service manager refuses `lb-daemon upgrade`.
+const MANAGED: &str = "it runs under a service manager ($NOTIFY_SOCKET is set), outside of \
+     which `lb-daemon upgrade` would start the new daemon: the manager would take the service \
+     for ended when this daemon exits. Upgrade it in place instead: kill -USR2 <its main pid> \
+     (systemd: kill -USR2 $(systemctl show -p MainPID --value lb-daemon))";
+
 /// With `[global] upgrade_socket`, serves the hand-over of an upgrade (`lb-daemon upgrade`)
 /// there: `offer` to whoever asks, and `upgraded` notified once the new daemon is ready and
 /// `succession` has handed over to it. A socket that cannot be bound is logged: `lb-daemon
-/// upgrade` then cannot replace this daemon (SIGUSR2 still can).
+/// upgrade` then cannot replace this daemon (SIGUSR2 still can). Under a service manager
+/// every `lb-daemon upgrade` is refused, with the reason ([`MANAGED`]).
 fn serve_handover(
     control: &Arc<Control>,
     offer: &Offer,
@@ -716,9 +724,22 @@ fn serve_handover(
 ) -> Option<crate::handover::BoundSocket> {
     let socket = control.config().global.upgrade_socket.clone()?;
     let (offer, upgraded) = (Arc::clone(offer), Arc::clone(upgraded));
+    let managed = crate::notify::under_service_manager();
+    if managed {
+        warn!(
+            "upgrade: [global] upgrade_socket is set, but this daemon runs under a service \
+             manager: `lb-daemon upgrade` is refused; upgrade in place with SIGUSR2"
+        );
+    }
     crate::handover::serve_handover(
         &socket,
-        move || offer(),
+        move || match managed {
+            true => crate::handover::Handing {
+                refused: Some(MANAGED.into()),
+                ..Default::default()
+            },
+            false => offer(),
+        },
         succession.clone(),
         move || upgraded.notify_one(),
     )

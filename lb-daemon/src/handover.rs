@@ -83,6 +83,15 @@ pub enum HandoverError {
         /// Why.
         source: io::Error,
     },
+    /// The running daemon refuses to hand over, and says why (e.g. it runs under a service
+    /// manager: only its upgrade in place, SIGUSR2, keeps the new daemon in the service).
+    #[error("{}: the running daemon refuses to hand over: {why}", path.display())]
+    Refused {
+        /// The hand-over socket.
+        path: PathBuf,
+        /// The running daemon's reason.
+        why: String,
+    },
     /// The other side said something this daemon does not understand.
     #[error("{}: {what}", path.display())]
     Protocol {
@@ -127,6 +136,10 @@ pub struct Offer {
     /// from a daemon of an earlier release, which answers nothing.
     #[serde(default)]
     pub answers_ready: bool,
+    /// Why the old daemon refuses to hand over: the offer then carries no socket, and the new
+    /// daemon exits with the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// A backend's state that outlives the daemon in an upgrade: what the admin API set, and a
@@ -222,6 +235,8 @@ enum Exchanged {
     Refused,
     /// The new daemon went away before `READY`.
     Gone,
+    /// The new daemon was told why this daemon does not hand over ([`Handing::refused`]).
+    Declined,
 }
 
 /// What the old daemon hands over at the moment of a `TAKE`: its sockets with their
@@ -236,6 +251,8 @@ pub struct Handing {
     pub announced_in: Option<RouteTableId>,
     /// See [`Offer::backends`].
     pub backends: Vec<CarriedBackend>,
+    /// See [`Offer::refused`]: when set, no socket is handed over.
+    pub refused: Option<String>,
 }
 
 /// The sockets a new daemon took over, until its proxy takes them ([`Inherited::take`]),
@@ -406,6 +423,12 @@ fn take_over_on(mut stream: UnixStream, path: &Path) -> Result<(Inherited, Taken
     };
     stream.write_all(b"TAKE\n").map_err(io_err)?;
     let (offer, fds) = receive_offer(&stream, path, OFFER_TIMEOUT)?;
+    if let Some(why) = offer.refused {
+        return Err(HandoverError::Refused {
+            path: path.to_path_buf(),
+            why,
+        });
+    }
     stream.set_read_timeout(None).map_err(io_err)?;
     let answers = offer.answers_ready;
     info!(
@@ -690,6 +713,7 @@ fn serve(
             Ok(Exchanged::Gone) => {
                 warn!("upgrade: the new daemon went away before it was ready; this one goes on")
             }
+            Ok(Exchanged::Declined) => {}
             Err(e) => warn!("upgrade: {}: {e}; this one goes on", path.display()),
         }
     }
@@ -762,6 +786,7 @@ pub fn spawn_successor(
                 let why = match outcome {
                     Err(e) => e.to_string(),
                     Ok(Exchanged::Refused) => "it was ready, but this one is stopping".into(),
+                    Ok(Exchanged::Declined) => "this one refused to hand over".into(),
                     _ => "it ended before it was ready".into(),
                 };
                 let status = child
@@ -798,7 +823,24 @@ fn exchange(
         node_draining,
         announced_in,
         backends,
+        refused,
     } = offer();
+    if let Some(why) = refused {
+        let declined = Offer {
+            sockets: Vec::new(),
+            node_draining,
+            announced_in,
+            backends: Vec::new(),
+            answers_ready: true,
+            refused: Some(why.clone()),
+        };
+        let json = serde_json::to_vec(&declined).map_err(io::Error::other)?;
+        let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        stream.write_all(&bytes)?;
+        warn!("upgrade: a new daemon asked to take over; refused: {why}");
+        return Ok(Exchanged::Declined);
+    }
     if sockets.len() > MAX_SOCKETS {
         return Err(io::Error::other(format!(
             "{} sockets to hand over, more than the {MAX_SOCKETS} one hand-over carries",
@@ -812,6 +854,7 @@ fn exchange(
         announced_in,
         backends,
         answers_ready: true,
+        refused: None,
     };
     let mut json = serde_json::to_vec(&offered).map_err(io::Error::other)?;
     if json.len() > MAX_OFFER && !offered.backends.is_empty() {
@@ -895,12 +938,7 @@ mod tests {
     fn a_stopping_daemon_removes_its_own_hand_over_socket_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("upgrade.sock");
-        let nothing = || Handing {
-            sockets: Vec::new(),
-            node_draining: false,
-            announced_in: None,
-            backends: Vec::new(),
-        };
+        let nothing = Handing::default;
         let old = serve_handover(&path, nothing, Succession::default(), || {}).expect("serve");
         // The new daemon of an upgrade binds the same path.
         let new =
@@ -943,6 +981,7 @@ mod tests {
                         protocol: 250,
                     }),
                     backends: vec![carried()],
+                    refused: None,
                 }
             },
             Succession::default(),
@@ -1146,6 +1185,33 @@ mod tests {
         );
     }
 
+    /// A daemon that refuses to hand over says why, and the new daemon gets no socket: it
+    /// fails with the reason.
+    #[test]
+    fn a_refusal_reaches_the_new_daemon_with_its_reason() {
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        let old_side = std::thread::spawn(move || {
+            exchange(
+                &mut old,
+                &|| Handing {
+                    refused: Some("it runs under a service manager".into()),
+                    ..Handing::default()
+                },
+                &Succession::default(),
+                REQUEST_TIMEOUT,
+            )
+        });
+        let e = take_over_on(new, Path::new("pair"))
+            .err()
+            .expect("a refused hand-over");
+        assert!(
+            matches!(&e, HandoverError::Refused { why, .. } if why.contains("service manager")),
+            "{e}"
+        );
+        let seen = old_side.join().expect("old side").expect("exchanged");
+        assert_eq!(seen, Exchanged::Declined);
+    }
+
     /// An old daemon of an earlier release answers nothing to READY: the new one goes on as
     /// soon as READY is written (and does not wait for an answer that never comes).
     #[test]
@@ -1187,6 +1253,7 @@ mod tests {
             announced_in: None,
             backends: Vec::new(),
             answers_ready: false,
+            refused: None,
         })
         .expect("json");
         let mut bytes = (json.len() as u32).to_be_bytes().to_vec();

@@ -49,10 +49,16 @@ pub fn stopping() {
     send(&[NotifyState::Stopping], "stopping");
 }
 
+/// Whether the daemon runs under a service manager that hears from it (`$NOTIFY_SOCKET` is
+/// set: a systemd unit of `Type=notify`).
+pub fn under_service_manager() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 /// Sends `state`; `false` when `$NOTIFY_SOCKET` is set and the message could not be sent
 /// (logged).
 fn send(state: &[NotifyState], what: &str) -> bool {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if !under_service_manager() {
         return true;
     }
     // A service manager that cannot be told is not a reason to stop serving.

@@ -446,6 +446,36 @@ fn an_upgrade_whose_old_daemon_exited_before_it_was_ready_gives_up() {
     the_new_daemon_gives_up(&mut new, "the old daemon's end");
 }
 
+/// A daemon under a service manager refuses `lb-daemon upgrade`: the new daemon would run
+/// outside the service, which the manager takes for ended once the old daemon exits. The new
+/// daemon exits with the reason and says to upgrade in place; the old one serves on, and the
+/// manager hears nothing.
+#[test]
+fn a_daemon_under_a_service_manager_refuses_lb_daemon_upgrade() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let notify = NotifySocket::bind(dir.path());
+    let socket = dir.path().join("upgrade.sock");
+    let site = Site::new(Some(&socket));
+    let manager = notify.path.display().to_string();
+    let mut old = Daemon::try_start_with_env(&site.config, &[("NOTIFY_SOCKET", &manager)])
+        .unwrap_or_else(|e| panic!("lb-daemon did not start: {e}"));
+    notify.until("READY=1", Duration::from_secs(5));
+    let refused = match Daemon::try_upgrade(&site.config, &[]) {
+        Ok(_) => panic!("lb-daemon upgrade took over a daemon under a service manager"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains("refuses to hand over") && refused.contains("kill -USR2"),
+        "the new daemon does not say why it cannot take over, or what to do instead:\n{refused}"
+    );
+    assert_eq!(notify.next(Duration::from_millis(300)), None);
+    assert!(old.exit_status().is_none(), "the old daemon stopped");
+    for k in 0..20 {
+        http_get(site.web, "/")
+            .unwrap_or_else(|e| panic!("request {k} after the refused upgrade failed: {e}"));
+    }
+}
+
 /// A new daemon whose proxy worker dies while it starts (here during the 10 s a debug build
 /// waits before READY with `pause-before-ready`) does not say READY: it exits non-zero, and
 /// the old daemon, never told, goes on serving. Before, READY went out, the old daemon
