@@ -173,10 +173,15 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         Ok(s) => s.keep_dataplane,
         Err(_) => take_over || adopted,
     };
+    let stop_taken = stopped.as_ref().is_ok_and(|s| s.stop_taken);
     let result = stopped.and_then(|s| match (s.died, s.aborted) {
         (Some(d), _) => Err(DaemonError::ThreadDied(d)),
         (None, Some(why)) => Err(DaemonError::Upgrade(format!(
-            "{why} before this daemon was ready: the old daemon goes on"
+            "{why} before this daemon was ready: {}",
+            match s.old_stopped {
+                true => "the old daemon stops, and no daemon serves",
+                false => "the old daemon goes on",
+            }
         ))),
         (None, None) => Ok(()),
     });
@@ -201,8 +206,9 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         );
     }
     let drain_timeout = control.config().global.drain_timeout;
-    // Not after an aborted take-over: a stop signal began that drain.
-    let upgrade_drain = handed_over && result.is_ok();
+    // Not after an aborted take-over, nor after a stop the hand-over took: a stop signal
+    // began that drain.
+    let upgrade_drain = handed_over && result.is_ok() && !stop_taken;
     let drained = rt.block_on(drain(
         control.take_proxy(),
         xdp.as_ref(),
@@ -434,7 +440,11 @@ async fn serve(
     let offer = handover_offer(control, Arc::clone(&admin_listener));
     // Told to stop while it started as an upgrade (Ctrl-C on `lb-daemon upgrade`): the old
     // daemon, never told READY, goes on; the sockets and routes this one shares stay its.
+    // Told no at READY (the old daemon stops) or finding it gone (`old_stopped`): this one
+    // withdraws the VIP routes it announced too, and leaves the eBPF plane to the old one's
+    // stop.
     let mut aborted = None;
+    let mut old_stopped = false;
     let mut handover_socket = None;
     if let Some((inherited, taken)) = handover {
         if crate::watchdog::fault("pause-before-ready") {
@@ -451,6 +461,7 @@ async fn serve(
             drop(taken);
         } else if let Some(why) = take_the_place(&inherited, taken, left_behind) {
             aborted = Some(why);
+            old_stopped = true;
         } else {
             // Only after READY: until then the sockets' paths are the old daemon's.
             if let Some(pending) = pending_socket {
@@ -476,6 +487,9 @@ async fn serve(
     // An aborted take-over leaves like a daemon that handed over: nothing it shares is
     // withdrawn or stopped, the eBPF plane stays the old daemon's.
     let mut handed_over = aborted.is_some();
+    // The stop signal went to a hand-over decided an instant before it: the drain that
+    // follows is not patient with the next SIGTERM (see `drain`).
+    let mut stop_taken = false;
     let (why, died, keep_dataplane) = match aborted {
         Some(why) => (format!("{why} before this daemon was ready"), None, true),
         None => loop {
@@ -493,6 +507,7 @@ async fn serve(
                         if !succession.stop() =>
                     {
                         handed_over = true;
+                        stop_taken = true;
                         break ("upgrade: the new daemon took over".to_string(), None, true);
                     }
                     Received::Stop(why) => break (why.to_string(), None, false),
@@ -530,7 +545,7 @@ async fn serve(
     }
     if let Some((announcer, task)) = announcer {
         task.abort();
-        if aborted.is_some() && own_table.is_some() {
+        if aborted.is_some() && (own_table.is_some() || old_stopped) {
             announcer.withdraw_all().await;
         } else {
             withdraw(control, &announcer, handed_over, keep_dataplane, signals).await;
@@ -562,7 +577,9 @@ async fn serve(
         died,
         keep_dataplane,
         handed_over,
+        stop_taken,
         aborted,
+        old_stopped,
     })
 }
 
@@ -779,6 +796,12 @@ fn upgrade_in_place(
         warn!("SIGUSR2: an upgrade is already under way; this one is ignored");
         return;
     }
+    // A SIGUSR2 read in the same turn as the news of a hand-over (or after a successor that
+    // systemd could not be told of): a third daemon would adopt the plane the new one uses.
+    if !succession.serving() {
+        warn!("SIGUSR2: this daemon has handed over to a new daemon; ignored");
+        return;
+    }
     info!("SIGUSR2: upgrading in place: starting {}", exe.display());
     let (offer, upgraded, done) = (
         Arc::clone(offer),
@@ -820,14 +843,20 @@ struct Stopped {
     /// The eBPF plane stays attached and pinned for the next daemon (SIGQUIT, a dead
     /// thread), instead of draining and detaching.
     keep_dataplane: bool,
-    /// A new daemon took the sockets over (`lb-daemon upgrade`), or this one, an upgrade,
-    /// was told to stop before it was ready (`aborted`): either way the sockets and routes it
-    /// shares are another daemon's.
+    /// A new daemon took the sockets over (`lb-daemon upgrade`, SIGUSR2; also when its READY
+    /// crossed a stop signal, `stop_taken`), or this one, an upgrade, did not take the old
+    /// one's place (`aborted`): either way the sockets and the eBPF plane it shares are
+    /// another daemon's.
     handed_over: bool,
+    /// The stop signal came an instant after a new daemon was told to go on, and was taken
+    /// by the hand-over: the next SIGTERM cuts the drain.
+    stop_taken: bool,
     /// This daemon, an upgrade, did not take the old daemon's place: it was told to stop
     /// before it told the old daemon READY (the signal's name; the old one goes on), or the
-    /// old one answered no or was gone (it stopped). This one exits with an error.
+    /// old one answered no or was gone (`old_stopped`). This one exits with an error.
     aborted: Option<&'static str>,
+    /// The old daemon of this upgrade stops without it (it answered no, or is gone).
+    old_stopped: bool,
 }
 
 /// The signals the daemon acts on, each a stream that remembers a delivery until it is read.

@@ -22,10 +22,17 @@
 //!    goes on as if nothing happened;
 //! 5. old → new: `GO\n`, and the old daemon stops accepting and drains; or `NO\n` when it
 //!    was already stopping (or had handed over to another new daemon), and the new one then
-//!    exits without touching what the two share ([`Succession`]). Otherwise a stop that came
-//!    between 1 and 4 would empty and detach the eBPF plane the new daemon adopted, while
-//!    the new daemon went on as if it served. A daemon of an earlier release sends no answer
-//!    ([`Offer::answers_ready`] is `false`): the new one goes on once `READY` is written.
+//!    withdraws the VIP routes it announced and exits 1, leaving the eBPF plane to the
+//!    stopping daemon ([`Succession`]). Otherwise a stop that came between 1 and 4 would
+//!    empty and detach the eBPF plane the new daemon adopted, while the new daemon went on as
+//!    if it served. A daemon of an earlier release sends no answer ([`Offer::answers_ready`]
+//!    is `false`): the new one goes on once `READY` is written. A new daemon of an earlier
+//!    release reads no answer: it goes on after `READY` whatever this daemon decided, as
+//!    before this step.
+//!
+//! A daemon that is stopping, or has handed over, answers `TAKE` with an offer that carries
+//! no socket and the reason ([`Offer::refused`]), as a daemon under a service manager does:
+//! the new daemon exits before it adopts anything.
 //!
 //! The new daemon knows from the JSON how many descriptors to expect; it refuses the offer,
 //! closing every descriptor it received, when a message carries more than described or
@@ -50,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Protocol;
 
@@ -206,10 +213,9 @@ impl Succession {
             .is_ok()
     }
 
-    /// A hand-over decided by [`Succession::hand_over`] did not happen (the new daemon
-    /// could not be told): the daemon serves on.
-    fn take_back(&self) {
-        let _ = (self.0).compare_exchange(HANDED_OVER, SERVING, Ordering::SeqCst, Ordering::SeqCst);
+    /// Whether the daemon still serves: it has neither handed over nor begun to stop.
+    pub fn serving(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == SERVING
     }
 
     /// The daemon stops: returns `true` when the stop is its own, `false` when it has
@@ -707,7 +713,7 @@ fn serve(
                 return;
             }
             Ok(Exchanged::Refused) => {
-                warn!("upgrade: the new daemon is ready, but this one is stopping: it was told no");
+                warn!("upgrade: the new daemon is ready, but this one stops: it was told no");
                 return;
             }
             Ok(Exchanged::Gone) => {
@@ -724,11 +730,12 @@ fn serve(
 /// socket pair as descriptor 3 (named by [`SUCCESSOR_FD_ENV`]) and serves the hand-over on
 /// the other end on a thread of its own: the successor's `TAKE` gets the sockets `offer`
 /// lists at that moment; its `READY` is answered by `succession` (as in [`serve_handover`]):
-/// `GO` and `on_end(Some(its pid))` when this daemon hands over. A successor told `NO`
-/// (this daemon is stopping), or that ends before `READY` (a config it refuses, a binary
-/// that does not start), is waited for and logged, and `on_end(None)` called: this daemon
-/// goes on. `exe` is the path the daemon was started from, read at its start: after a
-/// package upgrade it holds the new binary.
+/// `GO` and `on_end(Some(its pid))` when this daemon hands over. A successor that ends
+/// before `READY` (a config it refuses, a binary that does not start) is waited for and
+/// logged, and `on_end(None)` called: this daemon goes on. One told `NO` (this daemon
+/// stops) is waited for and logged the same way, if this daemon is still there. `exe` is the
+/// path the daemon was started from, read at its start: after a package upgrade it holds the
+/// new binary.
 ///
 /// Returns the successor's pid, or `Err(HandoverError::Io)` when the socket pair, the thread
 /// or the process cannot be made.
@@ -792,7 +799,7 @@ pub fn spawn_successor(
                 let status = child
                     .wait()
                     .map_or_else(|e| format!("unknown ({e})"), |s| s.to_string());
-                warn!("upgrade: the new daemon (pid {pid}) did not take over ({why}; {status}); this one goes on");
+                warn!("upgrade: the new daemon (pid {pid}) did not take over ({why}; {status})");
                 on_end(None);
             }
         })
@@ -818,6 +825,14 @@ fn exchange(
     if &word != b"TAKE\n" {
         return Err(io::Error::other("not a hand-over request"));
     }
+    // Before the offer: a new daemon turned away now adopts nothing (the eBPF plane, the
+    // pin directory's lock) and places no config on it.
+    if !succession.serving() {
+        return decline(
+            stream,
+            "it is stopping, or has handed over to another new daemon",
+        );
+    }
     let Handing {
         sockets,
         node_draining,
@@ -826,20 +841,7 @@ fn exchange(
         refused,
     } = offer();
     if let Some(why) = refused {
-        let declined = Offer {
-            sockets: Vec::new(),
-            node_draining,
-            announced_in,
-            backends: Vec::new(),
-            answers_ready: true,
-            refused: Some(why.clone()),
-        };
-        let json = serde_json::to_vec(&declined).map_err(io::Error::other)?;
-        let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
-        bytes.extend_from_slice(&json);
-        stream.write_all(&bytes)?;
-        warn!("upgrade: a new daemon asked to take over; refused: {why}");
-        return Ok(Exchanged::Declined);
+        return decline(stream, &why);
     }
     if sockets.len() > MAX_SOCKETS {
         return Err(io::Error::other(format!(
@@ -898,16 +900,34 @@ fn exchange(
         }
         return Ok(Exchanged::Refused);
     }
-    match stream.write_all(b"GO\n") {
-        Ok(()) => Ok(Exchanged::HandedOver),
-        Err(e) => {
-            // The new daemon, without an answer, exits: this one serves on, unless a stop
-            // already took the hand-over for done (it then leaves everything as it is).
-            warn!("upgrade: cannot answer the new daemon's READY: {e}");
-            succession.take_back();
-            Ok(Exchanged::Gone)
-        }
+    // Handed over even when the answer cannot be written: a new daemon of an earlier
+    // release closes its end once READY is out, and serves; taking the hand-over back would
+    // leave two daemons serving, and this one, once stopped, would empty the plane the other
+    // uses. One of this release that cannot read it exits: none serves then, as when a new
+    // daemon dies right after READY.
+    if let Err(e) = stream.write_all(b"GO\n") {
+        debug!("upgrade: cannot answer the new daemon's READY: {e}");
     }
+    Ok(Exchanged::HandedOver)
+}
+
+/// Answers a `TAKE` with an offer that carries no socket and says `why` this daemon does not
+/// hand over ([`Offer::refused`]); the new daemon exits with it.
+fn decline(stream: &mut UnixStream, why: &str) -> io::Result<Exchanged> {
+    let declined = Offer {
+        sockets: Vec::new(),
+        node_draining: false,
+        announced_in: None,
+        backends: Vec::new(),
+        answers_ready: true,
+        refused: Some(why.to_string()),
+    };
+    let json = serde_json::to_vec(&declined).map_err(io::Error::other)?;
+    let mut bytes = (json.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    stream.write_all(&bytes)?;
+    warn!("upgrade: a new daemon asked to take over; refused: {why}");
+    Ok(Exchanged::Declined)
 }
 
 /// Sends `bytes` with `fds` (at most [`FDS_PER_MESSAGE`]) attached to their first part.
@@ -1136,14 +1156,21 @@ mod tests {
     }
 
     /// One exchange on a socket pair with an old daemon whose serving ends as `succession`
-    /// says: what the new daemon's READY got, and how the old daemon saw it.
-    fn ready_against(succession: &Succession) -> (Result<bool, HandoverError>, Exchanged) {
+    /// says, which is told to stop between `TAKE` and `READY` when `stop` is set: what the
+    /// new daemon's READY got, and how the old daemon saw it.
+    fn ready_against(
+        succession: &Succession,
+        stop: bool,
+    ) -> (Result<bool, HandoverError>, Exchanged) {
         let (mut old, new) = UnixStream::pair().expect("socket pair");
         let deciding = succession.clone();
         let old_side = std::thread::spawn(move || {
             exchange(&mut old, &Handing::default, &deciding, REQUEST_TIMEOUT)
         });
         let (_, taken) = take_over_on(new, Path::new("pair")).expect("taken");
+        if stop {
+            assert!(succession.stop(), "a serving daemon's stop is its own");
+        }
         let answer = taken.ready();
         let seen = old_side.join().expect("old side").expect("exchanged");
         (answer, seen)
@@ -1155,34 +1182,72 @@ mod tests {
     #[test]
     fn a_stopping_daemon_refuses_a_ready_that_comes_after_its_stop() {
         let succession = Succession::default();
-        assert!(succession.stop(), "a serving daemon's stop is its own");
-        let (answer, seen) = ready_against(&succession);
+        let (answer, seen) = ready_against(&succession, true);
         assert!(
             !answer.expect("answered"),
             "a stopping daemon told the new daemon to go on"
         );
         assert_eq!(seen, Exchanged::Refused);
         assert!(succession.stop(), "the refused READY took the stop over");
+        // A new daemon that comes after the stop is turned away at its TAKE.
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        let old_side = std::thread::spawn(move || {
+            exchange(&mut old, &Handing::default, &succession, REQUEST_TIMEOUT)
+        });
+        let late = take_over_on(new, Path::new("pair"));
+        assert!(
+            matches!(&late, Err(HandoverError::Refused { .. })),
+            "a stopping daemon handed its sockets to a new daemon"
+        );
+        let seen = old_side.join().expect("old side").expect("exchanged");
+        assert_eq!(seen, Exchanged::Declined);
     }
 
     /// A READY that comes first wins: the stop that follows finds the hand-over done (the
-    /// daemon leaves everything to the new one), and a second new daemon is told `NO`.
+    /// daemon leaves everything to the new one), and a second new daemon is turned away at
+    /// its `TAKE`, before it adopts anything.
     #[test]
     fn a_stop_after_a_ready_leaves_as_after_a_hand_over() {
         let succession = Succession::default();
-        let (answer, seen) = ready_against(&succession);
+        let (answer, seen) = ready_against(&succession, false);
         assert!(answer.expect("answered"), "a serving daemon said no");
         assert_eq!(seen, Exchanged::HandedOver);
-        let (second, seen) = ready_against(&succession);
+        let (mut old, new) = UnixStream::pair().expect("socket pair");
+        let deciding = succession.clone();
+        let old_side = std::thread::spawn(move || {
+            exchange(&mut old, &Handing::default, &deciding, REQUEST_TIMEOUT)
+        });
+        let second = take_over_on(new, Path::new("pair"));
         assert!(
-            !second.expect("answered"),
-            "two new daemons were both told to go on"
+            matches!(&second, Err(HandoverError::Refused { .. })),
+            "a second new daemon took the sockets of a daemon that handed over"
         );
-        assert_eq!(seen, Exchanged::Refused);
+        let seen = old_side.join().expect("old side").expect("exchanged");
+        assert_eq!(seen, Exchanged::Declined);
         assert!(
             !succession.stop(),
             "a stop after the hand-over took the eBPF plane back from the new daemon"
         );
+    }
+
+    /// A new daemon of an earlier release closes its end as soon as READY is out, without
+    /// reading the answer: it serves, so this daemon hands over all the same (or both would
+    /// serve, and this one, once stopped, would empty the plane the other uses).
+    #[test]
+    fn a_ready_from_a_daemon_that_reads_no_answer_is_a_hand_over() {
+        let succession = Succession::default();
+        let (mut old, mut new) = UnixStream::pair().expect("socket pair");
+        let deciding = succession.clone();
+        let old_side = std::thread::spawn(move || {
+            exchange(&mut old, &Handing::default, &deciding, REQUEST_TIMEOUT)
+        });
+        new.write_all(b"TAKE\n").expect("TAKE");
+        receive_offer(&new, Path::new("pair"), Duration::from_secs(5)).expect("the offer");
+        new.write_all(b"READY\n").expect("READY");
+        drop(new);
+        let seen = old_side.join().expect("old side").expect("exchanged");
+        assert_eq!(seen, Exchanged::HandedOver);
+        assert!(!succession.stop(), "the stop after it took the plane back");
     }
 
     /// A daemon that refuses to hand over says why, and the new daemon gets no socket: it

@@ -485,6 +485,42 @@ fn an_upgrade_to_another_table_stopped_before_ready_withdraws_what_it_announced(
     node.wait_route(true, Duration::from_secs(1));
 }
 
+/// A stop of the old daemon while an upgrade takes over, before it is ready: the old daemon
+/// withdraws the VIP and, with nothing to drain, exits; the new one, which announced it again
+/// meanwhile, finds the old one gone at READY and exits 1 withdrawing it too. Before, the
+/// route stayed exported with no daemon left to serve the VIP.
+#[test]
+fn a_stop_while_an_upgrade_takes_over_leaves_no_route() {
+    if !lb_tests::require_root("announce::a_stop_while_an_upgrade_takes_over") {
+        return;
+    }
+    let mut node = Node::start_with_env("0s", &[("LB_FAULT", "pause-before-ready")]);
+    node.wait_route(true, Duration::from_secs(3));
+    let mark = node.daemon.log_mark();
+    let new = node
+        .daemon
+        .upgrade_in_place()
+        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
+    node.daemon
+        .wait_for_log_after(mark, "LB_FAULT=pause-before-ready", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("the new daemon never took the sockets over: {e}"));
+    node.daemon.signal(Signal::SIGTERM).expect("SIGTERM");
+    let status = node
+        .daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("the old daemon, with nothing to drain, exits");
+    assert!(status.success(), "the old daemon exited with {status}");
+    assert!(
+        wait_until(Duration::from_secs(20), || !new.alive()),
+        "the new daemon went on although the old one stopped before it was ready"
+    );
+    assert!(
+        !node.table().contains(ROUTE),
+        "the VIP stays announced with no daemon to serve it: {}",
+        node.table()
+    );
+}
+
 /// Whether `done` holds within `limit`, asked every 20 ms.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
