@@ -1,11 +1,9 @@
 //! The `least_conn` scheduler: the backend with the fewest active connections relative
 //! to its weight.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use lb_common::FlowKey;
 
-use super::{eligible, less_loaded, was_tried, Candidate, Scheduler, SchedulerError};
+use super::{eligible, less_loaded, was_tried, Candidate, Scheduler, SchedulerError, Turn};
 use crate::backend_stats::BackendId;
 
 /// Picks the candidate with the smallest `active / weight`, where `active` is its open
@@ -13,21 +11,24 @@ use crate::backend_stats::BackendId;
 ///
 /// Loads are compared cross-multiplied (`a.active * b.weight` against
 /// `b.active * a.weight`), exact in integers. Among equally loaded candidates the scan
-/// starts at a rotating position (one shared atomic counter), so with equal loads picks
-/// spread evenly instead of piling onto the first. Each pick scans all N candidates: O(N).
+/// starts at a rotating position (the service's [`Turn`], kept across rebuilds), so with
+/// equal loads picks spread evenly instead of piling onto the first, also on a quiet service
+/// whose scheduler is rebuilt often (a slow-start ramp). Each pick scans all N candidates:
+/// O(N).
 pub struct LeastConn {
     candidates: Vec<Candidate>,
-    start: AtomicUsize,
+    start: Turn,
 }
 
 impl LeastConn {
-    /// A least-connections scheduler over `candidates` (weight 0 dropped).
+    /// A least-connections scheduler over `candidates` (weight 0 dropped), its scans
+    /// starting at the turns of `start`.
     ///
     /// Returns `Err(SchedulerError::NoCandidates)` when no candidate has a weight above 0.
-    pub fn new(candidates: Vec<Candidate>) -> Result<Self, SchedulerError> {
+    pub fn new(candidates: Vec<Candidate>, start: Turn) -> Result<Self, SchedulerError> {
         Ok(LeastConn {
             candidates: eligible(candidates)?,
-            start: AtomicUsize::new(0),
+            start,
         })
     }
 }
@@ -35,7 +36,7 @@ impl LeastConn {
 impl Scheduler for LeastConn {
     fn pick(&self, _flow: &FlowKey, tried: &[BackendId]) -> Option<BackendId> {
         let n = self.candidates.len();
-        let start = self.start.fetch_add(1, Ordering::Relaxed) % n;
+        let start = self.start.next() % n;
         let mut best: Option<&Candidate> = None;
         for i in 0..n {
             let c = &self.candidates[(start + i) % n];
@@ -65,7 +66,7 @@ mod tests {
                 .active
                 .store(active, std::sync::atomic::Ordering::Relaxed);
         }
-        let s = LeastConn::new(set).expect("valid set");
+        let s = LeastConn::new(set, Turn::default()).expect("valid set");
         for port in 1..=10 {
             assert_eq!(
                 s.pick(&flow(1, port), &[]),
@@ -86,7 +87,7 @@ mod tests {
 
     #[test]
     fn equal_loads_spread_evenly() {
-        let s = LeastConn::new(candidates(&[3, 3, 3])).expect("valid set");
+        let s = LeastConn::new(candidates(&[3, 3, 3]), Turn::default()).expect("valid set");
         assert_eq!(spread(&s, 3, 3000), vec![1000, 1000, 1000]);
     }
 
@@ -95,7 +96,7 @@ mod tests {
         // Connections that stay open: after 600 picks the open counts match the weights.
         let weights = [1, 2, 3];
         let set = candidates(&weights);
-        let s = LeastConn::new(set.clone()).expect("valid set");
+        let s = LeastConn::new(set.clone(), Turn::default()).expect("valid set");
         for port in 1..=600 {
             let id = s.pick(&flow(1, port), &[]).expect("a candidate");
             set[id - 10].stats.opened();
@@ -110,7 +111,7 @@ mod tests {
 
     #[test]
     fn retries_skip_failed_backends() {
-        let s = LeastConn::new(candidates(&[1, 2, 3])).expect("valid set");
+        let s = LeastConn::new(candidates(&[1, 2, 3]), Turn::default()).expect("valid set");
         assert_respects_tried("least_conn", &s, 3);
     }
 }

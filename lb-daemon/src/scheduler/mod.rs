@@ -41,12 +41,13 @@ pub trait Scheduler: Send + Sync {
     }
 }
 
-/// The turn counter of the `round_robin` and `weighted_round_robin` schedulers, kept by the
-/// service across rebuilds. A scheduler is rebuilt whole at every change of health, weight
-/// or slow-start step (at most once a second during a ramp); a counter of its own would
-/// start each new one at the first backend, and a service with fewer new flows per rebuild
-/// than backends would send every one of them to its first backends. Shared, the turns go
-/// on where the last scheduler left them, as nginx's counters do across a reload.
+/// The turn counter of the `round_robin` and `weighted_round_robin` schedulers (and where
+/// `least_conn` starts its scan among equals), kept by the service across rebuilds. A
+/// scheduler is rebuilt whole at every change of health, weight or slow-start step (at most
+/// once a second during a ramp); a counter of its own would start each new one at the first
+/// backend, and a service with fewer new flows per rebuild than backends would send every
+/// one of them to its first backends. Shared, the turns go on where the last scheduler left
+/// them, as nginx's counters do across a reload.
 #[derive(Debug, Clone, Default)]
 pub struct Turn(Arc<AtomicUsize>);
 
@@ -109,7 +110,7 @@ pub fn build(
         SchedulerKind::WeightedRoundRobin => {
             Box::new(WeightedRoundRobin::new(candidates, turn.clone())?)
         }
-        SchedulerKind::LeastConn => Box::new(LeastConn::new(candidates)?),
+        SchedulerKind::LeastConn => Box::new(LeastConn::new(candidates, turn.clone())?),
         SchedulerKind::RandomTwo => Box::new(RandomTwo::new(candidates)?),
     })
 }
