@@ -41,6 +41,9 @@ pub struct ServiceRuntime {
     /// Whether the last snapshot had more eligible backends than its Maglev table has
     /// slots (see [`ServiceRuntime::republish`]), so that this is logged once per change.
     over_table: AtomicBool,
+    /// Whether the last snapshot had no eligible backend, so that the service's outage is
+    /// logged once when it begins and once when it ends, not at every rebuild.
+    no_backend: AtomicBool,
     /// Lets tasks (checks, resolvers, the ticker) hold a weak reference to the service.
     this: Weak<ServiceRuntime>,
 }
@@ -110,6 +113,7 @@ impl ServiceRuntime {
             generation: AtomicU64::new(1),
             turn,
             over_table: AtomicBool::new(false),
+            no_backend: AtomicBool::new(false),
             this: this.clone(),
         }))
     }
@@ -563,12 +567,21 @@ impl ServiceRuntime {
         ) {
             Ok(snap) => {
                 self.note_table_room(&st.config, &snap);
-                if snap.eligible_count() == 0 {
-                    error!(
-                        "service {} has no backend up: new {} flows are refused until one returns",
-                        self.name,
-                        st.config.protocol.to_string().to_uppercase()
-                    );
+                let none = snap.eligible_count() == 0;
+                if self.no_backend.swap(none, Ordering::Relaxed) != none {
+                    let protocol = st.config.protocol.to_string().to_uppercase();
+                    if none {
+                        error!(
+                            "service {} has no backend up: new {protocol} flows are refused \
+                             until one returns",
+                            self.name
+                        );
+                    } else {
+                        info!(
+                            "service {} has a backend up again: new {protocol} flows are served",
+                            self.name
+                        );
+                    }
                 }
                 self.snapshot.store(Arc::new(snap));
                 Some(generation)
@@ -667,19 +680,17 @@ fn reconcile_config(st: &mut State, now: Instant) -> Vec<SocketAddr> {
     added
 }
 
-/// Ends the slow starts that ran their length. Returns whether an effective weight now
-/// differs from the one `current` (the published snapshot) has.
+/// Ends the slow starts that ran their length. Returns whether the effective weight of a
+/// backend that is up now differs from the one `current` (the published snapshot) has. A
+/// down backend's ramp goes on unpublished: no scheduler holds it, and the health change
+/// that brings it back publishes its weight of the moment.
 fn step_slow_starts(st: &mut State, current: &ServiceSnapshot, now: Instant) -> bool {
     let slow = st.config.slow_start;
     let mut changed = false;
     for b in st.backends.iter_mut() {
         b.weight.finish_ramp(slow, now);
-        let published = current
-            .backends
-            .iter()
-            .find(|v| v.address == b.address())
-            .map(|v| v.weight);
-        if published.is_some_and(|w| w != b.effective_weight(slow, now)) {
+        let published = current.backends.iter().find(|v| v.address == b.address());
+        if published.is_some_and(|v| v.up && v.weight != b.effective_weight(slow, now)) {
             changed = true;
         }
     }
@@ -1115,6 +1126,30 @@ kind = "none"
             state_of(&rt, "10.0.0.6:9100"),
             None,
             "a late answer for a dropped name added a backend"
+        );
+    }
+
+    /// A backend that went down during its slow start ramps on unpublished: the table is not
+    /// rebuilt (nor "no backend up" logged again) at every tick of a ramp no scheduler uses.
+    #[test]
+    fn a_down_backends_ramp_rebuilds_nothing() {
+        let mut c = scheduled("round_robin", None, &["127.0.0.1:9001"], &[]);
+        c.slow_start = Some(Duration::from_secs(10));
+        c.backends[0].weight = 100;
+        let rt = ServiceRuntime::new(0, c).expect("builds");
+        let a = addr("127.0.0.1:9001");
+        (lock(&rt.state).backends.get_mut(a).expect("listed").weight).start_ramp(Instant::now());
+        rt.passive_failure(a, "connection refused");
+        assert!(!takes_flows(&rt, "127.0.0.1:9001"));
+        let before = rt.snapshot().load().generation;
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(50));
+            rt.tick();
+        }
+        assert_eq!(
+            rt.snapshot().load().generation,
+            before,
+            "a tick rebuilt the table for the ramp of a backend that is down"
         );
     }
 
