@@ -108,7 +108,9 @@ pub struct BackendStatus {
     pub bytes_to_backend: u64,
     /// Bytes from this backend to clients.
     pub bytes_from_backend: u64,
-    /// The last active check: `"ok"`, the error, or `None` before the first one. With
+    /// The last active check: `"ok"`, the error, or `None` before the first one; `"ok; down:
+    /// <why>"` when the backend is down although it passed (failed connects took it down,
+    /// or it has not passed `rise` checks yet). With
     /// `kind = "none"`, what passive failures did: `"passive: 3 consecutive failures, last:
     /// proxied connect failed: ...; retry in 7s"` while held off, `"passive: on trial after a
     /// 10s hold-off"` once tried again, `"passive: 1 failure of 3, last: ..."` during a

@@ -414,6 +414,15 @@ impl HealthState {
         self.last_check.as_ref()
     }
 
+    /// Why the backend is Down (the reason of the transition that took it there, e.g. "3
+    /// consecutive failures, last: ..."); `None` while it is Up.
+    pub fn down_reason(&self) -> Option<&str> {
+        match self.health {
+            Health::Down => self.down_reason.as_deref(),
+            Health::Up => None,
+        }
+    }
+
     /// Active checks that could not run for want of this host's resources, since creation
     /// (or since the state it replaced was created: [`HealthState::carry_from`]).
     pub fn unknown_checks(&self) -> u64 {

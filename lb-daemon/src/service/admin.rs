@@ -262,6 +262,12 @@ fn backend_status(
         last_check: match (kind, h.last_check()) {
             (CheckKind::None, _) => h.passive_summary(now),
             (_, None) => None,
+            // Down though its last check passed: failed connects took it down, or it has
+            // not passed `rise` checks yet. "ok" alone would hide why it takes no flows.
+            (_, Some(Ok(()))) if !up => Some(format!(
+                "ok; down: {}",
+                h.down_reason().unwrap_or("awaiting rise passing checks")
+            )),
             (_, Some(Ok(()))) => Some("ok".into()),
             (_, Some(Err(e))) => Some(e.to_string()),
         },
@@ -350,6 +356,32 @@ mod tests {
         let snap = new.snapshot().load_full();
         let b = snap.backends.iter().find(|b| b.address == b2).expect("in");
         assert_eq!(b.weight, 3 * WEIGHT_SCALE, "the new configured weight");
+    }
+
+    /// A backend whose active checks pass but whose connects failed `fall` times is down:
+    /// `/status` says why beside its passing check, not a bare "ok".
+    #[test]
+    fn the_status_of_a_backend_down_with_a_passing_check_says_why() {
+        let rt = ServiceRuntime::new(0, service("tcp")).expect("builds");
+        let b1: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        let last_check = |rt: &ServiceRuntime| {
+            let st = rt.status();
+            let b = st.backends.into_iter().find(|b| b.address == b1);
+            b.expect("listed").last_check
+        };
+        {
+            let st = lock(&rt.state);
+            let b = st.backends.get(b1).expect("a backend");
+            lock(&b.rt.health).record_check(Ok(()), Instant::now());
+        }
+        assert_eq!(last_check(&rt).as_deref(), Some("ok"));
+        rt.passive_failure(b1, "connection refused");
+        rt.passive_failure(b1, "connection refused");
+        let shown = last_check(&rt).unwrap_or_default();
+        assert!(
+            shown.starts_with("ok; down: 2 consecutive failures") && shown.contains("refused"),
+            "a down backend's status hides why: {shown:?}"
+        );
     }
 
     #[test]
