@@ -66,6 +66,14 @@ impl BackendStats {
         self.failing.store(true, Ordering::Release);
     }
 
+    /// Asks for the next successful connect to be reported, as after a failure: the control
+    /// plane puts a backend on trial after its passive hold-off, and only that report ends
+    /// the trial. A success during the hold-off (a connect already under way) cleared the
+    /// mark of the failures before it, and was ignored then: the backend is down.
+    pub fn report_next_success(&self) {
+        self.failing.store(true, Ordering::Release);
+    }
+
     /// Notes a successful connect (TCP) or a first reply (UDP). When it ends a run of
     /// failures, calls `report` to tell the control plane (it resets the passive failure
     /// streak); `report` returns whether the news was delivered, and when it was not (a full

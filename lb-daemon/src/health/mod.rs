@@ -409,6 +409,12 @@ impl HealthState {
         }
     }
 
+    /// Whether the backend is Up on trial after a passive hold-off: one failure takes it
+    /// Down again, and the next successful connect ends the trial.
+    pub fn on_trial(&self) -> bool {
+        self.health == Health::Up && self.on_trial
+    }
+
     /// The result of the latest active check, `None` before the first one.
     pub fn last_check(&self) -> Option<&Result<(), CheckError>> {
         self.last_check.as_ref()

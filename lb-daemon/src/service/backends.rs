@@ -450,10 +450,15 @@ impl BackendSet {
             }
             _ => (new_health(&self.health, now), None),
         };
+        let stats = BackendStats::default();
+        // Its new counters must report the success that ends a trial it left on.
+        if health.on_trial() {
+            stats.report_next_success();
+        }
         let rt = Arc::new(BackendRuntime {
             address,
             health: Arc::new(Mutex::new(health)),
-            stats: Arc::new(BackendStats::default()),
+            stats: Arc::new(stats),
         });
         (rt, admin)
     }

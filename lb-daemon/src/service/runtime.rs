@@ -36,7 +36,8 @@ pub struct ServiceRuntime {
     pub(super) by_address: ArcSwap<HashMap<SocketAddr, Arc<BackendRuntime>>>,
     pub(super) snapshot: SharedSnapshot,
     generation: AtomicU64,
-    /// The turn counter of a round-robin scheduler, kept across rebuilds.
+    /// The turn counter of the round-robin and least-connections schedulers, kept across
+    /// rebuilds.
     turn: Turn,
     /// Whether the last snapshot had more eligible backends than its Maglev table has
     /// slots (see [`ServiceRuntime::republish`]), so that this is logged once per change.
@@ -229,9 +230,7 @@ impl ServiceRuntime {
             if state.awaiting_first_check() {
                 fresh.await_first_check(now);
             } else if state.health() == Health::Down {
-                for _ in 0..health.fall {
-                    fresh.record_passive_failure("down before the reload", now);
-                }
+                fresh.start_down("down before the reload".into(), now);
             }
             fresh.carry_from(&state);
             *state = fresh;
@@ -348,6 +347,7 @@ impl ServiceRuntime {
         for b in st.backends.iter_mut() {
             let t = lock(&b.rt.health).retry_due(now);
             if let Some(t) = t {
+                b.rt.stats.report_next_success();
                 b.weight.start_ramp(now);
                 retried.push((b.address(), t));
             }
@@ -1126,6 +1126,44 @@ kind = "none"
             state_of(&rt, "10.0.0.6:9100"),
             None,
             "a late answer for a dropped name added a backend"
+        );
+    }
+
+    /// A connect already under way when `fall` failures took a backend down succeeds during
+    /// its hold-off (ignored: it is down). Tried again on trial, its next successful connect
+    /// still ends the trial, and it takes `fall` failures again, not one.
+    #[test]
+    fn a_success_during_the_hold_off_does_not_keep_the_backend_on_trial() {
+        let mut c = scheduled("round_robin", None, &["127.0.0.1:9001"], &[]);
+        c.health.passive_timeout = Duration::from_millis(50);
+        let rt = ServiceRuntime::new(0, c).expect("builds");
+        let a = addr("127.0.0.1:9001");
+        let stats = Arc::clone(&lock(&rt.state).backends.get(a).expect("listed").rt.stats);
+        let succeeded = || {
+            stats.connect_succeeded(|| {
+                rt.passive_success(a);
+                true
+            })
+        };
+        stats.connect_failed(|| rt.passive_failure(a, "connection refused"));
+        assert!(!takes_flows(&rt, "127.0.0.1:9001"), "fall = 1 took it down");
+        succeeded();
+        std::thread::sleep(Duration::from_millis(80));
+        rt.tick();
+        assert!(
+            takes_flows(&rt, "127.0.0.1:9001"),
+            "tried again after the hold-off"
+        );
+        succeeded();
+        let status = rt.status();
+        let b = status
+            .backends
+            .iter()
+            .find(|b| b.address == a)
+            .expect("listed");
+        assert_eq!(
+            b.last_check, None,
+            "a successful connect on trial did not end the trial"
         );
     }
 
