@@ -42,8 +42,10 @@ pub enum DaemonError {
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
     /// `lb-daemon upgrade` could not take the running daemon's sockets (no
-    /// `[global] upgrade_socket`, no daemon there, a broken exchange): nothing was started;
-    /// or it was told to stop before it was ready: the old daemon goes on.
+    /// `[global] upgrade_socket`, no daemon there, a broken exchange, a refusal): nothing was
+    /// started; or it was told to stop before it was ready: the old daemon goes on; or the
+    /// old daemon answered its READY no (it stops, or handed over to another new daemon) or
+    /// was gone: this one leaves the eBPF plane to it.
     #[error("upgrade: {0}")]
     Upgrade(String),
     /// Another daemon runs on the same `[global] bpf_pin_dir`: nothing was started.
@@ -179,7 +181,7 @@ pub fn run(config: Config, path: &Path, take_over: bool) -> Result<(), DaemonErr
         (None, Some(why)) => Err(DaemonError::Upgrade(format!(
             "{why} before this daemon was ready: {}",
             match s.old_stopped {
-                true => "the old daemon stops, and no daemon serves",
+                true => "the old daemon does not hand over to this one",
                 false => "the old daemon goes on",
             }
         ))),
@@ -440,9 +442,9 @@ async fn serve(
     let offer = handover_offer(control, Arc::clone(&admin_listener));
     // Told to stop while it started as an upgrade (Ctrl-C on `lb-daemon upgrade`): the old
     // daemon, never told READY, goes on; the sockets and routes this one shares stay its.
-    // Told no at READY (the old daemon stops) or finding it gone (`old_stopped`): this one
-    // withdraws the VIP routes it announced too, and leaves the eBPF plane to the old one's
-    // stop.
+    // Told no at READY (the old daemon stops, or handed over to another new daemon) or
+    // finding it gone (`old_stopped`): this one withdraws the VIP routes it put back after
+    // the old one withdrew them, and leaves the eBPF plane to the old one.
     let mut aborted = None;
     let mut old_stopped = false;
     let mut handover_socket = None;
@@ -484,8 +486,9 @@ async fn serve(
         );
     }
     let upgrading = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // An aborted take-over leaves like a daemon that handed over: nothing it shares is
-    // withdrawn or stopped, the eBPF plane stays the old daemon's.
+    // An aborted take-over leaves like a daemon that handed over: the eBPF plane and the
+    // sockets stay the old daemon's, and of the VIP routes it withdraws only those it put in
+    // a table of its own, or put back after a stopping old daemon withdrew them.
     let mut handed_over = aborted.is_some();
     // The stop signal went to a hand-over decided an instant before it: the drain that
     // follows is not patient with the next SIGTERM (see `drain`).
@@ -545,8 +548,10 @@ async fn serve(
     }
     if let Some((announcer, task)) = announcer {
         task.abort();
-        if aborted.is_some() && (own_table.is_some() || old_stopped) {
+        if aborted.is_some() && own_table.is_some() {
             announcer.withdraw_all().await;
+        } else if old_stopped {
+            announcer.withdraw_added().await;
         } else {
             withdraw(control, &announcer, handed_over, keep_dataplane, signals).await;
         }
@@ -587,9 +592,9 @@ async fn serve(
 /// service of its config uses, tells the old one READY, and withdraws the routes the old one
 /// left in a table this one does not use (`left_behind`).
 ///
-/// Returns why it cannot take the place (then it must exit leaving what the two share as it
-/// is): the old daemon was stopping and refused, or is gone. A stopping daemon empties and
-/// detaches its eBPF plane, the one this daemon adopted.
+/// Returns why it cannot take the place (then it must exit, leaving the eBPF plane to the old
+/// daemon): the old daemon refused (it stops, or handed over to another new daemon), or is
+/// gone. A stopping daemon empties and detaches its eBPF plane, the one this daemon adopted.
 fn take_the_place(
     inherited: &crate::handover::Inherited,
     taken: crate::handover::Taken,
@@ -604,8 +609,11 @@ fn take_the_place(
     match taken.ready() {
         Ok(true) => {}
         Ok(false) => {
-            warn!("upgrade: the old daemon is stopping and refused to hand over");
-            return Some("the old daemon's stop");
+            warn!(
+                "upgrade: the old daemon refused to hand over (it stops, or handed over to \
+                 another new daemon)"
+            );
+            return Some("the old daemon's refusal");
         }
         Err(e) => {
             warn!("upgrade: cannot tell the old daemon that this one is ready: {e}");
@@ -796,8 +804,8 @@ fn upgrade_in_place(
         warn!("SIGUSR2: an upgrade is already under way; this one is ignored");
         return;
     }
-    // A SIGUSR2 read in the same turn as the news of a hand-over (or after a successor that
-    // systemd could not be told of): a third daemon would adopt the plane the new one uses.
+    // A SIGUSR2 read in the same turn as the news of a hand-over: a third daemon would adopt
+    // the plane the new one uses.
     if !succession.serving() {
         warn!("SIGUSR2: this daemon has handed over to a new daemon; ignored");
         return;

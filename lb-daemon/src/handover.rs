@@ -333,9 +333,9 @@ pub struct Taken {
 
 impl Taken {
     /// Tells the old daemon that this one is ready. Returns `Ok(true)` when it hands over (it
-    /// stops accepting and drains), `Ok(false)` when it refused because it is stopping: this
-    /// daemon must then leave what the two share (sockets, routes, the eBPF plane) as it is,
-    /// and exit. An old daemon of an earlier release answers nothing: `Ok(true)` once
+    /// stops accepting and drains), `Ok(false)` when it refused (it is stopping, or handed
+    /// over to another new daemon): this daemon must then leave the sockets and the eBPF
+    /// plane to it, and exit. An old daemon of an earlier release answers nothing: `Ok(true)` once
     /// `READY` is written.
     ///
     /// Returns `Err(HandoverError::Io)` when the old daemon cannot be told or does not answer

@@ -421,7 +421,7 @@ fn a_stop_while_an_upgrade_takes_over_tells_the_new_daemon_no() {
     let mut old = Daemon::start(&site.config);
     let uploads = site.start_uploads();
     let mut new = stop_the_old_daemon_while_an_upgrade_takes_over(&site, &mut old);
-    the_new_daemon_gives_up(&mut new, "the old daemon's stop");
+    the_new_daemon_gives_up(&mut new, "the old daemon's refusal");
     assert!(old.exit_status().is_none(), "the old daemon cut its drain");
     finish_uploads(uploads);
     let status = old

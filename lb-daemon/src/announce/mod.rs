@@ -119,6 +119,9 @@ pub struct Announcer {
     /// Held by each look and each withdrawal from start to end, so that one decided before a
     /// withdrawal cannot add its routes after it.
     writing: tokio::sync::Mutex<()>,
+    /// The VIPs whose routes this announcer put in the table (and has not removed since), as
+    /// opposed to routes it found there, a daemon before it having put them.
+    added: Mutex<std::collections::BTreeSet<IpAddr>>,
 }
 
 /// What the last look found.
@@ -144,6 +147,7 @@ impl Announcer {
             state: Mutex::new(State::default()),
             empty_tables: Mutex::new(std::collections::BTreeSet::new()),
             writing: tokio::sync::Mutex::new(()),
+            added: Mutex::new(std::collections::BTreeSet::new()),
         }))
     }
 
@@ -173,7 +177,10 @@ impl Announcer {
             let announced = match (&why, installed.contains(&vip)) {
                 (None, true) => true,
                 (None, false) => match self.routes.add(vip).await {
-                    Ok(()) => true,
+                    Ok(()) => {
+                        self.added(vip, true);
+                        true
+                    }
                     Err(e) => {
                         self.failed_once(Some(vip), e.to_string());
                         false
@@ -181,7 +188,10 @@ impl Announcer {
                 },
                 (Some(_), false) => false,
                 (Some(_), true) => match self.routes.remove(vip).await {
-                    Ok(()) => false,
+                    Ok(()) => {
+                        self.added(vip, false);
+                        false
+                    }
                     Err(e) => {
                         self.failed_once(Some(vip), e.to_string());
                         true
@@ -344,6 +354,41 @@ impl Announcer {
             }
         }
         installed.len()
+    }
+
+    /// A new daemon of an upgrade that does not take the old one's place because the old one
+    /// stops (or handed over to another new daemon): withdraws, for good, the routes this
+    /// announcer put in the table, that is those the old daemon had withdrawn (SIGTERM; the
+    /// proxy's VIPs on SIGQUIT) and this one announced again. The routes it found there stay
+    /// as the old daemon left them: an eBPF plane kept pinned serves them, or another new
+    /// daemon does. Returns how many it withdrew.
+    pub async fn withdraw_added(&self) -> usize {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _writing = self.writing.lock().await;
+        let added: Vec<IpAddr> = std::mem::take(&mut *self.added_vips())
+            .into_iter()
+            .collect();
+        for vip in &added {
+            match self.routes.remove(*vip).await {
+                Ok(()) => info!("announce: {vip} withdrawn: this daemon did not take over"),
+                Err(e) => warn!("announce: {e}"),
+            }
+        }
+        added.len()
+    }
+
+    /// Notes that this announcer put `vip`'s route in the table (`true`) or removed it.
+    fn added(&self, vip: IpAddr, added: bool) {
+        let mut vips = self.added_vips();
+        if added {
+            vips.insert(vip);
+        } else {
+            vips.remove(&vip);
+        }
+    }
+
+    fn added_vips(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<IpAddr>> {
+        self.added.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// SIGQUIT or a dead thread: withdraws the VIPs `keep` says no (those whose services

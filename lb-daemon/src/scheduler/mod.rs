@@ -91,8 +91,8 @@ pub enum SchedulerError {
 /// the snapshot's [`BackendId`]s, which `pick` returns. A candidate with weight 0 is
 /// dropped (it is draining). `table_size`: the Maglev table size M, a prime, used only by
 /// [`SchedulerKind::Maglev`] and [`SchedulerKind::SourceHash`]. `turn`: the service's turn
-/// counter, used only by [`SchedulerKind::RoundRobin`] and
-/// [`SchedulerKind::WeightedRoundRobin`] (see [`Turn`]).
+/// counter, used only by [`SchedulerKind::RoundRobin`],
+/// [`SchedulerKind::WeightedRoundRobin`] and [`SchedulerKind::LeastConn`] (see [`Turn`]).
 ///
 /// Returns `Err(SchedulerError::NoCandidates)` when no candidate has a weight above 0, and
 /// `Err(SchedulerError::Maglev(_))` when a Maglev table cannot be built (size not a prime;
