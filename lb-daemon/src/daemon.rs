@@ -548,10 +548,10 @@ async fn serve(
     }
     if let Some((announcer, task)) = announcer {
         task.abort();
-        if aborted.is_some() && own_table.is_some() {
-            announcer.withdraw_all().await;
-        } else if old_stopped {
+        if old_stopped {
             announcer.withdraw_added().await;
+        } else if aborted.is_some() && own_table.is_some() {
+            announcer.withdraw_all().await;
         } else {
             withdraw(control, &announcer, handed_over, keep_dataplane, signals).await;
         }
@@ -594,7 +594,8 @@ async fn serve(
 ///
 /// Returns why it cannot take the place (then it must exit, leaving the eBPF plane to the old
 /// daemon): the old daemon refused (it stops, or handed over to another new daemon), or is
-/// gone. A stopping daemon empties and detaches its eBPF plane, the one this daemon adopted.
+/// gone. A daemon stopped by SIGTERM empties and detaches its eBPF plane, the one this daemon
+/// adopted.
 fn take_the_place(
     inherited: &crate::handover::Inherited,
     taken: crate::handover::Taken,

@@ -22,8 +22,8 @@
 //!    goes on as if nothing happened;
 //! 5. old → new: `GO\n`, and the old daemon stops accepting and drains; or `NO\n` when it
 //!    was already stopping (or had handed over to another new daemon), and the new one then
-//!    withdraws the VIP routes it announced and exits 1, leaving the eBPF plane to the
-//!    stopping daemon ([`Succession`]). Otherwise a stop that came between 1 and 4 would
+//!    withdraws the VIP routes it put back itself and exits 1, leaving the eBPF plane to the
+//!    old daemon ([`Succession`]). Otherwise a stop that came between 1 and 4 would
 //!    empty and detach the eBPF plane the new daemon adopted, while the new daemon went on as
 //!    if it served. A daemon of an earlier release sends no answer ([`Offer::answers_ready`]
 //!    is `false`): the new one goes on once `READY` is written. A new daemon of an earlier
@@ -237,7 +237,8 @@ impl Succession {
 enum Exchanged {
     /// The new daemon said `READY` and was told `GO`: this daemon hands over.
     HandedOver,
-    /// The new daemon said `READY` and was told `NO`: this daemon was stopping.
+    /// The new daemon said `READY` and was told `NO`: this daemon was stopping, or had
+    /// handed over to another new daemon.
     Refused,
     /// The new daemon went away before `READY`.
     Gone,
@@ -713,7 +714,10 @@ fn serve(
                 return;
             }
             Ok(Exchanged::Refused) => {
-                warn!("upgrade: the new daemon is ready, but this one stops: it was told no");
+                warn!(
+                    "upgrade: the new daemon is ready, but this one stops or has handed over \
+                     to another: it was told no"
+                );
                 return;
             }
             Ok(Exchanged::Gone) => {

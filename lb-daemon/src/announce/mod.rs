@@ -112,6 +112,9 @@ pub struct Announcer {
     node_draining: AtomicBool,
     /// The daemon stops: nothing is announced again.
     stopped: AtomicBool,
+    /// The table is no longer this announcer's to write ([`Announcer::withdraw_added`]): a
+    /// look, a `drain-node` or an `enable-node` still on its way changes nothing.
+    frozen: AtomicBool,
     state: Mutex<State>,
     /// eBPF services whose table was empty at the last look that could tell (by service
     /// index): a look that finds the plane busy keeps that verdict, so the VIP does not flap.
@@ -144,6 +147,7 @@ impl Announcer {
             protocol: settings.protocol,
             node_draining: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             empty_tables: Mutex::new(std::collections::BTreeSet::new()),
             writing: tokio::sync::Mutex::new(()),
@@ -164,6 +168,9 @@ impl Announcer {
     /// Brings the table in step with what `control` can serve now; logs what changed.
     pub async fn sync(&self, control: &Control) {
         let _writing = self.writing.lock().await;
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
         let wanted = self.wanted(control);
         let installed = match self.routes.list().await {
             Ok(v) => v,
@@ -176,16 +183,19 @@ impl Announcer {
         for (vip, (services, why)) in wanted {
             let announced = match (&why, installed.contains(&vip)) {
                 (None, true) => true,
-                (None, false) => match self.routes.add(vip).await {
-                    Ok(()) => {
-                        self.added(vip, true);
-                        true
+                // Noted before the add: a look cut short (the task aborted) while the kernel
+                // adds the route must still leave it to `withdraw_added`.
+                (None, false) => {
+                    self.added(vip, true);
+                    match self.routes.add(vip).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            self.added(vip, false);
+                            self.failed_once(Some(vip), e.to_string());
+                            false
+                        }
                     }
-                    Err(e) => {
-                        self.failed_once(Some(vip), e.to_string());
-                        false
-                    }
-                },
+                }
                 (Some(_), false) => false,
                 (Some(_), true) => match self.routes.remove(vip).await {
                     Ok(()) => {
@@ -210,7 +220,10 @@ impl Announcer {
         for vip in &installed {
             if !vips.iter().any(|v| v.vip == *vip) {
                 match self.routes.remove(*vip).await {
-                    Ok(()) => info!("announce: {vip} withdrawn: no service listens on it"),
+                    Ok(()) => {
+                        self.added(*vip, false);
+                        info!("announce: {vip} withdrawn: no service listens on it");
+                    }
                     Err(e) => self.failed_once(Some(*vip), e.to_string()),
                 }
             }
@@ -363,7 +376,9 @@ impl Announcer {
     /// as the old daemon left them: an eBPF plane kept pinned serves them, or another new
     /// daemon does. Returns how many it withdrew.
     pub async fn withdraw_added(&self) -> usize {
-        self.stopped.store(true, Ordering::SeqCst);
+        // Frozen, not stopped: a `drain-node` call still waiting would otherwise run a look
+        // that withdraws every route, those the old daemon keeps too.
+        self.frozen.store(true, Ordering::SeqCst);
         let _writing = self.writing.lock().await;
         let added: Vec<IpAddr> = std::mem::take(&mut *self.added_vips())
             .into_iter()
