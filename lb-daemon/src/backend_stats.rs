@@ -29,6 +29,8 @@ pub struct BackendStats {
     /// Invariant: whenever the control plane has been sent a failure and no later success,
     /// this is set. [`BackendStats::connect_failed`] and [`BackendStats::connect_succeeded`]
     /// keep it by their order of report and store, so data plane threads can race freely.
+    /// [`BackendStats::report_next_success`] sets it too (a trial after a passive hold-off):
+    /// one report more never breaks the invariant.
     failing: AtomicBool,
 }
 

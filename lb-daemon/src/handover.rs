@@ -1193,15 +1193,21 @@ mod tests {
         );
         assert_eq!(seen, Exchanged::Refused);
         assert!(succession.stop(), "the refused READY took the stop over");
-        // A new daemon that comes after the stop is turned away at its TAKE.
+        turns_away_a_late_take(&succession, "a stopping daemon");
+    }
+
+    /// A new daemon that asks an old daemon whose serving ended as `succession` says (`what`)
+    /// is turned away at its `TAKE`, before it adopts anything.
+    fn turns_away_a_late_take(succession: &Succession, what: &str) {
         let (mut old, new) = UnixStream::pair().expect("socket pair");
+        let deciding = succession.clone();
         let old_side = std::thread::spawn(move || {
-            exchange(&mut old, &Handing::default, &succession, REQUEST_TIMEOUT)
+            exchange(&mut old, &Handing::default, &deciding, REQUEST_TIMEOUT)
         });
         let late = take_over_on(new, Path::new("pair"));
         assert!(
             matches!(&late, Err(HandoverError::Refused { .. })),
-            "a stopping daemon handed its sockets to a new daemon"
+            "{what} handed its sockets to a new daemon"
         );
         let seen = old_side.join().expect("old side").expect("exchanged");
         assert_eq!(seen, Exchanged::Declined);
@@ -1216,18 +1222,7 @@ mod tests {
         let (answer, seen) = ready_against(&succession, false);
         assert!(answer.expect("answered"), "a serving daemon said no");
         assert_eq!(seen, Exchanged::HandedOver);
-        let (mut old, new) = UnixStream::pair().expect("socket pair");
-        let deciding = succession.clone();
-        let old_side = std::thread::spawn(move || {
-            exchange(&mut old, &Handing::default, &deciding, REQUEST_TIMEOUT)
-        });
-        let second = take_over_on(new, Path::new("pair"));
-        assert!(
-            matches!(&second, Err(HandoverError::Refused { .. })),
-            "a second new daemon took the sockets of a daemon that handed over"
-        );
-        let seen = old_side.join().expect("old side").expect("exchanged");
-        assert_eq!(seen, Exchanged::Declined);
+        turns_away_a_late_take(&succession, "a daemon that handed over");
         assert!(
             !succession.stop(),
             "a stop after the hand-over took the eBPF plane back from the new daemon"

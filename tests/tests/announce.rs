@@ -83,6 +83,21 @@ impl Node {
         );
     }
 
+    /// SIGUSR2 on a daemon started with `LB_FAULT=pause-before-ready` (which the upgrade
+    /// passes on): returns the new daemon once it has taken the sockets and waits 10 s
+    /// before READY.
+    fn upgrade_paused(&self) -> lb_tests::daemon::Successor {
+        let mark = self.daemon.log_mark();
+        let new = self
+            .daemon
+            .upgrade_in_place()
+            .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
+        self.daemon
+            .wait_for_log_after(mark, "LB_FAULT=pause-before-ready", Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("the new daemon never took the sockets over: {e}"));
+        new
+    }
+
     fn api(&self, method: &str, path: &str) -> lb_tests::admin::AdminReply {
         let addr = self.daemon.admin_addr();
         in_netns(&self.ns, || {
@@ -454,14 +469,7 @@ fn an_upgrade_to_another_table_stopped_before_ready_withdraws_what_it_announced(
     let text = std::fs::read_to_string(node.daemon.config_path()).expect("the config");
     node.daemon
         .rewrite_config(&text.replace("table = 100", "table = 101"));
-    let mark = node.daemon.log_mark();
-    let new = node
-        .daemon
-        .upgrade_in_place()
-        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
-    node.daemon
-        .wait_for_log_after(mark, "LB_FAULT=pause-before-ready", Duration::from_secs(15))
-        .unwrap_or_else(|e| panic!("the new daemon never got to READY: {e}"));
+    let new = node.upgrade_paused();
     let table_101 = || {
         let out = node
             .ns
@@ -496,14 +504,7 @@ fn a_stop_while_an_upgrade_takes_over_leaves_no_route() {
     }
     let mut node = Node::start_with_env("0s", &[("LB_FAULT", "pause-before-ready")]);
     node.wait_route(true, Duration::from_secs(3));
-    let mark = node.daemon.log_mark();
-    let new = node
-        .daemon
-        .upgrade_in_place()
-        .unwrap_or_else(|e| panic!("SIGUSR2 started no new daemon: {e}"));
-    node.daemon
-        .wait_for_log_after(mark, "LB_FAULT=pause-before-ready", Duration::from_secs(15))
-        .unwrap_or_else(|e| panic!("the new daemon never took the sockets over: {e}"));
+    let new = node.upgrade_paused();
     node.daemon.signal(Signal::SIGTERM).expect("SIGTERM");
     let status = node
         .daemon

@@ -241,8 +241,9 @@ impl HealthState {
     }
 
     /// Puts an Up backend Down at `now` without a transition to report (`reason`, for the
-    /// status): an upgrade's new daemon taking on the old one's verdict. It then comes back
-    /// as any Down backend does: `rise` successful checks, or the hold-off without them.
+    /// status): an upgrade's new daemon taking on the old one's verdict, or a reload that
+    /// restarts a Down backend's health. It then comes back as any Down backend does: `rise`
+    /// successful checks, or the hold-off without them.
     pub fn start_down(&mut self, reason: String, now: Instant) {
         if self.health == Health::Up {
             self.enter(Health::Down, reason, now);
