@@ -70,7 +70,8 @@
 //! pinned to it are re-placed by the active table, since it cannot serve them), clear it when
 //! it comes back. A draining backend (weight 0, or removed) leaves the table and gets
 //! [`BACKEND_F_DRAINING`], so its existing flows finish on it while a new connection that
-//! reuses one of their 4-tuples is placed by the table.
+//! reuses one of their 4-tuples is placed by the table. So does a backend that waits for its
+//! first health check (one a reload gives back may still carry flows pinned before).
 //!
 //! ## NAT
 //!

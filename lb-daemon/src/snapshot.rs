@@ -30,6 +30,12 @@ pub struct BackendView {
     pub weight: u32,
     /// The health checker's verdict when the snapshot was built.
     pub up: bool,
+    /// Down only until its first health check, sent at once, which has not failed (a
+    /// backend a DNS answer or a reload adds or gives back to a running service): it takes
+    /// no new flow, but flows already on it stay there, as on a draining backend. A
+    /// backend a reload removed and gives back keeps the eBPF flows conntrack pinned to it;
+    /// its server did not change, and re-placing them would cut them.
+    pub awaiting_check: bool,
     /// Live counters, shared across snapshots.
     pub stats: Arc<BackendStats>,
 }
@@ -38,6 +44,12 @@ impl BackendView {
     /// Whether new flows may go to this backend: up and not draining.
     pub fn eligible(&self) -> bool {
         self.up && self.weight > 0
+    }
+
+    /// Whether flows already on this backend stay on it: up, or only
+    /// [awaiting its first check](Self::awaiting_check). A down backend's are re-placed.
+    pub fn keeps_flows(&self) -> bool {
+        self.up || self.awaiting_check
     }
 }
 

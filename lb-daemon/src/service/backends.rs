@@ -302,8 +302,10 @@ impl BackendSet {
     ///   `running` (the service runs and takes flows) and another backend is up to take
     ///   them, Down until its first check ([`HealthState::await_first_check`]); or with the
     ///   health, drain and admin weight it had if it was forgotten less than
-    ///   [`HEALTH_MEMORY`] ago. With no other backend up (every record replaced at once),
-    ///   waiting would refuse every new flow even if the new backends are ready.
+    ///   [`HEALTH_MEMORY`] ago, an Up verdict then waiting for a first check the same way (a
+    ///   container restarted at the same address: its process may still be starting). With
+    ///   no other backend up (every record replaced at once), waiting would refuse every new
+    ///   flow even if the new backends are ready.
     /// - A backend `source` lets go of leaves unless another source still asks for it.
     /// - A leaving backend asked for again returns, with slow start from `now`.
     /// - A weight follows the first source (see [`BackendSource`]); a new one clears the
@@ -337,9 +339,12 @@ impl BackendSet {
                 continue;
             }
             let (rt, admin) = self.new_runtime(address, now);
-            if running && others_up && admin.is_none() {
-                lock(&rt.health).await_first_check(now);
+            // New, or remembered Up; a remembered Down verdict still wants `rise` passes.
+            let mut health = lock(&rt.health);
+            if running && others_up && health.health() == Health::Up {
+                health.await_first_check(now);
             }
+            drop(health);
             let mut b = BackendEntry::new(rt, source.clone(), weight);
             // A configured address that a reload adds back starts afresh, as a reload
             // promises; a DNS answer that returns an address must not undo a drain.
@@ -424,11 +429,15 @@ impl BackendSet {
     pub(super) fn views(&self, slow_start: Option<Duration>, now: Instant) -> Vec<BackendView> {
         self.entries
             .iter()
-            .map(|b| BackendView {
-                address: b.address(),
-                weight: b.effective_weight(slow_start, now),
-                up: lock(&b.rt.health).health() == Health::Up,
-                stats: Arc::clone(&b.rt.stats),
+            .map(|b| {
+                let health = lock(&b.rt.health);
+                BackendView {
+                    address: b.address(),
+                    weight: b.effective_weight(slow_start, now),
+                    up: health.health() == Health::Up,
+                    awaiting_check: health.awaiting_first_check(),
+                    stats: Arc::clone(&b.rt.stats),
+                }
             })
             .collect()
     }
@@ -597,6 +606,43 @@ mod tests {
             lock(&b.rt.health).health(),
             Health::Up,
             "without active checks nothing would bring it up"
+        );
+    }
+
+    /// A backend DNS drops while it is up and gives again (a container restarted at the same
+    /// address) waits for a first check as a new one does, not up on its old verdict; one
+    /// that left down stays down until `rise` passes.
+    #[test]
+    fn a_backend_that_returns_up_to_a_running_service_waits_for_its_first_check() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(30);
+        let dns = BackendSource::Dns("app.test:80".into());
+        let (up, down) = (addr("10.0.0.1:80"), addr("10.0.0.2:80"));
+        let mut set = BackendSet::new(service("tcp").health, &[(addr("10.0.0.9:80"), 1)], t0);
+        set.reconcile(&dns, &[(up, 1), (down, 1)], false, t0);
+        let failed = || Err(crate::health::CheckError::Refused);
+        let d = set.get(down).expect("added");
+        for _ in 0..3 {
+            lock(&d.rt.health).record_check(failed(), t0);
+        }
+        assert_eq!(lock(&d.rt.health).health(), Health::Down);
+        set.reconcile(&dns, &[], true, t0);
+        assert_eq!(set.forget_idle(t0).len(), 2, "both forgotten");
+        set.reconcile(&dns, &[(up, 1), (down, 1)], true, later);
+        let state = |a| {
+            let b = set.get(a).expect("back");
+            let health = lock(&b.rt.health);
+            (health.health(), health.awaiting_first_check())
+        };
+        assert_eq!(
+            state(up),
+            (Health::Down, true),
+            "a backend that left up took new flows again before any check"
+        );
+        assert_eq!(
+            state(down),
+            (Health::Down, false),
+            "a backend that left down must pass `rise` checks, not one"
         );
     }
 

@@ -69,6 +69,7 @@ impl ServiceSpec {
                 address,
                 weight: 1,
                 up: true,
+                awaiting_check: false,
                 stats: Arc::new(BackendStats::default()),
             })
             .collect();

@@ -790,9 +790,9 @@ impl Udp {
 
     /// Whether session `key`'s backend is still up in the service's current table. A
     /// drained backend keeps its sessions, and so does one a reload removed (it stays in the
-    /// table at weight 0 until its last session ends: established flows are never cut); a
-    /// DOWN one does not. Costs one snapshot load per datagram, and a scan of the backends
-    /// only when the table changed.
+    /// table at weight 0 until its last session ends: established flows are never cut), and
+    /// one awaiting its first check; a DOWN one does not. Costs one snapshot load per
+    /// datagram, and a scan of the backends only when the table changed.
     fn backend_still_up(&mut self, key: (u32, u32)) -> bool {
         let Some(s) = self.sessions.get_mut(key.0, key.1) else {
             return false;
@@ -805,7 +805,7 @@ impl Udp {
         snapshot
             .backends
             .iter()
-            .any(|b| b.address == s.backend && b.up)
+            .any(|b| b.address == s.backend && b.keeps_flows())
     }
 
     /// Starts closing a session: it stops receiving client datagrams and gives its place in

@@ -224,14 +224,9 @@ impl Maps {
         for (b, id) in snap.backends.iter().zip(&assigned.ids) {
             // A backend with no id has no BACKENDS entry and no table slot (below).
             let Some(id) = *id else { continue };
-            slot.backends.set_down(id, !b.up);
-            let flags = match (b.up, b.weight) {
-                (false, _) => BACKEND_F_DOWN,
-                (true, 0) => BACKEND_F_DRAINING,
-                (true, _) => 0,
-            };
+            slot.backends.set_down(id, !b.keeps_flows());
             let value = Backend {
-                flags,
+                flags: backend_flags(b),
                 ..Backend::new(b.address)
             };
             self.backends
@@ -567,6 +562,20 @@ impl Maps {
     /// Backend `id`'s counters, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<Counters, MapsError> {
         sum(&self.backend_stats, id).map_err(io(contract::BACKEND_STATS))
+    }
+}
+
+/// The `BACKENDS` flags of a backend of the service: none while it takes new flows; DRAINING
+/// while its pinned flows stay but new ones go elsewhere (weight 0, or
+/// [awaiting its first check](BackendView::awaiting_check)); DOWN when it is down, so its
+/// pinned flows are re-placed.
+pub fn backend_flags(b: &BackendView) -> u8 {
+    if !b.keeps_flows() {
+        BACKEND_F_DOWN
+    } else if b.eligible() {
+        0
+    } else {
+        BACKEND_F_DRAINING
     }
 }
 
@@ -1097,6 +1106,7 @@ mod tests {
             address: address.parse().expect("literal"),
             weight,
             up: true,
+            awaiting_check: false,
             stats: Default::default(),
         })
         .collect();
@@ -1333,6 +1343,28 @@ mod tests {
                 "XDP and the proxy would send flow {key:?} to different backends"
             );
         }
+    }
+
+    /// A backend a reload removes keeps its pinned eBPF flows; given back, it awaits its
+    /// first check, and those flows must stay on it, not be re-placed as a down backend's.
+    #[test]
+    fn a_backend_awaiting_its_first_check_keeps_its_flows_and_takes_no_new_one() {
+        let view = |up, weight, awaiting_check| BackendView {
+            address: "10.200.1.2:80".parse().expect("literal"),
+            weight,
+            up,
+            awaiting_check,
+            stats: Default::default(),
+        };
+        assert_eq!(backend_flags(&view(true, 16, false)), 0);
+        assert_eq!(backend_flags(&view(true, 0, false)), BACKEND_F_DRAINING);
+        assert_eq!(backend_flags(&view(false, 16, false)), BACKEND_F_DOWN);
+        assert_eq!(
+            backend_flags(&view(false, 16, true)),
+            BACKEND_F_DRAINING,
+            "a backend awaiting its first check would have its pinned flows re-placed"
+        );
+        assert!(!view(false, 16, true).eligible(), "it takes no new flow");
     }
 
     #[test]
