@@ -169,6 +169,12 @@ pub struct CarriedBackend {
     /// or the hold-off without active checks, to take flows again.
     #[serde(default)]
     pub down: bool,
+    /// Down only until its first health check (added to the running service, or given back
+    /// by a reload; `down` is also set, for a new daemon of an earlier release): the new
+    /// daemon checks it at once and a pass brings it up, and meanwhile the flows already on
+    /// it stay there (see `BackendView::awaiting_check`).
+    #[serde(default)]
+    pub awaiting_check: bool,
 }
 
 /// A routing table and route protocol number of announced VIPs (`[announce] table` and
@@ -1306,6 +1312,7 @@ mod tests {
             drained: true,
             admin_weight: Some((5, 1)),
             down: true,
+            awaiting_check: false,
         }
     }
 

@@ -143,14 +143,20 @@ impl ServiceRuntime {
     }
 
     /// What of this service's backends an upgrade carries to the new daemon: each backend
-    /// the admin API drained or weighed, or that is down, and not leaving.
+    /// the admin API drained or weighed, or that is down (or awaits its first check), and
+    /// not leaving.
     pub fn carried(&self) -> Vec<CarriedBackend> {
         let st = lock(&self.state);
         st.backends
             .iter()
             .filter(|b| !b.removing())
             .filter_map(|b| {
-                let down = lock(&b.rt.health).health() == Health::Down;
+                let health = lock(&b.rt.health);
+                let (down, awaiting_check) = (
+                    health.health() == Health::Down,
+                    health.awaiting_first_check(),
+                );
+                drop(health);
                 let drained = b.weight.drained();
                 let admin_weight = b.weight.admin().map(|w| (w, b.weight.configured()));
                 (down || drained || admin_weight.is_some()).then(|| CarriedBackend {
@@ -159,6 +165,7 @@ impl ServiceRuntime {
                     drained,
                     admin_weight,
                     down,
+                    awaiting_check,
                 })
             })
             .collect()
@@ -175,13 +182,17 @@ impl ServiceRuntime {
         let mut taken = Vec::new();
         for c in carried.iter().filter(|c| c.service == self.name) {
             let Some(b) = st.backends.get_mut(c.address) else {
+                // Remembered up, one awaiting its first check awaits it again when DNS gives it.
+                let down = c.down && !c.awaiting_check;
                 st.backends
-                    .remember(c.address, (c.drained, c.admin_weight), c.down, now);
+                    .remember(c.address, (c.drained, c.admin_weight), down, now);
                 taken.push(format!("{} (when DNS gives it)", c.address));
                 continue;
             };
             b.weight.carry_over(c.drained, c.admin_weight);
-            if c.down {
+            if c.awaiting_check {
+                lock(&b.rt.health).await_first_check(now);
+            } else if c.down {
                 let why = "down before the service was restarted (an upgrade, or a move)";
                 lock(&b.rt.health).start_down(why.into(), now);
             }
@@ -192,7 +203,9 @@ impl ServiceRuntime {
             if let Some(w) = b.weight.admin() {
                 what.push(format!("weight {w} (set through the admin API)"));
             }
-            if c.down {
+            if c.awaiting_check {
+                what.push("waiting for its first check".to_string());
+            } else if c.down {
                 what.push("down until its checks pass".to_string());
             }
             taken.push(format!("{} {}", c.address, what.join(", ")));
@@ -294,6 +307,42 @@ mod tests {
     use super::*;
     use crate::service::testing::service;
 
+    /// A backend that awaits its first check when the upgrade comes (a reload gave it back,
+    /// and it still carries flows pinned before) awaits it in the new daemon too: down, it
+    /// would need `rise` checks, and its pinned eBPF flows would be re-placed meanwhile.
+    #[test]
+    fn an_upgrade_carries_a_backend_awaiting_its_first_check_as_awaiting_it() {
+        let b2: SocketAddr = "127.0.0.1:9002".parse().expect("literal");
+        let old = ServiceRuntime::new(0, service("tcp")).expect("builds");
+        {
+            let st = lock(&old.state);
+            let b = st.backends.get(b2).expect("a backend");
+            lock(&b.rt.health).await_first_check(Instant::now());
+        }
+        let carried = old.carried();
+        assert_eq!(
+            carried
+                .iter()
+                .map(|c| (c.address, c.down, c.awaiting_check))
+                .collect::<Vec<_>>(),
+            vec![(b2, true, true)],
+            "carried as awaiting, and as down for a new daemon of an earlier release"
+        );
+
+        let new = ServiceRuntime::new(1, service("tcp")).expect("builds");
+        new.carry_over(&carried);
+        let snap = new.snapshot().load_full();
+        let b = snap.backends.iter().find(|b| b.address == b2).expect("in");
+        assert!(!b.eligible(), "no new flow before its first check");
+        assert!(b.keeps_flows(), "the flows already on it stay there");
+        let st = lock(&new.state);
+        let mut health = lock(&st.backends.get(b2).expect("a backend").rt.health);
+        assert!(
+            health.record_check(Ok(()), Instant::now()).is_some(),
+            "its first passing check brings it up, whatever `rise`"
+        );
+    }
+
     #[test]
     fn an_upgrade_carries_drains_admin_weights_and_down_backends_to_the_new_daemon() {
         let addr = |s: &str| -> SocketAddr { s.parse().expect("literal") };
@@ -320,6 +369,7 @@ mod tests {
                     drained: true,
                     admin_weight: None,
                     down: false,
+                    awaiting_check: false,
                 },
                 CarriedBackend {
                     service: "web".into(),
@@ -327,6 +377,7 @@ mod tests {
                     drained: false,
                     admin_weight: Some((7, 1)),
                     down: true,
+                    awaiting_check: false,
                 },
             ],
             "b3 (configured weight 0, up, untouched) has nothing to carry"

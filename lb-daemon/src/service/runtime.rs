@@ -914,6 +914,7 @@ kind = "none"
             drained,
             admin_weight: None,
             down,
+            awaiting_check: false,
         };
         rt.carry_over(&[carried(a, true, false), carried(b, false, true)]);
         rt.set_discovered("n.test:9100", &[a, b, addr("10.0.0.3:9100")]);
