@@ -24,7 +24,7 @@ use lb_common::maps::MAX_TABLE_SIZE;
 use tracing::{error, info, warn};
 
 use crate::config::{
-    DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
+    CheckKind, DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
 };
 use crate::dataplane::proxy::{Proxy, ProxyError};
 use crate::dataplane::xdp::iface_kind::{self, InterfaceKind, KindError};
@@ -596,6 +596,19 @@ impl Planes {
             service.scheduler,
             service.backends.len()
         );
+        if placement.on_xdp() && service.health.kind == CheckKind::None {
+            // The default of a UDP service; the proxy counts failures, the eBPF plane cannot.
+            warn!(
+                "service {}: no active health checks (health kind \"none\"), and the eBPF \
+                 data plane sees no failed connects: a backend that stops answering keeps its \
+                 share of flows. Set [service.health] kind = \"{}\" to take dead backends out",
+                service.name,
+                match service.protocol {
+                    Protocol::Tcp => "tcp",
+                    Protocol::Udp => "udp",
+                }
+            );
+        }
         Ok(placement)
     }
 

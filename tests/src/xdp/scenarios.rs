@@ -118,6 +118,15 @@ pub fn transfer_and_udp(path: Path) {
         by_backend.len() >= 2,
         "{path:?}: 30 UDP clients were all answered by one backend: {by_backend:?}"
     );
+    // The DSR `dns` service runs with no active checks, which the eBPF plane cannot replace
+    // with failed connects: the daemon must say so, the NAT one (checked) must not.
+    let warned =
+        (world.daemon.logs().iter()).any(|l| l.contains("service dns: no active health checks"));
+    assert_eq!(
+        warned,
+        mode == Mode::Dsr,
+        "{path:?}: the warning that dead backends of an unchecked eBPF service stay in"
+    );
     if path.plane == Plane::Tc {
         // The upload's packets went to the backend's namespace through peer redirects (NAT),
         // which skip the balancer's veth transmit and so its tx counters; DSR tunnel packets
