@@ -634,9 +634,10 @@ pub const MODE_DSR: u8 = 2;
 /// [`Backend::flags`] bit: the backend is down; conntrack entries pointing at it are ignored
 /// and their flows re-placed by the active table. Clear for up and for draining backends.
 pub const BACKEND_F_DOWN: u8 = 1;
-/// [`Backend::flags`] bit: the backend is draining (weight 0, or removed and kept for its
-/// pinned flows): its conntrack entries hold, but a TCP SYN (without ACK) that meets one is a
-/// new connection reusing an old 4-tuple, and is placed by the active table instead.
+/// [`Backend::flags`] bit: the backend is draining (weight 0, removed and kept for its
+/// pinned flows, or waiting for its first health check): its conntrack entries hold, but a
+/// TCP SYN (without ACK) that meets one is a new connection reusing an old 4-tuple, and is
+/// placed by the active table instead.
 pub const BACKEND_F_DRAINING: u8 = 2;
 
 /// [`CtEntry::flags`] bit: the flow holds one of its client's connection slots

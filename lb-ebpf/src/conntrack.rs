@@ -135,7 +135,8 @@ pub fn place(
         let due = idle >= CT_REFRESH_SECS;
         let aged = syn && due && past_idle_timeout(idle, service_id);
         let closed = syn && tcp && entry.flags & CT_F_CLOSED != 0;
-        // A lone SYN on an entry pinned to a draining backend (weight 0 or removed) is a new
+        // A lone SYN on an entry pinned to a draining backend (weight 0, removed, or waiting
+        // for its first health check) is a new
         // connection reusing the 4-tuple: the draining backend takes no new connections. On
         // an entry made in mid-stream it starts the flow the limits have not seen.
         let reused = syn
@@ -159,7 +160,8 @@ pub fn place(
         if !fresh {
             if let Some(backend) = BACKENDS.get(entry.backend) {
                 // A backend that went down cannot serve the flow: place it anew. A draining
-                // one (weight 0 or removed, not down) keeps its flows.
+                // one (weight 0, removed, or awaiting its first check; not down) keeps its
+                // flows.
                 if backend.family == service.family && backend.flags & BACKEND_F_DOWN == 0 {
                     if due {
                         // A counted flow back from an idle that expired its slot: the sweep

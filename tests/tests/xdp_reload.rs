@@ -822,7 +822,7 @@ fn a_backend_dns_adds_takes_no_flow_before_its_first_check() {
     assert_eq!(listed["health"], "down", "b3 has no server: {listed}");
     world
         .daemon
-        .wait_for_log_after(mark, "first health check of a backend added", FOLLOW)
+        .wait_for_log_after(mark, "stays DOWN: its first health check failed", FOLLOW)
         .unwrap_or_else(|e| panic!("b3's failed first check was not logged: {e}"));
     assert_eq!(
         (&listed["total"], &listed["xdp"]["flows"]),

@@ -98,7 +98,9 @@ impl From<io::Error> for CheckError {
     }
 }
 
-/// A change of a backend's [`Health`], for the log and for rebuilding the service's snapshot.
+/// A change of a backend's [`Health`], for the log and for rebuilding the service's snapshot;
+/// or, from Down to Down, the failed first check of a backend that waited for it
+/// ([`HealthState::await_first_check`]): the flows it kept while it waited are re-placed.
 #[derive(Debug, Clone)]
 pub struct Transition {
     /// The state the backend left.
@@ -265,7 +267,9 @@ impl HealthState {
         if self.health == Health::Up {
             self.enter(
                 Health::Down,
-                "added; waiting for its first health check".into(),
+                "waiting for its first health check (added or given back to a running \
+                 service)"
+                    .into(),
                 now,
             );
         }
@@ -286,9 +290,10 @@ impl HealthState {
     /// Records the result of an active check finished at `now`. Returns the transition it
     /// causes, if any: Up -> Down on the `fall`-th consecutive failure, Down -> Up on the
     /// `rise`-th consecutive success, or on the first check's success for a backend
-    /// [awaiting it](Self::await_first_check). A [`CheckError::Local`] result is unknown: it
-    /// neither breaks nor extends a streak, only counts in
-    /// [`unknown_checks`](Self::unknown_checks), and is not a first check.
+    /// [awaiting it](Self::await_first_check); Down -> Down on that first check's failure
+    /// (the flows the backend kept while it waited are then re-placed). A
+    /// [`CheckError::Local`] result is unknown: it neither breaks nor extends a streak, only
+    /// counts in [`unknown_checks`](Self::unknown_checks), and is not a first check.
     pub fn record_check(
         &mut self,
         result: Result<(), CheckError>,
@@ -318,9 +323,21 @@ impl HealthState {
                 None
             }
             Err(error) => {
-                self.awaiting_first_check = false;
+                let first = std::mem::take(&mut self.awaiting_first_check);
                 self.failed_checks = self.failed_checks.saturating_add(1);
-                self.failure(&error.to_string(), now)
+                match self.failure(&error.to_string(), now) {
+                    // Its flows were kept while it waited (`BackendView::awaiting_check`);
+                    // known dead now, they must be re-placed: the snapshot is rebuilt.
+                    None if first && self.health == Health::Down => {
+                        let reason = format!(
+                            "its first health check failed ({error}); it needs {} passing \
+                             checks",
+                            self.rise.max(1)
+                        );
+                        Some(self.enter(Health::Down, reason, now))
+                    }
+                    transition => transition,
+                }
             }
         };
         self.last_check = Some(result);
@@ -615,18 +632,6 @@ pub async fn monitor(
                 // Replaced (a reload) while this check ran: its result is of the old check.
                 return;
             }
-            let first = state.awaiting_first_check();
-            if let (true, Err(error)) = (first, &result) {
-                if !matches!(error, CheckError::Local(_)) {
-                    // No transition to log: it was Down already, waiting for this check.
-                    tracing::warn!(
-                        backend = %target,
-                        "the first health check of a backend added to a running service \
-                         failed ({error}); it stays down until {} checks pass",
-                        check.rise.max(1)
-                    );
-                }
-            }
             state.record_check(result, Instant::now())
         };
         if let Some(transition) = transition {
@@ -752,9 +757,10 @@ mod tests {
 
         let mut failing = HealthState::new(3, 3, t0);
         failing.await_first_check(t0);
-        assert!(failing
+        let failed = failing
             .record_check(Err(CheckError::Refused), at(t0, 1))
-            .is_none());
+            .expect("a failed first check is reported: the flows kept meanwhile are re-placed");
+        assert_eq!((failed.from, failed.to), (Health::Down, Health::Down));
         assert!(!failing.awaiting_first_check());
         for k in 2..4 {
             assert!(

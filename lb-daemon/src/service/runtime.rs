@@ -325,6 +325,10 @@ impl ServiceRuntime {
             None => "table unchanged".to_string(),
         };
         match t.to {
+            Health::Down if t.from == Health::Down => warn!(
+                "backend {backend} of service {} stays DOWN: {}; it waited {held} ({table})",
+                self.name, t.reason
+            ),
             Health::Down => warn!(
                 "backend {backend} of service {} is DOWN: {}; it was {} for {held} ({table})",
                 self.name, t.reason, t.from
@@ -1232,6 +1236,44 @@ kind = "none"
             100 * WEIGHT_SCALE,
             "the forgotten entry's transition started a slow start on its successor"
         );
+    }
+
+    /// A backend waiting for its first check keeps the flows already on it (a reload gave it
+    /// back); once that check fails the snapshot must say so, or the flows stay on a dead
+    /// server until some other change republishes.
+    #[tokio::test]
+    async fn a_failed_first_check_takes_the_kept_flows_off_the_backend() {
+        let checked = |statics: &[&str]| {
+            let mut c = with_backends(statics, &[]);
+            c.health.kind = CheckKind::Tcp;
+            c.health.interval = Duration::from_secs(3600);
+            c
+        };
+        // A port nothing listens on: the first check, sent at once, is refused.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .to_string();
+        let rt = ServiceRuntime::new(0, checked(&["127.0.0.1:9001"])).expect("builds");
+        rt.start();
+        rt.update(checked(&["127.0.0.1:9001", &dead]));
+        let view = |rt: &ServiceRuntime| {
+            (rt.snapshot().load().backends.iter())
+                .find(|b| b.address == addr(&dead))
+                .cloned()
+                .expect("listed")
+        };
+        let until = Instant::now() + Duration::from_secs(5);
+        while view(&rt).keeps_flows() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let b = view(&rt);
+        rt.stop();
+        assert!(
+            !b.keeps_flows(),
+            "the failed first check was not published: the backend keeps its flows"
+        );
+        assert!(!b.eligible());
     }
 
     #[tokio::test]

@@ -149,7 +149,9 @@ impl BackendIds {
         out
     }
 
-    /// Records whether backend `id` is down in the snapshot being written.
+    /// Records whether backend `id` is down in the snapshot being written, in the sense of
+    /// `BACKEND_F_DOWN`: its pinned flows are re-placed (one waiting for its first health
+    /// check is not).
     pub fn set_down(&mut self, id: u32, down: bool) {
         if down {
             self.down.insert(id);

@@ -580,7 +580,8 @@ pub fn backend_flags(b: &BackendView) -> u8 {
 }
 
 /// The `BACKENDS` flags of a backend that left its service: DRAINING, and DOWN too when it
-/// was down when it left.
+/// was down when it left (DOWN in [`backend_flags`]' sense: not one that waited for its
+/// first check).
 pub fn leaving_flags(down: bool) -> u8 {
     if down {
         BACKEND_F_DOWN | BACKEND_F_DRAINING
