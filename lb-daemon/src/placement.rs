@@ -528,7 +528,8 @@ impl Planes {
 
     /// Decides where `service` runs and starts it there, from `handle`'s current snapshot;
     /// logs the decision (`service NAME: listening on VIP/PROTO with the PLACEMENT, ...`) and,
-    /// for an `auto` service that the eBPF plane could not take, a warning with the reason.
+    /// for an `auto` service that the eBPF plane could not take, a warning with the reason;
+    /// for one on the eBPF plane without active checks, [`warn_if_unchecked_on_ebpf`]'s.
     ///
     /// Returns the placement; `Err(PlaceError::XdpImpossible)` for an `xdp` or `tc` service
     /// the eBPF plane cannot carry at that hook, `Err(PlaceError::Proxy)` when the proxy cannot take it (a listen
@@ -596,18 +597,8 @@ impl Planes {
             service.scheduler,
             service.backends.len()
         );
-        if placement.on_xdp() && service.health.kind == CheckKind::None {
-            // The default of a UDP service; the proxy counts failures, the eBPF plane cannot.
-            warn!(
-                "service {}: no active health checks (health kind \"none\"), and the eBPF \
-                 data plane sees no failed connects: a backend that stops answering keeps its \
-                 share of flows. Set [service.health] kind = \"{}\" to take dead backends out",
-                service.name,
-                match service.protocol {
-                    Protocol::Tcp => "tcp",
-                    Protocol::Udp => "udp",
-                }
-            );
+        if placement.on_xdp() {
+            warn_if_unchecked_on_ebpf(service);
         }
         Ok(placement)
     }
@@ -923,6 +914,31 @@ fn native_failure(e: &XdpPlaneError) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Warns that `service`, on the eBPF data plane, has no active health checks (health kind
+/// "none", a UDP service's default): the proxy counts failed connects and ICMP errors as
+/// failures, the eBPF plane sees none, so a backend that stops answering keeps its share of
+/// flows. Called when the service is placed and when a reload turns its checks off.
+pub fn warn_if_unchecked_on_ebpf(service: &Service) {
+    if service.health.kind != CheckKind::None {
+        return;
+    }
+    let advice = match (service.protocol, service.xdp.forwarding) {
+        (Protocol::Tcp, _) => "kind = \"tcp\"",
+        // A DSR backend answers its clients from the VIP, not from the address checked.
+        (Protocol::Udp, Forwarding::Dsr) => {
+            "kind = \"udp\" (with DSR, each backend must also answer the check on its own \
+             address)"
+        }
+        (Protocol::Udp, _) => "kind = \"udp\"",
+    };
+    warn!(
+        "service {}: no active health checks (health kind \"none\"), and the eBPF data plane \
+         sees no failed connects: a backend that stops answering keeps its share of flows. \
+         Set [service.health] {advice} to take dead backends out",
+        service.name
+    );
 }
 
 #[cfg(test)]

@@ -361,6 +361,13 @@ pub fn apply_config(control: &Control, new: Config) -> Result<String, ReloadErro
     for (runtime, service) in plan.update {
         if runtime.config() != service {
             updated.push(service.name.clone());
+            let unchecked = crate::config::CheckKind::None;
+            if service.health.kind == unchecked
+                && runtime.config().health.kind != unchecked
+                && control.on_xdp(runtime.index())
+            {
+                crate::placement::warn_if_unchecked_on_ebpf(&service);
+            }
             runtime.update(service);
         }
     }

@@ -161,7 +161,8 @@ pub struct HealthState {
     rise: u32,
     fall: u32,
     health: Health,
-    /// When `health` last changed (or the state was created).
+    /// When `health` last changed (or the state was created); a failed first check, Down ->
+    /// Down, leaves it.
     since: Instant,
     /// Consecutive successful active checks; only counts towards `rise` while Down.
     successes: u32,
@@ -178,12 +179,13 @@ pub struct HealthState {
     retry_at: Option<Instant>,
     /// Put back Up after a hold-off and not seen working since: one failure takes it Down.
     on_trial: bool,
-    /// Added to a running service and Down until its first active check, which brings it Up
-    /// if it passes ([`HealthState::await_first_check`]).
+    /// Down until its first active check, which brings it Up if it passes (added or given
+    /// back to a running service, or carried so by an upgrade; see
+    /// [`HealthState::await_first_check`]).
     awaiting_first_check: bool,
     /// The latest passive failure, as the transition reasons word it.
     last_failure: Option<String>,
-    /// Why the latest Up -> Down transition happened.
+    /// Why the latest transition to Down happened (Up -> Down, or a failed first check).
     down_reason: Option<String>,
     /// Active checks that could not run for want of local resources ([`CheckError::Local`]).
     unknown_checks: u64,
@@ -252,8 +254,9 @@ impl HealthState {
         }
     }
 
-    /// Puts a backend that is added to a running service (a DNS answer, a reload) Down at
-    /// `now` until its first active check: a pass brings it Up at once, whatever `rise`; a
+    /// Puts a backend that is added or given back to a running service (a DNS answer, a
+    /// reload; or one an upgrade carries as waiting) Down at `now` until its first active
+    /// check: a pass brings it Up at once, whatever `rise`; a
     /// failure leaves it Down, to come Up after `rise` passes as any Down backend. Started Up
     /// as at the daemon's start, a backend that is not serving yet (a container whose
     /// process is still starting) would take new flows until `fall` checks failed, and the
@@ -267,9 +270,7 @@ impl HealthState {
         if self.health == Health::Up {
             self.enter(
                 Health::Down,
-                "waiting for its first health check (added or given back to a running \
-                 service)"
-                    .into(),
+                "waiting for its first health check".into(),
                 now,
             );
         }
@@ -329,12 +330,18 @@ impl HealthState {
                     // Its flows were kept while it waited (`BackendView::awaiting_check`);
                     // known dead now, they must be re-placed: the snapshot is rebuilt.
                     None if first && self.health == Health::Down => {
-                        let reason = format!(
-                            "its first health check failed ({error}); it needs {} passing \
-                             checks",
-                            self.rise.max(1)
-                        );
-                        Some(self.enter(Health::Down, reason, now))
+                        let reason = match self.rise {
+                            1 => format!("its first health check failed ({error})"),
+                            rise => format!(
+                                "its first health check failed ({error}); it needs {rise} \
+                                 passing checks"
+                            ),
+                        };
+                        // Down since it began to wait: `since` stays.
+                        let since = self.since;
+                        let transition = self.enter(Health::Down, reason, now);
+                        self.since = since;
+                        Some(transition)
                     }
                     transition => transition,
                 }

@@ -203,7 +203,7 @@ impl ServiceRuntime {
             if let Some(w) = b.weight.admin() {
                 what.push(format!("weight {w} (set through the admin API)"));
             }
-            if c.awaiting_check {
+            if lock(&b.rt.health).awaiting_first_check() {
                 what.push("waiting for its first check".to_string());
             } else if c.down {
                 what.push("down until its checks pass".to_string());

@@ -119,13 +119,18 @@ pub fn transfer_and_udp(path: Path) {
         "{path:?}: 30 UDP clients were all answered by one backend: {by_backend:?}"
     );
     // The DSR `dns` service runs with no active checks, which the eBPF plane cannot replace
-    // with failed connects: the daemon must say so, the NAT one (checked) must not.
-    let warned =
-        (world.daemon.logs().iter()).any(|l| l.contains("service dns: no active health checks"));
+    // with failed connects: the daemon must say so, the NAT one (checked) must not. A UDP
+    // check of a DSR backend needs it to answer on its own address too: the advice says so.
+    let warning = (world.daemon.logs().into_iter())
+        .find(|l| l.contains("service dns: no active health checks"));
     assert_eq!(
-        warned,
+        warning.is_some(),
         mode == Mode::Dsr,
         "{path:?}: the warning that dead backends of an unchecked eBPF service stay in"
+    );
+    assert!(
+        (warning.as_ref()).is_none_or(|l| l.contains("answer the check on its own address")),
+        "{path:?}: the advice for a DSR UDP service must say what its backends need: {warning:?}"
     );
     if path.plane == Plane::Tc {
         // The upload's packets went to the backend's namespace through peer redirects (NAT),
