@@ -72,7 +72,7 @@ pub fn resolve_now(names: &[DnsBackend], limit: Duration) -> Vec<(DnsBackend, Ve
                 use std::net::ToSocketAddrs;
                 let found: BTreeSet<SocketAddr> = (asked.host.as_str(), asked.port)
                     .to_socket_addrs()
-                    .map(|a| a.collect())
+                    .map(|a| a.map(canonical).collect())
                     .unwrap_or_default();
                 let _ = tx.send((asked, found));
             });
@@ -92,11 +92,18 @@ pub fn resolve_now(names: &[DnsBackend], limit: Duration) -> Vec<(DnsBackend, Ve
     answers
 }
 
+/// `a` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, which a resolver may return)
+/// made IPv4: the same backend as the A record's, not a second one.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 /// The addresses `name` resolves to now, deduplicated and sorted. An empty answer is an
 /// error: the resolver returns at least one record or fails.
 pub async fn resolve(name: &DnsBackend) -> std::io::Result<BTreeSet<SocketAddr>> {
     let found: BTreeSet<SocketAddr> = tokio::net::lookup_host((name.host.as_str(), name.port))
         .await?
+        .map(canonical)
         .collect();
     if found.is_empty() {
         return Err(std::io::Error::new(

@@ -966,20 +966,26 @@ mod tests {
         let on_host: std::net::SocketAddr = "127.0.0.1:80".parse().expect("literal");
         let keys = |interface: &str, forwarding: &str| {
             format!(
-                "interface = \"{interface}\"\nlocal_address = \"127.0.0.1\"\n\
+                "interface = \"{interface}\"\nlocal_address = \"10.200.0.1\"\n\
                  forwarding = \"{forwarding}\""
             )
         };
-        let nat = service("10.200.100.1:80", &keys("lo", "nat"));
+        // The route to a backend on this host is asked from an address of the host; the
+        // config refuses a loopback `local_address`, so it is set here past the validation.
+        let on_loopback = |mut s: Service| {
+            s.xdp.local_addresses = vec![on_host.ip()];
+            s
+        };
+        let nat = on_loopback(service("10.200.100.1:80", &keys("lo", "nat")));
         let got = backends_elsewhere(&nat, [on_host]);
         assert_eq!(got, Some(NotOnXdp::BackendLocal(on_host)));
         assert!(got
             .expect("a reason")
             .to_string()
             .contains("127.0.0.1:80 is an address of this host"));
-        let dsr = service("10.200.100.1:80", &keys("lo", "dsr"));
+        let dsr = on_loopback(service("10.200.100.1:80", &keys("lo", "dsr")));
         assert_eq!(backends_elsewhere(&dsr, [on_host]), None);
-        let missing = service("10.200.100.1:80", &keys("lbt-none0", "nat"));
+        let missing = on_loopback(service("10.200.100.1:80", &keys("lbt-none0", "nat")));
         assert_eq!(backends_elsewhere(&missing, [on_host]), None);
     }
 
@@ -1021,7 +1027,7 @@ mod tests {
             ),
             (
                 "127.0.0.1:80",
-                "interface = \"eth0\"\nlocal_address = \"127.0.0.1\"".to_string(),
+                "interface = \"eth0\"\nlocal_address = \"10.200.0.1\"".to_string(),
                 "loopback address",
             ),
             (

@@ -151,16 +151,26 @@ pub fn plan(
 /// (interfaces, forwarding, local address, SNAT ports) and `table_size` are written when it
 /// is placed, and a config XDP could not run (another scheduler, proxy-only settings) would
 /// be accepted and then ignored. Its backends, weights, health checks and DNS names change
-/// live; removing or moving it drains it out of the maps.
+/// live; removing or moving it drains it out of the maps. A service on the proxy (an `auto`
+/// one the eBPF plane did not take) cannot take new eBPF settings either: they are read
+/// only when a service is placed.
 ///
 /// Returns `Err(ReloadError::NeedsRestart)` naming the service and why.
 pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), ReloadError> {
     let refuse = |why: String| Err(ReloadError::NeedsRestart(why));
     for (r, new) in &plan.update {
+        let old = r.config();
         if !on_xdp(r.index()) {
+            if old.xdp != new.xdp {
+                return refuse(format!(
+                    "service `{}` runs on the proxy: its eBPF settings (interfaces, \
+                     forwarding, addresses, SNAT ports) are read only when it is placed, so \
+                     they change by restart (or rename the service to replace it)",
+                    new.name
+                ));
+            }
             continue;
         }
-        let old = r.config();
         if old.xdp != new.xdp || old.table_size != new.table_size {
             return refuse(format!(
                 "service `{}` runs on the eBPF data plane: its interfaces, forwarding, \
@@ -664,6 +674,16 @@ address = "127.0.0.1:9001"
             let why = xdp_guard(&p, on_xdp).expect_err(extra).to_string();
             assert!(why.contains(words), "`{extra}` on an XDP service: {why}");
         }
+        // The same `auto` service on the proxy (the eBPF plane did not take it): new eBPF
+        // settings would be reported as applied and be ignored until a restart.
+        let on_proxy = |_: usize| false;
+        let p = plan(&old, &xdp("forwarding = \"dsr\"", 1), &running(&old)).expect("planned");
+        let why = xdp_guard(&p, on_proxy)
+            .expect_err("dsr on a proxy service")
+            .to_string();
+        assert!(why.contains("runs on the proxy"), "{why}");
+        let p = plan(&old, &xdp("access_log = true", 5), &running(&old)).expect("planned");
+        xdp_guard(&p, on_proxy).expect("the proxy takes its own settings in place");
     }
 
     #[test]

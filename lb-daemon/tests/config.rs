@@ -179,6 +179,37 @@ rejected! {
     ];
 }
 
+/// An IPv4 address in its IPv4-mapped IPv6 form would slip past the checks that compare
+/// addresses as written (a backend that is the service's own address, two services on one
+/// VIP, the admin API's address): refused, with the form to write.
+#[test]
+fn ipv4_mapped_addresses_are_refused_with_their_ipv4_form() {
+    let own = GOOD.replace("127.0.0.1:9001", "[::ffff:127.0.0.1]:8080");
+    rejects(
+        &own,
+        8,
+        "service[0].backend[0].address",
+        "write it as 127.0.0.1:8080",
+    );
+    let listen = GOOD.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"[::ffff:10.0.0.1]:80\"",
+    );
+    rejects(&listen, 4, "service[0].listen", "write it as 10.0.0.1:80");
+    let admin = format!("[admin]\nlisten = \"[::ffff:127.0.0.1]:9100\"\n{GOOD}");
+    rejects(&admin, 2, "admin.listen", "write it as 127.0.0.1:9100");
+}
+
+/// A socket path the kernel cannot bind is refused at its line, not at the daemon's start.
+#[test]
+fn socket_paths_longer_than_a_unix_socket_takes_are_refused() {
+    let long = format!("/run/{}/admin.sock", "d".repeat(100));
+    let admin = format!("[admin]\nsocket = \"{long}\"\n{GOOD}");
+    rejects(&admin, 2, "admin.socket", "at most 107");
+    let upgrade = format!("[global]\nupgrade_socket = \"{long}\"\n{GOOD}");
+    rejects(&upgrade, 2, "global.upgrade_socket", "at most 107");
+}
+
 #[test]
 fn same_port_for_tcp_and_udp_is_fine() {
     let text = format!("{GOOD}\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");

@@ -143,7 +143,7 @@ pub async fn serve(
         // A unix socket's path holds at most 107 bytes: a longer one is bound in place, as
         // before (a stopped upgrade then takes the old daemon's path away).
         let at = match inherited {
-            Some(_) if beside.as_os_str().len() <= MAX_SOCKET_PATH => {
+            Some(_) if beside.as_os_str().len() <= crate::config::MAX_SOCKET_PATH => {
                 // Made first: it removes the path whatever fails after the bind.
                 pending = Some(PendingSocket {
                     at: beside.clone(),
@@ -185,9 +185,6 @@ pub async fn serve(
         pending,
     })
 }
-
-/// The longest path a unix socket may be bound at (`sun_path` less its closing NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// The kind [`crate::handover`] names the admin API's TCP listener by.
 pub const ADMIN_SOCKET: &str = "admin";

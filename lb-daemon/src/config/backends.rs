@@ -199,6 +199,9 @@ fn parse_backend_address(text: &str) -> Result<BackendAddress, String> {
         if a.port() == 0 {
             return Err(format!("`{text}` has port 0; a backend needs a real port"));
         }
+        if let Some(message) = super::validate::ipv4_mapped(a.ip(), Some(a.port())) {
+            return Err(message);
+        }
         return Ok(Ok(a));
     }
     let hint = "write it as \"IPv4:port\", \"[IPv6]:port\" or \"name:port\"";

@@ -32,6 +32,10 @@ pub use raw::MAX_DURATION;
 use validate::Validator;
 pub use xdp::{Forwarding, XdpSettings, DEFAULT_SNAT_PORT_HOLD, MAX_SNAT_PORT_HOLD};
 
+/// The longest path a unix socket can be bound at: `sun_path`'s 108 bytes less the closing
+/// NUL (unix(7)). Longer `[admin] socket` and `upgrade_socket` paths are refused.
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// The largest backend weight; 0 means draining. The same range as HAProxy's `weight`.
 pub const MAX_WEIGHT: u32 = 256;
 pub use crate::maglev::DEFAULT_TABLE_SIZE;

@@ -5,7 +5,7 @@
 //! steps below is part of the behaviour (the tests assert which error a file gets).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
@@ -230,6 +230,13 @@ impl Validator<'_> {
             bpf_object: raw.bpf_object,
             upgrade_socket: match raw.upgrade_socket {
                 None => None,
+                Some(p) if p.get_ref().as_os_str().len() > super::MAX_SOCKET_PATH => {
+                    return Err(self.invalid(
+                        p.span(),
+                        "global.upgrade_socket".into(),
+                        too_long(p.get_ref()),
+                    ))
+                }
                 Some(p) if p.get_ref().is_absolute() => Some(p.into_inner()),
                 Some(p) => {
                     return Err(self.invalid(
@@ -266,20 +273,29 @@ impl Validator<'_> {
         let listen = match raw.listen {
             None => Some(DEFAULT_ADMIN_LISTEN),
             Some(l) if l.get_ref().trim().is_empty() => None,
-            Some(l) => Some(l.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
-                self.invalid(
-                    l.span(),
-                    "admin.listen".into(),
-                    format!(
-                        "`{}` is not an address like \"127.0.0.1:9100\" (or \"\" for the socket \
-                         only)",
-                        l.get_ref()
-                    ),
-                )
-            })?),
+            Some(l) => {
+                let at = l.get_ref().trim().parse::<SocketAddr>().map_err(|_| {
+                    self.invalid(
+                        l.span(),
+                        "admin.listen".into(),
+                        format!(
+                            "`{}` is not an address like \"127.0.0.1:9100\" (or \"\" for the \
+                             socket only)",
+                            l.get_ref()
+                        ),
+                    )
+                })?;
+                if let Some(message) = ipv4_mapped(at.ip(), Some(at.port())) {
+                    return Err(self.invalid(l.span(), "admin.listen".into(), message));
+                }
+                Some(at)
+            }
         };
         let socket = match raw.socket {
             None => None,
+            Some(p) if p.get_ref().as_os_str().len() > super::MAX_SOCKET_PATH => {
+                return Err(self.invalid(p.span(), "admin.socket".into(), too_long(p.get_ref())))
+            }
             Some(p) if p.get_ref().is_absolute() => Some(p.into_inner()),
             Some(p) => {
                 return Err(self.invalid(
@@ -407,6 +423,9 @@ impl Validator<'_> {
         }
         let listen_span = svc.listen.span();
         let listen = *svc.listen.get_ref();
+        if let Some(message) = ipv4_mapped(listen.ip(), Some(listen.port())) {
+            return Err(self.invalid(listen_span, format!("service[{i}].listen"), message));
+        }
         if let Some(other) = listens.insert((listen, svc.protocol), name.clone()) {
             return Err(self.invalid(
                 listen_span,
@@ -575,6 +594,30 @@ fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     let covers =
         |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
     a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// The message for a socket path longer than [`super::MAX_SOCKET_PATH`].
+fn too_long(path: &Path) -> String {
+    format!(
+        "`{}` is {} bytes long; a unix socket path has at most {}",
+        path.display(),
+        path.as_os_str().len(),
+        super::MAX_SOCKET_PATH
+    )
+}
+
+/// The message for an IPv4 address written in its IPv4-mapped IPv6 form (`::ffff:a.b.c.d`):
+/// the checks that compare addresses (duplicate VIPs and backends, a backend that is the
+/// service's own address, the admin API's address) compare them as written, and the
+/// eBPF plane would key such a VIP as IPv6, which no IPv4 packet matches. `None` for any
+/// other address.
+pub(super) fn ipv4_mapped(ip: IpAddr, port: Option<u16>) -> Option<String> {
+    let IpAddr::V6(v6) = ip else { return None };
+    let v4 = v6.to_ipv4_mapped()?;
+    let plain = port.map_or_else(|| v4.to_string(), |p| format!("{v4}:{p}"));
+    Some(format!(
+        "`{ip}` is an IPv4 address in its IPv4-mapped IPv6 form; write it as {plain}"
+    ))
 }
 
 #[cfg(test)]

@@ -263,6 +263,22 @@ impl Validator<'_> {
             ));
         }
         for (k, a) in all.iter().enumerate() {
+            if let Some(message) = super::validate::ipv4_mapped(*a, None) {
+                return bad(message);
+            }
+            // The backends answer to it: an address they cannot reply to fails every flow.
+            let unusable = match a {
+                IpAddr::V4(v4) => v4.is_broadcast(),
+                IpAddr::V6(_) => false,
+            } || a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast();
+            if unusable {
+                return bad(format!(
+                    "{a} cannot be a source the backends answer: give an address of this host \
+                     on the backends' side (not unspecified, loopback, multicast or broadcast)"
+                ));
+            }
             if a.is_ipv4() != svc.listen.is_ipv4() {
                 return bad(format!(
                     "{a} is not of the VIP's address family ({})",
@@ -546,6 +562,18 @@ address = "10.200.2.2:80"
         let (msg, line) = error("interface = \"eth0\"\nlocal_address = \"fd00::1\"");
         assert!(msg.contains("address family"), "{msg}");
         assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn local_address_must_be_one_the_backends_can_answer() {
+        for bad in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+            let (msg, line) = error(&format!("interface = \"eth0\"\nlocal_address = \"{bad}\""));
+            assert!(
+                msg.contains("service[0].local_address") && msg.contains("cannot be a source"),
+                "{bad}: {msg}"
+            );
+            assert_eq!(line, Some(6), "{msg}");
+        }
     }
 
     #[test]
