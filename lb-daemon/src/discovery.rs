@@ -95,7 +95,11 @@ pub fn resolve_now(names: &[DnsBackend], limit: Duration) -> Vec<(DnsBackend, Ve
 /// `a` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, which a resolver may return)
 /// made IPv4: the same backend as the A record's, not a second one.
 fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
+    // Only the mapped form is rebuilt: another IPv6 answer keeps its scope (link-local).
+    match a {
+        SocketAddr::V6(v6) => (v6.ip().to_ipv4_mapped()).map_or(a, |v4| (v4, v6.port()).into()),
+        SocketAddr::V4(_) => a,
+    }
 }
 
 /// The addresses `name` resolves to now, deduplicated and sorted. An empty answer is an

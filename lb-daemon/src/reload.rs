@@ -161,7 +161,8 @@ pub fn xdp_guard(plan: &Plan, on_xdp: impl Fn(usize) -> bool) -> Result<(), Relo
     for (r, new) in &plan.update {
         let old = r.config();
         if !on_xdp(r.index()) {
-            if old.xdp != new.xdp {
+            // Taking the eBPF keys out of it is no change to a service on the proxy.
+            if old.xdp != new.xdp && new.xdp.interface.is_some() {
                 return refuse(format!(
                     "service `{}` runs on the proxy: its eBPF settings (interfaces, \
                      forwarding, addresses, SNAT ports) are read only when it is placed, so \
@@ -684,6 +685,15 @@ address = "127.0.0.1:9001"
         assert!(why.contains("runs on the proxy"), "{why}");
         let p = plan(&old, &xdp("access_log = true", 5), &running(&old)).expect("planned");
         xdp_guard(&p, on_proxy).expect("the proxy takes its own settings in place");
+        let without_keys = config::parse(
+            "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\n\
+             [[service.backend]]\naddress = \"10.200.1.1:80\"\n",
+            Path::new("test.toml"),
+        )
+        .expect("valid");
+        let p = plan(&old, &without_keys, &running(&old)).expect("planned");
+        assert_eq!(p.update.len(), 1, "the same service, updated");
+        xdp_guard(&p, on_proxy).expect("taking the eBPF keys out changes nothing on the proxy");
     }
 
     #[test]

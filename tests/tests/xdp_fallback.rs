@@ -52,7 +52,8 @@ fn auto_on_a_loopback_vip_runs_on_the_proxy_and_serves() {
     let vip = free_addr();
     let svc = web(vip, &backends)
         .set("interface", "lo")
-        .set("local_address", "127.0.0.1");
+        // The config refuses a loopback `local_address` (no backend could answer it).
+        .set("local_address", "10.200.0.1");
     let daemon = Daemon::start(&DaemonConfig::new().service(svc).to_toml());
     let line = daemon
         .wait_for_log("service web: listening", Duration::from_secs(5))

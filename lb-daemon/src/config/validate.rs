@@ -265,8 +265,9 @@ impl Validator<'_> {
         })
     }
 
-    /// `[admin]`: `listen` (an address, the default, or "" for none), an absolute `socket`
-    /// path, its `group` (which must exist), and `token_file` (read now; required when
+    /// `[admin]`: `listen` (an address, not IPv4 written as `::ffff:a.b.c.d`; the default, or
+    /// "" for none), an absolute `socket` path of at most [`super::MAX_SOCKET_PATH`] bytes, its
+    /// `group` (which must exist), and `token_file` (read now; required when
     /// `listen` is not loopback). At least one of `listen` and `socket`.
     fn admin(&self, raw: RawAdmin) -> Result<Admin, ConfigError> {
         let listen_span = raw.listen.as_ref().map_or(0..0, |l| l.span());

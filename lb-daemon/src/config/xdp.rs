@@ -226,7 +226,9 @@ impl Validator<'_> {
     }
 
     /// `local_address`, one address or a list: at least one, at most [`MAX_LOCAL_ADDRS`], no
-    /// repeats, each of the VIP's family; `dsr` takes exactly one (its outer source).
+    /// repeats, each of the VIP's family and one the backends can answer (not unspecified,
+    /// loopback, multicast, broadcast, nor IPv4 written as `::ffff:a.b.c.d`); `dsr` takes
+    /// exactly one (its outer source).
     fn local_addresses(
         &self,
         i: usize,
@@ -263,7 +265,9 @@ impl Validator<'_> {
             ));
         }
         for (k, a) in all.iter().enumerate() {
-            if let Some(message) = super::validate::ipv4_mapped(*a, None) {
+            if let (Some(message), true) =
+                (super::validate::ipv4_mapped(*a, None), svc.listen.is_ipv4())
+            {
                 return bad(message);
             }
             // The backends answer to it: an address they cannot reply to fails every flow.
@@ -395,6 +399,10 @@ impl Validator<'_> {
                 }
                 continue;
             };
+            if super::validate::ipv4_mapped(address.ip(), None).is_some() {
+                // Refused by `backends` with the form to write, not as another family.
+                continue;
+            }
             if address.is_ipv4() != svc.listen.is_ipv4() {
                 return Err(self.invalid(
                     span,
@@ -562,6 +570,17 @@ address = "10.200.2.2:80"
         let (msg, line) = error("interface = \"eth0\"\nlocal_address = \"fd00::1\"");
         assert!(msg.contains("address family"), "{msg}");
         assert_eq!(line, Some(6), "{msg}");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_backend_of_an_ebpf_service_is_told_its_ipv4_form() {
+        let text = "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\n\
+                    protocol = \"tcp\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n\
+                    [[service.backend]]\naddress = \"[::ffff:10.200.1.2]:80\"\n";
+        let msg = crate::config::parse(text, std::path::Path::new("t.toml"))
+            .expect_err("a mapped backend")
+            .to_string();
+        assert!(msg.contains("write it as 10.200.1.2:80"), "{msg}");
     }
 
     #[test]

@@ -205,7 +205,7 @@ impl ServiceRuntime {
             }
             if lock(&b.rt.health).awaiting_first_check() {
                 what.push("waiting for its first check".to_string());
-            } else if c.down {
+            } else if c.down && !c.awaiting_check {
                 what.push("down until its checks pass".to_string());
             }
             taken.push(format!("{} {}", c.address, what.join(", ")));
