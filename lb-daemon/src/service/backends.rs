@@ -455,7 +455,14 @@ impl BackendSet {
                 // Its checker was stopped; the one started now takes the state over.
                 r.health.watched_by(0);
                 r.health.resume(now);
-                (r.health, Some((r.drained, r.admin)))
+                // One that left before its first check has no verdict to keep: it comes
+                // back as a new backend does (up when no other backend is, else waiting).
+                let health = if r.health.awaiting_first_check() {
+                    new_health(&self.health, now)
+                } else {
+                    r.health
+                };
+                (health, Some((r.drained, r.admin)))
             }
             _ => (new_health(&self.health, now), None),
         };
@@ -643,6 +650,38 @@ mod tests {
             state(down),
             (Health::Down, false),
             "a backend that left down must pass `rise` checks, not one"
+        );
+    }
+
+    /// A backend forgotten while it waited for its first check had no verdict: given back
+    /// when no other backend is up, it starts up as a new one would, not down waiting.
+    #[test]
+    fn a_backend_forgotten_before_its_first_check_returns_as_a_new_one() {
+        let t0 = Instant::now();
+        let dns = BackendSource::Dns("app.test:80".into());
+        let (fixed, w) = (addr("10.0.0.9:80"), addr("10.0.0.1:80"));
+        let mut set = BackendSet::new(service("tcp").health, &[(fixed, 1)], t0);
+        set.reconcile(&dns, &[(w, 1)], true, t0);
+        let waiting = |set: &BackendSet| {
+            let health = lock(&set.get(w).expect("listed").rt.health);
+            (health.health(), health.awaiting_first_check())
+        };
+        assert_eq!(
+            waiting(&set),
+            (Health::Down, true),
+            "added beside an up backend"
+        );
+        set.reconcile(&dns, &[], true, t0);
+        assert_eq!(set.forget_idle(t0), vec![w]);
+        let f = set.get(fixed).expect("static");
+        for _ in 0..3 {
+            lock(&f.rt.health).record_check(Err(crate::health::CheckError::Refused), t0);
+        }
+        set.reconcile(&dns, &[(w, 1)], true, t0 + Duration::from_secs(5));
+        assert_eq!(
+            waiting(&set),
+            (Health::Up, false),
+            "with no other backend up, waiting refuses every new flow"
         );
     }
 
