@@ -20,12 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use lb_common::maps::MAX_TABLE_SIZE;
 use tracing::{error, info, warn};
 
-use crate::config::{
-    CheckKind, DataplaneKind, Forwarding, Global, Protocol, ProxyProtocol, SchedulerKind, Service,
-};
+use crate::config::{CheckKind, DataplaneKind, Forwarding, Global, Protocol, ProxyOnly, Service};
 use crate::dataplane::proxy::{Proxy, ProxyError};
 use crate::dataplane::xdp::iface_kind::{self, InterfaceKind, KindError};
 use crate::dataplane::xdp::{
@@ -202,14 +199,9 @@ pub enum NotOnXdp {
          `interface` and `local_address` to use it)"
     )]
     NoInterface,
-    /// A scheduler other than `maglev` (the program looks flows up in a Maglev table).
-    #[error("the eBPF data plane runs only the `maglev` scheduler, and this service uses {0}")]
-    Scheduler(SchedulerKind),
-    /// A loopback VIP: its packets never cross an interface's XDP or tc hook.
-    #[error(
-        "the VIP {0} is a loopback address: its packets never cross an interface's XDP or tc hook"
-    )]
-    LoopbackVip(std::net::IpAddr),
+    /// A setting only the proxy runs (see [`ProxyOnly`]).
+    #[error(transparent)]
+    ProxyOnly(#[from] ProxyOnly),
     /// `interface` is the loopback device.
     #[error(
         "interface {0} is the loopback device: local traffic never crosses an XDP or tc hook \
@@ -258,31 +250,6 @@ pub enum NotOnXdp {
         /// Why it could not be read.
         error: String,
     },
-    /// A wildcard VIP (`0.0.0.0`, `::`).
-    #[error("the VIP {0} is a wildcard: the eBPF data plane balances packets for one address")]
-    WildcardVip(std::net::IpAddr),
-    /// `table_size` larger than the maps hold.
-    #[error("table_size {0} is larger than the {MAX_TABLE_SIZE} slots the eBPF maps hold")]
-    TableTooLarge(u32),
-    /// `proxy_protocol` or `access_log`: on the eBPF plane they would silently vanish (a
-    /// backend expecting a PROXY header would reject every connection).
-    #[error("proxy_protocol and access_log run only in the proxy data plane")]
-    ProxyOnlySettings,
-    /// `max_connections_per_client` on a UDP service: on the eBPF plane a UDP flow shows no
-    /// end, so a client's sessions would never be given back.
-    #[error(
-        "max_connections_per_client of a UDP service runs only in the proxy data plane: on the \
-         eBPF data plane a UDP flow shows no end, so a client's sessions would never be given \
-         back (new_connections_per_second alone works there)"
-    )]
-    UdpSessionLimit,
-    /// `max_connections` / `max_sessions`: the eBPF programs do not count a service's open
-    /// flows (their conntrack table has a fixed size instead).
-    #[error(
-        "max_connections and max_sessions run only in the proxy data plane (on eBPF the \
-         conntrack table's size bounds the flows)"
-    )]
-    FlowCap,
     /// `nat`: the kernel routes a backend out of an interface the program would not be on
     /// (neither `interface` nor one of `backend_interfaces`). The translated packets would
     /// still leave, but the backend's replies would come in there and meet the host's stack,
@@ -361,27 +328,12 @@ pub fn why_not_xdp(service: &Service) -> Option<NotOnXdp> {
     let Some(interface) = &service.xdp.interface else {
         return Some(NotOnXdp::NoInterface);
     };
-    let vip = service.listen.ip();
-    if service.scheduler != SchedulerKind::Maglev {
-        Some(NotOnXdp::Scheduler(service.scheduler))
-    } else if vip.is_loopback() {
-        Some(NotOnXdp::LoopbackVip(vip))
+    if let Some(setting) = service.proxy_only() {
+        Some(setting.into())
     } else if loader::is_loopback(interface) {
         Some(NotOnXdp::LoopbackInterface(interface.clone()))
-    } else if let Some(not_ethernet) = without_ethernet(service) {
-        Some(not_ethernet)
-    } else if vip.is_unspecified() {
-        Some(NotOnXdp::WildcardVip(vip))
-    } else if service.table_size > MAX_TABLE_SIZE {
-        Some(NotOnXdp::TableTooLarge(service.table_size))
-    } else if service.proxy_protocol != ProxyProtocol::Off || service.access_log {
-        Some(NotOnXdp::ProxyOnlySettings)
-    } else if service.protocol == Protocol::Udp && service.limits.max_connections.is_some() {
-        Some(NotOnXdp::UdpSessionLimit)
-    } else if service.max_flows.is_some() {
-        Some(NotOnXdp::FlowCap)
     } else {
-        None
+        without_ethernet(service)
     }
 }
 

@@ -210,6 +210,50 @@ fn socket_paths_longer_than_a_unix_socket_takes_are_refused() {
     rejects(&upgrade, 2, "global.upgrade_socket", "at most 107");
 }
 
+/// `dataplane = "xdp"` with a setting only the proxy runs: `lb-daemon check` and a reload
+/// refuse it at its line, instead of the daemon failing at start with no line.
+#[test]
+fn a_forced_ebpf_dataplane_refuses_settings_only_the_proxy_runs_at_their_line() {
+    let xdp = |extra: &str| {
+        format!(
+            "[[service]]\nname = \"web\"\nlisten = \"10.200.100.1:80\"\nprotocol = \"tcp\"\n\
+             dataplane = \"xdp\"\ninterface = \"eth0\"\nlocal_address = \"10.200.0.1\"\n{extra}\n\
+             [[service.backend]]\naddress = \"10.200.1.2:80\"\n"
+        )
+    };
+    parse(&xdp("")).expect("the eBPF data plane carries it");
+    rejects(
+        &xdp("table_size = 131071"),
+        8,
+        "service[0].table_size",
+        "65537 slots",
+    );
+    rejects(
+        &xdp("max_connections = 100"),
+        8,
+        "service[0].max_connections",
+        "proxy data plane",
+    );
+    rejects(
+        &xdp("proxy_protocol = \"v1\""),
+        8,
+        "service[0].proxy_protocol",
+        "only in the proxy",
+    );
+    let loopback = xdp("").replace("10.200.100.1:80", "127.0.0.2:80");
+    rejects(&loopback, 3, "service[0].listen", "loopback address");
+    let mut auto = xdp("access_log = true").replace("dataplane = \"xdp\"", "dataplane = \"auto\"");
+    parse(&auto).expect("auto runs it on the proxy");
+    auto = auto.replace("access_log = true", "");
+    parse(&auto).expect("valid");
+}
+
+#[test]
+fn an_empty_bpf_object_is_refused_not_searched_for() {
+    let empty = format!("[global]\nbpf_object = \"\"\n{GOOD}");
+    rejects(&empty, 2, "global.bpf_object", "leave the key out");
+}
+
 #[test]
 fn same_port_for_tcp_and_udp_is_fine() {
     let text = format!("{GOOD}\n[[service]]\nname = \"dns\"\nlisten = \"127.0.0.1:8080\"\nprotocol = \"udp\"\n[[service.backend]]\naddress = \"127.0.0.1:9001\"\n");

@@ -22,11 +22,13 @@ use serde::Deserialize;
 mod backends;
 mod health;
 mod limits;
+mod proxy_only;
 mod raw;
 mod validate;
 mod xdp;
 
 pub use limits::{default_max_flows, open_file_limit, MAX_FLOWS};
+pub use proxy_only::ProxyOnly;
 use raw::RawConfig;
 pub use raw::MAX_DURATION;
 use validate::Validator;

@@ -39,7 +39,7 @@ pub(super) struct RawGlobal {
     pub(super) worker_priority: Option<Spanned<i64>>,
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) drain_timeout: Option<Spanned<Duration>>,
-    pub(super) bpf_object: Option<PathBuf>,
+    pub(super) bpf_object: Option<Spanned<PathBuf>>,
     pub(super) bpf_pin_dir: Option<Spanned<PathBuf>>,
     pub(super) upgrade_socket: Option<Spanned<PathBuf>>,
 }

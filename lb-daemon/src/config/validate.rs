@@ -16,7 +16,7 @@ use super::backends::OwnListens;
 use super::raw::{RawAdmin, RawAnnounce, RawBackend, RawConfig, RawGlobal, RawService, RawXdp};
 use super::{
     is_prime, locate, Admin, AdminGroup, AdminToken, Announce, Config, ConfigError, DataplaneKind,
-    Global, Protocol, ProxyProtocol, SchedulerKind, Service, DEFAULT_ADMIN_LISTEN,
+    Global, Protocol, ProxyOnly, ProxyProtocol, SchedulerKind, Service, DEFAULT_ADMIN_LISTEN,
     DEFAULT_ANNOUNCE_PROTOCOL, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, MAX_WORKERS,
 };
 
@@ -227,7 +227,17 @@ impl Validator<'_> {
             drain_timeout: self.positive(raw.drain_timeout, Duration::from_secs(30), || {
                 "global.drain_timeout".into()
             })?,
-            bpf_object: raw.bpf_object,
+            bpf_object: match raw.bpf_object {
+                // Taken as a path, "" would be the only place looked at, and never found.
+                Some(p) if p.get_ref().as_os_str().is_empty() => {
+                    return Err(self.invalid(
+                        p.span(),
+                        "global.bpf_object".into(),
+                        "is empty; leave the key out for the default search".into(),
+                    ))
+                }
+                other => other.map(Spanned::into_inner),
+            },
             upgrade_socket: match raw.upgrade_socket {
                 None => None,
                 Some(p) if p.get_ref().as_os_str().len() > super::MAX_SOCKET_PATH => {
@@ -451,6 +461,19 @@ impl Validator<'_> {
         let f = |k: &str| format!("service[{i}].{k}");
         // Checked after the backend count, but copied out before the fields move.
         let raw_xdp = RawXdp::of(&svc);
+        // Where a setting only the proxy runs is written, for a forced eBPF data plane.
+        let spans = ProxyOnlySpans {
+            name: svc.name.span(),
+            listen: svc.listen.span(),
+            proxy_protocol: svc.proxy_protocol.as_ref().map(|p| p.span()),
+            per_client: (svc.limits.as_ref())
+                .and_then(|l| l.max_connections_per_client.as_ref())
+                .map(|m| m.span()),
+            flow_cap: (svc.max_connections.as_ref())
+                .or(svc.max_sessions.as_ref())
+                .map(|m| m.span()),
+            service: svc_span.clone(),
+        };
         let retries = self.retries(i, svc.retries)?;
         let table_size_span = svc
             .table_size
@@ -477,10 +500,10 @@ impl Validator<'_> {
         )?;
         let (backends, discovered) = self.backends(i, svc.backend, svc.protocol, own)?;
         self.some_weight(i, &svc_span, &name, &backends, &discovered)?;
-        self.table_holds(i, table_size, table_size_span, backends.len())?;
+        self.table_holds(i, table_size, table_size_span.clone(), backends.len())?;
         let health = self.health(i, svc.protocol, svc.health)?;
         // The fields are checked in the order they are written here.
-        Ok(Service {
+        let service = Service {
             name,
             listen,
             protocol: svc.protocol,
@@ -516,7 +539,53 @@ impl Validator<'_> {
             max_flows: self.max_flows(i, svc.protocol, svc.max_connections, svc.max_sessions)?,
             access_log: svc.access_log,
             xdp,
-        })
+        };
+        self.runs_on_forced_ebpf(i, &service, spans, table_size_span)?;
+        Ok(service)
+    }
+
+    /// `dataplane = "xdp"` or `"tc"` with a setting only the proxy runs
+    /// ([`Service::proxy_only`]): refused at that setting's line, rather than at the start.
+    fn runs_on_forced_ebpf(
+        &self,
+        i: usize,
+        service: &Service,
+        spans: ProxyOnlySpans,
+        table_size: Range<usize>,
+    ) -> Result<(), ConfigError> {
+        if !service.dataplane.forces_ebpf() {
+            return Ok(());
+        }
+        let Some(setting) = service.proxy_only() else {
+            return Ok(());
+        };
+        let flow_cap = match service.protocol {
+            Protocol::Tcp => "max_connections",
+            Protocol::Udp => "max_sessions",
+        };
+        let (key, span) = match setting {
+            ProxyOnly::Scheduler(_) => ("scheduler", spans.name),
+            ProxyOnly::LoopbackVip(_) | ProxyOnly::WildcardVip(_) => ("listen", spans.listen),
+            ProxyOnly::TableTooLarge(_) => ("table_size", table_size),
+            ProxyOnly::ProxyOnlySettings => match spans.proxy_protocol {
+                Some(span) => ("proxy_protocol", span),
+                None => ("access_log", spans.service),
+            },
+            ProxyOnly::UdpSessionLimit => (
+                "limits.max_connections_per_client",
+                spans.per_client.unwrap_or(spans.service),
+            ),
+            ProxyOnly::FlowCap => (flow_cap, spans.flow_cap.unwrap_or(spans.service)),
+        };
+        Err(self.invalid(
+            span,
+            format!("service[{i}].{key}"),
+            format!(
+                "dataplane = \"{}\" cannot carry this service: {setting}; use dataplane = \
+                 \"auto\" (which runs it on the proxy) or \"proxy\"",
+                service.dataplane
+            ),
+        ))
     }
 
     /// `retries`: at most 100; 2 by default.
@@ -595,6 +664,18 @@ fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     let covers =
         |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
     a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// Where a service's settings that only the proxy runs are written (see
+/// `Validator::runs_on_forced_ebpf`); `service`, the `[[service]]` table, for those with no
+/// span of their own (`access_log`).
+struct ProxyOnlySpans {
+    name: Range<usize>,
+    listen: Range<usize>,
+    proxy_protocol: Option<Range<usize>>,
+    per_client: Option<Range<usize>>,
+    flow_cap: Option<Range<usize>>,
+    service: Range<usize>,
 }
 
 /// The message for a socket path longer than [`super::MAX_SOCKET_PATH`].
