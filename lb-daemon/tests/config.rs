@@ -240,6 +240,8 @@ fn a_forced_ebpf_dataplane_refuses_settings_only_the_proxy_runs_at_their_line() 
         "service[0].proxy_protocol",
         "only in the proxy",
     );
+    let logged = xdp("proxy_protocol = \"off\"\naccess_log = true");
+    rejects(&logged, 9, "service[0].access_log", "only in the proxy");
     let loopback = xdp("").replace("10.200.100.1:80", "127.0.0.2:80");
     rejects(&loopback, 3, "service[0].listen", "loopback address");
     let mut auto = xdp("access_log = true").replace("dataplane = \"xdp\"", "dataplane = \"auto\"");

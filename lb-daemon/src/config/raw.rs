@@ -78,8 +78,7 @@ pub(super) struct RawService {
     pub(super) limits: Option<RawLimits>,
     pub(super) max_connections: Option<Spanned<u32>>,
     pub(super) max_sessions: Option<Spanned<u32>>,
-    #[serde(default)]
-    pub(super) access_log: bool,
+    pub(super) access_log: Option<Spanned<bool>>,
     #[serde(default, deserialize_with = "de_duration")]
     pub(super) slow_start: Option<Spanned<Duration>>,
     #[serde(default, deserialize_with = "de_duration")]

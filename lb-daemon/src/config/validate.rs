@@ -465,7 +465,11 @@ impl Validator<'_> {
         let spans = ProxyOnlySpans {
             name: svc.name.span(),
             listen: svc.listen.span(),
-            proxy_protocol: svc.proxy_protocol.as_ref().map(|p| p.span()),
+            // Only a header that is on keeps the service off the eBPF plane.
+            proxy_protocol: (svc.proxy_protocol.as_ref())
+                .filter(|p| *p.get_ref() != ProxyProtocol::Off)
+                .map(|p| p.span()),
+            access_log: svc.access_log.as_ref().map(|a| a.span()),
             per_client: (svc.limits.as_ref())
                 .and_then(|l| l.max_connections_per_client.as_ref())
                 .map(|m| m.span()),
@@ -537,7 +541,7 @@ impl Validator<'_> {
             proxy_protocol: self.proxy_protocol(i, svc.protocol, svc.proxy_protocol)?,
             limits: self.limits(i, svc.limits)?,
             max_flows: self.max_flows(i, svc.protocol, svc.max_connections, svc.max_sessions)?,
-            access_log: svc.access_log,
+            access_log: svc.access_log.is_some_and(|a| *a.get_ref()),
             xdp,
         };
         self.runs_on_forced_ebpf(i, &service, spans, table_size_span)?;
@@ -569,7 +573,7 @@ impl Validator<'_> {
             ProxyOnly::TableTooLarge(_) => ("table_size", table_size),
             ProxyOnly::ProxyOnlySettings => match spans.proxy_protocol {
                 Some(span) => ("proxy_protocol", span),
-                None => ("access_log", spans.service),
+                None => ("access_log", spans.access_log.unwrap_or(spans.service)),
             },
             ProxyOnly::UdpSessionLimit => (
                 "limits.max_connections_per_client",
@@ -667,12 +671,12 @@ fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 /// Where a service's settings that only the proxy runs are written (see
-/// `Validator::runs_on_forced_ebpf`); `service`, the `[[service]]` table, for those with no
-/// span of their own (`access_log`).
+/// `Validator::runs_on_forced_ebpf`); `service`, the `[[service]]` table, as the fallback.
 struct ProxyOnlySpans {
     name: Range<usize>,
     listen: Range<usize>,
     proxy_protocol: Option<Range<usize>>,
+    access_log: Option<Range<usize>>,
     per_client: Option<Range<usize>>,
     flow_cap: Option<Range<usize>>,
     service: Range<usize>,

@@ -303,7 +303,8 @@ impl BackendSet {
     ///   them, Down until its first check ([`HealthState::await_first_check`]); or with the
     ///   health, drain and admin weight it had if it was forgotten less than
     ///   [`HEALTH_MEMORY`] ago, an Up verdict then waiting for a first check the same way (a
-    ///   container restarted at the same address: its process may still be starting). With
+    ///   container restarted at the same address: its process may still be starting; one
+    ///   forgotten while it waited for its first check comes back as a new one). With
     ///   no other backend up (every record replaced at once), waiting would refuse every new
     ///   flow even if the new backends are ready.
     /// - A backend `source` lets go of leaves unless another source still asks for it.
